@@ -1,0 +1,50 @@
+//! Enough of the i8042 keyboard controller for Linux's reboot path: command 0xFE on port
+//! 0x64 pulses the CPU reset line, which nicvm treats as the end of the guest.
+
+use crate::bus::BusDevice;
+use crate::lifecycle::{ExitReason, Lifecycle};
+use std::sync::Arc;
+
+/// Inserted at port 0x60 with length 5 (0x60-0x64).
+pub struct I8042 {
+    lifecycle: Arc<Lifecycle>,
+}
+
+const CMD_RESET_CPU: u8 = 0xfe;
+
+impl I8042 {
+    pub fn new(lifecycle: Arc<Lifecycle>) -> Self {
+        I8042 { lifecycle }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        // Output buffer empty, input buffer empty: nothing to read, ready for commands.
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == 4 && data.first() == Some(&CMD_RESET_CPU) {
+            self.lifecycle.request_exit(ExitReason::Reboot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_command_ends_the_guest() {
+        let l = Arc::new(Lifecycle::new().unwrap());
+        let mut k = I8042::new(l.clone());
+        k.write(0, &[0xfe]);
+        assert!(
+            !l.exit_requested(),
+            "0xFE on the data port is not a command"
+        );
+        k.write(4, &[0xfe]);
+        assert_eq!(l.reason(), Some(ExitReason::Reboot));
+    }
+}

@@ -1,0 +1,9 @@
+//! Everything the nicvm guest sees: the I/O buses, PCI (config space, BARs, INTx, MSI-X),
+//! legacy PC devices, pvpanic and the NIC models.
+
+pub mod bus;
+pub mod interrupt;
+pub mod legacy;
+pub mod lifecycle;
+pub mod pci;
+pub mod pvpanic;

@@ -1,0 +1,193 @@
+//! The root bus: configuration mechanism #1 (CONFIG_ADDRESS at 0xCF8, CONFIG_DATA at
+//! 0xCFC-0xCFF, any access width) and dispatch of BAR windows to whichever device the guest
+//! placed there.
+
+use super::*;
+use crate::bus::BusDevice;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Mapping {
+    io: bool,
+    base: u64,
+    size: u64,
+    slot: u8,
+    bar: usize,
+}
+
+pub struct PciRoot {
+    slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
+    config_address: AtomicU32,
+    map: RwLock<Vec<Mapping>>,
+}
+
+const CONFIG_ENABLE: u32 = 1 << 31;
+
+impl Default for PciRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciRoot {
+    pub fn new() -> Self {
+        PciRoot {
+            slots: (0..32).map(|_| None).collect(),
+            config_address: AtomicU32::new(0),
+            map: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Puts a single-function device in `slot` (device number on bus 0).
+    pub fn add(&mut self, slot: u8, dev: Arc<Mutex<dyn PciDevice>>) -> Result<(), String> {
+        let s = self
+            .slots
+            .get_mut(slot as usize)
+            .ok_or_else(|| format!("PCI slot {slot} does not exist (0-31)"))?;
+        if s.is_some() {
+            return Err(format!("PCI slot {slot} is already taken"));
+        }
+        *s = Some(dev);
+        self.remap(slot);
+        Ok(())
+    }
+
+    pub fn first_free_slot(&self) -> Option<u8> {
+        self.slots.iter().position(|s| s.is_none()).map(|s| s as u8)
+    }
+
+    fn remap(&self, slot: u8) {
+        let Some(dev) = &self.slots[slot as usize] else {
+            return;
+        };
+        let bars = dev.lock().unwrap().config().decoded_bars();
+        let mut map = self.map.write().unwrap();
+        map.retain(|m| m.slot != slot);
+        for (bar, kind, base, size) in bars {
+            map.push(Mapping {
+                io: kind == BarKind::Io,
+                base,
+                size,
+                slot,
+                bar,
+            });
+        }
+    }
+
+    fn target(&self) -> Option<(u8, usize)> {
+        let a = self.config_address.load(Ordering::Relaxed);
+        let (bus, dev, func) = ((a >> 16) & 0xff, (a >> 11) & 0x1f, (a >> 8) & 0x7);
+        (a & CONFIG_ENABLE != 0 && bus == 0 && func == 0)
+            .then_some((dev as u8, (a & 0xfc) as usize))
+    }
+
+    /// Config read of device `slot` (bus 0, function 0).
+    pub fn config_read(&self, slot: u8, offset: usize, data: &mut [u8]) {
+        match self.slots.get(slot as usize).and_then(|s| s.as_ref()) {
+            Some(dev) => dev.lock().unwrap().config().read(offset, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    pub fn config_write(&self, slot: u8, offset: usize, data: &[u8]) {
+        let Some(dev) = self.slots.get(slot as usize).and_then(|s| s.as_ref()) else {
+            return;
+        };
+        {
+            let mut d = dev.lock().unwrap();
+            d.config_mut().write(offset, data);
+            d.config_written(offset, data.len());
+        }
+        let end = offset + data.len();
+        let touches = |lo: usize, hi: usize| offset < hi && end > lo;
+        if touches(PCI_COMMAND, PCI_COMMAND + 2) || touches(PCI_BAR0, PCI_BAR0 + 24) {
+            self.remap(slot);
+        }
+    }
+
+    fn window_access(
+        &self,
+        io: bool,
+        addr: u64,
+        f: impl FnOnce(&mut dyn PciDevice, usize, u64),
+    ) -> bool {
+        let hit = {
+            let map = self.map.read().unwrap();
+            map.iter()
+                .find(|m| m.io == io && addr >= m.base && addr - m.base < m.size)
+                .copied()
+        };
+        match hit {
+            Some(m) => {
+                let dev = self.slots[m.slot as usize].as_ref().unwrap();
+                f(&mut *dev.lock().unwrap(), m.bar, addr - m.base);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// CONFIG_ADDRESS/CONFIG_DATA, inserted on the port bus at 0xCF8 with length 8.
+pub struct PciConfigIo(pub Arc<PciRoot>);
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let root = &self.0;
+        if offset < 4 {
+            let v = root.config_address.load(Ordering::Relaxed).to_le_bytes();
+            let o = offset as usize;
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = v.get(o + i).copied().unwrap_or(0xff);
+            }
+            return;
+        }
+        match root.target() {
+            Some((slot, reg)) => root.config_read(slot, reg + (offset as usize - 4), data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let root = &self.0;
+        if offset < 4 {
+            // Only dword writes change CONFIG_ADDRESS; narrower ones are for other uses of 0xCF8.
+            if offset == 0 && data.len() == 4 {
+                let v = u32::from_le_bytes(data.try_into().unwrap());
+                root.config_address.store(v, Ordering::Relaxed);
+            }
+            return;
+        }
+        if let Some((slot, reg)) = root.target() {
+            root.config_write(slot, reg + (offset as usize - 4), data);
+        }
+    }
+}
+
+/// The part of port or MMIO space where BARs live; inserted on the bus at `base`.
+pub struct PciWindow {
+    pub root: Arc<PciRoot>,
+    pub io: bool,
+    pub base: u64,
+}
+
+impl BusDevice for PciWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if !self
+            .root
+            .window_access(self.io, self.base + offset, |d, bar, off| {
+                d.bar_read(bar, off, data)
+            })
+        {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.root
+            .window_access(self.io, self.base + offset, |d, bar, off| {
+                d.bar_write(bar, off, data)
+            });
+    }
+}

@@ -1,0 +1,289 @@
+//! PCI behaviour proven with a test device: config cycles through 0xCF8/0xCFC at every width,
+//! BAR sizing and relocation, INTx through the chip, MSI-X routing, masking and pending bits.
+
+use super::*;
+use crate::bus::Bus;
+use crate::interrupt::{IntxLine, IrqChip, MsiMessage, RecordingIrqChip};
+use std::sync::{Arc, Mutex};
+
+/// BAR0: 256 bytes of I/O, BAR1: 4 KiB 64-bit MMIO (registers at 0, MSI-X table at 0x800,
+/// PBA at 0xc00). Writing register 0 raises INTx (or vector 0 when MSI-X is on).
+struct TestDev {
+    config: PciConfig,
+    msix: Msix,
+    intx: IntxLine,
+    io_log: Vec<(u64, u8)>,
+}
+
+impl TestDev {
+    fn new(chip: Arc<dyn IrqChip>, slot: u8) -> Self {
+        let mut config = PciConfig::new(0x1234, 0x5678, (0x02, 0x00, 0x00), 3);
+        config.add_bar(0, BarKind::Io, 256);
+        config.add_bar(1, BarKind::Mem64, 4096);
+        config.set_interrupt(1, intx_gsi(slot, 0) as u8);
+        let msix = Msix::new(&mut config, chip.clone(), 4, 1, 0x800, 0xc00).unwrap();
+        TestDev {
+            config,
+            msix,
+            intx: IntxLine::new(chip, intx_gsi(slot, 0), slot as u32),
+            io_log: vec![],
+        }
+    }
+}
+
+impl PciDevice for TestDev {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+    fn config_mut(&mut self) -> &mut PciConfig {
+        &mut self.config
+    }
+    fn config_written(&mut self, _offset: usize, _len: usize) {
+        self.msix.config_written(&self.config);
+    }
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        match (bar, offset) {
+            (1, 0x800..=0xbff) => self.msix.table_read(offset - 0x800, data),
+            (1, 0xc00..) => self.msix.pba_read(offset - 0xc00, data),
+            _ => data.fill(bar as u8 + 0xa0),
+        }
+    }
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        match (bar, offset) {
+            (1, 0x800..=0xbff) => self.msix.table_write(offset - 0x800, data),
+            (1, 0) => {
+                if !self.msix.notify(0) {
+                    self.intx.set(data[0] != 0);
+                }
+            }
+            _ => self.io_log.push((offset, data[0])),
+        }
+    }
+}
+
+struct Rig {
+    chip: Arc<RecordingIrqChip>,
+    dev: Arc<Mutex<TestDev>>,
+    pio: Bus,
+    mmio: Bus,
+}
+
+const SLOT: u8 = 3;
+
+fn rig() -> Rig {
+    let chip = Arc::new(RecordingIrqChip::default());
+    let dev = Arc::new(Mutex::new(TestDev::new(chip.clone(), SLOT)));
+    let mut root = PciRoot::new();
+    root.add(0, Arc::new(Mutex::new(HostBridge::default())))
+        .unwrap();
+    root.add(SLOT, dev.clone()).unwrap();
+    let root = Arc::new(root);
+    let mut pio = Bus::new();
+    pio.insert(0xcf8, 8, Arc::new(Mutex::new(PciConfigIo(root.clone()))))
+        .unwrap();
+    pio.insert(
+        0xc000,
+        0x4000,
+        Arc::new(Mutex::new(PciWindow {
+            root: root.clone(),
+            io: true,
+            base: 0xc000,
+        })),
+    )
+    .unwrap();
+    let mut mmio = Bus::new();
+    mmio.insert(
+        0xc000_0000,
+        0x3ec0_0000,
+        Arc::new(Mutex::new(PciWindow {
+            root,
+            io: false,
+            base: 0xc000_0000,
+        })),
+    )
+    .unwrap();
+    Rig {
+        chip,
+        dev,
+        pio,
+        mmio,
+    }
+}
+
+impl Rig {
+    fn select(&self, slot: u8, reg: u32) {
+        let a = 0x8000_0000 | (slot as u32) << 11 | (reg & 0xfc);
+        self.pio.write(0xcf8, &a.to_le_bytes());
+    }
+    fn cfg_read(&self, slot: u8, reg: u32, len: usize) -> u32 {
+        self.select(slot, reg);
+        let mut b = [0u8; 4];
+        self.pio.read(0xcfc + (reg & 3) as u64, &mut b[..len]);
+        u32::from_le_bytes(b)
+    }
+    fn cfg_write(&self, slot: u8, reg: u32, len: usize, v: u32) {
+        self.select(slot, reg);
+        self.pio
+            .write(0xcfc + (reg & 3) as u64, &v.to_le_bytes()[..len]);
+    }
+    fn mmio_write32(&self, addr: u64, v: u32) {
+        self.mmio.write(addr, &v.to_le_bytes());
+    }
+    fn mmio_read32(&self, addr: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.mmio.read(addr, &mut b);
+        u32::from_le_bytes(b)
+    }
+}
+
+#[test]
+fn config_cycles_at_every_width() {
+    let r = rig();
+    assert_eq!(r.cfg_read(SLOT, 0, 4), 0x5678_1234);
+    assert_eq!(r.cfg_read(SLOT, 0, 2), 0x1234);
+    assert_eq!(r.cfg_read(SLOT, 2, 2), 0x5678);
+    assert_eq!(r.cfg_read(SLOT, 3, 1), 0x56);
+    assert_eq!(r.cfg_read(SLOT, 0x0b, 1), 0x02, "class code");
+    assert_eq!(r.cfg_read(0, 0x0a, 2), 0x0600, "host bridge class");
+    assert_eq!(r.cfg_read(7, 0, 4), 0xffff_ffff, "empty slot");
+    // Function 1 of a single-function device does not exist.
+    r.pio.write(
+        0xcf8,
+        &(0x8000_0000u32 | (SLOT as u32) << 11 | 1 << 8).to_le_bytes(),
+    );
+    let mut b = [0u8; 4];
+    r.pio.read(0xcfc, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 0xffff_ffff);
+    // CONFIG_ADDRESS reads back.
+    r.select(SLOT, 0x10);
+    r.pio.read(0xcf8, &mut b);
+    assert_eq!(
+        u32::from_le_bytes(b),
+        0x8000_0000 | (SLOT as u32) << 11 | 0x10
+    );
+    // Read-only fields stay put; Interrupt Line is writable, Interrupt Pin is not.
+    r.cfg_write(SLOT, 0, 4, 0);
+    assert_eq!(r.cfg_read(SLOT, 0, 4), 0x5678_1234);
+    r.cfg_write(SLOT, 0x3c, 2, 0x0b0b);
+    assert_eq!(r.cfg_read(SLOT, 0x3c, 2), 0x010b);
+    // The capability list is linked: status bit 4, pointer at 0x34, MSI-X first.
+    assert_ne!(r.cfg_read(SLOT, 6, 2) & 0x10, 0);
+    let cap = r.cfg_read(SLOT, 0x34, 1);
+    assert_eq!(r.cfg_read(SLOT, cap, 1), 0x11);
+    assert_eq!(r.cfg_read(SLOT, cap + 2, 2) & 0x7ff, 3, "4 vectors");
+}
+
+#[test]
+fn bar_sizing_and_relocation() {
+    let r = rig();
+    // Size BAR0 (I/O, 256 bytes) the way Linux does: save, write ones, read, restore.
+    r.cfg_write(SLOT, 0x10, 4, 0xffff_ffff);
+    assert_eq!(r.cfg_read(SLOT, 0x10, 4), 0xffff_ff01);
+    // 64-bit memory BAR of 4 KiB.
+    r.cfg_write(SLOT, 0x14, 4, 0xffff_ffff);
+    r.cfg_write(SLOT, 0x18, 4, 0xffff_ffff);
+    assert_eq!(r.cfg_read(SLOT, 0x14, 4), 0xffff_f004);
+    assert_eq!(r.cfg_read(SLOT, 0x18, 4), 0xffff_ffff);
+    // Unused BARs and the ROM BAR read as zero and stay zero.
+    r.cfg_write(SLOT, 0x1c, 4, 0xffff_ffff);
+    r.cfg_write(SLOT, 0x30, 4, 0xffff_ffff);
+    assert_eq!(r.cfg_read(SLOT, 0x1c, 4), 0);
+    assert_eq!(r.cfg_read(SLOT, 0x30, 4), 0);
+
+    // Place the BARs, enable decoding, and reach the device through them.
+    r.cfg_write(SLOT, 0x10, 4, 0xc100);
+    r.cfg_write(SLOT, 0x14, 4, 0xc000_2000);
+    r.cfg_write(SLOT, 0x18, 4, 0);
+    r.cfg_write(SLOT, 0x04, 2, (PCI_COMMAND_IO | PCI_COMMAND_MEMORY) as u32);
+    let mut b = [0u8; 1];
+    assert!(r.pio.read(0xc104, &mut b));
+    assert_eq!(b[0], 0xa0);
+    r.pio.write(0xc1ff, &[9]);
+    assert_eq!(r.dev.lock().unwrap().io_log, vec![(0xff, 9)]);
+    assert_eq!(r.mmio_read32(0xc000_2010), 0xa1a1_a1a1);
+
+    // Relocate: the old address goes dead, the new one answers.
+    r.cfg_write(SLOT, 0x14, 4, 0xc800_0000);
+    assert_eq!(r.mmio_read32(0xc000_2010), 0xffff_ffff);
+    assert_eq!(r.mmio_read32(0xc800_0010), 0xa1a1_a1a1);
+    // Disabling memory decode unmaps it; I/O stays.
+    r.cfg_write(SLOT, 0x04, 2, PCI_COMMAND_IO as u32);
+    assert_eq!(r.mmio_read32(0xc800_0010), 0xffff_ffff);
+    assert!(r.pio.read(0xc104, &mut b));
+}
+
+fn enable_bars(r: &Rig) {
+    r.cfg_write(SLOT, 0x14, 4, 0xc000_0000);
+    r.cfg_write(SLOT, 0x18, 4, 0);
+    r.cfg_write(
+        SLOT,
+        0x04,
+        2,
+        (PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER) as u32,
+    );
+}
+
+#[test]
+fn intx_is_level_triggered_on_the_slot_pin() {
+    let r = rig();
+    enable_bars(&r);
+    let gsi = intx_gsi(SLOT, 0);
+    assert_eq!(gsi, 19);
+    assert_eq!(r.cfg_read(SLOT, 0x3d, 1), 1, "INTA");
+    assert_eq!(r.cfg_read(SLOT, 0x3c, 1), gsi);
+    r.mmio_write32(0xc000_0000, 1);
+    assert!(r.chip.level(gsi));
+    r.mmio_write32(0xc000_0000, 0);
+    assert!(!r.chip.level(gsi));
+}
+
+#[test]
+fn msix_routing_masking_and_pending() {
+    let r = rig();
+    enable_bars(&r);
+    let cap = r.cfg_read(SLOT, 0x34, 1);
+    let table = 0xc000_0800u64;
+    // Program vector 0 while masked (entries start masked), as Linux does.
+    r.mmio_write32(table, 0xfee0_0000);
+    r.mmio_write32(table + 4, 0);
+    r.mmio_write32(table + 8, 0x4041);
+    assert_eq!(r.mmio_read32(table + 12), 1, "vectors reset masked");
+    // Enable MSI-X: the route appears, INTx is no longer used.
+    r.cfg_write(SLOT, cap + 2, 2, 0x8000);
+    let gsi = 24;
+    assert_eq!(
+        r.chip.route(gsi),
+        Some(MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x4041
+        })
+    );
+    // Masked: a notification latches in the PBA instead of firing.
+    r.mmio_write32(0xc000_0000, 1);
+    assert!(!r.chip.level(intx_gsi(SLOT, 0)));
+    assert_eq!(r.mmio_read32(0xc000_0c00) & 1, 1, "pending bit set");
+    let dev = r.dev.clone();
+    let fired = || dev.lock().unwrap().msix.irqfd(0).unwrap().read().is_ok();
+    assert!(!fired());
+    // Unmask: the pending interrupt is delivered and the bit clears.
+    r.mmio_write32(table + 12, 0);
+    assert!(fired());
+    assert_eq!(r.mmio_read32(0xc000_0c00) & 1, 0);
+    // Unmasked: fires straight away.
+    r.mmio_write32(0xc000_0000, 1);
+    assert!(fired());
+    // Function mask holds everything back; clearing it releases.
+    r.cfg_write(SLOT, cap + 2, 2, 0xc000);
+    r.mmio_write32(0xc000_0000, 1);
+    assert!(!fired());
+    r.cfg_write(SLOT, cap + 2, 2, 0x8000);
+    assert!(fired());
+    // Retargeting rewrites the route; disabling removes it.
+    r.mmio_write32(table + 8, 0x4042);
+    assert_eq!(r.chip.route(gsi).unwrap().data, 0x4042);
+    r.cfg_write(SLOT, cap + 2, 2, 0);
+    assert_eq!(r.chip.route(gsi), None);
+    // Out-of-range table accesses are ignored.
+    r.mmio_write32(table + 16 * 4, 0x1234);
+    assert_eq!(r.mmio_read32(table + 16 * 4), 0);
+}

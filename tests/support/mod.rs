@@ -1,0 +1,180 @@
+//! Shared by the whole-guest tests: finding nicvm and the guest image, booting a guest with a
+//! deadline, and reading the machine-readable lines the guest's /init prints.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn nicvm() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nicvm"))
+}
+
+pub struct Image {
+    pub kernel: PathBuf,
+    pub bzimage: PathBuf,
+    pub initrd: PathBuf,
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
+}
+
+/// The guest image built by guest-images/build, or None (test skipped loudly) when this
+/// machine cannot boot guests. In CI a missing KVM or image fails the test instead.
+pub fn image() -> Option<Image> {
+    let dir = std::env::var_os("NICVM_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("NICVM_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("nicvm"))
+                })
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/nicvm")
+                });
+            cache.join("guest")
+        });
+    let img = Image {
+        kernel: dir.join("vmlinux"),
+        bzimage: dir.join("bzImage"),
+        initrd: dir.join("initramfs.cpio"),
+    };
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let problem = if !kvm {
+        Some("/dev/kvm is not usable".to_string())
+    } else if !img.kernel.exists() || !img.initrd.exists() {
+        Some(format!(
+            "no guest image in {} (run guest-images/build)",
+            dir.display()
+        ))
+    } else {
+        None
+    };
+    match problem {
+        None => Some(img),
+        Some(p) if in_ci() => panic!("CI must boot guests, but {p}"),
+        Some(p) => {
+            eprintln!("\n!!!!!! SKIPPING GUEST TEST: {p} !!!!!!\n");
+            None
+        }
+    }
+}
+
+pub struct Outcome {
+    /// None when the deadline passed and nicvm was killed.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// The first `NICVM-<tag>` line's key=value fields (plus "_" for the rest of the line).
+    pub fn line(&self, tag: &str) -> Option<HashMap<String, String>> {
+        self.lines(tag).into_iter().next()
+    }
+
+    pub fn lines(&self, tag: &str) -> Vec<HashMap<String, String>> {
+        let prefix = format!("NICVM-{tag}");
+        self.stdout
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter(|rest| rest.is_empty() || rest.starts_with(' '))
+            .map(|rest| {
+                let mut m: HashMap<String, String> = rest
+                    .split_whitespace()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                m.insert("_".into(), rest.trim().to_string());
+                m
+            })
+            .collect()
+    }
+
+    pub fn dump(&self) -> String {
+        format!(
+            "exit {:?} after {:.1}s\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code,
+            self.elapsed.as_secs_f64(),
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+/// Generous: a boot costs 10-20 s on an emulating host, more when two run at once.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(240);
+
+/// Runs nicvm with `args` (stdin closed), killing it at the deadline.
+pub fn run(args: &[String], deadline: Duration) -> Outcome {
+    let start = Instant::now();
+    let mut child = Command::new(nicvm())
+        .args(args)
+        .env("NICVM_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nicvm");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait nicvm") {
+            break status.code();
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Outcome {
+        code,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Boots the project's guest: `-kernel vmlinux -initrd ... -append "console=ttyS0 quiet <append>"`
+/// plus `extra` options.
+pub fn boot(img: &Image, append: &str, extra: &[&str]) -> Outcome {
+    let mut args: Vec<String> = vec![
+        "-kernel".into(),
+        img.kernel.display().to_string(),
+        "-initrd".into(),
+        img.initrd.display().to_string(),
+        "-append".into(),
+        format!("console=ttyS0 quiet {append}"),
+        "-nographic".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    run(&args, BOOT_DEADLINE)
+}
+
+pub fn args(s: &[&str]) -> Vec<String> {
+    s.iter().map(|s| s.to_string()).collect()
+}

@@ -1,0 +1,226 @@
+//! Loading Linux: an ELF `vmlinux` through its PVH entry (32-bit protected mode, no paging,
+//! `hvm_start_info` in EBX) or the 64-bit boot protocol (bzImage, or an ELF without the PVH
+//! note), with the initrd at the top of low RAM and the command line below 1 MiB.
+
+use crate::layout::*;
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::{elf::PvhBootCapability, BzImage, Elf, KernelLoader};
+use std::fs::File;
+use std::path::Path;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryMode {
+    /// PVH: 32-bit protected mode, paging off, EBX = start_info.
+    Pvh,
+    /// 64-bit boot protocol: long mode, identity-mapped, RSI = zero page.
+    Linux64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    pub mode: EntryMode,
+    pub rip: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("-kernel: cannot open {0}: {1}")]
+    OpenKernel(String, std::io::Error),
+    #[error("-kernel: {0} is neither an x86-64 ELF vmlinux nor a bzImage ({1})")]
+    BadKernel(String, String),
+    #[error("-initrd: cannot read {0}: {1}")]
+    ReadInitrd(String, std::io::Error),
+    #[error("-initrd: {0} ({1} MiB) does not fit in guest RAM above the kernel; raise -m")]
+    InitrdTooBig(String, u64),
+    #[error("-append: the command line is {0} bytes, Linux takes at most {max}", max = CMDLINE_MAX - 1)]
+    CmdlineTooLong(usize),
+    #[error("cannot write boot data to guest memory: {0}")]
+    Memory(String),
+}
+
+fn mem_err(e: impl std::fmt::Display) -> BootError {
+    BootError::Memory(e.to_string())
+}
+
+/// Loads kernel, initrd and command line; writes the boot structures for the entry it found.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    mem_bytes: u64,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+) -> Result<Entry, BootError> {
+    if cmdline.len() >= CMDLINE_MAX {
+        return Err(BootError::CmdlineTooLong(cmdline.len()));
+    }
+    let kname = kernel.display().to_string();
+    let mut f = File::open(kernel).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
+    let himem = Some(GuestAddress(HIMEM_START));
+    let (entry, kernel_end, header) = match Elf::load(mem, None, &mut f, himem) {
+        Ok(r) => {
+            let entry = match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(a) => Entry {
+                    mode: EntryMode::Pvh,
+                    rip: a.raw_value(),
+                },
+                _ => Entry {
+                    mode: EntryMode::Linux64,
+                    rip: r.kernel_load.raw_value(),
+                },
+            };
+            (entry, r.kernel_end, None)
+        }
+        Err(linux_loader::loader::Error::Elf(
+            linux_loader::loader::elf::Error::InvalidElfMagicNumber,
+        )) => {
+            let r = BzImage::load(mem, None, &mut f, himem)
+                .map_err(|e| BootError::BadKernel(kname.clone(), e.to_string()))?;
+            let entry = Entry {
+                mode: EntryMode::Linux64,
+                rip: r.kernel_load.raw_value() + 0x200,
+            };
+            (entry, r.kernel_end, r.setup_header)
+        }
+        Err(e) => return Err(BootError::BadKernel(kname, e.to_string())),
+    };
+
+    let low_end = mem_bytes.min(MMIO_HOLE_START);
+    let ramdisk = match initrd {
+        Some(p) => Some(load_initrd(mem, p, kernel_end, low_end)?),
+        None => None,
+    };
+
+    let mut cmd = cmdline.as_bytes().to_vec();
+    cmd.push(0);
+    mem.write_slice(&cmd, GuestAddress(CMDLINE_START))
+        .map_err(mem_err)?;
+
+    let map = e820(mem_bytes);
+    match entry.mode {
+        EntryMode::Pvh => write_pvh_info(mem, &map, ramdisk)?,
+        EntryMode::Linux64 => write_zero_page(mem, &map, ramdisk, header, cmd.len())?,
+    }
+    Ok(entry)
+}
+
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: u64,
+    low_end: u64,
+) -> Result<(u64, u64), BootError> {
+    let name = path.display().to_string();
+    let mut f = File::open(path).map_err(|e| BootError::ReadInitrd(name.clone(), e))?;
+    let size = f
+        .metadata()
+        .map_err(|e| BootError::ReadInitrd(name.clone(), e))?
+        .len();
+    if !f.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        return Err(BootError::ReadInitrd(
+            name,
+            std::io::Error::other("not a regular file"),
+        ));
+    }
+    let addr = low_end.checked_sub(size).map(|a| a & !0xfff);
+    let addr = match addr {
+        Some(a) if a >= kernel_end.max(HIMEM_START) => a,
+        _ => return Err(BootError::InitrdTooBig(name, size.div_ceil(1 << 20))),
+    };
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
+        .map_err(|e| BootError::ReadInitrd(name, std::io::Error::other(e.to_string())))?;
+    Ok((addr, size))
+}
+
+const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
+
+fn write_pvh_info(
+    mem: &GuestMemoryMmap,
+    map: &[(u64, u64, u32)],
+    ramdisk: Option<(u64, u64)>,
+) -> Result<(), BootError> {
+    for (i, &(addr, size, type_)) in map.iter().enumerate() {
+        let e = hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
+            reserved: 0,
+        };
+        let at = PVH_MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+        mem.write_obj(e, GuestAddress(at)).map_err(mem_err)?;
+    }
+    let mut info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        memmap_paddr: PVH_MEMMAP_START,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    if let Some((paddr, size)) = ramdisk {
+        let m = hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        };
+        mem.write_obj(m, GuestAddress(PVH_MODLIST_START))
+            .map_err(mem_err)?;
+        info.nr_modules = 1;
+        info.modlist_paddr = PVH_MODLIST_START;
+    }
+    mem.write_obj(info, GuestAddress(PVH_INFO_START))
+        .map_err(mem_err)
+}
+
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
+
+fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    map: &[(u64, u64, u32)],
+    ramdisk: Option<(u64, u64)>,
+    header: Option<setup_header>,
+    cmdline_size: usize,
+) -> Result<(), BootError> {
+    let mut p = boot_params::default();
+    if let Some(h) = header {
+        p.hdr = h;
+    } else {
+        p.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+        p.hdr.header = KERNEL_HDR_MAGIC;
+        p.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    }
+    p.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    p.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    p.hdr.cmdline_size = cmdline_size as u32;
+    if let Some((addr, size)) = ramdisk {
+        p.hdr.ramdisk_image = addr as u32;
+        p.hdr.ramdisk_size = size as u32;
+    }
+    for (i, &(addr, size, type_)) in map.iter().enumerate() {
+        p.e820_table[i] = boot_e820_entry {
+            addr,
+            size,
+            r#type: type_,
+        };
+    }
+    p.e820_entries = map.len() as u8;
+    mem.write_obj(p, GuestAddress(ZERO_PAGE_START))
+        .map_err(mem_err)?;
+
+    // Identity-map the first GiB with 2 MiB pages for the 64-bit entry.
+    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
+        .map_err(mem_err)?;
+    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))
+        .map_err(mem_err)?;
+    for i in 0..512u64 {
+        mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8))
+            .map_err(mem_err)?;
+    }
+    Ok(())
+}

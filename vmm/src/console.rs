@@ -1,0 +1,106 @@
+//! The serial console on the user's terminal: raw mode while the guest runs (restored on every
+//! exit path), QEMU's Ctrl-a escapes, and guest output written straight to stdout.
+
+use devices::legacy::Serial;
+use devices::lifecycle::{ExitReason, Lifecycle};
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex, OnceLock};
+
+static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
+
+pub fn stdin_is_tty() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(0) == 1 }
+}
+
+/// Puts stdin in raw mode (output processing kept, as QEMU does) and remembers how to undo it.
+pub fn enter_raw_mode() -> io::Result<()> {
+    // SAFETY: termios is plain old data; tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: fd 0 and a valid termios pointer.
+    if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let _ = SAVED_TERMIOS.set(t);
+    let mut raw = t;
+    // SAFETY: cfmakeraw edits the struct it is given.
+    unsafe { libc::cfmakeraw(&mut raw) };
+    raw.c_oflag |= libc::OPOST;
+    // SAFETY: fd 0 and a valid termios pointer.
+    if unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Restores the terminal if raw mode was entered. Safe to call more than once.
+pub fn restore_terminal() {
+    if let Some(t) = SAVED_TERMIOS.get() {
+        // SAFETY: fd 0 and the termios saved by enter_raw_mode.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+    }
+}
+
+/// Guest console output on stdout, unbuffered so a crash loses nothing.
+pub struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Output to a closed stdout is discarded; the guest must not notice.
+        match io::stdout().lock().write_all(buf) {
+            Ok(()) | Err(_) => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().flush()
+    }
+}
+
+const ESCAPE: u8 = 0x01; // Ctrl-a
+
+const HELP: &str =
+    "\r\nC-a h    print this help\r\nC-a x    exit nicvm\r\nC-a C-a  send C-a to the guest\r\n";
+
+/// Reads stdin and feeds the guest's serial port; runs on its own thread until stdin closes.
+pub fn pump_stdin(serial: Arc<Mutex<Serial>>, lifecycle: Arc<Lifecycle>, escapes: bool) {
+    let mut buf = [0u8; 256];
+    let mut escape_pending = false;
+    loop {
+        // SAFETY: reading into a buffer we own, within its length.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        if n <= 0 {
+            return; // EOF or error: the guest simply gets no more input
+        }
+        let mut out = Vec::with_capacity(n as usize);
+        for &b in &buf[..n as usize] {
+            if !escapes {
+                out.push(b);
+            } else if escape_pending {
+                escape_pending = false;
+                match b {
+                    b'x' | b'X' => {
+                        restore_terminal();
+                        eprintln!("\r\nnicvm: terminated (Ctrl-a x)\r");
+                        lifecycle.request_exit(ExitReason::User("Ctrl-a x".into()));
+                        return;
+                    }
+                    b'h' | b'H' | b'?' => {
+                        let _ = io::stderr().write_all(HELP.as_bytes());
+                    }
+                    ESCAPE => out.push(ESCAPE),
+                    _ => {}
+                }
+            } else if b == ESCAPE {
+                escape_pending = true;
+            } else {
+                out.push(b);
+            }
+        }
+        if !out.is_empty() {
+            serial.lock().unwrap().queue_input(&out);
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! QEMU's option syntax: `first,key=val,key=val`, where `,,` stands for a literal comma and
+//! keys may repeat (`hostfwd=...,hostfwd=...`).
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyVal {
+    /// The leading bare word (`user` in `user,id=n0`), if any.
+    pub first: Option<String>,
+    pub pairs: Vec<(String, String)>,
+}
+
+fn split(s: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                out.last_mut().unwrap().push(',');
+            } else {
+                out.push(String::new());
+            }
+        } else {
+            out.last_mut().unwrap().push(c);
+        }
+    }
+    out
+}
+
+impl KeyVal {
+    /// `implied` names the key a leading bare word stands for (`type`, `driver`).
+    pub fn parse(s: &str, implied: Option<&str>) -> Result<KeyVal, String> {
+        let mut kv = KeyVal::default();
+        for (i, part) in split(s).into_iter().enumerate() {
+            match part.split_once('=') {
+                Some((k, v)) => {
+                    if k.is_empty() {
+                        return Err(format!("empty key in '{part}'"));
+                    }
+                    if Some(k) == implied && i == 0 {
+                        kv.first = Some(v.to_string());
+                    } else {
+                        kv.pairs.push((k.to_string(), v.to_string()));
+                    }
+                }
+                None if i == 0 && implied.is_some() && !part.is_empty() => kv.first = Some(part),
+                None if part.is_empty() => return Err("empty parameter".into()),
+                None => return Err(format!("'{part}' needs a value ({part}=...)")),
+            }
+        }
+        Ok(kv)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn get_all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.pairs
+            .iter()
+            .filter(move |(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// First key not in `allowed`, for "unknown parameter" errors.
+    pub fn unknown_key(&self, allowed: &[&str]) -> Option<&str> {
+        self.pairs
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .find(|k| !allowed.contains(k))
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        let i = self.pairs.iter().rposition(|(k, _)| k == key)?;
+        Some(self.pairs.remove(i).1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implied_key_escapes_and_repeats() {
+        let kv = KeyVal::parse(
+            "user,id=n0,hostfwd=tcp::1-:2,hostfwd=udp::3-:4",
+            Some("type"),
+        )
+        .unwrap();
+        assert_eq!(kv.first.as_deref(), Some("user"));
+        assert_eq!(kv.get("id"), Some("n0"));
+        assert_eq!(
+            kv.get_all("hostfwd").collect::<Vec<_>>(),
+            ["tcp::1-:2", "udp::3-:4"]
+        );
+        let kv = KeyVal::parse("type=tap,script=/a,,b", Some("type")).unwrap();
+        assert_eq!(kv.first.as_deref(), Some("tap"));
+        assert_eq!(kv.get("script"), Some("/a,b"));
+        assert!(KeyVal::parse("user,,", Some("type")).is_ok());
+        assert!(KeyVal::parse("user,id", Some("type")).is_err());
+        assert!(KeyVal::parse("user,,id=1,", Some("type")).is_err());
+        assert!(KeyVal::parse("=x", Some("type")).is_err());
+        assert_eq!(kv.unknown_key(&["script"]), None);
+        assert_eq!(kv.unknown_key(&[]), Some("script"));
+    }
+}

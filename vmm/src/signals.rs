@@ -1,0 +1,82 @@
+//! SIGINT, SIGTERM and SIGHUP end nicvm cleanly: they are blocked in every thread and read
+//! from a signalfd by the supervisor, which waits for them or the guest's own exit.
+
+use devices::lifecycle::{ExitReason, Lifecycle};
+use std::io;
+use std::os::fd::AsRawFd;
+
+const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+pub struct SignalFd(std::os::fd::OwnedFd);
+
+/// Blocks the exit signals for this thread and the threads it spawns later.
+pub fn block_and_open() -> io::Result<SignalFd> {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset/sigaddset.
+    let fd = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: signalfd returned a new descriptor we now own.
+    Ok(SignalFd(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+}
+
+fn signal_name(s: u32) -> &'static str {
+    match s as libc::c_int {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "signal",
+    }
+}
+
+/// Waits until the guest ends or a signal arrives; returns the reason.
+pub fn wait_for_exit(lifecycle: &Lifecycle, signals: &SignalFd) -> ExitReason {
+    let mut fds = [
+        libc::pollfd {
+            fd: lifecycle.event().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: signals.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        if let Some(r) = lifecycle.reason() {
+            return r;
+        }
+        // SAFETY: polling two descriptors we own, array length given.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            continue;
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            // SAFETY: signalfd_siginfo is plain data; reading exactly its size.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let sz = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: the buffer is `sz` bytes long.
+            let r = unsafe {
+                libc::read(
+                    fds[1].fd,
+                    (&mut info as *mut libc::signalfd_siginfo).cast(),
+                    sz,
+                )
+            };
+            if r == sz as isize {
+                lifecycle.request_exit(ExitReason::User(signal_name(info.ssi_signo).into()));
+            }
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! vCPU set-up (registers for the chosen entry, CPUID, LAPIC) and the run loop that dispatches
+//! port and MMIO exits to the buses and turns fatal exits into an exit reason.
+
+use crate::boot::{Entry, EntryMode};
+use crate::layout::*;
+use devices::bus::Bus;
+use devices::lifecycle::{ExitReason, Lifecycle};
+use kvm_bindings::{kvm_fpu, kvm_segment, CpuId};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::Arc;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+pub struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+const X86_CR0_PE: u64 = 1 << 0;
+const X86_CR0_ET: u64 = 1 << 4;
+const X86_CR0_PG: u64 = 1 << 31;
+const X86_CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((base as u64 & 0xff00_0000) << 32)
+        | ((base as u64 & 0x00ff_ffff) << 16)
+        | (limit as u64 & 0x0000_ffff)
+        | ((limit as u64 & 0x000f_0000) << 32)
+        | ((flags as u64 & 0xf0ff) << 40)
+}
+
+fn segment(entry: u64, selector: u16) -> kvm_segment {
+    let flag = |shift: u64, bits: u64| ((entry >> shift) & bits) as u8;
+    kvm_segment {
+        base: ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000),
+        limit: {
+            let l = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
+            if flag(55, 1) == 1 {
+                (l << 12) | 0xfff
+            } else {
+                l
+            }
+        },
+        selector,
+        type_: flag(40, 0xf),
+        present: flag(47, 1),
+        dpl: flag(45, 3),
+        db: flag(54, 1),
+        s: flag(44, 1),
+        l: flag(53, 1),
+        g: flag(55, 1),
+        avl: flag(52, 1),
+        unusable: (flag(47, 1) == 0) as u8,
+        padding: 0,
+    }
+}
+
+/// Registers for the boot vCPU. Application processors wait for INIT/SIPI in KVM.
+pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: Entry) -> Result<(), String> {
+    let long = entry.mode == EntryMode::Linux64;
+    let code = if long {
+        gdt_entry(0xa09b, 0, 0xfffff)
+    } else {
+        gdt_entry(0xc09b, 0, 0xfffff)
+    };
+    let gdt = [
+        0,
+        code,
+        gdt_entry(0xc093, 0, 0xfffff),
+        gdt_entry(0x808b, 0, 0xfffff),
+    ];
+    for (i, e) in gdt.iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(GDT_START + i as u64 * 8))
+            .map_err(|e| format!("writing the GDT: {e}"))?;
+    }
+    let mut s = vcpu
+        .get_sregs()
+        .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+    let cs = segment(gdt[1], 0x08);
+    let ds = segment(gdt[2], 0x10);
+    s.cs = cs;
+    s.ds = ds;
+    s.es = ds;
+    s.fs = ds;
+    s.gs = ds;
+    s.ss = ds;
+    s.tr = segment(gdt[3], 0x18);
+    s.gdt.base = GDT_START;
+    s.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    if long {
+        s.cr3 = PML4_START;
+        s.cr4 |= X86_CR4_PAE;
+        s.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
+        s.efer |= EFER_LME | EFER_LMA;
+    } else {
+        s.cr0 = X86_CR0_PE | X86_CR0_ET;
+        s.cr4 = 0;
+        s.efer = 0;
+    }
+    vcpu.set_sregs(&s)
+        .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+
+    let mut r = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+    r.rflags = 2;
+    r.rip = entry.rip;
+    if long {
+        r.rsi = ZERO_PAGE_START;
+        r.rsp = 0x8ff0;
+        r.rbp = 0x8ff0;
+    } else {
+        r.rbx = PVH_INFO_START;
+    }
+    vcpu.set_regs(&r)
+        .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu)
+        .map_err(|e| format!("KVM_SET_FPU: {e}"))?;
+    Ok(())
+}
+
+/// CPUID and local interrupts (LINT0 = ExtINT, LINT1 = NMI), for every vCPU.
+pub fn setup_vcpu_common(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), String> {
+    vcpu.set_cpuid2(cpuid)
+        .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
+    let mut lapic = vcpu
+        .get_lapic()
+        .map_err(|e| format!("KVM_GET_LAPIC: {e}"))?;
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const APIC_MODE_EXTINT: u32 = 0x7;
+    const APIC_MODE_NMI: u32 = 0x4;
+    let set_mode = |regs: &mut [std::os::raw::c_char; 1024], off: usize, mode: u32| {
+        let mut b = [0u8; 4];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = regs[off + i] as u8;
+        }
+        let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+        for (i, x) in v.to_le_bytes().iter().enumerate() {
+            regs[off + i] = *x as std::os::raw::c_char;
+        }
+    };
+    set_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
+    set_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+    vcpu.set_lapic(&lapic)
+        .map_err(|e| format!("KVM_SET_LAPIC: {e}"))?;
+    Ok(())
+}
+
+/// Translates a guest virtual address with the vCPU's page tables (4-level or none).
+fn translate(vcpu: &VcpuFd, mem: &GuestMemoryMmap, va: u64) -> Option<u64> {
+    let s = vcpu.get_sregs().ok()?;
+    if s.cr0 & X86_CR0_PG == 0 {
+        return Some(va);
+    }
+    let mut table = s.cr3 & 0x000f_ffff_ffff_f000;
+    for level in (0..4).rev() {
+        let idx = (va >> (12 + 9 * level)) & 0x1ff;
+        let e: u64 = mem.read_obj(GuestAddress(table + idx * 8)).ok()?;
+        if e & 1 == 0 {
+            return None;
+        }
+        let addr = e & 0x000f_ffff_ffff_f000;
+        if level > 0 && e & 0x80 != 0 {
+            let size = 1u64 << (12 + 9 * level);
+            return Some((addr & !(size - 1)) | (va & (size - 1)));
+        }
+        if level == 0 {
+            return Some(addr | (va & 0xfff));
+        }
+        table = addr;
+    }
+    None
+}
+
+fn describe_fault(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
+    let Ok(r) = vcpu.get_regs() else {
+        return "registers unavailable".into();
+    };
+    let mut bytes = vec![];
+    for i in 0..15 {
+        match translate(vcpu, mem, r.rip + i)
+            .and_then(|pa| mem.read_obj::<u8>(GuestAddress(pa)).ok())
+        {
+            Some(b) => bytes.push(format!("{b:02x}")),
+            None => break,
+        }
+    }
+    let insn = if bytes.is_empty() {
+        "unreadable".to_string()
+    } else {
+        bytes.join(" ")
+    };
+    format!("RIP {:#x}, instruction bytes: {insn}", r.rip)
+}
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// Runs until the guest stops or another thread asked to stop. Never returns an error: fatal
+/// guest behaviour becomes the VM's exit reason.
+pub fn run(
+    id: u8,
+    mut vcpu: VcpuFd,
+    mem: GuestMemoryMmap,
+    buses: Arc<Buses>,
+    lifecycle: Arc<Lifecycle>,
+) {
+    while !lifecycle.exit_requested() {
+        let reason = match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                buses.pio.read(port as u64, data);
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                buses.pio.write(port as u64, data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                buses.mmio.read(addr, data);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                buses.mmio.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
+            Ok(VcpuExit::Shutdown) => Some(ExitReason::GuestCrash(format!(
+                "vCPU {id}: triple fault ({})",
+                describe_fault(&vcpu, &mem)
+            ))),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
+                KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
+                KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                KVM_SYSTEM_EVENT_CRASH => ExitReason::GuestPanic,
+                k => ExitReason::GuestCrash(format!("vCPU {id}: system event {k}")),
+            }),
+            Ok(VcpuExit::InternalError) => {
+                let run = vcpu.get_kvm_run();
+                // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                // union member KVM filled in.
+                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                let what = if suberror == 1 {
+                    "emulation failure"
+                } else {
+                    "internal error"
+                };
+                Some(ExitReason::GuestCrash(format!(
+                    "vCPU {id}: KVM {what} (suberror {suberror}) at {}",
+                    describe_fault(&vcpu, &mem)
+                )))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::GuestCrash(format!(
+                "vCPU {id}: KVM entry failed (hardware reason {reason:#x} on host CPU {cpu})"
+            ))),
+            Ok(other) => Some(ExitReason::GuestCrash(format!(
+                "vCPU {id}: unexpected exit {other:?}"
+            ))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(ExitReason::Error(format!("vCPU {id}: KVM_RUN: {e}"))),
+        };
+        if let Some(r) = reason {
+            lifecycle.request_exit(r);
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! Assembling and running a VM: KVM, memory, irqchip, buses and devices, boot, vCPU threads,
+//! and the supervisor loop that turns the first exit reason into nicvm's exit.
+
+use crate::boot;
+use crate::cli::{Config, SerialTarget};
+use crate::console;
+use crate::cpuid;
+use crate::host::HostKind;
+use crate::irqchip::KvmIrqChip;
+use crate::layout::*;
+use crate::mptable;
+use crate::vcpu::{self, Buses};
+use devices::bus::Bus;
+use devices::interrupt::IrqChip;
+use devices::legacy::{Cmos, Serial, I8042};
+use devices::lifecycle::{ExitReason, Lifecycle};
+use devices::pci::{self, BarKind, HostBridge, PciConfigIo, PciDevice, PciRoot, PciWindow};
+use devices::pvpanic::PvPanic;
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::Kvm;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// A setup failure: printed as one line, exit status 1, before the guest runs.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SetupError(pub String);
+
+fn setup_err(e: impl std::fmt::Display) -> SetupError {
+    SetupError(e.to_string())
+}
+
+const COM1_PORT: u64 = 0x3f8;
+const COM1_IRQ: u32 = 4;
+const I8042_PORT: u64 = 0x60;
+const CMOS_PORT: u64 = 0x70;
+const PCI_CONFIG_PORT: u64 = 0xcf8;
+
+fn host_ram_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Checks what can be checked without KVM: files and sizes.
+pub fn validate(cfg: &Config) -> Result<(), SetupError> {
+    let mem = cfg.mem_mib << 20;
+    if let Some(host) = host_ram_bytes() {
+        if mem > host {
+            return Err(SetupError(format!(
+                "-m: {} MiB is more than this host's {} MiB of RAM",
+                cfg.mem_mib,
+                host >> 20
+            )));
+        }
+    }
+    if mem < 16 << 20 {
+        return Err(SetupError(format!(
+            "-m: {} MiB is too small for Linux (at least 16M)",
+            cfg.mem_mib
+        )));
+    }
+    std::fs::File::open(&cfg.kernel).map_err(|e| {
+        SetupError(format!(
+            "-kernel: cannot open {}: {e}",
+            cfg.kernel.display()
+        ))
+    })?;
+    if let Some(i) = &cfg.initrd {
+        std::fs::File::open(i)
+            .map_err(|e| SetupError(format!("-initrd: cannot read {}: {e}", i.display())))?;
+    }
+    if let Some(n) = cfg.nics.first() {
+        return Err(SetupError(format!(
+            "-device {}: this NIC model is not available in this build of nicvm yet",
+            n.model.name()
+        )));
+    }
+    Ok(())
+}
+
+/// Places every BAR of `dev` from the running allocators, as firmware would.
+fn assign_bars(
+    dev: &mut dyn PciDevice,
+    io_next: &mut u64,
+    mmio_next: &mut u64,
+) -> Result<(), SetupError> {
+    for bar in 0..6 {
+        let (Some(kind), Some(size)) = (dev.config().bar_kind(bar), dev.config().bar_size(bar))
+        else {
+            continue;
+        };
+        let (next, end) = match kind {
+            BarKind::Io => (io_next as &mut u64, PCI_IO_START + PCI_IO_SIZE),
+            _ => (mmio_next as &mut u64, PCI_MMIO_START + PCI_MMIO_SIZE),
+        };
+        let addr = next.next_multiple_of(size);
+        if addr + size > end {
+            return Err(SetupError(
+                "too many PCI devices: the BAR window is full".into(),
+            ));
+        }
+        dev.config_mut().set_bar_addr(bar, addr);
+        *next = addr + size;
+    }
+    Ok(())
+}
+
+pub struct Timing {
+    pub start: Instant,
+    pub enabled: bool,
+}
+
+impl Timing {
+    pub fn mark(&self, what: &str) {
+        if self.enabled {
+            eprintln!(
+                "nicvm-timing: {what} {:.3}\r",
+                self.start.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+/// Builds the VM, runs it, and returns why it ended.
+pub fn run(cfg: &Config, host: HostKind, timing: Timing) -> Result<ExitReason, SetupError> {
+    let kvm = Kvm::new().map_err(|e| {
+        SetupError(format!(
+            "/dev/kvm: cannot open ({e}); is KVM available and are you allowed to use it?"
+        ))
+    })?;
+    let vm = Arc::new(
+        kvm.create_vm()
+            .map_err(|e| setup_err(format!("KVM_CREATE_VM: {e}")))?,
+    );
+    if let Err(e) = vm.set_tss_address(0xfffb_d000) {
+        log::debug!("KVM_SET_TSS_ADDR: {e}");
+    }
+    vm.create_irq_chip()
+        .map_err(|e| setup_err(format!("KVM_CREATE_IRQCHIP: {e}")))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| setup_err(format!("KVM_CREATE_PIT2: {e}")))?;
+
+    // Guest RAM.
+    let mem_bytes = cfg.mem_mib << 20;
+    let ranges: Vec<(GuestAddress, usize)> = ram_regions(mem_bytes)
+        .into_iter()
+        .map(|(a, s)| (GuestAddress(a), s as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
+        SetupError(format!(
+            "-m: cannot allocate {} MiB of guest RAM: {e}",
+            cfg.mem_mib
+        ))
+    })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host_addr = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| setup_err(format!("guest memory: {e}")))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host_addr as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM (both are
+        // dropped only at process exit), and the slots do not overlap.
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| setup_err(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+    }
+
+    let _chip: Arc<dyn IrqChip> = Arc::new(
+        KvmIrqChip::new(vm.clone()).map_err(|e| setup_err(format!("KVM_SET_GSI_ROUTING: {e}")))?,
+    );
+    let lifecycle = Arc::new(Lifecycle::new().map_err(setup_err)?);
+
+    // Legacy devices.
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(setup_err)?;
+    vm.register_irqfd(&com1_irq, COM1_IRQ)
+        .map_err(|e| setup_err(format!("KVM_IRQFD: {e}")))?;
+    let out: Box<dyn Write + Send> = match &cfg.serial {
+        SerialTarget::Stdio => Box::new(console::Stdout),
+        SerialTarget::File(p) => Box::new(
+            std::fs::File::create(p)
+                .map_err(|e| SetupError(format!("-serial: cannot create {}: {e}", p.display())))?,
+        ),
+        SerialTarget::None => Box::new(std::io::sink()),
+    };
+    let serial = Arc::new(Mutex::new(Serial::new(com1_irq, out)));
+    pio.insert(COM1_PORT, 8, serial.clone())
+        .map_err(setup_err)?;
+    pio.insert(
+        I8042_PORT,
+        5,
+        Arc::new(Mutex::new(I8042::new(lifecycle.clone()))),
+    )
+    .map_err(setup_err)?;
+    pio.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::default())))
+        .map_err(setup_err)?;
+
+    // PCI.
+    let mut root = PciRoot::new();
+    let mut io_next = PCI_IO_START;
+    let mut mmio_next = PCI_MMIO_START;
+    root.add(0, Arc::new(Mutex::new(HostBridge::default())))
+        .map_err(setup_err)?;
+    let mut panic_dev = PvPanic::new(lifecycle.clone());
+    assign_bars(&mut panic_dev, &mut io_next, &mut mmio_next)?;
+    let slot = root
+        .first_free_slot()
+        .ok_or_else(|| setup_err("no free PCI slot"))?;
+    root.add(slot, Arc::new(Mutex::new(panic_dev)))
+        .map_err(setup_err)?;
+    let root = Arc::new(root);
+    pio.insert(
+        PCI_CONFIG_PORT,
+        8,
+        Arc::new(Mutex::new(PciConfigIo(root.clone()))),
+    )
+    .map_err(setup_err)?;
+    let window = |io: bool, base: u64| {
+        Arc::new(Mutex::new(PciWindow {
+            root: root.clone(),
+            io,
+            base,
+        }))
+    };
+    pio.insert(PCI_IO_START, PCI_IO_SIZE, window(true, PCI_IO_START))
+        .map_err(setup_err)?;
+    mmio.insert(PCI_MMIO_START, PCI_MMIO_SIZE, window(false, PCI_MMIO_START))
+        .map_err(setup_err)?;
+
+    let mp = mptable::build(MPTABLE_START as u32, cfg.cpus, pci::intx_gsi);
+    vm_memory::Bytes::write_slice(&mem, &mp, GuestAddress(MPTABLE_START))
+        .map_err(|e| setup_err(format!("MP table: {e}")))?;
+
+    let entry = boot::load(
+        &mem,
+        mem_bytes,
+        &cfg.kernel,
+        cfg.initrd.as_deref(),
+        &cfg.append,
+    )
+    .map_err(setup_err)?;
+    log::debug!("entry {:?} at {:#x}", entry.mode, entry.rip);
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| setup_err(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+    let mut vcpus = vec![];
+    for id in 0..cfg.cpus {
+        let v = vm
+            .create_vcpu(id as u64)
+            .map_err(|e| SetupError(format!("-smp: cannot create vCPU {id}: {e}")))?;
+        let table = cpuid::for_vcpu(&supported, id, cfg.cpus, host);
+        for e in table.as_slice() {
+            log::trace!(
+                "cpuid {:#x}.{}: {:08x} {:08x} {:08x} {:08x}",
+                e.function,
+                e.index,
+                e.eax,
+                e.ebx,
+                e.ecx,
+                e.edx
+            );
+        }
+        vcpu::setup_vcpu_common(&v, &table).map_err(setup_err)?;
+        if id == 0 {
+            vcpu::setup_boot_vcpu(&v, &mem, entry).map_err(setup_err)?;
+        }
+        vcpus.push(v);
+    }
+
+    // From here on the guest runs; failures are exit reasons, not setup errors.
+    let signals =
+        crate::signals::block_and_open().map_err(|e| setup_err(format!("signalfd: {e}")))?;
+    if cfg.serial == SerialTarget::Stdio {
+        let tty = console::stdin_is_tty();
+        if tty {
+            if let Err(e) = console::enter_raw_mode() {
+                log::warn!("cannot put the terminal in raw mode: {e}");
+            }
+        }
+        let (s, l) = (serial.clone(), lifecycle.clone());
+        std::thread::Builder::new()
+            .name("console".into())
+            .spawn(move || console::pump_stdin(s, l, tty))
+            .map_err(setup_err)?;
+    }
+    let buses = Arc::new(Buses { pio, mmio });
+    timing.mark("vcpu-start");
+    for (id, v) in vcpus.into_iter().enumerate() {
+        let (m, b, l) = (mem.clone(), buses.clone(), lifecycle.clone());
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu::run(id as u8, v, m, b, l))
+            .map_err(setup_err)?;
+    }
+    Ok(crate::signals::wait_for_exit(&lifecycle, &signals))
+}
