@@ -18,7 +18,11 @@ fn mem_kb(o: &Outcome) -> u64 {
 #[test]
 fn boots_to_init_and_reboots_cleanly() {
     let Some(img) = image() else { return };
-    let o = boot(&img, "nicvm.run=exit nicvm.marker=x,y=z", &["-m", "64"]);
+    let o = boot(
+        &img,
+        "nicvm.run=cpuflags,exit nicvm.marker=x,y=z",
+        &["-m", "64"],
+    );
     assert_eq!(o.code, Some(0), "{}", o.dump());
     assert!(o.line("READY").is_some(), "{}", o.dump());
     assert!(o.line("EXIT").is_some(), "{}", o.dump());

@@ -1,5 +1,78 @@
 //! The backends behind nicvm's NICs, and the frame-level helpers they share.
+//!
+//! One trait, [`NetBackend`], sits between the three NIC models and the backends. A frame
+//! crosses it whole: scatter-gather on the way out, one buffer on the way in. Readiness is an
+//! fd for the I/O thread's event loop; flow control is the frontend's job (it stops reading
+//! when the guest has no buffer, and the loop stops watching the fd until the guest refills).
 
 pub mod mac;
+pub mod mem;
+pub mod tap;
+pub mod vnet;
 
 pub use mac::MacAddr;
+
+use std::io::{self, IoSlice};
+use std::os::fd::RawFd;
+
+/// Largest frame a backend hands over: a 64 KiB GSO frame plus Ethernet and VLAN headers and
+/// a virtio-net header.
+pub const MAX_FRAME: usize = 65_536 + 14 + 4 + vnet::VNET_HDR_LEN;
+
+/// Offloads a peer can take in frames carrying a virtio-net header.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offloads {
+    pub csum: bool,
+    pub tso4: bool,
+    pub tso6: bool,
+    pub tso_ecn: bool,
+    pub ufo: bool,
+}
+
+impl Offloads {
+    pub const ALL: Offloads = Offloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        tso_ecn: true,
+        ufo: true,
+    };
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Every frame in both directions starts with a [`vnet::VNET_HDR_LEN`]-byte virtio-net
+    /// header (tap with IFF_VNET_HDR).
+    pub vnet_hdr: bool,
+    /// What the peer accepts in that header; empty without `vnet_hdr`.
+    pub offloads: Offloads,
+}
+
+pub trait NetBackend: Send {
+    fn capabilities(&self) -> Capabilities;
+
+    /// The offloads the guest enabled for frames coming *from* the peer (tap: TUNSETOFFLOAD).
+    fn set_rx_offloads(&mut self, _o: Offloads) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Sends one frame. `ErrorKind::WouldBlock` means "full, try again when the fd is
+    /// writable"; nothing was sent.
+    fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()>;
+
+    /// Receives one frame into `buf` without blocking; `Ok(None)` when none is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
+
+    /// Readable when `recv` may have a frame; writable when `send` may succeed again.
+    fn fd(&self) -> RawFd;
+
+    /// Whether the other side is there (a VDE switch that went away is down).
+    fn link_up(&self) -> bool {
+        true
+    }
+
+    /// Frames dropped by the backend itself (peer gone, frame too large), for statistics.
+    fn dropped(&self) -> u64 {
+        0
+    }
+}

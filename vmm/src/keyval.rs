@@ -58,13 +58,6 @@ impl KeyVal {
             .map(|(_, v)| v.as_str())
     }
 
-    pub fn get_all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.pairs
-            .iter()
-            .filter(move |(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
     /// First key not in `allowed`, for "unknown parameter" errors.
     pub fn unknown_key(&self, allowed: &[&str]) -> Option<&str> {
         self.pairs
@@ -92,9 +85,17 @@ mod tests {
         .unwrap();
         assert_eq!(kv.first.as_deref(), Some("user"));
         assert_eq!(kv.get("id"), Some("n0"));
+        let fwds: Vec<&str> = kv
+            .pairs
+            .iter()
+            .filter(|(k, _)| k == "hostfwd")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(fwds, ["tcp::1-:2", "udp::3-:4"]);
         assert_eq!(
-            kv.get_all("hostfwd").collect::<Vec<_>>(),
-            ["tcp::1-:2", "udp::3-:4"]
+            kv.get("hostfwd"),
+            Some("udp::3-:4"),
+            "the last one wins for get()"
         );
         let kv = KeyVal::parse("type=tap,script=/a,,b", Some("type")).unwrap();
         assert_eq!(kv.first.as_deref(), Some("tap"));

@@ -1,0 +1,113 @@
+//! An in-memory backend pair for device tests: the NIC model gets [`MemBackend`], the test
+//! holds [`MemPeer`] and plays the network. No fds but an eventfd, no root, no guest.
+
+use crate::{Capabilities, NetBackend};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+#[derive(Default)]
+struct Shared {
+    to_guest: VecDeque<Vec<u8>>,
+    from_guest: Vec<Vec<u8>>,
+    /// When set, send() fails with WouldBlock (a full peer).
+    blocked: bool,
+    rx_offloads: Option<crate::Offloads>,
+}
+
+pub struct MemBackend {
+    shared: Arc<Mutex<Shared>>,
+    ready: EventFd,
+    caps: Capabilities,
+}
+
+#[derive(Clone)]
+pub struct MemPeer {
+    shared: Arc<Mutex<Shared>>,
+    ready: Arc<EventFd>,
+}
+
+pub fn pair(caps: Capabilities) -> (MemBackend, MemPeer) {
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let ready = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let peer_ready = Arc::new(ready.try_clone().expect("eventfd clone"));
+    (
+        MemBackend {
+            shared: shared.clone(),
+            ready,
+            caps,
+        },
+        MemPeer {
+            shared,
+            ready: peer_ready,
+        },
+    )
+}
+
+impl MemPeer {
+    /// Queues a frame for the guest and makes the backend readable.
+    pub fn inject(&self, frame: &[u8]) {
+        self.shared
+            .lock()
+            .unwrap()
+            .to_guest
+            .push_back(frame.to_vec());
+        let _ = self.ready.write(1);
+    }
+
+    /// Frames the guest sent so far (taken).
+    pub fn take_sent(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.shared.lock().unwrap().from_guest)
+    }
+
+    /// Frames still waiting for the guest.
+    pub fn pending(&self) -> usize {
+        self.shared.lock().unwrap().to_guest.len()
+    }
+
+    pub fn set_blocked(&self, blocked: bool) {
+        self.shared.lock().unwrap().blocked = blocked;
+    }
+
+    pub fn rx_offloads(&self) -> Option<crate::Offloads> {
+        self.shared.lock().unwrap().rx_offloads
+    }
+}
+
+impl NetBackend for MemBackend {
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    fn set_rx_offloads(&mut self, o: crate::Offloads) -> io::Result<()> {
+        self.shared.lock().unwrap().rx_offloads = Some(o);
+        Ok(())
+    }
+
+    fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
+        let mut s = self.shared.lock().unwrap();
+        if s.blocked {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        s.from_guest
+            .push(frame.iter().flat_map(|p| p.iter().copied()).collect());
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let mut s = self.shared.lock().unwrap();
+        let Some(f) = s.to_guest.pop_front() else {
+            let _ = self.ready.read();
+            return Ok(None);
+        };
+        let n = f.len().min(buf.len());
+        buf[..n].copy_from_slice(&f[..n]);
+        Ok(Some(n))
+    }
+
+    fn fd(&self) -> RawFd {
+        self.ready.as_raw_fd()
+    }
+}
