@@ -5,5 +5,7 @@ pub mod bus;
 pub mod interrupt;
 pub mod legacy;
 pub mod lifecycle;
+pub mod net;
 pub mod pci;
 pub mod pvpanic;
+pub mod virtio;

@@ -5,10 +5,12 @@ mod cli;
 mod console;
 mod cpuid;
 mod host;
+mod io_thread;
 mod irqchip;
 mod keyval;
 mod layout;
 mod mptable;
+mod netdev;
 mod signals;
 mod vcpu;
 mod vm;
@@ -54,6 +56,7 @@ fn init_logging() {
 
 fn fail(msg: impl std::fmt::Display) -> ! {
     console::restore_terminal();
+    netdev::run_cleanups();
     eprintln!("nicvm: {msg}");
     std::process::exit(1);
 }
@@ -67,6 +70,7 @@ fn main() {
     std::panic::set_hook(Box::new(|info| {
         console::restore_terminal();
         eprintln!("nicvm: internal error: {info}");
+        netdev::run_cleanups();
         std::process::exit(3);
     }));
 
@@ -91,6 +95,7 @@ fn main() {
 
     let reason = vm::run(&cfg, host, timing).unwrap_or_else(|e| fail(e));
     console::restore_terminal();
+    netdev::run_cleanups();
     let name = cfg
         .name
         .as_deref()

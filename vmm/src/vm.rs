@@ -2,24 +2,28 @@
 //! and the supervisor loop that turns the first exit reason into nicvm's exit.
 
 use crate::boot;
-use crate::cli::{Config, SerialTarget};
+use crate::cli::{Config, NicModel, SerialTarget};
 use crate::console;
 use crate::cpuid;
 use crate::host::HostKind;
 use crate::irqchip::KvmIrqChip;
 use crate::layout::*;
 use crate::mptable;
+use crate::netdev;
 use crate::vcpu::{self, Buses};
 use devices::bus::Bus;
 use devices::interrupt::IrqChip;
 use devices::legacy::{Cmos, Serial, I8042};
 use devices::lifecycle::{ExitReason, Lifecycle};
+use devices::net::NetFrontend;
 use devices::pci::{self, BarKind, HostBridge, PciConfigIo, PciDevice, PciRoot, PciWindow};
 use devices::pvpanic::PvPanic;
+use devices::virtio::net::VirtioNet;
+use devices::virtio::IoEventRegistry;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -40,6 +44,25 @@ const COM1_IRQ: u32 = 4;
 const I8042_PORT: u64 = 0x60;
 const CMOS_PORT: u64 = 0x70;
 const PCI_CONFIG_PORT: u64 = 0xcf8;
+/// First slot for NICs without addr=, as on QEMU's default PC board.
+const FIRST_NIC_SLOT: u8 = 3;
+
+/// Queue doorbells as KVM ioeventfds: a guest kick wakes the I/O thread without a vCPU exit
+/// to userspace.
+struct KvmIoEvents(Arc<kvm_ioctls::VmFd>);
+
+impl IoEventRegistry for KvmIoEvents {
+    fn register(&self, addr: u64, fd: &EventFd) -> std::io::Result<()> {
+        self.0
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(std::io::Error::from)
+    }
+    fn unregister(&self, addr: u64, fd: &EventFd) -> std::io::Result<()> {
+        self.0
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(std::io::Error::from)
+    }
+}
 
 fn host_ram_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -76,9 +99,9 @@ pub fn validate(cfg: &Config) -> Result<(), SetupError> {
         std::fs::File::open(i)
             .map_err(|e| SetupError(format!("-initrd: cannot read {}: {e}", i.display())))?;
     }
-    if let Some(n) = cfg.nics.first() {
+    if let Some(n) = cfg.nics.iter().find(|n| n.model != NicModel::VirtioNetPci) {
         return Err(SetupError(format!(
-            "-device {}: this NIC model is not available in this build of nicvm yet",
+            "-device {}: this NIC model is not available in this build of nicvm yet (virtio-net-pci is)",
             n.model.name()
         )));
     }
@@ -180,7 +203,7 @@ pub fn run(cfg: &Config, host: HostKind, timing: Timing) -> Result<ExitReason, S
             .map_err(|e| setup_err(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
     }
 
-    let _chip: Arc<dyn IrqChip> = Arc::new(
+    let chip: Arc<dyn IrqChip> = Arc::new(
         KvmIrqChip::new(vm.clone()).map_err(|e| setup_err(format!("KVM_SET_GSI_ROUTING: {e}")))?,
     );
     let lifecycle = Arc::new(Lifecycle::new().map_err(setup_err)?);
@@ -217,6 +240,43 @@ pub fn run(cfg: &Config, host: HostKind, timing: Timing) -> Result<ExitReason, S
     let mut mmio_next = PCI_MMIO_START;
     root.add(0, Arc::new(Mutex::new(HostBridge::default())))
         .map_err(setup_err)?;
+    let ioevents: Arc<dyn IoEventRegistry> = Arc::new(KvmIoEvents(vm.clone()));
+    let mut nics: Vec<Arc<Mutex<dyn NetFrontend>>> = vec![];
+    for spec in &cfg.nics {
+        let nd = cfg
+            .netdevs
+            .iter()
+            .find(|n| n.id == spec.netdev)
+            .expect("checked by the CLI");
+        let opened = netdev::open(nd, spec.model == NicModel::VirtioNetPci).map_err(SetupError)?;
+        let slot = match spec.slot {
+            Some(s) => s,
+            None => (FIRST_NIC_SLOT..32)
+                .find(|&s| !root.slot_taken(s) && !cfg.nics.iter().any(|n| n.slot == Some(s)))
+                .ok_or_else(|| setup_err("no free PCI slot for another NIC"))?,
+        };
+        let gsi = pci::intx_gsi(slot, 0);
+        let mut dev = VirtioNet::new(
+            spec.mac,
+            opened.backend,
+            mem.clone(),
+            chip.clone(),
+            gsi,
+            ioevents.clone(),
+        )
+        .map_err(|e| setup_err(format!("-device virtio-net-pci: {e}")))?;
+        assign_bars(&mut dev, &mut io_next, &mut mmio_next)?;
+        log::debug!(
+            "{} {} on slot {slot} backed by {}",
+            spec.model.name(),
+            spec.mac,
+            opened.label
+        );
+        let dev = Arc::new(Mutex::new(dev));
+        root.add(slot, dev.clone())
+            .map_err(|e| SetupError(format!("-device {}: {e}", spec.model.name())))?;
+        nics.push(dev);
+    }
     let mut panic_dev = PvPanic::new(lifecycle.clone());
     assign_bars(&mut panic_dev, &mut io_next, &mut mmio_next)?;
     let slot = root
@@ -300,6 +360,7 @@ pub fn run(cfg: &Config, host: HostKind, timing: Timing) -> Result<ExitReason, S
             .spawn(move || console::pump_stdin(s, l, tty))
             .map_err(setup_err)?;
     }
+    crate::io_thread::spawn(nics).map_err(|e| setup_err(format!("I/O thread: {e}")))?;
     let buses = Arc::new(Buses { pio, mmio });
     timing.mark("vcpu-start");
     for (id, v) in vcpus.into_iter().enumerate() {

@@ -1,0 +1,761 @@
+//! virtio-net-pci (virtio 1.0, 5.1): one RX and one TX split virtqueue, MAC and link status in
+//! config space, mergeable RX buffers, event-index suppression, and checksum/TSO offloads
+//! offered only when the backend carries a virtio-net header.
+//!
+//! Register access (config space, common cfg, ISR, MSI-X) arrives on vCPU threads; queue work
+//! runs on the I/O thread ([`NetFrontend::handle`]). Both hold the device lock.
+
+use super::transport::*;
+use super::*;
+use crate::interrupt::{IntxLine, IrqChip};
+use crate::net::{BackendInterest, NetEvent, NetFrontend};
+use crate::pci::{BarKind, Msix, PciConfig, PciDevice};
+use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
+use net_backends::{MacAddr, NetBackend, Offloads, MAX_FRAME};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+// Feature bits (virtio 1.0, 5.1.3).
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
+pub const VIRTIO_NET_F_GUEST_UFO: u64 = 1 << 10;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
+pub const VIRTIO_NET_F_HOST_UFO: u64 = 1 << 14;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+const RX: usize = 0;
+const TX: usize = 1;
+const QUEUE_MAX: u16 = 256;
+const N_VECTORS: u16 = 3;
+
+/// PCI identity as QEMU presents virtio-net: transitional device ID, subsystem = net.
+pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
+pub const VIRTIO_NET_TRANSITIONAL_ID: u16 = 0x1000;
+pub const VIRTIO_ID_NET: u16 = 1;
+
+pub struct VirtioNet {
+    config: PciConfig,
+    msix: Msix,
+    intx: IntxLine,
+    ioevents: Arc<dyn IoEventRegistry>,
+    /// Where the notify addresses are registered (BAR 4 base), if anywhere.
+    registered_bar: Option<u64>,
+    mem: GuestMemoryMmap,
+    backend: Box<dyn NetBackend>,
+    mac: MacAddr,
+
+    device_features: u64,
+    driver_features: u64,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    status: u8,
+    isr: u8,
+    msix_config: u16,
+    queue_select: u16,
+    queues: [Queue; 2],
+    vectors: [u16; 2],
+    kicks: [EventFd; 2],
+    active: bool,
+
+    rx_buf: Vec<u8>,
+    /// A frame read from the backend that the guest had no room for yet.
+    rx_pending: Option<usize>,
+    rx_stalled: bool,
+    tx_buf: Vec<u8>,
+    tx_blocked: bool,
+    /// Malformed descriptor chains seen; logged once.
+    errors: u64,
+    pub stats: NetStats,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NetStats {
+    pub tx_frames: u64,
+    pub rx_frames: u64,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub interrupts: u64,
+    pub rx_dropped: u64,
+}
+
+impl VirtioNet {
+    pub fn new(
+        mac: MacAddr,
+        backend: Box<dyn NetBackend>,
+        mem: GuestMemoryMmap,
+        chip: Arc<dyn IrqChip>,
+        intx_gsi: u32,
+        ioevents: Arc<dyn IoEventRegistry>,
+    ) -> io::Result<Self> {
+        let mut config = PciConfig::new(
+            VIRTIO_PCI_VENDOR,
+            VIRTIO_NET_TRANSITIONAL_ID,
+            (0x02, 0x00, 0x00),
+            0,
+        );
+        config.set_subsystem(VIRTIO_PCI_VENDOR, VIRTIO_ID_NET);
+        config.set_interrupt(1, intx_gsi as u8);
+        config.add_bar(MSIX_BAR, BarKind::Mem32, MSIX_BAR_SIZE);
+        config.add_bar(VIRTIO_BAR, BarKind::Mem64, VIRTIO_BAR_SIZE);
+        let msix = Msix::new(
+            &mut config,
+            chip.clone(),
+            N_VECTORS,
+            MSIX_BAR as u8,
+            MSIX_TABLE as u32,
+            MSIX_PBA as u32,
+        )?;
+        add_capabilities(&mut config);
+
+        let caps = backend.capabilities();
+        let mut device_features = VIRTIO_F_VERSION_1
+            | VIRTIO_F_RING_EVENT_IDX
+            | VIRTIO_F_RING_INDIRECT_DESC
+            | VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_STATUS
+            | VIRTIO_NET_F_MRG_RXBUF;
+        if caps.vnet_hdr {
+            let o = caps.offloads;
+            if o.csum {
+                device_features |= VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM;
+                if o.tso4 {
+                    device_features |= VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_GUEST_TSO4;
+                }
+                if o.tso6 {
+                    device_features |= VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_GUEST_TSO6;
+                }
+                if o.tso_ecn {
+                    device_features |= VIRTIO_NET_F_HOST_ECN | VIRTIO_NET_F_GUEST_ECN;
+                }
+                if o.ufo {
+                    device_features |= VIRTIO_NET_F_HOST_UFO | VIRTIO_NET_F_GUEST_UFO;
+                }
+            }
+        }
+        let new_queue = || Queue::new(QUEUE_MAX).expect("256 is a valid queue size");
+        Ok(VirtioNet {
+            config,
+            msix,
+            intx: IntxLine::new(chip, intx_gsi, intx_gsi),
+            ioevents,
+            registered_bar: None,
+            mem,
+            backend,
+            mac,
+            device_features,
+            driver_features: 0,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            status: 0,
+            isr: 0,
+            msix_config: VIRTIO_MSI_NO_VECTOR,
+            queue_select: 0,
+            queues: [new_queue(), new_queue()],
+            vectors: [VIRTIO_MSI_NO_VECTOR; 2],
+            kicks: [EventFd::new(EFD_NONBLOCK)?, EventFd::new(EFD_NONBLOCK)?],
+            active: false,
+            rx_buf: vec![0; MAX_FRAME],
+            rx_pending: None,
+            rx_stalled: false,
+            tx_buf: Vec::with_capacity(MAX_FRAME),
+            tx_blocked: false,
+            errors: 0,
+            stats: NetStats::default(),
+        })
+    }
+
+    pub fn device_features(&self) -> u64 {
+        self.device_features
+    }
+
+    fn has(&self, f: u64) -> bool {
+        self.driver_features & f != 0
+    }
+
+    fn device_error(&mut self, what: &str) {
+        if self.errors == 0 {
+            log::warn!("virtio-net {}: {what}; the device needs a reset", self.mac);
+        }
+        self.errors += 1;
+        self.status |= STATUS_DEVICE_NEEDS_RESET;
+        self.active = false;
+        self.isr |= 2;
+        self.interrupt(self.msix_config);
+    }
+
+    fn reset(&mut self) {
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.status = 0;
+        self.isr = 0;
+        self.intx.set(false);
+        self.msix_config = VIRTIO_MSI_NO_VECTOR;
+        self.queue_select = 0;
+        for q in self.queues.iter_mut() {
+            q.reset();
+        }
+        self.vectors = [VIRTIO_MSI_NO_VECTOR; 2];
+        self.active = false;
+        self.tx_blocked = false;
+        self.rx_stalled = false;
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.has(VIRTIO_F_RING_EVENT_IDX);
+        for i in [RX, TX] {
+            let q = &mut self.queues[i];
+            if !q.ready() || !q.is_valid(&self.mem) {
+                self.device_error(&format!("queue {i} is not set up validly at DRIVER_OK"));
+                return;
+            }
+            q.set_event_idx(event_idx);
+        }
+        let offloads = Offloads {
+            csum: self.has(VIRTIO_NET_F_GUEST_CSUM),
+            tso4: self.has(VIRTIO_NET_F_GUEST_TSO4),
+            tso6: self.has(VIRTIO_NET_F_GUEST_TSO6),
+            tso_ecn: self.has(VIRTIO_NET_F_GUEST_ECN),
+            ufo: self.has(VIRTIO_NET_F_GUEST_UFO),
+        };
+        if let Err(e) = self.backend.set_rx_offloads(offloads) {
+            log::warn!(
+                "virtio-net {}: backend refused offloads {offloads:?}: {e}",
+                self.mac
+            );
+        }
+        self.active = true;
+        self.rx_stalled = false;
+        // Frames may already be waiting on either side.
+        let _ = self.kicks[TX].write(1);
+        let _ = self.kicks[RX].write(1);
+    }
+
+    /// Raises `vector` (MSI-X) or INTx with the ISR's queue bit.
+    fn interrupt(&mut self, vector: u16) {
+        self.stats.interrupts += 1;
+        if self.msix.enabled() {
+            if vector != VIRTIO_MSI_NO_VECTOR {
+                self.msix.notify(vector as usize);
+            }
+            return;
+        }
+        if self.config.command() & crate::pci::PCI_COMMAND_INTX_DISABLE == 0 {
+            self.intx.set(self.isr != 0);
+        }
+        self.config.set_interrupt_status(self.isr != 0);
+    }
+
+    fn signal_queue(&mut self, q: usize) {
+        match self.queues[q].needs_notification(&self.mem) {
+            Ok(true) => {
+                self.isr |= 1;
+                self.interrupt(self.vectors[q]);
+            }
+            Ok(false) => {}
+            Err(_) => self.device_error("cannot read the used-event index"),
+        }
+    }
+
+    // ---- TX -------------------------------------------------------------------------------
+
+    fn process_tx(&mut self) {
+        if !self.active || self.tx_blocked {
+            return;
+        }
+        let mut used = false;
+        loop {
+            if self.queues[TX].disable_notification(&self.mem).is_err() {
+                return self.device_error("TX ring unreadable");
+            }
+            while let Some(chain) = self.queues[TX].pop_descriptor_chain(&self.mem) {
+                let head = chain.head_index();
+                self.tx_buf.clear();
+                let mut bad = false;
+                for d in chain {
+                    let len = d.len() as usize;
+                    if d.is_write_only() || self.tx_buf.len() + len > MAX_FRAME {
+                        bad = true;
+                        break;
+                    }
+                    let start = self.tx_buf.len();
+                    self.tx_buf.resize(start + len, 0);
+                    if self
+                        .mem
+                        .read_slice(&mut self.tx_buf[start..], d.addr())
+                        .is_err()
+                    {
+                        bad = true;
+                        break;
+                    }
+                }
+                if bad || self.tx_buf.len() < VNET_HDR_LEN {
+                    self.device_error("malformed TX descriptor chain");
+                    return;
+                }
+                let frame = if self.backend.capabilities().vnet_hdr {
+                    &self.tx_buf[..]
+                } else {
+                    &self.tx_buf[VNET_HDR_LEN..]
+                };
+                match self.backend.send(&[IoSlice::new(frame)]) {
+                    Ok(()) => {
+                        self.stats.tx_frames += 1;
+                        self.stats.tx_bytes += (self.tx_buf.len() - VNET_HDR_LEN) as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Put the chain back; the backend's fd turning writable resumes us.
+                        let q = &mut self.queues[TX];
+                        q.set_next_avail(q.next_avail().wrapping_sub(1));
+                        self.tx_blocked = true;
+                        break;
+                    }
+                    Err(e) => {
+                        log::debug!("virtio-net {}: send failed: {e}", self.mac);
+                    }
+                }
+                if self.queues[TX].add_used(&self.mem, head, 0).is_err() {
+                    return self.device_error("TX used ring unwritable");
+                }
+                used = true;
+            }
+            if self.tx_blocked {
+                break;
+            }
+            match self.queues[TX].enable_notification(&self.mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(_) => return self.device_error("TX ring unreadable"),
+            }
+        }
+        if used {
+            self.signal_queue(TX);
+        }
+    }
+
+    // ---- RX -------------------------------------------------------------------------------
+
+    /// Copies the frame in `rx_buf[..len]` into guest buffers. Returns false when the guest
+    /// has no (or not enough) buffers; nothing is consumed then.
+    fn deliver(&mut self, len: usize) -> bool {
+        let buf = std::mem::take(&mut self.rx_buf);
+        let r = self.deliver_from(&buf[..len]);
+        self.rx_buf = buf;
+        match r {
+            Ok(done) => done,
+            Err(what) => {
+                self.device_error(what);
+                true
+            }
+        }
+    }
+
+    fn deliver_from(&mut self, raw: &[u8]) -> Result<bool, &'static str> {
+        let vnet = self.backend.capabilities().vnet_hdr;
+        let mrg = self.has(VIRTIO_NET_F_MRG_RXBUF);
+        let (mut hdr, data) = if vnet {
+            match raw.split_at_checked(VNET_HDR_LEN) {
+                Some((h, d)) => (VnetHdr::parse(h).unwrap_or_default(), d),
+                None => return Ok(true), // shorter than a header: not a frame
+            }
+        } else {
+            (VnetHdr::default(), raw)
+        };
+        let total = VNET_HDR_LEN + data.len();
+        let start_avail = self.queues[RX].next_avail();
+        let mut heads: Vec<(u16, u32)> = Vec::new();
+        // Where the header's bytes went: (guest address, offset in header, length).
+        let mut hdr_pieces: Vec<(vm_memory::GuestAddress, usize, usize)> = Vec::new();
+        let mut written = 0usize;
+        while written < total {
+            let Some(chain) = self.queues[RX].pop_descriptor_chain(&self.mem) else {
+                self.queues[RX].set_next_avail(start_avail);
+                return Ok(false);
+            };
+            let head = chain.head_index();
+            let mut in_chain = 0usize;
+            for d in chain {
+                if !d.is_write_only() {
+                    return Err("RX descriptor is not device-writable");
+                }
+                let n = (d.len() as usize).min(total - written);
+                let (mut pos, end, mut addr) = (written, written + n, d.addr());
+                if pos < VNET_HDR_LEN && pos < end {
+                    let h = (VNET_HDR_LEN.min(end)) - pos;
+                    hdr_pieces.push((addr, pos, h));
+                    pos += h;
+                    addr = vm_memory::GuestAddress(addr.0 + h as u64);
+                }
+                if pos < end {
+                    let off = pos - VNET_HDR_LEN;
+                    self.mem
+                        .write_slice(&data[off..off + (end - pos)], addr)
+                        .map_err(|_| "RX buffer outside guest memory")?;
+                }
+                written = end;
+                in_chain += n;
+                if written == total {
+                    break;
+                }
+            }
+            heads.push((head, in_chain as u32));
+            if !mrg && written < total {
+                // Without mergeable buffers one chain must hold the frame: drop it.
+                self.stats.rx_dropped += 1;
+                self.queues[RX]
+                    .add_used(&self.mem, head, 0)
+                    .map_err(|_| "RX used ring unwritable")?;
+                return Ok(true);
+            }
+        }
+        hdr.num_buffers = heads.len() as u16;
+        let hb = hdr.to_bytes();
+        for (addr, off, n) in hdr_pieces {
+            self.mem
+                .write_slice(&hb[off..off + n], addr)
+                .map_err(|_| "RX buffer outside guest memory")?;
+        }
+        for (h, l) in heads {
+            self.queues[RX]
+                .add_used(&self.mem, h, l)
+                .map_err(|_| "RX used ring unwritable")?;
+        }
+        self.stats.rx_frames += 1;
+        self.stats.rx_bytes += data.len() as u64;
+        Ok(true)
+    }
+
+    fn process_rx(&mut self) {
+        if !self.active {
+            return;
+        }
+        let mut delivered = false;
+        loop {
+            let len = match self.rx_pending.take() {
+                Some(l) => l,
+                None => match self.backend.recv(&mut self.rx_buf) {
+                    Ok(Some(l)) => l,
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::debug!("virtio-net {}: receive failed: {e}", self.mac);
+                        break;
+                    }
+                },
+            };
+            if self.deliver(len) {
+                delivered = true;
+                if !self.active {
+                    break;
+                }
+            } else {
+                self.rx_pending = Some(len);
+                // Ask for a kick when buffers arrive, then look once more (the guest may have
+                // added some in between).
+                match self.queues[RX].enable_notification(&self.mem) {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        self.rx_stalled = true;
+                        break;
+                    }
+                    Err(_) => {
+                        self.device_error("RX ring unreadable");
+                        break;
+                    }
+                }
+            }
+        }
+        if delivered {
+            self.signal_queue(RX);
+        }
+    }
+
+    fn notify_addr(&self, base: u64, q: usize) -> u64 {
+        base + NOTIFY_CFG + q as u64 * NOTIFY_OFF_MULTIPLIER as u64
+    }
+
+    /// Keeps the ioeventfds on the notify addresses where the guest put BAR 4.
+    fn sync_ioevents(&mut self) {
+        let now = self
+            .config
+            .decoded_bars()
+            .into_iter()
+            .find(|b| b.0 == VIRTIO_BAR)
+            .map(|b| b.2);
+        if now == self.registered_bar {
+            return;
+        }
+        if let Some(old) = self.registered_bar.take() {
+            for q in [RX, TX] {
+                let _ = self
+                    .ioevents
+                    .unregister(self.notify_addr(old, q), &self.kicks[q]);
+            }
+        }
+        if let Some(base) = now {
+            let ok = [RX, TX].iter().all(|&q| {
+                self.ioevents
+                    .register(self.notify_addr(base, q), &self.kicks[q])
+                    .is_ok()
+            });
+            if ok {
+                self.registered_bar = Some(base);
+            } else {
+                log::warn!(
+                    "virtio-net {}: no ioeventfd; kicks go through MMIO exits",
+                    self.mac
+                );
+            }
+        }
+    }
+
+    // ---- register files ---------------------------------------------------------------------
+
+    fn common_read(&mut self, off: u64, data: &mut [u8]) {
+        let qs = self.queue_select as usize;
+        let q = self.queues.get(qs);
+        let (value, width, base): (u64, usize, u64) = match off {
+            DEVICE_FEATURE_SELECT..=0x03 => {
+                (self.device_feature_select as u64, 4, DEVICE_FEATURE_SELECT)
+            }
+            DEVICE_FEATURE..=0x07 => {
+                let v = match self.device_feature_select {
+                    0 => self.device_features as u32,
+                    1 => (self.device_features >> 32) as u32,
+                    _ => 0,
+                };
+                (v as u64, 4, DEVICE_FEATURE)
+            }
+            DRIVER_FEATURE_SELECT..=0x0b => {
+                (self.driver_feature_select as u64, 4, DRIVER_FEATURE_SELECT)
+            }
+            DRIVER_FEATURE..=0x0f => {
+                let v = match self.driver_feature_select {
+                    0 => self.driver_features as u32,
+                    1 => (self.driver_features >> 32) as u32,
+                    _ => 0,
+                };
+                (v as u64, 4, DRIVER_FEATURE)
+            }
+            MSIX_CONFIG..=0x11 => (self.msix_config as u64, 2, MSIX_CONFIG),
+            NUM_QUEUES..=0x13 => (2, 2, NUM_QUEUES),
+            DEVICE_STATUS => (self.status as u64, 1, DEVICE_STATUS),
+            CONFIG_GENERATION => (0, 1, CONFIG_GENERATION),
+            QUEUE_SELECT..=0x17 => (self.queue_select as u64, 2, QUEUE_SELECT),
+            QUEUE_SIZE..=0x19 => (q.map_or(0, |q| q.size() as u64), 2, QUEUE_SIZE),
+            QUEUE_MSIX_VECTOR..=0x1b => (
+                self.vectors.get(qs).map_or(VIRTIO_MSI_NO_VECTOR, |v| *v) as u64,
+                2,
+                QUEUE_MSIX_VECTOR,
+            ),
+            QUEUE_ENABLE..=0x1d => (q.map_or(0, |q| q.ready() as u64), 2, QUEUE_ENABLE),
+            QUEUE_NOTIFY_OFF..=0x1f => (qs as u64, 2, QUEUE_NOTIFY_OFF),
+            QUEUE_DESC..=0x27 => (q.map_or(0, |q| q.desc_table()), 8, QUEUE_DESC),
+            QUEUE_DRIVER..=0x2f => (q.map_or(0, |q| q.avail_ring()), 8, QUEUE_DRIVER),
+            QUEUE_DEVICE..=0x37 => (q.map_or(0, |q| q.used_ring()), 8, QUEUE_DEVICE),
+            _ => (0, 0, off),
+        };
+        read_le(value, width, (off - base) as usize, data);
+    }
+
+    fn common_write(&mut self, off: u64, data: &[u8]) {
+        let mut v = 0u64;
+        let qs = self.queue_select as usize;
+        let live = self.status & STATUS_DRIVER_OK != 0;
+        match off {
+            DEVICE_FEATURE_SELECT => {
+                write_le(&mut v, 0, data);
+                self.device_feature_select = v as u32;
+            }
+            DRIVER_FEATURE_SELECT => {
+                write_le(&mut v, 0, data);
+                self.driver_feature_select = v as u32;
+            }
+            DRIVER_FEATURE if self.status & STATUS_FEATURES_OK == 0 => {
+                write_le(&mut v, 0, data);
+                let v = v & 0xffff_ffff;
+                match self.driver_feature_select {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32),
+                    _ => {}
+                }
+            }
+            MSIX_CONFIG => {
+                write_le(&mut v, 0, data);
+                self.msix_config = v as u16;
+            }
+            DEVICE_STATUS => {
+                let s = data[0];
+                if s == 0 {
+                    self.reset();
+                    return;
+                }
+                let newly = s & !self.status;
+                if newly & STATUS_FEATURES_OK != 0
+                    && (self.driver_features & !self.device_features != 0
+                        || self.driver_features & VIRTIO_F_VERSION_1 == 0)
+                {
+                    // Features the device never offered: FEATURES_OK does not stick.
+                    self.status = s & !STATUS_FEATURES_OK;
+                    return;
+                }
+                self.status = s | (self.status & STATUS_DEVICE_NEEDS_RESET);
+                if newly & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 {
+                    self.activate();
+                }
+            }
+            QUEUE_SELECT => {
+                write_le(&mut v, 0, data);
+                self.queue_select = v as u16;
+            }
+            _ if qs >= 2 || live => {} // no such queue, or queue fields are frozen
+            QUEUE_SIZE => {
+                write_le(&mut v, 0, data);
+                // A size that is not a power of two is refused by the queue; keep the old one
+                // so DRIVER_OK then sees an invalid queue only if the driver insists.
+                if self.queues[qs].try_set_size(v as u16).is_err() {
+                    self.queues[qs].set_size(0);
+                }
+            }
+            QUEUE_MSIX_VECTOR => {
+                write_le(&mut v, 0, data);
+                let vec = v as u16;
+                self.vectors[qs] = if vec < N_VECTORS || vec == VIRTIO_MSI_NO_VECTOR {
+                    vec
+                } else {
+                    VIRTIO_MSI_NO_VECTOR
+                };
+            }
+            QUEUE_ENABLE => self.queues[qs].set_ready(data[0] == 1),
+            QUEUE_DESC..=0x37 => {
+                let q = &mut self.queues[qs];
+                let (base, cur) = match off {
+                    QUEUE_DESC..=0x27 => (QUEUE_DESC, q.desc_table()),
+                    QUEUE_DRIVER..=0x2f => (QUEUE_DRIVER, q.avail_ring()),
+                    _ => (QUEUE_DEVICE, q.used_ring()),
+                };
+                let mut val = cur;
+                write_le(&mut val, (off - base) as usize, data);
+                let (lo, hi) = (Some(val as u32), Some((val >> 32) as u32));
+                match base {
+                    QUEUE_DESC => q.set_desc_table_address(lo, hi),
+                    QUEUE_DRIVER => q.set_avail_ring_address(lo, hi),
+                    _ => q.set_used_ring_address(lo, hi),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn device_cfg_read(&self, off: u64, data: &mut [u8]) {
+        let mut cfg = [0u8; 10];
+        cfg[..6].copy_from_slice(&self.mac.0);
+        let link = if self.backend.link_up() {
+            VIRTIO_NET_S_LINK_UP
+        } else {
+            0
+        };
+        cfg[6..8].copy_from_slice(&link.to_le_bytes());
+        cfg[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = cfg.get(off as usize + i).copied().unwrap_or(0);
+        }
+    }
+}
+
+impl PciDevice for VirtioNet {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+    fn config_mut(&mut self) -> &mut PciConfig {
+        &mut self.config
+    }
+    fn config_written(&mut self, _offset: usize, _len: usize) {
+        self.msix.config_written(&self.config);
+        self.sync_ioevents();
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        match (bar, offset) {
+            (MSIX_BAR, o) if o < MSIX_PBA => self.msix.table_read(o - MSIX_TABLE, data),
+            (MSIX_BAR, o) => self.msix.pba_read(o - MSIX_PBA, data),
+            (VIRTIO_BAR, o) if o < COMMON_CFG + COMMON_CFG_LEN => self.common_read(o, data),
+            (VIRTIO_BAR, ISR_CFG) => {
+                data[0] = self.isr;
+                self.isr = 0;
+                self.intx.set(false);
+                self.config.set_interrupt_status(false);
+            }
+            (VIRTIO_BAR, o) if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
+                self.device_cfg_read(o - DEVICE_CFG, data)
+            }
+            _ => {}
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        match (bar, offset) {
+            (MSIX_BAR, o) if o < MSIX_PBA => self.msix.table_write(o - MSIX_TABLE, data),
+            (VIRTIO_BAR, o) if o < COMMON_CFG + COMMON_CFG_LEN => self.common_write(o, data),
+            (VIRTIO_BAR, o) if (NOTIFY_CFG..NOTIFY_CFG + 0x1000).contains(&o) => {
+                // A kick that did not go through an ioeventfd.
+                let q = ((o - NOTIFY_CFG) / NOTIFY_OFF_MULTIPLIER as u64) as usize;
+                if let Some(k) = self.kicks.get(q) {
+                    let _ = k.write(1);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl NetFrontend for VirtioNet {
+    fn event_fds(&self) -> Vec<(RawFd, NetEvent)> {
+        vec![
+            (self.kicks[TX].as_raw_fd(), NetEvent::TxKick),
+            (self.kicks[RX].as_raw_fd(), NetEvent::RxKick),
+            (self.backend.fd(), NetEvent::Backend),
+        ]
+    }
+
+    fn handle(&mut self, ev: NetEvent) -> BackendInterest {
+        match ev {
+            NetEvent::TxKick => {
+                let _ = self.kicks[TX].read();
+                self.process_tx();
+            }
+            NetEvent::RxKick => {
+                let _ = self.kicks[RX].read();
+                self.rx_stalled = false;
+                self.process_rx();
+            }
+            NetEvent::Backend => {
+                if self.tx_blocked {
+                    self.tx_blocked = false;
+                    self.process_tx();
+                }
+                self.process_rx();
+            }
+            NetEvent::Timer => {}
+        }
+        BackendInterest {
+            readable: self.active && !self.rx_stalled && self.rx_pending.is_none(),
+            writable: self.tx_blocked,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
