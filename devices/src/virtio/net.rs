@@ -66,6 +66,8 @@ pub struct VirtioNet {
     queue_select: u16,
     queues: [Queue; 2],
     vectors: [u16; 2],
+    /// The driver wrote a queue size the device cannot use (not a power of two, too big).
+    bad_size: [bool; 2],
     kicks: [EventFd; 2],
     active: bool,
 
@@ -164,6 +166,7 @@ impl VirtioNet {
             queue_select: 0,
             queues: [new_queue(), new_queue()],
             vectors: [VIRTIO_MSI_NO_VECTOR; 2],
+            bad_size: [false; 2],
             kicks: [EventFd::new(EFD_NONBLOCK)?, EventFd::new(EFD_NONBLOCK)?],
             active: false,
             rx_buf: vec![0; MAX_FRAME],
@@ -208,6 +211,7 @@ impl VirtioNet {
             q.reset();
         }
         self.vectors = [VIRTIO_MSI_NO_VECTOR; 2];
+        self.bad_size = [false; 2];
         self.active = false;
         self.tx_blocked = false;
         self.rx_stalled = false;
@@ -217,7 +221,7 @@ impl VirtioNet {
         let event_idx = self.has(VIRTIO_F_RING_EVENT_IDX);
         for i in [RX, TX] {
             let q = &mut self.queues[i];
-            if !q.ready() || !q.is_valid(&self.mem) {
+            if !q.ready() || !q.is_valid(&self.mem) || self.bad_size[i] {
                 self.device_error(&format!("queue {i} is not set up validly at DRIVER_OK"));
                 return;
             }
@@ -442,6 +446,9 @@ impl VirtioNet {
             return;
         }
         let mut delivered = false;
+        // After a failed delivery, look once more after re-enabling notifications (the guest
+        // may have added buffers in between); a second failure means waiting for a kick.
+        let mut retried = false;
         loop {
             let len = match self.rx_pending.take() {
                 Some(l) => l,
@@ -456,16 +463,18 @@ impl VirtioNet {
             };
             if self.deliver(len) {
                 delivered = true;
+                retried = false;
                 if !self.active {
                     break;
                 }
             } else {
                 self.rx_pending = Some(len);
-                // Ask for a kick when buffers arrive, then look once more (the guest may have
-                // added some in between).
                 match self.queues[RX].enable_notification(&self.mem) {
-                    Ok(true) => continue,
-                    Ok(false) => {
+                    Ok(true) if !retried => {
+                        retried = true;
+                        continue;
+                    }
+                    Ok(_) => {
                         self.rx_stalled = true;
                         break;
                     }
@@ -622,11 +631,8 @@ impl VirtioNet {
             _ if qs >= 2 || live => {} // no such queue, or queue fields are frozen
             QUEUE_SIZE => {
                 write_le(&mut v, 0, data);
-                // A size that is not a power of two is refused by the queue; keep the old one
-                // so DRIVER_OK then sees an invalid queue only if the driver insists.
-                if self.queues[qs].try_set_size(v as u16).is_err() {
-                    self.queues[qs].set_size(0);
-                }
+                // A size that is not a power of two (or too large) fails at DRIVER_OK.
+                self.bad_size[qs] = self.queues[qs].try_set_size(v as u16).is_err();
             }
             QUEUE_MSIX_VECTOR => {
                 write_le(&mut v, 0, data);
