@@ -2,6 +2,8 @@
 //! deadline, and reading the machine-readable lines the guest's /init prints.
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;

@@ -1,0 +1,180 @@
+/*
+ * nicvm-xfer: bulk TCP for the test guest, with 256 KiB buffers and no libc.
+ *
+ * busybox nc moves 1 KiB per system call, and on a host whose KVM emulates guest kernel code
+ * each call costs about a millisecond, so 8 MiB took minutes. This moves the same data with a
+ * few hundred calls and reports, on stdout, a line the tests parse:
+ *
+ *   xfer recv PORT            accept one connection, count what arrives until EOF:
+ *                             NICVM-RECV port=PORT bytes=N fnv1a64=HEX
+ *   xfer send ADDR PORT BYTES send BYTES of the xorshift64 stream the tests also generate:
+ *                             NICVM-SENT addr=ADDR port=PORT bytes=N fnv1a64=HEX result=ok|fail
+ *
+ * FNV-1a (64-bit) is the checksum both sides compute.
+ */
+typedef unsigned long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define SYS_read 0
+#define SYS_write 1
+#define SYS_close 3
+#define SYS_socket 41
+#define SYS_connect 42
+#define SYS_accept 43
+#define SYS_shutdown 48
+#define SYS_bind 49
+#define SYS_listen 50
+#define SYS_setsockopt 54
+#define SYS_exit 60
+
+static long sys(long n, long a, long b, long c, long d, long e)
+{
+	long r;
+	register long r10 __asm__("r10") = d;
+	register long r8 __asm__("r8") = e;
+	__asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8)
+			 : "rcx", "r11", "memory");
+	return r;
+}
+
+struct sockaddr_in {
+	u16 family;
+	u16 port;
+	u32 addr;
+	u8 zero[8];
+};
+
+static u8 buf[256 * 1024];
+
+static u64 len(const char *s) { u64 n = 0; while (s[n]) n++; return n; }
+static void out(const char *s) { sys(SYS_write, 1, (long)s, len(s), 0, 0); }
+
+static u64 num(const char *s)
+{
+	u64 v = 0;
+	while (*s >= '0' && *s <= '9') v = v * 10 + (u64)(*s++ - '0');
+	return v;
+}
+
+static int ipv4(const char *s, u32 *addr)
+{
+	u32 a = 0;
+	for (int i = 0; i < 4; i++) {
+		u64 part = 0;
+		int digits = 0;
+		while (*s >= '0' && *s <= '9') { part = part * 10 + (u64)(*s++ - '0'); digits++; }
+		if (!digits || part > 255 || (i < 3 && *s++ != '.')) return -1;
+		a |= (u32)part << (8 * i);	/* network order in memory */
+	}
+	*addr = a;
+	return *s ? -1 : 0;
+}
+
+static char *put(char *p, const char *s) { while (*s) *p++ = *s++; return p; }
+
+static char *put_dec(char *p, u64 v)
+{
+	char t[24]; int n = 0;
+	do { t[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+	while (n) *p++ = t[--n];
+	return p;
+}
+
+static char *put_hex(char *p, u64 v)
+{
+	for (int i = 15; i >= 0; i--) *p++ = "0123456789abcdef"[(v >> (4 * i)) & 15];
+	return p;
+}
+
+#define FNV_OFFSET 0xcbf29ce484222325UL
+#define FNV_PRIME 0x100000001b3UL
+
+static u64 fnv(u64 h, const u8 *d, u64 n)
+{
+	for (u64 i = 0; i < n; i++) { h ^= d[i]; h *= FNV_PRIME; }
+	return h;
+}
+
+static int do_recv(const char *port_s)
+{
+	struct sockaddr_in sa = { 2, 0, 0, {0} };
+	u64 port = num(port_s), total = 0, h = FNV_OFFSET;
+	int one = 1;
+	long s = sys(SYS_socket, 2, 1, 0, 0, 0);
+	sa.port = (u16)((port >> 8) | (port << 8));
+	sys(SYS_setsockopt, s, 1, 2, (long)&one, sizeof(one));	/* SO_REUSEADDR */
+	if (s < 0 || sys(SYS_bind, s, (long)&sa, sizeof(sa), 0, 0) < 0 || sys(SYS_listen, s, 1, 0, 0, 0) < 0)
+		return 1;
+	long c = sys(SYS_accept, s, 0, 0, 0, 0);
+	if (c < 0) return 1;
+	for (;;) {
+		long n = sys(SYS_read, c, (long)buf, sizeof(buf), 0, 0);
+		if (n == -4) continue;	/* EINTR */
+		if (n <= 0) break;
+		h = fnv(h, buf, (u64)n);
+		total += (u64)n;
+	}
+	char line[128], *p = line;
+	p = put(p, "NICVM-RECV port="); p = put(p, port_s);
+	p = put(p, " bytes="); p = put_dec(p, total);
+	p = put(p, " fnv1a64="); p = put_hex(p, h); p = put(p, "\n"); *p = 0;
+	out(line);
+	return 0;
+}
+
+static int do_send(const char *addr_s, const char *port_s, const char *bytes_s)
+{
+	struct sockaddr_in sa = { 2, 0, 0, {0} };
+	u64 port = num(port_s), want = num(bytes_s), sent = 0, h = FNV_OFFSET;
+	u64 x = 0x9e3779b97f4a7c15UL;
+	int ok = 1;
+	if (ipv4(addr_s, &sa.addr)) return 2;
+	sa.port = (u16)((port >> 8) | (port << 8));
+	long s = sys(SYS_socket, 2, 1, 0, 0, 0);
+	if (s < 0 || sys(SYS_connect, s, (long)&sa, sizeof(sa), 0, 0) < 0) ok = 0;
+	while (ok && sent < want) {
+		u64 n = want - sent < sizeof(buf) ? want - sent : sizeof(buf);
+		for (u64 i = 0; i < n; i++) {
+			x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+			buf[i] = (u8)x;
+		}
+		h = fnv(h, buf, n);
+		for (u64 off = 0; off < n;) {
+			long w = sys(SYS_write, s, (long)(buf + off), (long)(n - off), 0, 0);
+			if (w == -4) continue;
+			if (w <= 0) { ok = 0; break; }
+			off += (u64)w;
+		}
+		sent += n;
+	}
+	if (ok) {
+		sys(SYS_shutdown, s, 1, 0, 0, 0);	/* SHUT_WR, then wait for the peer to close */
+		while (sys(SYS_read, s, (long)buf, sizeof(buf), 0, 0) > 0)
+			;
+	}
+	char line[192], *p = line;
+	p = put(p, "NICVM-SENT addr="); p = put(p, addr_s);
+	p = put(p, " port="); p = put(p, port_s);
+	p = put(p, " bytes="); p = put_dec(p, ok ? sent : 0);
+	p = put(p, " fnv1a64="); p = put_hex(p, h);
+	p = put(p, ok ? " result=ok\n" : " result=fail\n"); *p = 0;
+	out(line);
+	return ok ? 0 : 1;
+}
+
+static int streq(const char *a, const char *b) { while (*a && *a == *b) { a++; b++; } return *a == *b; }
+
+__attribute__((used)) void start_c(long *sp)
+{
+	long argc = sp[0];
+	char **argv = (char **)(sp + 1);
+	int rc = 2;
+	if (argc == 3 && streq(argv[1], "recv")) rc = do_recv(argv[2]);
+	else if (argc == 5 && streq(argv[1], "send")) rc = do_send(argv[2], argv[3], argv[4]);
+	else out("usage: xfer recv PORT | xfer send ADDR PORT BYTES\n");
+	sys(SYS_exit, rc, 0, 0, 0, 0);
+}
+
+__asm__(".global _start\n_start:\n\tmov %rsp, %rdi\n\tand $-16, %rsp\n\tcall start_c\n\thlt\n");

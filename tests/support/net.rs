@@ -1,0 +1,253 @@
+//! Network namespaces a test makes for itself, and guests whose console is read as it runs.
+//! Everything a test creates lives in its own namespace and goes away with it (Drop), also
+//! when the test fails.
+#![allow(dead_code)]
+
+use super::{nicvm, Image, Outcome};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+pub struct Netns {
+    pub name: String,
+    children: Vec<Child>,
+}
+
+fn sh_status(cmd: &str) -> std::process::Output {
+    Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
+}
+
+impl Netns {
+    /// A fresh namespace named after the test (`tag`) and this process, with lo up.
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("nicvm-{tag}-{}", std::process::id());
+        let _ = sh_status(&format!("ip netns del {name} 2>/dev/null"));
+        let o = sh_status(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
+        assert!(
+            o.status.success(),
+            "ip netns add: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Netns {
+            name,
+            children: vec![],
+        }
+    }
+
+    /// Runs a shell command inside the namespace; panics with its output on failure.
+    pub fn sh(&self, cmd: &str) -> String {
+        let o = self.try_sh(cmd);
+        assert!(
+            o.status.success(),
+            "in {}: {cmd}\n{}{}",
+            self.name,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn try_sh(&self, cmd: &str) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c", cmd])
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// A DHCP server on `iface` handing out `range` (start,end); `hosts` are `mac,ip` pins.
+    pub fn dnsmasq(&mut self, iface: &str, range: (&str, &str), hosts: &[&str]) {
+        let mut args: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            self.name.clone(),
+            "dnsmasq".into(),
+            "--no-daemon".into(),
+            format!("--interface={iface}"),
+            "--bind-interfaces".into(),
+            "--except-interface=lo".into(),
+            format!("--dhcp-range={},{},255.255.255.0,1h", range.0, range.1),
+            "--port=0".into(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            format!("--dhcp-leasefile=/tmp/{}.leases", self.name),
+            "--pid-file=".into(),
+            "--log-dhcp".into(),
+        ];
+        args.extend(hosts.iter().map(|h| format!("--dhcp-host={h}")));
+        let c = Command::new("ip")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq");
+        self.children.push(c);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (sockets made there live in it).
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a namespace fd we hold, for this thread only.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in netns")
+    }
+
+    /// Starts nicvm inside the namespace, booting the project's guest.
+    pub fn guest(&self, img: &Image, append: &str, extra: &[&str], env: &[(&str, &str)]) -> Guest {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
+            .arg(nicvm())
+            .args(["-kernel", &img.kernel.display().to_string()])
+            .args(["-initrd", &img.initrd.display().to_string()])
+            .args(["-append", &format!("console=ttyS0 quiet {append}")])
+            .arg("-nographic")
+            .args(extra)
+            .env("NICVM_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Guest::spawn(cmd)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Anything else still running in there (a guest left behind by a failed test).
+        let _ = sh_status(&format!(
+            "ip netns pids {0} | xargs -r kill -9; ip netns del {0}",
+            self.name
+        ));
+        let _ = std::fs::remove_file(format!("/tmp/{}.leases", self.name));
+    }
+}
+
+/// A running nicvm whose console lines can be awaited one by one.
+pub struct Guest {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    start: Instant,
+}
+
+pub const GUEST_DEADLINE: Duration = Duration::from_secs(300);
+
+fn fields(rest: &str) -> HashMap<String, String> {
+    let mut m: HashMap<String, String> = rest
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    m.insert("_".into(), rest.trim().to_string());
+    m
+}
+
+impl Guest {
+    pub fn spawn(mut cmd: Command) -> Guest {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nicvm");
+        let out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l.trim_end_matches('\r').to_string()).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Guest {
+            child,
+            lines: rx,
+            seen: vec![],
+            stderr: Some(stderr),
+            start: Instant::now(),
+        }
+    }
+
+    /// Waits for the next `NICVM-<tag>` line; panics with the console so far at the deadline.
+    pub fn wait_line(&mut self, tag: &str) -> HashMap<String, String> {
+        let prefix = format!("NICVM-{tag}");
+        loop {
+            let left = GUEST_DEADLINE.saturating_sub(self.start.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if let Some(rest) = l.strip_prefix(&prefix) {
+                        if rest.is_empty() || rest.starts_with(' ') {
+                            return fields(rest);
+                        }
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "no NICVM-{tag} line; console so far:\n{}",
+                        self.seen.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits for nicvm to exit (killing it at the deadline) and returns everything.
+    pub fn finish(mut self) -> Outcome {
+        let code = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s.code();
+            }
+            if self.start.elapsed() > GUEST_DEADLINE {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(l);
+        }
+        Outcome {
+            code,
+            stdout: self.seen.join("\n"),
+            stderr: self
+                .stderr
+                .take()
+                .map(|h| h.join().unwrap_or_default())
+                .unwrap_or_default(),
+            elapsed: self.start.elapsed(),
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,263 @@
+//! virtio-net over tap, end to end: each test builds its own network namespace (tap or bridge,
+//! dnsmasq) and boots real guests in it.
+
+mod support;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+use support::net::Netns;
+use support::*;
+
+const MIB8: usize = 8 << 20;
+
+/// The xorshift64 stream the guest's xfer helper sends.
+fn pseudo_random(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// FNV-1a, 64-bit: the checksum the guest's xfer helper reports.
+fn fnv1a64(d: &[u8]) -> String {
+    let h = d.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
+fn connect_retry(addr: String) -> TcpStream {
+    let start = Instant::now();
+    loop {
+        match TcpStream::connect(&addr) {
+            Ok(s) => return s,
+            Err(e) if start.elapsed() < Duration::from_secs(60) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => panic!("connect {addr}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn virtio_net_on_a_tap_lease_ping_and_8mib_each_way() {
+    let Some(img) = image() else { return };
+    let mut ns = Netns::new("tap");
+    ns.sh("ip tuntap add dev tap0 mode tap && ip addr add 192.168.90.1/24 dev tap0 && ip link set tap0 up");
+    ns.dnsmasq("tap0", ("192.168.90.50", "192.168.90.60"), &[]);
+    let listener = ns.within(|| TcpListener::bind("192.168.90.1:5002").expect("bind"));
+    let receiver = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut got = Vec::with_capacity(MIB8);
+        s.read_to_end(&mut got).expect("read from the guest");
+        got
+    });
+
+    let mut g = ns.guest(
+        &img,
+        "nicvm.run=ping:192.168.90.1,recv:5001,send:192.168.90.1:5002:8,exit",
+        &[
+            "-netdev",
+            "tap,id=n0,ifname=tap0,script=no,downscript=no",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ],
+        &[],
+    );
+    let nic = g.wait_line("NIC");
+    assert_eq!(nic["driver"], "virtio_net");
+    assert_eq!(nic["mac"], "52:54:00:12:34:56");
+    let lease = nic["lease"].clone();
+    assert!(
+        lease.starts_with("192.168.90.5") && lease.ends_with("/24"),
+        "lease {lease}"
+    );
+    assert_eq!(nic["router"], "192.168.90.1");
+    let ip = lease.trim_end_matches("/24").to_string();
+
+    // Host pings guest while the guest pings host.
+    let out = ns.sh(&format!("ping -c 3 -w 60 {ip}"));
+    assert!(out.contains("3 received"), "{out}");
+    let ping = g.wait_line("PING");
+    assert_eq!(ping["result"], "ok", "guest -> host ping: {}", ping["_"]);
+
+    // Host -> guest: 8 MiB.
+    g.wait_line("LISTEN");
+    let data = pseudo_random(MIB8);
+    let addr = format!("{ip}:5001");
+    let mut s = ns.within(move || connect_retry(addr));
+    s.write_all(&data).expect("send to guest");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let recv = g.wait_line("RECV");
+    assert_eq!(recv["bytes"], MIB8.to_string());
+    assert_eq!(recv["fnv1a64"], fnv1a64(&data), "host -> guest checksum");
+    drop(s);
+
+    // Guest -> host: 8 MiB of the same stream; byte-exact and with the checksum it reports.
+    let sent = g.wait_line("SENT");
+    assert_eq!(sent["result"], "ok", "{}", sent["_"]);
+    let got = receiver.join().unwrap();
+    assert_eq!(sent["bytes"], MIB8.to_string());
+    assert_eq!(fnv1a64(&got), sent["fnv1a64"], "guest -> host checksum");
+    assert!(
+        got == data,
+        "guest -> host bytes differ from the xorshift64 stream"
+    );
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+}
+
+#[test]
+fn two_guests_on_a_bridge_with_created_taps_and_scripts() {
+    let Some(img) = image() else { return };
+    let mut ns = Netns::new("bridge");
+    ns.sh(
+        "ip link add br0 type bridge && ip addr add 192.168.91.1/24 dev br0 && ip link set br0 up",
+    );
+    let macs = ["52:54:00:00:91:0a", "52:54:00:00:91:0b"];
+    let ips = ["192.168.91.10", "192.168.91.11"];
+    ns.dnsmasq(
+        "br0",
+        ("192.168.91.50", "192.168.91.60"),
+        &[
+            &format!("{},{}", macs[0], ips[0]),
+            &format!("{},{}", macs[1], ips[1]),
+        ],
+    );
+    let dir = std::env::temp_dir().join(format!("nicvm-scripts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("down.log");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let down = dir.join("down");
+    std::fs::write(
+        &down,
+        format!(
+            "#!/bin/sh\necho \"$1\" >> {}\nexec {}/scripts/nicvm-ifdown \"$1\"\n",
+            log.display(),
+            repo.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&down, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let up = format!("{}/scripts/nicvm-ifup", repo.display());
+
+    let mut guests: Vec<_> = (0..2)
+        .map(|i| {
+            let netdev = format!("tap,id=n0,script={up},downscript={}", down.display());
+            let device = format!("virtio-net-pci,netdev=n0,mac={}", macs[i]);
+            ns.guest(
+                &img,
+                &format!("nicvm.run=ping:{},sleep:10,exit", ips[1 - i]),
+                &["-netdev", &netdev, "-device", &device],
+                &[("NICVM_BRIDGE", "br0")],
+            )
+        })
+        .collect();
+    for (i, g) in guests.iter_mut().enumerate() {
+        let nic = g.wait_line("NIC");
+        assert_eq!(nic["mac"], macs[i], "each guest has its own MAC");
+        assert_eq!(nic["lease"], format!("{}/24", ips[i]));
+    }
+    for (i, g) in guests.iter_mut().enumerate() {
+        let ping = g.wait_line("PING");
+        assert_eq!(
+            ping["result"],
+            "ok",
+            "guest {i} pings guest {}: {}",
+            1 - i,
+            ping["_"]
+        );
+    }
+    for g in guests {
+        let o = g.finish();
+        assert_eq!(o.code, Some(0), "{}", o.dump());
+    }
+    // Both downscripts ran, with the names of taps nicvm created; the taps are gone.
+    let names: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(names.len(), 2, "downscript runs: {names:?}");
+    for n in &names {
+        let o = ns.try_sh(&format!("ip link show {n}"));
+        assert!(!o.status.success(), "tap {n} still exists after exit");
+    }
+}
+
+#[test]
+fn tap_errors_name_the_option() {
+    let Some(img) = image() else { return };
+    let ns = Netns::new("taperr");
+    ns.sh("ip tuntap add dev tbusy mode tap && ip link add veth0 type veth peer name veth1");
+    // Busy: a second nicvm (here: a held fd) on a non-multiqueue tap.
+    let holder = ns.within(|| net_backends_probe("tbusy"));
+    for (netdev, what) in [
+        ("tap,id=n0,ifname=tbusy,script=no", "busy"),
+        ("tap,id=n0,ifname=veth0,script=no", "not a tap"),
+        ("tap,id=n0,ifname=x,script=/nonexistent/ifup", "script"),
+        ("tap,id=n0,queues=4", "unknown parameter"),
+    ] {
+        let mut g = ns.guest(
+            &img,
+            "",
+            &["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"],
+            &[],
+        );
+        let _ = &mut g;
+        let o = g.finish();
+        assert_eq!(o.code, Some(1), "{netdev}: {}", o.dump());
+        let line = o
+            .stderr
+            .lines()
+            .find(|l| !l.contains(": info: "))
+            .unwrap_or("");
+        assert!(
+            line.starts_with("nicvm: -netdev tap,id=n0: "),
+            "{netdev}: {line}"
+        );
+        assert!(line.contains(what), "{netdev}: {line}");
+        assert!(o.stdout.is_empty(), "no guest ran");
+    }
+    drop(holder);
+}
+
+/// Opens a tap the way any program would, to make it busy.
+fn net_backends_probe(name: &str) -> std::fs::File {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: i16,
+        pad: [u8; 22],
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .unwrap();
+    let mut r = IfReq {
+        name: [0; 16],
+        flags: 0x0002 | 0x1000,
+        pad: [0; 22],
+    };
+    r.name[..name.len()].copy_from_slice(name.as_bytes());
+    use std::os::fd::AsRawFd;
+    // SAFETY: TUNSETIFF on our own tun fd with a valid ifreq.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, &mut r) };
+    assert_eq!(
+        rc,
+        0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    f
+}
