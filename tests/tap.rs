@@ -261,3 +261,63 @@ fn net_backends_probe(name: &str) -> std::fs::File {
     );
     f
 }
+
+#[test]
+fn sigterm_runs_the_downscript_and_removes_the_created_tap() {
+    let Some(img) = image() else { return };
+    let ns = Netns::new("sigterm");
+    let dir = std::env::temp_dir().join(format!("nicvm-sigterm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("log");
+    let script = |name: &str, what: &str| {
+        let p = dir.join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\necho \"{what} $1\" >> {}\nip link set \"$1\" up\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        p.display().to_string()
+    };
+    let (up, down) = (script("up", "up"), script("down", "down"));
+    let netdev = format!("tap,id=n0,script={up},downscript={down}");
+    let g = ns.guest(
+        &img,
+        "nicvm.run=sleep:600",
+        &["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"],
+        &[],
+    );
+    // Wait until the ifup script has run, then ask nicvm to stop.
+    let start = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("up ")
+    {
+        assert!(start.elapsed() < Duration::from_secs(60), "ifup never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = ns.try_sh("pkill -TERM -x nicvm");
+    assert!(o.status.success(), "pkill");
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "SIGTERM is a clean exit\n{}", o.dump());
+    assert!(o.stderr.contains("SIGTERM"), "{}", o.stderr);
+    let lines = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let tap = lines
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("up ")
+        .to_string();
+    assert!(
+        lines.contains(&format!("down {tap}")),
+        "downscript ran: {lines}"
+    );
+    assert!(
+        !ns.try_sh(&format!("ip link show {tap}")).status.success(),
+        "tap {tap} removed"
+    );
+}

@@ -67,6 +67,9 @@ fn main() {
         enabled: std::env::var_os("NICVM_TIMING").is_some(),
     };
     init_logging();
+    // Block SIGINT/SIGTERM/SIGHUP before any thread or child exists: a signal during set-up
+    // then waits in the signalfd and ends the VM cleanly (downscripts run) once it is up.
+    let signals = signals::block_and_open().unwrap_or_else(|e| fail(format!("signalfd: {e}")));
     std::panic::set_hook(Box::new(|info| {
         console::restore_terminal();
         eprintln!("nicvm: internal error: {info}");
@@ -93,7 +96,7 @@ fn main() {
         log::info!("host is {}", host.describe());
     }
 
-    let reason = vm::run(&cfg, host, timing).unwrap_or_else(|e| fail(e));
+    let reason = vm::run(&cfg, host, timing, &signals).unwrap_or_else(|e| fail(e));
     console::restore_terminal();
     netdev::run_cleanups();
     let name = cfg

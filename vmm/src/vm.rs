@@ -152,7 +152,12 @@ impl Timing {
 }
 
 /// Builds the VM, runs it, and returns why it ended.
-pub fn run(cfg: &Config, host: HostKind, timing: Timing) -> Result<ExitReason, SetupError> {
+pub fn run(
+    cfg: &Config,
+    host: HostKind,
+    timing: Timing,
+    signals: &crate::signals::SignalFd,
+) -> Result<ExitReason, SetupError> {
     let kvm = Kvm::new().map_err(|e| {
         SetupError(format!(
             "/dev/kvm: cannot open ({e}); is KVM available and are you allowed to use it?"
@@ -345,8 +350,6 @@ pub fn run(cfg: &Config, host: HostKind, timing: Timing) -> Result<ExitReason, S
     }
 
     // From here on the guest runs; failures are exit reasons, not setup errors.
-    let signals =
-        crate::signals::block_and_open().map_err(|e| setup_err(format!("signalfd: {e}")))?;
     if cfg.serial == SerialTarget::Stdio {
         let tty = console::stdin_is_tty();
         if tty {
@@ -370,5 +373,5 @@ pub fn run(cfg: &Config, host: HostKind, timing: Timing) -> Result<ExitReason, S
             .spawn(move || vcpu::run(id as u8, v, m, b, l))
             .map_err(setup_err)?;
     }
-    Ok(crate::signals::wait_for_exit(&lifecycle, &signals))
+    Ok(crate::signals::wait_for_exit(&lifecycle, signals))
 }

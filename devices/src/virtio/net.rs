@@ -763,5 +763,7 @@ impl NetFrontend for VirtioNet {
     }
 }
 
+pub mod driver;
+
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,220 @@
+//! A synthetic virtio-net driver: the register and ring sequences Linux's virtio_net uses,
+//! played against the model from the host. Device tests and the no-guest benchmark use it.
+
+use super::*;
+use crate::interrupt::RecordingIrqChip;
+use crate::pci::PCI_COMMAND_MEMORY;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+pub const MEM_SIZE: usize = 1 << 20;
+pub const VRING_DESC_F_NEXT: u16 = 1;
+pub const VRING_DESC_F_WRITE: u16 = 2;
+pub const QSIZE: u16 = 16;
+/// Ring and buffer areas in the test's guest memory.
+pub const RING_BASE: [u64; 2] = [0x1_0000, 0x2_0000];
+pub const BUF_BASE: [u64; 2] = [0x4_0000, 0x8_0000];
+
+pub struct Driver {
+    pub dev: VirtioNet,
+    pub mem: GuestMemoryMmap,
+    pub chip: Arc<RecordingIrqChip>,
+    next_desc: [u16; 2],
+    avail_idx: [u16; 2],
+    next_buf: [u64; 2],
+}
+
+pub fn desc_base(q: usize) -> u64 {
+    RING_BASE[q]
+}
+pub fn avail_base(q: usize) -> u64 {
+    RING_BASE[q] + 16 * QSIZE as u64
+}
+pub fn used_base(q: usize) -> u64 {
+    (avail_base(q) + 6 + 2 * QSIZE as u64 + 4095) & !4095
+}
+
+impl Driver {
+    /// A device on `backend`, BARs placed and memory decoding on, not yet negotiated.
+    pub fn new(backend: Box<dyn NetBackend>) -> Driver {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let chip = Arc::new(RecordingIrqChip::default());
+        let mut dev = VirtioNet::new(
+            "52:54:00:12:34:56".parse().unwrap(),
+            backend,
+            mem.clone(),
+            chip.clone(),
+            19,
+            Arc::new(NoIoEvents),
+        )
+        .unwrap();
+        dev.config_mut().set_bar_addr(VIRTIO_BAR, 0xc000_0000);
+        dev.config_mut().set_bar_addr(MSIX_BAR, 0xc001_0000);
+        dev.config_mut()
+            .write(crate::pci::PCI_COMMAND, &PCI_COMMAND_MEMORY.to_le_bytes());
+        dev.config_written(crate::pci::PCI_COMMAND, 2);
+        Driver {
+            dev,
+            mem,
+            chip,
+            next_desc: [0; 2],
+            avail_idx: [0; 2],
+            next_buf: BUF_BASE,
+        }
+    }
+
+    pub fn w(&mut self, off: u64, v: u64, len: usize) {
+        self.dev.bar_write(VIRTIO_BAR, off, &v.to_le_bytes()[..len]);
+    }
+    pub fn r(&mut self, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.dev.bar_read(VIRTIO_BAR, off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    pub fn status(&mut self) -> u8 {
+        self.r(DEVICE_STATUS, 1) as u8
+    }
+
+    pub fn device_features(&mut self) -> u64 {
+        self.w(DEVICE_FEATURE_SELECT, 0, 4);
+        let lo = self.r(DEVICE_FEATURE, 4);
+        self.w(DEVICE_FEATURE_SELECT, 1, 4);
+        lo | self.r(DEVICE_FEATURE, 4) << 32
+    }
+
+    /// The Linux probe order: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK.
+    pub fn negotiate(&mut self, features: u64) -> bool {
+        self.w(DEVICE_STATUS, 0, 1);
+        self.w(DEVICE_STATUS, STATUS_ACKNOWLEDGE as u64, 1);
+        self.w(
+            DEVICE_STATUS,
+            (STATUS_ACKNOWLEDGE | STATUS_DRIVER) as u64,
+            1,
+        );
+        self.w(DRIVER_FEATURE_SELECT, 0, 4);
+        self.w(DRIVER_FEATURE, features & 0xffff_ffff, 4);
+        self.w(DRIVER_FEATURE_SELECT, 1, 4);
+        self.w(DRIVER_FEATURE, features >> 32, 4);
+        let s = (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK) as u64;
+        self.w(DEVICE_STATUS, s, 1);
+        self.status() & STATUS_FEATURES_OK != 0
+    }
+
+    pub fn setup_queue(&mut self, q: usize, size: u16) {
+        self.w(QUEUE_SELECT, q as u64, 2);
+        self.w(QUEUE_SIZE, size as u64, 2);
+        self.w(QUEUE_DESC, desc_base(q), 8);
+        self.w(QUEUE_DRIVER, avail_base(q), 8);
+        self.w(QUEUE_DEVICE, used_base(q), 8);
+        self.w(QUEUE_MSIX_VECTOR, q as u64 + 1, 2);
+        self.w(QUEUE_ENABLE, 1, 2);
+    }
+
+    pub fn driver_ok(&mut self) {
+        let s = self.status() | STATUS_DRIVER_OK;
+        self.w(DEVICE_STATUS, s as u64, 1);
+    }
+
+    /// Full bring-up with `features`, both queues of QSIZE.
+    pub fn start(backend: Box<dyn NetBackend>, features: u64) -> Driver {
+        let mut d = Driver::new(backend);
+        assert!(d.negotiate(features));
+        d.setup_queue(RX, QSIZE);
+        d.setup_queue(TX, QSIZE);
+        d.driver_ok();
+        assert_eq!(d.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+        d
+    }
+
+    pub fn write_desc(&mut self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&addr.to_le_bytes());
+        b[8..12].copy_from_slice(&len.to_le_bytes());
+        b[12..14].copy_from_slice(&flags.to_le_bytes());
+        b[14..16].copy_from_slice(&next.to_le_bytes());
+        self.mem
+            .write_slice(&b, GuestAddress(desc_base(q) + 16 * i as u64))
+            .unwrap();
+    }
+
+    pub fn publish(&mut self, q: usize, head: u16) {
+        let slot = self.avail_idx[q] % QSIZE;
+        let a = avail_base(q);
+        self.mem
+            .write_obj(head, GuestAddress(a + 4 + 2 * slot as u64))
+            .unwrap();
+        self.avail_idx[q] = self.avail_idx[q].wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx[q], GuestAddress(a + 2))
+            .unwrap();
+    }
+
+    /// Posts a chain of buffers (sizes), device-writable for RX. Returns the head.
+    pub fn post(&mut self, q: usize, parts: &[&[u8]], writable: bool) -> u16 {
+        let head = self.next_desc[q];
+        for (k, p) in parts.iter().enumerate() {
+            let i = self.next_desc[q];
+            self.next_desc[q] = (i + 1) % QSIZE;
+            let addr = self.next_buf[q];
+            self.next_buf[q] += (p.len() as u64 + 64) & !63;
+            self.mem.write_slice(p, GuestAddress(addr)).unwrap();
+            let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
+            if k + 1 < parts.len() {
+                flags |= VRING_DESC_F_NEXT;
+            }
+            self.write_desc(q, i, addr, p.len() as u32, flags, self.next_desc[q]);
+        }
+        self.publish(q, head);
+        head
+    }
+
+    pub fn used(&self, q: usize) -> Vec<(u32, u32)> {
+        let u = used_base(q);
+        let idx: u16 = self.mem.read_obj(GuestAddress(u + 2)).unwrap();
+        (0..idx)
+            .map(|i| {
+                let e = u + 4 + 8 * (i % QSIZE) as u64;
+                (
+                    self.mem.read_obj(GuestAddress(e)).unwrap(),
+                    self.mem.read_obj(GuestAddress(e + 4)).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn desc_addr(&self, q: usize, i: u16) -> u64 {
+        self.mem
+            .read_obj(GuestAddress(desc_base(q) + 16 * i as u64))
+            .unwrap()
+    }
+
+    pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    /// INTx asserted (MSI-X is never enabled in these tests).
+    pub fn irq(&self) -> bool {
+        self.chip.level(19)
+    }
+
+    pub fn ack_irq(&mut self) -> u8 {
+        self.r(ISR_CFG, 1) as u8
+    }
+
+    /// Posts one single-descriptor chain over guest bytes already in place at `addr`.
+    pub fn post_at(&mut self, q: usize, addr: u64, len: u32, writable: bool) -> u16 {
+        let i = self.next_desc[q];
+        self.next_desc[q] = (i + 1) % QSIZE;
+        let flags = if writable { VRING_DESC_F_WRITE } else { 0 };
+        self.write_desc(q, i, addr, len, flags, 0);
+        self.publish(q, i);
+        i
+    }
+
+    /// Entries the device has put in the used ring so far (its index).
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.mem.read_obj(GuestAddress(used_base(q) + 2)).unwrap()
+    }
+}
