@@ -5,10 +5,15 @@
  * each call costs about a millisecond, so 8 MiB took minutes. This moves the same data with a
  * few hundred calls and reports, on stdout, a line the tests parse:
  *
- *   xfer recv PORT            accept one connection, count what arrives until EOF:
+ *   xfer recv PORT            listen (NICVM-LISTEN port=PORT once it does), accept one
+ *                             connection, count what arrives until EOF:
  *                             NICVM-RECV port=PORT bytes=N fnv1a64=HEX
  *   xfer send ADDR PORT BYTES send BYTES of the xorshift64 stream the tests also generate:
  *                             NICVM-SENT addr=ADDR port=PORT bytes=N fnv1a64=HEX result=ok|fail
+ *                             (connecting gives up after 10 s)
+ *   xfer udpecho PORT N       bind (NICVM-UDPLISTEN port=PORT), then send back each of N
+ *                             UDP datagrams to where it came from:
+ *                             NICVM-UDPECHO port=PORT datagrams=N bytes=B
  *
  * FNV-1a (64-bit) is the checksum both sides compute.
  */
@@ -28,6 +33,8 @@ typedef unsigned char u8;
 #define SYS_listen 50
 #define SYS_setsockopt 54
 #define SYS_exit 60
+#define SYS_sendto 44
+#define SYS_recvfrom 45
 
 static long sys(long n, long a, long b, long c, long d, long e)
 {
@@ -107,6 +114,9 @@ static int do_recv(const char *port_s)
 	sys(SYS_setsockopt, s, 1, 2, (long)&one, sizeof(one));	/* SO_REUSEADDR */
 	if (s < 0 || sys(SYS_bind, s, (long)&sa, sizeof(sa), 0, 0) < 0 || sys(SYS_listen, s, 1, 0, 0, 0) < 0)
 		return 1;
+	char ready[64], *q = ready;
+	q = put(q, "NICVM-LISTEN port="); q = put(q, port_s); q = put(q, "\n"); *q = 0;
+	out(ready);	/* only now: a peer that connects after this line is accepted */
 	long c = sys(SYS_accept, s, 0, 0, 0, 0);
 	if (c < 0) return 1;
 	for (;;) {
@@ -133,7 +143,11 @@ static int do_send(const char *addr_s, const char *port_s, const char *bytes_s)
 	if (ipv4(addr_s, &sa.addr)) return 2;
 	sa.port = (u16)((port >> 8) | (port << 8));
 	long s = sys(SYS_socket, 2, 1, 0, 0, 0);
+	long tv[2] = { 10, 0 };	/* SO_SNDTIMEO bounds connect() too */
+	sys(SYS_setsockopt, s, 1, 21, (long)tv, sizeof(tv));
 	if (s < 0 || sys(SYS_connect, s, (long)&sa, sizeof(sa), 0, 0) < 0) ok = 0;
+	tv[0] = 0;
+	sys(SYS_setsockopt, s, 1, 21, (long)tv, sizeof(tv));
 	while (ok && sent < want) {
 		u64 n = want - sent < sizeof(buf) ? want - sent : sizeof(buf);
 		for (u64 i = 0; i < n; i++) {
@@ -164,6 +178,40 @@ static int do_send(const char *addr_s, const char *port_s, const char *bytes_s)
 	return ok ? 0 : 1;
 }
 
+static int do_udpecho(const char *port_s, const char *count_s)
+{
+	struct sockaddr_in sa = { 2, 0, 0, {0} }, from;
+	u64 port = num(port_s), want = num(count_s), n = 0, bytes = 0;
+	long s = sys(SYS_socket, 2, 2, 0, 0, 0);	/* SOCK_DGRAM */
+	sa.port = (u16)((port >> 8) | (port << 8));
+	if (s < 0 || sys(SYS_bind, s, (long)&sa, sizeof(sa), 0, 0) < 0) return 1;
+	char ready[64], *q = ready;
+	q = put(q, "NICVM-UDPLISTEN port="); q = put(q, port_s); q = put(q, "\n"); *q = 0;
+	out(ready);
+	while (n < want) {
+		u32 fromlen = sizeof(from);
+		register long a5 __asm__("r9") = (long)&fromlen;
+		long r;
+		__asm__ volatile("syscall" : "=a"(r) : "a"(SYS_recvfrom), "D"(s), "S"((long)buf), "d"(sizeof(buf)),
+				 "r"((long)0), "r"((long)&from), "r"(a5) : "rcx", "r11", "memory");
+		if (r == -4) continue;
+		if (r < 0) return 1;
+		register long t5 __asm__("r9") = (long)fromlen;
+		register long t4 __asm__("r8") = (long)&from;
+		register long t3 __asm__("r10") = 0;
+		__asm__ volatile("syscall" : "=a"(r) : "a"(SYS_sendto), "D"(s), "S"((long)buf), "d"(r), "r"(t3), "r"(t4), "r"(t5)
+				 : "rcx", "r11", "memory");
+		n++;
+		bytes += r > 0 ? (u64)r : 0;
+	}
+	char line[128], *p = line;
+	p = put(p, "NICVM-UDPECHO port="); p = put(p, port_s);
+	p = put(p, " datagrams="); p = put_dec(p, n);
+	p = put(p, " bytes="); p = put_dec(p, bytes); p = put(p, "\n"); *p = 0;
+	out(line);
+	return 0;
+}
+
 static int streq(const char *a, const char *b) { while (*a && *a == *b) { a++; b++; } return *a == *b; }
 
 __attribute__((used)) void start_c(long *sp)
@@ -173,7 +221,8 @@ __attribute__((used)) void start_c(long *sp)
 	int rc = 2;
 	if (argc == 3 && streq(argv[1], "recv")) rc = do_recv(argv[2]);
 	else if (argc == 5 && streq(argv[1], "send")) rc = do_send(argv[2], argv[3], argv[4]);
-	else out("usage: xfer recv PORT | xfer send ADDR PORT BYTES\n");
+	else if (argc == 4 && streq(argv[1], "udpecho")) rc = do_udpecho(argv[2], argv[3]);
+	else out("usage: xfer recv PORT | xfer send ADDR PORT BYTES | xfer udpecho PORT N\n");
 	sys(SYS_exit, rc, 0, 0, 0, 0);
 }
 

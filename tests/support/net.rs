@@ -89,6 +89,20 @@ impl Netns {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    /// Starts a long-running helper inside the namespace, killed with it.
+    pub fn spawn_kept(&mut self, argv: &[&str]) {
+        let c = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn in netns");
+        self.children.push(c);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     /// Runs `f` on a thread that has entered the namespace (sockets made there live in it).
     pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/run/netns/{}", self.name);
@@ -214,6 +228,10 @@ impl Guest {
                 }
             }
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Waits for nicvm to exit (killing it at the deadline) and returns everything.

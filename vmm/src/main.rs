@@ -86,6 +86,7 @@ fn main() {
         cli::Action::Version => {
             println!("nicvm {}", env!("CARGO_PKG_VERSION"));
             println!("host: {}", HostKind::detect().describe());
+            println!("libslirp: {}", net_backends::slirp::version());
             return;
         }
         cli::Action::Run(c) => c,

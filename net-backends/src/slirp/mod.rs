@@ -1,0 +1,596 @@
+//! User-mode networking (`-netdev user`) on libslirp: DHCP, DNS forwarding, NAT to the host's
+//! sockets and host port forwarding, with no privileges and no host interface.
+//!
+//! libslirp is not thread-safe, so each instance lives on a thread of its own, sleeping in
+//! poll() on slirp's sockets and a wake-up eventfd until the next slirp timer: an idle guest
+//! costs nothing. Frames from the guest reach that thread through a queue; frames for the
+//! guest come back through another, with an eventfd the I/O thread watches.
+
+mod ffi;
+
+use crate::{Capabilities, NetBackend};
+use std::collections::VecDeque;
+use std::ffi::{CStr, CString};
+use std::io::{self, IoSlice};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Frames waiting for the guest beyond this are dropped (and counted); TCP recovers.
+const RX_QUEUE_LIMIT: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFwd {
+    pub udp: bool,
+    pub host_addr: Ipv4Addr,
+    pub host_port: u16,
+    /// 0.0.0.0: the first DHCP address.
+    pub guest_addr: Ipv4Addr,
+    pub guest_port: u16,
+}
+
+impl std::str::FromStr for HostFwd {
+    type Err = String;
+    /// `[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport");
+        let (proto, rest) = match s.split_once(':') {
+            Some((p @ ("tcp" | "udp" | ""), r)) => (p, r),
+            _ => return Err(bad()),
+        };
+        let (host, guest) = rest.split_once('-').ok_or_else(bad)?;
+        let addr_port = |x: &str| -> Result<(Ipv4Addr, u16), String> {
+            let (a, p) = x.rsplit_once(':').ok_or_else(bad)?;
+            let a = if a.is_empty() {
+                Ipv4Addr::UNSPECIFIED
+            } else {
+                a.parse().map_err(|_| bad())?
+            };
+            Ok((a, p.parse().map_err(|_| bad())?))
+        };
+        let (host_addr, host_port) = addr_port(host)?;
+        let (guest_addr, guest_port) = addr_port(guest)?;
+        if guest_port == 0 {
+            return Err(format!("'{s}': the guest port cannot be 0"));
+        }
+        Ok(HostFwd {
+            udp: proto == "udp",
+            host_addr,
+            host_port,
+            guest_addr,
+            guest_port,
+        })
+    }
+}
+
+/// `-netdev user` options, with QEMU's defaults.
+#[derive(Debug, Clone)]
+pub struct SlirpOptions {
+    pub ipv4: bool,
+    pub net: Ipv4Addr,
+    pub prefix: u8,
+    pub host: Ipv4Addr,
+    pub dhcp_start: Ipv4Addr,
+    pub dns: Ipv4Addr,
+    pub ipv6: bool,
+    pub ipv6_prefix: Ipv6Addr,
+    pub ipv6_prefix_len: u8,
+    pub ipv6_host: Ipv6Addr,
+    pub ipv6_dns: Ipv6Addr,
+    pub restrict: bool,
+    pub hostname: Option<String>,
+    pub domainname: Option<String>,
+    pub dnssearch: Vec<String>,
+    pub tftp: Option<String>,
+    pub bootfile: Option<String>,
+    pub hostfwd: Vec<HostFwd>,
+}
+
+impl Default for SlirpOptions {
+    fn default() -> Self {
+        SlirpOptions {
+            ipv4: true,
+            net: Ipv4Addr::new(10, 0, 2, 0),
+            prefix: 24,
+            host: Ipv4Addr::new(10, 0, 2, 2),
+            dhcp_start: Ipv4Addr::new(10, 0, 2, 15),
+            dns: Ipv4Addr::new(10, 0, 2, 3),
+            ipv6: true,
+            ipv6_prefix: "fec0::".parse().unwrap(),
+            ipv6_prefix_len: 64,
+            ipv6_host: "fec0::2".parse().unwrap(),
+            ipv6_dns: "fec0::3".parse().unwrap(),
+            restrict: false,
+            hostname: None,
+            domainname: None,
+            dnssearch: vec![],
+            tftp: None,
+            bootfile: None,
+            hostfwd: vec![],
+        }
+    }
+}
+
+impl SlirpOptions {
+    pub fn mask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0))
+    }
+
+    /// Whether `a` is inside `net=`.
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        u32::from(a) & u32::from(self.mask()) == u32::from(self.net)
+    }
+}
+
+fn in_addr(a: Ipv4Addr) -> libc::in_addr {
+    libc::in_addr {
+        s_addr: u32::from(a).to_be(),
+    }
+}
+
+fn in6_addr(a: Ipv6Addr) -> libc::in6_addr {
+    libc::in6_addr {
+        s6_addr: a.octets(),
+    }
+}
+
+struct Timer {
+    cb: Option<ffi::SlirpTimerCb>,
+    cb_opaque: *mut libc::c_void,
+    /// Expiry in ms on the clock_get_ns clock.
+    expire_ms: Option<i64>,
+}
+
+/// Everything the C callbacks reach through their opaque pointer; owned by the slirp thread.
+struct State {
+    epoch: Instant,
+    to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    rx_ready: EventFd,
+    dropped: Arc<AtomicU64>,
+    timers: Vec<*mut Timer>,
+    pollfds: Vec<libc::pollfd>,
+}
+
+impl State {
+    fn now_ms(&self) -> i64 {
+        (self.epoch.elapsed().as_nanos() / 1_000_000) as i64
+    }
+}
+
+unsafe extern "C" fn cb_send_packet(
+    buf: *const libc::c_void,
+    len: libc::size_t,
+    opaque: *mut libc::c_void,
+) -> libc::ssize_t {
+    // SAFETY: opaque is the State this slirp instance was created with; buf/len come from
+    // libslirp and describe one frame.
+    let (st, frame) = unsafe {
+        (
+            &*(opaque as *const State),
+            std::slice::from_raw_parts(buf as *const u8, len),
+        )
+    };
+    let mut q = st.to_guest.lock().unwrap();
+    if q.len() >= RX_QUEUE_LIMIT {
+        st.dropped.fetch_add(1, Ordering::Relaxed);
+        return len as libc::ssize_t;
+    }
+    q.push_back(frame.to_vec());
+    drop(q);
+    let _ = st.rx_ready.write(1);
+    len as libc::ssize_t
+}
+
+unsafe extern "C" fn cb_guest_error(msg: *const libc::c_char, _opaque: *mut libc::c_void) {
+    // SAFETY: libslirp passes a NUL-terminated message.
+    let m = unsafe { CStr::from_ptr(msg) }.to_string_lossy();
+    log::debug!("slirp: guest error: {m}");
+}
+
+unsafe extern "C" fn cb_clock_get_ns(opaque: *mut libc::c_void) -> i64 {
+    // SAFETY: opaque is our State.
+    let st = unsafe { &*(opaque as *const State) };
+    st.epoch.elapsed().as_nanos() as i64
+}
+
+unsafe extern "C" fn cb_timer_new(
+    cb: ffi::SlirpTimerCb,
+    cb_opaque: *mut libc::c_void,
+    opaque: *mut libc::c_void,
+) -> *mut libc::c_void {
+    // SAFETY: opaque is our State, used only on this thread.
+    let st = unsafe { &mut *(opaque as *mut State) };
+    let t = Box::into_raw(Box::new(Timer {
+        cb: Some(cb),
+        cb_opaque,
+        expire_ms: None,
+    }));
+    st.timers.push(t);
+    t.cast()
+}
+
+unsafe extern "C" fn cb_timer_free(timer: *mut libc::c_void, opaque: *mut libc::c_void) {
+    // SAFETY: opaque is our State; timer is a pointer cb_timer_new returned.
+    let st = unsafe { &mut *(opaque as *mut State) };
+    let t = timer as *mut Timer;
+    if let Some(i) = st.timers.iter().position(|&x| x == t) {
+        st.timers.swap_remove(i);
+        // SAFETY: created by Box::into_raw in cb_timer_new and removed from the list once.
+        drop(unsafe { Box::from_raw(t) });
+    }
+}
+
+unsafe extern "C" fn cb_timer_mod(
+    timer: *mut libc::c_void,
+    expire_time: i64,
+    _opaque: *mut libc::c_void,
+) {
+    // SAFETY: timer is a live pointer from cb_timer_new.
+    unsafe { (*(timer as *mut Timer)).expire_ms = Some(expire_time) };
+}
+
+unsafe extern "C" fn cb_register_poll_fd(_fd: libc::c_int, _opaque: *mut libc::c_void) {}
+unsafe extern "C" fn cb_unregister_poll_fd(_fd: libc::c_int, _opaque: *mut libc::c_void) {}
+unsafe extern "C" fn cb_notify(_opaque: *mut libc::c_void) {}
+
+unsafe extern "C" fn cb_add_poll(
+    fd: libc::c_int,
+    events: libc::c_int,
+    opaque: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: opaque is our State.
+    let st = unsafe { &mut *(opaque as *mut State) };
+    let mut ev = 0;
+    if events & ffi::SLIRP_POLL_IN != 0 {
+        ev |= libc::POLLIN;
+    }
+    if events & ffi::SLIRP_POLL_OUT != 0 {
+        ev |= libc::POLLOUT;
+    }
+    if events & ffi::SLIRP_POLL_PRI != 0 {
+        ev |= libc::POLLPRI;
+    }
+    st.pollfds.push(libc::pollfd {
+        fd,
+        events: ev,
+        revents: 0,
+    });
+    (st.pollfds.len() - 1) as libc::c_int
+}
+
+unsafe extern "C" fn cb_get_revents(idx: libc::c_int, opaque: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: opaque is our State.
+    let st = unsafe { &*(opaque as *const State) };
+    let Some(p) = st.pollfds.get(idx as usize) else {
+        return 0;
+    };
+    let r = p.revents;
+    let mut out = 0;
+    if r & libc::POLLIN != 0 {
+        out |= ffi::SLIRP_POLL_IN;
+    }
+    if r & libc::POLLOUT != 0 {
+        out |= ffi::SLIRP_POLL_OUT;
+    }
+    if r & libc::POLLPRI != 0 {
+        out |= ffi::SLIRP_POLL_PRI;
+    }
+    if r & libc::POLLERR != 0 {
+        out |= ffi::SLIRP_POLL_ERR;
+    }
+    if r & libc::POLLHUP != 0 {
+        out |= ffi::SLIRP_POLL_HUP;
+    }
+    out
+}
+
+static CALLBACKS: ffi::SlirpCb = ffi::SlirpCb {
+    send_packet: cb_send_packet,
+    guest_error: cb_guest_error,
+    clock_get_ns: cb_clock_get_ns,
+    timer_new: cb_timer_new,
+    timer_free: cb_timer_free,
+    timer_mod: cb_timer_mod,
+    register_poll_fd: cb_register_poll_fd,
+    unregister_poll_fd: cb_unregister_poll_fd,
+    notify: cb_notify,
+    init_completed: None,
+    timer_new_opaque: None,
+};
+
+pub struct SlirpBackend {
+    to_slirp: Sender<Vec<u8>>,
+    wake: EventFd,
+    to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    rx_ready: EventFd,
+    dropped: Arc<AtomicU64>,
+}
+
+impl SlirpBackend {
+    /// Starts the slirp thread; errors (a forward that cannot bind) come back before it runs.
+    pub fn new(opts: SlirpOptions) -> Result<SlirpBackend, String> {
+        let (to_slirp, from_guest) = channel::<Vec<u8>>();
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let rx_ready = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let to_guest = Arc::new(Mutex::new(VecDeque::new()));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = channel::<Result<(), String>>();
+        let (q, ready_fd, drops) = (
+            to_guest.clone(),
+            rx_ready.try_clone().map_err(|e| e.to_string())?,
+            dropped.clone(),
+        );
+        let thread_wake = wake.try_clone().map_err(|e| e.to_string())?;
+        std::thread::Builder::new()
+            .name("slirp".into())
+            .spawn(move || {
+                let st = State {
+                    epoch: Instant::now(),
+                    to_guest: q,
+                    rx_ready: ready_fd,
+                    dropped: drops,
+                    timers: vec![],
+                    pollfds: vec![],
+                };
+                run(opts, st, from_guest, thread_wake, ready_tx)
+            })
+            .map_err(|e| e.to_string())?;
+        ready_rx
+            .recv()
+            .map_err(|_| "the slirp thread died while starting".to_string())??;
+        Ok(SlirpBackend {
+            to_slirp,
+            wake,
+            to_guest,
+            rx_ready,
+            dropped,
+        })
+    }
+}
+
+fn run(
+    opts: SlirpOptions,
+    mut st: State,
+    from_guest: Receiver<Vec<u8>>,
+    wake: EventFd,
+    ready: Sender<Result<(), String>>,
+) {
+    let cstr = |s: &Option<String>| {
+        s.as_ref()
+            .map(|v| CString::new(v.as_str()).unwrap_or_default())
+    };
+    let hostname = cstr(&opts.hostname);
+    let domainname = cstr(&opts.domainname);
+    let tftp = cstr(&opts.tftp);
+    let bootfile = cstr(&opts.bootfile);
+    let search: Vec<CString> = opts
+        .dnssearch
+        .iter()
+        .map(|s| CString::new(s.as_str()).unwrap_or_default())
+        .collect();
+    let mut search_ptrs: Vec<*const libc::c_char> = search.iter().map(|c| c.as_ptr()).collect();
+    search_ptrs.push(std::ptr::null());
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    let cfg = ffi::SlirpConfig {
+        version: 4,
+        restricted: opts.restrict as libc::c_int,
+        in_enabled: opts.ipv4,
+        vnetwork: in_addr(opts.net),
+        vnetmask: in_addr(opts.mask()),
+        vhost: in_addr(opts.host),
+        in6_enabled: opts.ipv6,
+        vprefix_addr6: in6_addr(opts.ipv6_prefix),
+        vprefix_len: opts.ipv6_prefix_len,
+        vhost6: in6_addr(opts.ipv6_host),
+        vhostname: ptr(&hostname),
+        tftp_server_name: std::ptr::null(),
+        tftp_path: ptr(&tftp),
+        bootfile: ptr(&bootfile),
+        vdhcp_start: in_addr(opts.dhcp_start),
+        vnameserver: in_addr(opts.dns),
+        vnameserver6: in6_addr(opts.ipv6_dns),
+        vdnssearch: if search.is_empty() {
+            std::ptr::null()
+        } else {
+            search_ptrs.as_ptr()
+        },
+        vdomainname: ptr(&domainname),
+        if_mtu: 0,
+        if_mru: 0,
+        disable_host_loopback: false,
+        enable_emu: false,
+        outbound_addr: std::ptr::null(),
+        outbound_addr6: std::ptr::null(),
+        disable_dns: false,
+        disable_dhcp: false,
+    };
+    let opaque = (&mut st as *mut State).cast::<libc::c_void>();
+    // SAFETY: cfg and the strings it points to outlive this thread's slirp instance (they live
+    // on this stack frame, which never returns while slirp runs); CALLBACKS is static; opaque
+    // points at `st`, which also lives here.
+    let slirp = unsafe { ffi::slirp_new(&cfg, &CALLBACKS, opaque) };
+    if slirp.is_null() {
+        let _ = ready.send(Err("libslirp refused the configuration".into()));
+        return;
+    }
+    for f in &opts.hostfwd {
+        // SAFETY: slirp is the live instance created above.
+        let r = unsafe {
+            ffi::slirp_add_hostfwd(
+                slirp,
+                f.udp as libc::c_int,
+                in_addr(f.host_addr),
+                f.host_port as libc::c_int,
+                in_addr(f.guest_addr),
+                f.guest_port as libc::c_int,
+            )
+        };
+        if r < 0 {
+            let proto = if f.udp { "udp" } else { "tcp" };
+            let _ = ready.send(Err(format!(
+                "hostfwd: cannot listen on {proto} {}:{} (port in use or not allowed)",
+                f.host_addr, f.host_port
+            )));
+            return;
+        }
+    }
+    let _ = ready.send(Ok(()));
+
+    loop {
+        st.pollfds.clear();
+        st.pollfds.push(libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let mut timeout: u32 = u32::MAX;
+        // SAFETY: slirp is live; cb_add_poll only touches `st` through opaque.
+        unsafe { ffi::slirp_pollfds_fill(slirp, &mut timeout, cb_add_poll, opaque) };
+        let now = st.now_ms();
+        for &t in &st.timers {
+            // SAFETY: timers in the list are live allocations from cb_timer_new.
+            if let Some(exp) = unsafe { (*t).expire_ms } {
+                timeout = timeout.min((exp - now).clamp(0, u32::MAX as i64) as u32);
+            }
+        }
+        let ms = if timeout == u32::MAX {
+            -1
+        } else {
+            timeout.min(i32::MAX as u32) as libc::c_int
+        };
+        // SAFETY: polling the array we own, with its length.
+        let n = unsafe {
+            libc::poll(
+                st.pollfds.as_mut_ptr(),
+                st.pollfds.len() as libc::nfds_t,
+                ms,
+            )
+        };
+        // SAFETY: slirp is live; cb_get_revents reads `st.pollfds`.
+        unsafe { ffi::slirp_pollfds_poll(slirp, (n < 0) as libc::c_int, cb_get_revents, opaque) };
+        if st.pollfds[0].revents & libc::POLLIN != 0 {
+            let _ = wake.read();
+        }
+        while let Ok(frame) = from_guest.try_recv() {
+            // SAFETY: slirp is live; the frame is a valid buffer of its length.
+            unsafe { ffi::slirp_input(slirp, frame.as_ptr(), frame.len() as libc::c_int) };
+        }
+        // Fire due timers (a callback may free or re-arm timers, so walk a snapshot).
+        let now = st.now_ms();
+        let due: Vec<*mut Timer> = st
+            .timers
+            .iter()
+            .copied()
+            // SAFETY: live allocations from cb_timer_new.
+            .filter(|&t| unsafe { (*t).expire_ms }.is_some_and(|e| e <= now))
+            .collect();
+        for t in due {
+            if !st.timers.contains(&t) {
+                continue;
+            }
+            // SAFETY: still in the list, so still allocated.
+            let (cb, arg) = unsafe {
+                (*t).expire_ms = None;
+                ((*t).cb, (*t).cb_opaque)
+            };
+            if let Some(cb) = cb {
+                // SAFETY: calling libslirp's own timer callback with its own argument.
+                unsafe { cb(arg) };
+            }
+        }
+    }
+}
+
+/// libslirp's version, for `nicvm --version`.
+pub fn version() -> String {
+    // SAFETY: a static NUL-terminated string from the library.
+    unsafe { CStr::from_ptr(ffi::slirp_version_string()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+impl NetBackend for SlirpBackend {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
+        let v: Vec<u8> = frame.iter().flat_map(|p| p.iter().copied()).collect();
+        self.to_slirp
+            .send(v)
+            .map_err(|_| io::Error::other("the slirp thread is gone"))?;
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let mut q = self.to_guest.lock().unwrap();
+        let f = match q.pop_front() {
+            Some(f) => f,
+            None => {
+                let _ = self.rx_ready.read();
+                match q.pop_front() {
+                    Some(f) => f,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let n = f.len().min(buf.len());
+        buf[..n].copy_from_slice(&f[..n]);
+        Ok(Some(n))
+    }
+
+    fn fd(&self) -> RawFd {
+        self.rx_ready.as_raw_fd()
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostfwd_syntax() {
+        let f: HostFwd = "tcp:127.0.0.1:2222-:22".parse().unwrap();
+        assert_eq!(
+            f,
+            HostFwd {
+                udp: false,
+                host_addr: Ipv4Addr::LOCALHOST,
+                host_port: 2222,
+                guest_addr: Ipv4Addr::UNSPECIFIED,
+                guest_port: 22
+            }
+        );
+        let f: HostFwd = "udp::5555-10.0.2.15:5555".parse().unwrap();
+        assert!(f.udp && f.guest_addr == Ipv4Addr::new(10, 0, 2, 15));
+        let f: HostFwd = ":1234-:80".parse().unwrap();
+        assert!(!f.udp && f.host_port == 1234);
+        for bad in [
+            "tcp:2222:22",
+            "sctp::1-:2",
+            "tcp::x-:22",
+            "tcp::1-:0",
+            "tcp::70000-:1",
+            "tcp:1.2.3:1-:2",
+        ] {
+            assert!(bad.parse::<HostFwd>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn network_math() {
+        let o = SlirpOptions::default();
+        assert_eq!(o.mask(), Ipv4Addr::new(255, 255, 255, 0));
+        assert!(o.contains(Ipv4Addr::new(10, 0, 2, 15)));
+        assert!(!o.contains(Ipv4Addr::new(10, 0, 3, 15)));
+    }
+}

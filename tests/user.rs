@@ -1,0 +1,263 @@
+//! `-netdev user` (libslirp) end to end: the lease, host port forwarding (TCP and UDP), the
+//! guest reaching a host loopback service through the gateway, DNS through 10.0.2.3, net= and
+//! dhcpstart=, restrict=on, and the cost of an idle guest.
+
+mod support;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+use support::net::{Guest, Netns};
+use support::*;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn fnv1a64(d: &[u8]) -> String {
+    let h = d.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
+fn pseudo_random(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn connect_retry(addr: &str) -> TcpStream {
+    let start = Instant::now();
+    loop {
+        // Through hostfwd the host side accepts at once; the guest may not be listening yet, in
+        // which case slirp closes the connection: retry until data is taken.
+        if let Ok(s) = TcpStream::connect(addr) {
+            return s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "connect {addr}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn start(img: &Image, append: &str, netdev: &str) -> Guest {
+    let mut cmd = std::process::Command::new(nicvm());
+    cmd.args(["-kernel", &img.kernel.display().to_string()])
+        .args(["-initrd", &img.initrd.display().to_string()])
+        .args(["-append", &format!("console=ttyS0 quiet {append}")])
+        .args([
+            "-nographic",
+            "-netdev",
+            netdev,
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ])
+        .env("NICVM_LOG", "warn");
+    Guest::spawn(cmd)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = s.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn lease_hostfwd_tcp_udp_host_loopback_and_idle_cost() {
+    let Some(img) = image() else { return };
+    let (tcp_port, udp_port) = (free_port(), free_port());
+    let host_service = TcpListener::bind("127.0.0.1:0").unwrap();
+    let service_port = host_service.local_addr().unwrap().port();
+    let receiver = std::thread::spawn(move || {
+        let (mut s, _) = host_service.accept().unwrap();
+        let mut got = vec![];
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    let netdev = format!(
+        "user,id=n0,hostfwd=tcp:127.0.0.1:{tcp_port}-:5001,hostfwd=udp:127.0.0.1:{udp_port}-:5002"
+    );
+    let append =
+        format!("nicvm.run=recv:5001,udpecho:5002:3,send:10.0.2.2:{service_port}:2,sleep:30,exit");
+    let mut g = start(&img, &append, &netdev);
+
+    let nic = g.wait_line("NIC");
+    assert_eq!(nic["lease"], "10.0.2.15/24", "{}", nic["_"]);
+    assert_eq!(nic["router"], "10.0.2.2");
+    assert_eq!(nic["dns"], "10.0.2.3");
+
+    // Host -> guest through the TCP forward.
+    g.wait_line("LISTEN");
+    let data = pseudo_random(2 << 20);
+    let mut s = connect_retry(&format!("127.0.0.1:{tcp_port}"));
+    s.write_all(&data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let recv = g.wait_line("RECV");
+    assert_eq!(recv["bytes"], data.len().to_string());
+    assert_eq!(recv["fnv1a64"], fnv1a64(&data));
+
+    // UDP forward: three datagrams echoed back.
+    g.wait_line("UDPLISTEN");
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut echoed = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while echoed < 3 && Instant::now() < deadline {
+        let msg = format!("datagram {echoed}");
+        u.send_to(msg.as_bytes(), ("127.0.0.1", udp_port)).unwrap();
+        let mut b = [0u8; 64];
+        if let Ok((n, _)) = u.recv_from(&mut b) {
+            assert_eq!(&b[..n], msg.as_bytes());
+            echoed += 1;
+        }
+    }
+    assert_eq!(echoed, 3, "UDP echoes through hostfwd");
+    assert_eq!(g.wait_line("UDPECHO")["datagrams"], "3");
+
+    // Guest -> a service on the host's loopback, through the gateway address.
+    let sent = g.wait_line("SENT");
+    assert_eq!(sent["result"], "ok", "{}", sent["_"]);
+    let got = receiver.join().unwrap();
+    assert_eq!(got.len(), 2 << 20);
+    assert_eq!(fnv1a64(&got), sent["fnv1a64"]);
+
+    // The guest now sleeps: nicvm (vCPU and slirp threads included) should be nearly idle.
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = g.pid();
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let used = cpu_ticks(pid) - t0;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let pct = used as f64 / hz / 5.0 * 100.0;
+    eprintln!("idle guest: nicvm used {pct:.1}% of a core over 5 s");
+    assert!(pct < 2.0, "an idle guest costs {pct:.1}% of a core");
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+}
+
+#[test]
+fn net_dhcpstart_and_restrict() {
+    let Some(img) = image() else { return };
+    let tcp_port = free_port();
+    let host_service = TcpListener::bind("127.0.0.1:0").unwrap();
+    let service_port = host_service.local_addr().unwrap().port();
+    let netdev = format!("user,id=n0,net=192.168.100.0/24,dhcpstart=192.168.100.50,restrict=on,hostfwd=tcp:127.0.0.1:{tcp_port}-:5001");
+    let append = format!("nicvm.run=recv:5001,send:192.168.100.2:{service_port}:1,exit");
+    let mut g = start(&img, &append, &netdev);
+    let nic = g.wait_line("NIC");
+    assert_eq!(nic["lease"], "192.168.100.50/24", "{}", nic["_"]);
+    // libslirp offers no router in restricted mode: there is nowhere to route to.
+    assert_eq!(nic["router"], "", "{}", nic["_"]);
+    // hostfwd still works with restrict=on.
+    g.wait_line("LISTEN");
+    let data = pseudo_random(64 << 10);
+    let mut s = connect_retry(&format!("127.0.0.1:{tcp_port}"));
+    s.write_all(&data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(g.wait_line("RECV")["fnv1a64"], fnv1a64(&data));
+    // ...but the guest cannot reach out.
+    let sent = g.wait_line("SENT");
+    assert_eq!(
+        sent["result"], "fail",
+        "restrict=on must block the guest: {}",
+        sent["_"]
+    );
+    host_service.set_nonblocking(true).unwrap();
+    assert!(
+        host_service.accept().is_err(),
+        "nothing reached the host service"
+    );
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+}
+
+#[test]
+fn dns_through_the_virtual_nameserver() {
+    let Some(img) = image() else { return };
+    // A namespace whose resolver is a dnsmasq this test starts (ip netns exec bind-mounts
+    // /etc/netns/NAME/resolv.conf over /etc/resolv.conf for processes run in it).
+    let mut ns = Netns::new("dns");
+    let etc = format!("/etc/netns/{}", ns.name);
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(format!("{etc}/resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+    struct RmDir(String);
+    impl Drop for RmDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _etc = RmDir(etc);
+    ns.spawn_kept(&[
+        "dnsmasq",
+        "--no-daemon",
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        "--no-resolv",
+        "--no-hosts",
+        "--address=/nicvm-test.example/192.0.2.7",
+    ]);
+    let mut g = ns.guest(
+        &img,
+        "nicvm.run=resolve:nicvm-test.example,exit",
+        // The one-option form: -nic TYPE,model=MODEL.
+        &["-nic", "user,model=virtio-net-pci"],
+        &[],
+    );
+    assert_eq!(g.wait_line("NIC")["dns"], "10.0.2.3");
+    let r = g.wait_line("RESOLVE");
+    assert_eq!(r["addr"], "192.0.2.7", "{}", r["_"]);
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+}
+
+#[test]
+fn bad_user_options_are_one_line_errors() {
+    let Some(img) = image() else { return };
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    for (netdev, what) in [
+        ("user,id=n0,hostfwd=tcp:2222:22".to_string(), "hostfwd"),
+        (
+            format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22"),
+            "hostfwd",
+        ),
+        ("user,id=n0,net=10.0.2.7/24".to_string(), "net"),
+        (
+            "user,id=n0,net=192.168.5.0/24,dhcpstart=10.0.2.15".to_string(),
+            "dhcpstart",
+        ),
+    ] {
+        let o = run(
+            &args(&[
+                "-kernel",
+                &img.kernel.display().to_string(),
+                "-netdev",
+                &netdev,
+                "-device",
+                "virtio-net-pci,netdev=n0",
+            ]),
+            Duration::from_secs(30),
+        );
+        assert_eq!(o.code, Some(1), "{netdev}\n{}", o.dump());
+        let line = o
+            .stderr
+            .lines()
+            .find(|l| !l.contains(": info: "))
+            .unwrap_or("");
+        assert!(
+            line.starts_with("nicvm: -netdev user,id=n0: ") && line.contains(what),
+            "{netdev}: {line}"
+        );
+        assert!(o.stdout.is_empty());
+    }
+}
