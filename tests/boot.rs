@@ -69,3 +69,77 @@ fn guest_panic_is_a_failure_with_the_reason() {
     assert!(o.stdout.contains("Kernel panic"), "{}", o.dump());
     assert!(o.stderr.contains("guest kernel panicked"), "{}", o.dump());
 }
+
+/// The console on a terminal: raw mode while running, Ctrl-a h prints help, Ctrl-a x quits
+/// with status 0, and the terminal's modes are restored on exit.
+#[test]
+fn terminal_console_escapes_and_restore() {
+    let Some(img) = image() else { return };
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let (mut master, slave) = {
+        let (mut m, mut s) = (0, 0);
+        // SAFETY: openpty fills two descriptors we then own.
+        let r = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: fresh descriptors from openpty.
+        unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
+    };
+    let modes = |fd: i32| {
+        // SAFETY: termios is plain data filled by tcgetattr.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd and struct.
+        assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
+        t.c_lflag & (libc::ICANON | libc::ECHO)
+    };
+    let before = modes(slave.as_raw_fd());
+    assert_ne!(before, 0, "a fresh pty is canonical with echo");
+    let io = |fd: &OwnedFd| std::process::Stdio::from(fd.try_clone().unwrap());
+    let mut child = std::process::Command::new(nicvm())
+        .args([
+            "-kernel",
+            &img.kernel.display().to_string(),
+            "-initrd",
+            &img.initrd.display().to_string(),
+        ])
+        .args([
+            "-append",
+            "console=ttyS0 quiet nicvm.run=sleep:600",
+            "-nographic",
+        ])
+        .env("NICVM_LOG", "warn")
+        .stdin(io(&slave))
+        .stdout(io(&slave))
+        .stderr(io(&slave))
+        .spawn()
+        .unwrap();
+    // Wait for raw mode, then ask for help and quit.
+    let start = std::time::Instant::now();
+    while modes(slave.as_raw_fd()) != 0 {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "nicvm never put the terminal in raw mode"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    master.write_all(b"\x01h").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    master.write_all(b"\x01x").unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "Ctrl-a x is an orderly exit");
+    assert_eq!(modes(slave.as_raw_fd()), before, "terminal modes restored");
+    drop(slave);
+    let mut out = Vec::new();
+    let _ = master.read_to_end(&mut out); // ends with EIO once the slave side is closed
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("C-a x    exit nicvm"), "help text: {out}");
+    assert!(out.contains("terminated (Ctrl-a x)"), "{out}");
+}

@@ -1,6 +1,6 @@
 //! `-netdev user` (libslirp) end to end: the lease, host port forwarding (TCP and UDP), the
 //! guest reaching a host loopback service through the gateway, DNS through 10.0.2.3, net= and
-//! dhcpstart=, restrict=on, and the cost of an idle guest.
+//! dhcpstart=, restrict=on, guestfwd=, and the cost of an idle guest.
 
 mod support;
 use std::io::{Read, Write};
@@ -146,13 +146,20 @@ fn lease_hostfwd_tcp_udp_host_loopback_and_idle_cost() {
 }
 
 #[test]
-fn net_dhcpstart_and_restrict() {
+fn net_dhcpstart_restrict_and_guestfwd() {
     let Some(img) = image() else { return };
     let tcp_port = free_port();
     let host_service = TcpListener::bind("127.0.0.1:0").unwrap();
     let service_port = host_service.local_addr().unwrap().port();
-    let netdev = format!("user,id=n0,net=192.168.100.0/24,dhcpstart=192.168.100.50,restrict=on,hostfwd=tcp:127.0.0.1:{tcp_port}-:5001");
-    let append = format!("nicvm.run=recv:5001,send:192.168.100.2:{service_port}:1,exit");
+    let sink = std::env::temp_dir().join(format!("nicvm-guestfwd-{}", std::process::id()));
+    let netdev = format!(
+        "user,id=n0,net=192.168.100.0/24,dhcpstart=192.168.100.50,restrict=on,hostfwd=tcp:127.0.0.1:{tcp_port}-:5001,\
+         guestfwd=tcp:192.168.100.100:7000-cmd:/bin/sh -c 'cat > {}'",
+        sink.display()
+    );
+    let append = format!(
+        "nicvm.run=recv:5001,send:192.168.100.100:7000:1,send:192.168.100.2:{service_port}:1,exit"
+    );
     let mut g = start(&img, &append, &netdev);
     let nic = g.wait_line("NIC");
     assert_eq!(nic["lease"], "192.168.100.50/24", "{}", nic["_"]);
@@ -165,6 +172,13 @@ fn net_dhcpstart_and_restrict() {
     s.write_all(&data).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(g.wait_line("RECV")["fnv1a64"], fnv1a64(&data));
+    // So does guestfwd: the guest's connection feeds a command on the host.
+    let fwd = g.wait_line("SENT");
+    assert_eq!(fwd["result"], "ok", "{}", fwd["_"]);
+    let got = std::fs::read(&sink).unwrap_or_default();
+    std::fs::remove_file(&sink).ok();
+    assert_eq!(got.len(), 1 << 20);
+    assert_eq!(fnv1a64(&got), fwd["fnv1a64"], "guestfwd data");
     // ...but the guest cannot reach out.
     let sent = g.wait_line("SENT");
     assert_eq!(

@@ -3,7 +3,7 @@
 
 use crate::cli::NetdevSpec;
 use crate::keyval::KeyVal;
-use net_backends::slirp::{HostFwd, SlirpOptions};
+use net_backends::slirp::{GuestFwd, HostFwd, SlirpOptions};
 use net_backends::tap::Tap;
 use net_backends::NetBackend;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -291,7 +291,18 @@ pub fn slirp_options(kv: &KeyVal) -> Result<SlirpOptions, String> {
             "hostfwd" => o
                 .hostfwd
                 .push(v.parse::<HostFwd>().map_err(|m| format!("hostfwd: {m}"))?),
-            "guestfwd" => return Err("guestfwd: not supported by nicvm yet".into()),
+            "guestfwd" => {
+                let f = v
+                    .parse::<GuestFwd>()
+                    .map_err(|m| format!("guestfwd: {m}"))?;
+                if !o.contains(f.addr) || [o.host, o.dns].contains(&f.addr) {
+                    return Err(format!(
+                        "guestfwd: {} must be a free address inside net={}/{}",
+                        f.addr, o.net, o.prefix
+                    ));
+                }
+                o.guestfwd.push(f);
+            }
             _ => {}
         }
     }
@@ -344,7 +355,8 @@ mod tests {
             ("dns=1.2.3.4", "dns"),
             ("hostfwd=tcp:2222:22", "hostfwd"),
             ("restrict=maybe", "restrict"),
-            ("guestfwd=tcp:10.0.2.100:1-cmd:x", "guestfwd"),
+            ("guestfwd=tcp:10.0.2.100:1-tcp:127.0.0.1:2", "guestfwd"),
+            ("guestfwd=tcp:10.0.2.2:1-cmd:x", "guestfwd"),
             ("smb=/tmp", "smb"),
         ] {
             let e = opts(s).unwrap_err();

@@ -98,5 +98,17 @@ extern "C" {
         guest_addr: in_addr,
         guest_port: c_int,
     ) -> c_int;
+    pub fn slirp_add_exec(
+        slirp: *mut Slirp,
+        cmdline: *const c_char,
+        guest_addr: *const in_addr,
+        guest_port: c_int,
+    ) -> c_int;
+    pub fn slirp_add_unix(
+        slirp: *mut Slirp,
+        unixsock: *const c_char,
+        guest_addr: *const in_addr,
+        guest_port: c_int,
+    ) -> c_int;
     pub fn slirp_version_string() -> *const c_char;
 }

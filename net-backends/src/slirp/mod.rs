@@ -67,6 +67,54 @@ impl std::str::FromStr for HostFwd {
     }
 }
 
+/// Where a `guestfwd=` connection goes on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestFwdTarget {
+    /// `cmd:COMMAND`: a command started per connection, its stdin/stdout the connection.
+    Cmd(String),
+    /// `unix:PATH`: a Unix stream socket.
+    Unix(String),
+}
+
+/// `guestfwd=[tcp]:server:port-cmd:COMMAND` or `...-unix:PATH`: guest connections to
+/// server:port go to the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestFwd {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub target: GuestFwdTarget,
+}
+
+impl std::str::FromStr for GuestFwd {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("'{s}' is not [tcp]:server:port-cmd:COMMAND or [tcp]:server:port-unix:PATH");
+        let (fwd, target) = s.split_once('-').ok_or_else(bad)?;
+        let fwd = fwd.strip_prefix("tcp").unwrap_or(fwd);
+        let (addr, port) = fwd
+            .strip_prefix(':')
+            .ok_or_else(bad)?
+            .rsplit_once(':')
+            .ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let target = if let Some(c) = target.strip_prefix("cmd:") {
+            GuestFwdTarget::Cmd(c.to_string())
+        } else if let Some(p) = target.strip_prefix("unix:") {
+            GuestFwdTarget::Unix(p.to_string())
+        } else {
+            return Err(format!("'{s}': nicvm forwards to cmd:COMMAND or unix:PATH"));
+        };
+        if port == 0
+            || matches!(&target, GuestFwdTarget::Cmd(c) | GuestFwdTarget::Unix(c) if c.is_empty())
+        {
+            return Err(bad());
+        }
+        Ok(GuestFwd { addr, port, target })
+    }
+}
+
 /// `-netdev user` options, with QEMU's defaults.
 #[derive(Debug, Clone)]
 pub struct SlirpOptions {
@@ -88,6 +136,7 @@ pub struct SlirpOptions {
     pub tftp: Option<String>,
     pub bootfile: Option<String>,
     pub hostfwd: Vec<HostFwd>,
+    pub guestfwd: Vec<GuestFwd>,
 }
 
 impl Default for SlirpOptions {
@@ -111,6 +160,7 @@ impl Default for SlirpOptions {
             tftp: None,
             bootfile: None,
             hostfwd: vec![],
+            guestfwd: vec![],
         }
     }
 }
@@ -438,6 +488,32 @@ fn run(
             return;
         }
     }
+    for f in &opts.guestfwd {
+        let addr = in_addr(f.addr);
+        let (what, r) = match &f.target {
+            GuestFwdTarget::Cmd(c) => {
+                let c = CString::new(c.as_str()).unwrap_or_default();
+                // SAFETY: slirp is live; the strings and address outlive the call.
+                ("cmd", unsafe {
+                    ffi::slirp_add_exec(slirp, c.as_ptr(), &addr, f.port as libc::c_int)
+                })
+            }
+            GuestFwdTarget::Unix(p) => {
+                let p = CString::new(p.as_str()).unwrap_or_default();
+                // SAFETY: as above.
+                ("unix", unsafe {
+                    ffi::slirp_add_unix(slirp, p.as_ptr(), &addr, f.port as libc::c_int)
+                })
+            }
+        };
+        if r < 0 {
+            let _ = ready.send(Err(format!(
+                "guestfwd: cannot forward {}:{} to {what} (address taken or not in the network)",
+                f.addr, f.port
+            )));
+            return;
+        }
+    }
     let _ = ready.send(Ok(()));
 
     loop {
@@ -572,7 +648,7 @@ mod tests {
         );
         let f: HostFwd = "udp::5555-10.0.2.15:5555".parse().unwrap();
         assert!(f.udp && f.guest_addr == Ipv4Addr::new(10, 0, 2, 15));
-        let f: HostFwd = ":1234-:80".parse().unwrap();
+        let f: HostFwd = "::1234-:80".parse().unwrap();
         assert!(!f.udp && f.host_port == 1234);
         for bad in [
             "tcp:2222:22",
@@ -583,6 +659,23 @@ mod tests {
             "tcp:1.2.3:1-:2",
         ] {
             assert!(bad.parse::<HostFwd>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn guestfwd_syntax() {
+        let f: GuestFwd = "tcp:10.0.2.100:7000-cmd:cat > /tmp/x".parse().unwrap();
+        assert_eq!(f.addr, Ipv4Addr::new(10, 0, 2, 100));
+        assert_eq!(f.target, GuestFwdTarget::Cmd("cat > /tmp/x".into()));
+        let f: GuestFwd = ":10.0.2.100:7000-unix:/run/s.sock".parse().unwrap();
+        assert_eq!(f.target, GuestFwdTarget::Unix("/run/s.sock".into()));
+        for bad in [
+            "tcp:10.0.2.100:7000",
+            "tcp:10.0.2.100:7000-tcp:127.0.0.1:80",
+            "tcp:10.0.2.100:0-cmd:x",
+            "udp:1.2.3.4:5-cmd:x",
+        ] {
+            assert!(bad.parse::<GuestFwd>().is_err(), "{bad}");
         }
     }
 
