@@ -143,3 +143,25 @@ fn terminal_console_escapes_and_restore() {
     assert!(out.contains("C-a x    exit nicvm"), "help text: {out}");
     assert!(out.contains("terminated (Ctrl-a x)"), "{out}");
 }
+
+/// The same guest from its bzImage, through the 64-bit boot protocol (zero page, identity
+/// map). The kernel decompresses itself first: about 2.5 minutes on an emulating host.
+#[test]
+fn boots_a_bzimage() {
+    let Some(img) = image() else { return };
+    let o = run(
+        &args(&[
+            "-kernel",
+            &img.bzimage.display().to_string(),
+            "-initrd",
+            &img.initrd.display().to_string(),
+            "-append",
+            "console=ttyS0 quiet nicvm.run=exit nicvm.marker=bz",
+            "-nographic",
+        ]),
+        std::time::Duration::from_secs(600),
+    );
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    assert!(o.line("CMDLINE").unwrap()["_"].contains("nicvm.marker=bz"));
+    assert!(o.line("EXIT").is_some(), "{}", o.dump());
+}

@@ -3,47 +3,12 @@
 
 mod support;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 use support::net::Netns;
 use support::*;
 
 const MIB8: usize = 8 << 20;
-
-/// The xorshift64 stream the guest's xfer helper sends.
-fn pseudo_random(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// FNV-1a, 64-bit: the checksum the guest's xfer helper reports.
-fn fnv1a64(d: &[u8]) -> String {
-    let h = d.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
-    format!("{h:016x}")
-}
-
-fn connect_retry(addr: String) -> TcpStream {
-    let start = Instant::now();
-    loop {
-        match TcpStream::connect(&addr) {
-            Ok(s) => return s,
-            Err(e) if start.elapsed() < Duration::from_secs(60) => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            Err(e) => panic!("connect {addr}: {e}"),
-        }
-    }
-}
 
 #[test]
 fn virtio_net_on_a_tap_lease_ping_and_8mib_each_way() {
@@ -91,7 +56,7 @@ fn virtio_net_on_a_tap_lease_ping_and_8mib_each_way() {
     g.wait_line("LISTEN");
     let data = pseudo_random(MIB8);
     let addr = format!("{ip}:5001");
-    let mut s = ns.within(move || connect_retry(addr));
+    let mut s = ns.within(move || connect_retry(&addr));
     s.write_all(&data).expect("send to guest");
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let recv = g.wait_line("RECV");

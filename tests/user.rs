@@ -4,7 +4,7 @@
 
 mod support;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 use support::net::{Guest, Netns};
 use support::*;
@@ -15,38 +15,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn fnv1a64(d: &[u8]) -> String {
-    let h = d.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
-    format!("{h:016x}")
-}
-
-fn pseudo_random(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn connect_retry(addr: &str) -> TcpStream {
-    let start = Instant::now();
-    loop {
-        // Through hostfwd the host side accepts at once; the guest may not be listening yet, in
-        // which case slirp closes the connection: retry until data is taken.
-        if let Ok(s) = TcpStream::connect(addr) {
-            return s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "connect {addr}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
 }
 
 fn start(img: &Image, append: &str, netdev: &str) -> Guest {

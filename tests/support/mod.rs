@@ -93,15 +93,7 @@ impl Outcome {
             .map(|l| l.trim_end_matches('\r'))
             .filter_map(|l| l.strip_prefix(&prefix))
             .filter(|rest| rest.is_empty() || rest.starts_with(' '))
-            .map(|rest| {
-                let mut m: HashMap<String, String> = rest
-                    .split_whitespace()
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect();
-                m.insert("_".into(), rest.trim().to_string());
-                m
-            })
+            .map(fields)
             .collect()
     }
 
@@ -179,4 +171,48 @@ pub fn boot(img: &Image, append: &str, extra: &[&str]) -> Outcome {
 
 pub fn args(s: &[&str]) -> Vec<String> {
     s.iter().map(|s| s.to_string()).collect()
+}
+
+/// The xorshift64 byte stream the guest's xfer helper sends; tests send it too.
+pub fn pseudo_random(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// FNV-1a, 64-bit: the checksum the guest's xfer helper reports.
+pub fn fnv1a64(d: &[u8]) -> String {
+    let h = d.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
+/// Connects, retrying for a minute while the peer (a booting guest) is not there yet.
+pub fn connect_retry(addr: &str) -> std::net::TcpStream {
+    let start = Instant::now();
+    loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(e) if start.elapsed() > Duration::from_secs(60) => panic!("connect {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
+}
+
+/// `key=value` fields of a NICVM line's rest, plus "_" for the whole rest.
+pub fn fields(rest: &str) -> HashMap<String, String> {
+    let mut m: HashMap<String, String> = rest
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    m.insert("_".into(), rest.trim().to_string());
+    m
 }

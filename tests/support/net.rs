@@ -3,7 +3,7 @@
 //! when the test fails.
 #![allow(dead_code)]
 
-use super::{nicvm, Image, Outcome};
+use super::{fields, nicvm, Image, Outcome};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
@@ -161,16 +161,6 @@ pub struct Guest {
 }
 
 pub const GUEST_DEADLINE: Duration = Duration::from_secs(300);
-
-fn fields(rest: &str) -> HashMap<String, String> {
-    let mut m: HashMap<String, String> = rest
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    m.insert("_".into(), rest.trim().to_string());
-    m
-}
 
 impl Guest {
     pub fn spawn(mut cmd: Command) -> Guest {
