@@ -75,6 +75,8 @@ pub struct VirtioNet {
     /// A frame read from the backend that the guest had no room for yet.
     rx_pending: Option<usize>,
     rx_stalled: bool,
+    rx_heads: Vec<(u16, u32)>,
+    rx_hdr_pieces: Vec<(vm_memory::GuestAddress, usize, usize)>,
     tx_buf: Vec<u8>,
     tx_blocked: bool,
     /// Malformed descriptor chains seen; logged once.
@@ -172,6 +174,8 @@ impl VirtioNet {
             rx_buf: vec![0; MAX_FRAME],
             rx_pending: None,
             rx_stalled: false,
+            rx_heads: Vec::with_capacity(64),
+            rx_hdr_pieces: Vec::with_capacity(4),
             tx_buf: Vec::with_capacity(MAX_FRAME),
             tx_blocked: false,
             errors: 0,
@@ -368,8 +372,7 @@ impl VirtioNet {
 
     fn deliver_from(&mut self, raw: &[u8]) -> Result<bool, &'static str> {
         let vnet = self.backend.capabilities().vnet_hdr;
-        let mrg = self.has(VIRTIO_NET_F_MRG_RXBUF);
-        let (mut hdr, data) = if vnet {
+        let (hdr, data) = if vnet {
             match raw.split_at_checked(VNET_HDR_LEN) {
                 Some((h, d)) => (VnetHdr::parse(h).unwrap_or_default(), d),
                 None => return Ok(true), // shorter than a header: not a frame
@@ -377,11 +380,30 @@ impl VirtioNet {
         } else {
             (VnetHdr::default(), raw)
         };
-        let total = VNET_HDR_LEN + data.len();
         let start_avail = self.queues[RX].next_avail();
-        let mut heads: Vec<(u16, u32)> = Vec::new();
+        // Scratch lists kept in the device so a frame costs no allocation.
+        let mut heads = std::mem::take(&mut self.rx_heads);
+        heads.clear();
         // Where the header's bytes went: (guest address, offset in header, length).
-        let mut hdr_pieces: Vec<(vm_memory::GuestAddress, usize, usize)> = Vec::new();
+        let mut hdr_pieces = std::mem::take(&mut self.rx_hdr_pieces);
+        hdr_pieces.clear();
+        let r = self.fill_rx(hdr, data, start_avail, &mut heads, &mut hdr_pieces);
+        self.rx_heads = heads;
+        self.rx_hdr_pieces = hdr_pieces;
+        r
+    }
+
+    /// Writes header + data over as many RX chains as it takes (one without MRG_RXBUF).
+    fn fill_rx(
+        &mut self,
+        mut hdr: VnetHdr,
+        data: &[u8],
+        start_avail: u16,
+        heads: &mut Vec<(u16, u32)>,
+        hdr_pieces: &mut Vec<(vm_memory::GuestAddress, usize, usize)>,
+    ) -> Result<bool, &'static str> {
+        let mrg = self.has(VIRTIO_NET_F_MRG_RXBUF);
+        let total = VNET_HDR_LEN + data.len();
         let mut written = 0usize;
         while written < total {
             let Some(chain) = self.queues[RX].pop_descriptor_chain(&self.mem) else {
@@ -426,12 +448,12 @@ impl VirtioNet {
         }
         hdr.num_buffers = heads.len() as u16;
         let hb = hdr.to_bytes();
-        for (addr, off, n) in hdr_pieces {
+        for &(addr, off, n) in hdr_pieces.iter() {
             self.mem
                 .write_slice(&hb[off..off + n], addr)
                 .map_err(|_| "RX buffer outside guest memory")?;
         }
-        for (h, l) in heads {
+        for &(h, l) in heads.iter() {
             self.queues[RX]
                 .add_used(&self.mem, h, l)
                 .map_err(|_| "RX used ring unwritable")?;

@@ -15,7 +15,7 @@ use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -229,9 +229,13 @@ unsafe extern "C" fn cb_send_packet(
         st.dropped.fetch_add(1, Ordering::Relaxed);
         return len as libc::ssize_t;
     }
+    let was_empty = q.is_empty();
     q.push_back(frame.to_vec());
     drop(q);
-    let _ = st.rx_ready.write(1);
+    // The reader drains until empty, so only the first frame of a burst needs a wake-up.
+    if was_empty {
+        let _ = st.rx_ready.write(1);
+    }
     len as libc::ssize_t
 }
 
@@ -352,8 +356,11 @@ static CALLBACKS: ffi::SlirpCb = ffi::SlirpCb {
     timer_new_opaque: None,
 };
 
+/// Frames from the guest on their way to the slirp thread.
+type FrameQueue = Arc<Mutex<VecDeque<Vec<u8>>>>;
+
 pub struct SlirpBackend {
-    to_slirp: Sender<Vec<u8>>,
+    to_slirp: FrameQueue,
     wake: EventFd,
     to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
     rx_ready: EventFd,
@@ -363,7 +370,8 @@ pub struct SlirpBackend {
 impl SlirpBackend {
     /// Starts the slirp thread; errors (a forward that cannot bind) come back before it runs.
     pub fn new(opts: SlirpOptions) -> Result<SlirpBackend, String> {
-        let (to_slirp, from_guest) = channel::<Vec<u8>>();
+        let to_slirp: FrameQueue = Arc::new(Mutex::new(VecDeque::new()));
+        let from_guest = to_slirp.clone();
         let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let rx_ready = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let to_guest = Arc::new(Mutex::new(VecDeque::new()));
@@ -405,7 +413,7 @@ impl SlirpBackend {
 fn run(
     opts: SlirpOptions,
     mut st: State,
-    from_guest: Receiver<Vec<u8>>,
+    from_guest: FrameQueue,
     wake: EventFd,
     ready: Sender<Result<(), String>>,
 ) {
@@ -551,7 +559,10 @@ fn run(
         if st.pollfds[0].revents & libc::POLLIN != 0 {
             let _ = wake.read();
         }
-        while let Ok(frame) = from_guest.try_recv() {
+        loop {
+            let Some(frame) = from_guest.lock().unwrap().pop_front() else {
+                break;
+            };
             // SAFETY: slirp is live; the frame is a valid buffer of its length.
             unsafe { ffi::slirp_input(slirp, frame.as_ptr(), frame.len() as libc::c_int) };
         }
@@ -595,11 +606,18 @@ impl NetBackend for SlirpBackend {
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
-        let v: Vec<u8> = frame.iter().flat_map(|p| p.iter().copied()).collect();
-        self.to_slirp
-            .send(v)
-            .map_err(|_| io::Error::other("the slirp thread is gone"))?;
-        let _ = self.wake.write(1);
+        let mut v = Vec::with_capacity(frame.iter().map(|p| p.len()).sum());
+        for p in frame {
+            v.extend_from_slice(p);
+        }
+        let mut q = self.to_slirp.lock().unwrap();
+        let was_empty = q.is_empty();
+        q.push_back(v);
+        drop(q);
+        // The slirp thread drains until empty: wake it only for the first frame of a burst.
+        if was_empty {
+            let _ = self.wake.write(1);
+        }
         Ok(())
     }
 
