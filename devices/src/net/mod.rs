@@ -29,3 +29,5 @@ pub trait NetFrontend: Send {
     /// Handles one event; returns the backend interest from now on.
     fn handle(&mut self, ev: NetEvent) -> BackendInterest;
 }
+
+pub mod offload;

@@ -1,0 +1,347 @@
+//! What NICs without a virtio-net header do in "hardware": Internet checksums (RFC 1071) and
+//! TCP segmentation. e1000 and the RTL8139C+ both hand the device one large frame plus a few
+//! offsets; the model cuts it into wire-sized frames here, so every backend sees only frames
+//! it could have seen from a real NIC.
+//!
+//! Everything indexes the frame with checked offsets: a guest that lies about header lengths
+//! gets its frame sent as it is (or dropped), never a read outside it.
+
+/// Ones'-complement sum of `data` as 16-bit big-endian words (odd byte padded with zero),
+/// not folded. Add several sums before folding.
+pub fn ones_sum(data: &[u8]) -> u64 {
+    let mut chunks = data.chunks_exact(2);
+    let mut sum: u64 = chunks
+        .by_ref()
+        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u64)
+        .sum();
+    if let [last] = chunks.remainder() {
+        sum += (*last as u64) << 8;
+    }
+    sum
+}
+
+/// Folds a sum to 16 bits (not inverted).
+pub fn fold(mut sum: u64) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The Internet checksum of `data`: what goes into a header's checksum field.
+pub fn checksum(data: &[u8]) -> u16 {
+    !fold(ones_sum(data))
+}
+
+/// Sums `frame[start..end]` (including whatever the checksum field already holds, which is
+/// how drivers pass a pseudo-header sum) and stores the result at `field`. `end` is exclusive
+/// and clamped to the frame. Returns false, changing nothing, when the offsets do not fit.
+pub fn insert_checksum(frame: &mut [u8], start: usize, field: usize, end: usize) -> bool {
+    let end = end.min(frame.len());
+    if start >= end || field.checked_add(2).is_none_or(|f| f > frame.len()) {
+        return false;
+    }
+    let c = checksum(&frame[start..end]);
+    frame[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+const TCP_FIN: u8 = 0x01;
+const TCP_PSH: u8 = 0x08;
+const TCP_CWR: u8 = 0x80;
+
+/// Where the layers of a frame start, as a device finds them (or a driver tells it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layers {
+    /// Offset of the IP header.
+    pub l3: usize,
+    pub ipv4: bool,
+    /// Offset of the TCP/UDP header.
+    pub l4: usize,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    /// Bytes of headers up to and including the TCP/UDP header.
+    pub hdr_len: usize,
+    /// End of the IP datagram (the frame may carry Ethernet padding after it).
+    pub end: usize,
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+/// Parses Ethernet (with at most one 802.1Q tag), IPv4 or IPv6 (no extension headers), and
+/// TCP or UDP. `None` for anything else or anything that does not fit in the frame.
+pub fn parse(frame: &[u8]) -> Option<Layers> {
+    let mut l3 = ETH_HLEN;
+    let mut ethertype = be16(frame, 12)?;
+    if ethertype == ETH_P_8021Q {
+        ethertype = be16(frame, 16)?;
+        l3 += 4;
+    }
+    let (ipv4, proto, l4, end) = match ethertype {
+        ETH_P_IP => {
+            let vihl = *frame.get(l3)?;
+            let ihl = (vihl & 0xf) as usize * 4;
+            let total = be16(frame, l3 + 2)? as usize;
+            let frag = be16(frame, l3 + 6)? & 0x3fff;
+            if vihl >> 4 != 4 || ihl < 20 || total < ihl || l3 + total > frame.len() || frag != 0 {
+                return None;
+            }
+            (true, frame[l3 + 9], l3 + ihl, l3 + total)
+        }
+        ETH_P_IPV6 => {
+            let payload = be16(frame, l3 + 4)? as usize;
+            let end = l3 + 40 + payload;
+            if frame.get(l3)? >> 4 != 6 || end > frame.len() {
+                return None;
+            }
+            (false, frame[l3 + 6], l3 + 40, end)
+        }
+        _ => return None,
+    };
+    let l4_len = match proto {
+        IPPROTO_TCP => (*frame.get(l4 + 12)? >> 4) as usize * 4,
+        IPPROTO_UDP => 8,
+        _ => return None,
+    };
+    if l4_len < 8 || l4 + l4_len > end {
+        return None;
+    }
+    Some(Layers {
+        l3,
+        ipv4,
+        l4,
+        proto,
+        hdr_len: l4 + l4_len,
+        end,
+    })
+}
+
+/// Sum of the TCP/UDP pseudo-header for a transport segment of `l4_len` bytes.
+fn pseudo_sum(frame: &[u8], at: &Layers, l4_len: usize) -> u64 {
+    let addrs = if at.ipv4 {
+        &frame[at.l3 + 12..at.l3 + 20]
+    } else {
+        &frame[at.l3 + 8..at.l3 + 40]
+    };
+    ones_sum(addrs) + at.proto as u64 + l4_len as u64
+}
+
+/// Fills the IPv4 header checksum (a no-op for IPv6).
+pub fn fill_ipv4_checksum(frame: &mut [u8], at: &Layers) {
+    if at.ipv4 {
+        frame[at.l3 + 10..at.l3 + 12].fill(0);
+        let c = checksum(&frame[at.l3..at.l4]);
+        frame[at.l3 + 10..at.l3 + 12].copy_from_slice(&c.to_be_bytes());
+    }
+}
+
+/// Computes the TCP/UDP checksum from scratch (pseudo-header included), ignoring whatever
+/// partial sum the driver left in the field.
+pub fn fill_l4_checksum(frame: &mut [u8], at: &Layers) {
+    let field = at.l4 + if at.proto == IPPROTO_TCP { 16 } else { 6 };
+    frame[field..field + 2].fill(0);
+    let l4_len = at.end - at.l4;
+    let mut c = !fold(pseudo_sum(frame, at, l4_len) + ones_sum(&frame[at.l4..at.end]));
+    if at.proto == IPPROTO_UDP && c == 0 {
+        c = 0xffff;
+    }
+    frame[field..field + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Cuts a TCP frame whose payload exceeds `mss` into frames of at most `mss` payload bytes,
+/// as TCP segmentation offload hardware does: headers copied, IP length and (IPv4)
+/// identification advanced, sequence numbers advanced, FIN/PSH only on the last segment and
+/// CWR only on the first, all checksums computed. Each segment is built in `scratch` and
+/// handed to `emit`; the first error from `emit` stops the loop and is returned.
+///
+/// Returns `Ok(false)` without emitting anything when the frame is not TCP at `at`, or `mss`
+/// is zero.
+pub fn segment_tcp<E>(
+    frame: &[u8],
+    at: &Layers,
+    mss: usize,
+    scratch: &mut Vec<u8>,
+    mut emit: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<bool, E> {
+    if at.proto != IPPROTO_TCP || mss == 0 || at.hdr_len > at.end || at.end > frame.len() {
+        return Ok(false);
+    }
+    let payload = &frame[at.hdr_len..at.end];
+    let seq0 = u32::from_be_bytes(frame[at.l4 + 4..at.l4 + 8].try_into().unwrap());
+    let id0 = u16::from_be_bytes([frame[at.l3 + 4], frame[at.l3 + 5]]);
+    let flags0 = frame[at.l4 + 13];
+    let n = payload.len().div_ceil(mss).max(1);
+    for (i, chunk) in payload
+        .chunks(mss)
+        .chain(payload.is_empty().then_some(&[][..]))
+        .enumerate()
+    {
+        scratch.clear();
+        scratch.extend_from_slice(&frame[..at.hdr_len]);
+        scratch.extend_from_slice(chunk);
+        let seg = Layers {
+            end: scratch.len(),
+            ..*at
+        };
+        let ip_len = seg.end - at.l3;
+        if at.ipv4 {
+            scratch[at.l3 + 2..at.l3 + 4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+            let id = id0.wrapping_add(i as u16);
+            scratch[at.l3 + 4..at.l3 + 6].copy_from_slice(&id.to_be_bytes());
+        } else {
+            scratch[at.l3 + 4..at.l3 + 6].copy_from_slice(&((ip_len - 40) as u16).to_be_bytes());
+        }
+        let seq = seq0.wrapping_add((i * mss) as u32);
+        scratch[at.l4 + 4..at.l4 + 8].copy_from_slice(&seq.to_be_bytes());
+        let mut flags = flags0;
+        if i + 1 < n {
+            flags &= !(TCP_FIN | TCP_PSH);
+        }
+        if i > 0 {
+            flags &= !TCP_CWR;
+        }
+        scratch[at.l4 + 13] = flags;
+        fill_ipv4_checksum(scratch, &seg);
+        fill_l4_checksum(scratch, &seg);
+        emit(scratch)?;
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An Ethernet + IPv4 + TCP frame with `payload` bytes of data.
+    pub fn tcp4_frame(payload: usize, vlan: bool) -> Vec<u8> {
+        let mut f = vec![
+            0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x52, 0x54, 0, 0x12, 0x34, 0x57,
+        ];
+        if vlan {
+            f.extend_from_slice(&[0x81, 0x00, 0x00, 0x05]);
+        }
+        f.extend_from_slice(&[0x08, 0x00]);
+        let l3 = f.len();
+        let total = (20 + 20 + payload) as u16;
+        f.extend_from_slice(&[0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, IPPROTO_TCP, 0, 0]);
+        f[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(&[10, 0, 2, 15, 10, 0, 2, 2]);
+        f.extend_from_slice(&[0x9c, 0x40, 0x00, 0x50]); // ports
+        f.extend_from_slice(&1000u32.to_be_bytes()); // seq
+        f.extend_from_slice(&7u32.to_be_bytes()); // ack
+        f.extend_from_slice(&[0x50, TCP_PSH | TCP_FIN | 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+        f.extend((0..payload).map(|i| (i * 7) as u8));
+        f
+    }
+
+    /// Verifies both checksums of an IPv4/TCP frame the way a receiver does.
+    fn checksums_ok(f: &[u8]) -> bool {
+        let at = parse(f).expect("parses");
+        let ip_ok = fold(ones_sum(&f[at.l3..at.l4])) == 0xffff;
+        let l4 = fold(pseudo_sum(f, &at, at.end - at.l4) + ones_sum(&f[at.l4..at.end]));
+        ip_ok && l4 == 0xffff
+    }
+
+    #[test]
+    fn rfc1071_example() {
+        // The worked example of RFC 1071, section 3.
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(fold(ones_sum(&data)), 0xddf2);
+        assert_eq!(checksum(&[0xff]), !0xff00);
+    }
+
+    #[test]
+    fn parses_and_refuses() {
+        let f = tcp4_frame(100, false);
+        let at = parse(&f).unwrap();
+        assert_eq!((at.l3, at.l4, at.hdr_len, at.end), (14, 34, 54, 154));
+        let v = parse(&tcp4_frame(10, true)).unwrap();
+        assert_eq!((v.l3, v.l4), (18, 38));
+        // IHL claiming a 60-byte header in a frame that ends first.
+        let mut short = tcp4_frame(0, false);
+        short[14] = 0x4f;
+        assert_eq!(parse(&short), None);
+        // Total length beyond the frame.
+        let mut long = tcp4_frame(4, false);
+        long[16] = 0xff;
+        assert_eq!(parse(&long), None);
+        // Truncated anywhere: never a panic.
+        for n in 0..f.len() {
+            let _ = parse(&f[..n]);
+        }
+    }
+
+    #[test]
+    fn l4_checksum_from_scratch() {
+        let mut f = tcp4_frame(333, false);
+        let at = parse(&f).unwrap();
+        fill_ipv4_checksum(&mut f, &at);
+        fill_l4_checksum(&mut f, &at);
+        assert!(checksums_ok(&f));
+        f[100] ^= 1;
+        assert!(!checksums_ok(&f));
+    }
+
+    #[test]
+    fn insert_checksum_includes_the_seeded_field() {
+        let mut f = tcp4_frame(50, false);
+        let at = parse(&f).unwrap();
+        fill_ipv4_checksum(&mut f, &at);
+        // Seed the field with the pseudo-header sum, as a driver does for CHECKSUM_PARTIAL.
+        let seed = fold(pseudo_sum(&f, &at, at.end - at.l4));
+        f[at.l4 + 16..at.l4 + 18].copy_from_slice(&seed.to_be_bytes());
+        assert!(insert_checksum(&mut f, at.l4, at.l4 + 16, usize::MAX));
+        assert!(checksums_ok(&f));
+        let n = f.len();
+        assert!(!insert_checksum(&mut f, 10, n - 1, usize::MAX));
+        assert!(!insert_checksum(&mut f, 60, 0, 50));
+    }
+
+    #[test]
+    fn segments_like_hardware() {
+        let f = tcp4_frame(4000, true);
+        let at = parse(&f).unwrap();
+        let mut out = vec![];
+        let mut scratch = vec![];
+        let r: Result<bool, ()> = segment_tcp(&f, &at, 1448, &mut scratch, |s| {
+            out.push(s.to_vec());
+            Ok(())
+        });
+        assert_eq!(r, Ok(true));
+        assert_eq!(out.len(), 3);
+        let mut data = vec![];
+        for (i, s) in out.iter().enumerate() {
+            assert!(checksums_ok(s), "segment {i} checksums");
+            let sat = parse(s).unwrap();
+            let seq = u32::from_be_bytes(s[sat.l4 + 4..sat.l4 + 8].try_into().unwrap());
+            assert_eq!(seq, 1000 + (i as u32) * 1448);
+            assert_eq!(
+                u16::from_be_bytes([s[sat.l3 + 4], s[sat.l3 + 5]]),
+                0x1234 + i as u16
+            );
+            let last = i == 2;
+            assert_eq!(s[sat.l4 + 13] & (TCP_FIN | TCP_PSH) != 0, last);
+            data.extend_from_slice(&s[sat.hdr_len..]);
+        }
+        assert_eq!(out[0].len(), 18 + 40 + 1448);
+        assert_eq!(data, f[at.hdr_len..]);
+        // A header-only frame still goes out, once.
+        let empty = tcp4_frame(0, false);
+        let mut n = 0;
+        let _: Result<bool, ()> =
+            segment_tcp(&empty, &parse(&empty).unwrap(), 1448, &mut scratch, |s| {
+                assert!(checksums_ok(s));
+                n += 1;
+                Ok(())
+            });
+        assert_eq!(n, 1);
+    }
+}
