@@ -8,4 +8,5 @@ pub mod lifecycle;
 pub mod net;
 pub mod pci;
 pub mod pvpanic;
+pub mod rtl8139;
 pub mod virtio;

@@ -70,8 +70,9 @@ pub struct NicSpec {
     pub id: Option<String>,
     /// PCI slot (`addr=`).
     pub slot: Option<u8>,
-    /// Model-specific properties not interpreted here.
-    pub props: KeyVal,
+    /// rtl8139 only (`cplus=on|off`, default on): the RTL8139C+ that Linux's 8139cp drives,
+    /// or a plain RTL8139C for 8139too.
+    pub cplus: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,8 +120,11 @@ Network:
   -netdev TYPE,id=ID[,...]     backend: user, tap, vde, socket, stream, dgram
   -device MODEL,netdev=ID[,mac=MAC][,id=ID][,addr=SLOT]
                                NIC: rtl8139, e1000, virtio-net-pci
+                               rtl8139,cplus=off: a plain RTL8139C (Linux 8139too) instead
+                               of the RTL8139C+ (8139cp)
   -nic TYPE[,model=MODEL][,mac=MAC][,...]   netdev and NIC in one option; -nic none: no NIC
   -net nic[,model=MODEL][,macaddr=MAC]  -net TYPE[,...]   legacy form; -net none: no NIC
+  With no network option at all: -netdev user,id=net0 -device rtl8139,netdev=net0
 
 Other:
   -h, --help             this text
@@ -424,6 +428,18 @@ impl Builder {
                 return err("-netdev", format!("duplicate id '{}'", n.id));
             }
         }
+        // No network options at all: the classic default, a user-mode network behind an
+        // rtl8139, as `kvm` always gave.
+        if !self.no_nic && self.netdevs.is_empty() && self.devices.is_empty() {
+            let mut user = KeyVal::default();
+            user.first = Some("user".into());
+            user.pairs.push(("id".into(), "net0".into()));
+            self.netdevs.push(netdev_from("default network", user)?);
+            let mut dev = KeyVal::default();
+            dev.pairs.push(("netdev".into(), "net0".into()));
+            self.devices
+                .push(("default network".into(), NicModel::Rtl8139, dev));
+        }
         let mut nics: Vec<NicSpec> = vec![];
         let mut ids: Vec<String> = vec![];
         for (option, model, mut kv) in self.devices.drain(..) {
@@ -463,6 +479,13 @@ impl Builder {
                     return err(&option, format!("addr: slot {s:x} is already taken"));
                 }
             }
+            let cplus = match kv.remove("cplus") {
+                Some(v) if model == NicModel::Rtl8139 => {
+                    crate::netdev::on_off("cplus", &v).or_else(|e| err(&option, e))?
+                }
+                Some(_) => return err(&option, "cplus: only rtl8139 has this property"),
+                None => true,
+            };
             let id = kv.remove("id");
             if let Some(id) = &id {
                 if ids.contains(id) {
@@ -476,8 +499,11 @@ impl Builder {
                 mac,
                 id,
                 slot,
-                props: kv,
+                cplus,
             });
+            if let Some((k, _)) = kv.pairs.first() {
+                return err(&option, format!("unknown property '{k}'"));
+            }
         }
         if self.no_nic && !nics.is_empty() {
             return err("-nic none", "conflicts with the NICs also asked for");
@@ -585,6 +611,42 @@ mod tests {
         assert_eq!(c.nics[0].mac.to_string(), "52:54:00:00:00:02");
         assert!(run("-kernel k -nic none").unwrap().nics.is_empty());
         assert!(run("-kernel k -net none").unwrap().nics.is_empty());
+    }
+
+    #[test]
+    fn default_network_is_user_behind_rtl8139() {
+        let c = run("-kernel k").unwrap();
+        assert_eq!(c.netdevs.len(), 1);
+        assert_eq!(
+            (c.netdevs[0].kind.as_str(), c.netdevs[0].id.as_str()),
+            ("user", "net0")
+        );
+        assert_eq!(c.nics.len(), 1);
+        assert_eq!(c.nics[0].model, NicModel::Rtl8139);
+        assert!(c.nics[0].cplus);
+        assert_eq!(c.nics[0].mac.to_string(), "52:54:00:12:34:56");
+        assert!(run("-kernel k -nic none").unwrap().netdevs.is_empty());
+        // Any network option replaces the default.
+        let c = run("-kernel k -netdev user,id=u").unwrap();
+        assert!(c.nics.is_empty());
+    }
+
+    #[test]
+    fn nic_properties() {
+        let c = run("-kernel k -netdev user,id=u -device rtl8139,netdev=u,cplus=off").unwrap();
+        assert!(!c.nics[0].cplus);
+        assert_eq!(
+            option_of("-kernel k -netdev user,id=u -device rtl8139,netdev=u,cplus=maybe"),
+            "-device rtl8139"
+        );
+        assert_eq!(
+            option_of("-kernel k -netdev user,id=u -device e1000,netdev=u,cplus=on"),
+            "-device e1000"
+        );
+        assert_eq!(
+            option_of("-kernel k -netdev user,id=u -device e1000,netdev=u,speed=10"),
+            "-device e1000"
+        );
     }
 
     #[test]

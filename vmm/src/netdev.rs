@@ -168,7 +168,7 @@ fn parse_net(v: &str) -> Option<(Ipv4Addr, u8)> {
     (host_bits == 0).then_some((addr, prefix))
 }
 
-fn on_off(key: &str, v: &str) -> Result<bool, String> {
+pub fn on_off(key: &str, v: &str) -> Result<bool, String> {
     match v {
         "on" | "yes" | "true" => Ok(true),
         "off" | "no" | "false" => Ok(false),

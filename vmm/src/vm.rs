@@ -18,6 +18,7 @@ use devices::lifecycle::{ExitReason, Lifecycle};
 use devices::net::NetFrontend;
 use devices::pci::{self, BarKind, HostBridge, PciConfigIo, PciDevice, PciRoot, PciWindow};
 use devices::pvpanic::PvPanic;
+use devices::rtl8139::Rtl8139;
 use devices::virtio::net::VirtioNet;
 use devices::virtio::IoEventRegistry;
 use kvm_bindings::{
@@ -99,9 +100,9 @@ pub fn validate(cfg: &Config) -> Result<(), SetupError> {
         std::fs::File::open(i)
             .map_err(|e| SetupError(format!("-initrd: cannot read {}: {e}", i.display())))?;
     }
-    if let Some(n) = cfg.nics.iter().find(|n| n.model != NicModel::VirtioNetPci) {
+    if let Some(n) = cfg.nics.iter().find(|n| n.model == NicModel::E1000) {
         return Err(SetupError(format!(
-            "-device {}: this NIC model is not available in this build of nicvm yet (virtio-net-pci is)",
+            "-device {}: this NIC model is not available in this build of nicvm yet (rtl8139 and virtio-net-pci are)",
             n.model.name()
         )));
     }
@@ -261,26 +262,37 @@ pub fn run(
                 .ok_or_else(|| setup_err("no free PCI slot for another NIC"))?,
         };
         let gsi = pci::intx_gsi(slot, 0);
-        let mut dev = VirtioNet::new(
-            spec.mac,
-            opened.backend,
-            mem.clone(),
-            chip.clone(),
-            gsi,
-            ioevents.clone(),
-        )
-        .map_err(|e| setup_err(format!("-device virtio-net-pci: {e}")))?;
-        assign_bars(&mut dev, &mut io_next, &mut mmio_next)?;
+        let model_err =
+            |e: std::io::Error| SetupError(format!("-device {}: {e}", spec.model.name()));
+        let (backend, mem) = (opened.backend, mem.clone());
+        let (pci, nic): (Arc<Mutex<dyn PciDevice>>, Arc<Mutex<dyn NetFrontend>>) = match spec.model
+        {
+            NicModel::VirtioNetPci => {
+                let mut dev =
+                    VirtioNet::new(spec.mac, backend, mem, chip.clone(), gsi, ioevents.clone())
+                        .map_err(model_err)?;
+                assign_bars(&mut dev, &mut io_next, &mut mmio_next)?;
+                let dev = Arc::new(Mutex::new(dev));
+                (dev.clone(), dev)
+            }
+            NicModel::Rtl8139 => {
+                let mut dev = Rtl8139::new(spec.mac, backend, mem, chip.clone(), gsi, spec.cplus)
+                    .map_err(model_err)?;
+                assign_bars(&mut dev, &mut io_next, &mut mmio_next)?;
+                let dev = Arc::new(Mutex::new(dev));
+                (dev.clone(), dev)
+            }
+            NicModel::E1000 => unreachable!("refused by validate()"),
+        };
         log::debug!(
             "{} {} on slot {slot} backed by {}",
             spec.model.name(),
             spec.mac,
             opened.label
         );
-        let dev = Arc::new(Mutex::new(dev));
-        root.add(slot, dev.clone())
+        root.add(slot, pci)
             .map_err(|e| SetupError(format!("-device {}: {e}", spec.model.name())))?;
-        nics.push(dev);
+        nics.push(nic);
     }
     let mut panic_dev = PvPanic::new(lifecycle.clone());
     assign_bars(&mut panic_dev, &mut io_next, &mut mmio_next)?;

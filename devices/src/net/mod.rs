@@ -32,6 +32,19 @@ pub trait NetFrontend: Send {
     fn handle(&mut self, ev: NetEvent) -> BackendInterest;
 }
 
+/// What every NIC model counts, for benchmarks and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NicStats {
+    pub tx_frames: u64,
+    pub rx_frames: u64,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    /// Interrupts raised (MSI-X messages, or INTx assertions).
+    pub interrupts: u64,
+    /// Frames the receive filter or the guest's lack of buffers dropped.
+    pub rx_dropped: u64,
+}
+
 /// A one-shot monotonic timer a NIC model arms for interrupt mitigation or delayed work; the
 /// I/O thread watches its fd as [`NetEvent::Timer`]. Non-blocking, so a timer re-armed between
 /// the wakeup and the read never stalls the loop.

@@ -156,6 +156,21 @@ pub fn fill_l4_checksum(frame: &mut [u8], at: &Layers) {
     frame[field..field + 2].copy_from_slice(&c.to_be_bytes());
 }
 
+/// Whether a received IPv4 header's checksum verifies (true for IPv6, which has none).
+pub fn ipv4_header_ok(frame: &[u8], at: &Layers) -> bool {
+    !at.ipv4 || fold(ones_sum(&frame[at.l3..at.l4])) == 0xffff
+}
+
+/// Whether a received TCP/UDP checksum verifies, pseudo-header included. A zero UDP checksum
+/// over IPv4 means "none" and passes.
+pub fn l4_checksum_ok(frame: &[u8], at: &Layers) -> bool {
+    if at.proto == IPPROTO_UDP && at.ipv4 && frame[at.l4 + 6..at.l4 + 8] == [0, 0] {
+        return true;
+    }
+    let l4_len = at.end - at.l4;
+    fold(pseudo_sum(frame, at, l4_len) + ones_sum(&frame[at.l4..at.end])) == 0xffff
+}
+
 /// Cuts a TCP frame whose payload exceeds `mss` into frames of at most `mss` payload bytes,
 /// as TCP segmentation offload hardware does: headers copied, IP length and (IPv4)
 /// identification advanced, sequence numbers advanced, FIN/PSH only on the last segment and
@@ -217,11 +232,11 @@ pub fn segment_tcp<E>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// An Ethernet + IPv4 + TCP frame with `payload` bytes of data.
-    pub fn tcp4_frame(payload: usize, vlan: bool) -> Vec<u8> {
+    pub(crate) fn tcp4_frame(payload: usize, vlan: bool) -> Vec<u8> {
         let mut f = vec![
             0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x52, 0x54, 0, 0x12, 0x34, 0x57,
         ];
@@ -245,9 +260,7 @@ mod tests {
     /// Verifies both checksums of an IPv4/TCP frame the way a receiver does.
     fn checksums_ok(f: &[u8]) -> bool {
         let at = parse(f).expect("parses");
-        let ip_ok = fold(ones_sum(&f[at.l3..at.l4])) == 0xffff;
-        let l4 = fold(pseudo_sum(f, &at, at.end - at.l4) + ones_sum(&f[at.l4..at.end]));
-        ip_ok && l4 == 0xffff
+        ipv4_header_ok(f, &at) && l4_checksum_ok(f, &at)
     }
 
     #[test]

@@ -46,6 +46,10 @@ impl PciConfig {
             PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_INTX_DISABLE;
         c.wmask[PCI_COMMAND..PCI_COMMAND + 2].copy_from_slice(&cmd.to_le_bytes());
         c.wmask[PCI_INTERRUPT_LINE] = 0xff;
+        // Cache line size and latency timer are plain storage; Linux's pci_set_mwi() (which
+        // 8139cp calls) fails the probe unless the cache line size it writes reads back.
+        c.wmask[PCI_CACHE_LINE_SIZE] = 0xff;
+        c.wmask[PCI_CACHE_LINE_SIZE + 1] = 0xff;
         c
     }
 

@@ -30,6 +30,7 @@ pub const PCI_VENDOR_ID: usize = 0x00;
 pub const PCI_COMMAND: usize = 0x04;
 pub const PCI_STATUS: usize = 0x06;
 pub const PCI_REVISION_ID: usize = 0x08;
+pub const PCI_CACHE_LINE_SIZE: usize = 0x0c;
 pub const PCI_BAR0: usize = 0x10;
 pub const PCI_SUBSYSTEM_VENDOR_ID: usize = 0x2c;
 pub const PCI_CAPABILITY_LIST: usize = 0x34;

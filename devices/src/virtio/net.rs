@@ -8,7 +8,7 @@
 use super::transport::*;
 use super::*;
 use crate::interrupt::{IntxLine, IrqChip};
-use crate::net::{BackendInterest, NetEvent, NetFrontend};
+use crate::net::{BackendInterest, NetEvent, NetFrontend, NicStats};
 use crate::pci::{BarKind, Msix, PciConfig, PciDevice};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
 use net_backends::{MacAddr, NetBackend, Offloads, MAX_FRAME};
@@ -81,17 +81,7 @@ pub struct VirtioNet {
     tx_blocked: bool,
     /// Malformed descriptor chains seen; logged once.
     errors: u64,
-    pub stats: NetStats,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NetStats {
-    pub tx_frames: u64,
-    pub rx_frames: u64,
-    pub tx_bytes: u64,
-    pub rx_bytes: u64,
-    pub interrupts: u64,
-    pub rx_dropped: u64,
+    pub stats: NicStats,
 }
 
 impl VirtioNet {
@@ -179,7 +169,7 @@ impl VirtioNet {
             tx_buf: Vec::with_capacity(MAX_FRAME),
             tx_blocked: false,
             errors: 0,
-            stats: NetStats::default(),
+            stats: NicStats::default(),
         })
     }
 

@@ -1,0 +1,357 @@
+//! Receive: the address filter, then either the normal-mode ring buffer (RBSTART/CBR/CAPR)
+//! or the C+ descriptor ring (RDSAR) with VLAN stripping and checksum reporting.
+//!
+//! Frames reach the guest as the wire would carry them: padded to 60 bytes and followed by
+//! their CRC (both drivers subtract 4 from the length they are given).
+
+use super::tx::{next_index, CP_RING_MAX, DESC_EOR, DESC_FS, DESC_LS, DESC_OWN, DESC_SIZE};
+use super::*;
+use crate::net::offload;
+use vm_memory::{Bytes, GuestAddress};
+
+// Normal-mode packet header status (RSR).
+pub const RSR_ROK: u16 = 1 << 0;
+pub const RSR_BAR: u16 = 1 << 13;
+pub const RSR_PAM: u16 = 1 << 14;
+pub const RSR_MAR: u16 = 1 << 15;
+
+// C+ RX descriptor status (opts1).
+pub const RX_MAR: u32 = 1 << 26;
+pub const RX_PAM: u32 = 1 << 25;
+pub const RX_BAR: u32 = 1 << 24;
+pub const RX_PID_TCP: u32 = 1 << 16;
+pub const RX_PID_UDP: u32 = 2 << 16;
+pub const RX_PID_IP: u32 = 3 << 16;
+pub const RX_IPF: u32 = 1 << 15;
+pub const RX_UDPF: u32 = 1 << 14;
+pub const RX_TCPF: u32 = 1 << 13;
+pub const RX_LEN_MASK: u32 = 0x1fff;
+// C+ RX opts2.
+pub const RX_TAVA: u32 = 1 << 16;
+
+const ETH_ZLEN: usize = 60;
+const CRC_LEN: usize = 4;
+
+/// Why the filter let a frame in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Broadcast,
+    Multicast,
+    /// Our station address, or any unicast address under AAP.
+    Physical,
+}
+
+/// The multicast hash of the RTL8139 (and most NICs of its time): the top six bits of the
+/// big-endian Ethernet CRC of the destination address index MAR0-7.
+pub fn multicast_hash_bit(addr: &[u8]) -> usize {
+    let mut crc: u32 = !0;
+    for &byte in addr {
+        let mut b = byte;
+        for _ in 0..8 {
+            let feedback = (crc >> 31) ^ (b as u32 & 1);
+            crc <<= 1;
+            b >>= 1;
+            if feedback != 0 {
+                crc ^= 0x04c1_1db7;
+            }
+        }
+    }
+    (crc >> 26) as usize
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Rx {
+    /// Delivered or dropped for good.
+    Done,
+    /// No room in the guest's ring; try again later.
+    NoRoom,
+}
+
+impl Rtl8139 {
+    fn rx_enabled(&self) -> bool {
+        self.regs[CR] & CR_RE != 0
+            && !self.rx_dead
+            && (!self.cplus_mode() || self.get16(CPCR) & CPCR_RXON != 0)
+    }
+
+    fn ring_len(&self) -> usize {
+        8192 << ((self.get32(RCR) >> RCR_RBLEN_SHIFT) & 3)
+    }
+
+    /// Normal mode: CBR has caught up with the driver's read pointer (CAPR + 16).
+    pub(super) fn rx_ring_empty(&self) -> bool {
+        self.get16(CAPR).wrapping_add(16) as usize % self.ring_len()
+            == self.cbr as usize % self.ring_len()
+    }
+
+    /// I/O thread: moves frames from the backend into the guest while it has room.
+    pub(super) fn process_rx(&mut self) {
+        loop {
+            let len = match self.rx_pending.take() {
+                Some(l) => l,
+                None => match self.backend.recv(&mut self.rx_buf) {
+                    Ok(Some(l)) => l,
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::debug!("rtl8139 {}: receive failed: {e}", self.mac);
+                        break;
+                    }
+                },
+            };
+            if !self.rx_enabled() {
+                continue; // a receiver that is off drops what the wire brings
+            }
+            let buf = std::mem::take(&mut self.rx_buf);
+            let r = self.receive(&buf[..len]);
+            self.rx_buf = buf;
+            if r == Rx::NoRoom {
+                self.rx_pending = Some(len);
+                self.rx_stalled = true;
+                self.arm_timer();
+                break;
+            }
+        }
+    }
+
+    fn filter(&self, frame: &[u8]) -> Option<Class> {
+        let dst: [u8; 6] = frame.get(..6)?.try_into().ok()?;
+        let rcr = self.get32(RCR);
+        if dst == [0xff; 6] {
+            (rcr & RCR_AB != 0).then_some(Class::Broadcast)
+        } else if dst[0] & 1 != 0 {
+            let bit = multicast_hash_bit(&dst);
+            let hit = self.regs[MAR0 + bit / 8] & (1 << (bit % 8)) != 0;
+            (rcr & RCR_AM != 0 && hit).then_some(Class::Multicast)
+        } else if (dst == self.station_address() && rcr & RCR_APM != 0) || rcr & RCR_AAP != 0 {
+            Some(Class::Physical)
+        } else {
+            None
+        }
+    }
+
+    pub(super) fn receive(&mut self, frame: &[u8]) -> Rx {
+        let Some(class) = self.filter(frame) else {
+            self.stats.rx_dropped += 1;
+            return Rx::Done;
+        };
+        let r = if self.cplus_mode() {
+            self.cp_receive(frame, class)
+        } else {
+            self.ring_receive(frame, class)
+        };
+        if r == Rx::Done {
+            self.count_rx(frame.len(), class);
+        }
+        r
+    }
+
+    fn count_rx(&mut self, len: usize, class: Class) {
+        self.stats.rx_frames += 1;
+        self.stats.rx_bytes += len as u64;
+        self.tally.rx_ok += 1;
+        match class {
+            Class::Broadcast => self.tally.rx_ok_brd += 1,
+            Class::Multicast => self.tally.rx_ok_mul += 1,
+            Class::Physical => self.tally.rx_ok_phy += 1,
+        }
+    }
+
+    /// `frame` as the wire carries it (padded, CRC appended) into `out`.
+    fn wire_image(frame: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(frame);
+        if out.len() < ETH_ZLEN {
+            out.resize(ETH_ZLEN, 0);
+        }
+        let crc = crc32fast::hash(out);
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
+
+    // ---- normal mode: the ring buffer -------------------------------------------------
+
+    fn ring_receive(&mut self, frame: &[u8], class: Class) -> Rx {
+        if frame.len() > MAX_NORMAL_FRAME {
+            self.stats.rx_dropped += 1;
+            return Rx::Done;
+        }
+        let len = self.ring_len();
+        let mut pkt = std::mem::take(&mut self.rx_scratch);
+        pkt.clear();
+        pkt.extend_from_slice(&[0; 4]);
+        let mut wire = std::mem::take(&mut self.rx_wire);
+        Self::wire_image(frame, &mut wire);
+        pkt.extend_from_slice(&wire);
+        self.rx_wire = wire;
+        let status = RSR_ROK
+            | match class {
+                Class::Broadcast => RSR_BAR,
+                Class::Multicast => RSR_MAR,
+                Class::Physical => RSR_PAM,
+            };
+        let size = (pkt.len() - 4) as u32;
+        pkt[..4].copy_from_slice(&(status as u32 | size << 16).to_le_bytes());
+        let need = (pkt.len() + 3) & !3;
+        let read = self.get16(CAPR).wrapping_add(16) as usize % len;
+        let write = self.cbr as usize % len;
+        let free = if read == write {
+            len
+        } else {
+            (read + len - write) % len
+        };
+        let r = if need >= free {
+            Rx::NoRoom
+        } else {
+            let base = self.get32(RBSTART) as u64;
+            // WRAP set: the frame runs on past the end into the driver's slack (not for the
+            // 64 KiB ring, which always wraps).
+            let linear = self.get32(RCR) & RCR_WRAP != 0 && len < 65536;
+            let first = if linear {
+                pkt.len()
+            } else {
+                pkt.len().min(len - write)
+            };
+            let ok = self
+                .mem
+                .write_slice(&pkt[..first], GuestAddress(base + write as u64))
+                .is_ok()
+                && self
+                    .mem
+                    .write_slice(&pkt[first..], GuestAddress(base))
+                    .is_ok();
+            if ok {
+                self.cbr = ((write + need) % len) as u16;
+                self.raise(INT_ROK);
+            } else {
+                self.rx_dead = true;
+                self.dma_error("RX ring buffer is outside guest memory");
+            }
+            Rx::Done
+        };
+        self.rx_scratch = pkt;
+        r
+    }
+
+    // ---- C+ mode: the descriptor ring -------------------------------------------------
+
+    fn cp_receive(&mut self, frame: &[u8], class: Class) -> Rx {
+        let mut wire = std::mem::take(&mut self.rx_wire);
+        let mut opts2 = 0;
+        let cpcr = self.get16(CPCR);
+        if cpcr & CPCR_RXVLAN != 0 && frame.len() >= 18 && frame[12..14] == [0x81, 0x00] {
+            let tci = u16::from_be_bytes([frame[14], frame[15]]);
+            opts2 = RX_TAVA | tci.swap_bytes() as u32;
+            let mut untagged = std::mem::take(&mut self.rx_scratch);
+            untagged.clear();
+            untagged.extend_from_slice(&frame[..12]);
+            untagged.extend_from_slice(&frame[16..]);
+            Self::wire_image(&untagged, &mut wire);
+            self.rx_scratch = untagged;
+        } else {
+            Self::wire_image(frame, &mut wire);
+        }
+        let mut status = match class {
+            Class::Broadcast => RX_BAR,
+            Class::Multicast => RX_MAR,
+            Class::Physical => RX_PAM,
+        };
+        if cpcr & CPCR_RXCHKSUM != 0 {
+            status |= checksum_status(&wire[..wire.len() - CRC_LEN]);
+        }
+        let r = self.cp_place(&wire, status, opts2);
+        self.rx_wire = wire;
+        r
+    }
+
+    /// Writes `wire` over as many descriptors as it needs, all or nothing.
+    fn cp_place(&mut self, wire: &[u8], status: u32, opts2: u32) -> Rx {
+        let base = self.get64(RDSAR);
+        let mut descs = std::mem::take(&mut self.rx_descs);
+        descs.clear();
+        let mut idx = self.cp_rx_index;
+        let mut room = 0usize;
+        let mut r = Rx::Done;
+        while room < wire.len() {
+            let at = GuestAddress(base.wrapping_add(idx as u64 * DESC_SIZE));
+            let mut d = [0u8; 16];
+            if self.mem.read_slice(&mut d, at).is_err() {
+                self.rx_dead = true;
+                self.dma_error("RX descriptor ring is outside guest memory");
+                break;
+            }
+            let opts1 = u32::from_le_bytes(d[0..4].try_into().unwrap());
+            let buf = u64::from_le_bytes(d[8..16].try_into().unwrap());
+            if opts1 & DESC_OWN == 0 {
+                if descs.is_empty() {
+                    self.raise(INT_RXOVW_RDU);
+                }
+                r = Rx::NoRoom;
+                break;
+            }
+            let size = (opts1 & RX_LEN_MASK) as usize;
+            if size == 0 || descs.len() >= CP_RING_MAX as usize {
+                self.rx_dead = true;
+                self.dma_error("RX descriptors cannot hold a frame (zero-sized buffers)");
+                break;
+            }
+            descs.push((at, opts1, buf, size));
+            room += size;
+            idx = next_index(idx, opts1);
+        }
+        if room >= wire.len() && !self.rx_dead {
+            let last = descs.len() - 1;
+            let mut off = 0;
+            for (i, &(at, opts1, buf, size)) in descs.iter().enumerate() {
+                let n = size.min(wire.len() - off);
+                let mut st = opts1 & DESC_EOR | status;
+                if i == 0 {
+                    st |= DESC_FS;
+                }
+                st |= if i == last {
+                    DESC_LS | wire.len() as u32 & RX_LEN_MASK
+                } else {
+                    n as u32
+                };
+                let ok = self
+                    .mem
+                    .write_slice(&wire[off..off + n], GuestAddress(buf))
+                    .is_ok()
+                    && self
+                        .mem
+                        .write_obj(opts2.to_le(), GuestAddress(at.0.wrapping_add(4)))
+                        .is_ok()
+                    && self.mem.write_obj(st.to_le(), at).is_ok();
+                if !ok {
+                    self.rx_dead = true;
+                    self.dma_error("RX buffer is outside guest memory");
+                    break;
+                }
+                off += n;
+            }
+            if !self.rx_dead {
+                self.cp_rx_index = idx;
+                self.raise(INT_ROK);
+            }
+        }
+        self.rx_descs = descs;
+        r
+    }
+}
+
+/// The C+ receive checksum status: protocol ID and failure bits for IPv4 frames.
+fn checksum_status(frame: &[u8]) -> u32 {
+    let Some(at) = offload::parse(frame).filter(|a| a.ipv4) else {
+        return 0;
+    };
+    let mut st = if offload::ipv4_header_ok(frame, &at) {
+        0
+    } else {
+        RX_IPF
+    };
+    let l4_ok = offload::l4_checksum_ok(frame, &at);
+    st |= match at.proto {
+        offload::IPPROTO_TCP => RX_PID_TCP | if l4_ok { 0 } else { RX_TCPF },
+        offload::IPPROTO_UDP => RX_PID_UDP | if l4_ok { 0 } else { RX_UDPF },
+        _ => RX_PID_IP,
+    };
+    st
+}

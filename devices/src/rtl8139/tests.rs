@@ -1,0 +1,573 @@
+//! The Linux drivers' sequences against the model with an in-memory backend, for both
+//! personalities, and hostile programming that must end in an error state, never a panic,
+//! a hang or a read outside the frame.
+
+use super::driver::*;
+use super::rx::*;
+use super::tx::*;
+use super::*;
+use crate::net::offload::{self, tests::tcp4_frame};
+use net_backends::mem::{pair, MemPeer};
+use net_backends::Capabilities;
+use vm_memory::{Bytes, GuestAddress};
+
+const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
+fn rig(cplus: bool) -> (Driver, MemPeer) {
+    let (b, peer) = pair(Capabilities::default());
+    (Driver::new(Box::new(b), cplus), peer)
+}
+
+fn cp_open() -> (Driver, MemPeer) {
+    let (mut d, p) = rig(true);
+    assert_eq!(d.probe(), MAC);
+    d.open_cp(CPCR_RXVLAN);
+    (d, p)
+}
+
+fn too_open() -> (Driver, MemPeer) {
+    let (mut d, p) = rig(false);
+    assert_eq!(d.probe(), MAC);
+    d.open_too(0);
+    (d, p)
+}
+
+/// A frame from the network to `dst` with `len` bytes in all.
+fn frame_to(dst: [u8; 6], len: usize, seed: u8) -> Vec<u8> {
+    let mut f: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(13) ^ seed)
+        .collect();
+    f[..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&[0x52, 0x55, 10, 0, 2, 2]);
+    f[12..14].copy_from_slice(&[0x08, 0x06]);
+    f
+}
+
+fn checksums_ok(f: &[u8]) -> bool {
+    let at = offload::parse(f).expect("parses");
+    offload::ipv4_header_ok(f, &at) && offload::l4_checksum_ok(f, &at)
+}
+
+#[test]
+fn personalities_identify_as_linux_expects() {
+    let (mut cp, _p) = rig(true);
+    assert_eq!(cp.dev.config().get16(0), REALTEK_VENDOR);
+    assert_eq!(cp.dev.config().get16(2), RTL8139_DEVICE);
+    assert_eq!(cp.dev.config().get32(8) & 0xff, REVISION_CPLUS as u32);
+    assert_eq!(cp.r32(TCR) & TCR_HWVERID_MASK, HWVERID_8139CPLUS);
+    assert_eq!(cp.probe(), MAC);
+    // pci_set_mwi() in 8139cp's probe needs the cache line size to read back.
+    cp.dev.config_mut().write(crate::pci::PCI_CACHE_LINE_SIZE, &[16]);
+    assert_eq!(cp.dev.config().get16(crate::pci::PCI_CACHE_LINE_SIZE) & 0xff, 16);
+    let (mut too, _p) = rig(false);
+    assert_eq!(too.dev.config().get32(8) & 0xff, REVISION_NORMAL as u32);
+    // 8139too's table: HW_REVID(1, 1, 1, 0, 1, 0, 0) is "RTL-8139C".
+    assert_eq!(too.r32(TCR) & TCR_HWVERID_MASK, 0x7400_0000);
+    assert_eq!(too.probe(), MAC);
+    // The plain chip has no C+ registers.
+    too.w16(CPCR, CPCR_TXON | CPCR_RXON);
+    assert_eq!(too.r16(CPCR), 0);
+    assert!(!too.dev.cplus_mode());
+}
+
+#[test]
+fn mii_reports_link_and_reset_self_clears() {
+    let (mut d, _p) = rig(true);
+    let bmsr = d.r16(BMSR);
+    assert_ne!(bmsr & BMSR_LINK, 0, "link up");
+    assert_ne!(bmsr & BMSR_AN_COMPLETE, 0, "autonegotiation complete");
+    assert_eq!(d.r8(MSR) & MSR_LINKB, 0, "MSR: link good");
+    d.w16(BMCR, BMCR_RESET | 0x1000);
+    assert_eq!(d.r16(BMCR) & BMCR_RESET, 0);
+    assert_ne!(d.r16(ANLPAR), 0);
+}
+
+#[test]
+fn config_registers_need_the_unlock() {
+    let (mut d, _p) = rig(true);
+    d.w8(CONFIG1, 0x21);
+    assert_eq!(d.r8(CONFIG1), 0);
+    d.w8(CR9346, 0xc0);
+    d.w8(CONFIG1, 0x21);
+    d.w8(CR9346, 0);
+    assert_eq!(d.r8(CONFIG1), 0x21);
+    // Auto-load brings the EEPROM's MAC back into IDR and returns to normal mode.
+    d.w32(IDR0, 0);
+    d.w8(CR9346, 0x40);
+    assert_eq!(d.r8(CR9346) & 0xc0, 0);
+    assert_eq!(d.r32(IDR0), u32::from_le_bytes([0x52, 0x54, 0, 0x12]));
+}
+
+// ---- C+ mode ------------------------------------------------------------------------------
+
+#[test]
+fn cp_transmits_fragments_with_checksum_offload() {
+    let (mut d, peer) = cp_open();
+    let mut f = tcp4_frame(600, false);
+    // Garbage where the checksums go: the device computes them.
+    f[24] = 0xde;
+    f[50] = 0xad;
+    d.cp_xmit(&[&f[..54], &f[54..300], &f[300..]], TX_IPCS | TX_TCPCS, 0);
+    let sent = peer.take_sent();
+    assert_eq!(sent.len(), 1);
+    assert!(checksums_ok(&sent[0]));
+    assert_eq!(sent[0][54..], f[54..]);
+    let done = d.cp_tx_done();
+    assert_eq!(done.len(), 3, "every descriptor handed back");
+    assert!(
+        done.iter().all(|s| s & (1 << 23 | 1 << 25) == 0),
+        "no error bits"
+    );
+    assert_ne!(d.r16(ISR) & INT_TOK, 0);
+    assert!(d.irq());
+    d.w16(ISR, INT_TOK);
+    assert!(!d.irq());
+    assert_eq!(d.dev.stats.tx_frames, 1);
+}
+
+#[test]
+fn cp_large_send_segments_a_64k_frame() {
+    let (mut d, peer) = cp_open();
+    let f = tcp4_frame(65_000 - 54, false);
+    let mss = 1448;
+    d.cp_xmit(
+        &[&f[..54], &f[54..30_000], &f[30_000..]],
+        TX_LGSEN | (mss << TX_MSS_SHIFT),
+        0,
+    );
+    let sent = peer.take_sent();
+    assert_eq!(sent.len(), (65_000 - 54usize).div_ceil(mss as usize));
+    let mut payload = vec![];
+    for s in &sent {
+        assert!(s.len() <= 14 + 20 + 20 + mss as usize);
+        assert!(checksums_ok(s));
+        payload.extend_from_slice(&s[54..]);
+    }
+    assert_eq!(payload, f[54..]);
+    // MSS bits overlap the error summary bits; the status written back must not.
+    assert!(d.cp_tx_done().iter().all(|s| s & (1 << 23) == 0));
+}
+
+#[test]
+fn cp_inserts_and_strips_vlan_tags() {
+    let (mut d, peer) = cp_open();
+    let f = frame_to([0xff; 6], 100, 1);
+    // The driver stores the tag byte-swapped: VID 5, priority 3 = 0x6005 -> 0x0560.
+    d.cp_xmit(&[&f], 0, TX_TAGC | 0x0560);
+    let sent = peer.take_sent().remove(0);
+    assert_eq!(sent[12..16], [0x81, 0x00, 0x60, 0x05]);
+    assert_eq!(sent[16..], f[12..]);
+
+    let mut tagged = frame_to(MAC, 80, 2);
+    tagged.splice(12..12, [0x81, 0x00, 0x20, 0x07]);
+    peer.inject(&tagged);
+    d.pump();
+    let got = d.cp_rx();
+    assert_eq!(got.len(), 1);
+    let (_, opts2, data) = &got[0];
+    assert_eq!(*opts2, RX_TAVA | 0x0720);
+    assert_eq!(data[..12], tagged[..12]);
+    assert_eq!(data[12..], tagged[16..]);
+}
+
+#[test]
+fn cp_receive_filters_and_reports() {
+    let (mut d, peer) = cp_open();
+    peer.inject(&frame_to(MAC, 42, 1)); // short: padded to 60
+    peer.inject(&frame_to([0xff; 6], 300, 2));
+    peer.inject(&frame_to([0x52, 0x54, 0, 0, 0, 1], 100, 3)); // not ours
+    let group = [0x01, 0x00, 0x5e, 0x00, 0x00, 0xfb];
+    peer.inject(&frame_to(group, 100, 4)); // multicast, no hash bit yet
+    d.pump();
+    let got = d.cp_rx();
+    assert_eq!(got.len(), 2);
+    let (st, _, data) = &got[0];
+    assert_eq!(st & (DESC_FS | DESC_LS), DESC_FS | DESC_LS);
+    assert_ne!(st & RX_PAM, 0);
+    assert_eq!(data.len(), 60, "padded to the minimum frame");
+    assert_eq!(data[..42], frame_to(MAC, 42, 1)[..]);
+    // The CRC after the data is the frame's.
+    let crc: u32 = d.mem.read_obj(GuestAddress(RX_BUFS + 60)).unwrap();
+    assert_eq!(crc, crc32fast::hash(data));
+    assert_ne!(got[1].0 & RX_BAR, 0);
+    assert_eq!(got[1].2, frame_to([0xff; 6], 300, 2));
+    assert_eq!(d.dev.stats.rx_dropped, 2);
+
+    // Join the group the way __cp_set_rx_mode does; then promiscuous.
+    let bit = multicast_hash_bit(&group);
+    let mut mar = [0u32; 2];
+    mar[bit >> 5] |= 1 << (bit & 31);
+    let rcr = d.r32(RCR);
+    d.w32(RCR, rcr | RCR_AM);
+    d.w32(MAR0, mar[0]);
+    d.w32(MAR0 + 4, mar[1]);
+    peer.inject(&frame_to(group, 100, 4));
+    peer.inject(&frame_to([0x01, 0, 0x5e, 0, 0, 0x42], 100, 5)); // other group, other bit
+    d.pump();
+    let got = d.cp_rx();
+    assert_eq!(got.len(), 1);
+    assert_ne!(got[0].0 & RX_MAR, 0);
+    let rcr = d.r32(RCR);
+    d.w32(RCR, rcr | RCR_AAP);
+    peer.inject(&frame_to([0x52, 0x54, 0, 0, 0, 1], 100, 3));
+    d.pump();
+    assert_eq!(
+        d.cp_rx().len(),
+        1,
+        "promiscuous mode takes another station's frame"
+    );
+}
+
+#[test]
+fn multicast_hash_matches_linux() {
+    // Linux: ether_crc(len, p) = bitrev32(crc32_le(~0, p, len)), i.e. the bit-reversed
+    // complement of zlib's CRC-32. Python's zlib gave these for two well-known groups.
+    assert_eq!(
+        multicast_hash_bit(&[0x01, 0x00, 0x5e, 0x00, 0x00, 0x01]),
+        0x1f
+    );
+    assert_eq!(
+        multicast_hash_bit(&[0x33, 0x33, 0x00, 0x00, 0x00, 0x01]),
+        0x3e
+    );
+}
+
+#[test]
+fn cp_receive_checksum_status() {
+    let (mut d, peer) = cp_open();
+    let mut good = tcp4_frame(200, false);
+    good[..6].copy_from_slice(&MAC);
+    let at = offload::parse(&good).unwrap();
+    offload::fill_ipv4_checksum(&mut good, &at);
+    offload::fill_l4_checksum(&mut good, &at);
+    let mut bad = good.clone();
+    bad[100] ^= 0xff;
+    peer.inject(&good);
+    peer.inject(&bad);
+    d.pump();
+    let got = d.cp_rx();
+    assert_eq!(got[0].0 & (3 << 16 | RX_TCPF | RX_IPF), RX_PID_TCP);
+    assert_eq!(got[1].0 & (3 << 16 | RX_TCPF), RX_PID_TCP | RX_TCPF);
+}
+
+#[test]
+fn cp_full_ring_stalls_then_resumes_without_loss() {
+    let (mut d, peer) = cp_open();
+    for i in 0..(CP_RING as usize + 10) {
+        peer.inject(&frame_to(MAC, 100, i as u8));
+    }
+    let interest = d.pump();
+    assert!(!interest.readable, "no reading while the ring is full");
+    assert_ne!(d.r16(ISR) & INT_RXOVW_RDU, 0, "RDU raised");
+    assert_eq!(
+        peer.pending(),
+        9,
+        "one frame waits in the model, the rest in the backend"
+    );
+    let first = d.cp_rx();
+    assert_eq!(first.len(), CP_RING as usize);
+    // The poll's IMR write told the device; the I/O thread's kick brings the rest.
+    let interest = d.kicked();
+    assert!(interest.readable);
+    let rest = d.cp_rx();
+    assert_eq!(rest.len(), 10);
+    for (i, (_, _, data)) in first.iter().chain(&rest).enumerate() {
+        assert_eq!(*data, frame_to(MAC, 100, i as u8), "frame {i} in order");
+    }
+}
+
+#[test]
+fn cp_stalled_receiver_polls_without_a_hint() {
+    let (mut d, peer) = cp_open();
+    for i in 0..(CP_RING as usize + 1) {
+        peer.inject(&frame_to(MAC, 64, i as u8));
+    }
+    d.pump();
+    // A driver that refills without touching any register.
+    for i in 0..CP_RING {
+        let eor = if i == CP_RING - 1 { DESC_EOR } else { 0 };
+        let (_, _, addr) = d.read_desc(RX_RING, i);
+        let mut desc = [0u8; 16];
+        desc[..4].copy_from_slice(&(DESC_OWN | eor | RX_BUF_SZ).to_le_bytes());
+        desc[8..].copy_from_slice(&addr.to_le_bytes());
+        d.mem
+            .write_slice(&desc, GuestAddress(RX_RING + i as u64 * 16))
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(5));
+    assert!(d.dev.timer.take() || d.dev.rx_stalled);
+    d.dev.handle(NetEvent::Timer);
+    let (st, _, _) = d.read_desc(RX_RING, 0);
+    assert_eq!(
+        st & DESC_OWN,
+        0,
+        "the timer retry delivered the waiting frame"
+    );
+}
+
+#[test]
+fn cp_tally_dump() {
+    let (mut d, peer) = cp_open();
+    d.cp_xmit(&[&frame_to([0xff; 6], 60, 0)], 0, 0);
+    peer.inject(&frame_to([0xff; 6], 60, 0));
+    d.pump();
+    d.w32(DTCCR + 4, 0);
+    d.w32(DTCCR, 0x3_0000 | DTCCR_CMD);
+    assert_eq!(d.r32(DTCCR) & DTCCR_CMD, 0, "command bit clears when done");
+    let mut t = [0u8; 64];
+    d.mem.read_slice(&mut t, GuestAddress(0x3_0000)).unwrap();
+    assert_eq!(u64::from_le_bytes(t[0..8].try_into().unwrap()), 1, "TxOk");
+    assert_eq!(u64::from_le_bytes(t[8..16].try_into().unwrap()), 1, "RxOk");
+    assert_eq!(
+        u64::from_le_bytes(t[48..56].try_into().unwrap()),
+        1,
+        "RxOkBrd"
+    );
+}
+
+#[test]
+fn cp_backend_backpressure_keeps_order() {
+    let (mut d, peer) = cp_open();
+    peer.set_blocked(true);
+    for i in 0..3u8 {
+        d.cp_xmit(&[&frame_to([0xff; 6], 100, i)], 0, 0);
+    }
+    assert!(peer.take_sent().is_empty());
+    let interest = d.kicked();
+    assert!(interest.writable, "the I/O thread waits for the backend");
+    peer.set_blocked(false);
+    let interest = d.pump();
+    assert!(!interest.writable);
+    let sent = peer.take_sent();
+    assert_eq!(sent.len(), 3);
+    for (i, s) in sent.iter().enumerate() {
+        assert_eq!(*s, frame_to([0xff; 6], 100, i as u8));
+    }
+    assert_eq!(d.cp_tx_done().len(), 3);
+}
+
+// ---- normal mode --------------------------------------------------------------------------
+
+#[test]
+fn too_transmits_round_robin() {
+    let (mut d, peer) = too_open();
+    for i in 0..6u8 {
+        let slot = d.too_xmit(&frame_to([0xff; 6], 50 + i as usize, i));
+        let tsd = d.r32(TSD0 + 4 * slot);
+        assert_eq!(
+            tsd & (TSD_OWN | TSD_TOK),
+            TSD_OWN | TSD_TOK,
+            "slot {slot} done"
+        );
+    }
+    assert_eq!(d.r16(TSAD) >> 12, 0xf, "TSAD: all four TOK");
+    let sent = peer.take_sent();
+    assert_eq!(sent.len(), 6);
+    assert_eq!(sent[0].len(), 60, "the driver's padding is sent as is");
+    assert_eq!(sent[5][..55], frame_to([0xff; 6], 55, 5)[..]);
+    assert_ne!(d.r16(ISR) & INT_TOK, 0);
+    assert!(d.irq());
+}
+
+#[test]
+fn too_receives_through_the_ring() {
+    let (mut d, peer) = too_open();
+    assert_ne!(d.r8(CR) & CR_BUFE, 0, "empty ring");
+    peer.inject(&frame_to(MAC, 42, 9));
+    peer.inject(&frame_to([0xff; 6], 1514, 3));
+    d.pump();
+    assert!(d.irq());
+    let got = d.too_rx();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].0, RSR_ROK | RSR_PAM);
+    assert_eq!(got[0].1.len(), 60);
+    assert_eq!(got[1].0, RSR_ROK | RSR_BAR);
+    assert_eq!(got[1].1, frame_to([0xff; 6], 1514, 3));
+    assert_ne!(d.r8(CR) & CR_BUFE, 0);
+}
+
+#[test]
+fn too_ring_wraps_and_applies_backpressure() {
+    for wrap in [false, true] {
+        let (mut d, peer) = rig(false);
+        d.probe();
+        // 8 KiB ring; with WRAP the frame runs on into the slack, without it wraps.
+        d.open_too(if wrap { 0 } else { 0x8000_0000 });
+        let n = 40; // 40 x 1000 bytes: five times round the 8 KiB ring
+        for i in 0..n {
+            peer.inject(&frame_to(MAC, 1000, i as u8));
+        }
+        let mut got = vec![];
+        for _ in 0..100 {
+            d.kicked();
+            d.pump();
+            got.extend(d.too_rx());
+            if got.len() == n {
+                break;
+            }
+        }
+        assert_eq!(got.len(), n, "wrap={wrap}");
+        for (i, (st, data)) in got.iter().enumerate() {
+            assert_eq!(*st, RSR_ROK | RSR_PAM);
+            assert_eq!(
+                *data,
+                frame_to(MAC, 1000, i as u8),
+                "frame {i}, wrap={wrap}"
+            );
+        }
+    }
+}
+
+#[test]
+fn too_waits_for_capr_when_the_ring_is_full() {
+    let (mut d, peer) = too_open();
+    for i in 0..40 {
+        peer.inject(&frame_to(MAC, 1514, i as u8));
+    }
+    let interest = d.pump();
+    assert!(
+        !interest.readable,
+        "32 KiB hold 21 frames of 1514; the rest wait"
+    );
+    assert!(peer.pending() > 0);
+    let first = d.too_rx();
+    assert_eq!(first.len(), 21);
+    d.kicked();
+    let rest = d.too_rx();
+    assert_eq!(first.len() + rest.len(), 40);
+    assert_eq!(rest.last().unwrap().1, frame_to(MAC, 1514, 39));
+}
+
+#[test]
+fn interrupt_mask_status_and_intx_disable() {
+    let (mut d, peer) = too_open();
+    peer.inject(&frame_to(MAC, 60, 0));
+    d.pump();
+    assert!(d.irq());
+    d.w16(IMR, 0);
+    assert!(!d.irq(), "masked");
+    d.w16(IMR, TOO_INTR_MASK);
+    assert!(d.irq());
+    let cmd = d.dev.config().command() | crate::pci::PCI_COMMAND_INTX_DISABLE;
+    d.dev
+        .config_mut()
+        .write(crate::pci::PCI_COMMAND, &cmd.to_le_bytes());
+    d.dev.config_written(crate::pci::PCI_COMMAND, 2);
+    assert!(!d.irq(), "INTx disabled in PCI command");
+    assert_ne!(
+        d.dev.config().get16(crate::pci::PCI_STATUS) & 8,
+        0,
+        "still pending"
+    );
+    d.w16(ISR, INT_ROK);
+    assert_eq!(d.r16(ISR) & INT_ROK, 0, "write 1 to clear");
+}
+
+#[test]
+fn timer_interrupt_fires_at_timerint() {
+    let (mut d, _p) = too_open();
+    d.w32(TCTR, 0);
+    let t0 = d.r32(TCTR);
+    std::thread::sleep(Duration::from_millis(2));
+    assert!(d.r32(TCTR) > t0, "TCTR counts");
+    d.w32(TIMER_INT, 33_000); // 1 ms
+    d.w32(TCTR, 0);
+    std::thread::sleep(Duration::from_millis(3));
+    d.dev.handle(NetEvent::Timer);
+    assert_ne!(d.r16(ISR) & INT_TIMEOUT, 0);
+    assert!(d.irq());
+}
+
+// ---- hostile programming ------------------------------------------------------------------
+
+#[test]
+fn cp_rings_outside_memory_stop_with_serr_and_reset_recovers() {
+    let (mut d, peer) = cp_open();
+    d.w32(RDSAR + 4, 0x10); // far beyond guest RAM
+    d.w32(TNPDS + 4, 0x10);
+    peer.inject(&frame_to(MAC, 100, 0));
+    d.pump();
+    d.w8(TPPOLL, TPPOLL_NPQ);
+    assert_ne!(d.r16(ISR) & INT_SERR, 0);
+    assert!(peer.take_sent().is_empty());
+    assert_eq!(d.dev.errors, 2);
+    // Still stopped, and quiet, however often the guest pokes it.
+    for _ in 0..3 {
+        d.w8(TPPOLL, TPPOLL_NPQ);
+        peer.inject(&frame_to(MAC, 100, 0));
+        d.pump();
+    }
+    assert_eq!(d.dev.errors, 2);
+    d.open_cp(0);
+    peer.inject(&frame_to(MAC, 100, 7));
+    d.pump();
+    assert_eq!(d.cp_rx().len(), 1, "works again after a reset");
+}
+
+#[test]
+fn cp_hostile_descriptors_are_bounded() {
+    let (mut d, peer) = cp_open();
+    // Every TX descriptor owned by the device, none with EOR or LS, all 64 KiB long: the
+    // walk stops after a bounded number and drops the oversized frame.
+    for i in 0..CP_RING_MAX {
+        let ring = TX_RING;
+        let mut desc = [0u8; 16];
+        desc[..4].copy_from_slice(&(DESC_OWN | 0xffff).to_le_bytes());
+        desc[8..].copy_from_slice(&TX_BUFS.to_le_bytes());
+        d.mem
+            .write_slice(&desc, GuestAddress(ring + i as u64 * 16))
+            .unwrap();
+    }
+    d.w8(TPPOLL, TPPOLL_NPQ);
+    assert!(peer.take_sent().is_empty());
+    assert!(d.dev.errors >= 1);
+
+    // Zero-sized RX buffers cannot hold anything: error, not a spin.
+    let (mut d, peer) = cp_open();
+    for i in 0..CP_RING {
+        let mut desc = [0u8; 16];
+        desc[..4].copy_from_slice(&DESC_OWN.to_le_bytes());
+        d.mem
+            .write_slice(&desc, GuestAddress(RX_RING + i as u64 * 16))
+            .unwrap();
+    }
+    peer.inject(&frame_to(MAC, 100, 0));
+    d.pump();
+    assert_ne!(d.r16(ISR) & INT_SERR, 0);
+
+    // Large send of a frame whose IP header claims more than the frame holds: sent
+    // unsegmented, nothing read beyond it.
+    let (mut d, peer) = cp_open();
+    let mut f = tcp4_frame(3000, false);
+    f[14] = 0x4f;
+    d.cp_xmit(&[&f[..40]], TX_LGSEN | 1448 << TX_MSS_SHIFT, 0);
+    let sent = peer.take_sent();
+    assert_eq!(sent, vec![f[..40].to_vec()]);
+}
+
+#[test]
+fn too_hostile_slots_and_ring() {
+    let (mut d, peer) = too_open();
+    d.w32(TSD0, 4000); // beyond the 1792-byte limit
+    let tsd = d.r32(TSD0);
+    assert_ne!(tsd & TSD_TABT, 0, "aborted");
+    assert_ne!(d.r16(ISR) & INT_TER, 0);
+    d.w32(TSAD0 + 4, 0xffff_0000); // outside RAM
+    d.w32(TSD0 + 4, 100);
+    assert_ne!(d.r32(TSD0 + 4) & TSD_TABT, 0);
+    assert!(peer.take_sent().is_empty());
+    // CAPR anywhere: the ring arithmetic stays inside the ring.
+    for capr in [0u16, 0x7ffe, 0xfff0, 0xffff, 0x1234] {
+        d.w16(CAPR, capr);
+        peer.inject(&frame_to(MAC, 500, 0));
+        d.pump();
+        d.kicked();
+    }
+    // RBSTART outside memory: SERR and the receiver stops.
+    d.w32(RBSTART, 0xfff0_0000);
+    d.w16(CAPR, 0xfff0);
+    peer.inject(&frame_to(MAC, 100, 0));
+    d.pump();
+    d.kicked();
+    assert_ne!(d.r16(ISR) & INT_SERR, 0);
+}

@@ -1,0 +1,248 @@
+//! Transmit: the four normal-mode slots and the C+ descriptor ring, with the C+ offloads
+//! (VLAN tag insertion, IP/TCP/UDP checksums, large send) done here.
+
+use super::*;
+use crate::net::offload;
+use std::io::IoSlice;
+use vm_memory::{Bytes, GuestAddress};
+
+// C+ descriptor opts1 bits shared by both rings.
+pub const DESC_OWN: u32 = 1 << 31;
+pub const DESC_EOR: u32 = 1 << 30;
+pub const DESC_FS: u32 = 1 << 29;
+pub const DESC_LS: u32 = 1 << 28;
+// C+ TX opts1.
+pub const TX_LGSEN: u32 = 1 << 27;
+pub const TX_MSS_SHIFT: u32 = 16;
+pub const TX_MSS_MASK: u32 = 0x7ff;
+pub const TX_IPCS: u32 = 1 << 18;
+pub const TX_UDPCS: u32 = 1 << 17;
+pub const TX_TCPCS: u32 = 1 << 16;
+pub const TX_LEN_MASK: u32 = 0xffff;
+// C+ TX opts2.
+pub const TX_TAGC: u32 = 1 << 17;
+/// C+ descriptors are 16 bytes: opts1, opts2, 64-bit buffer address.
+pub const DESC_SIZE: u64 = 16;
+/// A ring without EOR wraps after this many descriptors, so a runaway ring stays bounded.
+pub const CP_RING_MAX: u16 = 1024;
+
+pub(super) fn next_index(i: u16, opts1: u32) -> u16 {
+    if opts1 & DESC_EOR != 0 || i + 1 >= CP_RING_MAX {
+        0
+    } else {
+        i + 1
+    }
+}
+
+impl Rtl8139 {
+    fn tx_enabled(&self) -> bool {
+        self.regs[CR] & CR_TE != 0
+    }
+
+    /// Hands one frame to the backend; when the backend is full the frame waits in the
+    /// backlog (the guest already counts it as sent) and transmit pauses until it drains.
+    fn send_frame(&mut self, frame: &[u8]) {
+        self.stats.tx_frames += 1;
+        self.stats.tx_bytes += frame.len() as u64;
+        self.tally.tx_ok += 1;
+        if self.tx_backlog.is_empty() {
+            match self.backend.send(&[IoSlice::new(frame)]) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The I/O thread learns from the kick to watch for writability.
+                    let _ = self.tx_kick.write(1);
+                }
+                Err(e) => {
+                    log::debug!("rtl8139 {}: send failed: {e}", self.mac);
+                    return;
+                }
+            }
+        }
+        self.tx_backlog.push_back(frame.to_vec());
+    }
+
+    /// I/O thread: the backend may take frames again; then resume what waited.
+    pub(super) fn flush_tx(&mut self) {
+        while let Some(f) = self.tx_backlog.front() {
+            match self.backend.send(&[IoSlice::new(f)]) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                _ => {
+                    self.tx_backlog.pop_front();
+                }
+            }
+        }
+        while self.tx_backlog.is_empty() {
+            let Some(slot) = self.tx_waiting.pop_front() else {
+                break;
+            };
+            self.send_slot(slot);
+        }
+        if self.tx_backlog.is_empty() && self.cplus_mode() {
+            self.cp_transmit();
+        }
+    }
+
+    // ---- normal mode ------------------------------------------------------------------
+
+    /// The driver wrote TSDn: a cleared OWN bit hands the slot to the device.
+    pub(super) fn tsd_written(&mut self, slot: usize) {
+        if self.tsd[slot] & TSD_OWN != 0 || self.tx_waiting.contains(&slot) {
+            return;
+        }
+        if !self.tx_backlog.is_empty() || !self.tx_enabled() {
+            self.tx_waiting.push_back(slot);
+            return;
+        }
+        self.send_slot(slot);
+    }
+
+    fn send_slot(&mut self, slot: usize) {
+        if !self.tx_enabled() {
+            self.tx_waiting.push_front(slot);
+            return;
+        }
+        let size = (self.tsd[slot] & TSD_SIZE) as usize;
+        let addr = GuestAddress(self.get32(TSAD0 + 4 * slot) as u64);
+        let mut buf = std::mem::take(&mut self.tx_buf);
+        buf.resize(size, 0);
+        let ok = if size > MAX_NORMAL_FRAME {
+            self.dma_error(&format!(
+                "TX slot {slot} asks for {size} bytes (at most {MAX_NORMAL_FRAME})"
+            ));
+            false
+        } else if self.mem.read_slice(&mut buf, addr).is_err() {
+            self.dma_error(&format!(
+                "TX slot {slot} buffer {addr:#x?} is outside guest memory"
+            ));
+            false
+        } else {
+            true
+        };
+        if ok {
+            self.send_frame(&buf);
+            self.tsd[slot] |= TSD_OWN | TSD_TOK;
+            self.raise(INT_TOK);
+        } else {
+            self.tally.tx_abt = self.tally.tx_abt.wrapping_add(1);
+            self.tally.tx_err += 1;
+            self.tsd[slot] |= TSD_OWN | TSD_TABT;
+            self.raise(INT_TER);
+        }
+        buf.clear();
+        self.tx_buf = buf;
+    }
+
+    // ---- C+ mode ----------------------------------------------------------------------
+
+    /// TPPoll: sends every frame the driver handed over, in ring order.
+    pub(super) fn cp_transmit(&mut self) {
+        if !self.tx_enabled() || self.get16(CPCR) & CPCR_TXON == 0 || self.tx_dead {
+            return;
+        }
+        let base = self.get64(TNPDS);
+        let mut sent = false;
+        for _ in 0..CP_RING_MAX {
+            if !self.tx_backlog.is_empty() {
+                break; // flush_tx resumes here
+            }
+            let at = GuestAddress(base.wrapping_add(self.cp_tx_index as u64 * DESC_SIZE));
+            let mut d = [0u8; 16];
+            if self.mem.read_slice(&mut d, at).is_err() {
+                self.tx_dead = true;
+                self.dma_error("TX descriptor ring is outside guest memory");
+                break;
+            }
+            let opts1 = u32::from_le_bytes(d[0..4].try_into().unwrap());
+            let opts2 = u32::from_le_bytes(d[4..8].try_into().unwrap());
+            let buf = u64::from_le_bytes(d[8..16].try_into().unwrap());
+            if opts1 & DESC_OWN == 0 {
+                break;
+            }
+            if opts1 & DESC_FS != 0 {
+                self.tx_buf.clear();
+                self.cp_tx_opts = (opts1, opts2);
+                self.cp_tx_drop = false;
+            }
+            let len = (opts1 & TX_LEN_MASK) as usize;
+            if self.tx_buf.len() + len > net_backends::MAX_FRAME {
+                if !self.cp_tx_drop {
+                    self.dma_error("TX frame is larger than 64 KiB; dropped");
+                }
+                self.cp_tx_drop = true;
+                self.tx_buf.clear();
+            } else if !self.cp_tx_drop {
+                let start = self.tx_buf.len();
+                self.tx_buf.resize(start + len, 0);
+                if self
+                    .mem
+                    .read_slice(&mut self.tx_buf[start..], GuestAddress(buf))
+                    .is_err()
+                {
+                    self.tx_dead = true;
+                    self.dma_error("TX buffer is outside guest memory");
+                    break;
+                }
+            }
+            // Status write-back: the device owns nothing any more; command bits become
+            // (zero) status bits.
+            let status = opts1 & (DESC_EOR | DESC_FS | DESC_LS | TX_LEN_MASK);
+            if self.mem.write_obj(status.to_le(), at).is_err() {
+                self.tx_dead = true;
+                self.dma_error("TX descriptor ring is outside guest memory");
+                break;
+            }
+            self.cp_tx_index = next_index(self.cp_tx_index, opts1);
+            if opts1 & DESC_LS != 0 {
+                if !self.cp_tx_drop {
+                    self.cp_send_offloaded();
+                }
+                self.cp_tx_drop = false;
+                self.tx_buf.clear();
+                sent = true;
+            }
+        }
+        if sent {
+            self.raise(INT_TOK);
+        }
+    }
+
+    /// Applies the first descriptor's offload requests to the gathered frame and sends it.
+    fn cp_send_offloaded(&mut self) {
+        let (opts1, opts2) = self.cp_tx_opts;
+        let mut frame = std::mem::take(&mut self.tx_buf);
+        if opts2 & TX_TAGC != 0 && frame.len() >= 12 {
+            // The tag sits byte-swapped in the descriptor, as the driver put it.
+            let tci = (opts2 as u16).swap_bytes().to_be_bytes();
+            frame.splice(12..12, [0x81, 0x00, tci[0], tci[1]]);
+        }
+        let layers = offload::parse(&frame);
+        let mut segmented = false;
+        if opts1 & TX_LGSEN != 0 {
+            let mss = ((opts1 >> TX_MSS_SHIFT) & TX_MSS_MASK) as usize;
+            if let Some(at) = layers.filter(|a| a.ipv4) {
+                let mut scratch = std::mem::take(&mut self.tx_scratch);
+                let r: Result<bool, ()> =
+                    offload::segment_tcp(&frame, &at, mss, &mut scratch, |s| {
+                        self.send_frame(s);
+                        Ok(())
+                    });
+                segmented = r == Ok(true);
+                self.tx_scratch = scratch;
+            }
+        } else if let Some(at) = layers.filter(|a| a.ipv4) {
+            if opts1 & TX_IPCS != 0 {
+                offload::fill_ipv4_checksum(&mut frame, &at);
+            }
+            let tcp = at.proto == offload::IPPROTO_TCP && opts1 & TX_TCPCS != 0;
+            let udp = at.proto == offload::IPPROTO_UDP && opts1 & TX_UDPCS != 0;
+            if tcp || udp {
+                offload::fill_l4_checksum(&mut frame, &at);
+            }
+        }
+        if !segmented {
+            self.send_frame(&frame);
+        }
+        frame.clear();
+        self.tx_buf = frame;
+    }
+}
