@@ -36,8 +36,16 @@ fn boots_to_init_and_reboots_cleanly() {
     assert_eq!(o.line("BOOT").unwrap()["cpus"], "1");
     let cmdline = o.line("CMDLINE").unwrap()["_"].clone();
     assert!(cmdline.contains("nicvm.marker=x,y=z"), "{cmdline}");
-    // No NIC was asked for.
-    assert!(o.lines("NIC").is_empty(), "{}", o.dump());
+    // No network options: the classic default network, 8139cp on user-mode networking.
+    let nic = o
+        .line("NIC")
+        .unwrap_or_else(|| panic!("no NIC line\n{}", o.dump()));
+    assert_eq!(nic["iface"], "eth0");
+    assert_eq!(nic["driver"], "8139cp");
+    assert_eq!(nic["mac"], "52:54:00:12:34:56");
+    assert_eq!(nic["lease"], "10.0.2.15/24");
+    assert_eq!(nic["router"], "10.0.2.2");
+    assert_eq!(o.lines("NIC").len(), 1, "{}", o.dump());
     if emulating_host() {
         let cpu = o.line("CPU").unwrap();
         assert_eq!(
@@ -50,9 +58,14 @@ fn boots_to_init_and_reboots_cleanly() {
 #[test]
 fn two_cpus_and_512m_then_poweroff() {
     let Some(img) = image() else { return };
-    let o = boot(&img, "nicvm.run=poweroff", &["-m", "512", "-smp", "2"]);
+    let o = boot(
+        &img,
+        "nicvm.run=poweroff",
+        &["-m", "512", "-smp", "2", "-nic", "none"],
+    );
     assert_eq!(o.code, Some(0), "poweroff is an orderly exit\n{}", o.dump());
     assert_eq!(o.line("BOOT").unwrap()["cpus"], "2", "{}", o.dump());
+    assert!(o.lines("NIC").is_empty(), "-nic none: no NIC\n{}", o.dump());
     let kb = mem_kb(&o);
     assert!(
         (480_000..=524_288).contains(&kb),
@@ -64,7 +77,7 @@ fn two_cpus_and_512m_then_poweroff() {
 #[test]
 fn guest_panic_is_a_failure_with_the_reason() {
     let Some(img) = image() else { return };
-    let o = boot(&img, "nicvm.run=panic", &["-m", "64"]);
+    let o = boot(&img, "nicvm.run=panic", &["-m", "64", "-net", "none"]);
     assert_eq!(o.code, Some(2), "{}", o.dump());
     assert!(o.stdout.contains("Kernel panic"), "{}", o.dump());
     assert!(o.stderr.contains("guest kernel panicked"), "{}", o.dump());
@@ -114,6 +127,8 @@ fn terminal_console_escapes_and_restore() {
             "-append",
             "console=ttyS0 quiet nicvm.run=sleep:600",
             "-nographic",
+            "-nic",
+            "none",
         ])
         .env("NICVM_LOG", "warn")
         .stdin(io(&slave))
@@ -158,6 +173,8 @@ fn boots_a_bzimage() {
             "-append",
             "console=ttyS0 quiet nicvm.run=exit nicvm.marker=bz",
             "-nographic",
+            "-nic",
+            "none",
         ]),
         std::time::Duration::from_secs(600),
     );

@@ -2,13 +2,9 @@
 //! dnsmasq) and boots real guests in it.
 
 mod support;
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
-use support::net::Netns;
+use support::net::*;
 use support::*;
-
-const MIB8: usize = 8 << 20;
 
 #[test]
 fn virtio_net_on_a_tap_lease_ping_and_8mib_each_way() {
@@ -16,13 +12,7 @@ fn virtio_net_on_a_tap_lease_ping_and_8mib_each_way() {
     let mut ns = Netns::new("tap");
     ns.sh("ip tuntap add dev tap0 mode tap && ip addr add 192.168.90.1/24 dev tap0 && ip link set tap0 up");
     ns.dnsmasq("tap0", ("192.168.90.50", "192.168.90.60"), &[]);
-    let listener = ns.within(|| TcpListener::bind("192.168.90.1:5002").expect("bind"));
-    let receiver = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        let mut got = Vec::with_capacity(MIB8);
-        s.read_to_end(&mut got).expect("read from the guest");
-        got
-    });
+    let receiver = receive_from_guest(&ns, "192.168.90.1");
 
     let mut g = ns.guest(
         &img,
@@ -52,28 +42,7 @@ fn virtio_net_on_a_tap_lease_ping_and_8mib_each_way() {
     let ping = g.wait_line("PING");
     assert_eq!(ping["result"], "ok", "guest -> host ping: {}", ping["_"]);
 
-    // Host -> guest: 8 MiB.
-    g.wait_line("LISTEN");
-    let data = pseudo_random(MIB8);
-    let addr = format!("{ip}:5001");
-    let mut s = ns.within(move || connect_retry(&addr));
-    s.write_all(&data).expect("send to guest");
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let recv = g.wait_line("RECV");
-    assert_eq!(recv["bytes"], MIB8.to_string());
-    assert_eq!(recv["fnv1a64"], fnv1a64(&data), "host -> guest checksum");
-    drop(s);
-
-    // Guest -> host: 8 MiB of the same stream; byte-exact and with the checksum it reports.
-    let sent = g.wait_line("SENT");
-    assert_eq!(sent["result"], "ok", "{}", sent["_"]);
-    let got = receiver.join().unwrap();
-    assert_eq!(sent["bytes"], MIB8.to_string());
-    assert_eq!(fnv1a64(&got), sent["fnv1a64"], "guest -> host checksum");
-    assert!(
-        got == data,
-        "guest -> host bytes differ from the xorshift64 stream"
-    );
+    exchange_8mib(&ns, &mut g, &ip, receiver);
     let o = g.finish();
     assert_eq!(o.code, Some(0), "{}", o.dump());
 }

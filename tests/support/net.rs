@@ -259,3 +259,58 @@ impl Drop for Guest {
         let _ = self.child.wait();
     }
 }
+
+pub const MIB8: usize = 8 << 20;
+
+/// Listens on `host_ip:5002` in `ns` for the guest's `send:HOST:5002:8` step; returns what
+/// arrived once the guest closes.
+pub fn receive_from_guest(ns: &Netns, host_ip: &str) -> std::thread::JoinHandle<Vec<u8>> {
+    let addr = format!("{host_ip}:5002");
+    let listener = ns.within(move || std::net::TcpListener::bind(&addr).expect("bind"));
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut got = Vec::with_capacity(MIB8);
+        s.read_to_end(&mut got).expect("read from the guest");
+        got
+    })
+}
+
+/// The two halves of the bulk test, with the guest running
+/// `recv:5001,send:HOST:5002:8`: 8 MiB host -> guest (checksum the guest reports), then
+/// 8 MiB guest -> host (byte-exact against the xorshift64 stream).
+pub fn exchange_8mib(
+    ns: &Netns,
+    g: &mut Guest,
+    guest_ip: &str,
+    receiver: std::thread::JoinHandle<Vec<u8>>,
+) {
+    use std::io::Write;
+    g.wait_line("LISTEN");
+    let data = super::pseudo_random(MIB8);
+    let addr = format!("{guest_ip}:5001");
+    let mut s = ns.within(move || super::connect_retry(&addr));
+    s.write_all(&data).expect("send to guest");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let recv = g.wait_line("RECV");
+    assert_eq!(recv["bytes"], MIB8.to_string());
+    assert_eq!(
+        recv["fnv1a64"],
+        super::fnv1a64(&data),
+        "host -> guest checksum"
+    );
+    drop(s);
+
+    let sent = g.wait_line("SENT");
+    assert_eq!(sent["result"], "ok", "{}", sent["_"]);
+    let got = receiver.join().unwrap();
+    assert_eq!(sent["bytes"], MIB8.to_string());
+    assert_eq!(
+        super::fnv1a64(&got),
+        sent["fnv1a64"],
+        "guest -> host checksum"
+    );
+    assert!(
+        got == data,
+        "guest -> host bytes differ from the xorshift64 stream"
+    );
+}

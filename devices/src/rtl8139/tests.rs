@@ -57,8 +57,13 @@ fn personalities_identify_as_linux_expects() {
     assert_eq!(cp.r32(TCR) & TCR_HWVERID_MASK, HWVERID_8139CPLUS);
     assert_eq!(cp.probe(), MAC);
     // pci_set_mwi() in 8139cp's probe needs the cache line size to read back.
-    cp.dev.config_mut().write(crate::pci::PCI_CACHE_LINE_SIZE, &[16]);
-    assert_eq!(cp.dev.config().get16(crate::pci::PCI_CACHE_LINE_SIZE) & 0xff, 16);
+    cp.dev
+        .config_mut()
+        .write(crate::pci::PCI_CACHE_LINE_SIZE, &[16]);
+    assert_eq!(
+        cp.dev.config().get16(crate::pci::PCI_CACHE_LINE_SIZE) & 0xff,
+        16
+    );
     let (mut too, _p) = rig(false);
     assert_eq!(too.dev.config().get32(8) & 0xff, REVISION_NORMAL as u32);
     // 8139too's table: HW_REVID(1, 1, 1, 0, 1, 0, 0) is "RTL-8139C".
