@@ -136,9 +136,10 @@ impl Driver {
         v
     }
 
-    /// e1000_read_eeprom for a Microwire part: acquire, opcode and address out, 16 bits in,
-    /// release. `None` when the grant never comes.
-    pub fn ee_read_bitbang(&mut self, word: u16) -> Option<u16> {
+    /// e1000_read_eeprom for a Microwire part: acquire (REQ/GNT, CS), then per word the READ
+    /// opcode and address out, 16 bits in and a standby, then release. `None` when the grant
+    /// never comes.
+    pub fn ee_read_words(&mut self, first: u16, n: u16) -> Option<Vec<u16>> {
         let mut eecd = self.r(EECD) | EECD_REQ;
         self.w(EECD, eecd);
         if (0..1000).all(|_| self.r(EECD) & EECD_GNT == 0) {
@@ -149,28 +150,46 @@ impl Driver {
         self.w(EECD, eecd);
         eecd |= EECD_CS;
         self.w(EECD, eecd);
-        let out = [(0b110u32, 3u32), (word as u32, 6)];
-        for (bits, count) in out {
-            for i in (0..count).rev() {
-                eecd = if bits >> i & 1 != 0 {
-                    eecd | EECD_DI
-                } else {
-                    eecd & !EECD_DI
-                };
-                self.w(EECD, eecd);
-                self.ee_clock(eecd);
+        let mut words = vec![];
+        for word in first..first + n {
+            for (bits, count) in [(0b110u32, 3u32), (word as u32, 6)] {
+                for i in (0..count).rev() {
+                    eecd = if bits >> i & 1 != 0 {
+                        eecd | EECD_DI
+                    } else {
+                        eecd & !EECD_DI
+                    };
+                    self.w(EECD, eecd);
+                    self.ee_clock(eecd);
+                }
             }
+            eecd &= !EECD_DI;
+            let mut data = 0u16;
+            for _ in 0..16 {
+                let v = self.ee_clock(eecd);
+                data = data << 1 | (v & EECD_DO != 0) as u16;
+            }
+            words.push(data);
+            // e1000_standby_eeprom: deselect, clock high, select, clock low.
+            eecd &= !(EECD_CS | EECD_SK);
+            self.w(EECD, eecd);
+            eecd |= EECD_SK;
+            self.w(EECD, eecd);
+            eecd |= EECD_CS;
+            self.w(EECD, eecd);
+            eecd &= !EECD_SK;
+            self.w(EECD, eecd);
         }
-        eecd &= !EECD_DI;
-        let mut data = 0u16;
-        for _ in 0..16 {
-            let v = self.ee_clock(eecd);
-            data = data << 1 | (v & EECD_DO != 0) as u16;
-        }
-        // Standby, then release.
-        self.w(EECD, eecd & !(EECD_CS | EECD_SK));
-        self.w(EECD, eecd & !(EECD_CS | EECD_SK | EECD_REQ));
-        Some(data)
+        // e1000_release_eeprom: deselect, one clock, drop the request.
+        eecd &= !(EECD_CS | EECD_DI);
+        self.w(EECD, eecd);
+        self.ee_clock(eecd);
+        self.w(EECD, eecd & !EECD_REQ);
+        Some(words)
+    }
+
+    pub fn ee_read_bitbang(&mut self, word: u16) -> Option<u16> {
+        self.ee_read_words(word, 1).map(|w| w[0])
     }
 
     pub fn ee_read_eerd(&mut self, word: u16) -> Option<u16> {
@@ -192,9 +211,9 @@ impl Driver {
     }
 
     pub fn read_mac(&mut self) -> MacAddr {
+        let words = self.ee_read_words(0, 3).unwrap_or(vec![0xffff; 3]);
         let mut m = [0u8; 6];
-        for i in 0..3 {
-            let w = self.ee_read_bitbang(i as u16).unwrap_or(0xffff);
+        for (i, w) in words.iter().enumerate() {
             m[2 * i..2 * i + 2].copy_from_slice(&w.to_le_bytes());
         }
         MacAddr(m)

@@ -91,6 +91,9 @@ pub struct E1000 {
     io_addr: u32,
     /// STATUS.LU as last reported (an LSC is raised when it changes).
     link_up: bool,
+    /// The driver restarted negotiation or reset the PHY since CTRL.RST: like CTRL.SLU, this
+    /// lets the MAC take the PHY's link.
+    an_started: bool,
 
     /// The INTx line as the device drives it (before PCI_COMMAND_INTX_DISABLE).
     line: bool,
@@ -145,6 +148,7 @@ impl E1000 {
             phy: Phy::default(),
             io_addr: 0,
             link_up: false,
+            an_started: false,
             line: false,
             last_irq: None,
             timer: Timer::new()?,
@@ -190,6 +194,7 @@ impl E1000 {
         self.set_reg(RAL0, u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
         self.set_reg(RAH0, u16::from_le_bytes([m[4], m[5]]) as u32 | RAH_AV);
         self.link_up = false;
+        self.an_started = false;
         self.line = false;
         self.apply_line();
         self.timer.disarm();
@@ -202,6 +207,8 @@ impl E1000 {
         self.rx_stalled = false;
         self.rx_error = false;
         self.errors = 0;
+        // The I/O thread may have stopped reading for this device: let it look again.
+        let _ = self.rx_kick.write(1);
     }
 
     /// A guest programming error on one ring: stop that ring until the next reset.
@@ -263,7 +270,8 @@ impl E1000 {
 
     /// Re-derives STATUS.LU from CTRL.SLU, the PHY and the backend; LSC when it changes.
     fn update_link(&mut self) {
-        let up = self.reg(CTRL) & CTRL_SLU != 0 && self.phy.link_up(self.backend.link_up());
+        let enabled = self.reg(CTRL) & CTRL_SLU != 0 || self.an_started;
+        let up = enabled && self.phy.link_up(self.backend.link_up());
         if up != self.link_up {
             self.link_up = up;
             self.raise(ICR_LSC);
@@ -289,7 +297,7 @@ impl E1000 {
         } else if op == MDIC_OP_READ {
             out = (out & !0xffff) | self.phy.read(reg, self.backend.link_up()) as u32;
         } else {
-            self.phy.write(reg, v as u16);
+            self.an_started |= self.phy.write(reg, v as u16);
         }
         self.set_reg(MDIC, out | MDIC_READY);
         if v & MDIC_INT_EN != 0 {
@@ -400,15 +408,18 @@ impl E1000 {
             RDH | TDH => self.set_reg(off, v & 0xffff),
             RDT => {
                 self.set_reg(RDT, v & 0xffff);
-                let _ = self.rx_kick.write(1);
+                // Only a stalled receiver needs the I/O thread's attention.
+                if self.rx_stalled {
+                    let _ = self.rx_kick.write(1);
+                }
             }
             TDT => {
                 self.set_reg(TDT, v & 0xffff);
-                self.process_tx();
+                self.tx_doorbell();
             }
             TCTL => {
                 self.set_reg(TCTL, v);
-                self.process_tx();
+                self.tx_doorbell();
             }
             _ => self.set_reg(off, v),
         }

@@ -124,24 +124,26 @@ impl Phy {
         }
     }
 
-    pub fn write(&mut self, reg: usize, v: u16) {
+    /// Writes a register; true when this started (or restarted) negotiation.
+    pub fn write(&mut self, reg: usize, v: u16) -> bool {
         if !WRITABLE.contains(&reg) {
-            return;
+            return false;
         }
         if reg != PHY_CTRL {
             self.regs[reg] = v;
-            return;
+            return false;
         }
         if v & MII_CR_RESET != 0 {
             // A software reset keeps the written speed/duplex/autoneg settings and renegotiates.
             self.reset();
             self.regs[PHY_CTRL] = v & !(MII_CR_RESET | MII_CR_RESTART_AUTONEG);
             self.link = v & MII_CR_POWER_DOWN == 0;
-            return;
+            return self.link;
         }
         self.regs[PHY_CTRL] = v & !MII_CR_RESTART_AUTONEG; // self-clearing
                                                            // Negotiation (started, restarted or replaced by forced settings) completes at once;
                                                            // power-down drops the link.
         self.link = v & MII_CR_POWER_DOWN == 0;
+        self.link && v & MII_CR_RESTART_AUTONEG != 0
     }
 }

@@ -198,6 +198,12 @@ fn probe_eeprom_and_phy() {
         sum = sum.wrapping_add(bb);
     }
     assert_eq!(sum, 0xbaba);
+    let all = r.ee_read_words(0, 64).unwrap();
+    assert_eq!(
+        all.iter().fold(0u16, |a, &w| a.wrapping_add(w)),
+        0xbaba,
+        "one acquisition"
+    );
     assert_eq!(r.read_mac(), MacAddr(MAC));
     assert_eq!(r.ee_read_bitbang(0x0d), Some(0x100e), "device ID word");
     assert_eq!(r.ee_read_bitbang(0x0e), Some(0x8086), "vendor ID word");
@@ -600,6 +606,10 @@ fn rx_flow_control() {
     assert_ne!(r.r(ICR) & (ICR_RXO | ICR_RXT0 | ICR_RXDMT0), 0);
     let got = r.rx_poll(); // writes RDT
     assert_eq!(got.len(), 7);
+    assert!(
+        r.dev.rx_kick.read().is_ok(),
+        "RDT on a stalled ring kicks the I/O thread"
+    );
     let interest = r.rx_kick();
     assert!(interest.readable);
     let got = r.rx_poll();
@@ -621,6 +631,12 @@ fn tx_would_block_then_resumes() {
     assert_eq!(r.tx_done(), 0);
     let i = r.dev.handle(NetEvent::TxKick);
     assert!(i.writable, "asks to hear when the backend drains");
+    assert!(
+        r.dev.tx_kick.read().is_err(),
+        "a retry that blocks again does not re-kick"
+    );
+    let i = r.dev.handle(NetEvent::Backend);
+    assert!(i.writable, "still full");
     r.ctl.budget.store(usize::MAX, Ordering::SeqCst);
     let i = r.dev.handle(NetEvent::Backend);
     assert!(!i.writable);

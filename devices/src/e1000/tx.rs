@@ -58,6 +58,16 @@ fn cs_end(cse: usize, len: usize) -> usize {
 }
 
 impl E1000 {
+    /// TX from the vCPU thread: when the backend pushes back, the I/O thread takes over
+    /// (its TxKick retries and then waits for the backend to turn writable).
+    pub(super) fn tx_doorbell(&mut self) {
+        let was_blocked = self.tx_blocked;
+        self.process_tx();
+        if self.tx_blocked && !was_blocked {
+            let _ = self.tx_kick.write(1);
+        }
+    }
+
     pub(super) fn process_tx(&mut self) {
         if self.tx_error || self.tx_blocked || self.reg(TCTL) & TCTL_EN == 0 {
             return;
@@ -144,7 +154,6 @@ impl E1000 {
             let f = first.take().expect("set above");
             if let Sent::Blocked = self.transmit(&f) {
                 self.tx_blocked = true;
-                let _ = self.tx_kick.write(1);
                 break;
             }
             self.tx_segs_sent = 0;
@@ -187,6 +196,9 @@ impl E1000 {
     }
 
     fn transmit_frame(&mut self, frame: &mut [u8], f: &FrameCmd) -> Sent {
+        if frame.is_empty() {
+            return Sent::Done; // only null descriptors: nothing goes on the wire
+        }
         let vlan =
             (f.eop_cmd & TXD_CMD_VLE != 0 && self.reg(CTRL) & CTRL_VME != 0).then_some(f.special);
         let c = self.ctx;
