@@ -39,7 +39,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use eeprom::EEPROM_SUM;
@@ -179,6 +179,15 @@ impl E1000 {
 
     fn set_reg(&mut self, off: usize, v: u32) {
         self.regs[off / 4] = v;
+    }
+
+    /// The base address of a ring of `n` descriptors, if all of it is guest memory.
+    fn ring_base(&self, bal: usize, bah: usize, n: usize) -> Option<u64> {
+        let base = (self.reg(bah) as u64) << 32 | self.reg(bal) as u64;
+        let len = n * DESC_LEN as usize;
+        self.mem
+            .check_range(GuestAddress(base), len)
+            .then_some(base)
     }
 
     /// CTRL.RST (and power-on): registers to their defaults; the EEPROM, the MAC address it

@@ -3,7 +3,7 @@
 use super::*;
 use crate::net::offload::{self, fold, ones_sum, IPPROTO_UDP};
 use net_backends::vnet::VNET_HDR_LEN;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::Bytes;
 
 /// Frames handled per event before the I/O thread gets to look at other fds.
 const RX_BURST: usize = 256;
@@ -105,9 +105,12 @@ impl E1000 {
             }
         }
         if delivered {
+            // Descriptors still owned by the device; RXDMT0 when at most 1/2, 1/4 or 1/8 of
+            // the ring (RCTL.RDMTS) is left. Head and tail are inside the ring here.
             let mut causes = ICR_RXT0;
-            let n = self.reg(RDLEN) / DESC_LEN as u32;
-            let free = (self.reg(RDT) + n - self.reg(RDH)) % n.max(1);
+            let n = (self.reg(RDLEN) / DESC_LEN as u32) as usize;
+            let (rdh, rdt) = (self.reg(RDH) as usize, self.reg(RDT) as usize);
+            let free = (rdt + n - rdh) % n.max(1);
             let rdmts = (self.reg(RCTL) >> RCTL_RDMTS_SHIFT) & 3;
             if free <= n >> (rdmts.min(2) + 1) {
                 causes |= ICR_RXDMT0;
@@ -199,10 +202,13 @@ impl E1000 {
             status |= RXD_STAT_VP;
             special = tci.unwrap_or(0);
         }
-        let base = (self.reg(RDBAH) as u64) << 32 | self.reg(RDBAL) as u64;
+        let Some(base) = self.ring_base(RDBAL, RDBAH, n) else {
+            self.ring_error(false, "RX descriptor ring outside guest memory");
+            return Rx::Error;
+        };
         let mut idx = rdh;
         for i in 0..needed {
-            let desc = base.wrapping_add(idx as u64 * DESC_LEN);
+            let desc = base + idx as u64 * DESC_LEN;
             let from = i * bsize;
             let len = bsize.min(total - from);
             let last = i + 1 == needed;

@@ -7,7 +7,7 @@ use super::*;
 use crate::net::offload::{insert_checksum, segment_tcp, Layers, IPPROTO_TCP, IPPROTO_UDP};
 use net_backends::vnet::VNET_HDR_LEN;
 use std::io::IoSlice;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::Bytes;
 
 /// What the descriptors of one frame asked for: the first one's type and options, the last
 /// one's command and VLAN tag.
@@ -80,8 +80,10 @@ impl E1000 {
         if n == 0 || head >= n || tail >= n {
             return self.ring_error(true, "TX ring head/tail outside a ring of TDLEN bytes");
         }
-        let base = (self.reg(TDBAH) as u64) << 32 | self.reg(TDBAL) as u64;
-        let desc_addr = |i: usize| GuestAddress(base.wrapping_add(i as u64 * DESC_LEN));
+        let Some(base) = self.ring_base(TDBAL, TDBAH, n) else {
+            return self.ring_error(true, "TX descriptor ring outside guest memory");
+        };
+        let desc_addr = |i: usize| GuestAddress(base + i as u64 * DESC_LEN);
         // Descriptors from `start` on belong to a frame not sent yet; TDH stays there.
         let mut start = head;
         let mut cur = head;
@@ -180,7 +182,7 @@ impl E1000 {
     fn write_dd(&mut self, desc: GuestAddress) -> bool {
         let ok = self
             .mem
-            .write_obj(TXD_STAT_DD, GuestAddress(desc.0.wrapping_add(12)))
+            .write_obj(TXD_STAT_DD, GuestAddress(desc.0 + 12))
             .is_ok();
         if !ok {
             self.ring_error(true, "TX descriptor ring outside guest memory");
