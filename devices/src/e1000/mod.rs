@@ -17,7 +17,11 @@
 //!   (counting RNBC and raising RXO once), so frames wait in the backend instead of being
 //!   dropped. Frames that could never fit the ring are dropped and counted in MPC.
 //! * The receive descriptor's packet checksum field is left 0; flow-control frames, wake-up,
-//!   manageability and the flash BAR are absent. Unknown registers are plain storage.
+//!   manageability and the flash BAR are absent. Unknown registers are plain storage, and
+//!   only 1-, 2- and 4-byte register accesses do anything.
+//! * Over a backend with a virtio-net header the model still segments and checksums itself
+//!   and sends an empty header; received headers are skipped (offloaded frames from the
+//!   peer are not expected: e1000 backends are opened without offloads).
 //! * A guest that programs an impossible ring (outside memory, head/tail past the end,
 //!   zero length) or an over-long frame puts that ring in an error state, logged once, until
 //!   CTRL.RST. The TX side runs synchronously on the vCPU thread that writes TDT.

@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 const PEER: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc];
+const VNET_HDR: usize = net_backends::vnet::VNET_HDR_LEN;
 
 /// The in-memory backend plus knobs a test turns: link state, and a send budget after which
 /// the backend reports WouldBlock.
@@ -797,4 +798,29 @@ fn hostile_tso_context() {
     let f = eth(PEER, 0x0800, 64);
     r.xmit_legacy(&f, None, None);
     assert_eq!(r.peer.take_sent(), vec![f]);
+}
+
+#[test]
+fn backend_with_vnet_header() {
+    // A tap opened with IFF_VNET_HDR: the model adds an empty header going out and skips
+    // the header coming in.
+    let caps = Capabilities {
+        vnet_hdr: true,
+        offloads: net_backends::Offloads::ALL,
+    };
+    let (b, peer) = pair(caps);
+    let mut d = Driver::new(Box::new(b));
+    d.probe();
+    d.open();
+    let f = eth(PEER, 0x0800, 100);
+    d.xmit_legacy(&f, None, None);
+    let sent = peer.take_sent();
+    assert_eq!(&sent[0][..VNET_HDR], &[0; VNET_HDR]);
+    assert_eq!(&sent[0][VNET_HDR..], &f[..]);
+    let g = eth(MAC, 0x0800, 100);
+    let mut with_hdr = vec![0u8; VNET_HDR];
+    with_hdr.extend_from_slice(&g);
+    peer.inject(&with_hdr);
+    d.dev.handle(NetEvent::Backend);
+    assert_eq!(d.rx_poll()[0].data, g);
 }
