@@ -2,6 +2,7 @@
 //! legacy PC devices, pvpanic and the NIC models.
 
 pub mod bus;
+pub mod e1000;
 pub mod interrupt;
 pub mod legacy;
 pub mod lifecycle;

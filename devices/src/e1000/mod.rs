@@ -1,0 +1,561 @@
+//! Intel 82540EM gigabit Ethernet controller ("e1000", PCI 8086:100E), as the Linux e1000
+//! driver, Windows and firmware drive it.
+//!
+//! Covered: the 128 KiB register BAR and the IOADDR/IODATA I/O BAR; the Microwire EEPROM
+//! (bit-banged through EECD, or through EERD); the M88E1011 PHY through MDIC; INTx with
+//! ICR/ICS/IMS/IMC and ITR interrupt throttling; one RX and one TX descriptor ring; receive
+//! filtering (RAL/RAH exact match, MTA hash, broadcast, promiscuous, VFTA); VLAN strip and
+//! insertion; RX checksum reporting; TX checksum insertion (legacy and context descriptors)
+//! and TCP segmentation; statistics counters.
+//!
+//! Where it differs from the hardware:
+//! * The link comes up as soon as the driver sets CTRL.SLU (or negotiation is restarted);
+//!   there is no negotiation delay. Speed is always 1000 Mb/s full duplex.
+//! * Interrupt delay timers (RDTR, RADV, TIDV, TADV) are stored but not applied: causes are
+//!   raised when the work is done, and only ITR spaces interrupts out.
+//! * No FIFO: when the guest has no receive buffers the model stops reading the backend
+//!   (counting RNBC and raising RXO once), so frames wait in the backend instead of being
+//!   dropped. Frames that could never fit the ring are dropped and counted in MPC.
+//! * The receive descriptor's packet checksum field is left 0; flow-control frames, wake-up,
+//!   manageability and the flash BAR are absent. Unknown registers are plain storage, and
+//!   only 1-, 2- and 4-byte register accesses do anything.
+//! * Over a backend with a virtio-net header the model still segments and checksums itself
+//!   and sends an empty header; received headers are skipped (offloaded frames from the
+//!   peer are not expected: e1000 backends are opened without offloads).
+//! * A guest that programs an impossible ring (outside memory, head/tail past the end,
+//!   zero length) or an over-long frame puts that ring in an error state, logged once, until
+//!   CTRL.RST. The TX side runs synchronously on the vCPU thread that writes TDT.
+
+pub mod eeprom;
+pub mod phy;
+pub mod regs;
+mod rx;
+mod tx;
+
+use crate::interrupt::{IntxLine, IrqChip};
+use crate::net::{BackendInterest, NetEvent, NetFrontend, Timer};
+use crate::pci::{BarKind, PciConfig, PciDevice, PCI_COMMAND_INTX_DISABLE};
+use eeprom::Eeprom;
+use net_backends::{MacAddr, NetBackend, MAX_FRAME};
+use phy::Phy;
+use regs::*;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use eeprom::EEPROM_SUM;
+pub use phy::{M88E1011_ID1, M88E1011_ID2, PHY_ADDR};
+
+pub const E1000_VENDOR: u16 = 0x8086;
+pub const E1000_DEVICE_82540EM: u16 = 0x100e;
+/// Subsystem of Intel's PRO/1000 MT Desktop adapter.
+pub const E1000_SUBSYSTEM: (u16, u16) = (0x8086, 0x001e);
+pub const MMIO_BAR: usize = 0;
+pub const IO_BAR: usize = 1;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct E1000Stats {
+    pub tx_frames: u64,
+    pub rx_frames: u64,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub interrupts: u64,
+    pub rx_dropped: u64,
+}
+
+/// The TCP/IP context last loaded by a context descriptor.
+#[derive(Debug, Default, Clone, Copy)]
+struct TxContext {
+    ipcss: usize,
+    ipcso: usize,
+    ipcse: usize,
+    tucss: usize,
+    tucso: usize,
+    tucse: usize,
+    tucmd: u8,
+    hdrlen: usize,
+    mss: usize,
+}
+
+pub struct E1000 {
+    config: PciConfig,
+    intx: IntxLine,
+    mem: GuestMemoryMmap,
+    backend: Box<dyn NetBackend>,
+    mac: MacAddr,
+    /// The register file, indexed by offset / 4; registers with side effects are handled
+    /// around it.
+    regs: Box<[u32]>,
+    eeprom: Eeprom,
+    phy: Phy,
+    /// IOADDR: the register the I/O window's IODATA reaches.
+    io_addr: u32,
+    /// STATUS.LU as last reported (an LSC is raised when it changes).
+    link_up: bool,
+    /// The driver restarted negotiation or reset the PHY since CTRL.RST: like CTRL.SLU, this
+    /// lets the MAC take the PHY's link.
+    an_started: bool,
+
+    /// The INTx line as the device drives it (before PCI_COMMAND_INTX_DISABLE).
+    line: bool,
+    last_irq: Option<Instant>,
+    timer: Timer,
+    timer_armed: bool,
+
+    tx_kick: EventFd,
+    rx_kick: EventFd,
+    ctx: TxContext,
+    tx_buf: Vec<u8>,
+    tx_scratch: Vec<u8>,
+    /// Descriptors of the frame being gathered that asked for a status write-back.
+    tx_rs: Vec<u16>,
+    tx_blocked: bool,
+    /// Segments of a blocked TSO frame that already went out.
+    tx_segs_sent: usize,
+    tx_error: bool,
+
+    rx_buf: Vec<u8>,
+    /// A frame read from the backend that waits for receive buffers.
+    rx_pending: Option<usize>,
+    rx_stalled: bool,
+    rx_error: bool,
+
+    /// Guest errors seen; the first is logged.
+    errors: u64,
+    pub stats: E1000Stats,
+}
+
+impl E1000 {
+    pub fn new(
+        mac: MacAddr,
+        backend: Box<dyn NetBackend>,
+        mem: GuestMemoryMmap,
+        chip: Arc<dyn IrqChip>,
+        intx_gsi: u32,
+    ) -> io::Result<Self> {
+        let mut config = PciConfig::new(E1000_VENDOR, E1000_DEVICE_82540EM, (0x02, 0x00, 0x00), 2);
+        config.set_subsystem(E1000_SUBSYSTEM.0, E1000_SUBSYSTEM.1);
+        config.set_interrupt(1, intx_gsi as u8);
+        config.add_bar(MMIO_BAR, BarKind::Mem32, MMIO_SIZE);
+        config.add_bar(IO_BAR, BarKind::Io, IO_SIZE);
+        let mut dev = E1000 {
+            config,
+            intx: IntxLine::new(chip, intx_gsi, intx_gsi),
+            mem,
+            backend,
+            mac,
+            regs: vec![0u32; MMIO_SIZE as usize / 4].into_boxed_slice(),
+            eeprom: Eeprom::new(mac, E1000_DEVICE_82540EM, E1000_SUBSYSTEM),
+            phy: Phy::default(),
+            io_addr: 0,
+            link_up: false,
+            an_started: false,
+            line: false,
+            last_irq: None,
+            timer: Timer::new()?,
+            timer_armed: false,
+            tx_kick: EventFd::new(EFD_NONBLOCK)?,
+            rx_kick: EventFd::new(EFD_NONBLOCK)?,
+            ctx: TxContext::default(),
+            tx_buf: Vec::with_capacity(MAX_FRAME),
+            tx_scratch: Vec::with_capacity(MAX_FRAME),
+            tx_rs: Vec::new(),
+            tx_blocked: false,
+            tx_segs_sent: 0,
+            tx_error: false,
+            rx_buf: vec![0; MAX_FRAME],
+            rx_pending: None,
+            rx_stalled: false,
+            rx_error: false,
+            errors: 0,
+            stats: E1000Stats::default(),
+        };
+        dev.reset();
+        Ok(dev)
+    }
+
+    fn reg(&self, off: usize) -> u32 {
+        self.regs[off / 4]
+    }
+
+    fn set_reg(&mut self, off: usize, v: u32) {
+        self.regs[off / 4] = v;
+    }
+
+    /// The base address of a ring of `n` descriptors, if all of it is guest memory.
+    fn ring_base(&self, bal: usize, bah: usize, n: usize) -> Option<u64> {
+        let base = (self.reg(bah) as u64) << 32 | self.reg(bal) as u64;
+        let len = n * DESC_LEN as usize;
+        self.mem
+            .check_range(GuestAddress(base), len)
+            .then_some(base)
+    }
+
+    /// CTRL.RST (and power-on): registers to their defaults; the EEPROM, the MAC address it
+    /// holds and the PHY are untouched. Frames waiting in the backend stay there.
+    fn reset(&mut self) {
+        self.regs.fill(0);
+        self.set_reg(CTRL, CTRL_FD | CTRL_ASDE | CTRL_SPD_1000);
+        self.set_reg(VET, 0x8100);
+        self.set_reg(LEDCTL, 0x0706_0302);
+        self.set_reg(PBA, 0x0010_0030); // 48 KB receive, 16 KB transmit
+        self.set_reg(TIPG, 0x0060_2008);
+        let m = self.mac.0;
+        self.set_reg(RAL0, u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
+        self.set_reg(RAH0, u16::from_le_bytes([m[4], m[5]]) as u32 | RAH_AV);
+        self.link_up = false;
+        self.an_started = false;
+        self.line = false;
+        self.apply_line();
+        self.timer.disarm();
+        self.timer_armed = false;
+        self.ctx = TxContext::default();
+        self.tx_buf.clear();
+        self.tx_blocked = false;
+        self.tx_segs_sent = 0;
+        self.tx_error = false;
+        self.rx_stalled = false;
+        self.rx_error = false;
+        self.errors = 0;
+        // The I/O thread may have stopped reading for this device: let it look again.
+        let _ = self.rx_kick.write(1);
+    }
+
+    /// A guest programming error on one ring: stop that ring until the next reset.
+    fn ring_error(&mut self, tx: bool, what: &str) {
+        if self.errors == 0 {
+            log::warn!(
+                "e1000 {}: {what}; the device stops until it is reset",
+                self.mac
+            );
+        }
+        self.errors += 1;
+        if tx {
+            self.tx_error = true;
+        } else {
+            self.rx_error = true;
+        }
+    }
+
+    // ---- interrupts -------------------------------------------------------------------------
+
+    fn raise(&mut self, causes: u32) {
+        let icr = self.reg(ICR) | (causes & ICR_VALID);
+        self.set_reg(ICR, icr);
+        self.update_irq();
+    }
+
+    /// Drives the line from ICR & IMS, spacing assertions at least ITR * 256 ns apart.
+    fn update_irq(&mut self) {
+        let want = self.reg(ICR) & self.reg(IMS) != 0;
+        if !want || self.line {
+            if !want && self.line {
+                self.line = false;
+                self.apply_line();
+            }
+            return;
+        }
+        let interval = Duration::from_nanos((self.reg(ITR) & 0xffff) as u64 * 256);
+        let now = Instant::now();
+        if let Some(next) = self.last_irq.map(|t| t + interval).filter(|&n| n > now) {
+            if !self.timer_armed {
+                self.timer.arm(next - now);
+                self.timer_armed = true;
+            }
+            return;
+        }
+        self.last_irq = Some(now);
+        self.stats.interrupts += 1;
+        self.line = true;
+        self.apply_line();
+    }
+
+    fn apply_line(&mut self) {
+        let enabled = self.config.command() & PCI_COMMAND_INTX_DISABLE == 0;
+        self.intx.set(self.line && enabled);
+        self.config.set_interrupt_status(self.line);
+    }
+
+    // ---- link -------------------------------------------------------------------------------
+
+    /// Re-derives STATUS.LU from CTRL.SLU, the PHY and the backend; LSC when it changes.
+    fn update_link(&mut self) {
+        let enabled = self.reg(CTRL) & CTRL_SLU != 0 || self.an_started;
+        let up = enabled && self.phy.link_up(self.backend.link_up());
+        if up != self.link_up {
+            self.link_up = up;
+            self.raise(ICR_LSC);
+        }
+    }
+
+    fn status(&mut self) -> u32 {
+        self.update_link();
+        let mut s = STATUS_FD | STATUS_SPEED_1000 | STATUS_ASDV_1000;
+        if self.link_up {
+            s |= STATUS_LU;
+        }
+        s
+    }
+
+    fn mdic(&mut self, v: u32) {
+        let phy_addr = (v >> 21) & 0x1f;
+        let reg = ((v >> 16) & 0x1f) as usize;
+        let op = v & (MDIC_OP_READ | MDIC_OP_WRITE);
+        let mut out = v & !(MDIC_READY | MDIC_ERROR);
+        if phy_addr != PHY_ADDR || (op != MDIC_OP_READ && op != MDIC_OP_WRITE) {
+            out |= MDIC_ERROR;
+        } else if op == MDIC_OP_READ {
+            out = (out & !0xffff) | self.phy.read(reg, self.backend.link_up()) as u32;
+        } else {
+            self.an_started |= self.phy.write(reg, v as u16);
+        }
+        self.set_reg(MDIC, out | MDIC_READY);
+        if v & MDIC_INT_EN != 0 {
+            self.raise(ICR_MDAC);
+        }
+        self.update_link();
+    }
+
+    // ---- statistics -------------------------------------------------------------------------
+
+    /// Adds to a 32-bit counter, which sticks at its maximum as the hardware's do.
+    fn count(&mut self, reg: usize, n: u64) {
+        let v = (self.reg(reg) as u64 + n).min(u32::MAX as u64);
+        self.set_reg(reg, v as u32);
+    }
+
+    /// Adds to a 64-bit counter kept as a low/high register pair.
+    fn count64(&mut self, low: usize, n: u64) {
+        let v = (self.reg(low) as u64 | (self.reg(low + 4) as u64) << 32).wrapping_add(n);
+        self.set_reg(low, v as u32);
+        self.set_reg(low + 4, (v >> 32) as u32);
+    }
+
+    /// The 64-byte .. 1522-byte bucket (PRC64.. or PTC64..) for a frame of `len` bytes
+    /// including the FCS.
+    fn count_size(&mut self, first: usize, len: usize) {
+        let bucket = match len {
+            ..=64 => 0,
+            65..=127 => 1,
+            128..=255 => 2,
+            256..=511 => 3,
+            512..=1023 => 4,
+            1024..=1522 => 5,
+            _ => return,
+        };
+        self.count(first + 4 * bucket, 1);
+    }
+
+    // ---- register file ----------------------------------------------------------------------
+
+    fn read_reg(&mut self, off: usize) -> u32 {
+        match off {
+            STATUS => self.status(),
+            EECD => self.eeprom.eecd(),
+            ICR => {
+                let v = self.reg(ICR);
+                self.set_reg(ICR, 0);
+                self.update_irq();
+                v
+            }
+            ICS | IMC => 0,
+            STATS_START..STATS_END => {
+                let v = self.reg(off);
+                let low_half = matches!(off, GORCL | GOTCL | TORL | TOTL);
+                if !low_half {
+                    self.set_reg(off, 0);
+                    if matches!(off, GORCH | GOTCH | TORH | TOTH) {
+                        self.set_reg(off - 4, 0);
+                    }
+                }
+                v
+            }
+            _ => self.reg(off),
+        }
+    }
+
+    fn write_reg(&mut self, off: usize, v: u32) {
+        match off {
+            CTRL => {
+                if v & CTRL_RST != 0 {
+                    self.reset();
+                    return;
+                }
+                let old = self.reg(CTRL);
+                if v & CTRL_PHY_RST != 0 && old & CTRL_PHY_RST == 0 {
+                    self.phy.hold_reset();
+                } else if v & CTRL_PHY_RST == 0 && old & CTRL_PHY_RST != 0 {
+                    self.phy.release_reset();
+                }
+                self.set_reg(CTRL, v);
+                self.update_link();
+            }
+            STATUS | STATS_START..STATS_END => {} // read-only
+            EECD => self.eeprom.write_eecd(v),
+            EERD => self.set_reg(EERD, self.eeprom.eerd(v)),
+            MDIC => self.mdic(v),
+            ICR => {
+                self.set_reg(ICR, self.reg(ICR) & !v);
+                self.update_irq();
+            }
+            ICS => self.raise(v),
+            IMS => {
+                self.set_reg(IMS, (self.reg(IMS) | v) & ICR_VALID);
+                self.update_irq();
+            }
+            IMC => {
+                self.set_reg(IMS, self.reg(IMS) & !v);
+                self.update_irq();
+            }
+            ITR => self.set_reg(ITR, v & 0xffff),
+            VET => self.set_reg(VET, v & 0xffff),
+            RCTL => {
+                self.set_reg(RCTL, v);
+                let _ = self.rx_kick.write(1);
+            }
+            RDBAL | TDBAL => self.set_reg(off, v & !0xf),
+            RDLEN | TDLEN => self.set_reg(off, v & RING_LEN_MASK),
+            RDH | TDH => self.set_reg(off, v & 0xffff),
+            RDT => {
+                self.set_reg(RDT, v & 0xffff);
+                // Only a stalled receiver needs the I/O thread's attention.
+                if self.rx_stalled {
+                    let _ = self.rx_kick.write(1);
+                }
+            }
+            TDT => {
+                self.set_reg(TDT, v & 0xffff);
+                self.tx_doorbell();
+            }
+            TCTL => {
+                self.set_reg(TCTL, v);
+                self.tx_doorbell();
+            }
+            _ => self.set_reg(off, v),
+        }
+    }
+
+    /// Reads `data.len()` bytes at `off` of the register space: whole registers, or bytes of
+    /// one.
+    fn mmio_read(&mut self, off: u64, data: &mut [u8]) {
+        data.fill(0);
+        if off >= MMIO_SIZE || data.len() > 4 {
+            return;
+        }
+        let v = self.read_reg(off as usize & !3).to_le_bytes();
+        let at = off as usize & 3;
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = v.get(at + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn mmio_write(&mut self, off: u64, data: &[u8]) {
+        if off >= MMIO_SIZE || data.len() > 4 {
+            return;
+        }
+        let reg = off as usize & !3;
+        let mut v = self.reg(reg).to_le_bytes();
+        let at = off as usize & 3;
+        for (i, &d) in data.iter().enumerate() {
+            if let Some(b) = v.get_mut(at + i) {
+                *b = d;
+            }
+        }
+        self.write_reg(reg, u32::from_le_bytes(v));
+    }
+
+    fn io_target(&self) -> u64 {
+        (self.io_addr & (MMIO_SIZE as u32 - 1)) as u64
+    }
+}
+
+impl PciDevice for E1000 {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+    fn config_mut(&mut self) -> &mut PciConfig {
+        &mut self.config
+    }
+    fn config_written(&mut self, _offset: usize, _len: usize) {
+        // PCI_COMMAND_INTX_DISABLE may have changed.
+        self.apply_line();
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        match (bar, offset) {
+            (MMIO_BAR, o) => self.mmio_read(o, data),
+            (IO_BAR, IOADDR) => {
+                let v = self.io_addr.to_le_bytes();
+                let n = data.len().min(4);
+                data[..n].copy_from_slice(&v[..n]);
+            }
+            (IO_BAR, IODATA) => self.mmio_read(self.io_target(), data),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        match (bar, offset) {
+            (MMIO_BAR, o) => self.mmio_write(o, data),
+            (IO_BAR, IOADDR) => {
+                let mut v = self.io_addr.to_le_bytes();
+                let n = data.len().min(4);
+                v[..n].copy_from_slice(&data[..n]);
+                self.io_addr = u32::from_le_bytes(v);
+            }
+            (IO_BAR, IODATA) => self.mmio_write(self.io_target(), data),
+            _ => {}
+        }
+    }
+}
+
+impl NetFrontend for E1000 {
+    fn event_fds(&self) -> Vec<(RawFd, NetEvent)> {
+        vec![
+            (self.tx_kick.as_raw_fd(), NetEvent::TxKick),
+            (self.rx_kick.as_raw_fd(), NetEvent::RxKick),
+            (self.backend.fd(), NetEvent::Backend),
+            (self.timer.fd(), NetEvent::Timer),
+        ]
+    }
+
+    fn handle(&mut self, ev: NetEvent) -> BackendInterest {
+        match ev {
+            NetEvent::TxKick => {
+                let _ = self.tx_kick.read();
+                self.tx_blocked = false;
+                self.process_tx();
+            }
+            NetEvent::RxKick => {
+                let _ = self.rx_kick.read();
+                self.rx_stalled = false;
+                self.process_rx();
+            }
+            NetEvent::Backend => {
+                if self.tx_blocked {
+                    self.tx_blocked = false;
+                    self.process_tx();
+                }
+                self.process_rx();
+            }
+            NetEvent::Timer => {
+                self.timer.take();
+                self.timer_armed = false;
+                self.update_irq();
+            }
+        }
+        self.update_link();
+        BackendInterest {
+            readable: !self.rx_stalled && !self.rx_error,
+            writable: self.tx_blocked,
+        }
+    }
+}
+
+pub mod driver;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,354 @@
+//! Receive: filtering, VLAN stripping, checksum reporting and descriptor write-back.
+
+use super::*;
+use crate::net::offload::{self, fold, ones_sum, IPPROTO_UDP};
+use net_backends::vnet::VNET_HDR_LEN;
+use vm_memory::Bytes;
+
+/// Frames handled per event before the I/O thread gets to look at other fds.
+const RX_BURST: usize = 256;
+/// Shortest frame on the wire without its FCS.
+pub(super) const MIN_FRAME: usize = 60;
+/// Longest frame without RCTL.LPE, FCS included (a VLAN-tagged full-size frame).
+const MAX_STD_FRAME: usize = 1522;
+/// Longest frame the 82540EM receives with RCTL.LPE.
+const MAX_LONG_FRAME: usize = 16384;
+pub(super) const ZEROS: [u8; MIN_FRAME] = [0; MIN_FRAME];
+
+enum Rx {
+    Delivered,
+    Dropped,
+    /// Not enough descriptors yet; the frame waits.
+    NoBuffers,
+    Error,
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+/// CRC-32 (IEEE 802.3), table-driven, for the FCS the guest sees unless RCTL.SECRC.
+fn crc32(parts: &[&[u8]]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+    let mut crc = !0u32;
+    for b in parts.iter().flat_map(|p| p.iter()) {
+        crc = TABLE[((crc ^ *b as u32) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+impl E1000 {
+    /// Receive buffer size from RCTL.BSIZE and BSEX.
+    fn rx_buf_size(&self) -> usize {
+        let rctl = self.reg(RCTL);
+        let code = ((rctl >> RCTL_BSIZE_SHIFT) & 3) as usize;
+        match (rctl & RCTL_BSEX != 0, code) {
+            (true, 1) => 16384,
+            (true, 2) => 8192,
+            (true, 3) => 4096,
+            (_, c) => 2048 >> c,
+        }
+    }
+
+    pub(super) fn process_rx(&mut self) {
+        if self.rx_error {
+            return;
+        }
+        let mut delivered = false;
+        for _ in 0..RX_BURST {
+            let fresh = self.rx_pending.is_none();
+            let len = match self.rx_pending.take() {
+                Some(l) => l,
+                None => match self.backend.recv(&mut self.rx_buf) {
+                    Ok(Some(l)) => l,
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::debug!("e1000 {}: receive failed: {e}", self.mac);
+                        break;
+                    }
+                },
+            };
+            let buf = std::mem::take(&mut self.rx_buf);
+            let r = self.receive(&buf[..len], fresh);
+            self.rx_buf = buf;
+            match r {
+                Rx::Delivered => delivered = true,
+                Rx::Dropped => {}
+                Rx::NoBuffers => {
+                    self.rx_pending = Some(len);
+                    if !self.rx_stalled {
+                        self.rx_stalled = true;
+                        self.count(RNBC, 1);
+                        self.raise(ICR_RXO);
+                    }
+                    break;
+                }
+                Rx::Error => break,
+            }
+        }
+        if delivered {
+            // Descriptors still owned by the device; RXDMT0 when at most 1/2, 1/4 or 1/8 of
+            // the ring (RCTL.RDMTS) is left. Head and tail are inside the ring here.
+            let mut causes = ICR_RXT0;
+            let n = (self.reg(RDLEN) / DESC_LEN as u32) as usize;
+            let (rdh, rdt) = (self.reg(RDH) as usize, self.reg(RDT) as usize);
+            let free = (rdt + n - rdh) % n.max(1);
+            let rdmts = (self.reg(RCTL) >> RCTL_RDMTS_SHIFT) & 3;
+            if free <= n >> (rdmts.min(2) + 1) {
+                causes |= ICR_RXDMT0;
+            }
+            self.raise(causes);
+        }
+    }
+
+    /// Delivers one frame from the backend; `fresh` is false when it waited for buffers
+    /// (and was counted already).
+    fn receive(&mut self, raw: &[u8], fresh: bool) -> Rx {
+        let frame = if self.backend.capabilities().vnet_hdr {
+            match raw.get(VNET_HDR_LEN..) {
+                Some(f) => f,
+                None => return Rx::Dropped,
+            }
+        } else {
+            raw
+        };
+        let rctl = self.reg(RCTL);
+        if rctl & RCTL_EN == 0 || !self.link_up {
+            self.stats.rx_dropped += 1;
+            return Rx::Dropped;
+        }
+        let wire_len = frame.len().max(MIN_FRAME) + 4;
+        if fresh {
+            self.count(TPR, 1);
+            self.count64(TORL, wire_len as u64);
+        }
+        if frame.len() < 14 {
+            self.count(RUC, 1);
+            self.stats.rx_dropped += 1;
+            return Rx::Dropped;
+        }
+        if !self.accept(frame) {
+            return Rx::Dropped;
+        }
+        let max = if rctl & RCTL_LPE != 0 {
+            MAX_LONG_FRAME
+        } else {
+            MAX_STD_FRAME
+        };
+        if wire_len > max {
+            self.count(ROC, 1);
+            self.stats.rx_dropped += 1;
+            return Rx::Dropped;
+        }
+
+        let tci = be16(frame, 14).filter(|_| be16(frame, 12) == Some(self.reg(VET) as u16));
+        let strip = tci.is_some() && self.reg(CTRL) & CTRL_VME != 0;
+        let (head, tail) = if strip {
+            (&frame[..12], &frame[16..])
+        } else {
+            (frame, &[][..])
+        };
+        let pad = &ZEROS[..MIN_FRAME.saturating_sub(head.len() + tail.len())];
+        let fcs = if rctl & RCTL_SECRC == 0 {
+            crc32(&[head, tail, pad]).to_le_bytes()
+        } else {
+            [0; 4]
+        };
+        let fcs = &fcs[..if rctl & RCTL_SECRC == 0 { 4 } else { 0 }];
+        let parts = [head, tail, pad, fcs];
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+
+        let n = (self.reg(RDLEN) / DESC_LEN as u32) as usize;
+        let (rdh, rdt) = (self.reg(RDH) as usize, self.reg(RDT) as usize);
+        if rdh == rdt {
+            return Rx::NoBuffers;
+        }
+        if n == 0 || rdh >= n || rdt >= n {
+            self.ring_error(false, "RX ring head/tail outside a ring of RDLEN bytes");
+            return Rx::Error;
+        }
+        let bsize = self.rx_buf_size();
+        let needed = total.div_ceil(bsize);
+        if needed > n - 1 {
+            self.count(MPC, 1);
+            self.stats.rx_dropped += 1;
+            return Rx::Dropped;
+        }
+        if needed > (rdt + n - rdh) % n {
+            return Rx::NoBuffers;
+        }
+
+        let (mut status, errors) = self.rx_checksum(frame);
+        let mut special = 0;
+        if strip {
+            status |= RXD_STAT_VP;
+            special = tci.unwrap_or(0);
+        }
+        let Some(base) = self.ring_base(RDBAL, RDBAH, n) else {
+            self.ring_error(false, "RX descriptor ring outside guest memory");
+            return Rx::Error;
+        };
+        let mut idx = rdh;
+        for i in 0..needed {
+            let desc = base + idx as u64 * DESC_LEN;
+            let from = i * bsize;
+            let len = bsize.min(total - from);
+            let last = i + 1 == needed;
+            let Ok(addr) = self.mem.read_obj::<u64>(GuestAddress(desc)) else {
+                self.ring_error(false, "RX descriptor ring outside guest memory");
+                return Rx::Error;
+            };
+            if self.write_parts(&parts, from, len, addr).is_err() {
+                self.ring_error(false, "RX buffer outside guest memory");
+                return Rx::Error;
+            }
+            let mut wb = [0u8; 8];
+            wb[0..2].copy_from_slice(&(len as u16).to_le_bytes());
+            if last {
+                wb[4] = status | RXD_STAT_DD | RXD_STAT_EOP;
+                wb[5] = errors;
+                wb[6..8].copy_from_slice(&special.to_le_bytes());
+            } else {
+                wb[4] = RXD_STAT_DD;
+            }
+            if self.mem.write_slice(&wb, GuestAddress(desc + 8)).is_err() {
+                self.ring_error(false, "RX descriptor ring outside guest memory");
+                return Rx::Error;
+            }
+            idx = (idx + 1) % n;
+        }
+        self.set_reg(RDH, idx as u32);
+
+        self.count(GPRC, 1);
+        self.count64(GORCL, wire_len as u64);
+        self.count_size(PRC64, wire_len);
+        if frame[..6] == [0xff; 6] {
+            self.count(BPRC, 1);
+        } else if frame[0] & 1 != 0 {
+            self.count(MPRC, 1);
+        }
+        self.stats.rx_frames += 1;
+        self.stats.rx_bytes += frame.len() as u64;
+        Rx::Delivered
+    }
+
+    /// Writes bytes `from..from + len` of the concatenation of `parts` at guest `addr`.
+    fn write_parts(
+        &self,
+        parts: &[&[u8]],
+        mut from: usize,
+        mut len: usize,
+        addr: u64,
+    ) -> Result<(), ()> {
+        let mut at = addr;
+        for p in parts {
+            if from >= p.len() {
+                from -= p.len();
+                continue;
+            }
+            let n = (p.len() - from).min(len);
+            self.mem
+                .write_slice(&p[from..from + n], GuestAddress(at))
+                .map_err(|_| ())?;
+            at = at.wrapping_add(n as u64);
+            len -= n;
+            from = 0;
+            if len == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The address filters and the VLAN filter.
+    fn accept(&self, frame: &[u8]) -> bool {
+        let rctl = self.reg(RCTL);
+        if rctl & RCTL_VFE != 0 && be16(frame, 12) == Some(self.reg(VET) as u16) {
+            let vid = be16(frame, 14).unwrap_or(0) as usize & 0xfff;
+            if self.reg(VFTA + 4 * (vid >> 5)) & (1 << (vid & 31)) == 0 {
+                return false;
+            }
+        }
+        let dst: [u8; 6] = frame[..6].try_into().unwrap();
+        let mcast = dst[0] & 1 != 0;
+        if (dst == [0xff; 6] && rctl & RCTL_BAM != 0)
+            || (mcast && rctl & RCTL_MPE != 0)
+            || (!mcast && rctl & RCTL_UPE != 0)
+        {
+            return true;
+        }
+        let low = u32::from_le_bytes(dst[..4].try_into().unwrap());
+        let high = u16::from_le_bytes([dst[4], dst[5]]) as u32;
+        let exact = (0..16).any(|i| {
+            let rah = self.reg(RAH0 + 8 * i);
+            rah & RAH_AV != 0
+                && rah & RAH_ASEL == 0
+                && rah & 0xffff == high
+                && self.reg(RAL0 + 8 * i) == low
+        });
+        if exact || !mcast {
+            return exact;
+        }
+        // The 12-bit hash: address bits 47:36, 46:35, 45:34 or 43:32 per RCTL.MO.
+        let top = u16::from_le_bytes([dst[4], dst[5]]) as u32;
+        let hash = match (rctl >> RCTL_MO_SHIFT) & 3 {
+            0 => top >> 4,
+            1 => top >> 3,
+            2 => top >> 2,
+            _ => top,
+        } & 0xfff;
+        self.reg(MTA + 4 * (hash as usize >> 5)) & (1 << (hash & 31)) != 0
+    }
+
+    /// Status and error bits for RXCSUM: IPv4 header and TCP/UDP checksums verified.
+    fn rx_checksum(&self, frame: &[u8]) -> (u8, u8) {
+        let rxcsum = self.reg(RXCSUM);
+        if rxcsum & (RXCSUM_IPOFL | RXCSUM_TUOFL) == 0 {
+            return (RXD_STAT_IXSM, 0);
+        }
+        let Some(at) = offload::parse(frame).filter(|a| a.ipv4) else {
+            return (0, 0);
+        };
+        let (mut status, mut errors) = (0, 0);
+        if rxcsum & RXCSUM_IPOFL != 0 {
+            status |= RXD_STAT_IPCS;
+            if fold(ones_sum(&frame[at.l3..at.l4])) != 0xffff {
+                errors |= RXD_ERR_IPE;
+            }
+        }
+        let udp_unchecked = at.proto == IPPROTO_UDP && be16(frame, at.l4 + 6) == Some(0);
+        if rxcsum & RXCSUM_TUOFL != 0 && !udp_unchecked {
+            status |= RXD_STAT_TCPCS;
+            let l4_len = at.end - at.l4;
+            let pseudo = ones_sum(&frame[at.l3 + 12..at.l3 + 20]) + at.proto as u64 + l4_len as u64;
+            if fold(pseudo + ones_sum(&frame[at.l4..at.end])) != 0xffff {
+                errors |= RXD_ERR_TCPE;
+            }
+        }
+        (status, errors)
+    }
+}
+
+/// CRC-32 of `data`; over a frame followed by its FCS it is the 802.3 residue 0x2144DF1C.
+#[cfg(test)]
+pub(super) fn crc32_of(data: &[u8]) -> u32 {
+    crc32(&[data])
+}

@@ -1,0 +1,826 @@
+//! The Linux e1000 driver's sequences against the model with an in-memory backend: probe,
+//! open, transmit (plain, checksum offload, TSO, VLAN), receive (filters, long frames,
+//! checksums, VLAN strip), interrupts and ITR, statistics, flow control, and hostile rings
+//! that must end in an error state or a dropped frame and recover after a reset.
+
+use super::driver::*;
+use super::phy::*;
+use super::*;
+use crate::net::offload::{fold, ones_sum, parse, IPPROTO_TCP};
+use net_backends::mem::{pair, MemBackend, MemPeer};
+use net_backends::{Capabilities, NetBackend};
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use vm_memory::{Bytes, GuestAddress};
+
+const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+const PEER: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc];
+const VNET_HDR: usize = net_backends::vnet::VNET_HDR_LEN;
+
+/// The in-memory backend plus knobs a test turns: link state, and a send budget after which
+/// the backend reports WouldBlock.
+struct TestBackend {
+    inner: MemBackend,
+    ctl: Arc<Ctl>,
+}
+
+struct Ctl {
+    link: AtomicBool,
+    /// Sends allowed before WouldBlock; usize::MAX for unlimited.
+    budget: AtomicUsize,
+}
+
+impl NetBackend for TestBackend {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
+        let b = self.ctl.budget.load(Ordering::SeqCst);
+        if b == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        if b != usize::MAX {
+            self.ctl.budget.store(b - 1, Ordering::SeqCst);
+        }
+        self.inner.send(frame)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.inner.recv(buf)
+    }
+    fn fd(&self) -> RawFd {
+        self.inner.fd()
+    }
+    fn link_up(&self) -> bool {
+        self.ctl.link.load(Ordering::SeqCst)
+    }
+}
+
+struct Rig {
+    d: Driver,
+    peer: MemPeer,
+    ctl: Arc<Ctl>,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = Driver;
+    fn deref(&self) -> &Driver {
+        &self.d
+    }
+}
+impl std::ops::DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut Driver {
+        &mut self.d
+    }
+}
+
+fn rig() -> Rig {
+    let (inner, peer) = pair(Capabilities::default());
+    let ctl = Arc::new(Ctl {
+        link: AtomicBool::new(true),
+        budget: AtomicUsize::new(usize::MAX),
+    });
+    let b = TestBackend {
+        inner,
+        ctl: ctl.clone(),
+    };
+    Rig {
+        d: Driver::new(Box::new(b)),
+        peer,
+        ctl,
+    }
+}
+
+/// Probed and opened, the LSC of e1000_open acknowledged.
+fn opened() -> Rig {
+    let mut r = rig();
+    r.probe();
+    r.open();
+    let _ = r.r(ICR);
+    r
+}
+
+impl Rig {
+    /// Frames from the peer into the guest, through the I/O thread's event.
+    fn inject<F: AsRef<[u8]>>(&mut self, frames: &[F]) -> BackendInterest {
+        for f in frames {
+            self.peer.inject(f.as_ref());
+        }
+        self.dev.handle(NetEvent::Backend)
+    }
+
+    fn rx_kick(&mut self) -> BackendInterest {
+        self.dev.handle(NetEvent::RxKick)
+    }
+}
+
+fn eth(dst: [u8; 6], ethertype: u16, payload: usize) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&PEER);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend((0..payload).map(|i| (i * 13 + 7) as u8));
+    f
+}
+
+/// Ethernet + IPv4 + TCP with valid checksums and `payload` data bytes.
+fn tcp4(dst: [u8; 6], payload: usize) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&PEER);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (40 + payload) as u16;
+    f.extend_from_slice(&[0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, IPPROTO_TCP, 0, 0]);
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[10, 0, 2, 15, 10, 0, 2, 2]);
+    f.extend_from_slice(&[0x9c, 0x40, 0x00, 0x50]);
+    f.extend_from_slice(&1000u32.to_be_bytes());
+    f.extend_from_slice(&7u32.to_be_bytes());
+    f.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    f.extend((0..payload).map(|i| (i * 7 + 3) as u8));
+    let at = parse(&f).unwrap();
+    crate::net::offload::fill_ipv4_checksum(&mut f, &at);
+    crate::net::offload::fill_l4_checksum(&mut f, &at);
+    f
+}
+
+/// Puts a pseudo-header sum in the TCP checksum field, as a driver does for offload.
+fn seed(f: &mut [u8], sum: u64) {
+    f[50..52].copy_from_slice(&fold(sum).to_be_bytes());
+}
+
+/// What e1000_tso leaves in the headers: IP total length and checksum 0, TCP checksum field
+/// = pseudo-header sum without the length.
+fn tso_prep(f: &mut [u8]) {
+    f[16..18].fill(0);
+    f[24..26].fill(0);
+    let sum = ones_sum(&f[26..34]) + IPPROTO_TCP as u64;
+    seed(f, sum);
+}
+
+fn pseudo(f: &[u8], l4_len: usize) -> u64 {
+    ones_sum(&f[26..34]) + IPPROTO_TCP as u64 + l4_len as u64
+}
+
+/// Both checksums of an IPv4 frame verify as a receiver checks them.
+fn checksums_ok(f: &[u8]) -> bool {
+    let at = parse(f).expect("parses");
+    let l4 = ones_sum(&f[at.l3 + 12..at.l3 + 20]) + at.proto as u64 + (at.end - at.l4) as u64;
+    fold(ones_sum(&f[at.l3..at.l4])) == 0xffff && fold(l4 + ones_sum(&f[at.l4..at.end])) == 0xffff
+}
+
+fn mta_hash(addr: [u8; 6]) -> u32 {
+    ((addr[4] >> 4) as u32 | (addr[5] as u32) << 4) & 0xfff
+}
+
+#[test]
+fn pci_identity_and_bars() {
+    let r = rig();
+    let c = r.dev.config();
+    assert_eq!(c.get16(0), 0x8086);
+    assert_eq!(c.get16(2), 0x100e);
+    assert_eq!(c.get32(8) >> 8, 0x02_00_00, "Ethernet controller");
+    assert_eq!(c.bar_kind(MMIO_BAR), Some(BarKind::Mem32));
+    assert_eq!(c.bar_size(MMIO_BAR), Some(128 << 10));
+    assert_eq!(c.bar_kind(IO_BAR), Some(BarKind::Io));
+    assert_eq!(c.interrupt_pin(), 1);
+}
+
+#[test]
+fn probe_eeprom_and_phy() {
+    let mut r = rig();
+    r.reset_hw();
+    // EECD: present, 64-word part (SIZE clear), no grant before a request.
+    let eecd = r.r(EECD);
+    assert_ne!(eecd & EECD_PRES, 0);
+    assert_eq!(eecd & (1 << 9 | EECD_GNT), 0);
+    assert!(r.eeprom_checksum_ok());
+    let mut sum = 0u16;
+    for i in 0..64u16 {
+        let bb = r.ee_read_bitbang(i).unwrap();
+        assert_eq!(r.ee_read_eerd(i), Some(bb), "word {i} the same both ways");
+        sum = sum.wrapping_add(bb);
+    }
+    assert_eq!(sum, 0xbaba);
+    let all = r.ee_read_words(0, 64).unwrap();
+    assert_eq!(
+        all.iter().fold(0u16, |a, &w| a.wrapping_add(w)),
+        0xbaba,
+        "one acquisition"
+    );
+    assert_eq!(r.read_mac(), MacAddr(MAC));
+    assert_eq!(r.ee_read_bitbang(0x0d), Some(0x100e), "device ID word");
+    assert_eq!(r.ee_read_bitbang(0x0e), Some(0x8086), "vendor ID word");
+    // RAL0/RAH0 hold the MAC after reset.
+    assert_eq!(r.r(RAL0), 0x1200_5452);
+    assert_eq!(r.r(RAH0), 0x5634 | RAH_AV);
+    // PHY.
+    assert_eq!(r.phy_id(), Some(0x0141_0c20));
+    assert_eq!(
+        r.phy_read_at(2, PHY_ID1 as u32),
+        None,
+        "nothing at PHY address 2"
+    );
+    assert!(r.phy_write(M88_PHY_SPEC_CTRL as u32, 0x0808));
+    assert_eq!(r.phy_read(M88_PHY_SPEC_CTRL as u32), Some(0x0808));
+    assert!(r.phy_write(PHY_ID1 as u32, 0));
+    assert_eq!(r.phy_read(PHY_ID1 as u32), Some(0x0141), "ID is read-only");
+    // The same registers through the I/O window.
+    assert_eq!(r.io_r(RAL0), 0x1200_5452);
+}
+
+#[test]
+fn open_brings_link_up_with_lsc() {
+    let mut r = rig();
+    r.reset_hw();
+    assert_eq!(r.r(STATUS) & STATUS_LU, 0, "no link before SLU");
+    let mac = r.read_mac();
+    r.init_hw(mac);
+    let st = r.r(STATUS);
+    assert_ne!(st & STATUS_LU, 0);
+    assert_ne!(st & STATUS_FD, 0);
+    assert_eq!(st & (3 << 6), STATUS_SPEED_1000);
+    let ps = r.phy_read(PHY_STATUS as u32).unwrap();
+    assert_eq!(
+        ps & (MII_SR_LINK_STATUS | MII_SR_AUTONEG_COMPLETE),
+        MII_SR_LINK_STATUS | MII_SR_AUTONEG_COMPLETE
+    );
+    assert_eq!(
+        r.phy_read(PHY_LP_ABILITY as u32).map(|v| v & 0x4000),
+        Some(0x4000)
+    );
+    assert!(!r.irq(), "LSC is masked until open");
+    r.open();
+    assert!(r.irq());
+    assert_ne!(r.r(ICR) & ICR_LSC, 0);
+    assert!(!r.irq(), "ICR read deasserts");
+    // The backend loses its peer: link down in STATUS and PHY, with an LSC.
+    r.ctl.link.store(false, Ordering::SeqCst);
+    assert_eq!(r.r(STATUS) & STATUS_LU, 0);
+    assert!(r.irq());
+    assert_eq!(r.r(ICR) & ICR_LSC, ICR_LSC);
+    assert_eq!(
+        r.phy_read(PHY_STATUS as u32).unwrap() & MII_SR_LINK_STATUS,
+        0
+    );
+    r.ctl.link.store(true, Ordering::SeqCst);
+    r.dev.handle(NetEvent::Timer);
+    assert!(r.irq(), "link back: LSC");
+    assert_ne!(r.r(STATUS) & STATUS_LU, 0);
+    // PHY power-down drops it, restarting autoneg brings it back.
+    let _ = r.r(ICR);
+    r.phy_write(PHY_CTRL as u32, MII_CR_POWER_DOWN);
+    assert_eq!(r.r(STATUS) & STATUS_LU, 0);
+    r.phy_write(PHY_CTRL as u32, MII_CR_AUTONEG_EN | MII_CR_RESTART_AUTONEG);
+    assert_ne!(r.r(STATUS) & STATUS_LU, 0);
+    assert_eq!(
+        r.phy_read(PHY_CTRL as u32).unwrap() & MII_CR_RESTART_AUTONEG,
+        0
+    );
+}
+
+#[test]
+fn xmit_plain_frame() {
+    let mut r = opened();
+    let f = eth(PEER, 0x0800, 1486);
+    r.xmit_legacy(&f, None, None);
+    assert_eq!(r.peer.take_sent(), vec![f]);
+    assert_eq!(r.tx_done(), 1);
+    assert!(r.irq());
+    let icr = r.r(ICR);
+    assert_eq!(icr & (ICR_TXDW | ICR_TXQE), ICR_TXDW | ICR_TXQE);
+    assert_eq!(r.r(TDH) as usize, r.tx_next());
+    // A short frame is padded to 60 bytes (TCTL.PSP).
+    let short = eth(PEER, 0x0806, 28);
+    r.xmit_legacy(&short, None, None);
+    let sent = r.peer.take_sent();
+    assert_eq!(sent[0].len(), 60);
+    assert_eq!(&sent[0][..42], &short[..]);
+    assert!(sent[0][42..].iter().all(|&b| b == 0));
+    assert_eq!(r.dev.stats.tx_frames, 2);
+    assert_eq!(r.r(GPTC), 2);
+    assert_eq!(r.r(TPT), 2);
+    assert_eq!(r.r(GOTCL), (1500 + 4 + 64) as u32);
+}
+
+#[test]
+fn xmit_checksum_offload() {
+    let mut r = opened();
+    // Context + data descriptors: the driver leaves the pseudo-header sum in the field.
+    let mut f = tcp4(PEER, 300);
+    let sum = pseudo(&f, 320);
+    seed(&mut f, sum);
+    r.xmit_csum(&f, 34, 50, true);
+    let sent = r.peer.take_sent();
+    assert!(checksums_ok(&sent[0]));
+    // Legacy descriptor with IC/CSS/CSO.
+    let sum = pseudo(&f, 320);
+    seed(&mut f, sum);
+    r.xmit_legacy(&f, Some((34, 50)), None);
+    assert!(checksums_ok(&r.peer.take_sent()[0]));
+    // CSO beyond the frame: sent untouched.
+    r.xmit_legacy(&f[..200], Some((34, 250)), None);
+    assert_eq!(r.peer.take_sent()[0][..], f[..200]);
+    assert_eq!(r.tx_done(), 3);
+}
+
+#[test]
+fn xmit_tso_64k() {
+    let mut r = opened();
+    let payload = 65536 - 54;
+    let mut f = tcp4(PEER, payload);
+    tso_prep(&mut f);
+    let mss = 1448;
+    r.xmit_tso(&f, 14, 34, 54, mss, None);
+    let sent = r.peer.take_sent();
+    assert_eq!(sent.len(), payload.div_ceil(mss as usize));
+    let mut data = vec![];
+    for (i, s) in sent.iter().enumerate() {
+        assert!(checksums_ok(s), "segment {i} checksums");
+        let seq = u32::from_be_bytes(s[38..42].try_into().unwrap());
+        assert_eq!(seq, 1000 + (i * mss as usize) as u32);
+        assert!(s.len() - 54 <= mss as usize);
+        data.extend_from_slice(&s[54..]);
+    }
+    assert_eq!(data, f[54..]);
+    assert_eq!(r.tx_done(), 1);
+    assert_eq!(r.r(TSCTC), 1);
+    assert_eq!(r.r(GPTC), sent.len() as u32);
+}
+
+#[test]
+fn vlan_insert_and_strip() {
+    let mut r = opened();
+    let ctrl = r.r(CTRL);
+    r.w(CTRL, ctrl | CTRL_VME);
+    let f = eth(PEER, 0x0800, 100);
+    r.xmit_legacy(&f, None, Some(0x2005));
+    let s = &r.peer.take_sent()[0];
+    assert_eq!(&s[12..16], &[0x81, 0x00, 0x20, 0x05]);
+    assert_eq!(&s[16..], &f[12..]);
+    // TSO with a tag: every segment tagged, checksums still right.
+    let mut t = tcp4(PEER, 4000);
+    tso_prep(&mut t);
+    r.xmit_tso(&t, 14, 34, 54, 1000, Some(7));
+    let segs = r.peer.take_sent();
+    assert_eq!(segs.len(), 4);
+    for s in &segs {
+        assert_eq!(&s[12..16], &[0x81, 0x00, 0x00, 0x07]);
+        assert!(checksums_ok(s));
+    }
+    // Receive: the tag is stripped into the descriptor.
+    let mut tagged = MAC.to_vec();
+    tagged.extend_from_slice(&PEER);
+    tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x64, 0x08, 0x06]);
+    tagged.extend_from_slice(&[1; 46]);
+    r.inject(&[&tagged]);
+    let got = r.rx_poll();
+    assert_eq!(got[0].special, 100);
+    assert_ne!(got[0].status & RXD_STAT_VP, 0);
+    assert_eq!(&got[0].data[12..14], &[0x08, 0x06]);
+    assert_eq!(got[0].data.len(), 60);
+    // VLAN filtering: VID 100 not in VFTA is dropped; once set, accepted.
+    let rctl = r.r(RCTL);
+    r.w(RCTL, rctl | RCTL_VFE);
+    r.inject(&[&tagged]);
+    assert!(r.rx_poll().is_empty());
+    r.w(VFTA + 4 * (100 >> 5), 1 << (100 & 31));
+    r.inject(&[&tagged]);
+    assert_eq!(r.rx_poll().len(), 1);
+    // Without VME the tag stays in the frame.
+    r.w(CTRL, ctrl);
+    r.inject(&[&tagged]);
+    let got = r.rx_poll();
+    assert_eq!(got[0].status & RXD_STAT_VP, 0);
+    assert_eq!(got[0].data, tagged);
+}
+
+#[test]
+fn receive_filters() {
+    let mut r = opened();
+    let other = [0x52, 0x54, 0, 1, 2, 3];
+    let mcast = [0x01, 0x00, 0x5e, 0x00, 0x00, 0xfb];
+    let bcast = [0xff; 6];
+    let frames = |d| vec![eth(d, 0x0800, 100)];
+    r.inject(&frames(MAC));
+    let got = r.rx_poll();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, frames(MAC)[0]);
+    assert_eq!(
+        got[0].status & (RXD_STAT_DD | RXD_STAT_EOP),
+        RXD_STAT_DD | RXD_STAT_EOP
+    );
+    r.inject(&frames(other));
+    assert!(r.rx_poll().is_empty(), "another MAC is filtered");
+    r.inject(&frames(bcast));
+    assert_eq!(r.rx_poll().len(), 1, "broadcast with BAM");
+    r.inject(&frames(mcast));
+    assert!(r.rx_poll().is_empty(), "multicast not in the MTA");
+    let h = mta_hash(mcast);
+    r.w(MTA + 4 * (h as usize >> 5), 1 << (h & 31));
+    r.inject(&frames(mcast));
+    assert_eq!(r.rx_poll().len(), 1, "multicast via the MTA hash");
+    // A second exact address in RAR 3.
+    r.w(RAL0 + 24, u32::from_le_bytes([0x52, 0x54, 0, 1]));
+    r.w(RAH0 + 24, 0x0302 | RAH_AV);
+    r.inject(&frames(other));
+    assert_eq!(r.rx_poll().len(), 1, "RAR 3");
+    r.w(RAH0 + 24, 0);
+    // Broadcast without BAM is dropped; promiscuous takes everything.
+    r.w(RCTL, RCTL_EN);
+    r.inject(&frames(bcast));
+    assert!(r.rx_poll().is_empty());
+    r.w(RCTL, RCTL_EN | RCTL_UPE | RCTL_MPE);
+    r.inject(&[
+        frames(other)[0].clone(),
+        eth([0x33, 0x33, 0, 0, 0, 1], 0x86dd, 60),
+    ]);
+    assert_eq!(r.rx_poll().len(), 2);
+    assert_eq!(r.r(BPRC), 1);
+    assert_eq!(r.r(MPRC), 2);
+    assert_eq!(r.r(GPRC), 6);
+    assert_eq!(r.r(TPR), 9);
+}
+
+#[test]
+fn receive_long_frame_over_descriptors() {
+    let mut r = opened();
+    let big = eth(MAC, 0x0800, 5000);
+    r.inject(&[&big]);
+    assert!(r.rx_poll().is_empty(), "too long without LPE");
+    assert_eq!(r.r(ROC), 1);
+    r.w(RCTL, RCTL_EN | RCTL_BAM | RCTL_LPE);
+    r.inject(&[&big]);
+    let got = r.rx_poll();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].descs, 3, "5014 + FCS over 2048-byte buffers");
+    assert_eq!(got[0].data, big);
+    // The FCS is the CRC-32 of the frame (residue check).
+    let mut all = big.clone();
+    all.extend_from_slice(&got[0].fcs.unwrap());
+    assert_eq!(super::rx::crc32_of(&all), 0x2144_df1c);
+    // 1024-byte buffers: the same frame needs five.
+    r.w(RCTL, RCTL_EN | RCTL_LPE | 1 << RCTL_BSIZE_SHIFT);
+    r.inject(&[&big]);
+    let got = r.rx_poll();
+    assert_eq!(got[0].descs, 5);
+    // SECRC: no FCS in the buffers.
+    r.w(RCTL, RCTL_EN | RCTL_LPE | RCTL_SECRC);
+    r.inject(&[&big]);
+    let got = r.rx_poll();
+    assert_eq!(got[0].data, big);
+    assert_eq!(got[0].fcs, None);
+}
+
+#[test]
+fn receive_checksum_reporting() {
+    let mut r = opened();
+    let good = tcp4(MAC, 200);
+    let mut bad_tcp = good.clone();
+    bad_tcp[100] ^= 0xff;
+    let mut bad_ip = good.clone();
+    bad_ip[22] ^= 1; // TTL
+    r.inject(&[good.clone(), bad_tcp, bad_ip, eth(MAC, 0x0806, 28)]);
+    let got = r.rx_poll();
+    let both = RXD_STAT_IPCS | RXD_STAT_TCPCS;
+    assert_eq!((got[0].status & both, got[0].errors), (both, 0));
+    assert_eq!((got[1].status & both, got[1].errors), (both, RXD_ERR_TCPE));
+    assert_eq!(got[2].errors & RXD_ERR_IPE, RXD_ERR_IPE);
+    assert_eq!(
+        got[3].status & (both | RXD_STAT_IXSM),
+        0,
+        "not IP: nothing checked"
+    );
+    r.w(RXCSUM, 0);
+    r.inject(&[good]);
+    let got = r.rx_poll();
+    assert_eq!(got[0].status & (both | RXD_STAT_IXSM), RXD_STAT_IXSM);
+}
+
+#[test]
+fn interrupt_cause_and_mask() {
+    let mut r = opened();
+    r.w(ICS, ICR_RXT0);
+    assert!(r.irq());
+    assert_eq!(r.r(IMS), IMS_ENABLE_MASK);
+    assert_eq!(r.r(ICR), ICR_RXT0);
+    assert!(!r.irq());
+    assert_eq!(r.r(ICR), 0, "read to clear");
+    // A cause that is masked does not assert, and asserts once unmasked.
+    r.w(ICS, ICR_MDAC);
+    assert!(!r.irq());
+    r.w(IMS, ICR_MDAC);
+    assert!(r.irq());
+    r.w(IMC, ICR_MDAC);
+    assert!(!r.irq(), "IMC masks the line");
+    assert_eq!(r.r(ICR), ICR_MDAC);
+    // PCI INTx disable keeps the line low but the status bit still shows it.
+    r.dev.config_mut().write(
+        crate::pci::PCI_COMMAND,
+        &(0x7 | PCI_COMMAND_INTX_DISABLE).to_le_bytes(),
+    );
+    r.dev.config_written(crate::pci::PCI_COMMAND, 2);
+    r.w(ICS, ICR_RXT0);
+    assert!(!r.irq());
+    assert_ne!(
+        r.dev.config().get16(crate::pci::PCI_STATUS) & crate::pci::PCI_STATUS_INTERRUPT,
+        0
+    );
+    r.dev
+        .config_mut()
+        .write(crate::pci::PCI_COMMAND, &0x7u16.to_le_bytes());
+    r.dev.config_written(crate::pci::PCI_COMMAND, 2);
+    assert!(r.irq());
+    let _ = r.r(ICR);
+    assert_eq!(
+        r.dev.config().get16(crate::pci::PCI_STATUS) & crate::pci::PCI_STATUS_INTERRUPT,
+        0
+    );
+}
+
+#[test]
+fn itr_spaces_interrupts() {
+    let mut r = opened();
+    // 20 ms between interrupts.
+    r.w(ITR, 20_000_000 / 256);
+    // The LSC of open was the last interrupt; let its interval pass.
+    std::thread::sleep(Duration::from_millis(25));
+    let before = r.dev.stats.interrupts;
+    r.w(ICS, ICR_RXT0);
+    assert!(r.irq());
+    let _ = r.r(ICR);
+    r.w(ICS, ICR_TXDW);
+    assert!(!r.irq(), "held back by ITR");
+    r.dev.handle(NetEvent::Timer);
+    assert!(!r.irq(), "an early wakeup does not deliver it");
+    std::thread::sleep(Duration::from_millis(25));
+    r.dev.handle(NetEvent::Timer);
+    assert!(r.irq(), "delivered when the interval is over");
+    assert_eq!(r.r(ICR), ICR_TXDW);
+    assert_eq!(r.dev.stats.interrupts - before, 2);
+    // ITR 0: no throttling.
+    r.w(ITR, 0);
+    for _ in 0..3 {
+        r.w(ICS, ICR_RXT0);
+        assert!(r.irq());
+        let _ = r.r(ICR);
+    }
+}
+
+#[test]
+fn statistics_read_to_clear() {
+    let mut r = opened();
+    r.inject(&[eth(MAC, 0x0800, 100), eth([0xff; 6], 0x0806, 28)]);
+    assert_eq!(r.rx_poll().len(), 2);
+    r.xmit_legacy(&eth(PEER, 0x0800, 1000), None, None);
+    assert_eq!(r.r(GPRC), 2);
+    assert_eq!(r.r(GPRC), 0);
+    assert_eq!(r.r(PRC64), 1);
+    assert_eq!(r.r(PRC64 + 4), 1, "PRC127");
+    assert_eq!(r.r(GORCL), 118 + 64);
+    assert_eq!(r.r(GORCH), 0);
+    assert_eq!(r.r(GORCL), 0, "the high half clears the pair");
+    assert_eq!(r.r(TORL), 118 + 64);
+    assert_eq!(r.r(PTC64 + 16), 1, "PTC1023");
+    assert_eq!(r.r(GOTCL), 1018);
+    let _ = r.r(GOTCH);
+    assert_eq!(r.r(GOTCL), 0);
+    // Every counter register reads sanely (ethtool -S walks them) and clears.
+    for off in (STATS_START..STATS_END).step_by(4) {
+        let _ = r.r(off);
+    }
+    for off in (STATS_START..STATS_END).step_by(4) {
+        assert_eq!(r.r(off), 0, "{off:#x}");
+    }
+    r.w(GPRC, 5);
+    assert_eq!(r.r(GPRC), 0, "counters are read-only");
+}
+
+#[test]
+fn rx_flow_control() {
+    let mut r = rig();
+    r.rx_count = 8;
+    r.probe();
+    r.open();
+    let frames: Vec<_> = (0..10).map(|i| eth(MAC, 0x0800, 100 + i)).collect();
+    let interest = r.inject(&frames);
+    assert!(!interest.readable, "ring full: stop reading the backend");
+    assert_eq!(r.peer.pending(), 2, "7 delivered, 1 waiting in the model");
+    assert_eq!(r.r(RNBC), 1);
+    let all = ICR_RXO | ICR_RXT0 | ICR_RXDMT0;
+    assert_eq!(
+        r.r(ICR) & all,
+        all,
+        "overrun, frames, ring below its threshold"
+    );
+    let got = r.rx_poll(); // writes RDT
+    assert_eq!(got.len(), 7);
+    assert!(
+        r.dev.rx_kick.read().is_ok(),
+        "RDT on a stalled ring kicks the I/O thread"
+    );
+    let interest = r.rx_kick();
+    assert!(interest.readable);
+    let got = r.rx_poll();
+    assert_eq!(got.len(), 3);
+    for (g, f) in got.iter().zip(&frames[7..]) {
+        assert_eq!(&g.data, f);
+    }
+    assert_eq!(r.dev.stats.rx_frames, 10);
+}
+
+#[test]
+fn tx_would_block_then_resumes() {
+    let mut r = opened();
+    r.ctl.budget.store(0, Ordering::SeqCst);
+    let f = eth(PEER, 0x0800, 200);
+    r.xmit_legacy(&f, None, None);
+    assert!(r.peer.take_sent().is_empty());
+    assert_eq!(r.r(TDH), 0, "descriptors kept");
+    assert_eq!(r.tx_done(), 0);
+    let i = r.dev.handle(NetEvent::TxKick);
+    assert!(i.writable, "asks to hear when the backend drains");
+    assert!(
+        r.dev.tx_kick.read().is_err(),
+        "a retry that blocks again does not re-kick"
+    );
+    let i = r.dev.handle(NetEvent::Backend);
+    assert!(i.writable, "still full");
+    r.ctl.budget.store(usize::MAX, Ordering::SeqCst);
+    let i = r.dev.handle(NetEvent::Backend);
+    assert!(!i.writable);
+    assert_eq!(r.peer.take_sent(), vec![f]);
+    assert_eq!(r.tx_done(), 1);
+    // A TSO frame blocked half-way resumes without repeating segments.
+    let mut t = tcp4(PEER, 10_000);
+    tso_prep(&mut t);
+    r.ctl.budget.store(3, Ordering::SeqCst);
+    r.xmit_tso(&t, 14, 34, 54, 1448, None);
+    assert_eq!(r.peer.take_sent().len(), 3);
+    r.ctl.budget.store(usize::MAX, Ordering::SeqCst);
+    r.dev.handle(NetEvent::Backend);
+    let rest = r.peer.take_sent();
+    assert_eq!(rest.len(), 4);
+    let seq = u32::from_be_bytes(rest[0][38..42].try_into().unwrap());
+    assert_eq!(seq, 1000 + 3 * 1448);
+    assert_eq!(r.tx_done(), 1);
+}
+
+/// The device sends and receives again after e1000_reset (reset_hw, init_hw, open).
+fn recovers(r: &mut Rig) {
+    r.reset_hw();
+    r.init_hw(MacAddr(MAC));
+    r.open();
+    let f = eth(PEER, 0x0800, 64);
+    r.xmit_legacy(&f, None, None);
+    assert_eq!(r.peer.take_sent(), vec![f], "TX works after reset");
+    let g = eth(MAC, 0x0800, 64);
+    r.inject(&[&g]);
+    assert_eq!(r.rx_poll()[0].data, g, "RX works after reset");
+}
+
+#[test]
+fn hostile_ring_addresses() {
+    let mut r = opened();
+    r.w(TDBAL, 0xfff0_0000);
+    r.w(TDBAH, 0x10);
+    r.xmit_legacy(&eth(PEER, 0x0800, 64), None, None);
+    assert!(r.peer.take_sent().is_empty());
+    assert!(r.dev.tx_error);
+    recovers(&mut r);
+    r.w(RDBAL, 0xfff0_0000);
+    let i = r.inject(&[eth(MAC, 0x0800, 64)]);
+    assert!(!i.readable && r.dev.rx_error);
+    recovers(&mut r);
+    // Bases at the very top of the address space.
+    r.w(TDBAH, !0);
+    r.w(TDBAL, !0);
+    r.xmit_legacy(&eth(PEER, 0x0800, 64), None, None);
+    assert!(r.dev.tx_error);
+    r.w(RDBAH, !0);
+    r.w(RDBAL, !0);
+    r.inject(&[eth(MAC, 0x0800, 64)]);
+    assert!(r.dev.rx_error);
+    recovers(&mut r);
+}
+
+#[test]
+fn hostile_head_tail_and_zero_rings() {
+    let mut r = opened();
+    r.w(TDT, 5000);
+    assert!(r.dev.tx_error, "TDT beyond TDLEN");
+    recovers(&mut r);
+    r.w(TDLEN, 0);
+    let head = r.r(TDH);
+    r.w(TDT, head + 1);
+    assert!(r.dev.tx_error, "zero-length TX ring");
+    recovers(&mut r);
+    r.w(TDLEN, 100);
+    assert_eq!(r.r(TDLEN), 0, "ring lengths are multiples of 128");
+    recovers(&mut r);
+    r.w(RDLEN, 0);
+    r.inject(&[eth(MAC, 0x0800, 64)]);
+    assert!(r.dev.rx_error, "zero-length RX ring with RDH != RDT");
+    recovers(&mut r);
+    r.w(RDH, 300);
+    r.inject(&[eth(MAC, 0x0800, 64)]);
+    assert!(r.dev.rx_error, "RDH beyond RDLEN");
+    recovers(&mut r);
+}
+
+#[test]
+fn hostile_descriptor_chains() {
+    let mut r = opened();
+    // A ring full of context descriptors: consumed, nothing sent, no hang.
+    for _ in 0..RING_SIZE - 1 {
+        r.put_tx_desc(Driver::context_desc(
+            14, 24, 33, 34, 50, 0, TXD_CMD_RS, 0, 54, 1448,
+        ));
+    }
+    r.kick_tx();
+    assert_eq!(r.r(TDH), r.r(TDT));
+    assert!(r.peer.take_sent().is_empty());
+    recovers(&mut r);
+    // Data descriptors without EOP, 16 KiB each: past the largest frame the ring stops.
+    for i in 0..RING_SIZE - 1 {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&(TX_BUFS + (i % 4) as u64 * 16384).to_le_bytes());
+        d[8..10].copy_from_slice(&16384u16.to_le_bytes());
+        r.put_tx_desc(d);
+    }
+    r.kick_tx();
+    assert!(r.dev.tx_error);
+    assert!(r.peer.take_sent().is_empty());
+    recovers(&mut r);
+    // An incomplete frame (no EOP yet) waits without error, and goes when completed.
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&TX_BUFS.to_le_bytes());
+    d[8..10].copy_from_slice(&100u16.to_le_bytes());
+    let head = r.r(TDH);
+    r.put_tx_desc(d);
+    r.kick_tx();
+    assert_eq!(r.r(TDH), head);
+    assert!(!r.dev.tx_error);
+    d[11] = TXD_CMD_EOP | TXD_CMD_RS;
+    r.put_tx_desc(d);
+    r.kick_tx();
+    assert_eq!(r.peer.take_sent()[0].len(), 200);
+    // A buffer outside guest memory.
+    d[..8].copy_from_slice(&(MEM_SIZE as u64 - 10).to_le_bytes());
+    r.put_tx_desc(d);
+    r.kick_tx();
+    assert!(r.dev.tx_error);
+    recovers(&mut r);
+    // An RX buffer outside guest memory.
+    let mut rd = [0u8; 16];
+    rd[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let head = r.r(RDH) as u64;
+    r.mem
+        .write_slice(&rd, GuestAddress(RX_RING + 16 * head))
+        .unwrap();
+    r.inject(&[eth(MAC, 0x0800, 64)]);
+    assert!(r.dev.rx_error);
+    recovers(&mut r);
+}
+
+#[test]
+fn hostile_tso_context() {
+    let mut r = opened();
+    let t = tcp4(PEER, 500);
+    // HDRLEN beyond the data.
+    r.xmit_tso(&t[..100], 14, 34, 200, 1448, None);
+    assert!(r.peer.take_sent().is_empty());
+    assert_eq!(r.tx_done(), 1, "dropped, descriptors completed");
+    assert_eq!(r.r(TSCTFC), 1);
+    // TCP header offset before the end of the IP header; MSS 0.
+    r.xmit_tso(&t, 14, 20, 54, 1448, None);
+    r.xmit_tso(&t, 14, 34, 54, 0, None);
+    assert!(r.peer.take_sent().is_empty());
+    assert_eq!(r.r(TSCTFC), 2);
+    assert!(!r.dev.tx_error);
+    let f = eth(PEER, 0x0800, 64);
+    r.xmit_legacy(&f, None, None);
+    assert_eq!(r.peer.take_sent(), vec![f]);
+}
+
+#[test]
+fn backend_with_vnet_header() {
+    // A tap opened with IFF_VNET_HDR: the model adds an empty header going out and skips
+    // the header coming in.
+    let caps = Capabilities {
+        vnet_hdr: true,
+        offloads: net_backends::Offloads::ALL,
+    };
+    let (b, peer) = pair(caps);
+    let mut d = Driver::new(Box::new(b));
+    d.probe();
+    d.open();
+    let f = eth(PEER, 0x0800, 100);
+    d.xmit_legacy(&f, None, None);
+    let sent = peer.take_sent();
+    assert_eq!(&sent[0][..VNET_HDR], &[0; VNET_HDR]);
+    assert_eq!(&sent[0][VNET_HDR..], &f[..]);
+    let g = eth(MAC, 0x0800, 100);
+    let mut with_hdr = vec![0u8; VNET_HDR];
+    with_hdr.extend_from_slice(&g);
+    peer.inject(&with_hdr);
+    d.dev.handle(NetEvent::Backend);
+    assert_eq!(d.rx_poll()[0].data, g);
+}
