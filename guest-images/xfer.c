@@ -14,6 +14,11 @@
  *   xfer udpecho PORT N       bind (NICVM-UDPLISTEN port=PORT), then send back each of N
  *                             UDP datagrams to where it came from:
  *                             NICVM-UDPECHO port=PORT datagrams=N bytes=B
+ *   xfer mcast GROUP PORT N IFINDEX
+ *                             join GROUP on interface IFINDEX, bind PORT
+ *                             (NICVM-MCASTLISTEN group=GROUP), count N datagrams:
+ *                             NICVM-MCAST group=GROUP datagrams=N result=ok|timeout
+ *                             (gives up 30 s after the last datagram)
  *
  * FNV-1a (64-bit) is the checksum both sides compute.
  */
@@ -212,6 +217,37 @@ static int do_udpecho(const char *port_s, const char *count_s)
 	return 0;
 }
 
+static int do_mcast(const char *group_s, const char *port_s, const char *count_s, const char *ifindex_s)
+{
+	struct sockaddr_in sa = { 2, 0, 0, {0} };
+	struct { u32 group, local; int ifindex; } mreq = { 0, 0, (int)num(ifindex_s) };
+	struct { long sec, usec; } timeout = { 30, 0 };
+	u64 port = num(port_s), want = num(count_s), n = 0;
+	long s = sys(SYS_socket, 2, 2, 0, 0, 0);	/* SOCK_DGRAM */
+	sa.port = (u16)((port >> 8) | (port << 8));
+	if (s < 0 || !ipv4(group_s, &mreq.group)) return 1;
+	if (sys(SYS_bind, s, (long)&sa, sizeof(sa), 0, 0) < 0) return 1;
+	/* IPPROTO_IP/IP_ADD_MEMBERSHIP with an ip_mreqn; SOL_SOCKET/SO_RCVTIMEO */
+	if (sys(SYS_setsockopt, s, 0, 35, (long)&mreq, sizeof(mreq)) < 0) return 1;
+	if (sys(SYS_setsockopt, s, 1, 20, (long)&timeout, sizeof(timeout)) < 0) return 1;
+	char ready[80], *q = ready;
+	q = put(q, "NICVM-MCASTLISTEN group="); q = put(q, group_s); q = put(q, "\n"); *q = 0;
+	out(ready);
+	const char *result = "ok";
+	while (n < want) {
+		long r = sys(SYS_recvfrom, s, (long)buf, sizeof(buf), 0, 0);
+		if (r == -4) continue;
+		if (r < 0) { result = "timeout"; break; }
+		n++;
+	}
+	char line[128], *p = line;
+	p = put(p, "NICVM-MCAST group="); p = put(p, group_s);
+	p = put(p, " datagrams="); p = put_dec(p, n);
+	p = put(p, " result="); p = put(p, result); p = put(p, "\n"); *p = 0;
+	out(line);
+	return 0;
+}
+
 static int streq(const char *a, const char *b) { while (*a && *a == *b) { a++; b++; } return *a == *b; }
 
 __attribute__((used)) void start_c(long *sp)
@@ -222,7 +258,9 @@ __attribute__((used)) void start_c(long *sp)
 	if (argc == 3 && streq(argv[1], "recv")) rc = do_recv(argv[2]);
 	else if (argc == 5 && streq(argv[1], "send")) rc = do_send(argv[2], argv[3], argv[4]);
 	else if (argc == 4 && streq(argv[1], "udpecho")) rc = do_udpecho(argv[2], argv[3]);
-	else out("usage: xfer recv PORT | xfer send ADDR PORT BYTES | xfer udpecho PORT N\n");
+	else if (argc == 6 && streq(argv[1], "mcast")) rc = do_mcast(argv[2], argv[3], argv[4], argv[5]);
+	else out("usage: xfer recv PORT | xfer send ADDR PORT BYTES | xfer udpecho PORT N"
+		 " | xfer mcast GROUP PORT N IFINDEX\n");
 	sys(SYS_exit, rc, 0, 0, 0, 0);
 }
 

@@ -65,3 +65,65 @@ fn rtl8139_cplus_with_8139cp() {
 fn rtl8139_plain_with_8139too() {
     user_and_tap_then_8mib("rtl8139,cplus=off", "8139too", 93);
 }
+
+#[test]
+fn e1000_with_e1000() {
+    user_and_tap_then_8mib("e1000", "e1000", 94);
+}
+
+/// The receive filter as the guest programs it: frames for another station arrive only in
+/// promiscuous mode, and a multicast group's frames arrive once the guest joins it.
+#[test]
+fn e1000_promiscuous_mode_and_multicast_join() {
+    let Some(img) = image() else { return };
+    let mut ns = Netns::new("filter");
+    ns.sh("ip tuntap add dev tap0 mode tap && ip addr add 192.168.95.1/24 dev tap0 && ip link set tap0 up");
+    // Frames to .77 leave with a MAC nobody on the segment has.
+    ns.sh("ip neigh add 192.168.95.77 lladdr 52:54:00:99:99:99 dev tap0 nud permanent && ip route add 224.0.0.0/4 dev tap0");
+    ns.dnsmasq("tap0", ("192.168.95.50", "192.168.95.60"), &[]);
+    let mut g = ns.guest(
+        &img,
+        "nicvm.run=stat:eth0,sleep:5,stat:eth0,promisc:eth0,sleep:5,stat:eth0,mcast:eth0:239.1.2.3:6000:20,exit",
+        &[
+            "-netdev",
+            "tap,id=t,ifname=tap0,script=no,downscript=no",
+            "-device",
+            "e1000,netdev=t",
+        ],
+        &[],
+    );
+    let nic = g.wait_line("NIC");
+    assert_eq!(nic["driver"], "e1000");
+    assert!(nic["lease"].starts_with("192.168.95.5"), "{}", nic["_"]);
+    let send = |to: &'static str, n: usize| {
+        ns.within(move || {
+            let s = std::net::UdpSocket::bind("192.168.95.1:0").unwrap();
+            for i in 0..n {
+                s.send_to(&[i as u8; 100], to).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        })
+    };
+    let count = |g: &mut Guest| -> u64 { g.wait_line("STAT")["rx_packets"].parse().unwrap() };
+    let before = count(&mut g);
+    send("192.168.95.77:7", 40);
+    let filtered = count(&mut g);
+    g.wait_line("PROMISC");
+    send("192.168.95.77:7", 40);
+    let promisc = count(&mut g);
+    assert!(
+        filtered - before < 40,
+        "frames for another MAC must not reach a filtering NIC ({before} -> {filtered})"
+    );
+    assert!(
+        promisc - filtered >= 40,
+        "promiscuous mode lets them in ({filtered} -> {promisc})"
+    );
+    g.wait_line("MCASTLISTEN");
+    send("239.1.2.3:6000", 20);
+    let m = g.wait_line("MCAST");
+    assert_eq!(m["result"], "ok", "{}", m["_"]);
+    assert_eq!(m["datagrams"], "20");
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+}

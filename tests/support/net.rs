@@ -289,6 +289,8 @@ pub fn exchange_8mib(
     let data = super::pseudo_random(MIB8);
     let addr = format!("{guest_ip}:5001");
     let mut s = ns.within(move || super::connect_retry(&addr));
+    // A guest that stops reading fails the test instead of hanging it.
+    s.set_write_timeout(Some(Duration::from_secs(240))).unwrap();
     s.write_all(&data).expect("send to guest");
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let recv = g.wait_line("RECV");

@@ -12,6 +12,7 @@ use crate::mptable;
 use crate::netdev;
 use crate::vcpu::{self, Buses};
 use devices::bus::Bus;
+use devices::e1000::E1000;
 use devices::interrupt::IrqChip;
 use devices::legacy::{Cmos, Serial, I8042};
 use devices::lifecycle::{ExitReason, Lifecycle};
@@ -99,12 +100,6 @@ pub fn validate(cfg: &Config) -> Result<(), SetupError> {
     if let Some(i) = &cfg.initrd {
         std::fs::File::open(i)
             .map_err(|e| SetupError(format!("-initrd: cannot read {}: {e}", i.display())))?;
-    }
-    if let Some(n) = cfg.nics.iter().find(|n| n.model == NicModel::E1000) {
-        return Err(SetupError(format!(
-            "-device {}: this NIC model is not available in this build of nicvm yet (rtl8139 and virtio-net-pci are)",
-            n.model.name()
-        )));
     }
     Ok(())
 }
@@ -282,7 +277,13 @@ pub fn run(
                 let dev = Arc::new(Mutex::new(dev));
                 (dev.clone(), dev)
             }
-            NicModel::E1000 => unreachable!("refused by validate()"),
+            NicModel::E1000 => {
+                let mut dev =
+                    E1000::new(spec.mac, backend, mem, chip.clone(), gsi).map_err(model_err)?;
+                assign_bars(&mut dev, &mut io_next, &mut mmio_next)?;
+                let dev = Arc::new(Mutex::new(dev));
+                (dev.clone(), dev)
+            }
         };
         log::debug!(
             "{} {} on slot {slot} backed by {}",

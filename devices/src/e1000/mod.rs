@@ -33,7 +33,7 @@ mod rx;
 mod tx;
 
 use crate::interrupt::{IntxLine, IrqChip};
-use crate::net::{BackendInterest, NetEvent, NetFrontend, Timer};
+use crate::net::{BackendInterest, NetEvent, NetFrontend, NicStats, Timer};
 use crate::pci::{BarKind, PciConfig, PciDevice, PCI_COMMAND_INTX_DISABLE};
 use eeprom::Eeprom;
 use net_backends::{MacAddr, NetBackend, MAX_FRAME};
@@ -55,16 +55,6 @@ pub const E1000_DEVICE_82540EM: u16 = 0x100e;
 pub const E1000_SUBSYSTEM: (u16, u16) = (0x8086, 0x001e);
 pub const MMIO_BAR: usize = 0;
 pub const IO_BAR: usize = 1;
-
-#[derive(Debug, Default, Clone, Copy)]
-pub struct E1000Stats {
-    pub tx_frames: u64,
-    pub rx_frames: u64,
-    pub tx_bytes: u64,
-    pub rx_bytes: u64,
-    pub interrupts: u64,
-    pub rx_dropped: u64,
-}
 
 /// The TCP/IP context last loaded by a context descriptor.
 #[derive(Debug, Default, Clone, Copy)]
@@ -125,7 +115,7 @@ pub struct E1000 {
 
     /// Guest errors seen; the first is logged.
     errors: u64,
-    pub stats: E1000Stats,
+    pub stats: NicStats,
 }
 
 impl E1000 {
@@ -171,7 +161,7 @@ impl E1000 {
             rx_stalled: false,
             rx_error: false,
             errors: 0,
-            stats: E1000Stats::default(),
+            stats: NicStats::default(),
         };
         dev.reset();
         Ok(dev)

@@ -105,6 +105,13 @@ impl Rtl8139 {
             let r = self.receive(&buf[..len]);
             self.rx_buf = buf;
             if r == Rx::NoRoom {
+                log::trace!("rtl8139 {}: receive stalled, no room", self.mac);
+                if !self.cplus_mode() {
+                    // RXOVW, as the chip signals a full ring. The frame is not dropped, but
+                    // 8139too needs the cause: its poll reads the ring only while a receive
+                    // cause is pending, and it may have acked every ROK already.
+                    self.raise(INT_RXOVW_RDU);
+                }
                 self.rx_pending = Some(len);
                 self.rx_stalled = true;
                 self.arm_timer();
