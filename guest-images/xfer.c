@@ -225,7 +225,7 @@ static int do_mcast(const char *group_s, const char *port_s, const char *count_s
 	u64 port = num(port_s), want = num(count_s), n = 0;
 	long s = sys(SYS_socket, 2, 2, 0, 0, 0);	/* SOCK_DGRAM */
 	sa.port = (u16)((port >> 8) | (port << 8));
-	if (s < 0 || !ipv4(group_s, &mreq.group)) return 1;
+	if (s < 0 || ipv4(group_s, &mreq.group)) return 1;
 	if (sys(SYS_bind, s, (long)&sa, sizeof(sa), 0, 0) < 0) return 1;
 	/* IPPROTO_IP/IP_ADD_MEMBERSHIP with an ip_mreqn; SOL_SOCKET/SO_RCVTIMEO */
 	if (sys(SYS_setsockopt, s, 0, 35, (long)&mreq, sizeof(mreq)) < 0) return 1;
