@@ -7,6 +7,7 @@
 
 pub mod mac;
 pub mod mem;
+pub mod pcap;
 pub mod slirp;
 pub mod tap;
 pub mod vnet;

@@ -75,6 +75,15 @@ pub struct NicSpec {
     pub cplus: bool,
 }
 
+/// `-object filter-dump,id=ID,netdev=NETDEV,file=PATH[,maxlen=N]`: capture a netdev's frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DumpSpec {
+    pub id: String,
+    pub netdev: String,
+    pub file: PathBuf,
+    pub maxlen: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub mem_mib: u64,
@@ -86,6 +95,7 @@ pub struct Config {
     pub name: Option<String>,
     pub netdevs: Vec<NetdevSpec>,
     pub nics: Vec<NicSpec>,
+    pub dumps: Vec<DumpSpec>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -125,6 +135,8 @@ Network:
   -nic TYPE[,model=MODEL][,mac=MAC][,...]   netdev and NIC in one option; -nic none: no NIC
   -net nic[,model=MODEL][,macaddr=MAC]  -net TYPE[,...]   legacy form; -net none: no NIC
   With no network option at all: -netdev user,id=net0 -device rtl8139,netdev=net0
+  -object filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]
+                               write the netdev's frames, both ways, to a pcap file
 
 Other:
   -h, --help             this text
@@ -206,6 +218,7 @@ struct Builder {
     no_nic: bool,
     legacy_nics: Vec<(NicModel, KeyVal)>,
     legacy_backends: Vec<(String, KeyVal)>,
+    dumps: Vec<DumpSpec>,
 }
 
 fn netdev_from(option: &str, mut kv: KeyVal) -> Result<NetdevSpec, CliError> {
@@ -243,6 +256,45 @@ fn netdev_from(option: &str, mut kv: KeyVal) -> Result<NetdevSpec, CliError> {
     Ok(NetdevSpec { id, kind, opts: kv })
 }
 
+fn dump_from(option: &str, mut kv: KeyVal) -> Result<DumpSpec, CliError> {
+    match kv.first.take().as_deref() {
+        Some("filter-dump") => {}
+        Some(t) => {
+            return err(
+                option,
+                format!("unknown object type '{t}' (filter-dump is known)"),
+            )
+        }
+        None => return err(option, "needs an object type (filter-dump)"),
+    }
+    let (Some(id), Some(netdev), Some(file)) =
+        (kv.remove("id"), kv.remove("netdev"), kv.remove("file"))
+    else {
+        return err(option, "filter-dump needs id=, netdev= and file=");
+    };
+    let maxlen = match kv.remove("maxlen") {
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if n > 0 => n,
+            _ => return err(option, format!("maxlen: '{v}' is not a positive number")),
+        },
+        None => net_backends::pcap::DEFAULT_MAXLEN,
+    };
+    if let Some(q) = kv.remove("queue") {
+        if q != "all" {
+            return err(option, format!("queue: only 'all' is supported, not '{q}'"));
+        }
+    }
+    if let Some(k) = kv.unknown_key(&[]) {
+        return err(option, format!("unknown parameter '{k}'"));
+    }
+    Ok(DumpSpec {
+        id,
+        netdev,
+        file: PathBuf::from(file),
+        maxlen,
+    })
+}
+
 fn model_from(option: &str, s: &str) -> Result<NicModel, CliError> {
     NicModel::parse(s).map_or_else(
         || {
@@ -269,6 +321,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
         no_nic: false,
         legacy_nics: vec![],
         legacy_backends: vec![],
+        dumps: vec![],
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -279,7 +332,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
         let opt = format!("-{}", arg.trim_start_matches('-'));
         let takes_value = [
             "-m", "-smp", "-kernel", "-initrd", "-append", "-serial", "-name", "-netdev",
-            "-device", "-nic", "-net",
+            "-object", "-device", "-nic", "-net",
         ]
         .contains(&opt.as_str());
         let val = if takes_value {
@@ -332,6 +385,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError
             "-netdev" => {
                 let kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e))?;
                 b.netdevs.push(netdev_from(&opt, kv)?);
+            }
+            "-object" => {
+                let kv = KeyVal::parse(&val, Some("qom-type")).or_else(|e| err(&opt, e))?;
+                b.dumps.push(dump_from(&opt, kv)?);
             }
             "-device" => {
                 let mut kv = KeyVal::parse(&val, Some("driver")).or_else(|e| err(&opt, e))?;
@@ -508,6 +565,26 @@ impl Builder {
         if self.no_nic && !nics.is_empty() {
             return err("-nic none", "conflicts with the NICs also asked for");
         }
+        for d in &self.dumps {
+            if !self.netdevs.iter().any(|n| n.id == d.netdev) {
+                return err(
+                    "-object filter-dump",
+                    format!("netdev '{}' is not defined by any -netdev", d.netdev),
+                );
+            }
+            if self
+                .dumps
+                .iter()
+                .filter(|o| o.netdev == d.netdev || o.id == d.id)
+                .count()
+                > 1
+            {
+                return err(
+                    "-object filter-dump",
+                    format!("one capture per netdev and per id ('{}')", d.id),
+                );
+            }
+        }
         Ok(Action::Run(Box::new(Config {
             mem_mib: self.mem_mib,
             cpus: self.cpus,
@@ -518,6 +595,7 @@ impl Builder {
             name: self.name,
             netdevs: self.netdevs,
             nics,
+            dumps: self.dumps,
         })))
     }
 }
@@ -629,6 +707,27 @@ mod tests {
         // Any network option replaces the default.
         let c = run("-kernel k -netdev user,id=u").unwrap();
         assert!(c.nics.is_empty());
+    }
+
+    #[test]
+    fn filter_dump() {
+        let c = run("-kernel k -object filter-dump,id=f,netdev=net0,file=/tmp/x.pcap,maxlen=128")
+            .unwrap();
+        assert_eq!(
+            c.dumps[0].netdev, "net0",
+            "the default network can be captured"
+        );
+        assert_eq!(c.dumps[0].maxlen, 128);
+        for bad in [
+            "-kernel k -object filter-dump,id=f,netdev=nope,file=x",
+            "-kernel k -object filter-dump,id=f,netdev=net0",
+            "-kernel k -object filter-dump,id=f,netdev=net0,file=x,maxlen=0",
+            "-kernel k -object filter-dump,id=f,netdev=net0,file=x,queue=rx",
+            "-kernel k -object filter-dump,id=f,netdev=net0,file=x,bogus=1",
+            "-kernel k -object memory-backend-ram,id=m",
+        ] {
+            assert!(option_of(bad).starts_with("-object"), "{bad}");
+        }
     }
 
     #[test]

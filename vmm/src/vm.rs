@@ -259,7 +259,19 @@ pub fn run(
         let gsi = pci::intx_gsi(slot, 0);
         let model_err =
             |e: std::io::Error| SetupError(format!("-device {}: {e}", spec.model.name()));
-        let (backend, mem) = (opened.backend, mem.clone());
+        let mut backend = opened.backend;
+        if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == nd.id) {
+            backend = Box::new(
+                net_backends::pcap::PcapDump::create(backend, &d.file, d.maxlen).map_err(|e| {
+                    SetupError(format!(
+                        "-object filter-dump,id={}: cannot create {}: {e}",
+                        d.id,
+                        d.file.display()
+                    ))
+                })?,
+            );
+        }
+        let mem = mem.clone();
         let (pci, nic): (Arc<Mutex<dyn PciDevice>>, Arc<Mutex<dyn NetFrontend>>) = match spec.model
         {
             NicModel::VirtioNetPci => {
