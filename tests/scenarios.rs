@@ -46,3 +46,144 @@ fn filter_dump_captures_the_dhcp_exchange() {
         .collect();
     assert_eq!(kinds, ["Discover", "Offer", "Request", "ACK"], "{text}");
 }
+
+/// What a scenario script printed: each line is `WHO: TEXT`; NICVM lines are parsed.
+struct Script {
+    out: String,
+}
+
+impl Script {
+    /// Runs `scripts/scenarios/NAME` with this build's nicvm and the test guest image.
+    fn run(name: &str, img: &Image, env: &[(&str, &str)]) -> Script {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap();
+        let guest_dir = img.kernel.parent().expect("the guest image's directory");
+        let tag = format!("{}{}", &name[..1], std::process::id());
+        let out = std::process::Command::new("timeout")
+            .arg("600")
+            .arg(repo.join("scripts/scenarios").join(name))
+            .env("NICVM", nicvm())
+            .env("NICVM_GUEST_DIR", guest_dir)
+            .env("NICVM_SCENARIO_TAG", &tag)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run the scenario script");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{name} failed ({}):\n{text}",
+            out.status
+        );
+        // Nothing of the run's may remain.
+        let left = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap();
+        let left = String::from_utf8_lossy(&left.stdout);
+        assert!(
+            !left.contains(&format!("nicvm-{tag}-")),
+            "{name} left namespaces: {left}"
+        );
+        Script { out: text }
+    }
+
+    /// The fields of `WHO: NICVM-TAG ...` lines, in order.
+    fn lines(&self, who: &str, tag: &str) -> Vec<std::collections::HashMap<String, String>> {
+        let prefix = format!("{who}: NICVM-{tag}");
+        self.out
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter(|rest| rest.is_empty() || rest.starts_with(' '))
+            .map(fields)
+            .collect()
+    }
+
+    fn line(&self, who: &str, tag: &str) -> std::collections::HashMap<String, String> {
+        self.lines(who, tag)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no '{who}: NICVM-{tag}' line in:\n{}", self.out))
+    }
+}
+
+#[test]
+fn scenario_1_user_mode_nat_to_an_outside_service() {
+    let Some(img) = image() else { return };
+    let s = Script::run("1-user-nat", &img, &[]);
+    let nic = s.line("guest", "NIC");
+    assert_eq!(nic["lease"], "10.0.2.15/24", "{}", s.out);
+    let sent = s.line("guest", "SENT");
+    let recv = s.line("outside", "RECV");
+    assert_eq!(sent["result"], "ok", "{}", s.out);
+    assert_eq!(recv["bytes"], "1048576");
+    assert_eq!(
+        recv["fnv1a64"], sent["fnv1a64"],
+        "the outside service got the guest's bytes"
+    );
+}
+
+#[test]
+fn scenario_2_tap_with_static_addresses() {
+    let Some(img) = image() else { return };
+    let s = Script::run("2-tap-static", &img, &[("NIC", "e1000")]);
+    assert_eq!(s.line("guest", "NIC")["driver"], "e1000");
+    assert_eq!(
+        s.line("guest", "NIC")["lease"],
+        "none",
+        "no DHCP in this scenario"
+    );
+    assert_eq!(s.line("guest", "PING")["result"], "ok", "{}", s.out);
+    assert!(
+        s.out.contains("host: 3 received"),
+        "host pings guest: {}",
+        s.out
+    );
+    let recv = s.line("guest", "RECV");
+    let sent = s.line("host", "SENT");
+    assert_eq!(sent["result"], "ok", "{}", s.out);
+    assert_eq!(recv["fnv1a64"], sent["fnv1a64"]);
+}
+
+#[test]
+fn scenario_3_two_guests_on_a_bridge_with_host_nat() {
+    let Some(img) = image() else { return };
+    let s = Script::run("3-bridge-nat", &img, &[("NIC", "rtl8139")]);
+    for (i, me) in [(1, "10.10.0.10"), (2, "10.10.0.11")] {
+        let g = format!("guest{i}");
+        assert_eq!(s.line(&g, "NIC")["lease"], format!("{me}/24"), "{}", s.out);
+        let pings = s.lines(&g, "PING");
+        assert_eq!(pings.len(), 2, "{}", s.out);
+        assert!(
+            pings.iter().all(|p| p["result"] == "ok"),
+            "{g} reaches the other guest and, through NAT, the outside:\n{}",
+            s.out
+        );
+    }
+}
+
+#[test]
+fn scenario_4_guests_bridged_onto_the_lan() {
+    let Some(img) = image() else { return };
+    let s = Script::run("4-bridged-lan", &img, &[]);
+    assert!(
+        s.out.contains("host: after: 1 received"),
+        "host keeps its address: {}",
+        s.out
+    );
+    for g in ["guest1", "guest2"] {
+        let lease = s.line(g, "NIC")["lease"].clone();
+        assert!(
+            lease.starts_with("192.168.50.1"),
+            "{g} leased from the LAN: {lease}"
+        );
+        assert_eq!(s.line(g, "NIC")["router"], "192.168.50.1");
+        let pings = s.lines(g, "PING");
+        assert!(
+            pings.len() == 2 && pings.iter().all(|p| p["result"] == "ok"),
+            "{g} reaches the LAN's router and the host directly:\n{}",
+            s.out
+        );
+    }
+}

@@ -1,0 +1,73 @@
+# Shared by the scenario scripts (sourced): the guest image, nicvm, network namespaces that
+# stand in for the host and the LAN, guests whose console lines come out prefixed with their
+# name, and a clean-up that removes everything on any exit (also Ctrl-C or a failure).
+#
+# Environment: NICVM (nicvm binary, default target/release/nicvm), NICVM_GUEST_DIR (guest
+# image; default: scripts/setup builds it), NICVM_SCENARIO_TAG (namespace name suffix).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+guest=${NICVM_GUEST_DIR:-$("$root/scripts/setup" | tail -n1)}
+nicvm=${NICVM:-$root/target/release/nicvm}
+xfer=$guest/xfer
+tag=${NICVM_SCENARIO_TAG:-$$}
+namespaces=()
+daemons=()
+guests=()
+
+cleanup() {
+  local p n
+  for p in "${guests[@]}" "${daemons[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for n in "${namespaces[@]}"; do ip netns del "$n" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ns NAME: the full name of one of this run's namespaces.
+ns() { echo "nicvm-$tag-$1"; }
+# mkns NAME: a fresh namespace with lo up.
+mkns() {
+  ip netns add "$(ns "$1")"
+  namespaces+=("$(ns "$1")")
+  ip -n "$(ns "$1")" link set lo up
+}
+# inside NAME CMD...: run CMD inside namespace NAME.
+inside() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
+
+# dhcp NS IFACE START END [MAC,IP...]: a DHCP server (dnsmasq) on IFACE.
+dhcp() {
+  local n=$1 ifc=$2 start=$3 end=$4; shift 4
+  local pins=()
+  for h in "$@"; do pins+=("--dhcp-host=$h"); done
+  inside "$n" dnsmasq --no-daemon --interface="$ifc" --bind-interfaces --except-interface=lo \
+    --dhcp-range="$start,$end,255.255.255.0,1h" --port=0 --no-resolv --no-hosts \
+    --dhcp-leasefile="/tmp/$(ns "$n").$ifc.leases" --pid-file= "${pins[@]}" \
+    </dev/null >/dev/null 2>&1 &
+  daemons+=($!)
+  sleep 0.3
+}
+
+# daemon NS CMD...: a helper process kept until the end, its output prefixed with NS.
+daemon() {
+  local n=$1; shift
+  inside "$n" "$@" </dev/null > >(sed -u "s/^/$n: /") 2>&1 &
+  daemons+=($!)
+}
+
+# boot NAME NS "KERNEL-ARGS" NICVM-ARGS...: a guest running the image's init steps
+# (nicvm.run=... in KERNEL-ARGS), console lines prefixed with NAME.
+boot() {
+  local name=$1 n=$2 append=$3; shift 3
+  inside "$n" "$nicvm" -m 128 -nographic -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio" \
+    -append "console=ttyS0 quiet $append" "$@" \
+    </dev/null > >(sed -u "s/^/$name: /") 2>&1 &
+  guests+=($!)
+}
+
+# wait_guests: waits for every guest; fails if one did not end cleanly.
+wait_guests() {
+  local p rc=0
+  for p in "${guests[@]}"; do wait "$p" || rc=1; done
+  guests=()
+  return $rc
+}
