@@ -1,7 +1,8 @@
 //! No-guest NIC benchmark: host CPU time per frame spent by each NIC model (virtio-net, e1000,
 //! rtl8139 in C+ mode as 8139cp drives it and in normal mode as 8139too does) on a tap, driven
 //! by its synthetic driver, next to a bare write()/read() of the same frames on the same tap
-//! (the "floor"); plus virtio-net TX through libslirp.
+//! (the "floor", measured batch by batch in between the model's batches so that drift hits
+//! both alike); plus virtio-net TX through libslirp.
 //!
 //! Cases: TX of full-size TCP frames, TX with checksum offload, TX of 64 KiB TCP sends with
 //! TSO / large send (per wire frame and per send; the floor writes the same MSS-sized frames
@@ -664,40 +665,37 @@ struct Row {
     per_send: Option<usize>,
 }
 
-/// Bare write() of each of `frames` on the tap, `reps` times; checked on the tap's counters.
-fn tx_floor(tap: &TapSide, clock: &Clock, frames: &[Vec<u8>], reps: usize) -> f64 {
-    let bufs: Vec<Vec<u8>> = frames.iter().map(|f| tap.wire(f)).collect();
-    let c0 = tap.counters();
-    let ns = clock.time(|| {
-        for _ in 0..reps {
-            for b in &bufs {
-                // SAFETY: writing a buffer we own to the tap.
-                let r = unsafe { libc::write(tap.fd, b.as_ptr().cast(), b.len()) };
-                if r as usize != b.len() {
-                    fail(format!("tap write: {}", std::io::Error::last_os_error()));
-                }
+/// Bare write() of each of `bufs` on the tap, `reps` times: the TX floor.
+fn write_all(tap: &TapSide, bufs: &[Vec<u8>], reps: usize) {
+    for _ in 0..reps {
+        for b in bufs {
+            // SAFETY: writing a buffer we own to the tap.
+            let r = unsafe { libc::write(tap.fd, b.as_ptr().cast(), b.len()) };
+            if r as usize != b.len() {
+                fail(format!("tap write: {}", std::io::Error::last_os_error()));
             }
         }
-    });
-    let bytes: usize = frames.iter().map(Vec::len).sum();
-    check_tap(tap, "floor", c0, reps * frames.len(), reps * bytes);
-    ns / (reps * frames.len()) as f64
-}
-
-fn check_tap(tap: &TapSide, who: &str, c0: (u64, u64, u64), frames: usize, bytes: usize) {
-    let c = tap.counters();
-    let (p, b, d) = (c.0 - c0.0, c.1 - c0.1, c.2 - c0.2);
-    if p != frames as u64 || b != bytes as u64 || d != 0 {
-        fail(format!(
-            "{who} TX on {}: the tap got {p} frames / {b} bytes ({d} dropped), expected \
-             {frames} frames / {bytes} bytes",
-            tap.name
-        ));
     }
 }
 
-/// One TX case: `sends` sends of `frame` through the model, then the same wire frames
-/// written bare. Returns (model, floor) ns per wire frame.
+/// One bare read() of `n` frames of `want` bytes each: the RX floor.
+fn read_all(tap: &TapSide, buf: &mut [u8], n: usize, want: usize) {
+    for _ in 0..n {
+        // SAFETY: reading into a buffer we own.
+        let r = unsafe { libc::read(tap.fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if r as usize != want {
+            fail(format!(
+                "floor RX on {}: read {r} ({}), expected {want} bytes",
+                tap.name,
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+}
+
+/// One TX case: `sends` sends of `frame` through the model, each batch followed by the same
+/// wire frames written bare (interleaved, so drift hits both alike). Returns (model, floor)
+/// ns per wire frame.
 fn tx_case(
     nic: &mut dyn Nic,
     tap: &TapSide,
@@ -717,22 +715,25 @@ fn tx_case(
     } else {
         wire.push(frame.to_vec());
     }
+    let bare: Vec<Vec<u8>> = wire.iter().map(|f| tap.wire(f)).collect();
+    let wire_bytes: usize = wire.iter().map(Vec::len).sum();
     let who = format!("{} {mode:?}", nic.name());
     let (tap_frames, tap_bytes) = if mode == Mode::Tso && nic.passes_gso() {
         (1, frame.len())
     } else {
-        (wire.len(), wire.iter().map(Vec::len).sum())
+        (wire.len(), wire_bytes)
     };
     nic.tx_prepare(mode, frame);
     let batch = nic.tx_batch();
     let c0 = tap.counters();
     let s0 = nic.stats().tx_frames;
-    let (mut ns, mut done, mut reclaimed) = (0.0, 0, 0);
+    let (mut ns, mut floor, mut done, mut reclaimed) = (0.0, 0.0, 0, 0);
     while done < sends {
         let k = batch.min(sends - done);
         nic.tx_queue(k);
         ns += clock.time(|| nic.tx_kick());
         reclaimed += nic.tx_reclaim();
+        floor += clock.time(|| write_all(tap, &bare, k));
         done += k;
     }
     if reclaimed != sends {
@@ -742,19 +743,33 @@ fn tx_case(
     if sent != (sends * tap_frames) as u64 {
         fail(format!("{who}: the model counted {sent} frames sent"));
     }
-    check_tap(tap, &who, c0, sends * tap_frames, sends * tap_bytes);
-    let floor = tx_floor(tap, clock, &wire, sends);
-    (ns / (sends * wire.len()) as f64, floor)
+    // The tap saw the model's frames and the floor's.
+    let c = tap.counters();
+    let (p, b, d) = (c.0 - c0.0, c.1 - c0.1, c.2 - c0.2);
+    let want = sends * (tap_frames + wire.len());
+    let want_bytes = sends * (tap_bytes + wire_bytes);
+    if p != want as u64 || b != want_bytes as u64 || d != 0 {
+        fail(format!(
+            "{who} on {}: the tap got {p} frames / {b} bytes ({d} dropped), expected {want} \
+             frames / {want_bytes} bytes (model and floor)",
+            tap.name
+        ));
+    }
+    let per = (sends * wire.len()) as f64;
+    (ns / per, floor / per)
 }
 
-/// One RX case: `n` frames injected on the tap's host side, read by the model into its
-/// ring, then the same frames read bare. Returns (model, floor) ns per frame.
+/// One RX case: `n` frames injected on the tap's host side and read by the model into its
+/// ring, each batch followed by the same frames read bare. Returns (model, floor) ns per
+/// frame.
 fn rx_case(nic: &mut dyn Nic, tap: &TapSide, clock: &Clock, f: &[u8], n: usize) -> (f64, f64) {
     let who = nic.name();
     let batch = nic.rx_batch();
+    let want = tap.wire(f).len();
+    let mut buf = vec![0u8; 65_600];
     tap.drain();
     let s0 = nic.stats();
-    let (mut ns, mut done) = (0.0, 0);
+    let (mut ns, mut floor, mut done) = (0.0, 0.0, 0);
     while done < n {
         let b = batch.min(n - done);
         tap.inject(f, b);
@@ -774,6 +789,8 @@ fn rx_case(nic: &mut dyn Nic, tap: &TapSide, clock: &Clock, f: &[u8], n: usize) 
         if got > b {
             fail(format!("{who} RX: {got} frames delivered, {b} injected"));
         }
+        tap.inject(f, b);
+        floor += clock.time(|| read_all(tap, &mut buf, b, want));
         done += b;
     }
     let s = nic.stats();
@@ -783,28 +800,6 @@ fn rx_case(nic: &mut dyn Nic, tap: &TapSide, clock: &Clock, f: &[u8], n: usize) 
             s.rx_frames - s0.rx_frames,
             s.rx_dropped - s0.rx_dropped
         ));
-    }
-    // The floor: read() of the same frames, in the same batches.
-    let want = tap.wire(f).len();
-    let mut buf = vec![0u8; 65_600];
-    let (mut floor, mut done) = (0.0, 0);
-    while done < n {
-        let b = batch.min(n - done);
-        tap.inject(f, b);
-        floor += clock.time(|| {
-            for _ in 0..b {
-                // SAFETY: reading into a buffer we own.
-                let r = unsafe { libc::read(tap.fd, buf.as_mut_ptr().cast(), buf.len()) };
-                if r as usize != want {
-                    fail(format!(
-                        "floor RX on {}: read {r} ({}), expected {want} bytes",
-                        tap.name,
-                        std::io::Error::last_os_error()
-                    ));
-                }
-            }
-        });
-        done += b;
     }
     (ns / n as f64, floor / n as f64)
 }
