@@ -1,16 +1,36 @@
-//! No-guest benchmark: host CPU time per frame spent by the virtio-net model on a tap, driven by
-//! the synthetic driver, next to a bare write()/read() of the same frame on the same tap.
+//! No-guest NIC benchmark: host CPU time per frame spent by each NIC model (virtio-net, e1000,
+//! rtl8139 in C+ mode as 8139cp drives it and in normal mode as 8139too does) on a tap, driven
+//! by its synthetic driver, next to a bare write()/read() of the same frames on the same tap
+//! (the "floor", measured batch by batch in between the model's batches so that drift hits
+//! both alike); plus virtio-net TX through libslirp.
 //!
-//! Runs in a private network namespace (needs root); the tap vanishes with the process.
-//! Usage: netbench [FRAMES] [FRAME_LEN]     (defaults: 200000 frames of 1514 bytes)
+//! Cases: TX of full-size TCP frames, TX with checksum offload, TX of 64 KiB TCP sends with
+//! TSO / large send (per wire frame and per send; the floor writes the same MSS-sized frames
+//! one by one), and RX of frames injected from the tap's host side into the model's ring.
+//! virtio-net uses a tap with a virtio-net header (its TSO frames go to the tap whole), the
+//! others a tap without one, as nicvm opens them.
+//!
+//! Only the model's share is timed (thread CPU, the clock's own cost subtracted): the TX
+//! doorbell writes that make the model send synchronously plus the interrupt ack, and the I/O
+//! thread's handle(Backend) for RX. Filling rings and buffers and reclaiming them is the
+//! guest's work and untimed. Every case checks its outcome: the tap's counters must show every
+//! frame the model sent (count and bytes), the driver every completion and every received
+//! frame; anything else aborts the run.
+//!
+//! Runs in a private network namespace (needs root); the taps vanish with the process.
+//! Usage: netbench [--quick] [--json] [FRAMES] [FRAME_LEN]
+//!   (defaults: 200000 frames of 1514 bytes; --quick: 3000 frames; --json: JSON on stdout)
 
-use devices::net::{NetEvent, NetFrontend};
-use devices::virtio::net::driver::{Driver, BUF_BASE, QSIZE};
+use devices::e1000;
+use devices::net::offload::{fill_ipv4_checksum, fill_l4_checksum, fold, ones_sum, parse};
+use devices::net::{NetEvent, NetFrontend, NicStats};
+use devices::rtl8139::{self, tx::*};
+use devices::virtio::net::driver::{used_base, Driver, BUF_BASE, QSIZE};
 use devices::virtio::net::*;
 use devices::virtio::VIRTIO_F_VERSION_1;
 use net_backends::slirp::{SlirpBackend, SlirpOptions};
 use net_backends::tap::Tap;
-use net_backends::vnet::VNET_HDR_LEN;
+use net_backends::vnet::*;
 use net_backends::NetBackend;
 use std::net::UdpSocket;
 use std::os::fd::RawFd;
@@ -19,6 +39,14 @@ use vm_memory::{Bytes, GuestAddress};
 
 const RX: usize = 0;
 const TX: usize = 1;
+const MSS: usize = 1460;
+/// A TSO send: a 64 KiB frame, Ethernet header included.
+const TSO_LEN: usize = 65536;
+
+fn fail(msg: String) -> ! {
+    eprintln!("netbench: FAILED: {msg}");
+    std::process::exit(2);
+}
 
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -39,6 +67,35 @@ fn process_cpu() -> Duration {
     t(u.ru_utime) + t(u.ru_stime)
 }
 
+/// Thread CPU time of a closure, less what reading the clock itself costs.
+struct Clock {
+    overhead: f64,
+}
+
+impl Clock {
+    fn calibrate() -> Clock {
+        let n = 20_000;
+        let t0 = thread_cpu();
+        for _ in 0..n {
+            std::hint::black_box(thread_cpu());
+        }
+        let overhead = (thread_cpu() - t0).as_nanos() as f64 / n as f64;
+        Clock { overhead }
+    }
+
+    fn time(&self, f: impl FnOnce()) -> f64 {
+        let t0 = thread_cpu();
+        f();
+        (thread_cpu() - t0).as_nanos() as f64 - self.overhead
+    }
+}
+
+fn ip_checksum(ip: &mut [u8]) {
+    ip[10..12].fill(0);
+    let sum = !fold(ones_sum(&ip[..20]));
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+}
+
 /// An Ethernet/IPv4/UDP frame from the guest (10.0.2.15) to the slirp gateway (10.0.2.2).
 fn udp_frame(len: usize, port: u16) -> Vec<u8> {
     let mut f = vec![0u8; len.max(42)];
@@ -53,11 +110,7 @@ fn udp_frame(len: usize, port: u16) -> Vec<u8> {
     ip[9] = 17;
     ip[12..16].copy_from_slice(&[10, 0, 2, 15]);
     ip[16..20].copy_from_slice(&[10, 0, 2, 2]);
-    let sum = ip
-        .chunks(2)
-        .fold(0u32, |a, w| a + u16::from_be_bytes([w[0], w[1]]) as u32);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    ip[10..12].copy_from_slice(&(!((sum & 0xffff) + (sum >> 16)) as u16).to_be_bytes());
+    ip_checksum(ip);
     let udp_len = ip_len - 20;
     f[34..36].copy_from_slice(&40000u16.to_be_bytes());
     f[36..38].copy_from_slice(&port.to_be_bytes());
@@ -65,15 +118,129 @@ fn udp_frame(len: usize, port: u16) -> Vec<u8> {
     f
 }
 
-fn frame(len: usize) -> Vec<u8> {
+/// An Ethernet/IPv4/TCP frame of `len` bytes with valid checksums, to a unicast address that
+/// is not the tap's (the host stack drops it first thing, the same for model and floor).
+fn tcp_frame(len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len.max(54)];
+    f[..6].copy_from_slice(&[0x52, 0x55, 10, 0, 2, 2]);
+    f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (f.len() - 14) as u16;
+    f[14..26].copy_from_slice(&[0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0]);
+    f[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    f[26..34].copy_from_slice(&[10, 0, 2, 15, 10, 0, 2, 2]);
+    f[34..38].copy_from_slice(&[0x9c, 0x40, 0x00, 0x50]);
+    f[38..42].copy_from_slice(&1000u32.to_be_bytes());
+    f[42..46].copy_from_slice(&7u32.to_be_bytes());
+    f[46..50].copy_from_slice(&[0x50, 0x18, 0xff, 0xff]);
+    for (i, b) in f[54..].iter_mut().enumerate() {
+        *b = (i * 7) as u8;
+    }
+    let at = parse(&f).expect("a TCP frame");
+    fill_ipv4_checksum(&mut f, &at);
+    fill_l4_checksum(&mut f, &at);
+    f
+}
+
+/// What a driver leaves in the TCP checksum field for offload: the pseudo-header sum (with
+/// the TCP length, or without it for e1000's TSO).
+fn seed_pseudo(f: &mut [u8], l4_len: Option<usize>) {
+    let sum = ones_sum(&f[26..34]) + 6 + l4_len.unwrap_or(0) as u64;
+    f[50..52].copy_from_slice(&fold(sum).to_be_bytes());
+}
+
+/// A frame for RX: broadcast (every model's filter takes it), local experimental ethertype.
+fn rx_frame(len: usize) -> Vec<u8> {
     let mut f = vec![0u8; len];
     f[..6].copy_from_slice(&[0xff; 6]);
     f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x99]);
-    f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes()); // local experimental ethertype
+    f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
     for (i, b) in f[14..].iter_mut().enumerate() {
         *b = i as u8;
     }
     f
+}
+
+// ---- the taps ---------------------------------------------------------------------------
+
+/// One tap as the floor measurements and checks see it: a dup of the model's fd (same queue)
+/// and a packet socket on the host side.
+struct TapSide {
+    name: &'static str,
+    fd: RawFd,
+    vnet: bool,
+    sock: RawFd,
+}
+
+impl TapSide {
+    fn open(name: &'static str, vnet: bool) -> (Tap, TapSide) {
+        let tap = Tap::open(name, Some(vnet))
+            .unwrap_or_else(|e| fail(format!("tap {name} (vnet_hdr={vnet}): {e}")));
+        // No IPv6 on the tap: its router solicitations would mix with the measured frames.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        let ok = std::process::Command::new("ip")
+            .args(["link", "set", name, "up"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            fail(format!("ip link set {name} up"));
+        }
+        // SAFETY: dup of the tap's fd, for the floor measurements on the same queue.
+        let fd = unsafe { libc::dup(tap.fd()) };
+        let sock = injector(name);
+        (
+            tap,
+            TapSide {
+                name,
+                fd,
+                vnet,
+                sock,
+            },
+        )
+    }
+
+    /// `frame` as written to / read from this tap (with a zero virtio-net header if it has one).
+    fn wire(&self, frame: &[u8]) -> Vec<u8> {
+        let mut v = if self.vnet {
+            vec![0u8; VNET_HDR_LEN]
+        } else {
+            vec![]
+        };
+        v.extend_from_slice(frame);
+        v
+    }
+
+    /// The kernel's count of frames written into the tap: (packets, bytes, dropped).
+    fn counters(&self) -> (u64, u64, u64) {
+        let dev = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+        let prefix = format!("{}:", self.name);
+        let line = dev
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| fail(format!("{} missing from /proc/net/dev", self.name)));
+        let v: Vec<u64> = line[prefix.len()..]
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        (v[1], v[0], v[3])
+    }
+
+    fn drain(&self) {
+        let mut buf = vec![0u8; 65_600];
+        // SAFETY: reading into a buffer we own; the fd is non-blocking.
+        while unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+
+    fn inject(&self, f: &[u8], n: usize) {
+        for _ in 0..n {
+            // SAFETY: sending from a buffer we own.
+            let r = unsafe { libc::send(self.sock, f.as_ptr().cast(), f.len(), 0) };
+            if r as usize != f.len() {
+                fail(format!("inject: {}", std::io::Error::last_os_error()));
+            }
+        }
+    }
 }
 
 /// A packet socket on the tap's host side: what it sends, the tap's reader receives.
@@ -81,11 +248,12 @@ fn injector(ifname: &str) -> RawFd {
     // SAFETY: plain socket/ioctl/bind calls on descriptors and structs we own.
     unsafe {
         let s = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        assert!(
-            s >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
+        if s < 0 {
+            fail(format!(
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
         let idx = libc::if_nametoindex(std::ffi::CString::new(ifname).unwrap().as_ptr());
         let mut sll: libc::sockaddr_ll = std::mem::zeroed();
         sll.sll_family = libc::AF_PACKET as u16;
@@ -95,143 +263,600 @@ fn injector(ifname: &str) -> RawFd {
             (&sll as *const libc::sockaddr_ll).cast(),
             std::mem::size_of::<libc::sockaddr_ll>() as u32,
         );
-        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        if r != 0 {
+            fail(format!("bind: {}", std::io::Error::last_os_error()));
+        }
         s
     }
 }
 
-fn inject(sock: RawFd, f: &[u8], n: usize) {
-    for _ in 0..n {
-        // SAFETY: sending from a buffer we own.
-        let r = unsafe { libc::send(sock, f.as_ptr().cast(), f.len(), 0) };
-        assert_eq!(
-            r as usize,
-            f.len(),
-            "inject: {}",
-            std::io::Error::last_os_error()
-        );
+// ---- the models -------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Plain,
+    Csum,
+    Tso,
+}
+
+/// One NIC model with its synthetic driver, as the benchmark drives it. "Sends" are frames,
+/// or 64 KiB frames in TSO mode.
+trait Nic {
+    fn name(&self) -> &'static str;
+    fn modes(&self) -> &'static [Mode] {
+        &[Mode::Plain, Mode::Csum, Mode::Tso]
+    }
+    /// Guest side: `frame` (a TCP frame with valid checksums) prepared as the driver hands
+    /// it over in `mode`.
+    fn tx_prepare(&mut self, mode: Mode, frame: &[u8]);
+    /// Sends the TX ring holds at once.
+    fn tx_batch(&self) -> usize;
+    /// Guest side, untimed: `k` sends put in the ring, no doorbell yet.
+    fn tx_queue(&mut self, k: usize);
+    /// Timed: the doorbell write(s) that make the model send what was queued, the ack.
+    fn tx_kick(&mut self);
+    /// Guest side, untimed: sends the device completed since the last call.
+    fn tx_reclaim(&mut self) -> usize;
+    /// Whether a TSO send reaches the tap whole (virtio-net passes GSO through).
+    fn passes_gso(&self) -> bool {
+        false
+    }
+    /// Frames the RX ring holds at once.
+    fn rx_batch(&self) -> usize;
+    /// Timed: the I/O thread's handle(Backend).
+    fn rx_pump(&mut self);
+    /// Guest side, untimed: frames received (each must be `len` bytes), buffers given back.
+    fn rx_reclaim(&mut self, len: usize) -> usize;
+    fn stats(&self) -> NicStats;
+}
+
+fn check_len(model: &str, got: usize, want: usize) {
+    if got != want {
+        fail(format!(
+            "{model} RX: a frame of {got} bytes arrived, {want} were sent"
+        ));
     }
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
-    let len: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1514);
-    // SAFETY: unshare only changes this process's namespaces.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        eprintln!(
-            "netbench: needs root to make a private network namespace: {}",
-            std::io::Error::last_os_error()
-        );
-        std::process::exit(1);
-    }
-    let tap = Tap::open("nb0", Some(true)).expect("tap");
-    // No IPv6 on the tap: its router solicitations would mix with the measured frames.
-    let _ = std::fs::write("/proc/sys/net/ipv6/conf/nb0/disable_ipv6", "1");
-    let ok = std::process::Command::new("ip")
-        .args(["link", "set", "nb0", "up"])
-        .status()
-        .expect("ip");
-    assert!(ok.success());
-    // SAFETY: dup of the tap's fd, for the floor measurements on the same queue.
-    let raw = unsafe { libc::dup(tap.fd()) };
-    let f = frame(len);
-    let mut with_hdr = vec![0u8; VNET_HDR_LEN];
-    with_hdr.extend_from_slice(&f);
-    let batch = (QSIZE - 1) as usize;
+struct Virtio {
+    d: Driver,
+    len: u32,
+    tx_used: u16,
+    rx_used: u16,
+    rx_slot: u64,
+}
 
-    // ---- TX floor: writev of header + frame, as the model issues it.
-    let t0 = thread_cpu();
+impl Virtio {
+    /// Offloads (CSUM, HOST_TSO4) only where the backend takes them.
+    fn new(backend: Box<dyn NetBackend>) -> Virtio {
+        let mut features =
+            VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF;
+        if backend.capabilities().vnet_hdr {
+            features |= VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4;
+        }
+        let mut v = Virtio {
+            d: Driver::start(backend, features),
+            len: 0,
+            tx_used: 0,
+            rx_used: 0,
+            rx_slot: 0,
+        };
+        for _ in 0..v.rx_batch() {
+            v.post_rx();
+        }
+        v
+    }
+
+    fn post_rx(&mut self) {
+        let addr = BUF_BASE[RX] + self.rx_slot % QSIZE as u64 * 2048;
+        self.rx_slot += 1;
+        self.d.post_at(RX, addr, 2048, true);
+    }
+}
+
+impl Nic for Virtio {
+    fn name(&self) -> &'static str {
+        "virtio-net"
+    }
+    fn tx_prepare(&mut self, mode: Mode, frame: &[u8]) {
+        let mut f = frame.to_vec();
+        let mut h = VnetHdr::default();
+        if mode != Mode::Plain {
+            h.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+            h.csum_start = 34;
+            h.csum_offset = 16;
+            let l4_len = f.len() - 34;
+            seed_pseudo(&mut f, Some(l4_len));
+        }
+        if mode == Mode::Tso {
+            h.gso_type = VIRTIO_NET_HDR_GSO_TCPV4;
+            h.hdr_len = 54;
+            h.gso_size = MSS as u16;
+        }
+        let mut buf = h.to_bytes().to_vec();
+        buf.extend_from_slice(&f);
+        self.d
+            .mem
+            .write_slice(&buf, GuestAddress(BUF_BASE[TX]))
+            .unwrap();
+        self.len = buf.len() as u32;
+    }
+    fn tx_batch(&self) -> usize {
+        QSIZE as usize - 1
+    }
+    fn tx_queue(&mut self, k: usize) {
+        for _ in 0..k {
+            self.d.post_at(TX, BUF_BASE[TX], self.len, false);
+        }
+    }
+    fn tx_kick(&mut self) {
+        self.d.dev.handle(NetEvent::TxKick);
+    }
+    fn tx_reclaim(&mut self) -> usize {
+        let u = self.d.used_idx(TX);
+        let n = u.wrapping_sub(self.tx_used);
+        self.tx_used = u;
+        n as usize
+    }
+    fn passes_gso(&self) -> bool {
+        true
+    }
+    fn rx_batch(&self) -> usize {
+        QSIZE as usize - 1
+    }
+    fn rx_pump(&mut self) {
+        self.d.dev.handle(NetEvent::Backend);
+    }
+    fn rx_reclaim(&mut self, len: usize) -> usize {
+        let u = self.d.used_idx(RX);
+        let n = u.wrapping_sub(self.rx_used);
+        for i in 0..n {
+            let e = used_base(RX) + 4 + 8 * (self.rx_used.wrapping_add(i) % QSIZE) as u64;
+            let got: u32 = self.d.mem.read_obj(GuestAddress(e + 4)).unwrap();
+            check_len(self.name(), got as usize, VNET_HDR_LEN + len);
+            self.post_rx();
+        }
+        self.rx_used = u;
+        n as usize
+    }
+    fn stats(&self) -> NicStats {
+        self.d.dev.stats
+    }
+}
+
+struct E1000 {
+    d: e1000::driver::Driver,
+    mode: Mode,
+    frame: Vec<u8>,
+    tails: Vec<u32>,
+}
+
+impl E1000 {
+    fn new(backend: Box<dyn NetBackend>) -> E1000 {
+        let mut d = e1000::driver::Driver::new(backend);
+        d.probe();
+        d.open();
+        E1000 {
+            d,
+            mode: Mode::Plain,
+            frame: vec![],
+            tails: vec![],
+        }
+    }
+}
+
+impl Nic for E1000 {
+    fn name(&self) -> &'static str {
+        "e1000"
+    }
+    fn tx_prepare(&mut self, mode: Mode, frame: &[u8]) {
+        let mut f = frame.to_vec();
+        match mode {
+            Mode::Plain => {}
+            Mode::Csum => seed_pseudo(&mut f, Some(frame.len() - 34)),
+            Mode::Tso => {
+                // e1000_tso: IP total length and checksum zeroed, TCP length left out.
+                f[16..18].fill(0);
+                f[24..26].fill(0);
+                seed_pseudo(&mut f, None);
+            }
+        }
+        self.mode = mode;
+        self.frame = f;
+    }
+    fn tx_batch(&self) -> usize {
+        let descs = match self.mode {
+            Mode::Plain => 1,
+            Mode::Csum => 2,
+            Mode::Tso => 1 + TSO_LEN.div_ceil(e1000::driver::TX_BUF_SIZE),
+        };
+        (e1000::driver::RING_SIZE - 1) / descs
+    }
+    fn tx_queue(&mut self, k: usize) {
+        for _ in 0..k {
+            match self.mode {
+                Mode::Plain => self.d.queue_legacy(&self.frame, None, None),
+                Mode::Csum => self.d.queue_csum(&self.frame, 34, 50, true),
+                Mode::Tso => self.d.queue_tso(&self.frame, 14, 34, 54, MSS as u16, None),
+            }
+            self.tails.push(self.d.tx_next() as u32);
+        }
+    }
+    fn tx_kick(&mut self) {
+        // One TDT write per frame, as e1000_xmit_frame does without xmit_more.
+        for i in 0..self.tails.len() {
+            self.d.w(e1000::regs::TDT, self.tails[i]);
+        }
+        self.tails.clear();
+        self.d.r(e1000::regs::ICR);
+    }
+    fn tx_reclaim(&mut self) -> usize {
+        self.d.tx_done()
+    }
+    fn rx_batch(&self) -> usize {
+        e1000::driver::RING_SIZE - 1
+    }
+    fn rx_pump(&mut self) {
+        self.d.dev.handle(NetEvent::Backend);
+    }
+    fn rx_reclaim(&mut self, len: usize) -> usize {
+        let frames = self.d.rx_poll();
+        for f in &frames {
+            check_len(self.name(), f.data.len(), len);
+        }
+        frames.len()
+    }
+    fn stats(&self) -> NicStats {
+        self.d.dev.stats
+    }
+}
+
+/// rtl8139 in C+ mode, driven as 8139cp does.
+struct Cp {
+    d: rtl8139::driver::Driver,
+    mode: Mode,
+    frame: Vec<u8>,
+    opts1: u32,
+}
+
+/// 8139cp maps one page per descriptor: a large send takes this many bytes a descriptor.
+const CP_FRAG: usize = 4096;
+
+impl Nic for Cp {
+    fn name(&self) -> &'static str {
+        "rtl8139 C+"
+    }
+    fn tx_prepare(&mut self, mode: Mode, frame: &[u8]) {
+        self.mode = mode;
+        self.frame = frame.to_vec();
+        self.opts1 = match mode {
+            Mode::Plain => 0,
+            Mode::Csum => TX_IPCS | TX_TCPCS,
+            Mode::Tso => TX_LGSEN | (MSS as u32) << TX_MSS_SHIFT,
+        };
+    }
+    fn tx_batch(&self) -> usize {
+        let descs = self.frame.len().div_ceil(CP_FRAG);
+        (rtl8139::driver::CP_RING as usize - 1) / descs
+    }
+    fn tx_queue(&mut self, k: usize) {
+        let frags: Vec<&[u8]> = self.frame.chunks(CP_FRAG).collect();
+        for _ in 0..k {
+            self.d.cp_queue(&frags, self.opts1, 0);
+        }
+    }
+    fn tx_kick(&mut self) {
+        self.d.w8(rtl8139::TPPOLL, rtl8139::TPPOLL_NPQ);
+        let isr = self.d.r16(rtl8139::ISR);
+        self.d.w16(rtl8139::ISR, isr);
+    }
+    fn tx_reclaim(&mut self) -> usize {
+        let done = self.d.cp_tx_done();
+        done.iter().filter(|s| *s & DESC_LS != 0).count()
+    }
+    fn rx_batch(&self) -> usize {
+        rtl8139::driver::CP_RING as usize - 1
+    }
+    fn rx_pump(&mut self) {
+        self.d.pump();
+    }
+    fn rx_reclaim(&mut self, len: usize) -> usize {
+        let frames = self.d.cp_rx();
+        for (_, _, data) in &frames {
+            check_len(self.name(), data.len(), len);
+        }
+        frames.len()
+    }
+    fn stats(&self) -> NicStats {
+        self.d.dev.stats
+    }
+}
+
+/// rtl8139 in normal mode, driven as 8139too does: four TX slots, one RX ring buffer.
+struct Too {
+    d: rtl8139::driver::Driver,
+    len: u32,
+    queued: usize,
+    sent: usize,
+    reclaimed: usize,
+    reported: usize,
+}
+
+impl Too {
+    /// rtl8139_tx_interrupt: ack, then take back every slot sent and not yet reclaimed.
+    fn tx_interrupt(&mut self) {
+        let isr = self.d.r16(rtl8139::ISR);
+        self.d.w16(rtl8139::ISR, isr);
+        while self.reclaimed < self.sent {
+            let tsd = self.d.r32(rtl8139::TSD0 + 4 * (self.reclaimed % 4));
+            if tsd & rtl8139::TSD_TOK == 0 {
+                fail(format!("8139too TX slot not done: TSD {tsd:#x}"));
+            }
+            self.reclaimed += 1;
+        }
+    }
+}
+
+impl Nic for Too {
+    fn name(&self) -> &'static str {
+        "rtl8139 normal"
+    }
+    fn modes(&self) -> &'static [Mode] {
+        &[Mode::Plain]
+    }
+    fn tx_prepare(&mut self, _: Mode, frame: &[u8]) {
+        // The frame never changes: copied into the four slot buffers once, not per send.
+        for i in 0..4 {
+            let at = rtl8139::driver::TOO_TX_BUFS + i * rtl8139::driver::TOO_TX_SLOT;
+            self.d.mem.write_slice(frame, GuestAddress(at)).unwrap();
+        }
+        self.len = frame.len() as u32;
+    }
+    fn tx_batch(&self) -> usize {
+        256
+    }
+    fn tx_queue(&mut self, k: usize) {
+        self.queued += k;
+    }
+    fn tx_kick(&mut self) {
+        // rtl8139_start_xmit writes the slot's TSD; with all four slots in flight the
+        // queue stops until the TX interrupt reclaims them.
+        for _ in 0..std::mem::take(&mut self.queued) {
+            if self.sent - self.reclaimed == 4 {
+                self.tx_interrupt();
+            }
+            self.d.w32(rtl8139::TSD0 + 4 * (self.sent % 4), self.len);
+            self.sent += 1;
+        }
+        self.tx_interrupt();
+    }
+    fn tx_reclaim(&mut self) -> usize {
+        self.reclaimed - std::mem::replace(&mut self.reported, self.reclaimed)
+    }
+    fn rx_batch(&self) -> usize {
+        // A 32 KiB ring holds 21 full-size frames.
+        16
+    }
+    fn rx_pump(&mut self) {
+        self.d.pump();
+    }
+    fn rx_reclaim(&mut self, len: usize) -> usize {
+        let frames = self.d.too_rx();
+        for (_, data) in &frames {
+            check_len(self.name(), data.len(), len);
+        }
+        frames.len()
+    }
+    fn stats(&self) -> NicStats {
+        self.d.dev.stats
+    }
+}
+
+// ---- measuring --------------------------------------------------------------------------
+
+struct Row {
+    model: &'static str,
+    dir: &'static str,
+    /// Wire frames measured (model and floor each).
+    frames: usize,
+    model_ns: f64,
+    floor_ns: f64,
+    /// TSO: wire frames per send.
+    per_send: Option<usize>,
+}
+
+/// Bare write() of each of `bufs` on the tap, `reps` times: the TX floor.
+fn write_all(tap: &TapSide, bufs: &[Vec<u8>], reps: usize) {
+    for _ in 0..reps {
+        for b in bufs {
+            // SAFETY: writing a buffer we own to the tap.
+            let r = unsafe { libc::write(tap.fd, b.as_ptr().cast(), b.len()) };
+            if r as usize != b.len() {
+                fail(format!("tap write: {}", std::io::Error::last_os_error()));
+            }
+        }
+    }
+}
+
+/// One bare read() of `n` frames of `want` bytes each: the RX floor.
+fn read_all(tap: &TapSide, buf: &mut [u8], n: usize, want: usize) {
     for _ in 0..n {
-        // SAFETY: writing a buffer we own to the tap.
-        let r = unsafe { libc::write(raw, with_hdr.as_ptr().cast(), with_hdr.len()) };
-        assert_eq!(
-            r as usize,
-            with_hdr.len(),
-            "tap write: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    let tx_floor = (thread_cpu() - t0).as_nanos() as f64 / n as f64;
-
-    // ---- RX floor: read() frames the packet socket put in the tap.
-    let sock = injector("nb0");
-    let mut buf = vec![0u8; 65_600];
-    let mut rx_floor_ns = 0u128;
-    let mut done = 0;
-    while done < n {
-        let b = batch.min(n - done);
-        inject(sock, &f, b);
-        let t0 = thread_cpu();
-        for _ in 0..b {
-            // SAFETY: reading into a buffer we own.
-            let r = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
-            assert_eq!(
-                r as usize,
-                with_hdr.len(),
-                "tap read: {}",
+        // SAFETY: reading into a buffer we own.
+        let r = unsafe { libc::read(tap.fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if r as usize != want {
+            fail(format!(
+                "floor RX on {}: read {r} ({}), expected {want} bytes",
+                tap.name,
                 std::io::Error::last_os_error()
-            );
+            ));
         }
-        rx_floor_ns += (thread_cpu() - t0).as_nanos();
-        done += b;
     }
-    let rx_floor = rx_floor_ns as f64 / n as f64;
+}
 
-    // ---- The model: TX from the synthetic driver's ring to the tap.
-    let features =
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF;
-    let mut d = Driver::start(Box::new(tap), features);
-    let tx_addr = BUF_BASE[TX];
-    d.mem.write_slice(&with_hdr, GuestAddress(tx_addr)).unwrap();
-    let mut tx_ns = 0u128;
-    let mut done = 0;
+/// One TX case: `sends` sends of `frame` through the model, each batch followed by the same
+/// wire frames written bare (interleaved, so drift hits both alike). Returns (model, floor)
+/// ns per wire frame.
+fn tx_case(
+    nic: &mut dyn Nic,
+    tap: &TapSide,
+    clock: &Clock,
+    mode: Mode,
+    frame: &[u8],
+    sends: usize,
+) -> (f64, f64) {
+    let mut wire: Vec<Vec<u8>> = vec![];
+    if mode == Mode::Tso {
+        let at = parse(frame).expect("TCP");
+        let mut scratch = vec![];
+        let _ = devices::net::offload::segment_tcp(frame, &at, MSS, &mut scratch, |s| {
+            wire.push(s.to_vec());
+            Ok::<(), ()>(())
+        });
+    } else {
+        wire.push(frame.to_vec());
+    }
+    let bare: Vec<Vec<u8>> = wire.iter().map(|f| tap.wire(f)).collect();
+    let wire_bytes: usize = wire.iter().map(Vec::len).sum();
+    let who = format!("{} {mode:?}", nic.name());
+    let (tap_frames, tap_bytes) = if mode == Mode::Tso && nic.passes_gso() {
+        (1, frame.len())
+    } else {
+        (wire.len(), wire_bytes)
+    };
+    nic.tx_prepare(mode, frame);
+    let batch = nic.tx_batch();
+    let c0 = tap.counters();
+    let s0 = nic.stats().tx_frames;
+    let (mut ns, mut floor, mut done, mut reclaimed) = (0.0, 0.0, 0, 0);
+    while done < sends {
+        let k = batch.min(sends - done);
+        nic.tx_queue(k);
+        ns += clock.time(|| nic.tx_kick());
+        reclaimed += nic.tx_reclaim();
+        floor += clock.time(|| write_all(tap, &bare, k));
+        done += k;
+    }
+    if reclaimed != sends {
+        fail(format!("{who}: {reclaimed} of {sends} sends completed"));
+    }
+    let sent = nic.stats().tx_frames - s0;
+    if sent != (sends * tap_frames) as u64 {
+        fail(format!("{who}: the model counted {sent} frames sent"));
+    }
+    // The tap saw the model's frames and the floor's.
+    let c = tap.counters();
+    let (p, b, d) = (c.0 - c0.0, c.1 - c0.1, c.2 - c0.2);
+    let want = sends * (tap_frames + wire.len());
+    let want_bytes = sends * (tap_bytes + wire_bytes);
+    if p != want as u64 || b != want_bytes as u64 || d != 0 {
+        fail(format!(
+            "{who} on {}: the tap got {p} frames / {b} bytes ({d} dropped), expected {want} \
+             frames / {want_bytes} bytes (model and floor)",
+            tap.name
+        ));
+    }
+    let per = (sends * wire.len()) as f64;
+    (ns / per, floor / per)
+}
+
+/// One RX case: `n` frames injected on the tap's host side and read by the model into its
+/// ring, each batch followed by the same frames read bare. Returns (model, floor) ns per
+/// frame.
+fn rx_case(nic: &mut dyn Nic, tap: &TapSide, clock: &Clock, f: &[u8], n: usize) -> (f64, f64) {
+    let who = nic.name();
+    let batch = nic.rx_batch();
+    let want = tap.wire(f).len();
+    let mut buf = vec![0u8; 65_600];
+    tap.drain();
+    let s0 = nic.stats();
+    let (mut ns, mut floor, mut done) = (0.0, 0.0, 0);
     while done < n {
         let b = batch.min(n - done);
-        for _ in 0..b {
-            d.post_at(TX, tx_addr, with_hdr.len() as u32, false);
+        tap.inject(f, b);
+        let (mut got, mut idle) = (0, 0);
+        while got < b {
+            ns += clock.time(|| nic.rx_pump());
+            let g = nic.rx_reclaim(f.len());
+            got += g;
+            idle = if g == 0 { idle + 1 } else { 0 };
+            if idle == 3 {
+                fail(format!(
+                    "{who} RX stalled: {} of {n} frames delivered",
+                    done + got
+                ));
+            }
         }
-        let t0 = thread_cpu();
-        d.dev.handle(NetEvent::TxKick);
-        tx_ns += (thread_cpu() - t0).as_nanos();
+        if got > b {
+            fail(format!("{who} RX: {got} frames delivered, {b} injected"));
+        }
+        tap.inject(f, b);
+        floor += clock.time(|| read_all(tap, &mut buf, b, want));
         done += b;
     }
-    assert_eq!(d.dev.stats.tx_frames as usize, n, "every frame sent");
-    let tx_model = tx_ns as f64 / n as f64;
-
-    // ---- The model: RX from the tap into the synthetic driver's buffers.
-    let mut rx_ns = 0u128;
-    let mut done = 0;
-    while done < n {
-        let b = batch.min(n - done);
-        inject(sock, &f, b);
-        for i in 0..b {
-            d.post_at(RX, BUF_BASE[RX] + i as u64 * 2048, 2048, true);
-        }
-        let t0 = thread_cpu();
-        d.dev.handle(NetEvent::Backend);
-        rx_ns += (thread_cpu() - t0).as_nanos();
-        done += b;
+    let s = nic.stats();
+    if s.rx_frames - s0.rx_frames != n as u64 || s.rx_dropped != s0.rx_dropped {
+        fail(format!(
+            "{who} RX: the model counted {} frames delivered, {} dropped; {n} injected",
+            s.rx_frames - s0.rx_frames,
+            s.rx_dropped - s0.rx_dropped
+        ));
     }
-    assert_eq!(d.dev.stats.rx_frames as usize, n, "every frame delivered");
-    let rx_model = rx_ns as f64 / n as f64;
+    (ns / n as f64, floor / n as f64)
+}
 
-    // ---- The model on user-mode networking: UDP from the guest to a host loopback socket.
+fn run_model(
+    nic: &mut dyn Nic,
+    tap: &TapSide,
+    clock: &Clock,
+    n: usize,
+    len: usize,
+    rows: &mut Vec<Row>,
+) {
+    let small = tcp_frame(len);
+    let big = tcp_frame(TSO_LEN);
+    let segs = (TSO_LEN - 54).div_ceil(MSS);
+    for &mode in nic.modes() {
+        let (frame, sends, dir) = match mode {
+            Mode::Plain => (&small, n, "TX"),
+            Mode::Csum => (&small, n, "TX csum"),
+            Mode::Tso => (&big, n.div_ceil(segs), "TX TSO 64K"),
+        };
+        let (model_ns, floor_ns) = tx_case(nic, tap, clock, mode, frame, sends);
+        let per_send = (mode == Mode::Tso).then_some(segs);
+        rows.push(Row {
+            model: nic.name(),
+            dir,
+            frames: sends * per_send.unwrap_or(1),
+            model_ns,
+            floor_ns,
+            per_send,
+        });
+    }
+    let (model_ns, floor_ns) = rx_case(nic, tap, clock, &rx_frame(len), n);
+    rows.push(Row {
+        model: nic.name(),
+        dir: "RX",
+        frames: n,
+        model_ns,
+        floor_ns,
+        per_send: None,
+    });
+}
+
+/// virtio-net on user-mode networking: UDP from the guest to a host loopback socket, and the
+/// same datagrams with bare sockets. Returns (model ns, floor ns, delivered, sent).
+fn slirp_tx(len: usize, m: usize) -> (f64, f64, usize) {
     let _ = std::process::Command::new("ip")
         .args(["link", "set", "lo", "up"])
         .status();
     let host = UdpSocket::bind("127.0.0.1:0").expect("udp");
-    host.set_nonblocking(true).unwrap();
     let port = host.local_addr().unwrap().port();
     let slirp = SlirpBackend::new(SlirpOptions::default()).expect("slirp");
-    let mut d = Driver::start(Box::new(slirp), features);
-    let mut uf = vec![0u8; VNET_HDR_LEN];
-    uf.extend_from_slice(&udp_frame(len, port));
-    d.mem.write_slice(&uf, GuestAddress(tx_addr)).unwrap();
-    let m = n.min(50_000);
+    let mut v = Virtio::new(Box::new(slirp));
+    v.tx_prepare(Mode::Plain, &udp_frame(len, port));
+    let batch = v.tx_batch();
     let mut got = 0usize;
     let mut rb = vec![0u8; 65536];
-    host.set_nonblocking(false).unwrap();
     host.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let t0 = process_cpu();
@@ -239,10 +864,8 @@ fn main() {
     while posted < m {
         // One batch in flight at a time, as a guest waiting on its socket buffer would be.
         let b = batch.min(m - posted);
-        for _ in 0..b {
-            d.post_at(TX, tx_addr, uf.len() as u32, false);
-        }
-        d.dev.handle(NetEvent::TxKick);
+        v.tx_queue(b);
+        v.tx_kick();
         posted += b;
         let mut in_batch = 0; // a lost datagram costs one 200 ms wait, then is counted missing
         while in_batch < b && host.recv(&mut rb).is_ok() {
@@ -250,10 +873,10 @@ fn main() {
         }
         got += in_batch;
     }
-    let slirp_tx = (process_cpu() - t0).as_nanos() as f64 / got.max(1) as f64;
+    let model = (process_cpu() - t0).as_nanos() as f64 / got.max(1) as f64;
     // Floor: the same datagrams sent and received with bare sockets on loopback.
     let a = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let payload = &uf[VNET_HDR_LEN + 42..];
+    let payload = &udp_frame(len, port)[42..];
     let t0 = process_cpu();
     let mut fgot = 0;
     for _ in 0..m {
@@ -262,19 +885,164 @@ fn main() {
             fgot += 1;
         }
     }
-    let udp_floor = (process_cpu() - t0).as_nanos() as f64 / fgot.max(1) as f64;
+    let floor = (process_cpu() - t0).as_nanos() as f64 / fgot.max(1) as f64;
+    (model, floor, got)
+}
 
-    println!("virtio-net on tap, {n} frames of {len} bytes, batches of {batch}, host CPU ns/frame");
-    println!("| path | model | bare syscall (floor) | ratio |");
-    println!("|---|---|---|---|");
+fn main() {
+    let mut json = false;
+    let mut quick = false;
+    let mut nums = vec![];
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--json" => json = true,
+            "--quick" => quick = true,
+            _ => match a.parse::<usize>() {
+                Ok(v) => nums.push(v),
+                Err(_) => {
+                    eprintln!("usage: netbench [--quick] [--json] [FRAMES] [FRAME_LEN]");
+                    std::process::exit(1);
+                }
+            },
+        }
+    }
+    let n = nums
+        .first()
+        .copied()
+        .unwrap_or(if quick { 3000 } else { 200_000 })
+        .max(1);
+    let len = nums.get(1).copied().unwrap_or(1514).clamp(60, 1514);
+    // SAFETY: unshare only changes this process's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        eprintln!(
+            "netbench: needs root to make a private network namespace: {}",
+            std::io::Error::last_os_error()
+        );
+        std::process::exit(1);
+    }
+    let clock = Clock::calibrate();
+    let mut rows = vec![];
+    // All taps up front: a tap's first moments after "link up" are slower to write to.
+    let [t0, t1, t2, t3] = [
+        ("nb0", true),
+        ("nb1", false),
+        ("nb2", false),
+        ("nb3", false),
+    ]
+    .map(|(name, vnet)| TapSide::open(name, vnet));
+    std::thread::sleep(Duration::from_millis(500));
+    let (tap, side) = t0;
+
+    run_model(
+        &mut Virtio::new(Box::new(tap)),
+        &side,
+        &clock,
+        n,
+        len,
+        &mut rows,
+    );
+    let (tap, side) = t1;
+    run_model(
+        &mut E1000::new(Box::new(tap)),
+        &side,
+        &clock,
+        n,
+        len,
+        &mut rows,
+    );
+    let (tap, side) = t2;
+    let mut d = rtl8139::driver::Driver::new(Box::new(tap), true);
+    d.probe();
+    d.open_cp(0);
+    let mut cp = Cp {
+        d,
+        mode: Mode::Plain,
+        frame: vec![],
+        opts1: 0,
+    };
+    run_model(&mut cp, &side, &clock, n, len, &mut rows);
+    let (tap, side) = t3;
+    let mut d = rtl8139::driver::Driver::new(Box::new(tap), false);
+    d.probe();
+    d.open_too(0);
+    let mut too = Too {
+        d,
+        len: 0,
+        queued: 0,
+        sent: 0,
+        reclaimed: 0,
+        reported: 0,
+    };
+    run_model(&mut too, &side, &clock, n, len, &mut rows);
+
+    let m = n.min(50_000);
+    let (slirp, udp_floor, got) = slirp_tx(len, m);
+
+    if json {
+        let items: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                let send = r.per_send.map_or(String::new(), |k| {
+                    format!(
+                        ", \"frames_per_send\": {k}, \"ns_per_send_model\": {:.0}, \
+                         \"ns_per_send_floor\": {:.0}",
+                        r.model_ns * k as f64,
+                        r.floor_ns * k as f64
+                    )
+                });
+                format!(
+                    "    {{\"model\": \"{}\", \"direction\": \"{}\", \"frames\": {}, \
+                     \"ns_per_frame_model\": {:.0}, \"ns_per_frame_floor\": {:.0}, \
+                     \"ratio\": {:.3}{send}}}",
+                    r.model,
+                    r.dir,
+                    r.frames,
+                    r.model_ns,
+                    r.floor_ns,
+                    r.model_ns / r.floor_ns
+                )
+            })
+            .collect();
+        println!("{{\n  \"frame_len\": {len},\n  \"mss\": {MSS},\n  \"tso_len\": {TSO_LEN},");
+        println!("  \"clock_overhead_ns\": {:.0},", clock.overhead);
+        println!("  \"rows\": [\n{}\n  ],", items.join(",\n"));
+        println!(
+            "  \"slirp\": {{\"model\": \"virtio-net\", \"direction\": \"TX udp via slirp\", \
+             \"frames\": {m}, \"delivered\": {got}, \"ns_per_frame_model\": {slirp:.0}, \
+             \"ns_per_frame_floor\": {udp_floor:.0}, \"ratio\": {:.3}}}\n}}",
+            slirp / udp_floor
+        );
+        return;
+    }
     println!(
-        "| TX (ring -> tap) | {tx_model:.0} | {tx_floor:.0} | {:.2} |",
-        tx_model / tx_floor
+        "NIC models on a tap, host CPU ns per wire frame (thread CPU of the model's share; \
+         clock cost {:.0} ns subtracted)",
+        clock.overhead
     );
     println!(
-        "| RX (tap -> ring) | {rx_model:.0} | {rx_floor:.0} | {:.2} |",
-        rx_model / rx_floor
+        "{len}-byte frames; TSO: {TSO_LEN}-byte TCP sends cut at MSS {MSS}; floor = bare \
+         write()/read() of the same wire frames on the same tap"
     );
+    println!("| model | direction | frames | ns/frame model | ns/frame floor | ratio | ns/send model | ns/send floor |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let send = r.per_send.map_or(" | ".to_string(), |k| {
+            format!(
+                "{:.0} | {:.0}",
+                r.model_ns * k as f64,
+                r.floor_ns * k as f64
+            )
+        });
+        println!(
+            "| {} | {} | {} | {:.0} | {:.0} | {:.2} | {send} |",
+            r.model,
+            r.dir,
+            r.frames,
+            r.model_ns,
+            r.floor_ns,
+            r.model_ns / r.floor_ns
+        );
+    }
     println!();
     println!(
         "virtio-net on user (libslirp): UDP to a host loopback socket, {m} frames of {len} bytes,"
@@ -283,7 +1051,7 @@ fn main() {
     println!("| path | model + slirp | bare sockets (floor) | ratio | delivered |");
     println!("|---|---|---|---|---|");
     println!(
-        "| TX (ring -> slirp -> host socket) | {slirp_tx:.0} | {udp_floor:.0} | {:.2} | {got}/{m} |",
-        slirp_tx / udp_floor
+        "| TX (ring -> slirp -> host socket) | {slirp:.0} | {udp_floor:.0} | {:.2} | {got}/{m} |",
+        slirp / udp_floor
     );
 }

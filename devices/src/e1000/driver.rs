@@ -429,6 +429,12 @@ impl Driver {
     /// A legacy-descriptor frame; `csum` = (CSS, CSO) asks for checksum insertion, `vlan`
     /// for tag insertion.
     pub fn xmit_legacy(&mut self, frame: &[u8], csum: Option<(u8, u8)>, vlan: Option<u16>) {
+        self.queue_legacy(frame, csum, vlan);
+        self.kick_tx();
+    }
+
+    /// [`Self::xmit_legacy`] without the TDT write (xmit_more): the frame waits for a kick.
+    pub fn queue_legacy(&mut self, frame: &[u8], csum: Option<(u8, u8)>, vlan: Option<u16>) {
         self.put_data(frame, |addr, len, last| {
             let mut d = [0u8; 16];
             d[..8].copy_from_slice(&addr.to_le_bytes());
@@ -448,7 +454,6 @@ impl Driver {
             }
             d
         });
-        self.kick_tx();
     }
 
     /// A context descriptor (all fields as in the manual; `paylen` 20 bits).
@@ -503,15 +508,34 @@ impl Driver {
     /// e1000_tx_csum + e1000_tx_queue: a context with the L4 checksum start and field, then
     /// data descriptors asking for TXSM. The driver seeded the field with the pseudo-header.
     pub fn xmit_csum(&mut self, frame: &[u8], css: u8, cso: u8, tcp: bool) {
+        self.queue_csum(frame, css, cso, tcp);
+        self.kick_tx();
+    }
+
+    /// [`Self::xmit_csum`] without the TDT write.
+    pub fn queue_csum(&mut self, frame: &[u8], css: u8, cso: u8, tcp: bool) {
         let tucmd = if tcp { TXD_TUCMD_TCP } else { 0 };
         self.put_tx_desc(Self::context_desc(0, 0, 0, css, cso, 0, tucmd, 0, 0, 0));
         self.data_descs(frame, 0, TXD_POPTS_TXSM, None);
-        self.kick_tx();
     }
 
     /// e1000_tso + e1000_tx_queue for an IPv4/TCP frame with the IP header at `l3` and TCP at
     /// `l4`, `hdrlen` bytes of headers.
     pub fn xmit_tso(
+        &mut self,
+        frame: &[u8],
+        l3: u8,
+        l4: u8,
+        hdrlen: u8,
+        mss: u16,
+        vlan: Option<u16>,
+    ) {
+        self.queue_tso(frame, l3, l4, hdrlen, mss, vlan);
+        self.kick_tx();
+    }
+
+    /// [`Self::xmit_tso`] without the TDT write.
+    pub fn queue_tso(
         &mut self,
         frame: &[u8],
         l3: u8,
@@ -535,7 +559,6 @@ impl Driver {
             mss,
         ));
         self.data_descs(frame, TXD_CMD_TSE, TXD_POPTS_IXSM | TXD_POPTS_TXSM, vlan);
-        self.kick_tx();
     }
 
     /// e1000_clean_tx_irq: frames whose EOP descriptor is done.

@@ -27,32 +27,13 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
 
-/// CRC-32 (IEEE 802.3), table-driven, for the FCS the guest sees unless RCTL.SECRC.
+/// CRC-32 (IEEE 802.3) over `parts`, for the FCS the guest sees unless RCTL.SECRC.
 fn crc32(parts: &[&[u8]]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xedb8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
-    let mut crc = !0u32;
-    for b in parts.iter().flat_map(|p| p.iter()) {
-        crc = TABLE[((crc ^ *b as u32) & 0xff) as usize] ^ (crc >> 8);
+    let mut h = crc32fast::Hasher::new();
+    for p in parts {
+        h.update(p);
     }
-    !crc
+    h.finalize()
 }
 
 impl E1000 {

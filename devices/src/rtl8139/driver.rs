@@ -9,7 +9,8 @@ use crate::interrupt::RecordingIrqChip;
 use crate::pci::{PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-pub const MEM_SIZE: usize = 4 << 20;
+/// Room for the TX buffers of all 64 C+ descriptors (64 KiB each from 1 MiB on).
+pub const MEM_SIZE: usize = 8 << 20;
 /// 8139cp's rings: 64 RX descriptors then 64 TX descriptors.
 pub const CP_RING: u16 = 64;
 pub const RX_RING: u64 = 0x1_0000;
@@ -229,6 +230,12 @@ impl Driver {
 
     /// cp_start_xmit(): one descriptor per fragment, the first handed over last, then TPPoll.
     pub fn cp_xmit(&mut self, frags: &[&[u8]], opts1: u32, opts2: u32) {
+        self.cp_queue(frags, opts1, opts2);
+        self.w8(TPPOLL, TPPOLL_NPQ);
+    }
+
+    /// [`Self::cp_xmit`] without the TPPoll write: the frame waits for the next poll.
+    pub fn cp_queue(&mut self, frags: &[&[u8]], opts1: u32, opts2: u32) {
         let first = self.tx_head;
         let n = frags.len();
         let mut entry = first;
@@ -251,7 +258,6 @@ impl Driver {
             self.write_desc(TX_RING, e, ctrl, opts2, buf);
         }
         self.tx_head = entry;
-        self.w8(TPPOLL, TPPOLL_NPQ);
     }
 
     /// cp_tx(): descriptors the device gave back since the last call, with their status.
