@@ -34,13 +34,14 @@ mkns() {
 # inside NAME CMD...: run CMD inside namespace NAME.
 inside() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
 
-# dhcp NS IFACE START END [MAC,IP...]: a DHCP server (dnsmasq) on IFACE.
+# dhcp NS IFACE START END [MAC,IP...]: a DHCP server (dnsmasq) on IFACE. --no-ping: guests
+# booting together must not wait for its address-in-use probes.
 dhcp() {
   local n=$1 ifc=$2 start=$3 end=$4; shift 4
   local pins=()
   for h in "$@"; do pins+=("--dhcp-host=$h"); done
   inside "$n" dnsmasq --no-daemon --interface="$ifc" --bind-interfaces --except-interface=lo \
-    --dhcp-range="$start,$end,255.255.255.0,1h" --port=0 --no-resolv --no-hosts \
+    --dhcp-range="$start,$end,255.255.255.0,1h" --port=0 --no-resolv --no-hosts --no-ping \
     --dhcp-leasefile="/tmp/$(ns "$n").$ifc.leases" --pid-file= "${pins[@]}" \
     </dev/null >/dev/null 2>&1 &
   daemons+=($!)
