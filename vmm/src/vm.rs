@@ -131,6 +131,15 @@ fn assign_bars(
     Ok(())
 }
 
+/// A NIC model seen two ways: the PCI function the buses dispatch to, and the frontend the I/O
+/// thread drives. One object, one lock.
+type NicViews = (Arc<Mutex<dyn PciDevice>>, Arc<Mutex<dyn NetFrontend>>);
+
+fn nic_views<T: PciDevice + NetFrontend + 'static>(dev: T) -> NicViews {
+    let dev = Arc::new(Mutex::new(dev));
+    (dev.clone(), dev)
+}
+
 pub struct Timing {
     pub start: Instant,
     pub enabled: bool,
@@ -272,31 +281,20 @@ pub fn run(
             );
         }
         let mem = mem.clone();
-        let (pci, nic): (Arc<Mutex<dyn PciDevice>>, Arc<Mutex<dyn NetFrontend>>) = match spec.model
-        {
-            NicModel::VirtioNetPci => {
-                let mut dev =
-                    VirtioNet::new(spec.mac, backend, mem, chip.clone(), gsi, ioevents.clone())
-                        .map_err(model_err)?;
-                assign_bars(&mut dev, &mut io_next, &mut mmio_next)?;
-                let dev = Arc::new(Mutex::new(dev));
-                (dev.clone(), dev)
-            }
-            NicModel::Rtl8139 => {
-                let mut dev = Rtl8139::new(spec.mac, backend, mem, chip.clone(), gsi, spec.cplus)
-                    .map_err(model_err)?;
-                assign_bars(&mut dev, &mut io_next, &mut mmio_next)?;
-                let dev = Arc::new(Mutex::new(dev));
-                (dev.clone(), dev)
-            }
+        let (pci, nic) = match spec.model {
+            NicModel::VirtioNetPci => nic_views(
+                VirtioNet::new(spec.mac, backend, mem, chip.clone(), gsi, ioevents.clone())
+                    .map_err(model_err)?,
+            ),
+            NicModel::Rtl8139 => nic_views(
+                Rtl8139::new(spec.mac, backend, mem, chip.clone(), gsi, spec.cplus)
+                    .map_err(model_err)?,
+            ),
             NicModel::E1000 => {
-                let mut dev =
-                    E1000::new(spec.mac, backend, mem, chip.clone(), gsi).map_err(model_err)?;
-                assign_bars(&mut dev, &mut io_next, &mut mmio_next)?;
-                let dev = Arc::new(Mutex::new(dev));
-                (dev.clone(), dev)
+                nic_views(E1000::new(spec.mac, backend, mem, chip.clone(), gsi).map_err(model_err)?)
             }
         };
+        assign_bars(&mut *pci.lock().unwrap(), &mut io_next, &mut mmio_next)?;
         log::debug!(
             "{} {} on slot {slot} backed by {}",
             spec.model.name(),
