@@ -56,16 +56,13 @@ impl E1000 {
         let mut delivered = false;
         for _ in 0..RX_BURST {
             let fresh = self.rx_pending.is_none();
-            let len = match self.rx_pending.take() {
-                Some(l) => l,
-                None => match self.backend.recv(&mut self.rx_buf) {
-                    Ok(Some(l)) => l,
-                    Ok(None) => break,
-                    Err(e) => {
-                        log::debug!("e1000 {}: receive failed: {e}", self.mac);
-                        break;
-                    }
-                },
+            let Some(len) = crate::net::next_rx_frame(
+                &mut *self.backend,
+                &mut self.rx_pending,
+                &mut self.rx_buf,
+                &format_args!("e1000 {}", self.mac),
+            ) else {
+                break;
             };
             let buf = std::mem::take(&mut self.rx_buf);
             let r = self.receive(&buf[..len], fresh);

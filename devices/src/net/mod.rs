@@ -32,6 +32,27 @@ pub trait NetFrontend: Send {
     fn handle(&mut self, ev: NetEvent) -> BackendInterest;
 }
 
+/// The next frame for the guest: the one an earlier attempt could not place (`pending`), else
+/// a fresh one from the backend into `buf`. `None` when the backend has nothing (or failed,
+/// which is logged at debug level: a backend error is not the guest's business).
+pub fn next_rx_frame(
+    backend: &mut dyn net_backends::NetBackend,
+    pending: &mut Option<usize>,
+    buf: &mut [u8],
+    nic: &dyn std::fmt::Display,
+) -> Option<usize> {
+    if let Some(len) = pending.take() {
+        return Some(len);
+    }
+    match backend.recv(buf) {
+        Ok(r) => r,
+        Err(e) => {
+            log::debug!("{nic}: receive failed: {e}");
+            None
+        }
+    }
+}
+
 /// What every NIC model counts, for benchmarks and tests.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NicStats {

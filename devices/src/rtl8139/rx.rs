@@ -87,16 +87,13 @@ impl Rtl8139 {
     /// I/O thread: moves frames from the backend into the guest while it has room.
     pub(super) fn process_rx(&mut self) {
         loop {
-            let len = match self.rx_pending.take() {
-                Some(l) => l,
-                None => match self.backend.recv(&mut self.rx_buf) {
-                    Ok(Some(l)) => l,
-                    Ok(None) => break,
-                    Err(e) => {
-                        log::debug!("rtl8139 {}: receive failed: {e}", self.mac);
-                        break;
-                    }
-                },
+            let Some(len) = crate::net::next_rx_frame(
+                &mut *self.backend,
+                &mut self.rx_pending,
+                &mut self.rx_buf,
+                &format_args!("rtl8139 {}", self.mac),
+            ) else {
+                break;
             };
             if !self.rx_enabled() {
                 continue; // a receiver that is off drops what the wire brings

@@ -462,16 +462,13 @@ impl VirtioNet {
         // may have added buffers in between); a second failure means waiting for a kick.
         let mut retried = false;
         loop {
-            let len = match self.rx_pending.take() {
-                Some(l) => l,
-                None => match self.backend.recv(&mut self.rx_buf) {
-                    Ok(Some(l)) => l,
-                    Ok(None) => break,
-                    Err(e) => {
-                        log::debug!("virtio-net {}: receive failed: {e}", self.mac);
-                        break;
-                    }
-                },
+            let Some(len) = crate::net::next_rx_frame(
+                &mut *self.backend,
+                &mut self.rx_pending,
+                &mut self.rx_buf,
+                &format_args!("virtio-net {}", self.mac),
+            ) else {
+                break;
             };
             if self.deliver(len) {
                 delivered = true;
