@@ -86,15 +86,12 @@ impl Rtl8139 {
 
     /// I/O thread: moves frames from the backend into the guest while it has room.
     pub(super) fn process_rx(&mut self) {
-        loop {
-            let Some(len) = crate::net::next_rx_frame(
-                &mut *self.backend,
-                &mut self.rx_pending,
-                &mut self.rx_buf,
-                &format_args!("rtl8139 {}", self.mac),
-            ) else {
-                break;
-            };
+        while let Some(len) = crate::net::next_rx_frame(
+            &mut *self.backend,
+            &mut self.rx_pending,
+            &mut self.rx_buf,
+            &format_args!("rtl8139 {}", self.mac),
+        ) {
             if !self.rx_enabled() {
                 continue; // a receiver that is off drops what the wire brings
             }

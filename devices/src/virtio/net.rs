@@ -461,15 +461,12 @@ impl VirtioNet {
         // After a failed delivery, look once more after re-enabling notifications (the guest
         // may have added buffers in between); a second failure means waiting for a kick.
         let mut retried = false;
-        loop {
-            let Some(len) = crate::net::next_rx_frame(
-                &mut *self.backend,
-                &mut self.rx_pending,
-                &mut self.rx_buf,
-                &format_args!("virtio-net {}", self.mac),
-            ) else {
-                break;
-            };
+        while let Some(len) = crate::net::next_rx_frame(
+            &mut *self.backend,
+            &mut self.rx_pending,
+            &mut self.rx_buf,
+            &format_args!("virtio-net {}", self.mac),
+        ) {
             if self.deliver(len) {
                 delivered = true;
                 retried = false;
