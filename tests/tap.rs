@@ -255,3 +255,58 @@ fn sigterm_runs_the_downscript_and_removes_the_created_tap() {
         "tap {tap} removed"
     );
 }
+
+/// The tap deleted under a running guest: nicvm stays up without spinning, tells the guest
+/// the link is down (e1000: LSC, carrier off) and logs it once.
+#[test]
+fn tap_deleted_under_a_running_guest() {
+    let Some(img) = image() else { return };
+    let ns = Netns::new("tapdel");
+    ns.sh("ip tuntap add dev tap0 mode tap && ip addr add 192.168.89.1/24 dev tap0 && ip link set tap0 up");
+    let mut g = ns.guest(
+        &img,
+        "nicvm.dhcp=off nicvm.run=addr:eth0:192.168.89.2/24,ping:192.168.89.1,carrier:eth0,sleep:12,carrier:eth0,exit",
+        &[
+            "-netdev",
+            "tap,id=n0,ifname=tap0,script=no,downscript=no",
+            "-device",
+            "e1000,netdev=n0",
+        ],
+        &[],
+    );
+    assert_eq!(g.wait_line("PING")["result"], "ok");
+    assert_eq!(g.wait_line("CARRIER")["carrier"], "1");
+    ns.sh("ip link del tap0");
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", g.pid())).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let (t0, c0) = (Instant::now(), ticks());
+    std::thread::sleep(Duration::from_secs(4));
+    let cpu = (ticks() - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64();
+    assert!(
+        cpu < 0.5,
+        "nicvm used {:.0}% of a core with its tap gone",
+        cpu * 100.0
+    );
+    assert_eq!(
+        g.wait_line("CARRIER")["carrier"],
+        "0",
+        "the guest sees the link down"
+    );
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    assert_eq!(
+        o.stderr.matches("the interface is gone").count(),
+        1,
+        "{}",
+        o.dump()
+    );
+}

@@ -54,6 +54,10 @@ pub struct Tap {
     file: File,
     name: String,
     vnet_hdr: bool,
+    /// The interface was deleted under us (reads and writes fail with EBADFD): the link is
+    /// down for good and frames sent are counted as dropped.
+    gone: bool,
+    dropped: u64,
 }
 
 fn ifreq(name: &str, flags: libc::c_short) -> Result<IfReq, TapError> {
@@ -111,6 +115,8 @@ impl Tap {
             file,
             name,
             vnet_hdr: use_vnet,
+            gone: false,
+            dropped: 0,
         };
         if use_vnet {
             tap.set_vnet_hdr_size()?;
@@ -139,11 +145,29 @@ impl Tap {
             file,
             name,
             vnet_hdr: req.flags & IFF_VNET_HDR != 0,
+            gone: false,
+            dropped: 0,
         };
         if tap.vnet_hdr {
             tap.set_vnet_hdr_size()?;
         }
         Ok(tap)
+    }
+
+    /// Errors that mean the interface no longer exists: the fd is detached from any tap.
+    fn detached(&mut self, e: &io::Error) -> bool {
+        let gone = matches!(
+            e.raw_os_error(),
+            Some(libc::EBADFD) | Some(libc::EIO) | Some(libc::ENODEV)
+        );
+        if gone && !self.gone {
+            log::warn!(
+                "tap {}: the interface is gone ({e}); link down, frames to it are dropped",
+                self.name
+            );
+            self.gone = true;
+        }
+        gone
     }
 
     fn set_vnet_hdr_size(&self) -> Result<(), TapError> {
@@ -206,6 +230,10 @@ impl NetBackend for Tap {
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
+        if self.gone {
+            self.dropped += 1;
+            return Ok(());
+        }
         // SAFETY: IoSlice is ABI-compatible with iovec; the slices outlive the call.
         let n = unsafe {
             libc::writev(
@@ -222,12 +250,19 @@ impl NetBackend for Tap {
                 log::debug!("tap {}: dropped a frame: {e}", self.name);
                 return Ok(());
             }
+            if self.detached(&e) {
+                self.dropped += 1;
+                return Ok(());
+            }
             return Err(e);
         }
         Ok(())
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        if self.gone {
+            return Ok(None);
+        }
         // SAFETY: reading into `buf`, within its length.
         let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
@@ -235,6 +270,7 @@ impl NetBackend for Tap {
             return match e.kind() {
                 io::ErrorKind::WouldBlock => Ok(None),
                 io::ErrorKind::Interrupted => Ok(None),
+                _ if self.detached(&e) => Ok(None),
                 _ => Err(e),
             };
         }
@@ -246,6 +282,10 @@ impl NetBackend for Tap {
     }
 
     fn link_up(&self) -> bool {
-        true
+        !self.gone
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped
     }
 }

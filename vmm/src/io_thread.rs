@@ -62,6 +62,14 @@ pub fn spawn(nics: Vec<Arc<Mutex<dyn NetFrontend>>>) -> std::io::Result<()> {
                 for e in &events[..n] {
                     let w = &watches[e.data() as usize];
                     let want = nics[w.nic].lock().unwrap().handle(w.ev);
+                    // An fd in error or hung up (a deleted tap) is reported on every wait
+                    // whatever the interest: the model has seen it once, now stop watching.
+                    let broken = EventSet::ERROR | EventSet::HANG_UP;
+                    if w.ev == NetEvent::Backend && e.event_set().intersects(broken) {
+                        log::warn!("I/O thread: a backend fd failed or hung up; no longer watched");
+                        let _ = epoll.ctl(ControlOperation::Delete, w.fd, EpollEvent::default());
+                        continue;
+                    }
                     if want != interest[w.nic] {
                         interest[w.nic] = want;
                         if let Some(b) = watches
