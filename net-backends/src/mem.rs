@@ -15,6 +15,8 @@ struct Shared {
     /// When set, send() fails with WouldBlock (a full peer).
     blocked: bool,
     rx_offloads: Option<crate::Offloads>,
+    /// When set, the peer is gone: link_up() is false.
+    link_down: bool,
 }
 
 pub struct MemBackend {
@@ -71,6 +73,12 @@ impl MemPeer {
         self.shared.lock().unwrap().blocked = blocked;
     }
 
+    /// Takes the link down or up; the backend's fd fires so the model notices.
+    pub fn set_link_up(&self, up: bool) {
+        self.shared.lock().unwrap().link_down = !up;
+        let _ = self.ready.write(1);
+    }
+
     pub fn rx_offloads(&self) -> Option<crate::Offloads> {
         self.shared.lock().unwrap().rx_offloads
     }
@@ -109,5 +117,9 @@ impl NetBackend for MemBackend {
 
     fn fd(&self) -> RawFd {
         self.ready.as_raw_fd()
+    }
+
+    fn link_up(&self) -> bool {
+        !self.shared.lock().unwrap().link_down
     }
 }

@@ -231,6 +231,8 @@ pub struct Rtl8139 {
     /// A DMA error stopped this engine until the next reset.
     tx_dead: bool,
     rx_dead: bool,
+    /// The link state the driver last saw (changes raise LinkChg).
+    link: bool,
 
     rx_buf: Vec<u8>,
     /// Scratch for the frame as the wire carries it, a packet header, VLAN stripping.
@@ -306,6 +308,7 @@ impl Rtl8139 {
             tx_waiting: VecDeque::with_capacity(4),
             tx_dead: false,
             rx_dead: false,
+            link: true,
             rx_buf: vec![0; net_backends::MAX_FRAME],
             rx_wire: Vec::with_capacity(2048),
             rx_scratch: Vec::with_capacity(2048),
@@ -718,6 +721,11 @@ impl NetFrontend for Rtl8139 {
                 self.process_rx();
             }
             NetEvent::Timer => self.on_timer(),
+        }
+        let up = self.link_up();
+        if up != self.link {
+            self.link = up;
+            self.raise(INT_LINKCHG);
         }
         self.interest()
     }

@@ -88,6 +88,23 @@ fn mii_reports_link_and_reset_self_clears() {
 }
 
 #[test]
+fn link_loss_raises_linkchg_and_shows_in_bmsr() {
+    let (mut d, peer) = too_open();
+    d.w16(ISR, 0xffff);
+    peer.set_link_up(false);
+    d.pump();
+    assert_ne!(d.r16(ISR) & INT_LINKCHG, 0);
+    assert!(d.irq());
+    assert_eq!(d.r16(BMSR) & BMSR_LINK, 0);
+    assert_eq!(d.r8(MSR) & MSR_LINKB, MSR_LINKB);
+    d.w16(ISR, INT_LINKCHG);
+    peer.set_link_up(true);
+    d.pump();
+    assert_ne!(d.r16(ISR) & INT_LINKCHG, 0);
+    assert_ne!(d.r16(BMSR) & BMSR_LINK, 0);
+}
+
+#[test]
 fn config_registers_need_the_unlock() {
     let (mut d, _p) = rig(true);
     d.w8(CONFIG1, 0x21);

@@ -70,6 +70,8 @@ pub struct VirtioNet {
     bad_size: [bool; 2],
     kicks: [EventFd; 2],
     active: bool,
+    /// The link state the driver was last told about (config status, config interrupt).
+    link_up: bool,
 
     rx_buf: Vec<u8>,
     /// A frame read from the backend that the guest had no room for yet.
@@ -161,6 +163,7 @@ impl VirtioNet {
             bad_size: [false; 2],
             kicks: [EventFd::new(EFD_NONBLOCK)?, EventFd::new(EFD_NONBLOCK)?],
             active: false,
+            link_up: true,
             rx_buf: vec![0; MAX_FRAME],
             rx_pending: None,
             rx_stalled: false,
@@ -761,6 +764,14 @@ impl NetFrontend for VirtioNet {
                 self.process_rx();
             }
             NetEvent::Timer => {}
+        }
+        let up = self.backend.link_up();
+        if up != self.link_up {
+            self.link_up = up;
+            if self.active {
+                self.isr |= 2; // configuration change: the driver rereads the status
+                self.interrupt(self.msix_config);
+            }
         }
         BackendInterest {
             readable: self.active && !self.rx_stalled && self.rx_pending.is_none(),

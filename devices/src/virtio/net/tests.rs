@@ -332,3 +332,18 @@ fn bad_queue_setup_is_refused_at_driver_ok() {
     d.w(DEVICE_STATUS, 0, 1);
     assert_eq!(d.status(), 0);
 }
+
+#[test]
+fn link_changes_reach_the_driver_as_a_config_interrupt() {
+    let mut d = started(PLAIN, BASE);
+    d.ack_irq();
+    d.peer.set_link_up(false);
+    d.dev.handle(NetEvent::Backend);
+    assert!(d.irq());
+    assert_eq!(d.ack_irq() & 2, 2, "configuration change");
+    assert_eq!(d.r(DEVICE_CFG + 6, 2), 0, "link down in the status field");
+    d.peer.set_link_up(true);
+    d.dev.handle(NetEvent::Backend);
+    assert_eq!(d.ack_irq() & 2, 2);
+    assert_eq!(d.r(DEVICE_CFG + 6, 2), VIRTIO_NET_S_LINK_UP as u64);
+}
