@@ -257,18 +257,24 @@ fn handshake(
         .map_err(io)?;
     let mut reply = [0u8; std::mem::size_of::<libc::sockaddr_un>()];
     ctl.read_exact(&mut reply).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            format!(
-                "{}: the switch refused the port{}",
-                ctl_path.display(),
-                if port != 0 {
-                    format!(" (is port {port} taken or out of range?)")
-                } else {
-                    " (no free port, or it cannot reach our socket?)".into()
-                }
-            )
+        let hint = if port != 0 {
+            format!(" (does it have port {port}?)")
         } else {
-            io(e)
+            " (no free port, or it cannot reach our socket?)".into()
+        };
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                format!(
+                    "{}: the switch refused the connection{hint}",
+                    ctl_path.display()
+                )
+            }
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
+                "{}: the switch did not answer within {}s{hint}",
+                ctl_path.display(),
+                HANDSHAKE_TIMEOUT.as_secs()
+            ),
+            _ => io(e),
         }
     })?;
     let theirs = parse_reply(&reply)?;
