@@ -44,7 +44,7 @@ fn unix_dgram_pair_and_a_peer_that_comes_and_goes() {
     for f in &frames {
         send(&mut a, f);
     }
-    let (mut b, got) = reader.join().unwrap();
+    let (b, got) = reader.join().unwrap();
     assert!(got == frames, "burst arrived damaged, reordered or short");
     assert_eq!(a.dropped(), 1);
 
