@@ -18,6 +18,8 @@
 //! goes down with one warning, frames sent meanwhile are dropped and counted, and the server
 //! accepts the next peer. A client connects in [`StreamBackend::new`] (an error unless
 //! `reconnect` is set); after losing its peer it retries every `reconnect` or stays down.
+//! Each change of link state makes the fd readable once (an empty message, skipped by
+//! `recv`), so the NIC model gets a backend event and can look at `link_up()`.
 //!
 //! Not covered: QEMU's `fd=` sockets, abstract Unix addresses, vnet headers on the wire.
 
@@ -298,7 +300,13 @@ impl NetBackend for StreamBackend {
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        sys::recv(self.pair.as_raw_fd(), buf)
+        loop {
+            match sys::recv(self.pair.as_raw_fd(), buf)? {
+                // A link-state nudge from the relay, not a frame.
+                Some(0) => continue,
+                r => return Ok(r),
+            }
+        }
     }
 
     fn fd(&self) -> RawFd {
@@ -432,6 +440,7 @@ impl Relay {
             Ok(c) => {
                 self.conn = Some(c);
                 self.shared.up.store(true, Ordering::SeqCst);
+                self.nudge();
                 log::info!("stream {}: connected; link up", self.shared.label);
             }
             Err(e) => log::debug!("stream {}: reconnect: {e}", self.shared.label),
@@ -449,9 +458,16 @@ impl Relay {
             self.toff = 0;
         }
         self.shared.set_down(why);
+        self.nudge();
         if let Some(r) = self.reconnect {
             self.next_connect = Some(Instant::now() + r);
         }
+    }
+
+    /// An empty message to the guest side (skipped by `recv`): the fd turns readable once,
+    /// so the NIC model gets an event on a change of link state.
+    fn nudge(&self) {
+        let _ = sys::send_iov(self.pair.as_raw_fd(), &[], None);
     }
 
     /// Moves what can move without blocking, a bounded number of rounds.

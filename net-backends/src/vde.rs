@@ -31,7 +31,9 @@
 //! datagram socket, which is never readable without a frame, so nothing spins. While down,
 //! the monitor thread tries the whole handshake again once a second (driven by its own poll
 //! timeout, not by the guest's sends: a guest whose NIC shows no carrier sends nothing); when
-//! it succeeds the link is up again, with one info message.
+//! it succeeds the link is up again, with one info message. Each change of link state also
+//! makes the fd readable once (an empty datagram to ourselves, skipped by `recv`), so a NIC
+//! model hears of it through a backend event without polling.
 //!
 //! Not covered: libvdeplug's other plug kinds (`vde://` URLs, point-to-point `sock[]`, UDP
 //! `->` specs, the management port request type), and the pre-directory "ctl socket given
@@ -236,6 +238,18 @@ fn port_of(switch_sock: &Path) -> u32 {
         .unwrap_or(0)
 }
 
+/// Makes our data socket readable once (an empty datagram, which `recv` skips), so the I/O
+/// thread calls the NIC model, which can then look at `link_up()`. Only works while our
+/// socket is not connected to a switch socket (the kernel refuses other senders then).
+fn nudge(data_path: &Path) {
+    if let (Ok(s), Ok(a)) = (
+        sys::socket(libc::AF_UNIX, libc::SOCK_DGRAM),
+        RawAddr::unix(data_path),
+    ) {
+        let _ = sys::send_iov(s.as_raw_fd(), &[], Some(&a));
+    }
+}
+
 /// One handshake: a new control connection, our request, the switch's answer, and our data
 /// socket connected to the switch's. Returns the control connection and the port.
 fn handshake(
@@ -279,6 +293,7 @@ fn handshake(
     })?;
     let theirs = parse_reply(&reply)?;
     let addr = RawAddr::unix(&theirs).map_err(|e| e.to_string())?;
+    nudge(data_path);
     sys::connect(data, &addr).map_err(|e| format!("{}: {e}", theirs.display()))?;
     ctl.set_nonblocking(true).map_err(io)?;
     Ok((ctl, port_of(&theirs)))
@@ -469,6 +484,7 @@ impl Monitor {
                     if ctl.take().is_some() {
                         // Down, by a send or the control connection: let the port go.
                         let _ = sys::disconnect(&self.data);
+                        nudge(&self.data_path);
                         next_try = Instant::now() + RETRY_INTERVAL;
                     }
                     let now = Instant::now();

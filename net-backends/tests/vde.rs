@@ -105,7 +105,13 @@ fn two_plugs_talk_through_a_switch_that_goes_away_and_comes_back() {
     assert!(a.data_path().exists());
 
     // The switch goes away: link down on both, sends dropped and counted, nothing to spin on.
+    assert_quiet(&mut a, Duration::from_millis(50));
     sw.stop();
+    assert_ne!(
+        poll_fd(a.fd(), libc::POLLIN, Duration::from_secs(5)),
+        0,
+        "a link change makes the fd readable once"
+    );
     assert!(
         wait_for(Duration::from_secs(5), || !a.link_up() && !b.link_up()),
         "link still up after the switch stopped"
