@@ -147,6 +147,11 @@ impl DgramBackend {
         }
     }
 
+    /// The Unix socket file this backend bound (removed when it is dropped, if still ours).
+    pub fn socket_path(&self) -> Option<&std::path::Path> {
+        self._file.as_ref().map(|f| f.path())
+    }
+
     /// The bound address of an IP socket (to learn the port when 0 was asked for).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         // SAFETY: sockaddr_storage is plain old data; all zeroes is valid.

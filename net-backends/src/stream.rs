@@ -262,6 +262,11 @@ impl StreamBackend {
         })
     }
 
+    /// The Unix socket file this backend bound (removed when it is dropped, if still ours).
+    pub fn socket_path(&self) -> Option<&std::path::Path> {
+        self._file.as_ref().map(|f| f.path())
+    }
+
     /// The address a TCP server listens on (its port when port 0 was asked for).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local

@@ -225,6 +225,10 @@ impl SocketFile {
             ino: m.ino(),
         })
     }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 impl Drop for SocketFile {

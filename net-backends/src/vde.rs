@@ -391,6 +391,11 @@ impl Vde {
         &self.data_path
     }
 
+    /// The private directory holding our socket (removed when the backend is dropped).
+    pub fn private_dir(&self) -> &Path {
+        &self._dir.0
+    }
+
     /// The switch port of the first connection.
     pub fn port(&self) -> u32 {
         self.port

@@ -33,6 +33,10 @@ pub fn run_cleanups() {
 pub enum Cleanup {
     /// Run the tap's downscript with its interface name.
     DownScript { script: PathBuf, ifname: String },
+    /// Remove a backend's private directory (VDE's socket directory).
+    RemoveDir(PathBuf),
+    /// Remove a Unix socket file a backend bound, unless another has replaced it since.
+    RemoveSocket { path: PathBuf, ino: u64 },
 }
 
 impl Cleanup {
@@ -41,6 +45,15 @@ impl Cleanup {
             Cleanup::DownScript { script, ifname } => {
                 if let Err(e) = run_script(&script, &ifname) {
                     eprintln!("nicvm: downscript: {e}");
+                }
+            }
+            Cleanup::RemoveDir(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Cleanup::RemoveSocket { path, ino } => {
+                use std::os::unix::fs::MetadataExt;
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| m.ino() == ino) {
+                    let _ = std::fs::remove_file(path);
                 }
             }
         }
@@ -138,6 +151,8 @@ pub fn open(spec: &NetdevSpec, want_vnet_hdr: bool) -> Result<Opened, String> {
             let mut o = vde_options(&spec.opts).map_err(e)?;
             o.description = format!("nicvm id={}", spec.id);
             let v = Vde::open(&o).map_err(e)?;
+            // Backends are not dropped when nicvm exits; the directory must still go.
+            on_exit(Cleanup::RemoveDir(v.private_dir().to_path_buf()));
             let label = match &o.sock {
                 Some(p) => format!("vde:{}[{}]", p.display(), v.port()),
                 None => format!("vde[{}]", v.port()),
@@ -155,10 +170,24 @@ pub fn open(spec: &NetdevSpec, want_vnet_hdr: bool) -> Result<Opened, String> {
             }
             .map_err(e)?;
             let label = format!("{}:{}", spec.kind, sock.describe());
-            let backend: Box<dyn NetBackend> = match &sock {
-                SocketKind::Stream(o) => Box::new(StreamBackend::new(o).map_err(e)?),
-                SocketKind::Dgram(o) => Box::new(DgramBackend::new(o).map_err(e)?),
+            let (backend, bound): (Box<dyn NetBackend>, _) = match &sock {
+                SocketKind::Stream(o) => {
+                    let b = StreamBackend::new(o).map_err(e)?;
+                    let p = b.socket_path().map(Path::to_path_buf);
+                    (Box::new(b), p)
+                }
+                SocketKind::Dgram(o) => {
+                    let b = DgramBackend::new(o).map_err(e)?;
+                    let p = b.socket_path().map(Path::to_path_buf);
+                    (Box::new(b), p)
+                }
             };
+            if let Some(path) = bound {
+                use std::os::unix::fs::MetadataExt;
+                if let Ok(m) = std::fs::symlink_metadata(&path) {
+                    on_exit(Cleanup::RemoveSocket { path, ino: m.ino() });
+                }
+            }
             Ok(Opened { backend, label })
         }
         other => Err(e(format!(
