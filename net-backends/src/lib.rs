@@ -5,11 +5,15 @@
 //! fd for the I/O thread's event loop; flow control is the frontend's job (it stops reading
 //! when the guest has no buffer, and the loop stops watching the fd until the guest refills).
 
+pub mod dgram;
 pub mod mac;
 pub mod mem;
 pub mod pcap;
 pub mod slirp;
+pub mod stream;
+mod sys;
 pub mod tap;
+pub mod vde;
 pub mod vnet;
 
 pub use mac::MacAddr;
