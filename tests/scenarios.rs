@@ -187,3 +187,76 @@ fn scenario_4_guests_bridged_onto_the_lan() {
         );
     }
 }
+
+#[test]
+fn scenario_5_two_guests_on_a_vde_switch() {
+    let Some(img) = image() else { return };
+    let s = Script::run("5-vde-switch", &img, &[]);
+    for (i, me) in [(1, "10.20.0.10"), (2, "10.20.0.11")] {
+        let g = format!("guest{i}");
+        assert_eq!(s.line(&g, "NIC")["lease"], format!("{me}/24"), "{}", s.out);
+        let pings = s.lines(&g, "PING");
+        assert!(
+            pings.len() == 2 && pings.iter().all(|p| p["result"] == "ok"),
+            "{g} pings the other guest and the host over the switch:\n{}",
+            s.out
+        );
+    }
+}
+
+/// The switch killed under a running guest, then restarted: nicvm stays up and quiet, the
+/// guest sees the link go down and come back, and traffic flows again.
+#[test]
+fn vde_switch_killed_and_restarted_under_a_guest() {
+    use support::net::*;
+    let Some(img) = image() else { return };
+    let ns = Netns::new("vdekill");
+    let sw = VdeSwitch::start(&ns, "kill", "vde0");
+    let host_side = "ip addr add 10.21.0.1/24 dev vde0 && ip link set vde0 up";
+    ns.sh(host_side);
+    let mut g = ns.guest(
+        &img,
+        "nicvm.dhcp=off nicvm.run=addr:eth0:10.21.0.2/24,ping:10.21.0.1,carrier:eth0,sleep:15,carrier:eth0,sleep:8,ping:10.21.0.1,carrier:eth0,exit",
+        &[
+            "-netdev",
+            &format!("vde,id=v,sock={}", sw.sock().display()),
+            "-device",
+            "e1000,netdev=v",
+        ],
+        &[],
+    );
+    assert_eq!(g.wait_line("PING")["result"], "ok");
+    assert_eq!(g.wait_line("CARRIER")["carrier"], "1");
+    sw.kill();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", g.pid())).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let (t0, c0) = (std::time::Instant::now(), ticks());
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let cpu = (ticks() - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64();
+    assert!(
+        cpu < 0.5,
+        "nicvm used {:.0}% of a core with its switch gone",
+        cpu * 100.0
+    );
+    assert_eq!(
+        g.wait_line("CARRIER")["carrier"],
+        "0",
+        "the guest sees the link down"
+    );
+    sw.run();
+    ns.sh(host_side);
+    let ping = g.wait_line("PING");
+    assert_eq!(ping["result"], "ok", "traffic flows again: {}", ping["_"]);
+    assert_eq!(g.wait_line("CARRIER")["carrier"], "1");
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+}

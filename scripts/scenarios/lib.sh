@@ -13,12 +13,14 @@ tag=${NICVM_SCENARIO_TAG:-$$}
 namespaces=()
 daemons=()
 guests=()
+dirs=()
 
 cleanup() {
   local p n
   for p in "${guests[@]}" "${daemons[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   for n in "${namespaces[@]}"; do ip netns del "$n" 2>/dev/null || true; done
+  for d in "${dirs[@]}"; do rm -rf "$d"; done
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -63,6 +65,23 @@ boot() {
     -append "console=ttyS0 quiet $append" "$@" \
     </dev/null > >(sed -u "s/^/$name: /") 2>&1 &
   guests+=($!)
+}
+
+# tmpdir: a private directory removed at the end, in $tmp.
+tmpdir() {
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/nicvm-scenario.XXXXXX")
+  dirs+=("$tmp")
+}
+
+# vde_switch NS DIR [TAP]: a VDE switch with its control socket in DIR (optionally plugged into
+# a tap it creates in NS), stopped at the end.
+vde_switch() {
+  local n=$1 dir=$2; shift 2
+  local tapopt=()
+  [ $# -gt 0 ] && tapopt=(-t "$1")
+  inside "$n" vde_switch -s "$dir" "${tapopt[@]}" -d -p "$dir.pid" </dev/null >/dev/null 2>&1
+  for _ in $(seq 50); do [ -s "$dir.pid" ] && [ -S "$dir/ctl" ] && break; sleep 0.1; done
+  daemons+=("$(cat "$dir.pid")")
 }
 
 # wait_guests: waits for every guest; fails if one did not end cleanly.

@@ -316,3 +316,76 @@ pub fn exchange_8mib(
         "guest -> host bytes differ from the xorshift64 stream"
     );
 }
+
+/// A `vde_switch` (daemonized, plugged into a tap it creates in the namespace) that is
+/// killed, with its directory, when dropped.
+pub struct VdeSwitch {
+    pub dir: std::path::PathBuf,
+    netns: String,
+    tap: String,
+}
+
+impl VdeSwitch {
+    pub fn start(ns: &Netns, tag: &str, tap: &str) -> VdeSwitch {
+        let dir = std::env::temp_dir().join(format!("nicvm-vde-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sw = VdeSwitch {
+            dir,
+            netns: ns.name.clone(),
+            tap: tap.into(),
+        };
+        sw.run();
+        sw
+    }
+
+    /// The switch's control directory, for `-netdev vde,sock=`.
+    pub fn sock(&self) -> std::path::PathBuf {
+        self.dir.join("switch")
+    }
+
+    fn pidfile(&self) -> std::path::PathBuf {
+        self.dir.join("switch.pid")
+    }
+
+    /// Starts (or restarts) the switch with the same socket and tap.
+    pub fn run(&self) {
+        let _ = std::fs::remove_file(self.pidfile());
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.netns, "vde_switch", "-s"])
+            .arg(self.sock())
+            .args(["-t", &self.tap, "-d", "-p"])
+            .arg(self.pidfile())
+            .stdin(Stdio::null())
+            .output()
+            .expect("vde_switch (scripts/setup installs vde2)");
+        assert!(
+            o.status.success(),
+            "vde_switch: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let t0 = Instant::now();
+        while !(self.pidfile().exists() && self.sock().join("ctl").exists()) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "vde_switch did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&self) {
+        if let Ok(pid) = std::fs::read_to_string(self.pidfile()) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+impl Drop for VdeSwitch {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
