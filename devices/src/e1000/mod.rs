@@ -1,5 +1,5 @@
-//! Intel 82540EM gigabit Ethernet controller ("e1000", PCI 8086:100E), as the Linux e1000
-//! driver, Windows and firmware drive it.
+//! Intel 82540EM gigabit Ethernet controller ("e1000", PCI 8086:100E), as Linux's e1000
+//! driver drives it (the sequences its tests replay; other drivers are untested).
 //!
 //! Covered: the 128 KiB register BAR and the IOADDR/IODATA I/O BAR; the Microwire EEPROM
 //! (bit-banged through EECD, or through EERD); the M88E1011 PHY through MDIC; INTx with
