@@ -587,6 +587,13 @@ impl Rtl8139 {
             let _ = self.rx_kick.write(1);
         }
         if touched(IMR, 2) || touched(ISR, 2) {
+            if !cp && !self.rx_ring_empty() {
+                // ROK stays set while unread frames remain. 8139too acks ROK after every
+                // frame and its poll reads the ring only while a receive cause is pending;
+                // a poll that ends on its budget would leave frames with nothing to fetch
+                // them (seen as guest TCP stalls whose ACKs sat in the ring).
+                self.isr |= INT_ROK;
+            }
             self.update_irq();
             // 8139cp refills its ring and then writes IMR/ISR: a stalled receiver retries.
             if self.rx_stalled {

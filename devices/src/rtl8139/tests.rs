@@ -409,6 +409,22 @@ fn too_receives_through_the_ring() {
 }
 
 #[test]
+fn too_rok_stays_set_while_frames_remain() {
+    // 8139too acks ROK after each frame and polls again only while a receive cause is
+    // pending: a poll that stops on its budget must still find one.
+    let (mut d, peer) = too_open();
+    for i in 0..3 {
+        peer.inject(&frame_to(MAC, 60, i));
+    }
+    d.pump();
+    d.w16(ISR, 0x51); // rtl8139_isr_ack(), with three frames still unread
+    assert_ne!(d.r16(ISR) & INT_ROK, 0);
+    assert_eq!(d.too_rx().len(), 3);
+    d.w16(ISR, 0x51);
+    assert_eq!(d.r16(ISR) & INT_ROK, 0, "an empty ring clears it");
+}
+
+#[test]
 fn too_ring_wraps_and_applies_backpressure() {
     for wrap in [false, true] {
         let (mut d, peer) = rig(false);
