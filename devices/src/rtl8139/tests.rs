@@ -497,6 +497,7 @@ fn interrupt_mask_status_and_intx_disable() {
         0,
         "still pending"
     );
+    d.too_rx();
     d.w16(ISR, INT_ROK);
     assert_eq!(d.r16(ISR) & INT_ROK, 0, "write 1 to clear");
 }
