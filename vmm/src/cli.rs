@@ -488,9 +488,10 @@ impl Builder {
         // No network options at all: the classic default, a user-mode network behind an
         // rtl8139, as `kvm` always gave.
         if !self.no_nic && self.netdevs.is_empty() && self.devices.is_empty() {
-            let mut user = KeyVal::default();
-            user.first = Some("user".into());
-            user.pairs.push(("id".into(), "net0".into()));
+            let user = KeyVal {
+                first: Some("user".into()),
+                pairs: vec![("id".into(), "net0".into())],
+            };
             self.netdevs.push(netdev_from("default network", user)?);
             let mut dev = KeyVal::default();
             dev.pairs.push(("netdev".into(), "net0".into()));
