@@ -133,7 +133,7 @@ fn assign_bars(
 
 /// A NIC model seen two ways: the PCI function the buses dispatch to, and the frontend the I/O
 /// thread drives. One object, one lock.
-type NicViews = (Arc<Mutex<dyn PciDevice>>, Arc<Mutex<dyn NetFrontend>>);
+type NicViews = (Arc<Mutex<dyn PciDevice>>, SharedNic);
 
 fn nic_views<T: PciDevice + NetFrontend + 'static>(dev: T) -> NicViews {
     let dev = Arc::new(Mutex::new(dev));
@@ -252,6 +252,7 @@ pub fn run(
         .map_err(setup_err)?;
     let ioevents: Arc<dyn IoEventRegistry> = Arc::new(KvmIoEvents(vm.clone()));
     let mut nics: Vec<Arc<Mutex<dyn NetFrontend>>> = vec![];
+    let mut counted: Vec<Counted> = vec![];
     for spec in &cfg.nics {
         let nd = cfg
             .netdevs
@@ -303,6 +304,7 @@ pub fn run(
         );
         root.add(slot, pci)
             .map_err(|e| SetupError(format!("-device {}: {e}", spec.model.name())))?;
+        counted.push((spec.clone(), nd.kind.clone(), nic.clone()));
         nics.push(nic);
     }
     let mut panic_dev = PvPanic::new(lifecycle.clone());
@@ -396,5 +398,63 @@ pub fn run(
             .spawn(move || vcpu::run(id as u8, v, m, b, l))
             .map_err(setup_err)?;
     }
-    Ok(crate::signals::wait_for_exit(&lifecycle, signals))
+    let reason = crate::signals::wait_for_exit(&lifecycle, signals);
+    if let Some(path) = std::env::var_os("NICVM_STATS") {
+        let json = stats_json(&counted, timing.start.elapsed().as_secs_f64());
+        if let Err(e) = std::fs::write(&path, json) {
+            log::warn!("NICVM_STATS: cannot write {}: {e}", path.to_string_lossy());
+        }
+    }
+    Ok(reason)
+}
+
+type SharedNic = Arc<Mutex<dyn NetFrontend>>;
+
+/// A NIC whose counters NICVM_STATS reports: its -device, its netdev's type, the model.
+type Counted = (crate::cli::NicSpec, String, SharedNic);
+
+/// `NICVM_STATS=PATH`: at exit, one JSON object with nicvm's run time and, per NIC, what it is
+/// and its counters (for scripts/bench).
+fn stats_json(nics: &[Counted], seconds: f64) -> String {
+    let rows: Vec<String> = nics
+        .iter()
+        .map(|(spec, kind, nic)| {
+            let s = match nic.lock() {
+                Ok(n) => n.stats(),
+                Err(poisoned) => poisoned.into_inner().stats(),
+            };
+            let model = match (spec.model, spec.cplus) {
+                (NicModel::Rtl8139, false) => "rtl8139,cplus=off",
+                (m, _) => m.name(),
+            };
+            format!(
+                "{{\"model\":\"{model}\",\"netdev\":\"{}\",\"backend\":\"{}\",\"mac\":\"{}\",\
+                 \"tx_frames\":{},\"rx_frames\":{},\"tx_bytes\":{},\"rx_bytes\":{},\
+                 \"interrupts\":{},\"rx_dropped\":{}}}",
+                json_escape(&spec.netdev),
+                json_escape(kind),
+                spec.mac,
+                s.tx_frames,
+                s.rx_frames,
+                s.tx_bytes,
+                s.rx_bytes,
+                s.interrupts,
+                s.rx_dropped
+            )
+        })
+        .collect();
+    format!(
+        "{{\"seconds\":{seconds:.3},\"nics\":[{}]}}\n",
+        rows.join(",")
+    )
+}
+
+fn json_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| match c {
+            '"' | '\\' => vec!['\\', c],
+            c if (c as u32) < 0x20 => format!("\\u{:04x}", c as u32).chars().collect(),
+            c => vec![c],
+        })
+        .collect()
 }

@@ -503,6 +503,10 @@ impl PciDevice for E1000 {
 }
 
 impl NetFrontend for E1000 {
+    fn stats(&self) -> NicStats {
+        self.stats
+    }
+
     fn event_fds(&self) -> Vec<(RawFd, NetEvent)> {
         vec![
             (self.tx_kick.as_raw_fd(), NetEvent::TxKick),

@@ -30,6 +30,8 @@ pub trait NetFrontend: Send {
     fn event_fds(&self) -> Vec<(RawFd, NetEvent)>;
     /// Handles one event; returns the backend interest from now on.
     fn handle(&mut self, ev: NetEvent) -> BackendInterest;
+    /// The model's counters so far.
+    fn stats(&self) -> NicStats;
 }
 
 /// The next frame for the guest: the one an earlier attempt could not place (`pending`), else

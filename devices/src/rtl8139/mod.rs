@@ -703,6 +703,10 @@ impl PciDevice for Rtl8139 {
 }
 
 impl NetFrontend for Rtl8139 {
+    fn stats(&self) -> NicStats {
+        self.stats
+    }
+
     fn event_fds(&self) -> Vec<(RawFd, NetEvent)> {
         vec![
             (self.tx_kick.as_raw_fd(), NetEvent::TxKick),

@@ -737,6 +737,10 @@ impl PciDevice for VirtioNet {
 }
 
 impl NetFrontend for VirtioNet {
+    fn stats(&self) -> NicStats {
+        self.stats
+    }
+
     fn event_fds(&self) -> Vec<(RawFd, NetEvent)> {
         vec![
             (self.kicks[TX].as_raw_fd(), NetEvent::TxKick),
