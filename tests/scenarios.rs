@@ -82,6 +82,15 @@ impl Script {
             .output()
             .unwrap();
         let left = String::from_utf8_lossy(&left.stdout);
+        let procs = std::process::Command::new("pgrep")
+            .args(["-af", &format!("nicvm-{tag}-")])
+            .output()
+            .unwrap();
+        assert!(
+            procs.stdout.is_empty(),
+            "{name} left processes: {}",
+            String::from_utf8_lossy(&procs.stdout)
+        );
         assert!(
             !left.contains(&format!("nicvm-{tag}-")),
             "{name} left namespaces: {left}"

@@ -33,7 +33,8 @@ mkns() {
   namespaces+=("$(ns "$1")")
   ip -n "$(ns "$1")" link set lo up
 }
-# inside NAME CMD...: run CMD inside namespace NAME.
+# inside NAME CMD...: run CMD inside namespace NAME. (Background jobs call ip netns exec
+# directly, so that $! is the process itself, not a subshell, and cleanup can kill it.)
 inside() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
 
 # dhcp NS IFACE START END [MAC,IP...]: a DHCP server (dnsmasq) on IFACE. --no-ping: guests
@@ -42,7 +43,7 @@ dhcp() {
   local n=$1 ifc=$2 start=$3 end=$4; shift 4
   local pins=()
   for h in "$@"; do pins+=("--dhcp-host=$h"); done
-  inside "$n" dnsmasq --no-daemon --interface="$ifc" --bind-interfaces --except-interface=lo \
+  ip netns exec "$(ns "$n")" dnsmasq --no-daemon --interface="$ifc" --bind-interfaces --except-interface=lo \
     --dhcp-range="$start,$end,255.255.255.0,1h" --port=0 --no-resolv --no-hosts --no-ping \
     --dhcp-leasefile="/tmp/$(ns "$n").$ifc.leases" --pid-file= "${pins[@]}" \
     </dev/null >/dev/null 2>&1 &
@@ -53,7 +54,7 @@ dhcp() {
 # daemon NS CMD...: a helper process kept until the end, its output prefixed with NS.
 daemon() {
   local n=$1; shift
-  inside "$n" "$@" </dev/null > >(sed -u "s/^/$n: /") 2>&1 &
+  ip netns exec "$(ns "$n")" "$@" </dev/null > >(sed -u "s/^/$n: /") 2>&1 &
   daemons+=($!)
 }
 
@@ -61,7 +62,7 @@ daemon() {
 # (nicvm.run=... in KERNEL-ARGS), console lines prefixed with NAME.
 boot() {
   local name=$1 n=$2 append=$3; shift 3
-  inside "$n" "$nicvm" -m 128 -nographic -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio" \
+  ip netns exec "$(ns "$n")" "$nicvm" -m 128 -nographic -kernel "$guest/vmlinux" -initrd "$guest/initramfs.cpio" \
     -append "console=ttyS0 quiet $append" "$@" \
     </dev/null > >(sed -u "s/^/$name: /") 2>&1 &
   guests+=($!)
