@@ -282,19 +282,7 @@ fn tap_deleted_under_a_running_guest() {
     assert_eq!(g.wait_line("CARRIER")["carrier"], "1");
     ns.sh("ip link del tap0");
     std::thread::sleep(Duration::from_secs(2));
-    let ticks = || -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", g.pid())).unwrap();
-        let f: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
-        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-    };
-    let (t0, c0) = (Instant::now(), ticks());
-    std::thread::sleep(Duration::from_secs(4));
-    let cpu = (ticks() - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64();
+    let cpu = g.cpu_share(std::time::Duration::from_secs(4));
     assert!(
         cpu < 0.5,
         "nicvm used {:.0}% of a core with its tap gone",

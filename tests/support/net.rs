@@ -220,6 +220,23 @@ impl Guest {
         }
     }
 
+    /// The share of one core nicvm used (all its threads) over `period`, measured now.
+    pub fn cpu_share(&self, period: Duration) -> f64 {
+        let ticks = || -> u64 {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+            let f: Vec<&str> = stat
+                .rsplit_once(')')
+                .unwrap()
+                .1
+                .split_whitespace()
+                .collect();
+            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+        };
+        let (t0, c0) = (Instant::now(), ticks());
+        std::thread::sleep(period);
+        (ticks() - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
