@@ -238,10 +238,13 @@ fn vde_switch_killed_and_restarted_under_a_guest() {
     assert_eq!(g.wait_line("CARRIER")["carrier"], "1");
     sw.kill();
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let cpu = g.cpu_share(std::time::Duration::from_secs(4));
+    // A spin would show as most of a core on the I/O (or monitor) thread; the vCPU's time is
+    // the guest's and not counted.
+    let (cpu, threads) = g.host_cpu_share(std::time::Duration::from_secs(4));
+    eprintln!("switch gone: {threads}");
     assert!(
-        cpu < 0.5,
-        "nicvm used {:.0}% of a core with its switch gone",
+        cpu < 0.2,
+        "nicvm's own threads used {:.0}% of a core with its switch gone ({threads})",
         cpu * 100.0
     );
     assert_eq!(

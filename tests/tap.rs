@@ -282,10 +282,13 @@ fn tap_deleted_under_a_running_guest() {
     assert_eq!(g.wait_line("CARRIER")["carrier"], "1");
     ns.sh("ip link del tap0");
     std::thread::sleep(Duration::from_secs(2));
-    let cpu = g.cpu_share(std::time::Duration::from_secs(4));
+    // A spin would show as most of a core on the I/O (or monitor) thread; the vCPU's time is
+    // the guest's and not counted.
+    let (cpu, threads) = g.host_cpu_share(std::time::Duration::from_secs(4));
+    eprintln!("tap gone: {threads}");
     assert!(
-        cpu < 0.5,
-        "nicvm used {:.0}% of a core with its tap gone",
+        cpu < 0.2,
+        "nicvm's own threads used {:.0}% of a core with its tap gone ({threads})",
         cpu * 100.0
     );
     assert_eq!(

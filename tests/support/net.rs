@@ -10,6 +10,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
+/// The part of [`Guest::thread_cpu_shares`] that is nicvm's own work: all threads but the vCPUs.
+pub fn own_share(shares: &[(String, f64)]) -> f64 {
+    shares
+        .iter()
+        .filter(|(n, _)| !n.starts_with("vcpu"))
+        .map(|(_, s)| s)
+        .sum()
+}
+
 pub struct Netns {
     pub name: String,
     children: Vec<Child>,
@@ -220,21 +229,53 @@ impl Guest {
         }
     }
 
-    /// The share of one core nicvm used (all its threads) over `period`, measured now.
-    pub fn cpu_share(&self, period: Duration) -> f64 {
-        let ticks = || -> u64 {
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-            let f: Vec<&str> = stat
-                .rsplit_once(')')
-                .unwrap()
-                .1
-                .split_whitespace()
-                .collect();
-            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    /// The share of one core each nicvm thread used over `period`, measured now, by thread
+    /// name (`vcpu0`, `io`, `slirp`, ...). Threads that exist at only one end are left out.
+    pub fn thread_cpu_shares(&self, period: Duration) -> Vec<(String, f64)> {
+        let sample = || -> HashMap<String, (String, u64)> {
+            let dir = format!("/proc/{}/task", self.pid());
+            let mut out = HashMap::new();
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                    continue;
+                };
+                let (head, tail) = stat.rsplit_once(')').unwrap();
+                let name = head.split_once('(').unwrap().1.to_string();
+                let f: Vec<&str> = tail.split_whitespace().collect();
+                let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+                out.insert(e.file_name().to_string_lossy().into_owned(), (name, ticks));
+            }
+            out
         };
-        let (t0, c0) = (Instant::now(), ticks());
+        let (t0, before) = (Instant::now(), sample());
         std::thread::sleep(period);
-        (ticks() - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64()
+        let after = sample();
+        let secs = t0.elapsed().as_secs_f64();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let mut shares: Vec<(String, f64)> = after
+            .iter()
+            .filter_map(|(tid, (name, t1))| {
+                let (_, t0) = before.get(tid)?;
+                Some((name.clone(), (t1 - t0) as f64 / hz / secs))
+            })
+            .collect();
+        shares.sort_by(|a, b| a.0.cmp(&b.0));
+        shares
+    }
+
+    /// The share of one core nicvm's own threads used over `period`: everything but the vCPUs,
+    /// whose time is the guest's. A spinning I/O, slirp or monitor thread shows here whatever
+    /// the guest does; `(own, all threads listed)`.
+    pub fn host_cpu_share(&self, period: Duration) -> (f64, String) {
+        let shares = self.thread_cpu_shares(period);
+        let own = own_share(&shares);
+        let listed = shares
+            .iter()
+            .map(|(n, s)| format!("{n} {:.1}%", s * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ");
+        (own, listed)
     }
 
     pub fn pid(&self) -> u32 {
