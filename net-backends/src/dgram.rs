@@ -244,23 +244,8 @@ impl NetBackend for DgramBackend {
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        loop {
-            match sys::recv(self.fd.as_raw_fd(), buf) {
-                Ok(Some(0)) => continue,
-                Ok(r) => return Ok(r),
-                // A queued error (ICMP port unreachable, a peer gone) is not a frame; reading
-                // it clears it.
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ECONNREFUSED | libc::ECONNRESET)
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        // A queued error (ICMP port unreachable, a peer gone) is consumed, not a frame.
+        sys::recv_frame(self.fd.as_raw_fd(), buf)
     }
 
     fn fd(&self) -> RawFd {

@@ -6,6 +6,7 @@
 //! when the guest has no buffer, and the loop stops watching the fd until the guest refills).
 
 pub mod dgram;
+mod link;
 pub mod mac;
 pub mod mem;
 pub mod pcap;

@@ -23,6 +23,7 @@
 //!
 //! Not covered: QEMU's `fd=` sockets, abstract Unix addresses, vnet headers on the wire.
 
+use crate::link::{Helper, Link};
 use crate::sys::{self, SocketFile};
 use crate::{Capabilities, NetBackend, MAX_FRAME};
 use std::io::{self, IoSlice, Read, Write};
@@ -30,11 +31,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Where a stream backend listens or connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,29 +62,11 @@ pub struct StreamOptions {
     pub reconnect: Option<Duration>,
 }
 
-struct Shared {
-    up: AtomicBool,
-    stop: AtomicBool,
-    dropped: AtomicU64,
-    wake: EventFd,
-    label: String,
-}
-
-impl Shared {
-    fn set_down(&self, why: &str) {
-        if self.up.swap(false, Ordering::SeqCst) {
-            log::warn!(
-                "stream {}: {why}; link down, frames are dropped until a peer is back",
-                self.label
-            );
-        }
-    }
-}
-
 pub struct StreamBackend {
+    // Dropped first: the relay thread stops before the sockets it uses close.
+    _relay: Helper,
     pair: OwnedFd,
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    link: Arc<Link>,
     local: Option<SocketAddr>,
     _file: Option<SocketFile>,
 }
@@ -186,13 +166,6 @@ impl StreamBackend {
         // SAFETY: both descriptors are fresh and owned by nobody else.
         let (ours, theirs) =
             unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let shared = Arc::new(Shared {
-            up: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            dropped: AtomicU64::new(0),
-            wake: EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?,
-            label: label.clone(),
-        });
         let mut local = None;
         let mut file = None;
         let mut conn = None;
@@ -221,7 +194,6 @@ impl StreamBackend {
             match connect(&o.addr) {
                 Ok(c) => {
                     set_nonblocking(&c).map_err(|e| e.to_string())?;
-                    shared.up.store(true, Ordering::SeqCst);
                     conn = Some(c);
                 }
                 Err(e) if o.reconnect.is_some() => {
@@ -233,8 +205,13 @@ impl StreamBackend {
                 Err(e) => return Err(format!("cannot connect to {label}: {e}")),
             }
         }
+        let link = Link::new(
+            format!("stream {label}"),
+            conn.is_some(),
+            "a peer is back".into(),
+        )?;
         let relay = Relay {
-            shared: shared.clone(),
+            link: link.clone(),
             pair: theirs,
             addr: o.addr.clone(),
             listener,
@@ -249,14 +226,11 @@ impl StreamBackend {
             toff: 0,
             tlen: 0,
         };
-        let thread = std::thread::Builder::new()
-            .name("stream-relay".into())
-            .spawn(move || relay.run())
-            .map_err(|e| format!("cannot start the stream relay thread: {e}"))?;
+        let relay = Helper::spawn(&link, "stream-relay", move || relay.run())?;
         Ok(StreamBackend {
+            _relay: relay,
             pair: ours,
-            shared,
-            thread: Some(thread),
+            link,
             local,
             _file: file,
         })
@@ -273,45 +247,29 @@ impl StreamBackend {
     }
 }
 
-impl Drop for StreamBackend {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        let _ = self.shared.wake.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 impl NetBackend for StreamBackend {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
-        if !self.shared.up.load(Ordering::Relaxed) {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        if !self.link.is_up() {
+            self.link.count_dropped();
             return Ok(());
         }
         match sys::send_iov(self.pair.as_raw_fd(), frame, None) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
             Err(e) => {
-                log::debug!("stream {}: dropped a frame: {e}", self.shared.label);
-                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                log::debug!("{}: dropped a frame: {e}", self.link.name);
+                self.link.count_dropped();
                 Ok(())
             }
         }
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        loop {
-            match sys::recv(self.pair.as_raw_fd(), buf)? {
-                // A link-state nudge from the relay, not a frame.
-                Some(0) => continue,
-                r => return Ok(r),
-            }
-        }
+        sys::recv_frame(self.pair.as_raw_fd(), buf)
     }
 
     fn fd(&self) -> RawFd {
@@ -319,17 +277,17 @@ impl NetBackend for StreamBackend {
     }
 
     fn link_up(&self) -> bool {
-        self.shared.up.load(Ordering::Relaxed)
+        self.link.is_up()
     }
 
     fn dropped(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
+        self.link.dropped()
     }
 }
 
 /// The relay thread's state.
 struct Relay {
-    shared: Arc<Shared>,
+    link: Arc<Link>,
     pair: OwnedFd,
     addr: StreamAddr,
     listener: Option<Listener>,
@@ -353,11 +311,11 @@ const PUMP_ROUNDS: usize = 64;
 impl Relay {
     fn run(mut self) {
         loop {
-            if self.shared.stop.load(Ordering::SeqCst) {
+            if self.link.stopping() {
                 return;
             }
             self.pump();
-            let mut fds = vec![(self.shared.wake.as_raw_fd(), libc::POLLIN)];
+            let mut fds = vec![(self.link.wake.as_raw_fd(), libc::POLLIN)];
             let mut pair_ev = 0;
             if self.tlen == 0 {
                 pair_ev |= libc::POLLIN;
@@ -399,11 +357,11 @@ impl Relay {
             match sys::poll(&fds, timeout) {
                 Ok(r) => {
                     if r[0] != 0 {
-                        let _ = self.shared.wake.read();
+                        let _ = self.link.wake.read();
                     }
                 }
                 Err(e) => {
-                    log::error!("stream {}: poll: {e}", self.shared.label);
+                    log::error!("{}: poll: {e}", self.link.name);
                     return;
                 }
             }
@@ -419,18 +377,14 @@ impl Relay {
             match l.accept() {
                 Ok((c, from)) => {
                     if let Err(e) = set_nonblocking(&c) {
-                        log::warn!("stream {}: {e}", self.shared.label);
+                        log::warn!("{}: {e}", self.link.name);
                         return;
                     }
                     self.conn = Some(c);
-                    self.shared.up.store(true, Ordering::SeqCst);
-                    log::info!(
-                        "stream {}: connection from {from}; link up",
-                        self.shared.label
-                    );
+                    self.link.set_up(&format!("connection from {from}"));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => log::debug!("stream {}: accept: {e}", self.shared.label),
+                Err(e) => log::debug!("{}: accept: {e}", self.link.name),
             }
             return;
         }
@@ -444,11 +398,10 @@ impl Relay {
         match connect(&self.addr).and_then(|c| set_nonblocking(&c).map(|_| c)) {
             Ok(c) => {
                 self.conn = Some(c);
-                self.shared.up.store(true, Ordering::SeqCst);
+                self.link.set_up("connected");
                 self.nudge();
-                log::info!("stream {}: connected; link up", self.shared.label);
             }
-            Err(e) => log::debug!("stream {}: reconnect: {e}", self.shared.label),
+            Err(e) => log::debug!("{}: reconnect: {e}", self.link.name),
         }
     }
 
@@ -458,11 +411,11 @@ impl Relay {
         self.rend = 0;
         self.rx_blocked = false;
         if self.tlen > 0 {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            self.link.count_dropped();
             self.tlen = 0;
             self.toff = 0;
         }
-        self.shared.set_down(why);
+        self.link.set_down(why);
         self.nudge();
         if let Some(r) = self.reconnect {
             self.next_connect = Some(Instant::now() + r);
@@ -482,7 +435,7 @@ impl Relay {
             if self.conn.is_none() {
                 // Frames the guest sent just before the link went down.
                 while let Ok(Some(_)) = sys::recv(self.pair.as_raw_fd(), &mut self.tbuf[4..]) {
-                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.link.count_dropped();
                 }
                 return;
             }
@@ -554,7 +507,7 @@ impl Relay {
             }
         }
         // Still busy: come back right after a look at the wake-up fd.
-        let _ = self.shared.wake.write(1);
+        let _ = self.link.wake.write(1);
     }
 
     /// Hands whole frames in `rbuf` to the pair. Ok(true) when one moved; Err on a length
@@ -588,10 +541,7 @@ impl Relay {
                         break;
                     }
                     Err(e) => {
-                        log::debug!(
-                            "stream {}: frame for the guest lost: {e}",
-                            self.shared.label
-                        );
+                        log::debug!("{}: frame for the guest lost: {e}", self.link.name);
                     }
                 }
             }

@@ -186,6 +186,27 @@ pub(crate) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
     }
 }
 
+/// Receives the next frame without blocking, as the backends whose fd is a socket do: empty
+/// messages (link-state nudges) are skipped, and a pending error from a peer that went away
+/// (ECONNREFUSED, ECONNRESET) is consumed, not returned: it is not a frame.
+pub(crate) fn recv_frame(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        match recv(fd, buf) {
+            Ok(Some(0)) => continue,
+            Ok(r) => return Ok(r),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ECONNREFUSED | libc::ECONNRESET)
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// poll(2) on a few fds; returns each one's revents. EINTR counts as a timeout.
 pub(crate) fn poll(fds: &[(RawFd, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
     let mut p: Vec<libc::pollfd> = fds

@@ -39,6 +39,7 @@
 //! `->` specs, the management port request type), and the pre-directory "ctl socket given
 //! directly" fallback when `sock=` names a socket rather than a directory.
 
+use crate::link::{Helper, Link};
 use crate::sys::{self, RawAddr};
 use crate::{Capabilities, NetBackend};
 use std::io::{self, IoSlice, Read, Write};
@@ -46,11 +47,9 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const SWITCH_MAGIC: u32 = 0xfeed_face;
 const VERSION: u32 = 3;
@@ -110,28 +109,6 @@ pub fn ctl_candidates(sock: Option<&Path>) -> Vec<PathBuf> {
     v
 }
 
-struct Shared {
-    up: AtomicBool,
-    stop: AtomicBool,
-    dropped: AtomicU64,
-    /// Wakes the monitor thread (stop, or a send saw the switch gone).
-    wake: EventFd,
-    ctl_path: PathBuf,
-}
-
-impl Shared {
-    fn went_down(&self, why: &str) {
-        if self.up.swap(false, Ordering::SeqCst) {
-            log::warn!(
-                "vde {}: {why}; link down, frames are dropped until it is back (retrying every {}s)",
-                self.ctl_path.display(),
-                RETRY_INTERVAL.as_secs()
-            );
-            let _ = self.wake.write(1);
-        }
-    }
-}
-
 /// A private directory removed (with what is left in it) when dropped.
 struct PrivateDir(PathBuf);
 
@@ -169,11 +146,12 @@ impl Drop for PrivateDir {
 }
 
 pub struct Vde {
+    // Dropped first: the monitor thread stops before the socket it uses closes.
+    _monitor: Helper,
     /// Our datagram socket, connected to the switch's port socket while the link is up.
     data: Arc<OwnedFd>,
     data_path: PathBuf,
-    shared: Arc<Shared>,
-    monitor: Option<JoinHandle<()>>,
+    link: Arc<Link>,
     port: u32,
     // Dropped last: the directory holding `data_path`.
     _dir: PrivateDir,
@@ -356,31 +334,27 @@ impl Vde {
         port: u32,
         o: &VdeOptions,
     ) -> Result<Vde, String> {
-        let shared = Arc::new(Shared {
-            up: AtomicBool::new(true),
-            stop: AtomicBool::new(false),
-            dropped: AtomicU64::new(0),
-            wake: EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?,
-            ctl_path: ctl_path.to_path_buf(),
-        });
+        let link = Link::new(
+            format!("vde {}", ctl_path.display()),
+            true,
+            format!("it is back (retrying every {}s)", RETRY_INTERVAL.as_secs()),
+        )?;
         let data = Arc::new(data);
         let m = Monitor {
-            shared: shared.clone(),
+            link: link.clone(),
+            ctl_path: ctl_path.to_path_buf(),
             data: data.clone(),
             data_path: data_path.clone(),
             port: o.port,
             description: o.description.clone(),
         };
-        let monitor = std::thread::Builder::new()
-            .name("vde-monitor".into())
-            .spawn(move || m.run(ctl))
-            .map_err(|e| format!("cannot start the VDE monitor thread: {e}"))?;
-        log::info!("vde {}: connected on port {port}", ctl_path.display());
+        let monitor = Helper::spawn(&link, "vde-monitor", move || m.run(ctl))?;
+        log::debug!("{}: connected on port {port}", link.name);
         Ok(Vde {
+            _monitor: monitor,
             data,
             data_path,
-            shared,
-            monitor: Some(monitor),
+            link,
             port,
             _dir: dir,
         })
@@ -443,7 +417,8 @@ fn set_permissions(dir: &Path, sock: &Path, o: &VdeOptions, ctl_path: &Path) -> 
 }
 
 struct Monitor {
-    shared: Arc<Shared>,
+    link: Arc<Link>,
+    ctl_path: PathBuf,
     data: Arc<OwnedFd>,
     data_path: PathBuf,
     port: u32,
@@ -452,16 +427,16 @@ struct Monitor {
 
 impl Monitor {
     fn run(self, ctl: UnixStream) {
-        let s = &*self.shared;
+        let s = &*self.link;
         let mut ctl = Some(ctl);
         let mut next_try = Instant::now();
         let wake = s.wake.as_raw_fd();
         loop {
-            if s.stop.load(Ordering::SeqCst) {
+            if s.stopping() {
                 return;
             }
             match &mut ctl {
-                Some(c) if s.up.load(Ordering::SeqCst) => {
+                Some(c) if s.is_up() => {
                     let r =
                         match sys::poll(&[(wake, libc::POLLIN), (c.as_raw_fd(), libc::POLLIN)], -1)
                         {
@@ -477,11 +452,11 @@ impl Monitor {
                     if r[1] != 0 {
                         let mut buf = [0u8; 512];
                         match c.read(&mut buf) {
-                            Ok(0) => s.went_down("the switch closed the control connection"),
+                            Ok(0) => s.set_down("the switch closed the control connection"),
                             Ok(_) => {} // the switch says nothing more after its answer
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(e) => s.went_down(&format!("control connection: {e}")),
+                            Err(e) => s.set_down(&format!("control connection: {e}")),
                         }
                     }
                 }
@@ -496,7 +471,7 @@ impl Monitor {
                     if now >= next_try {
                         next_try = now + RETRY_INTERVAL;
                         match handshake(
-                            &s.ctl_path,
+                            &self.ctl_path,
                             &self.data,
                             &self.data_path,
                             self.port,
@@ -504,11 +479,7 @@ impl Monitor {
                         ) {
                             Ok((c, port)) => {
                                 ctl = Some(c);
-                                s.up.store(true, Ordering::SeqCst);
-                                log::info!(
-                                    "vde {}: the switch is back (port {port}); link up",
-                                    s.ctl_path.display()
-                                );
+                                s.set_up(&format!("the switch is back (port {port})"));
                                 continue;
                             }
                             Err(e) => log::debug!("vde: reconnect: {e}"),
@@ -531,24 +502,14 @@ impl Monitor {
     }
 }
 
-impl Drop for Vde {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        let _ = self.shared.wake.write(1);
-        if let Some(t) = self.monitor.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 impl NetBackend for Vde {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
-        if !self.shared.up.load(Ordering::Relaxed) {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        if !self.link.is_up() {
+            self.link.count_dropped();
             return Ok(());
         }
         match sys::send_iov(self.data.as_raw_fd(), frame, None) {
@@ -562,15 +523,15 @@ impl NetBackend for Vde {
                     | libc::ECONNRESET
                     | libc::EDESTADDRREQ,
                 ) => {
-                    self.shared
-                        .went_down(&format!("the switch's socket is gone ({e})"));
-                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.link
+                        .set_down(&format!("the switch's socket is gone ({e})"));
+                    self.link.count_dropped();
                     Ok(())
                 }
                 _ => {
                     // Too large, or refused for another reason: the frame's problem.
                     log::debug!("vde: dropped a frame: {e}");
-                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.link.count_dropped();
                     Ok(())
                 }
             },
@@ -578,23 +539,8 @@ impl NetBackend for Vde {
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        loop {
-            match sys::recv(self.data.as_raw_fd(), buf) {
-                // The switch never sends an empty datagram; nothing to hand over.
-                Ok(Some(0)) => continue,
-                Ok(r) => return Ok(r),
-                // A pending socket error (peer gone) is consumed by this read: not a frame.
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ECONNREFUSED | libc::ECONNRESET)
-                    ) =>
-                {
-                    return Ok(None)
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        // Empty datagrams are our own link-state nudges; the switch never sends one.
+        sys::recv_frame(self.data.as_raw_fd(), buf)
     }
 
     fn fd(&self) -> RawFd {
@@ -602,11 +548,11 @@ impl NetBackend for Vde {
     }
 
     fn link_up(&self) -> bool {
-        self.shared.up.load(Ordering::Relaxed)
+        self.link.is_up()
     }
 
     fn dropped(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
+        self.link.dropped()
     }
 }
 

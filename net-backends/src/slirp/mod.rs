@@ -22,6 +22,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Frames waiting for the guest beyond this are dropped (and counted); TCP recovers.
 const RX_QUEUE_LIMIT: usize = 4096;
+/// Frames from the guest waiting for the slirp thread beyond this are dropped (and counted):
+/// a guest sending faster than slirp's sockets take the data cannot grow the queue without
+/// bound.
+const TX_QUEUE_LIMIT: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostFwd {
@@ -606,11 +610,15 @@ impl NetBackend for SlirpBackend {
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
+        let mut q = self.to_slirp.lock().unwrap();
+        if q.len() >= TX_QUEUE_LIMIT {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let mut v = Vec::with_capacity(frame.iter().map(|p| p.len()).sum());
         for p in frame {
             v.extend_from_slice(p);
         }
-        let mut q = self.to_slirp.lock().unwrap();
         let was_empty = q.is_empty();
         q.push_back(v);
         drop(q);
