@@ -52,6 +52,9 @@ pub struct Driver {
     tx_next: usize,
     /// EOP descriptors queued and not yet seen done.
     tx_eops: VecDeque<usize>,
+    /// IDE on the last descriptor of each frame, as Linux sets it while TxIntDelay is not 0
+    /// (its default is 8): TXDW then waits for TIDV/TADV.
+    pub tx_ide: bool,
 }
 
 impl Driver {
@@ -81,6 +84,7 @@ impl Driver {
             rx_next: 0,
             tx_next: 0,
             tx_eops: VecDeque::new(),
+            tx_ide: true,
         }
     }
 
@@ -107,6 +111,29 @@ impl Driver {
         let mut b = [0u8; 4];
         self.dev.bar_read(IO_BAR, IODATA, &mut b);
         u32::from_le_bytes(b)
+    }
+
+    /// What the I/O thread does for the device's timer: waits (up to a second) for it to
+    /// fire, then lets the device handle it. False when it never fired.
+    pub fn run_timer(&mut self) -> bool {
+        let fd = self
+            .dev
+            .event_fds()
+            .into_iter()
+            .find(|(_, ev)| *ev == NetEvent::Timer)
+            .expect("the timer's fd")
+            .0;
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let fired = unsafe { libc::poll(&mut p, 1, 1000) } == 1;
+        if fired {
+            self.dev.handle(NetEvent::Timer);
+        }
+        fired
     }
 
     /// INTx as the interrupt controller sees it.
@@ -435,12 +462,13 @@ impl Driver {
 
     /// [`Self::xmit_legacy`] without the TDT write (xmit_more): the frame waits for a kick.
     pub fn queue_legacy(&mut self, frame: &[u8], csum: Option<(u8, u8)>, vlan: Option<u16>) {
+        let ide = self.ide();
         self.put_data(frame, |addr, len, last| {
             let mut d = [0u8; 16];
             d[..8].copy_from_slice(&addr.to_le_bytes());
             d[8..10].copy_from_slice(&(len as u16).to_le_bytes());
             if last {
-                let mut cmd = TXD_CMD_EOP | TXD_CMD_IFCS | TXD_CMD_RS;
+                let mut cmd = TXD_CMD_EOP | TXD_CMD_IFCS | TXD_CMD_RS | ide;
                 if let Some((css, cso)) = csum {
                     cmd |= TXD_CMD_IC;
                     d[10] = cso;
@@ -485,7 +513,16 @@ impl Driver {
         d
     }
 
+    fn ide(&self) -> u8 {
+        if self.tx_ide {
+            TXD_CMD_IDE
+        } else {
+            0
+        }
+    }
+
     fn data_descs(&mut self, frame: &[u8], dcmd: u8, popts: u8, vlan: Option<u16>) {
+        let ide = self.ide();
         self.put_data(frame, |addr, len, last| {
             let mut d = [0u8; 16];
             d[..8].copy_from_slice(&addr.to_le_bytes());
@@ -493,7 +530,7 @@ impl Driver {
             d[10] = (d[10] & 0xf) | TXD_DTYP_DATA << 4;
             let mut cmd = dcmd | TXD_CMD_DEXT | TXD_CMD_IFCS;
             if last {
-                cmd |= TXD_CMD_EOP | TXD_CMD_RS;
+                cmd |= TXD_CMD_EOP | TXD_CMD_RS | ide;
                 if let Some(tci) = vlan {
                     cmd |= TXD_CMD_VLE;
                     d[14..16].copy_from_slice(&tci.to_le_bytes());

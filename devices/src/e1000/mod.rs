@@ -3,7 +3,8 @@
 //!
 //! Covered: the 128 KiB register BAR and the IOADDR/IODATA I/O BAR; the Microwire EEPROM
 //! (bit-banged through EECD, or through EERD); the M88E1011 PHY through MDIC; INTx with
-//! ICR/ICS/IMS/IMC and ITR interrupt throttling; one RX and one TX descriptor ring; receive
+//! ICR/ICS/IMS/IMC, ITR interrupt throttling and the interrupt delay timers (RDTR/RADV for
+//! RXT0, TIDV/TADV for TXDW on descriptors with IDE); one RX and one TX descriptor ring; receive
 //! filtering (RAL/RAH exact match, MTA hash, broadcast, promiscuous, VFTA); VLAN strip and
 //! insertion; RX checksum reporting; TX checksum insertion (legacy and context descriptors)
 //! and TCP segmentation; statistics counters.
@@ -11,8 +12,6 @@
 //! Where it differs from the hardware:
 //! * The link comes up as soon as the driver sets CTRL.SLU (or negotiation is restarted);
 //!   there is no negotiation delay. Speed is always 1000 Mb/s full duplex.
-//! * Interrupt delay timers (RDTR, RADV, TIDV, TADV) are stored but not applied: causes are
-//!   raised when the work is done, and only ITR spaces interrupts out.
 //! * No FIFO: when the guest has no receive buffers the model stops reading the backend
 //!   (counting RNBC and raising RXO once), so frames wait in the backend instead of being
 //!   dropped. Frames that could never fit the ring are dropped and counted in MPC.
@@ -56,6 +55,47 @@ pub const E1000_SUBSYSTEM: (u16, u16) = (0x8086, 0x001e);
 pub const MMIO_BAR: usize = 0;
 pub const IO_BAR: usize = 1;
 
+/// One interrupt cause held back by a pair of delay timers (RXT0 behind RDTR/RADV, TXDW
+/// behind TIDV/TADV): due when the packet timer, restarted by every event, or the absolute
+/// timer, started by the first event since the cause was last raised, runs out.
+#[derive(Debug, Default, Clone, Copy)]
+struct DelayedCause {
+    packet: Option<Instant>,
+    absolute: Option<Instant>,
+}
+
+impl DelayedCause {
+    /// Another event: the packet timer starts again (`delay`), the absolute one (`absolute`,
+    /// zero for none) keeps running if it already was.
+    fn restart(&mut self, now: Instant, delay: Duration, absolute: Duration) {
+        self.packet = Some(now + delay);
+        if self.absolute.is_none() && !absolute.is_zero() {
+            self.absolute = Some(now + absolute);
+        }
+    }
+
+    fn due_at(&self) -> Option<Instant> {
+        match (self.packet, self.absolute) {
+            (Some(p), Some(a)) => Some(p.min(a)),
+            (p, a) => p.or(a),
+        }
+    }
+
+    /// True (and cleared) when the cause is due at `now`.
+    fn take_due(&mut self, now: Instant) -> bool {
+        let due = self.due_at().is_some_and(|t| t <= now);
+        if due {
+            *self = DelayedCause::default();
+        }
+        due
+    }
+}
+
+/// A delay register's value (16 bits, in units of 1.024 us) as a duration.
+fn delay_ticks(v: u32) -> Duration {
+    Duration::from_nanos((v & 0xffff) as u64 * 1024)
+}
+
 /// The TCP/IP context last loaded by a context descriptor.
 #[derive(Debug, Default, Clone, Copy)]
 struct TxContext {
@@ -92,16 +132,22 @@ pub struct E1000 {
     /// The INTx line as the device drives it (before PCI_COMMAND_INTX_DISABLE).
     line: bool,
     last_irq: Option<Instant>,
+    /// When ITR lets the line be asserted again, while a cause waits for that.
+    itr_due: Option<Instant>,
+    rx_delay: DelayedCause,
+    tx_delay: DelayedCause,
+    /// One timer for ITR and both delays, armed for the earliest of them.
     timer: Timer,
-    timer_armed: bool,
+    timer_at: Option<Instant>,
 
     tx_kick: EventFd,
     rx_kick: EventFd,
     ctx: TxContext,
     tx_buf: Vec<u8>,
     tx_scratch: Vec<u8>,
-    /// Descriptors of the frame being gathered that asked for a status write-back.
-    tx_rs: Vec<u16>,
+    /// Descriptors of the frame being gathered that asked for a status write-back, and
+    /// whether each allows a delayed TXDW (IDE).
+    tx_rs: Vec<(u16, bool)>,
     tx_blocked: bool,
     /// Segments of a blocked TSO frame that already went out.
     tx_segs_sent: usize,
@@ -145,8 +191,11 @@ impl E1000 {
             an_started: false,
             line: false,
             last_irq: None,
+            itr_due: None,
+            rx_delay: DelayedCause::default(),
+            tx_delay: DelayedCause::default(),
             timer: Timer::new()?,
-            timer_armed: false,
+            timer_at: None,
             tx_kick: EventFd::new(EFD_NONBLOCK)?,
             rx_kick: EventFd::new(EFD_NONBLOCK)?,
             ctx: TxContext::default(),
@@ -201,7 +250,10 @@ impl E1000 {
         self.line = false;
         self.apply_line();
         self.timer.disarm();
-        self.timer_armed = false;
+        self.timer_at = None;
+        self.itr_due = None;
+        self.rx_delay = DelayedCause::default();
+        self.tx_delay = DelayedCause::default();
         self.ctx = TxContext::default();
         self.tx_buf.clear();
         self.tx_blocked = false;
@@ -251,16 +303,85 @@ impl E1000 {
         let interval = Duration::from_nanos((self.reg(ITR) & 0xffff) as u64 * 256);
         let now = Instant::now();
         if let Some(next) = self.last_irq.map(|t| t + interval).filter(|&n| n > now) {
-            if !self.timer_armed {
-                self.timer.arm(next - now);
-                self.timer_armed = true;
-            }
+            self.itr_due = Some(next);
+            self.schedule_timer();
             return;
         }
         self.last_irq = Some(now);
         self.stats.interrupts += 1;
         self.line = true;
         self.apply_line();
+    }
+
+    /// RXT0 after a frame was received: at once with RDTR 0, else behind RDTR/RADV.
+    fn rx_done(&mut self) -> u32 {
+        let rdtr = delay_ticks(self.reg(RDTR));
+        if rdtr.is_zero() {
+            self.rx_delay = DelayedCause::default();
+            return ICR_RXT0;
+        }
+        let radv = delay_ticks(self.reg(RADV));
+        self.rx_delay.restart(Instant::now(), rdtr, radv);
+        self.schedule_timer();
+        0
+    }
+
+    /// TXDW after descriptors were written back: at once unless they all asked for a
+    /// delay (IDE) and TIDV is set, else behind TIDV/TADV.
+    fn tx_done(&mut self, delayed_only: bool) -> u32 {
+        let tidv = delay_ticks(self.reg(TIDV));
+        if !delayed_only || tidv.is_zero() {
+            self.tx_delay = DelayedCause::default();
+            return ICR_TXDW;
+        }
+        let tadv = delay_ticks(self.reg(TADV));
+        self.tx_delay.restart(Instant::now(), tidv, tadv);
+        self.schedule_timer();
+        0
+    }
+
+    /// Arms the timer for the earliest of the ITR gate and the delayed causes.
+    fn schedule_timer(&mut self) {
+        let next = [self.itr_due, self.rx_delay.due_at(), self.tx_delay.due_at()]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(at) = next {
+            if self.timer_at.is_none_or(|t| at < t) {
+                self.timer.arm(at.saturating_duration_since(Instant::now()));
+                self.timer_at = Some(at);
+            }
+        }
+    }
+
+    fn on_timer(&mut self) {
+        self.timer.take();
+        self.timer_at = None;
+        self.itr_due = None;
+        let now = Instant::now();
+        let mut causes = 0;
+        if self.rx_delay.take_due(now) {
+            causes |= ICR_RXT0;
+        }
+        if self.tx_delay.take_due(now) {
+            causes |= ICR_TXDW;
+        }
+        // raise() re-checks the ITR gate (and re-arms for it when it still holds).
+        self.raise(causes);
+        self.schedule_timer();
+    }
+
+    /// RDTR/TIDV with FPD set: a held-back cause is raised now.
+    fn flush_delay(&mut self, rx: bool) {
+        let (delay, cause) = if rx {
+            (&mut self.rx_delay, ICR_RXT0)
+        } else {
+            (&mut self.tx_delay, ICR_TXDW)
+        };
+        if delay.due_at().is_some() {
+            *delay = DelayedCause::default();
+            self.raise(cause);
+        }
     }
 
     fn apply_line(&mut self) {
@@ -401,6 +522,12 @@ impl E1000 {
                 self.update_irq();
             }
             ITR => self.set_reg(ITR, v & 0xffff),
+            RDTR | TIDV => {
+                self.set_reg(off, v & 0xffff);
+                if v & DELAY_FPD != 0 {
+                    self.flush_delay(off == RDTR);
+                }
+            }
             VET => self.set_reg(VET, v & 0xffff),
             RCTL => {
                 self.set_reg(RCTL, v);
@@ -535,11 +662,7 @@ impl NetFrontend for E1000 {
                 }
                 self.process_rx();
             }
-            NetEvent::Timer => {
-                self.timer.take();
-                self.timer_armed = false;
-                self.update_irq();
-            }
+            NetEvent::Timer => self.on_timer(),
         }
         self.update_link();
         BackendInterest {

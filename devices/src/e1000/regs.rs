@@ -32,6 +32,8 @@ pub const TDH: usize = 0x3810;
 pub const TDT: usize = 0x3818;
 pub const TIDV: usize = 0x3820;
 pub const TADV: usize = 0x382c;
+/// RDTR/TIDV bit 31, Flush Partial Descriptor block: raise a delayed cause now.
+pub const DELAY_FPD: u32 = 1 << 31;
 pub const RXCSUM: usize = 0x5000;
 pub const MTA: usize = 0x5200;
 pub const RAL0: usize = 0x5400;
@@ -163,6 +165,8 @@ pub const TXD_CMD_TSE: u8 = 1 << 2;
 pub const TXD_CMD_RS: u8 = 1 << 3;
 pub const TXD_CMD_DEXT: u8 = 1 << 5;
 pub const TXD_CMD_VLE: u8 = 1 << 6;
+/// Interrupt delay enable: TXDW for this descriptor waits for TIDV/TADV.
+pub const TXD_CMD_IDE: u8 = 1 << 7;
 /// TUCMD: the L4 protocol is TCP (else UDP); the L3 protocol is IPv4 (else IPv6).
 pub const TXD_TUCMD_TCP: u8 = 1 << 0;
 pub const TXD_TUCMD_IP: u8 = 1 << 1;

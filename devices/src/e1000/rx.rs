@@ -85,7 +85,7 @@ impl E1000 {
         if delivered {
             // Descriptors still owned by the device; RXDMT0 when at most 1/2, 1/4 or 1/8 of
             // the ring (RCTL.RDMTS) is left. Head and tail are inside the ring here.
-            let mut causes = ICR_RXT0;
+            let mut causes = self.rx_done();
             let n = (self.reg(RDLEN) / DESC_LEN as u32) as usize;
             let (rdh, rdt) = (self.reg(RDH) as usize, self.reg(RDT) as usize);
             let free = (rdt + n - rdh) % n.max(1);

@@ -283,6 +283,8 @@ fn xmit_plain_frame() {
     r.xmit_legacy(&f, None, None);
     assert_eq!(r.peer.take_sent(), vec![f]);
     assert_eq!(r.tx_done(), 1);
+    // Linux asks for a delayed TXDW (IDE, TIDV 8 = 8.192 us).
+    assert!(r.run_timer(), "TIDV armed the timer");
     assert!(r.irq());
     let icr = r.r(ICR);
     assert_eq!(icr & (ICR_TXDW | ICR_TXQE), ICR_TXDW | ICR_TXQE);
@@ -562,6 +564,121 @@ fn itr_spaces_interrupts() {
         assert!(r.irq());
         let _ = r.r(ICR);
     }
+}
+
+/// Ticks of 1.024 us for `ms` milliseconds.
+fn ms_ticks(ms: u64) -> u32 {
+    (ms * 1_000_000 / 1024) as u32
+}
+
+#[test]
+fn tx_interrupt_delay_tidv_tadv_and_ide() {
+    let mut r = opened();
+    let _ = r.r(ICR);
+    let f = eth(PEER, 0x0800, 100);
+    // Without IDE, TXDW comes with the write-back whatever TIDV says.
+    r.tx_ide = false;
+    r.w(TIDV, ms_ticks(60));
+    r.w(TADV, 0);
+    r.xmit_legacy(&f, None, None);
+    assert!(r.irq());
+    assert_ne!(r.r(ICR) & ICR_TXDW, 0);
+
+    // With IDE: the descriptor is done at once, TXDW waits for TIDV.
+    r.tx_ide = true;
+    let t0 = Instant::now();
+    r.xmit_legacy(&f, None, None);
+    assert_eq!(r.tx_done(), 2);
+    assert!(!r.irq(), "TXDW held back by TIDV");
+    assert_eq!(r.r(ICR) & ICR_TXDW, 0);
+    // Another frame 40 ms later restarts the packet timer: not due at t0 + 60 ms.
+    std::thread::sleep(Duration::from_millis(40));
+    let t1 = Instant::now();
+    r.xmit_legacy(&f, None, None);
+    std::thread::sleep(Duration::from_millis(25));
+    r.dev.handle(NetEvent::Timer);
+    if t1.elapsed() < Duration::from_millis(55) {
+        assert!(
+            !r.irq(),
+            "TIDV restarts with each frame ({:?} after the first)",
+            t0.elapsed()
+        );
+    }
+    assert!(r.run_timer());
+    assert!(r.irq(), "TXDW once TIDV ran out");
+    assert!(t1.elapsed() >= Duration::from_millis(60));
+    assert_ne!(r.r(ICR) & ICR_TXDW, 0);
+
+    // TADV bounds the wait from the first frame whatever TIDV does.
+    r.w(TADV, ms_ticks(20));
+    let t0 = Instant::now();
+    r.xmit_legacy(&f, None, None);
+    assert!(!r.irq());
+    assert!(r.run_timer());
+    assert!(r.irq(), "TXDW when TADV ran out");
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(20), "{waited:?}");
+    let _ = r.r(ICR);
+
+    // FPD in a TIDV write flushes a waiting TXDW.
+    r.w(TADV, 0);
+    r.xmit_legacy(&f, None, None);
+    assert!(!r.irq());
+    r.w(TIDV, ms_ticks(60) | DELAY_FPD);
+    assert!(r.irq(), "FPD raises the delayed TXDW now");
+    assert_ne!(r.r(ICR) & ICR_TXDW, 0);
+    assert_eq!(r.r(TIDV), ms_ticks(60), "FPD is not stored");
+}
+
+#[test]
+fn rx_interrupt_delay_rdtr_radv() {
+    let mut r = opened();
+    let _ = r.r(ICR);
+    let f = eth(MAC, 0x0800, 100);
+    // RDTR 0 (Linux's default): RXT0 with the frame.
+    r.inject(std::slice::from_ref(&f));
+    assert!(r.irq());
+    assert_ne!(r.r(ICR) & ICR_RXT0, 0);
+    assert_eq!(r.rx_poll().len(), 1);
+
+    // RDTR set: the frame is in memory at once, RXT0 waits.
+    r.w(RDTR, ms_ticks(20));
+    r.w(RADV, 0);
+    let t0 = Instant::now();
+    r.inject(std::slice::from_ref(&f));
+    assert_eq!(r.rx_poll().len(), 1);
+    assert!(!r.irq(), "RXT0 held back by RDTR");
+    assert!(r.run_timer());
+    assert!(r.irq());
+    assert!(t0.elapsed() >= Duration::from_millis(20));
+    assert_ne!(r.r(ICR) & ICR_RXT0, 0);
+
+    // RADV caps the delay a stream of frames could otherwise stretch.
+    r.w(RDTR, ms_ticks(60));
+    r.w(RADV, ms_ticks(20));
+    let t0 = Instant::now();
+    r.inject(std::slice::from_ref(&f));
+    assert!(!r.irq());
+    assert!(r.run_timer());
+    assert!(r.irq(), "RXT0 when RADV ran out");
+    assert!(t0.elapsed() >= Duration::from_millis(20));
+    let _ = r.r(ICR);
+
+    // FPD flushes.
+    r.w(RADV, 0);
+    r.inject(std::slice::from_ref(&f));
+    assert!(!r.irq());
+    r.w(RDTR, ms_ticks(60) | DELAY_FPD);
+    assert!(r.irq());
+    assert_ne!(r.r(ICR) & ICR_RXT0, 0);
+
+    // A reset forgets a waiting cause.
+    r.inject(std::slice::from_ref(&f));
+    assert!(!r.irq());
+    r.w(CTRL, CTRL_RST);
+    std::thread::sleep(Duration::from_millis(70));
+    r.dev.handle(NetEvent::Timer);
+    assert_eq!(r.r(ICR), 0, "nothing left over from before the reset");
 }
 
 #[test]

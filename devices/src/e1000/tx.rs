@@ -88,7 +88,8 @@ impl E1000 {
         let mut start = head;
         let mut cur = head;
         let mut first: Option<FrameCmd> = None;
-        let mut wrote_back = false;
+        // Descriptors written back that want TXDW at once, and ones that allow a delay (IDE).
+        let (mut wrote_back, mut wrote_back_ide) = (false, false);
         self.tx_buf.clear();
         self.tx_rs.clear();
         // Every descriptor is looked at once at most: the loop is bounded by the ring.
@@ -106,8 +107,12 @@ impl E1000 {
             let dext = cmd & TXD_CMD_DEXT != 0;
             if dext && d[10] >> 4 == TXD_DTYP_CONTEXT {
                 self.ctx = TxContext::parse(&d);
-                if cmd & TXD_CMD_RS != 0 {
-                    wrote_back |= self.write_dd(desc_addr(idx));
+                if cmd & TXD_CMD_RS != 0 && self.write_dd(desc_addr(idx)) {
+                    if cmd & TXD_CMD_IDE != 0 {
+                        wrote_back_ide = true;
+                    } else {
+                        wrote_back = true;
+                    }
                 }
                 if first.is_none() {
                     start = cur;
@@ -148,7 +153,7 @@ impl E1000 {
                 }
             }
             if cmd & TXD_CMD_RS != 0 {
-                self.tx_rs.push(idx as u16);
+                self.tx_rs.push((idx as u16, cmd & TXD_CMD_IDE != 0));
             }
             if cmd & TXD_CMD_EOP == 0 {
                 continue;
@@ -159,16 +164,22 @@ impl E1000 {
                 break;
             }
             self.tx_segs_sent = 0;
-            for i in std::mem::take(&mut self.tx_rs) {
-                wrote_back |= self.write_dd(desc_addr(i as usize));
+            for (i, ide) in std::mem::take(&mut self.tx_rs) {
+                if self.write_dd(desc_addr(i as usize)) {
+                    if ide {
+                        wrote_back_ide = true;
+                    } else {
+                        wrote_back = true;
+                    }
+                }
             }
             self.tx_buf.clear();
             start = cur;
         }
         self.set_reg(TDH, start as u32);
         let mut causes = 0;
-        if wrote_back {
-            causes |= ICR_TXDW;
+        if wrote_back || wrote_back_ide {
+            causes |= self.tx_done(!wrote_back);
         }
         if start == tail {
             causes |= ICR_TXQE;
