@@ -382,6 +382,7 @@ impl Relay {
                     }
                     self.conn = Some(c);
                     self.link.set_up(&format!("connection from {from}"));
+                    self.nudge();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => log::debug!("{}: accept: {e}", self.link.name),

@@ -189,10 +189,16 @@ pub(crate) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
 /// Receives the next frame without blocking, as the backends whose fd is a socket do: empty
 /// messages (link-state nudges) are skipped, and a pending error from a peer that went away
 /// (ECONNREFUSED, ECONNRESET) is consumed, not returned: it is not a frame.
+///
+/// A stream pair whose other end closed also reads as empty, forever: after a few empty reads
+/// in a row this gives up with `Ok(None)` (the I/O thread then sees the fd hung up).
 pub(crate) fn recv_frame(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    const MAX_EMPTY: usize = 16;
+    let mut empty = 0;
     loop {
         match recv(fd, buf) {
-            Ok(Some(0)) => continue,
+            Ok(Some(0)) if empty < MAX_EMPTY => empty += 1,
+            Ok(Some(0)) => return Ok(None),
             Ok(r) => return Ok(r),
             Err(e)
                 if matches!(
@@ -274,5 +280,32 @@ pub(crate) fn unlink_stale_socket(path: &Path) -> io::Result<()> {
         )),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recv_frame_gives_up_on_a_closed_pair() {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two descriptors into `fds`.
+        let r =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        send_iov(b.as_raw_fd(), &[], None).unwrap();
+        send_iov(b.as_raw_fd(), &[IoSlice::new(b"frame")], None).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            recv_frame(a.as_raw_fd(), &mut buf).unwrap(),
+            Some(5),
+            "nudge skipped"
+        );
+        drop(b);
+        // End of file reads as empty forever; this must return, not spin.
+        assert_eq!(recv_frame(a.as_raw_fd(), &mut buf).unwrap(), None);
     }
 }

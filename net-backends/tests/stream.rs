@@ -235,3 +235,17 @@ fn a_slow_peer_blocks_sends_and_partial_writes_complete_whole_frames() {
         assert!(g == w, "a frame arrived damaged or out of order");
     }
 }
+
+#[test]
+fn a_server_tells_the_nic_when_a_peer_connects() {
+    // The NIC model hears of link changes only through its backend fd: accepting a peer
+    // must make it readable even before the peer sends anything.
+    let (mut s, a) = tcp_server();
+    assert_quiet(&mut s, Duration::from_millis(100));
+    let _raw = TcpStream::connect(a).unwrap();
+    let r = poll_fd(s.fd(), libc::POLLIN, Duration::from_secs(5));
+    assert_ne!(r & libc::POLLIN, 0, "no event for the new peer");
+    assert!(s.link_up());
+    let mut buf = vec![0u8; MAX_FRAME];
+    assert_eq!(s.recv(&mut buf).unwrap(), None, "the nudge is not a frame");
+}

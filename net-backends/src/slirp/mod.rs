@@ -610,14 +610,14 @@ impl NetBackend for SlirpBackend {
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
+        let mut v = Vec::with_capacity(frame.iter().map(|p| p.len()).sum());
+        for p in frame {
+            v.extend_from_slice(p);
+        }
         let mut q = self.to_slirp.lock().unwrap();
         if q.len() >= TX_QUEUE_LIMIT {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return Ok(());
-        }
-        let mut v = Vec::with_capacity(frame.iter().map(|p| p.len()).sum());
-        for p in frame {
-            v.extend_from_slice(p);
         }
         let was_empty = q.is_empty();
         q.push_back(v);
