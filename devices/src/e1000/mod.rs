@@ -294,9 +294,12 @@ impl E1000 {
     fn update_irq(&mut self) {
         let want = self.reg(ICR) & self.reg(IMS) != 0;
         if !want || self.line {
-            if !want && self.line {
-                self.line = false;
-                self.apply_line();
+            if !want {
+                self.itr_due = None;
+                if self.line {
+                    self.line = false;
+                    self.apply_line();
+                }
             }
             return;
         }

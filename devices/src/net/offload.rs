@@ -12,7 +12,7 @@
 /// The bulk is summed eight bytes at a time in native byte order: the ones'-complement sum
 /// commutes with swapping the bytes of every word (RFC 1071, section 2(B)), so the folded
 /// native-order sum only needs one swap at the end. The 32-bit halves added into a 64-bit
-/// accumulator cannot overflow for any slice that fits in memory.
+/// accumulator could only overflow on a slice of 16 GiB or more.
 pub fn ones_sum(data: &[u8]) -> u64 {
     let mut words = data.chunks_exact(8);
     let native: u64 = words
