@@ -164,7 +164,9 @@ impl E1000 {
                 break;
             }
             self.tx_segs_sent = 0;
-            for (i, ide) in std::mem::take(&mut self.tx_rs) {
+            // By index: the list keeps its capacity from frame to frame.
+            for k in 0..self.tx_rs.len() {
+                let (i, ide) = self.tx_rs[k];
                 if self.write_dd(desc_addr(i as usize)) {
                     if ide {
                         wrote_back_ide = true;
@@ -173,6 +175,7 @@ impl E1000 {
                     }
                 }
             }
+            self.tx_rs.clear();
             self.tx_buf.clear();
             start = cur;
         }
