@@ -51,15 +51,23 @@ fn two_guests_over_a_stream_socket() {
     let path = sock.display().to_string();
     let server = format!("stream,id=s,server=on,addr.type=unix,addr.path={path}");
     let client = format!("stream,id=s,server=off,addr.type=unix,addr.path={path},reconnect=1");
+    // The client takes its address 20 s late, so the server's first pings go unanswered:
+    // the guest's ping step has to keep trying while its peer is still coming up.
     let mut guests: Vec<Guest> = [
-        ("10.30.0.1", "10.30.0.2", server, "52:54:00:00:30:01"),
-        ("10.30.0.2", "10.30.0.1", client, "52:54:00:00:30:02"),
+        ("10.30.0.1", "10.30.0.2", server, "52:54:00:00:30:01", ""),
+        (
+            "10.30.0.2",
+            "10.30.0.1",
+            client,
+            "52:54:00:00:30:02",
+            "sleep:20,",
+        ),
     ]
     .into_iter()
-    .map(|(me, peer, netdev, mac)| {
+    .map(|(me, peer, netdev, mac, wait)| {
         ns.guest(
             &img,
-            &format!("nicvm.dhcp=off nicvm.run=addr:eth0:{me}/24,ping:{peer},sleep:5,exit"),
+            &format!("nicvm.dhcp=off nicvm.run={wait}addr:eth0:{me}/24,ping:{peer},sleep:10,exit"),
             &[
                 "-netdev",
                 &netdev,
