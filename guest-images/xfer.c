@@ -19,6 +19,9 @@
  *                             (NICVM-MCASTLISTEN group=GROUP), count N datagrams:
  *                             NICVM-MCAST group=GROUP datagrams=N result=ok|timeout
  *                             (gives up 30 s after the last datagram)
+ *   xfer echoed N SECS        wait until this guest has answered N ICMP echo requests
+ *                             (the kernel's Icmp InEchos), for SECS at most:
+ *                             NICVM-ECHOED requests=N result=ok|timeout
  *
  * FNV-1a (64-bit) is the checksum both sides compute.
  */
@@ -29,7 +32,9 @@ typedef unsigned char u8;
 
 #define SYS_read 0
 #define SYS_write 1
+#define SYS_open 2
 #define SYS_close 3
+#define SYS_nanosleep 35
 #define SYS_socket 41
 #define SYS_connect 42
 #define SYS_accept 43
@@ -248,6 +253,58 @@ static int do_mcast(const char *group_s, const char *port_s, const char *count_s
 	return 0;
 }
 
+/* Whether p starts with the word w (followed by a blank, a line end or the end). */
+static int word(const char *p, const char *w)
+{
+	while (*w && *p == *w) { p++; w++; }
+	return !*w && (*p == ' ' || *p == '\n' || !*p);
+}
+
+static const char *skip_blanks(const char *p) { while (*p == ' ') p++; return p; }
+static const char *skip_word(const char *p) { while (*p && *p != ' ' && *p != '\n') p++; return p; }
+
+/* Icmp InEchos from /proc/net/snmp, whose first "Icmp:" line names the fields and whose
+ * second holds their values in the same order; -1 when it cannot be read. */
+static long in_echos(void)
+{
+	long fd = sys(SYS_open, (long)"/proc/net/snmp", 0, 0, 0, 0);
+	if (fd < 0) return -1;
+	long n = sys(SYS_read, fd, (long)buf, sizeof(buf) - 1, 0, 0);
+	sys(SYS_close, fd, 0, 0, 0, 0);
+	if (n <= 0) return -1;
+	buf[n] = 0;
+	const char *names = 0, *values = 0, *p = (const char *)buf;
+	while (*p && !values) {
+		if (word(p, "Icmp:")) {
+			if (names) values = p; else names = p;
+		}
+		while (*p && *p != '\n') p++;
+		if (*p) p++;
+	}
+	if (!values) return -1;
+	for (;;) {
+		names = skip_blanks(skip_word(names));
+		values = skip_blanks(skip_word(values));
+		if (!*names || *names == '\n' || !*values || *values == '\n') return -1;
+		if (word(names, "InEchos")) return (long)num(values);
+	}
+}
+
+static int do_echoed(const char *count_s, const char *secs_s)
+{
+	long want = (long)num(count_s), got = in_echos();
+	struct { long sec, nsec; } tick = { 0, 200000000 };
+	for (u64 i = 0; got < want && i < num(secs_s) * 5; i++) {
+		sys(SYS_nanosleep, (long)&tick, 0, 0, 0, 0);
+		got = in_echos();
+	}
+	char line[96], *p = line;
+	p = put(p, "NICVM-ECHOED requests="); p = put_dec(p, got > 0 ? (u64)got : 0);
+	p = put(p, got >= want ? " result=ok\n" : " result=timeout\n"); *p = 0;
+	out(line);
+	return got >= want ? 0 : 1;
+}
+
 static int streq(const char *a, const char *b) { while (*a && *a == *b) { a++; b++; } return *a == *b; }
 
 __attribute__((used)) void start_c(long *sp)
@@ -259,8 +316,9 @@ __attribute__((used)) void start_c(long *sp)
 	else if (argc == 5 && streq(argv[1], "send")) rc = do_send(argv[2], argv[3], argv[4]);
 	else if (argc == 4 && streq(argv[1], "udpecho")) rc = do_udpecho(argv[2], argv[3]);
 	else if (argc == 6 && streq(argv[1], "mcast")) rc = do_mcast(argv[2], argv[3], argv[4], argv[5]);
+	else if (argc == 4 && streq(argv[1], "echoed")) rc = do_echoed(argv[2], argv[3]);
 	else out("usage: xfer recv PORT | xfer send ADDR PORT BYTES | xfer udpecho PORT N"
-		 " | xfer mcast GROUP PORT N IFINDEX\n");
+		 " | xfer mcast GROUP PORT N IFINDEX | xfer echoed N SECS\n");
 	sys(SYS_exit, rc, 0, 0, 0, 0);
 }
 

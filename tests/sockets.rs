@@ -21,7 +21,7 @@ fn passt_attaches_through_a_stream_socket() {
         &[
             "-netdev",
             &format!(
-                "stream,id=p,server=off,addr.type=unix,addr.path={}",
+                "stream,id=p,server=off,addr.type=unix,addr.path={},reconnect=1",
                 sock.display()
             ),
             "-device",
@@ -67,7 +67,7 @@ fn two_guests_over_a_stream_socket() {
     .map(|(me, peer, netdev, mac, wait)| {
         ns.guest(
             &img,
-            &format!("nicvm.dhcp=off nicvm.run={wait}addr:eth0:{me}/24,ping:{peer},sleep:10,exit"),
+            &format!("nicvm.dhcp=off nicvm.run={wait}addr:eth0:{me}/24,ping:{peer},echoed:1,exit"),
             &[
                 "-netdev",
                 &netdev,
@@ -81,6 +81,12 @@ fn two_guests_over_a_stream_socket() {
     for (i, g) in guests.iter_mut().enumerate() {
         let ping = g.wait_line("PING");
         assert_eq!(ping["result"], "ok", "guest {i}: {}", ping["_"]);
+        let echoed = g.wait_line("ECHOED");
+        assert_eq!(
+            echoed["result"], "ok",
+            "guest {i} was pinged: {}",
+            echoed["_"]
+        );
     }
     for g in guests {
         let o = g.finish();

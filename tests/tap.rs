@@ -89,7 +89,7 @@ fn two_guests_on_a_bridge_with_created_taps_and_scripts() {
             let device = format!("virtio-net-pci,netdev=n0,mac={}", macs[i]);
             ns.guest(
                 &img,
-                &format!("nicvm.run=ping:{},sleep:10,exit", ips[1 - i]),
+                &format!("nicvm.run=ping:{},echoed:1,exit", ips[1 - i]),
                 &["-netdev", &netdev, "-device", &device],
                 &[("NICVM_BRIDGE", "br0")],
             )
@@ -108,6 +108,12 @@ fn two_guests_on_a_bridge_with_created_taps_and_scripts() {
             "guest {i} pings guest {}: {}",
             1 - i,
             ping["_"]
+        );
+        let echoed = g.wait_line("ECHOED");
+        assert_eq!(
+            echoed["result"], "ok",
+            "guest {i} was pinged: {}",
+            echoed["_"]
         );
     }
     for g in guests {

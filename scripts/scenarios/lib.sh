@@ -81,7 +81,11 @@ vde_switch() {
   local tapopt=()
   [ $# -gt 0 ] && tapopt=(-t "$1")
   inside "$n" vde_switch -s "$dir" "${tapopt[@]}" -d -p "$dir.pid" </dev/null >/dev/null 2>&1
-  for _ in $(seq 50); do [ -s "$dir.pid" ] && [ -S "$dir/ctl" ] && break; sleep 0.1; done
+  # Up once it has written its pidfile, bound ctl and (after the pidfile) created its tap.
+  for _ in $(seq 100); do
+    [ -s "$dir.pid" ] && [ -S "$dir/ctl" ] && { [ $# -eq 0 ] || inside "$n" ip link show "$1" >/dev/null 2>&1; } && break
+    sleep 0.1
+  done
   daemons+=("$(cat "$dir.pid")")
 }
 

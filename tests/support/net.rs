@@ -85,6 +85,9 @@ impl Netns {
             format!("--dhcp-leasefile=/tmp/{}.leases", self.name),
             "--pid-file=".into(),
             "--log-dhcp".into(),
+            // No ping of an address before offering it: that costs seconds of a guest's
+            // DHCP time, and only the test's own guests are on the segment.
+            "--no-ping".into(),
         ];
         args.extend(hosts.iter().map(|h| format!("--dhcp-host={h}")));
         let c = Command::new("ip")
@@ -167,9 +170,15 @@ pub struct Guest {
     seen: Vec<String>,
     stderr: Option<std::thread::JoinHandle<String>>,
     start: Instant,
+    /// When the console last printed a line.
+    last: Instant,
 }
 
-pub const GUEST_DEADLINE: Duration = Duration::from_secs(300);
+/// A guest that prints nothing for this long is stuck. The longest quiet step is an 8 MiB
+/// transfer, about 2 minutes with the slowest NIC on an emulating host.
+pub const GUEST_STALL: Duration = Duration::from_secs(300);
+/// And one that runs this long in all is stuck too.
+pub const GUEST_DEADLINE: Duration = Duration::from_secs(900);
 
 impl Guest {
     pub fn spawn(mut cmd: Command) -> Guest {
@@ -201,16 +210,24 @@ impl Guest {
             seen: vec![],
             stderr: Some(stderr),
             start: Instant::now(),
+            last: Instant::now(),
         }
     }
 
-    /// Waits for the next `NICVM-<tag>` line; panics with the console so far at the deadline.
+    /// How long the guest may still take before it counts as stuck.
+    fn time_left(&self) -> Duration {
+        let quiet = GUEST_STALL.saturating_sub(self.last.elapsed());
+        quiet.min(GUEST_DEADLINE.saturating_sub(self.start.elapsed()))
+    }
+
+    /// Waits for the next `NICVM-<tag>` line; panics with the console so far when the guest
+    /// is stuck (see [`GUEST_STALL`]).
     pub fn wait_line(&mut self, tag: &str) -> HashMap<String, String> {
         let prefix = format!("NICVM-{tag}");
         loop {
-            let left = GUEST_DEADLINE.saturating_sub(self.start.elapsed());
-            match self.lines.recv_timeout(left) {
+            match self.lines.recv_timeout(self.time_left()) {
                 Ok(l) => {
+                    self.last = Instant::now();
                     self.seen.push(l.clone());
                     if let Some(rest) = l.strip_prefix(&prefix) {
                         if rest.is_empty() || rest.starts_with(' ') {
@@ -282,13 +299,17 @@ impl Guest {
         self.child.id()
     }
 
-    /// Waits for nicvm to exit (killing it at the deadline) and returns everything.
+    /// Waits for nicvm to exit (killing it when stuck) and returns everything.
     pub fn finish(mut self) -> Outcome {
         let code = loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
                 break s.code();
             }
-            if self.start.elapsed() > GUEST_DEADLINE {
+            while let Ok(l) = self.lines.try_recv() {
+                self.last = Instant::now();
+                self.seen.push(l);
+            }
+            if self.time_left().is_zero() {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 break None;
@@ -422,8 +443,17 @@ impl VdeSwitch {
             "vde_switch: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+        // The switch writes its pidfile before it creates its tap.
+        let tap_exists = || {
+            Command::new("ip")
+                .args(["-n", &self.netns, "link", "show", &self.tap])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
         let t0 = Instant::now();
-        while !(self.pidfile().exists() && self.sock().join("ctl").exists()) {
+        while !(self.pidfile().exists() && self.sock().join("ctl").exists() && tap_exists()) {
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
                 "vde_switch did not come up"
