@@ -37,6 +37,21 @@ fn kernel() -> String {
 }
 
 #[test]
+fn an_argument_that_is_not_utf8() {
+    use std::os::unix::ffi::OsStringExt;
+    let o = std::process::Command::new(nicvm())
+        .arg("-name")
+        .arg(std::ffi::OsString::from_vec(vec![b'v', 0xff, b'\n', b'm']))
+        .args(["-kernel", &kernel()])
+        .output()
+        .expect("run nicvm");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("nicvm: -name: "), "{err}");
+}
+
+#[test]
 fn missing_kernel_file() {
     expect_error(&["-kernel", "/nonexistent/vmlinux"], "-kernel");
 }

@@ -5,11 +5,27 @@ use crate::keyval::KeyVal;
 use net_backends::MacAddr;
 use std::path::PathBuf;
 
+/// A bad command line: printed as one line, `OPTION: MESSAGE`.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{option}: {message}")]
+#[error("{}: {}", one_line(option), one_line(message))]
 pub struct CliError {
     pub option: String,
     pub message: String,
+}
+
+/// User text as it may appear in a one-line message: control characters (a newline typed into
+/// an option) escaped.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let esc: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            esc
+        })
+        .collect()
 }
 
 fn err<T>(option: &str, message: impl Into<String>) -> Result<T, CliError> {
@@ -307,7 +323,35 @@ fn model_from(option: &str, s: &str) -> Result<NicModel, CliError> {
     )
 }
 
-pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Action, CliError> {
+/// Arguments as the OS gives them; one that is not UTF-8 is an error naming the option it
+/// belongs to.
+fn utf8_args<I, S>(args: I) -> Result<Vec<String>, CliError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString>,
+{
+    let mut out: Vec<String> = vec![];
+    for a in args {
+        match a.into().into_string() {
+            Ok(s) => out.push(s),
+            Err(bad) => {
+                let option = match out.last() {
+                    Some(prev) if prev.starts_with('-') => prev.clone(),
+                    _ => bad.to_string_lossy().into_owned(),
+                };
+                return err(&option, "an argument is not valid UTF-8");
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn parse<I, S>(args: I) -> Result<Action, CliError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString>,
+{
+    let args = utf8_args(args)?;
     let mut b = Builder {
         mem_mib: 128,
         cpus: 1,
@@ -614,6 +658,17 @@ mod tests {
 
     fn option_of(s: &str) -> String {
         run(s).unwrap_err().option
+    }
+
+    #[test]
+    fn errors_are_one_line_whatever_was_typed() {
+        let e = parse(["-name", "a", "-bo\ngus"]).unwrap_err();
+        assert_eq!(e.to_string(), "-bo\\ngus: unknown option (see nicvm -h)");
+        use std::os::unix::ffi::OsStringExt;
+        let bad = std::ffi::OsString::from_vec(vec![b'x', 0xff, b'\n']);
+        let e = parse([std::ffi::OsString::from("-name"), bad]).unwrap_err();
+        assert_eq!(e.option, "-name");
+        assert!(!e.to_string().contains('\n'));
     }
 
     #[test]

@@ -1,22 +1,8 @@
 //! nicvm: a minimal KVM virtual machine monitor whose reason to exist is networking.
 
-mod boot;
-mod cli;
-mod console;
-mod cpuid;
-mod host;
-mod io_thread;
-mod irqchip;
-mod keyval;
-mod layout;
-mod mptable;
-mod netdev;
-mod signals;
-mod vcpu;
-mod vm;
-
 use devices::lifecycle::ExitReason;
-use host::HostKind;
+use nicvm::host::HostKind;
+use nicvm::{cli, console, netdev, signals, vm};
 use std::io::Write;
 use std::time::Instant;
 
@@ -77,7 +63,7 @@ fn main() {
         std::process::exit(3);
     }));
 
-    let action = cli::parse(std::env::args().skip(1)).unwrap_or_else(|e| fail(e));
+    let action = cli::parse(std::env::args_os().skip(1)).unwrap_or_else(|e| fail(e));
     let cfg = match action {
         cli::Action::Help => {
             print!("{}", cli::USAGE);

@@ -1,0 +1,17 @@
+//! nicvm as a library: the command line, the VM's assembly and its run loop. The `nicvm`
+//! binary is a thin shell around it; the fuzzer drives the command-line parser through it.
+
+pub mod boot;
+pub mod cli;
+pub mod console;
+pub mod cpuid;
+pub mod host;
+pub mod io_thread;
+pub mod irqchip;
+pub mod keyval;
+pub mod layout;
+pub mod mptable;
+pub mod netdev;
+pub mod signals;
+pub mod vcpu;
+pub mod vm;
