@@ -105,7 +105,7 @@ pub fn validate(cfg: &Config) -> Result<(), SetupError> {
 }
 
 /// Places every BAR of `dev` from the running allocators, as firmware would.
-fn assign_bars(
+pub fn assign_bars(
     dev: &mut dyn PciDevice,
     io_next: &mut u64,
     mmio_next: &mut u64,

@@ -1,7 +1,7 @@
 //! Virtio 1.0 over PCI (modern interface) and the virtio-net device.
 
 pub mod net;
-mod transport;
+pub mod transport;
 
 pub use transport::{IoEventRegistry, NoIoEvents};
 

@@ -1,0 +1,200 @@
+//! The command line as a user (or a script gone wrong) types it: real options with mangled
+//! values, QEMU keyval syntax with stray commas and repeated keys, random words and bytes that
+//! are not UTF-8. Parsing (and everything checked before anything opens) must answer with an
+//! error, never a panic.
+
+use crate::harness::{op, Target};
+use crate::rng::Rng;
+use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum CliOp {
+    /// One whole command line, each argument as bytes.
+    Parse(Vec<super::Bytes>),
+}
+
+pub struct Cli;
+
+const OPTIONS: &[&str] = &[
+    "-m",
+    "-smp",
+    "-kernel",
+    "-initrd",
+    "-append",
+    "-serial",
+    "-name",
+    "-netdev",
+    "-object",
+    "-device",
+    "-nic",
+    "-net",
+    "-nographic",
+    "-no-reboot",
+    "-enable-kvm",
+    "--version",
+    "-h",
+    "-cpu",
+    "-machine",
+    "-M",
+    "-accel",
+    "-display",
+    "-vga",
+    "-monitor",
+    "-qmp",
+    "-chardev",
+    "-mon",
+    "-daemonize",
+    "-pidfile",
+    "-nodefaults",
+    "-snapshot",
+    "--m",
+    "-",
+];
+
+const WORDS: &[&str] = &[
+    "user",
+    "tap",
+    "vde",
+    "socket",
+    "stream",
+    "dgram",
+    "nic",
+    "none",
+    "e1000",
+    "rtl8139",
+    "virtio-net-pci",
+    "filter-dump",
+    "id=n0",
+    "id=n1",
+    "netdev=n0",
+    "netdev=n1",
+    "mac=52:54:00:12:34:56",
+    "mac=+2:54:00:12:34:56",
+    "mac=ff:ff:ff:ff:ff:ff",
+    "addr=3",
+    "addr=0x1f",
+    "addr=20",
+    "cplus=off",
+    "hostfwd=tcp::2222-:22",
+    "hostfwd=udp:127.0.0.1:1-:2",
+    "guestfwd=tcp:10.0.2.100:80-cmd:true",
+    "net=10.0.2.0/24",
+    "net=10.0.2.0/33",
+    "dhcpstart=10.0.2.15",
+    "restrict=on",
+    "ifname=tap0",
+    "script=no",
+    "downscript=no",
+    "fd=3",
+    "fd=99",
+    "vnet_hdr=on",
+    "sock=/tmp/x",
+    "port=99999",
+    "mode=0777",
+    "listen=:1234",
+    "connect=127.0.0.1:1",
+    "mcast=230.0.0.1:1234",
+    "udp=127.0.0.1:2",
+    "localaddr=127.0.0.1:3",
+    "addr.type=unix",
+    "addr.path=/tmp/s",
+    "server=on",
+    "reconnect=1",
+    "remote.type=inet",
+    "remote.host=230.0.0.1",
+    "remote.port=1",
+    "local.type=unix",
+    "file=/tmp/x.pcap",
+    "maxlen=0",
+    "model=e1000",
+    "model=help",
+    "help",
+    "vlan=0",
+    "name=x",
+    "cpus=2",
+    "sockets=2",
+    "cores=0",
+    "threads=99",
+    "1G",
+    "0",
+    "-1",
+    "99999999999999999999T",
+    "stdio",
+    "file:",
+    "mon:stdio",
+    "null",
+    "tcp:1",
+    "",
+    ",",
+    ",,",
+    "=",
+    "id=",
+    "type=user",
+    "queues=4",
+    "vhost=on",
+    "mq=on",
+    "romfile=",
+    "bus=pci.0",
+];
+
+fn arg(rng: &mut Rng) -> Vec<u8> {
+    match rng.below(12) {
+        0 => rng.bytes_below(24),
+        1 => {
+            let mut s = rng.pick(WORDS).as_bytes().to_vec();
+            s.insert(rng.usize(s.len() + 1), 0x80 | rng.below(128) as u8);
+            s
+        }
+        2..=6 => {
+            let n = rng.range(1, 5);
+            let parts: Vec<&str> = (0..n).map(|_| rng.pick(WORDS)).collect();
+            parts.join(",").into_bytes()
+        }
+        _ => rng.pick(WORDS).as_bytes().to_vec(),
+    }
+}
+
+impl Target for Cli {
+    const NAME: &'static str = "cli";
+    const ABOUT: &'static str = "the command line: options, keyval syntax, non-UTF-8 arguments";
+    type Op = CliOp;
+
+    fn generate(rng: &mut Rng) -> Vec<CliOp> {
+        (0..rng.range(1, 20))
+            .map(|_| {
+                let mut args = vec![];
+                if rng.chance(80) {
+                    args.push(b"-kernel".to_vec());
+                    args.push(b"/nonexistent/vmlinux".to_vec());
+                }
+                for _ in 0..rng.below(12) {
+                    if rng.chance(60) {
+                        args.push(rng.pick(OPTIONS).as_bytes().to_vec());
+                    }
+                    args.push(arg(rng));
+                }
+                CliOp::Parse(args.into_iter().map(super::Bytes).collect())
+            })
+            .collect()
+    }
+
+    fn execute(ops: &[CliOp]) {
+        for (i, o) in ops.iter().enumerate() {
+            op(i);
+            let CliOp::Parse(args) = o;
+            let args: Vec<OsString> = args
+                .iter()
+                .map(|a| OsString::from_vec(a.0.clone()))
+                .collect();
+            if let Err(e) = nicvm::cli::parse(args) {
+                let msg = e.to_string();
+                if msg.contains('\n') || msg.contains('\r') {
+                    eprintln!("error: {msg:?}");
+                    panic!("a CLI error of more than one line");
+                }
+            }
+        }
+    }
+}

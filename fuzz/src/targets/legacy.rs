@@ -1,0 +1,116 @@
+//! The legacy PC devices on the port bus (COM1, i8042, CMOS) and pvpanic's BAR, with
+//! accesses of every width at and around their ports and console input for the UART.
+
+use super::Bytes;
+use crate::harness::{op, Target};
+use crate::rng::Rng;
+use devices::bus::Bus;
+use devices::legacy::{Cmos, Serial, I8042};
+use devices::lifecycle::Lifecycle;
+use devices::pci::PciDevice;
+use devices::pvpanic::PvPanic;
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LegacyOp {
+    Pio {
+        port: u16,
+        width: u8,
+        val: u32,
+        write: bool,
+    },
+    PvPanic {
+        off: u64,
+        width: u8,
+        val: u8,
+        write: bool,
+    },
+    SerialInput(Bytes),
+}
+
+pub struct Legacy;
+
+const PORTS: [(u16, u16); 3] = [(0x3f8, 8), (0x60, 5), (0x70, 2)];
+
+impl Target for Legacy {
+    const NAME: &'static str = "legacy";
+    const ABOUT: &'static str = "16550 UART, i8042, CMOS RTC and pvpanic";
+    type Op = LegacyOp;
+
+    fn generate(rng: &mut Rng) -> Vec<LegacyOp> {
+        let n = rng.range(1, 200) as usize;
+        (0..n)
+            .map(|_| match rng.below(10) {
+                0 => {
+                    let len = rng.len(16, 300);
+                    LegacyOp::SerialInput(Bytes(rng.bytes(len)))
+                }
+                1 => LegacyOp::PvPanic {
+                    off: rng.below(20),
+                    width: rng.pick(&[1u8, 2, 4, 8]),
+                    val: rng.below(256) as u8,
+                    write: rng.chance(50),
+                },
+                _ => {
+                    let (base, len) = rng.pick(&PORTS);
+                    LegacyOp::Pio {
+                        port: base + rng.below(len as u64 + 2) as u16,
+                        width: rng.pick(&[1u8, 1, 1, 2, 4]),
+                        val: rng.value(4) as u32,
+                        write: rng.chance(60),
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn execute(ops: &[LegacyOp]) {
+        let lifecycle = Arc::new(Lifecycle::new().unwrap());
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let serial = Arc::new(Mutex::new(Serial::new(irq, Box::new(std::io::sink()))));
+        let mut pio = Bus::new();
+        pio.insert(0x3f8, 8, serial.clone()).unwrap();
+        pio.insert(0x60, 5, Arc::new(Mutex::new(I8042::new(lifecycle.clone()))))
+            .unwrap();
+        pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::default())))
+            .unwrap();
+        let mut panic_dev = PvPanic::new(lifecycle);
+        for (i, o) in ops.iter().enumerate() {
+            op(i);
+            match o {
+                LegacyOp::Pio {
+                    port,
+                    width,
+                    val,
+                    write,
+                } => {
+                    let n = (*width as usize).min(4);
+                    if *write {
+                        pio.write(*port as u64, &val.to_le_bytes()[..n]);
+                    } else {
+                        let mut b = [0u8; 4];
+                        pio.read(*port as u64, &mut b[..n]);
+                    }
+                }
+                LegacyOp::PvPanic {
+                    off,
+                    width,
+                    val,
+                    write,
+                } => {
+                    let mut b = [0u8; 8];
+                    b[0] = *val;
+                    let n = (*width as usize).min(8);
+                    if *write {
+                        panic_dev.bar_write(0, *off, &b[..n]);
+                    } else {
+                        panic_dev.bar_read(0, *off, &mut b[..n]);
+                    }
+                }
+                LegacyOp::SerialInput(b) => serial.lock().unwrap().queue_input(&b.0),
+            }
+        }
+    }
+}

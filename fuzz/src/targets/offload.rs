@@ -1,0 +1,178 @@
+//! The offload code the NIC models share, called directly: checksums over any range, the
+//! frame parser, checksum filling and verification, and TCP segmentation, both on layers the
+//! parser found and on layers a driver made up (e1000's context descriptors give the offsets
+//! themselves), with VLAN tags inserted as rtl8139 does.
+
+use super::frames::frame;
+use super::Bytes;
+use crate::harness::{op, Target};
+use crate::rng::Rng;
+use devices::net::offload::{self, Layers};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FakeLayers {
+    pub l3: usize,
+    pub ipv4: bool,
+    pub l4: usize,
+    pub proto: u8,
+    pub hdr_len: usize,
+    pub end: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum OffloadOp {
+    /// The frame the next operations work on.
+    Frame(Bytes),
+    /// An 802.1Q tag inserted after the MAC addresses.
+    Vlan(u16),
+    /// Layers from the parser (none when it refuses the frame).
+    Parse,
+    /// Layers as a driver claims them.
+    Claim(FakeLayers),
+    FillIpv4,
+    FillL4,
+    VerifyIpv4,
+    VerifyL4,
+    Insert {
+        start: usize,
+        field: usize,
+        end: usize,
+    },
+    Segment {
+        mss: usize,
+    },
+    Sum {
+        from: usize,
+        to: usize,
+    },
+}
+
+pub struct Offload;
+
+fn small(rng: &mut Rng) -> usize {
+    match rng.below(5) {
+        0 => rng.below(70_000) as usize,
+        1 => usize::MAX - rng.below(4) as usize,
+        _ => rng.below(80) as usize,
+    }
+}
+
+impl Target for Offload {
+    const NAME: &'static str = "offload";
+    const ABOUT: &'static str = "checksums, frame parsing, TSO and VLAN insertion, called directly";
+    type Op = OffloadOp;
+
+    fn generate(rng: &mut Rng) -> Vec<OffloadOp> {
+        let mut ops = vec![OffloadOp::Frame(Bytes(frame(rng)))];
+        let n = rng.range(1, 30) as usize;
+        while ops.len() < n {
+            ops.push(match rng.below(14) {
+                0 => OffloadOp::Frame(Bytes(frame(rng))),
+                1 => OffloadOp::Vlan(rng.below(0x1_0000) as u16),
+                2..=4 => OffloadOp::Parse,
+                5 => OffloadOp::Claim(FakeLayers {
+                    l3: rng.pick_or(&[14, 18], small),
+                    ipv4: rng.chance(70),
+                    l4: rng.pick_or(&[34, 38, 54], small),
+                    proto: rng.pick_or(&[6, 17], |r| r.below(256) as u8),
+                    hdr_len: rng.pick_or(&[54, 58, 74], small),
+                    end: small(rng),
+                }),
+                6 => OffloadOp::FillIpv4,
+                7 => OffloadOp::FillL4,
+                8 => OffloadOp::VerifyIpv4,
+                9 => OffloadOp::VerifyL4,
+                10 => OffloadOp::Insert {
+                    start: small(rng),
+                    field: small(rng),
+                    end: small(rng),
+                },
+                11 | 12 => OffloadOp::Segment {
+                    mss: rng.pick_or(&[0, 1, 8, 536, 1448, 9000], small),
+                },
+                _ => OffloadOp::Sum {
+                    from: small(rng),
+                    to: small(rng),
+                },
+            });
+        }
+        ops
+    }
+
+    fn execute(ops: &[OffloadOp]) {
+        let mut f: Vec<u8> = vec![];
+        let mut at: Option<Layers> = None;
+        let mut scratch = Vec::new();
+        for (i, o) in ops.iter().enumerate() {
+            op(i);
+            match o {
+                OffloadOp::Frame(b) => {
+                    f = b.0.clone();
+                    at = None;
+                }
+                OffloadOp::Vlan(tci) => {
+                    if f.len() >= 12 {
+                        let t = tci.to_be_bytes();
+                        f.splice(12..12, [0x81, 0x00, t[0], t[1]]);
+                    }
+                }
+                OffloadOp::Parse => at = offload::parse(&f),
+                OffloadOp::Claim(c) => {
+                    at = Some(Layers {
+                        l3: c.l3,
+                        ipv4: c.ipv4,
+                        l4: c.l4,
+                        proto: c.proto,
+                        hdr_len: c.hdr_len,
+                        end: c.end,
+                    })
+                }
+                OffloadOp::FillIpv4 => {
+                    if let Some(a) = &at {
+                        offload::fill_ipv4_checksum(&mut f, a);
+                    }
+                }
+                OffloadOp::FillL4 => {
+                    if let Some(a) = &at {
+                        offload::fill_l4_checksum(&mut f, a);
+                    }
+                }
+                OffloadOp::VerifyIpv4 => {
+                    if let Some(a) = &at {
+                        let _ = offload::ipv4_header_ok(&f, a);
+                    }
+                }
+                OffloadOp::VerifyL4 => {
+                    if let Some(a) = &at {
+                        let _ = offload::l4_checksum_ok(&f, a);
+                    }
+                }
+                OffloadOp::Insert { start, field, end } => {
+                    let _ = offload::insert_checksum(&mut f, *start, *field, *end);
+                }
+                OffloadOp::Segment { mss } => {
+                    if let Some(a) = &at {
+                        let mut n = 0usize;
+                        let _ = offload::segment_tcp(&f, a, *mss, &mut scratch, |s| {
+                            n += 1;
+                            if s.len() > f.len() + 64 {
+                                panic!(
+                                    "a segment ({} bytes) longer than its frame ({})",
+                                    s.len(),
+                                    f.len()
+                                );
+                            }
+                            Ok::<(), ()>(())
+                        });
+                    }
+                }
+                OffloadOp::Sum { from, to } => {
+                    if let Some(s) = f.get(*from..*to) {
+                        let _ = offload::checksum(s);
+                    }
+                }
+            }
+        }
+    }
+}
