@@ -1,7 +1,7 @@
 //! Receive: filtering, VLAN stripping, checksum reporting and descriptor write-back.
 
 use super::*;
-use crate::net::offload::{self, fold, ones_sum, IPPROTO_UDP};
+use crate::net::offload::{self, IPPROTO_UDP};
 use net_backends::vnet::VNET_HDR_LEN;
 use vm_memory::Bytes;
 
@@ -308,16 +308,15 @@ impl E1000 {
         let (mut status, mut errors) = (0, 0);
         if rxcsum & RXCSUM_IPOFL != 0 {
             status |= RXD_STAT_IPCS;
-            if fold(ones_sum(&frame[at.l3..at.l4])) != 0xffff {
+            if !offload::ipv4_header_ok(frame, &at) {
                 errors |= RXD_ERR_IPE;
             }
         }
+        // A zero UDP checksum means none was computed: nothing to report.
         let udp_unchecked = at.proto == IPPROTO_UDP && be16(frame, at.l4 + 6) == Some(0);
         if rxcsum & RXCSUM_TUOFL != 0 && !udp_unchecked {
             status |= RXD_STAT_TCPCS;
-            let l4_len = at.end - at.l4;
-            let pseudo = ones_sum(&frame[at.l3 + 12..at.l3 + 20]) + at.proto as u64 + l4_len as u64;
-            if fold(pseudo + ones_sum(&frame[at.l4..at.end])) != 0xffff {
+            if !offload::l4_checksum_ok(frame, &at) {
                 errors |= RXD_ERR_TCPE;
             }
         }

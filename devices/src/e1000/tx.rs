@@ -256,12 +256,7 @@ impl E1000 {
             hdr_len: c.hdrlen,
             end: frame.len(),
         };
-        let ip_hdr = if ipv4 { 20 } else { 40 };
-        let sane = at.proto == IPPROTO_TCP
-            && c.mss > 0
-            && at.l3 + ip_hdr <= at.l4
-            && at.l4 + 20 <= at.hdr_len
-            && at.hdr_len <= at.end;
+        let sane = at.proto == IPPROTO_TCP && c.mss > 0 && at.fit(frame);
         if !sane {
             self.count(TSCTFC, 1);
             if self.errors == 0 {

@@ -91,6 +91,29 @@ pub struct Layers {
     pub end: usize,
 }
 
+impl Layers {
+    /// Whether these offsets describe headers inside `frame` that the functions below may
+    /// index: an IP header of at least its minimum size before the transport header, a TCP
+    /// header of at least 20 bytes (UDP: 8) before `hdr_len`, and `hdr_len <= end <= the
+    /// frame's length`. [`parse`] only returns layers that fit; layers a driver describes
+    /// (e1000's context descriptor) are checked with this before use.
+    pub fn fit(&self, frame: &[u8]) -> bool {
+        let ip_min = if self.ipv4 { 20 } else { 40 };
+        let l4_min = match self.proto {
+            IPPROTO_TCP => 20,
+            IPPROTO_UDP => 8,
+            _ => return false,
+        };
+        self.l3.checked_add(ip_min).is_some_and(|e| e <= self.l4)
+            && self
+                .l4
+                .checked_add(l4_min)
+                .is_some_and(|e| e <= self.hdr_len)
+            && self.hdr_len <= self.end
+            && self.end <= frame.len()
+    }
+}
+
 fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
@@ -126,21 +149,20 @@ pub fn parse(frame: &[u8]) -> Option<Layers> {
         _ => return None,
     };
     let l4_len = match proto {
+        // The data offset counts 32-bit words; fewer than 5 is not a TCP header.
         IPPROTO_TCP => (*frame.get(l4 + 12)? >> 4) as usize * 4,
         IPPROTO_UDP => 8,
         _ => return None,
     };
-    if l4_len < 8 || l4 + l4_len > end {
-        return None;
-    }
-    Some(Layers {
+    let at = Layers {
         l3,
         ipv4,
         l4,
         proto,
         hdr_len: l4 + l4_len,
         end,
-    })
+    };
+    at.fit(frame).then_some(at)
 }
 
 /// Sum of the TCP/UDP pseudo-header for a transport segment of `l4_len` bytes.
@@ -153,9 +175,9 @@ fn pseudo_sum(frame: &[u8], at: &Layers, l4_len: usize) -> u64 {
     ones_sum(addrs) + at.proto as u64 + l4_len as u64
 }
 
-/// Fills the IPv4 header checksum (a no-op for IPv6).
+/// Fills the IPv4 header checksum (a no-op for IPv6, or for layers that do not fit).
 pub fn fill_ipv4_checksum(frame: &mut [u8], at: &Layers) {
-    if at.ipv4 {
+    if at.ipv4 && at.fit(frame) {
         frame[at.l3 + 10..at.l3 + 12].fill(0);
         let c = checksum(&frame[at.l3..at.l4]);
         frame[at.l3 + 10..at.l3 + 12].copy_from_slice(&c.to_be_bytes());
@@ -165,6 +187,9 @@ pub fn fill_ipv4_checksum(frame: &mut [u8], at: &Layers) {
 /// Computes the TCP/UDP checksum from scratch (pseudo-header included), ignoring whatever
 /// partial sum the driver left in the field.
 pub fn fill_l4_checksum(frame: &mut [u8], at: &Layers) {
+    if !at.fit(frame) {
+        return;
+    }
     let field = at.l4 + if at.proto == IPPROTO_TCP { 16 } else { 6 };
     frame[field..field + 2].fill(0);
     let l4_len = at.end - at.l4;
@@ -175,14 +200,18 @@ pub fn fill_l4_checksum(frame: &mut [u8], at: &Layers) {
     frame[field..field + 2].copy_from_slice(&c.to_be_bytes());
 }
 
-/// Whether a received IPv4 header's checksum verifies (true for IPv6, which has none).
+/// Whether a received IPv4 header's checksum verifies (true for IPv6, which has none; false
+/// for layers that do not fit the frame).
 pub fn ipv4_header_ok(frame: &[u8], at: &Layers) -> bool {
-    !at.ipv4 || fold(ones_sum(&frame[at.l3..at.l4])) == 0xffff
+    at.fit(frame) && (!at.ipv4 || fold(ones_sum(&frame[at.l3..at.l4])) == 0xffff)
 }
 
 /// Whether a received TCP/UDP checksum verifies, pseudo-header included. A zero UDP checksum
 /// over IPv4 means "none" and passes.
 pub fn l4_checksum_ok(frame: &[u8], at: &Layers) -> bool {
+    if !at.fit(frame) {
+        return false;
+    }
     if at.proto == IPPROTO_UDP && at.ipv4 && frame[at.l4 + 6..at.l4 + 8] == [0, 0] {
         return true;
     }
@@ -205,7 +234,7 @@ pub fn segment_tcp<E>(
     scratch: &mut Vec<u8>,
     mut emit: impl FnMut(&[u8]) -> Result<(), E>,
 ) -> Result<bool, E> {
-    if at.proto != IPPROTO_TCP || mss == 0 || at.hdr_len > at.end || at.end > frame.len() {
+    if at.proto != IPPROTO_TCP || mss == 0 || !at.fit(frame) {
         return Ok(false);
     }
     let payload = &frame[at.hdr_len..at.end];
@@ -343,6 +372,64 @@ pub(crate) mod tests {
         // Truncated anywhere: never a panic.
         for n in 0..f.len() {
             let _ = parse(&f[..n]);
+        }
+    }
+
+    /// Found by nicvm-fuzz (offload target): a TCP data offset of 2-4 words passed the
+    /// parser, and checksum filling and segmentation then indexed past the frame. Minimal case:
+    /// a frame whose TCP header claims 8 bytes, then fill or segment.
+    #[test]
+    fn short_tcp_header_is_not_tcp() {
+        for doff in 0..5u8 {
+            let mut f = tcp4_frame(4, false);
+            f[34 + 12] = doff << 4;
+            f.truncate(34 + doff as usize * 4 + 4);
+            let total = (f.len() - 14) as u16;
+            f[16..18].copy_from_slice(&total.to_be_bytes());
+            assert_eq!(parse(&f), None, "data offset {doff}");
+        }
+    }
+
+    /// Layers a driver made up (e1000 context descriptors) never make these index outside
+    /// the frame, whatever they say.
+    #[test]
+    fn layers_that_do_not_fit_change_nothing() {
+        let f = tcp4_frame(100, false);
+        let good = parse(&f).unwrap();
+        let lies = [
+            Layers { l4: 20, ..good },
+            Layers {
+                hdr_len: good.l4 + 8,
+                ..good
+            },
+            Layers {
+                end: f.len() + 1,
+                ..good
+            },
+            Layers {
+                l3: usize::MAX - 4,
+                ..good
+            },
+            Layers {
+                l4: usize::MAX - 10,
+                ..good
+            },
+            Layers { proto: 1, ..good },
+            Layers {
+                ipv4: false,
+                ..good
+            },
+        ];
+        let mut scratch = vec![];
+        for at in lies {
+            assert!(!at.fit(&f), "{at:?}");
+            let mut g = f.clone();
+            fill_ipv4_checksum(&mut g, &at);
+            fill_l4_checksum(&mut g, &at);
+            assert_eq!(g, f, "{at:?}");
+            assert!(!ipv4_header_ok(&f, &at) && !l4_checksum_ok(&f, &at));
+            let r: Result<bool, ()> = segment_tcp(&f, &at, 8, &mut scratch, |_| panic!("emitted"));
+            assert_eq!(r, Ok(false));
         }
     }
 
