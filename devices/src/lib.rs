@@ -10,4 +10,6 @@ pub mod net;
 pub mod pci;
 pub mod pvpanic;
 pub mod rtl8139;
+#[cfg(test)]
+mod test_util;
 pub mod virtio;

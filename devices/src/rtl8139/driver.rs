@@ -5,7 +5,7 @@
 use super::rx::*;
 use super::tx::*;
 use super::*;
-use crate::interrupt::RecordingIrqChip;
+use crate::interrupt::{IntxLine, RecordingIrqChip};
 use crate::pci::{PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -60,8 +60,7 @@ impl Driver {
             "52:54:00:12:34:56".parse().unwrap(),
             backend,
             mem.clone(),
-            chip.clone(),
-            gsi,
+            IntxLine::new(chip.clone(), gsi, 0),
             cplus,
         )
         .unwrap();

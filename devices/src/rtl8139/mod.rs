@@ -28,7 +28,7 @@ pub mod driver;
 #[cfg(test)]
 mod tests;
 
-use crate::interrupt::{IntxLine, IrqChip};
+use crate::interrupt::IntxLine;
 use crate::net::{BackendInterest, NetEvent, NetFrontend, NicStats, Timer};
 use crate::pci::{BarKind, PciConfig, PciDevice, PCI_COMMAND_INTX_DISABLE};
 use eeprom::Eeprom93c46;
@@ -254,8 +254,7 @@ impl Rtl8139 {
         mac: MacAddr,
         backend: Box<dyn NetBackend>,
         mem: GuestMemoryMmap,
-        chip: Arc<dyn IrqChip>,
-        intx_gsi: u32,
+        intx: IntxLine,
         cplus: bool,
     ) -> io::Result<Self> {
         let revision = if cplus {
@@ -266,7 +265,7 @@ impl Rtl8139 {
         let mut config =
             PciConfig::new(REALTEK_VENDOR, RTL8139_DEVICE, (0x02, 0x00, 0x00), revision);
         config.set_subsystem(REALTEK_VENDOR, RTL8139_DEVICE);
-        config.set_interrupt(1, intx_gsi as u8);
+        config.set_interrupt(1, intx.gsi() as u8);
         config.add_bar(BAR_IO, BarKind::Io, REGS_SIZE);
         config.add_bar(BAR_MEM, BarKind::Mem32, REGS_SIZE);
 
@@ -281,7 +280,7 @@ impl Rtl8139 {
         }
         let mut dev = Rtl8139 {
             config,
-            intx: IntxLine::new(chip, intx_gsi, intx_gsi),
+            intx,
             line: false,
             mem,
             backend,
@@ -631,8 +630,12 @@ impl Rtl8139 {
             self.reset();
             return;
         }
-        // Receiver or transmitter turned on or off.
+        // Receiver or transmitter turned on or off: the I/O thread looks at both again (slots
+        // written while the transmitter was off go out once it is on).
         let _ = self.rx_kick.write(1);
+        if self.regs[CR] & CR_TE != 0 && !self.tx_waiting.is_empty() {
+            let _ = self.tx_kick.write(1);
+        }
     }
 
     fn cr9346_written(&mut self) {

@@ -48,6 +48,37 @@ fn checksums_ok(f: &[u8]) -> bool {
     offload::ipv4_header_ok(f, &at) && offload::l4_checksum_ok(f, &at)
 }
 
+/// Found by nicvm-fuzz (rtl8139 and rtl8139-too targets), minimal case: TSD3 written while
+/// the transmitter is off (CR.TE clear, as after reset), then any backend event. The I/O
+/// thread looped forever putting the slot back. Now the slot waits for CR.TE and goes out
+/// once the driver turns the transmitter on.
+#[test]
+fn slot_written_with_the_transmitter_off_waits_for_it() {
+    for cplus in [true, false] {
+        let (mut d, peer) = rig(cplus);
+        d.w32(TSAD0 + 12, TOO_TX_BUFS as u32);
+        d.mem
+            .write_slice(&frame_to([0xff; 6], 60, 1), GuestAddress(TOO_TX_BUFS))
+            .unwrap();
+        d.w32(TSD0 + 12, 60);
+        let mut d = crate::test_util::finishes("backend event with TE off", move || {
+            d.dev.handle(NetEvent::Backend);
+            d.dev.handle(NetEvent::TxKick);
+            d
+        });
+        assert!(peer.take_sent().is_empty(), "nothing leaves with TE off");
+        assert_eq!(
+            d.r32(TSD0 + 12) & TSD_OWN,
+            0,
+            "the slot still belongs to the device"
+        );
+        d.w8(CR, CR_TE);
+        d.dev.handle(NetEvent::TxKick);
+        assert_eq!(peer.take_sent().len(), 1, "sent once TE is on");
+        assert_ne!(d.r32(TSD0 + 12) & (TSD_OWN | TSD_TOK), 0);
+    }
+}
+
 #[test]
 fn personalities_identify_as_linux_expects() {
     let (mut cp, _p) = rig(true);

@@ -71,7 +71,9 @@ impl Rtl8139 {
                 }
             }
         }
-        while self.tx_backlog.is_empty() {
+        // Slots written while the transmitter was off (or the backend full) go out now, if
+        // the transmitter is on: each is sent or fails, so the loop ends with the list.
+        while self.tx_backlog.is_empty() && self.tx_enabled() {
             let Some(slot) = self.tx_waiting.pop_front() else {
                 break;
             };
@@ -96,11 +98,8 @@ impl Rtl8139 {
         self.send_slot(slot);
     }
 
+    /// Sends the frame of a slot the driver handed over; the transmitter is on.
     fn send_slot(&mut self, slot: usize) {
-        if !self.tx_enabled() {
-            self.tx_waiting.push_front(slot);
-            return;
-        }
         let size = (self.tsd[slot] & TSD_SIZE) as usize;
         let addr = GuestAddress(self.get32(TSAD0 + 4 * slot) as u64);
         let mut buf = std::mem::take(&mut self.tx_buf);
