@@ -15,8 +15,8 @@ use net_backends::{MacAddr, NetBackend, Offloads, MAX_FRAME};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 // Feature bits (virtio 1.0, 5.1.3).
@@ -38,6 +38,11 @@ pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
 const RX: usize = 0;
 const TX: usize = 1;
 const QUEUE_MAX: u16 = 256;
+/// TX chains handled per event; the rest wait for the next turn of the I/O thread, which the
+/// device asks for with its own TX kick.
+const TX_BUDGET: usize = QUEUE_MAX as usize;
+/// Frames delivered per event; the backend's fd stays readable for the rest.
+const RX_BURST: usize = 64;
 const N_VECTORS: u16 = 3;
 
 /// PCI identity as QEMU presents virtio-net: transitional device ID, subsystem = net.
@@ -92,7 +97,7 @@ impl VirtioNet {
         backend: Box<dyn NetBackend>,
         mem: GuestMemoryMmap,
         chip: Arc<dyn IrqChip>,
-        intx_gsi: u32,
+        intx: IntxLine,
         ioevents: Arc<dyn IoEventRegistry>,
     ) -> io::Result<Self> {
         let mut config = PciConfig::new(
@@ -102,7 +107,7 @@ impl VirtioNet {
             0,
         );
         config.set_subsystem(VIRTIO_PCI_VENDOR, VIRTIO_ID_NET);
-        config.set_interrupt(1, intx_gsi as u8);
+        config.set_interrupt(1, intx.gsi() as u8);
         config.add_bar(MSIX_BAR, BarKind::Mem32, MSIX_BAR_SIZE);
         config.add_bar(VIRTIO_BAR, BarKind::Mem64, VIRTIO_BAR_SIZE);
         let msix = Msix::new(
@@ -144,7 +149,7 @@ impl VirtioNet {
         Ok(VirtioNet {
             config,
             msix,
-            intx: IntxLine::new(chip, intx_gsi, intx_gsi),
+            intx,
             ioevents,
             registered_bar: None,
             mem,
@@ -272,16 +277,37 @@ impl VirtioNet {
 
     // ---- TX -------------------------------------------------------------------------------
 
+    /// Whether the driver's view of queue `q` is one the device can walk: ready, with an
+    /// available ring, and an available index at most a queue size ahead of what the device
+    /// has taken (anything else is a driver error, virtio 1.0 2.4.6).
+    fn queue_usable(&mut self, q: usize) -> bool {
+        match self.queues[q].iter(&self.mem) {
+            Ok(_) => true,
+            Err(e) => {
+                self.device_error(&format!("queue {q} cannot be used: {e}"));
+                false
+            }
+        }
+    }
+
     fn process_tx(&mut self) {
         if !self.active || self.tx_blocked {
             return;
         }
         let mut used = false;
+        let mut budget = TX_BUDGET;
         loop {
             if self.queues[TX].disable_notification(&self.mem).is_err() {
                 return self.device_error("TX ring unreadable");
             }
-            while let Some(chain) = self.queues[TX].pop_descriptor_chain(&self.mem) {
+            if !self.queue_usable(TX) {
+                return;
+            }
+            while budget > 0 {
+                let Some(chain) = self.queues[TX].pop_descriptor_chain(&self.mem) else {
+                    break;
+                };
+                budget -= 1;
                 let head = chain.head_index();
                 self.tx_buf.clear();
                 let mut bad = false;
@@ -333,6 +359,11 @@ impl VirtioNet {
                 used = true;
             }
             if self.tx_blocked {
+                break;
+            }
+            if budget == 0 {
+                // More may be waiting: come back after the other fds had their turn.
+                let _ = self.kicks[TX].write(1);
                 break;
             }
             match self.queues[TX].enable_notification(&self.mem) {
@@ -415,7 +446,9 @@ impl VirtioNet {
                     let h = (VNET_HDR_LEN.min(end)) - pos;
                     hdr_pieces.push((addr, pos, h));
                     pos += h;
-                    addr = vm_memory::GuestAddress(addr.0 + h as u64);
+                    addr = addr
+                        .checked_add(h as u64)
+                        .ok_or("RX buffer outside guest memory")?;
                 }
                 if pos < end {
                     let off = pos - VNET_HDR_LEN;
@@ -457,19 +490,24 @@ impl VirtioNet {
     }
 
     fn process_rx(&mut self) {
-        if !self.active {
+        if !self.active || !self.queue_usable(RX) {
             return;
         }
         let mut delivered = false;
         // After a failed delivery, look once more after re-enabling notifications (the guest
         // may have added buffers in between); a second failure means waiting for a kick.
         let mut retried = false;
-        while let Some(len) = crate::net::next_rx_frame(
-            &mut *self.backend,
-            &mut self.rx_pending,
-            &mut self.rx_buf,
-            &format_args!("virtio-net {}", self.mac),
-        ) {
+        let mut budget = RX_BURST;
+        while budget > 0 {
+            budget -= 1;
+            let Some(len) = crate::net::next_rx_frame(
+                &mut *self.backend,
+                &mut self.rx_pending,
+                &mut self.rx_buf,
+                &format_args!("virtio-net {}", self.mac),
+            ) else {
+                break;
+            };
             if self.deliver(len) {
                 delivered = true;
                 retried = false;
@@ -619,6 +657,14 @@ impl VirtioNet {
                     self.reset();
                     return;
                 }
+                if self.status & !s & !STATUS_DEVICE_NEEDS_RESET != 0 {
+                    // Bits go away only through a reset (virtio 1.0 2.1.2); a driver that
+                    // clears DRIVER_OK and goes on reprogramming queues would have them changed
+                    // under a running device.
+                    self.status |= s;
+                    self.device_error("the driver cleared a device status bit without a reset");
+                    return;
+                }
                 let newly = s & !self.status;
                 if newly & STATUS_FEATURES_OK != 0
                     && (self.driver_features & !self.device_features != 0
@@ -629,7 +675,10 @@ impl VirtioNet {
                     return;
                 }
                 self.status = s | (self.status & STATUS_DEVICE_NEEDS_RESET);
-                if newly & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 {
+                if newly & STATUS_DRIVER_OK != 0
+                    && self.status & STATUS_FEATURES_OK != 0
+                    && self.status & STATUS_DEVICE_NEEDS_RESET == 0
+                {
                     self.activate();
                 }
             }

@@ -2,7 +2,7 @@
 //! played against the model from the host. Device tests and the no-guest benchmark use it.
 
 use super::*;
-use crate::interrupt::RecordingIrqChip;
+use crate::interrupt::{IntxLine, RecordingIrqChip};
 use crate::pci::PCI_COMMAND_MEMORY;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -43,7 +43,7 @@ impl Driver {
             backend,
             mem.clone(),
             chip.clone(),
-            19,
+            IntxLine::new(chip.clone(), 19, 0),
             Arc::new(NoIoEvents),
         )
         .unwrap();

@@ -347,3 +347,98 @@ fn link_changes_reach_the_driver_as_a_config_interrupt() {
     assert_eq!(d.ack_irq() & 2, 2);
     assert_eq!(d.r(DEVICE_CFG + 6, 2), VIRTIO_NET_S_LINK_UP as u64);
 }
+
+/// Runs `f` against the device on another thread; fails the test when it does not return.
+fn bounded(mut d: Rig, what: &str, f: impl FnOnce(&mut Rig) + Send + 'static) -> Rig {
+    crate::test_util::finishes(what, move || {
+        f(&mut d);
+        d
+    })
+}
+
+/// Found by nicvm-fuzz (virtio-net target), minimal case: a running device, the TX available
+/// index written far ahead of the device's, a kick. The queue refused to hand out chains while
+/// its notification check kept saying there was more: an endless loop in the I/O thread.
+#[test]
+fn avail_index_more_than_a_queue_ahead_is_a_device_error() {
+    let d = started(PLAIN, BASE);
+    let far: u16 = 0xc892;
+    d.mem
+        .write_obj(far, GuestAddress(avail_base(TX) + 2))
+        .unwrap();
+    let mut d = bounded(d, "TX kick", |d| {
+        d.dev.handle(NetEvent::TxKick);
+    });
+    assert!(needs_reset(&mut d));
+    assert!(d.peer.take_sent().is_empty());
+}
+
+/// Found by nicvm-fuzz: queues enabled without ring addresses (the available ring left at
+/// address 0) pass the DRIVER_OK checks in a guest whose RAM starts at 0, but the queue then
+/// refuses to walk them; a non-zero word at guest address 2 made the TX loop endless.
+#[test]
+fn queue_without_addresses_is_a_device_error() {
+    let mut d = new_rig(PLAIN);
+    assert!(d.negotiate(BASE));
+    for q in [RX, TX] {
+        d.w(QUEUE_SELECT, q as u64, 2);
+        d.w(QUEUE_SIZE, QSIZE as u64, 2);
+        d.w(QUEUE_ENABLE, 1, 2);
+    }
+    d.driver_ok();
+    d.mem.write_obj(5u16, GuestAddress(2)).unwrap();
+    let mut d = bounded(d, "TX kick", |d| {
+        d.dev.handle(NetEvent::TxKick);
+        d.dev.handle(NetEvent::RxKick);
+    });
+    assert!(needs_reset(&mut d));
+}
+
+/// A driver that clears DRIVER_OK without a reset and goes on reprogramming a queue would
+/// change it under the running device: that is a device error (virtio 1.0 2.1.2), and the
+/// device does not come back until it is reset.
+#[test]
+fn clearing_driver_ok_without_a_reset_is_a_device_error() {
+    let mut d = started(PLAIN, BASE);
+    let s = d.status() & !STATUS_DRIVER_OK;
+    d.w(DEVICE_STATUS, s as u64, 1);
+    assert!(needs_reset(&mut d));
+    d.w(QUEUE_SELECT, TX as u64, 2);
+    d.w(QUEUE_DRIVER, 0, 8);
+    d.driver_ok();
+    d.mem.write_obj(7u16, GuestAddress(2)).unwrap();
+    let mut d = bounded(d, "TX kick", |d| {
+        d.dev.handle(NetEvent::TxKick);
+    });
+    assert!(needs_reset(&mut d));
+    // A reset brings it back.
+    let mut d = Rig {
+        d: {
+            let mut drv = d.d;
+            assert!(drv.negotiate(BASE));
+            drv.setup_queue(RX, QSIZE);
+            drv.setup_queue(TX, QSIZE);
+            drv.driver_ok();
+            drv
+        },
+        peer: d.peer,
+    };
+    assert!(!needs_reset(&mut d));
+    d.post(TX, &[&[0u8; VNET_HDR_LEN], &[0xab; 60]], false);
+    d.dev.handle(NetEvent::TxKick);
+    assert_eq!(d.peer.take_sent().len(), 1);
+}
+
+/// Found by nicvm-fuzz (virtio-net target): an RX buffer address within a header's length of
+/// 2^64 overflowed the address arithmetic (a panic with overflow checks, a wrapped write in
+/// release). Now it is a device error.
+#[test]
+fn rx_buffer_at_the_top_of_the_address_space_is_a_device_error() {
+    let mut d = started(PLAIN, BASE | VIRTIO_NET_F_MRG_RXBUF);
+    d.post_at(RX, u64::MAX - 4, 1526, true);
+    d.peer.inject(&[0x5a; 60]);
+    let mut d = bounded(d, "RX", |d| {
+        d.dev.handle(NetEvent::Backend);
+    });
+    assert!(needs_reset(&mut d));
+}
