@@ -13,7 +13,7 @@ use crate::netdev;
 use crate::vcpu::{self, Buses};
 use devices::bus::Bus;
 use devices::e1000::E1000;
-use devices::interrupt::IrqChip;
+use devices::interrupt::{IntxLine, IrqChip};
 use devices::legacy::{Cmos, Serial, I8042};
 use devices::lifecycle::{ExitReason, Lifecycle};
 use devices::net::NetFrontend;
@@ -266,7 +266,9 @@ pub fn run(
                 .find(|&s| !root.slot_taken(s) && !cfg.nics.iter().any(|n| n.slot == Some(s)))
                 .ok_or_else(|| setup_err("no free PCI slot for another NIC"))?,
         };
-        let gsi = pci::intx_gsi(slot, 0);
+        // Slots share IOAPIC pins (3 and 11 both reach GSI 19): each device drives the line
+        // under its own source id, its slot, and the chip ORs them.
+        let intx = IntxLine::new(chip.clone(), pci::intx_gsi(slot, 0), slot as u32);
         let model_err =
             |e: std::io::Error| SetupError(format!("-device {}: {e}", spec.model.name()));
         let mut backend = opened.backend;
@@ -284,15 +286,14 @@ pub fn run(
         let mem = mem.clone();
         let (pci, nic) = match spec.model {
             NicModel::VirtioNetPci => nic_views(
-                VirtioNet::new(spec.mac, backend, mem, chip.clone(), gsi, ioevents.clone())
+                VirtioNet::new(spec.mac, backend, mem, chip.clone(), intx, ioevents.clone())
                     .map_err(model_err)?,
             ),
             NicModel::Rtl8139 => nic_views(
-                Rtl8139::new(spec.mac, backend, mem, chip.clone(), gsi, spec.cplus)
-                    .map_err(model_err)?,
+                Rtl8139::new(spec.mac, backend, mem, intx, spec.cplus).map_err(model_err)?,
             ),
             NicModel::E1000 => {
-                nic_views(E1000::new(spec.mac, backend, mem, chip.clone(), gsi).map_err(model_err)?)
+                nic_views(E1000::new(spec.mac, backend, mem, intx).map_err(model_err)?)
             }
         };
         assign_bars(&mut *pci.lock().unwrap(), &mut io_next, &mut mmio_next)?;

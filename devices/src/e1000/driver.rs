@@ -7,7 +7,7 @@ use super::phy::{
     PHY_ID2,
 };
 use super::*;
-use crate::interrupt::RecordingIrqChip;
+use crate::interrupt::{IntxLine, RecordingIrqChip};
 use crate::pci::{PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 use std::collections::VecDeque;
 use vm_memory::{Bytes, GuestAddress};
@@ -66,8 +66,7 @@ impl Driver {
             "52:54:00:12:34:56".parse().unwrap(),
             backend,
             mem.clone(),
-            chip.clone(),
-            GSI,
+            IntxLine::new(chip.clone(), GSI, 0),
         )
         .unwrap();
         dev.config_mut().set_bar_addr(MMIO_BAR, MMIO_BASE);

@@ -31,7 +31,7 @@ pub mod regs;
 mod rx;
 mod tx;
 
-use crate::interrupt::{IntxLine, IrqChip};
+use crate::interrupt::IntxLine;
 use crate::net::{BackendInterest, NetEvent, NetFrontend, NicStats, Timer};
 use crate::pci::{BarKind, PciConfig, PciDevice, PCI_COMMAND_INTX_DISABLE};
 use eeprom::Eeprom;
@@ -169,17 +169,16 @@ impl E1000 {
         mac: MacAddr,
         backend: Box<dyn NetBackend>,
         mem: GuestMemoryMmap,
-        chip: Arc<dyn IrqChip>,
-        intx_gsi: u32,
+        intx: IntxLine,
     ) -> io::Result<Self> {
         let mut config = PciConfig::new(E1000_VENDOR, E1000_DEVICE_82540EM, (0x02, 0x00, 0x00), 2);
         config.set_subsystem(E1000_SUBSYSTEM.0, E1000_SUBSYSTEM.1);
-        config.set_interrupt(1, intx_gsi as u8);
+        config.set_interrupt(1, intx.gsi() as u8);
         config.add_bar(MMIO_BAR, BarKind::Mem32, MMIO_SIZE);
         config.add_bar(IO_BAR, BarKind::Io, IO_SIZE);
         let mut dev = E1000 {
             config,
-            intx: IntxLine::new(chip, intx_gsi, intx_gsi),
+            intx,
             mem,
             backend,
             mac,

@@ -287,3 +287,47 @@ fn msix_routing_masking_and_pending() {
     r.mmio_write32(table + 16 * 4, 0x1234);
     assert_eq!(r.mmio_read32(table + 16 * 4), 0);
 }
+
+/// Slots 3 and 11 share GSI 19. Each NIC model used to drive its line with the GSI as its
+/// source id, so one device de-asserting (here: the rtl8139 reset) cleared the other's
+/// pending interrupt. With per-device sources the chip keeps the pin asserted.
+#[test]
+fn nics_sharing_a_pin_do_not_clear_each_other() {
+    use crate::e1000::{regs, E1000, MMIO_BAR};
+    use crate::rtl8139::{Rtl8139, BAR_IO, CR, CR_RST};
+    use net_backends::mem::pair;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    assert_eq!(intx_gsi(3, 0), intx_gsi(11, 0));
+    let gsi = intx_gsi(3, 0);
+    let chip = Arc::new(RecordingIrqChip::default());
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mac = |i| net_backends::MacAddr::nth_default(i);
+    let (b, _p1) = pair(Default::default());
+    let mut e1000 = E1000::new(
+        mac(0),
+        Box::new(b),
+        mem.clone(),
+        IntxLine::new(chip.clone(), gsi, 3),
+    )
+    .unwrap();
+    let (b, _p2) = pair(Default::default());
+    let mut rtl = Rtl8139::new(
+        mac(1),
+        Box::new(b),
+        mem,
+        IntxLine::new(chip.clone(), gsi, 11),
+        true,
+    )
+    .unwrap();
+    e1000.bar_write(MMIO_BAR, regs::IMS as u64, &regs::ICR_LSC.to_le_bytes());
+    e1000.bar_write(MMIO_BAR, regs::ICS as u64, &regs::ICR_LSC.to_le_bytes());
+    assert!(chip.level(gsi), "e1000 asserted its line");
+    rtl.bar_write(BAR_IO, CR as u64, &[CR_RST]);
+    assert!(
+        chip.level(gsi),
+        "the rtl8139's reset left the e1000's interrupt pending"
+    );
+    let mut icr = [0u8; 4];
+    e1000.bar_read(MMIO_BAR, regs::ICR as u64, &mut icr);
+    assert!(!chip.level(gsi), "reading ICR clears it");
+}

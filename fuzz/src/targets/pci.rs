@@ -7,7 +7,7 @@
 use crate::harness::{op, Target};
 use crate::rng::Rng;
 use devices::bus::Bus;
-use devices::interrupt::RecordingIrqChip;
+use devices::interrupt::{IntxLine, RecordingIrqChip};
 use devices::lifecycle::Lifecycle;
 use devices::pci::{HostBridge, PciConfigIo, PciDevice, PciRoot, PciWindow};
 use devices::virtio::NoIoEvents;
@@ -65,26 +65,45 @@ fn machine() -> Machine {
             Box::new(b),
             mem.clone(),
             chip.clone(),
-            19,
+            IntxLine::new(chip.clone(), 19, 3),
             Arc::new(NoIoEvents),
         )
         .unwrap(),
     )));
     let (b, _) = pair(Default::default());
     devs.push(Arc::new(Mutex::new(
-        devices::e1000::E1000::new(mac(1), Box::new(b), mem.clone(), chip.clone(), 20).unwrap(),
+        devices::e1000::E1000::new(
+            mac(1),
+            Box::new(b),
+            mem.clone(),
+            IntxLine::new(chip.clone(), 20, 4),
+        )
+        .unwrap(),
     )));
     let (b, _) = pair(Default::default());
     devs.push(Arc::new(Mutex::new(
-        devices::rtl8139::Rtl8139::new(mac(2), Box::new(b), mem.clone(), chip.clone(), 21, true)
-            .unwrap(),
+        devices::rtl8139::Rtl8139::new(
+            mac(2),
+            Box::new(b),
+            mem.clone(),
+            IntxLine::new(chip.clone(), 21, 5),
+            true,
+        )
+        .unwrap(),
     )));
     devs.push(Arc::new(Mutex::new(devices::pvpanic::PvPanic::new(
         lifecycle,
     ))));
     let (b, _) = pair(Default::default());
     devs.push(Arc::new(Mutex::new(
-        devices::rtl8139::Rtl8139::new(mac(3), Box::new(b), mem.clone(), chip, 22, false).unwrap(),
+        devices::rtl8139::Rtl8139::new(
+            mac(3),
+            Box::new(b),
+            mem.clone(),
+            IntxLine::new(chip, 22, 7),
+            false,
+        )
+        .unwrap(),
     )));
     for (d, slot) in devs.into_iter().zip(&SLOTS[1..]) {
         nicvm::vm::assign_bars(&mut *d.lock().unwrap(), &mut io_next, &mut mmio_next).unwrap();
