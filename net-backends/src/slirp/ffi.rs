@@ -110,5 +110,6 @@ extern "C" {
         guest_addr: *const in_addr,
         guest_port: c_int,
     ) -> c_int;
+    pub fn slirp_cleanup(slirp: *mut Slirp);
     pub fn slirp_version_string() -> *const c_char;
 }

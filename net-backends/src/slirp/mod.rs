@@ -14,7 +14,7 @@ use std::ffi::{CStr, CString};
 use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -369,6 +369,19 @@ pub struct SlirpBackend {
     to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
     rx_ready: EventFd,
     dropped: Arc<AtomicU64>,
+    /// Asks the slirp thread to end; it is joined when the backend is dropped.
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SlirpBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.wake.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl SlirpBackend {
@@ -387,7 +400,9 @@ impl SlirpBackend {
             dropped.clone(),
         );
         let thread_wake = wake.try_clone().map_err(|e| e.to_string())?;
-        std::thread::Builder::new()
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
             .name("slirp".into())
             .spawn(move || {
                 let st = State {
@@ -398,27 +413,75 @@ impl SlirpBackend {
                     timers: vec![],
                     pollfds: vec![],
                 };
-                run(opts, st, from_guest, thread_wake, ready_tx)
+                run(opts, st, from_guest, thread_wake, &thread_stop, ready_tx)
             })
             .map_err(|e| e.to_string())?;
-        ready_rx
+        let started = ready_rx
             .recv()
-            .map_err(|_| "the slirp thread died while starting".to_string())??;
+            .map_err(|_| "the slirp thread died while starting".to_string());
+        if let Err(e) = started.clone().and_then(|r| r) {
+            let _ = thread.join();
+            return Err(e);
+        }
         Ok(SlirpBackend {
             to_slirp,
             wake,
             to_guest,
             rx_ready,
             dropped,
+            stop,
+            thread: Some(thread),
         })
+    }
+}
+
+/// A live libslirp instance and the state its callbacks reach. libslirp calls back only from
+/// within the calls made into it, and every callback makes its own reference to the state from
+/// the raw pointer; so the thread itself reaches the state through the same pointer, only in
+/// scopes that end before the next call into libslirp, and two references never overlap.
+struct Instance {
+    slirp: *mut ffi::Slirp,
+    st: *mut State,
+}
+
+impl Instance {
+    /// The state, while no call into libslirp is in progress.
+    ///
+    /// # Safety
+    /// The caller holds the result only while it calls nothing in libslirp.
+    unsafe fn state(&mut self) -> &mut State {
+        // SAFETY: `st` came from Box::into_raw and lives until drop; the caller's contract
+        // rules out a callback holding another reference at the same time.
+        unsafe { &mut *self.st }
+    }
+
+    fn opaque(&self) -> *mut libc::c_void {
+        self.st.cast()
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if !self.slirp.is_null() {
+            // SAFETY: the instance is live; cleanup may call timer_free through the state,
+            // which is still allocated.
+            unsafe { ffi::slirp_cleanup(self.slirp) };
+        }
+        // SAFETY: from Box::into_raw in `run`; libslirp is gone, so nothing else refers to it.
+        let st = unsafe { Box::from_raw(self.st) };
+        for t in st.timers.iter() {
+            // SAFETY: timers still in the list were never freed by libslirp.
+            drop(unsafe { Box::from_raw(*t) });
+        }
     }
 }
 
 fn run(
     opts: SlirpOptions,
-    mut st: State,
+    st: State,
     from_guest: FrameQueue,
     wake: EventFd,
+    stop: &AtomicBool,
     ready: Sender<Result<(), String>>,
 ) {
     let cstr = |s: &Option<String>| {
@@ -470,11 +533,16 @@ fn run(
         disable_dns: false,
         disable_dhcp: false,
     };
-    let opaque = (&mut st as *mut State).cast::<libc::c_void>();
-    // SAFETY: cfg and the strings it points to outlive this thread's slirp instance (they live
-    // on this stack frame, which never returns while slirp runs); CALLBACKS is static; opaque
-    // points at `st`, which also lives here.
-    let slirp = unsafe { ffi::slirp_new(&cfg, &CALLBACKS, opaque) };
+    let mut inst = Instance {
+        slirp: std::ptr::null_mut(),
+        st: Box::into_raw(Box::new(st)),
+    };
+    let opaque = inst.opaque();
+    // SAFETY: cfg and the strings it points to outlive the instance (they live on this stack
+    // frame and `inst` is dropped before them); CALLBACKS is static; opaque is the state the
+    // instance owns.
+    inst.slirp = unsafe { ffi::slirp_new(&cfg, &CALLBACKS, opaque) };
+    let slirp = inst.slirp;
     if slirp.is_null() {
         let _ = ready.send(Err("libslirp refused the configuration".into()));
         return;
@@ -528,16 +596,22 @@ fn run(
     }
     let _ = ready.send(Ok(()));
 
-    loop {
-        st.pollfds.clear();
-        st.pollfds.push(libc::pollfd {
-            fd: wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
+    while !stop.load(Ordering::Relaxed) {
+        {
+            // SAFETY: no call into libslirp while `st` is live.
+            let st = unsafe { inst.state() };
+            st.pollfds.clear();
+            st.pollfds.push(libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         let mut timeout: u32 = u32::MAX;
-        // SAFETY: slirp is live; cb_add_poll only touches `st` through opaque.
+        // SAFETY: slirp is live; cb_add_poll reaches the state through opaque.
         unsafe { ffi::slirp_pollfds_fill(slirp, &mut timeout, cb_add_poll, opaque) };
+        // SAFETY: no call into libslirp while `st` is live (until the poll below).
+        let st = unsafe { inst.state() };
         let now = st.now_ms();
         for &t in &st.timers {
             // SAFETY: timers in the list are live allocations from cb_timer_new.
@@ -558,9 +632,11 @@ fn run(
                 ms,
             )
         };
-        // SAFETY: slirp is live; cb_get_revents reads `st.pollfds`.
+        let woken = st.pollfds[0].revents & libc::POLLIN != 0;
+        // SAFETY: slirp is live; cb_get_revents reads the poll results through opaque (`st`
+        // is not used after this point in the iteration).
         unsafe { ffi::slirp_pollfds_poll(slirp, (n < 0) as libc::c_int, cb_get_revents, opaque) };
-        if st.pollfds[0].revents & libc::POLLIN != 0 {
+        if woken {
             let _ = wake.read();
         }
         loop {
@@ -571,16 +647,20 @@ fn run(
             unsafe { ffi::slirp_input(slirp, frame.as_ptr(), frame.len() as libc::c_int) };
         }
         // Fire due timers (a callback may free or re-arm timers, so walk a snapshot).
-        let now = st.now_ms();
-        let due: Vec<*mut Timer> = st
-            .timers
-            .iter()
-            .copied()
-            // SAFETY: live allocations from cb_timer_new.
-            .filter(|&t| unsafe { (*t).expire_ms }.is_some_and(|e| e <= now))
-            .collect();
+        let due: Vec<*mut Timer> = {
+            // SAFETY: no call into libslirp while `st` is live.
+            let st = unsafe { inst.state() };
+            let now = st.now_ms();
+            st.timers
+                .iter()
+                .copied()
+                // SAFETY: live allocations from cb_timer_new.
+                .filter(|&t| unsafe { (*t).expire_ms }.is_some_and(|e| e <= now))
+                .collect()
+        };
         for t in due {
-            if !st.timers.contains(&t) {
+            // SAFETY: no call into libslirp while the state is borrowed for this check.
+            if !unsafe { inst.state() }.timers.contains(&t) {
                 continue;
             }
             // SAFETY: still in the list, so still allocated.
@@ -703,6 +783,25 @@ mod tests {
         ] {
             assert!(bad.parse::<GuestFwd>().is_err(), "{bad}");
         }
+    }
+
+    /// The slirp thread ends when the backend goes (it used to run until the process did).
+    #[test]
+    fn dropping_the_backend_ends_its_thread() {
+        let threads = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter(|t| {
+                    let p = t.as_ref().unwrap().path().join("comm");
+                    std::fs::read_to_string(p).is_ok_and(|c| c.trim() == "slirp")
+                })
+                .count()
+        };
+        let before = threads();
+        let b = SlirpBackend::new(SlirpOptions::default()).unwrap();
+        assert_eq!(threads(), before + 1);
+        drop(b);
+        assert_eq!(threads(), before);
     }
 
     #[test]
