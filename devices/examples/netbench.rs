@@ -23,7 +23,7 @@
 
 use devices::e1000;
 use devices::net::offload::{fill_ipv4_checksum, fill_l4_checksum, fold, ones_sum, parse};
-use devices::net::{NetEvent, NetFrontend, NicStats};
+use devices::net::{NetEvent, NicStats};
 use devices::rtl8139::{self, tx::*};
 use devices::virtio::net::driver::{used_base, Driver, BUF_BASE, QSIZE};
 use devices::virtio::net::*;
@@ -420,7 +420,7 @@ impl Nic for Virtio {
         n as usize
     }
     fn stats(&self) -> NicStats {
-        self.d.dev.stats
+        self.d.dev.stats()
     }
 }
 
@@ -507,7 +507,7 @@ impl Nic for E1000 {
         frames.len()
     }
     fn stats(&self) -> NicStats {
-        self.d.dev.stats
+        self.d.dev.stats()
     }
 }
 
@@ -568,7 +568,7 @@ impl Nic for Cp {
         frames.len()
     }
     fn stats(&self) -> NicStats {
-        self.d.dev.stats
+        self.d.dev.stats()
     }
 }
 
@@ -648,7 +648,7 @@ impl Nic for Too {
         frames.len()
     }
     fn stats(&self) -> NicStats {
-        self.d.dev.stats
+        self.d.dev.stats()
     }
 }
 

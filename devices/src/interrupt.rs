@@ -47,11 +47,13 @@ impl IntxLine {
 }
 
 /// Records what devices do, for tests without KVM.
+#[cfg(any(test, feature = "test-drivers"))]
 #[derive(Default)]
 pub struct RecordingIrqChip {
     inner: std::sync::Mutex<RecordingState>,
 }
 
+#[cfg(any(test, feature = "test-drivers"))]
 #[derive(Default)]
 pub struct RecordingState {
     pub levels: std::collections::BTreeMap<(u32, u32), bool>,
@@ -59,6 +61,7 @@ pub struct RecordingState {
     pub next_gsi: u32,
 }
 
+#[cfg(any(test, feature = "test-drivers"))]
 impl RecordingIrqChip {
     pub fn level(&self, gsi: u32) -> bool {
         let s = self.inner.lock().unwrap();
@@ -76,6 +79,7 @@ impl RecordingIrqChip {
     }
 }
 
+#[cfg(any(test, feature = "test-drivers"))]
 impl IrqChip for RecordingIrqChip {
     fn set_level(&self, gsi: u32, source: u32, asserted: bool) {
         self.inner

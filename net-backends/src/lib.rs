@@ -8,6 +8,7 @@
 pub mod dgram;
 mod link;
 pub mod mac;
+#[cfg(any(test, feature = "test-backends"))]
 pub mod mem;
 pub mod pcap;
 pub mod slirp;
@@ -21,6 +22,7 @@ pub use mac::MacAddr;
 
 use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
+pub use vmm_sys_util::epoll::EventSet;
 
 /// Largest frame a backend hands over: a 64 KiB GSO frame plus Ethernet and VLAN headers and
 /// a virtio-net header.
@@ -72,6 +74,26 @@ pub trait NetBackend: Send {
 
     /// Readable when `recv` may have a frame; writable when `send` may succeed again.
     fn fd(&self) -> RawFd;
+
+    /// The fds the I/O thread watches for this backend, with the events wanted on each, given
+    /// whether the frontend wants frames (`rx`) and waits for room to send (`tx`). Backends
+    /// with fds of their own (a control connection, a listening socket, a reconnect timer) add
+    /// them here; the default is [`NetBackend::fd`] alone.
+    fn watch(&self, rx: bool, tx: bool, out: &mut Vec<(RawFd, EventSet)>) {
+        let mut e = EventSet::empty();
+        if rx {
+            e |= EventSet::IN;
+        }
+        if tx {
+            e |= EventSet::OUT;
+        }
+        out.push((self.fd(), e));
+    }
+
+    /// A watched fd reported `events`. The backend does its own work here (accepting a peer,
+    /// reading a control message, reconnecting); frames then move through `recv` and `send`.
+    /// An fd that hung up or failed must leave the watch list (or be replaced) here.
+    fn ready(&mut self, _fd: RawFd, _events: EventSet) {}
 
     /// Whether the other side is there (a VDE switch that went away is down).
     fn link_up(&self) -> bool {

@@ -1,91 +1,79 @@
-//! The I/O thread: one epoll loop over every NIC's doorbells and backend fd. Each backend fd's
-//! interest follows what its NIC model asks for, so a guest without RX buffers leaves frames
-//! queued in the backend instead of spinning or dropping.
+//! The I/O thread: an event-manager loop over every NIC's kicks, timers and backend fds.
+//! Each NIC (`Arc<Mutex<Nic<_>>>`) is a subscriber that is told which fd is ready for what and
+//! keeps its backend's interest as its model asks (readable while the guest has buffers,
+//! writable while a send waits), so a guest without RX buffers leaves frames queued in the
+//! backend instead of spinning or dropping. Dropping the handle stops and joins the thread.
 
-use devices::net::{BackendInterest, NetEvent, NetFrontend};
-use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-struct Watch {
-    nic: usize,
-    ev: NetEvent,
-    fd: RawFd,
+pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
+
+/// Ends the loop when its eventfd is written.
+struct Stop {
+    fd: EventFd,
+    stopped: Arc<AtomicBool>,
 }
 
-fn events_for(i: BackendInterest) -> EventSet {
-    let mut e = EventSet::empty();
-    if i.readable {
-        e |= EventSet::IN;
-    }
-    if i.writable {
-        e |= EventSet::OUT;
-    }
-    e
-}
-
-pub fn spawn(nics: Vec<Arc<Mutex<dyn NetFrontend>>>) -> std::io::Result<()> {
-    if nics.is_empty() {
-        return Ok(());
-    }
-    let epoll = Epoll::new()?;
-    let mut watches: Vec<Watch> = vec![];
-    let mut interest: Vec<BackendInterest> = vec![];
-    for (n, nic) in nics.iter().enumerate() {
-        for (fd, ev) in nic.lock().unwrap().event_fds() {
-            let token = watches.len() as u64;
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
-            watches.push(Watch { nic: n, ev, fd });
+impl MutEventSubscriber for Stop {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            log::error!("I/O thread: cannot watch its stop eventfd: {e}");
         }
-        interest.push(BackendInterest {
-            readable: true,
-            writable: false,
-        });
     }
-    std::thread::Builder::new()
-        .name("io".into())
-        .spawn(move || {
-            let mut events = vec![EpollEvent::default(); 64];
-            loop {
-                let n = match epoll.wait(-1, &mut events) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        log::error!("I/O thread: epoll_wait: {e}");
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.fd.read();
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+pub struct IoThread {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl IoThread {
+    /// Starts the loop over `subscribers` (none: no thread at all).
+    pub fn spawn(subscribers: Vec<Subscriber>) -> std::io::Result<Option<IoThread>> {
+        if subscribers.is_empty() {
+            return Ok(None);
+        }
+        let mut em: EventManager<Subscriber> = EventManager::new()
+            .map_err(|e| std::io::Error::other(format!("event manager: {e:?}")))?;
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stopped = Arc::new(AtomicBool::new(false));
+        em.add_subscriber(Box::new(Stop {
+            fd: stop.try_clone()?,
+            stopped: stopped.clone(),
+        }));
+        for s in subscribers {
+            em.add_subscriber(s);
+        }
+        let thread = std::thread::Builder::new()
+            .name("io".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    if let Err(e) = em.run() {
+                        log::error!("I/O thread: {e:?}");
                         return;
                     }
-                };
-                for e in &events[..n] {
-                    let w = &watches[e.data() as usize];
-                    let want = nics[w.nic].lock().unwrap().handle(w.ev);
-                    // An fd in error or hung up (a deleted tap) is reported on every wait
-                    // whatever the interest: the model has seen it once, now stop watching.
-                    let broken = EventSet::ERROR | EventSet::HANG_UP;
-                    if w.ev == NetEvent::Backend && e.event_set().intersects(broken) {
-                        log::warn!("I/O thread: a backend fd failed or hung up; no longer watched");
-                        let _ = epoll.ctl(ControlOperation::Delete, w.fd, EpollEvent::default());
-                        continue;
-                    }
-                    if want != interest[w.nic] {
-                        interest[w.nic] = want;
-                        if let Some(b) = watches
-                            .iter()
-                            .enumerate()
-                            .find(|(_, x)| x.nic == w.nic && x.ev == NetEvent::Backend)
-                        {
-                            let _ = epoll.ctl(
-                                ControlOperation::Modify,
-                                b.1.fd,
-                                EpollEvent::new(events_for(want), b.0 as u64),
-                            );
-                        }
-                    }
                 }
-            }
-        })?;
-    Ok(())
+            })?;
+        Ok(Some(IoThread {
+            stop,
+            thread: Some(thread),
+        }))
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

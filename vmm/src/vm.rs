@@ -16,7 +16,7 @@ use devices::e1000::E1000;
 use devices::interrupt::{IntxLine, IrqChip};
 use devices::legacy::{Cmos, Serial, I8042};
 use devices::lifecycle::{ExitReason, Lifecycle};
-use devices::net::NetFrontend;
+use devices::net::{NetPort, Nic, NicStats};
 use devices::pci::{self, BarKind, HostBridge, PciConfigIo, PciDevice, PciRoot, PciWindow};
 use devices::pvpanic::PvPanic;
 use devices::rtl8139::Rtl8139;
@@ -131,13 +131,27 @@ pub fn assign_bars(
     Ok(())
 }
 
-/// A NIC model seen two ways: the PCI function the buses dispatch to, and the frontend the I/O
-/// thread drives. One object, one lock.
-type NicViews = (Arc<Mutex<dyn PciDevice>>, SharedNic);
+/// A NIC model on its port, seen three ways: the PCI function the buses dispatch to, the
+/// subscriber the I/O thread drives, and its counters. One object, one lock.
+struct NicParts {
+    pci: Arc<Mutex<dyn PciDevice>>,
+    subscriber: crate::io_thread::Subscriber,
+    stats: NicCounters,
+}
 
-fn nic_views<T: PciDevice + NetFrontend + 'static>(dev: T) -> NicViews {
-    let dev = Arc::new(Mutex::new(dev));
-    (dev.clone(), dev)
+type NicCounters = Box<dyn Fn() -> NicStats + Send>;
+
+fn nic_parts<M: devices::net::NicModel>(model: M, port: NetPort) -> NicParts {
+    let nic = Arc::new(Mutex::new(Nic::new(model, port)));
+    let counters = nic.clone();
+    NicParts {
+        pci: nic.clone(),
+        subscriber: Box::new(nic),
+        stats: Box::new(move || match counters.lock() {
+            Ok(n) => n.stats(),
+            Err(poisoned) => poisoned.into_inner().stats(),
+        }),
+    }
 }
 
 pub struct Timing {
@@ -251,7 +265,7 @@ pub fn run(
     root.add(0, Arc::new(Mutex::new(HostBridge::default())))
         .map_err(setup_err)?;
     let ioevents: Arc<dyn IoEventRegistry> = Arc::new(KvmIoEvents(vm.clone()));
-    let mut nics: Vec<Arc<Mutex<dyn NetFrontend>>> = vec![];
+    let mut subscribers = vec![];
     let mut counted: Vec<Counted> = vec![];
     for spec in &cfg.nics {
         let nd = cfg
@@ -284,18 +298,22 @@ pub fn run(
             );
         }
         let mem = mem.clone();
-        let (pci, nic) = match spec.model {
-            NicModel::VirtioNetPci => nic_views(
-                VirtioNet::new(spec.mac, backend, mem, chip.clone(), intx, ioevents.clone())
-                    .map_err(model_err)?,
-            ),
-            NicModel::Rtl8139 => nic_views(
-                Rtl8139::new(spec.mac, backend, mem, intx, spec.cplus).map_err(model_err)?,
-            ),
-            NicModel::E1000 => {
-                nic_views(E1000::new(spec.mac, backend, mem, intx).map_err(model_err)?)
+        let port = NetPort::new(format!("{} {}", spec.model.name(), spec.mac), backend)
+            .map_err(model_err)?;
+        let parts = match spec.model {
+            NicModel::VirtioNetPci => {
+                let caps = port.capabilities();
+                let m = VirtioNet::new(spec.mac, caps, mem, chip.clone(), intx, ioevents.clone())
+                    .map_err(model_err)?;
+                nic_parts(m, port)
             }
+            NicModel::Rtl8139 => nic_parts(
+                Rtl8139::new(spec.mac, mem, intx, spec.cplus).map_err(model_err)?,
+                port,
+            ),
+            NicModel::E1000 => nic_parts(E1000::new(spec.mac, mem, intx).map_err(model_err)?, port),
         };
+        let pci = parts.pci;
         assign_bars(&mut *pci.lock().unwrap(), &mut io_next, &mut mmio_next)?;
         log::debug!(
             "{} {} on slot {slot} backed by {}",
@@ -305,8 +323,8 @@ pub fn run(
         );
         root.add(slot, pci)
             .map_err(|e| SetupError(format!("-device {}: {e}", spec.model.name())))?;
-        counted.push((spec.clone(), nd.kind.clone(), nic.clone()));
-        nics.push(nic);
+        counted.push((spec.clone(), nd.kind.clone(), parts.stats));
+        subscribers.push(parts.subscriber);
     }
     let mut panic_dev = PvPanic::new(lifecycle.clone());
     assign_bars(&mut panic_dev, &mut io_next, &mut mmio_next)?;
@@ -389,7 +407,8 @@ pub fn run(
             .spawn(move || console::pump_stdin(s, l, tty))
             .map_err(setup_err)?;
     }
-    crate::io_thread::spawn(nics).map_err(|e| setup_err(format!("I/O thread: {e}")))?;
+    let _io = crate::io_thread::IoThread::spawn(subscribers)
+        .map_err(|e| setup_err(format!("I/O thread: {e}")))?;
     let buses = Arc::new(Buses { pio, mmio });
     timing.mark("vcpu-start");
     for (id, v) in vcpus.into_iter().enumerate() {
@@ -409,21 +428,16 @@ pub fn run(
     Ok(reason)
 }
 
-type SharedNic = Arc<Mutex<dyn NetFrontend>>;
-
 /// A NIC whose counters NICVM_STATS reports: its -device, its netdev's type, the model.
-type Counted = (crate::cli::NicSpec, String, SharedNic);
+type Counted = (crate::cli::NicSpec, String, NicCounters);
 
 /// `NICVM_STATS=PATH`: at exit, one JSON object with nicvm's run time and, per NIC, what it is
 /// and its counters (for scripts/bench).
 fn stats_json(nics: &[Counted], seconds: f64) -> String {
     let rows: Vec<String> = nics
         .iter()
-        .map(|(spec, kind, nic)| {
-            let s = match nic.lock() {
-                Ok(n) => n.stats(),
-                Err(poisoned) => poisoned.into_inner().stats(),
-            };
+        .map(|(spec, kind, counters)| {
+            let s = counters();
             let model = match (spec.model, spec.cplus) {
                 (NicModel::Rtl8139, false) => "rtl8139,cplus=off",
                 (m, _) => m.name(),

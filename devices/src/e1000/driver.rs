@@ -8,8 +8,12 @@ use super::phy::{
 };
 use super::*;
 use crate::interrupt::{IntxLine, RecordingIrqChip};
+use crate::net::{NetEvent, NetPort, Nic};
+use crate::pci::PciDevice;
 use crate::pci::{PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
+use net_backends::{MacAddr, NetBackend};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress};
 
 pub const MEM_SIZE: usize = 4 << 20;
@@ -43,7 +47,7 @@ pub struct RxFrame {
 }
 
 pub struct Driver {
-    pub dev: E1000,
+    pub dev: Nic<E1000>,
     pub mem: GuestMemoryMmap,
     pub chip: Arc<RecordingIrqChip>,
     pub rx_count: usize,
@@ -62,13 +66,10 @@ impl Driver {
     pub fn new(backend: Box<dyn NetBackend>) -> Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let chip = Arc::new(RecordingIrqChip::default());
-        let mut dev = E1000::new(
-            "52:54:00:12:34:56".parse().unwrap(),
-            backend,
-            mem.clone(),
-            IntxLine::new(chip.clone(), GSI, 0),
-        )
-        .unwrap();
+        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        let model = E1000::new(mac, mem.clone(), IntxLine::new(chip.clone(), GSI, 0)).unwrap();
+        let port = NetPort::new(format!("e1000 {mac}"), backend).unwrap();
+        let mut dev = Nic::new(model, port);
         dev.config_mut().set_bar_addr(MMIO_BAR, MMIO_BASE);
         dev.config_mut().set_bar_addr(IO_BAR, IO_BASE);
         let cmd = PCI_COMMAND_MEMORY | PCI_COMMAND_IO | PCI_COMMAND_MASTER;
@@ -115,13 +116,7 @@ impl Driver {
     /// What the I/O thread does for the device's timer: waits (up to a second) for it to
     /// fire, then lets the device handle it. False when it never fired.
     pub fn run_timer(&mut self) -> bool {
-        let fd = self
-            .dev
-            .event_fds()
-            .into_iter()
-            .find(|(_, ev)| *ev == NetEvent::Timer)
-            .expect("the timer's fd")
-            .0;
+        let fd = self.dev.timer.fd();
         let mut p = libc::pollfd {
             fd,
             events: libc::POLLIN,

@@ -18,13 +18,15 @@
 //! * The receive descriptor's packet checksum field is left 0; flow-control frames, wake-up,
 //!   manageability and the flash BAR are absent. Unknown registers are plain storage, and
 //!   only 1-, 2- and 4-byte register accesses do anything.
-//! * Over a backend with a virtio-net header the model still segments and checksums itself
-//!   and sends an empty header; received headers are skipped (offloaded frames from the
-//!   peer are not expected: e1000 backends are opened without offloads).
+//! * Over a backend with a virtio-net header the model still segments and checksums itself;
+//!   its port sends an empty header and skips received ones (e1000 backends are opened
+//!   without offloads).
 //! * A guest that programs an impossible ring (outside memory, head/tail past the end,
-//!   zero length) or an over-long frame puts that ring in an error state, logged once, until
-//!   CTRL.RST. The TX side runs synchronously on the vCPU thread that writes TDT.
+//!   zero length) or an over-long frame puts that ring in an error state until CTRL.RST
+//!   (logged through the port: once, then rate-limited). The TX side runs synchronously on the
+//!   vCPU thread that writes TDT, at most [`TX_BUDGET`] descriptors at a time.
 
+pub mod desc;
 pub mod eeprom;
 pub mod phy;
 pub mod regs;
@@ -32,18 +34,20 @@ mod rx;
 mod tx;
 
 use crate::interrupt::IntxLine;
-use crate::net::{BackendInterest, NetEvent, NetFrontend, NicStats, Timer};
-use crate::pci::{BarKind, PciConfig, PciDevice, PCI_COMMAND_INTX_DISABLE};
+use crate::net::{NetPort, NicModel, Rx, Timer};
+use crate::pci::{BarKind, PciConfig, PCI_COMMAND_INTX_DISABLE};
 use eeprom::Eeprom;
-use net_backends::{MacAddr, NetBackend, MAX_FRAME};
+use net_backends::{MacAddr, MAX_FRAME};
 use phy::Phy;
 use regs::*;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Transmit descriptors one doorbell (or one turn of the I/O thread) walks at most; the rest
+/// wait for the next turn, which the model asks for through its port.
+pub const TX_BUDGET: usize = 256;
 
 pub use eeprom::EEPROM_SUM;
 pub use phy::{M88E1011_ID1, M88E1011_ID2, PHY_ADDR};
@@ -114,8 +118,9 @@ pub struct E1000 {
     config: PciConfig,
     intx: IntxLine,
     mem: GuestMemoryMmap,
-    backend: Box<dyn NetBackend>,
     mac: MacAddr,
+    /// Whether the backend's link is up, as the port last said.
+    wire_up: bool,
     /// The register file, indexed by offset / 4; registers with side effects are handled
     /// around it.
     regs: Box<[u32]>,
@@ -131,6 +136,8 @@ pub struct E1000 {
 
     /// The INTx line as the device drives it (before PCI_COMMAND_INTX_DISABLE).
     line: bool,
+    /// Assertions of the line so far.
+    interrupts: u64,
     last_irq: Option<Instant>,
     /// When ITR lets the line be asserted again, while a cause waits for that.
     itr_due: Option<Instant>,
@@ -140,37 +147,24 @@ pub struct E1000 {
     timer: Timer,
     timer_at: Option<Instant>,
 
-    tx_kick: EventFd,
-    rx_kick: EventFd,
     ctx: TxContext,
     tx_buf: Vec<u8>,
     tx_scratch: Vec<u8>,
     /// Descriptors of the frame being gathered that asked for a status write-back, and
     /// whether each allows a delayed TXDW (IDE).
     tx_rs: Vec<(u16, bool)>,
-    tx_blocked: bool,
     /// Segments of a blocked TSO frame that already went out.
     tx_segs_sent: usize,
     tx_error: bool,
 
-    rx_buf: Vec<u8>,
-    /// A frame read from the backend that waits for receive buffers.
-    rx_pending: Option<usize>,
-    rx_stalled: bool,
+    /// The frame offered last found no buffers: it is offered again (and not counted again)
+    /// until it is placed; RNBC and RXO count the stall once.
+    rx_no_buffers: bool,
     rx_error: bool,
-
-    /// Guest errors seen; the first is logged.
-    errors: u64,
-    pub stats: NicStats,
 }
 
 impl E1000 {
-    pub fn new(
-        mac: MacAddr,
-        backend: Box<dyn NetBackend>,
-        mem: GuestMemoryMmap,
-        intx: IntxLine,
-    ) -> io::Result<Self> {
+    pub fn new(mac: MacAddr, mem: GuestMemoryMmap, intx: IntxLine) -> io::Result<Self> {
         let mut config = PciConfig::new(E1000_VENDOR, E1000_DEVICE_82540EM, (0x02, 0x00, 0x00), 2);
         config.set_subsystem(E1000_SUBSYSTEM.0, E1000_SUBSYSTEM.1);
         config.set_interrupt(1, intx.gsi() as u8);
@@ -180,8 +174,8 @@ impl E1000 {
             config,
             intx,
             mem,
-            backend,
             mac,
+            wire_up: true,
             regs: vec![0u32; MMIO_SIZE as usize / 4].into_boxed_slice(),
             eeprom: Eeprom::new(mac, E1000_DEVICE_82540EM, E1000_SUBSYSTEM),
             phy: Phy::default(),
@@ -189,30 +183,28 @@ impl E1000 {
             link_up: false,
             an_started: false,
             line: false,
+            interrupts: 0,
             last_irq: None,
             itr_due: None,
             rx_delay: DelayedCause::default(),
             tx_delay: DelayedCause::default(),
             timer: Timer::new()?,
             timer_at: None,
-            tx_kick: EventFd::new(EFD_NONBLOCK)?,
-            rx_kick: EventFd::new(EFD_NONBLOCK)?,
             ctx: TxContext::default(),
             tx_buf: Vec::with_capacity(MAX_FRAME),
             tx_scratch: Vec::with_capacity(MAX_FRAME),
             tx_rs: Vec::new(),
-            tx_blocked: false,
             tx_segs_sent: 0,
             tx_error: false,
-            rx_buf: vec![0; MAX_FRAME],
-            rx_pending: None,
-            rx_stalled: false,
+            rx_no_buffers: false,
             rx_error: false,
-            errors: 0,
-            stats: NicStats::default(),
         };
-        dev.reset();
+        dev.reset(None);
         Ok(dev)
+    }
+
+    pub fn mac(&self) -> MacAddr {
+        self.mac
     }
 
     fn reg(&self, off: usize) -> u32 {
@@ -234,7 +226,7 @@ impl E1000 {
 
     /// CTRL.RST (and power-on): registers to their defaults; the EEPROM, the MAC address it
     /// holds and the PHY are untouched. Frames waiting in the backend stay there.
-    fn reset(&mut self) {
+    fn reset(&mut self, port: Option<&mut NetPort>) {
         self.regs.fill(0);
         self.set_reg(CTRL, CTRL_FD | CTRL_ASDE | CTRL_SPD_1000);
         self.set_reg(VET, 0x8100);
@@ -255,25 +247,21 @@ impl E1000 {
         self.tx_delay = DelayedCause::default();
         self.ctx = TxContext::default();
         self.tx_buf.clear();
-        self.tx_blocked = false;
         self.tx_segs_sent = 0;
         self.tx_error = false;
-        self.rx_stalled = false;
+        self.rx_no_buffers = false;
         self.rx_error = false;
-        self.errors = 0;
         // The I/O thread may have stopped reading for this device: let it look again.
-        let _ = self.rx_kick.write(1);
+        if let Some(port) = port {
+            port.kick_rx();
+        }
     }
 
     /// A guest programming error on one ring: stop that ring until the next reset.
-    fn ring_error(&mut self, tx: bool, what: &str) {
-        if self.errors == 0 {
-            log::warn!(
-                "e1000 {}: {what}; the device stops until it is reset",
-                self.mac
-            );
-        }
-        self.errors += 1;
+    fn ring_error(&mut self, port: &mut NetPort, tx: bool, what: &str) {
+        port.guest_error(format_args!(
+            "{what}; the ring stops until the device is reset"
+        ));
         if tx {
             self.tx_error = true;
         } else {
@@ -310,7 +298,7 @@ impl E1000 {
             return;
         }
         self.last_irq = Some(now);
-        self.stats.interrupts += 1;
+        self.interrupts += 1;
         self.line = true;
         self.apply_line();
     }
@@ -397,7 +385,7 @@ impl E1000 {
     /// Re-derives STATUS.LU from CTRL.SLU, the PHY and the backend; LSC when it changes.
     fn update_link(&mut self) {
         let enabled = self.reg(CTRL) & CTRL_SLU != 0 || self.an_started;
-        let up = enabled && self.phy.link_up(self.backend.link_up());
+        let up = enabled && self.phy.link_up(self.wire_up);
         if up != self.link_up {
             self.link_up = up;
             self.raise(ICR_LSC);
@@ -421,7 +409,7 @@ impl E1000 {
         if phy_addr != PHY_ADDR || (op != MDIC_OP_READ && op != MDIC_OP_WRITE) {
             out |= MDIC_ERROR;
         } else if op == MDIC_OP_READ {
-            out = (out & !0xffff) | self.phy.read(reg, self.backend.link_up()) as u32;
+            out = (out & !0xffff) | self.phy.read(reg, self.wire_up) as u32;
         } else {
             self.an_started |= self.phy.write(reg, v as u16);
         }
@@ -490,11 +478,11 @@ impl E1000 {
         }
     }
 
-    fn write_reg(&mut self, off: usize, v: u32) {
+    fn write_reg(&mut self, port: &mut NetPort, off: usize, v: u32) {
         match off {
             CTRL => {
                 if v & CTRL_RST != 0 {
-                    self.reset();
+                    self.reset(Some(port));
                     return;
                 }
                 let old = self.reg(CTRL);
@@ -533,7 +521,7 @@ impl E1000 {
             VET => self.set_reg(VET, v & 0xffff),
             RCTL => {
                 self.set_reg(RCTL, v);
-                let _ = self.rx_kick.write(1);
+                port.kick_rx();
             }
             RDBAL | TDBAL => self.set_reg(off, v & !0xf),
             RDLEN | TDLEN => self.set_reg(off, v & RING_LEN_MASK),
@@ -541,17 +529,17 @@ impl E1000 {
             RDT => {
                 self.set_reg(RDT, v & 0xffff);
                 // Only a stalled receiver needs the I/O thread's attention.
-                if self.rx_stalled {
-                    let _ = self.rx_kick.write(1);
+                if port.rx_stalled() {
+                    port.kick_rx();
                 }
             }
             TDT => {
                 self.set_reg(TDT, v & 0xffff);
-                self.tx_doorbell();
+                self.process_tx(port);
             }
             TCTL => {
                 self.set_reg(TCTL, v);
-                self.tx_doorbell();
+                self.process_tx(port);
             }
             _ => self.set_reg(off, v),
         }
@@ -571,7 +559,7 @@ impl E1000 {
         }
     }
 
-    fn mmio_write(&mut self, off: u64, data: &[u8]) {
+    fn mmio_write(&mut self, port: &mut NetPort, off: u64, data: &[u8]) {
         if off >= MMIO_SIZE || data.len() > 4 {
             return;
         }
@@ -583,7 +571,7 @@ impl E1000 {
                 *b = d;
             }
         }
-        self.write_reg(reg, u32::from_le_bytes(v));
+        self.write_reg(port, reg, u32::from_le_bytes(v));
     }
 
     fn io_target(&self) -> u64 {
@@ -591,19 +579,19 @@ impl E1000 {
     }
 }
 
-impl PciDevice for E1000 {
+impl NicModel for E1000 {
     fn config(&self) -> &PciConfig {
         &self.config
     }
     fn config_mut(&mut self) -> &mut PciConfig {
         &mut self.config
     }
-    fn config_written(&mut self, _offset: usize, _len: usize) {
+    fn config_written(&mut self, _port: &mut NetPort, _offset: usize, _len: usize) {
         // PCI_COMMAND_INTX_DISABLE may have changed.
         self.apply_line();
     }
 
-    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+    fn bar_read(&mut self, _port: &mut NetPort, bar: usize, offset: u64, data: &mut [u8]) {
         match (bar, offset) {
             (MMIO_BAR, o) => self.mmio_read(o, data),
             (IO_BAR, IOADDR) => {
@@ -616,64 +604,56 @@ impl PciDevice for E1000 {
         }
     }
 
-    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+    fn bar_write(&mut self, port: &mut NetPort, bar: usize, offset: u64, data: &[u8]) {
         match (bar, offset) {
-            (MMIO_BAR, o) => self.mmio_write(o, data),
+            (MMIO_BAR, o) => self.mmio_write(port, o, data),
             (IO_BAR, IOADDR) => {
                 let mut v = self.io_addr.to_le_bytes();
                 let n = data.len().min(4);
                 v[..n].copy_from_slice(&data[..n]);
                 self.io_addr = u32::from_le_bytes(v);
             }
-            (IO_BAR, IODATA) => self.mmio_write(self.io_target(), data),
+            (IO_BAR, IODATA) => self.mmio_write(port, self.io_target(), data),
             _ => {}
         }
     }
-}
 
-impl NetFrontend for E1000 {
-    fn stats(&self) -> NicStats {
-        self.stats
+    fn transmit(&mut self, port: &mut NetPort) {
+        self.process_tx(port);
     }
 
-    fn event_fds(&self) -> Vec<(RawFd, NetEvent)> {
-        vec![
-            (self.tx_kick.as_raw_fd(), NetEvent::TxKick),
-            (self.rx_kick.as_raw_fd(), NetEvent::RxKick),
-            (self.backend.fd(), NetEvent::Backend),
-            (self.timer.fd(), NetEvent::Timer),
-        ]
+    fn rx_ready(&self) -> bool {
+        !self.rx_error
     }
 
-    fn handle(&mut self, ev: NetEvent) -> BackendInterest {
-        match ev {
-            NetEvent::TxKick => {
-                let _ = self.tx_kick.read();
-                self.tx_blocked = false;
-                self.process_tx();
-            }
-            NetEvent::RxKick => {
-                let _ = self.rx_kick.read();
-                self.rx_stalled = false;
-                self.process_rx();
-            }
-            NetEvent::Backend => {
-                if self.tx_blocked {
-                    self.tx_blocked = false;
-                    self.process_tx();
-                }
-                self.process_rx();
-            }
-            NetEvent::Timer => self.on_timer(),
-        }
+    fn receive(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx {
+        self.receive_frame(port, frame)
+    }
+
+    fn rx_burst_done(&mut self, _port: &mut NetPort) {
+        self.rx_delivered();
+    }
+
+    fn timer_fd(&self) -> Option<RawFd> {
+        Some(self.timer.fd())
+    }
+
+    fn timer(&mut self, _port: &mut NetPort) {
+        self.on_timer();
+    }
+
+    fn link_changed(&mut self, _port: &mut NetPort, up: bool) {
+        self.wire_up = up;
         self.update_link();
-        BackendInterest {
-            readable: !self.rx_stalled && !self.rx_error,
-            writable: self.tx_blocked,
-        }
+    }
+
+    fn interrupts(&self) -> u64 {
+        self.interrupts
     }
 }
 
+/// A synthetic driver for tests, the fuzzer and the no-guest benchmark.
+#[cfg(any(test, feature = "test-drivers"))]
 pub mod driver;
 
 #[cfg(test)]

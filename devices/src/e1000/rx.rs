@@ -1,12 +1,10 @@
 //! Receive: filtering, VLAN stripping, checksum reporting and descriptor write-back.
 
+use super::desc::{RxDesc, RX_WRITEBACK_OFFSET};
 use super::*;
 use crate::net::offload::{self, IPPROTO_UDP};
-use net_backends::vnet::VNET_HDR_LEN;
-use vm_memory::Bytes;
+use vm_memory::{ByteValued, Bytes};
 
-/// Frames handled per event before the I/O thread gets to look at other fds.
-const RX_BURST: usize = 256;
 /// Shortest frame on the wire without its FCS.
 pub(super) const MIN_FRAME: usize = 60;
 /// Longest frame without RCTL.LPE, FCS included (a VLAN-tagged full-size frame).
@@ -14,14 +12,6 @@ const MAX_STD_FRAME: usize = 1522;
 /// Longest frame the 82540EM receives with RCTL.LPE.
 const MAX_LONG_FRAME: usize = 16384;
 pub(super) const ZEROS: [u8; MIN_FRAME] = [0; MIN_FRAME];
-
-enum Rx {
-    Delivered,
-    Dropped,
-    /// Not enough descriptors yet; the frame waits.
-    NoBuffers,
-    Error,
-}
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
@@ -49,78 +39,47 @@ impl E1000 {
         }
     }
 
-    pub(super) fn process_rx(&mut self) {
-        if self.rx_error {
-            return;
+    /// After a burst that delivered frames: RXT0 (or its delay), and RXDMT0 when at most
+    /// 1/2, 1/4 or 1/8 of the ring (RCTL.RDMTS) is left for the device.
+    pub(super) fn rx_delivered(&mut self) {
+        let mut causes = self.rx_done();
+        let n = (self.reg(RDLEN) / DESC_LEN as u32) as usize;
+        let (rdh, rdt) = (self.reg(RDH) as usize, self.reg(RDT) as usize);
+        let free = (rdt + n - rdh) % n.max(1);
+        let rdmts = (self.reg(RCTL) >> RCTL_RDMTS_SHIFT) & 3;
+        if free <= n >> (rdmts.min(2) + 1) {
+            causes |= ICR_RXDMT0;
         }
-        let mut delivered = false;
-        for _ in 0..RX_BURST {
-            let fresh = self.rx_pending.is_none();
-            let Some(len) = crate::net::next_rx_frame(
-                &mut *self.backend,
-                &mut self.rx_pending,
-                &mut self.rx_buf,
-                &format_args!("e1000 {}", self.mac),
-            ) else {
-                break;
-            };
-            let buf = std::mem::take(&mut self.rx_buf);
-            let r = self.receive(&buf[..len], fresh);
-            self.rx_buf = buf;
-            match r {
-                Rx::Delivered => delivered = true,
-                Rx::Dropped => {}
-                Rx::NoBuffers => {
-                    self.rx_pending = Some(len);
-                    if !self.rx_stalled {
-                        self.rx_stalled = true;
-                        self.count(RNBC, 1);
-                        self.raise(ICR_RXO);
-                    }
-                    break;
-                }
-                Rx::Error => break,
-            }
-        }
-        if delivered {
-            // Descriptors still owned by the device; RXDMT0 when at most 1/2, 1/4 or 1/8 of
-            // the ring (RCTL.RDMTS) is left. Head and tail are inside the ring here.
-            let mut causes = self.rx_done();
-            let n = (self.reg(RDLEN) / DESC_LEN as u32) as usize;
-            let (rdh, rdt) = (self.reg(RDH) as usize, self.reg(RDT) as usize);
-            let free = (rdt + n - rdh) % n.max(1);
-            let rdmts = (self.reg(RCTL) >> RCTL_RDMTS_SHIFT) & 3;
-            if free <= n >> (rdmts.min(2) + 1) {
-                causes |= ICR_RXDMT0;
-            }
-            self.raise(causes);
-        }
+        self.raise(causes);
     }
 
-    /// Delivers one frame from the backend; `fresh` is false when it waited for buffers
-    /// (and was counted already).
-    fn receive(&mut self, raw: &[u8], fresh: bool) -> Rx {
-        let frame = if self.backend.capabilities().vnet_hdr {
-            match raw.get(VNET_HDR_LEN..) {
-                Some(f) => f,
-                None => return Rx::Dropped,
-            }
-        } else {
-            raw
-        };
+    /// Delivers one frame from the backend (offered again after [`Rx::NoRoom`] until placed,
+    /// and counted once).
+    pub(super) fn receive_frame(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx {
+        let r = self.place(port, frame);
+        let no_room = r == Rx::NoRoom;
+        if no_room && !self.rx_no_buffers {
+            self.count(RNBC, 1);
+            self.raise(ICR_RXO);
+        }
+        self.rx_no_buffers = no_room;
+        r
+    }
+
+    fn place(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx {
         let rctl = self.reg(RCTL);
         if rctl & RCTL_EN == 0 || !self.link_up {
-            self.stats.rx_dropped += 1;
+            port.stats.rx_dropped += 1;
             return Rx::Dropped;
         }
         let wire_len = frame.len().max(MIN_FRAME) + 4;
-        if fresh {
+        if !self.rx_no_buffers {
             self.count(TPR, 1);
             self.count64(TORL, wire_len as u64);
         }
         if frame.len() < 14 {
             self.count(RUC, 1);
-            self.stats.rx_dropped += 1;
+            port.stats.rx_dropped += 1;
             return Rx::Dropped;
         }
         if !self.accept(frame) {
@@ -133,7 +92,7 @@ impl E1000 {
         };
         if wire_len > max {
             self.count(ROC, 1);
-            self.stats.rx_dropped += 1;
+            port.stats.rx_dropped += 1;
             return Rx::Dropped;
         }
 
@@ -157,21 +116,25 @@ impl E1000 {
         let n = (self.reg(RDLEN) / DESC_LEN as u32) as usize;
         let (rdh, rdt) = (self.reg(RDH) as usize, self.reg(RDT) as usize);
         if rdh == rdt {
-            return Rx::NoBuffers;
+            return Rx::NoRoom;
         }
         if n == 0 || rdh >= n || rdt >= n {
-            self.ring_error(false, "RX ring head/tail outside a ring of RDLEN bytes");
-            return Rx::Error;
+            self.ring_error(
+                port,
+                false,
+                "RX ring head/tail outside a ring of RDLEN bytes",
+            );
+            return Rx::Dropped;
         }
         let bsize = self.rx_buf_size();
         let needed = total.div_ceil(bsize);
         if needed > n - 1 {
             self.count(MPC, 1);
-            self.stats.rx_dropped += 1;
+            port.stats.rx_dropped += 1;
             return Rx::Dropped;
         }
         if needed > (rdt + n - rdh) % n {
-            return Rx::NoBuffers;
+            return Rx::NoRoom;
         }
 
         let (mut status, errors) = self.rx_checksum(frame);
@@ -181,35 +144,43 @@ impl E1000 {
             special = tci.unwrap_or(0);
         }
         let Some(base) = self.ring_base(RDBAL, RDBAH, n) else {
-            self.ring_error(false, "RX descriptor ring outside guest memory");
-            return Rx::Error;
+            self.ring_error(port, false, "RX descriptor ring outside guest memory");
+            return Rx::Dropped;
         };
         let mut idx = rdh;
         for i in 0..needed {
-            let desc = base + idx as u64 * DESC_LEN;
+            let at = GuestAddress(base + idx as u64 * DESC_LEN);
             let from = i * bsize;
             let len = bsize.min(total - from);
             let last = i + 1 == needed;
-            let Ok(addr) = self.mem.read_obj::<u64>(GuestAddress(desc)) else {
-                self.ring_error(false, "RX descriptor ring outside guest memory");
-                return Rx::Error;
+            let Ok(mut d) = self.mem.read_obj::<RxDesc>(at) else {
+                self.ring_error(port, false, "RX descriptor ring outside guest memory");
+                return Rx::Dropped;
             };
-            if self.write_parts(&parts, from, len, addr).is_err() {
-                self.ring_error(false, "RX buffer outside guest memory");
-                return Rx::Error;
+            if self.write_parts(&parts, from, len, d.buffer_addr).is_err() {
+                self.ring_error(port, false, "RX buffer outside guest memory");
+                return Rx::Dropped;
             }
-            let mut wb = [0u8; 8];
-            wb[0..2].copy_from_slice(&(len as u16).to_le_bytes());
+            d.length = len as u16;
+            d.csum = 0;
             if last {
-                wb[4] = status | RXD_STAT_DD | RXD_STAT_EOP;
-                wb[5] = errors;
-                wb[6..8].copy_from_slice(&special.to_le_bytes());
+                d.status = status | RXD_STAT_DD | RXD_STAT_EOP;
+                d.errors = errors;
+                d.special = special;
             } else {
-                wb[4] = RXD_STAT_DD;
+                d.status = RXD_STAT_DD;
+                d.errors = 0;
+                d.special = 0;
             }
-            if self.mem.write_slice(&wb, GuestAddress(desc + 8)).is_err() {
-                self.ring_error(false, "RX descriptor ring outside guest memory");
-                return Rx::Error;
+            // The write-back half only: the buffer address is the driver's.
+            let wb = &d.as_slice()[RX_WRITEBACK_OFFSET..];
+            if self
+                .mem
+                .write_slice(wb, GuestAddress(at.0 + RX_WRITEBACK_OFFSET as u64))
+                .is_err()
+            {
+                self.ring_error(port, false, "RX descriptor ring outside guest memory");
+                return Rx::Dropped;
             }
             idx = (idx + 1) % n;
         }
@@ -223,8 +194,8 @@ impl E1000 {
         } else if frame[0] & 1 != 0 {
             self.count(MPRC, 1);
         }
-        self.stats.rx_frames += 1;
-        self.stats.rx_bytes += frame.len() as u64;
+        port.stats.rx_frames += 1;
+        port.stats.rx_bytes += frame.len() as u64;
         Rx::Delivered
     }
 

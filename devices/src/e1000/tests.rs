@@ -7,10 +7,13 @@ use super::driver::*;
 use super::phy::*;
 use super::*;
 use crate::net::offload::{fold, ones_sum, parse, IPPROTO_TCP};
+use crate::net::{BackendInterest, NetEvent};
+use crate::pci::PciDevice;
 use net_backends::mem::{pair, MemBackend, MemPeer};
 use net_backends::{Capabilities, NetBackend};
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
@@ -251,8 +254,10 @@ fn open_brings_link_up_with_lsc() {
     assert!(r.irq());
     assert_ne!(r.r(ICR) & ICR_LSC, 0);
     assert!(!r.irq(), "ICR read deasserts");
-    // The backend loses its peer: link down in STATUS and PHY, with an LSC.
+    // The backend loses its peer: link down in STATUS and PHY, with an LSC, once the port
+    // has seen it (at the backend's next event).
     r.ctl.link.store(false, Ordering::SeqCst);
+    r.dev.handle(NetEvent::Backend);
     assert_eq!(r.r(STATUS) & STATUS_LU, 0);
     assert!(r.irq());
     assert_eq!(r.r(ICR) & ICR_LSC, ICR_LSC);
@@ -296,7 +301,7 @@ fn xmit_plain_frame() {
     assert_eq!(sent[0].len(), 60);
     assert_eq!(&sent[0][..42], &short[..]);
     assert!(sent[0][42..].iter().all(|&b| b == 0));
-    assert_eq!(r.dev.stats.tx_frames, 2);
+    assert_eq!(r.dev.stats().tx_frames, 2);
     assert_eq!(r.r(GPTC), 2);
     assert_eq!(r.r(TPT), 2);
     assert_eq!(r.r(GOTCL), (1500 + 4 + 64) as u32);
@@ -544,7 +549,7 @@ fn itr_spaces_interrupts() {
     r.w(ITR, 20_000_000 / 256);
     // The LSC of open was the last interrupt; let its interval pass.
     std::thread::sleep(Duration::from_millis(25));
-    let before = r.dev.stats.interrupts;
+    let before = r.dev.stats().interrupts;
     r.w(ICS, ICR_RXT0);
     assert!(r.irq());
     let _ = r.r(ICR);
@@ -556,7 +561,7 @@ fn itr_spaces_interrupts() {
     r.dev.handle(NetEvent::Timer);
     assert!(r.irq(), "delivered when the interval is over");
     assert_eq!(r.r(ICR), ICR_TXDW);
-    assert_eq!(r.dev.stats.interrupts - before, 2);
+    assert_eq!(r.dev.stats().interrupts - before, 2);
     // ITR 0: no throttling.
     r.w(ITR, 0);
     for _ in 0..3 {
@@ -730,7 +735,7 @@ fn rx_flow_control() {
     let got = r.rx_poll(); // writes RDT
     assert_eq!(got.len(), 7);
     assert!(
-        r.dev.rx_kick.read().is_ok(),
+        r.dev.port.rx_kick_fd().read().is_ok(),
         "RDT on a stalled ring kicks the I/O thread"
     );
     let interest = r.rx_kick();
@@ -740,7 +745,7 @@ fn rx_flow_control() {
     for (g, f) in got.iter().zip(&frames[7..]) {
         assert_eq!(&g.data, f);
     }
-    assert_eq!(r.dev.stats.rx_frames, 10);
+    assert_eq!(r.dev.stats().rx_frames, 10);
 }
 
 #[test]
@@ -755,7 +760,7 @@ fn tx_would_block_then_resumes() {
     let i = r.dev.handle(NetEvent::TxKick);
     assert!(i.writable, "asks to hear when the backend drains");
     assert!(
-        r.dev.tx_kick.read().is_err(),
+        r.dev.port.tx_kick_fd().read().is_err(),
         "a retry that blocks again does not re-kick"
     );
     let i = r.dev.handle(NetEvent::Backend);

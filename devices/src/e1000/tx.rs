@@ -1,11 +1,12 @@
 //! Transmit: legacy, context and data descriptors, checksum insertion, TCP segmentation and
-//! VLAN tag insertion. Runs when the guest writes TDT (or TCTL), and again from the I/O
-//! thread after the backend pushed back.
+//! VLAN tag insertion. Runs when the guest writes TDT (or TCTL) on the vCPU thread, and from
+//! the I/O thread when the backend takes frames again or a walk was cut short.
 
+use super::desc::{self, ContextDesc, DataDesc, LegacyTxDesc, TX_STATUS_OFFSET};
 use super::rx::{MIN_FRAME, ZEROS};
 use super::*;
 use crate::net::offload::{insert_checksum, segment_tcp, Layers, IPPROTO_TCP, IPPROTO_UDP};
-use net_backends::vnet::VNET_HDR_LEN;
+use crate::net::Sent;
 use std::io::IoSlice;
 use vm_memory::Bytes;
 
@@ -22,27 +23,23 @@ struct FrameCmd {
 }
 
 /// Whether a frame left (or was dropped), or the backend is full.
-enum Sent {
+enum Tx {
     Done,
     Blocked,
 }
 
-fn le16(d: &[u8; 16], at: usize) -> u16 {
-    u16::from_le_bytes([d[at], d[at + 1]])
-}
-
 impl TxContext {
-    fn parse(d: &[u8; 16]) -> TxContext {
+    fn from_desc(d: &ContextDesc) -> TxContext {
         TxContext {
-            ipcss: d[0] as usize,
-            ipcso: d[1] as usize,
-            ipcse: le16(d, 2) as usize,
-            tucss: d[4] as usize,
-            tucso: d[5] as usize,
-            tucse: le16(d, 6) as usize,
-            tucmd: d[11],
-            hdrlen: d[13] as usize,
-            mss: le16(d, 14) as usize,
+            ipcss: d.ipcss as usize,
+            ipcso: d.ipcso as usize,
+            ipcse: d.ipcse as usize,
+            tucss: d.tucss as usize,
+            tucso: d.tucso as usize,
+            tucse: d.tucse as usize,
+            tucmd: d.tucmd(),
+            hdrlen: d.hdrlen as usize,
+            mss: d.mss as usize,
         }
     }
 }
@@ -58,18 +55,9 @@ fn cs_end(cse: usize, len: usize) -> usize {
 }
 
 impl E1000 {
-    /// TX from the vCPU thread: when the backend pushes back, the I/O thread takes over
-    /// (its TxKick retries and then waits for the backend to turn writable).
-    pub(super) fn tx_doorbell(&mut self) {
-        let was_blocked = self.tx_blocked;
-        self.process_tx();
-        if self.tx_blocked && !was_blocked {
-            let _ = self.tx_kick.write(1);
-        }
-    }
-
-    pub(super) fn process_tx(&mut self) {
-        if self.tx_error || self.tx_blocked || self.reg(TCTL) & TCTL_EN == 0 {
+    /// Walks the ring from TDH towards TDT, at most [`TX_BUDGET`] descriptors.
+    pub(super) fn process_tx(&mut self, port: &mut NetPort) {
+        if self.tx_error || port.tx_blocked() || self.reg(TCTL) & TCTL_EN == 0 {
             return;
         }
         let (head, tail) = (self.reg(TDH) as usize, self.reg(TDT) as usize);
@@ -78,10 +66,14 @@ impl E1000 {
         }
         let n = (self.reg(TDLEN) / DESC_LEN as u32) as usize;
         if n == 0 || head >= n || tail >= n {
-            return self.ring_error(true, "TX ring head/tail outside a ring of TDLEN bytes");
+            return self.ring_error(
+                port,
+                true,
+                "TX ring head/tail outside a ring of TDLEN bytes",
+            );
         }
         let Some(base) = self.ring_base(TDBAL, TDBAH, n) else {
-            return self.ring_error(true, "TX descriptor ring outside guest memory");
+            return self.ring_error(port, true, "TX descriptor ring outside guest memory");
         };
         let desc_addr = |i: usize| GuestAddress(base + i as u64 * DESC_LEN);
         // Descriptors from `start` on belong to a frame not sent yet; TDH stays there.
@@ -90,24 +82,27 @@ impl E1000 {
         let mut first: Option<FrameCmd> = None;
         // Descriptors written back that want TXDW at once, and ones that allow a delay (IDE).
         let (mut wrote_back, mut wrote_back_ide) = (false, false);
+        let mut finished = false;
+        // Descriptors of the frame being gathered: one frame may not span more than a walk.
+        let mut frame_descs = 0;
         self.tx_buf.clear();
         self.tx_rs.clear();
-        // Every descriptor is looked at once at most: the loop is bounded by the ring.
-        for _ in 0..n {
+        // Every descriptor is looked at once at most, and at most TX_BUDGET of them.
+        for _ in 0..n.min(TX_BUDGET) {
             if cur == tail {
+                finished = true;
                 break;
             }
             let idx = cur;
             cur = (cur + 1) % n;
-            let mut d = [0u8; 16];
-            if self.mem.read_slice(&mut d, desc_addr(idx)).is_err() {
-                return self.ring_error(true, "TX descriptor ring outside guest memory");
-            }
-            let cmd = d[11];
+            let Ok(d) = self.mem.read_obj::<DataDesc>(desc_addr(idx)) else {
+                return self.ring_error(port, true, "TX descriptor ring outside guest memory");
+            };
+            let cmd = d.cmd();
             let dext = cmd & TXD_CMD_DEXT != 0;
-            if dext && d[10] >> 4 == TXD_DTYP_CONTEXT {
-                self.ctx = TxContext::parse(&d);
-                if cmd & TXD_CMD_RS != 0 && self.write_dd(desc_addr(idx)) {
+            if dext && d.dtyp() == TXD_DTYP_CONTEXT {
+                self.ctx = TxContext::from_desc(&desc::view(&d));
+                if cmd & TXD_CMD_RS != 0 && self.write_dd(port, desc_addr(idx)) {
                     if cmd & TXD_CMD_IDE != 0 {
                         wrote_back_ide = true;
                     } else {
@@ -119,37 +114,49 @@ impl E1000 {
                 }
                 continue;
             }
-            let addr = u64::from_le_bytes(d[..8].try_into().unwrap());
+            frame_descs += 1;
+            if frame_descs >= TX_BUDGET {
+                return self.ring_error(
+                    port,
+                    true,
+                    "TX frame spread over more descriptors than the device walks at once",
+                );
+            }
+            let legacy: LegacyTxDesc = desc::view(&d);
             let len = if dext {
-                u32::from_le_bytes([d[8], d[9], d[10] & 0xf, 0]) as usize
+                d.dtalen()
             } else {
-                le16(&d, 8) as usize
+                legacy.length as usize
             };
             let f = first.get_or_insert(FrameCmd {
                 legacy: !dext,
                 tse: dext && cmd & TXD_CMD_TSE != 0,
-                popts: if dext { d[13] } else { 0 },
-                cso: d[10] as usize,
-                css: d[13] as usize,
+                popts: if dext { d.popts } else { 0 },
+                cso: legacy.cso as usize,
+                css: legacy.css as usize,
                 eop_cmd: 0,
                 special: 0,
             });
             if cmd & TXD_CMD_EOP != 0 {
                 f.eop_cmd = cmd;
-                f.special = le16(&d, 14);
+                f.special = d.special;
             }
             let at = self.tx_buf.len();
             if at + len > MAX_FRAME {
-                return self.ring_error(true, "TX frame without EOP beyond the largest frame");
+                return self.ring_error(
+                    port,
+                    true,
+                    "TX frame without EOP beyond the largest frame",
+                );
             }
             if len > 0 {
                 self.tx_buf.resize(at + len, 0);
                 if self
                     .mem
-                    .read_slice(&mut self.tx_buf[at..], GuestAddress(addr))
+                    .read_slice(&mut self.tx_buf[at..], GuestAddress(d.buffer_addr))
                     .is_err()
                 {
-                    return self.ring_error(true, "TX buffer outside guest memory");
+                    return self.ring_error(port, true, "TX buffer outside guest memory");
                 }
             }
             if cmd & TXD_CMD_RS != 0 {
@@ -159,15 +166,16 @@ impl E1000 {
                 continue;
             }
             let f = first.take().expect("set above");
-            if let Sent::Blocked = self.transmit(&f) {
-                self.tx_blocked = true;
+            if let Tx::Blocked = self.transmit(port, &f) {
+                // TDH stays at the frame; the port calls transmit() when the backend drains.
+                finished = true;
                 break;
             }
             self.tx_segs_sent = 0;
             // By index: the list keeps its capacity from frame to frame.
             for k in 0..self.tx_rs.len() {
                 let (i, ide) = self.tx_rs[k];
-                if self.write_dd(desc_addr(i as usize)) {
+                if self.write_dd(port, desc_addr(i as usize)) {
                     if ide {
                         wrote_back_ide = true;
                     } else {
@@ -177,7 +185,12 @@ impl E1000 {
             }
             self.tx_rs.clear();
             self.tx_buf.clear();
+            frame_descs = 0;
             start = cur;
+        }
+        if !finished && cur != tail {
+            // The budget ran out: the rest on the I/O thread's next turn.
+            port.kick_tx();
         }
         self.set_reg(TDH, start as u32);
         let mut causes = 0;
@@ -193,33 +206,33 @@ impl E1000 {
     }
 
     /// Sets DD in a descriptor's status byte; false when the ring is not in memory.
-    fn write_dd(&mut self, desc: GuestAddress) -> bool {
+    fn write_dd(&mut self, port: &mut NetPort, desc: GuestAddress) -> bool {
         let ok = self
             .mem
-            .write_obj(TXD_STAT_DD, GuestAddress(desc.0 + 12))
+            .write_obj(TXD_STAT_DD, GuestAddress(desc.0 + TX_STATUS_OFFSET))
             .is_ok();
         if !ok {
-            self.ring_error(true, "TX descriptor ring outside guest memory");
+            self.ring_error(port, true, "TX descriptor ring outside guest memory");
         }
         ok
     }
 
-    fn transmit(&mut self, f: &FrameCmd) -> Sent {
+    fn transmit(&mut self, port: &mut NetPort, f: &FrameCmd) -> Tx {
         let mut frame = std::mem::take(&mut self.tx_buf);
-        let r = self.transmit_frame(&mut frame, f);
+        let r = self.transmit_frame(port, &mut frame, f);
         self.tx_buf = frame;
         r
     }
 
-    fn transmit_frame(&mut self, frame: &mut [u8], f: &FrameCmd) -> Sent {
+    fn transmit_frame(&mut self, port: &mut NetPort, frame: &mut [u8], f: &FrameCmd) -> Tx {
         if frame.is_empty() {
-            return Sent::Done; // only null descriptors: nothing goes on the wire
+            return Tx::Done; // only null descriptors: nothing goes on the wire
         }
         let vlan =
             (f.eop_cmd & TXD_CMD_VLE != 0 && self.reg(CTRL) & CTRL_VME != 0).then_some(f.special);
         let c = self.ctx;
         if f.tse && c.tucmd & TXD_CMD_TSE != 0 {
-            return self.transmit_tso(frame, &c, vlan);
+            return self.transmit_tso(port, frame, &c, vlan);
         }
         let len = frame.len();
         if f.legacy {
@@ -234,19 +247,24 @@ impl E1000 {
                 insert_checksum(frame, c.tucss, c.tucso, cs_end(c.tucse, len));
             }
         }
-        match self.send(frame, vlan) {
-            Ok(()) => Sent::Done,
-            Err(_) => Sent::Blocked,
+        match self.send(port, frame, vlan) {
+            Sent::Blocked => Tx::Blocked,
+            _ => Tx::Done,
         }
     }
 
     /// TCP segmentation with the offsets the context gave; a context that does not describe
     /// a TCP header inside the frame drops the frame (TSCTFC).
-    fn transmit_tso(&mut self, frame: &[u8], c: &TxContext, vlan: Option<u16>) -> Sent {
-        let ipv4 = c.tucmd & TXD_TUCMD_IP != 0;
+    fn transmit_tso(
+        &mut self,
+        port: &mut NetPort,
+        frame: &[u8],
+        c: &TxContext,
+        vlan: Option<u16>,
+    ) -> Tx {
         let at = Layers {
             l3: c.ipcss,
-            ipv4,
+            ipv4: c.tucmd & TXD_TUCMD_IP != 0,
             l4: c.tucss,
             proto: if c.tucmd & TXD_TUCMD_TCP != 0 {
                 IPPROTO_TCP
@@ -256,45 +274,37 @@ impl E1000 {
             hdr_len: c.hdrlen,
             end: frame.len(),
         };
-        let sane = at.proto == IPPROTO_TCP && c.mss > 0 && at.fit(frame);
-        if !sane {
+        if at.proto != IPPROTO_TCP || c.mss == 0 || !at.fit(frame) {
             self.count(TSCTFC, 1);
-            if self.errors == 0 {
-                log::warn!(
-                    "e1000 {}: TSO context does not fit the frame; dropped",
-                    self.mac
-                );
-            }
-            self.errors += 1;
-            return Sent::Done;
+            port.guest_error(format_args!("TSO context does not fit the frame; dropped"));
+            return Tx::Done;
         }
         let mut scratch = std::mem::take(&mut self.tx_scratch);
         let skip = self.tx_segs_sent;
         let mut i = 0;
         let r = segment_tcp(frame, &at, c.mss, &mut scratch, |seg| {
-            if i >= skip {
-                self.send(seg, vlan)?;
+            if i >= skip && self.send(port, seg, vlan) == Sent::Blocked {
+                return Err(());
             }
             i += 1;
-            Ok::<(), io::Error>(())
+            Ok(())
         });
         self.tx_scratch = scratch;
         match r {
             Ok(_) => {
                 self.count(TSCTC, 1);
-                Sent::Done
+                Tx::Done
             }
-            Err(_) => {
+            Err(()) => {
                 self.tx_segs_sent = i;
-                Sent::Blocked
+                Tx::Blocked
             }
         }
     }
 
-    /// Hands one wire frame to the backend, inserting the VLAN tag and padding short frames
-    /// (TCTL.PSP). Only WouldBlock is an error; other failures drop the frame.
-    fn send(&mut self, frame: &[u8], vlan: Option<u16>) -> io::Result<()> {
-        let vnet = [0u8; VNET_HDR_LEN];
+    /// Hands one wire frame to the port, inserting the VLAN tag and padding short frames
+    /// (TCTL.PSP), and counts it.
+    fn send(&mut self, port: &mut NetPort, frame: &[u8], vlan: Option<u16>) -> Sent {
         let tag = vlan.map(|tci| {
             let vet = (self.reg(VET) as u16).to_be_bytes();
             let tci = tci.to_be_bytes();
@@ -307,21 +317,17 @@ impl E1000 {
         } else {
             0
         };
-        let mut iov = [IoSlice::new(&[]); 5];
+        let mut iov = [IoSlice::new(&[]); 4];
         let mut k = 0;
-        if self.backend.capabilities().vnet_hdr {
-            iov[k] = IoSlice::new(&vnet);
-            k += 1;
-        }
         match &tag {
             Some(t) => {
-                iov[k] = IoSlice::new(&frame[..12]);
-                iov[k + 1] = IoSlice::new(t);
-                iov[k + 2] = IoSlice::new(&frame[12..]);
+                iov[0] = IoSlice::new(&frame[..12]);
+                iov[1] = IoSlice::new(t);
+                iov[2] = IoSlice::new(&frame[12..]);
                 k += 3;
             }
             None => {
-                iov[k] = IoSlice::new(frame);
+                iov[0] = IoSlice::new(frame);
                 k += 1;
             }
         }
@@ -329,13 +335,9 @@ impl E1000 {
             iov[k] = IoSlice::new(&ZEROS[..pad]);
             k += 1;
         }
-        match self.backend.send(&iov[..k]) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
-            Err(e) => {
-                log::debug!("e1000 {}: send failed: {e}", self.mac);
-                return Ok(());
-            }
+        let r = port.send(&iov[..k]);
+        if r != Sent::Sent {
+            return r;
         }
         let wire = (body + pad).max(MIN_FRAME) + 4;
         self.count(GPTC, 1);
@@ -348,8 +350,6 @@ impl E1000 {
         } else if frame.first().is_some_and(|b| b & 1 != 0) {
             self.count(MPTC, 1);
         }
-        self.stats.tx_frames += 1;
-        self.stats.tx_bytes += body as u64;
-        Ok(())
+        Sent::Sent
     }
 }

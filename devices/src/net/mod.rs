@@ -1,59 +1,13 @@
-//! What every NIC model offers the I/O thread: the fds to watch and what to do when one fires.
-//! The loop owns no NIC logic; it only keeps each backend fd's interest as the model asks
-//! (readable while the guest has buffers, writable while a send is waiting).
+//! The network side of the NIC models: the port they share ([`port`]), their counters, the
+//! one-shot timer they use for interrupt mitigation and delayed work, and the offloads done
+//! in "hardware" ([`offload`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum NetEvent {
-    /// The guest posted frames to send (doorbell eventfd).
-    TxKick,
-    /// The guest posted receive buffers.
-    RxKick,
-    /// The backend fd is readable or writable.
-    Backend,
-    /// A model timer expired (interrupt mitigation, link-up delay).
-    Timer,
-}
-
-/// Which readiness of the backend fd the model wants to hear about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct BackendInterest {
-    pub readable: bool,
-    pub writable: bool,
-}
-
-pub trait NetFrontend: Send {
-    /// The fds the I/O thread watches for this NIC; exactly one is [`NetEvent::Backend`].
-    fn event_fds(&self) -> Vec<(RawFd, NetEvent)>;
-    /// Handles one event; returns the backend interest from now on.
-    fn handle(&mut self, ev: NetEvent) -> BackendInterest;
-    /// The model's counters so far.
-    fn stats(&self) -> NicStats;
-}
-
-/// The next frame for the guest: the one an earlier attempt could not place (`pending`), else
-/// a fresh one from the backend into `buf`. `None` when the backend has nothing (or failed,
-/// which is logged at debug level: a backend error is not the guest's business).
-pub fn next_rx_frame(
-    backend: &mut dyn net_backends::NetBackend,
-    pending: &mut Option<usize>,
-    buf: &mut [u8],
-    nic: &dyn std::fmt::Display,
-) -> Option<usize> {
-    if let Some(len) = pending.take() {
-        return Some(len);
-    }
-    match backend.recv(buf) {
-        Ok(r) => r,
-        Err(e) => {
-            log::debug!("{nic}: receive failed: {e}");
-            None
-        }
-    }
-}
+pub mod port;
+pub use port::{BackendInterest, NetEvent, NetPort, Nic, NicModel, Rx, Sent};
 
 /// What every NIC model counts, for benchmarks and tests.
 #[derive(Debug, Default, Clone, Copy)]
@@ -66,10 +20,12 @@ pub struct NicStats {
     pub interrupts: u64,
     /// Frames the receive filter or the guest's lack of buffers dropped.
     pub rx_dropped: u64,
+    /// Frames the backend dropped itself (peer gone, queue full).
+    pub backend_dropped: u64,
 }
 
 /// A one-shot monotonic timer a NIC model arms for interrupt mitigation or delayed work; the
-/// I/O thread watches its fd as [`NetEvent::Timer`]. Non-blocking, so a timer re-armed between
+/// I/O thread watches its fd ([`NicModel::timer_fd`]). Non-blocking, so a timer re-armed between
 /// the wakeup and the read never stalls the loop.
 pub struct Timer {
     fd: OwnedFd,

@@ -302,23 +302,15 @@ fn nics_sharing_a_pin_do_not_clear_each_other() {
     let chip = Arc::new(RecordingIrqChip::default());
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let mac = |i| net_backends::MacAddr::nth_default(i);
+    let port = |name: &str, b: net_backends::mem::MemBackend| {
+        crate::net::NetPort::new(name.into(), Box::new(b)).unwrap()
+    };
     let (b, _p1) = pair(Default::default());
-    let mut e1000 = E1000::new(
-        mac(0),
-        Box::new(b),
-        mem.clone(),
-        IntxLine::new(chip.clone(), gsi, 3),
-    )
-    .unwrap();
+    let model = E1000::new(mac(0), mem.clone(), IntxLine::new(chip.clone(), gsi, 3)).unwrap();
+    let mut e1000 = crate::net::Nic::new(model, port("e1000", b));
     let (b, _p2) = pair(Default::default());
-    let mut rtl = Rtl8139::new(
-        mac(1),
-        Box::new(b),
-        mem,
-        IntxLine::new(chip.clone(), gsi, 11),
-        true,
-    )
-    .unwrap();
+    let model = Rtl8139::new(mac(1), mem, IntxLine::new(chip.clone(), gsi, 11), true).unwrap();
+    let mut rtl = crate::net::Nic::new(model, port("rtl8139", b));
     e1000.bar_write(MMIO_BAR, regs::IMS as u64, &regs::ICR_LSC.to_le_bytes());
     e1000.bar_write(MMIO_BAR, regs::ICS as u64, &regs::ICR_LSC.to_le_bytes());
     assert!(chip.level(gsi), "e1000 asserted its line");

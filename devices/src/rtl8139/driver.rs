@@ -6,7 +6,10 @@ use super::rx::*;
 use super::tx::*;
 use super::*;
 use crate::interrupt::{IntxLine, RecordingIrqChip};
-use crate::pci::{PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
+use crate::net::{BackendInterest, NetPort, Nic};
+use crate::pci::{PciDevice, PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
+use net_backends::NetBackend;
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Room for the TX buffers of all 64 C+ descriptors (64 KiB each from 1 MiB on).
@@ -38,7 +41,7 @@ pub const TOO_INTR_MASK: u16 = INT_SERR
     | INT_ROK;
 
 pub struct Driver {
-    pub dev: Rtl8139,
+    pub dev: Nic<Rtl8139>,
     pub mem: GuestMemoryMmap,
     pub chip: Arc<RecordingIrqChip>,
     pub gsi: u32,
@@ -56,14 +59,11 @@ impl Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let chip = Arc::new(RecordingIrqChip::default());
         let gsi = 19;
-        let mut dev = Rtl8139::new(
-            "52:54:00:12:34:56".parse().unwrap(),
-            backend,
-            mem.clone(),
-            IntxLine::new(chip.clone(), gsi, 0),
-            cplus,
-        )
-        .unwrap();
+        let mac: net_backends::MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        let model =
+            Rtl8139::new(mac, mem.clone(), IntxLine::new(chip.clone(), gsi, 0), cplus).unwrap();
+        let port = NetPort::new(format!("rtl8139 {mac}"), backend).unwrap();
+        let mut dev = Nic::new(model, port);
         dev.config_mut().set_bar_addr(BAR_IO, 0xc000);
         dev.config_mut().set_bar_addr(BAR_MEM, 0xc000_0000);
         let cmd = PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
@@ -370,22 +370,11 @@ impl Driver {
 
     /// The I/O thread's share: pump the backend into the device.
     pub fn pump(&mut self) -> BackendInterest {
-        self.dev.handle(NetEvent::Backend)
+        self.dev.pump()
     }
 
     /// What the I/O thread does when a kick fired.
     pub fn kicked(&mut self) -> BackendInterest {
-        let tx = self.dev.tx_kick.read().is_ok();
-        let rx = self.dev.rx_kick.read().is_ok();
-        let mut i = self.dev.interest();
-        if tx {
-            let _ = self.dev.tx_kick.write(1);
-            i = self.dev.handle(NetEvent::TxKick);
-        }
-        if rx {
-            let _ = self.dev.rx_kick.write(1);
-            i = self.dev.handle(NetEvent::RxKick);
-        }
-        i
+        self.dev.run_kicks()
     }
 }

@@ -13,33 +13,37 @@
 //!
 //! Registers are named as in the RTL8139C(L)+ datasheet. Register access arrives on vCPU
 //! threads and transmits there; receive runs on the I/O thread. Both hold the device lock.
+//! The network side (backend, flow control, counters, the guest-error log) is the port's.
 //!
 //! Differences from the silicon, on purpose: received frames that do not fit wait in the
 //! model (the backend stops being read) instead of being dropped, so a slow guest gets
 //! backpressure, not loss; loopback modes of TCR and early RX/TX thresholds are not modelled;
 //! a DMA access outside guest memory stops the engine that made it and raises SERR (ISR bit
 //! 15), which is how a PCI master abort looks to the driver, until the driver resets the chip.
+//! A backend with a virtio-net header is hidden behind the port (frames cross without it).
 
+pub mod desc;
 mod eeprom;
 pub mod rx;
 pub mod tx;
 
+/// A synthetic driver for tests, the fuzzer and the no-guest benchmark.
+#[cfg(any(test, feature = "test-drivers"))]
 pub mod driver;
 #[cfg(test)]
 mod tests;
 
 use crate::interrupt::IntxLine;
-use crate::net::{BackendInterest, NetEvent, NetFrontend, NicStats, Timer};
-use crate::pci::{BarKind, PciConfig, PciDevice, PCI_COMMAND_INTX_DISABLE};
+use crate::net::{NetPort, NicModel, Rx, Timer};
+use crate::pci::{BarKind, PciConfig, PCI_COMMAND_INTX_DISABLE};
+use desc::Tally;
 use eeprom::Eeprom93c46;
-use net_backends::{MacAddr, NetBackend};
+use net_backends::MacAddr;
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const REALTEK_VENDOR: u16 = 0x10ec;
 pub const RTL8139_DEVICE: u16 = 0x8139;
@@ -160,44 +164,16 @@ pub const MAX_NORMAL_FRAME: usize = 1792;
 /// How often a stalled C+ receiver looks at its ring again when the driver gave it no hint.
 const RX_POLL: Duration = Duration::from_millis(1);
 
-/// The 64-byte tally counter block DTCCR dumps, in its field order.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Tally {
-    pub tx_ok: u64,
-    pub rx_ok: u64,
-    pub tx_err: u64,
-    pub rx_err: u32,
-    pub miss_pkt: u16,
-    pub rx_ok_phy: u64,
-    pub rx_ok_brd: u64,
-    pub rx_ok_mul: u32,
-    pub tx_abt: u16,
-}
-
-impl Tally {
-    fn to_bytes(self) -> [u8; 64] {
-        let mut b = [0u8; 64];
-        b[0..8].copy_from_slice(&self.tx_ok.to_le_bytes());
-        b[8..16].copy_from_slice(&self.rx_ok.to_le_bytes());
-        b[16..24].copy_from_slice(&self.tx_err.to_le_bytes());
-        b[24..28].copy_from_slice(&self.rx_err.to_le_bytes());
-        b[28..30].copy_from_slice(&self.miss_pkt.to_le_bytes());
-        // 30: FAE, 32: Tx1Col, 36: TxMCol stay zero: no collisions on a virtual wire.
-        b[40..48].copy_from_slice(&self.rx_ok_phy.to_le_bytes());
-        b[48..56].copy_from_slice(&self.rx_ok_brd.to_le_bytes());
-        b[56..60].copy_from_slice(&self.rx_ok_mul.to_le_bytes());
-        b[60..62].copy_from_slice(&self.tx_abt.to_le_bytes());
-        b
-    }
-}
-
 pub struct Rtl8139 {
     config: PciConfig,
     intx: IntxLine,
     line: bool,
+    /// Assertions of the line so far.
+    interrupts: u64,
     mem: GuestMemoryMmap,
-    backend: Box<dyn NetBackend>,
     mac: MacAddr,
+    /// Whether the backend's link is up, as the port last said.
+    wire_up: bool,
     /// C+ personality (revision 0x20) rather than a plain RTL8139C.
     cplus: bool,
     /// Storage for registers without side effects, at their offsets.
@@ -212,8 +188,6 @@ pub struct Rtl8139 {
     tctr_epoch: Instant,
     timer_int_at: Option<Instant>,
     timer: Timer,
-    tx_kick: EventFd,
-    rx_kick: EventFd,
 
     /// Next C+ descriptor index of each ring.
     cp_tx_index: u16,
@@ -234,17 +208,14 @@ pub struct Rtl8139 {
     /// The link state the driver last saw (changes raise LinkChg).
     link: bool,
 
-    rx_buf: Vec<u8>,
     /// Scratch for the frame as the wire carries it, a packet header, VLAN stripping.
     rx_wire: Vec<u8>,
     rx_scratch: Vec<u8>,
     rx_descs: Vec<(vm_memory::GuestAddress, u32, u64, usize)>,
-    rx_pending: Option<usize>,
-    rx_stalled: bool,
-    /// Device errors seen (bad DMA addresses, impossible sizes); the first one is logged.
-    errors: u64,
+    /// The C+ receiver found no descriptor: it looks again every [`RX_POLL`] (8139cp gives no
+    /// other hint when it refills).
+    rx_poll: bool,
     pub tally: Tally,
-    pub stats: NicStats,
 }
 
 impl Rtl8139 {
@@ -252,7 +223,6 @@ impl Rtl8139 {
     /// RTL8139C (8139too).
     pub fn new(
         mac: MacAddr,
-        backend: Box<dyn NetBackend>,
         mem: GuestMemoryMmap,
         intx: IntxLine,
         cplus: bool,
@@ -282,9 +252,10 @@ impl Rtl8139 {
             config,
             intx,
             line: false,
+            interrupts: 0,
             mem,
-            backend,
             mac,
+            wire_up: true,
             cplus,
             regs: [0; 256],
             isr: 0,
@@ -295,8 +266,6 @@ impl Rtl8139 {
             tctr_epoch: Instant::now(),
             timer_int_at: None,
             timer: Timer::new()?,
-            tx_kick: EventFd::new(EFD_NONBLOCK)?,
-            rx_kick: EventFd::new(EFD_NONBLOCK)?,
             cp_tx_index: 0,
             cp_rx_index: 0,
             cp_tx_opts: (0, 0),
@@ -308,20 +277,16 @@ impl Rtl8139 {
             tx_dead: false,
             rx_dead: false,
             link: true,
-            rx_buf: vec![0; net_backends::MAX_FRAME],
             rx_wire: Vec::with_capacity(2048),
             rx_scratch: Vec::with_capacity(2048),
             rx_descs: Vec::with_capacity(4),
-            rx_pending: None,
-            rx_stalled: false,
-            errors: 0,
+            rx_poll: false,
             tally: Tally::default(),
-            stats: NicStats::default(),
         };
         dev.load_mac_from_eeprom();
         dev.set16(BMCR, BMCR_DEFAULT);
         dev.set16(ANAR, ANAR_DEFAULT);
-        dev.reset();
+        dev.reset(None);
         Ok(dev)
     }
 
@@ -359,7 +324,7 @@ impl Rtl8139 {
 
     /// CR.RST (and power-up): the engines stop, pointers and interrupts clear. IDR, MAR and
     /// the EEPROM keep their contents.
-    fn reset(&mut self) {
+    fn reset(&mut self, port: Option<&mut NetPort>) {
         self.isr = 0;
         self.imr = 0;
         self.regs[CR] = 0;
@@ -376,11 +341,13 @@ impl Rtl8139 {
         self.tx_waiting.clear();
         self.tx_dead = false;
         self.rx_dead = false;
-        self.rx_pending = None;
-        self.rx_stalled = false;
+        self.rx_poll = false;
         self.update_irq();
-        // The receiver state changed: let the I/O thread recompute its interest.
-        let _ = self.rx_kick.write(1);
+        self.arm_timer();
+        // The receiver state changed: let the I/O thread look again.
+        if let Some(port) = port {
+            port.kick_rx();
+        }
     }
 
     /// C+ registers are decoded when the personality has them and the driver turned C+
@@ -390,18 +357,15 @@ impl Rtl8139 {
     }
 
     fn link_up(&self) -> bool {
-        self.backend.link_up()
+        self.wire_up
     }
 
-    /// A device error: the first is logged, every one raises SERR.
-    fn dma_error(&mut self, what: &str) {
-        if self.errors == 0 {
-            log::warn!(
-                "rtl8139 {}: {what}; the engine stops until the driver resets the chip",
-                self.mac
-            );
-        }
-        self.errors += 1;
+    /// A device error: logged through the port (once, then rate-limited); every one raises
+    /// SERR.
+    fn dma_error(&mut self, port: &mut NetPort, what: &str) {
+        port.guest_error(format_args!(
+            "{what}; the engine stops until the driver resets the chip"
+        ));
         self.raise(INT_SERR);
     }
 
@@ -413,7 +377,7 @@ impl Rtl8139 {
     fn update_irq(&mut self) {
         let level = self.isr & self.imr != 0;
         if level && !self.line {
-            self.stats.interrupts += 1;
+            self.interrupts += 1;
         }
         self.line = level;
         let masked = self.config.command() & PCI_COMMAND_INTX_DISABLE != 0;
@@ -429,7 +393,7 @@ impl Rtl8139 {
     /// Points the timer at the next TimerInt match or RX retry, whichever comes first.
     fn arm_timer(&mut self) {
         let mut next = self.timer_int_at;
-        if self.rx_stalled && self.cplus_mode() {
+        if self.rx_poll && self.cplus_mode() {
             let poll = Instant::now() + RX_POLL;
             next = Some(next.map_or(poll, |t| t.min(poll)));
         }
@@ -447,7 +411,7 @@ impl Rtl8139 {
         self.arm_timer();
     }
 
-    fn on_timer(&mut self) {
+    fn on_timer(&mut self, port: &mut NetPort) {
         self.timer.take();
         if let Some(t) = self.timer_int_at {
             if Instant::now() >= t {
@@ -457,9 +421,10 @@ impl Rtl8139 {
                 self.timer_int_at = Some(t + period);
             }
         }
-        if self.rx_stalled {
-            self.rx_stalled = false;
-            self.process_rx();
+        if self.rx_poll {
+            // The stalled receiver looks at its ring again.
+            self.rx_poll = false;
+            port.kick_rx();
         }
         self.arm_timer();
     }
@@ -563,7 +528,7 @@ impl Rtl8139 {
         }
     }
 
-    fn write_regs(&mut self, off: usize, data: &[u8]) {
+    fn write_regs(&mut self, port: &mut NetPort, off: usize, data: &[u8]) {
         let cp = self.cplus_mode();
         for (i, &b) in data.iter().enumerate() {
             self.write_byte(off + i, b, cp);
@@ -573,17 +538,17 @@ impl Rtl8139 {
         if !cp {
             for slot in 0..4 {
                 if touched(TSD0 + 4 * slot, 4) {
-                    self.tsd_written(slot);
+                    self.tsd_written(port, slot);
                 }
             }
         } else if touched(DTCCR, 4) {
-            self.dump_tally();
+            self.dump_tally(port);
         }
         if touched(CR, 1) {
-            self.cr_written();
+            self.cr_written(port);
         }
-        if touched(CAPR, 2) && self.rx_stalled {
-            let _ = self.rx_kick.write(1);
+        if touched(CAPR, 2) && port.rx_stalled() {
+            port.kick_rx();
         }
         if touched(IMR, 2) || touched(ISR, 2) {
             if !cp && !self.rx_ring_empty() {
@@ -595,8 +560,8 @@ impl Rtl8139 {
             }
             self.update_irq();
             // 8139cp refills its ring and then writes IMR/ISR: a stalled receiver retries.
-            if self.rx_stalled {
-                let _ = self.rx_kick.write(1);
+            if port.rx_stalled() {
+                port.kick_rx();
             }
         }
         if touched(TCTR, 4) {
@@ -617,24 +582,24 @@ impl Rtl8139 {
         }
         if touched(TPPOLL, 1) && self.regs[TPPOLL] & TPPOLL_NPQ != 0 {
             self.regs[TPPOLL] = 0;
-            self.cp_transmit();
+            self.cp_transmit(port);
         }
         if touched(CPCR, 2) {
             // C+ receive may have just been turned on.
-            let _ = self.rx_kick.write(1);
+            port.kick_rx();
         }
     }
 
-    fn cr_written(&mut self) {
+    fn cr_written(&mut self, port: &mut NetPort) {
         if self.regs[CR] & CR_RST != 0 {
-            self.reset();
+            self.reset(Some(port));
             return;
         }
-        // Receiver or transmitter turned on or off: the I/O thread looks at both again (slots
-        // written while the transmitter was off go out once it is on).
-        let _ = self.rx_kick.write(1);
+        // Receiver or transmitter turned on or off: the receiver looks again, and slots
+        // written while the transmitter was off go out now that it is on.
+        port.kick_rx();
         if self.regs[CR] & CR_TE != 0 && !self.tx_waiting.is_empty() {
-            let _ = self.tx_kick.write(1);
+            self.flush_tx(port);
         }
     }
 
@@ -652,40 +617,33 @@ impl Rtl8139 {
     }
 
     /// DTCCR with its command bit: writes the tally block to the 64-byte aligned address.
-    fn dump_tally(&mut self) {
+    fn dump_tally(&mut self, port: &mut NetPort) {
         let v = self.get64(DTCCR);
         if v & DTCCR_CMD as u64 == 0 {
             return;
         }
         let addr = vm_memory::GuestAddress(v & !0x3f);
-        if vm_memory::Bytes::write_slice(&self.mem, &self.tally.to_bytes(), addr).is_err() {
-            self.dma_error("tally dump address is outside guest memory");
+        if vm_memory::Bytes::write_obj(&self.mem, self.tally, addr).is_err() {
+            self.dma_error(port, "tally dump address is outside guest memory");
         }
         self.set32(DTCCR, self.get32(DTCCR) & !DTCCR_CMD);
     }
-
-    fn interest(&self) -> BackendInterest {
-        BackendInterest {
-            readable: !self.rx_stalled && self.rx_pending.is_none(),
-            writable: !self.tx_backlog.is_empty(),
-        }
-    }
 }
 
-impl PciDevice for Rtl8139 {
+impl NicModel for Rtl8139 {
     fn config(&self) -> &PciConfig {
         &self.config
     }
     fn config_mut(&mut self) -> &mut PciConfig {
         &mut self.config
     }
-    fn config_written(&mut self, offset: usize, _len: usize) {
+    fn config_written(&mut self, _port: &mut NetPort, offset: usize, _len: usize) {
         if offset <= crate::pci::PCI_COMMAND + 1 {
             self.update_irq();
         }
     }
 
-    fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
+    fn bar_read(&mut self, _port: &mut NetPort, _bar: usize, offset: u64, data: &mut [u8]) {
         let off = offset as usize;
         if off + data.len() > REGS_SIZE as usize {
             data.fill(0xff);
@@ -697,50 +655,42 @@ impl PciDevice for Rtl8139 {
         }
     }
 
-    fn bar_write(&mut self, _bar: usize, offset: u64, data: &[u8]) {
+    fn bar_write(&mut self, port: &mut NetPort, _bar: usize, offset: u64, data: &[u8]) {
         let off = offset as usize;
         if off + data.len() <= REGS_SIZE as usize && !data.is_empty() {
-            self.write_regs(off, data);
+            self.write_regs(port, off, data);
         }
     }
-}
 
-impl NetFrontend for Rtl8139 {
-    fn stats(&self) -> NicStats {
-        self.stats
+    fn transmit(&mut self, port: &mut NetPort) {
+        self.flush_tx(port);
     }
 
-    fn event_fds(&self) -> Vec<(RawFd, NetEvent)> {
-        vec![
-            (self.tx_kick.as_raw_fd(), NetEvent::TxKick),
-            (self.rx_kick.as_raw_fd(), NetEvent::RxKick),
-            (self.backend.fd(), NetEvent::Backend),
-            (self.timer.fd(), NetEvent::Timer),
-        ]
+    fn rx_ready(&self) -> bool {
+        true // a receiver that is off takes frames and drops them, as the wire would
     }
 
-    fn handle(&mut self, ev: NetEvent) -> BackendInterest {
-        match ev {
-            NetEvent::TxKick => {
-                let _ = self.tx_kick.read();
-                self.flush_tx();
-            }
-            NetEvent::RxKick => {
-                let _ = self.rx_kick.read();
-                self.rx_stalled = false;
-                self.process_rx();
-            }
-            NetEvent::Backend => {
-                self.flush_tx();
-                self.process_rx();
-            }
-            NetEvent::Timer => self.on_timer(),
-        }
-        let up = self.link_up();
+    fn receive(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx {
+        self.receive_frame(port, frame)
+    }
+
+    fn timer_fd(&self) -> Option<RawFd> {
+        Some(self.timer.fd())
+    }
+
+    fn timer(&mut self, port: &mut NetPort) {
+        self.on_timer(port);
+    }
+
+    fn link_changed(&mut self, _port: &mut NetPort, up: bool) {
         if up != self.link {
             self.link = up;
             self.raise(INT_LINKCHG);
         }
-        self.interest()
+        self.wire_up = up;
+    }
+
+    fn interrupts(&self) -> u64 {
+        self.interrupts
     }
 }

@@ -4,10 +4,11 @@
 //! Frames reach the guest as the wire would carry them: padded to 60 bytes and followed by
 //! their CRC (both drivers subtract 4 from the length they are given).
 
+use super::desc::{CpDesc, RxHeader};
 use super::tx::{next_index, CP_RING_MAX, DESC_EOR, DESC_FS, DESC_LS, DESC_OWN, DESC_SIZE};
 use super::*;
 use crate::net::offload;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 // Normal-mode packet header status (RSR).
 pub const RSR_ROK: u16 = 1 << 0;
@@ -59,14 +60,6 @@ pub fn multicast_hash_bit(addr: &[u8]) -> usize {
     (crc >> 26) as usize
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum Rx {
-    /// Delivered or dropped for good.
-    Done,
-    /// No room in the guest's ring; try again later.
-    NoRoom,
-}
-
 impl Rtl8139 {
     fn rx_enabled(&self) -> bool {
         self.regs[CR] & CR_RE != 0
@@ -84,34 +77,41 @@ impl Rtl8139 {
             == self.cbr as usize % self.ring_len()
     }
 
-    /// I/O thread: moves frames from the backend into the guest while it has room.
-    pub(super) fn process_rx(&mut self) {
-        while let Some(len) = crate::net::next_rx_frame(
-            &mut *self.backend,
-            &mut self.rx_pending,
-            &mut self.rx_buf,
-            &format_args!("rtl8139 {}", self.mac),
-        ) {
-            if !self.rx_enabled() {
-                continue; // a receiver that is off drops what the wire brings
+    /// One frame from the backend: dropped when the receiver is off or the filter says so,
+    /// else into the ring buffer (normal mode) or the descriptor ring (C+).
+    pub(super) fn receive_frame(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx {
+        if !self.rx_enabled() {
+            return Rx::Dropped; // a receiver that is off drops what the wire brings
+        }
+        let Some(class) = self.filter(frame) else {
+            port.stats.rx_dropped += 1;
+            return Rx::Dropped;
+        };
+        let r = if self.cplus_mode() {
+            self.cp_receive(port, frame, class)
+        } else {
+            self.ring_receive(port, frame, class)
+        };
+        match r {
+            Rx::Delivered => {
+                self.count_rx(port, frame.len(), class);
+                self.rx_poll = false;
             }
-            let buf = std::mem::take(&mut self.rx_buf);
-            let r = self.receive(&buf[..len]);
-            self.rx_buf = buf;
-            if r == Rx::NoRoom {
-                log::trace!("rtl8139 {}: receive stalled, no room", self.mac);
-                if !self.cplus_mode() {
+            Rx::NoRoom => {
+                log::trace!("{}: receive stalled, no room", port.name());
+                if self.cplus_mode() {
+                    self.rx_poll = true;
+                    self.arm_timer();
+                } else {
                     // RXOVW, as the chip signals a full ring. The frame is not dropped, but
                     // 8139too needs the cause: its poll reads the ring only while a receive
                     // cause is pending, and it may have acked every ROK already.
                     self.raise(INT_RXOVW_RDU);
                 }
-                self.rx_pending = Some(len);
-                self.rx_stalled = true;
-                self.arm_timer();
-                break;
             }
+            Rx::Dropped => {}
         }
+        r
     }
 
     fn filter(&self, frame: &[u8]) -> Option<Class> {
@@ -130,30 +130,15 @@ impl Rtl8139 {
         }
     }
 
-    pub(super) fn receive(&mut self, frame: &[u8]) -> Rx {
-        let Some(class) = self.filter(frame) else {
-            self.stats.rx_dropped += 1;
-            return Rx::Done;
-        };
-        let r = if self.cplus_mode() {
-            self.cp_receive(frame, class)
-        } else {
-            self.ring_receive(frame, class)
-        };
-        if r == Rx::Done {
-            self.count_rx(frame.len(), class);
-        }
-        r
-    }
-
-    fn count_rx(&mut self, len: usize, class: Class) {
-        self.stats.rx_frames += 1;
-        self.stats.rx_bytes += len as u64;
-        self.tally.rx_ok += 1;
+    fn count_rx(&mut self, port: &mut NetPort, len: usize, class: Class) {
+        port.stats.rx_frames += 1;
+        port.stats.rx_bytes += len as u64;
+        let t = &mut self.tally;
+        t.rx_ok = t.rx_ok.wrapping_add(1);
         match class {
-            Class::Broadcast => self.tally.rx_ok_brd += 1,
-            Class::Multicast => self.tally.rx_ok_mul += 1,
-            Class::Physical => self.tally.rx_ok_phy += 1,
+            Class::Broadcast => t.rx_ok_brd = t.rx_ok_brd.wrapping_add(1),
+            Class::Multicast => t.rx_ok_mul = t.rx_ok_mul.wrapping_add(1),
+            Class::Physical => t.rx_ok_phy = t.rx_ok_phy.wrapping_add(1),
         }
     }
 
@@ -170,10 +155,10 @@ impl Rtl8139 {
 
     // ---- normal mode: the ring buffer -------------------------------------------------
 
-    fn ring_receive(&mut self, frame: &[u8], class: Class) -> Rx {
+    fn ring_receive(&mut self, port: &mut NetPort, frame: &[u8], class: Class) -> Rx {
         if frame.len() > MAX_NORMAL_FRAME {
-            self.stats.rx_dropped += 1;
-            return Rx::Done;
+            port.stats.rx_dropped += 1;
+            return Rx::Dropped;
         }
         let len = self.ring_len();
         let mut pkt = std::mem::take(&mut self.rx_scratch);
@@ -183,14 +168,16 @@ impl Rtl8139 {
         Self::wire_image(frame, &mut wire);
         pkt.extend_from_slice(&wire);
         self.rx_wire = wire;
-        let status = RSR_ROK
-            | match class {
-                Class::Broadcast => RSR_BAR,
-                Class::Multicast => RSR_MAR,
-                Class::Physical => RSR_PAM,
-            };
-        let size = (pkt.len() - 4) as u32;
-        pkt[..4].copy_from_slice(&(status as u32 | size << 16).to_le_bytes());
+        let header = RxHeader {
+            status: RSR_ROK
+                | match class {
+                    Class::Broadcast => RSR_BAR,
+                    Class::Multicast => RSR_MAR,
+                    Class::Physical => RSR_PAM,
+                },
+            length: (pkt.len() - 4) as u16,
+        };
+        pkt[..4].copy_from_slice(header.as_slice());
         let need = (pkt.len() + 3) & !3;
         let read = self.get16(CAPR).wrapping_add(16) as usize % len;
         let write = self.cbr as usize % len;
@@ -222,11 +209,12 @@ impl Rtl8139 {
             if ok {
                 self.cbr = ((write + need) % len) as u16;
                 self.raise(INT_ROK);
+                Rx::Delivered
             } else {
                 self.rx_dead = true;
-                self.dma_error("RX ring buffer is outside guest memory");
+                self.dma_error(port, "RX ring buffer is outside guest memory");
+                Rx::Dropped
             }
-            Rx::Done
         };
         self.rx_scratch = pkt;
         r
@@ -234,7 +222,7 @@ impl Rtl8139 {
 
     // ---- C+ mode: the descriptor ring -------------------------------------------------
 
-    fn cp_receive(&mut self, frame: &[u8], class: Class) -> Rx {
+    fn cp_receive(&mut self, port: &mut NetPort, frame: &[u8], class: Class) -> Rx {
         let mut wire = std::mem::take(&mut self.rx_wire);
         let mut opts2 = 0;
         let cpcr = self.get16(CPCR);
@@ -258,29 +246,32 @@ impl Rtl8139 {
         if cpcr & CPCR_RXCHKSUM != 0 {
             status |= checksum_status(&wire[..wire.len() - CRC_LEN]);
         }
-        let r = self.cp_place(&wire, status, opts2);
+        let r = self.cp_place(port, &wire, status, opts2);
         self.rx_wire = wire;
         r
     }
 
     /// Writes `wire` over as many descriptors as it needs, all or nothing.
-    fn cp_place(&mut self, wire: &[u8], status: u32, opts2: u32) -> Rx {
+    fn cp_place(&mut self, port: &mut NetPort, wire: &[u8], status: u32, opts2: u32) -> Rx {
         let base = self.get64(RDSAR);
         let mut descs = std::mem::take(&mut self.rx_descs);
         descs.clear();
         let mut idx = self.cp_rx_index;
         let mut room = 0usize;
-        let mut r = Rx::Done;
+        let mut r = Rx::Delivered;
         while room < wire.len() {
             let at = GuestAddress(base.wrapping_add(idx as u64 * DESC_SIZE));
-            let mut d = [0u8; 16];
-            if self.mem.read_slice(&mut d, at).is_err() {
+            let Ok(CpDesc {
+                opts1,
+                buffer_addr: buf,
+                ..
+            }) = self.mem.read_obj::<CpDesc>(at)
+            else {
                 self.rx_dead = true;
-                self.dma_error("RX descriptor ring is outside guest memory");
+                self.dma_error(port, "RX descriptor ring is outside guest memory");
+                r = Rx::Dropped;
                 break;
-            }
-            let opts1 = u32::from_le_bytes(d[0..4].try_into().unwrap());
-            let buf = u64::from_le_bytes(d[8..16].try_into().unwrap());
+            };
             if opts1 & DESC_OWN == 0 {
                 if descs.is_empty() {
                     self.raise(INT_RXOVW_RDU);
@@ -291,7 +282,11 @@ impl Rtl8139 {
             let size = (opts1 & RX_LEN_MASK) as usize;
             if size == 0 || descs.len() >= CP_RING_MAX as usize {
                 self.rx_dead = true;
-                self.dma_error("RX descriptors cannot hold a frame (zero-sized buffers)");
+                self.dma_error(
+                    port,
+                    "RX descriptors cannot hold a frame (zero-sized buffers)",
+                );
+                r = Rx::Dropped;
                 break;
             }
             descs.push((at, opts1, buf, size));
@@ -323,7 +318,8 @@ impl Rtl8139 {
                     && self.mem.write_obj(st.to_le(), at).is_ok();
                 if !ok {
                     self.rx_dead = true;
-                    self.dma_error("RX buffer is outside guest memory");
+                    self.dma_error(port, "RX buffer is outside guest memory");
+                    r = Rx::Dropped;
                     break;
                 }
                 off += n;

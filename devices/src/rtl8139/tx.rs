@@ -1,8 +1,9 @@
 //! Transmit: the four normal-mode slots and the C+ descriptor ring, with the C+ offloads
 //! (VLAN tag insertion, IP/TCP/UDP checksums, large send) done here.
 
+use super::desc::CpDesc;
 use super::*;
-use crate::net::offload;
+use crate::net::{offload, Sent};
 use std::io::IoSlice;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -39,37 +40,23 @@ impl Rtl8139 {
         self.regs[CR] & CR_TE != 0
     }
 
-    /// Hands one frame to the backend; when the backend is full the frame waits in the
+    /// Hands one frame to the port; when the backend is full the frame waits in the
     /// backlog (the guest already counts it as sent) and transmit pauses until it drains.
-    fn send_frame(&mut self, frame: &[u8]) {
-        self.stats.tx_frames += 1;
-        self.stats.tx_bytes += frame.len() as u64;
-        self.tally.tx_ok += 1;
-        if self.tx_backlog.is_empty() {
-            match self.backend.send(&[IoSlice::new(frame)]) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // The I/O thread learns from the kick to watch for writability.
-                    let _ = self.tx_kick.write(1);
-                }
-                Err(e) => {
-                    log::debug!("rtl8139 {}: send failed: {e}", self.mac);
-                    return;
-                }
-            }
+    fn send_frame(&mut self, port: &mut NetPort, frame: &[u8]) {
+        self.tally.tx_ok = self.tally.tx_ok.wrapping_add(1);
+        if self.tx_backlog.is_empty() && port.send(&[IoSlice::new(frame)]) != Sent::Blocked {
+            return;
         }
         self.tx_backlog.push_back(frame.to_vec());
     }
 
-    /// I/O thread: the backend may take frames again; then resume what waited.
-    pub(super) fn flush_tx(&mut self) {
+    /// The backend may take frames again: the backlog first, then what waited behind it.
+    pub(super) fn flush_tx(&mut self, port: &mut NetPort) {
         while let Some(f) = self.tx_backlog.front() {
-            match self.backend.send(&[IoSlice::new(f)]) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                _ => {
-                    self.tx_backlog.pop_front();
-                }
+            if port.send(&[IoSlice::new(f)]) == Sent::Blocked {
+                return;
             }
+            self.tx_backlog.pop_front();
         }
         // Slots written while the transmitter was off (or the backend full) go out now, if
         // the transmitter is on: each is sent or fails, so the loop ends with the list.
@@ -77,17 +64,17 @@ impl Rtl8139 {
             let Some(slot) = self.tx_waiting.pop_front() else {
                 break;
             };
-            self.send_slot(slot);
+            self.send_slot(port, slot);
         }
         if self.tx_backlog.is_empty() && self.cplus_mode() {
-            self.cp_transmit();
+            self.cp_transmit(port);
         }
     }
 
     // ---- normal mode ------------------------------------------------------------------
 
     /// The driver wrote TSDn: a cleared OWN bit hands the slot to the device.
-    pub(super) fn tsd_written(&mut self, slot: usize) {
+    pub(super) fn tsd_written(&mut self, port: &mut NetPort, slot: usize) {
         if self.tsd[slot] & TSD_OWN != 0 || self.tx_waiting.contains(&slot) {
             return;
         }
@@ -95,35 +82,37 @@ impl Rtl8139 {
             self.tx_waiting.push_back(slot);
             return;
         }
-        self.send_slot(slot);
+        self.send_slot(port, slot);
     }
 
     /// Sends the frame of a slot the driver handed over; the transmitter is on.
-    fn send_slot(&mut self, slot: usize) {
+    fn send_slot(&mut self, port: &mut NetPort, slot: usize) {
         let size = (self.tsd[slot] & TSD_SIZE) as usize;
         let addr = GuestAddress(self.get32(TSAD0 + 4 * slot) as u64);
         let mut buf = std::mem::take(&mut self.tx_buf);
         buf.resize(size, 0);
         let ok = if size > MAX_NORMAL_FRAME {
-            self.dma_error(&format!(
-                "TX slot {slot} asks for {size} bytes (at most {MAX_NORMAL_FRAME})"
-            ));
+            self.dma_error(
+                port,
+                &format!("TX slot {slot} asks for {size} bytes (at most {MAX_NORMAL_FRAME})"),
+            );
             false
         } else if self.mem.read_slice(&mut buf, addr).is_err() {
-            self.dma_error(&format!(
-                "TX slot {slot} buffer {addr:#x?} is outside guest memory"
-            ));
+            self.dma_error(
+                port,
+                &format!("TX slot {slot} buffer {addr:#x?} is outside guest memory"),
+            );
             false
         } else {
             true
         };
         if ok {
-            self.send_frame(&buf);
+            self.send_frame(port, &buf);
             self.tsd[slot] |= TSD_OWN | TSD_TOK;
             self.raise(INT_TOK);
         } else {
             self.tally.tx_abt = self.tally.tx_abt.wrapping_add(1);
-            self.tally.tx_err += 1;
+            self.tally.tx_err = self.tally.tx_err.wrapping_add(1);
             self.tsd[slot] |= TSD_OWN | TSD_TABT;
             self.raise(INT_TER);
         }
@@ -134,7 +123,7 @@ impl Rtl8139 {
     // ---- C+ mode ----------------------------------------------------------------------
 
     /// TPPoll: sends every frame the driver handed over, in ring order.
-    pub(super) fn cp_transmit(&mut self) {
+    pub(super) fn cp_transmit(&mut self, port: &mut NetPort) {
         if !self.tx_enabled() || self.get16(CPCR) & CPCR_TXON == 0 || self.tx_dead {
             return;
         }
@@ -145,15 +134,16 @@ impl Rtl8139 {
                 break; // flush_tx resumes here
             }
             let at = GuestAddress(base.wrapping_add(self.cp_tx_index as u64 * DESC_SIZE));
-            let mut d = [0u8; 16];
-            if self.mem.read_slice(&mut d, at).is_err() {
+            let Ok(CpDesc {
+                opts1,
+                opts2,
+                buffer_addr: buf,
+            }) = self.mem.read_obj::<CpDesc>(at)
+            else {
                 self.tx_dead = true;
-                self.dma_error("TX descriptor ring is outside guest memory");
+                self.dma_error(port, "TX descriptor ring is outside guest memory");
                 break;
-            }
-            let opts1 = u32::from_le_bytes(d[0..4].try_into().unwrap());
-            let opts2 = u32::from_le_bytes(d[4..8].try_into().unwrap());
-            let buf = u64::from_le_bytes(d[8..16].try_into().unwrap());
+            };
             if opts1 & DESC_OWN == 0 {
                 break;
             }
@@ -165,7 +155,7 @@ impl Rtl8139 {
             let len = (opts1 & TX_LEN_MASK) as usize;
             if self.tx_buf.len() + len > net_backends::MAX_FRAME {
                 if !self.cp_tx_drop {
-                    self.dma_error("TX frame is larger than 64 KiB; dropped");
+                    self.dma_error(port, "TX frame is larger than 64 KiB; dropped");
                 }
                 self.cp_tx_drop = true;
                 self.tx_buf.clear();
@@ -178,7 +168,7 @@ impl Rtl8139 {
                     .is_err()
                 {
                     self.tx_dead = true;
-                    self.dma_error("TX buffer is outside guest memory");
+                    self.dma_error(port, "TX buffer is outside guest memory");
                     break;
                 }
             }
@@ -187,13 +177,13 @@ impl Rtl8139 {
             let status = opts1 & (DESC_EOR | DESC_FS | DESC_LS | TX_LEN_MASK);
             if self.mem.write_obj(status.to_le(), at).is_err() {
                 self.tx_dead = true;
-                self.dma_error("TX descriptor ring is outside guest memory");
+                self.dma_error(port, "TX descriptor ring is outside guest memory");
                 break;
             }
             self.cp_tx_index = next_index(self.cp_tx_index, opts1);
             if opts1 & DESC_LS != 0 {
                 if !self.cp_tx_drop {
-                    self.cp_send_offloaded();
+                    self.cp_send_offloaded(port);
                 }
                 self.cp_tx_drop = false;
                 self.tx_buf.clear();
@@ -206,7 +196,7 @@ impl Rtl8139 {
     }
 
     /// Applies the first descriptor's offload requests to the gathered frame and sends it.
-    fn cp_send_offloaded(&mut self) {
+    fn cp_send_offloaded(&mut self, port: &mut NetPort) {
         let (opts1, opts2) = self.cp_tx_opts;
         let mut frame = std::mem::take(&mut self.tx_buf);
         if opts2 & TX_TAGC != 0 && frame.len() >= 12 {
@@ -222,7 +212,7 @@ impl Rtl8139 {
                 let mut scratch = std::mem::take(&mut self.tx_scratch);
                 let r: Result<bool, ()> =
                     offload::segment_tcp(&frame, &at, mss, &mut scratch, |s| {
-                        self.send_frame(s);
+                        self.send_frame(port, s);
                         Ok(())
                     });
                 segmented = r == Ok(true);
@@ -239,7 +229,7 @@ impl Rtl8139 {
             }
         }
         if !segmented {
-            self.send_frame(&frame);
+            self.send_frame(port, &frame);
         }
         frame.clear();
         self.tx_buf = frame;

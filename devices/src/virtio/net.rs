@@ -3,46 +3,45 @@
 //! offered only when the backend carries a virtio-net header.
 //!
 //! Register access (config space, common cfg, ISR, MSI-X) arrives on vCPU threads; queue work
-//! runs on the I/O thread ([`NetFrontend::handle`]). Both hold the device lock.
+//! runs on the I/O thread, woken by the port's kicks (wired to the notify addresses through
+//! KVM ioeventfds). Both hold the device lock. A driver error sets DEVICE_NEEDS_RESET and
+//! stops the queues until the driver resets the device (virtio 1.0, 2.1.2).
 
 use super::transport::*;
 use super::*;
 use crate::interrupt::{IntxLine, IrqChip};
-use crate::net::{BackendInterest, NetEvent, NetFrontend, NicStats};
-use crate::pci::{BarKind, Msix, PciConfig, PciDevice};
+use crate::net::{NetPort, NicModel, Rx, Sent};
+use crate::pci::{BarKind, Msix, PciConfig};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
-use net_backends::{MacAddr, NetBackend, Offloads, MAX_FRAME};
+use net_backends::{Capabilities, MacAddr, Offloads, MAX_FRAME};
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use virtio_bindings::virtio_net as vnet;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-// Feature bits (virtio 1.0, 5.1.3).
-pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
-pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
-pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
-pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
-pub const VIRTIO_NET_F_GUEST_UFO: u64 = 1 << 10;
-pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
-pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
-pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
-pub const VIRTIO_NET_F_HOST_UFO: u64 = 1 << 14;
-pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
-pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+// Feature bits (virtio 1.0, 5.1.3) as masks.
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << vnet::VIRTIO_NET_F_CSUM;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << vnet::VIRTIO_NET_F_GUEST_CSUM;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << vnet::VIRTIO_NET_F_MAC;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << vnet::VIRTIO_NET_F_GUEST_TSO4;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << vnet::VIRTIO_NET_F_GUEST_TSO6;
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << vnet::VIRTIO_NET_F_GUEST_ECN;
+pub const VIRTIO_NET_F_GUEST_UFO: u64 = 1 << vnet::VIRTIO_NET_F_GUEST_UFO;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << vnet::VIRTIO_NET_F_HOST_TSO4;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << vnet::VIRTIO_NET_F_HOST_TSO6;
+pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << vnet::VIRTIO_NET_F_HOST_ECN;
+pub const VIRTIO_NET_F_HOST_UFO: u64 = 1 << vnet::VIRTIO_NET_F_HOST_UFO;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << vnet::VIRTIO_NET_F_MRG_RXBUF;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << vnet::VIRTIO_NET_F_STATUS;
+pub const VIRTIO_NET_S_LINK_UP: u16 = vnet::VIRTIO_NET_S_LINK_UP as u16;
 
 const RX: usize = 0;
 const TX: usize = 1;
 const QUEUE_MAX: u16 = 256;
 /// TX chains handled per event; the rest wait for the next turn of the I/O thread, which the
-/// device asks for with its own TX kick.
+/// device asks for through its port.
 const TX_BUDGET: usize = QUEUE_MAX as usize;
-/// Frames delivered per event; the backend's fd stays readable for the rest.
-const RX_BURST: usize = 64;
 const N_VECTORS: u16 = 3;
 
 /// PCI identity as QEMU presents virtio-net: transitional device ID, subsystem = net.
@@ -58,8 +57,10 @@ pub struct VirtioNet {
     /// Where the notify addresses are registered (BAR 4 base), if anywhere.
     registered_bar: Option<u64>,
     mem: GuestMemoryMmap,
-    backend: Box<dyn NetBackend>,
     mac: MacAddr,
+    /// Frames cross the backend with a virtio-net header (else the model adds and removes
+    /// the guest's).
+    vnet_hdr: bool,
 
     device_features: u64,
     driver_features: u64,
@@ -73,28 +74,23 @@ pub struct VirtioNet {
     vectors: [u16; 2],
     /// The driver wrote a queue size the device cannot use (not a power of two, too big).
     bad_size: [bool; 2],
-    kicks: [EventFd; 2],
     active: bool,
-    /// The link state the driver was last told about (config status, config interrupt).
+    /// The backend's link, as the port last said (the config space's status field).
     link_up: bool,
+    /// Interrupts raised so far.
+    interrupts: u64,
 
-    rx_buf: Vec<u8>,
-    /// A frame read from the backend that the guest had no room for yet.
-    rx_pending: Option<usize>,
-    rx_stalled: bool,
     rx_heads: Vec<(u16, u32)>,
     rx_hdr_pieces: Vec<(vm_memory::GuestAddress, usize, usize)>,
     tx_buf: Vec<u8>,
-    tx_blocked: bool,
-    /// Malformed descriptor chains seen; logged once.
-    errors: u64,
-    pub stats: NicStats,
 }
 
 impl VirtioNet {
+    /// A device whose port has `caps` (the backend's, as [`NetPort::capabilities`] gives
+    /// them): offloads are offered only when frames carry a virtio-net header.
     pub fn new(
         mac: MacAddr,
-        backend: Box<dyn NetBackend>,
+        caps: Capabilities,
         mem: GuestMemoryMmap,
         chip: Arc<dyn IrqChip>,
         intx: IntxLine,
@@ -120,7 +116,6 @@ impl VirtioNet {
         )?;
         add_capabilities(&mut config);
 
-        let caps = backend.capabilities();
         let mut device_features = VIRTIO_F_VERSION_1
             | VIRTIO_F_RING_EVENT_IDX
             | VIRTIO_F_RING_INDIRECT_DESC
@@ -153,8 +148,8 @@ impl VirtioNet {
             ioevents,
             registered_bar: None,
             mem,
-            backend,
             mac,
+            vnet_hdr: caps.vnet_hdr,
             device_features,
             driver_features: 0,
             device_feature_select: 0,
@@ -166,18 +161,12 @@ impl VirtioNet {
             queues: [new_queue(), new_queue()],
             vectors: [VIRTIO_MSI_NO_VECTOR; 2],
             bad_size: [false; 2],
-            kicks: [EventFd::new(EFD_NONBLOCK)?, EventFd::new(EFD_NONBLOCK)?],
             active: false,
             link_up: true,
-            rx_buf: vec![0; MAX_FRAME],
-            rx_pending: None,
-            rx_stalled: false,
+            interrupts: 0,
             rx_heads: Vec::with_capacity(64),
             rx_hdr_pieces: Vec::with_capacity(4),
             tx_buf: Vec::with_capacity(MAX_FRAME),
-            tx_blocked: false,
-            errors: 0,
-            stats: NicStats::default(),
         })
     }
 
@@ -189,18 +178,17 @@ impl VirtioNet {
         self.driver_features & f != 0
     }
 
-    fn device_error(&mut self, what: &str) {
-        if self.errors == 0 {
-            log::warn!("virtio-net {}: {what}; the device needs a reset", self.mac);
-        }
-        self.errors += 1;
+    /// A driver error: logged through the port (once, then rate-limited), DEVICE_NEEDS_RESET
+    /// set, the queues stopped, the driver told with a configuration interrupt.
+    fn device_error(&mut self, port: &mut NetPort, what: &str) {
+        port.guest_error(format_args!("{what}; the device needs a reset"));
         self.status |= STATUS_DEVICE_NEEDS_RESET;
         self.active = false;
         self.isr |= 2;
         self.interrupt(self.msix_config);
     }
 
-    fn reset(&mut self) {
+    fn reset(&mut self, port: &mut NetPort) {
         self.driver_features = 0;
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
@@ -215,16 +203,17 @@ impl VirtioNet {
         self.vectors = [VIRTIO_MSI_NO_VECTOR; 2];
         self.bad_size = [false; 2];
         self.active = false;
-        self.tx_blocked = false;
-        self.rx_stalled = false;
+        // A receiver that stalled waits no more: the next activation kicks it.
+        port.kick_rx();
     }
 
-    fn activate(&mut self) {
+    fn activate(&mut self, port: &mut NetPort) {
         let event_idx = self.has(VIRTIO_F_RING_EVENT_IDX);
         for i in [RX, TX] {
             let q = &mut self.queues[i];
             if !q.ready() || !q.is_valid(&self.mem) || self.bad_size[i] {
-                self.device_error(&format!("queue {i} is not set up validly at DRIVER_OK"));
+                let what = format!("queue {i} is not set up validly at DRIVER_OK");
+                self.device_error(port, &what);
                 return;
             }
             q.set_event_idx(event_idx);
@@ -236,22 +225,16 @@ impl VirtioNet {
             tso_ecn: self.has(VIRTIO_NET_F_GUEST_ECN),
             ufo: self.has(VIRTIO_NET_F_GUEST_UFO),
         };
-        if let Err(e) = self.backend.set_rx_offloads(offloads) {
-            log::warn!(
-                "virtio-net {}: backend refused offloads {offloads:?}: {e}",
-                self.mac
-            );
-        }
+        port.set_rx_offloads(offloads);
         self.active = true;
-        self.rx_stalled = false;
         // Frames may already be waiting on either side.
-        let _ = self.kicks[TX].write(1);
-        let _ = self.kicks[RX].write(1);
+        port.kick_tx();
+        port.kick_rx();
     }
 
     /// Raises `vector` (MSI-X) or INTx with the ISR's queue bit.
     fn interrupt(&mut self, vector: u16) {
-        self.stats.interrupts += 1;
+        self.interrupts += 1;
         if self.msix.enabled() {
             if vector != VIRTIO_MSI_NO_VECTOR {
                 self.msix.notify(vector as usize);
@@ -264,14 +247,14 @@ impl VirtioNet {
         self.config.set_interrupt_status(self.isr != 0);
     }
 
-    fn signal_queue(&mut self, q: usize) {
+    fn signal_queue(&mut self, port: &mut NetPort, q: usize) {
         match self.queues[q].needs_notification(&self.mem) {
             Ok(true) => {
                 self.isr |= 1;
                 self.interrupt(self.vectors[q]);
             }
             Ok(false) => {}
-            Err(_) => self.device_error("cannot read the used-event index"),
+            Err(_) => self.device_error(port, "cannot read the used-event index"),
         }
     }
 
@@ -280,27 +263,27 @@ impl VirtioNet {
     /// Whether the driver's view of queue `q` is one the device can walk: ready, with an
     /// available ring, and an available index at most a queue size ahead of what the device
     /// has taken (anything else is a driver error, virtio 1.0 2.4.6).
-    fn queue_usable(&mut self, q: usize) -> bool {
+    fn queue_usable(&mut self, port: &mut NetPort, q: usize) -> bool {
         match self.queues[q].iter(&self.mem) {
             Ok(_) => true,
             Err(e) => {
-                self.device_error(&format!("queue {q} cannot be used: {e}"));
+                self.device_error(port, &format!("queue {q} cannot be used: {e}"));
                 false
             }
         }
     }
 
-    fn process_tx(&mut self) {
-        if !self.active || self.tx_blocked {
+    fn process_tx(&mut self, port: &mut NetPort) {
+        if !self.active || port.tx_blocked() {
             return;
         }
         let mut used = false;
         let mut budget = TX_BUDGET;
         loop {
             if self.queues[TX].disable_notification(&self.mem).is_err() {
-                return self.device_error("TX ring unreadable");
+                return self.device_error(port, "TX ring unreadable");
             }
-            if !self.queue_usable(TX) {
+            if !self.queue_usable(port, TX) {
                 return;
             }
             while budget > 0 {
@@ -329,77 +312,80 @@ impl VirtioNet {
                     }
                 }
                 if bad || self.tx_buf.len() < VNET_HDR_LEN {
-                    self.device_error("malformed TX descriptor chain");
+                    self.device_error(port, "malformed TX descriptor chain");
                     return;
                 }
-                let frame = if self.backend.capabilities().vnet_hdr {
+                let frame = if self.vnet_hdr {
                     &self.tx_buf[..]
                 } else {
                     &self.tx_buf[VNET_HDR_LEN..]
                 };
-                match self.backend.send(&[IoSlice::new(frame)]) {
-                    Ok(()) => {
-                        self.stats.tx_frames += 1;
-                        self.stats.tx_bytes += (self.tx_buf.len() - VNET_HDR_LEN) as u64;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // Put the chain back; the backend's fd turning writable resumes us.
-                        let q = &mut self.queues[TX];
-                        q.set_next_avail(q.next_avail().wrapping_sub(1));
-                        self.tx_blocked = true;
-                        break;
-                    }
-                    Err(e) => {
-                        log::debug!("virtio-net {}: send failed: {e}", self.mac);
-                    }
+                if port.send(&[IoSlice::new(frame)]) == Sent::Blocked {
+                    // Put the chain back; the port calls transmit() when the backend drains.
+                    let q = &mut self.queues[TX];
+                    q.set_next_avail(q.next_avail().wrapping_sub(1));
+                    break;
                 }
                 if self.queues[TX].add_used(&self.mem, head, 0).is_err() {
-                    return self.device_error("TX used ring unwritable");
+                    return self.device_error(port, "TX used ring unwritable");
                 }
                 used = true;
             }
-            if self.tx_blocked {
+            if port.tx_blocked() {
                 break;
             }
             if budget == 0 {
                 // More may be waiting: come back after the other fds had their turn.
-                let _ = self.kicks[TX].write(1);
+                port.kick_tx();
                 break;
             }
             match self.queues[TX].enable_notification(&self.mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
-                Err(_) => return self.device_error("TX ring unreadable"),
+                Err(_) => return self.device_error(port, "TX ring unreadable"),
             }
         }
         if used {
-            self.signal_queue(TX);
+            self.signal_queue(port, TX);
         }
     }
 
     // ---- RX -------------------------------------------------------------------------------
 
-    /// Copies the frame in `rx_buf[..len]` into guest buffers. Returns false when the guest
-    /// has no (or not enough) buffers; nothing is consumed then.
-    fn deliver(&mut self, len: usize) -> bool {
-        let buf = std::mem::take(&mut self.rx_buf);
-        let r = self.deliver_from(&buf[..len]);
-        self.rx_buf = buf;
-        match r {
-            Ok(done) => done,
-            Err(what) => {
-                self.device_error(what);
-                true
+    /// Places one frame in the guest's buffers. With no (or not enough) buffers it looks
+    /// once more after re-enabling notifications (the guest may have added some in between),
+    /// then leaves the frame waiting.
+    fn receive_frame(&mut self, port: &mut NetPort, raw: &[u8]) -> Rx {
+        if !self.queue_usable(port, RX) {
+            return Rx::Dropped;
+        }
+        for attempt in 0..2 {
+            match self.deliver(port, raw) {
+                Ok(Some(r)) => return r,
+                Ok(None) if attempt == 0 => match self.queues[RX].enable_notification(&self.mem) {
+                    Ok(true) => continue,
+                    Ok(false) => return Rx::NoRoom,
+                    Err(_) => {
+                        self.device_error(port, "RX ring unreadable");
+                        return Rx::Dropped;
+                    }
+                },
+                Ok(None) => return Rx::NoRoom,
+                Err(what) => {
+                    self.device_error(port, what);
+                    return Rx::Dropped;
+                }
             }
         }
+        Rx::NoRoom
     }
 
-    fn deliver_from(&mut self, raw: &[u8]) -> Result<bool, &'static str> {
-        let vnet = self.backend.capabilities().vnet_hdr;
-        let (hdr, data) = if vnet {
+    /// One try at placing a frame: `None` when the guest has no room (nothing consumed).
+    fn deliver(&mut self, port: &mut NetPort, raw: &[u8]) -> Result<Option<Rx>, &'static str> {
+        let (hdr, data) = if self.vnet_hdr {
             match raw.split_at_checked(VNET_HDR_LEN) {
                 Some((h, d)) => (VnetHdr::parse(h).unwrap_or_default(), d),
-                None => return Ok(true), // shorter than a header: not a frame
+                None => return Ok(Some(Rx::Dropped)), // shorter than a header: not a frame
             }
         } else {
             (VnetHdr::default(), raw)
@@ -411,7 +397,7 @@ impl VirtioNet {
         // Where the header's bytes went: (guest address, offset in header, length).
         let mut hdr_pieces = std::mem::take(&mut self.rx_hdr_pieces);
         hdr_pieces.clear();
-        let r = self.fill_rx(hdr, data, start_avail, &mut heads, &mut hdr_pieces);
+        let r = self.fill_rx(port, hdr, data, start_avail, &mut heads, &mut hdr_pieces);
         self.rx_heads = heads;
         self.rx_hdr_pieces = hdr_pieces;
         r
@@ -420,19 +406,20 @@ impl VirtioNet {
     /// Writes header + data over as many RX chains as it takes (one without MRG_RXBUF).
     fn fill_rx(
         &mut self,
+        port: &mut NetPort,
         mut hdr: VnetHdr,
         data: &[u8],
         start_avail: u16,
         heads: &mut Vec<(u16, u32)>,
         hdr_pieces: &mut Vec<(vm_memory::GuestAddress, usize, usize)>,
-    ) -> Result<bool, &'static str> {
+    ) -> Result<Option<Rx>, &'static str> {
         let mrg = self.has(VIRTIO_NET_F_MRG_RXBUF);
         let total = VNET_HDR_LEN + data.len();
         let mut written = 0usize;
         while written < total {
             let Some(chain) = self.queues[RX].pop_descriptor_chain(&self.mem) else {
                 self.queues[RX].set_next_avail(start_avail);
-                return Ok(false);
+                return Ok(None);
             };
             let head = chain.head_index();
             let mut in_chain = 0usize;
@@ -465,11 +452,11 @@ impl VirtioNet {
             heads.push((head, in_chain as u32));
             if !mrg && written < total {
                 // Without mergeable buffers one chain must hold the frame: drop it.
-                self.stats.rx_dropped += 1;
+                port.stats.rx_dropped += 1;
                 self.queues[RX]
                     .add_used(&self.mem, head, 0)
                     .map_err(|_| "RX used ring unwritable")?;
-                return Ok(true);
+                return Ok(Some(Rx::Dropped));
             }
         }
         hdr.num_buffers = heads.len() as u16;
@@ -484,65 +471,26 @@ impl VirtioNet {
                 .add_used(&self.mem, h, l)
                 .map_err(|_| "RX used ring unwritable")?;
         }
-        self.stats.rx_frames += 1;
-        self.stats.rx_bytes += data.len() as u64;
-        Ok(true)
-    }
-
-    fn process_rx(&mut self) {
-        if !self.active || !self.queue_usable(RX) {
-            return;
-        }
-        let mut delivered = false;
-        // After a failed delivery, look once more after re-enabling notifications (the guest
-        // may have added buffers in between); a second failure means waiting for a kick.
-        let mut retried = false;
-        let mut budget = RX_BURST;
-        while budget > 0 {
-            budget -= 1;
-            let Some(len) = crate::net::next_rx_frame(
-                &mut *self.backend,
-                &mut self.rx_pending,
-                &mut self.rx_buf,
-                &format_args!("virtio-net {}", self.mac),
-            ) else {
-                break;
-            };
-            if self.deliver(len) {
-                delivered = true;
-                retried = false;
-                if !self.active {
-                    break;
-                }
-            } else {
-                self.rx_pending = Some(len);
-                match self.queues[RX].enable_notification(&self.mem) {
-                    Ok(true) if !retried => {
-                        retried = true;
-                        continue;
-                    }
-                    Ok(_) => {
-                        self.rx_stalled = true;
-                        break;
-                    }
-                    Err(_) => {
-                        self.device_error("RX ring unreadable");
-                        break;
-                    }
-                }
-            }
-        }
-        if delivered {
-            self.signal_queue(RX);
-        }
+        port.stats.rx_frames += 1;
+        port.stats.rx_bytes += data.len() as u64;
+        Ok(Some(Rx::Delivered))
     }
 
     fn notify_addr(&self, base: u64, q: usize) -> u64 {
         base + NOTIFY_CFG + q as u64 * NOTIFY_OFF_MULTIPLIER as u64
     }
 
+    /// The port's kick for queue `q`: the guest's notification of that queue.
+    fn kick(port: &NetPort, q: usize) -> &vmm_sys_util::eventfd::EventFd {
+        if q == RX {
+            port.rx_kick_fd()
+        } else {
+            port.tx_kick_fd()
+        }
+    }
+
     /// Keeps the ioeventfds on the notify addresses where the guest put BAR 4.
-    fn sync_ioevents(&mut self) {
+    fn sync_ioevents(&mut self, port: &NetPort) {
         let now = self
             .config
             .decoded_bars()
@@ -556,13 +504,13 @@ impl VirtioNet {
             for q in [RX, TX] {
                 let _ = self
                     .ioevents
-                    .unregister(self.notify_addr(old, q), &self.kicks[q]);
+                    .unregister(self.notify_addr(old, q), Self::kick(port, q));
             }
         }
         if let Some(base) = now {
             let ok = [RX, TX].iter().all(|&q| {
                 self.ioevents
-                    .register(self.notify_addr(base, q), &self.kicks[q])
+                    .register(self.notify_addr(base, q), Self::kick(port, q))
                     .is_ok()
             });
             if ok {
@@ -625,7 +573,7 @@ impl VirtioNet {
         read_le(value, width, (off - base) as usize, data);
     }
 
-    fn common_write(&mut self, off: u64, data: &[u8]) {
+    fn common_write(&mut self, port: &mut NetPort, off: u64, data: &[u8]) {
         let mut v = 0u64;
         let qs = self.queue_select as usize;
         let live = self.status & STATUS_DRIVER_OK != 0;
@@ -654,7 +602,7 @@ impl VirtioNet {
             DEVICE_STATUS => {
                 let s = data[0];
                 if s == 0 {
-                    self.reset();
+                    self.reset(port);
                     return;
                 }
                 if self.status & !s & !STATUS_DEVICE_NEEDS_RESET != 0 {
@@ -662,7 +610,8 @@ impl VirtioNet {
                     // clears DRIVER_OK and goes on reprogramming queues would have them changed
                     // under a running device.
                     self.status |= s;
-                    self.device_error("the driver cleared a device status bit without a reset");
+                    let what = "the driver cleared a device status bit without a reset";
+                    self.device_error(port, what);
                     return;
                 }
                 let newly = s & !self.status;
@@ -679,7 +628,7 @@ impl VirtioNet {
                     && self.status & STATUS_FEATURES_OK != 0
                     && self.status & STATUS_DEVICE_NEEDS_RESET == 0
                 {
-                    self.activate();
+                    self.activate(port);
                 }
             }
             QUEUE_SELECT => {
@@ -725,7 +674,7 @@ impl VirtioNet {
     fn device_cfg_read(&self, off: u64, data: &mut [u8]) {
         let mut cfg = [0u8; 10];
         cfg[..6].copy_from_slice(&self.mac.0);
-        let link = if self.backend.link_up() {
+        let link = if self.link_up {
             VIRTIO_NET_S_LINK_UP
         } else {
             0
@@ -738,19 +687,22 @@ impl VirtioNet {
     }
 }
 
-impl PciDevice for VirtioNet {
+impl NicModel for VirtioNet {
+    fn wants_vnet_hdr(&self) -> bool {
+        true
+    }
     fn config(&self) -> &PciConfig {
         &self.config
     }
     fn config_mut(&mut self) -> &mut PciConfig {
         &mut self.config
     }
-    fn config_written(&mut self, _offset: usize, _len: usize) {
+    fn config_written(&mut self, port: &mut NetPort, _offset: usize, _len: usize) {
         self.msix.config_written(&self.config);
-        self.sync_ioevents();
+        self.sync_ioevents(port);
     }
 
-    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+    fn bar_read(&mut self, _port: &mut NetPort, bar: usize, offset: u64, data: &mut [u8]) {
         data.fill(0);
         match (bar, offset) {
             (MSIX_BAR, o) if o < MSIX_PBA => self.msix.table_read(o - MSIX_TABLE, data),
@@ -769,56 +721,39 @@ impl PciDevice for VirtioNet {
         }
     }
 
-    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+    fn bar_write(&mut self, port: &mut NetPort, bar: usize, offset: u64, data: &[u8]) {
         match (bar, offset) {
             (MSIX_BAR, o) if o < MSIX_PBA => self.msix.table_write(o - MSIX_TABLE, data),
-            (VIRTIO_BAR, o) if o < COMMON_CFG + COMMON_CFG_LEN => self.common_write(o, data),
+            (VIRTIO_BAR, o) if o < COMMON_CFG + COMMON_CFG_LEN => self.common_write(port, o, data),
             (VIRTIO_BAR, o) if (NOTIFY_CFG..NOTIFY_CFG + 0x1000).contains(&o) => {
                 // A kick that did not go through an ioeventfd.
-                let q = ((o - NOTIFY_CFG) / NOTIFY_OFF_MULTIPLIER as u64) as usize;
-                if let Some(k) = self.kicks.get(q) {
-                    let _ = k.write(1);
+                match (o - NOTIFY_CFG) / NOTIFY_OFF_MULTIPLIER as u64 {
+                    0 => port.kick_rx(),
+                    1 => port.kick_tx(),
+                    _ => {}
                 }
             }
             _ => {}
         }
     }
-}
 
-impl NetFrontend for VirtioNet {
-    fn stats(&self) -> NicStats {
-        self.stats
+    fn transmit(&mut self, port: &mut NetPort) {
+        self.process_tx(port);
     }
 
-    fn event_fds(&self) -> Vec<(RawFd, NetEvent)> {
-        vec![
-            (self.kicks[TX].as_raw_fd(), NetEvent::TxKick),
-            (self.kicks[RX].as_raw_fd(), NetEvent::RxKick),
-            (self.backend.fd(), NetEvent::Backend),
-        ]
+    fn rx_ready(&self) -> bool {
+        self.active
     }
 
-    fn handle(&mut self, ev: NetEvent) -> BackendInterest {
-        match ev {
-            NetEvent::TxKick => {
-                let _ = self.kicks[TX].read();
-                self.process_tx();
-            }
-            NetEvent::RxKick => {
-                let _ = self.kicks[RX].read();
-                self.rx_stalled = false;
-                self.process_rx();
-            }
-            NetEvent::Backend => {
-                if self.tx_blocked {
-                    self.tx_blocked = false;
-                    self.process_tx();
-                }
-                self.process_rx();
-            }
-            NetEvent::Timer => {}
-        }
-        let up = self.backend.link_up();
+    fn receive(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx {
+        self.receive_frame(port, frame)
+    }
+
+    fn rx_burst_done(&mut self, port: &mut NetPort) {
+        self.signal_queue(port, RX);
+    }
+
+    fn link_changed(&mut self, _port: &mut NetPort, up: bool) {
         if up != self.link_up {
             self.link_up = up;
             if self.active {
@@ -826,13 +761,15 @@ impl NetFrontend for VirtioNet {
                 self.interrupt(self.msix_config);
             }
         }
-        BackendInterest {
-            readable: self.active && !self.rx_stalled && self.rx_pending.is_none(),
-            writable: self.tx_blocked,
-        }
+    }
+
+    fn interrupts(&self) -> u64 {
+        self.interrupts
     }
 }
 
+/// A synthetic driver for tests, the fuzzer and the no-guest benchmark.
+#[cfg(any(test, feature = "test-drivers"))]
 pub mod driver;
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use super::frames::{self, backend_frame, frame, vnet_hdr};
 use super::Bytes;
 use crate::harness::{op, Target};
 use crate::rng::Rng;
-use devices::net::{NetEvent, NetFrontend};
+use devices::net::{NetEvent, Nic as DevNic, NicModel};
 use devices::pci::PciDevice;
 use net_backends::mem::{pair, MemPeer};
 use net_backends::{Capabilities, Offloads};
@@ -26,6 +26,8 @@ pub enum Ev {
     RxKick,
     Backend,
     Timer,
+    /// Whatever kicks the model left for the I/O thread.
+    Pending,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,8 +82,21 @@ pub trait Rig {
     fn init(&mut self, variant: u8);
 }
 
-pub trait NicDevice: PciDevice + NetFrontend {}
-impl<T: PciDevice + NetFrontend> NicDevice for T {}
+/// A NIC as the fuzzer drives it: the PCI device the vCPUs see, and the event handling the
+/// I/O thread does.
+pub trait NicDevice: PciDevice {
+    fn handle(&mut self, ev: NetEvent);
+    fn run_kicks(&mut self);
+}
+
+impl<M: NicModel> NicDevice for DevNic<M> {
+    fn handle(&mut self, ev: NetEvent) {
+        DevNic::handle(self, ev);
+    }
+    fn run_kicks(&mut self) {
+        DevNic::run_kicks(self);
+    }
+}
 
 /// What differs between the models: how to build one, and what a hostile driver writes.
 pub trait Model: 'static {
@@ -171,7 +186,8 @@ impl<M: Model> Target for Nic<M> {
                     });
                 }
                 3 => {
-                    let ev = rng.pick(&[Ev::TxKick, Ev::RxKick, Ev::Backend, Ev::Timer]);
+                    let ev =
+                        rng.pick(&[Ev::TxKick, Ev::RxKick, Ev::Backend, Ev::Timer, Ev::Pending]);
                     ops.push(NicOp::Event(ev));
                 }
                 4 => {
@@ -261,6 +277,10 @@ impl<M: Model> Target for Nic<M> {
                         Ev::RxKick => NetEvent::RxKick,
                         Ev::Backend => NetEvent::Backend,
                         Ev::Timer => NetEvent::Timer,
+                        Ev::Pending => {
+                            rig.dev().run_kicks();
+                            continue;
+                        }
                     };
                     rig.dev().handle(ev);
                 }

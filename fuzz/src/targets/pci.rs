@@ -7,9 +7,13 @@
 use crate::harness::{op, Target};
 use crate::rng::Rng;
 use devices::bus::Bus;
+use devices::e1000::E1000;
 use devices::interrupt::{IntxLine, RecordingIrqChip};
 use devices::lifecycle::Lifecycle;
+use devices::net::{NetPort, Nic};
 use devices::pci::{HostBridge, PciConfigIo, PciDevice, PciRoot, PciWindow};
+use devices::rtl8139::Rtl8139;
+use devices::virtio::net::VirtioNet;
 use devices::virtio::NoIoEvents;
 use net_backends::mem::pair;
 use nicvm::layout::{PCI_IO_SIZE, PCI_IO_START, PCI_MMIO_SIZE, PCI_MMIO_START};
@@ -57,54 +61,36 @@ fn machine() -> Machine {
     root.add(0, Arc::new(Mutex::new(HostBridge::default())))
         .unwrap();
     let mac = |i: u8| net_backends::MacAddr::nth_default(i);
+    let port = |i: u8| {
+        let (b, _) = pair(Default::default());
+        NetPort::new(format!("nic{i}"), Box::new(b)).unwrap()
+    };
     let mut devs: Vec<Arc<Mutex<dyn PciDevice>>> = vec![];
-    let (b, _) = pair(Default::default());
-    devs.push(Arc::new(Mutex::new(
-        devices::virtio::net::VirtioNet::new(
-            mac(0),
-            Box::new(b),
-            mem.clone(),
-            chip.clone(),
-            IntxLine::new(chip.clone(), 19, 3),
-            Arc::new(NoIoEvents),
-        )
-        .unwrap(),
-    )));
-    let (b, _) = pair(Default::default());
-    devs.push(Arc::new(Mutex::new(
-        devices::e1000::E1000::new(
-            mac(1),
-            Box::new(b),
-            mem.clone(),
-            IntxLine::new(chip.clone(), 20, 4),
-        )
-        .unwrap(),
-    )));
-    let (b, _) = pair(Default::default());
-    devs.push(Arc::new(Mutex::new(
-        devices::rtl8139::Rtl8139::new(
-            mac(2),
-            Box::new(b),
-            mem.clone(),
-            IntxLine::new(chip.clone(), 21, 5),
-            true,
-        )
-        .unwrap(),
-    )));
+    let virtio = VirtioNet::new(
+        mac(0),
+        Default::default(),
+        mem.clone(),
+        chip.clone(),
+        IntxLine::new(chip.clone(), 19, 3),
+        Arc::new(NoIoEvents),
+    )
+    .unwrap();
+    devs.push(Arc::new(Mutex::new(Nic::new(virtio, port(0)))));
+    let e1000 = E1000::new(mac(1), mem.clone(), IntxLine::new(chip.clone(), 20, 4)).unwrap();
+    devs.push(Arc::new(Mutex::new(Nic::new(e1000, port(1)))));
+    let rtl = Rtl8139::new(
+        mac(2),
+        mem.clone(),
+        IntxLine::new(chip.clone(), 21, 5),
+        true,
+    )
+    .unwrap();
+    devs.push(Arc::new(Mutex::new(Nic::new(rtl, port(2)))));
     devs.push(Arc::new(Mutex::new(devices::pvpanic::PvPanic::new(
         lifecycle,
     ))));
-    let (b, _) = pair(Default::default());
-    devs.push(Arc::new(Mutex::new(
-        devices::rtl8139::Rtl8139::new(
-            mac(3),
-            Box::new(b),
-            mem.clone(),
-            IntxLine::new(chip, 22, 7),
-            false,
-        )
-        .unwrap(),
-    )));
+    let rtl = Rtl8139::new(mac(3), mem.clone(), IntxLine::new(chip, 22, 7), false).unwrap();
+    devs.push(Arc::new(Mutex::new(Nic::new(rtl, port(3)))));
     for (d, slot) in devs.into_iter().zip(&SLOTS[1..]) {
         nicvm::vm::assign_bars(&mut *d.lock().unwrap(), &mut io_next, &mut mmio_next).unwrap();
         root.add(*slot, d).unwrap();

@@ -801,6 +801,11 @@ mod tests {
         let b = SlirpBackend::new(SlirpOptions::default()).unwrap();
         assert_eq!(threads(), before + 1);
         drop(b);
+        // Joined: the thread has ended; the kernel may list it for a moment longer.
+        let t0 = Instant::now();
+        while threads() > before && t0.elapsed() < std::time::Duration::from_secs(2) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert_eq!(threads(), before);
     }
 

@@ -3,7 +3,10 @@
 
 use super::*;
 use crate::interrupt::{IntxLine, RecordingIrqChip};
+use crate::net::{NetPort, Nic};
+use crate::pci::PciDevice;
 use crate::pci::PCI_COMMAND_MEMORY;
+use net_backends::NetBackend;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 pub const MEM_SIZE: usize = 1 << 20;
@@ -15,7 +18,7 @@ pub const RING_BASE: [u64; 2] = [0x1_0000, 0x2_0000];
 pub const BUF_BASE: [u64; 2] = [0x4_0000, 0x8_0000];
 
 pub struct Driver {
-    pub dev: VirtioNet,
+    pub dev: Nic<VirtioNet>,
     pub mem: GuestMemoryMmap,
     pub chip: Arc<RecordingIrqChip>,
     next_desc: [u16; 2],
@@ -38,15 +41,18 @@ impl Driver {
     pub fn new(backend: Box<dyn NetBackend>) -> Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let chip = Arc::new(RecordingIrqChip::default());
-        let mut dev = VirtioNet::new(
-            "52:54:00:12:34:56".parse().unwrap(),
-            backend,
+        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        let port = NetPort::new(format!("virtio-net {mac}"), backend).unwrap();
+        let model = VirtioNet::new(
+            mac,
+            port.capabilities(),
             mem.clone(),
             chip.clone(),
             IntxLine::new(chip.clone(), 19, 0),
             Arc::new(NoIoEvents),
         )
         .unwrap();
+        let mut dev = Nic::new(model, port);
         dev.config_mut().set_bar_addr(VIRTIO_BAR, 0xc000_0000);
         dev.config_mut().set_bar_addr(MSIX_BAR, 0xc001_0000);
         dev.config_mut()

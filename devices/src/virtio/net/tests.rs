@@ -4,6 +4,8 @@
 
 use super::driver::*;
 use super::*;
+use crate::net::NetEvent;
+use crate::pci::PciDevice;
 use net_backends::mem::{pair, MemPeer};
 use net_backends::Capabilities;
 use vm_memory::GuestAddress;
@@ -128,7 +130,7 @@ fn tx_single_and_chained_descriptors() {
     assert!(d.irq(), "INTx raised");
     assert_eq!(d.ack_irq(), 1, "ISR queue bit, cleared by the read");
     assert!(!d.irq());
-    assert_eq!(d.dev.stats.tx_frames, 2);
+    assert_eq!(d.dev.stats().tx_frames, 2);
 
     // With a vnet backend the header travels with the frame.
     let mut d = started(VNET, BASE | VIRTIO_NET_F_CSUM);
@@ -218,7 +220,7 @@ fn rx_waits_for_buffers_and_drops_nothing() {
         let got = d.read(d.desc_addr(RX, used[i].0 as u16), used[i].1 as usize);
         assert_eq!(&got[VNET_HDR_LEN..], &f[..], "frame {i} in order");
     }
-    assert_eq!(d.dev.stats.rx_dropped, 0);
+    assert_eq!(d.dev.stats().rx_dropped, 0);
 }
 
 #[test]

@@ -1,0 +1,640 @@
+//! What every NIC model needs from the network side, written once.
+//!
+//! A model ([`NicModel`]) is its registers and its rings. Around it, [`Nic`] holds:
+//!
+//! * the [`NetPort`] the model uses: the backend (frames out, with a virtio-net header added or
+//!   not as the backend needs), transmit and receive flow control, the kick eventfds, link
+//!   tracking, counters, and the guest-error log (once, then rate-limited, across resets);
+//! * the receive stage: the frame read from the backend that the guest had no room for yet,
+//!   and whether the receiver is stalled waiting for the guest to refill.
+//!
+//! The I/O thread drives a `Nic` as an event-manager subscriber (an `Arc<Mutex<Nic>>`, which
+//! event-manager takes as one); vCPU threads reach the same `Nic` as a PCI device. Both hold
+//! its mutex. One burst rule and one
+//! interest rule apply to all three models:
+//!
+//! * **Burst**: one event delivers at most [`RX_BURST`] frames, then returns; the backend's fd
+//!   stays readable and the loop comes back after the other fds had their turn.
+//! * **Interest**: the backend is watched for reading while the model's receiver is ready and
+//!   nothing waits in the stage (no buffers: frames wait in the backend, not in nicvm), and for
+//!   writing while a send was refused.
+
+use super::NicStats;
+use crate::pci::{PciConfig, PciDevice};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use net_backends::vnet::VNET_HDR_LEN;
+use net_backends::{Capabilities, NetBackend, Offloads};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Frames one event delivers at most.
+pub const RX_BURST: usize = 64;
+/// A guest error is logged at warning level at most this often (the first one always).
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What became of a frame offered to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rx {
+    /// In the guest's buffers.
+    Delivered,
+    /// Gone for good: filtered, too long, receiver off, or a device error.
+    Dropped,
+    /// No room yet: the frame waits and the receiver stalls until the guest refills.
+    NoRoom,
+}
+
+/// What became of a frame handed to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Sent,
+    /// The backend is full; nothing was taken. The port watches for it to drain and then
+    /// calls the model's `transmit` again.
+    Blocked,
+    /// The backend failed (logged at debug level): the frame is lost, as on a wire.
+    Lost,
+}
+
+/// The register file and rings of one NIC, driven by its [`Nic`].
+pub trait NicModel: Send + 'static {
+    /// Frames cross the port with their virtio-net header (virtio-net) rather than without
+    /// (the port then adds an empty one, or strips it, when the backend has headers).
+    fn wants_vnet_hdr(&self) -> bool {
+        false
+    }
+    fn config(&self) -> &PciConfig;
+    fn config_mut(&mut self) -> &mut PciConfig;
+    fn config_written(&mut self, _port: &mut NetPort, _offset: usize, _len: usize) {}
+    fn bar_read(&mut self, port: &mut NetPort, bar: usize, offset: u64, data: &mut [u8]);
+    fn bar_write(&mut self, port: &mut NetPort, bar: usize, offset: u64, data: &[u8]);
+    /// Walks the transmit ring: after a guest doorbell that reached the I/O thread, or when
+    /// the backend takes frames again after [`Sent::Blocked`].
+    fn transmit(&mut self, port: &mut NetPort);
+    /// Whether frames should be read from the backend at all now (false: they wait there).
+    fn rx_ready(&self) -> bool;
+    /// One frame for the guest.
+    fn receive(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx;
+    /// The end of a receive burst that delivered frames: one interrupt for all of them.
+    fn rx_burst_done(&mut self, _port: &mut NetPort) {}
+    /// The model's timer (interrupt mitigation, delayed work), if it has one: the I/O thread
+    /// watches it and calls [`NicModel::timer`] when it fires.
+    fn timer_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The model's timer fired (the model reads it).
+    fn timer(&mut self, _port: &mut NetPort) {}
+    /// Interrupts raised so far (MSI-X messages or INTx assertions), for the counters.
+    fn interrupts(&self) -> u64;
+    /// The backend's link went up or down.
+    fn link_changed(&mut self, _port: &mut NetPort, _up: bool) {}
+}
+
+/// Guest errors of one device: the first is logged as a warning, later ones at most every
+/// [`ERROR_LOG_INTERVAL`] with how many were not shown; the count survives device resets, so
+/// a guest cannot turn reset-and-fail into a stream of warnings.
+#[derive(Debug, Default)]
+struct GuestErrors {
+    count: u64,
+    unshown: u64,
+    last_shown: Option<Instant>,
+}
+
+impl GuestErrors {
+    fn report(&mut self, device: &str, what: std::fmt::Arguments) {
+        self.count += 1;
+        let due = self
+            .last_shown
+            .is_none_or(|t| t.elapsed() >= ERROR_LOG_INTERVAL);
+        if !due {
+            self.unshown += 1;
+            log::debug!("{device}: {what}");
+            return;
+        }
+        if self.unshown > 0 {
+            log::warn!(
+                "{device}: {what} (and {} more guest errors since the last report)",
+                self.unshown
+            );
+        } else {
+            log::warn!("{device}: {what}");
+        }
+        self.unshown = 0;
+        self.last_shown = Some(Instant::now());
+    }
+}
+
+/// How the virtio-net header between backend and model is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hdr {
+    /// Neither has one, or both do: frames pass as they are.
+    Pass,
+    /// The backend has one, the model does not: stripped on receive, an empty one sent.
+    Hide,
+}
+
+/// The network side as a model sees it.
+pub struct NetPort {
+    name: String,
+    backend: Box<dyn NetBackend>,
+    caps: Capabilities,
+    hdr: Hdr,
+    tx_kick: EventFd,
+    rx_kick: EventFd,
+    tx_blocked: bool,
+    /// The guest had no room for a frame: the backend is not read until a kick.
+    rx_stalled: bool,
+    /// The link as the model was last told.
+    link_up: bool,
+    /// The backend's data fd hung up or failed; it is not watched any more.
+    backend_dead: bool,
+    pub stats: NicStats,
+    errors: GuestErrors,
+}
+
+/// An empty virtio-net header for backends that need one in front of every frame.
+static NO_VNET_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+
+impl NetPort {
+    /// `name` is how messages call the device ("e1000 52:54:00:12:34:56").
+    pub fn new(name: String, backend: Box<dyn NetBackend>) -> io::Result<NetPort> {
+        let caps = backend.capabilities();
+        Ok(NetPort {
+            name,
+            link_up: backend.link_up(),
+            backend,
+            caps,
+            hdr: Hdr::Pass,
+            tx_kick: EventFd::new(EFD_NONBLOCK)?,
+            rx_kick: EventFd::new(EFD_NONBLOCK)?,
+            tx_blocked: false,
+            rx_stalled: false,
+            backend_dead: false,
+            stats: NicStats::default(),
+            errors: GuestErrors::default(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What the backend can carry, as the model sees it: no header (and so no offloads) when
+    /// the model does not handle headers.
+    pub fn capabilities(&self) -> Capabilities {
+        match self.hdr {
+            Hdr::Pass => self.caps,
+            Hdr::Hide => Capabilities::default(),
+        }
+    }
+
+    /// The offloads the guest accepts on frames it receives (virtio-net's GUEST_* features).
+    pub fn set_rx_offloads(&mut self, o: Offloads) {
+        if let Err(e) = self.backend.set_rx_offloads(o) {
+            log::warn!("{}: the backend refused offloads {o:?}: {e}", self.name);
+        }
+    }
+
+    /// Whether the other side is there.
+    pub fn backend_link_up(&self) -> bool {
+        self.backend.link_up() && !self.backend_dead
+    }
+
+    /// Hands one frame (in pieces) to the backend.
+    pub fn send(&mut self, frame: &[IoSlice<'_>]) -> Sent {
+        let r = if self.hdr == Hdr::Hide {
+            let mut iov = [IoSlice::new(&[]); 8];
+            if frame.len() < iov.len() {
+                iov[0] = IoSlice::new(&NO_VNET_HDR);
+                iov[1..=frame.len()].copy_from_slice(frame);
+                self.backend.send(&iov[..=frame.len()])
+            } else {
+                let mut v = Vec::with_capacity(frame.len() + 1);
+                v.push(IoSlice::new(&NO_VNET_HDR));
+                v.extend_from_slice(frame);
+                self.backend.send(&v)
+            }
+        } else {
+            self.backend.send(frame)
+        };
+        match r {
+            Ok(()) => {
+                let bytes: usize = frame.iter().map(|p| p.len()).sum();
+                let hdr = if self.caps.vnet_hdr && self.hdr == Hdr::Pass {
+                    VNET_HDR_LEN
+                } else {
+                    0
+                };
+                self.stats.tx_frames += 1;
+                self.stats.tx_bytes += bytes.saturating_sub(hdr) as u64;
+                Sent::Sent
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !self.tx_blocked {
+                    self.tx_blocked = true;
+                    // From a vCPU thread: the I/O thread learns to watch for writability.
+                    let _ = self.tx_kick.write(1);
+                }
+                Sent::Blocked
+            }
+            Err(e) => {
+                log::debug!("{}: send failed: {e}", self.name);
+                Sent::Lost
+            }
+        }
+    }
+
+    /// Whether a send was refused and the backend has not drained yet.
+    pub fn tx_blocked(&self) -> bool {
+        self.tx_blocked
+    }
+
+    /// Asks the I/O thread to run the model's `transmit` (a doorbell the model took on a
+    /// vCPU thread, or work it left for later to bound one event).
+    pub fn kick_tx(&self) {
+        let _ = self.tx_kick.write(1);
+    }
+
+    /// The guest made room (or the receiver changed): a stalled receiver tries again.
+    pub fn kick_rx(&self) {
+        let _ = self.rx_kick.write(1);
+    }
+
+    /// Whether the receiver waits for the guest to make room (models kick only then).
+    pub fn rx_stalled(&self) -> bool {
+        self.rx_stalled
+    }
+
+    /// The eventfds a guest's queue notifications can be wired to (KVM ioeventfd).
+    pub fn tx_kick_fd(&self) -> &EventFd {
+        &self.tx_kick
+    }
+    pub fn rx_kick_fd(&self) -> &EventFd {
+        &self.rx_kick
+    }
+
+    /// A guest programming error: logged once, then rate-limited; counted for ever.
+    pub fn guest_error(&mut self, what: std::fmt::Arguments) {
+        self.errors.report(&self.name, what);
+    }
+
+    /// Guest errors so far.
+    pub fn guest_errors(&self) -> u64 {
+        self.errors.count
+    }
+}
+
+/// The frame read from the backend that waits for guest buffers, and the buffer it is in.
+struct RxStage {
+    buf: Box<[u8]>,
+    pending: Option<usize>,
+    /// Frames the last burst took from the stage or the backend.
+    last_burst: usize,
+}
+
+/// Which readiness of the backend a NIC wants to hear about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BackendInterest {
+    pub readable: bool,
+    pub writable: bool,
+}
+
+/// What the I/O thread (or a test playing it) tells a [`Nic`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetEvent {
+    /// The TX doorbell eventfd fired.
+    TxKick,
+    /// The RX kick eventfd fired: the guest made room.
+    RxKick,
+    /// The backend's fds are readable and writable (tests and the fuzzer use this; the event
+    /// loop passes what each fd reported).
+    Backend,
+    /// The model's timer expired.
+    Timer,
+}
+
+/// A NIC model with its port and receive stage: what the buses and the I/O thread share.
+pub struct Nic<M> {
+    pub model: M,
+    pub port: NetPort,
+    rx: RxStage,
+    /// Backend fds as registered with the event loop, and their interest.
+    watched: Vec<(RawFd, EventSet)>,
+    scratch: Vec<(RawFd, EventSet)>,
+}
+
+impl<M> std::ops::Deref for Nic<M> {
+    type Target = M;
+    fn deref(&self) -> &M {
+        &self.model
+    }
+}
+
+impl<M> std::ops::DerefMut for Nic<M> {
+    fn deref_mut(&mut self) -> &mut M {
+        &mut self.model
+    }
+}
+
+impl<M: NicModel> Nic<M> {
+    pub fn new(mut model: M, mut port: NetPort) -> Nic<M> {
+        port.hdr = if port.caps.vnet_hdr && !model.wants_vnet_hdr() {
+            Hdr::Hide
+        } else {
+            Hdr::Pass
+        };
+        let up = port.link_up;
+        model.link_changed(&mut port, up);
+        Nic {
+            model,
+            port,
+            rx: RxStage {
+                buf: vec![0; net_backends::MAX_FRAME].into_boxed_slice(),
+                pending: None,
+                last_burst: 0,
+            },
+            watched: vec![],
+            scratch: vec![],
+        }
+    }
+
+    /// The counters: the port's, the model's interrupts and what the backend dropped itself.
+    pub fn stats(&self) -> NicStats {
+        NicStats {
+            interrupts: self.model.interrupts(),
+            backend_dropped: self.port.backend.dropped(),
+            ..self.port.stats
+        }
+    }
+
+    /// Handles one event as the I/O thread would; returns what the backend is watched for
+    /// from now on.
+    pub fn handle(&mut self, ev: NetEvent) -> BackendInterest {
+        match ev {
+            NetEvent::TxKick => {
+                let _ = self.port.tx_kick.read();
+                self.tx_kicked();
+            }
+            NetEvent::RxKick => {
+                let _ = self.port.rx_kick.read();
+                self.rx_kicked();
+            }
+            NetEvent::Backend => self.backend_ready(true, true),
+            NetEvent::Timer => self.model.timer(&mut self.port),
+        }
+        self.check_link();
+        self.interest()
+    }
+
+    /// Handles the kicks that are pending, as the I/O thread would (for tests and the
+    /// fuzzer, which have no event loop).
+    pub fn run_kicks(&mut self) -> BackendInterest {
+        if self.port.tx_kick.read().is_ok() {
+            self.tx_kicked();
+        }
+        if self.port.rx_kick.read().is_ok() {
+            self.rx_kicked();
+        }
+        self.check_link();
+        self.interest()
+    }
+
+    fn tx_kicked(&mut self) {
+        // While the backend is full, the kick only makes the loop watch for room.
+        if !self.port.tx_blocked {
+            self.model.transmit(&mut self.port);
+        }
+    }
+
+    fn rx_kicked(&mut self) {
+        self.port.rx_stalled = false;
+        self.receive_burst();
+    }
+
+    /// What the event loop does while the backend stays readable: bursts until one ends
+    /// short (the backend is drained, or the guest out of room). For tests and the fuzzer.
+    pub fn pump(&mut self) -> BackendInterest {
+        loop {
+            let i = self.handle(NetEvent::Backend);
+            if self.rx.last_burst < RX_BURST {
+                return i;
+            }
+        }
+    }
+
+    /// What the backend is watched for now.
+    pub fn interest(&self) -> BackendInterest {
+        BackendInterest {
+            readable: self.wants_rx(),
+            writable: self.port.tx_blocked,
+        }
+    }
+
+    /// A backend fd reported `set`: the backend does its own part (accepting, reconnecting,
+    /// noticing a hang-up), then frames move.
+    pub fn backend_event(&mut self, fd: RawFd, set: EventSet) {
+        self.port.backend.ready(fd, set);
+        if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+            // Reported on every wait whatever the interest: a backend that still wants this
+            // fd watched after seeing it (a deleted tap) would make the loop spin.
+            let mut still = vec![];
+            self.port.backend.watch(true, true, &mut still);
+            if still.iter().any(|(f, _)| *f == fd) {
+                log::warn!(
+                    "{}: the backend failed or hung up; no longer watched",
+                    self.port.name
+                );
+                self.port.backend_dead = true;
+            }
+        }
+        self.backend_ready(set.contains(EventSet::IN), set.contains(EventSet::OUT));
+        self.check_link();
+    }
+
+    fn backend_ready(&mut self, readable: bool, writable: bool) {
+        if writable && self.port.tx_blocked {
+            self.port.tx_blocked = false;
+            self.model.transmit(&mut self.port);
+        }
+        if readable {
+            self.receive_burst();
+        }
+    }
+
+    fn check_link(&mut self) {
+        let up = self.port.backend_link_up();
+        if up != self.port.link_up {
+            self.port.link_up = up;
+            self.model.link_changed(&mut self.port, up);
+        }
+    }
+
+    /// Moves up to [`RX_BURST`] frames from the backend (or the stage) into the guest.
+    fn receive_burst(&mut self) {
+        let mut delivered = false;
+        self.rx.last_burst = 0;
+        for _ in 0..RX_BURST {
+            if self.port.rx_stalled || !self.model.rx_ready() {
+                break;
+            }
+            let len = match self.rx.pending.take() {
+                Some(n) => n,
+                None => match self.port.backend.recv(&mut self.rx.buf) {
+                    Ok(Some(n)) => n,
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::debug!("{}: receive failed: {e}", self.port.name);
+                        break;
+                    }
+                },
+            };
+            self.rx.last_burst += 1;
+            let frame = match self.port.hdr {
+                Hdr::Pass => &self.rx.buf[..len],
+                Hdr::Hide => match self.rx.buf[..len].get(VNET_HDR_LEN..) {
+                    Some(f) => f,
+                    None => continue, // shorter than its header: not a frame
+                },
+            };
+            match self.model.receive(&mut self.port, frame) {
+                Rx::Delivered => delivered = true,
+                Rx::Dropped => {}
+                Rx::NoRoom => {
+                    self.rx.pending = Some(len);
+                    self.port.rx_stalled = true;
+                    break;
+                }
+            }
+        }
+        if delivered {
+            self.model.rx_burst_done(&mut self.port);
+        }
+    }
+
+    /// Whether the backend should be read: the receiver is ready and nothing waits.
+    fn wants_rx(&self) -> bool {
+        !self.port.rx_stalled && self.rx.pending.is_none() && self.model.rx_ready()
+    }
+
+    /// A frame waits in the stage for guest buffers. It stays across device resets, as it
+    /// would in the backend: the model kicks the receiver when the guest can take it.
+    pub fn rx_waiting(&self) -> bool {
+        self.rx.pending.is_some()
+    }
+
+    /// The backend fds the event loop should watch now, and for what.
+    pub fn backend_interest(&mut self, out: &mut Vec<(RawFd, EventSet)>) {
+        out.clear();
+        if self.port.backend_dead {
+            return;
+        }
+        let (rx, tx) = (self.wants_rx(), self.port.tx_blocked);
+        self.port.backend.watch(rx, tx, out);
+    }
+
+    /// Brings the event loop's registrations of the backend's fds in line with what the
+    /// backend and the model want now.
+    fn sync_backend(&mut self, ops: &mut EventOps) {
+        let mut want = std::mem::take(&mut self.scratch);
+        self.backend_interest(&mut want);
+        // Gone, or changed.
+        let mut i = 0;
+        while i < self.watched.len() {
+            let (fd, ev) = self.watched[i];
+            match want.iter().find(|(f, _)| *f == fd) {
+                None => {
+                    let _ = ops.remove(Events::with_data_raw(fd, BACKEND, ev));
+                    self.watched.swap_remove(i);
+                    continue;
+                }
+                Some(&(_, new))
+                    if new != ev && ops.modify(Events::with_data_raw(fd, BACKEND, new)).is_ok() =>
+                {
+                    self.watched[i].1 = new;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        // New.
+        for &(fd, ev) in &want {
+            if !self.watched.iter().any(|(f, _)| *f == fd) {
+                match ops.add(Events::with_data_raw(fd, BACKEND, ev)) {
+                    Ok(()) => self.watched.push((fd, ev)),
+                    Err(e) => log::error!("{}: cannot watch backend fd {fd}: {e}", self.port.name),
+                }
+            }
+        }
+        self.scratch = want;
+    }
+}
+
+impl<M: NicModel> PciDevice for Nic<M> {
+    fn config(&self) -> &PciConfig {
+        self.model.config()
+    }
+    fn config_mut(&mut self) -> &mut PciConfig {
+        self.model.config_mut()
+    }
+    fn config_written(&mut self, offset: usize, len: usize) {
+        self.model.config_written(&mut self.port, offset, len);
+    }
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        self.model.bar_read(&mut self.port, bar, offset, data);
+    }
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        self.model.bar_write(&mut self.port, bar, offset, data);
+    }
+}
+
+// Tokens of the fds a NIC registers (`Events::data`).
+const TX_KICK: u32 = 0;
+const RX_KICK: u32 = 1;
+const TIMER: u32 = 2;
+const BACKEND: u32 = 3;
+
+/// The I/O thread's side: event-manager calls this (through the `Mutex` and `Arc` the NIC is
+/// shared in) with the fd that is ready and for what.
+impl<M: NicModel> MutEventSubscriber for Nic<M> {
+    fn init(&mut self, ops: &mut EventOps) {
+        let nic = self;
+        let mut fds = vec![
+            (nic.port.tx_kick.as_raw_fd(), TX_KICK),
+            (nic.port.rx_kick.as_raw_fd(), RX_KICK),
+        ];
+        if let Some(fd) = nic.model.timer_fd() {
+            fds.push((fd, TIMER));
+        }
+        for (fd, token) in fds {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                log::error!("{}: cannot watch fd {fd}: {e}", nic.port.name);
+            }
+        }
+        nic.sync_backend(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let nic = self;
+        let set = events.event_set();
+        log::trace!(
+            "{}: event {} fd {} {:?}",
+            nic.port.name,
+            events.data(),
+            events.fd(),
+            set
+        );
+        match events.data() {
+            TX_KICK => {
+                nic.handle(NetEvent::TxKick);
+            }
+            RX_KICK => {
+                nic.handle(NetEvent::RxKick);
+            }
+            TIMER => {
+                nic.handle(NetEvent::Timer);
+            }
+            _ => nic.backend_event(events.fd(), set),
+        }
+        nic.sync_backend(ops);
+    }
+}
