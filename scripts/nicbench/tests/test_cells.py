@@ -1,0 +1,38 @@
+"""The VMM command lines of a cell: both VMMs get the same guest steps, kernel and NIC."""
+import unittest
+
+from nicbench.cells import Setup, command
+
+
+def setup(emulating):
+    return Setup(nicvm="nicvm", qemu="qemu", kernel="K", initrd="I", emulating=emulating,
+                 mib=2, pings=5)
+
+
+class Command(unittest.TestCase):
+    def test_nicvm_on_tap(self):
+        self.assertEqual(command(setup(True), "nicvm", "rtl8139-too", "tap", None), [
+            "nicvm", "-m", "128", "-nographic", "-kernel", "K", "-initrd", "I", "-append",
+            "console=ttyS0 quiet nicvm.run=pings:192.168.77.1:5,recv:5001,"
+            "send:192.168.77.1:5002:2,exit",
+            "-netdev", "tap,id=n0,ifname=bntap0,script=no,downscript=no",
+            "-device", "rtl8139,cplus=off,netdev=n0"])
+
+    def test_qemu_on_user_is_told_about_an_emulating_host(self):
+        cmd = command(setup(True), "qemu", "virtio-net", "user", None)
+        self.assertEqual(cmd[:4], ["qemu", "-enable-kvm", "-cpu", "host,-arch-capabilities"])
+        self.assertEqual(cmd[cmd.index("-append") + 1],
+                         "console=ttyS0 quiet nicvm.run=pings:10.0.2.2:5,recv:5001,"
+                         "send:10.0.2.2:5002:2,exit nicvm_emulated")
+        self.assertEqual(cmd[-4:], ["-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:15001-:5001",
+                                    "-device", "virtio-net-pci,netdev=n0"])
+
+    def test_qemu_on_hardware_kvm_on_vde(self):
+        cmd = command(setup(False), "qemu", "e1000", "vde", "/tmp/vde.ctl")
+        self.assertEqual(cmd[3], "host")
+        self.assertFalse(cmd[cmd.index("-append") + 1].endswith("nicvm_emulated"))
+        self.assertIn("vde,id=n0,sock=/tmp/vde.ctl", cmd)
+
+
+if __name__ == "__main__":
+    unittest.main()
