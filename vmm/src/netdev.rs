@@ -118,7 +118,16 @@ pub fn open(spec: &NetdevSpec, want_vnet_hdr: bool) -> Result<Opened, String> {
                     let fd: i32 = fd
                         .parse()
                         .map_err(|_| e(format!("fd: '{fd}' is not a number")))?;
-                    Tap::from_fd(fd).map_err(|x| e(x.to_string()))?
+                    // An fd keeps the header it was opened with unless the frontend cannot
+                    // use one (then it is hidden) or vnet_hdr= says otherwise.
+                    let vnet = match o.get("vnet_hdr") {
+                        _ if !want_vnet_hdr => Some(false),
+                        None => None,
+                        Some(v) => Some(v == "on"),
+                    };
+                    // SAFETY: nicvm inherited `fd` and nothing in it uses or closes it; the
+                    // CLI hands it to exactly one -netdev, opened once.
+                    unsafe { Tap::from_fd(fd, vnet) }.map_err(|x| e(x.to_string()))?
                 }
                 None => {
                     Tap::open(o.get("ifname").unwrap_or(""), vnet).map_err(|x| e(x.to_string()))?
