@@ -398,7 +398,7 @@ where
                     None => return err(&opt, format!("'{val}' is not a size (e.g. 256M, 1G)")),
                 }
             }
-            "-smp" => b.cpus = parse_smp(&val).or_else(|e| err(&opt, e))?,
+            "-smp" => b.cpus = parse_smp(&val).or_else(|e| err(&opt, e.to_string()))?,
             "-kernel" => b.kernel = Some(val.into()),
             "-initrd" => b.initrd = Some(val.into()),
             "-append" => b.append = val,
@@ -427,15 +427,17 @@ where
                 }
             }
             "-netdev" => {
-                let kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e))?;
+                let kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e.to_string()))?;
                 b.netdevs.push(netdev_from(&opt, kv)?);
             }
             "-object" => {
-                let kv = KeyVal::parse(&val, Some("qom-type")).or_else(|e| err(&opt, e))?;
+                let kv =
+                    KeyVal::parse(&val, Some("qom-type")).or_else(|e| err(&opt, e.to_string()))?;
                 b.dumps.push(dump_from(&opt, kv)?);
             }
             "-device" => {
-                let mut kv = KeyVal::parse(&val, Some("driver")).or_else(|e| err(&opt, e))?;
+                let mut kv =
+                    KeyVal::parse(&val, Some("driver")).or_else(|e| err(&opt, e.to_string()))?;
                 let Some(driver) = kv.first.take() else {
                     return err(&opt, "needs a device model");
                 };
@@ -443,7 +445,8 @@ where
                 b.devices.push((format!("-device {driver}"), model, kv));
             }
             "-nic" => {
-                let mut kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e))?;
+                let mut kv =
+                    KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e.to_string()))?;
                 if kv.first.as_deref() == Some("none") {
                     b.no_nic = true;
                     continue;
@@ -466,7 +469,8 @@ where
                 b.devices.push((opt.clone(), model, dev));
             }
             "-net" => {
-                let mut kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e))?;
+                let mut kv =
+                    KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e.to_string()))?;
                 match kv.first.as_deref() {
                     Some("none") => b.no_nic = true,
                     Some("nic") => {
