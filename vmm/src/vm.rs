@@ -2,7 +2,7 @@
 //! and the supervisor loop that turns the first exit reason into nicvm's exit.
 
 use crate::boot;
-use crate::cli::{Config, NicModel, SerialTarget};
+use crate::config::{Config, NicModel, SerialTarget};
 use crate::console;
 use crate::cpuid;
 use crate::host::HostKind;
@@ -156,12 +156,14 @@ impl Timing {
     }
 }
 
-/// Builds the VM, runs it, and returns why it ended.
+/// Builds the VM, runs it, and returns why it ended. What opening the netdevs set up is
+/// left in `guards`, also when set-up fails: the caller drops them once the VM has ended.
 pub fn run(
     cfg: &Config,
     host: HostKind,
     timing: Timing,
     signals: &crate::signals::SignalFd,
+    guards: &mut Vec<netdev::NetdevGuard>,
 ) -> Result<ExitReason, SetupError> {
     let kvm = Kvm::new().map_err(|e| {
         SetupError(format!(
@@ -259,7 +261,8 @@ pub fn run(
             .iter()
             .find(|n| n.id == spec.netdev)
             .expect("checked by the CLI");
-        let opened = netdev::open(nd, spec.model == NicModel::VirtioNetPci).map_err(SetupError)?;
+        let opened = netdev::open(nd, spec.model.wants_vnet_hdr()).map_err(setup_err)?;
+        guards.push(opened.guard);
         let slot = match spec.slot {
             Some(s) => s,
             None => (FIRST_NIC_SLOT..32)
@@ -287,8 +290,8 @@ pub fn run(
                 VirtioNet::new(spec.mac, backend, mem, chip.clone(), gsi, ioevents.clone())
                     .map_err(model_err)?,
             ),
-            NicModel::Rtl8139 => nic_views(
-                Rtl8139::new(spec.mac, backend, mem, chip.clone(), gsi, spec.cplus)
+            NicModel::Rtl8139 { cplus } => nic_views(
+                Rtl8139::new(spec.mac, backend, mem, chip.clone(), gsi, cplus)
                     .map_err(model_err)?,
             ),
             NicModel::E1000 => {
@@ -304,7 +307,7 @@ pub fn run(
         );
         root.add(slot, pci)
             .map_err(|e| SetupError(format!("-device {}: {e}", spec.model.name())))?;
-        counted.push((spec.clone(), nd.kind.clone(), nic.clone()));
+        counted.push((spec.clone(), nd.backend.kind().into(), nic.clone()));
         nics.push(nic);
     }
     let mut panic_dev = PvPanic::new(lifecycle.clone());
@@ -411,7 +414,7 @@ pub fn run(
 type SharedNic = Arc<Mutex<dyn NetFrontend>>;
 
 /// A NIC whose counters NICVM_STATS reports: its -device, its netdev's type, the model.
-type Counted = (crate::cli::NicSpec, String, SharedNic);
+type Counted = (crate::config::NicConfig, String, SharedNic);
 
 /// `NICVM_STATS=PATH`: at exit, one JSON object with nicvm's run time and, per NIC, what it is
 /// and its counters (for scripts/bench).
@@ -423,9 +426,9 @@ fn stats_json(nics: &[Counted], seconds: f64) -> String {
                 Ok(n) => n.stats(),
                 Err(poisoned) => poisoned.into_inner().stats(),
             };
-            let model = match (spec.model, spec.cplus) {
-                (NicModel::Rtl8139, false) => "rtl8139,cplus=off",
-                (m, _) => m.name(),
+            let model = match spec.model {
+                NicModel::Rtl8139 { cplus: false } => "rtl8139,cplus=off",
+                m => m.name(),
             };
             format!(
                 "{{\"model\":\"{model}\",\"netdev\":\"{}\",\"backend\":\"{}\",\"mac\":\"{}\",\
