@@ -334,14 +334,16 @@ mod tests {
     #[test]
     fn a_tap_fd_with_a_vnet_header() {
         in_netns(|| {
-            for (want, seen) in [(false, false), (true, true)] {
-                let fd = vnet_tap_fd("nvf0");
+            // A name each: a tap closed here can stay attached a moment longer through a
+            // child another test thread is forking.
+            for (name, want, seen) in [("nvf0", false, false), ("nvf1", true, true)] {
+                let fd = vnet_tap_fd(name);
                 let nd = netdev_with(
                     &format!("tap,id=t,fd={fd},script=no,downscript=no"),
                     &InheritedFds::from_fds([fd]),
                 );
                 let o = open(&nd, want).unwrap();
-                assert_eq!(o.label, "nvf0");
+                assert_eq!(o.label, name);
                 assert_eq!(o.backend.capabilities().vnet_hdr, seen, "want {want}");
             }
             let f = std::fs::File::open("/dev/null").unwrap();
