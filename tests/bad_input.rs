@@ -7,6 +7,10 @@ use support::*;
 
 fn expect_error(a: &[&str], option: &str) {
     let o = run(&args(a), Duration::from_secs(30));
+    expect_error_in(a, &o, option);
+}
+
+fn expect_error_in(a: &[&str], o: &Outcome, option: &str) {
     assert_eq!(
         o.code,
         Some(1),
@@ -134,4 +138,144 @@ fn help_and_version() {
     assert_eq!(o.code, Some(0));
     assert!(o.stdout.starts_with("nicvm "));
     assert!(o.stdout.contains("host: "), "{}", o.stdout);
+}
+
+/// A -netdev no NIC uses is checked all the same.
+#[test]
+fn unused_netdev_with_a_bad_option() {
+    let k = kernel();
+    expect_error(&["-kernel", &k, "-netdev", "user,id=n0,bogus=1"], "-netdev");
+    expect_error(
+        &["-kernel", &k, "-netdev", "socket,id=n0,listen=nope"],
+        "-netdev socket,id=n0",
+    );
+}
+
+/// A valid -netdev no NIC uses: QEMU's warning, once, at start-up (here before the -kernel
+/// error that stops this run without KVM).
+#[test]
+fn unused_netdev_is_warned_about() {
+    let o = run(
+        &args(&[
+            "-kernel",
+            "/nonexistent/vmlinux",
+            "-netdev",
+            "user,id=n0",
+            "-netdev",
+            "tap,id=n1,ifname=unused0",
+            "-netdev",
+            "user,id=n2",
+            "-device",
+            "e1000,netdev=n2",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(o.code, Some(1), "{}", o.dump());
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(
+        lines[..2],
+        [
+            "nicvm: warning: netdev n0 has no peer",
+            "nicvm: warning: netdev n1 has no peer"
+        ],
+        "{}",
+        o.dump()
+    );
+    assert!(lines[2].starts_with("nicvm: -kernel: "), "{}", o.dump());
+    assert_eq!(lines.len(), 3, "{}", o.dump());
+}
+
+/// nicvm started with fd 5 open (on /dev/null), as a parent passing a tap would.
+fn run_with_fd5(a: &[&str]) -> Outcome {
+    let start = std::time::Instant::now();
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$0\" \"$@\" 5</dev/null")
+        .arg(nicvm())
+        .args(a)
+        .env("NICVM_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run nicvm");
+    Outcome {
+        code: o.status.code(),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        elapsed: start.elapsed(),
+    }
+}
+
+#[test]
+fn tap_fd_named_twice() {
+    let k = kernel();
+    let a = [
+        "-kernel",
+        &k,
+        "-netdev",
+        "tap,id=a,fd=5",
+        "-netdev",
+        "tap,id=b,fd=5",
+        "-device",
+        "e1000,netdev=a",
+        "-device",
+        "e1000,netdev=b",
+    ];
+    let o = run_with_fd5(&a);
+    expect_error_in(
+        &a,
+        &o,
+        "-netdev tap,id=b: fd: 5 is already used by -netdev tap,id=a",
+    );
+}
+
+#[test]
+fn tap_fd_not_inherited_or_nicvms_own() {
+    let k = kernel();
+    for (fd, why) in [
+        ("77", "77 is not a descriptor nicvm inherited"),
+        ("999", "999 is not a descriptor nicvm inherited"),
+        ("1", "1 is nicvm's stdout"),
+        ("5x", "'5x' is not a number"),
+    ] {
+        let netdev = format!("tap,id=a,fd={fd}");
+        let a = [
+            "-kernel",
+            &k,
+            "-netdev",
+            &netdev,
+            "-device",
+            "e1000,netdev=a",
+        ];
+        let o = run_with_fd5(&a);
+        expect_error_in(&a, &o, &format!("-netdev tap,id=a: fd: {why}"));
+    }
+}
+
+/// An inherited fd that is not a tap gets as far as opening, which refuses it (needs KVM:
+/// the NICs are opened while the VM is built).
+#[test]
+fn tap_fd_that_is_not_a_tap() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return;
+    }
+    let k = kernel();
+    let a = [
+        "-kernel",
+        &k,
+        "-netdev",
+        "tap,id=a,fd=5,script=no,downscript=no",
+        "-device",
+        "e1000,netdev=a",
+    ];
+    let o = run_with_fd5(&a);
+    expect_error_in(
+        &a,
+        &o,
+        "-netdev tap,id=a: fd=5: not an open tap file descriptor",
+    );
 }

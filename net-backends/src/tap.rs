@@ -1,34 +1,25 @@
 //! Linux tap interfaces (`-netdev tap`): opened through /dev/net/tun with IFF_TAP|IFF_NO_PI and,
-//! for virtio-net, IFF_VNET_HDR (12-byte header) so offloads pass straight through.
+//! for virtio-net, IFF_VNET_HDR (12-byte header) so offloads pass straight through. A tap fd
+//! handed over with a header the frontend does not want has the header hidden: stripped from
+//! the frames read, a zeroed one put in front of the frames written.
 
 use crate::vnet::VNET_HDR_LEN;
 use crate::{Capabilities, NetBackend, Offloads};
-use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const TUNGETFEATURES: libc::c_ulong = 0x8004_54cf;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-const TUN_F_CSUM: libc::c_uint = 0x01;
-const TUN_F_TSO4: libc::c_uint = 0x02;
-const TUN_F_TSO6: libc::c_uint = 0x04;
-const TUN_F_TSO_ECN: libc::c_uint = 0x08;
-const TUN_F_UFO: libc::c_uint = 0x10;
+/// `ifr_flags` values as `struct ifreq` holds them.
+const IFF_TAP: libc::c_short = libc::IFF_TAP as libc::c_short;
+const IFF_NO_PI: libc::c_short = libc::IFF_NO_PI as libc::c_short;
+const IFF_VNET_HDR: libc::c_short = libc::IFF_VNET_HDR as libc::c_short;
 
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
+/// What a hidden header looks like on the way out: no checksum to fill in, no segmentation.
+const ZERO_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+
+/// Frames of up to this many pieces get the hidden header put in front without allocating.
+const INLINE_IOVS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -46,31 +37,64 @@ pub enum TapError {
     Other(String, io::Error),
     #[error("fd={0}: not an open tap file descriptor ({1})")]
     BadFd(RawFd, io::Error),
+    #[error("fd={0}: {1}")]
+    FdSetup(RawFd, io::Error),
     #[error("vnet_hdr=on: this kernel's tap cannot carry a virtio-net header")]
     NoVnetHdr,
+    #[error("vnet_hdr=on: the tap behind fd={0} was opened without IFF_VNET_HDR")]
+    FdNoVnetHdr(RawFd),
 }
 
 pub struct Tap {
     file: File,
     name: String,
+    /// Frames cross `send`/`recv` with a virtio-net header in front (the frontend's to use).
     vnet_hdr: bool,
+    /// The fd carries a header the frontend did not ask for: nicvm strips it from frames
+    /// read and writes a zeroed one in front of frames sent.
+    hide_hdr: bool,
     /// The interface was deleted under us (reads and writes fail with EBADFD): the link is
     /// down for good and frames sent are counted as dropped.
     gone: bool,
     dropped: u64,
 }
 
-fn ifreq(name: &str, flags: libc::c_short) -> Result<IfReq, TapError> {
-    let mut r = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags,
-        _pad: [0; 22],
-    };
+/// A `struct ifreq` naming `name` with `flags`.
+fn ifreq(name: &str, flags: libc::c_short) -> Result<libc::ifreq, TapError> {
     if name.len() >= libc::IFNAMSIZ {
         return Err(TapError::NameTooLong(name.into()));
     }
-    r.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: ifreq is plain data (a name and a union of integers, addresses and a pointer);
+    // all zeroes is a valid value of each.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in r.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    r.ifr_ifru.ifru_flags = flags;
     Ok(r)
+}
+
+fn ifreq_name(r: &libc::ifreq) -> String {
+    let bytes: Vec<u8> = r
+        .ifr_name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The tap flags (`IFF_*`) of a tun/tap fd, and its interface name; fails on anything that is
+/// not one.
+fn tun_get_iff(fd: RawFd) -> io::Result<(libc::c_short, String)> {
+    let mut req = ifreq("", 0).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: TUNGETIFF fills the ifreq we own; a descriptor that is not a tun/tap fails.
+    if unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNGETIFF wrote the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    Ok((flags, ifreq_name(&req)))
 }
 
 impl Tap {
@@ -85,8 +109,8 @@ impl Tap {
             .map_err(TapError::NoTun)?;
         let mut features: libc::c_uint = 0;
         // SAFETY: TUNGETFEATURES writes one unsigned int to the pointer given.
-        unsafe { libc::ioctl(file.as_raw_fd(), TUNGETFEATURES, &mut features) };
-        let can_vnet = features & IFF_VNET_HDR as libc::c_uint != 0;
+        unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETFEATURES, &mut features) };
+        let can_vnet = features & libc::IFF_VNET_HDR as libc::c_uint != 0;
         let use_vnet = match vnet_hdr {
             Some(true) if !can_vnet => return Err(TapError::NoVnetHdr),
             Some(v) => v,
@@ -98,7 +122,7 @@ impl Tap {
         }
         let mut req = ifreq(name, flags)?;
         // SAFETY: TUNSETIFF reads and updates the ifreq we own.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
             let e = io::Error::last_os_error();
             let n = name.to_string();
             return Err(match e.raw_os_error() {
@@ -108,50 +132,77 @@ impl Tap {
                 _ => TapError::Other(n, e),
             });
         }
-        let name = CStr::from_bytes_until_nul(&req.name)
-            .map(|c| c.to_string_lossy().into_owned())
-            .unwrap_or_default();
         let tap = Tap {
             file,
-            name,
+            name: ifreq_name(&req),
             vnet_hdr: use_vnet,
+            hide_hdr: false,
             gone: false,
             dropped: 0,
         };
         if use_vnet {
-            tap.set_vnet_hdr_size()?;
+            set_vnet_hdr_size(tap.file.as_raw_fd())
+                .map_err(|e| TapError::Other(tap.name.clone(), e))?;
         }
         Ok(tap)
     }
 
-    /// Adopts a tap fd opened by someone else (`fd=`), keeping whatever flags it was opened with.
-    pub fn from_fd(fd: RawFd) -> Result<Tap, TapError> {
-        let mut req = ifreq("", 0)?;
-        // SAFETY: TUNGETIFF fills the ifreq we own; a non-tap fd just fails.
-        if unsafe { libc::ioctl(fd, TUNGETIFF, &mut req) } < 0 {
-            return Err(TapError::BadFd(fd, io::Error::last_os_error()));
+    /// Adopts a tap fd opened by someone else (`fd=`). `vnet_hdr` says what the frontend
+    /// wants: None = frames as the fd carries them (with a virtio-net header if it was opened
+    /// with IFF_VNET_HDR), Some(true) = insist on the header, Some(false) = no header: one the
+    /// fd carries is hidden (stripped on receive, a zeroed one sent in front of each frame).
+    ///
+    /// A descriptor that is not a tap is refused and left as it was; a tap is owned by the
+    /// returned `Tap` (closed when it is dropped) from the moment it is recognised, also when
+    /// a later step fails.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must be an open descriptor that nothing else owns or will close: the `Tap` takes
+    /// it over.
+    pub unsafe fn from_fd(fd: RawFd, vnet_hdr: Option<bool>) -> Result<Tap, TapError> {
+        let (flags, name) = tun_get_iff(fd).map_err(|e| TapError::BadFd(fd, e))?;
+        if flags & IFF_TAP == 0 {
+            return Err(TapError::BadFd(
+                fd,
+                io::Error::other("a tun (layer 3) device, not a tap"),
+            ));
         }
-        // SAFETY: the caller handed us this descriptor to own; TUNGETIFF proved it is a tap.
+        // SAFETY: the caller hands the descriptor over to us (see above); TUNGETIFF proved it
+        // is an open tap.
         let file = unsafe { File::from_raw_fd(fd) };
-        // SAFETY: F_SETFL on a descriptor we own.
+        let setup = |e: io::Error| TapError::FdSetup(fd, e);
+        // SAFETY: F_GETFL/F_SETFL/F_SETFD on a descriptor we own, integer arguments only.
         unsafe {
             let fl = libc::fcntl(fd, libc::F_GETFL);
-            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+            if fl < 0 || libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+                return Err(setup(io::Error::last_os_error()));
+            }
+            // Scripts nicvm runs later must not hold the tap open.
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
         }
-        let name = CStr::from_bytes_until_nul(&req.name)
-            .map(|c| c.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tap = Tap {
+        let has_hdr = flags & IFF_VNET_HDR != 0;
+        let (vnet_hdr, hide_hdr) = match vnet_hdr {
+            Some(true) if !has_hdr => return Err(TapError::FdNoVnetHdr(fd)),
+            Some(false) => (false, has_hdr),
+            _ => (has_hdr, false),
+        };
+        if has_hdr {
+            set_vnet_hdr_size(fd).map_err(setup)?;
+        }
+        if hide_hdr {
+            // Whoever opened the tap may have enabled offloads: with the header hidden, the
+            // kernel must hand over complete frames with their checksums filled in.
+            set_offload(fd, 0).map_err(setup)?;
+        }
+        Ok(Tap {
             file,
             name,
-            vnet_hdr: req.flags & IFF_VNET_HDR != 0,
+            vnet_hdr,
+            hide_hdr,
             gone: false,
             dropped: 0,
-        };
-        if tap.vnet_hdr {
-            tap.set_vnet_hdr_size()?;
-        }
-        Ok(tap)
+        })
     }
 
     /// Errors that mean the interface no longer exists: the fd is detached from any tap.
@@ -170,21 +221,89 @@ impl Tap {
         gone
     }
 
-    fn set_vnet_hdr_size(&self) -> Result<(), TapError> {
-        let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads one int.
-        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETVNETHDRSZ, &size) } < 0 {
-            return Err(TapError::Other(
-                self.name.clone(),
-                io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
-    }
-
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// `writev` of `frame`, with a zeroed virtio-net header in front when the header is hidden.
+    fn write_frame(&self, frame: &[IoSlice<'_>]) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        if !self.hide_hdr {
+            return writev(fd, frame);
+        }
+        if frame.len() < INLINE_IOVS {
+            let mut iov = [IoSlice::new(&[]); INLINE_IOVS];
+            let n = with_header(&ZERO_HDR, frame, &mut iov);
+            writev(fd, &iov[..n])
+        } else {
+            let mut iov = vec![IoSlice::new(&[]); frame.len() + 1];
+            let n = with_header(&ZERO_HDR, frame, &mut iov);
+            writev(fd, &iov[..n])
+        }
+    }
+
+    /// One `read` into `buf`; a hidden header is read aside. Ok(None) for a read without a
+    /// frame after the header (the kernel never hands one out); the next read goes on.
+    fn read_frame(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let fd = self.file.as_raw_fd();
+        if !self.hide_hdr {
+            // SAFETY: reading into `buf`, within its length.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            return if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(Some(n as usize))
+            };
+        }
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        let mut iov = [IoSliceMut::new(&mut hdr), IoSliceMut::new(buf)];
+        // SAFETY: IoSliceMut is ABI-compatible with iovec; both buffers outlive the call and
+        // are written within their lengths.
+        let n = unsafe { libc::readv(fd, iov.as_mut_ptr().cast(), iov.len() as libc::c_int) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(strip_header_len(n as usize))
+    }
+}
+
+/// Bytes of frame in a read that began with a hidden header of [`VNET_HDR_LEN`] bytes.
+fn strip_header_len(read: usize) -> Option<usize> {
+    read.checked_sub(VNET_HDR_LEN).filter(|n| *n > 0)
+}
+
+/// `hdr` then the pieces of `frame`, into `out` (at least `frame.len() + 1` long); returns how
+/// many of `out` are used.
+fn with_header<'a>(hdr: &'a [u8], frame: &[IoSlice<'a>], out: &mut [IoSlice<'a>]) -> usize {
+    out[0] = IoSlice::new(hdr);
+    out[1..=frame.len()].copy_from_slice(frame);
+    frame.len() + 1
+}
+
+fn writev(fd: RawFd, iov: &[IoSlice<'_>]) -> io::Result<()> {
+    // SAFETY: IoSlice is ABI-compatible with iovec; the slices outlive the call.
+    let n = unsafe { libc::writev(fd, iov.as_ptr().cast(), iov.len() as libc::c_int) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_vnet_hdr_size(fd: RawFd) -> io::Result<()> {
+    let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer given.
+    if unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &size) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_offload(fd: RawFd, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value.
+    if unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl NetBackend for Tap {
@@ -205,28 +324,22 @@ impl NetBackend for Tap {
         }
         let mut flags = 0;
         if o.csum {
-            flags |= TUN_F_CSUM;
+            flags |= libc::TUN_F_CSUM;
             if o.tso4 {
-                flags |= TUN_F_TSO4;
+                flags |= libc::TUN_F_TSO4;
             }
             if o.tso6 {
-                flags |= TUN_F_TSO6;
+                flags |= libc::TUN_F_TSO6;
             }
             if (o.tso4 || o.tso6) && o.tso_ecn {
-                flags |= TUN_F_TSO_ECN;
+                flags |= libc::TUN_F_TSO_ECN;
             }
         }
-        let set = |f: libc::c_uint| {
-            // SAFETY: TUNSETOFFLOAD takes its argument by value.
-            unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, f as libc::c_ulong) }
-        };
-        if o.csum && o.ufo && set(flags | TUN_F_UFO) == 0 {
+        let fd = self.file.as_raw_fd();
+        if o.csum && o.ufo && set_offload(fd, flags | libc::TUN_F_UFO).is_ok() {
             return Ok(());
         }
-        if set(flags) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        set_offload(fd, flags)
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
@@ -234,16 +347,7 @@ impl NetBackend for Tap {
             self.dropped += 1;
             return Ok(());
         }
-        // SAFETY: IoSlice is ABI-compatible with iovec; the slices outlive the call.
-        let n = unsafe {
-            libc::writev(
-                self.file.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len() as libc::c_int,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = self.write_frame(frame) {
             // A frame the kernel refuses (malformed GSO header, too large) is the guest's
             // problem: drop it rather than stall the queue.
             if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EMSGSIZE) {
@@ -263,18 +367,15 @@ impl NetBackend for Tap {
         if self.gone {
             return Ok(None);
         }
-        // SAFETY: reading into `buf`, within its length.
-        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.kind() {
+        match self.read_frame(buf) {
+            Ok(n) => Ok(n),
+            Err(e) => match e.kind() {
                 io::ErrorKind::WouldBlock => Ok(None),
                 io::ErrorKind::Interrupted => Ok(None),
                 _ if self.detached(&e) => Ok(None),
                 _ => Err(e),
-            };
+            },
         }
-        Ok(Some(n as usize))
     }
 
     fn fd(&self) -> RawFd {
@@ -287,5 +388,202 @@ impl NetBackend for Tap {
 
     fn dropped(&self) -> u64 {
         self.dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::IntoRawFd;
+    use std::time::{Duration, Instant};
+
+    /// A SOCK_SEQPACKET pair keeps frame boundaries as a tap does.
+    fn seqpacket_pair() -> (File, File) {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: socketpair writes two descriptors into `fds`, which has room for them.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0, "socketpair: {}", io::Error::last_os_error());
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+    }
+
+    fn tap_over(file: File, vnet_hdr: bool, hide_hdr: bool) -> Tap {
+        Tap {
+            file,
+            name: "test".into(),
+            vnet_hdr,
+            hide_hdr,
+            gone: false,
+            dropped: 0,
+        }
+    }
+
+    #[test]
+    fn framing_helpers() {
+        assert_eq!(strip_header_len(VNET_HDR_LEN + 60), Some(60));
+        assert_eq!(strip_header_len(VNET_HDR_LEN), None, "a header alone");
+        assert_eq!(strip_header_len(3), None, "a runt");
+        let (a, b) = (IoSlice::new(b"ab"), IoSlice::new(b"cde"));
+        let mut out = [IoSlice::new(&[]); 4];
+        assert_eq!(with_header(&ZERO_HDR, &[a, b], &mut out), 3);
+        let joined: Vec<u8> = out[..3].iter().flat_map(|s| s.iter().copied()).collect();
+        assert_eq!(&joined[..VNET_HDR_LEN], &ZERO_HDR);
+        assert_eq!(&joined[VNET_HDR_LEN..], b"abcde");
+    }
+
+    #[test]
+    fn a_hidden_header_is_stripped_on_receive_and_zeroed_on_send() {
+        let (ours, mut peer) = seqpacket_pair();
+        let mut tap = tap_over(ours, false, true);
+        let caps = tap.capabilities();
+        assert!(!caps.vnet_hdr, "the frontend sees no header");
+        assert_eq!(caps.offloads, Offloads::default());
+
+        tap.send(&[IoSlice::new(b"abc"), IoSlice::new(b"defg")])
+            .unwrap();
+        let mut got = [0u8; 256];
+        let n = peer.read(&mut got).unwrap();
+        assert_eq!(&got[..VNET_HDR_LEN], &ZERO_HDR, "a zeroed header in front");
+        assert_eq!(&got[VNET_HDR_LEN..n], b"abcdefg");
+
+        // More pieces than fit inline.
+        let pieces: Vec<[u8; 1]> = (0..40u8).map(|i| [i]).collect();
+        let iov: Vec<IoSlice> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+        tap.send(&iov).unwrap();
+        let n = peer.read(&mut got).unwrap();
+        assert_eq!(n, VNET_HDR_LEN + 40);
+        assert_eq!(&got[..VNET_HDR_LEN], &ZERO_HDR);
+        assert!(got[VNET_HDR_LEN..n].iter().copied().eq(0..40u8));
+
+        // The peer's header (DATA_VALID, say) never reaches the frontend.
+        let mut msg = vec![2u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        msg.extend_from_slice(b"frame-from-the-host");
+        peer.write_all(&msg).unwrap();
+        let mut buf = [0u8; 256];
+        let n = tap.recv(&mut buf).unwrap().expect("a frame");
+        assert_eq!(&buf[..n], b"frame-from-the-host");
+
+        peer.write_all(&[1, 2, 3]).unwrap();
+        assert_eq!(tap.recv(&mut buf).unwrap(), None, "a runt is no frame");
+        assert_eq!(tap.recv(&mut buf).unwrap(), None, "nothing waiting");
+    }
+
+    #[test]
+    fn without_hiding_frames_pass_as_they_are() {
+        for vnet in [false, true] {
+            let (ours, mut peer) = seqpacket_pair();
+            let mut tap = tap_over(ours, vnet, false);
+            assert_eq!(tap.capabilities().vnet_hdr, vnet);
+            tap.send(&[IoSlice::new(b"0123456789abcdef")]).unwrap();
+            let mut got = [0u8; 64];
+            let n = peer.read(&mut got).unwrap();
+            assert_eq!(&got[..n], b"0123456789abcdef");
+            peer.write_all(b"xyz").unwrap();
+            let n = tap.recv(&mut got).unwrap().unwrap();
+            assert_eq!(&got[..n], b"xyz");
+        }
+    }
+
+    #[test]
+    fn from_fd_refuses_what_is_not_a_tap_and_leaves_it_open() {
+        let f = File::open("/dev/null").unwrap();
+        // SAFETY: `f` keeps owning the descriptor: from_fd refuses it before taking it over.
+        let e = unsafe { Tap::from_fd(f.as_raw_fd(), None) }.err().unwrap();
+        assert!(matches!(e, TapError::BadFd(..)), "{e}");
+        assert!(e.to_string().starts_with("fd="), "{e}");
+        // SAFETY: F_GETFD only inspects the descriptor.
+        assert!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFD) } >= 0);
+    }
+
+    /// A real tap created with IFF_VNET_HDR, as another program would pass it with fd=, in a
+    /// network namespace of this test's own (gone when its thread ends, also on failure). The
+    /// frontend wants no header: the kernel must understand the frames nicvm sends (it answers
+    /// an ARP request) and nicvm's frames must come without the header (the answer parses).
+    #[test]
+    fn a_vnet_hdr_tap_passed_as_fd_hides_the_header() {
+        let r = std::thread::spawn(|| {
+            // SAFETY: unshare affects this thread only; it holds no other namespace state.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!(
+                    "SKIPPED: no network namespace ({})",
+                    io::Error::last_os_error()
+                );
+                return;
+            }
+            let Ok(tun) = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+            else {
+                eprintln!("SKIPPED: no /dev/net/tun");
+                return;
+            };
+            let mut req = ifreq("nvh0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
+            // SAFETY: TUNSETIFF reads and updates the ifreq we own.
+            let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+            assert_eq!(rc, 0, "TUNSETIFF: {}", io::Error::last_os_error());
+            // Children forked from this thread live in its namespace.
+            let ip = std::process::Command::new("ip")
+                .args(["addr", "add", "192.168.77.1/24", "dev", "nvh0"])
+                .status();
+            if !matches!(ip, Ok(s) if s.success()) {
+                eprintln!("SKIPPED: no ip(8)");
+                return;
+            }
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "nvh0", "up"])
+                .status()
+                .unwrap();
+            assert!(up.success());
+
+            let fd = tun.into_raw_fd();
+            // SAFETY: `fd` came from into_raw_fd: nothing else owns it.
+            let mut tap = unsafe { Tap::from_fd(fd, Some(false)) }.unwrap();
+            assert_eq!(tap.name(), "nvh0");
+            assert!(!tap.capabilities().vnet_hdr);
+
+            let mac = [0x52, 0x54, 0x00, 0x77, 0x00, 0x02];
+            let mut arp = vec![0xff; 6];
+            arp.extend_from_slice(&mac);
+            arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+            arp.extend_from_slice(&mac);
+            arp.extend_from_slice(&[192, 168, 77, 2]);
+            arp.extend_from_slice(&[0; 6]);
+            arp.extend_from_slice(&[192, 168, 77, 1]);
+            arp.resize(60, 0);
+            let start = Instant::now();
+            let mut buf = vec![0u8; crate::MAX_FRAME];
+            let mut sent = Instant::now() - Duration::from_secs(1);
+            loop {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "no ARP reply from the kernel"
+                );
+                if sent.elapsed() >= Duration::from_millis(500) {
+                    tap.send(&[IoSlice::new(&arp)]).unwrap();
+                    sent = Instant::now();
+                }
+                let Some(n) = tap.recv(&mut buf).unwrap() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let f = &buf[..n];
+                // IPv6 router solicitations and the like also come by; the reply is ours.
+                if n >= 42 && f[..6] == mac && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
+                    assert_eq!(&f[28..32], &[192, 168, 77, 1], "sender is the host side");
+                    break;
+                }
+            }
+        })
+        .join();
+        assert!(r.is_ok(), "the namespace thread failed");
     }
 }

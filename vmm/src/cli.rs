@@ -1,16 +1,101 @@
-//! The command line, with QEMU's option names and meanings. Every error names the option it
-//! came from; nothing here touches KVM, files' contents or the network.
+//! The command line, with QEMU's option names and meanings, turned into a checked
+//! [`Config`]. Every error names the option it came from; nothing here touches KVM, files'
+//! contents or the network (host names in socket addresses are resolved).
 
-use crate::keyval::KeyVal;
+use crate::config::netdev::{self as netdev_opts, HeaderError};
+use crate::config::{
+    on_off, Backend, Config, DumpConfig, InheritedFds, NetdevConfig, NicConfig, NicModel,
+    OptionError, SerialTarget, TapDevice, TapOptions,
+};
+use crate::keyval::{KeyVal, KeyValError};
+use net_backends::mac::ParseMacError;
+use net_backends::slirp::SlirpOptions;
 use net_backends::MacAddr;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 /// A bad command line: printed as one line, `OPTION: MESSAGE`.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{}: {}", one_line(option), one_line(message))]
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {}", one_line(option), one_line(&error.to_string()))]
 pub struct CliError {
+    /// The option as messages name it (`-m`, `-netdev tap,id=n0`, `-device e1000`).
     pub option: String,
-    pub message: String,
+    #[source]
+    pub error: CliErrorKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliErrorKind {
+    #[error(transparent)]
+    Syntax(#[from] KeyValError),
+    #[error(transparent)]
+    Netdev(#[from] HeaderError),
+    #[error(transparent)]
+    Option(#[from] OptionError),
+    #[error("unexpected argument (options start with -)")]
+    Unexpected,
+    #[error("needs a value")]
+    NeedsValue,
+    #[error("unknown option (see nicvm -h)")]
+    UnknownOption,
+    #[error("an argument is not valid UTF-8")]
+    NotUtf8,
+    #[error("guest RAM must be larger than 0")]
+    NoRam,
+    #[error("'{0}' is not a size (e.g. 256M, 1G)")]
+    BadSize(String),
+    #[error("'{0}' is not a number")]
+    NotANumber(String),
+    #[error("needs at least 1 CPU")]
+    NoCpu,
+    #[error("{0} CPUs requested, nicvm supports at most {MAX_CPUS}")]
+    TooManyCpus(u32),
+    #[error("'{0}' is not supported (stdio, file:PATH, none)")]
+    BadSerial(String),
+    #[error("a kernel is required (-kernel FILE)")]
+    NoKernel,
+    #[error("needs a device model")]
+    NoModel,
+    #[error("unknown NIC model '{0}' (expected rtl8139, e1000 or virtio-net-pci)")]
+    UnknownModel(String),
+    #[error("needs a type (nic, user, tap, ...)")]
+    NoNetType,
+    #[error("{nics} '-net nic' but {backends} backend(s): give one backend per NIC")]
+    NetCount { nics: usize, backends: usize },
+    #[error("duplicate id '{0}'")]
+    DuplicateId(String),
+    #[error("needs netdev=ID naming a -netdev")]
+    NoNetdev,
+    #[error("netdev '{0}' is not defined by any -netdev")]
+    UndefinedNetdev(String),
+    #[error("netdev '{0}' is already used by another NIC")]
+    NetdevInUse(String),
+    #[error("mac: {0}")]
+    Mac(#[from] ParseMacError),
+    #[error("mac: {0} is a multicast address")]
+    MulticastMac(MacAddr),
+    #[error("addr: '{0}' is not a PCI slot (1-1f)")]
+    BadSlot(String),
+    #[error("addr: slot {0:x} is already taken")]
+    SlotTaken(u8),
+    #[error("cplus: only rtl8139 has this property")]
+    CplusNotRtl8139,
+    #[error("unknown property '{0}'")]
+    UnknownProperty(String),
+    #[error("conflicts with the NICs also asked for")]
+    NoneConflict,
+    #[error("unknown object type '{0}' (filter-dump is known)")]
+    UnknownObject(String),
+    #[error("needs an object type (filter-dump)")]
+    NoObjectType,
+    #[error("filter-dump needs id=, netdev= and file=")]
+    DumpNeeds,
+    #[error("maxlen: '{0}' is not a positive number")]
+    BadMaxlen(String),
+    #[error("queue: only 'all' is supported, not '{0}'")]
+    BadQueue(String),
+    #[error("one capture per netdev and per id ('{0}')")]
+    DuplicateDump(String),
 }
 
 /// User text as it may appear in a one-line message: control characters (a newline typed into
@@ -28,100 +113,20 @@ fn one_line(s: &str) -> String {
         .collect()
 }
 
-fn err<T>(option: &str, message: impl Into<String>) -> Result<T, CliError> {
+fn err<T>(option: &str, error: impl Into<CliErrorKind>) -> Result<T, CliError> {
     Err(CliError {
         option: option.to_string(),
-        message: message.into(),
+        error: error.into(),
     })
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SerialTarget {
-    Stdio,
-    File(PathBuf),
-    None,
-}
-
-/// `-netdev TYPE,id=ID,...`: the backend half of a NIC.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetdevSpec {
-    pub id: String,
-    pub kind: String,
-    /// Backend-specific options, `id` and the type removed.
-    pub opts: KeyVal,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NicModel {
-    Rtl8139,
-    E1000,
-    VirtioNetPci,
-}
-
-impl NicModel {
-    fn parse(s: &str) -> Option<NicModel> {
-        Some(match s {
-            "rtl8139" => NicModel::Rtl8139,
-            "e1000" | "e1000-82540em" => NicModel::E1000,
-            "virtio-net-pci" | "virtio-net" | "virtio" => NicModel::VirtioNetPci,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            NicModel::Rtl8139 => "rtl8139",
-            NicModel::E1000 => "e1000",
-            NicModel::VirtioNetPci => "virtio-net-pci",
-        }
-    }
-}
-
-/// `-device MODEL,netdev=ID,...`: the frontend half.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NicSpec {
-    pub model: NicModel,
-    pub netdev: String,
-    pub mac: MacAddr,
-    pub id: Option<String>,
-    /// PCI slot (`addr=`).
-    pub slot: Option<u8>,
-    /// rtl8139 only (`cplus=on|off`, default on): the RTL8139C+ that Linux's 8139cp drives,
-    /// or a plain RTL8139C for 8139too.
-    pub cplus: bool,
-}
-
-/// `-object filter-dump,id=ID,netdev=NETDEV,file=PATH[,maxlen=N]`: capture a netdev's frames.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DumpSpec {
-    pub id: String,
-    pub netdev: String,
-    pub file: PathBuf,
-    pub maxlen: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Config {
-    pub mem_mib: u64,
-    pub cpus: u8,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub append: String,
-    pub serial: SerialTarget,
-    pub name: Option<String>,
-    pub netdevs: Vec<NetdevSpec>,
-    pub nics: Vec<NicSpec>,
-    pub dumps: Vec<DumpSpec>,
-}
-
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Action {
     Run(Box<Config>),
     Help,
     Version,
 }
 
-pub const NETDEV_TYPES: &[&str] = &["user", "tap", "vde", "socket", "stream", "dgram"];
 pub const MAX_CPUS: u8 = 8;
 
 pub const USAGE: &str = "\
@@ -181,34 +186,32 @@ fn parse_size_mib(s: &str) -> Option<u64> {
     Some((v * mult).round() as u64)
 }
 
-fn parse_smp(s: &str) -> Result<u8, String> {
-    let kv = KeyVal::parse(s, Some("cpus")).map_err(|e| e.to_string())?;
+fn parse_smp(s: &str) -> Result<u8, CliErrorKind> {
+    let kv = KeyVal::parse(s, Some("cpus"))?;
     if let Some(k) = kv.unknown_key(&["cpus", "sockets", "cores", "threads", "maxcpus"]) {
-        return Err(format!("unknown parameter '{k}'"));
+        return Err(OptionError::Unknown(k.into()).into());
     }
     let num = |v: &str| {
         v.parse::<u32>()
-            .map_err(|_| format!("'{v}' is not a number"))
+            .map_err(|_| CliErrorKind::NotANumber(v.into()))
     };
     let cpus = match kv.first.as_deref().or(kv.get("cpus")) {
         Some(v) => num(v)?,
         None => {
-            let mut n = 1;
+            let mut n: u32 = 1;
             for k in ["sockets", "cores", "threads"] {
                 if let Some(v) = kv.get(k) {
-                    n *= num(v)?;
+                    n = n.saturating_mul(num(v)?);
                 }
             }
             n
         }
     };
     if cpus == 0 {
-        return Err("needs at least 1 CPU".into());
+        return Err(CliErrorKind::NoCpu);
     }
     if cpus > MAX_CPUS as u32 {
-        return Err(format!(
-            "{cpus} CPUs requested, nicvm supports at most {MAX_CPUS}"
-        ));
+        return Err(CliErrorKind::TooManyCpus(cpus));
     }
     Ok(cpus as u8)
 }
@@ -220,7 +223,8 @@ fn parse_slot(s: &str) -> Option<u8> {
     (func == "0" && (1..32).contains(&slot)).then_some(slot)
 }
 
-struct Builder {
+struct Builder<'a> {
+    fds: &'a InheritedFds,
     mem_mib: u64,
     cpus: u8,
     kernel: Option<PathBuf>,
@@ -228,82 +232,65 @@ struct Builder {
     append: String,
     serial: SerialTarget,
     name: Option<String>,
-    netdevs: Vec<NetdevSpec>,
+    netdevs: Vec<NetdevConfig>,
     /// (option it came from, model, raw properties)
     devices: Vec<(String, NicModel, KeyVal)>,
     no_nic: bool,
     legacy_nics: Vec<(NicModel, KeyVal)>,
-    legacy_backends: Vec<(String, KeyVal)>,
-    dumps: Vec<DumpSpec>,
+    legacy_backends: Vec<KeyVal>,
+    dumps: Vec<DumpConfig>,
 }
 
-fn netdev_from(option: &str, mut kv: KeyVal) -> Result<NetdevSpec, CliError> {
-    let Some(kind) = kv.first.take() else {
-        return err(
-            option,
-            format!(
-                "a backend type is needed: one of {}",
-                NETDEV_TYPES.join(", ")
-            ),
-        );
+/// A netdev from `origin` (`-netdev`, `-nic`, `-net`), every option checked. Errors in its
+/// type or id name `origin`; errors in its options name the netdev (`-netdev tap,id=n0`;
+/// `-nic user` when the id is not the user's).
+fn netdev_config(
+    origin: &str,
+    mut kv: KeyVal,
+    fds: &InheritedFds,
+    user_id: bool,
+) -> Result<NetdevConfig, CliError> {
+    let (ty, id) = netdev_opts::header(&mut kv).or_else(|e| err(origin, e))?;
+    let option = if user_id {
+        format!("{origin} {},id={id}", ty.name())
+    } else {
+        format!("{origin} {}", ty.name())
     };
-    if !NETDEV_TYPES.contains(&kind.as_str()) {
-        return err(
-            option,
-            format!(
-                "unknown backend type '{kind}' (expected one of {})",
-                NETDEV_TYPES.join(", ")
-            ),
-        );
-    }
-    let Some(id) = kv.remove("id") else {
-        return err(option, "needs an id (id=NAME)");
-    };
-    if id.is_empty()
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        return err(
-            option,
-            format!("'{id}' is not a valid id (letters, digits, - _ .)"),
-        );
-    }
-    Ok(NetdevSpec { id, kind, opts: kv })
+    let backend = netdev_opts::backend(ty, &id, &kv, fds).or_else(|e| err(&option, e))?;
+    Ok(NetdevConfig {
+        id,
+        option,
+        backend,
+    })
 }
 
-fn dump_from(option: &str, mut kv: KeyVal) -> Result<DumpSpec, CliError> {
-    match kv.first.take().as_deref() {
-        Some("filter-dump") => {}
-        Some(t) => {
-            return err(
-                option,
-                format!("unknown object type '{t}' (filter-dump is known)"),
-            )
-        }
-        None => return err(option, "needs an object type (filter-dump)"),
+fn dump_from(option: &str, mut kv: KeyVal) -> Result<DumpConfig, CliError> {
+    match kv.first.take() {
+        Some(t) if t == "filter-dump" => {}
+        Some(t) => return err(option, CliErrorKind::UnknownObject(t)),
+        None => return err(option, CliErrorKind::NoObjectType),
     }
     let (Some(id), Some(netdev), Some(file)) =
         (kv.remove("id"), kv.remove("netdev"), kv.remove("file"))
     else {
-        return err(option, "filter-dump needs id=, netdev= and file=");
+        return err(option, CliErrorKind::DumpNeeds);
     };
     let maxlen = match kv.remove("maxlen") {
         Some(v) => match v.parse::<u32>() {
             Ok(n) if n > 0 => n,
-            _ => return err(option, format!("maxlen: '{v}' is not a positive number")),
+            _ => return err(option, CliErrorKind::BadMaxlen(v)),
         },
         None => net_backends::pcap::DEFAULT_MAXLEN,
     };
     if let Some(q) = kv.remove("queue") {
         if q != "all" {
-            return err(option, format!("queue: only 'all' is supported, not '{q}'"));
+            return err(option, CliErrorKind::BadQueue(q));
         }
     }
     if let Some(k) = kv.unknown_key(&[]) {
-        return err(option, format!("unknown parameter '{k}'"));
+        return err(option, OptionError::Unknown(k.into()));
     }
-    Ok(DumpSpec {
+    Ok(DumpConfig {
         id,
         netdev,
         file: PathBuf::from(file),
@@ -312,15 +299,7 @@ fn dump_from(option: &str, mut kv: KeyVal) -> Result<DumpSpec, CliError> {
 }
 
 fn model_from(option: &str, s: &str) -> Result<NicModel, CliError> {
-    NicModel::parse(s).map_or_else(
-        || {
-            err(
-                option,
-                format!("unknown NIC model '{s}' (expected rtl8139, e1000 or virtio-net-pci)"),
-            )
-        },
-        Ok,
-    )
+    NicModel::parse(s).map_or_else(|| err(option, CliErrorKind::UnknownModel(s.into())), Ok)
 }
 
 /// Arguments as the OS gives them; one that is not UTF-8 is an error naming the option it
@@ -339,20 +318,33 @@ where
                     Some(prev) if prev.starts_with('-') => prev.clone(),
                     _ => bad.to_string_lossy().into_owned(),
                 };
-                return err(&option, "an argument is not valid UTF-8");
+                return err(&option, CliErrorKind::NotUtf8);
             }
         }
     }
     Ok(out)
 }
 
+/// [`parse_with_fds`] for a process that inherited no descriptor a `-netdev tap,fd=` could
+/// name (every `fd=` is refused).
 pub fn parse<I, S>(args: I) -> Result<Action, CliError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString>,
+{
+    parse_with_fds(args, &InheritedFds::default())
+}
+
+/// Parses and checks the whole command line. `fds`: the descriptors nicvm inherited, which
+/// `-netdev tap,fd=N` may name.
+pub fn parse_with_fds<I, S>(args: I, fds: &InheritedFds) -> Result<Action, CliError>
 where
     I: IntoIterator<Item = S>,
     S: Into<std::ffi::OsString>,
 {
     let args = utf8_args(args)?;
     let mut b = Builder {
+        fds,
         mem_mib: 128,
         cpus: 1,
         kernel: None,
@@ -370,7 +362,7 @@ where
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if !arg.starts_with('-') || arg == "-" {
-            return err(&arg, "unexpected argument (options start with -)");
+            return err(&arg, CliErrorKind::Unexpected);
         }
         // QEMU accepts --opt as well as -opt.
         let opt = format!("-{}", arg.trim_start_matches('-'));
@@ -382,7 +374,7 @@ where
         let val = if takes_value {
             match args.next() {
                 Some(v) => v,
-                None => return err(&opt, "needs a value"),
+                None => return err(&opt, CliErrorKind::NeedsValue),
             }
         } else {
             String::new()
@@ -393,9 +385,9 @@ where
             "-nographic" | "-no-reboot" | "-enable-kvm" => {}
             "-m" => {
                 b.mem_mib = match parse_size_mib(&val) {
-                    Some(0) => return err(&opt, "guest RAM must be larger than 0"),
+                    Some(0) => return err(&opt, CliErrorKind::NoRam),
                     Some(m) => m,
-                    None => return err(&opt, format!("'{val}' is not a size (e.g. 256M, 1G)")),
+                    None => return err(&opt, CliErrorKind::BadSize(val)),
                 }
             }
             "-smp" => b.cpus = parse_smp(&val).or_else(|e| err(&opt, e))?,
@@ -417,18 +409,13 @@ where
                     "none" | "null" => SerialTarget::None,
                     v => match v.strip_prefix("file:") {
                         Some(p) if !p.is_empty() => SerialTarget::File(p.into()),
-                        _ => {
-                            return err(
-                                &opt,
-                                format!("'{val}' is not supported (stdio, file:PATH, none)"),
-                            )
-                        }
+                        _ => return err(&opt, CliErrorKind::BadSerial(val)),
                     },
                 }
             }
             "-netdev" => {
                 let kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e))?;
-                b.netdevs.push(netdev_from(&opt, kv)?);
+                b.netdevs.push(netdev_config(&opt, kv, b.fds, true)?);
             }
             "-object" => {
                 let kv = KeyVal::parse(&val, Some("qom-type")).or_else(|e| err(&opt, e))?;
@@ -437,7 +424,7 @@ where
             "-device" => {
                 let mut kv = KeyVal::parse(&val, Some("driver")).or_else(|e| err(&opt, e))?;
                 let Some(driver) = kv.first.take() else {
-                    return err(&opt, "needs a device model");
+                    return err(&opt, CliErrorKind::NoModel);
                 };
                 let model = model_from(&opt, &driver)?;
                 b.devices.push((format!("-device {driver}"), model, kv));
@@ -450,19 +437,21 @@ where
                 }
                 let model = match kv.remove("model") {
                     Some(m) => model_from(&opt, &m)?,
-                    None => NicModel::Rtl8139,
+                    None => NicModel::Rtl8139 { cplus: true },
                 };
                 let mac = kv.remove("mac");
-                let id = kv
-                    .remove("id")
-                    .unwrap_or_else(|| format!("__nic{}", b.netdevs.len()));
-                kv.pairs.push(("id".into(), id.clone()));
-                b.netdevs.push(netdev_from(&opt, kv)?);
+                let user_id = kv.get("id").is_some();
+                if !user_id {
+                    kv.pairs
+                        .push(("id".into(), format!("__nic{}", b.netdevs.len())));
+                }
+                let nd = netdev_config(&opt, kv, b.fds, user_id)?;
                 let mut dev = KeyVal::default();
-                dev.pairs.push(("netdev".into(), id));
+                dev.pairs.push(("netdev".into(), nd.id.clone()));
                 if let Some(m) = mac {
                     dev.pairs.push(("mac".into(), m));
                 }
+                b.netdevs.push(nd);
                 b.devices.push((opt.clone(), model, dev));
             }
             "-net" => {
@@ -473,7 +462,7 @@ where
                         kv.first = None;
                         let model = match kv.remove("model") {
                             Some(m) => model_from(&opt, &m)?,
-                            None => NicModel::Rtl8139,
+                            None => NicModel::Rtl8139 { cplus: true },
                         };
                         if let Some(m) = kv.remove("macaddr") {
                             kv.pairs.push(("mac".into(), m));
@@ -482,36 +471,35 @@ where
                     }
                     Some(_) => {
                         kv.remove("vlan");
-                        let name = kv.remove("name");
-                        b.legacy_backends.push((name.unwrap_or_default(), kv));
+                        kv.remove("name");
+                        b.legacy_backends.push(kv);
                     }
-                    None => return err(&opt, "needs a type (nic, user, tap, ...)"),
+                    None => return err(&opt, CliErrorKind::NoNetType),
                 }
             }
-            _ => return err(&opt, "unknown option (see nicvm -h)"),
+            _ => return err(&opt, CliErrorKind::UnknownOption),
         }
     }
     b.finish()
 }
 
-impl Builder {
+impl Builder<'_> {
     fn finish(mut self) -> Result<Action, CliError> {
         let Some(kernel) = self.kernel.take() else {
-            return err("-kernel", "a kernel is required (-kernel FILE)");
+            return err("-kernel", CliErrorKind::NoKernel);
         };
         // Legacy -net: NICs pair with backends in order, as on QEMU's hub.
         if !self.legacy_nics.is_empty() || !self.legacy_backends.is_empty() {
             if self.legacy_nics.len() != self.legacy_backends.len() {
                 return err(
                     "-net",
-                    format!(
-                        "{} '-net nic' but {} backend(s): give one backend per NIC",
-                        self.legacy_nics.len(),
-                        self.legacy_backends.len()
-                    ),
+                    CliErrorKind::NetCount {
+                        nics: self.legacy_nics.len(),
+                        backends: self.legacy_backends.len(),
+                    },
                 );
             }
-            for (i, ((model, mut dev), (_, mut backend))) in self
+            for (i, ((model, mut dev), mut backend)) in self
                 .legacy_nics
                 .drain(..)
                 .zip(self.legacy_backends.drain(..))
@@ -519,102 +507,48 @@ impl Builder {
             {
                 let id = format!("__net{i}");
                 backend.pairs.push(("id".into(), id.clone()));
-                self.netdevs.push(netdev_from("-net", backend)?);
+                self.netdevs
+                    .push(netdev_config("-net", backend, self.fds, false)?);
                 dev.pairs.push(("netdev".into(), id));
                 self.devices.push(("-net nic".into(), model, dev));
             }
         }
         for (i, n) in self.netdevs.iter().enumerate() {
             if self.netdevs[..i].iter().any(|m| m.id == n.id) {
-                return err("-netdev", format!("duplicate id '{}'", n.id));
+                return err("-netdev", CliErrorKind::DuplicateId(n.id.clone()));
             }
         }
+        check_tap_fds(&self.netdevs)?;
         // No network options at all: the classic default, a user-mode network behind an
         // rtl8139, as `kvm` always gave.
         if !self.no_nic && self.netdevs.is_empty() && self.devices.is_empty() {
-            let user = KeyVal {
-                first: Some("user".into()),
-                pairs: vec![("id".into(), "net0".into())],
-            };
-            self.netdevs.push(netdev_from("default network", user)?);
+            self.netdevs.push(NetdevConfig {
+                id: "net0".into(),
+                option: "-netdev user,id=net0".into(),
+                backend: Backend::User(SlirpOptions::default()),
+            });
             let mut dev = KeyVal::default();
             dev.pairs.push(("netdev".into(), "net0".into()));
-            self.devices
-                .push(("default network".into(), NicModel::Rtl8139, dev));
+            self.devices.push((
+                "default network".into(),
+                NicModel::Rtl8139 { cplus: true },
+                dev,
+            ));
         }
-        let mut nics: Vec<NicSpec> = vec![];
+        let mut nics: Vec<NicConfig> = vec![];
         let mut ids: Vec<String> = vec![];
-        for (option, model, mut kv) in self.devices.drain(..) {
-            let Some(netdev) = kv.remove("netdev") else {
-                return err(&option, "needs netdev=ID naming a -netdev");
-            };
-            if !self.netdevs.iter().any(|n| n.id == netdev) {
-                return err(
-                    &option,
-                    format!("netdev '{netdev}' is not defined by any -netdev"),
-                );
-            }
-            if nics.iter().any(|n| n.netdev == netdev) {
-                return err(
-                    &option,
-                    format!("netdev '{netdev}' is already used by another NIC"),
-                );
-            }
-            let mac = match kv.remove("mac") {
-                Some(m) => m
-                    .parse::<MacAddr>()
-                    .or_else(|e| err(&option, format!("mac: {e}")))?,
-                None => MacAddr::nth_default(nics.len() as u8),
-            };
-            if mac.is_multicast() {
-                return err(&option, format!("mac: {mac} is a multicast address"));
-            }
-            let slot = match kv.remove("addr") {
-                Some(a) => Some(parse_slot(&a).map_or_else(
-                    || err(&option, format!("addr: '{a}' is not a PCI slot (1-1f)")),
-                    Ok,
-                )?),
-                None => None,
-            };
-            if let Some(s) = slot {
-                if nics.iter().any(|n| n.slot == Some(s)) {
-                    return err(&option, format!("addr: slot {s:x} is already taken"));
-                }
-            }
-            let cplus = match kv.remove("cplus") {
-                Some(v) if model == NicModel::Rtl8139 => {
-                    crate::netdev::on_off("cplus", &v).or_else(|e| err(&option, e))?
-                }
-                Some(_) => return err(&option, "cplus: only rtl8139 has this property"),
-                None => true,
-            };
-            let id = kv.remove("id");
-            if let Some(id) = &id {
-                if ids.contains(id) {
-                    return err(&option, format!("duplicate id '{id}'"));
-                }
-                ids.push(id.clone());
-            }
-            nics.push(NicSpec {
-                model,
-                netdev,
-                mac,
-                id,
-                slot,
-                cplus,
-            });
-            if let Some((k, _)) = kv.pairs.first() {
-                return err(&option, format!("unknown property '{k}'"));
-            }
+        for (option, model, kv) in self.devices.drain(..) {
+            let nic = nic_config(&option, model, kv, &self.netdevs, &nics, &mut ids)?;
+            nics.push(nic);
         }
         if self.no_nic && !nics.is_empty() {
-            return err("-nic none", "conflicts with the NICs also asked for");
+            return err("-nic none", CliErrorKind::NoneConflict);
         }
         for d in &self.dumps {
             if !self.netdevs.iter().any(|n| n.id == d.netdev) {
                 return err(
                     "-object filter-dump",
-                    format!("netdev '{}' is not defined by any -netdev", d.netdev),
+                    CliErrorKind::UndefinedNetdev(d.netdev.clone()),
                 );
             }
             if self
@@ -626,7 +560,7 @@ impl Builder {
             {
                 return err(
                     "-object filter-dump",
-                    format!("one capture per netdev and per id ('{}')", d.id),
+                    CliErrorKind::DuplicateDump(d.id.clone()),
                 );
             }
         }
@@ -645,14 +579,109 @@ impl Builder {
     }
 }
 
+/// A `tap,fd=N` descriptor belongs to one netdev: the second to name it is refused.
+fn check_tap_fds(netdevs: &[NetdevConfig]) -> Result<(), CliError> {
+    let mut owners: Vec<(RawFd, &str)> = vec![];
+    for n in netdevs {
+        if let Backend::Tap(TapOptions {
+            device: TapDevice::Fd(fd),
+            ..
+        }) = &n.backend
+        {
+            if let Some((_, by)) = owners.iter().find(|(f, _)| f == fd) {
+                return err(
+                    &n.option,
+                    OptionError::FdTaken {
+                        fd: *fd,
+                        by: by.to_string(),
+                    },
+                );
+            }
+            owners.push((*fd, &n.option));
+        }
+    }
+    Ok(())
+}
+
+/// One NIC's properties, checked against the netdevs and the NICs before it.
+fn nic_config(
+    option: &str,
+    model: NicModel,
+    mut kv: KeyVal,
+    netdevs: &[NetdevConfig],
+    earlier: &[NicConfig],
+    ids: &mut Vec<String>,
+) -> Result<NicConfig, CliError> {
+    let Some(netdev) = kv.remove("netdev") else {
+        return err(option, CliErrorKind::NoNetdev);
+    };
+    if !netdevs.iter().any(|n| n.id == netdev) {
+        return err(option, CliErrorKind::UndefinedNetdev(netdev));
+    }
+    if earlier.iter().any(|n| n.netdev == netdev) {
+        return err(option, CliErrorKind::NetdevInUse(netdev));
+    }
+    let mac = match kv.remove("mac") {
+        Some(m) => m.parse::<MacAddr>().or_else(|e| err(option, e))?,
+        None => MacAddr::nth_default(earlier.len() as u8),
+    };
+    if mac.is_multicast() {
+        return err(option, CliErrorKind::MulticastMac(mac));
+    }
+    let slot = match kv.remove("addr") {
+        Some(a) => Some(parse_slot(&a).map_or_else(|| err(option, CliErrorKind::BadSlot(a)), Ok)?),
+        None => None,
+    };
+    if let Some(s) = slot {
+        if earlier.iter().any(|n| n.slot == Some(s)) {
+            return err(option, CliErrorKind::SlotTaken(s));
+        }
+    }
+    let model = match (model, kv.remove("cplus")) {
+        (NicModel::Rtl8139 { .. }, Some(v)) => NicModel::Rtl8139 {
+            cplus: on_off("cplus", &v).or_else(|e| err(option, e))?,
+        },
+        (_, Some(_)) => return err(option, CliErrorKind::CplusNotRtl8139),
+        (m, None) => m,
+    };
+    let id = kv.remove("id");
+    if let Some(id) = &id {
+        if ids.contains(id) {
+            return err(option, CliErrorKind::DuplicateId(id.clone()));
+        }
+        ids.push(id.clone());
+    }
+    if let Some((k, _)) = kv.pairs.first() {
+        return err(option, CliErrorKind::UnknownProperty(k.clone()));
+    }
+    Ok(NicConfig {
+        model,
+        netdev,
+        mac,
+        id,
+        slot,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn run(s: &str) -> Result<Config, CliError> {
-        match parse(s.split_whitespace().map(String::from))? {
+        run_with(s, &InheritedFds::default())
+    }
+
+    fn run_with(s: &str, fds: &InheritedFds) -> Result<Config, CliError> {
+        match parse_with_fds(s.split_whitespace().map(String::from), fds)? {
             Action::Run(c) => Ok(*c),
             a => panic!("{a:?}"),
+        }
+    }
+
+    fn hostfwd(n: &NetdevConfig) -> Vec<net_backends::slirp::HostFwd> {
+        match &n.backend {
+            Backend::User(o) => o.hostfwd.clone(),
+            b => panic!("{b:?}"),
         }
     }
 
@@ -696,8 +725,11 @@ mod tests {
             run("-serial file:/tmp/x -kernel k").unwrap().serial,
             SerialTarget::File("/tmp/x".into())
         );
-        assert_eq!(parse(["-h".to_string()]).unwrap(), Action::Help);
-        assert_eq!(parse(["--version".to_string()]).unwrap(), Action::Version);
+        assert!(matches!(parse(["-h".to_string()]).unwrap(), Action::Help));
+        assert!(matches!(
+            parse(["--version".to_string()]).unwrap(),
+            Action::Version
+        ));
     }
 
     #[test]
@@ -717,8 +749,13 @@ mod tests {
     fn netdev_and_device() {
         let c = run("-kernel k -netdev user,id=n0,hostfwd=tcp::2222-:22 -device e1000,netdev=n0,mac=52:54:00:aa:bb:cc,addr=5 -netdev tap,id=n1,ifname=tap0 -device virtio-net-pci,netdev=n1").unwrap();
         assert_eq!(c.netdevs.len(), 2);
-        assert_eq!(c.netdevs[0].kind, "user");
-        assert_eq!(c.netdevs[0].opts.get("hostfwd"), Some("tcp::2222-:22"));
+        assert_eq!(c.netdevs[0].backend.kind(), "user");
+        assert_eq!(hostfwd(&c.netdevs[0]), ["tcp::2222-:22".parse().unwrap()]);
+        assert_eq!(c.netdevs[1].option, "-netdev tap,id=n1");
+        let Backend::Tap(t) = &c.netdevs[1].backend else {
+            panic!()
+        };
+        assert_eq!(t.device, TapDevice::Ifname(Some("tap0".into())));
         assert_eq!(c.nics[0].model, NicModel::E1000);
         assert_eq!(c.nics[0].mac.to_string(), "52:54:00:aa:bb:cc");
         assert_eq!(c.nics[0].slot, Some(5));
@@ -735,13 +772,13 @@ mod tests {
         let c =
             run("-kernel k -nic user,model=virtio-net-pci,mac=52:54:00:00:00:01,hostfwd=tcp::1-:2")
                 .unwrap();
-        assert_eq!(c.netdevs[0].kind, "user");
-        assert_eq!(c.netdevs[0].opts.get("hostfwd"), Some("tcp::1-:2"));
+        assert_eq!(c.netdevs[0].backend.kind(), "user");
+        assert_eq!(hostfwd(&c.netdevs[0]), ["tcp::1-:2".parse().unwrap()]);
         assert_eq!(c.nics[0].model, NicModel::VirtioNetPci);
         assert_eq!(c.nics[0].netdev, c.netdevs[0].id);
         let c = run("-kernel k -net nic,model=e1000,macaddr=52:54:00:00:00:02 -net user").unwrap();
         assert_eq!(c.nics[0].model, NicModel::E1000);
-        assert_eq!(c.netdevs[0].kind, "user");
+        assert_eq!(c.netdevs[0].backend.kind(), "user");
         assert_eq!(c.nics[0].mac.to_string(), "52:54:00:00:00:02");
         assert!(run("-kernel k -nic none").unwrap().nics.is_empty());
         assert!(run("-kernel k -net none").unwrap().nics.is_empty());
@@ -752,17 +789,17 @@ mod tests {
         let c = run("-kernel k").unwrap();
         assert_eq!(c.netdevs.len(), 1);
         assert_eq!(
-            (c.netdevs[0].kind.as_str(), c.netdevs[0].id.as_str()),
+            (c.netdevs[0].backend.kind(), c.netdevs[0].id.as_str()),
             ("user", "net0")
         );
         assert_eq!(c.nics.len(), 1);
-        assert_eq!(c.nics[0].model, NicModel::Rtl8139);
-        assert!(c.nics[0].cplus);
+        assert_eq!(c.nics[0].model, NicModel::Rtl8139 { cplus: true });
         assert_eq!(c.nics[0].mac.to_string(), "52:54:00:12:34:56");
         assert!(run("-kernel k -nic none").unwrap().netdevs.is_empty());
         // Any network option replaces the default.
         let c = run("-kernel k -netdev user,id=u").unwrap();
         assert!(c.nics.is_empty());
+        assert_eq!(c.netdevs_without_peer().count(), 1);
     }
 
     #[test]
@@ -789,7 +826,7 @@ mod tests {
     #[test]
     fn nic_properties() {
         let c = run("-kernel k -netdev user,id=u -device rtl8139,netdev=u,cplus=off").unwrap();
-        assert!(!c.nics[0].cplus);
+        assert_eq!(c.nics[0].model, NicModel::Rtl8139 { cplus: false });
         assert_eq!(
             option_of("-kernel k -netdev user,id=u -device rtl8139,netdev=u,cplus=maybe"),
             "-device rtl8139"
@@ -839,5 +876,78 @@ mod tests {
         );
         assert_eq!(option_of("-kernel k -net nic"), "-net");
         assert_eq!(option_of("-kernel k -nic user,model=pcnet"), "-nic");
+    }
+
+    /// Every -netdev is checked when the command line is read, used by a NIC or not.
+    #[test]
+    fn every_netdev_is_checked_and_unused_ones_are_found() {
+        let e = run("-kernel k -netdev user,id=n0,bogus=1").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "-netdev user,id=n0: unknown parameter 'bogus'"
+        );
+        let e = run("-kernel k -netdev tap,id=n0,fd=3x").unwrap_err();
+        assert_eq!(e.to_string(), "-netdev tap,id=n0: fd: '3x' is not a number");
+        assert_eq!(
+            option_of("-kernel k -netdev socket,id=s,listen=1234"),
+            "-netdev socket,id=s"
+        );
+        assert_eq!(option_of("-kernel k -nic user,bogus=1"), "-nic user");
+        assert_eq!(
+            option_of("-kernel k -nic user,id=u,bogus=1"),
+            "-nic user,id=u"
+        );
+        assert_eq!(
+            option_of("-kernel k -net nic -net user,net=10.0.2.7/24"),
+            "-net user"
+        );
+        let c = run("-kernel k -netdev user,id=a -netdev vde,id=b -device e1000,netdev=a").unwrap();
+        let unused: Vec<&str> = c.netdevs_without_peer().map(|n| n.id.as_str()).collect();
+        assert_eq!(unused, ["b"]);
+        assert_eq!(run("-kernel k").unwrap().netdevs_without_peer().count(), 0);
+        assert_eq!(
+            run("-kernel k -nic tap,script=no")
+                .unwrap()
+                .netdevs_without_peer()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn tap_fds_are_inherited_ones_each_named_once() {
+        let fds = InheritedFds::from_fds([0, 1, 2, 5, 6]);
+        let c = run_with(
+            "-kernel k -netdev tap,id=a,fd=5 -netdev tap,id=b,fd=6 -device e1000,netdev=a",
+            &fds,
+        )
+        .unwrap();
+        let Backend::Tap(t) = &c.netdevs[1].backend else {
+            panic!()
+        };
+        assert_eq!(t.device, TapDevice::Fd(6));
+        let e = run_with(
+            "-kernel k -netdev tap,id=a,fd=5 -netdev tap,id=b,fd=5",
+            &fds,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "-netdev tap,id=b: fd: 5 is already used by -netdev tap,id=a"
+        );
+        let e = run_with("-kernel k -nic tap,fd=5 -net nic -net tap,fd=5", &fds).unwrap_err();
+        assert_eq!(e.option, "-net tap", "{e}");
+        let e = run_with("-kernel k -netdev tap,id=a,fd=7", &fds).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("-netdev tap,id=a: fd: 7 is not a descriptor nicvm inherited"),
+            "{e}"
+        );
+        let e = run_with("-kernel k -netdev tap,id=a,fd=2", &fds).unwrap_err();
+        assert_eq!(e.to_string(), "-netdev tap,id=a: fd: 2 is nicvm's stderr");
+        assert!(
+            run("-kernel k -netdev tap,id=a,fd=5").is_err(),
+            "parse() knows no inherited descriptor"
+        );
     }
 }

@@ -1,6 +1,17 @@
 //! QEMU's option syntax: `first,key=val,key=val`, where `,,` stands for a literal comma and
 //! keys may repeat (`hostfwd=...,hostfwd=...`).
 
+/// Why `key=val,...` text does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyValError {
+    #[error("empty key in '{0}'")]
+    EmptyKey(String),
+    #[error("empty parameter")]
+    EmptyParameter,
+    #[error("'{0}' needs a value ({0}=...)")]
+    NeedsValue(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct KeyVal {
     /// The leading bare word (`user` in `user,id=n0`), if any.
@@ -28,13 +39,13 @@ fn split(s: &str) -> Vec<String> {
 
 impl KeyVal {
     /// `implied` names the key a leading bare word stands for (`type`, `driver`).
-    pub fn parse(s: &str, implied: Option<&str>) -> Result<KeyVal, String> {
+    pub fn parse(s: &str, implied: Option<&str>) -> Result<KeyVal, KeyValError> {
         let mut kv = KeyVal::default();
         for (i, part) in split(s).into_iter().enumerate() {
             match part.split_once('=') {
                 Some((k, v)) => {
                     if k.is_empty() {
-                        return Err(format!("empty key in '{part}'"));
+                        return Err(KeyValError::EmptyKey(part));
                     }
                     if Some(k) == implied && i == 0 {
                         kv.first = Some(v.to_string());
@@ -43,8 +54,8 @@ impl KeyVal {
                     }
                 }
                 None if i == 0 && implied.is_some() && !part.is_empty() => kv.first = Some(part),
-                None if part.is_empty() => return Err("empty parameter".into()),
-                None => return Err(format!("'{part}' needs a value ({part}=...)")),
+                None if part.is_empty() => return Err(KeyValError::EmptyParameter),
+                None => return Err(KeyValError::NeedsValue(part)),
             }
         }
         Ok(kv)
@@ -101,7 +112,12 @@ mod tests {
         assert_eq!(kv.first.as_deref(), Some("tap"));
         assert_eq!(kv.get("script"), Some("/a,b"));
         assert!(KeyVal::parse("user,,", Some("type")).is_ok());
-        assert!(KeyVal::parse("user,id", Some("type")).is_err());
+        assert_eq!(
+            KeyVal::parse("user,id", Some("type"))
+                .unwrap_err()
+                .to_string(),
+            "'id' needs a value (id=...)"
+        );
         assert!(KeyVal::parse("user,,id=1,", Some("type")).is_err());
         assert!(KeyVal::parse("=x", Some("type")).is_err());
         assert_eq!(kv.unknown_key(&["script"]), None);

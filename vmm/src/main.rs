@@ -1,8 +1,9 @@
 //! nicvm: a minimal KVM virtual machine monitor whose reason to exist is networking.
 
 use devices::lifecycle::ExitReason;
+use nicvm::config::InheritedFds;
 use nicvm::host::HostKind;
-use nicvm::{cli, console, netdev, signals, vm};
+use nicvm::{cli, console, signals, vm};
 use std::io::Write;
 use std::time::Instant;
 
@@ -40,52 +41,87 @@ fn init_logging() {
     log::set_max_level(level);
 }
 
-fn fail(msg: impl std::fmt::Display) -> ! {
+/// Reports a failure before or during set-up; returns the exit status for it.
+fn fail(msg: impl std::fmt::Display) -> i32 {
     console::restore_terminal();
-    netdev::run_cleanups();
     eprintln!("nicvm: {msg}");
-    std::process::exit(1);
+    1
 }
 
 fn main() {
+    // First, before nicvm opens a descriptor of its own: the ones `-netdev tap,fd=N` may name.
+    let inherited = InheritedFds::snapshot();
     let timing = vm::Timing {
         start: Instant::now(),
         enabled: std::env::var_os("NICVM_TIMING").is_some(),
     };
     init_logging();
+    let code = run(inherited, timing);
+    let _ = std::io::stdout().flush();
+    std::process::exit(code);
+}
+
+/// All of nicvm but the exit: what it set up is undone (downscripts run, files removed) before
+/// this returns the exit status.
+fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     // Block SIGINT/SIGTERM/SIGHUP before any thread or child exists: a signal during set-up
     // then waits in the signalfd and ends the VM cleanly (downscripts run) once it is up.
-    let signals = signals::block_and_open().unwrap_or_else(|e| fail(format!("signalfd: {e}")));
+    let signals = match signals::block_and_open() {
+        Ok(s) => s,
+        Err(e) => return fail(format!("signalfd: {e}")),
+    };
+    // A panic ends nicvm from the hook, before anything is dropped: the downscripts of taps
+    // already opened do not run then.
     std::panic::set_hook(Box::new(|info| {
         console::restore_terminal();
         eprintln!("nicvm: internal error: {info}");
-        netdev::run_cleanups();
         std::process::exit(3);
     }));
+    let inherited = inherited.unwrap_or_else(|e| {
+        log::debug!("/proc/self/fd: {e}; -netdev tap,fd= cannot be used");
+        InheritedFds::default()
+    });
 
-    let action = cli::parse(std::env::args_os().skip(1)).unwrap_or_else(|e| fail(e));
+    let action = match cli::parse_with_fds(std::env::args_os().skip(1), &inherited) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
     let cfg = match action {
         cli::Action::Help => {
             print!("{}", cli::USAGE);
-            return;
+            return 0;
         }
         cli::Action::Version => {
             println!("nicvm {}", env!("CARGO_PKG_VERSION"));
             println!("host: {}", HostKind::detect().describe());
             println!("libslirp: {}", net_backends::slirp::version());
-            return;
+            return 0;
         }
         cli::Action::Run(c) => c,
     };
-    vm::validate(&cfg).unwrap_or_else(|e| fail(e));
+    // As QEMU says it: checked like every netdev, but never opened.
+    for nd in cfg.netdevs_without_peer() {
+        eprintln!("nicvm: warning: netdev {} has no peer", nd.id);
+    }
+    if let Err(e) = vm::validate(&cfg) {
+        return fail(e);
+    }
     let host = HostKind::detect();
     if host == HostKind::Emulating {
         log::info!("host is {}", host.describe());
     }
 
-    let reason = vm::run(&cfg, host, timing, &signals).unwrap_or_else(|e| fail(e));
+    let mut guards = Vec::new();
+    let result = vm::run(&cfg, host, timing, &signals, &mut guards);
     console::restore_terminal();
-    netdev::run_cleanups();
+    // Undo the netdevs' set-up, newest first, whatever ended the VM.
+    while let Some(g) = guards.pop() {
+        drop(g);
+    }
+    let reason = match result {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
     let name = cfg
         .name
         .as_deref()
@@ -98,6 +134,5 @@ fn main() {
         ExitReason::GuestCrash(why) => eprintln!("nicvm{name}: guest crashed: {why}"),
         ExitReason::Error(why) => eprintln!("nicvm{name}: error: {why}"),
     }
-    let _ = std::io::stdout().flush();
-    std::process::exit(reason.code());
+    reason.code()
 }

@@ -2,7 +2,7 @@
 //! and the supervisor loop that turns the first exit reason into nicvm's exit.
 
 use crate::boot;
-use crate::cli::{Config, NicModel, SerialTarget};
+use crate::config::{Config, NicModel, SerialTarget};
 use crate::console;
 use crate::cpuid;
 use crate::host::HostKind;
@@ -170,12 +170,14 @@ impl Timing {
     }
 }
 
-/// Builds the VM, runs it, and returns why it ended.
+/// Builds the VM, runs it, and returns why it ended. What opening the netdevs set up is
+/// left in `guards`, also when set-up fails: the caller drops them once the VM has ended.
 pub fn run(
     cfg: &Config,
     host: HostKind,
     timing: Timing,
     signals: &crate::signals::SignalFd,
+    guards: &mut Vec<netdev::NetdevGuard>,
 ) -> Result<ExitReason, SetupError> {
     let kvm = Kvm::new().map_err(|e| {
         SetupError(format!(
@@ -273,7 +275,8 @@ pub fn run(
             .iter()
             .find(|n| n.id == spec.netdev)
             .expect("checked by the CLI");
-        let opened = netdev::open(nd, spec.model == NicModel::VirtioNetPci).map_err(SetupError)?;
+        let opened = netdev::open(nd, spec.model.wants_vnet_hdr()).map_err(setup_err)?;
+        guards.push(opened.guard);
         let slot = match spec.slot {
             Some(s) => s,
             None => (FIRST_NIC_SLOT..32)
@@ -307,8 +310,8 @@ pub fn run(
                     .map_err(model_err)?;
                 nic_parts(m, port)
             }
-            NicModel::Rtl8139 => nic_parts(
-                Rtl8139::new(spec.mac, mem, intx, spec.cplus).map_err(model_err)?,
+            NicModel::Rtl8139 { cplus } => nic_parts(
+                Rtl8139::new(spec.mac, mem, intx, cplus).map_err(model_err)?,
                 port,
             ),
             NicModel::E1000 => nic_parts(E1000::new(spec.mac, mem, intx).map_err(model_err)?, port),
@@ -323,7 +326,7 @@ pub fn run(
         );
         root.add(slot, pci)
             .map_err(|e| SetupError(format!("-device {}: {e}", spec.model.name())))?;
-        counted.push((spec.clone(), nd.kind.clone(), parts.stats));
+        counted.push((spec.clone(), nd.backend.kind().into(), parts.stats));
         subscribers.push(parts.subscriber);
     }
     let mut panic_dev = PvPanic::new(lifecycle.clone());
@@ -429,7 +432,7 @@ pub fn run(
 }
 
 /// A NIC whose counters NICVM_STATS reports: its -device, its netdev's type, the model.
-type Counted = (crate::cli::NicSpec, String, NicCounters);
+type Counted = (crate::config::NicConfig, String, NicCounters);
 
 /// `NICVM_STATS=PATH`: at exit, one JSON object with nicvm's run time and, per NIC, what it is
 /// and its counters (for scripts/bench).
@@ -438,9 +441,9 @@ fn stats_json(nics: &[Counted], seconds: f64) -> String {
         .iter()
         .map(|(spec, kind, counters)| {
             let s = counters();
-            let model = match (spec.model, spec.cplus) {
-                (NicModel::Rtl8139, false) => "rtl8139,cplus=off",
-                (m, _) => m.name(),
+            let model = match spec.model {
+                NicModel::Rtl8139 { cplus: false } => "rtl8139,cplus=off",
+                m => m.name(),
             };
             format!(
                 "{{\"model\":\"{model}\",\"netdev\":\"{}\",\"backend\":\"{}\",\"mac\":\"{}\",\

@@ -1,0 +1,271 @@
+//! The VM's configuration as typed values, every field checked: what the command line
+//! (`cli`) turns into before anything is opened, and what `vm` and `netdev` build from.
+//!
+//! `netdev` parses one `-netdev`'s options into its backend's options, `slirp` the
+//! user-mode network's, `addr` socket addresses, `fds` the descriptors nicvm inherited.
+
+pub mod addr;
+pub mod fds;
+pub mod netdev;
+pub mod slirp;
+
+use net_backends::dgram::DgramOptions;
+use net_backends::slirp::SlirpOptions;
+use net_backends::stream::StreamOptions;
+use net_backends::vde::VdeOptions;
+use net_backends::MacAddr;
+use std::net::Ipv4Addr;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+pub use fds::InheritedFds;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mem_mib: u64,
+    pub cpus: u8,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub append: String,
+    pub serial: SerialTarget,
+    pub name: Option<String>,
+    pub netdevs: Vec<NetdevConfig>,
+    pub nics: Vec<NicConfig>,
+    pub dumps: Vec<DumpConfig>,
+}
+
+impl Config {
+    /// The netdevs no NIC uses (QEMU: "netdev ID has no peer"): checked, never opened.
+    pub fn netdevs_without_peer(&self) -> impl Iterator<Item = &NetdevConfig> {
+        self.netdevs
+            .iter()
+            .filter(|n| !self.nics.iter().any(|c| c.netdev == n.id))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialTarget {
+    Stdio,
+    File(PathBuf),
+    None,
+}
+
+/// `-netdev TYPE,id=ID,...` (or the backend half of `-nic`, `-net`, the default network).
+#[derive(Debug, Clone)]
+pub struct NetdevConfig {
+    pub id: String,
+    /// The option it came from, as messages name it: `-netdev tap,id=n0`, `-nic user`, ...
+    pub option: String,
+    pub backend: Backend,
+}
+
+/// One variant per backend, with its options fully parsed.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// `user`: libslirp.
+    User(SlirpOptions),
+    Tap(TapOptions),
+    Vde(VdeOptions),
+    /// `stream`: QEMU's length-framed frames over TCP or a Unix stream socket.
+    Stream(StreamOptions),
+    /// `dgram`: one frame per datagram.
+    Dgram(DgramOptions),
+    /// QEMU's older `socket`: a stream (listen=, connect=) or datagrams (mcast=, udp=).
+    Socket(SocketKind),
+}
+
+impl Backend {
+    /// The `-netdev` type this came from.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Backend::User(_) => "user",
+            Backend::Tap(_) => "tap",
+            Backend::Vde(_) => "vde",
+            Backend::Stream(_) => "stream",
+            Backend::Dgram(_) => "dgram",
+            Backend::Socket(_) => "socket",
+        }
+    }
+}
+
+/// What a `-netdev socket` turned into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketKind {
+    Stream(StreamOptions),
+    Dgram(DgramOptions),
+}
+
+/// `-netdev tap`: `ifname=`/`fd=`, `script=`, `downscript=`, `vnet_hdr=`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapOptions {
+    pub device: TapDevice,
+    pub script: Script,
+    pub downscript: Script,
+    /// `vnet_hdr=on|off`; None: a virtio-net header when the frontend can use one.
+    pub vnet_hdr: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapDevice {
+    /// `ifname=NAME`: that tap, created if missing; None: a new one the kernel names.
+    Ifname(Option<String>),
+    /// `fd=N`: a tap descriptor nicvm inherited (checked: inherited, not 0-2, named once).
+    Fd(RawFd),
+}
+
+/// `script=`/`downscript=`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Script {
+    /// Not given: the default script (`/etc/nicvm-ifup`, `/etc/nicvm-ifdown`) if it exists
+    /// when the tap is opened.
+    Default,
+    /// `no` (or empty).
+    No,
+    Path(PathBuf),
+}
+
+/// The NIC models, each with the properties only it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NicModel {
+    /// `cplus=on` (default): the RTL8139C+ that Linux's 8139cp drives; off: a plain
+    /// RTL8139C for 8139too.
+    Rtl8139 {
+        cplus: bool,
+    },
+    E1000,
+    VirtioNetPci,
+}
+
+impl NicModel {
+    /// A model name as QEMU's `-device`/`model=` take it, with default properties.
+    pub fn parse(s: &str) -> Option<NicModel> {
+        Some(match s {
+            "rtl8139" => NicModel::Rtl8139 { cplus: true },
+            "e1000" | "e1000-82540em" => NicModel::E1000,
+            "virtio-net-pci" | "virtio-net" | "virtio" => NicModel::VirtioNetPci,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NicModel::Rtl8139 { .. } => "rtl8139",
+            NicModel::E1000 => "e1000",
+            NicModel::VirtioNetPci => "virtio-net-pci",
+        }
+    }
+
+    /// Whether the model can take frames with a virtio-net header (taps are opened with one).
+    pub fn wants_vnet_hdr(self) -> bool {
+        self == NicModel::VirtioNetPci
+    }
+}
+
+/// `-device MODEL,netdev=ID,...`: the frontend half.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicConfig {
+    pub model: NicModel,
+    pub netdev: String,
+    pub mac: MacAddr,
+    pub id: Option<String>,
+    /// PCI slot (`addr=`).
+    pub slot: Option<u8>,
+}
+
+/// `-object filter-dump,id=ID,netdev=NETDEV,file=PATH[,maxlen=N]`: capture a netdev's frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DumpConfig {
+    pub id: String,
+    pub netdev: String,
+    pub file: PathBuf,
+    pub maxlen: u32,
+}
+
+/// A bad option value; printed after the option it belongs to (`-netdev tap,id=n0: ...`).
+/// Every message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum OptionError {
+    #[error("unknown parameter '{0}'")]
+    Unknown(String),
+    /// A value of the wrong shape.
+    #[error("{key}: '{value}' is not {what}")]
+    NotA {
+        key: String,
+        value: String,
+        what: &'static str,
+    },
+    #[error("{key}: empty {what}")]
+    Empty { key: String, what: &'static str },
+    #[error("{key}: '{value}' needs a host")]
+    NoHost { key: String, value: String },
+    #[error("{key}: the name is longer than {max} characters")]
+    TooLong { key: String, max: usize },
+    #[error("{key}: {value} is out of range ({range})")]
+    OutOfRange {
+        key: String,
+        value: String,
+        range: &'static str,
+    },
+    /// Something more is needed: `[KEY ]needs WHAT`.
+    #[error("{}needs {what}", key.as_ref().map(|k| format!("{k} ")).unwrap_or_default())]
+    Needs { key: Option<String>, what: String },
+    #[error("{} cannot be used together", .0.iter().map(|k| format!("{k}=")).collect::<Vec<_>>().join(" and "))]
+    Together(Vec<String>),
+    #[error("{key}: not used with {other}")]
+    NotUsedWith { key: String, other: String },
+    #[error("{key}: not of the same IP version as {other}")]
+    IpVersion { key: String, other: String },
+    #[error("local.type: must be {0}, as remote.type is")]
+    LocalType(&'static str),
+    #[error("{key}: only for clients (server=off)")]
+    ClientOnly { key: String },
+    #[error("{key}: '{ty}' addresses are not supported by nicvm (inet, unix are)")]
+    AddrTypeUnsupported { key: String, ty: String },
+    #[error("fd: passing a socket descriptor is not supported by nicvm")]
+    SocketFd,
+    #[error("{key}: cannot resolve '{host}': {source}")]
+    Resolve {
+        key: String,
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("{key}: '{host}' has no address")]
+    NoAddress { key: String, host: String },
+    #[error("{key}: {addr} is outside net={net}/{prefix}")]
+    OutsideNet {
+        key: String,
+        addr: Ipv4Addr,
+        net: Ipv4Addr,
+        prefix: u8,
+    },
+    #[error("guestfwd: {addr} must be a free address inside net={net}/{prefix}")]
+    GuestFwdAddr {
+        addr: Ipv4Addr,
+        net: Ipv4Addr,
+        prefix: u8,
+    },
+    #[error("ipv4=off and ipv6=off leave nothing to do")]
+    NoIp,
+    /// `hostfwd=`/`guestfwd=` that libslirp's parser refused, with its reason.
+    #[error("{key}: {why}")]
+    Forward { key: &'static str, why: String },
+    #[error("fd: {0} is nicvm's {name}", name = ["stdin", "stdout", "stderr"][*.0 as usize])]
+    StdFd(RawFd),
+    #[error("fd: {0} is not a descriptor nicvm inherited (pass it open, without close-on-exec)")]
+    NotInherited(RawFd),
+    #[error("fd: {fd} is already used by {by}")]
+    FdTaken { fd: RawFd, by: String },
+}
+
+/// QEMU's booleans: `on|off` (and `yes|no`, `true|false`).
+pub fn on_off(key: &str, v: &str) -> Result<bool, OptionError> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(OptionError::NotA {
+            key: key.into(),
+            value: v.into(),
+            what: "on or off",
+        }),
+    }
+}

@@ -1,0 +1,724 @@
+//! One `-netdev` (or the backend half of `-nic`/`-net`) parsed into its backend's options:
+//! every key checked, addresses resolved, nothing opened.
+
+use super::addr::{host_port, inet_addrs, prefixed, qapi_addr, v4_mcast, QapiAddr};
+use super::slirp::slirp_options;
+use super::{
+    on_off, Backend, InheritedFds, OptionError, Script, SocketKind, TapDevice, TapOptions,
+};
+use crate::keyval::KeyVal;
+use net_backends::dgram::DgramOptions;
+use net_backends::stream::{StreamAddr, StreamOptions};
+use net_backends::vde::VdeOptions;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+/// The `-netdev` types, as QEMU names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetdevType {
+    User,
+    Tap,
+    Vde,
+    Socket,
+    Stream,
+    Dgram,
+}
+
+const TYPES: [(&str, NetdevType); 6] = [
+    ("user", NetdevType::User),
+    ("tap", NetdevType::Tap),
+    ("vde", NetdevType::Vde),
+    ("socket", NetdevType::Socket),
+    ("stream", NetdevType::Stream),
+    ("dgram", NetdevType::Dgram),
+];
+
+/// "user, tap, vde, socket, stream, dgram"
+fn type_list() -> String {
+    TYPES.map(|(n, _)| n).join(", ")
+}
+
+impl NetdevType {
+    pub fn parse(s: &str) -> Option<NetdevType> {
+        TYPES.iter().find(|(n, _)| *n == s).map(|(_, t)| *t)
+    }
+
+    pub fn name(self) -> &'static str {
+        TYPES
+            .iter()
+            .find(|(_, t)| *t == self)
+            .map_or("?", |(n, _)| n)
+    }
+}
+
+/// The part of a `-netdev` every type has: its type and its id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("a backend type is needed: one of {}", type_list())]
+    NoType,
+    #[error("unknown backend type '{0}' (expected one of {types})", types = type_list())]
+    UnknownType(String),
+    #[error("needs an id (id=NAME)")]
+    NoId,
+    #[error("'{0}' is not a valid id (letters, digits, - _ .)")]
+    BadId(String),
+}
+
+/// Takes the type (the leading word or `type=`) and `id=` out of `kv`.
+pub fn header(kv: &mut KeyVal) -> Result<(NetdevType, String), HeaderError> {
+    let kind = kv.first.take().ok_or(HeaderError::NoType)?;
+    let ty = NetdevType::parse(&kind).ok_or(HeaderError::UnknownType(kind))?;
+    let id = kv.remove("id").ok_or(HeaderError::NoId)?;
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(HeaderError::BadId(id));
+    }
+    Ok((ty, id))
+}
+
+/// The options of netdev `id` of type `ty` (type and id already taken out), every one checked.
+pub fn backend(
+    ty: NetdevType,
+    id: &str,
+    kv: &KeyVal,
+    fds: &InheritedFds,
+) -> Result<Backend, OptionError> {
+    Ok(match ty {
+        NetdevType::User => Backend::User(slirp_options(kv)?),
+        NetdevType::Tap => Backend::Tap(tap_options(kv, fds)?),
+        NetdevType::Vde => {
+            let mut o = vde_options(kv)?;
+            o.description = format!("nicvm id={id}");
+            Backend::Vde(o)
+        }
+        NetdevType::Socket => Backend::Socket(socket_options(kv)?),
+        NetdevType::Stream => Backend::Stream(stream_options(kv)?),
+        NetdevType::Dgram => Backend::Dgram(dgram_options(kv)?),
+    })
+}
+
+fn not_a(key: &str, value: &str, what: &'static str) -> OptionError {
+    OptionError::NotA {
+        key: key.into(),
+        value: value.into(),
+        what,
+    }
+}
+
+fn unknown(kv: &KeyVal, allowed: &[&str]) -> Result<(), OptionError> {
+    match kv.unknown_key(allowed) {
+        Some(k) => Err(OptionError::Unknown(k.into())),
+        None => Ok(()),
+    }
+}
+
+/// `script=`/`downscript=`: a path, `no` (or empty), or not given.
+fn script(v: Option<&str>) -> Script {
+    match v {
+        None => Script::Default,
+        Some("no") | Some("") => Script::No,
+        Some(p) => Script::Path(p.into()),
+    }
+}
+
+/// `fd=N`: a number naming a descriptor nicvm inherited, not stdin/stdout/stderr.
+fn inherited_fd(v: &str, fds: &InheritedFds) -> Result<RawFd, OptionError> {
+    let fd: RawFd = v
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| n.try_into().ok())
+        .ok_or_else(|| not_a("fd", v, "a number"))?;
+    if fd < 3 {
+        return Err(OptionError::StdFd(fd));
+    }
+    if !fds.contains(fd) {
+        return Err(OptionError::NotInherited(fd));
+    }
+    Ok(fd)
+}
+
+/// `-netdev tap`: `ifname=NAME` or `fd=N`, `script=`, `downscript=`, `vnet_hdr=on|off`.
+pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, OptionError> {
+    unknown(kv, &["ifname", "fd", "script", "downscript", "vnet_hdr"])?;
+    let vnet_hdr = match kv.get("vnet_hdr") {
+        Some(v) => Some(on_off("vnet_hdr", v)?),
+        None => None,
+    };
+    let device = match (kv.get("fd"), kv.get("ifname")) {
+        (Some(_), Some(_)) => {
+            return Err(OptionError::Together(vec!["fd".into(), "ifname".into()]))
+        }
+        (Some(fd), None) => TapDevice::Fd(inherited_fd(fd, fds)?),
+        (None, Some(name)) if name.len() >= libc::IFNAMSIZ => {
+            return Err(OptionError::TooLong {
+                key: "ifname".into(),
+                max: libc::IFNAMSIZ - 1,
+            })
+        }
+        (None, name) => TapDevice::Ifname(name.filter(|n| !n.is_empty()).map(String::from)),
+    };
+    Ok(TapOptions {
+        device,
+        script: script(kv.get("script")),
+        downscript: script(kv.get("downscript")),
+        vnet_hdr,
+    })
+}
+
+/// `-netdev vde` options: `sock=DIR`, `port=N`, `group=G`, `mode=OCTAL` (default 0700).
+pub fn vde_options(kv: &KeyVal) -> Result<VdeOptions, OptionError> {
+    unknown(kv, &["sock", "port", "group", "mode"])?;
+    let mut o = VdeOptions::default();
+    if let Some(v) = kv.get("sock") {
+        if v.is_empty() {
+            return Err(OptionError::Empty {
+                key: "sock".into(),
+                what: "path",
+            });
+        }
+        o.sock = Some(v.into());
+    }
+    if let Some(v) = kv.get("port") {
+        o.port = v
+            .parse::<u32>()
+            .ok()
+            .filter(|p| *p < 1 << 24)
+            .ok_or_else(|| not_a("port", v, "a switch port number"))?;
+    }
+    if let Some(v) = kv.get("group") {
+        if v.is_empty() {
+            return Err(OptionError::Empty {
+                key: "group".into(),
+                what: "group name",
+            });
+        }
+        o.group = Some(v.into());
+    }
+    if let Some(v) = kv.get("mode") {
+        let digits = v.strip_prefix("0o").unwrap_or(v);
+        o.mode = u32::from_str_radix(digits, 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| not_a("mode", v, "an octal permission (like 0700)"))?;
+    }
+    Ok(o)
+}
+
+/// QEMU's legacy `-netdev socket`: exactly one of `listen=[HOST]:PORT`, `connect=HOST:PORT`,
+/// `mcast=MADDR:PORT[,localaddr=ADDR]`, `udp=HOST:PORT,localaddr=HOST:PORT`.
+pub fn socket_options(kv: &KeyVal) -> Result<SocketKind, OptionError> {
+    unknown(
+        kv,
+        &["listen", "connect", "mcast", "udp", "localaddr", "fd"],
+    )?;
+    if kv.get("fd").is_some() {
+        return Err(OptionError::SocketFd);
+    }
+    let modes: Vec<&str> = ["listen", "connect", "mcast", "udp"]
+        .into_iter()
+        .filter(|k| kv.get(k).is_some())
+        .collect();
+    let (mode, v) = match modes.as_slice() {
+        [m] => (*m, kv.get(m).unwrap_or_default()),
+        [] => {
+            return Err(OptionError::Needs {
+                key: None,
+                what: "one of listen=, connect=, mcast=, udp=".into(),
+            })
+        }
+        _ => {
+            return Err(OptionError::Together(
+                modes.iter().map(|m| m.to_string()).collect(),
+            ))
+        }
+    };
+    let localaddr = kv.get("localaddr");
+    if localaddr.is_some() && matches!(mode, "listen" | "connect") {
+        return Err(OptionError::NotUsedWith {
+            key: "localaddr".into(),
+            other: format!("{mode}="),
+        });
+    }
+    Ok(match mode {
+        "listen" | "connect" => SocketKind::Stream(StreamOptions {
+            addr: StreamAddr::Inet(host_port(mode, v, mode == "listen")?),
+            server: mode == "listen",
+            reconnect: None,
+        }),
+        "mcast" => SocketKind::Dgram(DgramOptions::Mcast {
+            group: v4_mcast("mcast", v)?,
+            localaddr: match localaddr {
+                None => None,
+                Some(a) => Some(
+                    a.parse()
+                        .map_err(|_| not_a("localaddr", a, "an IPv4 address"))?,
+                ),
+            },
+        }),
+        _ => {
+            let remote = host_port("udp", v, false)?[0];
+            let l = localaddr.ok_or_else(|| OptionError::Needs {
+                key: Some("udp=".into()),
+                what: "localaddr=HOST:PORT".into(),
+            })?;
+            let local = host_port("localaddr", l, false)?
+                .into_iter()
+                .find(|a| a.is_ipv4() == remote.is_ipv4())
+                .ok_or_else(|| OptionError::IpVersion {
+                    key: "localaddr".into(),
+                    other: "udp=".into(),
+                })?;
+            SocketKind::Dgram(DgramOptions::Udp { local, remote })
+        }
+    })
+}
+
+fn allowed_keys(keys: &[String]) -> Vec<&str> {
+    keys.iter().map(String::as_str).collect()
+}
+
+/// `-netdev stream`: `addr.*` (see [`qapi_addr`]), `server=on|off` (default off),
+/// `reconnect=SECONDS` or `reconnect-ms=MS` for clients.
+pub fn stream_options(kv: &KeyVal) -> Result<StreamOptions, OptionError> {
+    let mut keys: Vec<String> = prefixed("addr").collect();
+    keys.extend(["server", "reconnect", "reconnect-ms"].map(String::from));
+    unknown(kv, &allowed_keys(&keys))?;
+    let server = match kv.get("server") {
+        Some(v) => on_off("server", v)?,
+        None => false,
+    };
+    let mut reconnect = None;
+    if let Some(v) = kv.get("reconnect") {
+        let s: u64 = v
+            .parse()
+            .map_err(|_| not_a("reconnect", v, "a number of seconds"))?;
+        reconnect = (s > 0).then(|| Duration::from_secs(s));
+    }
+    if let Some(v) = kv.get("reconnect-ms") {
+        if kv.get("reconnect").is_some() {
+            return Err(OptionError::Together(vec![
+                "reconnect".into(),
+                "reconnect-ms".into(),
+            ]));
+        }
+        let ms: u64 = v
+            .parse()
+            .map_err(|_| not_a("reconnect-ms", v, "a number of milliseconds"))?;
+        reconnect = (ms > 0).then(|| Duration::from_millis(ms));
+    }
+    if server && reconnect.is_some() {
+        return Err(OptionError::ClientOnly {
+            key: "reconnect".into(),
+        });
+    }
+    let addr = match qapi_addr(kv, "addr")? {
+        None => {
+            return Err(OptionError::Needs {
+                key: None,
+                what: "addr.type=inet|unix and its address".into(),
+            })
+        }
+        Some(QapiAddr::Unix(p)) => StreamAddr::Unix(p),
+        Some(QapiAddr::Inet { host, port }) => {
+            if host.is_empty() && server {
+                StreamAddr::Inet(vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))])
+            } else {
+                StreamAddr::Inet(inet_addrs("addr.host", &host, port)?)
+            }
+        }
+    };
+    Ok(StreamOptions {
+        addr,
+        server,
+        reconnect,
+    })
+}
+
+/// `-netdev dgram`: `remote.*` and `local.*` (see [`qapi_addr`]), combined as QEMU allows:
+/// a multicast remote with or without a local inet address (its host picks the interface),
+/// otherwise both, of the same type.
+pub fn dgram_options(kv: &KeyVal) -> Result<DgramOptions, OptionError> {
+    let keys: Vec<String> = prefixed("local").chain(prefixed("remote")).collect();
+    unknown(kv, &allowed_keys(&keys))?;
+    let local = qapi_addr(kv, "local")?;
+    let Some(remote) = qapi_addr(kv, "remote")? else {
+        return Err(OptionError::Needs {
+            key: None,
+            what: "remote.type=inet|unix and its address (a local-only fd socket is not supported)"
+                .into(),
+        });
+    };
+    match remote {
+        QapiAddr::Inet { host, port } => {
+            let r = inet_addrs("remote.host", &host, port)?[0];
+            if let SocketAddr::V4(g) = r {
+                if g.ip().is_multicast() {
+                    let localaddr = match local {
+                        None => None,
+                        Some(QapiAddr::Inet { host, .. }) => Some(
+                            host.parse()
+                                .map_err(|_| not_a("local.host", &host, "an IPv4 address"))?,
+                        ),
+                        Some(QapiAddr::Unix(_)) => return Err(OptionError::LocalType("inet")),
+                    };
+                    return Ok(DgramOptions::Mcast {
+                        group: g,
+                        localaddr,
+                    });
+                }
+            }
+            match local {
+                None => Err(OptionError::Needs {
+                    key: Some("remote.type=inet (not multicast)".into()),
+                    what: "local.type=inet too".into(),
+                }),
+                Some(QapiAddr::Unix(_)) => Err(OptionError::LocalType("inet")),
+                Some(QapiAddr::Inet { host, port }) => {
+                    let l = inet_addrs("local.host", &host, port)?
+                        .into_iter()
+                        .find(|a| a.is_ipv4() == r.is_ipv4())
+                        .ok_or_else(|| OptionError::IpVersion {
+                            key: "local.host".into(),
+                            other: "remote.host".into(),
+                        })?;
+                    Ok(DgramOptions::Udp {
+                        local: l,
+                        remote: r,
+                    })
+                }
+            }
+        }
+        QapiAddr::Unix(rp) => match local {
+            Some(QapiAddr::Unix(lp)) => Ok(DgramOptions::Unix {
+                local: lp,
+                remote: rp,
+            }),
+            Some(QapiAddr::Inet { .. }) => Err(OptionError::LocalType("unix")),
+            None => Err(OptionError::Needs {
+                key: Some("remote.type=unix".into()),
+                what: "local.type=unix,local.path=PATH".into(),
+            }),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(s: &str) -> KeyVal {
+        if s.is_empty() {
+            return KeyVal::default();
+        }
+        KeyVal::parse(s, None).unwrap()
+    }
+
+    /// Every error is one line that names `key`.
+    fn check_errors<T: std::fmt::Debug>(
+        f: impl Fn(&KeyVal) -> Result<T, OptionError>,
+        cases: &[(&str, &str)],
+    ) {
+        for (s, key) in cases {
+            let e = f(&kv(s)).unwrap_err().to_string();
+            assert!(e.contains(key), "{s}: '{e}' does not name {key}");
+            assert!(!e.contains('\n'), "{s}: '{e}' is not one line");
+        }
+    }
+
+    #[test]
+    fn header_takes_type_and_id() {
+        let mut k = KeyVal::parse("tap,id=n0,ifname=t", Some("type")).unwrap();
+        assert_eq!(header(&mut k).unwrap(), (NetdevType::Tap, "n0".into()));
+        assert_eq!(k.pairs, [("ifname".to_string(), "t".to_string())]);
+        for (s, e) in [
+            ("id=n0", HeaderError::NoType),
+            ("bogus,id=n0", HeaderError::UnknownType("bogus".into())),
+            ("user", HeaderError::NoId),
+            ("user,id=a/b", HeaderError::BadId("a/b".into())),
+            ("user,id=", HeaderError::BadId("".into())),
+        ] {
+            let mut k = KeyVal::parse(s, Some("type")).unwrap();
+            assert_eq!(header(&mut k).unwrap_err(), e, "{s}");
+        }
+        assert_eq!(
+            HeaderError::NoType.to_string(),
+            "a backend type is needed: one of user, tap, vde, socket, stream, dgram"
+        );
+        for (n, t) in TYPES {
+            assert_eq!(t.name(), n);
+        }
+    }
+
+    #[test]
+    fn tap_options_and_errors() {
+        let fds = InheritedFds::from_fds([0, 1, 2, 5, 6]);
+        let tap = |s: &str| tap_options(&kv(s), &fds);
+        assert_eq!(
+            tap("").unwrap(),
+            TapOptions {
+                device: TapDevice::Ifname(None),
+                script: Script::Default,
+                downscript: Script::Default,
+                vnet_hdr: None,
+            }
+        );
+        let o = tap("ifname=tap0,script=no,downscript=/x/down,vnet_hdr=off").unwrap();
+        assert_eq!(o.device, TapDevice::Ifname(Some("tap0".into())));
+        assert_eq!(
+            (o.script, o.downscript, o.vnet_hdr),
+            (Script::No, Script::Path("/x/down".into()), Some(false))
+        );
+        assert_eq!(tap("fd=5").unwrap().device, TapDevice::Fd(5));
+        assert_eq!(tap("script=").unwrap().script, Script::No);
+        check_errors(
+            |k| tap_options(k, &fds),
+            &[
+                ("fd=3x", "fd"),
+                ("fd=-1", "fd"),
+                ("fd=1", "fd"),
+                ("fd=7", "fd"),
+                ("fd=5,ifname=t", "ifname="),
+                ("ifname=a-name-of-sixteen", "ifname"),
+                ("vnet_hdr=maybe", "vnet_hdr"),
+                ("queues=4", "queues"),
+            ],
+        );
+        assert_eq!(
+            tap("fd=3x").unwrap_err().to_string(),
+            "fd: '3x' is not a number"
+        );
+        assert_eq!(
+            tap("fd=1").unwrap_err().to_string(),
+            "fd: 1 is nicvm's stdout"
+        );
+        assert!(matches!(tap("fd=7"), Err(OptionError::NotInherited(7))));
+        assert_eq!(
+            tap("fd=5,ifname=t").unwrap_err().to_string(),
+            "fd= and ifname= cannot be used together"
+        );
+    }
+
+    #[test]
+    fn vde_options_and_errors() {
+        let o = vde_options(&KeyVal::default()).unwrap();
+        assert_eq!((o.sock, o.port, o.group, o.mode), (None, 0, None, 0o700));
+        let o = vde_options(&kv("sock=/run/sw,port=5,group=kvm,mode=0770")).unwrap();
+        assert_eq!(o.sock.as_deref(), Some(std::path::Path::new("/run/sw")));
+        assert_eq!(
+            (o.port, o.group.as_deref(), o.mode),
+            (5, Some("kvm"), 0o770)
+        );
+        assert_eq!(
+            vde_options(&kv("mode=660")).unwrap().mode,
+            0o660,
+            "octal even without 0"
+        );
+        let Backend::Vde(o) =
+            backend(NetdevType::Vde, "sw", &kv(""), &InheritedFds::default()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(o.description, "nicvm id=sw");
+        check_errors(
+            vde_options,
+            &[
+                ("port=x", "port"),
+                ("port=-1", "port"),
+                ("mode=0999", "mode"),
+                ("mode=01777", "mode"),
+                ("sock=", "sock"),
+                ("group=", "group"),
+                ("ifname=x", "ifname"),
+            ],
+        );
+    }
+
+    #[test]
+    fn socket_options_and_errors() {
+        let SocketKind::Stream(o) = socket_options(&kv("listen=:1234")).unwrap() else {
+            panic!()
+        };
+        assert!(o.server);
+        assert_eq!(
+            o.addr,
+            StreamAddr::Inet(vec!["0.0.0.0:1234".parse().unwrap()])
+        );
+        let SocketKind::Stream(o) = socket_options(&kv("connect=127.0.0.1:1234")).unwrap() else {
+            panic!()
+        };
+        assert!(!o.server && o.reconnect.is_none());
+        let SocketKind::Stream(o) = socket_options(&kv("connect=[::1]:99")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(o.addr, StreamAddr::Inet(vec!["[::1]:99".parse().unwrap()]));
+        assert_eq!(
+            socket_options(&kv("mcast=230.0.0.1:1234,localaddr=127.0.0.1")).unwrap(),
+            SocketKind::Dgram(DgramOptions::Mcast {
+                group: "230.0.0.1:1234".parse().unwrap(),
+                localaddr: Some(Ipv4Addr::LOCALHOST)
+            })
+        );
+        assert_eq!(
+            socket_options(&kv("udp=127.0.0.1:2,localaddr=127.0.0.1:1")).unwrap(),
+            SocketKind::Dgram(DgramOptions::Udp {
+                local: "127.0.0.1:1".parse().unwrap(),
+                remote: "127.0.0.1:2".parse().unwrap()
+            })
+        );
+        check_errors(
+            socket_options,
+            &[
+                ("", "listen="),
+                ("listen=:1,connect=127.0.0.1:2", "connect"),
+                ("listen=1234", "listen"),
+                ("listen=:99999", "listen"),
+                ("connect=:1234", "connect"),
+                ("mcast=10.0.0.1:5", "mcast"),
+                ("mcast=230.0.0.1:5,localaddr=banana", "localaddr"),
+                ("udp=127.0.0.1:2", "localaddr"),
+                ("udp=127.0.0.1:2,localaddr=[::1]:3", "localaddr"),
+                ("listen=:1,localaddr=127.0.0.1", "localaddr"),
+                ("fd=3", "fd"),
+                ("listen=:1,reconnect=1", "reconnect"),
+            ],
+        );
+        assert_eq!(
+            socket_options(&kv("listen=:1,connect=127.0.0.1:2"))
+                .unwrap_err()
+                .to_string(),
+            "listen= and connect= cannot be used together"
+        );
+    }
+
+    #[test]
+    fn stream_options_and_errors() {
+        let o = stream_options(&kv(
+            "server=on,addr.type=inet,addr.host=127.0.0.1,addr.port=1234",
+        ))
+        .unwrap();
+        assert!(o.server);
+        assert_eq!(
+            o.addr,
+            StreamAddr::Inet(vec!["127.0.0.1:1234".parse().unwrap()])
+        );
+        let o = stream_options(&kv("addr.type=unix,addr.path=/tmp/s,reconnect=2")).unwrap();
+        assert_eq!(
+            (o.server, o.addr, o.reconnect),
+            (
+                false,
+                StreamAddr::Unix("/tmp/s".into()),
+                Some(Duration::from_secs(2))
+            )
+        );
+        let o = stream_options(&kv("addr.type=unix,addr.path=/s,reconnect-ms=250")).unwrap();
+        assert_eq!(o.reconnect, Some(Duration::from_millis(250)));
+        let o = stream_options(&kv("addr.type=unix,addr.path=/s,reconnect=0")).unwrap();
+        assert_eq!(o.reconnect, None, "0 turns reconnecting off");
+        let o = stream_options(&kv("server=on,addr.type=inet,addr.host=,addr.port=5")).unwrap();
+        assert_eq!(o.addr, StreamAddr::Inet(vec!["0.0.0.0:5".parse().unwrap()]));
+        check_errors(
+            stream_options,
+            &[
+                ("server=on", "addr.type"),
+                ("addr.host=127.0.0.1,addr.port=1", "addr.type"),
+                ("addr.type=fd", "addr.type"),
+                ("addr.type=tcp", "addr.type"),
+                ("addr.type=inet,addr.host=127.0.0.1", "addr.port"),
+                ("addr.type=inet,addr.port=1", "addr.host"),
+                (
+                    "addr.type=inet,addr.host=127.0.0.1,addr.port=x",
+                    "addr.port",
+                ),
+                (
+                    "addr.type=inet,addr.host=127.0.0.1,addr.port=1,addr.path=/x",
+                    "addr.path",
+                ),
+                ("addr.type=unix", "addr.path"),
+                ("addr.type=unix,addr.path=/s,server=maybe", "server"),
+                (
+                    "addr.type=unix,addr.path=/s,server=on,reconnect=1",
+                    "reconnect",
+                ),
+                ("addr.type=unix,addr.path=/s,reconnect=soon", "reconnect"),
+                (
+                    "addr.type=unix,addr.path=/s,reconnect=1,reconnect-ms=5",
+                    "reconnect-ms",
+                ),
+                (
+                    "addr.type=unix,addr.path=/s,addr.abstract=on",
+                    "addr.abstract",
+                ),
+                ("addr.type=unix,addr.path=/s,local.type=unix", "local.type"),
+            ],
+        );
+    }
+
+    #[test]
+    fn dgram_options_and_errors() {
+        assert_eq!(
+            dgram_options(&kv(
+                "remote.type=inet,remote.host=230.0.0.1,remote.port=1234"
+            ))
+            .unwrap(),
+            DgramOptions::Mcast {
+                group: "230.0.0.1:1234".parse().unwrap(),
+                localaddr: None
+            }
+        );
+        assert_eq!(
+            dgram_options(&kv(
+                "remote.type=inet,remote.host=230.0.0.1,remote.port=1234,local.type=inet,local.host=127.0.0.1,local.port=0"
+            ))
+            .unwrap(),
+            DgramOptions::Mcast {
+                group: "230.0.0.1:1234".parse().unwrap(),
+                localaddr: Some(Ipv4Addr::LOCALHOST)
+            }
+        );
+        assert_eq!(
+            dgram_options(&kv(
+                "local.type=inet,local.host=127.0.0.1,local.port=1,remote.type=inet,remote.host=127.0.0.1,remote.port=2"
+            ))
+            .unwrap(),
+            DgramOptions::Udp {
+                local: "127.0.0.1:1".parse().unwrap(),
+                remote: "127.0.0.1:2".parse().unwrap()
+            }
+        );
+        assert_eq!(
+            dgram_options(&kv(
+                "local.type=unix,local.path=/a,remote.type=unix,remote.path=/b"
+            ))
+            .unwrap(),
+            DgramOptions::Unix {
+                local: "/a".into(),
+                remote: "/b".into()
+            }
+        );
+        check_errors(
+            dgram_options,
+            &[
+                ("", "remote.type"),
+                ("local.type=unix,local.path=/a", "remote.type"),
+                ("remote.type=unix,remote.path=/b", "local.type"),
+                ("remote.type=inet,remote.host=127.0.0.1,remote.port=2", "local.type"),
+                ("remote.type=inet,remote.host=127.0.0.1", "remote.port"),
+                (
+                    "local.type=inet,local.host=127.0.0.1,local.port=1,remote.type=unix,remote.path=/b",
+                    "local.type",
+                ),
+                (
+                    "local.type=unix,local.path=/a,remote.type=inet,remote.host=127.0.0.1,remote.port=2",
+                    "local.type",
+                ),
+                ("remote.type=inet,remote.host=230.0.0.1,remote.port=1,local.type=inet,local.host=x,local.port=0", "local.host"),
+                ("remote.type=unix,remote.path=/b,local.type=unix,local.path=/a,local.mode=1", "local.mode"),
+                ("remote.type=unix,remote.path=/b,local.type=unix,local.path=/a,local.port=1", "local.port"),
+            ],
+        );
+    }
+}

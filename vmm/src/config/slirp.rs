@@ -1,0 +1,264 @@
+//! `-netdev user`: QEMU's option names, defaults and checks for the user-mode network, and
+//! the IPv4 arithmetic they need.
+
+use super::{on_off, OptionError};
+use crate::keyval::KeyVal;
+use net_backends::slirp::{GuestFwd, HostFwd, SlirpOptions};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+const KEYS: &[&str] = &[
+    "net",
+    "host",
+    "dhcpstart",
+    "dns",
+    "hostname",
+    "domainname",
+    "dnssearch",
+    "restrict",
+    "hostfwd",
+    "guestfwd",
+    "tftp",
+    "bootfile",
+    "ipv4",
+    "ipv6",
+    "ipv6-net",
+    "ipv6-prefix",
+    "ipv6-prefixlen",
+    "ipv6-host",
+    "ipv6-dns",
+];
+
+/// `net=ADDR[/MASK]`: MASK a prefix length or dotted; without it, the address's class decides
+/// (as QEMU does). The host bits must be zero.
+pub fn parse_net(v: &str) -> Option<(Ipv4Addr, u8)> {
+    let (a, m) = match v.split_once('/') {
+        Some((a, m)) => (a, Some(m)),
+        None => (v, None),
+    };
+    let addr: Ipv4Addr = a.parse().ok()?;
+    let prefix = match m {
+        None => match addr.octets()[0] {
+            0..=127 => 8,
+            128..=191 => 16,
+            _ => 24,
+        },
+        Some(m) => match m.parse::<u8>() {
+            Ok(p) if (1..=30).contains(&p) => p,
+            Ok(_) => return None,
+            Err(_) => {
+                let mask = u32::from(m.parse::<Ipv4Addr>().ok()?);
+                if mask.leading_ones() + mask.trailing_zeros() != 32
+                    || !(1..=30).contains(&mask.leading_ones())
+                {
+                    return None;
+                }
+                mask.leading_ones() as u8
+            }
+        },
+    };
+    let host_bits = u32::from(addr) & !(u32::MAX << (32 - prefix));
+    (host_bits == 0).then_some((addr, prefix))
+}
+
+fn ip(key: &str, v: &str) -> Result<Ipv4Addr, OptionError> {
+    v.parse().map_err(|_| OptionError::NotA {
+        key: key.into(),
+        value: v.into(),
+        what: "an IPv4 address",
+    })
+}
+
+fn ip6(key: &str, v: &str) -> Result<Ipv6Addr, OptionError> {
+    v.parse().map_err(|_| OptionError::NotA {
+        key: key.into(),
+        value: v.into(),
+        what: "an IPv6 address",
+    })
+}
+
+/// `-netdev user` options with QEMU's names, defaults and checks.
+pub fn slirp_options(kv: &KeyVal) -> Result<SlirpOptions, OptionError> {
+    if let Some(k) = kv.unknown_key(KEYS) {
+        return Err(OptionError::Unknown(k.into()));
+    }
+    let mut o = SlirpOptions::default();
+    if let Some(v) = kv.get("net") {
+        let (net, prefix) = parse_net(v).ok_or_else(|| OptionError::NotA {
+            key: "net".into(),
+            value: v.into(),
+            what: "a network (ADDR[/MASK], host bits zero)",
+        })?;
+        o.net = net;
+        o.prefix = prefix;
+        let base = u32::from(net);
+        o.host = Ipv4Addr::from(base + 2);
+        o.dns = Ipv4Addr::from(base + 3);
+        o.dhcp_start = Ipv4Addr::from(base + 15);
+    }
+    for (key, slot) in [
+        ("host", &mut o.host),
+        ("dns", &mut o.dns),
+        ("dhcpstart", &mut o.dhcp_start),
+    ] {
+        if let Some(v) = kv.get(key) {
+            *slot = ip(key, v)?;
+        }
+    }
+    for (key, addr) in [
+        ("host", o.host),
+        ("dns", o.dns),
+        ("dhcpstart", o.dhcp_start),
+    ] {
+        if !o.contains(addr) {
+            return Err(OptionError::OutsideNet {
+                key: key.into(),
+                addr,
+                net: o.net,
+                prefix: o.prefix,
+            });
+        }
+    }
+    if let Some(v) = kv.get("restrict") {
+        o.restrict = on_off("restrict", v)?;
+    }
+    if let Some(v) = kv.get("ipv4") {
+        o.ipv4 = on_off("ipv4", v)?;
+    }
+    if let Some(v) = kv.get("ipv6") {
+        o.ipv6 = on_off("ipv6", v)?;
+    }
+    if !o.ipv4 && !o.ipv6 {
+        return Err(OptionError::NoIp);
+    }
+    if let Some(v) = kv.get("ipv6-net").or(kv.get("ipv6-prefix")) {
+        let (a, len) = match v.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (v, None),
+        };
+        o.ipv6_prefix = ip6("ipv6-net", a)?;
+        if let Some(l) = len {
+            o.ipv6_prefix_len = l.parse().map_err(|_| OptionError::NotA {
+                key: "ipv6-net".into(),
+                value: v.into(),
+                what: "an IPv6 prefix (ADDR[/LEN])",
+            })?;
+        }
+    }
+    if let Some(v) = kv.get("ipv6-prefixlen") {
+        o.ipv6_prefix_len = v.parse().map_err(|_| OptionError::NotA {
+            key: "ipv6-prefixlen".into(),
+            value: v.into(),
+            what: "a number",
+        })?;
+    }
+    if !(1..=126).contains(&o.ipv6_prefix_len) {
+        return Err(OptionError::OutOfRange {
+            key: "ipv6-prefixlen".into(),
+            value: o.ipv6_prefix_len.to_string(),
+            range: "1-126",
+        });
+    }
+    if let Some(v) = kv.get("ipv6-host") {
+        o.ipv6_host = ip6("ipv6-host", v)?;
+    }
+    if let Some(v) = kv.get("ipv6-dns") {
+        o.ipv6_dns = ip6("ipv6-dns", v)?;
+    }
+    o.hostname = kv.get("hostname").map(String::from);
+    o.domainname = kv.get("domainname").map(String::from);
+    o.tftp = kv.get("tftp").map(String::from);
+    o.bootfile = kv.get("bootfile").map(String::from);
+    for (k, v) in &kv.pairs {
+        match k.as_str() {
+            "dnssearch" => o.dnssearch.push(v.clone()),
+            "hostfwd" => {
+                o.hostfwd
+                    .push(v.parse::<HostFwd>().map_err(|why| OptionError::Forward {
+                        key: "hostfwd",
+                        why,
+                    })?)
+            }
+            "guestfwd" => {
+                let f = v.parse::<GuestFwd>().map_err(|why| OptionError::Forward {
+                    key: "guestfwd",
+                    why,
+                })?;
+                if !o.contains(f.addr) || [o.host, o.dns].contains(&f.addr) {
+                    return Err(OptionError::GuestFwdAddr {
+                        addr: f.addr,
+                        net: o.net,
+                        prefix: o.prefix,
+                    });
+                }
+                o.guestfwd.push(f);
+            }
+            _ => {}
+        }
+    }
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(s: &str) -> Result<SlirpOptions, OptionError> {
+        slirp_options(&KeyVal::parse(s, None).unwrap())
+    }
+
+    #[test]
+    fn user_defaults_and_derived_addresses() {
+        let o = opts("hostfwd=tcp::2222-:22").unwrap();
+        assert_eq!(
+            (o.net, o.prefix, o.host, o.dns, o.dhcp_start),
+            (
+                Ipv4Addr::new(10, 0, 2, 0),
+                24,
+                Ipv4Addr::new(10, 0, 2, 2),
+                Ipv4Addr::new(10, 0, 2, 3),
+                Ipv4Addr::new(10, 0, 2, 15)
+            )
+        );
+        let o = opts("net=192.168.100.0/24,dhcpstart=192.168.100.50").unwrap();
+        assert_eq!(o.host, Ipv4Addr::new(192, 168, 100, 2));
+        assert_eq!(o.dhcp_start, Ipv4Addr::new(192, 168, 100, 50));
+        assert_eq!(opts("net=10.1.0.0/255.255.0.0").unwrap().prefix, 16);
+        assert_eq!(opts("net=10.0.0.0").unwrap().prefix, 8, "classful default");
+        assert!(opts("restrict=on").unwrap().restrict);
+        assert_eq!(
+            opts("dnssearch=a.example,dnssearch=b.example")
+                .unwrap()
+                .dnssearch
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn bad_user_options_say_which() {
+        for (s, key) in [
+            ("net=10.0.2.1/24", "net"),
+            ("net=banana", "net"),
+            ("net=10.0.2.0/33", "net"),
+            ("net=192.168.100.0/24,dhcpstart=10.0.2.15", "dhcpstart"),
+            ("dns=1.2.3.4", "dns"),
+            ("hostfwd=tcp:2222:22", "hostfwd"),
+            ("restrict=maybe", "restrict"),
+            ("guestfwd=tcp:10.0.2.100:1-tcp:127.0.0.1:2", "guestfwd"),
+            ("guestfwd=tcp:10.0.2.2:1-cmd:x", "guestfwd"),
+            ("smb=/tmp", "smb"),
+            ("ipv4=off,ipv6=off", "ipv6=off"),
+            ("ipv6-net=fec0::/x", "ipv6-net"),
+            ("ipv6-prefixlen=127", "ipv6-prefixlen"),
+            ("ipv6-host=10.0.2.2", "ipv6-host"),
+        ] {
+            let e = opts(s).unwrap_err().to_string();
+            assert!(e.contains(key), "{s}: {e}");
+            assert!(!e.contains('\n'), "{s}: {e}");
+        }
+        assert_eq!(
+            opts("dns=1.2.3.4").unwrap_err().to_string(),
+            "dns: 1.2.3.4 is outside net=10.0.2.0/24"
+        );
+    }
+}

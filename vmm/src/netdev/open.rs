@@ -1,0 +1,388 @@
+//! Typed netdev configuration in, a backend out: taps (with their scripts), libslirp, VDE,
+//! stream and datagram sockets.
+
+use super::guard::{NetdevGuard, RemoveDir, SocketFile};
+use super::script::{self, DownScript, ScriptError, DEFAULT_IFDOWN, DEFAULT_IFUP};
+use crate::config::{Backend, NetdevConfig, SocketKind, TapDevice, TapOptions};
+use net_backends::dgram::{DgramBackend, DgramOptions};
+use net_backends::slirp::SlirpBackend;
+use net_backends::stream::{StreamBackend, StreamOptions};
+use net_backends::tap::{Tap, TapError};
+use net_backends::vde::{Vde, VdeOptions};
+use net_backends::NetBackend;
+use std::path::Path;
+
+pub struct Opened {
+    pub backend: Box<dyn NetBackend>,
+    /// What to call it in messages (the tap's name, ...).
+    pub label: String,
+    /// Undoes what opening did; keep it until the VM has ended.
+    pub guard: NetdevGuard,
+}
+
+/// A netdev that could not be opened: `-netdev tap,id=n0: ifname=tap0: busy (...)`.
+#[derive(Debug, thiserror::Error)]
+#[error("{option}: {error}")]
+pub struct OpenError {
+    /// The option the netdev came from.
+    pub option: String,
+    #[source]
+    pub error: OpenErrorKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenErrorKind {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("script: {0}")]
+    Script(#[from] ScriptError),
+    /// What the slirp, VDE, stream or dgram backend said.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Opens the backend `nd` describes. `want_vnet_hdr`: the frontend can use a virtio-net
+/// header. Call it at most once per netdev: a tap `fd=` is taken over.
+pub fn open(nd: &NetdevConfig, want_vnet_hdr: bool) -> Result<Opened, OpenError> {
+    let kind = nd.backend.kind();
+    match &nd.backend {
+        Backend::Tap(o) => open_tap(o, want_vnet_hdr),
+        Backend::User(o) => SlirpBackend::new(o.clone())
+            .map(|b| Opened {
+                backend: Box::new(b),
+                label: "user".into(),
+                guard: NetdevGuard::default(),
+            })
+            .map_err(OpenErrorKind::Backend),
+        Backend::Vde(o) => open_vde(o),
+        Backend::Stream(o) | Backend::Socket(SocketKind::Stream(o)) => open_stream(kind, o),
+        Backend::Dgram(o) | Backend::Socket(SocketKind::Dgram(o)) => open_dgram(kind, o),
+    }
+    .map_err(|error| OpenError {
+        option: nd.option.clone(),
+        error,
+    })
+}
+
+fn open_tap(o: &TapOptions, want_vnet_hdr: bool) -> Result<Opened, OpenErrorKind> {
+    let tap = match &o.device {
+        TapDevice::Fd(fd) => {
+            // An fd keeps the header it was opened with unless the frontend cannot use one
+            // (then it is hidden) or vnet_hdr= says otherwise.
+            let vnet = if want_vnet_hdr {
+                o.vnet_hdr
+            } else {
+                Some(false)
+            };
+            // SAFETY: the CLI checked that nicvm inherited `fd` (it is none of nicvm's own)
+            // and that only this netdev names it; a netdev is opened once.
+            unsafe { Tap::from_fd(*fd, vnet) }?
+        }
+        TapDevice::Ifname(name) => {
+            let vnet = match o.vnet_hdr {
+                Some(true) if !want_vnet_hdr => Some(false), // e1000/rtl8139 do offloads themselves
+                None => Some(want_vnet_hdr),
+                v => v,
+            };
+            Tap::open(name.as_deref().unwrap_or(""), vnet)?
+        }
+    };
+    let name = tap.name().to_string();
+    if let Some(up) = script::resolve(&o.script, DEFAULT_IFUP) {
+        script::run(&up, &name)?;
+    }
+    let downscript =
+        script::resolve(&o.downscript, DEFAULT_IFDOWN).map(|s| DownScript::new(s, name.clone()));
+    Ok(Opened {
+        backend: Box::new(tap),
+        label: name,
+        guard: NetdevGuard {
+            downscript,
+            ..Default::default()
+        },
+    })
+}
+
+fn open_vde(o: &VdeOptions) -> Result<Opened, OpenErrorKind> {
+    let v = Vde::open(o).map_err(OpenErrorKind::Backend)?;
+    let label = match &o.sock {
+        Some(p) => format!("vde:{}[{}]", p.display(), v.port()),
+        None => format!("vde[{}]", v.port()),
+    };
+    let dir = RemoveDir(v.private_dir().to_path_buf());
+    Ok(Opened {
+        backend: Box::new(v),
+        label,
+        guard: NetdevGuard {
+            dir: Some(dir),
+            ..Default::default()
+        },
+    })
+}
+
+fn socket_guard(bound: Option<&Path>) -> NetdevGuard {
+    NetdevGuard {
+        socket: bound.and_then(SocketFile::record),
+        ..Default::default()
+    }
+}
+
+fn open_stream(kind: &str, o: &StreamOptions) -> Result<Opened, OpenErrorKind> {
+    let b = StreamBackend::new(o).map_err(OpenErrorKind::Backend)?;
+    let side = if o.server { "listen=" } else { "connect=" };
+    Ok(Opened {
+        label: format!("{kind}:{side}{}", o.addr),
+        guard: socket_guard(b.socket_path()),
+        backend: Box::new(b),
+    })
+}
+
+fn open_dgram(kind: &str, o: &DgramOptions) -> Result<Opened, OpenErrorKind> {
+    let b = DgramBackend::new(o).map_err(OpenErrorKind::Backend)?;
+    let what = match o {
+        DgramOptions::Udp { local, remote } => format!("{local}->{remote}"),
+        DgramOptions::Mcast { group, .. } => format!("mcast={group}"),
+        DgramOptions::Unix { local, remote } => {
+            format!("{}->{}", local.display(), remote.display())
+        }
+    };
+    Ok(Opened {
+        label: format!("{kind}:{what}"),
+        guard: socket_guard(b.socket_path()),
+        backend: Box::new(b),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::netdev::{backend, header};
+    use crate::config::InheritedFds;
+    use crate::keyval::KeyVal;
+    use crate::netdev::script::tests::{logging_script, temp_dir};
+    use std::time::Duration;
+
+    /// `-netdev SPEC` as the CLI would make it, with `fds` inherited.
+    fn netdev_with(spec: &str, fds: &InheritedFds) -> NetdevConfig {
+        let mut kv = KeyVal::parse(spec, Some("type")).unwrap();
+        let (ty, id) = header(&mut kv).unwrap();
+        NetdevConfig {
+            option: format!("-netdev {},id={id}", ty.name()),
+            backend: backend(ty, &id, &kv, fds).unwrap(),
+            id,
+        }
+    }
+
+    fn netdev(spec: &str) -> NetdevConfig {
+        netdev_with(spec, &InheritedFds::default())
+    }
+
+    #[test]
+    fn open_errors_name_the_netdev_and_fit_one_line() {
+        for (spec, key) in [
+            (
+                "vde,id=n0,sock=/nonexistent/nicvm-sw",
+                "/nonexistent/nicvm-sw/ctl",
+            ),
+            ("socket,id=n0,connect=127.0.0.1:1", "127.0.0.1:1"),
+            (
+                "stream,id=n0,addr.type=unix,addr.path=/nonexistent/nicvm.sock",
+                "nicvm.sock",
+            ),
+        ] {
+            let nd = netdev(spec);
+            let e = open(&nd, false).err().unwrap().to_string();
+            let kind = spec.split(',').next().unwrap();
+            assert!(e.starts_with(&format!("-netdev {kind},id=n0: ")), "{e}");
+            assert!(e.contains(key), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn open_a_unix_stream_pair_and_a_dgram_pair() {
+        let dir = temp_dir("netdev-test");
+        let p = dir.join("s.sock");
+        let server = open(
+            &netdev(&format!(
+                "stream,id=s,server=on,addr.type=unix,addr.path={}",
+                p.display()
+            )),
+            true,
+        )
+        .unwrap();
+        assert!(!server.backend.capabilities().vnet_hdr);
+        let client = open(
+            &netdev(&format!(
+                "stream,id=c,addr.type=unix,addr.path={}",
+                p.display()
+            )),
+            true,
+        )
+        .unwrap();
+        assert!(
+            client.label.starts_with("stream:connect=unix:"),
+            "{}",
+            client.label
+        );
+        let t0 = std::time::Instant::now();
+        while !server.backend.link_up() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(server.backend.link_up() && client.backend.link_up());
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        let d = open(
+            &netdev(&format!(
+                "dgram,id=d,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                a.display(),
+                b.display()
+            )),
+            false,
+        )
+        .unwrap();
+        assert!(d.backend.link_up());
+        drop((server, client, d));
+        assert!(!p.exists() && !a.exists(), "socket files are removed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// At exit the backends are still alive (their NIC models' threads hold them): the guard
+    /// alone removes what they left.
+    #[test]
+    fn the_guard_removes_socket_files_while_the_backend_lives() {
+        let dir = temp_dir("guard-test");
+        let p = dir.join("g.sock");
+        let Opened { backend, guard, .. } = open(
+            &netdev(&format!(
+                "stream,id=s,server=on,addr.type=unix,addr.path={}",
+                p.display()
+            )),
+            false,
+        )
+        .unwrap();
+        assert!(p.exists());
+        drop(guard);
+        assert!(!p.exists(), "the guard removed the socket file");
+        // A file someone else put there since is not ours to remove.
+        std::fs::write(&p, b"not ours").unwrap();
+        drop(backend);
+        assert!(p.exists(), "a replaced file stays");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Runs `f` on a thread in a network namespace of its own (gone when the thread ends,
+    /// also when `f` fails); None when this host cannot make one.
+    fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        std::thread::spawn(move || {
+            // SAFETY: unshare affects this thread only.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!("SKIPPED: no network namespace");
+                return None;
+            }
+            if !Path::new("/dev/net/tun").exists() {
+                eprintln!("SKIPPED: no /dev/net/tun");
+                return None;
+            }
+            Some(f())
+        })
+        .join()
+        .expect("the namespace thread failed")
+    }
+
+    /// A tap nicvm creates: the up script runs with its name at open, the downscript when
+    /// the guard is dropped (the backend still alive, as at nicvm's exit).
+    #[test]
+    fn a_created_tap_runs_its_scripts_and_the_guard_runs_the_downscript() {
+        let dir = temp_dir("tap-scripts-test");
+        let (up_log, down_log) = (dir.join("up.log"), dir.join("down.log"));
+        let up = logging_script(&dir, "up", &up_log, 0);
+        let down = logging_script(&dir, "down", &down_log, 0);
+        let spec = format!(
+            "tap,id=t,script={},downscript={}",
+            up.display(),
+            down.display()
+        );
+        let logs = (up_log.clone(), down_log.clone());
+        let r = in_netns(move || {
+            let Opened {
+                backend,
+                label,
+                guard,
+            } = open(&netdev(&spec), false).unwrap();
+            assert!(
+                !backend.capabilities().vnet_hdr,
+                "no header for rtl8139/e1000"
+            );
+            assert_eq!(
+                std::fs::read_to_string(&logs.0).unwrap(),
+                format!("{label}\n")
+            );
+            assert!(!logs.1.exists(), "no downscript yet");
+            drop(guard);
+            assert_eq!(
+                std::fs::read_to_string(&logs.1).unwrap(),
+                format!("{label}\n")
+            );
+            drop(backend);
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+        let _ = r;
+    }
+
+    /// A tap opened with IFF_VNET_HDR by someone else, handed over as fd=: an rtl8139 gets
+    /// it without the header, a virtio-net with it.
+    #[test]
+    fn a_tap_fd_with_a_vnet_header() {
+        in_netns(|| {
+            // A name each: a tap closed here can stay attached a moment longer through a
+            // child another test thread is forking.
+            for (name, want, seen) in [("nvf0", false, false), ("nvf1", true, true)] {
+                let fd = vnet_tap_fd(name);
+                let nd = netdev_with(
+                    &format!("tap,id=t,fd={fd},script=no,downscript=no"),
+                    &InheritedFds::from_fds([fd]),
+                );
+                let o = open(&nd, want).unwrap();
+                assert_eq!(o.label, name);
+                assert_eq!(o.backend.capabilities().vnet_hdr, seen, "want {want}");
+            }
+            let f = std::fs::File::open("/dev/null").unwrap();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+            let nd = netdev_with(
+                &format!("tap,id=t,fd={fd},script=no,downscript=no"),
+                &InheritedFds::from_fds([fd]),
+            );
+            let e = open(&nd, false).err().unwrap().to_string();
+            assert!(
+                e.starts_with(&format!("-netdev tap,id=t: fd={fd}: not an open tap")),
+                "{e}"
+            );
+        });
+    }
+
+    /// A new tap opened with IFF_VNET_HDR; the descriptor is the caller's to hand over.
+    fn vnet_tap_fd(name: &str) -> std::os::fd::RawFd {
+        use std::os::fd::IntoRawFd;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        // SAFETY: ifreq is plain data; all zeroes is valid.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+        // SAFETY: TUNSETIFF reads and updates the ifreq we own.
+        let rc = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                libc::TUNSETIFF,
+                &mut req,
+            )
+        };
+        assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        f.into_raw_fd()
+    }
+}

@@ -1,0 +1,125 @@
+//! The tap's scripts, run with the interface name as `$1`: `script=` once the tap is open,
+//! `downscript=` when the VM has ended (dropping a [`DownScript`]).
+
+use crate::config::Script;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+
+pub const DEFAULT_IFUP: &str = "/etc/nicvm-ifup";
+pub const DEFAULT_IFDOWN: &str = "/etc/nicvm-ifdown";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptError {
+    #[error("cannot run {}: {source}", script.display())]
+    Spawn {
+        script: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} {ifname} failed ({status})", script.display())]
+    Failed {
+        script: PathBuf,
+        ifname: String,
+        status: ExitStatus,
+    },
+}
+
+/// Runs `script IFNAME` and waits for it.
+pub fn run(script: &Path, ifname: &str) -> Result<(), ScriptError> {
+    let status = Command::new(script)
+        .arg(ifname)
+        .status()
+        .map_err(|source| ScriptError::Spawn {
+            script: script.into(),
+            source,
+        })?;
+    if !status.success() {
+        return Err(ScriptError::Failed {
+            script: script.into(),
+            ifname: ifname.into(),
+            status,
+        });
+    }
+    Ok(())
+}
+
+/// The script to run: the one given, none, or `default` when that file exists.
+pub fn resolve(s: &Script, default: &str) -> Option<PathBuf> {
+    match s {
+        Script::No => None,
+        Script::Path(p) => Some(p.clone()),
+        Script::Default => Path::new(default).exists().then(|| PathBuf::from(default)),
+    }
+}
+
+/// A downscript owed: it runs, with the interface name, when this is dropped.
+#[derive(Debug)]
+pub struct DownScript {
+    script: PathBuf,
+    ifname: String,
+}
+
+impl DownScript {
+    pub fn new(script: PathBuf, ifname: String) -> DownScript {
+        DownScript { script, ifname }
+    }
+}
+
+impl Drop for DownScript {
+    fn drop(&mut self) {
+        if let Err(e) = run(&self.script, &self.ifname) {
+            eprintln!("nicvm: downscript: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    pub(crate) fn temp_dir(what: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nicvm-{what}.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir(&d).unwrap();
+        d
+    }
+
+    /// A script that appends "$1" to `log`, then exits with `code`.
+    pub(crate) fn logging_script(dir: &Path, name: &str, log: &Path, code: i32) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(
+            &p,
+            format!("#!/bin/sh\necho \"$1\" >> {}\nexit {code}\n", log.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    #[test]
+    fn scripts_run_with_the_name_and_say_why_they_failed() {
+        let dir = temp_dir("script-test");
+        let log = dir.join("log");
+        let ok = logging_script(&dir, "ok", &log, 0);
+        let bad = logging_script(&dir, "bad", &log, 3);
+        run(&ok, "tap7").unwrap();
+        let e = run(&bad, "tap8").unwrap_err().to_string();
+        assert!(e.contains("bad tap8 failed") && e.contains('3'), "{e}");
+        let e = run(&dir.join("missing"), "tap9").unwrap_err().to_string();
+        assert!(e.starts_with("cannot run ") && e.contains("missing"), "{e}");
+        drop(DownScript::new(ok.clone(), "tap10".into()));
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "tap7\ntap8\ntap10\n"
+        );
+
+        assert_eq!(resolve(&Script::No, "/bin/sh"), None);
+        assert_eq!(resolve(&Script::Default, "/bin/sh"), Some("/bin/sh".into()));
+        assert_eq!(resolve(&Script::Default, "/nonexistent/ifup"), None);
+        assert_eq!(
+            resolve(&Script::Path("/x".into()), "/bin/sh"),
+            Some("/x".into())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
