@@ -1,16 +1,32 @@
 //! Port I/O and MMIO buses: address ranges mapped to devices.
 //!
 //! A vCPU exit names an address; the bus finds the device whose range holds it and passes the
-//! offset into that range. Devices sit behind their own mutex, so two vCPUs touching two
-//! devices never contend.
+//! offset into that range. A device locks what it needs itself: a simple device is a
+//! `Mutex<impl MutBusDevice>`, while the PCI windows find the function behind an address and
+//! lock only that one. Two vCPUs touching two devices never contend.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 /// A device on a bus. `offset` is relative to the start of the range it was inserted at.
-pub trait BusDevice: Send {
+pub trait BusDevice: Send + Sync {
+    fn read(&self, offset: u64, data: &mut [u8]);
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+/// A device whose state sits behind one lock: put it on a bus as `Mutex<T>`.
+pub trait MutBusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+impl<T: MutBusDevice> BusDevice for Mutex<T> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.lock().unwrap().read(offset, data)
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.lock().unwrap().write(offset, data)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -23,7 +39,7 @@ pub enum BusError {
 
 struct Entry {
     len: u64,
-    dev: Arc<Mutex<dyn BusDevice>>,
+    dev: Arc<dyn BusDevice>,
 }
 
 /// Either bus: 16-bit port space or 64-bit MMIO space.
@@ -37,12 +53,7 @@ impl Bus {
         Self::default()
     }
 
-    pub fn insert(
-        &mut self,
-        base: u64,
-        len: u64,
-        dev: Arc<Mutex<dyn BusDevice>>,
-    ) -> Result<(), BusError> {
+    pub fn insert(&mut self, base: u64, len: u64, dev: Arc<dyn BusDevice>) -> Result<(), BusError> {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
@@ -58,7 +69,7 @@ impl Bus {
         Ok(())
     }
 
-    fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
+    fn find(&self, addr: u64) -> Option<(u64, &Arc<dyn BusDevice>)> {
         let (base, e) = self.ranges.range(..=addr).next_back()?;
         (addr - base < e.len).then_some((addr - base, &e.dev))
     }
@@ -67,7 +78,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((off, dev)) => {
-                dev.lock().unwrap().read(off, data);
+                dev.read(off, data);
                 true
             }
             None => {
@@ -80,7 +91,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((off, dev)) => {
-                dev.lock().unwrap().write(off, data);
+                dev.write(off, data);
                 true
             }
             None => false,
@@ -93,7 +104,7 @@ mod tests {
     use super::*;
 
     struct Echo(Vec<(u64, Vec<u8>)>);
-    impl BusDevice for Echo {
+    impl MutBusDevice for Echo {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }

@@ -337,18 +337,14 @@ pub fn run(
     root.add(slot, Arc::new(Mutex::new(panic_dev)))
         .map_err(setup_err)?;
     let root = Arc::new(root);
-    pio.insert(
-        PCI_CONFIG_PORT,
-        8,
-        Arc::new(Mutex::new(PciConfigIo(root.clone()))),
-    )
-    .map_err(setup_err)?;
+    pio.insert(PCI_CONFIG_PORT, 8, Arc::new(PciConfigIo(root.clone())))
+        .map_err(setup_err)?;
     let window = |io: bool, base: u64| {
-        Arc::new(Mutex::new(PciWindow {
+        Arc::new(PciWindow {
             root: root.clone(),
             io,
             base,
-        }))
+        })
     };
     pio.insert(PCI_IO_START, PCI_IO_SIZE, window(true, PCI_IO_START))
         .map_err(setup_err)?;

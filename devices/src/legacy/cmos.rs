@@ -1,7 +1,7 @@
 //! The MC146818 CMOS RTC behind ports 0x70 (index) and 0x71 (data), read-only: the current
 //! UTC time in BCD, 24-hour mode, never "update in progress". Linux reads it once at boot.
 
-use crate::bus::BusDevice;
+use crate::bus::MutBusDevice;
 
 #[derive(Default)]
 pub struct Cmos {
@@ -46,7 +46,7 @@ impl Cmos {
     }
 }
 
-impl BusDevice for Cmos {
+impl MutBusDevice for Cmos {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

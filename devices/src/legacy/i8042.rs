@@ -1,7 +1,7 @@
 //! Enough of the i8042 keyboard controller for Linux's reboot path: command 0xFE on port
 //! 0x64 pulses the CPU reset line, which nicvm treats as the end of the guest.
 
-use crate::bus::BusDevice;
+use crate::bus::MutBusDevice;
 use crate::lifecycle::{ExitReason, Lifecycle};
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
+impl MutBusDevice for I8042 {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         // Output buffer empty, input buffer empty: nothing to read, ready for commands.
         data.fill(0);

@@ -2,7 +2,7 @@
 //! to stdout, a file or nowhere. Input the FIFO cannot take yet waits here until the guest
 //! drains the receive buffer, so pasting into the console loses nothing.
 
-use crate::bus::BusDevice;
+use crate::bus::MutBusDevice;
 use std::collections::VecDeque;
 use std::io::Write;
 use vmm_sys_util::eventfd::EventFd;
@@ -59,7 +59,7 @@ impl Serial {
     }
 }
 
-impl BusDevice for Serial {
+impl MutBusDevice for Serial {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() != 1 || offset > 7 {
             data.fill(0xff);

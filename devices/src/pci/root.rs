@@ -133,11 +133,12 @@ impl PciRoot {
     }
 }
 
-/// CONFIG_ADDRESS/CONFIG_DATA, inserted on the port bus at 0xCF8 with length 8.
+/// CONFIG_ADDRESS/CONFIG_DATA, inserted on the port bus at 0xCF8 with length 8. Only the
+/// addressed function is locked.
 pub struct PciConfigIo(pub Arc<PciRoot>);
 
 impl BusDevice for PciConfigIo {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+    fn read(&self, offset: u64, data: &mut [u8]) {
         let root = &self.0;
         if offset < 4 {
             let v = root.config_address.load(Ordering::Relaxed).to_le_bytes();
@@ -153,7 +154,7 @@ impl BusDevice for PciConfigIo {
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&self, offset: u64, data: &[u8]) {
         let root = &self.0;
         if offset < 4 {
             // Only dword writes change CONFIG_ADDRESS; narrower ones are for other uses of 0xCF8.
@@ -169,7 +170,9 @@ impl BusDevice for PciConfigIo {
     }
 }
 
-/// The part of port or MMIO space where BARs live; inserted on the bus at `base`.
+/// The part of port or MMIO space where BARs live; inserted on the bus at `base`. An access
+/// locks only the function whose BAR it hits, so vCPUs driving different NICs do not wait for
+/// each other.
 pub struct PciWindow {
     pub root: Arc<PciRoot>,
     pub io: bool,
@@ -177,7 +180,7 @@ pub struct PciWindow {
 }
 
 impl BusDevice for PciWindow {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+    fn read(&self, offset: u64, data: &mut [u8]) {
         if !self
             .root
             .window_access(self.io, self.base + offset, |d, bar, off| {
@@ -188,7 +191,7 @@ impl BusDevice for PciWindow {
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&self, offset: u64, data: &[u8]) {
         self.root
             .window_access(self.io, self.base + offset, |d, bar, off| {
                 d.bar_write(bar, off, data)

@@ -79,27 +79,27 @@ fn rig() -> Rig {
     root.add(SLOT, dev.clone()).unwrap();
     let root = Arc::new(root);
     let mut pio = Bus::new();
-    pio.insert(0xcf8, 8, Arc::new(Mutex::new(PciConfigIo(root.clone()))))
+    pio.insert(0xcf8, 8, Arc::new(PciConfigIo(root.clone())))
         .unwrap();
     pio.insert(
         0xc000,
         0x4000,
-        Arc::new(Mutex::new(PciWindow {
+        Arc::new(PciWindow {
             root: root.clone(),
             io: true,
             base: 0xc000,
-        })),
+        }),
     )
     .unwrap();
     let mut mmio = Bus::new();
     mmio.insert(
         0xc000_0000,
         0x3ec0_0000,
-        Arc::new(Mutex::new(PciWindow {
+        Arc::new(PciWindow {
             root,
             io: false,
             base: 0xc000_0000,
-        })),
+        }),
     )
     .unwrap();
     Rig {
@@ -322,4 +322,81 @@ fn nics_sharing_a_pin_do_not_clear_each_other() {
     let mut icr = [0u8; 4];
     e1000.bar_read(MMIO_BAR, regs::ICR as u64, &mut icr);
     assert!(!chip.level(gsi), "reading ICR clears it");
+}
+
+/// A function whose BAR write blocks until told to go on, standing in for a NIC busy with a
+/// long transmit on one vCPU.
+struct Busy {
+    config: PciConfig,
+    entered: std::sync::mpsc::Sender<()>,
+    go: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl PciDevice for Busy {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+    fn config_mut(&mut self) -> &mut PciConfig {
+        &mut self.config
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {
+        let _ = self.entered.send(());
+        let _ = self.go.lock().unwrap().recv();
+    }
+}
+
+/// While one vCPU is inside one function's BAR access, another vCPU reaches a different
+/// function through the same window: the window is not one lock (it was).
+#[test]
+fn busy_function_does_not_block_the_window() {
+    let chip = Arc::new(RecordingIrqChip::default());
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let mut busy = Busy {
+        config: PciConfig::new(0x1234, 0x1, (0x02, 0, 0), 0),
+        entered: entered_tx,
+        go: Mutex::new(go_rx),
+    };
+    busy.config.add_bar(0, BarKind::Mem32, 4096);
+    busy.config.set_bar_addr(0, 0xc010_0000);
+    busy.config
+        .write(PCI_COMMAND, &PCI_COMMAND_MEMORY.to_le_bytes());
+    let other = Arc::new(Mutex::new(TestDev::new(chip, 4)));
+    other.lock().unwrap().config.set_bar_addr(1, 0xc020_0000);
+    other
+        .lock()
+        .unwrap()
+        .config
+        .write(PCI_COMMAND, &PCI_COMMAND_MEMORY.to_le_bytes());
+    let mut root = PciRoot::new();
+    root.add(3, Arc::new(Mutex::new(busy))).unwrap();
+    root.add(4, other.clone()).unwrap();
+    let mut mmio = Bus::new();
+    mmio.insert(
+        0xc000_0000,
+        0x3ec0_0000,
+        Arc::new(PciWindow {
+            root: Arc::new(root),
+            io: false,
+            base: 0xc000_0000,
+        }),
+    )
+    .unwrap();
+    let mmio = Arc::new(mmio);
+    let m = mmio.clone();
+    let vcpu0 = std::thread::spawn(move || m.write(0xc010_0000, &[1]));
+    entered.recv().unwrap();
+    // vCPU 0 is inside the busy function now.
+    let mmio2 = mmio.clone();
+    let done = crate::test_util::finishes("access to the other function", move || {
+        let mut b = [0u8; 4];
+        mmio2.read(0xc020_0004, &mut b);
+        b
+    });
+    let _ = done;
+    go.send(()).unwrap();
+    vcpu0.join().unwrap();
 }

@@ -98,14 +98,14 @@ fn machine() -> Machine {
     let root = Arc::new(root);
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
-    pio.insert(0xcf8, 8, Arc::new(Mutex::new(PciConfigIo(root.clone()))))
+    pio.insert(0xcf8, 8, Arc::new(PciConfigIo(root.clone())))
         .unwrap();
     let window = |io: bool, base: u64| {
-        Arc::new(Mutex::new(PciWindow {
+        Arc::new(PciWindow {
             root: root.clone(),
             io,
             base,
-        }))
+        })
     };
     pio.insert(PCI_IO_START, PCI_IO_SIZE, window(true, PCI_IO_START))
         .unwrap();
