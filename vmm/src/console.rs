@@ -61,11 +61,38 @@ const ESCAPE: u8 = 0x01; // Ctrl-a
 const HELP: &str =
     "\r\nC-a h    print this help\r\nC-a x    exit nicvm\r\nC-a C-a  send C-a to the guest\r\n";
 
-/// Reads stdin and feeds the guest's serial port; runs on its own thread until stdin closes.
-pub fn pump_stdin(serial: Arc<Mutex<Serial>>, lifecycle: Arc<Lifecycle>, escapes: bool) {
+/// Reads stdin and feeds the guest's serial port; runs on its own thread until stdin closes
+/// or `stop` is written.
+pub fn pump_stdin(
+    serial: Arc<Mutex<Serial>>,
+    lifecycle: Arc<Lifecycle>,
+    escapes: bool,
+    stop: vmm_sys_util::eventfd::EventFd,
+) {
+    use std::os::fd::AsRawFd;
     let mut buf = [0u8; 256];
     let mut escape_pending = false;
     loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: 0,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds, the array's length given.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            continue; // EINTR
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
         // SAFETY: reading into a buffer we own, within its length.
         let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
@@ -82,8 +109,8 @@ pub fn pump_stdin(serial: Arc<Mutex<Serial>>, lifecycle: Arc<Lifecycle>, escapes
                 escape_pending = false;
                 match b {
                     b'x' | b'X' => {
+                        // The exit message comes once, from main, with the others.
                         restore_terminal();
-                        eprintln!("\r\nnicvm: terminated (Ctrl-a x)\r");
                         lifecycle.request_exit(ExitReason::User("Ctrl-a x".into()));
                         return;
                     }

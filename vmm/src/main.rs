@@ -1,10 +1,11 @@
 //! nicvm: a minimal KVM virtual machine monitor whose reason to exist is networking.
 
-use devices::lifecycle::ExitReason;
+use devices::lifecycle::{ExitReason, Lifecycle};
 use nicvm::config::InheritedFds;
 use nicvm::host::HostKind;
 use nicvm::{cli, console, signals, vm};
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Log lines on stderr, `\r\n`-terminated because the terminal may be in raw mode.
@@ -56,7 +57,11 @@ fn main() {
         enabled: std::env::var_os("NICVM_TIMING").is_some(),
     };
     init_logging();
-    let code = run(inherited, timing);
+    // A panic unwinds (the release profile keeps unwinding for this): what was set up is
+    // dropped on the way, and nicvm exits 3.
+    let code =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || run(inherited, timing)))
+            .unwrap_or(3);
     let _ = std::io::stdout().flush();
     std::process::exit(code);
 }
@@ -70,12 +75,10 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         Ok(s) => s,
         Err(e) => return fail(format!("signalfd: {e}")),
     };
-    // A panic ends nicvm from the hook, before anything is dropped: the downscripts of taps
-    // already opened do not run then.
+    // Until the VM exists a panic has nothing to tear down but the terminal.
     std::panic::set_hook(Box::new(|info| {
         console::restore_terminal();
         eprintln!("nicvm: internal error: {info}");
-        std::process::exit(3);
     }));
     let inherited = inherited.unwrap_or_else(|e| {
         log::debug!("/proc/self/fd: {e}; -netdev tap,fd= cannot be used");
@@ -111,17 +114,27 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         log::info!("host is {}", host.describe());
     }
 
-    let mut guards = Vec::new();
-    let result = vm::run(&cfg, host, timing, &signals, &mut guards);
-    console::restore_terminal();
-    // Undo the netdevs' set-up, newest first, whatever ended the VM.
-    while let Some(g) = guards.pop() {
-        drop(g);
-    }
-    let reason = match result {
-        Ok(r) => r,
-        Err(e) => return fail(e),
+    let lifecycle = match Lifecycle::new() {
+        Ok(l) => Arc::new(l),
+        Err(e) => return fail(format!("eventfd: {e}")),
     };
+    // A panic on any thread asks the VM to end, as the guest or a signal would; the panicking
+    // thread unwinds, and the main thread tears everything down (downscripts included).
+    let on_panic = lifecycle.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        console::restore_terminal();
+        eprintln!("nicvm: internal error: {info}");
+        on_panic.request_exit(ExitReason::Error("internal error".into()));
+    }));
+    let reason = {
+        let mut vm = match vm::Vm::new(&cfg, host, timing, lifecycle) {
+            Ok(vm) => vm,
+            Err(e) => return fail(e),
+        };
+        vm.run(&signals)
+        // Dropped here: threads joined, backends closed, downscripts run.
+    };
+    console::restore_terminal();
     let name = cfg
         .name
         .as_deref()

@@ -57,7 +57,24 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
 }
 
 /// Registers for the boot vCPU. Application processors wait for INIT/SIPI in KVM.
-pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: Entry) -> Result<(), String> {
+/// A vCPU that could not be set up: the step and what KVM (or guest memory) said.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("vCPU set-up: {0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("vCPU set-up: writing the GDT: {0}")]
+    Gdt(vm_memory::GuestMemoryError),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SetupError {
+    move |e| SetupError::Kvm(what, e)
+}
+
+pub fn setup_boot_vcpu(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    entry: Entry,
+) -> Result<(), SetupError> {
     let long = entry.mode == EntryMode::Linux64;
     let code = if long {
         gdt_entry(0xa09b, 0, 0xfffff)
@@ -72,11 +89,9 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: Entry) -> Re
     ];
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_START + i as u64 * 8))
-            .map_err(|e| format!("writing the GDT: {e}"))?;
+            .map_err(SetupError::Gdt)?;
     }
-    let mut s = vcpu
-        .get_sregs()
-        .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+    let mut s = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let cs = segment(gdt[1], 0x08);
     let ds = segment(gdt[2], 0x10);
     s.cs = cs;
@@ -100,10 +115,9 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: Entry) -> Re
         s.cr4 = 0;
         s.efer = 0;
     }
-    vcpu.set_sregs(&s)
-        .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+    vcpu.set_sregs(&s).map_err(kvm("KVM_SET_SREGS"))?;
 
-    let mut r = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+    let mut r = vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
     r.rflags = 2;
     r.rip = entry.rip;
     if long {
@@ -113,26 +127,21 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: Entry) -> Re
     } else {
         r.rbx = PVH_INFO_START;
     }
-    vcpu.set_regs(&r)
-        .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+    vcpu.set_regs(&r).map_err(kvm("KVM_SET_REGS"))?;
 
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu)
-        .map_err(|e| format!("KVM_SET_FPU: {e}"))?;
+    vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?;
     Ok(())
 }
 
 /// CPUID and local interrupts (LINT0 = ExtINT, LINT1 = NMI), for every vCPU.
-pub fn setup_vcpu_common(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), String> {
-    vcpu.set_cpuid2(cpuid)
-        .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
-    let mut lapic = vcpu
-        .get_lapic()
-        .map_err(|e| format!("KVM_GET_LAPIC: {e}"))?;
+pub fn setup_vcpu_common(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), SetupError> {
+    vcpu.set_cpuid2(cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+    let mut lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
     const APIC_LVT0: usize = 0x350;
     const APIC_LVT1: usize = 0x360;
     const APIC_MODE_EXTINT: u32 = 0x7;
@@ -149,8 +158,7 @@ pub fn setup_vcpu_common(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<(), String> {
     };
     set_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
     set_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
-    vcpu.set_lapic(&lapic)
-        .map_err(|e| format!("KVM_SET_LAPIC: {e}"))?;
+    vcpu.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))?;
     Ok(())
 }
 
@@ -205,9 +213,80 @@ const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 
+/// The signal that kicks a vCPU thread out of KVM_RUN: its handler does nothing, and it is
+/// installed without SA_RESTART, so KVM_RUN returns EINTR and the loop looks at the
+/// lifecycle.
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+fn install_kick_handler() -> std::io::Result<()> {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let mut r = Ok(());
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction with a plain handler, an empty mask and no flags is
+        // valid; the handler is async-signal-safe (it does nothing).
+        r = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        };
+    });
+    r
+}
+
+/// A running vCPU; [`VcpuThread::stop`] ends and joins it.
+pub struct VcpuThread {
+    thread: std::thread::JoinHandle<()>,
+    pthread: libc::pthread_t,
+}
+
+impl VcpuThread {
+    pub fn spawn(
+        id: u8,
+        vcpu: VcpuFd,
+        mem: GuestMemoryMmap,
+        buses: Arc<Buses>,
+        lifecycle: Arc<Lifecycle>,
+    ) -> std::io::Result<VcpuThread> {
+        install_kick_handler()?;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || run(id, vcpu, mem, buses, lifecycle))?;
+        let pthread = std::os::unix::thread::JoinHandleExt::as_pthread_t(&thread);
+        Ok(VcpuThread { thread, pthread })
+    }
+
+    /// Kicks the thread out of KVM_RUN until it sees the exit request, then joins it. The
+    /// lifecycle must already say the VM is ending.
+    pub fn stop(self) {
+        let t0 = std::time::Instant::now();
+        while !self.thread.is_finished() {
+            if t0.elapsed() > std::time::Duration::from_secs(5) {
+                // Stuck outside KVM_RUN (a console write nobody reads): left to the process
+                // exit rather than hanging nicvm's teardown.
+                log::warn!("a vCPU thread did not stop within 5 s; not waiting for it");
+                return;
+            }
+            // SAFETY: the thread has not been joined, so its pthread_t is valid; the kick
+            // signal has its handler.
+            unsafe { libc::pthread_kill(self.pthread, kick_signal()) };
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let _ = self.thread.join();
+    }
+}
+
 /// Runs until the guest stops or another thread asked to stop. Never returns an error: fatal
 /// guest behaviour becomes the VM's exit reason.
-pub fn run(
+fn run(
     id: u8,
     mut vcpu: VcpuFd,
     mem: GuestMemoryMmap,

@@ -1,16 +1,20 @@
-//! Assembling and running a VM: KVM, memory, irqchip, buses and devices, boot, vCPU threads,
-//! and the supervisor loop that turns the first exit reason into nicvm's exit.
+//! The VM: [`Vm::new`] builds it from a [`Config`] (KVM, memory, irqchip, buses and devices,
+//! the guest loaded, vCPUs set up), [`Vm::run`] runs it until the guest or the user ends it and
+//! says why, and dropping it undoes everything: threads stopped and joined, backends closed,
+//! downscripts run, files removed. Every exit path goes through that `Drop`: a setup failure
+//! half-way, a guest power-off, a signal, Ctrl-a x, a panic on any thread.
 
 use crate::boot;
-use crate::config::{Config, NicModel, SerialTarget};
+use crate::config::{Config, NicConfig, NicModel, SerialTarget};
 use crate::console;
 use crate::cpuid;
 use crate::host::HostKind;
+use crate::io_thread::{IoThread, Subscriber};
 use crate::irqchip::KvmIrqChip;
 use crate::layout::*;
 use crate::mptable;
-use crate::netdev;
-use crate::vcpu::{self, Buses};
+use crate::netdev::{self, NetdevGuard, OpenError};
+use crate::vcpu::{self, Buses, VcpuThread};
 use devices::bus::Bus;
 use devices::e1000::E1000;
 use devices::interrupt::{IntxLine, IrqChip};
@@ -25,20 +29,73 @@ use devices::virtio::IoEventRegistry;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// A setup failure: printed as one line, exit status 1, before the guest runs.
+/// Why a VM could not be built: one line, printed before the guest runs (exit status 1).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SetupError(pub String);
-
-fn setup_err(e: impl std::fmt::Display) -> SetupError {
-    SetupError(e.to_string())
+pub enum VmError {
+    #[error("/dev/kvm: cannot open ({0}); is KVM available and are you allowed to use it?")]
+    NoKvm(kvm_ioctls::Error),
+    #[error("{0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("-m: {mib} MiB is more than this host's {host} MiB of RAM")]
+    MoreThanHost { mib: u64, host: u64 },
+    #[error("-m: {0} MiB is too small for Linux (at least 16M)")]
+    TooSmall(u64),
+    #[error("-m: cannot allocate {mib} MiB of guest RAM: {source}")]
+    Memory {
+        mib: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("guest memory: {0}")]
+    HostAddress(vm_memory::GuestMemoryError),
+    #[error("-kernel: cannot open {0}: {1}")]
+    Kernel(PathBuf, std::io::Error),
+    #[error("-initrd: cannot read {0}: {1}")]
+    Initrd(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Netdev(#[from] OpenError),
+    #[error("-serial: cannot create {0}: {1}")]
+    Serial(PathBuf, std::io::Error),
+    #[error("-object filter-dump,id={id}: cannot create {path}: {source}")]
+    Dump {
+        id: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("-device {model}: {source}")]
+    Device {
+        model: &'static str,
+        source: std::io::Error,
+    },
+    #[error("-device {model}: {message}")]
+    Slot {
+        model: &'static str,
+        message: String,
+    },
+    #[error("no free PCI slot for another NIC")]
+    NoSlot,
+    #[error("too many PCI devices: the BAR window is full")]
+    BarsFull,
+    #[error("{0}")]
+    Bus(#[from] devices::bus::BusError),
+    #[error("MP table: {0}")]
+    MpTable(vm_memory::GuestMemoryError),
+    #[error("-smp: cannot create vCPU {0}: {1}")]
+    Vcpu(u8, kvm_ioctls::Error),
+    #[error(transparent)]
+    VcpuSetup(#[from] vcpu::SetupError),
+    /// A host resource: a thread, an eventfd, the interrupt routing table.
+    #[error("{0}: {1}")]
+    Host(&'static str, std::io::Error),
 }
 
 const COM1_PORT: u64 = 0x3f8;
@@ -51,7 +108,7 @@ const FIRST_NIC_SLOT: u8 = 3;
 
 /// Queue doorbells as KVM ioeventfds: a guest kick wakes the I/O thread without a vCPU exit
 /// to userspace.
-struct KvmIoEvents(Arc<kvm_ioctls::VmFd>);
+struct KvmIoEvents(Arc<VmFd>);
 
 impl IoEventRegistry for KvmIoEvents {
     fn register(&self, addr: u64, fd: &EventFd) -> std::io::Result<()> {
@@ -74,32 +131,22 @@ fn host_ram_bytes() -> Option<u64> {
 }
 
 /// Checks what can be checked without KVM: files and sizes.
-pub fn validate(cfg: &Config) -> Result<(), SetupError> {
+pub fn validate(cfg: &Config) -> Result<(), VmError> {
     let mem = cfg.mem_mib << 20;
     if let Some(host) = host_ram_bytes() {
         if mem > host {
-            return Err(SetupError(format!(
-                "-m: {} MiB is more than this host's {} MiB of RAM",
-                cfg.mem_mib,
-                host >> 20
-            )));
+            return Err(VmError::MoreThanHost {
+                mib: cfg.mem_mib,
+                host: host >> 20,
+            });
         }
     }
     if mem < 16 << 20 {
-        return Err(SetupError(format!(
-            "-m: {} MiB is too small for Linux (at least 16M)",
-            cfg.mem_mib
-        )));
+        return Err(VmError::TooSmall(cfg.mem_mib));
     }
-    std::fs::File::open(&cfg.kernel).map_err(|e| {
-        SetupError(format!(
-            "-kernel: cannot open {}: {e}",
-            cfg.kernel.display()
-        ))
-    })?;
+    std::fs::File::open(&cfg.kernel).map_err(|e| VmError::Kernel(cfg.kernel.clone(), e))?;
     if let Some(i) = &cfg.initrd {
-        std::fs::File::open(i)
-            .map_err(|e| SetupError(format!("-initrd: cannot read {}: {e}", i.display())))?;
+        std::fs::File::open(i).map_err(|e| VmError::Initrd(i.clone(), e))?;
     }
     Ok(())
 }
@@ -109,7 +156,7 @@ pub fn assign_bars(
     dev: &mut dyn PciDevice,
     io_next: &mut u64,
     mmio_next: &mut u64,
-) -> Result<(), SetupError> {
+) -> Result<(), VmError> {
     for bar in 0..6 {
         let (Some(kind), Some(size)) = (dev.config().bar_kind(bar), dev.config().bar_size(bar))
         else {
@@ -121,9 +168,7 @@ pub fn assign_bars(
         };
         let addr = next.next_multiple_of(size);
         if addr + size > end {
-            return Err(SetupError(
-                "too many PCI devices: the BAR window is full".into(),
-            ));
+            return Err(VmError::BarsFull);
         }
         dev.config_mut().set_bar_addr(bar, addr);
         *next = addr + size;
@@ -135,23 +180,30 @@ pub fn assign_bars(
 /// subscriber the I/O thread drives, and its counters. One object, one lock.
 struct NicParts {
     pci: Arc<Mutex<dyn PciDevice>>,
-    subscriber: crate::io_thread::Subscriber,
-    stats: NicCounters,
+    subscriber: Subscriber,
+    counters: Counters,
 }
 
-type NicCounters = Box<dyn Fn() -> NicStats + Send>;
+type Counters = Box<dyn Fn() -> NicStats + Send>;
 
 fn nic_parts<M: devices::net::NicModel>(model: M, port: NetPort) -> NicParts {
     let nic = Arc::new(Mutex::new(Nic::new(model, port)));
-    let counters = nic.clone();
+    let counted = nic.clone();
     NicParts {
         pci: nic.clone(),
         subscriber: Box::new(nic),
-        stats: Box::new(move || match counters.lock() {
+        counters: Box::new(move || match counted.lock() {
             Ok(n) => n.stats(),
             Err(poisoned) => poisoned.into_inner().stats(),
         }),
     }
+}
+
+/// A NIC whose counters NICVM_STATS reports.
+struct CountedNic {
+    config: NicConfig,
+    backend: &'static str,
+    counters: Counters,
 }
 
 pub struct Timing {
@@ -170,52 +222,360 @@ impl Timing {
     }
 }
 
-/// Builds the VM, runs it, and returns why it ended. What opening the netdevs set up is
-/// left in `guards`, also when set-up fails: the caller drops them once the VM has ended.
-pub fn run(
-    cfg: &Config,
-    host: HostKind,
-    timing: Timing,
-    signals: &crate::signals::SignalFd,
-    guards: &mut Vec<netdev::NetdevGuard>,
-) -> Result<ExitReason, SetupError> {
-    let kvm = Kvm::new().map_err(|e| {
-        SetupError(format!(
-            "/dev/kvm: cannot open ({e}); is KVM available and are you allowed to use it?"
-        ))
-    })?;
-    let vm = Arc::new(
-        kvm.create_vm()
-            .map_err(|e| setup_err(format!("KVM_CREATE_VM: {e}")))?,
-    );
-    if let Err(e) = vm.set_tss_address(0xfffb_d000) {
-        log::debug!("KVM_SET_TSS_ADDR: {e}");
-    }
-    vm.create_irq_chip()
-        .map_err(|e| setup_err(format!("KVM_CREATE_IRQCHIP: {e}")))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit)
-        .map_err(|e| setup_err(format!("KVM_CREATE_PIT2: {e}")))?;
+/// The netdevs' guards, undone newest first when dropped.
+#[derive(Default)]
+struct Guards(Vec<NetdevGuard>);
 
-    // Guest RAM.
-    let mem_bytes = cfg.mem_mib << 20;
-    let ranges: Vec<(GuestAddress, usize)> = ram_regions(mem_bytes)
+impl Drop for Guards {
+    fn drop(&mut self) {
+        while let Some(g) = self.0.pop() {
+            drop(g);
+        }
+    }
+}
+
+/// A console thread feeding the guest's serial port from stdin; stopped through its eventfd.
+struct ConsoleThread {
+    stop: EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ConsoleThread {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        console::restore_terminal();
+    }
+}
+
+pub struct Vm {
+    // Fields drop in this order: the threads first (stopped and joined), then the devices
+    // and their backends, then the netdevs' guards (downscripts), last of all KVM.
+    vcpu_threads: Vec<VcpuThread>,
+    io: Option<IoThread>,
+    console: Option<ConsoleThread>,
+    /// Set up, not yet running (taken by `run`).
+    vcpus: Vec<VcpuFd>,
+    subscribers: Vec<Subscriber>,
+    nics: Vec<CountedNic>,
+    buses: Arc<Buses>,
+    serial: Arc<Mutex<Serial>>,
+    serial_target: SerialTarget,
+    mem: GuestMemoryMmap,
+    /// Held for what its Drop does: the netdevs' downscripts and files, after the devices.
+    _guards: Guards,
+    lifecycle: Arc<Lifecycle>,
+    timing: Timing,
+    _vm: Arc<VmFd>,
+}
+
+impl Vm {
+    /// Builds the VM; nothing of the guest runs yet. On an error everything already made is
+    /// undone before this returns.
+    pub fn new(
+        cfg: &Config,
+        host: HostKind,
+        timing: Timing,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Result<Vm, VmError> {
+        let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+        let vm = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?,
+        );
+        if let Err(e) = vm.set_tss_address(0xfffb_d000) {
+            log::debug!("KVM_SET_TSS_ADDR: {e}");
+        }
+        vm.create_irq_chip()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+        let mem = guest_memory(&vm, cfg.mem_mib)?;
+        let chip: Arc<dyn IrqChip> = Arc::new(
+            KvmIrqChip::new(vm.clone()).map_err(|e| VmError::Host("KVM_SET_GSI_ROUTING", e))?,
+        );
+
+        // Legacy devices.
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Host("eventfd", e))?;
+        vm.register_irqfd(&com1_irq, COM1_IRQ)
+            .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+        let out: Box<dyn Write + Send> = match &cfg.serial {
+            SerialTarget::Stdio => Box::new(console::Stdout),
+            SerialTarget::File(p) => {
+                Box::new(std::fs::File::create(p).map_err(|e| VmError::Serial(p.clone(), e))?)
+            }
+            SerialTarget::None => Box::new(std::io::sink()),
+        };
+        let serial = Arc::new(Mutex::new(Serial::new(com1_irq, out)));
+        pio.insert(COM1_PORT, 8, serial.clone())?;
+        pio.insert(
+            I8042_PORT,
+            5,
+            Arc::new(Mutex::new(I8042::new(lifecycle.clone()))),
+        )?;
+        pio.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::default())))?;
+
+        // PCI: the NICs from slot 3 on (each with its netdev opened here), pvpanic after.
+        let mut guards = Guards::default();
+        let mut root = PciRoot::new();
+        let (mut io_next, mut mmio_next) = (PCI_IO_START, PCI_MMIO_START);
+        root.add(0, Arc::new(Mutex::new(HostBridge::default())))
+            .map_err(|message| VmError::Slot {
+                model: "host bridge",
+                message,
+            })?;
+        let ioevents: Arc<dyn IoEventRegistry> = Arc::new(KvmIoEvents(vm.clone()));
+        let mut subscribers = vec![];
+        let mut nics = vec![];
+        for spec in &cfg.nics {
+            let slot = match spec.slot {
+                Some(s) => s,
+                None => (FIRST_NIC_SLOT..32)
+                    .find(|&s| !root.slot_taken(s) && !cfg.nics.iter().any(|n| n.slot == Some(s)))
+                    .ok_or(VmError::NoSlot)?,
+            };
+            let parts = build_nic(cfg, spec, slot, &mem, &chip, &ioevents, &mut guards)?;
+            assign_bars(
+                &mut *parts.pci.lock().unwrap(),
+                &mut io_next,
+                &mut mmio_next,
+            )?;
+            root.add(slot, parts.pci).map_err(|message| VmError::Slot {
+                model: spec.model.name(),
+                message,
+            })?;
+            let nd = cfg.netdev(&spec.netdev).expect("checked by the CLI");
+            nics.push(CountedNic {
+                config: spec.clone(),
+                backend: nd.backend.kind(),
+                counters: parts.counters,
+            });
+            subscribers.push(parts.subscriber);
+        }
+        let mut panic_dev = PvPanic::new(lifecycle.clone());
+        assign_bars(&mut panic_dev, &mut io_next, &mut mmio_next)?;
+        let slot = root.first_free_slot().ok_or(VmError::NoSlot)?;
+        root.add(slot, Arc::new(Mutex::new(panic_dev)))
+            .map_err(|message| VmError::Slot {
+                model: "pvpanic",
+                message,
+            })?;
+        let root = Arc::new(root);
+        pio.insert(PCI_CONFIG_PORT, 8, Arc::new(PciConfigIo(root.clone())))?;
+        let window = |io: bool, base: u64| {
+            Arc::new(PciWindow {
+                root: root.clone(),
+                io,
+                base,
+            })
+        };
+        pio.insert(PCI_IO_START, PCI_IO_SIZE, window(true, PCI_IO_START))?;
+        mmio.insert(PCI_MMIO_START, PCI_MMIO_SIZE, window(false, PCI_MMIO_START))?;
+
+        let mp = mptable::build(MPTABLE_START as u32, cfg.cpus, pci::intx_gsi);
+        vm_memory::Bytes::write_slice(&mem, &mp, GuestAddress(MPTABLE_START))
+            .map_err(VmError::MpTable)?;
+        let entry = boot::load(
+            &mem,
+            cfg.mem_mib << 20,
+            &cfg.kernel,
+            cfg.initrd.as_deref(),
+            &cfg.append,
+        )?;
+        log::debug!("entry {:?} at {:#x}", entry.mode, entry.rip);
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut vcpus = vec![];
+        for id in 0..cfg.cpus {
+            let v = vm
+                .create_vcpu(id as u64)
+                .map_err(|e| VmError::Vcpu(id, e))?;
+            let table = cpuid::for_vcpu(&supported, id, cfg.cpus, host);
+            for e in table.as_slice() {
+                log::trace!(
+                    "cpuid {:#x}.{}: {:08x} {:08x} {:08x} {:08x}",
+                    e.function,
+                    e.index,
+                    e.eax,
+                    e.ebx,
+                    e.ecx,
+                    e.edx
+                );
+            }
+            vcpu::setup_vcpu_common(&v, &table)?;
+            if id == 0 {
+                vcpu::setup_boot_vcpu(&v, &mem, entry)?;
+            }
+            vcpus.push(v);
+        }
+        Ok(Vm {
+            vcpu_threads: vec![],
+            io: None,
+            console: None,
+            vcpus,
+            subscribers,
+            nics,
+            buses: Arc::new(Buses { pio, mmio }),
+            serial,
+            serial_target: cfg.serial.clone(),
+            mem,
+            _guards: guards,
+            lifecycle,
+            timing,
+            _vm: vm,
+        })
+    }
+
+    /// Runs the guest until it ends, a signal arrives or the user quits, and says why. The
+    /// threads are stopped before this returns.
+    pub fn run(&mut self, signals: &crate::signals::SignalFd) -> ExitReason {
+        if let Err(e) = self.start() {
+            self.lifecycle
+                .request_exit(ExitReason::Error(e.to_string()));
+        }
+        let reason = crate::signals::wait_for_exit(&self.lifecycle, signals);
+        self.stop();
+        if let Some(path) = std::env::var_os("NICVM_STATS") {
+            let json = stats_json(&self.nics, self.timing.start.elapsed().as_secs_f64());
+            if let Err(e) = std::fs::write(&path, json) {
+                log::warn!("NICVM_STATS: cannot write {}: {e}", path.to_string_lossy());
+            }
+        }
+        reason
+    }
+
+    fn start(&mut self) -> Result<(), VmError> {
+        if self.serial_target == SerialTarget::Stdio {
+            let tty = console::stdin_is_tty();
+            if tty {
+                if let Err(e) = console::enter_raw_mode() {
+                    log::warn!("cannot put the terminal in raw mode: {e}");
+                }
+            }
+            let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Host("eventfd", e))?;
+            let thread_stop = stop.try_clone().map_err(|e| VmError::Host("eventfd", e))?;
+            let (s, l) = (self.serial.clone(), self.lifecycle.clone());
+            let thread = std::thread::Builder::new()
+                .name("console".into())
+                .spawn(move || console::pump_stdin(s, l, tty, thread_stop))
+                .map_err(|e| VmError::Host("console thread", e))?;
+            self.console = Some(ConsoleThread {
+                stop,
+                thread: Some(thread),
+            });
+        }
+        self.io = IoThread::spawn(std::mem::take(&mut self.subscribers))
+            .map_err(|e| VmError::Host("I/O thread", e))?;
+        self.timing.mark("vcpu-start");
+        for (id, v) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let t = VcpuThread::spawn(
+                id as u8,
+                v,
+                self.mem.clone(),
+                self.buses.clone(),
+                self.lifecycle.clone(),
+            )
+            .map_err(|e| VmError::Host("vCPU thread", e))?;
+            self.vcpu_threads.push(t);
+        }
+        Ok(())
+    }
+
+    /// Stops and joins every thread: vCPUs first (no more guest accesses), then the I/O
+    /// thread, then the console. Safe to call more than once.
+    fn stop(&mut self) {
+        self.lifecycle
+            .request_exit(ExitReason::Error("the VM was stopped".into()));
+        for t in self.vcpu_threads.drain(..) {
+            t.stop();
+        }
+        self.io = None;
+        self.console = None;
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Opens the netdev of `spec` (its guard joins `guards`), wraps it in a capture when asked,
+/// and builds the NIC on it.
+fn build_nic(
+    cfg: &Config,
+    spec: &NicConfig,
+    slot: u8,
+    mem: &GuestMemoryMmap,
+    chip: &Arc<dyn IrqChip>,
+    ioevents: &Arc<dyn IoEventRegistry>,
+    guards: &mut Guards,
+) -> Result<NicParts, VmError> {
+    let nd = cfg.netdev(&spec.netdev).expect("checked by the CLI");
+    let opened = netdev::open(nd, spec.model.wants_vnet_hdr())?;
+    guards.0.push(opened.guard);
+    let mut backend = opened.backend;
+    if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == nd.id) {
+        backend = Box::new(
+            net_backends::pcap::PcapDump::create(backend, &d.file, d.maxlen).map_err(|source| {
+                VmError::Dump {
+                    id: d.id.clone(),
+                    path: d.file.clone(),
+                    source,
+                }
+            })?,
+        );
+    }
+    log::debug!(
+        "{} {} on slot {slot} backed by {}",
+        spec.model.name(),
+        spec.mac,
+        opened.label
+    );
+    // Slots share IOAPIC pins (3 and 11 both reach GSI 19): each device drives the line under
+    // its own source id, its slot, and the chip ORs them.
+    let intx = IntxLine::new(chip.clone(), pci::intx_gsi(slot, 0), slot as u32);
+    let model = spec.model.name();
+    let device = |source| VmError::Device { model, source };
+    let port = NetPort::new(format!("{model} {}", spec.mac), backend).map_err(device)?;
+    let mem = mem.clone();
+    Ok(match spec.model {
+        NicModel::VirtioNetPci => {
+            let caps = port.capabilities();
+            let m = VirtioNet::new(spec.mac, caps, mem, chip.clone(), intx, ioevents.clone())
+                .map_err(device)?;
+            nic_parts(m, port)
+        }
+        NicModel::Rtl8139 { cplus } => nic_parts(
+            Rtl8139::new(spec.mac, mem, intx, cplus).map_err(device)?,
+            port,
+        ),
+        NicModel::E1000 => nic_parts(E1000::new(spec.mac, mem, intx).map_err(device)?, port),
+    })
+}
+
+/// Guest RAM below and above the MMIO hole, registered with KVM.
+fn guest_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmError> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_regions(mib << 20)
         .into_iter()
         .map(|(a, s)| (GuestAddress(a), s as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| {
-        SetupError(format!(
-            "-m: cannot allocate {} MiB of guest RAM: {e}",
-            cfg.mem_mib
-        ))
-    })?;
+    let mem =
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmError::Memory { mib, source })?;
     for (slot, region) in mem.iter().enumerate() {
         let host_addr = mem
             .get_host_address(region.start_addr())
-            .map_err(|e| setup_err(format!("guest memory: {e}")))?;
+            .map_err(VmError::HostAddress)?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().0,
@@ -223,252 +583,56 @@ pub fn run(
             userspace_addr: host_addr as u64,
             flags: 0,
         };
-        // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM (both are
-        // dropped only at process exit), and the slots do not overlap.
+        // SAFETY: the region is a live mmap owned by `mem`, which the Vm keeps until after
+        // its vCPU threads are joined; the slots do not overlap.
         unsafe { vm.set_user_memory_region(r) }
-            .map_err(|e| setup_err(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+            .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
     }
-
-    let chip: Arc<dyn IrqChip> = Arc::new(
-        KvmIrqChip::new(vm.clone()).map_err(|e| setup_err(format!("KVM_SET_GSI_ROUTING: {e}")))?,
-    );
-    let lifecycle = Arc::new(Lifecycle::new().map_err(setup_err)?);
-
-    // Legacy devices.
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
-    let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(setup_err)?;
-    vm.register_irqfd(&com1_irq, COM1_IRQ)
-        .map_err(|e| setup_err(format!("KVM_IRQFD: {e}")))?;
-    let out: Box<dyn Write + Send> = match &cfg.serial {
-        SerialTarget::Stdio => Box::new(console::Stdout),
-        SerialTarget::File(p) => Box::new(
-            std::fs::File::create(p)
-                .map_err(|e| SetupError(format!("-serial: cannot create {}: {e}", p.display())))?,
-        ),
-        SerialTarget::None => Box::new(std::io::sink()),
-    };
-    let serial = Arc::new(Mutex::new(Serial::new(com1_irq, out)));
-    pio.insert(COM1_PORT, 8, serial.clone())
-        .map_err(setup_err)?;
-    pio.insert(
-        I8042_PORT,
-        5,
-        Arc::new(Mutex::new(I8042::new(lifecycle.clone()))),
-    )
-    .map_err(setup_err)?;
-    pio.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::default())))
-        .map_err(setup_err)?;
-
-    // PCI.
-    let mut root = PciRoot::new();
-    let mut io_next = PCI_IO_START;
-    let mut mmio_next = PCI_MMIO_START;
-    root.add(0, Arc::new(Mutex::new(HostBridge::default())))
-        .map_err(setup_err)?;
-    let ioevents: Arc<dyn IoEventRegistry> = Arc::new(KvmIoEvents(vm.clone()));
-    let mut subscribers = vec![];
-    let mut counted: Vec<Counted> = vec![];
-    for spec in &cfg.nics {
-        let nd = cfg
-            .netdevs
-            .iter()
-            .find(|n| n.id == spec.netdev)
-            .expect("checked by the CLI");
-        let opened = netdev::open(nd, spec.model.wants_vnet_hdr()).map_err(setup_err)?;
-        guards.push(opened.guard);
-        let slot = match spec.slot {
-            Some(s) => s,
-            None => (FIRST_NIC_SLOT..32)
-                .find(|&s| !root.slot_taken(s) && !cfg.nics.iter().any(|n| n.slot == Some(s)))
-                .ok_or_else(|| setup_err("no free PCI slot for another NIC"))?,
-        };
-        // Slots share IOAPIC pins (3 and 11 both reach GSI 19): each device drives the line
-        // under its own source id, its slot, and the chip ORs them.
-        let intx = IntxLine::new(chip.clone(), pci::intx_gsi(slot, 0), slot as u32);
-        let model_err =
-            |e: std::io::Error| SetupError(format!("-device {}: {e}", spec.model.name()));
-        let mut backend = opened.backend;
-        if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == nd.id) {
-            backend = Box::new(
-                net_backends::pcap::PcapDump::create(backend, &d.file, d.maxlen).map_err(|e| {
-                    SetupError(format!(
-                        "-object filter-dump,id={}: cannot create {}: {e}",
-                        d.id,
-                        d.file.display()
-                    ))
-                })?,
-            );
-        }
-        let mem = mem.clone();
-        let port = NetPort::new(format!("{} {}", spec.model.name(), spec.mac), backend)
-            .map_err(model_err)?;
-        let parts = match spec.model {
-            NicModel::VirtioNetPci => {
-                let caps = port.capabilities();
-                let m = VirtioNet::new(spec.mac, caps, mem, chip.clone(), intx, ioevents.clone())
-                    .map_err(model_err)?;
-                nic_parts(m, port)
-            }
-            NicModel::Rtl8139 { cplus } => nic_parts(
-                Rtl8139::new(spec.mac, mem, intx, cplus).map_err(model_err)?,
-                port,
-            ),
-            NicModel::E1000 => nic_parts(E1000::new(spec.mac, mem, intx).map_err(model_err)?, port),
-        };
-        let pci = parts.pci;
-        assign_bars(&mut *pci.lock().unwrap(), &mut io_next, &mut mmio_next)?;
-        log::debug!(
-            "{} {} on slot {slot} backed by {}",
-            spec.model.name(),
-            spec.mac,
-            opened.label
-        );
-        root.add(slot, pci)
-            .map_err(|e| SetupError(format!("-device {}: {e}", spec.model.name())))?;
-        counted.push((spec.clone(), nd.backend.kind().into(), parts.stats));
-        subscribers.push(parts.subscriber);
-    }
-    let mut panic_dev = PvPanic::new(lifecycle.clone());
-    assign_bars(&mut panic_dev, &mut io_next, &mut mmio_next)?;
-    let slot = root
-        .first_free_slot()
-        .ok_or_else(|| setup_err("no free PCI slot"))?;
-    root.add(slot, Arc::new(Mutex::new(panic_dev)))
-        .map_err(setup_err)?;
-    let root = Arc::new(root);
-    pio.insert(PCI_CONFIG_PORT, 8, Arc::new(PciConfigIo(root.clone())))
-        .map_err(setup_err)?;
-    let window = |io: bool, base: u64| {
-        Arc::new(PciWindow {
-            root: root.clone(),
-            io,
-            base,
-        })
-    };
-    pio.insert(PCI_IO_START, PCI_IO_SIZE, window(true, PCI_IO_START))
-        .map_err(setup_err)?;
-    mmio.insert(PCI_MMIO_START, PCI_MMIO_SIZE, window(false, PCI_MMIO_START))
-        .map_err(setup_err)?;
-
-    let mp = mptable::build(MPTABLE_START as u32, cfg.cpus, pci::intx_gsi);
-    vm_memory::Bytes::write_slice(&mem, &mp, GuestAddress(MPTABLE_START))
-        .map_err(|e| setup_err(format!("MP table: {e}")))?;
-
-    let entry = boot::load(
-        &mem,
-        mem_bytes,
-        &cfg.kernel,
-        cfg.initrd.as_deref(),
-        &cfg.append,
-    )
-    .map_err(setup_err)?;
-    log::debug!("entry {:?} at {:#x}", entry.mode, entry.rip);
-
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| setup_err(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
-    let mut vcpus = vec![];
-    for id in 0..cfg.cpus {
-        let v = vm
-            .create_vcpu(id as u64)
-            .map_err(|e| SetupError(format!("-smp: cannot create vCPU {id}: {e}")))?;
-        let table = cpuid::for_vcpu(&supported, id, cfg.cpus, host);
-        for e in table.as_slice() {
-            log::trace!(
-                "cpuid {:#x}.{}: {:08x} {:08x} {:08x} {:08x}",
-                e.function,
-                e.index,
-                e.eax,
-                e.ebx,
-                e.ecx,
-                e.edx
-            );
-        }
-        vcpu::setup_vcpu_common(&v, &table).map_err(setup_err)?;
-        if id == 0 {
-            vcpu::setup_boot_vcpu(&v, &mem, entry).map_err(setup_err)?;
-        }
-        vcpus.push(v);
-    }
-
-    // From here on the guest runs; failures are exit reasons, not setup errors.
-    if cfg.serial == SerialTarget::Stdio {
-        let tty = console::stdin_is_tty();
-        if tty {
-            if let Err(e) = console::enter_raw_mode() {
-                log::warn!("cannot put the terminal in raw mode: {e}");
-            }
-        }
-        let (s, l) = (serial.clone(), lifecycle.clone());
-        std::thread::Builder::new()
-            .name("console".into())
-            .spawn(move || console::pump_stdin(s, l, tty))
-            .map_err(setup_err)?;
-    }
-    let _io = crate::io_thread::IoThread::spawn(subscribers)
-        .map_err(|e| setup_err(format!("I/O thread: {e}")))?;
-    let buses = Arc::new(Buses { pio, mmio });
-    timing.mark("vcpu-start");
-    for (id, v) in vcpus.into_iter().enumerate() {
-        let (m, b, l) = (mem.clone(), buses.clone(), lifecycle.clone());
-        std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run(id as u8, v, m, b, l))
-            .map_err(setup_err)?;
-    }
-    let reason = crate::signals::wait_for_exit(&lifecycle, signals);
-    if let Some(path) = std::env::var_os("NICVM_STATS") {
-        let json = stats_json(&counted, timing.start.elapsed().as_secs_f64());
-        if let Err(e) = std::fs::write(&path, json) {
-            log::warn!("NICVM_STATS: cannot write {}: {e}", path.to_string_lossy());
-        }
-    }
-    Ok(reason)
+    Ok(mem)
 }
 
-/// A NIC whose counters NICVM_STATS reports: its -device, its netdev's type, the model.
-type Counted = (crate::config::NicConfig, String, NicCounters);
+#[derive(serde::Serialize)]
+struct StatsRow<'a> {
+    model: &'static str,
+    netdev: &'a str,
+    backend: &'static str,
+    mac: String,
+    tx_frames: u64,
+    rx_frames: u64,
+    tx_bytes: u64,
+    rx_bytes: u64,
+    interrupts: u64,
+    rx_dropped: u64,
+    backend_dropped: u64,
+}
 
 /// `NICVM_STATS=PATH`: at exit, one JSON object with nicvm's run time and, per NIC, what it is
 /// and its counters (for scripts/bench).
-fn stats_json(nics: &[Counted], seconds: f64) -> String {
-    let rows: Vec<String> = nics
+fn stats_json(nics: &[CountedNic], seconds: f64) -> String {
+    let rows: Vec<StatsRow> = nics
         .iter()
-        .map(|(spec, kind, counters)| {
-            let s = counters();
-            let model = match spec.model {
-                NicModel::Rtl8139 { cplus: false } => "rtl8139,cplus=off",
-                m => m.name(),
-            };
-            format!(
-                "{{\"model\":\"{model}\",\"netdev\":\"{}\",\"backend\":\"{}\",\"mac\":\"{}\",\
-                 \"tx_frames\":{},\"rx_frames\":{},\"tx_bytes\":{},\"rx_bytes\":{},\
-                 \"interrupts\":{},\"rx_dropped\":{}}}",
-                json_escape(&spec.netdev),
-                json_escape(kind),
-                spec.mac,
-                s.tx_frames,
-                s.rx_frames,
-                s.tx_bytes,
-                s.rx_bytes,
-                s.interrupts,
-                s.rx_dropped
-            )
+        .map(|n| {
+            let s = (n.counters)();
+            StatsRow {
+                model: match n.config.model {
+                    NicModel::Rtl8139 { cplus: false } => "rtl8139,cplus=off",
+                    m => m.name(),
+                },
+                netdev: &n.config.netdev,
+                backend: n.backend,
+                mac: n.config.mac.to_string(),
+                tx_frames: s.tx_frames,
+                rx_frames: s.rx_frames,
+                tx_bytes: s.tx_bytes,
+                rx_bytes: s.rx_bytes,
+                interrupts: s.interrupts,
+                rx_dropped: s.rx_dropped,
+                backend_dropped: s.backend_dropped,
+            }
         })
         .collect();
-    format!(
-        "{{\"seconds\":{seconds:.3},\"nics\":[{}]}}\n",
-        rows.join(",")
-    )
-}
-
-fn json_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| match c {
-            '"' | '\\' => vec!['\\', c],
-            c if (c as u32) < 0x20 => format!("\\u{:04x}", c as u32).chars().collect(),
-            c => vec![c],
-        })
-        .collect()
+    let seconds = (seconds * 1000.0).round() / 1000.0;
+    let mut json = serde_json::json!({ "seconds": seconds, "nics": rows }).to_string();
+    json.push('\n');
+    json
 }

@@ -35,6 +35,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The netdev called `id`.
+    pub fn netdev(&self, id: &str) -> Option<&NetdevConfig> {
+        self.netdevs.iter().find(|n| n.id == id)
+    }
+
     /// The netdevs no NIC uses (QEMU: "netdev ID has no peer"): checked, never opened.
     pub fn netdevs_without_peer(&self) -> impl Iterator<Item = &NetdevConfig> {
         self.netdevs
