@@ -4,219 +4,38 @@
 //! counters (NICVM_STATS) saw at least that much traffic, and the table and chart are there.
 
 mod support;
-use std::collections::BTreeMap;
+use serde_json::Value as Json;
 use std::process::{Command, Stdio};
 use support::*;
 
-/// Just enough JSON for the report.
-#[derive(Debug, Clone, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(BTreeMap<String, Json>),
+/// Lookups into the report that fail the test with the path that was missing.
+trait Report {
+    fn at(&self, key: &str) -> &Json;
+    fn num(&self, key: &str) -> f64;
+    fn arr(&self, key: &str) -> &[Json];
+    fn str(&self, key: &str) -> &str;
 }
 
-impl Json {
-    fn parse(s: &str) -> Result<Json, String> {
-        let mut p = Parser {
-            s: s.as_bytes(),
-            i: 0,
-        };
-        let v = p.value()?;
-        p.ws();
-        if p.i != p.s.len() {
-            return Err(format!("trailing data at {}", p.i));
-        }
-        Ok(v)
+impl Report for Json {
+    fn at(&self, key: &str) -> &Json {
+        self.get(key)
+            .unwrap_or_else(|| panic!("no \"{key}\" in {self}"))
     }
-
-    fn get(&self, key: &str) -> &Json {
-        match self {
-            Json::Obj(m) => m
-                .get(key)
-                .unwrap_or_else(|| panic!("no \"{key}\" in {self:?}")),
-            _ => panic!("not an object looking for \"{key}\": {self:?}"),
-        }
-    }
-
     fn num(&self, key: &str) -> f64 {
-        match self.get(key) {
-            Json::Num(n) => *n,
-            v => panic!("\"{key}\" is not a number: {v:?}"),
-        }
+        self.at(key)
+            .as_f64()
+            .unwrap_or_else(|| panic!("\"{key}\" is not a number in {self}"))
     }
-
     fn arr(&self, key: &str) -> &[Json] {
-        match self.get(key) {
-            Json::Arr(a) => a,
-            v => panic!("\"{key}\" is not an array: {v:?}"),
-        }
+        self.at(key)
+            .as_array()
+            .unwrap_or_else(|| panic!("\"{key}\" is not an array in {self}"))
     }
-
     fn str(&self, key: &str) -> &str {
-        match self.get(key) {
-            Json::Str(s) => s,
-            v => panic!("\"{key}\" is not a string: {v:?}"),
-        }
+        self.at(key)
+            .as_str()
+            .unwrap_or_else(|| panic!("\"{key}\" is not a string in {self}"))
     }
-}
-
-struct Parser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl Parser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
-            self.i += 1;
-        }
-    }
-
-    fn eat(&mut self, c: u8) -> Result<(), String> {
-        self.ws();
-        if self.s.get(self.i) == Some(&c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(format!("expected '{}' at {}", c as char, self.i))
-        }
-    }
-
-    fn value(&mut self) -> Result<Json, String> {
-        self.ws();
-        match self.s.get(self.i) {
-            Some(b'{') => {
-                self.i += 1;
-                let mut m = BTreeMap::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(Json::Obj(m));
-                }
-                loop {
-                    self.ws();
-                    let Json::Str(k) = self.value()? else {
-                        return Err(format!("object key at {}", self.i));
-                    };
-                    self.eat(b':')?;
-                    let v = self.value()?;
-                    m.insert(k, v);
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(Json::Obj(m));
-                        }
-                        _ => return Err(format!("expected ',' or '}}' at {}", self.i)),
-                    }
-                }
-            }
-            Some(b'[') => {
-                self.i += 1;
-                let mut a = vec![];
-                self.ws();
-                if self.s.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(Json::Arr(a));
-                }
-                loop {
-                    a.push(self.value()?);
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(Json::Arr(a));
-                        }
-                        _ => return Err(format!("expected ',' or ']' at {}", self.i)),
-                    }
-                }
-            }
-            Some(b'"') => {
-                self.i += 1;
-                let mut out = String::new();
-                loop {
-                    let c = *self.s.get(self.i).ok_or("unterminated string")?;
-                    self.i += 1;
-                    match c {
-                        b'"' => return Ok(Json::Str(out)),
-                        b'\\' => {
-                            let e = *self.s.get(self.i).ok_or("unterminated escape")?;
-                            self.i += 1;
-                            match e {
-                                b'n' => out.push('\n'),
-                                b't' => out.push('\t'),
-                                b'r' => out.push('\r'),
-                                b'b' => out.push('\u{8}'),
-                                b'f' => out.push('\u{c}'),
-                                b'u' => {
-                                    let hex = self.s.get(self.i..self.i + 4).ok_or("bad \\u")?;
-                                    let code = u32::from_str_radix(
-                                        std::str::from_utf8(hex).map_err(|e| e.to_string())?,
-                                        16,
-                                    )
-                                    .map_err(|e| e.to_string())?;
-                                    self.i += 4;
-                                    out.push(char::from_u32(code).unwrap_or('\u{fffd}'));
-                                }
-                                c => out.push(c as char),
-                            }
-                        }
-                        _ => {
-                            // Copy a whole UTF-8 sequence.
-                            let start = self.i - 1;
-                            while self.i < self.s.len() && (self.s[self.i] & 0xc0) == 0x80 {
-                                self.i += 1;
-                            }
-                            out.push_str(
-                                std::str::from_utf8(&self.s[start..self.i])
-                                    .map_err(|e| e.to_string())?,
-                            );
-                        }
-                    }
-                }
-            }
-            Some(b't') if self.s[self.i..].starts_with(b"true") => {
-                self.i += 4;
-                Ok(Json::Bool(true))
-            }
-            Some(b'f') if self.s[self.i..].starts_with(b"false") => {
-                self.i += 5;
-                Ok(Json::Bool(false))
-            }
-            Some(b'n') if self.s[self.i..].starts_with(b"null") => {
-                self.i += 4;
-                Ok(Json::Null)
-            }
-            Some(_) => {
-                let start = self.i;
-                while self.i < self.s.len() && b"+-.eE0123456789".contains(&self.s[self.i]) {
-                    self.i += 1;
-                }
-                std::str::from_utf8(&self.s[start..self.i])
-                    .ok()
-                    .and_then(|t| t.parse().ok())
-                    .map(Json::Num)
-                    .ok_or_else(|| format!("bad value at {start}"))
-            }
-            None => Err("unexpected end".into()),
-        }
-    }
-}
-
-#[test]
-fn json_parser_reads_what_python_writes() {
-    let v =
-        Json::parse(r#"{"a": [1, -2.5e3, "x\"y\u00e9"], "b": {"c": null, "d": true}}"#).unwrap();
-    assert_eq!(v.arr("a")[1], Json::Num(-2500.0));
-    assert_eq!(v.arr("a")[2], Json::Str("x\"yé".into()));
-    assert_eq!(v.get("b").get("d"), &Json::Bool(true));
-    assert!(Json::parse("{\"a\": 1,}").is_err());
 }
 
 #[test]
@@ -253,7 +72,8 @@ fn one_small_cell_reports_consistent_numbers() {
     );
 
     let text = std::fs::read_to_string(&json_path).expect("the JSON report");
-    let report = Json::parse(&text).unwrap_or_else(|e| panic!("report does not parse: {e}"));
+    let report: Json =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("report does not parse: {e}"));
     assert!(!report.str("host").is_empty());
     assert!(report.str("host_label").contains(report.str("host")));
     assert_eq!(report.num("mib"), mib as f64);
@@ -262,7 +82,7 @@ fn one_small_cell_reports_consistent_numbers() {
     let cell = &cells[0];
     assert_eq!(cell.str("backend"), "user");
     assert_eq!(cell.str("model"), "virtio-net");
-    let nicvm = cell.get("nicvm");
+    let nicvm = cell.at("nicvm");
     assert_eq!(nicvm.arr("errors"), &[] as &[Json], "{text}");
     assert_eq!(nicvm.num("runs_ok"), 1.0);
     let run = &nicvm.arr("runs")[0];
@@ -291,7 +111,7 @@ fn one_small_cell_reports_consistent_numbers() {
         let v = run.num(key);
         assert!(v > 0.0 && v.is_finite(), "{key} = {v}");
         // One run: the summary's median and spread are that run's value.
-        if let Json::Obj(s) = nicvm.get("summary") {
+        if let Some(s) = nicvm.at("summary").as_object() {
             if let Some(m) = s.get(key) {
                 assert_eq!(m.num("median"), v, "{key}");
                 assert_eq!(m.num("min"), v, "{key}");
@@ -309,7 +129,7 @@ fn one_small_cell_reports_consistent_numbers() {
     assert!((implied - run.num("transfer_s")).abs() < 0.01 * implied);
 
     // nicvm's own counters saw every byte the host checked, both ways (plus headers).
-    let st = run.get("nic_stats");
+    let st = run.at("nic_stats");
     assert_eq!(st.str("model"), "virtio-net-pci");
     assert_eq!(st.str("backend"), "user");
     assert!(st.num("rx_bytes") >= each_way, "{st:?}");
