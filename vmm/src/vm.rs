@@ -76,10 +76,10 @@ pub enum VmError {
         model: &'static str,
         source: std::io::Error,
     },
-    #[error("-device {model}: {message}")]
+    #[error("-device {model}: {source}")]
     Slot {
         model: &'static str,
-        message: String,
+        source: devices::pci::SlotError,
     },
     #[error("no free PCI slot for another NIC")]
     NoSlot,
@@ -328,9 +328,9 @@ impl Vm {
         let mut root = PciRoot::new();
         let (mut io_next, mut mmio_next) = (PCI_IO_START, PCI_MMIO_START);
         root.add(0, Arc::new(Mutex::new(HostBridge::default())))
-            .map_err(|message| VmError::Slot {
+            .map_err(|source| VmError::Slot {
                 model: "host bridge",
-                message,
+                source,
             })?;
         let ioevents: Arc<dyn IoEventRegistry> = Arc::new(KvmIoEvents(vm.clone()));
         let mut subscribers = vec![];
@@ -348,9 +348,9 @@ impl Vm {
                 &mut io_next,
                 &mut mmio_next,
             )?;
-            root.add(slot, parts.pci).map_err(|message| VmError::Slot {
+            root.add(slot, parts.pci).map_err(|source| VmError::Slot {
                 model: spec.model.name(),
-                message,
+                source,
             })?;
             let nd = cfg.netdev(&spec.netdev).expect("checked by the CLI");
             nics.push(CountedNic {
@@ -364,9 +364,9 @@ impl Vm {
         assign_bars(&mut panic_dev, &mut io_next, &mut mmio_next)?;
         let slot = root.first_free_slot().ok_or(VmError::NoSlot)?;
         root.add(slot, Arc::new(Mutex::new(panic_dev)))
-            .map_err(|message| VmError::Slot {
+            .map_err(|source| VmError::Slot {
                 model: "pvpanic",
-                message,
+                source,
             })?;
         let root = Arc::new(root);
         pio.insert(PCI_CONFIG_PORT, 8, Arc::new(PciConfigIo(root.clone())))?;

@@ -6,7 +6,7 @@ mod root;
 
 pub use config::{BarKind, PciConfig};
 pub use msix::{Msix, MSIX_ENTRY_SIZE};
-pub use root::{PciConfigIo, PciRoot, PciWindow};
+pub use root::{PciConfigIo, PciRoot, PciWindow, SlotError};
 
 /// A function on the root bus. Config space lives in [`PciConfig`]; BAR accesses arrive with
 /// the BAR index and the offset inside it, wherever the guest placed the BAR.

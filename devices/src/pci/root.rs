@@ -16,6 +16,14 @@ struct Mapping {
     bar: usize,
 }
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SlotError {
+    #[error("PCI slot {0} does not exist (0-31)")]
+    NoSuchSlot(u8),
+    #[error("PCI slot {0} is already taken")]
+    Taken(u8),
+}
+
 pub struct PciRoot {
     slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
     config_address: AtomicU32,
@@ -40,13 +48,13 @@ impl PciRoot {
     }
 
     /// Puts a single-function device in `slot` (device number on bus 0).
-    pub fn add(&mut self, slot: u8, dev: Arc<Mutex<dyn PciDevice>>) -> Result<(), String> {
+    pub fn add(&mut self, slot: u8, dev: Arc<Mutex<dyn PciDevice>>) -> Result<(), SlotError> {
         let s = self
             .slots
             .get_mut(slot as usize)
-            .ok_or_else(|| format!("PCI slot {slot} does not exist (0-31)"))?;
+            .ok_or(SlotError::NoSuchSlot(slot))?;
         if s.is_some() {
-            return Err(format!("PCI slot {slot} is already taken"));
+            return Err(SlotError::Taken(slot));
         }
         *s = Some(dev);
         self.remap(slot);
