@@ -356,12 +356,12 @@ impl VirtioNet {
     /// once more after re-enabling notifications (the guest may have added some in between),
     /// then leaves the frame waiting.
     fn receive_frame(&mut self, port: &mut NetPort, raw: &[u8]) -> Rx {
-        if !self.queue_usable(port, RX) {
-            return Rx::Dropped;
-        }
         for attempt in 0..2 {
             match self.deliver(port, raw) {
                 Ok(Some(r)) => return r,
+                // No chain: no buffers, or a queue the device cannot walk (checked only now,
+                // not on every frame).
+                Ok(None) if !self.queue_usable(port, RX) => return Rx::Dropped,
                 Ok(None) if attempt == 0 => match self.queues[RX].enable_notification(&self.mem) {
                     Ok(true) => continue,
                     Ok(false) => return Rx::NoRoom,
