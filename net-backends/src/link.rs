@@ -3,6 +3,7 @@
 //! the timer that paces reconnection, and the fds they stopped watching, kept open until the
 //! loop has let them go.
 
+use socket2::Socket;
 use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -115,6 +116,10 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// by the backend's next socket, would be taken for the old registration. So a backend
 /// retires an fd here, calls [`Retired::watched`] in every `watch`, and [`Retired::collect`]
 /// at the start of every `ready`, which comes after the loop has acted on a `watch`.
+///
+/// A retired socket is shut down at once. If it was retired outside an event (a send from
+/// a vCPU), the loop may report its hang-up once before it is unregistered: `ready` ignores
+/// fds it does not list, and the port, seeing it unlisted, just lets it go.
 #[derive(Default)]
 pub(crate) struct Retired {
     fds: Vec<OwnedFd>,
@@ -123,8 +128,11 @@ pub(crate) struct Retired {
 }
 
 impl Retired {
-    pub fn retire(&mut self, fd: impl Into<OwnedFd>) {
-        self.fds.push(fd.into());
+    /// Takes a socket out of use: shut down at once (the peer sees the connection end now),
+    /// closed once the loop has let go of it.
+    pub fn retire(&mut self, s: Socket) {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        self.fds.push(s.into());
         self.unlisted.set(false);
     }
 
@@ -155,14 +163,22 @@ mod tests {
 
     #[test]
     fn retired_fds_close_only_after_a_watch() {
+        use socket2::{Domain, Type};
         let mut r = Retired::default();
         let fd = |r: &Retired| r.fds.first().map(|f| f.as_raw_fd());
-        r.retire(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        let (a, mut peer) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
+        r.retire(a);
         let n = fd(&r).unwrap();
         r.collect();
         assert_eq!(r.len(), 1, "not unregistered yet: still open");
+        let mut b = [0u8; 1];
+        assert_eq!(
+            std::io::Read::read(&mut peer, &mut b).unwrap(),
+            0,
+            "but shut down: the peer sees the end at once"
+        );
         r.watched();
-        r.retire(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        r.retire(Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap().0);
         assert_ne!(r.fds[1].as_raw_fd(), n, "no number reused while retired");
         r.collect();
         assert_eq!(r.len(), 2, "the second one was not left out of a watch yet");

@@ -189,6 +189,9 @@ fn frames_split_across_reads_and_several_in_one_read() {
     assert!(wait_for(Duration::from_secs(5), || {
         recv_within(&mut s, Duration::from_millis(50)).is_none() && !s.link_up()
     }));
+    // The peer is told at once, not when the backend next has an event.
+    raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert_eq!(raw.read(&mut [0u8; 1]).unwrap(), 0, "the connection ended");
     assert_quiet(&mut s, Duration::from_millis(100));
 }
 
