@@ -377,3 +377,39 @@ fn a_tcp_client_reconnects_without_blocking() {
         assert!(wait_link(&mut [&mut c], false, Duration::from_secs(5)));
     }
 }
+
+#[test]
+fn a_peer_leaving_while_sends_are_blocked_unblocks_them() {
+    // The frontend waits for room (tx); the connection goes away instead. It must still be
+    // told it can send (the frames are then dropped and counted), or it waits for ever.
+    let (mut s, a) = tcp_server();
+    let raw = TcpStream::connect(a).unwrap();
+    assert!(wait_link(&mut [&mut s], true, Duration::from_secs(5)));
+    let f = frame(1, 1, 60_000);
+    let mut n = 0;
+    while s.send(&[IoSlice::new(&f)]).is_ok() {
+        n += 1;
+        assert!(n < 20_000, "never blocked");
+    }
+    drop(raw);
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        assert!(
+            std::time::Instant::now() < end,
+            "no room reported after the peer left"
+        );
+        turn(&mut s, false, true, Duration::from_millis(100));
+        if !s.link_up() {
+            break;
+        }
+    }
+    assert_ne!(
+        turn(&mut s, false, true, Duration::from_millis(500)),
+        0,
+        "room for a frontend waiting on a connection that is gone"
+    );
+    let d = s.dropped();
+    s.send(&[IoSlice::new(&f)]).unwrap();
+    assert_eq!(s.dropped(), d + 1);
+    assert_quiet(&mut s, Duration::from_millis(100));
+}
