@@ -336,8 +336,9 @@ impl StreamBackend {
     pub fn new(o: &StreamOptions) -> Result<StreamBackend, StreamError> {
         let label = o.addr.to_string();
         let resource = |what| move |source| StreamError::Resource { what, source };
+        let link = |up| Link::new(format!("stream {label}"), up, "a peer is back".into());
         let mut b = StreamBackend {
-            link: Link::new(format!("stream {label}"), false, "a peer is back".into()),
+            link: link(false),
             peer: Peer::None,
             listener: None,
             targets: vec![],
@@ -378,7 +379,7 @@ impl StreamBackend {
         match connect_blocking(&b.targets) {
             Ok(s) => {
                 b.peer = Peer::Up(s);
-                b.link.set_up("connected");
+                b.link = link(true);
             }
             Err(e) if o.reconnect.is_some() => {
                 log::warn!(
