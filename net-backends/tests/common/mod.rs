@@ -21,21 +21,6 @@ pub fn frame(src: u8, seq: u32, len: usize) -> Vec<u8> {
     f
 }
 
-pub fn poll_fd(fd: i32, events: i16, timeout: Duration) -> i16 {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, alive across the call.
-    let r = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
-    if r <= 0 {
-        0
-    } else {
-        p.revents
-    }
-}
-
 /// One turn of the I/O thread over these backends, as devices' port does it: waits up to
 /// `timeout` on every fd each lists in `watch(rx, tx)`, then calls `ready` for each fd that
 /// reported. Returns the number of events per backend. A backend that still lists an fd
