@@ -20,11 +20,12 @@
 //!
 //! Not covered: IPv6 multicast, QEMU's `fd=` sockets, abstract Unix addresses.
 
-use crate::sys::{self, RawAddr, SocketFile};
+use crate::sys::{self, SocketFile};
 use crate::{Capabilities, NetBackend};
+use socket2::{Domain, SockAddr, Socket, Type};
 use std::io::{self, IoSlice};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,9 +44,27 @@ pub enum DgramOptions {
     },
 }
 
+/// Why a datagram backend could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DgramError {
+    #[error("{local} and {remote} are not of the same IP version")]
+    IpVersions {
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
+    #[error("{0} is not a multicast address")]
+    NotMulticast(IpAddr),
+    /// `what` failed: "cannot bind 127.0.0.1:5555", "SO_REUSEADDR", ...
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    /// A Unix path that cannot be a socket address.
+    #[error("{0}")]
+    Path(io::Error),
+}
+
 pub struct DgramBackend {
-    fd: OwnedFd,
-    remote: RawAddr,
+    sock: Socket,
+    remote: SockAddr,
     /// Unix: connected to `remote` (see the module docs).
     unix_connected: Option<bool>,
     dropped: u64,
@@ -54,26 +73,25 @@ pub struct DgramBackend {
 }
 
 impl DgramBackend {
-    pub fn new(o: &DgramOptions) -> Result<DgramBackend, String> {
-        let io = |what: String| move |e: io::Error| format!("{what}: {e}");
+    pub fn new(o: &DgramOptions) -> Result<DgramBackend, DgramError> {
+        let io = |what: String| move |source: io::Error| DgramError::Io { what, source };
+        let socket = |d: Domain| {
+            Socket::new(d, Type::DGRAM.nonblocking(), None).map_err(io("socket".into()))
+        };
         match o {
             DgramOptions::Udp { local, remote } => {
                 if local.is_ipv4() != remote.is_ipv4() {
-                    return Err(format!(
-                        "{local} and {remote} are not of the same IP version"
-                    ));
+                    return Err(DgramError::IpVersions {
+                        local: *local,
+                        remote: *remote,
+                    });
                 }
-                let fam = if local.is_ipv4() {
-                    libc::AF_INET
-                } else {
-                    libc::AF_INET6
-                };
-                let fd = sys::socket(fam, libc::SOCK_DGRAM).map_err(io("socket".into()))?;
-                sys::bind(&fd, &RawAddr::inet(*local))
+                let sock = socket(Domain::for_address(*local))?;
+                sock.bind(&(*local).into())
                     .map_err(io(format!("cannot bind {local}")))?;
                 Ok(DgramBackend {
-                    fd,
-                    remote: RawAddr::inet(*remote),
+                    sock,
+                    remote: (*remote).into(),
                     unix_connected: None,
                     dropped: 0,
                     label: format!("udp {local} -> {remote}"),
@@ -82,43 +100,25 @@ impl DgramBackend {
             }
             DgramOptions::Mcast { group, localaddr } => {
                 if !group.ip().is_multicast() {
-                    return Err(format!("{} is not a multicast address", group.ip()));
+                    return Err(DgramError::NotMulticast(IpAddr::V4(*group.ip())));
                 }
-                let fd =
-                    sys::socket(libc::AF_INET, libc::SOCK_DGRAM).map_err(io("socket".into()))?;
-                let set = |level, name, v: libc::c_int, what: &str| {
-                    sys::setsockopt(&fd, level, name, v).map_err(io(what.into()))
-                };
-                set(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR")?;
-                sys::bind(&fd, &RawAddr::inet(SocketAddr::V4(*group)))
+                let sock = socket(Domain::IPV4)?;
+                sock.set_reuse_address(true)
+                    .map_err(io("SO_REUSEADDR".into()))?;
+                sock.bind(&SocketAddr::V4(*group).into())
                     .map_err(io(format!("cannot bind {group}")))?;
                 let ifaddr = localaddr.unwrap_or(Ipv4Addr::UNSPECIFIED);
-                let mreq = libc::ip_mreq {
-                    imr_multiaddr: libc::in_addr {
-                        s_addr: u32::from(*group.ip()).to_be(),
-                    },
-                    imr_interface: libc::in_addr {
-                        s_addr: u32::from(ifaddr).to_be(),
-                    },
-                };
-                sys::setsockopt(&fd, libc::IPPROTO_IP, libc::IP_ADD_MEMBERSHIP, mreq)
+                sock.join_multicast_v4(group.ip(), &ifaddr)
                     .map_err(io(format!("cannot join {} on {ifaddr}", group.ip())))?;
-                set(
-                    libc::IPPROTO_IP,
-                    libc::IP_MULTICAST_LOOP,
-                    1,
-                    "IP_MULTICAST_LOOP",
-                )?;
+                sock.set_multicast_loop_v4(true)
+                    .map_err(io("IP_MULTICAST_LOOP".into()))?;
                 if let Some(a) = localaddr {
-                    let ia = libc::in_addr {
-                        s_addr: u32::from(*a).to_be(),
-                    };
-                    sys::setsockopt(&fd, libc::IPPROTO_IP, libc::IP_MULTICAST_IF, ia)
+                    sock.set_multicast_if_v4(a)
                         .map_err(io(format!("localaddr={a}")))?;
                 }
                 Ok(DgramBackend {
-                    fd,
-                    remote: RawAddr::inet(SocketAddr::V4(*group)),
+                    sock,
+                    remote: SocketAddr::V4(*group).into(),
                     unix_connected: None,
                     dropped: 0,
                     label: format!("mcast {group}"),
@@ -126,17 +126,16 @@ impl DgramBackend {
                 })
             }
             DgramOptions::Unix { local, remote } => {
-                let fd =
-                    sys::socket(libc::AF_UNIX, libc::SOCK_DGRAM).map_err(io("socket".into()))?;
-                let la = RawAddr::unix(local).map_err(|e| e.to_string())?;
-                let ra = RawAddr::unix(remote).map_err(|e| e.to_string())?;
-                sys::unlink_stale_socket(local)
-                    .map_err(io(format!("cannot bind {}", local.display())))?;
-                sys::bind(&fd, &la).map_err(io(format!("cannot bind {}", local.display())))?;
-                let file = SocketFile::record(local).map_err(|e| e.to_string())?;
-                let _ = sys::setsockopt(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF, 1i32 << 20);
+                let la = sys::unix_addr(local).map_err(DgramError::Path)?;
+                let ra = sys::unix_addr(remote).map_err(DgramError::Path)?;
+                let sock = socket(Domain::UNIX)?;
+                let bind = || format!("cannot bind {}", local.display());
+                sys::unlink_stale_socket(local).map_err(io(bind()))?;
+                sock.bind(&la).map_err(io(bind()))?;
+                let file = SocketFile::record(local).map_err(io(bind()))?;
+                let _ = sock.set_send_buffer_size(1 << 20);
                 Ok(DgramBackend {
-                    fd,
+                    sock,
                     remote: ra,
                     unix_connected: Some(false),
                     dropped: 0,
@@ -154,42 +153,7 @@ impl DgramBackend {
 
     /// The bound address of an IP socket (to learn the port when 0 was asked for).
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        // SAFETY: sockaddr_storage is plain old data; all zeroes is valid.
-        let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        // SAFETY: getsockname writes at most `len` bytes into `st` and updates `len`.
-        let r = unsafe {
-            libc::getsockname(
-                self.fd.as_raw_fd(),
-                (&mut st as *mut libc::sockaddr_storage).cast(),
-                &mut len,
-            )
-        };
-        if r < 0 {
-            return None;
-        }
-        match st.ss_family as libc::c_int {
-            libc::AF_INET => {
-                // SAFETY: the kernel wrote a sockaddr_in (family AF_INET) into `st`, which is
-                // large and aligned enough for it.
-                let s =
-                    unsafe { *(&st as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-                Some(SocketAddr::new(
-                    IpAddr::V4(Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr))),
-                    u16::from_be(s.sin_port),
-                ))
-            }
-            libc::AF_INET6 => {
-                // SAFETY: as above, for sockaddr_in6.
-                let s =
-                    unsafe { *(&st as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-                Some(SocketAddr::new(
-                    IpAddr::V6(s.sin6_addr.s6_addr.into()),
-                    u16::from_be(s.sin6_port),
-                ))
-            }
-            _ => None,
-        }
+        self.sock.local_addr().ok()?.as_socket()
     }
 
     fn drop_frame(&mut self, e: &io::Error) {
@@ -210,9 +174,8 @@ impl NetBackend for DgramBackend {
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
-        let fd = self.fd.as_raw_fd();
         if self.unix_connected == Some(false) {
-            if let Err(e) = sys::connect(&self.fd, &self.remote) {
+            if let Err(e) = self.sock.connect(&self.remote) {
                 // Not there (yet), or still tied to a dead peer: the frame is lost.
                 self.drop_frame(&e);
                 return Ok(());
@@ -224,7 +187,7 @@ impl NetBackend for DgramBackend {
         } else {
             Some(&self.remote)
         };
-        match sys::send_iov(fd, frame, to) {
+        match sys::send(&self.sock, frame, to) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
             Err(e) => {
@@ -234,7 +197,7 @@ impl NetBackend for DgramBackend {
                         Some(libc::ECONNREFUSED | libc::ENOTCONN | libc::ECONNRESET)
                     )
                 {
-                    let _ = sys::disconnect(&self.fd);
+                    let _ = sys::disconnect(&self.sock);
                     self.unix_connected = Some(false);
                 }
                 self.drop_frame(&e);
@@ -245,11 +208,11 @@ impl NetBackend for DgramBackend {
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         // A queued error (ICMP port unreachable, a peer gone) is consumed, not a frame.
-        sys::recv_frame(self.fd.as_raw_fd(), buf)
+        sys::recv_frame(&self.sock, buf)
     }
 
     fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.sock.as_raw_fd()
     }
 
     fn dropped(&self) -> u64 {

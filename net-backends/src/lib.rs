@@ -1,9 +1,12 @@
 //! The backends behind nicvm's NICs, and the frame-level helpers they share.
 //!
 //! One trait, [`NetBackend`], sits between the three NIC models and the backends. A frame
-//! crosses it whole: scatter-gather on the way out, one buffer on the way in. Readiness is an
-//! fd for the I/O thread's event loop; flow control is the frontend's job (it stops reading
-//! when the guest has no buffer, and the loop stops watching the fd until the guest refills).
+//! crosses it whole: scatter-gather on the way out, one buffer on the way in. Readiness is
+//! the fds a backend lists for the I/O thread's event loop ([`NetBackend::watch`]), and the
+//! backend's own work (accepting, reconnecting, noticing a peer leave) happens when the loop
+//! reports them ([`NetBackend::ready`]): no backend but slirp has a thread. Flow control is
+//! the frontend's job (it stops reading when the guest has no buffer, and the loop stops
+//! watching for frames until the guest refills).
 
 pub mod dgram;
 mod link;
@@ -79,6 +82,11 @@ pub trait NetBackend: Send {
     /// whether the frontend wants frames (`rx`) and waits for room to send (`tx`). Backends
     /// with fds of their own (a control connection, a listening socket, a reconnect timer) add
     /// them here; the default is [`NetBackend::fd`] alone.
+    ///
+    /// The loop unregisters an fd right after a `watch` that leaves it out, so an fd must stay
+    /// open until then: epoll cannot unregister a closed fd (event-manager then keeps it in
+    /// its table), and a new fd with its number would be taken for the old registration.
+    /// VDE and stream keep such fds in `link::Retired` until their next `ready`.
     fn watch(&self, rx: bool, tx: bool, out: &mut Vec<(RawFd, EventSet)>) {
         let mut e = EventSet::empty();
         if rx {

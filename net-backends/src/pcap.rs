@@ -6,7 +6,7 @@
 //! complete up to the last frame if nicvm is killed.
 
 use crate::vnet::VNET_HDR_LEN;
-use crate::{Capabilities, NetBackend, Offloads};
+use crate::{Capabilities, EventSet, NetBackend, Offloads};
 use std::fs::File;
 use std::io::{self, IoSlice, Write};
 use std::os::fd::RawFd;
@@ -122,6 +122,14 @@ impl<B: NetBackend> NetBackend for PcapDump<B> {
         self.inner.fd()
     }
 
+    fn watch(&self, rx: bool, tx: bool, out: &mut Vec<(RawFd, EventSet)>) {
+        self.inner.watch(rx, tx, out)
+    }
+
+    fn ready(&mut self, fd: RawFd, events: EventSet) {
+        self.inner.ready(fd, events)
+    }
+
     fn link_up(&self) -> bool {
         self.inner.link_up()
     }
@@ -146,6 +154,12 @@ impl<B: NetBackend + ?Sized> NetBackend for Box<B> {
     }
     fn fd(&self) -> RawFd {
         (**self).fd()
+    }
+    fn watch(&self, rx: bool, tx: bool, out: &mut Vec<(RawFd, EventSet)>) {
+        (**self).watch(rx, tx, out)
+    }
+    fn ready(&mut self, fd: RawFd, events: EventSet) {
+        (**self).ready(fd, events)
     }
     fn link_up(&self) -> bool {
         (**self).link_up()

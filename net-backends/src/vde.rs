@@ -24,41 +24,53 @@
 //! group access, or everyone's access when that chown fails. The private directory gets the
 //! matching search (x) bits so such a switch can reach the socket.
 //!
-//! **The switch going away.** A monitor thread waits on the control connection. EOF or an
-//! error there, or ECONNREFUSED/ENOTCONN/ENOENT when sending a frame, takes the link down:
-//! [`NetBackend::link_up`] turns false, one warning is logged, and frames sent meanwhile are
-//! dropped and counted in [`NetBackend::dropped`]. The fd the I/O thread watches stays our
-//! datagram socket, which is never readable without a frame, so nothing spins. While down,
-//! the monitor thread tries the whole handshake again once a second (driven by its own poll
-//! timeout, not by the guest's sends: a guest whose NIC shows no carrier sends nothing); when
-//! it succeeds the link is up again, with one info message. Each change of link state also
-//! makes the fd readable once (an empty datagram to ourselves, skipped by `recv`), so a NIC
-//! model hears of it through a backend event without polling.
+//! **In the event loop.** No thread: the I/O thread watches what [`NetBackend::watch`] lists
+//! and calls [`NetBackend::ready`] for what reported.
+//!
+//! - While up: our datagram socket (readable with frames while the frontend wants them,
+//!   writable when it waits for room) and the control connection (readable only when the
+//!   switch closes it, or says something it never says).
+//! - EOF, an error or a hang-up on the control connection, or ECONNREFUSED/ENOTCONN/ENOENT
+//!   when sending a frame, takes the link down: [`NetBackend::link_up`] turns false, one
+//!   warning is logged, our socket lets go of the switch's, and frames sent meanwhile are
+//!   dropped and counted in [`NetBackend::dropped`].
+//! - While down, a timerfd fires once a second (not the guest's sends: a guest whose NIC
+//!   shows no carrier sends nothing). Each tick starts a handshake that never blocks: a new
+//!   non-blocking control connection, our request written on it, and the control socket
+//!   watched; when it turns readable the switch's answer is read (in pieces if need be), our
+//!   socket is connected to the switch's, the timer stops and the link is up again, with one
+//!   info message. A switch that refuses, or does not answer within 2 s, is tried again at a
+//!   later tick. Only the first handshake, in [`Vde::open`] before the guest runs, blocks
+//!   (up to 2 s per step).
+//! - The port compares `link_up()` after every backend event, so the NIC model hears of a
+//!   change at the event that made it (the control connection's EOF, the tick that
+//!   reconnected): nothing wakes the loop otherwise, and an idle backend costs nothing.
 //!
 //! Not covered: libvdeplug's other plug kinds (`vde://` URLs, point-to-point `sock[]`, UDP
 //! `->` specs, the management port request type), and the pre-directory "ctl socket given
 //! directly" fallback when `sock=` names a socket rather than a directory.
 
-use crate::link::{Helper, Link};
-use crate::sys::{self, RawAddr};
-use crate::{Capabilities, NetBackend};
+use crate::link::{Link, Retired, Timer};
+use crate::sys;
+use crate::{Capabilities, EventSet, NetBackend};
+use socket2::{Domain, Socket, Type};
 use std::io::{self, IoSlice, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SWITCH_MAGIC: u32 = 0xfeed_face;
 const VERSION: u32 = 3;
 /// Longest description the switch keeps (libvdeplug's MAXDESCR, less its NUL).
 const MAX_DESCR: usize = 127;
-/// How often the monitor retries a switch that went away.
+/// How often a switch that went away is tried again.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a handshake may wait for the switch's answer.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The switch's answer: a `sockaddr_un` (family, then 108 bytes of path).
+pub const REPLY_LEN: usize = std::mem::size_of::<libc::sockaddr_un>();
 
 /// Control sockets libvdeplug falls back to when no `sock=` is given.
 pub const DEFAULT_CTL_PATHS: [&str; 3] =
@@ -87,6 +99,81 @@ impl Default for VdeOptions {
             mode: 0o700,
             description: "nicvm".into(),
         }
+    }
+}
+
+/// What the switch's answer can be wrong about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("the switch answered with {0} bytes, not a {REPLY_LEN}-byte socket address")]
+    Length(usize),
+    #[error("the switch answered with address family {0}, not AF_UNIX")]
+    Family(u16),
+    #[error("the switch answered with an empty socket path")]
+    EmptyPath,
+}
+
+/// The hint after a refused or unanswered handshake.
+#[derive(Debug, Clone, Copy)]
+pub struct PortHint(pub u32);
+
+impl std::fmt::Display for PortHint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => write!(f, " (no free port, or it cannot reach our socket?)"),
+            p => write!(f, " (does it have port {p}?)"),
+        }
+    }
+}
+
+/// One error per switch tried, joined on one line.
+#[derive(Debug)]
+pub struct Attempts(pub Vec<VdeError>);
+
+impl std::fmt::Display for Attempts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VdeError {
+    #[error("cannot create a private directory in {}: {source}", .dir.display())]
+    PrivateDir { dir: PathBuf, source: io::Error },
+    #[error("{}: {source}", .path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("TMPDIR too long: {0}")]
+    DataPath(io::Error),
+    #[error("cannot create a socket: {0}")]
+    Socket(io::Error),
+    #[error("cannot create the timerfd a VDE backend needs: {0}")]
+    Timer(io::Error),
+    #[error("group: '{0}' is not a group")]
+    BadGroup(String),
+    #[error("group: no group named '{0}'")]
+    NoGroup(String),
+    #[error("{}: the switch refused the connection{hint}", .ctl.display())]
+    Refused { ctl: PathBuf, hint: PortHint },
+    #[error("{}: the switch did not answer within {}s{hint}", .ctl.display(), HANDSHAKE_TIMEOUT.as_secs())]
+    NoAnswer { ctl: PathBuf, hint: PortHint },
+    #[error("{}: {source}", .ctl.display())]
+    Reply { ctl: PathBuf, source: ReplyError },
+    #[error("no switch found at {0}")]
+    NoSwitch(String),
+    #[error("cannot connect to a VDE switch: {0}")]
+    Connect(Attempts),
+}
+
+fn io_at(path: &Path) -> impl Fn(io::Error) -> VdeError + '_ {
+    move |source| VdeError::Io {
+        path: path.to_path_buf(),
+        source,
     }
 }
 
@@ -145,20 +232,8 @@ impl Drop for PrivateDir {
     }
 }
 
-pub struct Vde {
-    // Dropped first: the monitor thread stops before the socket it uses closes.
-    _monitor: Helper,
-    /// Our datagram socket, connected to the switch's port socket while the link is up.
-    data: Arc<OwnedFd>,
-    data_path: PathBuf,
-    link: Arc<Link>,
-    port: u32,
-    // Dropped last: the directory holding `data_path`.
-    _dir: PrivateDir,
-}
-
-fn group_id(g: &str) -> Result<libc::gid_t, String> {
-    let c = std::ffi::CString::new(g).map_err(|_| format!("group: '{g}' is not a group"))?;
+fn group_id(g: &str) -> Result<libc::gid_t, VdeError> {
+    let c = std::ffi::CString::new(g).map_err(|_| VdeError::BadGroup(g.into()))?;
     // SAFETY: `group` is plain old data; getgrnam_r fills it.
     let mut grp: libc::group = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
@@ -170,40 +245,44 @@ fn group_id(g: &str) -> Result<libc::gid_t, String> {
     if r == 0 && !res.is_null() {
         return Ok(grp.gr_gid);
     }
-    g.parse()
-        .map_err(|_| format!("group: no group named '{g}'"))
+    g.parse().map_err(|_| VdeError::NoGroup(g.into()))
 }
 
-/// The request the switch expects, in host byte order.
-fn request(port: u32, ours: &Path, description: &str) -> Result<Vec<u8>, String> {
-    let RawAddr::Unix(sun) = RawAddr::unix(ours).map_err(|e| e.to_string())? else {
-        unreachable!()
-    };
-    let mut r = Vec::with_capacity(12 + 110 + MAX_DESCR);
+/// The request the switch expects, in host byte order: magic, version, request type, the
+/// `sockaddr_un` of our socket, our description.
+fn request(port: u32, ours: &Path, description: &str) -> Result<Vec<u8>, VdeError> {
+    use std::os::unix::ffi::OsStrExt;
+    sys::unix_addr(ours).map_err(VdeError::DataPath)?;
+    let path = ours.as_os_str().as_bytes();
+    let mut r = Vec::with_capacity(12 + REPLY_LEN + MAX_DESCR);
     r.extend_from_slice(&SWITCH_MAGIC.to_ne_bytes());
     r.extend_from_slice(&VERSION.to_ne_bytes());
     r.extend_from_slice(&(port << 8).to_ne_bytes());
-    r.extend_from_slice(&sun.sun_family.to_ne_bytes());
-    r.extend(sun.sun_path.iter().map(|c| *c as u8));
+    r.extend_from_slice(&(libc::AF_UNIX as libc::sa_family_t).to_ne_bytes());
+    r.extend_from_slice(path);
+    r.resize(12 + REPLY_LEN, 0);
     let d = description.as_bytes();
     r.extend_from_slice(&d[..d.len().min(MAX_DESCR)]);
     Ok(r)
 }
 
-/// The switch's answer: the `sockaddr_un` of its datagram socket for our port.
-fn parse_reply(b: &[u8]) -> Result<PathBuf, String> {
+/// The switch's answer: the `sockaddr_un` of its datagram socket for our port, exactly
+/// [`REPLY_LEN`] bytes.
+pub fn parse_reply(b: &[u8]) -> Result<PathBuf, ReplyError> {
+    use std::os::unix::ffi::OsStrExt;
+    if b.len() != REPLY_LEN {
+        return Err(ReplyError::Length(b.len()));
+    }
     let fam = u16::from_ne_bytes([b[0], b[1]]);
     if fam != libc::AF_UNIX as u16 {
-        return Err(format!(
-            "the switch answered with address family {fam}, not AF_UNIX"
-        ));
+        return Err(ReplyError::Family(fam));
     }
-    let path: Vec<u8> = b[2..].iter().copied().take_while(|c| *c != 0).collect();
+    let path = &b[2..];
+    let path = &path[..path.iter().position(|c| *c == 0).unwrap_or(path.len())];
     if path.is_empty() {
-        return Err("the switch answered with an empty socket path".into());
+        return Err(ReplyError::EmptyPath);
     }
-    use std::os::unix::ffi::OsStrExt;
-    Ok(PathBuf::from(std::ffi::OsStr::from_bytes(&path)))
+    Ok(PathBuf::from(std::ffi::OsStr::from_bytes(path)))
 }
 
 /// The port number in the switch's data socket name (`DIR/NNN.FD`).
@@ -216,86 +295,151 @@ fn port_of(switch_sock: &Path) -> u32 {
         .unwrap_or(0)
 }
 
-/// Makes our data socket readable once (an empty datagram, which `recv` skips), so the I/O
-/// thread calls the NIC model, which can then look at `link_up()`. Only works while our
-/// socket is not connected to a switch socket (the kernel refuses other senders then).
-fn nudge(data_path: &Path) {
-    if let (Ok(s), Ok(a)) = (
-        sys::socket(libc::AF_UNIX, libc::SOCK_DGRAM),
-        RawAddr::unix(data_path),
-    ) {
-        let _ = sys::send_iov(s.as_raw_fd(), &[], Some(&a));
+/// One handshake with the switch: a new control connection with our request on it, then
+/// the switch's answer, read as it comes.
+struct Handshake {
+    ctl: Socket,
+    /// Each step waits (up to [`HANDSHAKE_TIMEOUT`]) rather than returning WouldBlock.
+    blocking: bool,
+    reply: [u8; REPLY_LEN],
+    got: usize,
+    started: Instant,
+}
+
+impl Handshake {
+    fn start(
+        ctl_path: &Path,
+        data: &Socket,
+        data_path: &Path,
+        o: &VdeOptions,
+        blocking: bool,
+    ) -> Result<Handshake, VdeError> {
+        let io = io_at(ctl_path);
+        // A datagram socket still associated with a dead switch socket would make the new
+        // switch's connect() to us fail with EPERM.
+        let _ = sys::disconnect(data);
+        let addr = sys::unix_addr(ctl_path).map_err(&io)?;
+        let ty = if blocking {
+            Type::STREAM
+        } else {
+            Type::STREAM.nonblocking()
+        };
+        let ctl = Socket::new(Domain::UNIX, ty, None).map_err(&io)?;
+        if blocking {
+            ctl.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(&io)?;
+            ctl.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+                .map_err(&io)?;
+        }
+        // Unix sockets connect at once, or fail (EAGAIN: the switch's backlog is full).
+        ctl.connect(&addr).map_err(&io)?;
+        let req = request(o.port, data_path, &o.description)?;
+        // A fresh socket's buffer takes the whole request in one write.
+        match (&ctl).write(&req) {
+            Ok(n) if n == req.len() => {}
+            Ok(_) => return Err(io(io::ErrorKind::WriteZero.into())),
+            Err(e) => return Err(io(e)),
+        }
+        Ok(Handshake {
+            ctl,
+            blocking,
+            reply: [0; REPLY_LEN],
+            got: 0,
+            started: Instant::now(),
+        })
+    }
+
+    /// Reads the switch's answer: the path of its socket for our port once all of it is
+    /// there, `Ok(None)` while more is to come.
+    fn read(&mut self, ctl_path: &Path, port: u32) -> Result<Option<PathBuf>, VdeError> {
+        let hint = PortHint(port);
+        while self.got < REPLY_LEN {
+            match (&self.ctl).read(&mut self.reply[self.got..]) {
+                Ok(0) => {
+                    return Err(VdeError::Refused {
+                        ctl: ctl_path.into(),
+                        hint,
+                    })
+                }
+                Ok(n) => self.got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if !self.blocking {
+                        return Ok(None);
+                    }
+                    return Err(VdeError::NoAnswer {
+                        ctl: ctl_path.into(),
+                        hint,
+                    });
+                }
+                Err(e) => return Err(io_at(ctl_path)(e)),
+            }
+        }
+        parse_reply(&self.reply)
+            .map(Some)
+            .map_err(|source| VdeError::Reply {
+                ctl: ctl_path.into(),
+                source,
+            })
     }
 }
 
-/// One handshake: a new control connection, our request, the switch's answer, and our data
-/// socket connected to the switch's. Returns the control connection and the port.
-fn handshake(
-    ctl_path: &Path,
-    data: &OwnedFd,
-    data_path: &Path,
+/// Our datagram socket, bound at `path`, with room for 64 KiB frames both ways.
+fn data_socket(path: &Path) -> Result<Socket, VdeError> {
+    let addr = sys::unix_addr(path).map_err(VdeError::DataPath)?;
+    let s = Socket::new(Domain::UNIX, Type::DGRAM.nonblocking(), None).map_err(VdeError::Socket)?;
+    s.bind(&addr).map_err(io_at(path))?;
+    let _ = s.set_send_buffer_size(1 << 20);
+    let _ = s.set_recv_buffer_size(1 << 20);
+    Ok(s)
+}
+
+/// Our socket connected to the switch's (`theirs`, from its answer); returns the port.
+fn attach(data: &Socket, theirs: &Path) -> Result<u32, VdeError> {
+    let a = sys::unix_addr(theirs).map_err(io_at(theirs))?;
+    data.connect(&a).map_err(io_at(theirs))?;
+    Ok(port_of(theirs))
+}
+
+/// Where the backend is with its switch.
+enum State {
+    /// Plugged in: the control connection.
+    Up(Socket),
+    /// The switch went away: the timer runs, and a handshake may be under way.
+    Down(Option<Handshake>),
+}
+
+pub struct Vde {
+    /// Our datagram socket, connected to the switch's port socket while the link is up.
+    data: Socket,
+    data_path: PathBuf,
+    ctl_path: PathBuf,
+    options: VdeOptions,
+    state: State,
+    /// Runs (once a second) while the link is down.
+    timer: Timer,
+    link: Link,
+    retired: Retired,
     port: u32,
-    description: &str,
-) -> Result<(UnixStream, u32), String> {
-    // A datagram socket still associated with a dead switch socket would make the new
-    // switch's connect() to us fail with EPERM.
-    let _ = sys::disconnect(data);
-    let mut ctl =
-        UnixStream::connect(ctl_path).map_err(|e| format!("{}: {e}", ctl_path.display()))?;
-    let io = |e: io::Error| format!("{}: {e}", ctl_path.display());
-    ctl.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
-    ctl.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
-    ctl.write_all(&request(port, data_path, description)?)
-        .map_err(io)?;
-    let mut reply = [0u8; std::mem::size_of::<libc::sockaddr_un>()];
-    ctl.read_exact(&mut reply).map_err(|e| {
-        let hint = if port != 0 {
-            format!(" (does it have port {port}?)")
-        } else {
-            " (no free port, or it cannot reach our socket?)".into()
-        };
-        match e.kind() {
-            io::ErrorKind::UnexpectedEof => {
-                format!(
-                    "{}: the switch refused the connection{hint}",
-                    ctl_path.display()
-                )
-            }
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
-                "{}: the switch did not answer within {}s{hint}",
-                ctl_path.display(),
-                HANDSHAKE_TIMEOUT.as_secs()
-            ),
-            _ => io(e),
-        }
-    })?;
-    let theirs = parse_reply(&reply)?;
-    let addr = RawAddr::unix(&theirs).map_err(|e| e.to_string())?;
-    nudge(data_path);
-    sys::connect(data, &addr).map_err(|e| format!("{}: {e}", theirs.display()))?;
-    ctl.set_nonblocking(true).map_err(io)?;
-    Ok((ctl, port_of(&theirs)))
+    // Dropped last: the directory holding `data_path`.
+    _dir: PrivateDir,
 }
 
 impl Vde {
-    /// Connects to the switch (failing when none answers) and starts the monitor thread.
-    pub fn open(o: &VdeOptions) -> Result<Vde, String> {
-        let dir = PrivateDir::new().map_err(|e| {
-            format!(
-                "cannot create a private directory in {}: {e}",
-                std::env::temp_dir().display()
-            )
+    /// Connects to the switch (failing when none answers; this handshake may block for a few
+    /// seconds, before the guest runs).
+    pub fn open(o: &VdeOptions) -> Result<Vde, VdeError> {
+        let dir = PrivateDir::new().map_err(|source| VdeError::PrivateDir {
+            dir: std::env::temp_dir(),
+            source,
         })?;
         let data_path = dir.0.join("data");
-        let data = sys::socket(libc::AF_UNIX, libc::SOCK_DGRAM).map_err(|e| e.to_string())?;
-        sys::bind(
-            &data,
-            &RawAddr::unix(&data_path).map_err(|e| format!("TMPDIR too long: {e}"))?,
-        )
-        .map_err(|e| format!("{}: {e}", data_path.display()))?;
-        // Frames of up to 64 KiB in both directions.
-        let _ = sys::setsockopt(&data, libc::SOL_SOCKET, libc::SO_SNDBUF, 1i32 << 20);
-        let _ = sys::setsockopt(&data, libc::SOL_SOCKET, libc::SO_RCVBUF, 1i32 << 20);
+        let data = data_socket(&data_path)?;
+        let timer = Timer::new().map_err(VdeError::Timer)?;
 
         let candidates = ctl_candidates(o.sock.as_deref());
         let mut errors = vec![];
@@ -304,60 +448,48 @@ impl Vde {
                 continue;
             }
             set_permissions(&dir.0, &data_path, o, ctl_path)?;
-            match handshake(ctl_path, &data, &data_path, o.port, &o.description) {
-                Ok((ctl, port)) => return Vde::start(dir, data, data_path, ctl, ctl_path, port, o),
+            let r = Handshake::start(ctl_path, &data, &data_path, o, true).and_then(|mut h| {
+                let theirs = h
+                    .read(ctl_path, o.port)?
+                    .expect("a blocking read completes");
+                let port = attach(&data, &theirs)?;
+                h.ctl.set_nonblocking(true).map_err(io_at(ctl_path))?;
+                Ok((h.ctl, port))
+            });
+            match r {
+                Ok((ctl, port)) => {
+                    let link = Link::new(
+                        format!("vde {}", ctl_path.display()),
+                        true,
+                        format!("it is back (retrying every {}s)", RETRY_INTERVAL.as_secs()),
+                    );
+                    log::debug!("{}: connected on port {port}", link.name);
+                    return Ok(Vde {
+                        data,
+                        data_path,
+                        ctl_path: ctl_path.clone(),
+                        options: o.clone(),
+                        state: State::Up(ctl),
+                        timer,
+                        link,
+                        retired: Retired::default(),
+                        port,
+                        _dir: dir,
+                    });
+                }
                 Err(e) => errors.push(e),
             }
         }
         if errors.is_empty() {
-            errors.push(format!(
-                "no switch found at {}",
+            errors.push(VdeError::NoSwitch(
                 candidates
                     .iter()
                     .map(|p| p.display().to_string())
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
             ));
         }
-        Err(format!(
-            "cannot connect to a VDE switch: {}",
-            errors.join("; ")
-        ))
-    }
-
-    fn start(
-        dir: PrivateDir,
-        data: OwnedFd,
-        data_path: PathBuf,
-        ctl: UnixStream,
-        ctl_path: &Path,
-        port: u32,
-        o: &VdeOptions,
-    ) -> Result<Vde, String> {
-        let link = Link::new(
-            format!("vde {}", ctl_path.display()),
-            true,
-            format!("it is back (retrying every {}s)", RETRY_INTERVAL.as_secs()),
-        )?;
-        let data = Arc::new(data);
-        let m = Monitor {
-            link: link.clone(),
-            ctl_path: ctl_path.to_path_buf(),
-            data: data.clone(),
-            data_path: data_path.clone(),
-            port: o.port,
-            description: o.description.clone(),
-        };
-        let monitor = Helper::spawn(&link, "vde-monitor", move || m.run(ctl))?;
-        log::debug!("{}: connected on port {port}", link.name);
-        Ok(Vde {
-            _monitor: monitor,
-            data,
-            data_path,
-            link,
-            port,
-            _dir: dir,
-        })
+        Err(VdeError::Connect(Attempts(errors)))
     }
 
     /// Where our datagram socket is (inside the private directory).
@@ -374,10 +506,139 @@ impl Vde {
     pub fn port(&self) -> u32 {
         self.port
     }
+
+    /// The switch is gone: the control connection goes (freeing our port if the switch is
+    /// still there), our socket lets go of the switch's, and the retry timer starts.
+    fn go_down(&mut self, why: &str) {
+        if let State::Up(ctl) = std::mem::replace(&mut self.state, State::Down(None)) {
+            self.retired.retire(ctl);
+            let _ = sys::disconnect(&self.data);
+            self.timer.start(RETRY_INTERVAL);
+        }
+        self.link.set_down(why);
+    }
+
+    /// The control connection reported `ev` while up: only EOF or an error is expected.
+    fn control_event(&mut self, ev: EventSet) {
+        let State::Up(ctl) = &self.state else { return };
+        let mut buf = [0u8; 512];
+        let mut why = None;
+        for _ in 0..16 {
+            match (&*ctl).read(&mut buf) {
+                Ok(0) => why = Some("the switch closed the control connection".to_string()),
+                // The switch says nothing more after its answer.
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => why = Some(format!("control connection: {e}")),
+            }
+            break;
+        }
+        if why.is_none() && ev.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+            why = Some("the control connection hung up".into());
+        }
+        if let Some(why) = why {
+            self.go_down(&why);
+        }
+    }
+
+    /// The retry timer fired: a new handshake, unless one is under way and not overdue.
+    fn tick(&mut self) {
+        if !self.timer.expired() {
+            return;
+        }
+        let State::Down(attempt) = &mut self.state else {
+            return;
+        };
+        if let Some(h) = attempt.take() {
+            if h.started.elapsed() < HANDSHAKE_TIMEOUT {
+                *attempt = Some(h);
+                return;
+            }
+            log::debug!("{}: reconnect: the switch did not answer", self.link.name);
+            self.retired.retire(h.ctl);
+        }
+        match Handshake::start(
+            &self.ctl_path,
+            &self.data,
+            &self.data_path,
+            &self.options,
+            false,
+        ) {
+            Ok(h) => *attempt = Some(h),
+            Err(e) => log::debug!("{}: reconnect: {e}", self.link.name),
+        }
+    }
+
+    /// The control socket of a handshake under way reported `ev`: the switch answered.
+    fn handshake_event(&mut self, ev: EventSet) {
+        let State::Down(Some(h)) = &mut self.state else {
+            return;
+        };
+        let r = match h.read(&self.ctl_path, self.options.port) {
+            Ok(None) if !ev.intersects(EventSet::ERROR | EventSet::HANG_UP) => return,
+            Ok(None) => Err(io_at(&self.ctl_path)(io::Error::other("hung up"))),
+            Ok(Some(theirs)) => attach(&self.data, &theirs),
+            Err(e) => Err(e),
+        };
+        let State::Down(Some(h)) = std::mem::replace(&mut self.state, State::Down(None)) else {
+            unreachable!()
+        };
+        match r {
+            Ok(port) => {
+                self.state = State::Up(h.ctl);
+                self.timer.stop();
+                self.link
+                    .set_up(&format!("the switch is back (port {port})"));
+            }
+            Err(e) => {
+                log::debug!("{}: reconnect: {e}", self.link.name);
+                self.retired.retire(h.ctl);
+            }
+        }
+    }
+
+    /// Our datagram socket failed (never seen; it would be reported on every wait): a new
+    /// one takes its place at the same path, and the switch is asked again.
+    fn data_failed(&mut self) {
+        let err = self.data.take_error().ok().flatten();
+        log::warn!(
+            "{}: our socket failed ({}); making a new one",
+            self.link.name,
+            err.map_or_else(|| "hung up".into(), |e| e.to_string())
+        );
+        let _ = std::fs::remove_file(&self.data_path);
+        let new = data_socket(&self.data_path).and_then(|s| {
+            let dir = self._dir.0.clone();
+            set_permissions(&dir, &self.data_path, &self.options, &self.ctl_path)?;
+            Ok(s)
+        });
+        match new {
+            Ok(s) => {
+                let old = std::mem::replace(&mut self.data, s);
+                self.retired.retire(old);
+            }
+            Err(e) => {
+                log::error!("{}: {e}", self.link.name);
+                return;
+            }
+        }
+        self.go_down("our socket failed");
+        if let State::Down(attempt) = &mut self.state {
+            if let Some(h) = attempt.take() {
+                self.retired.retire(h.ctl);
+            }
+        }
+    }
 }
 
 /// `mode=`/`group=` on our socket, and the directory's search bits to match.
-fn set_permissions(dir: &Path, sock: &Path, o: &VdeOptions, ctl_path: &Path) -> Result<(), String> {
+fn set_permissions(
+    dir: &Path,
+    sock: &Path,
+    o: &VdeOptions,
+    ctl_path: &Path,
+) -> Result<(), VdeError> {
     let mut mode = o.mode & 0o777;
     let mut gid = match &o.group {
         Some(g) => Some(group_id(g)?),
@@ -398,13 +659,11 @@ fn set_permissions(dir: &Path, sock: &Path, o: &VdeOptions, ctl_path: &Path) -> 
             }
         }
     }
-    let err = |p: &Path, e: io::Error| format!("{}: {e}", p.display());
     if let Some(g) = gid {
-        std::os::unix::fs::chown(sock, None, Some(g)).map_err(|e| err(sock, e))?;
-        std::os::unix::fs::chown(dir, None, Some(g)).map_err(|e| err(dir, e))?;
+        std::os::unix::fs::chown(sock, None, Some(g)).map_err(io_at(sock))?;
+        std::os::unix::fs::chown(dir, None, Some(g)).map_err(io_at(dir))?;
     }
-    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| err(sock, e))?;
+    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(mode)).map_err(io_at(sock))?;
     // Search permission on the directory for whoever may use the socket.
     let mut dmode = 0o700;
     if mode & 0o070 != 0 {
@@ -413,93 +672,7 @@ fn set_permissions(dir: &Path, sock: &Path, o: &VdeOptions, ctl_path: &Path) -> 
     if mode & 0o007 != 0 {
         dmode |= 0o001;
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dmode)).map_err(|e| err(dir, e))
-}
-
-struct Monitor {
-    link: Arc<Link>,
-    ctl_path: PathBuf,
-    data: Arc<OwnedFd>,
-    data_path: PathBuf,
-    port: u32,
-    description: String,
-}
-
-impl Monitor {
-    fn run(self, ctl: UnixStream) {
-        let s = &*self.link;
-        let mut ctl = Some(ctl);
-        let mut next_try = Instant::now();
-        let wake = s.wake.as_raw_fd();
-        loop {
-            if s.stopping() {
-                return;
-            }
-            match &mut ctl {
-                Some(c) if s.is_up() => {
-                    let r =
-                        match sys::poll(&[(wake, libc::POLLIN), (c.as_raw_fd(), libc::POLLIN)], -1)
-                        {
-                            Ok(r) => r,
-                            Err(e) => {
-                                log::error!("vde monitor: poll: {e}");
-                                return;
-                            }
-                        };
-                    if r[0] != 0 {
-                        let _ = s.wake.read();
-                    }
-                    if r[1] != 0 {
-                        let mut buf = [0u8; 512];
-                        match c.read(&mut buf) {
-                            Ok(0) => s.set_down("the switch closed the control connection"),
-                            Ok(_) => {} // the switch says nothing more after its answer
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(e) => s.set_down(&format!("control connection: {e}")),
-                        }
-                    }
-                }
-                _ => {
-                    if ctl.take().is_some() {
-                        // Down, by a send or the control connection: let the port go.
-                        let _ = sys::disconnect(&self.data);
-                        nudge(&self.data_path);
-                        next_try = Instant::now() + RETRY_INTERVAL;
-                    }
-                    let now = Instant::now();
-                    if now >= next_try {
-                        next_try = now + RETRY_INTERVAL;
-                        match handshake(
-                            &self.ctl_path,
-                            &self.data,
-                            &self.data_path,
-                            self.port,
-                            &self.description,
-                        ) {
-                            Ok((c, port)) => {
-                                ctl = Some(c);
-                                s.set_up(&format!("the switch is back (port {port})"));
-                                continue;
-                            }
-                            Err(e) => log::debug!("vde: reconnect: {e}"),
-                        }
-                    }
-                    let wait = next_try.saturating_duration_since(Instant::now());
-                    match sys::poll(&[(wake, libc::POLLIN)], wait.as_millis() as i32 + 1) {
-                        Ok(r) if r[0] != 0 => {
-                            let _ = s.wake.read();
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            log::error!("vde monitor: poll: {e}");
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dmode)).map_err(io_at(dir))
 }
 
 impl NetBackend for Vde {
@@ -512,7 +685,7 @@ impl NetBackend for Vde {
             self.link.count_dropped();
             return Ok(());
         }
-        match sys::send_iov(self.data.as_raw_fd(), frame, None) {
+        match sys::send(&self.data, frame, None) {
             Ok(_) => Ok(()),
             Err(e) => match e.raw_os_error() {
                 Some(libc::EAGAIN) => Err(e),
@@ -523,14 +696,13 @@ impl NetBackend for Vde {
                     | libc::ECONNRESET
                     | libc::EDESTADDRREQ,
                 ) => {
-                    self.link
-                        .set_down(&format!("the switch's socket is gone ({e})"));
+                    self.go_down(&format!("the switch's socket is gone ({e})"));
                     self.link.count_dropped();
                     Ok(())
                 }
                 _ => {
                     // Too large, or refused for another reason: the frame's problem.
-                    log::debug!("vde: dropped a frame: {e}");
+                    log::debug!("{}: dropped a frame: {e}", self.link.name);
                     self.link.count_dropped();
                     Ok(())
                 }
@@ -539,12 +711,51 @@ impl NetBackend for Vde {
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        // Empty datagrams are our own link-state nudges; the switch never sends one.
-        sys::recv_frame(self.data.as_raw_fd(), buf)
+        sys::recv_frame(&self.data, buf)
     }
 
     fn fd(&self) -> RawFd {
         self.data.as_raw_fd()
+    }
+
+    fn watch(&self, rx: bool, tx: bool, out: &mut Vec<(RawFd, EventSet)>) {
+        self.retired.watched();
+        let mut e = EventSet::empty();
+        if rx {
+            e |= EventSet::IN;
+        }
+        if tx {
+            e |= EventSet::OUT;
+        }
+        out.push((self.data.as_raw_fd(), e));
+        match &self.state {
+            State::Up(ctl) => out.push((ctl.as_raw_fd(), EventSet::IN)),
+            State::Down(attempt) => {
+                out.push((self.timer.fd(), EventSet::IN));
+                if let Some(h) = attempt {
+                    out.push((h.ctl.as_raw_fd(), EventSet::IN));
+                }
+            }
+        }
+    }
+
+    fn ready(&mut self, fd: RawFd, events: EventSet) {
+        self.retired.collect();
+        let gone = EventSet::ERROR | EventSet::HANG_UP;
+        if fd == self.data.as_raw_fd() {
+            if events.intersects(gone) {
+                self.data_failed();
+            }
+            return;
+        }
+        if fd == self.timer.fd() {
+            return self.tick();
+        }
+        match &self.state {
+            State::Up(ctl) if ctl.as_raw_fd() == fd => self.control_event(events),
+            State::Down(Some(h)) if h.ctl.as_raw_fd() == fd => self.handshake_event(events),
+            _ => {}
+        }
     }
 
     fn link_up(&self) -> bool {
@@ -576,18 +787,55 @@ mod tests {
             request(0, Path::new("/a"), &long).unwrap().len(),
             122 + MAX_DESCR
         );
+        assert!(request(0, Path::new(&"/p".repeat(60)), "").is_err());
+    }
+
+    fn reply(path: &[u8]) -> [u8; REPLY_LEN] {
+        let mut b = [0u8; REPLY_LEN];
+        b[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
+        b[2..2 + path.len()].copy_from_slice(path);
+        b
     }
 
     #[test]
     fn reply_and_port() {
-        let mut b = [0u8; 110];
-        b[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
-        b[2..2 + 14].copy_from_slice(b"/sw/ctl/005.12");
+        let mut b = reply(b"/sw/ctl/005.12");
         let p = parse_reply(&b).unwrap();
         assert_eq!(p, Path::new("/sw/ctl/005.12"));
         assert_eq!(port_of(&p), 5);
+        assert_eq!(port_of(Path::new("/sw/odd")), 0);
         b[0] = 99;
-        assert!(parse_reply(&b).is_err());
+        assert!(matches!(parse_reply(&b), Err(ReplyError::Family(_))));
+    }
+
+    #[test]
+    fn reply_edge_cases() {
+        assert_eq!(parse_reply(&reply(b"")), Err(ReplyError::EmptyPath));
+        assert_eq!(parse_reply(&[]), Err(ReplyError::Length(0)));
+        assert_eq!(parse_reply(&[1]), Err(ReplyError::Length(1)));
+        assert_eq!(
+            parse_reply(&reply(b"/x")[..REPLY_LEN - 1]),
+            Err(ReplyError::Length(REPLY_LEN - 1))
+        );
+        assert_eq!(
+            parse_reply(&[0u8; REPLY_LEN + 1]),
+            Err(ReplyError::Length(REPLY_LEN + 1))
+        );
+        // A path filling sun_path with no NUL: all 108 bytes.
+        let full = [b'a'; REPLY_LEN - 2];
+        assert_eq!(parse_reply(&reply(&full)).unwrap().as_os_str().len(), 108);
+        // Bytes after the NUL are not the path's.
+        let mut b = reply(b"/s/001.3");
+        b[20] = b'x';
+        assert_eq!(parse_reply(&b).unwrap(), Path::new("/s/001.3"));
+        let e = VdeError::Reply {
+            ctl: "/s/ctl".into(),
+            source: ReplyError::Length(3),
+        };
+        assert_eq!(
+            e.to_string(),
+            "/s/ctl: the switch answered with 3 bytes, not a 110-byte socket address"
+        );
     }
 
     #[test]
@@ -609,9 +857,33 @@ mod tests {
             ..Default::default()
         })
         .err()
-        .unwrap();
-        assert!(e.contains("/nonexistent/nicvm-vde/ctl"), "{e}");
+        .unwrap()
+        .to_string();
+        assert!(
+            e.starts_with("cannot connect to a VDE switch: /nonexistent/nicvm-vde/ctl: "),
+            "{e}"
+        );
+        assert!(!e.contains('\n'));
         assert_eq!(leftovers(), before);
+    }
+
+    #[test]
+    fn hints_name_the_port() {
+        let e = VdeError::NoAnswer {
+            ctl: "/s/ctl".into(),
+            hint: PortHint(7),
+        };
+        assert_eq!(
+            e.to_string(),
+            "/s/ctl: the switch did not answer within 2s (does it have port 7?)"
+        );
+        let e = VdeError::Refused {
+            ctl: "/s/ctl".into(),
+            hint: PortHint(0),
+        };
+        assert!(e
+            .to_string()
+            .ends_with("(no free port, or it cannot reach our socket?)"));
     }
 
     pub(crate) fn leftovers() -> usize {

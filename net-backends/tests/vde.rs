@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use net_backends::vde::{Vde, VdeOptions};
+use net_backends::vde::{Vde, VdeOptions, RETRY_INTERVAL};
 use net_backends::NetBackend;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -108,37 +108,43 @@ fn two_plugs_talk_through_a_switch_that_goes_away_and_comes_back() {
     assert_quiet(&mut a, Duration::from_millis(50));
     sw.stop();
     assert_ne!(
-        poll_fd(a.fd(), libc::POLLIN, Duration::from_secs(5)),
+        turn(&mut a, true, false, Duration::from_secs(5)),
         0,
-        "a link change makes the fd readable once"
+        "the switch leaving is an event"
     );
+    assert!(!a.link_up(), "down at the event that told of it");
     assert!(
-        wait_for(Duration::from_secs(5), || !a.link_up() && !b.link_up()),
+        wait_link(&mut [&mut a, &mut b], false, Duration::from_secs(5)),
         "link still up after the switch stopped"
     );
     for i in 0..3 {
         send(&mut a, &frame(1, 50 + i, 100));
     }
     assert_eq!(a.dropped(), 3);
-    assert_quiet(&mut a, Duration::from_millis(500));
-    assert_quiet(&mut b, Duration::from_millis(200));
+    // Down, the only events are the retry timer's, once a second.
+    assert_idle(&mut a, Duration::from_millis(500), Some(RETRY_INTERVAL));
+    assert_idle(&mut b, Duration::from_millis(200), Some(RETRY_INTERVAL));
     // A SIGKILLed switch leaves its directory behind; a new one must still be found.
     let sw = Switch::start(&dir);
     assert!(
-        wait_for(Duration::from_secs(5), || a.link_up() && b.link_up()),
+        wait_link(&mut [&mut a, &mut b], true, Duration::from_secs(5)),
         "no reconnection within 5 s of the switch's return"
     );
     exchange_sizes(&mut a, &mut b, 2, VDE_SIZES);
 
     // Killed hard this time (no cleanup by the switch).
     drop(sw);
-    assert!(wait_for(Duration::from_secs(5), || !a.link_up()));
+    assert!(wait_link(&mut [&mut a], false, Duration::from_secs(5)));
     let d = b.dropped();
-    let _ = wait_for(Duration::from_secs(5), || !b.link_up());
+    let _ = wait_link(&mut [&mut b], false, Duration::from_secs(5));
     send(&mut b, &frame(2, 1, 60));
     assert_eq!(b.dropped(), d + 1);
     let _sw = Switch::start(&dir);
-    assert!(wait_for(Duration::from_secs(5), || a.link_up() && b.link_up()));
+    assert!(wait_link(
+        &mut [&mut a, &mut b],
+        true,
+        Duration::from_secs(5)
+    ));
     exchange_sizes(&mut a, &mut b, 3, VDE_SIZES);
 
     drop(a);
@@ -164,8 +170,10 @@ fn a_port_the_switch_does_not_have_is_an_error() {
         ..Default::default()
     })
     .err()
-    .unwrap();
+    .unwrap()
+    .to_string();
     assert!(e.contains("port 1000"), "{e}");
+    assert!(!e.contains('\n'), "{e}");
 }
 
 #[test]
@@ -189,4 +197,105 @@ fn mode_and_group_apply_to_the_socket_and_its_directory() {
     assert_eq!(m.gid(), 0);
     let d = std::fs::metadata(private_dir(&v)).unwrap();
     assert_eq!(d.permissions().mode() & 0o777, 0o710);
+}
+
+/// A control socket that takes connections and never answers, as a hung switch would.
+struct Mute {
+    listener: std::os::unix::net::UnixListener,
+    held: Vec<std::os::unix::net::UnixStream>,
+}
+
+impl Mute {
+    fn bind(ctl: &Path) -> Mute {
+        let _ = std::fs::remove_file(ctl);
+        let listener = std::os::unix::net::UnixListener::bind(ctl).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        Mute {
+            listener,
+            held: vec![],
+        }
+    }
+
+    /// Connections taken so far (held open, unanswered).
+    fn take(&mut self) -> usize {
+        while let Ok((s, _)) = self.listener.accept() {
+            self.held.push(s);
+        }
+        self.held.len()
+    }
+}
+
+#[test]
+fn reconnecting_to_a_switch_that_does_not_answer_never_blocks() {
+    if !have_vde_switch() {
+        return;
+    }
+    let tmp = TempDir::new("vde-mute");
+    let dir = tmp.path().join("sw");
+    let sw = Switch::start(&dir);
+    let mut a = open(&dir, 0);
+    drop(sw);
+    assert!(wait_link(&mut [&mut a], false, Duration::from_secs(5)));
+    // A hung switch at the same place: it accepts the control connection and says nothing.
+    let ctl = dir.join("ctl");
+    let mut mute = Mute::bind(&ctl);
+    let t0 = std::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    while t0.elapsed() < Duration::from_millis(4500) {
+        // Zero timeout: all the time a turn takes is the backend's own work in `ready`.
+        let t = std::time::Instant::now();
+        turn(&mut a, true, false, Duration::ZERO);
+        slowest = slowest.max(t.elapsed());
+        mute.take();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        slowest < Duration::from_millis(200),
+        "a backend event took {slowest:?}: the handshake blocked the loop"
+    );
+    assert!(!a.link_up());
+    let tries = mute.take();
+    assert!(
+        (2..=4).contains(&tries),
+        "{tries} handshakes in 4.5 s (one a second, each given 2 s to answer)"
+    );
+    drop(mute);
+    std::fs::remove_file(&ctl).unwrap();
+    // A real switch again: the link comes back.
+    let _sw = Switch::start(&dir);
+    let mut b = open(&dir, 0);
+    assert!(wait_link(
+        &mut [&mut a, &mut b],
+        true,
+        Duration::from_secs(5)
+    ));
+    exchange_sizes(&mut a, &mut b, 1, VDE_SIZES);
+}
+
+#[test]
+fn a_switch_refusing_the_handshake_is_retried_quietly() {
+    if !have_vde_switch() {
+        return;
+    }
+    let tmp = TempDir::new("vde-refuse");
+    let dir = tmp.path().join("sw");
+    let sw = Switch::start(&dir);
+    let mut a = open(&dir, 0);
+    drop(sw);
+    assert!(wait_link(&mut [&mut a], false, Duration::from_secs(5)));
+    // Something that accepts and closes at once: each handshake fails with EOF.
+    let ctl = dir.join("ctl");
+    let mut mute = Mute::bind(&ctl);
+    let t0 = std::time::Instant::now();
+    let mut events = 0;
+    while t0.elapsed() < Duration::from_millis(2500) {
+        events += turn(&mut a, true, false, Duration::from_millis(50));
+        mute.take();
+        mute.held.clear();
+    }
+    assert!(!a.link_up());
+    assert!(
+        events <= 8,
+        "{events} events in 2.5 s: a refused handshake must not spin"
+    );
 }

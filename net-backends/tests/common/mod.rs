@@ -1,7 +1,8 @@
-//! Helpers shared by the socket backend tests: frames, waiting on fds, temp directories.
+//! Helpers shared by the socket backend tests: frames, an event loop that does what the I/O
+//! thread does (poll what `watch` lists, `ready`, then `recv`/`send`), temp directories.
 #![allow(dead_code)]
 
-use net_backends::NetBackend;
+use net_backends::{EventSet, NetBackend};
 use std::io::{self, IoSlice};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -20,33 +21,93 @@ pub fn frame(src: u8, seq: u32, len: usize) -> Vec<u8> {
     f
 }
 
-pub fn poll_fd(fd: i32, events: i16, timeout: Duration) -> i16 {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, alive across the call.
-    let r = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
-    if r <= 0 {
-        0
-    } else {
-        p.revents
+/// One turn of the I/O thread over these backends, as devices' port does it: waits up to
+/// `timeout` on every fd each lists in `watch(rx, tx)`, then calls `ready` for each fd that
+/// reported. Returns the number of events per backend. A backend that still lists an fd
+/// after `ready` was told it hung up or failed would make the port stop watching it: that
+/// panics here.
+pub fn turn_all(
+    bs: &mut [&mut dyn NetBackend],
+    rx: bool,
+    tx: bool,
+    timeout: Duration,
+) -> Vec<usize> {
+    let mut owner = vec![];
+    let mut p = vec![];
+    for (i, b) in bs.iter().enumerate() {
+        let mut w = vec![];
+        b.watch(rx, tx, &mut w);
+        for (fd, ev) in w {
+            owner.push(i);
+            p.push(libc::pollfd {
+                fd,
+                events: ev.bits() as i16,
+                revents: 0,
+            });
+        }
     }
+    let ms = timeout.as_millis() as i32;
+    // SAFETY: `p` is a valid array of p.len() pollfds for the duration of the call.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
+    let mut events = vec![0; bs.len()];
+    if r <= 0 {
+        return events;
+    }
+    for (pfd, &i) in p.iter().zip(&owner) {
+        if pfd.revents == 0 {
+            continue;
+        }
+        assert_eq!(
+            pfd.revents & libc::POLLNVAL,
+            0,
+            "a watched fd ({}) is closed",
+            pfd.fd
+        );
+        let set = EventSet::from_bits_truncate(pfd.revents as u16 as u32);
+        events[i] += 1;
+        bs[i].ready(pfd.fd, set);
+        if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+            let mut still = vec![];
+            bs[i].watch(true, true, &mut still);
+            assert!(
+                !still.iter().any(|(f, _)| *f == pfd.fd),
+                "fd {} reported {set:?} and is still watched: the port would give up on it",
+                pfd.fd
+            );
+        }
+    }
+    events
 }
 
-/// Sends, waiting for writability on WouldBlock (up to 5 s).
+/// [`turn_all`] for one backend; the number of events it had.
+pub fn turn(b: &mut dyn NetBackend, rx: bool, tx: bool, timeout: Duration) -> usize {
+    turn_all(&mut [b], rx, tx, timeout)[0]
+}
+
+/// Whether the backend holds a half-written frame (it watches for room of its own accord).
+pub fn writing(b: &dyn NetBackend) -> bool {
+    let mut w = vec![];
+    b.watch(false, false, &mut w);
+    b.link_up() && w.iter().any(|(_, e)| e.contains(EventSet::OUT))
+}
+
+/// Sends, waiting for room on WouldBlock (up to 5 s), and finishes the frame if the backend
+/// could write only part of it.
 pub fn send(b: &mut dyn NetBackend, f: &[u8]) {
     let end = Instant::now() + Duration::from_secs(5);
     loop {
         match b.send(&[IoSlice::new(f)]) {
-            Ok(()) => return,
+            Ok(()) => break,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 assert!(Instant::now() < end, "send stayed blocked for 5 s");
-                poll_fd(b.fd(), libc::POLLOUT, Duration::from_millis(100));
+                turn(b, false, true, Duration::from_millis(100));
             }
             Err(e) => panic!("send: {e}"),
         }
+    }
+    while writing(b) {
+        assert!(Instant::now() < end, "a frame stayed half-written for 5 s");
+        turn(b, false, false, Duration::from_millis(100));
     }
 }
 
@@ -62,12 +123,27 @@ pub fn recv_within(b: &mut dyn NetBackend, timeout: Duration) -> Option<Vec<u8>>
         if left.is_zero() {
             return None;
         }
-        poll_fd(b.fd(), libc::POLLIN, left.min(Duration::from_millis(100)));
+        turn(b, true, false, left.min(Duration::from_millis(100)));
     }
 }
 
 pub fn recv(b: &mut dyn NetBackend) -> Vec<u8> {
     recv_within(b, Duration::from_secs(5)).expect("no frame within 5 s")
+}
+
+/// Runs the backends' events (without reading frames) until every link is `up`, for up to
+/// `timeout`.
+pub fn wait_link(bs: &mut [&mut dyn NetBackend], up: bool, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if bs.iter().all(|b| b.link_up() == up) {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        turn_all(bs, false, false, Duration::from_millis(20));
+    }
 }
 
 /// Waits up to `timeout` for `cond`.
@@ -110,13 +186,37 @@ pub fn exchange_sizes(a: &mut dyn NetBackend, b: &mut dyn NetBackend, round: u32
     }
 }
 
-/// Asserts the backend's fd does not report readable for `d` (nothing to spin on).
+/// Asserts the backend has nothing to say for `d`: no frame, and no event at all.
 pub fn assert_quiet(b: &mut dyn NetBackend, d: Duration) {
+    assert_idle(b, d, None);
+}
+
+/// Asserts the backend has no frame for `d`, and no event but its retry timer's when it
+/// fires every `ticks`: at most two per period (the tick, and the failure of the connection
+/// attempt it started).
+pub fn assert_idle(b: &mut dyn NetBackend, d: Duration, ticks: Option<Duration>) {
     let mut buf = vec![0u8; net_backends::MAX_FRAME];
     // Whatever was queued before may be read once.
     while let Ok(Some(_)) = b.recv(&mut buf) {}
-    let r = poll_fd(b.fd(), libc::POLLIN, d);
-    assert_eq!(r, 0, "the backend fd reports {r:#x} with nothing to read");
+    let allowed = ticks.map_or(0, |t| 2 * (d.as_millis() / t.as_millis()) as usize + 2);
+    let end = Instant::now() + d;
+    let mut events = 0;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        events += turn(b, true, false, left);
+        assert_eq!(
+            b.recv(&mut buf).unwrap(),
+            None,
+            "a frame from an idle backend"
+        );
+    }
+    assert!(
+        events <= allowed,
+        "{events} events in {d:?} from a backend with nothing to do (at most {allowed})"
+    );
 }
 
 /// A directory removed with everything in it when dropped (also when a test fails).

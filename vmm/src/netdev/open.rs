@@ -4,11 +4,11 @@
 use super::guard::{NetdevGuard, RemoveDir, SocketFile};
 use super::script::{self, DownScript, ScriptError, DEFAULT_IFDOWN, DEFAULT_IFUP};
 use crate::config::{Backend, NetdevConfig, SocketKind, TapDevice, TapOptions};
-use net_backends::dgram::{DgramBackend, DgramOptions};
+use net_backends::dgram::{DgramBackend, DgramError, DgramOptions};
 use net_backends::slirp::SlirpBackend;
-use net_backends::stream::{StreamBackend, StreamOptions};
+use net_backends::stream::{StreamBackend, StreamError, StreamOptions};
 use net_backends::tap::{Tap, TapError};
-use net_backends::vde::{Vde, VdeOptions};
+use net_backends::vde::{Vde, VdeError, VdeOptions};
 use net_backends::NetBackend;
 use std::path::Path;
 
@@ -36,7 +36,13 @@ pub enum OpenErrorKind {
     Tap(#[from] TapError),
     #[error("script: {0}")]
     Script(#[from] ScriptError),
-    /// What the slirp, VDE, stream or dgram backend said.
+    #[error(transparent)]
+    Vde(#[from] VdeError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    Dgram(#[from] DgramError),
+    /// What the slirp backend said.
     #[error("{0}")]
     Backend(String),
 }
@@ -104,7 +110,7 @@ fn open_tap(o: &TapOptions, want_vnet_hdr: bool) -> Result<Opened, OpenErrorKind
 }
 
 fn open_vde(o: &VdeOptions) -> Result<Opened, OpenErrorKind> {
-    let v = Vde::open(o).map_err(OpenErrorKind::Backend)?;
+    let v = Vde::open(o)?;
     let label = match &o.sock {
         Some(p) => format!("vde:{}[{}]", p.display(), v.port()),
         None => format!("vde[{}]", v.port()),
@@ -128,7 +134,7 @@ fn socket_guard(bound: Option<&Path>) -> NetdevGuard {
 }
 
 fn open_stream(kind: &str, o: &StreamOptions) -> Result<Opened, OpenErrorKind> {
-    let b = StreamBackend::new(o).map_err(OpenErrorKind::Backend)?;
+    let b = StreamBackend::new(o)?;
     let side = if o.server { "listen=" } else { "connect=" };
     Ok(Opened {
         label: format!("{kind}:{side}{}", o.addr),
@@ -138,7 +144,7 @@ fn open_stream(kind: &str, o: &StreamOptions) -> Result<Opened, OpenErrorKind> {
 }
 
 fn open_dgram(kind: &str, o: &DgramOptions) -> Result<Opened, OpenErrorKind> {
-    let b = DgramBackend::new(o).map_err(OpenErrorKind::Backend)?;
+    let b = DgramBackend::new(o)?;
     let what = match o {
         DgramOptions::Udp { local, remote } => format!("{local}->{remote}"),
         DgramOptions::Mcast { group, .. } => format!("mcast={group}"),
@@ -203,7 +209,7 @@ mod tests {
     fn open_a_unix_stream_pair_and_a_dgram_pair() {
         let dir = temp_dir("netdev-test");
         let p = dir.join("s.sock");
-        let server = open(
+        let mut server = open(
             &netdev(&format!(
                 "stream,id=s,server=on,addr.type=unix,addr.path={}",
                 p.display()
@@ -227,6 +233,12 @@ mod tests {
         );
         let t0 = std::time::Instant::now();
         while !server.backend.link_up() && t0.elapsed() < Duration::from_secs(5) {
+            // The server accepts when the I/O thread reports its listening socket ready.
+            let mut fds = vec![];
+            server.backend.watch(true, false, &mut fds);
+            for (fd, _) in fds {
+                server.backend.ready(fd, net_backends::EventSet::IN);
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(server.backend.link_up() && client.backend.link_up());
