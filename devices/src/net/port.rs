@@ -466,6 +466,13 @@ impl<M: NicModel> Nic<M> {
         if up != self.port.link_up {
             self.port.link_up = up;
             self.model.link_changed(&mut self.port, up);
+            // A send the backend refused before the change may go (or be dropped, with no
+            // peer) now: waiting for writability of a connection that is gone would be for
+            // ever.
+            if self.port.tx_blocked {
+                self.port.tx_blocked = false;
+                self.model.transmit(&mut self.port);
+            }
         }
     }
 

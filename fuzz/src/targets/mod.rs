@@ -1,5 +1,6 @@
 //! The fuzz targets and their registry.
 
+pub mod backends;
 pub mod cli;
 pub mod frames;
 pub mod legacy;
@@ -90,5 +91,6 @@ pub static ALL: &[Entry] = &[
     entry!(pci::Pci),
     entry!(legacy::Legacy),
     entry!(offload::Offload),
+    entry!(backends::Backends),
     entry!(cli::Cli),
 ];
