@@ -156,7 +156,7 @@ fn terminal_console_escapes_and_restore() {
     let _ = master.read_to_end(&mut out); // ends with EIO once the slave side is closed
     let out = String::from_utf8_lossy(&out);
     assert!(out.contains("C-a x    exit nicvm"), "help text: {out}");
-    assert!(out.contains("terminated (Ctrl-a x)"), "{out}");
+    assert!(out.contains("terminating on Ctrl-a x"), "{out}");
 }
 
 /// The same guest from its bzImage, through the 64-bit boot protocol (zero page, identity
