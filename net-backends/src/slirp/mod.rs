@@ -27,6 +27,47 @@ const RX_QUEUE_LIMIT: usize = 4096;
 /// bound.
 const TX_QUEUE_LIMIT: usize = 4096;
 
+/// A `hostfwd=`/`guestfwd=` value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FwdSyntaxError {
+    #[error("'{0}' is not [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport")]
+    HostFwd(String),
+    #[error("'{0}': the guest port cannot be 0")]
+    GuestPortZero(String),
+    #[error("'{0}' is not [tcp]:server:port-cmd:COMMAND or [tcp]:server:port-unix:PATH")]
+    GuestFwd(String),
+    #[error("'{0}': nicvm forwards to cmd:COMMAND or unix:PATH")]
+    GuestFwdTarget(String),
+}
+
+/// Why a slirp backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SlirpError {
+    #[error("cannot create the {what} the slirp backend needs: {source}")]
+    Resource {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the slirp thread died while starting")]
+    ThreadDied,
+    #[error("libslirp refused the configuration")]
+    Refused,
+    #[error("hostfwd: cannot listen on {proto} {addr}:{port} (port in use or not allowed)")]
+    HostFwd {
+        proto: &'static str,
+        addr: Ipv4Addr,
+        port: u16,
+    },
+    #[error(
+        "guestfwd: cannot forward {addr}:{port} to {what} (address taken or not in the network)"
+    )]
+    GuestFwd {
+        addr: Ipv4Addr,
+        port: u16,
+        what: &'static str,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostFwd {
     pub udp: bool,
@@ -38,16 +79,16 @@ pub struct HostFwd {
 }
 
 impl std::str::FromStr for HostFwd {
-    type Err = String;
+    type Err = FwdSyntaxError;
     /// `[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport`
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("'{s}' is not [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport");
+    fn from_str(s: &str) -> Result<Self, FwdSyntaxError> {
+        let bad = || FwdSyntaxError::HostFwd(s.to_string());
         let (proto, rest) = match s.split_once(':') {
             Some((p @ ("tcp" | "udp" | ""), r)) => (p, r),
             _ => return Err(bad()),
         };
         let (host, guest) = rest.split_once('-').ok_or_else(bad)?;
-        let addr_port = |x: &str| -> Result<(Ipv4Addr, u16), String> {
+        let addr_port = |x: &str| -> Result<(Ipv4Addr, u16), FwdSyntaxError> {
             let (a, p) = x.rsplit_once(':').ok_or_else(bad)?;
             let a = if a.is_empty() {
                 Ipv4Addr::UNSPECIFIED
@@ -59,7 +100,7 @@ impl std::str::FromStr for HostFwd {
         let (host_addr, host_port) = addr_port(host)?;
         let (guest_addr, guest_port) = addr_port(guest)?;
         if guest_port == 0 {
-            return Err(format!("'{s}': the guest port cannot be 0"));
+            return Err(FwdSyntaxError::GuestPortZero(s.to_string()));
         }
         Ok(HostFwd {
             udp: proto == "udp",
@@ -90,10 +131,9 @@ pub struct GuestFwd {
 }
 
 impl std::str::FromStr for GuestFwd {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("'{s}' is not [tcp]:server:port-cmd:COMMAND or [tcp]:server:port-unix:PATH");
+    type Err = FwdSyntaxError;
+    fn from_str(s: &str) -> Result<Self, FwdSyntaxError> {
+        let bad = || FwdSyntaxError::GuestFwd(s.to_string());
         let (fwd, target) = s.split_once('-').ok_or_else(bad)?;
         let fwd = fwd.strip_prefix("tcp").unwrap_or(fwd);
         let (addr, port) = fwd
@@ -108,7 +148,7 @@ impl std::str::FromStr for GuestFwd {
         } else if let Some(p) = target.strip_prefix("unix:") {
             GuestFwdTarget::Unix(p.to_string())
         } else {
-            return Err(format!("'{s}': nicvm forwards to cmd:COMMAND or unix:PATH"));
+            return Err(FwdSyntaxError::GuestFwdTarget(s.to_string()));
         };
         if port == 0
             || matches!(&target, GuestFwdTarget::Cmd(c) | GuestFwdTarget::Unix(c) if c.is_empty())
@@ -386,20 +426,21 @@ impl Drop for SlirpBackend {
 
 impl SlirpBackend {
     /// Starts the slirp thread; errors (a forward that cannot bind) come back before it runs.
-    pub fn new(opts: SlirpOptions) -> Result<SlirpBackend, String> {
+    pub fn new(opts: SlirpOptions) -> Result<SlirpBackend, SlirpError> {
+        let resource = |what| move |source| SlirpError::Resource { what, source };
         let to_slirp: FrameQueue = Arc::new(Mutex::new(VecDeque::new()));
         let from_guest = to_slirp.clone();
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let rx_ready = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(resource("wake-up eventfd"))?;
+        let rx_ready = EventFd::new(EFD_NONBLOCK).map_err(resource("receive eventfd"))?;
         let to_guest = Arc::new(Mutex::new(VecDeque::new()));
         let dropped = Arc::new(AtomicU64::new(0));
-        let (ready_tx, ready_rx) = channel::<Result<(), String>>();
+        let (ready_tx, ready_rx) = channel::<Result<(), SlirpError>>();
         let (q, ready_fd, drops) = (
             to_guest.clone(),
-            rx_ready.try_clone().map_err(|e| e.to_string())?,
+            rx_ready.try_clone().map_err(resource("receive eventfd"))?,
             dropped.clone(),
         );
-        let thread_wake = wake.try_clone().map_err(|e| e.to_string())?;
+        let thread_wake = wake.try_clone().map_err(resource("wake-up eventfd"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
@@ -415,11 +456,9 @@ impl SlirpBackend {
                 };
                 run(opts, st, from_guest, thread_wake, &thread_stop, ready_tx)
             })
-            .map_err(|e| e.to_string())?;
-        let started = ready_rx
-            .recv()
-            .map_err(|_| "the slirp thread died while starting".to_string());
-        if let Err(e) = started.clone().and_then(|r| r) {
+            .map_err(resource("thread"))?;
+        let started = ready_rx.recv().unwrap_or(Err(SlirpError::ThreadDied));
+        if let Err(e) = started {
             let _ = thread.join();
             return Err(e);
         }
@@ -482,7 +521,7 @@ fn run(
     from_guest: FrameQueue,
     wake: EventFd,
     stop: &AtomicBool,
-    ready: Sender<Result<(), String>>,
+    ready: Sender<Result<(), SlirpError>>,
 ) {
     let cstr = |s: &Option<String>| {
         s.as_ref()
@@ -544,7 +583,7 @@ fn run(
     inst.slirp = unsafe { ffi::slirp_new(&cfg, &CALLBACKS, opaque) };
     let slirp = inst.slirp;
     if slirp.is_null() {
-        let _ = ready.send(Err("libslirp refused the configuration".into()));
+        let _ = ready.send(Err(SlirpError::Refused));
         return;
     }
     for f in &opts.hostfwd {
@@ -561,10 +600,11 @@ fn run(
         };
         if r < 0 {
             let proto = if f.udp { "udp" } else { "tcp" };
-            let _ = ready.send(Err(format!(
-                "hostfwd: cannot listen on {proto} {}:{} (port in use or not allowed)",
-                f.host_addr, f.host_port
-            )));
+            let _ = ready.send(Err(SlirpError::HostFwd {
+                proto,
+                addr: f.host_addr,
+                port: f.host_port,
+            }));
             return;
         }
     }
@@ -587,10 +627,11 @@ fn run(
             }
         };
         if r < 0 {
-            let _ = ready.send(Err(format!(
-                "guestfwd: cannot forward {}:{} to {what} (address taken or not in the network)",
-                f.addr, f.port
-            )));
+            let _ = ready.send(Err(SlirpError::GuestFwd {
+                addr: f.addr,
+                port: f.port,
+                what,
+            }));
             return;
         }
     }

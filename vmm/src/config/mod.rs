@@ -253,7 +253,10 @@ pub enum OptionError {
     NoIp,
     /// `hostfwd=`/`guestfwd=` that libslirp's parser refused, with its reason.
     #[error("{key}: {why}")]
-    Forward { key: &'static str, why: String },
+    Forward {
+        key: &'static str,
+        why: net_backends::slirp::FwdSyntaxError,
+    },
     #[error("fd: {0} is nicvm's {name}", name = ["stdin", "stdout", "stderr"][*.0 as usize])]
     StdFd(RawFd),
     #[error("fd: {0} is not a descriptor nicvm inherited (pass it open, without close-on-exec)")]

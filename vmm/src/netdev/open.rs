@@ -5,7 +5,7 @@ use super::guard::{NetdevGuard, RemoveDir, SocketFile};
 use super::script::{self, DownScript, ScriptError, DEFAULT_IFDOWN, DEFAULT_IFUP};
 use crate::config::{Backend, NetdevConfig, SocketKind, TapDevice, TapOptions};
 use net_backends::dgram::{DgramBackend, DgramError, DgramOptions};
-use net_backends::slirp::SlirpBackend;
+use net_backends::slirp::{SlirpBackend, SlirpError};
 use net_backends::stream::{StreamBackend, StreamError, StreamOptions};
 use net_backends::tap::{Tap, TapError};
 use net_backends::vde::{Vde, VdeError, VdeOptions};
@@ -42,9 +42,8 @@ pub enum OpenErrorKind {
     Stream(#[from] StreamError),
     #[error(transparent)]
     Dgram(#[from] DgramError),
-    /// What the slirp backend said.
-    #[error("{0}")]
-    Backend(String),
+    #[error(transparent)]
+    Slirp(#[from] SlirpError),
 }
 
 /// Opens the backend `nd` describes. `want_vnet_hdr`: the frontend can use a virtio-net
@@ -59,7 +58,7 @@ pub fn open(nd: &NetdevConfig, want_vnet_hdr: bool) -> Result<Opened, OpenError>
                 label: "user".into(),
                 guard: NetdevGuard::default(),
             })
-            .map_err(OpenErrorKind::Backend),
+            .map_err(OpenErrorKind::Slirp),
         Backend::Vde(o) => open_vde(o),
         Backend::Stream(o) | Backend::Socket(SocketKind::Stream(o)) => open_stream(kind, o),
         Backend::Dgram(o) | Backend::Socket(SocketKind::Dgram(o)) => open_dgram(kind, o),
