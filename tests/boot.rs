@@ -46,13 +46,35 @@ fn boots_to_init_and_reboots_cleanly() {
     assert_eq!(nic["lease"], "10.0.2.15/24");
     assert_eq!(nic["router"], "10.0.2.2");
     assert_eq!(o.lines("NIC").len(), 1, "{}", o.dump());
+    let cpu = o
+        .line("CPU")
+        .unwrap_or_else(|| panic!("no CPU line\n{}", o.dump()));
     if emulating_host() {
-        let cpu = o.line("CPU").unwrap();
         assert_eq!(
             cpu["unsafe-flags"], "none",
             "the guest must not see features the emulator cannot run"
         );
+    } else {
+        // Hardware KVM: the CPU as QEMU's -cpu host shows it.
+        assert_eq!(
+            cpu["tsc_deadline_timer"],
+            "yes",
+            "KVM emulates the TSC-deadline timer: the guest must see it\n{}",
+            o.dump()
+        );
+        let model = o.line("CPUMODEL").unwrap()["_"].clone();
+        assert_eq!(model, host_model_name(), "the host's brand string");
     }
+}
+
+/// This machine's CPU name, as its /proc/cpuinfo gives it.
+fn host_model_name() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .expect("a model name in /proc/cpuinfo")
 }
 
 #[test]

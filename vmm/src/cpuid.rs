@@ -1,8 +1,18 @@
 //! The CPU the guest sees: KVM's supported CPUID, with per-vCPU topology, the hypervisor bit,
 //! and on an emulating host none of the features its emulator cannot execute in kernel mode.
+//!
+//! On hardware KVM the guest gets what QEMU's `-cpu host` and Firecracker present besides:
+//! the host's brand string (0x80000002-4), the TSC-deadline timer when KVM emulates it
+//! (`KVM_CAP_TSC_DEADLINE_TIMER`: KVM_GET_SUPPORTED_CPUID leaves that bit to the VMM), the
+//! host's cache and TLB leaves (2, 4, 0x80000005, 0x80000006, 0x8000001D) with their sharing
+//! fields fitted to `-smp` (one thread per core, every vCPU a core of one package, the last
+//! level cache shared by all), AMD's core count and APIC ID size (0x80000008) and topology
+//! extension (0x8000001E), and KVM's signature leaf with the paravirtual features that need
+//! nothing from the VMM.
 
 use crate::host::HostKind;
-use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+use kvm_ioctls::{Cap, Kvm};
 
 /// nicvm's marker leaf on emulating hosts; the project's guest kernel keys its fixups on it.
 pub const NICVM_EMULATED_LEAF: u32 = 0x4000_0100;
@@ -20,6 +30,7 @@ mod bits {
     pub const AVX: u32 = 1 << 28;
     pub const F16C: u32 = 1 << 29;
     pub const HYPERVISOR: u32 = 1 << 31;
+    pub const TSC_DEADLINE: u32 = 1 << 24;
     // CPUID.1:EDX
     pub const HTT: u32 = 1 << 28;
     // CPUID.7.0:EBX
@@ -39,6 +50,35 @@ mod bits {
     pub const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
     pub const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
     pub const KVM_FEATURE_ASYNC_PF_INT: u32 = 1 << 14;
+    // The rest of KVM_CPUID_FEATURES (linux/include/uapi/asm/kvm_para.h) that a guest uses
+    // with no help from the VMM: KVM itself handles their MSRs and hypercalls.
+    pub const KVM_FEATURE_CLOCKSOURCE: u32 = 1 << 0;
+    pub const KVM_FEATURE_NOP_IO_DELAY: u32 = 1 << 1;
+    pub const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+    pub const KVM_FEATURE_STEAL_TIME: u32 = 1 << 5;
+    pub const KVM_FEATURE_PV_EOI: u32 = 1 << 6;
+    pub const KVM_FEATURE_PV_TLB_FLUSH: u32 = 1 << 9;
+    pub const KVM_FEATURE_ASYNC_PF_VMEXIT: u32 = 1 << 10;
+    pub const KVM_FEATURE_POLL_CONTROL: u32 = 1 << 12;
+    pub const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
+    // Left out: MSI_EXT_DEST_ID (15, the VMM's MSI routing would have to honour it),
+    // HC_MAP_GPA_RANGE (16, a hypercall KVM hands to the VMM), MIGRATION_CONTROL (17).
+    pub const KVM_FEATURES_KEPT: u32 = KVM_FEATURE_CLOCKSOURCE
+        | KVM_FEATURE_NOP_IO_DELAY
+        | KVM_FEATURE_CLOCKSOURCE2
+        | KVM_FEATURE_ASYNC_PF
+        | KVM_FEATURE_STEAL_TIME
+        | KVM_FEATURE_PV_EOI
+        | KVM_FEATURE_PV_UNHALT
+        | KVM_FEATURE_PV_TLB_FLUSH
+        | KVM_FEATURE_ASYNC_PF_VMEXIT
+        | KVM_FEATURE_PV_SEND_IPI
+        | KVM_FEATURE_POLL_CONTROL
+        | KVM_FEATURE_PV_SCHED_YIELD
+        | KVM_FEATURE_ASYNC_PF_INT
+        | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT;
+    // CPUID.80000001h:ECX
+    pub const TOPOEXT: u32 = 1 << 22;
 }
 use bits::*;
 
@@ -100,8 +140,36 @@ fn apply(e: &mut kvm_cpuid_entry2, cpu: u8, cpus: u8, host: HostKind) {
     }
 }
 
+/// What the hardware-KVM table takes from the machine nicvm runs on.
+#[derive(Clone, Copy)]
+pub struct HostCpu {
+    /// `KVM_CHECK_EXTENSION(KVM_CAP_TSC_DEADLINE_TIMER)`: KVM's LAPIC emulates the
+    /// TSC-deadline mode, which KVM_GET_SUPPORTED_CPUID does not report itself.
+    pub tsc_deadline: bool,
+    /// This machine's CPUID: (leaf, subleaf) -> [eax, ebx, ecx, edx].
+    pub cpuid: fn(u32, u32) -> [u32; 4],
+}
+
+impl HostCpu {
+    pub fn probe(kvm: &Kvm) -> HostCpu {
+        HostCpu {
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+            cpuid: native_cpuid,
+        }
+    }
+}
+
+// `__cpuid_count` is safe from Rust 1.87 on, unsafe before (rust-version is 1.80).
+#[allow(unused_unsafe)]
+fn native_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    // SAFETY: every x86-64 CPU has the CPUID instruction; it only reads identification
+    // registers (an unknown leaf returns defined data, never faults).
+    let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, subleaf) };
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
 /// The CPUID table for vCPU `cpu` of `cpus`.
-pub fn for_vcpu(supported: &CpuId, cpu: u8, cpus: u8, host: HostKind) -> CpuId {
+pub fn for_vcpu(supported: &CpuId, cpu: u8, cpus: u8, host: HostKind, host_cpu: &HostCpu) -> CpuId {
     let mut entries: Vec<kvm_cpuid_entry2> = supported
         .as_slice()
         .iter()
@@ -111,34 +179,171 @@ pub fn for_vcpu(supported: &CpuId, cpu: u8, cpus: u8, host: HostKind) -> CpuId {
     for e in entries.iter_mut() {
         apply(e, cpu, cpus, host);
     }
-    if host == HostKind::Emulating {
-        let sig = NICVM_EMULATED_SIG;
-        let word = |i: usize| u32::from_le_bytes(sig[i * 4..i * 4 + 4].try_into().unwrap());
-        entries.push(kvm_cpuid_entry2 {
-            function: NICVM_EMULATED_LEAF,
-            eax: NICVM_EMULATED_LEAF,
-            ebx: word(0),
-            ecx: word(1),
-            edx: word(2),
-            ..Default::default()
-        });
+    match host {
+        HostKind::Emulating => {
+            let sig = NICVM_EMULATED_SIG;
+            let word = |i: usize| u32::from_le_bytes(sig[i * 4..i * 4 + 4].try_into().unwrap());
+            entries.push(kvm_cpuid_entry2 {
+                function: NICVM_EMULATED_LEAF,
+                eax: NICVM_EMULATED_LEAF,
+                ebx: word(0),
+                ecx: word(1),
+                edx: word(2),
+                ..Default::default()
+            });
+        }
+        HostKind::Hardware => hardware(&mut entries, cpu, cpus, host_cpu),
     }
     CpuId::from_entries(&entries).expect("CPUID table fits")
+}
+
+fn find(
+    entries: &mut [kvm_cpuid_entry2],
+    function: u32,
+    index: u32,
+) -> Option<&mut kvm_cpuid_entry2> {
+    entries
+        .iter_mut()
+        .find(|e| e.function == function && e.index == index)
+}
+
+/// Sets (or adds) leaf `function`.`index` to `regs`.
+fn set(entries: &mut Vec<kvm_cpuid_entry2>, function: u32, index: u32, flags: u32, regs: [u32; 4]) {
+    let [eax, ebx, ecx, edx] = regs;
+    match find(entries, function, index) {
+        Some(e) => (e.eax, e.ebx, e.ecx, e.edx) = (eax, ebx, ecx, edx),
+        None => entries.push(kvm_cpuid_entry2 {
+            function,
+            index,
+            flags,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        }),
+    }
+}
+
+/// Replaces every subleaf of a cache leaf (4, 0x8000001D) with the host's, up to and including
+/// the first one whose cache type (EAX[4:0]) says "no more caches".
+fn host_subleaves(entries: &mut Vec<kvm_cpuid_entry2>, function: u32, host_cpu: &HostCpu) {
+    entries.retain(|e| e.function != function);
+    for index in 0..16 {
+        let regs = (host_cpu.cpuid)(function, index);
+        set(
+            entries,
+            function,
+            index,
+            KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            regs,
+        );
+        if regs[0] & 0x1f == 0 {
+            break;
+        }
+    }
+}
+
+fn hardware(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u8, cpus: u8, host_cpu: &HostCpu) {
+    let host = |f: u32, i: u32| (host_cpu.cpuid)(f, i);
+    let max =
+        |entries: &mut Vec<kvm_cpuid_entry2>, f: u32| find(entries, f, 0).map_or(0, |e| e.eax);
+    let (host_max, host_ext_max) = (host(0, 0)[0], host(0x8000_0000, 0)[0]);
+    let guest_max = max(entries, 0);
+    let amd = find(entries, 0, 0).is_some_and(|e| {
+        let v = [e.ebx, e.edx, e.ecx];
+        v == words(b"AuthenticAMD") || v == words(b"HygonGenuine")
+    });
+    // APIC IDs are the vCPU indexes: a package spans the next power of two of them.
+    let ids = (cpus as u32).next_power_of_two();
+
+    // The brand string: the guest's /proc/cpuinfo "model name".
+    if host_ext_max >= 0x8000_0004 {
+        if find(entries, 0x8000_0000, 0).is_none() {
+            set(entries, 0x8000_0000, 0, 0, host(0x8000_0000, 0));
+        }
+        let e = find(entries, 0x8000_0000, 0).expect("just set");
+        e.eax = e.eax.max(0x8000_0004);
+        for f in 0x8000_0002..=0x8000_0004 {
+            set(entries, f, 0, 0, host(f, 0));
+        }
+    }
+    let guest_ext_max = max(entries, 0x8000_0000);
+
+    // Caches and TLBs as the host has them.
+    if guest_max >= 2 && host_max >= 2 {
+        set(entries, 2, 0, 0, host(2, 0));
+    }
+    if guest_max >= 4 && host_max >= 4 {
+        host_subleaves(entries, 4, host_cpu);
+    }
+    for f in [0x8000_0005, 0x8000_0006] {
+        if guest_ext_max >= f && host_ext_max >= f {
+            set(entries, f, 0, 0, host(f, 0));
+        }
+    }
+    let topoext = find(entries, 0x8000_0001, 0).is_some_and(|e| e.ecx & TOPOEXT != 0);
+    if topoext && guest_ext_max >= 0x8000_001d && host_ext_max >= 0x8000_001d {
+        host_subleaves(entries, 0x8000_001d, host_cpu);
+    }
+
+    for e in entries.iter_mut() {
+        match e.function {
+            1 if host_cpu.tsc_deadline => e.ecx |= TSC_DEADLINE,
+            // One thread per core: L1 and L2 are a core's own, the last level is shared by
+            // the package. Leaf 4 also says how many cores the package has.
+            4 | 0x8000_001d if e.eax & 0x1f != 0 => {
+                let level = (e.eax >> 5) & 7;
+                let sharing = if level >= 3 { ids } else { 1 };
+                let cores = if e.function == 4 { (ids - 1) << 26 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | (sharing - 1) << 14 | cores;
+            }
+            // AMD: NC (cores - 1) and the APIC ID bits that number cores.
+            0x8000_0008 if amd => {
+                e.ecx = (e.ecx & !0xf0ff) | ids.trailing_zeros() << 12 | (cpus as u32 - 1);
+            }
+            // AMD topology extension: extended APIC ID, compute unit = core, one node.
+            0x8000_001e => {
+                e.eax = cpu as u32;
+                e.ebx = cpu as u32;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            0x4000_0000 => e.eax = e.eax.max(0x4000_0001),
+            0x4000_0001 => {
+                e.eax &= KVM_FEATURES_KEPT;
+                e.edx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A 12-byte CPUID string as the three registers that hold it.
+fn words(s: &[u8; 12]) -> [u32; 3] {
+    let w = |i: usize| u32::from_le_bytes(s[i * 4..i * 4 + 4].try_into().unwrap());
+    [w(0), w(1), w(2)]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn table() -> CpuId {
-        let e = |function, index, ecx, edx, ebx| kvm_cpuid_entry2 {
+    fn entry(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        let [eax, ebx, ecx, edx] = regs;
+        kvm_cpuid_entry2 {
             function,
             index,
+            eax,
             ebx,
             ecx,
             edx,
             ..Default::default()
-        };
+        }
+    }
+
+    fn table() -> CpuId {
+        let e = |function, index, ecx, edx, ebx| entry(function, index, [0, ebx, ecx, edx]);
         CpuId::from_entries(&[
             e(1, 0, POPCNT | XSAVE | 1, HTT | 1, 0x0800),
             e(7, 0, 0, FSRM, FSGSBASE | ERMS | SMAP | 1 << 3),
@@ -153,9 +358,14 @@ mod tests {
         c.as_slice().iter().copied().find(|e| e.function == f)
     }
 
+    const NO_HOST: HostCpu = HostCpu {
+        tsc_deadline: false,
+        cpuid: |_, _| [0; 4],
+    };
+
     #[test]
     fn emulating_host_hides_what_its_emulator_cannot_run() {
-        let c = for_vcpu(&table(), 1, 2, HostKind::Emulating);
+        let c = for_vcpu(&table(), 1, 2, HostKind::Emulating, &NO_HOST);
         let l1 = find(&c, 1).unwrap();
         assert_eq!(l1.ecx & (POPCNT | XSAVE), 0);
         assert_eq!(l1.ecx & 1, 1, "other features kept");
@@ -173,11 +383,195 @@ mod tests {
 
     #[test]
     fn hardware_host_keeps_features() {
-        let c = for_vcpu(&table(), 0, 1, HostKind::Hardware);
+        let c = for_vcpu(&table(), 0, 1, HostKind::Hardware, &NO_HOST);
         let l1 = find(&c, 1).unwrap();
         assert_ne!(l1.ecx & POPCNT, 0);
         assert_eq!(l1.edx & HTT, 0, "one CPU: no HTT");
         assert!(find(&c, 0xd).is_some());
         assert!(find(&c, NICVM_EMULATED_LEAF).is_none());
+    }
+
+    // ---- a KVM table and a host as found on an AMD machine, and what each vCPU gets ----
+
+    const BRAND: &[u8; 48] = b"AMD EPYC 7B13 64-Core Processor\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+
+    /// Cache descriptor (leaf 4 / 0x8000001D EAX): type, level, and sharing bits the table
+    /// must rewrite (the host's own: 2 threads per core, 64 cores).
+    fn cache(kind: u32, level: u32) -> u32 {
+        kind | level << 5 | 1 << 8 | 1 << 14 | 63 << 26
+    }
+
+    fn amd_host(leaf: u32, sub: u32) -> [u32; 4] {
+        let brand = |i: usize| u32::from_le_bytes(BRAND[i * 4..i * 4 + 4].try_into().unwrap());
+        let [b, d, c] = words(b"AuthenticAMD");
+        let caches = [cache(1, 1), cache(2, 1), cache(3, 2), cache(3, 3)];
+        match (leaf, sub) {
+            (0, _) => [0x10, b, c, d],
+            (2, _) => [0x0000_0001, 0, 0, 0x00ff_0000],
+            (4, s) | (0x8000_001d, s) => match caches.get(s as usize) {
+                Some(&eax) => [eax, 0x01c0_003f, 0x3f + s, 0],
+                None => [0; 4],
+            },
+            (0x8000_0000, _) => [0x8000_0021, b, c, d],
+            (f @ 0x8000_0002..=0x8000_0004, _) => {
+                let i = (f - 0x8000_0002) as usize * 4;
+                [brand(i), brand(i + 1), brand(i + 2), brand(i + 3)]
+            }
+            (0x8000_0005, _) => [0xff40_ff40, 0xff40_ff40, 0x2004_0140, 0x2004_0140],
+            (0x8000_0006, _) => [0x2600_2200, 0x4200_4200, 0x0200_6140, 0x0100_9140],
+            _ => [0; 4],
+        }
+    }
+
+    /// What KVM_GET_SUPPORTED_CPUID gave on such a host: no brand string, no TSC-deadline
+    /// bit, zeroed AMD cache leaves, its own view of leaf 4, all of KVM's PV features.
+    fn kvm_amd_table() -> CpuId {
+        let [b, d, c] = words(b"AuthenticAMD");
+        let [kb, kc, kd] = words(b"KVMKVMKVM\0\0\0");
+        CpuId::from_entries(&[
+            entry(0, 0, [0x10, b, c, d]),
+            entry(1, 0, [0x00a0_0f11, 0x0800, POPCNT | 1 << 21, HTT | 1]),
+            entry(4, 0, [cache(1, 1), 0, 0, 0]),
+            entry(0xb, 0, [0, 0, 0, 0]),
+            entry(0xb, 1, [0, 0, 0, 0]),
+            entry(0x4000_0000, 0, [0x4000_0001, kb, kc, kd]),
+            entry(0x4000_0001, 0, [0x0103_ffff, 0, 0, 1]),
+            entry(0x8000_0000, 0, [0x8000_0021, b, c, d]),
+            entry(0x8000_0001, 0, [0, 0, TOPOEXT | 1, RDTSCP]),
+            entry(0x8000_0005, 0, [0; 4]),
+            entry(0x8000_0006, 0, [0; 4]),
+            entry(0x8000_0008, 0, [0x3030, 0, 0x7f, 0]),
+            entry(0x8000_001e, 0, [0, 0x100, 0, 0]),
+        ])
+        .unwrap()
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum R {
+        A,
+        B,
+        C,
+        D,
+    }
+
+    fn reg(e: &kvm_cpuid_entry2, r: R) -> u32 {
+        match r {
+            R::A => e.eax,
+            R::B => e.ebx,
+            R::C => e.ecx,
+            R::D => e.edx,
+        }
+    }
+
+    /// (why, host kind, cpus, vcpu, KVM_CAP_TSC_DEADLINE_TIMER, leaf, subleaf, register, mask,
+    /// expected value; None: the leaf must be absent)
+    type Row = (
+        &'static str,
+        HostKind,
+        u8,
+        u8,
+        bool,
+        u32,
+        u32,
+        R,
+        u32,
+        Option<u32>,
+    );
+
+    #[test]
+    fn the_cpu_each_kind_of_host_presents() {
+        use HostKind::{Emulating as Emu, Hardware as Hw};
+        // bits 0, 1, 3-7, 9-14 and 24 of kvm_para.h; not 2 (MMU_OP), 15-17.
+        let pv_kept = 0x0100_7efb;
+        #[rustfmt::skip]
+        let rows: &[Row] = &[
+            ("tsc-deadline when KVM has it",      Hw,  1, 0, true,  1, 0, R::C, TSC_DEADLINE, Some(TSC_DEADLINE)),
+            ("no tsc-deadline when it has not",   Hw,  1, 0, false, 1, 0, R::C, TSC_DEADLINE, Some(0)),
+            ("emulating host: no tsc-deadline",   Emu, 1, 0, true,  1, 0, R::C, TSC_DEADLINE, Some(0)),
+            ("x2apic kept",                       Hw,  1, 0, true,  1, 0, R::C, 1 << 21, Some(1 << 21)),
+            ("hypervisor bit",                    Hw,  1, 0, true,  1, 0, R::C, HYPERVISOR, Some(HYPERVISOR)),
+            ("APIC ID of vCPU 3",                 Hw,  4, 3, true,  1, 0, R::B, 0xff00_0000, Some(3 << 24)),
+            ("4 logical CPUs",                    Hw,  4, 3, true,  1, 0, R::B, 0x00ff_0000, Some(4 << 16)),
+            ("brand string, first word",          Hw,  1, 0, true,  0x8000_0002, 0, R::A, !0, Some(u32::from_le_bytes(*b"AMD "))),
+            ("brand string, last word",           Hw,  1, 0, true,  0x8000_0003, 0, R::D, !0, Some(u32::from_le_bytes(*b"sor\0"))),
+            ("brand string, NUL padding",         Hw,  1, 0, true,  0x8000_0004, 0, R::A, !0, Some(0)),
+            ("emulating host: KVM's leaves only", Emu, 1, 0, true,  0x8000_0002, 0, R::A, !0, None),
+            ("L1d/L1i TLB and cache from host",   Hw,  1, 0, true,  0x8000_0005, 0, R::C, !0, Some(0x2004_0140)),
+            ("L2/L3 from host",                   Hw,  1, 0, true,  0x8000_0006, 0, R::D, !0, Some(0x0100_9140)),
+            ("leaf 2 from host",                  Hw,  1, 0, true,  2, 0, R::D, !0, Some(0x00ff_0000)),
+            ("leaf 4: host's L2 geometry",        Hw,  2, 0, true,  4, 2, R::C, !0, Some(0x41)),
+            ("leaf 4: L1d a core's own",          Hw,  2, 0, true,  4, 0, R::A, 0xfff << 14, Some(0)),
+            ("leaf 4: L3 shared by 2",            Hw,  2, 0, true,  4, 3, R::A, 0xfff << 14, Some(1 << 14)),
+            ("leaf 4: L3 shared by 3 (4 IDs)",    Hw,  3, 0, true,  4, 3, R::A, 0xfff << 14, Some(3 << 14)),
+            ("leaf 4: 2 cores per package",       Hw,  2, 0, true,  4, 1, R::A, 0x3f << 26, Some(1 << 26)),
+            ("leaf 4: type and level kept",       Hw,  2, 0, true,  4, 3, R::A, 0xff, Some(cache(3, 3) & 0xff)),
+            ("leaf 4: the end subleaf",           Hw,  2, 0, true,  4, 4, R::A, !0, Some(0)),
+            ("0x8000001D: L2 a core's own",       Hw,  2, 1, true,  0x8000_001d, 2, R::A, 0xfc00_0000 | 0xfff << 14, Some(0)),
+            ("0x8000001D: L3 shared by 2",        Hw,  2, 1, true,  0x8000_001d, 3, R::A, 0xfff << 14, Some(1 << 14)),
+            ("AMD NC: 2 cores",                   Hw,  2, 0, true,  0x8000_0008, 0, R::C, 0xff, Some(1)),
+            ("AMD APIC ID size: 1 bit",           Hw,  2, 0, true,  0x8000_0008, 0, R::C, 0xf000, Some(1 << 12)),
+            ("AMD NC: 1 core",                    Hw,  1, 0, true,  0x8000_0008, 0, R::C, 0xf0ff, Some(0)),
+            ("0x8000001E: extended APIC ID",      Hw,  2, 1, true,  0x8000_001e, 0, R::A, !0, Some(1)),
+            ("0x8000001E: one thread per unit",   Hw,  2, 1, true,  0x8000_001e, 0, R::B, !0, Some(1)),
+            ("0xB: 2 logical at core level",      Hw,  2, 1, true,  0xb, 1, R::B, 0xffff, Some(2)),
+            ("0xB: x2APIC ID",                    Hw,  2, 1, true,  0xb, 0, R::D, !0, Some(1)),
+            ("KVM signature",                     Hw,  1, 0, true,  0x4000_0000, 0, R::B, !0, Some(u32::from_le_bytes(*b"KVMK"))),
+            ("KVM features: kvm-clock, PV EOI, ...", Hw, 1, 0, true, 0x4000_0001, 0, R::A, !0, Some(pv_kept)),
+            ("KVM hints: none",                   Hw,  1, 0, true,  0x4000_0001, 0, R::D, !0, Some(0)),
+            ("emulating: no hypercall features",  Emu, 1, 0, true,  0x4000_0001, 0, R::A, !0, Some(0x0103_ffff & !0x6890)),
+            ("emulating: no rdtscp",              Emu, 1, 0, true,  0x8000_0001, 0, R::D, RDTSCP, Some(0)),
+            ("emulating: no popcnt",              Emu, 1, 0, true,  1, 0, R::C, POPCNT, Some(0)),
+            ("hardware: popcnt",                  Hw,  1, 0, true,  1, 0, R::C, POPCNT, Some(POPCNT)),
+            ("emulating: marker leaf",            Emu, 1, 0, true,  NICVM_EMULATED_LEAF, 0, R::B, !0, Some(u32::from_le_bytes(*b"Nicv"))),
+            ("hardware: no marker leaf",          Hw,  1, 0, true,  NICVM_EMULATED_LEAF, 0, R::B, !0, None),
+        ];
+        for &(why, kind, cpus, vcpu, tsc_deadline, leaf, sub, r, mask, want) in rows {
+            let host = HostCpu {
+                tsc_deadline,
+                cpuid: amd_host,
+            };
+            let c = for_vcpu(&kvm_amd_table(), vcpu, cpus, kind, &host);
+            let e = c
+                .as_slice()
+                .iter()
+                .find(|e| e.function == leaf && e.index == sub);
+            match (e, want) {
+                (None, None) => {}
+                (Some(e), None) => panic!("{why}: leaf {leaf:#x}.{sub} should be absent: {e:x?}"),
+                (None, Some(_)) => panic!("{why}: leaf {leaf:#x}.{sub} missing"),
+                (Some(e), Some(v)) => assert_eq!(
+                    reg(e, r) & mask,
+                    v,
+                    "{why}: leaf {leaf:#x}.{sub} {r:?} = {:#010x}",
+                    reg(e, r)
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn hardware_cache_subleaves_are_index_significant() {
+        let host = HostCpu {
+            tsc_deadline: true,
+            cpuid: amd_host,
+        };
+        let c = for_vcpu(&kvm_amd_table(), 0, 2, HostKind::Hardware, &host);
+        let l4: Vec<_> = c.as_slice().iter().filter(|e| e.function == 4).collect();
+        assert_eq!(
+            l4.len(),
+            5,
+            "4 caches and the end marker, KVM's own subleaf gone"
+        );
+        assert!(l4
+            .iter()
+            .all(|e| e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0));
+        let brand: Vec<u8> = (0x8000_0002..=0x8000_0004)
+            .flat_map(|f| {
+                let e = find(&c, f).unwrap();
+                [e.eax, e.ebx, e.ecx, e.edx]
+            })
+            .flat_map(u32::to_le_bytes)
+            .collect();
+        assert_eq!(&brand[..], &BRAND[..]);
     }
 }

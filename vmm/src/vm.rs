@@ -395,12 +395,14 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let host_cpu = cpuid::HostCpu::probe(&kvm);
+        log::debug!("KVM_CAP_TSC_DEADLINE_TIMER: {}", host_cpu.tsc_deadline);
         let mut vcpus = vec![];
         for id in 0..cfg.cpus {
             let v = vm
                 .create_vcpu(id as u64)
                 .map_err(|e| VmError::Vcpu(id, e))?;
-            let table = cpuid::for_vcpu(&supported, id, cfg.cpus, host);
+            let table = cpuid::for_vcpu(&supported, id, cfg.cpus, host, &host_cpu);
             for e in table.as_slice() {
                 log::trace!(
                     "cpuid {:#x}.{}: {:08x} {:08x} {:08x} {:08x}",
