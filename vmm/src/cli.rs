@@ -4,10 +4,11 @@
 
 use crate::config::netdev::{self as netdev_opts, HeaderError};
 use crate::config::{
-    on_off, Backend, Config, DumpConfig, InheritedFds, NetdevConfig, NicConfig, NicModel,
+    on_off, Backend, Config, DumpConfig, InheritedFds, NetdevConfig, NicConfig, NicModel, Note,
     OptionError, SerialTarget, TapDevice, TapOptions,
 };
 use crate::keyval::{KeyVal, KeyValError};
+use crate::qemu_compat;
 use net_backends::mac::ParseMacError;
 use net_backends::slirp::SlirpOptions;
 use net_backends::MacAddr;
@@ -60,8 +61,20 @@ pub enum CliErrorKind {
     UnknownModel(String),
     #[error("needs a type (nic, user, tap, ...)")]
     NoNetType,
-    #[error("{nics} '-net nic' but {backends} backend(s): give one backend per NIC")]
-    NetCount { nics: usize, backends: usize },
+    #[error("{vlan}{nics} '-net nic' but {backends} backend(s) (-net dump not counted): give one backend per NIC")]
+    NetCount {
+        vlan: String,
+        nics: usize,
+        backends: usize,
+    },
+    #[error("-net dump: no backend on {0} to capture")]
+    DumpWithoutBackend(String),
+    #[error("model= is given more than once")]
+    RepeatedModel,
+    #[error("{0}")]
+    Refused(String),
+    #[error("{key}: only virtio-net-pci has this property")]
+    VirtioOnly { key: String },
     #[error("duplicate id '{0}'")]
     DuplicateId(String),
     #[error("needs netdev=ID naming a -netdev")]
@@ -125,6 +138,8 @@ pub enum Action {
     Run(Box<Config>),
     Help,
     Version,
+    /// `-device help`, `-netdev help`, ...: the text to print (exit 0).
+    Listing(String),
 }
 
 pub const MAX_CPUS: u8 = 8;
@@ -145,7 +160,12 @@ Machine:
                          where COM1 goes (default stdio)
   -nographic             accepted for QEMU compatibility (nicvm never opens a window)
   -no-reboot             a guest reboot ends nicvm (always the case)
-  -enable-kvm            accepted for QEMU compatibility (KVM is always used)
+  -daemonize             run in the background once set up (set-up errors still reach
+                         the caller and the exit status)
+  -pidfile FILE          write nicvm's pid to FILE (removed at exit)
+  Accepted with a note, as they change nothing here: -enable-kvm, -accel kvm,
+  -M/-machine pc|q35[,accel=kvm], -cpu host|max, -display none, -vga none, -nodefaults
+  (no default NIC), -snapshot (there are no disks). See docs/qemu-compat.md.
 
 Network:
   -netdev TYPE,id=ID[,...]     backend: user, tap, vde, socket, stream, dgram
@@ -153,8 +173,11 @@ Network:
                                NIC: rtl8139, e1000, virtio-net-pci
                                rtl8139,cplus=off: a plain RTL8139C (Linux 8139too) instead
                                of the RTL8139C+ (8139cp)
-  -nic TYPE[,model=MODEL][,mac=MAC][,...]   netdev and NIC in one option; -nic none: no NIC
-  -net nic[,model=MODEL][,macaddr=MAC]  -net TYPE[,...]   legacy form; -net none: no NIC
+  -nic [TYPE][,model=MODEL][,mac=MAC][,...]   netdev and NIC in one option (TYPE defaults
+                               to user); -nic none: no NIC
+  -net nic[,model=MODEL][,macaddr=MAC][,vlan=N]  -net TYPE[,vlan=N][,...]  legacy form,
+                               NICs paired with backends per vlan; -net none: no NIC
+  -netdev help, -device help, -device MODEL,help, -nic model=help   what there is
   With no network option at all: -netdev user,id=net0 -device rtl8139,netdev=net0
   -object filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]
                                write the netdev's frames, both ways, to a pcap file
@@ -186,27 +209,61 @@ fn parse_size_mib(s: &str) -> Option<u64> {
     Some((v * mult).round() as u64)
 }
 
+/// `-smp [cpus=]N[,sockets=S][,dies=1][,cores=C][,threads=T][,maxcpus=M]`, checked as QEMU
+/// checks it: the topology's product must be the CPU count (parameters left out are
+/// computed), and maxcpus can only be the CPU count (no CPU hotplug).
 fn parse_smp(s: &str) -> Result<u8, CliErrorKind> {
     let kv = KeyVal::parse(s, Some("cpus"))?;
-    if let Some(k) = kv.unknown_key(&["cpus", "sockets", "cores", "threads", "maxcpus"]) {
+    if let Some(k) = kv.unknown_key(&["cpus", "sockets", "dies", "cores", "threads", "maxcpus"]) {
         return Err(OptionError::Unknown(k.into()).into());
     }
     let num = |v: &str| {
         v.parse::<u32>()
             .map_err(|_| CliErrorKind::NotANumber(v.into()))
     };
-    let cpus = match kv.first.as_deref().or(kv.get("cpus")) {
-        Some(v) => num(v)?,
-        None => {
-            let mut n: u32 = 1;
-            for k in ["sockets", "cores", "threads"] {
-                if let Some(v) = kv.get(k) {
-                    n = n.saturating_mul(num(v)?);
-                }
-            }
-            n
-        }
+    let opt = |k: &str| kv.get(k).map(num).transpose();
+    let topo = [
+        opt("sockets")?,
+        opt("dies")?,
+        opt("cores")?,
+        opt("threads")?,
+    ];
+    if topo.contains(&Some(0)) {
+        return Err(CliErrorKind::Refused(
+            "sockets, dies, cores and threads must be at least 1".into(),
+        ));
+    }
+    let product = topo
+        .iter()
+        .fold(1u32, |n, t| n.saturating_mul(t.unwrap_or(1)));
+    let given = match kv.first.as_deref().or(kv.get("cpus")) {
+        Some(v) => Some(num(v)?),
+        None => None,
     };
+    let maxcpus = opt("maxcpus")?;
+    let cpus = given.or(maxcpus).unwrap_or(product);
+    if let Some(m) = maxcpus {
+        if m != cpus {
+            return Err(CliErrorKind::Refused(format!(
+                "maxcpus={m} differs from the {cpus} CPUs: nicvm has no CPU hotplug"
+            )));
+        }
+    }
+    if cpus != 0 && topo.iter().any(Option::is_some) {
+        // sockets, cores and threads all given: nothing left to compute (dies defaults to 1).
+        let all_given = topo[0].is_some() && topo[2].is_some() && topo[3].is_some();
+        let fits = if all_given {
+            product == cpus
+        } else {
+            cpus % product == 0
+        };
+        if !fits {
+            return Err(CliErrorKind::Refused(format!(
+                "the topology (sockets x dies x cores x threads = {product}) does not match \
+                 {cpus} CPUs"
+            )));
+        }
+    }
     if cpus == 0 {
         return Err(CliErrorKind::NoCpu);
     }
@@ -236,9 +293,17 @@ struct Builder<'a> {
     /// (option it came from, model, raw properties)
     devices: Vec<(String, NicModel, KeyVal)>,
     no_nic: bool,
-    legacy_nics: Vec<(NicModel, KeyVal)>,
-    legacy_backends: Vec<KeyVal>,
+    /// `-net nic` and `-net TYPE` / `-net dump`, each with its vlan (hub) number.
+    legacy_nics: Vec<(NicModel, KeyVal, String)>,
+    legacy_backends: Vec<(KeyVal, String)>,
+    legacy_dumps: Vec<(KeyVal, String)>,
     dumps: Vec<DumpConfig>,
+    daemonize: bool,
+    pidfile: Option<PathBuf>,
+    /// `-nodefaults`: no default NIC, and no serial console unless `-serial` says.
+    nodefaults: bool,
+    serial_given: bool,
+    notes: Vec<Note>,
 }
 
 /// A netdev from `origin` (`-netdev`, `-nic`, `-net`), every option checked. Errors in its
@@ -357,7 +422,13 @@ where
         no_nic: false,
         legacy_nics: vec![],
         legacy_backends: vec![],
+        legacy_dumps: vec![],
         dumps: vec![],
+        daemonize: false,
+        pidfile: None,
+        nodefaults: false,
+        serial_given: false,
+        notes: vec![],
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -368,7 +439,8 @@ where
         let opt = format!("-{}", arg.trim_start_matches('-'));
         let takes_value = [
             "-m", "-smp", "-kernel", "-initrd", "-append", "-serial", "-name", "-netdev",
-            "-object", "-device", "-nic", "-net",
+            "-object", "-device", "-nic", "-net", "-pidfile", "-display", "-vga", "-M", "-machine",
+            "-accel", "-cpu",
         ]
         .contains(&opt.as_str());
         let val = if takes_value {
@@ -382,7 +454,26 @@ where
         match opt.as_str() {
             "-h" | "-help" => return Ok(Action::Help),
             "-version" => return Ok(Action::Version),
-            "-nographic" | "-no-reboot" | "-enable-kvm" => {}
+            "-nographic" | "-no-reboot" => {}
+            "-daemonize" => b.daemonize = true,
+            "-pidfile" => {
+                if val.is_empty() {
+                    return err(&opt, CliErrorKind::NeedsValue);
+                }
+                b.pidfile = Some(val.into());
+            }
+            "-nodefaults" => {
+                b.nodefaults = true;
+                b.note(
+                    &opt,
+                    "no default NIC, and no serial console unless -serial gives one (as QEMU)",
+                );
+            }
+            "-enable-kvm" | "-display" | "-vga" | "-M" | "-machine" | "-accel" | "-cpu"
+            | "-snapshot" => {
+                let note = qemu_compat::machine_option(&opt, &val).or_else(|e| err(&opt, e))?;
+                b.note(&opt, &note);
+            }
             "-m" => {
                 b.mem_mib = match parse_size_mib(&val) {
                     Some(0) => return err(&opt, CliErrorKind::NoRam),
@@ -404,6 +495,7 @@ where
                 )
             }
             "-serial" => {
+                b.serial_given = true;
                 b.serial = match val.as_str() {
                     "stdio" | "mon:stdio" => SerialTarget::Stdio,
                     "none" | "null" => SerialTarget::None,
@@ -414,6 +506,9 @@ where
                 }
             }
             "-netdev" => {
+                if qemu_compat::wants_help(&val) {
+                    return Ok(Action::Listing(qemu_compat::netdev_types()));
+                }
                 let kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e))?;
                 b.netdevs.push(netdev_config(&opt, kv, b.fds, true)?);
             }
@@ -422,6 +517,15 @@ where
                 b.dumps.push(dump_from(&opt, kv)?);
             }
             "-device" => {
+                if qemu_compat::wants_help(&val) {
+                    let driver = val.split(',').next().unwrap_or("");
+                    let driver = driver.strip_prefix("driver=").unwrap_or(driver);
+                    if driver == "help" || driver == "?" {
+                        return Ok(Action::Listing(qemu_compat::device_list()));
+                    }
+                    let model = model_from(&opt, driver)?;
+                    return Ok(Action::Listing(qemu_compat::device_properties(model)));
+                }
                 let mut kv = KeyVal::parse(&val, Some("driver")).or_else(|e| err(&opt, e))?;
                 let Some(driver) = kv.first.take() else {
                     return err(&opt, CliErrorKind::NoModel);
@@ -435,10 +539,14 @@ where
                     b.no_nic = true;
                     continue;
                 }
-                let model = match kv.remove("model") {
-                    Some(m) => model_from(&opt, &m)?,
-                    None => NicModel::Rtl8139 { cplus: true },
-                };
+                if kv.get("model").is_some_and(|m| m == "help" || m == "?") {
+                    return Ok(Action::Listing(qemu_compat::nic_models()));
+                }
+                // As in QEMU, a -nic without a type is user-mode networking.
+                if kv.first.is_none() {
+                    kv.first = Some("user".into());
+                }
+                let model = nic_model(&opt, &mut kv)?;
                 let mac = kv.remove("mac");
                 let user_id = kv.get("id").is_some();
                 if !user_id {
@@ -460,19 +568,25 @@ where
                     Some("none") => b.no_nic = true,
                     Some("nic") => {
                         kv.first = None;
-                        let model = match kv.remove("model") {
-                            Some(m) => model_from(&opt, &m)?,
-                            None => NicModel::Rtl8139 { cplus: true },
-                        };
+                        if kv.get("model").is_some_and(|m| m == "help" || m == "?") {
+                            return Ok(Action::Listing(qemu_compat::nic_models()));
+                        }
+                        let model = nic_model("-net nic", &mut kv)?;
                         if let Some(m) = kv.remove("macaddr") {
                             kv.pairs.push(("mac".into(), m));
                         }
-                        b.legacy_nics.push((model, kv));
+                        let vlan = kv.remove("vlan").unwrap_or_else(|| "0".into());
+                        kv.remove("name");
+                        b.legacy_nics.push((model, kv, vlan));
+                    }
+                    Some("dump") => {
+                        let vlan = kv.remove("vlan").unwrap_or_else(|| "0".into());
+                        b.legacy_dumps.push((kv, vlan));
                     }
                     Some(_) => {
-                        kv.remove("vlan");
+                        let vlan = kv.remove("vlan").unwrap_or_else(|| "0".into());
                         kv.remove("name");
-                        b.legacy_backends.push(kv);
+                        b.legacy_backends.push((kv, vlan));
                     }
                     None => return err(&opt, CliErrorKind::NoNetType),
                 }
@@ -488,31 +602,7 @@ impl Builder<'_> {
         let Some(kernel) = self.kernel.take() else {
             return err("-kernel", CliErrorKind::NoKernel);
         };
-        // Legacy -net: NICs pair with backends in order, as on QEMU's hub.
-        if !self.legacy_nics.is_empty() || !self.legacy_backends.is_empty() {
-            if self.legacy_nics.len() != self.legacy_backends.len() {
-                return err(
-                    "-net",
-                    CliErrorKind::NetCount {
-                        nics: self.legacy_nics.len(),
-                        backends: self.legacy_backends.len(),
-                    },
-                );
-            }
-            for (i, ((model, mut dev), mut backend)) in self
-                .legacy_nics
-                .drain(..)
-                .zip(self.legacy_backends.drain(..))
-                .enumerate()
-            {
-                let id = format!("__net{i}");
-                backend.pairs.push(("id".into(), id.clone()));
-                self.netdevs
-                    .push(netdev_config("-net", backend, self.fds, false)?);
-                dev.pairs.push(("netdev".into(), id));
-                self.devices.push(("-net nic".into(), model, dev));
-            }
-        }
+        self.legacy_net()?;
         for (i, n) in self.netdevs.iter().enumerate() {
             if self.netdevs[..i].iter().any(|m| m.id == n.id) {
                 return err("-netdev", CliErrorKind::DuplicateId(n.id.clone()));
@@ -521,7 +611,7 @@ impl Builder<'_> {
         check_tap_fds(&self.netdevs)?;
         // No network options at all: the classic default, a user-mode network behind an
         // rtl8139, as `kvm` always gave.
-        if !self.no_nic && self.netdevs.is_empty() && self.devices.is_empty() {
+        if !self.no_nic && !self.nodefaults && self.netdevs.is_empty() && self.devices.is_empty() {
             self.netdevs.push(NetdevConfig {
                 id: "net0".into(),
                 option: "-netdev user,id=net0".into(),
@@ -564,18 +654,156 @@ impl Builder<'_> {
                 );
             }
         }
+        for n in &self.netdevs {
+            if let Backend::Tap(TapOptions { vhost: true, .. }) = n.backend {
+                self.notes.push(Note {
+                    warning: true,
+                    text: format!(
+                        "{}: vhost=on: nicvm has no vhost-net; frames go through its own I/O \
+                         thread",
+                        n.option
+                    ),
+                });
+            }
+        }
+        let mut serial = self.serial;
+        if self.nodefaults && !self.serial_given {
+            serial = SerialTarget::None;
+        }
+        if self.daemonize && serial == SerialTarget::Stdio {
+            if self.serial_given {
+                return err(
+                    "-daemonize",
+                    CliErrorKind::Refused(
+                        "the serial console cannot be stdio in the background \
+                         (-serial file:PATH or none)"
+                            .into(),
+                    ),
+                );
+            }
+            // As QEMU's default serial console without a display: nowhere.
+            serial = SerialTarget::None;
+        }
         Ok(Action::Run(Box::new(Config {
             mem_mib: self.mem_mib,
             cpus: self.cpus,
             kernel,
             initrd: self.initrd,
             append: self.append,
-            serial: self.serial,
+            serial,
             name: self.name,
             netdevs: self.netdevs,
             nics,
             dumps: self.dumps,
+            daemonize: self.daemonize,
+            pidfile: self.pidfile,
+            notes: self.notes,
         })))
+    }
+
+    fn note(&mut self, option: &str, text: &str) {
+        self.notes.push(Note {
+            warning: false,
+            text: format!("{option}: {text}"),
+        });
+    }
+
+    /// Legacy `-net`: per vlan (QEMU's hub), NICs pair with backends in order; a `-net dump`
+    /// captures its vlan's backend.
+    fn legacy_net(&mut self) -> Result<(), CliError> {
+        let mut vlans: Vec<String> = vec![];
+        for v in self
+            .legacy_nics
+            .iter()
+            .map(|n| &n.2)
+            .chain(self.legacy_backends.iter().map(|b| &b.1))
+        {
+            if !vlans.contains(v) {
+                vlans.push(v.clone());
+            }
+        }
+        let explicit = vlans.len() > 1 || vlans.iter().any(|v| v != "0");
+        let mut nics = std::mem::take(&mut self.legacy_nics);
+        let mut backends = std::mem::take(&mut self.legacy_backends);
+        let mut n = 0;
+        for vlan in &vlans {
+            let (vn, rest): (Vec<_>, Vec<_>) = nics.into_iter().partition(|x| &x.2 == vlan);
+            nics = rest;
+            let (vb, rest): (Vec<_>, Vec<_>) = backends.into_iter().partition(|x| &x.1 == vlan);
+            backends = rest;
+            if vn.len() != vb.len() {
+                return err(
+                    "-net",
+                    CliErrorKind::NetCount {
+                        vlan: if explicit {
+                            format!("vlan {vlan}: ")
+                        } else {
+                            String::new()
+                        },
+                        nics: vn.len(),
+                        backends: vb.len(),
+                    },
+                );
+            }
+            for ((model, mut dev, _), (mut backend, _)) in vn.into_iter().zip(vb) {
+                let id = format!("hub{vlan}port{n}");
+                n += 1;
+                backend.pairs.push(("id".into(), id.clone()));
+                self.netdevs
+                    .push(netdev_config("-net", backend, self.fds, false)?);
+                dev.pairs.push(("netdev".into(), id));
+                self.devices.push(("-net nic".into(), model, dev));
+            }
+        }
+        for (i, (mut kv, vlan)) in std::mem::take(&mut self.legacy_dumps)
+            .into_iter()
+            .enumerate()
+        {
+            let prefix = format!("hub{vlan}port");
+            let Some(netdev) = self
+                .netdevs
+                .iter()
+                .find(|nd| nd.id.starts_with(&prefix))
+                .map(|nd| nd.id.clone())
+            else {
+                return err(
+                    "-net dump",
+                    CliErrorKind::DumpWithoutBackend(format!("vlan {vlan}")),
+                );
+            };
+            let file = kv
+                .remove("file")
+                .unwrap_or_else(|| format!("qemu-vlan{vlan}.pcap"));
+            let maxlen = match kv.remove("len") {
+                Some(v) => match v.parse::<u32>() {
+                    Ok(n) if n > 0 => n,
+                    _ => return err("-net dump", CliErrorKind::BadMaxlen(v)),
+                },
+                None => net_backends::pcap::DEFAULT_MAXLEN,
+            };
+            kv.remove("name");
+            if let Some(k) = kv.unknown_key(&[]) {
+                return err("-net dump", OptionError::Unknown(k.into()));
+            }
+            self.dumps.push(DumpConfig {
+                id: format!("dump{i}"),
+                netdev,
+                file: PathBuf::from(file),
+                maxlen,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `model=` of a `-nic` or `-net nic` (rtl8139 when not given), given at most once.
+fn nic_model(option: &str, kv: &mut KeyVal) -> Result<NicModel, CliError> {
+    if kv.pairs.iter().filter(|(k, _)| k == "model").count() > 1 {
+        return err(option, CliErrorKind::RepeatedModel);
+    }
+    match kv.remove("model") {
+        Some(m) => model_from(option, &m),
+        None => Ok(NicModel::Rtl8139 { cplus: true }),
     }
 }
 
@@ -644,6 +872,8 @@ fn nic_config(
         (_, Some(_)) => return err(option, CliErrorKind::CplusNotRtl8139),
         (m, None) => m,
     };
+    let mrg_rxbuf =
+        qemu_compat::device_properties_accepted(model, &mut kv).or_else(|e| err(option, e))?;
     let id = kv.remove("id");
     if let Some(id) = &id {
         if ids.contains(id) {
@@ -660,6 +890,7 @@ fn nic_config(
         mac,
         id,
         slot,
+        mrg_rxbuf,
     })
 }
 
@@ -912,6 +1143,142 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    fn listing(s: &str) -> String {
+        match parse(s.split_whitespace().map(String::from)).unwrap() {
+            Action::Listing(t) => t,
+            a => panic!("{s}: {a:?}"),
+        }
+    }
+
+    /// What QEMU users paste: accepted (with a note when it changes nothing).
+    #[test]
+    fn pasted_qemu_lines_run() {
+        let c = run(
+            "-enable-kvm -M q35,accel=kvm -cpu host -display none -vga none -snapshot \
+                     -accel kvm -kernel k -nic model=e1000",
+        )
+        .unwrap();
+        assert_eq!(
+            c.netdevs[0].backend.kind(),
+            "user",
+            "-nic without a type: user"
+        );
+        assert_eq!(c.nics[0].model, NicModel::E1000);
+        assert_eq!(c.notes.len(), 7, "{:?}", c.notes);
+        assert!(c.notes.iter().all(|n| !n.warning));
+        let c = run(
+            "-kernel k -net nic,model=virtio,vlan=0,macaddr=52:54:00:00:00:09 -net user,vlan=0",
+        )
+        .unwrap();
+        assert_eq!(c.nics[0].mac.to_string(), "52:54:00:00:00:09");
+        // Two hubs: each NIC with the backend of its vlan, whatever the order.
+        let c = run("-kernel k -net nic,vlan=1,model=e1000 -net nic,vlan=0 -net user,vlan=0 -net socket,vlan=1,listen=:5555")
+            .unwrap();
+        assert_eq!(c.nics[0].model, NicModel::E1000);
+        assert_eq!(
+            c.netdev(&c.nics[0].netdev).unwrap().backend.kind(),
+            "socket"
+        );
+        assert_eq!(c.netdev(&c.nics[1].netdev).unwrap().backend.kind(), "user");
+        let c = run("-kernel k -net nic -net user -net dump,file=/tmp/d.pcap").unwrap();
+        assert_eq!(c.dumps[0].netdev, c.nics[0].netdev);
+        assert_eq!(c.dumps[0].file, PathBuf::from("/tmp/d.pcap"));
+        let c = run("-kernel k -netdev tap,id=t,vhost=on,sndbuf=0,queues=1 \
+                     -device virtio-net-pci,netdev=t,romfile=,bus=pci.0,bootindex=2,disable-legacy=on,mrg_rxbuf=off,vectors=4")
+        .unwrap();
+        assert!(!c.nics[0].mrg_rxbuf);
+        assert!(c
+            .notes
+            .iter()
+            .any(|n| n.warning && n.text.contains("vhost")));
+        let c = run("-nodefaults -kernel k").unwrap();
+        assert!(c.nics.is_empty(), "-nodefaults: no default NIC");
+        assert_eq!(c.serial, SerialTarget::None);
+        let c = run("-daemonize -pidfile /tmp/p -kernel k").unwrap();
+        assert!(c.daemonize);
+        assert_eq!(
+            c.serial,
+            SerialTarget::None,
+            "no stdio console in the background"
+        );
+        assert_eq!(c.pidfile, Some(PathBuf::from("/tmp/p")));
+        assert_eq!(
+            run("-kernel k -smp 4,sockets=2,cores=2,threads=1")
+                .unwrap()
+                .cpus,
+            4
+        );
+        assert_eq!(run("-kernel k -smp 4,sockets=2").unwrap().cpus, 4);
+        assert_eq!(run("-kernel k -smp sockets=2,cores=2").unwrap().cpus, 4);
+    }
+
+    #[test]
+    fn contradictions_are_refused_with_the_reason() {
+        for (line, option, says) in [
+            ("-smp 2,sockets=2,cores=2", "-smp", "topology"),
+            ("-smp 3,sockets=2", "-smp", "topology"),
+            ("-smp 2,maxcpus=4", "-smp", "hotplug"),
+            ("-M microvm", "-M", "one machine"),
+            ("-accel tcg", "-accel", "KVM"),
+            ("-cpu qemu64", "-cpu", "host or max"),
+            ("-display gtk", "-display", "no display"),
+            (
+                "-nic user,model=e1000,model=rtl8139",
+                "-nic",
+                "more than once",
+            ),
+            ("-net nic -net user -net user", "-net", "1 '-net nic' but 2"),
+            (
+                "-net nic,vlan=1 -net user",
+                "-net",
+                "vlan 1: 1 '-net nic' but 0",
+            ),
+            ("-net nic -net user -net dump,vlan=3", "-net dump", "vlan 3"),
+            (
+                "-netdev tap,id=t,queues=4",
+                "-netdev tap,id=t",
+                "one queue pair",
+            ),
+            (
+                "-netdev user,id=u -device e1000,netdev=u,mrg_rxbuf=on",
+                "-device e1000",
+                "only virtio",
+            ),
+            (
+                "-netdev user,id=u -device virtio-net-pci,netdev=u,mq=on",
+                "-device virtio-net-pci",
+                "one queue pair",
+            ),
+            (
+                "-netdev user,id=u -device virtio-net-pci,netdev=u,bus=pci.1",
+                "-device virtio-net-pci",
+                "one PCI bus",
+            ),
+            ("-serial stdio -daemonize", "-daemonize", "background"),
+        ] {
+            let e = run(&format!("-kernel k {line}")).unwrap_err();
+            assert_eq!(e.option, option, "{line}: {e}");
+            assert!(e.to_string().contains(says), "{line}: {e}");
+        }
+        // `-net dump` alone is no backend: the count says so.
+        let e = run("-kernel k -net nic -net dump").unwrap_err().to_string();
+        assert!(
+            e.contains("1 '-net nic' but 0 backend(s) (-net dump not counted)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn listings_as_qemu_prints_them() {
+        assert!(listing("-netdev help").contains("\ntap\n"));
+        assert!(listing("-device help").contains("name \"e1000\""));
+        assert!(listing("-device e1000,help").starts_with("e1000 options:"));
+        assert!(listing("-device virtio-net-pci,help").contains("mrg_rxbuf"));
+        assert!(listing("-nic model=help").contains("rtl8139"));
+        assert!(listing("-net nic,model=?").contains("virtio-net-pci"));
+        assert_eq!(option_of("-device bogus,help"), "-device");
     }
 
     #[test]

@@ -118,7 +118,18 @@ pub fn pump_stdin(
                         let _ = io::stderr().write_all(HELP.as_bytes());
                     }
                     ESCAPE => out.push(ESCAPE),
-                    _ => {}
+                    b'c' | b'C' => {
+                        let _ = io::stderr().write_all(
+                            b"\r\nnicvm: no monitor on this console (-serial mon:stdio gives one)\r\n",
+                        );
+                    }
+                    other => {
+                        let _ = write!(
+                            io::stderr(),
+                            "\r\nnicvm: unknown escape Ctrl-a {} (Ctrl-a h lists them)\r\n",
+                            (other as char).escape_default()
+                        );
+                    }
                 }
             } else if b == ESCAPE {
                 escape_pending = true;

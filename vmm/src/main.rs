@@ -3,7 +3,7 @@
 use devices::lifecycle::{ExitReason, Lifecycle};
 use nicvm::config::InheritedFds;
 use nicvm::host::HostKind;
-use nicvm::{cli, console, signals, vm};
+use nicvm::{cli, console, daemon, signals, vm};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
@@ -100,8 +100,19 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
             println!("libslirp: {}", net_backends::slirp::version());
             return 0;
         }
+        cli::Action::Listing(text) => {
+            print!("{text}");
+            return 0;
+        }
         cli::Action::Run(c) => c,
     };
+    for n in &cfg.notes {
+        if n.warning {
+            log::warn!("{}", n.text);
+        } else {
+            log::info!("{}", n.text);
+        }
+    }
     // As QEMU says it: checked like every netdev, but never opened.
     for nd in cfg.netdevs_without_peer() {
         eprintln!("nicvm: warning: netdev {} has no peer", nd.id);
@@ -113,6 +124,24 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     if host == HostKind::Emulating {
         log::info!("host is {}", host.describe());
     }
+
+    // -daemonize: the parent waits for the child's set-up and exits with its status; the
+    // child goes on (before KVM is opened: a VM belongs to the process that created it).
+    let mut daemon = if cfg.daemonize {
+        match daemon::fork_into_background() {
+            Ok(d) => Some(d),
+            Err(e) => return fail(format!("-daemonize: {e}")),
+        }
+    } else {
+        None
+    };
+    let _pidfile = match &cfg.pidfile {
+        Some(p) => match daemon::PidFile::create(p) {
+            Ok(f) => Some(f),
+            Err(e) => return fail(format!("-pidfile: {}: {e}", p.display())),
+        },
+        None => None,
+    };
 
     let lifecycle = match Lifecycle::new() {
         Ok(l) => Arc::new(l),
@@ -131,6 +160,9 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
             Ok(vm) => vm,
             Err(e) => return fail(e),
         };
+        if let Some(d) = daemon.take() {
+            d.set_up_done();
+        }
         vm.run(&signals)
         // Dropped here: threads joined, backends closed, downscripts run.
     };

@@ -234,6 +234,32 @@ impl Drop for Guards {
     }
 }
 
+/// Files the set-up created (a capture, a serial log) that did not exist before: removed if
+/// the set-up fails later, kept once the VM is built.
+#[derive(Default)]
+struct NewFiles(Vec<PathBuf>);
+
+impl NewFiles {
+    /// Notes `path` as about to be created by nicvm, unless it exists already.
+    fn creating(&mut self, path: &std::path::Path) {
+        if !path.exists() {
+            self.0.push(path.to_path_buf());
+        }
+    }
+
+    fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for NewFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// A console thread feeding the guest's serial port from stdin; stopped through its eventfd.
 struct ConsoleThread {
     stop: EventFd,
@@ -307,9 +333,11 @@ impl Vm {
         let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Host("eventfd", e))?;
         vm.register_irqfd(&com1_irq, COM1_IRQ)
             .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+        let mut new_files = NewFiles::default();
         let out: Box<dyn Write + Send> = match &cfg.serial {
             SerialTarget::Stdio => Box::new(console::Stdout),
             SerialTarget::File(p) => {
+                new_files.creating(p);
                 Box::new(std::fs::File::create(p).map_err(|e| VmError::Serial(p.clone(), e))?)
             }
             SerialTarget::None => Box::new(std::io::sink()),
@@ -342,6 +370,9 @@ impl Vm {
                     .find(|&s| !root.slot_taken(s) && !cfg.nics.iter().any(|n| n.slot == Some(s)))
                     .ok_or(VmError::NoSlot)?,
             };
+            if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == spec.netdev) {
+                new_files.creating(&d.file);
+            }
             let parts = build_nic(cfg, spec, slot, &mem, &chip, &ioevents, &mut guards)?;
             assign_bars(
                 &mut *parts.pci.lock().unwrap(),
@@ -418,6 +449,7 @@ impl Vm {
             }
             vcpus.push(v);
         }
+        new_files.keep();
         Ok(Vm {
             vcpu_threads: vec![],
             io: None,
@@ -552,8 +584,11 @@ fn build_nic(
     Ok(match spec.model {
         NicModel::VirtioNetPci => {
             let caps = port.capabilities();
-            let m = VirtioNet::new(spec.mac, caps, mem, chip.clone(), intx, ioevents.clone())
+            let mut m = VirtioNet::new(spec.mac, caps, mem, chip.clone(), intx, ioevents.clone())
                 .map_err(device)?;
+            if !spec.mrg_rxbuf {
+                m = m.without_mrg_rxbuf();
+            }
             nic_parts(m, port)
         }
         NicModel::Rtl8139 { cplus } => nic_parts(

@@ -86,6 +86,13 @@ pub struct VirtioNet {
 }
 
 impl VirtioNet {
+    /// Turns mergeable receive buffers off (QEMU's `mrg_rxbuf=off`): not offered to the
+    /// driver. Before the driver runs.
+    pub fn without_mrg_rxbuf(mut self) -> Self {
+        self.device_features &= !VIRTIO_NET_F_MRG_RXBUF;
+        self
+    }
+
     /// A device whose port has `caps` (the backend's, as [`NetPort::capabilities`] gives
     /// them): offloads are offered only when frames carry a virtio-net header.
     pub fn new(
