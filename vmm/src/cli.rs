@@ -4,8 +4,8 @@
 
 use crate::config::netdev::{self as netdev_opts, HeaderError};
 use crate::config::{
-    on_off, Backend, Config, DumpConfig, InheritedFds, NetdevConfig, NicConfig, NicModel, Note,
-    OptionError, SerialTarget, TapDevice, TapOptions,
+    on_off, Backend, Config, DumpConfig, Endpoint, InheritedFds, MonitorConfig, MonitorMode,
+    NetdevConfig, NicConfig, NicModel, Note, OptionError, SerialTarget, TapDevice, TapOptions,
 };
 use crate::keyval::{KeyVal, KeyValError};
 use crate::qemu_compat;
@@ -107,6 +107,10 @@ pub enum CliErrorKind {
     BadMaxlen(String),
     #[error("queue: only 'all' is supported, not '{0}'")]
     BadQueue(String),
+    #[error("chardev '{0}' is not defined by any -chardev")]
+    UndefinedChardev(String),
+    #[error("'{0}' is not supported (unix:PATH or tcp:HOST:PORT, with server=on; stdio)")]
+    BadChardev(String),
     #[error("one capture per netdev and per id ('{0}')")]
     DuplicateDump(String),
 }
@@ -304,6 +308,10 @@ struct Builder<'a> {
     nodefaults: bool,
     serial_given: bool,
     notes: Vec<Note>,
+    monitors: Vec<MonitorConfig>,
+    /// `-chardev` ids and where they listen.
+    chardevs: Vec<(String, Endpoint)>,
+    start_paused: bool,
 }
 
 /// A netdev from `origin` (`-netdev`, `-nic`, `-net`), every option checked. Errors in its
@@ -429,6 +437,9 @@ where
         nodefaults: false,
         serial_given: false,
         notes: vec![],
+        monitors: vec![],
+        chardevs: vec![],
+        start_paused: false,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -440,7 +451,7 @@ where
         let takes_value = [
             "-m", "-smp", "-kernel", "-initrd", "-append", "-serial", "-name", "-netdev",
             "-object", "-device", "-nic", "-net", "-pidfile", "-display", "-vga", "-M", "-machine",
-            "-accel", "-cpu",
+            "-accel", "-cpu", "-qmp", "-monitor", "-chardev", "-mon",
         ]
         .contains(&opt.as_str());
         let val = if takes_value {
@@ -455,6 +466,71 @@ where
             "-h" | "-help" => return Ok(Action::Help),
             "-version" => return Ok(Action::Version),
             "-nographic" | "-no-reboot" => {}
+            "-S" => b.start_paused = true,
+            "-qmp" | "-monitor" => {
+                let mode = if opt == "-qmp" {
+                    MonitorMode::Control
+                } else {
+                    MonitorMode::Readline
+                };
+                if val == "none" {
+                    continue;
+                }
+                let (endpoint, note) = chardev_spec(&val).or_else(|e| err(&opt, e))?;
+                if let Some(n) = note {
+                    b.note(&opt, &n);
+                }
+                b.add_monitor(&opt, mode, endpoint)?;
+            }
+            "-chardev" => {
+                let (id, endpoint, note) = chardev_option(&val).or_else(|e| err(&opt, e))?;
+                if let Some(n) = note {
+                    b.note(&opt, &n);
+                }
+                if b.chardevs.iter().any(|(i, _)| *i == id) {
+                    return err(&opt, CliErrorKind::DuplicateId(id));
+                }
+                b.chardevs.push((id, endpoint));
+            }
+            "-mon" => {
+                let mut kv = KeyVal::parse(&val, Some("chardev")).or_else(|e| err(&opt, e))?;
+                let chardev = kv.first.take().or_else(|| kv.remove("chardev"));
+                let Some(chardev) = chardev else {
+                    return err(
+                        &opt,
+                        OptionError::Needs {
+                            key: None,
+                            what: "chardev=ID".into(),
+                        },
+                    );
+                };
+                let mode = match kv.remove("mode").as_deref() {
+                    None | Some("readline") => MonitorMode::Readline,
+                    Some("control") => MonitorMode::Control,
+                    Some(m) => {
+                        return err(
+                            &opt,
+                            OptionError::NotA {
+                                key: "mode".into(),
+                                value: m.into(),
+                                what: "readline or control",
+                            },
+                        )
+                    }
+                };
+                if let Some(v) = kv.remove("pretty") {
+                    on_off("pretty", &v).or_else(|e| err(&opt, e))?;
+                }
+                kv.remove("id");
+                if let Some(k) = kv.unknown_key(&[]) {
+                    return err(&opt, OptionError::Unknown(k.into()));
+                }
+                let Some((_, endpoint)) = b.chardevs.iter().find(|(i, _)| *i == chardev) else {
+                    return err(&opt, CliErrorKind::UndefinedChardev(chardev));
+                };
+                let endpoint = endpoint.clone();
+                b.add_monitor(&opt, mode, endpoint)?;
+            }
             "-daemonize" => b.daemonize = true,
             "-pidfile" => {
                 if val.is_empty() {
@@ -496,6 +572,9 @@ where
             }
             "-serial" => {
                 b.serial_given = true;
+                if val == "mon:stdio" {
+                    b.add_monitor(&opt, MonitorMode::Readline, Endpoint::Stdio)?;
+                }
                 b.serial = match val.as_str() {
                     "stdio" | "mon:stdio" => SerialTarget::Stdio,
                     "none" | "null" => SerialTarget::None,
@@ -698,7 +777,42 @@ impl Builder<'_> {
             daemonize: self.daemonize,
             pidfile: self.pidfile,
             notes: self.notes,
+            monitors: self.monitors,
+            start_paused: self.start_paused,
         })))
+    }
+
+    fn add_monitor(
+        &mut self,
+        option: &str,
+        mode: MonitorMode,
+        endpoint: Endpoint,
+    ) -> Result<(), CliError> {
+        if mode == MonitorMode::Control && endpoint == Endpoint::Stdio {
+            return err(
+                option,
+                CliErrorKind::Refused(
+                    "QMP on stdio is not supported by nicvm (use unix:PATH or tcp:HOST:PORT)"
+                        .into(),
+                ),
+            );
+        }
+        if self.monitors.iter().any(|m| m.endpoint == endpoint) {
+            if endpoint == Endpoint::Stdio {
+                // -monitor stdio and -serial mon:stdio: one monitor on the console.
+                return Ok(());
+            }
+            return err(
+                option,
+                CliErrorKind::Refused("another monitor already listens there".into()),
+            );
+        }
+        self.monitors.push(MonitorConfig {
+            mode,
+            endpoint,
+            option: option.to_string(),
+        });
+        Ok(())
     }
 
     fn note(&mut self, option: &str, text: &str) {
@@ -793,6 +907,134 @@ impl Builder<'_> {
             });
         }
         Ok(())
+    }
+}
+
+/// A character device as `-qmp`/`-monitor` take it: `unix:PATH[,server=on][,wait=off]`,
+/// `tcp:[HOST]:PORT[,...]`, `stdio`. QEMU's bare `server` and `nowait` are understood. Returns
+/// where to listen and a note when an option is not honoured as QEMU would.
+fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>), CliErrorKind> {
+    if spec == "stdio" {
+        return Ok((Endpoint::Stdio, None));
+    }
+    let mut parts = spec.split(',');
+    let head = parts.next().unwrap_or("");
+    let mut server = false;
+    let mut wait = true;
+    for p in parts {
+        match p.split_once('=') {
+            None if p == "server" => server = true,
+            None if p == "nowait" => wait = false,
+            None if p == "nodelay" => {}
+            Some(("server", v)) => server = on_off("server", v)?,
+            Some(("wait", v)) => wait = on_off("wait", v)?,
+            Some(("nodelay" | "ipv4" | "ipv6", _)) => {}
+            Some((k, _)) => return Err(OptionError::Unknown(k.into()).into()),
+            None => return Err(KeyValError::NeedsValue(p.into()).into()),
+        }
+    }
+    let endpoint = if let Some(path) = head.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(CliErrorKind::BadChardev(spec.into()));
+        }
+        Endpoint::Unix(path.into())
+    } else if let Some(hp) = head.strip_prefix("tcp:") {
+        Endpoint::Tcp(tcp_addr(hp)?)
+    } else {
+        return Err(CliErrorKind::BadChardev(spec.into()));
+    };
+    listening(server, wait).map(|note| (endpoint, note))
+}
+
+/// server=off (connecting out) is refused; wait=on (QEMU waits for a client before the
+/// guest starts) is accepted with a note.
+fn listening(server: bool, wait: bool) -> Result<Option<String>, CliErrorKind> {
+    if !server {
+        return Err(CliErrorKind::Refused(
+            "nicvm's monitors listen: give server=on (connecting out is not supported)".into(),
+        ));
+    }
+    Ok(wait.then(|| {
+        "wait=on: nicvm does not wait for a client, the guest starts at once (add -S to \
+         start it stopped)"
+            .to_string()
+    }))
+}
+
+fn tcp_addr(hp: &str) -> Result<std::net::SocketAddr, CliErrorKind> {
+    use std::net::ToSocketAddrs;
+    let (host, port) = hp
+        .rsplit_once(':')
+        .ok_or_else(|| CliErrorKind::BadChardev(format!("tcp:{hp}")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = if host.is_empty() { "0.0.0.0" } else { host };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| CliErrorKind::NotANumber(port.into()))?;
+    (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| CliErrorKind::BadChardev(format!("tcp:{hp}")))
+}
+
+/// `-chardev socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off` or `-chardev stdio,id=ID`.
+fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>), CliErrorKind> {
+    // QEMU's bare `server` and `nowait` words.
+    let fixed: Vec<String> = val
+        .split(',')
+        .map(|p| match p {
+            "server" => "server=on".to_string(),
+            "nowait" => "wait=off".to_string(),
+            p => p.to_string(),
+        })
+        .collect();
+    let mut kv = KeyVal::parse(&fixed.join(","), Some("backend"))?;
+    let Some(id) = kv.remove("id") else {
+        return Err(OptionError::Needs {
+            key: None,
+            what: "id=".into(),
+        }
+        .into());
+    };
+    match kv.first.as_deref() {
+        Some("stdio") => {
+            kv.remove("signal");
+            kv.remove("mux");
+            if let Some(k) = kv.unknown_key(&[]) {
+                return Err(OptionError::Unknown(k.into()).into());
+            }
+            Ok((id, Endpoint::Stdio, None))
+        }
+        Some("socket") => {
+            if let Some(k) = kv.unknown_key(&[
+                "path", "host", "port", "server", "wait", "nodelay", "ipv4", "ipv6",
+            ]) {
+                return Err(OptionError::Unknown(k.into()).into());
+            }
+            let server = kv.get("server").map(|v| on_off("server", v)).transpose()?;
+            let wait = kv.get("wait").map(|v| on_off("wait", v)).transpose()?;
+            let endpoint = match (kv.get("path"), kv.get("port")) {
+                (Some(p), None) if !p.is_empty() => Endpoint::Unix(p.into()),
+                (None, Some(port)) => Endpoint::Tcp(tcp_addr(&format!(
+                    "{}:{port}",
+                    kv.get("host").unwrap_or("")
+                ))?),
+                _ => {
+                    return Err(OptionError::Needs {
+                        key: None,
+                        what: "path= or port= (one of them)".into(),
+                    }
+                    .into())
+                }
+            };
+            let note = listening(server.unwrap_or(false), wait.unwrap_or(true))?;
+            Ok((id, endpoint, note))
+        }
+        Some(b) => Err(CliErrorKind::Refused(format!(
+            "backend '{b}' is not supported for monitors (socket, stdio)"
+        ))),
+        None => Err(CliErrorKind::NoModel),
     }
 }
 
@@ -1268,6 +1510,43 @@ mod tests {
             e.contains("1 '-net nic' but 0 backend(s) (-net dump not counted)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn monitors() {
+        let c = run("-kernel k -qmp unix:/tmp/q.sock,server,nowait -S \
+                     -chardev socket,id=m,host=127.0.0.1,port=4444,server=on,wait=off \
+                     -mon chardev=m,mode=control -serial mon:stdio -monitor stdio")
+        .unwrap();
+        assert!(c.start_paused);
+        assert_eq!(c.monitors.len(), 3, "{:?}", c.monitors);
+        assert_eq!(c.monitors[0].endpoint, Endpoint::Unix("/tmp/q.sock".into()));
+        assert_eq!(c.monitors[0].mode, MonitorMode::Control);
+        assert_eq!(
+            c.monitors[1].endpoint,
+            Endpoint::Tcp("127.0.0.1:4444".parse().unwrap())
+        );
+        assert_eq!(c.monitors[2].endpoint, Endpoint::Stdio);
+        assert_eq!(c.monitors[2].mode, MonitorMode::Readline);
+        let c = run("-kernel k -qmp tcp:localhost:4445,server").unwrap();
+        assert!(c.notes.iter().any(|n| n.text.contains("wait=on")));
+        for (line, option) in [
+            ("-qmp unix:/tmp/x", "-qmp"),
+            ("-qmp stdio", "-qmp"),
+            ("-qmp pipe:/tmp/x", "-qmp"),
+            ("-mon chardev=nope", "-mon"),
+            (
+                "-chardev socket,id=m,path=/tmp/m,server=on,wait=off -mon m,mode=json",
+                "-mon",
+            ),
+            ("-chardev socket,id=m -mon m", "-chardev"),
+            (
+                "-qmp unix:/tmp/a,server=on,wait=off -monitor unix:/tmp/a,server=on,wait=off",
+                "-monitor",
+            ),
+        ] {
+            assert_eq!(option_of(&format!("-kernel k {line}")), option, "{line}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use devices::e1000::E1000;
 use devices::interrupt::{IntxLine, IrqChip};
 use devices::legacy::{Cmos, Serial, I8042};
 use devices::lifecycle::{ExitReason, Lifecycle};
-use devices::net::{NetPort, Nic, NicStats};
+use devices::net::{NetPort, Nic, NicControl, NicStats};
 use devices::pci::{self, BarKind, HostBridge, PciConfigIo, PciDevice, PciRoot, PciWindow};
 use devices::pvpanic::PvPanic;
 use devices::rtl8139::Rtl8139;
@@ -182,6 +182,7 @@ struct NicParts {
     pci: Arc<Mutex<dyn PciDevice>>,
     subscriber: Subscriber,
     counters: Counters,
+    control: Arc<Mutex<dyn NicControl>>,
 }
 
 type Counters = Box<dyn Fn() -> NicStats + Send>;
@@ -191,6 +192,7 @@ fn nic_parts<M: devices::net::NicModel>(model: M, port: NetPort) -> NicParts {
     let counted = nic.clone();
     NicParts {
         pci: nic.clone(),
+        control: nic.clone(),
         subscriber: Box::new(nic),
         counters: Box::new(move || match counted.lock() {
             Ok(n) => n.stats(),
@@ -204,6 +206,8 @@ struct CountedNic {
     config: NicConfig,
     backend: &'static str,
     counters: Counters,
+    slot: u8,
+    control: Arc<Mutex<dyn NicControl>>,
 }
 
 pub struct Timing {
@@ -294,6 +298,10 @@ pub struct Vm {
     _guards: Guards,
     lifecycle: Arc<Lifecycle>,
     timing: Timing,
+    /// The running vCPU threads, for the monitor's pause; emptied before they are joined.
+    vcpu_pthreads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    /// The monitor on the console (`-serial mon:stdio`), if any.
+    console_monitor: Option<Arc<crate::monitor::Control>>,
     _vm: Arc<VmFd>,
 }
 
@@ -374,6 +382,7 @@ impl Vm {
                 new_files.creating(&d.file);
             }
             let parts = build_nic(cfg, spec, slot, &mem, &chip, &ioevents, &mut guards)?;
+            let control = parts.control.clone();
             assign_bars(
                 &mut *parts.pci.lock().unwrap(),
                 &mut io_next,
@@ -388,6 +397,8 @@ impl Vm {
                 config: spec.clone(),
                 backend: nd.backend.kind(),
                 counters: parts.counters,
+                slot,
+                control,
             });
             subscribers.push(parts.subscriber);
         }
@@ -464,8 +475,34 @@ impl Vm {
             _guards: guards,
             lifecycle,
             timing,
+            vcpu_pthreads: Arc::new(Mutex::new(vec![])),
+            console_monitor: None,
             _vm: vm,
         })
+    }
+
+    /// What the monitor needs: the NICs and the vCPU threads.
+    pub fn monitor_parts(
+        &self,
+    ) -> (
+        Vec<crate::monitor::NicEntry>,
+        Arc<Mutex<Vec<libc::pthread_t>>>,
+    ) {
+        let nics = self
+            .nics
+            .iter()
+            .map(|n| crate::monitor::NicEntry {
+                config: n.config.clone(),
+                slot: n.slot,
+                control: n.control.clone(),
+            })
+            .collect();
+        (nics, self.vcpu_pthreads.clone())
+    }
+
+    /// The console's monitor (`-serial mon:stdio`, `-monitor stdio`): Ctrl-a c switches to it.
+    pub fn set_console_monitor(&mut self, control: Arc<crate::monitor::Control>) {
+        self.console_monitor = Some(control);
     }
 
     /// Runs the guest until it ends, a signal arrives or the user quits, and says why. The
@@ -497,9 +534,10 @@ impl Vm {
             let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Host("eventfd", e))?;
             let thread_stop = stop.try_clone().map_err(|e| VmError::Host("eventfd", e))?;
             let (s, l) = (self.serial.clone(), self.lifecycle.clone());
+            let monitor = self.console_monitor.clone();
             let thread = std::thread::Builder::new()
                 .name("console".into())
-                .spawn(move || console::pump_stdin(s, l, tty, thread_stop))
+                .spawn(move || console::pump_stdin(s, l, tty, thread_stop, monitor))
                 .map_err(|e| VmError::Host("console thread", e))?;
             self.console = Some(ConsoleThread {
                 stop,
@@ -518,6 +556,7 @@ impl Vm {
                 self.lifecycle.clone(),
             )
             .map_err(|e| VmError::Host("vCPU thread", e))?;
+            self.vcpu_pthreads.lock().unwrap().push(t.pthread());
             self.vcpu_threads.push(t);
         }
         Ok(())
@@ -528,6 +567,8 @@ impl Vm {
     fn stop(&mut self) {
         self.lifecycle
             .request_exit(ExitReason::Error("the VM was stopped".into()));
+        // No kick from the monitor reaches a thread once it may have been joined.
+        self.vcpu_pthreads.lock().unwrap().clear();
         for t in self.vcpu_threads.drain(..) {
             t.stop();
         }

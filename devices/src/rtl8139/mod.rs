@@ -34,7 +34,7 @@ pub mod driver;
 mod tests;
 
 use crate::interrupt::IntxLine;
-use crate::net::{NetPort, NicModel, Rx, Timer};
+use crate::net::{NetPort, NicModel, Rx, RxFilter, RxState, Timer};
 use crate::pci::{BarKind, PciConfig, PCI_COMMAND_INTX_DISABLE};
 use desc::Tally;
 use eeprom::Eeprom93c46;
@@ -692,5 +692,37 @@ impl NicModel for Rtl8139 {
 
     fn interrupts(&self) -> u64 {
         self.interrupts
+    }
+
+    fn rx_filter(&self) -> RxFilter {
+        let rcr = self.get32(RCR);
+        let mar = &self.regs[MAR0..MAR0 + 8];
+        let multicast = if rcr & RCR_AM == 0 || mar.iter().all(|&b| b == 0) {
+            RxState::None
+        } else if mar.iter().all(|&b| b == 0xff) {
+            RxState::All
+        } else {
+            RxState::Normal
+        };
+        RxFilter {
+            main_mac: self.station_address(),
+            promiscuous: rcr & RCR_AAP != 0,
+            broadcast_allowed: rcr & RCR_AB != 0,
+            unicast: if rcr & RCR_AAP != 0 {
+                RxState::All
+            } else if rcr & RCR_APM != 0 {
+                RxState::Normal
+            } else {
+                RxState::None
+            },
+            multicast,
+            vlan: RxState::All,
+            unicast_overflow: false,
+            // A 64-bit hash, not a table of addresses.
+            multicast_overflow: multicast == RxState::Normal,
+            unicast_table: vec![],
+            multicast_table: vec![],
+            vlan_table: vec![],
+        }
     }
 }

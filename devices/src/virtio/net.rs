@@ -10,7 +10,7 @@
 use super::transport::*;
 use super::*;
 use crate::interrupt::{IntxLine, IrqChip};
-use crate::net::{NetPort, NicModel, Rx, Sent};
+use crate::net::{NetPort, NicModel, Rx, RxFilter, Sent};
 use crate::pci::{BarKind, Msix, PciConfig};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
 use net_backends::{Capabilities, MacAddr, Offloads, MAX_FRAME};
@@ -772,6 +772,11 @@ impl NicModel for VirtioNet {
 
     fn interrupts(&self) -> u64 {
         self.interrupts
+    }
+
+    /// No control queue: the device filters nothing.
+    fn rx_filter(&self) -> RxFilter {
+        RxFilter::open(self.mac.0)
     }
 }
 

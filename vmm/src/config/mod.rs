@@ -39,6 +39,36 @@ pub struct Config {
     /// What QEMU options that change nothing here were given, each said once at start
     /// (`-display none`, `-cpu host`, ...), and warnings about accepted options.
     pub notes: Vec<Note>,
+    /// `-qmp`, `-monitor`, `-mon`, `-serial mon:stdio`: the control channels.
+    pub monitors: Vec<MonitorConfig>,
+    /// `-S`: the guest starts stopped (QMP `cont` starts it).
+    pub start_paused: bool,
+}
+
+/// Which protocol a monitor speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitorMode {
+    /// QMP: JSON.
+    Control,
+    /// HMP: the human monitor's text commands.
+    Readline,
+}
+
+/// Where a monitor listens (nicvm is always the server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+    /// The console: the serial port and the monitor share it (Ctrl-a c switches).
+    Stdio,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonitorConfig {
+    pub mode: MonitorMode,
+    pub endpoint: Endpoint,
+    /// The option it came from, as messages name it.
+    pub option: String,
 }
 
 /// A message about an accepted option, printed at start.
