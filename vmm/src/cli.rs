@@ -160,13 +160,15 @@ Machine:
   -initrd FILE           initramfs
   -append STRING         kernel command line
   -name NAME             name shown in messages
-  -serial stdio|file:PATH|none
-                         where COM1 goes (default stdio)
+  -serial stdio|mon:stdio|file:PATH|none
+                         where COM1 goes (default stdio); mon:stdio shares the console
+                         with the human monitor (Ctrl-a c switches)
   -nographic             accepted for QEMU compatibility (nicvm never opens a window)
   -no-reboot             a guest reboot ends nicvm (always the case)
   -daemonize             run in the background once set up (set-up errors still reach
                          the caller and the exit status)
   -pidfile FILE          write nicvm's pid to FILE (removed at exit)
+  -S                     start the guest stopped (QMP cont starts it)
   Accepted with a note, as they change nothing here: -enable-kvm, -accel kvm,
   -M/-machine pc|q35[,accel=kvm], -cpu host|max, -display none, -vga none, -nodefaults
   (no default NIC), -snapshot (there are no disks). See docs/qemu-compat.md.
@@ -186,12 +188,21 @@ Network:
   -object filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]
                                write the netdev's frames, both ways, to a pcap file
 
+Monitors (nicvm listens; server=on, wait=off):
+  -qmp unix:PATH,server=on,wait=off | tcp:[HOST]:PORT,server=on,wait=off
+                               QMP, QEMU's JSON monitor (several clients)
+  -monitor unix:...|tcp:...|stdio
+                               the human monitor (HMP)
+  -chardev socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off  -chardev stdio,id=ID
+  -mon chardev=ID[,mode=control|readline]
+
 Other:
   -h, --help             this text
   --version              version and what kind of KVM host this is
 
 Console: when stdin is a terminal, Ctrl-a x quits, Ctrl-a h lists the escapes.
-Exit status: 0 guest reboot/poweroff or user quit; 1 bad options or setup failure;
+Exit status: 0 guest reboot/poweroff, user or monitor quit, SIGINT/TERM/HUP/USR1;
+1 bad options or setup failure;
 2 guest kernel panic; 3 guest crash (triple fault, emulation failure) or nicvm error.
 ";
 
