@@ -196,6 +196,51 @@ fn qmp_commands_errors_and_events_on_a_stopped_vm() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// -serial unix:PATH,server=on,wait=off: the guest's console on a socket, and
+/// -serial chardev:ID naming a -chardev socket; both removed at exit.
+#[test]
+fn serial_console_on_a_unix_socket() {
+    let Some(img) = image() else { return };
+    let dir = temp("serial");
+    let sock = dir.join("serial.sock");
+    let vm = spawn(
+        &img,
+        "nicvm.run=exit",
+        &[
+            "-display",
+            "none",
+            "-nic",
+            "none",
+            "-chardev",
+            &format!("socket,id=s0,path={},server=on,wait=off", sock.display()),
+            "-serial",
+            "chardev:s0",
+        ],
+        Stdio::null(),
+    );
+    wait_for(&sock);
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(240))).unwrap();
+    let mut console = String::new();
+    for l in BufReader::new(s).lines() {
+        let Ok(l) = l else { break };
+        console.push_str(&l);
+        console.push('\n');
+        if l.contains("NICVM-EXIT") {
+            break;
+        }
+    }
+    let (code, out, err) = vm.wait(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        console.contains("NICVM-READY"),
+        "the console on the socket:\n{console}"
+    );
+    assert!(out.is_empty(), "nothing on stdout: {out}");
+    assert!(!sock.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Reads from an HMP socket until the prompt; returns what came before it.
 fn hmp_read(r: &mut BufReader<UnixStream>) -> String {
     let mut got = Vec::new();

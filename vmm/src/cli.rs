@@ -51,7 +51,7 @@ pub enum CliErrorKind {
     NoCpu,
     #[error("{0} CPUs requested, nicvm supports at most {MAX_CPUS}")]
     TooManyCpus(u32),
-    #[error("'{0}' is not supported (stdio, file:PATH, none)")]
+    #[error("'{0}' is not supported (stdio, mon:stdio, file:PATH, unix:PATH,server=on, tcp:HOST:PORT,server=on, pty, chardev:ID, none)")]
     BadSerial(String),
     #[error("a kernel is required (-kernel FILE)")]
     NoKernel,
@@ -160,7 +160,8 @@ Machine:
   -initrd FILE           initramfs
   -append STRING         kernel command line
   -name NAME             name shown in messages
-  -serial stdio|mon:stdio|file:PATH|none
+  -serial stdio|mon:stdio|file:PATH|unix:PATH,server=on,wait=off|tcp:HOST:PORT,server=on,...
+          |pty|chardev:ID|none
                          where COM1 goes (default stdio); mon:stdio shares the console
                          with the human monitor (Ctrl-a c switches)
   -nographic             accepted for QEMU compatibility (nicvm never opens a window)
@@ -323,6 +324,8 @@ struct Builder<'a> {
     /// `-chardev` ids and where they listen.
     chardevs: Vec<(String, Endpoint)>,
     start_paused: bool,
+    /// `-serial chardev:ID`.
+    serial_chardev: Option<String>,
 }
 
 /// A netdev from `origin` (`-netdev`, `-nic`, `-net`), every option checked. Errors in its
@@ -451,6 +454,7 @@ where
         monitors: vec![],
         chardevs: vec![],
         start_paused: false,
+        serial_chardev: None,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -586,9 +590,23 @@ where
                 if val == "mon:stdio" {
                     b.add_monitor(&opt, MonitorMode::Readline, Endpoint::Stdio)?;
                 }
+                b.serial_chardev = None;
                 b.serial = match val.as_str() {
                     "stdio" | "mon:stdio" => SerialTarget::Stdio,
                     "none" | "null" => SerialTarget::None,
+                    "pty" => SerialTarget::Pty,
+                    v if v.starts_with("unix:") || v.starts_with("tcp:") => {
+                        let (endpoint, note) = chardev_spec(v).or_else(|e| err(&opt, e))?;
+                        if let Some(n) = note {
+                            b.note(&opt, &n);
+                        }
+                        SerialTarget::Socket(endpoint)
+                    }
+                    v if v.starts_with("chardev:") => {
+                        // Resolved once every -chardev is known.
+                        b.serial_chardev = Some(v["chardev:".len()..].to_string());
+                        SerialTarget::None
+                    }
                     v => match v.strip_prefix("file:") {
                         Some(p) if !p.is_empty() => SerialTarget::File(p.into()),
                         _ => return err(&opt, CliErrorKind::BadSerial(val)),
@@ -757,6 +775,21 @@ impl Builder<'_> {
             }
         }
         let mut serial = self.serial;
+        if let Some(id) = self.serial_chardev.take() {
+            match self.chardevs.iter().find(|(i, _)| *i == id) {
+                Some((_, Endpoint::Stdio)) => serial = SerialTarget::Stdio,
+                Some((_, e)) => serial = SerialTarget::Socket(e.clone()),
+                None => return err("-serial", CliErrorKind::UndefinedChardev(id)),
+            }
+        }
+        if let SerialTarget::Socket(e) = &serial {
+            if self.monitors.iter().any(|m| m.endpoint == *e) {
+                return err(
+                    "-serial",
+                    CliErrorKind::Refused("a monitor already listens there".into()),
+                );
+            }
+        }
         if self.nodefaults && !self.serial_given {
             serial = SerialTarget::None;
         }
@@ -1539,6 +1572,24 @@ mod tests {
         );
         assert_eq!(c.monitors[2].endpoint, Endpoint::Stdio);
         assert_eq!(c.monitors[2].mode, MonitorMode::Readline);
+        let c = run("-kernel k -serial unix:/tmp/s.sock,server=on,wait=off").unwrap();
+        assert_eq!(
+            c.serial,
+            SerialTarget::Socket(Endpoint::Unix("/tmp/s.sock".into()))
+        );
+        assert_eq!(
+            run("-kernel k -serial pty").unwrap().serial,
+            SerialTarget::Pty
+        );
+        let c = run("-kernel k -serial chardev:s -chardev socket,id=s,port=5555,server,nowait")
+            .unwrap();
+        assert!(matches!(c.serial, SerialTarget::Socket(Endpoint::Tcp(_))));
+        assert_eq!(option_of("-kernel k -serial chardev:nope"), "-serial");
+        assert_eq!(
+            option_of("-kernel k -serial unix:/tmp/s"),
+            "-serial",
+            "server=on needed"
+        );
         let c = run("-kernel k -qmp tcp:localhost:4445,server").unwrap();
         assert!(c.notes.iter().any(|n| n.text.contains("wait=on")));
         for (line, option) in [

@@ -117,6 +117,7 @@ pub fn pump_stdin(
     escapes: bool,
     stop: vmm_sys_util::eventfd::EventFd,
     monitor: Option<Arc<crate::monitor::Control>>,
+    monitor_first: bool,
 ) {
     // With a monitor on the console the escapes work on a pipe too (as QEMU's mux does).
     let escapes = escapes || monitor.is_some();
@@ -125,6 +126,9 @@ pub fn pump_stdin(
         active: false,
         line: vec![],
     });
+    if let Some(m) = monitor.as_mut().filter(|_| monitor_first) {
+        m.toggle();
+    }
     use std::os::fd::AsRawFd;
     let mut buf = [0u8; 256];
     let mut escape_pending = false;

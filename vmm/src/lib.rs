@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod mptable;
 pub mod netdev;
 pub mod qemu_compat;
+pub mod serial_io;
 pub mod signals;
 pub mod vcpu;
 pub mod vm;

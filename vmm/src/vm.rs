@@ -65,6 +65,8 @@ pub enum VmError {
     Netdev(#[from] OpenError),
     #[error("-serial: cannot create {0}: {1}")]
     Serial(PathBuf, std::io::Error),
+    #[error("-serial: {0}")]
+    SerialIo(std::io::Error),
     #[error("-object filter-dump,id={id}: cannot create {path}: {source}")]
     Dump {
         id: String,
@@ -286,6 +288,8 @@ pub struct Vm {
     vcpu_threads: Vec<VcpuThread>,
     io: Option<IoThread>,
     console: Option<ConsoleThread>,
+    /// The serial port on a socket or a pty, and its thread.
+    serial_io: Option<crate::serial_io::SerialIo>,
     /// Set up, not yet running (taken by `run`).
     vcpus: Vec<VcpuFd>,
     subscribers: Vec<Subscriber>,
@@ -342,6 +346,7 @@ impl Vm {
         vm.register_irqfd(&com1_irq, COM1_IRQ)
             .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
         let mut new_files = NewFiles::default();
+        let mut serial_io = None;
         let out: Box<dyn Write + Send> = match &cfg.serial {
             SerialTarget::Stdio => Box::new(console::Stdout),
             SerialTarget::File(p) => {
@@ -349,6 +354,18 @@ impl Vm {
                 Box::new(std::fs::File::create(p).map_err(|e| VmError::Serial(p.clone(), e))?)
             }
             SerialTarget::None => Box::new(std::io::sink()),
+            SerialTarget::Socket(e) => {
+                let io = crate::serial_io::SerialIo::socket(e).map_err(VmError::SerialIo)?;
+                let w = io.writer();
+                serial_io = Some(io);
+                w
+            }
+            SerialTarget::Pty => {
+                let io = crate::serial_io::SerialIo::pty().map_err(VmError::SerialIo)?;
+                let w = io.writer();
+                serial_io = Some(io);
+                w
+            }
         };
         let serial = Arc::new(Mutex::new(Serial::new(com1_irq, out)));
         pio.insert(COM1_PORT, 8, serial.clone())?;
@@ -465,6 +482,7 @@ impl Vm {
             vcpu_threads: vec![],
             io: None,
             console: None,
+            serial_io,
             vcpus,
             subscribers,
             nics,
@@ -524,7 +542,9 @@ impl Vm {
     }
 
     fn start(&mut self) -> Result<(), VmError> {
-        if self.serial_target == SerialTarget::Stdio {
+        // The console thread: for a serial console on stdio, and for a monitor there
+        // (`-monitor stdio` with the serial port elsewhere: the monitor has the console).
+        if self.serial_target == SerialTarget::Stdio || self.console_monitor.is_some() {
             let tty = console::stdin_is_tty();
             if tty {
                 if let Err(e) = console::enter_raw_mode() {
@@ -535,14 +555,19 @@ impl Vm {
             let thread_stop = stop.try_clone().map_err(|e| VmError::Host("eventfd", e))?;
             let (s, l) = (self.serial.clone(), self.lifecycle.clone());
             let monitor = self.console_monitor.clone();
+            let monitor_first = self.serial_target != SerialTarget::Stdio;
             let thread = std::thread::Builder::new()
                 .name("console".into())
-                .spawn(move || console::pump_stdin(s, l, tty, thread_stop, monitor))
+                .spawn(move || console::pump_stdin(s, l, tty, thread_stop, monitor, monitor_first))
                 .map_err(|e| VmError::Host("console thread", e))?;
             self.console = Some(ConsoleThread {
                 stop,
                 thread: Some(thread),
             });
+        }
+        if let Some(s) = &mut self.serial_io {
+            s.start(self.serial.clone())
+                .map_err(|e| VmError::Host("serial thread", e))?;
         }
         self.io = IoThread::spawn(std::mem::take(&mut self.subscribers))
             .map_err(|e| VmError::Host("I/O thread", e))?;
@@ -574,6 +599,7 @@ impl Vm {
         }
         self.io = None;
         self.console = None;
+        self.serial_io = None;
     }
 }
 

@@ -97,6 +97,10 @@ pub enum SerialTarget {
     Stdio,
     File(PathBuf),
     None,
+    /// `unix:PATH,server=on,...`, `tcp:HOST:PORT,server=on,...`: one client at a time.
+    Socket(Endpoint),
+    /// `pty`: a pseudo-terminal, its name printed at start.
+    Pty,
 }
 
 /// `-netdev TYPE,id=ID,...` (or the backend half of `-nic`, `-net`, the default network).
