@@ -439,7 +439,7 @@ fn expect_line(lines: &mut impl Iterator<Item = String>, seen: &mut String, want
 
 /// One guest boot, four NIC personalities (e1000, virtio-net, rtl8139 as 8139cp and as
 /// 8139too): QMP set_link off makes every driver report the carrier down, on brings it back
-/// (8139too polls its PHY once a minute, hence the long waits); query-rx-filter shows what
+/// and each gets a new DHCP lease over it; query-rx-filter shows what
 /// the guest programmed (promiscuous mode, a multicast group); a client watching from the
 /// start hears NIC_RX_FILTER_CHANGED, and GUEST_PANICKED then SHUTDOWN when the guest ends
 /// with a kernel panic (exit status 2).
@@ -455,6 +455,7 @@ fn link_flap_rx_filters_and_a_guest_panic() {
     let mut steps: Vec<String> = vec!["promisc:eth1".into(), "promisc:eth2".into()];
     steps.extend(ifaces.iter().map(|i| format!("carrierwait:{i}:0")));
     steps.extend(ifaces.iter().map(|i| format!("carrierwait:{i}:1")));
+    steps.extend(ifaces.iter().map(|i| format!("dhcp:{i}")));
     steps.push("mcast:eth1:239.1.2.3:5000:1".into());
     steps.push("panic".into());
     let append = format!("nicvm.run={}", steps.join(","));
@@ -555,6 +556,14 @@ fn link_flap_rx_filters_and_a_guest_panic() {
         );
     }
     assert!(flap.wait().unwrap().success());
+    // Each NIC gets a new lease over the link that came back.
+    for i in ifaces {
+        expect_line(
+            &mut lines,
+            &mut seen,
+            &format!("NICVM-LEASE iface={i} lease=10.0.2.15/24"),
+        );
+    }
     // A multicast group joined on the e1000: Linux puts it in an exact filter (RA[1..]).
     expect_line(&mut lines, &mut seen, "NICVM-MCASTLISTEN");
     let out = python(&py, &["filter", sock.to_str().unwrap(), "e"]);
