@@ -807,6 +807,28 @@ impl NetBackend for Vde {
 mod tests {
     use super::*;
 
+    /// A private directory whose nicvm was killed (SIGKILL: its Drop never ran) is removed
+    /// when the next one starts; a live process's directory is left alone.
+    #[test]
+    fn stale_private_directories_are_removed() {
+        let base = std::env::temp_dir().join(format!("nicvm-vde-stale.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        // Above any pid_max: no such process.
+        let stale = base.join("nicvm-vde.4194305.0.1f");
+        let live = base.join("nicvm-vde.1.0.2f");
+        let other = base.join("not-ours.4194305");
+        for d in [&stale, &live, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(stale.join("data"), b"").unwrap();
+        remove_stale_private_dirs(&base);
+        assert!(!stale.exists(), "the dead process's directory is gone");
+        assert!(live.exists(), "pid 1 is alive: its directory stays");
+        assert!(other.exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
     #[test]
     fn request_layout() {
         let r = request(5, Path::new("/tmp/x/data"), "nicvm").unwrap();

@@ -338,6 +338,21 @@ fn netdev_config(
     user_id: bool,
 ) -> Result<NetdevConfig, CliError> {
     let (ty, id) = netdev_opts::header(&mut kv).or_else(|e| err(origin, e))?;
+    // QEMU's rule for ids; it also keeps the ids nicvm makes for -nic and -net apart.
+    let well_formed = id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if user_id && !well_formed {
+        return err(
+            origin,
+            OptionError::NotA {
+                key: "id".into(),
+                value: id,
+                what: "an id (a letter, then letters, digits, '-', '.' or '_')",
+            },
+        );
+    }
     let option = if user_id {
         format!("{origin} {},id={id}", ty.name())
     } else {
@@ -713,7 +728,7 @@ impl Builder<'_> {
         self.legacy_net()?;
         for (i, n) in self.netdevs.iter().enumerate() {
             if self.netdevs[..i].iter().any(|m| m.id == n.id) {
-                return err("-netdev", CliErrorKind::DuplicateId(n.id.clone()));
+                return err(&n.option, CliErrorKind::DuplicateId(n.id.clone()));
             }
         }
         check_tap_fds(&self.netdevs)?;
@@ -1365,7 +1380,17 @@ mod tests {
         assert_eq!(option_of("-kernel k -netdev user,id=a,,b,x"), "-netdev");
         assert_eq!(
             option_of("-kernel k -netdev user,id=a -netdev tap,id=a"),
-            "-netdev"
+            "-netdev tap,id=a"
+        );
+        assert_eq!(
+            option_of("-kernel k -nic user,id=a -nic user,id=a"),
+            "-nic user,id=a",
+            "the second one is named"
+        );
+        let e = run("-kernel k -nic user -netdev user,id=__nic0").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "-netdev: id: '__nic0' is not an id (a letter, then letters, digits, '-', '.' or '_')"
         );
         assert_eq!(option_of("-kernel k -device ne2k_pci,netdev=a"), "-device");
         assert_eq!(
