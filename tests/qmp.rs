@@ -610,7 +610,8 @@ fn link_flap_rx_filters_and_a_guest_panic() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// quit ends the VM with status 0 and the tap's downscript runs (root and /dev/net/tun only).
+/// quit ends the VM with status 0 and the tap's downscript runs; with script=no the tap stays
+/// down and a warning says so (root and /dev/net/tun only).
 #[test]
 fn quit_runs_the_downscripts() {
     let Some(img) = image() else { return };
@@ -652,6 +653,11 @@ fn quit_runs_the_downscripts() {
     assert!(out.contains("host-qmp-quit"), "{out}");
     let (code, out, err) = vm.wait(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        err.contains(&format!("tap {ifname}: no ifup script ran (script=no)"))
+            && err.contains("stays down"),
+        "script=no on a tap that is down is said once: {err}"
+    );
     assert_eq!(
         std::fs::read_to_string(&log).unwrap_or_default(),
         format!("down {ifname}\n"),

@@ -651,6 +651,15 @@ impl NicModel for E1000 {
         self.interrupts
     }
 
+    fn filter_register(&self, bar: usize, offset: u64) -> bool {
+        let o = offset as usize;
+        match bar {
+            MMIO_BAR => o == RCTL || (MTA..VFTA + 0x200).contains(&o),
+            // IODATA reaches any register.
+            _ => offset == IODATA,
+        }
+    }
+
     fn rx_filter(&self) -> RxFilter {
         let rctl = self.reg(RCTL);
         let mut unicast_table = vec![];

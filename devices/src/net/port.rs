@@ -90,6 +90,11 @@ pub trait NicModel: Send + 'static {
     fn link_changed(&mut self, _port: &mut NetPort, _up: bool) {}
     /// What the receive filter lets through, from the registers (QMP's query-rx-filter).
     fn rx_filter(&self) -> RxFilter;
+    /// Whether a guest write there may change the receive filter (only then is it looked
+    /// at again for NIC_RX_FILTER_CHANGED).
+    fn filter_register(&self, _bar: usize, _offset: u64) -> bool {
+        true
+    }
 }
 
 /// How one class of frames is filtered (QEMU's RxState).
@@ -699,7 +704,9 @@ impl<M: NicModel> PciDevice for Nic<M> {
     }
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         self.model.bar_write(&mut self.port, bar, offset, data);
-        self.check_filter();
+        if self.filter_watch.is_some() && self.model.filter_register(bar, offset) {
+            self.check_filter();
+        }
     }
 }
 

@@ -717,6 +717,11 @@ impl NicModel for Rtl8139 {
         self.interrupts
     }
 
+    fn filter_register(&self, _bar: usize, offset: u64) -> bool {
+        let o = offset as usize;
+        (IDR0..MAR0 + 8).contains(&o) || (RCR..RCR + 4).contains(&o)
+    }
+
     fn rx_filter(&self) -> RxFilter {
         let rcr = self.get32(RCR);
         let mar = &self.regs[MAR0..MAR0 + 8];

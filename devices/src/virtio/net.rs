@@ -774,6 +774,10 @@ impl NicModel for VirtioNet {
         self.interrupts
     }
 
+    fn filter_register(&self, _bar: usize, _offset: u64) -> bool {
+        false
+    }
+
     /// No control queue: the device filters nothing.
     fn rx_filter(&self) -> RxFilter {
         RxFilter::open(self.mac.0)
