@@ -279,3 +279,119 @@ fn tap_fd_that_is_not_a_tap() {
         "-netdev tap,id=a: fd=5: not an open tap file descriptor",
     );
 }
+
+/// QEMU's listings print what there is and exit 0, with no guest started.
+#[test]
+fn qemu_listings_exit_0() {
+    for (a, expect) in [
+        (&["-netdev", "help"][..], "Available netdev backend types:"),
+        (&["-device", "help"][..], "name \"virtio-net-pci\""),
+        (&["-device", "e1000,help"][..], "e1000 options:"),
+        (&["-device", "rtl8139,?"][..], "cplus=<bool>"),
+        (&["-nic", "model=help"][..], "Supported NIC models:"),
+    ] {
+        let o = run(&args(a), Duration::from_secs(30));
+        assert_eq!(o.code, Some(0), "{a:?}\n{}", o.dump());
+        assert!(o.stdout.contains(expect), "{a:?}\n{}", o.dump());
+        assert!(o.stderr.is_empty(), "{a:?}\n{}", o.dump());
+    }
+}
+
+/// Pasted options that contradict nicvm's machine: one line, naming the option, with why.
+#[test]
+fn qemu_options_that_contradict_the_machine() {
+    let k = kernel();
+    expect_error(&["-kernel", &k, "-machine", "microvm"], "-machine");
+    expect_error(&["-kernel", &k, "-accel", "tcg"], "-accel");
+    expect_error(&["-kernel", &k, "-cpu", "Skylake-Client"], "-cpu");
+    expect_error(&["-kernel", &k, "-smp", "4,sockets=3"], "-smp");
+    expect_error(
+        &["-kernel", &k, "-nic", "user,model=e1000,model=e1000"],
+        "-nic",
+    );
+    expect_error(
+        &["-kernel", &k, "-netdev", "tap,id=t,queues=2"],
+        "-netdev tap,id=t",
+    );
+    expect_error(
+        &[
+            "-kernel",
+            &k,
+            "-nic",
+            "user,id=u",
+            "-device",
+            "e1000,netdev=x,vectors=3",
+        ],
+        "-device e1000",
+    );
+    expect_error(&["-kernel", &k, "-net", "nic", "-net", "dump"], "-net");
+    expect_error(
+        &[
+            "-kernel",
+            &k,
+            "-daemonize",
+            "-nographic",
+            "-serial",
+            "stdio",
+        ],
+        "-daemonize",
+    );
+}
+
+/// -daemonize: a set-up error after the fork still reaches the caller's stderr and exit
+/// status, and the pid file is gone.
+#[test]
+fn daemonize_reports_set_up_errors_to_the_caller() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("nicvm-daemon-test.{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("not-a-kernel");
+    std::fs::write(&junk, vec![0x42u8; 4096]).unwrap();
+    let pidfile = dir.join("pid");
+    let a = [
+        "-daemonize",
+        "-display",
+        "none",
+        "-pidfile",
+        pidfile.to_str().unwrap(),
+        "-kernel",
+        junk.to_str().unwrap(),
+        "-nic",
+        "none",
+    ];
+    expect_error(&a, "-kernel");
+    assert!(!pidfile.exists(), "the pid file is removed");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A capture file the set-up created is removed when a later NIC fails to open.
+#[test]
+fn no_capture_file_is_left_when_set_up_fails() {
+    let k = kernel();
+    let pcap = std::env::temp_dir().join(format!("nicvm-left.{}.pcap", std::process::id()));
+    let a = [
+        "-kernel",
+        &k,
+        "-nic",
+        "user,id=u",
+        "-object",
+        &format!("filter-dump,id=f,netdev=u,file={}", pcap.display()),
+        "-nic",
+        "vde,sock=/nonexistent/vde.ctl",
+    ];
+    let o = run(&args(&a), Duration::from_secs(30));
+    assert_eq!(o.code, Some(1), "{}", o.dump());
+    assert!(
+        !pcap.exists(),
+        "{} left behind\n{}",
+        pcap.display(),
+        o.dump()
+    );
+}

@@ -1,7 +1,7 @@
 //! How the guest (or the user) ends a VM: every path records one reason and wakes the main
 //! thread, which cleans up and exits with that reason's code.
 
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,11 @@ impl ExitReason {
 pub struct Lifecycle {
     reason: Mutex<Option<ExitReason>>,
     event: EventFd,
+    /// The monitor stopped the guest (QMP stop, -S): vCPUs wait until it is cleared.
+    paused: Mutex<bool>,
+    resumed: Condvar,
+    /// vCPUs waiting in [`Lifecycle::wait_while_paused`].
+    parked: std::sync::atomic::AtomicUsize,
 }
 
 impl Lifecycle {
@@ -41,7 +46,39 @@ impl Lifecycle {
         Ok(Self {
             reason: Mutex::new(None),
             event: EventFd::new(EFD_NONBLOCK)?,
+            paused: Mutex::new(false),
+            resumed: Condvar::new(),
+            parked: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Stops (true) or resumes the vCPUs. A vCPU in the guest only sees it once kicked out.
+    pub fn set_paused(&self, paused: bool) {
+        *self.paused.lock().unwrap() = paused;
+        self.resumed.notify_all();
+    }
+
+    pub fn paused(&self) -> bool {
+        *self.paused.lock().unwrap()
+    }
+
+    /// For vCPU threads: returns when the VM is not paused, or is ending.
+    pub fn wait_while_paused(&self) {
+        use std::sync::atomic::Ordering;
+        let mut p = self.paused.lock().unwrap();
+        if !*p {
+            return;
+        }
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        while *p && !self.exit_requested() {
+            p = self.resumed.wait(p).unwrap();
+        }
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// How many vCPUs are stopped by a pause now.
+    pub fn parked(&self) -> usize {
+        self.parked.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Records the first reason given; later ones are ignored.
@@ -50,6 +87,10 @@ impl Lifecycle {
         if r.is_none() {
             *r = Some(reason);
             let _ = self.event.write(1);
+            drop(r);
+            // Paused vCPUs wake up to end.
+            let _p = self.paused.lock().unwrap();
+            self.resumed.notify_all();
         }
     }
 

@@ -199,10 +199,46 @@ pub fn ctl_candidates(sock: Option<&Path>) -> Vec<PathBuf> {
 /// A private directory removed (with what is left in it) when dropped.
 struct PrivateDir(PathBuf);
 
+/// Removes the private directories of nicvm processes that are gone (killed with SIGKILL,
+/// so their Drop never ran): `nicvm-vde.PID.*` whose PID no longer exists.
+fn remove_stale_private_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten().take(10_000) {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("nicvm-vde.")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid <= 0 || pid == std::process::id() as i32 {
+            continue;
+        }
+        // SAFETY: signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        // Only our own directories (same owner) are touched.
+        let ours = e
+            .metadata()
+            .map(|m| {
+                // SAFETY: getuid cannot fail.
+                m.is_dir() && m.uid() == unsafe { libc::getuid() }
+            })
+            .unwrap_or(false);
+        if gone && ours {
+            log::debug!("removing stale VDE directory {}", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl PrivateDir {
     fn new() -> io::Result<PrivateDir> {
         static N: AtomicU64 = AtomicU64::new(0);
         let base = std::env::temp_dir();
+        remove_stale_private_dirs(&base);
         for _ in 0..100 {
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -770,6 +806,28 @@ impl NetBackend for Vde {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A private directory whose nicvm was killed (SIGKILL: its Drop never ran) is removed
+    /// when the next one starts; a live process's directory is left alone.
+    #[test]
+    fn stale_private_directories_are_removed() {
+        let base = std::env::temp_dir().join(format!("nicvm-vde-stale.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        // Above any pid_max: no such process.
+        let stale = base.join("nicvm-vde.4194305.0.1f");
+        let live = base.join("nicvm-vde.1.0.2f");
+        let other = base.join("not-ours.4194305");
+        for d in [&stale, &live, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(stale.join("data"), b"").unwrap();
+        remove_stale_private_dirs(&base);
+        assert!(!stale.exists(), "the dead process's directory is gone");
+        assert!(live.exists(), "pid 1 is alive: its directory stays");
+        assert!(other.exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn request_layout() {

@@ -4,10 +4,11 @@
 
 use crate::config::netdev::{self as netdev_opts, HeaderError};
 use crate::config::{
-    on_off, Backend, Config, DumpConfig, InheritedFds, NetdevConfig, NicConfig, NicModel,
-    OptionError, SerialTarget, TapDevice, TapOptions,
+    on_off, Backend, Config, DumpConfig, Endpoint, InheritedFds, MonitorConfig, MonitorMode,
+    NetdevConfig, NicConfig, NicModel, Note, OptionError, SerialTarget, TapDevice, TapOptions,
 };
 use crate::keyval::{KeyVal, KeyValError};
+use crate::qemu_compat;
 use net_backends::mac::ParseMacError;
 use net_backends::slirp::SlirpOptions;
 use net_backends::MacAddr;
@@ -50,7 +51,7 @@ pub enum CliErrorKind {
     NoCpu,
     #[error("{0} CPUs requested, nicvm supports at most {MAX_CPUS}")]
     TooManyCpus(u32),
-    #[error("'{0}' is not supported (stdio, file:PATH, none)")]
+    #[error("'{0}' is not supported (stdio, mon:stdio, file:PATH, unix:PATH,server=on, tcp:HOST:PORT,server=on, pty, chardev:ID, none)")]
     BadSerial(String),
     #[error("a kernel is required (-kernel FILE)")]
     NoKernel,
@@ -60,8 +61,20 @@ pub enum CliErrorKind {
     UnknownModel(String),
     #[error("needs a type (nic, user, tap, ...)")]
     NoNetType,
-    #[error("{nics} '-net nic' but {backends} backend(s): give one backend per NIC")]
-    NetCount { nics: usize, backends: usize },
+    #[error("{vlan}{nics} '-net nic' but {backends} backend(s) (-net dump not counted): give one backend per NIC")]
+    NetCount {
+        vlan: String,
+        nics: usize,
+        backends: usize,
+    },
+    #[error("-net dump: no backend on {0} to capture")]
+    DumpWithoutBackend(String),
+    #[error("model= is given more than once")]
+    RepeatedModel,
+    #[error("{0}")]
+    Refused(String),
+    #[error("{key}: only virtio-net-pci has this property")]
+    VirtioOnly { key: String },
     #[error("duplicate id '{0}'")]
     DuplicateId(String),
     #[error("needs netdev=ID naming a -netdev")]
@@ -94,6 +107,10 @@ pub enum CliErrorKind {
     BadMaxlen(String),
     #[error("queue: only 'all' is supported, not '{0}'")]
     BadQueue(String),
+    #[error("chardev '{0}' is not defined by any -chardev")]
+    UndefinedChardev(String),
+    #[error("'{0}' is not supported (unix:PATH or tcp:HOST:PORT, with server=on; stdio)")]
+    BadChardev(String),
     #[error("one capture per netdev and per id ('{0}')")]
     DuplicateDump(String),
 }
@@ -125,6 +142,8 @@ pub enum Action {
     Run(Box<Config>),
     Help,
     Version,
+    /// `-device help`, `-netdev help`, ...: the text to print (exit 0).
+    Listing(String),
 }
 
 pub const MAX_CPUS: u8 = 8;
@@ -141,11 +160,19 @@ Machine:
   -initrd FILE           initramfs
   -append STRING         kernel command line
   -name NAME             name shown in messages
-  -serial stdio|file:PATH|none
-                         where COM1 goes (default stdio)
+  -serial stdio|mon:stdio|file:PATH|unix:PATH,server=on,wait=off|tcp:HOST:PORT,server=on,...
+          |pty|chardev:ID|none
+                         where COM1 goes (default stdio); mon:stdio shares the console
+                         with the human monitor (Ctrl-a c switches)
   -nographic             accepted for QEMU compatibility (nicvm never opens a window)
   -no-reboot             a guest reboot ends nicvm (always the case)
-  -enable-kvm            accepted for QEMU compatibility (KVM is always used)
+  -daemonize             run in the background once set up (set-up errors still reach
+                         the caller and the exit status)
+  -pidfile FILE          write nicvm's pid to FILE (removed at exit)
+  -S                     start the guest stopped (QMP cont starts it)
+  Accepted with a note, as they change nothing here: -enable-kvm, -accel kvm,
+  -M/-machine pc|q35[,accel=kvm], -cpu host|max, -display none, -vga none, -nodefaults
+  (no default NIC), -snapshot (there are no disks). See docs/qemu-compat.md.
 
 Network:
   -netdev TYPE,id=ID[,...]     backend: user, tap, vde, socket, stream, dgram
@@ -153,18 +180,30 @@ Network:
                                NIC: rtl8139, e1000, virtio-net-pci
                                rtl8139,cplus=off: a plain RTL8139C (Linux 8139too) instead
                                of the RTL8139C+ (8139cp)
-  -nic TYPE[,model=MODEL][,mac=MAC][,...]   netdev and NIC in one option; -nic none: no NIC
-  -net nic[,model=MODEL][,macaddr=MAC]  -net TYPE[,...]   legacy form; -net none: no NIC
+  -nic [TYPE][,model=MODEL][,mac=MAC][,...]   netdev and NIC in one option (TYPE defaults
+                               to user); -nic none: no NIC
+  -net nic[,model=MODEL][,macaddr=MAC][,vlan=N]  -net TYPE[,vlan=N][,...]  legacy form,
+                               NICs paired with backends per vlan; -net none: no NIC
+  -netdev help, -device help, -device MODEL,help, -nic model=help   what there is
   With no network option at all: -netdev user,id=net0 -device rtl8139,netdev=net0
   -object filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]
                                write the netdev's frames, both ways, to a pcap file
+
+Monitors (nicvm listens; server=on, wait=off):
+  -qmp unix:PATH,server=on,wait=off | tcp:[HOST]:PORT,server=on,wait=off
+                               QMP, QEMU's JSON monitor (several clients)
+  -monitor unix:...|tcp:...|stdio
+                               the human monitor (HMP)
+  -chardev socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off  -chardev stdio,id=ID
+  -mon chardev=ID[,mode=control|readline]
 
 Other:
   -h, --help             this text
   --version              version and what kind of KVM host this is
 
 Console: when stdin is a terminal, Ctrl-a x quits, Ctrl-a h lists the escapes.
-Exit status: 0 guest reboot/poweroff or user quit; 1 bad options or setup failure;
+Exit status: 0 guest reboot/poweroff, user or monitor quit, SIGINT/TERM/HUP/USR1;
+1 bad options or setup failure;
 2 guest kernel panic; 3 guest crash (triple fault, emulation failure) or nicvm error.
 ";
 
@@ -186,27 +225,61 @@ fn parse_size_mib(s: &str) -> Option<u64> {
     Some((v * mult).round() as u64)
 }
 
+/// `-smp [cpus=]N[,sockets=S][,dies=1][,cores=C][,threads=T][,maxcpus=M]`, checked as QEMU
+/// checks it: the topology's product must be the CPU count (parameters left out are
+/// computed), and maxcpus can only be the CPU count (no CPU hotplug).
 fn parse_smp(s: &str) -> Result<u8, CliErrorKind> {
     let kv = KeyVal::parse(s, Some("cpus"))?;
-    if let Some(k) = kv.unknown_key(&["cpus", "sockets", "cores", "threads", "maxcpus"]) {
+    if let Some(k) = kv.unknown_key(&["cpus", "sockets", "dies", "cores", "threads", "maxcpus"]) {
         return Err(OptionError::Unknown(k.into()).into());
     }
     let num = |v: &str| {
         v.parse::<u32>()
             .map_err(|_| CliErrorKind::NotANumber(v.into()))
     };
-    let cpus = match kv.first.as_deref().or(kv.get("cpus")) {
-        Some(v) => num(v)?,
-        None => {
-            let mut n: u32 = 1;
-            for k in ["sockets", "cores", "threads"] {
-                if let Some(v) = kv.get(k) {
-                    n = n.saturating_mul(num(v)?);
-                }
-            }
-            n
-        }
+    let opt = |k: &str| kv.get(k).map(num).transpose();
+    let topo = [
+        opt("sockets")?,
+        opt("dies")?,
+        opt("cores")?,
+        opt("threads")?,
+    ];
+    if topo.contains(&Some(0)) {
+        return Err(CliErrorKind::Refused(
+            "sockets, dies, cores and threads must be at least 1".into(),
+        ));
+    }
+    let product = topo
+        .iter()
+        .fold(1u32, |n, t| n.saturating_mul(t.unwrap_or(1)));
+    let given = match kv.first.as_deref().or(kv.get("cpus")) {
+        Some(v) => Some(num(v)?),
+        None => None,
     };
+    let maxcpus = opt("maxcpus")?;
+    let cpus = given.or(maxcpus).unwrap_or(product);
+    if let Some(m) = maxcpus {
+        if m != cpus {
+            return Err(CliErrorKind::Refused(format!(
+                "maxcpus={m} differs from the {cpus} CPUs: nicvm has no CPU hotplug"
+            )));
+        }
+    }
+    if cpus != 0 && topo.iter().any(Option::is_some) {
+        // sockets, cores and threads all given: nothing left to compute (dies defaults to 1).
+        let all_given = topo[0].is_some() && topo[2].is_some() && topo[3].is_some();
+        let fits = if all_given {
+            product == cpus
+        } else {
+            cpus % product == 0
+        };
+        if !fits {
+            return Err(CliErrorKind::Refused(format!(
+                "the topology (sockets x dies x cores x threads = {product}) does not match \
+                 {cpus} CPUs"
+            )));
+        }
+    }
     if cpus == 0 {
         return Err(CliErrorKind::NoCpu);
     }
@@ -236,9 +309,23 @@ struct Builder<'a> {
     /// (option it came from, model, raw properties)
     devices: Vec<(String, NicModel, KeyVal)>,
     no_nic: bool,
-    legacy_nics: Vec<(NicModel, KeyVal)>,
-    legacy_backends: Vec<KeyVal>,
+    /// `-net nic` and `-net TYPE` / `-net dump`, each with its vlan (hub) number.
+    legacy_nics: Vec<(NicModel, KeyVal, String)>,
+    legacy_backends: Vec<(KeyVal, String)>,
+    legacy_dumps: Vec<(KeyVal, String)>,
     dumps: Vec<DumpConfig>,
+    daemonize: bool,
+    pidfile: Option<PathBuf>,
+    /// `-nodefaults`: no default NIC, and no serial console unless `-serial` says.
+    nodefaults: bool,
+    serial_given: bool,
+    notes: Vec<Note>,
+    monitors: Vec<MonitorConfig>,
+    /// `-chardev` ids and where they listen.
+    chardevs: Vec<(String, Endpoint)>,
+    start_paused: bool,
+    /// `-serial chardev:ID`.
+    serial_chardev: Option<String>,
 }
 
 /// A netdev from `origin` (`-netdev`, `-nic`, `-net`), every option checked. Errors in its
@@ -251,6 +338,21 @@ fn netdev_config(
     user_id: bool,
 ) -> Result<NetdevConfig, CliError> {
     let (ty, id) = netdev_opts::header(&mut kv).or_else(|e| err(origin, e))?;
+    // QEMU's rule for ids; it also keeps the ids nicvm makes for -nic and -net apart.
+    let well_formed = id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if user_id && !well_formed {
+        return err(
+            origin,
+            OptionError::NotA {
+                key: "id".into(),
+                value: id,
+                what: "an id (a letter, then letters, digits, '-', '.' or '_')",
+            },
+        );
+    }
     let option = if user_id {
         format!("{origin} {},id={id}", ty.name())
     } else {
@@ -357,7 +459,17 @@ where
         no_nic: false,
         legacy_nics: vec![],
         legacy_backends: vec![],
+        legacy_dumps: vec![],
         dumps: vec![],
+        daemonize: false,
+        pidfile: None,
+        nodefaults: false,
+        serial_given: false,
+        notes: vec![],
+        monitors: vec![],
+        chardevs: vec![],
+        start_paused: false,
+        serial_chardev: None,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -368,7 +480,8 @@ where
         let opt = format!("-{}", arg.trim_start_matches('-'));
         let takes_value = [
             "-m", "-smp", "-kernel", "-initrd", "-append", "-serial", "-name", "-netdev",
-            "-object", "-device", "-nic", "-net",
+            "-object", "-device", "-nic", "-net", "-pidfile", "-display", "-vga", "-M", "-machine",
+            "-accel", "-cpu", "-qmp", "-monitor", "-chardev", "-mon",
         ]
         .contains(&opt.as_str());
         let val = if takes_value {
@@ -382,7 +495,91 @@ where
         match opt.as_str() {
             "-h" | "-help" => return Ok(Action::Help),
             "-version" => return Ok(Action::Version),
-            "-nographic" | "-no-reboot" | "-enable-kvm" => {}
+            "-nographic" | "-no-reboot" => {}
+            "-S" => b.start_paused = true,
+            "-qmp" | "-monitor" => {
+                let mode = if opt == "-qmp" {
+                    MonitorMode::Control
+                } else {
+                    MonitorMode::Readline
+                };
+                if val == "none" {
+                    continue;
+                }
+                let (endpoint, note) = chardev_spec(&val).or_else(|e| err(&opt, e))?;
+                if let Some(n) = note {
+                    b.note(&opt, &n);
+                }
+                b.add_monitor(&opt, mode, endpoint)?;
+            }
+            "-chardev" => {
+                let (id, endpoint, note) = chardev_option(&val).or_else(|e| err(&opt, e))?;
+                if let Some(n) = note {
+                    b.note(&opt, &n);
+                }
+                if b.chardevs.iter().any(|(i, _)| *i == id) {
+                    return err(&opt, CliErrorKind::DuplicateId(id));
+                }
+                b.chardevs.push((id, endpoint));
+            }
+            "-mon" => {
+                let mut kv = KeyVal::parse(&val, Some("chardev")).or_else(|e| err(&opt, e))?;
+                let chardev = kv.first.take().or_else(|| kv.remove("chardev"));
+                let Some(chardev) = chardev else {
+                    return err(
+                        &opt,
+                        OptionError::Needs {
+                            key: None,
+                            what: "chardev=ID".into(),
+                        },
+                    );
+                };
+                let mode = match kv.remove("mode").as_deref() {
+                    None | Some("readline") => MonitorMode::Readline,
+                    Some("control") => MonitorMode::Control,
+                    Some(m) => {
+                        return err(
+                            &opt,
+                            OptionError::NotA {
+                                key: "mode".into(),
+                                value: m.into(),
+                                what: "readline or control",
+                            },
+                        )
+                    }
+                };
+                if let Some(v) = kv.remove("pretty") {
+                    on_off("pretty", &v).or_else(|e| err(&opt, e))?;
+                }
+                kv.remove("id");
+                if let Some(k) = kv.unknown_key(&[]) {
+                    return err(&opt, OptionError::Unknown(k.into()));
+                }
+                let Some((_, endpoint)) = b.chardevs.iter().find(|(i, _)| *i == chardev) else {
+                    return err(&opt, CliErrorKind::UndefinedChardev(chardev));
+                };
+                let endpoint = endpoint.clone();
+                b.add_monitor(&opt, mode, endpoint)?;
+            }
+            "-daemonize" => b.daemonize = true,
+            "-pidfile" => {
+                if val.is_empty() {
+                    return err(&opt, CliErrorKind::NeedsValue);
+                }
+                b.pidfile = Some(val.into());
+            }
+            "-nodefaults" => {
+                b.nodefaults = true;
+                b.note(
+                    &opt,
+                    "no default NIC, and no serial console unless -serial gives one (as QEMU)",
+                );
+            }
+            "-enable-kvm" | "-display" | "-vga" | "-M" | "-machine" | "-accel" | "-cpu"
+            | "-snapshot" => {
+                let note = qemu_compat::machine_option(&opt, &val).or_else(|e| err(&opt, e))?;
+                b.note(&opt, &note);
+            }
             "-m" => {
                 b.mem_mib = match parse_size_mib(&val) {
                     Some(0) => return err(&opt, CliErrorKind::NoRam),
@@ -404,9 +601,27 @@ where
                 )
             }
             "-serial" => {
+                b.serial_given = true;
+                if val == "mon:stdio" {
+                    b.add_monitor(&opt, MonitorMode::Readline, Endpoint::Stdio)?;
+                }
+                b.serial_chardev = None;
                 b.serial = match val.as_str() {
                     "stdio" | "mon:stdio" => SerialTarget::Stdio,
                     "none" | "null" => SerialTarget::None,
+                    "pty" => SerialTarget::Pty,
+                    v if v.starts_with("unix:") || v.starts_with("tcp:") => {
+                        let (endpoint, note) = chardev_spec(v).or_else(|e| err(&opt, e))?;
+                        if let Some(n) = note {
+                            b.note(&opt, &n);
+                        }
+                        SerialTarget::Socket(endpoint)
+                    }
+                    v if v.starts_with("chardev:") => {
+                        // Resolved once every -chardev is known.
+                        b.serial_chardev = Some(v["chardev:".len()..].to_string());
+                        SerialTarget::None
+                    }
                     v => match v.strip_prefix("file:") {
                         Some(p) if !p.is_empty() => SerialTarget::File(p.into()),
                         _ => return err(&opt, CliErrorKind::BadSerial(val)),
@@ -414,6 +629,9 @@ where
                 }
             }
             "-netdev" => {
+                if qemu_compat::wants_help(&val) {
+                    return Ok(Action::Listing(qemu_compat::netdev_types()));
+                }
                 let kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e))?;
                 b.netdevs.push(netdev_config(&opt, kv, b.fds, true)?);
             }
@@ -422,6 +640,15 @@ where
                 b.dumps.push(dump_from(&opt, kv)?);
             }
             "-device" => {
+                if qemu_compat::wants_help(&val) {
+                    let driver = val.split(',').next().unwrap_or("");
+                    let driver = driver.strip_prefix("driver=").unwrap_or(driver);
+                    if driver == "help" || driver == "?" {
+                        return Ok(Action::Listing(qemu_compat::device_list()));
+                    }
+                    let model = model_from(&opt, driver)?;
+                    return Ok(Action::Listing(qemu_compat::device_properties(model)));
+                }
                 let mut kv = KeyVal::parse(&val, Some("driver")).or_else(|e| err(&opt, e))?;
                 let Some(driver) = kv.first.take() else {
                     return err(&opt, CliErrorKind::NoModel);
@@ -435,10 +662,14 @@ where
                     b.no_nic = true;
                     continue;
                 }
-                let model = match kv.remove("model") {
-                    Some(m) => model_from(&opt, &m)?,
-                    None => NicModel::Rtl8139 { cplus: true },
-                };
+                if kv.get("model").is_some_and(|m| m == "help" || m == "?") {
+                    return Ok(Action::Listing(qemu_compat::nic_models()));
+                }
+                // As in QEMU, a -nic without a type is user-mode networking.
+                if kv.first.is_none() {
+                    kv.first = Some("user".into());
+                }
+                let model = nic_model(&opt, &mut kv)?;
                 let mac = kv.remove("mac");
                 let user_id = kv.get("id").is_some();
                 if !user_id {
@@ -460,19 +691,25 @@ where
                     Some("none") => b.no_nic = true,
                     Some("nic") => {
                         kv.first = None;
-                        let model = match kv.remove("model") {
-                            Some(m) => model_from(&opt, &m)?,
-                            None => NicModel::Rtl8139 { cplus: true },
-                        };
+                        if kv.get("model").is_some_and(|m| m == "help" || m == "?") {
+                            return Ok(Action::Listing(qemu_compat::nic_models()));
+                        }
+                        let model = nic_model("-net nic", &mut kv)?;
                         if let Some(m) = kv.remove("macaddr") {
                             kv.pairs.push(("mac".into(), m));
                         }
-                        b.legacy_nics.push((model, kv));
+                        let vlan = kv.remove("vlan").unwrap_or_else(|| "0".into());
+                        kv.remove("name");
+                        b.legacy_nics.push((model, kv, vlan));
+                    }
+                    Some("dump") => {
+                        let vlan = kv.remove("vlan").unwrap_or_else(|| "0".into());
+                        b.legacy_dumps.push((kv, vlan));
                     }
                     Some(_) => {
-                        kv.remove("vlan");
+                        let vlan = kv.remove("vlan").unwrap_or_else(|| "0".into());
                         kv.remove("name");
-                        b.legacy_backends.push(kv);
+                        b.legacy_backends.push((kv, vlan));
                     }
                     None => return err(&opt, CliErrorKind::NoNetType),
                 }
@@ -488,40 +725,16 @@ impl Builder<'_> {
         let Some(kernel) = self.kernel.take() else {
             return err("-kernel", CliErrorKind::NoKernel);
         };
-        // Legacy -net: NICs pair with backends in order, as on QEMU's hub.
-        if !self.legacy_nics.is_empty() || !self.legacy_backends.is_empty() {
-            if self.legacy_nics.len() != self.legacy_backends.len() {
-                return err(
-                    "-net",
-                    CliErrorKind::NetCount {
-                        nics: self.legacy_nics.len(),
-                        backends: self.legacy_backends.len(),
-                    },
-                );
-            }
-            for (i, ((model, mut dev), mut backend)) in self
-                .legacy_nics
-                .drain(..)
-                .zip(self.legacy_backends.drain(..))
-                .enumerate()
-            {
-                let id = format!("__net{i}");
-                backend.pairs.push(("id".into(), id.clone()));
-                self.netdevs
-                    .push(netdev_config("-net", backend, self.fds, false)?);
-                dev.pairs.push(("netdev".into(), id));
-                self.devices.push(("-net nic".into(), model, dev));
-            }
-        }
+        self.legacy_net()?;
         for (i, n) in self.netdevs.iter().enumerate() {
             if self.netdevs[..i].iter().any(|m| m.id == n.id) {
-                return err("-netdev", CliErrorKind::DuplicateId(n.id.clone()));
+                return err(&n.option, CliErrorKind::DuplicateId(n.id.clone()));
             }
         }
         check_tap_fds(&self.netdevs)?;
         // No network options at all: the classic default, a user-mode network behind an
         // rtl8139, as `kvm` always gave.
-        if !self.no_nic && self.netdevs.is_empty() && self.devices.is_empty() {
+        if !self.no_nic && !self.nodefaults && self.netdevs.is_empty() && self.devices.is_empty() {
             self.netdevs.push(NetdevConfig {
                 id: "net0".into(),
                 option: "-netdev user,id=net0".into(),
@@ -564,18 +777,334 @@ impl Builder<'_> {
                 );
             }
         }
+        for n in &self.netdevs {
+            if let Backend::Tap(TapOptions { vhost: true, .. }) = n.backend {
+                self.notes.push(Note {
+                    warning: true,
+                    text: format!(
+                        "{}: vhost=on: nicvm has no vhost-net; frames go through its own I/O \
+                         thread",
+                        n.option
+                    ),
+                });
+            }
+        }
+        let mut serial = self.serial;
+        if let Some(id) = self.serial_chardev.take() {
+            match self.chardevs.iter().find(|(i, _)| *i == id) {
+                Some((_, Endpoint::Stdio)) => serial = SerialTarget::Stdio,
+                Some((_, e)) => serial = SerialTarget::Socket(e.clone()),
+                None => return err("-serial", CliErrorKind::UndefinedChardev(id)),
+            }
+        }
+        if let SerialTarget::Socket(e) = &serial {
+            if self.monitors.iter().any(|m| m.endpoint == *e) {
+                return err(
+                    "-serial",
+                    CliErrorKind::Refused("a monitor already listens there".into()),
+                );
+            }
+        }
+        if self.nodefaults && !self.serial_given {
+            serial = SerialTarget::None;
+        }
+        if self.daemonize && serial == SerialTarget::Stdio {
+            if self.serial_given {
+                return err(
+                    "-daemonize",
+                    CliErrorKind::Refused(
+                        "the serial console cannot be stdio in the background \
+                         (-serial file:PATH or none)"
+                            .into(),
+                    ),
+                );
+            }
+            // As QEMU's default serial console without a display: nowhere.
+            serial = SerialTarget::None;
+        }
         Ok(Action::Run(Box::new(Config {
             mem_mib: self.mem_mib,
             cpus: self.cpus,
             kernel,
             initrd: self.initrd,
             append: self.append,
-            serial: self.serial,
+            serial,
             name: self.name,
             netdevs: self.netdevs,
             nics,
             dumps: self.dumps,
+            daemonize: self.daemonize,
+            pidfile: self.pidfile,
+            notes: self.notes,
+            monitors: self.monitors,
+            start_paused: self.start_paused,
         })))
+    }
+
+    fn add_monitor(
+        &mut self,
+        option: &str,
+        mode: MonitorMode,
+        endpoint: Endpoint,
+    ) -> Result<(), CliError> {
+        if mode == MonitorMode::Control && endpoint == Endpoint::Stdio {
+            return err(
+                option,
+                CliErrorKind::Refused(
+                    "QMP on stdio is not supported by nicvm (use unix:PATH or tcp:HOST:PORT)"
+                        .into(),
+                ),
+            );
+        }
+        if self.monitors.iter().any(|m| m.endpoint == endpoint) {
+            if endpoint == Endpoint::Stdio {
+                // -monitor stdio and -serial mon:stdio: one monitor on the console.
+                return Ok(());
+            }
+            return err(
+                option,
+                CliErrorKind::Refused("another monitor already listens there".into()),
+            );
+        }
+        self.monitors.push(MonitorConfig {
+            mode,
+            endpoint,
+            option: option.to_string(),
+        });
+        Ok(())
+    }
+
+    fn note(&mut self, option: &str, text: &str) {
+        self.notes.push(Note {
+            warning: false,
+            text: format!("{option}: {text}"),
+        });
+    }
+
+    /// Legacy `-net`: per vlan (QEMU's hub), NICs pair with backends in order; a `-net dump`
+    /// captures its vlan's backend.
+    fn legacy_net(&mut self) -> Result<(), CliError> {
+        let mut vlans: Vec<String> = vec![];
+        for v in self
+            .legacy_nics
+            .iter()
+            .map(|n| &n.2)
+            .chain(self.legacy_backends.iter().map(|b| &b.1))
+        {
+            if !vlans.contains(v) {
+                vlans.push(v.clone());
+            }
+        }
+        let explicit = vlans.len() > 1 || vlans.iter().any(|v| v != "0");
+        let mut nics = std::mem::take(&mut self.legacy_nics);
+        let mut backends = std::mem::take(&mut self.legacy_backends);
+        let mut n = 0;
+        for vlan in &vlans {
+            let (vn, rest): (Vec<_>, Vec<_>) = nics.into_iter().partition(|x| &x.2 == vlan);
+            nics = rest;
+            let (vb, rest): (Vec<_>, Vec<_>) = backends.into_iter().partition(|x| &x.1 == vlan);
+            backends = rest;
+            if vn.len() != vb.len() {
+                return err(
+                    "-net",
+                    CliErrorKind::NetCount {
+                        vlan: if explicit {
+                            format!("vlan {vlan}: ")
+                        } else {
+                            String::new()
+                        },
+                        nics: vn.len(),
+                        backends: vb.len(),
+                    },
+                );
+            }
+            for ((model, mut dev, _), (mut backend, _)) in vn.into_iter().zip(vb) {
+                let id = format!("hub{vlan}port{n}");
+                n += 1;
+                backend.pairs.push(("id".into(), id.clone()));
+                self.netdevs
+                    .push(netdev_config("-net", backend, self.fds, false)?);
+                dev.pairs.push(("netdev".into(), id));
+                self.devices.push(("-net nic".into(), model, dev));
+            }
+        }
+        for (i, (mut kv, vlan)) in std::mem::take(&mut self.legacy_dumps)
+            .into_iter()
+            .enumerate()
+        {
+            let prefix = format!("hub{vlan}port");
+            let Some(netdev) = self
+                .netdevs
+                .iter()
+                .find(|nd| nd.id.starts_with(&prefix))
+                .map(|nd| nd.id.clone())
+            else {
+                return err(
+                    "-net dump",
+                    CliErrorKind::DumpWithoutBackend(format!("vlan {vlan}")),
+                );
+            };
+            let file = kv
+                .remove("file")
+                .unwrap_or_else(|| format!("qemu-vlan{vlan}.pcap"));
+            let maxlen = match kv.remove("len") {
+                Some(v) => match v.parse::<u32>() {
+                    Ok(n) if n > 0 => n,
+                    _ => return err("-net dump", CliErrorKind::BadMaxlen(v)),
+                },
+                None => net_backends::pcap::DEFAULT_MAXLEN,
+            };
+            kv.remove("name");
+            if let Some(k) = kv.unknown_key(&[]) {
+                return err("-net dump", OptionError::Unknown(k.into()));
+            }
+            self.dumps.push(DumpConfig {
+                id: format!("dump{i}"),
+                netdev,
+                file: PathBuf::from(file),
+                maxlen,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A character device as `-qmp`/`-monitor` take it: `unix:PATH[,server=on][,wait=off]`,
+/// `tcp:[HOST]:PORT[,...]`, `stdio`. QEMU's bare `server` and `nowait` are understood. Returns
+/// where to listen and a note when an option is not honoured as QEMU would.
+fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>), CliErrorKind> {
+    if spec == "stdio" {
+        return Ok((Endpoint::Stdio, None));
+    }
+    let mut parts = spec.split(',');
+    let head = parts.next().unwrap_or("");
+    let mut server = false;
+    let mut wait = true;
+    for p in parts {
+        match p.split_once('=') {
+            None if p == "server" => server = true,
+            None if p == "nowait" => wait = false,
+            None if p == "nodelay" => {}
+            Some(("server", v)) => server = on_off("server", v)?,
+            Some(("wait", v)) => wait = on_off("wait", v)?,
+            Some(("nodelay" | "ipv4" | "ipv6", _)) => {}
+            Some((k, _)) => return Err(OptionError::Unknown(k.into()).into()),
+            None => return Err(KeyValError::NeedsValue(p.into()).into()),
+        }
+    }
+    let endpoint = if let Some(path) = head.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(CliErrorKind::BadChardev(spec.into()));
+        }
+        Endpoint::Unix(path.into())
+    } else if let Some(hp) = head.strip_prefix("tcp:") {
+        Endpoint::Tcp(tcp_addr(hp)?)
+    } else {
+        return Err(CliErrorKind::BadChardev(spec.into()));
+    };
+    listening(server, wait).map(|note| (endpoint, note))
+}
+
+/// server=off (connecting out) is refused; wait=on (QEMU waits for a client before the
+/// guest starts) is accepted with a note.
+fn listening(server: bool, wait: bool) -> Result<Option<String>, CliErrorKind> {
+    if !server {
+        return Err(CliErrorKind::Refused(
+            "nicvm's monitors listen: give server=on (connecting out is not supported)".into(),
+        ));
+    }
+    Ok(wait.then(|| {
+        "wait=on: nicvm does not wait for a client, the guest starts at once (add -S to \
+         start it stopped)"
+            .to_string()
+    }))
+}
+
+fn tcp_addr(hp: &str) -> Result<std::net::SocketAddr, CliErrorKind> {
+    use std::net::ToSocketAddrs;
+    let (host, port) = hp
+        .rsplit_once(':')
+        .ok_or_else(|| CliErrorKind::BadChardev(format!("tcp:{hp}")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = if host.is_empty() { "0.0.0.0" } else { host };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| CliErrorKind::NotANumber(port.into()))?;
+    (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| CliErrorKind::BadChardev(format!("tcp:{hp}")))
+}
+
+/// `-chardev socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off` or `-chardev stdio,id=ID`.
+fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>), CliErrorKind> {
+    // QEMU's bare `server` and `nowait` words.
+    let fixed: Vec<String> = val
+        .split(',')
+        .map(|p| match p {
+            "server" => "server=on".to_string(),
+            "nowait" => "wait=off".to_string(),
+            p => p.to_string(),
+        })
+        .collect();
+    let mut kv = KeyVal::parse(&fixed.join(","), Some("backend"))?;
+    let Some(id) = kv.remove("id") else {
+        return Err(OptionError::Needs {
+            key: None,
+            what: "id=".into(),
+        }
+        .into());
+    };
+    match kv.first.as_deref() {
+        Some("stdio") => {
+            kv.remove("signal");
+            kv.remove("mux");
+            if let Some(k) = kv.unknown_key(&[]) {
+                return Err(OptionError::Unknown(k.into()).into());
+            }
+            Ok((id, Endpoint::Stdio, None))
+        }
+        Some("socket") => {
+            if let Some(k) = kv.unknown_key(&[
+                "path", "host", "port", "server", "wait", "nodelay", "ipv4", "ipv6",
+            ]) {
+                return Err(OptionError::Unknown(k.into()).into());
+            }
+            let server = kv.get("server").map(|v| on_off("server", v)).transpose()?;
+            let wait = kv.get("wait").map(|v| on_off("wait", v)).transpose()?;
+            let endpoint = match (kv.get("path"), kv.get("port")) {
+                (Some(p), None) if !p.is_empty() => Endpoint::Unix(p.into()),
+                (None, Some(port)) => Endpoint::Tcp(tcp_addr(&format!(
+                    "{}:{port}",
+                    kv.get("host").unwrap_or("")
+                ))?),
+                _ => {
+                    return Err(OptionError::Needs {
+                        key: None,
+                        what: "path= or port= (one of them)".into(),
+                    }
+                    .into())
+                }
+            };
+            let note = listening(server.unwrap_or(false), wait.unwrap_or(true))?;
+            Ok((id, endpoint, note))
+        }
+        Some(b) => Err(CliErrorKind::Refused(format!(
+            "backend '{b}' is not supported for monitors (socket, stdio)"
+        ))),
+        None => Err(CliErrorKind::NoModel),
+    }
+}
+
+/// `model=` of a `-nic` or `-net nic` (rtl8139 when not given), given at most once.
+fn nic_model(option: &str, kv: &mut KeyVal) -> Result<NicModel, CliError> {
+    if kv.pairs.iter().filter(|(k, _)| k == "model").count() > 1 {
+        return err(option, CliErrorKind::RepeatedModel);
+    }
+    match kv.remove("model") {
+        Some(m) => model_from(option, &m),
+        None => Ok(NicModel::Rtl8139 { cplus: true }),
     }
 }
 
@@ -644,6 +1173,8 @@ fn nic_config(
         (_, Some(_)) => return err(option, CliErrorKind::CplusNotRtl8139),
         (m, None) => m,
     };
+    let mrg_rxbuf =
+        qemu_compat::device_properties_accepted(model, &mut kv).or_else(|e| err(option, e))?;
     let id = kv.remove("id");
     if let Some(id) = &id {
         if ids.contains(id) {
@@ -660,6 +1191,7 @@ fn nic_config(
         mac,
         id,
         slot,
+        mrg_rxbuf,
     })
 }
 
@@ -848,7 +1380,17 @@ mod tests {
         assert_eq!(option_of("-kernel k -netdev user,id=a,,b,x"), "-netdev");
         assert_eq!(
             option_of("-kernel k -netdev user,id=a -netdev tap,id=a"),
-            "-netdev"
+            "-netdev tap,id=a"
+        );
+        assert_eq!(
+            option_of("-kernel k -nic user,id=a -nic user,id=a"),
+            "-nic user,id=a",
+            "the second one is named"
+        );
+        let e = run("-kernel k -nic user -netdev user,id=__nic0").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "-netdev: id: '__nic0' is not an id (a letter, then letters, digits, '-', '.' or '_')"
         );
         assert_eq!(option_of("-kernel k -device ne2k_pci,netdev=a"), "-device");
         assert_eq!(
@@ -912,6 +1454,197 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    fn listing(s: &str) -> String {
+        match parse(s.split_whitespace().map(String::from)).unwrap() {
+            Action::Listing(t) => t,
+            a => panic!("{s}: {a:?}"),
+        }
+    }
+
+    /// What QEMU users paste: accepted (with a note when it changes nothing).
+    #[test]
+    fn pasted_qemu_lines_run() {
+        let c = run(
+            "-enable-kvm -M q35,accel=kvm -cpu host -display none -vga none -snapshot \
+                     -accel kvm -kernel k -nic model=e1000",
+        )
+        .unwrap();
+        assert_eq!(
+            c.netdevs[0].backend.kind(),
+            "user",
+            "-nic without a type: user"
+        );
+        assert_eq!(c.nics[0].model, NicModel::E1000);
+        assert_eq!(c.notes.len(), 7, "{:?}", c.notes);
+        assert!(c.notes.iter().all(|n| !n.warning));
+        let c = run(
+            "-kernel k -net nic,model=virtio,vlan=0,macaddr=52:54:00:00:00:09 -net user,vlan=0",
+        )
+        .unwrap();
+        assert_eq!(c.nics[0].mac.to_string(), "52:54:00:00:00:09");
+        // Two hubs: each NIC with the backend of its vlan, whatever the order.
+        let c = run("-kernel k -net nic,vlan=1,model=e1000 -net nic,vlan=0 -net user,vlan=0 -net socket,vlan=1,listen=:5555")
+            .unwrap();
+        assert_eq!(c.nics[0].model, NicModel::E1000);
+        assert_eq!(
+            c.netdev(&c.nics[0].netdev).unwrap().backend.kind(),
+            "socket"
+        );
+        assert_eq!(c.netdev(&c.nics[1].netdev).unwrap().backend.kind(), "user");
+        let c = run("-kernel k -net nic -net user -net dump,file=/tmp/d.pcap").unwrap();
+        assert_eq!(c.dumps[0].netdev, c.nics[0].netdev);
+        assert_eq!(c.dumps[0].file, PathBuf::from("/tmp/d.pcap"));
+        let c = run("-kernel k -netdev tap,id=t,vhost=on,sndbuf=0,queues=1 \
+                     -device virtio-net-pci,netdev=t,romfile=,bus=pci.0,bootindex=2,disable-legacy=on,mrg_rxbuf=off,vectors=4")
+        .unwrap();
+        assert!(!c.nics[0].mrg_rxbuf);
+        assert!(c
+            .notes
+            .iter()
+            .any(|n| n.warning && n.text.contains("vhost")));
+        let c = run("-nodefaults -kernel k").unwrap();
+        assert!(c.nics.is_empty(), "-nodefaults: no default NIC");
+        assert_eq!(c.serial, SerialTarget::None);
+        let c = run("-daemonize -pidfile /tmp/p -kernel k").unwrap();
+        assert!(c.daemonize);
+        assert_eq!(
+            c.serial,
+            SerialTarget::None,
+            "no stdio console in the background"
+        );
+        assert_eq!(c.pidfile, Some(PathBuf::from("/tmp/p")));
+        assert_eq!(
+            run("-kernel k -smp 4,sockets=2,cores=2,threads=1")
+                .unwrap()
+                .cpus,
+            4
+        );
+        assert_eq!(run("-kernel k -smp 4,sockets=2").unwrap().cpus, 4);
+        assert_eq!(run("-kernel k -smp sockets=2,cores=2").unwrap().cpus, 4);
+    }
+
+    #[test]
+    fn contradictions_are_refused_with_the_reason() {
+        for (line, option, says) in [
+            ("-smp 2,sockets=2,cores=2", "-smp", "topology"),
+            ("-smp 3,sockets=2", "-smp", "topology"),
+            ("-smp 2,maxcpus=4", "-smp", "hotplug"),
+            ("-M microvm", "-M", "one machine"),
+            ("-accel tcg", "-accel", "KVM"),
+            ("-cpu qemu64", "-cpu", "host or max"),
+            ("-display gtk", "-display", "no display"),
+            (
+                "-nic user,model=e1000,model=rtl8139",
+                "-nic",
+                "more than once",
+            ),
+            ("-net nic -net user -net user", "-net", "1 '-net nic' but 2"),
+            (
+                "-net nic,vlan=1 -net user",
+                "-net",
+                "vlan 1: 1 '-net nic' but 0",
+            ),
+            ("-net nic -net user -net dump,vlan=3", "-net dump", "vlan 3"),
+            (
+                "-netdev tap,id=t,queues=4",
+                "-netdev tap,id=t",
+                "one queue pair",
+            ),
+            (
+                "-netdev user,id=u -device e1000,netdev=u,mrg_rxbuf=on",
+                "-device e1000",
+                "only virtio",
+            ),
+            (
+                "-netdev user,id=u -device virtio-net-pci,netdev=u,mq=on",
+                "-device virtio-net-pci",
+                "one queue pair",
+            ),
+            (
+                "-netdev user,id=u -device virtio-net-pci,netdev=u,bus=pci.1",
+                "-device virtio-net-pci",
+                "one PCI bus",
+            ),
+            ("-serial stdio -daemonize", "-daemonize", "background"),
+        ] {
+            let e = run(&format!("-kernel k {line}")).unwrap_err();
+            assert_eq!(e.option, option, "{line}: {e}");
+            assert!(e.to_string().contains(says), "{line}: {e}");
+        }
+        // `-net dump` alone is no backend: the count says so.
+        let e = run("-kernel k -net nic -net dump").unwrap_err().to_string();
+        assert!(
+            e.contains("1 '-net nic' but 0 backend(s) (-net dump not counted)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn monitors() {
+        let c = run("-kernel k -qmp unix:/tmp/q.sock,server,nowait -S \
+                     -chardev socket,id=m,host=127.0.0.1,port=4444,server=on,wait=off \
+                     -mon chardev=m,mode=control -serial mon:stdio -monitor stdio")
+        .unwrap();
+        assert!(c.start_paused);
+        assert_eq!(c.monitors.len(), 3, "{:?}", c.monitors);
+        assert_eq!(c.monitors[0].endpoint, Endpoint::Unix("/tmp/q.sock".into()));
+        assert_eq!(c.monitors[0].mode, MonitorMode::Control);
+        assert_eq!(
+            c.monitors[1].endpoint,
+            Endpoint::Tcp("127.0.0.1:4444".parse().unwrap())
+        );
+        assert_eq!(c.monitors[2].endpoint, Endpoint::Stdio);
+        assert_eq!(c.monitors[2].mode, MonitorMode::Readline);
+        let c = run("-kernel k -serial unix:/tmp/s.sock,server=on,wait=off").unwrap();
+        assert_eq!(
+            c.serial,
+            SerialTarget::Socket(Endpoint::Unix("/tmp/s.sock".into()))
+        );
+        assert_eq!(
+            run("-kernel k -serial pty").unwrap().serial,
+            SerialTarget::Pty
+        );
+        let c = run("-kernel k -serial chardev:s -chardev socket,id=s,port=5555,server,nowait")
+            .unwrap();
+        assert!(matches!(c.serial, SerialTarget::Socket(Endpoint::Tcp(_))));
+        assert_eq!(option_of("-kernel k -serial chardev:nope"), "-serial");
+        assert_eq!(
+            option_of("-kernel k -serial unix:/tmp/s"),
+            "-serial",
+            "server=on needed"
+        );
+        let c = run("-kernel k -qmp tcp:localhost:4445,server").unwrap();
+        assert!(c.notes.iter().any(|n| n.text.contains("wait=on")));
+        for (line, option) in [
+            ("-qmp unix:/tmp/x", "-qmp"),
+            ("-qmp stdio", "-qmp"),
+            ("-qmp pipe:/tmp/x", "-qmp"),
+            ("-mon chardev=nope", "-mon"),
+            (
+                "-chardev socket,id=m,path=/tmp/m,server=on,wait=off -mon m,mode=json",
+                "-mon",
+            ),
+            ("-chardev socket,id=m -mon m", "-chardev"),
+            (
+                "-qmp unix:/tmp/a,server=on,wait=off -monitor unix:/tmp/a,server=on,wait=off",
+                "-monitor",
+            ),
+        ] {
+            assert_eq!(option_of(&format!("-kernel k {line}")), option, "{line}");
+        }
+    }
+
+    #[test]
+    fn listings_as_qemu_prints_them() {
+        assert!(listing("-netdev help").contains("\ntap\n"));
+        assert!(listing("-device help").contains("name \"e1000\""));
+        assert!(listing("-device e1000,help").starts_with("e1000 options:"));
+        assert!(listing("-device virtio-net-pci,help").contains("mrg_rxbuf"));
+        assert!(listing("-nic model=help").contains("rtl8139"));
+        assert!(listing("-net nic,model=?").contains("virtio-net-pci"));
+        assert_eq!(option_of("-device bogus,help"), "-device");
     }
 
     #[test]

@@ -58,8 +58,56 @@ impl Write for Stdout {
 
 const ESCAPE: u8 = 0x01; // Ctrl-a
 
-const HELP: &str =
-    "\r\nC-a h    print this help\r\nC-a x    exit nicvm\r\nC-a C-a  send C-a to the guest\r\n";
+const HELP: &str = "\r\nC-a h    print this help\r\nC-a x    exit nicvm\r\n\
+C-a c    switch between the console and the monitor (-serial mon:stdio)\r\n\
+C-a C-a  send C-a to the guest\r\n";
+
+/// The monitor's side of a console shared with it: the line being typed.
+struct MonitorInput {
+    control: Arc<crate::monitor::Control>,
+    active: bool,
+    line: Vec<u8>,
+}
+
+impl MonitorInput {
+    fn toggle(&mut self) {
+        self.active = !self.active;
+        let mut out = io::stdout().lock();
+        if self.active {
+            let _ = write!(out, "\r\n{}", crate::monitor::hmp::PROMPT);
+        } else {
+            let _ = write!(out, "\r\n");
+        }
+        let _ = out.flush();
+    }
+
+    /// One byte typed while the monitor has the console.
+    fn byte(&mut self, b: u8) {
+        let mut out = io::stdout().lock();
+        match b {
+            b'\r' | b'\n' => {
+                let line = String::from_utf8_lossy(&self.line).into_owned();
+                self.line.clear();
+                let text = crate::monitor::hmp::execute(&self.control, &line);
+                let _ = write!(
+                    out,
+                    "\r\n{}{}",
+                    crate::monitor::hmp::crlf(&text),
+                    crate::monitor::hmp::PROMPT
+                );
+            }
+            0x7f | 0x08 if self.line.pop().is_some() => {
+                let _ = out.write_all(b"\x08 \x08");
+            }
+            b if (0x20..0x7f).contains(&b) && self.line.len() < 4096 => {
+                self.line.push(b);
+                let _ = out.write_all(&[b]);
+            }
+            _ => {}
+        }
+        let _ = out.flush();
+    }
+}
 
 /// Reads stdin and feeds the guest's serial port; runs on its own thread until stdin closes
 /// or `stop` is written.
@@ -68,7 +116,19 @@ pub fn pump_stdin(
     lifecycle: Arc<Lifecycle>,
     escapes: bool,
     stop: vmm_sys_util::eventfd::EventFd,
+    monitor: Option<Arc<crate::monitor::Control>>,
+    monitor_first: bool,
 ) {
+    // With a monitor on the console the escapes work on a pipe too (as QEMU's mux does).
+    let escapes = escapes || monitor.is_some();
+    let mut monitor = monitor.map(|control| MonitorInput {
+        control,
+        active: false,
+        line: vec![],
+    });
+    if let Some(m) = monitor.as_mut().filter(|_| monitor_first) {
+        m.toggle();
+    }
     use std::os::fd::AsRawFd;
     let mut buf = [0u8; 256];
     let mut escape_pending = false;
@@ -118,10 +178,26 @@ pub fn pump_stdin(
                         let _ = io::stderr().write_all(HELP.as_bytes());
                     }
                     ESCAPE => out.push(ESCAPE),
-                    _ => {}
+                    b'c' | b'C' => match &mut monitor {
+                        Some(m) => m.toggle(),
+                        None => {
+                            let _ = io::stderr().write_all(
+                                b"\r\nnicvm: no monitor on this console (-serial mon:stdio gives one)\r\n",
+                            );
+                        }
+                    },
+                    other => {
+                        let _ = write!(
+                            io::stderr(),
+                            "\r\nnicvm: unknown escape Ctrl-a {} (Ctrl-a h lists them)\r\n",
+                            (other as char).escape_default()
+                        );
+                    }
                 }
             } else if b == ESCAPE {
                 escape_pending = true;
+            } else if let Some(m) = monitor.as_mut().filter(|m| m.active) {
+                m.byte(b);
             } else {
                 out.push(b);
             }

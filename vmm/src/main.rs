@@ -1,9 +1,10 @@
 //! nicvm: a minimal KVM virtual machine monitor whose reason to exist is networking.
 
 use devices::lifecycle::{ExitReason, Lifecycle};
+use nicvm::config::Endpoint;
 use nicvm::config::InheritedFds;
 use nicvm::host::HostKind;
-use nicvm::{cli, console, signals, vm};
+use nicvm::{cli, console, daemon, monitor, signals, vm};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
@@ -100,8 +101,19 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
             println!("libslirp: {}", net_backends::slirp::version());
             return 0;
         }
+        cli::Action::Listing(text) => {
+            print!("{text}");
+            return 0;
+        }
         cli::Action::Run(c) => c,
     };
+    for n in &cfg.notes {
+        if n.warning {
+            log::warn!("{}", n.text);
+        } else {
+            log::info!("{}", n.text);
+        }
+    }
     // As QEMU says it: checked like every netdev, but never opened.
     for nd in cfg.netdevs_without_peer() {
         eprintln!("nicvm: warning: netdev {} has no peer", nd.id);
@@ -114,10 +126,37 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         log::info!("host is {}", host.describe());
     }
 
+    // -daemonize: the parent waits for the child's set-up and exits with its status; the
+    // child goes on (before KVM is opened: a VM belongs to the process that created it).
+    let mut daemon = if cfg.daemonize {
+        match daemon::fork_into_background() {
+            Ok(d) => Some(d),
+            Err(e) => return fail(format!("-daemonize: {e}")),
+        }
+    } else {
+        None
+    };
+    let _pidfile = match &cfg.pidfile {
+        Some(p) => match daemon::PidFile::create(p) {
+            Ok(f) => Some(f),
+            Err(e) => return fail(format!("-pidfile: {}: {e}", p.display())),
+        },
+        None => None,
+    };
+
+    // The monitors' sockets: a busy address is a set-up error, reported before the guest runs.
+    let listening = match monitor::bind(&cfg.monitors) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+
     let lifecycle = match Lifecycle::new() {
         Ok(l) => Arc::new(l),
         Err(e) => return fail(format!("eventfd: {e}")),
     };
+    if cfg.start_paused {
+        lifecycle.set_paused(true);
+    }
     // A panic on any thread asks the VM to end, as the guest or a signal would; the panicking
     // thread unwinds, and the main thread tears everything down (downscripts included).
     let on_panic = lifecycle.clone();
@@ -127,12 +166,42 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         on_panic.request_exit(ExitReason::Error("internal error".into()));
     }));
     let reason = {
-        let mut vm = match vm::Vm::new(&cfg, host, timing, lifecycle) {
+        let mut vm = match vm::Vm::new(&cfg, host, timing, lifecycle.clone()) {
             Ok(vm) => vm,
             Err(e) => return fail(e),
         };
-        vm.run(&signals)
-        // Dropped here: threads joined, backends closed, downscripts run.
+        let control = if cfg.monitors.is_empty() {
+            None
+        } else {
+            let (nics, vcpus) = vm.monitor_parts();
+            match monitor::Control::new(&cfg, lifecycle, nics, vcpus) {
+                Ok(c) => Some(c),
+                Err(e) => return fail(format!("monitor: {e}")),
+            }
+        };
+        if let Some(c) = &control {
+            if cfg.monitors.iter().any(|m| m.endpoint == Endpoint::Stdio) {
+                vm.set_console_monitor(c.clone());
+            }
+        }
+        let monitor = match &control {
+            Some(c) => match monitor::Monitor::start(listening, c.clone()) {
+                Ok(m) => m,
+                Err(e) => return fail(format!("monitor thread: {e}")),
+            },
+            None => None,
+        };
+        if let Some(d) = daemon.take() {
+            d.set_up_done();
+        }
+        let reason = vm.run(&signals);
+        // The clients hear why (SHUTDOWN) before the monitor closes them.
+        if let Some(c) = &control {
+            c.shutdown_events(&reason);
+        }
+        drop(monitor);
+        reason
+        // The VM is dropped here: threads joined, backends closed, downscripts run.
     };
     console::restore_terminal();
     let name = cfg

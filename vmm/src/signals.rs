@@ -1,11 +1,11 @@
-//! SIGINT, SIGTERM and SIGHUP end nicvm cleanly: they are blocked in every thread and read
+//! SIGINT, SIGTERM, SIGHUP and SIGUSR1 end nicvm cleanly: they are blocked in every thread and read
 //! from a signalfd by the supervisor, which waits for them or the guest's own exit.
 
 use devices::lifecycle::{ExitReason, Lifecycle};
 use std::io;
 use std::os::fd::AsRawFd;
 
-const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+const SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
 
 pub struct SignalFd(std::os::fd::OwnedFd);
 
@@ -35,6 +35,7 @@ fn signal_name(s: u32) -> &'static str {
         libc::SIGINT => "SIGINT",
         libc::SIGTERM => "SIGTERM",
         libc::SIGHUP => "SIGHUP",
+        libc::SIGUSR1 => "SIGUSR1",
         _ => "signal",
     }
 }

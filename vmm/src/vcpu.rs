@@ -242,6 +242,15 @@ fn install_kick_handler() -> std::io::Result<()> {
     r
 }
 
+/// Kicks the vCPU threads `pthreads` out of KVM_RUN (to see a pause).
+pub fn kick(pthreads: &[libc::pthread_t]) {
+    for &t in pthreads {
+        // SAFETY: the threads are alive (they are only joined after the monitor that kicks
+        // them has stopped); the kick signal has its handler.
+        unsafe { libc::pthread_kill(t, kick_signal()) };
+    }
+}
+
 /// A running vCPU; [`VcpuThread::stop`] ends and joins it.
 pub struct VcpuThread {
     thread: std::thread::JoinHandle<()>,
@@ -262,6 +271,10 @@ impl VcpuThread {
             .spawn(move || run(id, vcpu, mem, buses, lifecycle))?;
         let pthread = std::os::unix::thread::JoinHandleExt::as_pthread_t(&thread);
         Ok(VcpuThread { thread, pthread })
+    }
+
+    pub fn pthread(&self) -> libc::pthread_t {
+        self.pthread
     }
 
     /// Kicks the thread out of KVM_RUN until it sees the exit request, then joins it. The
@@ -294,6 +307,10 @@ fn run(
     lifecycle: Arc<Lifecycle>,
 ) {
     while !lifecycle.exit_requested() {
+        lifecycle.wait_while_paused();
+        if lifecycle.exit_requested() {
+            break;
+        }
         let reason = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 buses.pio.read(port as u64, data);

@@ -20,7 +20,7 @@ use devices::e1000::E1000;
 use devices::interrupt::{IntxLine, IrqChip};
 use devices::legacy::{Cmos, Serial, I8042};
 use devices::lifecycle::{ExitReason, Lifecycle};
-use devices::net::{NetPort, Nic, NicStats};
+use devices::net::{NetPort, Nic, NicControl, NicStats};
 use devices::pci::{self, BarKind, HostBridge, PciConfigIo, PciDevice, PciRoot, PciWindow};
 use devices::pvpanic::PvPanic;
 use devices::rtl8139::Rtl8139;
@@ -65,6 +65,8 @@ pub enum VmError {
     Netdev(#[from] OpenError),
     #[error("-serial: cannot create {0}: {1}")]
     Serial(PathBuf, std::io::Error),
+    #[error("-serial: {0}")]
+    SerialIo(std::io::Error),
     #[error("-object filter-dump,id={id}: cannot create {path}: {source}")]
     Dump {
         id: String,
@@ -182,6 +184,7 @@ struct NicParts {
     pci: Arc<Mutex<dyn PciDevice>>,
     subscriber: Subscriber,
     counters: Counters,
+    control: Arc<Mutex<dyn NicControl>>,
 }
 
 type Counters = Box<dyn Fn() -> NicStats + Send>;
@@ -191,6 +194,7 @@ fn nic_parts<M: devices::net::NicModel>(model: M, port: NetPort) -> NicParts {
     let counted = nic.clone();
     NicParts {
         pci: nic.clone(),
+        control: nic.clone(),
         subscriber: Box::new(nic),
         counters: Box::new(move || match counted.lock() {
             Ok(n) => n.stats(),
@@ -204,6 +208,8 @@ struct CountedNic {
     config: NicConfig,
     backend: &'static str,
     counters: Counters,
+    slot: u8,
+    control: Arc<Mutex<dyn NicControl>>,
 }
 
 pub struct Timing {
@@ -234,6 +240,32 @@ impl Drop for Guards {
     }
 }
 
+/// Files the set-up created (a capture, a serial log) that did not exist before: removed if
+/// the set-up fails later, kept once the VM is built.
+#[derive(Default)]
+struct NewFiles(Vec<PathBuf>);
+
+impl NewFiles {
+    /// Notes `path` as about to be created by nicvm, unless it exists already.
+    fn creating(&mut self, path: &std::path::Path) {
+        if !path.exists() {
+            self.0.push(path.to_path_buf());
+        }
+    }
+
+    fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for NewFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// A console thread feeding the guest's serial port from stdin; stopped through its eventfd.
 struct ConsoleThread {
     stop: EventFd,
@@ -256,6 +288,8 @@ pub struct Vm {
     vcpu_threads: Vec<VcpuThread>,
     io: Option<IoThread>,
     console: Option<ConsoleThread>,
+    /// The serial port on a socket or a pty, and its thread.
+    serial_io: Option<crate::serial_io::SerialIo>,
     /// Set up, not yet running (taken by `run`).
     vcpus: Vec<VcpuFd>,
     subscribers: Vec<Subscriber>,
@@ -268,6 +302,10 @@ pub struct Vm {
     _guards: Guards,
     lifecycle: Arc<Lifecycle>,
     timing: Timing,
+    /// The running vCPU threads, for the monitor's pause; emptied before they are joined.
+    vcpu_pthreads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    /// The monitor on the console (`-serial mon:stdio`), if any.
+    console_monitor: Option<Arc<crate::monitor::Control>>,
     _vm: Arc<VmFd>,
 }
 
@@ -307,12 +345,27 @@ impl Vm {
         let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Host("eventfd", e))?;
         vm.register_irqfd(&com1_irq, COM1_IRQ)
             .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+        let mut new_files = NewFiles::default();
+        let mut serial_io = None;
         let out: Box<dyn Write + Send> = match &cfg.serial {
             SerialTarget::Stdio => Box::new(console::Stdout),
             SerialTarget::File(p) => {
+                new_files.creating(p);
                 Box::new(std::fs::File::create(p).map_err(|e| VmError::Serial(p.clone(), e))?)
             }
             SerialTarget::None => Box::new(std::io::sink()),
+            SerialTarget::Socket(e) => {
+                let io = crate::serial_io::SerialIo::socket(e).map_err(VmError::SerialIo)?;
+                let w = io.writer();
+                serial_io = Some(io);
+                w
+            }
+            SerialTarget::Pty => {
+                let io = crate::serial_io::SerialIo::pty().map_err(VmError::SerialIo)?;
+                let w = io.writer();
+                serial_io = Some(io);
+                w
+            }
         };
         let serial = Arc::new(Mutex::new(Serial::new(com1_irq, out)));
         pio.insert(COM1_PORT, 8, serial.clone())?;
@@ -342,7 +395,11 @@ impl Vm {
                     .find(|&s| !root.slot_taken(s) && !cfg.nics.iter().any(|n| n.slot == Some(s)))
                     .ok_or(VmError::NoSlot)?,
             };
+            if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == spec.netdev) {
+                new_files.creating(&d.file);
+            }
             let parts = build_nic(cfg, spec, slot, &mem, &chip, &ioevents, &mut guards)?;
+            let control = parts.control.clone();
             assign_bars(
                 &mut *parts.pci.lock().unwrap(),
                 &mut io_next,
@@ -357,6 +414,8 @@ impl Vm {
                 config: spec.clone(),
                 backend: nd.backend.kind(),
                 counters: parts.counters,
+                slot,
+                control,
             });
             subscribers.push(parts.subscriber);
         }
@@ -420,10 +479,12 @@ impl Vm {
             }
             vcpus.push(v);
         }
+        new_files.keep();
         Ok(Vm {
             vcpu_threads: vec![],
             io: None,
             console: None,
+            serial_io,
             vcpus,
             subscribers,
             nics,
@@ -434,8 +495,34 @@ impl Vm {
             _guards: guards,
             lifecycle,
             timing,
+            vcpu_pthreads: Arc::new(Mutex::new(vec![])),
+            console_monitor: None,
             _vm: vm,
         })
+    }
+
+    /// What the monitor needs: the NICs and the vCPU threads.
+    pub fn monitor_parts(
+        &self,
+    ) -> (
+        Vec<crate::monitor::NicEntry>,
+        Arc<Mutex<Vec<libc::pthread_t>>>,
+    ) {
+        let nics = self
+            .nics
+            .iter()
+            .map(|n| crate::monitor::NicEntry {
+                config: n.config.clone(),
+                slot: n.slot,
+                control: n.control.clone(),
+            })
+            .collect();
+        (nics, self.vcpu_pthreads.clone())
+    }
+
+    /// The console's monitor (`-serial mon:stdio`, `-monitor stdio`): Ctrl-a c switches to it.
+    pub fn set_console_monitor(&mut self, control: Arc<crate::monitor::Control>) {
+        self.console_monitor = Some(control);
     }
 
     /// Runs the guest until it ends, a signal arrives or the user quits, and says why. The
@@ -457,7 +544,9 @@ impl Vm {
     }
 
     fn start(&mut self) -> Result<(), VmError> {
-        if self.serial_target == SerialTarget::Stdio {
+        // The console thread: for a serial console on stdio, and for a monitor there
+        // (`-monitor stdio` with the serial port elsewhere: the monitor has the console).
+        if self.serial_target == SerialTarget::Stdio || self.console_monitor.is_some() {
             let tty = console::stdin_is_tty();
             if tty {
                 if let Err(e) = console::enter_raw_mode() {
@@ -467,14 +556,20 @@ impl Vm {
             let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Host("eventfd", e))?;
             let thread_stop = stop.try_clone().map_err(|e| VmError::Host("eventfd", e))?;
             let (s, l) = (self.serial.clone(), self.lifecycle.clone());
+            let monitor = self.console_monitor.clone();
+            let monitor_first = self.serial_target != SerialTarget::Stdio;
             let thread = std::thread::Builder::new()
                 .name("console".into())
-                .spawn(move || console::pump_stdin(s, l, tty, thread_stop))
+                .spawn(move || console::pump_stdin(s, l, tty, thread_stop, monitor, monitor_first))
                 .map_err(|e| VmError::Host("console thread", e))?;
             self.console = Some(ConsoleThread {
                 stop,
                 thread: Some(thread),
             });
+        }
+        if let Some(s) = &mut self.serial_io {
+            s.start(self.serial.clone())
+                .map_err(|e| VmError::Host("serial thread", e))?;
         }
         self.io = IoThread::spawn(std::mem::take(&mut self.subscribers))
             .map_err(|e| VmError::Host("I/O thread", e))?;
@@ -488,6 +583,7 @@ impl Vm {
                 self.lifecycle.clone(),
             )
             .map_err(|e| VmError::Host("vCPU thread", e))?;
+            self.vcpu_pthreads.lock().unwrap().push(t.pthread());
             self.vcpu_threads.push(t);
         }
         Ok(())
@@ -498,11 +594,14 @@ impl Vm {
     fn stop(&mut self) {
         self.lifecycle
             .request_exit(ExitReason::Error("the VM was stopped".into()));
+        // No kick from the monitor reaches a thread once it may have been joined.
+        self.vcpu_pthreads.lock().unwrap().clear();
         for t in self.vcpu_threads.drain(..) {
             t.stop();
         }
         self.io = None;
         self.console = None;
+        self.serial_io = None;
     }
 }
 
@@ -554,8 +653,11 @@ fn build_nic(
     Ok(match spec.model {
         NicModel::VirtioNetPci => {
             let caps = port.capabilities();
-            let m = VirtioNet::new(spec.mac, caps, mem, chip.clone(), intx, ioevents.clone())
+            let mut m = VirtioNet::new(spec.mac, caps, mem, chip.clone(), intx, ioevents.clone())
                 .map_err(device)?;
+            if !spec.mrg_rxbuf {
+                m = m.without_mrg_rxbuf();
+            }
             nic_parts(m, port)
         }
         NicModel::Rtl8139 { cplus } => nic_parts(

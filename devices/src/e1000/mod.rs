@@ -34,7 +34,7 @@ mod rx;
 mod tx;
 
 use crate::interrupt::IntxLine;
-use crate::net::{NetPort, NicModel, Rx, Timer};
+use crate::net::{NetPort, NicModel, Rx, RxFilter, RxState, Timer};
 use crate::pci::{BarKind, PciConfig, PCI_COMMAND_INTX_DISABLE};
 use eeprom::Eeprom;
 use net_backends::{MacAddr, MAX_FRAME};
@@ -649,6 +649,71 @@ impl NicModel for E1000 {
 
     fn interrupts(&self) -> u64 {
         self.interrupts
+    }
+
+    fn filter_register(&self, bar: usize, offset: u64) -> bool {
+        let o = offset as usize;
+        match bar {
+            MMIO_BAR => o == RCTL || (MTA..VFTA + 0x200).contains(&o),
+            // IODATA reaches any register.
+            _ => offset == IODATA,
+        }
+    }
+
+    fn rx_filter(&self) -> RxFilter {
+        let rctl = self.reg(RCTL);
+        let mut unicast_table = vec![];
+        let mut multicast_table = vec![];
+        let mut main_mac = self.mac.0;
+        for i in 0..16 {
+            let rah = self.reg(RAH0 + 8 * i);
+            if rah & RAH_AV == 0 {
+                continue;
+            }
+            let low = self.reg(RAL0 + 8 * i).to_le_bytes();
+            let high = (rah as u16).to_le_bytes();
+            let a = [low[0], low[1], low[2], low[3], high[0], high[1]];
+            if i == 0 {
+                main_mac = a;
+            } else if a[0] & 1 != 0 {
+                multicast_table.push(a);
+            } else {
+                unicast_table.push(a);
+            }
+        }
+        let hashed = (0..128).any(|i| self.reg(MTA + 4 * i) != 0);
+        let vfe = rctl & RCTL_VFE != 0;
+        let vlan_table = if vfe {
+            (0..4096u16)
+                .filter(|&v| self.reg(VFTA + 4 * (v as usize >> 5)) & (1 << (v & 31)) != 0)
+                .collect()
+        } else {
+            vec![]
+        };
+        RxFilter {
+            main_mac,
+            promiscuous: rctl & RCTL_UPE != 0,
+            broadcast_allowed: rctl & RCTL_BAM != 0,
+            unicast: if rctl & RCTL_UPE != 0 {
+                RxState::All
+            } else {
+                RxState::Normal
+            },
+            multicast: if rctl & RCTL_MPE != 0 {
+                RxState::All
+            } else if hashed || !multicast_table.is_empty() {
+                RxState::Normal
+            } else {
+                RxState::None
+            },
+            vlan: if vfe { RxState::Normal } else { RxState::All },
+            unicast_overflow: false,
+            // Addresses in the 4096-bit hash (MTA) cannot be listed.
+            multicast_overflow: hashed,
+            unicast_table,
+            multicast_table,
+            vlan_table,
+        }
     }
 }
 

@@ -36,6 +36,11 @@ impl Serial {
     }
 
     /// Bytes typed by the user, for the guest to read.
+    /// Input queued and not yet taken by the guest (a producer stops reading while it is large).
+    pub fn input_pending(&self) -> usize {
+        self.pending.len()
+    }
+
     pub fn queue_input(&mut self, bytes: &[u8]) {
         self.pending.extend(bytes);
         self.fill_fifo();

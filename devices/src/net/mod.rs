@@ -7,7 +7,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 pub mod port;
-pub use port::{BackendInterest, NetEvent, NetPort, Nic, NicModel, Rx, Sent};
+pub use port::{
+    BackendInterest, NetEvent, NetPort, Nic, NicControl, NicModel, Rx, RxFilter, RxState, Sent,
+};
 
 /// What every NIC model counts, for benchmarks and tests.
 #[derive(Debug, Default, Clone, Copy)]

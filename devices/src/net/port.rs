@@ -88,6 +88,96 @@ pub trait NicModel: Send + 'static {
     fn interrupts(&self) -> u64;
     /// The backend's link went up or down.
     fn link_changed(&mut self, _port: &mut NetPort, _up: bool) {}
+    /// What the receive filter lets through, from the registers (QMP's query-rx-filter).
+    fn rx_filter(&self) -> RxFilter;
+    /// Whether a guest write there may change the receive filter (only then is it looked
+    /// at again for NIC_RX_FILTER_CHANGED).
+    fn filter_register(&self, _bar: usize, _offset: u64) -> bool {
+        true
+    }
+}
+
+/// How one class of frames is filtered (QEMU's RxState).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RxState {
+    /// Only the addresses in the table (or the hash).
+    Normal,
+    /// None at all.
+    None,
+    /// All of them.
+    All,
+}
+
+impl RxState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RxState::Normal => "normal",
+            RxState::None => "none",
+            RxState::All => "all",
+        }
+    }
+}
+
+/// A NIC's receive filter as its registers set it, in the shape of QEMU's RxFilterInfo.
+/// Hash filters (rtl8139's MAR, e1000's MTA) cannot be listed as addresses: a non-empty hash
+/// shows as `multicast: normal` with `multicast_overflow` set and an empty table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RxFilter {
+    pub main_mac: [u8; 6],
+    pub promiscuous: bool,
+    pub broadcast_allowed: bool,
+    pub unicast: RxState,
+    pub multicast: RxState,
+    pub vlan: RxState,
+    pub unicast_overflow: bool,
+    pub multicast_overflow: bool,
+    pub unicast_table: Vec<[u8; 6]>,
+    pub multicast_table: Vec<[u8; 6]>,
+    pub vlan_table: Vec<u16>,
+}
+
+impl RxFilter {
+    /// A device that filters nothing (every frame reaches the driver).
+    pub fn open(mac: [u8; 6]) -> RxFilter {
+        RxFilter {
+            main_mac: mac,
+            promiscuous: true,
+            broadcast_allowed: true,
+            unicast: RxState::All,
+            multicast: RxState::All,
+            vlan: RxState::All,
+            unicast_overflow: false,
+            multicast_overflow: false,
+            unicast_table: vec![],
+            multicast_table: vec![],
+            vlan_table: vec![],
+        }
+    }
+
+    fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// What the monitor does to a NIC, whatever its model.
+pub trait NicControl: Send {
+    /// QMP's set_link: the link as the guest sees it, whatever the backend's.
+    fn set_link(&mut self, up: bool);
+    /// The link as the guest sees it now.
+    fn link_up(&self) -> bool;
+    fn rx_filter(&self) -> RxFilter;
+    /// Calls `notify` when the guest changes the receive filter: once, then again only after
+    /// [`NicControl::rx_filter_queried`] (QEMU's NIC_RX_FILTER_CHANGED rule).
+    fn watch_rx_filter(&mut self, notify: Box<dyn Fn() + Send>);
+    fn rx_filter_queried(&mut self);
+    /// (vendor, device, subsystem vendor, subsystem, class code) from config space.
+    fn pci_ids(&self) -> (u16, u16, u16, u16, u32);
+    /// The decoded BARs: (index, I/O space, address, size).
+    fn bars(&self) -> Vec<(usize, bool, u64, u64)>;
+    fn irq(&self) -> u8;
 }
 
 /// Guest errors of one device: the first is logged as a warning, later ones at most every
@@ -148,6 +238,8 @@ pub struct NetPort {
     link_up: bool,
     /// The backend's data fd hung up or failed; it is not watched any more.
     backend_dead: bool,
+    /// The link was set down by the monitor (QMP set_link): the guest sees no carrier.
+    admin_down: bool,
     pub stats: NicStats,
     errors: GuestErrors,
 }
@@ -170,6 +262,7 @@ impl NetPort {
             tx_blocked: false,
             rx_stalled: false,
             backend_dead: false,
+            admin_down: false,
             stats: NicStats::default(),
             errors: GuestErrors::default(),
         })
@@ -197,7 +290,7 @@ impl NetPort {
 
     /// Whether the other side is there.
     pub fn backend_link_up(&self) -> bool {
-        self.backend.link_up() && !self.backend_dead
+        self.backend.link_up() && !self.backend_dead && !self.admin_down
     }
 
     /// Hands one frame (in pieces) to the backend.
@@ -318,6 +411,9 @@ pub struct Nic<M> {
     pub model: M,
     pub port: NetPort,
     rx: RxStage,
+    /// Told when the guest changes the receive filter, with the filter last seen and
+    /// whether an event was sent and not yet followed by a query.
+    filter_watch: Option<FilterWatch>,
     /// Backend fds as registered with the event loop, and their interest.
     watched: Vec<(RawFd, EventSet)>,
     scratch: Vec<(RawFd, EventSet)>,
@@ -355,6 +451,23 @@ impl<M: NicModel> Nic<M> {
             },
             watched: vec![],
             scratch: vec![],
+            filter_watch: None,
+        }
+    }
+
+    /// After a guest register write: a changed receive filter is reported (once until the
+    /// next query).
+    fn check_filter(&mut self) {
+        let Some(w) = &mut self.filter_watch else {
+            return;
+        };
+        let now = self.model.rx_filter().fingerprint();
+        if now != w.last {
+            w.last = now;
+            if !w.sent {
+                w.sent = true;
+                (w.notify)();
+            }
         }
     }
 
@@ -591,6 +704,69 @@ impl<M: NicModel> PciDevice for Nic<M> {
     }
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         self.model.bar_write(&mut self.port, bar, offset, data);
+        if self.filter_watch.is_some() && self.model.filter_register(bar, offset) {
+            self.check_filter();
+        }
+    }
+}
+
+struct FilterWatch {
+    notify: Box<dyn Fn() + Send>,
+    last: u64,
+    sent: bool,
+}
+
+impl<M: NicModel> NicControl for Nic<M> {
+    fn set_link(&mut self, up: bool) {
+        self.port.admin_down = !up;
+        self.check_link();
+        // The I/O thread brings its watch of the backend in line.
+        self.port.kick_rx();
+    }
+    fn link_up(&self) -> bool {
+        self.port.link_up
+    }
+    fn rx_filter(&self) -> RxFilter {
+        self.model.rx_filter()
+    }
+    fn watch_rx_filter(&mut self, notify: Box<dyn Fn() + Send>) {
+        self.filter_watch = Some(FilterWatch {
+            notify,
+            last: self.model.rx_filter().fingerprint(),
+            sent: false,
+        });
+    }
+    fn rx_filter_queried(&mut self) {
+        if let Some(w) = &mut self.filter_watch {
+            w.sent = false;
+        }
+    }
+    fn pci_ids(&self) -> (u16, u16, u16, u16, u32) {
+        let c = self.model.config();
+        (
+            c.get16(0),
+            c.get16(2),
+            c.get16(0x2c),
+            c.get16(0x2e),
+            c.get32(8) >> 8,
+        )
+    }
+    fn bars(&self) -> Vec<(usize, bool, u64, u64)> {
+        let c = self.model.config();
+        (0..6)
+            .filter_map(|i| {
+                let (k, s) = (c.bar_kind(i)?, c.bar_size(i)?);
+                Some((
+                    i,
+                    k == crate::pci::BarKind::Io,
+                    c.bar_addr(i).unwrap_or(0),
+                    s,
+                ))
+            })
+            .collect()
+    }
+    fn irq(&self) -> u8 {
+        self.model.config().get16(0x3c) as u8
     }
 }
 

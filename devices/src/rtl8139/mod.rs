@@ -34,7 +34,7 @@ pub mod driver;
 mod tests;
 
 use crate::interrupt::IntxLine;
-use crate::net::{NetPort, NicModel, Rx, Timer};
+use crate::net::{NetPort, NicModel, Rx, RxFilter, RxState, Timer};
 use crate::pci::{BarKind, PciConfig, PCI_COMMAND_INTX_DISABLE};
 use desc::Tally;
 use eeprom::Eeprom93c46;
@@ -87,6 +87,8 @@ pub const BMSR: usize = 0x64;
 pub const ANAR: usize = 0x66;
 pub const ANLPAR: usize = 0x68;
 pub const ANER: usize = 0x6a;
+/// CS Configuration Register; Linux's 8139too reads its link bits on a LinkChg interrupt.
+pub const CSCR: usize = 0x74;
 pub const CONFIG5: usize = 0xd8;
 pub const TPPOLL: usize = 0xd9;
 pub const CPCR: usize = 0xe0;
@@ -155,6 +157,9 @@ const BMSR_AN_COMPLETE: u16 = 0x0020;
 const BMSR_CAPS: u16 = 0x7809; // 100BASE-TX FD/HD, 10BASE-T FD/HD, autoneg, extended regs
 const ANAR_DEFAULT: u16 = 0x05e1;
 const MSR_LINKB: u8 = 0x04;
+/// CSCR as 8139too names its bits: link OK, and "the link changed" (cleared when read).
+const CSCR_LINK_OK: u16 = 0x0400;
+const CSCR_LINK_CHANGE: u16 = 0x0800;
 
 /// The counter behind TCTR runs at the PCI clock.
 const TCTR_HZ: u64 = 33_000_000;
@@ -207,6 +212,8 @@ pub struct Rtl8139 {
     rx_dead: bool,
     /// The link state the driver last saw (changes raise LinkChg).
     link: bool,
+    /// The link changed since the driver last read CSCR.
+    cscr_link_change: bool,
 
     /// Scratch for the frame as the wire carries it, a packet header, VLAN stripping.
     rx_wire: Vec<u8>,
@@ -277,6 +284,7 @@ impl Rtl8139 {
             tx_dead: false,
             rx_dead: false,
             link: true,
+            cscr_link_change: false,
             rx_wire: Vec::with_capacity(2048),
             rx_scratch: Vec::with_capacity(2048),
             rx_descs: Vec::with_capacity(4),
@@ -479,6 +487,20 @@ impl Rtl8139 {
                 lpa.to_le_bytes()[off - ANLPAR]
             }
             ANER => 1, // the link partner can autonegotiate
+            CSCR..=0x75 => {
+                let mut v = u16::from_le_bytes([self.regs[CSCR], self.regs[CSCR + 1]])
+                    & !(CSCR_LINK_OK | CSCR_LINK_CHANGE);
+                if self.link_up() {
+                    v |= CSCR_LINK_OK;
+                }
+                if self.cscr_link_change {
+                    v |= CSCR_LINK_CHANGE;
+                }
+                if off == CSCR + 1 {
+                    self.cscr_link_change = false;
+                }
+                v.to_le_bytes()[off - CSCR]
+            }
             CPCR..=0xe1 | INTR_MITIGATE..=0xe3 | RDSAR..=0xeb | DTCCR..=0x17 | TNPDS..=0x2f
                 if !self.cplus =>
             {
@@ -685,6 +707,7 @@ impl NicModel for Rtl8139 {
     fn link_changed(&mut self, _port: &mut NetPort, up: bool) {
         if up != self.link {
             self.link = up;
+            self.cscr_link_change = true;
             self.raise(INT_LINKCHG);
         }
         self.wire_up = up;
@@ -692,5 +715,42 @@ impl NicModel for Rtl8139 {
 
     fn interrupts(&self) -> u64 {
         self.interrupts
+    }
+
+    fn filter_register(&self, _bar: usize, offset: u64) -> bool {
+        let o = offset as usize;
+        (IDR0..MAR0 + 8).contains(&o) || (RCR..RCR + 4).contains(&o)
+    }
+
+    fn rx_filter(&self) -> RxFilter {
+        let rcr = self.get32(RCR);
+        let mar = &self.regs[MAR0..MAR0 + 8];
+        let multicast = if rcr & RCR_AM == 0 || mar.iter().all(|&b| b == 0) {
+            RxState::None
+        } else if mar.iter().all(|&b| b == 0xff) {
+            RxState::All
+        } else {
+            RxState::Normal
+        };
+        RxFilter {
+            main_mac: self.station_address(),
+            promiscuous: rcr & RCR_AAP != 0,
+            broadcast_allowed: rcr & RCR_AB != 0,
+            unicast: if rcr & RCR_AAP != 0 {
+                RxState::All
+            } else if rcr & RCR_APM != 0 {
+                RxState::Normal
+            } else {
+                RxState::None
+            },
+            multicast,
+            vlan: RxState::All,
+            unicast_overflow: false,
+            // A 64-bit hash, not a table of addresses.
+            multicast_overflow: multicast == RxState::Normal,
+            unicast_table: vec![],
+            multicast_table: vec![],
+            vlan_table: vec![],
+        }
     }
 }

@@ -130,11 +130,21 @@ fn link_loss_raises_linkchg_and_shows_in_bmsr() {
     assert!(d.irq());
     assert_eq!(d.r16(BMSR) & BMSR_LINK, 0);
     assert_eq!(d.r8(MSR) & MSR_LINKB, MSR_LINKB);
+    // 8139too looks at CSCR's link-change bit on LinkChg, then reads BMSR.
+    assert_eq!(
+        d.r16(CSCR) & (CSCR_LINK_CHANGE | CSCR_LINK_OK),
+        CSCR_LINK_CHANGE
+    );
+    assert_eq!(d.r16(CSCR) & CSCR_LINK_CHANGE, 0, "cleared when read");
     d.w16(ISR, INT_LINKCHG);
     peer.set_link_up(true);
     d.pump();
     assert_ne!(d.r16(ISR) & INT_LINKCHG, 0);
     assert_ne!(d.r16(BMSR) & BMSR_LINK, 0);
+    assert_eq!(
+        d.r16(CSCR) & (CSCR_LINK_CHANGE | CSCR_LINK_OK),
+        CSCR_LINK_CHANGE | CSCR_LINK_OK
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@
 use super::transport::*;
 use super::*;
 use crate::interrupt::{IntxLine, IrqChip};
-use crate::net::{NetPort, NicModel, Rx, Sent};
+use crate::net::{NetPort, NicModel, Rx, RxFilter, Sent};
 use crate::pci::{BarKind, Msix, PciConfig};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
 use net_backends::{Capabilities, MacAddr, Offloads, MAX_FRAME};
@@ -86,6 +86,13 @@ pub struct VirtioNet {
 }
 
 impl VirtioNet {
+    /// Turns mergeable receive buffers off (QEMU's `mrg_rxbuf=off`): not offered to the
+    /// driver. Before the driver runs.
+    pub fn without_mrg_rxbuf(mut self) -> Self {
+        self.device_features &= !VIRTIO_NET_F_MRG_RXBUF;
+        self
+    }
+
     /// A device whose port has `caps` (the backend's, as [`NetPort::capabilities`] gives
     /// them): offloads are offered only when frames carry a virtio-net header.
     pub fn new(
@@ -765,6 +772,15 @@ impl NicModel for VirtioNet {
 
     fn interrupts(&self) -> u64 {
         self.interrupts
+    }
+
+    fn filter_register(&self, _bar: usize, _offset: u64) -> bool {
+        false
+    }
+
+    /// No control queue: the device filters nothing.
+    fn rx_filter(&self) -> RxFilter {
+        RxFilter::open(self.mac.0)
     }
 }
 

@@ -32,6 +32,50 @@ pub struct Config {
     pub netdevs: Vec<NetdevConfig>,
     pub nics: Vec<NicConfig>,
     pub dumps: Vec<DumpConfig>,
+    /// `-daemonize`: into the background once set up (set-up errors still reach the caller).
+    pub daemonize: bool,
+    /// `-pidfile FILE`: nicvm's pid, written once set up, removed at exit.
+    pub pidfile: Option<PathBuf>,
+    /// What QEMU options that change nothing here were given, each said once at start
+    /// (`-display none`, `-cpu host`, ...), and warnings about accepted options.
+    pub notes: Vec<Note>,
+    /// `-qmp`, `-monitor`, `-mon`, `-serial mon:stdio`: the control channels.
+    pub monitors: Vec<MonitorConfig>,
+    /// `-S`: the guest starts stopped (QMP `cont` starts it).
+    pub start_paused: bool,
+}
+
+/// Which protocol a monitor speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitorMode {
+    /// QMP: JSON.
+    Control,
+    /// HMP: the human monitor's text commands.
+    Readline,
+}
+
+/// Where a monitor listens (nicvm is always the server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+    /// The console: the serial port and the monitor share it (Ctrl-a c switches).
+    Stdio,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonitorConfig {
+    pub mode: MonitorMode,
+    pub endpoint: Endpoint,
+    /// The option it came from, as messages name it.
+    pub option: String,
+}
+
+/// A message about an accepted option, printed at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    pub text: String,
 }
 
 impl Config {
@@ -53,6 +97,10 @@ pub enum SerialTarget {
     Stdio,
     File(PathBuf),
     None,
+    /// `unix:PATH,server=on,...`, `tcp:HOST:PORT,server=on,...`: one client at a time.
+    Socket(Endpoint),
+    /// `pty`: a pseudo-terminal, its name printed at start.
+    Pty,
 }
 
 /// `-netdev TYPE,id=ID,...` (or the backend half of `-nic`, `-net`, the default network).
@@ -108,6 +156,8 @@ pub struct TapOptions {
     pub downscript: Script,
     /// `vnet_hdr=on|off`; None: a virtio-net header when the frontend can use one.
     pub vnet_hdr: Option<bool>,
+    /// `vhost=on` was asked for: nicvm has no vhost-net, frames go through its own loop.
+    pub vhost: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,8 +171,8 @@ pub enum TapDevice {
 /// `script=`/`downscript=`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Script {
-    /// Not given: the default script (`/etc/nicvm-ifup`, `/etc/nicvm-ifdown`) if it exists
-    /// when the tap is opened.
+    /// Not given: the default script (`/etc/nicvm-ifup`, else QEMU's `/etc/qemu-ifup`; the
+    /// same for ifdown) if it exists when the tap is opened.
     Default,
     /// `no` (or empty).
     No,
@@ -175,6 +225,8 @@ pub struct NicConfig {
     pub id: Option<String>,
     /// PCI slot (`addr=`).
     pub slot: Option<u8>,
+    /// virtio-net's `mrg_rxbuf=` (default on): mergeable receive buffers offered.
+    pub mrg_rxbuf: bool,
 }
 
 /// `-object filter-dump,id=ID,netdev=NETDEV,file=PATH[,maxlen=N]`: capture a netdev's frames.

@@ -141,9 +141,44 @@ fn inherited_fd(v: &str, fds: &InheritedFds) -> Result<RawFd, OptionError> {
     Ok(fd)
 }
 
-/// `-netdev tap`: `ifname=NAME` or `fd=N`, `script=`, `downscript=`, `vnet_hdr=on|off`.
+/// `-netdev tap`: `ifname=NAME` or `fd=N`, `script=`, `downscript=`, `vnet_hdr=on|off`; QEMU's
+/// `vhost=`/`vhostforce=` (nicvm has no vhost-net: the caller warns), `sndbuf=` (a number,
+/// nothing to tune on a tap nicvm writes without queueing) and `queues=1`.
 pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, OptionError> {
-    unknown(kv, &["ifname", "fd", "script", "downscript", "vnet_hdr"])?;
+    unknown(
+        kv,
+        &[
+            "ifname",
+            "fd",
+            "script",
+            "downscript",
+            "vnet_hdr",
+            "vhost",
+            "vhostforce",
+            "sndbuf",
+            "queues",
+        ],
+    )?;
+    let mut vhost = false;
+    for k in ["vhost", "vhostforce"] {
+        if let Some(v) = kv.get(k) {
+            vhost |= on_off(k, v)?;
+        }
+    }
+    if let Some(v) = kv.get("sndbuf") {
+        parse_size(v).ok_or_else(|| not_a("sndbuf", v, "a size in bytes"))?;
+    }
+    match kv.get("queues") {
+        None | Some("1") => {}
+        Some(v) if v.parse::<u32>().is_ok() => {
+            return Err(OptionError::OutOfRange {
+                key: "queues".into(),
+                value: v.into(),
+                range: "nicvm's NICs have one queue pair: 1",
+            })
+        }
+        Some(v) => return Err(not_a("queues", v, "a number")),
+    }
     let vnet_hdr = match kv.get("vnet_hdr") {
         Some(v) => Some(on_off("vnet_hdr", v)?),
         None => None,
@@ -166,7 +201,19 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
         script: script(kv.get("script")),
         downscript: script(kv.get("downscript")),
         vnet_hdr,
+        vhost,
     })
+}
+
+/// A byte count as QEMU's size options take it: a number with an optional k/M/G suffix.
+fn parse_size(v: &str) -> Option<u64> {
+    let (num, mult) = match v.char_indices().last()? {
+        (i, 'k' | 'K') => (&v[..i], 1u64 << 10),
+        (i, 'm' | 'M') => (&v[..i], 1 << 20),
+        (i, 'g' | 'G') => (&v[..i], 1 << 30),
+        _ => (v, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
 /// `-netdev vde` options: `sock=DIR`, `port=N`, `group=G`, `mode=OCTAL` (default 0700).
@@ -464,8 +511,15 @@ mod tests {
                 script: Script::Default,
                 downscript: Script::Default,
                 vnet_hdr: None,
+                vhost: false,
             }
         );
+        let o = tap("vhost=on,sndbuf=1048576,queues=1").unwrap();
+        assert!(
+            o.vhost,
+            "accepted; the caller warns that vhost-net is not used"
+        );
+        assert!(!tap("vhost=off,sndbuf=64k").unwrap().vhost);
         let o = tap("ifname=tap0,script=no,downscript=/x/down,vnet_hdr=off").unwrap();
         assert_eq!(o.device, TapDevice::Ifname(Some("tap0".into())));
         assert_eq!(
@@ -485,6 +539,9 @@ mod tests {
                 ("ifname=a-name-of-sixteen", "ifname"),
                 ("vnet_hdr=maybe", "vnet_hdr"),
                 ("queues=4", "queues"),
+                ("queues=x", "queues"),
+                ("sndbuf=lots", "sndbuf"),
+                ("vhost=maybe", "vhost"),
             ],
         );
         assert_eq!(

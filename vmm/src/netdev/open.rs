@@ -93,8 +93,18 @@ fn open_tap(o: &TapOptions, want_vnet_hdr: bool) -> Result<Opened, OpenErrorKind
         }
     };
     let name = tap.name().to_string();
-    if let Some(up) = script::resolve(&o.script, DEFAULT_IFUP) {
-        script::run(&up, &name)?;
+    match script::resolve(&o.script, DEFAULT_IFUP) {
+        Some(up) => script::run(&up, &name)?,
+        None if !tap_is_up(&name) => log::warn!(
+            "tap {name}: no ifup script ran ({}), so the tap stays down on the host; \
+             bring it up yourself (ip link set {name} up) or give script=",
+            if o.script == crate::config::Script::No {
+                "script=no".to_string()
+            } else {
+                format!("neither of {} exists", DEFAULT_IFUP.join(", "))
+            }
+        ),
+        None => {}
     }
     let downscript =
         script::resolve(&o.downscript, DEFAULT_IFDOWN).map(|s| DownScript::new(s, name.clone()));
@@ -106,6 +116,14 @@ fn open_tap(o: &TapOptions, want_vnet_hdr: bool) -> Result<Opened, OpenErrorKind
             ..Default::default()
         },
     })
+}
+
+/// Whether the interface is administratively up on the host (IFF_UP in sysfs).
+fn tap_is_up(name: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/flags"))
+        .ok()
+        .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
+        .is_some_and(|f| f & libc::IFF_UP as u32 != 0)
 }
 
 fn open_vde(o: &VdeOptions) -> Result<Opened, OpenErrorKind> {

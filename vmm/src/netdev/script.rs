@@ -5,8 +5,10 @@ use crate::config::Script;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 
-pub const DEFAULT_IFUP: &str = "/etc/nicvm-ifup";
-pub const DEFAULT_IFDOWN: &str = "/etc/nicvm-ifdown";
+/// The default scripts, nicvm's own first, then QEMU's (so a line written for QEMU behaves
+/// as it does there).
+pub const DEFAULT_IFUP: &[&str] = &["/etc/nicvm-ifup", "/etc/qemu-ifup"];
+pub const DEFAULT_IFDOWN: &[&str] = &["/etc/nicvm-ifdown", "/etc/qemu-ifdown"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScriptError {
@@ -42,12 +44,15 @@ pub fn run(script: &Path, ifname: &str) -> Result<(), ScriptError> {
     Ok(())
 }
 
-/// The script to run: the one given, none, or `default` when that file exists.
-pub fn resolve(s: &Script, default: &str) -> Option<PathBuf> {
+/// The script to run: the one given, none, or the first of `defaults` that exists.
+pub fn resolve(s: &Script, defaults: &[&str]) -> Option<PathBuf> {
     match s {
         Script::No => None,
         Script::Path(p) => Some(p.clone()),
-        Script::Default => Path::new(default).exists().then(|| PathBuf::from(default)),
+        Script::Default => defaults
+            .iter()
+            .find(|d| Path::new(d).exists())
+            .map(PathBuf::from),
     }
 }
 
@@ -113,11 +118,15 @@ pub(crate) mod tests {
             "tap7\ntap8\ntap10\n"
         );
 
-        assert_eq!(resolve(&Script::No, "/bin/sh"), None);
-        assert_eq!(resolve(&Script::Default, "/bin/sh"), Some("/bin/sh".into()));
-        assert_eq!(resolve(&Script::Default, "/nonexistent/ifup"), None);
+        assert_eq!(resolve(&Script::No, &["/bin/sh"]), None);
         assert_eq!(
-            resolve(&Script::Path("/x".into()), "/bin/sh"),
+            resolve(&Script::Default, &["/nonexistent/nicvm-ifup", "/bin/sh"]),
+            Some("/bin/sh".into()),
+            "QEMU's default when nicvm's is missing"
+        );
+        assert_eq!(resolve(&Script::Default, &["/nonexistent/ifup"]), None);
+        assert_eq!(
+            resolve(&Script::Path("/x".into()), &["/bin/sh"]),
             Some("/x".into())
         );
         std::fs::remove_dir_all(&dir).unwrap();

@@ -1,0 +1,703 @@
+//! QMP and the human monitor, driven as test harnesses drive QEMU: QMP through QEMU's own
+//! Python client (`qemu.qmp` from PyPI, in the virtualenv scripts/setup makes; see
+//! tests/qmp_client.py), HMP over a plain socket and on the console. Most tests start the VM
+//! stopped (-S): the protocol needs no running guest. One guest boot flaps the link of every
+//! NIC personality and reads the receive filters the guest programmed.
+
+mod support;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+/// The virtualenv's python with qemu.qmp, or None (skipped loudly; a failure in CI).
+fn qmp_python() -> Option<PathBuf> {
+    let p = std::env::var_os("NICVM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            // Where scripts/setup puts it: the cache, as guest-images/build finds it.
+            let cache = std::env::var_os("NICVM_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("nicvm"))
+                })
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/nicvm")
+                });
+            cache.join("venv/bin/python")
+        });
+    let ok = Command::new(&p)
+        .args(["-c", "import qemu.qmp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(p);
+    }
+    let why = format!(
+        "no python with qemu.qmp at {} (run scripts/setup)",
+        p.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("CI must run the QMP tests, but {why}");
+    }
+    eprintln!("\n!!!!!! SKIPPING QMP TEST: {why} !!!!!!\n");
+    None
+}
+
+fn client_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/qmp_client.py")
+}
+
+fn temp(what: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nicvm-qmp-{what}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// nicvm with the guest image's kernel, stdout and stderr collected on threads.
+struct Vm {
+    child: Child,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+fn spawn(img: &Image, append: &str, extra: &[&str], stdin: Stdio) -> Vm {
+    let mut child = Command::new(nicvm())
+        .args(["-kernel", &img.kernel.display().to_string()])
+        .args(["-initrd", &img.initrd.display().to_string()])
+        .args(["-append", &format!("console=ttyS0 quiet {append}")])
+        .args(extra)
+        .env("NICVM_LOG", "warn")
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nicvm");
+    let mut o = child.stdout.take().unwrap();
+    let mut e = child.stderr.take().unwrap();
+    Vm {
+        child,
+        out: std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = o.read_to_string(&mut s);
+            s
+        }),
+        err: std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = e.read_to_string(&mut s);
+            s
+        }),
+    }
+}
+
+impl Vm {
+    /// Waits for the exit (killing nicvm after `deadline`): (status, stdout, stderr).
+    fn wait(mut self, deadline: Duration) -> (Option<i32>, String, String) {
+        let t0 = Instant::now();
+        let code = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s.code();
+            }
+            if t0.elapsed() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (code, self.out.join().unwrap(), self.err.join().unwrap())
+    }
+}
+
+fn wait_for(path: &Path) {
+    let t0 = Instant::now();
+    while !path.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn python(py: &Path, args: &[&str]) -> String {
+    let o = Command::new(py)
+        .arg(client_script())
+        .args(args)
+        .output()
+        .expect("run python");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success() && out.lines().last() == Some("OK"),
+        "qmp_client.py {args:?} failed\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+const THREE_NICS: [&str; 12] = [
+    "-netdev",
+    "user,id=ne",
+    "-device",
+    "e1000,netdev=ne,id=e",
+    "-netdev",
+    "user,id=nr",
+    "-device",
+    "rtl8139,netdev=nr,id=r",
+    "-netdev",
+    "user,id=nv",
+    "-device",
+    "virtio-net-pci,netdev=nv,id=v",
+];
+
+/// Every QMP command and error class, two clients at once (Unix and TCP), events on both,
+/// malformed and huge input, a client leaving mid-message; quit exits 0 and removes the
+/// socket.
+#[test]
+fn qmp_commands_errors_and_events_on_a_stopped_vm() {
+    let Some(img) = image() else { return };
+    let Some(py) = qmp_python() else { return };
+    let dir = temp("protocol");
+    let sock = dir.join("qmp.sock");
+    let port = free_tcp_port();
+    let mut a: Vec<String> = args(&["-S", "-nographic", "-name", "qmp-test"]);
+    a.extend(args(&THREE_NICS));
+    a.extend(args(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", sock.display()),
+        "-chardev",
+        &format!("socket,id=m2,host=127.0.0.1,port={port},server=on,wait=off"),
+        "-mon",
+        "chardev=m2,mode=control",
+    ]));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let vm = spawn(&img, "", &a, Stdio::null());
+    wait_for(&sock);
+    python(
+        &py,
+        &["protocol", sock.to_str().unwrap(), &port.to_string()],
+    );
+    let (code, out, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "quit exits 0\n{out}\n{err}");
+    assert!(err.contains("terminating on QMP quit"), "{err}");
+    assert!(!sock.exists(), "the socket file is removed");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// -serial unix:PATH,server=on,wait=off: the guest's console on a socket, and
+/// -serial chardev:ID naming a -chardev socket; both removed at exit.
+#[test]
+fn serial_console_on_a_unix_socket() {
+    let Some(img) = image() else { return };
+    let dir = temp("serial");
+    let sock = dir.join("serial.sock");
+    let vm = spawn(
+        &img,
+        "nicvm.run=exit",
+        &[
+            "-display",
+            "none",
+            "-nic",
+            "none",
+            "-chardev",
+            &format!("socket,id=s0,path={},server=on,wait=off", sock.display()),
+            "-serial",
+            "chardev:s0",
+        ],
+        Stdio::null(),
+    );
+    wait_for(&sock);
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(240))).unwrap();
+    let mut console = String::new();
+    for l in BufReader::new(s).lines() {
+        let Ok(l) = l else { break };
+        console.push_str(&l);
+        console.push('\n');
+        if l.contains("NICVM-EXIT") {
+            break;
+        }
+    }
+    let (code, out, err) = vm.wait(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        console.contains("NICVM-READY"),
+        "the console on the socket:\n{console}"
+    );
+    assert!(out.is_empty(), "nothing on stdout: {out}");
+    assert!(!sock.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Reads from an HMP socket until the prompt; returns what came before it.
+fn hmp_read(r: &mut BufReader<UnixStream>) -> String {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"(qemu) ") {
+        if r.read(&mut byte).unwrap_or(0) == 0 {
+            break;
+        }
+        got.push(byte[0]);
+    }
+    String::from_utf8_lossy(&got)
+        .trim_end_matches("(qemu) ")
+        .replace('\r', "")
+}
+
+fn hmp(r: &mut BufReader<UnixStream>, cmd: &str) -> String {
+    r.get_mut()
+        .write_all(format!("{cmd}\n").as_bytes())
+        .unwrap();
+    hmp_read(r)
+}
+
+/// HMP over a plain Unix socket: info network/status/pci, set_link, help, then quit (exit 0).
+#[test]
+fn hmp_over_a_socket() {
+    let Some(img) = image() else { return };
+    let dir = temp("hmp");
+    let sock = dir.join("hmp.sock");
+    let mut a: Vec<String> = args(&["-S", "-nographic"]);
+    a.extend(args(&THREE_NICS));
+    a.extend(args(&[
+        "-monitor",
+        &format!("unix:{},server,nowait", sock.display()),
+    ]));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let vm = spawn(&img, "", &a, Stdio::null());
+    wait_for(&sock);
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s);
+    assert!(hmp_read(&mut r).contains("monitor - type 'help'"));
+    assert_eq!(hmp(&mut r, "info status"), "VM status: prelaunch\n");
+    let net = hmp(&mut r, "info network");
+    assert!(
+        net.contains("e: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:56\n \\ ne: index=0,type=user\n"),
+        "{net}"
+    );
+    assert!(
+        net.contains("v: index=0,type=nic,model=virtio-net-pci"),
+        "{net}"
+    );
+    assert_eq!(hmp(&mut r, "set_link v off"), "");
+    assert!(hmp(&mut r, "info network")
+        .contains("model=virtio-net-pci,macaddr=52:54:00:12:34:58,link=down"));
+    assert!(hmp(&mut r, "set_link nope off").contains("Device 'nope' not found"));
+    let pci = hmp(&mut r, "info pci");
+    assert!(
+        pci.contains("PCI device 8086:100e") && pci.contains("PCI device 10ec:8139"),
+        "{pci}"
+    );
+    assert!(hmp(&mut r, "help").contains("set_link name on|off"));
+    assert!(hmp(&mut r, "system_powerdown").contains("ACPI"));
+    assert!(hmp(&mut r, "frobnicate").contains("unknown command"));
+    hmp(&mut r, "cont");
+    assert_eq!(hmp(&mut r, "info status"), "VM status: running\n");
+    r.get_mut().write_all(b"quit\n").unwrap();
+    let (code, out, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(!sock.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// -serial mon:stdio: Ctrl-a c switches the console to the monitor and back.
+#[test]
+fn the_console_monitor_behind_ctrl_a_c() {
+    let Some(img) = image() else { return };
+    let mut vm = spawn(
+        &img,
+        "",
+        &["-S", "-nographic", "-serial", "mon:stdio", "-nic", "none"],
+        Stdio::piped(),
+    );
+    let mut stdin = vm.child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"\x01cinfo status\r").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stdin.write_all(b"\x01c\x01cquit\r").unwrap();
+    let (code, out, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("(qemu) info status\r\nVM status: prelaunch\r\n(qemu) "),
+        "{out:?}"
+    );
+    assert!(err.contains("terminating on monitor quit"), "{err}");
+}
+
+/// -daemonize with -pidfile and QMP: the caller returns 0 once the VM is set up; the pid file
+/// names the running nicvm; QMP quit ends it and the pid file goes.
+#[test]
+fn daemonized_vm_with_a_pid_file_quits_over_qmp() {
+    let Some(img) = image() else { return };
+    let Some(py) = qmp_python() else { return };
+    let dir = temp("daemon");
+    let (sock, pidfile) = (dir.join("qmp.sock"), dir.join("pid"));
+    let o = Command::new(nicvm())
+        .args([
+            "-kernel",
+            &img.kernel.display().to_string(),
+            "-S",
+            "-daemonize",
+        ])
+        .args(["-display", "none", "-nic", "none", "-pidfile"])
+        .arg(&pidfile)
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ])
+        .env("NICVM_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(sock.exists(), "set up before the caller returned");
+    // SAFETY: signal 0 only checks that the process exists.
+    assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "the daemon runs");
+    let out = python(&py, &["quit", sock.to_str().unwrap()]);
+    assert!(
+        out.contains(r#"{"guest": false, "reason": "host-qmp-quit"}"#),
+        "{out}"
+    );
+    let t0 = Instant::now();
+    // SAFETY: as above.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the daemon did not end"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !pidfile.exists() && !sock.exists(),
+        "pid file and socket removed"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// SIGUSR1 ends nicvm cleanly, like SIGTERM.
+#[test]
+fn sigusr1_is_a_clean_exit() {
+    let Some(img) = image() else { return };
+    let dir = temp("usr1");
+    let sock = dir.join("hmp.sock");
+    let vm = spawn(
+        &img,
+        "",
+        &[
+            "-S",
+            "-nographic",
+            "-nic",
+            "none",
+            "-monitor",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ],
+        Stdio::null(),
+    );
+    wait_for(&sock);
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGUSR1) };
+    let (code, out, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(err.contains("terminating on SIGUSR1"), "{err}");
+    assert!(!sock.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A line of the guest's console, read as it comes.
+fn expect_line(lines: &mut impl Iterator<Item = String>, seen: &mut String, want: &str) {
+    for l in lines.by_ref() {
+        seen.push_str(&l);
+        seen.push('\n');
+        if l.contains(want) {
+            return;
+        }
+    }
+    panic!("no line with '{want}'\n{seen}");
+}
+
+/// One guest boot, four NIC personalities (e1000, virtio-net, rtl8139 as 8139cp and as
+/// 8139too): QMP set_link off makes every driver report the carrier down, on brings it back
+/// and each gets a new DHCP lease over it; query-rx-filter shows what
+/// the guest programmed (promiscuous mode, a multicast group); a client watching from the
+/// start hears NIC_RX_FILTER_CHANGED, and GUEST_PANICKED then SHUTDOWN when the guest ends
+/// with a kernel panic (exit status 2).
+#[test]
+fn link_flap_rx_filters_and_a_guest_panic() {
+    let Some(img) = image() else { return };
+    let Some(py) = qmp_python() else { return };
+    let dir = temp("guest");
+    let sock = dir.join("qmp.sock");
+    let ifaces = ["eth0", "eth1", "eth2", "eth3"];
+    // The guest's drivers probe in link order: virtio_net, e1000, 8139cp, 8139too (checked
+    // below from the NIC lines), so the e1000 is eth1 and the 8139cp eth2.
+    let mut steps: Vec<String> = vec!["promisc:eth1".into(), "promisc:eth2".into()];
+    steps.extend(ifaces.iter().map(|i| format!("carrierwait:{i}:0")));
+    steps.extend(ifaces.iter().map(|i| format!("carrierwait:{i}:1")));
+    steps.extend(ifaces.iter().map(|i| format!("dhcp:{i}")));
+    steps.push("mcast:eth1:239.1.2.3:5000:1".into());
+    steps.push("panic".into());
+    let append = format!("nicvm.run={}", steps.join(","));
+    let mut child = Command::new(nicvm())
+        .args(["-kernel", &img.kernel.display().to_string()])
+        .args(["-initrd", &img.initrd.display().to_string()])
+        .args(["-append", &format!("console=ttyS0 quiet {append}")])
+        .args(["-nographic", "-m", "128"])
+        .args(["-netdev", "user,id=n0", "-device", "e1000,netdev=n0,id=e"])
+        .args([
+            "-netdev",
+            "user,id=n1",
+            "-device",
+            "virtio-net-pci,netdev=n1,id=v",
+        ])
+        .args([
+            "-netdev",
+            "user,id=n2",
+            "-device",
+            "rtl8139,netdev=n2,id=cp",
+        ])
+        .args([
+            "-netdev",
+            "user,id=n3",
+            "-device",
+            "rtl8139,netdev=n3,id=too,cplus=off",
+        ])
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ])
+        .env("NICVM_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut guard = KillOnDrop(Some(child.id()));
+    wait_for(&sock);
+    let mut watch = Command::new(&py)
+        .arg(client_script())
+        .args(["watch", sock.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watch_out = BufReader::new(watch.stdout.take().unwrap());
+    let mut l = String::new();
+    watch_out.read_line(&mut l).unwrap();
+    assert_eq!(l, "watching\n");
+
+    let mut lines = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let mut seen = String::new();
+    expect_line(&mut lines, &mut seen, "NICVM-READY");
+    for (i, driver) in ["virtio_net", "e1000", "8139cp", "8139too"]
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            seen.contains(&format!("NICVM-NIC iface=eth{i} driver={driver} ")),
+            "eth{i} is not {driver}\n{seen}"
+        );
+    }
+    expect_line(&mut lines, &mut seen, "NICVM-PROMISC iface=eth2");
+    // Promiscuous mode is in the registers now.
+    for name in ["e", "cp"] {
+        let out = python(&py, &["filter", sock.to_str().unwrap(), name]);
+        let f: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(f["promiscuous"], true, "{name}: {f}\n{seen}");
+        assert_eq!(f["unicast"], "all", "{name}: {f}");
+    }
+    // Link down on all four, by device id and by netdev id.
+    let mut flap = Command::new(&py)
+        .arg(client_script())
+        .args(["flap", sock.to_str().unwrap(), "e", "n1", "cp", "too"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut flap_out = BufReader::new(flap.stdout.take().unwrap());
+    let mut l = String::new();
+    flap_out.read_line(&mut l).unwrap();
+    assert_eq!(l, "down\n");
+    for i in ifaces {
+        expect_line(
+            &mut lines,
+            &mut seen,
+            &format!("NICVM-CARRIER iface={i} carrier=0"),
+        );
+    }
+    flap.stdin.take().unwrap().write_all(b"up\n").unwrap();
+    for i in ifaces {
+        expect_line(
+            &mut lines,
+            &mut seen,
+            &format!("NICVM-CARRIER iface={i} carrier=1"),
+        );
+    }
+    assert!(flap.wait().unwrap().success());
+    // Each NIC gets a new lease over the link that came back.
+    for i in ifaces {
+        expect_line(
+            &mut lines,
+            &mut seen,
+            &format!("NICVM-LEASE iface={i} lease=10.0.2.15/24"),
+        );
+    }
+    // A multicast group joined on the e1000: Linux puts it in an exact filter (RA[1..]).
+    expect_line(&mut lines, &mut seen, "NICVM-MCASTLISTEN");
+    let out = python(&py, &["filter", sock.to_str().unwrap(), "e"]);
+    let f: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let joined = f["multicast-table"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m == "01:00:5e:01:02:03");
+    assert!(joined, "the group is in the filter: {f}");
+    assert_ne!(f["multicast"], "none", "{f}");
+    // The guest ends with a kernel panic.
+    for l in lines.by_ref() {
+        seen.push_str(&l);
+        seen.push('\n');
+    }
+    let status = wait_bounded(&mut child, &mut guard, Duration::from_secs(120));
+    assert_eq!(status, Some(2), "a guest panic is exit status 2\n{seen}");
+    let mut events = String::new();
+    watch_out.read_to_string(&mut events).unwrap();
+    assert!(watch.wait().unwrap().success(), "{events}");
+    let events: Vec<serde_json::Value> = events
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert!(
+        events.iter().any(|e| e["event"] == "NIC_RX_FILTER_CHANGED"
+            && e["data"]["name"] == "e"
+            && e["data"]["path"] == "/machine/peripheral/e"),
+        "{names:?}"
+    );
+    let n = names.len();
+    assert!(
+        n >= 2 && names[n - 2..] == ["GUEST_PANICKED", "SHUTDOWN"],
+        "{names:?}"
+    );
+    assert_eq!(events[n - 1]["data"]["reason"], "guest-panic");
+    assert!(!sock.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// quit ends the VM with status 0 and the tap's downscript runs; with script=no the tap stays
+/// down and a warning says so (root and /dev/net/tun only).
+#[test]
+fn quit_runs_the_downscripts() {
+    let Some(img) = image() else { return };
+    let Some(py) = qmp_python() else { return };
+    // SAFETY: geteuid only reads the process's credentials.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        eprintln!("\n!!!!!! SKIPPING: creating a tap needs root and /dev/net/tun !!!!!!\n");
+        return;
+    }
+    let dir = temp("down");
+    let (sock, log, down) = (dir.join("qmp.sock"), dir.join("log"), dir.join("down"));
+    std::fs::write(
+        &down,
+        format!("#!/bin/sh\necho \"down $1\" >> {}\n", log.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&down, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let ifname = format!("nq{}", std::process::id() % 100_000);
+    let vm = spawn(
+        &img,
+        "",
+        &[
+            "-S",
+            "-nographic",
+            "-netdev",
+            &format!(
+                "tap,id=t,ifname={ifname},script=no,downscript={}",
+                down.display()
+            ),
+            "-device",
+            "e1000,netdev=t",
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ],
+        Stdio::null(),
+    );
+    wait_for(&sock);
+    let out = python(&py, &["quit", sock.to_str().unwrap()]);
+    assert!(out.contains("host-qmp-quit"), "{out}");
+    let (code, out, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        err.contains(&format!("tap {ifname}: no ifup script ran (script=no)"))
+            && err.contains("stays down"),
+        "script=no on a tap that is down is said once: {err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        format!("down {ifname}\n"),
+        "the downscript ran with the tap's name\n{err}"
+    );
+    assert!(
+        !Path::new(&format!("/sys/class/net/{ifname}")).exists(),
+        "the tap nicvm made is gone"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Waits for `child` at most `deadline`, then terminates it; the guard is disarmed first
+/// so that no signal can reach a reaped (and perhaps reused) pid.
+fn wait_bounded(child: &mut Child, guard: &mut KillOnDrop, deadline: Duration) -> Option<i32> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            guard.0 = None;
+            return s.code();
+        }
+        if t0.elapsed() > deadline {
+            let _ = child.kill();
+            guard.0 = None;
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Ends nicvm (SIGTERM: it cleans up) if the test fails while it runs.
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: signalling our own child, not yet reaped (the guard is disarmed
+            // before it is).
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! `-daemonize` and `-pidfile`, as QEMU does them: the caller's process waits until the VM is
+//! set up and exits with 0 then, or with the set-up's failure status (whose message the
+//! child has already printed on the caller's stderr); a pid file holds a lock while nicvm
+//! runs and is removed at exit.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// The child's end of the status pipe.
+pub struct Daemon {
+    status: File,
+}
+
+/// Forks. The parent never returns from this: it exits with 0 once the child says it is
+/// set up, or with the child's exit status if the child ends first. The child, in a
+/// session of its own, returns.
+pub fn fork_into_background() -> io::Result<Daemon> {
+    let mut fds = [0; 2];
+    // SAFETY: a two-int array for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two new descriptors we now own.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let _ = io::stdout().flush();
+    // SAFETY: nicvm has no other thread yet (forking is done before the VM is built), so the
+    // child is a full copy; both sides only use their own descriptors afterwards.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid > 0 {
+        drop(w);
+        let mut byte = [0u8; 1];
+        let mut r = File::from(r);
+        let got = loop {
+            match r.read(&mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(n) => break n,
+                Err(_) => break 0,
+            }
+        };
+        if got == 1 {
+            std::process::exit(byte[0] as i32);
+        }
+        // The child ended before it was set up: its status is ours.
+        let mut status = 0;
+        // SAFETY: waiting for our own child; `status` is a valid int.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        let code = if waited == pid && libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            1
+        };
+        std::process::exit(code);
+    }
+    drop(r);
+    // SAFETY: setsid only changes the calling process's session.
+    unsafe { libc::setsid() };
+    Ok(Daemon {
+        status: File::from(w),
+    })
+}
+
+impl Daemon {
+    /// The VM is set up: the caller's process exits 0, and the standard streams are
+    /// pointed at /dev/null (the guest and nicvm no longer own a terminal).
+    pub fn set_up_done(mut self) {
+        let _ = self.status.write_all(&[0]);
+        if let Ok(null) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            for fd in 0..3 {
+                // SAFETY: dup2 onto the standard descriptors, from one we own.
+                unsafe { libc::dup2(null.as_raw_fd(), fd) };
+            }
+        }
+    }
+}
+
+/// A pid file: written and locked while nicvm runs, removed when dropped.
+pub struct PidFile {
+    path: PathBuf,
+    _file: File,
+}
+
+impl PidFile {
+    pub fn create(path: &Path) -> io::Result<PidFile> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::other("locked by another running nicvm or QEMU")
+            } else {
+                e
+            });
+        }
+        file.set_len(0)?;
+        writeln!(file, "{}", std::process::id())?;
+        Ok(PidFile {
+            path: path.to_path_buf(),
+            _file: file,
+        })
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_file_is_written_locked_and_removed() {
+        let p = std::env::temp_dir().join(format!("nicvm-pidfile-test.{}", std::process::id()));
+        let f = PidFile::create(&p).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            format!("{}\n", std::process::id())
+        );
+        assert!(PidFile::create(&p).is_err(), "a second one is refused");
+        drop(f);
+        assert!(!p.exists());
+    }
+}

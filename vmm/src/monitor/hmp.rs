@@ -1,0 +1,155 @@
+//! HMP, QEMU's human monitor: one command per line, answered in text, then the `(qemu)`
+//! prompt. The commands QEMU users reach for with a network-only VM.
+
+use super::{Client, Control};
+use devices::lifecycle::ExitReason;
+
+/// A line may not be longer than this; a longer one is dropped with a message.
+const MAX_LINE: usize = 4096;
+
+const HELP: &str = "\
+cont|c -- resume emulation
+help|? -- show this help
+info network -- show the network state
+info pci -- show PCI info
+info status -- show the current VM status (running|paused)
+info version -- show the version of QEMU (nicvm)
+info name -- show the current VM name
+quit|q -- quit the emulator
+set_link name on|off -- change the link status of a network adapter
+stop -- stop emulation
+system_powerdown -- send system power down event
+system_reset -- reset the system
+";
+
+pub const PROMPT: &str = "(qemu) ";
+
+pub fn greet(out: &mut Vec<u8>) {
+    out.extend_from_slice(
+        format!(
+            "nicvm {} monitor - type 'help' for more information\r\n{PROMPT}",
+            env!("CARGO_PKG_VERSION")
+        )
+        .as_bytes(),
+    );
+}
+
+/// Runs every complete line of the client's input.
+pub(super) fn process(control: &Control, c: &mut Client) {
+    while let Some(nl) = c.input.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = c.input.drain(..=nl).collect();
+        let line = String::from_utf8_lossy(&line[..nl]);
+        let line = line.trim_end_matches('\r');
+        let out = execute(control, line);
+        c.output.extend_from_slice(crlf(&out).as_bytes());
+        c.output.extend_from_slice(PROMPT.as_bytes());
+    }
+    if c.input.len() > MAX_LINE {
+        c.input.clear();
+        c.output
+            .extend_from_slice(format!("line too long\r\n{PROMPT}").as_bytes());
+    }
+}
+
+/// `\n` line ends as `\r\n` (the console may be a raw terminal).
+pub fn crlf(s: &str) -> String {
+    s.replace("\r\n", "\n").replace('\n', "\r\n")
+}
+
+/// One command line; returns its output (lines ending in `\n`).
+pub fn execute(control: &Control, line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        [] => String::new(),
+        ["help" | "?"] | ["help" | "?", _] => HELP.to_string(),
+        ["info", "status"] => format!("VM status: {}\n", control.status()),
+        ["info", "version"] => format!("8.2.0 (nicvm {})\n", env!("CARGO_PKG_VERSION")),
+        ["info", "name"] => control
+            .name
+            .as_ref()
+            .map(|n| format!("{n}\n"))
+            .unwrap_or_default(),
+        ["info", "network"] => info_network(control),
+        ["info", "pci"] => info_pci(control),
+        ["info"] => "info network|pci|status|version|name\n".into(),
+        ["info", what] => {
+            format!("unknown info command '{what}' (network, pci, status, version, name)\n")
+        }
+        ["set_link", name, state] => {
+            let up = match *state {
+                "on" => true,
+                "off" => false,
+                s => return format!("set_link: '{s}' is not on or off\n"),
+            };
+            match control.set_link(name, up) {
+                Ok(()) => String::new(),
+                Err(e) => format!("{}\n", e.desc),
+            }
+        }
+        ["set_link", ..] => "usage: set_link name on|off\n".into(),
+        ["stop"] => {
+            control.stop();
+            String::new()
+        }
+        ["cont" | "c"] => {
+            control.cont();
+            String::new()
+        }
+        ["quit" | "q"] => {
+            control.request_exit("host-qmp-quit", ExitReason::User("monitor quit".into()));
+            String::new()
+        }
+        ["system_reset"] => {
+            control.request_exit("host-qmp-system-reset", ExitReason::Reboot);
+            String::new()
+        }
+        ["system_powerdown"] => "nicvm's machine has no ACPI power button, so the guest cannot \
+             be asked to power down: the guest must power itself off (poweroff), or use quit\n"
+            .into(),
+        [cmd, ..] => format!("unknown command: '{cmd}'\n"),
+    }
+}
+
+fn info_network(control: &Control) -> String {
+    let mut out = String::new();
+    for (i, n) in control.nics.iter().enumerate() {
+        let up = n.control.lock().unwrap().link_up();
+        out.push_str(&format!(
+            "{}: index=0,type=nic,model={},macaddr={}{}\n \\ {}: index=0,type={}{}\n",
+            control.nic_name(i),
+            n.config.model.name(),
+            n.config.mac,
+            if up { "" } else { ",link=down" },
+            n.config.netdev,
+            control.backends[i],
+            if up { "" } else { ",link=down" },
+        ));
+    }
+    out
+}
+
+fn info_pci(control: &Control) -> String {
+    let mut out = String::new();
+    for n in &control.nics {
+        let ctl = n.control.lock().unwrap();
+        let (vendor, device, ..) = ctl.pci_ids();
+        out.push_str(&format!(
+            "  Bus  0, device {:>3}, function 0:\n    Ethernet controller: PCI device {vendor:04x}:{device:04x}\n      PCI subsystem {}\n      IRQ {}, pin A\n",
+            n.slot,
+            n.config.model.name(),
+            ctl.irq()
+        ));
+        for (bar, io, addr, size) in ctl.bars() {
+            let kind = if io { "I/O" } else { "Memory" };
+            out.push_str(&format!(
+                "      BAR{bar}: {kind} at {addr:#x} [{:#x}].\n",
+                addr + size - 1
+            ));
+        }
+        out.push_str(&format!(
+            "      id \"{}\"\n",
+            n.config.id.as_deref().unwrap_or("")
+        ));
+    }
+    out
+}

@@ -1,0 +1,530 @@
+//! The control channels QEMU users drive a VM with: QMP (JSON, `qmp`) and the human monitor
+//! (`hmp`), on Unix or TCP sockets and on the console (`-serial mon:stdio`).
+//!
+//! [`Control`] is what both protocols act on: the run state, the NICs (links, receive
+//! filters), the exit request and the event queue. [`Monitor`] is one thread polling the
+//! listening sockets and every client: input is bounded per client, output is buffered and a
+//! client that stops reading is dropped, so no client can stall or crash nicvm.
+
+pub mod hmp;
+pub mod qmp;
+
+use crate::config::{Config, Endpoint, MonitorConfig, MonitorMode, NicConfig};
+use devices::lifecycle::{ExitReason, Lifecycle};
+use devices::net::NicControl;
+use serde_json::{json, Value};
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Clients served at once; more are turned away.
+const MAX_CLIENTS: usize = 16;
+/// Output a client may leave unread before it is dropped.
+const MAX_OUTPUT: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{option}: cannot listen on {what}: {source}")]
+pub struct MonitorError {
+    option: String,
+    what: String,
+    source: io::Error,
+}
+
+/// A NIC as the monitor sees it.
+pub struct NicEntry {
+    pub config: NicConfig,
+    pub slot: u8,
+    pub control: Arc<Mutex<dyn NicControl>>,
+}
+
+/// What QMP and HMP commands act on.
+pub struct Control {
+    pub name: Option<String>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub nics: Vec<NicEntry>,
+    /// The backend kind of each NIC's netdev (`info network`).
+    pub backends: Vec<&'static str>,
+    /// The vCPU threads, for kicking them into a pause; emptied before they are joined.
+    pub vcpus: Arc<Mutex<Vec<libc::pthread_t>>>,
+    /// -S and not yet continued.
+    prelaunch: Mutex<bool>,
+    /// Why the monitor asked the VM to end (the SHUTDOWN event's reason).
+    shutdown_cause: Mutex<Option<&'static str>>,
+    events: EventQueue,
+}
+
+/// Events waiting for the monitor thread to send them to every QMP client.
+pub struct EventQueue {
+    queue: Mutex<Vec<String>>,
+    wake: EventFd,
+}
+
+pub struct QmpError {
+    pub class: &'static str,
+    pub desc: String,
+}
+
+impl QmpError {
+    pub fn generic(desc: impl Into<String>) -> QmpError {
+        QmpError {
+            class: "GenericError",
+            desc: desc.into(),
+        }
+    }
+}
+
+fn timestamp() -> Value {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    json!({"seconds": t.as_secs(), "microseconds": t.subsec_micros()})
+}
+
+impl Control {
+    pub fn new(
+        cfg: &Config,
+        lifecycle: Arc<Lifecycle>,
+        nics: Vec<NicEntry>,
+        vcpus: Arc<Mutex<Vec<libc::pthread_t>>>,
+    ) -> io::Result<Arc<Control>> {
+        let backends = nics
+            .iter()
+            .map(|n| {
+                cfg.netdev(&n.config.netdev)
+                    .map_or("?", |nd| nd.backend.kind())
+            })
+            .collect();
+        let control = Arc::new(Control {
+            name: cfg.name.clone(),
+            lifecycle,
+            nics,
+            backends,
+            vcpus,
+            prelaunch: Mutex::new(cfg.start_paused),
+            shutdown_cause: Mutex::new(None),
+            events: EventQueue {
+                queue: Mutex::new(vec![]),
+                wake: EventFd::new(EFD_NONBLOCK)?,
+            },
+        });
+        if cfg.start_paused {
+            control.lifecycle.set_paused(true);
+        }
+        // NIC_RX_FILTER_CHANGED, as QEMU sends it: once, until the filter is queried.
+        for n in &control.nics {
+            let weak = Arc::downgrade(&control);
+            let name = n.config.id.clone();
+            let path = format!("/machine/peripheral/{}", name.as_deref().unwrap_or("anon"));
+            n.control.lock().unwrap().watch_rx_filter(Box::new(move || {
+                if let Some(c) = weak.upgrade() {
+                    let mut data = json!({ "path": path });
+                    if let Some(name) = &name {
+                        data["name"] = json!(name);
+                    }
+                    c.emit("NIC_RX_FILTER_CHANGED", data);
+                }
+            }));
+        }
+        Ok(control)
+    }
+
+    /// Queues an event for every QMP client.
+    pub fn emit(&self, event: &str, data: Value) {
+        let msg = json!({"event": event, "data": data, "timestamp": timestamp()});
+        self.events.queue.lock().unwrap().push(msg.to_string());
+        let _ = self.events.wake.write(1);
+    }
+
+    pub fn running(&self) -> bool {
+        !self.lifecycle.paused()
+    }
+
+    pub fn status(&self) -> &'static str {
+        if self.lifecycle.exit_requested() {
+            "shutdown"
+        } else if *self.prelaunch.lock().unwrap() {
+            "prelaunch"
+        } else if self.lifecycle.paused() {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
+    /// Stops the vCPUs: returns once every one is parked (or after a second).
+    pub fn stop(&self) {
+        if self.lifecycle.paused() {
+            return;
+        }
+        self.lifecycle.set_paused(true);
+        let t0 = Instant::now();
+        loop {
+            let vcpus = self.vcpus.lock().unwrap();
+            if self.lifecycle.parked() >= vcpus.len() || t0.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+            crate::vcpu::kick(&vcpus);
+            drop(vcpus);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.emit("STOP", json!({}));
+    }
+
+    pub fn cont(&self) {
+        *self.prelaunch.lock().unwrap() = false;
+        if !self.lifecycle.paused() {
+            return;
+        }
+        self.lifecycle.set_paused(false);
+        self.emit("RESUME", json!({}));
+    }
+
+    /// Ends the VM on the monitor's behalf, `cause` as the SHUTDOWN event will say.
+    pub fn request_exit(&self, cause: &'static str, reason: ExitReason) {
+        self.shutdown_cause.lock().unwrap().get_or_insert(cause);
+        self.lifecycle.request_exit(reason);
+    }
+
+    /// The NIC a device id or a netdev id names.
+    pub fn nic(&self, name: &str) -> Option<&NicEntry> {
+        self.nics
+            .iter()
+            .find(|n| n.config.id.as_deref() == Some(name))
+            .or_else(|| self.nics.iter().find(|n| n.config.netdev == name))
+    }
+
+    /// The name QEMU gives a NIC in listings: its id, or MODEL.N.
+    pub fn nic_name(&self, i: usize) -> String {
+        let n = &self.nics[i];
+        n.config.id.clone().unwrap_or_else(|| {
+            let k = self.nics[..i]
+                .iter()
+                .filter(|m| m.config.model.name() == n.config.model.name())
+                .count();
+            format!("{}.{k}", n.config.model.name())
+        })
+    }
+
+    pub fn set_link(&self, name: &str, up: bool) -> Result<(), QmpError> {
+        let nic = self.nic(name).ok_or_else(|| QmpError {
+            class: "DeviceNotFound",
+            desc: format!("Device '{name}' not found"),
+        })?;
+        nic.control.lock().unwrap().set_link(up);
+        Ok(())
+    }
+
+    /// The events the end of the VM gives: GUEST_PANICKED for a panic, then SHUTDOWN.
+    pub fn shutdown_events(&self, reason: &ExitReason) {
+        let monitor_cause = *self.shutdown_cause.lock().unwrap();
+        let (guest, cause) = match reason {
+            ExitReason::PowerOff => (true, "guest-shutdown"),
+            ExitReason::Reboot => (true, monitor_cause.unwrap_or("guest-reset")),
+            ExitReason::GuestPanic => {
+                self.emit("GUEST_PANICKED", json!({"action": "poweroff"}));
+                (true, "guest-panic")
+            }
+            ExitReason::GuestCrash(_) => (true, "guest-reset"),
+            ExitReason::User(why) if why.starts_with("SIG") => (false, "host-signal"),
+            ExitReason::User(_) => (false, monitor_cause.unwrap_or("host-ui")),
+            ExitReason::Error(_) => (false, "host-error"),
+        };
+        let guest = guest && monitor_cause.is_none();
+        self.emit("SHUTDOWN", json!({"guest": guest, "reason": cause}));
+    }
+}
+
+/// A listening socket.
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn io(&mut self) -> (&mut dyn Read, RawFd) {
+        match self {
+            Stream::Unix(s) => {
+                let fd = s.as_raw_fd();
+                (s, fd)
+            }
+            Stream::Tcp(s) => {
+                let fd = s.as_raw_fd();
+                (s, fd)
+            }
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+
+    fn write_some(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(b),
+            Stream::Tcp(s) => s.write(b),
+        }
+    }
+}
+
+/// One connected client and its protocol's state.
+struct Client {
+    stream: Stream,
+    mode: MonitorMode,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    /// QMP: capabilities negotiated (events are sent from then on).
+    negotiated: bool,
+    /// Ended: dropped once its output is flushed.
+    closing: bool,
+}
+
+/// The listening sockets, bound while nicvm sets up (a busy address is a set-up error);
+/// Unix socket files are removed when dropped.
+pub struct Listening {
+    listeners: Vec<(Listener, MonitorMode)>,
+    paths: Vec<PathBuf>,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Binds every socket monitor of `monitors` (the console one is the console's).
+pub fn bind(monitors: &[MonitorConfig]) -> Result<Listening, MonitorError> {
+    let mut l = Listening {
+        listeners: vec![],
+        paths: vec![],
+    };
+    for m in monitors {
+        let e = |what: String| {
+            let option = m.option.clone();
+            move |source| MonitorError {
+                option,
+                what,
+                source,
+            }
+        };
+        match &m.endpoint {
+            Endpoint::Stdio => continue,
+            Endpoint::Unix(p) => {
+                // A socket file left by an earlier run is replaced, as QEMU does.
+                if std::fs::symlink_metadata(p)
+                    .map(|md| {
+                        use std::os::unix::fs::FileTypeExt;
+                        md.file_type().is_socket()
+                    })
+                    .unwrap_or(false)
+                {
+                    let _ = std::fs::remove_file(p);
+                }
+                let s = UnixListener::bind(p).map_err(e(p.display().to_string()))?;
+                l.paths.push(p.clone());
+                s.set_nonblocking(true)
+                    .map_err(e(p.display().to_string()))?;
+                l.listeners.push((Listener::Unix(s), m.mode));
+            }
+            Endpoint::Tcp(a) => {
+                let s = TcpListener::bind(a).map_err(e(a.to_string()))?;
+                s.set_nonblocking(true).map_err(e(a.to_string()))?;
+                l.listeners.push((Listener::Tcp(s), m.mode));
+            }
+        }
+    }
+    Ok(l)
+}
+
+/// The monitor thread; dropping it flushes what clients have not read yet (a second at
+/// most), closes them and removes the socket files.
+pub struct Monitor {
+    stop: EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Monitor {
+    pub fn start(listening: Listening, control: Arc<Control>) -> io::Result<Option<Monitor>> {
+        if listening.listeners.is_empty() {
+            return Ok(None);
+        }
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let thread_stop = stop.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name("monitor".into())
+            .spawn(move || serve(listening, control, thread_stop))?;
+        Ok(Some(Monitor {
+            stop,
+            thread: Some(thread),
+        }))
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
+
+fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
+    let mut clients: Vec<Client> = vec![];
+    let mut stopping: Option<Instant> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Events to every negotiated QMP client.
+        let events: Vec<String> = std::mem::take(&mut *control.events.queue.lock().unwrap());
+        let _ = control.events.wake.read();
+        for ev in &events {
+            for c in clients
+                .iter_mut()
+                .filter(|c| c.mode == MonitorMode::Control && c.negotiated)
+            {
+                c.output.extend_from_slice(ev.as_bytes());
+                c.output.extend_from_slice(b"\r\n");
+            }
+        }
+        clients.retain(|c| c.output.len() <= MAX_OUTPUT);
+        if let Some(t0) = stopping {
+            if clients.iter().all(|c| c.output.is_empty()) || t0.elapsed() > Duration::from_secs(1)
+            {
+                return;
+            }
+        }
+
+        let mut fds = vec![
+            pollfd(stop.as_raw_fd(), libc::POLLIN),
+            pollfd(control.events.wake.as_raw_fd(), libc::POLLIN),
+        ];
+        let first_listener = fds.len();
+        if stopping.is_none() {
+            for (l, _) in &listening.listeners {
+                let fd = match l {
+                    Listener::Unix(s) => s.as_raw_fd(),
+                    Listener::Tcp(s) => s.as_raw_fd(),
+                };
+                fds.push(pollfd(fd, libc::POLLIN));
+            }
+        }
+        let first_client = fds.len();
+        for c in &clients {
+            let mut ev = 0;
+            if stopping.is_none() && !c.closing {
+                ev |= libc::POLLIN;
+            }
+            if !c.output.is_empty() {
+                ev |= libc::POLLOUT;
+            }
+            fds.push(pollfd(c.stream.fd(), ev));
+        }
+        let timeout = if stopping.is_some() { 50 } else { -1 };
+        // SAFETY: polling descriptors we own, array length given.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            continue;
+        }
+        if fds[0].revents != 0 && stopping.is_none() {
+            stopping = Some(Instant::now());
+        }
+        // New clients.
+        for (i, (l, mode)) in listening.listeners.iter().enumerate() {
+            if stopping.is_some() || fds[first_listener + i].revents == 0 {
+                continue;
+            }
+            let stream = match l {
+                Listener::Unix(s) => s.accept().map(|(c, _)| {
+                    let _ = c.set_nonblocking(true);
+                    Stream::Unix(c)
+                }),
+                Listener::Tcp(s) => s.accept().map(|(c, _)| {
+                    let _ = c.set_nonblocking(true);
+                    let _ = c.set_nodelay(true);
+                    Stream::Tcp(c)
+                }),
+            };
+            let Ok(stream) = stream else { continue };
+            if clients.len() >= MAX_CLIENTS {
+                log::warn!("monitor: {MAX_CLIENTS} clients already; one more turned away");
+                continue;
+            }
+            let mut c = Client {
+                stream,
+                mode: *mode,
+                input: vec![],
+                output: vec![],
+                negotiated: false,
+                closing: false,
+            };
+            match mode {
+                MonitorMode::Control => qmp::greet(&mut c.output),
+                MonitorMode::Readline => hmp::greet(&mut c.output),
+            }
+            clients.push(c);
+        }
+        // Client I/O.
+        let mut gone = vec![];
+        for (i, c) in clients.iter_mut().enumerate() {
+            let re = fds.get(first_client + i).map_or(0, |p| p.revents);
+            if re & libc::POLLIN != 0 {
+                let (r, _) = c.stream.io();
+                match r.read(&mut buf) {
+                    Ok(0) => c.closing = true,
+                    Ok(n) => {
+                        c.input.extend_from_slice(&buf[..n]);
+                        match c.mode {
+                            MonitorMode::Control => qmp::process(&control, c),
+                            MonitorMode::Readline => hmp::process(&control, c),
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => c.closing = true,
+                }
+            } else if re & (libc::POLLHUP | libc::POLLERR) != 0 && c.output.is_empty() {
+                c.closing = true;
+            }
+            if !c.output.is_empty() && (re & libc::POLLOUT != 0 || re == 0) {
+                match c.stream.write_some(&c.output) {
+                    Ok(n) => {
+                        c.output.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        c.output.clear();
+                        c.closing = true;
+                    }
+                }
+            }
+            if c.closing && c.output.is_empty() {
+                gone.push(i);
+            }
+        }
+        for i in gone.into_iter().rev() {
+            clients.remove(i);
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! QMP, the JSON protocol of QEMU's machine monitor: a greeting, capabilities negotiation,
+//! then `{"execute": ..., "arguments": ..., "id": ...}` commands answered with `return` or
+//! `error` (class and description), and events. Messages are JSON values one after another
+//! (newlines optional); each answer ends with CRLF as QEMU's do.
+
+use super::{hmp, Client, Control, QmpError};
+use devices::lifecycle::ExitReason;
+use devices::net::RxFilter;
+use serde_json::{json, Map, Value};
+
+/// A message may not be longer than this: a client sending more without finishing it gets
+/// an error and its input is dropped.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// QEMU version nicvm's QMP answers as (the protocol it follows).
+const QEMU_VERSION: (u32, u32, u32) = (8, 2, 0);
+
+const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-status",
+    "query-name",
+    "query-commands",
+    "query-pci",
+    "query-rx-filter",
+    "set_link",
+    "stop",
+    "cont",
+    "system_reset",
+    "system_powerdown",
+    "quit",
+    "human-monitor-command",
+];
+
+fn send(out: &mut Vec<u8>, v: &Value) {
+    out.extend_from_slice(v.to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn version() -> Value {
+    let (major, minor, micro) = QEMU_VERSION;
+    json!({
+        "qemu": {"major": major, "minor": minor, "micro": micro},
+        "package": format!("nicvm {}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+pub fn greet(out: &mut Vec<u8>) {
+    send(
+        out,
+        &json!({"QMP": {"version": version(), "capabilities": []}}),
+    );
+}
+
+fn error(out: &mut Vec<u8>, e: QmpError, id: Option<&Value>) {
+    let mut v = json!({"error": {"class": e.class, "desc": e.desc}});
+    if let Some(id) = id {
+        v["id"] = id.clone();
+    }
+    send(out, &v);
+}
+
+/// Handles every complete message in the client's input.
+pub(super) fn process(control: &Control, c: &mut Client) {
+    let mut consumed = 0;
+    let mut messages = vec![];
+    let mut syntax_error = None;
+    {
+        let mut it = serde_json::Deserializer::from_slice(&c.input).into_iter::<Value>();
+        loop {
+            match it.next() {
+                Some(Ok(v)) => {
+                    consumed = it.byte_offset();
+                    messages.push(v);
+                }
+                Some(Err(e)) if e.is_eof() => break,
+                Some(Err(e)) => {
+                    syntax_error = Some(e.to_string());
+                    break;
+                }
+                None => {
+                    consumed = it.byte_offset();
+                    break;
+                }
+            }
+        }
+    }
+    for m in messages {
+        handle(control, c, m);
+    }
+    if let Some(e) = syntax_error {
+        error(
+            &mut c.output,
+            QmpError::generic(format!("JSON parse error, {e}")),
+            None,
+        );
+        c.input.clear();
+        return;
+    }
+    c.input.drain(..consumed.min(c.input.len()));
+    if c.input.len() > MAX_MESSAGE {
+        error(
+            &mut c.output,
+            QmpError::generic(format!(
+                "JSON parse error, message longer than {MAX_MESSAGE} bytes"
+            )),
+            None,
+        );
+        c.input.clear();
+    }
+}
+
+fn handle(control: &Control, c: &mut Client, msg: Value) {
+    let id = msg.get("id").cloned();
+    let Value::Object(obj) = msg else {
+        return error(
+            &mut c.output,
+            QmpError::generic("QMP input must be a JSON object"),
+            None,
+        );
+    };
+    let cmd = match obj.get("execute").or_else(|| obj.get("exec-oob")) {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => {
+            return error(
+                &mut c.output,
+                QmpError::generic("QMP input member 'execute' must be a string"),
+                id.as_ref(),
+            )
+        }
+        None => {
+            return error(
+                &mut c.output,
+                QmpError::generic("QMP input lacks member 'execute'"),
+                id.as_ref(),
+            )
+        }
+    };
+    let args = match obj.get("arguments") {
+        None => Map::new(),
+        Some(Value::Object(a)) => a.clone(),
+        Some(_) => {
+            return error(
+                &mut c.output,
+                QmpError::generic("QMP input member 'arguments' must be an object"),
+                id.as_ref(),
+            )
+        }
+    };
+    let result = if cmd == "qmp_capabilities" {
+        if c.negotiated {
+            Err(QmpError {
+                class: "CommandNotFound",
+                desc: "Capabilities negotiation is already complete, command ignored".into(),
+            })
+        } else {
+            match args.get("enable") {
+                Some(Value::Array(a)) if !a.is_empty() => Err(QmpError::generic(format!(
+                    "Capability '{}' not available",
+                    a[0].as_str().unwrap_or("?")
+                ))),
+                _ => {
+                    c.negotiated = true;
+                    Ok(json!({}))
+                }
+            }
+        }
+    } else if !c.negotiated {
+        Err(QmpError {
+            class: "CommandNotFound",
+            desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+        })
+    } else {
+        execute(control, &cmd, &args)
+    };
+    match result {
+        Ok(ret) => {
+            let mut v = json!({ "return": ret });
+            if let Some(id) = id {
+                v["id"] = id;
+            }
+            send(&mut c.output, &v);
+        }
+        Err(e) => error(&mut c.output, e, id.as_ref()),
+    }
+}
+
+fn arg_str<'a>(args: &'a Map<String, Value>, key: &str) -> Result<&'a str, QmpError> {
+    match args.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(QmpError::generic(format!(
+            "Parameter '{key}' expects a string"
+        ))),
+        None => Err(QmpError::generic(format!("Parameter '{key}' is missing"))),
+    }
+}
+
+fn no_args(args: &Map<String, Value>) -> Result<(), QmpError> {
+    match args.keys().next() {
+        Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+        None => Ok(()),
+    }
+}
+
+/// One command (capabilities already negotiated).
+pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    match cmd {
+        "query-version" => no_args(args).map(|_| version()),
+        "query-status" => {
+            no_args(args)?;
+            Ok(json!({
+                "running": control.running() && !control.lifecycle.exit_requested(),
+                "singlestep": false,
+                "status": control.status(),
+            }))
+        }
+        "query-name" => {
+            no_args(args)?;
+            Ok(match &control.name {
+                Some(n) => json!({ "name": n }),
+                None => json!({}),
+            })
+        }
+        "query-commands" => {
+            no_args(args)?;
+            Ok(Value::Array(
+                COMMANDS.iter().map(|c| json!({ "name": c })).collect(),
+            ))
+        }
+        "query-pci" => {
+            no_args(args)?;
+            Ok(query_pci(control))
+        }
+        "query-rx-filter" => {
+            let name = match args.get("name") {
+                None => None,
+                Some(_) => Some(arg_str(args, "name")?),
+            };
+            let mut out = vec![];
+            for (i, n) in control.nics.iter().enumerate() {
+                let nic_name = control.nic_name(i);
+                if name.is_some_and(|want| want != nic_name && Some(want) != n.config.id.as_deref())
+                {
+                    continue;
+                }
+                let mut ctl = n.control.lock().unwrap();
+                let f = ctl.rx_filter();
+                ctl.rx_filter_queried();
+                out.push(rx_filter_json(&nic_name, &f));
+            }
+            if let (Some(want), true) = (name, out.is_empty()) {
+                return Err(QmpError::generic(format!("net client({want}) isn't a NIC")));
+            }
+            Ok(Value::Array(out))
+        }
+        "set_link" => {
+            let name = arg_str(args, "name")?;
+            let up = match args.get("up") {
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(QmpError::generic("Parameter 'up' expects a boolean")),
+                None => return Err(QmpError::generic("Parameter 'up' is missing")),
+            };
+            control.set_link(name, up).map(|_| json!({}))
+        }
+        "stop" => {
+            no_args(args)?;
+            control.stop();
+            Ok(json!({}))
+        }
+        "cont" => {
+            no_args(args)?;
+            control.cont();
+            Ok(json!({}))
+        }
+        "system_reset" => {
+            no_args(args)?;
+            // nicvm never reboots a guest (QEMU's -no-reboot): a reset ends the VM.
+            control.request_exit("host-qmp-system-reset", ExitReason::Reboot);
+            Ok(json!({}))
+        }
+        "system_powerdown" => {
+            no_args(args)?;
+            Err(QmpError::generic(
+                "nicvm's machine has no ACPI power button, so the guest cannot be asked to \
+                 power down: the guest must power itself off (poweroff), or use quit",
+            ))
+        }
+        "quit" => {
+            no_args(args)?;
+            control.request_exit("host-qmp-quit", ExitReason::User("QMP quit".into()));
+            Ok(json!({}))
+        }
+        "human-monitor-command" => {
+            let line = arg_str(args, "command-line")?;
+            Ok(Value::String(hmp::execute(control, line)))
+        }
+        c => Err(QmpError {
+            class: "CommandNotFound",
+            desc: format!("The command {c} has not been found"),
+        }),
+    }
+}
+
+fn mac(a: &[u8; 6]) -> String {
+    net_backends::MacAddr(*a).to_string()
+}
+
+pub fn rx_filter_json(name: &str, f: &RxFilter) -> Value {
+    json!({
+        "name": name,
+        "promiscuous": f.promiscuous,
+        "multicast": f.multicast.name(),
+        "unicast": f.unicast.name(),
+        "vlan": f.vlan.name(),
+        "broadcast-allowed": f.broadcast_allowed,
+        "multicast-overflow": f.multicast_overflow,
+        "unicast-overflow": f.unicast_overflow,
+        "main-mac": mac(&f.main_mac),
+        "vlan-table": f.vlan_table,
+        "unicast-table": f.unicast_table.iter().map(mac).collect::<Vec<_>>(),
+        "multicast-table": f.multicast_table.iter().map(mac).collect::<Vec<_>>(),
+    })
+}
+
+fn query_pci(control: &Control) -> Value {
+    let mut devices = vec![json!({
+        "bus": 0, "slot": 0, "function": 0,
+        "class_info": {"class": 0x0600, "desc": "Host bridge"},
+        "id": {"vendor": 0x8086, "device": 0x1237},
+        "regions": [],
+    })];
+    for n in &control.nics {
+        let ctl = n.control.lock().unwrap();
+        let (vendor, device, svendor, sdevice, class) = ctl.pci_ids();
+        let regions: Vec<Value> = ctl
+            .bars()
+            .into_iter()
+            .map(|(bar, io, addr, size)| {
+                if io {
+                    json!({"bar": bar, "type": "io", "address": addr, "size": size})
+                } else {
+                    json!({"bar": bar, "type": "memory", "address": addr, "size": size,
+                           "prefetch": false, "mem_type_64": false})
+                }
+            })
+            .collect();
+        let d = json!({
+            "bus": 0,
+            "slot": n.slot,
+            "function": 0,
+            "class_info": {"class": class >> 8, "desc": "Ethernet controller"},
+            "id": {"vendor": vendor, "device": device,
+                   "subsystem-vendor": svendor, "subsystem": sdevice},
+            "irq": ctl.irq(),
+            "irq_pin": 1,
+            "qdev_id": n.config.id.clone().unwrap_or_default(),
+            "regions": regions,
+        });
+        devices.push(d);
+    }
+    json!([{ "bus": 0, "devices": devices }])
+}

@@ -1,0 +1,353 @@
+//! The parts of a QEMU command line that nicvm takes for what they mean on its one machine:
+//! machine options that change nothing here (accepted with a note), the device properties QEMU
+//! users pass (accepted when harmless, refused with the reason when they contradict the
+//! model), and QEMU's `help` listings. docs/qemu-compat.md lists all of it.
+
+use crate::cli::CliErrorKind;
+use crate::config::{on_off, NicModel, OptionError};
+use crate::keyval::KeyVal;
+
+/// `help` (or `?`) as one of the comma-separated parts of an option's value.
+pub fn wants_help(val: &str) -> bool {
+    val.split(',').any(|p| p == "help" || p == "?")
+}
+
+fn refused(why: impl Into<String>) -> CliErrorKind {
+    CliErrorKind::Refused(why.into())
+}
+
+/// An option nicvm accepts because its meaning is what nicvm does anyway; returns the note
+/// said at start, or why it is refused.
+pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
+    match opt {
+        "-enable-kvm" => Ok("KVM is always used".into()),
+        "-snapshot" => Ok("nicvm has no disks: there is nothing to snapshot".into()),
+        "-display" => match val.split(',').next().unwrap_or("") {
+            "none" => Ok("nicvm never opens a window".into()),
+            d => Err(refused(format!(
+                "'{d}': nicvm has no display; only -display none (or -nographic)"
+            ))),
+        },
+        "-vga" => match val {
+            "none" => Ok("nicvm has no graphics card".into()),
+            v => Err(refused(format!(
+                "'{v}': nicvm has no graphics card; only -vga none"
+            ))),
+        },
+        "-accel" => {
+            let kv = KeyVal::parse(val, Some("accel"))?;
+            accel(kv.first.as_deref().unwrap_or(""))?;
+            if let Some(k) = kv.unknown_key(&["thread"]) {
+                return Err(OptionError::Unknown(k.into()).into());
+            }
+            Ok("KVM is always used".into())
+        }
+        "-M" | "-machine" => {
+            let kv = KeyVal::parse(val, Some("type"))?;
+            let ty = kv.first.as_deref().unwrap_or("pc");
+            let known = ty == "pc"
+                || ty == "q35"
+                || ty.starts_with("pc-i440fx-")
+                || ty.starts_with("pc-q35-");
+            if !known {
+                return Err(refused(format!(
+                    "machine '{ty}': nicvm has one machine, a minimal PC; pc and q35 \
+                     (and their versions) are accepted"
+                )));
+            }
+            if let Some(k) = kv.unknown_key(&[
+                "accel",
+                "usb",
+                "vmport",
+                "dump-guest-core",
+                "mem-merge",
+                "kernel-irqchip",
+                "kernel_irqchip",
+            ]) {
+                return Err(OptionError::Unknown(k.into()).into());
+            }
+            if let Some(a) = kv.get("accel") {
+                accel(a)?;
+            }
+            for k in ["usb", "vmport"] {
+                if let Some(v) = kv.get(k) {
+                    if v != "off" {
+                        return Err(refused(format!("{k}={v}: nicvm's PC has no {k}")));
+                    }
+                }
+            }
+            for k in ["kernel-irqchip", "kernel_irqchip"] {
+                if let Some(v) = kv.get(k) {
+                    if !on_off(k, v)? {
+                        return Err(refused(format!(
+                            "{k}=off: nicvm always uses KVM's in-kernel irqchip"
+                        )));
+                    }
+                }
+            }
+            Ok(format!(
+                "machine '{ty}' is nicvm's own minimal PC (PCI host bridge, 16550, pvpanic; \
+                 no ACPI, no firmware)"
+            ))
+        }
+        "-cpu" => {
+            let model = val.split(',').next().unwrap_or("");
+            if val.contains(',') {
+                return Err(refused(
+                    "CPU feature flags are not supported: the guest sees the CPUID nicvm gives",
+                ));
+            }
+            match model {
+                "host" | "max" => Ok(format!(
+                    "{model}: the guest sees the CPUID nicvm gives (the host's, less what an \
+                     emulating host cannot run)"
+                )),
+                m => Err(refused(format!(
+                    "'{m}': nicvm gives one CPU model; use host or max"
+                ))),
+            }
+        }
+        _ => Err(CliErrorKind::UnknownOption),
+    }
+}
+
+/// `accel=` / `-accel`: KVM only (a `kvm:tcg` fallback list picks KVM).
+fn accel(a: &str) -> Result<(), CliErrorKind> {
+    if a.split(':').any(|x| x == "kvm") {
+        Ok(())
+    } else {
+        Err(refused(format!("accel '{a}': nicvm runs only under KVM")))
+    }
+}
+
+/// The QEMU device properties nicvm takes besides its own (netdev, mac, id, addr, cplus),
+/// removed from `kv`. Returns virtio-net's `mrg_rxbuf` (on unless turned off).
+pub fn device_properties_accepted(model: NicModel, kv: &mut KeyVal) -> Result<bool, CliErrorKind> {
+    if let Some(b) = kv.remove("bus") {
+        if b != "pci.0" && b != "pcie.0" {
+            return Err(refused(format!("bus: '{b}': nicvm has one PCI bus, pci.0")));
+        }
+    }
+    // No option ROM is loaded either way: nicvm boots the kernel itself.
+    kv.remove("romfile");
+    kv.remove("rombar");
+    if let Some(v) = kv.remove("bootindex") {
+        v.parse::<i32>()
+            .map_err(|_| CliErrorKind::NotANumber(v.clone()))?;
+    }
+    if let Some(v) = kv.remove("multifunction") {
+        if on_off("multifunction", &v)? {
+            return Err(refused(
+                "multifunction=on: nicvm's NICs are single-function devices",
+            ));
+        }
+    }
+    let virtio = model == NicModel::VirtioNetPci;
+    for key in [
+        "disable-legacy",
+        "disable-modern",
+        "mrg_rxbuf",
+        "host_mtu",
+        "vectors",
+        "mq",
+    ] {
+        if !virtio && kv.get(key).is_some() {
+            return Err(CliErrorKind::VirtioOnly { key: key.into() });
+        }
+    }
+    if let Some(v) = kv.remove("disable-legacy") {
+        if v != "auto" && !on_off("disable-legacy", &v)? {
+            return Err(refused(
+                "disable-legacy=off: nicvm's virtio-net is a modern (virtio 1.0) device only",
+            ));
+        }
+    }
+    if let Some(v) = kv.remove("disable-modern") {
+        if on_off("disable-modern", &v)? {
+            return Err(refused(
+                "disable-modern=on: nicvm's virtio-net is a modern (virtio 1.0) device only",
+            ));
+        }
+    }
+    let mrg_rxbuf = match kv.remove("mrg_rxbuf") {
+        Some(v) => on_off("mrg_rxbuf", &v)?,
+        None => true,
+    };
+    if let Some(v) = kv.remove("host_mtu") {
+        let mtu: u32 = v.parse().map_err(|_| CliErrorKind::NotANumber(v.clone()))?;
+        if mtu != 1500 {
+            return Err(refused(format!(
+                "host_mtu={mtu}: nicvm's virtio-net does not offer an MTU to the guest \
+                 (it stays 1500)"
+            )));
+        }
+    }
+    if let Some(v) = kv.remove("vectors") {
+        let n: u32 = v.parse().map_err(|_| CliErrorKind::NotANumber(v.clone()))?;
+        if n < 3 {
+            return Err(refused(format!(
+                "vectors={n}: nicvm's virtio-net uses 3 MSI-X vectors (config, rx, tx)"
+            )));
+        }
+    }
+    if let Some(v) = kv.remove("mq") {
+        if on_off("mq", &v)? {
+            return Err(refused("mq=on: nicvm's virtio-net has one queue pair"));
+        }
+    }
+    Ok(mrg_rxbuf)
+}
+
+/// `-netdev help`.
+pub fn netdev_types() -> String {
+    "Available netdev backend types:\nsocket\nstream\ndgram\nuser\ntap\nvde\n".into()
+}
+
+/// `-nic model=help`, `-net nic,model=help`.
+pub fn nic_models() -> String {
+    "Supported NIC models:\ne1000\nrtl8139\nvirtio-net-pci\n".into()
+}
+
+/// `-device help`: the devices `-device` takes (nicvm's NICs), in QEMU's format.
+pub fn device_list() -> String {
+    "Network devices:\n\
+     name \"e1000\", bus PCI, alias \"e1000-82540em\", desc \"Intel Gigabit Ethernet\"\n\
+     name \"rtl8139\", bus PCI\n\
+     name \"virtio-net-pci\", bus PCI, alias \"virtio-net\"\n"
+        .into()
+}
+
+/// `-device MODEL,help`: its properties, in QEMU's format.
+pub fn device_properties(model: NicModel) -> String {
+    let mut props: Vec<(&str, &str, &str)> = vec![
+        (
+            "addr",
+            "int32",
+            "Slot number (1-1f), example: 06 (default: first free from 03)",
+        ),
+        (
+            "bootindex",
+            "int32",
+            "accepted; nicvm boots the kernel directly",
+        ),
+        ("bus", "str", "pci.0 (nicvm has one PCI bus)"),
+        (
+            "id",
+            "str",
+            "the device's name (QMP set_link, query-rx-filter)",
+        ),
+        (
+            "mac",
+            "str",
+            "Ethernet 6-byte MAC Address, example: 52:54:00:12:34:56",
+        ),
+        ("netdev", "str", "ID of a netdev to use as a backend"),
+        ("romfile", "str", "accepted; no option ROM is loaded"),
+    ];
+    match model {
+        NicModel::Rtl8139 { .. } => props.push((
+            "cplus",
+            "bool",
+            "on: an RTL8139C+ (Linux 8139cp); off: an RTL8139C (8139too) (default: on)",
+        )),
+        NicModel::E1000 => {}
+        NicModel::VirtioNetPci => props.extend([
+            (
+                "disable-legacy",
+                "OnOffAuto",
+                "on only: a modern (virtio 1.0) device",
+            ),
+            ("disable-modern", "bool", "off only"),
+            (
+                "host_mtu",
+                "uint16",
+                "1500 only (no MTU feature is offered)",
+            ),
+            ("mq", "bool", "off only: one queue pair"),
+            ("mrg_rxbuf", "bool", "on/off (default: on)"),
+            ("vectors", "uint32", "3 or more; 3 are used"),
+        ]),
+    }
+    props.sort();
+    let mut out = format!("{} options:\n", model.name());
+    for (name, ty, what) in props {
+        out.push_str(&format!("  {:<22} - {what}\n", format!("{name}=<{ty}>")));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_options_accepted_and_refused() {
+        for (opt, val) in [
+            ("-display", "none"),
+            ("-vga", "none"),
+            ("-M", "pc"),
+            ("-machine", "q35,accel=kvm"),
+            ("-machine", "type=pc-q35-8.2,accel=kvm:tcg,usb=off"),
+            ("-accel", "kvm"),
+            ("-cpu", "host"),
+            ("-cpu", "max"),
+            ("-snapshot", ""),
+            ("-enable-kvm", ""),
+        ] {
+            assert!(machine_option(opt, val).is_ok(), "{opt} {val}");
+        }
+        for (opt, val) in [
+            ("-display", "gtk"),
+            ("-vga", "std"),
+            ("-M", "microvm"),
+            ("-machine", "q35,accel=tcg"),
+            ("-machine", "pc,bogus=1"),
+            ("-accel", "tcg"),
+            ("-cpu", "qemu64"),
+            ("-cpu", "host,+avx"),
+        ] {
+            let e = machine_option(opt, val).unwrap_err().to_string();
+            assert!(!e.contains('\n') && !e.is_empty(), "{opt} {val}: {e}");
+        }
+    }
+
+    #[test]
+    fn device_properties_qemu_users_pass() {
+        let kv = |s: &str| KeyVal::parse(s, None).unwrap();
+        let v = NicModel::VirtioNetPci;
+        let mut k = kv("romfile=,bus=pci.0,bootindex=1,disable-legacy=on,mrg_rxbuf=off,host_mtu=1500,vectors=4,mq=off");
+        assert!(!device_properties_accepted(v, &mut k).unwrap());
+        assert!(k.pairs.is_empty(), "{k:?}");
+        for bad in [
+            "bus=pci.1",
+            "bootindex=x",
+            "disable-legacy=off",
+            "disable-modern=on",
+            "host_mtu=9000",
+            "vectors=2",
+            "mq=on",
+        ] {
+            assert!(
+                device_properties_accepted(v, &mut kv(bad)).is_err(),
+                "{bad}"
+            );
+        }
+        let e = device_properties_accepted(NicModel::E1000, &mut kv("mrg_rxbuf=on"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "mrg_rxbuf: only virtio-net-pci has this property");
+        assert!(
+            device_properties_accepted(NicModel::E1000, &mut kv("romfile=efi-e1000.rom")).unwrap()
+        );
+    }
+
+    #[test]
+    fn listings() {
+        assert!(wants_help("help") && wants_help("e1000,help") && wants_help("?"));
+        assert!(!wants_help("e1000,netdev=help1"));
+        assert!(device_properties(NicModel::Rtl8139 { cplus: true }).contains("cplus=<bool>"));
+        assert!(device_list().contains("virtio-net-pci"));
+        assert!(netdev_types().lines().any(|l| l == "tap"));
+        assert!(nic_models().lines().any(|l| l == "e1000"));
+    }
+}

@@ -1,0 +1,251 @@
+//! The serial port on a socket (`-serial unix:PATH,server=on,wait=off`, `tcp:...`) or a
+//! pseudo-terminal (`-serial pty`): guest output goes to the connected client (dropped while
+//! none is, as with QEMU's socket chardev), client input to the guest. One thread polls the
+//! listener, the client and a stop eventfd; input is read only while the guest keeps up.
+
+use crate::config::Endpoint;
+use devices::legacy::Serial;
+use std::io::{self, Read, Write};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Input the guest has not taken yet beyond which the client is not read.
+const MAX_PENDING: usize = 64 * 1024;
+
+/// Where guest output goes: the current client, if any.
+type Peer = Arc<Mutex<Option<std::fs::File>>>;
+
+enum Source {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+    /// The pty's master side: always "connected".
+    Pty,
+}
+
+/// The set-up part: the listener (or pty) and the writer the serial port gets.
+pub struct SerialIo {
+    source: Source,
+    peer: Peer,
+    thread: Option<(EventFd, std::thread::JoinHandle<()>)>,
+}
+
+/// The guest's output, to the client.
+struct PeerWriter(Peer);
+
+impl Write for PeerWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(f) = self.0.lock().unwrap().as_mut() {
+            // Non-blocking: what the client does not take now is lost, never waited for.
+            let _ = f.write(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn nonblocking(fd: RawFd) {
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
+impl SerialIo {
+    /// Binds the socket, or opens the pty (its name printed on stderr, as QEMU does).
+    pub fn socket(endpoint: &Endpoint) -> io::Result<SerialIo> {
+        let source = match endpoint {
+            Endpoint::Unix(p) => {
+                // A socket left by an earlier run is replaced, as QEMU does.
+                if std::fs::symlink_metadata(p).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    let _ = std::fs::remove_file(p);
+                }
+                let l = UnixListener::bind(p)?;
+                l.set_nonblocking(true)?;
+                Source::Unix(l, p.clone())
+            }
+            Endpoint::Tcp(a) => {
+                let l = TcpListener::bind(a)?;
+                l.set_nonblocking(true)?;
+                Source::Tcp(l)
+            }
+            Endpoint::Stdio => return Err(io::Error::other("stdio is not a socket")),
+        };
+        Ok(SerialIo {
+            source,
+            peer: Arc::new(Mutex::new(None)),
+            thread: None,
+        })
+    }
+
+    pub fn pty() -> io::Result<SerialIo> {
+        // SAFETY: posix_openpt returns a new descriptor or -1.
+        let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor we own from here on.
+        let master = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: grantpt/unlockpt on our master; ptsname_r writes at most `name.len()` bytes.
+        let ok = unsafe {
+            libc::grantpt(fd) == 0
+                && libc::unlockpt(fd) == 0
+                && libc::ptsname_r(fd, name.as_mut_ptr(), name.len()) == 0
+        };
+        if !ok {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: ptsname_r wrote a NUL-terminated string.
+        let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+        // Raw, as QEMU leaves it: no echo, no line editing.
+        // SAFETY: termios is plain data filled by tcgetattr; fd is our master.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(fd, &mut t) == 0 {
+                libc::cfmakeraw(&mut t);
+                libc::tcsetattr(fd, libc::TCSANOW, &t);
+            }
+        }
+        nonblocking(fd);
+        eprintln!(
+            "nicvm: char device redirected to {} (label serial0)",
+            name.to_string_lossy()
+        );
+        Ok(SerialIo {
+            source: Source::Pty,
+            peer: Arc::new(Mutex::new(Some(std::fs::File::from(master)))),
+            thread: None,
+        })
+    }
+
+    /// The serial port's output side.
+    pub fn writer(&self) -> Box<dyn Write + Send> {
+        Box::new(PeerWriter(self.peer.clone()))
+    }
+
+    /// Starts the thread that accepts clients and feeds their input to `serial`.
+    pub fn start(&mut self, serial: Arc<Mutex<Serial>>) -> io::Result<()> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let thread_stop = stop.try_clone()?;
+        let listener: Option<RawFd> = match &self.source {
+            Source::Unix(l, _) => Some(l.as_raw_fd()),
+            Source::Tcp(l) => Some(l.as_raw_fd()),
+            Source::Pty => None,
+        };
+        // The thread accepts through a duplicate of the listener (the original stays here,
+        // to be closed and unlinked on drop).
+        let listener: Option<OwnedFd> = match listener {
+            Some(fd) => {
+                // SAFETY: dup of a descriptor we own.
+                let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+                if d < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: a new descriptor we own.
+                Some(unsafe { OwnedFd::from_raw_fd(d) })
+            }
+            None => None,
+        };
+        let peer = self.peer.clone();
+        let t = std::thread::Builder::new()
+            .name("serial".into())
+            .spawn(move || serve(listener, peer, serial, thread_stop))?;
+        self.thread = Some((stop, t));
+        Ok(())
+    }
+}
+
+fn serve(listener: Option<OwnedFd>, peer: Peer, serial: Arc<Mutex<Serial>>, stop: EventFd) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let client_fd = peer.lock().unwrap().as_ref().map(|f| f.as_raw_fd());
+        let busy = serial.lock().unwrap().input_pending() >= MAX_PENDING;
+        let mut fds = vec![libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        match (client_fd, &listener) {
+            (Some(fd), _) => fds.push(libc::pollfd {
+                fd,
+                events: if busy { 0 } else { libc::POLLIN },
+                revents: 0,
+            }),
+            (None, Some(l)) => fds.push(libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }),
+            (None, None) => {}
+        }
+        let timeout = if busy { 10 } else { -1 };
+        // SAFETY: polling descriptors we own, array length given.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            return;
+        }
+        let Some(p) = fds.get(1) else { continue };
+        if p.revents == 0 {
+            continue;
+        }
+        match client_fd {
+            None => {
+                let l = listener.as_ref().expect("polled only with a listener");
+                // SAFETY: accept4 on our listening socket; no address wanted.
+                let c = unsafe {
+                    libc::accept4(
+                        l.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    )
+                };
+                if c >= 0 {
+                    // SAFETY: accept4 returned a new descriptor we now own.
+                    *peer.lock().unwrap() = Some(unsafe { std::fs::File::from_raw_fd(c) });
+                }
+            }
+            Some(_) => {
+                let r = match peer.lock().unwrap().as_mut() {
+                    Some(f) => f.read(&mut buf),
+                    None => continue,
+                };
+                match r {
+                    Ok(n) if n > 0 => serial.lock().unwrap().queue_input(&buf[..n]),
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.kind() == io::ErrorKind::Interrupted => {}
+                    // EOF or an error: the client is gone (a pty keeps its master: no
+                    // listener to wait on, so it is kept and polled less eagerly).
+                    _ if listener.is_some() => *peer.lock().unwrap() = None,
+                    _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SerialIo {
+    fn drop(&mut self) {
+        if let Some((stop, t)) = self.thread.take() {
+            let _ = stop.write(1);
+            let _ = t.join();
+        }
+        if let Source::Unix(_, p) = &self.source {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
