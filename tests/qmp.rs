@@ -425,6 +425,64 @@ fn sigusr1_is_a_clean_exit() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Console input the guest does not take is not buffered without bound: with the guest
+/// stopped (-S) nicvm stops reading stdin after 64 KiB, so a writer pushing 8 MiB blocks, as on
+/// a serial line, and nicvm's memory stays small.
+#[test]
+fn console_input_the_guest_does_not_take_waits() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let Some(img) = image() else { return };
+    let dir = temp("stdin");
+    let sock = dir.join("hmp.sock");
+    let mut vm = spawn(
+        &img,
+        "",
+        &[
+            "-S",
+            "-nographic",
+            "-nic",
+            "none",
+            "-monitor",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ],
+        Stdio::piped(),
+    );
+    wait_for(&sock);
+    let mut stdin = vm.child.stdin.take().unwrap();
+    let written = Arc::new(AtomicUsize::new(0));
+    let w = written.clone();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'a'; 64 * 1024];
+        for _ in 0..128 {
+            if stdin.write_all(&chunk).is_err() {
+                return; // nicvm went away: the pipe broke
+            }
+            w.fetch_add(chunk.len(), Ordering::Relaxed);
+        }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let took = written.load(Ordering::Relaxed);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.child.id())).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    let (code, out, err) = vm.wait(Duration::from_secs(30));
+    writer.join().unwrap();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    // What nicvm took: its 64 KiB, the pipe's buffer and the one chunk in flight at most.
+    assert!(
+        took < 1024 * 1024,
+        "nicvm read {took} bytes of console input the stopped guest never took"
+    );
+    assert!(rss_kib < 512 * 1024, "nicvm's RSS grew to {rss_kib} KiB");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A line of the guest's console, read as it comes.
 fn expect_line(lines: &mut impl Iterator<Item = String>, seen: &mut String, want: &str) {
     for l in lines.by_ref() {

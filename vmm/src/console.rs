@@ -133,9 +133,13 @@ pub fn pump_stdin(
     let mut buf = [0u8; 256];
     let mut escape_pending = false;
     loop {
+        // While the guest has not taken what it was given, stdin is not read (a pipe's writer
+        // blocks), but the stop eventfd is still watched.
+        let busy = serial.lock().unwrap().input_pending() >= crate::serial_io::MAX_PENDING;
         let mut fds = [
             libc::pollfd {
-                fd: 0,
+                // A negative fd is skipped (a hung-up stdin would wake poll at once).
+                fd: if busy { -1 } else { 0 },
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -146,12 +150,15 @@ pub fn pump_stdin(
             },
         ];
         // SAFETY: two valid pollfds, the array's length given.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, if busy { 10 } else { -1 }) };
         if r < 0 {
             continue; // EINTR
         }
         if fds[1].revents != 0 {
             return;
+        }
+        if busy {
+            continue;
         }
         // SAFETY: reading into a buffer we own, within its length.
         let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };

@@ -13,8 +13,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// Input the guest has not taken yet beyond which the client is not read.
-const MAX_PENDING: usize = 64 * 1024;
+/// Input the guest has not taken yet beyond which the client (or stdin) is not read: the
+/// writer waits, as on a real serial line, instead of nicvm buffering without bound.
+pub const MAX_PENDING: usize = 64 * 1024;
 
 /// Where guest output goes: the current client, if any.
 type Peer = Arc<Mutex<Option<std::fs::File>>>;
@@ -176,9 +177,10 @@ fn serve(listener: Option<OwnedFd>, peer: Peer, serial: Arc<Mutex<Serial>>, stop
             revents: 0,
         }];
         match (client_fd, &listener) {
+            // Busy: a negative fd is skipped (a hung-up client would wake poll at once).
             (Some(fd), _) => fds.push(libc::pollfd {
-                fd,
-                events: if busy { 0 } else { libc::POLLIN },
+                fd: if busy { -1 } else { fd },
+                events: libc::POLLIN,
                 revents: 0,
             }),
             (None, Some(l)) => fds.push(libc::pollfd {
