@@ -196,6 +196,108 @@ fn qmp_commands_errors_and_events_on_a_stopped_vm() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// QMP as a raw byte stream, where a harness's mistakes land: a line that is not JSON does
+/// not take the commands after it down with it; a key given twice is an error, not the last
+/// one winning (`"execute":"query-status","execute":"quit"` must not quit); unexpected
+/// arguments are refused; a client sending 2000 commands in one write gets 2000 answers
+/// (it is not read while its answers back up, never dropped).
+#[test]
+fn qmp_byte_stream_resyncs_and_pushes_back() {
+    let Some(img) = image() else { return };
+    let dir = temp("raw");
+    let sock = dir.join("qmp.sock");
+    let vm = spawn(
+        &img,
+        "",
+        &[
+            "-S",
+            "-nographic",
+            "-nic",
+            "none",
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ],
+        Stdio::null(),
+    );
+    wait_for(&sock);
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = || {
+        let mut l = String::new();
+        r.read_line(&mut l).expect("an answer within 30 s");
+        serde_json::from_str::<serde_json::Value>(&l).unwrap_or_else(|e| panic!("{e}: {l:?}"))
+    };
+    assert!(line().get("QMP").is_some());
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .unwrap();
+    assert_eq!(line()["return"], serde_json::json!({}));
+    let desc = |v: &serde_json::Value| v["error"]["desc"].as_str().unwrap_or("").to_string();
+
+    // Not JSON, then a command in the same write: an error, then the command's answer.
+    w.write_all(b"hello\n{\"execute\":\"query-name\",\"id\":\"A\"}\n")
+        .unwrap();
+    let e = line();
+    assert!(desc(&e).contains("JSON parse error"), "{e}");
+    assert_eq!(line()["id"], "A");
+    // A broken message between two good ones.
+    w.write_all(b"{\"execute\":\"query-name\",\"id\":\"B\"}\n{\"a\":}\n{\"execute\":\"query-name\",\"id\":\"C\"}\n")
+        .unwrap();
+    assert_eq!(line()["id"], "B");
+    assert!(desc(&line()).contains("JSON parse error"));
+    assert_eq!(line()["id"], "C");
+    // Too long: one error, then the next line's command.
+    let mut long = b"{\"execute\":\"".to_vec();
+    long.extend(std::iter::repeat_n(b'x', 200_000));
+    long.extend(b"\n{\"execute\":\"query-name\",\"id\":\"D\"}\n");
+    w.write_all(&long).unwrap();
+    let e = line();
+    assert!(desc(&e).contains("longer than"), "{e}");
+    assert_eq!(line()["id"], "D");
+
+    // Duplicate keys.
+    w.write_all(b"{\"execute\":\"query-status\",\"execute\":\"quit\",\"id\":1}\n")
+        .unwrap();
+    let e = line();
+    assert!(desc(&e).contains("duplicate key 'execute'"), "{e}");
+    // Unexpected members and arguments.
+    w.write_all(b"{\"execute\":\"query-status\",\"foo\":1,\"id\":2}\n")
+        .unwrap();
+    assert!(desc(&line()).contains("'foo' is unexpected"));
+    w.write_all(
+        b"{\"execute\":\"set_link\",\"arguments\":{\"name\":\"x\",\"up\":true,\"x\":1},\"id\":3}\n",
+    )
+    .unwrap();
+    assert!(desc(&line()).contains("Parameter 'x' is unexpected"));
+    // Still running: the duplicate-key quit did not happen.
+    w.write_all(b"{\"execute\":\"query-status\",\"id\":4}\n")
+        .unwrap();
+    let st = line();
+    assert_eq!(st["id"], 4);
+    assert_eq!(st["return"]["status"], "prelaunch", "{st}");
+
+    // 2000 commands in one write (about 1 MiB of answers), written from a thread since
+    // nicvm stops reading until the answers are read.
+    let mut batch = Vec::new();
+    for i in 0..2000 {
+        batch.extend(format!("{{\"execute\":\"query-commands\",\"id\":{i}}}").bytes());
+    }
+    let mut w2 = w.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w2.write_all(&batch).unwrap());
+    for i in 0..2000 {
+        let a = line();
+        assert_eq!(a["id"], i, "answers in order, none lost");
+        assert!(a["return"].is_array());
+    }
+    writer.join().unwrap();
+
+    w.write_all(b"{\"execute\":\"quit\"}\n").unwrap();
+    let (code, out, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// -serial unix:PATH,server=on,wait=off: the guest's console on a socket, and
 /// -serial chardev:ID naming a -chardev socket; both removed at exit.
 #[test]

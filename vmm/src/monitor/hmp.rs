@@ -36,7 +36,11 @@ pub fn greet(out: &mut Vec<u8>) {
 
 /// Runs every complete line of the client's input.
 pub(super) fn process(control: &Control, c: &mut Client) {
-    while let Some(nl) = c.input.iter().position(|&b| b == b'\n') {
+    // Lines wait while the client has not read its answers (see OUTPUT_PAUSE).
+    while c.output.len() < super::OUTPUT_PAUSE {
+        let Some(nl) = c.input.iter().position(|&b| b == b'\n') else {
+            break;
+        };
         let line: Vec<u8> = c.input.drain(..=nl).collect();
         let line = String::from_utf8_lossy(&line[..nl]);
         let line = line.trim_end_matches('\r');
@@ -44,7 +48,7 @@ pub(super) fn process(control: &Control, c: &mut Client) {
         c.output.extend_from_slice(crlf(&out).as_bytes());
         c.output.extend_from_slice(PROMPT.as_bytes());
     }
-    if c.input.len() > MAX_LINE {
+    if c.input.len() > MAX_LINE && !c.input.contains(&b'\n') {
         c.input.clear();
         c.output
             .extend_from_slice(format!("line too long\r\n{PROMPT}").as_bytes());

@@ -24,8 +24,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Clients served at once; more are turned away.
 const MAX_CLIENTS: usize = 16;
-/// Output a client may leave unread before it is dropped.
+/// Output a client may leave unread before it is dropped (events pile up only for a client
+/// that does not read: commands wait at [`OUTPUT_PAUSE`]).
 const MAX_OUTPUT: usize = 1 << 20;
+/// Unread output at which a client's commands wait and the client is not read, until it
+/// has read some: a client that sends many commands at once gets every answer.
+pub(crate) const OUTPUT_PAUSE: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{option}: cannot listen on {what}: {source}")]
@@ -287,6 +291,9 @@ struct Client {
     output: Vec<u8>,
     /// QMP: capabilities negotiated (events are sent from then on).
     negotiated: bool,
+    /// QMP: input is skipped up to the next newline (after a syntax error or an overlong
+    /// message).
+    skip_line: bool,
     /// Ended: dropped once its output is flushed.
     closing: bool,
 }
@@ -395,6 +402,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
     let mut clients: Vec<Client> = vec![];
     let mut stopping: Option<Instant> = None;
     let mut buf = vec![0u8; 64 * 1024];
+    let mut turned_away = false;
     loop {
         // Events to every negotiated QMP client.
         let events: Vec<String> = std::mem::take(&mut *control.events.queue.lock().unwrap());
@@ -433,7 +441,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
         let first_client = fds.len();
         for c in &clients {
             let mut ev = 0;
-            if stopping.is_none() && !c.closing {
+            if stopping.is_none() && !c.closing && c.output.len() < OUTPUT_PAUSE {
                 ev |= libc::POLLIN;
             }
             if !c.output.is_empty() {
@@ -468,7 +476,11 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
             };
             let Ok(stream) = stream else { continue };
             if clients.len() >= MAX_CLIENTS {
-                log::warn!("monitor: {MAX_CLIENTS} clients already; one more turned away");
+                // Said once: a local client could otherwise fill the log.
+                if !turned_away {
+                    log::warn!("monitor: {MAX_CLIENTS} clients already; more are turned away");
+                    turned_away = true;
+                }
                 continue;
             }
             let mut c = Client {
@@ -477,6 +489,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
                 input: vec![],
                 output: vec![],
                 negotiated: false,
+                skip_line: false,
                 closing: false,
             };
             match mode {
@@ -517,6 +530,13 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
                         c.output.clear();
                         c.closing = true;
                     }
+                }
+            }
+            // Commands that waited for the client to read its answers.
+            if !c.input.is_empty() && c.output.len() < OUTPUT_PAUSE {
+                match c.mode {
+                    MonitorMode::Control => qmp::process(&control, c),
+                    MonitorMode::Readline => hmp::process(&control, c),
                 }
             }
             if c.closing && c.output.is_empty() {

@@ -60,53 +60,136 @@ fn error(out: &mut Vec<u8>, e: QmpError, id: Option<&Value>) {
     send(out, &v);
 }
 
-/// Handles every complete message in the client's input.
+/// Handles the complete messages in the client's input while its unread output stays under
+/// [`super::OUTPUT_PAUSE`] (the rest waits: the client is not read meanwhile, as QEMU stops
+/// reading a client whose output backs up). After a syntax error the input is skipped up to the
+/// next newline, so the commands after a bad line still run.
 pub(super) fn process(control: &Control, c: &mut Client) {
-    let mut consumed = 0;
-    let mut messages = vec![];
-    let mut syntax_error = None;
-    {
-        let mut it = serde_json::Deserializer::from_slice(&c.input).into_iter::<Value>();
-        loop {
-            match it.next() {
-                Some(Ok(v)) => {
-                    consumed = it.byte_offset();
-                    messages.push(v);
-                }
-                Some(Err(e)) if e.is_eof() => break,
-                Some(Err(e)) => {
-                    syntax_error = Some(e.to_string());
-                    break;
+    while c.output.len() < super::OUTPUT_PAUSE {
+        if c.skip_line {
+            match c.input.iter().position(|&b| b == b'\n') {
+                Some(nl) => {
+                    c.input.drain(..=nl);
+                    c.skip_line = false;
                 }
                 None => {
-                    consumed = it.byte_offset();
-                    break;
+                    c.input.clear();
+                    return;
                 }
             }
         }
+        let mut it = serde_json::Deserializer::from_slice(&c.input).into_iter::<Strict>();
+        match it.next() {
+            Some(Ok(Strict(v))) => {
+                let len = it.byte_offset();
+                c.input.drain(..len.min(c.input.len()));
+                if len > MAX_MESSAGE {
+                    error(&mut c.output, too_long(), None);
+                } else {
+                    handle(control, c, v);
+                }
+            }
+            Some(Err(e)) if e.is_eof() => {
+                if c.input.len() > MAX_MESSAGE {
+                    error(&mut c.output, too_long(), None);
+                    c.input.clear();
+                    c.skip_line = true;
+                }
+                return;
+            }
+            Some(Err(e)) => {
+                error(
+                    &mut c.output,
+                    QmpError::generic(format!("JSON parse error, {e}")),
+                    None,
+                );
+                // Drop what precedes the error's position, then the rest of that line.
+                let at = error_offset(&c.input, e.line(), e.column());
+                c.input.drain(..at.min(c.input.len()));
+                c.skip_line = true;
+            }
+            None => {
+                c.input.clear(); // white space only
+                return;
+            }
+        }
     }
-    for m in messages {
-        handle(control, c, m);
+}
+
+fn too_long() -> QmpError {
+    QmpError::generic(format!(
+        "JSON parse error, message longer than {MAX_MESSAGE} bytes"
+    ))
+}
+
+/// The byte offset of serde_json's (1-based line, 1-based column) position in `input`.
+fn error_offset(input: &[u8], line: usize, column: usize) -> usize {
+    let mut start = 0;
+    for _ in 1..line {
+        match input[start..].iter().position(|&b| b == b'\n') {
+            Some(nl) => start += nl + 1,
+            None => return input.len(),
+        }
     }
-    if let Some(e) = syntax_error {
-        error(
-            &mut c.output,
-            QmpError::generic(format!("JSON parse error, {e}")),
-            None,
-        );
-        c.input.clear();
-        return;
+    (start + column.saturating_sub(1)).min(input.len())
+}
+
+/// A JSON value whose objects repeat no key. QEMU's parser refuses duplicate keys; serde_json's
+/// `Value` keeps the last, so `{"execute":"query-status","execute":"quit"}` would quit.
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
     }
-    c.input.drain(..consumed.min(c.input.len()));
-    if c.input.len() > MAX_MESSAGE {
-        error(
-            &mut c.output,
-            QmpError::generic(format!(
-                "JSON parse error, message longer than {MAX_MESSAGE} bytes"
-            )),
-            None,
-        );
-        c.input.clear();
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.into()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
+        let mut v = vec![];
+        while let Some(Strict(x)) = a.next_element()? {
+            v.push(x);
+        }
+        Ok(Value::Array(v))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
+        use serde::de::Error;
+        let mut m = Map::new();
+        while let Some(k) = a.next_key::<String>()? {
+            let Strict(v) = a.next_value()?;
+            if m.contains_key(&k) {
+                return Err(A::Error::custom(format!("duplicate key '{k}'")));
+            }
+            m.insert(k, v);
+        }
+        Ok(Value::Object(m))
     }
 }
 
@@ -119,7 +202,18 @@ fn handle(control: &Control, c: &mut Client, msg: Value) {
             None,
         );
     };
-    let cmd = match obj.get("execute").or_else(|| obj.get("exec-oob")) {
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "execute" | "arguments" | "id"))
+    {
+        // exec-oob too: the greeting offers no out-of-band capability.
+        return error(
+            &mut c.output,
+            QmpError::generic(format!("QMP input member '{k}' is unexpected")),
+            id.as_ref(),
+        );
+    }
+    let cmd = match obj.get("execute") {
         Some(Value::String(s)) => s.clone(),
         Some(_) => {
             return error(
@@ -154,8 +248,9 @@ fn handle(control: &Control, c: &mut Client, msg: Value) {
                 desc: "Capabilities negotiation is already complete, command ignored".into(),
             })
         } else {
-            match args.get("enable") {
-                Some(Value::Array(a)) if !a.is_empty() => Err(QmpError::generic(format!(
+            match (only_args(&args, &["enable"]), args.get("enable")) {
+                (Err(e), _) => Err(e),
+                (_, Some(Value::Array(a))) if !a.is_empty() => Err(QmpError::generic(format!(
                     "Capability '{}' not available",
                     a[0].as_str().unwrap_or("?")
                 ))),
@@ -192,6 +287,14 @@ fn arg_str<'a>(args: &'a Map<String, Value>, key: &str) -> Result<&'a str, QmpEr
             "Parameter '{key}' expects a string"
         ))),
         None => Err(QmpError::generic(format!("Parameter '{key}' is missing"))),
+    }
+}
+
+/// Refuses arguments other than `known`, as QEMU does.
+fn only_args(args: &Map<String, Value>, known: &[&str]) -> Result<(), QmpError> {
+    match args.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+        None => Ok(()),
     }
 }
 
@@ -232,6 +335,7 @@ pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Resul
             Ok(query_pci(control))
         }
         "query-rx-filter" => {
+            only_args(args, &["name"])?;
             let name = match args.get("name") {
                 None => None,
                 Some(_) => Some(arg_str(args, "name")?),
@@ -254,6 +358,7 @@ pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Resul
             Ok(Value::Array(out))
         }
         "set_link" => {
+            only_args(args, &["name", "up"])?;
             let name = arg_str(args, "name")?;
             let up = match args.get("up") {
                 Some(Value::Bool(b)) => *b,
@@ -291,6 +396,7 @@ pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Resul
             Ok(json!({}))
         }
         "human-monitor-command" => {
+            only_args(args, &["command-line", "cpu-index"])?;
             let line = arg_str(args, "command-line")?;
             Ok(Value::String(hmp::execute(control, line)))
         }
