@@ -50,18 +50,42 @@ fn client_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/qmp_client.py")
 }
 
-fn temp(what: &str) -> PathBuf {
+/// A scratch directory, removed when dropped (also when the test fails).
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp(what: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("nicvm-qmp-{what}.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
-/// nicvm with the guest image's kernel, stdout and stderr collected on threads.
+/// nicvm with the guest image's kernel, stdout and stderr collected on threads; killed when
+/// dropped (a failed test leaves no nicvm behind).
 struct Vm {
     child: Child,
-    out: std::thread::JoinHandle<String>,
-    err: std::thread::JoinHandle<String>,
+    out: Option<std::thread::JoinHandle<String>>,
+    err: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn spawn(img: &Image, append: &str, extra: &[&str], stdin: Stdio) -> Vm {
@@ -80,16 +104,16 @@ fn spawn(img: &Image, append: &str, extra: &[&str], stdin: Stdio) -> Vm {
     let mut e = child.stderr.take().unwrap();
     Vm {
         child,
-        out: std::thread::spawn(move || {
+        out: Some(std::thread::spawn(move || {
             let mut s = String::new();
             let _ = o.read_to_string(&mut s);
             s
-        }),
-        err: std::thread::spawn(move || {
+        })),
+        err: Some(std::thread::spawn(move || {
             let mut s = String::new();
             let _ = e.read_to_string(&mut s);
             s
-        }),
+        })),
     }
 }
 
@@ -108,7 +132,9 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        (code, self.out.join().unwrap(), self.err.join().unwrap())
+        let out = self.out.take().unwrap().join().unwrap();
+        let err = self.err.take().unwrap().join().unwrap();
+        (code, out, err)
     }
 }
 
@@ -193,7 +219,7 @@ fn qmp_commands_errors_and_events_on_a_stopped_vm() {
     assert_eq!(code, Some(0), "quit exits 0\n{out}\n{err}");
     assert!(err.contains("terminating on QMP quit"), "{err}");
     assert!(!sock.exists(), "the socket file is removed");
-    std::fs::remove_dir_all(&dir).unwrap();
+    drop(dir);
 }
 
 /// QMP as a raw byte stream, where a harness's mistakes land: a line that is not JSON does
@@ -295,7 +321,7 @@ fn qmp_byte_stream_resyncs_and_pushes_back() {
     w.write_all(b"{\"execute\":\"quit\"}\n").unwrap();
     let (code, out, err) = vm.wait(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{out}\n{err}");
-    std::fs::remove_dir_all(&dir).unwrap();
+    drop(dir);
 }
 
 /// -serial unix:PATH,server=on,wait=off: the guest's console on a socket, and
@@ -340,7 +366,7 @@ fn serial_console_on_a_unix_socket() {
     );
     assert!(out.is_empty(), "nothing on stdout: {out}");
     assert!(!sock.exists());
-    std::fs::remove_dir_all(&dir).unwrap();
+    drop(dir);
 }
 
 /// Reads from an HMP socket until the prompt; returns what came before it.
@@ -412,7 +438,7 @@ fn hmp_over_a_socket() {
     let (code, out, err) = vm.wait(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(!sock.exists());
-    std::fs::remove_dir_all(&dir).unwrap();
+    drop(dir);
 }
 
 /// -serial mon:stdio: Ctrl-a c switches the console to the monitor and back.
@@ -495,7 +521,7 @@ fn daemonized_vm_with_a_pid_file_quits_over_qmp() {
         !pidfile.exists() && !sock.exists(),
         "pid file and socket removed"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
+    drop(dir);
 }
 
 /// SIGUSR1 ends nicvm cleanly, like SIGTERM.
@@ -524,7 +550,7 @@ fn sigusr1_is_a_clean_exit() {
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(err.contains("terminating on SIGUSR1"), "{err}");
     assert!(!sock.exists());
-    std::fs::remove_dir_all(&dir).unwrap();
+    drop(dir);
 }
 
 /// Console input the guest does not take is not buffered without bound: with the guest
@@ -582,7 +608,7 @@ fn console_input_the_guest_does_not_take_waits() {
         "nicvm read {took} bytes of console input the stopped guest never took"
     );
     assert!(rss_kib < 512 * 1024, "nicvm's RSS grew to {rss_kib} KiB");
-    std::fs::remove_dir_all(&dir).unwrap();
+    drop(dir);
 }
 
 /// A line of the guest's console, read as it comes.
@@ -767,7 +793,7 @@ fn link_flap_rx_filters_and_a_guest_panic() {
     );
     assert_eq!(events[n - 1]["data"]["reason"], "guest-panic");
     assert!(!sock.exists());
-    std::fs::remove_dir_all(&dir).unwrap();
+    drop(dir);
 }
 
 /// quit ends the VM with status 0 and the tap's downscript runs; with script=no the tap stays
@@ -827,7 +853,7 @@ fn quit_runs_the_downscripts() {
         !Path::new(&format!("/sys/class/net/{ifname}")).exists(),
         "the tap nicvm made is gone"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
+    drop(dir);
 }
 
 /// Waits for `child` at most `deadline`, then terminates it; the guard is disarmed first

@@ -14,6 +14,7 @@ namespaces=()
 daemons=()
 guests=()
 dirs=()
+files=()
 
 cleanup() {
   local p n
@@ -21,6 +22,7 @@ cleanup() {
   wait 2>/dev/null || true
   for n in "${namespaces[@]}"; do ip netns del "$n" 2>/dev/null || true; done
   for d in "${dirs[@]}"; do rm -rf "$d"; done
+  for f in "${files[@]}"; do rm -f "$f"; done
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -41,11 +43,12 @@ inside() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
 # booting together must not wait for its address-in-use probes.
 dhcp() {
   local n=$1 ifc=$2 start=$3 end=$4; shift 4
-  local pins=()
+  local pins=() leases="/tmp/$(ns "$n").$ifc.leases"
   for h in "$@"; do pins+=("--dhcp-host=$h"); done
+  files+=("$leases")
   ip netns exec "$(ns "$n")" dnsmasq --no-daemon --interface="$ifc" --bind-interfaces --except-interface=lo \
     --dhcp-range="$start,$end,255.255.255.0,1h" --port=0 --no-resolv --no-hosts --no-ping \
-    --dhcp-leasefile="/tmp/$(ns "$n").$ifc.leases" --pid-file= "${pins[@]}" \
+    --dhcp-leasefile="$leases" --pid-file= "${pins[@]}" \
     </dev/null >/dev/null 2>&1 &
   daemons+=($!)
   sleep 0.3
