@@ -67,6 +67,8 @@ pub enum CliErrorKind {
         nics: usize,
         backends: usize,
     },
+    #[error("netdev= and vlan= cannot both be given")]
+    NetdevAndVlan,
     #[error("-net dump: no backend on {0} to capture")]
     DumpWithoutBackend(String),
     #[error("model= is given more than once")]
@@ -698,9 +700,17 @@ where
                         if let Some(m) = kv.remove("macaddr") {
                             kv.pairs.push(("mac".into(), m));
                         }
-                        let vlan = kv.remove("vlan").unwrap_or_else(|| "0".into());
                         kv.remove("name");
-                        b.legacy_nics.push((model, kv, vlan));
+                        if kv.get("netdev").is_some() {
+                            // As QEMU: a NIC on a -netdev, outside the vlans (hubs).
+                            if kv.get("vlan").is_some() {
+                                return err(&opt, CliErrorKind::NetdevAndVlan);
+                            }
+                            b.devices.push(("-net nic".into(), model, kv));
+                        } else {
+                            let vlan = kv.remove("vlan").unwrap_or_else(|| "0".into());
+                            b.legacy_nics.push((model, kv, vlan));
+                        }
                     }
                     Some("dump") => {
                         let vlan = kv.remove("vlan").unwrap_or_else(|| "0".into());
@@ -1493,6 +1503,12 @@ mod tests {
             "socket"
         );
         assert_eq!(c.netdev(&c.nics[1].netdev).unwrap().backend.kind(), "user");
+        // -net nic on a -netdev, as QEMU takes it; not together with vlan=.
+        let c = run("-kernel k -netdev user,id=n0 -net nic,model=e1000,netdev=n0").unwrap();
+        assert_eq!((c.nics.len(), c.nics[0].netdev.as_str()), (1, "n0"));
+        assert_eq!(c.nics[0].model, NicModel::E1000);
+        let e = run("-kernel k -netdev user,id=n0 -net nic,netdev=n0,vlan=1").unwrap_err();
+        assert!(e.to_string().contains("netdev= and vlan="), "{e}");
         let c = run("-kernel k -net nic -net user -net dump,file=/tmp/d.pcap").unwrap();
         assert_eq!(c.dumps[0].netdev, c.nics[0].netdev);
         assert_eq!(c.dumps[0].file, PathBuf::from("/tmp/d.pcap"));
