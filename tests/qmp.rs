@@ -16,18 +16,7 @@ use support::*;
 fn qmp_python() -> Option<PathBuf> {
     let p = std::env::var_os("NICVM_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            // Where scripts/setup puts it: the cache, as guest-images/build finds it.
-            let cache = std::env::var_os("NICVM_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("nicvm"))
-                })
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/nicvm")
-                });
-            cache.join("venv/bin/python")
-        });
+        .unwrap_or_else(|| cache_dir().join("venv/bin/python"));
     let ok = Command::new(&p)
         .args(["-c", "import qemu.qmp"])
         .output()
@@ -115,6 +104,21 @@ fn spawn(img: &Image, append: &str, extra: &[&str], stdin: Stdio) -> Vm {
             s
         })),
     }
+}
+
+/// A stopped VM (-S, no NIC) with a monitor (`-qmp` or `-monitor`) on a Unix socket in `dir`,
+/// once that socket is there: (the VM, the socket's path).
+fn stopped_vm(img: &Image, dir: &Path, monitor: &str, stdin: Stdio) -> (Vm, PathBuf) {
+    let sock = dir.join("monitor.sock");
+    let endpoint = format!("unix:{},server=on,wait=off", sock.display());
+    let vm = spawn(
+        img,
+        "",
+        &["-S", "-nographic", "-nic", "none", monitor, &endpoint],
+        stdin,
+    );
+    wait_for(&sock);
+    (vm, sock)
 }
 
 impl Vm {
@@ -231,21 +235,7 @@ fn qmp_commands_errors_and_events_on_a_stopped_vm() {
 fn qmp_byte_stream_resyncs_and_pushes_back() {
     let Some(img) = image() else { return };
     let dir = temp("raw");
-    let sock = dir.join("qmp.sock");
-    let vm = spawn(
-        &img,
-        "",
-        &[
-            "-S",
-            "-nographic",
-            "-nic",
-            "none",
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", sock.display()),
-        ],
-        Stdio::null(),
-    );
-    wait_for(&sock);
+    let (vm, sock) = stopped_vm(&img, &dir, "-qmp", Stdio::null());
     let s = UnixStream::connect(&sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut w = s.try_clone().unwrap();
@@ -529,21 +519,7 @@ fn daemonized_vm_with_a_pid_file_quits_over_qmp() {
 fn sigusr1_is_a_clean_exit() {
     let Some(img) = image() else { return };
     let dir = temp("usr1");
-    let sock = dir.join("hmp.sock");
-    let vm = spawn(
-        &img,
-        "",
-        &[
-            "-S",
-            "-nographic",
-            "-nic",
-            "none",
-            "-monitor",
-            &format!("unix:{},server=on,wait=off", sock.display()),
-        ],
-        Stdio::null(),
-    );
-    wait_for(&sock);
+    let (vm, sock) = stopped_vm(&img, &dir, "-monitor", Stdio::null());
     // SAFETY: signalling the child we started.
     unsafe { libc::kill(vm.child.id() as i32, libc::SIGUSR1) };
     let (code, out, err) = vm.wait(Duration::from_secs(30));
@@ -562,21 +538,7 @@ fn console_input_the_guest_does_not_take_waits() {
     use std::sync::Arc;
     let Some(img) = image() else { return };
     let dir = temp("stdin");
-    let sock = dir.join("hmp.sock");
-    let mut vm = spawn(
-        &img,
-        "",
-        &[
-            "-S",
-            "-nographic",
-            "-nic",
-            "none",
-            "-monitor",
-            &format!("unix:{},server=on,wait=off", sock.display()),
-        ],
-        Stdio::piped(),
-    );
-    wait_for(&sock);
+    let (mut vm, _sock) = stopped_vm(&img, &dir, "-monitor", Stdio::piped());
     let mut stdin = vm.child.stdin.take().unwrap();
     let written = Arc::new(AtomicUsize::new(0));
     let w = written.clone();

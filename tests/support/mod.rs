@@ -26,22 +26,23 @@ fn in_ci() -> bool {
         .unwrap_or(false)
 }
 
+/// nicvm's cache (the guest image, the QMP tests' python), where scripts/setup puts it:
+/// $NICVM_CACHE, else $XDG_CACHE_HOME/nicvm, else ~/.cache/nicvm.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("NICVM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("nicvm")))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/nicvm")
+        })
+}
+
 /// The guest image built by guest-images/build, or None (test skipped loudly) when this
 /// machine cannot boot guests. In CI a missing KVM or image fails the test instead.
 pub fn image() -> Option<Image> {
     let dir = std::env::var_os("NICVM_GUEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("NICVM_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("nicvm"))
-                })
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/nicvm")
-                });
-            cache.join("guest")
-        });
+        .unwrap_or_else(|| cache_dir().join("guest"));
     let img = Image {
         kernel: dir.join("vmlinux"),
         bzimage: dir.join("bzImage"),
