@@ -145,7 +145,7 @@ fn tap_errors_name_the_option() {
         ("tap,id=n0,ifname=tbusy,script=no", "busy"),
         ("tap,id=n0,ifname=veth0,script=no", "not a tap"),
         ("tap,id=n0,ifname=x,script=/nonexistent/ifup", "script"),
-        ("tap,id=n0,queues=4", "unknown parameter"),
+        ("tap,id=n0,queues=4", "queues: 4 is out of range"),
     ] {
         let mut g = ns.guest(
             &img,
