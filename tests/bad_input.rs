@@ -255,12 +255,7 @@ fn tap_fd_not_inherited_or_nicvms_own() {
 /// the NICs are opened while the VM is built).
 #[test]
 fn tap_fd_that_is_not_a_tap() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
+    if !kvm_usable() {
         return;
     }
     let k = kernel();
@@ -342,12 +337,7 @@ fn qemu_options_that_contradict_the_machine() {
 /// status, and the pid file is gone.
 #[test]
 fn daemonize_reports_set_up_errors_to_the_caller() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
+    if !kvm_usable() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("nicvm-daemon-test.{}", std::process::id()));
@@ -394,4 +384,13 @@ fn no_capture_file_is_left_when_set_up_fails() {
         pcap.display(),
         o.dump()
     );
+}
+
+/// Whether this machine has a usable /dev/kvm (tests that build a VM need it).
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
 }
