@@ -3,8 +3,19 @@
 //! offsets; the model cuts it into wire-sized frames here, so every backend sees only frames
 //! it could have seen from a real NIC.
 //!
+//! When the backend carries a virtio-net header (a tap with IFF_VNET_HDR), the work goes to the
+//! peer instead, as QEMU's models do: [`prepare_gso`] and [`prepare_csum`] get the one large
+//! frame ready and describe it in a header, and the host kernel checksums or segments it (or
+//! delivers it whole to a local socket, where no wire frame is ever made).
+//!
 //! Everything indexes the frame with checked offsets: a guest that lies about header lengths
 //! gets its frame sent as it is (or dropped), never a read outside it.
+
+use net_backends::vnet::{
+    VnetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+};
+use net_backends::Offloads;
 
 /// Ones'-complement sum of `data` as 16-bit big-endian words (odd byte padded with zero),
 /// partly folded. Add several sums before folding.
@@ -190,7 +201,7 @@ pub fn fill_l4_checksum(frame: &mut [u8], at: &Layers) {
     if !at.fit(frame) {
         return;
     }
-    let field = at.l4 + if at.proto == IPPROTO_TCP { 16 } else { 6 };
+    let field = l4_field(at);
     frame[field..field + 2].fill(0);
     let l4_len = at.end - at.l4;
     let mut c = !fold(pseudo_sum(frame, at, l4_len) + ones_sum(&frame[at.l4..at.end]));
@@ -217,6 +228,99 @@ pub fn l4_checksum_ok(frame: &[u8], at: &Layers) -> bool {
     }
     let l4_len = at.end - at.l4;
     fold(pseudo_sum(frame, at, l4_len) + ones_sum(&frame[at.l4..at.end])) == 0xffff
+}
+
+/// Where the checksum field of the transport header at `at` is.
+fn l4_field(at: &Layers) -> usize {
+    at.l4 + if at.proto == IPPROTO_TCP { 16 } else { 6 }
+}
+
+/// The virtio-net header that asks the peer to checksum `frame[start..]` into the two bytes
+/// at `field`, or None when the offsets cannot say that (the field outside the frame or
+/// before `start`, offsets over 16 bits). The sum covers whatever the field holds, as
+/// [`insert_checksum`] does.
+pub fn csum_hdr(frame_len: usize, start: usize, field: usize) -> Option<VnetHdr> {
+    if start > field || field.checked_add(2)? > frame_len {
+        return None;
+    }
+    Some(VnetHdr {
+        flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        csum_start: u16::try_from(start).ok()?,
+        csum_offset: u16::try_from(field - start).ok()?,
+        ..VnetHdr::default()
+    })
+}
+
+/// Gets a TCP or UDP frame ready for the peer to fill in its transport checksum: the field
+/// seeded with the pseudo-header sum (what [`fill_l4_checksum`] would add), and the header
+/// that asks for the rest. None, changing nothing, when the datagram does not end where the
+/// frame does (the peer sums to the end) or the layers do not fit.
+pub fn prepare_csum(frame: &mut [u8], at: &Layers) -> Option<VnetHdr> {
+    if !at.fit(frame) || at.end != frame.len() {
+        return None;
+    }
+    let hdr = csum_hdr(frame.len(), at.l4, l4_field(at))?;
+    seed_l4_checksum(frame, at);
+    Some(hdr)
+}
+
+/// The pseudo-header sum over the transport segment, folded, not complemented, in the
+/// checksum field: where the peer's sum starts (`at` fits `frame`).
+fn seed_l4_checksum(frame: &mut [u8], at: &Layers) {
+    let seed = fold(pseudo_sum(frame, at, at.end - at.l4));
+    let field = l4_field(at);
+    frame[field..field + 2].copy_from_slice(&seed.to_be_bytes());
+}
+
+/// Gets a large TCP frame ready for the peer to segment (the host kernel's GSO, which cuts it
+/// as TSO hardware would, or hands it whole to a local socket): the IP length set to the
+/// whole datagram and the IPv4 header checksum filled (drivers may leave both zero for the
+/// hardware), the TCP checksum seeded with the pseudo-header sum over the whole segment (what
+/// the kernel's segmentation adjusts per segment), and the header that asks for it.
+///
+/// None, changing nothing, when the peer cannot be asked: not TCP at `at`, layers that do not
+/// fit or end before the frame does, an IP length over 65535, an MSS of zero or over 16 bits,
+/// or an offload `peer` does not take (IPv4 or IPv6 segmentation; ECN when CWR is set).
+pub fn prepare_gso(frame: &mut [u8], at: &Layers, mss: usize, peer: Offloads) -> Option<VnetHdr> {
+    if at.proto != IPPROTO_TCP || !at.fit(frame) || at.end != frame.len() {
+        return None;
+    }
+    let gso_size = u16::try_from(mss).ok().filter(|&m| m > 0)?;
+    let (len_field, ip_len) = if at.ipv4 {
+        (at.l3 + 2, at.end - at.l3)
+    } else {
+        (at.l3 + 4, at.end - (at.l3 + 40))
+    };
+    let ip_len = u16::try_from(ip_len).ok()?;
+    let mut gso_type = if at.ipv4 {
+        peer.tso4.then_some(VIRTIO_NET_HDR_GSO_TCPV4)?
+    } else {
+        peer.tso6.then_some(VIRTIO_NET_HDR_GSO_TCPV6)?
+    };
+    if frame[at.l4 + 13] & TCP_CWR != 0 {
+        gso_type |= peer.tso_ecn.then_some(VIRTIO_NET_HDR_GSO_ECN)?;
+    }
+    let hdr = VnetHdr {
+        gso_type,
+        hdr_len: u16::try_from(at.hdr_len).ok()?,
+        gso_size,
+        ..csum_hdr(frame.len(), at.l4, l4_field(at))?
+    };
+    frame[len_field..len_field + 2].copy_from_slice(&ip_len.to_be_bytes());
+    fill_ipv4_checksum(frame, at);
+    seed_l4_checksum(frame, at);
+    Some(hdr)
+}
+
+/// How many wire frames the peer makes of a `frame_len`-byte frame sent with `hdr`: one
+/// without segmentation, else one per `gso_size` bytes of payload after `hdr_len` (at least
+/// one).
+pub fn gso_frames(hdr: &VnetHdr, frame_len: usize) -> usize {
+    if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE || hdr.gso_size == 0 {
+        return 1;
+    }
+    let payload = frame_len.saturating_sub(hdr.hdr_len as usize);
+    payload.div_ceil(hdr.gso_size as usize).max(1)
 }
 
 /// Cuts a TCP frame whose payload exceeds `mss` into frames of at most `mss` payload bytes,
@@ -282,6 +386,22 @@ pub fn segment_tcp<E>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use net_backends::vnet::VNET_HDR_LEN;
+
+    /// What a peer does with a frame that came with a virtio-net header asking for a checksum:
+    /// the sum from csum_start to the end, stored at csum_start + csum_offset. The header, and
+    /// the frame as it then is.
+    pub(crate) fn peer_finishes(sent: &[u8]) -> (VnetHdr, Vec<u8>) {
+        let h = VnetHdr::parse(sent).expect("a header");
+        let mut f = sent[VNET_HDR_LEN..].to_vec();
+        if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+            let start = h.csum_start as usize;
+            let field = start + h.csum_offset as usize;
+            let c = checksum(&f[start..]);
+            f[field..field + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        (h, f)
+    }
 
     /// An Ethernet + IPv4 + TCP frame with `payload` bytes of data.
     pub(crate) fn tcp4_frame(payload: usize, vlan: bool) -> Vec<u8> {
@@ -457,6 +577,130 @@ pub(crate) mod tests {
         let n = f.len();
         assert!(!insert_checksum(&mut f, 10, n - 1, usize::MAX));
         assert!(!insert_checksum(&mut f, 60, 0, 50));
+    }
+
+    /// Ethernet + IPv6 + TCP with `payload` data bytes, headers as a driver leaves them for
+    /// TSO (payload length zero).
+    fn tcp6_frame(payload: usize) -> Vec<u8> {
+        let mut f = tcp4_frame(0, false)[..12].to_vec();
+        f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 0, IPPROTO_TCP, 64]);
+        f.extend((0..32).map(|i| 0xfd - i as u8));
+        f.extend_from_slice(&[0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 2, 0x50, 0x10]);
+        f.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+        f.extend((0..payload).map(|i| (i * 11) as u8));
+        f
+    }
+
+    #[test]
+    fn gso_frames_are_prepared_as_the_kernel_takes_them() {
+        // e1000_tso leaves the IPv4 length and checksum zero and seeds TCP without the length.
+        let mut f = tcp4_frame(60_000, false);
+        f[16..18].fill(0);
+        f[24..26].fill(0);
+        f[50..52].fill(0x5a);
+        let at = Layers {
+            end: f.len(),
+            ..parse(&tcp4_frame(60_000, false)).unwrap()
+        };
+        let h = prepare_gso(&mut f, &at, 1448, Offloads::ALL).unwrap();
+        assert_eq!(
+            (h.flags, h.gso_type),
+            (VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4)
+        );
+        assert_eq!(
+            (h.hdr_len, h.gso_size, h.csum_start, h.csum_offset),
+            (54, 1448, 34, 16)
+        );
+        assert_eq!(u16::from_be_bytes([f[16], f[17]]) as usize, f.len() - 14);
+        // The seed is the pseudo-header over the whole segment: what the peer sums on to a
+        // valid checksum (local delivery), and what its segmentation adjusts per segment.
+        let mut sent = h.to_bytes().to_vec();
+        sent.extend_from_slice(&f);
+        assert!(checksums_ok(&peer_finishes(&sent).1));
+
+        // IPv6: the payload length, no header checksum.
+        let mut f6 = tcp6_frame(9000);
+        let at6 = parse(&{
+            let mut g = f6.clone();
+            g[18..20].copy_from_slice(&((f6.len() - 54) as u16).to_be_bytes());
+            g
+        })
+        .unwrap();
+        let h6 = prepare_gso(&mut f6, &at6, 1440, Offloads::ALL).unwrap();
+        assert_eq!(h6.gso_type, VIRTIO_NET_HDR_GSO_TCPV6);
+        assert_eq!((h6.hdr_len, h6.csum_start), (74, 54));
+        assert_eq!(u16::from_be_bytes([f6[18], f6[19]]) as usize, f6.len() - 54);
+        let mut sent = h6.to_bytes().to_vec();
+        sent.extend_from_slice(&f6);
+        let g6 = peer_finishes(&sent).1;
+        assert!(l4_checksum_ok(&g6, &parse(&g6).unwrap()));
+    }
+
+    #[test]
+    fn gso_is_not_asked_for_what_the_peer_cannot_take() {
+        let f = tcp4_frame(10_000, false);
+        let at = parse(&f).unwrap();
+        let no_tso4 = Offloads {
+            tso4: false,
+            ..Offloads::ALL
+        };
+        let mut cwr = f.clone();
+        cwr[at.l4 + 13] |= TCP_CWR;
+        let no_ecn = Offloads {
+            tso_ecn: false,
+            ..Offloads::ALL
+        };
+        let udp = Layers {
+            proto: IPPROTO_UDP,
+            ..at
+        };
+        let short = Layers { end: 100, ..at };
+        for (frame, at, mss, peer, what) in [
+            (&f, at, 0, Offloads::ALL, "MSS 0"),
+            (&f, at, 65_536, Offloads::ALL, "MSS over 16 bits"),
+            (&f, at, 1448, no_tso4, "no IPv4 segmentation"),
+            (&cwr, at, 1448, no_ecn, "CWR without ECN"),
+            (&f, udp, 1448, Offloads::ALL, "UDP"),
+            (
+                &f,
+                short,
+                1448,
+                Offloads::ALL,
+                "a datagram shorter than the frame",
+            ),
+            (&f, at, 1448, Offloads::default(), "nothing at all"),
+        ] {
+            let mut g = frame.clone();
+            assert_eq!(prepare_gso(&mut g, &at, mss, peer), None, "{what}");
+            assert_eq!(&g, frame, "{what}: unchanged");
+        }
+        let mut cwr_ok = cwr.clone();
+        let h = prepare_gso(&mut cwr_ok, &at, 1448, Offloads::ALL).unwrap();
+        assert_eq!(
+            h.gso_type,
+            VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN
+        );
+        // An IPv4 datagram over 65535 bytes cannot be described to the peer.
+        let mut big = tcp4_frame(65_535 - 40, false);
+        big.extend_from_slice(&[0; 10]);
+        let at_big = Layers {
+            end: big.len(),
+            ..parse(&tcp4_frame(100, false)).unwrap()
+        };
+        assert_eq!(
+            prepare_gso(&mut big.clone(), &at_big, 1448, Offloads::ALL),
+            None
+        );
+        // The checksum alone: seeded, the peer finishes it.
+        let mut c = tcp4_frame(500, false);
+        let at_c = parse(&c).unwrap();
+        fill_ipv4_checksum(&mut c, &at_c);
+        let h = prepare_csum(&mut c, &at_c).unwrap();
+        let mut sent = h.to_bytes().to_vec();
+        sent.extend_from_slice(&c);
+        assert!(checksums_ok(&peer_finishes(&sent).1));
+        assert_eq!(csum_hdr(100, 50, 99), None, "field past the end");
+        assert_eq!(csum_hdr(100, 60, 50), None, "field before the start");
     }
 
     #[test]

@@ -22,7 +22,7 @@
 use super::NicStats;
 use crate::pci::{PciConfig, PciDevice};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use net_backends::vnet::VNET_HDR_LEN;
+use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
 use net_backends::{Capabilities, NetBackend, Offloads};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
@@ -293,17 +293,43 @@ impl NetPort {
         self.backend.link_up() && !self.backend_dead && !self.admin_down
     }
 
+    /// The offloads the backend's peer takes from a model without a virtio-net header of its
+    /// own (e1000, rtl8139) through [`NetPort::send_offloaded`]: what a tap with a header
+    /// accepts; none for backends without one.
+    pub fn peer_offloads(&self) -> Offloads {
+        match self.hdr {
+            Hdr::Hide => self.caps.offloads,
+            Hdr::Pass => Offloads::default(),
+        }
+    }
+
     /// Hands one frame (in pieces) to the backend.
     pub fn send(&mut self, frame: &[IoSlice<'_>]) -> Sent {
+        self.send_with(&NO_VNET_HDR, frame)
+    }
+
+    /// Hands one frame to the backend with a virtio-net header the model filled in: checksum
+    /// or segmentation left to the peer, which [`NetPort::peer_offloads`] said it takes.
+    pub fn send_offloaded(&mut self, hdr: &VnetHdr, frame: &[IoSlice<'_>]) -> Sent {
+        debug_assert!(
+            self.hdr == Hdr::Hide,
+            "offloads without a header to carry them"
+        );
+        self.send_with(&hdr.to_bytes(), frame)
+    }
+
+    /// `hdr` goes in front of the frame when the backend carries a header the model has not
+    /// (it is then the model's, or an empty one).
+    fn send_with(&mut self, hdr: &[u8; VNET_HDR_LEN], frame: &[IoSlice<'_>]) -> Sent {
         let r = if self.hdr == Hdr::Hide {
             let mut iov = [IoSlice::new(&[]); 8];
             if frame.len() < iov.len() {
-                iov[0] = IoSlice::new(&NO_VNET_HDR);
+                iov[0] = IoSlice::new(hdr);
                 iov[1..=frame.len()].copy_from_slice(frame);
                 self.backend.send(&iov[..=frame.len()])
             } else {
                 let mut v = Vec::with_capacity(frame.len() + 1);
-                v.push(IoSlice::new(&NO_VNET_HDR));
+                v.push(IoSlice::new(hdr));
                 v.extend_from_slice(frame);
                 self.backend.send(&v)
             }
