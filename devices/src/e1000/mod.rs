@@ -435,9 +435,9 @@ impl E1000 {
         self.set_reg(low + 4, (v >> 32) as u32);
     }
 
-    /// The 64-byte .. 1522-byte bucket (PRC64.. or PTC64..) for a frame of `len` bytes
+    /// The 64-byte .. 1522-byte bucket (PRC64.. or PTC64..) for `n` frames of `len` bytes
     /// including the FCS.
-    fn count_size(&mut self, first: usize, len: usize) {
+    fn count_size(&mut self, first: usize, len: usize, n: u64) {
         let bucket = match len {
             ..=64 => 0,
             65..=127 => 1,
@@ -447,7 +447,7 @@ impl E1000 {
             1024..=1522 => 5,
             _ => return,
         };
-        self.count(first + 4 * bucket, 1);
+        self.count(first + 4 * bucket, n);
     }
 
     // ---- register file ----------------------------------------------------------------------

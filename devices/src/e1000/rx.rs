@@ -188,7 +188,7 @@ impl E1000 {
 
         self.count(GPRC, 1);
         self.count64(GORCL, wire_len as u64);
-        self.count_size(PRC64, wire_len);
+        self.count_size(PRC64, wire_len, 1);
         if frame[..6] == [0xff; 6] {
             self.count(BPRC, 1);
         } else if frame[0] & 1 != 0 {

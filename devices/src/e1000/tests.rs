@@ -6,10 +6,12 @@
 use super::driver::*;
 use super::phy::*;
 use super::*;
+use crate::net::offload::tests::peer_finishes;
 use crate::net::offload::{fold, ones_sum, parse, IPPROTO_TCP};
 use crate::net::{BackendInterest, NetEvent};
 use crate::pci::PciDevice;
 use net_backends::mem::{pair, MemBackend, MemPeer};
+use net_backends::vnet::{VnetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4};
 use net_backends::{Capabilities, NetBackend};
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -77,7 +79,11 @@ impl std::ops::DerefMut for Rig {
 }
 
 fn rig() -> Rig {
-    let (inner, peer) = pair(Capabilities::default());
+    rig_with(Capabilities::default())
+}
+
+fn rig_with(caps: Capabilities) -> Rig {
+    let (inner, peer) = pair(caps);
     let ctl = Arc::new(Ctl {
         link: AtomicBool::new(true),
         budget: AtomicUsize::new(usize::MAX),
@@ -95,7 +101,17 @@ fn rig() -> Rig {
 
 /// Probed and opened, the LSC of e1000_open acknowledged.
 fn opened() -> Rig {
-    let mut r = rig();
+    opened_with(Capabilities::default())
+}
+
+/// A tap with a virtio-net header: the peer takes every offload.
+const VNET_TAP: Capabilities = Capabilities {
+    vnet_hdr: true,
+    offloads: net_backends::Offloads::ALL,
+};
+
+fn opened_with(caps: Capabilities) -> Rig {
+    let mut r = rig_with(caps);
     r.probe();
     r.open();
     let _ = r.r(ICR);
@@ -350,6 +366,75 @@ fn xmit_tso_64k() {
     assert_eq!(r.tx_done(), 1);
     assert_eq!(r.r(TSCTC), 1);
     assert_eq!(r.r(GPTC), sent.len() as u32);
+}
+
+#[test]
+fn tso_goes_whole_to_a_tap_with_a_vnet_header() {
+    let mut r = opened_with(VNET_TAP);
+    let payload = 65536 - 54;
+    let mut f = tcp4(PEER, payload);
+    tso_prep(&mut f);
+    let mss = 1448;
+    r.xmit_tso(&f, 14, 34, 54, mss, None);
+    let sent = r.peer.take_sent();
+    assert_eq!(sent.len(), 1, "one frame for the host kernel to segment");
+    let (h, g) = peer_finishes(&sent[0]);
+    assert_eq!(
+        h,
+        VnetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: mss,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 0,
+        }
+    );
+    // The IP length and checksum e1000_tso left zero are filled in; with the checksum the
+    // peer adds, the frame verifies as one large TCP segment.
+    assert_eq!(u16::from_be_bytes([g[16], g[17]]) as usize, g.len() - 14);
+    assert!(checksums_ok(&g));
+    assert_eq!(g[54..], f[54..]);
+    assert_eq!(r.tx_done(), 1);
+    assert_eq!(r.r(TSCTC), 1);
+    // Counted as the wire frames the peer makes of it.
+    let n = payload.div_ceil(mss as usize) as u32;
+    assert_eq!(r.r(GPTC), n);
+    let wire = (n as usize - 1) * (54 + mss as usize + 4) + 54 + payload % mss as usize + 4;
+    assert_eq!(r.r(GOTCL) as usize, wire);
+
+    // A tag to insert moves the offsets: the model segments, each frame with an empty header.
+    let ctrl = r.r(CTRL);
+    r.w(CTRL, ctrl | CTRL_VME);
+    r.xmit_tso(&f, 14, 34, 54, mss, Some(5));
+    let sent = r.peer.take_sent();
+    assert_eq!(sent.len(), n as usize);
+    assert!(sent.iter().all(|s| s[..VNET_HDR] == [0; VNET_HDR]));
+}
+
+#[test]
+fn checksum_offload_goes_to_a_tap_with_a_vnet_header() {
+    let mut r = opened_with(VNET_TAP);
+    let mut f = tcp4(PEER, 300);
+    let sum = pseudo(&f, 320);
+    seed(&mut f, sum);
+    r.xmit_csum(&f, 34, 50, true);
+    let sent = r.peer.take_sent();
+    let (h, g) = peer_finishes(&sent[0]);
+    assert_eq!((h.flags, h.gso_type), (VIRTIO_NET_HDR_F_NEEDS_CSUM, 0));
+    assert_eq!((h.csum_start, h.csum_offset), (34, 16));
+    assert_eq!(
+        sent[0][VNET_HDR + 50..VNET_HDR + 52],
+        f[50..52],
+        "left to the peer"
+    );
+    assert!(checksums_ok(&g));
+    // The legacy descriptor's CSS/CSO the same way.
+    r.xmit_legacy(&f, Some((34, 50)), None);
+    let (h, g) = peer_finishes(&r.peer.take_sent()[0]);
+    assert_eq!((h.csum_start, h.csum_offset), (34, 16));
+    assert!(checksums_ok(&g));
 }
 
 #[test]

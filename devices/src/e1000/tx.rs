@@ -1,12 +1,16 @@
-//! Transmit: legacy, context and data descriptors, checksum insertion, TCP segmentation and
-//! VLAN tag insertion. Runs when the guest writes TDT (or TCTL) on the vCPU thread, and from
+//! Transmit: legacy, context and data descriptors, checksum insertion, TCP segmentation (or
+//! both handed to a peer that takes them: a tap with a virtio-net header) and VLAN tag
+//! insertion. Runs when the guest writes TDT (or TCTL) on the vCPU thread, and from
 //! the I/O thread when the backend takes frames again or a walk was cut short.
 
 use super::desc::{self, ContextDesc, DataDesc, LegacyTxDesc, TX_STATUS_OFFSET};
 use super::rx::{MIN_FRAME, ZEROS};
 use super::*;
-use crate::net::offload::{insert_checksum, segment_tcp, Layers, IPPROTO_TCP, IPPROTO_UDP};
+use crate::net::offload::{
+    csum_hdr, insert_checksum, prepare_gso, segment_tcp, Layers, IPPROTO_TCP, IPPROTO_UDP,
+};
 use crate::net::Sent;
+use net_backends::vnet::{VnetHdr, VIRTIO_NET_HDR_GSO_NONE};
 use std::io::IoSlice;
 use vm_memory::Bytes;
 
@@ -235,19 +239,31 @@ impl E1000 {
             return self.transmit_tso(port, frame, &c, vlan);
         }
         let len = frame.len();
+        // The transport checksum: left to a peer that takes it (a tap with a virtio-net
+        // header) when it runs to the end of the frame and no tag moves the offsets.
+        let mut l4 = None;
         if f.legacy {
             if f.eop_cmd & TXD_CMD_IC != 0 {
-                insert_checksum(frame, f.css, f.cso, len);
+                l4 = Some((f.css, f.cso, len));
             }
         } else {
             if f.popts & TXD_POPTS_IXSM != 0 {
                 insert_checksum(frame, c.ipcss, c.ipcso, cs_end(c.ipcse, len));
             }
             if f.popts & TXD_POPTS_TXSM != 0 {
-                insert_checksum(frame, c.tucss, c.tucso, cs_end(c.tucse, len));
+                l4 = Some((c.tucss, c.tucso, cs_end(c.tucse, len)));
             }
         }
-        match self.send(port, frame, vlan) {
+        let mut hdr = None;
+        if let Some((start, field, end)) = l4 {
+            if end == len && vlan.is_none() && port.peer_offloads().csum {
+                hdr = csum_hdr(len, start, field);
+            }
+            if hdr.is_none() {
+                insert_checksum(frame, start, field, end);
+            }
+        }
+        match self.send(port, frame, vlan, hdr.as_ref()) {
             Sent::Blocked => Tx::Blocked,
             _ => Tx::Done,
         }
@@ -258,7 +274,7 @@ impl E1000 {
     fn transmit_tso(
         &mut self,
         port: &mut NetPort,
-        frame: &[u8],
+        frame: &mut [u8],
         c: &TxContext,
         vlan: Option<u16>,
     ) -> Tx {
@@ -279,11 +295,25 @@ impl E1000 {
             port.guest_error(format_args!("TSO context does not fit the frame; dropped"));
             return Tx::Done;
         }
+        // One frame for the peer to segment, when it takes that (a tap with a virtio-net
+        // header): the host kernel cuts it, or delivers it whole to a local socket.
+        let peer = port.peer_offloads();
+        if vlan.is_none() && self.tx_segs_sent == 0 {
+            if let Some(hdr) = prepare_gso(frame, &at, c.mss, peer) {
+                return match self.send(port, frame, None, Some(&hdr)) {
+                    Sent::Blocked => Tx::Blocked,
+                    _ => {
+                        self.count(TSCTC, 1);
+                        Tx::Done
+                    }
+                };
+            }
+        }
         let mut scratch = std::mem::take(&mut self.tx_scratch);
         let skip = self.tx_segs_sent;
         let mut i = 0;
         let r = segment_tcp(frame, &at, c.mss, &mut scratch, |seg| {
-            if i >= skip && self.send(port, seg, vlan) == Sent::Blocked {
+            if i >= skip && self.send(port, seg, vlan, None) == Sent::Blocked {
                 return Err(());
             }
             i += 1;
@@ -303,8 +333,15 @@ impl E1000 {
     }
 
     /// Hands one wire frame to the port, inserting the VLAN tag and padding short frames
-    /// (TCTL.PSP), and counts it.
-    fn send(&mut self, port: &mut NetPort, frame: &[u8], vlan: Option<u16>) -> Sent {
+    /// (TCTL.PSP), and counts it: with `offload`, in the header the peer takes it with (see
+    /// [`NetPort::send_offloaded`]), counted as the wire frames the peer makes of it.
+    fn send(
+        &mut self,
+        port: &mut NetPort,
+        frame: &[u8],
+        vlan: Option<u16>,
+        offload: Option<&VnetHdr>,
+    ) -> Sent {
         let tag = vlan.map(|tci| {
             let vet = (self.reg(VET) as u16).to_be_bytes();
             let tci = tci.to_be_bytes();
@@ -335,21 +372,40 @@ impl E1000 {
             iov[k] = IoSlice::new(&ZEROS[..pad]);
             k += 1;
         }
-        let r = port.send(&iov[..k]);
+        let r = match offload {
+            Some(h) => port.send_offloaded(h, &iov[..k]),
+            None => port.send(&iov[..k]),
+        };
         if r != Sent::Sent {
             return r;
         }
-        let wire = (body + pad).max(MIN_FRAME) + 4;
-        self.count(GPTC, 1);
-        self.count(TPT, 1);
-        self.count64(GOTCL, wire as u64);
-        self.count64(TOTL, wire as u64);
-        self.count_size(PTC64, wire);
-        if frame.get(..6) == Some(&[0xff; 6]) {
-            self.count(BPTC, 1);
-        } else if frame.first().is_some_and(|b| b & 1 != 0) {
-            self.count(MPTC, 1);
+        match offload.filter(|h| h.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+            Some(h) => {
+                // prepare_gso checked hdr_len <= the frame's length and mss > 0.
+                let (hdr_len, mss) = (h.hdr_len as usize, h.gso_size as usize);
+                let payload = frame.len().saturating_sub(hdr_len);
+                let wire = |data: usize| (hdr_len + data).max(MIN_FRAME) + 4;
+                self.count_wire(frame, wire(mss), (payload / mss) as u64);
+                if payload % mss != 0 || payload == 0 {
+                    self.count_wire(frame, wire(payload % mss), 1);
+                }
+            }
+            None => self.count_wire(frame, (body + pad).max(MIN_FRAME) + 4, 1),
         }
         Sent::Sent
+    }
+
+    /// Counts `n` frames of `wire` bytes (FCS included) sent with `frame`'s destination.
+    fn count_wire(&mut self, frame: &[u8], wire: usize, n: u64) {
+        self.count(GPTC, n);
+        self.count(TPT, n);
+        self.count64(GOTCL, wire as u64 * n);
+        self.count64(TOTL, wire as u64 * n);
+        self.count_size(PTC64, wire, n);
+        if frame.get(..6) == Some(&[0xff; 6]) {
+            self.count(BPTC, n);
+        } else if frame.first().is_some_and(|b| b & 1 != 0) {
+            self.count(MPTC, n);
+        }
     }
 }

@@ -38,6 +38,7 @@ use crate::net::{NetPort, NicModel, Rx, RxFilter, RxState, Timer};
 use crate::pci::{BarKind, PciConfig, PCI_COMMAND_INTX_DISABLE};
 use desc::Tally;
 use eeprom::Eeprom93c46;
+use net_backends::vnet::VnetHdr;
 use net_backends::MacAddr;
 use std::collections::VecDeque;
 use std::io;
@@ -203,8 +204,9 @@ pub struct Rtl8139 {
     cp_tx_drop: bool,
     tx_buf: Vec<u8>,
     tx_scratch: Vec<u8>,
-    /// Frames the backend could not take yet, in order; transmit waits while it is not empty.
-    tx_backlog: VecDeque<Vec<u8>>,
+    /// Frames the backend could not take yet, in order, each with the offload header it goes
+    /// with; transmit waits while the list is not empty.
+    tx_backlog: VecDeque<(Option<VnetHdr>, Vec<u8>)>,
     /// Normal-mode slots written by the driver and not yet sent (backend full), in order.
     tx_waiting: VecDeque<usize>,
     /// A DMA error stopped this engine until the next reset.

@@ -6,22 +6,31 @@ use super::driver::*;
 use super::rx::*;
 use super::tx::*;
 use super::*;
-use crate::net::offload::{self, tests::tcp4_frame};
+use crate::net::offload::{self, tests::peer_finishes, tests::tcp4_frame};
 use crate::net::NetEvent;
 use crate::pci::PciDevice;
 use net_backends::mem::{pair, MemPeer};
-use net_backends::Capabilities;
+use net_backends::vnet::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN};
+use net_backends::{Capabilities, Offloads};
 use vm_memory::{Bytes, GuestAddress};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
 fn rig(cplus: bool) -> (Driver, MemPeer) {
-    let (b, peer) = pair(Capabilities::default());
+    rig_with(cplus, Capabilities::default())
+}
+
+fn rig_with(cplus: bool, caps: Capabilities) -> (Driver, MemPeer) {
+    let (b, peer) = pair(caps);
     (Driver::new(Box::new(b), cplus), peer)
 }
 
 fn cp_open() -> (Driver, MemPeer) {
-    let (mut d, p) = rig(true);
+    cp_open_with(Capabilities::default())
+}
+
+fn cp_open_with(caps: Capabilities) -> (Driver, MemPeer) {
+    let (mut d, p) = rig_with(true, caps);
     assert_eq!(d.probe(), MAC);
     d.open_cp(CPCR_RXVLAN);
     (d, p)
@@ -211,6 +220,59 @@ fn cp_large_send_segments_a_64k_frame() {
     assert_eq!(payload, f[54..]);
     // MSS bits overlap the error summary bits; the status written back must not.
     assert!(d.cp_tx_done().iter().all(|s| s & (1 << 23) == 0));
+}
+
+/// A tap with a virtio-net header takes the checksum and the large send whole, for the host
+/// kernel to finish; a tag to insert keeps them in the model.
+#[test]
+fn cp_offloads_go_to_a_tap_with_a_vnet_header() {
+    let (mut d, peer) = cp_open_with(Capabilities {
+        vnet_hdr: true,
+        offloads: Offloads::ALL,
+    });
+    let f = tcp4_frame(65_000 - 54, false);
+    let mss = 1448;
+    d.cp_xmit(
+        &[&f[..54], &f[54..30_000], &f[30_000..]],
+        TX_LGSEN | (mss << TX_MSS_SHIFT),
+        0,
+    );
+    let sent = peer.take_sent();
+    assert_eq!(sent.len(), 1, "one frame for the host kernel to segment");
+    let (h, g) = peer_finishes(&sent[0]);
+    assert_eq!(
+        (h.flags, h.gso_type),
+        (VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4)
+    );
+    assert_eq!(
+        (h.hdr_len, h.gso_size, h.csum_start, h.csum_offset),
+        (54, mss as u16, 34, 16)
+    );
+    assert!(checksums_ok(&g));
+    assert_eq!(g[54..], f[54..]);
+    assert_eq!(d.cp_tx_done().len(), 3);
+
+    let mut c = tcp4_frame(600, false);
+    c[24] = 0xde;
+    c[50] = 0xad;
+    d.cp_xmit(&[&c[..54], &c[54..]], TX_IPCS | TX_TCPCS, 0);
+    let (h, g) = peer_finishes(&peer.take_sent()[0]);
+    assert_eq!((h.gso_type, h.csum_start, h.csum_offset), (0, 34, 16));
+    assert!(
+        checksums_ok(&g),
+        "IP checksum by the model, TCP by the peer"
+    );
+
+    d.cp_xmit(&[&c], TX_IPCS | TX_TCPCS, TX_TAGC | 0x0560);
+    let sent = peer.take_sent().remove(0);
+    assert_eq!(
+        sent[..VNET_HDR_LEN],
+        [0; VNET_HDR_LEN],
+        "tagged: done in the model"
+    );
+    let mut untagged = sent[VNET_HDR_LEN..].to_vec();
+    untagged.drain(12..16);
+    assert!(checksums_ok(&untagged));
 }
 
 #[test]

@@ -1,9 +1,12 @@
 //! Transmit: the four normal-mode slots and the C+ descriptor ring, with the C+ offloads
-//! (VLAN tag insertion, IP/TCP/UDP checksums, large send) done here.
+//! (VLAN tag insertion, IP/TCP/UDP checksums, large send) done here, or the checksum and the
+//! large send handed to a peer that takes them (a tap with a virtio-net header).
 
 use super::desc::CpDesc;
 use super::*;
 use crate::net::{offload, Sent};
+use net_backends::vnet::VnetHdr;
+use net_backends::Offloads;
 use std::io::IoSlice;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -35,6 +38,15 @@ pub(super) fn next_index(i: u16, opts1: u32) -> u16 {
     }
 }
 
+/// One frame to the port, in the header `hdr` when there is one.
+fn send(port: &mut NetPort, hdr: Option<&VnetHdr>, frame: &[u8]) -> Sent {
+    let iov = [IoSlice::new(frame)];
+    match hdr {
+        Some(h) => port.send_offloaded(h, &iov),
+        None => port.send(&iov),
+    }
+}
+
 impl Rtl8139 {
     fn tx_enabled(&self) -> bool {
         self.regs[CR] & CR_TE != 0
@@ -43,17 +55,23 @@ impl Rtl8139 {
     /// Hands one frame to the port; when the backend is full the frame waits in the
     /// backlog (the guest already counts it as sent) and transmit pauses until it drains.
     fn send_frame(&mut self, port: &mut NetPort, frame: &[u8]) {
-        self.tally.tx_ok = self.tally.tx_ok.wrapping_add(1);
-        if self.tx_backlog.is_empty() && port.send(&[IoSlice::new(frame)]) != Sent::Blocked {
+        self.send_offloaded(port, None, frame);
+    }
+
+    /// [`Self::send_frame`] with the header a peer that takes offloads gets it with.
+    fn send_offloaded(&mut self, port: &mut NetPort, hdr: Option<VnetHdr>, frame: &[u8]) {
+        let wire = hdr.map_or(1, |h| offload::gso_frames(&h, frame.len()));
+        self.tally.tx_ok = self.tally.tx_ok.wrapping_add(wire as u64);
+        if self.tx_backlog.is_empty() && send(port, hdr.as_ref(), frame) != Sent::Blocked {
             return;
         }
-        self.tx_backlog.push_back(frame.to_vec());
+        self.tx_backlog.push_back((hdr, frame.to_vec()));
     }
 
     /// The backend may take frames again: the backlog first, then what waited behind it.
     pub(super) fn flush_tx(&mut self, port: &mut NetPort) {
-        while let Some(f) = self.tx_backlog.front() {
-            if port.send(&[IoSlice::new(f)]) == Sent::Blocked {
+        while let Some((hdr, f)) = self.tx_backlog.front() {
+            if send(port, hdr.as_ref(), f) == Sent::Blocked {
                 return;
             }
             self.tx_backlog.pop_front();
@@ -205,10 +223,21 @@ impl Rtl8139 {
             frame.splice(12..12, [0x81, 0x00, tci[0], tci[1]]);
         }
         let layers = offload::parse(&frame);
+        // A peer that takes offloads (a tap with a virtio-net header) checksums and segments
+        // the frame itself; not with a tag inserted here, which moves the offsets.
+        let peer = if opts2 & TX_TAGC == 0 {
+            port.peer_offloads()
+        } else {
+            Offloads::default()
+        };
+        let mut hdr = None;
         let mut segmented = false;
         if opts1 & TX_LGSEN != 0 {
             let mss = ((opts1 >> TX_MSS_SHIFT) & TX_MSS_MASK) as usize;
             if let Some(at) = layers.filter(|a| a.ipv4) {
+                hdr = offload::prepare_gso(&mut frame, &at, mss, peer);
+            }
+            if let Some(at) = layers.filter(|a| a.ipv4 && hdr.is_none()) {
                 let mut scratch = std::mem::take(&mut self.tx_scratch);
                 let r: Result<bool, ()> =
                     offload::segment_tcp(&frame, &at, mss, &mut scratch, |s| {
@@ -225,11 +254,16 @@ impl Rtl8139 {
             let tcp = at.proto == offload::IPPROTO_TCP && opts1 & TX_TCPCS != 0;
             let udp = at.proto == offload::IPPROTO_UDP && opts1 & TX_UDPCS != 0;
             if tcp || udp {
-                offload::fill_l4_checksum(&mut frame, &at);
+                if peer.csum {
+                    hdr = offload::prepare_csum(&mut frame, &at);
+                }
+                if hdr.is_none() {
+                    offload::fill_l4_checksum(&mut frame, &at);
+                }
             }
         }
         if !segmented {
-            self.send_frame(port, &frame);
+            self.send_offloaded(port, hdr, &frame);
         }
         frame.clear();
         self.tx_buf = frame;
