@@ -623,7 +623,7 @@ fn build_nic(
     guards: &mut Guards,
 ) -> Result<NicParts, VmError> {
     let nd = cfg.netdev(&spec.netdev).expect("checked by the CLI");
-    let opened = netdev::open(nd, spec.model.wants_vnet_hdr())?;
+    let opened = netdev::open(nd)?;
     guards.0.push(opened.guard);
     let mut backend = opened.backend;
     if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == nd.id) {

@@ -46,12 +46,12 @@ pub enum OpenErrorKind {
     Slirp(#[from] SlirpError),
 }
 
-/// Opens the backend `nd` describes. `want_vnet_hdr`: the frontend can use a virtio-net
-/// header. Call it at most once per netdev: a tap `fd=` is taken over.
-pub fn open(nd: &NetdevConfig, want_vnet_hdr: bool) -> Result<Opened, OpenError> {
+/// Opens the backend `nd` describes. Call it at most once per netdev: a tap `fd=` is taken
+/// over.
+pub fn open(nd: &NetdevConfig) -> Result<Opened, OpenError> {
     let kind = nd.backend.kind();
     match &nd.backend {
-        Backend::Tap(o) => open_tap(o, want_vnet_hdr),
+        Backend::Tap(o) => open_tap(o),
         Backend::User(o) => SlirpBackend::new(o.clone())
             .map(|b| Opened {
                 backend: Box::new(b),
@@ -69,28 +69,17 @@ pub fn open(nd: &NetdevConfig, want_vnet_hdr: bool) -> Result<Opened, OpenError>
     })
 }
 
-fn open_tap(o: &TapOptions, want_vnet_hdr: bool) -> Result<Opened, OpenErrorKind> {
+/// A tap carries a virtio-net header unless `vnet_hdr=off` (an `fd=` keeps the one it was
+/// opened with): every model hands it checksum and segmentation offloads through the header
+/// (virtio-net passes the guest's on; e1000 and rtl8139 C+ fill one in).
+fn open_tap(o: &TapOptions) -> Result<Opened, OpenErrorKind> {
     let tap = match &o.device {
         TapDevice::Fd(fd) => {
-            // An fd keeps the header it was opened with unless the frontend cannot use one
-            // (then it is hidden) or vnet_hdr= says otherwise.
-            let vnet = if want_vnet_hdr {
-                o.vnet_hdr
-            } else {
-                Some(false)
-            };
             // SAFETY: the CLI checked that nicvm inherited `fd` (it is none of nicvm's own)
             // and that only this netdev names it; a netdev is opened once.
-            unsafe { Tap::from_fd(*fd, vnet) }?
+            unsafe { Tap::from_fd(*fd, o.vnet_hdr) }?
         }
-        TapDevice::Ifname(name) => {
-            let vnet = match o.vnet_hdr {
-                Some(true) if !want_vnet_hdr => Some(false), // e1000/rtl8139 do offloads themselves
-                None => Some(want_vnet_hdr),
-                v => v,
-            };
-            Tap::open(name.as_deref().unwrap_or(""), vnet)?
-        }
+        TapDevice::Ifname(name) => Tap::open(name.as_deref().unwrap_or(""), o.vnet_hdr)?,
     };
     let name = tap.name().to_string();
     match script::resolve(&o.script, DEFAULT_IFUP) {
@@ -214,7 +203,7 @@ mod tests {
             ),
         ] {
             let nd = netdev(spec);
-            let e = open(&nd, false).err().unwrap().to_string();
+            let e = open(&nd).err().unwrap().to_string();
             let kind = spec.split(',').next().unwrap();
             assert!(e.starts_with(&format!("-netdev {kind},id=n0: ")), "{e}");
             assert!(e.contains(key), "{e}");
@@ -226,22 +215,16 @@ mod tests {
     fn open_a_unix_stream_pair_and_a_dgram_pair() {
         let dir = temp_dir("netdev-test");
         let p = dir.join("s.sock");
-        let mut server = open(
-            &netdev(&format!(
-                "stream,id=s,server=on,addr.type=unix,addr.path={}",
-                p.display()
-            )),
-            true,
-        )
+        let mut server = open(&netdev(&format!(
+            "stream,id=s,server=on,addr.type=unix,addr.path={}",
+            p.display()
+        )))
         .unwrap();
         assert!(!server.backend.capabilities().vnet_hdr);
-        let client = open(
-            &netdev(&format!(
-                "stream,id=c,addr.type=unix,addr.path={}",
-                p.display()
-            )),
-            true,
-        )
+        let client = open(&netdev(&format!(
+            "stream,id=c,addr.type=unix,addr.path={}",
+            p.display()
+        )))
         .unwrap();
         assert!(
             client.label.starts_with("stream:connect=unix:"),
@@ -260,14 +243,11 @@ mod tests {
         }
         assert!(server.backend.link_up() && client.backend.link_up());
         let (a, b) = (dir.join("a"), dir.join("b"));
-        let d = open(
-            &netdev(&format!(
-                "dgram,id=d,local.type=unix,local.path={},remote.type=unix,remote.path={}",
-                a.display(),
-                b.display()
-            )),
-            false,
-        )
+        let d = open(&netdev(&format!(
+            "dgram,id=d,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+            a.display(),
+            b.display()
+        )))
         .unwrap();
         assert!(d.backend.link_up());
         drop((server, client, d));
@@ -281,13 +261,10 @@ mod tests {
     fn the_guard_removes_socket_files_while_the_backend_lives() {
         let dir = temp_dir("guard-test");
         let p = dir.join("g.sock");
-        let Opened { backend, guard, .. } = open(
-            &netdev(&format!(
-                "stream,id=s,server=on,addr.type=unix,addr.path={}",
-                p.display()
-            )),
-            false,
-        )
+        let Opened { backend, guard, .. } = open(&netdev(&format!(
+            "stream,id=s,server=on,addr.type=unix,addr.path={}",
+            p.display()
+        )))
         .unwrap();
         assert!(p.exists());
         drop(guard);
@@ -337,10 +314,10 @@ mod tests {
                 backend,
                 label,
                 guard,
-            } = open(&netdev(&spec), false).unwrap();
+            } = open(&netdev(&spec)).unwrap();
             assert!(
-                !backend.capabilities().vnet_hdr,
-                "no header for rtl8139/e1000"
+                backend.capabilities().vnet_hdr,
+                "a created tap carries a virtio-net header"
             );
             assert_eq!(
                 std::fs::read_to_string(&logs.0).unwrap(),
@@ -358,22 +335,22 @@ mod tests {
         let _ = r;
     }
 
-    /// A tap opened with IFF_VNET_HDR by someone else, handed over as fd=: an rtl8139 gets
-    /// it without the header, a virtio-net with it.
+    /// A tap opened with IFF_VNET_HDR by someone else, handed over as fd=: it keeps the
+    /// header unless vnet_hdr=off hides it.
     #[test]
     fn a_tap_fd_with_a_vnet_header() {
         in_netns(|| {
             // A name each: a tap closed here can stay attached a moment longer through a
             // child another test thread is forking.
-            for (name, want, seen) in [("nvf0", false, false), ("nvf1", true, true)] {
+            for (name, opt, seen) in [("nvf0", ",vnet_hdr=off", false), ("nvf1", "", true)] {
                 let fd = vnet_tap_fd(name);
                 let nd = netdev_with(
-                    &format!("tap,id=t,fd={fd},script=no,downscript=no"),
+                    &format!("tap,id=t,fd={fd},script=no,downscript=no{opt}"),
                     &InheritedFds::from_fds([fd]),
                 );
-                let o = open(&nd, want).unwrap();
+                let o = open(&nd).unwrap();
                 assert_eq!(o.label, name);
-                assert_eq!(o.backend.capabilities().vnet_hdr, seen, "want {want}");
+                assert_eq!(o.backend.capabilities().vnet_hdr, seen, "{opt}");
             }
             let f = std::fs::File::open("/dev/null").unwrap();
             let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
@@ -381,7 +358,7 @@ mod tests {
                 &format!("tap,id=t,fd={fd},script=no,downscript=no"),
                 &InheritedFds::from_fds([fd]),
             );
-            let e = open(&nd, false).err().unwrap().to_string();
+            let e = open(&nd).err().unwrap().to_string();
             assert!(
                 e.starts_with(&format!("-netdev tap,id=t: fd={fd}: not an open tap")),
                 "{e}"
