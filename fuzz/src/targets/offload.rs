@@ -1,13 +1,16 @@
 //! The offload code the NIC models share, called directly: checksums over any range, the
-//! frame parser, checksum filling and verification, and TCP segmentation, both on layers the
-//! parser found and on layers a driver made up (e1000's context descriptors give the offsets
-//! themselves), with VLAN tags inserted as rtl8139 does.
+//! frame parser, checksum filling and verification, TCP segmentation, and the virtio-net
+//! headers that hand checksums and segmentation to the peer, both on layers the parser found
+//! and on layers a driver made up (e1000's context descriptors give the offsets themselves),
+//! with VLAN tags inserted as rtl8139 does.
 
 use super::frames::frame;
 use super::Bytes;
 use crate::harness::{op, Target};
 use crate::rng::Rng;
 use devices::net::offload::{self, Layers};
+use net_backends::vnet::VnetHdr;
+use net_backends::Offloads;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,9 +49,31 @@ pub enum OffloadOp {
         from: usize,
         to: usize,
     },
+    /// The frame made ready for the peer to segment, with the offloads the peer takes
+    /// (bits: csum, tso4, tso6, tso_ecn).
+    PrepareGso {
+        mss: usize,
+        peer: u8,
+    },
+    PrepareCsum,
+    CsumHdr {
+        start: usize,
+        field: usize,
+    },
 }
 
 pub struct Offload;
+
+/// What the host kernel checks of a header before it takes the frame: the checksum field
+/// inside the frame, after its start, and the headers no longer than the frame.
+fn header_fits(h: &VnetHdr, len: usize) {
+    let field = h.csum_start as usize + h.csum_offset as usize;
+    assert!(
+        field + 2 <= len,
+        "checksum field at {field} of a {len}-byte frame"
+    );
+    assert!(h.hdr_len as usize <= len, "hdr_len {} of {len}", h.hdr_len);
+}
 
 fn small(rng: &mut Rng) -> usize {
     match rng.below(5) {
@@ -67,7 +92,7 @@ impl Target for Offload {
         let mut ops = vec![OffloadOp::Frame(Bytes(frame(rng)))];
         let n = rng.range(1, 30) as usize;
         while ops.len() < n {
-            ops.push(match rng.below(14) {
+            ops.push(match rng.below(17) {
                 0 => OffloadOp::Frame(Bytes(frame(rng))),
                 1 => OffloadOp::Vlan(rng.below(0x1_0000) as u16),
                 2..=4 => OffloadOp::Parse,
@@ -91,9 +116,18 @@ impl Target for Offload {
                 11 | 12 => OffloadOp::Segment {
                     mss: rng.pick_or(&[0, 1, 8, 536, 1448, 9000], small),
                 },
-                _ => OffloadOp::Sum {
+                13 => OffloadOp::Sum {
                     from: small(rng),
                     to: small(rng),
+                },
+                14 => OffloadOp::PrepareGso {
+                    mss: rng.pick_or(&[0, 1, 536, 1448, 65_535, 65_536], small),
+                    peer: rng.pick_or(&[0xf], |r| r.below(16) as u8),
+                },
+                15 => OffloadOp::PrepareCsum,
+                _ => OffloadOp::CsumHdr {
+                    start: small(rng),
+                    field: small(rng),
                 },
             });
         }
@@ -170,6 +204,39 @@ impl Target for Offload {
                 OffloadOp::Sum { from, to } => {
                     if let Some(s) = f.get(*from..*to) {
                         let _ = offload::checksum(s);
+                    }
+                }
+                OffloadOp::PrepareGso { mss, peer } => {
+                    if let Some(a) = &at {
+                        let peer = Offloads {
+                            csum: peer & 1 != 0,
+                            tso4: peer & 2 != 0,
+                            tso6: peer & 4 != 0,
+                            tso_ecn: peer & 8 != 0,
+                            ufo: false,
+                        };
+                        let before = f.clone();
+                        match offload::prepare_gso(&mut f, a, *mss, peer) {
+                            Some(h) => {
+                                header_fits(&h, f.len());
+                                let _ = offload::gso_frames(&h, f.len());
+                            }
+                            None => assert!(f == before, "refused, yet the frame changed"),
+                        }
+                    }
+                }
+                OffloadOp::PrepareCsum => {
+                    if let Some(a) = &at {
+                        let before = f.clone();
+                        match offload::prepare_csum(&mut f, a) {
+                            Some(h) => header_fits(&h, f.len()),
+                            None => assert!(f == before, "refused, yet the frame changed"),
+                        }
+                    }
+                }
+                OffloadOp::CsumHdr { start, field } => {
+                    if let Some(h) = offload::csum_hdr(f.len(), *start, *field) {
+                        header_fits(&h, f.len());
                     }
                 }
             }
