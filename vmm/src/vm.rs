@@ -221,7 +221,7 @@ impl Timing {
     pub fn mark(&self, what: &str) {
         if self.enabled {
             eprintln!(
-                "nicvm-timing: {what} {:.3}\r",
+                "nicvm-timing: {what} {:.4}\r",
                 self.start.elapsed().as_secs_f64()
             );
         }
@@ -338,6 +338,7 @@ impl Vm {
         let chip: Arc<dyn IrqChip> = Arc::new(
             KvmIrqChip::new(vm.clone()).map_err(|e| VmError::Host("KVM_SET_GSI_ROUTING", e))?,
         );
+        timing.mark("vm-and-memory");
 
         // Legacy devices.
         let mut pio = Bus::new();
@@ -419,6 +420,7 @@ impl Vm {
             });
             subscribers.push(parts.subscriber);
         }
+        timing.mark("nics-and-netdevs");
         let mut panic_dev = PvPanic::new(lifecycle.clone());
         assign_bars(&mut panic_dev, &mut io_next, &mut mmio_next)?;
         let slot = root.first_free_slot().ok_or(VmError::NoSlot)?;
@@ -450,6 +452,7 @@ impl Vm {
             &cfg.append,
         )?;
         log::debug!("entry {:?} at {:#x}", entry.mode, entry.rip);
+        timing.mark("kernel-loaded");
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
