@@ -1,7 +1,8 @@
-//! Linux tap interfaces (`-netdev tap`): opened through /dev/net/tun with IFF_TAP|IFF_NO_PI and,
-//! for virtio-net, IFF_VNET_HDR (12-byte header) so offloads pass straight through. A tap fd
-//! handed over with a header the frontend does not want has the header hidden: stripped from
-//! the frames read, a zeroed one put in front of the frames written.
+//! Linux tap interfaces (`-netdev tap`): opened through /dev/net/tun with IFF_TAP|IFF_NO_PI and
+//! IFF_VNET_HDR (12-byte header) unless `vnet_hdr=off`, so offloads pass straight through:
+//! virtio-net's, and the checksums and segmentation e1000 and rtl8139 C+ hand over. A tap fd
+//! handed over with a header `vnet_hdr=off` refuses has the header hidden: stripped from the
+//! frames read, a zeroed one put in front of the frames written.
 
 use crate::vnet::VNET_HDR_LEN;
 use crate::{Capabilities, NetBackend, Offloads};

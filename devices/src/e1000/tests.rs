@@ -1019,6 +1019,9 @@ fn backend_with_vnet_header() {
     let mut d = Driver::new(Box::new(b));
     d.probe();
     d.open();
+    // Offloads someone else turned on for frames to us are turned off: the header that would
+    // describe them is stripped.
+    assert_eq!(peer.rx_offloads(), Some(net_backends::Offloads::default()));
     let f = eth(PEER, 0x0800, 100);
     d.xmit_legacy(&f, None, None);
     let sent = peer.take_sent();

@@ -381,13 +381,14 @@ impl E1000 {
         }
         match offload.filter(|h| h.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
             Some(h) => {
-                // prepare_gso checked hdr_len <= the frame's length and mss > 0.
                 let (hdr_len, mss) = (h.hdr_len as usize, h.gso_size as usize);
                 let payload = frame.len().saturating_sub(hdr_len);
                 let wire = |data: usize| (hdr_len + data).max(MIN_FRAME) + 4;
-                self.count_wire(frame, wire(mss), (payload / mss) as u64);
-                if payload % mss != 0 || payload == 0 {
-                    self.count_wire(frame, wire(payload % mss), 1);
+                let full = payload.checked_div(mss).unwrap_or(0);
+                let rest = payload - full * mss;
+                self.count_wire(frame, wire(mss), full as u64);
+                if rest != 0 || full == 0 {
+                    self.count_wire(frame, wire(rest), 1);
                 }
             }
             None => self.count_wire(frame, (body + pad).max(MIN_FRAME) + 4, 1),

@@ -230,6 +230,11 @@ pub fn l4_checksum_ok(frame: &[u8], at: &Layers) -> bool {
     fold(pseudo_sum(frame, at, l4_len) + ones_sum(&frame[at.l4..at.end])) == 0xffff
 }
 
+/// Where the host kernel accepts a checksum to start at the earliest (an IPv4 header's length).
+const MIN_CSUM_START: usize = 20;
+/// A `gso_size` the kernel reserves for itself (GSO_BY_FRAGS) and refuses from a tap.
+const GSO_BY_FRAGS: u16 = 0xffff;
+
 /// Where the checksum field of the transport header at `at` is.
 fn l4_field(at: &Layers) -> usize {
     at.l4 + if at.proto == IPPROTO_TCP { 16 } else { 6 }
@@ -237,10 +242,11 @@ fn l4_field(at: &Layers) -> usize {
 
 /// The virtio-net header that asks the peer to checksum `frame[start..]` into the two bytes
 /// at `field`, or None when the offsets cannot say that (the field outside the frame or
-/// before `start`, offsets over 16 bits). The sum covers whatever the field holds, as
-/// [`insert_checksum`] does.
+/// before `start`, offsets over 16 bits) or the host kernel would refuse them (a sum starting
+/// within an IPv4 header's length of the frame's start: it takes `start` for the transport
+/// header). The sum covers whatever the field holds, as [`insert_checksum`] does.
 pub fn csum_hdr(frame_len: usize, start: usize, field: usize) -> Option<VnetHdr> {
-    if start > field || field.checked_add(2)? > frame_len {
+    if start < MIN_CSUM_START || start > field || field.checked_add(2)? > frame_len {
         return None;
     }
     Some(VnetHdr {
@@ -272,6 +278,23 @@ fn seed_l4_checksum(frame: &mut [u8], at: &Layers) {
     frame[field..field + 2].copy_from_slice(&seed.to_be_bytes());
 }
 
+/// Whether `at` (which fits `frame`) is where the frame's own headers say its layers are:
+/// IPv4 or IPv6 right after an untagged Ethernet header, the transport header right after the
+/// IP header (IPv6: no extension headers), `hdr_len` ending where the TCP data offset says.
+fn own_headers(frame: &[u8], at: &Layers) -> bool {
+    let (ethertype, version, ip_len) = if at.ipv4 {
+        (ETH_P_IP, 4, (frame[at.l3] & 0xf) as usize * 4)
+    } else {
+        (ETH_P_IPV6, 6, 40)
+    };
+    at.l3 == ETH_HLEN
+        && be16(frame, 12) == Some(ethertype)
+        && frame[at.l3] >> 4 == version
+        && at.l4 == at.l3 + ip_len
+        && (at.ipv4 || frame[at.l3 + 6] == IPPROTO_TCP)
+        && at.hdr_len == at.l4 + (frame[at.l4 + 12] >> 4) as usize * 4
+}
+
 /// Gets a large TCP frame ready for the peer to segment (the host kernel's GSO, which cuts it
 /// as TSO hardware would, or hands it whole to a local socket): the IP length set to the
 /// whole datagram and the IPv4 header checksum filled (drivers may leave both zero for the
@@ -279,13 +302,19 @@ fn seed_l4_checksum(frame: &mut [u8], at: &Layers) {
 /// the kernel's segmentation adjusts per segment), and the header that asks for it.
 ///
 /// None, changing nothing, when the peer cannot be asked: not TCP at `at`, layers that do not
-/// fit or end before the frame does, an IP length over 65535, an MSS of zero or over 16 bits,
-/// or an offload `peer` does not take (IPv4 or IPv6 segmentation; ECN when CWR is set).
+/// fit or end before the frame does, layers that are not the frame's own headers (the kernel
+/// finds them from the Ethernet type, the IP header length and the TCP data offset, where a
+/// driver's offsets could say otherwise), an IP length over 65535, an MSS of zero or one the
+/// kernel refuses, or an offload `peer` does not take (IPv4 or IPv6 segmentation; ECN when
+/// CWR is set).
 pub fn prepare_gso(frame: &mut [u8], at: &Layers, mss: usize, peer: Offloads) -> Option<VnetHdr> {
-    if at.proto != IPPROTO_TCP || !at.fit(frame) || at.end != frame.len() {
+    if at.proto != IPPROTO_TCP || !at.fit(frame) || at.end != frame.len() || !own_headers(frame, at)
+    {
         return None;
     }
-    let gso_size = u16::try_from(mss).ok().filter(|&m| m > 0)?;
+    let gso_size = u16::try_from(mss)
+        .ok()
+        .filter(|&m| m > 0 && m != GSO_BY_FRAGS)?;
     let (len_field, ip_len) = if at.ipv4 {
         (at.l3 + 2, at.end - at.l3)
     } else {
@@ -655,6 +684,12 @@ pub(crate) mod tests {
             ..at
         };
         let short = Layers { end: 100, ..at };
+        let long_hdr = Layers {
+            hdr_len: at.hdr_len + 4,
+            ..at
+        };
+        let tagged = tcp4_frame(10_000, true);
+        let tagged_at = parse(&tagged).unwrap();
         for (frame, at, mss, peer, what) in [
             (&f, at, 0, Offloads::ALL, "MSS 0"),
             (&f, at, 65_536, Offloads::ALL, "MSS over 16 bits"),
@@ -669,6 +704,15 @@ pub(crate) mod tests {
                 "a datagram shorter than the frame",
             ),
             (&f, at, 1448, Offloads::default(), "nothing at all"),
+            (&f, at, 0xffff, Offloads::ALL, "MSS GSO_BY_FRAGS"),
+            (
+                &f,
+                long_hdr,
+                1448,
+                Offloads::ALL,
+                "hdr_len past the TCP header",
+            ),
+            (&tagged, tagged_at, 1448, Offloads::ALL, "a tagged frame"),
         ] {
             let mut g = frame.clone();
             assert_eq!(prepare_gso(&mut g, &at, mss, peer), None, "{what}");
@@ -701,6 +745,7 @@ pub(crate) mod tests {
         assert!(checksums_ok(&peer_finishes(&sent).1));
         assert_eq!(csum_hdr(100, 50, 99), None, "field past the end");
         assert_eq!(csum_hdr(100, 60, 50), None, "field before the start");
+        assert_eq!(csum_hdr(100, 10, 16), None, "a start the kernel refuses");
     }
 
     #[test]

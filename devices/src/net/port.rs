@@ -465,6 +465,12 @@ impl<M: NicModel> Nic<M> {
         } else {
             Hdr::Pass
         };
+        if port.hdr == Hdr::Hide {
+            // The header is stripped before the model sees a frame, so nothing may arrive
+            // that needs it (a GSO frame, an unfinished checksum): whoever had the tap before
+            // may have turned offloads on (QEMU resets them the same way).
+            port.set_rx_offloads(Offloads::default());
+        }
         let up = port.link_up;
         model.link_changed(&mut port, up);
         Nic {

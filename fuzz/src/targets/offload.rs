@@ -64,9 +64,11 @@ pub enum OffloadOp {
 
 pub struct Offload;
 
-/// What the host kernel checks of a header before it takes the frame: the checksum field
-/// inside the frame, after its start, and the headers no longer than the frame.
+/// What the host kernel checks of a header before it takes the frame: a checksum that starts
+/// no earlier than an IPv4 header's length into the frame, its field inside the frame, and
+/// the headers no longer than the frame.
 fn header_fits(h: &VnetHdr, len: usize) {
+    assert!(h.csum_start >= 20, "csum_start {}", h.csum_start);
     let field = h.csum_start as usize + h.csum_offset as usize;
     assert!(
         field + 2 <= len,

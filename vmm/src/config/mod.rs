@@ -154,7 +154,8 @@ pub struct TapOptions {
     pub device: TapDevice,
     pub script: Script,
     pub downscript: Script,
-    /// `vnet_hdr=on|off`; None: a virtio-net header when the frontend can use one.
+    /// `vnet_hdr=on|off`; None: a virtio-net header when the kernel offers one (an `fd=`:
+    /// the one it was opened with).
     pub vnet_hdr: Option<bool>,
     /// `vhost=on` was asked for: nicvm has no vhost-net, frames go through its own loop.
     pub vhost: bool,
@@ -208,11 +209,6 @@ impl NicModel {
             NicModel::E1000 => "e1000",
             NicModel::VirtioNetPci => "virtio-net-pci",
         }
-    }
-
-    /// Whether the model can take frames with a virtio-net header (taps are opened with one).
-    pub fn wants_vnet_hdr(self) -> bool {
-        self == NicModel::VirtioNetPci
     }
 }
 
