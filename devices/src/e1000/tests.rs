@@ -344,15 +344,23 @@ fn xmit_checksum_offload() {
     assert_eq!(r.tx_done(), 3);
 }
 
+/// TCP payload of the 64 KiB TSO sends below, and their MSS.
+const TSO_PAYLOAD: usize = 65536 - 54;
+const TSO_MSS: u16 = 1448;
+
+/// One 64 KiB TSO send as e1000_tso prepares it: the frame, and what reached the peer.
+fn xmit_tso_64k_on(r: &mut Rig, vlan: Option<u16>) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let mut f = tcp4(PEER, TSO_PAYLOAD);
+    tso_prep(&mut f);
+    r.xmit_tso(&f, 14, 34, 54, TSO_MSS, vlan);
+    (f, r.peer.take_sent())
+}
+
 #[test]
 fn xmit_tso_64k() {
     let mut r = opened();
-    let payload = 65536 - 54;
-    let mut f = tcp4(PEER, payload);
-    tso_prep(&mut f);
-    let mss = 1448;
-    r.xmit_tso(&f, 14, 34, 54, mss, None);
-    let sent = r.peer.take_sent();
+    let (payload, mss) = (TSO_PAYLOAD, TSO_MSS);
+    let (f, sent) = xmit_tso_64k_on(&mut r, None);
     assert_eq!(sent.len(), payload.div_ceil(mss as usize));
     let mut data = vec![];
     for (i, s) in sent.iter().enumerate() {
@@ -371,12 +379,8 @@ fn xmit_tso_64k() {
 #[test]
 fn tso_goes_whole_to_a_tap_with_a_vnet_header() {
     let mut r = opened_with(VNET_TAP);
-    let payload = 65536 - 54;
-    let mut f = tcp4(PEER, payload);
-    tso_prep(&mut f);
-    let mss = 1448;
-    r.xmit_tso(&f, 14, 34, 54, mss, None);
-    let sent = r.peer.take_sent();
+    let (payload, mss) = (TSO_PAYLOAD, TSO_MSS);
+    let (f, sent) = xmit_tso_64k_on(&mut r, None);
     assert_eq!(sent.len(), 1, "one frame for the host kernel to segment");
     let (h, g) = peer_finishes(&sent[0]);
     assert_eq!(
@@ -407,8 +411,7 @@ fn tso_goes_whole_to_a_tap_with_a_vnet_header() {
     // A tag to insert moves the offsets: the model segments, each frame with an empty header.
     let ctrl = r.r(CTRL);
     r.w(CTRL, ctrl | CTRL_VME);
-    r.xmit_tso(&f, 14, 34, 54, mss, Some(5));
-    let sent = r.peer.take_sent();
+    let (_, sent) = xmit_tso_64k_on(&mut r, Some(5));
     assert_eq!(sent.len(), n as usize);
     assert!(sent.iter().all(|s| s[..VNET_HDR] == [0; VNET_HDR]));
 }

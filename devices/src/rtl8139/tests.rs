@@ -199,17 +199,23 @@ fn cp_transmits_fragments_with_checksum_offload() {
     assert_eq!(d.dev.stats().tx_frames, 1);
 }
 
+/// One 65 000-byte large send in three fragments, MSS 1448: the frame, and what reached the
+/// peer.
+fn cp_large_send_65000(d: &mut Driver, peer: &MemPeer) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let f = tcp4_frame(65_000 - 54, false);
+    d.cp_xmit(
+        &[&f[..54], &f[54..30_000], &f[30_000..]],
+        TX_LGSEN | (1448 << TX_MSS_SHIFT),
+        0,
+    );
+    (f, peer.take_sent())
+}
+
 #[test]
 fn cp_large_send_segments_a_64k_frame() {
     let (mut d, peer) = cp_open();
-    let f = tcp4_frame(65_000 - 54, false);
     let mss = 1448;
-    d.cp_xmit(
-        &[&f[..54], &f[54..30_000], &f[30_000..]],
-        TX_LGSEN | (mss << TX_MSS_SHIFT),
-        0,
-    );
-    let sent = peer.take_sent();
+    let (f, sent) = cp_large_send_65000(&mut d, &peer);
     assert_eq!(sent.len(), (65_000 - 54usize).div_ceil(mss as usize));
     let mut payload = vec![];
     for s in &sent {
@@ -230,14 +236,8 @@ fn cp_offloads_go_to_a_tap_with_a_vnet_header() {
         vnet_hdr: true,
         offloads: Offloads::ALL,
     });
-    let f = tcp4_frame(65_000 - 54, false);
     let mss = 1448;
-    d.cp_xmit(
-        &[&f[..54], &f[54..30_000], &f[30_000..]],
-        TX_LGSEN | (mss << TX_MSS_SHIFT),
-        0,
-    );
-    let sent = peer.take_sent();
+    let (f, sent) = cp_large_send_65000(&mut d, &peer);
     assert_eq!(sent.len(), 1, "one frame for the host kernel to segment");
     let (h, g) = peer_finishes(&sent[0]);
     assert_eq!(
