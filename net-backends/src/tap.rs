@@ -20,7 +20,7 @@ const IFF_VNET_HDR: libc::c_short = libc::IFF_VNET_HDR as libc::c_short;
 const ZERO_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
 /// Frames of up to this many pieces get the hidden header put in front without allocating.
-const INLINE_IOVS: usize = 16;
+const INLINE_IOVS: usize = 24;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {

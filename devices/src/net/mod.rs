@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
+pub mod guest_iov;
 pub mod port;
 pub use port::{
     BackendInterest, NetEvent, NetPort, Nic, NicControl, NicModel, Rx, RxFilter, RxState, Sent,

@@ -322,7 +322,7 @@ impl NetPort {
     /// (it is then the model's, or an empty one).
     fn send_with(&mut self, hdr: &[u8; VNET_HDR_LEN], frame: &[IoSlice<'_>]) -> Sent {
         let r = if self.hdr == Hdr::Hide {
-            let mut iov = [IoSlice::new(&[]); 8];
+            let mut iov = [IoSlice::new(&[]); 24];
             if frame.len() < iov.len() {
                 iov[0] = IoSlice::new(hdr);
                 iov[1..=frame.len()].copy_from_slice(frame);

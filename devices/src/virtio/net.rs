@@ -10,7 +10,7 @@
 use super::transport::*;
 use super::*;
 use crate::interrupt::{IntxLine, IrqChip};
-use crate::net::{NetPort, NicModel, Rx, RxFilter, Sent};
+use crate::net::{guest_iov, NetPort, NicModel, Rx, RxFilter, Sent};
 use crate::pci::{BarKind, Msix, PciConfig};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
 use net_backends::{Capabilities, MacAddr, Offloads, MAX_FRAME};
@@ -42,6 +42,9 @@ const QUEUE_MAX: u16 = 256;
 /// TX chains handled per event; the rest wait for the next turn of the I/O thread, which the
 /// device asks for through its port.
 const TX_BUDGET: usize = QUEUE_MAX as usize;
+/// Pieces one TX frame may come in: a chain can be no longer than the queue, and each
+/// descriptor may cross a region boundary once.
+const MAX_TX_PIECES: usize = 2 * QUEUE_MAX as usize;
 const N_VECTORS: u16 = 3;
 
 /// PCI identity as QEMU presents virtio-net: transitional device ID, subsystem = net.
@@ -82,7 +85,6 @@ pub struct VirtioNet {
 
     rx_heads: Vec<(u16, u32)>,
     rx_hdr_pieces: Vec<(vm_memory::GuestAddress, usize, usize)>,
-    tx_buf: Vec<u8>,
 }
 
 impl VirtioNet {
@@ -173,7 +175,6 @@ impl VirtioNet {
             interrupts: 0,
             rx_heads: Vec::with_capacity(64),
             rx_hdr_pieces: Vec::with_capacity(4),
-            tx_buf: Vec::with_capacity(MAX_FRAME),
         })
     }
 
@@ -293,50 +294,10 @@ impl VirtioNet {
             if !self.queue_usable(port, TX) {
                 return;
             }
-            while budget > 0 {
-                let Some(chain) = self.queues[TX].pop_descriptor_chain(&self.mem) else {
-                    break;
-                };
-                budget -= 1;
-                let head = chain.head_index();
-                self.tx_buf.clear();
-                let mut bad = false;
-                for d in chain {
-                    let len = d.len() as usize;
-                    if d.is_write_only() || self.tx_buf.len() + len > MAX_FRAME {
-                        bad = true;
-                        break;
-                    }
-                    let start = self.tx_buf.len();
-                    self.tx_buf.resize(start + len, 0);
-                    if self
-                        .mem
-                        .read_slice(&mut self.tx_buf[start..], d.addr())
-                        .is_err()
-                    {
-                        bad = true;
-                        break;
-                    }
-                }
-                if bad || self.tx_buf.len() < VNET_HDR_LEN {
-                    self.device_error(port, "malformed TX descriptor chain");
-                    return;
-                }
-                let frame = if self.vnet_hdr {
-                    &self.tx_buf[..]
-                } else {
-                    &self.tx_buf[VNET_HDR_LEN..]
-                };
-                if port.send(&[IoSlice::new(frame)]) == Sent::Blocked {
-                    // Put the chain back; the port calls transmit() when the backend drains.
-                    let q = &mut self.queues[TX];
-                    q.set_next_avail(q.next_avail().wrapping_sub(1));
-                    break;
-                }
-                if self.queues[TX].add_used(&self.mem, head, 0).is_err() {
-                    return self.device_error(port, "TX used ring unwritable");
-                }
-                used = true;
+            let (mem, q) = (&self.mem, &mut self.queues[TX]);
+            if let Err(what) = transmit_chains(mem, q, port, self.vnet_hdr, &mut budget, &mut used)
+            {
+                return self.device_error(port, what);
             }
             if port.tx_blocked() {
                 break;
@@ -787,6 +748,56 @@ impl NicModel for VirtioNet {
 /// A synthetic driver for tests, the fuzzer and the no-guest benchmark.
 #[cfg(any(test, feature = "test-drivers"))]
 pub mod driver;
+
+/// Sends the chains waiting in the TX queue, at most `budget` of them, each straight from the
+/// guest's buffers (the virtio-net header dropped when the backend carries none). Stops early
+/// when the backend is full, putting the chain back.
+fn transmit_chains(
+    mem: &GuestMemoryMmap,
+    q: &mut Queue,
+    port: &mut NetPort,
+    vnet_hdr: bool,
+    budget: &mut usize,
+    used: &mut bool,
+) -> Result<(), &'static str> {
+    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(32);
+    while *budget > 0 {
+        let Some(chain) = q.pop_descriptor_chain(mem) else {
+            return Ok(());
+        };
+        *budget -= 1;
+        let head = chain.head_index();
+        iov.clear();
+        // Header bytes still to leave out of the frame.
+        let mut skip = if vnet_hdr { 0 } else { VNET_HDR_LEN };
+        let mut total = 0usize;
+        for d in chain {
+            let len = d.len() as usize;
+            total += len;
+            if d.is_write_only() || total > MAX_FRAME || iov.len() == MAX_TX_PIECES {
+                return Err("malformed TX descriptor chain");
+            }
+            let s = skip.min(len);
+            skip -= s;
+            let addr = d.addr().checked_add(s as u64);
+            if !addr.is_some_and(|a| guest_iov::push(mem, a, len - s, &mut iov)) {
+                return Err("malformed TX descriptor chain");
+            }
+        }
+        if total < VNET_HDR_LEN {
+            return Err("malformed TX descriptor chain");
+        }
+        if port.send(&iov) == Sent::Blocked {
+            // Put the chain back; the port calls transmit() when the backend drains.
+            q.set_next_avail(q.next_avail().wrapping_sub(1));
+            return Ok(());
+        }
+        q.add_used(mem, head, 0)
+            .map_err(|_| "TX used ring unwritable")?;
+        *used = true;
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests;
