@@ -3,6 +3,7 @@
 
 use std::sync::mpsc;
 use std::time::Duration;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Runs `f` on its own thread and returns what it returns; panics when it has not finished
 /// within five seconds (the device loops on guest state). The stuck thread is left behind,
@@ -17,4 +18,10 @@ pub fn finishes<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 's
         Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: did not finish within 5 s"),
         Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: panicked"),
     }
+}
+
+/// Guest RAM as host addresses (one mapping in the tests' memory).
+pub fn host_range(mem: &GuestMemoryMmap) -> std::ops::Range<usize> {
+    let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+    base..base + mem.iter().map(|r| r.len() as usize).sum::<usize>()
 }

@@ -17,6 +17,9 @@ struct Shared {
     rx_offloads: Option<crate::Offloads>,
     /// When set, the peer is gone: link_up() is false.
     link_down: bool,
+    /// Where each piece of every sent frame was (host address, length): a test tells from
+    /// them whether a model sent from guest memory or from a copy of its own.
+    pieces: Vec<(usize, usize)>,
 }
 
 pub struct MemBackend {
@@ -79,6 +82,17 @@ impl MemPeer {
         let _ = self.ready.write(1);
     }
 
+    /// Bytes of the frames sent since the last call that were sent from pieces starting in
+    /// the host address range `within`.
+    pub fn take_sent_from(&self, within: std::ops::Range<usize>) -> usize {
+        let pieces = std::mem::take(&mut self.shared.lock().unwrap().pieces);
+        pieces
+            .iter()
+            .filter(|(at, _)| within.contains(at))
+            .map(|(_, len)| len)
+            .sum()
+    }
+
     pub fn rx_offloads(&self) -> Option<crate::Offloads> {
         self.shared.lock().unwrap().rx_offloads
     }
@@ -101,6 +115,8 @@ impl NetBackend for MemBackend {
         }
         s.from_guest
             .push(frame.iter().flat_map(|p| p.iter().copied()).collect());
+        s.pieces
+            .extend(frame.iter().map(|p| (p.as_ptr() as usize, p.len())));
         Ok(())
     }
 

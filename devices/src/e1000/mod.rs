@@ -34,13 +34,14 @@ mod rx;
 mod tx;
 
 use crate::interrupt::IntxLine;
+use crate::net::guest_iov::Piece;
 use crate::net::{NetPort, NicModel, Rx, RxFilter, RxState, Timer};
 use crate::pci::{BarKind, PciConfig, PCI_COMMAND_INTX_DISABLE};
 use eeprom::Eeprom;
 use net_backends::{MacAddr, MAX_FRAME};
 use phy::Phy;
 use regs::*;
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -148,7 +149,14 @@ pub struct E1000 {
     timer_at: Option<Instant>,
 
     ctx: TxContext,
+    /// Where the frame being gathered lies in guest memory, and its length so far.
+    tx_pieces: Vec<Piece>,
+    tx_len: usize,
+    /// The frame's first bytes (its headers, changed where an offload asks), or all of it
+    /// when it must be changed further in.
     tx_buf: Vec<u8>,
+    /// The I/O vectors of the frame going out (kept for their allocation).
+    tx_iov: Vec<IoSlice<'static>>,
     tx_scratch: Vec<u8>,
     /// Descriptors of the frame being gathered that asked for a status write-back, and
     /// whether each allows a delayed TXDW (IDE).
@@ -191,7 +199,10 @@ impl E1000 {
             timer: Timer::new()?,
             timer_at: None,
             ctx: TxContext::default(),
+            tx_pieces: Vec::new(),
+            tx_len: 0,
             tx_buf: Vec::with_capacity(MAX_FRAME),
+            tx_iov: Vec::new(),
             tx_scratch: Vec::with_capacity(MAX_FRAME),
             tx_rs: Vec::new(),
             tx_segs_sent: 0,
@@ -246,7 +257,8 @@ impl E1000 {
         self.rx_delay = DelayedCause::default();
         self.tx_delay = DelayedCause::default();
         self.ctx = TxContext::default();
-        self.tx_buf.clear();
+        self.tx_pieces.clear();
+        self.tx_len = 0;
         self.tx_segs_sent = 0;
         self.tx_error = false;
         self.rx_no_buffers = false;

@@ -416,6 +416,39 @@ fn tso_goes_whole_to_a_tap_with_a_vnet_header() {
     assert!(sent.iter().all(|s| s[..VNET_HDR] == [0; VNET_HDR]));
 }
 
+/// Bytes the backend took straight from guest memory since the last call.
+fn sent_from_guest(r: &mut Rig) -> usize {
+    r.peer.take_sent_from(crate::test_util::host_range(&r.mem))
+}
+
+#[test]
+fn large_frames_leave_from_guest_memory() {
+    let mut r = opened_with(VNET_TAP);
+    sent_from_guest(&mut r);
+    // A 3000-byte frame, plain and with checksum offload: headers copied, the rest not.
+    let mut f = tcp4(PEER, 3000 - 54);
+    r.xmit_legacy(&f, None, None);
+    assert_eq!(r.peer.take_sent()[0][VNET_HDR..], f[..]);
+    assert_eq!(sent_from_guest(&mut r), 3000 - 256);
+    let sum = pseudo(&f, 3000 - 34);
+    seed(&mut f, sum);
+    r.xmit_csum(&f, 34, 50, true);
+    let (h, g) = peer_finishes(&r.peer.take_sent()[0]);
+    assert_eq!((h.csum_start, h.csum_offset), (34, 16));
+    assert!(checksums_ok(&g));
+    assert_eq!(sent_from_guest(&mut r), 3000 - 256);
+    // The 64 KiB TSO send: only its headers are copied.
+    let (f, sent) = xmit_tso_64k_on(&mut r, None);
+    assert_eq!(sent[0][VNET_HDR + 256..], f[256..]);
+    assert_eq!(sent_from_guest(&mut r), f.len() - 256);
+    // A full-size frame is copied whole: cheaper than describing it.
+    let f = tcp4(PEER, 1460);
+    r.xmit_legacy(&f, None, None);
+    assert_eq!(r.peer.take_sent()[0][VNET_HDR..], f[..]);
+    assert_eq!(sent_from_guest(&mut r), 0);
+    assert_eq!(r.tx_done(), 4);
+}
+
 #[test]
 fn checksum_offload_goes_to_a_tap_with_a_vnet_header() {
     let mut r = opened_with(VNET_TAP);

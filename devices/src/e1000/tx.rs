@@ -6,13 +6,23 @@
 use super::desc::{self, ContextDesc, DataDesc, LegacyTxDesc, TX_STATUS_OFFSET};
 use super::rx::{MIN_FRAME, ZEROS};
 use super::*;
+use crate::net::guest_iov::{self, Piece};
 use crate::net::offload::{
-    csum_hdr, insert_checksum, prepare_gso, segment_tcp, Layers, IPPROTO_TCP, IPPROTO_UDP,
+    csum_hdr, insert_checksum, prepare_gso, prepare_gso_head, segment_tcp, Layers, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
 use crate::net::Sent;
 use net_backends::vnet::{VnetHdr, VIRTIO_NET_HDR_GSO_NONE};
 use std::io::IoSlice;
-use vm_memory::Bytes;
+use vm_memory::{Bytes, GuestMemoryBackend};
+
+/// Bytes of a frame copied out of guest memory to be read (and changed) by the offloads: the
+/// headers of any frame the context can describe (HDRLEN is one byte). The rest goes to the
+/// backend from where it lies, unless an offload must change it.
+const TX_HEAD: usize = 256;
+/// Frames up to this long are copied out whole: below it one copy costs less than
+/// describing the pieces of guest memory to the kernel (measured with scripts/bench-net).
+const TX_COPY_MAX: usize = 2048;
 
 /// What the descriptors of one frame asked for: the first one's type and options, the last
 /// one's command and VLAN tag.
@@ -89,7 +99,8 @@ impl E1000 {
         let mut finished = false;
         // Descriptors of the frame being gathered: one frame may not span more than a walk.
         let mut frame_descs = 0;
-        self.tx_buf.clear();
+        self.tx_pieces.clear();
+        self.tx_len = 0;
         self.tx_rs.clear();
         // Every descriptor is looked at once at most, and at most TX_BUDGET of them.
         for _ in 0..n.min(TX_BUDGET) {
@@ -145,8 +156,7 @@ impl E1000 {
                 f.eop_cmd = cmd;
                 f.special = d.special;
             }
-            let at = self.tx_buf.len();
-            if at + len > MAX_FRAME {
+            if self.tx_len + len > MAX_FRAME {
                 return self.ring_error(
                     port,
                     true,
@@ -154,14 +164,12 @@ impl E1000 {
                 );
             }
             if len > 0 {
-                self.tx_buf.resize(at + len, 0);
-                if self
-                    .mem
-                    .read_slice(&mut self.tx_buf[at..], GuestAddress(d.buffer_addr))
-                    .is_err()
-                {
+                let addr = GuestAddress(d.buffer_addr);
+                if !GuestMemoryBackend::check_range(&self.mem, addr, len) {
                     return self.ring_error(port, true, "TX buffer outside guest memory");
                 }
+                self.tx_pieces.push((addr, len));
+                self.tx_len += len;
             }
             if cmd & TXD_CMD_RS != 0 {
                 self.tx_rs.push((idx as u16, cmd & TXD_CMD_IDE != 0));
@@ -188,7 +196,8 @@ impl E1000 {
                 }
             }
             self.tx_rs.clear();
-            self.tx_buf.clear();
+            self.tx_pieces.clear();
+            self.tx_len = 0;
             frame_descs = 0;
             start = cur;
         }
@@ -221,11 +230,93 @@ impl E1000 {
         ok
     }
 
+    /// Sends the gathered frame: its headers copied out and the rest from guest memory where
+    /// the offloads asked for change nothing past the headers, else all of it copied out.
     fn transmit(&mut self, port: &mut NetPort, f: &FrameCmd) -> Tx {
+        let len = self.tx_len;
+        let pieces = std::mem::take(&mut self.tx_pieces);
         let mut frame = std::mem::take(&mut self.tx_buf);
-        let r = self.transmit_frame(port, &mut frame, f);
+        frame.clear();
+        frame.resize(if len > TX_COPY_MAX { TX_HEAD } else { len }, 0);
+        // The pieces were checked on the walk: the copies cannot fail.
+        let mut ok = guest_iov::read_pieces(&self.mem, &pieces, 0, &mut frame);
+        let mut r = None;
+        if ok && len > TX_COPY_MAX {
+            r = self.transmit_direct(port, &mut frame, &pieces, f);
+            if r.is_none() {
+                frame.resize(len, 0);
+                ok = guest_iov::read_pieces(&self.mem, &pieces, TX_HEAD, &mut frame[TX_HEAD..]);
+            }
+        }
+        let r = match r {
+            Some(r) => r,
+            None if ok => self.transmit_frame(port, &mut frame, f),
+            None => Tx::Done,
+        };
         self.tx_buf = frame;
+        self.tx_pieces = pieces;
         r
+    }
+
+    /// The frame's offloads done in its first [`TX_HEAD`] bytes (`head`), which go out with
+    /// the rest of the frame from guest memory; `None`, changing nothing, when an offload
+    /// needs more of the frame (a checksum in software, segmentation in software).
+    fn transmit_direct(
+        &mut self,
+        port: &mut NetPort,
+        head: &mut [u8],
+        pieces: &[Piece],
+        f: &FrameCmd,
+    ) -> Option<Tx> {
+        let len = self.tx_len;
+        let vlan =
+            (f.eop_cmd & TXD_CMD_VLE != 0 && self.reg(CTRL) & CTRL_VME != 0).then_some(f.special);
+        let c = self.ctx;
+        let peer = port.peer_offloads();
+        let tso = f.tse && c.tucmd & TXD_CMD_TSE != 0;
+        let hdr = if tso {
+            if vlan.is_some() || self.tx_segs_sent != 0 {
+                return None;
+            }
+            Some(prepare_gso_head(
+                head,
+                len,
+                &tso_layers(&c, len),
+                c.mss,
+                peer,
+            )?)
+        } else {
+            let l4 = if f.legacy {
+                (f.eop_cmd & TXD_CMD_IC != 0).then_some((f.css, f.cso, len))
+            } else {
+                (f.popts & TXD_POPTS_TXSM != 0).then_some((c.tucss, c.tucso, cs_end(c.tucse, len)))
+            };
+            let hdr = match l4 {
+                Some((start, field, end)) => {
+                    if end != len || vlan.is_some() || !peer.csum {
+                        return None;
+                    }
+                    Some(csum_hdr(len, start, field)?)
+                }
+                None => None,
+            };
+            if !f.legacy && f.popts & TXD_POPTS_IXSM != 0 {
+                let end = cs_end(c.ipcse, len);
+                if end > head.len() || c.ipcso + 2 > head.len() {
+                    return None;
+                }
+                insert_checksum(head, c.ipcss, c.ipcso, end);
+            }
+            hdr
+        };
+        let r = self.send(port, head, pieces, vlan, hdr.as_ref());
+        if tso && r != Sent::Blocked {
+            self.count(TSCTC, 1);
+        }
+        Some(match r {
+            Sent::Blocked => Tx::Blocked,
+            _ => Tx::Done,
+        })
     }
 
     fn transmit_frame(&mut self, port: &mut NetPort, frame: &mut [u8], f: &FrameCmd) -> Tx {
@@ -263,7 +354,7 @@ impl E1000 {
                 insert_checksum(frame, start, field, end);
             }
         }
-        match self.send(port, frame, vlan, hdr.as_ref()) {
+        match self.send(port, frame, &[], vlan, hdr.as_ref()) {
             Sent::Blocked => Tx::Blocked,
             _ => Tx::Done,
         }
@@ -278,18 +369,7 @@ impl E1000 {
         c: &TxContext,
         vlan: Option<u16>,
     ) -> Tx {
-        let at = Layers {
-            l3: c.ipcss,
-            ipv4: c.tucmd & TXD_TUCMD_IP != 0,
-            l4: c.tucss,
-            proto: if c.tucmd & TXD_TUCMD_TCP != 0 {
-                IPPROTO_TCP
-            } else {
-                IPPROTO_UDP
-            },
-            hdr_len: c.hdrlen,
-            end: frame.len(),
-        };
+        let at = tso_layers(c, frame.len());
         if at.proto != IPPROTO_TCP || c.mss == 0 || !at.fit(frame) {
             self.count(TSCTFC, 1);
             port.guest_error(format_args!("TSO context does not fit the frame; dropped"));
@@ -300,7 +380,7 @@ impl E1000 {
         let peer = port.peer_offloads();
         if vlan.is_none() && self.tx_segs_sent == 0 {
             if let Some(hdr) = prepare_gso(frame, &at, c.mss, peer) {
-                return match self.send(port, frame, None, Some(&hdr)) {
+                return match self.send(port, frame, &[], None, Some(&hdr)) {
                     Sent::Blocked => Tx::Blocked,
                     _ => {
                         self.count(TSCTC, 1);
@@ -313,7 +393,7 @@ impl E1000 {
         let skip = self.tx_segs_sent;
         let mut i = 0;
         let r = segment_tcp(frame, &at, c.mss, &mut scratch, |seg| {
-            if i >= skip && self.send(port, seg, vlan, None) == Sent::Blocked {
+            if i >= skip && self.send(port, seg, &[], vlan, None) == Sent::Blocked {
                 return Err(());
             }
             i += 1;
@@ -332,13 +412,15 @@ impl E1000 {
         }
     }
 
-    /// Hands one wire frame to the port, inserting the VLAN tag and padding short frames
-    /// (TCTL.PSP), and counts it: with `offload`, in the header the peer takes it with (see
+    /// Hands one wire frame to the port — `head`, then what of `tail` (guest memory) lies past
+    /// `head.len()` bytes — inserting the VLAN tag and padding short frames (TCTL.PSP), and
+    /// counts it: with `offload`, in the header the peer takes it with (see
     /// [`NetPort::send_offloaded`]), counted as the wire frames the peer makes of it.
     fn send(
         &mut self,
         port: &mut NetPort,
-        frame: &[u8],
+        head: &[u8],
+        tail: &[Piece],
         vlan: Option<u16>,
         offload: Option<&VnetHdr>,
     ) -> Sent {
@@ -347,51 +429,50 @@ impl E1000 {
             let tci = tci.to_be_bytes();
             [vet[0], vet[1], tci[0], tci[1]]
         });
-        let tag = tag.filter(|_| frame.len() >= 12);
-        let body = frame.len() + if tag.is_some() { 4 } else { 0 };
+        let tag = tag.filter(|_| head.len() >= 12);
+        let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
+        match &tag {
+            Some(t) => iov.extend([
+                IoSlice::new(&head[..12]),
+                IoSlice::new(t),
+                IoSlice::new(&head[12..]),
+            ]),
+            None => iov.push(IoSlice::new(head)),
+        }
+        // Checked on the walk: the pieces are guest memory.
+        let whole = guest_iov::push_pieces(&self.mem, tail, head.len(), &mut iov);
+        let len = guest_iov::len(&iov);
         let pad = if self.reg(TCTL) & TCTL_PSP != 0 {
-            MIN_FRAME.saturating_sub(body)
+            MIN_FRAME.saturating_sub(len)
         } else {
             0
         };
-        let mut iov = [IoSlice::new(&[]); 4];
-        let mut k = 0;
-        match &tag {
-            Some(t) => {
-                iov[0] = IoSlice::new(&frame[..12]);
-                iov[1] = IoSlice::new(t);
-                iov[2] = IoSlice::new(&frame[12..]);
-                k += 3;
-            }
-            None => {
-                iov[0] = IoSlice::new(frame);
-                k += 1;
-            }
-        }
         if pad > 0 {
-            iov[k] = IoSlice::new(&ZEROS[..pad]);
-            k += 1;
+            iov.push(IoSlice::new(&ZEROS[..pad]));
         }
         let r = match offload {
-            Some(h) => port.send_offloaded(h, &iov[..k]),
-            None => port.send(&iov[..k]),
+            _ if !whole => Sent::Lost,
+            Some(h) => port.send_offloaded(h, &iov),
+            None => port.send(&iov),
         };
+        self.tx_iov = guest_iov::recycle(iov);
         if r != Sent::Sent {
             return r;
         }
+        let frame_len = len - if tag.is_some() { 4 } else { 0 };
         match offload.filter(|h| h.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
             Some(h) => {
                 let (hdr_len, mss) = (h.hdr_len as usize, h.gso_size as usize);
-                let payload = frame.len().saturating_sub(hdr_len);
+                let payload = frame_len.saturating_sub(hdr_len);
                 let wire = |data: usize| (hdr_len + data).max(MIN_FRAME) + 4;
                 let full = payload.checked_div(mss).unwrap_or(0);
                 let rest = payload - full * mss;
-                self.count_wire(frame, wire(mss), full as u64);
+                self.count_wire(head, wire(mss), full as u64);
                 if rest != 0 || full == 0 {
-                    self.count_wire(frame, wire(rest), 1);
+                    self.count_wire(head, wire(rest), 1);
                 }
             }
-            None => self.count_wire(frame, (body + pad).max(MIN_FRAME) + 4, 1),
+            None => self.count_wire(head, (len + pad).max(MIN_FRAME) + 4, 1),
         }
         Sent::Sent
     }
@@ -408,5 +489,21 @@ impl E1000 {
         } else if frame.first().is_some_and(|b| b & 1 != 0) {
             self.count(MPTC, n);
         }
+    }
+}
+
+/// The layers a TSO context describes in a frame of `len` bytes.
+fn tso_layers(c: &TxContext, len: usize) -> Layers {
+    Layers {
+        l3: c.ipcss,
+        ipv4: c.tucmd & TXD_TUCMD_IP != 0,
+        l4: c.tucss,
+        proto: if c.tucmd & TXD_TUCMD_TCP != 0 {
+            IPPROTO_TCP
+        } else {
+            IPPROTO_UDP
+        },
+        hdr_len: c.hdrlen,
+        end: len,
     }
 }

@@ -2,7 +2,7 @@
 //! through `writev` without first being gathered into a buffer of ours.
 
 use std::io::IoSlice;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Appends the pieces of guest memory `[addr, addr + len)` to `out` (more than one where the
 /// range crosses regions). False, with `out` as it was, when part of the range is not guest
@@ -33,6 +33,68 @@ pub fn push<'m>(
     true
 }
 
+/// A piece of a frame in guest memory: where it is and how long.
+pub type Piece = (GuestAddress, usize);
+
+/// Appends the bytes of `pieces` after the first `skip` to `out` (see [`push`]).
+pub fn push_pieces<'m>(
+    mem: &'m GuestMemoryMmap,
+    pieces: &[Piece],
+    mut skip: usize,
+    out: &mut Vec<IoSlice<'m>>,
+) -> bool {
+    let before = out.len();
+    for &(addr, len) in pieces {
+        let s = skip.min(len);
+        skip -= s;
+        if s == len {
+            continue;
+        }
+        let at = addr.checked_add(s as u64);
+        if !at.is_some_and(|a| push(mem, a, len - s, out)) {
+            out.truncate(before);
+            return false;
+        }
+    }
+    true
+}
+
+/// Copies the bytes of `pieces` from the `skip`th on into `out`, as many as it holds; false
+/// when a piece is not guest memory or the pieces end first.
+pub fn read_pieces(
+    mem: &GuestMemoryMmap,
+    pieces: &[Piece],
+    mut skip: usize,
+    out: &mut [u8],
+) -> bool {
+    let mut done = 0;
+    for &(addr, len) in pieces {
+        if done == out.len() {
+            break;
+        }
+        let s = skip.min(len);
+        skip -= s;
+        let n = (len - s).min(out.len() - done);
+        if n == 0 {
+            continue;
+        }
+        let at = addr.checked_add(s as u64);
+        if at.is_none_or(|a| mem.read_slice(&mut out[done..done + n], a).is_err()) {
+            return false;
+        }
+        done += n;
+    }
+    done == out.len()
+}
+
+/// Hands back an emptied list of pieces with its allocation, free of the borrow its pieces
+/// had, so a device can keep one list from frame to frame.
+pub fn recycle<'b>(mut v: Vec<IoSlice<'_>>) -> Vec<IoSlice<'b>> {
+    v.clear();
+    // Empty: the closure never runs, and collecting in place keeps the allocation.
+    v.into_iter().map(|_| unreachable!()).collect()
+}
+
 /// Bytes in `iov`.
 pub fn len(iov: &[IoSlice<'_>]) -> usize {
     iov.iter().map(|s| s.len()).sum()
@@ -41,7 +103,6 @@ pub fn len(iov: &[IoSlice<'_>]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::Bytes;
 
     #[test]
     fn pieces_cross_regions_and_refuse_holes() {
@@ -61,5 +122,36 @@ mod tests {
         assert!(!push(&mem, GuestAddress(0x1ff0), 0x20, &mut v));
         assert!(!push(&mem, GuestAddress(u64::MAX - 1), 4, &mut v));
         assert_eq!(v.len(), 2);
+    }
+
+    #[test]
+    fn pieces_skip_and_read_across_pieces() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        mem.write_slice(b"abcdef", GuestAddress(0x100)).unwrap();
+        mem.write_slice(b"ghij", GuestAddress(0x800)).unwrap();
+        let pieces = [(GuestAddress(0x100), 6), (GuestAddress(0x800), 4)];
+        let mut out = [0u8; 5];
+        assert!(read_pieces(&mem, &pieces, 3, &mut out));
+        assert_eq!(&out, b"defgh");
+        let mut long = [0u8; 8];
+        assert!(
+            !read_pieces(&mem, &pieces, 3, &mut long),
+            "pieces end first"
+        );
+        let mut v = Vec::new();
+        assert!(push_pieces(&mem, &pieces, 7, &mut v));
+        assert_eq!(v.len(), 1);
+        assert_eq!(&*v[0], b"hij");
+        let bad = [(GuestAddress(0x100), 2), (GuestAddress(0x1ffe), 4)];
+        assert!(!push_pieces(&mem, &bad, 0, &mut v));
+        assert!(
+            read_pieces(&mem, &bad, 1, &mut [0u8; 3]),
+            "only what is read must be memory"
+        );
+        assert!(!read_pieces(&mem, &bad, 1, &mut [0u8; 4]));
+        assert_eq!(v.len(), 1, "a failed push leaves the list as it was");
+        let cap = v.capacity();
+        let v: Vec<IoSlice<'static>> = recycle(v);
+        assert!(v.is_empty() && v.capacity() == cap);
     }
 }

@@ -109,6 +109,12 @@ impl Layers {
     /// frame's length`. [`parse`] only returns layers that fit; layers a driver describes
     /// (e1000's context descriptor) are checked with this before use.
     pub fn fit(&self, frame: &[u8]) -> bool {
+        self.fits(frame, frame.len())
+    }
+
+    /// [`Layers::fit`] for a frame of `len` bytes of which `head` holds the first ones: the
+    /// headers must be in `head`.
+    pub fn fits(&self, head: &[u8], len: usize) -> bool {
         let ip_min = if self.ipv4 { 20 } else { 40 };
         let l4_min = match self.proto {
             IPPROTO_TCP => 20,
@@ -121,7 +127,9 @@ impl Layers {
                 .checked_add(l4_min)
                 .is_some_and(|e| e <= self.hdr_len)
             && self.hdr_len <= self.end
-            && self.end <= frame.len()
+            && self.end <= len
+            && self.hdr_len <= head.len()
+            && head.len() <= len
     }
 }
 
@@ -132,6 +140,12 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
 /// Parses Ethernet (with at most one 802.1Q tag), IPv4 or IPv6 (no extension headers), and
 /// TCP or UDP. `None` for anything else or anything that does not fit in the frame.
 pub fn parse(frame: &[u8]) -> Option<Layers> {
+    parse_head(frame, frame.len())
+}
+
+/// [`parse`] for a frame of `len` bytes of which `frame` holds the first ones: `None` also
+/// when the headers go on past them.
+pub fn parse_head(frame: &[u8], len: usize) -> Option<Layers> {
     let mut l3 = ETH_HLEN;
     let mut ethertype = be16(frame, 12)?;
     if ethertype == ETH_P_8021Q {
@@ -144,7 +158,7 @@ pub fn parse(frame: &[u8]) -> Option<Layers> {
             let ihl = (vihl & 0xf) as usize * 4;
             let total = be16(frame, l3 + 2)? as usize;
             let frag = be16(frame, l3 + 6)? & 0x3fff;
-            if vihl >> 4 != 4 || ihl < 20 || total < ihl || l3 + total > frame.len() || frag != 0 {
+            if vihl >> 4 != 4 || ihl < 20 || total < ihl || l3 + total > len || frag != 0 {
                 return None;
             }
             (true, frame[l3 + 9], l3 + ihl, l3 + total)
@@ -152,7 +166,7 @@ pub fn parse(frame: &[u8]) -> Option<Layers> {
         ETH_P_IPV6 => {
             let payload = be16(frame, l3 + 4)? as usize;
             let end = l3 + 40 + payload;
-            if frame.get(l3)? >> 4 != 6 || end > frame.len() {
+            if frame.get(l3)? >> 4 != 6 || end > len {
                 return None;
             }
             (false, frame[l3 + 6], l3 + 40, end)
@@ -173,7 +187,7 @@ pub fn parse(frame: &[u8]) -> Option<Layers> {
         hdr_len: l4 + l4_len,
         end,
     };
-    at.fit(frame).then_some(at)
+    at.fits(frame, len).then_some(at)
 }
 
 /// Sum of the TCP/UDP pseudo-header for a transport segment of `l4_len` bytes.
@@ -188,7 +202,13 @@ fn pseudo_sum(frame: &[u8], at: &Layers, l4_len: usize) -> u64 {
 
 /// Fills the IPv4 header checksum (a no-op for IPv6, or for layers that do not fit).
 pub fn fill_ipv4_checksum(frame: &mut [u8], at: &Layers) {
-    if at.ipv4 && at.fit(frame) {
+    let len = frame.len();
+    fill_ipv4_checksum_head(frame, len, at);
+}
+
+/// [`fill_ipv4_checksum`] in the headers of a frame of `len` bytes that `frame` begins.
+pub fn fill_ipv4_checksum_head(frame: &mut [u8], len: usize, at: &Layers) {
+    if at.ipv4 && at.fits(frame, len) {
         frame[at.l3 + 10..at.l3 + 12].fill(0);
         let c = checksum(&frame[at.l3..at.l4]);
         frame[at.l3 + 10..at.l3 + 12].copy_from_slice(&c.to_be_bytes());
@@ -262,16 +282,23 @@ pub fn csum_hdr(frame_len: usize, start: usize, field: usize) -> Option<VnetHdr>
 /// that asks for the rest. None, changing nothing, when the datagram does not end where the
 /// frame does (the peer sums to the end) or the layers do not fit.
 pub fn prepare_csum(frame: &mut [u8], at: &Layers) -> Option<VnetHdr> {
-    if !at.fit(frame) || at.end != frame.len() {
+    let len = frame.len();
+    prepare_csum_head(frame, len, at)
+}
+
+/// [`prepare_csum`] for a frame of `len` bytes of which `frame` holds the first ones, the
+/// headers at least: only they are read and changed.
+pub fn prepare_csum_head(frame: &mut [u8], len: usize, at: &Layers) -> Option<VnetHdr> {
+    if !at.fits(frame, len) || at.end != len {
         return None;
     }
-    let hdr = csum_hdr(frame.len(), at.l4, l4_field(at))?;
+    let hdr = csum_hdr(len, at.l4, l4_field(at))?;
     seed_l4_checksum(frame, at);
     Some(hdr)
 }
 
 /// The pseudo-header sum over the transport segment, folded, not complemented, in the
-/// checksum field: where the peer's sum starts (`at` fits `frame`).
+/// checksum field: where the peer's sum starts (`at` fits the frame `frame` begins).
 fn seed_l4_checksum(frame: &mut [u8], at: &Layers) {
     let seed = fold(pseudo_sum(frame, at, at.end - at.l4));
     let field = l4_field(at);
@@ -308,8 +335,20 @@ fn own_headers(frame: &[u8], at: &Layers) -> bool {
 /// kernel refuses, or an offload `peer` does not take (IPv4 or IPv6 segmentation; ECN when
 /// CWR is set).
 pub fn prepare_gso(frame: &mut [u8], at: &Layers, mss: usize, peer: Offloads) -> Option<VnetHdr> {
-    if at.proto != IPPROTO_TCP || !at.fit(frame) || at.end != frame.len() || !own_headers(frame, at)
-    {
+    let len = frame.len();
+    prepare_gso_head(frame, len, at, mss, peer)
+}
+
+/// [`prepare_gso`] for a frame of `len` bytes of which `frame` holds the first ones, the
+/// headers at least: only they are read and changed, so the payload may stay where it is.
+pub fn prepare_gso_head(
+    frame: &mut [u8],
+    len: usize,
+    at: &Layers,
+    mss: usize,
+    peer: Offloads,
+) -> Option<VnetHdr> {
+    if at.proto != IPPROTO_TCP || !at.fits(frame, len) || at.end != len || !own_headers(frame, at) {
         return None;
     }
     let gso_size = u16::try_from(mss)
@@ -333,10 +372,10 @@ pub fn prepare_gso(frame: &mut [u8], at: &Layers, mss: usize, peer: Offloads) ->
         gso_type,
         hdr_len: u16::try_from(at.hdr_len).ok()?,
         gso_size,
-        ..csum_hdr(frame.len(), at.l4, l4_field(at))?
+        ..csum_hdr(len, at.l4, l4_field(at))?
     };
     frame[len_field..len_field + 2].copy_from_slice(&ip_len.to_be_bytes());
-    fill_ipv4_checksum(frame, at);
+    fill_ipv4_checksum_head(frame, len, at);
     seed_l4_checksum(frame, at);
     Some(hdr)
 }

@@ -199,7 +199,7 @@ impl Driver {
         self.rx_tail = 0;
     }
 
-    fn write_desc(&self, ring: u64, i: u16, opts1: u32, opts2: u32, addr: u64) {
+    pub fn write_desc(&self, ring: u64, i: u16, opts1: u32, opts2: u32, addr: u64) {
         let mut d = [0u8; 16];
         d[0..4].copy_from_slice(&opts1.to_le_bytes());
         d[4..8].copy_from_slice(&opts2.to_le_bytes());

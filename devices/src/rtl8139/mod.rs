@@ -34,6 +34,7 @@ pub mod driver;
 mod tests;
 
 use crate::interrupt::IntxLine;
+use crate::net::guest_iov::Piece;
 use crate::net::{NetPort, NicModel, Rx, RxFilter, RxState, Timer};
 use crate::pci::{BarKind, PciConfig, PCI_COMMAND_INTX_DISABLE};
 use desc::Tally;
@@ -41,10 +42,10 @@ use eeprom::Eeprom93c46;
 use net_backends::vnet::VnetHdr;
 use net_backends::MacAddr;
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 pub const REALTEK_VENDOR: u16 = 0x10ec;
 pub const RTL8139_DEVICE: u16 = 0x8139;
@@ -202,7 +203,16 @@ pub struct Rtl8139 {
     cp_tx_opts: (u32, u32),
     /// The C+ frame being gathered grew too large; its descriptors are consumed unsent.
     cp_tx_drop: bool,
+    /// Where the C+ frame being gathered lies in guest memory, and its length so far.
+    cp_tx_pieces: Vec<Piece>,
+    cp_tx_len: usize,
+    /// Its descriptors, with the status each gets once the frame is sent (the guest may
+    /// reuse a buffer as soon as its descriptor is back).
+    cp_tx_descs: Vec<(GuestAddress, u32)>,
+    /// A frame (or its first bytes) copied out of guest memory.
     tx_buf: Vec<u8>,
+    /// The I/O vectors of the frame going out (kept for their allocation).
+    tx_iov: Vec<IoSlice<'static>>,
     tx_scratch: Vec<u8>,
     /// Frames the backend could not take yet, in order, each with the offload header it goes
     /// with; transmit waits while the list is not empty.
@@ -279,7 +289,11 @@ impl Rtl8139 {
             cp_rx_index: 0,
             cp_tx_opts: (0, 0),
             cp_tx_drop: false,
+            cp_tx_pieces: Vec::new(),
+            cp_tx_len: 0,
+            cp_tx_descs: Vec::new(),
             tx_buf: Vec::with_capacity(net_backends::MAX_FRAME),
+            tx_iov: Vec::new(),
             tx_scratch: Vec::with_capacity(2048),
             tx_backlog: VecDeque::new(),
             tx_waiting: VecDeque::with_capacity(4),
@@ -346,7 +360,9 @@ impl Rtl8139 {
         self.set16(CPCR, 0);
         self.cp_tx_index = 0;
         self.cp_rx_index = 0;
-        self.tx_buf.clear();
+        self.cp_tx_pieces.clear();
+        self.cp_tx_len = 0;
+        self.cp_tx_descs.clear();
         self.cp_tx_drop = false;
         self.tx_waiting.clear();
         self.tx_dead = false;

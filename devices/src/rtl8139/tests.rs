@@ -275,6 +275,56 @@ fn cp_offloads_go_to_a_tap_with_a_vnet_header() {
     assert!(checksums_ok(&untagged));
 }
 
+/// A large frame leaves from the guest's buffers, its headers copied for the offloads; a
+/// full-size frame, and one with a tag to insert, are copied whole.
+#[test]
+fn cp_large_frames_leave_from_guest_memory() {
+    let (mut d, peer) = cp_open_with(Capabilities {
+        vnet_hdr: true,
+        offloads: Offloads::ALL,
+    });
+    let from_guest = |d: &Driver| peer.take_sent_from(crate::test_util::host_range(&d.mem));
+    let (f, sent) = cp_large_send_65000(&mut d, &peer);
+    assert_eq!(sent[0][VNET_HDR_LEN + 256..], f[256..]);
+    assert_eq!(from_guest(&d), 65_000 - 256);
+    let mut c = tcp4_frame(3000 - 54, false);
+    c[24] = 0xde;
+    d.cp_xmit(&[&c[..54], &c[54..1000], &c[1000..]], TX_IPCS | TX_TCPCS, 0);
+    let (h, g) = peer_finishes(&peer.take_sent()[0]);
+    assert_eq!((h.gso_type, h.csum_start, h.csum_offset), (0, 34, 16));
+    assert!(checksums_ok(&g));
+    assert_eq!(g[256..], c[256..]);
+    assert_eq!(from_guest(&d), 3000 - 256);
+    d.cp_xmit(&[&c[..1514]], 0, 0);
+    assert_eq!(peer.take_sent()[0][VNET_HDR_LEN..], c[..1514]);
+    d.cp_xmit(&[&c], TX_IPCS | TX_TCPCS, TX_TAGC | 0x0560);
+    assert_eq!(peer.take_sent()[0].len(), VNET_HDR_LEN + 3004);
+    assert_eq!(from_guest(&d), 0);
+    assert_eq!(d.cp_tx_done().len(), 3 + 3 + 1 + 1);
+}
+
+/// A frame's descriptors go back to the driver once the frame is sent, not before: the guest
+/// may reuse a buffer as soon as its descriptor is back, and the frame leaves from it.
+#[test]
+fn cp_descriptors_come_back_once_their_frame_is_sent() {
+    let (mut d, peer) = cp_open();
+    let f = tcp4_frame(3000 - 54, false);
+    d.cp_queue(&[&f[..1000], &f[1000..]], 0, 0);
+    // The driver has not handed over the last descriptor yet.
+    let (opts1, opts2, addr) = d.read_desc(TX_RING, 1);
+    d.write_desc(TX_RING, 1, opts1 & !DESC_OWN, opts2, addr);
+    d.w8(TPPOLL, TPPOLL_NPQ);
+    assert!(peer.take_sent().is_empty());
+    assert!(
+        d.cp_tx_done().is_empty(),
+        "the first descriptor is still the device's"
+    );
+    d.write_desc(TX_RING, 1, opts1, opts2, addr);
+    d.w8(TPPOLL, TPPOLL_NPQ);
+    assert_eq!(peer.take_sent(), vec![f]);
+    assert_eq!(d.cp_tx_done().len(), 2);
+}
+
 #[test]
 fn cp_inserts_and_strips_vlan_tags() {
     let (mut d, peer) = cp_open();

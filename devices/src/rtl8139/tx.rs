@@ -4,11 +4,12 @@
 
 use super::desc::CpDesc;
 use super::*;
+use crate::net::guest_iov::{self, Piece};
 use crate::net::{offload, Sent};
 use net_backends::vnet::VnetHdr;
 use net_backends::Offloads;
 use std::io::IoSlice;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 // C+ descriptor opts1 bits shared by both rings.
 pub const DESC_OWN: u32 = 1 << 31;
@@ -38,12 +39,19 @@ pub(super) fn next_index(i: u16, opts1: u32) -> u16 {
     }
 }
 
+/// Bytes of a large C+ frame copied out of guest memory for the offloads to read and change:
+/// its headers (Ethernet, a tag, IPv4 and TCP with options take at most 138). The rest goes to
+/// the backend from where it lies, unless an offload must change it.
+const TX_HEAD: usize = 256;
+/// Frames up to this long are copied out whole: below it one copy costs less than
+/// describing the pieces of guest memory to the kernel.
+const TX_COPY_MAX: usize = 2048;
+
 /// One frame to the port, in the header `hdr` when there is one.
-fn send(port: &mut NetPort, hdr: Option<&VnetHdr>, frame: &[u8]) -> Sent {
-    let iov = [IoSlice::new(frame)];
+fn send(port: &mut NetPort, hdr: Option<&VnetHdr>, iov: &[IoSlice<'_>]) -> Sent {
     match hdr {
-        Some(h) => port.send_offloaded(h, &iov),
-        None => port.send(&iov),
+        Some(h) => port.send_offloaded(h, iov),
+        None => port.send(iov),
     }
 }
 
@@ -60,18 +68,45 @@ impl Rtl8139 {
 
     /// [`Self::send_frame`] with the header a peer that takes offloads gets it with.
     fn send_offloaded(&mut self, port: &mut NetPort, hdr: Option<VnetHdr>, frame: &[u8]) {
-        let wire = hdr.map_or(1, |h| offload::gso_frames(&h, frame.len()));
+        self.send_pieces(port, hdr, frame, &[], frame.len());
+    }
+
+    /// Sends a frame of `len` bytes: `head`, then what of `tail` (guest memory) lies past
+    /// `head.len()` bytes; copied into the backlog when the backend is full.
+    fn send_pieces(
+        &mut self,
+        port: &mut NetPort,
+        hdr: Option<VnetHdr>,
+        head: &[u8],
+        tail: &[Piece],
+        len: usize,
+    ) {
+        let wire = hdr.map_or(1, |h| offload::gso_frames(&h, len));
         self.tally.tx_ok = self.tally.tx_ok.wrapping_add(wire as u64);
-        if self.tx_backlog.is_empty() && send(port, hdr.as_ref(), frame) != Sent::Blocked {
-            return;
+        if self.tx_backlog.is_empty() {
+            let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
+            iov.push(IoSlice::new(head));
+            // Checked on the walk: the pieces are guest memory.
+            let r = if guest_iov::push_pieces(&self.mem, tail, head.len(), &mut iov) {
+                send(port, hdr.as_ref(), &iov)
+            } else {
+                Sent::Lost
+            };
+            self.tx_iov = guest_iov::recycle(iov);
+            if r != Sent::Blocked {
+                return;
+            }
         }
-        self.tx_backlog.push_back((hdr, frame.to_vec()));
+        let mut copy = head.to_vec();
+        copy.resize(len, 0);
+        guest_iov::read_pieces(&self.mem, tail, head.len(), &mut copy[head.len()..]);
+        self.tx_backlog.push_back((hdr, copy));
     }
 
     /// The backend may take frames again: the backlog first, then what waited behind it.
     pub(super) fn flush_tx(&mut self, port: &mut NetPort) {
         while let Some((hdr, f)) = self.tx_backlog.front() {
-            if send(port, hdr.as_ref(), f) == Sent::Blocked {
+            if send(port, hdr.as_ref(), &[IoSlice::new(f)]) == Sent::Blocked {
                 return;
             }
             self.tx_backlog.pop_front();
@@ -166,46 +201,48 @@ impl Rtl8139 {
                 break;
             }
             if opts1 & DESC_FS != 0 {
-                self.tx_buf.clear();
+                self.cp_tx_pieces.clear();
+                self.cp_tx_len = 0;
                 self.cp_tx_opts = (opts1, opts2);
                 self.cp_tx_drop = false;
             }
             let len = (opts1 & TX_LEN_MASK) as usize;
-            if self.tx_buf.len() + len > net_backends::MAX_FRAME {
+            if self.cp_tx_len + len > net_backends::MAX_FRAME {
                 if !self.cp_tx_drop {
                     self.dma_error(port, "TX frame is larger than 64 KiB; dropped");
                 }
                 self.cp_tx_drop = true;
-                self.tx_buf.clear();
-            } else if !self.cp_tx_drop {
-                let start = self.tx_buf.len();
-                self.tx_buf.resize(start + len, 0);
-                if self
-                    .mem
-                    .read_slice(&mut self.tx_buf[start..], GuestAddress(buf))
-                    .is_err()
-                {
+                self.cp_tx_pieces.clear();
+                self.cp_tx_len = 0;
+            } else if !self.cp_tx_drop && len > 0 {
+                if !GuestMemoryBackend::check_range(&self.mem, GuestAddress(buf), len) {
                     self.tx_dead = true;
                     self.dma_error(port, "TX buffer is outside guest memory");
                     break;
                 }
+                self.cp_tx_pieces.push((GuestAddress(buf), len));
+                self.cp_tx_len += len;
             }
-            // Status write-back: the device owns nothing any more; command bits become
-            // (zero) status bits.
+            // Status write-back, once the frame is sent: the device owns nothing any more;
+            // command bits become (zero) status bits.
             let status = opts1 & (DESC_EOR | DESC_FS | DESC_LS | TX_LEN_MASK);
-            if self.mem.write_obj(status.to_le(), at).is_err() {
-                self.tx_dead = true;
-                self.dma_error(port, "TX descriptor ring is outside guest memory");
-                break;
-            }
+            self.cp_tx_descs.push((at, status));
             self.cp_tx_index = next_index(self.cp_tx_index, opts1);
-            if opts1 & DESC_LS != 0 {
-                if !self.cp_tx_drop {
-                    self.cp_send_offloaded(port);
-                }
-                self.cp_tx_drop = false;
-                self.tx_buf.clear();
-                sent = true;
+            let last = opts1 & DESC_LS != 0;
+            if !last && self.cp_tx_descs.len() < CP_RING_MAX as usize {
+                continue;
+            }
+            if !last {
+                self.dma_error(port, "TX frame spans the whole ring; dropped");
+            } else if !self.cp_tx_drop {
+                self.cp_send_offloaded(port);
+            }
+            self.cp_tx_drop = false;
+            self.cp_tx_pieces.clear();
+            self.cp_tx_len = 0;
+            sent = true;
+            if !self.cp_write_back(port) {
+                break;
             }
         }
         if sent {
@@ -213,16 +250,99 @@ impl Rtl8139 {
         }
     }
 
-    /// Applies the first descriptor's offload requests to the gathered frame and sends it.
+    /// Hands the descriptors of the frame just sent back to the driver; false (the engine
+    /// stopped) when the ring is not in guest memory.
+    fn cp_write_back(&mut self, port: &mut NetPort) -> bool {
+        let mut ok = true;
+        for &(at, status) in &self.cp_tx_descs {
+            ok &= self.mem.write_obj(status.to_le(), at).is_ok();
+        }
+        self.cp_tx_descs.clear();
+        if !ok {
+            self.tx_dead = true;
+            self.dma_error(port, "TX descriptor ring is outside guest memory");
+        }
+        ok
+    }
+
+    /// Applies the first descriptor's offload requests to the gathered frame and sends it:
+    /// a large frame whose offloads touch only its headers goes out from guest memory with
+    /// its headers copied; any other is copied out whole.
     fn cp_send_offloaded(&mut self, port: &mut NetPort) {
-        let (opts1, opts2) = self.cp_tx_opts;
+        let len = self.cp_tx_len;
+        let pieces = std::mem::take(&mut self.cp_tx_pieces);
         let mut frame = std::mem::take(&mut self.tx_buf);
+        frame.clear();
+        let direct = len > TX_COPY_MAX && self.cp_tx_opts.1 & TX_TAGC == 0;
+        frame.resize(if direct { TX_HEAD } else { len }, 0);
+        // The pieces were checked on the walk: the copies cannot fail.
+        if guest_iov::read_pieces(&self.mem, &pieces, 0, &mut frame)
+            && (!direct || !self.cp_send_direct(port, &mut frame, &pieces, len))
+        {
+            frame.resize(len, 0);
+            let head = if direct { TX_HEAD } else { len };
+            if guest_iov::read_pieces(&self.mem, &pieces, head, &mut frame[head..]) {
+                self.cp_send_copied(port, &mut frame);
+            }
+        }
+        frame.clear();
+        self.tx_buf = frame;
+        self.cp_tx_pieces = pieces;
+    }
+
+    /// The offloads done in `head`, the frame's first [`TX_HEAD`] bytes, and the frame sent
+    /// with the rest from guest memory; false, with `head` as good as it was, when an offload
+    /// needs more of the frame (a checksum or segmentation in software).
+    fn cp_send_direct(
+        &mut self,
+        port: &mut NetPort,
+        head: &mut [u8],
+        pieces: &[Piece],
+        len: usize,
+    ) -> bool {
+        let (opts1, _) = self.cp_tx_opts;
+        let peer = port.peer_offloads();
+        let layers = offload::parse_head(head, len).filter(|a| a.ipv4);
+        let mut hdr = None;
+        if opts1 & TX_LGSEN != 0 {
+            let mss = ((opts1 >> TX_MSS_SHIFT) & TX_MSS_MASK) as usize;
+            let Some(at) = layers else {
+                return false;
+            };
+            match offload::prepare_gso_head(head, len, &at, mss, peer) {
+                Some(h) => hdr = Some(h),
+                None => return false,
+            }
+        } else if let Some(at) = layers {
+            let tcp = at.proto == offload::IPPROTO_TCP && opts1 & TX_TCPCS != 0;
+            let udp = at.proto == offload::IPPROTO_UDP && opts1 & TX_UDPCS != 0;
+            if tcp || udp {
+                if !peer.csum {
+                    return false;
+                }
+                hdr = offload::prepare_csum_head(head, len, &at);
+                if hdr.is_none() {
+                    return false;
+                }
+            }
+            if opts1 & TX_IPCS != 0 {
+                // Recomputed from scratch: the same result if the frame is copied after all.
+                offload::fill_ipv4_checksum_head(head, len, &at);
+            }
+        }
+        self.send_pieces(port, hdr, head, pieces, len);
+        true
+    }
+
+    /// [`Self::cp_send_offloaded`] on a frame copied out whole.
+    fn cp_send_copied(&mut self, port: &mut NetPort, frame: &mut Vec<u8>) {
+        let (opts1, opts2) = self.cp_tx_opts;
         if opts2 & TX_TAGC != 0 && frame.len() >= 12 {
             // The tag sits byte-swapped in the descriptor, as the driver put it.
             let tci = (opts2 as u16).swap_bytes().to_be_bytes();
             frame.splice(12..12, [0x81, 0x00, tci[0], tci[1]]);
         }
-        let layers = offload::parse(&frame);
+        let layers = offload::parse(frame);
         // A peer that takes offloads (a tap with a virtio-net header) checksums and segments
         // the frame itself; not with a tag inserted here, which moves the offsets.
         let peer = if opts2 & TX_TAGC == 0 {
@@ -235,12 +355,12 @@ impl Rtl8139 {
         if opts1 & TX_LGSEN != 0 {
             let mss = ((opts1 >> TX_MSS_SHIFT) & TX_MSS_MASK) as usize;
             if let Some(at) = layers.filter(|a| a.ipv4) {
-                hdr = offload::prepare_gso(&mut frame, &at, mss, peer);
+                hdr = offload::prepare_gso(frame, &at, mss, peer);
             }
             if let Some(at) = layers.filter(|a| a.ipv4 && hdr.is_none()) {
                 let mut scratch = std::mem::take(&mut self.tx_scratch);
                 let r: Result<bool, ()> =
-                    offload::segment_tcp(&frame, &at, mss, &mut scratch, |s| {
+                    offload::segment_tcp(frame, &at, mss, &mut scratch, |s| {
                         self.send_frame(port, s);
                         Ok(())
                     });
@@ -249,23 +369,21 @@ impl Rtl8139 {
             }
         } else if let Some(at) = layers.filter(|a| a.ipv4) {
             if opts1 & TX_IPCS != 0 {
-                offload::fill_ipv4_checksum(&mut frame, &at);
+                offload::fill_ipv4_checksum(frame, &at);
             }
             let tcp = at.proto == offload::IPPROTO_TCP && opts1 & TX_TCPCS != 0;
             let udp = at.proto == offload::IPPROTO_UDP && opts1 & TX_UDPCS != 0;
             if tcp || udp {
                 if peer.csum {
-                    hdr = offload::prepare_csum(&mut frame, &at);
+                    hdr = offload::prepare_csum(frame, &at);
                 }
                 if hdr.is_none() {
-                    offload::fill_l4_checksum(&mut frame, &at);
+                    offload::fill_l4_checksum(frame, &at);
                 }
             }
         }
         if !segmented {
-            self.send_offloaded(port, hdr, &frame);
+            self.send_offloaded(port, hdr, frame);
         }
-        frame.clear();
-        self.tx_buf = frame;
     }
 }

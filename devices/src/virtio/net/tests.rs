@@ -131,6 +131,16 @@ fn tx_single_and_chained_descriptors() {
     assert_eq!(d.ack_irq(), 1, "ISR queue bit, cleared by the read");
     assert!(!d.irq());
     assert_eq!(d.dev.stats().tx_frames, 2);
+    // Sent from the guest's buffers, header left out across pieces: no copy of ours.
+    let ram = crate::test_util::host_range(&d.mem);
+    assert_eq!(d.peer.take_sent_from(ram), 60 + 1514);
+    d.post(TX, &[&[0u8; 4], &one[4..20], &one[20..]], false);
+    d.dev.handle(NetEvent::TxKick);
+    assert_eq!(
+        d.peer.take_sent(),
+        vec![frame(60, 1)],
+        "header split over descriptors"
+    );
 
     // With a vnet backend the header travels with the frame.
     let mut d = started(VNET, BASE | VIRTIO_NET_F_CSUM);
