@@ -242,7 +242,7 @@ struct Timer {
 /// Everything the C callbacks reach through their opaque pointer; owned by the slirp thread.
 struct State {
     epoch: Instant,
-    to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    to_guest: FrameQueue,
     rx_ready: EventFd,
     dropped: Arc<AtomicU64>,
     timers: Vec<*mut Timer>,
@@ -269,12 +269,12 @@ unsafe extern "C" fn cb_send_packet(
         )
     };
     let mut q = st.to_guest.lock().unwrap();
-    if q.len() >= RX_QUEUE_LIMIT {
+    if q.frames.len() >= RX_QUEUE_LIMIT {
         st.dropped.fetch_add(1, Ordering::Relaxed);
         return len as libc::ssize_t;
     }
-    let was_empty = q.is_empty();
-    q.push_back(frame.to_vec());
+    let was_empty = q.frames.is_empty();
+    q.push(&[frame]);
     drop(q);
     // The reader drains until empty, so only the first frame of a burst needs a wake-up.
     if was_empty {
@@ -400,13 +400,43 @@ static CALLBACKS: ffi::SlirpCb = ffi::SlirpCb {
     timer_new_opaque: None,
 };
 
-/// Frames from the guest on their way to the slirp thread.
-type FrameQueue = Arc<Mutex<VecDeque<Vec<u8>>>>;
+/// Frames crossing between the I/O thread and the slirp thread (one queue each way), and the
+/// buffers the receiving side emptied, which go back to the sending side: a frame costs two
+/// copies and no allocation once the queue has warmed up.
+type FrameQueue = Arc<Mutex<Frames>>;
+
+#[derive(Default)]
+struct Frames {
+    frames: VecDeque<Vec<u8>>,
+    spare: Vec<Vec<u8>>,
+}
+
+/// Emptied buffers kept for reuse, per direction; a burst beyond them allocates.
+const SPARE_BUFFERS: usize = 256;
+
+impl Frames {
+    /// Queues the frame made of `pieces`, in a spare buffer when there is one.
+    fn push(&mut self, pieces: &[&[u8]]) {
+        let mut v = self.spare.pop().unwrap_or_default();
+        for p in pieces {
+            v.extend_from_slice(p);
+        }
+        self.frames.push_back(v);
+    }
+
+    /// Takes back a buffer whose frame was used.
+    fn recycle(&mut self, mut v: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS {
+            v.clear();
+            self.spare.push(v);
+        }
+    }
+}
 
 pub struct SlirpBackend {
     to_slirp: FrameQueue,
     wake: EventFd,
-    to_guest: Arc<Mutex<VecDeque<Vec<u8>>>>,
+    to_guest: FrameQueue,
     rx_ready: EventFd,
     dropped: Arc<AtomicU64>,
     /// Asks the slirp thread to end; it is joined when the backend is dropped.
@@ -428,11 +458,11 @@ impl SlirpBackend {
     /// Starts the slirp thread; errors (a forward that cannot bind) come back before it runs.
     pub fn new(opts: SlirpOptions) -> Result<SlirpBackend, SlirpError> {
         let resource = |what| move |source| SlirpError::Resource { what, source };
-        let to_slirp: FrameQueue = Arc::new(Mutex::new(VecDeque::new()));
+        let to_slirp = FrameQueue::default();
         let from_guest = to_slirp.clone();
         let wake = EventFd::new(EFD_NONBLOCK).map_err(resource("wake-up eventfd"))?;
         let rx_ready = EventFd::new(EFD_NONBLOCK).map_err(resource("receive eventfd"))?;
-        let to_guest = Arc::new(Mutex::new(VecDeque::new()));
+        let to_guest = FrameQueue::default();
         let dropped = Arc::new(AtomicU64::new(0));
         let (ready_tx, ready_rx) = channel::<Result<(), SlirpError>>();
         let (q, ready_fd, drops) = (
@@ -637,6 +667,7 @@ fn run(
     }
     let _ = ready.send(Ok(()));
 
+    let mut batch = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
         {
             // SAFETY: no call into libslirp while `st` is live.
@@ -680,12 +711,18 @@ fn run(
         if woken {
             let _ = wake.read();
         }
-        loop {
-            let Some(frame) = from_guest.lock().unwrap().pop_front() else {
-                break;
-            };
+        // The guest's frames, taken in one go so that the I/O thread never waits for slirp;
+        // the queues swap places, keeping their allocations.
+        std::mem::swap(&mut batch, &mut from_guest.lock().unwrap().frames);
+        for frame in &batch {
             // SAFETY: slirp is live; the frame is a valid buffer of its length.
             unsafe { ffi::slirp_input(slirp, frame.as_ptr(), frame.len() as libc::c_int) };
+        }
+        if !batch.is_empty() {
+            let mut q = from_guest.lock().unwrap();
+            for v in batch.drain(..) {
+                q.recycle(v);
+            }
         }
         // Fire due timers (a callback may free or re-arm timers, so walk a snapshot).
         let due: Vec<*mut Timer> = {
@@ -731,17 +768,22 @@ impl NetBackend for SlirpBackend {
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
-        let mut v = Vec::with_capacity(frame.iter().map(|p| p.len()).sum());
-        for p in frame {
-            v.extend_from_slice(p);
-        }
+        let mut pieces = [&[][..]; 24];
         let mut q = self.to_slirp.lock().unwrap();
-        if q.len() >= TX_QUEUE_LIMIT {
+        if q.frames.len() >= TX_QUEUE_LIMIT {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        let was_empty = q.is_empty();
-        q.push_back(v);
+        let was_empty = q.frames.is_empty();
+        if frame.len() <= pieces.len() {
+            for (d, p) in pieces.iter_mut().zip(frame) {
+                *d = p;
+            }
+            q.push(&pieces[..frame.len()]);
+        } else {
+            let all: Vec<&[u8]> = frame.iter().map(|p| &**p).collect();
+            q.push(&all);
+        }
         drop(q);
         // The slirp thread drains until empty: wake it only for the first frame of a burst.
         if was_empty {
@@ -752,11 +794,11 @@ impl NetBackend for SlirpBackend {
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         let mut q = self.to_guest.lock().unwrap();
-        let f = match q.pop_front() {
+        let f = match q.frames.pop_front() {
             Some(f) => f,
             None => {
                 let _ = self.rx_ready.read();
-                match q.pop_front() {
+                match q.frames.pop_front() {
                     Some(f) => f,
                     None => return Ok(None),
                 }
@@ -764,6 +806,7 @@ impl NetBackend for SlirpBackend {
         };
         let n = f.len().min(buf.len());
         buf[..n].copy_from_slice(&f[..n]);
+        q.recycle(f);
         Ok(Some(n))
     }
 
@@ -779,6 +822,27 @@ impl NetBackend for SlirpBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_cross_in_reused_buffers() {
+        let mut q = Frames::default();
+        q.push(&[b"abc", b"de"]);
+        let v = q.frames.pop_front().unwrap();
+        assert_eq!(v, b"abcde");
+        let at = v.as_ptr();
+        q.recycle(v);
+        q.push(&[b"xy"]);
+        let w = q.frames.pop_front().unwrap();
+        assert_eq!(
+            (&w[..], w.as_ptr()),
+            (&b"xy"[..], at),
+            "the same allocation"
+        );
+        for _ in 0..SPARE_BUFFERS + 10 {
+            q.recycle(Vec::with_capacity(8));
+        }
+        assert_eq!(q.spare.len(), SPARE_BUFFERS, "spares are bounded");
+    }
 
     #[test]
     fn hostfwd_syntax() {
