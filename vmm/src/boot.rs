@@ -57,10 +57,47 @@ pub fn load(
     if cmdline.len() >= CMDLINE_MAX {
         return Err(BootError::CmdlineTooLong(cmdline.len()));
     }
+    let low_end = mem_bytes.min(MMIO_HOLE_START);
+    // The initramfs goes to the top of low memory whatever the kernel's size: it is read
+    // beside the kernel, on a second thread, and checked against the kernel's end after.
+    let (kernel, ramdisk) = std::thread::scope(|s| {
+        let ramdisk = initrd.map(|p| s.spawn(move || load_initrd(mem, p, low_end)));
+        let kernel = load_kernel(mem, kernel);
+        let ramdisk = ramdisk.map(|t| t.join().expect("the initramfs reader panicked"));
+        (kernel, ramdisk)
+    });
+    let (entry, kernel_end, header) = kernel?;
+    let ramdisk = match ramdisk.transpose()? {
+        Some((name, addr, size)) if addr < kernel_end.max(HIMEM_START) => {
+            return Err(BootError::InitrdTooBig(name, size.div_ceil(1 << 20)));
+        }
+        Some((_, addr, size)) => Some((addr, size)),
+        None => None,
+    };
+
+    let mut cmd = cmdline.as_bytes().to_vec();
+    cmd.push(0);
+    mem.write_slice(&cmd, GuestAddress(CMDLINE_START))
+        .map_err(mem_err)?;
+
+    let map = e820(mem_bytes);
+    match entry.mode {
+        EntryMode::Pvh => write_pvh_info(mem, &map, ramdisk)?,
+        EntryMode::Linux64 => write_zero_page(mem, &map, ramdisk, header, cmd.len())?,
+    }
+    Ok(entry)
+}
+
+/// Loads an ELF vmlinux (at its PVH entry when it has one) or a bzImage: the entry, where the
+/// kernel ends in guest memory, and a bzImage's setup header.
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    kernel: &Path,
+) -> Result<(Entry, u64, Option<setup_header>), BootError> {
     let kname = kernel.display().to_string();
     let mut f = File::open(kernel).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
     let himem = Some(GuestAddress(HIMEM_START));
-    let (entry, kernel_end, header) = match Elf::load(mem, None, &mut f, himem) {
+    Ok(match Elf::load(mem, None, &mut f, himem) {
         Ok(r) => {
             let entry = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(a) => Entry {
@@ -86,33 +123,15 @@ pub fn load(
             (entry, r.kernel_end, r.setup_header)
         }
         Err(e) => return Err(BootError::BadKernel(kname, e.to_string())),
-    };
-
-    let low_end = mem_bytes.min(MMIO_HOLE_START);
-    let ramdisk = match initrd {
-        Some(p) => Some(load_initrd(mem, p, kernel_end, low_end)?),
-        None => None,
-    };
-
-    let mut cmd = cmdline.as_bytes().to_vec();
-    cmd.push(0);
-    mem.write_slice(&cmd, GuestAddress(CMDLINE_START))
-        .map_err(mem_err)?;
-
-    let map = e820(mem_bytes);
-    match entry.mode {
-        EntryMode::Pvh => write_pvh_info(mem, &map, ramdisk)?,
-        EntryMode::Linux64 => write_zero_page(mem, &map, ramdisk, header, cmd.len())?,
-    }
-    Ok(entry)
+    })
 }
 
+/// Reads the initramfs to the top of low memory: its name, where it went and its size.
 fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
-    kernel_end: u64,
     low_end: u64,
-) -> Result<(u64, u64), BootError> {
+) -> Result<(String, u64, u64), BootError> {
     let name = path.display().to_string();
     let mut f = File::open(path).map_err(|e| BootError::ReadInitrd(name.clone(), e))?;
     let size = f
@@ -127,12 +146,12 @@ fn load_initrd(
     }
     let addr = low_end.checked_sub(size).map(|a| a & !0xfff);
     let addr = match addr {
-        Some(a) if a >= kernel_end.max(HIMEM_START) => a,
+        Some(a) if a >= HIMEM_START => a,
         _ => return Err(BootError::InitrdTooBig(name, size.div_ceil(1 << 20))),
     };
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
-        .map_err(|e| BootError::ReadInitrd(name, std::io::Error::other(e.to_string())))?;
-    Ok((addr, size))
+        .map_err(|e| BootError::ReadInitrd(name.clone(), std::io::Error::other(e.to_string())))?;
+    Ok((name, addr, size))
 }
 
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
@@ -223,4 +242,73 @@ fn write_zero_page(
             .map_err(mem_err)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A minimal ELF64 kernel: one PT_LOAD of `payload` at `paddr`, `memsz` bytes in memory.
+    fn elf(paddr: u64, payload: &[u8], memsz: u64) -> Vec<u8> {
+        let (ehsize, phsize) = (64u16, 56u16);
+        let off = (ehsize + phsize) as u64;
+        let mut f = vec![0u8; off as usize];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2; // 64-bit
+        f[5] = 1; // little-endian
+        f[6] = 1; // version
+        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[24..32].copy_from_slice(&paddr.to_le_bytes()); // entry
+        f[32..40].copy_from_slice(&(ehsize as u64).to_le_bytes()); // phoff
+        f[52..54].copy_from_slice(&ehsize.to_le_bytes());
+        f[54..56].copy_from_slice(&phsize.to_le_bytes());
+        f[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+        let ph = &mut f[64..120];
+        ph[..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[8..16].copy_from_slice(&off.to_le_bytes());
+        ph[16..24].copy_from_slice(&paddr.to_le_bytes());
+        ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+        ph[32..40].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("nicvm-boot-{}-{name}", std::process::id()));
+        std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+        p
+    }
+
+    /// Kernel and initramfs are read side by side; each lands where it belongs, and an
+    /// initramfs that would reach into the kernel is refused.
+    #[test]
+    fn kernel_and_initramfs_load_together() {
+        let payload: Vec<u8> = (0..64 * 1024).map(|i| (i * 7) as u8).collect();
+        let k = file("vmlinux", &elf(HIMEM_START, &payload, 16 << 20));
+        let rd: Vec<u8> = (0..(10 << 20)).map(|i| (i / 4096) as u8 ^ 0x5a).collect();
+        let r = file("initrd", &rd);
+        let mem = |mib: usize| {
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()
+        };
+        let m = mem(64);
+        let e = load(&m, 64 << 20, &k, Some(&r), "console=ttyS0").unwrap();
+        assert_eq!(e.rip, HIMEM_START);
+        let mut got = vec![0u8; payload.len()];
+        m.read_slice(&mut got, GuestAddress(HIMEM_START)).unwrap();
+        assert_eq!(got, payload);
+        let mut got = vec![0u8; rd.len()];
+        m.read_slice(&mut got, GuestAddress((64 << 20) - rd.len() as u64))
+            .unwrap();
+        assert!(got == rd, "the initramfs at the top of low memory");
+        // 24 MiB: the initramfs would start at 14 MiB, inside the kernel's 1-17 MiB.
+        let m = mem(24);
+        let err = load(&m, 24 << 20, &k, Some(&r), "").unwrap_err();
+        assert!(matches!(err, BootError::InitrdTooBig(_, 10)), "{err}");
+        std::fs::remove_file(k).unwrap();
+        std::fs::remove_file(r).unwrap();
+    }
 }

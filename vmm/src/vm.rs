@@ -334,7 +334,8 @@ impl Vm {
         };
         vm.create_pit2(pit)
             .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
-        let mem = guest_memory(&vm, cfg.mem_mib)?;
+        let mem = guest_memory(cfg.mem_mib)?;
+        let registration = MemoryRegistration::start(&vm, &mem)?;
         let chip: Arc<dyn IrqChip> = Arc::new(
             KvmIrqChip::new(vm.clone()).map_err(|e| VmError::Host("KVM_SET_GSI_ROUTING", e))?,
         );
@@ -453,6 +454,8 @@ impl Vm {
         )?;
         log::debug!("entry {:?} at {:#x}", entry.mode, entry.rip);
         timing.mark("kernel-loaded");
+        registration.finish()?;
+        timing.mark("memory-registered");
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -671,14 +674,49 @@ fn build_nic(
     })
 }
 
-/// Guest RAM below and above the MMIO hole, registered with KVM.
-fn guest_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmError> {
+/// Guest RAM below and above the MMIO hole, mapped (not yet registered with KVM).
+fn guest_memory(mib: u64) -> Result<GuestMemoryMmap, VmError> {
     let ranges: Vec<(GuestAddress, usize)> = ram_regions(mib << 20)
         .into_iter()
         .map(|(a, s)| (GuestAddress(a), s as usize))
         .collect();
-    let mem =
-        GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmError::Memory { mib, source })?;
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmError::Memory { mib, source })
+}
+
+/// Registers guest RAM with KVM on a thread of its own: KVM takes milliseconds per slot (it
+/// waits out a grace period before a new slot set is live), which the kernel's loading into
+/// that memory fills meanwhile. [`MemoryRegistration::finish`] waits for it before any
+/// vCPU exists; a set-up that fails first waits for it on the way out.
+struct MemoryRegistration(Option<std::thread::JoinHandle<Result<(), VmError>>>);
+
+impl MemoryRegistration {
+    fn start(vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<MemoryRegistration, VmError> {
+        let (vm, mem) = (vm.clone(), mem.clone());
+        let t = std::thread::Builder::new()
+            .name("memslots".into())
+            .spawn(move || register_memory(&vm, &mem))
+            .map_err(|e| VmError::Host("memory registration thread", e))?;
+        Ok(MemoryRegistration(Some(t)))
+    }
+
+    fn finish(mut self) -> Result<(), VmError> {
+        match self.0.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for MemoryRegistration {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host_addr = mem
             .get_host_address(region.start_addr())
@@ -690,12 +728,13 @@ fn guest_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap, VmError> {
             userspace_addr: host_addr as u64,
             flags: 0,
         };
-        // SAFETY: the region is a live mmap owned by `mem`, which the Vm keeps until after
-        // its vCPU threads are joined; the slots do not overlap.
+        // SAFETY: the region is a live mmap owned by `mem`, a handle to the Vm's memory,
+        // which the Vm keeps until after its vCPU threads are joined; the slots do not
+        // overlap.
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
     }
-    Ok(mem)
+    Ok(())
 }
 
 #[derive(serde::Serialize)]
