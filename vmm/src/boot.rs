@@ -61,9 +61,18 @@ pub fn load(
     // The initramfs goes to the top of low memory whatever the kernel's size: it is read
     // beside the kernel, on a second thread, and checked against the kernel's end after.
     let (kernel, ramdisk) = std::thread::scope(|s| {
-        let ramdisk = initrd.map(|p| s.spawn(move || load_initrd(mem, p, low_end)));
+        let reader = initrd.map(|p| {
+            let t = std::thread::Builder::new()
+                .name("initramfs".into())
+                .spawn_scoped(s, move || load_initrd(mem, p, low_end));
+            (p, t)
+        });
         let kernel = load_kernel(mem, kernel);
-        let ramdisk = ramdisk.map(|t| t.join().expect("the initramfs reader panicked"));
+        let ramdisk = reader.map(|(p, t)| match t {
+            Ok(t) => t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            // No thread to be had: read it here.
+            Err(_) => load_initrd(mem, p, low_end),
+        });
         (kernel, ramdisk)
     });
     let (entry, kernel_end, header) = kernel?;

@@ -710,8 +710,9 @@ impl MemoryRegistration {
 
 impl Drop for MemoryRegistration {
     fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            let _ = t.join();
+        // Only when set-up failed before `finish`: that failure is the one reported.
+        if let Some(Ok(Err(e))) = self.0.take().map(|t| t.join()) {
+            log::debug!("guest memory registration: {e}");
         }
     }
 }

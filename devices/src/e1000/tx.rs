@@ -14,7 +14,7 @@ use crate::net::offload::{
 use crate::net::Sent;
 use net_backends::vnet::{VnetHdr, VIRTIO_NET_HDR_GSO_NONE};
 use std::io::IoSlice;
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::Bytes;
 
 /// Bytes of a frame copied out of guest memory to be read (and changed) by the offloads: the
 /// headers of any frame the context can describe (HDRLEN is one byte). The rest goes to the
@@ -165,7 +165,7 @@ impl E1000 {
             }
             if len > 0 {
                 let addr = GuestAddress(d.buffer_addr);
-                if !GuestMemoryBackend::check_range(&self.mem, addr, len) {
+                if !guest_iov::is_memory(&self.mem, addr, len) {
                     return self.ring_error(port, true, "TX buffer outside guest memory");
                 }
                 self.tx_pieces.push((addr, len));

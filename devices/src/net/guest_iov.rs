@@ -2,7 +2,9 @@
 //! through `writev` without first being gathered into a buffer of ours.
 
 use std::io::IoSlice;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 /// Appends the pieces of guest memory `[addr, addr + len)` to `out` (more than one where the
 /// range crosses regions). False, with `out` as it was, when part of the range is not guest
@@ -31,6 +33,18 @@ pub fn push<'m>(
         }));
     }
     true
+}
+
+/// Whether `[addr, addr + len)` is guest memory: one region lookup when the range lies in
+/// one region (as a frame's buffer does), the general check otherwise.
+pub fn is_memory(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) -> bool {
+    if let Some(r) = mem.find_region(addr) {
+        let off = addr.0 - r.start_addr().0;
+        if (len as u64) <= r.len() - off {
+            return true;
+        }
+    }
+    GuestMemoryBackend::check_range(mem, addr, len)
 }
 
 /// A piece of a frame in guest memory: where it is and how long.
@@ -122,6 +136,14 @@ mod tests {
         assert!(!push(&mem, GuestAddress(0x1ff0), 0x20, &mut v));
         assert!(!push(&mem, GuestAddress(u64::MAX - 1), 4, &mut v));
         assert_eq!(v.len(), 2);
+        assert!(
+            is_memory(&mem, GuestAddress(0xffe), 4),
+            "across adjacent regions"
+        );
+        assert!(is_memory(&mem, GuestAddress(0x4000), 0x1000));
+        assert!(!is_memory(&mem, GuestAddress(0x4001), 0x1000));
+        assert!(!is_memory(&mem, GuestAddress(0x1ff0), 0x20));
+        assert!(!is_memory(&mem, GuestAddress(u64::MAX - 1), 4));
     }
 
     #[test]

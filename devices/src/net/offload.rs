@@ -161,7 +161,7 @@ pub fn parse_head(frame: &[u8], len: usize) -> Option<Layers> {
             if vihl >> 4 != 4 || ihl < 20 || total < ihl || l3 + total > len || frag != 0 {
                 return None;
             }
-            (true, frame[l3 + 9], l3 + ihl, l3 + total)
+            (true, *frame.get(l3 + 9)?, l3 + ihl, l3 + total)
         }
         ETH_P_IPV6 => {
             let payload = be16(frame, l3 + 4)? as usize;
@@ -169,7 +169,7 @@ pub fn parse_head(frame: &[u8], len: usize) -> Option<Layers> {
             if frame.get(l3)? >> 4 != 6 || end > len {
                 return None;
             }
-            (false, frame[l3 + 6], l3 + 40, end)
+            (false, *frame.get(l3 + 6)?, l3 + 40, end)
         }
         _ => return None,
     };
@@ -532,6 +532,30 @@ pub(crate) mod tests {
         let ones = [0xffu8; 1501];
         assert_eq!(fold(ones_sum(&ones)), ones_sum_by_words(&ones));
         assert_eq!(fold(ones_sum(&[0; 64])), 0);
+    }
+
+    /// Headers cut short anywhere: no layers, never a read past the head; whole, the same
+    /// layers as the whole frame gives.
+    #[test]
+    fn parse_head_stops_where_the_head_does() {
+        let mut v6 = tcp6_frame(3000);
+        v6[18..20].copy_from_slice(&(20u16 + 3000).to_be_bytes());
+        for f in [tcp4_frame(3000, false), tcp4_frame(3000, true), v6] {
+            let whole = parse(&f).unwrap();
+            for cut in 0..=whole.hdr_len {
+                let at = parse_head(&f[..cut], f.len());
+                assert_eq!(at.is_some(), cut == whole.hdr_len, "cut at {cut}");
+            }
+            assert_eq!(parse_head(&f[..256], f.len()), Some(whole));
+            let (mut a, mut b) = (f.clone(), f[..256].to_vec());
+            let ha = prepare_gso(&mut a, &whole, 1448, Offloads::ALL);
+            let hb = prepare_gso_head(&mut b, f.len(), &whole, 1448, Offloads::ALL);
+            assert_eq!(
+                (ha, &a[..256]),
+                (hb, &b[..]),
+                "the same header, the same changes"
+            );
+        }
     }
 
     #[test]

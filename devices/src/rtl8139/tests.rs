@@ -294,7 +294,11 @@ fn cp_large_frames_leave_from_guest_memory() {
     assert_eq!((h.gso_type, h.csum_start, h.csum_offset), (0, 34, 16));
     assert!(checksums_ok(&g));
     assert_eq!(g[256..], c[256..]);
-    assert_eq!(from_guest(&d), 3000 - 256);
+    assert_eq!(
+        from_guest(&d),
+        2000,
+        "the first 1000 bytes copied as they came"
+    );
     d.cp_xmit(&[&c[..1514]], 0, 0);
     assert_eq!(peer.take_sent()[0][VNET_HDR_LEN..], c[..1514]);
     d.cp_xmit(&[&c], TX_IPCS | TX_TCPCS, TX_TAGC | 0x0560);
@@ -308,8 +312,8 @@ fn cp_large_frames_leave_from_guest_memory() {
 #[test]
 fn cp_descriptors_come_back_once_their_frame_is_sent() {
     let (mut d, peer) = cp_open();
-    let f = tcp4_frame(3000 - 54, false);
-    d.cp_queue(&[&f[..1000], &f[1000..]], 0, 0);
+    let f = tcp4_frame(5000 - 54, false);
+    d.cp_queue(&[&f[..2100], &f[2100..]], 0, 0);
     // The driver has not handed over the last descriptor yet.
     let (opts1, opts2, addr) = d.read_desc(TX_RING, 1);
     d.write_desc(TX_RING, 1, opts1 & !DESC_OWN, opts2, addr);
@@ -729,6 +733,34 @@ fn cp_hostile_descriptors_are_bounded() {
     d.w8(TPPOLL, TPPOLL_NPQ);
     assert!(peer.take_sent().is_empty());
     assert!(d.dev.port.guest_errors() >= 1);
+
+    // A ring of descriptors without LS, the first large enough to be sent from where it
+    // lies (so it stays the device's): the walk comes back to it, drops the frame with SERR,
+    // hands every descriptor back and reports nothing sent.
+    let (mut d, peer) = cp_open();
+    for i in 0..CP_RING {
+        let len = if i == 0 { 2100 } else { 100 };
+        let eor = if i == CP_RING - 1 { DESC_EOR } else { 0 };
+        let fs = if i == 0 { DESC_FS } else { 0 };
+        d.write_desc(TX_RING, i, DESC_OWN | fs | eor | len, 0, TX_BUFS);
+    }
+    d.w8(TPPOLL, TPPOLL_NPQ);
+    assert!(peer.take_sent().is_empty());
+    assert_eq!(d.r16(ISR) & (INT_SERR | INT_TOK), INT_SERR);
+    assert!((0..CP_RING).all(|i| d.read_desc(TX_RING, i).0 & DESC_OWN == 0));
+
+    // A large frame in more pieces than are sent in place: copied, sent whole.
+    let (mut d, peer) = cp_open_with(Capabilities {
+        vnet_hdr: true,
+        offloads: Offloads::ALL,
+    });
+    let f = tcp4_frame(3000, false);
+    let mut frags: Vec<&[u8]> = vec![&f[..2100]];
+    frags.extend(f[2100..].chunks(20));
+    assert!(frags.len() > 32 && frags.len() < CP_RING as usize);
+    d.cp_xmit(&frags, 0, 0);
+    assert_eq!(peer.take_sent()[0][VNET_HDR_LEN..], f[..]);
+    assert_eq!(peer.take_sent_from(crate::test_util::host_range(&d.mem)), 0);
 
     // Zero-sized RX buffers cannot hold anything: error, not a spin.
     let (mut d, peer) = cp_open();

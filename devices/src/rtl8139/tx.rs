@@ -9,7 +9,7 @@ use crate::net::{offload, Sent};
 use net_backends::vnet::VnetHdr;
 use net_backends::Offloads;
 use std::io::IoSlice;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 // C+ descriptor opts1 bits shared by both rings.
 pub const DESC_OWN: u32 = 1 << 31;
@@ -39,13 +39,17 @@ pub(super) fn next_index(i: u16, opts1: u32) -> u16 {
     }
 }
 
-/// Bytes of a large C+ frame copied out of guest memory for the offloads to read and change:
-/// its headers (Ethernet, a tag, IPv4 and TCP with options take at most 138). The rest goes to
-/// the backend from where it lies, unless an offload must change it.
+/// Bytes of a large C+ frame copied out of guest memory at least, for the offloads to read
+/// and change: its headers (Ethernet, a tag, IPv4 and TCP with options take at most 138). The
+/// rest goes to the backend from where it lies, unless an offload must change it.
 const TX_HEAD: usize = 256;
-/// Frames up to this long are copied out whole: below it one copy costs less than
-/// describing the pieces of guest memory to the kernel.
+/// A frame's descriptors are copied as they come while it is no longer than this (below it
+/// one copy costs less than describing the pieces of guest memory to the kernel); the rest
+/// of a longer frame is sent from guest memory.
 const TX_COPY_MAX: usize = 2048;
+/// Buffers a frame may be sent from where they lie; a frame in more is copied (a tap's
+/// `writev` takes 1024 pieces at most; 8139cp uses one per page fragment, 18 at most).
+const MAX_PIECES: usize = 32;
 
 /// One frame to the port, in the header `hdr` when there is one.
 fn send(port: &mut NetPort, hdr: Option<&VnetHdr>, iov: &[IoSlice<'_>]) -> Sent {
@@ -68,38 +72,44 @@ impl Rtl8139 {
 
     /// [`Self::send_frame`] with the header a peer that takes offloads gets it with.
     fn send_offloaded(&mut self, port: &mut NetPort, hdr: Option<VnetHdr>, frame: &[u8]) {
-        self.send_pieces(port, hdr, frame, &[], frame.len());
+        self.send_pieces(port, hdr, frame, &[], 0, frame.len());
     }
 
-    /// Sends a frame of `len` bytes: `head`, then what of `tail` (guest memory) lies past
-    /// `head.len()` bytes; copied into the backlog when the backend is full.
+    /// Sends a frame of `len` bytes: `head`, then `tail` (guest memory) after its first `skip`
+    /// bytes; copied into the backlog when the backend is full.
     fn send_pieces(
         &mut self,
         port: &mut NetPort,
         hdr: Option<VnetHdr>,
         head: &[u8],
         tail: &[Piece],
+        skip: usize,
         len: usize,
     ) {
         let wire = hdr.map_or(1, |h| offload::gso_frames(&h, len));
         self.tally.tx_ok = self.tally.tx_ok.wrapping_add(wire as u64);
         if self.tx_backlog.is_empty() {
-            let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
-            iov.push(IoSlice::new(head));
-            // Checked on the walk: the pieces are guest memory.
-            let r = if guest_iov::push_pieces(&self.mem, tail, head.len(), &mut iov) {
-                send(port, hdr.as_ref(), &iov)
+            let r = if len == head.len() {
+                send(port, hdr.as_ref(), &[IoSlice::new(head)])
             } else {
-                Sent::Lost
+                let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
+                iov.push(IoSlice::new(head));
+                // Checked on the walk: the pieces are guest memory.
+                let r = if guest_iov::push_pieces(&self.mem, tail, skip, &mut iov) {
+                    send(port, hdr.as_ref(), &iov)
+                } else {
+                    Sent::Lost
+                };
+                self.tx_iov = guest_iov::recycle(iov);
+                r
             };
-            self.tx_iov = guest_iov::recycle(iov);
             if r != Sent::Blocked {
                 return;
             }
         }
         let mut copy = head.to_vec();
         copy.resize(len, 0);
-        guest_iov::read_pieces(&self.mem, tail, head.len(), &mut copy[head.len()..]);
+        guest_iov::read_pieces(&self.mem, tail, skip, &mut copy[head.len()..]);
         self.tx_backlog.push_back((hdr, copy));
     }
 
@@ -200,44 +210,77 @@ impl Rtl8139 {
             if opts1 & DESC_OWN == 0 {
                 break;
             }
+            if self.cp_tx_descs.first().is_some_and(|d| d.0 == at)
+                || self.cp_tx_descs.len() >= CP_RING_MAX as usize
+            {
+                // Back at a descriptor of the frame being gathered: the ring is full of a
+                // frame without its last descriptor.
+                self.tx_dead = true;
+                self.dma_error(port, "TX frame without a last descriptor fills the ring");
+                self.tx_buf.clear();
+                self.cp_tx_pieces.clear();
+                self.cp_tx_len = 0;
+                self.cp_write_back(port);
+                break;
+            }
             if opts1 & DESC_FS != 0 {
+                self.tx_buf.clear();
                 self.cp_tx_pieces.clear();
                 self.cp_tx_len = 0;
                 self.cp_tx_opts = (opts1, opts2);
                 self.cp_tx_drop = false;
             }
             let len = (opts1 & TX_LEN_MASK) as usize;
+            // Whether the frame will be sent from this descriptor's buffer where it lies.
+            let mut in_place = false;
             if self.cp_tx_len + len > net_backends::MAX_FRAME {
                 if !self.cp_tx_drop {
                     self.dma_error(port, "TX frame is larger than 64 KiB; dropped");
                 }
                 self.cp_tx_drop = true;
+                self.tx_buf.clear();
                 self.cp_tx_pieces.clear();
                 self.cp_tx_len = 0;
             } else if !self.cp_tx_drop && len > 0 {
-                if !GuestMemoryBackend::check_range(&self.mem, GuestAddress(buf), len) {
+                // Copied while the frame is small (as small frames are sent); past
+                // TX_COPY_MAX, where the rest lies.
+                let addr = GuestAddress(buf);
+                in_place = !self.cp_tx_pieces.is_empty() || self.cp_tx_len + len > TX_COPY_MAX;
+                let ok = if in_place {
+                    self.cp_tx_pieces.push((addr, len));
+                    guest_iov::is_memory(&self.mem, addr, len)
+                } else {
+                    let start = self.tx_buf.len();
+                    self.tx_buf.resize(start + len, 0);
+                    self.mem.read_slice(&mut self.tx_buf[start..], addr).is_ok()
+                };
+                if !ok {
                     self.tx_dead = true;
                     self.dma_error(port, "TX buffer is outside guest memory");
                     break;
                 }
-                self.cp_tx_pieces.push((GuestAddress(buf), len));
                 self.cp_tx_len += len;
             }
-            // Status write-back, once the frame is sent: the device owns nothing any more;
-            // command bits become (zero) status bits.
+            // Status write-back: the device owns nothing any more; command bits become
+            // (zero) status bits. A buffer the frame will be sent from comes back once the
+            // frame is sent (the guest may reuse it as soon as it is back).
             let status = opts1 & (DESC_EOR | DESC_FS | DESC_LS | TX_LEN_MASK);
-            self.cp_tx_descs.push((at, status));
+            if in_place {
+                self.cp_tx_descs.push((at, status));
+            } else if self.mem.write_obj(status.to_le(), at).is_err() {
+                self.tx_dead = true;
+                self.dma_error(port, "TX descriptor ring is outside guest memory");
+                break;
+            }
             self.cp_tx_index = next_index(self.cp_tx_index, opts1);
-            let last = opts1 & DESC_LS != 0;
-            if !last && self.cp_tx_descs.len() < CP_RING_MAX as usize {
+            if opts1 & DESC_LS == 0 {
                 continue;
             }
-            if !last {
-                self.dma_error(port, "TX frame spans the whole ring; dropped");
-            } else if !self.cp_tx_drop {
+            if !self.cp_tx_drop {
                 self.cp_send_offloaded(port);
             }
             self.cp_tx_drop = false;
+            self.tx_buf.clear();
             self.cp_tx_pieces.clear();
             self.cp_tx_len = 0;
             sent = true;
@@ -266,23 +309,31 @@ impl Rtl8139 {
     }
 
     /// Applies the first descriptor's offload requests to the gathered frame and sends it:
-    /// a large frame whose offloads touch only its headers goes out from guest memory with
-    /// its headers copied; any other is copied out whole.
+    /// a large frame whose offloads touch only its headers goes out from guest memory, its
+    /// first bytes copied; any other is copied out whole.
     fn cp_send_offloaded(&mut self, port: &mut NetPort) {
         let len = self.cp_tx_len;
         let pieces = std::mem::take(&mut self.cp_tx_pieces);
         let mut frame = std::mem::take(&mut self.tx_buf);
-        frame.clear();
-        let direct = len > TX_COPY_MAX && self.cp_tx_opts.1 & TX_TAGC == 0;
-        frame.resize(if direct { TX_HEAD } else { len }, 0);
-        // The pieces were checked on the walk: the copies cannot fail.
-        if guest_iov::read_pieces(&self.mem, &pieces, 0, &mut frame)
-            && (!direct || !self.cp_send_direct(port, &mut frame, &pieces, len))
-        {
-            frame.resize(len, 0);
-            let head = if direct { TX_HEAD } else { len };
-            if guest_iov::read_pieces(&self.mem, &pieces, head, &mut frame[head..]) {
-                self.cp_send_copied(port, &mut frame);
+        if pieces.is_empty() {
+            self.cp_send_copied(port, &mut frame);
+        } else {
+            // Enough copied for the headers; the rest of the pieces after `skip` bytes.
+            let copied = frame.len();
+            let head = copied.max(TX_HEAD.min(len));
+            frame.resize(head, 0);
+            let skip = head - copied;
+            // The pieces were checked on the walk: the copies cannot fail.
+            let ok = guest_iov::read_pieces(&self.mem, &pieces, 0, &mut frame[copied..]);
+            let direct = ok
+                && self.cp_tx_opts.1 & TX_TAGC == 0
+                && pieces.len() <= MAX_PIECES
+                && self.cp_send_direct(port, &mut frame, &pieces, skip, len);
+            if ok && !direct {
+                frame.resize(len, 0);
+                if guest_iov::read_pieces(&self.mem, &pieces, skip, &mut frame[head..]) {
+                    self.cp_send_copied(port, &mut frame);
+                }
             }
         }
         frame.clear();
@@ -290,14 +341,16 @@ impl Rtl8139 {
         self.cp_tx_pieces = pieces;
     }
 
-    /// The offloads done in `head`, the frame's first [`TX_HEAD`] bytes, and the frame sent
-    /// with the rest from guest memory; false, with `head` as good as it was, when an offload
-    /// needs more of the frame (a checksum or segmentation in software).
+    /// The offloads done in `head`, the frame's first bytes (its headers at least), and the
+    /// frame sent with the rest from `pieces` after `skip` bytes; false, with `head` as good as
+    /// it was, when an offload needs more of the frame (a checksum or segmentation in
+    /// software).
     fn cp_send_direct(
         &mut self,
         port: &mut NetPort,
         head: &mut [u8],
         pieces: &[Piece],
+        skip: usize,
         len: usize,
     ) -> bool {
         let (opts1, _) = self.cp_tx_opts;
@@ -330,7 +383,7 @@ impl Rtl8139 {
                 offload::fill_ipv4_checksum_head(head, len, &at);
             }
         }
-        self.send_pieces(port, hdr, head, pieces, len);
+        self.send_pieces(port, hdr, head, pieces, skip, len);
         true
     }
 

@@ -779,8 +779,11 @@ fn transmit_chains(
             }
             let s = skip.min(len);
             skip -= s;
+            // The header's bytes are left out, yet must be guest memory like the rest.
             let addr = d.addr().checked_add(s as u64);
-            if !addr.is_some_and(|a| guest_iov::push(mem, a, len - s, &mut iov)) {
+            if !addr.is_some_and(|a| guest_iov::push(mem, a, len - s, &mut iov))
+                || (s > 0 && !guest_iov::is_memory(mem, d.addr(), s))
+            {
                 return Err("malformed TX descriptor chain");
             }
         }

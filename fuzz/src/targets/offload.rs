@@ -56,6 +56,14 @@ pub enum OffloadOp {
         peer: u8,
     },
     PrepareCsum,
+    /// The same on the frame's first `cut` bytes only (`_head` variants, as a model that
+    /// sends the rest from guest memory calls them): never a read past the cut, and what
+    /// they accept, the whole-frame functions do alike.
+    HeadOps {
+        cut: usize,
+        mss: usize,
+        peer: u8,
+    },
     CsumHdr {
         start: usize,
         field: usize,
@@ -63,6 +71,55 @@ pub enum OffloadOp {
 }
 
 pub struct Offload;
+
+/// The `_head` functions on `f[..cut]` (the rest of `f` "in guest memory"), each checked
+/// against its whole-frame twin: the same answer, the same bytes changed.
+fn head_ops(f: &[u8], at: Option<Layers>, cut: usize, mss: usize, peer: u8) {
+    let len = f.len();
+    let head = &f[..cut.min(len)];
+    let parsed = offload::parse_head(head, len);
+    if let Some(p) = &parsed {
+        assert_eq!(
+            offload::parse(f).as_ref(),
+            Some(p),
+            "parse_head found other layers"
+        );
+    }
+    let Some(a) = parsed.or(at) else {
+        return;
+    };
+    let peer = Offloads {
+        csum: peer & 1 != 0,
+        tso4: peer & 2 != 0,
+        tso6: peer & 4 != 0,
+        tso_ecn: peer & 8 != 0,
+        ufo: false,
+    };
+    let (mut h, mut w) = (head.to_vec(), f.to_vec());
+    let got = offload::prepare_gso_head(&mut h, len, &a, mss, peer);
+    if got.is_some() {
+        assert_eq!(got, offload::prepare_gso(&mut w, &a, mss, peer));
+        assert!(
+            h[..] == w[..h.len()],
+            "prepare_gso_head changed other bytes"
+        );
+    } else {
+        assert!(h[..] == head[..], "refused, yet the head changed");
+    }
+    let (mut h, mut w) = (head.to_vec(), f.to_vec());
+    let got = offload::prepare_csum_head(&mut h, len, &a);
+    if got.is_some() {
+        assert_eq!(got, offload::prepare_csum(&mut w, &a));
+        assert!(
+            h[..] == w[..h.len()],
+            "prepare_csum_head changed other bytes"
+        );
+    } else {
+        assert!(h[..] == head[..], "refused, yet the head changed");
+    }
+    let mut h = head.to_vec();
+    offload::fill_ipv4_checksum_head(&mut h, len, &a);
+}
 
 /// What the host kernel checks of a header before it takes the frame: a checksum that starts
 /// no earlier than an IPv4 header's length into the frame, its field inside the frame, and
@@ -94,7 +151,7 @@ impl Target for Offload {
         let mut ops = vec![OffloadOp::Frame(Bytes(frame(rng)))];
         let n = rng.range(1, 30) as usize;
         while ops.len() < n {
-            ops.push(match rng.below(17) {
+            ops.push(match rng.below(19) {
                 0 => OffloadOp::Frame(Bytes(frame(rng))),
                 1 => OffloadOp::Vlan(rng.below(0x1_0000) as u16),
                 2..=4 => OffloadOp::Parse,
@@ -127,6 +184,11 @@ impl Target for Offload {
                     peer: rng.pick_or(&[0xf], |r| r.below(16) as u8),
                 },
                 15 => OffloadOp::PrepareCsum,
+                16 | 17 => OffloadOp::HeadOps {
+                    cut: rng.pick_or(&[256], small),
+                    mss: rng.pick_or(&[0, 536, 1448, 65_535], small),
+                    peer: rng.pick_or(&[0xf], |r| r.below(16) as u8),
+                },
                 _ => OffloadOp::CsumHdr {
                     start: small(rng),
                     field: small(rng),
@@ -241,6 +303,7 @@ impl Target for Offload {
                         header_fits(&h, f.len());
                     }
                 }
+                OffloadOp::HeadOps { cut, mss, peer } => head_ops(&f, at, *cut, *mss, *peer),
             }
         }
     }

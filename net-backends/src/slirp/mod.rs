@@ -408,11 +408,16 @@ type FrameQueue = Arc<Mutex<Frames>>;
 #[derive(Default)]
 struct Frames {
     frames: VecDeque<Vec<u8>>,
+    /// Frames the slirp thread took in one go and has not finished with: they count
+    /// against the queue's limit until their buffers come back.
+    in_flight: usize,
     spare: Vec<Vec<u8>>,
 }
 
-/// Emptied buffers kept for reuse, per direction; a burst beyond them allocates.
+/// Emptied buffers kept for reuse, per direction, and the largest kept (a full-size frame
+/// fits; a buffer that held a 64 KiB frame is freed): at most 1 MiB held.
 const SPARE_BUFFERS: usize = 256;
+const SPARE_CAPACITY: usize = 4096;
 
 impl Frames {
     /// Queues the frame made of `pieces`, in a spare buffer when there is one.
@@ -426,7 +431,7 @@ impl Frames {
 
     /// Takes back a buffer whose frame was used.
     fn recycle(&mut self, mut v: Vec<u8>) {
-        if self.spare.len() < SPARE_BUFFERS {
+        if self.spare.len() < SPARE_BUFFERS && v.capacity() <= SPARE_CAPACITY {
             v.clear();
             self.spare.push(v);
         }
@@ -713,7 +718,11 @@ fn run(
         }
         // The guest's frames, taken in one go so that the I/O thread never waits for slirp;
         // the queues swap places, keeping their allocations.
-        std::mem::swap(&mut batch, &mut from_guest.lock().unwrap().frames);
+        {
+            let mut q = from_guest.lock().unwrap();
+            std::mem::swap(&mut batch, &mut q.frames);
+            q.in_flight = batch.len();
+        }
         for frame in &batch {
             // SAFETY: slirp is live; the frame is a valid buffer of its length.
             unsafe { ffi::slirp_input(slirp, frame.as_ptr(), frame.len() as libc::c_int) };
@@ -723,6 +732,7 @@ fn run(
             for v in batch.drain(..) {
                 q.recycle(v);
             }
+            q.in_flight = 0;
         }
         // Fire due timers (a callback may free or re-arm timers, so walk a snapshot).
         let due: Vec<*mut Timer> = {
@@ -770,7 +780,7 @@ impl NetBackend for SlirpBackend {
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
         let mut pieces = [&[][..]; 24];
         let mut q = self.to_slirp.lock().unwrap();
-        if q.frames.len() >= TX_QUEUE_LIMIT {
+        if q.frames.len() + q.in_flight >= TX_QUEUE_LIMIT {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
@@ -842,6 +852,12 @@ mod tests {
             q.recycle(Vec::with_capacity(8));
         }
         assert_eq!(q.spare.len(), SPARE_BUFFERS, "spares are bounded");
+        q.spare.clear();
+        q.recycle(Vec::with_capacity(65_536));
+        assert!(
+            q.spare.is_empty(),
+            "a buffer for a 64 KiB frame is not kept"
+        );
     }
 
     #[test]

@@ -158,6 +158,29 @@ fn tx_single_and_chained_descriptors() {
     assert_eq!(d.peer.take_sent(), vec![h]);
 }
 
+/// A header the device leaves out (the backend has none) must still be guest memory.
+#[test]
+fn tx_header_outside_guest_memory_is_a_device_error() {
+    let mut d = started(PLAIN, BASE);
+    let f = frame(60, 1);
+    let head = d.post(TX, &[&[0u8; VNET_HDR_LEN], &f], false);
+    // The header's descriptor now points past the end of RAM.
+    let data = d.desc_addr(TX, head + 1);
+    let flags = VRING_DESC_F_NEXT;
+    d.write_desc(
+        TX,
+        head,
+        MEM_SIZE as u64,
+        VNET_HDR_LEN as u32,
+        flags,
+        head + 1,
+    );
+    d.write_desc(TX, head + 1, data, 60, 0, 0);
+    d.dev.handle(NetEvent::TxKick);
+    assert!(d.peer.take_sent().is_empty());
+    assert!(needs_reset(&mut d));
+}
+
 #[test]
 fn tx_waits_when_the_backend_is_full() {
     let mut d = started(PLAIN, BASE);
