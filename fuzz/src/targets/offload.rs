@@ -72,6 +72,17 @@ pub enum OffloadOp {
 
 pub struct Offload;
 
+/// The offloads a peer takes, from bits: csum, tso4, tso6, tso_ecn.
+fn peer_offloads(bits: u8) -> Offloads {
+    Offloads {
+        csum: bits & 1 != 0,
+        tso4: bits & 2 != 0,
+        tso6: bits & 4 != 0,
+        tso_ecn: bits & 8 != 0,
+        ufo: false,
+    }
+}
+
 /// The `_head` functions on `f[..cut]` (the rest of `f` "in guest memory"), each checked
 /// against its whole-frame twin: the same answer, the same bytes changed.
 fn head_ops(f: &[u8], at: Option<Layers>, cut: usize, mss: usize, peer: u8) {
@@ -88,13 +99,7 @@ fn head_ops(f: &[u8], at: Option<Layers>, cut: usize, mss: usize, peer: u8) {
     let Some(a) = parsed.or(at) else {
         return;
     };
-    let peer = Offloads {
-        csum: peer & 1 != 0,
-        tso4: peer & 2 != 0,
-        tso6: peer & 4 != 0,
-        tso_ecn: peer & 8 != 0,
-        ufo: false,
-    };
+    let peer = peer_offloads(peer);
     let (mut h, mut w) = (head.to_vec(), f.to_vec());
     let got = offload::prepare_gso_head(&mut h, len, &a, mss, peer);
     if got.is_some() {
@@ -272,13 +277,7 @@ impl Target for Offload {
                 }
                 OffloadOp::PrepareGso { mss, peer } => {
                     if let Some(a) = &at {
-                        let peer = Offloads {
-                            csum: peer & 1 != 0,
-                            tso4: peer & 2 != 0,
-                            tso6: peer & 4 != 0,
-                            tso_ecn: peer & 8 != 0,
-                            ufo: false,
-                        };
+                        let peer = peer_offloads(*peer);
                         let before = f.clone();
                         match offload::prepare_gso(&mut f, a, *mss, peer) {
                             Some(h) => {
