@@ -4,6 +4,7 @@
 use std::io::IoSlice;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 
 /// Appends the pieces of guest memory `[addr, addr + len)` to `out` (more than one where the
@@ -15,6 +16,17 @@ pub fn push<'m>(
     len: usize,
     out: &mut Vec<IoSlice<'m>>,
 ) -> bool {
+    // One region lookup for a range inside one region, as a frame's buffer is.
+    if let Some(r) = mem.find_region(addr) {
+        let off = addr.0 - r.start_addr().0;
+        if (len as u64) <= r.len() - off {
+            if let Ok(p) = r.get_host_address(MemoryRegionAddress(off)) {
+                // SAFETY: as below: `len` bytes from `p` lie in the region's mapping.
+                out.push(IoSlice::new(unsafe { std::slice::from_raw_parts(p, len) }));
+                return true;
+            }
+        }
+    }
     let before = out.len();
     for s in GuestMemoryBackend::get_slices(mem, addr, len) {
         let Ok(s) = s else {
