@@ -85,6 +85,8 @@ pub struct VirtioNet {
 
     rx_heads: Vec<(u16, u32)>,
     rx_hdr_pieces: Vec<(vm_memory::GuestAddress, usize, usize)>,
+    /// The I/O vectors of the TX frame going out (kept for their allocation).
+    tx_iov: Vec<IoSlice<'static>>,
 }
 
 impl VirtioNet {
@@ -175,6 +177,7 @@ impl VirtioNet {
             interrupts: 0,
             rx_heads: Vec::with_capacity(64),
             rx_hdr_pieces: Vec::with_capacity(4),
+            tx_iov: Vec::with_capacity(32),
         })
     }
 
@@ -295,8 +298,18 @@ impl VirtioNet {
                 return;
             }
             let (mem, q) = (&self.mem, &mut self.queues[TX]);
-            if let Err(what) = transmit_chains(mem, q, port, self.vnet_hdr, &mut budget, &mut used)
-            {
+            let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
+            let r = transmit_chains(
+                mem,
+                q,
+                port,
+                self.vnet_hdr,
+                &mut budget,
+                &mut used,
+                &mut iov,
+            );
+            self.tx_iov = guest_iov::recycle(iov);
+            if let Err(what) = r {
                 return self.device_error(port, what);
             }
             if port.tx_blocked() {
@@ -751,16 +764,16 @@ pub mod driver;
 
 /// Sends the chains waiting in the TX queue, at most `budget` of them, each straight from the
 /// guest's buffers (the virtio-net header dropped when the backend carries none). Stops early
-/// when the backend is full, putting the chain back.
-fn transmit_chains(
-    mem: &GuestMemoryMmap,
+/// when the backend is full, putting the chain back. `iov` is scratch for a frame's pieces.
+fn transmit_chains<'m>(
+    mem: &'m GuestMemoryMmap,
     q: &mut Queue,
     port: &mut NetPort,
     vnet_hdr: bool,
     budget: &mut usize,
     used: &mut bool,
+    iov: &mut Vec<IoSlice<'m>>,
 ) -> Result<(), &'static str> {
-    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(32);
     while *budget > 0 {
         let Some(chain) = q.pop_descriptor_chain(mem) else {
             return Ok(());
@@ -781,7 +794,7 @@ fn transmit_chains(
             skip -= s;
             // The header's bytes are left out, yet must be guest memory like the rest.
             let addr = d.addr().checked_add(s as u64);
-            if !addr.is_some_and(|a| guest_iov::push(mem, a, len - s, &mut iov))
+            if !addr.is_some_and(|a| guest_iov::push(mem, a, len - s, iov))
                 || (s > 0 && !guest_iov::is_memory(mem, d.addr(), s))
             {
                 return Err("malformed TX descriptor chain");
@@ -790,7 +803,7 @@ fn transmit_chains(
         if total < VNET_HDR_LEN {
             return Err("malformed TX descriptor chain");
         }
-        if port.send(&iov) == Sent::Blocked {
+        if port.send(iov) == Sent::Blocked {
             // Put the chain back; the port calls transmit() when the backend drains.
             q.set_next_avail(q.next_avail().wrapping_sub(1));
             return Ok(());

@@ -274,7 +274,7 @@ unsafe extern "C" fn cb_send_packet(
         return len as libc::ssize_t;
     }
     let was_empty = q.frames.is_empty();
-    q.push(&[frame]);
+    q.push([frame]);
     drop(q);
     // The reader drains until empty, so only the first frame of a burst needs a wake-up.
     if was_empty {
@@ -421,7 +421,7 @@ const SPARE_CAPACITY: usize = 4096;
 
 impl Frames {
     /// Queues the frame made of `pieces`, in a spare buffer when there is one.
-    fn push(&mut self, pieces: &[&[u8]]) {
+    fn push<'a>(&mut self, pieces: impl IntoIterator<Item = &'a [u8]>) {
         let mut v = self.spare.pop().unwrap_or_default();
         for p in pieces {
             v.extend_from_slice(p);
@@ -778,22 +778,13 @@ impl NetBackend for SlirpBackend {
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
-        let mut pieces = [&[][..]; 24];
         let mut q = self.to_slirp.lock().unwrap();
         if q.frames.len() + q.in_flight >= TX_QUEUE_LIMIT {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         let was_empty = q.frames.is_empty();
-        if frame.len() <= pieces.len() {
-            for (d, p) in pieces.iter_mut().zip(frame) {
-                *d = p;
-            }
-            q.push(&pieces[..frame.len()]);
-        } else {
-            let all: Vec<&[u8]> = frame.iter().map(|p| &**p).collect();
-            q.push(&all);
-        }
+        q.push(frame.iter().map(|p| &**p));
         drop(q);
         // The slirp thread drains until empty: wake it only for the first frame of a burst.
         if was_empty {
@@ -836,12 +827,12 @@ mod tests {
     #[test]
     fn frames_cross_in_reused_buffers() {
         let mut q = Frames::default();
-        q.push(&[b"abc", b"de"]);
+        q.push([&b"abc"[..], b"de"]);
         let v = q.frames.pop_front().unwrap();
         assert_eq!(v, b"abcde");
         let at = v.as_ptr();
         q.recycle(v);
-        q.push(&[b"xy"]);
+        q.push([&b"xy"[..]]);
         let w = q.frames.pop_front().unwrap();
         assert_eq!(
             (&w[..], w.as_ptr()),
