@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -58,19 +58,40 @@ fn nonblocking(fd: RawFd) {
     }
 }
 
+/// A listening Unix socket at `path` that appears there only once it listens: bound under a
+/// temporary name beside it, then renamed into place, so a client that sees the path can
+/// connect at once (between `bind` and `listen` it would be refused). A socket left by an
+/// earlier run is replaced, as QEMU does; anything else at `path` is an error, as from `bind`.
+pub fn listen_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".nicvm-{}-{n}", std::process::id()));
+    if std::fs::symlink_metadata(path).is_ok() {
+        return UnixListener::bind(path);
+    }
+    match UnixListener::bind(&tmp) {
+        Ok(l) => match std::fs::rename(&tmp, path) {
+            Ok(()) => Ok(l),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        },
+        // A temporary name too long for a socket address, say: bind where asked.
+        Err(_) => UnixListener::bind(path),
+    }
+}
+
 impl SerialIo {
     /// Binds the socket, or opens the pty (its name printed on stderr, as QEMU does).
     pub fn socket(endpoint: &Endpoint) -> io::Result<SerialIo> {
         let source = match endpoint {
             Endpoint::Unix(p) => {
-                // A socket left by an earlier run is replaced, as QEMU does.
-                if std::fs::symlink_metadata(p).is_ok_and(|m| {
-                    use std::os::unix::fs::FileTypeExt;
-                    m.file_type().is_socket()
-                }) {
-                    let _ = std::fs::remove_file(p);
-                }
-                let l = UnixListener::bind(p)?;
+                let l = listen_unix(p)?;
                 l.set_nonblocking(true)?;
                 Source::Unix(l, p.clone())
             }
@@ -249,5 +270,47 @@ impl Drop for SerialIo {
         if let Source::Unix(_, p) = &self.source {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::*;
+
+    /// The path appears only once the socket listens: a client connects the moment it sees
+    /// it. A socket left behind is replaced; a file that is not a socket is not.
+    #[test]
+    fn a_unix_socket_path_appears_listening() {
+        let dir = std::env::temp_dir().join(format!("nicvm-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let (p, seen) = (path.clone(), std::sync::mpsc::channel::<bool>());
+        let watcher = std::thread::spawn(move || loop {
+            if p.exists() {
+                let _ = seen
+                    .0
+                    .send(std::os::unix::net::UnixStream::connect(&p).is_ok());
+                return;
+            }
+        });
+        let l = listen_unix(&path).unwrap();
+        assert!(
+            seen.1.recv().unwrap(),
+            "connectable as soon as the path exists"
+        );
+        watcher.join().unwrap();
+        drop(l);
+        let again = listen_unix(&path).unwrap();
+        drop(again);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["s.sock"], "no temporary name left");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"not a socket").unwrap();
+        assert!(listen_unix(&path).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -332,16 +332,7 @@ pub fn bind(monitors: &[MonitorConfig]) -> Result<Listening, MonitorError> {
             Endpoint::Stdio => continue,
             Endpoint::Unix(p) => {
                 // A socket file left by an earlier run is replaced, as QEMU does.
-                if std::fs::symlink_metadata(p)
-                    .map(|md| {
-                        use std::os::unix::fs::FileTypeExt;
-                        md.file_type().is_socket()
-                    })
-                    .unwrap_or(false)
-                {
-                    let _ = std::fs::remove_file(p);
-                }
-                let s = UnixListener::bind(p).map_err(e(p.display().to_string()))?;
+                let s = crate::serial_io::listen_unix(p).map_err(e(p.display().to_string()))?;
                 l.paths.push(p.clone());
                 s.set_nonblocking(true)
                     .map_err(e(p.display().to_string()))?;
