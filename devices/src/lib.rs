@@ -10,6 +10,7 @@ pub mod net;
 pub mod pci;
 pub mod pvpanic;
 pub mod rtl8139;
+pub mod snapshot;
 #[cfg(test)]
 mod test_util;
 pub mod virtio;

@@ -3,6 +3,7 @@
 
 use crate::lifecycle::{ExitReason, Lifecycle};
 use crate::pci::{BarKind, PciConfig, PciDevice};
+use crate::snapshot::{RestoreError, State};
 use std::sync::Arc;
 
 pub const PVPANIC_PANICKED: u8 = 1 << 0;
@@ -46,5 +47,13 @@ impl PciDevice for PvPanic {
         } else if v & PVPANIC_SHUTDOWN != 0 {
             self.lifecycle.request_exit(ExitReason::PowerOff);
         }
+    }
+
+    fn save(&self) -> State {
+        crate::pci::save_config_only(&self.config)
+    }
+
+    fn restore(&mut self, state: &State) -> Result<(), RestoreError> {
+        crate::pci::restore_config_only(&mut self.config, state)
     }
 }

@@ -592,6 +592,18 @@ impl E1000 {
 }
 
 impl NicModel for E1000 {
+    // PLACEHOLDER (snapshot work in progress): replaced by the model's real state.
+    fn save(&self) -> crate::snapshot::State {
+        serde_json::Value::Null
+    }
+    fn restore(
+        &mut self,
+        _port: &mut NetPort,
+        _state: &crate::snapshot::State,
+    ) -> Result<(), crate::snapshot::RestoreError> {
+        Err(crate::snapshot::RestoreError::new("not yet"))
+    }
+
     fn config(&self) -> &PciConfig {
         &self.config
     }

@@ -21,6 +21,7 @@
 
 use super::NicStats;
 use crate::pci::{PciConfig, PciDevice};
+use crate::snapshot::{RestoreError, State};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
 use net_backends::{Capabilities, NetBackend, Offloads};
@@ -95,6 +96,16 @@ pub trait NicModel: Send + 'static {
     fn filter_register(&self, _bar: usize, _offset: u64) -> bool {
         true
     }
+    /// The model's state beyond config space (saved by [`Nic`]): registers, ring positions,
+    /// timers as time left, EEPROM/PHY. Called with the vCPUs stopped and the NIC's lock
+    /// held; frames not yet handed to the backend may be left out, as a wire may lose them,
+    /// but descriptors the guest was told are done stay done.
+    fn save(&self) -> State;
+    /// Puts [`NicModel::save`]'s state into this freshly built model (its config space is
+    /// already restored), redoing what the guest's writes had caused: interrupt routes,
+    /// doorbells, an asserted line, armed timers. Checks every value (the file comes from
+    /// outside); on an error the VM is not started, so a half-restored model is dropped.
+    fn restore(&mut self, port: &mut NetPort, state: &State) -> Result<(), RestoreError>;
 }
 
 /// How one class of frames is filtered (QEMU's RxState).
@@ -740,6 +751,33 @@ impl<M: NicModel> PciDevice for Nic<M> {
             self.check_filter();
         }
     }
+    fn save(&self) -> State {
+        crate::snapshot::to_state(&NicState {
+            config: self.model.config().save(),
+            model: self.model.save(),
+        })
+    }
+    fn restore(&mut self, state: &State) -> Result<(), RestoreError> {
+        let saved: NicState = crate::snapshot::from_state(state, "NIC")?;
+        self.model.config_mut().restore(&saved.config)?;
+        self.model.restore(&mut self.port, &saved.model)?;
+        // The new backend's link may differ from the one the snapshot was taken on: the
+        // model hears the link as it is now (a no-op where its restored view agrees).
+        self.check_link();
+        let up = self.port.link_up;
+        self.model.link_changed(&mut self.port, up);
+        if let Some(w) = &mut self.filter_watch {
+            w.last = self.model.rx_filter().fingerprint();
+        }
+        Ok(())
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NicState {
+    config: Vec<u8>,
+    model: State,
 }
 
 struct FilterWatch {

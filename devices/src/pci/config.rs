@@ -155,6 +155,31 @@ impl PciConfig {
         off
     }
 
+    /// The 256 bytes of config space, for a snapshot (the masks and BAR sizes are the
+    /// device's own and come from building it).
+    pub fn save(&self) -> Vec<u8> {
+        self.regs.to_vec()
+    }
+
+    /// Config space from a snapshot. Bytes the guest cannot write (IDs, class, BAR size
+    /// bits, capability layout) must be the ones this device already has: a snapshot of
+    /// another device kind, or one altered there, is refused and nothing changes.
+    pub fn restore(&mut self, saved: &[u8]) -> Result<(), crate::snapshot::RestoreError> {
+        let regs: [u8; 256] = crate::snapshot::array(saved, "PCI config space")?;
+        for (i, (&have, &want)) in self.regs.iter().zip(regs.iter()).enumerate() {
+            // Status is partly the device's own to change (its interrupt bit).
+            let device_owned = (PCI_STATUS..PCI_STATUS + 2).contains(&i);
+            if self.wmask[i] == 0 && self.w1c[i] == 0 && !device_owned && have != want {
+                return Err(crate::snapshot::RestoreError(format!(
+                    "PCI config space: read-only byte {i:#04x} is {want:#04x}, this device has \
+                     {have:#04x} (a snapshot of another device?)"
+                )));
+            }
+        }
+        self.regs = regs;
+        Ok(())
+    }
+
     /// Reads as the guest does: out-of-range bytes read as all-ones.
     pub fn read(&self, offset: usize, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {

@@ -8,6 +8,8 @@ pub use config::{BarKind, PciConfig};
 pub use msix::{Msix, MSIX_ENTRY_SIZE};
 pub use root::{PciConfigIo, PciRoot, PciWindow, SlotError};
 
+use crate::snapshot::{RestoreError, State};
+
 /// A function on the root bus. Config space lives in [`PciConfig`]; BAR accesses arrive with
 /// the BAR index and the offset inside it, wherever the guest placed the BAR.
 pub trait PciDevice: Send {
@@ -17,6 +19,22 @@ pub trait PciDevice: Send {
     fn config_written(&mut self, _offset: usize, _len: usize) {}
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// Everything the guest can observe of the device, config space included (the vCPUs
+    /// are stopped).
+    fn save(&self) -> State;
+    /// Puts a saved state back into this freshly built device, with the side effects the
+    /// guest's own writes would have had (interrupt routes, doorbells, a line left asserted).
+    fn restore(&mut self, state: &State) -> Result<(), RestoreError>;
+}
+
+/// For devices whose whole state is their config space.
+pub fn save_config_only(config: &PciConfig) -> State {
+    crate::snapshot::to_state(&config.save())
+}
+
+pub fn restore_config_only(config: &mut PciConfig, state: &State) -> Result<(), RestoreError> {
+    let regs: Vec<u8> = crate::snapshot::from_state(state, "PCI config space")?;
+    config.restore(&regs)
 }
 
 /// IOAPIC pin for a slot's INTx pin (0 = INTA): pins 16-23, rotated by slot as on a real
@@ -72,6 +90,12 @@ impl PciDevice for HostBridge {
         data.fill(0xff);
     }
     fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    fn save(&self) -> State {
+        save_config_only(&self.config)
+    }
+    fn restore(&mut self, state: &State) -> Result<(), RestoreError> {
+        restore_config_only(&mut self.config, state)
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,13 @@ pub struct PciRoot {
 
 const CONFIG_ENABLE: u32 = 1 << 31;
 
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RootState {
+    config_address: u32,
+    slots: Vec<(u8, State)>,
+}
+
 impl Default for PciRoot {
     fn default() -> Self {
         Self::new()
@@ -85,6 +92,48 @@ impl PciRoot {
                 bar,
             });
         }
+    }
+
+    /// The devices' states by slot, and CONFIG_ADDRESS (vCPUs stopped).
+    pub fn save(&self) -> State {
+        let slots = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| Some((i as u8, d.as_ref()?.lock().unwrap().save())))
+            .collect();
+        crate::snapshot::to_state(&RootState {
+            config_address: self.config_address.load(Ordering::Relaxed),
+            slots,
+        })
+    }
+
+    /// Restores every device from `state`, which must name exactly the slots this bus has
+    /// filled, then maps their BARs where the guest had placed them.
+    pub fn restore(&self, state: &State) -> Result<(), RestoreError> {
+        let saved: RootState = crate::snapshot::from_state(state, "PCI bus")?;
+        let filled: Vec<u8> = (0..self.slots.len() as u8)
+            .filter(|&s| self.slots[s as usize].is_some())
+            .collect();
+        let mut named: Vec<u8> = saved.slots.iter().map(|(s, _)| *s).collect();
+        named.sort_unstable();
+        if named != filled {
+            return Err(RestoreError(format!(
+                "PCI bus: the snapshot has devices in slots {named:?}, this machine in \
+                 {filled:?} (restore with the same -device options)"
+            )));
+        }
+        for (slot, dev_state) in &saved.slots {
+            let dev = self.slots[*slot as usize].as_ref().expect("slot checked above");
+            dev.lock()
+                .unwrap()
+                .restore(dev_state)
+                .map_err(|e| RestoreError(format!("PCI slot {slot}: {e}")))?;
+            self.remap(*slot);
+        }
+        self.config_address
+            .store(saved.config_address, Ordering::Relaxed);
+        Ok(())
     }
 
     fn target(&self) -> Option<(u8, usize)> {

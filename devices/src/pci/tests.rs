@@ -59,6 +59,12 @@ impl PciDevice for TestDev {
             _ => self.io_log.push((offset, data[0])),
         }
     }
+    fn save(&self) -> crate::snapshot::State {
+        save_config_only(&self.config)
+    }
+    fn restore(&mut self, state: &crate::snapshot::State) -> Result<(), RestoreError> {
+        restore_config_only(&mut self.config, state)
+    }
 }
 
 struct Rig {
@@ -345,6 +351,12 @@ impl PciDevice for Busy {
     fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {
         let _ = self.entered.send(());
         let _ = self.go.lock().unwrap().recv();
+    }
+    fn save(&self) -> crate::snapshot::State {
+        save_config_only(&self.config)
+    }
+    fn restore(&mut self, state: &crate::snapshot::State) -> Result<(), RestoreError> {
+        restore_config_only(&mut self.config, state)
     }
 }
 

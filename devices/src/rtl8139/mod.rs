@@ -671,6 +671,18 @@ impl Rtl8139 {
 }
 
 impl NicModel for Rtl8139 {
+    // PLACEHOLDER (snapshot work in progress): replaced by the model's real state.
+    fn save(&self) -> crate::snapshot::State {
+        serde_json::Value::Null
+    }
+    fn restore(
+        &mut self,
+        _port: &mut NetPort,
+        _state: &crate::snapshot::State,
+    ) -> Result<(), crate::snapshot::RestoreError> {
+        Err(crate::snapshot::RestoreError::new("not yet"))
+    }
+
     fn config(&self) -> &PciConfig {
         &self.config
     }
