@@ -41,7 +41,11 @@ pub fn from_state<T: DeserializeOwned>(state: &State, what: &str) -> Result<T, R
 
 /// A deadline as the nanoseconds left until it (0 if already past), for saving.
 pub fn deadline_to_ns(deadline: Option<Instant>, now: Instant) -> Option<u64> {
-    deadline.map(|d| d.saturating_duration_since(now).as_nanos().min(u64::MAX as u128) as u64)
+    deadline.map(|d| {
+        d.saturating_duration_since(now)
+            .as_nanos()
+            .min(u64::MAX as u128) as u64
+    })
 }
 
 /// The deadline again, counted from `now` (a restored guest's timers continue where they
@@ -54,7 +58,10 @@ pub fn deadline_from_ns(ns: Option<u64>, now: Instant) -> Option<Instant> {
 }
 
 /// A fixed-size array from a saved list, refusing any other length.
-pub fn array<const N: usize, T: Copy + Default>(v: &[T], what: &str) -> Result<[T; N], RestoreError> {
+pub fn array<const N: usize, T: Copy + Default>(
+    v: &[T],
+    what: &str,
+) -> Result<[T; N], RestoreError> {
     if v.len() != N {
         return Err(RestoreError(format!(
             "{what}: {} entries where the device has {N}",
@@ -78,7 +85,10 @@ mod tests {
         assert_eq!(ns, Some(5_000_000));
         assert_eq!(deadline_to_ns(Some(now), later), Some(0));
         let then = Instant::now();
-        assert_eq!(deadline_from_ns(ns, then), Some(then + Duration::from_millis(5)));
+        assert_eq!(
+            deadline_from_ns(ns, then),
+            Some(then + Duration::from_millis(5))
+        );
         // A hostile value does not overflow the clock.
         assert!(deadline_from_ns(Some(u64::MAX), then).is_some());
     }
@@ -86,6 +96,9 @@ mod tests {
     #[test]
     fn arrays_keep_their_length() {
         assert_eq!(array::<3, u8>(&[1, 2, 3], "x"), Ok([1, 2, 3]));
-        assert!(array::<3, u8>(&[1, 2], "x").unwrap_err().0.contains("2 entries"));
+        assert!(array::<3, u8>(&[1, 2], "x")
+            .unwrap_err()
+            .0
+            .contains("2 entries"));
     }
 }

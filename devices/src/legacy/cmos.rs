@@ -2,6 +2,7 @@
 //! UTC time in BCD, 24-hour mode, never "update in progress". Linux reads it once at boot.
 
 use crate::bus::MutBusDevice;
+use crate::snapshot::{RestoreError, State};
 
 #[derive(Default)]
 pub struct Cmos {
@@ -25,7 +26,33 @@ fn civil(days: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + (m <= 2) as i64, m, d)
 }
 
+/// The selected register: the time itself is the host's, read anew after restore.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CmosState {
+    index: u8,
+}
+
 impl Cmos {
+    /// The register index the guest selected, for a snapshot.
+    pub fn save(&self) -> State {
+        crate::snapshot::to_state(&CmosState { index: self.index })
+    }
+
+    /// The selected index again; one the guest cannot select (bit 7 is the NMI mask, never
+    /// kept) is refused.
+    pub fn restore(&mut self, state: &State) -> Result<(), RestoreError> {
+        let s: CmosState = crate::snapshot::from_state(state, "CMOS")?;
+        if s.index > 0x7f {
+            return Err(RestoreError(format!(
+                "CMOS: register index {:#04x} out of range",
+                s.index
+            )));
+        }
+        self.index = s.index;
+        Ok(())
+    }
+
     fn register(&self, now: i64) -> u8 {
         let (days, secs) = (now.div_euclid(86_400), now.rem_euclid(86_400) as u32);
         let (y, m, d) = civil(days);
@@ -95,5 +122,30 @@ mod tests {
             ],
             [0x20, 0x26, 0x11, 0x29, 0x10, 0x08, 0x58, 0x01]
         );
+    }
+
+    #[test]
+    fn selected_register_survives_a_snapshot() {
+        let mut c = Cmos::default();
+        c.write(0, &[0x80 | 0x09]);
+        let text = serde_json::to_string(&c.save()).unwrap();
+        let mut d = Cmos::default();
+        d.restore(&serde_json::from_str(&text).unwrap()).unwrap();
+        assert_eq!(d.index, 0x09);
+        let (mut a, mut b) = ([0u8], [0u8]);
+        c.read(1, &mut a);
+        d.read(1, &mut b);
+        assert_eq!(a, b, "the year, read through the restored index");
+
+        for bad in [
+            serde_json::json!({"index": 0x80}),
+            serde_json::json!({"index": 300}),
+            serde_json::json!({"index": "9"}),
+            serde_json::json!({"index": 9, "nmi": true}),
+            serde_json::json!(9),
+        ] {
+            assert!(d.restore(&bad).is_err(), "{bad} refused");
+        }
+        assert_eq!(d.index, 0x09, "a refused state changes nothing");
     }
 }

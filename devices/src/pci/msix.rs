@@ -7,6 +7,7 @@
 
 use super::{PciConfig, PCI_CAP_ID_MSIX};
 use crate::interrupt::{IrqChip, MsiMessage};
+use crate::snapshot::{RestoreError, State};
 use std::io;
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
@@ -33,6 +34,27 @@ impl Entry {
             data: self.data,
         }
     }
+}
+
+/// One table entry as saved: the three words the guest wrote and its mask bit.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryState {
+    addr_lo: u32,
+    addr_hi: u32,
+    data: u32,
+    ctrl: u32,
+}
+
+/// The table, the PBA and Message Control's two bits. The GSIs and irqfds are the new
+/// process's own; the routes are rebuilt from the entries.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MsixState {
+    entries: Vec<EntryState>,
+    pending: Vec<bool>,
+    enabled: bool,
+    function_masked: bool,
 }
 
 pub struct Msix {
@@ -188,6 +210,78 @@ impl Msix {
         e.ctrl = words[3] & VECTOR_CTRL_MASK;
         self.sync_route(v);
         self.deliver_pending();
+    }
+
+    /// The table, pending bits and enable/mask state, for a snapshot.
+    pub fn save(&self) -> State {
+        crate::snapshot::to_state(&MsixState {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| EntryState {
+                    addr_lo: e.addr_lo,
+                    addr_hi: e.addr_hi,
+                    data: e.data,
+                    ctrl: e.ctrl,
+                })
+                .collect(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        })
+    }
+
+    /// Puts a saved table back into this freshly built capability. `config` is the device's
+    /// config space, already restored: its Message Control must say what the state says (the
+    /// two are saved separately and a file could disagree). Every vector is then routed as
+    /// the guest's writes had routed it, and a pending vector that is deliverable fires, as
+    /// on the guest's last unmask. A state that does not fit changes nothing.
+    pub fn restore(&mut self, config: &PciConfig, state: &State) -> Result<(), RestoreError> {
+        let s: MsixState = crate::snapshot::from_state(state, "MSI-X")?;
+        let n = self.entries.len();
+        if s.entries.len() != n || s.pending.len() != n {
+            return Err(RestoreError(format!(
+                "MSI-X: {} table entries and {} pending bits where the device has {n} vectors",
+                s.entries.len(),
+                s.pending.len()
+            )));
+        }
+        if let Some(v) = s
+            .entries
+            .iter()
+            .position(|e| e.ctrl & !VECTOR_CTRL_MASK != 0)
+        {
+            return Err(RestoreError(format!(
+                "MSI-X: vector {v} has reserved vector-control bits set"
+            )));
+        }
+        let ctl = config.get16(self.cap + 2);
+        if (ctl & MSIX_ENABLE != 0, ctl & MSIX_FUNCTION_MASK != 0) != (s.enabled, s.function_masked)
+        {
+            return Err(RestoreError(format!(
+                "MSI-X: enable {} / function mask {} disagree with Message Control {ctl:#06x}",
+                s.enabled, s.function_masked
+            )));
+        }
+        for (e, saved) in self.entries.iter_mut().zip(&s.entries) {
+            e.addr_lo = saved.addr_lo;
+            e.addr_hi = saved.addr_hi;
+            e.data = saved.data;
+            e.ctrl = saved.ctrl;
+        }
+        self.pending = s.pending;
+        self.enabled = s.enabled;
+        self.function_masked = s.function_masked;
+        for v in 0..n {
+            self.sync_route(v);
+            // A route the chip refused would leave the guest's handler deaf: the VM does
+            // not start rather than lose interrupts.
+            if self.entries[v].routed != self.enabled.then(|| self.entries[v].message()) {
+                return Err(RestoreError(format!("MSI-X: vector {v} cannot be routed")));
+            }
+        }
+        self.deliver_pending();
+        Ok(())
     }
 
     pub fn pba_read(&self, offset: u64, data: &mut [u8]) {

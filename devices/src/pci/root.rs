@@ -96,16 +96,25 @@ impl PciRoot {
 
     /// The devices' states by slot, and CONFIG_ADDRESS (vCPUs stopped).
     pub fn save(&self) -> State {
-        let slots = self
+        self.with_devices_locked(|s| s)
+    }
+
+    /// Locks every device (in slot order), saves their states and calls `f` with them while
+    /// still holding the locks: no device writes guest memory until `f` returns (a snapshot
+    /// writes RAM there).
+    pub fn with_devices_locked<R>(&self, f: impl FnOnce(State) -> R) -> R {
+        let locked: Vec<(u8, std::sync::MutexGuard<'_, dyn PciDevice>)> = self
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(i, d)| Some((i as u8, d.as_ref()?.lock().unwrap().save())))
+            .filter_map(|(i, d)| Some((i as u8, d.as_ref()?.lock().unwrap())))
             .collect();
-        crate::snapshot::to_state(&RootState {
+        let slots = locked.iter().map(|(i, d)| (*i, d.save())).collect();
+        let state = crate::snapshot::to_state(&RootState {
             config_address: self.config_address.load(Ordering::Relaxed),
             slots,
-        })
+        });
+        f(state)
     }
 
     /// Restores every device from `state`, which must name exactly the slots this bus has
@@ -124,7 +133,9 @@ impl PciRoot {
             )));
         }
         for (slot, dev_state) in &saved.slots {
-            let dev = self.slots[*slot as usize].as_ref().expect("slot checked above");
+            let dev = self.slots[*slot as usize]
+                .as_ref()
+                .expect("slot checked above");
             dev.lock()
                 .unwrap()
                 .restore(dev_state)

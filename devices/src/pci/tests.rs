@@ -60,16 +60,21 @@ impl PciDevice for TestDev {
         }
     }
     fn save(&self) -> crate::snapshot::State {
-        save_config_only(&self.config)
+        serde_json::json!({
+            "config": save_config_only(&self.config),
+            "msix": self.msix.save(),
+        })
     }
     fn restore(&mut self, state: &crate::snapshot::State) -> Result<(), RestoreError> {
-        restore_config_only(&mut self.config, state)
+        restore_config_only(&mut self.config, &state["config"])?;
+        self.msix.restore(&self.config, &state["msix"])
     }
 }
 
 struct Rig {
     chip: Arc<RecordingIrqChip>,
     dev: Arc<Mutex<TestDev>>,
+    root: Arc<PciRoot>,
     pio: Bus,
     mmio: Bus,
 }
@@ -102,7 +107,7 @@ fn rig() -> Rig {
         0xc000_0000,
         0x3ec0_0000,
         Arc::new(PciWindow {
-            root,
+            root: root.clone(),
             io: false,
             base: 0xc000_0000,
         }),
@@ -111,6 +116,7 @@ fn rig() -> Rig {
     Rig {
         chip,
         dev,
+        root,
         pio,
         mmio,
     }
@@ -292,6 +298,133 @@ fn msix_routing_masking_and_pending() {
     // Out-of-range table accesses are ignored.
     r.mmio_write32(table + 16 * 4, 0x1234);
     assert_eq!(r.mmio_read32(table + 16 * 4), 0);
+}
+
+/// A guest's PCI setup: BARs moved away from where the machine put them, MSI-X enabled with
+/// vectors 0 and 2 programmed (2 masked, with an interrupt pending), CONFIG_ADDRESS selected.
+fn programmed_rig() -> Rig {
+    let r = rig();
+    r.cfg_write(SLOT, 0x10, 4, 0xc200);
+    r.cfg_write(SLOT, 0x14, 4, 0xc040_0000);
+    r.cfg_write(SLOT, 0x18, 4, 0);
+    r.cfg_write(
+        SLOT,
+        0x04,
+        2,
+        (PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER) as u32,
+    );
+    let table = 0xc040_0800u64;
+    for (v, data) in [(0u64, 0x4041u32), (2, 0x4043)] {
+        r.mmio_write32(table + 16 * v, 0xfee0_1000);
+        r.mmio_write32(table + 16 * v + 8, data);
+    }
+    r.mmio_write32(table + 12, 0);
+    let cap = r.cfg_read(SLOT, 0x34, 1);
+    r.cfg_write(SLOT, cap + 2, 2, 0x8000);
+    // Vector 2 stays masked; make it pending through the device.
+    r.dev.lock().unwrap().msix.notify(2);
+    assert_eq!(r.mmio_read32(0xc040_0c00), 0b100);
+    r.select(SLOT, 0x3c);
+    r
+}
+
+fn saved_text(r: &Rig) -> String {
+    serde_json::to_string(&r.root.save()).unwrap()
+}
+
+#[test]
+fn restored_bus_decodes_and_routes_as_saved() {
+    let old = programmed_rig();
+    let text = saved_text(&old);
+    let new = rig();
+    assert_eq!(
+        new.mmio_read32(0xc040_0800),
+        0xffff_ffff,
+        "nothing there yet"
+    );
+    new.root
+        .restore(&serde_json::from_str(&text).unwrap())
+        .unwrap();
+    // A save of the restored bus is the save it came from.
+    assert_eq!(
+        new.root.save(),
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    );
+    // The BARs answer where the guest had put them, through both windows.
+    let mut b = [0u8; 1];
+    assert!(new.pio.read(0xc204, &mut b));
+    assert_eq!(b[0], 0xa0);
+    new.pio.write(0xc2ff, &[7]);
+    assert_eq!(new.dev.lock().unwrap().io_log, vec![(0xff, 7)]);
+    assert_eq!(new.mmio_read32(0xc040_0010), 0xa1a1_a1a1);
+    assert_eq!(new.mmio_read32(0xc040_0808), 0x4041, "the MSI-X table");
+    // CONFIG_ADDRESS as the guest left it: a CONFIG_DATA read needs no new select.
+    let mut d = [0u8; 2];
+    new.pio.read(0xcfc, &mut d);
+    assert_eq!(u16::from_le_bytes(d), old.cfg_read(SLOT, 0x3c, 2) as u16);
+    // The routes the guest's writes made, made again on the new chip.
+    for gsi in 24..28 {
+        assert_eq!(new.chip.route(gsi), old.chip.route(gsi), "GSI {gsi}");
+    }
+    assert!(new.chip.route(24).is_some() && new.chip.route(26).is_some());
+    // Vector 0 fires; vector 2 is still pending and fires on unmask.
+    let fired = |v: usize| {
+        new.dev
+            .lock()
+            .unwrap()
+            .msix
+            .irqfd(v)
+            .unwrap()
+            .read()
+            .is_ok()
+    };
+    assert!(!fired(2), "a masked vector stays held back");
+    new.mmio_write32(0xc040_0000, 1);
+    assert!(fired(0));
+    assert_eq!(new.mmio_read32(0xc040_0c00), 0b100);
+    new.mmio_write32(0xc040_0800 + 16 * 2 + 12, 0);
+    assert!(fired(2));
+}
+
+#[test]
+fn restore_refuses_another_machine() {
+    let text = saved_text(&programmed_rig());
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    // The same slots holding a device of another kind.
+    let other = rig();
+    other.dev.lock().unwrap().config.set16(2, 0x9999);
+    let e = other.root.restore(&state).unwrap_err();
+    assert!(e.0.contains("slot 3") && e.0.contains("read-only"), "{e}");
+    // The device in another slot.
+    let chip = Arc::new(RecordingIrqChip::default());
+    let mut root = PciRoot::new();
+    root.add(0, Arc::new(Mutex::new(HostBridge::default())))
+        .unwrap();
+    root.add(4, Arc::new(Mutex::new(TestDev::new(chip.clone(), 4))))
+        .unwrap();
+    let e = root.restore(&state).unwrap_err();
+    assert!(e.0.contains("slots"), "{e}");
+    // An MSI-X table of another length, or a Message Control that disagrees.
+    let r = rig();
+    let mut s = state.clone();
+    let dev = &mut s["slots"][1][1];
+    dev["msix"]["entries"].as_array_mut().unwrap().pop();
+    assert!(r.root.restore(&s).unwrap_err().0.contains("vectors"));
+    let mut s = state.clone();
+    s["slots"][1][1]["msix"]["enabled"] = false.into();
+    assert!(r
+        .root
+        .restore(&s)
+        .unwrap_err()
+        .0
+        .contains("Message Control"));
+    let mut s = state.clone();
+    s["slots"][1][1]["msix"]["entries"][0]["ctrl"] = 0x8000_0001u32.into();
+    assert!(r.root.restore(&s).is_err());
+    let mut s = state;
+    s["slots"][1][1]["msix"]["pending"] = serde_json::json!([true, "no", false, false]);
+    assert!(r.root.restore(&s).is_err());
+    assert_eq!(chip.route(24), None);
 }
 
 /// Slots 3 and 11 share GSI 19. Each NIC model used to drive its line with the GSI as its

@@ -6,18 +6,23 @@
 //! runs on the I/O thread, woken by the port's kicks (wired to the notify addresses through
 //! KVM ioeventfds). Both hold the device lock. A driver error sets DEVICE_NEEDS_RESET and
 //! stops the queues until the driver resets the device (virtio 1.0, 2.1.2).
+//!
+//! A snapshot holds the common configuration, the ISR, the device config (MAC, link) and each
+//! queue's setup and ring positions; no descriptor chain is ever in flight at a save (see
+//! `VirtioNet::save_state`), so a restored device continues from the rings in guest RAM.
 
 use super::transport::*;
 use super::*;
 use crate::interrupt::{IntxLine, IrqChip};
 use crate::net::{guest_iov, NetPort, NicModel, Rx, RxFilter, Sent};
 use crate::pci::{BarKind, Msix, PciConfig};
+use crate::snapshot::{RestoreError, State};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
 use net_backends::{Capabilities, MacAddr, Offloads, MAX_FRAME};
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 use virtio_bindings::virtio_net as vnet;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 // Feature bits (virtio 1.0, 5.1.3) as masks.
@@ -229,6 +234,13 @@ impl VirtioNet {
             }
             q.set_event_idx(event_idx);
         }
+        self.start_queues(port);
+    }
+
+    /// What DRIVER_OK does once the queues checked out (and what a restore of a running
+    /// device does again): the guest's offloads to the backend, the queues live, and both
+    /// directions looked at, as frames may already be waiting on either side.
+    fn start_queues(&mut self, port: &mut NetPort) {
         let offloads = Offloads {
             csum: self.has(VIRTIO_NET_F_GUEST_CSUM),
             tso4: self.has(VIRTIO_NET_F_GUEST_TSO4),
@@ -238,7 +250,6 @@ impl VirtioNet {
         };
         port.set_rx_offloads(offloads);
         self.active = true;
-        // Frames may already be waiting on either side.
         port.kick_tx();
         port.kick_rx();
     }
@@ -668,17 +679,246 @@ impl VirtioNet {
     }
 }
 
-impl NicModel for VirtioNet {
-    // PLACEHOLDER (snapshot work in progress): replaced by the model's real state.
-    fn save(&self) -> crate::snapshot::State {
-        serde_json::Value::Null
+/// One virtqueue as the driver set it up and as far as the device has walked it. Names as
+/// in the common configuration (virtio 1.0, 4.1.4.3): `desc`, `driver` (available ring) and
+/// `device` (used ring) are the three areas' guest addresses.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueSnapshot {
+    size: u16,
+    ready: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+    /// The next available-ring entry the device will take.
+    next_avail: u16,
+    /// The next used-ring entry the device will fill (the used index it last published).
+    next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX in force on the queue (set at DRIVER_OK).
+    event_idx: bool,
+    msix_vector: u16,
+    /// The driver wrote a size the device cannot use: DRIVER_OK will fail.
+    bad_size: bool,
+}
+
+/// What the driver can observe of the device beyond PCI config space. Host-side things are
+/// not here: the backend and its header/offload capabilities (the restoring command line's;
+/// the driver's features must be among what it offers), the interrupt counter, scratch lists.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VirtioNetState {
+    device_feature_select: u32,
+    /// What the saved device offered (for the error when the new backend offers less).
+    device_features: u64,
+    driver_feature_select: u32,
+    driver_features: u64,
+    device_status: u8,
+    /// Always 0: the device config changes only in its two-byte status field, atomically.
+    config_generation: u8,
+    queue_select: u16,
+    isr: u8,
+    msix_config: u16,
+    mac: [u8; 6],
+    /// The link as config space's status field showed it.
+    link_up: bool,
+    /// The queues are live (DRIVER_OK accepted, no device error since).
+    active: bool,
+    queues: Vec<QueueSnapshot>,
+    msix: State,
+}
+
+impl VirtioNet {
+    /// In-flight chains: the device never keeps a chain it took from the available ring
+    /// across a return to its caller. TX puts a chain the backend refused back
+    /// (`next_avail` steps back) and RX rewinds when a frame does not fit, so in a live
+    /// device `next_avail == next_used` whenever it can be saved: every chain is either used
+    /// or still available, and an available one is taken again after the restore.
+    fn save_state(&self) -> State {
+        let queues = (0..2)
+            .map(|i| {
+                let q = self.queues[i].state();
+                QueueSnapshot {
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc_table,
+                    driver: q.avail_ring,
+                    device: q.used_ring,
+                    next_avail: q.next_avail,
+                    next_used: q.next_used,
+                    event_idx: q.event_idx_enabled,
+                    msix_vector: self.vectors[i],
+                    bad_size: self.bad_size[i],
+                }
+            })
+            .collect();
+        crate::snapshot::to_state(&VirtioNetState {
+            device_feature_select: self.device_feature_select,
+            device_features: self.device_features,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            device_status: self.status,
+            config_generation: 0,
+            queue_select: self.queue_select,
+            isr: self.isr,
+            msix_config: self.msix_config,
+            mac: self.mac.0,
+            link_up: self.link_up,
+            active: self.active,
+            queues,
+            msix: self.msix.save(),
+        })
     }
-    fn restore(
-        &mut self,
-        _port: &mut NetPort,
-        _state: &crate::snapshot::State,
-    ) -> Result<(), crate::snapshot::RestoreError> {
-        Err(crate::snapshot::RestoreError::new("not yet"))
+
+    /// A queue from its saved state, checked as the driver's writes are (a power-of-two size
+    /// within the maximum, aligned areas) and, for a live queue, as DRIVER_OK checks it (the
+    /// areas in guest memory) plus the in-flight rule of [`VirtioNet::save_state`].
+    fn restore_queue(
+        &self,
+        i: usize,
+        s: &QueueSnapshot,
+        live: bool,
+        event_idx: bool,
+    ) -> Result<Queue, String> {
+        let q = Queue::try_from(QueueState {
+            max_size: QUEUE_MAX,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc,
+            avail_ring: s.driver,
+            used_ring: s.device,
+        })
+        .map_err(|e| format!("queue {i}: {e} (size {})", s.size))?;
+        let taken = s.next_avail.wrapping_sub(s.next_used);
+        if taken > s.size {
+            return Err(format!(
+                "queue {i}: next_avail {} is {taken} entries past next_used {} in a queue of {}",
+                s.next_avail, s.next_used, s.size
+            ));
+        }
+        if s.msix_vector >= N_VECTORS && s.msix_vector != VIRTIO_MSI_NO_VECTOR {
+            return Err(format!(
+                "queue {i}: MSI-X vector {} out of range",
+                s.msix_vector
+            ));
+        }
+        if live {
+            if !q.is_valid(&self.mem) || s.bad_size {
+                return Err(format!(
+                    "queue {i}: live, yet not ready or not inside guest memory"
+                ));
+            }
+            if taken != 0 {
+                return Err(format!(
+                    "queue {i}: {taken} chains taken and not used in a live queue"
+                ));
+            }
+            if s.event_idx != event_idx {
+                return Err(format!(
+                    "queue {i}: event index disagrees with the features"
+                ));
+            }
+        }
+        Ok(q)
+    }
+
+    fn restore_state(&mut self, port: &mut NetPort, state: &State) -> Result<(), RestoreError> {
+        let err = |what: String| RestoreError(format!("virtio-net: {what}"));
+        let s: VirtioNetState = crate::snapshot::from_state(state, "virtio-net")?;
+        // Bits the driver wrote count once FEATURES_OK accepted them: before that a driver may
+        // have written anything (FEATURES_OK then does not stick, as on the live device).
+        if s.device_status & STATUS_FEATURES_OK != 0
+            && s.driver_features & !self.device_features != 0
+        {
+            return Err(err(format!(
+                "the driver accepted features {:#x} this device does not offer ({:#x}, was \
+                 {:#x}): restore on a backend with the same virtio-net header and offloads",
+                s.driver_features & !self.device_features,
+                self.device_features,
+                s.device_features
+            )));
+        }
+        if s.config_generation != 0 {
+            return Err(err(format!(
+                "config generation {} (this device's is always 0)",
+                s.config_generation
+            )));
+        }
+        let ok_needed = STATUS_DRIVER_OK | STATUS_FEATURES_OK;
+        if s.active
+            && (s.device_status & ok_needed != ok_needed
+                || s.driver_features & VIRTIO_F_VERSION_1 == 0)
+        {
+            return Err(err(format!(
+                "live queues with device status {:#04x} and features {:#x}",
+                s.device_status, s.driver_features
+            )));
+        }
+        if s.queues.len() != 2 {
+            return Err(err(format!(
+                "{} queues where the device has 2",
+                s.queues.len()
+            )));
+        }
+        let event_idx = s.driver_features & VIRTIO_F_RING_EVENT_IDX != 0;
+        let queues = (0..2)
+            .map(|i| self.restore_queue(i, &s.queues[i], s.active, event_idx))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        self.msix
+            .restore(&self.config, &s.msix)
+            .map_err(|e| err(e.0))?;
+
+        let mac = MacAddr(s.mac);
+        if mac != self.mac {
+            // The guest keeps the address it read (as it would on real hardware whose EEPROM
+            // moved with it); the command line's is not what it knows.
+            log::warn!(
+                "virtio-net {}: the snapshot's MAC is {mac}; the guest keeps it",
+                self.mac
+            );
+            self.mac = mac;
+        }
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.status = s.device_status;
+        self.queue_select = s.queue_select;
+        self.isr = s.isr;
+        self.msix_config = s.msix_config;
+        self.link_up = s.link_up;
+        for (i, (q, saved)) in queues.into_iter().zip(&s.queues).enumerate() {
+            self.queues[i] = q;
+            self.vectors[i] = saved.msix_vector;
+            self.bad_size[i] = saved.bad_size;
+        }
+
+        // What the guest's writes had caused: kicks reach the I/O thread through ioeventfds
+        // at the BAR where the guest put it, an unacknowledged INTx interrupt keeps its line
+        // up, and live queues start as at DRIVER_OK. That last step kicks both directions:
+        // chains made available before the snapshot (with or without their doorbell) go
+        // out, and the backend is read again, with no doorbell from the guest.
+        self.sync_ioevents(port);
+        let intx_on = self.config.command() & crate::pci::PCI_COMMAND_INTX_DISABLE == 0;
+        self.intx
+            .set(self.isr != 0 && !self.msix.enabled() && intx_on);
+        self.active = false;
+        if s.active {
+            self.start_queues(port);
+        }
+        Ok(())
+    }
+}
+
+impl NicModel for VirtioNet {
+    fn save(&self) -> State {
+        self.save_state()
+    }
+
+    fn restore(&mut self, port: &mut NetPort, state: &State) -> Result<(), RestoreError> {
+        self.restore_state(port, state)
     }
 
     fn wants_vnet_hdr(&self) -> bool {

@@ -36,23 +36,34 @@ pub fn used_base(q: usize) -> u64 {
     (avail_base(q) + 6 + 2 * QSIZE as u64 + 4095) & !4095
 }
 
+/// A device as the machine builds it, before firmware or the guest touched it: on `backend`,
+/// `mem` and `chip`, its BARs not placed (what a restore starts from).
+pub fn fresh_device(
+    backend: Box<dyn NetBackend>,
+    mem: &GuestMemoryMmap,
+    chip: &Arc<RecordingIrqChip>,
+    ioevents: Arc<dyn IoEventRegistry>,
+) -> Nic<VirtioNet> {
+    let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
+    let port = NetPort::new(format!("virtio-net {mac}"), backend).unwrap();
+    let model = VirtioNet::new(
+        mac,
+        port.capabilities(),
+        mem.clone(),
+        chip.clone(),
+        IntxLine::new(chip.clone(), 19, 0),
+        ioevents,
+    )
+    .unwrap();
+    Nic::new(model, port)
+}
+
 impl Driver {
     /// A device on `backend`, BARs placed and memory decoding on, not yet negotiated.
     pub fn new(backend: Box<dyn NetBackend>) -> Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let chip = Arc::new(RecordingIrqChip::default());
-        let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
-        let port = NetPort::new(format!("virtio-net {mac}"), backend).unwrap();
-        let model = VirtioNet::new(
-            mac,
-            port.capabilities(),
-            mem.clone(),
-            chip.clone(),
-            IntxLine::new(chip.clone(), 19, 0),
-            Arc::new(NoIoEvents),
-        )
-        .unwrap();
-        let mut dev = Nic::new(model, port);
+        let mut dev = fresh_device(backend, &mem, &chip, Arc::new(NoIoEvents));
         dev.config_mut().set_bar_addr(VIRTIO_BAR, 0xc000_0000);
         dev.config_mut().set_bar_addr(MSIX_BAR, 0xc001_0000);
         dev.config_mut()
@@ -114,6 +125,42 @@ impl Driver {
         self.w(QUEUE_DEVICE, used_base(q), 8);
         self.w(QUEUE_MSIX_VECTOR, q as u64 + 1, 2);
         self.w(QUEUE_ENABLE, 1, 2);
+    }
+
+    /// MSI-X on as Linux's virtio_pci sets it up: vector 0 for configuration changes,
+    /// 1 and 2 for the queues (as [`Driver::setup_queue`] assigns them), each with its own
+    /// message, unmasked. Before the queues are set up.
+    pub fn enable_msix(&mut self) {
+        for v in 0..3u64 {
+            let e = MSIX_TABLE + 16 * v;
+            let w = |d: &mut Self, off: u64, val: u32| {
+                d.dev.bar_write(MSIX_BAR, off, &val.to_le_bytes())
+            };
+            w(self, e, 0xfee0_0000 | (v as u32) << 12);
+            w(self, e + 4, 0);
+            w(self, e + 8, 0x4030 + v as u32);
+            w(self, e + 12, 0);
+        }
+        let cap = self.msix_cap();
+        let ctl = 0x8000u16;
+        self.dev.config_mut().write(cap + 2, &ctl.to_le_bytes());
+        self.dev.config_written(cap + 2, 2);
+        self.w(MSIX_CONFIG, 0, 2);
+    }
+
+    /// Where the MSI-X capability is in config space.
+    pub fn msix_cap(&self) -> usize {
+        let c = self.dev.config();
+        let mut at = c.get16(crate::pci::PCI_CAPABILITY_LIST) as usize & 0xff;
+        while c.get16(at) & 0xff != crate::pci::PCI_CAP_ID_MSIX as u16 {
+            at = (c.get16(at) >> 8) as usize;
+        }
+        at
+    }
+
+    /// Whether MSI-X vector `v` fired since the last look (reads its irqfd).
+    pub fn msix_fired(&self, v: usize) -> bool {
+        self.dev.msix.irqfd(v).unwrap().read().is_ok()
     }
 
     pub fn driver_ok(&mut self) {

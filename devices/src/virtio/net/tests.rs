@@ -4,11 +4,13 @@
 
 use super::driver::*;
 use super::*;
-use crate::net::NetEvent;
+use crate::net::{NetEvent, Nic};
 use crate::pci::PciDevice;
+use crate::snapshot::{RestoreError, State};
 use net_backends::mem::{pair, MemPeer};
 use net_backends::Capabilities;
-use vm_memory::GuestAddress;
+use std::io;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// The synthetic driver and the test's end of the in-memory network.
 struct Rig {
@@ -476,4 +478,333 @@ fn rx_buffer_at_the_top_of_the_address_space_is_a_device_error() {
         d.dev.handle(NetEvent::Backend);
     });
     assert!(needs_reset(&mut d));
+}
+
+// ---- snapshot and restore -----------------------------------------------------------------
+
+/// Where the device put its doorbells, as a KVM VM would hold them.
+#[derive(Debug, Default)]
+struct RecordingIoEvents(std::sync::Mutex<Vec<u64>>);
+
+impl IoEventRegistry for RecordingIoEvents {
+    fn register(&self, addr: u64, _fd: &vmm_sys_util::eventfd::EventFd) -> io::Result<()> {
+        self.0.lock().unwrap().push(addr);
+        Ok(())
+    }
+    fn unregister(&self, addr: u64, _fd: &vmm_sys_util::eventfd::EventFd) -> io::Result<()> {
+        self.0.lock().unwrap().retain(|&a| a != addr);
+        Ok(())
+    }
+}
+
+/// The device's state as the snapshot file holds it: through a JSON string and back.
+fn saved(d: &Rig) -> State {
+    let text = serde_json::to_string(&PciDevice::save(&d.dev)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// What a restoring nicvm builds before it restores: guest RAM holding the saved RAM, a new
+/// interrupt chip, a new backend and a new device on them, its BARs where the new machine put
+/// them rather than where the guest had.
+fn fresh_machine(
+    d: &Rig,
+) -> (
+    Nic<VirtioNet>,
+    GuestMemoryMmap,
+    Arc<crate::interrupt::RecordingIrqChip>,
+    MemPeer,
+    Arc<RecordingIoEvents>,
+) {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let ram = d.read(0, MEM_SIZE);
+    mem.write_slice(&ram, GuestAddress(0)).unwrap();
+    let chip = Arc::new(crate::interrupt::RecordingIrqChip::default());
+    let (b, peer) = pair(PLAIN);
+    let ioevents = Arc::new(RecordingIoEvents::default());
+    let mut dev = fresh_device(Box::new(b), &mem, &chip, ioevents.clone());
+    dev.config_mut().set_bar_addr(VIRTIO_BAR, 0xd000_0000);
+    dev.config_mut().set_bar_addr(MSIX_BAR, 0xd001_0000);
+    (dev, mem, chip, peer, ioevents)
+}
+
+/// Restores `state` into a fresh machine and puts it under the same driver.
+fn restore_into_fresh(d: &mut Rig, state: &State) -> Result<Arc<RecordingIoEvents>, RestoreError> {
+    let (mut dev, mem, chip, peer, ioevents) = fresh_machine(d);
+    PciDevice::restore(&mut dev, state)?;
+    d.d.dev = dev;
+    d.d.mem = mem;
+    d.d.chip = chip;
+    d.peer = peer;
+    Ok(ioevents)
+}
+
+fn tx_frame(len: usize, seed: u8) -> (Vec<u8>, Vec<u8>) {
+    let f = frame(len, seed);
+    let mut p = vec![0u8; VNET_HDR_LEN];
+    p.extend_from_slice(&f);
+    (p, f)
+}
+
+/// One frame each way, checked byte for byte, with the queue interrupts on their vectors.
+fn exchange(d: &mut Rig, seed: u8) {
+    let (p, f) = tx_frame(60 + seed as usize * 7, seed);
+    d.post(TX, &[&p[..VNET_HDR_LEN], &p[VNET_HDR_LEN..]], false);
+    d.dev.handle(NetEvent::TxKick);
+    assert_eq!(d.peer.take_sent(), vec![f], "TX {seed}");
+    assert!(d.msix_fired(2), "TX interrupt {seed} on vector 2");
+    let before = d.used(RX).len();
+    d.post(RX, &[&[0u8; 1526]], true);
+    let g = frame(100 + seed as usize * 13, seed.wrapping_add(100));
+    d.peer.inject(&g);
+    d.dev.pump();
+    let used = d.used(RX);
+    assert_eq!(used.len(), before + 1, "RX {seed} delivered");
+    let (head, len) = *used.last().unwrap();
+    let got = d.read(d.desc_addr(RX, head as u16), len as usize);
+    assert_eq!(&got[VNET_HDR_LEN..], &g[..], "RX {seed}");
+    assert!(d.msix_fired(1), "RX interrupt {seed} on vector 1");
+}
+
+/// A running device with MSI-X, mid-stream: traffic both ways, then an RX buffer posted and
+/// a TX chain made available without a doorbell.
+fn mid_stream() -> (Rig, Vec<u8>) {
+    let mut d = new_rig(PLAIN);
+    assert!(d.negotiate(BASE | VIRTIO_NET_F_MRG_RXBUF));
+    d.enable_msix();
+    d.setup_queue(RX, QSIZE);
+    d.setup_queue(TX, QSIZE);
+    d.driver_ok();
+    assert!(!needs_reset(&mut d));
+    for seed in 0..20 {
+        exchange(&mut d, seed);
+    }
+    d.post(RX, &[&[0u8; 1526]], true);
+    let (p, f) = tx_frame(333, 77);
+    d.post(TX, &[&p], false);
+    (d, f)
+}
+
+#[test]
+fn restored_device_continues_mid_stream() {
+    let (mut d, pending_tx) = mid_stream();
+    let old_routes: Vec<_> = (24..27).map(|g| d.chip.route(g)).collect();
+    assert!(old_routes.iter().all(|r| r.is_some()));
+    let (tx_used, rx_used) = (d.used_idx(TX), d.used_idx(RX));
+    let state = saved(&d);
+    let ioevents = restore_into_fresh(&mut d, &state).unwrap();
+
+    // The guest's BAR, the doorbells on it, the routes its MSI-X writes made.
+    assert_eq!(d.dev.config().bar_addr(VIRTIO_BAR), Some(0xc000_0000));
+    assert_eq!(
+        *ioevents.0.lock().unwrap(),
+        vec![0xc000_0000 + NOTIFY_CFG, 0xc000_0000 + NOTIFY_CFG + 4]
+    );
+    let routes: Vec<_> = (24..27).map(|g| d.chip.route(g)).collect();
+    assert_eq!(routes, old_routes);
+    assert_eq!(
+        d.status(),
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+    );
+    assert_eq!(
+        d.r(QUEUE_MSIX_VECTOR, 2),
+        TX as u64 + 1,
+        "queue select and vector"
+    );
+
+    // The I/O thread's first turn, no doorbell: the chain made available before the
+    // snapshot goes out, and the RX buffer posted before it takes a frame.
+    assert!(d.peer.take_sent().is_empty());
+    d.dev.run_kicks();
+    assert_eq!(d.peer.take_sent(), vec![pending_tx]);
+    assert_eq!(d.used_idx(TX), tx_used.wrapping_add(1));
+    assert!(d.msix_fired(2));
+    let g = frame(700, 9);
+    d.peer.inject(&g);
+    d.dev.pump();
+    assert_eq!(d.used_idx(RX), rx_used.wrapping_add(1));
+    let (head, len) = *d.used(RX).last().unwrap();
+    assert_eq!(
+        &d.read(d.desc_addr(RX, head as u16), len as usize)[VNET_HDR_LEN..],
+        &g[..]
+    );
+    assert!(d.msix_fired(1));
+
+    // And on, past the rings' wrap.
+    for seed in 20..40 {
+        exchange(&mut d, seed);
+    }
+    assert_eq!(d.dev.stats().rx_dropped, 0);
+    // A second snapshot of the restored device restores too.
+    let again = saved(&d);
+    restore_into_fresh(&mut d, &again).unwrap();
+    exchange(&mut d, 40);
+}
+
+/// Saved while the backend refused a frame: the chain was put back, so it is not lost.
+#[test]
+fn chain_refused_by_the_backend_goes_out_after_restore() {
+    let (mut d, pending_tx) = mid_stream();
+    d.peer.set_blocked(true);
+    d.dev.handle(NetEvent::TxKick);
+    assert!(d.peer.take_sent().is_empty());
+    let state = saved(&d);
+    assert_eq!(
+        state["model"]["queues"][TX]["next_avail"],
+        state["model"]["queues"][TX]["next_used"]
+    );
+    restore_into_fresh(&mut d, &state).unwrap();
+    d.dev.run_kicks();
+    assert_eq!(d.peer.take_sent(), vec![pending_tx]);
+}
+
+/// Without MSI-X: an interrupt the driver had not acknowledged keeps the line up.
+#[test]
+fn unacknowledged_intx_is_asserted_after_restore() {
+    let mut d = started(PLAIN, BASE);
+    let (p, _) = tx_frame(60, 1);
+    d.post(TX, &[&p], false);
+    d.dev.handle(NetEvent::TxKick);
+    assert!(d.irq());
+    let state = saved(&d);
+    restore_into_fresh(&mut d, &state).unwrap();
+    assert!(d.irq(), "the line is up again");
+    assert_eq!(d.ack_irq(), 1);
+    assert!(!d.irq());
+}
+
+/// A device the driver has not started yet (mid-probe) restores as it was: the driver goes
+/// on from FEATURES_OK.
+#[test]
+fn device_mid_probe_restores() {
+    let mut d = new_rig(PLAIN);
+    assert!(d.negotiate(BASE));
+    d.setup_queue(RX, QSIZE);
+    let state = saved(&d);
+    restore_into_fresh(&mut d, &state).unwrap();
+    d.setup_queue(TX, QSIZE);
+    d.driver_ok();
+    assert!(!needs_reset(&mut d));
+    let (p, f) = tx_frame(90, 3);
+    d.post(TX, &[&p], false);
+    d.dev.handle(NetEvent::TxKick);
+    assert_eq!(d.peer.take_sent(), vec![f]);
+}
+
+#[test]
+fn hostile_virtio_state_is_refused() {
+    let (mut d, _) = mid_stream();
+    let good = saved(&d);
+    let with = |f: &dyn Fn(&mut State)| {
+        let mut s = good.clone();
+        f(&mut s);
+        s
+    };
+    let cases: Vec<(&str, State)> = vec![
+        (
+            "queue size 3",
+            with(&|s| s["model"]["queues"][RX]["size"] = 3.into()),
+        ),
+        (
+            "queue size 512",
+            with(&|s| s["model"]["queues"][TX]["size"] = 512.into()),
+        ),
+        (
+            "next_avail out of range",
+            with(&|s| {
+                let n = s["model"]["queues"][TX]["next_used"].as_u64().unwrap();
+                s["model"]["queues"][TX]["next_avail"] = ((n + 1000) % 65536).into();
+            }),
+        ),
+        (
+            "a chain in flight in a live queue",
+            with(&|s| {
+                let n = s["model"]["queues"][RX]["next_used"].as_u64().unwrap();
+                s["model"]["queues"][RX]["next_avail"] = ((n + 1) % 65536).into();
+            }),
+        ),
+        (
+            "ring outside RAM",
+            with(&|s| s["model"]["queues"][TX]["desc"] = (1u64 << 40).into()),
+        ),
+        (
+            "misaligned ring",
+            with(&|s| s["model"]["queues"][TX]["device"] = 0x2_0002.into()),
+        ),
+        (
+            "queue vector out of range",
+            with(&|s| s["model"]["queues"][RX]["msix_vector"] = 7.into()),
+        ),
+        (
+            "wrong vector count",
+            with(&|s| {
+                s["model"]["msix"]["entries"].as_array_mut().unwrap().pop();
+            }),
+        ),
+        (
+            "one queue",
+            with(&|s| {
+                s["model"]["queues"].as_array_mut().unwrap().pop();
+            }),
+        ),
+        (
+            "features never offered",
+            with(&|s| {
+                s["model"]["driver_features"] = (BASE | VIRTIO_NET_F_HOST_TSO4).into();
+            }),
+        ),
+        (
+            "live without DRIVER_OK",
+            with(&|s| s["model"]["device_status"] = 0x0b.into()),
+        ),
+        (
+            "config generation",
+            with(&|s| s["model"]["config_generation"] = 1.into()),
+        ),
+        ("unknown field", with(&|s| s["model"]["rss"] = true.into())),
+        (
+            "a string for a number",
+            with(&|s| s["model"]["isr"] = "1".into()),
+        ),
+        (
+            "truncated config space",
+            with(&|s| {
+                s["config"].as_array_mut().unwrap().truncate(64);
+            }),
+        ),
+        ("the placeholder", with(&|s| s["model"] = State::Null)),
+    ];
+    for (what, state) in cases {
+        let (mut dev, ..) = fresh_machine(&d);
+        let r = PciDevice::restore(&mut dev, &state);
+        assert!(r.is_err(), "{what}: refused");
+    }
+    // An e1000's state.
+    let (b, _p) = pair(PLAIN);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let chip = Arc::new(crate::interrupt::RecordingIrqChip::default());
+    let e1000 = crate::e1000::E1000::new(
+        "52:54:00:12:34:56".parse().unwrap(),
+        mem,
+        crate::interrupt::IntxLine::new(chip, 19, 0),
+    )
+    .unwrap();
+    let e1000 = Nic::new(e1000, NetPort::new("e1000".into(), Box::new(b)).unwrap());
+    let (mut dev, ..) = fresh_machine(&d);
+    let e = PciDevice::restore(&mut dev, &PciDevice::save(&e1000)).unwrap_err();
+    assert!(e.0.contains("read-only"), "{e}");
+    // The good state still restores, its waiting chain included.
+    restore_into_fresh(&mut d, &good).unwrap();
+    d.dev.run_kicks();
+    assert_eq!(d.peer.take_sent().len(), 1);
+    exchange(&mut d, 1);
+}
+
+/// A snapshot taken on a backend with a virtio-net header and offloads the driver accepted
+/// does not restore onto one without them.
+#[test]
+fn offloads_the_new_backend_lacks_are_refused() {
+    let mut d = started(VNET, BASE | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_CSUM);
+    let state = saved(&d);
+    let e = restore_into_fresh(&mut d, &state).unwrap_err();
+    assert!(e.0.contains("does not offer"), "{e}");
 }
