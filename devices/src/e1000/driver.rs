@@ -88,6 +88,37 @@ impl Driver {
         }
     }
 
+    /// `migrate` to a file and `-incoming` from it, as far as this device goes: its state
+    /// through JSON text, then [`Self::restore_into_new`].
+    pub fn migrate(
+        &mut self,
+        backend: Box<dyn NetBackend>,
+    ) -> Result<(), crate::snapshot::RestoreError> {
+        let text = serde_json::to_string(&self.dev.save()).expect("state as JSON");
+        let state = serde_json::from_str(&text).expect("JSON back");
+        self.restore_into_new(backend, &state)
+    }
+
+    /// A new device, as a restoring nicvm builds it from its command line, on `backend` and
+    /// a new guest memory holding a copy of this one's, with `state` restored into it; the
+    /// driver carries on with it (its own ring positions unchanged). On an error the old
+    /// device stays.
+    pub fn restore_into_new(
+        &mut self,
+        backend: Box<dyn NetBackend>,
+        state: &crate::snapshot::State,
+    ) -> Result<(), crate::snapshot::RestoreError> {
+        let mut new = Driver::new(backend);
+        let mut ram = vec![0u8; MEM_SIZE];
+        self.mem.read_slice(&mut ram, GuestAddress(0)).unwrap();
+        new.mem.write_slice(&ram, GuestAddress(0)).unwrap();
+        new.dev.restore(state)?;
+        self.dev = new.dev;
+        self.mem = new.mem;
+        self.chip = new.chip;
+        Ok(())
+    }
+
     pub fn r(&mut self, off: usize) -> u32 {
         let mut b = [0u8; 4];
         self.dev.bar_read(MMIO_BAR, off as u64, &mut b);

@@ -19,6 +19,18 @@ pub const WORD_VENDOR_ID: usize = 0x0e;
 pub const WORD_INIT_CONTROL2: usize = 0x0f;
 pub const WORD_CHECKSUM: usize = 0x3f;
 
+/// [`Eeprom`] in a snapshot.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedEeprom {
+    words: Vec<u16>,
+    pins: u32,
+    shift_in: u32,
+    bits_in: u32,
+    read_addr: Option<usize>,
+    bits_out: usize,
+}
+
 pub struct Eeprom {
     words: [u16; WORDS],
     /// The EECD bits software drives (SK, CS, DI, FWE, REQ).
@@ -63,6 +75,41 @@ impl Eeprom {
             read_addr: None,
             bits_out: 0,
         }
+    }
+
+    pub fn save(&self) -> SavedEeprom {
+        SavedEeprom {
+            words: self.words.to_vec(),
+            pins: self.pins,
+            shift_in: self.shift_in,
+            bits_in: self.bits_in,
+            read_addr: self.read_addr,
+            bits_out: self.bits_out,
+        }
+    }
+
+    /// The EEPROM from a snapshot, refusing a Microwire state no EECD sequence reaches.
+    pub fn restore(s: &SavedEeprom) -> Result<Eeprom, crate::snapshot::RestoreError> {
+        let words = crate::snapshot::array(&s.words, "e1000 EEPROM words")?;
+        let pins = EECD_SK | EECD_CS | EECD_DI | EECD_FWE | EECD_REQ;
+        let ok = s.pins & !pins == 0
+            && s.bits_in <= 3 + ADDR_BITS
+            && s.shift_in < 1 << s.bits_in
+            && s.read_addr.is_none_or(|a| a < WORDS)
+            && s.bits_out <= 16 * WORDS;
+        if !ok {
+            return Err(crate::snapshot::RestoreError::new(
+                "e1000 EEPROM: impossible EECD/Microwire state",
+            ));
+        }
+        Ok(Eeprom {
+            words,
+            pins: s.pins,
+            shift_in: s.shift_in,
+            bits_in: s.bits_in,
+            read_addr: s.read_addr,
+            bits_out: s.bits_out,
+        })
     }
 
     pub fn word(&self, i: usize) -> Option<u16> {

@@ -31,6 +31,7 @@ pub mod eeprom;
 pub mod phy;
 pub mod regs;
 mod rx;
+mod state;
 mod tx;
 
 use crate::interrupt::IntxLine;
@@ -592,16 +593,15 @@ impl E1000 {
 }
 
 impl NicModel for E1000 {
-    // PLACEHOLDER (snapshot work in progress): replaced by the model's real state.
     fn save(&self) -> crate::snapshot::State {
-        serde_json::Value::Null
+        self.save_state()
     }
     fn restore(
         &mut self,
-        _port: &mut NetPort,
-        _state: &crate::snapshot::State,
+        port: &mut NetPort,
+        state: &crate::snapshot::State,
     ) -> Result<(), crate::snapshot::RestoreError> {
-        Err(crate::snapshot::RestoreError::new("not yet"))
+        self.restore_state(port, state)
     }
 
     fn config(&self) -> &PciConfig {

@@ -56,6 +56,10 @@ const WRITABLE: [usize; 8] = [
     0x1e, // Marvell page data
 ];
 
+/// The PHY's registers and link. A snapshot holds it as it is: any register value is one a
+/// driver could read back.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Phy {
     regs: [u16; 32],
     /// Auto-negotiation (or forced setup) finished and the PHY is powered up.

@@ -1070,3 +1070,236 @@ fn backend_with_vnet_header() {
     d.dev.handle(NetEvent::Backend);
     assert_eq!(d.rx_poll()[0].data, g);
 }
+
+// ---- snapshot and restore -----------------------------------------------------------------
+
+impl Rig {
+    /// Saves the device and carries on with a new one restored on a copy of guest memory and
+    /// a new backend (link up, no send limit), as `migrate` to a file and `-incoming` do.
+    fn migrate(&mut self) {
+        let (inner, peer) = pair(Capabilities::default());
+        let ctl = Arc::new(Ctl {
+            link: AtomicBool::new(true),
+            budget: AtomicUsize::new(usize::MAX),
+        });
+        let b = TestBackend {
+            inner,
+            ctl: ctl.clone(),
+        };
+        self.d.migrate(Box::new(b)).expect("restores");
+        self.peer = peer;
+        self.ctl = ctl;
+    }
+
+    /// Restore of `state` into a new device fails, naming `what`; the old device stays.
+    fn refused(&mut self, state: &serde_json::Value, what: &str) {
+        let (b, _peer) = pair(Capabilities::default());
+        let e = self.d.restore_into_new(Box::new(b), state).unwrap_err();
+        assert!(e.0.contains(what), "{what}: {e}");
+    }
+
+    /// The state as saved with `edit` applied to the model's part.
+    fn edited(&self, edit: impl FnOnce(&mut serde_json::Value)) -> serde_json::Value {
+        let mut s = self.dev.save();
+        edit(&mut s["model"]);
+        s
+    }
+}
+
+/// The state without what moves with time (keys ending in `_ns`).
+fn timeless(mut v: serde_json::Value) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.retain(|k, _| !k.ends_with("_ns"));
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut v);
+    v
+}
+
+/// One frame each way; both arrive byte for byte and the receive interrupt comes.
+fn one_each_way(r: &mut Rig, i: usize) {
+    let t = eth(PEER, 0x0800, 46 + (i * 7) % 1400);
+    r.xmit_legacy(&t, None, None);
+    assert_eq!(r.peer.take_sent(), vec![t], "frame {i} out");
+    let g = eth(MAC, 0x0800, 46 + (i * 11) % 1400);
+    r.inject(&[&g]);
+    assert!(r.irq(), "interrupt for frame {i}");
+    let got = r.rx_poll();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, g, "frame {i} in");
+    assert_eq!(r.tx_done(), 1);
+    let _ = r.r(ICR);
+}
+
+#[test]
+fn snapshot_mid_stream_continues() {
+    let mut r = opened();
+    r.tx_ide = false;
+    for i in 0..300 {
+        one_each_way(&mut r, i);
+    }
+    // Mid-stream: frames in the ring the driver has not cleaned, a frame sent whose
+    // descriptor it has not looked at, the interrupt pending, ring indexes away from zero.
+    let frames: Vec<_> = (0..3).map(|i| eth(MAC, 0x0800, 100 + i)).collect();
+    r.inject(&frames);
+    let t = eth(PEER, 0x0800, 500);
+    r.xmit_legacy(&t, None, None);
+    assert_eq!(r.peer.take_sent(), vec![t]);
+    let regs = [RDH, RDT, TDH, TDT, IMS, RCTL, TCTL, RDLEN, TDLEN].map(|o| r.r(o));
+    assert!(r.irq());
+
+    r.migrate();
+    assert!(r.irq(), "the asserted line is asserted again");
+    assert_eq!(
+        [RDH, RDT, TDH, TDT, IMS, RCTL, TCTL, RDLEN, TDLEN].map(|o| r.r(o)),
+        regs
+    );
+    assert_ne!(r.r(STATUS) & STATUS_LU, 0, "link up");
+    assert_eq!(
+        r.ee_read_eerd(0),
+        Some(u16::from_le_bytes([MAC[0], MAC[1]]))
+    );
+    let got = r.rx_poll();
+    assert_eq!(
+        got.iter().map(|g| g.data.clone()).collect::<Vec<_>>(),
+        frames
+    );
+    assert_eq!(r.tx_done(), 1);
+    let _ = r.r(ICR);
+    assert!(!r.irq());
+    // Both rings go round again from where they stood.
+    for i in 0..300 {
+        one_each_way(&mut r, i);
+    }
+    assert_eq!(r.dev.port.guest_errors(), 0);
+}
+
+#[test]
+fn pending_transmit_completes_after_restore() {
+    let mut r = opened();
+    r.tx_ide = false;
+    r.ctl.budget.store(0, Ordering::SeqCst);
+    let f = eth(PEER, 0x0800, 200);
+    r.xmit_legacy(&f, None, None);
+    assert!(r.peer.take_sent().is_empty());
+    assert_eq!(r.tx_done(), 0, "the driver waits for it");
+    let _ = r.r(ICR);
+
+    r.migrate();
+    assert_eq!(r.peer.take_sent(), vec![f], "sent without a new doorbell");
+    assert_eq!(r.tx_done(), 1);
+    assert!(r.irq());
+    assert_ne!(r.r(ICR) & ICR_TXDW, 0);
+
+    // A TSO frame the backend took three segments of goes on from the fourth.
+    let mut t = tcp4(PEER, 10_000);
+    tso_prep(&mut t);
+    r.ctl.budget.store(3, Ordering::SeqCst);
+    r.xmit_tso(&t, 14, 34, 54, 1448, None);
+    assert_eq!(r.peer.take_sent().len(), 3);
+    r.migrate();
+    let rest = r.peer.take_sent();
+    assert_eq!(rest.len(), 4);
+    let seq = u32::from_be_bytes(rest[0][38..42].try_into().unwrap());
+    assert_eq!(seq, 1000 + 3 * 1448);
+    assert_eq!(r.tx_done(), 1);
+}
+
+#[test]
+fn delay_timers_and_itr_survive_restore() {
+    let mut r = opened();
+    let _ = r.r(ICR);
+    // TXDW held back by TIDV: delivered by the restored device's timer.
+    r.tx_ide = true;
+    r.w(TIDV, ms_ticks(30));
+    r.w(TADV, 0);
+    r.xmit_legacy(&eth(PEER, 0x0800, 100), None, None);
+    assert!(!r.irq());
+    r.migrate();
+    assert!(!r.irq(), "still held back");
+    assert!(r.run_timer(), "the restored timer fires");
+    assert!(r.irq());
+    assert_eq!(r.r(ICR) & ICR_TXDW, ICR_TXDW);
+
+    // An assertion ITR holds back is delivered after restore when the interval is over.
+    r.w(ITR, 20_000_000 / 256);
+    std::thread::sleep(Duration::from_millis(25));
+    r.w(ICS, ICR_RXT0);
+    assert!(r.irq());
+    let _ = r.r(ICR);
+    r.w(ICS, ICR_TXDW);
+    assert!(!r.irq(), "held back by ITR");
+    r.migrate();
+    assert!(!r.irq(), "still held back");
+    assert!(r.run_timer());
+    assert!(r.irq(), "delivered when the interval is over");
+}
+
+#[test]
+fn never_ran_device_restores_and_then_works() {
+    let mut r = rig();
+    let saved = timeless(r.dev.save());
+    r.migrate();
+    assert_eq!(timeless(r.dev.save()), saved, "the same state again");
+    r.probe();
+    r.open();
+    let _ = r.r(ICR);
+    one_each_way(&mut r, 0);
+}
+
+#[test]
+fn restored_state_saves_the_same() {
+    let mut r = opened();
+    for i in 0..10 {
+        one_each_way(&mut r, i);
+    }
+    r.inject(&[eth(MAC, 0x0800, 100)]);
+    let saved = timeless(r.dev.save());
+    r.migrate();
+    assert_eq!(timeless(r.dev.save()), saved);
+}
+
+#[test]
+fn hostile_states_are_refused() {
+    let mut r = opened();
+    let bad = r.edited(|m| m["regs"][TDH / 4] = 0x1_0000.into());
+    r.refused(&bad, "TDH");
+    let bad = r.edited(|m| m["regs"][RDT / 4] = 0xdead_0000u32.into());
+    r.refused(&bad, "RDT");
+    let bad = r.edited(|m| m["regs"][RDLEN / 4] = 0x10.into());
+    r.refused(&bad, "RDLEN");
+    let bad = r.edited(|m| m["regs"][ICR / 4] = 0xffff_ffffu32.into());
+    r.refused(&bad, "ICR");
+    let bad = r.edited(|m| {
+        m["regs"].as_array_mut().unwrap().truncate(100);
+    });
+    r.refused(&bad, "registers");
+    let bad = r.edited(|m| {
+        m["eeprom"]["words"].as_array_mut().unwrap().pop();
+    });
+    r.refused(&bad, "EEPROM");
+    let bad = r.edited(|m| m["eeprom"]["read_addr"] = 64.into());
+    r.refused(&bad, "EEPROM");
+    let bad = r.edited(|m| m["phy"]["regs"] = serde_json::json!([0, 1, 2]));
+    r.refused(&bad, "e1000");
+    let bad = r.edited(|m| m["ctx"]["mss"] = 70_000.into());
+    r.refused(&bad, "e1000");
+    let bad = r.edited(|m| m["tx_segs_sent"] = u64::MAX.into());
+    r.refused(&bad, "TSO");
+    let bad = r.edited(|m| m["line"] = 1.into());
+    r.refused(&bad, "e1000");
+    let bad = r.edited(|m| m["surprise"] = true.into());
+    r.refused(&bad, "unknown field");
+    // Another device's snapshot.
+    let (b, _p) = pair(Capabilities::default());
+    let rtl = crate::rtl8139::driver::Driver::new(Box::new(b), true);
+    r.refused(&rtl.dev.save(), "config space");
+    // Nothing of that touched the running device.
+    one_each_way(&mut r, 1);
+}

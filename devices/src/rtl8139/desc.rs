@@ -16,7 +16,8 @@ pub struct CpDesc {
 /// The 64-byte tally counter block DTCCR dumps (datasheet 6.2, "Tally Counter"), in its field
 /// order. Collision counters stay zero: there are none on a virtual wire.
 #[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Tally {
     pub tx_ok: u64,
     pub rx_ok: u64,

@@ -83,6 +83,37 @@ impl Driver {
         }
     }
 
+    /// `migrate` to a file and `-incoming` from it, as far as this device goes: its state
+    /// through JSON text, then [`Self::restore_into_new`].
+    pub fn migrate(
+        &mut self,
+        backend: Box<dyn NetBackend>,
+    ) -> Result<(), crate::snapshot::RestoreError> {
+        let text = serde_json::to_string(&self.dev.save()).expect("state as JSON");
+        let state = serde_json::from_str(&text).expect("JSON back");
+        self.restore_into_new(backend, &state)
+    }
+
+    /// A new device, as a restoring nicvm builds it from its command line, on `backend` and
+    /// a new guest memory holding a copy of this one's, with `state` restored into it; the
+    /// driver carries on with it (its own ring positions unchanged). On an error the old
+    /// device stays.
+    pub fn restore_into_new(
+        &mut self,
+        backend: Box<dyn NetBackend>,
+        state: &crate::snapshot::State,
+    ) -> Result<(), crate::snapshot::RestoreError> {
+        let mut new = Driver::new(backend, self.dev.cplus);
+        let mut ram = vec![0u8; MEM_SIZE];
+        self.mem.read_slice(&mut ram, GuestAddress(0)).unwrap();
+        new.mem.write_slice(&ram, GuestAddress(0)).unwrap();
+        new.dev.restore(state)?;
+        self.dev = new.dev;
+        self.mem = new.mem;
+        self.chip = new.chip;
+        Ok(())
+    }
+
     pub fn w(&mut self, off: usize, v: u32, len: usize) {
         self.dev
             .bar_write(BAR_MEM, off as u64, &v.to_le_bytes()[..len]);

@@ -14,10 +14,13 @@ pub const EE_SK: u8 = 0x04;
 pub const EE_DI: u8 = 0x02;
 pub const EE_DO: u8 = 0x01;
 
+use crate::snapshot::RestoreError;
+
 const ADDR_BITS: u32 = 6;
 const OP_READ: u16 = 0b10;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 enum State {
     /// Waiting for the start bit (a 1 on DI).
     Idle,
@@ -27,6 +30,17 @@ enum State {
     Reading { addr: u8, bit: u32 },
     /// A command we ignore; stays here until chip select drops.
     Ignoring,
+}
+
+/// [`Eeprom93c46`] in a snapshot.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedEeprom {
+    words: Vec<u16>,
+    state: State,
+    cs: bool,
+    sk: bool,
+    dout: bool,
 }
 
 pub struct Eeprom93c46 {
@@ -61,6 +75,40 @@ impl Eeprom93c46 {
         }
         self.cs = cs;
         self.sk = sk;
+    }
+
+    /// The chip as a snapshot holds it: its words and where a command stands on the bus.
+    pub fn save(&self) -> SavedEeprom {
+        SavedEeprom {
+            words: self.words.to_vec(),
+            state: self.state,
+            cs: self.cs,
+            sk: self.sk,
+            dout: self.dout,
+        }
+    }
+
+    /// The chip from a snapshot, refusing a bus state no sequence of pin changes reaches.
+    pub fn restore(s: &SavedEeprom) -> Result<Self, RestoreError> {
+        let words = crate::snapshot::array(&s.words, "rtl8139 EEPROM words")?;
+        let ok = match s.state {
+            State::Idle | State::Ignoring => true,
+            State::Command { bits, got } => got < 2 + ADDR_BITS && (bits as u32) < 1 << got,
+            State::Reading { addr, bit } => addr < 64 && bit <= 16,
+        };
+        if !ok {
+            return Err(RestoreError::new(format!(
+                "rtl8139 EEPROM: impossible bus state {:?}",
+                s.state
+            )));
+        }
+        Ok(Eeprom93c46 {
+            words,
+            state: s.state,
+            cs: s.cs,
+            sk: s.sk,
+            dout: s.dout,
+        })
     }
 
     /// The data-out pin as the driver samples it.

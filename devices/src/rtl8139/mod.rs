@@ -25,6 +25,7 @@
 pub mod desc;
 mod eeprom;
 pub mod rx;
+mod state;
 pub mod tx;
 
 /// A synthetic driver for tests, the fuzzer and the no-guest benchmark.
@@ -362,6 +363,8 @@ impl Rtl8139 {
         self.cp_rx_index = 0;
         self.cp_tx_pieces.clear();
         self.cp_tx_len = 0;
+        // Bytes gathered before the reset are not the start of the next frame.
+        self.tx_buf.clear();
         self.cp_tx_descs.clear();
         self.cp_tx_drop = false;
         self.tx_waiting.clear();
@@ -671,16 +674,15 @@ impl Rtl8139 {
 }
 
 impl NicModel for Rtl8139 {
-    // PLACEHOLDER (snapshot work in progress): replaced by the model's real state.
     fn save(&self) -> crate::snapshot::State {
-        serde_json::Value::Null
+        self.save_state()
     }
     fn restore(
         &mut self,
-        _port: &mut NetPort,
-        _state: &crate::snapshot::State,
+        port: &mut NetPort,
+        state: &crate::snapshot::State,
     ) -> Result<(), crate::snapshot::RestoreError> {
-        Err(crate::snapshot::RestoreError::new("not yet"))
+        self.restore_state(port, state)
     }
 
     fn config(&self) -> &PciConfig {
