@@ -5,7 +5,8 @@
 use crate::config::netdev::{self as netdev_opts, HeaderError};
 use crate::config::{
     on_off, Backend, Config, DumpConfig, Endpoint, InheritedFds, MonitorConfig, MonitorMode,
-    NetdevConfig, NicConfig, NicModel, Note, OptionError, SerialTarget, TapDevice, TapOptions,
+    NetdevConfig, NicConfig, NicModel, Note, OptionError, SaveOn, SerialTarget, TapDevice,
+    TapOptions,
 };
 use crate::keyval::{KeyVal, KeyValError};
 use crate::qemu_compat;
@@ -148,6 +149,26 @@ pub enum Action {
     Listing(String),
 }
 
+/// `-save-on console=TEXT,file=PATH` (`,,` for a comma in TEXT).
+fn parse_save_on(val: &str) -> Result<SaveOn, CliErrorKind> {
+    let kv = KeyVal::parse(val, None)?;
+    let bad = |what: &str| Err(CliErrorKind::Refused(what.into()));
+    if kv.first.is_some() {
+        return bad("expected console=TEXT,file=PATH");
+    }
+    if let Some(k) = kv.unknown_key(&["console", "file"]) {
+        return Err(CliErrorKind::UnknownProperty(k.into()));
+    }
+    match (kv.get("console"), kv.get("file")) {
+        (Some(""), _) => bad("console= must not be empty"),
+        (Some(c), Some(f)) if !f.is_empty() => Ok(SaveOn {
+            console: c.into(),
+            file: f.into(),
+        }),
+        _ => bad("needs console=TEXT and file=PATH"),
+    }
+}
+
 pub const MAX_CPUS: u8 = 8;
 
 pub const USAGE: &str = "\
@@ -172,6 +193,13 @@ Machine:
                          the caller and the exit status)
   -pidfile FILE          write nicvm's pid to FILE (removed at exit)
   -S                     start the guest stopped (QMP cont starts it)
+
+Snapshots (see docs/snapshots.md):
+  -incoming file:PATH    start from a snapshot instead of booting (same -m, -smp and
+                         NICs as when it was saved; backends are opened anew)
+  -save-on console=TEXT,file=PATH
+                         when the guest writes TEXT on its console: stop it, write a
+                         snapshot to PATH and exit 0 (QMP: stop, migrate file:PATH)
   Accepted with a note, as they change nothing here: -enable-kvm, -accel kvm,
   -M/-machine pc|q35[,accel=kvm], -cpu host|max, -display none, -vga none, -nodefaults
   (no default NIC), -snapshot (there are no disks). See docs/qemu-compat.md.
@@ -326,6 +354,8 @@ struct Builder<'a> {
     /// `-chardev` ids and where they listen.
     chardevs: Vec<(String, Endpoint)>,
     start_paused: bool,
+    incoming: Option<PathBuf>,
+    save_on: Option<SaveOn>,
     /// `-serial chardev:ID`.
     serial_chardev: Option<String>,
 }
@@ -471,6 +501,8 @@ where
         monitors: vec![],
         chardevs: vec![],
         start_paused: false,
+        incoming: None,
+        save_on: None,
         serial_chardev: None,
     };
     let mut args = args.into_iter();
@@ -481,9 +513,31 @@ where
         // QEMU accepts --opt as well as -opt.
         let opt = format!("-{}", arg.trim_start_matches('-'));
         let takes_value = [
-            "-m", "-smp", "-kernel", "-initrd", "-append", "-serial", "-name", "-netdev",
-            "-object", "-device", "-nic", "-net", "-pidfile", "-display", "-vga", "-M", "-machine",
-            "-accel", "-cpu", "-qmp", "-monitor", "-chardev", "-mon",
+            "-m",
+            "-smp",
+            "-kernel",
+            "-initrd",
+            "-append",
+            "-serial",
+            "-name",
+            "-netdev",
+            "-object",
+            "-device",
+            "-nic",
+            "-net",
+            "-pidfile",
+            "-display",
+            "-vga",
+            "-M",
+            "-machine",
+            "-accel",
+            "-cpu",
+            "-qmp",
+            "-monitor",
+            "-chardev",
+            "-mon",
+            "-incoming",
+            "-save-on",
         ]
         .contains(&opt.as_str());
         let val = if takes_value {
@@ -499,6 +553,19 @@ where
             "-version" => return Ok(Action::Version),
             "-nographic" | "-no-reboot" => {}
             "-S" => b.start_paused = true,
+            "-incoming" => match val.strip_prefix("file:") {
+                Some(p) if !p.is_empty() && !p.contains(',') => b.incoming = Some(p.into()),
+                _ => {
+                    return err(
+                        &opt,
+                        CliErrorKind::Refused(format!(
+                            "'{}' is not supported: nicvm restores from file:PATH",
+                            one_line(&val)
+                        )),
+                    )
+                }
+            },
+            "-save-on" => b.save_on = Some(parse_save_on(&val).or_else(|e| err(&opt, e))?),
             "-qmp" | "-monitor" => {
                 let mode = if opt == "-qmp" {
                     MonitorMode::Control
@@ -732,8 +799,11 @@ where
 
 impl Builder<'_> {
     fn finish(mut self) -> Result<Action, CliError> {
-        let Some(kernel) = self.kernel.take() else {
-            return err("-kernel", CliErrorKind::NoKernel);
+        // A restored guest does not boot: its kernel is in the snapshot.
+        let kernel = match (self.kernel.take(), &self.incoming) {
+            (Some(k), _) => k,
+            (None, Some(_)) => PathBuf::new(),
+            (None, None) => return err("-kernel", CliErrorKind::NoKernel),
         };
         self.legacy_net()?;
         for (i, n) in self.netdevs.iter().enumerate() {
@@ -848,6 +918,8 @@ impl Builder<'_> {
             notes: self.notes,
             monitors: self.monitors,
             start_paused: self.start_paused,
+            incoming: self.incoming,
+            save_on: self.save_on,
         })))
     }
 
@@ -1229,6 +1301,40 @@ mod tests {
 
     fn option_of(s: &str) -> String {
         run(s).unwrap_err().option
+    }
+
+    #[test]
+    fn snapshot_options() {
+        let c = run("-incoming file:/tmp/g.snap -nic user,model=e1000").unwrap();
+        assert_eq!(c.incoming, Some(PathBuf::from("/tmp/g.snap")));
+        // No -kernel needed to restore: the kernel is in the snapshot.
+        assert_eq!(c.kernel, PathBuf::new());
+        assert_eq!(option_of("-m 64"), "-kernel");
+        let c = run("-kernel k -save-on console=NICVM-DHCP,,x,file=/tmp/s").unwrap();
+        assert_eq!(
+            c.save_on,
+            Some(SaveOn {
+                console: "NICVM-DHCP,x".into(),
+                file: "/tmp/s".into()
+            })
+        );
+        for bad in [
+            "-incoming tcp:0:4444",
+            "-incoming defer",
+            "-incoming file:",
+            "-incoming file:/x,offset=4",
+        ] {
+            assert_eq!(option_of(&format!("-kernel k {bad}")), "-incoming", "{bad}");
+        }
+        for bad in [
+            "-save-on console=x",
+            "-save-on file=/x",
+            "-save-on console=,file=/x",
+            "-save-on console=x,file=/x,when=now",
+            "-save-on x",
+        ] {
+            assert_eq!(option_of(&format!("-kernel k {bad}")), "-save-on", "{bad}");
+        }
     }
 
     #[test]

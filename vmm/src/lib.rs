@@ -18,5 +18,6 @@ pub mod netdev;
 pub mod qemu_compat;
 pub mod serial_io;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

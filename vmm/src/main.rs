@@ -174,7 +174,7 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
             None
         } else {
             let (nics, vcpus) = vm.monitor_parts();
-            match monitor::Control::new(&cfg, lifecycle, nics, vcpus) {
+            match monitor::Control::new(&cfg, lifecycle, nics, vcpus, vm.saver()) {
                 Ok(c) => Some(c),
                 Err(e) => return fail(format!("monitor: {e}")),
             }

@@ -242,6 +242,24 @@ fn install_kick_handler() -> std::io::Result<()> {
     r
 }
 
+/// Stops the vCPUs: returns once every one is parked (true), or after a second (false).
+pub fn pause_all(lifecycle: &Lifecycle, pthreads: &std::sync::Mutex<Vec<libc::pthread_t>>) -> bool {
+    lifecycle.set_paused(true);
+    let t0 = std::time::Instant::now();
+    loop {
+        let vcpus = pthreads.lock().unwrap();
+        if lifecycle.parked() >= vcpus.len() {
+            return true;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(1) {
+            return false;
+        }
+        kick(&vcpus);
+        drop(vcpus);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Kicks the vCPU threads `pthreads` out of KVM_RUN (to see a pause).
 pub fn kick(pthreads: &[libc::pthread_t]) {
     for &t in pthreads {
@@ -249,6 +267,12 @@ pub fn kick(pthreads: &[libc::pthread_t]) {
         // them has stopped); the kick signal has its handler.
         unsafe { libc::pthread_kill(t, kick_signal()) };
     }
+}
+
+/// Where paused vCPUs leave their state (for a snapshot), and which MSRs it includes.
+pub struct PauseStates {
+    pub states: crate::snapshot::VcpuStates,
+    pub msrs: Vec<u32>,
 }
 
 /// A running vCPU; [`VcpuThread::stop`] ends and joins it.
@@ -264,11 +288,12 @@ impl VcpuThread {
         mem: GuestMemoryMmap,
         buses: Arc<Buses>,
         lifecycle: Arc<Lifecycle>,
+        pause: Arc<PauseStates>,
     ) -> std::io::Result<VcpuThread> {
         install_kick_handler()?;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || run(id, vcpu, mem, buses, lifecycle))?;
+            .spawn(move || run(id, vcpu, mem, buses, lifecycle, pause))?;
         let pthread = std::os::unix::thread::JoinHandleExt::as_pthread_t(&thread);
         Ok(VcpuThread { thread, pthread })
     }
@@ -305,11 +330,21 @@ fn run(
     mem: GuestMemoryMmap,
     buses: Arc<Buses>,
     lifecycle: Arc<Lifecycle>,
+    pause: Arc<PauseStates>,
 ) {
     while !lifecycle.exit_requested() {
-        lifecycle.wait_while_paused();
-        if lifecycle.exit_requested() {
-            break;
+        if lifecycle.paused() {
+            // Finish the instruction of the last port/MMIO exit (an IN's value goes into its
+            // register on the next KVM_RUN, which immediate_exit ends before the guest runs),
+            // so that the state read now is whole: a snapshot may be taken of it.
+            vcpu.set_kvm_immediate_exit(1);
+            let _ = vcpu.run();
+            vcpu.set_kvm_immediate_exit(0);
+            let state = crate::snapshot::VcpuState::capture(&vcpu, &pause.msrs);
+            pause.states.publish(id as usize, Some(state));
+            lifecycle.wait_while_paused();
+            pause.states.publish(id as usize, None);
+            continue;
         }
         let reason = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {

@@ -14,6 +14,7 @@ use crate::irqchip::KvmIrqChip;
 use crate::layout::*;
 use crate::mptable;
 use crate::netdev::{self, NetdevGuard, OpenError};
+use crate::snapshot::Saver;
 use crate::vcpu::{self, Buses, VcpuThread};
 use devices::bus::Bus;
 use devices::e1000::E1000;
@@ -98,6 +99,10 @@ pub enum VmError {
     /// A host resource: a thread, an eventfd, the interrupt routing table.
     #[error("{0}: {1}")]
     Host(&'static str, std::io::Error),
+    #[error("-incoming: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("-incoming: {0}: {1}")]
+    Restore(PathBuf, String),
 }
 
 const COM1_PORT: u64 = 0x3f8;
@@ -145,6 +150,10 @@ pub fn validate(cfg: &Config) -> Result<(), VmError> {
     }
     if mem < 16 << 20 {
         return Err(VmError::TooSmall(cfg.mem_mib));
+    }
+    if cfg.incoming.is_some() {
+        // The kernel and initramfs are in the snapshot (Vm::new reads and checks it).
+        return Ok(());
     }
     std::fs::File::open(&cfg.kernel).map_err(|e| VmError::Kernel(cfg.kernel.clone(), e))?;
     if let Some(i) = &cfg.initrd {
@@ -306,6 +315,11 @@ pub struct Vm {
     vcpu_pthreads: Arc<Mutex<Vec<libc::pthread_t>>>,
     /// The monitor on the console (`-serial mon:stdio`), if any.
     console_monitor: Option<Arc<crate::monitor::Control>>,
+    /// What a snapshot is taken of (QMP migrate, -save-on).
+    saver: Arc<Saver>,
+    /// `-save-on`: told by the console watch when the guest wrote the text.
+    save_on: Option<(std::sync::mpsc::Receiver<()>, PathBuf)>,
+    save_thread: Option<std::thread::JoinHandle<()>>,
     _vm: Arc<VmFd>,
 }
 
@@ -334,7 +348,18 @@ impl Vm {
         };
         vm.create_pit2(pit)
             .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
-        let mem = guest_memory(cfg.mem_mib)?;
+        // A restored guest's RAM is the snapshot's, mapped copy-on-write.
+        let incoming = match &cfg.incoming {
+            Some(p) => Some(crate::snapshot::Incoming::open(p)?),
+            None => None,
+        };
+        let mem = match &incoming {
+            Some(inc) => {
+                inc.check_size(host.describe(), cfg.mem_mib, cfg.cpus)?;
+                inc.map_memory(&ram_ranges(cfg.mem_mib))?
+            }
+            None => guest_memory(cfg.mem_mib)?,
+        };
         let registration = MemoryRegistration::start(&vm, &mem)?;
         let chip: Arc<dyn IrqChip> = Arc::new(
             KvmIrqChip::new(vm.clone()).map_err(|e| VmError::Host("KVM_SET_GSI_ROUTING", e))?,
@@ -369,14 +394,28 @@ impl Vm {
                 w
             }
         };
+        let (out, save_on) = match &cfg.save_on {
+            Some(so) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let l = lifecycle.clone();
+                let watch = ConsoleWatch::new(out, so.console.as_bytes(), move || {
+                    // The vCPU writing the text stops before its next instruction.
+                    l.set_paused(true);
+                    let _ = tx.send(());
+                });
+                (
+                    Box::new(watch) as Box<dyn Write + Send>,
+                    Some((rx, so.file.clone())),
+                )
+            }
+            None => (out, None),
+        };
         let serial = Arc::new(Mutex::new(Serial::new(com1_irq, out)));
         pio.insert(COM1_PORT, 8, serial.clone())?;
-        pio.insert(
-            I8042_PORT,
-            5,
-            Arc::new(Mutex::new(I8042::new(lifecycle.clone()))),
-        )?;
-        pio.insert(CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::default())))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(lifecycle.clone())));
+        pio.insert(I8042_PORT, 5, i8042.clone())?;
+        let cmos = Arc::new(Mutex::new(Cmos::default()));
+        pio.insert(CMOS_PORT, 2, cmos.clone())?;
 
         // PCI: the NICs from slot 3 on (each with its netdev opened here), pvpanic after.
         let mut guards = Guards::default();
@@ -442,18 +481,39 @@ impl Vm {
         pio.insert(PCI_IO_START, PCI_IO_SIZE, window(true, PCI_IO_START))?;
         mmio.insert(PCI_MMIO_START, PCI_MMIO_SIZE, window(false, PCI_MMIO_START))?;
 
-        let mp = mptable::build(MPTABLE_START as u32, cfg.cpus, pci::intx_gsi);
-        vm_memory::Bytes::write_slice(&mem, &mp, GuestAddress(MPTABLE_START))
-            .map_err(VmError::MpTable)?;
-        let entry = boot::load(
-            &mem,
-            cfg.mem_mib << 20,
-            &cfg.kernel,
-            cfg.initrd.as_deref(),
-            &cfg.append,
-        )?;
-        log::debug!("entry {:?} at {:#x}", entry.mode, entry.rip);
-        timing.mark("kernel-loaded");
+        let shape = crate::snapshot::MachineShape {
+            host: host.describe().into(),
+            mem_mib: cfg.mem_mib,
+            cpus: cfg.cpus,
+            nics: nics
+                .iter()
+                .map(|n| {
+                    let c = &n.config;
+                    (c.model.name().to_string(), c.mac.to_string(), n.slot)
+                })
+                .collect(),
+        };
+        let entry = match &incoming {
+            Some(inc) => {
+                inc.check_shape(&shape)?;
+                None
+            }
+            None => {
+                let mp = mptable::build(MPTABLE_START as u32, cfg.cpus, pci::intx_gsi);
+                vm_memory::Bytes::write_slice(&mem, &mp, GuestAddress(MPTABLE_START))
+                    .map_err(VmError::MpTable)?;
+                let entry = boot::load(
+                    &mem,
+                    cfg.mem_mib << 20,
+                    &cfg.kernel,
+                    cfg.initrd.as_deref(),
+                    &cfg.append,
+                )?;
+                log::debug!("entry {:?} at {:#x}", entry.mode, entry.rip);
+                timing.mark("kernel-loaded");
+                Some(entry)
+            }
+        };
         registration.finish()?;
         timing.mark("memory-registered");
 
@@ -480,11 +540,59 @@ impl Vm {
                 );
             }
             vcpu::setup_vcpu_common(&v, &table)?;
-            if id == 0 {
-                vcpu::setup_boot_vcpu(&v, &mem, entry)?;
+            match (&incoming, entry) {
+                (Some(inc), _) => inc.state.vcpus[id as usize]
+                    .apply(&v)
+                    .map_err(|e| VmError::Restore(inc.path.clone(), format!("vCPU {id}: {e}")))?,
+                (None, Some(entry)) if id == 0 => vcpu::setup_boot_vcpu(&v, &mem, entry)?,
+                _ => {}
             }
             vcpus.push(v);
         }
+        if let Some(inc) = &incoming {
+            let restore_err = |e: String| VmError::Restore(inc.path.clone(), e);
+            // The irqchip first: devices that restore an asserted line drive it into the
+            // restored IOAPIC.
+            inc.state.vm.apply(&vm).map_err(restore_err)?;
+            let d = &inc.state.devices;
+            root.restore(&d.pci)
+                .map_err(|e| restore_err(e.to_string()))?;
+            serial
+                .lock()
+                .unwrap()
+                .restore(&d.serial)
+                .map_err(|e| restore_err(format!("serial port: {e}")))?;
+            i8042
+                .lock()
+                .unwrap()
+                .restore(&d.i8042)
+                .map_err(|e| restore_err(format!("i8042: {e}")))?;
+            cmos.lock()
+                .unwrap()
+                .restore(&d.cmos)
+                .map_err(|e| restore_err(format!("CMOS: {e}")))?;
+            timing.mark("snapshot-restored");
+        }
+        let msrs = match kvm.get_msr_index_list() {
+            Ok(l) => l.as_slice().to_vec(),
+            Err(e) => {
+                log::warn!("KVM_GET_MSR_INDEX_LIST: {e}; snapshots will not include MSRs");
+                vec![]
+            }
+        };
+        let saver = Arc::new(Saver {
+            vm: vm.clone(),
+            mem: mem.clone(),
+            root: root.clone(),
+            serial: serial.clone(),
+            i8042,
+            cmos,
+            pause: Arc::new(vcpu::PauseStates {
+                states: crate::snapshot::VcpuStates::new(cfg.cpus as usize),
+                msrs,
+            }),
+            shape,
+        });
         new_files.keep();
         Ok(Vm {
             vcpu_threads: vec![],
@@ -503,6 +611,9 @@ impl Vm {
             timing,
             vcpu_pthreads: Arc::new(Mutex::new(vec![])),
             console_monitor: None,
+            saver,
+            save_on,
+            save_thread: None,
             _vm: vm,
         })
     }
@@ -524,6 +635,11 @@ impl Vm {
             })
             .collect();
         (nics, self.vcpu_pthreads.clone())
+    }
+
+    /// What QMP's migrate saves.
+    pub fn saver(&self) -> Arc<Saver> {
+        self.saver.clone()
     }
 
     /// The console's monitor (`-serial mon:stdio`, `-monitor stdio`): Ctrl-a c switches to it.
@@ -587,10 +703,20 @@ impl Vm {
                 self.mem.clone(),
                 self.buses.clone(),
                 self.lifecycle.clone(),
+                self.saver.pause.clone(),
             )
             .map_err(|e| VmError::Host("vCPU thread", e))?;
             self.vcpu_pthreads.lock().unwrap().push(t.pthread());
             self.vcpu_threads.push(t);
+        }
+        if let Some((rx, path)) = self.save_on.take() {
+            let (saver, lifecycle) = (self.saver.clone(), self.lifecycle.clone());
+            let pthreads = self.vcpu_pthreads.clone();
+            let t = std::thread::Builder::new()
+                .name("save-on".into())
+                .spawn(move || save_on_console(rx, &path, &saver, &lifecycle, &pthreads))
+                .map_err(|e| VmError::Host("-save-on thread", e))?;
+            self.save_thread = Some(t);
         }
         Ok(())
     }
@@ -604,6 +730,9 @@ impl Vm {
         self.vcpu_pthreads.lock().unwrap().clear();
         for t in self.vcpu_threads.drain(..) {
             t.stop();
+        }
+        if let Some(t) = self.save_thread.take() {
+            let _ = t.join();
         }
         self.io = None;
         self.console = None;
@@ -674,13 +803,89 @@ fn build_nic(
     })
 }
 
-/// Guest RAM below and above the MMIO hole, mapped (not yet registered with KVM).
-fn guest_memory(mib: u64) -> Result<GuestMemoryMmap, VmError> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_regions(mib << 20)
+/// Where guest RAM lies: below and above the MMIO hole.
+fn ram_ranges(mib: u64) -> Vec<(GuestAddress, usize)> {
+    ram_regions(mib << 20)
         .into_iter()
         .map(|(a, s)| (GuestAddress(a), s as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmError::Memory { mib, source })
+        .collect()
+}
+
+/// Guest RAM, mapped (not yet registered with KVM).
+fn guest_memory(mib: u64) -> Result<GuestMemoryMmap, VmError> {
+    GuestMemoryMmap::from_ranges(&ram_ranges(mib)).map_err(|source| VmError::Memory { mib, source })
+}
+
+/// `-save-on`: waits for the console watch, stops the vCPUs, writes the snapshot and ends
+/// the VM (exit status 0 once written, 3 if it could not be).
+fn save_on_console(
+    rx: std::sync::mpsc::Receiver<()>,
+    path: &std::path::Path,
+    saver: &Saver,
+    lifecycle: &Lifecycle,
+    pthreads: &Mutex<Vec<libc::pthread_t>>,
+) {
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            Ok(()) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !lifecycle.exit_requested() => {}
+            Err(_) => return,
+        }
+    }
+    vcpu::pause_all(lifecycle, pthreads);
+    lifecycle.request_exit(match saver.save(path) {
+        Ok(()) => ExitReason::User(format!("-save-on: snapshot written to {}", path.display())),
+        Err(e) => ExitReason::Error(format!("-save-on: {e}")),
+    });
+}
+
+/// The serial port's output, passed on whole, watched for a text: `on_match` runs once,
+/// on the vCPU thread that wrote the text's last byte.
+struct ConsoleWatch {
+    inner: Box<dyn Write + Send>,
+    text: Vec<u8>,
+    /// The last bytes written, at most the text's length.
+    tail: std::collections::VecDeque<u8>,
+    on_match: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl ConsoleWatch {
+    fn new(
+        inner: Box<dyn Write + Send>,
+        text: &[u8],
+        on_match: impl FnOnce() + Send + 'static,
+    ) -> ConsoleWatch {
+        ConsoleWatch {
+            inner,
+            text: text.to_vec(),
+            tail: std::collections::VecDeque::with_capacity(text.len()),
+            on_match: Some(Box::new(on_match)),
+        }
+    }
+}
+
+impl Write for ConsoleWatch {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if self.on_match.is_some() {
+            for &b in &buf[..n] {
+                if self.tail.len() == self.text.len() {
+                    self.tail.pop_front();
+                }
+                self.tail.push_back(b);
+                if self.tail.iter().eq(self.text.iter()) {
+                    if let Some(f) = self.on_match.take() {
+                        f();
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Registers guest RAM with KVM on a thread of its own: KVM takes milliseconds per slot (it

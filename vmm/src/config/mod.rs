@@ -43,6 +43,18 @@ pub struct Config {
     pub monitors: Vec<MonitorConfig>,
     /// `-S`: the guest starts stopped (QMP `cont` starts it).
     pub start_paused: bool,
+    /// `-incoming file:PATH`: the guest comes from this snapshot instead of booting
+    /// (`-kernel` is then not needed, and not loaded if given).
+    pub incoming: Option<PathBuf>,
+    /// `-save-on console=TEXT,file=PATH`: once the guest writes TEXT on its serial console,
+    /// nicvm stops it, writes a snapshot to PATH and exits.
+    pub save_on: Option<SaveOn>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaveOn {
+    pub console: String,
+    pub file: PathBuf,
 }
 
 /// Which protocol a monitor speaks.

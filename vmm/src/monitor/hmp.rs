@@ -12,9 +12,11 @@ cont|c -- resume emulation
 help|? -- show this help
 info network -- show the network state
 info pci -- show PCI info
-info status -- show the current VM status (running|paused)
+info status -- show the current VM status (running|paused|postmigrate)
+info migrate -- show migration status
 info version -- show the version of QEMU (nicvm)
 info name -- show the current VM name
+migrate uri -- migrate to URI (file:PATH: a snapshot for -incoming)
 quit|q -- quit the emulator
 set_link name on|off -- change the link status of a network adapter
 stop -- stop emulation
@@ -67,6 +69,10 @@ pub fn execute(control: &Control, line: &str) -> String {
         [] => String::new(),
         ["help" | "?"] | ["help" | "?", _] => HELP.to_string(),
         ["info", "status"] => format!("VM status: {}\n", control.status()),
+        ["info", "migrate"] => match control.query_migrate().get("status") {
+            Some(st) => format!("Migration status: {}\n", st.as_str().unwrap_or("?")),
+            None => String::new(),
+        },
         ["info", "version"] => format!("8.2.0 (nicvm {})\n", env!("CARGO_PKG_VERSION")),
         ["info", "name"] => control
             .name
@@ -91,6 +97,10 @@ pub fn execute(control: &Control, line: &str) -> String {
             }
         }
         ["set_link", ..] => "usage: set_link name on|off\n".into(),
+        ["migrate", uri] => match control.migrate(uri) {
+            Ok(()) => String::new(),
+            Err(e) => format!("Error: {}\n", e.desc),
+        },
         ["stop"] => {
             control.stop();
             String::new()

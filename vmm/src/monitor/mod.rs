@@ -57,6 +57,12 @@ pub struct Control {
     pub vcpus: Arc<Mutex<Vec<libc::pthread_t>>>,
     /// -S and not yet continued.
     prelaunch: Mutex<bool>,
+    /// What `migrate` saves.
+    saver: Arc<crate::snapshot::Saver>,
+    /// The last `migrate`, for query-migrate.
+    migration: Mutex<Option<Migration>>,
+    /// Stopped by a finished migrate and not continued since (QEMU's postmigrate).
+    postmigrate: Mutex<bool>,
     /// Why the monitor asked the VM to end (the SHUTDOWN event's reason).
     shutdown_cause: Mutex<Option<&'static str>>,
     events: EventQueue,
@@ -66,6 +72,13 @@ pub struct Control {
 pub struct EventQueue {
     queue: Mutex<Vec<String>>,
     wake: EventFd,
+}
+
+/// A finished `migrate`.
+#[derive(Clone)]
+pub struct Migration {
+    pub error: Option<String>,
+    pub total_ms: u64,
 }
 
 pub struct QmpError {
@@ -95,6 +108,7 @@ impl Control {
         lifecycle: Arc<Lifecycle>,
         nics: Vec<NicEntry>,
         vcpus: Arc<Mutex<Vec<libc::pthread_t>>>,
+        saver: Arc<crate::snapshot::Saver>,
     ) -> io::Result<Arc<Control>> {
         let backends = nics
             .iter()
@@ -110,6 +124,9 @@ impl Control {
             backends,
             vcpus,
             prelaunch: Mutex::new(cfg.start_paused),
+            saver,
+            migration: Mutex::new(None),
+            postmigrate: Mutex::new(false),
             shutdown_cause: Mutex::new(None),
             events: EventQueue {
                 queue: Mutex::new(vec![]),
@@ -153,6 +170,8 @@ impl Control {
             "shutdown"
         } else if *self.prelaunch.lock().unwrap() {
             "prelaunch"
+        } else if *self.postmigrate.lock().unwrap() {
+            "postmigrate"
         } else if self.lifecycle.paused() {
             "paused"
         } else {
@@ -165,27 +184,82 @@ impl Control {
         if self.lifecycle.paused() {
             return;
         }
-        self.lifecycle.set_paused(true);
-        let t0 = Instant::now();
-        loop {
-            let vcpus = self.vcpus.lock().unwrap();
-            if self.lifecycle.parked() >= vcpus.len() || t0.elapsed() > Duration::from_secs(1) {
-                break;
-            }
-            crate::vcpu::kick(&vcpus);
-            drop(vcpus);
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        crate::vcpu::pause_all(&self.lifecycle, &self.vcpus);
         self.emit("STOP", json!({}));
     }
 
     pub fn cont(&self) {
         *self.prelaunch.lock().unwrap() = false;
+        *self.postmigrate.lock().unwrap() = false;
         if !self.lifecycle.paused() {
             return;
         }
         self.lifecycle.set_paused(false);
         self.emit("RESUME", json!({}));
+    }
+
+    /// QMP/HMP `migrate` to `file:PATH`: stops the guest (if running), writes the snapshot,
+    /// and leaves the guest stopped (`cont` resumes it; a failed save resumes a guest that
+    /// was running, as QEMU does). Done before the command returns.
+    pub fn migrate(&self, uri: &str) -> Result<(), QmpError> {
+        let path = match uri.strip_prefix("file:") {
+            Some(p) if !p.is_empty() && !p.contains(',') => std::path::PathBuf::from(p),
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "file: needs a path (offset= is not supported)",
+                ))
+            }
+            None => {
+                return Err(QmpError::generic(format!(
+                    "nicvm migrates to a file only (file:PATH), not '{uri}'"
+                )))
+            }
+        };
+        if self.lifecycle.exit_requested() {
+            return Err(QmpError::generic("the guest has ended"));
+        }
+        let t0 = Instant::now();
+        let was_running = !self.lifecycle.paused();
+        self.stop();
+        self.emit("MIGRATION", json!({"status": "active"}));
+        let result = self.saver.save(&path);
+        let total_ms = t0.elapsed().as_millis() as u64;
+        let error = result.as_ref().err().map(|e| e.to_string());
+        *self.migration.lock().unwrap() = Some(Migration {
+            error: error.clone(),
+            total_ms,
+        });
+        match error {
+            None => {
+                *self.postmigrate.lock().unwrap() = true;
+                self.emit("MIGRATION", json!({"status": "completed"}));
+                Ok(())
+            }
+            Some(e) => {
+                self.emit("MIGRATION", json!({"status": "failed"}));
+                if was_running {
+                    self.cont();
+                }
+                Err(QmpError::generic(e))
+            }
+        }
+    }
+
+    /// The last migration, as QMP's query-migrate shows it.
+    pub fn query_migrate(&self) -> Value {
+        match &*self.migration.lock().unwrap() {
+            None => json!({}),
+            Some(Migration {
+                error: None,
+                total_ms,
+            }) => {
+                json!({"status": "completed", "total-time": total_ms})
+            }
+            Some(Migration {
+                error: Some(e),
+                total_ms,
+            }) => json!({"status": "failed", "error-desc": e, "total-time": total_ms}),
+        }
     }
 
     /// Ends the VM on the monitor's behalf, `cause` as the SHUTDOWN event will say.

@@ -26,6 +26,8 @@ const COMMANDS: &[&str] = &[
     "set_link",
     "stop",
     "cont",
+    "migrate",
+    "query-migrate",
     "system_reset",
     "system_powerdown",
     "quit",
@@ -376,6 +378,16 @@ pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Resul
             no_args(args)?;
             control.cont();
             Ok(json!({}))
+        }
+        "migrate" => {
+            // detach is accepted and means nothing: migration is always done when the
+            // command answers here.
+            only_args(args, &["uri", "detach"])?;
+            control.migrate(arg_str(args, "uri")?).map(|_| json!({}))
+        }
+        "query-migrate" => {
+            no_args(args)?;
+            Ok(control.query_migrate())
         }
         "system_reset" => {
             no_args(args)?;
