@@ -49,6 +49,8 @@ const OPTIONS: &[&str] = &[
     "-pidfile",
     "-nodefaults",
     "-snapshot",
+    "-incoming",
+    "-save-on",
     "--m",
     "-",
 ];
@@ -164,6 +166,13 @@ const WORDS: &[&str] = &[
     "mq=on",
     "romfile=",
     "bus=pci.0",
+    "file:/nonexistent/snap",
+    "file:",
+    "defer",
+    "tcp:0:4444",
+    "console=NICVM-DHCP start",
+    "console=",
+    "file=/tmp/x.snap",
 ];
 
 fn arg(rng: &mut Rng) -> Vec<u8> {

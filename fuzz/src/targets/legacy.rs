@@ -1,6 +1,10 @@
 //! The legacy PC devices on the port bus (COM1, i8042, CMOS) and pvpanic's BAR, with
-//! accesses of every width at and around their ports and console input for the UART.
+//! accesses of every width at and around their ports and console input for the UART. A
+//! snapshot operation saves all four, edits the saved JSON (see [`StateEdit`]) and restores
+//! into fresh devices: refused or restored, never a panic; when restored, the case goes on
+//! with the restored devices.
 
+use super::pci::StateEdit;
 use super::Bytes;
 use crate::harness::{op, Target};
 use crate::rng::Rng;
@@ -28,6 +32,7 @@ pub enum LegacyOp {
         write: bool,
     },
     SerialInput(Bytes),
+    Snapshot(StateEdit),
 }
 
 pub struct Legacy;
@@ -42,12 +47,13 @@ impl Target for Legacy {
     fn generate(rng: &mut Rng) -> Vec<LegacyOp> {
         let n = rng.range(1, 200) as usize;
         (0..n)
-            .map(|_| match rng.below(10) {
-                0 => {
+            .map(|_| match rng.below(40) {
+                0 => LegacyOp::Snapshot(StateEdit::generate(rng)),
+                1..=4 => {
                     let len = rng.len(16, 300);
                     LegacyOp::SerialInput(Bytes(rng.bytes(len)))
                 }
-                1 => LegacyOp::PvPanic {
+                5..=8 => LegacyOp::PvPanic {
                     off: rng.below(20),
                     width: rng.pick(&[1u8, 2, 4, 8]),
                     val: rng.below(256) as u8,
@@ -68,15 +74,7 @@ impl Target for Legacy {
 
     fn execute(ops: &[LegacyOp]) {
         let lifecycle = Arc::new(Lifecycle::new().unwrap());
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let serial = Arc::new(Mutex::new(Serial::new(irq, Box::new(std::io::sink()))));
-        let mut pio = Bus::new();
-        pio.insert(0x3f8, 8, serial.clone()).unwrap();
-        pio.insert(0x60, 5, Arc::new(Mutex::new(I8042::new(lifecycle.clone()))))
-            .unwrap();
-        pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::default())))
-            .unwrap();
-        let mut panic_dev = PvPanic::new(lifecycle);
+        let mut m = Devices::new(&lifecycle);
         for (i, o) in ops.iter().enumerate() {
             op(i);
             match o {
@@ -88,10 +86,10 @@ impl Target for Legacy {
                 } => {
                     let n = (*width as usize).min(4);
                     if *write {
-                        pio.write(*port as u64, &val.to_le_bytes()[..n]);
+                        m.pio.write(*port as u64, &val.to_le_bytes()[..n]);
                     } else {
                         let mut b = [0u8; 4];
-                        pio.read(*port as u64, &mut b[..n]);
+                        m.pio.read(*port as u64, &mut b[..n]);
                     }
                 }
                 LegacyOp::PvPanic {
@@ -104,13 +102,69 @@ impl Target for Legacy {
                     b[0] = *val;
                     let n = (*width as usize).min(8);
                     if *write {
-                        panic_dev.bar_write(0, *off, &b[..n]);
+                        m.panic_dev.bar_write(0, *off, &b[..n]);
                     } else {
-                        panic_dev.bar_read(0, *off, &mut b[..n]);
+                        m.panic_dev.bar_read(0, *off, &mut b[..n]);
                     }
                 }
-                LegacyOp::SerialInput(b) => serial.lock().unwrap().queue_input(&b.0),
+                LegacyOp::SerialInput(b) => m.serial.lock().unwrap().queue_input(&b.0),
+                LegacyOp::Snapshot(edit) => {
+                    let text = serde_json::to_string(&m.save()).unwrap();
+                    let mut state: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    edit.apply(&mut state);
+                    let mut fresh = Devices::new(&lifecycle);
+                    if fresh.restore(&state).is_ok() {
+                        m = fresh;
+                    }
+                }
             }
         }
+    }
+}
+
+/// The devices on their port bus, as nicvm builds them.
+struct Devices {
+    pio: Bus,
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    cmos: Arc<Mutex<Cmos>>,
+    panic_dev: PvPanic,
+}
+
+impl Devices {
+    fn new(lifecycle: &Arc<Lifecycle>) -> Devices {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let serial = Arc::new(Mutex::new(Serial::new(irq, Box::new(std::io::sink()))));
+        let i8042 = Arc::new(Mutex::new(I8042::new(lifecycle.clone())));
+        let cmos = Arc::new(Mutex::new(Cmos::default()));
+        let mut pio = Bus::new();
+        pio.insert(0x3f8, 8, serial.clone()).unwrap();
+        pio.insert(0x60, 5, i8042.clone()).unwrap();
+        pio.insert(0x70, 2, cmos.clone()).unwrap();
+        Devices {
+            pio,
+            serial,
+            i8042,
+            cmos,
+            panic_dev: PvPanic::new(lifecycle.clone()),
+        }
+    }
+
+    fn save(&self) -> serde_json::Value {
+        serde_json::json!({
+            "serial": self.serial.lock().unwrap().save(),
+            "i8042": self.i8042.lock().unwrap().save(),
+            "cmos": self.cmos.lock().unwrap().save(),
+            "pvpanic": self.panic_dev.save(),
+        })
+    }
+
+    /// A missing part restores from `null`, which every device refuses.
+    fn restore(&mut self, s: &serde_json::Value) -> Result<(), devices::snapshot::RestoreError> {
+        let part = |k: &str| s.get(k).cloned().unwrap_or_default();
+        self.serial.lock().unwrap().restore(&part("serial"))?;
+        self.i8042.lock().unwrap().restore(&part("i8042"))?;
+        self.cmos.lock().unwrap().restore(&part("cmos"))?;
+        self.panic_dev.restore(&part("pvpanic"))
     }
 }

@@ -7,6 +7,7 @@ pub mod legacy;
 pub mod nic;
 pub mod offload;
 pub mod pci;
+pub mod snapshot;
 
 use crate::harness::{self, Campaign, Target};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -93,4 +94,5 @@ pub static ALL: &[Entry] = &[
     entry!(offload::Offload),
     entry!(backends::Backends),
     entry!(cli::Cli),
+    entry!(snapshot::Snapshot),
 ];

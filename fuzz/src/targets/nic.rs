@@ -73,6 +73,12 @@ pub enum NicOp {
     Event(Ev),
     /// Time passes (microseconds), for timers.
     Sleep(u16),
+    /// The NIC saved (through JSON text, as a snapshot file holds it), the state corrupted
+    /// when `mutate` gives a seed, and restored into a new device on a copy of guest memory
+    /// and a new backend, which replaces the old one when the restore succeeds.
+    Snapshot {
+        mutate: Option<u64>,
+    },
 }
 
 /// A model wired up as the fuzzer drives it.
@@ -165,7 +171,7 @@ impl<M: Model> Target for Nic<M> {
         let mut g = M::Gen::default();
         let n = rng.range(1, 160) as usize;
         while ops.len() < n {
-            match rng.weighted(&[30, 24, 10, 8, 10, 4, 3, 3, 2, 2, 1]) {
+            match rng.weighted(&[30, 24, 10, 8, 10, 4, 3, 3, 2, 2, 1, 3]) {
                 0 => M::driver_ops(&mut g, rng, vnet, &mut ops),
                 1 => {
                     let (bar, off, w) = reg(rng, M::regs(), M::bars());
@@ -225,7 +231,10 @@ impl<M: Model> Target for Nic<M> {
                         ops.push(NicOp::CfgRead { off, width });
                     }
                 }
-                _ => ops.push(NicOp::Sleep(rng.below(2000) as u16)),
+                10 => ops.push(NicOp::Sleep(rng.below(2000) as u16)),
+                _ => ops.push(NicOp::Snapshot {
+                    mutate: rng.chance(60).then(|| rng.next_u64()),
+                }),
             }
         }
         ops
@@ -233,10 +242,23 @@ impl<M: Model> Target for Nic<M> {
 
     fn execute(ops: &[NicOp]) {
         let (mut rig, mut peer) = fresh::<M>(false);
+        // The backend as the ops left it, for the one a restored device gets.
+        let (mut vnet_now, mut link, mut blocked) = (false, true, false);
         for (i, o) in ops.iter().enumerate() {
             op(i);
             match o {
-                NicOp::Fresh { vnet } => (rig, peer) = fresh::<M>(*vnet),
+                NicOp::Fresh { vnet } => {
+                    (rig, peer) = fresh::<M>(*vnet);
+                    (vnet_now, link, blocked) = (*vnet, true, false);
+                }
+                NicOp::Snapshot { mutate } => {
+                    let (new, new_peer) = fresh::<M>(vnet_now);
+                    new_peer.set_link_up(link);
+                    new_peer.set_blocked(blocked);
+                    if let Some(new) = snapshot::<M>(&mut *rig, new, *mutate) {
+                        (rig, peer) = (new, new_peer);
+                    }
+                }
                 NicOp::Init(v) => rig.init(*v),
                 NicOp::Read { bar, off, width } => {
                     let mut b = [0u8; 8];
@@ -269,8 +291,14 @@ impl<M: Model> Target for Nic<M> {
                     let _ = rig.mem().write(&data.0, GuestAddress(*addr));
                 }
                 NicOp::Inject(f) => peer.inject(&f.0),
-                NicOp::Blocked(b) => peer.set_blocked(*b),
-                NicOp::Link(up) => peer.set_link_up(*up),
+                NicOp::Blocked(b) => {
+                    blocked = *b;
+                    peer.set_blocked(*b);
+                }
+                NicOp::Link(up) => {
+                    link = *up;
+                    peer.set_link_up(*up);
+                }
                 NicOp::Event(e) => {
                     let ev = match e {
                         Ev::TxKick => NetEvent::TxKick,
@@ -289,6 +317,143 @@ impl<M: Model> Target for Nic<M> {
                 }
             }
         }
+    }
+}
+
+/// Saves `old`'s device, through JSON text as a snapshot file holds it, corrupts the state
+/// when `mutate` gives a seed, and restores it into `new` after copying `old`'s guest memory
+/// into `new`'s. `new` when the restore succeeded; a refusal is fine for a corrupted state
+/// (and for a model that does not restore yet), a panic or a hang never is.
+fn snapshot<M: Model>(
+    old: &mut dyn Rig,
+    mut new: Box<dyn Rig>,
+    mutate: Option<u64>,
+) -> Option<Box<dyn Rig>> {
+    let text = serde_json::to_string(&old.dev().save()).expect("a state serializes");
+    let mut state: serde_json::Value = serde_json::from_str(&text).expect("and parses back");
+    if let Some(seed) = mutate {
+        let mut rng = Rng::new(seed);
+        for _ in 0..rng.range(1, 3) {
+            corrupt(&mut state, &mut rng);
+        }
+    }
+    let mut chunk = vec![0u8; 64 << 10];
+    for at in (0..M::RAM).step_by(chunk.len()) {
+        let n = chunk.len().min((M::RAM - at) as usize);
+        old.mem()
+            .read_slice(&mut chunk[..n], GuestAddress(at))
+            .expect("guest RAM");
+        new.mem()
+            .write_slice(&chunk[..n], GuestAddress(at))
+            .expect("guest RAM");
+    }
+    match new.dev().restore(&state) {
+        Ok(()) => Some(new),
+        Err(_) if mutate.is_some() => None,
+        Err(e) => panic!("{}: its own snapshot does not restore: {e}", M::NAME),
+    }
+}
+
+/// A value inside `v` (or `v`): an element or field with some chance, recursively;
+/// `descend` takes the first step for sure.
+fn pick<'a>(
+    v: &'a mut serde_json::Value,
+    rng: &mut Rng,
+    descend: bool,
+) -> &'a mut serde_json::Value {
+    use serde_json::Value as V;
+    let n = match &*v {
+        V::Object(m) => m.len(),
+        V::Array(a) => a.len(),
+        _ => 0,
+    };
+    if n == 0 || (!descend && rng.chance(30)) {
+        return v;
+    }
+    let i = rng.usize(n);
+    match v {
+        V::Object(m) => pick(m.values_mut().nth(i).expect("in range"), rng, false),
+        V::Array(a) => pick(&mut a[i], rng, false),
+        other => other,
+    }
+}
+
+/// One corruption of a saved state: a number changed (a bit flipped, an edge value), an
+/// array cut short or grown, a field dropped or added, or a value of another type.
+fn corrupt(state: &mut serde_json::Value, rng: &mut Rng) {
+    use serde_json::Value as V;
+    // Mostly one of the model's own fields (config space has its own checks, the wrapper
+    // only two fields), then down with a chance to stop at each level.
+    let v = if rng.chance(85) && state.get("model").is_some_and(|m| m.is_object()) {
+        pick(&mut state["model"], rng, true)
+    } else {
+        pick(state, rng, false)
+    };
+    if rng.chance(15) {
+        *v = match rng.below(6) {
+            0 => V::Null,
+            1 => V::Bool(true),
+            2 => V::from(7),
+            3 => V::from("7"),
+            4 => V::Array(vec![]),
+            _ => V::Object(Default::default()),
+        };
+        return;
+    }
+    match v {
+        V::Number(n) => {
+            let old = n.as_u64().unwrap_or(0);
+            *v = match rng.below(6) {
+                // Mostly values of the field's own width, which only the model can refuse.
+                0 | 1 => V::from(old ^ 1 << rng.below(if old < 0x1_0000 { 16 } else { 64 })),
+                2 => V::from(rng.pick(&[
+                    0u64,
+                    1,
+                    4,
+                    15,
+                    16,
+                    63,
+                    64,
+                    255,
+                    256,
+                    1023,
+                    1024,
+                    2048,
+                    0xffff,
+                    0x1_0000,
+                    0xffff_ffff,
+                    1 << 32,
+                    u64::MAX,
+                ])),
+                3 => V::from(-(rng.below(1 << 20) as i64) - 1),
+                4 => V::from(rng.below(old.saturating_mul(2).max(64))),
+                _ => V::from(rng.next_u64() >> rng.below(64)),
+            };
+        }
+        V::Bool(b) => *b = !*b,
+        V::Array(a) => match rng.below(4) {
+            0 => a.truncate(rng.usize(a.len() + 1)),
+            1 => a.clear(),
+            2 => {
+                let last = a.last().cloned().unwrap_or(V::from(0));
+                a.push(last);
+            }
+            _ => {
+                for _ in 0..rng.range(1, 40) {
+                    a.push(V::from(rng.below(0x1_0000)));
+                }
+            }
+        },
+        V::Object(m) => {
+            if !m.is_empty() && rng.chance(50) {
+                let k = m.keys().nth(rng.usize(m.len())).cloned().expect("in range");
+                m.remove(&k);
+            } else {
+                m.insert("unknown".into(), V::from(1));
+            }
+        }
+        V::String(_) => *v = V::from(rng.below(0x100)),
+        V::Null => *v = V::from(rng.below(0x1_0000)),
     }
 }
 

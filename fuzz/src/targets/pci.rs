@@ -2,7 +2,10 @@
 //! BAR sizing and relocation (into, across and out of the windows, onto each other), the
 //! command register, capabilities, and accesses through the I/O and MMIO windows to wherever
 //! the BARs went, MSI-X table and PBA included. The devices are the ones nicvm puts on its
-//! root bus: the host bridge, one of each NIC and pvpanic.
+//! root bus: the host bridge, one of each NIC and pvpanic. A snapshot operation saves the
+//! bus, alters the saved JSON as a damaged or hostile file would, and restores it into a
+//! freshly built machine: refused or restored, never a panic; when restored, the case goes on
+//! against the restored machine.
 
 use crate::harness::{op, Target};
 use crate::rng::Rng;
@@ -19,7 +22,7 @@ use net_backends::mem::pair;
 use nicvm::layout::{PCI_IO_SIZE, PCI_IO_START, PCI_MMIO_SIZE, PCI_MMIO_START};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum PciOp {
@@ -35,6 +38,148 @@ pub enum PciOp {
         val: u64,
         write: bool,
     },
+    /// Save the bus, edit the state, restore it into a fresh machine.
+    Snapshot(StateEdit),
+}
+
+/// How a snapshot case alters a saved state before restoring it. Nodes are counted
+/// depth-first among those of the kind the edit applies to, modulo their number.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StateEdit {
+    /// Restore what was saved.
+    Keep,
+    /// A number becomes `val`.
+    Number { node: u32, val: u64 },
+    /// One bit of a number flips.
+    Flip { node: u32, bit: u8 },
+    /// An array is cut to `len` items, or grown to it with copies of its last.
+    Resize { node: u32, len: u32 },
+    /// Any value becomes one of another JSON type.
+    Retype { node: u32, to: u8 },
+    /// An object loses a field, or gains one the device does not know.
+    Field { node: u32, remove: bool },
+}
+
+impl StateEdit {
+    pub fn generate(rng: &mut Rng) -> StateEdit {
+        let node = rng.below(4096) as u32;
+        match rng.weighted(&[15, 35, 20, 10, 10, 10]) {
+            0 => StateEdit::Keep,
+            1 => StateEdit::Number {
+                node,
+                val: rng.pick_or(&[0, 1, 2, 3, 0xff, 0xffff, 0x1_0000, u64::MAX], |r| {
+                    r.value(8)
+                }),
+            },
+            2 => StateEdit::Flip {
+                node,
+                bit: rng.below(64) as u8,
+            },
+            3 => StateEdit::Resize {
+                node,
+                len: rng.pick_or(&[0, 1, 2, 3], |r| r.below(300) as u32),
+            },
+            4 => StateEdit::Retype {
+                node,
+                to: rng.below(7) as u8,
+            },
+            _ => StateEdit::Field {
+                node,
+                remove: rng.chance(50),
+            },
+        }
+    }
+
+    /// Applies the edit to `state` (nothing when it has no node of the kind).
+    pub fn apply(&self, state: &mut serde_json::Value) {
+        use serde_json::Value;
+        let (node, kind): (u32, fn(&Value) -> bool) = match *self {
+            StateEdit::Keep => return,
+            StateEdit::Number { node, .. } | StateEdit::Flip { node, .. } => {
+                (node, Value::is_number)
+            }
+            StateEdit::Resize { node, .. } => (node, Value::is_array),
+            StateEdit::Retype { node, .. } => (node, |_| true),
+            StateEdit::Field { node, .. } => (node, Value::is_object),
+        };
+        let count = nodes(state, kind, &mut |_| {});
+        if count == 0 {
+            return;
+        }
+        let mut at = node as usize % count;
+        nodes(state, kind, &mut |v| {
+            if at == 0 {
+                self.edit(v);
+            }
+            at = at.wrapping_sub(1);
+        });
+    }
+
+    fn edit(&self, v: &mut serde_json::Value) {
+        use serde_json::Value;
+        match *self {
+            StateEdit::Keep => {}
+            StateEdit::Number { val, .. } => *v = val.into(),
+            StateEdit::Flip { bit, .. } => {
+                let n = v.as_u64().or(v.as_i64().map(|i| i as u64)).unwrap_or(0);
+                *v = (n ^ 1u64 << (bit % 64)).into();
+            }
+            StateEdit::Resize { len, .. } => {
+                let a = v.as_array_mut().expect("an array");
+                let last = a.last().cloned().unwrap_or(Value::Null);
+                a.resize(len as usize, last);
+            }
+            StateEdit::Retype { to, .. } => {
+                *v = match to {
+                    0 => Value::Null,
+                    1 => true.into(),
+                    2 => "7".into(),
+                    3 => 1.5.into(),
+                    4 => Value::Array(vec![]),
+                    5 => Value::Object(Default::default()),
+                    _ => (-1).into(),
+                }
+            }
+            StateEdit::Field { remove, .. } => {
+                let o = v.as_object_mut().expect("an object");
+                if remove {
+                    if let Some(k) = o.keys().next().cloned() {
+                        o.remove(&k);
+                    }
+                } else {
+                    o.insert("unknown".into(), 0.into());
+                }
+            }
+        }
+    }
+}
+
+/// Calls `f` on every node of `v` that `kind` accepts, depth-first (a node before what it
+/// holds); returns how many there were.
+fn nodes(
+    v: &mut serde_json::Value,
+    kind: fn(&serde_json::Value) -> bool,
+    f: &mut dyn FnMut(&mut serde_json::Value),
+) -> usize {
+    let mut n = 0;
+    if kind(v) {
+        n += 1;
+        f(v);
+    }
+    match v {
+        serde_json::Value::Array(a) => {
+            for x in a {
+                n += nodes(x, kind, f);
+            }
+        }
+        serde_json::Value::Object(o) => {
+            for (_, x) in o.iter_mut() {
+                n += nodes(x, kind, f);
+            }
+        }
+        _ => {}
+    }
+    n
 }
 
 pub struct Pci;
@@ -49,11 +194,18 @@ const CFG_REGS: [u8; 14] = [
 struct Machine {
     pio: Bus,
     mmio: Bus,
-    _mem: GuestMemoryMmap,
+    root: Arc<PciRoot>,
+    mem: GuestMemoryMmap,
 }
 
-fn machine() -> Machine {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+const MEM_SIZE: usize = 1 << 20;
+
+/// The machine as nicvm builds it, on `ram` (a restored machine's is the saved one's).
+fn machine(ram: Option<&[u8]>) -> Machine {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    if let Some(ram) = ram {
+        mem.write_slice(ram, GuestAddress(0)).unwrap();
+    }
     let chip = Arc::new(RecordingIrqChip::default());
     let lifecycle = Arc::new(Lifecycle::new().unwrap());
     let mut root = PciRoot::new();
@@ -114,7 +266,23 @@ fn machine() -> Machine {
     Machine {
         pio,
         mmio,
-        _mem: mem,
+        root,
+        mem,
+    }
+}
+
+/// Saves `m`, edits the state as text would carry it, restores into a fresh machine: the
+/// fresh one when that worked, else `m` as it was.
+fn snapshot(m: Machine, edit: &StateEdit) -> Machine {
+    let text = serde_json::to_string(&m.root.save()).unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit.apply(&mut state);
+    let mut ram = vec![0u8; MEM_SIZE];
+    m.mem.read_slice(&mut ram, GuestAddress(0)).unwrap();
+    let fresh = machine(Some(&ram));
+    match fresh.root.restore(&state) {
+        Ok(()) => fresh,
+        Err(_) => m,
     }
 }
 
@@ -140,7 +308,7 @@ impl Target for Pci {
         let mut io_bases = vec![PCI_IO_START, PCI_IO_START + 0x40, PCI_IO_START + 0x100];
         let n = rng.range(1, 120) as usize;
         while ops.len() < n {
-            match rng.weighted(&[30, 25, 15, 20, 10]) {
+            match rng.weighted(&[30, 25, 15, 20, 10, 3]) {
                 // Select a register, then read or write CONFIG_DATA at some byte of it.
                 0 | 1 => {
                     let slot = if rng.chance(90) {
@@ -218,6 +386,7 @@ impl Target for Pci {
                         write: rng.chance(60),
                     });
                 }
+                5 => ops.push(PciOp::Snapshot(StateEdit::generate(rng))),
                 _ => {
                     let addr = match rng.below(4) {
                         0 => PCI_MMIO_START + PCI_MMIO_SIZE - rng.below(16),
@@ -237,10 +406,11 @@ impl Target for Pci {
     }
 
     fn execute(ops: &[PciOp]) {
-        let m = machine();
+        let mut m = machine(None);
         for (i, o) in ops.iter().enumerate() {
             op(i);
             match *o {
+                PciOp::Snapshot(ref edit) => m = snapshot(m, edit),
                 PciOp::Pio {
                     port,
                     width,
