@@ -3,6 +3,9 @@
   scripts/bench [nics] [options]   the NIC frontend comparison (the default subcommand)
   scripts/bench boot [--runs N] [--no-qemu]
                                    boot to /init and exit, nicvm next to QEMU
+  scripts/bench restore [--runs N] [--device MODEL] [--clones N]
+                                   boot->lease next to restore->lease from a snapshot taken
+                                   before DHCP, restore->first instruction, N clones at once
   scripts/bench net [--quick] [--json] [FRAMES] [FRAME_LEN]
                                    the no-guest mode: each NIC model driven by a synthetic
                                    driver on a tap, host ns per frame next to bare write()/read()
@@ -50,7 +53,7 @@ import argparse
 import os
 import sys
 
-from . import ROOT, boot, nics
+from . import ROOT, boot, nics, restore
 from .chart import svg
 from .matrix import BACKENDS, MODELS
 from .report import load, tables
@@ -96,6 +99,20 @@ def cmd_boot(argv):
     return boot.run(a.nicvm, a.guest, a.runs, a.no_qemu)
 
 
+def cmd_restore(argv):
+    """restore: see restore.py."""
+    ap = argparse.ArgumentParser(prog="scripts/bench restore")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--device", default="virtio-net-pci")
+    ap.add_argument("--clones", type=int, default=10)
+    ap.add_argument("--nicvm", default=os.path.join(ROOT, "target/release/nicvm"))
+    ap.add_argument("--guest")
+    a = ap.parse_args(argv)
+    if a.runs < 1 or a.clones < 0:
+        ap.error("--runs must be at least 1, --clones at least 0")
+    return restore.run(a.nicvm, a.guest, a.runs, a.device, a.clones)
+
+
 def cmd_table(argv):
     """table REPORT.json: the tables of a saved report, as nics printed them."""
     if not argv:
@@ -125,9 +142,10 @@ def main(argv):
     rest = argv[1:] if argv and not argv[0].startswith("-") else argv
     if sub == "net":
         os.execv(os.path.join(ROOT, "scripts/bench-net"), ["scripts/bench-net", *rest])
-    cmds = {"nics": cmd_nics, "boot": cmd_boot, "svg": cmd_svg, "table": cmd_table}
+    cmds = {"nics": cmd_nics, "boot": cmd_boot, "restore": cmd_restore, "svg": cmd_svg,
+            "table": cmd_table}
     if sub not in cmds:
-        sys.exit(f"bench: unknown subcommand {sub} (nics, boot, net, svg, table; -h for help)")
+        sys.exit(f"bench: unknown subcommand {sub} (nics, boot, restore, net, svg, table; -h for help)")
     try:
         return cmds[sub](rest)
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ pub fn nicvm() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_nicvm"))
 }
 
+#[derive(Clone)]
 pub struct Image {
     pub kernel: PathBuf,
     pub bzimage: PathBuf,

@@ -439,17 +439,16 @@ fn write_region(f: &File, region: &vm_memory::GuestRegionMmap, at: u64) -> std::
     Ok(())
 }
 
-/// A snapshot file opened for restoring: its state read and checked, its RAM not yet mapped.
-pub struct Incoming {
-    pub path: PathBuf,
-    pub file: File,
-    pub state: State,
-    mem_offset: u64,
-    mem_len: u64,
+/// A snapshot file whose header was read and checked: its RAM can be mapped (and registered
+/// with KVM, which takes milliseconds) while its state is read.
+pub struct IncomingHeader {
+    path: PathBuf,
+    file: File,
+    header: Header,
 }
 
-impl Incoming {
-    pub fn open(path: &Path) -> Result<Incoming, SnapshotError> {
+impl IncomingHeader {
+    pub fn open(path: &Path) -> Result<IncomingHeader, SnapshotError> {
         let io = |source| SnapshotError::Io {
             path: path.into(),
             source,
@@ -459,23 +458,75 @@ impl Incoming {
         let mut h = vec![0u8; HEADER_LEN as usize];
         let got = read_up_to(&mut file, &mut h).map_err(io)?;
         h.truncate(got);
-        let hd = Header::decode(&h, path, file_len)?;
-        let mut json = vec![0u8; hd.state_len as usize];
-        file.seek(SeekFrom::Start(HEADER_LEN)).map_err(io)?;
-        file.read_exact(&mut json).map_err(io)?;
-        if crc32fast::hash(&json) != hd.state_crc {
+        let header = Header::decode(&h, path, file_len)?;
+        Ok(IncomingHeader {
+            path: path.into(),
+            file,
+            header,
+        })
+    }
+
+    /// Guest RAM mapped privately from the file (copy-on-write), in the regions `ranges`.
+    pub fn map_memory(
+        &self,
+        ranges: &[(vm_memory::GuestAddress, usize)],
+    ) -> Result<GuestMemoryMmap, SnapshotError> {
+        let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+        if total != self.header.mem_len {
             return Err(SnapshotError::Damaged {
-                path: path.into(),
+                path: self.path.clone(),
+                what: format!(
+                    "{} bytes of RAM for a {total}-byte machine",
+                    self.header.mem_len
+                ),
+            });
+        }
+        let mut regions = vec![];
+        let mut at = self.header.mem_offset;
+        for &(base, size) in ranges {
+            let fd = self.file.try_clone().map_err(|source| SnapshotError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+            let region = vm_memory::mmap::MmapRegionBuilder::new(size)
+                .with_file_offset(vm_memory::FileOffset::new(fd, at))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| SnapshotError::Save(format!("mapping guest RAM: {e}")))?;
+            regions.push(
+                vm_memory::GuestRegionMmap::new(region, base)
+                    .ok_or_else(|| SnapshotError::Save("guest RAM regions overlap".into()))?,
+            );
+            at += size as u64;
+        }
+        GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| SnapshotError::Save(format!("guest RAM: {e}")))
+    }
+
+    /// Reads and checks the state.
+    pub fn read(mut self) -> Result<Incoming, SnapshotError> {
+        let path = self.path.clone();
+        let io = |source| SnapshotError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut json = vec![0u8; self.header.state_len as usize];
+        self.file.seek(SeekFrom::Start(HEADER_LEN)).map_err(io)?;
+        self.file.read_exact(&mut json).map_err(io)?;
+        if crc32fast::hash(&json) != self.header.state_crc {
+            return Err(SnapshotError::Damaged {
+                path,
                 what: "state checksum".into(),
             });
         }
         let state: State = serde_json::from_slice(&json).map_err(|e| SnapshotError::Damaged {
-            path: path.into(),
+            path: path.clone(),
             what: format!("state: {e}"),
         })?;
         if state.nicvm != env!("CARGO_PKG_VERSION") {
             return Err(SnapshotError::Incompatible {
-                path: path.into(),
+                path,
                 what: format!(
                     "written by nicvm {}, this is nicvm {}",
                     state.nicvm,
@@ -483,16 +534,33 @@ impl Incoming {
                 ),
             });
         }
-        Ok(Incoming {
-            path: path.into(),
-            file,
-            state,
-            mem_offset: hd.mem_offset,
-            mem_len: hd.mem_len,
-        })
+        Ok(Incoming { head: self, state })
+    }
+}
+
+/// A snapshot file opened for restoring, its state read and checked.
+pub struct Incoming {
+    head: IncomingHeader,
+    pub state: State,
+}
+
+impl Incoming {
+    pub fn open(path: &Path) -> Result<Incoming, SnapshotError> {
+        IncomingHeader::open(path)?.read()
     }
 
-    /// Refuses RAM size or vCPU count other than saved (before RAM is mapped).
+    pub fn path(&self) -> &Path {
+        &self.head.path
+    }
+
+    pub fn map_memory(
+        &self,
+        ranges: &[(vm_memory::GuestAddress, usize)],
+    ) -> Result<GuestMemoryMmap, SnapshotError> {
+        self.head.map_memory(ranges)
+    }
+
+    /// Refuses host kind, RAM size or vCPU count other than saved.
     pub fn check_size(&self, host: &str, mem_mib: u64, cpus: u8) -> Result<(), SnapshotError> {
         self.check_shape(&MachineShape {
             host: host.into(),
@@ -531,51 +599,16 @@ impl Incoming {
             )
         } else if self.state.vcpus.len() != saved.cpus as usize {
             return Err(SnapshotError::Damaged {
-                path: self.path.clone(),
+                path: self.head.path.clone(),
                 what: "vCPU count".into(),
             });
         } else {
             return Ok(());
         };
         Err(SnapshotError::Incompatible {
-            path: self.path.clone(),
+            path: self.head.path.clone(),
             what,
         })
-    }
-
-    /// Guest RAM mapped privately from the file (copy-on-write), in the regions `ranges`.
-    pub fn map_memory(
-        &self,
-        ranges: &[(vm_memory::GuestAddress, usize)],
-    ) -> Result<GuestMemoryMmap, SnapshotError> {
-        let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
-        if total != self.mem_len {
-            return Err(SnapshotError::Damaged {
-                path: self.path.clone(),
-                what: format!("{} bytes of RAM for a {total}-byte machine", self.mem_len),
-            });
-        }
-        let mut regions = vec![];
-        let mut at = self.mem_offset;
-        for &(base, size) in ranges {
-            let fd = self.file.try_clone().map_err(|source| SnapshotError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-            let region = vm_memory::mmap::MmapRegionBuilder::new(size)
-                .with_file_offset(vm_memory::FileOffset::new(fd, at))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| SnapshotError::Save(format!("mapping guest RAM: {e}")))?;
-            regions.push(
-                vm_memory::GuestRegionMmap::new(region, base)
-                    .ok_or_else(|| SnapshotError::Save("guest RAM regions overlap".into()))?,
-            );
-            at += size as u64;
-        }
-        GuestMemoryMmap::from_regions(regions)
-            .map_err(|e| SnapshotError::Save(format!("guest RAM: {e}")))
     }
 }
 

@@ -349,18 +349,31 @@ impl Vm {
         vm.create_pit2(pit)
             .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
         // A restored guest's RAM is the snapshot's, mapped copy-on-write.
-        let incoming = match &cfg.incoming {
-            Some(p) => Some(crate::snapshot::Incoming::open(p)?),
+        // Its RAM is mapped from the header alone, so that KVM registers it while the state is
+        // read and checked (a RAM size other than saved is reported from the state).
+        let incoming_head = match &cfg.incoming {
+            Some(p) => Some(crate::snapshot::IncomingHeader::open(p)?),
             None => None,
         };
-        let mem = match &incoming {
-            Some(inc) => {
-                inc.check_size(host.describe(), cfg.mem_mib, cfg.cpus)?;
-                inc.map_memory(&ram_ranges(cfg.mem_mib))?
-            }
-            None => guest_memory(cfg.mem_mib)?,
+        let mem = match &incoming_head {
+            Some(head) => head.map_memory(&ram_ranges(cfg.mem_mib)),
+            None => Ok(guest_memory(cfg.mem_mib)?),
         };
-        let registration = MemoryRegistration::start(&vm, &mem)?;
+        let registration = match &mem {
+            Ok(mem) => Some(MemoryRegistration::start(&vm, mem)?),
+            Err(_) => None,
+        };
+        let incoming = match incoming_head {
+            Some(head) => {
+                let inc = head.read()?;
+                inc.check_size(host.describe(), cfg.mem_mib, cfg.cpus)?;
+                timing.mark("snapshot-read");
+                Some(inc)
+            }
+            None => None,
+        };
+        let mem = mem?;
+        let registration = registration.expect("started for mapped memory");
         let chip: Arc<dyn IrqChip> = Arc::new(
             KvmIrqChip::new(vm.clone()).map_err(|e| VmError::Host("KVM_SET_GSI_ROUTING", e))?,
         );
@@ -543,14 +556,14 @@ impl Vm {
             match (&incoming, entry) {
                 (Some(inc), _) => inc.state.vcpus[id as usize]
                     .apply(&v)
-                    .map_err(|e| VmError::Restore(inc.path.clone(), format!("vCPU {id}: {e}")))?,
+                    .map_err(|e| VmError::Restore(inc.path().into(), format!("vCPU {id}: {e}")))?,
                 (None, Some(entry)) if id == 0 => vcpu::setup_boot_vcpu(&v, &mem, entry)?,
                 _ => {}
             }
             vcpus.push(v);
         }
         if let Some(inc) = &incoming {
-            let restore_err = |e: String| VmError::Restore(inc.path.clone(), e);
+            let restore_err = |e: String| VmError::Restore(inc.path().into(), e);
             // The irqchip first: devices that restore an asserted line drive it into the
             // restored IOAPIC.
             inc.state.vm.apply(&vm).map_err(restore_err)?;

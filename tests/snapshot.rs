@@ -1,0 +1,480 @@
+//! Snapshots end to end: a guest booted once and saved just before it asks for a lease
+//! (`-save-on`), then ten clones restored from that one file at once (`-incoming`), each with
+//! its own user network, each leasing and receiving data byte-exact — for every NIC
+//! personality; a guest saved after its lease on a tap (QMP `migrate`) that keeps working once
+//! restored; and snapshot files that are damaged, cut short or for another machine refused
+//! with one line before any guest runs.
+
+mod support;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use support::net::{Guest, Netns};
+use support::*;
+
+const CLONES: usize = 10;
+/// The guest prints this line just before it starts DHCP.
+const BEFORE_DHCP: &str = "NICVM-DHCP start";
+
+/// A directory for one test's snapshots, removed with everything in it at the end.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("nicvm-snap-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Boots the guest with `device` on a user network and saves it before DHCP to `file`.
+fn save_before_dhcp(img: &Image, device: &str, append: &str, file: &Path) -> Outcome {
+    let save_on = format!("console={BEFORE_DHCP},file={}", file.display());
+    boot(
+        img,
+        append,
+        &[
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            &format!("{device},netdev=n0"),
+            "-save-on",
+            &save_on,
+        ],
+    )
+}
+
+/// Restores `file` with `device` on a fresh user network forwarding host `port` to the
+/// guest's 5001.
+fn restore(img: &Image, device: &str, file: &Path, port: u16, extra: &[&str]) -> Guest {
+    restore_captured(img, device, file, port, extra, None)
+}
+
+/// As [`restore`], writing what crosses the NIC to `pcap`.
+fn restore_captured(
+    img: &Image,
+    device: &str,
+    file: &Path,
+    port: u16,
+    extra: &[&str],
+    pcap: Option<&Path>,
+) -> Guest {
+    let mut cmd = std::process::Command::new(nicvm());
+    // The kernel options are what a QEMU user passes again; a restored guest does not boot.
+    cmd.args(["-kernel", &img.kernel.display().to_string()])
+        .arg("-nographic")
+        .args([
+            "-netdev",
+            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:5001"),
+        ])
+        .args(["-device", &format!("{device},netdev=n0")])
+        .args(["-incoming", &format!("file:{}", file.display())])
+        .args(extra)
+        .env("NICVM_LOG", "warn");
+    if let Some(p) = pcap {
+        cmd.args([
+            "-object",
+            &format!("filter-dump,id=f0,netdev=n0,file={}", p.display()),
+        ]);
+    }
+    Guest::spawn(cmd)
+}
+
+/// What each clone receives: the stream the tests use, different per clone.
+fn clone_data(i: usize) -> Vec<u8> {
+    let mut d = pseudo_random(256 << 10);
+    for b in d.iter_mut() {
+        *b ^= i as u8 + 1;
+    }
+    d
+}
+
+/// Saves a guest with `device` before DHCP, then restores ten clones of it at once: every one
+/// must take its lease and receive its own 256 KiB byte-exact through its own hostfwd.
+fn clones(device: &str, driver: &str) {
+    let Some(img) = image() else { return };
+    let dir = Scratch::new(&device.replace([',', '='], "-"));
+    let file = dir.0.join("guest.snap");
+    let t0 = Instant::now();
+    let o = save_before_dhcp(&img, device, "nicvm.run=recv:5001,exit", &file);
+    let boot_secs = t0.elapsed().as_secs_f64();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    assert!(o.stdout.contains(BEFORE_DHCP), "{}", o.dump());
+    assert!(
+        !o.stdout.contains("NICVM-NIC"),
+        "the guest went on past the snapshot point:\n{}",
+        o.dump()
+    );
+    assert!(o.stderr.contains("snapshot written"), "{}", o.dump());
+
+    let t1 = Instant::now();
+    let workers: Vec<_> = (0..CLONES)
+        .map(|i| {
+            let (img, device, file) = (img.clone(), device.to_string(), file.clone());
+            let driver = driver.to_string();
+            let pcap = dir.0.join(format!("clone-{i}.pcap"));
+            std::thread::spawn(move || {
+                let port = free_port();
+                let mut g = restore_captured(&img, &device, &file, port, &[], Some(&pcap));
+                let nic = g.wait_line("NIC");
+                assert_eq!(nic["driver"], driver, "clone {i}: {}", nic["_"]);
+                assert_eq!(nic["lease"], "10.0.2.15/24", "clone {i}: {}", nic["_"]);
+                g.wait_line("LISTEN");
+                let data = clone_data(i);
+                let mut s = connect_retry(&format!("127.0.0.1:{port}"));
+                s.write_all(&data).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                let recv = g.wait_line("RECV");
+                let o = g.finish();
+                if recv["bytes"] != data.len().to_string() {
+                    eprintln!(
+                        "clone {i}: the last TCP frames it saw:\n{}",
+                        last_tcp(&pcap)
+                    );
+                }
+                assert_eq!(
+                    recv["bytes"],
+                    data.len().to_string(),
+                    "clone {i}: {}",
+                    o.dump()
+                );
+                assert_eq!(recv["fnv1a64"], fnv1a64(&data), "clone {i}: {}", o.dump());
+                assert_eq!(o.code, Some(0), "clone {i}: {}", o.dump());
+                // Nothing of a boot: the console starts where the snapshot stopped.
+                assert!(!o.stdout.contains("NICVM-BOOT"), "clone {i}: {}", o.dump());
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("a clone failed");
+    }
+    eprintln!(
+        "{device}: boot to snapshot {boot_secs:.1} s; {CLONES} clones restored, leased and \
+         received in {:.1} s",
+        t1.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn virtio_net_clones_lease_and_receive() {
+    clones("virtio-net-pci", "virtio_net");
+}
+
+#[test]
+fn e1000_clones_lease_and_receive() {
+    clones("e1000", "e1000");
+}
+
+#[test]
+fn rtl8139_cplus_clones_lease_and_receive() {
+    clones("rtl8139", "8139cp");
+}
+
+#[test]
+fn rtl8139_too_clones_lease_and_receive() {
+    clones("rtl8139,cplus=off", "8139too");
+}
+
+/// The last TCP frames of a capture, as tcpdump shows them (what ended a transfer early).
+fn last_tcp(pcap: &Path) -> String {
+    match std::process::Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(pcap)
+        .arg("tcp")
+        .output()
+    {
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        }
+        Err(e) => format!("(tcpdump: {e})"),
+    }
+}
+
+/// nicvm run to restore `file` with `extra` options; must fail before the guest runs.
+fn refused(img: &Image, file: &Path, extra: &[&str]) -> String {
+    let mut a = args(&["-kernel", &img.kernel.display().to_string(), "-nographic"]);
+    a.extend(args(extra));
+    a.extend(args(&["-incoming", &format!("file:{}", file.display())]));
+    let o = run(&a, Duration::from_secs(60));
+    assert_eq!(o.code, Some(1), "{}", o.dump());
+    assert!(!o.stdout.contains("NICVM"), "a guest ran: {}", o.dump());
+    let errors: Vec<&str> = o
+        .stderr
+        .lines()
+        .filter(|l| !l.contains(": info: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "one line: {}", o.dump());
+    errors[0].to_string()
+}
+
+#[test]
+fn damaged_or_foreign_snapshots_are_refused_in_one_line() {
+    let Some(img) = image() else { return };
+    let dir = Scratch::new("refused");
+    let file = dir.0.join("guest.snap");
+    let o = save_before_dhcp(&img, "e1000", "nicvm.run=exit", &file);
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    let good = std::fs::read(&file).unwrap();
+    let nic = ["-netdev", "user,id=n0", "-device", "e1000,netdev=n0"];
+
+    // Another machine shape.
+    let e = refused(
+        &img,
+        &file,
+        &[
+            "-m",
+            "256",
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "e1000,netdev=n0",
+        ],
+    );
+    assert!(
+        e.contains("saved with -m 128M, restoring with -m 256M"),
+        "{e}"
+    );
+    let e = refused(
+        &img,
+        &file,
+        &[
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ],
+    );
+    assert!(
+        e.contains("saved with NICs [e1000 52:54:00:12:34:56 in slot 3]"),
+        "{e}"
+    );
+    let e = refused(
+        &img,
+        &file,
+        &[
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "e1000,netdev=n0,mac=52:54:00:00:00:09",
+        ],
+    );
+    assert!(e.contains("restoring with [e1000 52:54:00:00:00:09"), "{e}");
+
+    // Damage: a flipped bit in the state, a file cut short, not a snapshot at all.
+    let bad = dir.0.join("bad.snap");
+    let mut b = good.clone();
+    b[4096 + 100] ^= 0x20;
+    std::fs::write(&bad, &b).unwrap();
+    let e = refused(&img, &bad, &nic);
+    assert!(e.contains("damaged snapshot (state checksum)"), "{e}");
+    std::fs::write(&bad, &good[..good.len() / 2]).unwrap();
+    let e = refused(&img, &bad, &nic);
+    assert!(e.contains("cut short"), "{e}");
+    std::fs::write(&bad, b"#!/bin/sh\necho hello\n").unwrap();
+    let e = refused(&img, &bad, &nic);
+    assert!(e.contains("not a nicvm snapshot"), "{e}");
+
+    // Another nicvm version's snapshot: its state is whole (the checksum fixed up), but says
+    // who wrote it.
+    let len = u64::from_le_bytes(good[12..20].try_into().unwrap()) as usize;
+    let json = std::str::from_utf8(&good[4096..4096 + len]).unwrap();
+    let ours = format!("\"nicvm\":\"{}\"", env!("CARGO_PKG_VERSION"));
+    assert!(json.contains(&ours), "{}", &json[..200.min(json.len())]);
+    let other = json.replacen(&ours, "\"nicvm\":\"9.9.9\"", 1);
+    assert_eq!(
+        other.len(),
+        json.len() + 5 - env!("CARGO_PKG_VERSION").len()
+    );
+    let mut b = good[..4096].to_vec();
+    b[12..20].copy_from_slice(&(other.len() as u64).to_le_bytes());
+    b[20..24].copy_from_slice(&crc32(other.as_bytes()).to_le_bytes());
+    let header_crc = crc32(&b[0..40]);
+    b[40..44].copy_from_slice(&header_crc.to_le_bytes());
+    b.extend_from_slice(other.as_bytes());
+    b.extend_from_slice(&good[4096 + len..]);
+    std::fs::write(&bad, &b).unwrap();
+    let e = refused(&img, &bad, &nic);
+    assert!(e.contains("written by nicvm 9.9.9"), "{e}");
+}
+
+/// CRC-32 (IEEE), as the snapshot header uses.
+fn crc32(d: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in d {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xedb8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// A guest with its lease from a DHCP server on a tap, saved with QMP (stop, migrate) and
+/// restored on the same tap: it keeps its address and receives data byte-exact.
+#[test]
+fn saved_after_its_lease_on_a_tap_it_keeps_working() {
+    let Some(img) = image() else { return };
+    let dir = Scratch::new("tap");
+    let file = dir.0.join("guest.snap");
+    let mut ns = Netns::new("snap");
+    ns.sh("ip tuntap add dev tap0 mode tap && ip addr add 192.168.91.1/24 dev tap0 && ip link set tap0 up");
+    ns.dnsmasq("tap0", ("192.168.91.50", "192.168.91.60"), &[]);
+    let qmp = dir.0.join("qmp.sock");
+    let tap = [
+        "-netdev",
+        "tap,id=n0,ifname=tap0,script=no,downscript=no",
+        "-device",
+        "virtio-net-pci,netdev=n0",
+    ];
+    let qmp_opt = format!("unix:{},server=on,wait=off", qmp.display());
+    let mut extra = tap.to_vec();
+    extra.extend(["-qmp", &qmp_opt]);
+    let mut g = ns.guest(&img, "nicvm.run=recv:5001,exit", &extra, &[]);
+    let nic = g.wait_line("NIC");
+    let ip = nic["lease"].trim_end_matches("/24").to_string();
+    assert!(ip.starts_with("192.168.91.5"), "{}", nic["_"]);
+    g.wait_line("LISTEN");
+
+    // Saved while it waits for a connection.
+    let mut c = qmp_connect(&qmp);
+    qmp_cmd(&mut c, r#"{"execute":"stop"}"#);
+    let r = qmp_cmd(
+        &mut c,
+        &format!(
+            r#"{{"execute":"migrate","arguments":{{"uri":"file:{}"}}}}"#,
+            file.display()
+        ),
+    );
+    assert!(
+        r.contains(r#""return": {}"#) || r.contains(r#""return":{}"#),
+        "{r}"
+    );
+    let r = qmp_cmd(&mut c, r#"{"execute":"query-migrate"}"#);
+    assert!(r.contains("completed"), "{r}");
+    let r = qmp_cmd(&mut c, r#"{"execute":"query-status"}"#);
+    assert!(r.contains("postmigrate"), "{r}");
+    qmp_cmd(&mut c, r#"{"execute":"quit"}"#);
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+
+    // The restored guest is the one that was listening: no new lease, no boot.
+    let mut g = ns.guest(
+        &img,
+        "",
+        &[
+            "-incoming",
+            &format!("file:{}", file.display()),
+            tap[0],
+            tap[1],
+            tap[2],
+            tap[3],
+        ],
+        &[],
+    );
+    let data = clone_data(7);
+    let dest = format!("{ip}:5001");
+    let sent = ns.within(move || {
+        let mut s = connect_retry(&dest);
+        s.write_all(&data).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        data
+    });
+    let recv = g.wait_line("RECV");
+    assert_eq!(recv["bytes"], sent.len().to_string());
+    assert_eq!(recv["fnv1a64"], fnv1a64(&sent));
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    assert!(!o.stdout.contains("NICVM-NIC"), "{}", o.dump());
+}
+
+fn qmp_connect(path: &Path) -> std::io::BufReader<std::os::unix::net::UnixStream> {
+    let start = Instant::now();
+    let s = loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) if start.elapsed() > Duration::from_secs(30) => panic!("QMP: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut greeting = String::new();
+    std::io::BufRead::read_line(&mut r, &mut greeting).unwrap();
+    assert!(greeting.contains("QMP"), "{greeting}");
+    qmp_cmd(&mut r, r#"{"execute":"qmp_capabilities"}"#);
+    r
+}
+
+/// Sends one command; returns its answer (events before it are skipped).
+fn qmp_cmd(r: &mut std::io::BufReader<std::os::unix::net::UnixStream>, cmd: &str) -> String {
+    r.get_mut()
+        .write_all(format!("{cmd}\n").as_bytes())
+        .unwrap();
+    loop {
+        let mut line = String::new();
+        std::io::BufRead::read_line(r, &mut line).unwrap();
+        assert!(!line.is_empty(), "QMP closed");
+        if !line.contains("\"event\"") {
+            return line;
+        }
+    }
+}
+
+/// A guest with two vCPUs saved after its lease on a user network (while it listens) and
+/// restored on a fresh one: it keeps its address, and a new hostfwd reaches it.
+#[test]
+fn saved_after_its_lease_on_user_networking_it_keeps_working() {
+    let Some(img) = image() else { return };
+    let dir = Scratch::new("user-leased");
+    let file = dir.0.join("guest.snap");
+    let save_on = format!("console=NICVM-LISTEN,file={}", file.display());
+    let o = boot(
+        &img,
+        "nicvm.run=recv:5001,exit",
+        &[
+            "-smp",
+            "2",
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "e1000,netdev=n0",
+            "-save-on",
+            &save_on,
+        ],
+    );
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    assert!(o.stdout.contains("lease=10.0.2.15/24"), "{}", o.dump());
+
+    let port = free_port();
+    let mut g = restore(&img, "e1000", &file, port, &["-smp", "2"]);
+    let data = clone_data(3);
+    let mut s = connect_retry(&format!("127.0.0.1:{port}"));
+    s.write_all(&data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let recv = g.wait_line("RECV");
+    assert_eq!(recv["bytes"], data.len().to_string());
+    assert_eq!(recv["fnv1a64"], fnv1a64(&data));
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+}
