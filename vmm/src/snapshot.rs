@@ -159,8 +159,10 @@ impl VcpuState {
         })
     }
 
-    /// Puts the state into a vCPU that has its CPUID set and has not run.
-    pub fn apply(&self, vcpu: &VcpuFd) -> Result<(), String> {
+    /// Puts the state into a vCPU that has its CPUID set and has not run: first the
+    /// registers (no guest memory needed), then, once guest RAM is registered with KVM,
+    /// [`VcpuState::apply_msrs_and_events`].
+    pub fn apply_registers(&self, vcpu: &VcpuFd) -> Result<(), String> {
         vcpu.set_mp_state(self.mp_state)
             .map_err(kvm_err("KVM_SET_MP_STATE"))?;
         vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
@@ -176,6 +178,10 @@ impl VcpuState {
             .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
         vcpu.set_lapic(&self.lapic)
             .map_err(kvm_err("KVM_SET_LAPIC"))?;
+        Ok(())
+    }
+
+    pub fn apply_msrs_and_events(&self, vcpu: &VcpuFd) -> Result<(), String> {
         let entries: Vec<kvm_bindings::kvm_msr_entry> = self
             .msrs
             .iter()

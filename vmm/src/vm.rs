@@ -527,9 +527,8 @@ impl Vm {
                 Some(entry)
             }
         };
-        registration.finish()?;
-        timing.mark("memory-registered");
-
+        // vCPUs and a snapshot's state need no memory slot (except MSRs that point into guest
+        // RAM: below), so they are set up while KVM makes RAM live.
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -555,7 +554,7 @@ impl Vm {
             vcpu::setup_vcpu_common(&v, &table)?;
             match (&incoming, entry) {
                 (Some(inc), _) => inc.state.vcpus[id as usize]
-                    .apply(&v)
+                    .apply_registers(&v)
                     .map_err(|e| VmError::Restore(inc.path().into(), format!("vCPU {id}: {e}")))?,
                 (None, Some(entry)) if id == 0 => vcpu::setup_boot_vcpu(&v, &mem, entry)?,
                 _ => {}
@@ -584,6 +583,17 @@ impl Vm {
                 .unwrap()
                 .restore(&d.cmos)
                 .map_err(|e| restore_err(format!("CMOS: {e}")))?;
+        }
+        registration.finish()?;
+        timing.mark("memory-registered");
+        if let Some(inc) = &incoming {
+            // MSRs last: some (kvm-clock, PV EOI, async PF) name guest RAM, which KVM
+            // checks against its memory slots.
+            for (id, v) in vcpus.iter().enumerate() {
+                inc.state.vcpus[id]
+                    .apply_msrs_and_events(v)
+                    .map_err(|e| VmError::Restore(inc.path().into(), format!("vCPU {id}: {e}")))?;
+            }
             timing.mark("snapshot-restored");
         }
         let msrs = match kvm.get_msr_index_list() {
