@@ -62,14 +62,15 @@ class Usage(unittest.TestCase):
         r = bench("bogus")
         self.assertEqual(r.returncode, 1)
         self.assertEqual(r.stderr, "bench: unknown subcommand bogus "
-                                   "(nics, boot, net, svg, table; -h for help)\n")
+                                   "(nics, boot, restore, net, svg, table; -h for help)\n")
 
     def test_help_names_every_subcommand(self):
         for flag in ("-h", "--help", "help"):
             r = bench(flag)
             self.assertEqual(r.returncode, 0)
             self.assertTrue(r.stdout.startswith("nicvm benchmarks (python3 standard library"))
-            for usage in ("scripts/bench [nics]", "scripts/bench boot", "scripts/bench net",
+            for usage in ("scripts/bench [nics]", "scripts/bench boot", "scripts/bench restore",
+                          "scripts/bench net",
                           "scripts/bench svg JSON", "scripts/bench table JSON"):
                 self.assertIn(usage, r.stdout)
 
@@ -100,6 +101,22 @@ class Usage(unittest.TestCase):
         self.assertEqual((a.runs, a.mib, a.pings, a.no_qemu, a.no_netbench, a.netbench_args),
                          (1, 4, 20, True, False, "--quick"))
         self.assertEqual(a.json, os.path.join(ROOT, "target/bench/nics.json"))
+
+    def test_restore_checks_its_options_and_gets_them(self):
+        for args in (["restore", "--runs", "0"], ["restore", "--clones", "-1"]):
+            err = io.StringIO()
+            with mock.patch("nicbench.restore.run") as run, contextlib.redirect_stderr(err), \
+                    self.assertRaises(SystemExit) as exit_:
+                cli.main(args)
+            run.assert_not_called()
+            self.assertEqual(exit_.exception.code, 2, args)
+            self.assertIn("--runs must be at least 1, --clones at least 0", err.getvalue())
+        with mock.patch("nicbench.restore.run", return_value=0) as run:
+            self.assertEqual(cli.main(["restore", "--device", "e1000", "--clones", "3"]), 0)
+        nicvm, guest, runs, device, clones = run.call_args.args
+        self.assertEqual((runs, device, clones, guest), (5, "e1000", 3, None))
+        self.assertEqual(nicvm, os.path.join(ROOT, "target/release/nicvm"))
+
 
 if __name__ == "__main__":
     unittest.main()
