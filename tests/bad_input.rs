@@ -394,3 +394,23 @@ fn kvm_usable() -> bool {
         .open("/dev/kvm")
         .is_ok()
 }
+
+#[test]
+fn snapshot_options() {
+    let k = kernel();
+    expect_error(&["-kernel", &k, "-incoming", "tcp:0:4444"], "-incoming");
+    expect_error(&["-incoming", "file:/nonexistent/guest.snap"], "-incoming");
+    // An existing file that is not a snapshot.
+    expect_error(&["-incoming", &format!("file:{k}")], "-incoming");
+    expect_error(&["-kernel", &k, "-save-on", "console=x"], "-save-on");
+    // Where the snapshot would go is checked before the guest boots, not after.
+    expect_error(
+        &[
+            "-kernel",
+            &k,
+            "-save-on",
+            "console=x,file=/nonexistent/dir/guest.snap",
+        ],
+        "-save-on",
+    );
+}

@@ -478,3 +478,63 @@ fn saved_after_its_lease_on_user_networking_it_keeps_working() {
     let o = g.finish();
     assert_eq!(o.code, Some(0), "{}", o.dump());
 }
+
+/// Frames that reach a stopped guest (QMP `stop`, then traffic, then `migrate`) land in the
+/// snapshot with their interrupt: the state of the vCPUs and the irqchip is read once the
+/// devices are stopped, so the restored guest takes that interrupt and its NIC goes on
+/// working (with the vCPU state read at `stop`, the IOAPIC waited for an EOI that never
+/// came and the guest heard nothing more).
+#[test]
+fn traffic_while_stopped_is_in_the_snapshot() {
+    let Some(img) = image() else { return };
+    let dir = Scratch::new("stopped");
+    let file = dir.0.join("guest.snap");
+    let qmp = dir.0.join("qmp.sock");
+    let port = free_port();
+    let netdev = format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:5001");
+    let qmp_opt = format!("unix:{},server=on,wait=off", qmp.display());
+    let mut cmd = std::process::Command::new(nicvm());
+    cmd.args(["-kernel", &img.kernel.display().to_string()])
+        .args(["-initrd", &img.initrd.display().to_string()])
+        .args(["-append", "console=ttyS0 quiet nicvm.run=recv:5001,exit"])
+        .args([
+            "-nographic",
+            "-netdev",
+            &netdev,
+            "-device",
+            "e1000,netdev=n0",
+        ])
+        .args(["-qmp", &qmp_opt])
+        .env("NICVM_LOG", "warn");
+    let mut g = Guest::spawn(cmd);
+    g.wait_line("LISTEN");
+    let mut c = qmp_connect(&qmp);
+    qmp_cmd(&mut c, r#"{"execute":"stop"}"#);
+    // A connection (its SYN, slirp's retries) reaches the stopped guest's e1000.
+    let early = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let r = qmp_cmd(
+        &mut c,
+        &format!(
+            r#"{{"execute":"migrate","arguments":{{"uri":"file:{}"}}}}"#,
+            file.display()
+        ),
+    );
+    assert!(r.contains("return"), "{r}");
+    qmp_cmd(&mut c, r#"{"execute":"quit"}"#);
+    drop(early);
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+
+    let port = free_port();
+    let mut g = restore(&img, "e1000", &file, port, &[]);
+    let data = clone_data(5);
+    let mut s = connect_retry(&format!("127.0.0.1:{port}"));
+    s.write_all(&data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let recv = g.wait_line("RECV");
+    assert_eq!(recv["bytes"], data.len().to_string());
+    assert_eq!(recv["fnv1a64"], fnv1a64(&data));
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+}

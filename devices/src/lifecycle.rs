@@ -39,6 +39,8 @@ pub struct Lifecycle {
     resumed: Condvar,
     /// vCPUs waiting in [`Lifecycle::wait_while_paused`].
     parked: std::sync::atomic::AtomicUsize,
+    /// Bumped by [`Lifecycle::wake_parked`]: parked vCPUs run their work and park again.
+    work: std::sync::atomic::AtomicU64,
 }
 
 impl Lifecycle {
@@ -49,6 +51,7 @@ impl Lifecycle {
             paused: Mutex::new(false),
             resumed: Condvar::new(),
             parked: std::sync::atomic::AtomicUsize::new(0),
+            work: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -64,16 +67,39 @@ impl Lifecycle {
 
     /// For vCPU threads: returns when the VM is not paused, or is ending.
     pub fn wait_while_paused(&self) {
+        self.wait_while_paused_doing(|| {});
+    }
+
+    /// As [`Lifecycle::wait_while_paused`], running `work` (outside the lock) each time
+    /// [`Lifecycle::wake_parked`] is called meanwhile.
+    pub fn wait_while_paused_doing(&self, mut work: impl FnMut()) {
         use std::sync::atomic::Ordering;
         let mut p = self.paused.lock().unwrap();
         if !*p {
             return;
         }
         self.parked.fetch_add(1, Ordering::SeqCst);
+        let mut seen = self.work.load(Ordering::SeqCst);
         while *p && !self.exit_requested() {
+            // Checked under the lock that wake_parked notifies under: no request is missed.
+            let now = self.work.load(Ordering::SeqCst);
+            if now != seen {
+                seen = now;
+                drop(p);
+                work();
+                p = self.paused.lock().unwrap();
+                continue;
+            }
             p = self.resumed.wait(p).unwrap();
         }
         self.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Has every parked vCPU run its work once more (they stay parked).
+    pub fn wake_parked(&self) {
+        self.work.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _p = self.paused.lock().unwrap();
+        self.resumed.notify_all();
     }
 
     /// How many vCPUs are stopped by a pause now.
@@ -111,6 +137,36 @@ impl Lifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parked_threads_do_their_work_when_woken_and_stay_parked() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let l = Arc::new(Lifecycle::new().unwrap());
+        l.set_paused(true);
+        let done = Arc::new(AtomicUsize::new(0));
+        let t = {
+            let (l, done) = (l.clone(), done.clone());
+            std::thread::spawn(move || {
+                l.wait_while_paused_doing(|| {
+                    done.fetch_add(1, Ordering::SeqCst);
+                })
+            })
+        };
+        while l.parked() == 0 {
+            std::thread::yield_now();
+        }
+        for want in 1..=3 {
+            l.wake_parked();
+            while done.load(Ordering::SeqCst) < want {
+                std::thread::yield_now();
+            }
+        }
+        assert_eq!(l.parked(), 1, "still parked after its work");
+        l.set_paused(false);
+        t.join().unwrap();
+        assert_eq!(done.load(Ordering::SeqCst), 3);
+    }
 
     #[test]
     fn first_reason_wins() {

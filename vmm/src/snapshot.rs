@@ -30,8 +30,10 @@ const MAGIC: &[u8; 8] = b"NICVMSNP";
 const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: u64 = 4096;
 const PAGE: u64 = 4096;
-/// A state larger than this is not one nicvm wrote (a few hundred KiB at most).
-const MAX_STATE_LEN: u64 = 64 << 20;
+/// A state larger than this is not one nicvm wrote.
+/// (A state holds about 13 KiB per vCPU and 20-70 KiB per NIC: 2 MiB with every slot an
+/// e1000; parsing costs about 16 bytes of memory per byte of JSON.)
+const MAX_STATE_LEN: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -284,6 +286,15 @@ impl VcpuStates {
         }
     }
 
+    /// Forgets every state (a saver is about to ask for fresh ones).
+    pub fn clear(&self) {
+        self.slots
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .for_each(|s| *s = None);
+    }
+
     pub fn publish(&self, id: usize, state: Option<Result<VcpuState, String>>) {
         let mut s = self.slots.lock().unwrap();
         if let Some(slot) = s.get_mut(id) {
@@ -292,8 +303,7 @@ impl VcpuStates {
         self.changed.notify_all();
     }
 
-    /// Every vCPU's state once each has published one (they are paused), or an error after
-    /// `timeout`.
+    /// Every vCPU's state once each has published one, or an error after `timeout`.
     pub fn collect(&self, timeout: std::time::Duration) -> Result<Vec<VcpuState>, String> {
         let deadline = std::time::Instant::now() + timeout;
         let mut s = self.slots.lock().unwrap();
@@ -399,16 +409,8 @@ pub fn write(path: &Path, state: &State, mem: &GuestMemoryMmap) -> Result<(), Sn
         mem_offset,
         mem_len,
     };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let name = path
-        .file_name()
-        .ok_or_else(|| io(std::io::Error::other("not a file name")))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".nicvm-{}", std::process::id()));
-    let tmp = dir.map_or_else(|| PathBuf::from(&tmp_name), |d| d.join(&tmp_name));
+    let (tmp, mut f) = create_temp(path).map_err(io)?;
     let result = (|| {
-        let mut f = File::create(&tmp)?;
         f.write_all(&header.encode())?;
         f.write_all(&json)?;
         let mut at = mem_offset;
@@ -417,13 +419,61 @@ pub fn write(path: &Path, state: &State, mem: &GuestMemoryMmap) -> Result<(), Sn
             at += region.len();
         }
         f.set_len(mem_offset + mem_len)?;
-        f.flush()?;
+        // On disk before it has the name: a crash never leaves a snapshot with holes there.
+        f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(io)
+}
+
+/// A new file beside `path` (a dot name with the pid and a clock-derived suffix), created
+/// exclusively: never one that exists, nor through a symlink planted there; readable by its
+/// owner only (it holds guest RAM).
+fn create_temp(path: &Path) -> std::io::Result<(PathBuf, File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("not a file name"))?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let mut last = std::io::Error::other("no free temporary name");
+    for attempt in 0..16u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(
+            ".nicvm-{}-{nanos:08x}{attempt}",
+            std::process::id()
+        ));
+        let tmp = dir.map_or_else(|| PathBuf::from(&tmp_name), |d| d.join(&tmp_name));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+/// Whether a snapshot can be written to `path` (its directory exists and takes a new file):
+/// checked when nicvm starts, before the guest runs.
+pub fn check_writable(path: &Path) -> Result<(), SnapshotError> {
+    let (tmp, _) = create_temp(path).map_err(|source| SnapshotError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let _ = std::fs::remove_file(tmp);
+    Ok(())
 }
 
 /// Writes one RAM region at `at`, leaving all-zero chunks as holes.
@@ -645,25 +695,32 @@ pub struct Saver {
     pub i8042: std::sync::Arc<Mutex<devices::legacy::I8042>>,
     pub cmos: std::sync::Arc<Mutex<devices::legacy::Cmos>>,
     pub pause: std::sync::Arc<crate::vcpu::PauseStates>,
+    pub lifecycle: std::sync::Arc<devices::lifecycle::Lifecycle>,
     pub shape: MachineShape,
+    /// Held while a snapshot is written: one at a time, and no `cont` meanwhile.
+    pub saving: Mutex<()>,
 }
 
 impl Saver {
-    /// Writes the snapshot of a paused guest to `path`: the vCPUs must be stopped (they
-    /// leave their state as they stop); the devices are locked from before their state is
-    /// read until RAM is written, so no frame lands in RAM in between.
+    /// Writes the snapshot of a paused guest (its vCPUs parked) to `path`. Every device is
+    /// locked first, so that nothing writes guest RAM or raises an interrupt any more; only
+    /// then are the vCPUs (each on its own thread), the irqchip, PIT and clock read, then the
+    /// devices, then RAM written.
     pub fn save(&self, path: &Path) -> Result<(), SnapshotError> {
         let t0 = std::time::Instant::now();
-        let vcpus = self
-            .pause
-            .states
-            .collect(std::time::Duration::from_secs(2))
-            .map_err(SnapshotError::Save)?;
-        let vm = VmState::capture(&self.vm).map_err(SnapshotError::Save)?;
+        let _one_at_a_time = self.saving.lock().unwrap();
         let serial = self.serial.lock().unwrap();
         let i8042 = self.i8042.lock().unwrap();
         let cmos = self.cmos.lock().unwrap();
         let r = self.root.with_devices_locked(|pci| {
+            self.pause.states.clear();
+            self.lifecycle.wake_parked();
+            let vcpus = self
+                .pause
+                .states
+                .collect(std::time::Duration::from_secs(2))
+                .map_err(SnapshotError::Save)?;
+            let vm = VmState::capture(&self.vm).map_err(SnapshotError::Save)?;
             let state = State {
                 nicvm: env!("CARGO_PKG_VERSION").into(),
                 machine: self.shape.clone(),

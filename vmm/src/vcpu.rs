@@ -322,6 +322,37 @@ impl VcpuThread {
     }
 }
 
+/// Most port or MMIO exits one instruction may still need once paused (a `rep ins` is done
+/// a page at a time).
+const MAX_PENDING_IO: usize = 4096;
+
+/// Completes the instruction of the last port/MMIO exit before the vCPU parks: an IN's
+/// value goes into its register, and a string or split access its remaining parts, on
+/// KVM_RUNs that immediate_exit ends before the guest runs again. The state read after it
+/// is whole (a snapshot may be taken of it).
+fn finish_pending_io(vcpu: &mut VcpuFd, buses: &Buses) {
+    vcpu.set_kvm_immediate_exit(1);
+    for _ in 0..MAX_PENDING_IO {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                buses.pio.read(port as u64, data);
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                buses.pio.write(port as u64, data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                buses.mmio.read(addr, data);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                buses.mmio.write(addr, data);
+            }
+            // EINTR: nothing left pending.
+            _ => break,
+        }
+    }
+    vcpu.set_kvm_immediate_exit(0);
+}
+
 /// Runs until the guest stops or another thread asked to stop. Never returns an error: fatal
 /// guest behaviour becomes the VM's exit reason.
 fn run(
@@ -334,15 +365,13 @@ fn run(
 ) {
     while !lifecycle.exit_requested() {
         if lifecycle.paused() {
-            // Finish the instruction of the last port/MMIO exit (an IN's value goes into its
-            // register on the next KVM_RUN, which immediate_exit ends before the guest runs),
-            // so that the state read now is whole: a snapshot may be taken of it.
-            vcpu.set_kvm_immediate_exit(1);
-            let _ = vcpu.run();
-            vcpu.set_kvm_immediate_exit(0);
-            let state = crate::snapshot::VcpuState::capture(&vcpu, &pause.msrs);
-            pause.states.publish(id as usize, Some(state));
-            lifecycle.wait_while_paused();
+            finish_pending_io(&mut vcpu, &buses);
+            // Parked; the saver asks for the state (once devices are stopped), as often as
+            // it needs it.
+            lifecycle.wait_while_paused_doing(|| {
+                let state = crate::snapshot::VcpuState::capture(&vcpu, &pause.msrs);
+                pause.states.publish(id as usize, Some(state));
+            });
             pause.states.publish(id as usize, None);
             continue;
         }

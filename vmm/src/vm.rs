@@ -101,6 +101,8 @@ pub enum VmError {
     Host(&'static str, std::io::Error),
     #[error("-incoming: {0}")]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("-save-on: {0}")]
+    SaveOn(crate::snapshot::SnapshotError),
     #[error("-incoming: {0}: {1}")]
     Restore(PathBuf, String),
 }
@@ -151,8 +153,13 @@ pub fn validate(cfg: &Config) -> Result<(), VmError> {
     if mem < 16 << 20 {
         return Err(VmError::TooSmall(cfg.mem_mib));
     }
-    if cfg.incoming.is_some() {
-        // The kernel and initramfs are in the snapshot (Vm::new reads and checks it).
+    if let Some(so) = &cfg.save_on {
+        crate::snapshot::check_writable(&so.file).map_err(VmError::SaveOn)?;
+    }
+    if let Some(p) = &cfg.incoming {
+        // The kernel and initramfs are in the snapshot; a file that is not one is refused
+        // here, before KVM is opened (Vm::new reads the rest).
+        crate::snapshot::IncomingHeader::open(p)?;
         return Ok(());
     }
     std::fs::File::open(&cfg.kernel).map_err(|e| VmError::Kernel(cfg.kernel.clone(), e))?;
@@ -614,7 +621,9 @@ impl Vm {
                 states: crate::snapshot::VcpuStates::new(cfg.cpus as usize),
                 msrs,
             }),
+            lifecycle: lifecycle.clone(),
             shape,
+            saving: Mutex::new(()),
         });
         new_files.keep();
         Ok(Vm {

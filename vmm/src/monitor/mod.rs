@@ -189,6 +189,8 @@ impl Control {
     }
 
     pub fn cont(&self) {
+        // Not while a snapshot is being written (by -save-on, or another monitor).
+        let _no_save = self.saver.saving.lock().unwrap();
         *self.prelaunch.lock().unwrap() = false;
         *self.postmigrate.lock().unwrap() = false;
         if !self.lifecycle.paused() {
