@@ -12,6 +12,7 @@ import threading
 import time
 
 from . import host
+from .boot import run_marked
 from .stats import spread
 
 BEFORE_DHCP = "NICVM-DHCP start"
@@ -19,32 +20,12 @@ APPEND = "console=ttyS0 quiet nicvm.run=exit"
 
 
 def run_once(cmd):
-    """Runs nicvm to its end; returns (seconds to the NICVM-NIC line, vcpu-start seconds or
-    None, exit code)."""
-    env = dict(os.environ, NICVM_TIMING="1", NICVM_LOG="warn")
-    t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=env)
-    marks = {}
-
-    def read_err():
-        for line in p.stderr:
-            s = line.decode(errors="replace")
-            if s.startswith("nicvm-timing: vcpu-start"):
-                marks["vcpu"] = float(s.split()[2])
-
-    t = threading.Thread(target=read_err)
-    t.start()
-    for line in p.stdout:
-        if b"NICVM-NIC " in line and "lease" not in marks:
-            if b"lease=none" in line:
-                marks["nolease"] = True
-            marks["lease"] = time.monotonic() - t0
-    code = p.wait()
-    t.join()
-    if code != 0 or "lease" not in marks or marks.get("nolease"):
+    """Runs nicvm to its end; returns (seconds to the guest's lease, vcpu-start seconds or
+    None)."""
+    marks, code, line = run_marked(cmd, b"NICVM-NIC ")
+    if code != 0 or line is None or b"lease=none" in line:
         sys.exit(f"bench: no lease (exit {code}): {' '.join(cmd)}")
-    return marks["lease"], marks.get("vcpu"), code
+    return marks["line"], marks.get("vcpu")
 
 
 def fmt(vals, scale=1.0, digits=2):
@@ -75,7 +56,7 @@ def run(nicvm, guest, nruns, device, nclones):
         for i in range(nruns):
             print(f"bench: run {i + 1}/{nruns}: boot, restore", file=sys.stderr, flush=True)
             boots.append(run_once(boot)[0])
-            lease, vcpu, _ = run_once(restore)
+            lease, vcpu = run_once(restore)
             restores.append(lease)
             vcpus.append(vcpu)
         clones = []

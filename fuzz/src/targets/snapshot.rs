@@ -49,24 +49,9 @@ fn scratch(what: &str) -> std::path::PathBuf {
 
 fn fix_header_crc(f: &mut [u8]) {
     if f.len() >= 44 {
-        let crc = crc32(&f[0..40]);
+        let crc = crc32fast::hash(&f[0..40]);
         f[40..44].copy_from_slice(&crc.to_le_bytes());
     }
-}
-
-fn crc32(d: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in d {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0xedb8_8320
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
 }
 
 /// The state's place in the file, as the header says (clamped to the file).
@@ -93,7 +78,7 @@ fn edit_state(f: &mut [u8], e: &StateEdit) {
     f[start..start + json.len()].copy_from_slice(&json);
     f[start + json.len()..mem_offset].fill(0);
     f[12..20].copy_from_slice(&(json.len() as u64).to_le_bytes());
-    let crc = crc32(&json);
+    let crc = crc32fast::hash(&json);
     f[20..24].copy_from_slice(&crc.to_le_bytes());
     fix_header_crc(f);
 }
