@@ -827,15 +827,20 @@ impl VirtioNet {
     fn restore_state(&mut self, port: &mut NetPort, state: &State) -> Result<(), RestoreError> {
         let err = |what: String| RestoreError(format!("virtio-net: {what}"));
         let s: VirtioNetState = crate::snapshot::from_state(state, "virtio-net")?;
-        // Bits the driver wrote count once FEATURES_OK accepted them: before that a driver may
-        // have written anything (FEATURES_OK then does not stick, as on the live device).
-        if s.device_status & STATUS_FEATURES_OK != 0
-            && s.driver_features & !self.device_features != 0
-        {
+        // What FEATURES_OK accepted must be offered here too (a backend without the
+        // virtio-net header or its offloads cannot carry them on). Other bits the driver wrote
+        // (before FEATURES_OK, which then did not stick, or after it: the live device keeps
+        // them too) are restored as they were.
+        let accepted = if s.device_status & STATUS_FEATURES_OK != 0 {
+            s.driver_features & s.device_features
+        } else {
+            0
+        };
+        if accepted & !self.device_features != 0 {
             return Err(err(format!(
                 "the driver accepted features {:#x} this device does not offer ({:#x}, was \
                  {:#x}): restore on a backend with the same virtio-net header and offloads",
-                s.driver_features & !self.device_features,
+                accepted & !self.device_features,
                 self.device_features,
                 s.device_features
             )));

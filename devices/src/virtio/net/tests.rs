@@ -747,8 +747,10 @@ fn hostile_virtio_state_is_refused() {
             }),
         ),
         (
-            "features never offered",
+            "accepted features this device does not offer",
             with(&|s| {
+                let offered = s["model"]["device_features"].as_u64().unwrap();
+                s["model"]["device_features"] = (offered | VIRTIO_NET_F_HOST_TSO4).into();
                 s["model"]["driver_features"] = (BASE | VIRTIO_NET_F_HOST_TSO4).into();
             }),
         ),
