@@ -112,4 +112,11 @@ pub trait NetBackend: Send {
     fn dropped(&self) -> u64 {
         0
     }
+
+    /// One queue of a multiqueue backend turned on or off by the frontend (the guest chose
+    /// fewer queue pairs): the peer sends it nothing while off, and it is neither read nor
+    /// written. Backends with one queue ignore it.
+    fn set_queue_enabled(&mut self, _on: bool) -> io::Result<()> {
+        Ok(())
+    }
 }

@@ -20,6 +20,8 @@ struct Shared {
     /// Where each piece of every sent frame was (host address, length): a test tells from
     /// them whether a model sent from guest memory or from a copy of its own.
     pieces: Vec<(usize, usize)>,
+    /// The frontend turned this queue off (a multiqueue tap's detached queue): frames wait.
+    queue_off: bool,
 }
 
 pub struct MemBackend {
@@ -96,6 +98,11 @@ impl MemPeer {
     pub fn rx_offloads(&self) -> Option<crate::Offloads> {
         self.shared.lock().unwrap().rx_offloads
     }
+
+    /// Whether the frontend has this queue on (see [`NetBackend::set_queue_enabled`]).
+    pub fn queue_enabled(&self) -> bool {
+        !self.shared.lock().unwrap().queue_off
+    }
 }
 
 impl NetBackend for MemBackend {
@@ -122,6 +129,9 @@ impl NetBackend for MemBackend {
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
         let mut s = self.shared.lock().unwrap();
+        if s.queue_off {
+            return Ok(None);
+        }
         let Some(f) = s.to_guest.pop_front() else {
             let _ = self.ready.read();
             return Ok(None);
@@ -133,6 +143,11 @@ impl NetBackend for MemBackend {
 
     fn fd(&self) -> RawFd {
         self.ready.as_raw_fd()
+    }
+
+    fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
+        self.shared.lock().unwrap().queue_off = !on;
+        Ok(())
     }
 
     fn link_up(&self) -> bool {

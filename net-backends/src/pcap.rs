@@ -137,6 +137,10 @@ impl<B: NetBackend> NetBackend for PcapDump<B> {
     fn dropped(&self) -> u64 {
         self.inner.dropped()
     }
+
+    fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
+        self.inner.set_queue_enabled(on)
+    }
 }
 
 impl<B: NetBackend + ?Sized> NetBackend for Box<B> {
@@ -166,6 +170,9 @@ impl<B: NetBackend + ?Sized> NetBackend for Box<B> {
     }
     fn dropped(&self) -> u64 {
         (**self).dropped()
+    }
+    fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
+        (**self).set_queue_enabled(on)
     }
 }
 

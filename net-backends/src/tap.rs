@@ -5,7 +5,7 @@
 //! frames read, a zeroed one put in front of the frames written.
 
 use crate::vnet::VNET_HDR_LEN;
-use crate::{Capabilities, NetBackend, Offloads};
+use crate::{Capabilities, EventSet, NetBackend, Offloads};
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -40,6 +40,8 @@ pub enum TapError {
     BadFd(RawFd, io::Error),
     #[error("fd={0}: {1}")]
     FdSetup(RawFd, io::Error),
+    #[error("ifname={0}: exists without multiple queues (or is not a tap); queues= needs one made with multi_queue")]
+    NotMultiQueue(String),
     #[error("vnet_hdr=on: this kernel's tap cannot carry a virtio-net header")]
     NoVnetHdr,
     #[error("vnet_hdr=on: the tap behind fd={0} was opened without IFF_VNET_HDR")]
@@ -57,6 +59,9 @@ pub struct Tap {
     /// The interface was deleted under us (reads and writes fail with EBADFD): the link is
     /// down for good and frames sent are counted as dropped.
     gone: bool,
+    /// One queue of a multiqueue tap that the frontend turned off (TUNSETQUEUE detached it:
+    /// the kernel steers no frames to it); it is neither read nor written meanwhile.
+    detached_queue: bool,
     dropped: u64,
 }
 
@@ -102,6 +107,31 @@ impl Tap {
     /// Opens tap `name` (created if missing and allowed; the kernel picks `tapN` when `name` is
     /// empty). `vnet_hdr`: None = use it if the kernel can, Some(x) = insist.
     pub fn open(name: &str, vnet_hdr: Option<bool>) -> Result<Tap, TapError> {
+        Tap::open_flags(name, vnet_hdr, false)
+    }
+
+    /// Opens `queues` descriptors on one tap (`-netdev tap,queues=N`): with more than one,
+    /// the tap is a multiqueue one (IFF_MULTI_QUEUE) and the kernel spreads the frames it
+    /// sends the guest over them by flow. Each queue is a backend of its own.
+    pub fn open_queues(
+        name: &str,
+        vnet_hdr: Option<bool>,
+        queues: usize,
+    ) -> Result<Vec<Tap>, TapError> {
+        if queues <= 1 {
+            return Ok(vec![Tap::open(name, vnet_hdr)?]);
+        }
+        let first = Tap::open_flags(name, vnet_hdr, true)?;
+        let mut taps = Vec::with_capacity(queues);
+        let (name, vnet) = (first.name.clone(), Some(first.vnet_hdr));
+        taps.push(first);
+        for _ in 1..queues {
+            taps.push(Tap::open_flags(&name, vnet, true)?);
+        }
+        Ok(taps)
+    }
+
+    fn open_flags(name: &str, vnet_hdr: Option<bool>, multi: bool) -> Result<Tap, TapError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -121,6 +151,9 @@ impl Tap {
         if use_vnet {
             flags |= IFF_VNET_HDR;
         }
+        if multi {
+            flags |= libc::IFF_MULTI_QUEUE as libc::c_short;
+        }
         let mut req = ifreq(name, flags)?;
         // SAFETY: TUNSETIFF reads and updates the ifreq we own.
         if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
@@ -129,6 +162,7 @@ impl Tap {
             return Err(match e.raw_os_error() {
                 Some(libc::EBUSY) => TapError::Busy(n),
                 Some(libc::EPERM) | Some(libc::EACCES) => TapError::Permission(n),
+                Some(libc::EINVAL) if multi => TapError::NotMultiQueue(n),
                 Some(libc::EINVAL) => TapError::NotTap(n),
                 _ => TapError::Other(n, e),
             });
@@ -139,6 +173,7 @@ impl Tap {
             vnet_hdr: use_vnet,
             hide_hdr: false,
             gone: false,
+            detached_queue: false,
             dropped: 0,
         };
         if use_vnet {
@@ -202,6 +237,7 @@ impl Tap {
             vnet_hdr,
             hide_hdr,
             gone: false,
+            detached_queue: false,
             dropped: 0,
         })
     }
@@ -344,7 +380,7 @@ impl NetBackend for Tap {
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
-        if self.gone {
+        if self.gone || self.detached_queue {
             self.dropped += 1;
             return Ok(());
         }
@@ -365,7 +401,7 @@ impl NetBackend for Tap {
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        if self.gone {
+        if self.gone || self.detached_queue {
             return Ok(None);
         }
         match self.read_frame(buf) {
@@ -383,12 +419,50 @@ impl NetBackend for Tap {
         self.file.as_raw_fd()
     }
 
+    fn watch(&self, rx: bool, tx: bool, out: &mut Vec<(RawFd, EventSet)>) {
+        if self.detached_queue {
+            return;
+        }
+        let mut e = EventSet::empty();
+        if rx {
+            e |= EventSet::IN;
+        }
+        if tx {
+            e |= EventSet::OUT;
+        }
+        out.push((self.fd(), e));
+    }
+
     fn link_up(&self) -> bool {
         !self.gone
     }
 
     fn dropped(&self) -> u64 {
         self.dropped
+    }
+
+    fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
+        if on != self.detached_queue || self.gone {
+            return Ok(());
+        }
+        let flags = if on {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        let mut req = ifreq("", flags as libc::c_short)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: TUNSETQUEUE reads the flags of the ifreq we own.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETQUEUE, &mut req) } < 0 {
+            let e = io::Error::last_os_error();
+            // A tap that is not multiqueue has one queue, which stays.
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        self.detached_queue = !on;
+        Ok(())
     }
 }
 
@@ -423,6 +497,7 @@ mod tests {
             vnet_hdr,
             hide_hdr,
             gone: false,
+            detached_queue: false,
             dropped: 0,
         }
     }
@@ -583,6 +658,98 @@ mod tests {
                     break;
                 }
             }
+        })
+        .join();
+        assert!(r.is_ok(), "the namespace thread failed");
+    }
+
+    /// `queues=2`: two descriptors on one multiqueue tap; a queue turned off is detached in
+    /// the kernel (every frame then comes on the other), and on again; a tap made without
+    /// multiple queues is refused with a message that says so.
+    #[test]
+    fn multiqueue_tap_queues_detach_and_attach() {
+        let r = std::thread::spawn(|| {
+            // SAFETY: unshare affects this thread only; it holds no other namespace state.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!(
+                    "SKIPPED: no network namespace ({})",
+                    io::Error::last_os_error()
+                );
+                return;
+            }
+            let mut taps = match Tap::open_queues("nmq0", Some(false), 2) {
+                Ok(t) => t,
+                Err(TapError::NoTun(e)) => {
+                    eprintln!("SKIPPED: no /dev/net/tun ({e})");
+                    return;
+                }
+                Err(e) => panic!("{e}"),
+            };
+            assert_eq!(taps.len(), 2);
+            assert!(taps.iter().all(|t| t.name() == "nmq0"));
+            let ip = |args: &[&str]| {
+                std::process::Command::new("ip")
+                    .args(args)
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            if !ip(&["addr", "add", "192.168.78.1/24", "dev", "nmq0"]) {
+                eprintln!("SKIPPED: no ip(8)");
+                return;
+            }
+            assert!(ip(&["link", "set", "nmq0", "up"]));
+            taps[1].set_queue_enabled(false).unwrap();
+            let mut buf = vec![0u8; crate::MAX_FRAME];
+            assert_eq!(
+                taps[1].recv(&mut buf).unwrap(),
+                None,
+                "a detached queue is not read"
+            );
+            let mac = [0x52, 0x54, 0x00, 0x78, 0x00, 0x02];
+            let mut arp = vec![0xff; 6];
+            arp.extend_from_slice(&mac);
+            arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+            arp.extend_from_slice(&mac);
+            arp.extend_from_slice(&[192, 168, 78, 2]);
+            arp.extend_from_slice(&[0; 6]);
+            arp.extend_from_slice(&[192, 168, 78, 1]);
+            arp.resize(60, 0);
+            let start = Instant::now();
+            let mut sent = Instant::now() - Duration::from_secs(1);
+            loop {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "no ARP reply on the attached queue"
+                );
+                if sent.elapsed() >= Duration::from_millis(300) {
+                    taps[1].send(&[IoSlice::new(&arp)]).unwrap(); // detached: dropped
+                    taps[0].send(&[IoSlice::new(&arp)]).unwrap();
+                    sent = Instant::now();
+                }
+                let Some(n) = taps[0].recv(&mut buf).unwrap() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let f = &buf[..n];
+                if n >= 42 && f[..6] == mac && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
+                    break;
+                }
+            }
+            assert!(taps[1].dropped() >= 1, "sends while detached are dropped");
+            assert!(taps[1].link_up(), "a detached queue is not a deleted tap");
+            taps[1].set_queue_enabled(true).unwrap();
+            assert!(!taps[1].detached_queue);
+            drop(taps);
+
+            let single = Tap::open("nsq0", Some(false)).unwrap();
+            match Tap::open_queues("nsq0", Some(false), 2) {
+                Err(e @ TapError::NotMultiQueue(_)) => {
+                    assert!(e.to_string().contains("multi"), "{e}")
+                }
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("a single-queue tap opened as a multiqueue one"),
+            }
+            drop(single);
         })
         .join();
         assert!(r.is_ok(), "the namespace thread failed");
