@@ -856,7 +856,7 @@ fn rx_flow_control() {
     let got = r.rx_poll(); // writes RDT
     assert_eq!(got.len(), 7);
     assert!(
-        r.dev.port.rx_kick_fd().read().is_ok(),
+        r.dev.port.rx_kick_fd(0).unwrap().read().is_ok(),
         "RDT on a stalled ring kicks the I/O thread"
     );
     let interest = r.rx_kick();
@@ -881,7 +881,7 @@ fn tx_would_block_then_resumes() {
     let i = r.dev.handle(NetEvent::TxKick);
     assert!(i.writable, "asks to hear when the backend drains");
     assert!(
-        r.dev.port.tx_kick_fd().read().is_err(),
+        r.dev.port.tx_kick_fd(0).unwrap().read().is_err(),
         "a retry that blocks again does not re-kick"
     );
     let i = r.dev.handle(NetEvent::Backend);

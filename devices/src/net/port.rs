@@ -234,21 +234,30 @@ enum Hdr {
     Hide,
 }
 
-/// The network side as a model sees it.
-pub struct NetPort {
-    name: String,
+/// One queue of the backend (a multiqueue tap has several; every other backend one) with its
+/// kicks and flow control.
+struct PortQueue {
     backend: Box<dyn NetBackend>,
-    caps: Capabilities,
-    hdr: Hdr,
     tx_kick: EventFd,
     rx_kick: EventFd,
     tx_blocked: bool,
     /// The guest had no room for a frame: the backend is not read until a kick.
     rx_stalled: bool,
+    /// The backend's data fd hung up or failed; it is not watched any more.
+    dead: bool,
+}
+
+/// The network side as a model sees it. With several queues (virtio-net with `mq=on` on a
+/// multiqueue tap), the one a call is about is [`NetPort::queue`]: [`Nic`] sets it before it
+/// asks the model to transmit or receive; the single-queue models never see another.
+pub struct NetPort {
+    name: String,
+    queues: Vec<PortQueue>,
+    cur: usize,
+    caps: Capabilities,
+    hdr: Hdr,
     /// The link as the model was last told.
     link_up: bool,
-    /// The backend's data fd hung up or failed; it is not watched any more.
-    backend_dead: bool,
     /// The link was set down by the monitor (QMP set_link): the guest sees no carrier.
     admin_down: bool,
     pub stats: NicStats,
@@ -261,22 +270,71 @@ static NO_VNET_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 impl NetPort {
     /// `name` is how messages call the device ("e1000 52:54:00:12:34:56").
     pub fn new(name: String, backend: Box<dyn NetBackend>) -> io::Result<NetPort> {
-        let caps = backend.capabilities();
+        NetPort::with_queues(name, vec![backend])
+    }
+
+    /// A port over the queues of one multiqueue backend (at least one; the first one's
+    /// capabilities and link are the port's).
+    pub fn with_queues(name: String, backends: Vec<Box<dyn NetBackend>>) -> io::Result<NetPort> {
+        let first = backends
+            .first()
+            .ok_or_else(|| io::Error::other("a port needs a backend"))?;
+        let (caps, link_up) = (first.capabilities(), first.link_up());
+        let queues = backends
+            .into_iter()
+            .map(|backend| {
+                Ok(PortQueue {
+                    backend,
+                    tx_kick: EventFd::new(EFD_NONBLOCK)?,
+                    rx_kick: EventFd::new(EFD_NONBLOCK)?,
+                    tx_blocked: false,
+                    rx_stalled: false,
+                    dead: false,
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(NetPort {
             name,
-            link_up: backend.link_up(),
-            backend,
+            queues,
+            cur: 0,
+            link_up,
             caps,
             hdr: Hdr::Pass,
-            tx_kick: EventFd::new(EFD_NONBLOCK)?,
-            rx_kick: EventFd::new(EFD_NONBLOCK)?,
-            tx_blocked: false,
-            rx_stalled: false,
-            backend_dead: false,
             admin_down: false,
             stats: NicStats::default(),
             errors: GuestErrors::default(),
         })
+    }
+
+    /// How many queues the backend has.
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// The queue the model is working on (0 for a single-queue backend).
+    pub fn queue(&self) -> usize {
+        self.cur
+    }
+
+    fn q(&self) -> &PortQueue {
+        &self.queues[self.cur]
+    }
+
+    /// Turns queue `q` of the backend on or off (the guest's number of queue pairs): a queue
+    /// that is off gets no frames from the peer and is not read. Out of range: nothing.
+    pub fn set_queue_enabled(&mut self, q: usize, on: bool) {
+        let Some(pq) = self.queues.get_mut(q) else {
+            return;
+        };
+        if let Err(e) = pq.backend.set_queue_enabled(on) {
+            log::warn!(
+                "{}: cannot turn queue {q} {}: {e}",
+                self.name,
+                if on { "on" } else { "off" }
+            );
+        }
+        // The I/O thread brings its watch in line (and reads what waits).
+        let _ = pq.rx_kick.write(1);
     }
 
     pub fn name(&self) -> &str {
@@ -294,14 +352,18 @@ impl NetPort {
 
     /// The offloads the guest accepts on frames it receives (virtio-net's GUEST_* features).
     pub fn set_rx_offloads(&mut self, o: Offloads) {
-        if let Err(e) = self.backend.set_rx_offloads(o) {
-            log::warn!("{}: the backend refused offloads {o:?}: {e}", self.name);
+        for q in &mut self.queues {
+            if let Err(e) = q.backend.set_rx_offloads(o) {
+                log::warn!("{}: the backend refused offloads {o:?}: {e}", self.name);
+                return;
+            }
         }
     }
 
     /// Whether the other side is there.
     pub fn backend_link_up(&self) -> bool {
-        self.backend.link_up() && !self.backend_dead && !self.admin_down
+        let q = &self.queues[0];
+        q.backend.link_up() && !q.dead && !self.admin_down
     }
 
     /// The offloads the backend's peer takes from a model without a virtio-net header of its
@@ -332,20 +394,22 @@ impl NetPort {
     /// `hdr` goes in front of the frame when the backend carries a header the model has not
     /// (it is then the model's, or an empty one).
     fn send_with(&mut self, hdr: &[u8; VNET_HDR_LEN], frame: &[IoSlice<'_>]) -> Sent {
-        let r = if self.hdr == Hdr::Hide {
+        let hide = self.hdr == Hdr::Hide;
+        let q = &mut self.queues[self.cur];
+        let r = if hide {
             let mut iov = [IoSlice::new(&[]); 24];
             if frame.len() < iov.len() {
                 iov[0] = IoSlice::new(hdr);
                 iov[1..=frame.len()].copy_from_slice(frame);
-                self.backend.send(&iov[..=frame.len()])
+                q.backend.send(&iov[..=frame.len()])
             } else {
                 let mut v = Vec::with_capacity(frame.len() + 1);
                 v.push(IoSlice::new(hdr));
                 v.extend_from_slice(frame);
-                self.backend.send(&v)
+                q.backend.send(&v)
             }
         } else {
-            self.backend.send(frame)
+            q.backend.send(frame)
         };
         match r {
             Ok(()) => {
@@ -360,10 +424,11 @@ impl NetPort {
                 Sent::Sent
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !self.tx_blocked {
-                    self.tx_blocked = true;
+                let q = &mut self.queues[self.cur];
+                if !q.tx_blocked {
+                    q.tx_blocked = true;
                     // From a vCPU thread: the I/O thread learns to watch for writability.
-                    let _ = self.tx_kick.write(1);
+                    let _ = q.tx_kick.write(1);
                 }
                 Sent::Blocked
             }
@@ -376,31 +441,46 @@ impl NetPort {
 
     /// Whether a send was refused and the backend has not drained yet.
     pub fn tx_blocked(&self) -> bool {
-        self.tx_blocked
+        self.q().tx_blocked
     }
 
     /// Asks the I/O thread to run the model's `transmit` (a doorbell the model took on a
     /// vCPU thread, or work it left for later to bound one event).
     pub fn kick_tx(&self) {
-        let _ = self.tx_kick.write(1);
+        self.kick_tx_of(self.cur);
     }
 
     /// The guest made room (or the receiver changed): a stalled receiver tries again.
     pub fn kick_rx(&self) {
-        let _ = self.rx_kick.write(1);
+        self.kick_rx_of(self.cur);
+    }
+
+    /// [`NetPort::kick_tx`] for queue `q` (out of range: nothing).
+    pub fn kick_tx_of(&self, q: usize) {
+        if let Some(q) = self.queues.get(q) {
+            let _ = q.tx_kick.write(1);
+        }
+    }
+
+    /// [`NetPort::kick_rx`] for queue `q` (out of range: nothing).
+    pub fn kick_rx_of(&self, q: usize) {
+        if let Some(q) = self.queues.get(q) {
+            let _ = q.rx_kick.write(1);
+        }
     }
 
     /// Whether the receiver waits for the guest to make room (models kick only then).
     pub fn rx_stalled(&self) -> bool {
-        self.rx_stalled
+        self.q().rx_stalled
     }
 
-    /// The eventfds a guest's queue notifications can be wired to (KVM ioeventfd).
-    pub fn tx_kick_fd(&self) -> &EventFd {
-        &self.tx_kick
+    /// The eventfds a guest's notifications of queue `q`'s transmit and receive rings can
+    /// be wired to (KVM ioeventfd).
+    pub fn tx_kick_fd(&self, q: usize) -> Option<&EventFd> {
+        self.queues.get(q).map(|q| &q.tx_kick)
     }
-    pub fn rx_kick_fd(&self) -> &EventFd {
-        &self.rx_kick
+    pub fn rx_kick_fd(&self, q: usize) -> Option<&EventFd> {
+        self.queues.get(q).map(|q| &q.rx_kick)
     }
 
     /// A guest programming error: logged once, then rate-limited; counted for ever.
@@ -447,12 +527,13 @@ pub enum NetEvent {
 pub struct Nic<M> {
     pub model: M,
     pub port: NetPort,
-    rx: RxStage,
+    /// One per port queue.
+    rx: Vec<RxStage>,
     /// Told when the guest changes the receive filter, with the filter last seen and
     /// whether an event was sent and not yet followed by a query.
     filter_watch: Option<FilterWatch>,
-    /// Backend fds as registered with the event loop, and their interest.
-    watched: Vec<(RawFd, EventSet)>,
+    /// Backend fds as registered with the event loop, their interest and their token.
+    watched: Vec<(RawFd, EventSet, u32)>,
     scratch: Vec<(RawFd, EventSet)>,
 }
 
@@ -484,14 +565,17 @@ impl<M: NicModel> Nic<M> {
         }
         let up = port.link_up;
         model.link_changed(&mut port, up);
+        let queues = port.queue_count();
         Nic {
             model,
             port,
-            rx: RxStage {
-                buf: vec![0; net_backends::MAX_FRAME].into_boxed_slice(),
-                pending: None,
-                last_burst: 0,
-            },
+            rx: (0..queues)
+                .map(|_| RxStage {
+                    buf: vec![0; net_backends::MAX_FRAME].into_boxed_slice(),
+                    pending: None,
+                    last_burst: 0,
+                })
+                .collect(),
             watched: vec![],
             scratch: vec![],
             filter_watch: None,
@@ -518,102 +602,126 @@ impl<M: NicModel> Nic<M> {
     pub fn stats(&self) -> NicStats {
         NicStats {
             interrupts: self.model.interrupts(),
-            backend_dropped: self.port.backend.dropped(),
+            backend_dropped: self.port.queues.iter().map(|q| q.backend.dropped()).sum(),
             ..self.port.stats
         }
     }
 
-    /// Handles one event as the I/O thread would; returns what the backend is watched for
-    /// from now on.
+    /// Handles one event of queue 0 as the I/O thread would; returns what the backend is
+    /// watched for from now on.
     pub fn handle(&mut self, ev: NetEvent) -> BackendInterest {
+        self.handle_queue(0, ev)
+    }
+
+    /// [`Nic::handle`] for port queue `q` (the timer is the model's, not a queue's).
+    pub fn handle_queue(&mut self, q: usize, ev: NetEvent) -> BackendInterest {
+        let q = q.min(self.port.queues.len() - 1);
         match ev {
             NetEvent::TxKick => {
-                let _ = self.port.tx_kick.read();
-                self.tx_kicked();
+                let _ = self.port.queues[q].tx_kick.read();
+                self.tx_kicked(q);
             }
             NetEvent::RxKick => {
-                let _ = self.port.rx_kick.read();
-                self.rx_kicked();
+                let _ = self.port.queues[q].rx_kick.read();
+                self.rx_kicked(q);
             }
-            NetEvent::Backend => self.backend_ready(true, true),
-            NetEvent::Timer => self.model.timer(&mut self.port),
+            NetEvent::Backend => self.backend_ready(q, true, true),
+            NetEvent::Timer => {
+                self.port.cur = 0;
+                self.model.timer(&mut self.port)
+            }
         }
         self.check_link();
-        self.interest()
+        self.interest_of(q)
     }
 
-    /// Handles the kicks that are pending, as the I/O thread would (for tests and the
-    /// fuzzer, which have no event loop).
+    /// Handles the kicks that are pending on every queue, as the I/O thread would (for tests
+    /// and the fuzzer, which have no event loop). Returns queue 0's interest.
     pub fn run_kicks(&mut self) -> BackendInterest {
-        if self.port.tx_kick.read().is_ok() {
-            self.tx_kicked();
-        }
-        if self.port.rx_kick.read().is_ok() {
-            self.rx_kicked();
+        for q in 0..self.port.queues.len() {
+            if self.port.queues[q].tx_kick.read().is_ok() {
+                self.tx_kicked(q);
+            }
+            if self.port.queues[q].rx_kick.read().is_ok() {
+                self.rx_kicked(q);
+            }
         }
         self.check_link();
         self.interest()
     }
 
-    fn tx_kicked(&mut self) {
+    fn tx_kicked(&mut self, q: usize) {
         // While the backend is full, the kick only makes the loop watch for room.
-        if !self.port.tx_blocked {
+        if !self.port.queues[q].tx_blocked {
+            self.port.cur = q;
             self.model.transmit(&mut self.port);
         }
     }
 
-    fn rx_kicked(&mut self) {
-        self.port.rx_stalled = false;
-        self.receive_burst();
+    fn rx_kicked(&mut self, q: usize) {
+        self.port.queues[q].rx_stalled = false;
+        self.receive_burst(q);
     }
 
-    /// What the event loop does while the backend stays readable: bursts until one ends
-    /// short (the backend is drained, or the guest out of room). For tests and the fuzzer.
+    /// What the event loop does while the backends stay readable: bursts on each queue until
+    /// one ends short (the backend is drained, or the guest out of room). For tests and the
+    /// fuzzer. Returns queue 0's interest.
     pub fn pump(&mut self) -> BackendInterest {
-        loop {
-            let i = self.handle(NetEvent::Backend);
-            if self.rx.last_burst < RX_BURST {
-                return i;
+        for q in 0..self.port.queues.len() {
+            loop {
+                self.handle_queue(q, NetEvent::Backend);
+                if self.rx[q].last_burst < RX_BURST {
+                    break;
+                }
             }
         }
+        self.interest()
     }
 
-    /// What the backend is watched for now.
+    /// What queue 0's backend is watched for now.
     pub fn interest(&self) -> BackendInterest {
+        self.interest_of(0)
+    }
+
+    fn interest_of(&self, q: usize) -> BackendInterest {
         BackendInterest {
-            readable: self.wants_rx(),
-            writable: self.port.tx_blocked,
+            readable: self.wants_rx(q),
+            writable: self.port.queues[q].tx_blocked,
         }
     }
 
-    /// A backend fd reported `set`: the backend does its own part (accepting, reconnecting,
-    /// noticing a hang-up), then frames move.
-    pub fn backend_event(&mut self, fd: RawFd, set: EventSet) {
-        self.port.backend.ready(fd, set);
+    /// A backend fd of queue `q` reported `set`: the backend does its own part (accepting,
+    /// reconnecting, noticing a hang-up), then frames move.
+    pub fn backend_event(&mut self, q: usize, fd: RawFd, set: EventSet) {
+        let Some(pq) = self.port.queues.get_mut(q) else {
+            return;
+        };
+        pq.backend.ready(fd, set);
         if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
             // Reported on every wait whatever the interest: a backend that still wants this
             // fd watched after seeing it (a deleted tap) would make the loop spin.
             let mut still = vec![];
-            self.port.backend.watch(true, true, &mut still);
+            pq.backend.watch(true, true, &mut still);
             if still.iter().any(|(f, _)| *f == fd) {
                 log::warn!(
                     "{}: the backend failed or hung up; no longer watched",
                     self.port.name
                 );
-                self.port.backend_dead = true;
+                pq.dead = true;
             }
         }
-        self.backend_ready(set.contains(EventSet::IN), set.contains(EventSet::OUT));
+        self.backend_ready(q, set.contains(EventSet::IN), set.contains(EventSet::OUT));
         self.check_link();
     }
 
-    fn backend_ready(&mut self, readable: bool, writable: bool) {
-        if writable && self.port.tx_blocked {
-            self.port.tx_blocked = false;
+    fn backend_ready(&mut self, q: usize, readable: bool, writable: bool) {
+        if writable && self.port.queues[q].tx_blocked {
+            self.port.queues[q].tx_blocked = false;
+            self.port.cur = q;
             self.model.transmit(&mut self.port);
         }
         if readable {
-            self.receive_burst();
+            self.receive_burst(q);
         }
     }
 
@@ -621,28 +729,35 @@ impl<M: NicModel> Nic<M> {
         let up = self.port.backend_link_up();
         if up != self.port.link_up {
             self.port.link_up = up;
+            self.port.cur = 0;
             self.model.link_changed(&mut self.port, up);
             // A send the backend refused before the change may go (or be dropped, with no
             // peer) now: waiting for writability of a connection that is gone would be for
             // ever.
-            if self.port.tx_blocked {
-                self.port.tx_blocked = false;
-                self.model.transmit(&mut self.port);
+            for q in 0..self.port.queues.len() {
+                if self.port.queues[q].tx_blocked {
+                    self.port.queues[q].tx_blocked = false;
+                    self.port.cur = q;
+                    self.model.transmit(&mut self.port);
+                }
             }
         }
     }
 
-    /// Moves up to [`RX_BURST`] frames from the backend (or the stage) into the guest.
-    fn receive_burst(&mut self) {
+    /// Moves up to [`RX_BURST`] frames from queue `q` of the backend (or its stage) into the
+    /// guest.
+    fn receive_burst(&mut self, q: usize) {
         let mut delivered = false;
-        self.rx.last_burst = 0;
+        self.port.cur = q;
+        let rx = &mut self.rx[q];
+        rx.last_burst = 0;
         for _ in 0..RX_BURST {
-            if self.port.rx_stalled || !self.model.rx_ready() {
+            if self.port.queues[q].rx_stalled || !self.model.rx_ready() {
                 break;
             }
-            let len = match self.rx.pending.take() {
+            let len = match rx.pending.take() {
                 Some(n) => n,
-                None => match self.port.backend.recv(&mut self.rx.buf) {
+                None => match self.port.queues[q].backend.recv(&mut rx.buf) {
                     Ok(Some(n)) => n,
                     Ok(None) => break,
                     Err(e) => {
@@ -651,10 +766,10 @@ impl<M: NicModel> Nic<M> {
                     }
                 },
             };
-            self.rx.last_burst += 1;
+            rx.last_burst += 1;
             let frame = match self.port.hdr {
-                Hdr::Pass => &self.rx.buf[..len],
-                Hdr::Hide => match self.rx.buf[..len].get(VNET_HDR_LEN..) {
+                Hdr::Pass => &rx.buf[..len],
+                Hdr::Hide => match rx.buf[..len].get(VNET_HDR_LEN..) {
                     Some(f) => f,
                     None => continue, // shorter than its header: not a frame
                 },
@@ -663,8 +778,8 @@ impl<M: NicModel> Nic<M> {
                 Rx::Delivered => delivered = true,
                 Rx::Dropped => {}
                 Rx::NoRoom => {
-                    self.rx.pending = Some(len);
-                    self.port.rx_stalled = true;
+                    rx.pending = Some(len);
+                    self.port.queues[q].rx_stalled = true;
                     break;
                 }
             }
@@ -674,56 +789,60 @@ impl<M: NicModel> Nic<M> {
         }
     }
 
-    /// Whether the backend should be read: the receiver is ready and nothing waits.
-    fn wants_rx(&self) -> bool {
-        !self.port.rx_stalled && self.rx.pending.is_none() && self.model.rx_ready()
+    /// Whether queue `q`'s backend should be read: the receiver is ready and nothing waits.
+    fn wants_rx(&self, q: usize) -> bool {
+        !self.port.queues[q].rx_stalled && self.rx[q].pending.is_none() && self.model.rx_ready()
     }
 
-    /// A frame waits in the stage for guest buffers. It stays across device resets, as it
+    /// A frame waits in a stage for guest buffers. It stays across device resets, as it
     /// would in the backend: the model kicks the receiver when the guest can take it.
     pub fn rx_waiting(&self) -> bool {
-        self.rx.pending.is_some()
+        self.rx.iter().any(|r| r.pending.is_some())
     }
 
-    /// The backend fds the event loop should watch now, and for what.
-    pub fn backend_interest(&mut self, out: &mut Vec<(RawFd, EventSet)>) {
+    /// The fds of queue `q`'s backend the event loop should watch now, and for what.
+    pub fn backend_interest(&mut self, q: usize, out: &mut Vec<(RawFd, EventSet)>) {
         out.clear();
-        if self.port.backend_dead {
+        let pq = &self.port.queues[q];
+        if pq.dead {
             return;
         }
-        let (rx, tx) = (self.wants_rx(), self.port.tx_blocked);
-        self.port.backend.watch(rx, tx, out);
+        pq.backend.watch(self.wants_rx(q), pq.tx_blocked, out);
     }
 
-    /// Brings the event loop's registrations of the backend's fds in line with what the
-    /// backend and the model want now.
+    /// Brings the event loop's registrations of the backends' fds in line with what the
+    /// backends and the model want now.
     fn sync_backend(&mut self, ops: &mut EventOps) {
         let mut want = std::mem::take(&mut self.scratch);
-        self.backend_interest(&mut want);
+        let mut all: Vec<(RawFd, EventSet, u32)> = Vec::with_capacity(self.watched.len() + 1);
+        for q in 0..self.port.queues.len() {
+            self.backend_interest(q, &mut want);
+            let token = token(q, BACKEND);
+            all.extend(want.iter().map(|&(fd, ev)| (fd, ev, token)));
+        }
         // Gone, or changed.
         let mut i = 0;
         while i < self.watched.len() {
-            let (fd, ev) = self.watched[i];
-            match want.iter().find(|(f, _)| *f == fd) {
-                None => {
-                    let _ = ops.remove(Events::with_data_raw(fd, BACKEND, ev));
+            let (fd, ev, token) = self.watched[i];
+            match all.iter().find(|w| w.0 == fd) {
+                Some(&(_, new, t)) if t == token => {
+                    if new != ev && ops.modify(Events::with_data_raw(fd, token, new)).is_ok() {
+                        self.watched[i].1 = new;
+                    }
+                }
+                _ => {
+                    let _ = ops.remove(Events::with_data_raw(fd, token, ev));
                     self.watched.swap_remove(i);
                     continue;
                 }
-                Some(&(_, new))
-                    if new != ev && ops.modify(Events::with_data_raw(fd, BACKEND, new)).is_ok() =>
-                {
-                    self.watched[i].1 = new;
-                }
-                _ => {}
             }
             i += 1;
         }
         // New.
-        for &(fd, ev) in &want {
-            if !self.watched.iter().any(|(f, _)| *f == fd) {
-                match ops.add(Events::with_data_raw(fd, BACKEND, ev)) {
-                    Ok(()) => self.watched.push((fd, ev)),
+        for &(fd, ev, token) in &all {
+            if !self.watched.iter().any(|w| w.0 == fd) {
+                match ops.add(Events::with_data_raw(fd, token, ev)) {
+                    Ok(()) => self.watched.push((fd, ev, token)),
                     Err(e) => log::error!("{}: cannot watch backend fd {fd}: {e}", self.port.name),
                 }
             }
@@ -740,12 +859,15 @@ impl<M: NicModel> PciDevice for Nic<M> {
         self.model.config_mut()
     }
     fn config_written(&mut self, offset: usize, len: usize) {
+        self.port.cur = 0;
         self.model.config_written(&mut self.port, offset, len);
     }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        self.port.cur = 0;
         self.model.bar_read(&mut self.port, bar, offset, data);
     }
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        self.port.cur = 0;
         self.model.bar_write(&mut self.port, bar, offset, data);
         if self.filter_watch.is_some() && self.model.filter_register(bar, offset) {
             self.check_filter();
@@ -760,11 +882,13 @@ impl<M: NicModel> PciDevice for Nic<M> {
     fn restore(&mut self, state: &State) -> Result<(), RestoreError> {
         let saved: NicState = crate::snapshot::from_state(state, "NIC")?;
         self.model.config_mut().restore(&saved.config)?;
+        self.port.cur = 0;
         self.model.restore(&mut self.port, &saved.model)?;
         // The new backend's link may differ from the one the snapshot was taken on: the
         // model hears the link as it is now (a no-op where its restored view agrees).
         self.check_link();
         let up = self.port.link_up;
+        self.port.cur = 0;
         self.model.link_changed(&mut self.port, up);
         if let Some(w) = &mut self.filter_watch {
             w.last = self.model.rx_filter().fingerprint();
@@ -791,7 +915,7 @@ impl<M: NicModel> NicControl for Nic<M> {
         self.port.admin_down = !up;
         self.check_link();
         // The I/O thread brings its watch of the backend in line.
-        self.port.kick_rx();
+        self.port.kick_rx_of(0);
     }
     fn link_up(&self) -> bool {
         self.port.link_up
@@ -840,21 +964,27 @@ impl<M: NicModel> NicControl for Nic<M> {
     }
 }
 
-// Tokens of the fds a NIC registers (`Events::data`).
+// Tokens of the fds a NIC registers (`Events::data`): the kind in the low two bits, the port
+// queue above them.
 const TX_KICK: u32 = 0;
 const RX_KICK: u32 = 1;
 const TIMER: u32 = 2;
 const BACKEND: u32 = 3;
+
+fn token(q: usize, kind: u32) -> u32 {
+    (q as u32) << 2 | kind
+}
 
 /// The I/O thread's side: event-manager calls this (through the `Mutex` and `Arc` the NIC is
 /// shared in) with the fd that is ready and for what.
 impl<M: NicModel> MutEventSubscriber for Nic<M> {
     fn init(&mut self, ops: &mut EventOps) {
         let nic = self;
-        let mut fds = vec![
-            (nic.port.tx_kick.as_raw_fd(), TX_KICK),
-            (nic.port.rx_kick.as_raw_fd(), RX_KICK),
-        ];
+        let mut fds = vec![];
+        for (q, pq) in nic.port.queues.iter().enumerate() {
+            fds.push((pq.tx_kick.as_raw_fd(), token(q, TX_KICK)));
+            fds.push((pq.rx_kick.as_raw_fd(), token(q, RX_KICK)));
+        }
         if let Some(fd) = nic.model.timer_fd() {
             fds.push((fd, TIMER));
         }
@@ -876,17 +1006,18 @@ impl<M: NicModel> MutEventSubscriber for Nic<M> {
             events.fd(),
             set
         );
-        match events.data() {
+        let q = (events.data() >> 2) as usize;
+        match events.data() & 3 {
             TX_KICK => {
-                nic.handle(NetEvent::TxKick);
+                nic.handle_queue(q, NetEvent::TxKick);
             }
             RX_KICK => {
-                nic.handle(NetEvent::RxKick);
+                nic.handle_queue(q, NetEvent::RxKick);
             }
             TIMER => {
                 nic.handle(NetEvent::Timer);
             }
-            _ => nic.backend_event(events.fd(), set),
+            _ => nic.backend_event(q, events.fd(), set),
         }
         nic.sync_backend(ops);
     }

@@ -1,6 +1,14 @@
-//! virtio-net-pci (virtio 1.0, 5.1): one RX and one TX split virtqueue, MAC and link status in
-//! config space, mergeable RX buffers, event-index suppression, and checksum/TSO offloads
-//! offered only when the backend carries a virtio-net header.
+//! virtio-net-pci (virtio 1.0, 5.1): RX and TX split virtqueues (one pair per queue of the
+//! backend; more than one in use only with `mq=on` and VIRTIO_NET_F_MQ), the control virtqueue
+//! (receive filter, MAC tables, queue pairs: [`ctrl`]), MAC and link status in config space,
+//! mergeable RX buffers, event-index suppression, and checksum/TSO offloads offered only when
+//! the backend carries a virtio-net header.
+//!
+//! Queue `2p` receives and `2p + 1` transmits for pair `p`, whose frames cross queue `p` of
+//! the port (a multiqueue tap's `p`th descriptor). The control queue is queue `2 * pairs` when
+//! the driver accepted VIRTIO_NET_F_MQ, else queue 2 (virtio 1.0, 5.1.2); its notifications
+//! are not wired to an ioeventfd, so commands run on the vCPU that rang, before it resumes
+//! (Linux's driver spins for the answer).
 //!
 //! Register access (config space, common cfg, ISR, MSI-X) arrives on vCPU threads; queue work
 //! runs on the I/O thread, woken by the port's kicks (wired to the notify addresses through
@@ -39,18 +47,58 @@ pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << vnet::VIRTIO_NET_F_HOST_ECN;
 pub const VIRTIO_NET_F_HOST_UFO: u64 = 1 << vnet::VIRTIO_NET_F_HOST_UFO;
 pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << vnet::VIRTIO_NET_F_MRG_RXBUF;
 pub const VIRTIO_NET_F_STATUS: u64 = 1 << vnet::VIRTIO_NET_F_STATUS;
+pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << vnet::VIRTIO_NET_F_CTRL_VQ;
+pub const VIRTIO_NET_F_CTRL_RX: u64 = 1 << vnet::VIRTIO_NET_F_CTRL_RX;
+pub const VIRTIO_NET_F_CTRL_RX_EXTRA: u64 = 1 << vnet::VIRTIO_NET_F_CTRL_RX_EXTRA;
+pub const VIRTIO_NET_F_MQ: u64 = 1 << vnet::VIRTIO_NET_F_MQ;
+pub const VIRTIO_NET_F_CTRL_MAC_ADDR: u64 = 1 << vnet::VIRTIO_NET_F_CTRL_MAC_ADDR;
 pub const VIRTIO_NET_S_LINK_UP: u16 = vnet::VIRTIO_NET_S_LINK_UP as u16;
 
 const RX: usize = 0;
 const TX: usize = 1;
 const QUEUE_MAX: u16 = 256;
+/// Queue pairs at most (QEMU's limit for virtio-net-pci on a tap is 1024; Linux asks for one
+/// per vCPU).
+pub const MAX_QUEUE_PAIRS: usize = 16;
+/// MSI-X vectors at most: the table (16 bytes each) ends where the PBA begins.
+pub const MAX_VECTORS: u16 = (MSIX_PBA / 16) as u16;
 /// TX chains handled per event; the rest wait for the next turn of the I/O thread, which the
 /// device asks for through its port.
 const TX_BUDGET: usize = QUEUE_MAX as usize;
 /// Pieces one TX frame may come in: a chain can be no longer than the queue, and each
 /// descriptor may cross a region boundary once.
 const MAX_TX_PIECES: usize = 2 * QUEUE_MAX as usize;
-const N_VECTORS: u16 = 3;
+
+mod ctrl;
+use ctrl::{RxMode, ACK_ERR, ACK_OK, CTRL_MAX};
+
+/// How the device is built (QEMU's virtio-net-pci properties).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioNetOptions {
+    /// Queue pairs: one per queue of the port (`-netdev tap,queues=N`).
+    pub queue_pairs: usize,
+    /// `mq=`: VIRTIO_NET_F_MQ offered (with more than one pair), so the driver may use them.
+    pub mq: bool,
+    /// `ctrl_vq=`: the control queue with RX mode, MAC tables and the MAC address.
+    pub ctrl_vq: bool,
+    /// `mrg_rxbuf=`: mergeable receive buffers offered.
+    pub mrg_rxbuf: bool,
+    /// `vectors=`: MSI-X vectors (QEMU's default: two per pair, one for the configuration
+    /// and one for the control queue).
+    pub vectors: Option<u16>,
+}
+
+impl Default for VirtioNetOptions {
+    fn default() -> Self {
+        VirtioNetOptions {
+            queue_pairs: 1,
+            mq: false,
+            ctrl_vq: true,
+            mrg_rxbuf: true,
+            vectors: None,
+        }
+    }
+}
 
 /// PCI identity as QEMU presents virtio-net: transitional device ID, subsystem = net.
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
@@ -78,11 +126,22 @@ pub struct VirtioNet {
     isr: u8,
     msix_config: u16,
     queue_select: u16,
-    queues: [Queue; 2],
-    vectors: [u16; 2],
+    /// Queue pairs the device has (the port's queues).
+    pairs: usize,
+    /// Pairs the driver uses (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET; 1 after a reset).
+    curr_pairs: usize,
+    /// The device has a control queue.
+    ctrl_vq: bool,
+    n_vectors: u16,
+    /// Every queue: the pairs', then the control queue's slot (index `2 * pairs`).
+    queues: Vec<Queue>,
+    vectors: Vec<u16>,
     /// The driver wrote a queue size the device cannot use (not a power of two, too big).
-    bad_size: [bool; 2],
+    bad_size: Vec<bool>,
     active: bool,
+    rx_mode: RxMode,
+    /// A control command's bytes (kept for its allocation).
+    ctrl_buf: Vec<u8>,
     /// The backend's link, as the port last said (the config space's status field).
     link_up: bool,
     /// Interrupts raised so far.
@@ -95,13 +154,6 @@ pub struct VirtioNet {
 }
 
 impl VirtioNet {
-    /// Turns mergeable receive buffers off (QEMU's `mrg_rxbuf=off`): not offered to the
-    /// driver. Before the driver runs.
-    pub fn without_mrg_rxbuf(mut self) -> Self {
-        self.device_features &= !VIRTIO_NET_F_MRG_RXBUF;
-        self
-    }
-
     /// A device whose port has `caps` (the backend's, as [`NetPort::capabilities`] gives
     /// them): offloads are offered only when frames carry a virtio-net header.
     pub fn new(
@@ -111,7 +163,20 @@ impl VirtioNet {
         chip: Arc<dyn IrqChip>,
         intx: IntxLine,
         ioevents: Arc<dyn IoEventRegistry>,
+        opts: VirtioNetOptions,
     ) -> io::Result<Self> {
+        let pairs = opts.queue_pairs;
+        if !(1..=MAX_QUEUE_PAIRS).contains(&pairs) {
+            return Err(io::Error::other(format!(
+                "{pairs} queue pairs (1 to {MAX_QUEUE_PAIRS})"
+            )));
+        }
+        let n_vectors = opts.vectors.unwrap_or(2 * pairs as u16 + 2);
+        if !(1..=MAX_VECTORS).contains(&n_vectors) {
+            return Err(io::Error::other(format!(
+                "{n_vectors} MSI-X vectors (1 to {MAX_VECTORS})"
+            )));
+        }
         let mut config = PciConfig::new(
             VIRTIO_PCI_VENDOR,
             VIRTIO_NET_TRANSITIONAL_ID,
@@ -125,7 +190,7 @@ impl VirtioNet {
         let msix = Msix::new(
             &mut config,
             chip.clone(),
-            N_VECTORS,
+            n_vectors,
             MSIX_BAR as u8,
             MSIX_TABLE as u32,
             MSIX_PBA as u32,
@@ -136,8 +201,19 @@ impl VirtioNet {
             | VIRTIO_F_RING_EVENT_IDX
             | VIRTIO_F_RING_INDIRECT_DESC
             | VIRTIO_NET_F_MAC
-            | VIRTIO_NET_F_STATUS
-            | VIRTIO_NET_F_MRG_RXBUF;
+            | VIRTIO_NET_F_STATUS;
+        if opts.mrg_rxbuf {
+            device_features |= VIRTIO_NET_F_MRG_RXBUF;
+        }
+        if opts.ctrl_vq {
+            device_features |= VIRTIO_NET_F_CTRL_VQ
+                | VIRTIO_NET_F_CTRL_RX
+                | VIRTIO_NET_F_CTRL_RX_EXTRA
+                | VIRTIO_NET_F_CTRL_MAC_ADDR;
+            if opts.mq && pairs > 1 {
+                device_features |= VIRTIO_NET_F_MQ;
+            }
+        }
         if caps.vnet_hdr {
             let o = caps.offloads;
             if o.csum {
@@ -156,7 +232,8 @@ impl VirtioNet {
                 }
             }
         }
-        let new_queue = || Queue::new(QUEUE_MAX).expect("256 is a valid queue size");
+        let n_queues = 2 * pairs + opts.ctrl_vq as usize;
+        let new_queue = |_| Queue::new(QUEUE_MAX).expect("256 is a valid queue size");
         Ok(VirtioNet {
             config,
             msix,
@@ -174,10 +251,16 @@ impl VirtioNet {
             isr: 0,
             msix_config: VIRTIO_MSI_NO_VECTOR,
             queue_select: 0,
-            queues: [new_queue(), new_queue()],
-            vectors: [VIRTIO_MSI_NO_VECTOR; 2],
-            bad_size: [false; 2],
+            pairs,
+            curr_pairs: 1,
+            ctrl_vq: opts.ctrl_vq,
+            n_vectors,
+            queues: (0..n_queues).map(new_queue).collect(),
+            vectors: vec![VIRTIO_MSI_NO_VECTOR; n_queues],
+            bad_size: vec![false; n_queues],
             active: false,
+            rx_mode: RxMode::default(),
+            ctrl_buf: Vec::new(),
             link_up: true,
             interrupts: 0,
             rx_heads: Vec::with_capacity(64),
@@ -192,6 +275,37 @@ impl VirtioNet {
 
     fn has(&self, f: u64) -> bool {
         self.driver_features & f != 0
+    }
+
+    /// Pairs whose queues the driver may use: all with VIRTIO_NET_F_MQ, else the first.
+    fn data_pairs(&self) -> usize {
+        if self.has(VIRTIO_NET_F_MQ) {
+            self.pairs
+        } else {
+            1
+        }
+    }
+
+    /// The control queue's index (virtio 1.0, 5.1.2: after the data queues in use).
+    fn ctrl_index(&self) -> Option<usize> {
+        self.ctrl_vq.then(|| 2 * self.data_pairs())
+    }
+
+    /// The queue's notification offset: its index, but the control queue's is always the
+    /// last one (`2 * pairs`), so that no data queue's ioeventfd ever takes its doorbell.
+    fn notify_off(&self, q: usize) -> usize {
+        if Some(q) == self.ctrl_index() {
+            2 * self.pairs
+        } else {
+            q
+        }
+    }
+
+    /// Turns the port's queues of the pairs in use on and the others off.
+    fn apply_pairs(&self, port: &mut NetPort) {
+        for q in 0..port.queue_count() {
+            port.set_queue_enabled(q, q < self.curr_pairs);
+        }
     }
 
     /// A driver error: logged through the port (once, then rate-limited), DEVICE_NEEDS_RESET
@@ -216,18 +330,24 @@ impl VirtioNet {
         for q in self.queues.iter_mut() {
             q.reset();
         }
-        self.vectors = [VIRTIO_MSI_NO_VECTOR; 2];
-        self.bad_size = [false; 2];
+        self.vectors.fill(VIRTIO_MSI_NO_VECTOR);
+        self.bad_size.fill(false);
         self.active = false;
-        // A receiver that stalled waits no more: the next activation kicks it.
-        port.kick_rx();
+        self.curr_pairs = 1;
+        self.rx_mode = RxMode::default();
+        self.apply_pairs(port);
+        // A receiver that stalled waits no more: the next activation kicks it (turning the
+        // queues on and off above kicked every one).
     }
 
+    /// Checks the queues at DRIVER_OK: the first pair must be set up; any other queue the
+    /// driver enabled must be valid too (one it left off is never looked at).
     fn activate(&mut self, port: &mut NetPort) {
         let event_idx = self.has(VIRTIO_F_RING_EVENT_IDX);
-        for i in [RX, TX] {
+        for i in 0..self.queues.len() {
             let q = &mut self.queues[i];
-            if !q.ready() || !q.is_valid(&self.mem) || self.bad_size[i] {
+            if (i <= TX || q.ready()) && (!q.ready() || !q.is_valid(&self.mem) || self.bad_size[i])
+            {
                 let what = format!("queue {i} is not set up validly at DRIVER_OK");
                 self.device_error(port, &what);
                 return;
@@ -250,8 +370,11 @@ impl VirtioNet {
         };
         port.set_rx_offloads(offloads);
         self.active = true;
-        port.kick_tx();
-        port.kick_rx();
+        self.apply_pairs(port);
+        for q in 0..port.queue_count() {
+            port.kick_tx_of(q);
+            port.kick_rx_of(q);
+        }
     }
 
     /// Raises `vector` (MSI-X) or INTx with the ISR's queue bit.
@@ -295,20 +418,26 @@ impl VirtioNet {
         }
     }
 
+    /// Sends what waits in the TX queue of the port's current pair.
     fn process_tx(&mut self, port: &mut NetPort) {
-        if !self.active || port.tx_blocked() {
+        let pair = port.queue();
+        let tx = 2 * pair + 1;
+        if !self.active || port.tx_blocked() || pair >= self.data_pairs() {
+            return;
+        }
+        if !self.queues[tx].ready() {
             return;
         }
         let mut used = false;
         let mut budget = TX_BUDGET;
         loop {
-            if self.queues[TX].disable_notification(&self.mem).is_err() {
+            if self.queues[tx].disable_notification(&self.mem).is_err() {
                 return self.device_error(port, "TX ring unreadable");
             }
-            if !self.queue_usable(port, TX) {
+            if !self.queue_usable(port, tx) {
                 return;
             }
-            let (mem, q) = (&self.mem, &mut self.queues[TX]);
+            let (mem, q) = (&self.mem, &mut self.queues[tx]);
             let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
             let r = transmit_chains(
                 mem,
@@ -331,14 +460,14 @@ impl VirtioNet {
                 port.kick_tx();
                 break;
             }
-            match self.queues[TX].enable_notification(&self.mem) {
+            match self.queues[tx].enable_notification(&self.mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(_) => return self.device_error(port, "TX ring unreadable"),
             }
         }
         if used {
-            self.signal_queue(port, TX);
+            self.signal_queue(port, tx);
         }
     }
 
@@ -348,13 +477,17 @@ impl VirtioNet {
     /// once more after re-enabling notifications (the guest may have added some in between),
     /// then leaves the frame waiting.
     fn receive_frame(&mut self, port: &mut NetPort, raw: &[u8]) -> Rx {
+        let rx = 2 * port.queue();
+        if port.queue() >= self.curr_pairs || !self.queues[rx].ready() {
+            return Rx::Dropped;
+        }
         for attempt in 0..2 {
             match self.deliver(port, raw) {
                 Ok(Some(r)) => return r,
                 // No chain: no buffers, or a queue the device cannot walk (checked only now,
                 // not on every frame).
-                Ok(None) if !self.queue_usable(port, RX) => return Rx::Dropped,
-                Ok(None) if attempt == 0 => match self.queues[RX].enable_notification(&self.mem) {
+                Ok(None) if !self.queue_usable(port, rx) => return Rx::Dropped,
+                Ok(None) if attempt == 0 => match self.queues[rx].enable_notification(&self.mem) {
                     Ok(true) => continue,
                     Ok(false) => return Rx::NoRoom,
                     Err(_) => {
@@ -382,23 +515,41 @@ impl VirtioNet {
         } else {
             (VnetHdr::default(), raw)
         };
-        let start_avail = self.queues[RX].next_avail();
+        if !self
+            .rx_mode
+            .accepts(&self.mac.0, data.get(..6).unwrap_or(data))
+        {
+            port.stats.rx_dropped += 1;
+            return Ok(Some(Rx::Dropped));
+        }
+        let rx = 2 * port.queue();
+        let start_avail = self.queues[rx].next_avail();
         // Scratch lists kept in the device so a frame costs no allocation.
         let mut heads = std::mem::take(&mut self.rx_heads);
         heads.clear();
         // Where the header's bytes went: (guest address, offset in header, length).
         let mut hdr_pieces = std::mem::take(&mut self.rx_hdr_pieces);
         hdr_pieces.clear();
-        let r = self.fill_rx(port, hdr, data, start_avail, &mut heads, &mut hdr_pieces);
+        let r = self.fill_rx(
+            port,
+            rx,
+            hdr,
+            data,
+            start_avail,
+            &mut heads,
+            &mut hdr_pieces,
+        );
         self.rx_heads = heads;
         self.rx_hdr_pieces = hdr_pieces;
         r
     }
 
     /// Writes header + data over as many RX chains as it takes (one without MRG_RXBUF).
+    #[allow(clippy::too_many_arguments)]
     fn fill_rx(
         &mut self,
         port: &mut NetPort,
+        rx: usize,
         mut hdr: VnetHdr,
         data: &[u8],
         start_avail: u16,
@@ -409,8 +560,8 @@ impl VirtioNet {
         let total = VNET_HDR_LEN + data.len();
         let mut written = 0usize;
         while written < total {
-            let Some(chain) = self.queues[RX].pop_descriptor_chain(&self.mem) else {
-                self.queues[RX].set_next_avail(start_avail);
+            let Some(chain) = self.queues[rx].pop_descriptor_chain(&self.mem) else {
+                self.queues[rx].set_next_avail(start_avail);
                 return Ok(None);
             };
             let head = chain.head_index();
@@ -445,7 +596,7 @@ impl VirtioNet {
             if !mrg && written < total {
                 // Without mergeable buffers one chain must hold the frame: drop it.
                 port.stats.rx_dropped += 1;
-                self.queues[RX]
+                self.queues[rx]
                     .add_used(&self.mem, head, 0)
                     .map_err(|_| "RX used ring unwritable")?;
                 return Ok(Some(Rx::Dropped));
@@ -459,7 +610,7 @@ impl VirtioNet {
                 .map_err(|_| "RX buffer outside guest memory")?;
         }
         for &(h, l) in heads.iter() {
-            self.queues[RX]
+            self.queues[rx]
                 .add_used(&self.mem, h, l)
                 .map_err(|_| "RX used ring unwritable")?;
         }
@@ -472,16 +623,18 @@ impl VirtioNet {
         base + NOTIFY_CFG + q as u64 * NOTIFY_OFF_MULTIPLIER as u64
     }
 
-    /// The port's kick for queue `q`: the guest's notification of that queue.
-    fn kick(port: &NetPort, q: usize) -> &vmm_sys_util::eventfd::EventFd {
-        if q == RX {
-            port.rx_kick_fd()
+    /// The port's kick for data queue `q`: the guest's notification of that queue (pair
+    /// `q / 2`, receive for even `q`).
+    fn kick(port: &NetPort, q: usize) -> Option<&vmm_sys_util::eventfd::EventFd> {
+        if q % 2 == RX {
+            port.rx_kick_fd(q / 2)
         } else {
-            port.tx_kick_fd()
+            port.tx_kick_fd(q / 2)
         }
     }
 
-    /// Keeps the ioeventfds on the notify addresses where the guest put BAR 4.
+    /// Keeps the ioeventfds on the data queues' notify addresses where the guest put BAR 4
+    /// (the control queue's doorbell stays an MMIO exit).
     fn sync_ioevents(&mut self, port: &NetPort) {
         let now = self
             .config
@@ -492,28 +645,144 @@ impl VirtioNet {
         if now == self.registered_bar {
             return;
         }
+        let data_queues = 2 * self.pairs;
         if let Some(old) = self.registered_bar.take() {
-            for q in [RX, TX] {
-                let _ = self
-                    .ioevents
-                    .unregister(self.notify_addr(old, q), Self::kick(port, q));
+            for q in 0..data_queues {
+                if let Some(fd) = Self::kick(port, q) {
+                    let _ = self.ioevents.unregister(self.notify_addr(old, q), fd);
+                }
             }
         }
-        if let Some(base) = now {
-            let ok = [RX, TX].iter().all(|&q| {
+        let Some(base) = now else {
+            return;
+        };
+        let mut done = 0;
+        while done < data_queues {
+            let ok = Self::kick(port, done).is_some_and(|fd| {
                 self.ioevents
-                    .register(self.notify_addr(base, q), Self::kick(port, q))
+                    .register(self.notify_addr(base, done), fd)
                     .is_ok()
             });
-            if ok {
-                self.registered_bar = Some(base);
-            } else {
-                log::warn!(
-                    "virtio-net {}: no ioeventfd; kicks go through MMIO exits",
-                    self.mac
-                );
+            if !ok {
+                break;
+            }
+            done += 1;
+        }
+        if done == data_queues {
+            self.registered_bar = Some(base);
+            return;
+        }
+        for q in 0..done {
+            if let Some(fd) = Self::kick(port, q) {
+                let _ = self.ioevents.unregister(self.notify_addr(base, q), fd);
             }
         }
+        log::warn!(
+            "virtio-net {}: no ioeventfd; kicks go through MMIO exits",
+            self.mac
+        );
+    }
+
+    /// Runs the commands waiting in the control queue (on the vCPU that rang its doorbell),
+    /// at most a queue's worth.
+    fn process_ctrl(&mut self, port: &mut NetPort) {
+        let Some(cq) = self.ctrl_index() else {
+            return;
+        };
+        if !self.active || !self.queues[cq].ready() || !self.queue_usable(port, cq) {
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.ctrl_buf);
+        let mut used = false;
+        for _ in 0..QUEUE_MAX {
+            let Some(chain) = self.queues[cq].pop_descriptor_chain(&self.mem) else {
+                // Ask for the next doorbell (with VIRTIO_F_RING_EVENT_IDX the driver rings
+                // only past the avail_event the device published); look again if a command
+                // came in meanwhile.
+                match self.queues[cq].enable_notification(&self.mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(_) => {
+                        self.ctrl_buf = buf;
+                        return self.device_error(port, "control queue unreadable");
+                    }
+                }
+            };
+            let head = chain.head_index();
+            buf.clear();
+            let mut ack = None;
+            let mut too_long = false;
+            for d in chain {
+                if d.is_write_only() {
+                    if ack.is_none() && d.len() > 0 {
+                        ack = Some(d.addr());
+                    }
+                    continue;
+                }
+                if ack.is_some() {
+                    ack = None; // data after the ack: not a command
+                    break;
+                }
+                let len = d.len() as usize;
+                if buf.len() + len > CTRL_MAX {
+                    too_long = true;
+                    continue;
+                }
+                let at = buf.len();
+                buf.resize(at + len, 0);
+                if self.mem.read_slice(&mut buf[at..], d.addr()).is_err() {
+                    self.ctrl_buf = buf;
+                    return self.device_error(port, "control command outside guest memory");
+                }
+            }
+            let Some(ack_addr) = ack else {
+                self.ctrl_buf = buf;
+                return self.device_error(port, "control command without room for its ack");
+            };
+            let status = if too_long {
+                ACK_ERR
+            } else {
+                self.ctrl_command(port, &buf)
+            };
+            if self.mem.write_obj(status, ack_addr).is_err()
+                || self.queues[cq].add_used(&self.mem, head, 1).is_err()
+            {
+                self.ctrl_buf = buf;
+                return self.device_error(port, "control queue unwritable");
+            }
+            used = true;
+        }
+        self.ctrl_buf = buf;
+        if used {
+            self.signal_queue(port, cq);
+        }
+    }
+
+    /// One control command: its effect, and the ack.
+    fn ctrl_command(&mut self, port: &mut NetPort, bytes: &[u8]) -> u8 {
+        let n = ctrl::Negotiated {
+            ctrl_rx: self.has(VIRTIO_NET_F_CTRL_RX),
+            ctrl_rx_extra: self.has(VIRTIO_NET_F_CTRL_RX_EXTRA),
+            ctrl_mac_addr: self.has(VIRTIO_NET_F_CTRL_MAC_ADDR),
+            mq: self.has(VIRTIO_NET_F_MQ),
+            max_pairs: self.pairs as u16,
+        };
+        let Some(c) = ctrl::decode(bytes, &n) else {
+            log::debug!(
+                "virtio-net {}: control command {bytes:02x?} refused",
+                self.mac
+            );
+            return ACK_ERR;
+        };
+        match c {
+            ctrl::Command::MacAddr(mac) => self.mac = MacAddr(mac),
+            ctrl::Command::QueuePairs(p) => {
+                self.curr_pairs = p as usize;
+                self.apply_pairs(port);
+            }
+            _ => self.rx_mode.apply(&c),
+        }
+        ACK_OK
     }
 
     // ---- register files ---------------------------------------------------------------------
@@ -545,7 +814,7 @@ impl VirtioNet {
                 (v as u64, 4, DRIVER_FEATURE)
             }
             MSIX_CONFIG..=0x11 => (self.msix_config as u64, 2, MSIX_CONFIG),
-            NUM_QUEUES..=0x13 => (2, 2, NUM_QUEUES),
+            NUM_QUEUES..=0x13 => (self.queues.len() as u64, 2, NUM_QUEUES),
             DEVICE_STATUS => (self.status as u64, 1, DEVICE_STATUS),
             CONFIG_GENERATION => (0, 1, CONFIG_GENERATION),
             QUEUE_SELECT..=0x17 => (self.queue_select as u64, 2, QUEUE_SELECT),
@@ -556,7 +825,7 @@ impl VirtioNet {
                 QUEUE_MSIX_VECTOR,
             ),
             QUEUE_ENABLE..=0x1d => (q.map_or(0, |q| q.ready() as u64), 2, QUEUE_ENABLE),
-            QUEUE_NOTIFY_OFF..=0x1f => (qs as u64, 2, QUEUE_NOTIFY_OFF),
+            QUEUE_NOTIFY_OFF..=0x1f => (self.notify_off(qs) as u64, 2, QUEUE_NOTIFY_OFF),
             QUEUE_DESC..=0x27 => (q.map_or(0, |q| q.desc_table()), 8, QUEUE_DESC),
             QUEUE_DRIVER..=0x2f => (q.map_or(0, |q| q.avail_ring()), 8, QUEUE_DRIVER),
             QUEUE_DEVICE..=0x37 => (q.map_or(0, |q| q.used_ring()), 8, QUEUE_DEVICE),
@@ -627,7 +896,7 @@ impl VirtioNet {
                 write_le(&mut v, 0, data);
                 self.queue_select = v as u16;
             }
-            _ if qs >= 2 || live => {} // no such queue, or queue fields are frozen
+            _ if qs >= self.queues.len() || live => {} // no such queue, or fields frozen
             QUEUE_SIZE => {
                 write_le(&mut v, 0, data);
                 // A size that is not a power of two (or too large) fails at DRIVER_OK.
@@ -636,7 +905,7 @@ impl VirtioNet {
             QUEUE_MSIX_VECTOR => {
                 write_le(&mut v, 0, data);
                 let vec = v as u16;
-                self.vectors[qs] = if vec < N_VECTORS || vec == VIRTIO_MSI_NO_VECTOR {
+                self.vectors[qs] = if vec < self.n_vectors || vec == VIRTIO_MSI_NO_VECTOR {
                     vec
                 } else {
                     VIRTIO_MSI_NO_VECTOR
@@ -672,7 +941,7 @@ impl VirtioNet {
             0
         };
         cfg[6..8].copy_from_slice(&link.to_le_bytes());
-        cfg[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+        cfg[8..10].copy_from_slice(&(self.pairs as u16).to_le_bytes()); // max_virtqueue_pairs
         for (i, d) in data.iter_mut().enumerate() {
             *d = cfg.get(off as usize + i).copied().unwrap_or(0);
         }
@@ -723,7 +992,11 @@ struct VirtioNetState {
     link_up: bool,
     /// The queues are live (DRIVER_OK accepted, no device error since).
     active: bool,
+    /// Every queue, the control queue's slot last.
     queues: Vec<QueueSnapshot>,
+    /// Queue pairs in use.
+    curr_pairs: usize,
+    rx_mode: RxMode,
     msix: State,
 }
 
@@ -734,7 +1007,7 @@ impl VirtioNet {
     /// device `next_avail == next_used` whenever it can be saved: every chain is either used
     /// or still available, and an available one is taken again after the restore.
     fn save_state(&self) -> State {
-        let queues = (0..2)
+        let queues = (0..self.queues.len())
             .map(|i| {
                 let q = self.queues[i].state();
                 QueueSnapshot {
@@ -765,6 +1038,8 @@ impl VirtioNet {
             link_up: self.link_up,
             active: self.active,
             queues,
+            curr_pairs: self.curr_pairs,
+            rx_mode: self.rx_mode.clone(),
             msix: self.msix.save(),
         })
     }
@@ -798,13 +1073,13 @@ impl VirtioNet {
                 s.next_avail, s.next_used, s.size
             ));
         }
-        if s.msix_vector >= N_VECTORS && s.msix_vector != VIRTIO_MSI_NO_VECTOR {
+        if s.msix_vector >= self.n_vectors && s.msix_vector != VIRTIO_MSI_NO_VECTOR {
             return Err(format!(
                 "queue {i}: MSI-X vector {} out of range",
                 s.msix_vector
             ));
         }
-        if live {
+        if live && (i <= TX || s.ready) {
             if !q.is_valid(&self.mem) || s.bad_size {
                 return Err(format!(
                     "queue {i}: live, yet not ready or not inside guest memory"
@@ -861,14 +1136,27 @@ impl VirtioNet {
                 s.device_status, s.driver_features
             )));
         }
-        if s.queues.len() != 2 {
+        if s.queues.len() != self.queues.len() {
             return Err(err(format!(
-                "{} queues where the device has 2",
-                s.queues.len()
+                "{} queues where the device has {}",
+                s.queues.len(),
+                self.queues.len()
             )));
         }
+        let max_pairs = if accepted & VIRTIO_NET_F_MQ != 0 {
+            self.pairs
+        } else {
+            1
+        };
+        if !(1..=max_pairs).contains(&s.curr_pairs) {
+            return Err(err(format!(
+                "{} queue pairs in use (1 to {max_pairs})",
+                s.curr_pairs
+            )));
+        }
+        s.rx_mode.check().map_err(err)?;
         let event_idx = s.driver_features & VIRTIO_F_RING_EVENT_IDX != 0;
-        let queues = (0..2)
+        let queues = (0..s.queues.len())
             .map(|i| self.restore_queue(i, &s.queues[i], s.active, event_idx))
             .collect::<Result<Vec<_>, _>>()
             .map_err(err)?;
@@ -894,6 +1182,8 @@ impl VirtioNet {
         self.isr = s.isr;
         self.msix_config = s.msix_config;
         self.link_up = s.link_up;
+        self.curr_pairs = s.curr_pairs;
+        self.rx_mode = s.rx_mode;
         for (i, (q, saved)) in queues.into_iter().zip(&s.queues).enumerate() {
             self.queues[i] = q;
             self.vectors[i] = saved.msix_vector;
@@ -910,6 +1200,7 @@ impl VirtioNet {
         self.intx
             .set(self.isr != 0 && !self.msix.enabled() && intx_on);
         self.active = false;
+        self.apply_pairs(port);
         if s.active {
             self.start_queues(port);
         }
@@ -964,11 +1255,14 @@ impl NicModel for VirtioNet {
             (MSIX_BAR, o) if o < MSIX_PBA => self.msix.table_write(o - MSIX_TABLE, data),
             (VIRTIO_BAR, o) if o < COMMON_CFG + COMMON_CFG_LEN => self.common_write(port, o, data),
             (VIRTIO_BAR, o) if (NOTIFY_CFG..NOTIFY_CFG + 0x1000).contains(&o) => {
-                // A kick that did not go through an ioeventfd.
-                match (o - NOTIFY_CFG) / NOTIFY_OFF_MULTIPLIER as u64 {
-                    0 => port.kick_rx(),
-                    1 => port.kick_tx(),
-                    _ => {}
+                // A kick that did not go through an ioeventfd, or the control queue's.
+                let off = ((o - NOTIFY_CFG) / NOTIFY_OFF_MULTIPLIER as u64) as usize;
+                if off == 2 * self.pairs {
+                    self.process_ctrl(port);
+                } else if off % 2 == RX {
+                    port.kick_rx_of(off / 2);
+                } else {
+                    port.kick_tx_of(off / 2);
                 }
             }
             _ => {}
@@ -988,7 +1282,7 @@ impl NicModel for VirtioNet {
     }
 
     fn rx_burst_done(&mut self, port: &mut NetPort) {
-        self.signal_queue(port, RX);
+        self.signal_queue(port, 2 * port.queue());
     }
 
     fn link_changed(&mut self, _port: &mut NetPort, up: bool) {
@@ -1005,13 +1299,13 @@ impl NicModel for VirtioNet {
         self.interrupts
     }
 
-    fn filter_register(&self, _bar: usize, _offset: u64) -> bool {
-        false
+    /// The control queue's doorbell (its commands run as it rings).
+    fn filter_register(&self, bar: usize, offset: u64) -> bool {
+        bar == VIRTIO_BAR && offset >= NOTIFY_CFG
     }
 
-    /// No control queue: the device filters nothing.
     fn rx_filter(&self) -> RxFilter {
-        RxFilter::open(self.mac.0)
+        self.rx_mode.to_filter(self.mac.0)
     }
 }
 

@@ -1065,7 +1065,13 @@ mod vio {
     pub use devices::virtio::*;
 }
 
-struct VirtioRig(vio::Driver);
+/// Two queue pairs (VIRTIO_NET_F_MQ offered) on two in-memory backends; the second backend's
+/// peer is kept for the rig's life.
+struct VirtioRig(vio::Driver, net_backends::mem::MemPeer);
+
+/// Queues the rig's driver sets up: two pairs, then the control queue (index 4 with
+/// VIRTIO_NET_F_MQ; without it the control queue is 2).
+const VIRTIO_QUEUES: usize = 5;
 
 impl Rig for VirtioRig {
     fn dev(&mut self) -> &mut dyn NicDevice {
@@ -1082,21 +1088,78 @@ impl Rig for VirtioRig {
             1 => offered & !(VIRTIO_NET_F_MRG_RXBUF | VIRTIO_F_RING_EVENT_IDX),
             _ => offered & !VIRTIO_F_RING_INDIRECT_DESC,
         };
+        let want = if v == 1 {
+            want & !VIRTIO_NET_F_MQ
+        } else {
+            want
+        };
         if !self.0.negotiate(want) {
             return;
         }
-        self.0.setup_queue(0, QSIZE);
-        self.0.setup_queue(1, QSIZE);
+        for q in 0..VIRTIO_QUEUES {
+            self.0.setup_queue(q, QSIZE);
+        }
         if v < 3 {
             self.0.driver_ok();
+        }
+        if v == 0 {
+            // Both pairs in use, as Linux asks with two vCPUs, and frames waiting on the
+            // second backend queue for whatever RX buffers the ops give queue 2.
+            let _ = self.0.ctrl(4, 4, 0, &2u16.to_le_bytes());
+            for len in [60, 1514, 9000] {
+                let mut f = vec![0xa5u8; len];
+                f[..6].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+                self.1.inject(&f);
+            }
         }
     }
 }
 
 #[derive(Default)]
 pub struct VirtioGen {
-    avail: [u16; 2],
-    desc: [u16; 2],
+    avail: [u16; VIRTIO_QUEUES],
+    desc: [u16; VIRTIO_QUEUES],
+}
+
+/// A control command as Linux's virtio_net sends them (class, command, data), sometimes
+/// bent: RX mode switches, MAC tables (some over the device's 64 entries, some with counts
+/// past their data), the MAC address, queue pairs (0 to 3 of the device's 2), unknown ones.
+fn ctrl_command(rng: &mut Rng) -> Vec<u8> {
+    let mut c = match rng.below(6) {
+        0 => vec![0, rng.below(7) as u8, rng.below(2) as u8],
+        1 => {
+            let mut c = vec![1, 0];
+            for _ in 0..2 {
+                let n = rng.pick(&[0u32, 1, 3, 64, 65, 200]);
+                let claimed = if rng.chance(10) {
+                    rng.next_u64() as u32
+                } else {
+                    n
+                };
+                c.extend(claimed.to_le_bytes());
+                for _ in 0..n {
+                    c.extend(rng.bytes(6));
+                }
+            }
+            c
+        }
+        2 => {
+            let mut c = vec![1, 1];
+            c.extend(rng.bytes(6));
+            c
+        }
+        3 => vec![4, 0, rng.below(4) as u8, 0],
+        4 => {
+            let n = rng.below(12) as usize;
+            rng.bytes(n)
+        }
+        _ => vec![rng.below(9) as u8, rng.below(3) as u8, rng.below(2) as u8],
+    };
+    if rng.chance(10) && !c.is_empty() {
+        let at = rng.usize(c.len());
+        c[at] ^= 1 << rng.below(8);
+    }
+    c
 }
 
 const VIRTIO_BARS: &[(u8, u64)] = &[(1, 0x1000), (4, 0x4000)];
@@ -1126,6 +1189,10 @@ const VIRTIO_REGS: &[(u8, u64, u8)] = &[
     (4, 0x2006, 2),
     (4, 0x3000, 2),
     (4, 0x3004, 2),
+    (4, 0x3008, 2),
+    (4, 0x300c, 2),
+    (4, 0x3010, 2),
+    (4, 0x2008, 2),
     (1, 0x00, 4),
     (1, 0x08, 4),
     (1, 0x0c, 4),
@@ -1145,12 +1212,15 @@ fn vdesc(addr: u64, len: u32, flags: u16, next: u16) -> Vec<u8> {
 impl Model for VirtioNet {
     const NAME: &'static str = "virtio-net";
     const ABOUT: &'static str =
-        "virtio-net-pci: split virtqueues, mergeable RX, indirect, offloads";
+        "virtio-net-pci: two queue pairs and the control queue, mergeable RX, indirect, offloads";
     const RAM: u64 = vio::MEM_SIZE as u64;
     const INIT_VARIANTS: u8 = 4;
     type Gen = VirtioGen;
     fn rig(b: net_backends::mem::MemBackend) -> Box<dyn Rig> {
-        Box::new(VirtioRig(vio::Driver::new(Box::new(b))))
+        use net_backends::NetBackend;
+        let (b2, peer2) = net_backends::mem::pair(b.capabilities());
+        let d = vio::Driver::new_mq(vec![Box::new(b), Box::new(b2)], true);
+        Box::new(VirtioRig(d, peer2))
     }
     fn bars() -> &'static [(u8, u64)] {
         VIRTIO_BARS
@@ -1160,15 +1230,27 @@ impl Model for VirtioNet {
     }
     fn driver_ops(g: &mut VirtioGen, rng: &mut Rng, vnet: bool, out: &mut Vec<NicOp>) {
         use vio::*;
-        let q = rng.usize(2);
+        let q = rng.usize(VIRTIO_QUEUES);
         let qsize = QSIZE;
-        let chain = rng.range(1, 4) as u16;
+        // The control queue's slot, or queue 2 taken as the control queue (without MQ).
+        let ctrl = q == 4 || (q == 2 && rng.chance(30));
+        let chain = if ctrl { 2 } else { rng.range(1, 4) as u16 };
         let head = g.desc[q] % qsize;
         for k in 0..chain {
             let i = (g.desc[q] % qsize) as u64;
             g.desc[q] = g.desc[q].wrapping_add(1);
-            let buf = BUF_BASE[q] + i * 0x1000;
-            let mut len: u32 = if q == 1 {
+            let buf = buf_base(q) + i * 0x1000;
+            let mut len: u32 = if ctrl && k == 0 {
+                let c = ctrl_command(rng);
+                let n = c.len() as u32;
+                out.push(NicOp::Mem {
+                    addr: buf,
+                    data: Bytes(c),
+                });
+                n
+            } else if ctrl {
+                1
+            } else if q % 2 == 1 {
                 let mut f = vnet_hdr(rng, 0).to_vec();
                 if k == 0 || rng.chance(50) {
                     f.extend(frame(rng));
@@ -1185,7 +1267,12 @@ impl Model for VirtioNet {
             if rng.chance(10) {
                 len = rng.pick_or(&[0, u32::MAX, 0x1_0000], |r| r.next_u64() as u32);
             }
-            let mut flags = if q == 0 { VRING_DESC_F_WRITE } else { 0 };
+            let writable = if ctrl {
+                k + 1 == chain
+            } else {
+                q.is_multiple_of(2)
+            };
+            let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
             if k + 1 < chain {
                 flags |= VRING_DESC_F_NEXT;
             }
@@ -1200,7 +1287,7 @@ impl Model for VirtioNet {
             let addr = if rng.chance(92) {
                 buf
             } else {
-                let a = frames::addr(rng, Self::RAM, &[BUF_BASE[q]]);
+                let a = frames::addr(rng, Self::RAM, &[buf_base(q)]);
                 if rng.chance(50) {
                     u64::MAX - rng.below(16)
                 } else {
@@ -1214,14 +1301,17 @@ impl Model for VirtioNet {
         }
         if rng.chance(5) {
             // An indirect table somewhere, named by the head descriptor.
-            let table = BUF_BASE[q] + 0xf000;
+            let table = buf_base(q) + 0xf000;
             let n = rng.range(1, 20);
             let mut t = vec![];
             for j in 0..n {
-                let f = if q == 0 { VRING_DESC_F_WRITE } else { 0 }
-                    | if j + 1 < n { VRING_DESC_F_NEXT } else { 0 };
+                let f = if q.is_multiple_of(2) {
+                    VRING_DESC_F_WRITE
+                } else {
+                    0
+                } | if j + 1 < n { VRING_DESC_F_NEXT } else { 0 };
                 t.extend(vdesc(
-                    BUF_BASE[q] + j * 64,
+                    buf_base(q) + j * 64,
                     rng.pick(&[12, 64, 0]),
                     f,
                     (j + 1) as u16,
@@ -1266,15 +1356,21 @@ impl Model for VirtioNet {
             });
         }
         let _ = vnet;
-        if rng.chance(60) {
+        // The control queue's doorbell is the last offset (2 * pairs) whatever its index.
+        let off = if ctrl { 4 } else { q as u64 };
+        if ctrl || rng.chance(60) {
             out.push(NicOp::Write {
                 bar: 4,
-                off: NOTIFY_CFG + q as u64 * NOTIFY_OFF_MULTIPLIER as u64,
+                off: NOTIFY_CFG + off * NOTIFY_OFF_MULTIPLIER as u64,
                 width: 2,
                 val: q as u64,
             });
         }
-        out.push(NicOp::Event(if q == 0 { Ev::RxKick } else { Ev::TxKick }));
+        out.push(NicOp::Event(match q {
+            0 => Ev::RxKick,
+            1 => Ev::TxKick,
+            _ => Ev::Pending,
+        }));
     }
     fn reset(g: &mut VirtioGen, _rng: &mut Rng) -> NicOp {
         *g = VirtioGen::default();

@@ -225,6 +225,7 @@ fn machine(ram: Option<&[u8]>) -> Machine {
         chip.clone(),
         IntxLine::new(chip.clone(), 19, 3),
         Arc::new(NoIoEvents),
+        Default::default(),
     )
     .unwrap();
     devs.push(Arc::new(Mutex::new(Nic::new(virtio, port(0)))));

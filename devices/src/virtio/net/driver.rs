@@ -16,21 +16,34 @@ pub const QSIZE: u16 = 16;
 /// Ring and buffer areas in the test's guest memory.
 pub const RING_BASE: [u64; 2] = [0x1_0000, 0x2_0000];
 pub const BUF_BASE: [u64; 2] = [0x4_0000, 0x8_0000];
+/// Queues the driver can set up: three pairs and the control queue.
+pub const MAX_QUEUES: usize = 7;
 
 pub struct Driver {
     pub dev: Nic<VirtioNet>,
     pub mem: GuestMemoryMmap,
     pub chip: Arc<RecordingIrqChip>,
-    next_desc: [u16; 2],
-    avail_idx: [u16; 2],
-    next_buf: [u64; 2],
+    next_desc: [u16; MAX_QUEUES],
+    avail_idx: [u16; MAX_QUEUES],
+    next_buf: [u64; MAX_QUEUES],
+}
+
+/// Where queue `q`'s buffers go: 256 KiB each for the first pair, 32 KiB for the others.
+pub fn buf_base(q: usize) -> u64 {
+    match BUF_BASE.get(q) {
+        Some(b) => *b,
+        None => 0xc_0000 + (q as u64 - 2) * 0x8000,
+    }
 }
 
 pub fn desc_base(q: usize) -> u64 {
-    RING_BASE[q]
+    match RING_BASE.get(q) {
+        Some(b) => *b,
+        None => 0x3_0000 + (q as u64 - 2) * 0x2000,
+    }
 }
 pub fn avail_base(q: usize) -> u64 {
-    RING_BASE[q] + 16 * QSIZE as u64
+    desc_base(q) + 16 * QSIZE as u64
 }
 pub fn used_base(q: usize) -> u64 {
     (avail_base(q) + 6 + 2 * QSIZE as u64 + 4095) & !4095
@@ -44,8 +57,24 @@ pub fn fresh_device(
     chip: &Arc<RecordingIrqChip>,
     ioevents: Arc<dyn IoEventRegistry>,
 ) -> Nic<VirtioNet> {
+    fresh_device_with(vec![backend], mem, chip, ioevents, false)
+}
+
+/// [`fresh_device`] with a queue pair per backend (VIRTIO_NET_F_MQ offered with `mq`).
+pub fn fresh_device_with(
+    backends: Vec<Box<dyn NetBackend>>,
+    mem: &GuestMemoryMmap,
+    chip: &Arc<RecordingIrqChip>,
+    ioevents: Arc<dyn IoEventRegistry>,
+    mq: bool,
+) -> Nic<VirtioNet> {
     let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
-    let port = NetPort::new(format!("virtio-net {mac}"), backend).unwrap();
+    let port = NetPort::with_queues(format!("virtio-net {mac}"), backends).unwrap();
+    let opts = VirtioNetOptions {
+        queue_pairs: port.queue_count(),
+        mq,
+        ..Default::default()
+    };
     let model = VirtioNet::new(
         mac,
         port.capabilities(),
@@ -53,6 +82,7 @@ pub fn fresh_device(
         chip.clone(),
         IntxLine::new(chip.clone(), 19, 0),
         ioevents,
+        opts,
     )
     .unwrap();
     Nic::new(model, port)
@@ -61,9 +91,14 @@ pub fn fresh_device(
 impl Driver {
     /// A device on `backend`, BARs placed and memory decoding on, not yet negotiated.
     pub fn new(backend: Box<dyn NetBackend>) -> Driver {
+        Driver::new_mq(vec![backend], false)
+    }
+
+    /// A device with a queue pair per backend, VIRTIO_NET_F_MQ offered with `mq`.
+    pub fn new_mq(backends: Vec<Box<dyn NetBackend>>, mq: bool) -> Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let chip = Arc::new(RecordingIrqChip::default());
-        let mut dev = fresh_device(backend, &mem, &chip, Arc::new(NoIoEvents));
+        let mut dev = fresh_device_with(backends, &mem, &chip, Arc::new(NoIoEvents), mq);
         dev.config_mut().set_bar_addr(VIRTIO_BAR, 0xc000_0000);
         dev.config_mut().set_bar_addr(MSIX_BAR, 0xc001_0000);
         dev.config_mut()
@@ -73,9 +108,9 @@ impl Driver {
             dev,
             mem,
             chip,
-            next_desc: [0; 2],
-            avail_idx: [0; 2],
-            next_buf: BUF_BASE,
+            next_desc: [0; MAX_QUEUES],
+            avail_idx: [0; MAX_QUEUES],
+            next_buf: std::array::from_fn(buf_base),
         }
     }
 
@@ -128,10 +163,12 @@ impl Driver {
     }
 
     /// MSI-X on as Linux's virtio_pci sets it up: vector 0 for configuration changes,
-    /// 1 and 2 for the queues (as [`Driver::setup_queue`] assigns them), each with its own
+    /// `q + 1` for queue `q` (as [`Driver::setup_queue`] assigns them), each with its own
     /// message, unmasked. Before the queues are set up.
     pub fn enable_msix(&mut self) {
-        for v in 0..3u64 {
+        let cap = self.msix_cap();
+        let n = (self.dev.config().get16(cap + 2) & 0x7ff) as u64 + 1;
+        for v in 0..n {
             let e = MSIX_TABLE + 16 * v;
             let w = |d: &mut Self, off: u64, val: u32| {
                 d.dev.bar_write(MSIX_BAR, off, &val.to_le_bytes())
@@ -269,5 +306,54 @@ impl Driver {
     /// Entries the device has put in the used ring so far (its index).
     pub fn used_idx(&self, q: usize) -> u16 {
         self.mem.read_obj(GuestAddress(used_base(q) + 2)).unwrap()
+    }
+
+    /// Rings queue `q`'s doorbell at the notification offset the device gives it.
+    pub fn notify(&mut self, q: usize) {
+        self.w(QUEUE_SELECT, q as u64, 2);
+        let off = self.r(QUEUE_NOTIFY_OFF, 2);
+        self.w(NOTIFY_CFG + off * NOTIFY_OFF_MULTIPLIER as u64, q as u64, 2);
+    }
+
+    /// Sends one control command (class, command, data) on control queue `q` as Linux
+    /// does (header, data, ack in three descriptors) and returns the ack, or None if the
+    /// device did not use the chain.
+    pub fn ctrl(&mut self, q: usize, class: u8, cmd: u8, data: &[u8]) -> Option<u8> {
+        let before = self.used_idx(q);
+        let head = self.next_desc[q];
+        let mut parts: Vec<(u64, u32, u16)> = vec![];
+        for (p, writable) in [
+            (&[class, cmd][..], false),
+            (data, false),
+            (&[0xee][..], true),
+        ] {
+            if p.is_empty() {
+                continue;
+            }
+            let addr = self.next_buf[q];
+            self.next_buf[q] = buf_base(q) + (self.next_buf[q] + 64 - buf_base(q)) % 0x4000;
+            self.mem.write_slice(p, GuestAddress(addr)).unwrap();
+            parts.push((
+                addr,
+                p.len() as u32,
+                if writable { VRING_DESC_F_WRITE } else { 0 },
+            ));
+        }
+        let n = parts.len();
+        for (k, (addr, len, mut flags)) in parts.iter().copied().enumerate() {
+            let i = self.next_desc[q];
+            self.next_desc[q] = (i + 1) % QSIZE;
+            if k + 1 < n {
+                flags |= VRING_DESC_F_NEXT;
+            }
+            self.write_desc(q, i, addr, len, flags, self.next_desc[q]);
+        }
+        self.publish(q, head);
+        self.notify(q);
+        if self.used_idx(q) == before {
+            return None;
+        }
+        let ack_at = parts.last().unwrap().0;
+        Some(self.read(ack_at, 1)[0])
     }
 }
