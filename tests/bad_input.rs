@@ -305,7 +305,7 @@ fn qemu_options_that_contradict_the_machine() {
         "-nic",
     );
     expect_error(
-        &["-kernel", &k, "-netdev", "tap,id=t,queues=2"],
+        &["-kernel", &k, "-netdev", "tap,id=t,queues=17"],
         "-netdev tap,id=t",
     );
     expect_error(

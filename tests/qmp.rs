@@ -587,10 +587,10 @@ fn expect_line(lines: &mut impl Iterator<Item = String>, seen: &mut String, want
 
 /// One guest boot, four NIC personalities (e1000, virtio-net, rtl8139 as 8139cp and as
 /// 8139too): QMP set_link off makes every driver report the carrier down, on brings it back
-/// and each gets a new DHCP lease over it; query-rx-filter shows what
-/// the guest programmed (promiscuous mode, a multicast group); a client watching from the
-/// start hears NIC_RX_FILTER_CHANGED, and GUEST_PANICKED then SHUTDOWN when the guest ends
-/// with a kernel panic (exit status 2).
+/// and each gets a new DHCP lease over it; query-rx-filter shows what the guest programmed
+/// (promiscuous mode, a multicast group, virtio-net's filter through its control queue); a
+/// client watching from the start hears NIC_RX_FILTER_CHANGED, and GUEST_PANICKED then
+/// SHUTDOWN when the guest ends with a kernel panic (exit status 2).
 #[test]
 fn link_flap_rx_filters_and_a_guest_panic() {
     let Some(img) = image() else { return };
@@ -676,6 +676,17 @@ fn link_flap_rx_filters_and_a_guest_panic() {
         assert_eq!(f["promiscuous"], true, "{name}: {f}\n{seen}");
         assert_eq!(f["unicast"], "all", "{name}: {f}");
     }
+    // virtio_net programmed its filter through the control queue: not promiscuous, its
+    // IPv4 all-hosts group (joined with its address) in the multicast table.
+    let out = python(&py, &["filter", sock.to_str().unwrap(), "v"]);
+    let f: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(f["promiscuous"], false, "v: {f}\n{seen}");
+    let all_hosts = f["multicast-table"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m == "01:00:5e:00:00:01");
+    assert!(all_hosts, "v: {f}");
     // Link down on all four, by device id and by netdev id.
     let mut flap = Command::new(&py)
         .arg(client_script())
@@ -742,12 +753,14 @@ fn link_flap_rx_filters_and_a_guest_panic() {
         .iter()
         .map(|e| e["event"].as_str().unwrap())
         .collect();
-    assert!(
-        events.iter().any(|e| e["event"] == "NIC_RX_FILTER_CHANGED"
-            && e["data"]["name"] == "e"
-            && e["data"]["path"] == "/machine/peripheral/e"),
-        "{names:?}"
-    );
+    for nic in ["e", "v"] {
+        assert!(
+            events.iter().any(|e| e["event"] == "NIC_RX_FILTER_CHANGED"
+                && e["data"]["name"] == nic
+                && e["data"]["path"] == format!("/machine/peripheral/{nic}")),
+            "{nic}: {names:?}"
+        );
+    }
     let n = names.len();
     assert!(
         n >= 2 && names[n - 2..] == ["GUEST_PANICKED", "SHUTDOWN"],

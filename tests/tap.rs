@@ -138,14 +138,18 @@ fn two_guests_on_a_bridge_with_created_taps_and_scripts() {
 fn tap_errors_name_the_option() {
     let Some(img) = image() else { return };
     let ns = Netns::new("taperr");
-    ns.sh("ip tuntap add dev tbusy mode tap && ip link add veth0 type veth peer name veth1");
+    ns.sh("ip tuntap add dev tbusy mode tap && ip tuntap add dev tsingle mode tap && ip link add veth0 type veth peer name veth1");
     // Busy: a second nicvm (here: a held fd) on a non-multiqueue tap.
     let holder = ns.within(|| net_backends_probe("tbusy"));
     for (netdev, what) in [
         ("tap,id=n0,ifname=tbusy,script=no", "busy"),
         ("tap,id=n0,ifname=veth0,script=no", "not a tap"),
         ("tap,id=n0,ifname=x,script=/nonexistent/ifup", "script"),
-        ("tap,id=n0,queues=4", "queues: 4 is out of range"),
+        ("tap,id=n0,queues=17", "queues: 17 is out of range"),
+        (
+            "tap,id=n0,ifname=tsingle,script=no,queues=2",
+            "exists without multiple queues",
+        ),
     ] {
         let mut g = ns.guest(
             &img,
@@ -368,4 +372,76 @@ fn e1000_tso_reaches_the_tap_whole_and_a_second_guest_intact() {
         let o = g.finish();
         assert_eq!(o.code, Some(0), "{}", o.dump());
     }
+}
+
+/// `-netdev tap,queues=2` with `-device virtio-net-pci,mq=on` under a two-vCPU guest: Linux's
+/// virtio_net takes both queue pairs (through the control queue), the kernel spreads the host's
+/// flows over the tap's two queues, and frames arrive on both of the guest's receive queues
+/// (their interrupts counted in the guest), with 8 MiB each way intact.
+#[test]
+fn virtio_net_multiqueue_on_a_multiqueue_tap() {
+    let Some(img) = image() else { return };
+    let mut ns = Netns::new("mq");
+    ns.sh("ip tuntap add dev mq0 mode tap multi_queue && ip addr add 192.168.92.1/24 dev mq0 && ip link set mq0 up");
+    ns.dnsmasq("mq0", ("192.168.92.50", "192.168.92.60"), &[]);
+    let receiver = receive_from_guest(&ns, "192.168.92.1");
+    let mut g = ns.guest(
+        &img,
+        "nicvm.run=udpecho:7777:32,recv:5001,send:192.168.92.1:5002:8,queues:eth0,exit",
+        &[
+            "-smp",
+            "2",
+            "-netdev",
+            "tap,id=n0,ifname=mq0,script=no,downscript=no,queues=2",
+            "-device",
+            "virtio-net-pci,netdev=n0,mq=on",
+        ],
+        &[],
+    );
+    let nic = g.wait_line("NIC");
+    assert_eq!(nic["driver"], "virtio_net");
+    let lease = nic["lease"].clone();
+    assert!(lease.starts_with("192.168.92.5"), "lease {lease}");
+    let ip = lease.trim_end_matches("/24").to_string();
+
+    // 32 flows (a socket each): the tap picks a queue per flow by its hash.
+    g.wait_line("UDPLISTEN");
+    let to = format!("{ip}:7777");
+    let echoed = ns.within(move || {
+        (0..32)
+            .filter(|i| {
+                let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                u.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let msg = format!("flow {i}");
+                u.send_to(msg.as_bytes(), &to).unwrap();
+                let mut b = [0u8; 64];
+                matches!(u.recv_from(&mut b), Ok((n, _)) if &b[..n] == msg.as_bytes())
+            })
+            .count()
+    });
+    assert_eq!(echoed, 32, "every datagram echoed intact");
+    assert_eq!(g.wait_line("UDPECHO")["datagrams"], "32");
+
+    exchange_8mib(&ns, &mut g, &ip, receiver);
+    let q = g.wait_line("QUEUES");
+    assert_eq!(
+        (q["rx"].as_str(), q["tx"].as_str()),
+        ("2", "2"),
+        "{}",
+        q["_"]
+    );
+    let irqs: std::collections::HashMap<&str, u64> = q["irqs"]
+        .split(',')
+        .filter_map(|kv| kv.split_once(':'))
+        .map(|(k, v)| (k, v.parse().unwrap()))
+        .collect();
+    for rxq in ["input.0", "input.1"] {
+        assert!(
+            irqs.get(rxq).is_some_and(|n| *n > 0),
+            "no interrupt on {rxq}: {}",
+            q["_"]
+        );
+    }
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
 }

@@ -838,10 +838,20 @@ impl Builder<'_> {
             return err("-nic none", CliErrorKind::NoneConflict);
         }
         for d in &self.dumps {
-            if !self.netdevs.iter().any(|n| n.id == d.netdev) {
+            let Some(nd) = self.netdevs.iter().find(|n| n.id == d.netdev) else {
                 return err(
                     "-object filter-dump",
                     CliErrorKind::UndefinedNetdev(d.netdev.clone()),
+                );
+            };
+            if nd.backend.queues() > 1 {
+                return err(
+                    "-object filter-dump",
+                    CliErrorKind::Refused(format!(
+                        "netdev '{}' has {} queues: nicvm captures single-queue netdevs only",
+                        d.netdev,
+                        nd.backend.queues()
+                    )),
                 );
             }
             if self
@@ -1255,8 +1265,20 @@ fn nic_config(
         (_, Some(_)) => return err(option, CliErrorKind::CplusNotRtl8139),
         (m, None) => m,
     };
-    let mrg_rxbuf =
+    let virtio =
         qemu_compat::device_properties_accepted(model, &mut kv).or_else(|e| err(option, e))?;
+    let queues = netdevs
+        .iter()
+        .find(|n| n.id == netdev)
+        .map_or(1, |n| n.backend.queues());
+    if queues > 1 && model != NicModel::VirtioNetPci {
+        return err(
+            option,
+            CliErrorKind::Refused(format!(
+                "netdev '{netdev}' has {queues} queues: only virtio-net-pci has more than one"
+            )),
+        );
+    }
     let id = kv.remove("id");
     if let Some(id) = &id {
         if ids.contains(id) {
@@ -1273,7 +1295,10 @@ fn nic_config(
         mac,
         id,
         slot,
-        mrg_rxbuf,
+        mrg_rxbuf: virtio.mrg_rxbuf,
+        mq: virtio.mq,
+        ctrl_vq: virtio.ctrl_vq,
+        vectors: virtio.vectors,
     })
 }
 
@@ -1669,10 +1694,16 @@ mod tests {
                 "vlan 1: 1 '-net nic' but 0",
             ),
             ("-net nic -net user -net dump,vlan=3", "-net dump", "vlan 3"),
+            ("-netdev tap,id=t,queues=17", "-netdev tap,id=t", "1 to 16"),
             (
-                "-netdev tap,id=t,queues=4",
-                "-netdev tap,id=t",
-                "one queue pair",
+                "-netdev tap,id=t,queues=2 -device e1000,netdev=t",
+                "-device e1000",
+                "only virtio-net-pci has more than one",
+            ),
+            (
+                "-netdev tap,id=t,queues=2 -object filter-dump,id=d,netdev=t,file=/tmp/x",
+                "-object filter-dump",
+                "single-queue",
             ),
             (
                 "-netdev user,id=u -device e1000,netdev=u,mrg_rxbuf=on",
@@ -1680,9 +1711,9 @@ mod tests {
                 "only virtio",
             ),
             (
-                "-netdev user,id=u -device virtio-net-pci,netdev=u,mq=on",
+                "-netdev user,id=u -device virtio-net-pci,netdev=u,mq=on,ctrl_vq=off",
                 "-device virtio-net-pci",
-                "one queue pair",
+                "ctrl_vq=on",
             ),
             (
                 "-netdev user,id=u -device virtio-net-pci,netdev=u,bus=pci.1",

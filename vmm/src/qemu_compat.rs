@@ -120,9 +120,21 @@ fn accel(a: &str) -> Result<(), CliErrorKind> {
     }
 }
 
+/// virtio-net's own properties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioProperties {
+    pub mrg_rxbuf: bool,
+    pub mq: bool,
+    pub ctrl_vq: bool,
+    pub vectors: Option<u16>,
+}
+
 /// The QEMU device properties nicvm takes besides its own (netdev, mac, id, addr, cplus),
-/// removed from `kv`. Returns virtio-net's `mrg_rxbuf` (on unless turned off).
-pub fn device_properties_accepted(model: NicModel, kv: &mut KeyVal) -> Result<bool, CliErrorKind> {
+/// removed from `kv`. Returns virtio-net's (defaults for the other models).
+pub fn device_properties_accepted(
+    model: NicModel,
+    kv: &mut KeyVal,
+) -> Result<VirtioProperties, CliErrorKind> {
     if let Some(b) = kv.remove("bus") {
         if b != "pci.0" && b != "pcie.0" {
             return Err(refused(format!("bus: '{b}': nicvm has one PCI bus, pci.0")));
@@ -150,6 +162,7 @@ pub fn device_properties_accepted(model: NicModel, kv: &mut KeyVal) -> Result<bo
         "host_mtu",
         "vectors",
         "mq",
+        "ctrl_vq",
     ] {
         if !virtio && kv.get(key).is_some() {
             return Err(CliErrorKind::VirtioOnly { key: key.into() });
@@ -182,20 +195,39 @@ pub fn device_properties_accepted(model: NicModel, kv: &mut KeyVal) -> Result<bo
             )));
         }
     }
-    if let Some(v) = kv.remove("vectors") {
-        let n: u32 = v.parse().map_err(|_| CliErrorKind::NotANumber(v.clone()))?;
-        if n < 3 {
-            return Err(refused(format!(
-                "vectors={n}: nicvm's virtio-net uses 3 MSI-X vectors (config, rx, tx)"
-            )));
+    let vectors = match kv.remove("vectors") {
+        None => None,
+        Some(v) => {
+            let n: u32 = v.parse().map_err(|_| CliErrorKind::NotANumber(v.clone()))?;
+            let max = devices::virtio::net::MAX_VECTORS as u32;
+            if !(1..=max).contains(&n) {
+                return Err(refused(format!(
+                    "vectors={n}: nicvm's virtio-net has 1 to {max} MSI-X vectors (no INTx-only \
+                     device)"
+                )));
+            }
+            Some(n as u16)
         }
+    };
+    let mq = match kv.remove("mq") {
+        Some(v) => on_off("mq", &v)?,
+        None => false,
+    };
+    let ctrl_vq = match kv.remove("ctrl_vq") {
+        Some(v) => on_off("ctrl_vq", &v)?,
+        None => true,
+    };
+    if mq && !ctrl_vq {
+        return Err(refused(
+            "mq=on needs ctrl_vq=on: the driver picks its queue pairs through the control queue",
+        ));
     }
-    if let Some(v) = kv.remove("mq") {
-        if on_off("mq", &v)? {
-            return Err(refused("mq=on: nicvm's virtio-net has one queue pair"));
-        }
-    }
-    Ok(mrg_rxbuf)
+    Ok(VirtioProperties {
+        mrg_rxbuf,
+        mq,
+        ctrl_vq,
+        vectors,
+    })
 }
 
 /// `-netdev help`.
@@ -263,9 +295,22 @@ pub fn device_properties(model: NicModel) -> String {
                 "uint16",
                 "1500 only (no MTU feature is offered)",
             ),
-            ("mq", "bool", "off only: one queue pair"),
+            (
+                "mq",
+                "bool",
+                "on: a queue pair per queue of -netdev tap,queues=N (default: off)",
+            ),
+            (
+                "ctrl_vq",
+                "bool",
+                "the control queue: RX mode, MAC tables (default: on)",
+            ),
             ("mrg_rxbuf", "bool", "on/off (default: on)"),
-            ("vectors", "uint32", "3 or more; 3 are used"),
+            (
+                "vectors",
+                "uint32",
+                "MSI-X vectors, 1-128 (default: 2 per queue pair + 2)",
+            ),
         ]),
     }
     props.sort();
@@ -316,16 +361,26 @@ mod tests {
         let kv = |s: &str| KeyVal::parse(s, None).unwrap();
         let v = NicModel::VirtioNetPci;
         let mut k = kv("romfile=,bus=pci.0,bootindex=1,disable-legacy=on,mrg_rxbuf=off,host_mtu=1500,vectors=4,mq=off");
-        assert!(!device_properties_accepted(v, &mut k).unwrap());
+        let p = device_properties_accepted(v, &mut k).unwrap();
+        assert!(!p.mrg_rxbuf && !p.mq && p.ctrl_vq && p.vectors == Some(4));
         assert!(k.pairs.is_empty(), "{k:?}");
+        let p = device_properties_accepted(v, &mut kv("mq=on,vectors=10,ctrl_vq=on")).unwrap();
+        assert!(p.mq && p.vectors == Some(10));
+        assert!(
+            !device_properties_accepted(v, &mut kv("ctrl_vq=off"))
+                .unwrap()
+                .ctrl_vq
+        );
         for bad in [
             "bus=pci.1",
             "bootindex=x",
             "disable-legacy=off",
             "disable-modern=on",
             "host_mtu=9000",
-            "vectors=2",
-            "mq=on",
+            "vectors=0",
+            "vectors=129",
+            "mq=on,ctrl_vq=off",
+            "ctrl_vq=maybe",
         ] {
             assert!(
                 device_properties_accepted(v, &mut kv(bad)).is_err(),
@@ -337,7 +392,9 @@ mod tests {
             .to_string();
         assert_eq!(e, "mrg_rxbuf: only virtio-net-pci has this property");
         assert!(
-            device_properties_accepted(NicModel::E1000, &mut kv("romfile=efi-e1000.rom")).unwrap()
+            device_properties_accepted(NicModel::E1000, &mut kv("romfile=efi-e1000.rom"))
+                .unwrap()
+                .mrg_rxbuf
         );
     }
 

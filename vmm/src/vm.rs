@@ -25,7 +25,7 @@ use devices::net::{NetPort, Nic, NicControl, NicStats};
 use devices::pci::{self, BarKind, HostBridge, PciConfigIo, PciDevice, PciRoot, PciWindow};
 use devices::pvpanic::PvPanic;
 use devices::rtl8139::Rtl8139;
-use devices::virtio::net::VirtioNet;
+use devices::virtio::net::{VirtioNet, VirtioNetOptions};
 use devices::virtio::IoEventRegistry;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -815,16 +815,30 @@ fn build_nic(
     let intx = IntxLine::new(chip.clone(), pci::intx_gsi(slot, 0), slot as u32);
     let model = spec.model.name();
     let device = |source| VmError::Device { model, source };
-    let port = NetPort::new(format!("{model} {}", spec.mac), backend).map_err(device)?;
+    let mut backends = vec![backend];
+    backends.extend(opened.more_queues);
+    let port = NetPort::with_queues(format!("{model} {}", spec.mac), backends).map_err(device)?;
     let mem = mem.clone();
     Ok(match spec.model {
         NicModel::VirtioNetPci => {
             let caps = port.capabilities();
-            let mut m = VirtioNet::new(spec.mac, caps, mem, chip.clone(), intx, ioevents.clone())
-                .map_err(device)?;
-            if !spec.mrg_rxbuf {
-                m = m.without_mrg_rxbuf();
-            }
+            let opts = VirtioNetOptions {
+                queue_pairs: port.queue_count(),
+                mq: spec.mq,
+                ctrl_vq: spec.ctrl_vq,
+                mrg_rxbuf: spec.mrg_rxbuf,
+                vectors: spec.vectors,
+            };
+            let m = VirtioNet::new(
+                spec.mac,
+                caps,
+                mem,
+                chip.clone(),
+                intx,
+                ioevents.clone(),
+                opts,
+            )
+            .map_err(device)?;
             nic_parts(m, port)
         }
         NicModel::Rtl8139 { cplus } => nic_parts(

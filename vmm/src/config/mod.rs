@@ -151,6 +151,14 @@ impl Backend {
             Backend::Socket(_) => "socket",
         }
     }
+
+    /// Queues the backend has (a multiqueue tap's `queues=`; 1 for everything else).
+    pub fn queues(&self) -> usize {
+        match self {
+            Backend::Tap(t) => t.queues,
+            _ => 1,
+        }
+    }
 }
 
 /// What a `-netdev socket` turned into.
@@ -171,6 +179,8 @@ pub struct TapOptions {
     pub vnet_hdr: Option<bool>,
     /// `vhost=on` was asked for: nicvm has no vhost-net, frames go through its own loop.
     pub vhost: bool,
+    /// `queues=N`: a multiqueue tap opened N times (virtio-net gets a queue pair per queue).
+    pub queues: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,6 +245,12 @@ pub struct NicConfig {
     pub slot: Option<u8>,
     /// virtio-net's `mrg_rxbuf=` (default on): mergeable receive buffers offered.
     pub mrg_rxbuf: bool,
+    /// virtio-net's `mq=` (default off): more than one queue pair offered to the driver.
+    pub mq: bool,
+    /// virtio-net's `ctrl_vq=` (default on): the control queue (RX mode, MAC tables, pairs).
+    pub ctrl_vq: bool,
+    /// virtio-net's `vectors=`: MSI-X vectors (default: 2 per queue pair + 2).
+    pub vectors: Option<u16>,
 }
 
 /// `-object filter-dump,id=ID,netdev=NETDEV,file=PATH[,maxlen=N]`: capture a netdev's frames.

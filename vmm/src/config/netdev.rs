@@ -141,9 +141,13 @@ fn inherited_fd(v: &str, fds: &InheritedFds) -> Result<RawFd, OptionError> {
     Ok(fd)
 }
 
-/// `-netdev tap`: `ifname=NAME` or `fd=N`, `script=`, `downscript=`, `vnet_hdr=on|off`; QEMU's
-/// `vhost=`/`vhostforce=` (nicvm has no vhost-net: the caller warns), `sndbuf=` (a number,
-/// nothing to tune on a tap nicvm writes without queueing) and `queues=1`.
+/// Queues of a multiqueue tap at most (virtio-net's queue pairs).
+pub const MAX_TAP_QUEUES: usize = 16;
+
+/// `-netdev tap`: `ifname=NAME` or `fd=N`, `script=`, `downscript=`, `vnet_hdr=on|off`,
+/// `queues=N` (a multiqueue tap, with `ifname=` only); QEMU's `vhost=`/`vhostforce=` (nicvm
+/// has no vhost-net: the caller warns) and `sndbuf=` (a number, nothing to tune on a tap nicvm
+/// writes without queueing).
 pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, OptionError> {
     unknown(
         kv,
@@ -168,16 +172,22 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
     if let Some(v) = kv.get("sndbuf") {
         parse_size(v).ok_or_else(|| not_a("sndbuf", v, "a size in bytes"))?;
     }
-    match kv.get("queues") {
-        None | Some("1") => {}
-        Some(v) if v.parse::<u32>().is_ok() => {
-            return Err(OptionError::OutOfRange {
-                key: "queues".into(),
-                value: v.into(),
-                range: "nicvm's NICs have one queue pair: 1",
-            })
-        }
-        Some(v) => return Err(not_a("queues", v, "a number")),
+    let queues = match kv.get("queues") {
+        None => 1,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_TAP_QUEUES).contains(&n) => n,
+            Ok(_) => {
+                return Err(OptionError::OutOfRange {
+                    key: "queues".into(),
+                    value: v.into(),
+                    range: "1 to 16",
+                })
+            }
+            Err(_) => return Err(not_a("queues", v, "a number")),
+        },
+    };
+    if queues > 1 && kv.get("fd").is_some() {
+        return Err(OptionError::Together(vec!["fd".into(), "queues".into()]));
     }
     let vnet_hdr = match kv.get("vnet_hdr") {
         Some(v) => Some(on_off("vnet_hdr", v)?),
@@ -197,6 +207,7 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
         (None, name) => TapDevice::Ifname(name.filter(|n| !n.is_empty()).map(String::from)),
     };
     Ok(TapOptions {
+        queues,
         device,
         script: script(kv.get("script")),
         downscript: script(kv.get("downscript")),
@@ -512,6 +523,7 @@ mod tests {
                 downscript: Script::Default,
                 vnet_hdr: None,
                 vhost: false,
+                queues: 1,
             }
         );
         let o = tap("vhost=on,sndbuf=1048576,queues=1").unwrap();
@@ -527,6 +539,8 @@ mod tests {
             (Script::No, Script::Path("/x/down".into()), Some(false))
         );
         assert_eq!(tap("fd=5").unwrap().device, TapDevice::Fd(5));
+        assert_eq!(tap("ifname=t,queues=4").unwrap().queues, 4);
+        assert_eq!(tap("fd=5,queues=1").unwrap().queues, 1);
         assert_eq!(tap("script=").unwrap().script, Script::No);
         check_errors(
             |k| tap_options(k, &fds),
@@ -538,8 +552,10 @@ mod tests {
                 ("fd=5,ifname=t", "ifname="),
                 ("ifname=a-name-of-sixteen", "ifname"),
                 ("vnet_hdr=maybe", "vnet_hdr"),
-                ("queues=4", "queues"),
+                ("queues=17", "queues"),
+                ("queues=0", "queues"),
                 ("queues=x", "queues"),
+                ("fd=5,queues=2", "queues"),
                 ("sndbuf=lots", "sndbuf"),
                 ("vhost=maybe", "vhost"),
             ],

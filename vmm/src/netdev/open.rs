@@ -14,6 +14,8 @@ use std::path::Path;
 
 pub struct Opened {
     pub backend: Box<dyn NetBackend>,
+    /// A multiqueue tap's other queues (`queues=N`: N - 1 of them).
+    pub more_queues: Vec<Box<dyn NetBackend>>,
     /// What to call it in messages (the tap's name, ...).
     pub label: String,
     /// Undoes what opening did; keep it until the VM has ended.
@@ -55,6 +57,7 @@ pub fn open(nd: &NetdevConfig) -> Result<Opened, OpenError> {
         Backend::User(o) => SlirpBackend::new(o.clone())
             .map(|b| Opened {
                 backend: Box::new(b),
+                more_queues: vec![],
                 label: "user".into(),
                 guard: NetdevGuard::default(),
             })
@@ -73,13 +76,22 @@ pub fn open(nd: &NetdevConfig) -> Result<Opened, OpenError> {
 /// opened with): every model hands it checksum and segmentation offloads through the header
 /// (virtio-net passes the guest's on; e1000 and rtl8139 C+ fill one in).
 fn open_tap(o: &TapOptions) -> Result<Opened, OpenErrorKind> {
+    let mut more_queues = vec![];
     let tap = match &o.device {
         TapDevice::Fd(fd) => {
             // SAFETY: the CLI checked that nicvm inherited `fd` (it is none of nicvm's own)
             // and that only this netdev names it; a netdev is opened once.
             unsafe { Tap::from_fd(*fd, o.vnet_hdr) }?
         }
-        TapDevice::Ifname(name) => Tap::open(name.as_deref().unwrap_or(""), o.vnet_hdr)?,
+        TapDevice::Ifname(name) => {
+            let mut taps = Tap::open_queues(name.as_deref().unwrap_or(""), o.vnet_hdr, o.queues)?;
+            let first = taps.remove(0);
+            more_queues = taps
+                .into_iter()
+                .map(|t| Box::new(t) as Box<dyn NetBackend>)
+                .collect();
+            first
+        }
     };
     let name = tap.name().to_string();
     match script::resolve(&o.script, DEFAULT_IFUP) {
@@ -99,6 +111,7 @@ fn open_tap(o: &TapOptions) -> Result<Opened, OpenErrorKind> {
         script::resolve(&o.downscript, DEFAULT_IFDOWN).map(|s| DownScript::new(s, name.clone()));
     Ok(Opened {
         backend: Box::new(tap),
+        more_queues,
         label: name,
         guard: NetdevGuard {
             downscript,
@@ -124,6 +137,7 @@ fn open_vde(o: &VdeOptions) -> Result<Opened, OpenErrorKind> {
     let dir = RemoveDir(v.private_dir().to_path_buf());
     Ok(Opened {
         backend: Box::new(v),
+        more_queues: vec![],
         label,
         guard: NetdevGuard {
             dir: Some(dir),
@@ -143,6 +157,7 @@ fn open_stream(kind: &str, o: &StreamOptions) -> Result<Opened, OpenErrorKind> {
     let b = StreamBackend::new(o)?;
     let side = if o.server { "listen=" } else { "connect=" };
     Ok(Opened {
+        more_queues: vec![],
         label: format!("{kind}:{side}{}", o.addr),
         guard: socket_guard(b.socket_path()),
         backend: Box::new(b),
@@ -159,6 +174,7 @@ fn open_dgram(kind: &str, o: &DgramOptions) -> Result<Opened, OpenErrorKind> {
         }
     };
     Ok(Opened {
+        more_queues: vec![],
         label: format!("{kind}:{what}"),
         guard: socket_guard(b.socket_path()),
         backend: Box::new(b),
@@ -314,6 +330,7 @@ mod tests {
                 backend,
                 label,
                 guard,
+                ..
             } = open(&netdev(&spec)).unwrap();
             assert!(
                 backend.capabilities().vnet_hdr,
