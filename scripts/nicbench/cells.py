@@ -11,8 +11,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .matrix import MODELS
-from .netns import TAP, TAP_NET, VDE_NET
+from .matrix import MODELS, MULTIQUEUE
+from .netns import MQ_NET, MQ_TAP, TAP, TAP_NET, VDE_NET
 from .stats import nearest_rank
 from .vmm import CellError, Guest, fields, proc_cpu
 
@@ -65,24 +65,28 @@ def command(setup, vmm, model, backend, vde_sock):
     """The VMM's command line for one run: the guest's steps on its kernel command line, the
     backend as -netdev, the model as -device; QEMU gets the same kernel, initramfs and NIC."""
     _, ndev, qdev, _ = MODELS[model]
-    host_ip = {"tap": f"{TAP_NET}.1", "vde": f"{VDE_NET}.1", "user": "10.0.2.2"}[backend]
+    queues = MULTIQUEUE.get(model, 1)
+    tap, tap_net = (MQ_TAP, MQ_NET) if queues > 1 else (TAP, TAP_NET)
+    host_ip = {"tap": f"{tap_net}.1", "vde": f"{VDE_NET}.1", "user": "10.0.2.2"}[backend]
     steps = (f"pings:{host_ip}:{setup.pings},recv:{GUEST_PORT},"
              f"send:{host_ip}:{HOST_PORT}:{setup.mib},exit")
     append = f"console=ttyS0 quiet nicvm.run={steps}"
     netdev = {
-        "tap": f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+        "tap": f"tap,id=n0,ifname={tap},script=no,downscript=no"
+               + (f",queues={queues}" if queues > 1 else ""),
         "user": f"user,id=n0,hostfwd=tcp:127.0.0.1:{FWD_PORT}-:{GUEST_PORT}",
         "vde": f"vde,id=n0,sock={vde_sock}",
     }[backend]
+    smp = ["-smp", str(queues)] if queues > 1 else []
     if vmm == "nicvm":
-        return [setup.nicvm, "-m", "128", "-nographic", "-kernel", setup.kernel,
+        return [setup.nicvm, "-m", "128", *smp, "-nographic", "-kernel", setup.kernel,
                 "-initrd", setup.initrd, "-append", append, "-netdev", netdev,
                 "-device", f"{ndev},netdev=n0"]
     # QEMU cannot present nicvm's emulating-host CPUID leaf: the guest is told on its command
     # line instead.
     return [setup.qemu, "-enable-kvm",
             "-cpu", "host,-arch-capabilities" if setup.emulating else "host",
-            "-m", "128", "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio",
+            "-m", "128", *smp, "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio",
             "-kernel", setup.kernel, "-initrd", setup.initrd,
             "-append", append + (" nicvm_emulated" if setup.emulating else ""),
             "-netdev", netdev, "-device", f"{qdev},netdev=n0"]

@@ -13,6 +13,7 @@
 
 nics: boots the project's guest once per cell and run of the matrix
   {rtl8139 (8139cp), rtl8139 cplus=off (8139too), e1000, virtio-net-pci} x {tap, user, vde}
+plus virtio-net-pci mq=on (a two-vCPU guest on a two-queue multiqueue tap, tap only)
 and measures, per cell:
   boot->lease     process start to the guest's DHCP lease (its NICVM-NIC line), seconds
   host->guest, guest->host
@@ -41,7 +42,8 @@ label says what kind of KVM host ran it: on a host whose KVM emulates guest kern
 guest's CPU bounds every number, so they say little about the device models themselves
 (the no-guest numbers do).
 
-options: --models rtl8139-cp,rtl8139-too,e1000,virtio-net   --backends tap,user,vde
+options: --models rtl8139-cp,rtl8139-too,e1000,virtio-net,virtio-net-mq
+         --backends tap,user,vde
          --runs N (3)  --mib N (4)  --pings N (20)  --no-qemu  --json PATH  --svg PATH
          --no-netbench  --netbench-args ARGS ("--quick")  --nicvm PATH  --guest DIR
          scripts/bench svg JSON [SVG]   redraws the chart of a saved report

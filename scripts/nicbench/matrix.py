@@ -8,7 +8,12 @@ MODELS = {
     "rtl8139-too": ("rtl8139 (8139too)", "rtl8139,cplus=off", None, "8139too"),
     "e1000": ("e1000", "e1000", "e1000", "e1000"),
     "virtio-net": ("virtio-net-pci", "virtio-net-pci", "virtio-net-pci", "virtio_net"),
+    "virtio-net-mq": ("virtio-net-pci mq=on (2 pairs, -smp 2)", "virtio-net-pci,mq=on",
+                      "virtio-net-pci,mq=on,vectors=6", "virtio_net"),
 }
+# Models whose guest gets this many vCPUs and a multiqueue tap of as many queues (a tap
+# backend only: their other cells are n/a).
+MULTIQUEUE = {"virtio-net-mq": 2}
 BACKENDS = ["tap", "user", "vde"]
 METRICS = [
     # key, column title, unit, digits, better

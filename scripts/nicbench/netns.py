@@ -11,6 +11,9 @@ import time
 # /24 with dnsmasq on .1.
 TAP, TAP_NET = "bntap0", "192.168.77"
 VDE_TAP, VDE_NET = "bnvde0", "192.168.78"
+# The multiqueue tap of the multiqueue models (a tap made without multi_queue refuses them,
+# one made with it refuses single-queue opens).
+MQ_TAP, MQ_NET = "bnmq0", "192.168.79"
 
 
 def sh(cmd, check=True):
@@ -41,12 +44,16 @@ class Netns:
     def _populate(self):
         sh(f"ip -n {self.name} tuntap add dev {TAP} mode tap && "
            f"ip -n {self.name} addr add {TAP_NET}.1/24 dev {TAP} && "
-           f"ip -n {self.name} link set {TAP} up")
+           f"ip -n {self.name} link set {TAP} up && "
+           f"ip -n {self.name} tuntap add dev {MQ_TAP} mode tap multi_queue && "
+           f"ip -n {self.name} addr add {MQ_NET}.1/24 dev {MQ_TAP} && "
+           f"ip -n {self.name} link set {MQ_TAP} up")
         self.home = os.open("/proc/self/ns/net", os.O_RDONLY)
         fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
         self.enter(fd)
         os.close(fd)
         self.dnsmasq(TAP, TAP_NET)
+        self.dnsmasq(MQ_TAP, MQ_NET)
 
     @staticmethod
     def enter(fd):

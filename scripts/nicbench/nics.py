@@ -12,7 +12,7 @@ import time
 from . import ROOT, host
 from .cells import Setup, Stream, run_cell
 from .chart import svg
-from .matrix import MODELS
+from .matrix import MODELS, MULTIQUEUE
 from .netns import Netns
 from .progress import Progress, note
 from .report import tables
@@ -72,6 +72,10 @@ def measure(report, setup, nruns, na_backend, xfer, netbench_args, progress):
             for vmm in vmms:
                 if b in na_backend:
                     cell[vmm] = {"na": na_backend[b]}
+                    done += nruns
+                    continue
+                if m in MULTIQUEUE and b != "tap":
+                    cell[vmm] = {"na": "a multiqueue model runs on a multiqueue tap only"}
                     done += nruns
                     continue
                 if vmm == "qemu" and MODELS[m][2] is None:

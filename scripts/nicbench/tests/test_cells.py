@@ -27,6 +27,15 @@ class Command(unittest.TestCase):
         self.assertEqual(cmd[-4:], ["-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:15001-:5001",
                                     "-device", "virtio-net-pci,netdev=n0"])
 
+    def test_multiqueue_model_gets_vcpus_and_a_multiqueue_tap(self):
+        for vmm in ["nicvm", "qemu"]:
+            cmd = command(setup(False), vmm, "virtio-net-mq", "tap", None)
+            self.assertEqual(cmd[cmd.index("-smp") + 1], "2")
+            self.assertIn("tap,id=n0,ifname=bnmq0,script=no,downscript=no,queues=2", cmd)
+            self.assertIn("192.168.79.1", cmd[cmd.index("-append") + 1])
+        self.assertEqual(command(setup(False), "nicvm", "virtio-net-mq", "tap", None)[-1],
+                         "virtio-net-pci,mq=on,netdev=n0")
+
     def test_qemu_on_hardware_kvm_on_vde(self):
         cmd = command(setup(False), "qemu", "e1000", "vde", "/tmp/vde.ctl")
         self.assertEqual(cmd[3], "host")

@@ -78,7 +78,7 @@ class Usage(unittest.TestCase):
         # In-process, with the run itself replaced: a check that let one through must not
         # start a real bench.
         for args, msg in ((["--models", "foo"], "--models: foo? (one of rtl8139-cp, "
-                                                "rtl8139-too, e1000, virtio-net)"),
+                                                "rtl8139-too, e1000, virtio-net, virtio-net-mq)"),
                           (["nics", "--backends", "tap,foo"], "--backends: foo? (one of tap, "
                                                               "user, vde)"),
                           (["nics", "--runs", "0"], "--runs, --mib and --pings must be at "
