@@ -425,6 +425,7 @@ fn dump_from(option: &str, mut kv: KeyVal) -> Result<DumpConfig, CliError> {
         return err(option, OptionError::Unknown(k.into()));
     }
     Ok(DumpConfig {
+        option: "-object filter-dump",
         id,
         netdev,
         file: PathBuf::from(file),
@@ -846,10 +847,9 @@ impl Builder<'_> {
             };
             if nd.backend.queues() > 1 {
                 return err(
-                    "-object filter-dump",
+                    d.option,
                     CliErrorKind::Refused(format!(
-                        "netdev '{}' has {} queues: nicvm captures single-queue netdevs only",
-                        d.netdev,
+                        "its netdev has {} queues: nicvm captures single-queue netdevs only",
                         nd.backend.queues()
                     )),
                 );
@@ -1051,6 +1051,7 @@ impl Builder<'_> {
                 return err("-net dump", OptionError::Unknown(k.into()));
             }
             self.dumps.push(DumpConfig {
+                option: "-net dump",
                 id: format!("dump{i}"),
                 netdev,
                 file: PathBuf::from(file),
@@ -1275,7 +1276,8 @@ fn nic_config(
         return err(
             option,
             CliErrorKind::Refused(format!(
-                "netdev '{netdev}' has {queues} queues: only virtio-net-pci has more than one"
+                "its netdev has {queues} queues (queues={queues}): only virtio-net-pci has more \
+                 than one"
             )),
         );
     }

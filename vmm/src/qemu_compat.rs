@@ -198,8 +198,12 @@ pub fn device_properties_accepted(
     let vectors = match kv.remove("vectors") {
         None => None,
         Some(v) => {
-            let n: u32 = v.parse().map_err(|_| CliErrorKind::NotANumber(v.clone()))?;
             let max = devices::virtio::net::MAX_VECTORS as u32;
+            let n: u32 = v.parse().map_err(|_| {
+                refused(format!(
+                    "vectors: '{v}' is not a number of MSI-X vectors (1 to {max})"
+                ))
+            })?;
             if !(1..=max).contains(&n) {
                 return Err(refused(format!(
                     "vectors={n}: nicvm's virtio-net has 1 to {max} MSI-X vectors (no INTx-only \

@@ -113,7 +113,10 @@ pub struct VirtioNet {
     /// Where the notify addresses are registered (BAR 4 base), if anywhere.
     registered_bar: Option<u64>,
     mem: GuestMemoryMmap,
+    /// The address the driver uses (config space; VIRTIO_NET_CTRL_MAC_ADDR_SET changes it).
     mac: MacAddr,
+    /// The address the device was given (`mac=`): what a reset goes back to.
+    configured_mac: MacAddr,
     /// Frames cross the backend with a virtio-net header (else the model adds and removes
     /// the guest's).
     vnet_hdr: bool,
@@ -242,6 +245,7 @@ impl VirtioNet {
             registered_bar: None,
             mem,
             mac,
+            configured_mac: mac,
             vnet_hdr: caps.vnet_hdr,
             device_features,
             driver_features: 0,
@@ -273,8 +277,10 @@ impl VirtioNet {
         self.device_features
     }
 
+    /// The driver took feature `f` (and the device offers it: a restored state cannot turn
+    /// on what this device lacks).
     fn has(&self, f: u64) -> bool {
-        self.driver_features & f != 0
+        self.driver_features & self.device_features & f != 0
     }
 
     /// Pairs whose queues the driver may use: all with VIRTIO_NET_F_MQ, else the first.
@@ -335,6 +341,7 @@ impl VirtioNet {
         self.active = false;
         self.curr_pairs = 1;
         self.rx_mode = RxMode::default();
+        self.mac = self.configured_mac;
         self.apply_pairs(port);
         // A receiver that stalled waits no more: the next activation kicks it (turning the
         // queues on and off above kicked every one).
@@ -708,6 +715,10 @@ impl VirtioNet {
                     }
                 }
             };
+            if self.queues[cq].disable_notification(&self.mem).is_err() {
+                self.ctrl_buf = buf;
+                return self.device_error(port, "control queue unreadable");
+            }
             let head = chain.head_index();
             buf.clear();
             let mut ack = None;
@@ -753,6 +764,11 @@ impl VirtioNet {
             used = true;
         }
         self.ctrl_buf = buf;
+        // A queue's worth done and more may wait (another vCPU keeps adding): ask for the
+        // next doorbell all the same, which then takes the rest.
+        if self.queues[cq].enable_notification(&self.mem).is_err() {
+            return self.device_error(port, "control queue unreadable");
+        }
         if used {
             self.signal_queue(port, cq);
         }
@@ -987,7 +1003,10 @@ struct VirtioNetState {
     queue_select: u16,
     isr: u8,
     msix_config: u16,
+    /// The address in config space (the driver may have set it through the control queue).
     mac: [u8; 6],
+    /// The address the device was given, which a reset restores.
+    configured_mac: [u8; 6],
     /// The link as config space's status field showed it.
     link_up: bool,
     /// The queues are live (DRIVER_OK accepted, no device error since).
@@ -1035,6 +1054,7 @@ impl VirtioNet {
             isr: self.isr,
             msix_config: self.msix_config,
             mac: self.mac.0,
+            configured_mac: self.configured_mac.0,
             link_up: self.link_up,
             active: self.active,
             queues,
@@ -1143,7 +1163,7 @@ impl VirtioNet {
                 self.queues.len()
             )));
         }
-        let max_pairs = if accepted & VIRTIO_NET_F_MQ != 0 {
+        let max_pairs = if accepted & self.device_features & VIRTIO_NET_F_MQ != 0 {
             self.pairs
         } else {
             1
@@ -1164,16 +1184,17 @@ impl VirtioNet {
             .restore(&self.config, &s.msix)
             .map_err(|e| err(e.0))?;
 
-        let mac = MacAddr(s.mac);
-        if mac != self.mac {
+        let configured = MacAddr(s.configured_mac);
+        if configured != self.configured_mac {
             // The guest keeps the address it read (as it would on real hardware whose EEPROM
             // moved with it); the command line's is not what it knows.
             log::warn!(
-                "virtio-net {}: the snapshot's MAC is {mac}; the guest keeps it",
-                self.mac
+                "virtio-net {}: the snapshot's MAC is {configured}; the guest keeps it",
+                self.configured_mac
             );
-            self.mac = mac;
+            self.configured_mac = configured;
         }
+        self.mac = MacAddr(s.mac);
         self.device_feature_select = s.device_feature_select;
         self.driver_feature_select = s.driver_feature_select;
         self.driver_features = s.driver_features;

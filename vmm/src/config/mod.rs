@@ -256,6 +256,8 @@ pub struct NicConfig {
 /// `-object filter-dump,id=ID,netdev=NETDEV,file=PATH[,maxlen=N]`: capture a netdev's frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DumpConfig {
+    /// The option it came from, for messages: `-object filter-dump` or `-net dump`.
+    pub option: &'static str,
     pub id: String,
     pub netdev: String,
     pub file: PathBuf,

@@ -930,6 +930,44 @@ fn control_queue_sets_the_mac_address() {
         !delivered(&mut d, RX, &frame_to(OWN, 80, 2)),
         "the old address"
     );
+    // A reset goes back to the address the device was given.
+    assert!(d.d.negotiate(BASE | CTRL));
+    d.dev.bar_read(VIRTIO_BAR, DEVICE_CFG, &mut mac);
+    assert_eq!(mac, OWN);
+}
+
+#[test]
+fn a_restored_state_cannot_turn_on_multiqueue_the_device_does_not_offer() {
+    let (d, _peers) = started_mq();
+    let mut state: serde_json::Value =
+        serde_json::from_str(&serde_json::to_string(&PciDevice::save(&d.dev)).unwrap()).unwrap();
+    // The file claims the old device offered nothing (so nothing "was accepted").
+    state["model"]["device_features"] = 0.into();
+    let state: State = serde_json::from_value(state).unwrap();
+    let (b0, _q0) = pair(PLAIN);
+    let (b1, q1) = pair(PLAIN);
+    let fresh = fresh_device_with(
+        vec![Box::new(b0), Box::new(b1)],
+        &d.mem,
+        &d.chip,
+        Arc::new(NoIoEvents),
+        false,
+    );
+    let mut d = d;
+    d.dev = fresh;
+    PciDevice::restore(&mut d.dev, &state).unwrap();
+    d.w(QUEUE_SELECT, 2, 2);
+    assert_eq!(
+        d.r(QUEUE_NOTIFY_OFF, 2),
+        4,
+        "queue 2 is the control queue without MQ"
+    );
+    assert_eq!(
+        d.ctrl(2, 4, 0, &2u16.to_le_bytes()),
+        Some(1),
+        "no second pair"
+    );
+    assert!(!q1.queue_enabled());
 }
 
 #[test]
