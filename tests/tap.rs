@@ -138,7 +138,7 @@ fn two_guests_on_a_bridge_with_created_taps_and_scripts() {
 fn tap_errors_name_the_option() {
     let Some(img) = image() else { return };
     let ns = Netns::new("taperr");
-    ns.sh("ip tuntap add dev tbusy mode tap && ip tuntap add dev tsingle mode tap && ip link add veth0 type veth peer name veth1");
+    ns.sh("ip tuntap add dev tbusy mode tap && ip tuntap add dev tsingle mode tap && ip tuntap add dev tmulti mode tap multi_queue && ip link add veth0 type veth peer name veth1");
     // Busy: a second nicvm (here: a held fd) on a non-multiqueue tap.
     let holder = ns.within(|| net_backends_probe("tbusy"));
     for (netdev, what) in [
@@ -150,6 +150,7 @@ fn tap_errors_name_the_option() {
             "tap,id=n0,ifname=tsingle,script=no,queues=2",
             "exists without multiple queues",
         ),
+        ("tap,id=n0,ifname=tmulti,script=no", "is a multiqueue tap"),
     ] {
         let mut g = ns.guest(
             &img,
