@@ -60,6 +60,18 @@ pub struct Capabilities {
     pub offloads: Offloads,
 }
 
+/// Readable for `rx`, writable for `tx`: what a backend's data fd is watched for.
+pub fn interest(rx: bool, tx: bool) -> EventSet {
+    let mut e = EventSet::empty();
+    if rx {
+        e |= EventSet::IN;
+    }
+    if tx {
+        e |= EventSet::OUT;
+    }
+    e
+}
+
 pub trait NetBackend: Send {
     fn capabilities(&self) -> Capabilities;
 
@@ -88,14 +100,7 @@ pub trait NetBackend: Send {
     /// its table), and a new fd with its number would be taken for the old registration.
     /// VDE and stream keep such fds in `link::Retired` until their next `ready`.
     fn watch(&self, rx: bool, tx: bool, out: &mut Vec<(RawFd, EventSet)>) {
-        let mut e = EventSet::empty();
-        if rx {
-            e |= EventSet::IN;
-        }
-        if tx {
-            e |= EventSet::OUT;
-        }
-        out.push((self.fd(), e));
+        out.push((self.fd(), interest(rx, tx)));
     }
 
     /// A watched fd reported `events`. The backend does its own work here (accepting a peer,

@@ -443,17 +443,9 @@ impl NetBackend for Tap {
     }
 
     fn watch(&self, rx: bool, tx: bool, out: &mut Vec<(RawFd, EventSet)>) {
-        if self.detached_queue {
-            return;
+        if !self.detached_queue {
+            out.push((self.fd(), crate::interest(rx, tx)));
         }
-        let mut e = EventSet::empty();
-        if rx {
-            e |= EventSet::IN;
-        }
-        if tx {
-            e |= EventSet::OUT;
-        }
-        out.push((self.fd(), e));
     }
 
     fn link_up(&self) -> bool {
@@ -602,6 +594,42 @@ mod tests {
         assert!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFD) } >= 0);
     }
 
+    /// Asks the host side (NET.1, in this test's namespace) for its MAC from NET.2 through
+    /// `taps[send]`, every 300 ms for 10 s at most, and returns the reply read from
+    /// `taps[recv]` (other frames that come by, such as IPv6 router solicitations, skipped).
+    fn arp_reply(taps: &mut [Tap], send: usize, recv: usize, net: [u8; 3]) -> Vec<u8> {
+        let mac = [0x52, 0x54, 0x00, net[2], 0x00, 0x02];
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&mac);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&mac);
+        arp.extend_from_slice(&[net[0], net[1], net[2], 2]);
+        arp.extend_from_slice(&[0; 6]);
+        arp.extend_from_slice(&[net[0], net[1], net[2], 1]);
+        arp.resize(60, 0);
+        let start = Instant::now();
+        let mut buf = vec![0u8; crate::MAX_FRAME];
+        let mut sent = Instant::now() - Duration::from_secs(1);
+        loop {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no ARP reply from the kernel"
+            );
+            if sent.elapsed() >= Duration::from_millis(300) {
+                taps[send].send(&[IoSlice::new(&arp)]).unwrap();
+                sent = Instant::now();
+            }
+            let Some(n) = taps[recv].recv(&mut buf).unwrap() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            let f = &buf[..n];
+            if n >= 42 && f[..6] == mac && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
+                return f.to_vec();
+            }
+        }
+    }
+
     /// A real tap created with IFF_VNET_HDR, as another program would pass it with fd=, in a
     /// network namespace of this test's own (gone when its thread ends, also on failure). The
     /// frontend wants no header: the kernel must understand the frames nicvm sends (it answers
@@ -649,38 +677,12 @@ mod tests {
             assert_eq!(tap.name(), "nvh0");
             assert!(!tap.capabilities().vnet_hdr);
 
-            let mac = [0x52, 0x54, 0x00, 0x77, 0x00, 0x02];
-            let mut arp = vec![0xff; 6];
-            arp.extend_from_slice(&mac);
-            arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-            arp.extend_from_slice(&mac);
-            arp.extend_from_slice(&[192, 168, 77, 2]);
-            arp.extend_from_slice(&[0; 6]);
-            arp.extend_from_slice(&[192, 168, 77, 1]);
-            arp.resize(60, 0);
-            let start = Instant::now();
-            let mut buf = vec![0u8; crate::MAX_FRAME];
-            let mut sent = Instant::now() - Duration::from_secs(1);
-            loop {
-                assert!(
-                    start.elapsed() < Duration::from_secs(10),
-                    "no ARP reply from the kernel"
-                );
-                if sent.elapsed() >= Duration::from_millis(500) {
-                    tap.send(&[IoSlice::new(&arp)]).unwrap();
-                    sent = Instant::now();
-                }
-                let Some(n) = tap.recv(&mut buf).unwrap() else {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                };
-                let f = &buf[..n];
-                // IPv6 router solicitations and the like also come by; the reply is ours.
-                if n >= 42 && f[..6] == mac && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
-                    assert_eq!(&f[28..32], &[192, 168, 77, 1], "sender is the host side");
-                    break;
-                }
-            }
+            let reply = arp_reply(std::slice::from_mut(&mut tap), 0, 0, [192, 168, 77]);
+            assert_eq!(
+                &reply[28..32],
+                &[192, 168, 77, 1],
+                "sender is the host side"
+            );
         })
         .join();
         assert!(r.is_ok(), "the namespace thread failed");
@@ -734,37 +736,9 @@ mod tests {
                 Err(e) => panic!("{e}"),
                 Ok(_) => panic!("a multiqueue tap opened with one queue"),
             }
-            let mac = [0x52, 0x54, 0x00, 0x78, 0x00, 0x02];
-            let mut arp = vec![0xff; 6];
-            arp.extend_from_slice(&mac);
-            arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-            arp.extend_from_slice(&mac);
-            arp.extend_from_slice(&[192, 168, 78, 2]);
-            arp.extend_from_slice(&[0; 6]);
-            arp.extend_from_slice(&[192, 168, 78, 1]);
-            arp.resize(60, 0);
-            let start = Instant::now();
-            let mut sent = Instant::now() - Duration::from_secs(1);
-            loop {
-                assert!(
-                    start.elapsed() < Duration::from_secs(10),
-                    "no ARP reply on the attached queue"
-                );
-                if sent.elapsed() >= Duration::from_millis(300) {
-                    // Through the detached queue (the kernel takes it), answered on the
-                    // attached one.
-                    taps[1].send(&[IoSlice::new(&arp)]).unwrap();
-                    sent = Instant::now();
-                }
-                let Some(n) = taps[0].recv(&mut buf).unwrap() else {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                };
-                let f = &buf[..n];
-                if n >= 42 && f[..6] == mac && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
-                    break;
-                }
-            }
+            // Asked through the detached queue (the kernel takes it), answered on the
+            // attached one.
+            arp_reply(&mut taps, 1, 0, [192, 168, 78]);
             assert_eq!(taps[1].dropped(), 0, "a detached queue sends");
             assert!(taps[1].link_up(), "a detached queue is not a deleted tap");
             taps[1].set_queue_enabled(true).unwrap();

@@ -939,20 +939,10 @@ fn control_queue_sets_the_mac_address() {
 #[test]
 fn a_restored_state_cannot_turn_on_multiqueue_the_device_does_not_offer() {
     let (d, _peers) = started_mq();
-    let mut state: serde_json::Value =
-        serde_json::from_str(&serde_json::to_string(&PciDevice::save(&d.dev)).unwrap()).unwrap();
+    let mut state = saved_json(&d.dev);
     // The file claims the old device offered nothing (so nothing "was accepted").
     state["model"]["device_features"] = 0.into();
-    let state: State = serde_json::from_value(state).unwrap();
-    let (b0, _q0) = pair(PLAIN);
-    let (b1, q1) = pair(PLAIN);
-    let fresh = fresh_device_with(
-        vec![Box::new(b0), Box::new(b1)],
-        &d.mem,
-        &d.chip,
-        Arc::new(NoIoEvents),
-        false,
-    );
+    let (fresh, q1) = two_pair_device(&d, false);
     let mut d = d;
     d.dev = fresh;
     PciDevice::restore(&mut d.dev, &state).unwrap();
@@ -1018,6 +1008,21 @@ fn started_mq() -> (Driver, [MemPeer; 2]) {
     (d, [p0, p1])
 }
 
+/// A device state through JSON text, as a snapshot file holds it.
+fn saved_json(dev: &Nic<VirtioNet>) -> State {
+    serde_json::from_str(&serde_json::to_string(&PciDevice::save(dev)).unwrap()).unwrap()
+}
+
+/// A fresh two-pair device on `d`'s memory and chip (VIRTIO_NET_F_MQ offered with `mq`), and
+/// the peer of its second backend queue.
+fn two_pair_device(d: &Driver, mq: bool) -> (Nic<VirtioNet>, MemPeer) {
+    let (b0, _q0) = pair(PLAIN);
+    let (b1, q1) = pair(PLAIN);
+    let backends: Vec<Box<dyn net_backends::NetBackend>> = vec![Box::new(b0), Box::new(b1)];
+    let dev = fresh_device_with(backends, &d.mem, &d.chip, Arc::new(NoIoEvents), mq);
+    (dev, q1)
+}
+
 #[test]
 fn multiqueue_pairs_follow_the_control_queue() {
     let (mut d, peers) = started_mq();
@@ -1067,32 +1072,14 @@ fn multiqueue_pairs_follow_the_control_queue() {
     assert_eq!(d.ctrl(4, 4, 0, &1u16.to_le_bytes()), Some(0));
     assert!(!peers[1].queue_enabled());
     // The state survives a save and restore through JSON.
-    let state: State =
-        serde_json::from_str(&serde_json::to_string(&PciDevice::save(&d.dev)).unwrap()).unwrap();
-    let (b0, _q0) = pair(PLAIN);
-    let (b1, q1) = pair(PLAIN);
-    let mut fresh = fresh_device_with(
-        vec![Box::new(b0), Box::new(b1)],
-        &d.mem,
-        &d.chip,
-        Arc::new(NoIoEvents),
-        true,
-    );
+    let state = saved_json(&d.dev);
+    let (mut fresh, q1) = two_pair_device(&d, true);
     PciDevice::restore(&mut fresh, &state).unwrap();
     assert!(!q1.queue_enabled(), "one pair in use after the restore too");
     // Saved with two pairs in use: both on after the restore.
     assert_eq!(d.ctrl(4, 4, 0, &2u16.to_le_bytes()), Some(0));
-    let state: State =
-        serde_json::from_str(&serde_json::to_string(&PciDevice::save(&d.dev)).unwrap()).unwrap();
-    let (b0, _q0) = pair(PLAIN);
-    let (b1, q1) = pair(PLAIN);
-    let mut fresh = fresh_device_with(
-        vec![Box::new(b0), Box::new(b1)],
-        &d.mem,
-        &d.chip,
-        Arc::new(NoIoEvents),
-        true,
-    );
+    let state = saved_json(&d.dev);
+    let (mut fresh, q1) = two_pair_device(&d, true);
     PciDevice::restore(&mut fresh, &state).unwrap();
     assert!(q1.queue_enabled());
     // ... but not into a device with one pair.
