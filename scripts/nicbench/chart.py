@@ -6,7 +6,7 @@ from .matrix import METRICS, MODELS
 
 CHARTS = ["h2g_mbit_s", "g2h_mbit_s", "boot_to_lease_s", "rtt_median_ms", "cpu_s_per_gb"]
 COLORS = {"rtl8139-cp": "#d95f02", "rtl8139-too": "#e6ab02", "e1000": "#1b9e77",
-          "virtio-net": "#7570b3"}
+          "virtio-net": "#7570b3", "virtio-net-mq": "#e7298a"}
 BAR_W, GAP, GROUP_GAP, LEFT, PANEL_H, TOP = 16, 2, 28, 70, 170, 90
 
 

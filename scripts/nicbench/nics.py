@@ -136,10 +136,12 @@ def run(a, models, backends):
     measure(report, setup, a.runs, na_backend, os.path.join(gd, "xfer"),
             None if a.no_netbench else a.netbench_args, Progress())
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for path, text in ((a.json, json.dumps(report, indent=1) + "\n"), (a.svg, svg(report))):
+    # The JSON first: the measurements survive whatever drawing the chart does.
+    for path, make in ((a.json, lambda: json.dumps(report, indent=1) + "\n"),
+                       (a.svg, lambda: svg(report))):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
-            f.write(text)
+            f.write(make())
     print(tables(report))
     print(f"\nJSON: {a.json}\nSVG: {a.svg}")
     failed = [c for c in report["cells"] for v in ("nicvm", "qemu")

@@ -2,7 +2,8 @@
 import unittest
 import xml.etree.ElementTree as ET
 
-from nicbench.chart import nice_max, short, svg
+from nicbench.chart import COLORS, nice_max, short, svg
+from nicbench.matrix import MODELS
 
 from .sample import report
 
@@ -23,6 +24,9 @@ def texts(root):
 
 
 class Chart(unittest.TestCase):
+    def test_every_model_has_a_colour(self):
+        self.assertEqual(set(COLORS), set(MODELS))
+
     def test_well_formed_and_sized(self):
         text = svg(report())
         self.assertTrue(text.endswith("</svg>\n"))
