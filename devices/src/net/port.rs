@@ -534,7 +534,10 @@ pub struct Nic<M> {
     filter_watch: Option<FilterWatch>,
     /// Backend fds as registered with the event loop, their interest and their token.
     watched: Vec<(RawFd, EventSet, u32)>,
+    /// Scratch lists of [`Nic::sync_backend`], kept for their allocations (it runs after
+    /// every event): one queue's wanted fds, and every queue's with their tokens.
     scratch: Vec<(RawFd, EventSet)>,
+    scratch_all: Vec<(RawFd, EventSet, u32)>,
 }
 
 impl<M> std::ops::Deref for Nic<M> {
@@ -578,6 +581,7 @@ impl<M: NicModel> Nic<M> {
                 .collect(),
             watched: vec![],
             scratch: vec![],
+            scratch_all: vec![],
             filter_watch: None,
         }
     }
@@ -814,7 +818,8 @@ impl<M: NicModel> Nic<M> {
     /// backends and the model want now.
     fn sync_backend(&mut self, ops: &mut EventOps) {
         let mut want = std::mem::take(&mut self.scratch);
-        let mut all: Vec<(RawFd, EventSet, u32)> = Vec::with_capacity(self.watched.len() + 1);
+        let mut all = std::mem::take(&mut self.scratch_all);
+        all.clear();
         for q in 0..self.port.queues.len() {
             self.backend_interest(q, &mut want);
             let token = token(q, BACKEND);
@@ -848,6 +853,7 @@ impl<M: NicModel> Nic<M> {
             }
         }
         self.scratch = want;
+        self.scratch_all = all;
     }
 }
 
