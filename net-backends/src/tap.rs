@@ -594,6 +594,24 @@ mod tests {
         assert!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFD) } >= 0);
     }
 
+    /// Runs `f` on a thread in a network namespace of its own (gone when the thread ends, also
+    /// on failure); skipped, loudly, where no namespace can be made.
+    fn in_own_netns(f: impl FnOnce() + Send + 'static) {
+        let r = std::thread::spawn(|| {
+            // SAFETY: unshare affects this thread only; it holds no other namespace state.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!(
+                    "SKIPPED: no network namespace ({})",
+                    io::Error::last_os_error()
+                );
+                return;
+            }
+            f()
+        })
+        .join();
+        assert!(r.is_ok(), "the namespace thread failed");
+    }
+
     /// Asks the host side (NET.1, in this test's namespace) for its MAC from NET.2 through
     /// `taps[send]`, every 300 ms for 10 s at most, and returns the reply read from
     /// `taps[recv]` (other frames that come by, such as IPv6 router solicitations, skipped).
@@ -636,15 +654,7 @@ mod tests {
     /// an ARP request) and nicvm's frames must come without the header (the answer parses).
     #[test]
     fn a_vnet_hdr_tap_passed_as_fd_hides_the_header() {
-        let r = std::thread::spawn(|| {
-            // SAFETY: unshare affects this thread only; it holds no other namespace state.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                eprintln!(
-                    "SKIPPED: no network namespace ({})",
-                    io::Error::last_os_error()
-                );
-                return;
-            }
+        in_own_netns(|| {
             let Ok(tun) = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -683,9 +693,7 @@ mod tests {
                 &[192, 168, 77, 1],
                 "sender is the host side"
             );
-        })
-        .join();
-        assert!(r.is_ok(), "the namespace thread failed");
+        });
     }
 
     /// `queues=2`: two descriptors on one multiqueue tap; a queue turned off is detached in
@@ -693,15 +701,7 @@ mod tests {
     /// multiple queues is refused with a message that says so.
     #[test]
     fn multiqueue_tap_queues_detach_and_attach() {
-        let r = std::thread::spawn(|| {
-            // SAFETY: unshare affects this thread only; it holds no other namespace state.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                eprintln!(
-                    "SKIPPED: no network namespace ({})",
-                    io::Error::last_os_error()
-                );
-                return;
-            }
+        in_own_netns(|| {
             let mut taps = match Tap::open_queues("nmq0", Some(false), 2) {
                 Ok(t) => t,
                 Err(TapError::NoTun(e)) => {
@@ -754,8 +754,6 @@ mod tests {
                 Ok(_) => panic!("a single-queue tap opened as a multiqueue one"),
             }
             drop(single);
-        })
-        .join();
-        assert!(r.is_ok(), "the namespace thread failed");
+        });
     }
 }
