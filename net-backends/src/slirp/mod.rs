@@ -7,6 +7,7 @@
 //! guest come back through another, with an eventfd the I/O thread watches.
 
 mod ffi;
+mod handshake;
 
 use crate::{Capabilities, NetBackend};
 use std::collections::VecDeque;
@@ -673,6 +674,7 @@ fn run(
     let _ = ready.send(Ok(()));
 
     let mut batch = VecDeque::new();
+    let mut handshakes = handshake::HandshakeGuard::default();
     while !stop.load(Ordering::Relaxed) {
         {
             // SAFETY: no call into libslirp while `st` is live.
@@ -723,7 +725,8 @@ fn run(
             std::mem::swap(&mut batch, &mut q.frames);
             q.in_flight = batch.len();
         }
-        for frame in &batch {
+        for frame in &mut batch {
+            handshakes.check(frame);
             // SAFETY: slirp is live; the frame is a valid buffer of its length.
             unsafe { ffi::slirp_input(slirp, frame.as_ptr(), frame.len() as libc::c_int) };
         }
