@@ -146,15 +146,10 @@ impl Receiver {
     }
 }
 
+/// 256 KiB in which no 64 KiB stretch repeats (a hole shows in the bytes too).
 fn data() -> Vec<u8> {
-    let mut x = 0x2545_f491_4f6c_dd1d_u64;
-    (0..256 << 10)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
+    (0..256u32 << 10)
+        .map(|i| (i.wrapping_mul(0x9e37_79b1) >> 24) as u8 ^ (i >> 16) as u8)
         .collect()
 }
 

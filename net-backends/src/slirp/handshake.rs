@@ -158,24 +158,18 @@ mod tests {
         t.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
         t.extend_from_slice(options);
         t.extend_from_slice(b"xyz");
-        let (src, dst): (Vec<u8>, Vec<u8>) = if v6 {
-            (
-                [0xfe, 0xc0]
-                    .iter()
-                    .chain(&[0; 13])
-                    .chain(&[0x0f])
-                    .copied()
-                    .collect(),
-                [0xfe, 0xc0]
-                    .iter()
-                    .chain(&[0; 13])
-                    .chain(&[0x02])
-                    .copied()
-                    .collect(),
-            )
-        } else {
-            (vec![10, 0, 2, 15], vec![10, 0, 2, 2])
+        // fec0::f and fec0::2, or 10.0.2.15 and 10.0.2.2.
+        let addr = |last: u8| -> Vec<u8> {
+            if v6 {
+                let mut a = vec![0; 16];
+                a[..2].copy_from_slice(&[0xfe, 0xc0]);
+                a[15] = last;
+                a
+            } else {
+                vec![10, 0, 2, last]
+            }
         };
+        let (src, dst) = (addr(15), addr(2));
         let mut f = vec![0x52, 0x55, 10, 0, 2, 2, 0x52, 0x54, 0, 0x12, 0x34, 0x56];
         if v6 {
             f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
