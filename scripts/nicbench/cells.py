@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .matrix import MODELS, MULTIQUEUE
 from .netns import MQ_NET, MQ_TAP, TAP, TAP_NET, VDE_NET
 from .stats import nearest_rank
-from .vmm import CellError, Guest, fields, proc_cpu
+from .vmm import CellError, Guest, NotComparable, fields, proc_cpu
 
 # The guest's xfer listens on GUEST_PORT (reached through FWD_PORT on the host with user
 # networking) and sends to the host's HOST_PORT.
@@ -92,6 +92,20 @@ def command(setup, vmm, model, backend, vde_sock):
             "-netdev", netdev, "-device", f"{qdev},netdev=n0"]
 
 
+def guest_cpus(boot, vmm, model):
+    """The vCPUs the guest brought up (its NICVM-BOOT line's fields); NotComparable when
+    fewer than the cell gave it: a multiqueue guest then uses fewer queue pairs, and a
+    one-vCPU guest beside a two-vCPU one measures nothing about the NICs. (QEMU on an
+    emulating host: its firmware cannot start the other vCPUs, so its MP table lists only
+    the first, and the project's guest kernel has no ACPI to find them otherwise.)"""
+    want = MULTIQUEUE.get(model, 1)
+    got = int(boot.get("cpus", "0"))
+    if got < want:
+        raise NotComparable(f"the guest brought up {got} of its {want} vCPUs under {vmm}, "
+                            f"so its driver used {got} queue pair(s): not the cell's guest")
+    return got
+
+
 class Receiver:
     """The host's end of the guest's send step. It listens before the guest boots; once
     started, a thread takes the connection and reads to EOF, sampling the VMM's CPU time at
@@ -156,6 +170,8 @@ def run_cell(setup, vmm, model, backend, stream, vde_sock, progress):
     r = {}
     try:
         progress.set(phase="booting")
+        _, boot = g.wait_line("BOOT")
+        r["guest_cpus"] = guest_cpus(boot, vmm, model)
         t, nic = g.wait_line("NIC")
         if nic.get("driver") != driver:
             raise CellError(f"guest driver {nic.get('driver')}, expected {driver}")

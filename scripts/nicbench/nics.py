@@ -17,7 +17,7 @@ from .netns import Netns
 from .progress import Progress, note
 from .report import tables
 from .stats import summarize
-from .vmm import CellError
+from .vmm import CellError, NotComparable
 
 QEMU_NO_CPLUS_OFF = "QEMU's rtl8139 is always C+ (no cplus=off)"
 
@@ -82,20 +82,25 @@ def measure(report, setup, nruns, na_backend, xfer, netbench_args, progress):
                     cell[vmm] = {"na": QEMU_NO_CPLUS_OFF}
                     done += nruns
                     continue
-                runs, errors = [], []
+                runs, errors, na = [], [], None
                 for i in range(nruns):
                     done += 1
                     progress.set(f"[{done}/{total}] {b} {MODELS[m][0]} {vmm} run {i + 1}/{nruns}",
                                  "starting")
                     try:
                         runs.append(run_cell(setup, vmm, m, b, stream, vde_sock, progress))
+                    except NotComparable as e:
+                        na = str(e)
+                        note(f"{b} {MODELS[m][0]} {vmm}: n/a: {e}", progress)
+                        done += nruns - i - 1
+                        break
                     except (CellError, OSError) as e:
                         errors.append(str(e)[:300])
                         note(f"{b} {MODELS[m][0]} {vmm} run {i + 1}: {e}", progress)
                         # A QEMU built without vde fails every run alike: one is enough.
                         if vmm == "qemu" and b == "vde" and not runs:
                             break
-                cell[vmm] = result(runs, errors)
+                cell[vmm] = {"na": na} if na else result(runs, errors)
             report["cells"].append(cell)
         progress.done()
         if netbench_args is not None:

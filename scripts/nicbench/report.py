@@ -38,7 +38,7 @@ def markdown(report):
     """The guest table: a row per cell and VMM, and a nicvm/QEMU ratio row where both ran."""
     cols = METRICS
     out = [f"host: {report['host_label']}; guest: project image (Linux 6.1, busybox), -m 128, "
-           f"1 vCPU; {report['mib']} MiB each way, {report['pings']} pings; medians of "
+           f"1 vCPU (-smp N where the NIC says so); {report['mib']} MiB each way, {report['pings']} pings; medians of "
            f"{report['runs']} (min-max)", ""]
     out.append("| backend | NIC | VMM | " + " | ".join(c[1] for c in cols) + " | checked |")
     out.append("|" + "---|" * (len(cols) + 4))

@@ -12,6 +12,11 @@ class CellError(Exception):
     """A run of a cell that failed; its message goes into the report and the table."""
 
 
+class NotComparable(CellError):
+    """The VMM ran, but not the guest the cell is about (fewer vCPUs came up than it was
+    given): the cell is n/a for it, with this reason, and is not run again."""
+
+
 def proc_cpu(pid):
     """User+sys CPU seconds of a live process (all its threads)."""
     try:
@@ -60,6 +65,9 @@ class Guest:
                     from None
             if line is None:
                 raise CellError(f"the VMM exited before {prefix}: {self.tail()}")
+            # QEMU's firmware ends its last message without a newline ("Booting from
+            # ROM.."): the guest's first line follows it on the same line.
+            line = line[max(line.find("NICVM-"), 0):]
             if line.startswith("NICVM-ERROR"):
                 raise CellError(line)
             if line.startswith(prefix + " ") or line == prefix:

@@ -1,7 +1,10 @@
 """The VMM command lines of a cell: both VMMs get the same guest steps, kernel and NIC."""
 import unittest
 
-from nicbench.cells import Setup, command
+from nicbench.cells import Setup, command, guest_cpus
+import os
+
+from nicbench.vmm import Guest, NotComparable
 
 
 def setup(emulating):
@@ -41,6 +44,28 @@ class Command(unittest.TestCase):
         self.assertEqual(cmd[3], "host")
         self.assertFalse(cmd[cmd.index("-append") + 1].endswith("nicvm_emulated"))
         self.assertIn("vde,id=n0,sock=/tmp/vde.ctl", cmd)
+
+
+class GuestCpus(unittest.TestCase):
+    def test_a_multiqueue_guest_with_one_vcpu_is_not_the_cells_guest(self):
+        with self.assertRaises(NotComparable) as e:
+            guest_cpus({"cpus": "1", "uptime": "3.1"}, "qemu", "virtio-net-mq")
+        self.assertIn("1 of its 2 vCPUs under qemu", str(e.exception))
+        self.assertEqual(guest_cpus({"cpus": "2"}, "nicvm", "virtio-net-mq"), 2)
+        self.assertEqual(guest_cpus({"cpus": "1"}, "qemu", "e1000"), 1)
+        with self.assertRaises(NotComparable):
+            guest_cpus({}, "nicvm", "virtio-net")
+
+
+class ConsoleLines(unittest.TestCase):
+    def test_a_line_after_qemus_firmware_message_is_found(self):
+        g = Guest(["sh", "-c", "printf 'SeaBIOS\\nBooting from ROM..NICVM-BOOT uptime=1.5 cpus=1\\n"
+                   "NICVM-NIC lease=10.0.2.15/24\\n'"], dict(os.environ), 10)
+        self.assertEqual(g.wait_line("BOOT")[1], {"uptime": "1.5", "cpus": "1"})
+        self.assertEqual(g.wait_line("NIC")[1], {"lease": "10.0.2.15/24"})
+        g.p.wait()
+        g.p.stdout.close()
+        g.p.stderr.close()
 
 
 if __name__ == "__main__":

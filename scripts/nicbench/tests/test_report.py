@@ -7,7 +7,7 @@ from .sample import report
 
 GUEST_TABLE = """\
 host: emulating KVM (<test> & co) -- guest CPU bound: these are not device numbers (see the \
-no-guest mode); guest: project image (Linux 6.1, busybox), -m 128, 1 vCPU; 1 MiB each way, \
+no-guest mode); guest: project image (Linux 6.1, busybox), -m 128, 1 vCPU (-smp N where the NIC says so); 1 MiB each way, \
 5 pings; medians of 2 (min-max)
 
 | backend | NIC | VMM | boot->lease s | host->guest Mbit/s | guest->host Mbit/s | RTT median ms \
