@@ -1,6 +1,7 @@
 //! What the backends parse and write themselves: the stream framing (QEMU's 4-byte length
 //! prefix, deframed by `stream::Deframer`), the VDE switch's reply (`vde::parse_reply`), and
-//! the pcap writer (`-object filter-dump`). The deframer is checked against the frames the
+//! the pcap writer (`-object filter-dump`), and the guard that takes the MSS option off a
+//! guest's repeated SYN before libslirp sees it. The deframer is checked against the frames the
 //! case put in the stream, the capture file against the frames that crossed the wrapped
 //! backend: a wrong answer is a finding, not only a panic.
 
@@ -10,6 +11,7 @@ use crate::harness::{op, Target};
 use crate::rng::Rng;
 use net_backends::mem::pair;
 use net_backends::pcap::PcapDump;
+use net_backends::slirp::handshake::HandshakeGuard;
 use net_backends::stream::{Deframer, HEADER_LEN};
 use net_backends::{Capabilities, NetBackend, Offloads, MAX_FRAME};
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,8 @@ pub enum BackendOp {
     StreamEnd,
     /// Bytes the switch answered the handshake with.
     VdeReply(Bytes),
+    /// A guest frame through the user network's handshake guard (twice when `again`).
+    Handshake { frame: Bytes, again: bool },
     /// A capture of frames crossing a backend with (or without) a virtio-net header.
     Pcap {
         vnet: bool,
@@ -93,15 +97,20 @@ fn reply(rng: &mut Rng) -> Vec<u8> {
 
 impl Target for Backends {
     const NAME: &'static str = "backends";
-    const ABOUT: &'static str = "stream framing, the VDE switch's reply, the pcap writer";
+    const ABOUT: &'static str =
+        "stream framing, the VDE switch's reply, the pcap writer, slirp's SYN guard";
     type Op = BackendOp;
 
     fn generate(rng: &mut Rng) -> Vec<BackendOp> {
         (0..rng.range(1, 12))
-            .map(|_| match rng.below(10) {
+            .map(|_| match rng.below(12) {
                 0..=5 => stream_op(rng),
                 6 => BackendOp::StreamEnd,
                 7 => BackendOp::VdeReply(Bytes(reply(rng))),
+                8 | 9 => BackendOp::Handshake {
+                    frame: Bytes(syn(rng)),
+                    again: rng.chance(60),
+                },
                 _ => {
                     let vnet = rng.chance(40);
                     let frames = (0..rng.range(0, 6))
@@ -123,6 +132,7 @@ impl Target for Backends {
         // meaningless.
         let mut expected: std::collections::VecDeque<Vec<u8>> = Default::default();
         let mut poisoned = false;
+        let mut guard = HandshakeGuard::default();
         for (i, o) in ops.iter().enumerate() {
             op(i);
             match o {
@@ -204,12 +214,65 @@ impl Target for Backends {
                 BackendOp::VdeReply(b) => {
                     let _ = net_backends::vde::parse_reply(&b.0);
                 }
+                BackendOp::Handshake { frame, again } => {
+                    handshake(&mut guard, &frame.0);
+                    if *again {
+                        handshake(&mut guard, &frame.0);
+                    }
+                }
                 BackendOp::Pcap {
                     vnet,
                     maxlen,
                     frames,
                 } => pcap(*vnet, *maxlen, frames),
             }
+        }
+    }
+}
+
+/// A frame for the handshake guard: mostly a TCP SYN (or SYN-ACK) with an MSS option
+/// somewhere among its options, its checksum right or not; else anything.
+fn syn(rng: &mut Rng) -> Vec<u8> {
+    use devices::net::offload::{fill_l4_checksum, parse, IPPROTO_TCP};
+    let mut f = frame(rng);
+    let Some(at) = parse(&f).filter(|a| a.proto == IPPROTO_TCP) else {
+        return f;
+    };
+    if rng.chance(80) {
+        let t = at.l4;
+        f[t + 13] = (f[t + 13] & !0x04) | 0x02;
+        let opts = at.hdr_len - t - 20;
+        if opts >= 4 {
+            let o = t + 20 + rng.usize(opts - 3);
+            f[t + 20..o].fill(1);
+            f[o..o + 4].copy_from_slice(&[2, 4, rng.below(256) as u8, rng.below(256) as u8]);
+        }
+        if rng.chance(70) {
+            fill_l4_checksum(&mut f, &at);
+        }
+    }
+    f
+}
+
+/// One frame through the guard: a changed frame keeps its length, differs in at most the
+/// four bytes of an option and the two of the TCP checksum, and a TCP checksum that was
+/// right stays right.
+fn handshake(guard: &mut HandshakeGuard, frame: &[u8]) {
+    let mut f = frame.to_vec();
+    let changed = guard.check(&mut f);
+    assert_eq!(f.len(), frame.len());
+    let diff = f.iter().zip(frame).filter(|(a, b)| a != b).count();
+    if !changed {
+        assert_eq!(diff, 0, "a frame said unchanged was changed");
+        return;
+    }
+    assert!(diff <= 6, "{diff} bytes changed");
+    if let Some(at) = devices::net::offload::parse(frame) {
+        if devices::net::offload::l4_checksum_ok(frame, &at) {
+            assert!(
+                devices::net::offload::l4_checksum_ok(&f, &at),
+                "the rewrite broke a right checksum"
+            );
         }
     }
 }

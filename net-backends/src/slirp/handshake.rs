@@ -33,7 +33,7 @@ const OPT_MSS: u8 = 2;
 type Key = ([u8; 16], [u8; 16], [u8; 4], u8, u32);
 
 #[derive(Default)]
-pub(super) struct HandshakeGuard {
+pub struct HandshakeGuard {
     seen: HashSet<Key>,
     order: VecDeque<Key>,
 }
@@ -41,7 +41,7 @@ pub(super) struct HandshakeGuard {
 impl HandshakeGuard {
     /// Looks at one frame from the guest; a repeated SYN loses its MSS option. Returns
     /// whether the frame was changed.
-    pub(super) fn check(&mut self, frame: &mut [u8]) -> bool {
+    pub fn check(&mut self, frame: &mut [u8]) -> bool {
         let Some((src, dst, tcp)) = tcp_segment(frame) else {
             return false;
         };

@@ -7,7 +7,8 @@
 //! guest come back through another, with an eventfd the I/O thread watches.
 
 mod ffi;
-mod handshake;
+#[doc(hidden)]
+pub mod handshake;
 
 use crate::{Capabilities, NetBackend};
 use std::collections::VecDeque;
