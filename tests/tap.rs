@@ -408,18 +408,7 @@ fn virtio_net_multiqueue_on_a_multiqueue_tap() {
     // 32 flows (a socket each): the tap picks a queue per flow by its hash.
     g.wait_line("UDPLISTEN");
     let to = format!("{ip}:7777");
-    let echoed = ns.within(move || {
-        (0..32)
-            .filter(|i| {
-                let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-                u.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-                let msg = format!("flow {i}");
-                u.send_to(msg.as_bytes(), &to).unwrap();
-                let mut b = [0u8; 64];
-                matches!(u.recv_from(&mut b), Ok((n, _)) if &b[..n] == msg.as_bytes())
-            })
-            .count()
-    });
+    let echoed = ns.udp_flows(to, 32);
     assert_eq!(echoed, 32, "every datagram echoed intact");
     assert_eq!(g.wait_line("UDPECHO")["datagrams"], "32");
 

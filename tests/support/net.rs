@@ -115,6 +115,25 @@ impl Netns {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    /// Sends one datagram from each of `n` sockets (a flow each, which a multiqueue tap
+    /// spreads over its queues by hash) from the namespace to `to`; how many came back
+    /// intact within 60 s each.
+    pub fn udp_flows(&self, to: String, n: usize) -> usize {
+        self.within(move || {
+            (0..n)
+                .filter(|i| {
+                    let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                    u.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+                        .unwrap();
+                    let msg = format!("flow {i}");
+                    u.send_to(msg.as_bytes(), &to).unwrap();
+                    let mut b = [0u8; 64];
+                    matches!(u.recv_from(&mut b), Ok((n, _)) if &b[..n] == msg.as_bytes())
+                })
+                .count()
+        })
+    }
+
     /// Runs `f` on a thread that has entered the namespace (sockets made there live in it).
     pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/run/netns/{}", self.name);
