@@ -771,6 +771,12 @@ impl<M: NicModel> Nic<M> {
                 },
             };
             rx.last_burst += 1;
+            if len > rx.buf.len() {
+                // Cut short: a tap reports the length a frame had, also one longer than the
+                // buffer it was read into.
+                self.port.stats.rx_dropped += 1;
+                continue;
+            }
             let frame = match self.port.hdr {
                 Hdr::Pass => &rx.buf[..len],
                 Hdr::Hide => match rx.buf[..len].get(VNET_HDR_LEN..) {

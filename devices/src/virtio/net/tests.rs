@@ -8,7 +8,7 @@ use crate::net::{NetEvent, Nic};
 use crate::pci::PciDevice;
 use crate::snapshot::{RestoreError, State};
 use net_backends::mem::{pair, MemPeer};
-use net_backends::Capabilities;
+use net_backends::{Capabilities, NetBackend};
 use std::io;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -1112,4 +1112,42 @@ fn without_mq_the_control_queue_is_queue_2() {
         Some(1),
         "no MQ: one pair"
     );
+}
+
+/// A backend that reports the length a frame had when it did not fit the buffer, as a tap
+/// does (the in-memory backend cuts it silently).
+struct TapLike(net_backends::mem::MemBackend);
+
+impl NetBackend for TapLike {
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn send(&mut self, frame: &[std::io::IoSlice<'_>]) -> io::Result<()> {
+        self.0.send(frame)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let n = self.0.recv(buf)?;
+        Ok(n.map(|n| if n == buf.len() { n + 10 } else { n }))
+    }
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.0.fd()
+    }
+}
+
+#[test]
+fn a_frame_longer_than_the_receive_buffer_is_dropped_not_a_panic() {
+    let (b, peer) = pair(PLAIN);
+    let mut d = Driver::start(Box::new(TapLike(b)), BASE | VIRTIO_NET_F_MRG_RXBUF);
+    for _ in 0..4 {
+        d.post(RX, &[&[0u8; 2048]], true);
+    }
+    peer.inject(&frame(net_backends::MAX_FRAME + 10, 1));
+    let f = frame(100, 2);
+    peer.inject(&f);
+    d.dev.handle(NetEvent::Backend);
+    let used = d.used(RX);
+    assert_eq!(used.len(), 1, "only the frame that fitted");
+    let got = d.read(d.desc_addr(RX, used[0].0 as u16), used[0].1 as usize);
+    assert_eq!(&got[VNET_HDR_LEN..], &f[..]);
+    assert_eq!(d.dev.stats().rx_dropped, 1);
 }
