@@ -380,13 +380,7 @@ fn saved_after_its_lease_on_a_multiqueue_tap_it_keeps_working() {
     let recv = g.wait_line("RECV");
     assert_eq!(recv["bytes"], sent.len().to_string());
     assert_eq!(recv["fnv1a64"], fnv1a64(&sent));
-    let q = g.wait_line("QUEUES");
-    assert_eq!(
-        (q["rx"].as_str(), q["tx"].as_str()),
-        ("2", "2"),
-        "{}",
-        q["_"]
-    );
+    g.wait_queue_pairs(2);
     let o = g.finish();
     assert_eq!(o.code, Some(0), "{}", o.dump());
     assert!(!o.stdout.contains("NICVM-NIC"), "{}", o.dump());

@@ -239,6 +239,20 @@ impl Guest {
         quiet.min(GUEST_DEADLINE.saturating_sub(self.start.elapsed()))
     }
 
+    /// Waits for the guest's `NICVM-QUEUES` line and checks that its NIC had `pairs` RX and
+    /// TX queues in use; returns the line's fields (its per-queue interrupts among them).
+    pub fn wait_queue_pairs(&mut self, pairs: usize) -> HashMap<String, String> {
+        let q = self.wait_line("QUEUES");
+        let want = pairs.to_string();
+        assert_eq!(
+            (q["rx"].as_str(), q["tx"].as_str()),
+            (want.as_str(), want.as_str()),
+            "{}",
+            q["_"]
+        );
+        q
+    }
+
     /// Waits for the next `NICVM-<tag>` line; panics with the console so far when the guest
     /// is stuck (see [`GUEST_STALL`]).
     pub fn wait_line(&mut self, tag: &str) -> HashMap<String, String> {
