@@ -3,17 +3,14 @@
 //! note), with the initrd at the top of low RAM and the command line below 1 MiB.
 
 use crate::layout::*;
-use crate::lazy_kernel::{self, Lazy, Recorder};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use linux_loader::loader::{elf::PvhBootCapability, BzImage, Elf, KernelLoader as _};
+use linux_loader::loader::{elf::PvhBootCapability, BzImage, Elf, KernelLoader};
 use std::fs::File;
 use std::path::Path;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryMode {
@@ -35,10 +32,6 @@ pub enum BootError {
     OpenKernel(String, std::io::Error),
     #[error("-kernel: {0} is neither an x86-64 ELF vmlinux nor a bzImage ({1})")]
     BadKernel(String, String),
-    #[error("-kernel: cannot read {0}: {1}")]
-    ReadKernel(String, std::io::Error),
-    #[error("cannot start a thread to load the kernel: {0}")]
-    LoaderThread(std::io::Error),
     #[error("-initrd: cannot read {0}: {1}")]
     ReadInitrd(String, std::io::Error),
     #[error("-initrd: {0} ({1} MiB) does not fit in guest RAM above the kernel; raise -m")]
@@ -53,36 +46,14 @@ fn mem_err(e: impl std::fmt::Display) -> BootError {
     BootError::Memory(e.to_string())
 }
 
-/// The thread that fills in the kernel's pages while the guest runs (see
-/// [`crate::lazy_kernel`]); joined when dropped.
-#[derive(Debug)]
-pub struct KernelLoader(Option<std::thread::JoinHandle<()>>);
-
-impl Drop for KernelLoader {
-    fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// How the kernel's pages are filled in after [`load`] returns: `failed` is told when the
-/// file cannot be read to the end, `done` when every page is there.
-pub struct Later {
-    pub failed: Box<dyn FnOnce(String) + Send>,
-    pub done: Box<dyn FnOnce() + Send>,
-}
-
 /// Loads kernel, initrd and command line; writes the boot structures for the entry it found.
-/// The kernel's pages may still be filled in after this returns (see [`KernelLoader`]).
 pub fn load(
     mem: &GuestMemoryMmap,
     mem_bytes: u64,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
-    later: Later,
-) -> Result<(Entry, KernelLoader), BootError> {
+) -> Result<Entry, BootError> {
     if cmdline.len() >= CMDLINE_MAX {
         return Err(BootError::CmdlineTooLong(cmdline.len()));
     }
@@ -96,7 +67,7 @@ pub fn load(
                 .spawn_scoped(s, move || load_initrd(mem, p, low_end));
             (p, t)
         });
-        let kernel = load_kernel(mem, kernel, later);
+        let kernel = load_kernel(mem, kernel);
         let ramdisk = reader.map(|(p, t)| match t {
             Ok(t) => t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
             // No thread to be had: read it here.
@@ -104,7 +75,7 @@ pub fn load(
         });
         (kernel, ramdisk)
     });
-    let (entry, kernel_end, header, loader) = kernel?;
+    let (entry, kernel_end, header) = kernel?;
     let ramdisk = match ramdisk.transpose()? {
         Some((name, addr, size)) if addr < kernel_end.max(HIMEM_START) => {
             return Err(BootError::InitrdTooBig(name, size.div_ceil(1 << 20)));
@@ -123,71 +94,19 @@ pub fn load(
         EntryMode::Pvh => write_pvh_info(mem, &map, ramdisk)?,
         EntryMode::Linux64 => write_zero_page(mem, &map, ramdisk, header, cmd.len())?,
     }
-    Ok((entry, loader))
+    Ok(entry)
 }
 
 /// Loads an ELF vmlinux (at its PVH entry when it has one) or a bzImage: the entry, where the
-/// kernel ends in guest memory, a bzImage's setup header, and the thread still filling in
-/// the kernel's pages.
+/// kernel ends in guest memory, and a bzImage's setup header.
 fn load_kernel(
     mem: &GuestMemoryMmap,
     kernel: &Path,
-    later: Later,
-) -> Result<(Entry, u64, Option<setup_header>, KernelLoader), BootError> {
-    let kname = kernel.display().to_string();
-    let f = File::open(kernel).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
-    let guest = mem
-        .iter()
-        .filter_map(|r| {
-            let at = r.as_ptr() as usize;
-            Some(at..at.checked_add(r.len() as usize)?)
-        })
-        .collect();
-    let mut f = Recorder::new(f, guest).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
-    let (entry, kernel_end, header) = parse_kernel(mem, &mut f, &kname)?;
-    let pieces = std::mem::take(&mut f.pieces);
-    let file = f.into_file();
-    let first = mem
-        .get_host_address(GuestAddress(entry.rip))
-        .map_or(0, |p| p as usize);
-    // Only for a PVH entry: a bzImage started this way hung before its first console
-    // output on hardware KVM (nested kvm_amd in CI; it booted on kvm_pvm), cause not found.
-    // Its compressed image is small and the guest decompresses it anyway.
-    let lazy = match entry.mode {
-        EntryMode::Pvh => Lazy::new(file, kname.clone(), pieces, first),
-        EntryMode::Linux64 => Err((file, pieces, std::io::Error::other("not a PVH entry"))),
-    };
-    let loader = match lazy {
-        Ok(lazy) => {
-            let t = std::thread::Builder::new()
-                .name("kernel-loader".into())
-                .spawn(move || lazy.run(later.done, later.failed));
-            match t {
-                Ok(t) => KernelLoader(Some(t)),
-                // No thread (the userfaultfd went with the closure: its pages are plain
-                // memory again): the VM does not start.
-                Err(e) => return Err(BootError::LoaderThread(e)),
-            }
-        }
-        Err((file, pieces, e)) => {
-            log::debug!("kernel read at once ({e})");
-            lazy_kernel::load_now(&file, &pieces).map_err(|e| BootError::ReadKernel(kname, e))?;
-            (later.done)();
-            KernelLoader(None)
-        }
-    };
-    Ok((entry, kernel_end, header, loader))
-}
-
-/// Runs the ELF or bzImage loader over `f`.
-fn parse_kernel(
-    mem: &GuestMemoryMmap,
-    f: &mut Recorder,
-    kname: &str,
 ) -> Result<(Entry, u64, Option<setup_header>), BootError> {
-    let kname = kname.to_string();
+    let kname = kernel.display().to_string();
+    let mut f = File::open(kernel).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
     let himem = Some(GuestAddress(HIMEM_START));
-    Ok(match Elf::load(mem, None, f, himem) {
+    Ok(match Elf::load(mem, None, &mut f, himem) {
         Ok(r) => {
             let entry = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(a) => Entry {
@@ -204,7 +123,7 @@ fn parse_kernel(
         Err(linux_loader::loader::Error::Elf(
             linux_loader::loader::elf::Error::InvalidElfMagicNumber,
         )) => {
-            let r = BzImage::load(mem, None, f, himem)
+            let r = BzImage::load(mem, None, &mut f, himem)
                 .map_err(|e| BootError::BadKernel(kname.clone(), e.to_string()))?;
             let entry = Entry {
                 mode: EntryMode::Linux64,
@@ -339,11 +258,10 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    /// A minimal ELF64 kernel: one PT_LOAD of `payload` at `paddr`, `memsz` bytes in memory,
-    /// and a PT_NOTE with the PVH entry at `paddr`.
+    /// A minimal ELF64 kernel: one PT_LOAD of `payload` at `paddr`, `memsz` bytes in memory.
     fn elf(paddr: u64, payload: &[u8], memsz: u64) -> Vec<u8> {
         let (ehsize, phsize) = (64u16, 56u16);
-        let off = (ehsize + 2 * phsize) as u64;
+        let off = (ehsize + phsize) as u64;
         let mut f = vec![0u8; off as usize];
         f[..4].copy_from_slice(b"\x7fELF");
         f[4] = 2; // 64-bit
@@ -356,7 +274,7 @@ mod tests {
         f[32..40].copy_from_slice(&(ehsize as u64).to_le_bytes()); // phoff
         f[52..54].copy_from_slice(&ehsize.to_le_bytes());
         f[54..56].copy_from_slice(&phsize.to_le_bytes());
-        f[56..58].copy_from_slice(&2u16.to_le_bytes()); // phnum
+        f[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
         let ph = &mut f[64..120];
         ph[..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
         ph[8..16].copy_from_slice(&off.to_le_bytes());
@@ -364,21 +282,7 @@ mod tests {
         ph[24..32].copy_from_slice(&paddr.to_le_bytes());
         ph[32..40].copy_from_slice(&(payload.len() as u64).to_le_bytes());
         ph[40..48].copy_from_slice(&memsz.to_le_bytes());
-        // XEN_ELFNOTE_PHYS32_ENTRY: namesz 4, descsz 4, type 18, "Xen\0", the entry.
-        let mut note = vec![];
-        for w in [4u32, 4, 18] {
-            note.extend_from_slice(&w.to_le_bytes());
-        }
-        note.extend_from_slice(b"Xen\0");
-        note.extend_from_slice(&(paddr as u32).to_le_bytes());
-        let note_off = off + payload.len() as u64;
-        let ph = &mut f[120..176];
-        ph[..4].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
-        ph[8..16].copy_from_slice(&note_off.to_le_bytes());
-        ph[32..40].copy_from_slice(&(note.len() as u64).to_le_bytes());
-        ph[40..48].copy_from_slice(&(note.len() as u64).to_le_bytes());
         f.extend_from_slice(payload);
-        f.extend_from_slice(&note);
         f
     }
 
@@ -400,20 +304,8 @@ mod tests {
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()
         };
         let m = mem(64);
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let later = Later {
-            failed: Box::new(|e| panic!("{e}")),
-            done: Box::new(move || done_tx.send(()).unwrap()),
-        };
-        let (e, loader) = load(&m, 64 << 20, &k, Some(&r), "console=ttyS0", later).unwrap();
-        assert_eq!((e.mode, e.rip), (EntryMode::Pvh, HIMEM_START));
-        // SAFETY: geteuid has no arguments and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
-            assert!(
-                loader.0.is_some(),
-                "as root the kernel is filled in by a thread"
-            );
-        }
+        let e = load(&m, 64 << 20, &k, Some(&r), "console=ttyS0").unwrap();
+        assert_eq!(e.rip, HIMEM_START);
         let mut got = vec![0u8; payload.len()];
         m.read_slice(&mut got, GuestAddress(HIMEM_START)).unwrap();
         assert_eq!(got, payload);
@@ -421,15 +313,9 @@ mod tests {
         m.read_slice(&mut got, GuestAddress((64 << 20) - rd.len() as u64))
             .unwrap();
         assert!(got == rd, "the initramfs at the top of low memory");
-        drop(loader);
-        done.try_recv().expect("the kernel's pages all filled in");
         // 24 MiB: the initramfs would start at 14 MiB, inside the kernel's 1-17 MiB.
         let m = mem(24);
-        let later = Later {
-            failed: Box::new(|e| panic!("{e}")),
-            done: Box::new(|| {}),
-        };
-        let err = load(&m, 24 << 20, &k, Some(&r), "", later).unwrap_err();
+        let err = load(&m, 24 << 20, &k, Some(&r), "").unwrap_err();
         assert!(matches!(err, BootError::InitrdTooBig(_, 10)), "{err}");
         std::fs::remove_file(k).unwrap();
         std::fs::remove_file(r).unwrap();

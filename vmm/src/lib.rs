@@ -12,7 +12,6 @@ pub mod io_thread;
 pub mod irqchip;
 pub mod keyval;
 pub mod layout;
-pub mod lazy_kernel;
 pub mod monitor;
 pub mod mptable;
 pub mod netdev;
