@@ -48,7 +48,9 @@ fn user_and_tap_then_8mib(device: &str, driver: &str, subnet: u8) {
     let lease = tap["lease"].clone();
     assert!(
         lease.starts_with(&format!("192.168.{subnet}.5")) && lease.ends_with("/24"),
-        "lease from the test's dnsmasq: {lease}"
+        "lease from the test's dnsmasq: {lease}\ndnsmasq:\n{}console:\n{}",
+        ns.dnsmasq_log(),
+        g.console()
     );
     let ip = lease.trim_end_matches("/24").to_string();
     exchange_8mib(&ns, &mut g, &ip, receiver);

@@ -85,6 +85,7 @@ impl Netns {
             format!("--dhcp-leasefile=/tmp/{}.leases", self.name),
             "--pid-file=".into(),
             "--log-dhcp".into(),
+            format!("--log-facility={}", self.dnsmasq_log_path()),
             // No ping of an address before offering it: that costs seconds of a guest's
             // DHCP time, and only the test's own guests are on the segment.
             "--no-ping".into(),
@@ -99,6 +100,16 @@ impl Netns {
             .expect("dnsmasq");
         self.children.push(c);
         std::thread::sleep(Duration::from_millis(300));
+    }
+
+    fn dnsmasq_log_path(&self) -> String {
+        format!("/tmp/{}.dnsmasq.log", self.name)
+    }
+
+    /// What the namespace's dnsmasq logged of its DHCP exchanges so far (for a failure
+    /// message: whether the guest's DISCOVER reached it and an OFFER went out).
+    pub fn dnsmasq_log(&self) -> String {
+        std::fs::read_to_string(self.dnsmasq_log_path()).unwrap_or_else(|e| format!("({e})"))
     }
 
     /// Starts a long-running helper inside the namespace, killed with it.
@@ -179,6 +190,7 @@ impl Drop for Netns {
             self.name
         ));
         let _ = std::fs::remove_file(format!("/tmp/{}.leases", self.name));
+        let _ = std::fs::remove_file(self.dnsmasq_log_path());
     }
 }
 
@@ -326,6 +338,11 @@ impl Guest {
             .collect::<Vec<_>>()
             .join(", ");
         (own, listed)
+    }
+
+    /// The console lines awaited so far.
+    pub fn console(&self) -> String {
+        self.seen.join("\n")
     }
 
     pub fn pid(&self) -> u32 {
