@@ -344,6 +344,22 @@ impl Vm {
             kvm.create_vm()
                 .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?,
         );
+        // A restored guest's RAM is the snapshot's, mapped copy-on-write from the header alone
+        // (a RAM size other than saved is reported from the state, read after).
+        let incoming_head = match &cfg.incoming {
+            Some(p) => Some(crate::snapshot::IncomingHeader::open(p)?),
+            None => None,
+        };
+        let mem = match &incoming_head {
+            Some(head) => head.map_memory(&ram_ranges(cfg.mem_mib)),
+            None => Ok(guest_memory(cfg.mem_mib)?),
+        };
+        // RAM goes to KVM before the interrupt controller exists: a memory slot made after
+        // KVM_CREATE_IRQCHIP waits out a grace period (6-8 ms measured on kvm_pvm), one made
+        // before it takes 0.1-0.3 ms.
+        if let Ok(mem) = &mem {
+            register_memory(&vm, mem)?;
+        }
         if let Err(e) = vm.set_tss_address(0xfffb_d000) {
             log::debug!("KVM_SET_TSS_ADDR: {e}");
         }
@@ -355,21 +371,6 @@ impl Vm {
         };
         vm.create_pit2(pit)
             .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
-        // A restored guest's RAM is the snapshot's, mapped copy-on-write.
-        // Its RAM is mapped from the header alone, so that KVM registers it while the state is
-        // read and checked (a RAM size other than saved is reported from the state).
-        let incoming_head = match &cfg.incoming {
-            Some(p) => Some(crate::snapshot::IncomingHeader::open(p)?),
-            None => None,
-        };
-        let mem = match &incoming_head {
-            Some(head) => head.map_memory(&ram_ranges(cfg.mem_mib)),
-            None => Ok(guest_memory(cfg.mem_mib)?),
-        };
-        let registration = match &mem {
-            Ok(mem) => Some(MemoryRegistration::start(&vm, mem)?),
-            Err(_) => None,
-        };
         let incoming = match incoming_head {
             Some(head) => {
                 let inc = head.read()?;
@@ -380,7 +381,6 @@ impl Vm {
             None => None,
         };
         let mem = mem?;
-        let registration = registration.expect("started for mapped memory");
         let chip: Arc<dyn IrqChip> = Arc::new(
             KvmIrqChip::new(vm.clone()).map_err(|e| VmError::Host("KVM_SET_GSI_ROUTING", e))?,
         );
@@ -591,8 +591,6 @@ impl Vm {
                 .restore(&d.cmos)
                 .map_err(|e| restore_err(format!("CMOS: {e}")))?;
         }
-        registration.finish()?;
-        timing.mark("memory-registered");
         if let Some(inc) = &incoming {
             // MSRs last: some (kvm-clock, PV EOI, async PF) name guest RAM, which KVM
             // checks against its memory slots.
@@ -934,40 +932,7 @@ impl Write for ConsoleWatch {
     }
 }
 
-/// Registers guest RAM with KVM on a thread of its own: KVM takes milliseconds per slot (it
-/// waits out a grace period before a new slot set is live), which the kernel's loading into
-/// that memory fills meanwhile. [`MemoryRegistration::finish`] waits for it before any
-/// vCPU exists; a set-up that fails first waits for it on the way out.
-struct MemoryRegistration(Option<std::thread::JoinHandle<Result<(), VmError>>>);
-
-impl MemoryRegistration {
-    fn start(vm: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<MemoryRegistration, VmError> {
-        let (vm, mem) = (vm.clone(), mem.clone());
-        let t = std::thread::Builder::new()
-            .name("memslots".into())
-            .spawn(move || register_memory(&vm, &mem))
-            .map_err(|e| VmError::Host("memory registration thread", e))?;
-        Ok(MemoryRegistration(Some(t)))
-    }
-
-    fn finish(mut self) -> Result<(), VmError> {
-        match self.0.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for MemoryRegistration {
-    fn drop(&mut self) {
-        // Only when set-up failed before `finish`: that failure is the one reported.
-        if let Some(Ok(Err(e))) = self.0.take().map(|t| t.join()) {
-            log::debug!("guest memory registration: {e}");
-        }
-    }
-}
-
+/// Registers guest RAM with KVM, one slot per region.
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host_addr = mem
