@@ -282,10 +282,7 @@ impl Guest {
                 }
                 Err(_) => {
                     let _ = self.child.kill();
-                    panic!(
-                        "no NICVM-{tag} line; console so far:\n{}",
-                        self.seen.join("\n")
-                    );
+                    panic!("no NICVM-{tag} line; console so far:\n{}", self.console());
                 }
             }
         }
@@ -371,7 +368,7 @@ impl Guest {
         }
         Outcome {
             code,
-            stdout: self.seen.join("\n"),
+            stdout: self.console(),
             stderr: self
                 .stderr
                 .take()
