@@ -3,14 +3,17 @@
 //! note), with the initrd at the top of low RAM and the command line below 1 MiB.
 
 use crate::layout::*;
+use crate::lazy_kernel::{self, Lazy, Recorder};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use linux_loader::loader::{elf::PvhBootCapability, BzImage, Elf, KernelLoader};
+use linux_loader::loader::{elf::PvhBootCapability, BzImage, Elf, KernelLoader as _};
 use std::fs::File;
 use std::path::Path;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryMode {
@@ -32,6 +35,10 @@ pub enum BootError {
     OpenKernel(String, std::io::Error),
     #[error("-kernel: {0} is neither an x86-64 ELF vmlinux nor a bzImage ({1})")]
     BadKernel(String, String),
+    #[error("-kernel: cannot read {0}: {1}")]
+    ReadKernel(String, std::io::Error),
+    #[error("cannot start a thread to load the kernel: {0}")]
+    LoaderThread(std::io::Error),
     #[error("-initrd: cannot read {0}: {1}")]
     ReadInitrd(String, std::io::Error),
     #[error("-initrd: {0} ({1} MiB) does not fit in guest RAM above the kernel; raise -m")]
@@ -46,14 +53,36 @@ fn mem_err(e: impl std::fmt::Display) -> BootError {
     BootError::Memory(e.to_string())
 }
 
+/// The thread that fills in the kernel's pages while the guest runs (see
+/// [`crate::lazy_kernel`]); joined when dropped.
+#[derive(Debug)]
+pub struct KernelLoader(Option<std::thread::JoinHandle<()>>);
+
+impl Drop for KernelLoader {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How the kernel's pages are filled in after [`load`] returns: `failed` is told when the
+/// file cannot be read to the end, `done` when every page is there.
+pub struct Later {
+    pub failed: Box<dyn FnOnce(String) + Send>,
+    pub done: Box<dyn FnOnce() + Send>,
+}
+
 /// Loads kernel, initrd and command line; writes the boot structures for the entry it found.
+/// The kernel's pages may still be filled in after this returns (see [`KernelLoader`]).
 pub fn load(
     mem: &GuestMemoryMmap,
     mem_bytes: u64,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
-) -> Result<Entry, BootError> {
+    later: Later,
+) -> Result<(Entry, KernelLoader), BootError> {
     if cmdline.len() >= CMDLINE_MAX {
         return Err(BootError::CmdlineTooLong(cmdline.len()));
     }
@@ -67,7 +96,7 @@ pub fn load(
                 .spawn_scoped(s, move || load_initrd(mem, p, low_end));
             (p, t)
         });
-        let kernel = load_kernel(mem, kernel);
+        let kernel = load_kernel(mem, kernel, later);
         let ramdisk = reader.map(|(p, t)| match t {
             Ok(t) => t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
             // No thread to be had: read it here.
@@ -75,7 +104,7 @@ pub fn load(
         });
         (kernel, ramdisk)
     });
-    let (entry, kernel_end, header) = kernel?;
+    let (entry, kernel_end, header, loader) = kernel?;
     let ramdisk = match ramdisk.transpose()? {
         Some((name, addr, size)) if addr < kernel_end.max(HIMEM_START) => {
             return Err(BootError::InitrdTooBig(name, size.div_ceil(1 << 20)));
@@ -94,19 +123,64 @@ pub fn load(
         EntryMode::Pvh => write_pvh_info(mem, &map, ramdisk)?,
         EntryMode::Linux64 => write_zero_page(mem, &map, ramdisk, header, cmd.len())?,
     }
-    Ok(entry)
+    Ok((entry, loader))
 }
 
 /// Loads an ELF vmlinux (at its PVH entry when it has one) or a bzImage: the entry, where the
-/// kernel ends in guest memory, and a bzImage's setup header.
+/// kernel ends in guest memory, a bzImage's setup header, and the thread still filling in
+/// the kernel's pages.
 fn load_kernel(
     mem: &GuestMemoryMmap,
     kernel: &Path,
-) -> Result<(Entry, u64, Option<setup_header>), BootError> {
+    later: Later,
+) -> Result<(Entry, u64, Option<setup_header>, KernelLoader), BootError> {
     let kname = kernel.display().to_string();
-    let mut f = File::open(kernel).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
+    let f = File::open(kernel).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
+    let guest = mem
+        .iter()
+        .filter_map(|r| {
+            let at = r.as_ptr() as usize;
+            Some(at..at.checked_add(r.len() as usize)?)
+        })
+        .collect();
+    let mut f = Recorder::new(f, guest).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
+    let (entry, kernel_end, header) = parse_kernel(mem, &mut f, &kname)?;
+    let pieces = std::mem::take(&mut f.pieces);
+    let file = f.into_file();
+    let first = mem
+        .get_host_address(GuestAddress(entry.rip))
+        .map_or(0, |p| p as usize);
+    let loader = match Lazy::new(file, kname.clone(), pieces, first) {
+        Ok(lazy) => {
+            let t = std::thread::Builder::new()
+                .name("kernel-loader".into())
+                .spawn(move || lazy.run(later.done, later.failed));
+            match t {
+                Ok(t) => KernelLoader(Some(t)),
+                // No thread (the userfaultfd went with the closure: its pages are plain
+                // memory again): the VM does not start.
+                Err(e) => return Err(BootError::LoaderThread(e)),
+            }
+        }
+        Err((file, pieces, e)) => {
+            log::debug!("kernel read at once (no userfaultfd: {e})");
+            lazy_kernel::load_now(&file, &pieces).map_err(|e| BootError::ReadKernel(kname, e))?;
+            (later.done)();
+            KernelLoader(None)
+        }
+    };
+    Ok((entry, kernel_end, header, loader))
+}
+
+/// Runs the ELF or bzImage loader over `f`.
+fn parse_kernel(
+    mem: &GuestMemoryMmap,
+    f: &mut Recorder,
+    kname: &str,
+) -> Result<(Entry, u64, Option<setup_header>), BootError> {
+    let kname = kname.to_string();
     let himem = Some(GuestAddress(HIMEM_START));
-    Ok(match Elf::load(mem, None, &mut f, himem) {
+    Ok(match Elf::load(mem, None, f, himem) {
         Ok(r) => {
             let entry = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(a) => Entry {
@@ -123,7 +197,7 @@ fn load_kernel(
         Err(linux_loader::loader::Error::Elf(
             linux_loader::loader::elf::Error::InvalidElfMagicNumber,
         )) => {
-            let r = BzImage::load(mem, None, &mut f, himem)
+            let r = BzImage::load(mem, None, f, himem)
                 .map_err(|e| BootError::BadKernel(kname.clone(), e.to_string()))?;
             let entry = Entry {
                 mode: EntryMode::Linux64,
@@ -304,7 +378,12 @@ mod tests {
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()
         };
         let m = mem(64);
-        let e = load(&m, 64 << 20, &k, Some(&r), "console=ttyS0").unwrap();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let later = Later {
+            failed: Box::new(|e| panic!("{e}")),
+            done: Box::new(move || done_tx.send(()).unwrap()),
+        };
+        let (e, loader) = load(&m, 64 << 20, &k, Some(&r), "console=ttyS0", later).unwrap();
         assert_eq!(e.rip, HIMEM_START);
         let mut got = vec![0u8; payload.len()];
         m.read_slice(&mut got, GuestAddress(HIMEM_START)).unwrap();
@@ -313,9 +392,15 @@ mod tests {
         m.read_slice(&mut got, GuestAddress((64 << 20) - rd.len() as u64))
             .unwrap();
         assert!(got == rd, "the initramfs at the top of low memory");
+        drop(loader);
+        done.try_recv().expect("the kernel's pages all filled in");
         // 24 MiB: the initramfs would start at 14 MiB, inside the kernel's 1-17 MiB.
         let m = mem(24);
-        let err = load(&m, 24 << 20, &k, Some(&r), "").unwrap_err();
+        let later = Later {
+            failed: Box::new(|e| panic!("{e}")),
+            done: Box::new(|| {}),
+        };
+        let err = load(&m, 24 << 20, &k, Some(&r), "", later).unwrap_err();
         assert!(matches!(err, BootError::InitrdTooBig(_, 10)), "{err}");
         std::fs::remove_file(k).unwrap();
         std::fs::remove_file(r).unwrap();

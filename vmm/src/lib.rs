@@ -12,6 +12,7 @@ pub mod io_thread;
 pub mod irqchip;
 pub mod keyval;
 pub mod layout;
+pub mod lazy_kernel;
 pub mod monitor;
 pub mod mptable;
 pub mod netdev;

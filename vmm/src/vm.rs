@@ -228,6 +228,7 @@ struct CountedNic {
     control: Arc<Mutex<dyn NicControl>>,
 }
 
+#[derive(Clone, Copy)]
 pub struct Timing {
     pub start: Instant,
     pub enabled: bool,
@@ -302,6 +303,8 @@ pub struct Vm {
     // Fields drop in this order: the threads first (stopped and joined), then the devices
     // and their backends, then the netdevs' guards (downscripts), last of all KVM.
     vcpu_threads: Vec<VcpuThread>,
+    /// The thread still filling in the kernel's pages, if any (joined after the vCPUs).
+    kernel_loader: Option<boot::KernelLoader>,
     io: Option<IoThread>,
     console: Option<ConsoleThread>,
     /// The serial port on a socket or a pty, and its thread.
@@ -513,6 +516,7 @@ impl Vm {
                 })
                 .collect(),
         };
+        let mut kernel_loader = None;
         let entry = match &incoming {
             Some(inc) => {
                 inc.check_shape(&shape)?;
@@ -522,13 +526,21 @@ impl Vm {
                 let mp = mptable::build(MPTABLE_START as u32, cfg.cpus, pci::intx_gsi);
                 vm_memory::Bytes::write_slice(&mem, &mp, GuestAddress(MPTABLE_START))
                     .map_err(VmError::MpTable)?;
-                let entry = boot::load(
+                let l = lifecycle.clone();
+                let t = timing;
+                let later = boot::Later {
+                    failed: Box::new(move |e| l.request_exit(ExitReason::Error(e))),
+                    done: Box::new(move || t.mark("kernel-in-memory")),
+                };
+                let (entry, loader) = boot::load(
                     &mem,
                     cfg.mem_mib << 20,
                     &cfg.kernel,
                     cfg.initrd.as_deref(),
                     &cfg.append,
+                    later,
                 )?;
+                kernel_loader = Some(loader);
                 log::debug!("entry {:?} at {:#x}", entry.mode, entry.rip);
                 timing.mark("kernel-loaded");
                 Some(entry)
@@ -626,6 +638,7 @@ impl Vm {
         new_files.keep();
         Ok(Vm {
             vcpu_threads: vec![],
+            kernel_loader,
             io: None,
             console: None,
             serial_io,
@@ -761,6 +774,7 @@ impl Vm {
         for t in self.vcpu_threads.drain(..) {
             t.stop();
         }
+        self.kernel_loader = None;
         if let Some(t) = self.save_thread.take() {
             let _ = t.join();
         }
