@@ -150,14 +150,7 @@ fn load_kernel(
     let first = mem
         .get_host_address(GuestAddress(entry.rip))
         .map_or(0, |p| p as usize);
-    // Only for a PVH entry: a bzImage started this way hung before its first console
-    // output on hardware KVM (nested kvm_amd in CI; it booted on kvm_pvm), cause not found.
-    // Its compressed image is small and the guest decompresses it anyway.
-    let lazy = match entry.mode {
-        EntryMode::Pvh => Lazy::new(file, kname.clone(), pieces, first),
-        EntryMode::Linux64 => Err((file, pieces, std::io::Error::other("not a PVH entry"))),
-    };
-    let loader = match lazy {
+    let loader = match Lazy::new(file, kname.clone(), pieces, first) {
         Ok(lazy) => {
             let t = std::thread::Builder::new()
                 .name("kernel-loader".into())

@@ -190,7 +190,8 @@ fn ioctl<T>(fd: &OwnedFd, req: libc::c_ulong, arg: &mut T) -> io::Result<()> {
     Ok(())
 }
 
-/// A userfaultfd with `range` registered for missing pages, or why there is none.
+/// A userfaultfd with `range` registered for missing pages, and every page of it missing, or
+/// why there is none.
 fn register(range: &Range<usize>) -> io::Result<OwnedFd> {
     // SAFETY: userfaultfd takes flags only; the result is checked before use.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -212,6 +213,23 @@ fn register(range: &Range<usize>) -> io::Result<OwnedFd> {
         ioctls: 0,
     };
     ioctl(&fd, UFFDIO_REGISTER, &mut reg)?;
+    // A page already there would be neither filled in nor waited for: whoever touched it
+    // first would read what it held. One can be there without anything written to the range:
+    // a transparent huge page made for a write next to it (the MP table below 1 MiB, with a
+    // bzImage loaded at 1 MiB) takes in the range's first pages, zeros. They go, now that
+    // the range is registered and nothing can bring them back but the loader.
+    // SAFETY: the range is guest RAM that holds nothing yet (the kernel is loaded there); the
+    // mapping stays, only its pages are dropped.
+    let r = unsafe {
+        libc::madvise(
+            range.start as *mut libc::c_void,
+            range.end - range.start,
+            libc::MADV_DONTNEED,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(fd)
 }
 
@@ -347,9 +365,9 @@ impl Lazy {
                         }
                     }
                 }
-                // A page already there (nothing is written there before this, and a chunk
-                // is filled once): it stays as it is.
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => done += PAGE,
+                // A page already there: nothing but this copy brings one in (`register`
+                // dropped those before) and a chunk is filled once, so something else wrote
+                // into the kernel, and a vCPU may have read it: the VM stops.
                 Err(e) => return Err(e),
             }
         }
@@ -583,6 +601,36 @@ mod tests {
             assert!(all[0x22_0000..0x42_0000 - 7] == data[1 << 20..(3 << 20) - 7]);
             t.join().unwrap();
             done.try_recv().unwrap();
+        });
+    }
+
+    /// What made a bzImage crash on hardware KVM: a page of the range already in memory
+    /// (there, a transparent huge page made for the MP table below 1 MiB reached into the
+    /// kernel's first MiB) was skipped, and the guest ran on its zeros.
+    #[test]
+    fn pages_already_in_memory_are_filled_in_too() {
+        within(|| {
+            let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+            let data = pattern(1 << 20);
+            // In memory before the loader: a page at the start of the range, one in the middle.
+            for at in [0x10_0000u64, 0x15_0000] {
+                m.write_slice(&[0xee; 4096], GuestAddress(at)).unwrap();
+            }
+            let pieces = vec![Piece {
+                host: host_of(&m, 0x10_0000),
+                offset: 0,
+                len: 1 << 20,
+            }];
+            let Some(lazy) = lazy_or_skip(file_with(&data), pieces, host_of(&m, 0x10_0000)) else {
+                return;
+            };
+            lazy.run(|| {}, |e| panic!("{e}"));
+            let mut got = vec![0u8; 1 << 20];
+            m.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+            assert!(
+                got == data,
+                "the file's bytes, where pages were there before too"
+            );
         });
     }
 
