@@ -150,7 +150,10 @@ fn load_kernel(
     let first = mem
         .get_host_address(GuestAddress(entry.rip))
         .map_or(0, |p| p as usize);
-    let loader = match Lazy::new(file, kname.clone(), pieces, first) {
+    // Only the kernel goes at HIMEM_START and above (the boot data and the MP table are below
+    // it, the initramfs above the kernel's end).
+    let himem = GuestAddress(HIMEM_START);
+    let loader = match Lazy::new(file, kname.clone(), pieces, first, mem, himem) {
         Ok(lazy) => {
             let t = std::thread::Builder::new()
                 .name("kernel-loader".into())
@@ -164,7 +167,8 @@ fn load_kernel(
         }
         Err((file, pieces, e)) => {
             log::debug!("kernel read at once ({e})");
-            lazy_kernel::load_now(&file, &pieces).map_err(|e| BootError::ReadKernel(kname, e))?;
+            lazy_kernel::load_now(mem, &file, &pieces)
+                .map_err(|e| BootError::ReadKernel(kname, e))?;
             (later.done)();
             KernelLoader(None)
         }

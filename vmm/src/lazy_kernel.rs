@@ -22,14 +22,33 @@ use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, ReadVolatile,
+    VolatileMemoryError, VolatileSlice,
+};
 
 /// One piece of the file and where it goes: host address in guest RAM, file offset, length.
+/// Only a [`Recorder`] makes them; [`Lazy::new`] and [`load_now`] check them against the
+/// guest memory they are given before they write anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
-    pub host: usize,
-    pub offset: u64,
-    pub len: usize,
+    host: usize,
+    offset: u64,
+    len: usize,
+}
+
+/// How much larger than the pieces together the range they span may be (the gaps between an
+/// ELF's segments): more, and the kernel is read at once rather than its gaps filled in.
+const MAX_GAPS: usize = 32 << 20;
+
+/// The host address range of `mem`'s region holding `at..at + len`, if one does.
+fn region_of(mem: &GuestMemoryMmap, at: usize, len: usize) -> Option<Range<usize>> {
+    let end = at.checked_add(len)?;
+    mem.iter().find_map(|r| {
+        let start = r.as_ptr() as usize;
+        let r_end = start.checked_add(r.len() as usize)?;
+        (start <= at && end <= r_end).then_some(start..r_end)
+    })
 }
 
 /// A reader for linux-loader over the kernel file: reads meant for guest RAM (whose host
@@ -246,16 +265,35 @@ pub struct Lazy {
 
 impl Lazy {
     /// Registers the pieces' pages for loading later; `Err` (and nothing registered) when
-    /// userfaultfd cannot be had, for the caller to read them at once.
+    /// userfaultfd cannot be had, for the caller to read them at once. The whole page-rounded
+    /// range the pieces span is registered, emptied and filled in (zeros between pieces), so
+    /// it must lie in one region of `mem`, at `lowest` or above (where nothing but the kernel
+    /// goes), and be little more than the pieces; else `Err` too, and the pieces are read
+    /// where they go, nothing else touched.
     pub fn new(
         file: File,
         name: String,
         pieces: Vec<Piece>,
         first: usize,
+        mem: &GuestMemoryMmap,
+        lowest: GuestAddress,
     ) -> Result<Lazy, (File, Vec<Piece>, io::Error)> {
         let Some(range) = cover(&pieces) else {
             return Err((file, pieces, io::Error::other("nothing to load")));
         };
+        let total: usize = pieces.iter().map(|p| p.len).sum();
+        let floor = mem.get_host_address(lowest).ok().map(|p| p as usize);
+        let fits = region_of(mem, range.start, range.end - range.start)
+            .zip(floor)
+            .is_some_and(|(r, f)| r.contains(&f) && f <= range.start)
+            && range.end - range.start <= total.saturating_add(MAX_GAPS);
+        if !fits {
+            return Err((
+                file,
+                pieces,
+                io::Error::other("the kernel's segments are not one stretch of high RAM"),
+            ));
+        }
         match register(&range) {
             Ok(uffd) => Ok(Lazy {
                 file,
@@ -272,13 +310,15 @@ impl Lazy {
     /// Fills in every page, then says so (`done`), or says what left pages unfilled
     /// (`failed`) before they become zeros: the userfaultfd is closed only after either.
     pub fn run(self, done: impl FnOnce(), failed: impl FnOnce(String)) {
-        match self.fill() {
-            Ok(()) => done(),
-            Err(e) => failed(e),
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fill())) {
+            Ok(Ok(())) => done(),
+            Ok(Err(e)) => failed(e),
+            Err(_) => failed(format!("-kernel: loading {} failed (a bug)", self.name)),
         }
     }
 
-    /// The entry point's chunk first, then any a thread waits for, the rest in order.
+    /// The chunks threads wait for and the entry point's first (the latest fault ahead), the
+    /// rest in order.
     fn fill(&self) -> Result<(), String> {
         let chunks = (self.range.end - self.range.start).div_ceil(CHUNK);
         let mut done = vec![false; chunks];
@@ -375,13 +415,17 @@ impl Lazy {
     }
 }
 
-/// Reads the pieces into guest RAM at once (no userfaultfd).
-pub fn load_now(file: &File, pieces: &[Piece]) -> io::Result<()> {
+/// Reads the pieces into guest RAM at once (no userfaultfd); a piece outside `mem` is an
+/// error and nothing of it is read.
+pub fn load_now(mem: &GuestMemoryMmap, file: &File, pieces: &[Piece]) -> io::Result<()> {
     for p in pieces {
+        if region_of(mem, p.host, p.len).is_none() {
+            return Err(io::Error::other("a segment outside guest RAM"));
+        }
         let mut done = 0;
         while done < p.len {
-            // SAFETY: the recorder took `host..host + len` from a slice of guest RAM, which is
-            // mapped for the VM's life; the kernel writes it, no reference to it is made.
+            // SAFETY: `host..host + len` lies in a region of `mem` (checked above), mapped
+            // while `mem` lives; the kernel writes it, no reference to it is made.
             let n = unsafe {
                 libc::pread(
                     file.as_raw_fd(),
@@ -524,7 +568,7 @@ mod tests {
                 len: 1000,
             },
         ];
-        load_now(&f, &pieces).unwrap();
+        load_now(&m, &f, &pieces).unwrap();
         let mut got = vec![0u8; 6000];
         m.read_slice(&mut got, GuestAddress(0x1003)).unwrap();
         assert_eq!(got[..], data[5..6005]);
@@ -536,13 +580,32 @@ mod tests {
             offset: 9500,
             len: 1000,
         }];
-        assert!(load_now(&f, &past).is_err(), "the file ends first");
+        assert!(load_now(&m, &f, &past).is_err(), "the file ends first");
+        let outside = [Piece {
+            host: host_of(&m, 0) + (1 << 20) - 100,
+            offset: 0,
+            len: 1000,
+        }];
+        let e = load_now(&m, &f, &outside).unwrap_err();
+        assert!(e.to_string().contains("outside guest RAM"), "{e}");
     }
 
     /// Lazy loading needs the privilege to handle KVM's faults with a userfaultfd (root, in
     /// CI); elsewhere the test says so and passes.
-    fn lazy_or_skip(f: File, pieces: Vec<Piece>, first: usize) -> Option<Lazy> {
-        match Lazy::new(f, "vmlinux".into(), pieces, first) {
+    fn lazy_or_skip(
+        f: File,
+        pieces: Vec<Piece>,
+        first: usize,
+        m: &GuestMemoryMmap,
+    ) -> Option<Lazy> {
+        match Lazy::new(
+            f,
+            "vmlinux".into(),
+            pieces,
+            first,
+            m,
+            GuestAddress(0x10_0000),
+        ) {
             Ok(l) => Some(l),
             Err((_, _, e)) if std::env::var_os("CI").is_none() => {
                 eprintln!("SKIPPED: no userfaultfd here ({e}); run as root to test lazy loading");
@@ -581,7 +644,8 @@ mod tests {
                     len: (2 << 20) - 7,
                 },
             ];
-            let Some(lazy) = lazy_or_skip(file_with(&data), pieces, host_of(&m, 0x30_0000)) else {
+            let Some(lazy) = lazy_or_skip(file_with(&data), pieces, host_of(&m, 0x30_0000), &m)
+            else {
                 return;
             };
             let (tx, done) = mpsc::channel();
@@ -621,7 +685,8 @@ mod tests {
                 offset: 0,
                 len: 1 << 20,
             }];
-            let Some(lazy) = lazy_or_skip(file_with(&data), pieces, host_of(&m, 0x10_0000)) else {
+            let Some(lazy) = lazy_or_skip(file_with(&data), pieces, host_of(&m, 0x10_0000), &m)
+            else {
                 return;
             };
             lazy.run(|| {}, |e| panic!("{e}"));
@@ -632,6 +697,61 @@ mod tests {
                 "the file's bytes, where pages were there before too"
             );
         });
+    }
+
+    /// The range registered, emptied and filled in is what the pieces span: pieces reaching
+    /// below the kernel's place (where the MP table and boot data live), spread over two
+    /// regions, or far apart are read where they go instead, and nothing around them changes.
+    #[test]
+    fn pieces_that_are_not_one_stretch_of_high_ram_are_read_at_once() {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 64 << 20),
+            (GuestAddress(1 << 32), 1 << 20),
+        ])
+        .unwrap();
+        let data = pattern(8192);
+        let piece = |at: u64, offset: u64| Piece {
+            host: host_of(&m, at),
+            offset,
+            len: 4096,
+        };
+        for (what, pieces) in [
+            (
+                "below 1 MiB",
+                vec![piece(0xf_0000, 0), piece(0x10_0000, 4096)],
+            ),
+            (
+                "two regions",
+                vec![piece(0x10_0000, 0), piece(1 << 32, 4096)],
+            ),
+            (
+                "far apart",
+                vec![piece(0x10_0000, 0), piece(0x300_0000, 4096)],
+            ),
+        ] {
+            m.write_slice(&[0xee; 16], GuestAddress(0x20_0000)).unwrap();
+            let first = pieces[0].host;
+            match Lazy::new(
+                file_with(&data),
+                "vmlinux".into(),
+                pieces,
+                first,
+                &m,
+                GuestAddress(0x10_0000),
+            ) {
+                Ok(_) => panic!("{what}: registered"),
+                Err((f, pieces, e)) => {
+                    assert!(e.to_string().contains("one stretch"), "{what}: {e}");
+                    load_now(&m, &f, &pieces).unwrap();
+                }
+            }
+            let mut got = [0u8; 16];
+            m.read_slice(&mut got, GuestAddress(0x20_0000)).unwrap();
+            assert_eq!(
+                got, [0xee; 16],
+                "{what}: memory between the pieces untouched"
+            );
+        }
     }
 
     #[test]
@@ -646,7 +766,7 @@ mod tests {
                 len: 2 << 20,
             }];
             let cut = f.try_clone().unwrap();
-            let Some(lazy) = lazy_or_skip(f, pieces, host_of(&m, 0x10_0000)) else {
+            let Some(lazy) = lazy_or_skip(f, pieces, host_of(&m, 0x10_0000), &m) else {
                 return;
             };
             // Rebuilt under us: the second half is gone before it was read.

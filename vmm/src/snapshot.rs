@@ -485,7 +485,9 @@ fn write_region(f: &File, region: &vm_memory::GuestRegionMmap, at: u64) -> std::
     while off < len {
         let n = CHUNK.min(len - off);
         // SAFETY: [off, off + n) lies inside the region's mapping, which lives as long as
-        // `region`; the vCPUs are stopped and the devices locked, so nothing writes it now.
+        // `region`; the vCPUs are stopped and the devices locked, so nothing writes it now
+        // (the kernel loader may still be filling in pages: a page not yet there is waited
+        // for when read, and arrives whole, never to change under the slice).
         let chunk = unsafe { std::slice::from_raw_parts(host.add(off), n) };
         if chunk.iter().any(|&b| b != 0) {
             f.write_all_at(chunk, at + off as u64)?;
