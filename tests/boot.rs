@@ -181,6 +181,73 @@ fn terminal_console_escapes_and_restore() {
     assert!(out.contains("terminating on Ctrl-a x"), "{out}");
 }
 
+/// What `scripts/run` tells its users: `poweroff` typed at the guest's shell ends nicvm, as a
+/// power-off (exit status 0).
+#[test]
+fn poweroff_typed_at_the_guest_shell_ends_nicvm() {
+    let Some(img) = image() else { return };
+    use std::io::{BufRead, Write};
+    let mut child = std::process::Command::new(nicvm())
+        .args([
+            "-kernel",
+            &img.kernel.display().to_string(),
+            "-initrd",
+            &img.initrd.display().to_string(),
+            "-append",
+            "console=ttyS0 quiet nicvm.dhcp=off nicvm.run=shell",
+            "-nographic",
+            "-nic",
+            "none",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let mut seen = vec![];
+    while !seen.iter().any(|l: &String| l.contains("NICVM-SHELL")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no shell:\n{}", seen.join("\n"));
+            }
+        }
+    }
+    // The shell needs a moment to start; what is typed before it reads is kept anyway.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"poweroff\n")
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            while let Ok(l) = lines.try_recv() {
+                seen.push(l);
+            }
+            panic!("still running after poweroff:\n{}", seen.join("\n"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(0), "a guest power-off");
+}
+
 /// The same guest from its bzImage, through the 64-bit boot protocol (zero page, identity
 /// map). The kernel decompresses itself first: about 2.5 minutes on an emulating host.
 #[test]
