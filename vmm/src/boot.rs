@@ -54,15 +54,46 @@ fn mem_err(e: impl std::fmt::Display) -> BootError {
 }
 
 /// The thread that fills in the kernel's pages while the guest runs (see
-/// [`crate::lazy_kernel`]); joined when dropped.
+/// [`crate::lazy_kernel`]); joined when dropped, if it ends within [`KernelLoader::WAIT`].
 #[derive(Debug)]
-pub struct KernelLoader(Option<std::thread::JoinHandle<()>>);
+pub struct KernelLoader {
+    thread: Option<std::thread::JoinHandle<()>>,
+    wait: std::time::Duration,
+}
+
+impl KernelLoader {
+    /// How long a drop waits for the thread. Its work takes milliseconds; a read of the
+    /// kernel file that never returns (a hung network file system) must not hold up nicvm's
+    /// exit, so past this the thread is left to end with the process. Nothing of the VM's is
+    /// in its hands: it copies from its own buffer, and a copy into guest RAM that is gone
+    /// fails (the kernel checks the registered mapping), it does not land elsewhere.
+    pub const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn new(thread: Option<std::thread::JoinHandle<()>>) -> KernelLoader {
+        KernelLoader {
+            thread,
+            wait: Self::WAIT,
+        }
+    }
+}
 
 impl Drop for KernelLoader {
     fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            let _ = t.join();
+        let Some(t) = self.thread.take() else {
+            return;
+        };
+        let until = std::time::Instant::now() + self.wait;
+        while !t.is_finished() {
+            if std::time::Instant::now() >= until {
+                log::warn!(
+                    "the kernel loader is still reading -kernel after {:?}; not waiting for it",
+                    self.wait
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
+        let _ = t.join();
     }
 }
 
@@ -159,7 +190,7 @@ fn load_kernel(
                 .name("kernel-loader".into())
                 .spawn(move || lazy.run(later.done, later.failed));
             match t {
-                Ok(t) => KernelLoader(Some(t)),
+                Ok(t) => KernelLoader::new(Some(t)),
                 // No thread (the userfaultfd went with the closure: its pages are plain
                 // memory again): the VM does not start.
                 Err(e) => return Err(BootError::LoaderThread(e)),
@@ -170,7 +201,7 @@ fn load_kernel(
             lazy_kernel::load_now(mem, &file, &pieces)
                 .map_err(|e| BootError::ReadKernel(kname, e))?;
             (later.done)();
-            KernelLoader(None)
+            KernelLoader::new(None)
         }
     };
     Ok((entry, kernel_end, header, loader))
@@ -407,7 +438,7 @@ mod tests {
         // SAFETY: geteuid has no arguments and cannot fail.
         if unsafe { libc::geteuid() } == 0 {
             assert!(
-                loader.0.is_some(),
+                loader.thread.is_some(),
                 "as root the kernel is filled in by a thread"
             );
         }
@@ -430,5 +461,31 @@ mod tests {
         assert!(matches!(err, BootError::InitrdTooBig(_, 10)), "{err}");
         std::fs::remove_file(k).unwrap();
         std::fs::remove_file(r).unwrap();
+    }
+
+    /// A loader stuck in a read (a hung network file system) does not hold up the exit;
+    /// one that ends in time is joined.
+    #[test]
+    fn a_stuck_kernel_loader_is_waited_for_only_so_long() {
+        let (tx, stuck) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let _ = stuck.recv_timeout(std::time::Duration::from_secs(60));
+        });
+        let wait = std::time::Duration::from_millis(200);
+        let start = std::time::Instant::now();
+        drop(KernelLoader {
+            thread: Some(t),
+            wait,
+        });
+        let took = start.elapsed();
+        assert!(took >= wait && took < wait * 10, "{took:?}");
+        drop(tx);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            done_tx.send(()).unwrap();
+        });
+        drop(KernelLoader::new(Some(t)));
+        done.try_recv().expect("joined: the thread had finished");
     }
 }
