@@ -188,17 +188,11 @@ fn poweroff_typed_at_the_guest_shell_ends_nicvm() {
     let Some(img) = image() else { return };
     use std::io::{BufRead, Write};
     let mut child = std::process::Command::new(nicvm())
-        .args([
-            "-kernel",
-            &img.kernel.display().to_string(),
-            "-initrd",
-            &img.initrd.display().to_string(),
-            "-append",
-            "console=ttyS0 quiet nicvm.dhcp=off nicvm.run=shell",
-            "-nographic",
-            "-nic",
-            "none",
-        ])
+        .args(boot_args(
+            &img,
+            "nicvm.dhcp=off nicvm.run=shell",
+            &["-nic", "none"],
+        ))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

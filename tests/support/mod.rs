@@ -158,6 +158,11 @@ pub fn run(args: &[String], deadline: Duration) -> Outcome {
 /// Boots the project's guest: `-kernel vmlinux -initrd ... -append "console=ttyS0 quiet <append>"`
 /// plus `extra` options.
 pub fn boot(img: &Image, append: &str, extra: &[&str]) -> Outcome {
+    run(&boot_args(img, append, extra), BOOT_DEADLINE)
+}
+
+/// The arguments [`boot`] runs nicvm with.
+pub fn boot_args(img: &Image, append: &str, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "-kernel".into(),
         img.kernel.display().to_string(),
@@ -168,7 +173,7 @@ pub fn boot(img: &Image, append: &str, extra: &[&str]) -> Outcome {
         "-nographic".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    run(&args, BOOT_DEADLINE)
+    args
 }
 
 pub fn args(s: &[&str]) -> Vec<String> {

@@ -11,9 +11,7 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::{elf::PvhBootCapability, BzImage, Elf, KernelLoader as _};
 use std::fs::File;
 use std::path::Path;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryMode {
@@ -167,14 +165,7 @@ fn load_kernel(
 ) -> Result<(Entry, u64, Option<setup_header>, KernelLoader), BootError> {
     let kname = kernel.display().to_string();
     let f = File::open(kernel).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
-    let guest = mem
-        .iter()
-        .filter_map(|r| {
-            let at = r.as_ptr() as usize;
-            Some(at..at.checked_add(r.len() as usize)?)
-        })
-        .collect();
-    let mut f = Recorder::new(f, guest).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
+    let mut f = Recorder::new(f, mem).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
     let (entry, kernel_end, header) = parse_kernel(mem, &mut f, &kname)?;
     let pieces = std::mem::take(&mut f.pieces);
     let file = f.into_file();

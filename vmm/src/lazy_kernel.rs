@@ -41,19 +41,32 @@ pub struct Piece {
 /// ELF's segments): more, and the kernel is read at once rather than its gaps filled in.
 const MAX_GAPS: usize = 32 << 20;
 
-/// The host address range of `mem`'s region holding `at..at + len`, if one does.
-fn region_of(mem: &GuestMemoryMmap, at: usize, len: usize) -> Option<Range<usize>> {
-    let end = at.checked_add(len)?;
-    mem.iter().find_map(|r| {
-        let start = r.as_ptr() as usize;
-        let r_end = start.checked_add(r.len() as usize)?;
-        (start <= at && end <= r_end).then_some(start..r_end)
-    })
+/// The host address ranges of `mem`'s regions.
+fn host_ranges(mem: &GuestMemoryMmap) -> Vec<Range<usize>> {
+    mem.iter()
+        .filter_map(|r| {
+            let start = r.as_ptr() as usize;
+            Some(start..start.checked_add(r.len() as usize)?)
+        })
+        .collect()
 }
 
-/// A reader for linux-loader over the kernel file: reads meant for guest RAM (whose host
-/// addresses are `guest`) are recorded as [`Piece`]s, not done; the loader's own reads of
-/// headers and notes are real.
+/// The one of `ranges` holding `at..at + len`, if one does.
+fn holding(ranges: &[Range<usize>], at: usize, len: usize) -> Option<Range<usize>> {
+    let end = at.checked_add(len)?;
+    ranges
+        .iter()
+        .find(|r| r.start <= at && end <= r.end)
+        .cloned()
+}
+
+/// The host address range of `mem`'s region holding `at..at + len`, if one does.
+fn region_of(mem: &GuestMemoryMmap, at: usize, len: usize) -> Option<Range<usize>> {
+    holding(&host_ranges(mem), at, len)
+}
+
+/// A reader for linux-loader over the kernel file: reads meant for guest RAM are recorded as
+/// [`Piece`]s, not done; the loader's own reads of headers and notes are real.
 pub struct Recorder {
     file: File,
     size: u64,
@@ -63,8 +76,9 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// `guest`: the host address ranges of guest RAM.
-    pub fn new(file: File, guest: Vec<Range<usize>>) -> io::Result<Recorder> {
+    /// A recorder of reads into `mem`'s regions.
+    pub fn new(file: File, mem: &GuestMemoryMmap) -> io::Result<Recorder> {
+        let guest = host_ranges(mem);
         let size = file.metadata()?.len();
         Ok(Recorder {
             file,
@@ -107,10 +121,7 @@ impl ReadVolatile for Recorder {
     ) -> Result<usize, VolatileMemoryError> {
         let host = buf.ptr_guard_mut().as_ptr() as usize;
         let len = buf.len();
-        let in_guest = host
-            .checked_add(len)
-            .is_some_and(|end| self.guest.iter().any(|g| g.start <= host && end <= g.end));
-        if !in_guest {
+        if holding(&self.guest, host, len).is_none() {
             let mut own = vec![0u8; len];
             let n = self.read(&mut own).map_err(VolatileMemoryError::IOError)?;
             buf.copy_from(&own[..n]);
@@ -519,8 +530,7 @@ mod tests {
         let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let base = host_of(&m, 0);
         let data = pattern(3 * 4096);
-        let guest = std::iter::once(base..base + (1 << 20)).collect();
-        let mut r = Recorder::new(file_with(&data), guest).unwrap();
+        let mut r = Recorder::new(file_with(&data), &m).unwrap();
         let mut head = [0u8; 16];
         r.read_exact(&mut head).unwrap();
         assert_eq!(head[..], data[..16], "a header: read");
