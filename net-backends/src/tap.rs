@@ -338,13 +338,54 @@ fn with_header<'a>(hdr: &'a [u8], frame: &[IoSlice<'a>], out: &mut [IoSlice<'a>]
     frame.len() + 1
 }
 
+/// At most this many pieces after [`merge_adjacent`] go to the kernel merged; a frame in more
+/// goes as it came.
+const MERGED_IOVS: usize = 64;
+
+/// One frame to the tap. Pieces that lie back to back in memory (consecutive guest buffers,
+/// as a driver's page fragments often are) go as one: the kernel's copy pays about 20 ns for
+/// every piece it is handed. A frame in one piece goes by `write`, which costs the kernel less
+/// than a `writev` of one.
 fn writev(fd: RawFd, iov: &[IoSlice<'_>]) -> io::Result<()> {
-    // SAFETY: IoSlice is ABI-compatible with iovec; the slices outlive the call.
-    let n = unsafe { libc::writev(fd, iov.as_ptr().cast(), iov.len() as libc::c_int) };
+    let mut merged = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MERGED_IOVS];
+    let n = match merge_adjacent(iov, &mut merged) {
+        // SAFETY: the one piece covers bytes of `iov`'s slices, which outlive the call.
+        Some(1) => unsafe { libc::write(fd, merged[0].iov_base, merged[0].iov_len) },
+        // SAFETY: every merged piece covers bytes of `iov`'s slices (pieces that were
+        // adjacent in the address space, only joined), which outlive the call; the kernel
+        // only reads them.
+        Some(n) => unsafe { libc::writev(fd, merged.as_ptr(), n as libc::c_int) },
+        // SAFETY: IoSlice is ABI-compatible with iovec; the slices outlive the call.
+        None => unsafe { libc::writev(fd, iov.as_ptr().cast(), iov.len() as libc::c_int) },
+    };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The non-empty pieces of `iov` into `out`, each joined to the one before where it begins
+/// at that one's end; how many of `out` are used, or None when that would be more than
+/// `out` holds (or none: the kernel then sees the frame as it came).
+fn merge_adjacent(iov: &[IoSlice<'_>], out: &mut [libc::iovec]) -> Option<usize> {
+    let mut n = 0usize;
+    for s in iov.iter().filter(|s| !s.is_empty()) {
+        if let Some(last) = n.checked_sub(1).map(|i| &mut out[i]) {
+            if (last.iov_base as usize).checked_add(last.iov_len) == Some(s.as_ptr() as usize) {
+                last.iov_len += s.len();
+                continue;
+            }
+        }
+        *out.get_mut(n)? = libc::iovec {
+            iov_base: s.as_ptr() as *mut libc::c_void,
+            iov_len: s.len(),
+        };
+        n += 1;
+    }
+    (n > 0).then_some(n)
 }
 
 fn set_vnet_hdr_size(fd: RawFd) -> io::Result<()> {
@@ -565,6 +606,63 @@ mod tests {
         peer.write_all(&[1, 2, 3]).unwrap();
         assert_eq!(tap.recv(&mut buf).unwrap(), None, "a runt is no frame");
         assert_eq!(tap.recv(&mut buf).unwrap(), None, "nothing waiting");
+    }
+
+    #[test]
+    fn pieces_back_to_back_in_memory_go_as_one() {
+        let buf: Vec<u8> = (0..=255u8).collect();
+        let other = [7u8; 4];
+        let none = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let span = |v: &libc::iovec| (v.iov_base as usize - buf.as_ptr() as usize, v.iov_len);
+        let mut out = [none; 4];
+        // Three adjacent pieces (an empty one between) make one; a piece elsewhere stays
+        // apart, and so does one that follows it but begins further on.
+        let iov = [
+            IoSlice::new(&buf[0..10]),
+            IoSlice::new(&buf[10..10]),
+            IoSlice::new(&buf[10..100]),
+            IoSlice::new(&buf[100..101]),
+            IoSlice::new(&other),
+            IoSlice::new(&buf[120..130]),
+            IoSlice::new(&buf[131..140]),
+        ];
+        assert_eq!(merge_adjacent(&iov, &mut out), Some(4));
+        assert_eq!(span(&out[0]), (0, 101));
+        assert_eq!(
+            (out[1].iov_base as usize, out[1].iov_len),
+            (other.as_ptr() as usize, 4)
+        );
+        assert_eq!(span(&out[2]), (120, 10));
+        assert_eq!(span(&out[3]), (131, 9));
+        // More pieces than `out` holds: the caller hands the kernel the frame as it came.
+        let apart: Vec<IoSlice> = (0..5)
+            .map(|i| IoSlice::new(&buf[i * 2..i * 2 + 1]))
+            .collect();
+        assert_eq!(merge_adjacent(&apart, &mut out), None);
+        assert_eq!(merge_adjacent(&[IoSlice::new(&[])], &mut out), None);
+    }
+
+    #[test]
+    fn a_frame_in_adjacent_and_scattered_pieces_arrives_whole() {
+        let (ours, mut peer) = seqpacket_pair();
+        let mut tap = tap_over(ours, true, false);
+        let frame: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        let copy = frame.clone();
+        // Back to back in `frame`, then from another buffer, then back to back again; and
+        // more pieces than are merged.
+        let mut iov: Vec<IoSlice> = frame[..1000].chunks(100).map(IoSlice::new).collect();
+        iov.push(IoSlice::new(&copy[1000..2000]));
+        iov.extend(frame[2000..].chunks(10).map(IoSlice::new));
+        for pieces in [&iov[..], &iov[..11], &iov[..1]] {
+            tap.send(pieces).unwrap();
+            let want: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
+            let mut got = vec![0u8; 4096];
+            let n = peer.read(&mut got).unwrap();
+            assert_eq!(&got[..n], &want[..]);
+        }
     }
 
     #[test]
