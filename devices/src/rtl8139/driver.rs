@@ -20,7 +20,7 @@ pub const RX_RING: u64 = 0x1_0000;
 pub const TX_RING: u64 = RX_RING + CP_RING as u64 * 16;
 pub const RX_BUFS: u64 = 0x2_0000;
 pub const RX_BUF_SZ: u32 = 1536;
-/// TX buffers: one 64 KiB area per descriptor slot is more than any test needs.
+/// TX buffers: 64 KiB per descriptor slot; a frame's fragments are packed from its first slot on.
 pub const TX_BUFS: u64 = 0x10_0000;
 /// 8139too's receive ring (32 KiB + 16 + 2 KiB of slack for WRAP) and its four TX buffers.
 pub const RING_BUF: u64 = 0x8_0000;
@@ -274,8 +274,19 @@ impl Driver {
             entries.push(entry);
             entry = (entry + 1) % CP_RING;
         }
-        for (k, (frag, &e)) in frags.iter().zip(&entries).enumerate().rev() {
-            let buf = TX_BUFS + e as u64 * 0x1_0000;
+        // The fragments lie back to back from the first slot's buffer on, as a driver's page
+        // fragments often do; a frame stays within its own slots (a fragment is under 8 KiB,
+        // a slot 64 KiB).
+        let mut at = TX_BUFS + first as u64 * 0x1_0000;
+        let bufs: Vec<u64> = frags
+            .iter()
+            .map(|f| {
+                let b = at;
+                at += f.len() as u64;
+                b
+            })
+            .collect();
+        for (k, ((frag, &e), &buf)) in frags.iter().zip(&entries).zip(&bufs).enumerate().rev() {
             self.mem.write_slice(frag, GuestAddress(buf)).unwrap();
             let eor = if e == CP_RING - 1 { DESC_EOR } else { 0 };
             let mut ctrl = DESC_OWN | opts1 | eor | frag.len() as u32;
