@@ -20,6 +20,8 @@ struct Shared {
     /// Where each piece of every sent frame was (host address, length): a test tells from
     /// them whether a model sent from guest memory or from a copy of its own.
     pieces: Vec<(usize, usize)>,
+    /// Runs of memory the last frame sent lay in (pieces back to back count as one).
+    last_runs: usize,
     /// The frontend turned this queue off (a multiqueue tap's detached queue): frames wait.
     queue_off: bool,
 }
@@ -95,6 +97,12 @@ impl MemPeer {
             .sum()
     }
 
+    /// Runs of memory the last frame sent lay in, pieces back to back counted as one (a tap
+    /// takes such pieces as one).
+    pub fn last_frame_runs(&self) -> usize {
+        self.shared.lock().unwrap().last_runs
+    }
+
     pub fn rx_offloads(&self) -> Option<crate::Offloads> {
         self.shared.lock().unwrap().rx_offloads
     }
@@ -124,6 +132,11 @@ impl NetBackend for MemBackend {
             .push(frame.iter().flat_map(|p| p.iter().copied()).collect());
         s.pieces
             .extend(frame.iter().map(|p| (p.as_ptr() as usize, p.len())));
+        let joined = frame
+            .windows(2)
+            .filter(|w| w[0].as_ptr_range().end == w[1].as_ptr())
+            .count();
+        s.last_runs = frame.len() - joined;
         Ok(())
     }
 

@@ -202,7 +202,7 @@ impl E1000 {
             ctx: TxContext::default(),
             tx_pieces: Vec::new(),
             tx_len: 0,
-            tx_buf: Vec::with_capacity(MAX_FRAME),
+            tx_buf: Vec::with_capacity(net_backends::vnet::VNET_HDR_LEN + MAX_FRAME),
             tx_iov: Vec::new(),
             tx_scratch: Vec::with_capacity(MAX_FRAME),
             tx_rs: Vec::new(),

@@ -450,6 +450,28 @@ fn large_frames_leave_from_guest_memory() {
 }
 
 #[test]
+fn a_copied_frame_and_its_header_reach_the_tap_in_one_piece() {
+    let mut r = opened_with(VNET_TAP);
+    // Plain, and with the checksum left to the peer: the header went in front of the copy.
+    let mut f = tcp4(PEER, 1460);
+    r.xmit_legacy(&f, None, None);
+    assert_eq!(r.peer.take_sent()[0][VNET_HDR..], f[..]);
+    assert_eq!(r.peer.last_frame_runs(), 1);
+    let sum = pseudo(&f, 1480);
+    seed(&mut f, sum);
+    r.xmit_csum(&f, 34, 50, true);
+    let (h, g) = peer_finishes(&r.peer.take_sent()[0]);
+    assert_eq!((h.csum_start, h.csum_offset), (34, 16));
+    assert!(checksums_ok(&g));
+    assert_eq!(r.peer.last_frame_runs(), 1);
+    // A TSO send: the header and the copied headers, then the payload from guest memory.
+    let (f, sent) = xmit_tso_64k_on(&mut r, None);
+    assert_eq!(sent[0][VNET_HDR + 256..], f[256..]);
+    assert_eq!(r.peer.last_frame_runs(), 2);
+    assert_eq!(r.tx_done(), 3);
+}
+
+#[test]
 fn checksum_offload_goes_to_a_tap_with_a_vnet_header() {
     let mut r = opened_with(VNET_TAP);
     let mut f = tcp4(PEER, 300);

@@ -12,7 +12,7 @@ use crate::net::offload::{
     IPPROTO_UDP,
 };
 use crate::net::Sent;
-use net_backends::vnet::{VnetHdr, VIRTIO_NET_HDR_GSO_NONE};
+use net_backends::vnet::{VnetHdr, VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_LEN};
 use std::io::IoSlice;
 use vm_memory::Bytes;
 
@@ -235,25 +235,34 @@ impl E1000 {
     fn transmit(&mut self, port: &mut NetPort, f: &FrameCmd) -> Tx {
         let len = self.tx_len;
         let pieces = std::mem::take(&mut self.tx_pieces);
-        let mut frame = std::mem::take(&mut self.tx_buf);
-        frame.clear();
-        frame.resize(if len > TX_COPY_MAX { TX_HEAD } else { len }, 0);
+        // The copy goes after room for the header the port may put in front of it.
+        let mut buf = std::mem::take(&mut self.tx_buf);
+        buf.clear();
+        buf.resize(
+            VNET_HDR_LEN + if len > TX_COPY_MAX { TX_HEAD } else { len },
+            0,
+        );
+        let (room, mut frame) = staged(&mut buf);
         // The pieces were checked on the walk: the copies cannot fail.
-        let mut ok = guest_iov::read_pieces(&self.mem, &pieces, 0, &mut frame);
+        let mut ok = guest_iov::read_pieces(&self.mem, &pieces, 0, frame);
         let mut r = None;
         if ok && len > TX_COPY_MAX {
-            r = self.transmit_direct(port, &mut frame, &pieces, f);
+            r = self.transmit_direct(port, room, frame, &pieces, f);
             if r.is_none() {
-                frame.resize(len, 0);
+                buf.resize(VNET_HDR_LEN + len, 0);
+                frame = staged(&mut buf).1;
                 ok = guest_iov::read_pieces(&self.mem, &pieces, TX_HEAD, &mut frame[TX_HEAD..]);
             }
         }
         let r = match r {
             Some(r) => r,
-            None if ok => self.transmit_frame(port, &mut frame, f),
+            None if ok => {
+                let (room, frame) = staged(&mut buf);
+                self.transmit_frame(port, room, frame, f)
+            }
             None => Tx::Done,
         };
-        self.tx_buf = frame;
+        self.tx_buf = buf;
         self.tx_pieces = pieces;
         r
     }
@@ -264,6 +273,7 @@ impl E1000 {
     fn transmit_direct(
         &mut self,
         port: &mut NetPort,
+        room: &mut [u8; VNET_HDR_LEN],
         head: &mut [u8],
         pieces: &[Piece],
         f: &FrameCmd,
@@ -309,7 +319,7 @@ impl E1000 {
             }
             hdr
         };
-        let r = self.send(port, head, pieces, vlan, hdr.as_ref());
+        let r = self.send(port, Some(room), head, pieces, vlan, hdr.as_ref());
         if tso && r != Sent::Blocked {
             self.count(TSCTC, 1);
         }
@@ -319,7 +329,14 @@ impl E1000 {
         })
     }
 
-    fn transmit_frame(&mut self, port: &mut NetPort, frame: &mut [u8], f: &FrameCmd) -> Tx {
+    /// Sends the frame copied out whole, `room` in front of it.
+    fn transmit_frame(
+        &mut self,
+        port: &mut NetPort,
+        room: &mut [u8; VNET_HDR_LEN],
+        frame: &mut [u8],
+        f: &FrameCmd,
+    ) -> Tx {
         if frame.is_empty() {
             return Tx::Done; // only null descriptors: nothing goes on the wire
         }
@@ -327,7 +344,7 @@ impl E1000 {
             (f.eop_cmd & TXD_CMD_VLE != 0 && self.reg(CTRL) & CTRL_VME != 0).then_some(f.special);
         let c = self.ctx;
         if f.tse && c.tucmd & TXD_CMD_TSE != 0 {
-            return self.transmit_tso(port, frame, &c, vlan);
+            return self.transmit_tso(port, room, frame, &c, vlan);
         }
         let len = frame.len();
         // The transport checksum: left to a peer that takes it (a tap with a virtio-net
@@ -354,7 +371,7 @@ impl E1000 {
                 insert_checksum(frame, start, field, end);
             }
         }
-        match self.send(port, frame, &[], vlan, hdr.as_ref()) {
+        match self.send(port, Some(room), frame, &[], vlan, hdr.as_ref()) {
             Sent::Blocked => Tx::Blocked,
             _ => Tx::Done,
         }
@@ -365,6 +382,7 @@ impl E1000 {
     fn transmit_tso(
         &mut self,
         port: &mut NetPort,
+        room: &mut [u8; VNET_HDR_LEN],
         frame: &mut [u8],
         c: &TxContext,
         vlan: Option<u16>,
@@ -380,7 +398,7 @@ impl E1000 {
         let peer = port.peer_offloads();
         if vlan.is_none() && self.tx_segs_sent == 0 {
             if let Some(hdr) = prepare_gso(frame, &at, c.mss, peer) {
-                return match self.send(port, frame, &[], None, Some(&hdr)) {
+                return match self.send(port, Some(room), frame, &[], None, Some(&hdr)) {
                     Sent::Blocked => Tx::Blocked,
                     _ => {
                         self.count(TSCTC, 1);
@@ -393,7 +411,7 @@ impl E1000 {
         let skip = self.tx_segs_sent;
         let mut i = 0;
         let r = segment_tcp(frame, &at, c.mss, &mut scratch, |seg| {
-            if i >= skip && self.send(port, seg, &[], vlan, None) == Sent::Blocked {
+            if i >= skip && self.send(port, None, seg, &[], vlan, None) == Sent::Blocked {
                 return Err(());
             }
             i += 1;
@@ -415,10 +433,12 @@ impl E1000 {
     /// Hands one wire frame to the port — `head`, then what of `tail` (guest memory) lies past
     /// `head.len()` bytes — inserting the VLAN tag and padding short frames (TCTL.PSP), and
     /// counts it: with `offload`, in the header the peer takes it with (see
-    /// [`NetPort::send_offloaded`]), counted as the wire frames the peer makes of it.
+    /// [`NetPort::send_offloaded`]), counted as the wire frames the peer makes of it. `room`:
+    /// the bytes in front of `head`, for the port's header (see [`NetPort::send_staged`]).
     fn send(
         &mut self,
         port: &mut NetPort,
+        room: Option<&mut [u8; VNET_HDR_LEN]>,
         head: &[u8],
         tail: &[Piece],
         vlan: Option<u16>,
@@ -450,10 +470,11 @@ impl E1000 {
         if pad > 0 {
             iov.push(IoSlice::new(&ZEROS[..pad]));
         }
-        let r = match offload {
+        let r = match (offload, room) {
             _ if !whole => Sent::Lost,
-            Some(h) => port.send_offloaded(h, &iov),
-            None => port.send(&iov),
+            (h, Some(room)) => port.send_staged(h, room, &iov),
+            (Some(h), None) => port.send_offloaded(h, &iov),
+            (None, None) => port.send(&iov),
         };
         self.tx_iov = guest_iov::recycle(iov);
         if r != Sent::Sent {
@@ -490,6 +511,12 @@ impl E1000 {
             self.count(MPTC, n);
         }
     }
+}
+
+/// A staged frame's room for a header, and the frame behind it.
+fn staged(buf: &mut [u8]) -> (&mut [u8; VNET_HDR_LEN], &mut [u8]) {
+    let (room, frame) = buf.split_at_mut(VNET_HDR_LEN);
+    (room.try_into().expect("VNET_HDR_LEN bytes"), frame)
 }
 
 /// The layers a TSO context describes in a frame of `len` bytes.

@@ -378,7 +378,7 @@ impl NetPort {
 
     /// Hands one frame (in pieces) to the backend.
     pub fn send(&mut self, frame: &[IoSlice<'_>]) -> Sent {
-        self.send_with(&NO_VNET_HDR, frame)
+        self.send_with(&NO_VNET_HDR, None, frame)
     }
 
     /// Hands one frame to the backend with a virtio-net header the model filled in: checksum
@@ -388,15 +388,45 @@ impl NetPort {
             self.hdr == Hdr::Hide,
             "offloads without a header to carry them"
         );
-        self.send_with(&hdr.to_bytes(), frame)
+        self.send_with(&hdr.to_bytes(), None, frame)
+    }
+
+    /// [`NetPort::send`], or [`NetPort::send_offloaded`] with `hdr`, for a frame whose first
+    /// piece the model copied out right after `room`: a header the backend carries is written
+    /// there, so header and frame reach it as one piece (a tap takes one piece for less than
+    /// two).
+    pub fn send_staged(
+        &mut self,
+        hdr: Option<&VnetHdr>,
+        room: &mut [u8; VNET_HDR_LEN],
+        frame: &[IoSlice<'_>],
+    ) -> Sent {
+        debug_assert!(
+            hdr.is_none() || self.hdr == Hdr::Hide,
+            "offloads without a header to carry them"
+        );
+        let bytes = hdr.map_or(NO_VNET_HDR, |h| h.to_bytes());
+        self.send_with(&bytes, Some(room), frame)
     }
 
     /// `hdr` goes in front of the frame when the backend carries a header the model has not
-    /// (it is then the model's, or an empty one).
-    fn send_with(&mut self, hdr: &[u8; VNET_HDR_LEN], frame: &[IoSlice<'_>]) -> Sent {
+    /// (it is then the model's, or an empty one): into `room` when the model has some.
+    fn send_with(
+        &mut self,
+        hdr: &[u8; VNET_HDR_LEN],
+        room: Option<&mut [u8; VNET_HDR_LEN]>,
+        frame: &[IoSlice<'_>],
+    ) -> Sent {
         let hide = self.hdr == Hdr::Hide;
         let q = &mut self.queues[self.cur];
         let r = if hide {
+            let hdr: &[u8] = match room {
+                Some(room) => {
+                    *room = *hdr;
+                    room
+                }
+                None => hdr,
+            };
             let mut iov = [IoSlice::new(&[]); 24];
             if frame.len() < iov.len() {
                 iov[0] = IoSlice::new(hdr);

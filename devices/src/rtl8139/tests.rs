@@ -564,6 +564,27 @@ fn too_transmits_round_robin() {
     assert!(d.irq());
 }
 
+/// On a tap with a virtio-net header the port's empty header goes in front of the slot's
+/// copy: header and frame reach the tap as one piece.
+#[test]
+fn too_frame_and_header_reach_the_tap_in_one_piece() {
+    let (mut d, peer) = rig_with(
+        false,
+        Capabilities {
+            vnet_hdr: true,
+            offloads: Offloads::ALL,
+        },
+    );
+    d.probe();
+    d.open_too(0);
+    let f = frame_to([0xff; 6], 1514, 3);
+    d.too_xmit(&f);
+    let sent = peer.take_sent();
+    assert_eq!(sent[0][..VNET_HDR_LEN], [0; VNET_HDR_LEN]);
+    assert_eq!(sent[0][VNET_HDR_LEN..], f[..]);
+    assert_eq!(peer.last_frame_runs(), 1);
+}
+
 #[test]
 fn too_receives_through_the_ring() {
     let (mut d, peer) = too_open();

@@ -6,7 +6,7 @@ use super::desc::CpDesc;
 use super::*;
 use crate::net::guest_iov::{self, Piece};
 use crate::net::{offload, Sent};
-use net_backends::vnet::VnetHdr;
+use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
 use net_backends::Offloads;
 use std::io::IoSlice;
 use vm_memory::{Bytes, GuestAddress};
@@ -72,15 +72,18 @@ impl Rtl8139 {
 
     /// [`Self::send_frame`] with the header a peer that takes offloads gets it with.
     fn send_offloaded(&mut self, port: &mut NetPort, hdr: Option<VnetHdr>, frame: &[u8]) {
-        self.send_pieces(port, hdr, frame, &[], 0, frame.len());
+        self.send_pieces(port, hdr, None, frame, &[], 0, frame.len());
     }
 
     /// Sends a frame of `len` bytes: `head`, then `tail` (guest memory) after its first `skip`
-    /// bytes; copied into the backlog when the backend is full.
+    /// bytes; copied into the backlog when the backend is full. `room`: the bytes in front of
+    /// `head`, for the port's header (see [`NetPort::send_staged`]).
+    #[allow(clippy::too_many_arguments)]
     fn send_pieces(
         &mut self,
         port: &mut NetPort,
         hdr: Option<VnetHdr>,
+        room: Option<&mut [u8; VNET_HDR_LEN]>,
         head: &[u8],
         tail: &[Piece],
         skip: usize,
@@ -90,7 +93,10 @@ impl Rtl8139 {
         self.tally.tx_ok = self.tally.tx_ok.wrapping_add(wire as u64);
         if self.tx_backlog.is_empty() {
             let r = if len == head.len() {
-                send(port, hdr.as_ref(), &[IoSlice::new(head)])
+                match room {
+                    Some(room) => port.send_staged(hdr.as_ref(), room, &[IoSlice::new(head)]),
+                    None => send(port, hdr.as_ref(), &[IoSlice::new(head)]),
+                }
             } else {
                 let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
                 iov.push(IoSlice::new(head));
@@ -152,15 +158,19 @@ impl Rtl8139 {
     fn send_slot(&mut self, port: &mut NetPort, slot: usize) {
         let size = (self.tsd[slot] & TSD_SIZE) as usize;
         let addr = GuestAddress(self.get32(TSAD0 + 4 * slot) as u64);
+        // The copy goes after room for the header the port may put in front of it.
         let mut buf = std::mem::take(&mut self.tx_buf);
-        buf.resize(size, 0);
+        buf.clear();
+        buf.resize(VNET_HDR_LEN + size, 0);
+        let (room, frame) = buf.split_at_mut(VNET_HDR_LEN);
+        let room: &mut [u8; VNET_HDR_LEN] = room.try_into().expect("VNET_HDR_LEN bytes");
         let ok = if size > MAX_NORMAL_FRAME {
             self.dma_error(
                 port,
                 &format!("TX slot {slot} asks for {size} bytes (at most {MAX_NORMAL_FRAME})"),
             );
             false
-        } else if self.mem.read_slice(&mut buf, addr).is_err() {
+        } else if self.mem.read_slice(frame, addr).is_err() {
             self.dma_error(
                 port,
                 &format!("TX slot {slot} buffer {addr:#x?} is outside guest memory"),
@@ -170,7 +180,7 @@ impl Rtl8139 {
             true
         };
         if ok {
-            self.send_frame(port, &buf);
+            self.send_pieces(port, None, Some(room), frame, &[], 0, size);
             self.tsd[slot] |= TSD_OWN | TSD_TOK;
             self.raise(INT_TOK);
         } else {
@@ -383,7 +393,7 @@ impl Rtl8139 {
                 offload::fill_ipv4_checksum_head(head, len, &at);
             }
         }
-        self.send_pieces(port, hdr, head, pieces, skip, len);
+        self.send_pieces(port, hdr, None, head, pieces, skip, len);
         true
     }
 
