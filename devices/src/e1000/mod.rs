@@ -36,6 +36,7 @@ mod tx;
 
 use crate::interrupt::IntxLine;
 use crate::net::guest_iov::Piece;
+use crate::net::tx_stage::TxStage;
 use crate::net::{NetPort, NicModel, Rx, RxFilter, RxState, Timer};
 use crate::pci::{BarKind, PciConfig, PCI_COMMAND_INTX_DISABLE};
 use eeprom::Eeprom;
@@ -155,7 +156,7 @@ pub struct E1000 {
     tx_len: usize,
     /// The frame's first bytes (its headers, changed where an offload asks), or all of it
     /// when it must be changed further in.
-    tx_buf: Vec<u8>,
+    tx_buf: TxStage,
     /// The I/O vectors of the frame going out (kept for their allocation).
     tx_iov: Vec<IoSlice<'static>>,
     tx_scratch: Vec<u8>,
@@ -202,7 +203,7 @@ impl E1000 {
             ctx: TxContext::default(),
             tx_pieces: Vec::new(),
             tx_len: 0,
-            tx_buf: Vec::with_capacity(net_backends::vnet::VNET_HDR_LEN + MAX_FRAME),
+            tx_buf: TxStage::with_capacity(MAX_FRAME),
             tx_iov: Vec::new(),
             tx_scratch: Vec::with_capacity(MAX_FRAME),
             tx_rs: Vec::new(),

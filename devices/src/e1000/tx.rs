@@ -235,34 +235,29 @@ impl E1000 {
     fn transmit(&mut self, port: &mut NetPort, f: &FrameCmd) -> Tx {
         let len = self.tx_len;
         let pieces = std::mem::take(&mut self.tx_pieces);
-        // The copy goes after room for the header the port may put in front of it.
-        let mut buf = std::mem::take(&mut self.tx_buf);
-        buf.clear();
-        buf.resize(
-            VNET_HDR_LEN + if len > TX_COPY_MAX { TX_HEAD } else { len },
-            0,
-        );
-        let (room, mut frame) = staged(&mut buf);
+        let mut frame = std::mem::take(&mut self.tx_buf);
+        frame.clear();
+        frame.resize(if len > TX_COPY_MAX { TX_HEAD } else { len });
         // The pieces were checked on the walk: the copies cannot fail.
-        let mut ok = guest_iov::read_pieces(&self.mem, &pieces, 0, frame);
+        let mut ok = guest_iov::read_pieces(&self.mem, &pieces, 0, &mut frame);
         let mut r = None;
         if ok && len > TX_COPY_MAX {
-            r = self.transmit_direct(port, room, frame, &pieces, f);
+            let (room, head) = frame.split();
+            r = self.transmit_direct(port, room, head, &pieces, f);
             if r.is_none() {
-                buf.resize(VNET_HDR_LEN + len, 0);
-                frame = staged(&mut buf).1;
+                frame.resize(len);
                 ok = guest_iov::read_pieces(&self.mem, &pieces, TX_HEAD, &mut frame[TX_HEAD..]);
             }
         }
         let r = match r {
             Some(r) => r,
             None if ok => {
-                let (room, frame) = staged(&mut buf);
+                let (room, frame) = frame.split();
                 self.transmit_frame(port, room, frame, f)
             }
             None => Tx::Done,
         };
-        self.tx_buf = buf;
+        self.tx_buf = frame;
         self.tx_pieces = pieces;
         r
     }
@@ -511,12 +506,6 @@ impl E1000 {
             self.count(MPTC, n);
         }
     }
-}
-
-/// A staged frame's room for a header, and the frame behind it.
-fn staged(buf: &mut [u8]) -> (&mut [u8; VNET_HDR_LEN], &mut [u8]) {
-    let (room, frame) = buf.split_at_mut(VNET_HDR_LEN);
-    (room.try_into().expect("VNET_HDR_LEN bytes"), frame)
 }
 
 /// The layers a TSO context describes in a frame of `len` bytes.

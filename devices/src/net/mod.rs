@@ -1,6 +1,6 @@
 //! The network side of the NIC models: the port they share ([`port`]), their counters, the
-//! one-shot timer they use for interrupt mitigation and delayed work, and the offloads done
-//! in "hardware" ([`offload`]).
+//! one-shot timer they use for interrupt mitigation and delayed work, the offloads done in
+//! "hardware" ([`offload`]) and the buffer a model copies a frame into ([`tx_stage`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub mod guest_iov;
 pub mod port;
+pub mod tx_stage;
 pub use port::{
     BackendInterest, NetEvent, NetPort, Nic, NicControl, NicModel, Rx, RxFilter, RxState, Sent,
 };

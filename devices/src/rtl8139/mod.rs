@@ -36,6 +36,7 @@ mod tests;
 
 use crate::interrupt::IntxLine;
 use crate::net::guest_iov::Piece;
+use crate::net::tx_stage::TxStage;
 use crate::net::{NetPort, NicModel, Rx, RxFilter, RxState, Timer};
 use crate::pci::{BarKind, PciConfig, PCI_COMMAND_INTX_DISABLE};
 use desc::Tally;
@@ -211,7 +212,7 @@ pub struct Rtl8139 {
     /// reuse a buffer as soon as its descriptor is back).
     cp_tx_descs: Vec<(GuestAddress, u32)>,
     /// A frame (or its first bytes) copied out of guest memory.
-    tx_buf: Vec<u8>,
+    tx_buf: TxStage,
     /// The I/O vectors of the frame going out (kept for their allocation).
     tx_iov: Vec<IoSlice<'static>>,
     tx_scratch: Vec<u8>,
@@ -293,7 +294,7 @@ impl Rtl8139 {
             cp_tx_pieces: Vec::new(),
             cp_tx_len: 0,
             cp_tx_descs: Vec::new(),
-            tx_buf: Vec::with_capacity(net_backends::MAX_FRAME),
+            tx_buf: TxStage::with_capacity(net_backends::MAX_FRAME),
             tx_iov: Vec::new(),
             tx_scratch: Vec::with_capacity(2048),
             tx_backlog: VecDeque::new(),

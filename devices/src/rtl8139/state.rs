@@ -97,7 +97,7 @@ impl Rtl8139 {
             cp_tx_opts: self.cp_tx_opts,
             cp_tx_drop: self.cp_tx_drop,
             cp_tx_len: self.cp_tx_len,
-            cp_tx_copied: self.tx_buf.clone(),
+            cp_tx_copied: self.tx_buf.to_vec(),
             cp_tx_pieces: self.cp_tx_pieces.iter().map(|&(a, l)| (a.0, l)).collect(),
             cp_tx_descs: self.cp_tx_descs.iter().map(|&(a, s)| (a.0, s)).collect(),
             tally: self.tally,

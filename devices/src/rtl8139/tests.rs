@@ -228,6 +228,33 @@ fn cp_large_send_segments_a_64k_frame() {
     assert!(d.cp_tx_done().iter().all(|s| s & (1 << 23) == 0));
 }
 
+/// On a tap with a virtio-net header the header goes in front of the copied frame (or the
+/// copied headers of a large send): one piece fewer for the tap.
+#[test]
+fn cp_frame_and_header_reach_the_tap_in_one_piece() {
+    let (mut d, peer) = cp_open_with(Capabilities {
+        vnet_hdr: true,
+        offloads: Offloads::ALL,
+    });
+    let f = frame_to([0xff; 6], 1514, 9);
+    d.cp_xmit(&[&f[..54], &f[54..]], 0, 0);
+    assert_eq!(peer.take_sent()[0][VNET_HDR_LEN..], f[..]);
+    assert_eq!(peer.last_frame_runs(), 1);
+    // With a tag inserted into the copy.
+    d.cp_xmit(&[&f[..1000], &f[1000..1510]], 0, TX_TAGC | 0x0560);
+    let s = &peer.take_sent()[0][VNET_HDR_LEN..];
+    assert_eq!(
+        (&s[..12], &s[12..14], &s[16..]),
+        (&f[..12], &[0x81, 0][..], &f[12..1510])
+    );
+    assert_eq!(peer.last_frame_runs(), 1);
+    // The large send: header and copied headers, then the rest from guest memory, whose
+    // fragments the test driver lays back to back.
+    let (f, sent) = cp_large_send_65000(&mut d, &peer);
+    assert_eq!(sent[0][VNET_HDR_LEN + 256..], f[256..]);
+    assert_eq!(peer.last_frame_runs(), 2);
+}
+
 /// A tap with a virtio-net header takes the checksum and the large send whole, for the host
 /// kernel to finish; a tag to insert keeps them in the model.
 #[test]

@@ -5,6 +5,7 @@
 use super::desc::CpDesc;
 use super::*;
 use crate::net::guest_iov::{self, Piece};
+use crate::net::tx_stage::TxStage;
 use crate::net::{offload, Sent};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
 use net_backends::Offloads;
@@ -51,11 +52,18 @@ const TX_COPY_MAX: usize = 2048;
 /// `writev` takes 1024 pieces at most; 8139cp uses one per page fragment, 18 at most).
 const MAX_PIECES: usize = 32;
 
-/// One frame to the port, in the header `hdr` when there is one.
-fn send(port: &mut NetPort, hdr: Option<&VnetHdr>, iov: &[IoSlice<'_>]) -> Sent {
-    match hdr {
-        Some(h) => port.send_offloaded(h, iov),
-        None => port.send(iov),
+/// One frame to the port, in the header `hdr` when there is one; `room`: the bytes in front
+/// of its first piece, for the port's header (see [`NetPort::send_staged`]).
+fn send(
+    port: &mut NetPort,
+    hdr: Option<&VnetHdr>,
+    room: Option<&mut [u8; VNET_HDR_LEN]>,
+    iov: &[IoSlice<'_>],
+) -> Sent {
+    match (hdr, room) {
+        (h, Some(room)) => port.send_staged(h, room, iov),
+        (Some(h), None) => port.send_offloaded(h, iov),
+        (None, None) => port.send(iov),
     }
 }
 
@@ -93,16 +101,13 @@ impl Rtl8139 {
         self.tally.tx_ok = self.tally.tx_ok.wrapping_add(wire as u64);
         if self.tx_backlog.is_empty() {
             let r = if len == head.len() {
-                match room {
-                    Some(room) => port.send_staged(hdr.as_ref(), room, &[IoSlice::new(head)]),
-                    None => send(port, hdr.as_ref(), &[IoSlice::new(head)]),
-                }
+                send(port, hdr.as_ref(), room, &[IoSlice::new(head)])
             } else {
                 let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
                 iov.push(IoSlice::new(head));
                 // Checked on the walk: the pieces are guest memory.
                 let r = if guest_iov::push_pieces(&self.mem, tail, skip, &mut iov) {
-                    send(port, hdr.as_ref(), &iov)
+                    send(port, hdr.as_ref(), room, &iov)
                 } else {
                     Sent::Lost
                 };
@@ -122,7 +127,7 @@ impl Rtl8139 {
     /// The backend may take frames again: the backlog first, then what waited behind it.
     pub(super) fn flush_tx(&mut self, port: &mut NetPort) {
         while let Some((hdr, f)) = self.tx_backlog.front() {
-            if send(port, hdr.as_ref(), &[IoSlice::new(f)]) == Sent::Blocked {
+            if send(port, hdr.as_ref(), None, &[IoSlice::new(f)]) == Sent::Blocked {
                 return;
             }
             self.tx_backlog.pop_front();
@@ -158,12 +163,10 @@ impl Rtl8139 {
     fn send_slot(&mut self, port: &mut NetPort, slot: usize) {
         let size = (self.tsd[slot] & TSD_SIZE) as usize;
         let addr = GuestAddress(self.get32(TSAD0 + 4 * slot) as u64);
-        // The copy goes after room for the header the port may put in front of it.
         let mut buf = std::mem::take(&mut self.tx_buf);
         buf.clear();
-        buf.resize(VNET_HDR_LEN + size, 0);
-        let (room, frame) = buf.split_at_mut(VNET_HDR_LEN);
-        let room: &mut [u8; VNET_HDR_LEN] = room.try_into().expect("VNET_HDR_LEN bytes");
+        buf.resize(size);
+        let (room, frame) = buf.split();
         let ok = if size > MAX_NORMAL_FRAME {
             self.dma_error(
                 port,
@@ -261,7 +264,7 @@ impl Rtl8139 {
                     guest_iov::is_memory(&self.mem, addr, len)
                 } else {
                     let start = self.tx_buf.len();
-                    self.tx_buf.resize(start + len, 0);
+                    self.tx_buf.resize(start + len);
                     self.mem.read_slice(&mut self.tx_buf[start..], addr).is_ok()
                 };
                 if !ok {
@@ -331,7 +334,7 @@ impl Rtl8139 {
             // Enough copied for the headers; the rest of the pieces after `skip` bytes.
             let copied = frame.len();
             let head = copied.max(TX_HEAD.min(len));
-            frame.resize(head, 0);
+            frame.resize(head);
             let skip = head - copied;
             // The pieces were checked on the walk: the copies cannot fail.
             let ok = guest_iov::read_pieces(&self.mem, &pieces, 0, &mut frame[copied..]);
@@ -340,7 +343,7 @@ impl Rtl8139 {
                 && pieces.len() <= MAX_PIECES
                 && self.cp_send_direct(port, &mut frame, &pieces, skip, len);
             if ok && !direct {
-                frame.resize(len, 0);
+                frame.resize(len);
                 if guest_iov::read_pieces(&self.mem, &pieces, skip, &mut frame[head..]) {
                     self.cp_send_copied(port, &mut frame);
                 }
@@ -358,11 +361,12 @@ impl Rtl8139 {
     fn cp_send_direct(
         &mut self,
         port: &mut NetPort,
-        head: &mut [u8],
+        head: &mut TxStage,
         pieces: &[Piece],
         skip: usize,
         len: usize,
     ) -> bool {
+        let (room, head) = head.split();
         let (opts1, _) = self.cp_tx_opts;
         let peer = port.peer_offloads();
         let layers = offload::parse_head(head, len).filter(|a| a.ipv4);
@@ -393,17 +397,17 @@ impl Rtl8139 {
                 offload::fill_ipv4_checksum_head(head, len, &at);
             }
         }
-        self.send_pieces(port, hdr, None, head, pieces, skip, len);
+        self.send_pieces(port, hdr, Some(room), head, pieces, skip, len);
         true
     }
 
     /// [`Self::cp_send_offloaded`] on a frame copied out whole.
-    fn cp_send_copied(&mut self, port: &mut NetPort, frame: &mut Vec<u8>) {
+    fn cp_send_copied(&mut self, port: &mut NetPort, frame: &mut TxStage) {
         let (opts1, opts2) = self.cp_tx_opts;
         if opts2 & TX_TAGC != 0 && frame.len() >= 12 {
             // The tag sits byte-swapped in the descriptor, as the driver put it.
             let tci = (opts2 as u16).swap_bytes().to_be_bytes();
-            frame.splice(12..12, [0x81, 0x00, tci[0], tci[1]]);
+            frame.insert(12, &[0x81, 0x00, tci[0], tci[1]]);
         }
         let layers = offload::parse(frame);
         // A peer that takes offloads (a tap with a virtio-net header) checksums and segments
@@ -446,7 +450,9 @@ impl Rtl8139 {
             }
         }
         if !segmented {
-            self.send_offloaded(port, hdr, frame);
+            let (room, frame) = frame.split();
+            let len = frame.len();
+            self.send_pieces(port, hdr, Some(room), frame, &[], 0, len);
         }
     }
 }
