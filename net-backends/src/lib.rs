@@ -126,3 +126,15 @@ pub trait NetBackend: Send {
         Ok(())
     }
 }
+
+/// A small deterministic xorshift for tests: each call a number below its argument.
+#[cfg(test)]
+pub(crate) fn test_rng() -> impl FnMut(usize) -> usize {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    move |n| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    }
+}

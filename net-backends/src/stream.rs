@@ -842,15 +842,9 @@ mod tests {
 
     #[test]
     fn any_split_of_any_frames_comes_out_the_same() {
-        // A small deterministic xorshift: frames of random sizes (zero and MAX_FRAME among
-        // them), the stream cut at random places, frames taken whenever there are some.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
+        // Frames of random sizes (zero and MAX_FRAME among them), the stream cut at random
+        // places, frames taken whenever there are some.
+        let mut rnd = crate::test_rng();
         for round in 0..50 {
             let frames: Vec<Vec<u8>> = (0..rnd(20) + 1)
                 .map(|i| {

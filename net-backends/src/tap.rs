@@ -653,13 +653,7 @@ mod tests {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         };
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = crate::test_rng();
         for _ in 0..2000 {
             // Up to 80 pieces, each from either buffer, at the end of the last piece taken
             // from it or a little further on, some empty.
