@@ -111,11 +111,11 @@ class Receiver:
     started, a thread takes the connection and reads to EOF, sampling the VMM's CPU time at
     accept and at EOF, into self.got."""
 
-    def __init__(self, deadline):
+    def __init__(self, deadline, port=HOST_PORT):
         self.deadline = deadline
         self.srv = socket.socket()
         self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.srv.bind(("0.0.0.0", HOST_PORT))
+        self.srv.bind(("0.0.0.0", port))
         self.srv.listen(1)
         self.got = {}
         self.thread = None
@@ -151,7 +151,16 @@ class Receiver:
         self.thread.join(self.deadline)
 
     def close(self):
+        """Stops listening at once, also with the thread still waiting for the guest (a cell
+        that ended early): a close alone leaves the socket listening while that thread's
+        wait holds it, and the next cell could not bind the port."""
+        try:
+            self.srv.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.srv.close()
+        if self.thread is not None:
+            self.thread.join(5)
 
 
 def run_cell(setup, vmm, model, backend, stream, vde_sock, progress):

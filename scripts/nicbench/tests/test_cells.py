@@ -1,8 +1,9 @@
 """The VMM command lines of a cell: both VMMs get the same guest steps, kernel and NIC."""
 import unittest
 
-from nicbench.cells import Setup, command, guest_cpus
+from nicbench.cells import Receiver, Setup, command, guest_cpus
 import os
+import socket
 
 from nicbench.vmm import Guest, NotComparable
 
@@ -70,3 +71,20 @@ class ConsoleLines(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ReceiverEnds(unittest.TestCase):
+    def test_a_cell_ended_before_the_guest_sent_frees_the_port(self):
+        rx = Receiver(deadline=60, port=0)
+        port = rx.srv.getsockname()[1]
+        rx.start(os.getpid())  # waits for a connection that never comes
+        rx.close()
+        self.assertFalse(rx.thread.is_alive())
+        # The next cell binds the same port at once.
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+            s.listen(1)
+        finally:
+            s.close()
