@@ -132,11 +132,12 @@ impl NetBackend for MemBackend {
             .push(frame.iter().flat_map(|p| p.iter().copied()).collect());
         s.pieces
             .extend(frame.iter().map(|p| (p.as_ptr() as usize, p.len())));
-        let joined = frame
+        let pieces: Vec<&IoSlice> = frame.iter().filter(|p| !p.is_empty()).collect();
+        let joined = pieces
             .windows(2)
             .filter(|w| w[0].as_ptr_range().end == w[1].as_ptr())
             .count();
-        s.last_runs = frame.len() - joined;
+        s.last_runs = pieces.len() - joined;
         Ok(())
     }
 

@@ -647,8 +647,10 @@ mod tests {
 
     #[test]
     fn merged_pieces_hold_the_same_bytes_in_the_same_order() {
-        let a: Vec<u8> = (0..4096u32).map(|i| (i * 13) as u8).collect();
-        let b: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 1) as u8).collect();
+        // Two buffers in one allocation, so that a piece joined across them is still one
+        // object's bytes.
+        let both: Vec<u8> = (0..8192u32).map(|i| (i * 13 + i / 4096) as u8).collect();
+        let (a, b) = both.split_at(4096);
         let none = libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
@@ -661,7 +663,7 @@ mod tests {
             let mut iov = vec![];
             for _ in 0..next(80) {
                 let k = next(2);
-                let buf = if k == 0 { &a } else { &b };
+                let buf = if k == 0 { a } else { b };
                 let start = (at[k] + if next(3) == 0 { next(8) } else { 0 }).min(buf.len());
                 let len = next(64).min(buf.len() - start);
                 iov.push(IoSlice::new(&buf[start..start + len]));
@@ -673,7 +675,7 @@ mod tests {
                 Some(n) => {
                     let got: Vec<u8> = out[..n]
                         .iter()
-                        // SAFETY: every merged piece covers bytes of `a` or `b`.
+                        // SAFETY: every merged piece covers bytes of `both`.
                         .flat_map(|v| unsafe {
                             std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
                         })
@@ -696,12 +698,24 @@ mod tests {
         let mut tap = tap_over(ours, true, false);
         let frame: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
         let copy = frame.clone();
-        // Back to back in `frame`, then from another buffer, then back to back again; and
-        // more pieces than are merged.
+        // Back to back in `frame`, then from another buffer, then back to back again.
         let mut iov: Vec<IoSlice> = frame[..1000].chunks(100).map(IoSlice::new).collect();
         iov.push(IoSlice::new(&copy[1000..2000]));
         iov.extend(frame[2000..].chunks(10).map(IoSlice::new));
-        for pieces in [&iov[..], &iov[..11], &iov[..1]] {
+        // 100 pieces from the two buffers by turns, none next to the one before: more than
+        // are merged, so the kernel gets them as they came.
+        let scattered: Vec<IoSlice> = (0..100)
+            .map(|k| {
+                let buf = if k % 2 == 0 { &frame } else { &copy };
+                IoSlice::new(&buf[k * 10..k * 10 + 10])
+            })
+            .collect();
+        let mut out = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MERGED_IOVS];
+        assert_eq!(merge_adjacent(&scattered, &mut out), None);
+        for pieces in [&iov[..], &iov[..11], &iov[..1], &scattered[..]] {
             tap.send(pieces).unwrap();
             let want: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
             let mut got = vec![0u8; 4096];

@@ -275,8 +275,8 @@ impl Driver {
             entry = (entry + 1) % CP_RING;
         }
         // The fragments lie back to back from the first slot's buffer on, as a driver's page
-        // fragments often do; a frame stays within its own slots (a fragment is under 8 KiB,
-        // a slot 64 KiB).
+        // fragments often do; a frame stays within its own slots (each fragment is shorter
+        // than a 64 KiB slot, so n fragments reach at most n slots on).
         let mut at = TX_BUFS + first as u64 * 0x1_0000;
         let bufs: Vec<u64> = frags
             .iter()
