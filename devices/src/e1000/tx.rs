@@ -428,8 +428,8 @@ impl E1000 {
     /// Hands one wire frame to the port — `head`, then what of `tail` (guest memory) lies past
     /// `head.len()` bytes — inserting the VLAN tag and padding short frames (TCTL.PSP), and
     /// counts it: with `offload`, in the header the peer takes it with (see
-    /// [`NetPort::send_offloaded`]), counted as the wire frames the peer makes of it. `room`:
-    /// the bytes in front of `head`, for the port's header (see [`NetPort::send_staged`]).
+    /// [`NetPort::send_frame`]), counted as the wire frames the peer makes of it. `room`: the
+    /// bytes in front of `head`, for the port's header.
     fn send(
         &mut self,
         port: &mut NetPort,
@@ -465,11 +465,10 @@ impl E1000 {
         if pad > 0 {
             iov.push(IoSlice::new(&ZEROS[..pad]));
         }
-        let r = match (offload, room) {
-            _ if !whole => Sent::Lost,
-            (h, Some(room)) => port.send_staged(h, room, &iov),
-            (Some(h), None) => port.send_offloaded(h, &iov),
-            (None, None) => port.send(&iov),
+        let r = if whole {
+            port.send_frame(offload, room, &iov)
+        } else {
+            Sent::Lost
         };
         self.tx_iov = guest_iov::recycle(iov);
         if r != Sent::Sent {

@@ -367,7 +367,7 @@ impl NetPort {
     }
 
     /// The offloads the backend's peer takes from a model without a virtio-net header of its
-    /// own (e1000, rtl8139) through [`NetPort::send_offloaded`]: what a tap with a header
+    /// own (e1000, rtl8139) through [`NetPort::send_frame`]: what a tap with a header
     /// accepts; none for backends without one.
     pub fn peer_offloads(&self) -> Offloads {
         match self.hdr {
@@ -381,24 +381,16 @@ impl NetPort {
         self.send_with(&NO_VNET_HDR, None, frame)
     }
 
-    /// Hands one frame to the backend with a virtio-net header the model filled in: checksum
-    /// or segmentation left to the peer, which [`NetPort::peer_offloads`] said it takes.
-    pub fn send_offloaded(&mut self, hdr: &VnetHdr, frame: &[IoSlice<'_>]) -> Sent {
-        debug_assert!(
-            self.hdr == Hdr::Hide,
-            "offloads without a header to carry them"
-        );
-        self.send_with(&hdr.to_bytes(), None, frame)
-    }
-
-    /// [`NetPort::send`], or [`NetPort::send_offloaded`] with `hdr`, for a frame whose first
-    /// piece the model copied out right after `room`: a header the backend carries is written
-    /// there, so header and frame reach it as one piece (a tap takes one piece for less than
-    /// two).
-    pub fn send_staged(
+    /// [`NetPort::send`] for a model without a virtio-net header of its own (e1000, rtl8139):
+    /// with `hdr`, the header the model filled in (checksum or segmentation left to the peer,
+    /// which [`NetPort::peer_offloads`] said it takes); with `room`, the bytes right in front
+    /// of the frame's first piece (a copy the model made), where a header the backend carries
+    /// is written, so header and frame reach it as one piece (a tap takes one piece for less
+    /// than two).
+    pub fn send_frame(
         &mut self,
         hdr: Option<&VnetHdr>,
-        room: &mut [u8; VNET_HDR_LEN],
+        room: Option<&mut [u8; VNET_HDR_LEN]>,
         frame: &[IoSlice<'_>],
     ) -> Sent {
         debug_assert!(
@@ -406,7 +398,7 @@ impl NetPort {
             "offloads without a header to carry them"
         );
         let bytes = hdr.map_or(NO_VNET_HDR, |h| h.to_bytes());
-        self.send_with(&bytes, Some(room), frame)
+        self.send_with(&bytes, room, frame)
     }
 
     /// `hdr` goes in front of the frame when the backend carries a header the model has not

@@ -1,6 +1,6 @@
 //! A frame a model copied out of guest memory, with room in front of it for the virtio-net
 //! header a backend carries: header and frame then reach a tap as one piece (see
-//! [`super::NetPort::send_staged`]), which the kernel takes for less than two.
+//! [`super::NetPort::send_frame`]), which the kernel takes for less than two.
 
 use net_backends::vnet::VNET_HDR_LEN;
 

@@ -52,21 +52,6 @@ const TX_COPY_MAX: usize = 2048;
 /// `writev` takes 1024 pieces at most; 8139cp uses one per page fragment, 18 at most).
 const MAX_PIECES: usize = 32;
 
-/// One frame to the port, in the header `hdr` when there is one; `room`: the bytes in front
-/// of its first piece, for the port's header (see [`NetPort::send_staged`]).
-fn send(
-    port: &mut NetPort,
-    hdr: Option<&VnetHdr>,
-    room: Option<&mut [u8; VNET_HDR_LEN]>,
-    iov: &[IoSlice<'_>],
-) -> Sent {
-    match (hdr, room) {
-        (h, Some(room)) => port.send_staged(h, room, iov),
-        (Some(h), None) => port.send_offloaded(h, iov),
-        (None, None) => port.send(iov),
-    }
-}
-
 impl Rtl8139 {
     fn tx_enabled(&self) -> bool {
         self.regs[CR] & CR_TE != 0
@@ -75,17 +60,12 @@ impl Rtl8139 {
     /// Hands one frame to the port; when the backend is full the frame waits in the
     /// backlog (the guest already counts it as sent) and transmit pauses until it drains.
     fn send_frame(&mut self, port: &mut NetPort, frame: &[u8]) {
-        self.send_offloaded(port, None, frame);
-    }
-
-    /// [`Self::send_frame`] with the header a peer that takes offloads gets it with.
-    fn send_offloaded(&mut self, port: &mut NetPort, hdr: Option<VnetHdr>, frame: &[u8]) {
-        self.send_pieces(port, hdr, None, frame, &[], 0, frame.len());
+        self.send_pieces(port, None, None, frame, &[], 0, frame.len());
     }
 
     /// Sends a frame of `len` bytes: `head`, then `tail` (guest memory) after its first `skip`
     /// bytes; copied into the backlog when the backend is full. `room`: the bytes in front of
-    /// `head`, for the port's header (see [`NetPort::send_staged`]).
+    /// `head`, for the port's header (see [`NetPort::send_frame`]).
     #[allow(clippy::too_many_arguments)]
     fn send_pieces(
         &mut self,
@@ -101,13 +81,13 @@ impl Rtl8139 {
         self.tally.tx_ok = self.tally.tx_ok.wrapping_add(wire as u64);
         if self.tx_backlog.is_empty() {
             let r = if len == head.len() {
-                send(port, hdr.as_ref(), room, &[IoSlice::new(head)])
+                port.send_frame(hdr.as_ref(), room, &[IoSlice::new(head)])
             } else {
                 let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
                 iov.push(IoSlice::new(head));
                 // Checked on the walk: the pieces are guest memory.
                 let r = if guest_iov::push_pieces(&self.mem, tail, skip, &mut iov) {
-                    send(port, hdr.as_ref(), room, &iov)
+                    port.send_frame(hdr.as_ref(), room, &iov)
                 } else {
                     Sent::Lost
                 };
@@ -127,7 +107,7 @@ impl Rtl8139 {
     /// The backend may take frames again: the backlog first, then what waited behind it.
     pub(super) fn flush_tx(&mut self, port: &mut NetPort) {
         while let Some((hdr, f)) = self.tx_backlog.front() {
-            if send(port, hdr.as_ref(), None, &[IoSlice::new(f)]) == Sent::Blocked {
+            if port.send_frame(hdr.as_ref(), None, &[IoSlice::new(f)]) == Sent::Blocked {
                 return;
             }
             self.tx_backlog.pop_front();
