@@ -9,7 +9,9 @@
  *                             connection, count what arrives until EOF:
  *                             NICVM-RECV port=PORT bytes=N fnv1a64=HEX
  *   xfer send ADDR PORT BYTES send BYTES of the xorshift64 stream the tests also generate:
- *                             NICVM-SENT addr=ADDR port=PORT bytes=N fnv1a64=HEX result=ok|fail
+ *                             NICVM-SENT addr=ADDR port=PORT bytes=N fnv1a64=HEX result=ok
+ *                             or, with the bytes written so far,
+ *                             ... result=fail step=socket|connect|write errno=E
  *                             (connecting gives up after 10 s)
  *   xfer udpecho PORT N       bind (NICVM-UDPLISTEN port=PORT), then send back each of N
  *                             UDP datagrams to where it came from:
@@ -149,16 +151,21 @@ static int do_send(const char *addr_s, const char *port_s, const char *bytes_s)
 	struct sockaddr_in sa = { 2, 0, 0, {0} };
 	u64 port = num(port_s), want = num(bytes_s), sent = 0, h = FNV_OFFSET;
 	u64 x = 0x9e3779b97f4a7c15UL;
-	int ok = 1;
+	const char *step = 0;	/* what failed, if anything */
+	long err = 0;
 	if (ipv4(addr_s, &sa.addr)) return 2;
 	sa.port = (u16)((port >> 8) | (port << 8));
 	long s = sys(SYS_socket, 2, 1, 0, 0, 0);
 	long tv[2] = { 10, 0 };	/* SO_SNDTIMEO bounds connect() too */
-	sys(SYS_setsockopt, s, 1, 21, (long)tv, sizeof(tv));
-	if (s < 0 || sys(SYS_connect, s, (long)&sa, sizeof(sa), 0, 0) < 0) ok = 0;
-	tv[0] = 0;
-	sys(SYS_setsockopt, s, 1, 21, (long)tv, sizeof(tv));
-	while (ok && sent < want) {
+	if (s < 0) { step = "socket"; err = s; }
+	if (!step) {
+		sys(SYS_setsockopt, s, 1, 21, (long)tv, sizeof(tv));
+		err = sys(SYS_connect, s, (long)&sa, sizeof(sa), 0, 0);
+		if (err < 0) step = "connect";
+		tv[0] = 0;
+		sys(SYS_setsockopt, s, 1, 21, (long)tv, sizeof(tv));
+	}
+	while (!step && sent < want) {
 		u64 n = want - sent < sizeof(buf) ? want - sent : sizeof(buf);
 		for (u64 i = 0; i < n; i++) {
 			x ^= x << 13; x ^= x >> 7; x ^= x << 17;
@@ -168,24 +175,31 @@ static int do_send(const char *addr_s, const char *port_s, const char *bytes_s)
 		for (u64 off = 0; off < n;) {
 			long w = sys(SYS_write, s, (long)(buf + off), (long)(n - off), 0, 0);
 			if (w == -4) continue;
-			if (w <= 0) { ok = 0; break; }
+			if (w <= 0) { step = "write"; err = w; break; }
 			off += (u64)w;
+			sent += (u64)w;
 		}
-		sent += n;
 	}
-	if (ok) {
+	if (!step) {
 		sys(SYS_shutdown, s, 1, 0, 0, 0);	/* SHUT_WR, then wait for the peer to close */
 		while (sys(SYS_read, s, (long)buf, sizeof(buf), 0, 0) > 0)
 			;
 	}
-	char line[192], *p = line;
+	char line[224], *p = line;
 	p = put(p, "NICVM-SENT addr="); p = put(p, addr_s);
 	p = put(p, " port="); p = put(p, port_s);
-	p = put(p, " bytes="); p = put_dec(p, ok ? sent : 0);
+	p = put(p, " bytes="); p = put_dec(p, sent);
 	p = put(p, " fnv1a64="); p = put_hex(p, h);
-	p = put(p, ok ? " result=ok\n" : " result=fail\n"); *p = 0;
+	if (step) {
+		/* e.g. step=connect errno=115: EINPROGRESS, the 10 s ran out */
+		p = put(p, " result=fail step="); p = put(p, step);
+		p = put(p, " errno="); p = put_dec(p, (u64)-err); p = put(p, "\n");
+	} else {
+		p = put(p, " result=ok\n");
+	}
+	*p = 0;
 	out(line);
-	return ok ? 0 : 1;
+	return step ? 1 : 0;
 }
 
 static int do_udpecho(const char *port_s, const char *count_s)
