@@ -1093,6 +1093,37 @@ fn cp_frame_half_gathered_at_the_snapshot_goes_out_whole() {
     }
 }
 
+/// A frame half gathered in C+ mode survives a normal-mode send in between (a driver that
+/// turns C+ off and on again): the two modes copy frames into buffers of their own.
+#[test]
+fn cp_frame_half_gathered_survives_a_normal_mode_send() {
+    let (mut d, peer) = cp_open();
+    let f = frame_to([0xff; 6], 1000, 6);
+    let (a, b) = (TX_BUFS, TX_BUFS + 0x1_0000);
+    d.mem.write_slice(&f[..54], GuestAddress(a)).unwrap();
+    d.mem.write_slice(&f[54..], GuestAddress(b)).unwrap();
+    d.write_desc(TX_RING, 0, DESC_OWN | DESC_FS | 54, 0, a);
+    d.w8(TPPOLL, TPPOLL_NPQ);
+    assert!(peer.take_sent().is_empty());
+
+    let cpcr = d.r16(CPCR);
+    d.w16(CPCR, 0);
+    let g = frame_to([0xff; 6], 60, 7);
+    let slot = TX_BUFS + 0x4_0000;
+    d.mem.write_slice(&g, GuestAddress(slot)).unwrap();
+    d.w32(TSAD0, slot as u32);
+    d.w32(TSD0, g.len() as u32);
+    assert_eq!(peer.take_sent(), vec![g], "the normal-mode frame");
+
+    // TSAD0 and TNPDS share their bytes: the driver points the ring back.
+    d.w16(CPCR, cpcr);
+    d.w32(TNPDS, TX_RING as u32);
+    d.w32(TNPDS + 4, 0);
+    d.write_desc(TX_RING, 1, DESC_OWN | DESC_LS | (f.len() as u32 - 54), 0, b);
+    d.w8(TPPOLL, TPPOLL_NPQ);
+    assert_eq!(peer.take_sent(), vec![f], "the C+ frame, whole");
+}
+
 #[test]
 fn timerint_deadline_survives_restore() {
     let (mut d, _peer) = too_open();

@@ -143,7 +143,7 @@ impl Rtl8139 {
     fn send_slot(&mut self, port: &mut NetPort, slot: usize) {
         let size = (self.tsd[slot] & TSD_SIZE) as usize;
         let addr = GuestAddress(self.get32(TSAD0 + 4 * slot) as u64);
-        let mut buf = std::mem::take(&mut self.tx_buf);
+        let mut buf = std::mem::take(&mut self.slot_buf);
         buf.clear();
         buf.resize(size);
         let (room, frame) = buf.split();
@@ -173,7 +173,7 @@ impl Rtl8139 {
             self.raise(INT_TER);
         }
         buf.clear();
-        self.tx_buf = buf;
+        self.slot_buf = buf;
     }
 
     // ---- C+ mode ----------------------------------------------------------------------
