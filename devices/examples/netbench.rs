@@ -8,7 +8,9 @@
 //! TSO / large send (per wire frame and per send; the floor writes the same MSS-sized frames
 //! one by one), and RX of frames injected from the tap's host side into the model's ring: in
 //! bursts of a ring's worth (one wake-up of the model takes up to 64 frames, one interrupt),
-//! and one frame per wake-up.
+//! and one frame per wake-up. Then the floor itself with its syscalls batched (the same
+//! writes and reads through io_uring, 64 per `io_uring_enter`): how much of the floor fewer
+//! syscalls than frames could take off any model on this host.
 //! Every model runs on a tap with a virtio-net header, as nicvm opens them: virtio-net passes
 //! the guest's offloads through it, e1000 and 8139cp fill one in for their checksum offload
 //! and TSO, so their TSO sends too reach the tap whole (the floor still writes wire frames).
@@ -911,6 +913,102 @@ fn slirp_tx(len: usize, m: usize) -> (f64, f64, usize) {
     (model, floor, got)
 }
 
+/// Reads or writes one io_uring submission carries in [`batched_floor`].
+const URING_BATCH: usize = 64;
+
+/// The floor with fewer syscalls than frames: `n` writes of `f` to the tap, then `n` reads of
+/// it injected from the host side, [`URING_BATCH`] per `io_uring_enter`, each batch followed
+/// by the same frames written or read bare. What batching could take off any model's TX and
+/// RX on this host. Returns (direction, io_uring ns, bare ns) per frame for TX and RX.
+fn batched_floor(
+    side: &TapSide,
+    clock: &Clock,
+    f: &[u8],
+    n: usize,
+) -> [(&'static str, f64, f64); 2] {
+    use io_uring::{opcode, types, IoUring};
+    let mut ring: IoUring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_coop_taskrun()
+        .build(URING_BATCH as u32)
+        .unwrap_or_else(|e| fail(format!("io_uring: {e}")));
+    ring.submitter()
+        .register_files(&[side.fd])
+        .unwrap_or_else(|e| fail(format!("io_uring register_files: {e}")));
+    let wire = side.wire(f);
+    let mut bufs = vec![[0u8; 2048]; URING_BATCH];
+    let mut one = vec![0u8; 65_600];
+    // Submits `k` prepared entries and checks every result is a whole frame.
+    let run = |ring: &mut IoUring, k: usize| {
+        ring.submit_and_wait(k)
+            .unwrap_or_else(|e| fail(format!("io_uring_enter: {e}")));
+        let mut seen = 0;
+        for c in ring.completion() {
+            if c.result() != wire.len() as i32 {
+                fail(format!(
+                    "io_uring on {}: {} for a {}-byte frame",
+                    side.name,
+                    c.result(),
+                    wire.len()
+                ));
+            }
+            seen += 1;
+        }
+        if seen != k {
+            fail(format!("io_uring: {seen} of {k} completions"));
+        }
+    };
+    let (mut tx_u, mut tx_f, mut rx_u, mut rx_f) = (0.0, 0.0, 0.0, 0.0);
+    let c0 = side.counters();
+    let mut done = 0;
+    while done < n {
+        let k = URING_BATCH.min(n - done);
+        tx_u += clock.time(|| {
+            let mut sq = ring.submission();
+            for _ in 0..k {
+                let e =
+                    opcode::Write::new(types::Fixed(0), wire.as_ptr(), wire.len() as u32).build();
+                // SAFETY: `wire` outlives the submission, which completes before `run` returns.
+                unsafe { sq.push(&e) }.unwrap_or_else(|_| fail("io_uring: queue full".into()));
+            }
+            drop(sq);
+            run(&mut ring, k);
+        });
+        tx_f += clock.time(|| write_all(side, std::slice::from_ref(&wire), k));
+        done += k;
+    }
+    let c = side.counters();
+    if c.0 - c0.0 != 2 * n as u64 {
+        fail(format!(
+            "{}: the tap got {} frames, expected {}",
+            side.name,
+            c.0 - c0.0,
+            2 * n
+        ));
+    }
+    side.drain();
+    done = 0;
+    while done < n {
+        let k = URING_BATCH.min(n - done);
+        side.inject(f, k);
+        rx_u += clock.time(|| {
+            let mut sq = ring.submission();
+            for b in bufs.iter_mut().take(k) {
+                let e = opcode::Read::new(types::Fixed(0), b.as_mut_ptr(), b.len() as u32).build();
+                // SAFETY: `bufs` outlives the submission, which completes before `run` returns.
+                unsafe { sq.push(&e) }.unwrap_or_else(|_| fail("io_uring: queue full".into()));
+            }
+            drop(sq);
+            run(&mut ring, k);
+        });
+        side.inject(f, k);
+        rx_f += clock.time(|| read_all(side, &mut one, k, wire.len()));
+        done += k;
+    }
+    let n = n as f64;
+    [("TX", tx_u / n, tx_f / n), ("RX", rx_u / n, rx_f / n)]
+}
+
 fn main() {
     let mut json = false;
     let mut quick = false;
@@ -945,8 +1043,14 @@ fn main() {
     let clock = Clock::calibrate();
     let mut rows = vec![];
     // All taps up front: a tap's first moments after "link up" are slower to write to.
-    let [t0, t1, t2, t3] = [("nb0", true), ("nb1", true), ("nb2", true), ("nb3", true)]
-        .map(|(name, vnet)| TapSide::open(name, vnet));
+    let [t0, t1, t2, t3, t4] = [
+        ("nb0", true),
+        ("nb1", true),
+        ("nb2", true),
+        ("nb3", true),
+        ("nb4", true),
+    ]
+    .map(|(name, vnet)| TapSide::open(name, vnet));
     std::thread::sleep(Duration::from_millis(500));
     let (tap, side) = t0;
 
@@ -994,6 +1098,8 @@ fn main() {
 
     let m = n.min(50_000);
     let (slirp, udp_floor, got) = slirp_tx(len, m);
+    let (_tap, side) = t4;
+    let batched = batched_floor(&side, &clock, &rx_frame(len), n);
 
     if json {
         let items: Vec<String> = rows
@@ -1023,6 +1129,21 @@ fn main() {
         println!("{{\n  \"frame_len\": {len},\n  \"mss\": {MSS},\n  \"tso_len\": {TSO_LEN},");
         println!("  \"clock_overhead_ns\": {:.0},", clock.overhead);
         println!("  \"rows\": [\n{}\n  ],", items.join(",\n"));
+        let b: Vec<String> = batched
+            .iter()
+            .map(|b| {
+                format!(
+                    "    {{\"direction\": \"{}\", \"frames\": {n}, \"batch\": {URING_BATCH}, \
+                     \"ns_per_frame_uring\": {:.0}, \"ns_per_frame_floor\": {:.0}, \
+                     \"ratio\": {:.3}}}",
+                    b.0,
+                    b.1,
+                    b.2,
+                    b.1 / b.2
+                )
+            })
+            .collect();
+        println!("  \"uring_floor\": [\n{}\n  ],", b.join(",\n"));
         println!(
             "  \"slirp\": {{\"model\": \"virtio-net\", \"direction\": \"TX udp via slirp\", \
              \"frames\": {m}, \"delivered\": {got}, \"ns_per_frame_model\": {slirp:.0}, \
@@ -1058,6 +1179,19 @@ fn main() {
             r.model_ns,
             r.floor_ns,
             r.model_ns / r.floor_ns
+        );
+    }
+    println!();
+    println!(
+        "The floor's syscalls batched: the same frames through io_uring, {URING_BATCH} per \
+         io_uring_enter (registered fd), interleaved with the bare floor"
+    );
+    println!("| direction | frames | ns/frame io_uring | ns/frame floor | ratio |");
+    println!("|---|---|---|---|---|");
+    for (dir, uring, floor) in &batched {
+        println!(
+            "| {dir} | {n} | {uring:.0} | {floor:.0} | {:.2} |",
+            uring / floor
         );
     }
     println!();

@@ -56,6 +56,14 @@ class Markdown(unittest.TestCase):
     def test_no_guest_table(self):
         self.assertEqual(no_guest_table(report()["no_guest"]), NO_GUEST_TABLE)
 
+    def test_the_batched_floor_follows_the_models(self):
+        ng = report()["no_guest"]
+        ng["uring_floor"] = [{"direction": "TX", "frames": 1000, "batch": 64,
+                              "ns_per_frame_uring": 270, "ns_per_frame_floor": 290,
+                              "ratio": 0.931}]
+        self.assertEqual(no_guest_table(ng), NO_GUEST_TABLE
+                         + "\n| floor via io_uring (64 per enter) | TX | 270 | 290 | 0.93 |")
+
     def test_tables_put_the_no_guest_one_after_a_blank_line(self):
         self.assertEqual(tables(report()), GUEST_TABLE + "\n\n" + NO_GUEST_TABLE)
 
