@@ -426,6 +426,8 @@ fn virtio_net_multiqueue_on_a_multiqueue_tap() {
             q["_"]
         );
     }
+    // Where the time went (shown with --nocapture or on a failure below).
+    eprintln!("timeline:\n{}", g.timeline());
     let o = g.finish();
     assert_eq!(o.code, Some(0), "{}", o.dump());
 }

@@ -60,6 +60,17 @@ impl Netns {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
+    /// The namespace's links (with counters), neighbours and TCP sockets, for a failure
+    /// message.
+    pub fn diag(&self) -> String {
+        let o = self.try_sh("ip -s link; ip neigh; ss -tan");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+
     pub fn try_sh(&self, cmd: &str) -> std::process::Output {
         Command::new("ip")
             .args(["netns", "exec", &self.name, "sh", "-c", cmd])
@@ -197,8 +208,10 @@ impl Drop for Netns {
 /// A running nicvm whose console lines can be awaited one by one.
 pub struct Guest {
     child: Child,
-    lines: Receiver<String>,
+    /// Console lines, each with when it arrived (since the spawn).
+    lines: Receiver<(Duration, String)>,
     seen: Vec<String>,
+    seen_at: Vec<Duration>,
     stderr: Option<std::thread::JoinHandle<String>>,
     start: Instant,
     /// When the console last printed a line.
@@ -223,9 +236,13 @@ impl Guest {
         let mut err = child.stderr.take().unwrap();
         let (tx, rx) = channel();
         std::thread::spawn(move || {
+            let t0 = Instant::now();
             for l in BufReader::new(out).lines() {
                 let Ok(l) = l else { break };
-                if tx.send(l.trim_end_matches('\r').to_string()).is_err() {
+                if tx
+                    .send((t0.elapsed(), l.trim_end_matches('\r').to_string()))
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -239,6 +256,7 @@ impl Guest {
             child,
             lines: rx,
             seen: vec![],
+            seen_at: vec![],
             stderr: Some(stderr),
             start: Instant::now(),
             last: Instant::now(),
@@ -271,9 +289,9 @@ impl Guest {
         let prefix = format!("NICVM-{tag}");
         loop {
             match self.lines.recv_timeout(self.time_left()) {
-                Ok(l) => {
+                Ok((t, l)) => {
                     self.last = Instant::now();
-                    self.seen.push(l.clone());
+                    self.keep(t, l.clone());
                     if let Some(rest) = l.strip_prefix(&prefix) {
                         if rest.is_empty() || rest.starts_with(' ') {
                             return fields(rest);
@@ -337,9 +355,44 @@ impl Guest {
         (own, listed)
     }
 
+    fn keep(&mut self, at: Duration, line: String) {
+        self.seen.push(line);
+        self.seen_at.push(at);
+    }
+
+    /// The `NICVM-` lines so far, each with the second it arrived at: where a slow run spent
+    /// its time.
+    pub fn timeline(&self) -> String {
+        self.seen
+            .iter()
+            .zip(&self.seen_at)
+            .filter(|(l, _)| l.starts_with("NICVM-"))
+            .map(|(l, t)| format!("{:8.2} {}", t.as_secs_f64(), l))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The console lines awaited so far.
     pub fn console(&self) -> String {
         self.seen.join("\n")
+    }
+
+    /// Stops nicvm and returns what it wrote to stderr (its warnings), for a failure message.
+    pub fn stop_for_stderr(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.stderr
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+
+    /// [`Guest::console`] with every line the guest has printed by now.
+    pub fn console_now(&mut self) -> String {
+        while let Ok((t, l)) = self.lines.try_recv() {
+            self.keep(t, l);
+        }
+        self.console()
     }
 
     pub fn pid(&self) -> u32 {
@@ -352,9 +405,9 @@ impl Guest {
             if let Some(s) = self.child.try_wait().expect("wait") {
                 break s.code();
             }
-            while let Ok(l) = self.lines.try_recv() {
+            while let Ok((t, l)) = self.lines.try_recv() {
                 self.last = Instant::now();
-                self.seen.push(l);
+                self.keep(t, l);
             }
             if self.time_left().is_zero() {
                 let _ = self.child.kill();
@@ -363,8 +416,8 @@ impl Guest {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
-            self.seen.push(l);
+        while let Ok((t, l)) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.keep(t, l);
         }
         Outcome {
             code,
@@ -429,7 +482,20 @@ pub fn exchange_8mib(
     drop(s);
 
     let sent = g.wait_line("SENT");
-    assert_eq!(sent["result"], "ok", "{}", sent["_"]);
+    if sent["result"] != "ok" {
+        // The guest prints what its network looked like (NICVM-DIAG lines) after the failure.
+        let _ = g.wait_line("DIAG");
+        std::thread::sleep(Duration::from_secs(5));
+        let console = g.console_now();
+        panic!(
+            "guest -> host send failed: {}\nhost: {}\nconsole:\n{console}\ntimeline:\n{}\n\
+             nicvm's stderr:\n{}",
+            sent["_"],
+            ns.diag(),
+            g.timeline(),
+            g.stop_for_stderr()
+        );
+    }
     let got = receiver.join().unwrap();
     assert_eq!(sent["bytes"], MIB8.to_string());
     assert_eq!(
