@@ -153,7 +153,7 @@ static int do_send(const char *addr_s, const char *port_s, const char *bytes_s)
 	u64 x = 0x9e3779b97f4a7c15UL;
 	const char *step = 0;	/* what failed, if anything */
 	long err = 0;
-	if (ipv4(addr_s, &sa.addr)) return 2;
+	if (ipv4(addr_s, &sa.addr) || len(addr_s) > 32 || len(port_s) > 8) return 2;	/* line[] */
 	sa.port = (u16)((port >> 8) | (port << 8));
 	long s = sys(SYS_socket, 2, 1, 0, 0, 0);
 	long tv[2] = { 10, 0 };	/* SO_SNDTIMEO bounds connect() too */
@@ -171,11 +171,11 @@ static int do_send(const char *addr_s, const char *port_s, const char *bytes_s)
 			x ^= x << 13; x ^= x >> 7; x ^= x << 17;
 			buf[i] = (u8)x;
 		}
-		h = fnv(h, buf, n);
 		for (u64 off = 0; off < n;) {
 			long w = sys(SYS_write, s, (long)(buf + off), (long)(n - off), 0, 0);
 			if (w == -4) continue;
 			if (w <= 0) { step = "write"; err = w; break; }
+			h = fnv(h, buf + off, (u64)w);	/* what was written: bytes= and the hash agree */
 			off += (u64)w;
 			sent += (u64)w;
 		}

@@ -60,10 +60,10 @@ impl Netns {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
-    /// The namespace's links (with counters), neighbours and TCP sockets, for a failure
-    /// message.
+    /// The namespace's links (with counters), queueing disciplines (per tap queue), neighbours
+    /// and TCP sockets, for a failure message.
     pub fn diag(&self) -> String {
-        let o = self.try_sh("ip -s link; ip neigh; ss -tan");
+        let o = self.try_sh("ip -s link; tc -s qdisc; ip neigh; ss -tani");
         format!(
             "{}{}",
             String::from_utf8_lossy(&o.stdout),
@@ -286,21 +286,44 @@ impl Guest {
     /// Waits for the next `NICVM-<tag>` line; panics with the console so far when the guest
     /// is stuck (see [`GUEST_STALL`]).
     pub fn wait_line(&mut self, tag: &str) -> HashMap<String, String> {
+        self.wait_line_or(tag, String::new)
+    }
+
+    /// [`Guest::wait_line`], with `host` (what the host side looked like then) in the panic
+    /// message when the guest is stuck, and nicvm's warnings.
+    pub fn wait_line_or(
+        &mut self,
+        tag: &str,
+        host: impl FnOnce() -> String,
+    ) -> HashMap<String, String> {
+        if let Some(f) = self.next_line(tag, GUEST_DEADLINE) {
+            return f;
+        }
+        let host = host();
+        let console = self.console_now();
+        panic!(
+            "no NICVM-{tag} line; console so far:\n{console}\ntimeline:\n{}\nhost:\n{host}\n\
+             nicvm's stderr:\n{}",
+            self.timeline(),
+            self.stop_for_stderr()
+        );
+    }
+
+    /// The next `NICVM-<tag>` line's fields, waiting at most `limit` (and no longer than the
+    /// guest may take, see [`GUEST_STALL`]); None when none came.
+    pub fn next_line(&mut self, tag: &str, limit: Duration) -> Option<HashMap<String, String>> {
         let prefix = format!("NICVM-{tag}");
+        let end = Instant::now() + limit;
         loop {
-            match self.lines.recv_timeout(self.time_left()) {
-                Ok((t, l)) => {
-                    self.last = Instant::now();
-                    self.keep(t, l.clone());
-                    if let Some(rest) = l.strip_prefix(&prefix) {
-                        if rest.is_empty() || rest.starts_with(' ') {
-                            return fields(rest);
-                        }
-                    }
-                }
-                Err(_) => {
-                    let _ = self.child.kill();
-                    panic!("no NICVM-{tag} line; console so far:\n{}", self.console());
+            let wait = self
+                .time_left()
+                .min(end.saturating_duration_since(Instant::now()));
+            let (t, l) = self.lines.recv_timeout(wait).ok()?;
+            self.last = Instant::now();
+            self.keep(t, l.clone());
+            if let Some(rest) = l.strip_prefix(&prefix) {
+                if rest.is_empty() || rest.starts_with(' ') {
+                    return Some(fields(rest));
                 }
             }
         }
@@ -378,13 +401,22 @@ impl Guest {
     }
 
     /// Stops nicvm and returns what it wrote to stderr (its warnings), for a failure message.
+    /// (A process nicvm started may still hold stderr open: a few seconds for it at most.)
     pub fn stop_for_stderr(&mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.stderr
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
+        let Some(t) = self.stderr.take() else {
+            return String::new();
+        };
+        let until = Instant::now() + Duration::from_secs(5);
+        while !t.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if t.is_finished() {
+            t.join().unwrap_or_default()
+        } else {
+            "(still open: a process nicvm started holds it)".into()
+        }
     }
 
     /// [`Guest::console`] with every line the guest has printed by now.
@@ -472,7 +504,8 @@ pub fn exchange_8mib(
     s.set_write_timeout(Some(Duration::from_secs(240))).unwrap();
     s.write_all(&data).expect("send to guest");
     s.shutdown(std::net::Shutdown::Write).unwrap();
-    let recv = g.wait_line("RECV");
+    // A stuck transfer: the namespace's per-queue counters say which tap queue stopped.
+    let recv = g.wait_line_or("RECV", || ns.diag());
     assert_eq!(recv["bytes"], MIB8.to_string());
     assert_eq!(
         recv["fnv1a64"],
@@ -483,9 +516,14 @@ pub fn exchange_8mib(
 
     let sent = g.wait_line("SENT");
     if sent["result"] != "ok" {
-        // The guest prints what its network looked like (NICVM-DIAG lines) after the failure.
-        let _ = g.wait_line("DIAG");
-        std::thread::sleep(Duration::from_secs(5));
+        // The guest prints what its network looked like (NICVM-DIAG lines, the last one
+        // "end") after the failure; a minute for them at most.
+        let until = Instant::now() + Duration::from_secs(60);
+        while let Some(d) = g.next_line("DIAG", until.saturating_duration_since(Instant::now())) {
+            if d["_"] == "end" {
+                break;
+            }
+        }
         let console = g.console_now();
         panic!(
             "guest -> host send failed: {}\nhost: {}\nconsole:\n{console}\ntimeline:\n{}\n\
