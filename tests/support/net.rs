@@ -400,6 +400,53 @@ impl Guest {
         self.seen.join("\n")
     }
 
+    /// nicvm's descriptors as the kernel sees them, for a failure message: for the event
+    /// loop's epoll fd which fds it watches and for what (`tfd: N events: HEX`), for each
+    /// eventfd its unread count (a kick nobody took), for each tap queue its interface;
+    /// and each thread's state and kernel stack.
+    pub fn proc_diag(pid: u32) -> String {
+        let mut out = String::new();
+        let mut fds: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.flatten().collect())
+            .unwrap_or_default();
+        fds.sort_by_key(|e| e.file_name().to_string_lossy().parse::<u32>().unwrap_or(0));
+        for e in fds {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let target = std::fs::read_link(e.path()).unwrap_or_default();
+            let info =
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{name}")).unwrap_or_default();
+            let keep: Vec<&str> = info
+                .lines()
+                .filter(|l| {
+                    l.starts_with("tfd:") || l.starts_with("eventfd-count") || l.starts_with("iff:")
+                })
+                .collect();
+            out += &format!("fd {name} -> {} {}\n", target.display(), keep.join(" | "));
+        }
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.flatten().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
+            let stack = std::fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+            out += &format!(
+                "thread {} ({}): {}\n{}",
+                t.file_name().to_string_lossy(),
+                comm.trim(),
+                state.unwrap_or("?"),
+                stack
+            );
+        }
+        out
+    }
+
     /// Stops nicvm and returns what it wrote to stderr (its warnings), for a failure message.
     /// (A process nicvm started may still hold stderr open: a few seconds for it at most.)
     pub fn stop_for_stderr(&mut self) -> String {
@@ -505,7 +552,10 @@ pub fn exchange_8mib(
     s.write_all(&data).expect("send to guest");
     s.shutdown(std::net::Shutdown::Write).unwrap();
     // A stuck transfer: the namespace's per-queue counters say which tap queue stopped.
-    let recv = g.wait_line_or("RECV", || ns.diag());
+    let pid = g.pid();
+    let recv = g.wait_line_or("RECV", || {
+        format!("{}\nnicvm:\n{}", ns.diag(), Guest::proc_diag(pid))
+    });
     assert_eq!(recv["bytes"], MIB8.to_string());
     assert_eq!(
         recv["fnv1a64"],
