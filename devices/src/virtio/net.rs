@@ -28,6 +28,7 @@ use crate::snapshot::{RestoreError, State};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
 use net_backends::{Capabilities, MacAddr, Offloads, MAX_FRAME};
 use std::io::{self, IoSlice};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use virtio_bindings::virtio_net as vnet;
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
@@ -65,6 +66,9 @@ pub const MAX_VECTORS: u16 = (MSIX_PBA / 16) as u16;
 /// TX chains handled per event; the rest wait for the next turn of the I/O thread, which the
 /// device asks for through its port.
 const TX_BUDGET: usize = QUEUE_MAX as usize;
+/// Times one frame is offered to the guest's RX buffers in one event (each after asking to be
+/// notified of more and finding that some came in meanwhile).
+const RX_TRIES: usize = 4;
 /// Pieces one TX frame may come in: a chain can be no longer than the queue, and each
 /// descriptor may cross a region boundary once.
 const MAX_TX_PIECES: usize = 2 * QUEUE_MAX as usize;
@@ -480,21 +484,21 @@ impl VirtioNet {
 
     // ---- RX -------------------------------------------------------------------------------
 
-    /// Places one frame in the guest's buffers. With no (or not enough) buffers it looks
-    /// once more after re-enabling notifications (the guest may have added some in between),
-    /// then leaves the frame waiting.
+    /// Places one frame in the guest's buffers. With no (or not enough) buffers it asks the
+    /// guest to notify it of more and looks again if some came in meanwhile, then leaves the
+    /// frame waiting (a bounded number of tries; past them it kicks itself to try later).
     fn receive_frame(&mut self, port: &mut NetPort, raw: &[u8]) -> Rx {
         let rx = 2 * port.queue();
         if port.queue() >= self.curr_pairs || !self.queues[rx].ready() {
             return Rx::Dropped;
         }
-        for attempt in 0..2 {
+        for _ in 0..RX_TRIES {
             match self.deliver(port, raw) {
                 Ok(Some(r)) => return r,
                 // No chain: no buffers, or a queue the device cannot walk (checked only now,
                 // not on every frame).
                 Ok(None) if !self.queue_usable(port, rx) => return Rx::Dropped,
-                Ok(None) if attempt == 0 => match self.queues[rx].enable_notification(&self.mem) {
+                Ok(None) => match self.arm_rx_notification(rx) {
                     Ok(true) => continue,
                     Ok(false) => return Rx::NoRoom,
                     Err(_) => {
@@ -502,14 +506,32 @@ impl VirtioNet {
                         return Rx::Dropped;
                     }
                 },
-                Ok(None) => return Rx::NoRoom,
                 Err(what) => {
                     self.device_error(port, what);
                     return Rx::Dropped;
                 }
             }
         }
+        // The guest kept adding buffers, never enough: look again on the loop's next turn.
+        port.kick_rx();
         Rx::NoRoom
+    }
+
+    /// Asks the guest to notify RX queue `rx` when it makes buffers available beyond all it
+    /// has made available so far; true when some came in meanwhile (look again). Not beyond
+    /// those the device has taken, as `enable_notification` would put it: after a frame
+    /// that did not fit in the buffers there, the device has given them back (its position
+    /// is behind the guest's index), and with VIRTIO_F_RING_EVENT_IDX a driver notifies only
+    /// when its index crosses the one the device asked for, which then it never would.
+    fn arm_rx_notification(&mut self, rx: usize) -> Result<bool, virtio_queue::Error> {
+        let q = &mut self.queues[rx];
+        let taken = q.next_avail();
+        let avail = q.avail_idx(&self.mem, Ordering::Acquire)?.0;
+        q.set_next_avail(avail);
+        // Sets the event index (or clears NO_NOTIFY), fences, and reads the index again.
+        let more = q.enable_notification(&self.mem);
+        q.set_next_avail(taken);
+        more
     }
 
     /// One try at placing a frame: `None` when the guest has no room (nothing consumed).

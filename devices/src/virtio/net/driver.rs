@@ -303,6 +303,23 @@ impl Driver {
         i
     }
 
+    /// The driver's available index of queue `q` (entries it has made available so far).
+    pub fn avail_idx(&self, q: usize) -> u16 {
+        self.avail_idx[q]
+    }
+
+    /// Whether Linux's virtio_ring would notify queue `q` after moving its available index
+    /// from `old` to where it is now, with VIRTIO_F_RING_EVENT_IDX: only when the index
+    /// crossed the event index the device wrote after the used ring (vring_need_event).
+    pub fn needs_kick(&self, q: usize, old: u16) -> bool {
+        let event: u16 = self
+            .mem
+            .read_obj(GuestAddress(used_base(q) + 4 + 8 * QSIZE as u64))
+            .unwrap();
+        let new = self.avail_idx[q];
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+
     /// Entries the device has put in the used ring so far (its index).
     pub fn used_idx(&self, q: usize) -> u16 {
         self.mem.read_obj(GuestAddress(used_base(q) + 2)).unwrap()

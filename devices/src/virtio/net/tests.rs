@@ -258,6 +258,43 @@ fn rx_waits_for_buffers_and_drops_nothing() {
     assert_eq!(d.dev.stats().rx_dropped, 0);
 }
 
+/// A frame larger than the buffers there waits for more, and the guest's next buffers bring a
+/// notification also with VIRTIO_F_RING_EVENT_IDX, where a driver notifies only when its index
+/// crosses the event index the device set. (The device once set it at its own position,
+/// behind the buffers the frame had not fit in: the guest then never notified, and the queue
+/// stayed stuck with the frame waiting.)
+#[test]
+fn rx_frame_too_big_for_the_buffers_there_waits_for_the_next_ones() {
+    let mut d = started(
+        PLAIN,
+        BASE | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_F_RING_EVENT_IDX,
+    );
+    d.post(RX, &[&[0u8; 1024]], true);
+    let f = frame(3000, 9);
+    d.peer.inject(&f);
+    let want = d.dev.handle(NetEvent::Backend);
+    assert!(!want.readable, "the frame waits for buffers");
+    assert!(d.used(RX).is_empty(), "the buffer there stays the guest's");
+
+    let old = d.avail_idx(RX);
+    d.post(RX, &[&[0u8; 1024]], true);
+    d.post(RX, &[&[0u8; 1024]], true);
+    assert!(
+        d.needs_kick(RX, old),
+        "the device must have asked to hear of the next buffers"
+    );
+    let want = d.dev.handle(NetEvent::RxKick);
+    assert!(want.readable);
+    let used = d.used(RX);
+    assert_eq!(used.len(), 3, "{used:?}");
+    let mut all = vec![];
+    for &(id, len) in &used {
+        all.extend(d.read(d.desc_addr(RX, id as u16), len as usize));
+    }
+    assert_eq!(VnetHdr::parse(&all).unwrap().num_buffers, 3);
+    assert_eq!(&all[VNET_HDR_LEN..], &f[..]);
+}
+
 #[test]
 fn event_idx_suppresses_interrupts() {
     let mut d = started(PLAIN, BASE | VIRTIO_F_RING_EVENT_IDX);
