@@ -1061,6 +1061,17 @@ fn cp_pending_transmit_completes_after_restore() {
     assert!(d.irq());
 }
 
+/// Hands the device the first `first` bytes of `f` in descriptor 0 (FS, no LS) and polls:
+/// the frame is half gathered. Returns where the rest of `f` lies in guest memory.
+fn cp_first_piece_sent(d: &mut Driver, f: &[u8], first: usize) -> u64 {
+    let (a, b) = (TX_BUFS, TX_BUFS + 0x1_0000);
+    d.mem.write_slice(&f[..first], GuestAddress(a)).unwrap();
+    d.mem.write_slice(&f[first..], GuestAddress(b)).unwrap();
+    d.write_desc(TX_RING, 0, DESC_OWN | DESC_FS | first as u32, 0, a);
+    d.w8(TPPOLL, TPPOLL_NPQ);
+    b
+}
+
 /// A large C+ frame whose first descriptor was taken (it is sent from where it lies, so its
 /// write-back waits for the send) and whose last one the driver had not handed over yet at
 /// the snapshot: after restore the frame is completed and sent whole, and both descriptors
@@ -1069,11 +1080,7 @@ fn cp_pending_transmit_completes_after_restore() {
 fn cp_frame_half_gathered_at_the_snapshot_goes_out_whole() {
     let (mut d, _peer) = cp_open();
     let f = frame_to([0xff; 6], 6000, 5);
-    let (a, b) = (TX_BUFS, TX_BUFS + 0x1_0000);
-    d.mem.write_slice(&f[..4000], GuestAddress(a)).unwrap();
-    d.mem.write_slice(&f[4000..], GuestAddress(b)).unwrap();
-    d.write_desc(TX_RING, 0, DESC_OWN | DESC_FS | 4000, 0, a);
-    d.w8(TPPOLL, TPPOLL_NPQ);
+    let b = cp_first_piece_sent(&mut d, &f, 4000);
     assert_ne!(
         d.read_desc(TX_RING, 0).0 & DESC_OWN,
         0,
@@ -1099,11 +1106,7 @@ fn cp_frame_half_gathered_at_the_snapshot_goes_out_whole() {
 fn cp_frame_half_gathered_survives_a_normal_mode_send() {
     let (mut d, peer) = cp_open();
     let f = frame_to([0xff; 6], 1000, 6);
-    let (a, b) = (TX_BUFS, TX_BUFS + 0x1_0000);
-    d.mem.write_slice(&f[..54], GuestAddress(a)).unwrap();
-    d.mem.write_slice(&f[54..], GuestAddress(b)).unwrap();
-    d.write_desc(TX_RING, 0, DESC_OWN | DESC_FS | 54, 0, a);
-    d.w8(TPPOLL, TPPOLL_NPQ);
+    let b = cp_first_piece_sent(&mut d, &f, 54);
     assert!(peer.take_sent().is_empty());
 
     let cpcr = d.r16(CPCR);

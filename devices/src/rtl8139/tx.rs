@@ -143,17 +143,21 @@ impl Rtl8139 {
     fn send_slot(&mut self, port: &mut NetPort, slot: usize) {
         let size = (self.tsd[slot] & TSD_SIZE) as usize;
         let addr = GuestAddress(self.get32(TSAD0 + 4 * slot) as u64);
-        let mut buf = std::mem::take(&mut self.slot_buf);
-        buf.clear();
-        buf.resize(size);
-        let (room, frame) = buf.split();
-        let ok = if size > MAX_NORMAL_FRAME {
+        if size > MAX_NORMAL_FRAME {
             self.dma_error(
                 port,
                 &format!("TX slot {slot} asks for {size} bytes (at most {MAX_NORMAL_FRAME})"),
             );
-            false
-        } else if self.mem.read_slice(frame, addr).is_err() {
+            self.slot_aborted(slot);
+            return;
+        }
+        // Copied, not handed to the backend as it lies in guest memory: one buffer with the
+        // port's header room in front is one iovec, which the tap takes faster than two.
+        let mut buf = std::mem::take(&mut self.slot_buf);
+        buf.clear();
+        buf.resize(size);
+        let (room, frame) = buf.split();
+        let ok = if self.mem.read_slice(frame, addr).is_err() {
             self.dma_error(
                 port,
                 &format!("TX slot {slot} buffer {addr:#x?} is outside guest memory"),
@@ -167,13 +171,18 @@ impl Rtl8139 {
             self.tsd[slot] |= TSD_OWN | TSD_TOK;
             self.raise(INT_TOK);
         } else {
-            self.tally.tx_abt = self.tally.tx_abt.wrapping_add(1);
-            self.tally.tx_err = self.tally.tx_err.wrapping_add(1);
-            self.tsd[slot] |= TSD_OWN | TSD_TABT;
-            self.raise(INT_TER);
+            self.slot_aborted(slot);
         }
         buf.clear();
         self.slot_buf = buf;
+    }
+
+    /// A slot's frame could not be sent: the transmit aborts (TABT) with an error interrupt.
+    fn slot_aborted(&mut self, slot: usize) {
+        self.tally.tx_abt = self.tally.tx_abt.wrapping_add(1);
+        self.tally.tx_err = self.tally.tx_err.wrapping_add(1);
+        self.tsd[slot] |= TSD_OWN | TSD_TABT;
+        self.raise(INT_TER);
     }
 
     // ---- C+ mode ----------------------------------------------------------------------
