@@ -419,6 +419,11 @@ fn hmp_over_a_socket() {
         pci.contains("PCI device 8086:100e") && pci.contains("PCI device 10ec:8139"),
         "{pci}"
     );
+    // virtio-net's BAR 4 is 64-bit memory (the VM is stopped before the guest placed it).
+    assert!(
+        pci.contains("PCI device 1af4:1000") && pci.contains("BAR4: 64 bit memory at"),
+        "{pci}"
+    );
     assert!(hmp(&mut r, "help").contains("set_link name on|off"));
     assert!(hmp(&mut r, "system_powerdown").contains("ACPI"));
     assert!(hmp(&mut r, "frobnicate").contains("unknown command"));

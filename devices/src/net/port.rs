@@ -186,8 +186,9 @@ pub trait NicControl: Send {
     fn rx_filter_queried(&mut self);
     /// (vendor, device, subsystem vendor, subsystem, class code) from config space.
     fn pci_ids(&self) -> (u16, u16, u16, u16, u32);
-    /// The decoded BARs: (index, I/O space, address, size).
-    fn bars(&self) -> Vec<(usize, bool, u64, u64)>;
+    /// The BARs: (index, kind, address as the guest last wrote it, size). The address may
+    /// be anything a guest wrote, sizing's all-ones included.
+    fn bars(&self) -> Vec<(usize, crate::pci::BarKind, u64, u64)>;
     fn irq(&self) -> u8;
 }
 
@@ -979,16 +980,15 @@ impl<M: NicModel> NicControl for Nic<M> {
             c.get32(8) >> 8,
         )
     }
-    fn bars(&self) -> Vec<(usize, bool, u64, u64)> {
+    fn bars(&self) -> Vec<(usize, crate::pci::BarKind, u64, u64)> {
         let c = self.model.config();
         (0..6)
             .filter_map(|i| {
-                let (k, s) = (c.bar_kind(i)?, c.bar_size(i)?);
                 Some((
                     i,
-                    k == crate::pci::BarKind::Io,
+                    c.bar_kind(i)?,
                     c.bar_addr(i).unwrap_or(0),
-                    s,
+                    c.bar_size(i)?,
                 ))
             })
             .collect()

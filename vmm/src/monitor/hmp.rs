@@ -3,6 +3,7 @@
 
 use super::{Client, Control};
 use devices::lifecycle::ExitReason;
+use devices::pci::BarKind;
 
 /// A line may not be longer than this; a longer one is dropped with a message.
 const MAX_LINE: usize = 4096;
@@ -142,6 +143,21 @@ fn info_network(control: &Control) -> String {
     out
 }
 
+/// One BAR as QEMU's `info pci` shows it: where it starts and its last byte (a guest may have
+/// put it anywhere, the top of the address space included).
+fn bar_line(bar: usize, kind: BarKind, addr: u64, size: u64) -> String {
+    let last = addr.saturating_add(size.saturating_sub(1));
+    match kind {
+        BarKind::Io => format!("      BAR{bar}: I/O at {addr:#06x} [{last:#06x}].\n"),
+        BarKind::Mem32 => {
+            format!("      BAR{bar}: 32 bit memory at {addr:#010x} [{last:#010x}].\n")
+        }
+        BarKind::Mem64 => {
+            format!("      BAR{bar}: 64 bit memory at {addr:#010x} [{last:#010x}].\n")
+        }
+    }
+}
+
 fn info_pci(control: &Control) -> String {
     let mut out = String::new();
     for n in &control.nics {
@@ -153,12 +169,8 @@ fn info_pci(control: &Control) -> String {
             n.config.model.name(),
             ctl.irq()
         ));
-        for (bar, io, addr, size) in ctl.bars() {
-            let kind = if io { "I/O" } else { "Memory" };
-            out.push_str(&format!(
-                "      BAR{bar}: {kind} at {addr:#x} [{:#x}].\n",
-                addr + size - 1
-            ));
+        for (bar, kind, addr, size) in ctl.bars() {
+            out.push_str(&bar_line(bar, kind, addr, size));
         }
         out.push_str(&format!(
             "      id \"{}\"\n",
@@ -166,4 +178,26 @@ fn info_pci(control: &Control) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bar_left_at_the_top_of_the_address_space_shows_its_last_byte() {
+        // Where a guest leaves a 64-bit BAR after sizing it (all ones written to both halves).
+        assert_eq!(
+            bar_line(4, BarKind::Mem64, 0xffff_ffff_ffff_c000, 0x4000),
+            "      BAR4: 64 bit memory at 0xffffffffffffc000 [0xffffffffffffffff].\n"
+        );
+        assert_eq!(
+            bar_line(0, BarKind::Io, 0xc000, 0x100),
+            "      BAR0: I/O at 0xc000 [0xc0ff].\n"
+        );
+        assert_eq!(
+            bar_line(1, BarKind::Mem32, 0xfebf_1000, 0x1000),
+            "      BAR1: 32 bit memory at 0xfebf1000 [0xfebf1fff].\n"
+        );
+    }
 }

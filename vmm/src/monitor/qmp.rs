@@ -6,6 +6,7 @@
 use super::{hmp, Client, Control, QmpError};
 use devices::lifecycle::ExitReason;
 use devices::net::RxFilter;
+use devices::pci::BarKind;
 use serde_json::{json, Map, Value};
 
 /// A message may not be longer than this: a client sending more without finishing it gets
@@ -453,12 +454,11 @@ fn query_pci(control: &Control) -> Value {
         let regions: Vec<Value> = ctl
             .bars()
             .into_iter()
-            .map(|(bar, io, addr, size)| {
-                if io {
-                    json!({"bar": bar, "type": "io", "address": addr, "size": size})
-                } else {
+            .map(|(bar, kind, addr, size)| match kind {
+                BarKind::Io => json!({"bar": bar, "type": "io", "address": addr, "size": size}),
+                BarKind::Mem32 | BarKind::Mem64 => {
                     json!({"bar": bar, "type": "memory", "address": addr, "size": size,
-                           "prefetch": false, "mem_type_64": false})
+                           "prefetch": false, "mem_type_64": kind == BarKind::Mem64})
                 }
             })
             .collect();
