@@ -376,6 +376,35 @@ fn xmit_tso_64k() {
     assert_eq!(r.r(GPTC), sent.len() as u32);
 }
 
+/// TSO sends cut with an MSS of 16 bytes (about 4 000 wire frames each): a TDT write sends
+/// until [`TX_SENDS_PER_WALK`] frames went out, finishes the frame it is on, and leaves the
+/// rest (TDH at the next frame) to the I/O thread's next turns.
+#[test]
+fn tso_sends_cut_small_leave_the_rest_to_the_io_thread() {
+    let mut r = opened();
+    let mss = 16u16;
+    let mut f = tcp4(PEER, TSO_PAYLOAD);
+    tso_prep(&mut f);
+    let segs = TSO_PAYLOAD.div_ceil(mss as usize);
+    assert!(segs as u64 > crate::net::port::TX_SENDS_PER_WALK);
+    for _ in 0..3 {
+        r.queue_tso(&f, 14, 34, 54, mss, None);
+    }
+    r.kick_tx();
+    assert_eq!(r.peer.take_sent().len(), segs, "the first frame, whole");
+    assert_eq!(r.tx_done(), 1);
+    assert_ne!(r.r(TDH), r.r(TDT), "the rest waits");
+    r.dev.handle(NetEvent::TxKick);
+    assert_eq!(r.peer.take_sent().len(), segs);
+    r.dev.handle(NetEvent::TxKick);
+    let last = r.peer.take_sent();
+    assert_eq!(last.len(), segs);
+    assert!(checksums_ok(&last[segs - 1]));
+    assert_eq!(r.tx_done(), 2);
+    assert_eq!(r.r(TDH), r.r(TDT));
+    assert_eq!(r.r(TSCTC), 3);
+}
+
 #[test]
 fn tso_goes_whole_to_a_tap_with_a_vnet_header() {
     let mut r = opened_with(VNET_TAP);

@@ -11,6 +11,7 @@ use crate::net::offload::{
     csum_hdr, insert_checksum, prepare_gso, prepare_gso_head, segment_tcp, Layers, IPPROTO_TCP,
     IPPROTO_UDP,
 };
+use crate::net::port::TX_SENDS_PER_WALK;
 use crate::net::Sent;
 use net_backends::vnet::{VnetHdr, VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_LEN};
 use std::io::IoSlice;
@@ -102,6 +103,7 @@ impl E1000 {
         self.tx_pieces.clear();
         self.tx_len = 0;
         self.tx_rs.clear();
+        let sends = port.stats.tx_frames;
         // Every descriptor is looked at once at most, and at most TX_BUDGET of them.
         for _ in 0..n.min(TX_BUDGET) {
             if cur == tail {
@@ -200,6 +202,9 @@ impl E1000 {
             self.tx_len = 0;
             frame_descs = 0;
             start = cur;
+            if port.stats.tx_frames.wrapping_sub(sends) >= TX_SENDS_PER_WALK {
+                break; // the rest on the I/O thread's next turn (below)
+            }
         }
         if !finished && cur != tail {
             // The budget ran out: the rest on the I/O thread's next turn.

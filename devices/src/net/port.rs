@@ -32,6 +32,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Frames one event delivers at most.
 pub const RX_BURST: usize = 64;
+/// Frames one transmit walk hands to the backend, after which it stops at the end of a frame
+/// and leaves the rest to the I/O thread's next turn: large sends a guest asks to have cut in
+/// software with an MSS of a few bytes (tens of thousands of wire frames each) cannot hold a
+/// vCPU, the NIC's lock and its monitor commands for seconds in one register write.
+pub const TX_SENDS_PER_WALK: u64 = 1024;
 /// A guest error is logged at warning level at most this often (the first one always).
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 

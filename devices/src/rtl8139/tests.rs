@@ -228,6 +228,37 @@ fn cp_large_send_segments_a_64k_frame() {
     assert!(d.cp_tx_done().iter().all(|s| s & (1 << 23) == 0));
 }
 
+/// Large sends cut with an MSS of 16 bytes (about 4 000 wire frames each): a TPPoll write
+/// sends until [`TX_SENDS_PER_WALK`] frames went out, finishes the frame it is on, and leaves
+/// the rest to the I/O thread's next turns.
+#[test]
+fn cp_large_sends_cut_small_leave_the_rest_to_the_io_thread() {
+    let (mut d, peer) = cp_open();
+    let mss = 16usize;
+    let f = tcp4_frame(65_000 - 54, false);
+    let segs = (65_000 - 54usize).div_ceil(mss);
+    assert!(segs as u64 > crate::net::port::TX_SENDS_PER_WALK);
+    for _ in 0..3 {
+        d.cp_queue(
+            &[&f[..54], &f[54..]],
+            TX_LGSEN | (mss as u32) << TX_MSS_SHIFT,
+            0,
+        );
+    }
+    d.w8(TPPOLL, TPPOLL_NPQ);
+    assert_eq!(peer.take_sent().len(), segs, "the first frame, whole");
+    assert_eq!(d.cp_tx_done().len(), 2, "its two descriptors back");
+    d.kicked();
+    assert_eq!(peer.take_sent().len(), segs);
+    d.kicked();
+    let last = peer.take_sent();
+    assert_eq!(last.len(), segs);
+    assert!(checksums_ok(&last[segs - 1]));
+    assert_eq!(d.cp_tx_done().len(), 4);
+    d.kicked();
+    assert!(peer.take_sent().is_empty());
+}
+
 /// On a tap with a virtio-net header the header goes in front of the copied frame (or the
 /// copied headers of a large send): one piece fewer for the tap.
 #[test]

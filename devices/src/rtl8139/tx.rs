@@ -5,6 +5,7 @@
 use super::desc::CpDesc;
 use super::*;
 use crate::net::guest_iov::{self, Piece};
+use crate::net::port::TX_SENDS_PER_WALK;
 use crate::net::tx_stage::TxStage;
 use crate::net::{offload, Sent};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
@@ -194,6 +195,7 @@ impl Rtl8139 {
         }
         let base = self.get64(TNPDS);
         let mut sent = false;
+        let sends = port.stats.tx_frames;
         for _ in 0..CP_RING_MAX {
             if !self.tx_backlog.is_empty() {
                 break; // flush_tx resumes here
@@ -287,6 +289,10 @@ impl Rtl8139 {
             self.cp_tx_len = 0;
             sent = true;
             if !self.cp_write_back(port) {
+                break;
+            }
+            if port.stats.tx_frames.wrapping_sub(sends) >= TX_SENDS_PER_WALK {
+                port.kick_tx(); // the rest on the I/O thread's next turn
                 break;
             }
         }
