@@ -519,6 +519,46 @@ fn daemonized_vm_with_a_pid_file_quits_over_qmp() {
     drop(dir);
 }
 
+/// A stderr nobody reads any more (the pipe's reader went away) is no reason to fail: SIGTERM
+/// still ends nicvm with status 0 and its pid file and socket removed.
+#[test]
+fn a_closed_stderr_still_gives_a_clean_exit() {
+    let Some(img) = image() else { return };
+    let dir = temp("epipe");
+    let (sock, pidfile) = (dir.join("monitor.sock"), dir.join("pid"));
+    let mut child = Command::new(nicvm())
+        .args(["-kernel", &img.kernel.display().to_string()])
+        .args(["-S", "-nographic", "-nic", "none", "-pidfile"])
+        .arg(&pidfile)
+        .args([
+            "-monitor",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&sock);
+    drop(child.stderr.take()); // the reader goes: nicvm's next line meets EPIPE
+                               // SAFETY: signalling the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "nicvm did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(
+        !pidfile.exists() && !sock.exists(),
+        "pid file and socket removed"
+    );
+    drop(dir);
+}
+
 /// SIGUSR1 ends nicvm cleanly, like SIGTERM.
 #[test]
 fn sigusr1_is_a_clean_exit() {

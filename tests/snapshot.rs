@@ -215,11 +215,7 @@ fn refused(img: &Image, file: &Path, extra: &[&str]) -> String {
     let o = run(&a, Duration::from_secs(60));
     assert_eq!(o.code, Some(1), "{}", o.dump());
     assert!(!o.stdout.contains("NICVM"), "a guest ran: {}", o.dump());
-    let errors: Vec<&str> = o
-        .stderr
-        .lines()
-        .filter(|l| !l.contains(": info: "))
-        .collect();
+    let errors: Vec<&str> = o.stderr.lines().collect();
     assert_eq!(errors.len(), 1, "one line: {}", o.dump());
     errors[0].to_string()
 }

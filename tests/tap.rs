@@ -161,11 +161,13 @@ fn tap_errors_name_the_option() {
         let _ = &mut g;
         let o = g.finish();
         assert_eq!(o.code, Some(1), "{netdev}: {}", o.dump());
-        let line = o
-            .stderr
-            .lines()
-            .find(|l| !l.contains(": info: "))
-            .unwrap_or("");
+        assert_eq!(
+            o.stderr.lines().count(),
+            1,
+            "one line: {netdev}: {}",
+            o.dump()
+        );
+        let line = o.stderr.lines().next().unwrap_or("");
         assert!(
             line.starts_with("nicvm: -netdev tap,id=n0: "),
             "{netdev}: {line}"

@@ -229,11 +229,13 @@ fn bad_user_options_are_one_line_errors() {
             Duration::from_secs(30),
         );
         assert_eq!(o.code, Some(1), "{netdev}\n{}", o.dump());
-        let line = o
-            .stderr
-            .lines()
-            .find(|l| !l.contains(": info: "))
-            .unwrap_or("");
+        assert_eq!(
+            o.stderr.lines().count(),
+            1,
+            "one line: {netdev}\n{}",
+            o.dump()
+        );
+        let line = o.stderr.lines().next().unwrap_or("");
         assert!(
             line.starts_with("nicvm: -netdev user,id=n0: ") && line.contains(what),
             "{netdev}: {line}"

@@ -20,5 +20,6 @@ pub mod qemu_compat;
 pub mod serial_io;
 pub mod signals;
 pub mod snapshot;
+pub mod stderr;
 pub mod vcpu;
 pub mod vm;

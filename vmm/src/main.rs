@@ -4,7 +4,7 @@ use devices::lifecycle::{ExitReason, Lifecycle};
 use nicvm::config::Endpoint;
 use nicvm::config::InheritedFds;
 use nicvm::host::HostKind;
-use nicvm::{cli, console, daemon, monitor, signals, vm};
+use nicvm::{cli, console, daemon, monitor, say, signals, stderr, vm};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,12 +18,15 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
-            let _ = write!(
-                std::io::stderr().lock(),
+            let line = format!(
                 "nicvm: {}: {}\r\n",
                 r.level().as_str().to_lowercase(),
                 r.args()
             );
+            match r.level() {
+                log::Level::Info | log::Level::Warn => stderr::note(line),
+                _ => stderr::write(&line),
+            }
         }
     }
     fn flush(&self) {}
@@ -43,11 +46,18 @@ fn init_logging() {
     log::set_max_level(level);
 }
 
-/// Reports a failure before or during set-up; returns the exit status for it.
+/// Reports a failure before or during set-up, in its one line (the notes set-up held back
+/// are dropped); returns the exit status for it.
 fn fail(msg: impl std::fmt::Display) -> i32 {
     console::restore_terminal();
-    eprintln!("nicvm: {msg}");
+    stderr::discard();
+    say!("nicvm: {msg}");
     1
+}
+
+/// Writes to stdout; a reader that went away (`nicvm -h | head -1`) is no error.
+fn out(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 fn main() {
@@ -58,6 +68,7 @@ fn main() {
         enabled: std::env::var_os("NICVM_TIMING").is_some(),
     };
     init_logging();
+    stderr::hold();
     // A panic unwinds (the release profile keeps unwinding for this): what was set up is
     // dropped on the way, and nicvm exits 3.
     let code =
@@ -79,7 +90,8 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     // Until the VM exists a panic has nothing to tear down but the terminal.
     std::panic::set_hook(Box::new(|info| {
         console::restore_terminal();
-        eprintln!("nicvm: internal error: {info}");
+        stderr::release();
+        say!("nicvm: internal error: {info}");
     }));
     let inherited = inherited.unwrap_or_else(|e| {
         log::debug!("/proc/self/fd: {e}; -netdev tap,fd= cannot be used");
@@ -92,17 +104,20 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     };
     let cfg = match action {
         cli::Action::Help => {
-            print!("{}", cli::USAGE);
+            out(cli::USAGE);
             return 0;
         }
         cli::Action::Version => {
-            println!("nicvm {}", env!("CARGO_PKG_VERSION"));
-            println!("host: {}", HostKind::detect().describe());
-            println!("libslirp: {}", net_backends::slirp::version());
+            out(&format!(
+                "nicvm {}\nhost: {}\nlibslirp: {}\n",
+                env!("CARGO_PKG_VERSION"),
+                HostKind::detect().describe(),
+                net_backends::slirp::version()
+            ));
             return 0;
         }
         cli::Action::Listing(text) => {
-            print!("{text}");
+            out(&text);
             return 0;
         }
         cli::Action::Run(c) => c,
@@ -116,7 +131,7 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     }
     // As QEMU says it: checked like every netdev, but never opened.
     for nd in cfg.netdevs_without_peer() {
-        eprintln!("nicvm: warning: netdev {} has no peer", nd.id);
+        say!("nicvm: warning: netdev {} has no peer", nd.id);
     }
     if let Err(e) = vm::validate(&cfg) {
         return fail(e);
@@ -162,7 +177,8 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     let on_panic = lifecycle.clone();
     std::panic::set_hook(Box::new(move |info| {
         console::restore_terminal();
-        eprintln!("nicvm: internal error: {info}");
+        stderr::release();
+        say!("nicvm: internal error: {info}");
         on_panic.request_exit(ExitReason::Error("internal error".into()));
     }));
     let reason = {
@@ -191,6 +207,8 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
             },
             None => None,
         };
+        // Set up: what it noted goes out (before a daemon lets go of the terminal).
+        stderr::release();
         if let Some(d) = daemon.take() {
             d.set_up_done();
         }
@@ -211,10 +229,10 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         .unwrap_or_default();
     match &reason {
         ExitReason::Reboot | ExitReason::PowerOff => {}
-        ExitReason::User(why) => eprintln!("nicvm{name}: terminating on {why}"),
-        ExitReason::GuestPanic => eprintln!("nicvm{name}: guest kernel panicked (pvpanic)"),
-        ExitReason::GuestCrash(why) => eprintln!("nicvm{name}: guest crashed: {why}"),
-        ExitReason::Error(why) => eprintln!("nicvm{name}: error: {why}"),
+        ExitReason::User(why) => say!("nicvm{name}: terminating on {why}"),
+        ExitReason::GuestPanic => say!("nicvm{name}: guest kernel panicked (pvpanic)"),
+        ExitReason::GuestCrash(why) => say!("nicvm{name}: guest crashed: {why}"),
+        ExitReason::Error(why) => say!("nicvm{name}: error: {why}"),
     }
     reason.code()
 }

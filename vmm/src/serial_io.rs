@@ -139,10 +139,10 @@ impl SerialIo {
             }
         }
         nonblocking(fd);
-        eprintln!(
-            "nicvm: char device redirected to {} (label serial0)",
+        crate::stderr::note(format!(
+            "nicvm: char device redirected to {} (label serial0)\n",
             name.to_string_lossy()
-        );
+        ));
         Ok(SerialIo {
             source: Source::Pty,
             peer: Arc::new(Mutex::new(Some(std::fs::File::from(master)))),

@@ -237,7 +237,7 @@ pub struct Timing {
 impl Timing {
     pub fn mark(&self, what: &str) {
         if self.enabled {
-            eprintln!(
+            crate::say!(
                 "nicvm-timing: {what} {:.4}\r",
                 self.start.elapsed().as_secs_f64()
             );

@@ -72,7 +72,7 @@ impl DownScript {
 impl Drop for DownScript {
     fn drop(&mut self) {
         if let Err(e) = run(&self.script, &self.ifname) {
-            eprintln!("nicvm: downscript: {e}");
+            crate::say!("nicvm: downscript: {e}");
         }
     }
 }
