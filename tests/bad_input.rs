@@ -77,6 +77,20 @@ fn a_failed_set_up_drops_its_notes() {
     assert!(err.starts_with("nicvm: -kernel: "), "{err}");
 }
 
+/// Guest RAM the kernel does not fit in is an -m error, not a bad -kernel: the project's
+/// kernels load at 16 MiB and need RAM up to about 29 MiB (vmlinux, its BSS included) or 32
+/// MiB (the bzImage's decompressor, its init_size).
+#[test]
+fn too_little_ram_for_the_kernel() {
+    let Some(img) = image() else { return };
+    for k in [&img.kernel, &img.bzimage] {
+        let k = k.display().to_string();
+        for m in ["16", "24"] {
+            expect_error(&["-m", m, "-kernel", &k, "-nic", "none"], "-m: ");
+        }
+    }
+}
+
 #[test]
 fn missing_kernel_file() {
     expect_error(&["-kernel", "/nonexistent/vmlinux"], "-kernel");

@@ -11,7 +11,9 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::{elf::PvhBootCapability, BzImage, Elf, KernelLoader as _};
 use std::fs::File;
 use std::path::Path;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryMode {
@@ -33,6 +35,8 @@ pub enum BootError {
     OpenKernel(String, std::io::Error),
     #[error("-kernel: {0} is neither an x86-64 ELF vmlinux nor a bzImage ({1})")]
     BadKernel(String, String),
+    #[error("-m: {ram} MiB is too little for -kernel {0}, which needs guest RAM up to {need} MiB", ram = .1 >> 20, need = .2.div_ceil(1 << 20))]
+    TooLittleRam(String, u64, u64),
     #[error("-kernel: cannot read {0}: {1}")]
     ReadKernel(String, std::io::Error),
     #[error("cannot start a thread to load the kernel: {0}")]
@@ -206,8 +210,25 @@ fn parse_kernel(
 ) -> Result<(Entry, u64, Option<setup_header>), BootError> {
     let kname = kname.to_string();
     let himem = Some(GuestAddress(HIMEM_START));
+    let too_little = |kname: String, e: String| {
+        let ram = mem.iter().map(|r| r.len()).sum::<u64>();
+        match File::open(&kname)
+            .ok()
+            .and_then(|mut k| kernel_extent(&mut k))
+        {
+            Some(end) if end > mem.last_addr().raw_value().saturating_add(1) => {
+                BootError::TooLittleRam(kname, ram, end)
+            }
+            _ => BootError::BadKernel(kname, e),
+        }
+    };
     Ok(match Elf::load(mem, None, f, himem) {
         Ok(r) => {
+            // Its zero-filled tails (BSS) too: they lie past what the file fills in.
+            if r.kernel_end > mem.last_addr().raw_value().saturating_add(1) {
+                let ram = mem.iter().map(|r| r.len()).sum::<u64>();
+                return Err(BootError::TooLittleRam(kname, ram, r.kernel_end));
+            }
             let entry = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(a) => Entry {
                     mode: EntryMode::Pvh,
@@ -224,15 +245,59 @@ fn parse_kernel(
             linux_loader::loader::elf::Error::InvalidElfMagicNumber,
         )) => {
             let r = BzImage::load(mem, None, f, himem)
-                .map_err(|e| BootError::BadKernel(kname.clone(), e.to_string()))?;
+                .map_err(|e| too_little(kname.clone(), e.to_string()))?;
+            // The decompressor unpacks the kernel at its preferred address (or where it was
+            // loaded, if higher) and needs init_size bytes there (boot protocol 2.10 on).
+            if let Some(h) = r.setup_header.filter(|h| h.version >= 0x020a) {
+                let at = r.kernel_load.raw_value().max(h.pref_address);
+                let need = at.saturating_add(u64::from(h.init_size));
+                if need > mem.last_addr().raw_value().saturating_add(1) {
+                    let ram = mem.iter().map(|r| r.len()).sum::<u64>();
+                    return Err(BootError::TooLittleRam(kname, ram, need));
+                }
+            }
             let entry = Entry {
                 mode: EntryMode::Linux64,
                 rip: r.kernel_load.raw_value() + 0x200,
             };
             (entry, r.kernel_end, r.setup_header)
         }
-        Err(e) => return Err(BootError::BadKernel(kname, e.to_string())),
+        Err(e) => return Err(too_little(kname, e.to_string())),
     })
+}
+
+/// Where in guest-physical memory an ELF kernel's loaded segments end (the highest
+/// `p_paddr + p_memsz` of its PT_LOAD headers), for a kernel the loader refused: whether it
+/// was RAM that was short. None for anything else (a bzImage's extent is its loader's).
+fn kernel_extent(f: &mut (impl std::io::Read + std::io::Seek)) -> Option<u64> {
+    use std::io::SeekFrom;
+    let mut eh = [0u8; 64];
+    f.read_exact(&mut eh).ok()?;
+    // 64-bit little-endian ELF.
+    if eh[..4] != *b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
+        return None;
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let (phoff, phentsize, phnum) = (u64_at(&eh, 0x20), u16_at(&eh, 0x36), u16_at(&eh, 0x38));
+    if phentsize < 56 {
+        return None;
+    }
+    let mut end = None;
+    let mut ph = [0u8; 56];
+    for i in 0..u64::from(phnum.min(256)) {
+        f.seek(SeekFrom::Start(
+            phoff.checked_add(i * u64::from(phentsize))?,
+        ))
+        .ok()?;
+        f.read_exact(&mut ph).ok()?;
+        const PT_LOAD: u32 = 1;
+        if u32::from_le_bytes(ph[..4].try_into().unwrap()) == PT_LOAD {
+            let seg_end = u64_at(&ph, 0x18).checked_add(u64_at(&ph, 0x28))?;
+            end = end.max(Some(seg_end));
+        }
+    }
+    end
 }
 
 /// Reads the initramfs to the top of low memory: its name, where it went and its size.
