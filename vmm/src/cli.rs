@@ -70,6 +70,8 @@ pub enum CliErrorKind {
     },
     #[error("netdev= and vlan= cannot both be given")]
     NetdevAndVlan,
+    #[error("vlan: '{0}' is not a hub number (0, 1, ...)")]
+    BadVlan(String),
     #[error("-net dump: no backend on {0} to capture")]
     DumpWithoutBackend(String),
     #[error("model= is given more than once")]
@@ -131,6 +133,34 @@ fn one_line(s: &str) -> String {
             esc
         })
         .collect()
+}
+
+/// QEMU's rule for the ids of netdevs and devices: a letter, then letters, digits, '-', '.'
+/// or '_'.
+fn is_id(id: &str) -> bool {
+    id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+fn not_an_id(id: String) -> OptionError {
+    OptionError::NotA {
+        key: "id".into(),
+        value: id,
+        what: "an id (a letter, then letters, digits, '-', '.' or '_')",
+    }
+}
+
+/// A `-net` option's hub (vlan=; 0 when not given) as a number: `vlan=01` is hub 1.
+fn take_vlan(option: &str, kv: &mut KeyVal) -> Result<String, CliError> {
+    match kv.remove("vlan") {
+        None => Ok("0".into()),
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) => Ok(n.to_string()),
+            Err(_) => err(option, CliErrorKind::BadVlan(v)),
+        },
+    }
 }
 
 fn err<T>(option: &str, error: impl Into<CliErrorKind>) -> Result<T, CliError> {
@@ -371,19 +401,8 @@ fn netdev_config(
 ) -> Result<NetdevConfig, CliError> {
     let (ty, id) = netdev_opts::header(&mut kv).or_else(|e| err(origin, e))?;
     // QEMU's rule for ids; it also keeps the ids nicvm makes for -nic and -net apart.
-    let well_formed = id.starts_with(|c: char| c.is_ascii_alphabetic())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if user_id && !well_formed {
-        return err(
-            origin,
-            OptionError::NotA {
-                key: "id".into(),
-                value: id,
-                what: "an id (a letter, then letters, digits, '-', '.' or '_')",
-            },
-        );
+    if user_id && !is_id(&id) {
+        return err(origin, not_an_id(id));
     }
     let option = if user_id {
         format!("{origin} {},id={id}", ty.name())
@@ -724,6 +743,7 @@ where
                     return err(&opt, CliErrorKind::NoModel);
                 };
                 let model = model_from(&opt, &driver)?;
+                kv.keep_last();
                 b.devices.push((format!("-device {driver}"), model, kv));
             }
             "-nic" => {
@@ -776,16 +796,16 @@ where
                             }
                             b.devices.push(("-net nic".into(), model, kv));
                         } else {
-                            let vlan = kv.remove("vlan").unwrap_or_else(|| "0".into());
+                            let vlan = take_vlan(&opt, &mut kv)?;
                             b.legacy_nics.push((model, kv, vlan));
                         }
                     }
                     Some("dump") => {
-                        let vlan = kv.remove("vlan").unwrap_or_else(|| "0".into());
+                        let vlan = take_vlan(&opt, &mut kv)?;
                         b.legacy_dumps.push((kv, vlan));
                     }
                     Some(_) => {
-                        let vlan = kv.remove("vlan").unwrap_or_else(|| "0".into());
+                        let vlan = take_vlan(&opt, &mut kv)?;
                         kv.remove("name");
                         b.legacy_backends.push((kv, vlan));
                     }
@@ -1283,6 +1303,9 @@ fn nic_config(
     }
     let id = kv.remove("id");
     if let Some(id) = &id {
+        if !is_id(id) {
+            return err(option, not_an_id(id.clone()));
+        }
         if ids.contains(id) {
             return err(option, CliErrorKind::DuplicateId(id.clone()));
         }
@@ -1642,6 +1665,29 @@ mod tests {
         assert_eq!(c.nics[0].model, NicModel::E1000);
         let e = run("-kernel k -netdev user,id=n0 -net nic,netdev=n0,vlan=1").unwrap_err();
         assert!(e.to_string().contains("netdev= and vlan="), "{e}");
+        // -device as QEMU reads it: a property given twice keeps its last value, a trailing
+        // comma ends the list; ids are QEMU's.
+        let c = run("-kernel k -netdev user,id=n0 \
+                     -device e1000,netdev=n0,mac=52:54:00:12:34:56,mac=52:54:00:12:34:57,")
+        .unwrap();
+        assert_eq!(c.nics[0].mac.to_string(), "52:54:00:12:34:57");
+        for bad in ["bad/id", "1st", "a\u{1b}b"] {
+            let e = run(&format!(
+                "-kernel k -netdev user,id=n0 -device e1000,netdev=n0,id={bad}"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains("is not an id"), "{bad}: {e}");
+        }
+        // vlan= is a hub number: 01 is hub 1, a name or a sign is refused.
+        let c = run("-kernel k -net nic,vlan=01 -net user,vlan=1").unwrap();
+        assert_eq!(c.nics.len(), 1);
+        for bad in [
+            "-net nic,vlan=x -net user,vlan=x",
+            "-net nic -net user,vlan=-1",
+        ] {
+            let e = run(&format!("-kernel k {bad}")).unwrap_err();
+            assert!(e.to_string().starts_with("-net: vlan: '"), "{bad}: {e}");
+        }
         let c = run("-kernel k -net nic -net user -net dump,file=/tmp/d.pcap").unwrap();
         assert_eq!(c.dumps[0].netdev, c.nics[0].netdev);
         assert_eq!(c.dumps[0].file, PathBuf::from("/tmp/d.pcap"));

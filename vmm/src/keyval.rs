@@ -41,7 +41,12 @@ impl KeyVal {
     /// `implied` names the key a leading bare word stands for (`type`, `driver`).
     pub fn parse(s: &str, implied: Option<&str>) -> Result<KeyVal, KeyValError> {
         let mut kv = KeyVal::default();
-        for (i, part) in split(s).into_iter().enumerate() {
+        let mut parts = split(s);
+        // A comma at the end ends the list (as QEMU reads it), unless it is all there is.
+        if parts.len() > 1 && parts.last().is_some_and(String::is_empty) {
+            parts.pop();
+        }
+        for (i, part) in parts.into_iter().enumerate() {
             match part.split_once('=') {
                 Some((k, v)) => {
                     if k.is_empty() {
@@ -77,6 +82,19 @@ impl KeyVal {
             .find(|k| !allowed.contains(k))
     }
 
+    /// Each key once, with the last value it was given (as QEMU sets a device's properties:
+    /// in order, the last one standing).
+    pub fn keep_last(&mut self) {
+        let mut seen = std::collections::HashSet::new();
+        let mut kept: Vec<(String, String)> = std::mem::take(&mut self.pairs)
+            .into_iter()
+            .rev()
+            .filter(|(k, _)| seen.insert(k.clone()))
+            .collect();
+        kept.reverse();
+        self.pairs = kept;
+    }
+
     pub fn remove(&mut self, key: &str) -> Option<String> {
         let i = self.pairs.iter().rposition(|(k, _)| k == key)?;
         Some(self.pairs.remove(i).1)
@@ -86,6 +104,39 @@ impl KeyVal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trailing_comma_ends_the_list() {
+        let kv = KeyVal::parse("e1000,netdev=n0,", Some("driver")).unwrap();
+        assert_eq!(kv.first.as_deref(), Some("e1000"));
+        assert_eq!(kv.pairs, [("netdev".to_string(), "n0".to_string())]);
+        assert_eq!(
+            KeyVal::parse("a,,", None).unwrap_err(),
+            KeyValError::NeedsValue("a,".into()),
+            "an escaped comma stays one"
+        );
+        assert_eq!(KeyVal::parse(",", None), Err(KeyValError::EmptyParameter));
+        assert_eq!(
+            KeyVal::parse("e1000,,,netdev=n0", Some("driver"))
+                .unwrap()
+                .first
+                .as_deref(),
+            Some("e1000,"),
+            "not a trailing comma: an escaped one, then a separator"
+        );
+    }
+
+    #[test]
+    fn keep_last_keeps_each_key_once_with_its_last_value() {
+        let mut kv = KeyVal::parse("mac=1,netdev=a,mac=2,id=x", None).unwrap();
+        kv.keep_last();
+        let pairs: Vec<(&str, &str)> = kv
+            .pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(pairs, [("netdev", "a"), ("mac", "2"), ("id", "x")]);
+    }
 
     #[test]
     fn implied_key_escapes_and_repeats() {
@@ -118,7 +169,9 @@ mod tests {
                 .to_string(),
             "'id' needs a value (id=...)"
         );
-        assert!(KeyVal::parse("user,,id=1,", Some("type")).is_err());
+        // An escaped comma makes "user,id" a key, which no option knows.
+        let odd = KeyVal::parse("user,,id=1,", Some("type")).unwrap();
+        assert_eq!(odd.unknown_key(&["id"]), Some("user,id"));
         assert!(KeyVal::parse("=x", Some("type")).is_err());
         assert_eq!(kv.unknown_key(&["script"]), None);
         assert_eq!(kv.unknown_key(&[]), Some("script"));
