@@ -232,7 +232,9 @@ Snapshots (see docs/snapshots.md):
                          snapshot to PATH and exit 0 (QMP: stop, migrate file:PATH)
   Accepted with a note, as they change nothing here: -enable-kvm, -accel kvm,
   -M/-machine pc|q35[,accel=kvm], -cpu host|max, -display none, -vga none, -nodefaults
-  (no default NIC), -snapshot (there are no disks). See docs/qemu-compat.md.
+  (no default NIC), -snapshot (there are no disks), -boot, -k, -rtc base=utc, -no-hpet,
+  -uuid, -msg, -d, -D, -sandbox off, -overcommit mem-lock=off, -global for the PIT and
+  power management. See docs/qemu-compat.md.
 
 Network:
   -netdev TYPE,id=ID[,...]     backend: user, tap, vde, socket, stream, dgram
@@ -558,6 +560,16 @@ where
             "-mon",
             "-incoming",
             "-save-on",
+            "-boot",
+            "-k",
+            "-uuid",
+            "-rtc",
+            "-global",
+            "-sandbox",
+            "-msg",
+            "-d",
+            "-D",
+            "-overcommit",
         ]
         .contains(&opt.as_str());
         let val = if takes_value {
@@ -665,7 +677,8 @@ where
                 );
             }
             "-enable-kvm" | "-display" | "-vga" | "-M" | "-machine" | "-accel" | "-cpu"
-            | "-snapshot" => {
+            | "-snapshot" | "-boot" | "-k" | "-no-hpet" | "-no-shutdown" | "-uuid" | "-rtc"
+            | "-global" | "-sandbox" | "-msg" | "-d" | "-D" | "-overcommit" => {
                 let note = qemu_compat::machine_option(&opt, &val).or_else(|e| err(&opt, e))?;
                 b.note(&opt, &note);
             }

@@ -77,7 +77,8 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
                 }
             }
             for k in ["kernel-irqchip", "kernel_irqchip"] {
-                if let Some(v) = kv.get(k) {
+                // split: the IOAPIC in user space; the guest sees the same IOAPIC either way.
+                if let Some(v) = kv.get(k).filter(|&v| v != "split") {
                     if !on_off(k, v)? {
                         return Err(refused(format!(
                             "{k}=off: nicvm always uses KVM's in-kernel irqchip"
@@ -106,6 +107,110 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
                     "'{m}': nicvm gives one CPU model; use host or max"
                 ))),
             }
+        }
+        "-boot" => {
+            let kv = KeyVal::parse(val, Some("order"))?;
+            let known = [
+                "order",
+                "once",
+                "menu",
+                "splash",
+                "splash-time",
+                "reboot-timeout",
+                "strict",
+            ];
+            if let Some(k) = kv.unknown_key(&known) {
+                return Err(OptionError::Unknown(k.into()).into());
+            }
+            Ok("nicvm starts the -kernel itself (no firmware): there is no boot order".into())
+        }
+        "-k" => Ok("nicvm has no keyboard or display: the console is a serial line".into()),
+        "-no-hpet" => Ok("nicvm's PC has no HPET".into()),
+        "-no-shutdown" => Err(refused(
+            "nicvm ends when the guest powers off; it cannot stay stopped instead",
+        )),
+        "-uuid" => {
+            let hex: String = val.chars().filter(|&c| c != '-').collect();
+            let shape = val.len() == 36
+                && [8, 13, 18, 23].iter().all(|&i| val.as_bytes()[i] == b'-')
+                && hex.len() == 32
+                && hex.chars().all(|c| c.is_ascii_hexdigit());
+            if !shape {
+                return Err(refused(format!("'{val}' is not a UUID")));
+            }
+            Ok("nicvm has no firmware tables (SMBIOS) to show the UUID in".into())
+        }
+        "-rtc" => {
+            let kv = KeyVal::parse(val, None)?;
+            if let Some(k) = kv.unknown_key(&["base", "clock", "driftfix"]) {
+                return Err(OptionError::Unknown(k.into()).into());
+            }
+            if let Some(b) = kv.get("base").filter(|&b| b != "utc") {
+                return Err(refused(format!(
+                    "base={b}: the guest's CMOS clock is the host's time in UTC; only base=utc"
+                )));
+            }
+            if let Some(c) = kv.get("clock").filter(|&c| !matches!(c, "host" | "rt")) {
+                return Err(refused(format!(
+                    "clock={c}: the guest's CMOS clock follows the host's; clock=host or rt"
+                )));
+            }
+            if let Some(d) = kv
+                .get("driftfix")
+                .filter(|&d| !matches!(d, "none" | "slew"))
+            {
+                return Err(refused(format!("driftfix={d}: none or slew")));
+            }
+            Ok("the guest's CMOS clock is the host's time in UTC".into())
+        }
+        "-global" => {
+            // Defaults for devices nicvm has not got (or has as KVM's own): a note. Anything
+            // else may be meant for a NIC, whose properties go on its -device.
+            let driver = match val.strip_prefix("driver=") {
+                Some(rest) => rest.split(',').next(),
+                None => val.split(['.', '=']).next(),
+            };
+            match driver.unwrap_or("") {
+                "kvm-pit" | "PIIX4_PM" | "ICH9-LPC" | "isa-fdc" | "cfi.pflash01" => Ok(format!(
+                    "{val}: not set: KVM's PIT runs as it is, and nicvm's PC has no ACPI, \
+                     floppy or flash"
+                )),
+                _ => Err(refused(format!(
+                    "'{val}': -global is taken only for devices nicvm has not got; give a \
+                     NIC's properties on its -device"
+                ))),
+            }
+        }
+        "-sandbox" => match val.split(',').next().unwrap_or("") {
+            "off" => Ok("nicvm has no seccomp sandbox".into()),
+            v => Err(refused(format!(
+                "'{v}': nicvm has no seccomp sandbox to turn on (only -sandbox off)"
+            ))),
+        },
+        "-msg" => {
+            let kv = KeyVal::parse(val, None)?;
+            if let Some(k) = kv.unknown_key(&["timestamp", "guest-name"]) {
+                return Err(OptionError::Unknown(k.into()).into());
+            }
+            Ok("nicvm's messages have neither timestamps nor the guest's name".into())
+        }
+        "-d" => Ok(format!(
+            "{val}: QEMU's log items are not nicvm's; NICVM_LOG=debug logs what nicvm does"
+        )),
+        "-D" => Ok("nicvm logs to stderr (NICVM_LOG=debug for more), not to a file".into()),
+        "-overcommit" => {
+            let kv = KeyVal::parse(val, None)?;
+            if let Some(k) = kv.unknown_key(&["mem-lock", "cpu-pm"]) {
+                return Err(OptionError::Unknown(k.into()).into());
+            }
+            for k in ["mem-lock", "cpu-pm"] {
+                if let Some(v) = kv.get(k) {
+                    if v != "off" {
+                        return Err(refused(format!("{k}={v}: not supported; only {k}=off")));
+                    }
+                }
+            }
+            Ok("guest RAM is not locked and vCPUs exit on HLT, as asked".into())
         }
         _ => Err(CliErrorKind::UnknownOption),
     }
@@ -342,6 +447,21 @@ mod tests {
             ("-cpu", "max"),
             ("-snapshot", ""),
             ("-enable-kvm", ""),
+            ("-M", "q35,accel=kvm,kernel-irqchip=split"),
+            ("-boot", "c"),
+            ("-boot", "order=n,menu=off"),
+            ("-k", "en-us"),
+            ("-no-hpet", ""),
+            ("-uuid", "12345678-9abc-def0-1234-56789abcdef0"),
+            ("-rtc", "base=utc"),
+            ("-rtc", "base=utc,clock=host,driftfix=slew"),
+            ("-global", "kvm-pit.lost_tick_policy=discard"),
+            ("-global", "driver=ICH9-LPC,property=disable_s3,value=1"),
+            ("-sandbox", "off"),
+            ("-msg", "timestamp=on"),
+            ("-d", "guest_errors"),
+            ("-D", "/tmp/qemu.log"),
+            ("-overcommit", "mem-lock=off"),
         ] {
             assert!(machine_option(opt, val).is_ok(), "{opt} {val}");
         }
@@ -354,6 +474,15 @@ mod tests {
             ("-accel", "tcg"),
             ("-cpu", "qemu64"),
             ("-cpu", "host,+avx"),
+            ("-boot", "order=c,bogus=1"),
+            ("-uuid", "not-a-uuid"),
+            ("-rtc", "base=localtime"),
+            ("-rtc", "clock=vm"),
+            ("-global", "e1000.mac=52:54:00:12:34:56"),
+            ("-sandbox", "on"),
+            ("-overcommit", "mem-lock=on"),
+            ("-msg", "colour=on"),
+            ("-no-shutdown", ""),
         ] {
             let e = machine_option(opt, val).unwrap_err().to_string();
             assert!(!e.contains('\n') && !e.is_empty(), "{opt} {val}: {e}");
