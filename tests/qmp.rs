@@ -427,6 +427,18 @@ fn hmp_over_a_socket() {
     assert!(hmp(&mut r, "help").contains("set_link name on|off"));
     assert!(hmp(&mut r, "system_powerdown").contains("ACPI"));
     assert!(hmp(&mut r, "frobnicate").contains("unknown command"));
+    // An unknown command is named, not echoed back whole.
+    let long = hmp(&mut r, &"x".repeat(4000));
+    assert!(
+        long.starts_with("unknown command: 'xxx") && long.len() < 200,
+        "{}",
+        long.len()
+    );
+    assert_eq!(hmp(&mut r, "migrate"), "usage: migrate [-d] file:PATH\n");
+    // Migrated before it ever ran: postmigrate, as QEMU says.
+    let snap = dir.join("snap");
+    assert_eq!(hmp(&mut r, &format!("migrate file:{}", snap.display())), "");
+    assert_eq!(hmp(&mut r, "info status"), "VM status: postmigrate\n");
     hmp(&mut r, "cont");
     assert_eq!(hmp(&mut r, "info status"), "VM status: running\n");
     r.get_mut().write_all(b"quit\n").unwrap();

@@ -102,8 +102,10 @@ async def protocol(path, tcp_port):
     check(filters["e"]["main-mac"] == "52:54:00:12:34:56", "main-mac")
     one = await qmp.execute("query-rx-filter", {"name": "r"})
     check(len(one) == 1 and one[0]["name"] == "r", "query-rx-filter name=")
-    cls, _ = await error_class(qmp, "query-rx-filter", {"name": "nope"})
-    check(cls == "GenericError", cls)
+    cls, desc = await error_class(qmp, "query-rx-filter", {"name": "nope"})
+    check((cls, desc) == ("GenericError", "invalid net client name: nope"), (cls, desc))
+    _, desc = await error_class(qmp, "query-rx-filter", {"name": "ne"})
+    check(desc == "net client(ne) isn't a NIC", desc)
 
     # set_link by device id and by netdev id; the monitor's text shows it.
     await qmp.execute("set_link", {"name": "e", "up": False})

@@ -46,6 +46,8 @@ pub enum CliErrorKind {
     NoRam,
     #[error("'{0}' is not a size (e.g. 256M, 1G)")]
     BadSize(String),
+    #[error("'{0}' is more guest RAM than an x86-64 guest can address")]
+    TooMuchRam(String),
     #[error("'{0}' is not a number")]
     NotANumber(String),
     #[error("needs at least 1 CPU")]
@@ -114,7 +116,7 @@ pub enum CliErrorKind {
     BadQueue(String),
     #[error("chardev '{0}' is not defined by any -chardev")]
     UndefinedChardev(String),
-    #[error("'{0}' is not supported (unix:PATH or tcp:HOST:PORT, with server=on; stdio)")]
+    #[error("'{0}' is not supported (unix:PATH or tcp:HOST:PORT, with server=on; -monitor and -serial also take stdio)")]
     BadChardev(String),
     #[error("one capture per netdev and per id ('{0}')")]
     DuplicateDump(String),
@@ -685,6 +687,8 @@ where
             "-m" => {
                 b.mem_mib = match parse_size_mib(&val) {
                     Some(0) => return err(&opt, CliErrorKind::NoRam),
+                    // Beyond what an x86-64 guest can address (52-bit physical addresses).
+                    Some(m) if m >= 1 << 32 => return err(&opt, CliErrorKind::TooMuchRam(val)),
                     Some(m) => m,
                     None => return err(&opt, CliErrorKind::BadSize(val)),
                 }
@@ -1122,13 +1126,26 @@ fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>), CliErrorKind> 
         if path.is_empty() {
             return Err(CliErrorKind::BadChardev(spec.into()));
         }
-        Endpoint::Unix(path.into())
+        Endpoint::Unix(unix_socket_path(path)?)
     } else if let Some(hp) = head.strip_prefix("tcp:") {
         Endpoint::Tcp(tcp_addr(hp)?)
     } else {
         return Err(CliErrorKind::BadChardev(spec.into()));
     };
     listening(server, wait).map(|note| (endpoint, note))
+}
+
+/// A path a Unix socket can be bound at: the kernel's `sun_path` holds 107 bytes and a NUL
+/// (a longer one would be cut, and the socket found under another name).
+fn unix_socket_path(path: &str) -> Result<PathBuf, CliErrorKind> {
+    const SUN_PATH_MAX: usize = 107;
+    if path.len() > SUN_PATH_MAX {
+        return Err(CliErrorKind::Refused(format!(
+            "the socket path is {} bytes; a Unix socket's path holds at most {SUN_PATH_MAX}",
+            path.len()
+        )));
+    }
+    Ok(path.into())
 }
 
 /// server=off (connecting out) is refused; wait=on (QEMU waits for a client before the
@@ -1200,7 +1217,7 @@ fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>), CliEr
             let server = kv.get("server").map(|v| on_off("server", v)).transpose()?;
             let wait = kv.get("wait").map(|v| on_off("wait", v)).transpose()?;
             let endpoint = match (kv.get("path"), kv.get("port")) {
-                (Some(p), None) if !p.is_empty() => Endpoint::Unix(p.into()),
+                (Some(p), None) if !p.is_empty() => Endpoint::Unix(unix_socket_path(p)?),
                 (None, Some(port)) => Endpoint::Tcp(tcp_addr(&format!(
                     "{}:{port}",
                     kv.get("host").unwrap_or("")
@@ -1447,6 +1464,13 @@ mod tests {
     fn bad_machine_options_name_the_option() {
         assert_eq!(option_of("-m 0 -kernel k"), "-m");
         assert_eq!(option_of("-m lots -kernel k"), "-m");
+        let e = run("-m 99999999999999999999 -kernel k")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "-m: '99999999999999999999' is more guest RAM than an x86-64 guest can address"
+        );
         assert_eq!(option_of("-smp 0 -kernel k"), "-smp");
         assert_eq!(option_of("-smp 99 -kernel k"), "-smp");
         assert_eq!(option_of("-bogus -kernel k"), "-bogus");
@@ -1848,6 +1872,18 @@ mod tests {
         ] {
             assert_eq!(option_of(&format!("-kernel k {line}")), option, "{line}");
         }
+        // A socket path the kernel would cut: refused, for the socket options too.
+        let long = format!("/tmp/{}", "a".repeat(103)); // 108 bytes
+        for line in [
+            format!("-qmp unix:{long},server=on,wait=off"),
+            format!("-serial unix:{long},server=on,wait=off"),
+            format!("-chardev socket,id=m,path={long},server=on,wait=off -mon m"),
+        ] {
+            let e = run(&format!("-kernel k {line}")).unwrap_err().to_string();
+            assert!(e.contains("holds at most 107"), "{line}: {e}");
+        }
+        let ok = format!("-kernel k -qmp unix:{},server=on,wait=off", &long[..107]);
+        assert!(run(&ok).is_ok());
     }
 
     #[test]

@@ -98,10 +98,11 @@ pub fn execute(control: &Control, line: &str) -> String {
             }
         }
         ["set_link", ..] => "usage: set_link name on|off\n".into(),
-        ["migrate", uri] => match control.migrate(uri) {
+        ["migrate", uri] | ["migrate", "-d", uri] => match control.migrate(uri) {
             Ok(()) => String::new(),
             Err(e) => format!("Error: {}\n", e.desc),
         },
+        ["migrate", ..] => "usage: migrate [-d] file:PATH\n".into(),
         ["stop"] => {
             control.stop();
             String::new()
@@ -121,7 +122,12 @@ pub fn execute(control: &Control, line: &str) -> String {
         ["system_powerdown"] => "nicvm's machine has no ACPI power button, so the guest cannot \
              be asked to power down: the guest must power itself off (poweroff), or use quit\n"
             .into(),
-        [cmd, ..] => format!("unknown command: '{cmd}'\n"),
+        [cmd, ..] => {
+            // A name, not a whole line echoed back however long it is.
+            let shown: String = cmd.chars().take(64).collect();
+            let more = if shown.len() < cmd.len() { "..." } else { "" };
+            format!("unknown command: '{shown}{more}'\n")
+        }
     }
 }
 

@@ -233,6 +233,8 @@ impl Control {
         });
         match error {
             None => {
+                // Stopped by the migration now, also if it had not started yet (as QEMU).
+                *self.prelaunch.lock().unwrap() = false;
                 *self.postmigrate.lock().unwrap() = true;
                 self.emit("MIGRATION", json!({"status": "completed"}));
                 Ok(())

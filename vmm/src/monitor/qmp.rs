@@ -356,7 +356,14 @@ pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Resul
                 out.push(rx_filter_json(&nic_name, &f));
             }
             if let (Some(want), true) = (name, out.is_empty()) {
-                return Err(QmpError::generic(format!("net client({want}) isn't a NIC")));
+                // As QEMU words it: a backend's name, or no net client at all.
+                return Err(QmpError::generic(
+                    if control.nics.iter().any(|n| n.config.netdev == want) {
+                        format!("net client({want}) isn't a NIC")
+                    } else {
+                        format!("invalid net client name: {want}")
+                    },
+                ));
             }
             Ok(Value::Array(out))
         }
