@@ -22,6 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// Events waiting for the monitor thread to pass them on; beyond it the oldest go (with only a
+/// console monitor there is no thread to take them, and operators' stop/cont add up).
+const MAX_QUEUED_EVENTS: usize = 256;
 /// Clients served at once; more are turned away.
 const MAX_CLIENTS: usize = 16;
 /// Output a client may leave unread before it is dropped (events pile up only for a client
@@ -72,6 +75,20 @@ pub struct Control {
 pub struct EventQueue {
     queue: Mutex<Vec<String>>,
     wake: EventFd,
+}
+
+impl EventQueue {
+    /// Queues `msg` (the oldest goes when [`MAX_QUEUED_EVENTS`] wait) and wakes the monitor
+    /// thread.
+    fn push(&self, msg: String) {
+        let mut queue = self.queue.lock().unwrap();
+        if queue.len() >= MAX_QUEUED_EVENTS {
+            queue.remove(0);
+        }
+        queue.push(msg);
+        drop(queue);
+        let _ = self.wake.write(1);
+    }
 }
 
 /// A finished `migrate`.
@@ -157,8 +174,7 @@ impl Control {
     /// Queues an event for every QMP client.
     pub fn emit(&self, event: &str, data: Value) {
         let msg = json!({"event": event, "data": data, "timestamp": timestamp()});
-        self.events.queue.lock().unwrap().push(msg.to_string());
-        let _ = self.events.wake.write(1);
+        self.events.push(msg.to_string());
     }
 
     pub fn running(&self) -> bool {
@@ -615,5 +631,25 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
         for i in gone.into_iter().rev() {
             clients.remove(i);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_nobody_takes_keep_only_the_newest() {
+        let q = EventQueue {
+            queue: Mutex::new(vec![]),
+            wake: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        };
+        for i in 0..MAX_QUEUED_EVENTS + 10 {
+            q.push(i.to_string());
+        }
+        let queue = q.queue.lock().unwrap();
+        assert_eq!(queue.len(), MAX_QUEUED_EVENTS);
+        assert_eq!(queue[0], "10");
+        assert_eq!(queue.last().unwrap(), &(MAX_QUEUED_EVENTS + 9).to_string());
     }
 }
