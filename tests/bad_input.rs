@@ -187,8 +187,9 @@ fn unused_netdev_with_a_bad_option() {
     );
 }
 
-/// A valid -netdev no NIC uses: QEMU's warning, once, at start-up (here before the -kernel
-/// error that stops this run without KVM).
+/// A valid -netdev no NIC uses: QEMU's warning is a note of the set-up, dropped when it
+/// fails (here at -kernel, without KVM): the error is the one line. (tests/qmp.rs sees the
+/// warning on a set-up that succeeds.)
 #[test]
 fn unused_netdev_is_warned_about() {
     let o = run(
@@ -208,17 +209,8 @@ fn unused_netdev_is_warned_about() {
     );
     assert_eq!(o.code, Some(1), "{}", o.dump());
     let lines: Vec<&str> = o.stderr.lines().collect();
-    assert_eq!(
-        lines[..2],
-        [
-            "nicvm: warning: netdev n0 has no peer",
-            "nicvm: warning: netdev n1 has no peer"
-        ],
-        "{}",
-        o.dump()
-    );
-    assert!(lines[2].starts_with("nicvm: -kernel: "), "{}", o.dump());
-    assert_eq!(lines.len(), 3, "{}", o.dump());
+    assert_eq!(lines.len(), 1, "{}", o.dump());
+    assert!(lines[0].starts_with("nicvm: -kernel: "), "{}", o.dump());
 }
 
 /// nicvm started with fd 5 open (on /dev/null), as a parent passing a tap would.

@@ -571,6 +571,41 @@ fn a_closed_stderr_still_gives_a_clean_exit() {
     drop(dir);
 }
 
+/// A -netdev no NIC uses: QEMU's warning, once each, when the set-up succeeds.
+#[test]
+fn an_unused_netdev_is_warned_about_at_start() {
+    let Some(img) = image() else { return };
+    let dir = temp("nopeer");
+    let sock = dir.join("monitor.sock");
+    let endpoint = format!("unix:{},server=on,wait=off", sock.display());
+    let vm = spawn(
+        &img,
+        "",
+        &[
+            "-S",
+            "-nographic",
+            "-nic",
+            "none",
+            "-netdev",
+            "user,id=n0",
+            "-monitor",
+            &endpoint,
+        ],
+        Stdio::null(),
+    );
+    wait_for(&sock);
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    let (code, out, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(
+        err.matches("nicvm: warning: netdev n0 has no peer").count(),
+        1,
+        "{err}"
+    );
+    drop(dir);
+}
+
 /// SIGUSR1 ends nicvm cleanly, like SIGTERM.
 #[test]
 fn sigusr1_is_a_clean_exit() {

@@ -170,7 +170,7 @@ fn load_kernel(
     let kname = kernel.display().to_string();
     let f = File::open(kernel).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
     let mut f = Recorder::new(f, mem).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
-    let (entry, kernel_end, header) = parse_kernel(mem, &mut f, &kname)?;
+    let (entry, kernel_end, header) = parse_kernel(mem, &mut f, kernel)?;
     let pieces = std::mem::take(&mut f.pieces);
     let file = f.into_file();
     let first = mem
@@ -206,13 +206,13 @@ fn load_kernel(
 fn parse_kernel(
     mem: &GuestMemoryMmap,
     f: &mut Recorder,
-    kname: &str,
+    kernel: &Path,
 ) -> Result<(Entry, u64, Option<setup_header>), BootError> {
-    let kname = kname.to_string();
+    let kname = kernel.display().to_string();
     let himem = Some(GuestAddress(HIMEM_START));
     let too_little = |kname: String, e: String| {
         let ram = mem.iter().map(|r| r.len()).sum::<u64>();
-        match File::open(&kname)
+        match File::open(kernel)
             .ok()
             .and_then(|mut k| kernel_extent(&mut k))
         {

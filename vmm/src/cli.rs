@@ -159,8 +159,8 @@ fn take_vlan(option: &str, kv: &mut KeyVal) -> Result<String, CliError> {
     match kv.remove("vlan") {
         None => Ok("0".into()),
         Some(v) => match v.parse::<u32>() {
-            Ok(n) => Ok(n.to_string()),
-            Err(_) => err(option, CliErrorKind::BadVlan(v)),
+            Ok(n) if v.bytes().all(|b| b.is_ascii_digit()) => Ok(n.to_string()),
+            _ => err(option, CliErrorKind::BadVlan(v)),
         },
     }
 }
@@ -760,7 +760,17 @@ where
                     return err(&opt, CliErrorKind::NoModel);
                 };
                 let model = model_from(&opt, &driver)?;
+                // As QEMU: each property's last value, but the first id= (read before them).
+                let id = kv
+                    .pairs
+                    .iter()
+                    .find(|(k, _)| k == "id")
+                    .map(|(_, v)| v.clone());
                 kv.keep_last();
+                if let Some(id) = id {
+                    kv.remove("id");
+                    kv.pairs.push(("id".into(), id));
+                }
                 b.devices.push((format!("-device {driver}"), model, kv));
             }
             "-nic" => {
@@ -1708,6 +1718,12 @@ mod tests {
                      -device e1000,netdev=n0,mac=52:54:00:12:34:56,mac=52:54:00:12:34:57,")
         .unwrap();
         assert_eq!(c.nics[0].mac.to_string(), "52:54:00:12:34:57");
+        let c = run("-kernel k -netdev user,id=n0 -device e1000,netdev=n0,id=a,id=b").unwrap();
+        assert_eq!(
+            c.nics[0].id.as_deref(),
+            Some("a"),
+            "QEMU takes the first id="
+        );
         for bad in ["bad/id", "1st", "a\u{1b}b"] {
             let e = run(&format!(
                 "-kernel k -netdev user,id=n0 -device e1000,netdev=n0,id={bad}"
@@ -1721,6 +1737,7 @@ mod tests {
         for bad in [
             "-net nic,vlan=x -net user,vlan=x",
             "-net nic -net user,vlan=-1",
+            "-net nic,vlan=+1 -net user,vlan=1",
         ] {
             let e = run(&format!("-kernel k {bad}")).unwrap_err();
             assert!(e.to_string().starts_with("-net: vlan: '"), "{bad}: {e}");

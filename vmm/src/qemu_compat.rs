@@ -170,10 +170,15 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
                 Some(rest) => rest.split(',').next(),
                 None => val.split(['.', '=']).next(),
             };
+            let setting = |p: &str| val.contains(p);
             match driver.unwrap_or("") {
-                "kvm-pit" | "PIIX4_PM" | "ICH9-LPC" | "isa-fdc" | "cfi.pflash01" => Ok(format!(
-                    "{val}: not set: KVM's PIT runs as it is, and nicvm's PC has no ACPI, \
-                     floppy or flash"
+                // KVM's PIT re-injects lost ticks: QEMU's default policy, delay.
+                "kvm-pit" if !setting("delay") => Err(refused(format!(
+                    "'{val}': KVM's PIT re-injects lost ticks here (lost_tick_policy=delay)"
+                ))),
+                "kvm-pit" => Ok(format!("{val}: KVM's PIT re-injects lost ticks, as asked")),
+                "PIIX4_PM" | "ICH9-LPC" | "isa-fdc" => Ok(format!(
+                    "{val}: not set: nicvm's PC has no ACPI (no S3 or S4) and no floppy"
                 )),
                 _ => Err(refused(format!(
                     "'{val}': -global is taken only for devices nicvm has not got; give a \
@@ -455,8 +460,9 @@ mod tests {
             ("-uuid", "12345678-9abc-def0-1234-56789abcdef0"),
             ("-rtc", "base=utc"),
             ("-rtc", "base=utc,clock=host,driftfix=slew"),
-            ("-global", "kvm-pit.lost_tick_policy=discard"),
+            ("-global", "kvm-pit.lost_tick_policy=delay"),
             ("-global", "driver=ICH9-LPC,property=disable_s3,value=1"),
+            ("-global", "PIIX4_PM.disable_s4=1"),
             ("-sandbox", "off"),
             ("-msg", "timestamp=on"),
             ("-d", "guest_errors"),
@@ -479,6 +485,7 @@ mod tests {
             ("-rtc", "base=localtime"),
             ("-rtc", "clock=vm"),
             ("-global", "e1000.mac=52:54:00:12:34:56"),
+            ("-global", "kvm-pit.lost_tick_policy=discard"),
             ("-sandbox", "on"),
             ("-overcommit", "mem-lock=on"),
             ("-msg", "colour=on"),

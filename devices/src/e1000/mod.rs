@@ -24,7 +24,9 @@
 //! * A guest that programs an impossible ring (outside memory, head/tail past the end,
 //!   zero length) or an over-long frame puts that ring in an error state until CTRL.RST
 //!   (logged through the port: once, then rate-limited). The TX side runs synchronously on the
-//!   vCPU thread that writes TDT, at most [`TX_BUDGET`] descriptors at a time.
+//!   vCPU thread that writes TDT, at most [`TX_BUDGET`] descriptors at a time, and stops at the
+//!   end of a frame once [`crate::net::port::TX_SENDS_PER_WALK`] wire frames went out (TSO cut
+//!   in software with a tiny MSS); the I/O thread goes on from there.
 
 pub mod desc;
 pub mod eeprom;

@@ -188,7 +188,8 @@ impl Rtl8139 {
 
     // ---- C+ mode ----------------------------------------------------------------------
 
-    /// TPPoll: sends every frame the driver handed over, in ring order.
+    /// TPPoll: sends the frames the driver handed over, in ring order; after
+    /// [`TX_SENDS_PER_WALK`] wire frames, at the end of a frame, the I/O thread goes on.
     pub(super) fn cp_transmit(&mut self, port: &mut NetPort) {
         if !self.tx_enabled() || self.get16(CPCR) & CPCR_TXON == 0 || self.tx_dead {
             return;

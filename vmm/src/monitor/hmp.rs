@@ -17,7 +17,7 @@ info status -- show the current VM status (running|paused|postmigrate)
 info migrate -- show migration status
 info version -- show the version of QEMU (nicvm)
 info name -- show the current VM name
-migrate uri -- migrate to URI (file:PATH: a snapshot for -incoming)
+migrate [-d] uri -- migrate to URI (file:PATH: a snapshot for -incoming)
 quit|q -- quit the emulator
 set_link name on|off -- change the link status of a network adapter
 stop -- stop emulation

@@ -56,6 +56,8 @@ pub struct Control {
     pub nics: Vec<NicEntry>,
     /// The backend kind of each NIC's netdev (`info network`).
     pub backends: Vec<&'static str>,
+    /// Every -netdev's id, NICs' or not: net clients that are not NICs.
+    pub netdev_ids: Vec<String>,
     /// The vCPU threads, for kicking them into a pause; emptied before they are joined.
     pub vcpus: Arc<Mutex<Vec<libc::pthread_t>>>,
     /// -S and not yet continued.
@@ -139,6 +141,7 @@ impl Control {
             lifecycle,
             nics,
             backends,
+            netdev_ids: cfg.netdevs.iter().map(|nd| nd.id.clone()).collect(),
             vcpus,
             prelaunch: Mutex::new(cfg.start_paused),
             saver,

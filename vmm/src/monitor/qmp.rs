@@ -358,7 +358,7 @@ pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Resul
             if let (Some(want), true) = (name, out.is_empty()) {
                 // As QEMU words it: a backend's name, or no net client at all.
                 return Err(QmpError::generic(
-                    if control.nics.iter().any(|n| n.config.netdev == want) {
+                    if control.netdev_ids.iter().any(|id| id == want) {
                         format!("net client({want}) isn't a NIC")
                     } else {
                         format!("invalid net client name: {want}")
