@@ -103,7 +103,7 @@ impl E1000 {
         self.tx_pieces.clear();
         self.tx_len = 0;
         self.tx_rs.clear();
-        let sends = port.stats.tx_frames;
+        let sends = port.sends();
         // Every descriptor is looked at once at most, and at most TX_BUDGET of them.
         for _ in 0..n.min(TX_BUDGET) {
             if cur == tail {
@@ -202,7 +202,7 @@ impl E1000 {
             self.tx_len = 0;
             frame_descs = 0;
             start = cur;
-            if port.stats.tx_frames.wrapping_sub(sends) >= TX_SENDS_PER_WALK {
+            if port.sends().wrapping_sub(sends) >= TX_SENDS_PER_WALK {
                 break; // the rest on the I/O thread's next turn (below)
             }
         }

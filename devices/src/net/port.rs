@@ -268,6 +268,8 @@ pub struct NetPort {
     admin_down: bool,
     pub stats: NicStats,
     errors: GuestErrors,
+    /// Frames handed to the backend, whatever became of them (what a transmit walk bounds).
+    sends: u64,
 }
 
 /// An empty virtio-net header for backends that need one in front of every frame.
@@ -309,6 +311,7 @@ impl NetPort {
             admin_down: false,
             stats: NicStats::default(),
             errors: GuestErrors::default(),
+            sends: 0,
         })
     }
 
@@ -415,6 +418,7 @@ impl NetPort {
         room: Option<&mut [u8; VNET_HDR_LEN]>,
         frame: &[IoSlice<'_>],
     ) -> Sent {
+        self.sends = self.sends.wrapping_add(1);
         let hide = self.hdr == Hdr::Hide;
         let q = &mut self.queues[self.cur];
         let r = if hide {
@@ -465,6 +469,12 @@ impl NetPort {
                 Sent::Lost
             }
         }
+    }
+
+    /// Frames handed to the backend so far, sent, refused or lost: a transmit walk counts
+    /// them against [`TX_SENDS_PER_WALK`].
+    pub fn sends(&self) -> u64 {
+        self.sends
     }
 
     /// Whether a send was refused and the backend has not drained yet.

@@ -196,7 +196,7 @@ impl Rtl8139 {
         }
         let base = self.get64(TNPDS);
         let mut sent = false;
-        let sends = port.stats.tx_frames;
+        let sends = port.sends();
         for _ in 0..CP_RING_MAX {
             if !self.tx_backlog.is_empty() {
                 break; // flush_tx resumes here
@@ -292,7 +292,7 @@ impl Rtl8139 {
             if !self.cp_write_back(port) {
                 break;
             }
-            if port.stats.tx_frames.wrapping_sub(sends) >= TX_SENDS_PER_WALK {
+            if port.sends().wrapping_sub(sends) >= TX_SENDS_PER_WALK {
                 port.kick_tx(); // the rest on the I/O thread's next turn
                 break;
             }
