@@ -552,8 +552,9 @@ fn a_closed_stderr_still_gives_a_clean_exit() {
         .spawn()
         .unwrap();
     wait_for(&sock);
-    drop(child.stderr.take()); // the reader goes: nicvm's next line meets EPIPE
-                               // SAFETY: signalling the child we started.
+    // The reader goes: nicvm's next line meets EPIPE.
+    drop(child.stderr.take());
+    // SAFETY: signalling the child we started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let t0 = Instant::now();
     let status = loop {
