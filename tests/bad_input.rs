@@ -91,6 +91,29 @@ fn too_little_ram_for_the_kernel() {
     }
 }
 
+/// A console socket that cannot be bound names where it was asked for.
+#[test]
+fn serial_socket_errors_name_the_address() {
+    let Some(img) = image() else { return };
+    let k = img.kernel.display().to_string();
+    for (spec, at) in [
+        (
+            "unix:/nonexistent-dir/s,server=on,wait=off",
+            "/nonexistent-dir/s",
+        ),
+        ("tcp:192.0.2.1:4444,server=on,wait=off", "192.0.2.1:4444"),
+    ] {
+        let a = ["-kernel", &k, "-nic", "none", "-serial", spec];
+        let o = run(&args(&a), Duration::from_secs(30));
+        expect_error_in(&a, &o, "-serial: ");
+        assert!(
+            o.stderr.contains(&format!("cannot listen on {at}: ")),
+            "{}",
+            o.dump()
+        );
+    }
+}
+
 #[test]
 fn missing_kernel_file() {
     expect_error(&["-kernel", "/nonexistent/vmlinux"], "-kernel");

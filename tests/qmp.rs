@@ -435,6 +435,11 @@ fn hmp_over_a_socket() {
         long.len()
     );
     assert_eq!(hmp(&mut r, "migrate"), "usage: migrate [-d] file:PATH\n");
+    assert_eq!(hmp(&mut r, "migrate -d"), "usage: migrate [-d] file:PATH\n");
+    // A line over the limit is refused whole: its end does not run as a command.
+    let over = format!("{}quit", " ".repeat(5000));
+    assert_eq!(hmp(&mut r, &over), "line too long\n");
+    assert_eq!(hmp(&mut r, "info status"), "VM status: prelaunch\n");
     // Migrated before it ever ran: postmigrate, as QEMU says.
     let snap = dir.join("snap");
     assert_eq!(hmp(&mut r, &format!("migrate file:{}", snap.display())), "");

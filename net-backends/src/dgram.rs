@@ -26,7 +26,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use std::io::{self, IoSlice};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DgramOptions {
@@ -58,8 +58,8 @@ pub enum DgramError {
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     /// A Unix path that cannot be a socket address.
-    #[error("{0}")]
-    Path(io::Error),
+    #[error("{}: {source}", .path.display())]
+    Path { path: PathBuf, source: io::Error },
 }
 
 pub struct DgramBackend {
@@ -126,8 +126,12 @@ impl DgramBackend {
                 })
             }
             DgramOptions::Unix { local, remote } => {
-                let la = sys::unix_addr(local).map_err(DgramError::Path)?;
-                let ra = sys::unix_addr(remote).map_err(DgramError::Path)?;
+                let path_error = |path: &Path| {
+                    let path = path.to_path_buf();
+                    move |source| DgramError::Path { path, source }
+                };
+                let la = sys::unix_addr(local).map_err(path_error(local))?;
+                let ra = sys::unix_addr(remote).map_err(path_error(remote))?;
                 let sock = socket(Domain::UNIX)?;
                 let bind = || format!("cannot bind {}", local.display());
                 sys::unlink_stale_socket(local).map_err(io(bind()))?;

@@ -19,8 +19,7 @@ pub(crate) fn unix_addr(path: &Path) -> io::Result<SockAddr> {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "{}: not usable as a Unix socket path (1 to {} bytes)",
-                path.display(),
+                "not usable as a Unix socket path (1 to {} bytes)",
                 SUN_PATH_LEN - 1
             ),
         ));

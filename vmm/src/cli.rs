@@ -42,7 +42,7 @@ pub enum CliErrorKind {
     UnknownOption,
     #[error("an argument is not valid UTF-8")]
     NotUtf8,
-    #[error("guest RAM must be larger than 0")]
+    #[error("guest RAM must be at least 1 MiB")]
     NoRam,
     #[error("'{0}' is not a size (e.g. 256M, 1G)")]
     BadSize(String),
@@ -878,8 +878,14 @@ impl Builder<'_> {
         }
         let mut nics: Vec<NicConfig> = vec![];
         let mut ids: Vec<String> = vec![];
+        // The addresses given with mac=: a NIC without one never gets one of them.
+        let given: Vec<MacAddr> = self
+            .devices
+            .iter()
+            .filter_map(|(_, _, kv)| kv.get("mac")?.parse().ok())
+            .collect();
         for (option, model, kv) in self.devices.drain(..) {
-            let nic = nic_config(&option, model, kv, &self.netdevs, &nics, &mut ids)?;
+            let nic = nic_config(&option, model, kv, &self.netdevs, &nics, &given, &mut ids)?;
             nics.push(nic);
         }
         if self.no_nic && !nics.is_empty() {
@@ -1292,6 +1298,7 @@ fn nic_config(
     mut kv: KeyVal,
     netdevs: &[NetdevConfig],
     earlier: &[NicConfig],
+    given: &[MacAddr],
     ids: &mut Vec<String>,
 ) -> Result<NicConfig, CliError> {
     let Some(netdev) = kv.remove("netdev") else {
@@ -1305,7 +1312,12 @@ fn nic_config(
     }
     let mac = match kv.remove("mac") {
         Some(m) => m.parse::<MacAddr>().or_else(|e| err(option, e))?,
-        None => MacAddr::nth_default(earlier.len() as u8),
+        // As QEMU: the first of 52:54:00:12:34:56, :57, ... that no NIC has (QEMU looks only
+        // at the NICs before; every mac= given is known here).
+        None => (0..=u8::MAX)
+            .map(MacAddr::nth_default)
+            .find(|m| !given.contains(m) && !earlier.iter().any(|n| n.mac == *m))
+            .unwrap_or(MacAddr::nth_default(earlier.len() as u8)),
     };
     if mac.is_multicast() {
         return err(option, CliErrorKind::MulticastMac(mac));
@@ -1507,8 +1519,8 @@ mod tests {
         assert_eq!(c.nics[1].model, NicModel::VirtioNetPci);
         assert_eq!(
             c.nics[1].mac.to_string(),
-            "52:54:00:12:34:57",
-            "second default MAC"
+            "52:54:00:12:34:56",
+            "the first free default address, as QEMU (the first NIC's is its own)"
         );
     }
 
@@ -1718,6 +1730,20 @@ mod tests {
                      -device e1000,netdev=n0,mac=52:54:00:12:34:56,mac=52:54:00:12:34:57,")
         .unwrap();
         assert_eq!(c.nics[0].mac.to_string(), "52:54:00:12:34:57");
+        // A NIC without mac= never gets an address another NIC was given, before or after it.
+        let c = run("-kernel k -netdev user,id=a -device e1000,netdev=a \
+                     -netdev user,id=b -device e1000,netdev=b,mac=52:54:00:12:34:56 \
+                     -netdev user,id=c -device rtl8139,netdev=c")
+        .unwrap();
+        let macs: Vec<String> = c.nics.iter().map(|n| n.mac.to_string()).collect();
+        assert_eq!(
+            macs,
+            [
+                "52:54:00:12:34:57",
+                "52:54:00:12:34:56",
+                "52:54:00:12:34:58"
+            ]
+        );
         let c = run("-kernel k -netdev user,id=n0 -device e1000,netdev=n0,id=a,id=b").unwrap();
         assert_eq!(
             c.nics[0].id.as_deref(),

@@ -131,7 +131,7 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     }
     // As QEMU says it: checked like every netdev, but never opened.
     for nd in cfg.netdevs_without_peer() {
-        stderr::note(format!("nicvm: warning: netdev {} has no peer\n", nd.id));
+        stderr::note(format!("nicvm: warning: netdev {} has no peer\r\n", nd.id));
     }
     if let Err(e) = vm::validate(&cfg) {
         return fail(e);

@@ -122,6 +122,28 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
             if let Some(k) = kv.unknown_key(&known) {
                 return Err(OptionError::Unknown(k.into()).into());
             }
+            // As QEMU checks them: drive letters a-p, switches on/off, times in ms.
+            for k in ["order", "once"] {
+                if let Some(v) = kv.get(k).or(if k == "order" {
+                    kv.first.as_deref()
+                } else {
+                    None
+                }) {
+                    if v.is_empty() || !v.bytes().all(|b| (b'a'..=b'p').contains(&b)) {
+                        return Err(refused(format!("{k}: '{v}' is not a list of drives (a-p)")));
+                    }
+                }
+            }
+            for k in ["menu", "splash", "strict"] {
+                if let Some(v) = kv.get(k) {
+                    on_off(k, v)?;
+                }
+            }
+            for k in ["splash-time", "reboot-timeout"] {
+                if let Some(v) = kv.get(k).filter(|v| v.parse::<i64>().is_err()) {
+                    return Err(refused(format!("{k}: '{v}' is not a number")));
+                }
+            }
             Ok("nicvm starts the -kernel itself (no firmware): there is no boot order".into())
         }
         "-k" => Ok("nicvm has no keyboard or display: the console is a serial line".into()),
@@ -163,6 +185,9 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
             }
             Ok("the guest's CMOS clock is the host's time in UTC".into())
         }
+        "-global" if !val.contains('=') => Err(refused(format!(
+            "'{val}' sets nothing (DRIVER.PROPERTY=VALUE)"
+        ))),
         "-global" => {
             // Defaults for devices nicvm has not got (or has as KVM's own): a note. Anything
             // else may be meant for a NIC, whose properties go on its -device.
@@ -196,6 +221,11 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
             let kv = KeyVal::parse(val, None)?;
             if let Some(k) = kv.unknown_key(&["timestamp", "guest-name"]) {
                 return Err(OptionError::Unknown(k.into()).into());
+            }
+            for k in ["timestamp", "guest-name"] {
+                if let Some(v) = kv.get(k) {
+                    on_off(k, v)?;
+                }
             }
             Ok("nicvm's messages have neither timestamps nor the guest's name".into())
         }
@@ -481,6 +511,11 @@ mod tests {
             ("-cpu", "qemu64"),
             ("-cpu", "host,+avx"),
             ("-boot", "order=c,bogus=1"),
+            ("-boot", "zz"),
+            ("-boot", "order=xyz"),
+            ("-boot", "menu=maybe"),
+            ("-msg", "timestamp=banana"),
+            ("-global", "PIIX4_PM.foo"),
             ("-uuid", "not-a-uuid"),
             ("-rtc", "base=localtime"),
             ("-rtc", "clock=vm"),

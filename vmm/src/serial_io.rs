@@ -86,17 +86,22 @@ pub fn listen_unix(path: &Path) -> io::Result<UnixListener> {
     }
 }
 
+/// A bind that failed, naming where (as the monitors' errors do).
+fn listen_error(at: &dyn std::fmt::Display, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot listen on {at}: {e}"))
+}
+
 impl SerialIo {
     /// Binds the socket, or opens the pty (its name printed on stderr, as QEMU does).
     pub fn socket(endpoint: &Endpoint) -> io::Result<SerialIo> {
         let source = match endpoint {
             Endpoint::Unix(p) => {
-                let l = listen_unix(p)?;
+                let l = listen_unix(p).map_err(|e| listen_error(&p.display(), e))?;
                 l.set_nonblocking(true)?;
                 Source::Unix(l, p.clone())
             }
             Endpoint::Tcp(a) => {
-                let l = TcpListener::bind(a)?;
+                let l = TcpListener::bind(a).map_err(|e| listen_error(a, e))?;
                 l.set_nonblocking(true)?;
                 Source::Tcp(l)
             }
@@ -140,7 +145,7 @@ impl SerialIo {
         }
         nonblocking(fd);
         crate::stderr::note(format!(
-            "nicvm: char device redirected to {} (label serial0)\n",
+            "nicvm: char device redirected to {} (label serial0)\r\n",
             name.to_string_lossy()
         ));
         Ok(SerialIo {

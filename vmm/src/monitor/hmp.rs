@@ -37,25 +37,40 @@ pub fn greet(out: &mut Vec<u8>) {
     );
 }
 
-/// Runs every complete line of the client's input.
+/// Runs every complete line of the client's input. A line over [`MAX_LINE`] bytes is refused
+/// whole: none of it runs, also when it arrives in pieces.
 pub(super) fn process(control: &Control, c: &mut Client) {
     // Lines wait while the client has not read its answers (see OUTPUT_PAUSE).
     while c.output.len() < super::OUTPUT_PAUSE {
         let Some(nl) = c.input.iter().position(|&b| b == b'\n') else {
+            if c.input.len() > MAX_LINE {
+                c.input.clear();
+                if !c.skip_line {
+                    c.skip_line = true;
+                    too_long(c);
+                }
+            }
             break;
         };
         let line: Vec<u8> = c.input.drain(..=nl).collect();
+        if std::mem::take(&mut c.skip_line) {
+            continue; // the end of a line refused as too long
+        }
+        if nl > MAX_LINE {
+            too_long(c);
+            continue;
+        }
         let line = String::from_utf8_lossy(&line[..nl]);
         let line = line.trim_end_matches('\r');
         let out = execute(control, line);
         c.output.extend_from_slice(crlf(&out).as_bytes());
         c.output.extend_from_slice(PROMPT.as_bytes());
     }
-    if c.input.len() > MAX_LINE && !c.input.contains(&b'\n') {
-        c.input.clear();
-        c.output
-            .extend_from_slice(format!("line too long\r\n{PROMPT}").as_bytes());
-    }
+}
+
+fn too_long(c: &mut Client) {
+    c.output
+        .extend_from_slice(format!("line too long\r\n{PROMPT}").as_bytes());
 }
 
 /// `\n` line ends as `\r\n` (the console may be a raw terminal).
@@ -98,6 +113,7 @@ pub fn execute(control: &Control, line: &str) -> String {
             }
         }
         ["set_link", ..] => "usage: set_link name on|off\n".into(),
+        ["migrate"] | ["migrate", "-d"] => "usage: migrate [-d] file:PATH\n".into(),
         ["migrate", uri] | ["migrate", "-d", uri] => match control.migrate(uri) {
             Ok(()) => String::new(),
             Err(e) => format!("Error: {}\n", e.desc),
