@@ -154,14 +154,6 @@ fn wait_for(path: &Path) {
     }
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn python(py: &Path, args: &[&str]) -> String {
     let o = Command::new(py)
         .arg(client_script())
@@ -201,7 +193,7 @@ fn qmp_commands_errors_and_events_on_a_stopped_vm() {
     let Some(py) = qmp_python() else { return };
     let dir = temp("protocol");
     let sock = dir.join("qmp.sock");
-    let port = free_tcp_port();
+    let port = free_port();
     let mut a: Vec<String> = args(&["-S", "-nographic", "-name", "qmp-test"]);
     a.extend(args(&THREE_NICS));
     a.extend(args(&[

@@ -34,14 +34,6 @@ impl Drop for Scratch {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Boots the guest with `device` on a user network and saves it before DHCP to `file`.
 fn save_before_dhcp(img: &Image, device: &str, append: &str, file: &Path) -> Outcome {
     let save_on = format!("console={BEFORE_DHCP},file={}", file.display());

@@ -9,14 +9,6 @@ use std::time::Duration;
 use support::net::{own_share, Guest, Netns};
 use support::*;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start(img: &Image, append: &str, netdev: &str) -> Guest {
     let mut cmd = std::process::Command::new(nicvm());
     cmd.args(["-kernel", &img.kernel.display().to_string()])

@@ -202,6 +202,27 @@ pub fn fnv1a64(d: &[u8]) -> String {
 }
 
 /// Connects, retrying for a minute while the peer (a booting guest) is not there yet.
+/// A TCP port on 127.0.0.1 for a test's listener (a hostfwd, a monitor): below the kernel's
+/// ephemeral range (32768 up), so no outgoing connection takes it meanwhile, and never the same
+/// twice in this process, so tests running side by side do not pick one port (asking the kernel
+/// for a free one and closing it could give two threads the same port).
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test processes of one run start at different places.
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port in {FIRST}..{}", FIRST + SPAN);
+}
+
 pub fn connect_retry(addr: &str) -> std::net::TcpStream {
     let start = Instant::now();
     loop {
