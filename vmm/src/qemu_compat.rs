@@ -35,11 +35,8 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
             ))),
         },
         "-accel" => {
-            let kv = KeyVal::parse(val, Some("accel"))?;
+            let kv = keys(val, Some("accel"), &["thread"])?;
             accel(kv.first.as_deref().unwrap_or(""))?;
-            if let Some(k) = kv.unknown_key(&["thread"]) {
-                return Err(OptionError::Unknown(k.into()).into());
-            }
             Ok("KVM is always used".into())
         }
         "-M" | "-machine" => {
@@ -109,7 +106,6 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
             }
         }
         "-boot" => {
-            let kv = KeyVal::parse(val, Some("order"))?;
             let known = [
                 "order",
                 "once",
@@ -119,9 +115,7 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
                 "reboot-timeout",
                 "strict",
             ];
-            if let Some(k) = kv.unknown_key(&known) {
-                return Err(OptionError::Unknown(k.into()).into());
-            }
+            let kv = keys(val, Some("order"), &known)?;
             // As QEMU checks them: drive letters a-p, switches on/off, times in ms.
             for k in ["order", "once"] {
                 if let Some(v) = kv.get(k).or(if k == "order" {
@@ -163,10 +157,7 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
             Ok("nicvm has no firmware tables (SMBIOS) to show the UUID in".into())
         }
         "-rtc" => {
-            let kv = KeyVal::parse(val, None)?;
-            if let Some(k) = kv.unknown_key(&["base", "clock", "driftfix"]) {
-                return Err(OptionError::Unknown(k.into()).into());
-            }
+            let kv = keys(val, None, &["base", "clock", "driftfix"])?;
             if let Some(b) = kv.get("base").filter(|&b| b != "utc") {
                 return Err(refused(format!(
                     "base={b}: the guest's CMOS clock is the host's time in UTC; only base=utc"
@@ -218,10 +209,7 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
             ))),
         },
         "-msg" => {
-            let kv = KeyVal::parse(val, None)?;
-            if let Some(k) = kv.unknown_key(&["timestamp", "guest-name"]) {
-                return Err(OptionError::Unknown(k.into()).into());
-            }
+            let kv = keys(val, None, &["timestamp", "guest-name"])?;
             for k in ["timestamp", "guest-name"] {
                 if let Some(v) = kv.get(k) {
                     on_off(k, v)?;
@@ -234,10 +222,7 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
         )),
         "-D" => Ok("nicvm logs to stderr (NICVM_LOG=debug for more), not to a file".into()),
         "-overcommit" => {
-            let kv = KeyVal::parse(val, None)?;
-            if let Some(k) = kv.unknown_key(&["mem-lock", "cpu-pm"]) {
-                return Err(OptionError::Unknown(k.into()).into());
-            }
+            let kv = keys(val, None, &["mem-lock", "cpu-pm"])?;
             for k in ["mem-lock", "cpu-pm"] {
                 if let Some(v) = kv.get(k) {
                     if v != "off" {
@@ -248,6 +233,15 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
             Ok("guest RAM is not locked and vCPUs exit on HLT, as asked".into())
         }
         _ => Err(CliErrorKind::UnknownOption),
+    }
+}
+
+/// `val` as `key=value,...` (`implied` naming a leading bare word), every key one of `known`.
+fn keys(val: &str, implied: Option<&str>, known: &[&str]) -> Result<KeyVal, CliErrorKind> {
+    let kv = KeyVal::parse(val, implied)?;
+    match kv.unknown_key(known) {
+        Some(k) => Err(OptionError::Unknown(k.into()).into()),
+        None => Ok(kv),
     }
 }
 
