@@ -6,7 +6,7 @@
 use super::desc::{self, ContextDesc, DataDesc, LegacyTxDesc, TX_STATUS_OFFSET};
 use super::rx::{MIN_FRAME, ZEROS};
 use super::*;
-use crate::net::guest_iov::{self, Piece};
+use crate::net::guest_iov::{self, Piece, Ring};
 use crate::net::offload::{
     csum_hdr, insert_checksum, prepare_gso, prepare_gso_head, segment_tcp, Layers, IPPROTO_TCP,
     IPPROTO_UDP,
@@ -15,7 +15,6 @@ use crate::net::port::TX_SENDS_PER_WALK;
 use crate::net::Sent;
 use net_backends::vnet::{VnetHdr, VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_LEN};
 use std::io::IoSlice;
-use vm_memory::Bytes;
 
 /// Bytes of a frame copied out of guest memory to be read (and changed) by the offloads: the
 /// headers of any frame the context can describe (HDRLEN is one byte). The rest goes to the
@@ -90,6 +89,8 @@ impl E1000 {
         let Some(base) = self.ring_base(TDBAL, TDBAH, n) else {
             return self.ring_error(port, true, "TX descriptor ring outside guest memory");
         };
+        // SAFETY: the ring is dropped when this walk returns; `self.mem` outlives it.
+        let ring = unsafe { Ring::new(&self.mem, GuestAddress(base), n * DESC_LEN as usize) };
         let desc_addr = |i: usize| GuestAddress(base + i as u64 * DESC_LEN);
         // Descriptors from `start` on belong to a frame not sent yet; TDH stays there.
         let mut start = head;
@@ -112,14 +113,14 @@ impl E1000 {
             }
             let idx = cur;
             cur = (cur + 1) % n;
-            let Ok(d) = self.mem.read_obj::<DataDesc>(desc_addr(idx)) else {
+            let Some(d) = ring.read::<DataDesc>(&self.mem, desc_addr(idx)) else {
                 return self.ring_error(port, true, "TX descriptor ring outside guest memory");
             };
             let cmd = d.cmd();
             let dext = cmd & TXD_CMD_DEXT != 0;
             if dext && d.dtyp() == TXD_DTYP_CONTEXT {
                 self.ctx = TxContext::from_desc(&desc::view(&d));
-                if cmd & TXD_CMD_RS != 0 && self.write_dd(port, desc_addr(idx)) {
+                if cmd & TXD_CMD_RS != 0 && self.write_dd(port, &ring, desc_addr(idx)) {
                     if cmd & TXD_CMD_IDE != 0 {
                         wrote_back_ide = true;
                     } else {
@@ -189,7 +190,7 @@ impl E1000 {
             // By index: the list keeps its capacity from frame to frame.
             for k in 0..self.tx_rs.len() {
                 let (i, ide) = self.tx_rs[k];
-                if self.write_dd(port, desc_addr(i as usize)) {
+                if self.write_dd(port, &ring, desc_addr(i as usize)) {
                     if ide {
                         wrote_back_ide = true;
                     } else {
@@ -224,11 +225,12 @@ impl E1000 {
     }
 
     /// Sets DD in a descriptor's status byte; false when the ring is not in memory.
-    fn write_dd(&mut self, port: &mut NetPort, desc: GuestAddress) -> bool {
-        let ok = self
-            .mem
-            .write_obj(TXD_STAT_DD, GuestAddress(desc.0 + TX_STATUS_OFFSET))
-            .is_ok();
+    fn write_dd(&mut self, port: &mut NetPort, ring: &Ring, desc: GuestAddress) -> bool {
+        let ok = ring.write(
+            &self.mem,
+            GuestAddress(desc.0 + TX_STATUS_OFFSET),
+            TXD_STAT_DD,
+        );
         if !ok {
             self.ring_error(port, true, "TX descriptor ring outside guest memory");
         }

@@ -3,8 +3,8 @@
 
 use std::io::IoSlice;
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
+    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, MemoryRegionAddress, VolatileSlice,
 };
 
 /// Appends the pieces of guest memory `[addr, addr + len)` to `out` (more than one where the
@@ -113,6 +113,71 @@ pub fn read_pieces(
     done == out.len()
 }
 
+/// A descriptor ring in guest memory as one walk sees it. Reads and writes go where `mem`'s
+/// would, with the same outcome; those inside the ring, when it lies in one region (as it
+/// does in practice), through that region's mapping without a region lookup each.
+pub struct Ring {
+    base: u64,
+    len: usize,
+    /// The host address of `base`, when all `len` bytes lie in one region.
+    host: Option<*mut u8>,
+}
+
+impl Ring {
+    /// The ring of `len` bytes at `base`.
+    ///
+    /// # Safety
+    ///
+    /// The ring must not outlive the mapping of `mem` it may point into, and is used with
+    /// `mem` only: a device makes one per walk from its own memory handle and drops it
+    /// before the walk returns.
+    pub unsafe fn new(mem: &GuestMemoryMmap, base: GuestAddress, len: usize) -> Ring {
+        let host = mem.find_region(base).and_then(|r| {
+            let off = base.0 - r.start_addr().0;
+            if (len as u64) > r.len() - off {
+                return None;
+            }
+            r.get_host_address(MemoryRegionAddress(off)).ok()
+        });
+        Ring {
+            base: base.0,
+            len,
+            host,
+        }
+    }
+
+    /// The `T` at `addr` through the mapping, when all of it is in the ring.
+    fn slice<T: ByteValued>(&self, addr: GuestAddress) -> Option<VolatileSlice<'_>> {
+        let p = self.host?;
+        let off = addr.0.checked_sub(self.base)? as usize;
+        let size = std::mem::size_of::<T>();
+        if off.checked_add(size)? > self.len {
+            return None;
+        }
+        // SAFETY: `host` maps `len` bytes of guest RAM from `base` (checked in `new`), and
+        // the mapping outlives this ring (`new`'s contract); `[off, off + size)` lies within
+        // those bytes (checked above). The guest may change the bytes at any time: a
+        // VolatileSlice reads and writes them with volatile accesses only.
+        Some(unsafe { VolatileSlice::new(p.add(off), size) })
+    }
+
+    /// `mem.read_obj(addr)`.
+    pub fn read<T: ByteValued>(&self, mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<T> {
+        match self.slice::<T>(addr) {
+            Some(s) => s.read_obj(0).ok(),
+            None => mem.read_obj(addr).ok(),
+        }
+    }
+
+    /// `mem.write_obj(v, addr)`: false when it is not guest memory.
+    pub fn write<T: ByteValued>(&self, mem: &GuestMemoryMmap, addr: GuestAddress, v: T) -> bool {
+        match self.slice::<T>(addr) {
+            Some(s) => s.write_obj(v, 0).is_ok(),
+            None => mem.write_obj(v, addr).is_ok(),
+        }
+    }
+}
+
 /// Hands back an emptied list of pieces with its allocation, free of the borrow its pieces
 /// had, so a device can keep one list from frame to frame.
 pub fn recycle<'b>(mut v: Vec<IoSlice<'_>>) -> Vec<IoSlice<'b>> {
@@ -156,6 +221,50 @@ mod tests {
         assert!(!is_memory(&mem, GuestAddress(0x4001), 0x1000));
         assert!(!is_memory(&mem, GuestAddress(0x1ff0), 0x20));
         assert!(!is_memory(&mem, GuestAddress(u64::MAX - 1), 4));
+    }
+
+    #[test]
+    fn a_ring_reads_and_writes_as_memory_does() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0x1000),
+        ])
+        .unwrap();
+        mem.write_obj(0x1122_3344u32, GuestAddress(0x800)).unwrap();
+        mem.write_obj(0x5566_7788u32, GuestAddress(0x7f0)).unwrap();
+        // SAFETY: `mem` outlives both rings (locals of this test, used with `mem` only).
+        let (inside, across) = unsafe {
+            (
+                Ring::new(&mem, GuestAddress(0x800), 0x100),
+                Ring::new(&mem, GuestAddress(0xf80), 0x100),
+            )
+        };
+        assert!(inside.host.is_some() && across.host.is_none());
+        assert_eq!(
+            inside.read::<u32>(&mem, GuestAddress(0x800)),
+            Some(0x1122_3344)
+        );
+        assert!(inside.write(&mem, GuestAddress(0x8fc), 7u32));
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x8fc)).unwrap(), 7);
+        // Before the ring, straddling its end, beyond memory: as `mem` would.
+        assert_eq!(
+            inside.read::<u32>(&mem, GuestAddress(0x7f0)),
+            Some(0x5566_7788)
+        );
+        assert!(inside.write(&mem, GuestAddress(0x8fe), 0xabcd_ef01u32));
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x8fe)).unwrap(),
+            0xabcd_ef01
+        );
+        assert_eq!(inside.read::<u32>(&mem, GuestAddress(0x1ffe)), None);
+        assert!(!inside.write(&mem, GuestAddress(u64::MAX - 1), 1u32));
+        // A ring across two regions: every access through `mem`.
+        assert!(across.write(&mem, GuestAddress(0xffe), 0x0102_0304u32));
+        assert_eq!(
+            across.read::<u32>(&mem, GuestAddress(0xffe)),
+            Some(0x0102_0304)
+        );
+        assert_eq!(across.read::<u32>(&mem, GuestAddress(0x2000)), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::desc::CpDesc;
 use super::*;
-use crate::net::guest_iov::{self, Piece};
+use crate::net::guest_iov::{self, Piece, Ring};
 use crate::net::port::TX_SENDS_PER_WALK;
 use crate::net::tx_stage::TxStage;
 use crate::net::{offload, Sent};
@@ -195,6 +195,9 @@ impl Rtl8139 {
             return;
         }
         let base = self.get64(TNPDS);
+        let ring_len = CP_RING_MAX as usize * DESC_SIZE as usize;
+        // SAFETY: the ring is dropped when this walk returns; `self.mem` outlives it.
+        let ring = unsafe { Ring::new(&self.mem, GuestAddress(base), ring_len) };
         let mut sent = false;
         let sends = port.sends();
         for _ in 0..CP_RING_MAX {
@@ -202,11 +205,11 @@ impl Rtl8139 {
                 break; // flush_tx resumes here
             }
             let at = GuestAddress(base.wrapping_add(self.cp_tx_index as u64 * DESC_SIZE));
-            let Ok(CpDesc {
+            let Some(CpDesc {
                 opts1,
                 opts2,
                 buffer_addr: buf,
-            }) = self.mem.read_obj::<CpDesc>(at)
+            }) = ring.read::<CpDesc>(&self.mem, at)
             else {
                 self.tx_dead = true;
                 self.dma_error(port, "TX descriptor ring is outside guest memory");
@@ -225,7 +228,7 @@ impl Rtl8139 {
                 self.tx_buf.clear();
                 self.cp_tx_pieces.clear();
                 self.cp_tx_len = 0;
-                self.cp_write_back(port);
+                self.cp_write_back(port, &ring);
                 break;
             }
             if opts1 & DESC_FS != 0 {
@@ -272,7 +275,7 @@ impl Rtl8139 {
             let status = opts1 & (DESC_EOR | DESC_FS | DESC_LS | TX_LEN_MASK);
             if in_place {
                 self.cp_tx_descs.push((at, status));
-            } else if self.mem.write_obj(status.to_le(), at).is_err() {
+            } else if !ring.write(&self.mem, at, status.to_le()) {
                 self.tx_dead = true;
                 self.dma_error(port, "TX descriptor ring is outside guest memory");
                 break;
@@ -289,7 +292,7 @@ impl Rtl8139 {
             self.cp_tx_pieces.clear();
             self.cp_tx_len = 0;
             sent = true;
-            if !self.cp_write_back(port) {
+            if !self.cp_write_back(port, &ring) {
                 break;
             }
             if port.sends().wrapping_sub(sends) >= TX_SENDS_PER_WALK {
@@ -304,10 +307,10 @@ impl Rtl8139 {
 
     /// Hands the descriptors of the frame just sent back to the driver; false (the engine
     /// stopped) when the ring is not in guest memory.
-    fn cp_write_back(&mut self, port: &mut NetPort) -> bool {
+    fn cp_write_back(&mut self, port: &mut NetPort, ring: &Ring) -> bool {
         let mut ok = true;
         for &(at, status) in &self.cp_tx_descs {
-            ok &= self.mem.write_obj(status.to_le(), at).is_ok();
+            ok &= ring.write(&self.mem, at, status.to_le());
         }
         self.cp_tx_descs.clear();
         if !ok {
