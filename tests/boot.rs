@@ -67,6 +67,68 @@ fn boots_to_init_and_reboots_cleanly() {
     }
 }
 
+/// A string instruction hands KVM's exit all its items at once (`rep insb`: up to a page of
+/// them); each must reach the port as its own access, as on hardware. A tiny kernel reads
+/// COM1's line status register eight times with `rep insb`, writes what it read and a line
+/// to COM1 with `rep outsb`, then resets the machine through the i8042.
+#[test]
+fn string_port_io_reaches_the_port_item_by_item() {
+    if !kvm() {
+        return;
+    }
+    const AT: u32 = 0x10_0000; // where nicvm loads a vmlinux, and the PVH entry
+    const CODE_LEN: u32 = 40;
+    let line = b" <- 8 LSR reads by rep insb\r\n";
+    let buf = AT + CODE_LEN;
+    let mut code = vec![0xbf]; // mov edi, buf
+    code.extend_from_slice(&buf.to_le_bytes());
+    code.push(0xb9); // mov ecx, 8
+    code.extend_from_slice(&8u32.to_le_bytes());
+    code.extend_from_slice(&[
+        0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd (COM1's LSR)
+        0xfc, // cld
+        0xf3, 0x6c, // rep insb
+        0xbe, // mov esi, buf
+    ]);
+    code.extend_from_slice(&buf.to_le_bytes());
+    code.push(0xb9); // mov ecx, 8 + the line
+    code.extend_from_slice(&(8 + line.len() as u32).to_le_bytes());
+    code.extend_from_slice(&[
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8 (COM1's THR)
+        0xf3, 0x6e, // rep outsb
+        0xb0, 0xfe, // mov al, 0xfe
+        0xe6, 0x64, // out 0x64, al: i8042 pulse reset
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp back to hlt
+    ]);
+    assert_eq!(code.len(), CODE_LEN as usize);
+    code.extend_from_slice(&[0; 8]);
+    code.extend_from_slice(line);
+    let path = std::env::temp_dir().join(format!("nicvm-rep-insb-{}", std::process::id()));
+    std::fs::write(&path, elf::pvh_elf(AT.into(), &code, code.len() as u64)).unwrap();
+    let o = run(
+        &args(&[
+            "-kernel",
+            path.to_str().unwrap(),
+            "-m",
+            "32",
+            "-nographic",
+            "-nic",
+            "none",
+        ]),
+        std::time::Duration::from_secs(120),
+    );
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    // LSR with nothing received: THR empty and transmitter idle (0x60, '`'), eight times;
+    // one read of eight bytes at once would see no register (0xff each).
+    assert!(
+        o.stdout.contains("```````` <- 8 LSR reads by rep insb"),
+        "{}",
+        o.dump()
+    );
+}
+
 /// This machine's CPU name, as its /proc/cpuinfo gives it.
 fn host_model_name() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap();

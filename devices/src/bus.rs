@@ -97,6 +97,32 @@ impl Bus {
             None => false,
         }
     }
+
+    /// A port exit of `size` bytes per access: one access for IN/OUT, `data.len() / size`
+    /// accesses to the same port, in order, for a string instruction (`rep insb`/`outsw`...),
+    /// for which KVM hands over all the items of one exit in `data`. A device sees each item
+    /// as its own access of `size` bytes, as on hardware; not `count * size` bytes at once
+    /// (which would also reach the registers after the port).
+    pub fn read_port(&self, port: u64, size: usize, data: &mut [u8]) {
+        if size == 0 || data.len() <= size {
+            self.read(port, data);
+            return;
+        }
+        for item in data.chunks_mut(size) {
+            self.read(port, item);
+        }
+    }
+
+    /// [`Bus::read_port`] for OUT and `outs`.
+    pub fn write_port(&self, port: u64, size: usize, data: &[u8]) {
+        if size == 0 || data.len() <= size {
+            self.write(port, data);
+            return;
+        }
+        for item in data.chunks(size) {
+            self.write(port, item);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -126,6 +152,31 @@ mod tests {
         assert!(bus.write(0x3ff, &[7]));
         assert!(!bus.write(0x3f7, &[7]));
         assert_eq!(dev.lock().unwrap().0, vec![(7, vec![7])]);
+    }
+
+    #[test]
+    fn string_port_io_is_one_access_per_item() {
+        let dev = Arc::new(Mutex::new(Echo(vec![])));
+        let mut bus = Bus::new();
+        bus.insert(0xc000, 0x100, dev.clone()).unwrap();
+        // rep outsw of three words to port 0xc037: three 2-byte writes to one port.
+        bus.write_port(0xc037, 2, &[1, 2, 3, 4, 5, 6]);
+        bus.write_port(0xc010, 4, &[9, 9, 9, 9]);
+        assert_eq!(
+            dev.lock().unwrap().0,
+            vec![
+                (0x37, vec![1, 2]),
+                (0x37, vec![3, 4]),
+                (0x37, vec![5, 6]),
+                (0x10, vec![9; 4])
+            ]
+        );
+        // rep insb of four bytes from port 0xc005: four 1-byte reads of that port.
+        let mut b = [0u8; 4];
+        bus.read_port(0xc005, 1, &mut b);
+        assert_eq!(b, [5; 4]);
+        bus.read_port(0xf000, 2, &mut b);
+        assert_eq!(b, [0xff; 4], "nothing there: all ones");
     }
 
     #[test]

@@ -322,6 +322,25 @@ impl VcpuThread {
     }
 }
 
+/// A port exit: the `count` items of `size` bytes of an IN/OUT (one) or of a string
+/// instruction (`rep ins`/`outs`: up to a page of them), each its own access to `port`.
+/// `data` is the exit's data area, as pointer and length so that kvm_run's `io.size` can be
+/// read first.
+fn port_exit(vcpu: &mut VcpuFd, pio: &Bus, port: u16, (ptr, len): (*mut u8, usize), out: bool) {
+    // SAFETY: the exit just returned was KVM_EXIT_IO, so `io` is the union member KVM
+    // filled in.
+    let size = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.io.size } as usize;
+    // SAFETY: `ptr`/`len` is the data area of that exit, inside this vCPU's kvm_run mapping
+    // (which lives as long as `vcpu`) and outside the kvm_run struct itself; the borrow of
+    // the struct above has ended and nothing else refers to the area until the next run.
+    let data = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+    if out {
+        pio.write_port(port as u64, size, data);
+    } else {
+        pio.read_port(port as u64, size, data);
+    }
+}
+
 /// Most port or MMIO exits one instruction may still need once paused (a `rep ins` is done
 /// a page at a time).
 const MAX_PENDING_IO: usize = 4096;
@@ -335,10 +354,12 @@ fn finish_pending_io(vcpu: &mut VcpuFd, buses: &Buses) {
     for _ in 0..MAX_PENDING_IO {
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                buses.pio.read(port as u64, data);
+                let data = (data.as_mut_ptr(), data.len());
+                port_exit(vcpu, &buses.pio, port, data, false);
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                buses.pio.write(port as u64, data);
+                let data = (data.as_ptr().cast_mut(), data.len());
+                port_exit(vcpu, &buses.pio, port, data, true);
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 buses.mmio.read(addr, data);
@@ -377,11 +398,13 @@ fn run(
         }
         let reason = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                buses.pio.read(port as u64, data);
+                let data = (data.as_mut_ptr(), data.len());
+                port_exit(&mut vcpu, &buses.pio, port, data, false);
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                buses.pio.write(port as u64, data);
+                let data = (data.as_ptr().cast_mut(), data.len());
+                port_exit(&mut vcpu, &buses.pio, port, data, true);
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
