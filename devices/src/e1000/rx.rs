@@ -2,6 +2,7 @@
 
 use super::desc::{RxDesc, RX_WRITEBACK_OFFSET};
 use super::*;
+use crate::net::guest_iov::Ring;
 use crate::net::offload::{self, IPPROTO_UDP};
 use vm_memory::{ByteValued, Bytes};
 
@@ -147,13 +148,15 @@ impl E1000 {
             self.ring_error(port, false, "RX descriptor ring outside guest memory");
             return Rx::Dropped;
         };
+        // SAFETY: the ring is dropped when this frame is placed; `self.mem` outlives it.
+        let ring = unsafe { Ring::new(&self.mem, GuestAddress(base), n * DESC_LEN as usize) };
         let mut idx = rdh;
         for i in 0..needed {
             let at = GuestAddress(base + idx as u64 * DESC_LEN);
             let from = i * bsize;
             let len = bsize.min(total - from);
             let last = i + 1 == needed;
-            let Ok(mut d) = self.mem.read_obj::<RxDesc>(at) else {
+            let Some(mut d) = ring.read::<RxDesc>(&self.mem, at) else {
                 self.ring_error(port, false, "RX descriptor ring outside guest memory");
                 return Rx::Dropped;
             };
@@ -173,12 +176,13 @@ impl E1000 {
                 d.special = 0;
             }
             // The write-back half only: the buffer address is the driver's.
-            let wb = &d.as_slice()[RX_WRITEBACK_OFFSET..];
-            if self
-                .mem
-                .write_slice(wb, GuestAddress(at.0 + RX_WRITEBACK_OFFSET as u64))
-                .is_err()
-            {
+            let mut wb = [0u8; DESC_LEN as usize - RX_WRITEBACK_OFFSET];
+            wb.copy_from_slice(&d.as_slice()[RX_WRITEBACK_OFFSET..]);
+            if !ring.write(
+                &self.mem,
+                GuestAddress(at.0 + RX_WRITEBACK_OFFSET as u64),
+                wb,
+            ) {
                 self.ring_error(port, false, "RX descriptor ring outside guest memory");
                 return Rx::Dropped;
             }

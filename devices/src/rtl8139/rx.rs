@@ -7,6 +7,7 @@
 use super::desc::{CpDesc, RxHeader};
 use super::tx::{next_index, CP_RING_MAX, DESC_EOR, DESC_FS, DESC_LS, DESC_OWN, DESC_SIZE};
 use super::*;
+use crate::net::guest_iov::Ring;
 use crate::net::offload;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
@@ -254,6 +255,9 @@ impl Rtl8139 {
     /// Writes `wire` over as many descriptors as it needs, all or nothing.
     fn cp_place(&mut self, port: &mut NetPort, wire: &[u8], status: u32, opts2: u32) -> Rx {
         let base = self.get64(RDSAR);
+        let ring_len = CP_RING_MAX as usize * DESC_SIZE as usize;
+        // SAFETY: the ring is dropped when this frame is placed; `self.mem` outlives it.
+        let ring = unsafe { Ring::new(&self.mem, GuestAddress(base), ring_len) };
         let mut descs = std::mem::take(&mut self.rx_descs);
         descs.clear();
         let mut idx = self.cp_rx_index;
@@ -261,11 +265,11 @@ impl Rtl8139 {
         let mut r = Rx::Delivered;
         while room < wire.len() {
             let at = GuestAddress(base.wrapping_add(idx as u64 * DESC_SIZE));
-            let Ok(CpDesc {
+            let Some(CpDesc {
                 opts1,
                 buffer_addr: buf,
                 ..
-            }) = self.mem.read_obj::<CpDesc>(at)
+            }) = ring.read::<CpDesc>(&self.mem, at)
             else {
                 self.rx_dead = true;
                 self.dma_error(port, "RX descriptor ring is outside guest memory");
@@ -311,11 +315,8 @@ impl Rtl8139 {
                     .mem
                     .write_slice(&wire[off..off + n], GuestAddress(buf))
                     .is_ok()
-                    && self
-                        .mem
-                        .write_obj(opts2.to_le(), GuestAddress(at.0.wrapping_add(4)))
-                        .is_ok()
-                    && self.mem.write_obj(st.to_le(), at).is_ok();
+                    && ring.write(&self.mem, GuestAddress(at.0.wrapping_add(4)), opts2.to_le())
+                    && ring.write(&self.mem, at, st.to_le());
                 if !ok {
                     self.rx_dead = true;
                     self.dma_error(port, "RX buffer is outside guest memory");
