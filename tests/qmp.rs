@@ -438,7 +438,14 @@ fn hmp_over_a_socket() {
     assert_eq!(hmp(&mut r, "info status"), "VM status: postmigrate\n");
     hmp(&mut r, "cont");
     assert_eq!(hmp(&mut r, "info status"), "VM status: running\n");
-    r.get_mut().write_all(b"quit\n").unwrap();
+    // quit, and a line after it in the same write: neither an answer nor a prompt follows.
+    r.get_mut().write_all(b"quit\ninfo status\n").unwrap();
+    let mut rest = String::new();
+    r.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let _ = r.read_to_string(&mut rest);
+    assert_eq!(rest, "", "nothing after quit, as in QEMU");
     let (code, out, err) = vm.wait(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(!sock.exists());

@@ -89,12 +89,12 @@ impl MonitorInput {
                 let line = String::from_utf8_lossy(&self.line).into_owned();
                 self.line.clear();
                 let text = crate::monitor::hmp::execute(&self.control, &line);
-                let _ = write!(
-                    out,
-                    "\r\n{}{}",
-                    crate::monitor::hmp::crlf(&text),
+                let prompt = if self.control.exiting() {
+                    "" // quit: the console goes back to the shell
+                } else {
                     crate::monitor::hmp::PROMPT
-                );
+                };
+                let _ = write!(out, "\r\n{}{prompt}", crate::monitor::hmp::crlf(&text));
             }
             0x7f | 0x08 if self.line.pop().is_some() => {
                 let _ = out.write_all(b"\x08 \x08");

@@ -64,6 +64,10 @@ pub(super) fn process(control: &Control, c: &mut Client) {
         let line = line.trim_end_matches('\r');
         let out = execute(control, line);
         c.output.extend_from_slice(crlf(&out).as_bytes());
+        if control.exiting() {
+            c.input.clear(); // quit: nothing after it runs, and no prompt
+            break;
+        }
         c.output.extend_from_slice(PROMPT.as_bytes());
     }
 }

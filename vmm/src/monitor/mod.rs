@@ -291,6 +291,12 @@ impl Control {
         self.lifecycle.request_exit(reason);
     }
 
+    /// Whether the VM is ending (a monitor's `quit`, among others): a monitor then answers
+    /// nothing more, not even its prompt, as QEMU's.
+    pub fn exiting(&self) -> bool {
+        self.lifecycle.exit_requested()
+    }
+
     /// The NIC a device id or a netdev id names.
     pub fn nic(&self, name: &str) -> Option<&NicEntry> {
         self.nics
