@@ -243,7 +243,8 @@ impl E1000 {
         let len = self.tx_len;
         let pieces = std::mem::take(&mut self.tx_pieces);
         let mut frame = std::mem::take(&mut self.tx_buf);
-        frame.clear();
+        // Not cleared first: the copy below overwrites every byte, and resizing from the last
+        // frame's length zero-fills only what it grows by (not the whole frame each time).
         frame.resize(if len > TX_COPY_MAX { TX_HEAD } else { len });
         // The pieces were checked on the walk: the copies cannot fail.
         let mut ok = guest_iov::read_pieces(&self.mem, &pieces, 0, &mut frame);

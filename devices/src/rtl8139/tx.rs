@@ -155,7 +155,7 @@ impl Rtl8139 {
         // Copied, not handed to the backend as it lies in guest memory: one buffer with the
         // port's header room in front is one iovec, which the tap takes faster than two.
         let mut buf = std::mem::take(&mut self.slot_buf);
-        buf.clear();
+        // Not cleared first: the copy below overwrites every byte (as in e1000's transmit).
         buf.resize(size);
         let (room, frame) = buf.split();
         let ok = if self.mem.read_slice(frame, addr).is_err() {
@@ -174,7 +174,6 @@ impl Rtl8139 {
         } else {
             self.slot_aborted(slot);
         }
-        buf.clear();
         self.slot_buf = buf;
     }
 
