@@ -249,6 +249,7 @@ Network:
   -net nic[,model=MODEL][,macaddr=MAC][,vlan=N]  -net TYPE[,vlan=N][,...]  legacy form,
                                NICs paired with backends per vlan; -net none: no NIC
   -netdev help, -device help, -device MODEL,help, -nic model=help   what there is
+                               (also -nic help, -M help, -cpu help, -chardev help, ...)
   With no network option at all: -netdev user,id=net0 -device rtl8139,netdev=net0
   -object filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]
                                write the netdev's frames, both ways, to a pcap file
@@ -582,6 +583,9 @@ where
         } else {
             String::new()
         };
+        if let Some(text) = qemu_compat::option_help(&opt, &val) {
+            return Ok(Action::Listing(text));
+        }
         match opt.as_str() {
             "-h" | "-help" => return Ok(Action::Help),
             "-version" => return Ok(Action::Version),
@@ -1936,6 +1940,19 @@ mod tests {
         assert!(listing("-device e1000,help").starts_with("e1000 options:"));
         assert!(listing("-device virtio-net-pci,help").contains("mrg_rxbuf"));
         assert!(listing("-nic model=help").contains("rtl8139"));
+        assert!(listing("-M help").starts_with("Supported machines are:\npc "));
+        assert!(listing("-machine type=help").contains("\nq35 "));
+        assert!(listing("-cpu help").contains("\n  host "));
+        assert_eq!(
+            listing("-accel ?"),
+            "Accelerators supported by nicvm:\nkvm\n"
+        );
+        assert!(listing("-nic help").contains("\ntap\n"));
+        assert!(listing("-chardev help").contains("\n  socket\n"));
+        assert!(listing("-serial help").contains("\n  stdio\n"));
+        assert!(listing("-d help").contains("NICVM_LOG"));
+        // Not a request for help: parsed as before.
+        assert_eq!(option_of("-cpu helper -kernel k"), "-cpu");
         assert!(listing("-net nic,model=?").contains("virtio-net-pci"));
         assert_eq!(option_of("-device bogus,help"), "-device");
     }

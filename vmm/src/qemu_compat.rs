@@ -373,6 +373,42 @@ pub fn netdev_types() -> String {
     "Available netdev backend types:\nsocket\nstream\ndgram\nuser\ntap\nvde\n".into()
 }
 
+/// `help` (or `?`) given to an option that lists its values here as QEMU does (exit 0), when
+/// QEMU lists them: `-M`/`-machine`, `-cpu`, `-accel`, `-nic`, `-chardev`, `-serial`, `-d`.
+/// None for the others, and for a value that asks for something else.
+pub fn option_help(opt: &str, val: &str) -> Option<String> {
+    let first = val.split(',').next().unwrap_or("");
+    let asked = first == "help" || first == "?";
+    let text = match opt {
+        "-M" | "-machine" if asked || val.split(',').any(|p| p == "type=help") => {
+            "Supported machines are:\n\
+             pc                   nicvm's minimal PC: PCI host bridge, LAPIC and IOAPIC, 16550, \
+             i8042, CMOS (default)\n\
+             q35                  the same machine (accepted, as are pc-i440fx-* and pc-q35-*)\n"
+        }
+        "-cpu" if asked => {
+            "Available CPUs:\n\
+             \x20 host    the host's CPU as KVM gives it (on an emulating KVM host, without the \
+             features its emulator cannot run)\n\
+             \x20 max     the same as host\n"
+        }
+        "-accel" if asked => "Accelerators supported by nicvm:\nkvm\n",
+        "-nic" if asked => return Some(netdev_types()),
+        "-chardev" if asked => "Available chardev backend types:\n  stdio\n  socket\n",
+        "-serial" if asked => {
+            "Available chardev backend types:\n  stdio\n  mon:stdio\n  none (null)\n  pty\n  \
+             file:PATH\n  tcp:[HOST]:PORT[,server=on,wait=off]\n  \
+             unix:PATH[,server=on,wait=off]\n  chardev:ID\n"
+        }
+        "-d" if asked => {
+            "nicvm has none of QEMU's log items: its own log goes to stderr at the level \
+             NICVM_LOG sets (error, warn, info, debug, trace; default info)\n"
+        }
+        _ => return None,
+    };
+    Some(text.into())
+}
+
 /// `-nic model=help`, `-net nic,model=help`.
 pub fn nic_models() -> String {
     "Supported NIC models:\ne1000\nrtl8139\nvirtio-net-pci\n".into()
