@@ -452,6 +452,29 @@ fn hmp_over_a_socket() {
     drop(dir);
 }
 
+/// -monitor stdio, the serial console on stdio too (nicvm's default): the monitor has the
+/// console first, as it asked for it (it waited behind the guest's console, and a `quit`
+/// typed there went to the guest).
+#[test]
+fn a_monitor_on_stdio_has_the_console_first() {
+    let Some(img) = image() else { return };
+    let mut vm = spawn(
+        &img,
+        "",
+        &["-S", "-monitor", "stdio", "-nic", "none"],
+        Stdio::piped(),
+    );
+    let mut stdin = vm.child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stdin.write_all(b"info status\rquit\r").unwrap();
+    let (code, out, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("(qemu) info status\r\nVM status: prelaunch\r\n(qemu) quit"),
+        "{out:?}"
+    );
+}
+
 /// -serial mon:stdio: Ctrl-a c switches the console to the monitor and back.
 #[test]
 fn the_console_monitor_behind_ctrl_a_c() {

@@ -272,9 +272,40 @@ Exit status: 0 guest reboot/poweroff, user or monitor quit, SIGINT/TERM/HUP/USR1
 2 guest kernel panic; 3 guest crash (triple fault, emulation failure) or nicvm error.
 ";
 
+/// `-m [size=]SIZE[,slots=N][,maxmem=SIZE]`: the RAM in MiB. Memory hotplug's `slots` and
+/// `maxmem` are checked as QEMU checks them and change nothing (nicvm has no hotplug).
+fn parse_mem(val: &str) -> Result<u64, CliErrorKind> {
+    let kv = KeyVal::parse(val, Some("size"))?;
+    if let Some(k) = kv.unknown_key(&["size", "slots", "maxmem"]) {
+        return Err(OptionError::Unknown(k.into()).into());
+    }
+    let size = kv.first.as_deref().or(kv.get("size")).unwrap_or("");
+    let mib = match parse_size_mib(size) {
+        Some(0) => return Err(CliErrorKind::NoRam),
+        // Beyond what an x86-64 guest can address (52-bit physical addresses).
+        Some(m) if m >= 1 << 32 => return Err(CliErrorKind::TooMuchRam(size.into())),
+        Some(m) => m,
+        None => return Err(CliErrorKind::BadSize(size.into())),
+    };
+    if let Some(n) = kv.get("slots") {
+        n.parse::<u32>()
+            .map_err(|_| CliErrorKind::NotANumber(n.into()))?;
+    }
+    if let Some(m) = kv.get("maxmem") {
+        match parse_size_mib(m) {
+            Some(max) if max >= mib => {}
+            Some(_) => {
+                return Err(CliErrorKind::Refused(format!(
+                    "maxmem={m} is less than the initial {mib} MiB"
+                )))
+            }
+            None => return Err(CliErrorKind::BadSize(m.into())),
+        }
+    }
+    Ok(mib)
+}
+
 fn parse_size_mib(s: &str) -> Option<u64> {
-    let s = s.strip_prefix("size=").unwrap_or(s);
-    let s = s.split(',').next()?;
     let (num, mult): (&str, f64) = match s.char_indices().last()? {
         (i, 'k' | 'K') => (&s[..i], 1.0 / 1024.0),
         (i, 'm' | 'M') => (&s[..i], 1.0),
@@ -688,29 +719,34 @@ where
                 let note = qemu_compat::machine_option(&opt, &val).or_else(|e| err(&opt, e))?;
                 b.note(&opt, &note);
             }
-            "-m" => {
-                b.mem_mib = match parse_size_mib(&val) {
-                    Some(0) => return err(&opt, CliErrorKind::NoRam),
-                    // Beyond what an x86-64 guest can address (52-bit physical addresses).
-                    Some(m) if m >= 1 << 32 => return err(&opt, CliErrorKind::TooMuchRam(val)),
-                    Some(m) => m,
-                    None => return err(&opt, CliErrorKind::BadSize(val)),
-                }
-            }
+            "-m" => b.mem_mib = parse_mem(&val).or_else(|e| err(&opt, e))?,
             "-smp" => b.cpus = parse_smp(&val).or_else(|e| err(&opt, e))?,
             "-kernel" => b.kernel = Some(val.into()),
             "-initrd" => b.initrd = Some(val.into()),
             "-append" => b.append = val,
             "-name" => {
-                b.name = Some(
-                    val.split(',')
-                        .next()
-                        .unwrap_or("")
-                        .trim_start_matches("guest=")
-                        .to_string(),
-                )
+                let kv = KeyVal::parse(&val, Some("guest")).or_else(|e| err(&opt, e))?;
+                if let Some(k) = kv.unknown_key(&["guest", "process", "debug-threads"]) {
+                    return err(&opt, OptionError::Unknown(k.into()));
+                }
+                if let Some(v) = kv.get("debug-threads") {
+                    on_off("debug-threads", v).or_else(|e| err(&opt, e))?;
+                }
+                let guest = kv.first.as_deref().or(kv.get("guest"));
+                b.name = Some(guest.unwrap_or("").to_string());
             }
             "-serial" => {
+                if b.serial_given {
+                    // QEMU makes each further -serial COM2, COM3...: nicvm has COM1 only.
+                    return err(
+                        &opt,
+                        CliErrorKind::Refused(
+                            "given twice: nicvm has one serial port (COM1); QEMU would make \
+                             this one COM2"
+                                .into(),
+                        ),
+                    );
+                }
                 b.serial_given = true;
                 if val == "mon:stdio" {
                     b.add_monitor(&opt, MonitorMode::Readline, Endpoint::Stdio)?;
@@ -968,6 +1004,18 @@ impl Builder<'_> {
             }
             // As QEMU's default serial console without a display: nowhere.
             serial = SerialTarget::None;
+        }
+        if self.daemonize {
+            if let Some(m) = self.monitors.iter().find(|m| m.endpoint == Endpoint::Stdio) {
+                return err(
+                    &m.option,
+                    CliErrorKind::Refused(
+                        "a monitor cannot be on stdio with -daemonize (as in QEMU); \
+                         use unix:PATH,server=on,wait=off"
+                            .into(),
+                    ),
+                );
+            }
         }
         Ok(Action::Run(Box::new(Config {
             mem_mib: self.mem_mib,
@@ -1786,6 +1834,31 @@ mod tests {
         let c = run("-nodefaults -kernel k").unwrap();
         assert!(c.nics.is_empty(), "-nodefaults: no default NIC");
         assert_eq!(c.serial, SerialTarget::None);
+        for (line, option, why) in [
+            ("-m 128M,foo=1", "-m", "foo"),
+            ("-m 128M,slots=abc", "-m", "abc"),
+            ("-m 128M,maxmem=64M", "-m", "maxmem=64M"),
+            ("-name a,b", "-name", "'b'"),
+            ("-name guest=vm1,foo=bar", "-name", "foo"),
+            ("-serial none -serial stdio", "-serial", "one serial port"),
+            (
+                "-daemonize -monitor stdio -serial none",
+                "-monitor",
+                "stdio",
+            ),
+            (
+                "-daemonize -chardev stdio,id=c -mon chardev=c -serial none",
+                "-mon",
+                "stdio",
+            ),
+        ] {
+            let e = run(&format!("{line} -kernel k")).unwrap_err();
+            assert_eq!(e.option, option, "{line}");
+            assert!(e.to_string().contains(why), "{line}: {e}");
+        }
+        let c = run("-m size=256M,slots=4,maxmem=1G -name guest=vm1,debug-threads=on -kernel k")
+            .unwrap();
+        assert_eq!((c.mem_mib, c.name.as_deref()), (256, Some("vm1")));
         let c = run("-daemonize -pidfile /tmp/p -kernel k").unwrap();
         assert!(c.daemonize);
         assert_eq!(
@@ -1951,7 +2024,7 @@ mod tests {
         assert!(listing("-chardev help").contains("\n  socket\n"));
         assert!(listing("-serial help").contains("\n  stdio\n"));
         assert!(listing("-d help").contains("NICVM_LOG"));
-        // Not a request for help: parsed as before.
+        // Not a request for help: parsed as before (the listing tests end here).
         assert_eq!(option_of("-cpu helper -kernel k"), "-cpu");
         assert!(listing("-net nic,model=?").contains("virtio-net-pci"));
         assert_eq!(option_of("-device bogus,help"), "-device");

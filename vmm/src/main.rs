@@ -196,8 +196,10 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
             }
         };
         if let Some(c) = &control {
-            if cfg.monitors.iter().any(|m| m.endpoint == Endpoint::Stdio) {
-                vm.set_console_monitor(c.clone());
+            if let Some(m) = cfg.monitors.iter().find(|m| m.endpoint == Endpoint::Stdio) {
+                // `-monitor stdio` (or -mon on a stdio chardev) asks for the monitor: it has
+                // the console first; `-serial mon:stdio` starts on the guest's console.
+                vm.set_console_monitor(c.clone(), m.option != "-serial");
             }
         }
         let monitor = match &control {

@@ -22,12 +22,18 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
     match opt {
         "-enable-kvm" => Ok("KVM is always used".into()),
         "-snapshot" => Ok("nicvm has no disks: there is nothing to snapshot".into()),
-        "-display" => match val.split(',').next().unwrap_or("") {
-            "none" => Ok("nicvm never opens a window".into()),
-            d => Err(refused(format!(
-                "'{d}': nicvm has no display; only -display none (or -nographic)"
-            ))),
-        },
+        "-display" => {
+            let kv = KeyVal::parse(val, Some("type"))?;
+            match kv.first.as_deref().or(kv.get("type")) {
+                Some("none") => {
+                    keys(val, Some("type"), &["type"]).map(|_| "nicvm never opens a window".into())
+                }
+                d => Err(refused(format!(
+                    "'{}': nicvm has no display; only -display none (or -nographic)",
+                    d.unwrap_or("")
+                ))),
+            }
+        }
         "-vga" => match val {
             "none" => Ok("nicvm has no graphics card".into()),
             v => Err(refused(format!(
@@ -202,12 +208,26 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
                 ))),
             }
         }
-        "-sandbox" => match val.split(',').next().unwrap_or("") {
-            "off" => Ok("nicvm has no seccomp sandbox".into()),
-            v => Err(refused(format!(
-                "'{v}': nicvm has no seccomp sandbox to turn on (only -sandbox off)"
-            ))),
-        },
+        "-sandbox" => {
+            let kv = keys(
+                val,
+                Some("enable"),
+                &[
+                    "enable",
+                    "obsolete",
+                    "elevateprivileges",
+                    "spawn",
+                    "resourcecontrol",
+                ],
+            )?;
+            match kv.first.as_deref().or(kv.get("enable")) {
+                Some("off") => Ok("nicvm has no seccomp sandbox".into()),
+                v => Err(refused(format!(
+                    "'{}': nicvm has no seccomp sandbox to turn on (only -sandbox off)",
+                    v.unwrap_or("")
+                ))),
+            }
+        }
         "-msg" => {
             let kv = keys(val, None, &["timestamp", "guest-name"])?;
             for k in ["timestamp", "guest-name"] {
@@ -524,6 +544,8 @@ mod tests {
             ("-global", "driver=ICH9-LPC,property=disable_s3,value=1"),
             ("-global", "PIIX4_PM.disable_s4=1"),
             ("-sandbox", "off"),
+            ("-sandbox", "off,obsolete=deny"),
+            ("-display", "type=none"),
             ("-msg", "timestamp=on"),
             ("-d", "guest_errors"),
             ("-D", "/tmp/qemu.log"),
@@ -552,6 +574,8 @@ mod tests {
             ("-global", "e1000.mac=52:54:00:12:34:56"),
             ("-global", "kvm-pit.lost_tick_policy=discard"),
             ("-sandbox", "on"),
+            ("-sandbox", "off,foo=bar"),
+            ("-display", "none,foo=bar"),
             ("-overcommit", "mem-lock=on"),
             ("-msg", "colour=on"),
             ("-no-shutdown", ""),

@@ -325,6 +325,9 @@ pub struct Vm {
     vcpu_pthreads: Arc<Mutex<Vec<libc::pthread_t>>>,
     /// The monitor on the console (`-serial mon:stdio`), if any.
     console_monitor: Option<Arc<crate::monitor::Control>>,
+    /// The console starts with the monitor (else with the guest's serial port; Ctrl-a c
+    /// switches).
+    console_monitor_first: bool,
     /// What a snapshot is taken of (QMP migrate, -save-on).
     saver: Arc<Saver>,
     /// `-save-on`: told by the console watch when the guest wrote the text.
@@ -654,6 +657,7 @@ impl Vm {
             timing,
             vcpu_pthreads: Arc::new(Mutex::new(vec![])),
             console_monitor: None,
+            console_monitor_first: false,
             saver,
             save_on,
             save_thread: None,
@@ -686,8 +690,9 @@ impl Vm {
     }
 
     /// The console's monitor (`-serial mon:stdio`, `-monitor stdio`): Ctrl-a c switches to it.
-    pub fn set_console_monitor(&mut self, control: Arc<crate::monitor::Control>) {
+    pub fn set_console_monitor(&mut self, control: Arc<crate::monitor::Control>, first: bool) {
         self.console_monitor = Some(control);
+        self.console_monitor_first = first;
     }
 
     /// Runs the guest until it ends, a signal arrives or the user quits, and says why. The
@@ -722,7 +727,8 @@ impl Vm {
             let thread_stop = stop.try_clone().map_err(|e| VmError::Host("eventfd", e))?;
             let (s, l) = (self.serial.clone(), self.lifecycle.clone());
             let monitor = self.console_monitor.clone();
-            let monitor_first = self.serial_target != SerialTarget::Stdio;
+            let monitor_first =
+                self.serial_target != SerialTarget::Stdio || self.console_monitor_first;
             let thread = std::thread::Builder::new()
                 .name("console".into())
                 .spawn(move || console::pump_stdin(s, l, tty, thread_stop, monitor, monitor_first))
