@@ -278,6 +278,17 @@ fn qmp_byte_stream_resyncs_and_pushes_back() {
     )
     .unwrap();
     assert!(desc(&line()).contains("Parameter 'x' is unexpected"));
+    // Single-quoted strings, as QEMU's parser takes them (and its docs' examples use), a '"'
+    // and an escaped quote in them; then a broken one and a good one in the same write.
+    w.write_all(b"{'execute':'query-name','id':'q\\'\"1'}\n")
+        .unwrap();
+    let a = line();
+    assert_eq!(a["id"], "q'\"1", "{a}");
+    assert!(a["return"].is_object(), "{a}");
+    w.write_all(b"{'execute':'query-name','id':}\n{'execute':'query-name','id':'q2'}\n")
+        .unwrap();
+    assert!(desc(&line()).contains("JSON parse error"));
+    assert_eq!(line()["id"], "q2");
     // Still running: the duplicate-key quit did not happen.
     w.write_all(b"{\"execute\":\"query-status\",\"id\":4}\n")
         .unwrap();

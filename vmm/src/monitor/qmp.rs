@@ -81,10 +81,18 @@ pub(super) fn process(control: &Control, c: &mut Client) {
                 }
             }
         }
-        let mut it = serde_json::Deserializer::from_slice(&c.input).into_iter::<Strict>();
+        // QEMU's parser also takes 'single-quoted' strings: they are given to serde_json
+        // double-quoted, and its offsets taken back to the input's.
+        let requoted = c.input.contains(&b'\'').then(|| requote(&c.input));
+        let (json, back): (&[u8], Option<&[usize]>) = match &requoted {
+            Some((j, map)) => (j, Some(map)),
+            None => (&c.input, None),
+        };
+        let orig = |at: usize| back.map_or(at, |m| m[at.min(m.len() - 1)]);
+        let mut it = serde_json::Deserializer::from_slice(json).into_iter::<Strict>();
         match it.next() {
             Some(Ok(Strict(v))) => {
-                let len = it.byte_offset();
+                let len = orig(it.byte_offset());
                 c.input.drain(..len.min(c.input.len()));
                 if len > MAX_MESSAGE {
                     error(&mut c.output, too_long(), None);
@@ -107,7 +115,7 @@ pub(super) fn process(control: &Control, c: &mut Client) {
                     None,
                 );
                 // Drop what precedes the error's position, then the rest of that line.
-                let at = error_offset(&c.input, e.line(), e.column());
+                let at = orig(error_offset(json, e.line(), e.column()));
                 c.input.drain(..at.min(c.input.len()));
                 c.skip_line = true;
             }
@@ -123,6 +131,73 @@ fn too_long() -> QmpError {
     QmpError::generic(format!(
         "JSON parse error, message longer than {MAX_MESSAGE} bytes"
     ))
+}
+
+/// The first message of `input` (up to where its outermost object or array closes, or the
+/// first line end outside one) with its single-quoted strings double-quoted (a `"` in them
+/// escaped, a `\'` unescaped), as QEMU's JSON parser reads them; and for each byte of the
+/// result (and its end) the offset in `input` it came from. One message at a time: a client
+/// that pipelines many does not make each one cost the whole buffer.
+fn requote(input: &[u8]) -> (Vec<u8>, Vec<usize>) {
+    let mut out = Vec::with_capacity(input.len().min(4096) + 2);
+    let mut map = Vec::with_capacity(input.len().min(4096) + 3);
+    // The quote of the string we are in, if any, and how deep in objects and arrays.
+    let mut quote = None;
+    let mut depth = 0usize;
+    // Something other than white space went out: a line end at depth 0 then ends the message.
+    let mut begun = false;
+    let mut i = 0;
+    while i < input.len() {
+        if quote.is_none() && depth == 0 && begun {
+            if let Some(b'}' | b']' | b'\n') = out.last() {
+                break;
+            }
+        }
+        begun |= !input[i].is_ascii_whitespace();
+        let b = input[i];
+        let mut put = |bytes: &[u8]| {
+            for &x in bytes {
+                out.push(x);
+                map.push(i);
+            }
+        };
+        match (quote, b) {
+            (None, b'\'') => {
+                quote = Some(b'\'');
+                put(b"\"");
+            }
+            (None, b'"') => {
+                quote = Some(b'"');
+                put(b"\"");
+            }
+            (Some(q), b'\\') if i + 1 < input.len() => {
+                let next = input[i + 1];
+                if q == b'\'' && next == b'\'' {
+                    put(b"'");
+                } else {
+                    put(&[b, next]);
+                }
+                i += 1;
+            }
+            (Some(b'\''), b'"') => put(b"\\\""),
+            (Some(q), _) if b == q => {
+                quote = None;
+                put(b"\"");
+            }
+            (None, b'{' | b'[') => {
+                depth += 1;
+                put(&[b]);
+            }
+            (None, b'}' | b']') => {
+                depth = depth.saturating_sub(1);
+                put(&[b]);
+            }
+            _ => put(&[b]),
+        }
+        i += 1;
+    }
+    map.push(i);
+    (out, map)
 }
 
 /// The byte offset of serde_json's (1-based line, 1-based column) position in `input`.
@@ -484,4 +559,30 @@ fn query_pci(control: &Control) -> Value {
         devices.push(d);
     }
     json!([{ "bus": 0, "devices": devices }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::requote;
+
+    #[test]
+    fn single_quotes_become_double_quotes_one_message_at_a_time() {
+        let input = b"\n {'a':'x\"y\\'z','b':\"it's\"}\n{'next':1}";
+        let (json, map) = requote(input);
+        assert_eq!(
+            json,
+            br#"
+ {"a":"x\"y'z","b":"it's"}"#
+        );
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(v["a"], "x\"y'z");
+        assert_eq!(v["b"], "it's");
+        // Offsets go back to the input: the end of the first message is where the second
+        // one's line starts.
+        assert_eq!(map.len(), json.len() + 1);
+        assert_eq!(&input[map[json.len()]..], b"\n{'next':1}");
+        // A line that is not JSON ends at its line end; an unfinished message runs to the end.
+        assert_eq!(requote(b"hello\n{'a':1}").0, b"hello\n");
+        assert_eq!(requote(b"{'a':'\\").0, b"{\"a\":\"\\");
+    }
 }
