@@ -437,6 +437,11 @@ fn hmp_over_a_socket() {
         "{}",
         long.len()
     );
+    assert_eq!(
+        hmp(&mut r, "c now"),
+        "extraneous characters at the end of line\n",
+        "a known command with too many words: nothing done (still prelaunch below)"
+    );
     assert_eq!(hmp(&mut r, "migrate"), "usage: migrate [-d] file:PATH\n");
     assert_eq!(hmp(&mut r, "migrate -d"), "usage: migrate [-d] file:PATH\n");
     // A line over the limit is refused whole: its end does not run as a command.

@@ -129,6 +129,14 @@ async def protocol(path, tcp_port):
     check(cls == "GenericError" and "ACPI" in desc, desc)
     text = await qmp.execute("human-monitor-command", {"command-line": "info status"})
     check(text == "VM status: prelaunch\n", repr(text))
+    text = await qmp.execute("human-monitor-command",
+                             {"command-line": "info status", "cpu-index": 0})
+    check(text == "VM status: prelaunch\n", repr(text))
+    for index, want in [("x", "Invalid parameter type for 'cpu-index', expected: integer"),
+                        (99, "Parameter 'cpu-index' expects a CPU number")]:
+        cls, desc = await error_class(qmp, "human-monitor-command",
+                                      {"command-line": "info status", "cpu-index": index})
+        check((cls, desc) == ("GenericError", want), (cls, desc))
 
     # cont / stop, with their events on both clients.
     await qmp.execute("cont")

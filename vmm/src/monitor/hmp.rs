@@ -142,6 +142,9 @@ pub fn execute(control: &Control, line: &str) -> String {
         ["system_powerdown"] => "nicvm's machine has no ACPI power button, so the guest cannot \
              be asked to power down: the guest must power itself off (poweroff), or use quit\n"
             .into(),
+        ["stop" | "cont" | "c" | "quit" | "q" | "system_reset" | "system_powerdown", ..] => {
+            "extraneous characters at the end of line\n".into() // as QEMU: nothing done
+        }
         [cmd, ..] => {
             // A name, not a whole line echoed back however long it is.
             let shown: String = cmd.chars().take(64).collect();

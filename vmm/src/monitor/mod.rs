@@ -60,6 +60,8 @@ pub struct Control {
     pub netdev_ids: Vec<String>,
     /// The vCPU threads, for kicking them into a pause; emptied before they are joined.
     pub vcpus: Arc<Mutex<Vec<libc::pthread_t>>>,
+    /// How many vCPUs the VM has (`cpu-index` names one of them).
+    pub cpus: u8,
     /// -S and not yet continued.
     prelaunch: Mutex<bool>,
     /// What `migrate` saves.
@@ -143,6 +145,7 @@ impl Control {
             backends,
             netdev_ids: cfg.netdevs.iter().map(|nd| nd.id.clone()).collect(),
             vcpus,
+            cpus: cfg.cpus,
             prelaunch: Mutex::new(cfg.start_paused),
             saver,
             migration: Mutex::new(None),

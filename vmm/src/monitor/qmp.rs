@@ -493,6 +493,23 @@ pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Resul
         "human-monitor-command" => {
             only_args(args, &["command-line", "cpu-index"])?;
             let line = arg_str(args, "command-line")?;
+            // The CPU the command is about: every nicvm command is about the whole VM, but the
+            // index must name one, as QEMU checks.
+            if let Some(i) = args.get("cpu-index") {
+                match i.as_i64() {
+                    Some(i) if (0..i64::from(control.cpus)).contains(&i) => {}
+                    Some(_) => {
+                        return Err(QmpError::generic(
+                            "Parameter 'cpu-index' expects a CPU number",
+                        ))
+                    }
+                    None => {
+                        return Err(QmpError::generic(
+                            "Invalid parameter type for 'cpu-index', expected: integer",
+                        ))
+                    }
+                }
+            }
             Ok(Value::String(hmp::execute(control, line)))
         }
         c => Err(QmpError {
