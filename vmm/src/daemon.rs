@@ -95,10 +95,17 @@ impl PidFile {
             .create(true)
             .truncate(false)
             .open(path)?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // Two locks: flock, which another nicvm takes (in this process too), and the POSIX
+        // record lock QEMU takes (`lockf`): neither sees the other kind.
+        // SAFETY: flock and lockf on a descriptor we own.
+        let locked = unsafe {
+            libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0
+                && libc::lockf(file.as_raw_fd(), libc::F_TLOCK, 0) == 0
+        };
+        if !locked {
             let e = io::Error::last_os_error();
-            return Err(if e.kind() == io::ErrorKind::WouldBlock {
+            let held = matches!(e.raw_os_error(), Some(libc::EWOULDBLOCK | libc::EACCES));
+            return Err(if held {
                 io::Error::other("locked by another running nicvm or QEMU")
             } else {
                 e
@@ -132,7 +139,33 @@ mod tests {
             format!("{}\n", std::process::id())
         );
         assert!(PidFile::create(&p).is_err(), "a second one is refused");
+        // QEMU's lock (lockf, a POSIX record lock) as another process holds it: refused too.
         drop(f);
         assert!(!p.exists());
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import fcntl,sys;f=open(sys.argv[1],'w');fcntl.lockf(f,fcntl.LOCK_EX);\
+                 print('locked',flush=True);sys.stdin.read()",
+            ])
+            .arg(&p)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line, "locked\n");
+        let e = PidFile::create(&p).err().expect("QEMU's lock is seen");
+        assert!(e.to_string().contains("locked by another"), "{e}");
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        let f = PidFile::create(&p).unwrap();
+        drop(f);
+        let _ = std::fs::remove_file(&p);
     }
 }
