@@ -90,6 +90,10 @@ async def protocol(path, tcp_port):
     check(devs["e"]["id"]["vendor"] == 0x8086 and devs["e"]["id"]["device"] == 0x100E, "e1000 ids")
     check(devs["r"]["id"]["vendor"] == 0x10EC and devs["r"]["id"]["device"] == 0x8139, "rtl8139")
     check(devs["v"]["id"]["vendor"] == 0x1AF4, "virtio")
+    # The host bridge as the guest sees it (Linux logs [1b36:0008] for 00:00.0).
+    host = devs[None]
+    check((host["slot"], host["id"]["vendor"], host["id"]["device"]) == (0, 0x1B36, 0x0008),
+          f"host bridge {host}")
     check(all(d["class_info"]["class"] == 0x0200 for k, d in devs.items() if k), "class")
 
     filters = {f["name"]: f for f in await qmp.execute("query-rx-filter")}

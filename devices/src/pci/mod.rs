@@ -70,11 +70,15 @@ pub struct HostBridge {
     config: PciConfig,
 }
 
+/// The host bridge's (vendor, device): Red Hat's "QEMU PCIe host bridge".
+pub const HOST_BRIDGE_ID: (u16, u16) = (0x1b36, 0x0008);
+
 impl Default for HostBridge {
     fn default() -> Self {
-        // Red Hat's "QEMU PCIe host bridge" ID; class 0x06/0x00 is what Linux's probe checks.
+        // Class 0x06/0x00 is what Linux's probe checks.
+        let (vendor, device) = HOST_BRIDGE_ID;
         HostBridge {
-            config: PciConfig::new(0x1b36, 0x0008, (0x06, 0x00, 0x00), 0),
+            config: PciConfig::new(vendor, device, (0x06, 0x00, 0x00), 0),
         }
     }
 }

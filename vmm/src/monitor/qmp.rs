@@ -541,10 +541,11 @@ pub fn rx_filter_json(name: &str, f: &RxFilter) -> Value {
 }
 
 fn query_pci(control: &Control) -> Value {
+    let (vendor, device) = devices::pci::HOST_BRIDGE_ID;
     let mut devices = vec![json!({
         "bus": 0, "slot": 0, "function": 0,
         "class_info": {"class": 0x0600, "desc": "Host bridge"},
-        "id": {"vendor": 0x8086, "device": 0x1237},
+        "id": {"vendor": vendor, "device": device},
         "regions": [],
     })];
     for n in &control.nics {
