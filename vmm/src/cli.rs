@@ -916,6 +916,11 @@ impl Builder<'_> {
                 dev,
             ));
         }
+        // As QEMU: the NICs of -nic and -net nic are made with the machine, the -device ones
+        // after it, so the former take the first free slots and default MACs (each group in
+        // command-line order).
+        self.devices
+            .sort_by_key(|(option, _, _)| !(option.starts_with("-nic") || option == "-net nic"));
         let mut nics: Vec<NicConfig> = vec![];
         let mut ids: Vec<String> = vec![];
         // The addresses given with mac=: a NIC without one never gets one of them.
@@ -1859,6 +1864,26 @@ mod tests {
         let c = run("-m size=256M,slots=4,maxmem=1G -name guest=vm1,debug-threads=on -kernel k")
             .unwrap();
         assert_eq!((c.mem_mib, c.name.as_deref()), (256, Some("vm1")));
+        // QEMU's order: -nic (and -net nic) NICs first, then -device ones, whatever the
+        // command line's order.
+        let c = run(
+            "-netdev user,id=n0 -device e1000,netdev=n0,id=nic0 -netdev user,id=n1 \
+                     -device virtio-net-pci,netdev=n1 -nic user,model=rtl8139 -kernel k",
+        )
+        .unwrap();
+        let order: Vec<(&str, String)> = c
+            .nics
+            .iter()
+            .map(|n| (n.model.name(), n.mac.to_string()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("rtl8139", "52:54:00:12:34:56".to_string()),
+                ("e1000", "52:54:00:12:34:57".to_string()),
+                ("virtio-net-pci", "52:54:00:12:34:58".to_string()),
+            ]
+        );
         let c = run("-daemonize -pidfile /tmp/p -kernel k").unwrap();
         assert!(c.daemonize);
         assert_eq!(
