@@ -119,6 +119,34 @@ fn missing_kernel_file() {
     expect_error(&["-kernel", "/nonexistent/vmlinux"], "-kernel");
 }
 
+/// A path with a line break (a shell's $'...') still makes a one-line error.
+#[test]
+fn a_path_with_a_line_break_stays_on_one_line() {
+    expect_error(&["-kernel", "/nonexistent/vm\nlinux"], "-kernel");
+    let k = kernel();
+    expect_error(
+        &["-kernel", &k, "-serial", "file:/nonexistent/a\nb"],
+        "-serial",
+    );
+}
+
+/// libvirt's JSON form of an option: said so, in one line.
+#[test]
+fn json_option_syntax_is_named() {
+    let k = kernel();
+    let o = run(
+        &args(&[
+            "-kernel",
+            &k,
+            "-netdev",
+            r#"{"type":"user","id":"hostnet0"}"#,
+        ]),
+        Duration::from_secs(30),
+    );
+    expect_error_in(&["-netdev", "{json}"], &o, "-netdev");
+    assert!(o.stderr.contains("JSON"), "{}", o.stderr);
+}
+
 #[test]
 fn no_kernel_at_all() {
     expect_error(&["-m", "64"], "-kernel");

@@ -617,6 +617,17 @@ where
         if let Some(text) = qemu_compat::option_help(&opt, &val) {
             return Ok(Action::Listing(text));
         }
+        let structured = ["-netdev", "-device", "-object", "-chardev", "-nic"];
+        if structured.contains(&opt.as_str()) && val.trim_start().starts_with('{') {
+            return err(
+                &opt,
+                CliErrorKind::Refused(
+                    "the JSON form (as libvirt writes it) is not supported: \
+                     give TYPE,KEY=VALUE,..."
+                        .into(),
+                ),
+            );
+        }
         match opt.as_str() {
             "-h" | "-help" => return Ok(Action::Help),
             "-version" => return Ok(Action::Version),

@@ -51,6 +51,9 @@ fn init_logging() {
 fn fail(msg: impl std::fmt::Display) -> i32 {
     console::restore_terminal();
     stderr::discard();
+    // One line whatever the user gave: a path or value with a line break in it is shown
+    // escaped.
+    let msg = msg.to_string().replace('\n', "\\n").replace('\r', "\\r");
     say!("nicvm: {msg}");
     1
 }
