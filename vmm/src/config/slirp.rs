@@ -130,6 +130,22 @@ pub fn slirp_options(kv: &KeyVal) -> Result<SlirpOptions, OptionError> {
     if !o.ipv4 && !o.ipv6 {
         return Err(OptionError::NoIp);
     }
+    if !o.ipv6 {
+        // As QEMU: IPv6 settings with IPv6 turned off are a mistake, not ignored.
+        let v6 = [
+            "ipv6-net",
+            "ipv6-prefix",
+            "ipv6-prefixlen",
+            "ipv6-host",
+            "ipv6-dns",
+        ];
+        if let Some(k) = v6.into_iter().find(|k| kv.get(k).is_some()) {
+            return Err(OptionError::NotUsedWith {
+                key: k.into(),
+                other: "ipv6=off".into(),
+            });
+        }
+    }
     if let Some(v) = kv.get("ipv6-net").or(kv.get("ipv6-prefix")) {
         let (a, len) = match v.split_once('/') {
             Some((a, l)) => (a, Some(l)),
@@ -248,6 +264,8 @@ mod tests {
             ("guestfwd=tcp:10.0.2.2:1-cmd:x", "guestfwd"),
             ("smb=/tmp", "smb"),
             ("ipv4=off,ipv6=off", "ipv6=off"),
+            ("ipv6=off,ipv6-net=fec0::/64", "ipv6=off"),
+            ("ipv6=off,ipv6-dns=fec0::3", "ipv6-dns"),
             ("ipv6-net=fec0::/x", "ipv6-net"),
             ("ipv6-prefixlen=127", "ipv6-prefixlen"),
             ("ipv6-host=10.0.2.2", "ipv6-host"),
