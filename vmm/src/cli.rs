@@ -272,15 +272,21 @@ Exit status: 0 guest reboot/poweroff, user or monitor quit, SIGINT/TERM/HUP/USR1
 2 guest kernel panic; 3 guest crash (triple fault, emulation failure) or nicvm error.
 ";
 
-/// `-m [size=]SIZE[,slots=N][,maxmem=SIZE]`: the RAM in MiB. Memory hotplug's `slots` and
-/// `maxmem` are checked as QEMU checks them and change nothing (nicvm has no hotplug).
-fn parse_mem(val: &str) -> Result<u64, CliErrorKind> {
+/// `-m [size=]SIZE[,slots=N][,maxmem=SIZE]`: the RAM in MiB (`default` without a size).
+/// Memory hotplug's `slots` and `maxmem` are checked as QEMU checks them and change nothing
+/// (nicvm has no hotplug).
+fn parse_mem(val: &str, default: u64) -> Result<u64, CliErrorKind> {
     let kv = KeyVal::parse(val, Some("size"))?;
     if let Some(k) = kv.unknown_key(&["size", "slots", "maxmem"]) {
         return Err(OptionError::Unknown(k.into()).into());
     }
-    let size = kv.first.as_deref().or(kv.get("size")).unwrap_or("");
-    let mib = match parse_size_mib(size) {
+    let size = kv.first.as_deref().or(kv.get("size"));
+    let mib = match size.map(|s| (s, parse_size_mib(s))) {
+        None => Some(default),
+        Some((_, m)) => m,
+    };
+    let size = size.unwrap_or("");
+    let mib = match mib {
         Some(0) => return Err(CliErrorKind::NoRam),
         // Beyond what an x86-64 guest can address (52-bit physical addresses).
         Some(m) if m >= 1 << 32 => return Err(CliErrorKind::TooMuchRam(size.into())),
@@ -403,10 +409,12 @@ struct Builder<'a> {
     name: Option<String>,
     netdevs: Vec<NetdevConfig>,
     /// (option it came from, model, raw properties)
-    devices: Vec<(String, NicModel, KeyVal)>,
+    /// The NICs: the option that made each, its model and properties, and where it came on
+    /// the command line (QEMU's creation order depends on it).
+    devices: Vec<(String, NicModel, KeyVal, usize)>,
     no_nic: bool,
     /// `-net nic` and `-net TYPE` / `-net dump`, each with its vlan (hub) number.
-    legacy_nics: Vec<(NicModel, KeyVal, String)>,
+    legacy_nics: Vec<(NicModel, KeyVal, String, usize)>,
     legacy_backends: Vec<(KeyVal, String)>,
     legacy_dumps: Vec<(KeyVal, String)>,
     dumps: Vec<DumpConfig>,
@@ -562,7 +570,9 @@ where
         serial_chardev: None,
     };
     let mut args = args.into_iter();
+    let mut seq = 0usize;
     while let Some(arg) = args.next() {
+        seq += 1;
         if !arg.starts_with('-') || arg == "-" {
             return err(&arg, CliErrorKind::Unexpected);
         }
@@ -730,11 +740,12 @@ where
                 let note = qemu_compat::machine_option(&opt, &val).or_else(|e| err(&opt, e))?;
                 b.note(&opt, &note);
             }
-            "-m" => b.mem_mib = parse_mem(&val).or_else(|e| err(&opt, e))?,
+            "-m" => b.mem_mib = parse_mem(&val, b.mem_mib).or_else(|e| err(&opt, e))?,
             "-smp" => b.cpus = parse_smp(&val).or_else(|e| err(&opt, e))?,
             "-kernel" => b.kernel = Some(val.into()),
             "-initrd" => b.initrd = Some(val.into()),
             "-append" => b.append = val,
+            "-name" if val.is_empty() => b.name = Some(String::new()),
             "-name" => {
                 let kv = KeyVal::parse(&val, Some("guest")).or_else(|e| err(&opt, e))?;
                 if let Some(k) = kv.unknown_key(&["guest", "process", "debug-threads"]) {
@@ -744,7 +755,7 @@ where
                     on_off("debug-threads", v).or_else(|e| err(&opt, e))?;
                 }
                 let guest = kv.first.as_deref().or(kv.get("guest"));
-                b.name = Some(guest.unwrap_or("").to_string());
+                b.name = guest.map(String::from);
             }
             "-serial" => {
                 if b.serial_given {
@@ -822,7 +833,8 @@ where
                     kv.remove("id");
                     kv.pairs.push(("id".into(), id));
                 }
-                b.devices.push((format!("-device {driver}"), model, kv));
+                b.devices
+                    .push((format!("-device {driver}"), model, kv, seq));
             }
             "-nic" => {
                 let mut kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e))?;
@@ -851,7 +863,7 @@ where
                     dev.pairs.push(("mac".into(), m));
                 }
                 b.netdevs.push(nd);
-                b.devices.push((opt.clone(), model, dev));
+                b.devices.push((opt.clone(), model, dev, seq));
             }
             "-net" => {
                 let mut kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e))?;
@@ -872,10 +884,10 @@ where
                             if kv.get("vlan").is_some() {
                                 return err(&opt, CliErrorKind::NetdevAndVlan);
                             }
-                            b.devices.push(("-net nic".into(), model, kv));
+                            b.devices.push(("-net nic".into(), model, kv, seq));
                         } else {
                             let vlan = take_vlan(&opt, &mut kv)?;
-                            b.legacy_nics.push((model, kv, vlan));
+                            b.legacy_nics.push((model, kv, vlan, seq));
                         }
                     }
                     Some("dump") => {
@@ -925,22 +937,31 @@ impl Builder<'_> {
                 "default network".into(),
                 NicModel::Rtl8139 { cplus: true },
                 dev,
+                0,
             ));
         }
-        // As QEMU: the NICs of -nic and -net nic are made with the machine, the -device ones
-        // after it, so the former take the first free slots and default MACs (each group in
-        // command-line order).
-        self.devices
-            .sort_by_key(|(option, _, _)| !(option.starts_with("-nic") || option == "-net nic"));
+        // As QEMU: the NICs of -nic, then of -net nic, are made with the machine, the -device
+        // ones after it, so they take the first free slots and default MACs in that order
+        // (each kind in command-line order).
+        self.devices.sort_by_key(|(option, _, _, seq)| {
+            let kind = if option.starts_with("-nic") {
+                0
+            } else if option == "-net nic" {
+                1
+            } else {
+                2
+            };
+            (kind, *seq)
+        });
         let mut nics: Vec<NicConfig> = vec![];
         let mut ids: Vec<String> = vec![];
         // The addresses given with mac=: a NIC without one never gets one of them.
         let given: Vec<MacAddr> = self
             .devices
             .iter()
-            .filter_map(|(_, _, kv)| kv.get("mac")?.parse().ok())
+            .filter_map(|(_, _, kv, _)| kv.get("mac")?.parse().ok())
             .collect();
-        for (option, model, kv) in self.devices.drain(..) {
+        for (option, model, kv, _) in self.devices.drain(..) {
             let nic = nic_config(&option, model, kv, &self.netdevs, &nics, &given, &mut ids)?;
             nics.push(nic);
         }
@@ -1131,14 +1152,14 @@ impl Builder<'_> {
                     },
                 );
             }
-            for ((model, mut dev, _), (mut backend, _)) in vn.into_iter().zip(vb) {
+            for ((model, mut dev, _, seq), (mut backend, _)) in vn.into_iter().zip(vb) {
                 let id = format!("hub{vlan}port{n}");
                 n += 1;
                 backend.pairs.push(("id".into(), id.clone()));
                 self.netdevs
                     .push(netdev_config("-net", backend, self.fds, false)?);
                 dev.pairs.push(("netdev".into(), id));
-                self.devices.push(("-net nic".into(), model, dev));
+                self.devices.push(("-net nic".into(), model, dev, seq));
             }
         }
         for (i, (mut kv, vlan)) in std::mem::take(&mut self.legacy_dumps)
@@ -1875,6 +1896,16 @@ mod tests {
         let c = run("-m size=256M,slots=4,maxmem=1G -name guest=vm1,debug-threads=on -kernel k")
             .unwrap();
         assert_eq!((c.mem_mib, c.name.as_deref()), (256, Some("vm1")));
+        let c = run("-m 256M -m maxmem=1G -name process=x -kernel k").unwrap();
+        assert_eq!(
+            (c.mem_mib, c.name.as_deref()),
+            (256, None),
+            "a size kept; no name"
+        );
+        match parse(["-name", "", "-kernel", "k"].map(String::from)).unwrap() {
+            Action::Run(c) => assert_eq!(c.name.as_deref(), Some(""), "-name '' as before"),
+            a => panic!("{a:?}"),
+        }
         // QEMU's order: -nic (and -net nic) NICs first, then -device ones, whatever the
         // command line's order.
         let c = run(
@@ -1895,6 +1926,22 @@ mod tests {
                 ("virtio-net-pci", "52:54:00:12:34:58".to_string()),
             ]
         );
+        // -nic before -net, whatever comes first; the -net NICs (on a netdev or a vlan) in
+        // their own order.
+        let c = run(
+            "-net nic,netdev=a,model=e1000 -netdev user,id=a -nic user,model=rtl8139 \
+                     -net nic,model=virtio-net-pci -net user -kernel k",
+        )
+        .unwrap();
+        let models: Vec<&str> = c.nics.iter().map(|n| n.model.name()).collect();
+        assert_eq!(models, ["rtl8139", "e1000", "virtio-net-pci"]);
+        let c = run(
+            "-net nic,model=e1000 -net user -net nic,netdev=b,model=rtl8139 \
+                     -netdev user,id=b -kernel k",
+        )
+        .unwrap();
+        let models: Vec<&str> = c.nics.iter().map(|n| n.model.name()).collect();
+        assert_eq!(models, ["e1000", "rtl8139"]);
         let c = run("-daemonize -pidfile /tmp/p -kernel k").unwrap();
         assert!(c.daemonize);
         assert_eq!(

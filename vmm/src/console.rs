@@ -83,6 +83,9 @@ impl MonitorInput {
 
     /// One byte typed while the monitor has the console.
     fn byte(&mut self, b: u8) {
+        if self.control.exiting() {
+            return; // after quit nothing runs
+        }
         let mut out = io::stdout().lock();
         match b {
             b'\r' | b'\n' => {

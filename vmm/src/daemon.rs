@@ -98,9 +98,11 @@ impl PidFile {
         // Two locks: flock, which another nicvm takes (in this process too), and the POSIX
         // record lock QEMU takes (`lockf`): neither sees the other kind.
         // SAFETY: flock and lockf on a descriptor we own.
+        // A file system without POSIX locks (ENOLCK) has flock's alone.
         let locked = unsafe {
             libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0
-                && libc::lockf(file.as_raw_fd(), libc::F_TLOCK, 0) == 0
+                && (libc::lockf(file.as_raw_fd(), libc::F_TLOCK, 0) == 0
+                    || io::Error::last_os_error().raw_os_error() == Some(libc::ENOLCK))
         };
         if !locked {
             let e = io::Error::last_os_error();

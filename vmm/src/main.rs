@@ -200,9 +200,10 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         };
         if let Some(c) = &control {
             if let Some(m) = cfg.monitors.iter().find(|m| m.endpoint == Endpoint::Stdio) {
-                // `-monitor stdio` (or -mon on a stdio chardev) asks for the monitor: it has
-                // the console first; `-serial mon:stdio` starts on the guest's console.
-                vm.set_console_monitor(c.clone(), m.option != "-serial");
+                // `-monitor stdio` asks for the monitor: it has the console first; a console
+                // shared on purpose (`-serial mon:stdio`, a stdio -chardev for both) starts on
+                // the guest's side.
+                vm.set_console_monitor(c.clone(), m.option == "-monitor");
             }
         }
         let monitor = match &control {

@@ -25,9 +25,23 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
         "-display" => {
             let kv = KeyVal::parse(val, Some("type"))?;
             match kv.first.as_deref().or(kv.get("type")) {
-                Some("none") => {
-                    keys(val, Some("type"), &["type"]).map(|_| "nicvm never opens a window".into())
-                }
+                // The keys of QEMU's displays that say nothing for none.
+                Some("none") => keys(
+                    val,
+                    Some("type"),
+                    &[
+                        "type",
+                        "gl",
+                        "show-cursor",
+                        "window-close",
+                        "full-screen",
+                        "zoom-to-fit",
+                        "grab-on-hover",
+                        "show-tabs",
+                        "show-menubar",
+                    ],
+                )
+                .map(|_| "nicvm never opens a window".into()),
                 d => Err(refused(format!(
                     "'{}': nicvm has no display; only -display none (or -nographic)",
                     d.unwrap_or("")
@@ -546,6 +560,7 @@ mod tests {
             ("-sandbox", "off"),
             ("-sandbox", "off,obsolete=deny"),
             ("-display", "type=none"),
+            ("-display", "none,gl=off,show-cursor=on"),
             ("-msg", "timestamp=on"),
             ("-d", "guest_errors"),
             ("-D", "/tmp/qemu.log"),

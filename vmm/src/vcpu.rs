@@ -322,22 +322,34 @@ impl VcpuThread {
     }
 }
 
+/// The data area of a port exit, as pointer and length: kvm_run's `io.size` must be read
+/// before a slice of it is made again.
+enum PortData {
+    In(*mut u8, usize),
+    Out(*const u8, usize),
+}
+
 /// A port exit: the `count` items of `size` bytes of an IN/OUT (one) or of a string
 /// instruction (`rep ins`/`outs`: up to a page of them), each its own access to `port`.
-/// `data` is the exit's data area, as pointer and length so that kvm_run's `io.size` can be
-/// read first.
-fn port_exit(vcpu: &mut VcpuFd, pio: &Bus, port: u16, (ptr, len): (*mut u8, usize), out: bool) {
+fn port_exit(vcpu: &mut VcpuFd, pio: &Bus, port: u16, data: PortData) {
     // SAFETY: the exit just returned was KVM_EXIT_IO, so `io` is the union member KVM
     // filled in.
     let size = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.io.size } as usize;
-    // SAFETY: `ptr`/`len` is the data area of that exit, inside this vCPU's kvm_run mapping
-    // (which lives as long as `vcpu`) and outside the kvm_run struct itself; the borrow of
-    // the struct above has ended and nothing else refers to the area until the next run.
-    let data = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-    if out {
-        pio.write_port(port as u64, size, data);
-    } else {
-        pio.read_port(port as u64, size, data);
+    // The pointer and length are the data area of that exit, inside this vCPU's kvm_run
+    // mapping (which lives as long as `vcpu`) and outside the kvm_run struct itself (KVM puts
+    // it at the page after); the borrow of the struct above has ended and nothing else
+    // refers to the area until the next run.
+    match data {
+        PortData::In(p, len) => {
+            // SAFETY: as said above; an IN's area is KVM's to read back, ours to write.
+            let data = unsafe { std::slice::from_raw_parts_mut(p, len) };
+            pio.read_port(port as u64, size, data);
+        }
+        PortData::Out(p, len) => {
+            // SAFETY: as said above; an OUT's area is only read.
+            let data = unsafe { std::slice::from_raw_parts(p, len) };
+            pio.write_port(port as u64, size, data);
+        }
     }
 }
 
@@ -354,12 +366,12 @@ fn finish_pending_io(vcpu: &mut VcpuFd, buses: &Buses) {
     for _ in 0..MAX_PENDING_IO {
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                let data = (data.as_mut_ptr(), data.len());
-                port_exit(vcpu, &buses.pio, port, data, false);
+                let data = PortData::In(data.as_mut_ptr(), data.len());
+                port_exit(vcpu, &buses.pio, port, data);
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                let data = (data.as_ptr().cast_mut(), data.len());
-                port_exit(vcpu, &buses.pio, port, data, true);
+                let data = PortData::Out(data.as_ptr(), data.len());
+                port_exit(vcpu, &buses.pio, port, data);
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 buses.mmio.read(addr, data);
@@ -398,13 +410,13 @@ fn run(
         }
         let reason = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                let data = (data.as_mut_ptr(), data.len());
-                port_exit(&mut vcpu, &buses.pio, port, data, false);
+                let data = PortData::In(data.as_mut_ptr(), data.len());
+                port_exit(&mut vcpu, &buses.pio, port, data);
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                let data = (data.as_ptr().cast_mut(), data.len());
-                port_exit(&mut vcpu, &buses.pio, port, data, true);
+                let data = PortData::Out(data.as_ptr(), data.len());
+                port_exit(&mut vcpu, &buses.pio, port, data);
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {

@@ -42,6 +42,10 @@ pub fn greet(out: &mut Vec<u8>) {
 pub(super) fn process(control: &Control, c: &mut Client) {
     // Lines wait while the client has not read its answers (see OUTPUT_PAUSE).
     while c.output.len() < super::OUTPUT_PAUSE {
+        if control.exiting() {
+            c.input.clear(); // after quit nothing runs, whenever it arrives
+            return;
+        }
         let Some(nl) = c.input.iter().position(|&b| b == b'\n') else {
             if c.input.len() > MAX_LINE {
                 c.input.clear();
@@ -64,11 +68,9 @@ pub(super) fn process(control: &Control, c: &mut Client) {
         let line = line.trim_end_matches('\r');
         let out = execute(control, line);
         c.output.extend_from_slice(crlf(&out).as_bytes());
-        if control.exiting() {
-            c.input.clear(); // quit: nothing after it runs, and no prompt
-            break;
+        if !control.exiting() {
+            c.output.extend_from_slice(PROMPT.as_bytes()); // none after quit
         }
-        c.output.extend_from_slice(PROMPT.as_bytes());
     }
 }
 
