@@ -465,15 +465,6 @@ fn no_capture_file_is_left_when_set_up_fails() {
     );
 }
 
-/// Whether this machine has a usable /dev/kvm (tests that build a VM need it).
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
 #[test]
 fn snapshot_options() {
     let k = kernel();

@@ -70,7 +70,8 @@ pub fn image() -> Option<Image> {
     }
 }
 
-fn kvm_usable() -> bool {
+/// Whether this machine has a usable /dev/kvm (tests that build a VM need it).
+pub fn kvm_usable() -> bool {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
