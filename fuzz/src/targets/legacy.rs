@@ -33,6 +33,14 @@ pub enum LegacyOp {
     },
     SerialInput(Bytes),
     Snapshot(StateEdit),
+    /// A string instruction's exit (`rep ins`/`outs`): `data` cut into items of `size` bytes,
+    /// each an access to `port`, as the vCPU thread dispatches it.
+    StringPio {
+        port: u16,
+        size: u8,
+        data: Bytes,
+        write: bool,
+    },
 }
 
 pub struct Legacy;
@@ -52,6 +60,16 @@ impl Target for Legacy {
                 1..=4 => {
                     let len = rng.len(16, 300);
                     LegacyOp::SerialInput(Bytes(rng.bytes(len)))
+                }
+                9..=11 => {
+                    let (base, len) = rng.pick(&PORTS);
+                    let n = rng.len(8, 64);
+                    LegacyOp::StringPio {
+                        port: base + rng.below(len as u64 + 2) as u16,
+                        size: rng.pick(&[0u8, 1, 1, 2, 4]),
+                        data: Bytes(rng.bytes(n)),
+                        write: rng.chance(50),
+                    }
                 }
                 5..=8 => LegacyOp::PvPanic {
                     off: rng.below(20),
@@ -90,6 +108,19 @@ impl Target for Legacy {
                     } else {
                         let mut b = [0u8; 4];
                         m.pio.read(*port as u64, &mut b[..n]);
+                    }
+                }
+                LegacyOp::StringPio {
+                    port,
+                    size,
+                    data,
+                    write,
+                } => {
+                    if *write {
+                        m.pio.write_port(*port as u64, *size as usize, &data.0);
+                    } else {
+                        let mut b = data.0.clone();
+                        m.pio.read_port(*port as u64, *size as usize, &mut b);
                     }
                 }
                 LegacyOp::PvPanic {
