@@ -88,7 +88,7 @@ impl Drop for KernelLoader {
         while !t.is_finished() {
             if std::time::Instant::now() >= until {
                 log::warn!(
-                    "the kernel loader is still reading -kernel after {:?}; not waiting for it",
+                    "the kernel loader is still reading -kernel or -initrd after {:?}; not waiting for it",
                     self.wait
                 );
                 return;
@@ -107,7 +107,8 @@ pub struct Later {
 }
 
 /// Loads kernel, initrd and command line; writes the boot structures for the entry it found.
-/// The kernel's pages may still be filled in after this returns (see [`KernelLoader`]).
+/// The kernel's and the initramfs's pages may still be filled in after this returns (see
+/// [`KernelLoader`]).
 pub fn load(
     mem: &GuestMemoryMmap,
     mem_bytes: u64,
@@ -120,29 +121,14 @@ pub fn load(
         return Err(BootError::CmdlineTooLong(cmdline.len()));
     }
     let low_end = mem_bytes.min(MMIO_HOLE_START);
-    // The initramfs goes to the top of low memory whatever the kernel's size: it is read
-    // beside the kernel, on a second thread, and checked against the kernel's end after.
-    let (kernel, ramdisk) = std::thread::scope(|s| {
-        let reader = initrd.map(|p| {
-            let t = std::thread::Builder::new()
-                .name("initramfs".into())
-                .spawn_scoped(s, move || load_initrd(mem, p, low_end));
-            (p, t)
-        });
-        let kernel = load_kernel(mem, kernel, later);
-        let ramdisk = reader.map(|(p, t)| match t {
-            Ok(t) => t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
-            // No thread to be had: read it here.
-            Err(_) => load_initrd(mem, p, low_end),
-        });
-        (kernel, ramdisk)
-    });
-    let (entry, kernel_end, header, loader) = kernel?;
-    let ramdisk = match ramdisk.transpose()? {
-        Some((name, addr, size)) if addr < kernel_end.max(HIMEM_START) => {
-            return Err(BootError::InitrdTooBig(name, size.div_ceil(1 << 20)));
+    let (entry, kernel_end, header, kernel_lazy) = load_kernel(mem, kernel)?;
+    let mut lazies: Vec<Lazy> = kernel_lazy.into_iter().collect();
+    let ramdisk = match initrd {
+        Some(p) => {
+            let (addr, size, lazy) = load_initrd(mem, p, low_end, kernel_end)?;
+            lazies.extend(lazy);
+            Some((addr, size))
         }
-        Some((_, addr, size)) => Some((addr, size)),
         None => None,
     };
 
@@ -156,17 +142,28 @@ pub fn load(
         EntryMode::Pvh => write_pvh_info(mem, &map, ramdisk)?,
         EntryMode::Linux64 => write_zero_page(mem, &map, ramdisk, header, cmd.len())?,
     }
-    Ok((entry, loader))
+    if lazies.is_empty() {
+        (later.done)();
+        return Ok((entry, KernelLoader::new(None)));
+    }
+    let t = std::thread::Builder::new()
+        .name("kernel-loader".into())
+        .spawn(move || lazy_kernel::run_all(lazies, later.done, later.failed));
+    match t {
+        Ok(t) => Ok((entry, KernelLoader::new(Some(t)))),
+        // No thread (the userfaultfds went with the closure: their pages are plain memory
+        // again): the VM does not start.
+        Err(e) => Err(BootError::LoaderThread(e)),
+    }
 }
 
 /// Loads an ELF vmlinux (at its PVH entry when it has one) or a bzImage: the entry, where the
-/// kernel ends in guest memory, a bzImage's setup header, and the thread still filling in
-/// the kernel's pages.
+/// kernel ends in guest memory, a bzImage's setup header, and what is left to fill in the
+/// kernel's pages, unless they were read at once.
 fn load_kernel(
     mem: &GuestMemoryMmap,
     kernel: &Path,
-    later: Later,
-) -> Result<(Entry, u64, Option<setup_header>, KernelLoader), BootError> {
+) -> Result<(Entry, u64, Option<setup_header>, Option<Lazy>), BootError> {
     let kname = kernel.display().to_string();
     let f = File::open(kernel).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
     let mut f = Recorder::new(f, mem).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
@@ -179,27 +176,16 @@ fn load_kernel(
     // Only the kernel goes at HIMEM_START and above (the boot data and the MP table are below
     // it, the initramfs above the kernel's end).
     let himem = GuestAddress(HIMEM_START);
-    let loader = match Lazy::new(file, kname.clone(), pieces, first, mem, himem) {
-        Ok(lazy) => {
-            let t = std::thread::Builder::new()
-                .name("kernel-loader".into())
-                .spawn(move || lazy.run(later.done, later.failed));
-            match t {
-                Ok(t) => KernelLoader::new(Some(t)),
-                // No thread (the userfaultfd went with the closure: its pages are plain
-                // memory again): the VM does not start.
-                Err(e) => return Err(BootError::LoaderThread(e)),
-            }
-        }
+    let lazy = match Lazy::new("-kernel", file, kname.clone(), pieces, first, mem, himem) {
+        Ok(lazy) => Some(lazy),
         Err((file, pieces, e)) => {
             log::debug!("kernel read at once ({e})");
             lazy_kernel::load_now(mem, &file, &pieces)
                 .map_err(|e| BootError::ReadKernel(kname, e))?;
-            (later.done)();
-            KernelLoader::new(None)
+            None
         }
     };
-    Ok((entry, kernel_end, header, loader))
+    Ok((entry, kernel_end, header, lazy))
 }
 
 /// Runs the ELF or bzImage loader over `f`.
@@ -300,32 +286,47 @@ fn kernel_extent(f: &mut (impl std::io::Read + std::io::Seek)) -> Option<u64> {
     end
 }
 
-/// Reads the initramfs to the top of low memory: its name, where it went and its size.
+/// Places the initramfs at the top of low memory, above the kernel's end: where it goes, its
+/// size, and what is left to fill in its pages, unless they were read at once.
 fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
     low_end: u64,
-) -> Result<(String, u64, u64), BootError> {
+    kernel_end: u64,
+) -> Result<(u64, u64, Option<Lazy>), BootError> {
     let name = path.display().to_string();
-    let mut f = File::open(path).map_err(|e| BootError::ReadInitrd(name.clone(), e))?;
-    let size = f
+    let f = File::open(path).map_err(|e| BootError::ReadInitrd(name.clone(), e))?;
+    let meta = f
         .metadata()
-        .map_err(|e| BootError::ReadInitrd(name.clone(), e))?
-        .len();
-    if !f.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        .map_err(|e| BootError::ReadInitrd(name.clone(), e))?;
+    if !meta.is_file() {
         return Err(BootError::ReadInitrd(
             name,
             std::io::Error::other("not a regular file"),
         ));
     }
+    let size = meta.len();
     let addr = low_end.checked_sub(size).map(|a| a & !0xfff);
     let addr = match addr {
-        Some(a) if a >= HIMEM_START => a,
+        Some(a) if a >= kernel_end.max(HIMEM_START) => a,
         _ => return Err(BootError::InitrdTooBig(name, size.div_ceil(1 << 20))),
     };
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
-        .map_err(|e| BootError::ReadInitrd(name.clone(), std::io::Error::other(e.to_string())))?;
-    Ok((name, addr, size))
+    if size == 0 {
+        return Ok((addr, 0, None));
+    }
+    let Some(piece) = lazy_kernel::Piece::whole_file(mem, GuestAddress(addr), size) else {
+        return Err(BootError::InitrdTooBig(name, size.div_ceil(1 << 20)));
+    };
+    let host = piece.host();
+    let himem = GuestAddress(HIMEM_START);
+    match Lazy::new("-initrd", f, name.clone(), vec![piece], host, mem, himem) {
+        Ok(lazy) => Ok((addr, size, Some(lazy))),
+        Err((f, pieces, e)) => {
+            log::debug!("initramfs read at once ({e})");
+            lazy_kernel::load_now(mem, &f, &pieces).map_err(|e| BootError::ReadInitrd(name, e))?;
+            Ok((addr, size, None))
+        }
+    }
 }
 
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
@@ -434,8 +435,8 @@ mod tests {
         p
     }
 
-    /// Kernel and initramfs are read side by side; each lands where it belongs, and an
-    /// initramfs that would reach into the kernel is refused.
+    /// Kernel and initramfs each land where they belong (filled in by the loader thread as
+    /// root), and an initramfs that would reach into the kernel is refused.
     #[test]
     fn kernel_and_initramfs_load_together() {
         let payload: Vec<u8> = (0..64 * 1024).map(|i| (i * 7) as u8).collect();
@@ -477,6 +478,48 @@ mod tests {
         };
         let err = load(&m, 24 << 20, &k, Some(&r), "", later).unwrap_err();
         assert!(matches!(err, BootError::InitrdTooBig(_, 10)), "{err}");
+        std::fs::remove_file(k).unwrap();
+        std::fs::remove_file(r).unwrap();
+    }
+
+    /// The initramfs too is filled in after `load` returns, by the loader thread: one cut
+    /// short meanwhile (a rebuild that truncates it) stops the VM with an error naming it,
+    /// and leaves nobody waiting on its pages.
+    #[test]
+    fn an_initramfs_cut_short_while_loading_is_reported() {
+        // SAFETY: geteuid has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+            eprintln!("SKIPPED: lazy loading needs root (userfaultfd for KVM's faults)");
+            return;
+        }
+        let k = file("vmlinux-cut", &elf(HIMEM_START, &[0x90; 4096], 1 << 20));
+        // 64 MiB: the loader thread reads it in 256 KiB chunks, after the kernel; the file is
+        // cut right after `load` returns, long before it could all have been read.
+        let rd = vec![0x5au8; 64 << 20];
+        let r = file("initrd-cut", &rd);
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 128 << 20)]).unwrap();
+        let (tx, failed) = std::sync::mpsc::channel();
+        let later = Later {
+            failed: Box::new(move |e| tx.send(e).unwrap()),
+            done: Box::new(|| panic!("done, though the initramfs was cut short")),
+        };
+        let (_, loader) = load(&m, 128 << 20, &k, Some(&r), "", later).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&r)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        // Its last page: filled in, or zeros once the loader gave up; never a hang.
+        let mut tail = [1u8; 16];
+        m.read_slice(&mut tail, GuestAddress((128 << 20) - 16))
+            .unwrap();
+        assert!(tail == [0x5a; 16] || tail == [0; 16], "{tail:?}");
+        drop(loader);
+        let e = failed.try_recv().expect("the cut reported");
+        assert!(e.starts_with("-initrd: cannot read "), "{e}");
+        assert!(e.contains("initrd-cut"), "{e}");
         std::fs::remove_file(k).unwrap();
         std::fs::remove_file(r).unwrap();
     }

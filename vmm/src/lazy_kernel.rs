@@ -1,15 +1,17 @@
-//! The kernel image loaded while the guest already runs.
+//! The kernel image and the initramfs loaded while the guest already runs.
 //!
 //! Copying a vmlinux into fresh guest RAM is most of what stands between nicvm's start and
 //! the guest's first instruction (10 MiB of pages touched for the first time: 7-10 ms on our
-//! hosts). Instead, the loader is run against a [`Recorder`] that notes where each piece of
-//! the file belongs in guest RAM without reading it; those pages are registered with a
-//! userfaultfd, the vCPUs start, and a loader thread fills them in (the entry point's first,
-//! then in order, and any page a vCPU or nicvm itself touches first as soon as it is asked
-//! for): a thread that touches a page not yet there waits for it in the kernel.
+//! hosts), and reading the initramfs the next biggest part (2 MiB: 1-5 ms). Instead, the
+//! kernel's loader is run against a [`Recorder`] that notes where each piece of the file
+//! belongs in guest RAM without reading it, and the initramfs is one piece at the top of low
+//! RAM; those pages are registered with a userfaultfd, the vCPUs start, and a loader thread
+//! fills them in (the kernel's entry point first, then in order, the initramfs after the
+//! kernel, and any page a vCPU or nicvm itself touches first as soon as its image's turn
+//! comes): a thread that touches a page not yet there waits for it in the kernel.
 //!
-//! Nothing can be left waiting for ever: the loader thread owns the userfaultfd, and closing
-//! it (when the thread ends, however it ends) turns every page not yet filled into ordinary
+//! Nothing can be left waiting for ever: the loader thread owns the userfaultfds, and closing
+//! one (when the thread ends, however it ends) turns every page not yet filled into ordinary
 //! memory and wakes whoever waits. A file that cannot be read to the end stops the VM with
 //! an error naming it.
 //!
@@ -28,13 +30,32 @@ use vm_memory::{
 };
 
 /// One piece of the file and where it goes: host address in guest RAM, file offset, length.
-/// Only a [`Recorder`] makes them; [`Lazy::new`] and [`load_now`] check them against the
-/// guest memory they are given before they write anything.
+/// Only a [`Recorder`] and [`Piece::whole_file`] make them; [`Lazy::new`] and [`load_now`]
+/// check them against the guest memory they are given before they write anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
     host: usize,
     offset: u64,
     len: usize,
+}
+
+impl Piece {
+    /// A whole file of `len` bytes at guest address `at`, if that lies in one region of `mem`.
+    pub fn whole_file(mem: &GuestMemoryMmap, at: GuestAddress, len: u64) -> Option<Piece> {
+        let host = mem.get_host_address(at).ok()? as usize;
+        let len = usize::try_from(len).ok()?;
+        region_of(mem, host, len)?;
+        Some(Piece {
+            host,
+            offset: 0,
+            len,
+        })
+    }
+
+    /// Where in the host the piece goes.
+    pub fn host(&self) -> usize {
+        self.host
+    }
 }
 
 /// How much larger than the pieces together the range they span may be (the gaps between an
@@ -263,8 +284,10 @@ fn register(range: &Range<usize>) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// The kernel's pieces, to be loaded by [`Lazy::run`] while the guest runs.
+/// An image's pieces, to be loaded by [`Lazy::run`] or [`run_all`] while the guest runs.
 pub struct Lazy {
+    /// The option that named the file (`-kernel`, `-initrd`), for errors.
+    option: &'static str,
     file: File,
     name: String,
     pieces: Vec<Piece>,
@@ -272,6 +295,23 @@ pub struct Lazy {
     uffd: OwnedFd,
     /// The host address of the entry point: its chunk goes first.
     first: usize,
+}
+
+/// Fills in every page of `loads`, one image after the other, then says so (`done`), or says
+/// what left pages unfilled (`failed`) before they become zeros: an image's userfaultfd is
+/// closed only after either (the images not reached yet: after `failed` too).
+pub fn run_all(loads: Vec<Lazy>, done: impl FnOnce(), failed: impl FnOnce(String)) {
+    for l in &loads {
+        let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.fill()));
+        let e = match filled {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(_) => format!("{}: loading {} failed (a bug)", l.option, l.name),
+        };
+        failed(e);
+        return;
+    }
+    done();
 }
 
 impl Lazy {
@@ -282,6 +322,7 @@ impl Lazy {
     /// goes), and be little more than the pieces; else `Err` too, and the pieces are read
     /// where they go, nothing else touched.
     pub fn new(
+        option: &'static str,
         file: File,
         name: String,
         pieces: Vec<Piece>,
@@ -302,11 +343,12 @@ impl Lazy {
             return Err((
                 file,
                 pieces,
-                io::Error::other("the kernel's segments are not one stretch of high RAM"),
+                io::Error::other("the pieces are not one stretch of high RAM"),
             ));
         }
         match register(&range) {
             Ok(uffd) => Ok(Lazy {
+                option,
                 file,
                 name,
                 pieces,
@@ -321,11 +363,7 @@ impl Lazy {
     /// Fills in every page, then says so (`done`), or says what left pages unfilled
     /// (`failed`) before they become zeros: the userfaultfd is closed only after either.
     pub fn run(self, done: impl FnOnce(), failed: impl FnOnce(String)) {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fill())) {
-            Ok(Ok(())) => done(),
-            Ok(Err(e)) => failed(e),
-            Err(_) => failed(format!("-kernel: loading {} failed (a bug)", self.name)),
-        }
+        run_all(vec![self], done, failed)
     }
 
     /// The chunks threads wait for and the entry point's first (the latest fault ahead), the
@@ -360,9 +398,13 @@ impl Lazy {
             let at = self.range.start + c * CHUNK;
             let len = CHUNK.min(self.range.end - at);
             compose(&self.file, &self.pieces, at, &mut bounce[..len])
-                .map_err(|e| format!("-kernel: cannot read {}: {e}", self.name))?;
-            self.copy(at, &bounce[..len])
-                .map_err(|e| format!("-kernel: cannot fill guest RAM from {}: {e}", self.name))?;
+                .map_err(|e| format!("{}: cannot read {}: {e}", self.option, self.name))?;
+            self.copy(at, &bounce[..len]).map_err(|e| {
+                format!(
+                    "{}: cannot fill guest RAM from {}: {e}",
+                    self.option, self.name
+                )
+            })?;
             done[c] = true;
         }
     }
@@ -609,6 +651,7 @@ mod tests {
         m: &GuestMemoryMmap,
     ) -> Option<Lazy> {
         match Lazy::new(
+            "-kernel",
             f,
             "vmlinux".into(),
             pieces,
@@ -742,6 +785,7 @@ mod tests {
             m.write_slice(&[0xee; 16], GuestAddress(0x20_0000)).unwrap();
             let first = pieces[0].host;
             match Lazy::new(
+                "-kernel",
                 file_with(&data),
                 "vmlinux".into(),
                 pieces,
