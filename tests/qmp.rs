@@ -218,6 +218,79 @@ fn qmp_commands_errors_and_events_on_a_stopped_vm() {
     drop(dir);
 }
 
+/// `-mon ...,pretty=on`: answers and events indented as QEMU prints them (four spaces a level,
+/// CR LF), which tools that read QEMU's pretty output line by line expect.
+#[test]
+fn qmp_pretty_on_indents_answers_and_events() {
+    let Some(img) = image() else { return };
+    let dir = temp("pretty");
+    let sock = dir.join("qmp.sock");
+    let chardev = format!("socket,id=m,path={},server=on,wait=off", sock.display());
+    let vm = spawn(
+        &img,
+        "",
+        &[
+            "-S",
+            "-nographic",
+            "-nic",
+            "none",
+            "-chardev",
+            &chardev,
+            "-mon",
+            "chardev=m,mode=control,pretty=on",
+        ],
+        Stdio::null(),
+    );
+    wait_for(&sock);
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // One message: up to the line that closes its outermost object.
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut message = || {
+        let mut m = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(r.read_line(&mut line).unwrap() > 0, "EOF after {m:?}");
+            m.push_str(&line);
+            if line == "}\r\n" {
+                return m;
+            }
+        }
+    };
+    let greeting = message();
+    assert!(
+        greeting.starts_with("{\r\n    \"QMP\": {\r\n        \"")
+            && greeting.contains("\r\n        \"version\": {\r\n            \""),
+        "{greeting:?}"
+    );
+    assert!(
+        greeting.contains("        \"capabilities\": [\r\n        ]"),
+        "{greeting:?}"
+    );
+    s.write_all(b"{\"execute\":\"qmp_capabilities\"}").unwrap();
+    assert_eq!(message(), "{\r\n    \"return\": {\r\n    }\r\n}\r\n");
+    s.write_all(b"{\"execute\":\"query-status\",\"id\":7}")
+        .unwrap();
+    let status = message();
+    assert!(
+        status.contains("\r\n        \"status\": \"prelaunch\"")
+            && status.contains("\r\n    \"id\": 7"),
+        "{status:?}"
+    );
+    s.write_all(b"{\"execute\":\"quit\"}").unwrap();
+    // The SHUTDOWN event and quit's answer, in either order.
+    let both = [message(), message()].concat();
+    assert!(
+        both.contains("\r\n    \"event\": \"SHUTDOWN\"")
+            && both.contains("\r\n        \"reason\": \"host-qmp-quit\"")
+            && both.contains("{\r\n    \"return\": {\r\n    }\r\n}\r\n"),
+        "{both:?}"
+    );
+    let (code, out, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    drop(dir);
+}
+
 /// QMP as a raw byte stream, where a harness's mistakes land: a line that is not JSON does
 /// not take the commands after it down with it; a key given twice is an error, not the last
 /// one winning (`"execute":"query-status","execute":"quit"` must not quit); unexpected

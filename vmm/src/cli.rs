@@ -669,7 +669,7 @@ where
                 if let Some(n) = note {
                     b.note(&opt, &n);
                 }
-                b.add_monitor(&opt, mode, endpoint)?;
+                b.add_monitor(&opt, mode, endpoint, false)?;
             }
             "-chardev" => {
                 let (id, endpoint, note) = chardev_option(&val).or_else(|e| err(&opt, e))?;
@@ -707,9 +707,10 @@ where
                         )
                     }
                 };
-                if let Some(v) = kv.remove("pretty") {
-                    on_off("pretty", &v).or_else(|e| err(&opt, e))?;
-                }
+                let pretty = match kv.remove("pretty") {
+                    Some(v) => on_off("pretty", &v).or_else(|e| err(&opt, e))?,
+                    None => false,
+                };
                 kv.remove("id");
                 if let Some(k) = kv.unknown_key(&[]) {
                     return err(&opt, OptionError::Unknown(k.into()));
@@ -718,7 +719,7 @@ where
                     return err(&opt, CliErrorKind::UndefinedChardev(chardev));
                 };
                 let endpoint = endpoint.clone();
-                b.add_monitor(&opt, mode, endpoint)?;
+                b.add_monitor(&opt, mode, endpoint, pretty)?;
             }
             "-daemonize" => b.daemonize = true,
             "-pidfile" => {
@@ -771,7 +772,7 @@ where
                 }
                 b.serial_given = true;
                 if val == "mon:stdio" {
-                    b.add_monitor(&opt, MonitorMode::Readline, Endpoint::Stdio)?;
+                    b.add_monitor(&opt, MonitorMode::Readline, Endpoint::Stdio, false)?;
                 }
                 b.serial_chardev = None;
                 b.serial = match val.as_str() {
@@ -1080,6 +1081,7 @@ impl Builder<'_> {
         option: &str,
         mode: MonitorMode,
         endpoint: Endpoint,
+        pretty: bool,
     ) -> Result<(), CliError> {
         if mode == MonitorMode::Control && endpoint == Endpoint::Stdio {
             return err(
@@ -1103,6 +1105,7 @@ impl Builder<'_> {
         self.monitors.push(MonitorConfig {
             mode,
             endpoint,
+            pretty,
             option: option.to_string(),
         });
         Ok(())

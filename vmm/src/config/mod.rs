@@ -79,6 +79,8 @@ pub enum Endpoint {
 pub struct MonitorConfig {
     pub mode: MonitorMode,
     pub endpoint: Endpoint,
+    /// `-mon ...,pretty=on`: QMP answers and events indented, as QEMU prints them.
+    pub pretty: bool,
     /// The option it came from, as messages name it.
     pub option: String,
 }

@@ -393,6 +393,8 @@ impl Stream {
 struct Client {
     stream: Stream,
     mode: MonitorMode,
+    /// QMP: answers and events indented (`-mon ...,pretty=on`).
+    pretty: bool,
     input: Vec<u8>,
     output: Vec<u8>,
     /// QMP: capabilities negotiated (events are sent from then on).
@@ -407,7 +409,8 @@ struct Client {
 /// The listening sockets, bound while nicvm sets up (a busy address is a set-up error);
 /// Unix socket files are removed when dropped.
 pub struct Listening {
-    listeners: Vec<(Listener, MonitorMode)>,
+    /// Each with its clients' mode and whether their QMP output is pretty.
+    listeners: Vec<(Listener, MonitorMode, bool)>,
     paths: Vec<PathBuf>,
 }
 
@@ -442,12 +445,12 @@ pub fn bind(monitors: &[MonitorConfig]) -> Result<Listening, MonitorError> {
                 l.paths.push(p.clone());
                 s.set_nonblocking(true)
                     .map_err(e(p.display().to_string()))?;
-                l.listeners.push((Listener::Unix(s), m.mode));
+                l.listeners.push((Listener::Unix(s), m.mode, m.pretty));
             }
             Endpoint::Tcp(a) => {
                 let s = TcpListener::bind(a).map_err(e(a.to_string()))?;
                 s.set_nonblocking(true).map_err(e(a.to_string()))?;
-                l.listeners.push((Listener::Tcp(s), m.mode));
+                l.listeners.push((Listener::Tcp(s), m.mode, m.pretty));
             }
         }
     }
@@ -509,8 +512,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
                 .iter_mut()
                 .filter(|c| c.mode == MonitorMode::Control && c.negotiated)
             {
-                c.output.extend_from_slice(ev.as_bytes());
-                c.output.extend_from_slice(b"\r\n");
+                qmp::send_text(c, ev);
             }
         }
         clients.retain(|c| c.output.len() <= MAX_OUTPUT);
@@ -527,7 +529,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
         ];
         let first_listener = fds.len();
         if stopping.is_none() {
-            for (l, _) in &listening.listeners {
+            for (l, _, _) in &listening.listeners {
                 let fd = match l {
                     Listener::Unix(s) => s.as_raw_fd(),
                     Listener::Tcp(s) => s.as_raw_fd(),
@@ -556,7 +558,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
             stopping = Some(Instant::now());
         }
         // New clients.
-        for (i, (l, mode)) in listening.listeners.iter().enumerate() {
+        for (i, (l, mode, pretty)) in listening.listeners.iter().enumerate() {
             if stopping.is_some() || fds[first_listener + i].revents == 0 {
                 continue;
             }
@@ -583,6 +585,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
             let mut c = Client {
                 stream,
                 mode: *mode,
+                pretty: *pretty,
                 input: vec![],
                 output: vec![],
                 negotiated: false,
@@ -590,7 +593,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
                 closing: false,
             };
             match mode {
-                MonitorMode::Control => qmp::greet(&mut c.output),
+                MonitorMode::Control => qmp::greet(&mut c),
                 MonitorMode::Readline => hmp::greet(&mut c.output),
             }
             clients.push(c);

@@ -35,9 +35,66 @@ const COMMANDS: &[&str] = &[
     "human-monitor-command",
 ];
 
-fn send(out: &mut Vec<u8>, v: &Value) {
-    out.extend_from_slice(v.to_string().as_bytes());
-    out.extend_from_slice(b"\r\n");
+/// One message to the client, on a line of its own, or indented over several (`pretty`) as
+/// QEMU prints them: four spaces a level, an empty object or array on two lines, CR LF.
+fn send(c: &mut Client, v: &Value) {
+    if c.pretty {
+        let mut text = String::new();
+        indent(v, 0, &mut text);
+        c.output
+            .extend_from_slice(text.replace('\n', "\r\n").as_bytes());
+    } else {
+        c.output.extend_from_slice(v.to_string().as_bytes());
+    }
+    c.output.extend_from_slice(b"\r\n");
+}
+
+/// A message already in JSON text (an event): as [`send`] puts it.
+pub(super) fn send_text(c: &mut Client, text: &str) {
+    match serde_json::from_str::<Value>(text) {
+        Ok(v) if c.pretty => send(c, &v),
+        _ => {
+            c.output.extend_from_slice(text.as_bytes());
+            c.output.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// `v` as QEMU's pretty printer writes it at nesting `level`.
+fn indent(v: &Value, level: usize, out: &mut String) {
+    let pad = |out: &mut String, level: usize| {
+        out.push('\n');
+        out.extend(std::iter::repeat_n("    ", level));
+    };
+    match v {
+        Value::Object(m) => {
+            out.push('{');
+            for (i, (k, v)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                pad(out, level + 1);
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                indent(v, level + 1, out);
+            }
+            pad(out, level);
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, v) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                pad(out, level + 1);
+                indent(v, level + 1, out);
+            }
+            pad(out, level);
+            out.push(']');
+        }
+        _ => out.push_str(&v.to_string()),
+    }
 }
 
 fn version() -> Value {
@@ -48,19 +105,19 @@ fn version() -> Value {
     })
 }
 
-pub fn greet(out: &mut Vec<u8>) {
+pub(super) fn greet(c: &mut Client) {
     send(
-        out,
+        c,
         &json!({"QMP": {"version": version(), "capabilities": []}}),
     );
 }
 
-fn error(out: &mut Vec<u8>, e: QmpError, id: Option<&Value>) {
+fn error(c: &mut Client, e: QmpError, id: Option<&Value>) {
     let mut v = json!({"error": {"class": e.class, "desc": e.desc}});
     if let Some(id) = id {
         v["id"] = id.clone();
     }
-    send(out, &v);
+    send(c, &v);
 }
 
 /// Handles the complete messages in the client's input while its unread output stays under
@@ -95,27 +152,23 @@ pub(super) fn process(control: &Control, c: &mut Client) {
                 let len = orig(it.byte_offset());
                 c.input.drain(..len.min(c.input.len()));
                 if len > MAX_MESSAGE {
-                    error(&mut c.output, too_long(), None);
+                    error(c, too_long(), None);
                 } else {
                     handle(control, c, v);
                 }
             }
             Some(Err(e)) if e.is_eof() => {
                 if c.input.len() > MAX_MESSAGE {
-                    error(&mut c.output, too_long(), None);
+                    error(c, too_long(), None);
                     c.input.clear();
                     c.skip_line = true;
                 }
                 return;
             }
             Some(Err(e)) => {
-                error(
-                    &mut c.output,
-                    QmpError::generic(format!("JSON parse error, {e}")),
-                    None,
-                );
                 // Drop what precedes the error's position, then the rest of that line.
                 let at = orig(error_offset(json, e.line(), e.column()));
+                error(c, QmpError::generic(format!("JSON parse error, {e}")), None);
                 c.input.drain(..at.min(c.input.len()));
                 c.skip_line = true;
             }
@@ -275,7 +328,7 @@ fn handle(control: &Control, c: &mut Client, msg: Value) {
     let id = msg.get("id").cloned();
     let Value::Object(obj) = msg else {
         return error(
-            &mut c.output,
+            c,
             QmpError::generic("QMP input must be a JSON object"),
             None,
         );
@@ -286,7 +339,7 @@ fn handle(control: &Control, c: &mut Client, msg: Value) {
     {
         // exec-oob too: the greeting offers no out-of-band capability.
         return error(
-            &mut c.output,
+            c,
             QmpError::generic(format!("QMP input member '{k}' is unexpected")),
             id.as_ref(),
         );
@@ -295,14 +348,14 @@ fn handle(control: &Control, c: &mut Client, msg: Value) {
         Some(Value::String(s)) => s.clone(),
         Some(_) => {
             return error(
-                &mut c.output,
+                c,
                 QmpError::generic("QMP input member 'execute' must be a string"),
                 id.as_ref(),
             )
         }
         None => {
             return error(
-                &mut c.output,
+                c,
                 QmpError::generic("QMP input lacks member 'execute'"),
                 id.as_ref(),
             )
@@ -313,7 +366,7 @@ fn handle(control: &Control, c: &mut Client, msg: Value) {
         Some(Value::Object(a)) => a.clone(),
         Some(_) => {
             return error(
-                &mut c.output,
+                c,
                 QmpError::generic("QMP input member 'arguments' must be an object"),
                 id.as_ref(),
             )
@@ -352,9 +405,9 @@ fn handle(control: &Control, c: &mut Client, msg: Value) {
             if let Some(id) = id {
                 v["id"] = id;
             }
-            send(&mut c.output, &v);
+            send(c, &v);
         }
-        Err(e) => error(&mut c.output, e, id.as_ref()),
+        Err(e) => error(c, e, id.as_ref()),
     }
 }
 
@@ -581,7 +634,36 @@ fn query_pci(control: &Control) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::requote;
+    use super::{indent, requote};
+    use serde_json::json;
+
+    /// Byte for byte as QEMU 7.2's `-mon ...,pretty=on` writes (its greeting, an empty
+    /// answer, an array), before the CR LF translation; keys in serde_json's order (QEMU's
+    /// is its hash table's).
+    #[test]
+    fn pretty_output_is_qemus() {
+        let mut out = String::new();
+        indent(
+            &json!({"QMP": {"version": {"qemu": {"micro": 2}, "package": "p"}, "capabilities": []}}),
+            0,
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            "{\n    \"QMP\": {\n        \"capabilities\": [\n        ],\n        \"version\": {\n            \
+             \"package\": \"p\",\n            \"qemu\": {\n                \"micro\": 2\n            }\n        \
+             }\n    }\n}"
+        );
+        let mut out = String::new();
+        indent(&json!({"return": {}}), 0, &mut out);
+        assert_eq!(out, "{\n    \"return\": {\n    }\n}");
+        let mut out = String::new();
+        indent(&json!({"return": [{"name": "a\"b"}, 1]}), 0, &mut out);
+        assert_eq!(
+            out,
+            "{\n    \"return\": [\n        {\n            \"name\": \"a\\\"b\"\n        },\n        1\n    ]\n}"
+        );
+    }
 
     #[test]
     fn single_quotes_become_double_quotes_one_message_at_a_time() {
