@@ -484,3 +484,100 @@ fn snapshot_options() {
         "-save-on",
     );
 }
+
+/// A FIFO made for the test, removed when dropped.
+struct Fifo(std::path::PathBuf);
+
+impl Fifo {
+    fn new(name: &str) -> Fifo {
+        let p = std::env::temp_dir().join(format!("nicvm-fifo-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path and a mode.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        Fifo(p)
+    }
+    fn path(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for Fifo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A FIFO where nicvm reads a whole file (kernel, initramfs, snapshot) is refused at once: an
+/// open of it waited for a writer for ever, deaf to SIGTERM (exit signals are blocked
+/// during set-up).
+#[test]
+fn a_fifo_to_read_whole_is_refused_at_once() {
+    let f = Fifo::new("read");
+    let k = kernel();
+    for (a, option) in [
+        (vec!["-kernel", &f.path()], "-kernel"),
+        (vec!["-kernel", &k, "-initrd", &f.path()], "-initrd"),
+        (
+            vec!["-kernel", &k, "-incoming", &format!("file:{}", f.path())],
+            "-incoming",
+        ),
+    ] {
+        let o = run(&args(&a), Duration::from_secs(20));
+        expect_error_in(&a, &o, option);
+        assert!(o.stderr.contains("not a regular file"), "{}", o.dump());
+    }
+}
+
+/// A FIFO nicvm writes to (pid file, serial log) is waited for until its reader comes, as
+/// under QEMU; SIGTERM meanwhile ends nicvm at once (it did nothing), with exit status 0 as
+/// for a signal while the guest runs.
+#[test]
+fn a_fifo_to_write_waits_for_its_reader_but_not_through_sigterm() {
+    let f = Fifo::new("pid");
+    let k = kernel();
+    let child = std::process::Command::new(nicvm())
+        .args(["-kernel", &k, "-nographic", "-pidfile", &f.path()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill with a pid we spawned and a signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let t0 = std::time::Instant::now();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("nicvm: terminating on SIGTERM during set-up (-pidfile: "),
+        "{err}"
+    );
+    if !kvm() {
+        return;
+    }
+    // A reader comes: nicvm goes on (here to the next error: -kernel is not a kernel).
+    let f = Fifo::new("serial");
+    let path = f.path();
+    let reader = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::open(path).unwrap(), &mut s).unwrap();
+        s
+    });
+    let a = [
+        "-kernel",
+        &k,
+        "-serial",
+        &format!("file:{}", f.path()),
+        "-display",
+        "none",
+    ];
+    let o = run(&args(&a), Duration::from_secs(20));
+    expect_error_in(&a, &o, "-kernel");
+    assert!(o.elapsed >= Duration::from_millis(400), "{}", o.dump());
+    assert_eq!(reader.join().unwrap(), "");
+}

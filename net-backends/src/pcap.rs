@@ -10,7 +10,6 @@ use crate::{Capabilities, EventSet, NetBackend, Offloads};
 use std::fs::File;
 use std::io::{self, IoSlice, Write};
 use std::os::fd::RawFd;
-use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const PCAP_MAGIC: u32 = 0xa1b2_c3d4;
@@ -40,9 +39,9 @@ fn file_header(snaplen: u32) -> [u8; 24] {
 }
 
 impl<B: NetBackend> PcapDump<B> {
-    /// Creates (truncates) `path` and writes the file header.
-    pub fn create(inner: B, path: &Path, maxlen: u32) -> io::Result<Self> {
-        let mut file = File::create(path)?;
+    /// Writes the file header to `file` (created or truncated by the caller), then the
+    /// frames.
+    pub fn new(inner: B, mut file: File, maxlen: u32) -> io::Result<Self> {
         file.write_all(&file_header(maxlen))?;
         Ok(PcapDump {
             inner,
@@ -206,7 +205,7 @@ mod tests {
             ..Default::default()
         };
         let (b, peer) = pair(caps);
-        let mut d = PcapDump::create(b, &path, 100).unwrap();
+        let mut d = PcapDump::new(b, File::create(&path).unwrap(), 100).unwrap();
         let hdr = [0u8; VNET_HDR_LEN];
         let frame: Vec<u8> = (0..60u8).collect();
         // Header and frame in separate pieces, and split inside the header.

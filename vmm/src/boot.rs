@@ -9,7 +9,6 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::{elf::PvhBootCapability, BzImage, Elf, KernelLoader as _};
-use std::fs::File;
 use std::path::Path;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -165,7 +164,8 @@ fn load_kernel(
     kernel: &Path,
 ) -> Result<(Entry, u64, Option<setup_header>, Option<Lazy>), BootError> {
     let kname = kernel.display().to_string();
-    let f = File::open(kernel).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
+    let f =
+        crate::open::regular_file(kernel).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
     let mut f = Recorder::new(f, mem).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
     let (entry, kernel_end, header) = parse_kernel(mem, &mut f, kernel)?;
     let pieces = std::mem::take(&mut f.pieces);
@@ -198,7 +198,7 @@ fn parse_kernel(
     let himem = Some(GuestAddress(HIMEM_START));
     let too_little = |kname: String, e: String| {
         let ram = mem.iter().map(|r| r.len()).sum::<u64>();
-        match File::open(kernel)
+        match crate::open::regular_file(kernel)
             .ok()
             .and_then(|mut k| kernel_extent(&mut k))
         {
@@ -295,7 +295,7 @@ fn load_initrd(
     kernel_end: u64,
 ) -> Result<(u64, u64, Option<Lazy>), BootError> {
     let name = path.display().to_string();
-    let f = File::open(path).map_err(|e| BootError::ReadInitrd(name.clone(), e))?;
+    let f = crate::open::regular_file(path).map_err(|e| BootError::ReadInitrd(name.clone(), e))?;
     let meta = f
         .metadata()
         .map_err(|e| BootError::ReadInitrd(name.clone(), e))?;

@@ -90,11 +90,9 @@ pub struct PidFile {
 
 impl PidFile {
     pub fn create(path: &Path) -> io::Result<PidFile> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(false);
+        let mut file = crate::open::for_writing_in_setup(&opts, path)?;
         // Two locks: flock, which another nicvm takes (in this process too), and the POSIX
         // record lock QEMU takes (`lockf`): neither sees the other kind.
         // SAFETY: flock and lockf on a descriptor we own.

@@ -16,6 +16,7 @@ pub mod lazy_kernel;
 pub mod monitor;
 pub mod mptable;
 pub mod netdev;
+pub mod open;
 pub mod qemu_compat;
 pub mod serial_io;
 pub mod signals;

@@ -54,6 +54,12 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
     // One line whatever the user gave: a path or value with a line break in it is shown
     // escaped.
     let msg = msg.to_string().replace('\n', "\\n").replace('\r', "\\r");
+    // An exit signal came during set-up (which waits for a FIFO's reader only until one
+    // does): that is the news, and the exit is as for a signal while the guest runs.
+    if let Some(sig) = signals::pending() {
+        say!("nicvm: terminating on {sig} during set-up ({msg})");
+        return 0;
+    }
     say!("nicvm: {msg}");
     1
 }

@@ -30,6 +30,24 @@ pub fn block_and_open() -> io::Result<SignalFd> {
     Ok(SignalFd(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
 }
 
+/// The first exit signal waiting to be taken (they are blocked everywhere), if any: what
+/// set-up checks while it waits for something that may never come.
+pub fn pending() -> Option<&'static str> {
+    // SAFETY: sigset_t is plain data, filled in by sigpending.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        if libc::sigpending(&mut set) != 0 {
+            return None;
+        }
+        set
+    };
+    SIGNALS
+        .into_iter()
+        // SAFETY: testing a member of a set sigpending filled in.
+        .find(|&s| unsafe { libc::sigismember(&set, s) } == 1)
+        .map(|s| signal_name(s as u32))
+}
+
 fn signal_name(s: u32) -> &'static str {
     match s as libc::c_int {
         libc::SIGINT => "SIGINT",

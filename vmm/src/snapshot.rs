@@ -511,7 +511,7 @@ impl IncomingHeader {
             path: path.into(),
             source,
         };
-        let mut file = File::open(path).map_err(io)?;
+        let mut file = crate::open::regular_file(path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
         let mut h = vec![0u8; HEADER_LEN as usize];
         let got = read_up_to(&mut file, &mut h).map_err(io)?;

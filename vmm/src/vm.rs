@@ -162,9 +162,9 @@ pub fn validate(cfg: &Config) -> Result<(), VmError> {
         crate::snapshot::IncomingHeader::open(p)?;
         return Ok(());
     }
-    std::fs::File::open(&cfg.kernel).map_err(|e| VmError::Kernel(cfg.kernel.clone(), e))?;
+    crate::open::regular_file(&cfg.kernel).map_err(|e| VmError::Kernel(cfg.kernel.clone(), e))?;
     if let Some(i) = &cfg.initrd {
-        std::fs::File::open(i).map_err(|e| VmError::Initrd(i.clone(), e))?;
+        crate::open::regular_file(i).map_err(|e| VmError::Initrd(i.clone(), e))?;
     }
     Ok(())
 }
@@ -404,7 +404,9 @@ impl Vm {
             SerialTarget::Stdio => Box::new(console::Stdout),
             SerialTarget::File(p) => {
                 new_files.creating(p);
-                Box::new(std::fs::File::create(p).map_err(|e| VmError::Serial(p.clone(), e))?)
+                Box::new(
+                    crate::open::create_in_setup(p).map_err(|e| VmError::Serial(p.clone(), e))?,
+                )
             }
             SerialTarget::None => Box::new(std::io::sink()),
             SerialTarget::Socket(e) => {
@@ -812,15 +814,14 @@ fn build_nic(
     guards.0.push(opened.guard);
     let mut backend = opened.backend;
     if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == nd.id) {
-        backend = Box::new(
-            net_backends::pcap::PcapDump::create(backend, &d.file, d.maxlen).map_err(|source| {
-                VmError::Dump {
-                    id: d.id.clone(),
-                    path: d.file.clone(),
-                    source,
-                }
-            })?,
-        );
+        let dump_err = |source| VmError::Dump {
+            id: d.id.clone(),
+            path: d.file.clone(),
+            source,
+        };
+        let file = crate::open::create_in_setup(&d.file).map_err(dump_err)?;
+        backend =
+            Box::new(net_backends::pcap::PcapDump::new(backend, file, d.maxlen).map_err(dump_err)?);
     }
     log::debug!(
         "{} {} on slot {slot} backed by {}",

@@ -293,7 +293,8 @@ fn pcap(vnet: bool, maxlen: u32, frames: &[(bool, Bytes)]) {
     let path = dir.join("c.pcap");
     let (b, peer) = pair(caps);
     let maxlen = maxlen.max(1);
-    let mut dump = PcapDump::create(b, &path, maxlen).expect("create the capture");
+    let file = std::fs::File::create(&path).expect("create the capture");
+    let mut dump = PcapDump::new(b, file, maxlen).expect("write its header");
     let mut wire: Vec<Vec<u8>> = vec![];
     let mut buf = vec![0u8; MAX_FRAME];
     for (send, f) in frames {
