@@ -38,7 +38,7 @@ pub enum BootError {
     TooLittleRam(String, u64, u64),
     #[error("-kernel: cannot read {0}: {1}")]
     ReadKernel(String, std::io::Error),
-    #[error("cannot start a thread to load the kernel: {0}")]
+    #[error("-kernel: cannot start a thread to load the kernel and initramfs: {0}")]
     LoaderThread(std::io::Error),
     #[error("-initrd: cannot read {0}: {1}")]
     ReadInitrd(String, std::io::Error),
@@ -169,6 +169,9 @@ fn load_kernel(
     let mut f = Recorder::new(f, mem).map_err(|e| BootError::OpenKernel(kname.clone(), e))?;
     let (entry, kernel_end, header) = parse_kernel(mem, &mut f, kernel)?;
     let pieces = std::mem::take(&mut f.pieces);
+    // What is read into RAM ends there at the earliest (an ELF segment may carry more file
+    // than memory): the initramfs goes above both.
+    let kernel_end = kernel_end.max(lazy_kernel::guest_end(mem, &pieces));
     let file = f.into_file();
     let first = mem
         .get_host_address(GuestAddress(entry.rip))
@@ -494,32 +497,78 @@ mod tests {
             return;
         }
         let k = file("vmlinux-cut", &elf(HIMEM_START, &[0x90; 4096], 1 << 20));
-        // 64 MiB: the loader thread reads it in 256 KiB chunks, after the kernel; the file is
-        // cut right after `load` returns, long before it could all have been read.
-        let rd = vec![0x5au8; 64 << 20];
-        let r = file("initrd-cut", &rd);
-        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 128 << 20)]).unwrap();
-        let (tx, failed) = std::sync::mpsc::channel();
+        // 256 MiB (sparse: made at once): the loader thread reads it in 256 KiB chunks after
+        // the kernel, a few hundred milliseconds' work; the file is cut right after `load`
+        // returns.
+        let r = file("initrd-cut", b"");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&r)
+            .unwrap()
+            .set_len(256 << 20)
+            .unwrap();
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 512 << 20)]).unwrap();
+        let (tx, outcome) = std::sync::mpsc::channel();
+        let done = tx.clone();
         let later = Later {
-            failed: Box::new(move |e| tx.send(e).unwrap()),
-            done: Box::new(|| panic!("done, though the initramfs was cut short")),
+            failed: Box::new(move |e| tx.send(Err(e)).unwrap()),
+            done: Box::new(move || done.send(Ok(())).unwrap()),
         };
-        let (_, loader) = load(&m, 128 << 20, &k, Some(&r), "", later).unwrap();
+        let (_, loader) = load(&m, 512 << 20, &k, Some(&r), "", later).unwrap();
         std::fs::OpenOptions::new()
             .write(true)
             .open(&r)
             .unwrap()
             .set_len(1 << 20)
             .unwrap();
-        // Its last page: filled in, or zeros once the loader gave up; never a hang.
+        // Its last page: zeros (filled in, or left once the loader gave up); never a hang.
         let mut tail = [1u8; 16];
-        m.read_slice(&mut tail, GuestAddress((128 << 20) - 16))
+        m.read_slice(&mut tail, GuestAddress((512 << 20) - 16))
             .unwrap();
-        assert!(tail == [0x5a; 16] || tail == [0; 16], "{tail:?}");
+        assert_eq!(tail, [0; 16]);
         drop(loader);
-        let e = failed.try_recv().expect("the cut reported");
-        assert!(e.starts_with("-initrd: cannot read "), "{e}");
-        assert!(e.contains("initrd-cut"), "{e}");
+        match outcome.try_recv().expect("an outcome") {
+            Err(e) => {
+                assert!(e.starts_with("-initrd: cannot read "), "{e}");
+                assert!(e.contains("initrd-cut"), "{e}");
+            }
+            Ok(()) => panic!("all 256 MiB read before the cut: not loaded lazily"),
+        }
+        std::fs::remove_file(k).unwrap();
+        std::fs::remove_file(r).unwrap();
+    }
+
+    /// An ELF segment with more file than memory (`p_filesz > p_memsz`): what is read into
+    /// RAM, not what the loader calls the kernel's end, is what the initramfs must stay
+    /// above. It was placed inside the kernel's pages, and reading it there waited for ever
+    /// on pages only the loader thread (not started yet) fills in.
+    #[test]
+    fn an_initramfs_stays_above_all_the_kernel_file_fills_in() {
+        let k = file(
+            "vmlinux-long",
+            &elf(HIMEM_START, &vec![0x90; 8 << 20], 4096),
+        );
+        let r = file("initrd-long", &vec![0x5a; 10 << 20]);
+        let (k2, r2) = (k.clone(), r.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+            let later = Later {
+                failed: Box::new(|_| {}),
+                done: Box::new(|| {}),
+            };
+            // 16 MiB: the initramfs would go at 6 MiB, inside the 1-9 MiB the file fills.
+            let r = load(&m, 16 << 20, &k2, Some(&r2), "", later).map(|_| ());
+            tx.send(r.map_err(|e| e.to_string())).unwrap();
+        });
+        let r_ = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("load returned");
+        let e = r_.unwrap_err();
+        assert!(
+            e.contains("does not fit in guest RAM above the kernel"),
+            "{e}"
+        );
         std::fs::remove_file(k).unwrap();
         std::fs::remove_file(r).unwrap();
     }

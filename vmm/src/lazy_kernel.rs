@@ -182,6 +182,24 @@ pub fn compose(file: &File, pieces: &[Piece], at: usize, out: &mut [u8]) -> io::
     Ok(())
 }
 
+/// The guest address just past the last byte the pieces fill in (0 for none): an ELF may say
+/// its segment takes less memory than the file gives it (`p_filesz > p_memsz`), and the
+/// loader's own "kernel end" then falls short of what is read into guest RAM.
+pub fn guest_end(mem: &GuestMemoryMmap, pieces: &[Piece]) -> u64 {
+    pieces
+        .iter()
+        .filter_map(|p| {
+            let end = p.host.checked_add(p.len)?;
+            mem.iter().find_map(|r| {
+                let start = r.as_ptr() as usize;
+                let fits = start <= p.host && end <= start.checked_add(r.len() as usize)?;
+                fits.then(|| r.start_addr().0 + (end - start) as u64)
+            })
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// The page-aligned host range the pieces cover.
 fn cover(pieces: &[Piece]) -> Option<Range<usize>> {
     let start = pieces.iter().map(|p| p.host).min()? & !(PAGE - 1);
@@ -269,8 +287,8 @@ fn register(range: &Range<usize>) -> io::Result<OwnedFd> {
     // a transparent huge page made for a write next to it (the MP table below 1 MiB, with a
     // bzImage loaded at 1 MiB) takes in the range's first pages, zeros. They go, now that
     // the range is registered and nothing can bring them back but the loader.
-    // SAFETY: the range is guest RAM that holds nothing yet (the kernel is loaded there); the
-    // mapping stays, only its pages are dropped.
+    // SAFETY: the range is guest RAM that holds nothing yet (the kernel or the initramfs is
+    // loaded there); the mapping stays, only its pages are dropped.
     let r = unsafe {
         libc::madvise(
             range.start as *mut libc::c_void,
