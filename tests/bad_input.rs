@@ -2,6 +2,7 @@
 //! These run without KVM or a guest image.
 
 mod support;
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 use support::*;
 
@@ -529,55 +530,133 @@ fn a_fifo_to_read_whole_is_refused_at_once() {
     }
 }
 
+/// Waits until nicvm (`pid`) has blocked SIGTERM, as it does first thing: a signal before
+/// that would kill it by default, which is not what the test is about.
+fn wait_for_sigterm_blocked(pid: u32) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let blocked = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or(0);
+        if blocked & (1 << (libc::SIGTERM - 1)) != 0 {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "SIGTERM never blocked"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A FIFO nicvm writes to (pid file, serial log) is waited for until its reader comes, as
 /// under QEMU; SIGTERM meanwhile ends nicvm at once (it did nothing), with exit status 0 as
-/// for a signal while the guest runs.
+/// for a signal while the guest runs (1 for a -daemonize caller: no VM runs).
 #[test]
 fn a_fifo_to_write_waits_for_its_reader_but_not_through_sigterm() {
     let f = Fifo::new("pid");
     let k = kernel();
-    let child = std::process::Command::new(nicvm())
-        .args(["-kernel", &k, "-nographic", "-pidfile", &f.path()])
+    for daemonize in [false, true] {
+        let mut cmd = std::process::Command::new(nicvm());
+        cmd.args(["-kernel", &k, "-nographic", "-pidfile", &f.path()]);
+        if daemonize {
+            cmd.arg("-daemonize");
+        }
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = if daemonize {
+            // The daemon is the child's child, in the FIFO wait: the one waiting on it.
+            let t0 = std::time::Instant::now();
+            loop {
+                let kids =
+                    std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+                        .unwrap_or_default();
+                if let Some(p) = kids.split_whitespace().next() {
+                    break p.parse().unwrap();
+                }
+                assert!(t0.elapsed() < Duration::from_secs(10), "no daemon");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        } else {
+            child.id()
+        };
+        wait_for_sigterm_blocked(pid);
+        // Still waiting for the FIFO's reader.
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill with a pid we spawned (or its child) and a signal number.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+        let t0 = std::time::Instant::now();
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(t0.elapsed() < Duration::from_secs(5), "{err}");
+        assert_eq!(o.status.code(), Some(daemonize as i32), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("nicvm: terminating on SIGTERM during set-up (-pidfile: "),
+            "{err}"
+        );
+    }
+    if !kvm() {
+        return;
+    }
+    // A reader comes: nicvm goes on (here to the next error: -kernel is not a kernel).
+    let f = Fifo::new("serial");
+    let serial = format!("file:{}", f.path());
+    let mut child = std::process::Command::new(nicvm())
+        .args(["-kernel", &k, "-serial", &serial, "-display", "none"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: kill with a pid we spawned and a signal number.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let t0 = std::time::Instant::now();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "waiting for the FIFO's reader"
+    );
+    // The reader, without waiting for a writer itself; it sees nicvm come and go.
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&f.0)
+        .unwrap();
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&reader),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, its count given.
+    let n = unsafe { libc::poll(&mut pfd, 1, 20_000) };
+    assert_eq!(n, 1, "nicvm opened the FIFO and closed it");
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(t0.elapsed() < Duration::from_secs(5), "{err}");
-    assert_eq!(o.status.code(), Some(0), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.starts_with("nicvm: terminating on SIGTERM during set-up (-pidfile: "),
-        "{err}"
-    );
-    if !kvm() {
-        return;
-    }
-    // A reader comes: nicvm goes on (here to the next error: -kernel is not a kernel).
-    let f = Fifo::new("serial");
-    let path = f.path();
-    let reader = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::fs::File::open(path).unwrap(), &mut s).unwrap();
-        s
-    });
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.starts_with("nicvm: -kernel: "), "{err}");
+}
+
+/// As QEMU 7.2: `pretty=on` is for QMP; on a human monitor it is refused.
+#[test]
+fn pretty_on_a_human_monitor() {
+    let k = kernel();
+    let dir = std::env::temp_dir().join(format!("nicvm-pretty-{}", std::process::id()));
+    let chardev = format!("socket,id=m,path={},server=on,wait=off", dir.display());
     let a = [
         "-kernel",
         &k,
-        "-serial",
-        &format!("file:{}", f.path()),
-        "-display",
-        "none",
+        "-chardev",
+        &chardev,
+        "-mon",
+        "chardev=m,pretty=on",
     ];
     let o = run(&args(&a), Duration::from_secs(20));
-    expect_error_in(&a, &o, "-kernel");
-    assert!(o.elapsed >= Duration::from_millis(400), "{}", o.dump());
-    assert_eq!(reader.join().unwrap(), "");
+    expect_error_in(&a, &o, "-mon");
+    assert!(o.stderr.contains("not compatible with HMP"), "{}", o.dump());
+    assert!(!dir.exists(), "no socket made");
 }

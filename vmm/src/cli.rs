@@ -711,6 +711,14 @@ where
                     Some(v) => on_off("pretty", &v).or_else(|e| err(&opt, e))?,
                     None => false,
                 };
+                if pretty && mode == MonitorMode::Readline {
+                    return err(
+                        &opt,
+                        CliErrorKind::Refused(
+                            "'pretty' is not compatible with HMP monitors".into(),
+                        ),
+                    );
+                }
                 kv.remove("id");
                 if let Some(k) = kv.unknown_key(&[]) {
                     return err(&opt, OptionError::Unknown(k.into()));

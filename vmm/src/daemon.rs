@@ -14,7 +14,7 @@ pub struct Daemon {
 }
 
 /// Forks. The parent never returns from this: it exits with 0 once the child says it is
-/// set up, or with the child's exit status if the child ends first. The child, in a
+/// set up, or with the child's exit status (1 if that is 0) if the child ends first. The child, in a
 /// session of its own, returns.
 pub fn fork_into_background() -> io::Result<Daemon> {
     let mut fds = [0; 2];
@@ -45,12 +45,13 @@ pub fn fork_into_background() -> io::Result<Daemon> {
         if got == 1 {
             std::process::exit(byte[0] as i32);
         }
-        // The child ended before it was set up: its status is ours.
+        // The child ended before it was set up: its status is ours, and a failure even
+        // when the child's own is 0 (a signal ended its set-up): no VM runs.
         let mut status = 0;
         // SAFETY: waiting for our own child; `status` is a valid int.
         let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
         let code = if waited == pid && libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
+            libc::WEXITSTATUS(status).max(1)
         } else {
             1
         };

@@ -54,9 +54,10 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
     // One line whatever the user gave: a path or value with a line break in it is shown
     // escaped.
     let msg = msg.to_string().replace('\n', "\\n").replace('\r', "\\r");
-    // An exit signal came during set-up (which waits for a FIFO's reader only until one
-    // does): that is the news, and the exit is as for a signal while the guest runs.
-    if let Some(sig) = signals::pending() {
+    // Set-up waited for a FIFO's reader until an exit signal came: that is the news, and the
+    // exit is as for a signal while the guest runs (a -daemonize caller still hears of a
+    // failure: see daemon.rs).
+    if let Some(sig) = signals::pending().filter(|_| nicvm::open::setup_interrupted()) {
         say!("nicvm: terminating on {sig} during set-up ({msg})");
         return 0;
     }

@@ -3,15 +3,16 @@
 //! A plain `open` of a FIFO waits for the other end: for ever, if nobody comes, and with the
 //! exit signals blocked during set-up (see [`crate::signals`]) not even SIGTERM would end
 //! that wait. Files nicvm reads whole (kernel, initramfs, snapshot) must be regular files
-//! and are opened without waiting; files it writes to (serial log, capture, pid file) may be
-//! FIFOs whose reader comes later, as under QEMU: nicvm waits for the reader, but an exit
-//! signal ends the wait.
+//! and a FIFO there is refused without being opened; files it writes to (serial log,
+//! capture, pid file) may be FIFOs whose reader comes later, as under QEMU: nicvm waits for
+//! the reader, but an exit signal ends the wait. Anything else is opened as it always was.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Clears O_NONBLOCK: the file is used as a plain open would have left it.
@@ -29,35 +30,46 @@ fn blocking(f: File) -> io::Result<File> {
     Ok(f)
 }
 
+fn not_regular() -> io::Error {
+    io::Error::other("not a regular file")
+}
+
 /// Opens `path` for reading if it is a regular file; anything else (a FIFO, a device, a
-/// directory) is refused at once.
+/// directory) is refused, and without being opened.
 pub fn regular_file(path: &Path) -> io::Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(io::Error::other("not a regular file"));
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(not_regular());
     }
-    blocking(f)
+    let f = File::open(path)?;
+    // Replaced between the two looks: refused all the same.
+    if !f.metadata()?.is_file() {
+        return Err(not_regular());
+    }
+    Ok(f)
 }
 
 /// How often a writer waiting for a FIFO's reader looks again.
 const READER_POLL: Duration = Duration::from_millis(20);
 
-/// Opens `path` with `opts` (for writing): a FIFO without a reader is waited for, as a plain
-/// open would, until `interrupted` says to stop (then `ErrorKind::Interrupted`).
+/// Opens `path` with `opts` (for writing). A FIFO without a reader is waited for, as a plain
+/// open would, until `interrupted` says to stop (then `ErrorKind::Interrupted`); anything
+/// else is opened plainly.
 pub fn for_writing(
     opts: &OpenOptions,
     path: &Path,
     interrupted: impl Fn() -> bool,
 ) -> io::Result<File> {
+    let is_fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+    if !is_fifo {
+        return opts.open(path);
+    }
     let mut opts = opts.clone();
+    // (The callers set no custom flags of their own.)
     opts.custom_flags(libc::O_NONBLOCK);
     loop {
         match opts.open(path) {
             Ok(f) => return blocking(f),
-            // A FIFO nobody reads yet.
+            // The FIFO has no reader yet.
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
                 if interrupted() {
                     return Err(io::Error::new(
@@ -72,10 +84,24 @@ pub fn for_writing(
     }
 }
 
+/// Set when set-up gave up waiting for a FIFO's reader because of an exit signal.
+static SETUP_INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether set-up stopped for an exit signal (see [`for_writing_in_setup`]).
+pub fn setup_interrupted() -> bool {
+    SETUP_INTERRUPTED.load(Ordering::Relaxed)
+}
+
 /// [`for_writing`] as set-up uses it: an exit signal (pending, as set-up blocks them) stops
-/// the wait.
+/// the wait, and [`setup_interrupted`] says so from then on.
 pub fn for_writing_in_setup(opts: &OpenOptions, path: &Path) -> io::Result<File> {
-    for_writing(opts, path, || crate::signals::pending().is_some())
+    for_writing(opts, path, || {
+        let stop = crate::signals::pending().is_some();
+        if stop {
+            SETUP_INTERRUPTED.store(true, Ordering::Relaxed);
+        }
+        stop
+    })
 }
 
 /// `File::create` for set-up (see [`for_writing_in_setup`]).
@@ -107,15 +133,13 @@ mod tests {
         let e = regular_file(&p).unwrap_err();
         assert_eq!(e.to_string(), "not a regular file");
         assert!(regular_file(Path::new("/dev/null")).is_err());
-        let f = regular_file(Path::new("/proc/self/exe")).unwrap();
-        // SAFETY: fcntl F_GETFL on a descriptor we own.
-        let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
-        assert_eq!(flags & libc::O_NONBLOCK, 0, "left blocking");
+        regular_file(Path::new("/proc/self/exe")).unwrap();
         std::fs::remove_file(p).unwrap();
     }
 
     /// A FIFO to write: waited for until its reader comes, the file then blocking as a plain
-    /// open leaves it; or until told to stop.
+    /// open leaves it; or until told to stop. Anything else is opened plainly: a socket
+    /// (ENXIO too) fails at once.
     #[test]
     fn a_fifo_to_write_waits_for_its_reader_or_a_signal() {
         let p = fifo("write");
@@ -145,6 +169,11 @@ mod tests {
         f.write_all(b"hello").unwrap();
         drop(f);
         assert_eq!(reader.join().unwrap(), "hello");
+        std::fs::remove_file(&p).unwrap();
+
+        let _ = std::os::unix::net::UnixListener::bind(&p).unwrap();
+        let e = for_writing(&o, &p, || panic!("waited")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENXIO));
         std::fs::remove_file(p).unwrap();
     }
 }

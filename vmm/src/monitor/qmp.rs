@@ -51,8 +51,8 @@ fn send(c: &mut Client, v: &Value) {
 
 /// A message already in JSON text (an event): as [`send`] puts it.
 pub(super) fn send_text(c: &mut Client, text: &str) {
-    match serde_json::from_str::<Value>(text) {
-        Ok(v) if c.pretty => send(c, &v),
+    match c.pretty.then(|| serde_json::from_str::<Value>(text)) {
+        Some(Ok(v)) => send(c, &v),
         _ => {
             c.output.extend_from_slice(text.as_bytes());
             c.output.extend_from_slice(b"\r\n");
