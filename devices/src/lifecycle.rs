@@ -70,8 +70,10 @@ impl Lifecycle {
         self.wait_while_paused_doing(|| {});
     }
 
-    /// As [`Lifecycle::wait_while_paused`], running `work` (outside the lock) each time
-    /// [`Lifecycle::wake_parked`] is called meanwhile.
+    /// As [`Lifecycle::wait_while_paused`], running `work` (outside the lock) once on
+    /// parking and again each time [`Lifecycle::wake_parked`] is called meanwhile: a wake
+    /// that came before this thread parked (a snapshot asked for right after `-S` or `stop`,
+    /// before every vCPU got there) is not missed.
     pub fn wait_while_paused_doing(&self, mut work: impl FnMut()) {
         use std::sync::atomic::Ordering;
         let mut p = self.paused.lock().unwrap();
@@ -79,7 +81,11 @@ impl Lifecycle {
             return;
         }
         self.parked.fetch_add(1, Ordering::SeqCst);
+        // Read before the first work: a wake from here on runs it again.
         let mut seen = self.work.load(Ordering::SeqCst);
+        drop(p);
+        work();
+        p = self.paused.lock().unwrap();
         while *p && !self.exit_requested() {
             // Checked under the lock that wake_parked notifies under: no request is missed.
             let now = self.work.load(Ordering::SeqCst);
@@ -156,7 +162,11 @@ mod tests {
         while l.parked() == 0 {
             std::thread::yield_now();
         }
-        for want in 1..=3 {
+        // Once on parking, then once per wake.
+        while done.load(Ordering::SeqCst) < 1 {
+            std::thread::yield_now();
+        }
+        for want in 2..=4 {
             l.wake_parked();
             while done.load(Ordering::SeqCst) < want {
                 std::thread::yield_now();
@@ -165,7 +175,24 @@ mod tests {
         assert_eq!(l.parked(), 1, "still parked after its work");
         l.set_paused(false);
         t.join().unwrap();
-        assert_eq!(done.load(Ordering::SeqCst), 3);
+        assert_eq!(done.load(Ordering::SeqCst), 4);
+    }
+
+    /// A snapshot asked for before a vCPU parked (right after `-S`): its wake came first, and
+    /// the vCPU, parking later, must still do the work (it waited for ever, and the save
+    /// gave up after 2 s).
+    #[test]
+    fn a_wake_before_parking_is_not_missed() {
+        let l = std::sync::Arc::new(Lifecycle::new().unwrap());
+        l.set_paused(true);
+        l.wake_parked();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l2 = l.clone();
+        let t = std::thread::spawn(move || l2.wait_while_paused_doing(|| tx.send(()).unwrap()));
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the work done");
+        l.set_paused(false);
+        t.join().unwrap();
     }
 
     #[test]

@@ -242,16 +242,22 @@ fn install_kick_handler() -> std::io::Result<()> {
     r
 }
 
-/// Stops the vCPUs: returns once every one is parked (true), or after a second (false).
-pub fn pause_all(lifecycle: &Lifecycle, pthreads: &std::sync::Mutex<Vec<libc::pthread_t>>) -> bool {
+/// Stops the VM's `cpus` vCPUs: returns once every one is parked (true), or after a second
+/// or when the VM is ending (false). Threads not started yet, or started and not yet in
+/// `pthreads`, are waited for too: one running guest code unkicked could stay in KVM_RUN.
+pub fn pause_all(
+    lifecycle: &Lifecycle,
+    pthreads: &std::sync::Mutex<Vec<libc::pthread_t>>,
+    cpus: usize,
+) -> bool {
     lifecycle.set_paused(true);
     let t0 = std::time::Instant::now();
     loop {
         let vcpus = pthreads.lock().unwrap();
-        if lifecycle.parked() >= vcpus.len() {
+        if lifecycle.parked() >= cpus {
             return true;
         }
-        if t0.elapsed() > std::time::Duration::from_secs(1) {
+        if t0.elapsed() > std::time::Duration::from_secs(1) || lifecycle.exit_requested() {
             return false;
         }
         kick(&vcpus);

@@ -897,7 +897,7 @@ fn save_on_console(
             Err(_) => return,
         }
     }
-    vcpu::pause_all(lifecycle, pthreads);
+    vcpu::pause_all(lifecycle, pthreads, saver.shape.cpus.into());
     lifecycle.request_exit(match saver.save(path) {
         Ok(()) => ExitReason::User(format!("-save-on: snapshot written to {}", path.display())),
         Err(e) => ExitReason::Error(format!("-save-on: {e}")),

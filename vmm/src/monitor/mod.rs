@@ -206,7 +206,7 @@ impl Control {
         if self.lifecycle.paused() {
             return;
         }
-        crate::vcpu::pause_all(&self.lifecycle, &self.vcpus);
+        crate::vcpu::pause_all(&self.lifecycle, &self.vcpus, self.cpus.into());
         self.emit("STOP", json!({}));
     }
 
