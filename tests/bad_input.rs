@@ -92,6 +92,39 @@ fn too_little_ram_for_the_kernel() {
     }
 }
 
+/// An initramfs the bzImage's decompressor would unpack the kernel over (at 16-32 MiB here:
+/// `pref_address` + `init_size`) is refused: it was placed there with `-m 40` and a 10 MiB
+/// file, and the guest found garbage for its initramfs, then hung. A file whose size says
+/// more than it holds (a sysfs file) is refused at set-up, not once the guest runs (with
+/// `-daemonize`, the caller heard 0 and the VM died unseen).
+#[test]
+fn initramfs_placement_and_length_checked_before_the_guest_runs() {
+    let Some(img) = image() else { return };
+    let dir = std::env::temp_dir().join(format!("nicvm-rd-{}", std::process::id()));
+    let rd = dir.with_extension("cpio");
+    std::fs::write(&rd, vec![0u8; 10 << 20]).unwrap();
+    let (bz, rdp) = (img.bzimage.display().to_string(), rd.display().to_string());
+    let o = run(
+        &args(&["-m", "40", "-kernel", &bz, "-initrd", &rdp, "-nic", "none"]),
+        Duration::from_secs(30),
+    );
+    std::fs::remove_file(&rd).unwrap();
+    expect_error_in(&["-m 40 bzImage 10 MiB initrd"], &o, "-initrd: ");
+    assert!(o.stderr.contains("does not fit"), "{}", o.dump());
+    let k = img.kernel.display().to_string();
+    let a = [
+        "-kernel",
+        &k,
+        "-initrd",
+        "/sys/kernel/uevent_seqnum",
+        "-nic",
+        "none",
+    ];
+    let o = run(&args(&a), Duration::from_secs(30));
+    expect_error_in(&a, &o, "-initrd: ");
+    assert!(o.stderr.contains("shorter than its size"), "{}", o.dump());
+}
+
 /// A console socket that cannot be bound names where it was asked for.
 #[test]
 fn serial_socket_errors_name_the_address() {

@@ -59,6 +59,8 @@ fn mem_err(e: impl std::fmt::Display) -> BootError {
 #[derive(Debug)]
 pub struct KernelLoader {
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Set when dropped: the thread stops between chunks (the VM is going away).
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
     wait: std::time::Duration,
 }
 
@@ -70,9 +72,13 @@ impl KernelLoader {
     /// fails (the kernel checks the registered mapping), it does not land elsewhere.
     pub const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-    fn new(thread: Option<std::thread::JoinHandle<()>>) -> KernelLoader {
+    fn new(
+        thread: Option<std::thread::JoinHandle<()>>,
+        cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> KernelLoader {
         KernelLoader {
             thread,
+            cancel,
             wait: Self::WAIT,
         }
     }
@@ -83,6 +89,8 @@ impl Drop for KernelLoader {
         let Some(t) = self.thread.take() else {
             return;
         };
+        self.cancel
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let until = std::time::Instant::now() + self.wait;
         while !t.is_finished() {
             if std::time::Instant::now() >= until {
@@ -141,15 +149,17 @@ pub fn load(
         EntryMode::Pvh => write_pvh_info(mem, &map, ramdisk)?,
         EntryMode::Linux64 => write_zero_page(mem, &map, ramdisk, header, cmd.len())?,
     }
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if lazies.is_empty() {
         (later.done)();
-        return Ok((entry, KernelLoader::new(None)));
+        return Ok((entry, KernelLoader::new(None, cancel)));
     }
+    let stop = cancel.clone();
     let t = std::thread::Builder::new()
         .name("kernel-loader".into())
-        .spawn(move || lazy_kernel::run_all(lazies, later.done, later.failed));
+        .spawn(move || lazy_kernel::run_all(lazies, &stop, later.done, later.failed));
     match t {
-        Ok(t) => Ok((entry, KernelLoader::new(Some(t)))),
+        Ok(t) => Ok((entry, KernelLoader::new(Some(t), cancel))),
         // No thread (the userfaultfds went with the closure: their pages are plain memory
         // again): the VM does not start.
         Err(e) => Err(BootError::LoaderThread(e)),
@@ -179,6 +189,8 @@ fn load_kernel(
     // Only the kernel goes at HIMEM_START and above (the boot data and the MP table are below
     // it, the initramfs above the kernel's end).
     let himem = GuestAddress(HIMEM_START);
+    lazy_kernel::check_holds(&file, &pieces)
+        .map_err(|e| BootError::ReadKernel(kname.clone(), e))?;
     let lazy = match Lazy::new("-kernel", file, kname.clone(), pieces, first, mem, himem) {
         Ok(lazy) => Some(lazy),
         Err((file, pieces, e)) => {
@@ -236,7 +248,9 @@ fn parse_kernel(
             let r = BzImage::load(mem, None, f, himem)
                 .map_err(|e| too_little(kname.clone(), e.to_string()))?;
             // The decompressor unpacks the kernel at its preferred address (or where it was
-            // loaded, if higher) and needs init_size bytes there (boot protocol 2.10 on).
+            // loaded, if higher) and needs init_size bytes there (boot protocol 2.10 on):
+            // that RAM must exist, and the initramfs must stay above it, not be unpacked over.
+            let mut kernel_end = r.kernel_end;
             if let Some(h) = r.setup_header.filter(|h| h.version >= 0x020a) {
                 let at = r.kernel_load.raw_value().max(h.pref_address);
                 let need = at.saturating_add(u64::from(h.init_size));
@@ -244,12 +258,13 @@ fn parse_kernel(
                     let ram = mem.iter().map(|r| r.len()).sum::<u64>();
                     return Err(BootError::TooLittleRam(kname, ram, need));
                 }
+                kernel_end = kernel_end.max(need);
             }
             let entry = Entry {
                 mode: EntryMode::Linux64,
                 rip: r.kernel_load.raw_value() + 0x200,
             };
-            (entry, r.kernel_end, r.setup_header)
+            (entry, kernel_end, r.setup_header)
         }
         Err(e) => return Err(too_little(kname, e.to_string())),
     })
@@ -320,6 +335,7 @@ fn load_initrd(
     let Some(piece) = lazy_kernel::Piece::whole_file(mem, GuestAddress(addr), size) else {
         return Err(BootError::InitrdTooBig(name, size.div_ceil(1 << 20)));
     };
+    lazy_kernel::check_holds(&f, &[piece]).map_err(|e| BootError::ReadInitrd(name.clone(), e))?;
     let host = piece.host();
     let himem = GuestAddress(HIMEM_START);
     match Lazy::new("-initrd", f, name.clone(), vec![piece], host, mem, himem) {
@@ -585,6 +601,7 @@ mod tests {
         let start = std::time::Instant::now();
         drop(KernelLoader {
             thread: Some(t),
+            cancel: Default::default(),
             wait,
         });
         let took = start.elapsed();
@@ -595,7 +612,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(50));
             done_tx.send(()).unwrap();
         });
-        drop(KernelLoader::new(Some(t)));
+        drop(KernelLoader::new(Some(t), Default::default()));
         done.try_recv().expect("joined: the thread had finished");
     }
 }

@@ -23,6 +23,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, ReadVolatile,
@@ -200,6 +201,26 @@ pub fn guest_end(mem: &GuestMemoryMmap, pieces: &[Piece]) -> u64 {
         .unwrap_or(0)
 }
 
+/// Reads the last byte the pieces need from `file`: a file shorter than its size says (a
+/// sysfs or procfs file; one cut short since) is found before the guest runs, not while it
+/// is being loaded.
+pub fn check_holds(file: &File, pieces: &[Piece]) -> io::Result<()> {
+    let Some(end) = pieces.iter().map(|p| p.offset + p.len as u64).max() else {
+        return Ok(());
+    };
+    if end == 0 {
+        return Ok(());
+    }
+    let mut b = [0u8; 1];
+    match file.read_at(&mut b, end - 1)? {
+        1 => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the file is shorter than its size says",
+        )),
+    }
+}
+
 /// The page-aligned host range the pieces cover.
 fn cover(pieces: &[Piece]) -> Option<Range<usize>> {
     let start = pieces.iter().map(|p| p.host).min()? & !(PAGE - 1);
@@ -318,11 +339,19 @@ pub struct Lazy {
 /// Fills in every page of `loads`, one image after the other, then says so (`done`), or says
 /// what left pages unfilled (`failed`) before they become zeros: an image's userfaultfd is
 /// closed only after either (the images not reached yet: after `failed` too).
-pub fn run_all(loads: Vec<Lazy>, done: impl FnOnce(), failed: impl FnOnce(String)) {
+///
+/// `cancel` (the VM is going away) stops it between chunks, and then neither is called.
+pub fn run_all(
+    loads: Vec<Lazy>,
+    cancel: &AtomicBool,
+    done: impl FnOnce(),
+    failed: impl FnOnce(String),
+) {
     for l in &loads {
-        let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.fill()));
+        let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.fill(cancel)));
         let e = match filled {
-            Ok(Ok(())) => continue,
+            Ok(Ok(true)) => continue,
+            Ok(Ok(false)) => return,
             Ok(Err(e)) => e,
             Err(_) => format!("{}: loading {} failed (a bug)", l.option, l.name),
         };
@@ -381,12 +410,13 @@ impl Lazy {
     /// Fills in every page, then says so (`done`), or says what left pages unfilled
     /// (`failed`) before they become zeros: the userfaultfd is closed only after either.
     pub fn run(self, done: impl FnOnce(), failed: impl FnOnce(String)) {
-        run_all(vec![self], done, failed)
+        run_all(vec![self], &AtomicBool::new(false), done, failed)
     }
 
     /// The chunks threads wait for and the entry point's first (the latest fault ahead), the
     /// rest in order.
-    fn fill(&self) -> Result<(), String> {
+    /// Fills in every page (true), or stops early when `cancel` is set (false).
+    fn fill(&self, cancel: &AtomicBool) -> Result<bool, String> {
         let chunks = (self.range.end - self.range.start).div_ceil(CHUNK);
         let mut done = vec![false; chunks];
         let mut bounce = vec![0u8; CHUNK];
@@ -397,6 +427,9 @@ impl Lazy {
         let mut wanted: Vec<usize> = chunk_of(self.first).into_iter().collect();
         let mut next = 0;
         loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
             self.read_faults(&chunk_of, &mut wanted);
             let c = match wanted.pop() {
                 Some(c) => c,
@@ -405,7 +438,7 @@ impl Lazy {
                         next += 1;
                     }
                     if next == chunks {
-                        return Ok(());
+                        return Ok(true);
                     }
                     next
                 }

@@ -782,10 +782,11 @@ impl Vm {
         for t in self.vcpu_threads.drain(..) {
             t.stop();
         }
-        self.kernel_loader = None;
+        // After a snapshot being written has read every page it needs.
         if let Some(t) = self.save_thread.take() {
             let _ = t.join();
         }
+        self.kernel_loader = None;
         self.io = None;
         self.console = None;
         self.serial_io = None;
