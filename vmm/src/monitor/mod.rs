@@ -159,11 +159,26 @@ impl Control {
         if cfg.start_paused {
             control.lifecycle.set_paused(true);
         }
-        // NIC_RX_FILTER_CHANGED, as QEMU sends it: once, until the filter is queried.
+        // NIC_RX_FILTER_CHANGED, as QEMU sends it: once, until the filter is queried. The
+        // path is the device's QOM path as in QEMU 7.2: /machine/peripheral/ID, or
+        // /machine/peripheral-anon/device[N] for the Nth NIC without an id (QEMU puts a -nic
+        // under /machine/unattached, numbered among the board's own devices), and for
+        // virtio-net the virtio device inside the PCI one (/virtio-backend). QEMU sends it
+        // for virtio-net only; nicvm for every model, since every one has a filter to query.
+        let mut anonymous = 0;
         for n in &control.nics {
             let weak = Arc::downgrade(&control);
             let name = n.config.id.clone();
-            let path = format!("/machine/peripheral/{}", name.as_deref().unwrap_or("anon"));
+            let mut path = match &name {
+                Some(id) => format!("/machine/peripheral/{id}"),
+                None => {
+                    anonymous += 1;
+                    format!("/machine/peripheral-anon/device[{}]", anonymous - 1)
+                }
+            };
+            if n.config.model == crate::config::NicModel::VirtioNetPci {
+                path.push_str("/virtio-backend");
+            }
             n.control.lock().unwrap().watch_rx_filter(Box::new(move || {
                 if let Some(c) = weak.upgrade() {
                     let mut data = json!({ "path": path });
