@@ -186,18 +186,24 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
             Err(_) => return Err(not_a("queues", v, "a number")),
         },
     };
-    if queues > 1 && kv.get("fd").is_some() {
-        return Err(OptionError::Together(vec!["fd".into(), "queues".into()]));
+    // As QEMU: a tap the caller opened is used as it is, with no script run on it (QEMU
+    // refuses script= and downscript= with fd=; `no` is taken, it asks for nothing) and its
+    // queues as the caller made them. vnet_hdr= is nicvm's own (QEMU refuses it here).
+    if kv.get("fd").is_some() {
+        for k in ["ifname", "script", "downscript", "queues"] {
+            let asks_nothing =
+                matches!(k, "script" | "downscript") && script(kv.get(k)) == Script::No;
+            if kv.get(k).is_some() && !asks_nothing {
+                return Err(OptionError::Together(vec!["fd".into(), k.into()]));
+            }
+        }
     }
     let vnet_hdr = match kv.get("vnet_hdr") {
         Some(v) => Some(on_off("vnet_hdr", v)?),
         None => None,
     };
     let device = match (kv.get("fd"), kv.get("ifname")) {
-        (Some(_), Some(_)) => {
-            return Err(OptionError::Together(vec!["fd".into(), "ifname".into()]))
-        }
-        (Some(fd), None) => TapDevice::Fd(inherited_fd(fd, fds)?),
+        (Some(fd), _) => TapDevice::Fd(inherited_fd(fd, fds)?),
         (None, Some(name)) if name.len() >= libc::IFNAMSIZ => {
             return Err(OptionError::TooLong {
                 key: "ifname".into(),
@@ -206,11 +212,15 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
         }
         (None, name) => TapDevice::Ifname(name.filter(|n| !n.is_empty()).map(String::from)),
     };
+    let (up, down) = match device {
+        TapDevice::Fd(_) => (Script::No, Script::No),
+        TapDevice::Ifname(_) => (script(kv.get("script")), script(kv.get("downscript"))),
+    };
     Ok(TapOptions {
         queues,
         device,
-        script: script(kv.get("script")),
-        downscript: script(kv.get("downscript")),
+        script: up,
+        downscript: down,
         vnet_hdr,
         vhost,
     })
@@ -540,7 +550,17 @@ mod tests {
         );
         assert_eq!(tap("fd=5").unwrap().device, TapDevice::Fd(5));
         assert_eq!(tap("ifname=t,queues=4").unwrap().queues, 4);
-        assert_eq!(tap("fd=5,queues=1").unwrap().queues, 1);
+        // A tap the caller opened: no script runs on it, not even the default one (QEMU's
+        // rule; it ran /etc/qemu-ifup, which bridged the caller's tap).
+        let o = tap("fd=5").unwrap();
+        assert_eq!((o.script, o.downscript), (Script::No, Script::No));
+        let o = tap("fd=5,script=no,downscript=,vnet_hdr=off").unwrap();
+        assert_eq!((o.script, o.downscript), (Script::No, Script::No));
+        for k in ["ifname=t", "script=/x/up", "downscript=/x/down", "queues=1"] {
+            let e = tap(&format!("fd=5,{k}")).unwrap_err().to_string();
+            let key = k.split('=').next().unwrap();
+            assert_eq!(e, format!("fd= and {key}= cannot be used together"), "{k}");
+        }
         assert_eq!(tap("script=").unwrap().script, Script::No);
         check_errors(
             |k| tap_options(k, &fds),
