@@ -564,28 +564,42 @@ fn a_monitor_on_stdio_has_the_console_first() {
     );
 }
 
-/// -serial mon:stdio: Ctrl-a c switches the console to the monitor and back.
+/// -serial mon:stdio, and QEMU's -nographic alone (whose console is mon:stdio): Ctrl-a c
+/// switches the console to the monitor and back, on a pipe too (-nographic had no monitor,
+/// and Ctrl-a meant nothing on a pipe: a harness's Ctrl-a x left nicvm running).
 #[test]
 fn the_console_monitor_behind_ctrl_a_c() {
     let Some(img) = image() else { return };
+    for console in [&["-serial", "mon:stdio"][..], &[]] {
+        let mut a = vec!["-S", "-nographic", "-nic", "none"];
+        a.extend_from_slice(console);
+        let mut vm = spawn(&img, "", &a, Stdio::piped());
+        let mut stdin = vm.child.stdin.take().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        stdin.write_all(b"\x01cinfo status\r").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        stdin.write_all(b"\x01c\x01cquit\r").unwrap();
+        let (code, out, err) = vm.wait(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "{a:?}\n{out}\n{err}");
+        assert!(
+            out.contains("(qemu) info status\r\nVM status: prelaunch\r\n(qemu) "),
+            "{a:?}: {out:?}"
+        );
+        assert!(err.contains("terminating on monitor quit"), "{a:?}: {err}");
+    }
+    // Ctrl-a x on a pipe, with -nographic alone.
     let mut vm = spawn(
         &img,
         "",
-        &["-S", "-nographic", "-serial", "mon:stdio", "-nic", "none"],
+        &["-S", "-nographic", "-nic", "none"],
         Stdio::piped(),
     );
     let mut stdin = vm.child.stdin.take().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    stdin.write_all(b"\x01cinfo status\r").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    stdin.write_all(b"\x01c\x01cquit\r").unwrap();
+    stdin.write_all(b"\x01x").unwrap();
     let (code, out, err) = vm.wait(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(
-        out.contains("(qemu) info status\r\nVM status: prelaunch\r\n(qemu) "),
-        "{out:?}"
-    );
-    assert!(err.contains("terminating on monitor quit"), "{err}");
+    assert!(err.contains("terminating on Ctrl-a x"), "{err}");
 }
 
 /// -daemonize with -pidfile and QMP: the caller returns 0 once the VM is set up; the pid file

@@ -219,7 +219,8 @@ Machine:
           |pty|chardev:ID|none
                          where COM1 goes (default stdio); mon:stdio shares the console
                          with the human monitor (Ctrl-a c switches)
-  -nographic             accepted for QEMU compatibility (nicvm never opens a window)
+  -nographic             as QEMU: the console is mon:stdio unless -serial, -monitor,
+                         -qmp, -mon or -nodefaults say otherwise (no window ever)
   -no-reboot             a guest reboot ends nicvm (always the case)
   -daemonize             run in the background once set up (set-up errors still reach
                          the caller and the exit status)
@@ -422,6 +423,11 @@ struct Builder<'a> {
     pidfile: Option<PathBuf>,
     /// `-nodefaults`: no default NIC, and no serial console unless `-serial` says.
     nodefaults: bool,
+    /// `-nographic`: as in QEMU, the console on stdio is `mon:stdio` unless a `-serial` or
+    /// a monitor option says otherwise.
+    nographic: bool,
+    /// `-monitor`, `-qmp` or `-mon` given (`none` included): no default monitor.
+    monitor_given: bool,
     serial_given: bool,
     notes: Vec<Note>,
     monitors: Vec<MonitorConfig>,
@@ -560,6 +566,8 @@ where
         daemonize: false,
         pidfile: None,
         nodefaults: false,
+        nographic: false,
+        monitor_given: false,
         serial_given: false,
         notes: vec![],
         monitors: vec![],
@@ -641,7 +649,8 @@ where
         match opt.as_str() {
             "-h" | "-help" => return Ok(Action::Help),
             "-version" => return Ok(Action::Version),
-            "-nographic" | "-no-reboot" => {}
+            "-nographic" => b.nographic = true,
+            "-no-reboot" => {}
             "-S" => b.start_paused = true,
             "-incoming" => match val.strip_prefix("file:") {
                 Some(p) if !p.is_empty() && !p.contains(',') => b.incoming = Some(p.into()),
@@ -657,6 +666,7 @@ where
             },
             "-save-on" => b.save_on = Some(parse_save_on(&val).or_else(|e| err(&opt, e))?),
             "-qmp" | "-monitor" => {
+                b.monitor_given = true;
                 let mode = if opt == "-qmp" {
                     MonitorMode::Control
                 } else {
@@ -682,6 +692,7 @@ where
                 b.chardevs.push((id, endpoint));
             }
             "-mon" => {
+                b.monitor_given = true;
                 let mut kv = KeyVal::parse(&val, Some("chardev")).or_else(|e| err(&opt, e))?;
                 let chardev = kv.first.take().or_else(|| kv.remove("chardev"));
                 let Some(chardev) = chardev else {
@@ -1017,6 +1028,18 @@ impl Builder<'_> {
                     ),
                 });
             }
+        }
+        // QEMU's -nographic: the default serial port and the default monitor share stdio
+        // (mon:stdio: Ctrl-a c for the monitor, Ctrl-a x to quit, on a pipe too), unless
+        // -nodefaults, a -serial or a monitor option says otherwise; not for a daemon,
+        // whose stdio is gone (QEMU refuses -nographic with -daemonize).
+        if self.nographic
+            && !self.nodefaults
+            && !self.serial_given
+            && !self.monitor_given
+            && !self.daemonize
+        {
+            self.add_monitor("-nographic", MonitorMode::Readline, Endpoint::Stdio, false)?;
         }
         let mut serial = self.serial;
         if let Some(id) = self.serial_chardev.take() {
@@ -1879,6 +1902,24 @@ mod tests {
             .notes
             .iter()
             .any(|n| n.warning && n.text.contains("vhost")));
+        // -nographic: the console is mon:stdio, as in QEMU, unless something says otherwise.
+        let console_monitor = |line: &str| {
+            let c = run(line).unwrap();
+            c.monitors
+                .iter()
+                .any(|m| m.endpoint == Endpoint::Stdio && m.mode == MonitorMode::Readline)
+        };
+        assert!(console_monitor("-kernel k -nographic"));
+        for line in [
+            "-kernel k",
+            "-kernel k -nographic -serial stdio",
+            "-kernel k -nographic -monitor none",
+            "-kernel k -nographic -qmp unix:/tmp/q,server=on,wait=off",
+            "-kernel k -nographic -nodefaults",
+            "-kernel k -nographic -daemonize -serial none",
+        ] {
+            assert!(!console_monitor(line), "{line}");
+        }
         let c = run("-nodefaults -kernel k").unwrap();
         assert!(c.nics.is_empty(), "-nodefaults: no default NIC");
         assert_eq!(c.serial, SerialTarget::None);
