@@ -479,7 +479,7 @@ fn hmp_over_a_socket() {
     assert_eq!(hmp(&mut r, "info status"), "VM status: prelaunch\n");
     let net = hmp(&mut r, "info network");
     assert!(
-        net.contains("e: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:56\n \\ ne: index=0,type=user\n"),
+        net.contains("e: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:56\n \\ ne: index=0,type=user,net=10.0.2.0,restrict=off\n"),
         "{net}"
     );
     assert!(

@@ -650,7 +650,8 @@ where
             "-h" | "-help" => return Ok(Action::Help),
             "-version" => return Ok(Action::Version),
             "-nographic" => b.nographic = true,
-            "-no-reboot" => {}
+            // nicvm reads no configuration file: QEMU's -no-user-config asks for nothing.
+            "-no-reboot" | "-no-user-config" => {}
             "-S" => b.start_paused = true,
             "-incoming" => match val.strip_prefix("file:") {
                 Some(p) if !p.is_empty() && !p.contains(',') => b.incoming = Some(p.into()),
@@ -1576,7 +1577,8 @@ mod tests {
     #[test]
     fn machine_options() {
         let c = run(
-            "-m 1G -smp 2 -kernel k -initrd i -append quiet -nographic -no-reboot -serial none",
+            "-m 1G -smp 2 -kernel k -initrd i -append quiet -nographic -no-reboot -serial none \
+             -no-user-config",
         )
         .unwrap();
         assert_eq!((c.mem_mib, c.cpus), (1024, 2));

@@ -55,7 +55,9 @@ pub struct Control {
     pub lifecycle: Arc<Lifecycle>,
     pub nics: Vec<NicEntry>,
     /// The backend kind of each NIC's netdev (`info network`).
-    pub backends: Vec<&'static str>,
+    /// Each NIC's backend as `info network` names it: its type, and for a user network
+    /// QEMU's details (`user,net=10.0.2.0,restrict=off`).
+    pub backends: Vec<String>,
     /// Every -netdev's id, NICs' or not: net clients that are not NICs.
     pub netdev_ids: Vec<String>,
     /// The vCPU threads, for kicking them into a pause; emptied before they are joined.
@@ -135,7 +137,14 @@ impl Control {
             .iter()
             .map(|n| {
                 cfg.netdev(&n.config.netdev)
-                    .map_or("?", |nd| nd.backend.kind())
+                    .map_or("?".to_string(), |nd| match &nd.backend {
+                        crate::config::Backend::User(o) => format!(
+                            "user,net={},restrict={}",
+                            o.net,
+                            if o.restrict { "on" } else { "off" }
+                        ),
+                        b => b.kind().to_string(),
+                    })
             })
             .collect();
         let control = Arc::new(Control {
