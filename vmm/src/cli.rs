@@ -426,6 +426,8 @@ struct Builder<'a> {
     /// `-nographic`: as in QEMU, the console on stdio is `mon:stdio` unless a `-serial` or
     /// a monitor option says otherwise.
     nographic: bool,
+    /// `-cpu host,...`'s feature switches (the last -cpu wins, as in QEMU).
+    cpu_features: Vec<(&'static str, bool)>,
     /// `-monitor`, `-qmp` or `-mon` given (`none` included): no default monitor.
     monitor_given: bool,
     serial_given: bool,
@@ -567,6 +569,7 @@ where
         pidfile: None,
         nodefaults: false,
         nographic: false,
+        cpu_features: vec![],
         monitor_given: false,
         serial_given: false,
         notes: vec![],
@@ -755,9 +758,14 @@ where
                     "no default NIC, and no serial console unless -serial gives one (as QEMU)",
                 );
             }
-            "-enable-kvm" | "-display" | "-vga" | "-M" | "-machine" | "-accel" | "-cpu"
-            | "-snapshot" | "-boot" | "-k" | "-no-hpet" | "-no-shutdown" | "-uuid" | "-rtc"
-            | "-global" | "-sandbox" | "-msg" | "-d" | "-D" | "-overcommit" => {
+            "-cpu" => {
+                let (note, features) = qemu_compat::cpu_option(&val).or_else(|e| err(&opt, e))?;
+                b.note(&opt, &note);
+                b.cpu_features = features;
+            }
+            "-enable-kvm" | "-display" | "-vga" | "-M" | "-machine" | "-accel" | "-snapshot"
+            | "-boot" | "-k" | "-no-hpet" | "-no-shutdown" | "-uuid" | "-rtc" | "-global"
+            | "-sandbox" | "-msg" | "-d" | "-D" | "-overcommit" => {
                 let note = qemu_compat::machine_option(&opt, &val).or_else(|e| err(&opt, e))?;
                 b.note(&opt, &note);
             }
@@ -1090,6 +1098,7 @@ impl Builder<'_> {
         Ok(Action::Run(Box::new(Config {
             mem_mib: self.mem_mib,
             cpus: self.cpus,
+            cpu_features: self.cpu_features,
             kernel,
             initrd: self.initrd,
             append: self.append,

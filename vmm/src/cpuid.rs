@@ -168,6 +168,147 @@ fn native_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     [r.eax, r.ebx, r.ecx, r.edx]
 }
 
+/// `-cpu host,...`'s switches: a feature's QEMU name, and whether it is to be there.
+pub type FeatureSwitches = Vec<(&'static str, bool)>;
+
+/// A CPU feature `-cpu host,-NAME` takes away (or `+NAME` insists on), by QEMU's name:
+/// CPUID leaf, subleaf, register (0 EAX .. 3 EDX) and bit.
+pub struct Feature {
+    pub name: &'static str,
+    leaf: u32,
+    subleaf: u32,
+    reg: usize,
+    bit: u32,
+}
+
+const fn f(name: &'static str, leaf: u32, subleaf: u32, reg: usize, bit: u32) -> Feature {
+    Feature {
+        name,
+        leaf,
+        subleaf,
+        reg,
+        bit,
+    }
+}
+
+/// The features `-cpu` takes, as QEMU names them (`sse4.1`, `sse4_1` and `sse4-1` alike).
+pub const FEATURES: &[Feature] = &[
+    f("pni", 1, 0, 2, 0),
+    f("pclmulqdq", 1, 0, 2, 1),
+    f("vmx", 1, 0, 2, 5),
+    f("ssse3", 1, 0, 2, 9),
+    f("fma", 1, 0, 2, 12),
+    f("cx16", 1, 0, 2, 13),
+    f("pdcm", 1, 0, 2, 15),
+    f("pcid", 1, 0, 2, 17),
+    f("sse4-1", 1, 0, 2, 19),
+    f("sse4-2", 1, 0, 2, 20),
+    f("x2apic", 1, 0, 2, 21),
+    f("movbe", 1, 0, 2, 22),
+    f("popcnt", 1, 0, 2, 23),
+    f("tsc-deadline", 1, 0, 2, 24),
+    f("aes", 1, 0, 2, 25),
+    f("xsave", 1, 0, 2, 26),
+    f("avx", 1, 0, 2, 28),
+    f("f16c", 1, 0, 2, 29),
+    f("rdrand", 1, 0, 2, 30),
+    f("fsgsbase", 7, 0, 1, 0),
+    f("bmi1", 7, 0, 1, 3),
+    f("hle", 7, 0, 1, 4),
+    f("avx2", 7, 0, 1, 5),
+    f("smep", 7, 0, 1, 7),
+    f("bmi2", 7, 0, 1, 8),
+    f("erms", 7, 0, 1, 9),
+    f("invpcid", 7, 0, 1, 10),
+    f("rtm", 7, 0, 1, 11),
+    f("mpx", 7, 0, 1, 14),
+    f("avx512f", 7, 0, 1, 16),
+    f("avx512dq", 7, 0, 1, 17),
+    f("rdseed", 7, 0, 1, 18),
+    f("adx", 7, 0, 1, 19),
+    f("smap", 7, 0, 1, 20),
+    f("clflushopt", 7, 0, 1, 23),
+    f("clwb", 7, 0, 1, 24),
+    f("avx512cd", 7, 0, 1, 28),
+    f("sha-ni", 7, 0, 1, 29),
+    f("avx512bw", 7, 0, 1, 30),
+    f("avx512vl", 7, 0, 1, 31),
+    f("umip", 7, 0, 2, 2),
+    f("pku", 7, 0, 2, 3),
+    f("waitpkg", 7, 0, 2, 5),
+    f("vaes", 7, 0, 2, 9),
+    f("vpclmulqdq", 7, 0, 2, 10),
+    f("la57", 7, 0, 2, 16),
+    f("rdpid", 7, 0, 2, 22),
+    f("fsrm", 7, 0, 3, 4),
+    f("md-clear", 7, 0, 3, 10),
+    f("spec-ctrl", 7, 0, 3, 26),
+    f("stibp", 7, 0, 3, 27),
+    f("arch-capabilities", 7, 0, 3, 29),
+    f("ssbd", 7, 0, 3, 31),
+    f("lahf-lm", 0x8000_0001, 0, 2, 0),
+    f("svm", 0x8000_0001, 0, 2, 2),
+    f("abm", 0x8000_0001, 0, 2, 5),
+    f("sse4a", 0x8000_0001, 0, 2, 6),
+    f("3dnowprefetch", 0x8000_0001, 0, 2, 8),
+    f("topoext", 0x8000_0001, 0, 2, 22),
+    f("pdpe1gb", 0x8000_0001, 0, 3, 26),
+    f("rdtscp", 0x8000_0001, 0, 3, 27),
+    f("invtsc", 0x8000_0007, 0, 3, 8),
+];
+
+/// The feature QEMU calls `name`, in any of its spellings (`sse4.1`, `sse4_1`, `sse4-1`).
+pub fn feature(name: &str) -> Option<&'static Feature> {
+    let norm: String = name
+        .chars()
+        .map(|c| if c == '_' || c == '.' { '-' } else { c })
+        .collect();
+    let norm = match norm.as_str() {
+        "sse3" => "pni",
+        n => n,
+    };
+    FEATURES.iter().find(|f| f.name == norm)
+}
+
+/// `-cpu host,...`'s switches applied to a vCPU's table: a feature switched off is cleared; one
+/// switched on must be there already (nicvm cannot give the guest what KVM does not).
+pub fn set_features(table: CpuId, switches: &[(&'static str, bool)]) -> Result<CpuId, String> {
+    let mut entries: Vec<kvm_cpuid_entry2> = table.as_slice().to_vec();
+    for &(name, on) in switches {
+        let Some(f) = feature(name) else {
+            return Err(format!("'{name}' is not a CPU feature nicvm knows"));
+        };
+        let missing = || {
+            format!(
+                "'{}' is not there to give the guest (this host's KVM does not offer it)",
+                f.name
+            )
+        };
+        let e = entries
+            .iter_mut()
+            .find(|e| e.function == f.leaf && e.index == f.subleaf);
+        let Some(e) = e else {
+            if on {
+                return Err(missing());
+            }
+            continue;
+        };
+        let r = match f.reg {
+            0 => &mut e.eax,
+            1 => &mut e.ebx,
+            2 => &mut e.ecx,
+            _ => &mut e.edx,
+        };
+        if on && *r & (1 << f.bit) == 0 {
+            return Err(missing());
+        }
+        if !on {
+            *r &= !(1 << f.bit);
+        }
+    }
+    Ok(CpuId::from_entries(&entries).expect("CPUID table fits"))
+}
+
 /// The CPUID table for vCPU `cpu` of `cpus`.
 pub fn for_vcpu(supported: &CpuId, cpu: u8, cpus: u8, host: HostKind, host_cpu: &HostCpu) -> CpuId {
     let mut entries: Vec<kvm_cpuid_entry2> = supported
@@ -362,6 +503,33 @@ mod tests {
         tsc_deadline: false,
         cpuid: |_, _| [0; 4],
     };
+
+    /// `-cpu host,-NAME` clears the bit; `+NAME` asks for one that must be there.
+    #[test]
+    fn cpu_feature_switches() {
+        let t = for_vcpu(&table(), 0, 1, HostKind::Hardware, &NO_HOST);
+        let has = |t: &CpuId, name: &str| {
+            let f = feature(name).unwrap();
+            let e = t
+                .as_slice()
+                .iter()
+                .find(|e| e.function == f.leaf && e.index == f.subleaf)
+                .copied();
+            e.is_some_and(|e| [e.eax, e.ebx, e.ecx, e.edx][f.reg] & (1 << f.bit) != 0)
+        };
+        assert!(has(&t, "xsave") && has(&t, "popcnt"));
+        let off = set_features(t.clone(), &[("xsave", false)]).unwrap();
+        assert!(
+            !has(&off, "xsave") && has(&off, "popcnt"),
+            "only xsave cleared"
+        );
+        assert!(set_features(t.clone(), &[("popcnt", true)]).is_ok());
+        let e = set_features(off, &[("xsave", true)]).unwrap_err();
+        assert!(e.contains("'xsave' is not there"), "{e}");
+        assert_eq!(feature("sse4.1").unwrap().name, "sse4-1");
+        assert_eq!(feature("sse4_2").unwrap().name, "sse4-2");
+        assert!(feature("bogus").is_none());
+    }
 
     #[test]
     fn emulating_host_hides_what_its_emulator_cannot_run() {

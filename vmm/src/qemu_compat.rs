@@ -108,23 +108,7 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
                  no ACPI, no firmware)"
             ))
         }
-        "-cpu" => {
-            let model = val.split(',').next().unwrap_or("");
-            if val.contains(',') {
-                return Err(refused(
-                    "CPU feature flags are not supported: the guest sees the CPUID nicvm gives",
-                ));
-            }
-            match model {
-                "host" | "max" => Ok(format!(
-                    "{model}: the guest sees the CPUID nicvm gives (the host's, less what an \
-                     emulating host cannot run)"
-                )),
-                m => Err(refused(format!(
-                    "'{m}': nicvm gives one CPU model; use host or max"
-                ))),
-            }
-        }
+        "-cpu" => cpu_option(val).map(|(note, _)| note),
         "-boot" => {
             let known = [
                 "order",
@@ -271,6 +255,49 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
 }
 
 /// `val` as `key=value,...` (`implied` naming a leading bare word), every key one of `known`.
+/// `-cpu host|max[,FEATURE...]`: the note, and the features switched off (`-NAME`,
+/// `NAME=off`) or insisted on (`+NAME`, `NAME`, `NAME=on`), by QEMU's names.
+pub fn cpu_option(val: &str) -> Result<(String, crate::cpuid::FeatureSwitches), CliErrorKind> {
+    let mut parts = val.split(',');
+    let model = parts.next().unwrap_or("");
+    if !matches!(model, "host" | "max") {
+        return Err(refused(format!(
+            "'{model}': nicvm gives one CPU model; use host or max"
+        )));
+    }
+    let mut features = vec![];
+    for p in parts.filter(|p| !p.is_empty()) {
+        let (name, on) = if let Some(n) = p.strip_prefix('+') {
+            (n, true)
+        } else if let Some(n) = p.strip_prefix('-') {
+            (n, false)
+        } else if let Some((n, v)) = p.split_once('=') {
+            (n, on_off(n, v)?)
+        } else {
+            (p, true)
+        };
+        let Some(f) = crate::cpuid::feature(name) else {
+            return Err(refused(format!(
+                "'{name}' is not a CPU feature nicvm can switch (-cpu help lists them)"
+            )));
+        };
+        features.retain(|(n, _)| *n != f.name);
+        features.push((f.name, on));
+    }
+    let mut note = format!(
+        "{model}: the guest sees the CPUID nicvm gives (the host's, less what an emulating \
+         host cannot run)"
+    );
+    if !features.is_empty() {
+        let list: Vec<String> = features
+            .iter()
+            .map(|(n, on)| format!("{}{n}", if *on { '+' } else { '-' }))
+            .collect();
+        note.push_str(&format!(", with {}", list.join(",")));
+    }
+    Ok((note, features))
+}
+
 fn keys(val: &str, implied: Option<&str>, known: &[&str]) -> Result<KeyVal, CliErrorKind> {
     let kv = KeyVal::parse(val, implied)?;
     match kv.unknown_key(known) {
@@ -421,10 +448,16 @@ pub fn option_help(opt: &str, val: &str) -> Option<String> {
              q35                  the same machine (accepted, as are pc-i440fx-* and pc-q35-*)\n"
         }
         "-cpu" if asked => {
-            "Available CPUs:\n\
-             \x20 host    the host's CPU as KVM gives it (on an emulating KVM host, without the \
-             features its emulator cannot run)\n\
-             \x20 max     the same as host\n"
+            let names: Vec<&str> = crate::cpuid::FEATURES.iter().map(|f| f.name).collect();
+            return Some(format!(
+                "Available CPUs:\n\
+                 \x20 host    the host's CPU as KVM gives it (on an emulating KVM host, without \
+                 the features its emulator cannot run)\n\
+                 \x20 max     the same as host\n\n\
+                 Recognized CPUID flags (-cpu host,-FLAG takes one away, +FLAG insists on it):\n\
+                 \x20 {}\n",
+                names.join(" ")
+            ));
         }
         "-accel" if asked => "Accelerators supported by nicvm:\nkvm\n",
         "-nic" if asked => return Some(netdev_types()),
@@ -534,6 +567,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cpu_features_by_qemus_names() {
+        let (_, f) = cpu_option("host,-arch-capabilities,+avx,sse4_1=off,sse4.2,-avx").unwrap();
+        assert_eq!(
+            f,
+            [
+                ("arch-capabilities", false),
+                ("sse4-1", false),
+                ("sse4-2", true),
+                ("avx", false)
+            ]
+        );
+        let (note, f) = cpu_option("max").unwrap();
+        assert!(f.is_empty() && note.starts_with("max: "), "{note}");
+    }
+
+    #[test]
     fn machine_options_accepted_and_refused() {
         for (opt, val) in [
             ("-display", "none"),
@@ -576,7 +625,9 @@ mod tests {
             ("-machine", "pc,bogus=1"),
             ("-accel", "tcg"),
             ("-cpu", "qemu64"),
-            ("-cpu", "host,+avx"),
+            ("-cpu", "host,+bogus"),
+            ("-cpu", "host,pmu=off"),
+            ("-cpu", "host,avx=maybe"),
             ("-boot", "order=c,bogus=1"),
             ("-boot", "zz"),
             ("-boot", "order=xyz"),

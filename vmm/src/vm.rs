@@ -41,6 +41,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// Why a VM could not be built: one line, printed before the guest runs (exit status 1).
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    #[error("-cpu: {0}")]
+    Cpu(String),
     #[error("/dev/kvm: cannot open ({0}); is KVM available and are you allowed to use it?")]
     NoKvm(kvm_ioctls::Error),
     #[error("{0}: {1}")]
@@ -564,6 +566,7 @@ impl Vm {
                 .create_vcpu(id as u64)
                 .map_err(|e| VmError::Vcpu(id, e))?;
             let table = cpuid::for_vcpu(&supported, id, cfg.cpus, host, &host_cpu);
+            let table = cpuid::set_features(table, &cfg.cpu_features).map_err(VmError::Cpu)?;
             for e in table.as_slice() {
                 log::trace!(
                     "cpuid {:#x}.{}: {:08x} {:08x} {:08x} {:08x}",

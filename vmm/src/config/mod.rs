@@ -24,6 +24,8 @@ pub use fds::InheritedFds;
 pub struct Config {
     pub mem_mib: u64,
     pub cpus: u8,
+    /// `-cpu host,-NAME,+NAME,...`: features taken away (false) or insisted on (true).
+    pub cpu_features: Vec<(&'static str, bool)>,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub append: String,
