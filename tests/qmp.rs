@@ -457,6 +457,54 @@ fn hmp(r: &mut BufReader<UnixStream>, cmd: &str) -> String {
     hmp_read(r)
 }
 
+/// HMP `info usernet`, as in QEMU: a forward asked for on port 0 is bound to a port the
+/// kernel picks, and this is where a harness learns which (nothing said it before).
+#[test]
+fn info_usernet_names_the_port_a_forward_was_bound_to() {
+    let Some(img) = image() else { return };
+    let dir = temp("usernet");
+    let sock = dir.join("hmp.sock");
+    let monitor = format!("unix:{},server=on,wait=off", sock.display());
+    let vm = spawn(
+        &img,
+        "",
+        &[
+            "-S",
+            "-netdev",
+            "user,id=u0,hostfwd=tcp:127.0.0.1:0-:22",
+            "-device",
+            "e1000,netdev=u0",
+            "-monitor",
+            &monitor,
+        ],
+        Stdio::null(),
+    );
+    wait_for(&sock);
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s);
+    hmp_read(&mut r);
+    let table = hmp(&mut r, "info usernet");
+    assert!(
+        table.starts_with("Hub -1 (u0):\n  Protocol[State]"),
+        "{table}"
+    );
+    let port: u16 = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("TCP[HOST_FORWARD]"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("a TCP forward with its port: {table}"));
+    assert_ne!(port, 0);
+    // That port is where the forward listens.
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("the forward's port");
+    assert!(hmp(&mut r, "info").contains("usernet"));
+    r.get_mut().write_all(b"quit\n").unwrap();
+    let (code, out, err) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    drop(dir);
+}
+
 /// HMP over a plain Unix socket: info network/status/pci, set_link, help, then quit (exit 0).
 #[test]
 fn hmp_over_a_socket() {

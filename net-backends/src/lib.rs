@@ -119,6 +119,12 @@ pub trait NetBackend: Send {
         0
     }
 
+    /// A user network's table of its connections and forwards, as QEMU's `info usernet`
+    /// prints it; None for every other backend.
+    fn usernet_info(&self) -> Option<String> {
+        None
+    }
+
     /// One queue of a multiqueue backend turned on or off by the frontend (the guest chose
     /// fewer queue pairs): the peer sends it nothing while off, and it is neither read nor
     /// written. Backends with one queue ignore it.

@@ -136,6 +136,9 @@ impl<B: NetBackend> NetBackend for PcapDump<B> {
     fn dropped(&self) -> u64 {
         self.inner.dropped()
     }
+    fn usernet_info(&self) -> Option<String> {
+        self.inner.usernet_info()
+    }
 
     fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
         self.inner.set_queue_enabled(on)
@@ -169,6 +172,9 @@ impl<B: NetBackend + ?Sized> NetBackend for Box<B> {
     }
     fn dropped(&self) -> u64 {
         (**self).dropped()
+    }
+    fn usernet_info(&self) -> Option<String> {
+        (**self).usernet_info()
     }
     fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
         (**self).set_queue_enabled(on)

@@ -195,6 +195,8 @@ pub trait NicControl: Send {
     /// be anything a guest wrote, sizing's all-ones included.
     fn bars(&self) -> Vec<(usize, crate::pci::BarKind, u64, u64)>;
     fn irq(&self) -> u8;
+    /// The backend's connection table when it is a user network (HMP `info usernet`).
+    fn usernet_info(&self) -> Option<String>;
 }
 
 /// Guest errors of one device: the first is logged as a warning, later ones at most every
@@ -961,6 +963,9 @@ struct FilterWatch {
 }
 
 impl<M: NicModel> NicControl for Nic<M> {
+    fn usernet_info(&self) -> Option<String> {
+        self.port.queues.first()?.backend.usernet_info()
+    }
     fn set_link(&mut self, up: bool) {
         self.port.admin_down = !up;
         self.check_link();

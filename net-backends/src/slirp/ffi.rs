@@ -111,5 +111,8 @@ extern "C" {
         guest_port: c_int,
     ) -> c_int;
     pub fn slirp_cleanup(slirp: *mut Slirp);
+    /// libslirp's table of its sockets (QEMU's `info usernet`), allocated with g_malloc
+    /// (which is malloc since GLib 2.46): the caller frees it.
+    pub fn slirp_connection_info(slirp: *mut Slirp) -> *mut c_char;
     pub fn slirp_version_string() -> *const c_char;
 }

@@ -448,8 +448,14 @@ pub struct SlirpBackend {
     dropped: Arc<AtomicU64>,
     /// Asks the slirp thread to end; it is joined when the backend is dropped.
     stop: Arc<AtomicBool>,
+    /// Where the slirp thread answers an `info usernet` (libslirp is only called there).
+    info: InfoRequest,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// A pending request for libslirp's connection table: the slirp thread takes the sender and
+/// answers on it.
+type InfoRequest = Arc<Mutex<Option<Sender<String>>>>;
 
 impl Drop for SlirpBackend {
     fn drop(&mut self) {
@@ -480,6 +486,8 @@ impl SlirpBackend {
         let thread_wake = wake.try_clone().map_err(resource("wake-up eventfd"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
+        let info = InfoRequest::default();
+        let thread_info = info.clone();
         let thread = std::thread::Builder::new()
             .name("slirp".into())
             .spawn(move || {
@@ -491,7 +499,13 @@ impl SlirpBackend {
                     timers: vec![],
                     pollfds: vec![],
                 };
-                run(opts, st, from_guest, thread_wake, &thread_stop, ready_tx)
+                let links = Links {
+                    from_guest,
+                    wake: thread_wake,
+                    stop: &thread_stop,
+                    info: thread_info,
+                };
+                run(opts, st, links, ready_tx)
             })
             .map_err(resource("thread"))?;
         let started = ready_rx.recv().unwrap_or(Err(SlirpError::ThreadDied));
@@ -506,6 +520,7 @@ impl SlirpBackend {
             rx_ready,
             dropped,
             stop,
+            info,
             thread: Some(thread),
         })
     }
@@ -552,14 +567,21 @@ impl Drop for Instance {
     }
 }
 
-fn run(
-    opts: SlirpOptions,
-    st: State,
+/// What the slirp thread shares with its backend.
+struct Links<'a> {
     from_guest: FrameQueue,
     wake: EventFd,
-    stop: &AtomicBool,
-    ready: Sender<Result<(), SlirpError>>,
-) {
+    stop: &'a AtomicBool,
+    info: InfoRequest,
+}
+
+fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), SlirpError>>) {
+    let Links {
+        from_guest,
+        wake,
+        stop,
+        info,
+    } = links;
     let cstr = |s: &Option<String>| {
         s.as_ref()
             .map(|v| CString::new(v.as_str()).unwrap_or_default())
@@ -719,6 +741,21 @@ fn run(
         if woken {
             let _ = wake.read();
         }
+        if let Some(answer) = info.lock().unwrap().take() {
+            // SAFETY: slirp is live; the table is a NUL-terminated string libslirp allocated
+            // with g_malloc (malloc since GLib 2.46), read once and freed here.
+            let text = unsafe {
+                let p = ffi::slirp_connection_info(slirp);
+                if p.is_null() {
+                    String::new()
+                } else {
+                    let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+                    libc::free(p.cast());
+                    s
+                }
+            };
+            let _ = answer.send(text);
+        }
         // The guest's frames, taken in one go so that the I/O thread never waits for slirp;
         // the queues swap places, keeping their allocations.
         {
@@ -821,6 +858,14 @@ impl NetBackend for SlirpBackend {
 
     fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn usernet_info(&self) -> Option<String> {
+        let (tx, rx) = channel();
+        *self.info.lock().unwrap() = Some(tx);
+        let _ = self.wake.write(1);
+        // The thread answers on its next turn, at once when woken; a second at most.
+        rx.recv_timeout(std::time::Duration::from_secs(1)).ok()
     }
 }
 

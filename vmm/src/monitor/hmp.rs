@@ -12,6 +12,7 @@ const HELP: &str = "\
 cont|c -- resume emulation
 help|? -- show this help
 info network -- show the network state
+info usernet -- show user network stack connection states
 info pci -- show PCI info
 info status -- show the current VM status (running|paused|postmigrate)
 info migrate -- show migration status
@@ -102,8 +103,9 @@ pub fn execute(control: &Control, line: &str) -> String {
             .map(|n| format!("{n}\n"))
             .unwrap_or_default(),
         ["info", "network"] => info_network(control),
+        ["info", "usernet"] => info_usernet(control),
         ["info", "pci"] => info_pci(control),
-        ["info"] => "info network|pci|status|version|name\n".into(),
+        ["info"] => "info network|usernet|pci|status|version|name\n".into(),
         ["info", what] => {
             format!("unknown info command '{what}' (network, pci, status, version, name)\n")
         }
@@ -154,6 +156,21 @@ pub fn execute(control: &Control, line: &str) -> String {
             format!("unknown command: '{shown}{more}'\n")
         }
     }
+}
+
+/// As QEMU prints it: each user network's sockets (its forwards among them, with the host
+/// port each is bound to), under "Hub -1 (ID):" as QEMU names a -netdev's stack.
+fn info_usernet(control: &Control) -> String {
+    let mut out = String::new();
+    for n in &control.nics {
+        // Under the NIC's lock, which the slirp thread does not take: it answers at once
+        // when woken (a second at most).
+        let info = n.control.lock().unwrap().usernet_info();
+        if let Some(table) = info {
+            out.push_str(&format!("Hub -1 ({}):\n{table}", n.config.netdev));
+        }
+    }
+    out
 }
 
 fn info_network(control: &Control) -> String {
