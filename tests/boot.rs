@@ -49,6 +49,9 @@ fn boots_to_init_and_reboots_cleanly() {
     let cpu = o
         .line("CPU")
         .unwrap_or_else(|| panic!("no CPU line\n{}", o.dump()));
+    // KVM emulates the TSC-deadline timer on both kinds (cpu_features_switched_off_... takes
+    // it away).
+    assert_eq!(cpu["tsc_deadline_timer"], "yes", "{}", o.dump());
     if emulating_host() {
         assert_eq!(
             cpu["unsafe-flags"], "none",

@@ -650,6 +650,78 @@ fn the_console_monitor_behind_ctrl_a_c() {
     assert!(err.contains("terminating on Ctrl-a x"), "{err}");
 }
 
+/// The console monitor's `migrate` while the guest floods the console: the console thread
+/// ran the command holding stdout's lock, a vCPU printing waited for that lock holding the
+/// serial port's, and the save waited for the serial port: nicvm hung for good (Ctrl-a x and
+/// SIGTERM included). -nographic alone makes that console monitor, as QEMU's does.
+#[test]
+fn console_monitor_migrate_while_the_guest_floods_the_console() {
+    let Some(img) = image() else { return };
+    let dir = temp("flood");
+    let snap = dir.join("snap");
+    let mut child = Command::new(nicvm())
+        .args(boot_args(
+            &img,
+            "nicvm.dhcp=off nicvm.run=shell",
+            &["-nic", "none"],
+        ))
+        .env("NICVM_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guard = KillOnDrop(Some(child.id()));
+    let mut stdin = child.stdin.take().unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut wait_for = |what: &str, n: usize| {
+        let t0 = Instant::now();
+        let mut count = 0;
+        while count < n {
+            let left = Duration::from_secs(240).saturating_sub(t0.elapsed());
+            let l = lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {what}:\n{seen}"));
+            if l.contains(what) {
+                count += 1;
+            }
+            if seen.len() < 20_000 {
+                seen.push_str(&l);
+                seen.push('\n');
+            }
+        }
+    };
+    wait_for("NICVM-SHELL", 1);
+    std::thread::sleep(Duration::from_secs(2));
+    stdin
+        .write_all(b"while :; do echo flood-flood-flood-flood; done\n")
+        .unwrap();
+    // The loop's own lines (the typed command is echoed once).
+    wait_for("flood-flood-flood-flood", 50);
+    let cmd = format!("\x01cmigrate file:{}\r", snap.display());
+    stdin.write_all(cmd.as_bytes()).unwrap();
+    let t0 = Instant::now();
+    while !snap.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stdin.write_all(b"\x01x").unwrap();
+    let code = wait_bounded(&mut child, &mut guard, Duration::from_secs(30));
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(snap.exists(), "the snapshot written\n{err}");
+    assert_eq!(code, Some(0), "{err}");
+    drop(dir);
+}
+
 /// -daemonize with -pidfile and QMP: the caller returns 0 once the VM is set up; the pid file
 /// names the running nicvm; QMP quit ends it and the pid file goes.
 #[test]

@@ -67,14 +67,15 @@ impl Lifecycle {
 
     /// For vCPU threads: returns when the VM is not paused, or is ending.
     pub fn wait_while_paused(&self) {
-        self.wait_while_paused_doing(|| {});
+        self.wait_while_paused_doing(|_| {});
     }
 
     /// As [`Lifecycle::wait_while_paused`], running `work` (outside the lock) once on
     /// parking and again each time [`Lifecycle::wake_parked`] is called meanwhile: a wake
     /// that came before this thread parked (a snapshot asked for right after `-S` or `stop`,
-    /// before every vCPU got there) is not missed.
-    pub fn wait_while_paused_doing(&self, mut work: impl FnMut()) {
+    /// before every vCPU got there) is not missed. `work` is told the wake generation it
+    /// runs for: every wake up to that one came before it started.
+    pub fn wait_while_paused_doing(&self, mut work: impl FnMut(u64)) {
         use std::sync::atomic::Ordering;
         let mut p = self.paused.lock().unwrap();
         if !*p {
@@ -84,7 +85,7 @@ impl Lifecycle {
         // Read before the first work: a wake from here on runs it again.
         let mut seen = self.work.load(Ordering::SeqCst);
         drop(p);
-        work();
+        work(seen);
         p = self.paused.lock().unwrap();
         while *p && !self.exit_requested() {
             // Checked under the lock that wake_parked notifies under: no request is missed.
@@ -92,7 +93,7 @@ impl Lifecycle {
             if now != seen {
                 seen = now;
                 drop(p);
-                work();
+                work(seen);
                 p = self.paused.lock().unwrap();
                 continue;
             }
@@ -101,11 +102,13 @@ impl Lifecycle {
         self.parked.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Has every parked vCPU run its work once more (they stay parked).
-    pub fn wake_parked(&self) {
-        self.work.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    /// Has every parked vCPU run its work once more (they stay parked); returns the wake's
+    /// generation: work told this one or a later one started after this call.
+    pub fn wake_parked(&self) -> u64 {
+        let generation = self.work.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         let _p = self.paused.lock().unwrap();
         self.resumed.notify_all();
+        generation
     }
 
     /// How many vCPUs are stopped by a pause now.
@@ -154,7 +157,7 @@ mod tests {
         let t = {
             let (l, done) = (l.clone(), done.clone());
             std::thread::spawn(move || {
-                l.wait_while_paused_doing(|| {
+                l.wait_while_paused_doing(|_| {
                     done.fetch_add(1, Ordering::SeqCst);
                 })
             })
@@ -185,12 +188,14 @@ mod tests {
     fn a_wake_before_parking_is_not_missed() {
         let l = std::sync::Arc::new(Lifecycle::new().unwrap());
         l.set_paused(true);
-        l.wake_parked();
+        let wake = l.wake_parked();
         let (tx, rx) = std::sync::mpsc::channel();
         let l2 = l.clone();
-        let t = std::thread::spawn(move || l2.wait_while_paused_doing(|| tx.send(()).unwrap()));
-        rx.recv_timeout(std::time::Duration::from_secs(5))
+        let t = std::thread::spawn(move || l2.wait_while_paused_doing(|g| tx.send(g).unwrap()));
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
             .expect("the work done");
+        assert!(got >= wake, "done for that wake or a later one");
         l.set_paused(false);
         t.join().unwrap();
     }

@@ -1500,6 +1500,7 @@ fn nic_config(
         return err(option, CliErrorKind::UnknownProperty(k.clone()));
     }
     Ok(NicConfig {
+        from_device: option.starts_with("-device"),
         model,
         netdev,
         mac,
@@ -1656,6 +1657,10 @@ mod tests {
             "52:54:00:12:34:56",
             "the first free default address, as QEMU (the first NIC's is its own)"
         );
+        assert!(c.nics.iter().all(|n| n.from_device));
+        let c = run("-kernel k -netdev user,id=n1 -device e1000,netdev=n1 -nic user").unwrap();
+        let from: Vec<bool> = c.nics.iter().map(|n| n.from_device).collect();
+        assert_eq!(from, [false, true], "-nic made first, with the board");
     }
 
     #[test]

@@ -86,19 +86,24 @@ impl MonitorInput {
         if self.control.exiting() {
             return; // after quit nothing runs
         }
+        if b == b'\r' || b == b'\n' {
+            let line = String::from_utf8_lossy(&self.line).into_owned();
+            self.line.clear();
+            // Run without stdout's lock: a command that stops the vCPUs (stop, migrate) waits
+            // for one that may be writing the guest's console output, under that lock.
+            let text = crate::monitor::hmp::execute(&self.control, &line);
+            let prompt = if self.control.exiting() {
+                "" // quit: the console goes back to the shell
+            } else {
+                crate::monitor::hmp::PROMPT
+            };
+            let mut out = io::stdout().lock();
+            let _ = write!(out, "\r\n{}{prompt}", crate::monitor::hmp::crlf(&text));
+            let _ = out.flush();
+            return;
+        }
         let mut out = io::stdout().lock();
         match b {
-            b'\r' | b'\n' => {
-                let line = String::from_utf8_lossy(&self.line).into_owned();
-                self.line.clear();
-                let text = crate::monitor::hmp::execute(&self.control, &line);
-                let prompt = if self.control.exiting() {
-                    "" // quit: the console goes back to the shell
-                } else {
-                    crate::monitor::hmp::PROMPT
-                };
-                let _ = write!(out, "\r\n{}{prompt}", crate::monitor::hmp::crlf(&text));
-            }
             0x7f | 0x08 if self.line.pop().is_some() => {
                 let _ = out.write_all(b"\x08 \x08");
             }

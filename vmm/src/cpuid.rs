@@ -201,8 +201,8 @@ pub const FEATURES: &[Feature] = &[
     f("cx16", 1, 0, 2, 13),
     f("pdcm", 1, 0, 2, 15),
     f("pcid", 1, 0, 2, 17),
-    f("sse4-1", 1, 0, 2, 19),
-    f("sse4-2", 1, 0, 2, 20),
+    f("sse4.1", 1, 0, 2, 19),
+    f("sse4.2", 1, 0, 2, 20),
     f("x2apic", 1, 0, 2, 21),
     f("movbe", 1, 0, 2, 22),
     f("popcnt", 1, 0, 2, 23),
@@ -259,15 +259,16 @@ pub const FEATURES: &[Feature] = &[
 
 /// The feature QEMU calls `name`, in any of its spellings (`sse4.1`, `sse4_1`, `sse4-1`).
 pub fn feature(name: &str) -> Option<&'static Feature> {
-    let norm: String = name
-        .chars()
-        .map(|c| if c == '_' || c == '.' { '-' } else { c })
-        .collect();
-    let norm = match norm.as_str() {
-        "sse3" => "pni",
-        n => n,
+    let norm = |n: &str| -> String {
+        n.chars()
+            .map(|c| if c == '_' || c == '.' { '-' } else { c })
+            .collect()
     };
-    FEATURES.iter().find(|f| f.name == norm)
+    let want = match norm(name).as_str() {
+        "sse3" => "pni".to_string(),
+        n => n.to_string(),
+    };
+    FEATURES.iter().find(|f| norm(f.name) == want)
 }
 
 /// `-cpu host,...`'s switches applied to a vCPU's table: a feature switched off is cleared; one
@@ -280,7 +281,8 @@ pub fn set_features(table: CpuId, switches: &[(&'static str, bool)]) -> Result<C
         };
         let missing = || {
             format!(
-                "'{}' is not there to give the guest (this host's KVM does not offer it)",
+                "'{}' is not there to give the guest (KVM does not offer it here, or nicvm \
+                 leaves it out on an emulating host)",
                 f.name
             )
         };
@@ -526,8 +528,8 @@ mod tests {
         assert!(set_features(t.clone(), &[("popcnt", true)]).is_ok());
         let e = set_features(off, &[("xsave", true)]).unwrap_err();
         assert!(e.contains("'xsave' is not there"), "{e}");
-        assert_eq!(feature("sse4.1").unwrap().name, "sse4-1");
-        assert_eq!(feature("sse4_2").unwrap().name, "sse4-2");
+        assert_eq!(feature("sse4-1").unwrap().name, "sse4.1");
+        assert_eq!(feature("sse4_2").unwrap().name, "sse4.2");
         assert!(feature("bogus").is_none());
     }
 

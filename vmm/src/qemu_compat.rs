@@ -573,8 +573,8 @@ mod tests {
             f,
             [
                 ("arch-capabilities", false),
-                ("sse4-1", false),
-                ("sse4-2", true),
+                ("sse4.1", false),
+                ("sse4.2", true),
                 ("avx", false)
             ]
         );

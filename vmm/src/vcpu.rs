@@ -407,11 +407,11 @@ fn run(
             finish_pending_io(&mut vcpu, &buses);
             // Parked; the saver asks for the state (once devices are stopped), as often as
             // it needs it.
-            lifecycle.wait_while_paused_doing(|| {
+            lifecycle.wait_while_paused_doing(|generation| {
                 let state = crate::snapshot::VcpuState::capture(&vcpu, &pause.msrs);
-                pause.states.publish(id as usize, Some(state));
+                pause.states.publish(id as usize, generation, Some(state));
             });
-            pause.states.publish(id as usize, None);
+            pause.states.publish(id as usize, 0, None);
             continue;
         }
         let reason = match vcpu.run() {

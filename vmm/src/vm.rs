@@ -785,10 +785,12 @@ impl Vm {
         for t in self.vcpu_threads.drain(..) {
             t.stop();
         }
-        // After a snapshot being written has read every page it needs.
+        // After a snapshot being written (-save-on, or a monitor's migrate) has read every
+        // page it needs: the loader, dropped, stops filling them in.
         if let Some(t) = self.save_thread.take() {
             let _ = t.join();
         }
+        drop(self.saver.saving.lock());
         self.kernel_loader = None;
         self.io = None;
         self.console = None;
@@ -901,7 +903,10 @@ fn save_on_console(
             Err(_) => return,
         }
     }
-    vcpu::pause_all(lifecycle, pthreads, saver.shape.cpus.into());
+    if !vcpu::pause_all(lifecycle, pthreads, saver.shape.cpus.into()) && lifecycle.exit_requested()
+    {
+        return; // ended meanwhile: nothing to save
+    }
     lifecycle.request_exit(match saver.save(path) {
         Ok(()) => ExitReason::User(format!("-save-on: snapshot written to {}", path.display())),
         Err(e) => ExitReason::Error(format!("-save-on: {e}")),

@@ -241,6 +241,9 @@ impl NicModel {
 /// `-device MODEL,netdev=ID,...`: the frontend half.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicConfig {
+    /// From `-device` (QEMU's peripheral), not `-nic`, `-net nic` or the default network
+    /// (made with the board).
+    pub from_device: bool,
     pub model: NicModel,
     pub netdev: String,
     pub mac: MacAddr,

@@ -170,19 +170,24 @@ impl Control {
         }
         // NIC_RX_FILTER_CHANGED, as QEMU sends it: once, until the filter is queried. The
         // path is the device's QOM path as in QEMU 7.2: /machine/peripheral/ID, or
-        // /machine/peripheral-anon/device[N] for the Nth NIC without an id (QEMU puts a -nic
-        // under /machine/unattached, numbered among the board's own devices), and for
-        // virtio-net the virtio device inside the PCI one (/virtio-backend). QEMU sends it
-        // for virtio-net only; nicvm for every model, since every one has a filter to query.
-        let mut anonymous = 0;
+        // /machine/peripheral-anon/device[N] for the Nth -device without an id, and for
+        // virtio-net the virtio device inside the PCI one (/virtio-backend). QEMU puts a NIC
+        // of -nic or -net nic under /machine/unattached, numbered among the board's own
+        // devices: nicvm says /machine/unattached/nic[N] there. QEMU sends the event for
+        // virtio-net only; nicvm for every model, since every one has a filter to query.
+        let (mut anonymous, mut board) = (0, 0);
         for n in &control.nics {
             let weak = Arc::downgrade(&control);
             let name = n.config.id.clone();
             let mut path = match &name {
                 Some(id) => format!("/machine/peripheral/{id}"),
-                None => {
+                None if n.config.from_device => {
                     anonymous += 1;
                     format!("/machine/peripheral-anon/device[{}]", anonymous - 1)
+                }
+                None => {
+                    board += 1;
+                    format!("/machine/unattached/nic[{}]", board - 1)
                 }
             };
             if n.config.model == crate::config::NicModel::VirtioNetPci {
@@ -230,7 +235,10 @@ impl Control {
         if self.lifecycle.paused() {
             return;
         }
-        crate::vcpu::pause_all(&self.lifecycle, &self.vcpus, self.cpus.into());
+        let parked = crate::vcpu::pause_all(&self.lifecycle, &self.vcpus, self.cpus.into());
+        if !parked && self.lifecycle.exit_requested() {
+            return; // the VM is ending: nothing stopped
+        }
         self.emit("STOP", json!({}));
     }
 
@@ -269,6 +277,9 @@ impl Control {
         let t0 = Instant::now();
         let was_running = !self.lifecycle.paused();
         self.stop();
+        if self.lifecycle.exit_requested() {
+            return Err(QmpError::generic("the guest has ended"));
+        }
         self.emit("MIGRATION", json!({"status": "active"}));
         let result = self.saver.save(&path);
         let total_ms = t0.elapsed().as_millis() as u64;

@@ -94,8 +94,13 @@ fn open_tap(o: &TapOptions) -> Result<Opened, OpenErrorKind> {
         }
     };
     let name = tap.name().to_string();
+    let passed_in = matches!(o.device, crate::config::TapDevice::Fd(_));
     match script::resolve(&o.script, DEFAULT_IFUP) {
         Some(up) => script::run(&up, &name)?,
+        None if passed_in && !tap_is_up(&name) => log::warn!(
+            "tap {name} (fd=): it is down on the host; whoever opened it brings it up \
+             (ip link set {name} up)"
+        ),
         None if !tap_is_up(&name) => log::warn!(
             "tap {name}: no ifup script ran ({}), so the tap stays down on the host; \
              bring it up yourself (ip link set {name} up) or give script=",
