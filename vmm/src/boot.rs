@@ -448,10 +448,26 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    /// A file in the temporary directory, removed when dropped (a failing test too).
+    struct Temp(std::path::PathBuf);
+
+    impl std::ops::Deref for Temp {
+        type Target = std::path::PathBuf;
+        fn deref(&self) -> &std::path::PathBuf {
+            &self.0
+        }
+    }
+
+    impl Drop for Temp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn file(name: &str, bytes: &[u8]) -> Temp {
         let p = std::env::temp_dir().join(format!("nicvm-boot-{}-{name}", std::process::id()));
         std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
-        p
+        Temp(p)
     }
 
     /// Kernel and initramfs each land where they belong (filled in by the loader thread as
@@ -471,7 +487,8 @@ mod tests {
             failed: Box::new(|e| panic!("{e}")),
             done: Box::new(move || done_tx.send(()).unwrap()),
         };
-        let (e, loader) = load(&m, 64 << 20, &k, Some(&r), "console=ttyS0", later).unwrap();
+        let (e, loader) =
+            load(&m, 64 << 20, &k, Some(r.as_path()), "console=ttyS0", later).unwrap();
         assert_eq!((e.mode, e.rip), (EntryMode::Pvh, HIMEM_START));
         // SAFETY: geteuid has no arguments and cannot fail.
         if unsafe { libc::geteuid() } == 0 {
@@ -495,10 +512,8 @@ mod tests {
             failed: Box::new(|e| panic!("{e}")),
             done: Box::new(|| {}),
         };
-        let err = load(&m, 24 << 20, &k, Some(&r), "", later).unwrap_err();
+        let err = load(&m, 24 << 20, &k, Some(r.as_path()), "", later).unwrap_err();
         assert!(matches!(err, BootError::InitrdTooBig(_, 10)), "{err}");
-        std::fs::remove_file(k).unwrap();
-        std::fs::remove_file(r).unwrap();
     }
 
     /// The initramfs too is filled in after `load` returns, by the loader thread: one cut
@@ -519,7 +534,7 @@ mod tests {
         let r = file("initrd-cut", b"");
         std::fs::OpenOptions::new()
             .write(true)
-            .open(&r)
+            .open(r.as_path())
             .unwrap()
             .set_len(256 << 20)
             .unwrap();
@@ -530,10 +545,10 @@ mod tests {
             failed: Box::new(move |e| tx.send(Err(e)).unwrap()),
             done: Box::new(move || done.send(Ok(())).unwrap()),
         };
-        let (_, loader) = load(&m, 512 << 20, &k, Some(&r), "", later).unwrap();
+        let (_, loader) = load(&m, 512 << 20, &k, Some(r.as_path()), "", later).unwrap();
         std::fs::OpenOptions::new()
             .write(true)
-            .open(&r)
+            .open(r.as_path())
             .unwrap()
             .set_len(1 << 20)
             .unwrap();
@@ -550,8 +565,6 @@ mod tests {
             }
             Ok(()) => panic!("all 256 MiB read before the cut: not loaded lazily"),
         }
-        std::fs::remove_file(k).unwrap();
-        std::fs::remove_file(r).unwrap();
     }
 
     /// An ELF segment with more file than memory (`p_filesz > p_memsz`): what is read into
@@ -585,8 +598,6 @@ mod tests {
             e.contains("does not fit in guest RAM above the kernel"),
             "{e}"
         );
-        std::fs::remove_file(k).unwrap();
-        std::fs::remove_file(r).unwrap();
     }
 
     /// A loader stuck in a read (a hung network file system) does not hold up the exit;
