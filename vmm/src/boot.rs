@@ -314,16 +314,11 @@ fn load_initrd(
 ) -> Result<(u64, u64, Option<Lazy>), BootError> {
     let name = path.display().to_string();
     let f = crate::open::regular_file(path).map_err(|e| BootError::ReadInitrd(name.clone(), e))?;
-    let meta = f
+    // A regular file (checked when opened): its size is what it holds, up to check_holds.
+    let size = f
         .metadata()
-        .map_err(|e| BootError::ReadInitrd(name.clone(), e))?;
-    if !meta.is_file() {
-        return Err(BootError::ReadInitrd(
-            name,
-            std::io::Error::other("not a regular file"),
-        ));
-    }
-    let size = meta.len();
+        .map_err(|e| BootError::ReadInitrd(name.clone(), e))?
+        .len();
     let addr = low_end.checked_sub(size).map(|a| a & !0xfff);
     let addr = match addr {
         Some(a) if a >= kernel_end.max(HIMEM_START) => a,
