@@ -220,7 +220,8 @@ Machine:
                          where COM1 goes (default stdio); mon:stdio shares the console
                          with the human monitor (Ctrl-a c switches)
   -nographic             as QEMU: the console is mon:stdio unless -serial, -monitor,
-                         -qmp, -mon or -nodefaults say otherwise (no window ever)
+                         -qmp, -mon or -nodefaults say otherwise; with -serial elsewhere
+                         stdio is the monitor's (no window ever)
   -no-reboot             a guest reboot ends nicvm (always the case)
   -daemonize             run in the background once set up (set-up errors still reach
                          the caller and the exit status)
@@ -1038,25 +1039,28 @@ impl Builder<'_> {
                 });
             }
         }
-        // QEMU's -nographic: the default serial port and the default monitor share stdio
-        // (mon:stdio: Ctrl-a c for the monitor, Ctrl-a x to quit, on a pipe too), unless
-        // -nodefaults, a -serial or a monitor option says otherwise; not for a daemon,
-        // whose stdio is gone (QEMU refuses -nographic with -daemonize).
-        if self.nographic
-            && !self.nodefaults
-            && !self.serial_given
-            && !self.monitor_given
-            && !self.daemonize
-        {
-            self.add_monitor("-nographic", MonitorMode::Readline, Endpoint::Stdio, false)?;
-        }
-        let mut serial = self.serial;
+        let mut serial = std::mem::replace(&mut self.serial, SerialTarget::None);
         if let Some(id) = self.serial_chardev.take() {
             match self.chardevs.iter().find(|(i, _)| *i == id) {
                 Some((_, Endpoint::Stdio)) => serial = SerialTarget::Stdio,
                 Some((_, e)) => serial = SerialTarget::Socket(e.clone()),
                 None => return err("-serial", CliErrorKind::UndefinedChardev(id)),
             }
+        }
+        // QEMU's -nographic: the default monitor is on stdio unless -nodefaults or a monitor
+        // option says otherwise. With the default serial port it shares stdio (mon:stdio:
+        // Ctrl-a c for the monitor, Ctrl-a x to quit, on a pipe too); a -serial elsewhere
+        // leaves stdio to the monitor alone. An explicit `-serial stdio` (which QEMU refuses
+        // next to -nographic) keeps stdio the guest's. Not for a daemon, whose stdio is gone
+        // (QEMU refuses -nographic with -daemonize).
+        let guest_has_stdio = self.serial_given && serial == SerialTarget::Stdio;
+        if self.nographic
+            && !self.nodefaults
+            && !guest_has_stdio
+            && !self.monitor_given
+            && !self.daemonize
+        {
+            self.add_monitor("-nographic", MonitorMode::Readline, Endpoint::Stdio, false)?;
         }
         if let SerialTarget::Socket(e) = &serial {
             if self.monitors.iter().any(|m| m.endpoint == *e) {
@@ -1925,10 +1929,19 @@ mod tests {
                 .iter()
                 .any(|m| m.endpoint == Endpoint::Stdio && m.mode == MonitorMode::Readline)
         };
-        assert!(console_monitor("-kernel k -nographic"));
+        for line in [
+            "-kernel k -nographic",
+            // The serial port elsewhere: stdio is the monitor's alone, as in QEMU.
+            "-kernel k -nographic -serial file:/tmp/console",
+            "-kernel k -nographic -serial none",
+            "-kernel k -nographic -serial unix:/tmp/s,server=on,wait=off",
+        ] {
+            assert!(console_monitor(line), "{line}");
+        }
         for line in [
             "-kernel k",
             "-kernel k -nographic -serial stdio",
+            "-kernel k -nographic -chardev stdio,id=c0 -serial chardev:c0",
             "-kernel k -nographic -monitor none",
             "-kernel k -nographic -qmp unix:/tmp/q,server=on,wait=off",
             "-kernel k -nographic -nodefaults",
