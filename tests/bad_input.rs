@@ -54,6 +54,23 @@ fn an_argument_that_is_not_utf8() {
     assert!(err.starts_with("nicvm: -name: "), "{err}");
 }
 
+/// `-cpu host,+FEATURE,enforce` for a feature KVM cannot offer here (MPX, on a host
+/// without it): one line naming -cpu, before any guest runs (without `enforce` it is a
+/// warning: cpu_features_switched_off_are_gone_from_the_guest).
+#[test]
+fn a_cpu_feature_that_is_not_there_with_enforce() {
+    let Some(img) = image() else { return };
+    if host_cpu_flag("mpx") {
+        eprintln!("this host's CPU has MPX: nothing to check");
+        return;
+    }
+    let k = img.kernel.display().to_string();
+    let a = ["-kernel", &k, "-nic", "none", "-cpu", "host,+mpx,enforce"];
+    let o = run(&args(&a), Duration::from_secs(60));
+    expect_error_in(&a, &o, "-cpu: 'mpx' is not there");
+    assert!(o.stderr.contains("(enforce)"), "{}", o.dump());
+}
+
 /// At the default log level too: the notes on options accepted with a note (and on the host)
 /// are dropped when set-up fails, which then says why in its one line.
 #[test]

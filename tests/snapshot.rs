@@ -250,6 +250,10 @@ fn damaged_or_foreign_snapshots_are_refused_in_one_line() {
             "saved with -m 128M, restoring with -m 256M",
         ),
         (
+            "-cpu host,-pcid,-movbe -netdev user,id=n0 -device e1000,netdev=n0",
+            "saved with -cpu host, restoring with -cpu host,-pcid,-movbe",
+        ),
+        (
             "-netdev user,id=n0 -device virtio-net-pci,netdev=n0",
             "saved with NICs [e1000 52:54:00:12:34:56 in slot 3]",
         ),

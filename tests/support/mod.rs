@@ -194,6 +194,15 @@ pub fn boot_args(img: &Image, append: &str, extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// Whether this machine's CPU has `flag` (as /proc/cpuinfo names it): KVM offers a guest
+/// nothing its host lacks.
+pub fn host_cpu_flag(flag: &str) -> bool {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find(|l| l.starts_with("flags"))
+        .is_some_and(|l| l.split_whitespace().any(|f| f == flag))
+}
+
 pub fn args(s: &[&str]) -> Vec<String> {
     s.iter().map(|s| s.to_string()).collect()
 }

@@ -429,6 +429,7 @@ struct Builder<'a> {
     nographic: bool,
     /// `-cpu host,...`'s feature switches (the last -cpu wins, as in QEMU).
     cpu_features: Vec<(&'static str, bool)>,
+    cpu_missing: crate::cpuid::Missing,
     /// `-monitor`, `-qmp` or `-mon` given (`none` included): no default monitor.
     monitor_given: bool,
     serial_given: bool,
@@ -571,6 +572,7 @@ where
         nodefaults: false,
         nographic: false,
         cpu_features: vec![],
+        cpu_missing: Default::default(),
         monitor_given: false,
         serial_given: false,
         notes: vec![],
@@ -760,9 +762,11 @@ where
                 );
             }
             "-cpu" => {
-                let (note, features) = qemu_compat::cpu_option(&val).or_else(|e| err(&opt, e))?;
+                let (note, features, missing) =
+                    qemu_compat::cpu_option(&val).or_else(|e| err(&opt, e))?;
                 b.note(&opt, &note);
                 b.cpu_features = features;
+                b.cpu_missing = missing;
             }
             "-enable-kvm" | "-display" | "-vga" | "-M" | "-machine" | "-accel" | "-snapshot"
             | "-boot" | "-k" | "-no-hpet" | "-no-shutdown" | "-uuid" | "-rtc" | "-global"
@@ -1103,6 +1107,7 @@ impl Builder<'_> {
             mem_mib: self.mem_mib,
             cpus: self.cpus,
             cpu_features: self.cpu_features,
+            cpu_missing: self.cpu_missing,
             kernel,
             initrd: self.initrd,
             append: self.append,

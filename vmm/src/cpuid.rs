@@ -171,6 +171,17 @@ fn native_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
 /// `-cpu host,...`'s switches: a feature's QEMU name, and whether it is to be there.
 pub type FeatureSwitches = Vec<(&'static str, bool)>;
 
+/// What a feature switched on but not there to give comes to, as QEMU's `-cpu` has it:
+/// by default (`check`) a warning and the guest goes without; `check=off` says nothing;
+/// `enforce` refuses to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Missing {
+    Quiet,
+    #[default]
+    Warn,
+    Refuse,
+}
+
 /// A CPU feature `-cpu host,-NAME` takes away (or `+NAME` insists on), by QEMU's name:
 /// CPUID leaf, subleaf, register (0 EAX .. 3 EDX) and bit.
 pub struct Feature {
@@ -272,9 +283,23 @@ pub fn feature(name: &str) -> Option<&'static Feature> {
 }
 
 /// `-cpu host,...`'s switches applied to a vCPU's table: a feature switched off is cleared; one
-/// switched on must be there already (nicvm cannot give the guest what KVM does not).
-pub fn set_features(table: CpuId, switches: &[(&'static str, bool)]) -> Result<CpuId, String> {
+/// switched on must be there already (nicvm cannot give the guest what KVM does not): what
+/// is not comes to `missing` (an error, or a warning returned with the table, or nothing).
+pub fn set_features(
+    table: CpuId,
+    switches: &[(&'static str, bool)],
+    missing: Missing,
+) -> Result<(CpuId, Vec<String>), String> {
     let mut entries: Vec<kvm_cpuid_entry2> = table.as_slice().to_vec();
+    let mut warnings = vec![];
+    let mut absent = |what: String| match missing {
+        Missing::Refuse => Err(format!("{what} (enforce)")),
+        Missing::Warn => {
+            warnings.push(format!("{what}; the guest goes without it"));
+            Ok(())
+        }
+        Missing::Quiet => Ok(()),
+    };
     for &(name, on) in switches {
         let Some(f) = feature(name) else {
             return Err(format!("'{name}' is not a CPU feature nicvm knows"));
@@ -291,7 +316,7 @@ pub fn set_features(table: CpuId, switches: &[(&'static str, bool)]) -> Result<C
             .find(|e| e.function == f.leaf && e.index == f.subleaf);
         let Some(e) = e else {
             if on {
-                return Err(missing());
+                absent(missing())?;
             }
             continue;
         };
@@ -302,13 +327,32 @@ pub fn set_features(table: CpuId, switches: &[(&'static str, bool)]) -> Result<C
             _ => &mut e.edx,
         };
         if on && *r & (1 << f.bit) == 0 {
-            return Err(missing());
+            absent(missing())?;
         }
         if !on {
             *r &= !(1 << f.bit);
         }
     }
-    Ok(CpuId::from_entries(&entries).expect("CPUID table fits"))
+    let table = CpuId::from_entries(&entries).expect("CPUID table fits");
+    Ok((table, warnings))
+}
+
+/// The `-cpu` option as far as it shapes the guest's CPUID: `host`, then each feature the
+/// switches take away (the last switch of a feature wins), in the table's order. A snapshot
+/// records it; a restore must build the same.
+pub fn describe(switches: &[(&'static str, bool)]) -> String {
+    let mut s = String::from("host");
+    for f in FEATURES {
+        let last = switches
+            .iter()
+            .rev()
+            .find(|(n, _)| feature(n).is_some_and(|g| g.name == f.name));
+        if let Some((_, false)) = last {
+            s.push_str(",-");
+            s.push_str(f.name);
+        }
+    }
+    s
 }
 
 /// The CPUID table for vCPU `cpu` of `cpus`.
@@ -472,6 +516,22 @@ fn words(s: &[u8; 12]) -> [u32; 3] {
 mod tests {
     use super::*;
 
+    #[test]
+    fn describe_names_what_the_switches_take_away() {
+        assert_eq!(describe(&[]), "host");
+        assert_eq!(describe(&[("x2apic", true)]), "host");
+        // In the table's order, each once, the last switch winning; QEMU's spellings too.
+        assert_eq!(
+            describe(&[
+                ("movbe", false),
+                ("sse4_1", false),
+                ("pcid", false),
+                ("pcid", true)
+            ]),
+            "host,-sse4.1,-movbe"
+        );
+    }
+
     fn entry(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
         let [eax, ebx, ecx, edx] = regs;
         kvm_cpuid_entry2 {
@@ -520,14 +580,27 @@ mod tests {
             e.is_some_and(|e| [e.eax, e.ebx, e.ecx, e.edx][f.reg] & (1 << f.bit) != 0)
         };
         assert!(has(&t, "xsave") && has(&t, "popcnt"));
-        let off = set_features(t.clone(), &[("xsave", false)]).unwrap();
+        let (off, warnings) = set_features(t.clone(), &[("xsave", false)], Missing::Warn).unwrap();
         assert!(
             !has(&off, "xsave") && has(&off, "popcnt"),
             "only xsave cleared"
         );
-        assert!(set_features(t.clone(), &[("popcnt", true)]).is_ok());
-        let e = set_features(off, &[("xsave", true)]).unwrap_err();
-        assert!(e.contains("'xsave' is not there"), "{e}");
+        assert!(warnings.is_empty());
+        let (_, warnings) = set_features(t.clone(), &[("popcnt", true)], Missing::Refuse).unwrap();
+        assert!(warnings.is_empty());
+        // Switched on but not there: refused with enforce, a warning by default (QEMU's
+        // check), nothing with check=off; the guest goes without it either way.
+        let e = set_features(off.clone(), &[("xsave", true)], Missing::Refuse).unwrap_err();
+        assert!(
+            e.contains("'xsave' is not there") && e.ends_with("(enforce)"),
+            "{e}"
+        );
+        let (warned, w) = set_features(off.clone(), &[("xsave", true)], Missing::Warn).unwrap();
+        assert!(!has(&warned, "xsave"));
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("'xsave' is not there"), "{w:?}");
+        let (_, w) = set_features(off, &[("xsave", true)], Missing::Quiet).unwrap();
+        assert!(w.is_empty());
         assert_eq!(feature("sse4-1").unwrap().name, "sse4.1");
         assert_eq!(feature("sse4_2").unwrap().name, "sse4.2");
         assert!(feature("bogus").is_none());

@@ -5,6 +5,7 @@
 
 use crate::cli::CliErrorKind;
 use crate::config::{on_off, NicModel, OptionError};
+use crate::cpuid::Missing;
 use crate::keyval::KeyVal;
 
 /// `help` (or `?`) as one of the comma-separated parts of an option's value.
@@ -108,7 +109,7 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
                  no ACPI, no firmware)"
             ))
         }
-        "-cpu" => cpu_option(val).map(|(note, _)| note),
+        "-cpu" => cpu_option(val).map(|(note, _, _)| note),
         "-boot" => {
             let known = [
                 "order",
@@ -257,7 +258,9 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
 /// `val` as `key=value,...` (`implied` naming a leading bare word), every key one of `known`.
 /// `-cpu host|max[,FEATURE...]`: the note, and the features switched off (`-NAME`,
 /// `NAME=off`) or insisted on (`+NAME`, `NAME`, `NAME=on`), by QEMU's names.
-pub fn cpu_option(val: &str) -> Result<(String, crate::cpuid::FeatureSwitches), CliErrorKind> {
+pub fn cpu_option(
+    val: &str,
+) -> Result<(String, crate::cpuid::FeatureSwitches, Missing), CliErrorKind> {
     let mut parts = val.split(',');
     let model = parts.next().unwrap_or("");
     if !matches!(model, "host" | "max") {
@@ -266,7 +269,27 @@ pub fn cpu_option(val: &str) -> Result<(String, crate::cpuid::FeatureSwitches), 
         )));
     }
     let mut features = vec![];
+    let (mut check, mut enforce) = (true, false);
     for p in parts.filter(|p| !p.is_empty()) {
+        // QEMU's CPU properties that are not features: what a feature switched on but
+        // absent comes to, and migratable (nicvm's snapshots restore on a host of the same
+        // kind; the CPUID is the host's either way).
+        let (key, value) = p.split_once('=').unwrap_or((p, "on"));
+        match key {
+            "check" => {
+                check = on_off(key, value)?;
+                continue;
+            }
+            "enforce" => {
+                enforce = on_off(key, value)?;
+                continue;
+            }
+            "migratable" => {
+                on_off(key, value)?;
+                continue;
+            }
+            _ => {}
+        }
         let (name, on) = if let Some(n) = p.strip_prefix('+') {
             (n, true)
         } else if let Some(n) = p.strip_prefix('-') {
@@ -295,7 +318,12 @@ pub fn cpu_option(val: &str) -> Result<(String, crate::cpuid::FeatureSwitches), 
             .collect();
         note.push_str(&format!(", with {}", list.join(",")));
     }
-    Ok((note, features))
+    let missing = match (enforce, check) {
+        (true, _) => Missing::Refuse,
+        (false, true) => Missing::Warn,
+        (false, false) => Missing::Quiet,
+    };
+    Ok((note, features, missing))
 }
 
 fn keys(val: &str, implied: Option<&str>, known: &[&str]) -> Result<KeyVal, CliErrorKind> {
@@ -454,7 +482,8 @@ pub fn option_help(opt: &str, val: &str) -> Option<String> {
                  \x20 host    the host's CPU as KVM gives it (on an emulating KVM host, without \
                  the features its emulator cannot run)\n\
                  \x20 max     the same as host\n\n\
-                 Recognized CPUID flags (-cpu host,-FLAG takes one away, +FLAG insists on it):\n\
+                 Recognized CPUID flags (-cpu host,-FLAG takes one away, +FLAG insists on it: \
+                 a warning when it is not there, an error with ,enforce):\n\
                  \x20 {}\n",
                 names.join(" ")
             ));
@@ -568,7 +597,8 @@ mod tests {
 
     #[test]
     fn cpu_features_by_qemus_names() {
-        let (_, f) = cpu_option("host,-arch-capabilities,+avx,sse4_1=off,sse4.2,-avx").unwrap();
+        let (_, f, missing) =
+            cpu_option("host,-arch-capabilities,+avx,sse4_1=off,sse4.2,-avx").unwrap();
         assert_eq!(
             f,
             [
@@ -578,8 +608,24 @@ mod tests {
                 ("avx", false)
             ]
         );
-        let (note, f) = cpu_option("max").unwrap();
+        assert_eq!(missing, Missing::Warn, "QEMU's default: check");
+        let (note, f, _) = cpu_option("max").unwrap();
         assert!(f.is_empty() && note.starts_with("max: "), "{note}");
+        // CPU properties that are not features.
+        for (val, want) in [
+            ("host,enforce", Missing::Refuse),
+            ("host,+avx,enforce=on,check=off", Missing::Refuse),
+            ("host,check=off", Missing::Quiet),
+            ("host,check,migratable=no", Missing::Warn),
+            ("max,enforce=off,migratable=on", Missing::Warn),
+        ] {
+            let (_, f, missing) = cpu_option(val).unwrap();
+            assert_eq!(missing, want, "{val}");
+            assert!(f.len() <= 1, "{val}: {f:?}");
+        }
+        for bad in ["host,enforce=maybe", "host,check=2"] {
+            assert!(cpu_option(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -52,8 +52,8 @@ pub enum SnapshotError {
     Save(String),
 }
 
-/// What the restoring command line must build the same way: RAM size, vCPUs, and each NIC
-/// (model, MAC, slot) in order.
+/// What the restoring command line must build the same way: RAM size, vCPUs, the CPU
+/// features taken away with `-cpu`, and each NIC (model, MAC, slot) in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineShape {
@@ -62,6 +62,9 @@ pub struct MachineShape {
     pub host: String,
     pub mem_mib: u64,
     pub cpus: u8,
+    /// `-cpu` as [`crate::cpuid::describe`] puts it: a guest that found AVX at boot must
+    /// find it after a restore.
+    pub cpu: String,
     pub nics: Vec<(String, String, u8)>,
 }
 
@@ -637,6 +640,7 @@ impl Incoming {
             host: host.into(),
             mem_mib,
             cpus,
+            cpu: self.state.machine.cpu.clone(),
             nics: self.state.machine.nics.clone(),
         })
     }
@@ -655,6 +659,11 @@ impl Incoming {
             format!(
                 "saved with -smp {}, restoring with -smp {}",
                 saved.cpus, here.cpus
+            )
+        } else if saved.cpu != here.cpu {
+            format!(
+                "saved with -cpu {}, restoring with -cpu {} (give the same -cpu switches)",
+                saved.cpu, here.cpu
             )
         } else if saved.nics != here.nics {
             let list = |n: &[(String, String, u8)]| {
@@ -784,6 +793,7 @@ pub fn sample_state(mem_mib: u64, cpus: u8) -> State {
             host: "hardware KVM".into(),
             mem_mib,
             cpus,
+            cpu: "host".into(),
             nics: vec![("e1000".into(), "52:54:00:12:34:56".into(), 3)],
         },
         vcpus: (0..cpus).map(|_| vcpu.clone()).collect(),
@@ -837,6 +847,14 @@ mod tests {
         let e = |host, m, c| inc.check_size(host, m, c).unwrap_err().to_string();
         assert!(e(hw, 2, 2).contains("-m 1M"));
         assert!(e(hw, 1, 1).contains("-smp 2"));
+        let mut shape = inc.state.machine.clone();
+        inc.check_shape(&shape).unwrap();
+        shape.cpu = crate::cpuid::describe(&[("avx", false)]);
+        let cpu = inc.check_shape(&shape).unwrap_err().to_string();
+        assert!(
+            cpu.contains("saved with -cpu host, restoring with -cpu host,-avx"),
+            "{cpu}"
+        );
         let other = e("emulating KVM", 1, 2);
         assert!(
             other.contains("saved on hardware KVM, this host has emulating KVM"),

@@ -515,6 +515,7 @@ impl Vm {
             host: host.describe().into(),
             mem_mib: cfg.mem_mib,
             cpus: cfg.cpus,
+            cpu: cpuid::describe(&cfg.cpu_features),
             nics: nics
                 .iter()
                 .map(|n| {
@@ -566,7 +567,13 @@ impl Vm {
                 .create_vcpu(id as u64)
                 .map_err(|e| VmError::Vcpu(id, e))?;
             let table = cpuid::for_vcpu(&supported, id, cfg.cpus, host, &host_cpu);
-            let table = cpuid::set_features(table, &cfg.cpu_features).map_err(VmError::Cpu)?;
+            let (table, warnings) = cpuid::set_features(table, &cfg.cpu_features, cfg.cpu_missing)
+                .map_err(VmError::Cpu)?;
+            if id == 0 {
+                for w in warnings {
+                    log::warn!("-cpu: {w}");
+                }
+            }
             for e in table.as_slice() {
                 log::trace!(
                     "cpuid {:#x}.{}: {:08x} {:08x} {:08x} {:08x}",

@@ -138,6 +138,7 @@ impl Target for Snapshot {
                 host: s.host.clone(),
                 mem_mib: MEM_MIB,
                 cpus: 1,
+                cpu: "host".into(),
                 nics: s.nics.clone(),
             });
             if inc.check_size("hardware KVM", MEM_MIB, 1).is_ok() {

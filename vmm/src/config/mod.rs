@@ -26,6 +26,8 @@ pub struct Config {
     pub cpus: u8,
     /// `-cpu host,-NAME,+NAME,...`: features taken away (false) or insisted on (true).
     pub cpu_features: Vec<(&'static str, bool)>,
+    /// `-cpu ...,enforce` / `check=off`: what a feature switched on but absent comes to.
+    pub cpu_missing: crate::cpuid::Missing,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub append: String,
