@@ -120,8 +120,10 @@ pub trait NetBackend: Send {
     }
 
     /// A user network's table of its connections and forwards, as QEMU's `info usernet`
-    /// prints it; None for every other backend.
-    fn usernet_info(&self) -> Option<String> {
+    /// prints it: asked for here, it comes on the receiver (at once from a running user
+    /// network; wait a bounded time, and not under a lock a vCPU needs). None for every other
+    /// backend.
+    fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>> {
         None
     }
 

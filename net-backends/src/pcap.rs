@@ -136,7 +136,7 @@ impl<B: NetBackend> NetBackend for PcapDump<B> {
     fn dropped(&self) -> u64 {
         self.inner.dropped()
     }
-    fn usernet_info(&self) -> Option<String> {
+    fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>> {
         self.inner.usernet_info()
     }
 
@@ -173,7 +173,7 @@ impl<B: NetBackend + ?Sized> NetBackend for Box<B> {
     fn dropped(&self) -> u64 {
         (**self).dropped()
     }
-    fn usernet_info(&self) -> Option<String> {
+    fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>> {
         (**self).usernet_info()
     }
     fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {

@@ -195,8 +195,9 @@ pub trait NicControl: Send {
     /// be anything a guest wrote, sizing's all-ones included.
     fn bars(&self) -> Vec<(usize, crate::pci::BarKind, u64, u64)>;
     fn irq(&self) -> u8;
-    /// The backend's connection table when it is a user network (HMP `info usernet`).
-    fn usernet_info(&self) -> Option<String>;
+    /// The backend's connection table when it is a user network (HMP `info usernet`), to
+    /// be waited for once the NIC's lock is let go.
+    fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>>;
 }
 
 /// Guest errors of one device: the first is logged as a warning, later ones at most every
@@ -963,7 +964,7 @@ struct FilterWatch {
 }
 
 impl<M: NicModel> NicControl for Nic<M> {
-    fn usernet_info(&self) -> Option<String> {
+    fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>> {
         self.port.queues.first()?.backend.usernet_info()
     }
     fn set_link(&mut self, up: bool) {

@@ -163,9 +163,10 @@ pub fn execute(control: &Control, line: &str) -> String {
 fn info_usernet(control: &Control) -> String {
     let mut out = String::new();
     for n in &control.nics {
-        // Under the NIC's lock, which the slirp thread does not take: it answers at once
-        // when woken (a second at most).
-        let info = n.control.lock().unwrap().usernet_info();
+        // Asked for under the NIC's lock, waited for without it (a vCPU may want the NIC
+        // meanwhile): the slirp thread answers at once when woken; a second at most.
+        let asked = n.control.lock().unwrap().usernet_info();
+        let info = asked.and_then(|rx| rx.recv_timeout(std::time::Duration::from_secs(1)).ok());
         if let Some(table) = info {
             out.push_str(&format!("Hub -1 ({}):\n{table}", n.config.netdev));
         }
