@@ -207,36 +207,55 @@ fn guest_panic_is_a_failure_with_the_reason() {
     assert!(o.stderr.contains("guest kernel panicked"), "{}", o.dump());
 }
 
+/// A pseudo-terminal: its master side, and the slave side a nicvm gets as its terminal.
+fn open_pty() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut m, mut s) = (0, 0);
+    // SAFETY: openpty fills two descriptors we then own.
+    let r = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0);
+    // SAFETY: fresh descriptors from openpty.
+    unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
+}
+
+/// A terminal's local modes: `mask` of its c_lflag.
+fn term_modes(fd: i32, mask: libc::tcflag_t) -> libc::tcflag_t {
+    // SAFETY: termios is plain data filled by tcgetattr.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and struct.
+    assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
+    t.c_lflag & mask
+}
+
+/// Waits (30 s at most) until nicvm has put the terminal `fd` in raw mode.
+fn wait_for_raw_mode(fd: i32) {
+    let start = std::time::Instant::now();
+    while term_modes(fd, libc::ICANON | libc::ECHO) != 0 {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "nicvm never put the terminal in raw mode"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The console on a terminal: raw mode while running, Ctrl-a h prints help, Ctrl-a x quits
 /// with status 0, and the terminal's modes are restored on exit.
 #[test]
 fn terminal_console_escapes_and_restore() {
     let Some(img) = image() else { return };
     use std::io::{Read, Write};
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let (mut master, slave) = {
-        let (mut m, mut s) = (0, 0);
-        // SAFETY: openpty fills two descriptors we then own.
-        let r = unsafe {
-            libc::openpty(
-                &mut m,
-                &mut s,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(r, 0);
-        // SAFETY: fresh descriptors from openpty.
-        unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
-    };
-    let modes = |fd: i32| {
-        // SAFETY: termios is plain data filled by tcgetattr.
-        let mut t: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: valid fd and struct.
-        assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
-        t.c_lflag & (libc::ICANON | libc::ECHO)
-    };
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let (mut master, slave) = open_pty();
+    let modes = |fd: i32| term_modes(fd, libc::ICANON | libc::ECHO);
     let before = modes(slave.as_raw_fd());
     assert_ne!(before, 0, "a fresh pty is canonical with echo");
     let io = |fd: &OwnedFd| std::process::Stdio::from(fd.try_clone().unwrap());
@@ -261,14 +280,7 @@ fn terminal_console_escapes_and_restore() {
         .spawn()
         .unwrap();
     // Wait for raw mode, then ask for help and quit.
-    let start = std::time::Instant::now();
-    while modes(slave.as_raw_fd()) != 0 {
-        assert!(
-            start.elapsed().as_secs() < 30,
-            "nicvm never put the terminal in raw mode"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for_raw_mode(slave.as_raw_fd());
     master.write_all(b"\x01h").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     master.write_all(b"\x01x").unwrap();
@@ -281,6 +293,65 @@ fn terminal_console_escapes_and_restore() {
     let out = String::from_utf8_lossy(&out);
     assert!(out.contains("C-a x    exit nicvm"), "help text: {out}");
     assert!(out.contains("terminating on Ctrl-a x"), "{out}");
+}
+
+/// `-nographic` with the serial port in a file: the terminal is the human monitor's alone, as
+/// QEMU's plain stdio is — no Ctrl-a keys (Ctrl-a x is nothing), and Ctrl-C interrupts nicvm
+/// (before, a raw terminal swallowed Ctrl-C, and Ctrl-a c could hand stdin to a guest that
+/// never read it).
+#[test]
+fn a_monitor_alone_on_the_terminal_keeps_ctrl_c() {
+    let Some(img) = image() else { return };
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let (mut master, slave) = open_pty();
+    let dir = std::env::temp_dir().join(format!("nicvm-console-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let console = dir.join("console");
+    let io = |fd: &OwnedFd| std::process::Stdio::from(fd.try_clone().unwrap());
+    let mut cmd = std::process::Command::new(nicvm());
+    cmd.args(["-kernel", &img.kernel.display().to_string(), "-S"])
+        .args(["-nographic", "-nic", "none", "-serial"])
+        .arg(format!("file:{}", console.display()))
+        .env("NICVM_LOG", "warn")
+        .stdin(io(&slave))
+        .stdout(io(&slave))
+        .stderr(io(&slave));
+    // SAFETY: between fork and exec only async-signal-safe calls: a session of its own whose
+    // controlling terminal is the pty, so that Ctrl-C there signals nicvm.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd); // its copies of the pty's slave side: the master reads to the end once closed
+    wait_for_raw_mode(slave.as_raw_fd());
+    assert_ne!(
+        term_modes(slave.as_raw_fd(), libc::ISIG),
+        0,
+        "Ctrl-C still signals"
+    );
+    master.write_all(b"info status\r\x01x").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "Ctrl-a x means nothing to a monitor alone on stdio"
+    );
+    master.write_all(b"\x03").unwrap();
+    let status = child.wait().unwrap();
+    drop(slave);
+    let mut out = Vec::new();
+    let _ = master.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.contains("VM status: prelaunch"), "{out}");
+    assert!(out.contains("terminating on SIGINT"), "{out}");
+    assert!(status.success(), "{status:?}\n{out}");
 }
 
 /// What `scripts/run` tells its users: `poweroff` typed at the guest's shell ends nicvm, as a

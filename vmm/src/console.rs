@@ -14,7 +14,9 @@ pub fn stdin_is_tty() -> bool {
 }
 
 /// Puts stdin in raw mode (output processing kept, as QEMU does) and remembers how to undo it.
-pub fn enter_raw_mode() -> io::Result<()> {
+/// With `signals` the terminal's Ctrl-C still interrupts nicvm, as on QEMU's plain stdio
+/// (a monitor alone there); a console shared with the guest (`mon:stdio`) passes it on.
+pub fn enter_raw_mode(signals: bool) -> io::Result<()> {
     // SAFETY: termios is plain old data; tcgetattr fills it.
     let mut t: libc::termios = unsafe { std::mem::zeroed() };
     // SAFETY: fd 0 and a valid termios pointer.
@@ -26,6 +28,9 @@ pub fn enter_raw_mode() -> io::Result<()> {
     // SAFETY: cfmakeraw edits the struct it is given.
     unsafe { libc::cfmakeraw(&mut raw) };
     raw.c_oflag |= libc::OPOST;
+    if signals {
+        raw.c_lflag |= libc::ISIG;
+    }
     // SAFETY: fd 0 and a valid termios pointer.
     if unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) } != 0 {
         return Err(io::Error::last_os_error());
@@ -117,26 +122,54 @@ impl MonitorInput {
     }
 }
 
-/// Reads stdin and feeds the guest's serial port; runs on its own thread until stdin closes
-/// or `stop` is written.
+/// Who reads what is typed on stdin.
+pub enum StdinFor {
+    /// The guest's serial port (`escapes`: QEMU's Ctrl-a keys, on a terminal).
+    Guest { escapes: bool },
+    /// The guest's serial port and the monitor, shared as QEMU's `mon:stdio` (Ctrl-a c
+    /// switches, on a pipe too); `monitor_first`: the monitor has it at start.
+    Shared {
+        monitor: Arc<crate::monitor::Control>,
+        monitor_first: bool,
+    },
+    /// The monitor alone (the serial port elsewhere), as QEMU's plain stdio: no Ctrl-a keys.
+    Monitor(Arc<crate::monitor::Control>),
+}
+
+/// Reads stdin and feeds the guest's serial port or the monitor; runs on its own thread until
+/// stdin closes or `stop` is written.
 pub fn pump_stdin(
     serial: Arc<Mutex<Serial>>,
     lifecycle: Arc<Lifecycle>,
-    escapes: bool,
     stop: vmm_sys_util::eventfd::EventFd,
-    monitor: Option<Arc<crate::monitor::Control>>,
-    monitor_first: bool,
+    reader: StdinFor,
 ) {
-    // With a monitor on the console the escapes work on a pipe too (as QEMU's mux does).
-    let escapes = escapes || monitor.is_some();
-    let mut monitor = monitor.map(|control| MonitorInput {
-        control,
-        active: false,
-        line: vec![],
-    });
-    if let Some(m) = monitor.as_mut().filter(|_| monitor_first) {
-        m.toggle();
-    }
+    let (escapes, mut monitor) = match reader {
+        StdinFor::Guest { escapes } => (escapes, None),
+        StdinFor::Shared {
+            monitor,
+            monitor_first,
+        } => {
+            let mut m = MonitorInput {
+                control: monitor,
+                active: false,
+                line: vec![],
+            };
+            if monitor_first {
+                m.toggle();
+            }
+            (true, Some(m))
+        }
+        StdinFor::Monitor(monitor) => {
+            let mut m = MonitorInput {
+                control: monitor,
+                active: false,
+                line: vec![],
+            };
+            m.toggle();
+            (false, Some(m))
+        }
+    };
     use std::os::fd::AsRawFd;
     let mut buf = [0u8; 256];
     let mut escape_pending = false;
@@ -178,9 +211,7 @@ pub fn pump_stdin(
         }
         let mut out = Vec::with_capacity(n as usize);
         for &b in &buf[..n as usize] {
-            if !escapes {
-                out.push(b);
-            } else if escape_pending {
+            if escape_pending {
                 escape_pending = false;
                 match b {
                     b'x' | b'X' => {
@@ -209,7 +240,7 @@ pub fn pump_stdin(
                         );
                     }
                 }
-            } else if b == ESCAPE {
+            } else if escapes && b == ESCAPE {
                 escape_pending = true;
             } else if let Some(m) = monitor.as_mut().filter(|m| m.active) {
                 m.byte(b);

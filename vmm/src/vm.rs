@@ -730,20 +730,28 @@ impl Vm {
         // (`-monitor stdio` with the serial port elsewhere: the monitor has the console).
         if self.serial_target == SerialTarget::Stdio || self.console_monitor.is_some() {
             let tty = console::stdin_is_tty();
+            let reader = match self.console_monitor.clone() {
+                None => console::StdinFor::Guest { escapes: tty },
+                Some(monitor) if self.serial_target == SerialTarget::Stdio => {
+                    console::StdinFor::Shared {
+                        monitor,
+                        monitor_first: self.console_monitor_first,
+                    }
+                }
+                Some(monitor) => console::StdinFor::Monitor(monitor),
+            };
             if tty {
-                if let Err(e) = console::enter_raw_mode() {
+                let signals = matches!(reader, console::StdinFor::Monitor(_));
+                if let Err(e) = console::enter_raw_mode(signals) {
                     log::warn!("cannot put the terminal in raw mode: {e}");
                 }
             }
             let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Host("eventfd", e))?;
             let thread_stop = stop.try_clone().map_err(|e| VmError::Host("eventfd", e))?;
             let (s, l) = (self.serial.clone(), self.lifecycle.clone());
-            let monitor = self.console_monitor.clone();
-            let monitor_first =
-                self.serial_target != SerialTarget::Stdio || self.console_monitor_first;
             let thread = std::thread::Builder::new()
                 .name("console".into())
-                .spawn(move || console::pump_stdin(s, l, tty, thread_stop, monitor, monitor_first))
+                .spawn(move || console::pump_stdin(s, l, thread_stop, reader))
                 .map_err(|e| VmError::Host("console thread", e))?;
             self.console = Some(ConsoleThread {
                 stop,
