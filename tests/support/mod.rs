@@ -194,13 +194,18 @@ pub fn boot_args(img: &Image, append: &str, extra: &[&str]) -> Vec<String> {
     args
 }
 
-/// Whether this machine's CPU has `flag` (as /proc/cpuinfo names it): KVM offers a guest
-/// nothing its host lacks.
-pub fn host_cpu_flag(flag: &str) -> bool {
+/// A CPU feature (by QEMU's name) KVM never offers a guest on this machine: the other
+/// vendor's virtualization (SVM on an Intel CPU, VMX on an AMD one).
+pub fn feature_kvm_cannot_offer() -> &'static str {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    info.lines()
-        .find(|l| l.starts_with("flags"))
-        .is_some_and(|l| l.split_whitespace().any(|f| f == flag))
+    let intel = info
+        .lines()
+        .any(|l| l.starts_with("vendor_id") && l.contains("GenuineIntel"));
+    if intel {
+        "svm"
+    } else {
+        "vmx"
+    }
 }
 
 pub fn args(s: &[&str]) -> Vec<String> {

@@ -219,9 +219,9 @@ Machine:
           |pty|chardev:ID|none
                          where COM1 goes (default stdio); mon:stdio shares the console
                          with the human monitor (Ctrl-a c switches)
-  -nographic             as QEMU: the console is mon:stdio unless -serial, -monitor,
-                         -qmp, -mon or -nodefaults say otherwise; with -serial elsewhere
-                         stdio is the monitor's (no window ever)
+  -nographic             as QEMU: the console is mon:stdio unless -monitor, -qmp, -mon,
+                         -nodefaults or -serial stdio say otherwise; with -serial elsewhere
+                         stdio is the monitor's alone (no window ever)
   -no-reboot             a guest reboot ends nicvm (always the case)
   -daemonize             run in the background once set up (set-up errors still reach
                          the caller and the exit status)
@@ -1609,6 +1609,14 @@ mod tests {
         assert_eq!(run("--m 512M -kernel k").unwrap().mem_mib, 512);
         assert_eq!(run("-m size=2g -kernel k").unwrap().mem_mib, 2048);
         assert_eq!(run("-smp cpus=3 -kernel k").unwrap().cpus, 3);
+        // -cpu: the switches and what a feature not there comes to (the last -cpu wins).
+        let c = run("-cpu host,-avx -cpu max,-pcid,+x2apic,enforce -kernel k").unwrap();
+        assert_eq!(c.cpu_features, [("pcid", false), ("x2apic", true)]);
+        assert_eq!(c.cpu_missing, crate::cpuid::Missing::Refuse);
+        assert_eq!(
+            run("-kernel k").unwrap().cpu_missing,
+            crate::cpuid::Missing::Warn
+        );
         assert_eq!(
             run("-smp sockets=1,cores=2,threads=2 -kernel k")
                 .unwrap()

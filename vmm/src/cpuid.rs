@@ -300,10 +300,10 @@ pub fn set_features(
         }
         Missing::Quiet => Ok(()),
     };
-    for &(name, on) in switches {
-        let Some(f) = feature(name) else {
-            return Err(format!("'{name}' is not a CPU feature nicvm knows"));
-        };
+    if let Some((name, _)) = switches.iter().find(|(n, _)| feature(n).is_none()) {
+        return Err(format!("'{name}' is not a CPU feature nicvm knows"));
+    }
+    for (f, on) in effective(switches) {
         let missing = || {
             format!(
                 "'{}' is not there to give the guest (KVM does not offer it here, or nicvm \
@@ -342,17 +342,26 @@ pub fn set_features(
 /// records it; a restore must build the same.
 pub fn describe(switches: &[(&'static str, bool)]) -> String {
     let mut s = String::from("host");
-    for f in FEATURES {
-        let last = switches
-            .iter()
-            .rev()
-            .find(|(n, _)| feature(n).is_some_and(|g| g.name == f.name));
-        if let Some((_, false)) = last {
+    for (f, on) in effective(switches) {
+        if !on {
             s.push_str(",-");
             s.push_str(f.name);
         }
     }
     s
+}
+
+/// Each known feature `switches` name, once, with its last switch, in the table's order.
+fn effective<'a>(
+    switches: &'a [(&'static str, bool)],
+) -> impl Iterator<Item = (&'static Feature, bool)> + 'a {
+    FEATURES.iter().filter_map(move |f| {
+        let last = switches
+            .iter()
+            .rev()
+            .find(|(n, _)| feature(n).is_some_and(|g| g.name == f.name));
+        last.map(|&(_, on)| (f, on))
+    })
 }
 
 /// The CPUID table for vCPU `cpu` of `cpus`.

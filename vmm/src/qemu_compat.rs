@@ -268,7 +268,7 @@ pub fn cpu_option(
             "'{model}': nicvm gives one CPU model; use host or max"
         )));
     }
-    let mut features = vec![];
+    let mut ranked: Vec<(&'static str, bool, u8)> = vec![];
     let (mut check, mut enforce) = (true, false);
     for p in parts.filter(|p| !p.is_empty()) {
         // QEMU's CPU properties that are not features: what a feature switched on but
@@ -304,9 +304,22 @@ pub fn cpu_option(
                 "'{name}' is not a CPU feature nicvm can switch (-cpu help lists them)"
             )));
         };
-        features.retain(|(n, _)| *n != f.name);
-        features.push((f.name, on));
+        // As QEMU applies them: every `feat=on|off` (or bare `feat`) first, in order, then
+        // every `+feat`, then every `-feat`; so -feat beats +feat beats feat=, whatever the
+        // order they were written in.
+        let rank = match p.as_bytes()[0] {
+            b'+' => 1,
+            b'-' => 2,
+            _ => 0,
+        };
+        match ranked.iter_mut().find(|(n, ..)| *n == f.name) {
+            Some(s) if rank >= s.2 => (s.1, s.2) = (on, rank),
+            Some(_) => {}
+            None => ranked.push((f.name, on, rank)),
+        }
     }
+    let features: crate::cpuid::FeatureSwitches =
+        ranked.into_iter().map(|(n, on, _)| (n, on)).collect();
     let mut note = format!(
         "{model}: the guest sees the CPUID nicvm gives (the host's, less what an emulating \
          host cannot run)"
@@ -603,11 +616,24 @@ mod tests {
             f,
             [
                 ("arch-capabilities", false),
+                ("avx", false),
                 ("sse4.1", false),
                 ("sse4.2", true),
-                ("avx", false)
             ]
         );
+        // QEMU's precedence, whatever the order: -feat, then +feat, then feat=on|off.
+        for (val, want) in [
+            ("host,-avx,+avx", false),
+            ("host,+avx,-avx", false),
+            ("host,+avx,avx=off", true),
+            ("host,avx=off,+avx", true),
+            ("host,avx=off,avx", true),
+            ("host,avx,avx=off", false),
+            ("host,-avx,avx=on", false),
+        ] {
+            let (_, f, _) = cpu_option(val).unwrap();
+            assert_eq!(f, [("avx", want)], "{val}");
+        }
         assert_eq!(missing, Missing::Warn, "QEMU's default: check");
         let (note, f, _) = cpu_option("max").unwrap();
         assert!(f.is_empty() && note.starts_with("max: "), "{note}");

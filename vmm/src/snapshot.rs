@@ -26,8 +26,8 @@ use std::sync::{Condvar, Mutex};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 const MAGIC: &[u8; 8] = b"NICVMSNP";
-/// Bumped whenever what the state means changes.
-const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever what the state means changes (2: the machine's `-cpu` switches).
+const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: u64 = 4096;
 const PAGE: u64 = 4096;
 /// A state larger than this is not one nicvm wrote.
@@ -634,13 +634,20 @@ impl Incoming {
         self.head.map_memory(ranges)
     }
 
-    /// Refuses host kind, RAM size or vCPU count other than saved.
-    pub fn check_size(&self, host: &str, mem_mib: u64, cpus: u8) -> Result<(), SnapshotError> {
+    /// Refuses host kind, RAM size, vCPU count or `-cpu` switches other than saved (before
+    /// anything of the VM is built; NICs are checked once they are).
+    pub fn check_size(
+        &self,
+        host: &str,
+        mem_mib: u64,
+        cpus: u8,
+        cpu: &str,
+    ) -> Result<(), SnapshotError> {
         self.check_shape(&MachineShape {
             host: host.into(),
             mem_mib,
             cpus,
-            cpu: self.state.machine.cpu.clone(),
+            cpu: cpu.into(),
             nics: self.state.machine.nics.clone(),
         })
     }
@@ -648,8 +655,20 @@ impl Incoming {
     /// Refuses a machine other than the one saved, naming what differs.
     pub fn check_shape(&self, here: &MachineShape) -> Result<(), SnapshotError> {
         let saved = &self.state.machine;
+        // What the file says is shown escaped and cut short: it may be anything.
+        let shown = |s: &str| -> String {
+            let e: String = s.escape_debug().collect();
+            match e.char_indices().nth(120) {
+                Some((i, _)) => format!("{}...", &e[..i]),
+                None => e,
+            }
+        };
         let what = if saved.host != here.host {
-            format!("saved on {}, this host has {}", saved.host, here.host)
+            format!(
+                "saved on {}, this host has {}",
+                shown(&saved.host),
+                here.host
+            )
         } else if saved.mem_mib != here.mem_mib {
             format!(
                 "saved with -m {}M, restoring with -m {}M",
@@ -663,7 +682,8 @@ impl Incoming {
         } else if saved.cpu != here.cpu {
             format!(
                 "saved with -cpu {}, restoring with -cpu {} (give the same -cpu switches)",
-                saved.cpu, here.cpu
+                shown(&saved.cpu),
+                here.cpu
             )
         } else if saved.nics != here.nics {
             let list = |n: &[(String, String, u8)]| {
@@ -674,7 +694,7 @@ impl Incoming {
             };
             format!(
                 "saved with NICs [{}], restoring with [{}] (give the same -device/-nic options)",
-                list(&saved.nics),
+                shown(&list(&saved.nics)),
                 list(&here.nics)
             )
         } else if self.state.vcpus.len() != saved.cpus as usize {
@@ -843,18 +863,27 @@ mod tests {
         write(&path, &sample_state(1, 2), &mem).unwrap();
         let inc = Incoming::open(&path).unwrap();
         let hw = "hardware KVM";
-        inc.check_size(hw, 1, 2).unwrap();
-        let e = |host, m, c| inc.check_size(host, m, c).unwrap_err().to_string();
+        inc.check_size(hw, 1, 2, "host").unwrap();
+        let e = |host, m, c| inc.check_size(host, m, c, "host").unwrap_err().to_string();
         assert!(e(hw, 2, 2).contains("-m 1M"));
         assert!(e(hw, 1, 1).contains("-smp 2"));
-        let mut shape = inc.state.machine.clone();
-        inc.check_shape(&shape).unwrap();
-        shape.cpu = crate::cpuid::describe(&[("avx", false)]);
-        let cpu = inc.check_shape(&shape).unwrap_err().to_string();
+        let cpu = inc
+            .check_size(hw, 1, 2, &crate::cpuid::describe(&[("avx", false)]))
+            .unwrap_err()
+            .to_string();
         assert!(
             cpu.contains("saved with -cpu host, restoring with -cpu host,-avx"),
             "{cpu}"
         );
+        // What the file says is shown escaped and cut short.
+        let mut odd = Incoming::open(&path).unwrap();
+        odd.state.machine.host = "\x1b[2J".repeat(1000);
+        let shown = odd.check_size(hw, 1, 2, "host").unwrap_err().to_string();
+        assert!(
+            !shown.contains('\x1b') && shown.contains("\\u{1b}[2J"),
+            "{shown}"
+        );
+        assert!(shown.len() < 400 && shown.contains("..."), "{shown}");
         let other = e("emulating KVM", 1, 2);
         assert!(
             other.contains("saved on hardware KVM, this host has emulating KVM"),

@@ -382,7 +382,8 @@ impl Vm {
         let incoming = match incoming_head {
             Some(head) => {
                 let inc = head.read()?;
-                inc.check_size(host.describe(), cfg.mem_mib, cfg.cpus)?;
+                let cpu = cpuid::describe(&cfg.cpu_features);
+                inc.check_size(host.describe(), cfg.mem_mib, cfg.cpus, &cpu)?;
                 timing.mark("snapshot-read");
                 Some(inc)
             }

@@ -141,7 +141,7 @@ impl Target for Snapshot {
                 cpu: "host".into(),
                 nics: s.nics.clone(),
             });
-            if inc.check_size("hardware KVM", MEM_MIB, 1).is_ok() {
+            if inc.check_size("hardware KVM", MEM_MIB, 1, "host").is_ok() {
                 let ranges = [(vm_memory::GuestAddress(0), (MEM_MIB << 20) as usize)];
                 if let Ok(mem) = inc.map_memory(&ranges) {
                     let mut b = [0u8; 5];
