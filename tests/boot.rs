@@ -344,7 +344,7 @@ fn a_monitor_alone_on_the_terminal_keeps_ctrl_c() {
     let _ = master.read_to_end(&mut out);
     let out = String::from_utf8_lossy(&out);
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(out.contains("VM status: prelaunch"), "{out}");
+    assert!(out.contains("VM status: paused (prelaunch)"), "{out}");
     assert!(out.contains("terminating on SIGINT"), "{out}");
     assert!(status.success(), "{status:?}\n{out}");
 }

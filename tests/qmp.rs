@@ -513,6 +513,8 @@ fn hmp_over_a_socket() {
     let sock = dir.join("hmp.sock");
     let mut a: Vec<String> = args(&["-S", "-nographic"]);
     a.extend(args(&THREE_NICS));
+    // A NIC without an id (as from -nic): listings call it e1000.1 (the second e1000).
+    a.extend(args(&["-netdev", "user,id=n4", "-device", "e1000,netdev=n4"]));
     a.extend(args(&[
         "-monitor",
         &format!("unix:{},server,nowait", sock.display()),
@@ -524,7 +526,10 @@ fn hmp_over_a_socket() {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut r = BufReader::new(s);
     assert!(hmp_read(&mut r).contains("monitor - type 'help'"));
-    assert_eq!(hmp(&mut r, "info status"), "VM status: prelaunch\n");
+    assert_eq!(
+        hmp(&mut r, "info status"),
+        "VM status: paused (prelaunch)\n"
+    );
     let net = hmp(&mut r, "info network");
     assert!(
         net.contains("e: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:56\n \\ ne: index=0,type=user,net=10.0.2.0,restrict=off\n"),
@@ -538,6 +543,14 @@ fn hmp_over_a_socket() {
     assert!(hmp(&mut r, "info network")
         .contains("model=virtio-net-pci,macaddr=52:54:00:12:34:58,link=down"));
     assert!(hmp(&mut r, "set_link nope off").contains("Device 'nope' not found"));
+    // By the name the listing gives it, as QEMU takes it.
+    assert_eq!(hmp(&mut r, "set_link e1000.1 off"), "");
+    let net = hmp(&mut r, "info network");
+    let line = net
+        .lines()
+        .find(|l| l.starts_with("e1000.1: "))
+        .unwrap_or("");
+    assert!(line.ends_with(",link=down"), "{net}");
     let pci = hmp(&mut r, "info pci");
     assert!(
         pci.contains("PCI device 8086:100e") && pci.contains("PCI device 10ec:8139"),
@@ -568,11 +581,17 @@ fn hmp_over_a_socket() {
     // A line over the limit is refused whole: its end does not run as a command.
     let over = format!("{}quit", " ".repeat(5000));
     assert_eq!(hmp(&mut r, &over), "line too long\n");
-    assert_eq!(hmp(&mut r, "info status"), "VM status: prelaunch\n");
+    assert_eq!(
+        hmp(&mut r, "info status"),
+        "VM status: paused (prelaunch)\n"
+    );
     // Migrated before it ever ran: postmigrate, as QEMU says.
     let snap = dir.join("snap");
     assert_eq!(hmp(&mut r, &format!("migrate file:{}", snap.display())), "");
-    assert_eq!(hmp(&mut r, "info status"), "VM status: postmigrate\n");
+    assert_eq!(
+        hmp(&mut r, "info status"),
+        "VM status: paused (postmigrate)\n"
+    );
     hmp(&mut r, "cont");
     assert_eq!(hmp(&mut r, "info status"), "VM status: running\n");
     // quit, and a line after it in the same write: neither an answer nor a prompt follows.
@@ -607,7 +626,7 @@ fn a_monitor_on_stdio_has_the_console_first() {
     let (code, out, err) = vm.wait(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(
-        out.contains("(qemu) info status\r\nVM status: prelaunch\r\n(qemu) quit"),
+        out.contains("(qemu) info status\r\nVM status: paused (prelaunch)\r\n(qemu) quit"),
         "{out:?}"
     );
 }
@@ -630,7 +649,7 @@ fn the_console_monitor_behind_ctrl_a_c() {
         let (code, out, err) = vm.wait(Duration::from_secs(30));
         assert_eq!(code, Some(0), "{a:?}\n{out}\n{err}");
         assert!(
-            out.contains("(qemu) info status\r\nVM status: prelaunch\r\n(qemu) "),
+            out.contains("(qemu) info status\r\nVM status: paused (prelaunch)\r\n(qemu) "),
             "{a:?}: {out:?}"
         );
         assert!(err.contains("terminating on monitor quit"), "{a:?}: {err}");

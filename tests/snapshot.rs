@@ -302,6 +302,18 @@ fn damaged_or_foreign_snapshots_are_refused_in_one_line() {
     std::fs::write(&bad, &b).unwrap();
     let e = refused(&img, &bad, &nic);
     assert!(e.contains("written by nicvm 9.9.9"), "{e}");
+
+    // The good file restored with -S: paused, as QEMU says of a guest that ran before (not
+    // prelaunch), until cont.
+    let qmp = dir.0.join("qmp.sock");
+    let qmp_opt = format!("unix:{},server=on,wait=off", qmp.display());
+    let g = restore(&img, "e1000", &file, free_port(), &["-S", "-qmp", &qmp_opt]);
+    let mut c = qmp_connect(&qmp);
+    let r = qmp_cmd(&mut c, r#"{"execute":"query-status"}"#);
+    assert!(r.contains(r#""status":"paused""#), "{r}");
+    qmp_cmd(&mut c, r#"{"execute":"quit"}"#);
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
 }
 
 /// A two-vCPU guest with its lease from a DHCP server on a two-queue multiqueue tap

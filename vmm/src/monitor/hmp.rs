@@ -14,7 +14,7 @@ help|? -- show this help
 info network -- show the network state
 info usernet -- show user network stack connection states
 info pci -- show PCI info
-info status -- show the current VM status (running|paused|postmigrate)
+info status -- show the current VM status (running or paused, and why)
 info migrate -- show migration status
 info version -- show the version of QEMU (nicvm)
 info name -- show the current VM name
@@ -91,7 +91,15 @@ pub fn execute(control: &Control, line: &str) -> String {
     match words.as_slice() {
         [] => String::new(),
         ["help" | "?"] | ["help" | "?", _] => HELP.to_string(),
-        ["info", "status"] => format!("VM status: {}\n", control.status()),
+        ["info", "status"] => {
+            // As QEMU words it: running, paused, or paused and why (prelaunch, postmigrate,
+            // shutdown).
+            let status = match control.status() {
+                s @ ("running" | "paused") => s.to_string(),
+                s => format!("paused ({s})"),
+            };
+            format!("VM status: {status}\n")
+        }
         ["info", "migrate"] => match control.query_migrate().get("status") {
             Some(st) => format!("Migration status: {}\n", st.as_str().unwrap_or("?")),
             None => String::new(),

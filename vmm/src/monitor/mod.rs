@@ -155,7 +155,8 @@ impl Control {
             netdev_ids: cfg.netdevs.iter().map(|nd| nd.id.clone()).collect(),
             vcpus,
             cpus: cfg.cpus,
-            prelaunch: Mutex::new(cfg.start_paused),
+            // A guest restored with -S was running before: QEMU calls it paused.
+            prelaunch: Mutex::new(cfg.start_paused && cfg.incoming.is_none()),
             saver,
             migration: Mutex::new(None),
             postmigrate: Mutex::new(false),
@@ -335,11 +336,16 @@ impl Control {
         self.lifecycle.exit_requested()
     }
 
-    /// The NIC a device id or a netdev id names.
+    /// A NIC by its id, the name listings give it (MODEL.N for one without an id, as from
+    /// -nic), or its netdev's id.
     pub fn nic(&self, name: &str) -> Option<&NicEntry> {
         self.nics
             .iter()
             .find(|n| n.config.id.as_deref() == Some(name))
+            .or_else(|| {
+                let i = (0..self.nics.len()).find(|&i| self.nic_name(i) == name)?;
+                Some(&self.nics[i])
+            })
             .or_else(|| self.nics.iter().find(|n| n.config.netdev == name))
     }
 
