@@ -609,7 +609,7 @@ fn a_fifo_to_write_waits_for_its_reader_but_not_through_sigterm() {
     let k = kernel();
     for daemonize in [false, true] {
         let mut cmd = std::process::Command::new(nicvm());
-        cmd.args(["-kernel", &k, "-nographic", "-pidfile", &f.path()]);
+        cmd.args(["-kernel", &k, "-display", "none", "-pidfile", &f.path()]);
         if daemonize {
             cmd.arg("-daemonize");
         }

@@ -315,6 +315,7 @@ fn parse_mem(val: &str, default: u64) -> Result<u64, CliErrorKind> {
 
 fn parse_size_mib(s: &str) -> Option<u64> {
     let (num, mult): (&str, f64) = match s.char_indices().last()? {
+        (i, 'b' | 'B') => (&s[..i], 1.0 / (1024.0 * 1024.0)),
         (i, 'k' | 'K') => (&s[..i], 1.0 / 1024.0),
         (i, 'm' | 'M') => (&s[..i], 1.0),
         (i, 'g' | 'G') => (&s[..i], 1024.0),
@@ -437,6 +438,8 @@ struct Builder<'a> {
     monitors: Vec<MonitorConfig>,
     /// `-chardev` ids and where they listen.
     chardevs: Vec<(String, Endpoint)>,
+    /// `-mon chardev=ID` given before its `-chardev`: (option, ID, mode, pretty).
+    mon_later: Vec<(String, String, MonitorMode, bool)>,
     start_paused: bool,
     incoming: Option<PathBuf>,
     save_on: Option<SaveOn>,
@@ -578,6 +581,7 @@ where
         notes: vec![],
         monitors: vec![],
         chardevs: vec![],
+        mon_later: vec![],
         start_paused: false,
         incoming: None,
         save_on: None,
@@ -741,11 +745,14 @@ where
                 if let Some(k) = kv.unknown_key(&[]) {
                     return err(&opt, OptionError::Unknown(k.into()));
                 }
-                let Some((_, endpoint)) = b.chardevs.iter().find(|(i, _)| *i == chardev) else {
-                    return err(&opt, CliErrorKind::UndefinedChardev(chardev));
-                };
-                let endpoint = endpoint.clone();
-                b.add_monitor(&opt, mode, endpoint, pretty)?;
+                match b.chardevs.iter().find(|(i, _)| *i == chardev) {
+                    Some((_, endpoint)) => {
+                        let endpoint = endpoint.clone();
+                        b.add_monitor(&opt, mode, endpoint, pretty)?;
+                    }
+                    // As QEMU: the -chardev may come later on the line.
+                    None => b.mon_later.push((opt.clone(), chardev, mode, pretty)),
+                }
             }
             "-daemonize" => b.daemonize = true,
             "-pidfile" => {
@@ -769,8 +776,8 @@ where
                 b.cpu_missing = missing;
             }
             "-enable-kvm" | "-display" | "-vga" | "-M" | "-machine" | "-accel" | "-snapshot"
-            | "-boot" | "-k" | "-no-hpet" | "-no-shutdown" | "-uuid" | "-rtc" | "-global"
-            | "-sandbox" | "-msg" | "-d" | "-D" | "-overcommit" => {
+            | "-boot" | "-k" | "-no-hpet" | "-no-acpi" | "-mem-prealloc" | "-no-shutdown"
+            | "-uuid" | "-rtc" | "-global" | "-sandbox" | "-msg" | "-d" | "-D" | "-overcommit" => {
                 let note = qemu_compat::machine_option(&opt, &val).or_else(|e| err(&opt, e))?;
                 b.note(&opt, &note);
             }
@@ -1043,6 +1050,24 @@ impl Builder<'_> {
                 });
             }
         }
+        if self.daemonize && self.nographic {
+            // As QEMU: a daemon has no stdio for -nographic's console and monitor.
+            return err(
+                "-daemonize",
+                CliErrorKind::Refused(
+                    "-nographic cannot be used with -daemonize (as in QEMU; -display none \
+                     gives no window either)"
+                        .into(),
+                ),
+            );
+        }
+        for (opt, id, mode, pretty) in std::mem::take(&mut self.mon_later) {
+            let Some((_, endpoint)) = self.chardevs.iter().find(|(i, _)| *i == id) else {
+                return err(&opt, CliErrorKind::UndefinedChardev(id));
+            };
+            let endpoint = endpoint.clone();
+            self.add_monitor(&opt, mode, endpoint, pretty)?;
+        }
         let mut serial = std::mem::replace(&mut self.serial, SerialTarget::None);
         if let Some(id) = self.serial_chardev.take() {
             match self.chardevs.iter().find(|(i, _)| *i == id) {
@@ -1055,15 +1080,9 @@ impl Builder<'_> {
         // option says otherwise. With the default serial port it shares stdio (mon:stdio:
         // Ctrl-a c for the monitor, Ctrl-a x to quit, on a pipe too); a -serial elsewhere
         // leaves stdio to the monitor alone. An explicit `-serial stdio` (which QEMU refuses
-        // next to -nographic) keeps stdio the guest's. Not for a daemon, whose stdio is gone
-        // (QEMU refuses -nographic with -daemonize).
+        // next to -nographic) keeps stdio the guest's. (A daemon was refused above.)
         let guest_has_stdio = self.serial_given && serial == SerialTarget::Stdio;
-        if self.nographic
-            && !self.nodefaults
-            && !guest_has_stdio
-            && !self.monitor_given
-            && !self.daemonize
-        {
+        if self.nographic && !self.nodefaults && !guest_has_stdio && !self.monitor_given {
             self.add_monitor("-nographic", MonitorMode::Readline, Endpoint::Stdio, false)?;
         }
         if let SerialTarget::Socket(e) = &serial {
@@ -1287,6 +1306,16 @@ fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>), CliErrorKind> 
         Endpoint::Unix(unix_socket_path(path)?)
     } else if let Some(hp) = head.strip_prefix("tcp:") {
         Endpoint::Tcp(tcp_addr(hp)?)
+    } else if let Some(hp) = head.strip_prefix("telnet:") {
+        // QEMU's telnet: a TCP server that negotiates the telnet protocol. nicvm speaks plain
+        // lines: a telnet client works the same (it sends plain lines too unless asked).
+        let note = listening(server, wait)?;
+        let telnet = "telnet: plain TCP (no telnet option negotiation)".to_string();
+        let note = Some(match note {
+            Some(n) => format!("{telnet}; {n}"),
+            None => telnet,
+        });
+        return Ok((Endpoint::Tcp(tcp_addr(hp)?), note));
     } else {
         return Err(CliErrorKind::BadChardev(spec.into()));
     };
@@ -1392,7 +1421,8 @@ fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>), CliEr
             Ok((id, endpoint, note))
         }
         Some(b) => Err(CliErrorKind::Refused(format!(
-            "backend '{b}' is not supported for monitors (socket, stdio)"
+            "backend '{b}' is not supported: nicvm's -chardev is socket or stdio (for a \
+             monitor or -serial chardev:ID); -serial takes file:PATH, pty and none itself"
         ))),
         None => Err(CliErrorKind::NoModel),
     }
@@ -1608,8 +1638,14 @@ mod tests {
         assert_eq!(run("-m 64 -kernel k").unwrap().mem_mib, 64);
         assert_eq!(run("--m 512M -kernel k").unwrap().mem_mib, 512);
         assert_eq!(run("-m size=2g -kernel k").unwrap().mem_mib, 2048);
+        assert_eq!(run("-m 134217728B -kernel k").unwrap().mem_mib, 128);
         assert_eq!(run("-smp cpus=3 -kernel k").unwrap().cpus, 3);
         // -cpu: the switches and what a feature not there comes to (the last -cpu wins).
+        let e = run("-kernel k -nographic -daemonize -serial none").unwrap_err();
+        assert_eq!(e.option, "-daemonize");
+        assert!(e
+            .to_string()
+            .contains("-nographic cannot be used with -daemonize"));
         let c = run("-cpu host,-avx -cpu max,-pcid,+x2apic,enforce -kernel k").unwrap();
         assert_eq!(c.cpu_features, [("pcid", false), ("x2apic", true)]);
         assert_eq!(c.cpu_missing, crate::cpuid::Missing::Refuse);
@@ -1958,7 +1994,6 @@ mod tests {
             "-kernel k -nographic -monitor none",
             "-kernel k -nographic -qmp unix:/tmp/q,server=on,wait=off",
             "-kernel k -nographic -nodefaults",
-            "-kernel k -nographic -daemonize -serial none",
         ] {
             assert!(!console_monitor(line), "{line}");
         }
@@ -2132,6 +2167,20 @@ mod tests {
         );
         assert_eq!(c.monitors[2].endpoint, Endpoint::Stdio);
         assert_eq!(c.monitors[2].mode, MonitorMode::Readline);
+        // -mon before its -chardev, as QEMU takes it; a telnet monitor is a TCP one.
+        let c = run(
+            "-kernel k -mon chardev=q,mode=control -chardev socket,id=q,path=/tmp/q,server=on,wait=off \
+                     -monitor telnet:127.0.0.1:5555,server,nowait",
+        )
+        .unwrap();
+        assert_eq!(c.monitors.len(), 2, "{:?}", c.monitors);
+        assert_eq!(
+            c.monitors[0].endpoint,
+            Endpoint::Tcp("127.0.0.1:5555".parse().unwrap())
+        );
+        assert_eq!(c.monitors[1].endpoint, Endpoint::Unix("/tmp/q".into()));
+        assert_eq!(c.monitors[1].mode, MonitorMode::Control);
+        assert_eq!(option_of("-kernel k -mon chardev=nope"), "-mon");
         let c = run("-kernel k -serial unix:/tmp/s.sock,server=on,wait=off").unwrap();
         assert_eq!(
             c.serial,

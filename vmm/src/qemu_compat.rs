@@ -81,6 +81,7 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
                 "mem-merge",
                 "kernel-irqchip",
                 "kernel_irqchip",
+                "acpi",
             ]) {
                 return Err(OptionError::Unknown(k.into()).into());
             }
@@ -92,6 +93,12 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
                     if v != "off" {
                         return Err(refused(format!("{k}={v}: nicvm's PC has no {k}")));
                     }
+                }
+            }
+            if let Some(v) = kv.get("acpi") {
+                // on or off: nicvm's PC has none either way (an on/off/auto value, though).
+                if v != "auto" {
+                    on_off("acpi", v)?;
                 }
             }
             for k in ["kernel-irqchip", "kernel_irqchip"] {
@@ -147,6 +154,10 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
         }
         "-k" => Ok("nicvm has no keyboard or display: the console is a serial line".into()),
         "-no-hpet" => Ok("nicvm's PC has no HPET".into()),
+        "-no-acpi" => Ok("nicvm's PC has no ACPI".into()),
+        "-mem-prealloc" => {
+            Ok("guest RAM is not touched ahead: KVM maps it as the guest uses it".into())
+        }
         "-no-shutdown" => Err(refused(
             "nicvm ends when the guest powers off; it cannot stay stopped instead",
         )),
@@ -672,6 +683,10 @@ mod tests {
             ("-boot", "order=n,menu=off"),
             ("-k", "en-us"),
             ("-no-hpet", ""),
+            ("-no-acpi", ""),
+            ("-mem-prealloc", ""),
+            ("-machine", "pc,acpi=off"),
+            ("-M", "q35,acpi=on,usb=off"),
             ("-uuid", "12345678-9abc-def0-1234-56789abcdef0"),
             ("-rtc", "base=utc"),
             ("-rtc", "base=utc,clock=host,driftfix=slew"),
@@ -695,6 +710,7 @@ mod tests {
             ("-M", "microvm"),
             ("-machine", "q35,accel=tcg"),
             ("-machine", "pc,bogus=1"),
+            ("-machine", "pc,acpi=maybe"),
             ("-accel", "tcg"),
             ("-cpu", "qemu64"),
             ("-cpu", "host,+bogus"),
