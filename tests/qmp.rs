@@ -514,7 +514,12 @@ fn hmp_over_a_socket() {
     let mut a: Vec<String> = args(&["-S", "-nographic"]);
     a.extend(args(&THREE_NICS));
     // A NIC without an id (as from -nic): listings call it e1000.1 (the second e1000).
-    a.extend(args(&["-netdev", "user,id=n4", "-device", "e1000,netdev=n4"]));
+    a.extend(args(&[
+        "-netdev",
+        "user,id=n4",
+        "-device",
+        "e1000,netdev=n4",
+    ]));
     a.extend(args(&[
         "-monitor",
         &format!("unix:{},server,nowait", sock.display()),
