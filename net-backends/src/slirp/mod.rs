@@ -453,9 +453,9 @@ pub struct SlirpBackend {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// A pending request for libslirp's connection table: the slirp thread takes the sender and
-/// answers on it.
-type InfoRequest = Arc<Mutex<Option<Sender<String>>>>;
+/// Pending requests for libslirp's connection table (two monitors may ask at once): the
+/// slirp thread takes the senders and answers on each.
+type InfoRequest = Arc<Mutex<Vec<Sender<String>>>>;
 
 impl Drop for SlirpBackend {
     fn drop(&mut self) {
@@ -741,7 +741,8 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
         if woken {
             let _ = wake.read();
         }
-        if let Some(answer) = info.lock().unwrap().take() {
+        let asked = std::mem::take(&mut *info.lock().unwrap());
+        if !asked.is_empty() {
             // SAFETY: slirp is live; the table is a NUL-terminated string libslirp allocated
             // with g_malloc (malloc since GLib 2.46), read once and freed here.
             let text = unsafe {
@@ -754,7 +755,9 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
                     s
                 }
             };
-            let _ = answer.send(text);
+            for answer in asked {
+                let _ = answer.send(text.clone());
+            }
         }
         // The guest's frames, taken in one go so that the I/O thread never waits for slirp;
         // the queues swap places, keeping their allocations.
@@ -862,7 +865,13 @@ impl NetBackend for SlirpBackend {
 
     fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>> {
         let (tx, rx) = channel();
-        *self.info.lock().unwrap() = Some(tx);
+        let mut asked = self.info.lock().unwrap();
+        // Bounded, should the thread not answer: the oldest callers gave up long ago.
+        if asked.len() >= 64 {
+            asked.remove(0);
+        }
+        asked.push(tx);
+        drop(asked);
         // The thread answers on its next turn, at once when woken.
         let _ = self.wake.write(1);
         Some(rx)
