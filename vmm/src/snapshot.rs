@@ -44,9 +44,10 @@ pub enum SnapshotError {
     },
     #[error("{}: not a nicvm snapshot", .0.display())]
     NotSnapshot(PathBuf),
-    #[error("{}: damaged snapshot ({what})", path.display())]
+    // `what` may quote the file (a field's name, a version string): shown escaped and cut.
+    #[error("{}: damaged snapshot ({})", path.display(), shown(what, 400))]
     Damaged { path: PathBuf, what: String },
-    #[error("{}: {what}", path.display())]
+    #[error("{}: {}", path.display(), shown(what, 400))]
     Incompatible { path: PathBuf, what: String },
     #[error("{0}")]
     Save(String),
@@ -656,13 +657,7 @@ impl Incoming {
     pub fn check_shape(&self, here: &MachineShape) -> Result<(), SnapshotError> {
         let saved = &self.state.machine;
         // What the file says is shown escaped and cut short: it may be anything.
-        let shown = |s: &str| -> String {
-            let e: String = s.escape_debug().collect();
-            match e.char_indices().nth(120) {
-                Some((i, _)) => format!("{}...", &e[..i]),
-                None => e,
-            }
-        };
+        let shown = |s: &str| shown(s, 120);
         let what = if saved.host != here.host {
             format!(
                 "saved on {}, this host has {}",
@@ -709,6 +704,23 @@ impl Incoming {
             path: self.head.path.clone(),
             what,
         })
+    }
+}
+
+/// `s` as a message may show text from a file: control characters escaped, and cut after
+/// `max` characters.
+fn shown(s: &str, max: usize) -> String {
+    let mut e = String::new();
+    for c in s.chars() {
+        if c.is_control() {
+            e.extend(c.escape_default());
+        } else {
+            e.push(c);
+        }
+    }
+    match e.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &e[..i]),
+        None => e,
     }
 }
 
@@ -875,6 +887,13 @@ mod tests {
             cpu.contains("saved with -cpu host, restoring with -cpu host,-avx"),
             "{cpu}"
         );
+        // Any message quoting the file too (a field's name in a parse error, a version).
+        let quoted = SnapshotError::Damaged {
+            path: "f".into(),
+            what: format!("unknown field `{}`", "\x1b]0;x\x07".repeat(10_000)),
+        }
+        .to_string();
+        assert!(!quoted.contains('\x1b') && quoted.len() < 600, "{quoted}");
         // What the file says is shown escaped and cut short.
         let mut odd = Incoming::open(&path).unwrap();
         odd.state.machine.host = "\x1b[2J".repeat(1000);
