@@ -449,15 +449,8 @@ fn qemu_options_that_contradict_the_machine() {
     );
     expect_error(&["-kernel", &k, "-net", "nic", "-net", "dump"], "-net");
     expect_error(
-        &[
-            "-kernel",
-            &k,
-            "-daemonize",
-            "-nographic",
-            "-serial",
-            "stdio",
-        ],
-        "-daemonize",
+        &["-kernel", &k, "-daemonize", "-serial", "stdio"],
+        "-daemonize: the serial console cannot be stdio",
     );
 }
 

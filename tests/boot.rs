@@ -290,25 +290,39 @@ fn terminal_console_escapes_and_restore() {
     assert!(out.contains("terminating on Ctrl-a x"), "{out}");
 }
 
-/// `-nographic` with the serial port in a file: the terminal is the human monitor's alone, as
-/// QEMU's plain stdio is — no Ctrl-a keys (Ctrl-a x is nothing), and Ctrl-C interrupts nicvm
-/// (before, a raw terminal swallowed Ctrl-C, and Ctrl-a c could hand stdin to a guest that
-/// never read it).
+/// QEMU's plain stdio on a terminal: no Ctrl-a keys (Ctrl-a x is nothing), and Ctrl-C
+/// interrupts nicvm. Two ways to it:
+/// - `-nographic` with the serial port in a file: the terminal is the human monitor's alone
+///   (before, a raw terminal swallowed Ctrl-C, and Ctrl-a c could hand stdin to a guest
+///   that never read it);
+/// - an explicit `-serial stdio`: the guest's alone (before, Ctrl-C went to the guest and
+///   Ctrl-a x quit, as on `mon:stdio`).
 #[test]
-fn a_monitor_alone_on_the_terminal_keeps_ctrl_c() {
+fn plain_stdio_on_a_terminal_keeps_ctrl_c() {
     let Some(img) = image() else { return };
+    let dir = std::env::temp_dir().join(format!("nicvm-console-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = format!("file:{}", dir.join("console").display());
+    let monitor = ["-nographic", "-serial", &file];
+    let out = ctrl_c_on_a_terminal(&img, &monitor, b"info status\r");
+    assert!(out.contains("VM status: paused (prelaunch)"), "{out}");
+    ctrl_c_on_a_terminal(&img, &["-serial", "stdio", "-display", "none"], b"");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs nicvm (stopped, `-S`) with `extra` on a pty that is its controlling terminal, types
+/// `typed` and then Ctrl-a x (which must do nothing) and Ctrl-C (which must end it), and
+/// returns what it wrote there.
+fn ctrl_c_on_a_terminal(img: &Image, extra: &[&str], typed: &[u8]) -> String {
     use std::io::{Read, Write};
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::os::unix::process::CommandExt;
     let (mut master, slave) = open_pty();
-    let dir = std::env::temp_dir().join(format!("nicvm-console-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let console = dir.join("console");
     let io = |fd: &OwnedFd| std::process::Stdio::from(fd.try_clone().unwrap());
     let mut cmd = std::process::Command::new(nicvm());
     cmd.args(["-kernel", &img.kernel.display().to_string(), "-S"])
-        .args(["-nographic", "-nic", "none", "-serial"])
-        .arg(format!("file:{}", console.display()))
+        .args(["-nic", "none"])
+        .args(extra)
         .env("NICVM_LOG", "warn")
         .stdin(io(&slave))
         .stdout(io(&slave))
@@ -329,24 +343,24 @@ fn a_monitor_alone_on_the_terminal_keeps_ctrl_c() {
     assert_ne!(
         term_modes(slave.as_raw_fd(), libc::ISIG),
         0,
-        "Ctrl-C still signals"
+        "{extra:?}: Ctrl-C still signals"
     );
-    master.write_all(b"info status\r\x01x").unwrap();
+    master.write_all(typed).unwrap();
+    master.write_all(b"\x01x").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(
         child.try_wait().unwrap().is_none(),
-        "Ctrl-a x means nothing to a monitor alone on stdio"
+        "{extra:?}: Ctrl-a x means nothing on plain stdio"
     );
     master.write_all(b"\x03").unwrap();
     let status = child.wait().unwrap();
     drop(slave);
     let mut out = Vec::new();
-    let _ = master.read_to_end(&mut out);
-    let out = String::from_utf8_lossy(&out);
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(out.contains("VM status: paused (prelaunch)"), "{out}");
-    assert!(out.contains("terminating on SIGINT"), "{out}");
-    assert!(status.success(), "{status:?}\n{out}");
+    let _ = master.read_to_end(&mut out); // ends with EIO once the slave side is closed
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.contains("terminating on SIGINT"), "{extra:?}: {out}");
+    assert!(status.success(), "{extra:?}: {status:?}\n{out}");
+    out
 }
 
 /// What `scripts/run` tells its users: `poweroff` typed at the guest's shell ends nicvm, as a

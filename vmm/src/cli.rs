@@ -268,7 +268,8 @@ Other:
   -h, --help             this text
   --version              version and what kind of KVM host this is
 
-Console: when stdin is a terminal, Ctrl-a x quits, Ctrl-a h lists the escapes.
+Console: when stdin is a terminal, Ctrl-a x quits, Ctrl-a h lists the escapes (not with
+the monitor alone there, as with -nographic -serial file:...: Ctrl-C quits).
 Exit status: 0 guest reboot/poweroff, user or monitor quit, SIGINT/TERM/HUP/USR1;
 1 bad options or setup failure;
 2 guest kernel panic; 3 guest crash (triple fault, emulation failure) or nicvm error.
@@ -1050,8 +1051,9 @@ impl Builder<'_> {
                 });
             }
         }
-        if self.daemonize && self.nographic {
-            // As QEMU: a daemon has no stdio for -nographic's console and monitor.
+        if self.daemonize && self.nographic && !self.nodefaults {
+            // As QEMU: a daemon has no stdio for -nographic's console and monitor (with
+            // -nodefaults there are none to give).
             return err(
                 "-daemonize",
                 CliErrorKind::Refused(
@@ -1122,6 +1124,12 @@ impl Builder<'_> {
                 );
             }
         }
+        // QEMU's stdio chardev lets Ctrl-C through (signal=on) unless it is mon:stdio, as
+        // -nographic's default console is.
+        let stdio_monitor = self.monitors.iter().any(|m| m.endpoint == Endpoint::Stdio);
+        let stdio_signals = serial == SerialTarget::Stdio
+            && !stdio_monitor
+            && (self.serial_given || self.nographic);
         Ok(Action::Run(Box::new(Config {
             mem_mib: self.mem_mib,
             cpus: self.cpus,
@@ -1131,6 +1139,7 @@ impl Builder<'_> {
             initrd: self.initrd,
             append: self.append,
             serial,
+            stdio_signals,
             name: self.name,
             netdevs: self.netdevs,
             nics,
@@ -1640,12 +1649,14 @@ mod tests {
         assert_eq!(run("-m size=2g -kernel k").unwrap().mem_mib, 2048);
         assert_eq!(run("-m 134217728B -kernel k").unwrap().mem_mib, 128);
         assert_eq!(run("-smp cpus=3 -kernel k").unwrap().cpus, 3);
-        // -cpu: the switches and what a feature not there comes to (the last -cpu wins).
+        // -nographic has no stdio to give a daemon.
         let e = run("-kernel k -nographic -daemonize -serial none").unwrap_err();
         assert_eq!(e.option, "-daemonize");
         assert!(e
             .to_string()
             .contains("-nographic cannot be used with -daemonize"));
+        assert!(run("-kernel k -nographic -daemonize -nodefaults").is_ok());
+        // -cpu: the switches and what a feature not there comes to (the last -cpu wins).
         let c = run("-cpu host,-avx -cpu max,-pcid,+x2apic,enforce -kernel k").unwrap();
         assert_eq!(c.cpu_features, [("pcid", false), ("x2apic", true)]);
         assert_eq!(c.cpu_missing, crate::cpuid::Missing::Refuse);
@@ -1986,6 +1997,22 @@ mod tests {
             "-kernel k -nographic -serial unix:/tmp/s,server=on,wait=off",
         ] {
             assert!(console_monitor(line), "{line}");
+        }
+        // Plain stdio (Ctrl-C ends nicvm, no Ctrl-a keys) where QEMU's stdio chardev is
+        // plain; not nicvm's default console or mon:stdio.
+        for (line, plain) in [
+            ("-kernel k", false),
+            ("-kernel k -nographic", false),
+            ("-kernel k -serial mon:stdio", false),
+            ("-kernel k -serial stdio", true),
+            (
+                "-kernel k -nographic -qmp unix:/tmp/q,server=on,wait=off",
+                true,
+            ),
+            ("-kernel k -nographic -monitor none", true),
+            ("-kernel k -serial file:/tmp/x", false),
+        ] {
+            assert_eq!(run(line).unwrap().stdio_signals, plain, "{line}");
         }
         for line in [
             "-kernel k",

@@ -175,8 +175,11 @@ pub fn pump_stdin(
     let mut escape_pending = false;
     loop {
         // While the guest has not taken what it was given, stdin is not read (a pipe's writer
-        // blocks), but the stop eventfd is still watched.
-        let busy = serial.lock().unwrap().input_pending() >= crate::serial_io::MAX_PENDING;
+        // blocks), but the stop eventfd is still watched. Not while stdin is the monitor's:
+        // a serial port that another client filled must not keep it from `cont`.
+        let monitor_has_it = monitor.as_ref().is_some_and(|m| m.active);
+        let busy = !monitor_has_it
+            && serial.lock().unwrap().input_pending() >= crate::serial_io::MAX_PENDING;
         let mut fds = [
             libc::pollfd {
                 // A negative fd is skipped (a hung-up stdin would wake poll at once).

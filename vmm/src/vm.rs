@@ -318,6 +318,8 @@ pub struct Vm {
     buses: Arc<Buses>,
     serial: Arc<Mutex<Serial>>,
     serial_target: SerialTarget,
+    /// Config::stdio_signals.
+    stdio_signals: bool,
     mem: GuestMemoryMmap,
     /// Held for what its Drop does: the netdevs' downscripts and files, after the devices.
     _guards: Guards,
@@ -664,6 +666,7 @@ impl Vm {
             buses: Arc::new(Buses { pio, mmio }),
             serial,
             serial_target: cfg.serial.clone(),
+            stdio_signals: cfg.stdio_signals,
             mem,
             _guards: guards,
             lifecycle,
@@ -732,7 +735,9 @@ impl Vm {
         if self.serial_target == SerialTarget::Stdio || self.console_monitor.is_some() {
             let tty = console::stdin_is_tty();
             let reader = match self.console_monitor.clone() {
-                None => console::StdinFor::Guest { escapes: tty },
+                None => console::StdinFor::Guest {
+                    escapes: tty && !self.stdio_signals,
+                },
                 Some(monitor) if self.serial_target == SerialTarget::Stdio => {
                     console::StdinFor::Shared {
                         monitor,
@@ -742,7 +747,7 @@ impl Vm {
                 Some(monitor) => console::StdinFor::Monitor(monitor),
             };
             if tty {
-                let signals = matches!(reader, console::StdinFor::Monitor(_));
+                let signals = self.stdio_signals || matches!(reader, console::StdinFor::Monitor(_));
                 if let Err(e) = console::enter_raw_mode(signals) {
                     log::warn!("cannot put the terminal in raw mode: {e}");
                 }

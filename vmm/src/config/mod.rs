@@ -32,6 +32,11 @@ pub struct Config {
     pub initrd: Option<PathBuf>,
     pub append: String,
     pub serial: SerialTarget,
+    /// The serial console on stdio alone as QEMU's plain `stdio` (an explicit `-serial
+    /// stdio`, or `-nographic` with its monitor elsewhere): Ctrl-C ends nicvm and there are
+    /// no Ctrl-a keys. Otherwise (nicvm's default console, `mon:stdio`) Ctrl-C goes to the
+    /// guest and Ctrl-a x quits.
+    pub stdio_signals: bool,
     pub name: Option<String>,
     pub netdevs: Vec<NetdevConfig>,
     pub nics: Vec<NicConfig>,
