@@ -446,6 +446,8 @@ struct Builder<'a> {
     save_on: Option<SaveOn>,
     /// `-serial chardev:ID`.
     serial_chardev: Option<String>,
+    /// `-chardev stdio,signal=on|off`.
+    stdio_signal: Option<bool>,
 }
 
 /// A netdev from `origin` (`-netdev`, `-nic`, `-net`), every option checked. Errors in its
@@ -587,6 +589,7 @@ where
         incoming: None,
         save_on: None,
         serial_chardev: None,
+        stdio_signal: None,
     };
     let mut args = args.into_iter();
     let mut seq = 0usize;
@@ -700,6 +703,13 @@ where
                 }
                 if b.chardevs.iter().any(|(i, _)| *i == id) {
                     return err(&opt, CliErrorKind::DuplicateId(id));
+                }
+                if endpoint == Endpoint::Stdio {
+                    // signal=on|off (checked by chardev_option): whether Ctrl-C ends nicvm.
+                    let kv = KeyVal::parse(&val, Some("backend")).or_else(|e| err(&opt, e))?;
+                    if let Some(v) = kv.get("signal") {
+                        b.stdio_signal = Some(on_off("signal", v).or_else(|e| err(&opt, e))?);
+                    }
                 }
                 b.chardevs.push((id, endpoint));
             }
@@ -1125,11 +1135,14 @@ impl Builder<'_> {
             }
         }
         // QEMU's stdio chardev lets Ctrl-C through (signal=on) unless it is mon:stdio, as
-        // -nographic's default console is.
+        // -nographic's default console is, or a -chardev stdio says signal=off.
         let stdio_monitor = self.monitors.iter().any(|m| m.endpoint == Endpoint::Stdio);
-        let stdio_signals = serial == SerialTarget::Stdio
-            && !stdio_monitor
-            && (self.serial_given || self.nographic);
+        let plain = if stdio_monitor {
+            serial != SerialTarget::Stdio
+        } else {
+            serial == SerialTarget::Stdio && (self.serial_given || self.nographic)
+        };
+        let stdio_signals = self.stdio_signal.unwrap_or(plain);
         Ok(Action::Run(Box::new(Config {
             mem_mib: self.mem_mib,
             cpus: self.cpus,
@@ -1397,7 +1410,9 @@ fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>), CliEr
     };
     match kv.first.as_deref() {
         Some("stdio") => {
-            kv.remove("signal");
+            if let Some(v) = kv.remove("signal") {
+                on_off("signal", &v)?;
+            }
             kv.remove("mux");
             if let Some(k) = kv.unknown_key(&[]) {
                 return Err(OptionError::Unknown(k.into()).into());
@@ -2011,9 +2026,27 @@ mod tests {
             ),
             ("-kernel k -nographic -monitor none", true),
             ("-kernel k -serial file:/tmp/x", false),
+            ("-kernel k -nographic -serial file:/tmp/x", true),
+            ("-kernel k -monitor stdio -serial none", true),
+            (
+                "-kernel k -chardev stdio,id=c,signal=off -serial chardev:c",
+                false,
+            ),
+            (
+                "-kernel k -chardev stdio,id=c,signal=off -mon chardev=c -serial none",
+                false,
+            ),
+            (
+                "-kernel k -chardev stdio,id=c,mux=on,signal=on -serial chardev:c -mon chardev=c",
+                true,
+            ),
         ] {
             assert_eq!(run(line).unwrap().stdio_signals, plain, "{line}");
         }
+        assert_eq!(
+            option_of("-kernel k -chardev stdio,id=c,signal=maybe"),
+            "-chardev"
+        );
         for line in [
             "-kernel k",
             "-kernel k -nographic -serial stdio",

@@ -747,8 +747,7 @@ impl Vm {
                 Some(monitor) => console::StdinFor::Monitor(monitor),
             };
             if tty {
-                let signals = self.stdio_signals || matches!(reader, console::StdinFor::Monitor(_));
-                if let Err(e) = console::enter_raw_mode(signals) {
+                if let Err(e) = console::enter_raw_mode(self.stdio_signals) {
                     log::warn!("cannot put the terminal in raw mode: {e}");
                 }
             }

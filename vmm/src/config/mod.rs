@@ -32,10 +32,11 @@ pub struct Config {
     pub initrd: Option<PathBuf>,
     pub append: String,
     pub serial: SerialTarget,
-    /// The serial console on stdio alone as QEMU's plain `stdio` (an explicit `-serial
-    /// stdio`, or `-nographic` with its monitor elsewhere): Ctrl-C ends nicvm and there are
-    /// no Ctrl-a keys. Otherwise (nicvm's default console, `mon:stdio`) Ctrl-C goes to the
-    /// guest and Ctrl-a x quits.
+    /// Ctrl-C on stdio ends nicvm, as on QEMU's plain `stdio` (signal=on): the serial console
+    /// there alone from an explicit `-serial stdio` (or `-nographic` with its monitor
+    /// elsewhere), or a monitor there alone; or what `-chardev stdio,signal=` says. The
+    /// serial console alone then has no Ctrl-a keys. Otherwise (nicvm's default console,
+    /// `mon:stdio`) Ctrl-C goes to the guest and Ctrl-a x quits.
     pub stdio_signals: bool,
     pub name: Option<String>,
     pub netdevs: Vec<NetdevConfig>,
