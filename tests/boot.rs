@@ -202,6 +202,47 @@ fn guest_panic_is_a_failure_with_the_reason() {
     assert!(o.stderr.contains("guest kernel panicked"), "{}", o.dump());
 }
 
+/// A nicvm the test started: killed and reaped when the test ends, also when it fails.
+struct Reaped(std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A directory of the test's, removed with what is in it when the test ends, also when it
+/// fails.
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new(tag: &str) -> ScratchDir {
+        let d = std::env::temp_dir().join(format!("nicvm-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        ScratchDir(d)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A pseudo-terminal: its master side, and the slave side a nicvm gets as its terminal.
 fn open_pty() -> (std::fs::File, std::os::fd::OwnedFd) {
     use std::os::fd::{FromRawFd, OwnedFd};
@@ -254,26 +295,28 @@ fn terminal_console_escapes_and_restore() {
     let before = modes(slave.as_raw_fd());
     assert_ne!(before, 0, "a fresh pty is canonical with echo");
     let io = |fd: &OwnedFd| std::process::Stdio::from(fd.try_clone().unwrap());
-    let mut child = std::process::Command::new(nicvm())
-        .args([
-            "-kernel",
-            &img.kernel.display().to_string(),
-            "-initrd",
-            &img.initrd.display().to_string(),
-        ])
-        .args([
-            "-append",
-            "console=ttyS0 quiet nicvm.run=sleep:600",
-            "-nographic",
-            "-nic",
-            "none",
-        ])
-        .env("NICVM_LOG", "warn")
-        .stdin(io(&slave))
-        .stdout(io(&slave))
-        .stderr(io(&slave))
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        std::process::Command::new(nicvm())
+            .args([
+                "-kernel",
+                &img.kernel.display().to_string(),
+                "-initrd",
+                &img.initrd.display().to_string(),
+            ])
+            .args([
+                "-append",
+                "console=ttyS0 quiet nicvm.run=sleep:600",
+                "-nographic",
+                "-nic",
+                "none",
+            ])
+            .env("NICVM_LOG", "warn")
+            .stdin(io(&slave))
+            .stdout(io(&slave))
+            .stderr(io(&slave))
+            .spawn()
+            .unwrap(),
+    );
     // Wait for raw mode, then ask for help and quit.
     wait_for_raw_mode(slave.as_raw_fd());
     master.write_all(b"\x01h").unwrap();
@@ -300,14 +343,12 @@ fn terminal_console_escapes_and_restore() {
 #[test]
 fn plain_stdio_on_a_terminal_keeps_ctrl_c() {
     let Some(img) = image() else { return };
-    let dir = std::env::temp_dir().join(format!("nicvm-console-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = format!("file:{}", dir.join("console").display());
+    let dir = ScratchDir::new("console");
+    let file = format!("file:{}", dir.0.join("console").display());
     let monitor = ["-nographic", "-serial", &file];
     let out = ctrl_c_on_a_terminal(&img, &monitor, b"info status\r");
     assert!(out.contains("VM status: paused (prelaunch)"), "{out}");
     ctrl_c_on_a_terminal(&img, &["-serial", "stdio", "-display", "none"], b"");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Runs nicvm (stopped, `-S`) with `extra` on a pty that is its controlling terminal, types
@@ -337,7 +378,7 @@ fn ctrl_c_on_a_terminal(img: &Image, extra: &[&str], typed: &[u8]) -> String {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = Reaped(cmd.spawn().unwrap());
     drop(cmd); // its copies of the pty's slave side: the master reads to the end once closed
     wait_for_raw_mode(slave.as_raw_fd());
     assert_ne!(
@@ -369,17 +410,19 @@ fn ctrl_c_on_a_terminal(img: &Image, extra: &[&str], typed: &[u8]) -> String {
 fn poweroff_typed_at_the_guest_shell_ends_nicvm() {
     let Some(img) = image() else { return };
     use std::io::{BufRead, Write};
-    let mut child = std::process::Command::new(nicvm())
-        .args(boot_args(
-            &img,
-            "nicvm.dhcp=off nicvm.run=shell",
-            &["-nic", "none"],
-        ))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        std::process::Command::new(nicvm())
+            .args(boot_args(
+                &img,
+                "nicvm.dhcp=off nicvm.run=shell",
+                &["-nic", "none"],
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let out = child.stdout.take().unwrap();
     let (tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
