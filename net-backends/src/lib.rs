@@ -19,6 +19,7 @@ pub mod slirp;
 pub mod stream;
 mod sys;
 pub mod tap;
+mod uring;
 pub mod vde;
 pub mod vnet;
 
@@ -85,6 +86,15 @@ pub trait NetBackend: Send {
     /// writable"; nothing was sent.
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()>;
 
+    /// Sends frames given back to back: `iov` holds the pieces of all of them, frame `i`'s
+    /// ending where `ends[i]` says (each end at or after the one before, none past `iov`).
+    /// One result per frame goes to `out`, in order, up to and including the first
+    /// `WouldBlock`: that frame and the ones after it were not sent. The default sends them
+    /// one by one; a backend that can hand the kernel many frames in one call does so.
+    fn send_batch(&mut self, iov: &[IoSlice<'_>], ends: &[usize], out: &mut Vec<io::Result<()>>) {
+        send_each(self, iov, ends, out)
+    }
+
     /// Receives one frame into `buf` without blocking; `Ok(None)` when none is waiting.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
 
@@ -132,6 +142,28 @@ pub trait NetBackend: Send {
     /// written. Backends with one queue ignore it.
     fn set_queue_enabled(&mut self, _on: bool) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// [`NetBackend::send_batch`] one frame at a time, through [`NetBackend::send`].
+pub fn send_each<B: NetBackend + ?Sized>(
+    backend: &mut B,
+    iov: &[IoSlice<'_>],
+    ends: &[usize],
+    out: &mut Vec<io::Result<()>>,
+) {
+    let mut start = 0;
+    for &end in ends {
+        let r = match iov.get(start..end) {
+            Some(frame) => backend.send(frame),
+            None => Err(io::Error::from(io::ErrorKind::InvalidInput)),
+        };
+        start = end.max(start);
+        let blocked = matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        out.push(r);
+        if blocked {
+            return;
+        }
     }
 }
 

@@ -19,7 +19,7 @@
 //!   nothing waits in the stage (no buffers: frames wait in the backend, not in nicvm), and for
 //!   writing while a send was refused.
 
-use super::NicStats;
+use super::{guest_iov, NicStats};
 use crate::pci::{PciConfig, PciDevice};
 use crate::snapshot::{RestoreError, State};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -273,6 +273,11 @@ pub struct NetPort {
     errors: GuestErrors,
     /// Frames handed to the backend, whatever became of them (what a transmit walk bounds).
     sends: u64,
+    /// Scratch for [`NetPort::send_batch`], kept for its allocations: the backend's answers,
+    /// and the batch with headers added.
+    batch_results: Vec<io::Result<()>>,
+    batch_iov: Vec<IoSlice<'static>>,
+    batch_ends: Vec<usize>,
 }
 
 /// An empty virtio-net header for backends that need one in front of every frame.
@@ -315,6 +320,9 @@ impl NetPort {
             stats: NicStats::default(),
             errors: GuestErrors::default(),
             sends: 0,
+            batch_results: Vec::new(),
+            batch_iov: Vec::new(),
+            batch_ends: Vec::new(),
         })
     }
 
@@ -446,6 +454,54 @@ impl NetPort {
         } else {
             q.backend.send(frame)
         };
+        self.sent(r, frame)
+    }
+
+    /// Hands a batch of frames to the backend at once (fewer system calls than frames where
+    /// the backend can): `iov` holds their pieces back to back, frame `i` ending where
+    /// `ends[i]` says, as [`NetBackend::send_batch`] takes them. Returns how many were taken
+    /// (sent, or lost as on a wire); fewer than `ends.len()` when the backend filled up: the
+    /// rest were not sent, [`NetPort::tx_blocked`] says so, and the model's `transmit` runs
+    /// again when the backend drains.
+    pub fn send_batch(&mut self, iov: &[IoSlice<'_>], ends: &[usize]) -> usize {
+        self.sends = self.sends.wrapping_add(ends.len() as u64);
+        let mut results = std::mem::take(&mut self.batch_results);
+        results.clear();
+        let q = &mut self.queues[self.cur];
+        if self.hdr == Hdr::Hide {
+            // An empty header in front of each frame, for the backend that carries one.
+            let mut with = guest_iov::recycle(std::mem::take(&mut self.batch_iov));
+            let mut with_ends = std::mem::take(&mut self.batch_ends);
+            with_ends.clear();
+            let mut start = 0;
+            for &end in ends {
+                with.push(IoSlice::new(&NO_VNET_HDR));
+                with.extend_from_slice(iov.get(start..end).unwrap_or(&[]));
+                with_ends.push(with.len());
+                start = end.max(start);
+            }
+            q.backend.send_batch(&with, &with_ends, &mut results);
+            self.batch_iov = guest_iov::recycle(with);
+            self.batch_ends = with_ends;
+        } else {
+            q.backend.send_batch(iov, ends, &mut results);
+        }
+        let mut taken = 0;
+        let mut start = 0;
+        for (r, &end) in results.drain(..).zip(ends) {
+            let frame = iov.get(start..end).unwrap_or(&[]);
+            start = end.max(start);
+            if self.sent(r, frame) == Sent::Blocked {
+                break;
+            }
+            taken += 1;
+        }
+        self.batch_results = results;
+        taken
+    }
+
+    /// What the backend's answer to a frame (`frame`: as the model gave it) makes of it.
+    fn sent(&mut self, r: io::Result<()>, frame: &[IoSlice<'_>]) -> Sent {
         match r {
             Ok(()) => {
                 let bytes: usize = frame.iter().map(|p| p.len()).sum();

@@ -22,7 +22,7 @@
 use super::transport::*;
 use super::*;
 use crate::interrupt::{IntxLine, IrqChip};
-use crate::net::{guest_iov, NetPort, NicModel, Rx, RxFilter, Sent};
+use crate::net::{guest_iov, NetPort, NicModel, Rx, RxFilter};
 use crate::pci::{BarKind, Msix, PciConfig};
 use crate::snapshot::{RestoreError, State};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
@@ -66,6 +66,8 @@ pub const MAX_VECTORS: u16 = (MSIX_PBA / 16) as u16;
 /// TX chains handled per event; the rest wait for the next turn of the I/O thread, which the
 /// device asks for through its port.
 const TX_BUDGET: usize = QUEUE_MAX as usize;
+/// TX frames handed to the port together (one system call for all of them on a tap).
+const TX_BATCH: usize = 64;
 /// Times one frame is offered to the guest's RX buffers in one event (each after asking to be
 /// notified of more and finding that some came in meanwhile).
 const RX_TRIES: usize = 4;
@@ -156,8 +158,10 @@ pub struct VirtioNet {
 
     rx_heads: Vec<(u16, u32)>,
     rx_hdr_pieces: Vec<(vm_memory::GuestAddress, usize, usize)>,
-    /// The I/O vectors of the TX frame going out (kept for their allocation).
+    /// The I/O vectors of the TX frames going out, and where each ends (kept for their
+    /// allocations).
     tx_iov: Vec<IoSlice<'static>>,
+    tx_batch: TxBatch,
 }
 
 impl VirtioNet {
@@ -273,7 +277,8 @@ impl VirtioNet {
             interrupts: 0,
             rx_heads: Vec::with_capacity(64),
             rx_hdr_pieces: Vec::with_capacity(4),
-            tx_iov: Vec::with_capacity(32),
+            tx_iov: Vec::with_capacity(4 * TX_BATCH),
+            tx_batch: TxBatch::default(),
         })
     }
 
@@ -458,6 +463,7 @@ impl VirtioNet {
                 &mut budget,
                 &mut used,
                 &mut iov,
+                &mut self.tx_batch,
             );
             self.tx_iov = guest_iov::recycle(iov);
             if let Err(what) = r {
@@ -1356,9 +1362,13 @@ impl NicModel for VirtioNet {
 #[cfg(any(test, feature = "test-drivers"))]
 pub mod driver;
 
-/// Sends the chains waiting in the TX queue, at most `budget` of them, each straight from the
-/// guest's buffers (the virtio-net header dropped when the backend carries none). Stops early
-/// when the backend is full, putting the chain back. `iov` is scratch for a frame's pieces.
+/// Sends the frames of the TX chains waiting in `q`, at most `budget` chains (counted down),
+/// gathered [`TX_BATCH`] at a time and handed to the port together; each chain's buffers go
+/// as they lie in guest memory and are returned to the driver (`used` set) only once the
+/// backend has taken the frame. Chains the backend had no room for are put back; the port
+/// calls `transmit` again when it drains. A malformed chain ends the walk with its error,
+/// after the frames before it went.
+#[allow(clippy::too_many_arguments)]
 fn transmit_chains<'m>(
     mem: &'m GuestMemoryMmap,
     q: &mut Queue,
@@ -1367,46 +1377,91 @@ fn transmit_chains<'m>(
     budget: &mut usize,
     used: &mut bool,
     iov: &mut Vec<IoSlice<'m>>,
+    batch: &mut TxBatch,
 ) -> Result<(), &'static str> {
     while *budget > 0 {
-        let Some(chain) = q.pop_descriptor_chain(mem) else {
-            return Ok(());
-        };
-        *budget -= 1;
-        let head = chain.head_index();
         iov.clear();
-        // Header bytes still to leave out of the frame.
-        let mut skip = if vnet_hdr { 0 } else { VNET_HDR_LEN };
-        let mut total = 0usize;
-        for d in chain {
-            let len = d.len() as usize;
-            total += len;
-            if d.is_write_only() || total > MAX_FRAME || iov.len() == MAX_TX_PIECES {
-                return Err("malformed TX descriptor chain");
+        batch.ends.clear();
+        batch.heads.clear();
+        let mut malformed = None;
+        while batch.heads.len() < TX_BATCH && *budget > 0 {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
+            *budget -= 1;
+            let head = chain.head_index();
+            let start = iov.len();
+            if let Err(what) = gather_chain(mem, chain, vnet_hdr, iov, start) {
+                iov.truncate(start);
+                malformed = Some(what);
+                break;
             }
-            let s = skip.min(len);
-            skip -= s;
-            // The header's bytes are left out, yet must be guest memory like the rest.
-            let addr = d.addr().checked_add(s as u64);
-            if !addr.is_some_and(|a| guest_iov::push(mem, a, len - s, iov))
-                || (s > 0 && !guest_iov::is_memory(mem, d.addr(), s))
-            {
-                return Err("malformed TX descriptor chain");
-            }
+            batch.heads.push(head);
+            batch.ends.push(iov.len());
         }
-        if total < VNET_HDR_LEN {
-            return Err("malformed TX descriptor chain");
+        if batch.heads.is_empty() {
+            return malformed.map_or(Ok(()), Err);
         }
-        if port.send(iov) == Sent::Blocked {
-            // Put the chain back; the port calls transmit() when the backend drains.
-            q.set_next_avail(q.next_avail().wrapping_sub(1));
+        let taken = port.send_batch(iov, &batch.ends);
+        for &head in &batch.heads[..taken] {
+            q.add_used(mem, head, 0)
+                .map_err(|_| "TX used ring unwritable")?;
+            *used = true;
+        }
+        if taken < batch.heads.len() {
+            // Put the rest back (a malformed chain too: it is seen again, and reported, when
+            // the walk gets that far); the port calls transmit() when the backend drains.
+            let back = batch.heads.len() - taken + malformed.is_some() as usize;
+            q.set_next_avail(q.next_avail().wrapping_sub(back as u16));
             return Ok(());
         }
-        q.add_used(mem, head, 0)
-            .map_err(|_| "TX used ring unwritable")?;
-        *used = true;
+        if let Some(what) = malformed {
+            return Err(what);
+        }
     }
     Ok(())
+}
+
+/// Appends one TX chain's frame to `iov` (its pieces from `start` on): the buffers as they
+/// lie in guest memory, without the virtio-net header when the backend carries none.
+fn gather_chain<'m>(
+    mem: &'m GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&'m GuestMemoryMmap>,
+    vnet_hdr: bool,
+    iov: &mut Vec<IoSlice<'m>>,
+    start: usize,
+) -> Result<(), &'static str> {
+    // Header bytes still to leave out of the frame.
+    let mut skip = if vnet_hdr { 0 } else { VNET_HDR_LEN };
+    let mut total = 0usize;
+    for d in chain {
+        let len = d.len() as usize;
+        total += len;
+        if d.is_write_only() || total > MAX_FRAME || iov.len() - start == MAX_TX_PIECES {
+            return Err("malformed TX descriptor chain");
+        }
+        let s = skip.min(len);
+        skip -= s;
+        // The header's bytes are left out, yet must be guest memory like the rest.
+        let addr = d.addr().checked_add(s as u64);
+        if !addr.is_some_and(|a| guest_iov::push(mem, a, len - s, iov))
+            || (s > 0 && !guest_iov::is_memory(mem, d.addr(), s))
+        {
+            return Err("malformed TX descriptor chain");
+        }
+    }
+    if total < VNET_HDR_LEN {
+        return Err("malformed TX descriptor chain");
+    }
+    Ok(())
+}
+
+/// What a TX walk keeps between batches (for the allocations): each frame's end in the
+/// pieces, and its chain's head.
+#[derive(Default)]
+struct TxBatch {
+    ends: Vec<usize>,
+    heads: Vec<u16>,
 }
 
 #[cfg(test)]

@@ -199,6 +199,79 @@ fn tx_waits_when_the_backend_is_full() {
     assert_eq!(d.used(TX).len(), 1);
 }
 
+/// A backend with room for `room` more frames (then WouldBlock until given more).
+struct Room {
+    inner: net_backends::mem::MemBackend,
+    room: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl NetBackend for Room {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn send(&mut self, frame: &[std::io::IoSlice<'_>]) -> io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.room.load(Relaxed) == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.room.fetch_sub(1, Relaxed);
+        self.inner.send(frame)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.inner.recv(buf)
+    }
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.inner.fd()
+    }
+}
+
+/// Frames go to the backend in batches: one that fills up part way through takes the first
+/// frames of a batch, and only their chains are returned; the rest follow, in order, when it
+/// drains.
+#[test]
+fn tx_a_backend_that_fills_part_way_through_a_batch() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (b, peer) = pair(PLAIN);
+    let room = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(2));
+    let backend = Room {
+        inner: b,
+        room: room.clone(),
+    };
+    let mut d = Driver::start(Box::new(backend), BASE);
+    let frames: Vec<Vec<u8>> = (0..5).map(|i| frame(60 + i, i as u8)).collect();
+    for f in &frames {
+        d.post(TX, &[&[0u8; VNET_HDR_LEN], f], false);
+    }
+    let want = d.dev.handle(NetEvent::TxKick);
+    assert!(want.writable, "waits for the backend to drain");
+    assert_eq!(peer.take_sent(), frames[..2].to_vec());
+    assert_eq!(
+        d.used(TX).len(),
+        2,
+        "only the chains of the frames that went"
+    );
+    room.store(10, Relaxed);
+    d.dev.handle(NetEvent::Backend);
+    assert_eq!(peer.take_sent(), frames[2..].to_vec(), "the rest, in order");
+    assert_eq!(d.used(TX).len(), 5);
+    assert_eq!(d.dev.stats().tx_frames, 5);
+}
+
+/// The frames before a malformed chain in one batch still go; the malformed one is a device
+/// error.
+#[test]
+fn tx_frames_before_a_malformed_chain_go_out() {
+    let mut d = started(PLAIN, BASE);
+    let f = frame(60, 1);
+    d.post(TX, &[&[0u8; VNET_HDR_LEN], &f], false);
+    // A chain shorter than a header.
+    d.post(TX, &[&[0u8; 4]], false);
+    d.dev.handle(NetEvent::TxKick);
+    assert_eq!(d.peer.take_sent(), vec![f]);
+    assert_eq!(d.used(TX).len(), 1);
+    assert!(needs_reset(&mut d));
+}
+
 #[test]
 fn rx_one_buffer_per_frame_without_mrg_rxbuf() {
     let mut d = started(PLAIN, BASE);

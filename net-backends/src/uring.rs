@@ -1,0 +1,127 @@
+//! Many frames to one fd in one system call: the writes of a batch go to the kernel through an
+//! io_uring, [`BATCH`] per `io_uring_enter`, where `write`/`writev` would take one call each.
+//! Every write carries RWF_NOWAIT, so the kernel does it at once or answers EAGAIN at once: a
+//! full fd never parks a write in the ring, and the call returns with every frame answered.
+
+use io_uring::{opcode, types, IoUring};
+use std::io::{self, IoSlice};
+use std::os::fd::RawFd;
+
+/// Writes one `io_uring_enter` carries at most.
+pub(crate) const BATCH: usize = 64;
+
+/// An io_uring with one fd registered, for frame writes to it.
+pub(crate) struct TxRing {
+    ring: IoUring,
+    /// The pieces of the frames in flight: every write's `iovec`s, frame after frame.
+    iovecs: Vec<libc::iovec>,
+    /// Each write's result, by its place in the batch.
+    results: [i32; BATCH],
+}
+
+// SAFETY: the raw pointers in `iovecs` are scratch for one `write` call, which sets them and
+// has the kernel done with them before it returns; between calls nothing reads them, so the
+// ring may move to another thread with them.
+unsafe impl Send for TxRing {}
+
+impl TxRing {
+    /// A ring for writes to `fd` (which must stay open while the ring lives). Fails where the
+    /// kernel has no io_uring or refuses it (a sysctl, a seccomp filter): writes then go one
+    /// by one.
+    pub(crate) fn new(fd: RawFd) -> io::Result<TxRing> {
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .build(BATCH as u32)?;
+        ring.submitter().register_files(&[fd])?;
+        Ok(TxRing {
+            ring,
+            iovecs: Vec::with_capacity(4 * BATCH),
+            results: [0; BATCH],
+        })
+    }
+
+    /// Writes the frames `ends` marks in `iov` ([`crate::NetBackend::send_batch`]'s form, the
+    /// first one beginning at `start`), each with `hdr` in front when there is one, at most
+    /// [`BATCH`] of them. Pieces that lie
+    /// back to back in memory go as one. Each write's result goes to `out` as the kernel gave
+    /// it (bytes written, or a negative errno); an error means the ring failed and nothing
+    /// in `out` is to be trusted.
+    pub(crate) fn write(
+        &mut self,
+        hdr: Option<&[u8]>,
+        iov: &[IoSlice<'_>],
+        mut start: usize,
+        ends: &[usize],
+        out: &mut Vec<i32>,
+    ) -> io::Result<()> {
+        let n = ends.len().min(BATCH);
+        // Reserved first: the ring's entries point into this vector, which must not move.
+        self.iovecs.clear();
+        self.iovecs
+            .reserve(iov.len() + n * (1 + hdr.is_some() as usize));
+        let mut spans = [(0usize, 0usize); BATCH];
+        for (span, &end) in spans.iter_mut().zip(&ends[..n]) {
+            let frame = iov.get(start..end).unwrap_or(&[]);
+            start = end.max(start);
+            let first = self.iovecs.len();
+            for s in hdr.iter().copied().chain(frame.iter().map(|s| &**s)) {
+                if s.is_empty() {
+                    continue;
+                }
+                if let Some(last) = self.iovecs[first..].last_mut() {
+                    if (last.iov_base as usize).checked_add(last.iov_len)
+                        == Some(s.as_ptr() as usize)
+                    {
+                        last.iov_len += s.len();
+                        continue;
+                    }
+                }
+                self.iovecs.push(libc::iovec {
+                    iov_base: s.as_ptr() as *mut libc::c_void,
+                    iov_len: s.len(),
+                });
+            }
+            *span = (first, self.iovecs.len() - first);
+        }
+        {
+            let mut sq = self.ring.submission();
+            for (i, &(first, len)) in spans[..n].iter().enumerate() {
+                let entry = if len == 1 {
+                    let v = self.iovecs[first];
+                    opcode::Write::new(types::Fixed(0), v.iov_base as *const u8, v.iov_len as u32)
+                        .rw_flags(libc::RWF_NOWAIT)
+                        .build()
+                } else {
+                    // An empty frame is a zero-piece writev: the kernel refuses it, as it
+                    // would the same writev made directly.
+                    opcode::Writev::new(types::Fixed(0), self.iovecs[first..].as_ptr(), len as u32)
+                        .rw_flags(libc::RWF_NOWAIT)
+                        .build()
+                };
+                let entry = entry.user_data(i as u64);
+                // SAFETY: the entry points at `iovecs` (not moved or changed until every
+                // write has completed: `submit_and_wait` below waits for all of them) and,
+                // through it, at the bytes of `hdr` and `iov`, which the caller's borrow
+                // keeps alive for this call. The queue holds BATCH entries and was empty.
+                unsafe { sq.push(&entry) }.map_err(|_| io::Error::other("io_uring full"))?;
+            }
+        }
+        let mut done = 0;
+        self.results[..n].fill(0);
+        while done < n {
+            match self.ring.submit_and_wait(n - done) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for c in self.ring.completion() {
+                if let Some(r) = self.results.get_mut(c.user_data() as usize) {
+                    *r = c.result();
+                }
+                done += 1;
+            }
+        }
+        out.extend_from_slice(&self.results[..n]);
+        Ok(())
+    }
+}
