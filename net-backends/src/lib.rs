@@ -98,6 +98,22 @@ pub trait NetBackend: Send {
     /// Receives one frame into `buf` without blocking; `Ok(None)` when none is waiting.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
 
+    /// Receives up to `n` frames without blocking, each into a slot of `slab` (slot `i`:
+    /// `slot` bytes from `i * slot`; `n` slots at most, and no more than `slab` holds). Each
+    /// frame's slot and length go to `frames` (a length may exceed `slot`, as `recv`'s may
+    /// exceed its buffer). Stops once none is waiting. An error is returned only when it
+    /// came before any frame. The default reads them one by one; a backend that can ask the
+    /// kernel for many frames in one call does so.
+    fn recv_batch(
+        &mut self,
+        slab: &mut [u8],
+        slot: usize,
+        n: usize,
+        frames: &mut Vec<(usize, usize)>,
+    ) -> io::Result<()> {
+        recv_each(self, slab, slot, n, frames)
+    }
+
     /// Readable when `recv` may have a frame; writable when `send` may succeed again.
     fn fd(&self) -> RawFd;
 
@@ -165,6 +181,32 @@ pub fn send_each<B: NetBackend + ?Sized>(
             return;
         }
     }
+}
+
+/// [`NetBackend::recv_batch`] one frame at a time, through [`NetBackend::recv`].
+pub fn recv_each<B: NetBackend + ?Sized>(
+    backend: &mut B,
+    slab: &mut [u8],
+    slot: usize,
+    n: usize,
+    frames: &mut Vec<(usize, usize)>,
+) -> io::Result<()> {
+    let first = frames.len();
+    for i in 0..n {
+        let Some(buf) = i
+            .checked_mul(slot)
+            .and_then(|start| slab.get_mut(start..start.checked_add(slot)?))
+        else {
+            break;
+        };
+        match backend.recv(buf) {
+            Ok(Some(len)) => frames.push((i, len)),
+            Ok(None) => break,
+            Err(e) if frames.len() == first => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(())
 }
 
 /// A small deterministic xorshift for tests: each call a number below its argument.

@@ -1,8 +1,10 @@
-//! Many frames to one fd in one system call: the writes of a batch go to the kernel through an
-//! io_uring, [`BATCH`] per `io_uring_enter`, where `write`/`writev` would take one call each.
-//! Every write carries RWF_NOWAIT, so the kernel does it at once or answers EAGAIN at once: a
-//! full fd never parks a write in the ring, and the call returns with every frame answered.
+//! Many frames to or from one fd in one system call: the writes or reads of a batch go to the
+//! kernel through an io_uring, [`BATCH`] per `io_uring_enter`, where `write`/`read` would take
+//! one call each. Every request carries RWF_NOWAIT, so the kernel does it at once or answers
+//! EAGAIN at once: a full (or empty) fd never parks a request in the ring, and the call
+//! returns with every frame answered.
 
+use crate::vnet::VNET_HDR_LEN;
 use io_uring::{opcode, types, IoUring};
 use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
@@ -10,33 +12,36 @@ use std::os::fd::RawFd;
 /// Writes one `io_uring_enter` carries at most.
 pub(crate) const BATCH: usize = 64;
 
-/// An io_uring with one fd registered, for frame writes to it.
-pub(crate) struct TxRing {
+/// An io_uring with one fd registered, for frame writes to it and reads from it.
+pub(crate) struct FrameRing {
     ring: IoUring,
     /// The pieces of the frames in flight: every write's `iovec`s, frame after frame.
     iovecs: Vec<libc::iovec>,
-    /// Each write's result, by its place in the batch.
+    /// Each request's result, by its place in the batch.
     results: [i32; BATCH],
+    /// Where reads put a header that is not the caller's (one per read).
+    headers: [[u8; VNET_HDR_LEN]; BATCH],
 }
 
 // SAFETY: the raw pointers in `iovecs` are scratch for one `write` call, which sets them and
 // has the kernel done with them before it returns; between calls nothing reads them, so the
 // ring may move to another thread with them.
-unsafe impl Send for TxRing {}
+unsafe impl Send for FrameRing {}
 
-impl TxRing {
+impl FrameRing {
     /// A ring for writes to `fd` (which must stay open while the ring lives). Fails where the
     /// kernel has no io_uring or refuses it (a sysctl, a seccomp filter): writes then go one
     /// by one.
-    pub(crate) fn new(fd: RawFd) -> io::Result<TxRing> {
+    pub(crate) fn new(fd: RawFd) -> io::Result<FrameRing> {
         let ring = IoUring::builder()
             .setup_coop_taskrun()
             .build(BATCH as u32)?;
         ring.submitter().register_files(&[fd])?;
-        Ok(TxRing {
+        Ok(FrameRing {
             ring,
             iovecs: Vec::with_capacity(4 * BATCH),
             results: [0; BATCH],
+            headers: [[0; VNET_HDR_LEN]; BATCH],
         })
     }
 
@@ -106,6 +111,66 @@ impl TxRing {
                 unsafe { sq.push(&entry) }.map_err(|_| io::Error::other("io_uring full"))?;
             }
         }
+        self.complete(n)?;
+        out.extend_from_slice(&self.results[..n]);
+        Ok(())
+    }
+
+    /// Reads up to `n` frames (at most [`BATCH`]) into the slots of `slab` (`slot` bytes
+    /// each, the first at 0), with `hide_hdr` a header read aside in front of each. Each
+    /// read's result goes to `out` as the kernel gave it (bytes read, header included, or a
+    /// negative errno); an error means the ring failed and nothing in `out` is to be
+    /// trusted.
+    pub(crate) fn read(
+        &mut self,
+        hide_hdr: bool,
+        slab: &mut [u8],
+        slot: usize,
+        n: usize,
+        out: &mut Vec<i32>,
+    ) -> io::Result<()> {
+        let n = n.min(BATCH).min(slab.len().checked_div(slot).unwrap_or(0));
+        self.iovecs.clear();
+        self.iovecs.reserve(2 * n);
+        let base = slab.as_mut_ptr();
+        {
+            let mut sq = self.ring.submission();
+            for i in 0..n {
+                // SAFETY: slot `i` lies inside `slab` (n slots fit, checked above).
+                let buf = unsafe { base.add(i * slot) };
+                let entry = if hide_hdr {
+                    let first = self.iovecs.len();
+                    self.iovecs.push(libc::iovec {
+                        iov_base: self.headers[i].as_mut_ptr().cast(),
+                        iov_len: VNET_HDR_LEN,
+                    });
+                    self.iovecs.push(libc::iovec {
+                        iov_base: buf.cast(),
+                        iov_len: slot,
+                    });
+                    opcode::Readv::new(types::Fixed(0), self.iovecs[first..].as_ptr(), 2)
+                        .rw_flags(libc::RWF_NOWAIT)
+                        .build()
+                } else {
+                    opcode::Read::new(types::Fixed(0), buf, slot.min(u32::MAX as usize) as u32)
+                        .rw_flags(libc::RWF_NOWAIT)
+                        .build()
+                }
+                .user_data(i as u64);
+                // SAFETY: the entry points into `slab` (borrowed mutably by this call), at
+                // `headers` and at `iovecs` (neither moved nor changed until every read has
+                // completed: `complete` waits for all of them). The queue holds BATCH
+                // entries and was empty.
+                unsafe { sq.push(&entry) }.map_err(|_| io::Error::other("io_uring full"))?;
+            }
+        }
+        self.complete(n)?;
+        out.extend_from_slice(&self.results[..n]);
+        Ok(())
+    }
+
+    /// Submits what is queued and waits until all `n` requests have answered.
+    fn complete(&mut self, n: usize) -> io::Result<()> {
         let mut done = 0;
         self.results[..n].fill(0);
         while done < n {
@@ -121,7 +186,6 @@ impl TxRing {
                 done += 1;
             }
         }
-        out.extend_from_slice(&self.results[..n]);
         Ok(())
     }
 }

@@ -653,6 +653,10 @@ impl NicModel for E1000 {
         !self.rx_error
     }
 
+    fn rx_room(&self, _port: &NetPort, max: usize) -> usize {
+        self.rx_room_for(max)
+    }
+
     fn receive(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx {
         self.receive_frame(port, frame)
     }

@@ -54,6 +54,21 @@ impl E1000 {
         self.raise(causes);
     }
 
+    /// Frames (up to `max`) the descriptors between RDH and RDT hold, at a full-size frame
+    /// per descriptor or per as many as it takes (`max` when the receiver drops them).
+    pub(super) fn rx_room_for(&self, max: usize) -> usize {
+        if self.reg(RCTL) & RCTL_EN == 0 || !self.link_up {
+            return max;
+        }
+        let n = (self.reg(RDLEN) / DESC_LEN as u32) as usize;
+        let (rdh, rdt) = (self.reg(RDH) as usize, self.reg(RDT) as usize);
+        if n == 0 || rdh >= n || rdt >= n {
+            return 1;
+        }
+        let free = (rdt + n - rdh) % n;
+        (free / MAX_STD_FRAME.div_ceil(self.rx_buf_size())).min(max)
+    }
+
     /// Delivers one frame from the backend (offered again after [`Rx::NoRoom`] until placed,
     /// and counted once).
     pub(super) fn receive_frame(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx {

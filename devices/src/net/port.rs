@@ -79,6 +79,13 @@ pub trait NicModel: Send + 'static {
     fn transmit(&mut self, port: &mut NetPort);
     /// Whether frames should be read from the backend at all now (false: they wait there).
     fn rx_ready(&self) -> bool;
+    /// How many frames, up to `max`, the guest has room for now, as far as the model can
+    /// tell cheaply (a frame may take more room than one): frames are read from the backend
+    /// no more at a time. A receiver that drops what comes may say `max`. The default, 1,
+    /// reads them one by one.
+    fn rx_room(&self, _port: &NetPort, _max: usize) -> usize {
+        1
+    }
     /// One frame for the guest.
     fn receive(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx;
     /// The end of a receive burst that delivered frames: one interrupt for all of them.
@@ -591,12 +598,44 @@ impl NetPort {
     }
 }
 
-/// The frame read from the backend that waits for guest buffers, and the buffer it is in.
+/// Frames read from the backend together (one system call on a tap), at most.
+pub const RX_BATCH: usize = 64;
+/// A receive slot: the largest frame a backend hands over.
+const RX_SLOT: usize = net_backends::MAX_FRAME;
+
+/// Frames read from the backend and not yet in the guest, and the slots they are in. Frames
+/// are read only as many at a time as the guest has room for (as [`NicModel::rx_room`] says),
+/// so one waits here only when the guest turned out to have less room than it seemed.
 struct RxStage {
-    buf: Box<[u8]>,
-    pending: Option<usize>,
+    /// [`RX_BATCH`] slots of [`RX_SLOT`] bytes (allocated untouched: a slot's pages become
+    /// memory only once a frame is read into them).
+    slab: Box<[u8]>,
+    /// The frames of the last batch, (slot, length), in order; those from `next` on wait.
+    frames: Vec<(usize, usize)>,
+    next: usize,
+    /// Frames the next batch asks for (the guest's room permitting): doubled while batches
+    /// come back full; after a short one, one more than it got, or half as many as before
+    /// if that is more. Bursts are read in few calls, frames that come alone without many
+    /// reads that find nothing.
+    want: usize,
     /// Frames the last burst took from the stage or the backend.
     last_burst: usize,
+}
+
+impl RxStage {
+    fn new() -> RxStage {
+        RxStage {
+            slab: vec![0; RX_BATCH * RX_SLOT].into_boxed_slice(),
+            frames: Vec::with_capacity(RX_BATCH),
+            next: 0,
+            want: 1,
+            last_burst: 0,
+        }
+    }
+
+    fn waiting(&self) -> bool {
+        self.next < self.frames.len()
+    }
 }
 
 /// Which readiness of the backend a NIC wants to hear about.
@@ -669,13 +708,7 @@ impl<M: NicModel> Nic<M> {
         Nic {
             model,
             port,
-            rx: (0..queues)
-                .map(|_| RxStage {
-                    buf: vec![0; net_backends::MAX_FRAME].into_boxed_slice(),
-                    pending: None,
-                    last_burst: 0,
-                })
-                .collect(),
+            rx: (0..queues).map(|_| RxStage::new()).collect(),
             watched: vec![],
             scratch: vec![],
             scratch_all: vec![],
@@ -846,37 +879,57 @@ impl<M: NicModel> Nic<M> {
     }
 
     /// Moves up to [`RX_BURST`] frames from queue `q` of the backend (or its stage) into the
-    /// guest.
+    /// guest: those waiting in the stage first, then batches read from the backend, each no
+    /// larger than the guest's room and what is left of the burst.
     fn receive_burst(&mut self, q: usize) {
         let mut delivered = false;
         self.port.cur = q;
         let rx = &mut self.rx[q];
         rx.last_burst = 0;
-        for _ in 0..RX_BURST {
+        // A batch came back short: the backend had no more (for now).
+        let mut drained = false;
+        while rx.last_burst < RX_BURST {
             if self.port.queues[q].rx_stalled || !self.model.rx_ready() {
                 break;
             }
-            let len = match rx.pending.take() {
-                Some(n) => n,
-                None => match self.port.queues[q].backend.recv(&mut rx.buf) {
-                    Ok(Some(n)) => n,
-                    Ok(None) => break,
-                    Err(e) => {
-                        log::debug!("{}: receive failed: {e}", self.port.name);
-                        break;
-                    }
-                },
-            };
+            if !rx.waiting() {
+                if drained {
+                    break;
+                }
+                rx.frames.clear();
+                rx.next = 0;
+                let want = rx.want.min(RX_BURST - rx.last_burst);
+                let n = self.model.rx_room(&self.port, want).clamp(1, want);
+                let backend = &mut self.port.queues[q].backend;
+                if let Err(e) = backend.recv_batch(&mut rx.slab, RX_SLOT, n, &mut rx.frames) {
+                    log::debug!("{}: receive failed: {e}", self.port.name);
+                    break;
+                }
+                drained = rx.frames.len() < n;
+                rx.want = if drained {
+                    (rx.frames.len() + 1).max(rx.want / 2)
+                } else {
+                    (2 * n).max(rx.want).min(RX_BATCH)
+                };
+                if rx.frames.is_empty() {
+                    break;
+                }
+            }
+            let (slot, len) = rx.frames[rx.next];
+            rx.next += 1;
             rx.last_burst += 1;
-            if len > rx.buf.len() {
+            if len > RX_SLOT {
                 // Cut short: a tap reports the length a frame had, also one longer than the
                 // buffer it was read into.
                 self.port.stats.rx_dropped += 1;
                 continue;
             }
+            let Some(raw) = rx.slab.get(slot * RX_SLOT..slot * RX_SLOT + len) else {
+                continue;
+            };
             let frame = match self.port.hdr {
-                Hdr::Pass => &rx.buf[..len],
-                Hdr::Hide => match rx.buf[..len].get(VNET_HDR_LEN..) {
+                Hdr::Pass => raw,
+                Hdr::Hide => match raw.get(VNET_HDR_LEN..) {
                     Some(f) => f,
                     None => continue, // shorter than its header: not a frame
                 },
@@ -885,7 +938,8 @@ impl<M: NicModel> Nic<M> {
                 Rx::Delivered => delivered = true,
                 Rx::Dropped => {}
                 Rx::NoRoom => {
-                    rx.pending = Some(len);
+                    rx.next -= 1;
+                    rx.last_burst -= 1;
                     self.port.queues[q].rx_stalled = true;
                     break;
                 }
@@ -898,13 +952,13 @@ impl<M: NicModel> Nic<M> {
 
     /// Whether queue `q`'s backend should be read: the receiver is ready and nothing waits.
     fn wants_rx(&self, q: usize) -> bool {
-        !self.port.queues[q].rx_stalled && self.rx[q].pending.is_none() && self.model.rx_ready()
+        !self.port.queues[q].rx_stalled && !self.rx[q].waiting() && self.model.rx_ready()
     }
 
     /// A frame waits in a stage for guest buffers. It stays across device resets, as it
     /// would in the backend: the model kicks the receiver when the guest can take it.
     pub fn rx_waiting(&self) -> bool {
-        self.rx.iter().any(|r| r.pending.is_some())
+        self.rx.iter().any(|r| r.waiting())
     }
 
     /// The fds of queue `q`'s backend the event loop should watch now, and for what.

@@ -729,6 +729,10 @@ impl NicModel for Rtl8139 {
         true // a receiver that is off takes frames and drops them, as the wire would
     }
 
+    fn rx_room(&self, _port: &NetPort, max: usize) -> usize {
+        self.rx_room_for(max)
+    }
+
     fn receive(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx {
         self.receive_frame(port, frame)
     }

@@ -68,6 +68,41 @@ impl Rtl8139 {
             && (!self.cplus_mode() || self.get16(CPCR) & CPCR_RXON != 0)
     }
 
+    /// Frames (up to `max`) the guest has room for: in C+ mode the descriptors it owns from
+    /// the current one on (a frame takes one at least), in normal mode the ring's free bytes
+    /// at a full-size frame each; `max` while the receiver is off (frames are dropped).
+    pub(super) fn rx_room_for(&self, max: usize) -> usize {
+        if !self.rx_enabled() {
+            return max;
+        }
+        if !self.cplus_mode() {
+            let len = self.ring_len();
+            let read = self.get16(CAPR).wrapping_add(16) as usize % len;
+            let write = self.cbr as usize % len;
+            let free = if read == write {
+                len
+            } else {
+                (read + len - write) % len
+            };
+            // Header, the longest frame with its CRC, and alignment.
+            return (free / (4 + MAX_NORMAL_FRAME + CRC_LEN + 4)).min(max);
+        }
+        let base = self.get64(RDSAR);
+        let mut idx = self.cp_rx_index;
+        let mut owned = 0;
+        while owned < max {
+            let at = GuestAddress(base.wrapping_add(idx as u64 * DESC_SIZE));
+            match self.mem.read_obj::<u32>(at) {
+                Ok(opts1) if u32::from_le(opts1) & DESC_OWN != 0 => {
+                    owned += 1;
+                    idx = next_index(idx, u32::from_le(opts1));
+                }
+                _ => break,
+            }
+        }
+        owned
+    }
+
     fn ring_len(&self) -> usize {
         8192 << ((self.get32(RCR) >> RCR_RBLEN_SHIFT) & 3)
     }

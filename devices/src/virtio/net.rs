@@ -1326,6 +1326,18 @@ impl NicModel for VirtioNet {
         self.active
     }
 
+    /// The chains the driver made available on the pair's RX queue and the device has not
+    /// taken (a frame takes one, or more with mergeable buffers).
+    fn rx_room(&self, port: &NetPort, max: usize) -> usize {
+        let q = &self.queues[2 * port.queue()];
+        if port.queue() >= self.curr_pairs || !q.ready() {
+            return max; // dropped
+        }
+        q.avail_idx(&self.mem, Ordering::Acquire)
+            .map_or(1, |a| a.0.wrapping_sub(q.next_avail()) as usize)
+            .min(max)
+    }
+
     fn receive(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx {
         self.receive_frame(port, frame)
     }
