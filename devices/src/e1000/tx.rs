@@ -473,10 +473,13 @@ impl E1000 {
         if pad > 0 {
             iov.push(IoSlice::new(&ZEROS[..pad]));
         }
-        let r = if whole {
-            port.send_frame(offload, room, &iov)
-        } else {
+        let r = if !whole {
             Sent::Lost
+        } else if tail.is_empty() {
+            // A copy: it goes with the frames around it.
+            port.queue_frame(offload, &iov)
+        } else {
+            port.send_frame(offload, room, &iov)
         };
         self.tx_iov = guest_iov::recycle(iov);
         if r != Sent::Sent {

@@ -261,7 +261,29 @@ struct PortQueue {
     rx_stalled: bool,
     /// The backend's data fd hung up or failed; it is not watched any more.
     dead: bool,
+    /// Frames the model copied out, waiting to go to the backend together.
+    outbox: Outbox,
 }
+
+/// Frames a model handed over as copies ([`NetPort::queue_frame`]): they go to the backend
+/// together, in one system call on a tap, when the model's turn ends, when the outbox is
+/// full, or before any frame sent otherwise (so frames leave in the order they came).
+#[derive(Default)]
+struct Outbox {
+    /// The frames back to back, each with the backend's header in front where it has one.
+    bytes: Vec<u8>,
+    /// Where each frame ends in `bytes`, and its length as the model gave it (counted when
+    /// it goes).
+    frames: Vec<(usize, usize)>,
+    /// Scratch for the hand-over (kept for the allocations).
+    iov: Vec<IoSlice<'static>>,
+    ends: Vec<usize>,
+    results: Vec<io::Result<()>>,
+}
+
+/// Frames the outbox holds at most; and bytes, past which it is sent before taking more.
+const OUTBOX_FRAMES: usize = 64;
+const OUTBOX_BYTES: usize = 256 * 1024;
 
 /// The network side as a model sees it. With several queues (virtio-net with `mq=on` on a
 /// multiqueue tap), the one a call is about is [`NetPort::queue`]: [`Nic`] sets it before it
@@ -313,6 +335,7 @@ impl NetPort {
                     tx_blocked: false,
                     rx_stalled: false,
                     dead: false,
+                    outbox: Outbox::default(),
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -436,6 +459,9 @@ impl NetPort {
         room: Option<&mut [u8; VNET_HDR_LEN]>,
         frame: &[IoSlice<'_>],
     ) -> Sent {
+        if !self.flush_tx() {
+            return Sent::Blocked;
+        }
         self.sends = self.sends.wrapping_add(1);
         let hide = self.hdr == Hdr::Hide;
         let q = &mut self.queues[self.cur];
@@ -471,6 +497,9 @@ impl NetPort {
     /// rest were not sent, [`NetPort::tx_blocked`] says so, and the model's `transmit` runs
     /// again when the backend drains.
     pub fn send_batch(&mut self, iov: &[IoSlice<'_>], ends: &[usize]) -> usize {
+        if !self.flush_tx() {
+            return 0;
+        }
         self.sends = self.sends.wrapping_add(ends.len() as u64);
         let mut results = std::mem::take(&mut self.batch_results);
         results.clear();
@@ -505,6 +534,103 @@ impl NetPort {
         }
         self.batch_results = results;
         taken
+    }
+
+    /// Takes a frame the model made (a copy: its bytes are needed no longer than the call),
+    /// with `hdr` as [`NetPort::send_frame`] takes it, to go to the backend with the frames
+    /// around it ([`NetPort::flush_tx`]). The model may count it as sent once this returns
+    /// [`Sent::Sent`]; [`Sent::Blocked`]: the backend is full (and so the outbox stays so),
+    /// nothing was taken, and the model's `transmit` runs again when the backend drains.
+    pub fn queue_frame(&mut self, hdr: Option<&VnetHdr>, frame: &[IoSlice<'_>]) -> Sent {
+        debug_assert!(
+            hdr.is_none() || self.hdr == Hdr::Hide,
+            "offloads without a header to carry them"
+        );
+        if self.queues[self.cur].tx_blocked {
+            return Sent::Blocked;
+        }
+        let full = |o: &Outbox| o.frames.len() >= OUTBOX_FRAMES || o.bytes.len() >= OUTBOX_BYTES;
+        if full(&self.queues[self.cur].outbox)
+            && (!self.flush_tx() || full(&self.queues[self.cur].outbox))
+        {
+            return Sent::Blocked;
+        }
+        self.sends = self.sends.wrapping_add(1);
+        let o = &mut self.queues[self.cur].outbox;
+        if self.hdr == Hdr::Hide {
+            o.bytes
+                .extend_from_slice(&hdr.map_or(NO_VNET_HDR, |h| h.to_bytes()));
+        }
+        let mut len = 0;
+        for piece in frame {
+            o.bytes.extend_from_slice(piece);
+            len += piece.len();
+        }
+        o.frames.push((o.bytes.len(), len));
+        Sent::Sent
+    }
+
+    /// Hands the frames in the current queue's outbox to the backend. True when the outbox
+    /// is empty after it; false when the backend filled up ([`NetPort::tx_blocked`]), the
+    /// rest waiting there, in order.
+    pub fn flush_tx(&mut self) -> bool {
+        let q = &mut self.queues[self.cur];
+        let o = &mut q.outbox;
+        if o.frames.is_empty() {
+            return true;
+        }
+        let mut iov = guest_iov::recycle(std::mem::take(&mut o.iov));
+        o.ends.clear();
+        o.results.clear();
+        let mut start = 0;
+        for &(end, _) in &o.frames {
+            iov.push(IoSlice::new(&o.bytes[start..end]));
+            o.ends.push(iov.len());
+            start = end;
+        }
+        q.backend.send_batch(&iov, &o.ends, &mut o.results);
+        o.iov = guest_iov::recycle(iov);
+        let mut taken = 0;
+        let mut blocked = false;
+        for r in o.results.drain(..) {
+            let len = o.frames[taken].1;
+            match r {
+                Ok(()) => {
+                    self.stats.tx_frames += 1;
+                    self.stats.tx_bytes += len as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    blocked = true;
+                    break;
+                }
+                Err(e) => log::debug!("{}: send failed: {e}", self.name),
+            }
+            taken += 1;
+        }
+        let upto = taken.checked_sub(1).map_or(0, |i| o.frames[i].0);
+        o.bytes.drain(..upto);
+        o.frames.drain(..taken);
+        for f in &mut o.frames {
+            f.0 -= upto;
+        }
+        if blocked && !q.tx_blocked {
+            q.tx_blocked = true;
+            // From a vCPU thread: the I/O thread learns to watch for writability.
+            let _ = q.tx_kick.write(1);
+        }
+        o.frames.is_empty()
+    }
+
+    /// [`NetPort::flush_tx`] on every queue (the end of a model's turn).
+    fn flush_all(&mut self) {
+        let cur = self.cur;
+        for q in 0..self.queues.len() {
+            if !self.queues[q].outbox.frames.is_empty() {
+                self.cur = q;
+                self.flush_tx();
+            }
+        }
+        self.cur = cur;
     }
 
     /// What the backend's answer to a frame (`frame`: as the model gave it) makes of it.
@@ -766,6 +892,7 @@ impl<M: NicModel> Nic<M> {
             }
         }
         self.check_link();
+        self.port.flush_all();
         self.interest_of(q)
     }
 
@@ -781,6 +908,7 @@ impl<M: NicModel> Nic<M> {
             }
         }
         self.check_link();
+        self.port.flush_all();
         self.interest()
     }
 
@@ -846,13 +974,16 @@ impl<M: NicModel> Nic<M> {
         }
         self.backend_ready(q, set.contains(EventSet::IN), set.contains(EventSet::OUT));
         self.check_link();
+        self.port.flush_all();
     }
 
     fn backend_ready(&mut self, q: usize, readable: bool, writable: bool) {
         if writable && self.port.queues[q].tx_blocked {
             self.port.queues[q].tx_blocked = false;
             self.port.cur = q;
-            self.model.transmit(&mut self.port);
+            if self.port.flush_tx() {
+                self.model.transmit(&mut self.port);
+            }
         }
         if readable {
             self.receive_burst(q);
@@ -872,7 +1003,9 @@ impl<M: NicModel> Nic<M> {
                 if self.port.queues[q].tx_blocked {
                     self.port.queues[q].tx_blocked = false;
                     self.port.cur = q;
-                    self.model.transmit(&mut self.port);
+                    if self.port.flush_tx() {
+                        self.model.transmit(&mut self.port);
+                    }
                 }
             }
         }
@@ -1024,6 +1157,7 @@ impl<M: NicModel> PciDevice for Nic<M> {
     fn config_written(&mut self, offset: usize, len: usize) {
         self.port.cur = 0;
         self.model.config_written(&mut self.port, offset, len);
+        self.port.flush_all();
     }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         self.port.cur = 0;
@@ -1032,6 +1166,7 @@ impl<M: NicModel> PciDevice for Nic<M> {
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         self.port.cur = 0;
         self.model.bar_write(&mut self.port, bar, offset, data);
+        self.port.flush_all();
         if self.filter_watch.is_some() && self.model.filter_register(bar, offset) {
             self.check_filter();
         }
@@ -1053,6 +1188,7 @@ impl<M: NicModel> PciDevice for Nic<M> {
         let up = self.port.link_up;
         self.port.cur = 0;
         self.model.link_changed(&mut self.port, up);
+        self.port.flush_all();
         if let Some(w) = &mut self.filter_watch {
             w.last = self.model.rx_filter().fingerprint();
         }
@@ -1080,6 +1216,7 @@ impl<M: NicModel> NicControl for Nic<M> {
     fn set_link(&mut self, up: bool) {
         self.port.admin_down = !up;
         self.check_link();
+        self.port.flush_all();
         // The I/O thread brings its watch of the backend in line.
         self.port.kick_rx_of(0);
     }

@@ -82,7 +82,8 @@ impl Rtl8139 {
         self.tally.tx_ok = self.tally.tx_ok.wrapping_add(wire as u64);
         if self.tx_backlog.is_empty() {
             let r = if len == head.len() {
-                port.send_frame(hdr.as_ref(), room, &[IoSlice::new(head)])
+                // A copy: it goes with the frames around it.
+                port.queue_frame(hdr.as_ref(), &[IoSlice::new(head)])
             } else {
                 let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
                 iov.push(IoSlice::new(head));
@@ -133,7 +134,7 @@ impl Rtl8139 {
         if self.tsd[slot] & TSD_OWN != 0 || self.tx_waiting.contains(&slot) {
             return;
         }
-        if !self.tx_backlog.is_empty() || !self.tx_enabled() {
+        if !self.tx_backlog.is_empty() || port.tx_blocked() || !self.tx_enabled() {
             self.tx_waiting.push_back(slot);
             return;
         }
@@ -200,7 +201,7 @@ impl Rtl8139 {
         let mut sent = false;
         let sends = port.sends();
         for _ in 0..CP_RING_MAX {
-            if !self.tx_backlog.is_empty() {
+            if !self.tx_backlog.is_empty() || port.tx_blocked() {
                 break; // flush_tx resumes here
             }
             let at = GuestAddress(base.wrapping_add(self.cp_tx_index as u64 * DESC_SIZE));
