@@ -15,9 +15,11 @@
 //! the guest's offloads through it, e1000 and 8139cp fill one in for their checksum offload
 //! and TSO, so their TSO sends too reach the tap whole (the floor still writes wire frames).
 //!
-//! Only the model's share is timed (thread CPU, the clock's own cost subtracted): the TX
-//! doorbell writes that make the model send synchronously plus the interrupt ack, and the I/O
-//! thread's handle(Backend) for RX. Filling rings and buffers and reclaiming them is the
+//! Only the model's share is timed (thread CPU, the clock's own cost subtracted): for TX the
+//! doorbell writes (virtio-net's I/O-thread kick; e1000's and rtl8139's register writes, whose
+//! frames wait in the port for the I/O thread's turn the first write asked for, here taken
+//! once after the doorbells, as when the guest rings them faster than the I/O thread wakes),
+//! that turn, and the interrupt ack; for RX the I/O thread's handle(Backend). Filling rings and buffers and reclaiming them is the
 //! guest's work and untimed. Every case checks its outcome: the tap's counters must show every
 //! frame the model sent (count and bytes), the driver every completion and every received
 //! frame; anything else aborts the run.
@@ -492,11 +494,14 @@ impl Nic for E1000 {
         }
     }
     fn tx_kick(&mut self) {
-        // One TDT write per frame, as e1000_xmit_frame does without xmit_more.
+        // One TDT write per frame, as e1000_xmit_frame does without xmit_more; then the I/O
+        // thread's turn that the first write asked for (the guest rang the rest before it
+        // woke), which hands the frames to the tap.
         for i in 0..self.tails.len() {
-            self.d.w(e1000::regs::TDT, self.tails[i]);
+            self.d.w_only(e1000::regs::TDT, self.tails[i]);
         }
         self.tails.clear();
+        self.d.dev.run_flush_kicks();
         self.d.r(e1000::regs::ICR);
     }
     fn tx_reclaim(&mut self) -> usize {
@@ -558,7 +563,10 @@ impl Nic for Cp {
         }
     }
     fn tx_kick(&mut self) {
-        self.d.w8(rtl8139::TPPOLL, rtl8139::TPPOLL_NPQ);
+        self.d
+            .w_only(rtl8139::TPPOLL, rtl8139::TPPOLL_NPQ as u32, 1);
+        // The I/O thread's turn that the doorbell asked for: the frames go to the tap.
+        self.d.dev.run_flush_kicks();
         let isr = self.d.r16(rtl8139::ISR);
         self.d.w16(rtl8139::ISR, isr);
     }
@@ -596,9 +604,11 @@ struct Too {
 
 impl Too {
     /// rtl8139_tx_interrupt: ack, then take back every slot sent and not yet reclaimed.
+    /// The driver's TX interrupt: the ack and the slots reclaimed (the frames they queued
+    /// wait for the I/O thread's turn, which a TSD write asked for).
     fn tx_interrupt(&mut self) {
         let isr = self.d.r16(rtl8139::ISR);
-        self.d.w16(rtl8139::ISR, isr);
+        self.d.w_only(rtl8139::ISR, isr as u32, 2);
         while self.reclaimed < self.sent {
             let tsd = self.d.r32(rtl8139::TSD0 + 4 * (self.reclaimed % 4));
             if tsd & rtl8139::TSD_TOK == 0 {
@@ -637,9 +647,13 @@ impl Nic for Too {
             if self.sent - self.reclaimed == 4 {
                 self.tx_interrupt();
             }
-            self.d.w32(rtl8139::TSD0 + 4 * (self.sent % 4), self.len);
+            self.d
+                .w_only(rtl8139::TSD0 + 4 * (self.sent % 4), self.len, 4);
             self.sent += 1;
         }
+        // The I/O thread's turn that the first TSD write asked for (the guest wrote the
+        // rest before it woke): the frames go to the tap.
+        self.d.dev.run_flush_kicks();
         self.tx_interrupt();
     }
     fn tx_reclaim(&mut self) -> usize {

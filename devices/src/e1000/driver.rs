@@ -125,7 +125,16 @@ impl Driver {
         u32::from_le_bytes(b)
     }
 
+    /// A register write, and then what the I/O thread does at once when the write left
+    /// frames for it to hand to the backend.
     pub fn w(&mut self, off: usize, v: u32) {
+        self.w_only(off, v);
+        self.dev.run_flush_kicks();
+    }
+
+    /// A register write alone: frames it queued wait for [`Nic::run_flush_kicks`] (the guest
+    /// rang more doorbells before the I/O thread woke).
+    pub fn w_only(&mut self, off: usize, v: u32) {
         self.dev.bar_write(MMIO_BAR, off as u64, &v.to_le_bytes());
     }
 
@@ -134,6 +143,7 @@ impl Driver {
         self.dev
             .bar_write(IO_BAR, IOADDR, &(off as u32).to_le_bytes());
         self.dev.bar_write(IO_BAR, IODATA, &v.to_le_bytes());
+        self.dev.run_flush_kicks();
     }
 
     pub fn io_r(&mut self, off: usize) -> u32 {

@@ -266,8 +266,10 @@ struct PortQueue {
 }
 
 /// Frames a model handed over as copies ([`NetPort::queue_frame`]): they go to the backend
-/// together, in one system call on a tap, when the model's turn ends, when the outbox is
-/// full, or before any frame sent otherwise (so frames leave in the order they came).
+/// together, in one system call on a tap, when the model's turn on the I/O thread ends (a
+/// turn on a vCPU, a doorbell register write, asks the I/O thread for one: the guest's next
+/// doorbells add to the same batch meanwhile), when the outbox is full, or before any frame
+/// sent otherwise (so frames leave in the order they came).
 #[derive(Default)]
 struct Outbox {
     /// The frames back to back, each with the backend's header in front where it has one.
@@ -275,6 +277,8 @@ struct Outbox {
     /// Where each frame ends in `bytes`, and its length as the model gave it (counted when
     /// it goes).
     frames: Vec<(usize, usize)>,
+    /// The I/O thread was asked to hand the frames over (a frame queued on a vCPU).
+    kicked: bool,
     /// Scratch for the hand-over (kept for the allocations).
     iov: Vec<IoSlice<'static>>,
     ends: Vec<usize>,
@@ -613,6 +617,9 @@ impl NetPort {
         for f in &mut o.frames {
             f.0 -= upto;
         }
+        if o.frames.is_empty() {
+            o.kicked = false;
+        }
         if blocked && !q.tx_blocked {
             q.tx_blocked = true;
             // From a vCPU thread: the I/O thread learns to watch for writability.
@@ -621,7 +628,19 @@ impl NetPort {
         o.frames.is_empty()
     }
 
-    /// [`NetPort::flush_tx`] on every queue (the end of a model's turn).
+    /// The end of a model's turn on a vCPU: the I/O thread is asked to hand over what the
+    /// outboxes hold (once per batch), so that the vCPU goes back to the guest without a
+    /// system call per frame.
+    fn flush_later(&mut self) {
+        for q in &mut self.queues {
+            if !q.outbox.frames.is_empty() && !q.outbox.kicked {
+                q.outbox.kicked = true;
+                let _ = q.tx_kick.write(1);
+            }
+        }
+    }
+
+    /// [`NetPort::flush_tx`] on every queue (the end of a model's turn on the I/O thread).
     fn flush_all(&mut self) {
         let cur = self.cur;
         for q in 0..self.queues.len() {
@@ -925,6 +944,18 @@ impl<M: NicModel> Nic<M> {
         self.receive_burst(q);
     }
 
+    /// What the I/O thread does when a vCPU asked it to hand over the frames a model queued
+    /// (for tests and the fuzzer, which have no event loop): the kick of each queue whose
+    /// outbox asked for one. Returns queue 0's interest.
+    pub fn run_flush_kicks(&mut self) -> BackendInterest {
+        for q in 0..self.port.queues.len() {
+            if self.port.queues[q].outbox.kicked {
+                self.handle_queue(q, NetEvent::TxKick);
+            }
+        }
+        self.interest()
+    }
+
     /// What the event loop does while the backends stay readable: bursts on each queue until
     /// one ends short (the backend is drained, or the guest out of room). For tests and the
     /// fuzzer. Returns queue 0's interest.
@@ -1157,7 +1188,7 @@ impl<M: NicModel> PciDevice for Nic<M> {
     fn config_written(&mut self, offset: usize, len: usize) {
         self.port.cur = 0;
         self.model.config_written(&mut self.port, offset, len);
-        self.port.flush_all();
+        self.port.flush_later();
     }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         self.port.cur = 0;
@@ -1166,7 +1197,7 @@ impl<M: NicModel> PciDevice for Nic<M> {
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         self.port.cur = 0;
         self.model.bar_write(&mut self.port, bar, offset, data);
-        self.port.flush_all();
+        self.port.flush_later();
         if self.filter_watch.is_some() && self.model.filter_register(bar, offset) {
             self.check_filter();
         }

@@ -114,7 +114,15 @@ impl Driver {
         Ok(())
     }
 
+    /// A register write, and then what the I/O thread does at once when the write left
+    /// frames for it to hand to the backend.
     pub fn w(&mut self, off: usize, v: u32, len: usize) {
+        self.w_only(off, v, len);
+        self.dev.run_flush_kicks();
+    }
+
+    /// A register write alone: frames it queued wait for [`Nic::run_flush_kicks`].
+    pub fn w_only(&mut self, off: usize, v: u32, len: usize) {
         self.dev
             .bar_write(BAR_MEM, off as u64, &v.to_le_bytes()[..len]);
     }
