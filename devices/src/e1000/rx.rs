@@ -2,9 +2,9 @@
 
 use super::desc::{RxDesc, RX_WRITEBACK_OFFSET};
 use super::*;
-use crate::net::guest_iov::Ring;
+use crate::net::guest_iov::{self, Ring};
 use crate::net::offload::{self, IPPROTO_UDP};
-use vm_memory::{ByteValued, Bytes};
+use vm_memory::ByteValued;
 
 /// Shortest frame on the wire without its FCS.
 pub(super) const MIN_FRAME: usize = 60;
@@ -175,7 +175,7 @@ impl E1000 {
                 self.ring_error(port, false, "RX descriptor ring outside guest memory");
                 return Rx::Dropped;
             };
-            if self.write_parts(&parts, from, len, d.buffer_addr).is_err() {
+            if !guest_iov::write_parts(&self.mem, &parts, from, len, GuestAddress(d.buffer_addr)) {
                 self.ring_error(port, false, "RX buffer outside guest memory");
                 return Rx::Dropped;
             }
@@ -216,34 +216,6 @@ impl E1000 {
         port.stats.rx_frames += 1;
         port.stats.rx_bytes += frame.len() as u64;
         Rx::Delivered
-    }
-
-    /// Writes bytes `from..from + len` of the concatenation of `parts` at guest `addr`.
-    fn write_parts(
-        &self,
-        parts: &[&[u8]],
-        mut from: usize,
-        mut len: usize,
-        addr: u64,
-    ) -> Result<(), ()> {
-        let mut at = addr;
-        for p in parts {
-            if from >= p.len() {
-                from -= p.len();
-                continue;
-            }
-            let n = (p.len() - from).min(len);
-            self.mem
-                .write_slice(&p[from..from + n], GuestAddress(at))
-                .map_err(|_| ())?;
-            at = at.wrapping_add(n as u64);
-            len -= n;
-            from = 0;
-            if len == 0 {
-                break;
-            }
-        }
-        Ok(())
     }
 
     /// The address filters and the VLAN filter.

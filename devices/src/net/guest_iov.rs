@@ -186,6 +186,39 @@ pub fn recycle<'b>(mut v: Vec<IoSlice<'_>>) -> Vec<IoSlice<'b>> {
     v.into_iter().map(|_| unreachable!()).collect()
 }
 
+/// Writes bytes `from..from + len` of the concatenation of `parts` at guest `addr` (a
+/// received frame's pieces: the frame, padding, FCS, each written where it goes, not first
+/// gathered). False when part of it is not guest memory.
+pub fn write_parts(
+    mem: &GuestMemoryMmap,
+    parts: &[&[u8]],
+    mut from: usize,
+    mut len: usize,
+    addr: GuestAddress,
+) -> bool {
+    let mut at = addr.0;
+    for p in parts {
+        if len == 0 {
+            break;
+        }
+        if from >= p.len() {
+            from -= p.len();
+            continue;
+        }
+        let n = (p.len() - from).min(len);
+        if mem
+            .write_slice(&p[from..from + n], GuestAddress(at))
+            .is_err()
+        {
+            return false;
+        }
+        at = at.wrapping_add(n as u64);
+        len -= n;
+        from = 0;
+    }
+    true
+}
+
 /// Bytes in `iov`.
 pub fn len(iov: &[IoSlice<'_>]) -> usize {
     iov.iter().map(|s| s.len()).sum()

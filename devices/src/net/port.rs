@@ -5,16 +5,22 @@
 //! * the [`NetPort`] the model uses: the backend (frames out, with a virtio-net header added or
 //!   not as the backend needs), transmit and receive flow control, the kick eventfds, link
 //!   tracking, counters, and the guest-error log (once, then rate-limited, across resets);
-//! * the receive stage: the frame read from the backend that the guest had no room for yet,
+//! * the receive stage: frames read from the backend that the guest had no room for yet,
 //!   and whether the receiver is stalled waiting for the guest to refill.
 //!
 //! The I/O thread drives a `Nic` as an event-manager subscriber (an `Arc<Mutex<Nic>>`, which
 //! event-manager takes as one); vCPU threads reach the same `Nic` as a PCI device. Both hold
-//! its mutex. One burst rule and one
-//! interest rule apply to all three models:
+//! its mutex. These rules apply to all three models:
 //!
 //! * **Burst**: one event delivers at most [`RX_BURST`] frames, then returns; the backend's fd
 //!   stays readable and the loop comes back after the other fds had their turn.
+//! * **Batches**: frames cross to and from the backend several at a time (one system call for
+//!   a batch on a tap: [`NetBackend::send_batch`], [`NetBackend::recv_batch`]). A receive
+//!   batch asks for no more frames than the guest has room for ([`NicModel::rx_room`]).
+//!   virtio-net hands a batch of TX chains over at once ([`NetPort::send_batch`]) and returns
+//!   the chains when the backend took them; e1000 and rtl8139 copy their frames out, into the
+//!   port's outbox ([`NetPort::queue_frame`]), which goes at the end of the model's turn on
+//!   the I/O thread, one turn asked for by the first doorbell of a batch on a vCPU.
 //! * **Interest**: the backend is watched for reading while the model's receiver is ready and
 //!   nothing waits in the stage (no buffers: frames wait in the backend, not in nicvm), and for
 //!   writing while a send was refused.

@@ -232,8 +232,8 @@ pub struct Rtl8139 {
     /// The link changed since the driver last read CSCR.
     cscr_link_change: bool,
 
-    /// Scratch for the frame as the wire carries it, a packet header, VLAN stripping.
-    rx_wire: Vec<u8>,
+    /// Scratch for a received frame without its VLAN tag, and for the descriptors a frame
+    /// goes into.
     rx_scratch: Vec<u8>,
     rx_descs: Vec<(vm_memory::GuestAddress, u32, u64, usize)>,
     /// The C+ receiver found no descriptor: it looks again every [`RX_POLL`] (8139cp gives no
@@ -307,7 +307,6 @@ impl Rtl8139 {
             rx_dead: false,
             link: true,
             cscr_link_change: false,
-            rx_wire: Vec::with_capacity(2048),
             rx_scratch: Vec::with_capacity(2048),
             rx_descs: Vec::with_capacity(4),
             rx_poll: false,

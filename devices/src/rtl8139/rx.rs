@@ -7,7 +7,7 @@
 use super::desc::{CpDesc, RxHeader};
 use super::tx::{next_index, CP_RING_MAX, DESC_EOR, DESC_FS, DESC_LS, DESC_OWN, DESC_SIZE};
 use super::*;
-use crate::net::guest_iov::Ring;
+use crate::net::guest_iov::{self, Ring};
 use crate::net::offload;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
@@ -33,6 +33,7 @@ pub const RX_TAVA: u32 = 1 << 16;
 
 const ETH_ZLEN: usize = 60;
 const CRC_LEN: usize = 4;
+const ZEROS: [u8; ETH_ZLEN] = [0; ETH_ZLEN];
 
 /// Why the filter let a frame in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,15 +179,14 @@ impl Rtl8139 {
         }
     }
 
-    /// `frame` as the wire carries it (padded, CRC appended) into `out`.
-    fn wire_image(frame: &[u8], out: &mut Vec<u8>) {
-        out.clear();
-        out.extend_from_slice(frame);
-        if out.len() < ETH_ZLEN {
-            out.resize(ETH_ZLEN, 0);
-        }
-        let crc = crc32fast::hash(out);
-        out.extend_from_slice(&crc.to_le_bytes());
+    /// What the wire adds to `frame`: the padding up to the shortest frame, and the CRC
+    /// over frame and padding.
+    fn wire_tail(frame: &[u8]) -> (&'static [u8], [u8; CRC_LEN]) {
+        let pad = &ZEROS[..ETH_ZLEN.saturating_sub(frame.len())];
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(frame);
+        crc.update(pad);
+        (pad, crc.finalize().to_le_bytes())
     }
 
     // ---- normal mode: the ring buffer -------------------------------------------------
@@ -197,13 +197,8 @@ impl Rtl8139 {
             return Rx::Dropped;
         }
         let len = self.ring_len();
-        let mut pkt = std::mem::take(&mut self.rx_scratch);
-        pkt.clear();
-        pkt.extend_from_slice(&[0; 4]);
-        let mut wire = std::mem::take(&mut self.rx_wire);
-        Self::wire_image(frame, &mut wire);
-        pkt.extend_from_slice(&wire);
-        self.rx_wire = wire;
+        let (pad, crc) = Self::wire_tail(frame);
+        let wire_len = frame.len() + pad.len() + CRC_LEN;
         let header = RxHeader {
             status: RSR_ROK
                 | match class {
@@ -211,10 +206,9 @@ impl Rtl8139 {
                     Class::Multicast => RSR_MAR,
                     Class::Physical => RSR_PAM,
                 },
-            length: (pkt.len() - 4) as u16,
+            length: wire_len as u16,
         };
-        pkt[..4].copy_from_slice(header.as_slice());
-        let need = (pkt.len() + 3) & !3;
+        let need = (4 + wire_len + 3) & !3;
         let read = self.get16(CAPR).wrapping_add(16) as usize % len;
         let write = self.cbr as usize % len;
         let free = if read == write {
@@ -222,73 +216,80 @@ impl Rtl8139 {
         } else {
             (read + len - write) % len
         };
-        let r = if need >= free {
-            Rx::NoRoom
+        if need >= free {
+            return Rx::NoRoom;
+        }
+        let base = self.get32(RBSTART) as u64;
+        // WRAP set: the frame runs on past the end into the driver's slack (not for the
+        // 64 KiB ring, which always wraps).
+        let linear = self.get32(RCR) & RCR_WRAP != 0 && len < 65536;
+        // Header, frame, padding and CRC, each written where it goes in the ring.
+        let parts = [header.as_slice(), frame, pad, &crc];
+        let total = 4 + wire_len;
+        let first = if linear {
+            total
         } else {
-            let base = self.get32(RBSTART) as u64;
-            // WRAP set: the frame runs on past the end into the driver's slack (not for the
-            // 64 KiB ring, which always wraps).
-            let linear = self.get32(RCR) & RCR_WRAP != 0 && len < 65536;
-            let first = if linear {
-                pkt.len()
-            } else {
-                pkt.len().min(len - write)
-            };
-            let ok = self
-                .mem
-                .write_slice(&pkt[..first], GuestAddress(base + write as u64))
-                .is_ok()
-                && self
-                    .mem
-                    .write_slice(&pkt[first..], GuestAddress(base))
-                    .is_ok();
-            if ok {
-                self.cbr = ((write + need) % len) as u16;
-                self.raise(INT_ROK);
-                Rx::Delivered
-            } else {
-                self.rx_dead = true;
-                self.dma_error(port, "RX ring buffer is outside guest memory");
-                Rx::Dropped
-            }
+            total.min(len - write)
         };
-        self.rx_scratch = pkt;
-        r
+        let ok = guest_iov::write_parts(
+            &self.mem,
+            &parts,
+            0,
+            first,
+            GuestAddress(base + write as u64),
+        ) && guest_iov::write_parts(
+            &self.mem,
+            &parts,
+            first,
+            total - first,
+            GuestAddress(base),
+        );
+        if ok {
+            self.cbr = ((write + need) % len) as u16;
+            self.raise(INT_ROK);
+            Rx::Delivered
+        } else {
+            self.rx_dead = true;
+            self.dma_error(port, "RX ring buffer is outside guest memory");
+            Rx::Dropped
+        }
     }
 
     // ---- C+ mode: the descriptor ring -------------------------------------------------
 
     fn cp_receive(&mut self, port: &mut NetPort, frame: &[u8], class: Class) -> Rx {
-        let mut wire = std::mem::take(&mut self.rx_wire);
         let mut opts2 = 0;
         let cpcr = self.get16(CPCR);
-        if cpcr & CPCR_RXVLAN != 0 && frame.len() >= 18 && frame[12..14] == [0x81, 0x00] {
+        let mut untagged = std::mem::take(&mut self.rx_scratch);
+        let body = if cpcr & CPCR_RXVLAN != 0 && frame.len() >= 18 && frame[12..14] == [0x81, 0x00]
+        {
             let tci = u16::from_be_bytes([frame[14], frame[15]]);
             opts2 = RX_TAVA | tci.swap_bytes() as u32;
-            let mut untagged = std::mem::take(&mut self.rx_scratch);
             untagged.clear();
             untagged.extend_from_slice(&frame[..12]);
             untagged.extend_from_slice(&frame[16..]);
-            Self::wire_image(&untagged, &mut wire);
-            self.rx_scratch = untagged;
+            &untagged[..]
         } else {
-            Self::wire_image(frame, &mut wire);
-        }
+            frame
+        };
         let mut status = match class {
             Class::Broadcast => RX_BAR,
             Class::Multicast => RX_MAR,
             Class::Physical => RX_PAM,
         };
         if cpcr & CPCR_RXCHKSUM != 0 {
-            status |= checksum_status(&wire[..wire.len() - CRC_LEN]);
+            status |= checksum_status(body);
         }
-        let r = self.cp_place(port, &wire, status, opts2);
-        self.rx_wire = wire;
+        let (pad, crc) = Self::wire_tail(body);
+        let r = self.cp_place(port, &[body, pad, &crc], status, opts2);
+        self.rx_scratch = untagged;
         r
     }
 
-    /// Writes `wire` over as many descriptors as it needs, all or nothing.
-    fn cp_place(&mut self, port: &mut NetPort, wire: &[u8], status: u32, opts2: u32) -> Rx {
+    /// Writes the frame as the wire carries it (`parts`: frame, padding, CRC) over as many
+    /// descriptors as it needs, all or nothing.
+    fn cp_place(&mut self, port: &mut NetPort, parts: &[&[u8]], status: u32, opts2: u32) -> Rx {
+        let wire_len: usize = parts.iter().map(|p| p.len()).sum();
         let base = self.get64(RDSAR);
         let ring_len = CP_RING_MAX as usize * DESC_SIZE as usize;
         // SAFETY: the ring is dropped when this frame is placed; `self.mem` outlives it.
@@ -298,7 +299,7 @@ impl Rtl8139 {
         let mut idx = self.cp_rx_index;
         let mut room = 0usize;
         let mut r = Rx::Delivered;
-        while room < wire.len() {
+        while room < wire_len {
             let at = GuestAddress(base.wrapping_add(idx as u64 * DESC_SIZE));
             let Some(CpDesc {
                 opts1,
@@ -332,24 +333,21 @@ impl Rtl8139 {
             room += size;
             idx = next_index(idx, opts1);
         }
-        if room >= wire.len() && !self.rx_dead {
+        if room >= wire_len && !self.rx_dead {
             let last = descs.len() - 1;
             let mut off = 0;
             for (i, &(at, opts1, buf, size)) in descs.iter().enumerate() {
-                let n = size.min(wire.len() - off);
+                let n = size.min(wire_len - off);
                 let mut st = opts1 & DESC_EOR | status;
                 if i == 0 {
                     st |= DESC_FS;
                 }
                 st |= if i == last {
-                    DESC_LS | wire.len() as u32 & RX_LEN_MASK
+                    DESC_LS | wire_len as u32 & RX_LEN_MASK
                 } else {
                     n as u32
                 };
-                let ok = self
-                    .mem
-                    .write_slice(&wire[off..off + n], GuestAddress(buf))
-                    .is_ok()
+                let ok = guest_iov::write_parts(&self.mem, parts, off, n, GuestAddress(buf))
                     && ring.write(&self.mem, GuestAddress(at.0.wrapping_add(4)), opts2.to_le())
                     && ring.write(&self.mem, at, st.to_le());
                 if !ok {
