@@ -541,6 +541,18 @@ impl NetBackend for Tap {
                 self.batch = Batch::Each;
                 continue;
             }
+            // A kernel whose tun cannot answer at once instead of waiting (RWF_NOWAIT, before
+            // Linux 6.x) refuses every write so asked, writing nothing: from there the frames
+            // go one by one.
+            if let Some(i) = raw.iter().position(|r| *r == -libc::EOPNOTSUPP) {
+                log::debug!("tap {}: no RWF_NOWAIT; frames go one by one", self.name);
+                self.batch = Batch::Each;
+                raw.truncate(i);
+                if i == 0 {
+                    continue;
+                }
+            }
+            let n = raw.len();
             // EAGAIN on a frame that later ones got past cannot be retried without
             // reordering: that frame is dropped. Trailing ones mean the tap is full.
             let last_sent = raw.iter().rposition(|r| *r != -libc::EAGAIN);
@@ -556,7 +568,7 @@ impl NetBackend for Tap {
                 };
                 out.push(r.or_else(|e| self.write_failed(e)));
             }
-            done += chunk.len();
+            done += n;
         }
     }
 
@@ -605,6 +617,14 @@ impl NetBackend for Tap {
             self.batch = Batch::Each;
             return Ok(());
         }
+        if raw.contains(&-libc::EOPNOTSUPP) {
+            // No RWF_NOWAIT on this kernel's tun (see send_batch): no read was made.
+            log::debug!("tap {}: no RWF_NOWAIT; frames come one by one", self.name);
+            self.batch = Batch::Each;
+            if raw.iter().all(|r| *r == -libc::EOPNOTSUPP) {
+                return recv_each(self, slab, slot, n, frames);
+            }
+        }
         let first = frames.len();
         let mut failed = None;
         // A read that found nothing may be followed by one that found a frame which came
@@ -620,7 +640,8 @@ impl NetBackend for Tap {
                 continue;
             }
             let e = io::Error::from_raw_os_error(-r);
-            if r != -libc::EAGAIN && r != -libc::EINTR && !self.detached(&e) {
+            let nothing = [libc::EAGAIN, libc::EINTR, libc::EOPNOTSUPP].contains(&-r);
+            if !nothing && !self.detached(&e) {
                 failed.get_or_insert(e);
             }
         }
@@ -984,6 +1005,67 @@ mod tests {
             ),
             Err(e) => eprintln!("SKIPPED the io_uring check: none here ({e})"),
         }
+    }
+
+    /// Where the fd refuses RWF_NOWAIT (tun before Linux 6.x; a pty master here), batches
+    /// go one by one: every frame arrives, in order, none lost, and reads still get what
+    /// waits.
+    #[test]
+    fn without_rwf_nowait_batches_go_one_by_one() {
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty writes two descriptors into the ints given; no name, termios or
+        // window size is asked for.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", io::Error::last_os_error());
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        let (master, mut slave) = unsafe { (File::from_raw_fd(master), File::from_raw_fd(slave)) };
+        // SAFETY: termios is plain data; tcgetattr fills it, cfmakeraw and tcsetattr use it.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            assert_eq!(libc::tcgetattr(slave.as_raw_fd(), &mut t), 0);
+            libc::cfmakeraw(&mut t);
+            assert_eq!(libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t), 0);
+            let fl = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
+            assert_eq!(
+                libc::fcntl(master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK),
+                0
+            );
+        }
+        let mut tap = tap_over(master, false, false);
+        let (frames, ends) = batch_frames(5);
+        let iov = batch_iov(&frames, b"");
+        let mut out = Vec::new();
+        tap.send_batch(&iov, &ends, &mut out);
+        assert_eq!(out.len(), 5);
+        assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+        let want: Vec<u8> = frames.concat();
+        let mut got = vec![0u8; want.len()];
+        slave.read_exact(&mut got).unwrap();
+        assert_eq!(got, want, "every frame, in order");
+        assert_eq!(tap.dropped(), 0);
+        assert!(
+            !matches!(tap.batch, Batch::Ring(_)),
+            "the ring is no longer asked"
+        );
+        slave.write_all(b"from-the-peer").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        tap.batch = Batch::Untried;
+        let mut slab = vec![0u8; 4 * 64];
+        let mut read = Vec::new();
+        tap.recv_batch(&mut slab, 64, 4, &mut read).unwrap();
+        let bytes: Vec<u8> = read
+            .iter()
+            .flat_map(|&(i, len)| slab[i * 64..i * 64 + len].to_vec())
+            .collect();
+        assert_eq!(bytes, b"from-the-peer");
     }
 
     /// A peer that fills up stops the batch at the frame it refused: that one is reported as
