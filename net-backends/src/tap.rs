@@ -66,8 +66,23 @@ pub struct Tap {
     /// the kernel steers no frames to it); it is not read meanwhile.
     detached_queue: bool,
     dropped: u64,
-    /// Where batches of frames go ([`NetBackend::send_batch`]).
+    /// Where batches of frames go ([`NetBackend::send_batch`], [`NetBackend::recv_batch`]).
     batch: Batch,
+    /// Writes may go in batches: the tap's send buffer is the kernel's default, unlimited, so
+    /// no write in a batch can find it full while a later one gets through (which would
+    /// leave the earlier frame to be dropped or sent out of order). A tap someone limited
+    /// (TUNSETSNDBUF, QEMU's `sndbuf=`) is written one frame at a time.
+    tx_batches: bool,
+}
+
+/// Whether the tap on `fd` has the kernel's default send buffer (`INT_MAX`: never full).
+fn sndbuf_unlimited(fd: RawFd) -> bool {
+    /// `_IOR('T', 211, int)`.
+    const TUNGETSNDBUF: libc::c_ulong = 0x8004_54d3;
+    let mut size: libc::c_int = 0;
+    // SAFETY: TUNGETSNDBUF writes one int to the pointer given.
+    let r = unsafe { libc::ioctl(fd, TUNGETSNDBUF, &mut size) };
+    r == 0 && size == libc::c_int::MAX
 }
 
 /// How a tap sends a batch of frames.
@@ -200,6 +215,7 @@ impl Tap {
                 _ => TapError::Other(n, e),
             });
         }
+        let file_fd = file.as_raw_fd();
         let tap = Tap {
             file,
             name: ifreq_name(&req),
@@ -209,6 +225,7 @@ impl Tap {
             detached_queue: false,
             dropped: 0,
             batch: Batch::Untried,
+            tx_batches: sndbuf_unlimited(file_fd),
         };
         if use_vnet {
             set_vnet_hdr_size(tap.file.as_raw_fd())
@@ -274,6 +291,7 @@ impl Tap {
             detached_queue: false,
             dropped: 0,
             batch: Batch::Untried,
+            tx_batches: sndbuf_unlimited(fd),
         })
     }
 
@@ -298,14 +316,10 @@ impl Tap {
     }
 
     /// What a failed write means: a frame the kernel refuses (malformed GSO header, too
-    /// large, or EAGAIN where frames behind it went) is the guest's problem and dropped
-    /// rather than stalling the queue; on a deleted interface, dropped too; anything else is
-    /// the error.
+    /// large) is the guest's problem and dropped rather than stalling the queue; on a deleted
+    /// interface, dropped too; anything else is the error.
     fn write_failed(&mut self, e: io::Error) -> io::Result<()> {
-        if matches!(
-            e.raw_os_error(),
-            Some(libc::EINVAL) | Some(libc::EMSGSIZE) | Some(libc::EAGAIN)
-        ) {
+        if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EMSGSIZE)) {
             log::debug!("tap {}: dropped a frame: {e}", self.name);
             self.dropped += 1;
             return Ok(());
@@ -514,7 +528,7 @@ impl NetBackend for Tap {
         while done < ends.len() {
             let rest = &ends[done..];
             let start = done.checked_sub(1).map_or(0, |i| ends[i]);
-            if rest.len() < 2 || self.gone || !self.has_ring() {
+            if rest.len() < 2 || self.gone || !self.tx_batches || !self.has_ring() {
                 let mut each = Vec::with_capacity(rest.len());
                 send_each(
                     self,
@@ -541,30 +555,33 @@ impl NetBackend for Tap {
                 self.batch = Batch::Each;
                 continue;
             }
-            // A kernel whose tun cannot answer at once instead of waiting (RWF_NOWAIT, before
-            // Linux 6.x) refuses every write so asked, writing nothing: from there the frames
-            // go one by one.
             if let Some(i) = raw.iter().position(|r| *r == -libc::EOPNOTSUPP) {
+                // A kernel whose tun cannot answer at once instead of waiting (no RWF_NOWAIT
+                // before Linux 6.x) refuses every write so asked, making none: from here the
+                // frames go one by one.
                 log::debug!("tap {}: no RWF_NOWAIT; frames go one by one", self.name);
                 self.batch = Batch::Each;
                 raw.truncate(i);
-                if i == 0 {
-                    continue;
-                }
             }
             let n = raw.len();
-            // EAGAIN on a frame that later ones got past cannot be retried without
-            // reordering: that frame is dropped. Trailing ones mean the tap is full.
+            // EAGAIN: the tap is full (only with a send buffer someone limited: batches are
+            // used only on taps without one, see `tx_batches`). One that frames after it got
+            // past cannot be retried without reordering: dropped, as on a wire. Trailing
+            // ones: the batch stops there.
             let last_sent = raw.iter().rposition(|r| *r != -libc::EAGAIN);
             for (i, r) in raw.into_iter().enumerate() {
                 if r == -libc::EAGAIN && last_sent.is_none_or(|l| i > l) {
                     out.push(Err(io::ErrorKind::WouldBlock.into()));
                     return;
                 }
-                let r = if r < 0 {
-                    Err(io::Error::from_raw_os_error(-r))
-                } else {
-                    Ok(())
+                let r = match r {
+                    r if r >= 0 => Ok(()),
+                    r if r == -libc::EAGAIN => {
+                        log::debug!("tap {}: dropped a frame the full tap refused", self.name);
+                        self.dropped += 1;
+                        Ok(())
+                    }
+                    r => Err(io::Error::from_raw_os_error(-r)),
                 };
                 out.push(r.or_else(|e| self.write_failed(e)));
             }
@@ -728,6 +745,7 @@ mod tests {
             detached_queue: false,
             dropped: 0,
             batch: Batch::Untried,
+            tx_batches: true,
         }
     }
 
@@ -1068,6 +1086,43 @@ mod tests {
         assert_eq!(bytes, b"from-the-peer");
     }
 
+    /// A frame the peer refuses outright (too large) in the middle of a batch is dropped,
+    /// and the frames after it still go, in order.
+    #[test]
+    fn a_refused_frame_in_a_batch_is_dropped_and_the_rest_go() {
+        let (ours, mut peer) = seqpacket_pair();
+        let small: libc::c_int = 4096;
+        // SAFETY: SO_SNDBUF reads one int from the pointer given.
+        let rc = unsafe {
+            libc::setsockopt(
+                ours.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let mut tap = tap_over(ours, false, false);
+        let frames = [
+            vec![1u8; 60],
+            vec![2u8; 40_000],
+            vec![3u8; 61],
+            vec![4u8; 62],
+        ];
+        let iov: Vec<IoSlice> = frames.iter().map(|f| IoSlice::new(f)).collect();
+        let mut out = Vec::new();
+        tap.send_batch(&iov, &[1, 2, 3, 4], &mut out);
+        assert_eq!(out.len(), 4);
+        assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+        assert_eq!(tap.dropped(), 1);
+        let mut got = [0u8; 2048];
+        for f in [&frames[0], &frames[2], &frames[3]] {
+            let n = peer.read(&mut got).unwrap();
+            assert_eq!(&got[..n], &f[..]);
+        }
+    }
+
     /// A peer that fills up stops the batch at the frame it refused: that one is reported as
     /// WouldBlock, the ones before went, in order, and nothing after it went.
     #[test]
@@ -1235,6 +1290,13 @@ mod tests {
             let mut tap = unsafe { Tap::from_fd(fd, Some(false)) }.unwrap();
             assert_eq!(tap.name(), "nvh0");
             assert!(!tap.capabilities().vnet_hdr);
+            assert!(tap.tx_batches, "the kernel's default send buffer: batches");
+            // A send buffer someone limited (QEMU's sndbuf=): one write per frame.
+            let limit: libc::c_int = 65536;
+            // SAFETY: TUNSETSNDBUF (`_IOW('T', 212, int)`) reads one int from the pointer.
+            let rc = unsafe { libc::ioctl(tap.file.as_raw_fd(), 0x4004_54d4, &limit) };
+            assert_eq!(rc, 0, "TUNSETSNDBUF: {}", io::Error::last_os_error());
+            assert!(!sndbuf_unlimited(tap.file.as_raw_fd()));
 
             let reply = arp_reply(std::slice::from_mut(&mut tap), 0, 0, [192, 168, 77]);
             assert_eq!(

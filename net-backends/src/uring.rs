@@ -2,14 +2,16 @@
 //! kernel through an io_uring, [`BATCH`] per `io_uring_enter`, where `write`/`read` would take
 //! one call each. Every request carries RWF_NOWAIT, so the kernel does it at once or answers
 //! EAGAIN at once: a full (or empty) fd never parks a request in the ring, and the call
-//! returns with every frame answered.
+//! returns with every frame answered. The writes are not linked (a link costs each write a
+//! trip through the kernel's task work: measured, it took the batch's gain away): they run in
+//! the order submitted, but one refused does not stop the ones after it.
 
 use crate::vnet::VNET_HDR_LEN;
 use io_uring::{opcode, types, IoUring};
 use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 
-/// Writes one `io_uring_enter` carries at most.
+/// Requests one `io_uring_enter` carries at most.
 pub(crate) const BATCH: usize = 64;
 
 /// An io_uring with one fd registered, for frame writes to it and reads from it.
@@ -21,6 +23,10 @@ pub(crate) struct FrameRing {
     results: [i32; BATCH],
     /// Where reads put a header that is not the caller's (one per read).
     headers: [[u8; VNET_HDR_LEN]; BATCH],
+    /// A call failed part way: entries may be left in the submission queue, pointing at
+    /// memory of that call. The ring is not used again (every call fails); dropping it
+    /// discards them unsubmitted.
+    broken: bool,
 }
 
 // SAFETY: the raw pointers in `iovecs` are scratch for one `write` call, which sets them and
@@ -29,9 +35,9 @@ pub(crate) struct FrameRing {
 unsafe impl Send for FrameRing {}
 
 impl FrameRing {
-    /// A ring for writes to `fd` (which must stay open while the ring lives). Fails where the
-    /// kernel has no io_uring or refuses it (a sysctl, a seccomp filter): writes then go one
-    /// by one.
+    /// A ring for writes to and reads from `fd` (which must stay open while the ring lives).
+    /// Fails where the kernel has no io_uring or refuses it (a sysctl, a seccomp filter):
+    /// frames then go one by one.
     pub(crate) fn new(fd: RawFd) -> io::Result<FrameRing> {
         let ring = IoUring::builder()
             .setup_coop_taskrun()
@@ -42,15 +48,15 @@ impl FrameRing {
             iovecs: Vec::with_capacity(4 * BATCH),
             results: [0; BATCH],
             headers: [[0; VNET_HDR_LEN]; BATCH],
+            broken: false,
         })
     }
 
     /// Writes the frames `ends` marks in `iov` ([`crate::NetBackend::send_batch`]'s form, the
     /// first one beginning at `start`), each with `hdr` in front when there is one, at most
-    /// [`BATCH`] of them. Pieces that lie
-    /// back to back in memory go as one. Each write's result goes to `out` as the kernel gave
-    /// it (bytes written, or a negative errno); an error means the ring failed and nothing
-    /// in `out` is to be trusted.
+    /// [`BATCH`] of them. Pieces that lie back to back in memory go as one. Each write's
+    /// result goes to `out` as the kernel gave it (bytes written, or a negative errno); an
+    /// error means the ring failed (for good) and nothing in `out` is to be trusted.
     pub(crate) fn write(
         &mut self,
         hdr: Option<&[u8]>,
@@ -59,6 +65,9 @@ impl FrameRing {
         ends: &[usize],
         out: &mut Vec<i32>,
     ) -> io::Result<()> {
+        if self.broken {
+            return Err(io::Error::other("io_uring failed before"));
+        }
         let n = ends.len().min(BATCH);
         // Reserved first: the ring's entries point into this vector, which must not move.
         self.iovecs.clear();
@@ -104,14 +113,16 @@ impl FrameRing {
                         .build()
                 };
                 let entry = entry.user_data(i as u64);
-                // SAFETY: the entry points at `iovecs` (not moved or changed until every
-                // write has completed: `submit_and_wait` below waits for all of them) and,
-                // through it, at the bytes of `hdr` and `iov`, which the caller's borrow
-                // keeps alive for this call. The queue holds BATCH entries and was empty.
+                self.broken = true; // until the batch is answered
+                                    // SAFETY: the entry points at `iovecs` (not moved or changed until every
+                                    // write has completed: `submit_and_wait` below waits for all of them) and,
+                                    // through it, at the bytes of `hdr` and `iov`, which the caller's borrow
+                                    // keeps alive for this call. The queue holds BATCH entries and was empty.
                 unsafe { sq.push(&entry) }.map_err(|_| io::Error::other("io_uring full"))?;
             }
         }
         self.complete(n)?;
+        self.broken = false;
         out.extend_from_slice(&self.results[..n]);
         Ok(())
     }
@@ -129,6 +140,9 @@ impl FrameRing {
         n: usize,
         out: &mut Vec<i32>,
     ) -> io::Result<()> {
+        if self.broken {
+            return Err(io::Error::other("io_uring failed before"));
+        }
         let n = n.min(BATCH).min(slab.len().checked_div(slot).unwrap_or(0));
         self.iovecs.clear();
         self.iovecs.reserve(2 * n);
@@ -157,14 +171,16 @@ impl FrameRing {
                         .build()
                 }
                 .user_data(i as u64);
-                // SAFETY: the entry points into `slab` (borrowed mutably by this call), at
-                // `headers` and at `iovecs` (neither moved nor changed until every read has
-                // completed: `complete` waits for all of them). The queue holds BATCH
-                // entries and was empty.
+                self.broken = true; // until the batch is answered
+                                    // SAFETY: the entry points into `slab` (borrowed mutably by this call), at
+                                    // `headers` and at `iovecs` (neither moved nor changed until every read has
+                                    // completed: `complete` waits for all of them). The queue holds BATCH
+                                    // entries and was empty.
                 unsafe { sq.push(&entry) }.map_err(|_| io::Error::other("io_uring full"))?;
             }
         }
         self.complete(n)?;
+        self.broken = false;
         out.extend_from_slice(&self.results[..n]);
         Ok(())
     }

@@ -22,8 +22,9 @@
 //!   port's outbox ([`NetPort::queue_frame`]), which goes at the end of the model's turn on
 //!   the I/O thread, one turn asked for by the first doorbell of a batch on a vCPU.
 //! * **Interest**: the backend is watched for reading while the model's receiver is ready and
-//!   nothing waits in the stage (no buffers: frames wait in the backend, not in nicvm), and for
-//!   writing while a send was refused.
+//!   nothing waits in the stage (no buffers: frames wait in the backend; in nicvm only those of
+//!   a batch the guest turned out to have less room for than it seemed, [`RX_BATCH`] at most),
+//!   and for writing while a send was refused.
 
 use super::{guest_iov, NicStats};
 use crate::pci::{PciConfig, PciDevice};
@@ -33,6 +34,7 @@ use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
 use net_backends::{Capabilities, NetBackend, Offloads};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -269,6 +271,10 @@ struct PortQueue {
     dead: bool,
     /// Frames the model copied out, waiting to go to the backend together.
     outbox: Outbox,
+    /// The model asked for its transmit to run on the I/O thread ([`NetPort::kick_tx`]): a
+    /// kick that only hands the outbox over does not walk the model's ring (a C+ rtl8139
+    /// sends only when the driver polls).
+    walk_asked: AtomicBool,
 }
 
 /// Frames a model handed over as copies ([`NetPort::queue_frame`]): they go to the backend
@@ -346,6 +352,7 @@ impl NetPort {
                     rx_stalled: false,
                     dead: false,
                     outbox: Outbox::default(),
+                    walk_asked: AtomicBool::new(false),
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -543,6 +550,13 @@ impl NetPort {
             taken += 1;
         }
         self.batch_results = results;
+        let q = &mut self.queues[self.cur];
+        if taken < ends.len() && !q.tx_blocked {
+            // Frames left unanswered (a backend's mistake) wait as if it were full: never
+            // without a wake-up.
+            q.tx_blocked = true;
+            let _ = q.tx_kick.write(1);
+        }
         taken
     }
 
@@ -603,7 +617,9 @@ impl NetPort {
         let mut taken = 0;
         let mut blocked = false;
         for r in o.results.drain(..) {
-            let len = o.frames[taken].1;
+            let Some(&(_, len)) = o.frames.get(taken) else {
+                break; // more answers than frames: a backend's mistake
+            };
             match r {
                 Ok(()) => {
                     self.stats.tx_frames += 1;
@@ -617,6 +633,9 @@ impl NetPort {
             }
             taken += 1;
         }
+        // Frames left unanswered (a backend's mistake) wait as if it were full: never
+        // without a wake-up.
+        blocked |= taken < o.frames.len();
         let upto = taken.checked_sub(1).map_or(0, |i| o.frames[i].0);
         o.bytes.drain(..upto);
         o.frames.drain(..taken);
@@ -650,7 +669,8 @@ impl NetPort {
     fn flush_all(&mut self) {
         let cur = self.cur;
         for q in 0..self.queues.len() {
-            if !self.queues[q].outbox.frames.is_empty() {
+            // A full backend is watched for room; its outbox goes when it drains.
+            if !self.queues[q].outbox.frames.is_empty() && !self.queues[q].tx_blocked {
                 self.cur = q;
                 self.flush_tx();
             }
@@ -713,6 +733,7 @@ impl NetPort {
     /// [`NetPort::kick_tx`] for queue `q` (out of range: nothing).
     pub fn kick_tx_of(&self, q: usize) {
         if let Some(q) = self.queues.get(q) {
+            q.walk_asked.store(true, Ordering::Relaxed);
             let _ = q.tx_kick.write(1);
         }
     }
@@ -938,8 +959,12 @@ impl<M: NicModel> Nic<M> {
     }
 
     fn tx_kicked(&mut self, q: usize) {
+        let pq = &self.port.queues[q];
+        // A kick the outbox asked for only hands it over (at the end of the event); any
+        // other (the model's, a guest doorbell on an ioeventfd) runs the model's transmit.
+        let walk = pq.walk_asked.swap(false, Ordering::Relaxed) || !pq.outbox.kicked;
         // While the backend is full, the kick only makes the loop watch for room.
-        if !self.port.queues[q].tx_blocked {
+        if walk && !pq.tx_blocked {
             self.port.cur = q;
             self.model.transmit(&mut self.port);
         }

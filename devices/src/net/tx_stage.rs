@@ -1,6 +1,9 @@
 //! A frame a model copied out of guest memory, with room in front of it for the virtio-net
-//! header a backend carries: header and frame then reach a tap as one piece (see
-//! [`super::NetPort::send_frame`]), which the kernel takes for less than two.
+//! header a backend carries: when the copy goes out at once (a large frame's copied headers,
+//! sent with the rest from guest memory), header and copy reach a tap as one piece (see
+//! [`super::NetPort::send_frame`]), which the kernel takes for less than two. A frame copied
+//! whole goes through the port's outbox instead ([`super::NetPort::queue_frame`]), which
+//! keeps its own copy, header in front.
 
 use net_backends::vnet::VNET_HDR_LEN;
 

@@ -100,6 +100,9 @@ impl Rtl8139 {
                 }
                 _ => break,
             }
+            if idx == self.cp_rx_index {
+                break; // round the ring (EOR): each descriptor counted once
+            }
         }
         owned
     }

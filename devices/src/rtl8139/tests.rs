@@ -1072,6 +1072,38 @@ fn too_pending_transmit_completes_after_restore() {
     assert!(d.irq());
 }
 
+/// The I/O thread's turn that hands the outbox over does not walk the C+ ring: a
+/// descriptor the driver handed over without polling (TPPoll) waits for its poll, as on the
+/// chip.
+#[test]
+fn cp_a_flush_does_not_send_what_was_not_polled_for() {
+    let (mut d, peer) = cp_open();
+    let first = frame_to([0xff; 6], 100, 1);
+    let second = frame_to([0xff; 6], 120, 2);
+    d.cp_queue(&[&first], 0, 0);
+    d.w_only(TPPOLL, TPPOLL_NPQ as u32, 1);
+    d.cp_queue(&[&second], 0, 0);
+    d.dev.run_flush_kicks();
+    assert_eq!(peer.take_sent(), vec![first], "only the polled-for frame");
+    d.w8(TPPOLL, TPPOLL_NPQ);
+    assert_eq!(peer.take_sent(), vec![second]);
+}
+
+/// On a ring of four descriptors the guest has room for four frames, however many are
+/// asked for: counting stops where the ring comes round.
+#[test]
+fn cp_rx_room_counts_each_descriptor_once() {
+    let (d, _peer) = cp_open();
+    let base = RX_RING;
+    for i in 0..4u64 {
+        let eor = if i == 3 { DESC_EOR } else { 0 };
+        d.mem
+            .write_obj((DESC_OWN | eor | 2048).to_le(), GuestAddress(base + 16 * i))
+            .unwrap();
+    }
+    assert_eq!(d.dev.model.rx_room_for(64), 4);
+}
+
 #[test]
 fn cp_pending_transmit_completes_after_restore() {
     let (mut d, peer) = cp_open();

@@ -153,8 +153,8 @@ impl Rtl8139 {
             self.slot_aborted(slot);
             return;
         }
-        // Copied, not handed to the backend as it lies in guest memory: one buffer with the
-        // port's header room in front is one iovec, which the tap takes faster than two.
+        // Copied, not handed to the backend as it lies in guest memory: the copy goes into
+        // the port's outbox, with the frames around it.
         let mut buf = std::mem::take(&mut self.slot_buf);
         // Not cleared first: the copy below overwrites every byte (as in e1000's transmit).
         buf.resize(size);
