@@ -1086,23 +1086,28 @@ mod tests {
         assert_eq!(bytes, b"from-the-peer");
     }
 
-    /// A frame the peer refuses outright (too large) in the middle of a batch is dropped,
-    /// and the frames after it still go, in order.
-    #[test]
-    fn a_refused_frame_in_a_batch_is_dropped_and_the_rest_go() {
-        let (ours, mut peer) = seqpacket_pair();
+    /// Makes `sock`'s send buffer the smallest the kernel allows (a few KiB).
+    fn small_sndbuf(sock: &File) {
         let small: libc::c_int = 4096;
         // SAFETY: SO_SNDBUF reads one int from the pointer given.
         let rc = unsafe {
             libc::setsockopt(
-                ours.as_raw_fd(),
+                sock.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_SNDBUF,
                 (&small as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        assert_eq!(rc, 0);
+        assert_eq!(rc, 0, "SO_SNDBUF: {}", io::Error::last_os_error());
+    }
+
+    /// A frame the peer refuses outright (too large) in the middle of a batch is dropped,
+    /// and the frames after it still go, in order.
+    #[test]
+    fn a_refused_frame_in_a_batch_is_dropped_and_the_rest_go() {
+        let (ours, mut peer) = seqpacket_pair();
+        small_sndbuf(&ours);
         let mut tap = tap_over(ours, false, false);
         let frames = [
             vec![1u8; 60],
@@ -1128,18 +1133,7 @@ mod tests {
     #[test]
     fn a_full_peer_stops_a_batch_at_the_refused_frame() {
         let (ours, mut peer) = seqpacket_pair();
-        let small: libc::c_int = 4096;
-        // SAFETY: SO_SNDBUF reads one int from the pointer given.
-        let rc = unsafe {
-            libc::setsockopt(
-                ours.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&small as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0);
+        small_sndbuf(&ours);
         let mut tap = tap_over(ours, false, false);
         let (frames, ends) = batch_frames(BATCH);
         let iov = batch_iov(&frames, b"");
