@@ -29,6 +29,15 @@ pub(crate) struct FrameRing {
     broken: bool,
 }
 
+impl Drop for FrameRing {
+    /// The fd goes back before the ring does: the kernel tears a ring down in the
+    /// background, and a file still registered with it would keep the tap attached for a
+    /// while after nicvm let go of it (another VM on the same `ifname=` would find it busy).
+    fn drop(&mut self) {
+        let _ = self.ring.submitter().unregister_files();
+    }
+}
+
 // SAFETY: the raw pointers in `iovecs` are scratch for one `write` call, which sets them and
 // has the kernel done with them before it returns; between calls nothing reads them, so the
 // ring may move to another thread with them.
