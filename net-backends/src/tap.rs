@@ -529,14 +529,13 @@ impl NetBackend for Tap {
             let rest = &ends[done..];
             let start = done.checked_sub(1).map_or(0, |i| ends[i]);
             if rest.len() < 2 || self.gone || !self.tx_batches || !self.has_ring() {
-                let mut each = Vec::with_capacity(rest.len());
-                send_each(
-                    self,
-                    &iov[start.min(iov.len())..],
-                    &relative(rest, start),
-                    &mut each,
-                );
-                out.append(&mut each);
+                if done == 0 {
+                    send_each(self, iov, ends, out);
+                } else {
+                    // After a ring that stopped part way (rare): the rest, counted anew.
+                    let rest = relative(rest, start);
+                    send_each(self, &iov[start.min(iov.len())..], &rest, out);
+                }
                 return;
             }
             let chunk = &rest[..rest.len().min(BATCH)];
@@ -544,24 +543,28 @@ impl NetBackend for Tap {
             let Batch::Ring(ring) = &mut self.batch else {
                 unreachable!("has_ring said so")
             };
-            let mut raw = Vec::with_capacity(chunk.len());
-            if let Err(e) = ring.write(hdr, iov, start, chunk, &mut raw) {
-                // Whether some of these went is unknown: they go again, one by one (a frame
-                // twice rather than none; the kernel gave no reason to expect this).
-                log::warn!(
-                    "tap {}: io_uring failed ({e}); frames go one by one",
-                    self.name
-                );
-                self.batch = Batch::Each;
-                continue;
-            }
+            let mut results = [0i32; BATCH];
+            let answered = match ring.write(hdr, iov, start, chunk, &mut results) {
+                Ok(n) => n,
+                Err(e) => {
+                    // Whether some of these went is unknown: they go again, one by one (a frame
+                    // twice rather than none; the kernel gave no reason to expect this).
+                    log::warn!(
+                        "tap {}: io_uring failed ({e}); frames go one by one",
+                        self.name
+                    );
+                    self.batch = Batch::Each;
+                    continue;
+                }
+            };
+            let mut raw = &results[..answered];
             if let Some(i) = raw.iter().position(|r| *r == -libc::EOPNOTSUPP) {
                 // A kernel whose tun cannot answer at once instead of waiting (no RWF_NOWAIT
                 // before Linux 6.x) refuses every write so asked, making none: from here the
                 // frames go one by one.
                 log::debug!("tap {}: no RWF_NOWAIT; frames go one by one", self.name);
                 self.batch = Batch::Each;
-                raw.truncate(i);
+                raw = &raw[..i];
             }
             let n = raw.len();
             // EAGAIN: the tap is full (only with a send buffer someone limited: batches are
@@ -569,7 +572,7 @@ impl NetBackend for Tap {
             // past cannot be retried without reordering: dropped, as on a wire. Trailing
             // ones: the batch stops there.
             let last_sent = raw.iter().rposition(|r| *r != -libc::EAGAIN);
-            for (i, r) in raw.into_iter().enumerate() {
+            for (i, &r) in raw.iter().enumerate() {
                 if r == -libc::EAGAIN && last_sent.is_none_or(|l| i > l) {
                     out.push(Err(io::ErrorKind::WouldBlock.into()));
                     return;
@@ -622,18 +625,22 @@ impl NetBackend for Tap {
         let Batch::Ring(ring) = &mut self.batch else {
             unreachable!("has_ring said so")
         };
-        let mut raw = Vec::with_capacity(n.min(BATCH));
-        if let Err(e) = ring.read(self.hide_hdr, slab, slot, n, &mut raw) {
-            // Nothing is left in flight: a read either ran at once (RWF_NOWAIT) or was never
-            // submitted, and the ring goes with its unsubmitted entries. Frames it took are
-            // lost, as on a wire; the next ones come one by one.
-            log::warn!(
-                "tap {}: io_uring failed ({e}); frames come one by one",
-                self.name
-            );
-            self.batch = Batch::Each;
-            return Ok(());
-        }
+        let mut results = [0i32; BATCH];
+        let answered = match ring.read(self.hide_hdr, slab, slot, n, &mut results) {
+            Ok(n) => n,
+            Err(e) => {
+                // Nothing is left in flight: a read either ran at once (RWF_NOWAIT) or was never
+                // submitted, and the ring goes with its unsubmitted entries. Frames it took are
+                // lost, as on a wire; the next ones come one by one.
+                log::warn!(
+                    "tap {}: io_uring failed ({e}); frames come one by one",
+                    self.name
+                );
+                self.batch = Batch::Each;
+                return Ok(());
+            }
+        };
+        let raw = &results[..answered];
         if raw.contains(&-libc::EOPNOTSUPP) {
             // No RWF_NOWAIT on this kernel's tun (see send_batch): no read was made.
             log::debug!("tap {}: no RWF_NOWAIT; frames come one by one", self.name);
@@ -646,7 +653,7 @@ impl NetBackend for Tap {
         let mut failed = None;
         // A read that found nothing may be followed by one that found a frame which came
         // in meanwhile: slots with frames need not be the first ones.
-        for (i, r) in raw.into_iter().enumerate() {
+        for (i, &r) in raw.iter().enumerate() {
             if r >= 0 {
                 let len = if self.hide_hdr {
                     strip_header_len(r as usize)
@@ -915,6 +922,14 @@ mod tests {
         }
     }
 
+    /// The tap's batches went through its io_uring, where the kernel gives one.
+    fn assert_ring_used(tap: &Tap) {
+        match FrameRing::new(tap.file.as_raw_fd()) {
+            Ok(_) => assert!(matches!(tap.batch, Batch::Ring(_)), "went one by one"),
+            Err(e) => eprintln!("SKIPPED the io_uring check: none here ({e})"),
+        }
+    }
+
     /// Frame `i` of a test batch: `i` repeated, 60 + 7 * i bytes, in pieces (the odd ones
     /// in two pieces that lie back to back, the others in three scattered ones).
     fn batch_frames(n: usize) -> (Vec<Vec<u8>>, Vec<usize>) {
@@ -977,13 +992,7 @@ mod tests {
             )
         };
         assert_eq!(r, -1, "no frame more than sent");
-        match FrameRing::new(tap.file.as_raw_fd()) {
-            Ok(_) => assert!(
-                matches!(tap.batch, Batch::Ring(_)),
-                "the batch went one by one"
-            ),
-            Err(e) => eprintln!("SKIPPED the io_uring check: none here ({e})"),
-        }
+        assert_ring_used(&tap);
     }
 
     /// A batch of reads (more than waits, with a header hidden and a runt among the frames)
@@ -1016,13 +1025,7 @@ mod tests {
         got.clear();
         tap.recv_batch(&mut slab, slot, 8, &mut got).unwrap();
         assert!(got.is_empty(), "nothing more");
-        match FrameRing::new(tap.file.as_raw_fd()) {
-            Ok(_) => assert!(
-                matches!(tap.batch, Batch::Ring(_)),
-                "the reads went one by one"
-            ),
-            Err(e) => eprintln!("SKIPPED the io_uring check: none here ({e})"),
-        }
+        assert_ring_used(&tap);
     }
 
     /// Where the fd refuses RWF_NOWAIT (tun before Linux 6.x; a pty master here), batches
@@ -1195,6 +1198,10 @@ mod tests {
     /// Runs `f` on a thread in a network namespace of its own (gone when the thread ends, also
     /// on failure); skipped, loudly, where no namespace can be made.
     fn in_own_netns(f: impl FnOnce() + Send + 'static) {
+        // One at a time: these tests fork ip(8), and a child forked by one holds the other's
+        // tap fds until it execs, which would make a tap look busy to the other.
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let r = std::thread::spawn(|| {
             // SAFETY: unshare affects this thread only; it holds no other namespace state.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {

@@ -64,16 +64,17 @@ impl FrameRing {
     /// Writes the frames `ends` marks in `iov` ([`crate::NetBackend::send_batch`]'s form, the
     /// first one beginning at `start`), each with `hdr` in front when there is one, at most
     /// [`BATCH`] of them. Pieces that lie back to back in memory go as one. Each write's
-    /// result goes to `out` as the kernel gave it (bytes written, or a negative errno); an
-    /// error means the ring failed (for good) and nothing in `out` is to be trusted.
+    /// result goes to `out` as the kernel gave it (bytes written, or a negative errno), and
+    /// how many there are is returned; an error means the ring failed (for good) and nothing
+    /// in `out` is to be trusted.
     pub(crate) fn write(
         &mut self,
         hdr: Option<&[u8]>,
         iov: &[IoSlice<'_>],
         mut start: usize,
         ends: &[usize],
-        out: &mut Vec<i32>,
-    ) -> io::Result<()> {
+        out: &mut [i32; BATCH],
+    ) -> io::Result<usize> {
         if self.broken {
             return Err(io::Error::other("io_uring failed before"));
         }
@@ -132,23 +133,23 @@ impl FrameRing {
         }
         self.complete(n)?;
         self.broken = false;
-        out.extend_from_slice(&self.results[..n]);
-        Ok(())
+        out[..n].copy_from_slice(&self.results[..n]);
+        Ok(n)
     }
 
     /// Reads up to `n` frames (at most [`BATCH`]) into the slots of `slab` (`slot` bytes
     /// each, the first at 0), with `hide_hdr` a header read aside in front of each. Each
     /// read's result goes to `out` as the kernel gave it (bytes read, header included, or a
-    /// negative errno); an error means the ring failed and nothing in `out` is to be
-    /// trusted.
+    /// negative errno), and how many there are is returned; an error means the ring failed
+    /// and nothing in `out` is to be trusted.
     pub(crate) fn read(
         &mut self,
         hide_hdr: bool,
         slab: &mut [u8],
         slot: usize,
         n: usize,
-        out: &mut Vec<i32>,
-    ) -> io::Result<()> {
+        out: &mut [i32; BATCH],
+    ) -> io::Result<usize> {
         if self.broken {
             return Err(io::Error::other("io_uring failed before"));
         }
@@ -190,8 +191,8 @@ impl FrameRing {
         }
         self.complete(n)?;
         self.broken = false;
-        out.extend_from_slice(&self.results[..n]);
-        Ok(())
+        out[..n].copy_from_slice(&self.results[..n]);
+        Ok(n)
     }
 
     /// Submits what is queued and waits until all `n` requests have answered.
