@@ -32,7 +32,7 @@ use devices::e1000;
 use devices::net::offload::{fill_ipv4_checksum, fill_l4_checksum, fold, ones_sum, parse};
 use devices::net::{NetEvent, NicStats};
 use devices::rtl8139::{self, tx::*};
-use devices::virtio::net::driver::{used_base, Driver, BUF_BASE, QSIZE};
+use devices::virtio::net::driver::{used_base, Driver, BUF_BASE, RING_ROOM};
 use devices::virtio::net::*;
 use devices::virtio::VIRTIO_F_VERSION_1;
 use net_backends::slirp::{SlirpBackend, SlirpOptions};
@@ -343,7 +343,8 @@ impl Virtio {
             features |= VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4;
         }
         let mut v = Virtio {
-            d: Driver::start(backend, features),
+            // Queues of 128: more than a burst (64 frames), as a Linux guest's 256 are.
+            d: Driver::start_sized(backend, features, RING_ROOM),
             len: 0,
             tx_used: 0,
             rx_used: 0,
@@ -356,7 +357,7 @@ impl Virtio {
     }
 
     fn post_rx(&mut self) {
-        let addr = BUF_BASE[RX] + self.rx_slot % QSIZE as u64 * 2048;
+        let addr = BUF_BASE[RX] + self.rx_slot % RING_ROOM as u64 * 2048;
         self.rx_slot += 1;
         self.d.post_at(RX, addr, 2048, true);
     }
@@ -390,7 +391,7 @@ impl Nic for Virtio {
         self.len = buf.len() as u32;
     }
     fn tx_batch(&self) -> usize {
-        QSIZE as usize - 1
+        RING_ROOM as usize - 1
     }
     fn tx_queue(&mut self, k: usize) {
         for _ in 0..k {
@@ -410,7 +411,7 @@ impl Nic for Virtio {
         true
     }
     fn rx_batch(&self) -> usize {
-        QSIZE as usize - 1
+        RING_ROOM as usize - 1
     }
     fn rx_pump(&mut self) {
         self.d.dev.handle(NetEvent::Backend);
@@ -419,7 +420,7 @@ impl Nic for Virtio {
         let u = self.d.used_idx(RX);
         let n = u.wrapping_sub(self.rx_used);
         for i in 0..n {
-            let e = used_base(RX) + 4 + 8 * (self.rx_used.wrapping_add(i) % QSIZE) as u64;
+            let e = used_base(RX) + 4 + 8 * (self.rx_used.wrapping_add(i) % RING_ROOM) as u64;
             let got: u32 = self.d.mem.read_obj(GuestAddress(e + 4)).unwrap();
             check_len(self.name(), got as usize, VNET_HDR_LEN + len);
             self.post_rx();

@@ -12,7 +12,10 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 pub const MEM_SIZE: usize = 1 << 20;
 pub const VRING_DESC_F_NEXT: u16 = 1;
 pub const VRING_DESC_F_WRITE: u16 = 2;
+/// The queue size the driver sets up unless told otherwise.
 pub const QSIZE: u16 = 16;
+/// The largest queue the ring areas below have room for.
+pub const RING_ROOM: u16 = 128;
 /// Ring and buffer areas in the test's guest memory.
 pub const RING_BASE: [u64; 2] = [0x1_0000, 0x2_0000];
 pub const BUF_BASE: [u64; 2] = [0x4_0000, 0x8_0000];
@@ -26,6 +29,7 @@ pub struct Driver {
     next_desc: [u16; MAX_QUEUES],
     avail_idx: [u16; MAX_QUEUES],
     next_buf: [u64; MAX_QUEUES],
+    qsize: [u16; MAX_QUEUES],
 }
 
 /// Where queue `q`'s buffers go: 256 KiB each for the first pair, 32 KiB for the others.
@@ -43,10 +47,10 @@ pub fn desc_base(q: usize) -> u64 {
     }
 }
 pub fn avail_base(q: usize) -> u64 {
-    desc_base(q) + 16 * QSIZE as u64
+    desc_base(q) + 16 * RING_ROOM as u64
 }
 pub fn used_base(q: usize) -> u64 {
-    (avail_base(q) + 6 + 2 * QSIZE as u64 + 4095) & !4095
+    (avail_base(q) + 6 + 2 * RING_ROOM as u64 + 4095) & !4095
 }
 
 /// A device as the machine builds it, before firmware or the guest touched it: on `backend`,
@@ -111,6 +115,7 @@ impl Driver {
             next_desc: [0; MAX_QUEUES],
             avail_idx: [0; MAX_QUEUES],
             next_buf: std::array::from_fn(buf_base),
+            qsize: [QSIZE; MAX_QUEUES],
         }
     }
 
@@ -153,6 +158,8 @@ impl Driver {
     }
 
     pub fn setup_queue(&mut self, q: usize, size: u16) {
+        assert!(size <= RING_ROOM, "no room for a queue of {size}");
+        self.qsize[q] = size;
         self.w(QUEUE_SELECT, q as u64, 2);
         self.w(QUEUE_SIZE, size as u64, 2);
         self.w(QUEUE_DESC, desc_base(q), 8);
@@ -207,13 +214,23 @@ impl Driver {
 
     /// Full bring-up with `features`, both queues of QSIZE.
     pub fn start(backend: Box<dyn NetBackend>, features: u64) -> Driver {
+        Driver::start_sized(backend, features, QSIZE)
+    }
+
+    /// Full bring-up with `features`, both queues of `size` entries.
+    pub fn start_sized(backend: Box<dyn NetBackend>, features: u64, size: u16) -> Driver {
         let mut d = Driver::new(backend);
         assert!(d.negotiate(features));
-        d.setup_queue(RX, QSIZE);
-        d.setup_queue(TX, QSIZE);
+        d.setup_queue(RX, size);
+        d.setup_queue(TX, size);
         d.driver_ok();
         assert_eq!(d.status() & STATUS_DEVICE_NEEDS_RESET, 0);
         d
+    }
+
+    /// The size queue `q` was set up with.
+    pub fn queue_size(&self, q: usize) -> u16 {
+        self.qsize[q]
     }
 
     pub fn write_desc(&mut self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -228,7 +245,7 @@ impl Driver {
     }
 
     pub fn publish(&mut self, q: usize, head: u16) {
-        let slot = self.avail_idx[q] % QSIZE;
+        let slot = self.avail_idx[q] % self.qsize[q];
         let a = avail_base(q);
         self.mem
             .write_obj(head, GuestAddress(a + 4 + 2 * slot as u64))
@@ -244,7 +261,7 @@ impl Driver {
         let head = self.next_desc[q];
         for (k, p) in parts.iter().enumerate() {
             let i = self.next_desc[q];
-            self.next_desc[q] = (i + 1) % QSIZE;
+            self.next_desc[q] = (i + 1) % self.qsize[q];
             let addr = self.next_buf[q];
             self.next_buf[q] += (p.len() as u64 + 64) & !63;
             self.mem.write_slice(p, GuestAddress(addr)).unwrap();
@@ -263,7 +280,7 @@ impl Driver {
         let idx: u16 = self.mem.read_obj(GuestAddress(u + 2)).unwrap();
         (0..idx)
             .map(|i| {
-                let e = u + 4 + 8 * (i % QSIZE) as u64;
+                let e = u + 4 + 8 * (i % self.qsize[q]) as u64;
                 (
                     self.mem.read_obj(GuestAddress(e)).unwrap(),
                     self.mem.read_obj(GuestAddress(e + 4)).unwrap(),
@@ -296,7 +313,7 @@ impl Driver {
     /// Posts one single-descriptor chain over guest bytes already in place at `addr`.
     pub fn post_at(&mut self, q: usize, addr: u64, len: u32, writable: bool) -> u16 {
         let i = self.next_desc[q];
-        self.next_desc[q] = (i + 1) % QSIZE;
+        self.next_desc[q] = (i + 1) % self.qsize[q];
         let flags = if writable { VRING_DESC_F_WRITE } else { 0 };
         self.write_desc(q, i, addr, len, flags, 0);
         self.publish(q, i);
@@ -314,7 +331,7 @@ impl Driver {
     pub fn needs_kick(&self, q: usize, old: u16) -> bool {
         let event: u16 = self
             .mem
-            .read_obj(GuestAddress(used_base(q) + 4 + 8 * QSIZE as u64))
+            .read_obj(GuestAddress(used_base(q) + 4 + 8 * self.qsize[q] as u64))
             .unwrap();
         let new = self.avail_idx[q];
         new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
@@ -359,7 +376,7 @@ impl Driver {
         let n = parts.len();
         for (k, (addr, len, mut flags)) in parts.iter().copied().enumerate() {
             let i = self.next_desc[q];
-            self.next_desc[q] = (i + 1) % QSIZE;
+            self.next_desc[q] = (i + 1) % self.qsize[q];
             if k + 1 < n {
                 flags |= VRING_DESC_F_NEXT;
             }
