@@ -17,6 +17,8 @@
 //! * **Batches**: frames cross to and from the backend several at a time (one system call for
 //!   a batch on a tap: [`NetBackend::send_batch`], [`NetBackend::recv_batch`]). A receive
 //!   batch asks for no more frames than the guest has room for ([`NicModel::rx_room`]).
+//!   Frames that come alone are read one per turn, without a second read to find the
+//!   backend empty (`LONE_TURNS`).
 //!   virtio-net hands a batch of TX chains over at once ([`NetPort::send_batch`]) and returns
 //!   the chains when the backend took them; e1000 and rtl8139 copy their frames out, into the
 //!   port's outbox ([`NetPort::queue_frame`]), which goes at the end of the model's turn on
@@ -772,6 +774,15 @@ impl NetPort {
 
 /// Frames read from the backend together (one system call on a tap), at most.
 pub const RX_BATCH: usize = 64;
+/// Turns in a row that each read one frame, and found no second, after which frames are
+/// taken to come alone: a turn then reads one frame and ends, and whether another came is
+/// left to the event loop (it asks before it sleeps anyway), where a second read would find
+/// nothing. A lone frame costs one read, not two.
+const LONE_TURNS: u32 = 4;
+/// While frames come alone, one turn in this many reads on after its frame, so that the
+/// onset of a burst is seen (and batches grow again) within this many frames.
+const LONE_PROBE: u32 = 16;
+
 /// A receive slot: the largest frame a backend hands over.
 const RX_SLOT: usize = net_backends::MAX_FRAME;
 
@@ -792,6 +803,9 @@ struct RxStage {
     want: usize,
     /// Frames the last burst took from the stage or the backend.
     last_burst: usize,
+    /// Turns in a row that read one frame from the backend (see [`LONE_TURNS`]), counted
+    /// round [`LONE_PROBE`] once past [`LONE_TURNS`].
+    lone: u32,
 }
 
 impl RxStage {
@@ -802,6 +816,7 @@ impl RxStage {
             next: 0,
             want: 1,
             last_burst: 0,
+            lone: 0,
         }
     }
 
@@ -1083,6 +1098,9 @@ impl<M: NicModel> Nic<M> {
         rx.last_burst = 0;
         // A batch came back short: the backend had no more (for now).
         let mut drained = false;
+        // Frames come alone, and this is not a turn that looks for more after its frame.
+        let alone = rx.lone >= LONE_TURNS && (rx.lone - LONE_TURNS) % LONE_PROBE != LONE_PROBE - 1;
+        let mut read = 0;
         while rx.last_burst < RX_BURST {
             if self.port.queues[q].rx_stalled || !self.model.rx_ready() {
                 break;
@@ -1093,19 +1111,26 @@ impl<M: NicModel> Nic<M> {
                 }
                 rx.frames.clear();
                 rx.next = 0;
-                let want = rx.want.min(RX_BURST - rx.last_burst);
+                let want = if alone {
+                    1
+                } else {
+                    rx.want.min(RX_BURST - rx.last_burst)
+                };
                 let n = self.model.rx_room(&self.port, want).clamp(1, want);
                 let backend = &mut self.port.queues[q].backend;
                 if let Err(e) = backend.recv_batch(&mut rx.slab, RX_SLOT, n, &mut rx.frames) {
                     log::debug!("{}: receive failed: {e}", self.port.name);
                     break;
                 }
-                drained = rx.frames.len() < n;
-                rx.want = if drained {
-                    (rx.frames.len() + 1).max(rx.want / 2)
-                } else {
-                    (2 * n).max(rx.want).min(RX_BATCH)
-                };
+                read += rx.frames.len();
+                drained = rx.frames.len() < n || alone;
+                if !alone {
+                    rx.want = if rx.frames.len() < n {
+                        (rx.frames.len() + 1).max(rx.want / 2)
+                    } else {
+                        (2 * n).max(rx.want).min(RX_BATCH)
+                    };
+                }
                 if rx.frames.is_empty() {
                     break;
                 }
@@ -1140,6 +1165,12 @@ impl<M: NicModel> Nic<M> {
                 }
             }
         }
+        rx.lone = match read {
+            0 => rx.lone,
+            1 if rx.lone >= LONE_TURNS => LONE_TURNS + (rx.lone - LONE_TURNS + 1) % LONE_PROBE,
+            1 => rx.lone + 1,
+            _ => 0,
+        };
         if delivered {
             self.model.rx_burst_done(&mut self.port);
         }
