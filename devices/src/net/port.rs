@@ -796,10 +796,10 @@ struct RxStage {
     /// The frames of the last batch, (slot, length), in order; those from `next` on wait.
     frames: Vec<(usize, usize)>,
     next: usize,
-    /// Frames the next batch asks for (the guest's room permitting): doubled while batches
-    /// come back full; after a short one, one more than it got, or half as many as before
-    /// if that is more. Bursts are read in few calls, frames that come alone without many
-    /// reads that find nothing.
+    /// Frames the first batch of a turn asks for (the guest's room permitting): one more
+    /// than the last turn read, so that a burst the size of the last one is read in one
+    /// batch with one read that finds nothing. Within a turn a batch that came back full is
+    /// followed by one twice its size: bursts that grow are read in few calls.
     want: usize,
     /// Frames the last burst took from the stage or the backend.
     last_burst: usize,
@@ -1101,6 +1101,7 @@ impl<M: NicModel> Nic<M> {
         // Frames come alone, and this is not a turn that looks for more after its frame.
         let alone = rx.lone >= LONE_TURNS && (rx.lone - LONE_TURNS) % LONE_PROBE != LONE_PROBE - 1;
         let mut read = 0;
+        let mut want = if alone { 1 } else { rx.want };
         while rx.last_burst < RX_BURST {
             if self.port.queues[q].rx_stalled || !self.model.rx_ready() {
                 break;
@@ -1111,12 +1112,8 @@ impl<M: NicModel> Nic<M> {
                 }
                 rx.frames.clear();
                 rx.next = 0;
-                let want = if alone {
-                    1
-                } else {
-                    rx.want.min(RX_BURST - rx.last_burst)
-                };
-                let n = self.model.rx_room(&self.port, want).clamp(1, want);
+                let ask = want.min(RX_BURST - rx.last_burst);
+                let n = self.model.rx_room(&self.port, ask).clamp(1, ask);
                 let backend = &mut self.port.queues[q].backend;
                 if let Err(e) = backend.recv_batch(&mut rx.slab, RX_SLOT, n, &mut rx.frames) {
                     log::debug!("{}: receive failed: {e}", self.port.name);
@@ -1124,12 +1121,8 @@ impl<M: NicModel> Nic<M> {
                 }
                 read += rx.frames.len();
                 drained = rx.frames.len() < n || alone;
-                if !alone {
-                    rx.want = if rx.frames.len() < n {
-                        (rx.frames.len() + 1).max(rx.want / 2)
-                    } else {
-                        (2 * n).max(rx.want).min(RX_BATCH)
-                    };
+                if !drained {
+                    want = (2 * n).min(RX_BATCH);
                 }
                 if rx.frames.is_empty() {
                     break;
@@ -1164,6 +1157,9 @@ impl<M: NicModel> Nic<M> {
                     break;
                 }
             }
+        }
+        if read > 0 && !alone {
+            rx.want = (read + 1).min(RX_BATCH);
         }
         rx.lone = match read {
             0 => rx.lone,

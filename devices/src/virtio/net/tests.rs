@@ -380,6 +380,30 @@ fn rx_a_burst_is_read_in_batches_no_larger_than_the_guest_has_room_for() {
     assert!(d.dev.rx_waiting());
 }
 
+/// A turn asks first for one frame more than the last turn read: bursts of one size are
+/// read in one batch each, with a single read that finds nothing (not doubling batches
+/// whose last one is mostly reads that find nothing).
+#[test]
+fn rx_bursts_like_the_last_one_take_one_batch() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (mut d, peer, [calls, _, reads]) = counting_sized(BASE | VIRTIO_NET_F_MRG_RXBUF, 64);
+    for _ in 0..40 {
+        d.post(RX, &[&[0u8; 256]], true);
+    }
+    for round in 0..3 {
+        for i in 0..12 {
+            peer.inject(&frame(100, i));
+        }
+        let (c0, r0) = (calls.load(Relaxed), reads.load(Relaxed));
+        d.dev.handle(NetEvent::Backend);
+        assert_eq!(d.used(RX).len(), 12 * (round + 1));
+        let (c, r) = (calls.load(Relaxed) - c0, reads.load(Relaxed) - r0);
+        if round > 0 {
+            assert_eq!((c, r), (1, 13), "round {round}: batches, reads");
+        }
+    }
+}
+
 /// Frames that come one at a time cost one read each once they have come alone for a few
 /// turns (not a second read that finds nothing); a burst that follows is still seen within
 /// a turn in sixteen and read in batches again.
