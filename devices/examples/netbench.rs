@@ -15,6 +15,10 @@
 //! the guest's offloads through it, e1000 and 8139cp fill one in for their checksum offload
 //! and TSO, so their TSO sends too reach the tap whole (the floor still writes wire frames).
 //!
+//! The floor's buffers (and virtio-net's TX buffers) are taken in turn from 64 at every
+//! cache-line offset of a page: how fast the kernel copies a frame depends on where the
+//! user buffer lies (see `Spread`), and one fixed buffer made a floor fast or slow by luck.
+//!
 //! Only the model's share is timed (thread CPU, the clock's own cost subtracted): for TX the
 //! doorbell writes (virtio-net's I/O-thread kick; e1000's and rtl8139's register writes, whose
 //! frames wait in the port for the I/O thread's turn the first write asked for, here taken
@@ -326,9 +330,15 @@ fn check_len(model: &str, got: usize, want: usize) {
     }
 }
 
+/// Guest memory for the virtio-net TX buffers, from BUF_BASE[TX] to the end of memory.
+const TX_AREA: u64 = 0x8_0000;
+
 struct Virtio {
     d: Driver,
     len: u32,
+    /// Where the copies of the frame being sent lie, used in turn.
+    tx_addrs: Vec<u64>,
+    tx_next: usize,
     tx_used: u16,
     rx_used: u16,
     rx_slot: u64,
@@ -346,6 +356,8 @@ impl Virtio {
             // Queues of 128: more than a burst (64 frames), as a Linux guest's 256 are.
             d: Driver::start_sized(backend, features, RING_ROOM),
             len: 0,
+            tx_addrs: vec![],
+            tx_next: 0,
             tx_used: 0,
             rx_used: 0,
             rx_slot: 0,
@@ -384,10 +396,13 @@ impl Nic for Virtio {
         }
         let mut buf = h.to_bytes().to_vec();
         buf.extend_from_slice(&f);
-        self.d
-            .mem
-            .write_slice(&buf, GuestAddress(BUF_BASE[TX]))
-            .unwrap();
+        // Copies at offsets spread over a page (see Spread), as many as the area holds.
+        let stride = buf.len().next_multiple_of(4096) as u64 + 64;
+        let copies = (TX_AREA / stride).clamp(1, SPREAD as u64);
+        self.tx_addrs = (0..copies).map(|i| BUF_BASE[TX] + i * stride).collect();
+        for &a in &self.tx_addrs {
+            self.d.mem.write_slice(&buf, GuestAddress(a)).unwrap();
+        }
         self.len = buf.len() as u32;
     }
     fn tx_batch(&self) -> usize {
@@ -395,7 +410,9 @@ impl Nic for Virtio {
     }
     fn tx_queue(&mut self, k: usize) {
         for _ in 0..k {
-            self.d.post_at(TX, BUF_BASE[TX], self.len, false);
+            let a = self.tx_addrs[self.tx_next % self.tx_addrs.len()];
+            self.tx_next += 1;
+            self.d.post_at(TX, a, self.len, false);
         }
     }
     fn tx_kick(&mut self) {
@@ -692,10 +709,59 @@ struct Row {
     per_send: Option<usize>,
 }
 
-/// Bare write() of each of `bufs` on the tap, `reps` times: the TX floor.
-fn write_all(tap: &TapSide, bufs: &[Vec<u8>], reps: usize) {
+/// Buffers of `len` bytes at every cache-line offset within a page (64 of them), taken in
+/// turn. How fast the kernel copies a frame to or from user memory depends on where the
+/// buffer lies against the kernel's side of the copy: on the machine this was written on, a
+/// receive buffer 4 KiB-aliased with the kernel's copy of the frame costs ~200 ns more per
+/// 1514-byte frame. A floor that always used one buffer was fast or slow by the luck of the
+/// heap (one run's floor for a model 30% above the next run's); the port's receive slots,
+/// and the outbox e1000 and rtl8139 send from, lie at offsets spread over a page as these.
+struct Spread {
+    mem: Vec<u8>,
+    base: usize,
+    stride: usize,
+    len: usize,
+    next: usize,
+}
+
+const SPREAD: usize = 64;
+
+impl Spread {
+    fn new(len: usize) -> Spread {
+        let stride = len.next_multiple_of(4096) + 4096 / SPREAD;
+        let mem = vec![0u8; stride * SPREAD + 4096];
+        let base = mem.as_ptr().align_offset(4096);
+        Spread {
+            mem,
+            base,
+            stride,
+            len,
+            next: 0,
+        }
+    }
+
+    /// Every buffer holding `frame`.
+    fn of(frame: &[u8]) -> Spread {
+        let mut s = Spread::new(frame.len());
+        for _ in 0..SPREAD {
+            s.take().copy_from_slice(frame);
+        }
+        s
+    }
+
+    /// The next buffer.
+    fn take(&mut self) -> &mut [u8] {
+        let at = self.base + self.next % SPREAD * self.stride;
+        self.next += 1;
+        &mut self.mem[at..at + self.len]
+    }
+}
+
+/// Bare write() of each of `frames` on the tap, `reps` times: the TX floor.
+fn write_all(tap: &TapSide, frames: &mut [Spread], reps: usize) {
     for _ in 0..reps {
-        for b in bufs {
+        for f in frames.iter_mut() {
+            let b = f.take();
             // SAFETY: writing a buffer we own to the tap.
             let r = unsafe { libc::write(tap.fd, b.as_ptr().cast(), b.len()) };
             if r as usize != b.len() {
@@ -706,8 +772,9 @@ fn write_all(tap: &TapSide, bufs: &[Vec<u8>], reps: usize) {
 }
 
 /// One bare read() of `n` frames of `want` bytes each: the RX floor.
-fn read_all(tap: &TapSide, buf: &mut [u8], n: usize, want: usize) {
+fn read_all(tap: &TapSide, bufs: &mut Spread, n: usize, want: usize) {
     for _ in 0..n {
+        let buf = bufs.take();
         // SAFETY: reading into a buffer we own.
         let r = unsafe { libc::read(tap.fd, buf.as_mut_ptr().cast(), buf.len()) };
         if r as usize != want {
@@ -742,7 +809,7 @@ fn tx_case(
     } else {
         wire.push(frame.to_vec());
     }
-    let bare: Vec<Vec<u8>> = wire.iter().map(|f| tap.wire(f)).collect();
+    let mut bare: Vec<Spread> = wire.iter().map(|f| Spread::of(&tap.wire(f))).collect();
     let wire_bytes: usize = wire.iter().map(Vec::len).sum();
     let who = format!("{} {mode:?}", nic.name());
     let (tap_frames, tap_bytes) = if mode == Mode::Tso && nic.passes_gso() {
@@ -760,7 +827,7 @@ fn tx_case(
         nic.tx_queue(k);
         ns += clock.time(|| nic.tx_kick());
         reclaimed += nic.tx_reclaim();
-        floor += clock.time(|| write_all(tap, &bare, k));
+        floor += clock.time(|| write_all(tap, &mut bare, k));
         done += k;
     }
     if reclaimed != sends {
@@ -803,7 +870,7 @@ fn rx_case(
     let who = nic.name();
     let batch = nic.rx_batch().min(burst);
     let want = tap.wire(f).len();
-    let mut buf = vec![0u8; 65_600];
+    let mut buf = Spread::new(65_536);
     tap.drain();
     let s0 = nic.stats();
     let (mut ns, mut floor, mut done) = (0.0, 0.0, 0);
@@ -956,8 +1023,10 @@ fn batched_floor(
         }
     };
     let wire = side.wire(f);
-    let mut bufs = vec![[0u8; 2048]; URING_BATCH];
-    let mut one = vec![0u8; 65_600];
+    let (mut wire_u, mut wire_f) = (Spread::of(&wire), [Spread::of(&wire)]);
+    // Distinct buffers for the reads of one batch (a Spread has as many as a batch).
+    let mut bufs = Spread::new(2048);
+    let mut one = Spread::new(65_536);
     // Submits `k` prepared entries and checks every result is a whole frame.
     let run = |ring: &mut IoUring, k: usize| {
         ring.submit_and_wait(k)
@@ -986,15 +1055,16 @@ fn batched_floor(
         tx_u += clock.time(|| {
             let mut sq = ring.submission();
             for _ in 0..k {
-                let e =
-                    opcode::Write::new(types::Fixed(0), wire.as_ptr(), wire.len() as u32).build();
-                // SAFETY: `wire` outlives the submission, which completes before `run` returns.
+                let w = wire_u.take();
+                let e = opcode::Write::new(types::Fixed(0), w.as_ptr(), w.len() as u32).build();
+                // SAFETY: `wire_u` outlives the submission, which completes before `run`
+                // returns.
                 unsafe { sq.push(&e) }.unwrap_or_else(|_| fail("io_uring: queue full".into()));
             }
             drop(sq);
             run(&mut ring, k);
         });
-        tx_f += clock.time(|| write_all(side, std::slice::from_ref(&wire), k));
+        tx_f += clock.time(|| write_all(side, &mut wire_f, k));
         done += k;
     }
     let c = side.counters();
@@ -1013,7 +1083,8 @@ fn batched_floor(
         side.inject(f, k);
         rx_u += clock.time(|| {
             let mut sq = ring.submission();
-            for b in bufs.iter_mut().take(k) {
+            for _ in 0..k {
+                let b = bufs.take();
                 let e = opcode::Read::new(types::Fixed(0), b.as_mut_ptr(), b.len() as u32).build();
                 // SAFETY: `bufs` outlives the submission, which completes before `run` returns.
                 unsafe { sq.push(&e) }.unwrap_or_else(|_| fail("io_uring: queue full".into()));
