@@ -196,6 +196,29 @@ pub fn write_parts(
     mut len: usize,
     addr: GuestAddress,
 ) -> bool {
+    // One region lookup for a buffer inside one region, as a receive buffer is.
+    if let Some(r) = mem.find_region(addr) {
+        let off = addr.0 - r.start_addr().0;
+        if let Ok(dst) = r.get_slice(MemoryRegionAddress(off), len) {
+            let mut at = 0;
+            for p in parts {
+                if at == len {
+                    break;
+                }
+                if from >= p.len() {
+                    from -= p.len();
+                    continue;
+                }
+                let n = (p.len() - from).min(len - at);
+                if dst.write_slice(&p[from..from + n], at).is_err() {
+                    return false;
+                }
+                at += n;
+                from = 0;
+            }
+            return true;
+        }
+    }
     let mut at = addr.0;
     for p in parts {
         if len == 0 {
