@@ -736,6 +736,12 @@ impl NicModel for Rtl8139 {
         self.receive_frame(port, frame)
     }
 
+    /// The interrupt line for the burst's frames (each set ROK as it arrived), once: the
+    /// guest cannot look at ISR before the burst ends (it holds the NIC's lock).
+    fn rx_burst_done(&mut self, _port: &mut NetPort) {
+        self.update_irq();
+    }
+
     fn timer_fd(&self) -> Option<RawFd> {
         Some(self.timer.fd())
     }

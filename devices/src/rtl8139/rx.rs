@@ -249,7 +249,8 @@ impl Rtl8139 {
         );
         if ok {
             self.cbr = ((write + need) % len) as u16;
-            self.raise(INT_ROK);
+            // The line follows once for the burst (rx_burst_done).
+            self.isr |= INT_ROK;
             Rx::Delivered
         } else {
             self.rx_dead = true;
@@ -363,7 +364,7 @@ impl Rtl8139 {
             }
             if !self.rx_dead {
                 self.cp_rx_index = idx;
-                self.raise(INT_ROK);
+                self.isr |= INT_ROK; // the line: at the burst's end
             }
         }
         self.rx_descs = descs;
