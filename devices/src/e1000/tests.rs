@@ -126,9 +126,9 @@ fn opened_with(caps: Capabilities) -> Rig {
 }
 
 impl Rig {
-    /// Frames from the peer into the guest, through the I/O thread's event.
-    /// Frames from the network, and the event loop's turns while they wait and the device
-    /// wants them (its epoll is level-triggered: a turn may leave frames for the next one).
+    /// Frames from the peer into the guest, through the I/O thread's turns while they wait
+    /// and the device wants them (its epoll is level-triggered: a turn may leave frames for
+    /// the next one).
     fn inject<F: AsRef<[u8]>>(&mut self, frames: &[F]) -> BackendInterest {
         for f in frames {
             self.peer.inject(f.as_ref());

@@ -1002,14 +1002,15 @@ impl<M: NicModel> Nic<M> {
         self.interest()
     }
 
-    /// What the event loop does while the backends stay readable: bursts on each queue until
-    /// one ends short (the backend is drained, or the guest out of room). For tests and the
-    /// fuzzer. Returns queue 0's interest.
+    /// What the event loop does while the backends stay readable: turns on each queue until
+    /// one takes nothing (the backend is drained, or the guest out of room; a turn may end
+    /// early with frames left, as one that reads a lone frame does), at most 1024. For tests
+    /// and the fuzzer. Returns queue 0's interest.
     pub fn pump(&mut self) -> BackendInterest {
         for q in 0..self.port.queues.len() {
-            loop {
+            for _ in 0..1024 {
                 self.handle_queue(q, NetEvent::Backend);
-                if self.rx[q].last_burst < RX_BURST {
+                if self.rx[q].last_burst == 0 || !self.wants_rx(q) {
                     break;
                 }
             }
@@ -1101,6 +1102,8 @@ impl<M: NicModel> Nic<M> {
         // Frames come alone, and this is not a turn that looks for more after its frame.
         let alone = rx.lone >= LONE_TURNS && (rx.lone - LONE_TURNS) % LONE_PROBE != LONE_PROBE - 1;
         let mut read = 0;
+        // A read in this turn found fewer frames than it asked for: the backend ran dry.
+        let mut short = false;
         let mut want = if alone { 1 } else { rx.want };
         while rx.last_burst < RX_BURST {
             if self.port.queues[q].rx_stalled || !self.model.rx_ready() {
@@ -1120,6 +1123,7 @@ impl<M: NicModel> Nic<M> {
                     break;
                 }
                 read += rx.frames.len();
+                short |= rx.frames.len() < n;
                 drained = rx.frames.len() < n || alone;
                 if !drained {
                     want = (2 * n).min(RX_BATCH);
@@ -1161,10 +1165,17 @@ impl<M: NicModel> Nic<M> {
         if read > 0 && !alone {
             rx.want = (read + 1).min(RX_BATCH);
         }
+        // A turn that read one frame counts when the backend was seen dry after it (or was not
+        // asked, frames coming alone): one the guest's room cut short does not.
         rx.lone = match read {
             0 => rx.lone,
-            1 if rx.lone >= LONE_TURNS => LONE_TURNS + (rx.lone - LONE_TURNS + 1) % LONE_PROBE,
-            1 => rx.lone + 1,
+            1 if alone || short => {
+                if rx.lone >= LONE_TURNS {
+                    LONE_TURNS + (rx.lone - LONE_TURNS + 1) % LONE_PROBE
+                } else {
+                    rx.lone + 1
+                }
+            }
             _ => 0,
         };
         if delivered {

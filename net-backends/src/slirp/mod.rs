@@ -849,6 +849,12 @@ impl NetBackend for SlirpBackend {
                 }
             }
         };
+        // The last one taken: not readable any more (a frontend that takes one frame a turn
+        // would otherwise come back for nothing). A frame that comes meanwhile finds the
+        // queue empty and writes it again.
+        if q.frames.is_empty() {
+            let _ = self.rx_ready.read();
+        }
         let n = f.len().min(buf.len());
         buf[..n].copy_from_slice(&f[..n]);
         q.recycle(f);
@@ -977,6 +983,37 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert_eq!(threads(), before);
+    }
+
+    /// The receive fd is readable while frames wait, and no longer once the last one was
+    /// taken (not only once a read found the queue empty).
+    #[test]
+    fn readable_exactly_while_frames_wait() {
+        let mut b = SlirpBackend::new(SlirpOptions::default()).unwrap();
+        let readable = |b: &SlirpBackend, ms: i32| {
+            let mut p = libc::pollfd {
+                fd: b.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd we own.
+            unsafe { libc::poll(&mut p, 1, ms) == 1 }
+        };
+        assert!(!readable(&b, 0));
+        // An ARP request for the gateway: slirp answers it.
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&mac);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&mac);
+        arp.extend_from_slice(&[10, 0, 2, 15, 0, 0, 0, 0, 0, 0, 10, 0, 2, 2]);
+        arp.resize(60, 0);
+        b.send(&[IoSlice::new(&arp)]).unwrap();
+        assert!(readable(&b, 5000), "no ARP reply");
+        let mut buf = [0u8; 2048];
+        let n = b.recv(&mut buf).unwrap().expect("the reply");
+        assert_eq!(&buf[12..14], &[0x08, 0x06], "{:x?}", &buf[..n]);
+        assert!(!readable(&b, 0), "readable with nothing waiting");
     }
 
     #[test]

@@ -444,6 +444,30 @@ fn rx_lone_frames_cost_one_read_each_and_a_burst_is_still_seen() {
     assert_eq!(received(&d, 18), burst);
 }
 
+/// Turns that read one frame because the guest had no room for more are not frames coming
+/// alone: a burst after them is read at once, not a frame a turn.
+#[test]
+fn rx_room_cut_turns_are_not_lone_frames() {
+    let (mut d, peer, _) = counting_sized(BASE | VIRTIO_NET_F_MRG_RXBUF, 64);
+    for i in 0..6 {
+        // No buffer: the frame is read and waits in nicvm; the guest's next buffer takes it.
+        peer.inject(&frame(100, i));
+        d.dev.handle(NetEvent::Backend);
+        assert!(d.dev.rx_waiting());
+        d.post(RX, &[&[0u8; 256]], true);
+        d.dev.handle(NetEvent::RxKick);
+        assert_eq!(d.used(RX).len(), i as usize + 1);
+    }
+    for _ in 0..30 {
+        d.post(RX, &[&[0u8; 256]], true);
+    }
+    for i in 0..20 {
+        peer.inject(&frame(100, i));
+    }
+    d.dev.handle(NetEvent::Backend);
+    assert_eq!(d.used(RX).len(), 26, "the burst in one turn");
+}
+
 /// Frames that turn out to need more buffers than the guest's room suggested wait in
 /// nicvm, several of them, and reach the guest in order when it makes room.
 #[test]
