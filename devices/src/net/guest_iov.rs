@@ -193,50 +193,36 @@ pub fn write_parts(
     mem: &GuestMemoryMmap,
     parts: &[&[u8]],
     mut from: usize,
-    mut len: usize,
+    len: usize,
     addr: GuestAddress,
 ) -> bool {
-    // One region lookup for a buffer inside one region, as a receive buffer is.
-    if let Some(r) = mem.find_region(addr) {
-        let off = addr.0 - r.start_addr().0;
-        if let Ok(dst) = r.get_slice(MemoryRegionAddress(off), len) {
-            let mut at = 0;
-            for p in parts {
-                if at == len {
-                    break;
-                }
-                if from >= p.len() {
-                    from -= p.len();
-                    continue;
-                }
-                let n = (p.len() - from).min(len - at);
-                if dst.write_slice(&p[from..from + n], at).is_err() {
-                    return false;
-                }
-                at += n;
-                from = 0;
-            }
-            return true;
-        }
-    }
-    let mut at = addr.0;
+    // One region lookup for a buffer inside one region (as a receive buffer is); a lookup
+    // per part otherwise.
+    let inside = mem.find_region(addr).and_then(|r| {
+        r.get_slice(MemoryRegionAddress(addr.0 - r.start_addr().0), len)
+            .ok()
+    });
+    let mut at = 0;
     for p in parts {
-        if len == 0 {
+        if at == len {
             break;
         }
         if from >= p.len() {
             from -= p.len();
             continue;
         }
-        let n = (p.len() - from).min(len);
-        if mem
-            .write_slice(&p[from..from + n], GuestAddress(at))
-            .is_err()
-        {
+        let n = (p.len() - from).min(len - at);
+        let bytes = &p[from..from + n];
+        let written = match &inside {
+            Some(dst) => dst.write_slice(bytes, at).is_ok(),
+            None => mem
+                .write_slice(bytes, GuestAddress(addr.0.wrapping_add(at as u64)))
+                .is_ok(),
+        };
+        if !written {
             return false;
         }
-        at = at.wrapping_add(n as u64);
-        len -= n;
+        at += n;
         from = 0;
     }
     true
@@ -277,6 +263,32 @@ mod tests {
         assert!(!is_memory(&mem, GuestAddress(0x4001), 0x1000));
         assert!(!is_memory(&mem, GuestAddress(0x1ff0), 0x20));
         assert!(!is_memory(&mem, GuestAddress(u64::MAX - 1), 4));
+    }
+
+    /// Parts written from `from` on, `len` bytes: inside one region, across two adjacent
+    /// ones, and refused where the range runs into a hole.
+    #[test]
+    fn parts_are_written_in_one_region_across_regions_and_not_into_holes() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0x1000),
+        ])
+        .unwrap();
+        let parts: [&[u8]; 3] = [&[1, 2, 3], &[], &[4, 5, 6, 7]];
+        let read = |at: u64, n: usize| {
+            let mut v = vec![0; n];
+            mem.read_slice(&mut v, GuestAddress(at)).unwrap();
+            v
+        };
+        assert!(write_parts(&mem, &parts, 1, 5, GuestAddress(0x100)));
+        assert_eq!(read(0x100, 6), [2, 3, 4, 5, 6, 0]);
+        assert!(write_parts(&mem, &parts, 0, 7, GuestAddress(0xffd)));
+        assert_eq!(read(0xffd, 7), [1, 2, 3, 4, 5, 6, 7]);
+        // More asked for than the parts hold: what they hold.
+        assert!(write_parts(&mem, &parts, 5, 10, GuestAddress(0x200)));
+        assert_eq!(read(0x200, 3), [6, 7, 0]);
+        assert!(!write_parts(&mem, &parts, 0, 7, GuestAddress(0x1ffd)));
+        assert!(!write_parts(&mem, &parts, 0, 7, GuestAddress(u64::MAX - 2)));
     }
 
     #[test]
