@@ -315,7 +315,9 @@ trait Nic {
     }
     /// Frames the RX ring holds at once.
     fn rx_batch(&self) -> usize;
-    /// Timed: the I/O thread's handle(Backend).
+    /// Timed: the I/O thread's handle(Backend), one turn, as the event loop gives one per
+    /// wake-up: it comes back while the tap stays readable (the caller's loop plays that),
+    /// and does not read a drained tap again to find it empty.
     fn rx_pump(&mut self);
     /// Guest side, untimed: frames received (each must be `len` bytes), buffers given back.
     fn rx_reclaim(&mut self, len: usize) -> usize;
@@ -596,7 +598,7 @@ impl Nic for Cp {
         rtl8139::driver::CP_RING as usize - 1
     }
     fn rx_pump(&mut self) {
-        self.d.pump();
+        self.d.dev.handle(NetEvent::Backend);
     }
     fn rx_reclaim(&mut self, len: usize) -> usize {
         let frames = self.d.cp_rx();
@@ -682,7 +684,7 @@ impl Nic for Too {
         16
     }
     fn rx_pump(&mut self) {
-        self.d.pump();
+        self.d.dev.handle(NetEvent::Backend);
     }
     fn rx_reclaim(&mut self, len: usize) -> usize {
         let frames = self.d.too_rx();
