@@ -380,7 +380,9 @@ fn e1000_tso_reaches_the_tap_whole_and_a_second_guest_intact() {
 /// `-netdev tap,queues=2` with `-device virtio-net-pci,mq=on` under a two-vCPU guest: Linux's
 /// virtio_net takes both queue pairs (through the control queue), the kernel spreads the host's
 /// flows over the tap's two queues, and frames arrive on both of the guest's receive queues
-/// (their interrupts counted in the guest), with 8 MiB each way intact.
+/// (their interrupts counted in the guest), with 8 MiB each way intact. Each queue pair has
+/// an I/O thread of its own (`io`, `io1`): only `io1` watches the second tap queue, so the
+/// frames the guest counted on `input.1` went through it.
 #[test]
 fn virtio_net_multiqueue_on_a_multiqueue_tap() {
     let Some(img) = image() else { return };
@@ -415,6 +417,13 @@ fn virtio_net_multiqueue_on_a_multiqueue_tap() {
     assert_eq!(g.wait_line("UDPECHO")["datagrams"], "32");
 
     exchange_8mib(&ns, &mut g, &ip, receiver);
+    let threads = g.thread_names();
+    for t in ["io", "io1"] {
+        assert!(
+            threads.iter().any(|n| n == t),
+            "no I/O thread {t}: {threads:?}"
+        );
+    }
     let q = g.wait_queue_pairs(2);
     let irqs: std::collections::HashMap<&str, u64> = q["irqs"]
         .split(',')

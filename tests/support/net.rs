@@ -329,6 +329,19 @@ impl Guest {
         }
     }
 
+    /// The names of nicvm's threads now (`vcpu0`, `io`, `io1`, ...).
+    pub fn thread_names(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/task", self.pid());
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+            .map(|n| n.trim_end().to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The share of one core each nicvm thread used over `period`, measured now, by thread
     /// name (`vcpu0`, `io`, `slirp`, ...). Threads that exist at only one end are left out.
     pub fn thread_cpu_shares(&self, period: Duration) -> Vec<(String, f64)> {

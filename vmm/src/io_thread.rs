@@ -1,8 +1,10 @@
-//! The I/O thread: an event-manager loop over every NIC's kicks, timers and backend fds.
-//! Each NIC (`Arc<Mutex<Nic<_>>>`) is a subscriber that is told which fd is ready for what and
-//! keeps its backend's interest as its model asks (readable while the guest has buffers,
-//! writable while a send waits), so a guest without RX buffers leaves frames queued in the
-//! backend instead of spinning or dropping. Dropping the handle stops and joins the thread.
+//! The I/O threads: event-manager loops over the NICs' kicks, timers and backend fds, one
+//! thread per port queue index: the first drives queue 0 of every NIC (and their timers), the
+//! next queue 1 of those that have one (a multiqueue tap's), and so on. Each queue of a NIC
+//! (its `QueueWorker`) is a subscriber that is told which fd is ready for what and keeps its
+//! backend's interest as the model asks (readable while the guest has buffers, writable while
+//! a send waits), so a guest without RX buffers leaves frames queued in the backend instead of
+//! spinning or dropping. Dropping the handle stops and joins the thread.
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,11 +38,8 @@ pub struct IoThread {
 }
 
 impl IoThread {
-    /// Starts the loop over `subscribers` (none: no thread at all).
-    pub fn spawn(subscribers: Vec<Subscriber>) -> std::io::Result<Option<IoThread>> {
-        if subscribers.is_empty() {
-            return Ok(None);
-        }
+    /// Starts I/O thread `index`'s loop over `subscribers`.
+    pub fn spawn(index: usize, subscribers: Vec<Subscriber>) -> std::io::Result<IoThread> {
         let mut em: EventManager<Subscriber> = EventManager::new()
             .map_err(|e| std::io::Error::other(format!("event manager: {e:?}")))?;
         let stop = EventFd::new(EFD_NONBLOCK)?;
@@ -53,7 +52,11 @@ impl IoThread {
             em.add_subscriber(s);
         }
         let thread = std::thread::Builder::new()
-            .name("io".into())
+            .name(if index == 0 {
+                "io".into()
+            } else {
+                format!("io{index}")
+            })
             .spawn(move || {
                 while !stopped.load(Ordering::Relaxed) {
                     if let Err(e) = em.run() {
@@ -62,10 +65,10 @@ impl IoThread {
                     }
                 }
             })?;
-        Ok(Some(IoThread {
+        Ok(IoThread {
             stop,
             thread: Some(thread),
-        }))
+        })
     }
 }
 

@@ -197,10 +197,11 @@ pub fn assign_bars(
 }
 
 /// A NIC model on its port, seen three ways: the PCI function the buses dispatch to, the
-/// subscriber the I/O thread drives, and its counters. One object, one lock.
+/// workers the I/O threads drive (one per queue of the port), and its counters. One object,
+/// one lock.
 struct NicParts {
     pci: Arc<Mutex<dyn PciDevice>>,
-    subscriber: Subscriber,
+    workers: Vec<Subscriber>,
     counters: Counters,
     control: Arc<Mutex<dyn NicControl>>,
 }
@@ -213,7 +214,10 @@ fn nic_parts<M: devices::net::NicModel>(model: M, port: NetPort) -> NicParts {
     NicParts {
         pci: nic.clone(),
         control: nic.clone(),
-        subscriber: Box::new(nic),
+        workers: Nic::workers(&nic)
+            .into_iter()
+            .map(|w| Box::new(w) as Subscriber)
+            .collect(),
         counters: Box::new(move || match counted.lock() {
             Ok(n) => n.stats(),
             Err(poisoned) => poisoned.into_inner().stats(),
@@ -307,13 +311,14 @@ pub struct Vm {
     vcpu_threads: Vec<VcpuThread>,
     /// The thread still filling in the kernel's pages, if any (joined after the vCPUs).
     kernel_loader: Option<boot::KernelLoader>,
-    io: Option<IoThread>,
+    io: Vec<IoThread>,
     console: Option<ConsoleThread>,
     /// The serial port on a socket or a pty, and its thread.
     serial_io: Option<crate::serial_io::SerialIo>,
     /// Set up, not yet running (taken by `run`).
     vcpus: Vec<VcpuFd>,
-    subscribers: Vec<Subscriber>,
+    /// Per I/O thread (one per port queue index), the NIC queues it drives.
+    subscribers: Vec<Vec<Subscriber>>,
     nics: Vec<CountedNic>,
     buses: Arc<Buses>,
     serial: Arc<Mutex<Serial>>,
@@ -491,7 +496,13 @@ impl Vm {
                 slot,
                 control,
             });
-            subscribers.push(parts.subscriber);
+            // The I/O thread of queue q drives queue q of every NIC that has one.
+            for (q, w) in parts.workers.into_iter().enumerate() {
+                if subscribers.len() <= q {
+                    subscribers.push(vec![]);
+                }
+                subscribers[q].push(w);
+            }
         }
         timing.mark("nics-and-netdevs");
         let mut panic_dev = PvPanic::new(lifecycle.clone());
@@ -657,7 +668,7 @@ impl Vm {
         Ok(Vm {
             vcpu_threads: vec![],
             kernel_loader,
-            io: None,
+            io: vec![],
             console: None,
             serial_io,
             vcpus,
@@ -767,8 +778,13 @@ impl Vm {
             s.start(self.serial.clone())
                 .map_err(|e| VmError::Host("serial thread", e))?;
         }
-        self.io = IoThread::spawn(std::mem::take(&mut self.subscribers))
-            .map_err(|e| VmError::Host("I/O thread", e))?;
+        for (i, subscribers) in std::mem::take(&mut self.subscribers)
+            .into_iter()
+            .enumerate()
+        {
+            let t = IoThread::spawn(i, subscribers).map_err(|e| VmError::Host("I/O thread", e))?;
+            self.io.push(t);
+        }
         self.timing.mark("vcpu-start");
         for (id, v) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let t = VcpuThread::spawn(
@@ -812,7 +828,7 @@ impl Vm {
         }
         drop(self.saver.saving.lock());
         self.kernel_loader = None;
-        self.io = None;
+        self.io.clear();
         self.console = None;
         self.serial_io = None;
     }

@@ -8,9 +8,11 @@
 //! * the receive stage: frames read from the backend that the guest had no room for yet,
 //!   and whether the receiver is stalled waiting for the guest to refill.
 //!
-//! The I/O thread drives a `Nic` as an event-manager subscriber (an `Arc<Mutex<Nic>>`, which
-//! event-manager takes as one); vCPU threads reach the same `Nic` as a PCI device. Both hold
-//! its mutex. These rules apply to all three models:
+//! The I/O threads drive a `Nic` through its [`QueueWorker`]s, one per port queue and each on
+//! a thread of its own (an event-manager subscriber); vCPU threads reach the same `Nic` as a
+//! PCI device. Both hold its mutex, except while a worker reads a readable backend's next
+//! batch ([`QueueIo`]: each queue's backend and stage have a lock of their own, taken under
+//! the NIC's or alone). These rules apply to all three models:
 //!
 //! * **Burst**: one event delivers at most [`RX_BURST`] frames, then returns; the backend's fd
 //!   stays readable and the loop comes back after the other fds had their turn.
@@ -37,6 +39,7 @@ use net_backends::{Capabilities, NetBackend, Offloads};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -263,7 +266,7 @@ enum Hdr {
 /// One queue of the backend (a multiqueue tap has several; every other backend one) with its
 /// kicks and flow control.
 struct PortQueue {
-    backend: Box<dyn NetBackend>,
+    io: Arc<Mutex<QueueIo>>,
     tx_kick: EventFd,
     rx_kick: EventFd,
     tx_blocked: bool,
@@ -277,6 +280,25 @@ struct PortQueue {
     /// kick that only hands the outbox over does not walk the model's ring (a C+ rtl8139
     /// sends only when the driver polls).
     walk_asked: AtomicBool,
+}
+
+/// One queue's backend and receive stage, under a lock of their own: the queue's I/O worker
+/// ([`QueueWorker`]) reads a batch into the stage before it takes the NIC's lock, so that the
+/// workers of a multiqueue NIC wait in their system calls side by side and the guest's
+/// register accesses do not wait behind them. Taken while the NIC's lock is held, or alone;
+/// never the other way round.
+pub struct QueueIo {
+    backend: Box<dyn NetBackend>,
+    rx: RxStage,
+    /// Frames the next turn's first read would ask for (0: the receiver wants none): what a
+    /// read ahead of the NIC's lock may take. Set under the NIC's lock after every event.
+    ahead: usize,
+}
+
+/// A lock held by a thread that panicked still guards whole data: every change under these
+/// locks leaves it consistent between statements that can panic.
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Frames a model handed over as copies ([`NetPort::queue_frame`]): they go to the backend
@@ -347,7 +369,11 @@ impl NetPort {
             .into_iter()
             .map(|backend| {
                 Ok(PortQueue {
-                    backend,
+                    io: Arc::new(Mutex::new(QueueIo {
+                        backend,
+                        rx: RxStage::new(),
+                        ahead: 0,
+                    })),
                     tx_kick: EventFd::new(EFD_NONBLOCK)?,
                     rx_kick: EventFd::new(EFD_NONBLOCK)?,
                     tx_blocked: false,
@@ -395,7 +421,7 @@ impl NetPort {
         let Some(pq) = self.queues.get_mut(q) else {
             return;
         };
-        if let Err(e) = pq.backend.set_queue_enabled(on) {
+        if let Err(e) = lock(&pq.io).backend.set_queue_enabled(on) {
             log::warn!(
                 "{}: cannot turn queue {q} {}: {e}",
                 self.name,
@@ -422,7 +448,7 @@ impl NetPort {
     /// The offloads the guest accepts on frames it receives (virtio-net's GUEST_* features).
     pub fn set_rx_offloads(&mut self, o: Offloads) {
         for q in &mut self.queues {
-            if let Err(e) = q.backend.set_rx_offloads(o) {
+            if let Err(e) = lock(&q.io).backend.set_rx_offloads(o) {
                 log::warn!("{}: the backend refused offloads {o:?}: {e}", self.name);
                 return;
             }
@@ -432,7 +458,7 @@ impl NetPort {
     /// Whether the other side is there.
     pub fn backend_link_up(&self) -> bool {
         let q = &self.queues[0];
-        q.backend.link_up() && !q.dead && !self.admin_down
+        !q.dead && !self.admin_down && lock(&q.io).backend.link_up()
     }
 
     /// The offloads the backend's peer takes from a model without a virtio-net header of its
@@ -496,15 +522,15 @@ impl NetPort {
             if frame.len() < iov.len() {
                 iov[0] = IoSlice::new(hdr);
                 iov[1..=frame.len()].copy_from_slice(frame);
-                q.backend.send(&iov[..=frame.len()])
+                lock(&q.io).backend.send(&iov[..=frame.len()])
             } else {
                 let mut v = Vec::with_capacity(frame.len() + 1);
                 v.push(IoSlice::new(hdr));
                 v.extend_from_slice(frame);
-                q.backend.send(&v)
+                lock(&q.io).backend.send(&v)
             }
         } else {
-            q.backend.send(frame)
+            lock(&q.io).backend.send(frame)
         };
         self.sent(r, frame)
     }
@@ -535,11 +561,13 @@ impl NetPort {
                 with_ends.push(with.len());
                 start = end.max(start);
             }
-            q.backend.send_batch(&with, &with_ends, &mut results);
+            lock(&q.io)
+                .backend
+                .send_batch(&with, &with_ends, &mut results);
             self.batch_iov = guest_iov::recycle(with);
             self.batch_ends = with_ends;
         } else {
-            q.backend.send_batch(iov, ends, &mut results);
+            lock(&q.io).backend.send_batch(iov, ends, &mut results);
         }
         let mut taken = 0;
         let mut start = 0;
@@ -614,7 +642,9 @@ impl NetPort {
             o.ends.push(iov.len());
             start = end;
         }
-        q.backend.send_batch(&iov, &o.ends, &mut o.results);
+        lock(&q.io)
+            .backend
+            .send_batch(&iov, &o.ends, &mut o.results);
         o.iov = guest_iov::recycle(iov);
         let mut taken = 0;
         let mut blocked = false;
@@ -806,6 +836,9 @@ struct RxStage {
     /// Turns in a row that read one frame from the backend (see [`LONE_TURNS`]), counted
     /// round [`LONE_PROBE`] once past [`LONE_TURNS`].
     lone: u32,
+    /// The frames in the slots were read ahead of the NIC's lock, asking for this many: the
+    /// next turn's first batch.
+    read_ahead: Option<usize>,
 }
 
 impl RxStage {
@@ -817,11 +850,17 @@ impl RxStage {
             want: 1,
             last_burst: 0,
             lone: 0,
+            read_ahead: None,
         }
     }
 
     fn waiting(&self) -> bool {
         self.next < self.frames.len()
+    }
+
+    /// Frames come alone, and the next turn is not one that looks for more after its frame.
+    fn alone(&self) -> bool {
+        self.lone >= LONE_TURNS && (self.lone - LONE_TURNS) % LONE_PROBE != LONE_PROBE - 1
     }
 }
 
@@ -850,17 +889,9 @@ pub enum NetEvent {
 pub struct Nic<M> {
     pub model: M,
     pub port: NetPort,
-    /// One per port queue.
-    rx: Vec<RxStage>,
     /// Told when the guest changes the receive filter, with the filter last seen and
     /// whether an event was sent and not yet followed by a query.
     filter_watch: Option<FilterWatch>,
-    /// Backend fds as registered with the event loop, their interest and their token.
-    watched: Vec<(RawFd, EventSet, u32)>,
-    /// Scratch lists of [`Nic::sync_backend`], kept for their allocations (it runs after
-    /// every event): one queue's wanted fds, and every queue's with their tokens.
-    scratch: Vec<(RawFd, EventSet)>,
-    scratch_all: Vec<(RawFd, EventSet, u32)>,
 }
 
 impl<M> std::ops::Deref for Nic<M> {
@@ -891,14 +922,9 @@ impl<M: NicModel> Nic<M> {
         }
         let up = port.link_up;
         model.link_changed(&mut port, up);
-        let queues = port.queue_count();
         Nic {
             model,
             port,
-            rx: (0..queues).map(|_| RxStage::new()).collect(),
-            watched: vec![],
-            scratch: vec![],
-            scratch_all: vec![],
             filter_watch: None,
         }
     }
@@ -923,7 +949,12 @@ impl<M: NicModel> Nic<M> {
     pub fn stats(&self) -> NicStats {
         NicStats {
             interrupts: self.model.interrupts(),
-            backend_dropped: self.port.queues.iter().map(|q| q.backend.dropped()).sum(),
+            backend_dropped: self
+                .port
+                .queues
+                .iter()
+                .map(|q| lock(&q.io).backend.dropped())
+                .sum(),
             ..self.port.stats
         }
     }
@@ -952,7 +983,7 @@ impl<M: NicModel> Nic<M> {
                 self.model.timer(&mut self.port)
             }
         }
-        self.check_link();
+        self.check_link_of(q);
         self.port.flush_all();
         self.interest_of(q)
     }
@@ -1010,7 +1041,7 @@ impl<M: NicModel> Nic<M> {
         for q in 0..self.port.queues.len() {
             for _ in 0..1024 {
                 self.handle_queue(q, NetEvent::Backend);
-                if self.rx[q].last_burst == 0 || !self.wants_rx(q) {
+                if lock(&self.port.queues[q].io).rx.last_burst == 0 || !self.wants_rx(q) {
                     break;
                 }
             }
@@ -1036,12 +1067,13 @@ impl<M: NicModel> Nic<M> {
         let Some(pq) = self.port.queues.get_mut(q) else {
             return;
         };
-        pq.backend.ready(fd, set);
+        let mut io = lock(&pq.io);
+        io.backend.ready(fd, set);
         if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
             // Reported on every wait whatever the interest: a backend that still wants this
             // fd watched after seeing it (a deleted tap) would make the loop spin.
             let mut still = vec![];
-            pq.backend.watch(true, true, &mut still);
+            io.backend.watch(true, true, &mut still);
             if still.iter().any(|(f, _)| *f == fd) {
                 log::warn!(
                     "{}: the backend failed or hung up; no longer watched",
@@ -1050,8 +1082,9 @@ impl<M: NicModel> Nic<M> {
                 pq.dead = true;
             }
         }
+        drop(io);
         self.backend_ready(q, set.contains(EventSet::IN), set.contains(EventSet::OUT));
-        self.check_link();
+        self.check_link_of(q);
         self.port.flush_all();
     }
 
@@ -1065,6 +1098,14 @@ impl<M: NicModel> Nic<M> {
         }
         if readable {
             self.receive_burst(q);
+        }
+    }
+
+    /// [`Nic::check_link`] after an event of queue `q`: the link is queue 0's, and another
+    /// queue's events leave it as it was (their workers do not wait for queue 0's).
+    fn check_link_of(&mut self, q: usize) {
+        if q == 0 {
+            self.check_link();
         }
     }
 
@@ -1095,33 +1136,41 @@ impl<M: NicModel> Nic<M> {
     fn receive_burst(&mut self, q: usize) {
         let mut delivered = false;
         self.port.cur = q;
-        let rx = &mut self.rx[q];
+        let io = self.port.queues[q].io.clone();
+        let mut io = lock(&io);
+        let QueueIo { backend, rx, .. } = &mut *io;
         rx.last_burst = 0;
         // A batch came back short: the backend had no more (for now).
         let mut drained = false;
         // Frames come alone, and this is not a turn that looks for more after its frame.
-        let alone = rx.lone >= LONE_TURNS && (rx.lone - LONE_TURNS) % LONE_PROBE != LONE_PROBE - 1;
+        let alone = rx.alone();
         let mut read = 0;
         // A read in this turn found fewer frames than it asked for: the backend ran dry.
         let mut short = false;
         let mut want = if alone { 1 } else { rx.want };
+        // What the queue's worker read ahead of the NIC's lock is this turn's first batch.
+        let mut ahead = rx.read_ahead.take();
         while rx.last_burst < RX_BURST {
             if self.port.queues[q].rx_stalled || !self.model.rx_ready() {
                 break;
             }
-            if !rx.waiting() {
-                if drained {
-                    break;
-                }
-                rx.frames.clear();
-                rx.next = 0;
-                let ask = want.min(RX_BURST - rx.last_burst);
-                let n = self.model.rx_room(&self.port, ask).clamp(1, ask);
-                let backend = &mut self.port.queues[q].backend;
-                if let Err(e) = backend.recv_batch(&mut rx.slab, RX_SLOT, n, &mut rx.frames) {
-                    log::debug!("{}: receive failed: {e}", self.port.name);
-                    break;
-                }
+            if !rx.waiting() || ahead.is_some() {
+                let n = match ahead.take() {
+                    Some(n) => n,
+                    None if drained => break,
+                    None => {
+                        rx.frames.clear();
+                        rx.next = 0;
+                        let ask = want.min(RX_BURST - rx.last_burst);
+                        let n = self.model.rx_room(&self.port, ask).clamp(1, ask);
+                        if let Err(e) = backend.recv_batch(&mut rx.slab, RX_SLOT, n, &mut rx.frames)
+                        {
+                            log::debug!("{}: receive failed: {e}", self.port.name);
+                            break;
+                        }
+                        n
+                    }
+                };
                 read += rx.frames.len();
                 short |= rx.frames.len() < n;
                 drained = rx.frames.len() < n || alone;
@@ -1178,6 +1227,7 @@ impl<M: NicModel> Nic<M> {
             }
             _ => 0,
         };
+        drop(io);
         if delivered {
             self.model.rx_burst_done(&mut self.port);
         }
@@ -1185,65 +1235,136 @@ impl<M: NicModel> Nic<M> {
 
     /// Whether queue `q`'s backend should be read: the receiver is ready and nothing waits.
     fn wants_rx(&self, q: usize) -> bool {
-        !self.port.queues[q].rx_stalled && !self.rx[q].waiting() && self.model.rx_ready()
+        let pq = &self.port.queues[q];
+        !pq.rx_stalled && self.model.rx_ready() && !lock(&pq.io).rx.waiting()
     }
 
     /// A frame waits in a stage for guest buffers. It stays across device resets, as it
     /// would in the backend: the model kicks the receiver when the guest can take it.
     pub fn rx_waiting(&self) -> bool {
-        self.rx.iter().any(|r| r.waiting())
+        self.port.queues.iter().any(|q| lock(&q.io).rx.waiting())
     }
 
-    /// The fds of queue `q`'s backend the event loop should watch now, and for what.
+    /// The fds of queue `q`'s backend the event loop should watch now, and for what; and
+    /// what the queue's worker may read ahead of the next turn (its first batch: no more
+    /// than the guest has room for now).
     pub fn backend_interest(&mut self, q: usize, out: &mut Vec<(RawFd, EventSet)>) {
         out.clear();
         let pq = &self.port.queues[q];
+        let ready = !pq.rx_stalled && self.model.rx_ready();
+        let mut io = lock(&pq.io);
+        let io = &mut *io;
         if pq.dead {
+            io.ahead = 0;
             return;
         }
-        pq.backend.watch(self.wants_rx(q), pq.tx_blocked, out);
+        let wants = ready && !io.rx.waiting();
+        io.ahead = if wants {
+            let want = if io.rx.alone() { 1 } else { io.rx.want };
+            let ask = want.min(RX_BURST);
+            self.model.rx_room(&self.port, ask).clamp(1, ask)
+        } else {
+            0
+        };
+        io.backend.watch(wants, pq.tx_blocked, out);
     }
+}
 
-    /// Brings the event loop's registrations of the backends' fds in line with what the
-    /// backends and the model want now.
-    fn sync_backend(&mut self, ops: &mut EventOps) {
-        let mut want = std::mem::take(&mut self.scratch);
-        let mut all = std::mem::take(&mut self.scratch_all);
-        all.clear();
-        for q in 0..self.port.queues.len() {
-            self.backend_interest(q, &mut want);
-            let token = token(q, BACKEND);
-            all.extend(want.iter().map(|&(fd, ev)| (fd, ev, token)));
+/// One port queue of a NIC as the I/O threads drive it: its kicks and its backend's fds
+/// (and, for queue 0, the model's timer) on an event loop of the queue's own, so that a
+/// multiqueue NIC's queues have a thread each. A turn takes the NIC's lock; the read of a
+/// readable backend's first batch does not ([`QueueIo`]).
+pub struct QueueWorker<M> {
+    nic: Arc<Mutex<Nic<M>>>,
+    io: Arc<Mutex<QueueIo>>,
+    q: usize,
+    name: String,
+    /// Backend fds as registered with the event loop, and their interest.
+    watched: Vec<(RawFd, EventSet)>,
+    /// Scratch: the fds wanted now (kept for its allocation; the watch runs after every
+    /// event).
+    want: Vec<(RawFd, EventSet)>,
+}
+
+impl<M: NicModel> Nic<M> {
+    /// The workers that drive `nic`, one per port queue, each for an event loop of its own.
+    pub fn workers(nic: &Arc<Mutex<Nic<M>>>) -> Vec<QueueWorker<M>> {
+        let n = lock(nic);
+        n.port
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(q, pq)| QueueWorker {
+                nic: nic.clone(),
+                io: pq.io.clone(),
+                q,
+                name: n.port.name.clone(),
+                watched: vec![],
+                want: vec![],
+            })
+            .collect()
+    }
+}
+
+impl<M: NicModel> QueueWorker<M> {
+    /// Reads the next turn's first batch into the queue's stage, without the NIC's lock:
+    /// as many frames as the guest had room for at the end of the last event (it only adds
+    /// room meanwhile; frames that find less wait in the stage, as those of any batch do).
+    fn read_ahead(&self) {
+        let mut io = lock(&self.io);
+        let QueueIo { backend, rx, ahead } = &mut *io;
+        if *ahead == 0 || rx.waiting() || rx.read_ahead.is_some() {
+            return;
         }
-        // Gone, or changed.
-        let mut i = 0;
-        while i < self.watched.len() {
-            let (fd, ev, token) = self.watched[i];
-            match all.iter().find(|w| w.0 == fd) {
-                Some(&(_, new, t)) if t == token => {
-                    if new != ev && ops.modify(Events::with_data_raw(fd, token, new)).is_ok() {
-                        self.watched[i].1 = new;
-                    }
-                }
-                _ => {
-                    let _ = ops.remove(Events::with_data_raw(fd, token, ev));
-                    self.watched.swap_remove(i);
-                    continue;
+        rx.frames.clear();
+        rx.next = 0;
+        match backend.recv_batch(&mut rx.slab, RX_SLOT, *ahead, &mut rx.frames) {
+            Ok(()) => rx.read_ahead = Some(*ahead),
+            Err(e) => {
+                rx.frames.clear();
+                log::debug!("{}: receive failed: {e}", self.name);
+            }
+        }
+    }
+}
+
+/// Brings the event loop's registrations of queue `q`'s backend fds in line with what the
+/// backend and the model want now.
+fn sync_watch<M: NicModel>(
+    nic: &mut Nic<M>,
+    q: usize,
+    watched: &mut Vec<(RawFd, EventSet)>,
+    want: &mut Vec<(RawFd, EventSet)>,
+    ops: &mut EventOps,
+) {
+    nic.backend_interest(q, want);
+    let token = token(q, BACKEND);
+    // Gone, or changed.
+    let mut i = 0;
+    while i < watched.len() {
+        let (fd, ev) = watched[i];
+        match want.iter().find(|w| w.0 == fd) {
+            Some(&(_, new)) => {
+                if new != ev && ops.modify(Events::with_data_raw(fd, token, new)).is_ok() {
+                    watched[i].1 = new;
                 }
             }
-            i += 1;
-        }
-        // New.
-        for &(fd, ev, token) in &all {
-            if !self.watched.iter().any(|w| w.0 == fd) {
-                match ops.add(Events::with_data_raw(fd, token, ev)) {
-                    Ok(()) => self.watched.push((fd, ev, token)),
-                    Err(e) => log::error!("{}: cannot watch backend fd {fd}: {e}", self.port.name),
-                }
+            None => {
+                let _ = ops.remove(Events::with_data_raw(fd, token, ev));
+                watched.swap_remove(i);
+                continue;
             }
         }
-        self.scratch = want;
-        self.scratch_all = all;
+        i += 1;
+    }
+    // New.
+    for &(fd, ev) in want.iter() {
+        if !watched.iter().any(|w| w.0 == fd) {
+            match ops.add(Events::with_data_raw(fd, token, ev)) {
+                Ok(()) => watched.push((fd, ev)),
+                Err(e) => log::error!("{}: cannot watch backend fd {fd}: {e}", nic.port.name),
+            }
+        }
     }
 }
 
@@ -1311,7 +1432,7 @@ struct FilterWatch {
 
 impl<M: NicModel> NicControl for Nic<M> {
     fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>> {
-        self.port.queues.first()?.backend.usernet_info()
+        lock(&self.port.queues.first()?.io).backend.usernet_info()
     }
     fn set_link(&mut self, up: bool) {
         self.port.admin_down = !up;
@@ -1377,39 +1498,44 @@ fn token(q: usize, kind: u32) -> u32 {
     (q as u32) << 2 | kind
 }
 
-/// The I/O thread's side: event-manager calls this (through the `Mutex` and `Arc` the NIC is
-/// shared in) with the fd that is ready and for what.
-impl<M: NicModel> MutEventSubscriber for Nic<M> {
+/// The I/O threads' side: event-manager calls this with the fd that is ready and for what.
+impl<M: NicModel> MutEventSubscriber for QueueWorker<M> {
     fn init(&mut self, ops: &mut EventOps) {
-        let nic = self;
-        let mut fds = vec![];
-        for (q, pq) in nic.port.queues.iter().enumerate() {
-            fds.push((pq.tx_kick.as_raw_fd(), token(q, TX_KICK)));
-            fds.push((pq.rx_kick.as_raw_fd(), token(q, RX_KICK)));
-        }
-        if let Some(fd) = nic.model.timer_fd() {
-            fds.push((fd, TIMER));
+        let q = self.q;
+        let mut nic = lock(&self.nic);
+        let pq = &nic.port.queues[q];
+        let mut fds = vec![
+            (pq.tx_kick.as_raw_fd(), token(q, TX_KICK)),
+            (pq.rx_kick.as_raw_fd(), token(q, RX_KICK)),
+        ];
+        if q == 0 {
+            if let Some(fd) = nic.model.timer_fd() {
+                fds.push((fd, TIMER));
+            }
         }
         for (fd, token) in fds {
             if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
-                log::error!("{}: cannot watch fd {fd}: {e}", nic.port.name);
+                log::error!("{}: cannot watch fd {fd}: {e}", self.name);
             }
         }
-        nic.sync_backend(ops);
+        sync_watch(&mut nic, q, &mut self.watched, &mut self.want, ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let nic = self;
-        let set = events.event_set();
+        let (q, set) = (self.q, events.event_set());
         log::trace!(
-            "{}: event {} fd {} {:?}",
-            nic.port.name,
+            "{}: queue {q} event {} fd {} {:?}",
+            self.name,
             events.data(),
             events.fd(),
             set
         );
-        let q = (events.data() >> 2) as usize;
-        match events.data() & 3 {
+        let kind = events.data() & 3;
+        if kind == BACKEND && set == EventSet::IN {
+            self.read_ahead();
+        }
+        let mut nic = lock(&self.nic);
+        match kind {
             TX_KICK => {
                 nic.handle_queue(q, NetEvent::TxKick);
             }
@@ -1421,6 +1547,197 @@ impl<M: NicModel> MutEventSubscriber for Nic<M> {
             }
             _ => nic.backend_event(q, events.fd(), set),
         }
-        nic.sync_backend(ops);
+        sync_watch(&mut nic, q, &mut self.watched, &mut self.want, ops);
+    }
+}
+
+#[cfg(test)]
+mod worker_tests {
+    use super::*;
+    use event_manager::{EventManager, SubscriberOps};
+    use net_backends::mem::{pair, MemBackend, MemPeer};
+    use std::sync::mpsc;
+    use std::sync::OnceLock;
+
+    /// A model that takes every frame it is offered.
+    struct Sink {
+        config: PciConfig,
+        got: Vec<Vec<u8>>,
+    }
+
+    impl NicModel for Sink {
+        fn config(&self) -> &PciConfig {
+            &self.config
+        }
+        fn config_mut(&mut self) -> &mut PciConfig {
+            &mut self.config
+        }
+        fn bar_read(&mut self, _: &mut NetPort, _: usize, _: u64, _: &mut [u8]) {}
+        fn bar_write(&mut self, _: &mut NetPort, _: usize, _: u64, _: &[u8]) {}
+        fn transmit(&mut self, _: &mut NetPort) {}
+        fn rx_ready(&self) -> bool {
+            true
+        }
+        fn rx_room(&self, _: &NetPort, max: usize) -> usize {
+            max
+        }
+        fn receive(&mut self, _: &mut NetPort, frame: &[u8]) -> Rx {
+            self.got.push(frame.to_vec());
+            Rx::Delivered
+        }
+        fn interrupts(&self) -> u64 {
+            0
+        }
+        fn rx_filter(&self) -> RxFilter {
+            RxFilter::open([0; 6])
+        }
+        fn save(&self) -> State {
+            State::Null
+        }
+        fn restore(&mut self, _: &mut NetPort, _: &State) -> Result<(), RestoreError> {
+            Ok(())
+        }
+    }
+
+    type Shared = Arc<Mutex<Nic<Sink>>>;
+    /// What a [`Probe`] does at every batch read.
+    type AtRead = Box<dyn FnMut(&Shared) + Send>;
+
+    /// A backend that, at every batch read, calls `at_read` with the NIC it serves.
+    struct Probe {
+        inner: MemBackend,
+        nic: Arc<OnceLock<Shared>>,
+        at_read: AtRead,
+    }
+
+    impl NetBackend for Probe {
+        fn capabilities(&self) -> net_backends::Capabilities {
+            self.inner.capabilities()
+        }
+        fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
+            self.inner.send(frame)
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+            self.inner.recv(buf)
+        }
+        fn recv_batch(
+            &mut self,
+            slab: &mut [u8],
+            slot: usize,
+            n: usize,
+            frames: &mut Vec<(usize, usize)>,
+        ) -> io::Result<()> {
+            if let Some(nic) = self.nic.get() {
+                (self.at_read)(nic);
+            }
+            net_backends::recv_each(self, slab, slot, n, frames)
+        }
+        fn fd(&self) -> RawFd {
+            self.inner.fd()
+        }
+    }
+
+    /// A NIC over one Probe backend per entry of `at_read`, and the backends' peers.
+    fn probed(at_read: Vec<AtRead>) -> (Shared, Vec<MemPeer>) {
+        let slot = Arc::new(OnceLock::new());
+        let mut peers = vec![];
+        let mut backends: Vec<Box<dyn NetBackend>> = vec![];
+        for at_read in at_read {
+            let (inner, peer) = pair(Default::default());
+            peers.push(peer);
+            backends.push(Box::new(Probe {
+                inner,
+                nic: slot.clone(),
+                at_read,
+            }));
+        }
+        let port = NetPort::with_queues("sink".into(), backends).unwrap();
+        let sink = Sink {
+            config: PciConfig::new(0x1234, 0x5678, (2, 0, 0), 0),
+            got: vec![],
+        };
+        let nic = Arc::new(Mutex::new(Nic::new(sink, port)));
+        let _ = slot.set(nic.clone());
+        (nic, peers)
+    }
+
+    #[test]
+    fn a_worker_reads_the_first_batch_of_a_turn_without_the_nics_lock() {
+        let (tx, rx) = mpsc::channel();
+        let (nic, peers) = probed(vec![Box::new(move |nic: &Shared| {
+            let _ = tx.send(nic.try_lock().is_ok());
+        })]);
+        let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new().unwrap();
+        for w in Nic::workers(&nic) {
+            em.add_subscriber(Box::new(w));
+        }
+        peers[0].inject(b"first");
+        em.run_with_timeout(1000).unwrap();
+        // The read ahead of the turn, then (the batch came back full) one under the lock
+        // that found the backend empty.
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [true, false]);
+        assert_eq!(nic.lock().unwrap().model.got, [b"first".to_vec()]);
+        // The next turn asks for one frame more than the last read, ahead of the lock.
+        for f in [b"a", b"b", b"c"] {
+            peers[0].inject(f);
+        }
+        em.run_with_timeout(1000).unwrap();
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [true, false]);
+        assert_eq!(nic.lock().unwrap().model.got.len(), 4);
+        assert_eq!(nic.lock().unwrap().model.got[3], b"c");
+    }
+
+    /// Two queues, each on a thread of its own, read their backends at the same time: each
+    /// read waits (5 s at most) for the other queue's to begin. Under the NIC's lock the
+    /// second read could not begin before the first ended.
+    #[test]
+    fn the_workers_of_two_queues_read_side_by_side() {
+        let (a_in, a_seen) = mpsc::channel::<()>();
+        let (b_in, b_seen) = mpsc::channel::<()>();
+        let met = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let meet = |me: mpsc::Sender<()>,
+                    other: mpsc::Receiver<()>,
+                    met: Arc<std::sync::atomic::AtomicUsize>| {
+            let other = Mutex::new(other);
+            let mut first = true;
+            Box::new(move |_: &Shared| {
+                if std::mem::take(&mut first) {
+                    let _ = me.send(());
+                    if other
+                        .lock()
+                        .unwrap()
+                        .recv_timeout(Duration::from_secs(5))
+                        .is_ok()
+                    {
+                        met.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }) as AtRead
+        };
+        let (nic, peers) = probed(vec![
+            meet(a_in, b_seen, met.clone()),
+            meet(b_in, a_seen, met.clone()),
+        ]);
+        let threads: Vec<_> = Nic::workers(&nic)
+            .into_iter()
+            .zip(&peers)
+            .map(|(w, peer)| {
+                peer.inject(b"frame");
+                std::thread::spawn(move || {
+                    let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new().unwrap();
+                    em.add_subscriber(Box::new(w));
+                    em.run_with_timeout(10_000).unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(
+            met.load(Ordering::Relaxed),
+            2,
+            "each read saw the other begin"
+        );
+        assert_eq!(nic.lock().unwrap().model.got.len(), 2);
     }
 }
