@@ -1102,6 +1102,254 @@ fn batched_floor(
     Some([("TX", tx_u / n, tx_f / n), ("RX", rx_u / n, rx_f / n)])
 }
 
+// ---- two queue pairs: one I/O thread, or a thread each ------------------------------------
+
+/// Frames per queue in a round of the two-queue case (the queues hold RING_ROOM).
+const MQ_FRAMES: usize = 120;
+
+/// A broadcast [`udp_frame`] to `port`: a flow, which a multiqueue tap steers to one of its
+/// queues by its hash.
+fn flow_frame(len: usize, port: u16) -> Vec<u8> {
+    let mut f = udp_frame(len, port);
+    f[..6].fill(0xff);
+    f
+}
+
+struct Queues {
+    frames: usize,
+    /// Wall-clock ns per frame, median of the rounds: both queues on one I/O thread, and
+    /// each on a thread of its own.
+    one: f64,
+    each: f64,
+    /// The same with bare read()s of the two queues' fds instead of the device: how much a
+    /// second thread can take off on this host.
+    floor_one: f64,
+    floor_each: f64,
+}
+
+/// RX on virtio-net's two queue pairs over a two-queue tap, as a guest with two vCPUs uses
+/// them: `rounds` rounds of MQ_FRAMES frames on each queue, injected first, then taken by
+/// the device's queue workers on one I/O thread (as nicvm ran all queues once) and on a
+/// thread each (as it does now), the two alternating. Wall-clock time from the threads'
+/// start until both queues' frames are in the guest's buffers; every frame is checked.
+fn two_queues(len: usize, rounds: usize) -> Queues {
+    use devices::net::Nic as Dev;
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    use std::sync::{Arc, Barrier, Mutex};
+    use std::time::Instant;
+
+    let name = "nbmq";
+    let taps = Tap::open_queues(name, Some(true), 2)
+        .unwrap_or_else(|e| fail(format!("two-queue tap {name}: {e}")));
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    let up = std::process::Command::new("ip")
+        .args(["link", "set", name, "up"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !up {
+        fail(format!("ip link set {name} up"));
+    }
+    let sock = injector(name);
+    // SAFETY: dups of the queues' fds, to see which queue a flow lands on.
+    let fds: Vec<RawFd> = taps.iter().map(|t| unsafe { libc::dup(t.fd()) }).collect();
+    let backends: Vec<Box<dyn NetBackend>> = taps
+        .into_iter()
+        .map(|t| Box::new(t) as Box<dyn NetBackend>)
+        .collect();
+    let mut d = Driver::new_mq(backends, true);
+    let features = VIRTIO_F_VERSION_1
+        | VIRTIO_NET_F_MAC
+        | VIRTIO_NET_F_STATUS
+        | VIRTIO_NET_F_MRG_RXBUF
+        | VIRTIO_NET_F_CTRL_VQ
+        | VIRTIO_NET_F_MQ;
+    if !d.negotiate(features) {
+        fail("two-queue virtio-net refused its features".into());
+    }
+    d.enable_msix();
+    for q in 0..5 {
+        d.setup_queue(q, RING_ROOM);
+    }
+    d.driver_ok();
+    // VIRTIO_NET_CTRL_MQ, VQ_PAIRS_SET 2, on the control queue (4).
+    if d.ctrl(4, 4, 0, &2u16.to_le_bytes()) != Some(0) {
+        fail("two-queue virtio-net refused two queue pairs".into());
+    }
+    let send = |f: &[u8]| {
+        // SAFETY: sending from a buffer we own.
+        let r = unsafe { libc::send(sock, f.as_ptr().cast(), f.len(), 0) };
+        if r as usize != f.len() {
+            fail(format!("inject: {}", std::io::Error::last_os_error()));
+        }
+    };
+    // A flow for each tap queue.
+    let mut flows: [Option<Vec<u8>>; 2] = [None, None];
+    let mut scratch = vec![0u8; 65_600];
+    for port in 1024..1280 {
+        let f = flow_frame(len, port);
+        send(&f);
+        for (q, &fd) in fds.iter().enumerate() {
+            // SAFETY: reading into a buffer we own; the fd is non-blocking.
+            if unsafe { libc::read(fd, scratch.as_mut_ptr().cast(), scratch.len()) } > 0
+                && flows[q].is_none()
+            {
+                flows[q] = Some(f.clone());
+            }
+        }
+        if flows.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let [Some(f0), Some(f1)] = flows else {
+        fail("no flow of 256 landed on each of the tap's two queues".into());
+    };
+    // RX queues 0 and 2, each with RING_ROOM buffers of 2 KiB in an area of its own.
+    let rxq = [RX, 2];
+    let area = [BUF_BASE[RX], TX_AREA];
+    let mut slot = [0u64; 2];
+    let mut post = |d: &mut Driver, i: usize, k: usize| {
+        for _ in 0..k {
+            let addr = area[i] + slot[i] % RING_ROOM as u64 * 2048;
+            slot[i] += 1;
+            d.post_at(rxq[i], addr, 2048, true);
+        }
+    };
+    post(&mut d, 0, MQ_FRAMES);
+    post(&mut d, 1, MQ_FRAMES);
+    let mem = d.mem.clone();
+    let used_idx = move |q: usize| -> u16 { mem.read_obj(GuestAddress(used_base(q) + 2)).unwrap() };
+    let mem = d.mem.clone();
+    let nic = Arc::new(Mutex::new(d.lend()));
+    let (mut one, mut each, mut floor_one, mut floor_each) = (vec![], vec![], vec![], vec![]);
+    for round in 0..4 * rounds {
+        let thread_each = round % 2 == 1;
+        for _ in 0..MQ_FRAMES {
+            send(&f0);
+            send(&f1);
+        }
+        if round % 4 >= 2 {
+            // The floor: each thread reads its queues' frames with read().
+            let groups: Vec<Vec<RawFd>> = if thread_each {
+                fds.iter().map(|&fd| vec![fd]).collect()
+            } else {
+                vec![fds.clone()]
+            };
+            let go = Arc::new(Barrier::new(groups.len() + 1));
+            let threads: Vec<_> = groups
+                .into_iter()
+                .map(|group| {
+                    let go = go.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 65_600];
+                        go.wait();
+                        let t0 = Instant::now();
+                        for fd in group {
+                            let mut got = 0;
+                            while got < MQ_FRAMES {
+                                if t0.elapsed() > Duration::from_secs(5) {
+                                    fail("two-queue floor stalled".into());
+                                }
+                                // SAFETY: reading into a buffer we own; non-blocking fd.
+                                let r =
+                                    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                                if r > 0 {
+                                    got += 1;
+                                }
+                            }
+                        }
+                        (t0, Instant::now())
+                    })
+                })
+                .collect();
+            go.wait();
+            let spans: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            let t0 = spans.iter().map(|s| s.0).min().unwrap();
+            let t1 = spans.iter().map(|s| s.1).max().unwrap();
+            let ns = (t1 - t0).as_nanos() as f64 / (2 * MQ_FRAMES) as f64;
+            if thread_each {
+                floor_each.push(ns);
+            } else {
+                floor_one.push(ns);
+            }
+            continue;
+        }
+        let start: Vec<u16> = rxq.iter().map(|&q| used_idx(q)).collect();
+        let mut groups: Vec<Vec<(usize, Box<dyn MutEventSubscriber + Send>)>> = vec![];
+        for (i, w) in Dev::workers(&nic).into_iter().enumerate() {
+            if groups.is_empty() || thread_each {
+                groups.push(vec![]);
+            }
+            groups.last_mut().unwrap().push((i, Box::new(w)));
+        }
+        let go = Arc::new(Barrier::new(groups.len() + 1));
+        let threads: Vec<_> = groups
+            .into_iter()
+            .map(|group| {
+                let (go, start, used_idx) = (go.clone(), start.clone(), used_idx.clone());
+                std::thread::spawn(move || {
+                    let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
+                        .expect("event manager");
+                    let mut mine = vec![];
+                    for (i, w) in group {
+                        mine.push(i);
+                        em.add_subscriber(w);
+                    }
+                    go.wait();
+                    let t0 = Instant::now();
+                    let done =
+                        |i: &usize| used_idx(rxq[*i]).wrapping_sub(start[*i]) as usize >= MQ_FRAMES;
+                    while !mine.iter().all(done) {
+                        if t0.elapsed() > Duration::from_secs(5) {
+                            fail("two-queue RX stalled".into());
+                        }
+                        let _ = em.run_with_timeout(100);
+                    }
+                    (t0, Instant::now())
+                })
+            })
+            .collect();
+        go.wait();
+        let spans: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let t0 = spans.iter().map(|s| s.0).min().unwrap();
+        let t1 = spans.iter().map(|s| s.1).max().unwrap();
+        let ns = (t1 - t0).as_nanos() as f64 / (2 * MQ_FRAMES) as f64;
+        if thread_each {
+            each.push(ns);
+        } else {
+            one.push(ns);
+        }
+        for (i, &q) in rxq.iter().enumerate() {
+            let got = used_idx(q).wrapping_sub(start[i]) as usize;
+            if got != MQ_FRAMES {
+                fail(format!(
+                    "two-queue RX: queue {q} took {got} frames, {MQ_FRAMES} sent"
+                ));
+            }
+            for k in 0..got as u16 {
+                let e = used_base(q) + 4 + 8 * (start[i].wrapping_add(k) % RING_ROOM) as u64;
+                let n: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
+                check_len(
+                    "virtio-net (two queues)",
+                    n as usize,
+                    VNET_HDR_LEN + f0.len(),
+                );
+            }
+            post(&mut d, i, got);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Queues {
+        frames: 2 * MQ_FRAMES * rounds,
+        one: median(&mut one),
+        each: median(&mut each),
+        floor_one: median(&mut floor_one),
+        floor_each: median(&mut floor_each),
+    }
+}
+
 fn main() {
     let mut json = false;
     let mut quick = false;
@@ -1189,6 +1437,7 @@ fn main() {
     };
     run_model(&mut too, &side, &clock, n, len, &mut rows);
 
+    let mq = two_queues(len, (n / (2 * MQ_FRAMES)).clamp(10, 400));
     let m = n.min(50_000);
     let (slirp, udp_floor, got) = slirp_tx(len, m);
     let (_tap, side) = t4;
@@ -1238,6 +1487,20 @@ fn main() {
             })
             .collect();
         println!("  \"uring_floor\": [\n{}\n  ],", b.join(",\n"));
+        println!(
+            "  \"queues\": {{\"model\": \"virtio-net\", \"direction\": \"RX\", \"queues\": 2, \
+             \"frames\": {}, \"ns_per_frame_one_thread\": {:.0}, \
+             \"ns_per_frame_thread_each\": {:.0}, \"ratio\": {:.3}, \
+             \"floor_ns_per_frame_one_thread\": {:.0}, \"floor_ns_per_frame_thread_each\": {:.0}, \
+             \"floor_ratio\": {:.3}}},",
+            mq.frames,
+            mq.one,
+            mq.each,
+            mq.each / mq.one,
+            mq.floor_one,
+            mq.floor_each,
+            mq.floor_each / mq.floor_one
+        );
         println!(
             "  \"slirp\": {{\"model\": \"virtio-net\", \"direction\": \"TX udp via slirp\", \
              \"frames\": {m}, \"delivered\": {got}, \"ns_per_frame_model\": {slirp:.0}, \
@@ -1290,6 +1553,27 @@ fn main() {
             );
         }
     }
+    println!();
+    println!(
+        "virtio-net RX on two queue pairs (a two-queue tap, {MQ_FRAMES} frames a queue a round): \
+         wall-clock ns per frame, median of the rounds"
+    );
+    println!("| reader | frames | one thread | a thread each | ratio |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| virtio-net's queue workers | {} | {:.0} | {:.0} | {:.2} |",
+        mq.frames,
+        mq.one,
+        mq.each,
+        mq.each / mq.one
+    );
+    println!(
+        "| floor: read() of each queue | {} | {:.0} | {:.0} | {:.2} |",
+        mq.frames,
+        mq.floor_one,
+        mq.floor_each,
+        mq.floor_each / mq.floor_one
+    );
     println!();
     println!(
         "virtio-net on user (libslirp): UDP to a host loopback socket, {m} frames of {len} bytes,"

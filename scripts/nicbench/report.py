@@ -90,6 +90,16 @@ def no_guest_table(ng):
         out.append(f"| floor via io_uring ({row['batch']} per enter) | {row['direction']} | "
                    f"{row['ns_per_frame_uring']} | {row['ns_per_frame_floor']} | "
                    f"{row['ratio']:.2f} |")
+    # Two queue pairs: a thread per queue against one thread for both (wall clock per frame).
+    mq = ng.get("queues")
+    if mq:
+        out += ["", f"{mq['model']} {mq['direction']} on {mq['queues']} queue pairs (wall-clock ns "
+                "per frame): one I/O thread for all queues, then a thread each", "",
+                "| reader | one thread | a thread each | ratio |", "|---|---|---|---|",
+                f"| {mq['model']} | {mq['ns_per_frame_one_thread']} | "
+                f"{mq['ns_per_frame_thread_each']} | {mq['ratio']:.2f} |",
+                f"| floor: read() of each queue | {mq['floor_ns_per_frame_one_thread']} | "
+                f"{mq['floor_ns_per_frame_thread_each']} | {mq['floor_ratio']:.2f} |"]
     return "\n".join(out)
 
 

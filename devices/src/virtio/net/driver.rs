@@ -119,6 +119,15 @@ impl Driver {
         }
     }
 
+    /// Lends the device out, to be shared with I/O worker threads ([`Nic::workers`]), and
+    /// leaves in its place one on a backend nothing reaches. The rings stay the driver's to
+    /// fill through guest memory ([`Driver::post_at`], [`Driver::used_idx`]).
+    pub fn lend(&mut self) -> Nic<VirtioNet> {
+        let (b, _) = net_backends::mem::pair(Default::default());
+        let stand_in = fresh_device(Box::new(b), &self.mem, &self.chip, Arc::new(NoIoEvents));
+        std::mem::replace(&mut self.dev, stand_in)
+    }
+
     pub fn w(&mut self, off: u64, v: u64, len: usize) {
         self.dev.bar_write(VIRTIO_BAR, off, &v.to_le_bytes()[..len]);
     }
