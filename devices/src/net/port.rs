@@ -99,6 +99,10 @@ pub trait NicModel: Send + 'static {
     fn rx_room(&self, _port: &NetPort, _max: usize) -> usize {
         1
     }
+    /// The backend's answer to the batch the model handed over with [`NetPort::send_later`]:
+    /// the first `taken` frames went (sent, or lost as on a wire), the rest were refused
+    /// ([`NetPort::tx_blocked`] then says so). Called on the queue the batch went on.
+    fn tx_flown(&mut self, _port: &mut NetPort, _taken: usize) {}
     /// One frame for the guest.
     fn receive(&mut self, port: &mut NetPort, frame: &[u8]) -> Rx;
     /// The end of a receive burst that delivered frames: one interrupt for all of them.
@@ -276,6 +280,8 @@ struct PortQueue {
     dead: bool,
     /// Frames the model copied out, waiting to go to the backend together.
     outbox: Outbox,
+    /// A batch the model handed over to go after its turn.
+    flight: Flight,
     /// The model asked for its transmit to run on the I/O thread ([`NetPort::kick_tx`]): a
     /// kick that only hands the outbox over does not walk the model's ring (a C+ rtl8139
     /// sends only when the driver polls).
@@ -319,6 +325,34 @@ struct Outbox {
     iov: Vec<IoSlice<'static>>,
     ends: Vec<usize>,
     results: Vec<io::Result<()>>,
+}
+
+/// A batch of frames a model handed over to go after its turn, from where they lie (virtio-net's
+/// TX chains in guest memory, [`NetPort::send_later`]): the queue's worker sends it without
+/// the NIC's lock and then gives the model the backend's answer ([`NicModel::tx_flown`]); any
+/// other caller of the NIC sends it before it lets the lock go. One at a time per queue.
+#[derive(Default)]
+pub struct Flight {
+    /// The frames' pieces back to back, and where each frame ends in them.
+    iov: Vec<IoSlice<'static>>,
+    ends: Vec<usize>,
+    /// The backend's answers, once sent.
+    results: Vec<io::Result<()>>,
+    /// Handed over, not yet answered.
+    pending: bool,
+    /// Taken out by the queue's worker to be sent: no other batch may go on the queue (it
+    /// would overtake this one) until the answer is in.
+    away: bool,
+}
+
+impl Flight {
+    /// Sends the batch on `io`'s backend (the NIC's lock held or not).
+    pub fn send(&mut self, io: &Mutex<QueueIo>) {
+        self.results.clear();
+        lock(io)
+            .backend
+            .send_batch(&self.iov, &self.ends, &mut self.results);
+    }
 }
 
 /// Frames the outbox holds at most; and bytes, past which it is sent before taking more.
@@ -380,6 +414,7 @@ impl NetPort {
                     rx_stalled: false,
                     dead: false,
                     outbox: Outbox::default(),
+                    flight: Flight::default(),
                     walk_asked: AtomicBool::new(false),
                 })
             })
@@ -588,6 +623,40 @@ impl NetPort {
             let _ = q.tx_kick.write(1);
         }
         taken
+    }
+
+    /// Hands a batch to go after the model's turn, as [`NetPort::send_batch`] takes it,
+    /// without waiting for the backend: the queue's worker sends it once the NIC's lock is
+    /// let go, and the model hears how many frames went through [`NicModel::tx_flown`].
+    /// False, with nothing taken, when that cannot be (a batch of the queue is still out, the
+    /// outbox holds frames, the backend is full or needs headers added): the model then
+    /// sends with [`NetPort::send_batch`].
+    ///
+    /// # Safety
+    ///
+    /// The pieces must stay valid until the batch is answered or the NIC dropped: guest
+    /// memory, which the model's own handle keeps mapped as long as the NIC lives.
+    pub unsafe fn send_later(&mut self, iov: &[IoSlice<'_>], ends: &[usize]) -> bool {
+        let q = &mut self.queues[self.cur];
+        let f = &mut q.flight;
+        if f.pending || f.away || !q.outbox.frames.is_empty() || q.tx_blocked {
+            return false;
+        }
+        if self.hdr == Hdr::Hide {
+            return false;
+        }
+        f.iov.clear();
+        // SAFETY: the caller keeps the pieces valid until the flight is answered; the flight
+        // forgets them then (`Nic::flight_done` clears the list).
+        f.iov.extend(
+            iov.iter()
+                .map(|p| unsafe { std::mem::transmute::<IoSlice<'_>, IoSlice<'static>>(*p) }),
+        );
+        f.ends.clear();
+        f.ends.extend_from_slice(ends);
+        f.pending = true;
+        self.sends = self.sends.wrapping_add(ends.len() as u64);
+        true
     }
 
     /// Takes a frame the model made (a copy: its bytes are needed no longer than the call),
@@ -802,6 +871,11 @@ impl NetPort {
     }
 }
 
+/// Batches handed over to go after a turn ([`NetPort::send_later`]) that one queue's turn sends
+/// at most: a model's walk hands over fewer (virtio-net: four of 64 chains), the bound is for
+/// one that would not stop.
+const FLIGHTS_PER_TURN: usize = 64;
+
 /// Frames read from the backend together (one system call on a tap), at most.
 pub const RX_BATCH: usize = 64;
 /// Turns in a row that each read one frame, and found no second, after which frames are
@@ -967,6 +1041,14 @@ impl<M: NicModel> Nic<M> {
 
     /// [`Nic::handle`] for port queue `q` (the timer is the model's, not a queue's).
     pub fn handle_queue(&mut self, q: usize, ev: NetEvent) -> BackendInterest {
+        let q = self.turn(q, ev);
+        self.end_turn(None);
+        self.interest_of(q)
+    }
+
+    /// The work of one event of queue `q` (clamped to the queues there are: returned),
+    /// before [`Nic::end_turn`].
+    fn turn(&mut self, q: usize, ev: NetEvent) -> usize {
         let q = q.min(self.port.queues.len() - 1);
         match ev {
             NetEvent::TxKick => {
@@ -984,8 +1066,105 @@ impl<M: NicModel> Nic<M> {
             }
         }
         self.check_link_of(q);
+        q
+    }
+
+    /// The end of a turn: the outboxes go, and so does every batch a model handed over to go
+    /// after the turn, but queue `keep`'s: its worker sends that one once it let the NIC's
+    /// lock go.
+    fn end_turn(&mut self, keep: Option<usize>) {
         self.port.flush_all();
-        self.interest_of(q)
+        self.fly(keep);
+    }
+
+    /// Sends the batches handed over to go after the turn, on every queue but `keep`, and
+    /// gives the model the answers (each may hand over the next: a model's walk is bounded,
+    /// and so is this).
+    fn fly(&mut self, keep: Option<usize>) {
+        for q in 0..self.port.queues.len() {
+            if Some(q) == keep {
+                continue;
+            }
+            for _ in 0..FLIGHTS_PER_TURN {
+                let pq = &mut self.port.queues[q];
+                if !pq.flight.pending {
+                    break;
+                }
+                pq.flight.send(&pq.io);
+                self.flight_done(q);
+            }
+            if self.port.queues[q].flight.pending {
+                // Past the bound: the queue's worker goes on with it.
+                self.port.kick_tx_of(q);
+            }
+        }
+    }
+
+    /// Queue `q`'s batch handed over to go after the turn, if any, for its worker to send
+    /// without the NIC's lock ([`Flight::send`]): no other batch goes on the queue until it
+    /// comes back with [`Nic::answer_flight`].
+    pub fn take_flight(&mut self, q: usize) -> Option<Flight> {
+        let slot = &mut self.port.queues.get_mut(q)?.flight;
+        if !slot.pending {
+            return None;
+        }
+        let flight = std::mem::take(slot);
+        slot.away = true;
+        Some(flight)
+    }
+
+    /// Queue `q`'s batch back from its worker, sent: the model hears the answer, and the turn
+    /// ends again (the answer may have handed over the next batch, which stays for the
+    /// worker).
+    pub fn answer_flight(&mut self, q: usize, flight: Flight) {
+        let Some(pq) = self.port.queues.get_mut(q) else {
+            return;
+        };
+        pq.flight = flight;
+        self.flight_done(q);
+        self.end_turn(Some(q));
+    }
+
+    /// Queue `q`'s backend and stage, as its worker holds them (for tests that play the
+    /// worker).
+    pub fn queue_io(&self, q: usize) -> Option<Arc<Mutex<QueueIo>>> {
+        Some(self.port.queues.get(q)?.io.clone())
+    }
+
+    /// The work of a worker's turn of queue `q` up to where it lets the NIC's lock go (for
+    /// tests that play the worker: then [`Nic::take_flight`]).
+    pub fn worker_turn(&mut self, q: usize, ev: NetEvent) {
+        let q = self.turn(q, ev);
+        self.end_turn(Some(q));
+    }
+
+    /// The backend answered queue `q`'s batch (its results are in): the counters, flow
+    /// control as [`NetPort::send_batch`] does it, and the model told how many went.
+    fn flight_done(&mut self, q: usize) {
+        let mut f = std::mem::take(&mut self.port.queues[q].flight);
+        self.port.cur = q;
+        let mut taken = 0;
+        let mut start = 0;
+        for (r, &end) in f.results.drain(..).zip(&f.ends) {
+            let frame = f.iov.get(start..end).unwrap_or(&[]);
+            start = end.max(start);
+            if self.port.sent(r, frame) == Sent::Blocked {
+                break;
+            }
+            taken += 1;
+        }
+        let pq = &mut self.port.queues[q];
+        if taken < f.ends.len() && !pq.tx_blocked {
+            // Frames left unanswered (a backend's mistake) wait as if it were full.
+            pq.tx_blocked = true;
+            let _ = pq.tx_kick.write(1);
+        }
+        f.iov.clear();
+        f.ends.clear();
+        f.pending = false;
+        f.away = false;
+        pq.flight = f;
+        self.model.tx_flown(&mut self.port, taken);
     }
 
     /// Handles the kicks that are pending on every queue, as the I/O thread would (for tests
@@ -1000,7 +1179,7 @@ impl<M: NicModel> Nic<M> {
             }
         }
         self.check_link();
-        self.port.flush_all();
+        self.end_turn(None);
         self.interest()
     }
 
@@ -1064,6 +1243,12 @@ impl<M: NicModel> Nic<M> {
     /// A backend fd of queue `q` reported `set`: the backend does its own part (accepting,
     /// reconnecting, noticing a hang-up), then frames move.
     pub fn backend_event(&mut self, q: usize, fd: RawFd, set: EventSet) {
+        self.backend_turn(q, fd, set);
+        self.end_turn(None);
+    }
+
+    /// The work of [`Nic::backend_event`], before [`Nic::end_turn`].
+    fn backend_turn(&mut self, q: usize, fd: RawFd, set: EventSet) {
         let Some(pq) = self.port.queues.get_mut(q) else {
             return;
         };
@@ -1085,7 +1270,6 @@ impl<M: NicModel> Nic<M> {
         drop(io);
         self.backend_ready(q, set.contains(EventSet::IN), set.contains(EventSet::OUT));
         self.check_link_of(q);
-        self.port.flush_all();
     }
 
     fn backend_ready(&mut self, q: usize, readable: bool, writable: bool) {
@@ -1379,6 +1563,7 @@ impl<M: NicModel> PciDevice for Nic<M> {
         self.port.cur = 0;
         self.model.config_written(&mut self.port, offset, len);
         self.port.flush_later();
+        self.fly(None);
     }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         self.port.cur = 0;
@@ -1388,6 +1573,7 @@ impl<M: NicModel> PciDevice for Nic<M> {
         self.port.cur = 0;
         self.model.bar_write(&mut self.port, bar, offset, data);
         self.port.flush_later();
+        self.fly(None);
         if self.filter_watch.is_some() && self.model.filter_register(bar, offset) {
             self.check_filter();
         }
@@ -1409,7 +1595,7 @@ impl<M: NicModel> PciDevice for Nic<M> {
         let up = self.port.link_up;
         self.port.cur = 0;
         self.model.link_changed(&mut self.port, up);
-        self.port.flush_all();
+        self.end_turn(None);
         if let Some(w) = &mut self.filter_watch {
             w.last = self.model.rx_filter().fingerprint();
         }
@@ -1437,7 +1623,7 @@ impl<M: NicModel> NicControl for Nic<M> {
     fn set_link(&mut self, up: bool) {
         self.port.admin_down = !up;
         self.check_link();
-        self.port.flush_all();
+        self.end_turn(None);
         // The I/O thread brings its watch of the backend in line.
         self.port.kick_rx_of(0);
     }
@@ -1537,15 +1723,31 @@ impl<M: NicModel> MutEventSubscriber for QueueWorker<M> {
         let mut nic = lock(&self.nic);
         match kind {
             TX_KICK => {
-                nic.handle_queue(q, NetEvent::TxKick);
+                nic.turn(q, NetEvent::TxKick);
             }
             RX_KICK => {
-                nic.handle_queue(q, NetEvent::RxKick);
+                nic.turn(q, NetEvent::RxKick);
             }
             TIMER => {
-                nic.handle(NetEvent::Timer);
+                nic.turn(0, NetEvent::Timer);
             }
-            _ => nic.backend_event(q, events.fd(), set),
+            _ => nic.backend_turn(q, events.fd(), set),
+        }
+        nic.end_turn(Some(q));
+        // The queue's batches go with the NIC's lock let go; each answer is the model's under
+        // the lock again, and may hand over the next.
+        for _ in 0..FLIGHTS_PER_TURN {
+            let Some(mut flight) = nic.take_flight(q) else {
+                break;
+            };
+            drop(nic);
+            flight.send(&self.io);
+            nic = lock(&self.nic);
+            nic.answer_flight(q, flight);
+        }
+        if nic.port.queues[q].flight.pending {
+            // Past the bound: the next turn goes on with it.
+            nic.port.kick_tx_of(q);
         }
         sync_watch(&mut nic, q, &mut self.watched, &mut self.want, ops);
     }

@@ -162,6 +162,24 @@ pub struct VirtioNet {
     /// allocations).
     tx_iov: Vec<IoSlice<'static>>,
     tx_batch: TxBatch,
+    /// Each pair's TX walk.
+    tx_runs: Vec<TxRun>,
+}
+
+/// One pair's TX walk, which goes on over batches sent after the device's turn
+/// ([`NetPort::send_later`]), each answered through [`NicModel::tx_flown`].
+#[derive(Default)]
+struct TxRun {
+    /// Chains the walk may still take.
+    budget: usize,
+    /// Chains went back to the driver: it is signalled when the walk ends.
+    used: bool,
+    /// A batch is out: its chains are taken from the queue and not yet used.
+    out: bool,
+    /// The heads of the batch's chains, in order.
+    heads: Vec<u16>,
+    /// The error of the malformed chain that ended the batch (taken from the queue too).
+    malformed: Option<&'static str>,
 }
 
 impl VirtioNet {
@@ -279,6 +297,7 @@ impl VirtioNet {
             rx_hdr_pieces: Vec::with_capacity(4),
             tx_iov: Vec::with_capacity(4 * TX_BATCH),
             tx_batch: TxBatch::default(),
+            tx_runs: (0..pairs).map(|_| TxRun::default()).collect(),
         })
     }
 
@@ -329,8 +348,18 @@ impl VirtioNet {
         port.guest_error(format_args!("{what}; the device needs a reset"));
         self.status |= STATUS_DEVICE_NEEDS_RESET;
         self.active = false;
+        self.forget_tx_batches();
         self.isr |= 2;
         self.interrupt(self.msix_config);
+    }
+
+    /// The TX batches out are no longer the device's business (a reset, a device error): their
+    /// answers, when they come, are not put into the rings.
+    fn forget_tx_batches(&mut self) {
+        for run in &mut self.tx_runs {
+            run.out = false;
+            run.used = false;
+        }
     }
 
     fn reset(&mut self, port: &mut NetPort) {
@@ -348,6 +377,7 @@ impl VirtioNet {
         self.vectors.fill(VIRTIO_MSI_NO_VECTOR);
         self.bad_size.fill(false);
         self.active = false;
+        self.forget_tx_batches();
         self.curr_pairs = 1;
         self.rx_mode = RxMode::default();
         self.mac = self.configured_mac;
@@ -434,24 +464,38 @@ impl VirtioNet {
         }
     }
 
-    /// Sends what waits in the TX queue of the port's current pair.
+    /// Starts a walk of the TX queue of the port's current pair, unless one is waiting for its
+    /// batch's answer (which goes on with it).
+    fn start_tx(&mut self, port: &mut NetPort) {
+        let Some(run) = self.tx_runs.get_mut(port.queue()) else {
+            return;
+        };
+        if run.out {
+            return;
+        }
+        run.budget = TX_BUDGET;
+        self.process_tx(port);
+    }
+
+    /// Sends what waits in the TX queue of the port's current pair, in the walk's budget;
+    /// returns when a batch is out (its answer goes on: [`VirtioNet::tx_answer`]).
     fn process_tx(&mut self, port: &mut NetPort) {
         let pair = port.queue();
         let tx = 2 * pair + 1;
         if !self.active || port.tx_blocked() || pair >= self.data_pairs() {
-            return;
+            return self.end_tx(port, pair);
         }
         if !self.queues[tx].ready() {
             return;
         }
-        let mut used = false;
-        let mut budget = TX_BUDGET;
-        loop {
+        let run = &mut self.tx_runs[pair];
+        let (mut budget, mut used) = (run.budget, run.used);
+        let walk = loop {
             if self.queues[tx].disable_notification(&self.mem).is_err() {
-                return self.device_error(port, "TX ring unreadable");
+                break Err("TX ring unreadable");
             }
             if !self.queue_usable(port, tx) {
-                return;
+                break Ok(TxWalk::Done);
             }
             let (mem, q) = (&self.mem, &mut self.queues[tx]);
             let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
@@ -466,26 +510,81 @@ impl VirtioNet {
                 &mut self.tx_batch,
             );
             self.tx_iov = guest_iov::recycle(iov);
-            if let Err(what) = r {
-                return self.device_error(port, what);
+            match r {
+                Ok(TxWalk::Done) => {}
+                out => break out,
             }
             if port.tx_blocked() {
-                break;
+                break Ok(TxWalk::Done);
             }
             if budget == 0 {
                 // More may be waiting: come back after the other fds had their turn.
                 port.kick_tx();
-                break;
+                break Ok(TxWalk::Done);
             }
             match self.queues[tx].enable_notification(&self.mem) {
                 Ok(true) => continue,
-                Ok(false) => break,
-                Err(_) => return self.device_error(port, "TX ring unreadable"),
+                Ok(false) => break Ok(TxWalk::Done),
+                Err(_) => break Err("TX ring unreadable"),
+            }
+        };
+        let run = &mut self.tx_runs[pair];
+        (run.budget, run.used) = (budget, used);
+        match walk {
+            Ok(TxWalk::Done) => self.end_tx(port, pair),
+            Ok(TxWalk::Out { malformed }) => {
+                run.out = true;
+                run.heads.clear();
+                run.heads.extend_from_slice(&self.tx_batch.heads);
+                run.malformed = malformed;
+            }
+            Err(what) => self.device_error(port, what),
+        }
+    }
+
+    /// The end of a pair's walk: the driver is signalled if chains went back to it.
+    fn end_tx(&mut self, port: &mut NetPort, pair: usize) {
+        if let Some(run) = self.tx_runs.get_mut(pair) {
+            if std::mem::take(&mut run.used) && self.active {
+                self.signal_queue(port, 2 * pair + 1);
             }
         }
-        if used {
-            self.signal_queue(port, tx);
+    }
+
+    /// The answer to the batch of the port's current pair that went after the device's turn:
+    /// the first `taken` chains go back to the driver, the rest back into the queue (as
+    /// [`transmit_chains`] does with a batch it sends itself), and the walk goes on. Not
+    /// into rings a reset or a device error took away meanwhile.
+    fn tx_answer(&mut self, port: &mut NetPort, taken: usize) {
+        let pair = port.queue();
+        let tx = 2 * pair + 1;
+        let Some(run) = self.tx_runs.get_mut(pair) else {
+            return;
+        };
+        if !std::mem::take(&mut run.out) {
+            return;
         }
+        let (n, malformed) = (run.heads.len(), run.malformed.take());
+        let taken = taken.min(n);
+        for i in 0..taken {
+            let head = self.tx_runs[pair].heads[i];
+            if self.queues[tx].add_used(&self.mem, head, 0).is_err() {
+                return self.device_error(port, "TX used ring unwritable");
+            }
+            self.tx_runs[pair].used = true;
+        }
+        if taken < n {
+            // Put the rest back (a malformed chain too: it is seen again, and reported, when
+            // the walk gets that far); the port calls transmit() when the backend drains.
+            let back = (n - taken + malformed.is_some() as usize) as u16;
+            let q = &mut self.queues[tx];
+            q.set_next_avail(q.next_avail().wrapping_sub(back));
+            return self.end_tx(port, pair);
+        }
+        if let Some(what) = malformed {
+            return self.device_error(port, what);
+        }
+        self.process_tx(port);
     }
 
     // ---- RX -------------------------------------------------------------------------------
@@ -617,9 +716,9 @@ impl VirtioNet {
                 }
                 if pos < end {
                     let off = pos - VNET_HDR_LEN;
-                    self.mem
-                        .write_slice(&data[off..off + (end - pos)], addr)
-                        .map_err(|_| "RX buffer outside guest memory")?;
+                    if !guest_iov::write(&self.mem, addr, &data[off..off + (end - pos)]) {
+                        return Err("RX buffer outside guest memory");
+                    }
                 }
                 written = end;
                 in_chain += n;
@@ -640,9 +739,9 @@ impl VirtioNet {
         hdr.num_buffers = heads.len() as u16;
         let hb = hdr.to_bytes();
         for &(addr, off, n) in hdr_pieces.iter() {
-            self.mem
-                .write_slice(&hb[off..off + n], addr)
-                .map_err(|_| "RX buffer outside guest memory")?;
+            if !guest_iov::write(&self.mem, addr, &hb[off..off + n]) {
+                return Err("RX buffer outside guest memory");
+            }
         }
         for &(h, l) in heads.iter() {
             self.queues[rx]
@@ -1049,14 +1148,22 @@ struct VirtioNetState {
 
 impl VirtioNet {
     /// In-flight chains: the device never keeps a chain it took from the available ring
-    /// across a return to its caller. TX puts a chain the backend refused back
-    /// (`next_avail` steps back) and RX rewinds when a frame does not fit, so in a live
-    /// device `next_avail == next_used` whenever it can be saved: every chain is either used
-    /// or still available, and an available one is taken again after the restore.
+    /// across a return to its caller, but for a TX batch out to be sent after its turn. TX
+    /// puts a chain the backend refused back (`next_avail` steps back) and RX rewinds when a
+    /// frame does not fit; the chains of a batch that is out are saved as still available
+    /// (sent again after a restore, where their answer never comes: a frame may then go
+    /// twice). So in a saved live device `next_avail == next_used`: every chain is either
+    /// used or still available, and an available one is taken again after the restore.
     fn save_state(&self) -> State {
         let queues = (0..self.queues.len())
             .map(|i| {
-                let q = self.queues[i].state();
+                let mut q = self.queues[i].state();
+                let out = self
+                    .tx_runs
+                    .get(i / 2)
+                    .filter(|r| i % 2 == TX && r.out)
+                    .map_or(0, |r| r.heads.len() + r.malformed.is_some() as usize);
+                q.next_avail = q.next_avail.wrapping_sub(out as u16);
                 QueueSnapshot {
                     size: q.size,
                     ready: q.ready,
@@ -1319,7 +1426,11 @@ impl NicModel for VirtioNet {
     }
 
     fn transmit(&mut self, port: &mut NetPort) {
-        self.process_tx(port);
+        self.start_tx(port);
+    }
+
+    fn tx_flown(&mut self, port: &mut NetPort, taken: usize) {
+        self.tx_answer(port, taken);
     }
 
     fn rx_ready(&self) -> bool {
@@ -1374,12 +1485,23 @@ impl NicModel for VirtioNet {
 #[cfg(any(test, feature = "test-drivers"))]
 pub mod driver;
 
+/// How a walk of [`transmit_chains`] ended.
+enum TxWalk {
+    /// No batch is out: the chains went (or were put back for a full backend), or the budget
+    /// ran out.
+    Done,
+    /// A batch (its heads in the [`TxBatch`]) went to be sent after the device's turn; a
+    /// malformed chain ended it when `malformed` says so.
+    Out { malformed: Option<&'static str> },
+}
+
 /// Sends the frames of the TX chains waiting in `q`, at most `budget` chains (counted down),
 /// gathered [`TX_BATCH`] at a time and handed to the port together; each chain's buffers go
 /// as they lie in guest memory and are returned to the driver (`used` set) only once the
-/// backend has taken the frame. Chains the backend had no room for are put back; the port
-/// calls `transmit` again when it drains. A malformed chain ends the walk with its error,
-/// after the frames before it went.
+/// backend has taken the frame. A batch the port takes to send after the device's turn
+/// ([`NetPort::send_later`]) ends the walk: its answer goes on with it. Chains the backend had
+/// no room for are put back; the port calls `transmit` again when it drains. A malformed chain
+/// ends the walk with its error, after the frames before it went.
 #[allow(clippy::too_many_arguments)]
 fn transmit_chains<'m>(
     mem: &'m GuestMemoryMmap,
@@ -1390,7 +1512,7 @@ fn transmit_chains<'m>(
     used: &mut bool,
     iov: &mut Vec<IoSlice<'m>>,
     batch: &mut TxBatch,
-) -> Result<(), &'static str> {
+) -> Result<TxWalk, &'static str> {
     while *budget > 0 {
         iov.clear();
         batch.ends.clear();
@@ -1412,7 +1534,12 @@ fn transmit_chains<'m>(
             batch.ends.push(iov.len());
         }
         if batch.heads.is_empty() {
-            return malformed.map_or(Ok(()), Err);
+            return malformed.map_or(Ok(TxWalk::Done), Err);
+        }
+        // SAFETY: the pieces are guest memory (`gather_chain` checked them), which the
+        // device's handle keeps mapped as long as the NIC lives.
+        if unsafe { port.send_later(iov, &batch.ends) } {
+            return Ok(TxWalk::Out { malformed });
         }
         let taken = port.send_batch(iov, &batch.ends);
         for &head in &batch.heads[..taken] {
@@ -1425,13 +1552,13 @@ fn transmit_chains<'m>(
             // the walk gets that far); the port calls transmit() when the backend drains.
             let back = batch.heads.len() - taken + malformed.is_some() as usize;
             q.set_next_avail(q.next_avail().wrapping_sub(back as u16));
-            return Ok(());
+            return Ok(TxWalk::Done);
         }
         if let Some(what) = malformed {
             return Err(what);
         }
     }
-    Ok(())
+    Ok(TxWalk::Done)
 }
 
 /// Appends one TX chain's frame to `iov` (its pieces from `start` on): the buffers as they

@@ -1488,3 +1488,157 @@ fn a_frame_longer_than_the_receive_buffer_is_dropped_not_a_panic() {
     assert_eq!(&got[VNET_HDR_LEN..], &f[..]);
     assert_eq!(d.dev.stats().rx_dropped, 1);
 }
+
+// ---- TX batches sent after the device's turn, as the queue's I/O worker sends them -------
+
+/// Posts `n` TX frames (seeds from `seed`) and plays the queue's worker up to where it lets
+/// the NIC's lock go: returns the batch that is out, and the frames.
+fn batch_out(d: &mut Rig, n: u8, seed: u8) -> (crate::net::Flight, Vec<Vec<u8>>) {
+    let mut frames = vec![];
+    for s in seed..seed + n {
+        let (p, f) = tx_frame(60 + s as usize, s);
+        d.post(TX, &[&p], false);
+        frames.push(f);
+    }
+    d.dev.worker_turn(0, NetEvent::TxKick);
+    let flight = d.dev.take_flight(0).expect("a batch out");
+    (flight, frames)
+}
+
+/// The worker's answer: the batch sent (now), then handed back.
+fn land(d: &mut Rig, mut flight: crate::net::Flight) {
+    flight.send(&d.dev.queue_io(0).unwrap());
+    d.dev.answer_flight(0, flight);
+}
+
+#[test]
+fn tx_chains_go_back_to_the_driver_when_their_batch_is_answered() {
+    let mut d = started(PLAIN, BASE);
+    let (flight, frames) = batch_out(&mut d, 3, 1);
+    assert!(
+        d.used(TX).is_empty(),
+        "not used before the backend took them"
+    );
+    assert!(d.peer.take_sent().is_empty());
+    // Another kick while the batch is out leaves the walk to the answer.
+    d.dev.handle(NetEvent::TxKick);
+    assert!(d.peer.take_sent().is_empty());
+    land(&mut d, flight);
+    assert_eq!(d.peer.take_sent(), frames);
+    assert_eq!(d.used(TX).len(), 3);
+    assert!(d.irq(), "one interrupt for the walk");
+    assert!(d.dev.take_flight(0).is_none());
+}
+
+#[test]
+fn tx_a_batch_answered_after_a_reset_leaves_the_new_rings_alone() {
+    let mut d = started(PLAIN, BASE);
+    let (flight, frames) = batch_out(&mut d, 3, 1);
+    // The driver resets and sets the device up again while the batch is out.
+    d.w(DEVICE_STATUS, 0, 1);
+    assert!(d.negotiate(BASE));
+    d.setup_queue(RX, QSIZE);
+    d.setup_queue(TX, QSIZE);
+    d.driver_ok();
+    land(&mut d, flight);
+    assert_eq!(d.peer.take_sent(), frames, "the frames went, as on a wire");
+    assert_eq!(
+        d.used_idx(TX),
+        0,
+        "nothing used in the rings set up after the reset"
+    );
+    assert!(!needs_reset(&mut d));
+    // The new rings work.
+    let (p, f) = tx_frame(90, 9);
+    d.post(TX, &[&p], false);
+    d.dev.handle(NetEvent::TxKick);
+    assert_eq!(d.peer.take_sent(), vec![f]);
+    assert_eq!(d.used_idx(TX), 1);
+}
+
+#[test]
+fn tx_a_batch_out_at_a_save_goes_again_after_the_restore() {
+    let (mut d, pending) = mid_stream();
+    let (flight, mut frames) = batch_out(&mut d, 2, 30);
+    frames.insert(0, pending);
+    let state = saved(&d);
+    assert_eq!(
+        state["model"]["queues"][TX]["next_avail"], state["model"]["queues"][TX]["next_used"],
+        "the chains out are saved as available"
+    );
+    // The old device's batch still goes (the old backend's peer sees it).
+    let old_peer = d.peer.clone();
+    land(&mut d, flight);
+    assert_eq!(old_peer.take_sent(), frames);
+    restore_into_fresh(&mut d, &state).unwrap();
+    d.dev.run_kicks();
+    assert_eq!(
+        d.peer.take_sent(),
+        frames,
+        "sent again by the restored device"
+    );
+}
+
+/// A backend that notes, at every batch it is handed, whether the NIC's lock was free.
+struct LockProbe {
+    inner: net_backends::mem::MemBackend,
+    nic: Arc<std::sync::OnceLock<Arc<std::sync::Mutex<Nic<VirtioNet>>>>>,
+    free: std::sync::mpsc::Sender<bool>,
+}
+
+impl NetBackend for LockProbe {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn send(&mut self, frame: &[std::io::IoSlice<'_>]) -> io::Result<()> {
+        self.inner.send(frame)
+    }
+    fn send_batch(
+        &mut self,
+        iov: &[std::io::IoSlice<'_>],
+        ends: &[usize],
+        results: &mut Vec<io::Result<()>>,
+    ) {
+        if let Some(nic) = self.nic.get() {
+            let _ = self.free.send(nic.try_lock().is_ok());
+        }
+        net_backends::send_each(self, iov, ends, results)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.inner.recv(buf)
+    }
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.inner.fd()
+    }
+}
+
+#[test]
+fn the_queue_worker_sends_a_tx_batch_without_the_nics_lock() {
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    let (inner, peer) = pair(PLAIN);
+    let slot = Arc::new(std::sync::OnceLock::new());
+    let (free, sends) = std::sync::mpsc::channel();
+    let probe = LockProbe {
+        inner,
+        nic: slot.clone(),
+        free,
+    };
+    let mut d = Driver::start(Box::new(probe), BASE);
+    let nic = Arc::new(std::sync::Mutex::new(d.lend()));
+    let _ = slot.set(nic.clone());
+    let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new().unwrap();
+    for w in Nic::workers(&nic) {
+        em.add_subscriber(Box::new(w));
+    }
+    let mut frames = vec![];
+    for s in 0..3 {
+        let (p, f) = tx_frame(80, s);
+        d.post(TX, &[&p], false);
+        frames.push(f);
+    }
+    nic.lock().unwrap().port.kick_tx_of(0);
+    em.run_with_timeout(1000).unwrap();
+    assert_eq!(sends.try_iter().collect::<Vec<_>>(), [true]);
+    assert_eq!(peer.take_sent(), frames);
+    assert_eq!(d.used_idx(TX), 3);
+}
