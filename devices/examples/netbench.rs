@@ -1115,27 +1115,58 @@ fn flow_frame(len: usize, port: u16) -> Vec<u8> {
     f
 }
 
+/// One direction of the two-queue case: wall-clock ns per frame, median of the rounds, with
+/// both queues on one thread and with a thread each; the device's queue workers, and the
+/// floor (bare read()/write() of the two tap queues' fds) the same way.
 struct Queues {
+    dir: &'static str,
     frames: usize,
-    /// Wall-clock ns per frame, median of the rounds: both queues on one I/O thread, and
-    /// each on a thread of its own.
     one: f64,
     each: f64,
-    /// The same with bare read()s of the two queues' fds instead of the device: how much a
-    /// second thread can take off on this host.
     floor_one: f64,
     floor_each: f64,
 }
 
-/// RX on virtio-net's two queue pairs over a two-queue tap, as a guest with two vCPUs uses
-/// them: `rounds` rounds of MQ_FRAMES frames on each queue, injected first, then taken by
-/// the device's queue workers on one I/O thread (as nicvm ran all queues once) and on a
-/// thread each (as it does now), the two alternating. Wall-clock time from the threads'
-/// start until both queues' frames are in the guest's buffers; every frame is checked.
-fn two_queues(len: usize, rounds: usize) -> Queues {
+/// Runs `work` on `groups.len()` threads (each with its group), started together; the wall
+/// time from the first start to the last end, in ns per frame of `frames`.
+fn side_by_side<G: Send + 'static>(
+    groups: Vec<G>,
+    frames: usize,
+    work: impl Fn(G) + Send + Sync + Clone + 'static,
+) -> f64 {
+    use std::sync::{Arc, Barrier};
+    use std::time::Instant;
+    let go = Arc::new(Barrier::new(groups.len() + 1));
+    let threads: Vec<_> = groups
+        .into_iter()
+        .map(|g| {
+            let (go, work) = (go.clone(), work.clone());
+            std::thread::spawn(move || {
+                go.wait();
+                let t0 = Instant::now();
+                work(g);
+                (t0, Instant::now())
+            })
+        })
+        .collect();
+    go.wait();
+    let spans: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let t0 = spans.iter().map(|s| s.0).min().unwrap();
+    let t1 = spans.iter().map(|s| s.1).max().unwrap();
+    (t1 - t0).as_nanos() as f64 / frames as f64
+}
+
+/// virtio-net's two queue pairs over a two-queue tap, as a guest with two vCPUs uses them:
+/// `rounds` rounds each way of MQ_FRAMES frames a queue. RX: frames injected on the host side
+/// first (a flow that lands on each tap queue), then taken into the guest's buffers. TX:
+/// chains made available and both doorbells rung first, then sent. Each round runs the
+/// device's queue workers on one I/O thread (as nicvm ran all queues once) or on a thread
+/// each (as it does now), and the floor the same two ways; the four alternate. Every frame is
+/// checked (lengths in the RX used rings, the tap's count of frames it got).
+fn two_queues(len: usize, rounds: usize) -> [Queues; 2] {
     use devices::net::Nic as Dev;
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-    use std::sync::{Arc, Barrier, Mutex};
+    use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
     let name = "nbmq";
@@ -1149,8 +1180,13 @@ fn two_queues(len: usize, rounds: usize) -> Queues {
     if !up {
         fail(format!("ip link set {name} up"));
     }
-    let sock = injector(name);
-    // SAFETY: dups of the queues' fds, to see which queue a flow lands on.
+    let side = TapSide {
+        name,
+        fd: -1,
+        vnet: true,
+        sock: injector(name),
+    };
+    // SAFETY: dups of the queues' fds, for the floor and to see where a flow lands.
     let fds: Vec<RawFd> = taps.iter().map(|t| unsafe { libc::dup(t.fd()) }).collect();
     let backends: Vec<Box<dyn NetBackend>> = taps
         .into_iter()
@@ -1175,19 +1211,12 @@ fn two_queues(len: usize, rounds: usize) -> Queues {
     if d.ctrl(4, 4, 0, &2u16.to_le_bytes()) != Some(0) {
         fail("two-queue virtio-net refused two queue pairs".into());
     }
-    let send = |f: &[u8]| {
-        // SAFETY: sending from a buffer we own.
-        let r = unsafe { libc::send(sock, f.as_ptr().cast(), f.len(), 0) };
-        if r as usize != f.len() {
-            fail(format!("inject: {}", std::io::Error::last_os_error()));
-        }
-    };
     // A flow for each tap queue.
     let mut flows: [Option<Vec<u8>>; 2] = [None, None];
     let mut scratch = vec![0u8; 65_600];
     for port in 1024..1280 {
         let f = flow_frame(len, port);
-        send(&f);
+        side.inject(&f, 1);
         for (q, &fd) in fds.iter().enumerate() {
             // SAFETY: reading into a buffer we own; the fd is non-blocking.
             if unsafe { libc::read(fd, scratch.as_mut_ptr().cast(), scratch.len()) } > 0
@@ -1203,151 +1232,159 @@ fn two_queues(len: usize, rounds: usize) -> Queues {
     let [Some(f0), Some(f1)] = flows else {
         fail("no flow of 256 landed on each of the tap's two queues".into());
     };
-    // RX queues 0 and 2, each with RING_ROOM buffers of 2 KiB in an area of its own.
-    let rxq = [RX, 2];
+    // Pair i: RX queue 2i with RING_ROOM buffers of 2 KiB in an area of its own; TX queue
+    // 2i + 1 with its frame (header and all) at the area's end, made available again and
+    // again. The TX frames are flows of their own: a tap steers a flow to the queue that
+    // last sent it, which must not move the RX flows.
     let area = [BUF_BASE[RX], TX_AREA];
+    let wire = side.wire(&f0);
+    let tx_wire = [
+        side.wire(&flow_frame(len, 3000)),
+        side.wire(&flow_frame(len, 3001)),
+    ];
+    let tx_at = [0xe_0000u64, 0xf_0000];
+    for (at, w) in tx_at.iter().zip(&tx_wire) {
+        d.mem.write_slice(w, GuestAddress(*at)).unwrap();
+    }
     let mut slot = [0u64; 2];
-    let mut post = |d: &mut Driver, i: usize, k: usize| {
+    let mut post_rx = |d: &mut Driver, i: usize, k: usize| {
         for _ in 0..k {
             let addr = area[i] + slot[i] % RING_ROOM as u64 * 2048;
             slot[i] += 1;
-            d.post_at(rxq[i], addr, 2048, true);
+            d.post_at(2 * i, addr, 2048, true);
         }
     };
-    post(&mut d, 0, MQ_FRAMES);
-    post(&mut d, 1, MQ_FRAMES);
+    post_rx(&mut d, 0, MQ_FRAMES);
+    post_rx(&mut d, 1, MQ_FRAMES);
     let mem = d.mem.clone();
     let used_idx = move |q: usize| -> u16 { mem.read_obj(GuestAddress(used_base(q) + 2)).unwrap() };
     let mem = d.mem.clone();
     let nic = Arc::new(Mutex::new(d.lend()));
-    let (mut one, mut each, mut floor_one, mut floor_each) = (vec![], vec![], vec![], vec![]);
-    for round in 0..4 * rounds {
-        let thread_each = round % 2 == 1;
-        for _ in 0..MQ_FRAMES {
-            send(&f0);
-            send(&f1);
-        }
-        if round % 4 >= 2 {
-            // The floor: each thread reads its queues' frames with read().
-            let groups: Vec<Vec<RawFd>> = if thread_each {
-                fds.iter().map(|&fd| vec![fd]).collect()
+    let frames = 2 * MQ_FRAMES;
+    // [dir][floor][each]
+    let mut ns = [
+        [[vec![], vec![]], [vec![], vec![]]],
+        [[vec![], vec![]], [vec![], vec![]]],
+    ];
+    for round in 0..8 * rounds {
+        let (tx, floor, each) = (round % 8 >= 4, round % 4 >= 2, round % 2 == 1);
+        let split = |all: Vec<usize>| -> Vec<Vec<usize>> {
+            if each {
+                all.into_iter().map(|i| vec![i]).collect()
             } else {
-                vec![fds.clone()]
-            };
-            let go = Arc::new(Barrier::new(groups.len() + 1));
-            let threads: Vec<_> = groups
-                .into_iter()
-                .map(|group| {
-                    let go = go.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 65_600];
-                        go.wait();
-                        let t0 = Instant::now();
-                        for fd in group {
-                            let mut got = 0;
-                            while got < MQ_FRAMES {
-                                if t0.elapsed() > Duration::from_secs(5) {
-                                    fail("two-queue floor stalled".into());
-                                }
-                                // SAFETY: reading into a buffer we own; non-blocking fd.
-                                let r =
-                                    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-                                if r > 0 {
-                                    got += 1;
-                                }
-                            }
-                        }
-                        (t0, Instant::now())
-                    })
-                })
-                .collect();
-            go.wait();
-            let spans: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-            let t0 = spans.iter().map(|s| s.0).min().unwrap();
-            let t1 = spans.iter().map(|s| s.1).max().unwrap();
-            let ns = (t1 - t0).as_nanos() as f64 / (2 * MQ_FRAMES) as f64;
-            if thread_each {
-                floor_each.push(ns);
-            } else {
-                floor_one.push(ns);
+                vec![all]
             }
-            continue;
-        }
-        let start: Vec<u16> = rxq.iter().map(|&q| used_idx(q)).collect();
-        let mut groups: Vec<Vec<(usize, Box<dyn MutEventSubscriber + Send>)>> = vec![];
-        for (i, w) in Dev::workers(&nic).into_iter().enumerate() {
-            if groups.is_empty() || thread_each {
-                groups.push(vec![]);
+        };
+        let got_before = side.counters().0;
+        if !tx {
+            for _ in 0..MQ_FRAMES {
+                side.inject(&f0, 1);
+                side.inject(&f1, 1);
             }
-            groups.last_mut().unwrap().push((i, Box::new(w)));
         }
-        let go = Arc::new(Barrier::new(groups.len() + 1));
-        let threads: Vec<_> = groups
-            .into_iter()
-            .map(|group| {
-                let (go, start, used_idx) = (go.clone(), start.clone(), used_idx.clone());
-                std::thread::spawn(move || {
-                    let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
-                        .expect("event manager");
-                    let mut mine = vec![];
-                    for (i, w) in group {
-                        mine.push(i);
-                        em.add_subscriber(w);
-                    }
-                    go.wait();
-                    let t0 = Instant::now();
-                    let done =
-                        |i: &usize| used_idx(rxq[*i]).wrapping_sub(start[*i]) as usize >= MQ_FRAMES;
-                    while !mine.iter().all(done) {
+        let t = if floor {
+            let fds = fds.clone();
+            let tx_wire = tx_wire.clone();
+            side_by_side(split(vec![0, 1]), frames, move |pairs: Vec<usize>| {
+                let mut buf = vec![0u8; 65_600];
+                let t0 = Instant::now();
+                for i in pairs {
+                    let mut done = 0;
+                    while done < MQ_FRAMES {
                         if t0.elapsed() > Duration::from_secs(5) {
-                            fail("two-queue RX stalled".into());
+                            fail("two-queue floor stalled".into());
                         }
-                        let _ = em.run_with_timeout(100);
+                        // SAFETY: buffers we own; the fds are non-blocking.
+                        let r = unsafe {
+                            if tx {
+                                let w = &tx_wire[i];
+                                libc::write(fds[i], w.as_ptr().cast(), w.len())
+                            } else {
+                                libc::read(fds[i], buf.as_mut_ptr().cast(), buf.len())
+                            }
+                        };
+                        if r > 0 {
+                            done += 1;
+                        }
                     }
-                    (t0, Instant::now())
-                })
+                }
             })
-            .collect();
-        go.wait();
-        let spans: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-        let t0 = spans.iter().map(|s| s.0).min().unwrap();
-        let t1 = spans.iter().map(|s| s.1).max().unwrap();
-        let ns = (t1 - t0).as_nanos() as f64 / (2 * MQ_FRAMES) as f64;
-        if thread_each {
-            each.push(ns);
         } else {
-            one.push(ns);
-        }
-        for (i, &q) in rxq.iter().enumerate() {
-            let got = used_idx(q).wrapping_sub(start[i]) as usize;
-            if got != MQ_FRAMES {
+            let q_of = move |i: usize| 2 * i + tx as usize;
+            let start: Vec<u16> = (0..2).map(|i| used_idx(q_of(i))).collect();
+            if tx {
+                for (i, (&at, w)) in tx_at.iter().zip(&tx_wire).enumerate() {
+                    for _ in 0..MQ_FRAMES {
+                        d.post_at(q_of(i), at, w.len() as u32, false);
+                    }
+                    nic.lock().unwrap().port.kick_tx_of(i);
+                }
+            }
+            let workers: Vec<_> = Dev::workers(&nic).into_iter().map(Some).collect();
+            let workers = Arc::new(Mutex::new(workers));
+            let (start, used_idx) = (start.clone(), used_idx.clone());
+            side_by_side(split(vec![0, 1]), frames, move |pairs: Vec<usize>| {
+                let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
+                    .expect("event manager");
+                for &i in &pairs {
+                    let w = workers.lock().unwrap()[i].take().unwrap();
+                    em.add_subscriber(Box::new(w));
+                }
+                let t0 = Instant::now();
+                let done =
+                    |i: &usize| used_idx(q_of(*i)).wrapping_sub(start[*i]) as usize >= MQ_FRAMES;
+                while !pairs.iter().all(done) {
+                    if t0.elapsed() > Duration::from_secs(5) {
+                        let got: Vec<u16> = pairs
+                            .iter()
+                            .map(|&i| used_idx(q_of(i)).wrapping_sub(start[i]))
+                            .collect();
+                        fail(format!(
+                            "two-queue virtio-net {} stalled: {got:?} of {MQ_FRAMES} a queue",
+                            if tx { "TX" } else { "RX" }
+                        ));
+                    }
+                    let _ = em.run_with_timeout(100);
+                }
+            })
+        };
+        ns[tx as usize][floor as usize][each as usize].push(t);
+        if tx {
+            let got = side.counters().0 - got_before;
+            if got != frames as u64 {
                 fail(format!(
-                    "two-queue RX: queue {q} took {got} frames, {MQ_FRAMES} sent"
+                    "two-queue TX: the tap got {got} frames, {frames} sent"
                 ));
             }
-            for k in 0..got as u16 {
-                let e = used_base(q) + 4 + 8 * (start[i].wrapping_add(k) % RING_ROOM) as u64;
-                let n: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
-                check_len(
-                    "virtio-net (two queues)",
-                    n as usize,
-                    VNET_HDR_LEN + f0.len(),
-                );
+        } else if !floor {
+            for i in 0..2 {
+                let q = 2 * i;
+                let end = used_idx(q);
+                for k in 0..MQ_FRAMES as u16 {
+                    let at = end.wrapping_sub(MQ_FRAMES as u16).wrapping_add(k);
+                    let e = used_base(q) + 4 + 8 * (at % RING_ROOM) as u64;
+                    let n: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
+                    check_len("virtio-net (two queues)", n as usize, wire.len());
+                }
+                post_rx(&mut d, i, MQ_FRAMES);
             }
-            post(&mut d, i, got);
         }
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    Queues {
-        frames: 2 * MQ_FRAMES * rounds,
-        one: median(&mut one),
-        each: median(&mut each),
-        floor_one: median(&mut floor_one),
-        floor_each: median(&mut floor_each),
-    }
+    let mut out = ns.map(|mut dir| Queues {
+        dir: "",
+        frames: frames * rounds,
+        one: median(&mut dir[0][0]),
+        each: median(&mut dir[0][1]),
+        floor_one: median(&mut dir[1][0]),
+        floor_each: median(&mut dir[1][1]),
+    });
+    out[0].dir = "RX";
+    out[1].dir = "TX";
+    out
 }
 
 fn main() {
@@ -1437,7 +1474,7 @@ fn main() {
     };
     run_model(&mut too, &side, &clock, n, len, &mut rows);
 
-    let mq = two_queues(len, (n / (2 * MQ_FRAMES)).clamp(10, 400));
+    let mq = two_queues(len, (n / (2 * MQ_FRAMES)).clamp(10, 200));
     let m = n.min(50_000);
     let (slirp, udp_floor, got) = slirp_tx(len, m);
     let (_tap, side) = t4;
@@ -1487,20 +1524,27 @@ fn main() {
             })
             .collect();
         println!("  \"uring_floor\": [\n{}\n  ],", b.join(",\n"));
-        println!(
-            "  \"queues\": {{\"model\": \"virtio-net\", \"direction\": \"RX\", \"queues\": 2, \
-             \"frames\": {}, \"ns_per_frame_one_thread\": {:.0}, \
-             \"ns_per_frame_thread_each\": {:.0}, \"ratio\": {:.3}, \
-             \"floor_ns_per_frame_one_thread\": {:.0}, \"floor_ns_per_frame_thread_each\": {:.0}, \
-             \"floor_ratio\": {:.3}}},",
-            mq.frames,
-            mq.one,
-            mq.each,
-            mq.each / mq.one,
-            mq.floor_one,
-            mq.floor_each,
-            mq.floor_each / mq.floor_one
-        );
+        let q: Vec<String> = mq
+            .iter()
+            .map(|q| {
+                format!(
+                    "    {{\"model\": \"virtio-net\", \"direction\": \"{}\", \"queues\": 2, \
+                     \"frames\": {}, \"ns_per_frame_one_thread\": {:.0}, \
+                     \"ns_per_frame_thread_each\": {:.0}, \"ratio\": {:.3}, \
+                     \"floor_ns_per_frame_one_thread\": {:.0}, \
+                     \"floor_ns_per_frame_thread_each\": {:.0}, \"floor_ratio\": {:.3}}}",
+                    q.dir,
+                    q.frames,
+                    q.one,
+                    q.each,
+                    q.each / q.one,
+                    q.floor_one,
+                    q.floor_each,
+                    q.floor_each / q.floor_one
+                )
+            })
+            .collect();
+        println!("  \"queues\": [\n{}\n  ],", q.join(",\n"));
         println!(
             "  \"slirp\": {{\"model\": \"virtio-net\", \"direction\": \"TX udp via slirp\", \
              \"frames\": {m}, \"delivered\": {got}, \"ns_per_frame_model\": {slirp:.0}, \
@@ -1555,25 +1599,29 @@ fn main() {
     }
     println!();
     println!(
-        "virtio-net RX on two queue pairs (a two-queue tap, {MQ_FRAMES} frames a queue a round): \
+        "virtio-net on two queue pairs (a two-queue tap, {MQ_FRAMES} frames a queue a round): \
          wall-clock ns per frame, median of the rounds"
     );
-    println!("| reader | frames | one thread | a thread each | ratio |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| virtio-net's queue workers | {} | {:.0} | {:.0} | {:.2} |",
-        mq.frames,
-        mq.one,
-        mq.each,
-        mq.each / mq.one
-    );
-    println!(
-        "| floor: read() of each queue | {} | {:.0} | {:.0} | {:.2} |",
-        mq.frames,
-        mq.floor_one,
-        mq.floor_each,
-        mq.floor_each / mq.floor_one
-    );
+    println!("| direction | reader | frames | one thread | a thread each | ratio |");
+    println!("|---|---|---|---|---|---|");
+    for q in &mq {
+        println!(
+            "| {} | virtio-net's queue workers | {} | {:.0} | {:.0} | {:.2} |",
+            q.dir,
+            q.frames,
+            q.one,
+            q.each,
+            q.each / q.one
+        );
+        println!(
+            "| {} | floor: read()/write() of each queue | {} | {:.0} | {:.0} | {:.2} |",
+            q.dir,
+            q.frames,
+            q.floor_one,
+            q.floor_each,
+            q.floor_each / q.floor_one
+        );
+    }
     println!();
     println!(
         "virtio-net on user (libslirp): UDP to a host loopback socket, {m} frames of {len} bytes,"

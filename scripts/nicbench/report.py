@@ -91,15 +91,18 @@ def no_guest_table(ng):
                    f"{row['ns_per_frame_uring']} | {row['ns_per_frame_floor']} | "
                    f"{row['ratio']:.2f} |")
     # Two queue pairs: a thread per queue against one thread for both (wall clock per frame).
-    mq = ng.get("queues")
+    mq = ng.get("queues") or []
     if mq:
-        out += ["", f"{mq['model']} {mq['direction']} on {mq['queues']} queue pairs (wall-clock ns "
-                "per frame): one I/O thread for all queues, then a thread each", "",
-                "| reader | one thread | a thread each | ratio |", "|---|---|---|---|",
-                f"| {mq['model']} | {mq['ns_per_frame_one_thread']} | "
-                f"{mq['ns_per_frame_thread_each']} | {mq['ratio']:.2f} |",
-                f"| floor: read() of each queue | {mq['floor_ns_per_frame_one_thread']} | "
-                f"{mq['floor_ns_per_frame_thread_each']} | {mq['floor_ratio']:.2f} |"]
+        out += ["", f"{mq[0]['model']} on {mq[0]['queues']} queue pairs (wall-clock ns per "
+                "frame): one I/O thread for all queues, then a thread each", "",
+                "| direction | reader | one thread | a thread each | ratio |",
+                "|---|---|---|---|---|"]
+    for row in mq:
+        out += [f"| {row['direction']} | {row['model']} | {row['ns_per_frame_one_thread']} | "
+                f"{row['ns_per_frame_thread_each']} | {row['ratio']:.2f} |",
+                f"| {row['direction']} | floor: read()/write() of each queue | "
+                f"{row['floor_ns_per_frame_one_thread']} | "
+                f"{row['floor_ns_per_frame_thread_each']} | {row['floor_ratio']:.2f} |"]
     return "\n".join(out)
 
 

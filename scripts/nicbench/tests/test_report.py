@@ -66,16 +66,20 @@ class Markdown(unittest.TestCase):
 
     def test_the_two_queue_case_follows_the_models(self):
         ng = report()["no_guest"]
-        ng["queues"] = {"model": "virtio-net", "direction": "RX", "queues": 2, "frames": 960,
-                        "ns_per_frame_one_thread": 887, "ns_per_frame_thread_each": 534,
-                        "ratio": 0.602, "floor_ns_per_frame_one_thread": 840,
-                        "floor_ns_per_frame_thread_each": 462, "floor_ratio": 0.55}
+        ng["queues"] = [{"model": "virtio-net", "direction": d, "queues": 2, "frames": 960,
+                         "ns_per_frame_one_thread": 887, "ns_per_frame_thread_each": 534,
+                         "ratio": 0.602, "floor_ns_per_frame_one_thread": 840,
+                         "floor_ns_per_frame_thread_each": 462, "floor_ratio": 0.55}
+                        for d in ("RX", "TX")]
         self.assertEqual(no_guest_table(ng), NO_GUEST_TABLE + "\n\n"
-                         "virtio-net RX on 2 queue pairs (wall-clock ns per frame): one I/O "
+                         "virtio-net on 2 queue pairs (wall-clock ns per frame): one I/O "
                          "thread for all queues, then a thread each\n\n"
-                         "| reader | one thread | a thread each | ratio |\n|---|---|---|---|\n"
-                         "| virtio-net | 887 | 534 | 0.60 |\n"
-                         "| floor: read() of each queue | 840 | 462 | 0.55 |")
+                         "| direction | reader | one thread | a thread each | ratio |\n"
+                         "|---|---|---|---|---|\n"
+                         "| RX | virtio-net | 887 | 534 | 0.60 |\n"
+                         "| RX | floor: read()/write() of each queue | 840 | 462 | 0.55 |\n"
+                         "| TX | virtio-net | 887 | 534 | 0.60 |\n"
+                         "| TX | floor: read()/write() of each queue | 840 | 462 | 0.55 |")
 
     def test_tables_put_the_no_guest_one_after_a_blank_line(self):
         self.assertEqual(tables(report()), GUEST_TABLE + "\n\n" + NO_GUEST_TABLE)
