@@ -198,7 +198,7 @@ pub fn assign_bars(
 
 /// A NIC model on its port, seen three ways: the PCI function the buses dispatch to, the
 /// workers the I/O threads drive (one per queue of the port), and its counters. One object,
-/// one lock.
+/// one lock (and one per port queue for its backend's system calls).
 struct NicParts {
     pci: Arc<Mutex<dyn PciDevice>>,
     workers: Vec<Subscriber>,

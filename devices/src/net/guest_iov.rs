@@ -186,9 +186,6 @@ pub fn recycle<'b>(mut v: Vec<IoSlice<'_>>) -> Vec<IoSlice<'b>> {
     v.into_iter().map(|_| unreachable!()).collect()
 }
 
-/// Writes bytes `from..from + len` of the concatenation of `parts` at guest `addr` (a
-/// received frame's pieces: the frame, padding, FCS, each written where it goes, not first
-/// gathered). False when part of it is not guest memory.
 /// Writes `bytes` at guest `addr` with one region lookup when they lie in one region (as a
 /// receive buffer does); false when part of them is not guest memory.
 #[inline]
@@ -196,6 +193,9 @@ pub fn write(mem: &GuestMemoryMmap, addr: GuestAddress, bytes: &[u8]) -> bool {
     write_parts(mem, &[bytes], 0, bytes.len(), addr)
 }
 
+/// Writes bytes `from..from + len` of the concatenation of `parts` at guest `addr` (a
+/// received frame's pieces: the frame, padding, FCS, each written where it goes, not first
+/// gathered). False when part of it is not guest memory.
 #[inline]
 pub fn write_parts(
     mem: &GuestMemoryMmap,

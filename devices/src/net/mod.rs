@@ -10,8 +10,7 @@ pub mod guest_iov;
 pub mod port;
 pub mod tx_stage;
 pub use port::{
-    BackendInterest, Flight, NetEvent, NetPort, Nic, NicControl, NicModel, Rx, RxFilter, RxState,
-    Sent,
+    BackendInterest, NetEvent, NetPort, Nic, NicControl, NicModel, Rx, RxFilter, RxState, Sent,
 };
 
 /// What every NIC model counts, for benchmarks and tests.

@@ -10,9 +10,12 @@
 //!
 //! The I/O threads drive a `Nic` through its [`QueueWorker`]s, one per port queue and each on
 //! a thread of its own (an event-manager subscriber); vCPU threads reach the same `Nic` as a
-//! PCI device. Both hold its mutex, except while a worker reads a readable backend's next
-//! batch ([`QueueIo`]: each queue's backend and stage have a lock of their own, taken under
-//! the NIC's or alone). These rules apply to all three models:
+//! PCI device. Both hold its mutex for the model's work. A worker lets it go for its queue's
+//! system calls: it reads a readable backend's next batch before it takes the lock, and sends
+//! the TX batch a model handed over for after its turn ([`NetPort::send_later`]) after it let
+//! the lock go. Each queue's backend and stage have a lock of their own ([`QueueIo`], taken
+//! under the NIC's or alone), so the queues of a multiqueue NIC make their system calls side
+//! by side. These rules apply to all three models:
 //!
 //! * **Burst**: one event delivers at most [`RX_BURST`] frames, then returns; the backend's fd
 //!   stays readable and the loop comes back after the other fds had their turn.
@@ -21,14 +24,16 @@
 //!   batch asks for no more frames than the guest has room for ([`NicModel::rx_room`]).
 //!   Frames that come alone are read one per turn, without a second read to find the
 //!   backend empty (`LONE_TURNS`).
-//!   virtio-net hands a batch of TX chains over at once ([`NetPort::send_batch`]) and returns
-//!   the chains when the backend took them; e1000 and rtl8139 copy their frames out, into the
-//!   port's outbox ([`NetPort::queue_frame`]), which goes at the end of the model's turn on
-//!   the I/O thread, one turn asked for by the first doorbell of a batch on a vCPU.
+//!   virtio-net hands a batch of TX chains over at once, to go after its turn
+//!   ([`NetPort::send_later`]), and returns the chains when the backend took them
+//!   ([`NicModel::tx_flown`]); e1000 and rtl8139 copy their frames out, into the port's
+//!   outbox ([`NetPort::queue_frame`]), which goes at the end of the model's turn on the I/O
+//!   thread, one turn asked for by the first doorbell of a batch on a vCPU.
 //! * **Interest**: the backend is watched for reading while the model's receiver is ready and
 //!   nothing waits in the stage (no buffers: frames wait in the backend; in nicvm only those of
-//!   a batch the guest turned out to have less room for than it seemed, [`RX_BATCH`] at most),
-//!   and for writing while a send was refused.
+//!   a batch the guest turned out to have less room for than it seemed, or read ahead just
+//!   before its receiver stopped, [`RX_BATCH`] at most), and for writing while a send was
+//!   refused.
 
 use super::{guest_iov, NicStats};
 use crate::pci::{PciConfig, PciDevice};
@@ -299,6 +304,9 @@ pub struct QueueIo {
     /// Frames the next turn's first read would ask for (0: the receiver wants none): what a
     /// read ahead of the NIC's lock may take. Set under the NIC's lock after every event.
     ahead: usize,
+    /// Counts the model's resets and errors ([`NetPort::forget_flights`]): a batch handed
+    /// over before one is not sent after it.
+    epoch: u64,
 }
 
 /// A lock held by a thread that panicked still guards whole data: every change under these
@@ -332,7 +340,9 @@ struct Outbox {
 /// the NIC's lock and then gives the model the backend's answer ([`NicModel::tx_flown`]); any
 /// other caller of the NIC sends it before it lets the lock go. One at a time per queue.
 #[derive(Default)]
-pub struct Flight {
+pub(crate) struct Flight {
+    /// The queue's [`QueueIo::epoch`] when the batch was handed over.
+    epoch: u64,
     /// The frames' pieces back to back, and where each frame ends in them.
     iov: Vec<IoSlice<'static>>,
     ends: Vec<usize>,
@@ -346,11 +356,23 @@ pub struct Flight {
 }
 
 impl Flight {
-    /// Sends the batch on `io`'s backend (the NIC's lock held or not).
-    pub fn send(&mut self, io: &Mutex<QueueIo>) {
+    /// Sends the batch on `io`'s backend (the NIC's lock held or not), unless the model
+    /// forgot it meanwhile (a reset: the guest may have its buffers back), when every frame
+    /// is answered as lost.
+    ///
+    /// # Safety
+    ///
+    /// The NIC the batch was handed to is alive (its model keeps the guest memory the
+    /// pieces lie in mapped; see [`NetPort::send_later`]).
+    pub(crate) unsafe fn send(&mut self, io: &Mutex<QueueIo>) {
         self.results.clear();
-        lock(io)
-            .backend
+        let mut io = lock(io);
+        if io.epoch != self.epoch {
+            let gone = || Err(io::Error::other("the device was reset"));
+            self.results.extend(self.ends.iter().map(|_| gone()));
+            return;
+        }
+        io.backend
             .send_batch(&self.iov, &self.ends, &mut self.results);
     }
 }
@@ -381,6 +403,8 @@ pub struct NetPort {
     batch_results: Vec<io::Result<()>>,
     batch_iov: Vec<IoSlice<'static>>,
     batch_ends: Vec<usize>,
+    /// [`NetPort::forget_flights`] was asked for.
+    forget: bool,
 }
 
 /// An empty virtio-net header for backends that need one in front of every frame.
@@ -407,6 +431,7 @@ impl NetPort {
                         backend,
                         rx: RxStage::new(),
                         ahead: 0,
+                        epoch: 0,
                     })),
                     tx_kick: EventFd::new(EFD_NONBLOCK)?,
                     rx_kick: EventFd::new(EFD_NONBLOCK)?,
@@ -433,6 +458,7 @@ impl NetPort {
             batch_results: Vec::new(),
             batch_iov: Vec::new(),
             batch_ends: Vec::new(),
+            forget: false,
         })
     }
 
@@ -655,8 +681,18 @@ impl NetPort {
         f.ends.clear();
         f.ends.extend_from_slice(ends);
         f.pending = true;
+        f.epoch = lock(&q.io).epoch;
         self.sends = self.sends.wrapping_add(ends.len() as u64);
         true
+    }
+
+    /// The model was reset (or stopped on an error): the batches it handed over and that are
+    /// not sent yet never will be, and one being sent now has gone before the NIC's caller
+    /// gets its answer (the register write that reset the device returns; the guest may then
+    /// take its buffers back). Done at the end of the model's turn, when no queue's lock is
+    /// held: the model may be in the middle of a receive here.
+    pub fn forget_flights(&mut self) {
+        self.forget = true;
     }
 
     /// Takes a frame the model made (a copy: its bytes are needed no longer than the call),
@@ -1081,6 +1117,13 @@ impl<M: NicModel> Nic<M> {
     /// gives the model the answers (each may hand over the next: a model's walk is bounded,
     /// and so is this).
     fn fly(&mut self, keep: Option<usize>) {
+        if std::mem::take(&mut self.port.forget) {
+            // Each queue's lock waits for a send in progress to end.
+            for pq in &self.port.queues {
+                let mut io = lock(&pq.io);
+                io.epoch = io.epoch.wrapping_add(1);
+            }
+        }
         for q in 0..self.port.queues.len() {
             if Some(q) == keep {
                 continue;
@@ -1090,7 +1133,8 @@ impl<M: NicModel> Nic<M> {
                 if !pq.flight.pending {
                     break;
                 }
-                pq.flight.send(&pq.io);
+                // SAFETY: the batch was handed to this NIC, which `self` is.
+                unsafe { pq.flight.send(&pq.io) };
                 self.flight_done(q);
             }
             if self.port.queues[q].flight.pending {
@@ -1103,7 +1147,7 @@ impl<M: NicModel> Nic<M> {
     /// Queue `q`'s batch handed over to go after the turn, if any, for its worker to send
     /// without the NIC's lock ([`Flight::send`]): no other batch goes on the queue until it
     /// comes back with [`Nic::answer_flight`].
-    pub fn take_flight(&mut self, q: usize) -> Option<Flight> {
+    pub(crate) fn take_flight(&mut self, q: usize) -> Option<Flight> {
         let slot = &mut self.port.queues.get_mut(q)?.flight;
         if !slot.pending {
             return None;
@@ -1116,7 +1160,7 @@ impl<M: NicModel> Nic<M> {
     /// Queue `q`'s batch back from its worker, sent: the model hears the answer, and the turn
     /// ends again (the answer may have handed over the next batch, which stays for the
     /// worker).
-    pub fn answer_flight(&mut self, q: usize, flight: Flight) {
+    pub(crate) fn answer_flight(&mut self, q: usize, flight: Flight) {
         let Some(pq) = self.port.queues.get_mut(q) else {
             return;
         };
@@ -1125,15 +1169,17 @@ impl<M: NicModel> Nic<M> {
         self.end_turn(Some(q));
     }
 
+    #[cfg(test)]
     /// Queue `q`'s backend and stage, as its worker holds them (for tests that play the
     /// worker).
-    pub fn queue_io(&self, q: usize) -> Option<Arc<Mutex<QueueIo>>> {
+    pub(crate) fn queue_io(&self, q: usize) -> Option<Arc<Mutex<QueueIo>>> {
         Some(self.port.queues.get(q)?.io.clone())
     }
 
+    #[cfg(test)]
     /// The work of a worker's turn of queue `q` up to where it lets the NIC's lock go (for
     /// tests that play the worker: then [`Nic::take_flight`]).
-    pub fn worker_turn(&mut self, q: usize, ev: NetEvent) {
+    pub(crate) fn worker_turn(&mut self, q: usize, ev: NetEvent) {
         let q = self.turn(q, ev);
         self.end_turn(Some(q));
     }
@@ -1165,6 +1211,9 @@ impl<M: NicModel> Nic<M> {
         f.away = false;
         pq.flight = f;
         self.model.tx_flown(&mut self.port, taken);
+        // The send may have found the peer gone (a stream backend's link goes down there),
+        // after the turn looked at the link.
+        self.check_link_of(q);
     }
 
     /// Handles the kicks that are pending on every queue, as the I/O thread would (for tests
@@ -1496,7 +1545,9 @@ impl<M: NicModel> QueueWorker<M> {
     /// room meanwhile; frames that find less wait in the stage, as those of any batch do).
     fn read_ahead(&self) {
         let mut io = lock(&self.io);
-        let QueueIo { backend, rx, ahead } = &mut *io;
+        let QueueIo {
+            backend, rx, ahead, ..
+        } = &mut *io;
         if *ahead == 0 || rx.waiting() || rx.read_ahead.is_some() {
             return;
         }
@@ -1741,7 +1792,8 @@ impl<M: NicModel> MutEventSubscriber for QueueWorker<M> {
                 break;
             };
             drop(nic);
-            flight.send(&self.io);
+            // SAFETY: `self.nic` keeps the NIC the batch was handed to alive.
+            unsafe { flight.send(&self.io) };
             nic = lock(&self.nic);
             nic.answer_flight(q, flight);
         }

@@ -11,13 +11,17 @@
 //! (Linux's driver spins for the answer).
 //!
 //! Register access (config space, common cfg, ISR, MSI-X) arrives on vCPU threads; queue work
-//! runs on the I/O thread, woken by the port's kicks (wired to the notify addresses through
-//! KVM ioeventfds). Both hold the device lock. A driver error sets DEVICE_NEEDS_RESET and
-//! stops the queues until the driver resets the device (virtio 1.0, 2.1.2).
+//! runs on the I/O thread of the pair's port queue, woken by the port's kicks (wired to the
+//! notify addresses through KVM ioeventfds). Both hold the device lock, but for the system
+//! calls: a TX batch goes after the device's turn, sent without the lock, and its answer
+//! returns the chains ([`NetPort::send_later`]); a reset or a device error forgets a batch
+//! out, which is then not sent. A driver error sets DEVICE_NEEDS_RESET and stops the queues
+//! until the driver resets the device (virtio 1.0, 2.1.2).
 //!
 //! A snapshot holds the common configuration, the ISR, the device config (MAC, link) and each
-//! queue's setup and ring positions; no descriptor chain is ever in flight at a save (see
-//! `VirtioNet::save_state`), so a restored device continues from the rings in guest RAM.
+//! queue's setup and ring positions; the chains of a TX batch out are saved as still
+//! available (see `VirtioNet::save_state`), so a restored device continues from the rings in
+//! guest RAM.
 
 use super::transport::*;
 use super::*;
@@ -348,18 +352,19 @@ impl VirtioNet {
         port.guest_error(format_args!("{what}; the device needs a reset"));
         self.status |= STATUS_DEVICE_NEEDS_RESET;
         self.active = false;
-        self.forget_tx_batches();
+        self.forget_tx_batches(port);
         self.isr |= 2;
         self.interrupt(self.msix_config);
     }
 
     /// The TX batches out are no longer the device's business (a reset, a device error): their
     /// answers, when they come, are not put into the rings.
-    fn forget_tx_batches(&mut self) {
+    fn forget_tx_batches(&mut self, port: &mut NetPort) {
         for run in &mut self.tx_runs {
             run.out = false;
             run.used = false;
         }
+        port.forget_flights();
     }
 
     fn reset(&mut self, port: &mut NetPort) {
@@ -377,7 +382,7 @@ impl VirtioNet {
         self.vectors.fill(VIRTIO_MSI_NO_VECTOR);
         self.bad_size.fill(false);
         self.active = false;
-        self.forget_tx_batches();
+        self.forget_tx_batches(port);
         self.curr_pairs = 1;
         self.rx_mode = RxMode::default();
         self.mac = self.configured_mac;
