@@ -411,12 +411,8 @@ fn virtio_net_multiqueue_on_a_multiqueue_tap() {
 
     // 32 flows (a socket each): the tap picks a queue per flow by its hash.
     g.wait_line("UDPLISTEN");
-    let to = format!("{ip}:7777");
-    let echoed = ns.udp_flows(to, 32);
-    assert_eq!(echoed, 32, "every datagram echoed intact");
-    assert_eq!(g.wait_line("UDPECHO")["datagrams"], "32");
-
-    exchange_8mib(&ns, &mut g, &ip, receiver);
+    // Looked at while the guest waits for the flows (after its last line nicvm may be
+    // stopping its threads already).
     let threads = g.thread_names();
     for t in ["io", "io1"] {
         assert!(
@@ -424,6 +420,12 @@ fn virtio_net_multiqueue_on_a_multiqueue_tap() {
             "no I/O thread {t}: {threads:?}"
         );
     }
+    let to = format!("{ip}:7777");
+    let echoed = ns.udp_flows(to, 32);
+    assert_eq!(echoed, 32, "every datagram echoed intact");
+    assert_eq!(g.wait_line("UDPECHO")["datagrams"], "32");
+
+    exchange_8mib(&ns, &mut g, &ip, receiver);
     let q = g.wait_queue_pairs(2);
     let irqs: std::collections::HashMap<&str, u64> = q["irqs"]
         .split(',')

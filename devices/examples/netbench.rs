@@ -183,19 +183,24 @@ struct TapSide {
     sock: RawFd,
 }
 
+/// Brings tap `name` up, without IPv6: its router solicitations would mix with the measured
+/// frames.
+fn bring_up(name: &str) {
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    let ok = std::process::Command::new("ip")
+        .args(["link", "set", name, "up"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        fail(format!("ip link set {name} up"));
+    }
+}
+
 impl TapSide {
     fn open(name: &'static str, vnet: bool) -> (Tap, TapSide) {
         let tap = Tap::open(name, Some(vnet))
             .unwrap_or_else(|e| fail(format!("tap {name} (vnet_hdr={vnet}): {e}")));
-        // No IPv6 on the tap: its router solicitations would mix with the measured frames.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-        let ok = std::process::Command::new("ip")
-            .args(["link", "set", name, "up"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            fail(format!("ip link set {name} up"));
-        }
+        bring_up(name);
         // SAFETY: dup of the tap's fd, for the floor measurements on the same queue.
         let fd = unsafe { libc::dup(tap.fd()) };
         let sock = injector(name);
@@ -1172,14 +1177,7 @@ fn two_queues(len: usize, rounds: usize) -> [Queues; 2] {
     let name = "nbmq";
     let taps = Tap::open_queues(name, Some(true), 2)
         .unwrap_or_else(|e| fail(format!("two-queue tap {name}: {e}")));
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-    let up = std::process::Command::new("ip")
-        .args(["link", "set", name, "up"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !up {
-        fail(format!("ip link set {name} up"));
-    }
+    bring_up(name);
     let side = TapSide {
         name,
         fd: -1,
