@@ -16,12 +16,14 @@ use crate::net::Sent;
 use net_backends::vnet::{VnetHdr, VIRTIO_NET_HDR_GSO_NONE, VNET_HDR_LEN};
 use std::io::IoSlice;
 
-/// Bytes of a frame copied out of guest memory to be read (and changed) by the offloads: the
-/// headers of any frame the context can describe (HDRLEN is one byte). The rest goes to the
-/// backend from where it lies, unless an offload must change it.
+/// Bytes of a frame copied out of guest memory first, to be read (and changed) by the
+/// offloads: the headers of any frame the context can describe (HDRLEN is one byte). The
+/// rest is taken from where it lies, unless an offload must change it.
 const TX_HEAD: usize = 256;
-/// Frames up to this long are copied out whole: below it one copy costs less than
-/// describing the pieces of guest memory to the kernel (measured with scripts/bench-net).
+/// Frames up to this long are copied into the port's outbox (from the copy of their headers
+/// and from guest memory): below it one copy costs less than describing the pieces of guest
+/// memory to the kernel (measured with scripts/bench-net). Longer ones go to the backend
+/// from guest memory.
 const TX_COPY_MAX: usize = 2048;
 
 /// What the descriptors of one frame asked for: the first one's type and options, the last
@@ -245,17 +247,18 @@ impl E1000 {
         let mut frame = std::mem::take(&mut self.tx_buf);
         // Not cleared first: the copy below overwrites every byte, and resizing from the last
         // frame's length zero-fills only what it grows by (not the whole frame each time).
-        frame.resize(if len > TX_COPY_MAX { TX_HEAD } else { len });
+        let head = TX_HEAD.min(len);
+        frame.resize(head);
         // The pieces were checked on the walk: the copies cannot fail.
         let mut ok = guest_iov::read_pieces(&self.mem, &pieces, 0, &mut frame);
         let mut r = None;
-        if ok && len > TX_COPY_MAX {
+        if ok {
             let (room, head) = frame.split();
             r = self.transmit_direct(port, room, head, &pieces, f);
-            if r.is_none() {
-                frame.resize(len);
-                ok = guest_iov::read_pieces(&self.mem, &pieces, TX_HEAD, &mut frame[TX_HEAD..]);
-            }
+        }
+        if ok && r.is_none() {
+            frame.resize(len);
+            ok = guest_iov::read_pieces(&self.mem, &pieces, head, &mut frame[head..]);
         }
         let r = match r {
             Some(r) => r,
@@ -475,8 +478,8 @@ impl E1000 {
         }
         let r = if !whole {
             Sent::Lost
-        } else if tail.is_empty() {
-            // A copy: it goes with the frames around it.
+        } else if len <= TX_COPY_MAX {
+            // Copied: it goes with the frames around it.
             port.queue_frame(offload, &iov)
         } else {
             port.send_frame(offload, room, &iov)

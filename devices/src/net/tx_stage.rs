@@ -1,9 +1,9 @@
 //! A frame a model copied out of guest memory, with room in front of it for the virtio-net
 //! header a backend carries: when the copy goes out at once (a large frame's copied headers,
 //! sent with the rest from guest memory), header and copy reach a tap as one piece (see
-//! [`super::NetPort::send_frame`]), which the kernel takes for less than two. A frame copied
-//! whole goes through the port's outbox instead ([`super::NetPort::queue_frame`]), which
-//! keeps its own copy, header in front.
+//! [`super::NetPort::send_frame`]), which the kernel takes for less than two. A small frame
+//! goes through the port's outbox instead ([`super::NetPort::queue_frame`]), which copies it
+//! there, header in front, from this copy of its headers and from guest memory.
 
 use net_backends::vnet::VNET_HDR_LEN;
 
@@ -47,13 +47,6 @@ impl TxStage {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// Puts `bytes` into the frame at `at` (at most its length), moving the rest back.
-    pub fn insert(&mut self, at: usize, bytes: &[u8]) {
-        self.make_room();
-        let at = VNET_HDR_LEN + at.min(self.len());
-        self.buf.splice(at..at, bytes.iter().copied());
-    }
-
     /// The room in front, and the frame.
     pub fn split(&mut self) -> (&mut [u8; VNET_HDR_LEN], &mut [u8]) {
         self.make_room();
@@ -85,18 +78,16 @@ mod tests {
         let mut s = TxStage::with_capacity(16);
         assert!(s.is_empty());
         s.extend_from_slice(b"abcdef");
-        s.insert(2, b"XY");
-        assert_eq!(&s[..], b"abXYcdef");
-        s.insert(100, b"!");
-        assert_eq!(&s[..], b"abXYcdef!");
+        s.extend_from_slice(b"!");
+        assert_eq!(&s[..], b"abcdef!");
         s.resize(3);
         s[0] = b'z';
-        assert_eq!(&s[..], b"zbX");
+        assert_eq!(&s[..], b"zbc");
         let start = s.as_ptr() as usize;
         let (room, frame) = s.split();
         *room = [7; VNET_HDR_LEN];
         assert_eq!(room.as_ptr_range().end as usize, start, "right in front");
-        assert_eq!(frame, b"zbX");
+        assert_eq!(frame, b"zbc");
         s.clear();
         assert!(s.is_empty());
         s.resize(2);
@@ -104,7 +95,7 @@ mod tests {
         // The stand-in without an allocation works as well.
         let mut d = TxStage::default();
         assert!(d.is_empty());
-        d.insert(0, b"ab");
+        d.extend_from_slice(b"ab");
         assert_eq!(&d[..], b"ab");
         let mut d = TxStage::default();
         assert_eq!(d.split().1, b"");

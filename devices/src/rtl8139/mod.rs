@@ -213,9 +213,6 @@ pub struct Rtl8139 {
     cp_tx_descs: Vec<(GuestAddress, u32)>,
     /// The C+ frame being gathered (or its first bytes), copied out of guest memory.
     tx_buf: TxStage,
-    /// A normal-mode slot's frame, copied out of guest memory (not `tx_buf`: a driver may
-    /// turn C+ off and send from a slot while a C+ frame is half gathered).
-    slot_buf: TxStage,
     /// The I/O vectors of the frame going out (kept for their allocation).
     tx_iov: Vec<IoSlice<'static>>,
     tx_scratch: Vec<u8>,
@@ -298,7 +295,6 @@ impl Rtl8139 {
             cp_tx_len: 0,
             cp_tx_descs: Vec::new(),
             tx_buf: TxStage::with_capacity(net_backends::MAX_FRAME),
-            slot_buf: TxStage::with_capacity(MAX_NORMAL_FRAME),
             tx_iov: Vec::new(),
             tx_scratch: Vec::with_capacity(2048),
             tx_backlog: VecDeque::new(),

@@ -336,7 +336,8 @@ fn cp_offloads_go_to_a_tap_with_a_vnet_header() {
 }
 
 /// A large frame leaves from the guest's buffers, its headers copied for the offloads; a
-/// full-size frame, and one with a tag to insert, are copied whole.
+/// full-size frame goes through the outbox (copied there from guest memory), and one whose
+/// offloads need all of it (a checksum with a tag to insert) is copied whole.
 #[test]
 fn cp_large_frames_leave_from_guest_memory() {
     let (mut d, peer) = cp_open_with(Capabilities {
@@ -354,26 +355,37 @@ fn cp_large_frames_leave_from_guest_memory() {
     assert_eq!((h.gso_type, h.csum_start, h.csum_offset), (0, 34, 16));
     assert!(checksums_ok(&g));
     assert_eq!(g[256..], c[256..]);
-    assert_eq!(
-        from_guest(&d),
-        2000,
-        "the first 1000 bytes copied as they came"
-    );
+    assert_eq!(from_guest(&d), 3000 - 256, "only the headers copied");
     d.cp_xmit(&[&c[..1514]], 0, 0);
     assert_eq!(peer.take_sent()[0][VNET_HDR_LEN..], c[..1514]);
     d.cp_xmit(&[&c], TX_IPCS | TX_TCPCS, TX_TAGC | 0x0560);
     assert_eq!(peer.take_sent()[0].len(), VNET_HDR_LEN + 3004);
     assert_eq!(from_guest(&d), 0);
-    assert_eq!(d.cp_tx_done().len(), 3 + 3 + 1 + 1);
+    // A tag to insert and no offload: the tag goes in as a piece of its own.
+    d.cp_xmit(&[&c], 0, TX_TAGC | 0x0560);
+    let s = &peer.take_sent()[0][VNET_HDR_LEN..];
+    assert_eq!(
+        (&s[..12], &s[12..16], &s[16..]),
+        (&c[..12], &[0x81, 0, 0x60, 0x05][..], &c[12..])
+    );
+    assert_eq!(from_guest(&d), 3000 - 256);
+    assert_eq!(d.cp_tx_done().len(), 3 + 3 + 1 + 1 + 1);
 }
 
 /// A frame's descriptors go back to the driver once the frame is sent, not before: the guest
-/// may reuse a buffer as soon as its descriptor is back, and the frame leaves from it.
+/// may reuse a buffer as soon as its descriptor is back, and the frame is read from it when
+/// it is whole (a small one as a large one).
 #[test]
 fn cp_descriptors_come_back_once_their_frame_is_sent() {
+    for len in [600, 5000] {
+        cp_descriptors_come_back_once_sent(len);
+    }
+}
+
+fn cp_descriptors_come_back_once_sent(len: usize) {
     let (mut d, peer) = cp_open();
-    let f = tcp4_frame(5000 - 54, false);
-    d.cp_queue(&[&f[..2100], &f[2100..]], 0, 0);
+    let f = tcp4_frame(len - 54, false);
+    d.cp_queue(&[&f[..len / 2], &f[len / 2..]], 0, 0);
     // The driver has not handed over the last descriptor yet.
     let (opts1, opts2, addr) = d.read_desc(TX_RING, 1);
     d.write_desc(TX_RING, 1, opts1 & !DESC_OWN, opts2, addr);

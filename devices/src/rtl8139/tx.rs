@@ -11,7 +11,7 @@ use crate::net::{offload, Sent};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
 use net_backends::Offloads;
 use std::io::IoSlice;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 
 // C+ descriptor opts1 bits shared by both rings.
 pub const DESC_OWN: u32 = 1 << 31;
@@ -41,69 +41,92 @@ pub(super) fn next_index(i: u16, opts1: u32) -> u16 {
     }
 }
 
-/// Bytes of a large C+ frame copied out of guest memory at least, for the offloads to read
-/// and change: its headers (Ethernet, a tag, IPv4 and TCP with options take at most 138). The
-/// rest goes to the backend from where it lies, unless an offload must change it.
+/// Bytes of a C+ frame copied out of guest memory first, for the offloads to read and
+/// change: its headers (Ethernet, a tag, IPv4 and TCP with options take at most 138). The
+/// rest is taken from where it lies, unless an offload must change it.
 const TX_HEAD: usize = 256;
-/// A frame's descriptors are copied as they come while it is no longer than this (below it
-/// one copy costs less than describing the pieces of guest memory to the kernel); the rest
-/// of a longer frame is sent from guest memory.
+/// Frames up to this long are copied into the port's outbox, from the model's copy of their
+/// headers and from guest memory (below it one copy costs less than describing the pieces
+/// of guest memory to the kernel); longer ones go to the backend from guest memory.
 const TX_COPY_MAX: usize = 2048;
 /// Buffers a frame may be sent from where they lie; a frame in more is copied (a tap's
 /// `writev` takes 1024 pieces at most; 8139cp uses one per page fragment, 18 at most).
 const MAX_PIECES: usize = 32;
+
+/// How [`Rtl8139::send_pieces`] sends a frame: with `hdr` for the peer's offloads, `tag`
+/// inserted after the addresses, and `room` the bytes in front of the frame's first piece
+/// for the port's header (see [`NetPort::send_frame`]).
+struct Out<'r> {
+    hdr: Option<VnetHdr>,
+    tag: Option<[u8; 4]>,
+    room: Option<&'r mut [u8; VNET_HDR_LEN]>,
+}
 
 impl Rtl8139 {
     fn tx_enabled(&self) -> bool {
         self.regs[CR] & CR_TE != 0
     }
 
-    /// Hands one frame to the port; when the backend is full the frame waits in the
-    /// backlog (the guest already counts it as sent) and transmit pauses until it drains.
-    fn send_frame(&mut self, port: &mut NetPort, frame: &[u8]) {
-        self.send_pieces(port, None, None, frame, &[], 0, frame.len());
+    /// Hands one frame to the port, `tag` inserted after its addresses; when the backend is
+    /// full the frame waits in the backlog (the guest already counts it as sent) and
+    /// transmit pauses until it drains.
+    fn send_frame(&mut self, port: &mut NetPort, frame: &[u8], tag: Option<[u8; 4]>) {
+        let out = Out {
+            hdr: None,
+            tag,
+            room: None,
+        };
+        self.send_pieces(port, out, frame, &[], 0, frame.len());
     }
 
-    /// Sends a frame of `len` bytes: `head`, then `tail` (guest memory) after its first `skip`
-    /// bytes; copied into the backlog when the backend is full. `room`: the bytes in front of
-    /// `head`, for the port's header (see [`NetPort::send_frame`]).
-    #[allow(clippy::too_many_arguments)]
+    /// Sends a frame of `len` bytes (the tag not counted): `head`, then `tail` (guest memory)
+    /// after its first `skip` bytes; copied into the port's outbox up to [`TX_COPY_MAX`]
+    /// bytes, past it sent from where it lies, and copied into the backlog when the backend
+    /// is full.
     fn send_pieces(
         &mut self,
         port: &mut NetPort,
-        hdr: Option<VnetHdr>,
-        room: Option<&mut [u8; VNET_HDR_LEN]>,
+        out: Out<'_>,
         head: &[u8],
         tail: &[Piece],
         skip: usize,
         len: usize,
     ) {
-        let wire = hdr.map_or(1, |h| offload::gso_frames(&h, len));
+        let wire = out.hdr.map_or(1, |h| offload::gso_frames(&h, len));
         self.tally.tx_ok = self.tally.tx_ok.wrapping_add(wire as u64);
-        if self.tx_backlog.is_empty() {
-            let r = if len == head.len() {
-                // A copy: it goes with the frames around it.
-                port.queue_frame(hdr.as_ref(), &[IoSlice::new(head)])
-            } else {
-                let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
-                iov.push(IoSlice::new(head));
-                // Checked on the walk: the pieces are guest memory.
-                let r = if guest_iov::push_pieces(&self.mem, tail, skip, &mut iov) {
-                    port.send_frame(hdr.as_ref(), room, &iov)
-                } else {
-                    Sent::Lost
-                };
-                self.tx_iov = guest_iov::recycle(iov);
-                r
-            };
-            if r != Sent::Blocked {
-                return;
-            }
+        let mut iov = guest_iov::recycle(std::mem::take(&mut self.tx_iov));
+        match &out.tag {
+            Some(tag) if head.len() >= 12 => iov.extend([
+                IoSlice::new(&head[..12]),
+                IoSlice::new(tag),
+                IoSlice::new(&head[12..]),
+            ]),
+            _ => iov.push(IoSlice::new(head)),
         }
-        let mut copy = head.to_vec();
-        copy.resize(len, 0);
-        guest_iov::read_pieces(&self.mem, tail, skip, &mut copy[head.len()..]);
-        self.tx_backlog.push_back((hdr, copy));
+        // Checked on the walk: the pieces are guest memory.
+        if !guest_iov::push_pieces(&self.mem, tail, skip, &mut iov) {
+            self.tx_iov = guest_iov::recycle(iov);
+            return;
+        }
+        let hdr = out.hdr.as_ref();
+        let r = if !self.tx_backlog.is_empty() {
+            Sent::Blocked
+        } else if len <= TX_COPY_MAX {
+            // Copied: it goes with the frames around it.
+            port.queue_frame(hdr, &iov)
+        } else if out.tag.is_some() {
+            port.send_frame(hdr, None, &iov)
+        } else {
+            port.send_frame(hdr, out.room, &iov)
+        };
+        if r == Sent::Blocked {
+            let mut copy = Vec::with_capacity(guest_iov::len(&iov));
+            for piece in &iov {
+                copy.extend_from_slice(piece);
+            }
+            self.tx_backlog.push_back((out.hdr, copy));
+        }
+        self.tx_iov = guest_iov::recycle(iov);
     }
 
     /// The backend may take frames again: the backlog first, then what waited behind it.
@@ -153,29 +176,24 @@ impl Rtl8139 {
             self.slot_aborted(slot);
             return;
         }
-        // Copied, not handed to the backend as it lies in guest memory: the copy goes into
-        // the port's outbox, with the frames around it.
-        let mut buf = std::mem::take(&mut self.slot_buf);
-        // Not cleared first: the copy below overwrites every byte (as in e1000's transmit).
-        buf.resize(size);
-        let (room, frame) = buf.split();
-        let ok = if self.mem.read_slice(frame, addr).is_err() {
+        if !guest_iov::is_memory(&self.mem, addr, size) {
             self.dma_error(
                 port,
                 &format!("TX slot {slot} buffer {addr:#x?} is outside guest memory"),
             );
-            false
-        } else {
-            true
-        };
-        if ok {
-            self.send_pieces(port, None, Some(room), frame, &[], 0, size);
-            self.tsd[slot] |= TSD_OWN | TSD_TOK;
-            self.raise(INT_TOK);
-        } else {
             self.slot_aborted(slot);
+            return;
         }
-        self.slot_buf = buf;
+        // Copied from guest memory into the port's outbox (a slot holds no more than
+        // TX_COPY_MAX bytes), to go with the frames around it.
+        let out = Out {
+            hdr: None,
+            tag: None,
+            room: None,
+        };
+        self.send_pieces(port, out, &[], &[(addr, size)], 0, size);
+        self.tsd[slot] |= TSD_OWN | TSD_TOK;
+        self.raise(INT_TOK);
     }
 
     /// A slot's frame could not be sent: the transmit aborts (TABT) with an error interrupt.
@@ -239,7 +257,7 @@ impl Rtl8139 {
                 self.cp_tx_drop = false;
             }
             let len = (opts1 & TX_LEN_MASK) as usize;
-            // Whether the frame will be sent from this descriptor's buffer where it lies.
+            // Whether the frame will be read from this descriptor's buffer once it is whole.
             let mut in_place = false;
             if self.cp_tx_len + len > net_backends::MAX_FRAME {
                 if !self.cp_tx_drop {
@@ -250,19 +268,11 @@ impl Rtl8139 {
                 self.cp_tx_pieces.clear();
                 self.cp_tx_len = 0;
             } else if !self.cp_tx_drop && len > 0 {
-                // Copied while the frame is small (as small frames are sent); past
-                // TX_COPY_MAX, where the rest lies.
+                // Read once the frame is whole (where it lies; its headers copied).
                 let addr = GuestAddress(buf);
-                in_place = !self.cp_tx_pieces.is_empty() || self.cp_tx_len + len > TX_COPY_MAX;
-                let ok = if in_place {
-                    self.cp_tx_pieces.push((addr, len));
-                    guest_iov::is_memory(&self.mem, addr, len)
-                } else {
-                    let start = self.tx_buf.len();
-                    self.tx_buf.resize(start + len);
-                    self.mem.read_slice(&mut self.tx_buf[start..], addr).is_ok()
-                };
-                if !ok {
+                in_place = true;
+                self.cp_tx_pieces.push((addr, len));
+                if !guest_iov::is_memory(&self.mem, addr, len) {
                     self.tx_dead = true;
                     self.dma_error(port, "TX buffer is outside guest memory");
                     break;
@@ -270,7 +280,7 @@ impl Rtl8139 {
                 self.cp_tx_len += len;
             }
             // Status write-back: the device owns nothing any more; command bits become
-            // (zero) status bits. A buffer the frame will be sent from comes back once the
+            // (zero) status bits. A buffer the frame will be read from comes back once the
             // frame is sent (the guest may reuse it as soon as it is back).
             let status = opts1 & (DESC_EOR | DESC_FS | DESC_LS | TX_LEN_MASK);
             if in_place {
@@ -321,8 +331,8 @@ impl Rtl8139 {
     }
 
     /// Applies the first descriptor's offload requests to the gathered frame and sends it:
-    /// a large frame whose offloads touch only its headers goes out from guest memory, its
-    /// first bytes copied; any other is copied out whole.
+    /// a frame whose offloads touch only its headers goes out from guest memory (into the
+    /// outbox or to the backend), its first bytes copied; any other is copied out whole.
     fn cp_send_offloaded(&mut self, port: &mut NetPort) {
         let len = self.cp_tx_len;
         let pieces = std::mem::take(&mut self.cp_tx_pieces);
@@ -338,7 +348,6 @@ impl Rtl8139 {
             // The pieces were checked on the walk: the copies cannot fail.
             let ok = guest_iov::read_pieces(&self.mem, &pieces, 0, &mut frame[copied..]);
             let direct = ok
-                && self.cp_tx_opts.1 & TX_TAGC == 0
                 && pieces.len() <= MAX_PIECES
                 && self.cp_send_direct(port, &mut frame, &pieces, skip, len);
             if ok && !direct {
@@ -366,8 +375,14 @@ impl Rtl8139 {
         len: usize,
     ) -> bool {
         let (room, head) = head.split();
+        let tag = self.tx_tag();
+        // A peer that takes offloads does not with a tag inserted here (which moves the
+        // offsets): a checksum or a large send then needs the whole frame.
+        let peer = match tag {
+            None => port.peer_offloads(),
+            Some(_) => Offloads::default(),
+        };
         let (opts1, _) = self.cp_tx_opts;
-        let peer = port.peer_offloads();
         let layers = offload::parse_head(head, len).filter(|a| a.ipv4);
         let mut hdr = None;
         if opts1 & TX_LGSEN != 0 {
@@ -396,25 +411,34 @@ impl Rtl8139 {
                 offload::fill_ipv4_checksum_head(head, len, &at);
             }
         }
-        self.send_pieces(port, hdr, Some(room), head, pieces, skip, len);
+        let out = Out {
+            hdr,
+            tag,
+            room: Some(room),
+        };
+        self.send_pieces(port, out, head, pieces, skip, len);
         true
+    }
+
+    /// The VLAN tag the frame's first descriptor asks to insert, as it goes on the wire.
+    fn tx_tag(&self) -> Option<[u8; 4]> {
+        let (_, opts2) = self.cp_tx_opts;
+        // The tag sits byte-swapped in the descriptor, as the driver put it.
+        let tci = (opts2 as u16).swap_bytes().to_be_bytes();
+        (opts2 & TX_TAGC != 0).then_some([0x81, 0x00, tci[0], tci[1]])
     }
 
     /// [`Self::cp_send_offloaded`] on a frame copied out whole.
     fn cp_send_copied(&mut self, port: &mut NetPort, frame: &mut TxStage) {
-        let (opts1, opts2) = self.cp_tx_opts;
-        if opts2 & TX_TAGC != 0 && frame.len() >= 12 {
-            // The tag sits byte-swapped in the descriptor, as the driver put it.
-            let tci = (opts2 as u16).swap_bytes().to_be_bytes();
-            frame.insert(12, &[0x81, 0x00, tci[0], tci[1]]);
-        }
+        let (opts1, _) = self.cp_tx_opts;
+        // The tag goes in as the frame (or each of its segments) leaves.
+        let tag = self.tx_tag();
         let layers = offload::parse(frame);
         // A peer that takes offloads (a tap with a virtio-net header) checksums and segments
         // the frame itself; not with a tag inserted here, which moves the offsets.
-        let peer = if opts2 & TX_TAGC == 0 {
-            port.peer_offloads()
-        } else {
-            Offloads::default()
+        let peer = match tag {
+            None => port.peer_offloads(),
+            Some(_) => Offloads::default(),
         };
         let mut hdr = None;
         let mut segmented = false;
@@ -427,7 +451,7 @@ impl Rtl8139 {
                 let mut scratch = std::mem::take(&mut self.tx_scratch);
                 let r: Result<bool, ()> =
                     offload::segment_tcp(frame, &at, mss, &mut scratch, |s| {
-                        self.send_frame(port, s);
+                        self.send_frame(port, s, tag);
                         Ok(())
                     });
                 segmented = r == Ok(true);
@@ -451,7 +475,12 @@ impl Rtl8139 {
         if !segmented {
             let (room, frame) = frame.split();
             let len = frame.len();
-            self.send_pieces(port, hdr, Some(room), frame, &[], 0, len);
+            let out = Out {
+                hdr,
+                tag,
+                room: Some(room),
+            };
+            self.send_pieces(port, out, frame, &[], 0, len);
         }
     }
 }
