@@ -339,6 +339,31 @@ fn xmit_plain_frame() {
     assert_eq!(r.r(GOTCL), (1500 + 4 + 64) as u32);
 }
 
+/// A frame of null descriptors (length 0) puts nothing on the wire, not even the padding
+/// PSP gives a short frame: its descriptor just comes back.
+#[test]
+fn null_descriptors_send_nothing() {
+    let mut r = opened();
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&0x1000u64.to_le_bytes());
+    d[11] = TXD_CMD_EOP | TXD_CMD_IFCS | TXD_CMD_RS;
+    let i = r.put_tx_desc(d);
+    r.kick_tx();
+    assert_eq!(r.r(TDH) as usize, r.tx_next());
+    let st: u8 = r
+        .mem
+        .read_obj(GuestAddress(TX_RING + 16 * i as u64 + 12))
+        .unwrap();
+    assert_ne!(st & TXD_STAT_DD, 0, "the descriptor came back");
+    assert!(r.peer.take_sent().is_empty());
+    assert_eq!((r.r(GPTC), r.r(TPT), r.r(GOTCL)), (0, 0, 0));
+    assert_eq!(r.dev.stats().tx_frames, 0);
+    // A frame after it goes as usual.
+    let f = eth(PEER, 0x0800, 100);
+    r.xmit_legacy(&f, None, None);
+    assert_eq!(r.peer.take_sent(), vec![f]);
+}
+
 #[test]
 fn xmit_checksum_offload() {
     let mut r = opened();

@@ -243,6 +243,9 @@ impl E1000 {
     /// the offloads asked for change nothing past the headers, else all of it copied out.
     fn transmit(&mut self, port: &mut NetPort, f: &FrameCmd) -> Tx {
         let len = self.tx_len;
+        if len == 0 {
+            return Tx::Done; // only null descriptors: nothing goes on the wire
+        }
         let pieces = std::mem::take(&mut self.tx_pieces);
         let mut frame = std::mem::take(&mut self.tx_buf);
         // Not cleared first: the copy below overwrites every byte, and resizing from the last
@@ -343,9 +346,6 @@ impl E1000 {
         frame: &mut [u8],
         f: &FrameCmd,
     ) -> Tx {
-        if frame.is_empty() {
-            return Tx::Done; // only null descriptors: nothing goes on the wire
-        }
         let vlan =
             (f.eop_cmd & TXD_CMD_VLE != 0 && self.reg(CTRL) & CTRL_VME != 0).then_some(f.special);
         let c = self.ctx;

@@ -211,7 +211,9 @@ pub struct Rtl8139 {
     /// Its descriptors, with the status each gets once the frame is sent (the guest may
     /// reuse a buffer as soon as its descriptor is back).
     cp_tx_descs: Vec<(GuestAddress, u32)>,
-    /// The C+ frame being gathered (or its first bytes), copied out of guest memory.
+    /// A C+ frame's first bytes copied out of guest memory for the offloads once it is
+    /// whole (or all of it, when an offload needs it); while a frame is gathered, the bytes
+    /// a snapshot of an earlier build had copied.
     tx_buf: TxStage,
     /// The I/O vectors of the frame going out (kept for their allocation).
     tx_iov: Vec<IoSlice<'static>>,

@@ -7,10 +7,11 @@
 //!
 //! * normal-mode slots the driver handed over that were not sent yet (`tx_waiting`): their
 //!   TSD still shows OWN clear, so they go out from guest memory after restore;
-//! * the C+ frame being gathered: the bytes already copied (their descriptors are back with
-//!   the driver, which may have reused the buffers), the buffers it will be sent from where
-//!   they lie and the descriptors whose write-back waits for the send (the driver cannot
-//!   reuse those until then).
+//! * the C+ frame being gathered: the buffers it will be read from once it is whole and the
+//!   descriptors whose write-back waits for the send (the driver cannot reuse those until
+//!   then). Snapshots of earlier builds, which copied a small frame's first descriptors as
+//!   they came and gave those back at once, also hold the bytes already copied; they are
+//!   still restored.
 //!
 //! Not saved: frames in `tx_backlog`. Their slots and descriptors were already reported done,
 //! so they are dropped, as a wire may drop a frame. The line level is not saved either: it is
@@ -24,8 +25,9 @@ use crate::net::guest_iov;
 use crate::snapshot::{deadline_from_ns, deadline_to_ns, RestoreError, State};
 use vm_memory::GuestAddress;
 
-/// Bytes of a C+ frame copied out of guest memory before the rest is sent from where it
-/// lies (the transmit path's TX_COPY_MAX): more cannot be in a saved frame.
+/// Bytes of a C+ frame copied out of guest memory as its descriptors came, in a snapshot of
+/// an earlier build (up to its TX_COPY_MAX; this one copies none while gathering): more
+/// cannot be in a saved frame.
 const MAX_COPIED: usize = 2048;
 
 #[derive(serde::Serialize, serde::Deserialize)]

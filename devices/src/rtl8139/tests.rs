@@ -384,7 +384,7 @@ fn cp_descriptors_come_back_once_their_frame_is_sent() {
 
 fn cp_descriptors_come_back_once_sent(len: usize) {
     let (mut d, peer) = cp_open();
-    let f = tcp4_frame(len - 54, false);
+    let mut f = tcp4_frame(len - 54, false);
     d.cp_queue(&[&f[..len / 2], &f[len / 2..]], 0, 0);
     // The driver has not handed over the last descriptor yet.
     let (opts1, opts2, addr) = d.read_desc(TX_RING, 1);
@@ -395,6 +395,12 @@ fn cp_descriptors_come_back_once_sent(len: usize) {
         d.cp_tx_done().is_empty(),
         "the first descriptor is still the device's"
     );
+    // Still the device's: what its buffer holds when the frame is whole is what goes.
+    let (_, _, first) = d.read_desc(TX_RING, 0);
+    f[60] ^= 0xff;
+    d.mem
+        .write_slice(&f[60..61], GuestAddress(first + 60))
+        .unwrap();
     d.write_desc(TX_RING, 1, opts1, opts2, addr);
     d.w8(TPPOLL, TPPOLL_NPQ);
     assert_eq!(peer.take_sent(), vec![f]);
@@ -610,6 +616,25 @@ fn cp_backend_backpressure_keeps_order() {
     for (i, s) in sent.iter().enumerate() {
         assert_eq!(*s, frame_to([0xff; 6], 100, i as u8));
     }
+    assert_eq!(d.cp_tx_done().len(), 3);
+}
+
+/// Frames with a tag to insert that wait for a full backend go out once each, tagged.
+#[test]
+fn cp_tagged_frames_wait_for_the_backend_whole() {
+    let (mut d, peer) = cp_open();
+    peer.set_blocked(true);
+    let small = frame_to([0xff; 6], 100, 1);
+    let large = frame_to([0xff; 6], 3000, 2);
+    d.cp_xmit(&[&small], 0, TX_TAGC | 0x0560);
+    d.cp_xmit(&[&large[..1000], &large[1000..]], 0, TX_TAGC | 0x0560);
+    assert!(peer.take_sent().is_empty());
+    peer.set_blocked(false);
+    d.pump();
+    let tagged = |f: &[u8]| [&f[..12], &[0x81, 0x00, 0x60, 0x05], &f[12..]].concat();
+    assert_eq!(peer.take_sent(), vec![tagged(&small), tagged(&large)]);
+    d.kicked();
+    assert!(peer.take_sent().is_empty());
     assert_eq!(d.cp_tx_done().len(), 3);
 }
 
