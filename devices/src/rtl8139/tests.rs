@@ -1126,6 +1126,41 @@ fn cp_a_flush_does_not_send_what_was_not_polled_for() {
     assert_eq!(peer.take_sent(), vec![second]);
 }
 
+/// An empty 32 KiB ring takes a burst of 21 full-size frames (what it holds) in one turn,
+/// where the room counted at the longest frame it accepts let 18 in; a frame after them waits
+/// for room, and so do longer frames than the room is counted at, none lost.
+#[test]
+fn too_takes_a_ring_of_full_frames_in_one_turn() {
+    let (mut d, peer) = too_open();
+    assert_eq!(d.dev.model.rx_room_for(64), 21);
+    for i in 0..22u8 {
+        peer.inject(&frame_to(MAC, 1514, i));
+    }
+    d.dev.handle(NetEvent::Backend);
+    let got = d.too_rx();
+    assert_eq!(got.len(), 21, "one turn fills the ring");
+    for (i, (_, f)) in got.iter().enumerate() {
+        assert_eq!(*f, frame_to(MAC, 1514, i as u8));
+    }
+    // The driver's CAPR write made room: the waiting frame follows on the kick.
+    d.kicked();
+    assert_eq!(d.too_rx()[0].1, frame_to(MAC, 1514, 21));
+    // Longer frames than the estimate counts with wait for room, and none is lost.
+    for i in 0..20u8 {
+        peer.inject(&frame_to(MAC, MAX_NORMAL_FRAME, i));
+    }
+    let mut seen = 0;
+    for _ in 0..10 {
+        d.pump();
+        d.kicked();
+        for (_, f) in d.too_rx() {
+            assert_eq!(f, frame_to(MAC, MAX_NORMAL_FRAME, seen as u8));
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 20);
+}
+
 /// On a ring of four descriptors the guest has room for four frames, however many are
 /// asked for: counting stops where the ring comes round.
 #[test]
