@@ -266,8 +266,12 @@ pub fn connect_retry(addr: &str) -> std::net::TcpStream {
     }
 }
 
-/// `key=value` fields of a NICVM line's rest, plus "_" for the whole rest.
+/// `key=value` fields of a NICVM line's rest, plus "_" for the whole rest. A kernel message
+/// the console printed into the line before its end (`[   16.943283] reboot: ...`: printk
+/// writes to the UART while the tail of a program's line still waits in the tty's buffer)
+/// is cut off.
 pub fn fields(rest: &str) -> HashMap<String, String> {
+    let rest = &rest[..kernel_message_at(rest).unwrap_or(rest.len())];
     let mut m: HashMap<String, String> = rest
         .split_whitespace()
         .filter_map(|kv| kv.split_once('='))
@@ -275,4 +279,18 @@ pub fn fields(rest: &str) -> HashMap<String, String> {
         .collect();
     m.insert("_".into(), rest.trim().to_string());
     m
+}
+
+/// Where a kernel message's timestamp (`[` spaces, seconds `.` fraction `]`) begins in `line`.
+fn kernel_message_at(line: &str) -> Option<usize> {
+    line.match_indices('[').map(|(i, _)| i).find(|&i| {
+        let stamp = line[i + 1..].trim_start_matches(' ');
+        let Some((secs, rest)) = stamp.split_once('.') else {
+            return false;
+        };
+        let frac = rest.split_once(']').map(|(f, _)| f);
+        !secs.is_empty()
+            && secs.bytes().all(|b| b.is_ascii_digit())
+            && frac.is_some_and(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
