@@ -62,6 +62,17 @@ struct Out<'r> {
     room: Option<&'r mut [u8; VNET_HDR_LEN]>,
 }
 
+impl Out<'_> {
+    /// No offloads and no room, `tag` inserted if any.
+    fn plain(tag: Option<[u8; 4]>) -> Out<'static> {
+        Out {
+            hdr: None,
+            tag,
+            room: None,
+        }
+    }
+}
+
 impl Rtl8139 {
     fn tx_enabled(&self) -> bool {
         self.regs[CR] & CR_TE != 0
@@ -71,12 +82,7 @@ impl Rtl8139 {
     /// full the frame waits in the backlog (the guest already counts it as sent) and
     /// transmit pauses until it drains.
     fn send_frame(&mut self, port: &mut NetPort, frame: &[u8], tag: Option<[u8; 4]>) {
-        let out = Out {
-            hdr: None,
-            tag,
-            room: None,
-        };
-        self.send_pieces(port, out, frame, &[], 0, frame.len());
+        self.send_pieces(port, Out::plain(tag), frame, &[], 0, frame.len());
     }
 
     /// Sends a frame of `len` bytes (the tag not counted): `head`, then `tail` (guest memory)
@@ -186,12 +192,7 @@ impl Rtl8139 {
         }
         // Copied from guest memory into the port's outbox (a slot holds no more than
         // TX_COPY_MAX bytes), to go with the frames around it.
-        let out = Out {
-            hdr: None,
-            tag: None,
-            room: None,
-        };
-        self.send_pieces(port, out, &[], &[(addr, size)], 0, size);
+        self.send_pieces(port, Out::plain(None), &[], &[(addr, size)], 0, size);
         self.tsd[slot] |= TSD_OWN | TSD_TOK;
         self.raise(INT_TOK);
     }
@@ -376,12 +377,8 @@ impl Rtl8139 {
     ) -> bool {
         let (room, head) = head.split();
         let tag = self.tx_tag();
-        // A peer that takes offloads does not with a tag inserted here (which moves the
-        // offsets): a checksum or a large send then needs the whole frame.
-        let peer = match tag {
-            None => port.peer_offloads(),
-            Some(_) => Offloads::default(),
-        };
+        // A checksum or a large send the peer cannot take needs the whole frame.
+        let peer = self.tx_peer(port);
         let (opts1, _) = self.cp_tx_opts;
         let layers = offload::parse_head(head, len).filter(|a| a.ipv4);
         let mut hdr = None;
@@ -420,6 +417,15 @@ impl Rtl8139 {
         true
     }
 
+    /// The offloads a peer takes for this frame: those of a tap with a virtio-net header,
+    /// unless a tag inserted here moves the offsets.
+    fn tx_peer(&self, port: &NetPort) -> Offloads {
+        match self.tx_tag() {
+            None => port.peer_offloads(),
+            Some(_) => Offloads::default(),
+        }
+    }
+
     /// The VLAN tag the frame's first descriptor asks to insert, as it goes on the wire.
     fn tx_tag(&self) -> Option<[u8; 4]> {
         let (_, opts2) = self.cp_tx_opts;
@@ -434,12 +440,8 @@ impl Rtl8139 {
         // The tag goes in as the frame (or each of its segments) leaves.
         let tag = self.tx_tag();
         let layers = offload::parse(frame);
-        // A peer that takes offloads (a tap with a virtio-net header) checksums and segments
-        // the frame itself; not with a tag inserted here, which moves the offsets.
-        let peer = match tag {
-            None => port.peer_offloads(),
-            Some(_) => Offloads::default(),
-        };
+        // A peer that takes offloads checksums and segments the frame itself.
+        let peer = self.tx_peer(port);
         let mut hdr = None;
         let mut segmented = false;
         if opts1 & TX_LGSEN != 0 {
