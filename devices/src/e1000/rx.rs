@@ -2,8 +2,10 @@
 
 use super::desc::{RxDesc, RX_WRITEBACK_OFFSET};
 use super::*;
+use crate::net::fcs::{self, FCS_LEN};
 use crate::net::guest_iov::{self, Ring};
-use crate::net::offload::{self, IPPROTO_UDP};
+use crate::net::offload::{self, Layers, IPPROTO_UDP};
+use std::ops::Range;
 use vm_memory::ByteValued;
 
 /// Shortest frame on the wire without its FCS.
@@ -120,12 +122,18 @@ impl E1000 {
             (frame, &[][..])
         };
         let pad = &ZEROS[..MIN_FRAME.saturating_sub(head.len() + tail.len())];
-        let fcs = if rctl & RCTL_SECRC == 0 {
-            crc32(&[head, tail, pad]).to_le_bytes()
-        } else {
-            [0; 4]
+        // The transport segment whose checksum RXCSUM asks to verify is summed in the FCS's
+        // pass over the frame, when the frame goes to the guest as it came.
+        let at = self.rx_csum_layers(frame);
+        let segment = at.as_ref().and_then(|at| self.rx_l4_segment(frame, at));
+        let with_fcs = rctl & RCTL_SECRC == 0;
+        let (fcs, l4_sum) = match (with_fcs, strip || !pad.is_empty()) {
+            (true, false) => fcs::crc_and_sum(frame, segment),
+            (true, true) => (crc32(&[head, tail, pad]), None),
+            (false, _) => (0, None),
         };
-        let fcs = &fcs[..if rctl & RCTL_SECRC == 0 { 4 } else { 0 }];
+        let fcs = fcs.to_le_bytes();
+        let fcs = &fcs[..if with_fcs { FCS_LEN } else { 0 }];
         let parts = [head, tail, pad, fcs];
         let total: usize = parts.iter().map(|p| p.len()).sum();
 
@@ -153,7 +161,7 @@ impl E1000 {
             return Rx::NoRoom;
         }
 
-        let (mut status, errors) = self.rx_checksum(frame);
+        let (mut status, errors) = self.rx_checksum(frame, at.as_ref(), l4_sum);
         let mut special = 0;
         if strip {
             status |= RXD_STAT_VP;
@@ -258,27 +266,41 @@ impl E1000 {
         self.reg(MTA + 4 * (hash as usize >> 5)) & (1 << (hash & 31)) != 0
     }
 
-    /// Status and error bits for RXCSUM: IPv4 header and TCP/UDP checksums verified.
-    fn rx_checksum(&self, frame: &[u8]) -> (u8, u8) {
+    /// The layers of an IPv4 frame, when RXCSUM asks for its checksums to be verified.
+    fn rx_csum_layers(&self, frame: &[u8]) -> Option<Layers> {
+        if self.reg(RXCSUM) & (RXCSUM_IPOFL | RXCSUM_TUOFL) == 0 {
+            return None;
+        }
+        offload::parse(frame).filter(|a| a.ipv4)
+    }
+
+    /// Where the transport checksum RXCSUM.TUOFL asks to verify is summed: none for a UDP
+    /// datagram sent without one (a zero checksum means none was computed).
+    fn rx_l4_segment(&self, frame: &[u8], at: &Layers) -> Option<Range<usize>> {
+        let udp_unchecked = at.proto == IPPROTO_UDP && be16(frame, at.l4 + 6) == Some(0);
+        (self.reg(RXCSUM) & RXCSUM_TUOFL != 0 && !udp_unchecked).then_some(at.l4..at.end)
+    }
+
+    /// Status and error bits for RXCSUM: IPv4 header and TCP/UDP checksums verified (`at`
+    /// from [`Self::rx_csum_layers`]; `l4_sum` the segment's sum, when already taken).
+    fn rx_checksum(&self, frame: &[u8], at: Option<&Layers>, l4_sum: Option<u64>) -> (u8, u8) {
         let rxcsum = self.reg(RXCSUM);
         if rxcsum & (RXCSUM_IPOFL | RXCSUM_TUOFL) == 0 {
             return (RXD_STAT_IXSM, 0);
         }
-        let Some(at) = offload::parse(frame).filter(|a| a.ipv4) else {
+        let Some(at) = at else {
             return (0, 0);
         };
         let (mut status, mut errors) = (0, 0);
         if rxcsum & RXCSUM_IPOFL != 0 {
             status |= RXD_STAT_IPCS;
-            if !offload::ipv4_header_ok(frame, &at) {
+            if !offload::ipv4_header_ok(frame, at) {
                 errors |= RXD_ERR_IPE;
             }
         }
-        // A zero UDP checksum means none was computed: nothing to report.
-        let udp_unchecked = at.proto == IPPROTO_UDP && be16(frame, at.l4 + 6) == Some(0);
-        if rxcsum & RXCSUM_TUOFL != 0 && !udp_unchecked {
+        if self.rx_l4_segment(frame, at).is_some() {
             status |= RXD_STAT_TCPCS;
-            if !offload::l4_checksum_ok(frame, &at) {
+            if !offload::l4_summed_ok(frame, at, l4_sum) {
                 errors |= RXD_ERR_TCPE;
             }
         }

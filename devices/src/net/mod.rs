@@ -1,11 +1,13 @@
 //! The network side of the NIC models: the port they share ([`port`]), their counters, the
 //! one-shot timer they use for interrupt mitigation and delayed work, the offloads done in
-//! "hardware" ([`offload`]) and the buffer a model copies a frame into ([`tx_stage`]).
+//! "hardware" ([`offload`]), the buffer a model copies a frame into ([`tx_stage`]) and the
+//! sums over a received frame ([`fcs`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
+pub mod fcs;
 pub mod guest_iov;
 pub mod port;
 pub mod tx_stage;

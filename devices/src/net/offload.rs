@@ -201,6 +201,12 @@ pub fn ipv4_header_ok(frame: &[u8], at: &Layers) -> bool {
 /// Whether a received TCP/UDP checksum verifies, pseudo-header included. A zero UDP checksum
 /// over IPv4 means "none" and passes.
 pub fn l4_checksum_ok(frame: &[u8], at: &Layers) -> bool {
+    l4_summed_ok(frame, at, None)
+}
+
+/// [`l4_checksum_ok`] with the sum of the segment (`frame[at.l4..at.end]`, as [`ones_sum`]
+/// gives it) already taken, when `sum` holds it.
+pub fn l4_summed_ok(frame: &[u8], at: &Layers, sum: Option<u64>) -> bool {
     if !at.fit(frame) {
         return false;
     }
@@ -208,7 +214,8 @@ pub fn l4_checksum_ok(frame: &[u8], at: &Layers) -> bool {
         return true;
     }
     let l4_len = at.end - at.l4;
-    fold(pseudo_sum(frame, at, l4_len) + ones_sum(&frame[at.l4..at.end])) == 0xffff
+    let sum = sum.unwrap_or_else(|| ones_sum(&frame[at.l4..at.end]));
+    fold(pseudo_sum(frame, at, l4_len) + sum) == 0xffff
 }
 
 /// Where the host kernel accepts a checksum to start at the earliest (an IPv4 header's length).

@@ -7,8 +7,10 @@
 use super::desc::{CpDesc, RxHeader};
 use super::tx::{next_index, CP_RING_MAX, DESC_EOR, DESC_FS, DESC_LS, DESC_OWN, DESC_SIZE};
 use super::*;
+use crate::net::fcs;
 use crate::net::guest_iov::{self, Ring};
-use crate::net::offload;
+use crate::net::offload::{self, Layers};
+use std::ops::Range;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 // Normal-mode packet header status (RSR).
@@ -192,11 +194,26 @@ impl Rtl8139 {
     /// What the wire adds to `frame`: the padding up to the shortest frame, and the CRC
     /// over frame and padding.
     fn wire_tail(frame: &[u8]) -> (&'static [u8], [u8; CRC_LEN]) {
+        let (pad, crc, _) = Self::wire_tail_summed(frame, None);
+        (pad, crc)
+    }
+
+    /// [`Self::wire_tail`], and the sum of `frame[segment]` (as `offload::ones_sum` gives
+    /// it) taken in the same pass over the frame.
+    fn wire_tail_summed(
+        frame: &[u8],
+        segment: Option<Range<usize>>,
+    ) -> (&'static [u8], [u8; CRC_LEN], Option<u64>) {
         let pad = &ZEROS[..ETH_ZLEN.saturating_sub(frame.len())];
+        if pad.is_empty() {
+            let (crc, sum) = fcs::crc_and_sum(frame, segment);
+            return (pad, crc.to_le_bytes(), sum);
+        }
         let mut crc = crc32fast::Hasher::new();
         crc.update(frame);
         crc.update(pad);
-        (pad, crc.finalize().to_le_bytes())
+        let sum = segment.and_then(|r| frame.get(r)).map(offload::ones_sum);
+        (pad, crc.finalize().to_le_bytes(), sum)
     }
 
     // ---- normal mode: the ring buffer -------------------------------------------------
@@ -288,10 +305,14 @@ impl Rtl8139 {
             Class::Multicast => RX_MAR,
             Class::Physical => RX_PAM,
         };
+        // The transport segment's sum for the checksum status is taken in the CRC's pass.
+        let at = (cpcr & CPCR_RXCHKSUM != 0)
+            .then(|| offload::parse(body).filter(|a| a.ipv4))
+            .flatten();
+        let (pad, crc, l4_sum) = Self::wire_tail_summed(body, at.as_ref().map(|a| a.l4..a.end));
         if cpcr & CPCR_RXCHKSUM != 0 {
-            status |= checksum_status(body);
+            status |= checksum_status(body, at.as_ref(), l4_sum);
         }
-        let (pad, crc) = Self::wire_tail(body);
         let r = self.cp_place(port, &[body, pad, &crc], status, opts2);
         self.rx_scratch = untagged;
         r
@@ -379,17 +400,18 @@ impl Rtl8139 {
     }
 }
 
-/// The C+ receive checksum status: protocol ID and failure bits for IPv4 frames.
-fn checksum_status(frame: &[u8]) -> u32 {
-    let Some(at) = offload::parse(frame).filter(|a| a.ipv4) else {
+/// The C+ receive checksum status: protocol ID and failure bits for IPv4 frames (`at` the
+/// frame's layers when it is one, `l4_sum` its transport segment's sum when already taken).
+fn checksum_status(frame: &[u8], at: Option<&Layers>, l4_sum: Option<u64>) -> u32 {
+    let Some(at) = at else {
         return 0;
     };
-    let mut st = if offload::ipv4_header_ok(frame, &at) {
+    let mut st = if offload::ipv4_header_ok(frame, at) {
         0
     } else {
         RX_IPF
     };
-    let l4_ok = offload::l4_checksum_ok(frame, &at);
+    let l4_ok = offload::l4_summed_ok(frame, at, l4_sum);
     st |= match at.proto {
         offload::IPPROTO_TCP => RX_PID_TCP | if l4_ok { 0 } else { RX_TCPF },
         offload::IPPROTO_UDP => RX_PID_UDP | if l4_ok { 0 } else { RX_UDPF },

@@ -509,6 +509,40 @@ fn cp_receive_checksum_status() {
     assert_eq!(got[1].0 & (3 << 16 | RX_TCPF), RX_PID_TCP | RX_TCPF);
 }
 
+/// Full-size frames, whose transport sum is taken in the CRC's pass (on CPUs with the wide
+/// kernel): a byte flipped anywhere in the segment, or two bytes swapped, is reported.
+#[test]
+fn cp_full_size_checksums_are_verified_in_the_crc_pass() {
+    let (mut d, peer) = cp_open();
+    for payload in [1460, 1459, 700] {
+        let mut good = tcp4_frame(payload, false);
+        good[..6].copy_from_slice(&MAC);
+        let at = offload::parse(&good).unwrap();
+        offload::fill_ipv4_checksum(&mut good, &at);
+        offload::fill_l4_checksum(&mut good, &at);
+        let mut frames = vec![good.clone()];
+        for i in [40, 54, 700, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            frames.push(bad);
+        }
+        let mut swapped = good.clone();
+        swapped.swap(100, 101);
+        frames.push(swapped);
+        for f in &frames {
+            peer.inject(f);
+        }
+        d.pump();
+        let got = d.cp_rx();
+        assert_eq!(got.len(), frames.len());
+        assert_eq!(got[0].0 & (3 << 16 | RX_TCPF | RX_IPF), RX_PID_TCP);
+        for (i, g) in got.iter().enumerate().skip(1) {
+            assert_eq!(g.0 & RX_TCPF, RX_TCPF, "{payload}: frame {i}");
+            assert_eq!(g.2, frames[i]);
+        }
+    }
+}
+
 #[test]
 fn cp_full_ring_stalls_then_resumes_without_loss() {
     let (mut d, peer) = cp_open();

@@ -1,0 +1,303 @@
+//! What e1000 and rtl8139 compute over a received frame before the guest sees it: the frame
+//! check sequence the wire carried after it (a CRC-32, IEEE 802.3) and, for the checksum
+//! status they report, the ones'-complement sum of its transport segment. Both from one pass
+//! over the frame where the CPU allows.
+//!
+//! The CRC is the reflected one of the polynomial 0x04C11DB7 that `crc32fast` computes. When
+//! a segment's sum is wanted too and the CPU has AVX-512 and VPCLMULQDQ, a frame of
+//! [`WIDE_MIN`] bytes or more is folded 64 bytes at a time by carry-less multiplication (the
+//! folding method of Gopal et al., "Fast CRC Computation for Generic Polynomials Using
+//! PCLMULQDQ", Intel, 2009), and the blocks loaded for the CRC that lie inside the segment
+//! are added to the sum as they pass; the last bytes of the CRC and the segment's ends
+//! outside whole blocks go through `crc32fast` and [`ones_sum`]. Otherwise, and for the CRC
+//! alone, `crc32fast` and [`ones_sum`] make two passes.
+//!
+//! Measured here (an AMD EPYC, whose AVX-512 units are 256 bits wide), 1514 bytes in cache:
+//! the one pass about 70 ns, `crc32fast` alone about 65 and [`ones_sum`] of the segment about
+//! 34. The folding waits on its multiplications, and the sum fills that time; the CRC alone
+//! is no faster folded this way than through `crc32fast`.
+
+use super::offload::ones_sum;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Bytes of the frame check sequence.
+pub const FCS_LEN: usize = 4;
+
+/// Frames shorter than this take the two passes: the vector set-up costs more than it saves.
+pub const WIDE_MIN: usize = 256;
+
+/// Frames longer than this take the two passes: the kernel's sum would overflow at 2 MiB.
+const WIDE_MAX: usize = 1 << 20;
+
+/// The CRC-32 of `data` (0 before any byte), as the wire carries it after a frame.
+pub fn crc(data: &[u8]) -> u32 {
+    crc32fast::hash(data)
+}
+
+/// The CRC-32 of `frame` and, for `sum`, the ones'-complement sum of `frame[sum]` as
+/// [`ones_sum`] gives it (partly folded). A range outside the frame sums what of it the frame
+/// holds.
+pub fn crc_and_sum(frame: &[u8], sum: Option<Range<usize>>) -> (u32, Option<u64>) {
+    let sum = sum.map(|r| {
+        let end = r.end.min(frame.len());
+        r.start.min(end)..end
+    });
+    let wide = (WIDE_MIN..=WIDE_MAX).contains(&frame.len()) && wide();
+    match sum {
+        // An odd start would pair the bytes of the blocks the other way round.
+        Some(r) if wide && r.start % 2 == 0 => {
+            let (lo, hi) = (r.start.next_multiple_of(64), r.end & !63);
+            // SAFETY: `wide` found the CPU features the kernel needs.
+            let (crc, blocks) = unsafe { x86::crc_and_sum(frame, lo, hi) };
+            let s = if lo < hi {
+                // Every piece starts at an even offset of the segment, so its words pair as
+                // the segment's do.
+                blocks + ones_sum(&frame[r.start..lo]) + ones_sum(&frame[hi..r.end])
+            } else {
+                ones_sum(&frame[r])
+            };
+            (crc, Some(s))
+        }
+        r => (crc(frame), r.map(|r| ones_sum(&frame[r]))),
+    }
+}
+
+/// The folding kernel can run here.
+fn wide() -> bool {
+    static WIDE: OnceLock<bool> = OnceLock::new();
+    *WIDE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("vpclmulqdq")
+                && std::arch::is_x86_feature_detected!("pclmulqdq")
+                && std::arch::is_x86_feature_detected!("sse4.1")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    pub unsafe fn crc_and_sum(_: &[u8], _: usize, _: usize) -> (u32, u64) {
+        unreachable!("wide() is false off x86_64")
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::offload::fold;
+    use std::arch::x86_64::*;
+
+    /// The CRC's generator polynomial with its x^32 term.
+    const POLY: u64 = 0x1_04C1_1DB7;
+
+    /// x^n mod POLY (bit i the coefficient of x^i).
+    const fn xpow_mod(n: u32) -> u32 {
+        let mut r: u64 = 1;
+        let mut i = 0;
+        while i < n {
+            r <<= 1;
+            if r & (1 << 32) != 0 {
+                r ^= POLY;
+            }
+            i += 1;
+        }
+        r as u32
+    }
+
+    /// The folding constant for x^n, in the bit-reflected form the reflected CRC folds with.
+    const fn k(n: u32) -> i64 {
+        ((xpow_mod(n).reverse_bits() as u64) << 1) as i64
+    }
+
+    /// Constants that move a 128-bit lane `D` bits on: the low half of a lane is multiplied
+    /// by x^(D+32), the high half by x^(D-32) (reduced).
+    struct Fold<const D: u32>;
+    impl<const D: u32> Fold<D> {
+        const LO: i64 = k(D + 32);
+        const HI: i64 = k(D - 32);
+    }
+
+    macro_rules! k512 {
+        ($d:expr) => {
+            _mm512_set_epi64(
+                Fold::<$d>::HI,
+                Fold::<$d>::LO,
+                Fold::<$d>::HI,
+                Fold::<$d>::LO,
+                Fold::<$d>::HI,
+                Fold::<$d>::LO,
+                Fold::<$d>::HI,
+                Fold::<$d>::LO,
+            )
+        };
+    }
+    macro_rules! k128 {
+        ($d:expr) => {
+            _mm_set_epi64x(Fold::<$d>::HI, Fold::<$d>::LO)
+        };
+    }
+
+    /// Each lane of `a` moved on by the distance `k` stands for, added to `b`.
+    #[inline]
+    #[target_feature(enable = "avx512f,vpclmulqdq")]
+    fn fold512(a: __m512i, b: __m512i, k: __m512i) -> __m512i {
+        let lo = _mm512_clmulepi64_epi128(a, k, 0x00);
+        let hi = _mm512_clmulepi64_epi128(a, k, 0x11);
+        _mm512_ternarylogic_epi64(lo, hi, b, 0x96) // lo ^ hi ^ b
+    }
+
+    #[inline]
+    #[target_feature(enable = "pclmulqdq,sse4.1")]
+    fn fold128(a: __m128i, b: __m128i, k: __m128i) -> __m128i {
+        let lo = _mm_clmulepi64_si128(a, k, 0x00);
+        let hi = _mm_clmulepi64_si128(a, k, 0x11);
+        _mm_xor_si128(_mm_xor_si128(lo, hi), b)
+    }
+
+    /// The CRC-32 of `data` (at least 256 bytes) and the ones'-complement sum (partly folded,
+    /// words big-endian) of its 64-byte blocks, counted from its start, that lie in
+    /// `[lo, hi)` (both multiples of 64; none when `lo >= hi`).
+    ///
+    /// # Safety
+    ///
+    /// The CPU has the features enabled here.
+    #[target_feature(enable = "avx512f,vpclmulqdq,pclmulqdq,sse4.1")]
+    pub unsafe fn crc_and_sum(data: &[u8], lo: usize, hi: usize) -> (u32, u64) {
+        let n = data.len();
+        assert!(n >= super::WIDE_MIN);
+        let low16 = _mm512_set1_epi32(0xffff);
+        // The blocks' 16-bit words in native order, two to each 32-bit lane: a lane takes
+        // 2 * 0xffff a block, so it holds the sum of 2^15 blocks (2 MiB) before it overflows.
+        let mut sum = _mm512_setzero_si512();
+        let mut load = |o: usize| {
+            let block = &data[o..o + 64];
+            // SAFETY: `block` is 64 readable bytes; the load takes them unaligned.
+            let v = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
+            if o >= lo && o + 64 <= hi {
+                let words = _mm512_add_epi32(_mm512_and_si512(v, low16), _mm512_srli_epi32(v, 16));
+                sum = _mm512_add_epi32(sum, words);
+            }
+            v
+        };
+        // Four accumulators over 256-byte blocks; the CRC's initial all-ones register goes
+        // into the first.
+        let init = _mm512_castsi128_si512(_mm_cvtsi32_si128(!0));
+        let mut v = [load(0), load(64), load(128), load(192)];
+        v[0] = _mm512_xor_si512(v[0], init);
+        let mut o = 256;
+        while o + 256 <= n {
+            for (i, acc) in v.iter_mut().enumerate() {
+                *acc = fold512(*acc, load(o + 64 * i), k512!(2048));
+            }
+            o += 256;
+        }
+        let a = fold512(v[0], v[1], k512!(512));
+        let b = fold512(v[2], v[3], k512!(512));
+        let mut acc = fold512(a, b, k512!(1024));
+        while o + 64 <= n {
+            acc = fold512(acc, load(o), k512!(512));
+            o += 64;
+        }
+        // Four lanes into one.
+        let l0 = _mm512_extracti32x4_epi32(acc, 0);
+        let l1 = _mm512_extracti32x4_epi32(acc, 1);
+        let l2 = _mm512_extracti32x4_epi32(acc, 2);
+        let l3 = _mm512_extracti32x4_epi32(acc, 3);
+        let x = fold128(l0, l2, k128!(256));
+        let y = fold128(l1, l3, k128!(256));
+        let x = fold128(x, y, k128!(128));
+        // What is left: the 16 bytes `x` stands for (the message so far, as a CRC register
+        // of zero would read it), then the last bytes of `data`.
+        let rest = &data[o..];
+        let mut tail = [0u8; 16 + 64];
+        // SAFETY: `tail` has 16 writable bytes at its start; the store takes them unaligned.
+        unsafe { _mm_storeu_si128(tail.as_mut_ptr().cast(), x) };
+        tail[16..16 + rest.len()].copy_from_slice(rest);
+        let mut h = crc32fast::Hasher::new_with_initial(!0);
+        h.update(&tail[..16 + rest.len()]);
+        let lanes = _mm512_add_epi64(
+            _mm512_cvtepu32_epi64(_mm512_castsi512_si256(sum)),
+            _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(sum, 1)),
+        );
+        let native = fold(_mm512_reduce_add_epi64(lanes) as u64);
+        // Words summed in the other byte order sum to the byte-swapped sum (RFC 1071 2(B)).
+        let sum = if cfg!(target_endian = "little") {
+            native.swap_bytes()
+        } else {
+            native
+        };
+        (h.finalize(), sum as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::offload::fold;
+
+    fn message(len: usize) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect()
+    }
+
+    /// Every length around the kernel's block edges, every kind of range: the CRC crc32fast
+    /// gives and the sum ones_sum gives.
+    #[test]
+    fn one_pass_gives_what_two_do() {
+        let data = message(4200);
+        for len in (0..700).chain([1513, 1514, 1518, 1792, 2047, 2048, 2049, 4000, 4200]) {
+            let f = &data[..len];
+            let ends = [
+                0,
+                1,
+                2,
+                33,
+                34,
+                63,
+                64,
+                65,
+                128,
+                256,
+                len / 2,
+                len - len.min(1),
+                len,
+            ];
+            for start in [0, 2, 14, 18, 34, 38, 54, 64, 66, 128, 130] {
+                for end in ends {
+                    if end < start {
+                        continue;
+                    }
+                    let (crc, sum) = crc_and_sum(f, Some(start..end));
+                    assert_eq!(crc, crc32fast::hash(f), "crc, len {len}");
+                    let want = fold(ones_sum(&f[start.min(len)..end.min(len)]));
+                    assert_eq!(fold(sum.unwrap()), want, "len {len} sum {start}..{end}");
+                }
+            }
+            assert_eq!(crc_and_sum(f, None), (crc32fast::hash(f), None));
+        }
+    }
+
+    /// All-ones words, where a lane sum near overflow or a missed carry shows.
+    #[test]
+    fn sums_of_all_ones_fold_right() {
+        for len in [256, 1514, 9000, 65536] {
+            let f = vec![0xffu8; len];
+            let (_, sum) = crc_and_sum(&f, Some(14..len));
+            assert_eq!(fold(sum.unwrap()), fold(ones_sum(&f[14..])), "len {len}");
+        }
+    }
+
+    #[test]
+    fn the_check_value() {
+        assert_eq!(crc(b"123456789"), 0xcbf4_3926);
+        let long = b"123456789".repeat(40);
+        assert_eq!(crc_and_sum(&long, None).0, crc32fast::hash(&long));
+    }
+}
