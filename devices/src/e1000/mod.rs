@@ -48,7 +48,7 @@ use regs::*;
 use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Transmit descriptors one doorbell (or one turn of the I/O thread) walks at most; the rest
 /// wait for the next turn, which the model asks for through its port.
@@ -234,9 +234,7 @@ impl E1000 {
     fn ring_base(&self, bal: usize, bah: usize, n: usize) -> Option<u64> {
         let base = (self.reg(bah) as u64) << 32 | self.reg(bal) as u64;
         let len = n * DESC_LEN as usize;
-        self.mem
-            .check_range(GuestAddress(base), len)
-            .then_some(base)
+        crate::net::guest_iov::is_memory(&self.mem, GuestAddress(base), len).then_some(base)
     }
 
     /// CTRL.RST (and power-on): registers to their defaults; the EEPROM, the MAC address it
