@@ -14,6 +14,8 @@ struct Shared {
     from_guest: Vec<Vec<u8>>,
     /// When set, send() fails with WouldBlock (a full peer).
     blocked: bool,
+    /// When set, send() fails with EIO (a tap whose interface is down).
+    failing: bool,
     rx_offloads: Option<crate::Offloads>,
     /// When set, the peer is gone: link_up() is false.
     link_down: bool,
@@ -81,6 +83,10 @@ impl MemPeer {
     }
 
     /// Takes the link down or up; the backend's fd fires so the model notices.
+    pub fn set_failing(&self, failing: bool) {
+        self.shared.lock().unwrap().failing = failing;
+    }
+
     pub fn set_link_up(&self, up: bool) {
         self.shared.lock().unwrap().link_down = !up;
         let _ = self.ready.write(1);
@@ -127,6 +133,9 @@ impl NetBackend for MemBackend {
         let mut s = self.shared.lock().unwrap();
         if s.blocked {
             return Err(io::ErrorKind::WouldBlock.into());
+        }
+        if s.failing {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         s.from_guest
             .push(frame.iter().flat_map(|p| p.iter().copied()).collect());

@@ -339,6 +339,30 @@ fn xmit_plain_frame() {
     assert_eq!(r.r(GOTCL), (1500 + 4 + 64) as u32);
 }
 
+/// A send the backend refuses with an error (a tap whose interface is down) is lost, not
+/// sent: counted as dropped by the backend, its descriptors back to the driver, and frames
+/// go again once the backend takes them. Both ways out: a small frame through the port's
+/// outbox, a large one straight from guest memory.
+#[test]
+fn refused_sends_count_as_dropped_not_sent() {
+    let mut r = opened();
+    r.peer.set_failing(true);
+    let small = eth(PEER, 0x0800, 100);
+    let large = eth(PEER, 0x0800, 3000);
+    r.xmit_legacy(&small, None, None);
+    r.xmit_legacy(&large, None, None);
+    assert_eq!(r.r(TDH) as usize, r.tx_next(), "both descriptors came back");
+    let s = r.dev.stats();
+    assert_eq!((s.tx_frames, s.backend_dropped), (0, 2));
+    assert!(r.peer.take_sent().is_empty());
+    r.peer.set_failing(false);
+    r.xmit_legacy(&small, None, None);
+    r.xmit_legacy(&large, None, None);
+    assert_eq!(r.peer.take_sent(), vec![small, large]);
+    let s = r.dev.stats();
+    assert_eq!((s.tx_frames, s.backend_dropped), (2, 2));
+}
+
 /// A frame of null descriptors (length 0) puts nothing on the wire, not even the padding
 /// PSP gives a short frame: its descriptor just comes back.
 #[test]

@@ -26,7 +26,7 @@ pub struct NicStats {
     pub interrupts: u64,
     /// Frames the receive filter or the guest's lack of buffers dropped.
     pub rx_dropped: u64,
-    /// Frames the backend dropped itself (peer gone, queue full).
+    /// Frames the backend dropped itself (peer gone, queue full) or refused with an error.
     pub backend_dropped: u64,
 }
 

@@ -766,7 +766,10 @@ impl NetPort {
                     blocked = true;
                     break;
                 }
-                Err(e) => log::debug!("{}: send failed: {e}", self.name),
+                Err(e) => {
+                    log::debug!("{}: send failed: {e}", self.name);
+                    self.stats.backend_dropped += 1;
+                }
             }
             taken += 1;
         }
@@ -840,6 +843,7 @@ impl NetPort {
             }
             Err(e) => {
                 log::debug!("{}: send failed: {e}", self.name);
+                self.stats.backend_dropped += 1;
                 Sent::Lost
             }
         }
@@ -1055,16 +1059,18 @@ impl<M: NicModel> Nic<M> {
         }
     }
 
-    /// The counters: the port's, the model's interrupts and what the backend dropped itself.
+    /// The counters: the port's, the model's interrupts and what the backend dropped, itself
+    /// or by refusing a send (a tap whose interface is down, say).
     pub fn stats(&self) -> NicStats {
+        let dropped: u64 = self
+            .port
+            .queues
+            .iter()
+            .map(|q| lock(&q.io).backend.dropped())
+            .sum();
         NicStats {
             interrupts: self.model.interrupts(),
-            backend_dropped: self
-                .port
-                .queues
-                .iter()
-                .map(|q| lock(&q.io).backend.dropped())
-                .sum(),
+            backend_dropped: self.port.stats.backend_dropped + dropped,
             ..self.port.stats
         }
     }

@@ -199,6 +199,27 @@ fn tx_waits_when_the_backend_is_full() {
     assert_eq!(d.used(TX).len(), 1);
 }
 
+/// A chain the backend refuses with an error is lost, not sent: it comes back to the driver
+/// used, and counts as dropped by the backend.
+#[test]
+fn tx_refused_by_the_backend_counts_as_dropped() {
+    let mut d = started(PLAIN, BASE);
+    d.peer.set_failing(true);
+    let mut p = vec![0u8; VNET_HDR_LEN];
+    p.extend_from_slice(&frame(64, 9));
+    d.post(TX, &[&p], false);
+    d.dev.handle(NetEvent::TxKick);
+    assert_eq!(d.used(TX).len(), 1, "the chain came back");
+    let s = d.dev.stats();
+    assert_eq!((s.tx_frames, s.backend_dropped), (0, 1));
+    d.peer.set_failing(false);
+    d.post(TX, &[&p], false);
+    d.dev.handle(NetEvent::TxKick);
+    assert_eq!(d.peer.take_sent().len(), 1);
+    let s = d.dev.stats();
+    assert_eq!((s.tx_frames, s.backend_dropped), (1, 1));
+}
+
 /// A backend with room for `room` more frames (then WouldBlock until given more).
 struct Room {
     inner: net_backends::mem::MemBackend,
