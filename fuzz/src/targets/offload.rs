@@ -1,4 +1,5 @@
-//! The offload code the NIC models share, called directly: checksums over any range, the
+//! The offload code the NIC models share, called directly: checksums over any range (and
+//! the receive side's FCS and sum in one pass, against crc32fast and the plain sum), the
 //! frame parser, checksum filling and verification, TCP segmentation, and the virtio-net
 //! headers that hand checksums and segmentation to the peer, both on layers the parser found
 //! and on layers a driver made up (e1000's context descriptors give the offsets themselves),
@@ -8,6 +9,7 @@ use super::frames::frame;
 use super::Bytes;
 use crate::harness::{op, Target};
 use crate::rng::Rng;
+use devices::net::fcs;
 use devices::net::offload::{self, Layers};
 use net_backends::vnet::VnetHdr;
 use net_backends::Offloads;
@@ -274,6 +276,14 @@ impl Target for Offload {
                     if let Some(s) = f.get(*from..*to) {
                         let _ = offload::checksum(s);
                     }
+                    // The receive side's one pass (FCS and the segment's sum) against the
+                    // two it stands for, over any range, in the frame or not.
+                    let (crc, sum) = fcs::crc_and_sum(&f, Some(*from..*to));
+                    assert_eq!(crc, crc32fast::hash(&f), "FCS of {} bytes", f.len());
+                    let end = (*to).min(f.len());
+                    let want = offload::fold(offload::ones_sum(&f[(*from).min(end)..end]));
+                    let got = sum.map(offload::fold);
+                    assert_eq!(got, Some(want), "sum of {from}..{to} in {} bytes", f.len());
                 }
                 OffloadOp::PrepareGso { mss, peer } => {
                     if let Some(a) = &at {
