@@ -62,6 +62,8 @@ pub struct Tap {
     /// The interface was deleted under us (reads and writes fail with EBADFD): the link is
     /// down for good and frames sent are counted as dropped.
     gone: bool,
+    /// The last write found the interface down on the host (warned once until one goes).
+    down: bool,
     /// One queue of a multiqueue tap that the frontend turned off (TUNSETQUEUE detached it:
     /// the kernel steers no frames to it); it is not read meanwhile.
     detached_queue: bool,
@@ -222,6 +224,7 @@ impl Tap {
             vnet_hdr: use_vnet,
             hide_hdr: false,
             gone: false,
+            down: false,
             detached_queue: false,
             dropped: 0,
             batch: Batch::Untried,
@@ -288,6 +291,7 @@ impl Tap {
             vnet_hdr,
             hide_hdr,
             gone: false,
+            down: false,
             detached_queue: false,
             dropped: 0,
             batch: Batch::Untried,
@@ -296,11 +300,10 @@ impl Tap {
     }
 
     /// Errors that mean the interface no longer exists: the fd is detached from any tap.
+    /// (EIO is not one: tun refuses a write with it while the interface is down on the
+    /// host, which may change; see [`Tap::write_failed`].)
     fn detached(&mut self, e: &io::Error) -> bool {
-        let gone = matches!(
-            e.raw_os_error(),
-            Some(libc::EBADFD) | Some(libc::EIO) | Some(libc::ENODEV)
-        );
+        let gone = matches!(e.raw_os_error(), Some(libc::EBADFD) | Some(libc::ENODEV));
         if gone && !self.gone {
             log::warn!(
                 "tap {}: the interface is gone ({e}); link down, frames to it are dropped",
@@ -316,11 +319,26 @@ impl Tap {
     }
 
     /// What a failed write means: a frame the kernel refuses (malformed GSO header, too
-    /// large) is the guest's problem and dropped rather than stalling the queue; on a deleted
+    /// large) is the guest's problem and dropped rather than stalling the queue; one refused
+    /// while the interface is down on the host (EIO) is dropped, as a switch port that is
+    /// down drops it, and the next ones go once someone brings it up; on a deleted
     /// interface, dropped too; anything else is the error.
     fn write_failed(&mut self, e: io::Error) -> io::Result<()> {
         if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EMSGSIZE)) {
             log::debug!("tap {}: dropped a frame: {e}", self.name);
+            self.dropped += 1;
+            return Ok(());
+        }
+        if e.raw_os_error() == Some(libc::EIO) {
+            if !self.down {
+                log::warn!(
+                    "tap {}: the interface is down on the host; frames to it are dropped \
+                     until it is up (ip link set {} up)",
+                    self.name,
+                    self.name
+                );
+                self.down = true;
+            }
             self.dropped += 1;
             return Ok(());
         }
@@ -517,7 +535,10 @@ impl NetBackend for Tap {
         }
         match self.write_frame(frame) {
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => self.write_failed(e),
-            r => r,
+            r => {
+                self.down &= r.is_err();
+                r
+            }
         }
     }
 
@@ -578,7 +599,10 @@ impl NetBackend for Tap {
                     return;
                 }
                 let r = match r {
-                    r if r >= 0 => Ok(()),
+                    r if r >= 0 => {
+                        self.down = false;
+                        Ok(())
+                    }
                     r if r == -libc::EAGAIN => {
                         log::debug!("tap {}: dropped a frame the full tap refused", self.name);
                         self.dropped += 1;
@@ -749,6 +773,7 @@ mod tests {
             vnet_hdr,
             hide_hdr,
             gone: false,
+            down: false,
             detached_queue: false,
             dropped: 0,
             batch: Batch::Untried,
@@ -1305,6 +1330,41 @@ mod tests {
                 &[192, 168, 77, 1],
                 "sender is the host side"
             );
+        });
+    }
+
+    /// A tap nicvm opens is down on the host until someone brings it up (`script=no`): what
+    /// the guest sends meanwhile is dropped, one by one and in batches, and counted, with the
+    /// link left up; once the interface is up, frames go both ways. (A down interface made
+    /// the tap take itself for deleted: link down and every frame dropped, for good.)
+    #[test]
+    fn frames_sent_while_the_interface_is_down_are_dropped_until_it_is_up() {
+        in_own_netns(|| {
+            let mut tap = match Tap::open("nvd0", Some(false)) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("SKIPPED: no tap ({e})");
+                    return;
+                }
+            };
+            let (frames, ends) = batch_frames(4);
+            tap.send(&[IoSlice::new(&frames[0])]).unwrap();
+            let iov = batch_iov(&frames, b"");
+            let mut out = Vec::new();
+            tap.send_batch(&iov, &ends, &mut out);
+            assert_eq!(out.len(), 4);
+            assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+            assert_eq!(tap.dropped(), 5);
+            assert!(tap.link_up(), "a down interface is not a deleted one");
+            let ip = |args: &[&str]| {
+                let ok = std::process::Command::new("ip").args(args).status();
+                assert!(matches!(ok, Ok(s) if s.success()), "ip {args:?}");
+            };
+            ip(&["addr", "add", "192.168.78.1/24", "dev", "nvd0"]);
+            ip(&["link", "set", "nvd0", "up"]);
+            let reply = arp_reply(std::slice::from_mut(&mut tap), 0, 0, [192, 168, 78]);
+            assert_eq!(&reply[28..32], &[192, 168, 78, 1], "the host side answered");
+            assert!(tap.link_up());
         });
     }
 
