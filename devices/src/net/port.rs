@@ -55,6 +55,10 @@ pub const RX_BURST: usize = 64;
 /// software with an MSS of a few bytes (tens of thousands of wire frames each) cannot hold a
 /// vCPU, the NIC's lock and its monitor commands for seconds in one register write.
 pub const TX_SENDS_PER_WALK: u64 = 1024;
+/// Turns in a row whose read from the backend failed with an error, after which the backend
+/// is no longer watched (as one whose fd hung up): a readable fd that only gives errors
+/// would otherwise wake the I/O thread for ever. A read that finds nothing is no error.
+pub const RX_FAILED_MAX: u32 = 64;
 /// A guest error is logged at warning level at most this often (the first one always).
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -76,7 +80,8 @@ pub enum Sent {
     /// The backend is full; nothing was taken. The port watches for it to drain and then
     /// calls the model's `transmit` again.
     Blocked,
-    /// The backend failed (logged at debug level): the frame is lost, as on a wire.
+    /// The backend failed (logged at debug level, counted as dropped by the backend): the
+    /// frame is lost, as on a wire.
     Lost,
 }
 
@@ -953,6 +958,8 @@ struct RxStage {
     /// The frames in the slots were read ahead of the NIC's lock, asking for this many: the
     /// next turn's first batch.
     read_ahead: Option<usize>,
+    /// Turns in a row whose read failed with an error (see [`RX_FAILED_MAX`]).
+    failed: u32,
 }
 
 impl RxStage {
@@ -965,6 +972,7 @@ impl RxStage {
             last_burst: 0,
             lone: 0,
             read_ahead: None,
+            failed: 0,
         }
     }
 
@@ -1060,7 +1068,7 @@ impl<M: NicModel> Nic<M> {
     }
 
     /// The counters: the port's, the model's interrupts and what the backend dropped, itself
-    /// or by refusing a send (a tap whose interface is down, say).
+    /// or by failing a send with an error it passed up.
     pub fn stats(&self) -> NicStats {
         let dropped: u64 = self
             .port
@@ -1289,9 +1297,11 @@ impl<M: NicModel> Nic<M> {
     }
 
     fn interest_of(&self, q: usize) -> BackendInterest {
+        // As [`Nic::backend_interest`]: a dead backend is watched for nothing.
+        let dead = self.port.queues[q].dead;
         BackendInterest {
-            readable: self.wants_rx(q),
-            writable: self.port.queues[q].tx_blocked,
+            readable: !dead && self.wants_rx(q),
+            writable: !dead && self.port.queues[q].tx_blocked,
         }
     }
 
@@ -1405,8 +1415,17 @@ impl<M: NicModel> Nic<M> {
                         if let Err(e) = backend.recv_batch(&mut rx.slab, RX_SLOT, n, &mut rx.frames)
                         {
                             log::debug!("{}: receive failed: {e}", self.port.name);
+                            rx.failed = rx.failed.saturating_add(1);
+                            if rx.failed == RX_FAILED_MAX {
+                                log::warn!(
+                                    "{}: receiving failed {RX_FAILED_MAX} times in a row ({e}); \
+                                     the backend is no longer watched",
+                                    self.port.name
+                                );
+                            }
                             break;
                         }
+                        rx.failed = 0;
                         n
                     }
                 };
@@ -1466,7 +1485,12 @@ impl<M: NicModel> Nic<M> {
             }
             _ => 0,
         };
+        let failing = rx.failed >= RX_FAILED_MAX;
         drop(io);
+        if failing {
+            // An fd that stays readable while every read fails would wake the loop for ever.
+            self.port.queues[q].dead = true;
+        }
         if delivered {
             self.model.rx_burst_done(&mut self.port);
         }
@@ -1560,7 +1584,10 @@ impl<M: NicModel> QueueWorker<M> {
         rx.frames.clear();
         rx.next = 0;
         match backend.recv_batch(&mut rx.slab, RX_SLOT, *ahead, &mut rx.frames) {
-            Ok(()) => rx.read_ahead = Some(*ahead),
+            Ok(()) => {
+                rx.read_ahead = Some(*ahead);
+                rx.failed = 0;
+            }
             Err(e) => {
                 rx.frames.clear();
                 log::debug!("{}: receive failed: {e}", self.name);

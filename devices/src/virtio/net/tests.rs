@@ -246,6 +246,47 @@ impl NetBackend for Room {
     }
 }
 
+/// A backend whose fd stays readable while every read fails.
+struct Broken(net_backends::mem::MemBackend);
+
+impl NetBackend for Broken {
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn send(&mut self, frame: &[std::io::IoSlice<'_>]) -> io::Result<()> {
+        self.0.send(frame)
+    }
+    fn recv(&mut self, _: &mut [u8]) -> io::Result<Option<usize>> {
+        Err(io::Error::from_raw_os_error(libc::EIO))
+    }
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.0.fd()
+    }
+}
+
+/// Reads that fail turn after turn stop the backend being watched, and the link goes down:
+/// the I/O thread does not spin on an fd that only gives errors. One turn short of the
+/// bound, it is still watched.
+#[test]
+fn rx_reads_that_keep_failing_stop_the_watch() {
+    use crate::net::port::RX_FAILED_MAX;
+    use crate::net::NicControl;
+    let (b, _peer) = pair(PLAIN);
+    let mut d = Driver::start(Box::new(Broken(b)), BASE);
+    for _ in 0..4 {
+        d.post(RX, &[&[0u8; 2048]], true);
+    }
+    assert!(d.dev.link_up());
+    for turn in 1..RX_FAILED_MAX {
+        assert!(d.dev.handle(NetEvent::Backend).readable, "turn {turn}");
+    }
+    assert!(
+        !d.dev.handle(NetEvent::Backend).readable,
+        "no longer watched"
+    );
+    assert!(!d.dev.link_up(), "the link went down");
+}
+
 /// Frames go to the backend in batches: one that fills up part way through takes the first
 /// frames of a batch, and only their chains are returned; the rest follow, in order, when it
 /// drains.
