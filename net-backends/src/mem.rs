@@ -14,7 +14,7 @@ struct Shared {
     from_guest: Vec<Vec<u8>>,
     /// When set, send() fails with WouldBlock (a full peer).
     blocked: bool,
-    /// When set, send() fails with EIO (a tap whose interface is down).
+    /// When set, send() fails with EIO, an error the backend passes up.
     failing: bool,
     rx_offloads: Option<crate::Offloads>,
     /// When set, the peer is gone: link_up() is false.
@@ -82,11 +82,12 @@ impl MemPeer {
         self.shared.lock().unwrap().blocked = blocked;
     }
 
-    /// Takes the link down or up; the backend's fd fires so the model notices.
+    /// Makes send() fail with EIO (an error a backend passes up) or work again.
     pub fn set_failing(&self, failing: bool) {
         self.shared.lock().unwrap().failing = failing;
     }
 
+    /// Takes the link down or up; the backend's fd fires so the model notices.
     pub fn set_link_up(&self, up: bool) {
         self.shared.lock().unwrap().link_down = !up;
         let _ = self.ready.write(1);

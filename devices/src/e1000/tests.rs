@@ -339,7 +339,7 @@ fn xmit_plain_frame() {
     assert_eq!(r.r(GOTCL), (1500 + 4 + 64) as u32);
 }
 
-/// A send the backend refuses with an error (a tap whose interface is down) is lost, not
+/// A send the backend fails with an error it passes up (the tap takes some itself) is lost, not
 /// sent: counted as dropped by the backend, its descriptors back to the driver, and frames
 /// go again once the backend takes them. Both ways out: a small frame through the port's
 /// outbox, a large one straight from guest memory.
@@ -361,6 +361,60 @@ fn refused_sends_count_as_dropped_not_sent() {
     assert_eq!(r.peer.take_sent(), vec![small, large]);
     let s = r.dev.stats();
     assert_eq!((s.tx_frames, s.backend_dropped), (2, 2));
+}
+
+/// A UDP datagram to `dst` with `payload` bytes and its checksums filled in.
+fn udp4(dst: [u8; 6], payload: usize) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&PEER);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (28 + payload) as u16;
+    f.extend_from_slice(&[0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[10, 0, 2, 15, 10, 0, 2, 2, 0x9c, 0x40, 0x00, 0x35]);
+    f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend((0..payload).map(|i| (i * 5 + 1) as u8));
+    let at = parse(&f).unwrap();
+    crate::net::offload::fill_ipv4_checksum(&mut f, &at);
+    crate::net::offload::fill_l4_checksum(&mut f, &at);
+    f
+}
+
+/// The full-size frames that take the FCS's pass or not, with the status bits they always
+/// had: a VLAN tag left in the frame (the segment two words on), UDP with and without a
+/// checksum, and RCTL.SECRC (no FCS: the sum is taken alone).
+#[test]
+fn full_size_checksum_status_in_every_kind_of_frame() {
+    let mut r = opened();
+    let both = RXD_STAT_IPCS | RXD_STAT_TCPCS;
+    let status = |r: &mut Rig, f: &[u8]| {
+        r.inject(&[f.to_vec()]);
+        let got = r.rx_poll();
+        assert_eq!(got.len(), 1);
+        (got[0].status & both, got[0].errors)
+    };
+    let mut tagged = tcp4(MAC, 1456);
+    tagged.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+    assert_eq!(status(&mut r, &tagged), (both, 0));
+    tagged[900] ^= 1;
+    assert_eq!(status(&mut r, &tagged), (both, RXD_ERR_TCPE));
+    let mut udp = udp4(MAC, 1472);
+    assert_eq!(status(&mut r, &udp), (both, 0));
+    udp[700] ^= 1;
+    assert_eq!(status(&mut r, &udp), (both, RXD_ERR_TCPE));
+    udp[40..42].copy_from_slice(&[0, 0]);
+    assert_eq!(
+        status(&mut r, &udp),
+        (RXD_STAT_IPCS, 0),
+        "no UDP checksum: none checked"
+    );
+    let rctl = r.r(RCTL);
+    r.w(RCTL, rctl | RCTL_SECRC);
+    let mut tcp = tcp4(MAC, 1460);
+    assert_eq!(status(&mut r, &tcp), (both, 0));
+    tcp[1000] ^= 1;
+    assert_eq!(status(&mut r, &tcp), (both, RXD_ERR_TCPE));
 }
 
 /// A frame of null descriptors (length 0) puts nothing on the wire, not even the padding
@@ -745,7 +799,7 @@ fn receive_checksum_reporting() {
 
 /// Full-size frames, whose transport sum is taken in the FCS's pass (on CPUs with the wide
 /// kernel): a byte flipped in the segment's first partial block, in a whole block, in the
-/// last byte, or a word moved from one place to another (a sum of the wrong bytes would miss
+/// last byte, or the two bytes of a word swapped (a sum that paired bytes wrongly would miss
 /// it) is reported, a good frame is not, and the FCS still checks.
 #[test]
 fn full_size_checksums_are_verified_in_the_fcs_pass() {

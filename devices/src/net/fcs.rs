@@ -187,7 +187,7 @@ mod x86 {
         };
         // Four accumulators over 256-byte blocks; the CRC's initial all-ones register goes
         // into the first.
-        let init = _mm512_castsi128_si512(_mm_cvtsi32_si128(!0));
+        let init = _mm512_zextsi128_si512(_mm_cvtsi32_si128(!0));
         let mut v = [load(0), load(64), load(128), load(192)];
         v[0] = _mm512_xor_si512(v[0], init);
         let mut o = 256;

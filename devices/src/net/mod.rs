@@ -26,7 +26,8 @@ pub struct NicStats {
     pub interrupts: u64,
     /// Frames the receive filter or the guest's lack of buffers dropped.
     pub rx_dropped: u64,
-    /// Frames the backend dropped itself (peer gone, queue full) or refused with an error.
+    /// Frames the backend dropped itself (peer gone, queue full, a tap's interface down) or
+    /// failed to send with an error it passed up.
     pub backend_dropped: u64,
 }
 

@@ -510,7 +510,8 @@ fn cp_receive_checksum_status() {
 }
 
 /// Full-size frames, whose transport sum is taken in the CRC's pass (on CPUs with the wide
-/// kernel): a byte flipped anywhere in the segment, or two bytes swapped, is reported.
+/// kernel): a byte flipped anywhere in the segment, or two bytes swapped, is reported; the
+/// CRC after a good frame is its own.
 #[test]
 fn cp_full_size_checksums_are_verified_in_the_crc_pass() {
     let (mut d, peer) = cp_open();
@@ -536,6 +537,14 @@ fn cp_full_size_checksums_are_verified_in_the_crc_pass() {
         let got = d.cp_rx();
         assert_eq!(got.len(), frames.len());
         assert_eq!(got[0].0 & (3 << 16 | RX_TCPF | RX_IPF), RX_PID_TCP);
+        if payload == 1460 {
+            // The first frame went to the first buffer; its CRC follows it.
+            let crc: u32 = d
+                .mem
+                .read_obj(GuestAddress(RX_BUFS + good.len() as u64))
+                .unwrap();
+            assert_eq!(crc, crc32fast::hash(&good));
+        }
         for (i, g) in got.iter().enumerate().skip(1) {
             assert_eq!(g.0 & RX_TCPF, RX_TCPF, "{payload}: frame {i}");
             assert_eq!(g.2, frames[i]);
