@@ -55,10 +55,12 @@ pub const RX_BURST: usize = 64;
 /// software with an MSS of a few bytes (tens of thousands of wire frames each) cannot hold a
 /// vCPU, the NIC's lock and its monitor commands for seconds in one register write.
 pub const TX_SENDS_PER_WALK: u64 = 1024;
-/// Turns in a row whose read from the backend failed with an error, after which the backend
-/// is no longer watched (as one whose fd hung up): a readable fd that only gives errors
-/// would otherwise wake the I/O thread for ever. A read that finds nothing is no error.
+/// Turns in a row whose read from the backend failed with an error, over at least
+/// [`RX_FAILED_FOR`], after which the backend is no longer watched (as one whose fd hung up):
+/// a readable fd that only gives errors would otherwise wake the I/O thread for ever. A read
+/// that finds nothing is no error, and a burst of errors shorter than that passes.
 pub const RX_FAILED_MAX: u32 = 64;
+pub const RX_FAILED_FOR: Duration = Duration::from_secs(1);
 /// A guest error is logged at warning level at most this often (the first one always).
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -958,8 +960,10 @@ struct RxStage {
     /// The frames in the slots were read ahead of the NIC's lock, asking for this many: the
     /// next turn's first batch.
     read_ahead: Option<usize>,
-    /// Turns in a row whose read failed with an error (see [`RX_FAILED_MAX`]).
+    /// Turns in a row whose read failed with an error, and when the first of them was (see
+    /// [`RX_FAILED_MAX`]).
     failed: u32,
+    failing_since: Option<Instant>,
 }
 
 impl RxStage {
@@ -973,11 +977,40 @@ impl RxStage {
             lone: 0,
             read_ahead: None,
             failed: 0,
+            failing_since: None,
         }
     }
 
     fn waiting(&self) -> bool {
         self.next < self.frames.len()
+    }
+
+    /// A read failed with `e`; true the first time reads have failed for long enough that
+    /// the backend should be given up ([`RX_FAILED_MAX`]). WouldBlock and Interrupted are
+    /// "nothing now", whatever the backend meant by them.
+    fn failed(&mut self, e: &io::Error) -> bool {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ) {
+            return false;
+        }
+        let was = self.given_up();
+        self.failed = self.failed.saturating_add(1);
+        self.failing_since.get_or_insert_with(Instant::now);
+        !was && self.given_up()
+    }
+
+    fn read_ok(&mut self) {
+        self.failed = 0;
+        self.failing_since = None;
+    }
+
+    fn given_up(&self) -> bool {
+        self.failed >= RX_FAILED_MAX
+            && self
+                .failing_since
+                .is_some_and(|t| t.elapsed() >= RX_FAILED_FOR)
     }
 
     /// Frames come alone, and the next turn is not one that looks for more after its frame.
@@ -1383,6 +1416,9 @@ impl<M: NicModel> Nic<M> {
     /// guest: those waiting in the stage first, then batches read from the backend, each no
     /// larger than the guest's room and what is left of the burst.
     fn receive_burst(&mut self, q: usize) {
+        if self.port.queues[q].dead {
+            return;
+        }
         let mut delivered = false;
         self.port.cur = q;
         let io = self.port.queues[q].io.clone();
@@ -1415,17 +1451,17 @@ impl<M: NicModel> Nic<M> {
                         if let Err(e) = backend.recv_batch(&mut rx.slab, RX_SLOT, n, &mut rx.frames)
                         {
                             log::debug!("{}: receive failed: {e}", self.port.name);
-                            rx.failed = rx.failed.saturating_add(1);
-                            if rx.failed == RX_FAILED_MAX {
+                            if rx.failed(&e) {
                                 log::warn!(
-                                    "{}: receiving failed {RX_FAILED_MAX} times in a row ({e}); \
-                                     the backend is no longer watched",
-                                    self.port.name
+                                    "{}: every read from the backend failed for {:?} ({e}); \
+                                     it is no longer watched, as one that hung up",
+                                    self.port.name,
+                                    RX_FAILED_FOR
                                 );
                             }
                             break;
                         }
-                        rx.failed = 0;
+                        rx.read_ok();
                         n
                     }
                 };
@@ -1485,7 +1521,7 @@ impl<M: NicModel> Nic<M> {
             }
             _ => 0,
         };
-        let failing = rx.failed >= RX_FAILED_MAX;
+        let failing = rx.given_up();
         drop(io);
         if failing {
             // An fd that stays readable while every read fails would wake the loop for ever.
@@ -1586,7 +1622,7 @@ impl<M: NicModel> QueueWorker<M> {
         match backend.recv_batch(&mut rx.slab, RX_SLOT, *ahead, &mut rx.frames) {
             Ok(()) => {
                 rx.read_ahead = Some(*ahead);
-                rx.failed = 0;
+                rx.read_ok();
             }
             Err(e) => {
                 rx.frames.clear();

@@ -246,45 +246,75 @@ impl NetBackend for Room {
     }
 }
 
-/// A backend whose fd stays readable while every read fails.
-struct Broken(net_backends::mem::MemBackend);
+/// A backend whose fd stays readable while every read fails (unless `works` is set).
+struct Broken {
+    inner: net_backends::mem::MemBackend,
+    works: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl NetBackend for Broken {
     fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
+        self.inner.capabilities()
     }
     fn send(&mut self, frame: &[std::io::IoSlice<'_>]) -> io::Result<()> {
-        self.0.send(frame)
+        self.inner.send(frame)
     }
     fn recv(&mut self, _: &mut [u8]) -> io::Result<Option<usize>> {
+        if self.works.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
         Err(io::Error::from_raw_os_error(libc::EIO))
     }
     fn fd(&self) -> std::os::fd::RawFd {
-        self.0.fd()
+        self.inner.fd()
     }
 }
 
-/// Reads that fail turn after turn stop the backend being watched, and the link goes down:
-/// the I/O thread does not spin on an fd that only gives errors. One turn short of the
-/// bound, it is still watched.
+/// Reads that fail turn after turn for a second stop the backend being watched, and the link
+/// goes down: the I/O thread does not spin on an fd that only gives errors. A read that
+/// works in between starts the count again.
 #[test]
 fn rx_reads_that_keep_failing_stop_the_watch() {
-    use crate::net::port::RX_FAILED_MAX;
+    use crate::net::port::{RX_FAILED_FOR, RX_FAILED_MAX};
     use crate::net::NicControl;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::{Duration, Instant};
     let (b, _peer) = pair(PLAIN);
-    let mut d = Driver::start(Box::new(Broken(b)), BASE);
+    let works = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = Broken {
+        inner: b,
+        works: works.clone(),
+    };
+    let mut d = Driver::start(Box::new(backend), BASE);
     for _ in 0..4 {
         d.post(RX, &[&[0u8; 2048]], true);
     }
     assert!(d.dev.link_up());
-    for turn in 1..RX_FAILED_MAX {
-        assert!(d.dev.handle(NetEvent::Backend).readable, "turn {turn}");
+    // Failing turns for most of the bound, then one read that works.
+    let start = Instant::now();
+    let mut turns = 0;
+    while start.elapsed() < RX_FAILED_FOR * 3 / 4 || turns < RX_FAILED_MAX {
+        assert!(d.dev.handle(NetEvent::Backend).readable, "turn {turns}");
+        turns += 1;
+        std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(
-        !d.dev.handle(NetEvent::Backend).readable,
-        "no longer watched"
-    );
+    works.store(true, Relaxed);
+    assert!(d.dev.handle(NetEvent::Backend).readable);
+    works.store(false, Relaxed);
+    // Failing again: watched until the bound has passed since the read that worked.
+    let again = Instant::now();
+    let gave_up = loop {
+        let watched = d.dev.handle(NetEvent::Backend).readable;
+        if !watched {
+            break again.elapsed();
+        }
+        assert!(again.elapsed() < RX_FAILED_FOR * 3, "still watched");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(gave_up >= RX_FAILED_FOR, "given up after {gave_up:?}");
     assert!(!d.dev.link_up(), "the link went down");
+    // And it stays unwatched.
+    assert!(!d.dev.handle(NetEvent::Backend).readable);
 }
 
 /// Frames go to the backend in batches: one that fills up part way through takes the first
