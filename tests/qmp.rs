@@ -5,7 +5,7 @@
 //! NIC personality and reads the receive filters the guest programmed.
 
 mod support;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -440,10 +440,19 @@ fn hmp_read(r: &mut BufReader<UnixStream>) -> String {
     let mut got = Vec::new();
     let mut byte = [0u8; 1];
     while !got.ends_with(b"(qemu) ") {
-        if r.read(&mut byte).unwrap_or(0) == 0 {
-            break;
+        match r.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => got.push(byte[0]),
+            // No prompt within the socket's timeout: the answer would be taken for the
+            // next command's (a slow `migrate` once was, on nested KVM under TCG).
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!(
+                    "no HMP prompt in time ({e}); so far: {:?}",
+                    String::from_utf8_lossy(&got)
+                )
+            }
+            Err(_) => break,
         }
-        got.push(byte[0]);
     }
     String::from_utf8_lossy(&got)
         .trim_end_matches("(qemu) ")
@@ -590,9 +599,16 @@ fn hmp_over_a_socket() {
         hmp(&mut r, "info status"),
         "VM status: paused (prelaunch)\n"
     );
-    // Migrated before it ever ran: postmigrate, as QEMU says.
+    // Migrated before it ever ran: postmigrate, as QEMU says. Writing the snapshot takes
+    // longer than other commands (tens of seconds on nested KVM under TCG).
     let snap = dir.join("snap");
+    r.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(180)))
+        .unwrap();
     assert_eq!(hmp(&mut r, &format!("migrate file:{}", snap.display())), "");
+    r.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     assert_eq!(
         hmp(&mut r, "info status"),
         "VM status: paused (postmigrate)\n"
