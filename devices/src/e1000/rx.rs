@@ -20,15 +20,6 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
 
-/// CRC-32 (IEEE 802.3) over `parts`, for the FCS the guest sees unless RCTL.SECRC.
-fn crc32(parts: &[&[u8]]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    for p in parts {
-        h.update(p);
-    }
-    h.finalize()
-}
-
 impl E1000 {
     /// Receive buffer size from RCTL.BSIZE and BSEX.
     fn rx_buf_size(&self) -> usize {
@@ -129,7 +120,7 @@ impl E1000 {
         let with_fcs = rctl & RCTL_SECRC == 0;
         let (fcs, l4_sum) = match (with_fcs, strip || !pad.is_empty()) {
             (true, false) => fcs::crc_and_sum(frame, segment),
-            (true, true) => (crc32(&[head, tail, pad]), None),
+            (true, true) => (fcs::crc(&[head, tail, pad]), None),
             (false, _) => (0, None),
         };
         let fcs = fcs.to_le_bytes();
@@ -311,5 +302,5 @@ impl E1000 {
 /// CRC-32 of `data`; over a frame followed by its FCS it is the 802.3 residue 0x2144DF1C.
 #[cfg(test)]
 pub(super) fn crc32_of(data: &[u8]) -> u32 {
-    crc32(&[data])
+    fcs::crc(&[data])
 }

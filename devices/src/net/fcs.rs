@@ -30,9 +30,14 @@ pub const WIDE_MIN: usize = 256;
 /// Frames longer than this take the two passes: the kernel's sum would overflow at 2 MiB.
 const WIDE_MAX: usize = 1 << 20;
 
-/// The CRC-32 of `data` (0 before any byte), as the wire carries it after a frame.
-pub fn crc(data: &[u8]) -> u32 {
-    crc32fast::hash(data)
+/// The CRC-32 of `parts` one after the other, as the wire carries it after a frame (a frame
+/// and its padding, say).
+pub fn crc(parts: &[&[u8]]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize()
 }
 
 /// The CRC-32 of `frame` and, for `sum`, the ones'-complement sum of `frame[sum]` as
@@ -59,7 +64,7 @@ pub fn crc_and_sum(frame: &[u8], sum: Option<Range<usize>>) -> (u32, Option<u64>
             };
             (crc, Some(s))
         }
-        r => (crc(frame), r.map(|r| ones_sum(&frame[r]))),
+        r => (crc(&[frame]), r.map(|r| ones_sum(&frame[r]))),
     }
 }
 
@@ -296,7 +301,7 @@ mod tests {
 
     #[test]
     fn the_check_value() {
-        assert_eq!(crc(b"123456789"), 0xcbf4_3926);
+        assert_eq!(crc(&[b"1234", b"56789"]), 0xcbf4_3926);
         let long = b"123456789".repeat(40);
         assert_eq!(crc_and_sum(&long, None).0, crc32fast::hash(&long));
     }

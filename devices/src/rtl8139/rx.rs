@@ -209,11 +209,8 @@ impl Rtl8139 {
             let (crc, sum) = fcs::crc_and_sum(frame, segment);
             return (pad, crc.to_le_bytes(), sum);
         }
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(frame);
-        crc.update(pad);
         let sum = segment.and_then(|r| frame.get(r)).map(offload::ones_sum);
-        (pad, crc.finalize().to_le_bytes(), sum)
+        (pad, fcs::crc(&[frame, pad]).to_le_bytes(), sum)
     }
 
     // ---- normal mode: the ring buffer -------------------------------------------------
