@@ -17,7 +17,7 @@
 //! 34. The folding waits on its multiplications, and the sum fills that time; the CRC alone
 //! is no faster folded this way than through `crc32fast`.
 
-use super::offload::ones_sum;
+use super::offload::{fold, ones_sum};
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -52,13 +52,25 @@ pub fn crc_and_sum(frame: &[u8], sum: Option<Range<usize>>) -> (u32, Option<u64>
     match sum {
         // An odd start would pair the bytes of the blocks the other way round.
         Some(r) if wide && r.start % 2 == 0 => {
-            let (lo, hi) = (r.start.next_multiple_of(64), r.end & !63);
+            // The kernel folds the frame as if `pad` zero bytes came first, so that it ends
+            // on a whole block; a block's offset in the frame is its offset there less `pad`.
+            let pad = frame.len().wrapping_neg() % 64;
+            let lo = (r.start + pad).next_multiple_of(64);
+            let hi = (r.end + pad) & !63;
             // SAFETY: `wide` found the CPU features the kernel needs.
-            let (crc, blocks) = unsafe { x86::crc_and_sum(frame, lo, hi) };
+            let (crc, blocks) = unsafe { x86::crc_and_sum(frame, pad, lo, hi) };
             let s = if lo < hi {
-                // Every piece starts at an even offset of the segment, so its words pair as
-                // the segment's do.
-                blocks + ones_sum(&frame[r.start..lo]) + ones_sum(&frame[hi..r.end])
+                let (head, tail) = (&frame[r.start..lo - pad], &frame[hi - pad..r.end]);
+                // The blocks' words, and the tail's, begin `pad` bytes after an even offset
+                // of the segment: when that is odd they pair its bytes the other way round,
+                // and their sum is the segment's with its bytes swapped (RFC 1071 2(B)).
+                let after = blocks + ones_sum(tail);
+                let after = if pad.is_multiple_of(2) {
+                    after
+                } else {
+                    u64::from(fold(after).swap_bytes())
+                };
+                ones_sum(head) + after
             } else {
                 ones_sum(&frame[r])
             };
@@ -75,6 +87,7 @@ fn wide() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("vpclmulqdq")
                 && std::arch::is_x86_feature_detected!("pclmulqdq")
                 && std::arch::is_x86_feature_detected!("sse4.1")
@@ -88,7 +101,7 @@ fn wide() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
-    pub unsafe fn crc_and_sum(_: &[u8], _: usize, _: usize) -> (u32, u64) {
+    pub unsafe fn crc_and_sum(_: &[u8], _: usize, _: usize, _: usize) -> (u32, u64) {
         unreachable!("wide() is false off x86_64")
     }
 }
@@ -165,35 +178,75 @@ mod x86 {
         _mm_xor_si128(_mm_xor_si128(lo, hi), b)
     }
 
-    /// The CRC-32 of `data` (at least 256 bytes) and the ones'-complement sum (partly folded,
-    /// words big-endian) of its 64-byte blocks, counted from its start, that lie in
-    /// `[lo, hi)` (both multiples of 64; none when `lo >= hi`).
+    /// The CRC register that `pad` zero bytes take to the all-ones one the CRC starts from:
+    /// the register to start from when the message is taken to begin with them.
+    const fn before_zeros(pad: usize) -> u32 {
+        // A zero bit shifts the register right and adds the polynomial when a one falls out;
+        // the polynomial's top bit (reflected) tells afterwards which happened.
+        let mut r = !0u32;
+        let mut i = 0;
+        while i < 8 * pad {
+            r = if r & 0x8000_0000 != 0 {
+                ((r ^ 0xEDB8_8320) << 1) | 1
+            } else {
+                r << 1
+            };
+            i += 1;
+        }
+        r
+    }
+
+    const INITIAL: [u32; 64] = {
+        let mut t = [0; 64];
+        let mut pad = 0;
+        while pad < 64 {
+            t[pad] = before_zeros(pad);
+            pad += 1;
+        }
+        t
+    };
+
+    /// The CRC-32 of `data` (at least 256 bytes), folded as if `pad` zero bytes (`pad` < 64,
+    /// `data.len() + pad` a multiple of 64) came first and the CRC started so that they leave
+    /// its register all ones; and the ones'-complement sum (partly folded, words big-endian)
+    /// of the 64-byte blocks of that longer message that lie in `[lo, hi)` (both multiples
+    /// of 64 and counted in it; none when `lo >= hi`).
     ///
     /// # Safety
     ///
     /// The CPU has the features enabled here.
-    #[target_feature(enable = "avx512f,vpclmulqdq,pclmulqdq,sse4.1")]
-    pub unsafe fn crc_and_sum(data: &[u8], lo: usize, hi: usize) -> (u32, u64) {
-        let n = data.len();
-        assert!(n >= super::WIDE_MIN);
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq,pclmulqdq,sse4.1")]
+    pub unsafe fn crc_and_sum(data: &[u8], pad: usize, lo: usize, hi: usize) -> (u32, u64) {
+        let n = data.len() + pad;
+        assert!(data.len() >= super::WIDE_MIN && pad < 64 && n.is_multiple_of(64));
         let low16 = _mm512_set1_epi32(0xffff);
         // The blocks' 16-bit words in native order, two to each 32-bit lane: a lane takes
         // 2 * 0xffff a block, so it holds the sum of 2^15 blocks (2 MiB) before it overflows.
         let mut sum = _mm512_setzero_si512();
-        let mut load = |o: usize| {
-            let block = &data[o..o + 64];
-            // SAFETY: `block` is 64 readable bytes; the load takes them unaligned.
-            let v = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
+        let mut add = |o: usize, v: __m512i| {
             if o >= lo && o + 64 <= hi {
                 let words = _mm512_add_epi32(_mm512_and_si512(v, low16), _mm512_srli_epi32(v, 16));
                 sum = _mm512_add_epi32(sum, words);
             }
             v
         };
-        // Four accumulators over 256-byte blocks; the CRC's initial all-ones register goes
-        // into the first.
-        let init = _mm512_zextsi128_si512(_mm_cvtsi32_si128(!0));
-        let mut v = [load(0), load(64), load(128), load(192)];
+        // The first block: `pad` zero bytes, then the first bytes of `data`.
+        let first = {
+            let start = data.as_ptr().wrapping_sub(pad);
+            // SAFETY: the mask takes bytes `pad..64` of the block at `start`, which are the
+            // first `64 - pad` bytes of `data`; a masked load neither reads nor faults on the
+            // bytes its mask leaves out, and gives zeros for them.
+            add(0, unsafe { _mm512_maskz_loadu_epi8(!0u64 << pad, start.cast()) })
+        };
+        let mut load = |o: usize| {
+            let block = &data[o - pad..o - pad + 64];
+            // SAFETY: `block` is 64 readable bytes; the load takes them unaligned.
+            add(o, unsafe { _mm512_loadu_si512(block.as_ptr().cast()) })
+        };
+        // Four accumulators over 256-byte blocks; the CRC's initial register goes into the
+        // first.
+        let init = _mm512_zextsi128_si512(_mm_cvtsi32_si128(INITIAL[pad] as i32));
+        let mut v = [first, load(64), load(128), load(192)];
         v[0] = _mm512_xor_si512(v[0], init);
         let mut o = 256;
         while o + 256 <= n {
@@ -205,7 +258,7 @@ mod x86 {
         let a = fold512(v[0], v[1], k512!(512));
         let b = fold512(v[2], v[3], k512!(512));
         let mut acc = fold512(a, b, k512!(1024));
-        while o + 64 <= n {
+        while o < n {
             acc = fold512(acc, load(o), k512!(512));
             o += 64;
         }
@@ -217,15 +270,13 @@ mod x86 {
         let x = fold128(l0, l2, k128!(256));
         let y = fold128(l1, l3, k128!(256));
         let x = fold128(x, y, k128!(128));
-        // What is left: the 16 bytes `x` stands for (the message so far, as a CRC register
-        // of zero would read it), then the last bytes of `data`.
-        let rest = &data[o..];
-        let mut tail = [0u8; 16 + 64];
-        // SAFETY: `tail` has 16 writable bytes at its start; the store takes them unaligned.
+        // What is left: the 16 bytes `x` stands for (the message, as a CRC register of zero
+        // would read it).
+        let mut tail = [0u8; 16];
+        // SAFETY: `tail` has 16 writable bytes; the store takes them unaligned.
         unsafe { _mm_storeu_si128(tail.as_mut_ptr().cast(), x) };
-        tail[16..16 + rest.len()].copy_from_slice(rest);
         let mut h = crc32fast::Hasher::new_with_initial(!0);
-        h.update(&tail[..16 + rest.len()]);
+        h.update(&tail);
         let lanes = _mm512_add_epi64(
             _mm512_cvtepu32_epi64(_mm512_castsi512_si256(sum)),
             _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(sum, 1)),
