@@ -178,6 +178,46 @@ mod x86 {
         _mm_xor_si128(_mm_xor_si128(lo, hi), b)
     }
 
+    /// x^64 divided by the polynomial (the quotient, 33 bits, bit i the coefficient of x^i).
+    const fn x64_div_poly() -> u64 {
+        let (mut rem, mut q) = (1u128 << 64, 0u64);
+        let mut i = 64;
+        while i >= 32 {
+            if rem & (1 << i) != 0 {
+                rem ^= (POLY as u128) << (i - 32);
+                q |= 1 << (i - 32);
+            }
+            i -= 1;
+        }
+        q
+    }
+
+    /// The polynomial, and the quotient of x^64 by it, bit-reflected (33 bits each) for the
+    /// Barrett reduction.
+    const P_REFLECTED: i64 = (POLY.reverse_bits() >> 31) as i64;
+    const MU_REFLECTED: i64 = (x64_div_poly().reverse_bits() >> 31) as i64;
+
+    /// The CRC of the message `x` stands for when 128 bits are left of it (as a CRC register
+    /// of zero would read those 16 bytes): the low half moved on onto the high half (96 bits
+    /// left), the low 32 of those onto the rest (64), then a Barrett reduction to 32.
+    #[inline]
+    #[target_feature(enable = "pclmulqdq,sse4.1")]
+    fn reduce(x: __m128i) -> u32 {
+        let low32 = _mm_set_epi32(0, 0, 0, !0);
+        let x = _mm_xor_si128(
+            _mm_clmulepi64_si128(x, _mm_set_epi64x(0, k(96)), 0x00),
+            _mm_srli_si128(x, 8),
+        );
+        let x = _mm_xor_si128(
+            _mm_clmulepi64_si128(_mm_and_si128(x, low32), _mm_set_epi64x(0, k(64)), 0x00),
+            _mm_srli_si128(x, 4),
+        );
+        let pm = _mm_set_epi64x(MU_REFLECTED, P_REFLECTED);
+        let t1 = _mm_clmulepi64_si128(_mm_and_si128(x, low32), pm, 0x10);
+        let t2 = _mm_clmulepi64_si128(_mm_and_si128(t1, low32), pm, 0x00);
+        !(_mm_extract_epi32(_mm_xor_si128(x, t2), 1) as u32)
+    }
+
     /// The CRC register that `pad` zero bytes take to the all-ones one the CRC starts from:
     /// the register to start from when the message is taken to begin with them.
     const fn before_zeros(pad: usize) -> u32 {
@@ -270,13 +310,7 @@ mod x86 {
         let x = fold128(l0, l2, k128!(256));
         let y = fold128(l1, l3, k128!(256));
         let x = fold128(x, y, k128!(128));
-        // What is left: the 16 bytes `x` stands for (the message, as a CRC register of zero
-        // would read it).
-        let mut tail = [0u8; 16];
-        // SAFETY: `tail` has 16 writable bytes; the store takes them unaligned.
-        unsafe { _mm_storeu_si128(tail.as_mut_ptr().cast(), x) };
-        let mut h = crc32fast::Hasher::new_with_initial(!0);
-        h.update(&tail);
+        let crc = reduce(x);
         let lanes = _mm512_add_epi64(
             _mm512_cvtepu32_epi64(_mm512_castsi512_si256(sum)),
             _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(sum, 1)),
@@ -288,7 +322,7 @@ mod x86 {
         } else {
             native
         };
-        (h.finalize(), sum as u64)
+        (crc, sum as u64)
     }
 }
 
