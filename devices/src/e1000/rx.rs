@@ -4,7 +4,7 @@ use super::desc::{RxDesc, RX_WRITEBACK_OFFSET};
 use super::*;
 use crate::net::fcs::{self, FCS_LEN};
 use crate::net::guest_iov::{self, Ring};
-use crate::net::offload::{self, Layers, IPPROTO_UDP};
+use crate::net::offload::{self, Layers};
 use std::ops::Range;
 use vm_memory::ByteValued;
 
@@ -268,8 +268,10 @@ impl E1000 {
     /// Where the transport checksum RXCSUM.TUOFL asks to verify is summed: none for a UDP
     /// datagram sent without one (a zero checksum means none was computed).
     fn rx_l4_segment(&self, frame: &[u8], at: &Layers) -> Option<Range<usize>> {
-        let udp_unchecked = at.proto == IPPROTO_UDP && be16(frame, at.l4 + 6) == Some(0);
-        (self.reg(RXCSUM) & RXCSUM_TUOFL != 0 && !udp_unchecked).then_some(at.l4..at.end)
+        if self.reg(RXCSUM) & RXCSUM_TUOFL == 0 {
+            return None;
+        }
+        offload::l4_summed_range(frame, at)
     }
 
     /// Status and error bits for RXCSUM: IPv4 header and TCP/UDP checksums verified (`at`

@@ -6,7 +6,7 @@
 use super::driver::*;
 use super::phy::*;
 use super::*;
-use crate::net::offload::tests::peer_finishes;
+use crate::net::offload::tests::{peer_finishes, udp4_frame};
 use crate::net::offload::{fold, ones_sum, parse, IPPROTO_TCP};
 use crate::net::{BackendInterest, NetEvent};
 use crate::pci::PciDevice;
@@ -363,24 +363,6 @@ fn refused_sends_count_as_dropped_not_sent() {
     assert_eq!((s.tx_frames, s.backend_dropped), (2, 2));
 }
 
-/// A UDP datagram to `dst` with `payload` bytes and its checksums filled in.
-fn udp4(dst: [u8; 6], payload: usize) -> Vec<u8> {
-    let mut f = dst.to_vec();
-    f.extend_from_slice(&PEER);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let total = (28 + payload) as u16;
-    f.extend_from_slice(&[0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
-    f[16..18].copy_from_slice(&total.to_be_bytes());
-    f.extend_from_slice(&[10, 0, 2, 15, 10, 0, 2, 2, 0x9c, 0x40, 0x00, 0x35]);
-    f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend((0..payload).map(|i| (i * 5 + 1) as u8));
-    let at = parse(&f).unwrap();
-    crate::net::offload::fill_ipv4_checksum(&mut f, &at);
-    crate::net::offload::fill_l4_checksum(&mut f, &at);
-    f
-}
-
 /// The full-size frames that take the FCS's pass or not, with the status bits they always
 /// had: a VLAN tag left in the frame (the segment two words on), UDP with and without a
 /// checksum, and RCTL.SECRC (no FCS: the sum is taken alone).
@@ -399,7 +381,7 @@ fn full_size_checksum_status_in_every_kind_of_frame() {
     assert_eq!(status(&mut r, &tagged), (both, 0));
     tagged[900] ^= 1;
     assert_eq!(status(&mut r, &tagged), (both, RXD_ERR_TCPE));
-    let mut udp = udp4(MAC, 1472);
+    let mut udp = udp4_frame(MAC, 1472);
     assert_eq!(status(&mut r, &udp), (both, 0));
     udp[700] ^= 1;
     assert_eq!(status(&mut r, &udp), (both, RXD_ERR_TCPE));

@@ -198,6 +198,15 @@ pub fn ipv4_header_ok(frame: &[u8], at: &Layers) -> bool {
     at.fit(frame) && (!at.ipv4 || fold(ones_sum(&frame[at.l3..at.l4])) == 0xffff)
 }
 
+/// The transport segment whose sum verifies its checksum: none for a UDP datagram over IPv4
+/// sent without one (a zero checksum), which [`l4_summed_ok`] passes unsummed.
+pub fn l4_summed_range(frame: &[u8], at: &Layers) -> Option<std::ops::Range<usize>> {
+    let unchecked = at.proto == IPPROTO_UDP
+        && at.ipv4
+        && frame.get(at.l4 + 6..at.l4 + 8) == Some(&[0, 0][..]);
+    (!unchecked).then_some(at.l4..at.end)
+}
+
 /// Whether a received TCP/UDP checksum verifies, pseudo-header included. A zero UDP checksum
 /// over IPv4 means "none" and passes.
 pub fn l4_checksum_ok(frame: &[u8], at: &Layers) -> bool {
@@ -458,6 +467,24 @@ pub(crate) mod tests {
         f.extend_from_slice(&7u32.to_be_bytes()); // ack
         f.extend_from_slice(&[0x50, TCP_PSH | TCP_FIN | 0x10, 0xff, 0xff, 0, 0, 0, 0]);
         f.extend((0..payload).map(|i| (i * 7) as u8));
+        f
+    }
+
+    /// A UDP datagram over IPv4 from 52:54:00:12:34:57 to `dst` with `payload` bytes and
+    /// its checksums filled in.
+    pub(crate) fn udp4_frame(dst: [u8; 6], payload: usize) -> Vec<u8> {
+        let mut f = dst.to_vec();
+        f.extend_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x57, 0x08, 0x00]);
+        let total = (28 + payload) as u16;
+        f.extend_from_slice(&[0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, IPPROTO_UDP, 0, 0]);
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(&[10, 0, 2, 15, 10, 0, 2, 2, 0x9c, 0x40, 0x00, 0x35]);
+        f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend((0..payload).map(|i| (i * 5 + 1) as u8));
+        let at = parse(&f).unwrap();
+        fill_ipv4_checksum(&mut f, &at);
+        fill_l4_checksum(&mut f, &at);
         f
     }
 

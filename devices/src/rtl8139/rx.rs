@@ -306,7 +306,8 @@ impl Rtl8139 {
         let at = (cpcr & CPCR_RXCHKSUM != 0)
             .then(|| offload::parse(body).filter(|a| a.ipv4))
             .flatten();
-        let (pad, crc, l4_sum) = Self::wire_tail_summed(body, at.as_ref().map(|a| a.l4..a.end));
+        let segment = at.as_ref().and_then(|a| offload::l4_summed_range(body, a));
+        let (pad, crc, l4_sum) = Self::wire_tail_summed(body, segment);
         if cpcr & CPCR_RXCHKSUM != 0 {
             status |= checksum_status(body, at.as_ref(), l4_sum);
         }

@@ -6,7 +6,7 @@ use super::driver::*;
 use super::rx::*;
 use super::tx::*;
 use super::*;
-use crate::net::offload::{self, tests::peer_finishes, tests::tcp4_frame};
+use crate::net::offload::{self, tests::peer_finishes, tests::tcp4_frame, tests::udp4_frame};
 use crate::net::NetEvent;
 use crate::pci::PciDevice;
 use net_backends::mem::{pair, MemPeer};
@@ -507,6 +507,31 @@ fn cp_receive_checksum_status() {
     let got = d.cp_rx();
     assert_eq!(got[0].0 & (3 << 16 | RX_TCPF | RX_IPF), RX_PID_TCP);
     assert_eq!(got[1].0 & (3 << 16 | RX_TCPF), RX_PID_TCP | RX_TCPF);
+}
+
+/// UDP: a good datagram passes, a corrupted one is flagged, and one sent without a checksum
+/// (zero) passes whatever its bytes, full-size or short.
+#[test]
+fn cp_receive_udp_checksum_status() {
+    let (mut d, peer) = cp_open();
+    let mut frames = vec![];
+    for payload in [1472, 300] {
+        let good = udp4_frame(MAC, payload);
+        let mut bad = good.clone();
+        bad[200] ^= 1;
+        let mut unchecked = bad.clone();
+        unchecked[40..42].copy_from_slice(&[0, 0]);
+        frames.extend([good, bad, unchecked]);
+    }
+    for f in &frames {
+        peer.inject(f);
+    }
+    d.pump();
+    let got = d.cp_rx();
+    assert_eq!(got.len(), frames.len());
+    let status: Vec<u32> = got.iter().map(|g| g.0 & (3 << 16 | RX_UDPF | RX_IPF)).collect();
+    let (ok, failed) = (RX_PID_UDP, RX_PID_UDP | RX_UDPF);
+    assert_eq!(status, [ok, failed, ok, ok, failed, ok]);
 }
 
 /// Full-size frames, whose transport sum is taken in the CRC's pass (on CPUs with the wide
