@@ -297,7 +297,9 @@ mod x86 {
             // SAFETY: the mask takes bytes `pad..64` of the block at `start`, which are the
             // first `64 - pad` bytes of `data`; a masked load neither reads nor faults on the
             // bytes its mask leaves out, and gives zeros for them.
-            add(0, unsafe { _mm512_maskz_loadu_epi8(!0u64 << pad, start.cast()) })
+            add(0, unsafe {
+                _mm512_maskz_loadu_epi8(!0u64 << pad, start.cast())
+            })
         };
         let mut load = |o: usize| {
             let block = &data[o - pad..o - pad + 64];

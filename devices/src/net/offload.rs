@@ -201,9 +201,8 @@ pub fn ipv4_header_ok(frame: &[u8], at: &Layers) -> bool {
 /// The transport segment whose sum verifies its checksum: none for a UDP datagram over IPv4
 /// sent without one (a zero checksum), which [`l4_summed_ok`] passes unsummed.
 pub fn l4_summed_range(frame: &[u8], at: &Layers) -> Option<std::ops::Range<usize>> {
-    let unchecked = at.proto == IPPROTO_UDP
-        && at.ipv4
-        && frame.get(at.l4 + 6..at.l4 + 8) == Some(&[0, 0][..]);
+    let unchecked =
+        at.proto == IPPROTO_UDP && at.ipv4 && frame.get(at.l4 + 6..at.l4 + 8) == Some(&[0, 0][..]);
     (!unchecked).then_some(at.l4..at.end)
 }
 

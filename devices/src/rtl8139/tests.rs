@@ -529,7 +529,10 @@ fn cp_receive_udp_checksum_status() {
     d.pump();
     let got = d.cp_rx();
     assert_eq!(got.len(), frames.len());
-    let status: Vec<u32> = got.iter().map(|g| g.0 & (3 << 16 | RX_UDPF | RX_IPF)).collect();
+    let status: Vec<u32> = got
+        .iter()
+        .map(|g| g.0 & (3 << 16 | RX_UDPF | RX_IPF))
+        .collect();
     let (ok, failed) = (RX_PID_UDP, RX_PID_UDP | RX_UDPF);
     assert_eq!(status, [ok, failed, ok, ok, failed, ok]);
 }
