@@ -280,6 +280,10 @@ impl Target for Offload {
                     // two it stands for, over any range, in the frame or not.
                     let (crc, sum) = fcs::crc_and_sum(&f, Some(*from..*to));
                     assert_eq!(crc, crc32fast::hash(&f), "FCS of {} bytes", f.len());
+                    // The FCS alone, of the frame whole and in two pieces.
+                    assert_eq!(fcs::crc(&[&f]), crc, "FCS alone of {} bytes", f.len());
+                    let (a, b) = f.split_at((*from).min(f.len()));
+                    assert_eq!(fcs::crc(&[a, b]), crc, "FCS of {} bytes in two", f.len());
                     let end = (*to).min(f.len());
                     let want = offload::fold(offload::ones_sum(&f[(*from).min(end)..end]));
                     let got = sum.map(offload::fold);
