@@ -4,7 +4,7 @@
 //! over the frame where the CPU allows.
 //!
 //! The CRC is the reflected one of the polynomial 0x04C11DB7 that `crc32fast` computes. Where
-//! the CPU has AVX-512 and VPCLMULQDQ, a frame of [`WIDE_MIN`] bytes or more whose segment's
+//! the CPU has AVX-512 (F and BW) and VPCLMULQDQ, a frame of [`WIDE_MIN`] bytes or more whose segment's
 //! sum is wanted too is folded 64 bytes at a time by carry-less multiplication (the folding
 //! method of Gopal et al., "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ",
 //! Intel, 2009), and the blocks loaded for the CRC that lie inside the segment are added to
@@ -33,7 +33,7 @@ pub const WIDE_MIN: usize = 256;
 /// here below it (and well ahead below 1 KiB).
 pub const CRC_ALONE_MIN: usize = 1280;
 
-/// Frames longer than this take the two passes: the kernel's sum would overflow at 2 MiB.
+/// Frames longer than this take the two passes: the kernel's sum would overflow past 2 MiB.
 const WIDE_MAX: usize = 1 << 20;
 
 /// The CRC-32 of `parts` one after the other, as the wire carries it after a frame (a frame
@@ -60,8 +60,7 @@ pub fn crc_and_sum(frame: &[u8], sum: Option<Range<usize>>) -> (u32, Option<u64>
         r.start.min(end)..end
     });
     match sum {
-        // An odd start would pair the bytes of the blocks the other way round.
-        Some(r) if folds(frame) && r.start.is_multiple_of(2) => {
+        Some(r) if folds(frame) => {
             let (crc, sum) = one_pass(frame, r);
             (crc, Some(sum))
         }
@@ -74,26 +73,27 @@ fn folds(frame: &[u8]) -> bool {
     (WIDE_MIN..=WIDE_MAX).contains(&frame.len()) && wide()
 }
 
-/// The CRC-32 of `frame` and the sum of `frame[r]` (`r` within it, from an even offset), in
-/// one pass of the folding kernel, which must run here ([`folds`]).
+/// The CRC-32 of `frame` and the sum of `frame[r]` (`r` within it), in one pass of the
+/// folding kernel, which must run here ([`folds`]).
 fn one_pass(frame: &[u8], r: Range<usize>) -> (u32, u64) {
     // The kernel folds the frame as if `pad` zero bytes came first, so that it ends on a
     // whole block; a block's offset in the frame is its offset there less `pad`.
     let pad = frame.len().wrapping_neg() % 64;
     let lo = (r.start + pad).next_multiple_of(64);
     let hi = (r.end + pad) & !63;
-    assert!(folds(frame) && r.start.is_multiple_of(2) && r.end <= frame.len());
+    assert!(folds(frame) && r.start <= r.end && r.end <= frame.len());
     // SAFETY: `folds` found the CPU features the kernel needs.
     let (crc, blocks) = unsafe { x86::crc_and_sum(frame, pad, lo, hi) };
     if lo >= hi {
         return (crc, ones_sum(&frame[r]));
     }
     let (head, tail) = (&frame[r.start..lo - pad], &frame[hi - pad..r.end]);
-    // The blocks' words, and the tail's, begin `pad` bytes after an even offset of the
-    // segment: when that is odd they pair its bytes the other way round, and their sum is
-    // the segment's with its bytes swapped (RFC 1071 2(B)).
+    // The blocks' words begin at even offsets of the longer message, `pad` bytes before
+    // offsets of the frame, and the tail begins at one of those: when `pad + r.start` is odd
+    // they pair the segment's bytes the other way round, and their sum is the segment's
+    // with its bytes swapped (RFC 1071 2(B)).
     let after = blocks + ones_sum(tail);
-    let after = if pad.is_multiple_of(2) {
+    let after = if (pad + r.start).is_multiple_of(2) {
         after
     } else {
         u64::from(fold(after).swap_bytes())
@@ -365,7 +365,10 @@ mod tests {
     #[test]
     fn one_pass_gives_what_two_do() {
         let data = message(4200);
-        for len in (0..700).chain([1513, 1514, 1518, 1792, 2047, 2048, 2049, 4000, 4200]) {
+        let lens = [
+            1279, 1280, 1281, 1513, 1514, 1518, 1792, 2047, 2048, 2049, 4000, 4200,
+        ];
+        for len in (0..700).chain(lens) {
             let f = &data[..len];
             let ends = [
                 0,
@@ -382,7 +385,9 @@ mod tests {
                 len - len.min(1),
                 len,
             ];
-            for start in [0, 2, 14, 18, 34, 38, 54, 64, 66, 128, 130] {
+            for start in [
+                0, 1, 2, 13, 14, 18, 34, 35, 38, 54, 63, 64, 66, 127, 128, 130,
+            ] {
                 for end in ends {
                     if end < start {
                         continue;
@@ -393,14 +398,22 @@ mod tests {
                     assert_eq!(fold(sum.unwrap()), want, "len {len} sum {start}..{end}");
                 }
             }
+            // A range that goes on past the frame.
+            let (_, sum) = crc_and_sum(f, Some(len / 2..len + 100));
+            assert_eq!(
+                fold(sum.unwrap()),
+                fold(ones_sum(&f[len / 2..])),
+                "len {len}"
+            );
             assert_eq!(crc_and_sum(f, None), (crc32fast::hash(f), None));
+            assert_eq!(crc(&[f]), crc32fast::hash(f), "crc alone, len {len}");
         }
     }
 
     /// All-ones words, where a lane sum near overflow or a missed carry shows.
     #[test]
     fn sums_of_all_ones_fold_right() {
-        for len in [256, 1514, 9000, 65536] {
+        for len in [256, 1514, 9000, 65536, WIDE_MAX, WIDE_MAX + 1] {
             let f = vec![0xffu8; len];
             let (_, sum) = crc_and_sum(&f, Some(14..len));
             assert_eq!(fold(sum.unwrap()), fold(ones_sum(&f[14..])), "len {len}");
@@ -410,7 +423,24 @@ mod tests {
     #[test]
     fn the_check_value() {
         assert_eq!(crc(&[b"1234", b"56789"]), 0xcbf4_3926);
-        let long = b"123456789".repeat(40);
-        assert_eq!(crc_and_sum(&long, None).0, crc32fast::hash(&long));
+        // Long enough for the kernel, alone and with a sum (zlib gave the value).
+        let long = b"123456789".repeat(160);
+        assert_eq!(crc(&[&long]), 0xbebe_67de);
+        assert_eq!(crc_and_sum(&long, Some(34..1440)).0, 0xbebe_67de);
+    }
+
+    /// Where the CPU has what the folding kernel needs, the kernel runs; CI names those CPUs
+    /// (NICVM_EXPECT_WIDE_FCS=1), so that tests which pass through the two passes as well
+    /// cannot hide a kernel that is never taken.
+    #[test]
+    fn the_kernel_runs_where_expected() {
+        let expected = std::env::var_os("NICVM_EXPECT_WIDE_FCS").is_some_and(|v| v == "1");
+        if !wide() {
+            eprintln!("fcs: this CPU lacks AVX-512 F/BW or VPCLMULQDQ; the folding kernel is not tested here");
+        }
+        assert!(
+            wide() || !expected,
+            "NICVM_EXPECT_WIDE_FCS=1, yet the kernel does not run"
+        );
     }
 }
