@@ -280,6 +280,13 @@ impl Target for Offload {
                     // two it stands for, over any range, in the frame or not.
                     let (crc, sum) = fcs::crc_and_sum(&f, Some(*from..*to));
                     assert_eq!(crc, crc32fast::hash(&f), "FCS of {} bytes", f.len());
+                    // Every kernel this CPU runs gives the same.
+                    for &k in fcs::kernels() {
+                        let (c, s) = fcs::crc_and_sum_on(Some(k), &f, Some(*from..*to));
+                        assert_eq!(c, crc, "{k:?}: FCS of {} bytes", f.len());
+                        let (s, sum) = (s.map(offload::fold), sum.map(offload::fold));
+                        assert_eq!(s, sum, "{k:?}: sum of {from}..{to} in {} bytes", f.len());
+                    }
                     // The FCS alone, of the frame whole and in two pieces.
                     assert_eq!(fcs::crc(&[&f]), crc, "FCS alone of {} bytes", f.len());
                     let (a, b) = f.split_at((*from).min(f.len()));
