@@ -71,7 +71,9 @@ pub fn crc_and_sum(frame: &[u8], sum: Option<Range<usize>>) -> (u32, Option<u64>
     crc_and_sum_on(folds(frame), frame, sum)
 }
 
-/// [`crc_and_sum`] with `kernel` (one of [`kernels`]), or in two passes.
+/// [`crc_and_sum`] with `kernel` for the one pass where it applies (a sum asked for, a frame
+/// of [`WIDE_MIN`] bytes to 1 MiB, a kernel this CPU runs: [`kernels`]); otherwise, or with
+/// none, the two passes (whose CRC alone [`crc`] may still fold).
 pub fn crc_and_sum_on(
     kernel: Option<Kernel>,
     frame: &[u8],
@@ -82,7 +84,9 @@ pub fn crc_and_sum_on(
         r.start.min(end)..end
     });
     match (kernel, sum) {
-        (Some(k), Some(r)) if (WIDE_MIN..=WIDE_MAX).contains(&frame.len()) => {
+        (Some(k), Some(r))
+            if (WIDE_MIN..=WIDE_MAX).contains(&frame.len()) && kernels().contains(&k) =>
+        {
             let (crc, sum) = one_pass(k, frame, r);
             (crc, Some(sum))
         }
@@ -278,12 +282,16 @@ mod x86 {
     const P_REFLECTED: i64 = (POLY.reverse_bits() >> 31) as i64;
     const MU_REFLECTED: i64 = (x64_div_poly().reverse_bits() >> 31) as i64;
 
-    /// The CRC of the message `x` stands for when 128 bits are left of it (as a CRC register
-    /// of zero would read those 16 bytes): the low half moved on onto the high half (96 bits
-    /// left), the low 32 of those onto the rest (64), then a Barrett reduction to 32.
+    /// The CRC of the message when its last 64 bytes are what `lanes` stand for (as a CRC
+    /// register of zero would read them): the lanes folded into the last one, its low half
+    /// moved on onto the high half (96 bits left), the low 32 of those onto the rest (64),
+    /// then a Barrett reduction to 32.
     #[inline]
     #[target_feature(enable = "pclmulqdq,sse4.1")]
-    fn reduce(x: __m128i) -> u32 {
+    fn lanes_to_crc(lanes: [__m128i; 4]) -> u32 {
+        let x = fold128(lanes[0], lanes[2], k128!(256));
+        let y = fold128(lanes[1], lanes[3], k128!(256));
+        let x = fold128(x, y, k128!(128));
         let low32 = _mm_set_epi32(0, 0, 0, !0);
         let x = _mm_xor_si128(
             _mm_clmulepi64_si128(x, _mm_set_epi64x(0, k(96)), 0x00),
@@ -297,6 +305,13 @@ mod x86 {
         let t1 = _mm_clmulepi64_si128(_mm_and_si128(x, low32), pm, 0x10);
         let t2 = _mm_clmulepi64_si128(_mm_and_si128(t1, low32), pm, 0x00);
         !(_mm_extract_epi32(_mm_xor_si128(x, t2), 1) as u32)
+    }
+
+    /// The ones'-complement sum of the words a kernel added up in the CPU's byte order (this
+    /// module is x86's: little-endian), as the network's big-endian words sum: the sum of
+    /// words in the other byte order is the byte-swapped sum (RFC 1071 2(B)).
+    fn big_endian(native: u64) -> u64 {
+        u64::from(fold(native).swap_bytes())
     }
 
     /// The CRC register that `pad` zero bytes take to the all-ones one the CRC starts from:
@@ -385,27 +400,17 @@ mod x86 {
             acc = fold512(acc, load(o), k512!(512));
             o += 64;
         }
-        // Four lanes into one.
-        let l0 = _mm512_extracti32x4_epi32(acc, 0);
-        let l1 = _mm512_extracti32x4_epi32(acc, 1);
-        let l2 = _mm512_extracti32x4_epi32(acc, 2);
-        let l3 = _mm512_extracti32x4_epi32(acc, 3);
-        let x = fold128(l0, l2, k128!(256));
-        let y = fold128(l1, l3, k128!(256));
-        let x = fold128(x, y, k128!(128));
-        let crc = reduce(x);
+        let crc = lanes_to_crc([
+            _mm512_extracti32x4_epi32(acc, 0),
+            _mm512_extracti32x4_epi32(acc, 1),
+            _mm512_extracti32x4_epi32(acc, 2),
+            _mm512_extracti32x4_epi32(acc, 3),
+        ]);
         let lanes = _mm512_add_epi64(
             _mm512_cvtepu32_epi64(_mm512_castsi512_si256(sum)),
             _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(sum, 1)),
         );
-        let native = fold(_mm512_reduce_add_epi64(lanes) as u64);
-        // Words summed in the other byte order sum to the byte-swapped sum (RFC 1071 2(B)).
-        let sum = if cfg!(target_endian = "little") {
-            native.swap_bytes()
-        } else {
-            native
-        };
-        (crc, sum as u64)
+        (crc, big_endian(_mm512_reduce_add_epi64(lanes) as u64))
     }
     /// [`crc_and_sum`] with 256-bit vectors (AVX2): each 64-byte block in two halves.
     ///
@@ -417,8 +422,8 @@ mod x86 {
         let n = data.len() + pad;
         assert!(data.len() >= super::WIDE_MIN && pad < 64 && n.is_multiple_of(64));
         let low16 = _mm256_set1_epi32(0xffff);
-        // As in the 512-bit kernel, a sum for each half: a 32-bit lane takes 2 * 0xffff a
-        // block and holds the sum of 2^15 blocks.
+        // A sum for each half, so that a 32-bit lane takes 2 * 0xffff a block, as in the
+        // 512-bit kernel, and holds the sum of 2^15 blocks.
         let mut sums = [_mm256_setzero_si256(); 2];
         let mut add = |o: usize, v: [__m256i; 2]| {
             if o >= lo && o + 64 <= hi {
@@ -463,14 +468,12 @@ mod x86 {
             acc = fold256x2(acc, load(o), k256!(512));
             o += 64;
         }
-        let l0 = _mm256_extracti128_si256(acc[0], 0);
-        let l1 = _mm256_extracti128_si256(acc[0], 1);
-        let l2 = _mm256_extracti128_si256(acc[1], 0);
-        let l3 = _mm256_extracti128_si256(acc[1], 1);
-        let x = fold128(l0, l2, k128!(256));
-        let y = fold128(l1, l3, k128!(256));
-        let x = fold128(x, y, k128!(128));
-        let crc = reduce(x);
+        let crc = lanes_to_crc([
+            _mm256_extracti128_si256(acc[0], 0),
+            _mm256_extracti128_si256(acc[0], 1),
+            _mm256_extracti128_si256(acc[1], 0),
+            _mm256_extracti128_si256(acc[1], 1),
+        ]);
         let mut lanes = _mm256_setzero_si256();
         for sum in sums {
             lanes = _mm256_add_epi64(
@@ -484,14 +487,7 @@ mod x86 {
         let mut total = [0u64; 4];
         // SAFETY: `total` has 32 writable bytes; the store takes them unaligned.
         unsafe { _mm256_storeu_si256(total.as_mut_ptr().cast(), lanes) };
-        let native = fold(total.iter().sum());
-        // Words summed in the other byte order sum to the byte-swapped sum (RFC 1071 2(B)).
-        let sum = if cfg!(target_endian = "little") {
-            native.swap_bytes()
-        } else {
-            native
-        };
-        (crc, sum as u64)
+        (crc, big_endian(total.iter().sum()))
     }
 }
 
