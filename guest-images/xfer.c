@@ -8,6 +8,8 @@
  *   xfer recv PORT            listen (NICVM-LISTEN port=PORT once it does), accept one
  *                             connection, count what arrives until EOF:
  *                             NICVM-RECV port=PORT bytes=N fnv1a64=HEX
+ *                             (or, when accept fails, bytes=0 ... result=fail step=accept
+ *                             errno=E)
  *   xfer send ADDR PORT BYTES send BYTES of the xorshift64 stream the tests also generate:
  *                             NICVM-SENT addr=ADDR port=PORT bytes=N fnv1a64=HEX result=ok
  *                             or, with the bytes written so far,
@@ -129,8 +131,16 @@ static int do_recv(const char *port_s)
 	char ready[64], *q = ready;
 	q = put(q, "NICVM-LISTEN port="); q = put(q, port_s); q = put(q, "\n"); *q = 0;
 	out(ready);	/* only now: a peer that connects after this line is accepted */
-	long c = sys(SYS_accept, s, 0, 0, 0, 0);
-	if (c < 0) return 1;
+	long c;
+	do c = sys(SYS_accept, s, 0, 0, 0, 0); while (c == -4);	/* EINTR */
+	if (c < 0) {	/* say so: a missing line tells nothing */
+		char line[96], *p = line;
+		p = put(p, "NICVM-RECV port="); p = put(p, port_s);
+		p = put(p, " bytes=0 fnv1a64=0 result=fail step=accept errno=");
+		p = put_dec(p, (u64)-c); p = put(p, "\n"); *p = 0;
+		out(line);
+		return 1;
+	}
 	for (;;) {
 		long n = sys(SYS_read, c, (long)buf, sizeof(buf), 0, 0);
 		if (n == -4) continue;	/* EINTR */
