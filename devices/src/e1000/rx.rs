@@ -117,6 +117,7 @@ impl E1000 {
         // pass over the frame, when the frame goes to the guest as it came.
         let at = self.rx_csum_layers(frame);
         let segment = at.as_ref().and_then(|at| self.rx_l4_segment(frame, at));
+        let l4_checked = segment.is_some();
         let with_fcs = rctl & RCTL_SECRC == 0;
         let (fcs, l4_sum) = match (with_fcs, strip || !pad.is_empty()) {
             (true, false) => fcs::crc_and_sum(frame, segment),
@@ -152,7 +153,7 @@ impl E1000 {
             return Rx::NoRoom;
         }
 
-        let (mut status, errors) = self.rx_checksum(frame, at.as_ref(), l4_sum);
+        let (mut status, errors) = self.rx_checksum(frame, at.as_ref(), l4_checked, l4_sum);
         let mut special = 0;
         if strip {
             status |= RXD_STAT_VP;
@@ -275,8 +276,15 @@ impl E1000 {
     }
 
     /// Status and error bits for RXCSUM: IPv4 header and TCP/UDP checksums verified (`at`
-    /// from [`Self::rx_csum_layers`]; `l4_sum` the segment's sum, when already taken).
-    fn rx_checksum(&self, frame: &[u8], at: Option<&Layers>, l4_sum: Option<u64>) -> (u8, u8) {
+    /// from [`Self::rx_csum_layers`]; `l4_checked` whether [`Self::rx_l4_segment`] gave a
+    /// segment, `l4_sum` its sum, when already taken).
+    fn rx_checksum(
+        &self,
+        frame: &[u8],
+        at: Option<&Layers>,
+        l4_checked: bool,
+        l4_sum: Option<u64>,
+    ) -> (u8, u8) {
         let rxcsum = self.reg(RXCSUM);
         if rxcsum & (RXCSUM_IPOFL | RXCSUM_TUOFL) == 0 {
             return (RXD_STAT_IXSM, 0);
@@ -291,7 +299,7 @@ impl E1000 {
                 errors |= RXD_ERR_IPE;
             }
         }
-        if self.rx_l4_segment(frame, at).is_some() {
+        if l4_checked {
             status |= RXD_STAT_TCPCS;
             if !offload::l4_summed_ok(frame, at, l4_sum) {
                 errors |= RXD_ERR_TCPE;

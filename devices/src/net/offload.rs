@@ -218,12 +218,11 @@ pub fn l4_summed_ok(frame: &[u8], at: &Layers, sum: Option<u64>) -> bool {
     if !at.fit(frame) {
         return false;
     }
-    if at.proto == IPPROTO_UDP && at.ipv4 && frame[at.l4 + 6..at.l4 + 8] == [0, 0] {
+    let Some(segment) = l4_summed_range(frame, at) else {
         return true;
-    }
-    let l4_len = at.end - at.l4;
-    let sum = sum.unwrap_or_else(|| ones_sum(&frame[at.l4..at.end]));
-    fold(pseudo_sum(frame, at, l4_len) + sum) == 0xffff
+    };
+    let sum = sum.unwrap_or_else(|| ones_sum(&frame[segment]));
+    fold(pseudo_sum(frame, at, at.end - at.l4) + sum) == 0xffff
 }
 
 /// Where the host kernel accepts a checksum to start at the earliest (an IPv4 header's length).
