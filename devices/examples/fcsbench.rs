@@ -1,8 +1,8 @@
 //! The FCS kernels alone, in cache: ns per frame for `crc32fast`, each folding kernel this CPU
 //! runs for the CRC alone and for the CRC with the sum of a TCP segment (from byte 34), and
 //! the two passes (`crc32fast`, then `ones_sum`), at lengths from 64 to 1514 bytes. The best
-//! of seven rounds of 200 000 calls each. The figures in `devices/src/net/fcs.rs` and the
-//! README come from it.
+//! of seven rounds of 200 000 calls each. The Intel Xeon figures in `devices/src/net/fcs.rs`
+//! and the README come from it (the AMD EPYC ones from an earlier, uncommitted loop).
 //!
 //! Usage: fcsbench
 
@@ -49,6 +49,8 @@ fn main() {
         print!("| {len} | {crc:.1} | {two:.1} |");
         for &k in kernels {
             // Below `fcs::WIDE_MIN` a kernel is not taken: these are the two passes again.
+            // From there on the kernel runs, also the 256-bit one below `fcs::WIDE_MIN_AVX2`,
+            // where `crc_and_sum` would not take it: that is how its losses there are seen.
             let alone = time(|| {
                 black_box(fcs::crc_and_sum_on(Some(k), black_box(frame), Some(0..0)));
             });

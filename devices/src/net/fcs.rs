@@ -5,9 +5,10 @@
 //!
 //! The CRC is the reflected one of the polynomial 0x04C11DB7 that `crc32fast` computes. Where
 //! the CPU has VPCLMULQDQ with AVX-512 (F and BW) or AVX2, a frame of [`WIDE_MIN`] bytes or
-//! more ([`WIDE_MIN_AVX2`] with AVX2 alone) whose segment's sum is wanted too is folded 64 bytes at a time by carry-less
-//! multiplication (the folding method of Gopal et al., "Fast CRC Computation for Generic
-//! Polynomials Using PCLMULQDQ", Intel, 2009), in one 512-bit vector or two 256-bit ones, and
+//! more ([`WIDE_MIN_AVX2`] with AVX2 alone) whose segment's sum is wanted too is folded 64
+//! bytes at a time by carry-less multiplication (the folding method of Gopal et al., "Fast
+//! CRC Computation for Generic Polynomials Using PCLMULQDQ", Intel, 2009), in one 512-bit
+//! vector or two 256-bit ones, and
 //! the blocks loaded for the CRC that lie inside the segment are added to the sum as they
 //! pass. The frame is folded as if zero bytes came before it, as many as make it end on a
 //! whole block (the first block is loaded masked, or copied after zeros where there is no
@@ -33,7 +34,10 @@ use std::sync::OnceLock;
 /// Bytes of the frame check sequence.
 pub const FCS_LEN: usize = 4;
 
-/// Frames shorter than this take the two passes: the vector set-up costs more than it saves.
+/// Frames shorter than this take the two passes where the 512-bit kernel is the fastest the
+/// CPU has, and whatever kernel is named to [`crc_and_sum_on`]: the vector set-up costs more
+/// than it saves (on an AMD EPYC; on an Intel Xeon the kernel is still 2-4 ns behind up to 384
+/// bytes).
 pub const WIDE_MIN: usize = 256;
 
 /// Frames shorter than this take the two passes where the 256-bit kernel is the fastest the
@@ -83,7 +87,8 @@ pub fn crc_and_sum(frame: &[u8], sum: Option<Range<usize>>) -> (u32, Option<u64>
 
 /// [`crc_and_sum`] with `kernel` for the one pass where it applies (a sum asked for, a frame
 /// of [`WIDE_MIN`] bytes to 1 MiB, a kernel this CPU runs: [`kernels`]); otherwise, or with
-/// none, the two passes (whose CRC alone [`crc`] may still fold).
+/// none, the two passes (whose CRC alone [`crc`] may still fold). Unlike [`crc_and_sum`], it
+/// runs the 256-bit kernel from [`WIDE_MIN`] bytes too: tests and benchmarks time it there.
 pub fn crc_and_sum_on(
     kernel: Option<Kernel>,
     frame: &[u8],
@@ -111,11 +116,12 @@ fn folds(frame: &[u8]) -> Option<Kernel> {
 
 /// Whether a CPU whose fastest kernel is `first` folds a frame of `len` bytes with it.
 fn folds_with(first: Option<Kernel>, len: usize) -> Option<Kernel> {
-    let min = match first? {
+    let k = first?;
+    let min = match k {
         Kernel::Avx512 => WIDE_MIN,
         Kernel::Avx2 => WIDE_MIN_AVX2,
     };
-    (min..=WIDE_MAX).contains(&len).then_some(first?)
+    (min..=WIDE_MAX).contains(&len).then_some(k)
 }
 
 /// The CRC-32 of `frame` and the sum of `frame[r]` (`r` within it), in one pass of `kernel`,
@@ -603,9 +609,6 @@ mod tests {
         }
     }
 
-    /// Where the CPU has what the folding kernels need, they run; CI names those CPUs
-    /// (NICVM_EXPECT_WIDE_FCS=1: AVX-512 F and BW, AVX2 and VPCLMULQDQ), so that tests which
-    /// pass through the two passes as well cannot hide a kernel that is never taken.
     /// Each kernel takes frames from the length where it beats the two passes.
     #[test]
     fn each_kernel_takes_frames_from_where_it_wins() {
@@ -627,6 +630,9 @@ mod tests {
         }
     }
 
+    /// Where the CPU has what the folding kernels need, they run; CI names those CPUs
+    /// (NICVM_EXPECT_WIDE_FCS=1: AVX-512 F and BW, AVX2 and VPCLMULQDQ), so that tests which
+    /// pass through the two passes as well cannot hide a kernel that is never taken.
     #[test]
     fn the_kernels_run_where_expected() {
         let expected = std::env::var_os("NICVM_EXPECT_WIDE_FCS").is_some_and(|v| v == "1");
