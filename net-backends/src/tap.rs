@@ -542,7 +542,7 @@ impl NetBackend for Tap {
         }
     }
 
-    /// Up to [`BATCH`] frames per system call through an io_uring; one by one where there
+    /// Up to `BATCH` frames per system call through an io_uring; one by one where there
     /// is none, for a single frame, and once the interface is gone.
     fn send_batch(&mut self, iov: &[IoSlice<'_>], ends: &[usize], out: &mut Vec<io::Result<()>>) {
         let mut done = 0;
@@ -631,7 +631,7 @@ impl NetBackend for Tap {
         }
     }
 
-    /// Up to [`BATCH`] reads per system call through an io_uring; one by one where there is
+    /// Up to `BATCH` reads per system call through an io_uring; one by one where there is
     /// none, and for a single frame.
     fn recv_batch(
         &mut self,

@@ -1,6 +1,6 @@
 //! virtio-net-pci (virtio 1.0, 5.1): RX and TX split virtqueues (one pair per queue of the
 //! backend; more than one in use only with `mq=on` and VIRTIO_NET_F_MQ), the control virtqueue
-//! (receive filter, MAC tables, queue pairs: [`ctrl`]), MAC and link status in config space,
+//! (receive filter, MAC tables, queue pairs: `ctrl.rs`), MAC and link status in config space,
 //! mergeable RX buffers, event-index suppression, and checksum/TSO offloads offered only when
 //! the backend carries a virtio-net header.
 //!
