@@ -28,9 +28,14 @@
 //! frame the model sent (count and bytes), the driver every completion and every received
 //! frame; anything else aborts the run.
 //!
+//! Last, the models' own work: the same drivers and cases on a backend that makes no system
+//! calls (`Canned`), so that what a model adds to the floor's syscalls is seen apart from
+//! them (the model's figure above less this is about what its syscalls cost).
+//!
 //! Runs in a private network namespace (needs root); the taps vanish with the process.
-//! Usage: netbench [--quick] [--json] [FRAMES] [FRAME_LEN]
-//!   (defaults: 200000 frames of 1514 bytes; --quick: 3000 frames; --json: JSON on stdout)
+//! Usage: netbench [--quick] [--json] [--user] [FRAMES] [FRAME_LEN]
+//!   (defaults: 200000 frames of 1514 bytes; --quick: 3000 frames; --json: JSON on stdout;
+//!   --user: only the models' own work, which needs no root and no tap)
 
 use devices::e1000;
 use devices::net::offload::{fill_ipv4_checksum, fill_l4_checksum, fold, ones_sum, parse};
@@ -45,6 +50,8 @@ use net_backends::vnet::*;
 use net_backends::NetBackend;
 use std::net::UdpSocket;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -559,6 +566,21 @@ struct Cp {
     opts1: u32,
 }
 
+impl Cp {
+    /// The NIC brought up as 8139cp does.
+    fn new(backend: Box<dyn NetBackend>) -> Cp {
+        let mut d = rtl8139::driver::Driver::new(backend, true);
+        d.probe();
+        d.open_cp(0);
+        Cp {
+            d,
+            mode: Mode::Plain,
+            frame: vec![],
+            opts1: 0,
+        }
+    }
+}
+
 /// 8139cp maps one page per descriptor: a large send takes this many bytes a descriptor.
 const CP_FRAG: usize = 4096;
 
@@ -635,6 +657,21 @@ struct Too {
 }
 
 impl Too {
+    /// The NIC brought up as 8139too does.
+    fn new(backend: Box<dyn NetBackend>) -> Too {
+        let mut d = rtl8139::driver::Driver::new(backend, false);
+        d.probe();
+        d.open_too(0);
+        Too {
+            d,
+            len: 0,
+            queued: 0,
+            sent: 0,
+            reclaimed: 0,
+            reported: 0,
+        }
+    }
+
     /// rtl8139_tx_interrupt: ack, then take back every slot sent and not yet reclaimed.
     /// The driver's TX interrupt: the ack and the slots reclaimed (the frames they queued
     /// wait for the I/O thread's turn, which a TSD write asked for).
@@ -1396,15 +1433,17 @@ fn two_queues(len: usize, rounds: usize) -> [Queues; 2] {
 fn main() {
     let mut json = false;
     let mut quick = false;
+    let mut user = false;
     let mut nums = vec![];
     for a in std::env::args().skip(1) {
         match a.as_str() {
             "--json" => json = true,
             "--quick" => quick = true,
+            "--user" => user = true,
             _ => match a.parse::<usize>() {
                 Ok(v) => nums.push(v),
                 Err(_) => {
-                    eprintln!("usage: netbench [--quick] [--json] [FRAMES] [FRAME_LEN]");
+                    eprintln!("usage: netbench [--quick] [--json] [--user] [FRAMES] [FRAME_LEN]");
                     std::process::exit(1);
                 }
             },
@@ -1416,6 +1455,11 @@ fn main() {
         .unwrap_or(if quick { 3000 } else { 200_000 })
         .max(1);
     let len = nums.get(1).copied().unwrap_or(1514).clamp(60, 1514);
+    if user {
+        let clock = Clock::calibrate();
+        print_own_work(&own_work(&clock, n, len), &clock, len);
+        return;
+    }
     // SAFETY: unshare only changes this process's namespaces.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         eprintln!(
@@ -1456,35 +1500,30 @@ fn main() {
         &mut rows,
     );
     let (tap, side) = t2;
-    let mut d = rtl8139::driver::Driver::new(Box::new(tap), true);
-    d.probe();
-    d.open_cp(0);
-    let mut cp = Cp {
-        d,
-        mode: Mode::Plain,
-        frame: vec![],
-        opts1: 0,
-    };
-    run_model(&mut cp, &side, &clock, n, len, &mut rows);
+    run_model(
+        &mut Cp::new(Box::new(tap)),
+        &side,
+        &clock,
+        n,
+        len,
+        &mut rows,
+    );
     let (tap, side) = t3;
-    let mut d = rtl8139::driver::Driver::new(Box::new(tap), false);
-    d.probe();
-    d.open_too(0);
-    let mut too = Too {
-        d,
-        len: 0,
-        queued: 0,
-        sent: 0,
-        reclaimed: 0,
-        reported: 0,
-    };
-    run_model(&mut too, &side, &clock, n, len, &mut rows);
+    run_model(
+        &mut Too::new(Box::new(tap)),
+        &side,
+        &clock,
+        n,
+        len,
+        &mut rows,
+    );
 
     let mq = two_queues(len, (n / (2 * MQ_FRAMES)).clamp(10, 200));
     let m = n.min(50_000);
     let (slirp, udp_floor, got) = slirp_tx(len, m);
     let (_tap, side) = t4;
     let batched = batched_floor(&side, &clock, &rx_frame(len), n);
+    let own = own_work(&clock, n, len);
 
     if json {
         let items: Vec<String> = rows
@@ -1530,6 +1569,22 @@ fn main() {
             })
             .collect();
         println!("  \"uring_floor\": [\n{}\n  ],", b.join(",\n"));
+        let o: Vec<String> = own
+            .iter()
+            .map(|r| {
+                let cells: Vec<String> = OWN_WORK_CASES
+                    .iter()
+                    .zip(&r.ns)
+                    .filter_map(|(case, v)| Some(format!("\"{case}\": {:.0}", (*v)?)))
+                    .collect();
+                format!(
+                    "    {{\"model\": \"{}\", \"ns_per_frame\": {{{}}}}}",
+                    r.model,
+                    cells.join(", ")
+                )
+            })
+            .collect();
+        println!("  \"own_work\": [\n{}\n  ],", o.join(",\n"));
         let q: Vec<String> = mq
             .iter()
             .map(|q| {
@@ -1588,6 +1643,8 @@ fn main() {
             r.model_ns / r.floor_ns
         );
     }
+    println!();
+    print_own_work(&own, &clock, len);
     if let Some(batched) = &batched {
         println!();
         println!(
@@ -1639,4 +1696,189 @@ fn main() {
         "| TX (ring -> slirp -> host socket) | {slirp:.0} | {udp_floor:.0} | {:.2} | {got}/{m} |",
         slirp / udp_floor
     );
+}
+
+/// A backend that makes no system calls, for the models' own share of the work
+/// (`--user`): it takes every frame sent (counting them) and hands over `pending` copies of
+/// one frame. The frame is copied into a receive slot only the first time the slot is used;
+/// after that the slot still holds it (models read received frames, never write them: the
+/// checks on every delivered frame would see it otherwise).
+/// Its counters are shared with the bench's thread, the only one there is (so loads and
+/// stores, not read-modify-writes).
+struct Canned {
+    frame: Vec<u8>,
+    pending: Arc<AtomicUsize>,
+    sent: Arc<[AtomicU64; 2]>,
+    filled: Vec<bool>,
+    ready: vmm_sys_util::eventfd::EventFd,
+}
+
+impl Canned {
+    fn take(&self) -> bool {
+        let n = self.pending.load(Relaxed);
+        self.pending.store(n.saturating_sub(1), Relaxed);
+        n > 0
+    }
+}
+
+impl NetBackend for Canned {
+    fn capabilities(&self) -> net_backends::Capabilities {
+        net_backends::Capabilities {
+            vnet_hdr: true,
+            offloads: net_backends::Offloads::ALL,
+        }
+    }
+    fn send(&mut self, frame: &[std::io::IoSlice<'_>]) -> std::io::Result<()> {
+        let len: usize = frame.iter().map(|s| s.len()).sum();
+        let [n, b] = &*self.sent;
+        n.store(n.load(Relaxed) + 1, Relaxed);
+        b.store(b.load(Relaxed) + len as u64, Relaxed);
+        Ok(())
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        if !self.take() {
+            return Ok(None);
+        }
+        let n = self.frame.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.frame[..n]);
+        Ok(Some(self.frame.len()))
+    }
+    fn recv_batch(
+        &mut self,
+        slab: &mut [u8],
+        slot: usize,
+        n: usize,
+        frames: &mut Vec<(usize, usize)>,
+    ) -> std::io::Result<()> {
+        for i in 0..n.min(slab.len() / slot) {
+            if !self.take() {
+                break;
+            }
+            if self.filled.len() <= i {
+                self.filled.resize(i + 1, false);
+            }
+            if !std::mem::replace(&mut self.filled[i], true) {
+                slab[i * slot..i * slot + self.frame.len()].copy_from_slice(&self.frame);
+            }
+            frames.push((i, self.frame.len()));
+        }
+        Ok(())
+    }
+    fn fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.ready.as_raw_fd()
+    }
+}
+
+/// The models' own work per frame, measured on [`Canned`]: TX, TX with checksum offload,
+/// RX in bursts and RX one frame per wake-up (as `run_model`'s cases, with nothing to
+/// compare with: this is what a model adds to the syscalls of the floor).
+struct OwnWork {
+    model: &'static str,
+    ns: [Option<f64>; 4],
+}
+
+const OWN_WORK_CASES: [&str; 4] = ["TX", "TX csum", "RX", "RX 1/wake-up"];
+
+fn own_work(clock: &Clock, n: usize, len: usize) -> Vec<OwnWork> {
+    let rx = rx_frame(len);
+    let tx = tcp_frame(len);
+    let mut wire = vec![0u8; VNET_HDR_LEN];
+    wire.extend_from_slice(&rx);
+    let mut rows = vec![];
+    for which in 0..4 {
+        let pending = Arc::new(AtomicUsize::new(0));
+        let sent = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let sent_now = || [sent[0].load(Relaxed), sent[1].load(Relaxed)];
+        let backend = Box::new(Canned {
+            frame: wire.clone(),
+            pending: pending.clone(),
+            sent: sent.clone(),
+            filled: vec![],
+            ready: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        });
+        let mut nic: Box<dyn Nic> = match which {
+            0 => Box::new(Virtio::new(backend)),
+            1 => Box::new(E1000::new(backend)),
+            2 => Box::new(Cp::new(backend)),
+            _ => Box::new(Too::new(backend)),
+        };
+        let mut ns = [None; 4];
+        for (i, mode) in [Mode::Plain, Mode::Csum].into_iter().enumerate() {
+            if !nic.modes().contains(&mode) {
+                continue;
+            }
+            nic.tx_prepare(mode, &tx);
+            let batch = nic.tx_batch();
+            let (s0, mut t, mut done) = (sent_now(), 0.0, 0);
+            while done < n {
+                let k = batch.min(n - done);
+                nic.tx_queue(k);
+                t += clock.time(|| nic.tx_kick());
+                if nic.tx_reclaim() != k {
+                    fail(format!(
+                        "{} own work: a TX batch did not complete",
+                        nic.name()
+                    ));
+                }
+                done += k;
+            }
+            let s = sent_now();
+            if s[0] - s0[0] != n as u64 || s[1] - s0[1] != (n * (VNET_HDR_LEN + len)) as u64 {
+                fail(format!(
+                    "{} own work: {} frames sent",
+                    nic.name(),
+                    s[0] - s0[0]
+                ));
+            }
+            ns[i] = Some(t / n as f64);
+        }
+        for (i, (burst, frames)) in [(usize::MAX, n), (1, n.div_ceil(4))]
+            .into_iter()
+            .enumerate()
+        {
+            let batch = nic.rx_batch().min(burst);
+            let (mut t, mut done) = (0.0, 0);
+            while done < frames {
+                let b = batch.min(frames - done);
+                pending.store(b, Relaxed);
+                let mut got = 0;
+                while got < b {
+                    t += clock.time(|| nic.rx_pump());
+                    let g = nic.rx_reclaim(len);
+                    if g == 0 {
+                        fail(format!("{} own work: RX stalled", nic.name()));
+                    }
+                    got += g;
+                }
+                done += b;
+            }
+            if nic.stats().rx_dropped != 0 {
+                fail(format!("{} own work: frames dropped", nic.name()));
+            }
+            ns[2 + i] = Some(t / frames as f64);
+        }
+        rows.push(OwnWork {
+            model: nic.name(),
+            ns,
+        });
+    }
+    rows
+}
+
+fn print_own_work(rows: &[OwnWork], clock: &Clock, len: usize) {
+    println!(
+        "The models' own work: host CPU ns per {len}-byte frame on a backend that makes no \
+         system calls (the same drivers and cases; thread CPU, clock cost {:.0} ns subtracted)",
+        clock.overhead
+    );
+    println!("| model | {} |", OWN_WORK_CASES.join(" | "));
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        let cells: Vec<String> =
+            r.ns.iter()
+                .map(|v| v.map_or(String::new(), |v| format!("{v:.0}")))
+                .collect();
+        println!("| {} | {} |", r.model, cells.join(" | "));
+    }
 }
