@@ -705,7 +705,10 @@ impl NicModel for Rtl8139 {
             data.fill(0xff);
             return;
         }
-        let tctr = self.tctr();
+        // TCTR's value is the clock's: read once for an access that covers it, and not for
+        // the others (ISR and TSD reads come with every frame).
+        let covers_tctr = off < TCTR + 4 && TCTR < off + data.len();
+        let tctr = if covers_tctr { self.tctr() } else { 0 };
         for (i, d) in data.iter_mut().enumerate() {
             *d = self.read_byte(off + i, tctr);
         }
