@@ -6,6 +6,7 @@
 //!   address/data pair; raising it is a write to that GSI's irqfd.
 
 use std::io;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,17 +25,30 @@ pub trait IrqChip: Send + Sync {
     fn route_msi(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()>;
 }
 
-/// One level-triggered line as a device holds it.
-#[derive(Clone)]
+/// One level-triggered line as a device holds it. The chip hears only changes of level:
+/// devices re-drive their line after every register access that may move it, and most
+/// leave it where it was (each call into the chip takes its lock). One line per (gsi,
+/// source), owned by its device (not `Clone`: a second holder would make the level this
+/// line last drove stale).
 pub struct IntxLine {
     chip: Arc<dyn IrqChip>,
     gsi: u32,
     source: u32,
+    /// The level last driven: [`UNDRIVEN`], or 1 + asserted.
+    driven: AtomicU8,
 }
+
+/// An [`IntxLine`] that has not driven its level yet (the chip's state for it is not known).
+const UNDRIVEN: u8 = 0;
 
 impl IntxLine {
     pub fn new(chip: Arc<dyn IrqChip>, gsi: u32, source: u32) -> Self {
-        Self { chip, gsi, source }
+        Self {
+            chip,
+            gsi,
+            source,
+            driven: AtomicU8::new(UNDRIVEN),
+        }
     }
 
     pub fn gsi(&self) -> u32 {
@@ -42,7 +56,12 @@ impl IntxLine {
     }
 
     pub fn set(&self, asserted: bool) {
-        self.chip.set_level(self.gsi, self.source, asserted);
+        let level = 1 + asserted as u8;
+        // The device calls this under its own lock: a load and a store, not a swap.
+        if self.driven.load(Ordering::Relaxed) != level {
+            self.driven.store(level, Ordering::Relaxed);
+            self.chip.set_level(self.gsi, self.source, asserted);
+        }
     }
 }
 
@@ -99,5 +118,46 @@ impl IrqChip for RecordingIrqChip {
     fn route_msi(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
         self.inner.lock().unwrap().routes.insert(gsi, msg);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A chip that keeps every call it gets.
+    #[derive(Default)]
+    struct Calls(Mutex<Vec<(u32, u32, bool)>>);
+
+    impl IrqChip for Calls {
+        fn set_level(&self, gsi: u32, source: u32, asserted: bool) {
+            self.0.lock().unwrap().push((gsi, source, asserted));
+        }
+        fn alloc_msi(&self) -> io::Result<(u32, EventFd)> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+        fn route_msi(&self, _: u32, _: Option<MsiMessage>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_line_tells_the_chip_its_changes_only() {
+        let chip = Arc::new(Calls::default());
+        let line = IntxLine::new(chip.clone(), 10, 3);
+        // The first level goes whatever it is: the chip's state is not known before.
+        line.set(false);
+        line.set(false);
+        line.set(true);
+        line.set(true);
+        line.set(true);
+        line.set(false);
+        let other = IntxLine::new(chip.clone(), 10, 4);
+        other.set(true);
+        assert_eq!(
+            *chip.0.lock().unwrap(),
+            [(10, 3, false), (10, 3, true), (10, 3, false), (10, 4, true)]
+        );
     }
 }
