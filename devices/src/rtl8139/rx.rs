@@ -11,7 +11,7 @@ use crate::net::fcs;
 use crate::net::guest_iov::{self, Ring};
 use crate::net::offload::{self, Layers};
 use std::ops::Range;
-use vm_memory::{ByteValued, Bytes, GuestAddress};
+use vm_memory::{ByteValued, GuestAddress};
 
 // Normal-mode packet header status (RSR).
 pub const RSR_ROK: u16 = 1 << 0;
@@ -34,6 +34,8 @@ pub const RX_LEN_MASK: u32 = 0x1fff;
 pub const RX_TAVA: u32 = 1 << 16;
 
 const ETH_ZLEN: usize = 60;
+/// The longest C+ receive ring, in bytes (how far a walk may go before EOR).
+const CP_RING_BYTES: usize = CP_RING_MAX as usize * DESC_SIZE as usize;
 /// The longest frame of a 1500-byte MTU with a VLAN tag, FCS not counted.
 const ETH_MAX_TAGGED: usize = 1518;
 const CRC_LEN: usize = 4;
@@ -98,12 +100,14 @@ impl Rtl8139 {
             return (free.saturating_sub(1) / need).min(max);
         }
         let base = self.get64(RDSAR);
+        // SAFETY: the ring is used with self.mem only and dropped before this returns.
+        let ring = unsafe { Ring::new(&self.mem, GuestAddress(base), CP_RING_BYTES) };
         let mut idx = self.cp_rx_index;
         let mut owned = 0;
         while owned < max {
             let at = GuestAddress(base.wrapping_add(idx as u64 * DESC_SIZE));
-            match self.mem.read_obj::<u32>(at) {
-                Ok(opts1) if u32::from_le(opts1) & DESC_OWN != 0 => {
+            match ring.read::<u32>(&self.mem, at) {
+                Some(opts1) if u32::from_le(opts1) & DESC_OWN != 0 => {
                     owned += 1;
                     idx = next_index(idx, u32::from_le(opts1));
                 }
@@ -321,9 +325,8 @@ impl Rtl8139 {
     fn cp_place(&mut self, port: &mut NetPort, parts: &[&[u8]], status: u32, opts2: u32) -> Rx {
         let wire_len: usize = parts.iter().map(|p| p.len()).sum();
         let base = self.get64(RDSAR);
-        let ring_len = CP_RING_MAX as usize * DESC_SIZE as usize;
         // SAFETY: the ring is dropped when this frame is placed; `self.mem` outlives it.
-        let ring = unsafe { Ring::new(&self.mem, GuestAddress(base), ring_len) };
+        let ring = unsafe { Ring::new(&self.mem, GuestAddress(base), CP_RING_BYTES) };
         let mut descs = std::mem::take(&mut self.rx_descs);
         descs.clear();
         let mut idx = self.cp_rx_index;

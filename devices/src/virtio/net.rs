@@ -26,7 +26,8 @@
 use super::transport::*;
 use super::*;
 use crate::interrupt::{IntxLine, IrqChip};
-use crate::net::{guest_iov, NetPort, NicModel, Rx, RxFilter};
+use crate::net::guest_iov::{self, GuestRam};
+use crate::net::{NetPort, NicModel, Rx, RxFilter};
 use crate::pci::{BarKind, Msix, PciConfig};
 use crate::snapshot::{RestoreError, State};
 use net_backends::vnet::{VnetHdr, VNET_HDR_LEN};
@@ -122,7 +123,7 @@ pub struct VirtioNet {
     ioevents: Arc<dyn IoEventRegistry>,
     /// Where the notify addresses are registered (BAR 4 base), if anywhere.
     registered_bar: Option<u64>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     /// The address the driver uses (config space; VIRTIO_NET_CTRL_MAC_ADDR_SET changes it).
     mac: MacAddr,
     /// The address the device was given (`mac=`): what a reset goes back to.
@@ -273,7 +274,7 @@ impl VirtioNet {
             intx,
             ioevents,
             registered_bar: None,
-            mem,
+            mem: GuestRam(mem),
             mac,
             configured_mac: mac,
             vnet_hdr: caps.vnet_hdr,
@@ -1509,7 +1510,7 @@ enum TxWalk {
 /// ends the walk with its error, after the frames before it went.
 #[allow(clippy::too_many_arguments)]
 fn transmit_chains<'m>(
-    mem: &'m GuestMemoryMmap,
+    mem: &'m GuestRam,
     q: &mut Queue,
     port: &mut NetPort,
     vnet_hdr: bool,
@@ -1569,8 +1570,8 @@ fn transmit_chains<'m>(
 /// Appends one TX chain's frame to `iov` (its pieces from `start` on): the buffers as they
 /// lie in guest memory, without the virtio-net header when the backend carries none.
 fn gather_chain<'m>(
-    mem: &'m GuestMemoryMmap,
-    chain: virtio_queue::DescriptorChain<&'m GuestMemoryMmap>,
+    mem: &'m GuestRam,
+    chain: virtio_queue::DescriptorChain<&'m GuestRam>,
     vnet_hdr: bool,
     iov: &mut Vec<IoSlice<'m>>,
     start: usize,
