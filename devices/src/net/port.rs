@@ -1047,6 +1047,9 @@ pub struct Nic<M> {
     /// Told when the guest changes the receive filter, with the filter last seen and
     /// whether an event was sent and not yet followed by a query.
     filter_watch: Option<FilterWatch>,
+    /// Each port queue's backend and stage, as in the port: held apart from it so that a
+    /// turn can keep a queue's lock while the model has the port.
+    ios: Vec<Arc<Mutex<QueueIo>>>,
 }
 
 impl<M> std::ops::Deref for Nic<M> {
@@ -1077,10 +1080,12 @@ impl<M: NicModel> Nic<M> {
         }
         let up = port.link_up;
         model.link_changed(&mut port, up);
+        let ios = port.queues.iter().map(|q| q.io.clone()).collect();
         Nic {
             model,
             port,
             filter_watch: None,
+            ios,
         }
     }
 
@@ -1421,8 +1426,7 @@ impl<M: NicModel> Nic<M> {
         }
         let mut delivered = false;
         self.port.cur = q;
-        let io = self.port.queues[q].io.clone();
-        let mut io = lock(&io);
+        let mut io = lock(&self.ios[q]);
         let QueueIo { backend, rx, .. } = &mut *io;
         rx.last_burst = 0;
         // A batch came back short: the backend had no more (for now).
