@@ -6,8 +6,20 @@ use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::{GuestMemoryBackendSliceIterator, GuestMemorySliceIterator};
 use vm_memory::{
     Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, MemoryRegionAddress, Permissions, VolatileSlice,
+    GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, Permissions, VolatileSlice,
 };
+
+/// The region `addr` is in: the first region, where guest RAM below the PCI hole is (and
+/// with it nearly every ring and buffer), looked at before vm-memory's search of them all.
+#[inline]
+fn region_at(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<&GuestRegionMmap> {
+    if let Some(r) = mem.iter().next() {
+        if addr.0.wrapping_sub(r.start_addr().0) < r.len() {
+            return Some(r);
+        }
+    }
+    mem.find_region(addr)
+}
 
 /// Appends the pieces of guest memory `[addr, addr + len)` to `out` (more than one where the
 /// range crosses regions). False, with `out` as it was, when part of the range is not guest
@@ -19,7 +31,7 @@ pub fn push<'m>(
     out: &mut Vec<IoSlice<'m>>,
 ) -> bool {
     // One region lookup for a range inside one region, as a frame's buffer is.
-    if let Some(r) = mem.find_region(addr) {
+    if let Some(r) = region_at(mem, addr) {
         let off = addr.0 - r.start_addr().0;
         if (len as u64) <= r.len() - off {
             if let Ok(p) = r.get_host_address(MemoryRegionAddress(off)) {
@@ -52,7 +64,7 @@ pub fn push<'m>(
 /// Whether `[addr, addr + len)` is guest memory: one region lookup when the range lies in
 /// one region (as a frame's buffer does), the general check otherwise.
 pub fn is_memory(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) -> bool {
-    if let Some(r) = mem.find_region(addr) {
+    if let Some(r) = region_at(mem, addr) {
         let off = addr.0 - r.start_addr().0;
         if (len as u64) <= r.len() - off {
             return true;
@@ -122,7 +134,7 @@ pub fn read_pieces(
 /// the models' own work in the builds where it did not.)
 #[inline]
 pub fn read(mem: &GuestMemoryMmap, addr: GuestAddress, out: &mut [u8]) -> bool {
-    let inside = mem.find_region(addr).and_then(|r| {
+    let inside = region_at(mem, addr).and_then(|r| {
         r.get_slice(MemoryRegionAddress(addr.0 - r.start_addr().0), out.len())
             .ok()
     });
@@ -151,7 +163,7 @@ impl Ring {
     /// `mem` only: a device makes one per walk from its own memory handle and drops it
     /// before the walk returns.
     pub unsafe fn new(mem: &GuestMemoryMmap, base: GuestAddress, len: usize) -> Ring {
-        let host = mem.find_region(base).and_then(|r| {
+        let host = region_at(mem, base).and_then(|r| {
             let off = base.0 - r.start_addr().0;
             if (len as u64) > r.len() - off {
                 return None;
@@ -280,7 +292,7 @@ impl GuestMemory for GuestRam {
         _access: Permissions,
     ) -> vm_memory::GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
         if count > 0 {
-            if let Some(r) = self.0.find_region(addr) {
+            if let Some(r) = region_at(&self.0, addr) {
                 let off = addr.0 - r.start_addr().0;
                 if count as u64 <= r.len() - off {
                     if let Ok(s) = r.get_slice(MemoryRegionAddress(off), count) {
@@ -327,7 +339,7 @@ pub fn write_parts(
 ) -> bool {
     // One region lookup for a buffer inside one region (as a receive buffer is); a lookup
     // per part otherwise.
-    let inside = mem.find_region(addr).and_then(|r| {
+    let inside = region_at(mem, addr).and_then(|r| {
         r.get_slice(MemoryRegionAddress(addr.0 - r.start_addr().0), len)
             .ok()
     });
