@@ -6,7 +6,6 @@
 //!   address/data pair; raising it is a write to that GSI's irqfd.
 
 use std::io;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,18 +27,15 @@ pub trait IrqChip: Send + Sync {
 /// One level-triggered line as a device holds it. The chip hears only changes of level:
 /// devices re-drive their line after every register access that may move it, and most
 /// leave it where it was (each call into the chip takes its lock). One line per (gsi,
-/// source), owned by its device (not `Clone`: a second holder would make the level this
-/// line last drove stale).
+/// source), owned by its device (not `Clone`, and `set` takes `&mut self`: a second holder,
+/// or two calls at once, would make the level this line last drove stale).
 pub struct IntxLine {
     chip: Arc<dyn IrqChip>,
     gsi: u32,
     source: u32,
-    /// The level last driven: [`UNDRIVEN`], or 1 + asserted.
-    driven: AtomicU8,
+    /// The level last driven; `None` before the first (the chip's state is not known).
+    driven: Option<bool>,
 }
-
-/// An [`IntxLine`] that has not driven its level yet (the chip's state for it is not known).
-const UNDRIVEN: u8 = 0;
 
 impl IntxLine {
     pub fn new(chip: Arc<dyn IrqChip>, gsi: u32, source: u32) -> Self {
@@ -47,7 +43,7 @@ impl IntxLine {
             chip,
             gsi,
             source,
-            driven: AtomicU8::new(UNDRIVEN),
+            driven: None,
         }
     }
 
@@ -55,11 +51,9 @@ impl IntxLine {
         self.gsi
     }
 
-    pub fn set(&self, asserted: bool) {
-        let level = 1 + asserted as u8;
-        // The device calls this under its own lock: a load and a store, not a swap.
-        if self.driven.load(Ordering::Relaxed) != level {
-            self.driven.store(level, Ordering::Relaxed);
+    pub fn set(&mut self, asserted: bool) {
+        if self.driven != Some(asserted) {
+            self.driven = Some(asserted);
             self.chip.set_level(self.gsi, self.source, asserted);
         }
     }
@@ -145,7 +139,7 @@ mod tests {
     #[test]
     fn a_line_tells_the_chip_its_changes_only() {
         let chip = Arc::new(Calls::default());
-        let line = IntxLine::new(chip.clone(), 10, 3);
+        let mut line = IntxLine::new(chip.clone(), 10, 3);
         // The first level goes whatever it is: the chip's state is not known before.
         line.set(false);
         line.set(false);
@@ -153,7 +147,7 @@ mod tests {
         line.set(true);
         line.set(true);
         line.set(false);
-        let other = IntxLine::new(chip.clone(), 10, 4);
+        let mut other = IntxLine::new(chip.clone(), 10, 4);
         other.set(true);
         assert_eq!(
             *chip.0.lock().unwrap(),
