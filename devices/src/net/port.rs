@@ -1048,7 +1048,8 @@ pub struct Nic<M> {
     /// whether an event was sent and not yet followed by a query.
     filter_watch: Option<FilterWatch>,
     /// Each port queue's backend and stage, as in the port: held apart from it so that a
-    /// turn can keep a queue's lock while the model has the port.
+    /// turn can keep a queue's lock while the model has the port. (The port's queues are
+    /// made once, with it, and `port` is not replaced: a debug build checks.)
     ios: Vec<Arc<Mutex<QueueIo>>>,
 }
 
@@ -1426,6 +1427,7 @@ impl<M: NicModel> Nic<M> {
         }
         let mut delivered = false;
         self.port.cur = q;
+        debug_assert!(Arc::ptr_eq(&self.ios[q], &self.port.queues[q].io));
         let mut io = lock(&self.ios[q]);
         let QueueIo { backend, rx, .. } = &mut *io;
         rx.last_burst = 0;
