@@ -438,10 +438,16 @@ impl VirtioNet {
             }
             return;
         }
-        if self.config.command() & crate::pci::PCI_COMMAND_INTX_DISABLE == 0 {
-            self.intx.set(self.isr != 0);
-        }
+        self.drive_intx();
         self.config.set_interrupt_status(self.isr != 0);
+    }
+
+    /// INTx is up while the ISR holds a cause, MSI-X is off and the command register lets
+    /// INTx out (PCI: Interrupt Disable deasserts the pin; the status bit stays).
+    fn drive_intx(&mut self) {
+        let intx_on = self.config.command() & crate::pci::PCI_COMMAND_INTX_DISABLE == 0;
+        self.intx
+            .set(self.isr != 0 && !self.msix.enabled() && intx_on);
     }
 
     fn signal_queue(&mut self, port: &mut NetPort, q: usize) {
@@ -1358,9 +1364,7 @@ impl VirtioNet {
         // chains made available before the snapshot (with or without their doorbell) go
         // out, and the backend is read again, with no doorbell from the guest.
         self.sync_ioevents(port);
-        let intx_on = self.config.command() & crate::pci::PCI_COMMAND_INTX_DISABLE == 0;
-        self.intx
-            .set(self.isr != 0 && !self.msix.enabled() && intx_on);
+        self.drive_intx();
         self.active = false;
         self.apply_pairs(port);
         if s.active {
@@ -1391,6 +1395,9 @@ impl NicModel for VirtioNet {
     fn config_written(&mut self, port: &mut NetPort, _offset: usize, _len: usize) {
         self.msix.config_written(&self.config);
         self.sync_ioevents(port);
+        // Interrupt Disable or MSI-X turned on takes a raised line down; turned off again,
+        // a cause still in the ISR raises it.
+        self.drive_intx();
     }
 
     fn bar_read(&mut self, _port: &mut NetPort, bar: usize, offset: u64, data: &mut [u8]) {

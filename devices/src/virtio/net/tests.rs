@@ -1101,6 +1101,37 @@ fn unacknowledged_intx_is_asserted_after_restore() {
     assert!(!d.irq());
 }
 
+/// PCI's Interrupt Disable takes a raised INTx line down and a cause still in the ISR
+/// raises it again when cleared; MSI-X turned on takes it down too.
+#[test]
+fn intx_follows_interrupt_disable_and_msix() {
+    let mut d = started(PLAIN, BASE);
+    let (p, _) = tx_frame(60, 1);
+    d.post(TX, &[&p], false);
+    d.dev.handle(NetEvent::TxKick);
+    assert!(d.irq());
+    let command = |d: &mut Driver, disable: bool| {
+        let mut c = d.dev.config().get16(crate::pci::PCI_COMMAND);
+        c &= !crate::pci::PCI_COMMAND_INTX_DISABLE;
+        if disable {
+            c |= crate::pci::PCI_COMMAND_INTX_DISABLE;
+        }
+        d.dev
+            .config_mut()
+            .write(crate::pci::PCI_COMMAND, &c.to_le_bytes());
+        d.dev.config_written(crate::pci::PCI_COMMAND, 2);
+    };
+    command(&mut d, true);
+    assert!(!d.irq(), "Interrupt Disable takes the line down");
+    command(&mut d, false);
+    assert!(d.irq(), "the cause is still in the ISR");
+    let cap = d.msix_cap();
+    d.dev.config_mut().write(cap + 2, &0x8000u16.to_le_bytes());
+    d.dev.config_written(cap + 2, 2);
+    assert!(!d.irq(), "MSI-X on takes the line down");
+    assert_eq!(d.ack_irq(), 1);
+}
+
 /// A device the driver has not started yet (mid-probe) restores as it was: the driver goes
 /// on from FEATURES_OK.
 #[test]
