@@ -65,6 +65,11 @@ impl Driver {
     /// A device on `backend`, BARs placed and decoding on, as firmware leaves it.
     pub fn new(backend: Box<dyn NetBackend>) -> Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        Driver::new_in(mem, backend)
+    }
+
+    /// [`Driver::new`] with `mem` (MEM_SIZE bytes from 0) as guest RAM.
+    pub fn new_in(mem: GuestMemoryMmap, backend: Box<dyn NetBackend>) -> Driver {
         let chip = Arc::new(RecordingIrqChip::default());
         let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
         let model = E1000::new(mac, mem.clone(), IntxLine::new(chip.clone(), GSI, 0)).unwrap();

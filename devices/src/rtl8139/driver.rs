@@ -57,6 +57,11 @@ impl Driver {
     /// A device on `backend` with its BARs placed and decoding on, as after firmware.
     pub fn new(backend: Box<dyn NetBackend>, cplus: bool) -> Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        Driver::new_in(mem, backend, cplus)
+    }
+
+    /// [`Driver::new`] with `mem` (MEM_SIZE bytes from 0) as guest RAM.
+    pub fn new_in(mem: GuestMemoryMmap, backend: Box<dyn NetBackend>, cplus: bool) -> Driver {
         let chip = Arc::new(RecordingIrqChip::default());
         let gsi = 19;
         let mac: net_backends::MacAddr = "52:54:00:12:34:56".parse().unwrap();

@@ -127,6 +127,18 @@ pub trait Model: 'static {
 
 pub struct Nic<M>(PhantomData<M>);
 
+/// Guest RAM of `size` bytes from 0 in two regions back to back, so that rings, descriptors
+/// and buffers that straddle the middle take the paths for memory across regions (a model
+/// looks up one region for an access where it can, the general path otherwise).
+fn split_ram(size: u64) -> GuestMemoryMmap {
+    let half = size / 2;
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), half as usize),
+        (GuestAddress(half), (size - half) as usize),
+    ])
+    .expect("guest RAM")
+}
+
 fn caps(vnet: bool) -> Capabilities {
     Capabilities {
         vnet_hdr: vnet,
@@ -751,7 +763,11 @@ impl Model for Rtl8139Cplus {
     const INIT_VARIANTS: u8 = 4;
     type Gen = RtlGen;
     fn rig(b: net_backends::mem::MemBackend) -> Box<dyn Rig> {
-        Box::new(RtlRig(rtl::driver::Driver::new(Box::new(b), true)))
+        Box::new(RtlRig(rtl::driver::Driver::new_in(
+            split_ram(Self::RAM),
+            Box::new(b),
+            true,
+        )))
     }
     fn bars() -> &'static [(u8, u64)] {
         RTL_BARS
@@ -774,7 +790,11 @@ impl Model for Rtl8139Normal {
     const INIT_VARIANTS: u8 = 4;
     type Gen = RtlGen;
     fn rig(b: net_backends::mem::MemBackend) -> Box<dyn Rig> {
-        Box::new(RtlRig(rtl::driver::Driver::new(Box::new(b), false)))
+        Box::new(RtlRig(rtl::driver::Driver::new_in(
+            split_ram(Self::RAM),
+            Box::new(b),
+            false,
+        )))
     }
     fn bars() -> &'static [(u8, u64)] {
         RTL_BARS
@@ -938,7 +958,10 @@ impl Model for E1000 {
     const INIT_VARIANTS: u8 = 3;
     type Gen = E1000Gen;
     fn rig(b: net_backends::mem::MemBackend) -> Box<dyn Rig> {
-        Box::new(E1000Rig(e1k::Driver::new(Box::new(b))))
+        Box::new(E1000Rig(e1k::Driver::new_in(
+            split_ram(Self::RAM),
+            Box::new(b),
+        )))
     }
     fn bars() -> &'static [(u8, u64)] {
         E1000_BARS
@@ -1219,7 +1242,7 @@ impl Model for VirtioNet {
     fn rig(b: net_backends::mem::MemBackend) -> Box<dyn Rig> {
         use net_backends::NetBackend;
         let (b2, peer2) = net_backends::mem::pair(b.capabilities());
-        let d = vio::Driver::new_mq(vec![Box::new(b), Box::new(b2)], true);
+        let d = vio::Driver::new_mq_in(split_ram(Self::RAM), vec![Box::new(b), Box::new(b2)], true);
         Box::new(VirtioRig(d, peer2))
     }
     fn bars() -> &'static [(u8, u64)] {

@@ -101,6 +101,11 @@ impl Driver {
     /// A device with a queue pair per backend, VIRTIO_NET_F_MQ offered with `mq`.
     pub fn new_mq(backends: Vec<Box<dyn NetBackend>>, mq: bool) -> Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        Driver::new_mq_in(mem, backends, mq)
+    }
+
+    /// [`Driver::new_mq`] with `mem` (MEM_SIZE bytes from 0) as guest RAM.
+    pub fn new_mq_in(mem: GuestMemoryMmap, backends: Vec<Box<dyn NetBackend>>, mq: bool) -> Driver {
         let chip = Arc::new(RecordingIrqChip::default());
         let mut dev = fresh_device_with(backends, &mem, &chip, Arc::new(NoIoEvents), mq);
         dev.config_mut().set_bar_addr(VIRTIO_BAR, 0xc000_0000);
