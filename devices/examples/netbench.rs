@@ -1693,10 +1693,10 @@ fn main() {
 }
 
 /// A backend that makes no system calls (the port's eventfd kicks remain), for the models'
-/// own share of the work (`--user`): it takes every frame sent (counting them) and hands over `pending` copies of
-/// one frame. The frame is copied into a receive slot only the first time the slot is used;
-/// after that the slot still holds it (models read received frames, never write them: the
-/// checks on every delivered frame would see it otherwise).
+/// own share of the work (`--user`): it takes every frame sent (counting them) and hands
+/// over `pending` copies of one frame. The frame is copied into a receive slot only the
+/// first time the slot is used; after that the slot still holds it (models read received
+/// frames, never write them: the checks on every delivered frame would see it otherwise).
 /// Its counters are shared with the bench's thread, the only one there is (so loads and
 /// stores, not read-modify-writes).
 struct Canned {

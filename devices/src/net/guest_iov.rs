@@ -22,6 +22,19 @@ fn region_at(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<&GuestRegionMm
     mem.find_region(addr)
 }
 
+/// `[addr, addr + len)` as one slice of the region it lies in, or `None` when it does not
+/// lie in one (across regions, partly or wholly outside guest memory).
+#[inline]
+fn one_region_slice(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<VolatileSlice<'_, BS<'_, ()>>> {
+    let r = region_at(mem, addr)?;
+    r.get_slice(MemoryRegionAddress(addr.0 - r.start_addr().0), len)
+        .ok()
+}
+
 /// Appends the pieces of guest memory `[addr, addr + len)` to `out` (more than one where the
 /// range crosses regions). False, with `out` as it was, when part of the range is not guest
 /// memory.
@@ -135,11 +148,7 @@ pub fn read_pieces(
 /// the models' own work in the builds where it did not.)
 #[inline]
 pub fn read(mem: &GuestMemoryMmap, addr: GuestAddress, out: &mut [u8]) -> bool {
-    let inside = region_at(mem, addr).and_then(|r| {
-        r.get_slice(MemoryRegionAddress(addr.0 - r.start_addr().0), out.len())
-            .ok()
-    });
-    match inside {
+    match one_region_slice(mem, addr, out.len()) {
         Some(src) => src.read_slice(out, 0).is_ok(),
         None => mem.read_slice(out, addr).is_ok(),
     }
@@ -293,14 +302,10 @@ impl GuestMemory for GuestRam {
         count: usize,
         _access: Permissions,
     ) -> vm_memory::GuestMemoryResult<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
+        // An empty access takes the general path, which hands over no slice at all.
         if count > 0 {
-            if let Some(r) = region_at(&self.0, addr) {
-                let off = addr.0 - r.start_addr().0;
-                if count as u64 <= r.len() - off {
-                    if let Ok(s) = r.get_slice(MemoryRegionAddress(off), count) {
-                        return Ok(RamSlices::One(Some(s)));
-                    }
-                }
+            if let Some(s) = one_region_slice(&self.0, addr, count) {
+                return Ok(RamSlices::One(Some(s)));
             }
         }
         Ok(RamSlices::Many(GuestMemoryBackend::get_slices(
@@ -341,10 +346,7 @@ pub fn write_parts(
 ) -> bool {
     // One region lookup for a buffer inside one region (as a receive buffer is); a lookup
     // per part otherwise.
-    let inside = region_at(mem, addr).and_then(|r| {
-        r.get_slice(MemoryRegionAddress(addr.0 - r.start_addr().0), len)
-            .ok()
-    });
+    let inside = one_region_slice(mem, addr, len);
     let mut at = 0;
     for p in parts {
         if at == len {
