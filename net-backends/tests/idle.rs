@@ -55,9 +55,7 @@ fn peers_gone_cost_no_cpu() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        assert!(wait_for(Duration::from_secs(5), || swdir
-            .join("ctl")
-            .exists()));
+        assert!(wait_switch(&swdir, Duration::from_secs(5)));
         let mut v = Vde::open(&VdeOptions {
             sock: Some(swdir),
             ..Default::default()

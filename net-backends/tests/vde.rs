@@ -52,8 +52,8 @@ impl Switch {
             _stdin: stdin,
         };
         assert!(
-            wait_for(Duration::from_secs(5), || dir.join("ctl").exists()),
-            "vde_switch made no {}/ctl",
+            wait_switch(dir, Duration::from_secs(5)),
+            "vde_switch does not listen on {}/ctl",
             dir.display()
         );
         sw

@@ -3,6 +3,7 @@ cannot clash with the host's: set up at the start, removed at the end, also on f
 import ctypes
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +24,17 @@ def sh(cmd, check=True):
     if check and r.returncode != 0:
         raise RuntimeError(f"{cmd}: {r.stderr.strip()}")
     return r
+
+
+def listening(path):
+    """Whether a Unix stream socket accepts connections (its file appears at bind, a moment
+    before the server listens)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
 
 
 class Netns:
@@ -78,7 +90,7 @@ class Netns:
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.children.append(p)
         for _ in range(50):
-            if os.path.exists(os.path.join(sock, "ctl")) and os.path.exists(
+            if listening(os.path.join(sock, "ctl")) and os.path.exists(
                     f"/sys/class/net/{VDE_TAP}"):
                 break
             if p.poll() is not None:

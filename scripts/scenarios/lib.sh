@@ -77,6 +77,11 @@ tmpdir() {
   dirs+=("$tmp")
 }
 
+# listening SOCKET: whether a Unix stream socket accepts connections.
+listening() {
+  python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$1" 2>/dev/null
+}
+
 # vde_switch NS DIR [TAP]: a VDE switch with its control socket in DIR (optionally plugged into
 # a tap it creates in NS), stopped at the end.
 vde_switch() {
@@ -84,9 +89,10 @@ vde_switch() {
   local tapopt=()
   [ $# -gt 0 ] && tapopt=(-t "$1")
   inside "$n" vde_switch -s "$dir" "${tapopt[@]}" -d -p "$dir.pid" </dev/null >/dev/null 2>&1
-  # Up once it has written its pidfile, bound ctl and (after the pidfile) created its tap.
+  # Up once it has written its pidfile, listens on ctl (the file appears at bind, a moment
+  # before listen) and (after the pidfile) created its tap.
   for _ in $(seq 100); do
-    [ -s "$dir.pid" ] && [ -S "$dir/ctl" ] && { [ $# -eq 0 ] || inside "$n" ip link show "$1" >/dev/null 2>&1; } && break
+    [ -s "$dir.pid" ] && listening "$dir/ctl" && { [ $# -eq 0 ] || inside "$n" ip link show "$1" >/dev/null 2>&1; } && break
     sleep 0.1
   done
   daemons+=("$(cat "$dir.pid")")

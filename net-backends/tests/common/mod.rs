@@ -158,6 +158,16 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// Waits until the VDE switch on `dir` accepts connections on its control socket. The
+/// socket file appears at `bind`, a moment before the switch's `listen`: a connection in
+/// between is refused, so the file alone does not say the switch is up.
+pub fn wait_switch(dir: &Path, timeout: Duration) -> bool {
+    let ctl = dir.join("ctl");
+    wait_for(timeout, || {
+        std::os::unix::net::UnixStream::connect(&ctl).is_ok()
+    })
+}
+
 /// Frames both ways between two backends, small and large.
 pub fn exchange(a: &mut dyn NetBackend, b: &mut dyn NetBackend, round: u32) {
     exchange_sizes(a, b, round, &[60, 1514, 9000]);
