@@ -657,7 +657,9 @@ impl VdeSwitch {
             "vde_switch: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        // The switch writes its pidfile before it creates its tap.
+        // The switch writes its pidfile before it creates its tap. Its control socket's file
+        // appears at bind, a moment before it listens: up is when a connection is accepted.
+        let listening = || std::os::unix::net::UnixStream::connect(self.sock().join("ctl")).is_ok();
         let tap_exists = || {
             Command::new("ip")
                 .args(["-n", &self.netns, "link", "show", &self.tap])
@@ -667,7 +669,7 @@ impl VdeSwitch {
                 .is_ok_and(|s| s.success())
         };
         let t0 = Instant::now();
-        while !(self.pidfile().exists() && self.sock().join("ctl").exists() && tap_exists()) {
+        while !(self.pidfile().exists() && listening() && tap_exists()) {
             assert!(
                 t0.elapsed() < Duration::from_secs(10),
                 "vde_switch did not come up"
