@@ -137,9 +137,10 @@ fn clones(device: &str, driver: &str) {
                     let stderr = g.stop_for_stderr();
                     panic!(
                         "clone {i} took no lease: {}\n{console}\nstderr: {stderr}\nits \
-                         frames:\n{}",
+                         frames:\n{}\nthe DHCP messages among them:\n{}",
                         nic["_"],
-                        last_frames(&pcap, "")
+                        last_frames(&pcap, ""),
+                        dhcp_messages(&pcap)
                     );
                 }
                 g.wait_line("LISTEN");
@@ -215,6 +216,28 @@ fn last_frames(pcap: &Path, filter: &str) -> String {
             let text = String::from_utf8_lossy(&o.stdout).into_owned();
             let lines: Vec<&str> = text.lines().collect();
             lines[lines.len().saturating_sub(40)..].join("\n")
+        }
+        Err(e) => format!("(tcpdump: {e})"),
+    }
+}
+
+/// The type and transaction id of the last DHCP messages in `pcap` (a server that answers
+/// every discover with an offer the client never takes reads differently from one that NAKs).
+fn dhcp_messages(pcap: &Path) -> String {
+    match std::process::Command::new("tcpdump")
+        .args(["-nn", "-vv", "-r"])
+        .arg(pcap)
+        .arg("udp")
+        .output()
+    {
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.contains("DHCP-Message") || l.contains("xid"))
+                .collect();
+            lines[lines.len().saturating_sub(12)..].join("\n")
         }
         Err(e) => format!("(tcpdump: {e})"),
     }
