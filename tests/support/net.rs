@@ -493,6 +493,7 @@ impl Guest {
 
     /// Waits for nicvm to exit (killing it when stuck) and returns everything.
     pub fn finish(mut self) -> Outcome {
+        let mut hung = None;
         let code = loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
                 break s.code();
@@ -502,6 +503,7 @@ impl Guest {
                 self.keep(t, l);
             }
             if self.time_left().is_zero() {
+                hung = Some(Guest::hang_diag(self.child.id()));
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 break None;
@@ -511,16 +513,46 @@ impl Guest {
         while let Ok((t, l)) = self.lines.recv_timeout(Duration::from_millis(200)) {
             self.keep(t, l);
         }
+        let mut stderr = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        if let Some(d) = hung {
+            stderr += &format!("\n--- nicvm did not exit; before it was killed ---\n{d}");
+        }
         Outcome {
             code,
             stdout: self.console(),
-            stderr: self
-                .stderr
-                .take()
-                .map(|h| h.join().unwrap_or_default())
-                .unwrap_or_default(),
+            stderr,
             elapsed: self.start.elapsed(),
         }
+    }
+
+    /// What a nicvm that does not exit is doing: [`Guest::proc_diag`], and each thread's
+    /// backtrace from gdb where gdb is installed.
+    fn hang_diag(pid: u32) -> String {
+        let mut out = Guest::proc_diag(pid);
+        let bt = Command::new("timeout")
+            .args(["60", "gdb", "-p", &pid.to_string(), "-batch", "-nx"])
+            .args(["-ex", "set pagination off", "-ex", "thread apply all bt"])
+            .stdin(Stdio::null())
+            .output();
+        match bt {
+            Ok(o) if o.status.success() => out += &String::from_utf8_lossy(&o.stdout),
+            Ok(o) => {
+                out += &format!(
+                    "(gdb: {} {})\n",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                )
+            }
+            Err(e) => out += &format!("(no gdb: {e})\n"),
+        }
+        out
     }
 }
 
