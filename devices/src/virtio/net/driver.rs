@@ -174,7 +174,7 @@ impl Driver {
     /// Sets queue `q` up on fresh rings, as Linux does after a reset (it allocates new ones):
     /// the driver's indexes and the rings' start from zero. (Rings not used yet are left
     /// untouched: when guest pages are first touched moves the benchmark's RX figures; see
-    /// the README's Benchmarks.)
+    /// docs/benchmarks.md.)
     pub fn setup_queue(&mut self, q: usize, size: u16) {
         assert!(size <= RING_ROOM, "no room for a queue of {size}");
         self.qsize[q] = size;
