@@ -144,32 +144,25 @@ pub fn pump_stdin(
     stop: vmm_sys_util::eventfd::EventFd,
     reader: StdinFor,
 ) {
-    let (escapes, mut monitor) = match reader {
+    let (escapes, monitor) = match reader {
         StdinFor::Guest { escapes } => (escapes, None),
         StdinFor::Shared {
             monitor,
             monitor_first,
-        } => {
-            let mut m = MonitorInput {
-                control: monitor,
-                active: false,
-                line: vec![],
-            };
-            if monitor_first {
-                m.toggle();
-            }
-            (true, Some(m))
-        }
-        StdinFor::Monitor(monitor) => {
-            let mut m = MonitorInput {
-                control: monitor,
-                active: false,
-                line: vec![],
-            };
-            m.toggle();
-            (false, Some(m))
-        }
+        } => (true, Some((monitor, monitor_first))),
+        StdinFor::Monitor(monitor) => (false, Some((monitor, true))),
     };
+    let mut monitor = monitor.map(|(control, first)| {
+        let mut m = MonitorInput {
+            control,
+            active: false,
+            line: vec![],
+        };
+        if first {
+            m.toggle();
+        }
+        m
+    });
     use std::os::fd::AsRawFd;
     let mut buf = [0u8; 256];
     let mut escape_pending = false;
