@@ -206,38 +206,37 @@ fn rtl8139_too_clones_lease_and_receive() {
 /// The last frames of a capture that match `filter` (all when empty), as tcpdump shows them:
 /// what ended a transfer early, or what DHCP saw.
 fn last_frames(pcap: &Path, filter: &str) -> String {
-    match std::process::Command::new("tcpdump")
-        .args(["-nn", "-e", "-r"])
-        .arg(pcap)
-        .args(filter.split_whitespace())
-        .output()
-    {
-        Ok(o) => {
-            let text = String::from_utf8_lossy(&o.stdout).into_owned();
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        }
-        Err(e) => format!("(tcpdump: {e})"),
-    }
+    tcpdump_tail(pcap, &["-nn", "-e"], filter, 40, |_| true)
 }
 
 /// The type and transaction id of the last DHCP messages in `pcap` (a server that answers
 /// every discover with an offer the client never takes reads differently from one that NAKs).
 fn dhcp_messages(pcap: &Path) -> String {
-    match std::process::Command::new("tcpdump")
-        .args(["-nn", "-vv", "-r"])
+    tcpdump_tail(pcap, &["-nn", "-vv"], "udp", 12, |l| {
+        l.contains("DHCP-Message") || l.contains("xid")
+    })
+}
+
+/// The last `keep` lines tcpdump prints with `flags` for what in `pcap` passes `filter`,
+/// trimmed, of those `pick` keeps; or why tcpdump did not run.
+fn tcpdump_tail(
+    pcap: &Path,
+    flags: &[&str],
+    filter: &str,
+    keep: usize,
+    pick: impl Fn(&str) -> bool,
+) -> String {
+    let out = std::process::Command::new("tcpdump")
+        .args(flags)
+        .arg("-r")
         .arg(pcap)
-        .arg("udp")
-        .output()
-    {
+        .args(filter.split_whitespace())
+        .output();
+    match out {
         Ok(o) => {
             let text = String::from_utf8_lossy(&o.stdout).into_owned();
-            let lines: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| l.contains("DHCP-Message") || l.contains("xid"))
-                .collect();
-            lines[lines.len().saturating_sub(12)..].join("\n")
+            let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| pick(l)).collect();
+            lines[lines.len().saturating_sub(keep)..].join("\n")
         }
         Err(e) => format!("(tcpdump: {e})"),
     }
