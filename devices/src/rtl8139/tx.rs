@@ -380,7 +380,11 @@ impl Rtl8139 {
         // A checksum or a large send the peer cannot take needs the whole frame.
         let peer = self.tx_peer(port);
         let (opts1, _) = self.cp_tx_opts;
-        let layers = offload::parse_head(head, len).filter(|a| a.ipv4);
+        // Without an offload the frame goes as the guest wrote it: its headers need no parse.
+        let layers = (opts1 & (TX_LGSEN | TX_TCPCS | TX_UDPCS | TX_IPCS) != 0)
+            .then(|| offload::parse_head(head, len))
+            .flatten()
+            .filter(|a| a.ipv4);
         let mut hdr = None;
         if opts1 & TX_LGSEN != 0 {
             let mss = ((opts1 >> TX_MSS_SHIFT) & TX_MSS_MASK) as usize;
