@@ -2,7 +2,8 @@
 //! rtl8139 in C+ mode as 8139cp drives it and in normal mode as 8139too does) on a tap, driven
 //! by its synthetic driver, next to a bare write()/read() of the same frames on the same tap
 //! (the "floor", measured batch by batch in between the model's batches so that drift hits
-//! both alike); plus virtio-net TX through libslirp.
+//! both alike); plus virtio-net on libslirp both ways (UDP to a host socket, and from one
+//! through a `hostfwd=udp:` port).
 //!
 //! Cases: TX of full-size TCP frames, TX with checksum offload, TX of 64 KiB TCP sends with
 //! TSO / large send (per wire frame and per send; the floor writes the same MSS-sized frames
@@ -1063,6 +1064,108 @@ fn slirp_tx(len: usize, m: usize) -> (f64, f64, usize) {
     (model, floor, got)
 }
 
+/// virtio-net on user-mode networking, the other way: UDP datagrams from a host socket to a
+/// `hostfwd=udp:` port, which slirp hands to the guest as `len`-byte frames, into the
+/// model's RX ring; the thread waits for them on the backend's fd, as an I/O thread does.
+/// The floor as [`slirp_tx`]'s. Returns (model ns, floor ns, delivered).
+fn slirp_rx(len: usize, m: usize) -> (f64, f64, usize) {
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("udp")
+        .port();
+    let fwd = format!("udp:127.0.0.1:{port}-:7")
+        .parse()
+        .unwrap_or_else(|e| fail(format!("hostfwd: {e}")));
+    let opts = SlirpOptions {
+        // No router advertisements: every frame the guest gets is one of the datagrams.
+        ipv6: false,
+        hostfwd: vec![fwd],
+        ..SlirpOptions::default()
+    };
+    let slirp = SlirpBackend::new(opts).unwrap_or_else(|e| fail(format!("slirp: {e}")));
+    let mut v = Virtio::new(Box::new(slirp));
+    // slirp learns where the guest is from its gratuitous ARP (and answers nothing).
+    v.tx_prepare(Mode::Plain, &gratuitous_arp());
+    v.tx_queue(1);
+    v.tx_kick();
+    if v.tx_reclaim() != 1 {
+        fail("slirp RX: the guest's ARP was not sent".into());
+    }
+    let host = UdpSocket::bind("127.0.0.1:0").expect("udp");
+    host.connect(("127.0.0.1", port)).expect("udp");
+    let payload = vec![0x5au8; len.saturating_sub(42)];
+    let mut fds = vec![];
+    // Bursts the forwarded socket's default buffer (208 KiB, about 3 KiB a datagram as the
+    // kernel counts them) holds while slirp is yet to read them: a ring's worth overflowed it.
+    let batch = v.rx_batch().min(SLIRP_RX_BURST);
+    let mut got = 0;
+    let t0 = process_cpu();
+    let mut sent = 0;
+    while sent < m {
+        let b = batch.min(m - sent);
+        for _ in 0..b {
+            let _ = host.send(&payload);
+        }
+        sent += b;
+        // Until the batch is in, or nothing came for 200 ms (then counted missing).
+        let mut in_batch = 0;
+        while in_batch < b {
+            v.d.dev.backend_interest(0, &mut fds);
+            let mut polls: Vec<libc::pollfd> = fds
+                .iter()
+                .map(|&(fd, _)| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            // SAFETY: poll reads and writes the pollfds we own, as many as we say.
+            let ready = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as _, 200) };
+            if ready <= 0 {
+                break;
+            }
+            v.rx_pump();
+            in_batch += v.rx_reclaim(len);
+        }
+        got += in_batch;
+    }
+    let model = (process_cpu() - t0).as_nanos() as f64 / got.max(1) as f64;
+    // Floor: the same datagrams sent and received with bare sockets on loopback.
+    let a = UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let b = UdpSocket::bind("127.0.0.1:0").expect("udp");
+    b.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let to = b.local_addr().unwrap();
+    let mut rb = vec![0u8; 65536];
+    let t0 = process_cpu();
+    let mut fgot = 0;
+    for _ in 0..m {
+        let _ = a.send_to(&payload, to);
+        if b.recv(&mut rb).is_ok() {
+            fgot += 1;
+        }
+    }
+    let floor = (process_cpu() - t0).as_nanos() as f64 / fgot.max(1) as f64;
+    (model, floor, got)
+}
+
+/// Datagrams the host sends at once in [`slirp_rx`].
+const SLIRP_RX_BURST: usize = 32;
+
+/// A gratuitous ARP from the guest (10.0.2.15, the first address slirp's DHCP gives).
+fn gratuitous_arp() -> Vec<u8> {
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[10, 0, 2, 15]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&[10, 0, 2, 15]);
+    f.resize(60, 0);
+    f
+}
+
 /// Reads or writes one io_uring submission carries in [`batched_floor`].
 const URING_BATCH: usize = 64;
 
@@ -1545,6 +1648,7 @@ fn main() {
     let mq = two_queues(len, (n / (2 * MQ_FRAMES)).clamp(10, 200));
     let m = n.min(50_000);
     let (slirp, udp_floor, got) = slirp_tx(len, m);
+    let (slirp_in, udp_floor_in, got_in) = slirp_rx(len, m);
     let (_tap, side) = t4;
     let batched = batched_floor(&side, &clock, &rx_frame(len), n);
     let own = own_work(&clock, n, len);
@@ -1618,8 +1722,14 @@ fn main() {
         println!(
             "  \"slirp\": {{\"model\": \"virtio-net\", \"direction\": \"TX udp via slirp\", \
              \"frames\": {m}, \"delivered\": {got}, \"ns_per_frame_model\": {slirp:.0}, \
-             \"ns_per_frame_floor\": {udp_floor:.0}, \"ratio\": {:.3}}}\n}}",
+             \"ns_per_frame_floor\": {udp_floor:.0}, \"ratio\": {:.3}}},",
             slirp / udp_floor
+        );
+        println!(
+            "  \"slirp_rx\": {{\"model\": \"virtio-net\", \"direction\": \"RX udp via slirp\", \
+             \"frames\": {m}, \"delivered\": {got_in}, \"ns_per_frame_model\": {slirp_in:.0}, \
+             \"ns_per_frame_floor\": {udp_floor_in:.0}, \"ratio\": {:.3}}}\n}}",
+            slirp_in / udp_floor_in
         );
         return;
     }
@@ -1696,7 +1806,8 @@ fn main() {
     }
     println!();
     println!(
-        "virtio-net on user (libslirp): UDP to a host loopback socket, {m} frames of {len} bytes,"
+        "virtio-net on user (libslirp): UDP between the ring and a host loopback socket, {m} \
+         frames of {len} bytes each way,"
     );
     println!("process CPU (all threads) ns/frame; floor = bare UDP send + recv on loopback");
     println!("| path | model + slirp | bare sockets (floor) | ratio | delivered |");
@@ -1704,6 +1815,11 @@ fn main() {
     println!(
         "| TX (ring -> slirp -> host socket) | {slirp:.0} | {udp_floor:.0} | {:.2} | {got}/{m} |",
         slirp / udp_floor
+    );
+    println!(
+        "| RX (host socket -> hostfwd -> slirp -> ring) | {slirp_in:.0} | {udp_floor_in:.0} | \
+         {:.2} | {got_in}/{m} |",
+        slirp_in / udp_floor_in
     );
 }
 
