@@ -102,8 +102,6 @@ pub enum CliErrorKind {
     CplusNotRtl8139,
     #[error("unknown property '{0}'")]
     UnknownProperty(String),
-    #[error("conflicts with the NICs also asked for")]
-    NoneConflict,
     #[error("unknown object type '{0}' (filter-dump is known)")]
     UnknownObject(String),
     #[error("needs an object type (filter-dump)")]
@@ -247,9 +245,9 @@ Network:
                                rtl8139,cplus=off: a plain RTL8139C (Linux 8139too) instead
                                of the RTL8139C+ (8139cp)
   -nic [TYPE][,model=MODEL][,mac=MAC][,...]   netdev and NIC in one option (TYPE defaults
-                               to user); -nic none: no NIC
+                               to user); -nic none: no default NIC
   -net nic[,model=MODEL][,macaddr=MAC][,vlan=N]  -net TYPE[,vlan=N][,...]  legacy form,
-                               NICs paired with backends per vlan; -net none: no NIC
+                               NICs paired with backends per vlan; -net none: no default NIC
   -netdev help, -device help, -device MODEL,help, -nic model=help   what there is
                                (also -nic help, -M help, -cpu help, -chardev help, ...)
   With no network option at all: -netdev user,id=net0 -device rtl8139,netdev=net0
@@ -1017,9 +1015,6 @@ impl Builder<'_> {
             let nic = nic_config(&option, model, kv, &self.netdevs, &nics, &given, &mut ids)?;
             nics.push(nic);
         }
-        if self.no_nic && !nics.is_empty() {
-            return err("-nic none", CliErrorKind::NoneConflict);
-        }
         for d in &self.dumps {
             let Some(nd) = self.netdevs.iter().find(|n| n.id == d.netdev) else {
                 return err(
@@ -1506,11 +1501,16 @@ fn nic_config(
     if earlier.iter().any(|n| n.netdev == netdev) {
         return err(option, CliErrorKind::NetdevInUse(netdev));
     }
-    let mac = match kv.remove("mac") {
-        Some(m) => m.parse::<MacAddr>().or_else(|e| err(option, e))?,
+    let asked = match kv.remove("mac") {
+        Some(m) => Some(m.parse::<MacAddr>().or_else(|e| err(option, e))?),
+        None => None,
+    };
+    let mac = match asked {
+        // As QEMU, 00:00:00:00:00:00 is "not set" (a NIC cannot be reached at it).
+        Some(m) if m != MacAddr::default() => m,
         // As QEMU: the first of 52:54:00:12:34:56, :57, ... that no NIC has (QEMU looks only
         // at the NICs before; every mac= given is known here).
-        None => (0..=u8::MAX)
+        _ => (0..=u8::MAX)
             .map(MacAddr::nth_default)
             .find(|m| !given.contains(m) && !earlier.iter().any(|n| n.mac == *m))
             .unwrap_or(MacAddr::nth_default(earlier.len() as u8)),
@@ -1757,6 +1757,30 @@ mod tests {
         assert_eq!(c.nics[0].mac.to_string(), "52:54:00:00:00:02");
         assert!(run("-kernel k -nic none").unwrap().nics.is_empty());
         assert!(run("-kernel k -net none").unwrap().nics.is_empty());
+    }
+
+    #[test]
+    fn an_all_zero_mac_is_a_default_one() {
+        let c = run("-kernel k -nic user,model=e1000,mac=00:00:00:00:00:00 -nic user").unwrap();
+        let macs: Vec<String> = c.nics.iter().map(|n| n.mac.to_string()).collect();
+        assert_eq!(macs, ["52:54:00:12:34:56", "52:54:00:12:34:57"]);
+    }
+
+    /// As in QEMU, `none` only takes the default network away: the NICs asked for beside it
+    /// are made (older libvirt wrote `-net none` before its `-netdev`/`-device` pairs).
+    #[test]
+    fn none_leaves_the_nics_asked_for_beside_it() {
+        for line in [
+            "-kernel k -net none -netdev user,id=n0 -device e1000,netdev=n0",
+            "-kernel k -netdev user,id=n0 -device e1000,netdev=n0 -nic none",
+            "-kernel k -nic none -nic user,model=e1000",
+            "-kernel k -net none -net nic,model=e1000 -net user",
+        ] {
+            let c = run(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(c.nics.len(), 1, "{line}");
+            assert_eq!(c.nics[0].model, NicModel::E1000, "{line}");
+            assert_eq!(c.netdevs.len(), 1, "{line}");
+        }
     }
 
     #[test]
