@@ -336,6 +336,12 @@ pub enum OptionError {
         net: Ipv4Addr,
         prefix: u8,
     },
+    #[error("{key}: {addr} is {other}='s address too; they must differ")]
+    SameAddr {
+        key: String,
+        addr: Ipv4Addr,
+        other: &'static str,
+    },
     #[error("guestfwd: {addr} must be a free address inside net={net}/{prefix}")]
     GuestFwdAddr {
         addr: Ipv4Addr,

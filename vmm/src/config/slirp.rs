@@ -104,12 +104,17 @@ pub fn slirp_options(kv: &KeyVal) -> Result<SlirpOptions, OptionError> {
             *slot = ip(key, v)?;
         }
     }
+    if let Some(v) = kv.get("restrict") {
+        o.restrict = on_off("restrict", v)?;
+    }
     for (key, addr) in [
         ("host", o.host),
         ("dns", o.dns),
         ("dhcpstart", o.dhcp_start),
     ] {
-        if !o.contains(addr) {
+        // As QEMU: a DNS address outside the network is reached through the gateway, which
+        // a restricted guest may not use.
+        if !o.contains(addr) && (key != "dns" || o.restrict) {
             return Err(OptionError::OutsideNet {
                 key: key.into(),
                 addr,
@@ -118,8 +123,19 @@ pub fn slirp_options(kv: &KeyVal) -> Result<SlirpOptions, OptionError> {
             });
         }
     }
-    if let Some(v) = kv.get("restrict") {
-        o.restrict = on_off("restrict", v)?;
+    // As QEMU: the guest must not be handed the gateway's or the DNS server's address.
+    for (key, addr, other, taken) in [
+        ("dns", o.dns, "host", o.host),
+        ("dhcpstart", o.dhcp_start, "host", o.host),
+        ("dhcpstart", o.dhcp_start, "dns", o.dns),
+    ] {
+        if addr == taken {
+            return Err(OptionError::SameAddr {
+                key: key.into(),
+                addr,
+                other,
+            });
+        }
     }
     if let Some(v) = kv.get("ipv4") {
         o.ipv4 = on_off("ipv4", v)?;
@@ -184,9 +200,35 @@ pub fn slirp_options(kv: &KeyVal) -> Result<SlirpOptions, OptionError> {
     o.domainname = kv.get("domainname").map(String::from);
     o.tftp = kv.get("tftp").map(String::from);
     o.bootfile = kv.get("bootfile").map(String::from);
+    // What DHCP can carry (QEMU's limits for the names; libslirp's for the boot file, which
+    // it would otherwise refuse with a message of its own).
+    for (key, value, max) in [
+        ("hostname", &o.hostname, 255),
+        ("domainname", &o.domainname, 255),
+        ("bootfile", &o.bootfile, BOOTFILE_MAX),
+    ] {
+        match value {
+            Some(v) if v.is_empty() && key == "domainname" => {
+                return Err(OptionError::Empty {
+                    key: key.into(),
+                    what: "name",
+                })
+            }
+            Some(v) if v.len() > max => {
+                return Err(OptionError::TooLong {
+                    key: key.into(),
+                    max,
+                })
+            }
+            _ => {}
+        }
+    }
     for (k, v) in &kv.pairs {
         match k.as_str() {
-            "dnssearch" => o.dnssearch.push(v.clone()),
+            "dnssearch" => {
+                check_domain(v)?;
+                o.dnssearch.push(v.clone())
+            }
             "hostfwd" => {
                 o.hostfwd
                     .push(v.parse::<HostFwd>().map_err(|why| OptionError::Forward {
@@ -212,6 +254,29 @@ pub fn slirp_options(kv: &KeyVal) -> Result<SlirpOptions, OptionError> {
         }
     }
     Ok(o)
+}
+
+/// The longest boot file name DHCP's `file` field holds (128 bytes, one of them the NUL).
+const BOOTFILE_MAX: usize = 127;
+
+/// A `dnssearch=` domain as DHCP's search option encodes it: labels of 1-63 characters
+/// between dots (a dot at the end allowed), 253 characters at most.
+fn check_domain(v: &str) -> Result<(), OptionError> {
+    if v.len() > 253 {
+        return Err(OptionError::TooLong {
+            key: "dnssearch".into(),
+            max: 253,
+        });
+    }
+    let labels: Vec<&str> = v.strip_suffix('.').unwrap_or(v).split('.').collect();
+    if labels.iter().any(|l| l.is_empty() || l.len() > 63) {
+        return Err(OptionError::NotA {
+            key: "dnssearch".into(),
+            value: v.into(),
+            what: "a domain name (labels of 1-63 characters between dots)",
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -257,7 +322,6 @@ mod tests {
             ("net=banana", "net"),
             ("net=10.0.2.0/33", "net"),
             ("net=192.168.100.0/24,dhcpstart=10.0.2.15", "dhcpstart"),
-            ("dns=1.2.3.4", "dns"),
             ("hostfwd=tcp:2222:22", "hostfwd"),
             ("restrict=maybe", "restrict"),
             ("guestfwd=tcp:10.0.2.100:1-tcp:127.0.0.1:2", "guestfwd"),
@@ -269,14 +333,56 @@ mod tests {
             ("ipv6-net=fec0::/x", "ipv6-net"),
             ("ipv6-prefixlen=127", "ipv6-prefixlen"),
             ("ipv6-host=10.0.2.2", "ipv6-host"),
+            ("dns=10.0.2.2", "dns"),
+            ("dhcpstart=10.0.2.2", "dhcpstart"),
+            ("dhcpstart=10.0.2.3", "dhcpstart"),
+            (
+                "net=10.1.0.0/16,dns=10.1.0.9,dhcpstart=10.1.0.9",
+                "dhcpstart",
+            ),
+            ("restrict=on,dns=1.2.3.4", "dns"),
+            ("domainname=", "domainname"),
+            ("dnssearch=", "dnssearch"),
+            ("dnssearch=a..example", "dnssearch"),
+            ("dnssearch=.example", "dnssearch"),
         ] {
             let e = opts(s).unwrap_err().to_string();
             assert!(e.contains(key), "{s}: {e}");
             assert!(!e.contains('\n'), "{s}: {e}");
         }
         assert_eq!(
-            opts("dns=1.2.3.4").unwrap_err().to_string(),
+            opts("restrict=on,dns=1.2.3.4").unwrap_err().to_string(),
             "dns: 1.2.3.4 is outside net=10.0.2.0/24"
         );
+        assert_eq!(
+            opts("dhcpstart=10.0.2.2").unwrap_err().to_string(),
+            "dhcpstart: 10.0.2.2 is host='s address too; they must differ"
+        );
+        let long = |n: usize| "a".repeat(n);
+        for (key, max) in [("hostname", 255), ("domainname", 255), ("bootfile", 127)] {
+            assert!(opts(&format!("{key}={}", long(max))).is_ok(), "{key}");
+            let e = opts(&format!("{key}={}", long(max + 1))).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("{key}: the name is longer than {max} characters")
+            );
+        }
+        let e = opts(&format!("dnssearch={}", long(100_000))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "dnssearch: the name is longer than 253 characters"
+        );
+        let e = opts(&format!("dnssearch={}.example", long(64))).unwrap_err();
+        assert!(e.to_string().contains("labels of 1-63"), "{e}");
+    }
+
+    /// As QEMU: without restrict=on the DNS server may lie outside the network (the guest
+    /// reaches it through the gateway); a domain may end in a dot.
+    #[test]
+    fn good_user_options_qemu_takes() {
+        assert_eq!(opts("dns=1.2.3.4").unwrap().dns, Ipv4Addr::new(1, 2, 3, 4));
+        assert_eq!(opts("dnssearch=example.org.").unwrap().dnssearch.len(), 1);
+        let name = format!("{}.example", "a".repeat(63));
+        assert!(opts(&format!("dnssearch={name}")).is_ok());
     }
 }
