@@ -482,9 +482,16 @@ fn create_temp(path: &Path) -> std::io::Result<(PathBuf, File)> {
     Err(last)
 }
 
-/// Whether a snapshot can be written to `path` (its directory exists and takes a new file):
-/// checked when nicvm starts, before the guest runs.
+/// Whether a snapshot can be written to `path` (its directory exists and takes a new file,
+/// and `path` is not a directory the file could not be renamed over): checked when nicvm
+/// starts, before the guest runs.
 pub fn check_writable(path: &Path) -> Result<(), SnapshotError> {
+    if path.is_dir() {
+        return Err(SnapshotError::Io {
+            path: path.into(),
+            source: std::io::Error::from_raw_os_error(libc::EISDIR),
+        });
+    }
     let (tmp, _) = create_temp(path).map_err(|source| SnapshotError::Io {
         path: path.into(),
         source,
@@ -861,6 +868,19 @@ mod tests {
         assert_eq!(err(states.collect(2, short)), "the vCPUs did not stop");
         states.publish(0, 2, Some(Err("read for the wake".into())));
         assert_eq!(err(states.collect(2, short)), "vCPU 0: read for the wake");
+    }
+
+    /// -save-on's check at start: a directory is refused then (a review found it accepted,
+    /// and the save failing after the guest had booted), a new file in one is not.
+    #[test]
+    fn a_directory_is_no_place_to_save_to() {
+        let dir = std::env::temp_dir().join(format!("nicvm-snap-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = check_writable(&dir).unwrap_err().to_string();
+        let ok = check_writable(&dir.join("s"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(e.ends_with("Is a directory (os error 21)"), "{e}");
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]
