@@ -514,6 +514,50 @@ fn model_from(option: &str, s: &str) -> Result<NicModel, CliError> {
     NicModel::parse(s).map_or_else(|| err(option, CliErrorKind::UnknownModel(s.into())), Ok)
 }
 
+/// The options that take a value (the next argument).
+const VALUE_OPTIONS: &[&str] = &[
+    "-m",
+    "-smp",
+    "-kernel",
+    "-initrd",
+    "-append",
+    "-serial",
+    "-name",
+    "-netdev",
+    "-object",
+    "-device",
+    "-nic",
+    "-net",
+    "-pidfile",
+    "-display",
+    "-vga",
+    "-M",
+    "-machine",
+    "-accel",
+    "-cpu",
+    "-qmp",
+    "-monitor",
+    "-chardev",
+    "-mon",
+    "-incoming",
+    "-save-on",
+    "-boot",
+    "-k",
+    "-uuid",
+    "-rtc",
+    "-global",
+    "-sandbox",
+    "-msg",
+    "-d",
+    "-D",
+    "-overcommit",
+];
+
+/// Whether `opt` (as `-name`) takes the next argument as its value.
+fn takes_value(opt: &str) -> bool {
+    VALUE_OPTIONS.contains(&opt)
+}
+
 /// Arguments as the OS gives them; one that is not UTF-8 is an error naming the option it
 /// belongs to.
 fn utf8_args<I, S>(args: I) -> Result<Vec<String>, CliError>
@@ -526,8 +570,11 @@ where
         match a.into().into_string() {
             Ok(s) => out.push(s),
             Err(bad) => {
+                // The value of the option before it, or an option (or stray word) itself.
                 let option = match out.last() {
-                    Some(prev) if prev.starts_with('-') => prev.clone(),
+                    Some(prev) if takes_value(&format!("-{}", prev.trim_start_matches('-'))) => {
+                        prev.clone()
+                    }
                     _ => bad.to_string_lossy().into_owned(),
                 };
                 return err(&option, CliErrorKind::NotUtf8);
@@ -598,44 +645,7 @@ where
         }
         // QEMU accepts --opt as well as -opt.
         let opt = format!("-{}", arg.trim_start_matches('-'));
-        let takes_value = [
-            "-m",
-            "-smp",
-            "-kernel",
-            "-initrd",
-            "-append",
-            "-serial",
-            "-name",
-            "-netdev",
-            "-object",
-            "-device",
-            "-nic",
-            "-net",
-            "-pidfile",
-            "-display",
-            "-vga",
-            "-M",
-            "-machine",
-            "-accel",
-            "-cpu",
-            "-qmp",
-            "-monitor",
-            "-chardev",
-            "-mon",
-            "-incoming",
-            "-save-on",
-            "-boot",
-            "-k",
-            "-uuid",
-            "-rtc",
-            "-global",
-            "-sandbox",
-            "-msg",
-            "-d",
-            "-D",
-            "-overcommit",
-        ]
-        .contains(&opt.as_str());
+        let takes_value = takes_value(&opt);
         let val = if takes_value {
             match args.next() {
                 Some(v) => v,
@@ -1642,9 +1652,18 @@ mod tests {
         assert_eq!(e.to_string(), "-bo\\ngus: unknown option (see nicvm -h)");
         use std::os::unix::ffi::OsStringExt;
         let bad = std::ffi::OsString::from_vec(vec![b'x', 0xff, b'\n']);
-        let e = parse([std::ffi::OsString::from("-name"), bad]).unwrap_err();
+        let e = parse([std::ffi::OsString::from("-name"), bad.clone()]).unwrap_err();
         assert_eq!(e.option, "-name");
         assert!(!e.to_string().contains('\n'));
+        // After an option without a value, the bad argument is named itself (a review found
+        // -enable-kvm blamed).
+        let e = parse([std::ffi::OsString::from("-enable-kvm"), bad]).unwrap_err();
+        assert_eq!(e.option, "x\u{fffd}\n");
+        assert!(!e.to_string().contains('\n'), "{e}");
+        let bad_opt = std::ffi::OsString::from_vec(vec![b'-', 0xff]);
+        let e = parse([std::ffi::OsString::from("-S"), bad_opt]).unwrap_err();
+        assert_eq!(e.option, "-\u{fffd}");
+        assert_eq!(e.to_string(), "-\u{fffd}: an argument is not valid UTF-8");
     }
 
     #[test]
