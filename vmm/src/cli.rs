@@ -74,7 +74,7 @@ pub enum CliErrorKind {
     NetdevAndVlan,
     #[error("vlan: '{0}' is not a hub number (0, 1, ...)")]
     BadVlan(String),
-    #[error("-net dump: no backend on {0} to capture")]
+    #[error("no backend on {0} to capture")]
     DumpWithoutBackend(String),
     #[error("model= is given more than once")]
     RepeatedModel,
@@ -953,6 +953,10 @@ where
                     Some("dump") => {
                         let vlan = take_vlan(&opt, &mut kv)?;
                         b.legacy_dumps.push((kv, vlan));
+                    }
+                    // An unknown type is said as such, not later as a NIC without a backend.
+                    Some(t) if netdev_opts::NetdevType::parse(t).is_none() => {
+                        return err(&opt, HeaderError::UnknownType(t.into()));
                     }
                     Some(_) => {
                         let vlan = take_vlan(&opt, &mut kv)?;
@@ -2252,6 +2256,14 @@ mod tests {
             e.contains("1 '-net nic' but 0 backend(s) (-net dump not counted)"),
             "{e}"
         );
+        // An unknown type is named as such, alone as beside a NIC (a review found the count
+        // said first); a dump without a backend is said once.
+        for line in ["-kernel k -net foo", "-kernel k -net nic -net foo"] {
+            let e = run(line).unwrap_err().to_string();
+            assert!(e.starts_with("-net: unknown backend type 'foo'"), "{line}: {e}");
+        }
+        let e = run("-kernel k -net dump").unwrap_err().to_string();
+        assert_eq!(e, "-net dump: no backend on vlan 0 to capture");
     }
 
     #[test]
