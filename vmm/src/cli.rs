@@ -838,7 +838,10 @@ where
                     "stdio" | "mon:stdio" => SerialTarget::Stdio,
                     "none" | "null" => SerialTarget::None,
                     "pty" => SerialTarget::Pty,
-                    v if v.starts_with("unix:") || v.starts_with("tcp:") => {
+                    v if ["unix:", "tcp:", "telnet:"]
+                        .iter()
+                        .any(|p| v.starts_with(p)) =>
+                    {
                         let (endpoint, note) = chardev_spec(v).or_else(|e| err(&opt, e))?;
                         if let Some(n) = note {
                             b.note(&opt, &n);
@@ -1318,13 +1321,16 @@ fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>), CliErrorKind> 
     let head = parts.next().unwrap_or("");
     let mut server = false;
     let mut wait = true;
+    let mut telnet = false;
     for p in parts {
         match p.split_once('=') {
             None if p == "server" => server = true,
             None if p == "nowait" => wait = false,
             None if p == "nodelay" => {}
+            None if p == "telnet" => telnet = true,
             Some(("server", v)) => server = on_off("server", v)?,
             Some(("wait", v)) => wait = on_off("wait", v)?,
+            Some(("telnet", v)) => telnet = on_off("telnet", v)?,
             Some(("nodelay" | "ipv4" | "ipv6", _)) => {}
             Some((k, _)) => return Err(OptionError::Unknown(k.into()).into()),
             None => return Err(KeyValError::NeedsValue(p.into()).into()),
@@ -1338,19 +1344,26 @@ fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>), CliErrorKind> 
     } else if let Some(hp) = head.strip_prefix("tcp:") {
         Endpoint::Tcp(tcp_addr(hp)?)
     } else if let Some(hp) = head.strip_prefix("telnet:") {
-        // QEMU's telnet: a TCP server that negotiates the telnet protocol. nicvm speaks plain
-        // lines: a telnet client works the same (it sends plain lines too unless asked).
-        let note = listening(server, wait)?;
-        let telnet = "telnet: plain TCP (no telnet option negotiation)".to_string();
-        let note = Some(match note {
-            Some(n) => format!("{telnet}; {n}"),
-            None => telnet,
-        });
-        return Ok((Endpoint::Tcp(tcp_addr(hp)?), note));
+        telnet = true;
+        Endpoint::Tcp(tcp_addr(hp)?)
     } else {
         return Err(CliErrorKind::BadChardev(spec.into()));
     };
-    listening(server, wait).map(|note| (endpoint, note))
+    let note = listening(server, wait)?;
+    if telnet {
+        // QEMU's telnet: a TCP server that negotiates the telnet protocol. nicvm speaks plain
+        // bytes: a telnet client works the same (on a port other than 23 it starts no
+        // negotiation of its own).
+        let plain = "telnet: plain TCP (no telnet option negotiation)".to_string();
+        return Ok((
+            endpoint,
+            Some(match note {
+                Some(n) => format!("{plain}; {n}"),
+                None => plain,
+            }),
+        ));
+    }
+    Ok((endpoint, note))
 }
 
 /// A path a Unix socket can be bound at: the kernel's `sun_path` holds 107 bytes and a NUL
@@ -1391,11 +1404,15 @@ fn tcp_addr(hp: &str) -> Result<std::net::SocketAddr, CliErrorKind> {
     let port: u16 = port
         .parse()
         .map_err(|_| CliErrorKind::NotANumber(port.into()))?;
-    (host, port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| CliErrorKind::BadChardev(format!("tcp:{hp}")))
+    match (host, port).to_socket_addrs() {
+        Ok(mut a) => a
+            .next()
+            .ok_or_else(|| CliErrorKind::Refused(format!("'{host}' has no address"))),
+        Err(e) => Err(CliErrorKind::Refused(format!(
+            "cannot resolve '{}': {e}",
+            one_line(host)
+        ))),
+    }
 }
 
 /// `-chardev socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off` or `-chardev stdio,id=ID`.
@@ -2260,7 +2277,10 @@ mod tests {
         // said first); a dump without a backend is said once.
         for line in ["-kernel k -net foo", "-kernel k -net nic -net foo"] {
             let e = run(line).unwrap_err().to_string();
-            assert!(e.starts_with("-net: unknown backend type 'foo'"), "{line}: {e}");
+            assert!(
+                e.starts_with("-net: unknown backend type 'foo'"),
+                "{line}: {e}"
+            );
         }
         let e = run("-kernel k -net dump").unwrap_err().to_string();
         assert_eq!(e, "-net dump: no backend on vlan 0 to capture");
@@ -2309,6 +2329,20 @@ mod tests {
             .unwrap();
         assert!(matches!(c.serial, SerialTarget::Socket(Endpoint::Tcp(_))));
         assert_eq!(option_of("-kernel k -serial chardev:nope"), "-serial");
+        // QEMU's telnet consoles, as common lines write them (a review found them refused):
+        // plain TCP, with a note.
+        for line in [
+            "-kernel k -serial telnet::4444,server,nowait",
+            "-kernel k -serial tcp::4444,server=on,wait=off,telnet=on",
+        ] {
+            let c = run(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(
+                c.serial,
+                SerialTarget::Socket(Endpoint::Tcp("0.0.0.0:4444".parse().unwrap())),
+                "{line}"
+            );
+            assert!(c.notes.iter().any(|n| n.text.contains("telnet")), "{line}");
+        }
         assert_eq!(
             option_of("-kernel k -serial unix:/tmp/s"),
             "-serial",
