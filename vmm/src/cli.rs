@@ -116,8 +116,14 @@ pub enum CliErrorKind {
     UndefinedChardev(String),
     #[error("'{0}' is not supported (unix:PATH or tcp:HOST:PORT, with server=on; -monitor and -serial also take stdio)")]
     BadChardev(String),
-    #[error("one capture per netdev and per id ('{0}')")]
-    DuplicateDump(String),
+    #[error(
+        "netdev '{netdev}' is captured twice ('{first}' and '{second}'): one capture per netdev"
+    )]
+    DuplicateDump {
+        netdev: String,
+        first: String,
+        second: String,
+    },
 }
 
 /// User text as it may appear in a one-line message: control characters (a newline typed into
@@ -1048,17 +1054,22 @@ impl Builder<'_> {
                     )),
                 );
             }
-            if self
-                .dumps
-                .iter()
-                .filter(|o| o.netdev == d.netdev || o.id == d.id)
-                .count()
-                > 1
-            {
-                return err(
-                    "-object filter-dump",
-                    CliErrorKind::DuplicateDump(d.id.clone()),
-                );
+        }
+        // Each against those before it, so that the message names the later one.
+        for (i, d) in self.dumps.iter().enumerate() {
+            for o in &self.dumps[..i] {
+                let kind = if o.id == d.id {
+                    CliErrorKind::DuplicateId(d.id.clone())
+                } else if o.netdev == d.netdev {
+                    CliErrorKind::DuplicateDump {
+                        netdev: d.netdev.clone(),
+                        first: o.id.clone(),
+                        second: d.id.clone(),
+                    }
+                } else {
+                    continue;
+                };
+                return err(d.option, kind);
             }
         }
         for n in &self.netdevs {
@@ -1860,6 +1871,21 @@ mod tests {
         ] {
             assert!(option_of(bad).starts_with("-object"), "{bad}");
         }
+        // The later of two that clash is named, with what clashes (a review found the first
+        // one's id quoted for a netdev captured twice).
+        let two = "-kernel k -netdev user,id=n0 -device e1000,netdev=n0 \
+                   -object filter-dump,id=f0,netdev=n0,file=a -object filter-dump";
+        let e = run(&format!("{two},id=f1,netdev=n0,file=b")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "-object filter-dump: netdev 'n0' is captured twice ('f0' and 'f1'): one capture \
+             per netdev"
+        );
+        let e = run(&format!(
+            "{two},id=f0,netdev=net9,file=b -netdev user,id=net9"
+        ))
+        .unwrap_err();
+        assert_eq!(e.to_string(), "-object filter-dump: duplicate id 'f0'");
     }
 
     #[test]

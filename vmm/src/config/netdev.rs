@@ -210,6 +210,18 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
                 max: libc::IFNAMSIZ - 1,
             })
         }
+        // As the kernel's dev_valid_name (a name it refuses would read as "not a tap").
+        (None, Some(name))
+            if name == "."
+                || name == ".."
+                || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace()) =>
+        {
+            return Err(OptionError::NotA {
+                key: "ifname".into(),
+                value: name.into(),
+                what: "an interface name (no '/', ':' or white space; not . or ..)",
+            })
+        }
         (None, name) => TapDevice::Ifname(name.filter(|n| !n.is_empty()).map(String::from)),
     };
     let (up, down) = match device {
@@ -571,6 +583,10 @@ mod tests {
                 ("fd=7", "fd"),
                 ("fd=5,ifname=t", "ifname="),
                 ("ifname=a-name-of-sixteen", "ifname"),
+                ("ifname=a/b", "ifname"),
+                ("ifname=a:b", "ifname"),
+                ("ifname=a b", "ifname"),
+                ("ifname=..", "ifname"),
                 ("vnet_hdr=maybe", "vnet_hdr"),
                 ("queues=17", "queues"),
                 ("queues=0", "queues"),
