@@ -806,7 +806,16 @@ where
                 let note = qemu_compat::machine_option(&opt, &val).or_else(|e| err(&opt, e))?;
                 b.note(&opt, &note);
             }
-            "-m" => b.mem_mib = parse_mem(&val, b.mem_mib).or_else(|e| err(&opt, e))?,
+            "-m" => {
+                b.mem_mib = parse_mem(&val, b.mem_mib).or_else(|e| err(&opt, e))?;
+                if val.contains("slots=") || val.contains("maxmem=") {
+                    b.note(
+                        &opt,
+                        "slots=/maxmem=: nicvm has no memory hotplug; the guest has the initial \
+                         size only, as a QEMU guest has until a DIMM is plugged in",
+                    );
+                }
+            }
             "-smp" => b.cpus = parse_smp(&val).or_else(|e| err(&opt, e))?,
             "-kernel" => b.kernel = Some(val.into()),
             "-initrd" => b.initrd = Some(val.into()),
@@ -2175,6 +2184,11 @@ mod tests {
         let c = run("-m size=256M,slots=4,maxmem=1G -name guest=vm1,debug-threads=on -kernel k")
             .unwrap();
         assert_eq!((c.mem_mib, c.name.as_deref()), (256, Some("vm1")));
+        assert!(
+            c.notes.iter().any(|n| n.text.contains("no memory hotplug")),
+            "a note, not silence: {:?}",
+            c.notes
+        );
         let c = run("-m 256M -m maxmem=1G -name process=x -kernel k").unwrap();
         assert_eq!(
             (c.mem_mib, c.name.as_deref()),
