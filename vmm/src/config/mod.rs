@@ -336,7 +336,7 @@ pub enum OptionError {
         net: Ipv4Addr,
         prefix: u8,
     },
-    #[error("{key}: {addr} is {other}='s address too; they must differ")]
+    #[error("{key}: {addr} is also the {other}= address; they must differ")]
     SameAddr {
         key: String,
         addr: Ipv4Addr,

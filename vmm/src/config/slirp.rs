@@ -356,7 +356,7 @@ mod tests {
         );
         assert_eq!(
             opts("dhcpstart=10.0.2.2").unwrap_err().to_string(),
-            "dhcpstart: 10.0.2.2 is host='s address too; they must differ"
+            "dhcpstart: 10.0.2.2 is also the host= address; they must differ"
         );
         let long = |n: usize| "a".repeat(n);
         for (key, max) in [("hostname", 255), ("domainname", 255), ("bootfile", 127)] {
