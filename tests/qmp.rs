@@ -328,6 +328,11 @@ fn qmp_byte_stream_resyncs_and_pushes_back() {
     assert_eq!(line()["id"], "B");
     assert!(desc(&line()).contains("JSON parse error"));
     assert_eq!(line()["id"], "C");
+    // A string left open at a line end: an error there, then the next line's command.
+    w.write_all(b"\"\n{\"execute\":\"query-name\",\"id\":\"E\"}\n")
+        .unwrap();
+    assert!(desc(&line()).contains("JSON parse error"));
+    assert_eq!(line()["id"], "E");
     // Too long: one error, then the next line's command.
     let mut long = b"{\"execute\":\"".to_vec();
     long.extend(std::iter::repeat_n(b'x', 200_000));

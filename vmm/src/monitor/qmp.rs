@@ -122,60 +122,73 @@ fn error(c: &mut Client, e: QmpError, id: Option<&Value>) {
 
 /// Handles the complete messages in the client's input while its unread output stays under
 /// [`super::OUTPUT_PAUSE`] (the rest waits: the client is not read meanwhile, as QEMU stops
-/// reading a client whose output backs up). After a syntax error the input is skipped up to the
-/// next newline, so the commands after a bad line still run.
+/// reading a client whose output backs up).
 pub(super) fn process(control: &Control, c: &mut Client) {
     while c.output.len() < super::OUTPUT_PAUSE {
-        if c.skip_line {
-            match c.input.iter().position(|&b| b == b'\n') {
-                Some(nl) => {
-                    c.input.drain(..=nl);
-                    c.skip_line = false;
-                }
-                None => {
-                    c.input.clear();
-                    return;
-                }
-            }
+        match read_message(&mut c.input, &mut c.skip_line) {
+            Some(Ok(v)) => handle(control, c, v),
+            Some(Err(e)) => error(c, e, None),
+            None => return,
         }
-        // QEMU's parser also takes 'single-quoted' strings: they are given to serde_json
-        // double-quoted, and its offsets taken back to the input's.
-        let requoted = c.input.contains(&b'\'').then(|| requote(&c.input));
-        let (json, back): (&[u8], Option<&[usize]>) = match &requoted {
-            Some((j, map)) => (j, Some(map)),
-            None => (&c.input, None),
-        };
-        let orig = |at: usize| back.map_or(at, |m| m[at.min(m.len() - 1)]);
-        let mut it = serde_json::Deserializer::from_slice(json).into_iter::<Strict>();
-        match it.next() {
-            Some(Ok(Strict(v))) => {
-                let len = orig(it.byte_offset());
-                c.input.drain(..len.min(c.input.len()));
-                if len > MAX_MESSAGE {
-                    error(c, too_long(), None);
-                } else {
-                    handle(control, c, v);
-                }
-            }
-            Some(Err(e)) if e.is_eof() => {
-                if c.input.len() > MAX_MESSAGE {
-                    error(c, too_long(), None);
-                    c.input.clear();
-                    c.skip_line = true;
-                }
-                return;
-            }
-            Some(Err(e)) => {
-                // Drop what precedes the error's position, then the rest of that line.
-                let at = orig(error_offset(json, e.line(), e.column()));
-                error(c, QmpError::generic(format!("JSON parse error, {e}")), None);
-                c.input.drain(..at.min(c.input.len()));
-                c.skip_line = true;
+    }
+}
+
+/// Takes the next message out of a client's `input`: a JSON value, or the error to answer
+/// bad input with; None until a whole message has come. The rule after a syntax error: the
+/// line of the bad byte is skipped from there up to its newline (`skip_line`, also while
+/// more input comes), and the next line is read afresh, so the commands after a bad line
+/// still run. A newline in a string is itself the bad byte ([`error_offset`]): a string left
+/// open does not take the next line with it.
+fn read_message(input: &mut Vec<u8>, skip_line: &mut bool) -> Option<Result<Value, QmpError>> {
+    if *skip_line {
+        match input.iter().position(|&b| b == b'\n') {
+            Some(nl) => {
+                input.drain(..=nl);
+                *skip_line = false;
             }
             None => {
-                c.input.clear(); // white space only
-                return;
+                input.clear();
+                return None;
             }
+        }
+    }
+    // QEMU's parser also takes 'single-quoted' strings: they are given to serde_json
+    // double-quoted, and its offsets taken back to the input's.
+    let requoted = input.contains(&b'\'').then(|| requote(input));
+    let (json, back): (&[u8], Option<&[usize]>) = match &requoted {
+        Some((j, map)) => (j, Some(map)),
+        None => (input, None),
+    };
+    let orig = |at: usize| back.map_or(at, |m| m[at.min(m.len() - 1)]);
+    let mut it = serde_json::Deserializer::from_slice(json).into_iter::<Strict>();
+    match it.next() {
+        Some(Ok(Strict(v))) => {
+            let len = orig(it.byte_offset());
+            input.drain(..len.min(input.len()));
+            Some(if len > MAX_MESSAGE {
+                Err(too_long())
+            } else {
+                Ok(v)
+            })
+        }
+        Some(Err(e)) if e.is_eof() => {
+            if input.len() <= MAX_MESSAGE {
+                return None;
+            }
+            input.clear();
+            *skip_line = true;
+            Some(Err(too_long()))
+        }
+        Some(Err(e)) => {
+            // Drop what precedes the error's position, then the rest of that line.
+            let at = orig(error_offset(json, e.line(), e.column()));
+            input.drain(..at.min(input.len()));
+            *skip_line = true;
+            Some(Err(QmpError::generic(format!("JSON parse error, {e}"))))
+        }
+        None => {
+            input.clear(); // white space only
+            None
         }
     }
 }
@@ -253,7 +266,11 @@ fn requote(input: &[u8]) -> (Vec<u8>, Vec<usize>) {
     (out, map)
 }
 
-/// The byte offset of serde_json's (1-based line, 1-based column) position in `input`.
+/// The offset in `input` of the byte serde_json's error is about. Its position (line from 1,
+/// column from 0) is just after that byte: column 0 when the byte is the line end before the
+/// line (a string left open at a line end is refused there, as QEMU refuses a control
+/// character in a string). The skipping then stops at that line end, and the next line is
+/// read afresh, as QEMU's lexer starts afresh after the bad byte.
 fn error_offset(input: &[u8], line: usize, column: usize) -> usize {
     let mut start = 0;
     for _ in 1..line {
@@ -262,7 +279,7 @@ fn error_offset(input: &[u8], line: usize, column: usize) -> usize {
             None => return input.len(),
         }
     }
-    (start + column.saturating_sub(1)).min(input.len())
+    (start + column).saturating_sub(1).min(input.len())
 }
 
 /// A JSON value whose objects repeat no key. QEMU's parser refuses duplicate keys; serde_json's
@@ -634,8 +651,58 @@ fn query_pci(control: &Control) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::{indent, requote};
+    use super::{indent, read_message, requote};
     use serde_json::json;
+
+    /// What a client sending `input` is answered, in order: each message read (its `id`, or
+    /// its `execute`), or `error: DESC` for input refused; then what is left waiting.
+    fn read_all(input: &[u8]) -> (Vec<String>, Vec<u8>) {
+        let (mut input, mut skip_line) = (input.to_vec(), false);
+        let mut read = vec![];
+        while let Some(m) = read_message(&mut input, &mut skip_line) {
+            read.push(match m {
+                Ok(v) => match v.get("id") {
+                    Some(id) => id.to_string(),
+                    None => v["execute"].to_string(),
+                },
+                Err(e) => format!("error: {}", e.desc),
+            });
+        }
+        (read, input)
+    }
+
+    /// A string left open at a line end is refused there (a control character in a string,
+    /// as QEMU's lexer refuses it), and the line end ends the bad line: the next line's
+    /// command runs.
+    #[test]
+    fn a_string_left_open_at_a_line_end_does_not_take_the_next_line() {
+        let (read, _) = read_all(b"\"\n{\"execute\":\"query-status\"}\n");
+        assert_eq!(read.len(), 2, "{read:?}");
+        assert!(
+            read[0].starts_with("error: JSON parse error, control character"),
+            "{read:?}"
+        );
+        assert_eq!(read[1], "\"query-status\"");
+        // The same inside a message, single-quoted, and with the rest of the line after it.
+        let (read, _) =
+            read_all(b"{\"execute\":\"query-status\",\"id\":\"a\n{'execute':'x','id':2}\n");
+        assert_eq!(read.len(), 2, "{read:?}");
+        assert!(read[0].starts_with("error: "), "{read:?}");
+        assert_eq!(read[1], "2");
+        let (read, _) = read_all(b"{'execute':'query-status','id':'a\n{'execute':'x','id':2}\n");
+        assert_eq!(read.len(), 2, "{read:?}");
+        assert!(read[0].starts_with("error: "), "{read:?}");
+        assert_eq!(read[1], "2");
+        // Any other bad byte: the rest of its line goes, the next line runs.
+        let (read, _) = read_all(b"{\"id\":\"a\tb\"} {\"id\":1}\n{\"id\":2}\n");
+        assert_eq!(read.len(), 2, "{read:?}");
+        assert!(read[0].starts_with("error: "), "{read:?}");
+        assert_eq!(read[1], "2");
+        // A message cut off in a string waits for the rest.
+        let (read, rest) = read_all(b"{\"execute\":\"query-st");
+        assert!(read.is_empty(), "{read:?}");
+        assert_eq!(rest, b"{\"execute\":\"query-st");
+    }
 
     /// Byte for byte as QEMU 7.2's `-mon ...,pretty=on` writes (its greeting, an empty
     /// answer, an array), before the CR LF translation; keys in serde_json's order (QEMU's
