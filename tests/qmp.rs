@@ -293,9 +293,9 @@ fn qmp_pretty_on_indents_answers_and_events() {
 
 /// QMP as a raw byte stream, where a harness's mistakes land: a line that is not JSON does
 /// not take the commands after it down with it; a key given twice is an error, not the last
-/// one winning (`"execute":"query-status","execute":"quit"` must not quit); unexpected
-/// arguments are refused; a client sending 2000 commands in one write gets 2000 answers
-/// (it is not read while its answers back up, never dropped).
+/// one winning (`"execute":"query-status","execute":"quit"` must not quit); so is a `\u0000`
+/// in a string; unexpected arguments are refused; a client sending 2000 commands in one write
+/// gets 2000 answers (it is not read while its answers back up, never dropped).
 #[test]
 fn qmp_byte_stream_resyncs_and_pushes_back() {
     let Some(img) = image() else { return };
@@ -347,6 +347,11 @@ fn qmp_byte_stream_resyncs_and_pushes_back() {
         .unwrap();
     let e = line();
     assert!(desc(&e).contains("duplicate key 'execute'"), "{e}");
+    // A NUL in a string, as QEMU refuses it.
+    w.write_all(b"{\"execute\":\"query-status\",\"id\":\"\\u0000\"}\n")
+        .unwrap();
+    let e = line();
+    assert!(desc(&e).contains("\\u0000 is not supported"), "{e}");
     // Unexpected members and arguments.
     w.write_all(b"{\"execute\":\"query-status\",\"foo\":1,\"id\":2}\n")
         .unwrap();

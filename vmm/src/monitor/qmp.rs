@@ -282,9 +282,20 @@ fn error_offset(input: &[u8], line: usize, column: usize) -> usize {
     (start + column).saturating_sub(1).min(input.len())
 }
 
-/// A JSON value whose objects repeat no key. QEMU's parser refuses duplicate keys; serde_json's
-/// `Value` keeps the last, so `{"execute":"query-status","execute":"quit"}` would quit.
+/// A JSON value as QEMU's parser takes it: its objects repeat no key, its strings (keys too)
+/// hold no NUL. QEMU's parser refuses duplicate keys; serde_json's `Value` keeps the last, so
+/// `{"execute":"query-status","execute":"quit"}` would quit. A NUL can only come as `\u0000`
+/// (a raw one is a control character, refused in a string by serde_json as by QEMU).
 struct Strict(Value);
+
+/// `s`, unless it holds a NUL.
+fn no_nul<E: serde::de::Error>(s: &str) -> Result<&str, E> {
+    if s.contains('\0') {
+        Err(E::custom("\\u0000 is not supported"))
+    } else {
+        Ok(s)
+    }
+}
 
 impl<'de> serde::Deserialize<'de> for Strict {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -311,10 +322,11 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
         Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
     }
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.into()))
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(no_nul(v)?.into()))
     }
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        no_nul::<E>(&v)?;
         Ok(Value::String(v))
     }
     fn visit_unit<E>(self) -> Result<Value, E> {
@@ -331,6 +343,7 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
         use serde::de::Error;
         let mut m = Map::new();
         while let Some(k) = a.next_key::<String>()? {
+            no_nul::<A::Error>(&k)?;
             let Strict(v) = a.next_value()?;
             if m.contains_key(&k) {
                 return Err(A::Error::custom(format!("duplicate key '{k}'")));
@@ -702,6 +715,32 @@ mod tests {
         let (read, rest) = read_all(b"{\"execute\":\"query-st");
         assert!(read.is_empty(), "{read:?}");
         assert_eq!(rest, b"{\"execute\":\"query-st");
+    }
+
+    /// A `\u0000` in a string (a value or a key, nested too) is refused as QEMU's parser
+    /// refuses it, as the other parse errors are; the next line's command runs.
+    #[test]
+    fn a_nul_in_a_string_is_refused() {
+        for bad in [
+            br#"{"execute":"query-status","id":"\u0000"}"#.as_slice(),
+            br#"{"execute":"query-status","id":"a\u0000b"}"#,
+            br#"{"execute":"query-status","\u0000":1}"#,
+            br#"{"execute":"x","arguments":{"a":["\u0000"]},"id":1}"#,
+            br#"{'execute':'query-status','id':'\u0000'}"#,
+        ] {
+            let input = [bad, b"\n{\"execute\":\"query-status\",\"id\":2}\n"].concat();
+            let (read, _) = read_all(&input);
+            let bad = String::from_utf8_lossy(bad);
+            assert_eq!(read.len(), 2, "{bad}: {read:?}");
+            assert!(
+                read[0].starts_with("error: JSON parse error, \\u0000 is not supported"),
+                "{bad}: {read:?}"
+            );
+            assert_eq!(read[1], "2", "{bad}");
+        }
+        // Other escapes of control characters are strings like any other.
+        let (read, _) = read_all(br#"{"execute":"query-status","id":"\u0001\t"}"#);
+        assert_eq!(read, ["\"\\u0001\\t\""]);
     }
 
     /// Byte for byte as QEMU 7.2's `-mon ...,pretty=on` writes (its greeting, an empty
