@@ -8,16 +8,63 @@ use devices::pci::BarKind;
 /// A line may not be longer than this; a longer one is dropped with a message.
 const MAX_LINE: usize = 4096;
 
-const HELP: &str = "\
+/// An `info` subcommand.
+struct Info {
+    name: &'static str,
+    /// Its line in `help`, after `info NAME -- `.
+    help: &'static str,
+    /// What it prints.
+    show: fn(&Control) -> String,
+}
+
+/// Every `info` subcommand, in `help`'s order. `help`, `info` alone, `info` with an unknown
+/// name and the subcommands themselves all come from this one list, so none can leave one out.
+const INFO: &[Info] = &[
+    Info {
+        name: "network",
+        help: "show the network state",
+        show: info_network,
+    },
+    Info {
+        name: "usernet",
+        help: "show user network stack connection states",
+        show: info_usernet,
+    },
+    Info {
+        name: "pci",
+        help: "show PCI info",
+        show: info_pci,
+    },
+    Info {
+        name: "status",
+        help: "show the current VM status (running or paused, and why)",
+        show: info_status,
+    },
+    Info {
+        name: "migrate",
+        help: "show migration status",
+        show: info_migrate,
+    },
+    Info {
+        name: "version",
+        help: "show the version of QEMU (nicvm)",
+        show: info_version,
+    },
+    Info {
+        name: "name",
+        help: "show the current VM name",
+        show: info_name,
+    },
+];
+
+/// `help`'s lines before the `info` subcommands' ...
+const HELP_BEFORE_INFO: &str = "\
 cont|c -- resume emulation
 help|? -- show this help
-info network -- show the network state
-info usernet -- show user network stack connection states
-info pci -- show PCI info
-info status -- show the current VM status (running or paused, and why)
-info migrate -- show migration status
-info version -- show the version of QEMU (nicvm)
-info name -- show the current VM name
+";
+
+/// ... and after them.
+const HELP_AFTER_INFO: &str = "\
 migrate [-d] uri -- migrate to URI (file:PATH: a snapshot for -incoming)
 quit|q -- quit the emulator
 set_link name on|off -- change the link status of a network adapter
@@ -85,38 +132,38 @@ pub fn crlf(s: &str) -> String {
     s.replace("\r\n", "\n").replace('\n', "\r\n")
 }
 
+/// What `help` prints: a line for each command, each `info` subcommand among them.
+fn help() -> String {
+    let mut out = HELP_BEFORE_INFO.to_string();
+    for i in INFO {
+        out += &format!("info {} -- {}\n", i.name, i.help);
+    }
+    out + HELP_AFTER_INFO
+}
+
+/// What `info` without a subcommand prints: their names.
+fn info_usage() -> String {
+    let names: Vec<&str> = INFO.iter().map(|i| i.name).collect();
+    format!("info {}\n", names.join("|"))
+}
+
+/// What `info WHAT` prints for a subcommand that does not exist: the names of those that do.
+fn unknown_info(what: &str) -> String {
+    let names: Vec<&str> = INFO.iter().map(|i| i.name).collect();
+    format!("unknown info command '{what}' ({})\n", names.join(", "))
+}
+
 /// One command line; returns its output (lines ending in `\n`).
 pub fn execute(control: &Control, line: &str) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         [] => String::new(),
-        ["help" | "?"] | ["help" | "?", _] => HELP.to_string(),
-        ["info", "status"] => {
-            // As QEMU words it: running, paused, or paused and why (prelaunch, postmigrate,
-            // shutdown).
-            let status = match control.status() {
-                s @ ("running" | "paused") => s.to_string(),
-                s => format!("paused ({s})"),
-            };
-            format!("VM status: {status}\n")
-        }
-        ["info", "migrate"] => match control.query_migrate().get("status") {
-            Some(st) => format!("Migration status: {}\n", st.as_str().unwrap_or("?")),
-            None => String::new(),
+        ["help" | "?"] | ["help" | "?", _] => help(),
+        ["info"] => info_usage(),
+        ["info", what] => match INFO.iter().find(|i| i.name == *what) {
+            Some(info) => (info.show)(control),
+            None => unknown_info(what),
         },
-        ["info", "version"] => format!("8.2.0 (nicvm {})\n", env!("CARGO_PKG_VERSION")),
-        ["info", "name"] => control
-            .name
-            .as_ref()
-            .map(|n| format!("{n}\n"))
-            .unwrap_or_default(),
-        ["info", "network"] => info_network(control),
-        ["info", "usernet"] => info_usernet(control),
-        ["info", "pci"] => info_pci(control),
-        ["info"] => "info network|usernet|pci|status|version|name\n".into(),
-        ["info", what] => {
-            format!("unknown info command '{what}' (network, pci, status, version, name)\n")
-        }
         ["set_link", name, state] => {
             let up = match *state {
                 "on" => true,
@@ -164,6 +211,34 @@ pub fn execute(control: &Control, line: &str) -> String {
             format!("unknown command: '{shown}{more}'\n")
         }
     }
+}
+
+/// As QEMU words it: running, paused, or paused and why (prelaunch, postmigrate, shutdown).
+fn info_status(control: &Control) -> String {
+    let status = match control.status() {
+        s @ ("running" | "paused") => s.to_string(),
+        s => format!("paused ({s})"),
+    };
+    format!("VM status: {status}\n")
+}
+
+fn info_migrate(control: &Control) -> String {
+    match control.query_migrate().get("status") {
+        Some(st) => format!("Migration status: {}\n", st.as_str().unwrap_or("?")),
+        None => String::new(),
+    }
+}
+
+fn info_version(_: &Control) -> String {
+    format!("8.2.0 (nicvm {})\n", env!("CARGO_PKG_VERSION"))
+}
+
+fn info_name(control: &Control) -> String {
+    control
+        .name
+        .as_ref()
+        .map(|n| format!("{n}\n"))
+        .unwrap_or_default()
 }
 
 /// As QEMU prints it: each user network's sockets (its forwards among them, with the host
@@ -240,6 +315,30 @@ fn info_pci(control: &Control) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `info` alone and `info` with an unknown name list every subcommand `help` documents
+    /// (they left out migrate, and the second usernet too).
+    #[test]
+    fn info_lists_every_subcommand_help_documents() {
+        let help = help();
+        let documented: Vec<&str> = help
+            .lines()
+            .filter_map(|l| l.strip_prefix("info "))
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        assert_eq!(
+            documented,
+            ["network", "usernet", "pci", "status", "migrate", "version", "name"]
+        );
+        assert_eq!(
+            info_usage(),
+            "info network|usernet|pci|status|migrate|version|name\n"
+        );
+        assert_eq!(
+            unknown_info("nope"),
+            "unknown info command 'nope' (network, usernet, pci, status, migrate, version, name)\n"
+        );
+    }
 
     #[test]
     fn a_bar_left_at_the_top_of_the_address_space_shows_its_last_byte() {
