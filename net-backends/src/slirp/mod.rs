@@ -698,6 +698,8 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
 
     let mut batch = VecDeque::new();
     let mut handshakes = handshake::HandshakeGuard::default();
+    // The last turn gave libslirp frames from the guest.
+    let mut fed = false;
     while !stop.load(Ordering::Relaxed) {
         {
             // SAFETY: no call into libslirp while `st` is live.
@@ -721,7 +723,11 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
                 timeout = timeout.min((exp - now).clamp(0, u32::MAX as i64) as u32);
             }
         }
-        let ms = if timeout == u32::MAX {
+        let ms = if fed {
+            // libslirp sends what waited for the guest (an ARP answer, say) when it is polled,
+            // not when it is given the frame that lets it: at once, not on its next timer.
+            0
+        } else if timeout == u32::MAX {
             -1
         } else {
             timeout.min(i32::MAX as u32) as libc::c_int
@@ -766,6 +772,7 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
             std::mem::swap(&mut batch, &mut q.frames);
             q.in_flight = batch.len();
         }
+        fed = !batch.is_empty();
         for frame in &mut batch {
             handshakes.check(frame);
             // SAFETY: slirp is live; the frame is a valid buffer of its length.
