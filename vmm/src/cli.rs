@@ -126,6 +126,14 @@ pub enum CliErrorKind {
     },
 }
 
+/// `s`, or its first `max` characters and "..." when it is longer.
+fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
 /// User text as it may appear in a one-line message: control characters (a newline typed into
 /// an option) escaped.
 fn one_line(s: &str) -> String {
@@ -572,15 +580,20 @@ where
     S: Into<std::ffi::OsString>,
 {
     let mut out: Vec<String> = vec![];
+    // The argument now read is the value of the option before it.
+    let mut is_value = false;
     for a in args {
         match a.into().into_string() {
-            Ok(s) => out.push(s),
+            Ok(s) => {
+                is_value = !is_value
+                    && s.starts_with('-')
+                    && takes_value(&format!("-{}", s.trim_start_matches('-')));
+                out.push(s);
+            }
             Err(bad) => {
-                // The value of the option before it, or an option (or stray word) itself.
+                // The option whose value it is, or the option (or stray word) itself.
                 let option = match out.last() {
-                    Some(prev) if takes_value(&format!("-{}", prev.trim_start_matches('-'))) => {
-                        prev.clone()
-                    }
+                    Some(prev) if is_value => prev.clone(),
                     _ => bad.to_string_lossy().into_owned(),
                 };
                 return err(&option, CliErrorKind::NotUtf8);
@@ -1081,6 +1094,27 @@ impl Builder<'_> {
                 return err(d.option, kind);
             }
         }
+        for n in &mut self.netdevs {
+            if let Backend::User(o) = &mut n.backend {
+                // As libslirp (and so QEMU): a search domain DHCP cannot carry is left out.
+                for d in o
+                    .dnssearch
+                    .iter()
+                    .filter(|d| !crate::config::slirp::domain_ok(d))
+                {
+                    self.notes.push(Note {
+                        warning: true,
+                        text: format!(
+                            "{}: dnssearch: '{}' is not a domain name DHCP can carry (labels \
+                             of 1-63 characters between dots, 253 in all); left out",
+                            n.option,
+                            one_line(&cut(d, 80))
+                        ),
+                    });
+                }
+                o.dnssearch.retain(|d| crate::config::slirp::domain_ok(d));
+            }
+        }
         for n in &self.netdevs {
             if let Backend::Tap(TapOptions { vhost: true, .. }) = n.backend {
                 self.notes.push(Note {
@@ -1372,9 +1406,9 @@ fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>), CliErrorKind> 
     let note = listening(server, wait)?;
     if telnet {
         // QEMU's telnet: a TCP server that negotiates the telnet protocol. nicvm speaks plain
-        // bytes: a telnet client works the same (on a port other than 23 it starts no
-        // negotiation of its own).
-        let plain = "telnet: plain TCP (no telnet option negotiation)".to_string();
+        // bytes: a line monitor works the same from a telnet client, a console does not quite
+        // (the client, never told otherwise, echoes and sends CR LF itself).
+        let plain = TELNET_NOTE.to_string();
         return Ok((
             endpoint,
             Some(match note {
@@ -1385,6 +1419,10 @@ fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>), CliErrorKind> 
     }
     Ok((endpoint, note))
 }
+
+/// What `telnet` is taken as.
+const TELNET_NOTE: &str = "telnet: plain TCP, no telnet negotiation (for a console use nc or \
+                           socat: a telnet client echoes what is typed and sends CR LF itself)";
 
 /// A path a Unix socket can be bound at: the kernel's `sun_path` holds 107 bytes and a NUL
 /// (a longer one would be cut, and the socket found under another name).
@@ -1467,12 +1505,13 @@ fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>), CliEr
         }
         Some("socket") => {
             if let Some(k) = kv.unknown_key(&[
-                "path", "host", "port", "server", "wait", "nodelay", "ipv4", "ipv6",
+                "path", "host", "port", "server", "wait", "nodelay", "ipv4", "ipv6", "telnet",
             ]) {
                 return Err(OptionError::Unknown(k.into()).into());
             }
             let server = kv.get("server").map(|v| on_off("server", v)).transpose()?;
             let wait = kv.get("wait").map(|v| on_off("wait", v)).transpose()?;
+            let telnet = kv.get("telnet").map(|v| on_off("telnet", v)).transpose()?;
             let endpoint = match (kv.get("path"), kv.get("port")) {
                 (Some(p), None) if !p.is_empty() => Endpoint::Unix(unix_socket_path(p)?),
                 (None, Some(port)) => Endpoint::Tcp(tcp_addr(&format!(
@@ -1488,6 +1527,11 @@ fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>), CliEr
                 }
             };
             let note = listening(server.unwrap_or(false), wait.unwrap_or(true))?;
+            let note = match (telnet == Some(true), note) {
+                (true, Some(n)) => Some(format!("{TELNET_NOTE}; {n}")),
+                (true, None) => Some(TELNET_NOTE.to_string()),
+                (false, n) => n,
+            };
             Ok((id, endpoint, note))
         }
         Some(b) => Err(CliErrorKind::Refused(format!(
@@ -1701,6 +1745,16 @@ mod tests {
         let e = parse([std::ffi::OsString::from("-enable-kvm"), bad]).unwrap_err();
         assert_eq!(e.option, "x\u{fffd}\n");
         assert!(!e.to_string().contains('\n'), "{e}");
+        // A value that reads like an option (d of -boot d, -m of -append -m) is a value.
+        for before in [&["-boot", "d"][..], &["-append", "-m"], &["-name", "x"]] {
+            let mut a: Vec<std::ffi::OsString> = before.iter().map(|s| s.into()).collect();
+            a.push(std::ffi::OsString::from_vec(vec![b'y', 0xff]));
+            assert_eq!(
+                parse(a).unwrap_err().option,
+                "y\u{fffd}",
+                "after {before:?}"
+            );
+        }
         let bad_opt = std::ffi::OsString::from_vec(vec![b'-', 0xff]);
         let e = parse([std::ffi::OsString::from("-S"), bad_opt]).unwrap_err();
         assert_eq!(e.option, "-\u{fffd}");
@@ -1824,6 +1878,26 @@ mod tests {
         let c = run("-kernel k -nic user,model=e1000,mac=00:00:00:00:00:00 -nic user").unwrap();
         let macs: Vec<String> = c.nics.iter().map(|n| n.mac.to_string()).collect();
         assert_eq!(macs, ["52:54:00:12:34:56", "52:54:00:12:34:57"]);
+    }
+
+    #[test]
+    fn a_search_domain_dhcp_cannot_carry_is_left_out_with_a_warning() {
+        let c = run("-kernel k -nic user,dnssearch=a..b,dnssearch=example.org,dnssearch=").unwrap();
+        let Backend::User(o) = &c.netdevs[0].backend else {
+            panic!("a user netdev")
+        };
+        assert_eq!(o.dnssearch, ["example.org"]);
+        let warned: Vec<&str> = c
+            .notes
+            .iter()
+            .filter(|n| n.warning && n.text.contains("dnssearch"))
+            .map(|n| n.text.as_str())
+            .collect();
+        assert_eq!(warned.len(), 2, "{warned:?}");
+        assert!(
+            warned[0].starts_with("-nic user: dnssearch: 'a..b' is not"),
+            "{warned:?}"
+        );
     }
 
     /// As in QEMU, `none` only takes the default network away: the NICs asked for beside it
@@ -2374,6 +2448,7 @@ mod tests {
         for line in [
             "-kernel k -serial telnet::4444,server,nowait",
             "-kernel k -serial tcp::4444,server=on,wait=off,telnet=on",
+            "-kernel k -serial chardev:c -chardev socket,id=c,port=4444,server=on,wait=off,telnet=on",
         ] {
             let c = run(line).unwrap_or_else(|e| panic!("{line}: {e}"));
             assert_eq!(
