@@ -210,11 +210,14 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
                 max: libc::IFNAMSIZ - 1,
             })
         }
-        // As the kernel's dev_valid_name (a name it refuses would read as "not a tap").
+        // As the kernel's dev_valid_name (a name it refuses would read as "not a tap"): its
+        // test is on bytes, with the kernel's isspace (0xa0 is one).
         (None, Some(name))
             if name == "."
                 || name == ".."
-                || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace()) =>
+                || name
+                    .bytes()
+                    .any(|b| matches!(b, b'/' | b':' | b' ' | b'\t'..=b'\r' | 0xa0)) =>
         {
             return Err(OptionError::NotA {
                 key: "ifname".into(),
@@ -587,6 +590,7 @@ mod tests {
                 ("ifname=a:b", "ifname"),
                 ("ifname=a b", "ifname"),
                 ("ifname=..", "ifname"),
+                ("ifname=t\u{e0}", "ifname"),
                 ("vnet_hdr=maybe", "vnet_hdr"),
                 ("queues=17", "queues"),
                 ("queues=0", "queues"),
