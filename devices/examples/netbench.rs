@@ -1029,17 +1029,23 @@ fn slirp_tx(len: usize, m: usize) -> (f64, f64, usize) {
     // Room for a whole ring's batch (127 datagrams, about 3 KiB each as the kernel counts
     // them): with the default 208 KiB a fifth of them were lost before they were read, and
     // the model's CPU was divided among the rest.
+    // (SO_RCVBUFFORCE, as root, past net.core.rmem_max; the delivered count shows a loss.)
     let room: libc::c_int = 4 << 20;
-    // SAFETY: setsockopt reads the int we own, on the socket we own.
-    unsafe {
-        use std::os::fd::AsRawFd;
-        libc::setsockopt(
-            host.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&room as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads the int we own, on the socket we own.
+        let r = unsafe {
+            use std::os::fd::AsRawFd;
+            libc::setsockopt(
+                host.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&room as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            break;
+        }
     }
     let port = host.local_addr().unwrap().port();
     let slirp = SlirpBackend::new(SlirpOptions::default()).expect("slirp");
