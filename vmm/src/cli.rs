@@ -529,7 +529,7 @@ fn model_from(option: &str, s: &str) -> Result<NicModel, CliError> {
 }
 
 /// The options that take a value (the next argument).
-const VALUE_OPTIONS: &[&str] = &[
+pub const VALUE_OPTIONS: &[&str] = &[
     "-m",
     "-smp",
     "-kernel",

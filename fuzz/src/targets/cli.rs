@@ -17,40 +17,18 @@ pub enum CliOp {
 
 pub struct Cli;
 
-const OPTIONS: &[&str] = &[
-    "-m",
-    "-smp",
-    "-kernel",
-    "-initrd",
-    "-append",
-    "-serial",
-    "-name",
-    "-netdev",
-    "-object",
-    "-device",
-    "-nic",
-    "-net",
+/// Options besides those that take a value (nicvm's own list, [`nicvm::cli::VALUE_OPTIONS`]):
+/// flags, and forms QEMU users type or mistype.
+const FLAGS: &[&str] = &[
     "-nographic",
     "-no-reboot",
     "-enable-kvm",
     "--version",
     "-h",
-    "-cpu",
-    "-machine",
-    "-M",
-    "-accel",
-    "-display",
-    "-vga",
-    "-monitor",
-    "-qmp",
-    "-chardev",
-    "-mon",
     "-daemonize",
-    "-pidfile",
     "-nodefaults",
     "-snapshot",
-    "-incoming",
-    "-save-on",
+    "-S",
     "--m",
     "-",
 ];
@@ -219,7 +197,12 @@ impl Target for Cli {
                 }
                 for _ in 0..rng.below(12) {
                     if rng.chance(60) {
-                        args.push(rng.pick(OPTIONS).as_bytes().to_vec());
+                        let options = if rng.chance(80) {
+                            nicvm::cli::VALUE_OPTIONS
+                        } else {
+                            FLAGS
+                        };
+                        args.push(rng.pick(options).as_bytes().to_vec());
                     }
                     args.push(arg(rng));
                 }
