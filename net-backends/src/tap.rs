@@ -4,6 +4,7 @@
 //! handed over with a header `vnet_hdr=off` refuses has the header hidden: stripped from the
 //! frames read, a zeroed one put in front of the frames written.
 
+use crate::coalesce::Coalescer;
 use crate::uring::{FrameRing, BATCH};
 use crate::vnet::VNET_HDR_LEN;
 use crate::{recv_each, send_each, Capabilities, EventSet, NetBackend, Offloads};
@@ -75,6 +76,8 @@ pub struct Tap {
     /// leave the earlier frame to be dropped or sent out of order). A tap someone limited
     /// (TUNSETSNDBUF, QEMU's `sndbuf=`) is written one frame at a time.
     tx_batches: bool,
+    /// Merges runs of TCP segments into GSO frames ([`crate::coalesce`]).
+    merge: Coalescer,
 }
 
 /// Whether the tap on `fd` has the kernel's default send buffer (`INT_MAX`: never full).
@@ -229,6 +232,7 @@ impl Tap {
             dropped: 0,
             batch: Batch::Untried,
             tx_batches: sndbuf_unlimited(file_fd),
+            merge: Coalescer::default(),
         };
         if use_vnet {
             set_vnet_hdr_size(tap.file.as_raw_fd())
@@ -296,6 +300,7 @@ impl Tap {
             dropped: 0,
             batch: Batch::Untried,
             tx_batches: sndbuf_unlimited(fd),
+            merge: Coalescer::default(),
         })
     }
 
@@ -316,6 +321,80 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Up to `BATCH` frames per system call through an io_uring; one by one where there
+    /// is none, for a single frame, and once the interface is gone.
+    fn send_frames(&mut self, iov: &[IoSlice<'_>], ends: &[usize], out: &mut Vec<io::Result<()>>) {
+        let mut done = 0;
+        while done < ends.len() {
+            let rest = &ends[done..];
+            let start = done.checked_sub(1).map_or(0, |i| ends[i]);
+            if rest.len() < 2 || self.gone || !self.tx_batches || !self.has_ring() {
+                if done == 0 {
+                    send_each(self, iov, ends, out);
+                } else {
+                    // After a ring that stopped part way (rare): the rest, counted anew.
+                    let rest = relative(rest, start);
+                    send_each(self, &iov[start.min(iov.len())..], &rest, out);
+                }
+                return;
+            }
+            let chunk = &rest[..rest.len().min(BATCH)];
+            let hdr = self.hide_hdr.then_some(&ZERO_HDR[..]);
+            let Batch::Ring(ring) = &mut self.batch else {
+                unreachable!("has_ring said so")
+            };
+            let mut results = [0i32; BATCH];
+            let answered = match ring.write(hdr, iov, start, chunk, &mut results) {
+                Ok(n) => n,
+                Err(e) => {
+                    // Whether some of these went is unknown: they go again, one by one (a frame
+                    // twice rather than none; the kernel gave no reason to expect this).
+                    log::warn!(
+                        "tap {}: io_uring failed ({e}); frames go one by one",
+                        self.name
+                    );
+                    self.batch = Batch::Each;
+                    continue;
+                }
+            };
+            let mut raw = &results[..answered];
+            if let Some(i) = raw.iter().position(|r| *r == -libc::EOPNOTSUPP) {
+                // A kernel whose tun cannot answer at once instead of waiting (no RWF_NOWAIT
+                // before Linux 6.x) refuses every write so asked, making none: from here the
+                // frames go one by one.
+                log::debug!("tap {}: no RWF_NOWAIT; frames go one by one", self.name);
+                self.batch = Batch::Each;
+                raw = &raw[..i];
+            }
+            let n = raw.len();
+            // EAGAIN: the tap is full (only with a send buffer someone limited: batches are
+            // used only on taps without one, see `tx_batches`). One that frames after it got
+            // past cannot be retried without reordering: dropped, as on a wire. Trailing
+            // ones: the batch stops there.
+            let last_sent = raw.iter().rposition(|r| *r != -libc::EAGAIN);
+            for (i, &r) in raw.iter().enumerate() {
+                if r == -libc::EAGAIN && last_sent.is_none_or(|l| i > l) {
+                    out.push(Err(io::ErrorKind::WouldBlock.into()));
+                    return;
+                }
+                let r = match r {
+                    r if r >= 0 => {
+                        self.down = false;
+                        Ok(())
+                    }
+                    r if r == -libc::EAGAIN => {
+                        log::debug!("tap {}: dropped a frame the full tap refused", self.name);
+                        self.dropped += 1;
+                        Ok(())
+                    }
+                    r => Err(io::Error::from_raw_os_error(-r)),
+                };
+                out.push(r.or_else(|e| self.write_failed(e)));
+            }
+            done += n;
+        }
     }
 
     /// What a failed write means: a frame the kernel refuses (malformed GSO header, too
@@ -542,78 +621,18 @@ impl NetBackend for Tap {
         }
     }
 
-    /// Up to `BATCH` frames per system call through an io_uring; one by one where there
-    /// is none, for a single frame, and once the interface is gone.
+    /// Runs of one TCP stream's segments go as one GSO frame each where the tap carries a
+    /// header (see `coalesce.rs`); every frame through io_uring, up to 64 per system
+    /// call, where the tap allows.
     fn send_batch(&mut self, iov: &[IoSlice<'_>], ends: &[usize], out: &mut Vec<io::Result<()>>) {
-        let mut done = 0;
-        while done < ends.len() {
-            let rest = &ends[done..];
-            let start = done.checked_sub(1).map_or(0, |i| ends[i]);
-            if rest.len() < 2 || self.gone || !self.tx_batches || !self.has_ring() {
-                if done == 0 {
-                    send_each(self, iov, ends, out);
-                } else {
-                    // After a ring that stopped part way (rare): the rest, counted anew.
-                    let rest = relative(rest, start);
-                    send_each(self, &iov[start.min(iov.len())..], &rest, out);
-                }
-                return;
-            }
-            let chunk = &rest[..rest.len().min(BATCH)];
-            let hdr = self.hide_hdr.then_some(&ZERO_HDR[..]);
-            let Batch::Ring(ring) = &mut self.batch else {
-                unreachable!("has_ring said so")
-            };
-            let mut results = [0i32; BATCH];
-            let answered = match ring.write(hdr, iov, start, chunk, &mut results) {
-                Ok(n) => n,
-                Err(e) => {
-                    // Whether some of these went is unknown: they go again, one by one (a frame
-                    // twice rather than none; the kernel gave no reason to expect this).
-                    log::warn!(
-                        "tap {}: io_uring failed ({e}); frames go one by one",
-                        self.name
-                    );
-                    self.batch = Batch::Each;
-                    continue;
-                }
-            };
-            let mut raw = &results[..answered];
-            if let Some(i) = raw.iter().position(|r| *r == -libc::EOPNOTSUPP) {
-                // A kernel whose tun cannot answer at once instead of waiting (no RWF_NOWAIT
-                // before Linux 6.x) refuses every write so asked, making none: from here the
-                // frames go one by one.
-                log::debug!("tap {}: no RWF_NOWAIT; frames go one by one", self.name);
-                self.batch = Batch::Each;
-                raw = &raw[..i];
-            }
-            let n = raw.len();
-            // EAGAIN: the tap is full (only with a send buffer someone limited: batches are
-            // used only on taps without one, see `tx_batches`). One that frames after it got
-            // past cannot be retried without reordering: dropped, as on a wire. Trailing
-            // ones: the batch stops there.
-            let last_sent = raw.iter().rposition(|r| *r != -libc::EAGAIN);
-            for (i, &r) in raw.iter().enumerate() {
-                if r == -libc::EAGAIN && last_sent.is_none_or(|l| i > l) {
-                    out.push(Err(io::ErrorKind::WouldBlock.into()));
-                    return;
-                }
-                let r = match r {
-                    r if r >= 0 => {
-                        self.down = false;
-                        Ok(())
-                    }
-                    r if r == -libc::EAGAIN => {
-                        log::debug!("tap {}: dropped a frame the full tap refused", self.name);
-                        self.dropped += 1;
-                        Ok(())
-                    }
-                    r => Err(io::Error::from_raw_os_error(-r)),
-                };
-                out.push(r.or_else(|e| self.write_failed(e)));
-            }
-            done += n;
+        if !self.vnet_hdr || self.hide_hdr || self.gone {
+            return self.send_frames(iov, ends, out);
         }
+        let mut merge = std::mem::take(&mut self.merge);
+        merge.send(iov, ends, out, |iov, ends, out| {
+            self.send_frames(iov, ends, out)
+        });
+        self.merge = merge;
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
@@ -787,6 +806,7 @@ mod tests {
             dropped: 0,
             batch: Batch::Untried,
             tx_batches: true,
+            merge: Coalescer::default(),
         }
     }
 
@@ -1358,6 +1378,114 @@ mod tests {
                 &[192, 168, 77, 1],
                 "sender is the host side"
             );
+        });
+    }
+
+    /// Runs of a TCP stream's segments reach the tap merged, and the kernel gives back the
+    /// frames the guest sent, byte for byte: two taps on a bridge in a namespace of the test's
+    /// own; the second takes no offloads, so the kernel cuts the GSO frames it forwards there
+    /// (and fills in checksums left to it), as for a bridge port without TSO.
+    #[test]
+    fn merged_segments_leave_the_host_as_the_guest_sent_them() {
+        use crate::coalesce::tests::{cut, stream};
+        in_own_netns(|| {
+            let ip = |args: &[&str]| {
+                let ok = std::process::Command::new("ip")
+                    .args(args)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                assert!(ok, "ip {}", args.join(" "));
+            };
+            let mut from = Tap::open("nco0", Some(true)).unwrap();
+            let mut to = Tap::open("nco1", Some(true)).unwrap();
+            ip(&["link", "add", "ncobr", "type", "bridge"]);
+            for dev in ["nco0", "nco1"] {
+                ip(&["link", "set", dev, "master", "ncobr"]);
+                ip(&["link", "set", dev, "up"]);
+            }
+            ip(&["link", "set", "ncobr", "up"]);
+            let rx_packets = || {
+                let out = std::process::Command::new("ip")
+                    .args(["-s", "link", "show", "nco0"])
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let mut lines = text
+                    .lines()
+                    .skip_while(|l| !l.trim_start().starts_with("RX:"));
+                let numbers = lines.nth(1).expect("ip -s link: RX counters");
+                numbers
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            };
+            let mut buf = vec![0u8; crate::MAX_FRAME];
+            let mut tcp_from_to = |to: &mut Tap, want: usize, wait: Duration| {
+                let mut got = Vec::new();
+                let start = Instant::now();
+                while got.len() < want && start.elapsed() < wait {
+                    match to.recv(&mut buf).unwrap() {
+                        Some(n) if n > VNET_HDR_LEN + 34 && buf[VNET_HDR_LEN + 23] == 6 => {
+                            let mut f = buf[..n].to_vec();
+                            f[..VNET_HDR_LEN].fill(0);
+                            got.push(f);
+                        }
+                        Some(_) => {}
+                        None => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+                got
+            };
+            // The bridge forwards once its ports are up: a lone segment until one comes by.
+            let probe = stream(1, 1, 1, 100, false);
+            let start = Instant::now();
+            loop {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "the bridge forwards nothing"
+                );
+                from.send(&[IoSlice::new(&probe[0])]).unwrap();
+                if !tcp_from_to(&mut to, 1, Duration::from_millis(200)).is_empty() {
+                    break;
+                }
+            }
+            while !tcp_from_to(&mut to, 1, Duration::from_millis(100)).is_empty() {}
+
+            // Two streams (checksums computed, and left to the peer), an ARP between them.
+            let mut batch = stream(30, 4_000_000_000, 65_530, 1448, false);
+            let mut arp = vec![0u8; VNET_HDR_LEN];
+            arp.extend_from_slice(&[0xff; 6]);
+            arp.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 9, 0x08, 0x06]);
+            arp.resize(VNET_HDR_LEN + 60, 0);
+            batch.push(arp);
+            batch.extend(stream(10, 77, 3, 1000, true));
+            let before = rx_packets();
+            let iov: Vec<IoSlice> = batch.iter().map(|f| IoSlice::new(f)).collect();
+            let ends: Vec<usize> = (1..=batch.len()).collect();
+            let mut out = Vec::new();
+            from.send_batch(&iov, &ends, &mut out);
+            assert_eq!(out.len(), batch.len());
+            assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+            assert_eq!(rx_packets() - before, 3, "the tap took three frames for 41");
+
+            let want: Vec<Vec<u8>> = batch
+                .iter()
+                .filter(|f| f[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14] == [8, 0])
+                .flat_map(|f| cut(f))
+                .collect();
+            let got = tcp_from_to(&mut to, want.len(), Duration::from_secs(5));
+            assert_eq!(got.len(), want.len(), "segments out of the bridge");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let at = g.iter().zip(w).position(|(a, b)| a != b);
+                assert!(
+                    g.len() == w.len() && at.is_none(),
+                    "segment {i} ({} bytes, {} sent) differs at byte {at:?}",
+                    g.len(),
+                    w.len()
+                );
+            }
         });
     }
 

@@ -1,0 +1,861 @@
+//! Segments of one TCP stream that reach a tap in one batch go to it as one GSO frame.
+//!
+//! A guest whose NIC cannot segment for it (8139too, e1000 or virtio-net with TSO off) sends a
+//! bulk TCP stream as a run of full-sized segments, one write each. Where the tap carries a
+//! virtio-net header, a run of them that the kernel's own segmentation would cut back into
+//! exactly the same frames is written as one: headers of the first segment, every segment's
+//! payload behind them, `VIRTIO_NET_HDR_GSO_TCPV4` with the segments' payload size. The host
+//! either delivers it whole (as after its own GRO) or cuts it where it has to (a bridge port
+//! without TSO), into the frames the guest sent, byte for byte. One write instead of dozens.
+//!
+//! A segment joins the run before it only when that cut gives it back unchanged: IPv4 without
+//! options or fragmentation, TCP with ACK alone (PSH allowed on the run's last segment), the
+//! same Ethernet, IP and TCP headers apart from what segmentation rewrites (IP length, ID and
+//! checksum; TCP sequence number, flags and checksum), the IP ID one more and the sequence
+//! number right after the segment before, every payload of the first one's size but the last,
+//! which may be shorter, and checksums the kernel would compute anew already right (a guest's
+//! deliberately wrong checksum goes out as it was: its frame does not join). Everything else
+//! goes as it came. IPv6 is not merged.
+
+use crate::csum::{fold, ones_sum};
+use crate::vnet::*;
+use std::io::{self, IoSlice};
+
+const ETH: usize = 14;
+/// The IPv4 header without options.
+const IP: usize = 20;
+/// Where TCP starts in a frame after its virtio-net header.
+const L4: usize = ETH + IP;
+/// A virtio-net header and the Ethernet, IPv4 and TCP headers (with options) after it.
+const HEAD: usize = VNET_HDR_LEN + L4 + 60;
+const ACK: u8 = 0x10;
+const PSH: u8 = 0x08;
+/// An IPv4 packet's length is 16 bits.
+const MAX_IP_LEN: usize = 65_535;
+
+/// A frame that may be part of a run.
+#[derive(Clone, Copy)]
+struct Segment {
+    /// The frame's first bytes: its virtio-net header and its headers up to TCP's end.
+    head: [u8; HEAD],
+    /// How many of them are headers (virtio-net header included).
+    hlen: usize,
+    payload: usize,
+    seq: u32,
+    id: u16,
+    psh: bool,
+    /// Its TCP checksum is left to the peer (`VIRTIO_NET_HDR_F_NEEDS_CSUM`).
+    partial: bool,
+    /// The sum of its TCP pseudo-header.
+    pseudo: u64,
+}
+
+impl Segment {
+    /// The frame in `pieces` as a segment that may join a run; None when it may not.
+    fn of(pieces: &[IoSlice<'_>]) -> Option<Segment> {
+        let mut head = [0u8; HEAD];
+        let mut got = 0;
+        let mut len = 0usize;
+        for p in pieces {
+            if got < HEAD {
+                let n = p.len().min(HEAD - got);
+                head[got..got + n].copy_from_slice(&p[..n]);
+                got += n;
+            }
+            len += p.len();
+        }
+        let vnet = VnetHdr::parse(&head)?;
+        let partial = match vnet.flags {
+            0 => false,
+            VIRTIO_NET_HDR_F_NEEDS_CSUM
+                if usize::from(vnet.csum_start) == L4 && vnet.csum_offset == 16 =>
+            {
+                true
+            }
+            _ => return None,
+        };
+        if vnet.gso_type != VIRTIO_NET_HDR_GSO_NONE || got < VNET_HDR_LEN + L4 + 20 {
+            return None;
+        }
+        let f = &head[VNET_HDR_LEN..];
+        let ip = &f[ETH..L4];
+        let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let frag = u16::from_be_bytes([ip[6], ip[7]]);
+        if f[12..14] != [0x08, 0x00]
+            || ip[0] != 0x45
+            || frag & 0x3fff != 0
+            || ip[9] != 6
+            || ETH + tot_len != len - VNET_HDR_LEN
+            || fold(ones_sum(ip)) != 0xffff
+        {
+            return None;
+        }
+        let tcp = &f[L4..];
+        let thl = usize::from(tcp[12] >> 4) * 4;
+        let hlen = VNET_HDR_LEN + L4 + thl;
+        let flags = tcp[13];
+        if thl < 20 || hlen > got || flags & !PSH != ACK || tot_len <= IP + thl {
+            return None;
+        }
+        let l4_len = tot_len - IP;
+        let pseudo = ones_sum(&ip[12..20]) + 6 + l4_len as u64;
+        let check = u16::from_be_bytes([tcp[16], tcp[17]]);
+        // What the peer computes from the field is right only if it holds the
+        // pseudo-header's sum (0 and 0xffff are one number in ones' complement). A whole
+        // checksum is summed only if the frame is to join a run (`Segment::sum_right`).
+        if partial && u32::from(check) % 0xffff != u32::from(fold(pseudo)) % 0xffff {
+            return None;
+        }
+        Some(Segment {
+            pseudo,
+            head,
+            hlen,
+            payload: tot_len - IP - thl,
+            seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+            id: u16::from_be_bytes([ip[4], ip[5]]),
+            psh: flags & PSH != 0,
+            partial,
+        })
+    }
+
+    /// Whether the checksum the peer would compute anew is the frame's own (`pieces`): a
+    /// pass over the whole segment, so only for one about to join a run.
+    fn sum_right(&self, pieces: &[IoSlice<'_>]) -> bool {
+        self.partial || fold(self.pseudo + sum_from(pieces, VNET_HDR_LEN + L4)) == 0xffff
+    }
+
+    /// Same stream, same headers, apart from what segmentation rewrites.
+    fn same_headers(&self, o: &Segment) -> bool {
+        const T: usize = VNET_HDR_LEN + L4;
+        const I: usize = VNET_HDR_LEN + ETH;
+        // Kept: Ethernet, IP version to TOS, flags to protocol, addresses; TCP ports,
+        // acknowledgement, data offset, window, urgent pointer, options.
+        let same = |r: std::ops::Range<usize>| self.head[r.clone()] == o.head[r];
+        self.hlen == o.hlen
+            && self.partial == o.partial
+            && same(VNET_HDR_LEN..I + 2)
+            && same(I + 6..I + 10)
+            && same(I + 12..T + 4)
+            && same(T + 8..T + 13)
+            && same(T + 14..T + 16)
+            && same(T + 18..self.hlen)
+    }
+}
+
+/// Ones'-complement sum of a frame's bytes from `skip` on, the frame in `pieces` (a piece
+/// that starts at an odd place in it is summed byte-swapped, RFC 1071 2(B)).
+fn sum_from(pieces: &[IoSlice<'_>], mut skip: usize) -> u64 {
+    let mut sum = 0u64;
+    let mut odd = false;
+    for p in pieces {
+        let Some(b) = p.get(skip..) else {
+            skip -= p.len();
+            continue;
+        };
+        skip = 0;
+        let s = fold(ones_sum(b));
+        sum += u64::from(if odd { s.swap_bytes() } else { s });
+        odd ^= b.len() % 2 == 1;
+    }
+    sum
+}
+
+/// A quick look at a frame's first piece, without a copy: false where it is no segment that
+/// could join a run (or, with no run open, start one); true where [`Segment::of`] is to
+/// decide. Most frames that go alone are turned away here.
+fn may_join(pieces: &[IoSlice<'_>], run_open: bool) -> bool {
+    const FLAGS: usize = VNET_HDR_LEN + L4 + 13;
+    let Some(p) = pieces.first().filter(|p| p.len() > FLAGS) else {
+        return true;
+    };
+    let flags = p[FLAGS];
+    p[1] == VIRTIO_NET_HDR_GSO_NONE
+        && p[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14] == [0x08, 0x00]
+        && p[VNET_HDR_LEN + ETH] == 0x45
+        && p[VNET_HDR_LEN + ETH + 9] == 6
+        && flags & !PSH == ACK
+        // PSH only ends a run.
+        && (run_open || flags & PSH == 0)
+}
+
+/// A run of segments being gathered.
+struct Run {
+    first: Segment,
+    /// Of the last segment so far.
+    last_seq: u32,
+    last_payload: usize,
+    last_id: u16,
+    last_psh: bool,
+    /// Index of the first segment's frame in the batch.
+    at: usize,
+    count: usize,
+    payload: usize,
+}
+
+impl Run {
+    fn new(first: Segment, at: usize) -> Run {
+        Run {
+            first,
+            last_seq: first.seq,
+            last_payload: first.payload,
+            last_id: first.id,
+            last_psh: first.psh,
+            at,
+            count: 1,
+            payload: first.payload,
+        }
+    }
+
+    fn takes(&self, s: &Segment) -> bool {
+        let gso = self.first.payload;
+        !self.last_psh
+            && self.last_payload == gso
+            && s.payload <= gso
+            && s.seq == self.last_seq.wrapping_add(self.last_payload as u32)
+            && s.id == self.last_id.wrapping_add(1)
+            && self.first.hlen - VNET_HDR_LEN - ETH + self.payload + s.payload <= MAX_IP_LEN
+            && self.first.same_headers(s)
+    }
+
+    fn add(&mut self, s: &Segment) {
+        self.last_seq = s.seq;
+        self.last_payload = s.payload;
+        self.last_id = s.id;
+        self.last_psh = s.psh;
+        self.count += 1;
+        self.payload += s.payload;
+    }
+
+    /// The headers of the GSO frame the run goes as: the first segment's, made the whole
+    /// run's.
+    fn head(&self) -> [u8; HEAD] {
+        let mut h = self.first.head;
+        let hlen = self.first.hlen;
+        let hdr = VnetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            hdr_len: (hlen - VNET_HDR_LEN) as u16,
+            gso_size: self.first.payload as u16,
+            csum_start: L4 as u16,
+            csum_offset: 16,
+            num_buffers: 0,
+        };
+        h[..VNET_HDR_LEN].copy_from_slice(&hdr.to_bytes());
+        let f = &mut h[VNET_HDR_LEN..hlen];
+        let l4_len = hlen - VNET_HDR_LEN - L4 + self.payload;
+        let (ip, tcp) = f[ETH..].split_at_mut(IP);
+        ip[2..4].copy_from_slice(&((IP + l4_len) as u16).to_be_bytes());
+        ip[10..12].fill(0);
+        let ip_sum = !fold(ones_sum(ip));
+        ip[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+        tcp[13] = ACK | if self.last_psh { PSH } else { 0 };
+        let pseudo = fold(ones_sum(&ip[12..20]) + 6 + l4_len as u64);
+        tcp[16..18].copy_from_slice(&pseudo.to_be_bytes());
+        h
+    }
+}
+
+/// What one batch goes as: each frame of it alone, or as part of a merged one.
+#[derive(Default)]
+pub(crate) struct Coalescer {
+    /// Headers of the merged frames, in order.
+    heads: Vec<([u8; HEAD], usize)>,
+    /// Each frame that goes: the first frame of the batch it stands for and how many
+    /// (1: the frame as it came), and which of `heads` is its, if merged.
+    plan: Vec<(usize, usize, Option<usize>)>,
+    /// The merged batch's pieces and ends (allocations kept), and its results.
+    iov: Vec<IoSlice<'static>>,
+    ends: Vec<usize>,
+    results: Vec<io::Result<()>>,
+}
+
+/// An emptied list of pieces with its allocation, free of the borrow its pieces had.
+fn recycle<'b>(mut v: Vec<IoSlice<'_>>) -> Vec<IoSlice<'b>> {
+    v.clear();
+    // Empty: the closure never runs, and collecting in place keeps the allocation.
+    v.into_iter().map(|_| unreachable!()).collect()
+}
+
+impl Coalescer {
+    /// Finds the runs in a batch (frames as [`crate::NetBackend::send_batch`] takes them,
+    /// each with its virtio-net header). False when none has two segments: the batch goes as
+    /// it is.
+    fn plan(&mut self, iov: &[IoSlice<'_>], ends: &[usize]) -> bool {
+        self.heads.clear();
+        self.plan.clear();
+        let mut run: Option<Run> = None;
+        let mut merged = false;
+        let frame = |i: usize| {
+            let start = i.checked_sub(1).map_or(0, |j| ends[j]);
+            iov.get(start..ends[i]).unwrap_or(&[])
+        };
+        for i in 0..ends.len() {
+            let pieces = frame(i);
+            let mut seg = if may_join(pieces, run.is_some()) {
+                Segment::of(pieces)
+            } else {
+                None
+            };
+            if let (Some(r), Some(s)) = (&mut run, &seg) {
+                if r.takes(s) {
+                    if r.count == 1 && !r.first.sum_right(frame(r.at)) {
+                        // The first goes alone; this one may start a run.
+                        self.plan.push((r.at, 1, None));
+                        run = None;
+                    } else if s.sum_right(pieces) {
+                        r.add(s);
+                        continue;
+                    } else {
+                        seg = None;
+                    }
+                }
+            }
+            if let Some(r) = run.take() {
+                merged |= self.close(r);
+            }
+            match seg {
+                // PSH only ends a run (checked here too where `may_join` could not look).
+                Some(s) if !s.psh => run = Some(Run::new(s, i)),
+                _ => self.plan.push((i, 1, None)),
+            }
+        }
+        if let Some(r) = run.take() {
+            merged |= self.close(r);
+        }
+        merged
+    }
+
+    /// Ends a run: a frame of its own if it has more than one segment. True if so.
+    fn close(&mut self, r: Run) -> bool {
+        if r.count == 1 {
+            self.plan.push((r.at, 1, None));
+            return false;
+        }
+        self.heads.push((r.head(), r.first.hlen));
+        self.plan.push((r.at, r.count, Some(self.heads.len() - 1)));
+        true
+    }
+
+    /// Sends the batch through `send` (the backend's own batch send), with the runs in it
+    /// merged; one result per frame of the batch goes to `out` as `send_batch` promises
+    /// (a merged frame's result is each of its segments').
+    pub(crate) fn send(
+        &mut self,
+        iov: &[IoSlice<'_>],
+        ends: &[usize],
+        out: &mut Vec<io::Result<()>>,
+        mut send: impl FnMut(&[IoSlice<'_>], &[usize], &mut Vec<io::Result<()>>),
+    ) {
+        if ends.len() < 2 || !self.plan(iov, ends) {
+            return send(iov, ends, out);
+        }
+        let mut v = recycle(std::mem::take(&mut self.iov));
+        self.ends.clear();
+        let frame = |i: usize| {
+            let start = i.checked_sub(1).map_or(0, |j| ends[j]);
+            iov.get(start..ends[i]).unwrap_or(&[])
+        };
+        for &(at, count, head) in &self.plan {
+            match head {
+                None => v.extend_from_slice(frame(at)),
+                Some(h) => {
+                    let (bytes, hlen) = &self.heads[h];
+                    v.push(IoSlice::new(&bytes[..*hlen]));
+                    for i in at..at + count {
+                        push_after(&mut v, frame(i), *hlen);
+                    }
+                }
+            }
+            self.ends.push(v.len());
+        }
+        self.results.clear();
+        send(&v, &self.ends, &mut self.results);
+        self.iov = recycle(v);
+        for (r, &(_, count, _)) in self.results.drain(..).zip(&self.plan) {
+            match r {
+                Ok(()) => out.extend((0..count).map(|_| Ok(()))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    out.push(Err(e));
+                    return;
+                }
+                Err(e) => {
+                    out.extend((1..count).map(|_| Err(copy(&e))));
+                    out.push(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// The error again (io::Error is not Clone).
+fn copy(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(n) => io::Error::from_raw_os_error(n),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+/// Pushes the pieces of `frame` from byte `skip` on.
+fn push_after<'a>(v: &mut Vec<IoSlice<'a>>, frame: &[IoSlice<'a>], mut skip: usize) {
+    for p in frame {
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        // The piece's bytes live as long as `'a`; IoSlice::new on a re-slice keeps that.
+        let bytes: &'a [u8] = slice_of(p);
+        v.push(IoSlice::new(&bytes[skip..]));
+        skip = 0;
+    }
+}
+
+/// The bytes of a piece, with the piece's own lifetime (an `IoSlice`'s deref borrows the
+/// `IoSlice`, not its bytes).
+fn slice_of<'a>(p: &IoSlice<'a>) -> &'a [u8] {
+    // SAFETY: an IoSlice<'a> is an iovec over `p.len()` initialised bytes valid for 'a
+    // (IoSlice::new took a &'a [u8]); the slice rebuilt from its pointer and length borrows
+    // the same bytes for the same 'a.
+    unsafe { std::slice::from_raw_parts(p.as_ptr(), p.len()) }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A segment of a stream from 10.0.2.15:40000 to 10.0.2.2:80 as a guest sends it, with
+    /// its virtio-net header: the TCP checksum computed (or, `partial`, left to the peer).
+    fn seg(seq: u32, id: u16, payload: usize, flags: u8, partial: bool) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN + L4 + 32 + payload];
+        if partial {
+            f[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+            f[6] = L4 as u8;
+            f[8] = 16;
+        }
+        let e = &mut f[VNET_HDR_LEN..];
+        e[..6].copy_from_slice(&[0x52, 0x55, 10, 0, 2, 2]);
+        e[6..12].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        e[12..14].copy_from_slice(&[0x08, 0x00]);
+        let tot = (IP + 32 + payload) as u16;
+        e[14..34].copy_from_slice(&[
+            0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 2, 15, 10, 0, 2, 2,
+        ]);
+        e[16..18].copy_from_slice(&tot.to_be_bytes());
+        e[18..20].copy_from_slice(&id.to_be_bytes());
+        let s = !fold(ones_sum(&e[14..34]));
+        e[24..26].copy_from_slice(&s.to_be_bytes());
+        let t = &mut e[L4..];
+        t[..4].copy_from_slice(&[0x9c, 0x40, 0, 80]);
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[8..12].copy_from_slice(&77u32.to_be_bytes());
+        t[12] = 0x80;
+        t[13] = flags;
+        t[14..16].copy_from_slice(&[0x01, 0xf5]);
+        // Timestamps, as Linux sends them.
+        t[20..32].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0x12, 0x34, 0, 0, 0x56, 0x78]);
+        for (i, b) in t[32..].iter_mut().enumerate() {
+            *b = (seq as usize + i) as u8;
+        }
+        finish_tcp(&mut f, partial);
+        f
+    }
+
+    /// Fills in the TCP checksum of a frame (with its virtio-net header): the pseudo-header's
+    /// sum if `partial`, else the whole.
+    fn finish_tcp(f: &mut [u8], partial: bool) {
+        let e = &mut f[VNET_HDR_LEN..];
+        let len = e.len() - L4;
+        let pseudo = ones_sum(&e[26..34]) + 6 + len as u64;
+        e[L4 + 16..L4 + 18].fill(0);
+        let sum = if partial {
+            fold(pseudo)
+        } else {
+            !fold(pseudo + ones_sum(&e[L4..]))
+        };
+        e[L4 + 16..L4 + 18].copy_from_slice(&sum.to_be_bytes());
+    }
+
+    fn gather(pieces: &[IoSlice]) -> Vec<u8> {
+        pieces.iter().flat_map(|p| p.iter().copied()).collect()
+    }
+
+    /// What the batch goes to the backend as, each frame gathered.
+    fn sent(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let iov: Vec<IoSlice> = frames.iter().map(|f| IoSlice::new(f)).collect();
+        let ends: Vec<usize> = (1..=frames.len()).collect();
+        let mut got = Vec::new();
+        let mut out = Vec::new();
+        Coalescer::default().send(&iov, &ends, &mut out, |iov, ends, out| {
+            let mut start = 0;
+            for &end in ends {
+                got.push(gather(&iov[start..end]));
+                start = end;
+                out.push(Ok(()));
+            }
+        });
+        assert_eq!(out.len(), frames.len(), "one result per frame");
+        got
+    }
+
+    /// The kernel's TCP segmentation of a GSO frame, as `tcp_gso_segment` and
+    /// `inet_gso_segment` do it: wire frames with their checksums, each behind a zero
+    /// virtio-net header. A frame that is not GSO comes back with its checksum filled in.
+    pub(crate) fn cut(f: &[u8]) -> Vec<Vec<u8>> {
+        let hdr = VnetHdr::parse(f).unwrap();
+        let whole = |mut g: Vec<u8>| {
+            let partial = g[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
+            g[..VNET_HDR_LEN].fill(0);
+            if partial {
+                // The pseudo-header's sum is in the field: add the rest to it.
+                let e = &mut g[VNET_HDR_LEN..];
+                let sum = !fold(ones_sum(&e[L4..]));
+                e[L4 + 16..L4 + 18].copy_from_slice(&sum.to_be_bytes());
+            }
+            g
+        };
+        if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE {
+            return vec![whole(f.to_vec())];
+        }
+        let hl = VNET_HDR_LEN + usize::from(hdr.hdr_len);
+        let (head, data) = f.split_at(hl);
+        let chunks: Vec<&[u8]> = data.chunks(usize::from(hdr.gso_size)).collect();
+        let id0 = u16::from_be_bytes([head[30], head[31]]);
+        let seq0 = u32::from_be_bytes(head[50..54].try_into().unwrap());
+        let mut segs = Vec::new();
+        for (k, c) in chunks.iter().enumerate() {
+            let mut g = head.to_vec();
+            g.extend_from_slice(c);
+            g[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+            let e = &mut g[VNET_HDR_LEN..];
+            let tot = (e.len() - ETH) as u16;
+            e[16..18].copy_from_slice(&tot.to_be_bytes());
+            e[18..20].copy_from_slice(&id0.wrapping_add(k as u16).to_be_bytes());
+            e[24..26].fill(0);
+            let s = !fold(ones_sum(&e[14..34]));
+            e[24..26].copy_from_slice(&s.to_be_bytes());
+            let seq = seq0.wrapping_add((k * usize::from(hdr.gso_size)) as u32);
+            e[L4 + 4..L4 + 8].copy_from_slice(&seq.to_be_bytes());
+            if k + 1 < chunks.len() {
+                e[L4 + 13] &= !(PSH | 0x01);
+            }
+            // The pseudo-header sum for this segment's length, then the rest.
+            let len = e.len() - L4;
+            let pseudo = fold(ones_sum(&e[26..34]) + 6 + len as u64);
+            e[L4 + 16..L4 + 18].copy_from_slice(&pseudo.to_be_bytes());
+            segs.push(whole(g));
+        }
+        segs
+    }
+
+    /// Sends `frames` merged, cuts what went as the kernel would, and checks it is the
+    /// frames as they came (checksums filled in); returns how many frames went.
+    fn round_trip(frames: &[Vec<u8>]) -> usize {
+        let went = sent(frames);
+        let back: Vec<Vec<u8>> = went.iter().flat_map(|f| cut(f)).collect();
+        let want: Vec<Vec<u8>> = frames.iter().flat_map(|f| cut(f)).collect();
+        assert_eq!(back.len(), want.len(), "segments");
+        for (i, (b, w)) in back.iter().zip(&want).enumerate() {
+            assert!(b == w, "segment {i} differs");
+        }
+        went.len()
+    }
+
+    pub(crate) fn stream(n: usize, seq: u32, id: u16, mss: usize, partial: bool) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| {
+                let s = seq.wrapping_add((i * mss) as u32);
+                let flags = if i + 1 == n { ACK | PSH } else { ACK };
+                seg(s, id.wrapping_add(i as u16), mss, flags, partial)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_run_of_segments_goes_as_one_frame_and_cuts_back_into_them() {
+        assert_eq!(round_trip(&stream(20, 1000, 7, 1448, false)), 1);
+        assert_eq!(round_trip(&stream(20, 1000, 7, 1448, true)), 1);
+        // Sequence number and IP ID wrapping inside the run.
+        assert_eq!(
+            round_trip(&stream(8, u32::MAX - 3000, 65533, 1448, false)),
+            1
+        );
+        // A short last segment; an odd segment size.
+        let mut s = stream(5, 1, 1, 999, false);
+        s.push(seg(1 + 5 * 999, 6, 17, ACK | PSH, false));
+        s[4] = seg(1 + 4 * 999, 5, 999, ACK, false);
+        assert_eq!(round_trip(&s), 1);
+        // A lone frame goes as it is.
+        assert!(sent(&stream(1, 1, 1, 100, false)) == stream(1, 1, 1, 100, false));
+    }
+
+    #[test]
+    fn runs_break_where_segmentation_would_not_give_the_frames_back() {
+        let base = stream(6, 5000, 100, 1000, false);
+        let with = |i: usize, f: Vec<u8>| {
+            let mut s = base.clone();
+            s[i] = f;
+            s
+        };
+        // A gap in the sequence; an IP ID out of step; PSH before the end; a short segment
+        // before the end; another flag.
+        // (The segments after the odd one do not follow it either: three frames.)
+        assert_eq!(
+            round_trip(&with(3, seg(5000 + 3001, 103, 1000, ACK, false))),
+            3
+        );
+        assert_eq!(
+            round_trip(&with(3, seg(5000 + 3000, 200, 1000, ACK, false))),
+            3
+        );
+        assert_eq!(
+            round_trip(&with(2, seg(5000 + 2000, 102, 1000, ACK | PSH, false))),
+            2
+        );
+        assert_eq!(
+            round_trip(&with(2, seg(5000 + 2000, 102, 999, ACK, false))),
+            2
+        );
+        assert_eq!(
+            round_trip(&with(3, seg(5000 + 3000, 103, 1000, ACK | 0x01, false))),
+            3
+        );
+        assert_eq!(
+            round_trip(&with(0, seg(5000, 100, 1000, ACK | 0x80, false))),
+            2
+        );
+        // A longer one after the first.
+        let mut s = base.clone();
+        s.insert(0, seg(4500, 99, 500, ACK, false));
+        assert_eq!(round_trip(&s), 2);
+        // Checksums the peer would have made anew: a wrong TCP or IP checksum, a wrong
+        // pseudo-header sum left for the peer. These frames go as they came.
+        let mut bad = base[2].clone();
+        bad[VNET_HDR_LEN + L4 + 40] ^= 1;
+        assert_eq!(round_trip(&with(2, bad.clone())), 3);
+        let mut bad_first = base[0].clone();
+        bad_first[VNET_HDR_LEN + L4 + 40] ^= 1;
+        assert_eq!(round_trip(&with(0, bad_first)), 2);
+        let mut bad_ip = base[2].clone();
+        bad_ip[VNET_HDR_LEN + 24] ^= 1;
+        assert!(sent(&with(2, bad_ip.clone()))[1] == bad_ip);
+        let mut p = stream(6, 5000, 100, 1000, true);
+        p[2][VNET_HDR_LEN + L4 + 16] ^= 0x10;
+        assert_eq!(sent(&p).len(), 3);
+        // Partial and whole checksums do not mix.
+        let mut m = stream(6, 5000, 100, 1000, false);
+        m[3] = stream(6, 5000, 100, 1000, true).swap_remove(3);
+        assert_eq!(round_trip(&m), 3);
+        // Another header: a TTL, a port, an ACK number, a timestamp.
+        for at in [
+            VNET_HDR_LEN + 22,
+            VNET_HDR_LEN + L4 + 1,
+            VNET_HDR_LEN + L4 + 9,
+            VNET_HDR_LEN + L4 + 28,
+        ] {
+            let mut f = base[3].clone();
+            f[at] ^= 1;
+            let partial = false;
+            // Keep its checksums right: only the header differs.
+            let e = &mut f[VNET_HDR_LEN..];
+            e[24..26].fill(0);
+            let s = !fold(ones_sum(&e[14..34]));
+            e[24..26].copy_from_slice(&s.to_be_bytes());
+            finish_tcp(&mut f, partial);
+            assert_eq!(round_trip(&with(3, f)), 3, "header byte {at}");
+        }
+        // No more than an IPv4 packet holds: 50 segments of 1448 go as two.
+        assert_eq!(round_trip(&stream(50, 9, 9, 1448, false)), 2);
+    }
+
+    #[test]
+    fn frames_that_are_not_ipv4_tcp_segments_go_as_they_came() {
+        let s = stream(4, 1, 1, 500, false);
+        let mut odd = Vec::new();
+        // IP options, a fragment, UDP, a frame with padding behind the packet, a GSO frame,
+        // an ARP, a runt, an empty frame.
+        let mut f = s[1].clone();
+        f[VNET_HDR_LEN + 14] = 0x46;
+        odd.push(f);
+        let mut f = s[1].clone();
+        f[VNET_HDR_LEN + 20] = 0x20;
+        odd.push(f);
+        let mut f = s[1].clone();
+        f[VNET_HDR_LEN + 23] = 17;
+        odd.push(f);
+        let mut f = s[1].clone();
+        f.extend_from_slice(&[0; 4]);
+        odd.push(f);
+        let mut f = s[1].clone();
+        f[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+        odd.push(f);
+        let mut f = s[1].clone();
+        f[VNET_HDR_LEN + 12] = 0x08;
+        f[VNET_HDR_LEN + 13] = 0x06;
+        odd.push(f);
+        odd.push(s[1][..40].to_vec());
+        odd.push(Vec::new());
+        for f in odd {
+            let batch = vec![s[0].clone(), f.clone(), s[1].clone(), f, s[2].clone()];
+            assert!(sent(&batch) == batch);
+        }
+    }
+
+    /// A frame in many pieces, split anywhere (odd places too), merges as the same frame
+    /// in one piece does.
+    #[test]
+    fn pieces_anywhere() {
+        let s = stream(4, 1, 1, 1001, false);
+        let whole = sent(&s);
+        assert_eq!(whole.len(), 1);
+        for cut_at in [1, 5, 12, 13, 47, 60, 61, 99, 500, 1000] {
+            let mut iov = Vec::new();
+            let mut ends = Vec::new();
+            for f in &s {
+                let (a, b) = f.split_at(cut_at.min(f.len()));
+                iov.push(IoSlice::new(a));
+                iov.push(IoSlice::new(b));
+                ends.push(iov.len());
+            }
+            let mut got = Vec::new();
+            let mut out = Vec::new();
+            Coalescer::default().send(&iov, &ends, &mut out, |iov, ends, out| {
+                let mut start = 0;
+                for &end in ends {
+                    got.push(gather(&iov[start..end]));
+                    start = end;
+                    out.push(Ok(()));
+                }
+            });
+            assert!(got == whole, "split at {cut_at}");
+        }
+    }
+
+    /// Random batches: streams with random bytes changed, cut into random pieces, among
+    /// random frames. Every frame is answered; every frame that went merged comes back, cut
+    /// as the kernel cuts, exactly as it was sent; every other one went as it came.
+    #[test]
+    fn random_batches() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n.max(1) as u64) as usize
+        };
+        let mut merged_runs = 0;
+        for _ in 0..1000 {
+            let mut frames = Vec::new();
+            while frames.len() < 64 {
+                match rnd(4) {
+                    0 => {
+                        let len = rnd(200);
+                        frames.push((0..len).map(|_| rnd(256) as u8).collect());
+                    }
+                    _ => {
+                        let n = 1 + rnd(12);
+                        let mss = 1 + rnd(1500);
+                        let mut s = stream(
+                            n,
+                            rnd(usize::MAX) as u32,
+                            rnd(65536) as u16,
+                            mss,
+                            rnd(2) == 0,
+                        );
+                        for _ in 0..rnd(3) {
+                            let f = rnd(s.len());
+                            let at = rnd(VNET_HDR_LEN + L4 + 40).min(s[f].len() - 1);
+                            s[f][at] ^= 1 << rnd(8);
+                        }
+                        frames.extend(s);
+                    }
+                }
+            }
+            frames.truncate(64);
+            let mut iov = Vec::new();
+            let mut ends = Vec::new();
+            for f in &frames {
+                let mut rest: &[u8] = f;
+                while rest.len() > 1 && rnd(3) == 0 {
+                    let (a, b) = rest.split_at(1 + rnd(rest.len() - 1));
+                    iov.push(IoSlice::new(a));
+                    rest = b;
+                }
+                iov.push(IoSlice::new(rest));
+                ends.push(iov.len());
+            }
+            let mut went = Vec::new();
+            let mut out = Vec::new();
+            Coalescer::default().send(&iov, &ends, &mut out, |iov, ends, out| {
+                let mut start = 0;
+                for &end in ends {
+                    went.push(gather(&iov[start..end]));
+                    start = end;
+                    out.push(Ok(()));
+                }
+            });
+            assert_eq!(out.len(), frames.len());
+            let mut next = 0;
+            for g in &went {
+                if *g == frames[next] {
+                    next += 1;
+                    continue;
+                }
+                merged_runs += 1;
+                let segs = cut(g);
+                assert!(segs.len() >= 2, "a frame changed but not merged");
+                for s in segs {
+                    assert!(
+                        cut(&frames[next]) == vec![s],
+                        "frame {next} came back changed"
+                    );
+                    next += 1;
+                }
+            }
+            assert_eq!(next, frames.len());
+        }
+        assert!(merged_runs > 300, "only {merged_runs} runs merged");
+    }
+
+    /// A merged frame's answer is each of its segments': sent, refused (WouldBlock: it and
+    /// the rest not sent) or failed.
+    #[test]
+    fn results_fan_out() {
+        let mut s = stream(3, 1, 1, 500, false);
+        s.push(seg(9999, 50, 10, ACK, false));
+        s.extend(stream(2, 100_000, 60, 700, false));
+        let iov: Vec<IoSlice> = s.iter().map(|f| IoSlice::new(f)).collect();
+        let ends: Vec<usize> = (1..=s.len()).collect();
+        for (answers, want) in [
+            (vec!["ok", "ok", "ok"], vec!["ok"; 6]),
+            (vec!["ok", "block"], vec!["ok", "ok", "ok", "block"]),
+            (vec!["block"], vec!["block"]),
+            (
+                vec!["err", "ok", "err"],
+                vec!["err", "err", "err", "ok", "err", "err"],
+            ),
+        ] {
+            let mut out = Vec::new();
+            Coalescer::default().send(&iov, &ends, &mut out, |_, ends, out| {
+                assert_eq!(ends.len(), 3);
+                for a in &answers {
+                    out.push(match *a {
+                        "ok" => Ok(()),
+                        "block" => Err(io::ErrorKind::WouldBlock.into()),
+                        _ => Err(io::Error::from_raw_os_error(libc::EIO)),
+                    });
+                }
+            });
+            let got: Vec<&str> = out
+                .iter()
+                .map(|r| match r {
+                    Ok(()) => "ok",
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => "block",
+                    Err(e) => {
+                        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+                        "err"
+                    }
+                })
+                .collect();
+            assert_eq!(got, want);
+        }
+    }
+}
