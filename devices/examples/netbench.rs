@@ -7,7 +7,10 @@
 //!
 //! Cases: TX of full-size TCP frames, TX with checksum offload, TX of 64 KiB TCP sends with
 //! TSO / large send (per wire frame and per send; the floor writes the same MSS-sized frames
-//! one by one), and RX of TCP segments injected from the tap's host side into the model's
+//! one by one), TX of one TCP stream's full-size segments, with and without checksum offload,
+//! as a guest sends a bulk transfer when its NIC does not segment (the tap takes runs of them
+//! merged, see net-backends' `coalesce.rs`; the TX frames above carry PSH and never merge),
+//! and RX of TCP segments injected from the tap's host side into the model's
 //! ring: in bursts of a ring's worth (one wake-up of the model takes up to 64 frames, one
 //! interrupt), and one frame per wake-up. Then the floor itself with its syscalls batched (the same
 //! writes and reads through io_uring, 64 per `io_uring_enter`): how much of the floor fewer
@@ -162,6 +165,26 @@ fn tcp_frame(len: usize) -> Vec<u8> {
     f
 }
 
+/// `n` segments of one TCP stream, `len` bytes each, as a guest sends a bulk transfer when
+/// its NIC does not segment for it (8139too; e1000 or virtio-net with TSO off): sequence
+/// numbers and IP IDs one after the other, ACK alone (the frames of [`tcp_frame`] each
+/// carry PSH and one sequence number, so none of them follow one another).
+fn tcp_stream(len: usize, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let mut f = tcp_frame(len);
+            let seq = 1000 + (i * (len - 54)) as u32;
+            f[18..20].copy_from_slice(&(0x1234 + i as u16).to_be_bytes());
+            f[38..42].copy_from_slice(&seq.to_be_bytes());
+            f[47] = 0x10;
+            let at = parse(&f).expect("a TCP frame");
+            fill_ipv4_checksum(&mut f, &at);
+            fill_l4_checksum(&mut f, &at);
+            f
+        })
+        .collect()
+}
+
 /// What a driver leaves in the TCP checksum field for offload: the pseudo-header sum (with
 /// the TCP length, or without it for e1000's TSO).
 fn seed_pseudo(f: &mut [u8], l4_len: Option<usize>) {
@@ -308,15 +331,20 @@ trait Nic {
     fn modes(&self) -> &'static [Mode] {
         &[Mode::Plain, Mode::Csum, Mode::Tso]
     }
-    /// Guest side: `frame` (a TCP frame with valid checksums) prepared as the driver hands
-    /// it over in `mode`.
-    fn tx_prepare(&mut self, mode: Mode, frame: &[u8]);
+    /// Guest side: `frames` (TCP frames with valid checksums) prepared as the driver hands
+    /// them over in `mode`, to be sent in turn, over and over.
+    fn tx_prepare(&mut self, mode: Mode, frames: &[Vec<u8>]);
     /// Sends the TX ring holds at once.
     fn tx_batch(&self) -> usize;
     /// Guest side, untimed: `k` sends put in the ring, no doorbell yet.
     fn tx_queue(&mut self, k: usize);
     /// Timed: the doorbell write(s) that make the model send what was queued, the ack.
     fn tx_kick(&mut self);
+    /// [`Nic::tx_kick`] timed on `clock`, for a driver whose guest-side work (filling a
+    /// buffer) falls between its doorbells and is left out.
+    fn tx_kick_timed(&mut self, clock: &Clock) -> f64 {
+        clock.time(|| self.tx_kick())
+    }
     /// Guest side, untimed: sends the device completed since the last call.
     fn tx_reclaim(&mut self) -> usize;
     /// Whether a TSO send reaches the tap whole, with a virtio-net header asking the host
@@ -408,31 +436,46 @@ impl Nic for Virtio {
     fn name(&self) -> &'static str {
         "virtio-net"
     }
-    fn tx_prepare(&mut self, mode: Mode, frame: &[u8]) {
-        let mut f = frame.to_vec();
-        let mut h = VnetHdr::default();
-        if mode != Mode::Plain {
-            h.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-            h.csum_start = 34;
-            h.csum_offset = 16;
-            let l4_len = f.len() - 34;
-            seed_pseudo(&mut f, Some(l4_len));
+    fn tx_prepare(&mut self, mode: Mode, frames: &[Vec<u8>]) {
+        let bufs: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|frame| {
+                let mut f = frame.to_vec();
+                let mut h = VnetHdr::default();
+                if mode != Mode::Plain {
+                    h.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+                    h.csum_start = 34;
+                    h.csum_offset = 16;
+                    let l4_len = f.len() - 34;
+                    seed_pseudo(&mut f, Some(l4_len));
+                }
+                if mode == Mode::Tso {
+                    h.gso_type = VIRTIO_NET_HDR_GSO_TCPV4;
+                    h.hdr_len = 54;
+                    h.gso_size = MSS as u16;
+                }
+                let mut buf = h.to_bytes().to_vec();
+                buf.extend_from_slice(&f);
+                buf
+            })
+            .collect();
+        // Copies at offsets spread over a page (see Spread), as many as the area holds; the
+        // frames in turn (a whole number of rounds of them).
+        let stride = bufs[0].len().next_multiple_of(4096) as u64 + 64;
+        let mut copies = (TX_AREA / stride).clamp(1, SPREAD as u64);
+        if bufs.len() > 1 {
+            copies = bufs.len() as u64;
+            assert!(
+                copies * stride <= TX_AREA,
+                "more frames than the TX area holds"
+            );
         }
-        if mode == Mode::Tso {
-            h.gso_type = VIRTIO_NET_HDR_GSO_TCPV4;
-            h.hdr_len = 54;
-            h.gso_size = MSS as u16;
-        }
-        let mut buf = h.to_bytes().to_vec();
-        buf.extend_from_slice(&f);
-        // Copies at offsets spread over a page (see Spread), as many as the area holds.
-        let stride = buf.len().next_multiple_of(4096) as u64 + 64;
-        let copies = (TX_AREA / stride).clamp(1, SPREAD as u64);
         self.tx_addrs = (0..copies).map(|i| BUF_BASE[TX] + i * stride).collect();
-        for &a in &self.tx_addrs {
-            self.d.mem.write_slice(&buf, GuestAddress(a)).unwrap();
+        for (i, &a) in self.tx_addrs.iter().enumerate() {
+            let buf = &bufs[i % bufs.len()];
+            self.d.mem.write_slice(buf, GuestAddress(a)).unwrap();
         }
-        self.len = buf.len() as u32;
+        self.len = bufs[0].len() as u32;
     }
     fn tx_batch(&self) -> usize {
         RING_ROOM as usize - 1
@@ -482,7 +525,8 @@ impl Nic for Virtio {
 struct E1000 {
     d: e1000::driver::Driver,
     mode: Mode,
-    frame: Vec<u8>,
+    frames: Vec<Vec<u8>>,
+    next: usize,
     tails: Vec<u32>,
 }
 
@@ -494,7 +538,8 @@ impl E1000 {
         E1000 {
             d,
             mode: Mode::Plain,
-            frame: vec![],
+            frames: vec![],
+            next: 0,
             tails: vec![],
         }
     }
@@ -507,20 +552,26 @@ impl Nic for E1000 {
     fn passes_gso(&self) -> bool {
         true
     }
-    fn tx_prepare(&mut self, mode: Mode, frame: &[u8]) {
-        let mut f = frame.to_vec();
-        match mode {
-            Mode::Plain => {}
-            Mode::Csum => seed_pseudo(&mut f, Some(frame.len() - 34)),
-            Mode::Tso => {
-                // e1000_tso: IP total length and checksum zeroed, TCP length left out.
-                f[16..18].fill(0);
-                f[24..26].fill(0);
-                seed_pseudo(&mut f, None);
-            }
-        }
+    fn tx_prepare(&mut self, mode: Mode, frames: &[Vec<u8>]) {
+        self.frames = frames
+            .iter()
+            .map(|frame| {
+                let mut f = frame.to_vec();
+                match mode {
+                    Mode::Plain => {}
+                    Mode::Csum => seed_pseudo(&mut f, Some(frame.len() - 34)),
+                    Mode::Tso => {
+                        // e1000_tso: IP total length and checksum zeroed, TCP length left out.
+                        f[16..18].fill(0);
+                        f[24..26].fill(0);
+                        seed_pseudo(&mut f, None);
+                    }
+                }
+                f
+            })
+            .collect();
         self.mode = mode;
-        self.frame = f;
+        self.next = 0;
     }
     fn tx_batch(&self) -> usize {
         let descs = match self.mode {
@@ -532,10 +583,12 @@ impl Nic for E1000 {
     }
     fn tx_queue(&mut self, k: usize) {
         for _ in 0..k {
+            let frame = &self.frames[self.next % self.frames.len()];
+            self.next += 1;
             match self.mode {
-                Mode::Plain => self.d.queue_legacy(&self.frame, None, None),
-                Mode::Csum => self.d.queue_csum(&self.frame, 34, 50, true),
-                Mode::Tso => self.d.queue_tso(&self.frame, 14, 34, 54, MSS as u16, None),
+                Mode::Plain => self.d.queue_legacy(frame, None, None),
+                Mode::Csum => self.d.queue_csum(frame, 34, 50, true),
+                Mode::Tso => self.d.queue_tso(frame, 14, 34, 54, MSS as u16, None),
             }
             self.tails.push(self.d.tx_next() as u32);
         }
@@ -580,7 +633,8 @@ impl Nic for E1000 {
 struct Cp {
     d: rtl8139::driver::Driver,
     mode: Mode,
-    frame: Vec<u8>,
+    frames: Vec<Vec<u8>>,
+    next: usize,
     opts1: u32,
 }
 
@@ -593,7 +647,8 @@ impl Cp {
         Cp {
             d,
             mode: Mode::Plain,
-            frame: vec![],
+            frames: vec![],
+            next: 0,
             opts1: 0,
         }
     }
@@ -609,9 +664,10 @@ impl Nic for Cp {
     fn passes_gso(&self) -> bool {
         true
     }
-    fn tx_prepare(&mut self, mode: Mode, frame: &[u8]) {
+    fn tx_prepare(&mut self, mode: Mode, frames: &[Vec<u8>]) {
         self.mode = mode;
-        self.frame = frame.to_vec();
+        self.frames = frames.to_vec();
+        self.next = 0;
         self.opts1 = match mode {
             Mode::Plain => 0,
             Mode::Csum => TX_IPCS | TX_TCPCS,
@@ -619,12 +675,14 @@ impl Nic for Cp {
         };
     }
     fn tx_batch(&self) -> usize {
-        let descs = self.frame.len().div_ceil(CP_FRAG);
+        let descs = self.frames[0].len().div_ceil(CP_FRAG);
         (rtl8139::driver::CP_RING as usize - 1) / descs
     }
     fn tx_queue(&mut self, k: usize) {
-        let frags: Vec<&[u8]> = self.frame.chunks(CP_FRAG).collect();
         for _ in 0..k {
+            let frame = &self.frames[self.next % self.frames.len()];
+            self.next += 1;
+            let frags: Vec<&[u8]> = frame.chunks(CP_FRAG).collect();
             self.d.cp_queue(&frags, self.opts1, 0);
         }
     }
@@ -668,6 +726,9 @@ impl Nic for Cp {
 struct Too {
     d: rtl8139::driver::Driver,
     len: u32,
+    /// The frames sent in turn, when more than one (each copied into its slot before its
+    /// TSD write, as rtl8139_start_xmit copies it).
+    frames: Vec<Vec<u8>>,
     queued: usize,
     sent: usize,
     reclaimed: usize,
@@ -683,6 +744,7 @@ impl Too {
         Too {
             d,
             len: 0,
+            frames: vec![],
             queued: 0,
             sent: 0,
             reclaimed: 0,
@@ -713,13 +775,21 @@ impl Nic for Too {
     fn modes(&self) -> &'static [Mode] {
         &[Mode::Plain]
     }
-    fn tx_prepare(&mut self, _: Mode, frame: &[u8]) {
-        // The frame never changes: copied into the four slot buffers once, not per send.
+    fn tx_prepare(&mut self, _: Mode, frames: &[Vec<u8>]) {
+        // One frame never changes: copied into the four slot buffers once, not per send.
         for i in 0..4 {
             let at = rtl8139::driver::TOO_TX_BUFS + i * rtl8139::driver::TOO_TX_SLOT;
-            self.d.mem.write_slice(frame, GuestAddress(at)).unwrap();
+            self.d
+                .mem
+                .write_slice(&frames[0], GuestAddress(at))
+                .unwrap();
         }
-        self.len = frame.len() as u32;
+        self.len = frames[0].len() as u32;
+        self.frames = if frames.len() > 1 {
+            frames.to_vec()
+        } else {
+            vec![]
+        };
     }
     fn tx_batch(&self) -> usize {
         256
@@ -742,6 +812,30 @@ impl Nic for Too {
         // rest before it woke): the frames go to the tap.
         self.d.dev.run_flush_kicks();
         self.tx_interrupt();
+    }
+    fn tx_kick_timed(&mut self, clock: &Clock) -> f64 {
+        if self.frames.is_empty() {
+            return clock.time(|| self.tx_kick());
+        }
+        // Each frame copied into its slot (untimed: the guest's copy), then its TSD write.
+        let mut ns = 0.0;
+        for _ in 0..std::mem::take(&mut self.queued) {
+            if self.sent - self.reclaimed == 4 {
+                ns += clock.time(|| self.tx_interrupt());
+            }
+            let slot = self.sent % 4;
+            let at = rtl8139::driver::TOO_TX_BUFS + slot as u64 * rtl8139::driver::TOO_TX_SLOT;
+            let frame = &self.frames[self.sent % self.frames.len()];
+            self.d.mem.write_slice(frame, GuestAddress(at)).unwrap();
+            ns += clock.time(|| {
+                self.d.w_only(rtl8139::TSD0 + 4 * slot, self.len, 4);
+            });
+            self.sent += 1;
+        }
+        ns + clock.time(|| {
+            self.d.dev.run_flush_kicks();
+            self.tx_interrupt();
+        })
     }
     fn tx_reclaim(&mut self) -> usize {
         self.reclaimed - std::mem::replace(&mut self.reported, self.reclaimed)
@@ -857,17 +951,24 @@ fn read_all(tap: &TapSide, bufs: &mut Spread, n: usize, want: usize) {
     }
 }
 
-/// One TX case: `sends` sends of `frame` through the model, each batch followed by the same
-/// wire frames written bare (interleaved, so drift hits both alike). Returns (model, floor)
-/// ns per wire frame.
+/// One TX case: `sends` sends of `frames` in turn through the model, each batch followed by
+/// the same wire frames written bare (interleaved, so drift hits both alike). Returns (model,
+/// floor) ns per wire frame.
+///
+/// Several frames are a stream's segments (see [`tcp_stream`]): the tap may take runs of them
+/// merged into one GSO frame each, and then counts fewer frames than were sent, each with the
+/// headers once; its byte count must say exactly that. The floor writes the first segment
+/// over and over: the same size, the same cost.
 fn tx_case(
     nic: &mut dyn Nic,
     tap: &TapSide,
     clock: &Clock,
     mode: Mode,
-    frame: &[u8],
+    frames: &[Vec<u8>],
     sends: usize,
 ) -> (f64, f64) {
+    let frame = &frames[0];
+    let stream = frames.len() > 1;
     let mut wire: Vec<Vec<u8>> = vec![];
     if mode == Mode::Tso {
         let at = parse(frame).expect("TCP");
@@ -887,7 +988,7 @@ fn tx_case(
     } else {
         (wire.len(), wire_bytes)
     };
-    nic.tx_prepare(mode, frame);
+    nic.tx_prepare(mode, frames);
     let batch = nic.tx_batch();
     let c0 = tap.counters();
     let s0 = nic.stats().tx_frames;
@@ -895,7 +996,7 @@ fn tx_case(
     while done < sends {
         let k = batch.min(sends - done);
         nic.tx_queue(k);
-        ns += clock.time(|| nic.tx_kick());
+        ns += nic.tx_kick_timed(clock);
         reclaimed += nic.tx_reclaim();
         floor += clock.time(|| write_all(tap, &mut bare, k));
         done += k;
@@ -910,8 +1011,15 @@ fn tx_case(
     // The tap saw the model's frames and the floor's.
     let c = tap.counters();
     let (p, b, d) = (c.0 - c0.0, c.1 - c0.1, c.2 - c0.2);
-    let want = sends * (tap_frames + wire.len());
-    let want_bytes = sends * (tap_bytes + wire_bytes);
+    let mut want = sends * (tap_frames + wire.len());
+    let mut want_bytes = sends * (tap_bytes + wire_bytes);
+    if stream && p <= want as u64 && p > (sends * wire.len()) as u64 {
+        // The model's share of the frames: each carries the headers once, and every
+        // segment's payload is in one of them.
+        let merged = p as usize - sends * wire.len();
+        want = p as usize;
+        want_bytes = merged * 54 + sends * (frame.len() - 54) + sends * wire_bytes;
+    }
     if p != want as u64 || b != want_bytes as u64 || d != 0 {
         fail(format!(
             "{who} on {}: the tap got {p} frames / {b} bytes ({d} dropped), expected {want} \
@@ -986,16 +1094,25 @@ fn run_model(
     len: usize,
     rows: &mut Vec<Row>,
 ) {
-    let small = tcp_frame(len);
-    let big = tcp_frame(TSO_LEN);
+    let small = vec![tcp_frame(len)];
+    let big = vec![tcp_frame(TSO_LEN)];
+    let stream = tcp_stream(len, SPREAD);
     let segs = (TSO_LEN - 54).div_ceil(MSS);
-    for &mode in nic.modes() {
-        let (frame, sends, dir) = match mode {
-            Mode::Plain => (&small, n, "TX"),
-            Mode::Csum => (&small, n, "TX csum"),
-            Mode::Tso => (&big, n.div_ceil(segs), "TX TSO 64K"),
+    let cases = nic.modes().iter().map(|&m| (m, false));
+    let streams = nic
+        .modes()
+        .iter()
+        .filter(|&&m| m != Mode::Tso)
+        .map(|&m| (m, true));
+    for (mode, in_stream) in cases.chain(streams).collect::<Vec<_>>() {
+        let (frames, sends, dir) = match (mode, in_stream) {
+            (Mode::Plain, false) => (&small, n, "TX"),
+            (Mode::Csum, false) => (&small, n, "TX csum"),
+            (Mode::Tso, _) => (&big, n.div_ceil(segs), "TX TSO 64K"),
+            (Mode::Plain, true) => (&stream, n, "TX stream"),
+            (Mode::Csum, true) => (&stream, n, "TX csum stream"),
         };
-        let (model_ns, floor_ns) = tx_case(nic, tap, clock, mode, frame, sends);
+        let (model_ns, floor_ns) = tx_case(nic, tap, clock, mode, frames, sends);
         let per_send = (mode == Mode::Tso).then_some(segs);
         rows.push(Row {
             model: nic.name(),
@@ -1050,7 +1167,7 @@ fn slirp_tx(len: usize, m: usize) -> (f64, f64, usize) {
     let port = host.local_addr().unwrap().port();
     let slirp = SlirpBackend::new(SlirpOptions::default()).expect("slirp");
     let mut v = Virtio::new(Box::new(slirp));
-    v.tx_prepare(Mode::Plain, &udp_frame(len, port));
+    v.tx_prepare(Mode::Plain, &[udp_frame(len, port)]);
     let batch = v.tx_batch();
     let mut got = 0usize;
     let mut rb = vec![0u8; 65536];
@@ -1107,7 +1224,7 @@ fn slirp_rx(len: usize, m: usize) -> (f64, f64, usize) {
     let slirp = SlirpBackend::new(opts).unwrap_or_else(|e| fail(format!("slirp: {e}")));
     let mut v = Virtio::new(Box::new(slirp));
     // slirp learns where the guest is from its gratuitous ARP (and answers nothing).
-    v.tx_prepare(Mode::Plain, &gratuitous_arp());
+    v.tx_prepare(Mode::Plain, &[gratuitous_arp()]);
     v.tx_queue(1);
     v.tx_kick();
     if v.tx_reclaim() != 1 {
@@ -1983,7 +2100,7 @@ fn own_work(clock: &Clock, n: usize, len: usize) -> Vec<OwnWork> {
             if !nic.modes().contains(&mode) {
                 continue;
             }
-            nic.tx_prepare(mode, &tx);
+            nic.tx_prepare(mode, std::slice::from_ref(&tx));
             let batch = nic.tx_batch();
             let (s0, mut t, mut done) = (sent_now(), 0.0, 0);
             while done < n {
