@@ -22,26 +22,65 @@ use crate::vnet::*;
 use std::io::{self, IoSlice};
 
 const ETH: usize = 14;
-/// The IPv4 header without options.
-const IP: usize = 20;
-/// Where TCP starts in a frame after its virtio-net header.
-const L4: usize = ETH + IP;
-/// A virtio-net header and the Ethernet, IPv4 and TCP headers (with options) after it.
-const HEAD: usize = VNET_HDR_LEN + L4 + 60;
+/// The IPv4 header without options, and the IPv6 header.
+const IP4: usize = 20;
+const IP6: usize = 40;
+/// A virtio-net header and the Ethernet, IP and TCP headers (with options) after it.
+const HEAD: usize = VNET_HDR_LEN + ETH + IP6 + 60;
 const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
-/// An IPv4 packet's length is 16 bits.
+/// An IPv4 packet's length, and an IPv6 packet's payload length, are 16 bits.
 const MAX_IP_LEN: usize = 65_535;
+
+/// Where the headers lie in a frame (counted from its virtio-net header's start) of IPv4 or
+/// of IPv6.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ip {
+    V4,
+    V6,
+}
+
+impl Ip {
+    /// From the Ethernet type and the first byte after it (IPv4 without options, IPv6).
+    fn of(head: &[u8]) -> Option<Ip> {
+        let f = head.get(VNET_HDR_LEN..VNET_HDR_LEN + ETH + 1)?;
+        match (f[12], f[13], f[14]) {
+            (0x08, 0x00, 0x45) => Some(Ip::V4),
+            (0x86, 0xdd, v) if v >> 4 == 6 => Some(Ip::V6),
+            _ => None,
+        }
+    }
+    /// The IP header's length.
+    fn len(self) -> usize {
+        match self {
+            Ip::V4 => IP4,
+            Ip::V6 => IP6,
+        }
+    }
+    /// Where TCP starts, after the Ethernet and IP headers (not counting the virtio-net one).
+    fn l4(self) -> usize {
+        ETH + self.len()
+    }
+    /// Where its protocol (next header) byte is, in the IP header.
+    fn proto_at(self) -> usize {
+        match self {
+            Ip::V4 => 9,
+            Ip::V6 => 6,
+        }
+    }
+}
 
 /// A frame that may be part of a run.
 #[derive(Clone, Copy)]
 struct Segment {
+    ip: Ip,
     /// The frame's first bytes: its virtio-net header and its headers up to TCP's end.
     head: [u8; HEAD],
     /// How many of them are headers (virtio-net header included).
     hlen: usize,
     payload: usize,
     seq: u32,
+    /// The IPv4 ID (none in IPv6).
     id: u16,
     psh: bool,
     /// Its TCP checksum is left to the peer (`VIRTIO_NET_HDR_F_NEEDS_CSUM`).
@@ -64,41 +103,57 @@ impl Segment {
             }
             len += p.len();
         }
+        let ip_kind = Ip::of(&head[..got])?;
+        let l4 = ip_kind.l4();
         let vnet = VnetHdr::parse(&head)?;
         let partial = match vnet.flags {
             0 => false,
             VIRTIO_NET_HDR_F_NEEDS_CSUM
-                if usize::from(vnet.csum_start) == L4 && vnet.csum_offset == 16 =>
+                if usize::from(vnet.csum_start) == l4 && vnet.csum_offset == 16 =>
             {
                 true
             }
             _ => return None,
         };
-        if vnet.gso_type != VIRTIO_NET_HDR_GSO_NONE || got < VNET_HDR_LEN + L4 + 20 {
+        if vnet.gso_type != VIRTIO_NET_HDR_GSO_NONE || got < VNET_HDR_LEN + l4 + 20 {
             return None;
         }
         let f = &head[VNET_HDR_LEN..];
-        let ip = &f[ETH..L4];
-        let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-        let frag = u16::from_be_bytes([ip[6], ip[7]]);
-        if f[12..14] != [0x08, 0x00]
-            || ip[0] != 0x45
-            || frag & 0x3fff != 0
-            || ip[9] != 6
-            || ETH + tot_len != len - VNET_HDR_LEN
-            || fold(ones_sum(ip)) != 0xffff
+        let ip = &f[ETH..l4];
+        if ip[ip_kind.proto_at()] != 6 {
+            return None;
+        }
+        // The IP packet's length, from its header.
+        let (ip_len, addrs, id) = match ip_kind {
+            Ip::V4 => {
+                let frag = u16::from_be_bytes([ip[6], ip[7]]);
+                if frag & 0x3fff != 0 || fold(ones_sum(ip)) != 0xffff {
+                    return None;
+                }
+                let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+                (tot, &ip[12..20], u16::from_be_bytes([ip[4], ip[5]]))
+            }
+            Ip::V6 => (
+                IP6 + usize::from(u16::from_be_bytes([ip[4], ip[5]])),
+                &ip[8..40],
+                0,
+            ),
+        };
+        let tcp = &f[l4..];
+        let thl = usize::from(tcp[12] >> 4) * 4;
+        let hlen = VNET_HDR_LEN + l4 + thl;
+        let flags = tcp[13];
+        let ip_hl = ip_kind.len();
+        if ETH + ip_len != len - VNET_HDR_LEN
+            || thl < 20
+            || hlen > got
+            || flags & !PSH != ACK
+            || ip_len <= ip_hl + thl
         {
             return None;
         }
-        let tcp = &f[L4..];
-        let thl = usize::from(tcp[12] >> 4) * 4;
-        let hlen = VNET_HDR_LEN + L4 + thl;
-        let flags = tcp[13];
-        if thl < 20 || hlen > got || flags & !PSH != ACK || tot_len <= IP + thl {
-            return None;
-        }
-        let l4_len = tot_len - IP;
-        let pseudo = ones_sum(&ip[12..20]) + 6 + l4_len as u64;
+        let l4_len = ip_len - ip_hl;
+        let pseudo = ones_sum(addrs) + 6 + l4_len as u64;
         let check = u16::from_be_bytes([tcp[16], tcp[17]]);
         // What the peer computes from the field is right only if it holds the
         // pseudo-header's sum (0 and 0xffff are one number in ones' complement). A whole
@@ -107,12 +162,13 @@ impl Segment {
             return None;
         }
         Some(Segment {
+            ip: ip_kind,
             pseudo,
             head,
             hlen,
-            payload: tot_len - IP - thl,
+            payload: l4_len - thl,
             seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
-            id: u16::from_be_bytes([ip[4], ip[5]]),
+            id,
             psh: flags & PSH != 0,
             partial,
         })
@@ -121,24 +177,29 @@ impl Segment {
     /// Whether the checksum the peer would compute anew is the frame's own (`pieces`): a
     /// pass over the whole segment, so only for one about to join a run.
     fn sum_right(&self, pieces: &[IoSlice<'_>]) -> bool {
-        self.partial || fold(self.pseudo + sum_from(pieces, VNET_HDR_LEN + L4)) == 0xffff
+        self.partial || fold(self.pseudo + sum_from(pieces, VNET_HDR_LEN + self.ip.l4())) == 0xffff
     }
 
     /// Same stream, same headers, apart from what segmentation rewrites.
     fn same_headers(&self, o: &Segment) -> bool {
-        const T: usize = VNET_HDR_LEN + L4;
         const I: usize = VNET_HDR_LEN + ETH;
-        // Kept: Ethernet, IP version to TOS, flags to protocol, addresses; TCP ports,
-        // acknowledgement, data offset, window, urgent pointer, options.
+        let t = VNET_HDR_LEN + self.ip.l4();
         let same = |r: std::ops::Range<usize>| self.head[r.clone()] == o.head[r];
-        self.hlen == o.hlen
+        // Kept: Ethernet; IPv4's version to TOS, flags to protocol, addresses, or IPv6's
+        // version to flow label, next header to addresses; TCP's ports, acknowledgement,
+        // data offset, window, urgent pointer, options.
+        let ip_same = match self.ip {
+            Ip::V4 => same(VNET_HDR_LEN..I + 2) && same(I + 6..I + 10) && same(I + 12..t),
+            Ip::V6 => same(VNET_HDR_LEN..I + 4) && same(I + 6..t),
+        };
+        self.ip == o.ip
+            && self.hlen == o.hlen
             && self.partial == o.partial
-            && same(VNET_HDR_LEN..I + 2)
-            && same(I + 6..I + 10)
-            && same(I + 12..T + 4)
-            && same(T + 8..T + 13)
-            && same(T + 14..T + 16)
-            && same(T + 18..self.hlen)
+            && ip_same
+            && same(t..t + 4)
+            && same(t + 8..t + 13)
+            && same(t + 14..t + 16)
+            && same(t + 18..self.hlen)
     }
 }
 
@@ -164,15 +225,18 @@ fn sum_from(pieces: &[IoSlice<'_>], mut skip: usize) -> u64 {
 /// could join a run (or, with no run open, start one); true where [`Segment::of`] is to
 /// decide. Most frames that go alone are turned away here.
 fn may_join(pieces: &[IoSlice<'_>], run_open: bool) -> bool {
-    const FLAGS: usize = VNET_HDR_LEN + L4 + 13;
-    let Some(p) = pieces.first().filter(|p| p.len() > FLAGS) else {
+    let Some(p) = pieces
+        .first()
+        .filter(|p| p.len() > VNET_HDR_LEN + ETH + IP6 + 13)
+    else {
         return true;
     };
-    let flags = p[FLAGS];
+    let Some(ip) = Ip::of(p) else {
+        return false;
+    };
+    let flags = p[VNET_HDR_LEN + ip.l4() + 13];
     p[1] == VIRTIO_NET_HDR_GSO_NONE
-        && p[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14] == [0x08, 0x00]
-        && p[VNET_HDR_LEN + ETH] == 0x45
-        && p[VNET_HDR_LEN + ETH + 9] == 6
+        && p[VNET_HDR_LEN + ETH + ip.proto_at()] == 6
         && flags & !PSH == ACK
         // PSH only ends a run.
         && (run_open || flags & PSH == 0)
@@ -208,12 +272,17 @@ impl Run {
 
     fn takes(&self, s: &Segment) -> bool {
         let gso = self.first.payload;
+        // The length field that grows: IPv4's total length, IPv6's payload length.
+        let counted = match self.first.ip {
+            Ip::V4 => self.first.hlen - VNET_HDR_LEN - ETH,
+            Ip::V6 => self.first.hlen - VNET_HDR_LEN - ETH - IP6,
+        };
         !self.last_psh
             && self.last_payload == gso
             && s.payload <= gso
             && s.seq == self.last_seq.wrapping_add(self.last_payload as u32)
-            && s.id == self.last_id.wrapping_add(1)
-            && self.first.hlen - VNET_HDR_LEN - ETH + self.payload + s.payload <= MAX_IP_LEN
+            && (self.first.ip == Ip::V6 || s.id == self.last_id.wrapping_add(1))
+            && counted + self.payload + s.payload <= MAX_IP_LEN
             && self.first.same_headers(s)
     }
 
@@ -231,25 +300,39 @@ impl Run {
     fn head(&self) -> [u8; HEAD] {
         let mut h = self.first.head;
         let hlen = self.first.hlen;
+        let ip_kind = self.first.ip;
+        let l4 = ip_kind.l4();
         let hdr = VnetHdr {
             flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
-            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            gso_type: match ip_kind {
+                Ip::V4 => VIRTIO_NET_HDR_GSO_TCPV4,
+                Ip::V6 => VIRTIO_NET_HDR_GSO_TCPV6,
+            },
             hdr_len: (hlen - VNET_HDR_LEN) as u16,
             gso_size: self.first.payload as u16,
-            csum_start: L4 as u16,
+            csum_start: l4 as u16,
             csum_offset: 16,
             num_buffers: 0,
         };
         h[..VNET_HDR_LEN].copy_from_slice(&hdr.to_bytes());
         let f = &mut h[VNET_HDR_LEN..hlen];
-        let l4_len = hlen - VNET_HDR_LEN - L4 + self.payload;
-        let (ip, tcp) = f[ETH..].split_at_mut(IP);
-        ip[2..4].copy_from_slice(&((IP + l4_len) as u16).to_be_bytes());
-        ip[10..12].fill(0);
-        let ip_sum = !fold(ones_sum(ip));
-        ip[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+        let l4_len = hlen - VNET_HDR_LEN - l4 + self.payload;
+        let (ip, tcp) = f[ETH..].split_at_mut(ip_kind.len());
+        let addrs = match ip_kind {
+            Ip::V4 => {
+                ip[2..4].copy_from_slice(&((IP4 + l4_len) as u16).to_be_bytes());
+                ip[10..12].fill(0);
+                let ip_sum = !fold(ones_sum(ip));
+                ip[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+                &ip[12..20]
+            }
+            Ip::V6 => {
+                ip[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+                &ip[8..40]
+            }
+        };
+        let pseudo = fold(ones_sum(addrs) + 6 + l4_len as u64);
         tcp[13] = ACK | if self.last_psh { PSH } else { 0 };
-        let pseudo = fold(ones_sum(&ip[12..20]) + 6 + l4_len as u64);
         tcp[16..18].copy_from_slice(&pseudo.to_be_bytes());
         h
     }
@@ -422,6 +505,62 @@ fn slice_of<'a>(p: &IoSlice<'a>) -> &'a [u8] {
 pub(crate) mod tests {
     use super::*;
 
+    /// The IPv4 frames' layout, which most tests use.
+    const IP: usize = IP4;
+    const L4: usize = ETH + IP4;
+
+    /// A frame's IP version, from its Ethernet type, and where its TCP header starts (after
+    /// the virtio-net header).
+    fn layout(f: &[u8]) -> (Ip, usize) {
+        let ip = if f[VNET_HDR_LEN + 12] == 0x86 {
+            Ip::V6
+        } else {
+            Ip::V4
+        };
+        (ip, ip.l4())
+    }
+
+    /// Where the addresses the pseudo-header sums lie, after the virtio-net header.
+    fn addrs(ip: Ip) -> std::ops::Range<usize> {
+        match ip {
+            Ip::V4 => ETH + 12..ETH + 20,
+            Ip::V6 => ETH + 8..ETH + 40,
+        }
+    }
+
+    /// A segment of a stream over IPv6 (fd00::15 port 40000 to fd00::2 port 80): as [`seg`].
+    fn seg6(seq: u32, payload: usize, flags: u8, partial: bool) -> Vec<u8> {
+        let v4 = seg(seq, 0, payload, flags, partial);
+        let mut f = v4[..VNET_HDR_LEN + ETH].to_vec();
+        if partial {
+            f[6] = (ETH + IP6) as u8;
+        }
+        f[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14].copy_from_slice(&[0x86, 0xdd]);
+        let mut ip = [0u8; IP6];
+        ip[..4].copy_from_slice(&[0x60, 0x01, 0x23, 0x45]);
+        ip[4..6].copy_from_slice(&((32 + payload) as u16).to_be_bytes());
+        ip[6] = 6;
+        ip[7] = 64;
+        ip[8..10].copy_from_slice(&[0xfd, 0]);
+        ip[23] = 0x15;
+        ip[24..26].copy_from_slice(&[0xfd, 0]);
+        ip[39] = 2;
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&v4[VNET_HDR_LEN + L4..]);
+        finish_tcp(&mut f, partial);
+        f
+    }
+
+    pub(crate) fn stream6(n: usize, seq: u32, mss: usize, partial: bool) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| {
+                let s = seq.wrapping_add((i * mss) as u32);
+                let flags = if i + 1 == n { ACK | PSH } else { ACK };
+                seg6(s, mss, flags, partial)
+            })
+            .collect()
+    }
+
     /// A segment of a stream from 10.0.2.15:40000 to 10.0.2.2:80 as a guest sends it, with
     /// its virtio-net header: the TCP checksum computed (or, `partial`, left to the peer).
     fn seg(seq: u32, id: u16, payload: usize, flags: u8, partial: bool) -> Vec<u8> {
@@ -462,16 +601,17 @@ pub(crate) mod tests {
     /// Fills in the TCP checksum of a frame (with its virtio-net header): the pseudo-header's
     /// sum if `partial`, else the whole.
     fn finish_tcp(f: &mut [u8], partial: bool) {
+        let (ip, l4) = layout(f);
         let e = &mut f[VNET_HDR_LEN..];
-        let len = e.len() - L4;
-        let pseudo = ones_sum(&e[26..34]) + 6 + len as u64;
-        e[L4 + 16..L4 + 18].fill(0);
+        let len = e.len() - l4;
+        let pseudo = ones_sum(&e[addrs(ip)]) + 6 + len as u64;
+        e[l4 + 16..l4 + 18].fill(0);
         let sum = if partial {
             fold(pseudo)
         } else {
-            !fold(pseudo + ones_sum(&e[L4..]))
+            !fold(pseudo + ones_sum(&e[l4..]))
         };
-        e[L4 + 16..L4 + 18].copy_from_slice(&sum.to_be_bytes());
+        e[l4 + 16..l4 + 18].copy_from_slice(&sum.to_be_bytes());
     }
 
     fn gather(pieces: &[IoSlice]) -> Vec<u8> {
@@ -497,18 +637,20 @@ pub(crate) mod tests {
     }
 
     /// The kernel's TCP segmentation of a GSO frame, as `tcp_gso_segment` and
-    /// `inet_gso_segment` do it: wire frames with their checksums, each behind a zero
-    /// virtio-net header. A frame that is not GSO comes back with its checksum filled in.
+    /// `inet_gso_segment` (`ipv6_gso_segment`) do it: wire frames with their checksums, each
+    /// behind a zero virtio-net header. A frame that is not GSO comes back with its checksum
+    /// filled in.
     pub(crate) fn cut(f: &[u8]) -> Vec<Vec<u8>> {
         let hdr = VnetHdr::parse(f).unwrap();
+        let (ip, l4) = layout(f);
         let whole = |mut g: Vec<u8>| {
             let partial = g[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
             g[..VNET_HDR_LEN].fill(0);
             if partial {
                 // The pseudo-header's sum is in the field: add the rest to it.
                 let e = &mut g[VNET_HDR_LEN..];
-                let sum = !fold(ones_sum(&e[L4..]));
-                e[L4 + 16..L4 + 18].copy_from_slice(&sum.to_be_bytes());
+                let sum = !fold(ones_sum(&e[l4..]));
+                e[l4 + 16..l4 + 18].copy_from_slice(&sum.to_be_bytes());
             }
             g
         };
@@ -518,29 +660,35 @@ pub(crate) mod tests {
         let hl = VNET_HDR_LEN + usize::from(hdr.hdr_len);
         let (head, data) = f.split_at(hl);
         let chunks: Vec<&[u8]> = data.chunks(usize::from(hdr.gso_size)).collect();
+        let t = VNET_HDR_LEN + l4;
         let id0 = u16::from_be_bytes([head[30], head[31]]);
-        let seq0 = u32::from_be_bytes(head[50..54].try_into().unwrap());
+        let seq0 = u32::from_be_bytes(head[t + 4..t + 8].try_into().unwrap());
         let mut segs = Vec::new();
         for (k, c) in chunks.iter().enumerate() {
             let mut g = head.to_vec();
             g.extend_from_slice(c);
             g[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
             let e = &mut g[VNET_HDR_LEN..];
-            let tot = (e.len() - ETH) as u16;
-            e[16..18].copy_from_slice(&tot.to_be_bytes());
-            e[18..20].copy_from_slice(&id0.wrapping_add(k as u16).to_be_bytes());
-            e[24..26].fill(0);
-            let s = !fold(ones_sum(&e[14..34]));
-            e[24..26].copy_from_slice(&s.to_be_bytes());
+            if ip == Ip::V4 {
+                let tot = (e.len() - ETH) as u16;
+                e[16..18].copy_from_slice(&tot.to_be_bytes());
+                e[18..20].copy_from_slice(&id0.wrapping_add(k as u16).to_be_bytes());
+                e[24..26].fill(0);
+                let s = !fold(ones_sum(&e[14..34]));
+                e[24..26].copy_from_slice(&s.to_be_bytes());
+            } else {
+                let pl = (e.len() - ETH - IP6) as u16;
+                e[18..20].copy_from_slice(&pl.to_be_bytes());
+            }
             let seq = seq0.wrapping_add((k * usize::from(hdr.gso_size)) as u32);
-            e[L4 + 4..L4 + 8].copy_from_slice(&seq.to_be_bytes());
+            e[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
             if k + 1 < chunks.len() {
-                e[L4 + 13] &= !(PSH | 0x01);
+                e[l4 + 13] &= !(PSH | 0x01);
             }
             // The pseudo-header sum for this segment's length, then the rest.
-            let len = e.len() - L4;
-            let pseudo = fold(ones_sum(&e[26..34]) + 6 + len as u64);
-            e[L4 + 16..L4 + 18].copy_from_slice(&pseudo.to_be_bytes());
+            let len = e.len() - l4;
+            let pseudo = fold(ones_sum(&e[addrs(ip)]) + 6 + len as u64);
+            e[l4 + 16..l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
             segs.push(whole(g));
         }
         segs
@@ -583,6 +731,13 @@ pub(crate) mod tests {
         s.push(seg(1 + 5 * 999, 6, 17, ACK | PSH, false));
         s[4] = seg(1 + 4 * 999, 5, 999, ACK, false);
         assert_eq!(round_trip(&s), 1);
+        // IPv6, and an IPv6 stream after an IPv4 one of the same ports: two frames.
+        assert_eq!(round_trip(&stream6(20, 1000, 1448, false)), 1);
+        assert_eq!(round_trip(&stream6(20, 1000, 1448, true)), 1);
+        let mut both = stream(5, 1, 1, 700, false);
+        both[4] = seg(1 + 4 * 700, 5, 700, ACK, false);
+        both.extend(stream6(5, 1 + 5 * 700, 700, false));
+        assert_eq!(round_trip(&both), 2);
         // A lone frame goes as it is.
         assert!(sent(&stream(1, 1, 1, 100, false)) == stream(1, 1, 1, 100, false));
     }
@@ -662,8 +817,28 @@ pub(crate) mod tests {
             finish_tcp(&mut f, partial);
             assert_eq!(round_trip(&with(3, f)), 3, "header byte {at}");
         }
-        // No more than an IPv4 packet holds: 50 segments of 1448 go as two.
+        // No more than an IPv4 packet holds: 50 segments of 1448 go as two; IPv6's payload
+        // length counts no IP header.
         assert_eq!(round_trip(&stream(50, 9, 9, 1448, false)), 2);
+        assert_eq!(round_trip(&stream6(50, 9, 1448, false)), 2);
+        // IPv6: the flow label, the hop limit, an address differ.
+        let base6 = stream6(6, 5000, 1000, false);
+        for at in [
+            VNET_HDR_LEN + ETH + 3,
+            VNET_HDR_LEN + ETH + 7,
+            VNET_HDR_LEN + ETH + 39,
+        ] {
+            let mut s = base6.clone();
+            s[3][at] ^= 1;
+            finish_tcp(&mut s[3], false);
+            assert_eq!(round_trip(&s), 3, "IPv6 header byte {at}");
+        }
+        // An IPv6 extension header (hop-by-hop, 0) before TCP: not merged.
+        let mut s = base6.clone();
+        for f in &mut s {
+            f[VNET_HDR_LEN + ETH + 6] = 0;
+        }
+        assert_eq!(sent(&s).len(), 6);
     }
 
     #[test]
@@ -750,19 +925,18 @@ pub(crate) mod tests {
                         let len = rnd(200);
                         frames.push((0..len).map(|_| rnd(256) as u8).collect());
                     }
-                    _ => {
+                    k => {
                         let n = 1 + rnd(12);
                         let mss = 1 + rnd(1500);
-                        let mut s = stream(
-                            n,
-                            rnd(usize::MAX) as u32,
-                            rnd(65536) as u16,
-                            mss,
-                            rnd(2) == 0,
-                        );
+                        let (seq, partial) = (rnd(usize::MAX) as u32, rnd(2) == 0);
+                        let mut s = if k == 3 {
+                            stream6(n, seq, mss, partial)
+                        } else {
+                            stream(n, seq, rnd(65536) as u16, mss, partial)
+                        };
                         for _ in 0..rnd(3) {
                             let f = rnd(s.len());
-                            let at = rnd(VNET_HDR_LEN + L4 + 40).min(s[f].len() - 1);
+                            let at = rnd(VNET_HDR_LEN + ETH + IP6 + 40).min(s[f].len() - 1);
                             s[f][at] ^= 1 << rnd(8);
                         }
                         frames.extend(s);
