@@ -450,7 +450,8 @@ struct Builder<'a> {
     notes: Vec<Note>,
     monitors: Vec<MonitorConfig>,
     /// `-chardev` ids and where they listen.
-    chardevs: Vec<(String, Endpoint)>,
+    /// Each `-chardev`: its id, where, and whether it speaks telnet.
+    chardevs: Vec<(String, Endpoint, bool)>,
     /// `-mon chardev=ID` given before its `-chardev`: (option, ID, mode, pretty).
     mon_later: Vec<(String, String, MonitorMode, bool)>,
     start_paused: bool,
@@ -717,18 +718,22 @@ where
                 if val == "none" {
                     continue;
                 }
-                let (endpoint, note) = chardev_spec(&val).or_else(|e| err(&opt, e))?;
+                let (endpoint, note, telnet) = chardev_spec(&val).or_else(|e| err(&opt, e))?;
                 if let Some(n) = note {
                     b.note(&opt, &n);
+                }
+                if telnet {
+                    b.note(&opt, MONITOR_TELNET_NOTE);
                 }
                 b.add_monitor(&opt, mode, endpoint, false)?;
             }
             "-chardev" => {
-                let (id, endpoint, note) = chardev_option(&val).or_else(|e| err(&opt, e))?;
+                let (id, endpoint, note, telnet) =
+                    chardev_option(&val).or_else(|e| err(&opt, e))?;
                 if let Some(n) = note {
                     b.note(&opt, &n);
                 }
-                if b.chardevs.iter().any(|(i, _)| *i == id) {
+                if b.chardevs.iter().any(|(i, ..)| *i == id) {
                     return err(&opt, CliErrorKind::DuplicateId(id));
                 }
                 if endpoint == Endpoint::Stdio {
@@ -738,7 +743,7 @@ where
                         b.stdio_signal = Some(on_off("signal", v).or_else(|e| err(&opt, e))?);
                     }
                 }
-                b.chardevs.push((id, endpoint));
+                b.chardevs.push((id, endpoint, telnet));
             }
             "-mon" => {
                 b.monitor_given = true;
@@ -783,9 +788,12 @@ where
                 if let Some(k) = kv.unknown_key(&[]) {
                     return err(&opt, OptionError::Unknown(k.into()));
                 }
-                match b.chardevs.iter().find(|(i, _)| *i == chardev) {
-                    Some((_, endpoint)) => {
+                match b.chardevs.iter().find(|(i, ..)| *i == chardev) {
+                    Some((_, endpoint, telnet)) => {
                         let endpoint = endpoint.clone();
+                        if *telnet {
+                            b.note(&opt, MONITOR_TELNET_NOTE);
+                        }
                         b.add_monitor(&opt, mode, endpoint, pretty)?;
                     }
                     // As QEMU: the -chardev may come later on the line.
@@ -870,11 +878,11 @@ where
                         .iter()
                         .any(|p| v.starts_with(p)) =>
                     {
-                        let (endpoint, note) = chardev_spec(v).or_else(|e| err(&opt, e))?;
+                        let (at, note, telnet) = chardev_spec(v).or_else(|e| err(&opt, e))?;
                         if let Some(n) = note {
                             b.note(&opt, &n);
                         }
-                        SerialTarget::Socket(endpoint)
+                        SerialTarget::Socket { at, telnet }
                     }
                     v if v.starts_with("chardev:") => {
                         // Resolved once every -chardev is known.
@@ -1140,17 +1148,25 @@ impl Builder<'_> {
             );
         }
         for (opt, id, mode, pretty) in std::mem::take(&mut self.mon_later) {
-            let Some((_, endpoint)) = self.chardevs.iter().find(|(i, _)| *i == id) else {
+            let Some((_, endpoint, telnet)) = self.chardevs.iter().find(|(i, ..)| *i == id) else {
                 return err(&opt, CliErrorKind::UndefinedChardev(id));
             };
             let endpoint = endpoint.clone();
+            if *telnet {
+                self.note(&opt, MONITOR_TELNET_NOTE);
+            }
             self.add_monitor(&opt, mode, endpoint, pretty)?;
         }
         let mut serial = std::mem::replace(&mut self.serial, SerialTarget::None);
         if let Some(id) = self.serial_chardev.take() {
-            match self.chardevs.iter().find(|(i, _)| *i == id) {
-                Some((_, Endpoint::Stdio)) => serial = SerialTarget::Stdio,
-                Some((_, e)) => serial = SerialTarget::Socket(e.clone()),
+            match self.chardevs.iter().find(|(i, ..)| *i == id) {
+                Some((_, Endpoint::Stdio, _)) => serial = SerialTarget::Stdio,
+                Some((_, e, telnet)) => {
+                    serial = SerialTarget::Socket {
+                        at: e.clone(),
+                        telnet: *telnet,
+                    }
+                }
                 None => return err("-serial", CliErrorKind::UndefinedChardev(id)),
             }
         }
@@ -1163,8 +1179,8 @@ impl Builder<'_> {
         if self.nographic && !self.nodefaults && !guest_has_stdio && !self.monitor_given {
             self.add_monitor("-nographic", MonitorMode::Readline, Endpoint::Stdio, false)?;
         }
-        if let SerialTarget::Socket(e) = &serial {
-            if self.monitors.iter().any(|m| m.endpoint == *e) {
+        if let SerialTarget::Socket { at, .. } = &serial {
+            if self.monitors.iter().any(|m| m.endpoint == *at) {
                 return err(
                     "-serial",
                     CliErrorKind::Refused("a monitor already listens there".into()),
@@ -1364,12 +1380,13 @@ impl Builder<'_> {
     }
 }
 
-/// A character device as `-qmp`/`-monitor` take it: `unix:PATH[,server=on][,wait=off]`,
-/// `tcp:[HOST]:PORT[,...]`, `stdio`. QEMU's bare `server` and `nowait` are understood. Returns
-/// where to listen and a note when an option is not honoured as QEMU would.
-fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>), CliErrorKind> {
+/// A character device as `-qmp`/`-monitor`/`-serial` take it: `unix:PATH[,server=on]
+/// [,wait=off]`, `tcp:[HOST]:PORT[,...]`, `telnet:[HOST]:PORT[,...]`, `stdio`. QEMU's bare
+/// `server` and `nowait` are understood. Returns where to listen, a note when an option is
+/// not honoured as QEMU would, and whether the socket is to speak telnet.
+fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>, bool), CliErrorKind> {
     if spec == "stdio" {
-        return Ok((Endpoint::Stdio, None));
+        return Ok((Endpoint::Stdio, None, false));
     }
     let mut parts = spec.split(',');
     let head = parts.next().unwrap_or("");
@@ -1403,26 +1420,14 @@ fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>), CliErrorKind> 
     } else {
         return Err(CliErrorKind::BadChardev(spec.into()));
     };
-    let note = listening(server, wait)?;
-    if telnet {
-        // QEMU's telnet: a TCP server that negotiates the telnet protocol. nicvm speaks plain
-        // bytes: a line monitor works the same from a telnet client, a console does not quite
-        // (the client, never told otherwise, echoes and sends CR LF itself).
-        let plain = TELNET_NOTE.to_string();
-        return Ok((
-            endpoint,
-            Some(match note {
-                Some(n) => format!("{plain}; {n}"),
-                None => plain,
-            }),
-        ));
-    }
-    Ok((endpoint, note))
+    Ok((endpoint, listening(server, wait)?, telnet))
 }
 
-/// What `telnet` is taken as.
-const TELNET_NOTE: &str = "telnet: plain TCP, no telnet negotiation (for a console use nc or \
-                           socat: a telnet client echoes what is typed and sends CR LF itself)";
+/// What `telnet` is on a monitor: the serial port speaks telnet (see `serial_io.rs`), a
+/// monitor reads lines, which a telnet client sends as they are (with CR LF) anyway.
+const MONITOR_TELNET_NOTE: &str =
+    "telnet: a monitor speaks plain TCP, no telnet negotiation (a telnet client works in its \
+     line mode)";
 
 /// A path a Unix socket can be bound at: the kernel's `sun_path` holds 107 bytes and a NUL
 /// (a longer one would be cut, and the socket found under another name).
@@ -1474,7 +1479,7 @@ fn tcp_addr(hp: &str) -> Result<std::net::SocketAddr, CliErrorKind> {
 }
 
 /// `-chardev socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off` or `-chardev stdio,id=ID`.
-fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>), CliErrorKind> {
+fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>, bool), CliErrorKind> {
     // QEMU's bare `server` and `nowait` words.
     let fixed: Vec<String> = val
         .split(',')
@@ -1501,7 +1506,7 @@ fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>), CliEr
             if let Some(k) = kv.unknown_key(&[]) {
                 return Err(OptionError::Unknown(k.into()).into());
             }
-            Ok((id, Endpoint::Stdio, None))
+            Ok((id, Endpoint::Stdio, None, false))
         }
         Some("socket") => {
             if let Some(k) = kv.unknown_key(&[
@@ -1526,13 +1531,9 @@ fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>), CliEr
                     .into())
                 }
             };
+            let telnet = telnet == Some(true);
             let note = listening(server.unwrap_or(false), wait.unwrap_or(true))?;
-            let note = match (telnet == Some(true), note) {
-                (true, Some(n)) => Some(format!("{TELNET_NOTE}; {n}")),
-                (true, None) => Some(TELNET_NOTE.to_string()),
-                (false, n) => n,
-            };
-            Ok((id, endpoint, note))
+            Ok((id, endpoint, note, telnet))
         }
         Some(b) => Err(CliErrorKind::Refused(format!(
             "backend '{b}' is not supported: nicvm's -chardev is socket or stdio (for a \
@@ -2429,11 +2430,15 @@ mod tests {
         );
         assert_eq!(c.monitors[1].endpoint, Endpoint::Unix("/tmp/q".into()));
         assert_eq!(c.monitors[1].mode, MonitorMode::Control);
+        assert!(c.notes.iter().any(|n| n.text.contains("telnet")));
         assert_eq!(option_of("-kernel k -mon chardev=nope"), "-mon");
         let c = run("-kernel k -serial unix:/tmp/s.sock,server=on,wait=off").unwrap();
         assert_eq!(
             c.serial,
-            SerialTarget::Socket(Endpoint::Unix("/tmp/s.sock".into()))
+            SerialTarget::Socket {
+                at: Endpoint::Unix("/tmp/s.sock".into()),
+                telnet: false
+            }
         );
         assert_eq!(
             run("-kernel k -serial pty").unwrap().serial,
@@ -2441,10 +2446,16 @@ mod tests {
         );
         let c = run("-kernel k -serial chardev:s -chardev socket,id=s,port=5555,server,nowait")
             .unwrap();
-        assert!(matches!(c.serial, SerialTarget::Socket(Endpoint::Tcp(_))));
+        assert!(matches!(
+            c.serial,
+            SerialTarget::Socket {
+                at: Endpoint::Tcp(_),
+                telnet: false
+            }
+        ));
         assert_eq!(option_of("-kernel k -serial chardev:nope"), "-serial");
-        // QEMU's telnet consoles, as common lines write them (a review found them refused):
-        // plain TCP, with a note.
+        // QEMU's telnet consoles, as common lines write them: a TCP socket that speaks
+        // telnet, without a note.
         for line in [
             "-kernel k -serial telnet::4444,server,nowait",
             "-kernel k -serial tcp::4444,server=on,wait=off,telnet=on",
@@ -2453,10 +2464,13 @@ mod tests {
             let c = run(line).unwrap_or_else(|e| panic!("{line}: {e}"));
             assert_eq!(
                 c.serial,
-                SerialTarget::Socket(Endpoint::Tcp("0.0.0.0:4444".parse().unwrap())),
+                SerialTarget::Socket {
+                    at: Endpoint::Tcp("0.0.0.0:4444".parse().unwrap()),
+                    telnet: true
+                },
                 "{line}"
             );
-            assert!(c.notes.iter().any(|n| n.text.contains("telnet")), "{line}");
+            assert!(c.notes.is_empty(), "{line}: {:?}", c.notes);
         }
         assert_eq!(
             option_of("-kernel k -serial unix:/tmp/s"),

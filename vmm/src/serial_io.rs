@@ -1,7 +1,8 @@
-//! The serial port on a socket (`-serial unix:PATH,server=on,wait=off`, `tcp:...`) or a
-//! pseudo-terminal (`-serial pty`): guest output goes to the connected client (dropped while
-//! none is, as with QEMU's socket chardev), client input to the guest. One thread polls the
-//! listener, the client and a stop eventfd; input is read only while the guest keeps up.
+//! The serial port on a socket (`-serial unix:PATH,server=on,wait=off`, `tcp:...`,
+//! `telnet:...`) or a pseudo-terminal (`-serial pty`): guest output goes to the connected
+//! client (dropped while none is, as with QEMU's socket chardev), client input to the guest.
+//! One thread polls the listener, the client and a stop eventfd; input is read only while the
+//! guest keeps up. On a telnet socket nicvm speaks telnet (see `Telnet` below).
 
 use crate::config::Endpoint;
 use devices::legacy::Serial;
@@ -20,6 +21,65 @@ pub const MAX_PENDING: usize = 64 * 1024;
 /// Where guest output goes: the current client, if any.
 type Peer = Arc<Mutex<Option<std::fs::File>>>;
 
+/// Telnet (RFC 854) as a QEMU `telnet` chardev speaks it, enough for a telnet client to be a
+/// serial console: at each connection nicvm says it will echo and suppress go-ahead and asks
+/// for binary both ways ([`TELNET_HELLO`]), so the client sends each key as it is typed and
+/// leaves echo to the guest; the commands a client sends are taken out of its input (and the
+/// NUL a client sends after CR); a 0xff byte in the guest's output goes doubled. Nothing a
+/// client asks for is answered.
+const IAC: u8 = 0xff;
+const SB: u8 = 250;
+const SE: u8 = 240;
+/// IAC WILL ECHO, IAC WILL SUPPRESS-GO-AHEAD, IAC WILL BINARY, IAC DO BINARY.
+const TELNET_HELLO: [u8; 12] = [IAC, 251, 1, IAC, 251, 3, IAC, 251, 0, IAC, 253, 0];
+
+/// Where in the telnet byte stream a client's input is.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+enum Telnet {
+    #[default]
+    Data,
+    /// After a CR: a NUL after it is the client's, not typed.
+    Cr,
+    /// After IAC.
+    Iac,
+    /// After IAC WILL/WONT/DO/DONT: the option byte.
+    Opt,
+    /// Inside IAC SB ... IAC SE.
+    Sub,
+    SubIac,
+}
+
+impl Telnet {
+    /// Takes the telnet commands out of `buf` (a client's input, in order of arrival, maybe
+    /// cut anywhere); returns how many bytes of data are left at its start.
+    fn filter(&mut self, buf: &mut [u8]) -> usize {
+        let mut out = 0;
+        for i in 0..buf.len() {
+            let b = buf[i];
+            let (next, keep) = match (*self, b) {
+                (Telnet::Data | Telnet::Cr, IAC) => (Telnet::Iac, false),
+                (Telnet::Cr, 0) => (Telnet::Data, false),
+                (Telnet::Data | Telnet::Cr, b'\r') => (Telnet::Cr, true),
+                (Telnet::Data | Telnet::Cr, _) => (Telnet::Data, true),
+                (Telnet::Iac, IAC) => (Telnet::Data, true),
+                (Telnet::Iac, 251..=254) => (Telnet::Opt, false),
+                (Telnet::Iac, SB) => (Telnet::Sub, false),
+                (Telnet::Iac | Telnet::Opt, _) => (Telnet::Data, false),
+                (Telnet::Sub, IAC) => (Telnet::SubIac, false),
+                (Telnet::Sub, _) => (Telnet::Sub, false),
+                (Telnet::SubIac, SE) => (Telnet::Data, false),
+                (Telnet::SubIac, _) => (Telnet::Sub, false),
+            };
+            *self = next;
+            if keep {
+                buf[out] = b;
+                out += 1;
+            }
+        }
+        out
+    }
+}
+
 enum Source {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
@@ -31,17 +91,29 @@ enum Source {
 pub struct SerialIo {
     source: Source,
     peer: Peer,
+    telnet: bool,
     thread: Option<(EventFd, std::thread::JoinHandle<()>)>,
 }
 
-/// The guest's output, to the client.
-struct PeerWriter(Peer);
+/// The guest's output, to the client (a telnet one with 0xff doubled).
+struct PeerWriter(Peer, bool);
 
 impl Write for PeerWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if let Some(f) = self.0.lock().unwrap().as_mut() {
             // Non-blocking: what the client does not take now is lost, never waited for.
-            let _ = f.write(buf);
+            if self.1 && buf.contains(&IAC) {
+                let mut v = Vec::with_capacity(buf.len() * 2);
+                for &b in buf {
+                    v.push(b);
+                    if b == IAC {
+                        v.push(IAC);
+                    }
+                }
+                let _ = f.write(&v);
+            } else {
+                let _ = f.write(buf);
+            }
         }
         Ok(buf.len())
     }
@@ -92,8 +164,9 @@ fn listen_error(at: &dyn std::fmt::Display, e: io::Error) -> io::Error {
 }
 
 impl SerialIo {
-    /// Binds the socket, or opens the pty (its name printed on stderr, as QEMU does).
-    pub fn socket(endpoint: &Endpoint) -> io::Result<SerialIo> {
+    /// Binds the socket (a telnet server's if `telnet`), or opens the pty (its name printed
+    /// on stderr, as QEMU does).
+    pub fn socket(endpoint: &Endpoint, telnet: bool) -> io::Result<SerialIo> {
         let source = match endpoint {
             Endpoint::Unix(p) => {
                 let l = listen_unix(p).map_err(|e| listen_error(&p.display(), e))?;
@@ -110,6 +183,7 @@ impl SerialIo {
         Ok(SerialIo {
             source,
             peer: Arc::new(Mutex::new(None)),
+            telnet,
             thread: None,
         })
     }
@@ -151,13 +225,14 @@ impl SerialIo {
         Ok(SerialIo {
             source: Source::Pty,
             peer: Arc::new(Mutex::new(Some(std::fs::File::from(master)))),
+            telnet: false,
             thread: None,
         })
     }
 
     /// The serial port's output side.
     pub fn writer(&self) -> Box<dyn Write + Send> {
-        Box::new(PeerWriter(self.peer.clone()))
+        Box::new(PeerWriter(self.peer.clone(), self.telnet))
     }
 
     /// Starts the thread that accepts clients and feeds their input to `serial`.
@@ -184,16 +259,24 @@ impl SerialIo {
             None => None,
         };
         let peer = self.peer.clone();
+        let telnet = self.telnet;
         let t = std::thread::Builder::new()
             .name("serial".into())
-            .spawn(move || serve(listener, peer, serial, thread_stop))?;
+            .spawn(move || serve(listener, peer, serial, thread_stop, telnet))?;
         self.thread = Some((stop, t));
         Ok(())
     }
 }
 
-fn serve(listener: Option<OwnedFd>, peer: Peer, serial: Arc<Mutex<Serial>>, stop: EventFd) {
+fn serve(
+    listener: Option<OwnedFd>,
+    peer: Peer,
+    serial: Arc<Mutex<Serial>>,
+    stop: EventFd,
+    telnet: bool,
+) {
     let mut buf = [0u8; 4096];
+    let mut state = Telnet::default();
     loop {
         let client_fd = peer.lock().unwrap().as_ref().map(|f| f.as_raw_fd());
         let busy = serial.lock().unwrap().input_pending() >= MAX_PENDING;
@@ -243,7 +326,13 @@ fn serve(listener: Option<OwnedFd>, peer: Peer, serial: Arc<Mutex<Serial>>, stop
                 };
                 if c >= 0 {
                     // SAFETY: accept4 returned a new descriptor we now own.
-                    *peer.lock().unwrap() = Some(unsafe { std::fs::File::from_raw_fd(c) });
+                    let mut client = unsafe { std::fs::File::from_raw_fd(c) };
+                    if telnet {
+                        state = Telnet::default();
+                        // A fresh socket's buffer takes these dozen bytes.
+                        let _ = client.write(&TELNET_HELLO);
+                    }
+                    *peer.lock().unwrap() = Some(client);
                 }
             }
             Some(_) => {
@@ -252,7 +341,14 @@ fn serve(listener: Option<OwnedFd>, peer: Peer, serial: Arc<Mutex<Serial>>, stop
                     None => continue,
                 };
                 match r {
-                    Ok(n) if n > 0 => serial.lock().unwrap().queue_input(&buf[..n]),
+                    Ok(n) if n > 0 => {
+                        let n = if telnet {
+                            state.filter(&mut buf[..n])
+                        } else {
+                            n
+                        };
+                        serial.lock().unwrap().queue_input(&buf[..n]);
+                    }
                     Err(e)
                         if e.kind() == io::ErrorKind::WouldBlock
                             || e.kind() == io::ErrorKind::Interrupted => {}
@@ -317,5 +413,76 @@ mod listen_tests {
         assert!(listen_unix(&path).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod telnet_tests {
+    use super::*;
+    use devices::bus::MutBusDevice;
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn commands_are_taken_out_of_a_clients_input_wherever_it_is_cut() {
+        // Data around: a negotiation, an escaped 0xff, CR NUL, a subnegotiation with an
+        // escaped 0xff inside, a bare command (NOP), CR LF.
+        let input: &[u8] =
+            b"a\xff\xfb\x01b\r\0c\xff\xffd\xff\xfa\x18\x01\xff\xff\x02\xff\xf0e\xff\xf1f\r\ng";
+        let want: &[u8] = b"ab\rc\xffdef\r\ng";
+        for cut in 0..input.len() {
+            let mut t = Telnet::default();
+            let (mut a, mut b) = (input[..cut].to_vec(), input[cut..].to_vec());
+            let n = t.filter(&mut a);
+            let mut got = a[..n].to_vec();
+            let n = t.filter(&mut b);
+            got.extend_from_slice(&b[..n]);
+            assert_eq!(got, want, "cut at {cut}");
+            assert_eq!(t, Telnet::Data);
+        }
+    }
+
+    /// A telnet client on `-serial telnet:`: it hears the negotiation first, its keys reach
+    /// the guest without the telnet commands, and the guest's 0xff reaches it doubled.
+    #[test]
+    fn a_telnet_console() {
+        let mut io =
+            SerialIo::socket(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap()), true).expect("listen");
+        let Source::Tcp(l) = &io.source else {
+            unreachable!()
+        };
+        let addr = l.local_addr().unwrap();
+        let serial = Arc::new(Mutex::new(Serial::new(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            io.writer(),
+        )));
+        io.start(serial.clone()).unwrap();
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut hello = [0u8; 12];
+        c.read_exact(&mut hello).unwrap();
+        assert_eq!(hello, TELNET_HELLO);
+        c.write_all(b"ls\xff\xfd\x03\r\0").unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut got = vec![];
+        while got.len() < 3 && Instant::now() < until {
+            let mut s = serial.lock().unwrap();
+            let mut lsr = [0u8];
+            s.read(5, &mut lsr);
+            if lsr[0] & 1 != 0 {
+                let mut b = [0u8];
+                s.read(0, &mut b);
+                got.push(b[0]);
+            } else {
+                drop(s);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        assert_eq!(got, b"ls\r");
+        serial.lock().unwrap().write(0, &[0xff]);
+        serial.lock().unwrap().write(0, b"!");
+        let mut out = [0u8; 3];
+        c.read_exact(&mut out).unwrap();
+        assert_eq!(&out, b"\xff\xff!");
     }
 }

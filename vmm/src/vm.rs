@@ -419,8 +419,9 @@ impl Vm {
                 )
             }
             SerialTarget::None => Box::new(std::io::sink()),
-            SerialTarget::Socket(e) => {
-                let io = crate::serial_io::SerialIo::socket(e).map_err(VmError::SerialIo)?;
+            SerialTarget::Socket { at, telnet } => {
+                let io =
+                    crate::serial_io::SerialIo::socket(at, *telnet).map_err(VmError::SerialIo)?;
                 let w = io.writer();
                 serial_io = Some(io);
                 w

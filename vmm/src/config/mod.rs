@@ -121,8 +121,12 @@ pub enum SerialTarget {
     Stdio,
     File(PathBuf),
     None,
-    /// `unix:PATH,server=on,...`, `tcp:HOST:PORT,server=on,...`: one client at a time.
-    Socket(Endpoint),
+    /// `unix:PATH,server=on,...`, `tcp:HOST:PORT,server=on,...`: one client at a time;
+    /// `telnet:...` (or `telnet=on`): a TCP one that speaks telnet.
+    Socket {
+        at: Endpoint,
+        telnet: bool,
+    },
     /// `pty`: a pseudo-terminal, its name printed at start.
     Pty,
 }
