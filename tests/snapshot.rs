@@ -53,8 +53,8 @@ fn save_before_dhcp(img: &Image, device: &str, append: &str, file: &Path) -> Out
 
 /// Restores `file` with `device` on a fresh user network forwarding host `port` to the
 /// guest's 5001.
-fn restore(img: &Image, device: &str, file: &Path, port: u16, extra: &[&str]) -> Guest {
-    restore_captured(img, device, file, port, extra, None)
+fn restore(img: &Image, device: &str, file: &Path, extra: &[&str]) -> (Guest, u16) {
+    restore_captured(img, device, file, extra, None)
 }
 
 /// As [`restore`], writing what crosses the NIC to `pcap`.
@@ -62,10 +62,20 @@ fn restore_captured(
     img: &Image,
     device: &str,
     file: &Path,
+    extra: &[&str],
+    pcap: Option<&Path>,
+) -> (Guest, u16) {
+    Guest::spawn_on_free_port(|port| restore_command(img, device, file, port, extra, pcap))
+}
+
+fn restore_command(
+    img: &Image,
+    device: &str,
+    file: &Path,
     port: u16,
     extra: &[&str],
     pcap: Option<&Path>,
-) -> Guest {
+) -> std::process::Command {
     let mut cmd = std::process::Command::new(nicvm());
     // The kernel options are what a QEMU user passes again; a restored guest does not boot.
     cmd.args(["-kernel", &img.kernel.display().to_string()])
@@ -84,7 +94,7 @@ fn restore_captured(
             &format!("filter-dump,id=f0,netdev=n0,file={}", p.display()),
         ]);
     }
-    Guest::spawn(cmd)
+    cmd
 }
 
 /// What each clone receives: the stream the tests use, different per clone.
@@ -128,8 +138,7 @@ fn clones(device: &str, driver: &str) {
             let driver = driver.to_string();
             let pcap = dir.0.join(format!("clone-{i}.pcap"));
             std::thread::spawn(move || {
-                let port = free_port();
-                let mut g = restore_captured(&img, &device, &file, port, &[], Some(&pcap));
+                let (mut g, port) = restore_captured(&img, &device, &file, &[], Some(&pcap));
                 let nic = g.wait_line("NIC");
                 assert_eq!(nic["driver"], driver, "clone {i}: {}", nic["_"]);
                 if nic["lease"] != "10.0.2.15/24" {
@@ -329,7 +338,7 @@ fn damaged_or_foreign_snapshots_are_refused_in_one_line() {
     // prelaunch), until cont.
     let qmp = dir.0.join("qmp.sock");
     let qmp_opt = format!("unix:{},server=on,wait=off", qmp.display());
-    let g = restore(&img, "e1000", &file, free_port(), &["-S", "-qmp", &qmp_opt]);
+    let (g, _) = restore(&img, "e1000", &file, &["-S", "-qmp", &qmp_opt]);
     let mut c = qmp_connect(&qmp);
     let r = qmp_cmd(&mut c, r#"{"execute":"query-status"}"#);
     assert!(r.contains(r#""status":"paused""#), "{r}");
@@ -491,8 +500,7 @@ fn saved_after_its_lease_on_user_networking_it_keeps_working() {
     assert_eq!(o.code, Some(0), "{}", o.dump());
     assert!(o.stdout.contains("lease=10.0.2.15/24"), "{}", o.dump());
 
-    let port = free_port();
-    let mut g = restore(&img, "e1000", &file, port, &["-smp", "2"]);
+    let (mut g, port) = restore(&img, "e1000", &file, &["-smp", "2"]);
     let data = clone_data(3);
     let mut s = connect_retry(&format!("127.0.0.1:{port}"));
     s.write_all(&data).unwrap();
@@ -515,23 +523,24 @@ fn traffic_while_stopped_is_in_the_snapshot() {
     let dir = Scratch::new("stopped");
     let file = dir.0.join("guest.snap");
     let qmp = dir.0.join("qmp.sock");
-    let port = free_port();
-    let netdev = format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:5001");
     let qmp_opt = format!("unix:{},server=on,wait=off", qmp.display());
-    let mut cmd = std::process::Command::new(nicvm());
-    cmd.args(["-kernel", &img.kernel.display().to_string()])
-        .args(["-initrd", &img.initrd.display().to_string()])
-        .args(["-append", "console=ttyS0 quiet nicvm.run=recv:5001,exit"])
-        .args([
-            "-nographic",
-            "-netdev",
-            &netdev,
-            "-device",
-            "e1000,netdev=n0",
-        ])
-        .args(["-qmp", &qmp_opt])
-        .env("NICVM_LOG", "warn");
-    let mut g = Guest::spawn(cmd);
+    let (mut g, port) = Guest::spawn_on_free_port(|port| {
+        let netdev = format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:5001");
+        let mut cmd = std::process::Command::new(nicvm());
+        cmd.args(["-kernel", &img.kernel.display().to_string()])
+            .args(["-initrd", &img.initrd.display().to_string()])
+            .args(["-append", "console=ttyS0 quiet nicvm.run=recv:5001,exit"])
+            .args([
+                "-nographic",
+                "-netdev",
+                &netdev,
+                "-device",
+                "e1000,netdev=n0",
+            ])
+            .args(["-qmp", &qmp_opt])
+            .env("NICVM_LOG", "warn");
+        cmd
+    });
     g.wait_line("LISTEN");
     let mut c = qmp_connect(&qmp);
     qmp_cmd(&mut c, r#"{"execute":"stop"}"#);
@@ -551,8 +560,7 @@ fn traffic_while_stopped_is_in_the_snapshot() {
     let o = g.finish();
     assert_eq!(o.code, Some(0), "{}", o.dump());
 
-    let port = free_port();
-    let mut g = restore(&img, "e1000", &file, port, &[]);
+    let (mut g, port) = restore(&img, "e1000", &file, &[]);
     let data = clone_data(5);
     let mut s = connect_retry(&format!("127.0.0.1:{port}"));
     s.write_all(&data).unwrap();

@@ -9,7 +9,15 @@ use std::time::Duration;
 use support::net::{own_share, Guest, Netns};
 use support::*;
 
-fn start(img: &Image, append: &str, netdev: &str) -> Guest {
+/// nicvm with a virtio-net NIC on `netdev`, whose `{port}` becomes a free loopback port
+/// nicvm listens on for a `hostfwd=tcp:`; the guest and the port.
+fn start(img: &Image, append: &str, netdev: &str) -> (Guest, u16) {
+    Guest::spawn_on_free_port(|port| {
+        command(img, append, &netdev.replace("{port}", &port.to_string()))
+    })
+}
+
+fn command(img: &Image, append: &str, netdev: &str) -> std::process::Command {
     let mut cmd = std::process::Command::new(nicvm());
     cmd.args(["-kernel", &img.kernel.display().to_string()])
         .args(["-initrd", &img.initrd.display().to_string()])
@@ -22,13 +30,13 @@ fn start(img: &Image, append: &str, netdev: &str) -> Guest {
             "virtio-net-pci,netdev=n0",
         ])
         .env("NICVM_LOG", "warn");
-    Guest::spawn(cmd)
+    cmd
 }
 
 #[test]
 fn lease_hostfwd_tcp_udp_host_loopback_and_idle_cost() {
     let Some(img) = image() else { return };
-    let (tcp_port, udp_port) = (free_port(), free_port());
+    let udp_port = free_port();
     let host_service = TcpListener::bind("127.0.0.1:0").unwrap();
     let service_port = host_service.local_addr().unwrap().port();
     let receiver = std::thread::spawn(move || {
@@ -38,11 +46,11 @@ fn lease_hostfwd_tcp_udp_host_loopback_and_idle_cost() {
         got
     });
     let netdev = format!(
-        "user,id=n0,hostfwd=tcp:127.0.0.1:{tcp_port}-:5001,hostfwd=udp:127.0.0.1:{udp_port}-:5002"
+        "user,id=n0,hostfwd=tcp:127.0.0.1:{{port}}-:5001,hostfwd=udp:127.0.0.1:{udp_port}-:5002"
     );
     let append =
         format!("nicvm.run=recv:5001,udpecho:5002:3,send:10.0.2.2:{service_port}:2,sleep:30,exit");
-    let mut g = start(&img, &append, &netdev);
+    let (mut g, tcp_port) = start(&img, &append, &netdev);
 
     let nic = g.wait_line("NIC");
     assert_eq!(nic["lease"], "10.0.2.15/24", "{}", nic["_"]);
@@ -106,19 +114,18 @@ fn lease_hostfwd_tcp_udp_host_loopback_and_idle_cost() {
 #[test]
 fn net_dhcpstart_restrict_and_guestfwd() {
     let Some(img) = image() else { return };
-    let tcp_port = free_port();
     let host_service = TcpListener::bind("127.0.0.1:0").unwrap();
     let service_port = host_service.local_addr().unwrap().port();
     let sink = std::env::temp_dir().join(format!("nicvm-guestfwd-{}", std::process::id()));
     let netdev = format!(
-        "user,id=n0,net=192.168.100.0/24,dhcpstart=192.168.100.50,restrict=on,hostfwd=tcp:127.0.0.1:{tcp_port}-:5001,\
+        "user,id=n0,net=192.168.100.0/24,dhcpstart=192.168.100.50,restrict=on,hostfwd=tcp:127.0.0.1:{{port}}-:5001,\
          guestfwd=tcp:192.168.100.100:7000-cmd:/bin/sh -c 'cat > {}'",
         sink.display()
     );
     let append = format!(
         "nicvm.run=recv:5001,send:192.168.100.100:7000:1,send:192.168.100.2:{service_port}:1,exit"
     );
-    let mut g = start(&img, &append, &netdev);
+    let (mut g, tcp_port) = start(&img, &append, &netdev);
     let nic = g.wait_line("NIC");
     assert_eq!(nic["lease"], "192.168.100.50/24", "{}", nic["_"]);
     // libslirp offers no router in restricted mode: there is nowhere to route to.
@@ -234,4 +241,27 @@ fn bad_user_options_are_one_line_errors() {
         );
         assert!(o.stdout.is_empty());
     }
+}
+
+/// The harness's answer to a port something takes between its choice and nicvm's bind (once
+/// in CI): nicvm says it cannot listen, exits, and is started again on another port.
+#[test]
+fn a_port_taken_before_nicvm_binds_it_is_traded_for_another() {
+    let Some(img) = image() else { return };
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = busy.local_addr().unwrap().port();
+    let mut tries = 0;
+    let (mut g, port) = Guest::spawn_on_free_port(|port| {
+        tries += 1;
+        let p = if tries == 1 { taken } else { port };
+        command(
+            &img,
+            "",
+            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{p}-:5001"),
+        )
+    });
+    assert_eq!(tries, 2);
+    assert_ne!(port, taken);
+    assert!(support::net::tcp_listening(port));
+    g.stop_for_stderr();
 }

@@ -233,7 +233,6 @@ pub fn fnv1a64(d: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-/// Connects, retrying for a minute while the peer (a booting guest) is not there yet.
 /// A TCP port on 127.0.0.1 for a test's listener (a hostfwd, a monitor): below the kernel's
 /// ephemeral range (32768 up), so no outgoing connection takes it meanwhile, and never the same
 /// twice in this process, so tests running side by side do not pick one port (asking the kernel
@@ -255,6 +254,7 @@ pub fn free_port() -> u16 {
     panic!("no free TCP port in {FIRST}..{}", FIRST + SPAN);
 }
 
+/// Connects, retrying for a minute while the peer (a booting guest) is not there yet.
 pub fn connect_retry(addr: &str) -> std::net::TcpStream {
     let start = Instant::now();
     loop {

@@ -263,6 +263,38 @@ impl Guest {
         }
     }
 
+    /// Spawns nicvm as `make` builds it for a loopback TCP port it is to listen on (a
+    /// `hostfwd=tcp:`, a `-qmp tcp:`), from [`super::free_port`], and returns it with the port
+    /// once nicvm listens there. The port is free when chosen, but something may take it
+    /// before nicvm binds it (once in CI, with no taker found): nicvm then exits at once
+    /// saying so, and it is started again on another port, five times at most.
+    pub fn spawn_on_free_port(mut make: impl FnMut(u16) -> Command) -> (Guest, u16) {
+        for _ in 0..5 {
+            let port = super::free_port();
+            let mut g = Guest::spawn(make(port));
+            let until = Instant::now() + Duration::from_secs(60);
+            loop {
+                if tcp_listening(port) && g.child.try_wait().ok().flatten().is_none() {
+                    return (g, port);
+                }
+                if g.child.try_wait().ok().flatten().is_some() {
+                    let stderr = g.stop_for_stderr();
+                    if stderr.contains("cannot listen") {
+                        eprintln!("port {port} was taken before nicvm bound it; another one");
+                        break;
+                    }
+                    panic!("nicvm exited before it listened on port {port}: {stderr}");
+                }
+                assert!(
+                    Instant::now() < until,
+                    "nicvm did not listen on port {port} in 60 s"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("five ports in a row were taken before nicvm bound them");
+    }
+
     /// How long the guest may still take before it counts as stuck.
     fn time_left(&self) -> Duration {
         let quiet = GUEST_STALL.saturating_sub(self.last.elapsed());
@@ -724,4 +756,21 @@ impl Drop for VdeSwitch {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether a TCP socket of this network namespace listens on 127.0.0.1 or any address at
+/// `port` (/proc/net/tcp: looked at, not connected to, so a guest behind a forward sees
+/// nothing).
+pub fn tcp_listening(port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let want = [
+        format!("0100007F:{port:04X}"),
+        format!("00000000:{port:04X}"),
+    ];
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && want.iter().any(|w| f[1] == w) && f[3] == "0A"
+    })
 }
