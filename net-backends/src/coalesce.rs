@@ -501,11 +501,13 @@ fn slice_of<'a>(p: &IoSlice<'a>) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(p.as_ptr(), p.len()) }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// Frames of TCP streams as a guest sends them, the kernel's segmentation as a reference and
+/// the check of a whole batch: for the tests here and in `tap.rs`, and for the fuzzer.
+#[cfg(any(test, feature = "test-backends"))]
+pub mod check {
     use super::*;
 
-    /// The IPv4 frames' layout, which most tests use.
+    /// The IPv4 frames' layout.
     const IP: usize = IP4;
     const L4: usize = ETH + IP4;
 
@@ -529,7 +531,7 @@ pub(crate) mod tests {
     }
 
     /// A segment of a stream over IPv6 (fd00::15 port 40000 to fd00::2 port 80): as [`seg`].
-    fn seg6(seq: u32, payload: usize, flags: u8, partial: bool) -> Vec<u8> {
+    pub fn seg6(seq: u32, payload: usize, flags: u8, partial: bool) -> Vec<u8> {
         let v4 = seg(seq, 0, payload, flags, partial);
         let mut f = v4[..VNET_HDR_LEN + ETH].to_vec();
         if partial {
@@ -551,7 +553,7 @@ pub(crate) mod tests {
         f
     }
 
-    pub(crate) fn stream6(n: usize, seq: u32, mss: usize, partial: bool) -> Vec<Vec<u8>> {
+    pub fn stream6(n: usize, seq: u32, mss: usize, partial: bool) -> Vec<Vec<u8>> {
         (0..n)
             .map(|i| {
                 let s = seq.wrapping_add((i * mss) as u32);
@@ -563,7 +565,7 @@ pub(crate) mod tests {
 
     /// A segment of a stream from 10.0.2.15:40000 to 10.0.2.2:80 as a guest sends it, with
     /// its virtio-net header: the TCP checksum computed (or, `partial`, left to the peer).
-    fn seg(seq: u32, id: u16, payload: usize, flags: u8, partial: bool) -> Vec<u8> {
+    pub fn seg(seq: u32, id: u16, payload: usize, flags: u8, partial: bool) -> Vec<u8> {
         let mut f = vec![0u8; VNET_HDR_LEN + L4 + 32 + payload];
         if partial {
             f[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
@@ -600,7 +602,7 @@ pub(crate) mod tests {
 
     /// Fills in the TCP checksum of a frame (with its virtio-net header): the pseudo-header's
     /// sum if `partial`, else the whole.
-    fn finish_tcp(f: &mut [u8], partial: bool) {
+    pub fn finish_tcp(f: &mut [u8], partial: bool) {
         let (ip, l4) = layout(f);
         let e = &mut f[VNET_HDR_LEN..];
         let len = e.len() - l4;
@@ -614,33 +616,15 @@ pub(crate) mod tests {
         e[l4 + 16..l4 + 18].copy_from_slice(&sum.to_be_bytes());
     }
 
-    fn gather(pieces: &[IoSlice]) -> Vec<u8> {
+    pub fn gather(pieces: &[IoSlice]) -> Vec<u8> {
         pieces.iter().flat_map(|p| p.iter().copied()).collect()
-    }
-
-    /// What the batch goes to the backend as, each frame gathered.
-    fn sent(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
-        let iov: Vec<IoSlice> = frames.iter().map(|f| IoSlice::new(f)).collect();
-        let ends: Vec<usize> = (1..=frames.len()).collect();
-        let mut got = Vec::new();
-        let mut out = Vec::new();
-        Coalescer::default().send(&iov, &ends, &mut out, |iov, ends, out| {
-            let mut start = 0;
-            for &end in ends {
-                got.push(gather(&iov[start..end]));
-                start = end;
-                out.push(Ok(()));
-            }
-        });
-        assert_eq!(out.len(), frames.len(), "one result per frame");
-        got
     }
 
     /// The kernel's TCP segmentation of a GSO frame, as `tcp_gso_segment` and
     /// `inet_gso_segment` (`ipv6_gso_segment`) do it: wire frames with their checksums, each
     /// behind a zero virtio-net header. A frame that is not GSO comes back with its checksum
     /// filled in.
-    pub(crate) fn cut(f: &[u8]) -> Vec<Vec<u8>> {
+    pub fn cut(f: &[u8]) -> Vec<Vec<u8>> {
         let hdr = VnetHdr::parse(f).unwrap();
         let (ip, l4) = layout(f);
         let whole = |mut g: Vec<u8>| {
@@ -694,6 +678,99 @@ pub(crate) mod tests {
         segs
     }
 
+    pub fn stream(n: usize, seq: u32, id: u16, mss: usize, partial: bool) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| {
+                let s = seq.wrapping_add((i * mss) as u32);
+                let flags = if i + 1 == n { ACK | PSH } else { ACK };
+                seg(s, id.wrapping_add(i as u16), mss, flags, partial)
+            })
+            .collect()
+    }
+
+    /// `frames` as one batch through a `Coalescer`, frame `i` in pieces cut where
+    /// `splits[i]` says (places past its end ignored): every frame must be answered, and what
+    /// went must be the frames that came, each either as it came or, merged, cut by [`cut`]
+    /// back into exactly the frames it stands for. Returns how many merged frames went.
+    pub fn batch(frames: &[Vec<u8>], splits: &[Vec<usize>]) -> Result<usize, String> {
+        let mut iov = Vec::new();
+        let mut ends = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            let mut at = 0;
+            let mut places: Vec<usize> = splits.get(i).cloned().unwrap_or_default();
+            places.sort_unstable();
+            for p in places {
+                if p > at && p < f.len() {
+                    iov.push(IoSlice::new(&f[at..p]));
+                    at = p;
+                }
+            }
+            iov.push(IoSlice::new(&f[at..]));
+            ends.push(iov.len());
+        }
+        let mut went = Vec::new();
+        let mut out = Vec::new();
+        Coalescer::default().send(&iov, &ends, &mut out, |iov, ends, out| {
+            let mut start = 0;
+            for &end in ends {
+                went.push(gather(&iov[start..end]));
+                start = end;
+                out.push(Ok(()));
+            }
+        });
+        if out.len() != frames.len() || out.iter().any(|r| r.is_err()) {
+            return Err(format!("{} answers for {} frames", out.len(), frames.len()));
+        }
+        let (mut next, mut merged) = (0, 0);
+        for g in &went {
+            if frames.get(next) == Some(g) {
+                next += 1;
+                continue;
+            }
+            merged += 1;
+            let segs = cut(g);
+            if segs.len() < 2 {
+                return Err(format!("frame {next} went changed, not merged"));
+            }
+            for s in segs {
+                match frames.get(next) {
+                    Some(f) if cut(f) == vec![s] => next += 1,
+                    _ => return Err(format!("frame {next} came back changed from a merge")),
+                }
+            }
+        }
+        if next != frames.len() {
+            return Err(format!("{next} of {} frames went", frames.len()));
+        }
+        Ok(merged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check::*;
+    use super::*;
+
+    const L4: usize = ETH + IP4;
+
+    /// What the batch goes to the backend as, each frame gathered.
+    fn sent(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let iov: Vec<IoSlice> = frames.iter().map(|f| IoSlice::new(f)).collect();
+        let ends: Vec<usize> = (1..=frames.len()).collect();
+        let mut got = Vec::new();
+        let mut out = Vec::new();
+        Coalescer::default().send(&iov, &ends, &mut out, |iov, ends, out| {
+            let mut start = 0;
+            for &end in ends {
+                got.push(gather(&iov[start..end]));
+                start = end;
+                out.push(Ok(()));
+            }
+        });
+        assert_eq!(out.len(), frames.len(), "one result per frame");
+        got
+    }
+
     /// Sends `frames` merged, cuts what went as the kernel would, and checks it is the
     /// frames as they came (checksums filled in); returns how many frames went.
     fn round_trip(frames: &[Vec<u8>]) -> usize {
@@ -705,16 +782,6 @@ pub(crate) mod tests {
             assert!(b == w, "segment {i} differs");
         }
         went.len()
-    }
-
-    pub(crate) fn stream(n: usize, seq: u32, id: u16, mss: usize, partial: bool) -> Vec<Vec<u8>> {
-        (0..n)
-            .map(|i| {
-                let s = seq.wrapping_add((i * mss) as u32);
-                let flags = if i + 1 == n { ACK | PSH } else { ACK };
-                seg(s, id.wrapping_add(i as u16), mss, flags, partial)
-            })
-            .collect()
     }
 
     #[test]
@@ -944,47 +1011,11 @@ pub(crate) mod tests {
                 }
             }
             frames.truncate(64);
-            let mut iov = Vec::new();
-            let mut ends = Vec::new();
-            for f in &frames {
-                let mut rest: &[u8] = f;
-                while rest.len() > 1 && rnd(3) == 0 {
-                    let (a, b) = rest.split_at(1 + rnd(rest.len() - 1));
-                    iov.push(IoSlice::new(a));
-                    rest = b;
-                }
-                iov.push(IoSlice::new(rest));
-                ends.push(iov.len());
-            }
-            let mut went = Vec::new();
-            let mut out = Vec::new();
-            Coalescer::default().send(&iov, &ends, &mut out, |iov, ends, out| {
-                let mut start = 0;
-                for &end in ends {
-                    went.push(gather(&iov[start..end]));
-                    start = end;
-                    out.push(Ok(()));
-                }
-            });
-            assert_eq!(out.len(), frames.len());
-            let mut next = 0;
-            for g in &went {
-                if *g == frames[next] {
-                    next += 1;
-                    continue;
-                }
-                merged_runs += 1;
-                let segs = cut(g);
-                assert!(segs.len() >= 2, "a frame changed but not merged");
-                for s in segs {
-                    assert!(
-                        cut(&frames[next]) == vec![s],
-                        "frame {next} came back changed"
-                    );
-                    next += 1;
-                }
-            }
-            assert_eq!(next, frames.len());
+            let splits: Vec<Vec<usize>> = frames
+                .iter()
+                .map(|f| (0..rnd(4)).map(|_| rnd(f.len())).collect())
+                .collect();
+            merged_runs += batch(&frames, &splits).unwrap();
         }
         assert!(merged_runs > 300, "only {merged_runs} runs merged");
     }

@@ -8,7 +8,7 @@
 //! the frontend's job (it stops reading when the guest has no buffer, and the loop stops
 //! watching for frames until the guest refills).
 
-mod coalesce;
+pub mod coalesce;
 pub mod csum;
 pub mod dgram;
 mod link;

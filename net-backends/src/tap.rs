@@ -1387,7 +1387,7 @@ mod tests {
     /// (and fills in checksums left to it), as for a bridge port without TSO.
     #[test]
     fn merged_segments_leave_the_host_as_the_guest_sent_them() {
-        use crate::coalesce::tests::{cut, stream, stream6};
+        use crate::coalesce::check::{cut, stream, stream6};
         in_own_netns(|| {
             let ip = |args: &[&str]| {
                 let ok = std::process::Command::new("ip")

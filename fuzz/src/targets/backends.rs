@@ -1,7 +1,9 @@
 //! What the backends parse and write themselves: the stream framing (QEMU's 4-byte length
 //! prefix, deframed by `stream::Deframer`), the VDE switch's reply (`vde::parse_reply`), and
-//! the pcap writer (`-object filter-dump`), and the guard that takes the MSS option off a
-//! guest's repeated SYN before libslirp sees it. The deframer is checked against the frames the
+//! the pcap writer (`-object filter-dump`), the guard that takes the MSS option off a
+//! guest's repeated SYN before libslirp sees it, and the tap's merging of a TCP stream's
+//! segments into GSO frames (`coalesce`, checked against the kernel's segmentation as
+//! `coalesce::check` models it: what went merged must cut back into what came). The deframer is checked against the frames the
 //! case put in the stream, the capture file against the frames that crossed the wrapped
 //! backend: a wrong answer is a finding, not only a panic.
 
@@ -13,6 +15,7 @@ use net_backends::mem::pair;
 use net_backends::pcap::PcapDump;
 use net_backends::slirp::handshake::HandshakeGuard;
 use net_backends::stream::{Deframer, HEADER_LEN};
+use net_backends::vnet::VNET_HDR_LEN;
 use net_backends::{Capabilities, NetBackend, Offloads, MAX_FRAME};
 use serde::{Deserialize, Serialize};
 use std::io::IoSlice;
@@ -40,6 +43,28 @@ pub enum BackendOp {
         maxlen: u32,
         frames: Vec<(bool, Bytes)>,
     },
+    /// A batch to a tap: TCP streams' segments (IPv6 or not, checksums computed or left to
+    /// the peer) and other frames, bytes of them changed, each frame in pieces.
+    Merge {
+        parts: Vec<MergePart>,
+        /// (frame, byte, xor) changes.
+        flips: Vec<(usize, usize, u8)>,
+        /// Where each frame is cut into pieces.
+        splits: Vec<Vec<usize>>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MergePart {
+    Stream {
+        v6: bool,
+        n: usize,
+        seq: u32,
+        id: u16,
+        mss: usize,
+        partial: bool,
+    },
+    Frame(Bytes),
 }
 
 pub struct Backends;
@@ -98,12 +123,13 @@ fn reply(rng: &mut Rng) -> Vec<u8> {
 impl Target for Backends {
     const NAME: &'static str = "backends";
     const ABOUT: &'static str =
-        "stream framing, the VDE switch's reply, the pcap writer, slirp's SYN guard";
+        "stream framing, the VDE switch's reply, the pcap writer, slirp's SYN guard, the tap's segment merging";
     type Op = BackendOp;
 
     fn generate(rng: &mut Rng) -> Vec<BackendOp> {
         (0..rng.range(1, 12))
-            .map(|_| match rng.below(12) {
+            .map(|_| match rng.below(14) {
+                12 | 13 => merge_op(rng),
                 0..=5 => stream_op(rng),
                 6 => BackendOp::StreamEnd,
                 7 => BackendOp::VdeReply(Bytes(reply(rng))),
@@ -225,6 +251,11 @@ impl Target for Backends {
                     maxlen,
                     frames,
                 } => pcap(*vnet, *maxlen, frames),
+                BackendOp::Merge {
+                    parts,
+                    flips,
+                    splits,
+                } => merge(parts, flips, splits),
             }
         }
     }
@@ -339,4 +370,77 @@ fn pcap(vnet: bool, maxlen: u32, frames: &[(bool, Bytes)]) {
         at += 16 + incl;
     }
     assert_eq!(at, file.len(), "nothing after the last record");
+}
+
+fn merge_op(rng: &mut Rng) -> BackendOp {
+    let parts: Vec<MergePart> = (0..rng.range(1, 8))
+        .map(|_| {
+            if rng.chance(25) {
+                let mut f = vec![0u8; VNET_HDR_LEN];
+                if rng.chance(30) {
+                    f = rng.bytes(VNET_HDR_LEN);
+                }
+                f.extend(frame(rng));
+                MergePart::Frame(Bytes(f))
+            } else {
+                MergePart::Stream {
+                    v6: rng.chance(30),
+                    n: rng.range(1, 50) as usize,
+                    seq: rng.below(1 << 32) as u32,
+                    id: rng.below(1 << 16) as u16,
+                    mss: rng.pick_or(&[1usize, 536, 1220, 1448, 1460], |r| {
+                        r.range(1, 1500) as usize
+                    }),
+                    partial: rng.chance(50),
+                }
+            }
+        })
+        .collect();
+    let flips = (0..rng.below(4))
+        .map(|_| (rng.usize(64), rng.usize(140), 1 << rng.below(8)))
+        .collect();
+    let splits = (0..rng.below(8))
+        .map(|_| (0..rng.below(4)).map(|_| rng.usize(1600)).collect())
+        .collect();
+    BackendOp::Merge {
+        parts,
+        flips,
+        splits,
+    }
+}
+
+/// A batch through the tap's merging: every frame answered, and what went merged cuts back
+/// into exactly the frames it stands for (`coalesce::check::batch`).
+fn merge(parts: &[MergePart], flips: &[(usize, usize, u8)], splits: &[Vec<usize>]) {
+    use net_backends::coalesce::check::{stream, stream6};
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    for p in parts {
+        match p {
+            MergePart::Stream {
+                v6,
+                n,
+                seq,
+                id,
+                mss,
+                partial,
+            } => {
+                let (n, mss) = ((*n).clamp(1, 64), (*mss).clamp(1, 1500));
+                frames.extend(if *v6 {
+                    stream6(n, *seq, mss, *partial)
+                } else {
+                    stream(n, *seq, *id, mss, *partial)
+                })
+            }
+            MergePart::Frame(b) => frames.push(b.0.clone()),
+        }
+    }
+    frames.truncate(64);
+    for &(f, at, x) in flips {
+        if let Some(b) = frames.get_mut(f).and_then(|f| f.get_mut(at)) {
+            *b ^= x;
+        }
+    }
+    if let Err(e) = net_backends::coalesce::check::batch(&frames, splits) {
+        panic!("coalesce: {e}");
+    }
 }
