@@ -688,6 +688,22 @@ pub mod check {
             .collect()
     }
 
+    /// The batch in `iov`/`ends` through a `Coalescer` to a backend that takes every frame:
+    /// what went to it, each frame gathered, and the answers the batch got.
+    pub fn through(iov: &[IoSlice<'_>], ends: &[usize]) -> (Vec<Vec<u8>>, Vec<io::Result<()>>) {
+        let mut went = Vec::new();
+        let mut out = Vec::new();
+        Coalescer::default().send(iov, ends, &mut out, |iov, ends, out| {
+            let mut start = 0;
+            for &end in ends {
+                went.push(gather(&iov[start..end]));
+                start = end;
+                out.push(Ok(()));
+            }
+        });
+        (went, out)
+    }
+
     /// `frames` as one batch through a `Coalescer`, frame `i` in pieces cut where
     /// `splits[i]` says (places past its end ignored): every frame must be answered, and what
     /// went must be the frames that came, each either as it came or, merged, cut by [`cut`]
@@ -708,16 +724,7 @@ pub mod check {
             iov.push(IoSlice::new(&f[at..]));
             ends.push(iov.len());
         }
-        let mut went = Vec::new();
-        let mut out = Vec::new();
-        Coalescer::default().send(&iov, &ends, &mut out, |iov, ends, out| {
-            let mut start = 0;
-            for &end in ends {
-                went.push(gather(&iov[start..end]));
-                start = end;
-                out.push(Ok(()));
-            }
-        });
+        let (went, out) = through(&iov, &ends);
         if out.len() != frames.len() || out.iter().any(|r| r.is_err()) {
             return Err(format!("{} answers for {} frames", out.len(), frames.len()));
         }
@@ -757,16 +764,7 @@ mod tests {
     fn sent(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
         let iov: Vec<IoSlice> = frames.iter().map(|f| IoSlice::new(f)).collect();
         let ends: Vec<usize> = (1..=frames.len()).collect();
-        let mut got = Vec::new();
-        let mut out = Vec::new();
-        Coalescer::default().send(&iov, &ends, &mut out, |iov, ends, out| {
-            let mut start = 0;
-            for &end in ends {
-                got.push(gather(&iov[start..end]));
-                start = end;
-                out.push(Ok(()));
-            }
-        });
+        let (got, out) = through(&iov, &ends);
         assert_eq!(out.len(), frames.len(), "one result per frame");
         got
     }
@@ -957,17 +955,7 @@ mod tests {
                 iov.push(IoSlice::new(b));
                 ends.push(iov.len());
             }
-            let mut got = Vec::new();
-            let mut out = Vec::new();
-            Coalescer::default().send(&iov, &ends, &mut out, |iov, ends, out| {
-                let mut start = 0;
-                for &end in ends {
-                    got.push(gather(&iov[start..end]));
-                    start = end;
-                    out.push(Ok(()));
-                }
-            });
-            assert!(got == whole, "split at {cut_at}");
+            assert!(through(&iov, &ends).0 == whole, "split at {cut_at}");
         }
     }
 
