@@ -115,7 +115,12 @@ impl Segment {
             }
             _ => return None,
         };
-        if vnet.gso_type != VIRTIO_NET_HDR_GSO_NONE || got < VNET_HDR_LEN + l4 + 20 {
+        // tun refuses a frame whose hdr_len is longer than it, whatever its GSO type: that
+        // one alone would be dropped, so it is not to go inside a merged one.
+        if vnet.gso_type != VIRTIO_NET_HDR_GSO_NONE
+            || got < VNET_HDR_LEN + l4 + 20
+            || usize::from(vnet.hdr_len) > len - VNET_HDR_LEN
+        {
             return None;
         }
         let f = &head[VNET_HDR_LEN..];
@@ -127,7 +132,9 @@ impl Segment {
         let (ip_len, addrs, id) = match ip_kind {
             Ip::V4 => {
                 let frag = u16::from_be_bytes([ip[6], ip[7]]);
-                if frag & 0x3fff != 0 || fold(ones_sum(ip)) != 0xffff {
+                // A field of 0xffff is a right checksum the kernel never writes (it writes
+                // 0 for that sum): cut from a merge, the segment would come out changed.
+                if frag & 0x3fff != 0 || fold(ones_sum(ip)) != 0xffff || ip[10..12] == [0xff; 2] {
                     return None;
                 }
                 let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
@@ -177,7 +184,11 @@ impl Segment {
     /// Whether the checksum the peer would compute anew is the frame's own (`pieces`): a
     /// pass over the whole segment, so only for one about to join a run.
     fn sum_right(&self, pieces: &[IoSlice<'_>]) -> bool {
-        self.partial || fold(self.pseudo + sum_from(pieces, VNET_HDR_LEN + self.ip.l4())) == 0xffff
+        let t = VNET_HDR_LEN + self.ip.l4();
+        // 0xffff: see the IPv4 header's checksum in `Segment::of`.
+        self.partial
+            || (self.head[t + 16..t + 18] != [0xff; 2]
+                && fold(self.pseudo + sum_from(pieces, t)) == 0xffff)
     }
 
     /// Same stream, same headers, apart from what segmentation rewrites.
@@ -254,10 +265,17 @@ struct Run {
     at: usize,
     count: usize,
     payload: usize,
+    /// Pieces the merged frame would be written in (its headers one).
+    pieces: usize,
 }
 
+/// Pieces one write takes at most (the kernel's UIO_MAXIOV): a run whose frames come in more
+/// pieces than that goes as two.
+const MAX_PIECES: usize = 1024;
+
 impl Run {
-    fn new(first: Segment, at: usize) -> Run {
+    /// A run of `first`, the frame at `at` in `pieces` pieces.
+    fn new(first: Segment, at: usize, pieces: usize) -> Run {
         Run {
             first,
             last_seq: first.seq,
@@ -267,10 +285,12 @@ impl Run {
             at,
             count: 1,
             payload: first.payload,
+            pieces: 1 + pieces,
         }
     }
 
-    fn takes(&self, s: &Segment) -> bool {
+    /// Whether `s`, a frame in `pieces` pieces, may join.
+    fn takes(&self, s: &Segment, pieces: usize) -> bool {
         let gso = self.first.payload;
         // The length field that grows: IPv4's total length, IPv6's payload length.
         let counted = match self.first.ip {
@@ -283,10 +303,12 @@ impl Run {
             && s.seq == self.last_seq.wrapping_add(self.last_payload as u32)
             && (self.first.ip == Ip::V6 || s.id == self.last_id.wrapping_add(1))
             && counted + self.payload + s.payload <= MAX_IP_LEN
+            && self.pieces + pieces <= MAX_PIECES
             && self.first.same_headers(s)
     }
 
-    fn add(&mut self, s: &Segment) {
+    fn add(&mut self, s: &Segment, pieces: usize) {
+        self.pieces += pieces;
         self.last_seq = s.seq;
         self.last_payload = s.payload;
         self.last_id = s.id;
@@ -380,13 +402,13 @@ impl Coalescer {
                 None
             };
             if let (Some(r), Some(s)) = (&mut run, &seg) {
-                if r.takes(s) {
+                if r.takes(s, pieces.len()) {
                     if r.count == 1 && !r.first.sum_right(frame(r.at)) {
                         // The first goes alone; this one may start a run.
                         self.plan.push((r.at, 1, None));
                         run = None;
                     } else if s.sum_right(pieces) {
-                        r.add(s);
+                        r.add(s, pieces.len());
                         continue;
                     } else {
                         seg = None;
@@ -398,7 +420,7 @@ impl Coalescer {
             }
             match seg {
                 // PSH only ends a run (checked here too where `may_join` could not look).
-                Some(s) if !s.psh => run = Some(Run::new(s, i)),
+                Some(s) if !s.psh => run = Some(Run::new(s, i, pieces.len())),
                 _ => self.plan.push((i, 1, None)),
             }
         }
@@ -485,20 +507,11 @@ fn push_after<'a>(v: &mut Vec<IoSlice<'a>>, frame: &[IoSlice<'a>], mut skip: usi
             skip -= p.len();
             continue;
         }
-        // The piece's bytes live as long as `'a`; IoSlice::new on a re-slice keeps that.
-        let bytes: &'a [u8] = slice_of(p);
-        v.push(IoSlice::new(&bytes[skip..]));
+        let mut rest = *p;
+        rest.advance(skip);
+        v.push(rest);
         skip = 0;
     }
-}
-
-/// The bytes of a piece, with the piece's own lifetime (an `IoSlice`'s deref borrows the
-/// `IoSlice`, not its bytes).
-fn slice_of<'a>(p: &IoSlice<'a>) -> &'a [u8] {
-    // SAFETY: an IoSlice<'a> is an iovec over `p.len()` initialised bytes valid for 'a
-    // (IoSlice::new took a &'a [u8]); the slice rebuilt from its pointer and length borrows
-    // the same bytes for the same 'a.
-    unsafe { std::slice::from_raw_parts(p.as_ptr(), p.len()) }
 }
 
 /// Frames of TCP streams as a guest sends them, the kernel's segmentation as a reference and
@@ -1006,6 +1019,52 @@ mod tests {
             merged_runs += batch(&frames, &splits).unwrap();
         }
         assert!(merged_runs > 300, "only {merged_runs} runs merged");
+    }
+
+    /// What the kernel would refuse or write otherwise stays out of a run: a header that
+    /// says more header than there is frame; an IPv4 header checksum of 0xffff (right, but
+    /// the kernel writes 0 for it). And a run goes in no more pieces than one write takes.
+    #[test]
+    fn what_the_kernel_refuses_or_rewrites_stays_out() {
+        let base = stream(6, 5000, 100, 1000, false);
+        let mut s = base.clone();
+        s[3][2..4].copy_from_slice(&60_000u16.to_le_bytes());
+        assert_eq!(round_trip(&s), 3);
+        // An IP ID whose header checksum is 0x0000 at the head of a run: with 0xffff in the
+        // field instead, that segment goes alone.
+        let id = (0..=u16::MAX)
+            .find(|&id| {
+                let f = seg(1, id, 10, ACK, false);
+                f[VNET_HDR_LEN + 24..VNET_HDR_LEN + 26] == [0, 0]
+            })
+            .unwrap();
+        let mut s = stream(4, 1, id, 10, false);
+        assert_eq!(round_trip(&s), 1);
+        s[0][VNET_HDR_LEN + 24..VNET_HDR_LEN + 26].copy_from_slice(&[0xff, 0xff]);
+        assert_eq!(round_trip(&s), 2);
+        // 30 segments in 100 pieces each: no write of more than 1024 pieces.
+        let s = stream(30, 1, 1, 1000, false);
+        let mut iov = Vec::new();
+        let mut ends = Vec::new();
+        for f in &s {
+            iov.extend(f.chunks(f.len().div_ceil(100)).map(IoSlice::new));
+            ends.push(iov.len());
+        }
+        let mut writes = Vec::new();
+        let mut out = Vec::new();
+        Coalescer::default().send(&iov, &ends, &mut out, |_, ends, out| {
+            let mut start = 0;
+            for &end in ends {
+                writes.push(end - start);
+                start = end;
+                out.push(Ok(()));
+            }
+        });
+        assert_eq!(out.len(), 30);
+        assert!(
+            writes.len() >= 3 && writes.iter().all(|&n| n <= MAX_PIECES),
+            "{writes:?}"
+        );
     }
 
     /// A merged frame's answer is each of its segments': sent, refused (WouldBlock: it and
