@@ -19,34 +19,63 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub const MAX_PENDING: usize = 64 * 1024;
 
 /// Where guest output goes: the current client, if any.
-type Peer = Arc<Mutex<Option<std::fs::File>>>;
+type Peer = Arc<Mutex<Option<Client>>>;
+
+/// A connected client (or the pty's master side).
+struct Client {
+    file: std::fs::File,
+    /// Telnet: a write stopped between the two bytes of a doubled 0xff; the second goes
+    /// first next time (else the client would read the next byte as a command).
+    owed_iac: bool,
+}
+
+impl Client {
+    fn new(file: std::fs::File) -> Client {
+        Client {
+            file,
+            owed_iac: false,
+        }
+    }
+}
 
 /// Telnet (RFC 854) as a QEMU `telnet` chardev speaks it, enough for a telnet client to be a
 /// serial console: at each connection nicvm says it will echo and suppress go-ahead and asks
 /// for binary both ways ([`TELNET_HELLO`]), so the client sends each key as it is typed and
 /// leaves echo to the guest; the commands a client sends are taken out of its input (and the
-/// NUL a client sends after CR); a 0xff byte in the guest's output goes doubled. Nothing a
-/// client asks for is answered.
+/// NUL a client that does not send binary puts after CR, RFC 854's CR NUL); a 0xff byte in
+/// the guest's output goes doubled. Nothing a client asks for is answered.
 const IAC: u8 = 0xff;
 const SB: u8 = 250;
 const SE: u8 = 240;
 /// IAC WILL ECHO, IAC WILL SUPPRESS-GO-AHEAD, IAC WILL BINARY, IAC DO BINARY.
 const TELNET_HELLO: [u8; 12] = [IAC, 251, 1, IAC, 251, 3, IAC, 251, 0, IAC, 253, 0];
 
+const WILL: u8 = 251;
+const WONT: u8 = 252;
+const BINARY: u8 = 0;
+
 /// Where in the telnet byte stream a client's input is.
 #[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
-enum Telnet {
+enum In {
     #[default]
     Data,
-    /// After a CR: a NUL after it is the client's, not typed.
+    /// After a CR: a NUL after it is the client's, not typed (unless it sends binary).
     Cr,
     /// After IAC.
     Iac,
-    /// After IAC WILL/WONT/DO/DONT: the option byte.
-    Opt,
+    /// After IAC and this WILL/WONT/DO/DONT: the option byte.
+    Opt(u8),
     /// Inside IAC SB ... IAC SE.
     Sub,
     SubIac,
+}
+
+/// A telnet client's input as it is read: where in the stream, and whether the client said
+/// it sends binary (IAC WILL BINARY).
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+struct Telnet {
+    at: In,
+    binary: bool,
 }
 
 impl Telnet {
@@ -56,21 +85,27 @@ impl Telnet {
         let mut out = 0;
         for i in 0..buf.len() {
             let b = buf[i];
-            let (next, keep) = match (*self, b) {
-                (Telnet::Data | Telnet::Cr, IAC) => (Telnet::Iac, false),
-                (Telnet::Cr, 0) => (Telnet::Data, false),
-                (Telnet::Data | Telnet::Cr, b'\r') => (Telnet::Cr, true),
-                (Telnet::Data | Telnet::Cr, _) => (Telnet::Data, true),
-                (Telnet::Iac, IAC) => (Telnet::Data, true),
-                (Telnet::Iac, 251..=254) => (Telnet::Opt, false),
-                (Telnet::Iac, SB) => (Telnet::Sub, false),
-                (Telnet::Iac | Telnet::Opt, _) => (Telnet::Data, false),
-                (Telnet::Sub, IAC) => (Telnet::SubIac, false),
-                (Telnet::Sub, _) => (Telnet::Sub, false),
-                (Telnet::SubIac, SE) => (Telnet::Data, false),
-                (Telnet::SubIac, _) => (Telnet::Sub, false),
+            let (next, keep) = match (self.at, b) {
+                (In::Data | In::Cr, IAC) => (In::Iac, false),
+                (In::Cr, 0) if !self.binary => (In::Data, false),
+                (In::Data | In::Cr, b'\r') => (In::Cr, true),
+                (In::Data | In::Cr, _) => (In::Data, true),
+                (In::Iac, IAC) => (In::Data, true),
+                (In::Iac, 251..=254) => (In::Opt(b), false),
+                (In::Iac, SB) => (In::Sub, false),
+                (In::Iac, _) => (In::Data, false),
+                (In::Opt(verb), opt) => {
+                    if opt == BINARY && (verb == WILL || verb == WONT) {
+                        self.binary = verb == WILL;
+                    }
+                    (In::Data, false)
+                }
+                (In::Sub, IAC) => (In::SubIac, false),
+                (In::Sub, _) => (In::Sub, false),
+                (In::SubIac, SE) => (In::Data, false),
+                (In::SubIac, _) => (In::Sub, false),
             };
-            *self = next;
+            self.at = next;
             if keep {
                 buf[out] = b;
                 out += 1;
@@ -78,6 +113,26 @@ impl Telnet {
         }
         out
     }
+}
+
+/// Whether writing the first `n` bytes of `v` (telnet output: an IAC still owed first if
+/// `owed`, then data with every 0xff doubled) stopped between the two bytes of a pair.
+fn cut_in_pair(v: &[u8], n: usize, owed: bool) -> bool {
+    if owed && n == 0 {
+        return true;
+    }
+    let mut i = usize::from(owed);
+    while i < n {
+        if v[i] == IAC {
+            if i + 1 == n {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
 }
 
 enum Source {
@@ -100,19 +155,23 @@ struct PeerWriter(Peer, bool);
 
 impl Write for PeerWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if let Some(f) = self.0.lock().unwrap().as_mut() {
+        if let Some(c) = self.0.lock().unwrap().as_mut() {
             // Non-blocking: what the client does not take now is lost, never waited for.
-            if self.1 && buf.contains(&IAC) {
-                let mut v = Vec::with_capacity(buf.len() * 2);
+            if self.1 && (c.owed_iac || buf.contains(&IAC)) {
+                let mut v = Vec::with_capacity(buf.len() * 2 + 1);
+                if c.owed_iac {
+                    v.push(IAC);
+                }
                 for &b in buf {
                     v.push(b);
                     if b == IAC {
                         v.push(IAC);
                     }
                 }
-                let _ = f.write(&v);
+                let n = c.file.write(&v).unwrap_or(0);
+                c.owed_iac = cut_in_pair(&v, n, c.owed_iac);
             } else {
-                let _ = f.write(buf);
+                let _ = c.file.write(buf);
             }
         }
         Ok(buf.len())
@@ -224,7 +283,7 @@ impl SerialIo {
         ));
         Ok(SerialIo {
             source: Source::Pty,
-            peer: Arc::new(Mutex::new(Some(std::fs::File::from(master)))),
+            peer: Arc::new(Mutex::new(Some(Client::new(std::fs::File::from(master))))),
             telnet: false,
             thread: None,
         })
@@ -278,7 +337,7 @@ fn serve(
     let mut buf = [0u8; 4096];
     let mut state = Telnet::default();
     loop {
-        let client_fd = peer.lock().unwrap().as_ref().map(|f| f.as_raw_fd());
+        let client_fd = peer.lock().unwrap().as_ref().map(|c| c.file.as_raw_fd());
         let busy = serial.lock().unwrap().input_pending() >= MAX_PENDING;
         let mut fds = vec![libc::pollfd {
             fd: stop.as_raw_fd(),
@@ -332,12 +391,12 @@ fn serve(
                         // A fresh socket's buffer takes these dozen bytes.
                         let _ = client.write(&TELNET_HELLO);
                     }
-                    *peer.lock().unwrap() = Some(client);
+                    *peer.lock().unwrap() = Some(Client::new(client));
                 }
             }
             Some(_) => {
                 let r = match peer.lock().unwrap().as_mut() {
-                    Some(f) => f.read(&mut buf),
+                    Some(c) => c.file.read(&mut buf),
                     None => continue,
                 };
                 match r {
@@ -438,8 +497,32 @@ mod telnet_tests {
             let n = t.filter(&mut b);
             got.extend_from_slice(&b[..n]);
             assert_eq!(got, want, "cut at {cut}");
-            assert_eq!(t, Telnet::Data);
+            assert_eq!(t, Telnet::default());
         }
+    }
+
+    /// A client that said it sends binary (IAC WILL BINARY) means a NUL after CR; one that
+    /// takes it back (IAC WONT BINARY) does not.
+    #[test]
+    fn cr_nul_is_data_from_a_binary_client() {
+        let mut t = Telnet::default();
+        let mut b = b"\xff\xfb\x00x\r\0y\xff\xfc\x00\r\0z".to_vec();
+        let n = t.filter(&mut b);
+        assert_eq!(&b[..n], b"x\r\0y\rz");
+        assert!(!t.binary);
+    }
+
+    /// Output cut between the two bytes of a doubled 0xff owes the second; a cut anywhere
+    /// else owes nothing.
+    #[test]
+    fn a_write_cut_inside_a_doubled_iac_owes_its_second_byte() {
+        let v = [b'a', IAC, IAC, b'b'];
+        let owed: Vec<bool> = (0..=4).map(|n| cut_in_pair(&v, n, false)).collect();
+        assert_eq!(owed, [false, false, true, false, false]);
+        // An IAC owed from before goes first: not written, still owed.
+        let v = [IAC, IAC, IAC];
+        let owed: Vec<bool> = (0..=3).map(|n| cut_in_pair(&v, n, true)).collect();
+        assert_eq!(owed, [true, false, true, false]);
     }
 
     /// A telnet client on `-serial telnet:`: it hears the negotiation first, its keys reach
