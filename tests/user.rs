@@ -244,24 +244,26 @@ fn bad_user_options_are_one_line_errors() {
 }
 
 /// The harness's answer to a port something takes between its choice and nicvm's bind (once
-/// in CI): nicvm says it cannot listen, exits, and is started again on another port.
+/// in CI): nicvm says its hostfwd cannot listen, exits, and is started again on another port;
+/// the taker's listener is never taken for nicvm's.
 #[test]
 fn a_port_taken_before_nicvm_binds_it_is_traded_for_another() {
     let Some(img) = image() else { return };
-    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let taken = busy.local_addr().unwrap().port();
-    let mut tries = 0;
+    let mut taker = None;
     let (mut g, port) = Guest::spawn_on_free_port(|port| {
-        tries += 1;
-        let p = if tries == 1 { taken } else { port };
+        if taker.is_none() {
+            // Taken between the choice and nicvm's bind, by a listener of its own.
+            taker = Some((port, TcpListener::bind(("127.0.0.1", port)).unwrap()));
+        }
         command(
             &img,
             "",
-            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{p}-:5001"),
+            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:5001"),
         )
     });
-    assert_eq!(tries, 2);
+    let (taken, _listener) = taker.unwrap();
     assert_ne!(port, taken);
-    assert!(support::net::tcp_listening(port));
+    assert!(support::net::tcp_listener_of(g.pid(), port));
+    assert!(!support::net::tcp_listener_of(g.pid(), taken));
     g.stop_for_stderr();
 }

@@ -263,27 +263,29 @@ impl Guest {
         }
     }
 
-    /// Spawns nicvm as `make` builds it for a loopback TCP port it is to listen on (a
-    /// `hostfwd=tcp:`, a `-qmp tcp:`), from [`super::free_port`], and returns it with the port
-    /// once nicvm listens there. The port is free when chosen, but something may take it
-    /// before nicvm binds it (once in CI, with no taker found): nicvm then exits at once
-    /// saying so, and it is started again on another port, five times at most.
+    /// Spawns nicvm as `make` builds it for a loopback TCP port it is to forward
+    /// (`hostfwd=tcp:`), from [`super::free_port`], and returns it with the port once nicvm
+    /// itself listens there. The port is free when chosen, but something may take it before
+    /// nicvm binds it (once in CI, with no taker found): nicvm then exits at once saying its
+    /// hostfwd cannot listen, and it is started again on another port, five times at most.
     pub fn spawn_on_free_port(mut make: impl FnMut(u16) -> Command) -> (Guest, u16) {
+        let mut taken = String::new();
         for _ in 0..5 {
             let port = super::free_port();
             let mut g = Guest::spawn(make(port));
             let until = Instant::now() + Duration::from_secs(60);
             loop {
-                if tcp_listening(port) && g.child.try_wait().ok().flatten().is_none() {
-                    return (g, port);
-                }
                 if g.child.try_wait().ok().flatten().is_some() {
                     let stderr = g.stop_for_stderr();
-                    if stderr.contains("cannot listen") {
-                        eprintln!("port {port} was taken before nicvm bound it; another one");
+                    if stderr.contains("hostfwd: cannot listen on tcp") {
+                        eprintln!("a port was taken before nicvm bound it; another one");
+                        taken = stderr;
                         break;
                     }
                     panic!("nicvm exited before it listened on port {port}: {stderr}");
+                }
+                if tcp_listener_of(g.pid(), port) {
+                    return (g, port);
                 }
                 assert!(
                     Instant::now() < until,
@@ -292,7 +294,7 @@ impl Guest {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        panic!("five ports in a row were taken before nicvm bound them");
+        panic!("five ports in a row were taken before nicvm bound them; the last time:\n{taken}");
     }
 
     /// How long the guest may still take before it counts as stuck.
@@ -758,10 +760,11 @@ impl Drop for VdeSwitch {
     }
 }
 
-/// Whether a TCP socket of this network namespace listens on 127.0.0.1 or any address at
-/// `port` (/proc/net/tcp: looked at, not connected to, so a guest behind a forward sees
-/// nothing).
-pub fn tcp_listening(port: u16) -> bool {
+/// Whether process `pid` has a TCP socket of this network namespace listening on 127.0.0.1
+/// or any address at `port` (/proc/net/tcp and the process's fds: looked at, not connected
+/// to, so a guest behind a forward sees nothing; and another program's listener on that port
+/// is not taken for nicvm's).
+pub fn tcp_listener_of(pid: u32, port: u16) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
         return false;
     };
@@ -769,8 +772,23 @@ pub fn tcp_listening(port: u16) -> bool {
         format!("0100007F:{port:04X}"),
         format!("00000000:{port:04X}"),
     ];
-    table.lines().skip(1).any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() > 3 && want.iter().any(|w| f[1] == w) && f[3] == "0A"
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 9 && want.iter().any(|w| f[1] == w) && f[3] == "0A")
+                .then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
     })
 }
