@@ -1669,6 +1669,7 @@ fn nic_config(
         mq: virtio.mq,
         ctrl_vq: virtio.ctrl_vq,
         vectors: virtio.vectors,
+        withheld: virtio.withheld,
     })
 }
 

@@ -374,7 +374,67 @@ pub struct VirtioProperties {
     pub mq: bool,
     pub ctrl_vq: bool,
     pub vectors: Option<u16>,
+    /// Feature bits turned off by [`VIRTIO_OFFLOADS`] properties.
+    pub withheld: u64,
 }
+
+/// virtio-net-pci's offload properties as QEMU names them, each the feature bit it controls
+/// (all on by default: offered where the backend can carry them).
+pub const VIRTIO_OFFLOADS: [(&str, u64, &str); 10] = {
+    use devices::virtio::net::*;
+    [
+        (
+            "csum",
+            VIRTIO_NET_F_CSUM,
+            "checksum offload, guest to host (default: on)",
+        ),
+        (
+            "guest_csum",
+            VIRTIO_NET_F_GUEST_CSUM,
+            "checksum offload, host to guest (default: on)",
+        ),
+        (
+            "host_tso4",
+            VIRTIO_NET_F_HOST_TSO4,
+            "TSO over IPv4, guest to host; needs csum (default: on)",
+        ),
+        (
+            "host_tso6",
+            VIRTIO_NET_F_HOST_TSO6,
+            "TSO over IPv6, guest to host; needs csum (default: on)",
+        ),
+        (
+            "host_ecn",
+            VIRTIO_NET_F_HOST_ECN,
+            "TSO with ECN, guest to host; needs host_tso4 or host_tso6 (default: on)",
+        ),
+        (
+            "host_ufo",
+            VIRTIO_NET_F_HOST_UFO,
+            "UDP fragmentation offload, guest to host; needs csum (default: on)",
+        ),
+        (
+            "guest_tso4",
+            VIRTIO_NET_F_GUEST_TSO4,
+            "TSO over IPv4, host to guest; needs guest_csum (default: on)",
+        ),
+        (
+            "guest_tso6",
+            VIRTIO_NET_F_GUEST_TSO6,
+            "TSO over IPv6, host to guest; needs guest_csum (default: on)",
+        ),
+        (
+            "guest_ecn",
+            VIRTIO_NET_F_GUEST_ECN,
+            "TSO with ECN, host to guest; needs guest_tso4 or guest_tso6 (default: on)",
+        ),
+        (
+            "guest_ufo",
+            VIRTIO_NET_F_GUEST_UFO,
+            "UDP fragmentation offload, host to guest; needs guest_csum (default: on)",
+        ),
+    ]
+};
 
 /// The QEMU device properties nicvm takes besides its own (netdev, mac, id, addr, cplus),
 /// removed from `kv`. Returns virtio-net's (defaults for the other models).
@@ -410,7 +470,11 @@ pub fn device_properties_accepted(
         "vectors",
         "mq",
         "ctrl_vq",
-    ] {
+        "gso",
+    ]
+    .into_iter()
+    .chain(VIRTIO_OFFLOADS.iter().map(|o| o.0))
+    {
         if !virtio && kv.get(key).is_some() {
             return Err(CliErrorKind::VirtioOnly { key: key.into() });
         }
@@ -468,6 +532,19 @@ pub fn device_properties_accepted(
         Some(v) => on_off("ctrl_vq", &v)?,
         None => true,
     };
+    let mut withheld = 0;
+    for (key, bit, _) in VIRTIO_OFFLOADS {
+        if let Some(v) = kv.remove(key) {
+            if !on_off(key, &v)? {
+                withheld |= bit;
+            }
+        }
+    }
+    // QEMU's `gso` is the legacy VIRTIO_NET_F_GSO ("any segmentation"), which nicvm never
+    // offers: the per-type properties above say what is.
+    if let Some(v) = kv.remove("gso") {
+        on_off("gso", &v)?;
+    }
     if mq && !ctrl_vq {
         return Err(refused(
             "mq=on needs ctrl_vq=on: the driver picks its queue pairs through the control queue",
@@ -478,6 +555,7 @@ pub fn device_properties_accepted(
         mq,
         ctrl_vq,
         vectors,
+        withheld,
     })
 }
 
@@ -577,35 +655,47 @@ pub fn device_properties(model: NicModel) -> String {
             "on: an RTL8139C+ (Linux 8139cp); off: an RTL8139C (8139too) (default: on)",
         )),
         NicModel::E1000 => {}
-        NicModel::VirtioNetPci => props.extend([
-            (
-                "disable-legacy",
-                "OnOffAuto",
-                "on only: a modern (virtio 1.0) device",
-            ),
-            ("disable-modern", "bool", "off only"),
-            (
-                "host_mtu",
-                "uint16",
-                "1500 only (no MTU feature is offered)",
-            ),
-            (
-                "mq",
-                "bool",
-                "on: a queue pair per queue of -netdev tap,queues=N (default: off)",
-            ),
-            (
-                "ctrl_vq",
-                "bool",
-                "the control queue: RX mode, MAC tables (default: on)",
-            ),
-            ("mrg_rxbuf", "bool", "on/off (default: on)"),
-            (
-                "vectors",
-                "uint32",
-                "MSI-X vectors, 1-128 (default: 2 per queue pair + 2)",
-            ),
-        ]),
+        NicModel::VirtioNetPci => {
+            props.extend([
+                (
+                    "disable-legacy",
+                    "OnOffAuto",
+                    "on only: a modern (virtio 1.0) device",
+                ),
+                ("disable-modern", "bool", "off only"),
+                (
+                    "host_mtu",
+                    "uint16",
+                    "1500 only (no MTU feature is offered)",
+                ),
+                (
+                    "mq",
+                    "bool",
+                    "on: a queue pair per queue of -netdev tap,queues=N (default: off)",
+                ),
+                (
+                    "ctrl_vq",
+                    "bool",
+                    "the control queue: RX mode, MAC tables (default: on)",
+                ),
+                ("mrg_rxbuf", "bool", "on/off (default: on)"),
+                (
+                    "gso",
+                    "bool",
+                    "accepted; the legacy any-GSO bit is never offered (default: on)",
+                ),
+                (
+                    "vectors",
+                    "uint32",
+                    "MSI-X vectors, 1-128 (default: 2 per queue pair + 2)",
+                ),
+            ]);
+            props.extend(
+                VIRTIO_OFFLOADS
+                    .iter()
+                    .map(|&(k, _, what)| (k, "bool", what)),
+            );
+        }
     }
     props.sort();
     let mut out = format!("{} options:\n", model.name());
@@ -779,6 +869,42 @@ mod tests {
                 .unwrap()
                 .mrg_rxbuf
         );
+    }
+
+    #[test]
+    fn virtio_offload_properties_withhold_their_features() {
+        use devices::virtio::net::*;
+        let kv = |s: &str| KeyVal::parse(s, None).unwrap();
+        let v = NicModel::VirtioNetPci;
+        assert_eq!(
+            device_properties_accepted(v, &mut kv("mq=off"))
+                .unwrap()
+                .withheld,
+            0,
+            "every offload on by default"
+        );
+        let mut k = kv("csum=on,host_tso4=off,guest_tso6=off,guest_ufo=on,host_ecn=off,gso=off");
+        let p = device_properties_accepted(v, &mut k).unwrap();
+        assert_eq!(
+            p.withheld,
+            VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_HOST_ECN
+        );
+        assert!(k.pairs.is_empty(), "{k:?}");
+        let off: Vec<String> = VIRTIO_OFFLOADS
+            .iter()
+            .map(|o| format!("{}=off", o.0))
+            .collect();
+        let p = device_properties_accepted(v, &mut kv(&off.join(","))).unwrap();
+        assert_eq!(p.withheld.count_ones(), 10);
+        let e = device_properties_accepted(v, &mut kv("host_tso6=maybe"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("host_tso6"), "{e}");
+        assert!(device_properties_accepted(v, &mut kv("gso=2")).is_err());
+        let e = device_properties_accepted(NicModel::E1000, &mut kv("guest_csum=off"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "guest_csum: only virtio-net-pci has this property");
     }
 
     #[test]

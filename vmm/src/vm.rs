@@ -890,6 +890,7 @@ fn build_nic(
                 ctrl_vq: spec.ctrl_vq,
                 mrg_rxbuf: spec.mrg_rxbuf,
                 vectors: spec.vectors,
+                withheld: spec.withheld,
             };
             let m = VirtioNet::new(
                 spec.mac,

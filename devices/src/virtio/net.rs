@@ -97,6 +97,10 @@ pub struct VirtioNetOptions {
     /// `vectors=`: MSI-X vectors (QEMU's default: two per pair, one for the configuration
     /// and one for the control queue).
     pub vectors: Option<u16>,
+    /// Feature bits the user turned off (QEMU's offload properties: `csum=off`,
+    /// `host_tso4=off`, `guest_tso4=off`, ...): never offered, nor any feature that needs one
+    /// of them.
+    pub withheld: u64,
 }
 
 impl Default for VirtioNetOptions {
@@ -107,8 +111,40 @@ impl Default for VirtioNetOptions {
             ctrl_vq: true,
             mrg_rxbuf: true,
             vectors: None,
+            withheld: 0,
         }
     }
+}
+
+/// `features` without the offloads whose prerequisite is not among them (virtio 1.0, 5.1.3.1:
+/// a device must not offer a feature without the ones it requires): segmentation and UFO need
+/// the checksum offload of their direction, ECN needs TSO4 or TSO6.
+pub fn without_orphans(features: u64) -> u64 {
+    let mut f = features;
+    for (csum, tso4, tso6, ecn, ufo) in [
+        (
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_HOST_ECN,
+            VIRTIO_NET_F_HOST_UFO,
+        ),
+        (
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_GUEST_ECN,
+            VIRTIO_NET_F_GUEST_UFO,
+        ),
+    ] {
+        if f & csum == 0 {
+            f &= !(tso4 | tso6 | ufo);
+        }
+        if f & (tso4 | tso6) == 0 {
+            f &= !ecn;
+        }
+    }
+    f
 }
 
 /// PCI identity as QEMU presents virtio-net: transitional device ID, subsystem = net.
@@ -266,6 +302,7 @@ impl VirtioNet {
                 }
             }
         }
+        let device_features = without_orphans(device_features & !opts.withheld);
         let n_queues = 2 * pairs + opts.ctrl_vq as usize;
         let new_queue = |_| Queue::new(QUEUE_MAX).expect("256 is a valid queue size");
         Ok(VirtioNet {

@@ -270,6 +270,9 @@ pub struct NicConfig {
     pub ctrl_vq: bool,
     /// virtio-net's `vectors=`: MSI-X vectors (default: 2 per queue pair + 2).
     pub vectors: Option<u16>,
+    /// virtio-net's feature bits turned off by its offload properties (`csum=off`,
+    /// `host_tso4=off`, ...; none by default).
+    pub withheld: u64,
 }
 
 /// `-object filter-dump,id=ID,netdev=NETDEV,file=PATH[,maxlen=N]`: capture a netdev's frames.

@@ -68,6 +68,56 @@ fn frame(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// What a device on `caps` offers with `withheld` turned off by the user.
+fn offered_without(caps: Capabilities, withheld: u64) -> u64 {
+    use crate::interrupt::{IntxLine, RecordingIrqChip};
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let chip = Arc::new(RecordingIrqChip::default());
+    let opts = VirtioNetOptions {
+        withheld,
+        ..Default::default()
+    };
+    let intx = IntxLine::new(chip.clone(), 19, 0);
+    let mac = "52:54:00:12:34:56".parse().unwrap();
+    VirtioNet::new(mac, caps, mem, chip, intx, Arc::new(NoIoEvents), opts)
+        .unwrap()
+        .device_features()
+}
+
+#[test]
+fn offloads_turned_off_are_not_offered_nor_what_needs_them() {
+    let all = offered_without(VNET, 0);
+    let host = VIRTIO_NET_F_CSUM
+        | VIRTIO_NET_F_HOST_TSO4
+        | VIRTIO_NET_F_HOST_TSO6
+        | VIRTIO_NET_F_HOST_ECN
+        | VIRTIO_NET_F_HOST_UFO;
+    let guest = VIRTIO_NET_F_GUEST_CSUM
+        | VIRTIO_NET_F_GUEST_TSO4
+        | VIRTIO_NET_F_GUEST_TSO6
+        | VIRTIO_NET_F_GUEST_ECN
+        | VIRTIO_NET_F_GUEST_UFO;
+    assert_eq!(all & (host | guest), host | guest, "{all:#x}");
+    // host_tso4=off,host_tso6=off: the guest segments itself; ECN goes with them.
+    let tso = VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6;
+    assert_eq!(
+        offered_without(VNET, tso),
+        all & !(tso | VIRTIO_NET_F_HOST_ECN)
+    );
+    // csum=off takes everything of that direction; the other stays.
+    assert_eq!(offered_without(VNET, VIRTIO_NET_F_CSUM), all & !host);
+    assert_eq!(offered_without(VNET, VIRTIO_NET_F_GUEST_CSUM), all & !guest);
+    // One TSO kind left keeps ECN; withholding a feature never offered changes nothing.
+    assert_eq!(
+        offered_without(VNET, VIRTIO_NET_F_GUEST_TSO6),
+        all & !VIRTIO_NET_F_GUEST_TSO6
+    );
+    assert_eq!(
+        offered_without(PLAIN, VIRTIO_NET_F_CSUM),
+        offered_without(PLAIN, 0)
+    );
+}
+
 #[test]
 fn features_follow_the_backend() {
     let mut d = new_rig(PLAIN);
