@@ -446,7 +446,7 @@ fn serial_console_on_a_unix_socket() {
 }
 
 /// Reads from an HMP socket until the prompt; returns what came before it.
-fn hmp_read(r: &mut BufReader<UnixStream>) -> String {
+fn hmp_read(r: &mut impl Read) -> String {
     let mut got = Vec::new();
     let mut byte = [0u8; 1];
     while !got.ends_with(b"(qemu) ") {
@@ -469,11 +469,80 @@ fn hmp_read(r: &mut BufReader<UnixStream>) -> String {
         .replace('\r', "")
 }
 
-fn hmp(r: &mut BufReader<UnixStream>, cmd: &str) -> String {
+fn hmp<S: Read + Write>(r: &mut BufReader<S>, cmd: &str) -> String {
     r.get_mut()
         .write_all(format!("{cmd}\n").as_bytes())
         .unwrap();
     hmp_read(r)
+}
+
+/// `-monitor telnet::PORT,server,nowait` with a telnet client that negotiates unasked (as
+/// PuTTY does at connect) and sends a no-op and an interrupt among the keys: HMP gets the
+/// lines as typed. nicvm itself sends no telnet command (the client keeps its line mode).
+#[test]
+fn hmp_on_a_telnet_socket_gets_the_lines_without_the_clients_commands() {
+    let Some(img) = image() else { return };
+    const IAC: u8 = 0xff;
+    let mut taken = String::new();
+    for _ in 0..5 {
+        let port = free_port();
+        let monitor = format!("telnet::{port},server,nowait");
+        let mut vm = spawn(
+            &img,
+            "",
+            &["-S", "-nographic", "-nic", "none", "-monitor", &monitor],
+            Stdio::null(),
+        );
+        let t0 = Instant::now();
+        while !support::net::tcp_listener_of(vm.child.id(), port) {
+            if vm.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no listener on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if vm.child.try_wait().unwrap().is_some() {
+            // The port was taken between free_port and nicvm's bind: another one.
+            let (_, _, err) = vm.wait(Duration::from_secs(5));
+            assert!(err.contains("Address already in use"), "{err}");
+            taken = err;
+            continue;
+        }
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(s);
+        let mut greeting = Vec::new();
+        while !greeting.ends_with(b"(qemu) ") {
+            let mut b = [0u8; 1];
+            assert_eq!(r.read(&mut b).unwrap(), 1, "{greeting:?}");
+            greeting.push(b[0]);
+        }
+        assert!(!greeting.contains(&IAC), "no negotiation: {greeting:?}");
+        // IAC WILL NAWS, IAC SB NAWS 0 80 0 24 IAC SE, IAC DO ECHO; then "info st", IAC NOP,
+        // "atus", CR NUL (a client not in binary mode), LF.
+        let mut keys = vec![
+            IAC, 251, 31, IAC, 250, 31, 0, 80, 0, 24, IAC, 240, IAC, 253, 1,
+        ];
+        keys.extend(b"info st");
+        keys.extend([IAC, 241]);
+        keys.extend(b"atus\r\0\n");
+        r.get_mut().write_all(&keys).unwrap();
+        assert_eq!(hmp_read(&mut r), "VM status: paused (prelaunch)\n");
+        // An interrupt (IAC IP) before the next line is no part of it.
+        r.get_mut().write_all(&[IAC, 244]).unwrap();
+        assert_eq!(
+            hmp(&mut r, "info status"),
+            "VM status: paused (prelaunch)\n"
+        );
+        r.get_mut().write_all(b"quit\r\n").unwrap();
+        let (code, out, err) = vm.wait(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "{out}\n{err}");
+        return;
+    }
+    panic!("five ports in a row were taken before nicvm bound them; the last time:\n{taken}");
 }
 
 /// HMP `info usernet`, as in QEMU: a forward asked for on port 0 is bound to a port the

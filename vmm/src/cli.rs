@@ -725,7 +725,7 @@ where
                 if telnet {
                     b.note(&opt, MONITOR_TELNET_NOTE);
                 }
-                b.add_monitor(&opt, mode, endpoint, false)?;
+                b.add_monitor(&opt, mode, endpoint, false, telnet)?;
             }
             "-chardev" => {
                 let (id, endpoint, note, telnet) =
@@ -790,11 +790,11 @@ where
                 }
                 match b.chardevs.iter().find(|(i, ..)| *i == chardev) {
                     Some((_, endpoint, telnet)) => {
-                        let endpoint = endpoint.clone();
-                        if *telnet {
+                        let (endpoint, telnet) = (endpoint.clone(), *telnet);
+                        if telnet {
                             b.note(&opt, MONITOR_TELNET_NOTE);
                         }
-                        b.add_monitor(&opt, mode, endpoint, pretty)?;
+                        b.add_monitor(&opt, mode, endpoint, pretty, telnet)?;
                     }
                     // As QEMU: the -chardev may come later on the line.
                     None => b.mon_later.push((opt.clone(), chardev, mode, pretty)),
@@ -867,7 +867,7 @@ where
                 }
                 b.serial_given = true;
                 if val == "mon:stdio" {
-                    b.add_monitor(&opt, MonitorMode::Readline, Endpoint::Stdio, false)?;
+                    b.add_monitor(&opt, MonitorMode::Readline, Endpoint::Stdio, false, false)?;
                 }
                 b.serial_chardev = None;
                 b.serial = match val.as_str() {
@@ -1151,11 +1151,11 @@ impl Builder<'_> {
             let Some((_, endpoint, telnet)) = self.chardevs.iter().find(|(i, ..)| *i == id) else {
                 return err(&opt, CliErrorKind::UndefinedChardev(id));
             };
-            let endpoint = endpoint.clone();
-            if *telnet {
+            let (endpoint, telnet) = (endpoint.clone(), *telnet);
+            if telnet {
                 self.note(&opt, MONITOR_TELNET_NOTE);
             }
-            self.add_monitor(&opt, mode, endpoint, pretty)?;
+            self.add_monitor(&opt, mode, endpoint, pretty, telnet)?;
         }
         let mut serial = std::mem::replace(&mut self.serial, SerialTarget::None);
         if let Some(id) = self.serial_chardev.take() {
@@ -1177,7 +1177,13 @@ impl Builder<'_> {
         // next to -nographic) keeps stdio the guest's. (A daemon was refused above.)
         let guest_has_stdio = self.serial_given && serial == SerialTarget::Stdio;
         if self.nographic && !self.nodefaults && !guest_has_stdio && !self.monitor_given {
-            self.add_monitor("-nographic", MonitorMode::Readline, Endpoint::Stdio, false)?;
+            self.add_monitor(
+                "-nographic",
+                MonitorMode::Readline,
+                Endpoint::Stdio,
+                false,
+                false,
+            )?;
         }
         if let SerialTarget::Socket { at, .. } = &serial {
             if self.monitors.iter().any(|m| m.endpoint == *at) {
@@ -1255,6 +1261,7 @@ impl Builder<'_> {
         mode: MonitorMode,
         endpoint: Endpoint,
         pretty: bool,
+        telnet: bool,
     ) -> Result<(), CliError> {
         if mode == MonitorMode::Control && endpoint == Endpoint::Stdio {
             return err(
@@ -1279,6 +1286,7 @@ impl Builder<'_> {
             mode,
             endpoint,
             pretty,
+            telnet,
             option: option.to_string(),
         });
         Ok(())
@@ -1423,11 +1431,12 @@ fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>, bool), CliError
     Ok((endpoint, listening(server, wait)?, telnet))
 }
 
-/// What `telnet` is on a monitor: the serial port speaks telnet (see `serial_io.rs`), a
-/// monitor reads lines, which a telnet client sends as they are (with CR LF) anyway.
+/// What `telnet` is on a monitor: the serial port negotiates (see `serial_io.rs`); a
+/// monitor reads lines, which a telnet client sends in its line mode, with its own echo: it
+/// only takes the client's telnet commands out of its input.
 const MONITOR_TELNET_NOTE: &str =
-    "telnet: a monitor speaks plain TCP, no telnet negotiation (a telnet client works in its \
-     line mode)";
+    "telnet: a monitor does not negotiate (a telnet client keeps its line mode and local \
+     echo); the client's telnet commands are taken out of its input";
 
 /// A path a Unix socket can be bound at: the kernel's `sun_path` holds 107 bytes and a NUL
 /// (a longer one would be cut, and the socket found under another name).

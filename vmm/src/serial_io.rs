@@ -73,7 +73,7 @@ enum In {
 /// A telnet client's input as it is read: where in the stream, and whether the client said
 /// it sends binary (IAC WILL BINARY).
 #[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
-struct Telnet {
+pub(crate) struct Telnet {
     at: In,
     binary: bool,
 }
@@ -81,7 +81,7 @@ struct Telnet {
 impl Telnet {
     /// Takes the telnet commands out of `buf` (a client's input, in order of arrival, maybe
     /// cut anywhere); returns how many bytes of data are left at its start.
-    fn filter(&mut self, buf: &mut [u8]) -> usize {
+    pub(crate) fn filter(&mut self, buf: &mut [u8]) -> usize {
         let mut out = 0;
         for i in 0..buf.len() {
             let b = buf[i];

@@ -91,6 +91,8 @@ pub struct MonitorConfig {
     pub endpoint: Endpoint,
     /// `-mon ...,pretty=on`: QMP answers and events indented, as QEMU prints them.
     pub pretty: bool,
+    /// On a `telnet` socket: the clients' telnet commands are taken out of their input.
+    pub telnet: bool,
     /// The option it came from, as messages name it.
     pub option: String,
 }

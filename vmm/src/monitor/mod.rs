@@ -436,6 +436,8 @@ struct Client {
     mode: MonitorMode,
     /// QMP: answers and events indented (`-mon ...,pretty=on`).
     pretty: bool,
+    /// A telnet client's place in its byte stream (on a `telnet` socket).
+    telnet: Option<crate::serial_io::Telnet>,
     input: Vec<u8>,
     output: Vec<u8>,
     /// QMP: capabilities negotiated (events are sent from then on).
@@ -450,8 +452,9 @@ struct Client {
 /// The listening sockets, bound while nicvm sets up (a busy address is a set-up error);
 /// Unix socket files are removed when dropped.
 pub struct Listening {
-    /// Each with its clients' mode and whether their QMP output is pretty.
-    listeners: Vec<(Listener, MonitorMode, bool)>,
+    /// Each with its clients' mode, whether their QMP output is pretty and whether they
+    /// speak telnet.
+    listeners: Vec<(Listener, MonitorMode, bool, bool)>,
     paths: Vec<PathBuf>,
 }
 
@@ -486,12 +489,14 @@ pub fn bind(monitors: &[MonitorConfig]) -> Result<Listening, MonitorError> {
                 l.paths.push(p.clone());
                 s.set_nonblocking(true)
                     .map_err(e(p.display().to_string()))?;
-                l.listeners.push((Listener::Unix(s), m.mode, m.pretty));
+                l.listeners
+                    .push((Listener::Unix(s), m.mode, m.pretty, m.telnet));
             }
             Endpoint::Tcp(a) => {
                 let s = TcpListener::bind(a).map_err(e(a.to_string()))?;
                 s.set_nonblocking(true).map_err(e(a.to_string()))?;
-                l.listeners.push((Listener::Tcp(s), m.mode, m.pretty));
+                l.listeners
+                    .push((Listener::Tcp(s), m.mode, m.pretty, m.telnet));
             }
         }
     }
@@ -570,7 +575,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
         ];
         let first_listener = fds.len();
         if stopping.is_none() {
-            for (l, _, _) in &listening.listeners {
+            for (l, ..) in &listening.listeners {
                 let fd = match l {
                     Listener::Unix(s) => s.as_raw_fd(),
                     Listener::Tcp(s) => s.as_raw_fd(),
@@ -599,7 +604,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
             stopping = Some(Instant::now());
         }
         // New clients.
-        for (i, (l, mode, pretty)) in listening.listeners.iter().enumerate() {
+        for (i, (l, mode, pretty, telnet)) in listening.listeners.iter().enumerate() {
             if stopping.is_some() || fds[first_listener + i].revents == 0 {
                 continue;
             }
@@ -627,6 +632,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
                 stream,
                 mode: *mode,
                 pretty: *pretty,
+                telnet: telnet.then(Default::default),
                 input: vec![],
                 output: vec![],
                 negotiated: false,
@@ -648,6 +654,10 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
                 match r.read(&mut buf) {
                     Ok(0) => c.closing = true,
                     Ok(n) => {
+                        let n = match &mut c.telnet {
+                            Some(t) => t.filter(&mut buf[..n]),
+                            None => n,
+                        };
                         c.input.extend_from_slice(&buf[..n]);
                         match c.mode {
                             MonitorMode::Control => qmp::process(&control, c),
