@@ -449,12 +449,20 @@ struct Client {
     closing: bool,
 }
 
+/// What a listener's clients are: their mode, whether their QMP output is pretty and
+/// whether they speak telnet.
+#[derive(Clone, Copy)]
+struct Kind {
+    mode: MonitorMode,
+    pretty: bool,
+    telnet: bool,
+}
+
 /// The listening sockets, bound while nicvm sets up (a busy address is a set-up error);
 /// Unix socket files are removed when dropped.
 pub struct Listening {
-    /// Each with its clients' mode, whether their QMP output is pretty and whether they
-    /// speak telnet.
-    listeners: Vec<(Listener, MonitorMode, bool, bool)>,
+    /// Each with what its clients are.
+    listeners: Vec<(Listener, Kind)>,
     paths: Vec<PathBuf>,
 }
 
@@ -481,6 +489,11 @@ pub fn bind(monitors: &[MonitorConfig]) -> Result<Listening, MonitorError> {
                 source,
             }
         };
+        let kind = Kind {
+            mode: m.mode,
+            pretty: m.pretty,
+            telnet: m.telnet,
+        };
         match &m.endpoint {
             Endpoint::Stdio => continue,
             Endpoint::Unix(p) => {
@@ -489,14 +502,12 @@ pub fn bind(monitors: &[MonitorConfig]) -> Result<Listening, MonitorError> {
                 l.paths.push(p.clone());
                 s.set_nonblocking(true)
                     .map_err(e(p.display().to_string()))?;
-                l.listeners
-                    .push((Listener::Unix(s), m.mode, m.pretty, m.telnet));
+                l.listeners.push((Listener::Unix(s), kind));
             }
             Endpoint::Tcp(a) => {
                 let s = TcpListener::bind(a).map_err(e(a.to_string()))?;
                 s.set_nonblocking(true).map_err(e(a.to_string()))?;
-                l.listeners
-                    .push((Listener::Tcp(s), m.mode, m.pretty, m.telnet));
+                l.listeners.push((Listener::Tcp(s), kind));
             }
         }
     }
@@ -575,7 +586,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
         ];
         let first_listener = fds.len();
         if stopping.is_none() {
-            for (l, ..) in &listening.listeners {
+            for (l, _) in &listening.listeners {
                 let fd = match l {
                     Listener::Unix(s) => s.as_raw_fd(),
                     Listener::Tcp(s) => s.as_raw_fd(),
@@ -604,7 +615,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
             stopping = Some(Instant::now());
         }
         // New clients.
-        for (i, (l, mode, pretty, telnet)) in listening.listeners.iter().enumerate() {
+        for (i, (l, kind)) in listening.listeners.iter().enumerate() {
             if stopping.is_some() || fds[first_listener + i].revents == 0 {
                 continue;
             }
@@ -630,16 +641,16 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
             }
             let mut c = Client {
                 stream,
-                mode: *mode,
-                pretty: *pretty,
-                telnet: telnet.then(Default::default),
+                mode: kind.mode,
+                pretty: kind.pretty,
+                telnet: kind.telnet.then(Default::default),
                 input: vec![],
                 output: vec![],
                 negotiated: false,
                 skip_line: false,
                 closing: false,
             };
-            match mode {
+            match kind.mode {
                 MonitorMode::Control => qmp::greet(&mut c),
                 MonitorMode::Readline => hmp::greet(&mut c.output),
             }
