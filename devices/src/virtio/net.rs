@@ -1318,7 +1318,8 @@ impl VirtioNet {
         if accepted & !self.device_features != 0 {
             return Err(err(format!(
                 "the driver accepted features {:#x} this device does not offer ({:#x}, was \
-                 {:#x}): restore on a backend with the same virtio-net header and offloads",
+                 {:#x}): restore on a backend with the same virtio-net header and offloads, \
+                 and with the same offload properties (csum=, host_tso4=, ...)",
                 accepted & !self.device_features,
                 self.device_features,
                 s.device_features
