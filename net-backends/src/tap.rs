@@ -234,10 +234,14 @@ impl Tap {
             tx_batches: sndbuf_unlimited(file_fd),
             merge: Coalescer::default(),
         };
+        let fd = tap.file.as_raw_fd();
         if use_vnet {
-            set_vnet_hdr_size(tap.file.as_raw_fd())
-                .map_err(|e| TapError::Other(tap.name.clone(), e))?;
+            set_vnet_hdr_size(fd).map_err(|e| TapError::Other(tap.name.clone(), e))?;
         }
+        // The offloads are the interface's, not the file's: a persistent tap keeps those
+        // an earlier program (or nicvm run) set. None until the frontend asks (QEMU resets them
+        // at open too); without a header, the kernel must hand over complete frames.
+        set_offload(fd, 0).map_err(|e| TapError::Other(tap.name.clone(), e))?;
         Ok(tap)
     }
 
@@ -284,11 +288,9 @@ impl Tap {
         if has_hdr {
             set_vnet_hdr_size(fd).map_err(setup)?;
         }
-        if hide_hdr {
-            // Whoever opened the tap may have enabled offloads: with the header hidden, the
-            // kernel must hand over complete frames with their checksums filled in.
-            set_offload(fd, 0).map_err(setup)?;
-        }
+        // Whoever opened the tap may have enabled offloads: none until the frontend asks, and
+        // without a header (or with it hidden) the kernel must hand over complete frames.
+        set_offload(fd, 0).map_err(setup)?;
         Ok(Tap {
             file,
             name,
@@ -1288,6 +1290,69 @@ mod tests {
         })
         .join();
         assert!(r.is_ok(), "the namespace thread failed");
+    }
+
+    /// A persistent tap keeps the offloads a frontend set after nicvm lets go of it (they are
+    /// the interface's, not the file's). Opened again without a virtio-net header, it must
+    /// not hand over frames whose checksum was left to a header that is not there: the host's
+    /// UDP datagram arrives with its checksum complete.
+    #[test]
+    fn a_reopened_tap_starts_without_the_offloads_left_on_it() {
+        in_own_netns(|| {
+            let ip = |args: &str| {
+                let ok = std::process::Command::new("ip")
+                    .args(args.split(' '))
+                    .status()
+                    .is_ok_and(|s| s.success());
+                assert!(ok, "ip {args}");
+            };
+            ip("tuntap add dev nro0 mode tap");
+            ip("addr add 10.77.0.1/24 dev nro0");
+            ip("link set nro0 up");
+            ip("neigh add 10.77.0.2 lladdr 52:54:00:77:00:02 dev nro0");
+            drop({
+                let mut t = Tap::open("nro0", Some(true)).unwrap();
+                t.set_rx_offloads(Offloads::ALL).unwrap();
+                t
+            });
+            let mut t = Tap::open("nro0", Some(false)).unwrap();
+            let sock = std::net::UdpSocket::bind("10.77.0.1:0").unwrap();
+            let mut buf = vec![0u8; crate::MAX_FRAME];
+            let start = Instant::now();
+            let frame = loop {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "no datagram came"
+                );
+                sock.send_to(&[0x5a; 200], "10.77.0.2:9").unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+                // IPv4, UDP, to port 9 (the namespace's IPv6 chatter passed over).
+                match t.recv(&mut buf).unwrap() {
+                    Some(n) if n >= 42 && buf[12..14] == [8, 0] && buf[23] == 17 => {
+                        if buf[36..38] == [0, 9] {
+                            break buf[..n].to_vec();
+                        }
+                    }
+                    _ => {}
+                }
+            };
+            let udp = &frame[34..];
+            assert_eq!(udp.len(), 8 + 200);
+            let pseudo = [
+                &frame[26..34],
+                &[0, 17],
+                &(udp.len() as u16).to_be_bytes()[..],
+            ]
+            .concat();
+            let sum =
+                crate::csum::fold(crate::csum::ones_sum(&pseudo) + crate::csum::ones_sum(udp));
+            assert_eq!(
+                sum, 0xffff,
+                "the UDP checksum {:02x}{:02x} is not complete: the offloads an earlier opener \
+                 set were left on",
+                udp[6], udp[7]
+            );
+        });
     }
 
     /// Asks the host side (NET.1, in this test's namespace) for its MAC from NET.2 through
