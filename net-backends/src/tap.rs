@@ -1328,10 +1328,13 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(20));
                 // IPv4, UDP, to port 9 (the namespace's IPv6 chatter passed over).
                 match t.recv(&mut buf).unwrap() {
-                    Some(n) if n >= 42 && buf[12..14] == [8, 0] && buf[23] == 17 => {
-                        if buf[36..38] == [0, 9] {
-                            break buf[..n].to_vec();
-                        }
+                    Some(n)
+                        if n >= 42
+                            && buf[12..14] == [8, 0]
+                            && buf[23] == 17
+                            && buf[36..38] == [0, 9] =>
+                    {
+                        break buf[..n].to_vec();
                     }
                     _ => {}
                 }
