@@ -48,8 +48,8 @@ pub enum CliErrorKind {
     BadSize(String),
     #[error("'{0}' is more guest RAM than an x86-64 guest can address")]
     TooMuchRam(String),
-    #[error("'{0}' is not a number")]
-    NotANumber(String),
+    #[error("{key}: '{value}' is not a number")]
+    NotANumber { key: &'static str, value: String },
     #[error("needs at least 1 CPU")]
     NoCpu,
     #[error("{0} CPUs requested, nicvm supports at most {MAX_CPUS}")]
@@ -309,8 +309,10 @@ fn parse_mem(val: &str, default: u64) -> Result<u64, CliErrorKind> {
         None => return Err(CliErrorKind::BadSize(size.into())),
     };
     if let Some(n) = kv.get("slots") {
-        n.parse::<u32>()
-            .map_err(|_| CliErrorKind::NotANumber(n.into()))?;
+        n.parse::<u32>().map_err(|_| CliErrorKind::NotANumber {
+            key: "slots",
+            value: n.into(),
+        })?;
     }
     if let Some(m) = kv.get("maxmem") {
         match parse_size_mib(m) {
@@ -351,11 +353,13 @@ fn parse_smp(s: &str) -> Result<u8, CliErrorKind> {
     if let Some(k) = kv.unknown_key(&["cpus", "sockets", "dies", "cores", "threads", "maxcpus"]) {
         return Err(OptionError::Unknown(k.into()).into());
     }
-    let num = |v: &str| {
-        v.parse::<u32>()
-            .map_err(|_| CliErrorKind::NotANumber(v.into()))
+    let num = |key: &'static str, v: &str| {
+        v.parse::<u32>().map_err(|_| CliErrorKind::NotANumber {
+            key,
+            value: v.into(),
+        })
     };
-    let opt = |k: &str| kv.get(k).map(num).transpose();
+    let opt = |k: &'static str| kv.get(k).map(|v| num(k, v)).transpose();
     let topo = [
         opt("sockets")?,
         opt("dies")?,
@@ -371,7 +375,7 @@ fn parse_smp(s: &str) -> Result<u8, CliErrorKind> {
         .iter()
         .fold(1u32, |n, t| n.saturating_mul(t.unwrap_or(1)));
     let given = match kv.first.as_deref().or(kv.get("cpus")) {
-        Some(v) => Some(num(v)?),
+        Some(v) => Some(num("cpus", v)?),
         None => None,
     };
     let maxcpus = opt("maxcpus")?;
@@ -978,6 +982,12 @@ where
                             kv.pairs.push(("mac".into(), m));
                         }
                         kv.remove("name");
+                        // QEMU's -net nic takes these alone, not a device's other properties.
+                        if let Some(k) =
+                            kv.unknown_key(&["netdev", "mac", "addr", "vectors", "vlan"])
+                        {
+                            return err(&opt, OptionError::Unknown(k.into()));
+                        }
                         if kv.get("netdev").is_some() {
                             // As QEMU: a NIC on a -netdev, outside the vlans (hubs).
                             if kv.get("vlan").is_some() {
@@ -1473,9 +1483,10 @@ fn tcp_addr(hp: &str) -> Result<std::net::SocketAddr, CliErrorKind> {
         .ok_or_else(|| CliErrorKind::BadChardev(format!("tcp:{hp}")))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let host = if host.is_empty() { "0.0.0.0" } else { host };
-    let port: u16 = port
-        .parse()
-        .map_err(|_| CliErrorKind::NotANumber(port.into()))?;
+    let port: u16 = port.parse().map_err(|_| CliErrorKind::NotANumber {
+        key: "port",
+        value: port.into(),
+    })?;
     match (host, port).to_socket_addrs() {
         Ok(mut a) => a
             .next()
@@ -2169,6 +2180,23 @@ mod tests {
         ] {
             let e = run(&format!("-kernel k {bad}")).unwrap_err();
             assert!(e.to_string().starts_with("-net: vlan: '"), "{bad}: {e}");
+        }
+        // -net nic takes QEMU's NIC options, not -device's other properties.
+        let c = run("-kernel k -net nic,model=virtio-net-pci,vectors=3,macaddr=52:54:00:00:00:09,addr=5,name=x -net user")
+            .unwrap();
+        assert_eq!(c.nics[0].vectors, Some(3));
+        for (bad, key) in [
+            ("model=virtio-net-pci,csum=off", "csum"),
+            ("model=virtio-net-pci,mrg_rxbuf=off", "mrg_rxbuf"),
+            ("model=rtl8139,cplus=off", "cplus"),
+            ("id=n", "id"),
+        ] {
+            let e = run(&format!("-kernel k -net nic,{bad} -net user")).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("-net: unknown parameter '{key}'"),
+                "{bad}"
+            );
         }
         let c = run("-kernel k -net nic -net user -net dump,file=/tmp/d.pcap").unwrap();
         assert_eq!(c.dumps[0].netdev, c.nics[0].netdev);

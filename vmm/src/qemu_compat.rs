@@ -436,6 +436,25 @@ pub const VIRTIO_OFFLOADS: [(&str, u64, &str); 10] = {
     ]
 };
 
+/// virtio-net-pci's properties for features nicvm never offers, taken (on or off) as QEMU
+/// takes them, with no effect: which segmentation is offered, the others say; offloads are not
+/// switched through the control queue; the guest is not asked to announce itself after a
+/// migration.
+pub const VIRTIO_NEVER_OFFERED: [(&str, &str); 3] = [
+    (
+        "gso",
+        "accepted; the legacy any-GSO bit is never offered (QEMU's default: on)",
+    ),
+    (
+        "ctrl_guest_offloads",
+        "accepted; offloads are not switched through the control queue (QEMU's default: on)",
+    ),
+    (
+        "guest_announce",
+        "accepted; the guest is not asked to announce itself (QEMU's default: on)",
+    ),
+];
+
 /// The QEMU device properties nicvm takes besides its own (netdev, mac, id, addr, cplus),
 /// removed from `kv`. Returns virtio-net's (defaults for the other models).
 pub fn device_properties_accepted(
@@ -451,8 +470,10 @@ pub fn device_properties_accepted(
     kv.remove("romfile");
     kv.remove("rombar");
     if let Some(v) = kv.remove("bootindex") {
-        v.parse::<i32>()
-            .map_err(|_| CliErrorKind::NotANumber(v.clone()))?;
+        v.parse::<i32>().map_err(|_| CliErrorKind::NotANumber {
+            key: "bootindex",
+            value: v.clone(),
+        })?;
     }
     if let Some(v) = kv.remove("multifunction") {
         if on_off("multifunction", &v)? {
@@ -470,10 +491,10 @@ pub fn device_properties_accepted(
         "vectors",
         "mq",
         "ctrl_vq",
-        "gso",
     ]
     .into_iter()
     .chain(VIRTIO_OFFLOADS.iter().map(|o| o.0))
+    .chain(VIRTIO_NEVER_OFFERED.iter().map(|o| o.0))
     {
         if !virtio && kv.get(key).is_some() {
             return Err(CliErrorKind::VirtioOnly { key: key.into() });
@@ -498,7 +519,10 @@ pub fn device_properties_accepted(
         None => true,
     };
     if let Some(v) = kv.remove("host_mtu") {
-        let mtu: u32 = v.parse().map_err(|_| CliErrorKind::NotANumber(v.clone()))?;
+        let mtu: u32 = v.parse().map_err(|_| CliErrorKind::NotANumber {
+            key: "host_mtu",
+            value: v.clone(),
+        })?;
         if mtu != 1500 {
             return Err(refused(format!(
                 "host_mtu={mtu}: nicvm's virtio-net does not offer an MTU to the guest \
@@ -540,10 +564,10 @@ pub fn device_properties_accepted(
             }
         }
     }
-    // QEMU's `gso` is the legacy VIRTIO_NET_F_GSO ("any segmentation"), which nicvm never
-    // offers: the per-type properties above say what is.
-    if let Some(v) = kv.remove("gso") {
-        on_off("gso", &v)?;
+    for (key, _) in VIRTIO_NEVER_OFFERED {
+        if let Some(v) = kv.remove(key) {
+            on_off(key, &v)?;
+        }
     }
     if mq && !ctrl_vq {
         return Err(refused(
@@ -680,11 +704,6 @@ pub fn device_properties(model: NicModel) -> String {
                 ),
                 ("mrg_rxbuf", "bool", "on/off (default: on)"),
                 (
-                    "gso",
-                    "bool",
-                    "accepted; the legacy any-GSO bit is never offered (default: on)",
-                ),
-                (
                     "vectors",
                     "uint32",
                     "MSI-X vectors, 1-128 (default: 2 per queue pair + 2)",
@@ -694,6 +713,11 @@ pub fn device_properties(model: NicModel) -> String {
                 VIRTIO_OFFLOADS
                     .iter()
                     .map(|&(k, _, what)| (k, "bool", what)),
+            );
+            props.extend(
+                VIRTIO_NEVER_OFFERED
+                    .iter()
+                    .map(|&(k, what)| (k, "bool", what)),
             );
         }
     }
@@ -883,7 +907,10 @@ mod tests {
             0,
             "every offload on by default"
         );
-        let mut k = kv("csum=on,host_tso4=off,guest_tso6=off,guest_ufo=on,host_ecn=off,gso=off");
+        let mut k = kv(
+            "csum=on,host_tso4=off,guest_tso6=off,guest_ufo=on,host_ecn=off,gso=off,\
+                        ctrl_guest_offloads=off,guest_announce=on",
+        );
         let p = device_properties_accepted(v, &mut k).unwrap();
         assert_eq!(
             p.withheld,
