@@ -54,6 +54,19 @@ fn an_argument_that_is_not_utf8() {
     assert!(err.starts_with("nicvm: -name: "), "{err}");
 }
 
+/// A huge bad value is still one line a terminal shows: its start, and how long it was.
+#[test]
+fn a_huge_bad_value_is_cut_in_its_line() {
+    let k = kernel();
+    let device = format!("virtio-net-pci,netdev=n,csum={}", "é".repeat(60_000));
+    let a = ["-kernel", &k, "-netdev", "user,id=n", "-device", &device];
+    let o = run(&args(&a), Duration::from_secs(30));
+    expect_error_in(&a, &o, "-device virtio-net-pci: csum: 'éé");
+    let line = o.stderr.trim_end();
+    assert!(line.len() < 1100, "{} bytes", line.len());
+    assert!(line.ends_with("... (120049 bytes in all)"), "{line}");
+}
+
 /// `-cpu host,+FEATURE,enforce` for a feature KVM cannot offer here (the other vendor's
 /// virtualization): one line naming -cpu, before any guest runs (without `enforce` it is a
 /// warning: cpu_features_switched_off_are_gone_from_the_guest).

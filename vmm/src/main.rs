@@ -54,6 +54,7 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
     // One line whatever the user gave: a path or value with a line break in it is shown
     // escaped.
     let msg = msg.to_string().replace('\n', "\\n").replace('\r', "\\r");
+    let msg = shortened(msg);
     // Set-up waited for a FIFO's reader until an exit signal came: that is the news, and the
     // exit is as for a signal while the guest runs (a -daemonize caller still hears of a
     // failure: see daemon.rs).
@@ -63,6 +64,22 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
     }
     say!("nicvm: {msg}");
     1
+}
+
+/// Bytes of a failure's line kept: a value of 100 KB echoed whole is one line, but not one a
+/// terminal shows; the option and key come first, and the start of the value is enough.
+const MAX_FAILURE: usize = 1024;
+
+/// `msg` cut after [`MAX_FAILURE`] bytes (at a character's end), saying how long it was.
+fn shortened(msg: String) -> String {
+    if msg.len() <= MAX_FAILURE {
+        return msg;
+    }
+    let mut end = MAX_FAILURE;
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &msg[..end], msg.len())
 }
 
 /// Writes to stdout; a reader that went away (`nicvm -h | head -1`) is no error.
