@@ -240,8 +240,9 @@ impl Tap {
         }
         // The offloads are the interface's, not the file's: a persistent tap keeps those
         // an earlier program (or nicvm run) set. None until the frontend asks (QEMU resets them
-        // at open too); without a header, the kernel must hand over complete frames.
-        set_offload(fd, 0).map_err(|e| TapError::Other(tap.name.clone(), e))?;
+        // at open too).
+        reset_offloads(fd, use_vnet, &tap.name)
+            .map_err(|e| TapError::Other(tap.name.clone(), e))?;
         Ok(tap)
     }
 
@@ -288,9 +289,8 @@ impl Tap {
         if has_hdr {
             set_vnet_hdr_size(fd).map_err(setup)?;
         }
-        // Whoever opened the tap may have enabled offloads: none until the frontend asks, and
-        // without a header (or with it hidden) the kernel must hand over complete frames.
-        set_offload(fd, 0).map_err(setup)?;
+        // Whoever opened the tap may have enabled offloads: none until the frontend asks.
+        reset_offloads(fd, vnet_hdr, &name).map_err(setup)?;
         Ok(Tap {
             file,
             name,
@@ -569,6 +569,19 @@ fn set_offload(fd: RawFd, flags: libc::c_uint) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Turns the tap's offloads off. Where frames come without a header (or with it hidden) the
+/// kernel must hand them over complete, so a failure is an error; with a header the frontend
+/// sets what it takes later, and a failure here is only warned about (as QEMU does).
+fn reset_offloads(fd: RawFd, header: bool, name: &str) -> io::Result<()> {
+    match set_offload(fd, 0) {
+        Err(e) if header => {
+            log::warn!("tap {name}: its offloads could not be reset ({e})");
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 impl NetBackend for Tap {

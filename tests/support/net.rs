@@ -642,17 +642,7 @@ pub fn exchange_8mib(
         "host -> guest checksum"
     );
     drop(s);
-    check_upload(ns, g, receiver, &data);
-}
 
-/// The guest's `send:HOST:5002:8` step, checked: what `receiver` got is `data` (the
-/// xorshift64 stream), byte for byte; a failed send ends the test with the guest's view.
-pub fn check_upload(
-    ns: &Netns,
-    g: &mut Guest,
-    receiver: std::thread::JoinHandle<Vec<u8>>,
-    data: &[u8],
-) {
     let sent = g.wait_line("SENT");
     if sent["result"] != "ok" {
         // The guest prints what its network looked like (NICVM-DIAG lines, the last one
@@ -681,7 +671,7 @@ pub fn check_upload(
         "guest -> host checksum"
     );
     assert!(
-        got.as_slice() == data,
+        got == data,
         "guest -> host bytes differ from the xorshift64 stream"
     );
 }

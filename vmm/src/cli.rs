@@ -792,16 +792,9 @@ where
                 if let Some(k) = kv.unknown_key(&[]) {
                     return err(&opt, OptionError::Unknown(k.into()));
                 }
-                match b.chardevs.iter().find(|(i, ..)| *i == chardev) {
-                    Some((_, endpoint, telnet)) => {
-                        let (endpoint, telnet) = (endpoint.clone(), *telnet);
-                        if telnet {
-                            b.note(&opt, MONITOR_TELNET_NOTE);
-                        }
-                        b.add_monitor(&opt, mode, endpoint, pretty, telnet)?;
-                    }
-                    // As QEMU: the -chardev may come later on the line.
-                    None => b.mon_later.push((opt.clone(), chardev, mode, pretty)),
+                // As QEMU: the -chardev may come later on the line.
+                if !b.monitor_on_chardev(&opt, &chardev, mode, pretty)? {
+                    b.mon_later.push((opt.clone(), chardev, mode, pretty));
                 }
             }
             "-daemonize" => b.daemonize = true,
@@ -978,15 +971,19 @@ where
                             return Ok(Action::Listing(qemu_compat::nic_models()));
                         }
                         let model = nic_model("-net nic", &mut kv)?;
+                        kv.remove("name");
+                        // QEMU's -net nic takes these alone (vlan= as QEMU did before 3.0,
+                        // name= too), not a device's other properties.
+                        let nic_keys = ["netdev", "macaddr", "addr", "vectors", "id", "vlan"];
+                        if let Some(k) = kv.unknown_key(&nic_keys) {
+                            return err(&opt, OptionError::Unknown(k.into()));
+                        }
                         if let Some(m) = kv.remove("macaddr") {
                             kv.pairs.push(("mac".into(), m));
                         }
-                        kv.remove("name");
-                        // QEMU's -net nic takes these alone, not a device's other properties.
-                        if let Some(k) =
-                            kv.unknown_key(&["netdev", "mac", "addr", "vectors", "vlan"])
-                        {
-                            return err(&opt, OptionError::Unknown(k.into()));
+                        // As QEMU: vectors= is virtio-net's, and ignored on another model.
+                        if model != NicModel::VirtioNetPci {
+                            kv.remove("vectors");
                         }
                         if kv.get("netdev").is_some() {
                             // As QEMU: a NIC on a -netdev, outside the vlans (hubs).
@@ -1158,14 +1155,9 @@ impl Builder<'_> {
             );
         }
         for (opt, id, mode, pretty) in std::mem::take(&mut self.mon_later) {
-            let Some((_, endpoint, telnet)) = self.chardevs.iter().find(|(i, ..)| *i == id) else {
+            if !self.monitor_on_chardev(&opt, &id, mode, pretty)? {
                 return err(&opt, CliErrorKind::UndefinedChardev(id));
-            };
-            let (endpoint, telnet) = (endpoint.clone(), *telnet);
-            if telnet {
-                self.note(&opt, MONITOR_TELNET_NOTE);
             }
-            self.add_monitor(&opt, mode, endpoint, pretty, telnet)?;
         }
         let mut serial = std::mem::replace(&mut self.serial, SerialTarget::None);
         if let Some(id) = self.serial_chardev.take() {
@@ -1263,6 +1255,25 @@ impl Builder<'_> {
             incoming: self.incoming,
             save_on: self.save_on,
         })))
+    }
+
+    /// A `-mon` on the `-chardev` with this `id`; false when there is none (yet).
+    fn monitor_on_chardev(
+        &mut self,
+        option: &str,
+        id: &str,
+        mode: MonitorMode,
+        pretty: bool,
+    ) -> Result<bool, CliError> {
+        let Some((_, endpoint, telnet)) = self.chardevs.iter().find(|(i, ..)| i == id) else {
+            return Ok(false);
+        };
+        let (endpoint, telnet) = (endpoint.clone(), *telnet);
+        if telnet {
+            self.note(option, MONITOR_TELNET_NOTE);
+        }
+        self.add_monitor(option, mode, endpoint, pretty, telnet)?;
+        Ok(true)
     }
 
     fn add_monitor(
@@ -2182,14 +2193,17 @@ mod tests {
             assert!(e.to_string().starts_with("-net: vlan: '"), "{bad}: {e}");
         }
         // -net nic takes QEMU's NIC options, not -device's other properties.
-        let c = run("-kernel k -net nic,model=virtio-net-pci,vectors=3,macaddr=52:54:00:00:00:09,addr=5,name=x -net user")
+        let c = run("-kernel k -net nic,model=virtio-net-pci,vectors=3,macaddr=52:54:00:00:00:09,addr=5,id=v -net user \
+                     -net nic,model=e1000,vectors=3,vlan=1 -net user,vlan=1")
             .unwrap();
         assert_eq!(c.nics[0].vectors, Some(3));
+        assert_eq!(c.nics[0].id.as_deref(), Some("v"));
+        assert_eq!(c.nics[1].vectors, None, "ignored on e1000, as by QEMU");
         for (bad, key) in [
             ("model=virtio-net-pci,csum=off", "csum"),
             ("model=virtio-net-pci,mrg_rxbuf=off", "mrg_rxbuf"),
             ("model=rtl8139,cplus=off", "cplus"),
-            ("id=n", "id"),
+            ("mac=52:54:00:00:00:09", "mac"),
         ] {
             let e = run(&format!("-kernel k -net nic,{bad} -net user")).unwrap_err();
             assert_eq!(

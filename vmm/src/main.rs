@@ -66,20 +66,32 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
     1
 }
 
-/// Bytes of a failure's line kept: a value of 100 KB echoed whole is one line, but not one a
-/// terminal shows; the option and key come first, and the start of the value is enough.
-const MAX_FAILURE: usize = 1024;
+/// Bytes of a failure's line kept from its start and from its end: a value of 100 KB echoed
+/// whole is one line, but not one a terminal shows. The option and key come first, the
+/// reason last; the middle of a long value goes.
+const FAILURE_HEAD: usize = 640;
+const FAILURE_TAIL: usize = 256;
 
-/// `msg` cut after [`MAX_FAILURE`] bytes (at a character's end), saying how long it was.
+/// `msg` without its middle when it is longer than [`FAILURE_HEAD`] + [`FAILURE_TAIL`]
+/// bytes (cut at characters' ends), saying how much was left out.
 fn shortened(msg: String) -> String {
-    if msg.len() <= MAX_FAILURE {
+    if msg.len() <= FAILURE_HEAD + FAILURE_TAIL {
         return msg;
     }
-    let mut end = MAX_FAILURE;
-    while !msg.is_char_boundary(end) {
-        end -= 1;
+    let mut head = FAILURE_HEAD;
+    while !msg.is_char_boundary(head) {
+        head -= 1;
     }
-    format!("{}... ({} bytes in all)", &msg[..end], msg.len())
+    let mut tail = msg.len() - FAILURE_TAIL;
+    while !msg.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{} [... {} bytes left out ...] {}",
+        &msg[..head],
+        tail - head,
+        &msg[tail..]
+    )
 }
 
 /// Writes to stdout; a reader that went away (`nicvm -h | head -1`) is no error.

@@ -76,9 +76,20 @@ enum In {
 pub(crate) struct Telnet {
     at: In,
     binary: bool,
+    /// nicvm asked for nothing (a monitor): a client's WILL BINARY is only an offer, which
+    /// leaves it out of binary mode (RFC 856), so its CR NUL is taken out whatever it says.
+    unasked: bool,
 }
 
 impl Telnet {
+    /// The filter for a client nicvm sends no negotiation to.
+    pub(crate) fn unasked() -> Telnet {
+        Telnet {
+            unasked: true,
+            ..Telnet::default()
+        }
+    }
+
     /// Takes the telnet commands out of `buf` (a client's input, in order of arrival, maybe
     /// cut anywhere); returns how many bytes of data are left at its start.
     pub(crate) fn filter(&mut self, buf: &mut [u8]) -> usize {
@@ -95,7 +106,7 @@ impl Telnet {
                 (In::Iac, SB) => (In::Sub, false),
                 (In::Iac, _) => (In::Data, false),
                 (In::Opt(verb), opt) => {
-                    if opt == BINARY && (verb == WILL || verb == WONT) {
+                    if opt == BINARY && (verb == WILL || verb == WONT) && !self.unasked {
                         self.binary = verb == WILL;
                     }
                     (In::Data, false)
@@ -510,6 +521,11 @@ mod telnet_tests {
         let n = t.filter(&mut b);
         assert_eq!(&b[..n], b"x\r\0y\rz");
         assert!(!t.binary);
+        // Where nicvm asked for nothing (a monitor), WILL BINARY is only an offer.
+        let mut t = Telnet::unasked();
+        let mut b = b"\xff\xfb\x00x\r\0y".to_vec();
+        let n = t.filter(&mut b);
+        assert_eq!(&b[..n], b"x\ry");
     }
 
     /// Output cut between the two bytes of a doubled 0xff owes the second; a cut anywhere

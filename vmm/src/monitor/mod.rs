@@ -643,7 +643,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
                 stream,
                 mode: kind.mode,
                 pretty: kind.pretty,
-                telnet: kind.telnet.then(Default::default),
+                telnet: kind.telnet.then(crate::serial_io::Telnet::unasked),
                 input: vec![],
                 output: vec![],
                 negotiated: false,
