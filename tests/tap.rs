@@ -319,31 +319,38 @@ fn tap_deleted_under_a_running_guest() {
     );
 }
 
-/// e1000's TSO on a tap with a virtio-net header: the guest's large sends reach the tap whole
-/// (frames longer than the MTU arrive there), and the host kernel, forwarding them over a
-/// bridge to a second guest whose tap takes no offloads, cuts them into wire frames and
-/// finishes their checksums, which that guest's e1000 verifies: 8 MiB arrive byte-exact.
-#[test]
-fn e1000_tso_reaches_the_tap_whole_and_a_second_guest_intact() {
-    let Some(img) = image() else { return };
-    let ns = Netns::new("gso");
+/// Two guests on a bridge in a namespace of their own (`tag`), on tap1 and tap2 with the
+/// static addresses 192.168.NET.1 and .2, each with its `-device` (without netdev= and mac=):
+/// the first sends 8 MiB to the second, which must get every byte; then each runs `then`.
+/// Returns the namespace, the guests (sender first) and what nicvm wrote to tap1 meanwhile
+/// (the host side's receive counters: frames, bytes).
+fn upload_across_a_bridge(
+    tag: &str,
+    net: u8,
+    devices: [&str; 2],
+    then: &str,
+) -> Option<(Netns, [Guest; 2], u64, u64)> {
+    let img = image()?;
+    let ns = Netns::new(tag);
     ns.sh(
         "ip link add br0 type bridge && ip link set br0 up && for t in tap1 tap2; do \
          ip tuntap add dev $t mode tap && ip link set $t master br0 && ip link set $t up; done",
     );
     let guest = |n: u8, run: &str| {
         let netdev = format!("tap,id=n0,ifname=tap{n},script=no,downscript=no");
-        let device = format!("e1000,netdev=n0,mac=52:54:00:00:88:0{n}");
+        let device = format!(
+            "{},netdev=n0,mac=52:54:00:00:{net}:0{n}",
+            devices[n as usize - 1]
+        );
         ns.guest(
             &img,
-            &format!("nicvm.dhcp=off nicvm.run=addr:eth0:192.168.88.{n}/24,{run}"),
+            &format!("nicvm.dhcp=off nicvm.run=addr:eth0:192.168.{net}.{n}/24,{run},{then}"),
             &["-netdev", &netdev, "-device", &device],
             &[],
         )
     };
-    let mut rx = guest(2, "recv:5001,exit");
+    let mut rx = guest(2, "recv:5001");
     rx.wait_line("LISTEN");
-    // What nicvm wrote to tap1 (the host side's receive counters).
     let written = || -> (u64, u64) {
         let c = |what: &str| {
             ns.sh(&format!("cat /sys/class/net/tap1/statistics/rx_{what}"))
@@ -354,7 +361,7 @@ fn e1000_tso_reaches_the_tap_whole_and_a_second_guest_intact() {
         (c("packets"), c("bytes"))
     };
     let before = written();
-    let mut tx = guest(1, "send:192.168.88.2:5001:8,exit");
+    let mut tx = guest(1, &format!("send:192.168.{net}.2:5001:8"));
     let sent = tx.wait_line("SENT");
     assert_eq!(sent["result"], "ok", "{}", sent["_"]);
     let recv = rx.wait_line("RECV");
@@ -366,12 +373,26 @@ fn e1000_tso_reaches_the_tap_whole_and_a_second_guest_intact() {
     let after = written();
     let (frames, bytes) = (after.0 - before.0, after.1 - before.1);
     eprintln!("to tap1: {frames} frames, {bytes} bytes");
+    Some((ns, [tx, rx], frames, bytes))
+}
+
+/// e1000's TSO on a tap with a virtio-net header: the guest's large sends reach the tap whole
+/// (frames longer than the MTU arrive there), and the host kernel, forwarding them over a
+/// bridge to a second guest whose tap takes no offloads, cuts them into wire frames and
+/// finishes their checksums, which that guest's e1000 verifies: 8 MiB arrive byte-exact.
+#[test]
+fn e1000_tso_reaches_the_tap_whole_and_a_second_guest_intact() {
+    let Some((_ns, guests, frames, bytes)) =
+        upload_across_a_bridge("gso", 88, ["e1000", "e1000"], "exit")
+    else {
+        return;
+    };
     assert!(
         bytes / frames > 1514,
         "frames to the tap averaged {} bytes ({frames} frames): TSO was cut up in nicvm",
         bytes / frames
     );
-    for g in [tx, rx] {
+    for g in guests {
         let o = g.finish();
         assert_eq!(o.code, Some(0), "{}", o.dump());
     }
@@ -385,46 +406,15 @@ fn e1000_tso_reaches_the_tap_whole_and_a_second_guest_intact() {
 /// checksums, which that guest's TCP verifies: 8 MiB arrive byte-exact.
 #[test]
 fn virtio_net_without_tso_its_segments_reach_the_tap_merged() {
-    let Some(img) = image() else { return };
-    let ns = Netns::new("merge");
-    ns.sh(
-        "ip link add br0 type bridge && ip link set br0 up && for t in tap1 tap2; do \
-         ip tuntap add dev $t mode tap && ip link set $t master br0 && ip link set $t up; done",
-    );
-    let guest = |n: u8, offloads: &str, run: &str| {
-        let netdev = format!("tap,id=n0,ifname=tap{n},script=no,downscript=no");
-        let device = format!("virtio-net-pci,netdev=n0,mac=52:54:00:00:96:0{n},{offloads}");
-        ns.guest(
-            &img,
-            &format!("nicvm.dhcp=off nicvm.run=addr:eth0:192.168.96.{n}/24,{run}"),
-            &["-netdev", &netdev, "-device", &device],
-            &[],
-        )
+    let devices = [
+        "virtio-net-pci,host_tso4=off,host_tso6=off",
+        "virtio-net-pci,guest_csum=off",
+    ];
+    let Some((_ns, [mut tx, mut rx], frames, _)) =
+        upload_across_a_bridge("merge", 96, devices, "stat:eth0,exit")
+    else {
+        return;
     };
-    let mut rx = guest(2, "guest_csum=off", "recv:5001,stat:eth0,exit");
-    rx.wait_line("LISTEN");
-    // What nicvm wrote to tap1 (the host side's receive counter).
-    let written = || -> u64 {
-        ns.sh("cat /sys/class/net/tap1/statistics/rx_packets")
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    let before = written();
-    let mut tx = guest(
-        1,
-        "host_tso4=off,host_tso6=off",
-        "send:192.168.96.2:5001:8,stat:eth0,exit",
-    );
-    let sent = tx.wait_line("SENT");
-    assert_eq!(sent["result"], "ok", "{}", sent["_"]);
-    let recv = rx.wait_line("RECV");
-    assert_eq!(recv["bytes"], MIB8.to_string());
-    assert_eq!(
-        recv["fnv1a64"], sent["fnv1a64"],
-        "the second guest got every byte"
-    );
-    let frames = written() - before;
     let count = |g: &mut Guest, what: &str| -> u64 { g.wait_line("STAT")[what].parse().unwrap() };
     let segments = count(&mut tx, "tx_packets");
     let received = count(&mut rx, "rx_packets");
