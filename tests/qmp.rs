@@ -72,6 +72,7 @@ struct Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        support::reaper::guest_ending(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -89,6 +90,7 @@ fn spawn(img: &Image, append: &str, extra: &[&str], stdin: Stdio) -> Vm {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn nicvm");
+    support::reaper::guest_started(child.id());
     let mut o = child.stdout.take().unwrap();
     let mut e = child.stderr.take().unwrap();
     Vm {
@@ -127,9 +129,11 @@ impl Vm {
         let t0 = Instant::now();
         let code = loop {
             if let Some(s) = self.child.try_wait().unwrap() {
+                support::reaper::guest_ending(self.child.id());
                 break s.code();
             }
             if t0.elapsed() > deadline {
+                support::reaper::guest_ending(self.child.id());
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 break None;

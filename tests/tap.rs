@@ -509,3 +509,56 @@ fn virtio_net_multiqueue_on_a_multiqueue_tap() {
     let o = g.finish();
     assert_eq!(o.code, Some(0), "{}", o.dump());
 }
+
+/// Not a test of its own: the process that
+/// `a_test_process_ended_by_a_signal_or_killed_leaves_no_namespace` starts and stops (it does
+/// something only with NICVM_REAPER_CHILD set).
+#[test]
+#[ignore]
+fn holds_a_namespace_until_stopped() {
+    if std::env::var_os("NICVM_REAPER_CHILD").is_none() {
+        return;
+    }
+    let mut ns = Netns::new("reaped");
+    ns.sh("ip tuntap add dev tap0 mode tap");
+    ns.spawn_kept(&["sleep", "600"]);
+    // On a line of its own: libtest has begun its "test NAME ... " line.
+    println!("\nreaper child's namespace: {}", ns.name);
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+#[test]
+fn a_test_process_ended_by_a_signal_or_killed_leaves_no_namespace() {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let exists = |name: &str| std::path::Path::new(&format!("/run/netns/{name}")).exists();
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGKILL] {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "holds_a_namespace_until_stopped", "--ignored"])
+            .args(["--nocapture", "--test-threads=1"])
+            .env("NICVM_REAPER_CHILD", "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let name = std::io::BufReader::new(child.stdout.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                l.strip_prefix("reaper child's namespace: ")
+                    .map(str::to_string)
+            })
+            .expect("the child's namespace");
+        assert!(exists(&name), "{name} was not made");
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(sig), "{status:?}");
+        if sig == libc::SIGKILL {
+            // Nothing ran: the next test process's first namespace clears it.
+            assert!(exists(&name), "{name} gone though nothing could remove it");
+            let swept = reaper::sweep_orphans();
+            assert!(swept.contains(&name), "swept {swept:?}, not {name}");
+        }
+        assert!(!exists(&name), "{name} left behind after signal {sig}");
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod elf;
 pub mod net;
+pub mod reaper;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -142,6 +143,7 @@ pub fn run(args: &[String], deadline: Duration) -> Outcome {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn nicvm");
+    reaper::guest_started(child.id());
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let t_out = std::thread::spawn(move || {
@@ -156,9 +158,11 @@ pub fn run(args: &[String], deadline: Duration) -> Outcome {
     });
     let code = loop {
         if let Some(status) = child.try_wait().expect("wait nicvm") {
+            reaper::guest_ending(child.id());
             break status.code();
         }
         if start.elapsed() > deadline {
+            reaper::guest_ending(child.id());
             let _ = child.kill();
             let _ = child.wait();
             break None;

@@ -3,7 +3,7 @@
 //! when the test fails.
 #![allow(dead_code)]
 
-use super::{fields, nicvm, Image, Outcome};
+use super::{fields, nicvm, reaper, Image, Outcome};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
@@ -41,6 +41,7 @@ impl Netns {
             "ip netns add: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+        reaper::namespace_made(&name);
         Netns {
             name,
             children: vec![],
@@ -195,13 +196,8 @@ impl Drop for Netns {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // Anything else still running in there (a guest left behind by a failed test).
-        let _ = sh_status(&format!(
-            "ip netns pids {0} | xargs -r kill -9; ip netns del {0}",
-            self.name
-        ));
-        let _ = std::fs::remove_file(format!("/tmp/{}.leases", self.name));
-        let _ = std::fs::remove_file(self.dnsmasq_log_path());
+        // With anything else still running in there (a guest left behind by a failed test).
+        reaper::remove_namespace(&self.name);
     }
 }
 
@@ -232,6 +228,7 @@ impl Guest {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn nicvm");
+        reaper::guest_started(child.id());
         let out = child.stdout.take().unwrap();
         let mut err = child.stderr.take().unwrap();
         let (tx, rx) = channel();
@@ -592,6 +589,7 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
+        reaper::guest_ending(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
