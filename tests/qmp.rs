@@ -5,7 +5,7 @@
 //! NIC personality and reads the receive filters the guest programmed.
 
 mod support;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -447,37 +447,6 @@ fn serial_console_on_a_unix_socket() {
     assert!(out.is_empty(), "nothing on stdout: {out}");
     assert!(!sock.exists());
     drop(dir);
-}
-
-/// Reads from an HMP socket until the prompt; returns what came before it.
-fn hmp_read(r: &mut impl Read) -> String {
-    let mut got = Vec::new();
-    let mut byte = [0u8; 1];
-    while !got.ends_with(b"(qemu) ") {
-        match r.read(&mut byte) {
-            Ok(0) => break,
-            Ok(_) => got.push(byte[0]),
-            // No prompt within the socket's timeout: the answer would be taken for the
-            // next command's (a slow `migrate` once was, on nested KVM under TCG).
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!(
-                    "no HMP prompt in time ({e}); so far: {:?}",
-                    String::from_utf8_lossy(&got)
-                )
-            }
-            Err(_) => break,
-        }
-    }
-    String::from_utf8_lossy(&got)
-        .trim_end_matches("(qemu) ")
-        .replace('\r', "")
-}
-
-fn hmp<S: Read + Write>(r: &mut BufReader<S>, cmd: &str) -> String {
-    r.get_mut()
-        .write_all(format!("{cmd}\n").as_bytes())
-        .unwrap();
-    hmp_read(r)
 }
 
 /// `-monitor telnet::PORT,server,nowait` with a telnet client that negotiates unasked (as

@@ -267,3 +267,81 @@ fn a_port_taken_before_nicvm_binds_it_is_traded_for_another() {
     assert!(!support::net::tcp_listener_of(g.pid(), taken));
     g.stop_for_stderr();
 }
+
+/// HMP's hostfwd_add and hostfwd_remove while the guest runs (QEMU's way to forward a port
+/// chosen after boot): data crosses the new forward to the guest, `info usernet` lists it,
+/// and once removed the port is closed; the errors are QEMU's.
+#[test]
+fn a_forward_added_and_removed_while_the_guest_runs() {
+    use std::os::unix::net::UnixStream;
+    let Some(img) = image() else { return };
+    let dir = std::env::temp_dir().join(format!("nicvm-hostfwd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("hmp.sock");
+    let mut cmd = command(&img, "nicvm.run=recv:5001,sleep:60,exit", "user,id=n0");
+    cmd.args([
+        "-monitor",
+        &format!("unix:{},server=on,wait=off", sock.display()),
+    ]);
+    let mut g = Guest::spawn(cmd);
+    assert_eq!(g.wait_line("NIC")["lease"], "10.0.2.15/24");
+    g.wait_line("LISTEN");
+    let s = UnixStream::connect(&sock).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = std::io::BufReader::new(s);
+    hmp_read(&mut r);
+
+    // A port picked now; another if something took it first (libslirp cannot bind it).
+    let port = (0..5)
+        .map(|_| free_port())
+        .find(|port| {
+            let out = hmp(
+                &mut r,
+                &format!("hostfwd_add n0 tcp:127.0.0.1:{port}-:5001"),
+            );
+            assert!(
+                out.is_empty() || out.starts_with("Could not set up"),
+                "{out}"
+            );
+            out.is_empty()
+        })
+        .expect("five free ports taken before nicvm bound them");
+    let table = hmp(&mut r, "info usernet");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("TCP[HOST_FORWARD]") && l.contains(&format!(" {port} "))),
+        "{table}"
+    );
+    let data = pseudo_random(1 << 20);
+    let mut s = connect_retry(&format!("127.0.0.1:{port}"));
+    s.write_all(&data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let recv = g.wait_line("RECV");
+    assert_eq!(recv["bytes"], data.len().to_string());
+    assert_eq!(recv["fnv1a64"], fnv1a64(&data));
+
+    let rule = format!("tcp:127.0.0.1:{port}");
+    assert_eq!(
+        hmp(&mut r, &format!("hostfwd_remove n0 {rule}")),
+        format!("host forwarding rule for {rule} removed\n")
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    // Without a netdev id: the first user network, as QEMU.
+    assert_eq!(
+        hmp(&mut r, &format!("hostfwd_remove {rule}")),
+        format!("host forwarding rule for {rule} not found\n")
+    );
+    assert_eq!(
+        hmp(&mut r, "hostfwd_add nope tcp::1-:2"),
+        "unrecognized netdev id 'nope'\n"
+    );
+    assert!(hmp(&mut r, "hostfwd_add tcp:1-:2").starts_with("Invalid host forwarding rule"));
+    assert_eq!(hmp(&mut r, "hostfwd_remove tcp:x"), "invalid format\n");
+    assert!(hmp(&mut r, "help").contains("hostfwd_add [netdev_id]"));
+    r.get_mut().write_all(b"quit\n").unwrap();
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+}

@@ -54,6 +54,26 @@ impl Offloads {
     };
 }
 
+/// What a monitor asks of a user network: HMP's `info usernet`, `hostfwd_add` and
+/// `hostfwd_remove`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UsernetAsk {
+    /// Its table of connections and forwards, as QEMU's `info usernet` prints it.
+    Info,
+    /// A host forward added while the guest runs.
+    AddHostFwd(slirp::HostFwd),
+    /// The host forward on this protocol, host address and port taken away.
+    RemoveHostFwd {
+        udp: bool,
+        addr: std::net::Ipv4Addr,
+        port: u16,
+    },
+}
+
+/// A user network's answer: the table for [`UsernetAsk::Info`], nothing for a forward added
+/// or removed; or why it could not.
+pub type UsernetAnswer = Result<String, String>;
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Capabilities {
     /// Every frame in both directions starts with a [`vnet::VNET_HDR_LEN`]-byte virtio-net
@@ -146,11 +166,10 @@ pub trait NetBackend: Send {
         0
     }
 
-    /// A user network's table of its connections and forwards, as QEMU's `info usernet`
-    /// prints it: asked for here, it comes on the receiver (at once from a running user
-    /// network; wait a bounded time, and not under a lock a vCPU needs). None for every other
-    /// backend.
-    fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>> {
+    /// Asks a user network for its table of connections or to add or remove a host forward:
+    /// the answer comes on the receiver (at once from a running user network; wait a bounded
+    /// time, and not under a lock a vCPU needs). None for every other backend.
+    fn usernet(&self, _ask: UsernetAsk) -> Option<std::sync::mpsc::Receiver<UsernetAnswer>> {
         None
     }
 

@@ -6,7 +6,7 @@
 //! complete up to the last frame if nicvm is killed.
 
 use crate::vnet::VNET_HDR_LEN;
-use crate::{Capabilities, EventSet, NetBackend, Offloads};
+use crate::{Capabilities, EventSet, NetBackend, Offloads, UsernetAnswer, UsernetAsk};
 use std::fs::File;
 use std::io::{self, IoSlice, Write};
 use std::os::fd::RawFd;
@@ -171,8 +171,8 @@ impl<B: NetBackend> NetBackend for PcapDump<B> {
     fn dropped(&self) -> u64 {
         self.inner.dropped()
     }
-    fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>> {
-        self.inner.usernet_info()
+    fn usernet(&self, ask: UsernetAsk) -> Option<std::sync::mpsc::Receiver<UsernetAnswer>> {
+        self.inner.usernet(ask)
     }
 
     fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
@@ -220,8 +220,8 @@ impl<B: NetBackend + ?Sized> NetBackend for Box<B> {
     fn dropped(&self) -> u64 {
         (**self).dropped()
     }
-    fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>> {
-        (**self).usernet_info()
+    fn usernet(&self, ask: UsernetAsk) -> Option<std::sync::mpsc::Receiver<UsernetAnswer>> {
+        (**self).usernet(ask)
     }
     fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
         (**self).set_queue_enabled(on)

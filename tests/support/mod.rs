@@ -298,3 +298,39 @@ fn kernel_message_at(line: &str) -> Option<usize> {
             && frac.is_some_and(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
     })
 }
+
+/// Reads from an HMP socket until the prompt; returns what came before it.
+pub fn hmp_read(r: &mut impl Read) -> String {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"(qemu) ") {
+        match r.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => got.push(byte[0]),
+            // No prompt within the socket's timeout: the answer would be taken for the
+            // next command's (a slow `migrate` once was, on nested KVM under TCG).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!(
+                    "no HMP prompt in time ({e}); so far: {:?}",
+                    String::from_utf8_lossy(&got)
+                )
+            }
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&got)
+        .trim_end_matches("(qemu) ")
+        .replace('\r', "")
+}
+
+pub fn hmp<S: Read + std::io::Write>(r: &mut std::io::BufReader<S>, cmd: &str) -> String {
+    r.get_mut()
+        .write_all(format!("{cmd}\n").as_bytes())
+        .unwrap();
+    hmp_read(r)
+}

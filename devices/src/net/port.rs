@@ -231,9 +231,12 @@ pub trait NicControl: Send {
     /// be anything a guest wrote, sizing's all-ones included.
     fn bars(&self) -> Vec<(usize, crate::pci::BarKind, u64, u64)>;
     fn irq(&self) -> u8;
-    /// The backend's connection table when it is a user network (HMP `info usernet`), to
-    /// be waited for once the NIC's lock is let go.
-    fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>>;
+    /// Asks the backend when it is a user network (HMP `info usernet`, `hostfwd_add`,
+    /// `hostfwd_remove`); the answer is to be waited for once the NIC's lock is let go.
+    fn usernet(
+        &self,
+        ask: net_backends::UsernetAsk,
+    ) -> Option<std::sync::mpsc::Receiver<net_backends::UsernetAnswer>>;
 }
 
 /// Guest errors of one device: the first is logged as a warning, later ones at most every
@@ -1743,8 +1746,11 @@ struct FilterWatch {
 }
 
 impl<M: NicModel> NicControl for Nic<M> {
-    fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>> {
-        lock(&self.port.queues.first()?.io).backend.usernet_info()
+    fn usernet(
+        &self,
+        ask: net_backends::UsernetAsk,
+    ) -> Option<std::sync::mpsc::Receiver<net_backends::UsernetAnswer>> {
+        lock(&self.port.queues.first()?.io).backend.usernet(ask)
     }
     fn set_link(&mut self, up: bool) {
         self.port.admin_down = !up;

@@ -98,6 +98,12 @@ extern "C" {
         guest_addr: in_addr,
         guest_port: c_int,
     ) -> c_int;
+    pub fn slirp_remove_hostfwd(
+        slirp: *mut Slirp,
+        is_udp: c_int,
+        host_addr: in_addr,
+        host_port: c_int,
+    ) -> c_int;
     pub fn slirp_add_exec(
         slirp: *mut Slirp,
         cmdline: *const c_char,

@@ -10,7 +10,7 @@ mod ffi;
 #[doc(hidden)]
 pub mod handshake;
 
-use crate::{Capabilities, NetBackend};
+use crate::{Capabilities, NetBackend, UsernetAnswer, UsernetAsk};
 use std::collections::VecDeque;
 use std::ffi::{CStr, CString};
 use std::io::{self, IoSlice};
@@ -448,14 +448,14 @@ pub struct SlirpBackend {
     dropped: Arc<AtomicU64>,
     /// Asks the slirp thread to end; it is joined when the backend is dropped.
     stop: Arc<AtomicBool>,
-    /// Where the slirp thread answers an `info usernet` (libslirp is only called there).
-    info: InfoRequest,
+    /// What monitors asked of libslirp, which is only called on the slirp thread.
+    asks: Asks,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Pending requests for libslirp's connection table (two monitors may ask at once): the
-/// slirp thread takes the senders and answers on each.
-type InfoRequest = Arc<Mutex<Vec<Sender<String>>>>;
+/// Monitors' pending requests (two monitors may ask at once): the slirp thread takes them and
+/// answers each on its sender.
+type Asks = Arc<Mutex<Vec<(UsernetAsk, Sender<UsernetAnswer>)>>>;
 
 impl Drop for SlirpBackend {
     fn drop(&mut self) {
@@ -486,8 +486,8 @@ impl SlirpBackend {
         let thread_wake = wake.try_clone().map_err(resource("wake-up eventfd"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
-        let info = InfoRequest::default();
-        let thread_info = info.clone();
+        let asks = Asks::default();
+        let thread_asks = asks.clone();
         let thread = std::thread::Builder::new()
             .name("slirp".into())
             .spawn(move || {
@@ -503,7 +503,7 @@ impl SlirpBackend {
                     from_guest,
                     wake: thread_wake,
                     stop: &thread_stop,
-                    info: thread_info,
+                    asks: thread_asks,
                 };
                 run(opts, st, links, ready_tx)
             })
@@ -520,7 +520,7 @@ impl SlirpBackend {
             rx_ready,
             dropped,
             stop,
-            info,
+            asks,
             thread: Some(thread),
         })
     }
@@ -572,7 +572,7 @@ struct Links<'a> {
     from_guest: FrameQueue,
     wake: EventFd,
     stop: &'a AtomicBool,
-    info: InfoRequest,
+    asks: Asks,
 }
 
 fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), SlirpError>>) {
@@ -580,7 +580,7 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
         from_guest,
         wake,
         stop,
-        info,
+        asks,
     } = links;
     let cstr = |s: &Option<String>| {
         s.as_ref()
@@ -647,17 +647,7 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
     }
     for f in &opts.hostfwd {
         // SAFETY: slirp is the live instance created above.
-        let r = unsafe {
-            ffi::slirp_add_hostfwd(
-                slirp,
-                f.udp as libc::c_int,
-                in_addr(f.host_addr),
-                f.host_port as libc::c_int,
-                in_addr(f.guest_addr),
-                f.guest_port as libc::c_int,
-            )
-        };
-        if r < 0 {
+        if !unsafe { add_hostfwd(slirp, f) } {
             let proto = if f.udp { "udp" } else { "tcp" };
             let _ = ready.send(Err(SlirpError::HostFwd {
                 proto,
@@ -747,23 +737,10 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
         if woken {
             let _ = wake.read();
         }
-        let asked = std::mem::take(&mut *info.lock().unwrap());
-        if !asked.is_empty() {
-            // SAFETY: slirp is live; the table is a NUL-terminated string libslirp allocated
-            // with g_malloc (malloc since GLib 2.46), read once and freed here.
-            let text = unsafe {
-                let p = ffi::slirp_connection_info(slirp);
-                if p.is_null() {
-                    String::new()
-                } else {
-                    let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
-                    libc::free(p.cast());
-                    s
-                }
-            };
-            for answer in asked {
-                let _ = answer.send(text.clone());
-            }
+        let asked = std::mem::take(&mut *asks.lock().unwrap());
+        for (ask, answer) in asked {
+            // SAFETY: slirp is live, and no reference to the state is held across the call.
+            let _ = answer.send(unsafe { answer_ask(slirp, ask) });
         }
         // The guest's frames, taken in one go so that the I/O thread never waits for slirp;
         // the queues swap places, keeping their allocations.
@@ -810,6 +787,67 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
             if let Some(cb) = cb {
                 // SAFETY: calling libslirp's own timer callback with its own argument.
                 unsafe { cb(arg) };
+            }
+        }
+    }
+}
+
+/// Adds a host forward; false if libslirp cannot (the port is taken or not allowed).
+///
+/// # Safety
+/// `slirp` is a live instance, called from its own thread.
+unsafe fn add_hostfwd(slirp: *mut ffi::Slirp, f: &HostFwd) -> bool {
+    // SAFETY: as the caller promises; the arguments are plain values.
+    let r = unsafe {
+        ffi::slirp_add_hostfwd(
+            slirp,
+            f.udp as libc::c_int,
+            in_addr(f.host_addr),
+            f.host_port as libc::c_int,
+            in_addr(f.guest_addr),
+            f.guest_port as libc::c_int,
+        )
+    };
+    r >= 0
+}
+
+/// Does what a monitor asked.
+///
+/// # Safety
+/// `slirp` is a live instance, called from its own thread, with no reference to its state
+/// held (libslirp may call back).
+unsafe fn answer_ask(slirp: *mut ffi::Slirp, ask: UsernetAsk) -> UsernetAnswer {
+    match ask {
+        // SAFETY: the table is a NUL-terminated string libslirp allocated with g_malloc
+        // (malloc since GLib 2.46), read once and freed here.
+        UsernetAsk::Info => Ok(unsafe {
+            let p = ffi::slirp_connection_info(slirp);
+            if p.is_null() {
+                String::new()
+            } else {
+                let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+                libc::free(p.cast());
+                s
+            }
+        }),
+        // SAFETY: as the caller promises.
+        UsernetAsk::AddHostFwd(f) => match unsafe { add_hostfwd(slirp, &f) } {
+            true => Ok(String::new()),
+            false => Err("the host port is in use or not allowed".into()),
+        },
+        UsernetAsk::RemoveHostFwd { udp, addr, port } => {
+            // SAFETY: as the caller promises; plain values.
+            let r = unsafe {
+                ffi::slirp_remove_hostfwd(
+                    slirp,
+                    udp as libc::c_int,
+                    in_addr(addr),
+                    libc::c_int::from(port),
+                )
+            };
+            match r {
+                0 => Ok(String::new()),
+                _ => Err("not found".into()),
             }
         }
     }
@@ -876,14 +914,14 @@ impl NetBackend for SlirpBackend {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    fn usernet_info(&self) -> Option<std::sync::mpsc::Receiver<String>> {
+    fn usernet(&self, ask: UsernetAsk) -> Option<std::sync::mpsc::Receiver<UsernetAnswer>> {
         let (tx, rx) = channel();
-        let mut asked = self.info.lock().unwrap();
+        let mut asked = self.asks.lock().unwrap();
         // Bounded, should the thread not answer: the oldest callers gave up long ago.
         if asked.len() >= 64 {
             asked.remove(0);
         }
-        asked.push(tx);
+        asked.push((ask, tx));
         drop(asked);
         // The thread answers on its next turn, at once when woken.
         let _ = self.wake.write(1);
@@ -990,6 +1028,53 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert_eq!(threads(), before);
+    }
+
+    /// Forwards added and removed while the backend runs (HMP's hostfwd_add, hostfwd_remove):
+    /// the host port is listened on from the add to the remove, and not before or after.
+    #[test]
+    fn host_forwards_come_and_go_while_it_runs() {
+        let b = SlirpBackend::new(SlirpOptions::default()).unwrap();
+        let ask = |a: UsernetAsk| {
+            b.usernet(a)
+                .unwrap()
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap()
+        };
+        // A free loopback port, let go again.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let fwd: HostFwd = format!("tcp:127.0.0.1:{port}-:22").parse().unwrap();
+        let remove = UsernetAsk::RemoveHostFwd {
+            udp: false,
+            addr: Ipv4Addr::LOCALHOST,
+            port,
+        };
+        assert_eq!(ask(remove.clone()), Err("not found".into()));
+        assert_eq!(ask(UsernetAsk::AddHostFwd(fwd.clone())), Ok(String::new()));
+        // libslirp listens on it now: connecting works, binding it again does not.
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("the forward listens");
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
+        let table = ask(UsernetAsk::Info).unwrap();
+        assert!(
+            table.contains("HOST_FORWARD") && table.contains(&port.to_string()),
+            "{table}"
+        );
+        // The same port twice cannot be.
+        assert!(ask(UsernetAsk::AddHostFwd(fwd)).is_err());
+        // UDP on that port is another forward, not this one.
+        let udp_remove = UsernetAsk::RemoveHostFwd {
+            udp: true,
+            addr: Ipv4Addr::LOCALHOST,
+            port,
+        };
+        assert_eq!(ask(udp_remove), Err("not found".into()));
+        assert_eq!(ask(remove.clone()), Ok(String::new()));
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+        assert_eq!(ask(remove), Err("not found".into()));
     }
 
     /// The receive fd is readable while frames wait, and no longer once the last one was

@@ -4,6 +4,8 @@
 use super::{Client, Control};
 use devices::lifecycle::ExitReason;
 use devices::pci::BarKind;
+use net_backends::slirp::HostFwd;
+use net_backends::{UsernetAnswer, UsernetAsk};
 
 /// A line may not be longer than this; a longer one is dropped with a message.
 const MAX_LINE: usize = 4096;
@@ -65,6 +67,8 @@ help|? -- show this help
 
 /// ... and after them.
 const HELP_AFTER_INFO: &str = "\
+hostfwd_add [netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport -- redirect TCP or UDP connections from host to guest (requires -net user)
+hostfwd_remove [netdev_id] [tcp|udp]:[hostaddr]:hostport -- remove host-to-guest TCP or UDP redirection
 migrate [-d] uri -- migrate to URI (file:PATH: a snapshot for -incoming)
 quit|q -- quit the emulator
 set_link name on|off -- change the link status of a network adapter
@@ -176,6 +180,17 @@ pub fn execute(control: &Control, line: &str) -> String {
             }
         }
         ["set_link", ..] => "usage: set_link name on|off\n".into(),
+        ["hostfwd_add", rule] => hostfwd_add(control, None, rule),
+        ["hostfwd_add", id, rule] => hostfwd_add(control, Some(id), rule),
+        ["hostfwd_add", ..] => {
+            "usage: hostfwd_add [netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport\n"
+                .into()
+        }
+        ["hostfwd_remove", rule] => hostfwd_remove(control, None, rule),
+        ["hostfwd_remove", id, rule] => hostfwd_remove(control, Some(id), rule),
+        ["hostfwd_remove", ..] => {
+            "usage: hostfwd_remove [netdev_id] [tcp|udp]:[hostaddr]:hostport\n".into()
+        }
         ["migrate"] | ["migrate", "-d"] => "usage: migrate [-d] file:PATH\n".into(),
         ["migrate", uri] | ["migrate", "-d", uri] => match control.migrate(uri) {
             Ok(()) => String::new(),
@@ -246,15 +261,92 @@ fn info_name(control: &Control) -> String {
 fn info_usernet(control: &Control) -> String {
     let mut out = String::new();
     for n in &control.nics {
-        // Asked for under the NIC's lock, waited for without it (a vCPU may want the NIC
-        // meanwhile): the slirp thread answers at once when woken; a second at most.
-        let asked = n.control.lock().unwrap().usernet_info();
-        let info = asked.and_then(|rx| rx.recv_timeout(std::time::Duration::from_secs(1)).ok());
-        if let Some(table) = info {
+        if let Some(Ok(Ok(table))) = ask_usernet(n, UsernetAsk::Info) {
             out.push_str(&format!("Hub -1 ({}):\n{table}", n.config.netdev));
         }
     }
     out
+}
+
+/// Asks a NIC's backend, if it is a user network (None if not); Err if it does not answer.
+fn ask_usernet(n: &super::NicEntry, ask: UsernetAsk) -> Option<Result<UsernetAnswer, String>> {
+    // Asked under the NIC's lock, waited for without it (a vCPU may want the NIC meanwhile):
+    // the slirp thread answers at once when woken; a second at most.
+    let asked = n.control.lock().unwrap().usernet(ask)?;
+    Some(
+        asked
+            .recv_timeout(std::time::Duration::from_secs(1))
+            .map_err(|_| "the user network did not answer".into()),
+    )
+}
+
+/// Asks the user network `-netdev` `id` names, or the first one there is; Err (in QEMU's
+/// words) when there is none.
+fn ask_named_usernet(
+    control: &Control,
+    id: Option<&str>,
+    ask: UsernetAsk,
+) -> Result<UsernetAnswer, String> {
+    if let Some(id) = id {
+        if !control.netdev_ids.iter().any(|n| n == id) {
+            return Err(format!("unrecognized netdev id '{id}'"));
+        }
+    }
+    for n in &control.nics {
+        if id.is_some_and(|id| n.config.netdev != id) {
+            continue;
+        }
+        if let Some(answer) = ask_usernet(n, ask.clone()) {
+            return answer;
+        }
+    }
+    Err(match id {
+        Some(_) => "invalid device specified".into(),
+        None => "user mode network stack not in use".into(),
+    })
+}
+
+/// `hostfwd_add [netdev_id] RULE`: a forward as `hostfwd=` takes it, added while the guest
+/// runs. Silent when it worked, as QEMU.
+fn hostfwd_add(control: &Control, id: Option<&str>, rule: &str) -> String {
+    let fwd = match rule.parse::<HostFwd>() {
+        Ok(f) => f,
+        Err(e) => return format!("Invalid host forwarding rule: {e}\n"),
+    };
+    match ask_named_usernet(control, id, UsernetAsk::AddHostFwd(fwd)) {
+        Ok(Ok(_)) => String::new(),
+        Ok(Err(e)) => format!("Could not set up host forwarding rule '{rule}': {e}\n"),
+        Err(e) => format!("{e}\n"),
+    }
+}
+
+/// `hostfwd_remove [netdev_id] [tcp|udp]:[hostaddr]:hostport`: says whether a forward was
+/// there to remove, in QEMU's words.
+fn hostfwd_remove(control: &Control, id: Option<&str>, rule: &str) -> String {
+    let Some((udp, addr, port)) = parse_forward_source(rule) else {
+        return "invalid format\n".into();
+    };
+    match ask_named_usernet(control, id, UsernetAsk::RemoveHostFwd { udp, addr, port }) {
+        Ok(Ok(_)) => format!("host forwarding rule for {rule} removed\n"),
+        Ok(Err(e)) => format!("host forwarding rule for {rule} {e}\n"),
+        Err(e) => format!("{e}\n"),
+    }
+}
+
+/// `[tcp|udp]:[hostaddr]:hostport`: (UDP, the address, 0.0.0.0 for any, and the port).
+fn parse_forward_source(s: &str) -> Option<(bool, std::net::Ipv4Addr, u16)> {
+    let (proto, rest) = s.split_once(':')?;
+    let udp = match proto {
+        "" | "tcp" => false,
+        "udp" => true,
+        _ => return None,
+    };
+    let (addr, port) = rest.split_once(':')?;
+    let addr = match addr {
+        "" => std::net::Ipv4Addr::UNSPECIFIED,
+        a => a.parse().ok()?,
+    };
+    Some((udp, addr, port.parse().ok()?))
 }
 
 fn info_network(control: &Control) -> String {

@@ -54,7 +54,6 @@ pub struct Control {
     pub name: Option<String>,
     pub lifecycle: Arc<Lifecycle>,
     pub nics: Vec<NicEntry>,
-    /// The backend kind of each NIC's netdev (`info network`).
     /// Each NIC's backend as `info network` names it: its type, and for a user network
     /// QEMU's details (`user,net=10.0.2.0,restrict=off`).
     pub backends: Vec<String>,
