@@ -562,3 +562,82 @@ fn a_test_process_ended_by_a_signal_or_killed_leaves_no_namespace() {
         assert!(!exists(&name), "{name} left behind after signal {sig}");
     }
 }
+
+/// A bridge helper as QEMU runs one (its protocol, not its ACL): it makes tap `hlpN` with a
+/// virtio-net header, puts it on `--br=` and brings it up, and hands its descriptor over the
+/// socket `--fd=` names.
+const BRIDGE_HELPER: &str = r#"
+import fcntl, os, socket, struct, subprocess, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+assert "--use-vnet" in sys.argv and "--mark" in sys.argv, sys.argv
+tun = os.open("/dev/net/tun", os.O_RDWR)
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, TUNSETIFF = 0x0002, 0x1000, 0x4000, 0x400454CA
+ifr = fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH22x", b"hlp%d", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+name = ifr[:16].rstrip(b"\0").decode()
+subprocess.run(["ip", "link", "set", name, "master", args["br"], "up"], check=True)
+socket.send_fds(socket.socket(fileno=int(args["fd"])), [b"\0"], [tun])
+"#;
+
+/// `-netdev bridge`: a tap of the guest's own on a host bridge, made by nicvm (the test runs
+/// as root) or by a bridge helper (`helper=` a command line, which gets `--use-vnet --fd=N
+/// --br=BR` as from QEMU). Each guest leases its pinned address from the bridge's dnsmasq,
+/// the host pings the first, the second sends it 1 MiB; the taps leave the bridge with them.
+#[test]
+fn bridge_taps_made_by_nicvm_and_by_a_helper() {
+    let Some(img) = image() else { return };
+    let mut ns = Netns::new("bridge");
+    ns.sh(
+        "ip link add br0 type bridge && ip addr add 192.168.94.1/24 dev br0 && ip link set br0 up",
+    );
+    ns.dnsmasq(
+        "br0",
+        ("192.168.94.50", "192.168.94.60"),
+        &[
+            "52:54:00:00:94:01,192.168.94.11",
+            "52:54:00:00:94:02,192.168.94.12",
+        ],
+    );
+    let helper =
+        std::env::temp_dir().join(format!("nicvm-bridge-helper-{}.py", std::process::id()));
+    std::fs::write(&helper, BRIDGE_HELPER).unwrap();
+    let guest = |n: u8, netdev: &str, run: &str| {
+        let device = format!("e1000,netdev=n0,mac=52:54:00:00:94:0{n}");
+        let mut g = ns.guest(
+            &img,
+            &format!("nicvm.run={run},exit"),
+            &["-netdev", netdev, "-device", &device],
+            &[],
+        );
+        assert_eq!(g.wait_line("NIC")["lease"], format!("192.168.94.1{n}/24"));
+        g
+    };
+    let mut own = guest(1, "bridge,id=n0,br=br0", "recv:5001");
+    own.wait_line("LISTEN");
+    let out = ns.sh("ping -c 1 -w 60 192.168.94.11");
+    assert!(out.contains("1 received"), "{out}");
+    let netdev = format!(
+        "bridge,id=n0,br=br0,helper=python3 {} --mark",
+        helper.display()
+    );
+    let mut helped = guest(2, &netdev, "send:192.168.94.11:5001:1");
+    std::fs::remove_file(&helper).unwrap();
+    let on_bridge = ns.sh("ip -o link show master br0");
+    assert!(
+        on_bridge.contains(": hlp0:") && on_bridge.contains(": tap0:"),
+        "{on_bridge}"
+    );
+    let sent = helped.wait_line("SENT");
+    assert_eq!(sent["result"], "ok", "{}", sent["_"]);
+    let recv = own.wait_line("RECV");
+    assert_eq!(recv["bytes"], (1 << 20).to_string());
+    assert_eq!(recv["fnv1a64"], sent["fnv1a64"]);
+    for g in [own, helped] {
+        let o = g.finish();
+        assert_eq!(o.code, Some(0), "{}", o.dump());
+    }
+    assert_eq!(
+        ns.sh("ip -o link show master br0"),
+        "",
+        "taps left on the bridge"
+    );
+}

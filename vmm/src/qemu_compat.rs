@@ -585,7 +585,7 @@ pub fn device_properties_accepted(
 
 /// `-netdev help`.
 pub fn netdev_types() -> String {
-    "Available netdev backend types:\nsocket\nstream\ndgram\nuser\ntap\nvde\n".into()
+    "Available netdev backend types:\nsocket\nstream\ndgram\nuser\ntap\nbridge\nvde\n".into()
 }
 
 /// `help` (or `?`) given to an option that lists its values here as QEMU does (exit 0), when

@@ -155,6 +155,8 @@ pub enum Backend {
     Dgram(DgramOptions),
     /// QEMU's older `socket`: a stream (listen=, connect=) or datagrams (mcast=, udp=).
     Socket(SocketKind),
+    /// `bridge`: a tap made for the VM on a host bridge.
+    Bridge(BridgeOptions),
 }
 
 impl Backend {
@@ -167,6 +169,7 @@ impl Backend {
             Backend::Stream(_) => "stream",
             Backend::Dgram(_) => "dgram",
             Backend::Socket(_) => "socket",
+            Backend::Bridge(_) => "bridge",
         }
     }
 
@@ -199,6 +202,17 @@ pub struct TapOptions {
     pub vhost: bool,
     /// `queues=N`: a multiqueue tap opened N times (virtio-net gets a queue pair per queue).
     pub queues: usize,
+}
+
+/// `-netdev bridge,br=BR[,helper=HELPER]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeOptions {
+    /// The host bridge (QEMU's default: br0).
+    pub br: String,
+    /// QEMU's bridge helper, a program or a command line: it makes the tap and hands its
+    /// descriptor over. None: nicvm makes the tap itself where it has the privilege
+    /// (CAP_NET_ADMIN), else it runs QEMU's default helper.
+    pub helper: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

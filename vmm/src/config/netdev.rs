@@ -4,7 +4,8 @@
 use super::addr::{host_port, inet_addrs, prefixed, qapi_addr, v4_mcast, QapiAddr};
 use super::slirp::slirp_options;
 use super::{
-    on_off, Backend, InheritedFds, OptionError, Script, SocketKind, TapDevice, TapOptions,
+    on_off, Backend, BridgeOptions, InheritedFds, OptionError, Script, SocketKind, TapDevice,
+    TapOptions,
 };
 use crate::keyval::KeyVal;
 use net_backends::dgram::DgramOptions;
@@ -23,15 +24,17 @@ pub enum NetdevType {
     Socket,
     Stream,
     Dgram,
+    Bridge,
 }
 
-const TYPES: [(&str, NetdevType); 6] = [
+const TYPES: [(&str, NetdevType); 7] = [
     ("user", NetdevType::User),
     ("tap", NetdevType::Tap),
     ("vde", NetdevType::Vde),
     ("socket", NetdevType::Socket),
     ("stream", NetdevType::Stream),
     ("dgram", NetdevType::Dgram),
+    ("bridge", NetdevType::Bridge),
 ];
 
 /// "user, tap, vde, socket, stream, dgram"
@@ -98,6 +101,34 @@ pub fn backend(
         NetdevType::Socket => Backend::Socket(socket_options(kv)?),
         NetdevType::Stream => Backend::Stream(stream_options(kv)?),
         NetdevType::Dgram => Backend::Dgram(dgram_options(kv)?),
+        NetdevType::Bridge => Backend::Bridge(bridge_options(kv)?),
+    })
+}
+
+/// `-netdev bridge`: `br=` (br0 when not given, as QEMU), `helper=`.
+pub fn bridge_options(kv: &KeyVal) -> Result<BridgeOptions, OptionError> {
+    unknown(kv, &["br", "helper"])?;
+    let br = kv.get("br").unwrap_or("br0");
+    // What the kernel takes as an interface name: under IFNAMSIZ bytes, no '/', no blanks.
+    if br.is_empty()
+        || br.len() >= libc::IFNAMSIZ
+        || br.contains(['/', ':'])
+        || br.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(not_a("br", br, "an interface name"));
+    }
+    let helper = match kv.get("helper") {
+        Some("") => {
+            return Err(OptionError::Empty {
+                key: "helper".into(),
+                what: "program",
+            })
+        }
+        h => h.map(str::to_string),
+    };
+    Ok(BridgeOptions {
+        br: br.to_string(),
+        helper,
     })
 }
 
@@ -513,6 +544,26 @@ mod tests {
     }
 
     #[test]
+    fn bridge_options_and_errors() {
+        let o = bridge_options(&kv("")).unwrap();
+        assert_eq!((o.br.as_str(), o.helper), ("br0", None));
+        let o = bridge_options(&kv("br=virbr0,helper=/usr/local/bin/h --x")).unwrap();
+        assert_eq!(o.br, "virbr0");
+        assert_eq!(o.helper.as_deref(), Some("/usr/local/bin/h --x"));
+        check_errors(
+            bridge_options,
+            &[
+                ("br=", "br"),
+                ("br=a/b", "br"),
+                ("br=a b", "br"),
+                ("br=sixteen-chars-xy", "br"),
+                ("helper=", "helper"),
+                ("ifname=tap0", "ifname"),
+            ],
+        );
+    }
+
+    #[test]
     fn header_takes_type_and_id() {
         let mut k = KeyVal::parse("tap,id=n0,ifname=t", Some("type")).unwrap();
         assert_eq!(header(&mut k).unwrap(), (NetdevType::Tap, "n0".into()));
@@ -529,7 +580,7 @@ mod tests {
         }
         assert_eq!(
             HeaderError::NoType.to_string(),
-            "a backend type is needed: one of user, tap, vde, socket, stream, dgram"
+            "a backend type is needed: one of user, tap, vde, socket, stream, dgram, bridge"
         );
         for (n, t) in TYPES {
             assert_eq!(t.name(), n);

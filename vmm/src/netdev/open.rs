@@ -46,6 +46,8 @@ pub enum OpenErrorKind {
     Dgram(#[from] DgramError),
     #[error(transparent)]
     Slirp(#[from] SlirpError),
+    #[error(transparent)]
+    Bridge(#[from] super::bridge::BridgeError),
 }
 
 /// Opens the backend `nd` describes. Call it at most once per netdev: a tap `fd=` is taken
@@ -65,6 +67,7 @@ pub fn open(nd: &NetdevConfig) -> Result<Opened, OpenError> {
         Backend::Vde(o) => open_vde(o),
         Backend::Stream(o) | Backend::Socket(SocketKind::Stream(o)) => open_stream(kind, o),
         Backend::Dgram(o) | Backend::Socket(SocketKind::Dgram(o)) => open_dgram(kind, o),
+        Backend::Bridge(o) => open_bridge(o),
     }
     .map_err(|error| OpenError {
         option: nd.option.clone(),
@@ -122,6 +125,23 @@ fn open_tap(o: &TapOptions) -> Result<Opened, OpenErrorKind> {
             downscript,
             ..Default::default()
         },
+    })
+}
+
+/// A tap of the VM's own on a host bridge: no scripts (the bridge is the set-up), nothing to
+/// undo (the tap goes when nicvm closes it).
+fn open_bridge(o: &crate::config::BridgeOptions) -> Result<Opened, OpenErrorKind> {
+    let (tap, by) = super::bridge::open(o)?;
+    let name = tap.name().to_string();
+    log::info!(
+        "-netdev bridge: tap {name} on bridge {} (made by {by})",
+        o.br
+    );
+    Ok(Opened {
+        backend: Box::new(tap),
+        more_queues: vec![],
+        label: name,
+        guard: NetdevGuard::default(),
     })
 }
 
