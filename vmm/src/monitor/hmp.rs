@@ -4,7 +4,7 @@
 use super::{Client, Control};
 use devices::lifecycle::ExitReason;
 use devices::pci::BarKind;
-use net_backends::slirp::HostFwd;
+use net_backends::slirp::{FwdSyntaxError, HostFwd};
 use net_backends::{UsernetAnswer, UsernetAsk};
 
 /// A line may not be longer than this; a longer one is dropped with a message.
@@ -311,7 +311,14 @@ fn ask_named_usernet(
 fn hostfwd_add(control: &Control, id: Option<&str>, rule: &str) -> String {
     let fwd = match rule.parse::<HostFwd>() {
         Ok(f) => f,
-        Err(e) => return format!("Invalid host forwarding rule: {e}\n"),
+        // QEMU's words, with nicvm's reason.
+        Err(e) => {
+            let why = match e {
+                FwdSyntaxError::GuestPortZero(_) => "the guest port cannot be 0",
+                _ => "not [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport",
+            };
+            return format!("Invalid host forwarding rule '{rule}' ({why})\n");
+        }
     };
     match ask_named_usernet(control, id, UsernetAsk::AddHostFwd(fwd)) {
         Ok(Ok(_)) => String::new(),

@@ -142,6 +142,11 @@ impl Control {
                             o.net,
                             if o.restrict { "on" } else { "off" }
                         ),
+                        // As QEMU lists it: a tap (with the helper, when one was named).
+                        crate::config::Backend::Bridge(o) => match &o.helper {
+                            Some(h) => format!("tap,helper={h},br={}", o.br),
+                            None => format!("tap,br={}", o.br),
+                        },
                         b => b.kind().to_string(),
                     })
             })
