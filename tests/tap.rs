@@ -579,8 +579,8 @@ socket.send_fds(socket.socket(fileno=int(args["fd"])), [b"\0"], [tun])
 "#;
 
 /// `-netdev bridge`: a tap of the guest's own on a host bridge, made by nicvm (the test runs
-/// as root) or by a bridge helper (`helper=` a command line, which gets `--use-vnet --fd=N
-/// --br=BR` as from QEMU). Each guest leases its pinned address from the bridge's dnsmasq,
+/// as root) or by a bridge helper (`-netdev tap,helper=` a command line, which gets
+/// `--use-vnet --fd=N --br=BR` as from QEMU). Each guest leases its pinned address from the bridge's dnsmasq,
 /// the host pings the first, the second sends it 1 MiB; the taps leave the bridge with them.
 #[test]
 fn bridge_taps_made_by_nicvm_and_by_a_helper() {
@@ -615,8 +615,9 @@ fn bridge_taps_made_by_nicvm_and_by_a_helper() {
     own.wait_line("LISTEN");
     let out = ns.sh("ping -c 1 -w 60 192.168.94.11");
     assert!(out.contains("1 received"), "{out}");
+    // QEMU's other spelling of a bridge helper's tap: -netdev tap,helper=.
     let netdev = format!(
-        "bridge,id=n0,br=br0,helper=python3 {} --mark",
+        "tap,id=n0,helper=python3 {} --mark,br=br0",
         helper.display()
     );
     let mut helped = guest(2, &netdev, "send:192.168.94.11:5001:1");

@@ -92,6 +92,7 @@ pub fn backend(
 ) -> Result<Backend, OptionError> {
     Ok(match ty {
         NetdevType::User => Backend::User(slirp_options(kv)?),
+        NetdevType::Tap if kv.get("helper").is_some() => Backend::Bridge(tap_helper_options(kv)?),
         NetdevType::Tap => Backend::Tap(tap_options(kv, fds)?),
         NetdevType::Vde => {
             let mut o = vde_options(kv)?;
@@ -108,15 +109,38 @@ pub fn backend(
 /// `-netdev bridge`: `br=` (br0 when not given, as QEMU), `helper=`.
 pub fn bridge_options(kv: &KeyVal) -> Result<BridgeOptions, OptionError> {
     unknown(kv, &["br", "helper"])?;
-    let br = kv.get("br").unwrap_or("br0");
-    // What the kernel takes as an interface name: under IFNAMSIZ bytes, no '/', no blanks.
-    if br.is_empty()
-        || br.len() >= libc::IFNAMSIZ
-        || br.contains(['/', ':'])
-        || br.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(not_a("br", br, "an interface name"));
+    bridge_keys(kv)
+}
+
+/// `-netdev tap,helper=HELPER[,br=BR]`: QEMU's other way to a bridge's tap, the same as
+/// `-netdev bridge,helper=`; the keys that name or set up a tap do not go with it.
+fn tap_helper_options(kv: &KeyVal) -> Result<BridgeOptions, OptionError> {
+    for k in ["ifname", "fd", "script", "downscript", "vnet_hdr", "queues"] {
+        if kv.get(k).is_some() {
+            return Err(OptionError::Together(vec!["helper".into(), k.into()]));
+        }
     }
+    unknown(kv, &["helper", "br", "vhost", "vhostforce", "sndbuf"])?;
+    for k in ["vhost", "vhostforce"] {
+        if let Some(v) = kv.get(k) {
+            on_off(k, v)?;
+        }
+    }
+    if let Some(v) = kv.get("sndbuf") {
+        parse_size(v).ok_or_else(|| not_a("sndbuf", v, "a size in bytes"))?;
+    }
+    bridge_keys(kv)
+}
+
+fn bridge_keys(kv: &KeyVal) -> Result<BridgeOptions, OptionError> {
+    let br = kv.get("br").unwrap_or("br0");
+    if br.is_empty() {
+        return Err(OptionError::Empty {
+            key: "br".into(),
+            what: "interface name",
+        });
+    }
+    check_ifname("br", br)?;
     let helper = match kv.get("helper") {
         Some("") => {
             return Err(OptionError::Empty {
@@ -170,6 +194,31 @@ fn inherited_fd(v: &str, fds: &InheritedFds) -> Result<RawFd, OptionError> {
         return Err(OptionError::NotInherited(fd));
     }
     Ok(fd)
+}
+
+/// An interface name as the kernel's dev_valid_name takes it (a name it refuses would read
+/// as "no such interface" or "not a tap" later): under IFNAMSIZ bytes, not `.` or `..`, no
+/// '/', ':' or white space (the kernel's isspace, on bytes: 0xa0 is one).
+fn check_ifname(key: &str, name: &str) -> Result<(), OptionError> {
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(OptionError::TooLong {
+            key: key.into(),
+            max: libc::IFNAMSIZ - 1,
+        });
+    }
+    if name == "."
+        || name == ".."
+        || name
+            .bytes()
+            .any(|b| matches!(b, b'/' | b':' | b' ' | b'\t'..=b'\r' | 0xa0))
+    {
+        return Err(OptionError::NotA {
+            key: key.into(),
+            value: name.into(),
+            what: "an interface name (no '/', ':' or white space; not . or ..)",
+        });
+    }
+    Ok(())
 }
 
 /// Queues of a multiqueue tap at most (virtio-net's queue pairs).
@@ -235,28 +284,12 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
     };
     let device = match (kv.get("fd"), kv.get("ifname")) {
         (Some(fd), _) => TapDevice::Fd(inherited_fd(fd, fds)?),
-        (None, Some(name)) if name.len() >= libc::IFNAMSIZ => {
-            return Err(OptionError::TooLong {
-                key: "ifname".into(),
-                max: libc::IFNAMSIZ - 1,
-            })
+        (None, name) => {
+            if let Some(name) = name {
+                check_ifname("ifname", name)?;
+            }
+            TapDevice::Ifname(name.filter(|n| !n.is_empty()).map(String::from))
         }
-        // As the kernel's dev_valid_name (a name it refuses would read as "not a tap"): its
-        // test is on bytes, with the kernel's isspace (0xa0 is one).
-        (None, Some(name))
-            if name == "."
-                || name == ".."
-                || name
-                    .bytes()
-                    .any(|b| matches!(b, b'/' | b':' | b' ' | b'\t'..=b'\r' | 0xa0)) =>
-        {
-            return Err(OptionError::NotA {
-                key: "ifname".into(),
-                value: name.into(),
-                what: "an interface name (no '/', ':' or white space; not . or ..)",
-            })
-        }
-        (None, name) => TapDevice::Ifname(name.filter(|n| !n.is_empty()).map(String::from)),
     };
     let (up, down) = match device {
         TapDevice::Fd(_) => (Script::No, Script::No),
@@ -556,9 +589,27 @@ mod tests {
                 ("br=", "br"),
                 ("br=a/b", "br"),
                 ("br=a b", "br"),
+                ("br=..", "br"),
                 ("br=sixteen-chars-xy", "br"),
                 ("helper=", "helper"),
                 ("ifname=tap0", "ifname"),
+            ],
+        );
+        // tap,helper= is the same; the tap's own set-up keys do not go with it.
+        let o = tap_helper_options(&kv("helper=/h,br=virbr0,vhost=on,sndbuf=1k")).unwrap();
+        assert_eq!((o.br.as_str(), o.helper.as_deref()), ("virbr0", Some("/h")));
+        check_errors(
+            tap_helper_options,
+            &[
+                ("helper=/h,ifname=tap0", "ifname"),
+                ("helper=/h,fd=3", "fd"),
+                ("helper=/h,script=no", "script"),
+                ("helper=/h,queues=2", "queues"),
+                ("helper=/h,vnet_hdr=on", "vnet_hdr"),
+                ("helper=/h,vhost=maybe", "vhost"),
+                ("helper=/h,br=a:b", "br"),
+                ("helper=", "helper"),
+                ("helper=/h,bogus=1", "bogus"),
             ],
         );
     }
