@@ -95,13 +95,18 @@ pub fn setup_interrupted() -> bool {
 /// [`for_writing`] as set-up uses it: an exit signal (pending, as set-up blocks them) stops
 /// the wait, and [`setup_interrupted`] says so from then on.
 pub fn for_writing_in_setup(opts: &OpenOptions, path: &Path) -> io::Result<File> {
-    for_writing(opts, path, || {
-        let stop = crate::signals::pending().is_some();
-        if stop {
-            SETUP_INTERRUPTED.store(true, Ordering::Relaxed);
-        }
-        stop
-    })
+    for_writing(opts, path, exit_signal_in_setup)
+}
+
+/// Whether an exit signal waits to be taken (set-up blocks them): a set-up wait that may not
+/// end on its own asks this now and then and gives up when it is true; [`setup_interrupted`]
+/// says so from then on.
+pub fn exit_signal_in_setup() -> bool {
+    let stop = crate::signals::pending().is_some();
+    if stop {
+        SETUP_INTERRUPTED.store(true, Ordering::Relaxed);
+    }
+    stop
 }
 
 /// `File::create` for set-up (see [`for_writing_in_setup`]).

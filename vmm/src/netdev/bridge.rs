@@ -189,7 +189,11 @@ fn from_helper(helper: &str, br: &str) -> Result<Tap, BridgeError> {
         ]);
         c
     };
-    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    // A group of its own, so that giving up on it takes what it started too (a shell's
+    // children); nicvm hears the terminal's Ctrl-C and stops it.
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .process_group(0);
     // SAFETY: between fork and exec only fcntl, which is async-signal-safe: the helper's end
     // of the pair stays open across exec (nicvm opens everything close-on-exec).
     unsafe {
@@ -202,15 +206,60 @@ fn from_helper(helper: &str, br: &str) -> Result<Tap, BridgeError> {
     }
     let mut child = cmd.spawn().map_err(|e| fail("cannot start it", e))?;
     drop(theirs);
+    // The answer comes when the helper hands the tap over, or its end closes as it exits; one
+    // that does neither is given up on (QEMU would wait for ever).
+    let mut pfd = libc::pollfd {
+        fd: ours.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let start = std::time::Instant::now();
+    let give_up = |child: &mut std::process::Child, why: io::Error| {
+        // SAFETY: kill(2) of the helper's process group (its pid), which it has not left.
+        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = child.wait();
+        fail("gave up waiting for it (killed)", why)
+    };
+    loop {
+        // SAFETY: one pollfd we own; a tenth of a second at a time, to see exit signals.
+        let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if n > 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if n < 0 && e.kind() != io::ErrorKind::Interrupted {
+            return Err(give_up(&mut child, e));
+        }
+        if crate::open::exit_signal_in_setup() {
+            let why = io::Error::new(io::ErrorKind::Interrupted, "an exit signal came");
+            return Err(give_up(&mut child, why));
+        }
+        if start.elapsed() > HELPER_TIMEOUT {
+            let why = io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer in {} s", HELPER_TIMEOUT.as_secs()),
+            );
+            return Err(give_up(&mut child, why));
+        }
+    }
     let mut byte = [0u8; 1];
-    // Ends with the helper: its end closes when it exits, fd or not.
     let got = ours.recv_with_fd(&mut byte);
     let status = child.wait().map_err(|e| fail("cannot wait for it", e))?;
     match got {
         Ok((_, Some(file))) if status.success() => {
-            // SAFETY: a descriptor we were just handed and own alone (from_fd checks that it
-            // is a tap).
-            Ok(unsafe { Tap::from_fd(file.into_raw_fd(), None) }?)
+            let fd = file.into_raw_fd();
+            // SAFETY: a descriptor we were just handed and own alone; from_fd takes it over
+            // once it has checked that it is a tap.
+            match unsafe { Tap::from_fd(fd, None) } {
+                Ok(tap) => Ok(tap),
+                Err(TapError::BadFd(_, e)) => {
+                    // Not taken over: ours to close.
+                    // SAFETY: the descriptor is ours and used nowhere else.
+                    unsafe { libc::close(fd) };
+                    Err(fail("handed over something that is not a tap", e))
+                }
+                Err(e) => Err(e.into()),
+            }
         }
         Ok(_) => Err(BridgeError::HelperFailed {
             helper: helper.into(),
@@ -219,3 +268,6 @@ fn from_helper(helper: &str, br: &str) -> Result<Tap, BridgeError> {
         Err(e) => Err(fail("reading its answer", io::Error::from(e))),
     }
 }
+
+/// How long a bridge helper may take to hand its tap over.
+const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
