@@ -502,12 +502,7 @@ fn saved_after_its_lease_on_user_networking_it_keeps_working() {
 
     let (mut g, port) = restore(&img, "e1000", &file, &["-smp", "2"]);
     let data = clone_data(3);
-    let mut s = connect_retry(&format!("127.0.0.1:{port}"));
-    s.write_all(&data).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let recv = g.wait_line("RECV");
-    assert_eq!(recv["bytes"], data.len().to_string());
-    assert_eq!(recv["fnv1a64"], fnv1a64(&data));
+    g.receive_through(port, &data);
     let o = g.finish();
     assert_eq!(o.code, Some(0), "{}", o.dump());
 }
@@ -562,12 +557,7 @@ fn traffic_while_stopped_is_in_the_snapshot() {
 
     let (mut g, port) = restore(&img, "e1000", &file, &[]);
     let data = clone_data(5);
-    let mut s = connect_retry(&format!("127.0.0.1:{port}"));
-    s.write_all(&data).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let recv = g.wait_line("RECV");
-    assert_eq!(recv["bytes"], data.len().to_string());
-    assert_eq!(recv["fnv1a64"], fnv1a64(&data));
+    g.receive_through(port, &data);
     let o = g.finish();
     assert_eq!(o.code, Some(0), "{}", o.dump());
 }

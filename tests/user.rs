@@ -60,12 +60,7 @@ fn lease_hostfwd_tcp_udp_host_loopback_and_idle_cost() {
     // Host -> guest through the TCP forward.
     g.wait_line("LISTEN");
     let data = pseudo_random(2 << 20);
-    let mut s = connect_retry(&format!("127.0.0.1:{tcp_port}"));
-    s.write_all(&data).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let recv = g.wait_line("RECV");
-    assert_eq!(recv["bytes"], data.len().to_string());
-    assert_eq!(recv["fnv1a64"], fnv1a64(&data));
+    g.receive_through(tcp_port, &data);
 
     // UDP forward: three datagrams echoed back, one at a time. Nothing is resent: the guest
     // echoes exactly three, and nothing on this path (loopback, slirp, an idle NIC) drops.
@@ -133,10 +128,7 @@ fn net_dhcpstart_restrict_and_guestfwd() {
     // hostfwd still works with restrict=on.
     g.wait_line("LISTEN");
     let data = pseudo_random(64 << 10);
-    let mut s = connect_retry(&format!("127.0.0.1:{tcp_port}"));
-    s.write_all(&data).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    assert_eq!(g.wait_line("RECV")["fnv1a64"], fnv1a64(&data));
+    g.receive_through(tcp_port, &data);
     // So does guestfwd: the guest's connection feeds a command on the host.
     let fwd = g.wait_line("SENT");
     assert_eq!(fwd["result"], "ok", "{}", fwd["_"]);
@@ -316,12 +308,7 @@ fn a_forward_added_and_removed_while_the_guest_runs() {
         "{table}"
     );
     let data = pseudo_random(1 << 20);
-    let mut s = connect_retry(&format!("127.0.0.1:{port}"));
-    s.write_all(&data).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let recv = g.wait_line("RECV");
-    assert_eq!(recv["bytes"], data.len().to_string());
-    assert_eq!(recv["fnv1a64"], fnv1a64(&data));
+    g.receive_through(port, &data);
 
     let rule = format!("tcp:127.0.0.1:{port}");
     assert_eq!(

@@ -221,6 +221,18 @@ pub const GUEST_STALL: Duration = Duration::from_secs(300);
 pub const GUEST_DEADLINE: Duration = Duration::from_secs(900);
 
 impl Guest {
+    /// Sends `data` to the guest's `recv:` step through a loopback port nicvm forwards to it,
+    /// and checks that every byte arrived (the guest's RECV line: count and hash).
+    pub fn receive_through(&mut self, port: u16, data: &[u8]) {
+        use std::io::Write;
+        let mut s = super::connect_retry(&format!("127.0.0.1:{port}"));
+        s.write_all(data).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let recv = self.wait_line("RECV");
+        assert_eq!(recv["bytes"], data.len().to_string());
+        assert_eq!(recv["fnv1a64"], super::fnv1a64(data));
+    }
+
     pub fn spawn(mut cmd: Command) -> Guest {
         let mut child = cmd
             .stdin(Stdio::null())
