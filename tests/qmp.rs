@@ -531,6 +531,9 @@ fn info_usernet_names_the_port_a_forward_was_bound_to() {
         "",
         &[
             "-S",
+            // Made after every -netdev's network, whatever the order here (as QEMU does).
+            "-nic",
+            "user,model=virtio-net-pci",
             "-netdev",
             "user,id=u0,hostfwd=tcp:127.0.0.1:0-:22",
             "-device",
@@ -559,6 +562,14 @@ fn info_usernet_names_the_port_a_forward_was_bound_to() {
     assert_ne!(port, 0);
     // That port is where the forward listens.
     std::net::TcpStream::connect(("127.0.0.1", port)).expect("the forward's port");
+    // hostfwd_add without a netdev id: QEMU's first user network, the -netdev's.
+    assert_eq!(hmp(&mut r, "hostfwd_add tcp:127.0.0.1:0-:23"), "");
+    let table = hmp(&mut r, "info usernet");
+    let u0 = table
+        .split("Hub -1 (")
+        .find(|t| t.starts_with("u0)"))
+        .unwrap_or_default();
+    assert!(u0.contains(" 23 "), "{table}");
     assert!(hmp(&mut r, "info").contains("usernet"));
     r.get_mut().write_all(b"quit\n").unwrap();
     let (code, out, err) = vm.wait(Duration::from_secs(30));

@@ -325,8 +325,14 @@ fn a_forward_added_and_removed_while_the_guest_runs() {
         hmp(&mut r, "hostfwd_add nope tcp::1-:2"),
         "unrecognized netdev id 'nope'\n"
     );
-    assert!(hmp(&mut r, "hostfwd_add tcp:1-:2")
-        .starts_with("Invalid host forwarding rule 'tcp:1-:2' ("));
+    assert_eq!(
+        hmp(&mut r, "hostfwd_add tcp:1-:2"),
+        "Invalid host forwarding rule 'tcp:1-:2' (Bad host address)\n"
+    );
+    assert_eq!(
+        hmp(&mut r, "hostfwd_remove"),
+        "hostfwd_remove: string expected\nTry \"help hostfwd_remove\" for more information\n"
+    );
     assert_eq!(hmp(&mut r, "hostfwd_remove tcp:x"), "invalid format\n");
     assert!(hmp(&mut r, "help").contains("hostfwd_add [netdev_id]"));
     r.get_mut().write_all(b"quit\n").unwrap();

@@ -4,7 +4,7 @@
 use super::{Client, Control};
 use devices::lifecycle::ExitReason;
 use devices::pci::BarKind;
-use net_backends::slirp::{FwdSyntaxError, HostFwd};
+use net_backends::slirp::HostFwd;
 use net_backends::{UsernetAnswer, UsernetAsk};
 
 /// A line may not be longer than this; a longer one is dropped with a message.
@@ -182,15 +182,15 @@ pub fn execute(control: &Control, line: &str) -> String {
         ["set_link", ..] => "usage: set_link name on|off\n".into(),
         ["hostfwd_add", rule] => hostfwd_add(control, None, rule),
         ["hostfwd_add", id, rule] => hostfwd_add(control, Some(id), rule),
-        ["hostfwd_add", ..] => {
-            "usage: hostfwd_add [netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport\n"
-                .into()
-        }
         ["hostfwd_remove", rule] => hostfwd_remove(control, None, rule),
         ["hostfwd_remove", id, rule] => hostfwd_remove(control, Some(id), rule),
-        ["hostfwd_remove", ..] => {
-            "usage: hostfwd_remove [netdev_id] [tcp|udp]:[hostaddr]:hostport\n".into()
+        // As QEMU words a missing or an extra argument.
+        [cmd @ ("hostfwd_add" | "hostfwd_remove")] => {
+            format!("{cmd}: string expected\nTry \"help {cmd}\" for more information\n")
         }
+        [cmd @ ("hostfwd_add" | "hostfwd_remove"), ..] => format!(
+            "{cmd}: extraneous characters at the end of line\nTry \"help {cmd}\" for more information\n"
+        ),
         ["migrate"] | ["migrate", "-d"] => "usage: migrate [-d] file:PATH\n".into(),
         ["migrate", uri] | ["migrate", "-d", uri] => match control.migrate(uri) {
             Ok(()) => String::new(),
@@ -257,12 +257,14 @@ fn info_name(control: &Control) -> String {
 }
 
 /// As QEMU prints it: each user network's sockets (its forwards among them, with the host
-/// port each is bound to), under "Hub -1 (ID):" as QEMU names a -netdev's stack.
+/// port each is bound to), under "Hub -1 (ID):" as QEMU names a -netdev's stack, in the order
+/// QEMU made them.
 fn info_usernet(control: &Control) -> String {
     let mut out = String::new();
-    for n in &control.nics {
-        if let Some(Ok(Ok(table))) = ask_usernet(n, UsernetAsk::Info) {
-            out.push_str(&format!("Hub -1 ({}):\n{table}", n.config.netdev));
+    for netdev in &control.netdev_ids {
+        let nic = control.nics.iter().find(|n| n.config.netdev == *netdev);
+        if let Some(Ok(Ok(table))) = nic.and_then(|n| ask_usernet(n, UsernetAsk::Info)) {
+            out.push_str(&format!("Hub -1 ({netdev}):\n{table}"));
         }
     }
     out
@@ -292,11 +294,13 @@ fn ask_named_usernet(
             return Err(format!("unrecognized netdev id '{id}'"));
         }
     }
-    for n in &control.nics {
-        if id.is_some_and(|id| n.config.netdev != id) {
-            continue;
-        }
-        if let Some(answer) = ask_usernet(n, ask.clone()) {
+    let netdevs = control
+        .netdev_ids
+        .iter()
+        .filter(|n| id.is_none_or(|id| *n == id));
+    for netdev in netdevs {
+        let nic = control.nics.iter().find(|n| n.config.netdev == *netdev);
+        if let Some(answer) = nic.and_then(|n| ask_usernet(n, ask.clone())) {
             return answer;
         }
     }
@@ -311,12 +315,9 @@ fn ask_named_usernet(
 fn hostfwd_add(control: &Control, id: Option<&str>, rule: &str) -> String {
     let fwd = match rule.parse::<HostFwd>() {
         Ok(f) => f,
-        // QEMU's words, with nicvm's reason.
-        Err(e) => {
-            let why = match e {
-                FwdSyntaxError::GuestPortZero(_) => "the guest port cannot be 0",
-                _ => "not [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport",
-            };
+        // QEMU's words.
+        Err(_) => {
+            let why = HostFwd::syntax_error(rule).unwrap_or("Bad forwarding rule");
             return format!("Invalid host forwarding rule '{rule}' ({why})\n");
         }
     };

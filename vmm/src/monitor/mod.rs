@@ -57,7 +57,9 @@ pub struct Control {
     /// Each NIC's backend as `info network` names it: its type, and for a user network
     /// QEMU's details (`user,net=10.0.2.0,restrict=off`).
     pub backends: Vec<String>,
-    /// Every -netdev's id, NICs' or not: net clients that are not NICs.
+    /// Every netdev's id, NICs' or not: net clients that are not NICs. In QEMU's order of
+    /// making them: those of -netdev, then of -nic, then of -net, each in command-line order
+    /// (the first user network of `hostfwd_add` is the first of them).
     pub netdev_ids: Vec<String>,
     /// The vCPU threads, for kicking them into a pause; emptied before they are joined.
     pub vcpus: Arc<Mutex<Vec<libc::pthread_t>>>,
@@ -156,7 +158,15 @@ impl Control {
             lifecycle,
             nics,
             backends,
-            netdev_ids: cfg.netdevs.iter().map(|nd| nd.id.clone()).collect(),
+            netdev_ids: {
+                let mut n: Vec<_> = cfg.netdevs.iter().collect();
+                n.sort_by_key(|nd| match nd.option.split([' ', ',']).next() {
+                    Some("-netdev") => 0,
+                    Some("-nic") => 1,
+                    _ => 2,
+                });
+                n.into_iter().map(|nd| nd.id.clone()).collect()
+            },
             vcpus,
             cpus: cfg.cpus,
             // A guest restored with -S was running before: QEMU calls it paused.

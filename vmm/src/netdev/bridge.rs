@@ -44,7 +44,7 @@ pub enum BridgeError {
         what: &'static str,
         source: io::Error,
     },
-    #[error("helper={helper} failed ({status}): no tap handed over")]
+    #[error("helper={helper} ended ({status}) without handing a tap over")]
     HelperFailed { helper: String, status: String },
     #[error(
         "nicvm cannot make a tap itself (no CAP_NET_ADMIN) and there is no bridge helper at \
@@ -194,16 +194,8 @@ fn from_helper(helper: &str, br: &str) -> Result<Tap, BridgeError> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .process_group(0);
-    // SAFETY: between fork and exec only fcntl, which is async-signal-safe: the helper's end
-    // of the pair stays open across exec (nicvm opens everything close-on-exec).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::fcntl(their_fd, libc::F_SETFD, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // Its end of the pair is the one descriptor of nicvm's it gets.
+    super::clean_child(&mut cmd, Some(their_fd));
     let mut child = cmd.spawn().map_err(|e| fail("cannot start it", e))?;
     drop(theirs);
     // The answer comes when the helper hands the tap over, or its end closes as it exits; one

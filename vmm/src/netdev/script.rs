@@ -27,13 +27,13 @@ pub enum ScriptError {
 
 /// Runs `script IFNAME` and waits for it.
 pub fn run(script: &Path, ifname: &str) -> Result<(), ScriptError> {
-    let status = Command::new(script)
-        .arg(ifname)
-        .status()
-        .map_err(|source| ScriptError::Spawn {
-            script: script.into(),
-            source,
-        })?;
+    let mut cmd = Command::new(script);
+    cmd.arg(ifname);
+    super::clean_child(&mut cmd, None);
+    let status = cmd.status().map_err(|source| ScriptError::Spawn {
+        script: script.into(),
+        source,
+    })?;
     if !status.success() {
         return Err(ScriptError::Failed {
             script: script.into(),
