@@ -80,6 +80,7 @@ impl Drop for DownScript {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::PermissionsExt;
 
     pub(crate) fn temp_dir(what: &str) -> PathBuf {
@@ -99,6 +100,42 @@ pub(crate) mod tests {
         .unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         p
+    }
+
+    /// A script starts with no signal blocked (nicvm blocks its exit signals in every thread)
+    /// and without nicvm's descriptors (an eventfd made without close-on-exec, as
+    /// vmm-sys-util makes them): run on a thread that blocks SIGTERM and holds such an fd.
+    #[test]
+    fn scripts_start_with_no_signal_blocked_and_none_of_nicvms_descriptors() {
+        let dir = temp_dir("script-clean");
+        let p = dir.join("check");
+        std::fs::write(
+            &p,
+            "#!/bin/sh\n[ -e /proc/$$/fd/$1 ] && exit 3\n\
+             grep -q '^SigBlk:[[:space:]]*0*$' /proc/$$/status || exit 4\nexit 0\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let r = std::thread::spawn(move || {
+            // SAFETY: sigset_t is plain data set up by sigemptyset/sigaddset; the mask is
+            // this thread's own.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGTERM);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+            run(&p, &fd.as_raw_fd().to_string()).map_err(|e| e.to_string())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            r,
+            Ok(()),
+            "3: the fd was inherited, 4: a signal was blocked"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
