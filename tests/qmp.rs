@@ -72,9 +72,7 @@ struct Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        support::reaper::guest_ending(self.child.id());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        support::reaper::kill_guest(&mut self.child);
     }
 }
 
@@ -128,14 +126,11 @@ impl Vm {
     fn wait(mut self, deadline: Duration) -> (Option<i32>, String, String) {
         let t0 = Instant::now();
         let code = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                support::reaper::guest_ending(self.child.id());
+            if let Some(s) = support::reaper::try_reap(&mut self.child) {
                 break s.code();
             }
             if t0.elapsed() > deadline {
-                support::reaper::guest_ending(self.child.id());
-                let _ = self.child.kill();
-                let _ = self.child.wait();
+                support::reaper::kill_guest(&mut self.child);
                 break None;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -569,7 +564,14 @@ fn info_usernet_names_the_port_a_forward_was_bound_to() {
         .split("Hub -1 (")
         .find(|t| t.starts_with("u0)"))
         .unwrap_or_default();
-    assert!(u0.contains(" 23 "), "{table}");
+    // Protocol[State] FD Source-address Port Dest.-address Port ...
+    assert!(
+        u0.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.first() == Some(&"TCP[HOST_FORWARD]") && f.get(5) == Some(&"23")
+        }),
+        "{table}"
+    );
     assert!(hmp(&mut r, "info").contains("usernet"));
     r.get_mut().write_all(b"quit\n").unwrap();
     let (code, out, err) = vm.wait(Duration::from_secs(30));

@@ -157,14 +157,11 @@ pub fn run(args: &[String], deadline: Duration) -> Outcome {
         String::from_utf8_lossy(&s).into_owned()
     });
     let code = loop {
-        if let Some(status) = child.try_wait().expect("wait nicvm") {
-            reaper::guest_ending(child.id());
+        if let Some(status) = reaper::try_reap(&mut child) {
             break status.code();
         }
         if start.elapsed() > deadline {
-            reaper::guest_ending(child.id());
-            let _ = child.kill();
-            let _ = child.wait();
+            reaper::kill_guest(&mut child);
             break None;
         }
         std::thread::sleep(Duration::from_millis(50));

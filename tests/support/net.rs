@@ -94,7 +94,7 @@ impl Netns {
             "--port=0".into(),
             "--no-resolv".into(),
             "--no-hosts".into(),
-            format!("--dhcp-leasefile=/tmp/{}.leases", self.name),
+            format!("--dhcp-leasefile={}", reaper::leases_path(&self.name)),
             "--pid-file=".into(),
             "--log-dhcp".into(),
             format!("--log-facility={}", self.dnsmasq_log_path()),
@@ -115,7 +115,7 @@ impl Netns {
     }
 
     fn dnsmasq_log_path(&self) -> String {
-        format!("/tmp/{}.dnsmasq.log", self.name)
+        reaper::dnsmasq_log_path(&self.name)
     }
 
     /// What the namespace's dnsmasq logged of its DHCP exchanges so far (for a failure
@@ -284,7 +284,7 @@ impl Guest {
             let mut g = Guest::spawn(make(port));
             let until = Instant::now() + Duration::from_secs(60);
             loop {
-                if g.child.try_wait().ok().flatten().is_some() {
+                if reaper::try_reap(&mut g.child).is_some() {
                     let stderr = g.stop_for_stderr();
                     if stderr.contains("hostfwd: cannot listen on tcp") {
                         eprintln!("a port was taken before nicvm bound it; another one");
@@ -506,8 +506,7 @@ impl Guest {
     /// Stops nicvm and returns what it wrote to stderr (its warnings), for a failure message.
     /// (A process nicvm started may still hold stderr open: a few seconds for it at most.)
     pub fn stop_for_stderr(&mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reaper::kill_guest(&mut self.child);
         let Some(t) = self.stderr.take() else {
             return String::new();
         };
@@ -538,7 +537,7 @@ impl Guest {
     pub fn finish(mut self) -> Outcome {
         let mut hung = None;
         let code = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
+            if let Some(s) = reaper::try_reap(&mut self.child) {
                 break s.code();
             }
             while let Ok((t, l)) = self.lines.try_recv() {
@@ -547,8 +546,7 @@ impl Guest {
             }
             if self.time_left().is_zero() {
                 hung = Some(Guest::hang_diag(self.child.id()));
-                let _ = self.child.kill();
-                let _ = self.child.wait();
+                reaper::kill_guest(&mut self.child);
                 break None;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -601,9 +599,7 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        reaper::guest_ending(self.child.id());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reaper::kill_guest(&mut self.child);
     }
 }
 

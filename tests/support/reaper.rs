@@ -1,6 +1,7 @@
 //! What a test process leaves behind when it does not end on its own: the network namespaces
-//! it made (with their taps, DHCP servers and guests) and the guests it started. Each is
-//! removed by its own Drop when its test ends, pass or fail; this covers the rest.
+//! it made (with their taps, DHCP servers and guests) and the guests it started through this
+//! module's callers (`Guest`, `run`, tests/qmp.rs's `Vm`). Each is removed by its own Drop
+//! when its test ends, pass or fail; this covers the rest.
 //! - SIGINT, SIGTERM, SIGHUP (Ctrl-C, `timeout`, a closed terminal): a thread removes whatever
 //!   is still registered, then the process dies of the signal as it would have.
 //! - SIGKILL, where nothing can run: the first namespace a later test process makes is made
@@ -37,8 +38,18 @@ pub fn remove_namespace(name: &str) {
             "ip netns pids {name} | xargs -r kill -9; ip netns del {name}"
         ))
         .output();
-    let _ = std::fs::remove_file(format!("/tmp/{name}.leases"));
-    let _ = std::fs::remove_file(format!("/tmp/{name}.dnsmasq.log"));
+    let _ = std::fs::remove_file(leases_path(name));
+    let _ = std::fs::remove_file(dnsmasq_log_path(name));
+}
+
+/// Where the DHCP server of namespace `name` keeps its leases.
+pub fn leases_path(name: &str) -> String {
+    format!("/tmp/{name}.leases")
+}
+
+/// Where the DHCP server of namespace `name` logs.
+pub fn dnsmasq_log_path(name: &str) -> String {
+    format!("/tmp/{name}.dnsmasq.log")
 }
 
 pub fn guest_started(pid: u32) {
@@ -46,9 +57,40 @@ pub fn guest_started(pid: u32) {
     lock(&GUESTS).push(pid);
 }
 
-/// Called before the guest is killed and reaped (after that its pid may be someone else's).
+/// Called once the guest has ended or been killed, before it is reaped (after that its pid
+/// may be someone else's).
 pub fn guest_ending(pid: u32) {
     lock(&GUESTS).retain(|p| *p != pid);
+}
+
+/// `try_wait` for a registered guest: its exit is seen without reaping it, the guest is
+/// unregistered, then reaped, so the clean-up thread never signals a pid reused meanwhile.
+pub fn try_reap(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    // SAFETY: siginfo_t is plain data that waitid fills in; WNOWAIT leaves the child
+    // unreaped, WNOHANG returns at once.
+    let exited = unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::waitid(
+            libc::P_PID,
+            child.id(),
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+        ) == 0
+            && info.si_pid() != 0
+    };
+    if !exited {
+        return None;
+    }
+    guest_ending(child.id());
+    child.wait().ok()
+}
+
+/// Kills and reaps a registered guest (its Drop): killed while still registered, so a
+/// signal in between still finds it.
+pub fn kill_guest(child: &mut std::process::Child) {
+    let _ = child.kill();
+    guest_ending(child.id());
+    let _ = child.wait();
 }
 
 /// The process a `nicvm-TAG-PID` namespace was named after (tests/support, scripts/nicbench).
@@ -82,7 +124,9 @@ extern "C" fn on_signal(sig: libc::c_int) {
     unsafe { libc::write(WAKE.load(Ordering::Relaxed), (&b as *const u8).cast(), 1) };
 }
 
-fn start() {
+/// Installs the handlers and clears what dead test processes left, once per process (the
+/// first namespace or guest does it).
+pub fn start() {
     START.call_once(|| {
         sweep_orphans();
         let mut fds = [0; 2];

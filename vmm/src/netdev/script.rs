@@ -111,7 +111,7 @@ pub(crate) mod tests {
         let p = dir.join("check");
         std::fs::write(
             &p,
-            "#!/bin/sh\n[ -e /proc/$$/fd/$1 ] && exit 3\n\
+            "#!/bin/sh\n[ \"$(readlink /proc/$$/fd/$1)\" = 'anon_inode:[eventfd]' ] && exit 3\n\
              grep -q '^SigBlk:[[:space:]]*0*$' /proc/$$/status || exit 4\nexit 0\n",
         )
         .unwrap();
