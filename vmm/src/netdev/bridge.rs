@@ -16,8 +16,12 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// QEMU's helper where Debian installs it (QEMU's libexecdir).
-pub const DEFAULT_HELPER: &str = "/usr/lib/qemu/qemu-bridge-helper";
+/// QEMU's helper where distributions install it (QEMU's libexecdir): Debian and Ubuntu, then
+/// Fedora, RHEL and Arch.
+pub const DEFAULT_HELPERS: [&str; 2] = [
+    "/usr/lib/qemu/qemu-bridge-helper",
+    "/usr/libexec/qemu-bridge-helper",
+];
 
 /// linux/sockios.h: add an interface to a bridge (ifr_ifindex names it).
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
@@ -48,7 +52,8 @@ pub enum BridgeError {
     HelperFailed { helper: String, status: String },
     #[error(
         "nicvm cannot make a tap itself (no CAP_NET_ADMIN) and there is no bridge helper at \
-         {DEFAULT_HELPER} (give helper=)"
+         {} (give helper=)",
+        DEFAULT_HELPERS.join(" or ")
     )]
     NoHelper,
 }
@@ -58,10 +63,13 @@ pub fn open(o: &BridgeOptions) -> Result<(Tap, String), BridgeError> {
     match &o.helper {
         Some(h) => Ok((from_helper(h, &o.br)?, h.clone())),
         None if has_net_admin() => Ok((own_tap(&o.br)?, "nicvm".into())),
-        None if std::path::Path::new(DEFAULT_HELPER).exists() => {
-            Ok((from_helper(DEFAULT_HELPER, &o.br)?, DEFAULT_HELPER.into()))
-        }
-        None => Err(BridgeError::NoHelper),
+        None => match DEFAULT_HELPERS
+            .into_iter()
+            .find(|h| std::path::Path::new(h).exists())
+        {
+            Some(h) => Ok((from_helper(h, &o.br)?, h.into())),
+            None => Err(BridgeError::NoHelper),
+        },
     }
 }
 
@@ -212,8 +220,24 @@ fn from_helper(helper: &str, br: &str) -> Result<Tap, BridgeError> {
         let _ = child.wait();
         fail("gave up waiting for it (killed)", why)
     };
+    // Why to stop waiting for the helper (an exit signal, or the time is up), checked a tenth
+    // of a second at a time.
+    let stop = || {
+        if crate::open::exit_signal_in_setup() {
+            return Some(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "an exit signal came",
+            ));
+        }
+        (start.elapsed() > HELPER_TIMEOUT).then(|| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer in {} s", HELPER_TIMEOUT.as_secs()),
+            )
+        })
+    };
     loop {
-        // SAFETY: one pollfd we own; a tenth of a second at a time, to see exit signals.
+        // SAFETY: one pollfd we own, for a tenth of a second.
         let n = unsafe { libc::poll(&mut pfd, 1, 100) };
         if n > 0 {
             break;
@@ -222,21 +246,25 @@ fn from_helper(helper: &str, br: &str) -> Result<Tap, BridgeError> {
         if n < 0 && e.kind() != io::ErrorKind::Interrupted {
             return Err(give_up(&mut child, e));
         }
-        if crate::open::exit_signal_in_setup() {
-            let why = io::Error::new(io::ErrorKind::Interrupted, "an exit signal came");
-            return Err(give_up(&mut child, why));
-        }
-        if start.elapsed() > HELPER_TIMEOUT {
-            let why = io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer in {} s", HELPER_TIMEOUT.as_secs()),
-            );
+        if let Some(why) = stop() {
             return Err(give_up(&mut child, why));
         }
     }
     let mut byte = [0u8; 1];
     let got = ours.recv_with_fd(&mut byte);
-    let status = child.wait().map_err(|e| fail("cannot wait for it", e))?;
+    // Then its exit, under the same rules (one that hands the tap over and stays is not
+    // waited for without end either).
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => return Err(give_up(&mut child, e)),
+        }
+        if let Some(why) = stop() {
+            return Err(give_up(&mut child, why));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     match got {
         Ok((_, Some(file))) if status.success() => {
             let fd = file.into_raw_fd();
