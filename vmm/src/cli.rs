@@ -253,7 +253,7 @@ Snapshots (see docs/snapshots.md):
   power management. See docs/qemu-compat.md.
 
 Network:
-  -netdev TYPE,id=ID[,...]     backend: user, tap, vde, socket, stream, dgram
+  -netdev TYPE,id=ID[,...]     backend: user, tap, vde, socket, stream, dgram, bridge
   -device MODEL,netdev=ID[,mac=MAC][,id=ID][,addr=SLOT]
                                NIC: rtl8139, e1000, virtio-net-pci
                                rtl8139,cplus=off: a plain RTL8139C (Linux 8139too) instead

@@ -84,68 +84,48 @@ impl std::str::FromStr for HostFwd {
     type Err = FwdSyntaxError;
     /// `[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport`
     fn from_str(s: &str) -> Result<Self, FwdSyntaxError> {
-        let bad = || FwdSyntaxError::HostFwd(s.to_string());
-        let (proto, rest) = match s.split_once(':') {
-            Some((p @ ("tcp" | "udp" | ""), r)) => (p, r),
-            _ => return Err(bad()),
-        };
-        let (host, guest) = rest.split_once('-').ok_or_else(bad)?;
-        let addr_port = |x: &str| -> Result<(Ipv4Addr, u16), FwdSyntaxError> {
-            let (a, p) = x.rsplit_once(':').ok_or_else(bad)?;
-            let a = if a.is_empty() {
-                Ipv4Addr::UNSPECIFIED
-            } else {
-                a.parse().map_err(|_| bad())?
-            };
-            Ok((a, p.parse().map_err(|_| bad())?))
-        };
-        let (host_addr, host_port) = addr_port(host)?;
-        let (guest_addr, guest_port) = addr_port(guest)?;
-        if guest_port == 0 {
-            return Err(FwdSyntaxError::GuestPortZero(s.to_string()));
-        }
-        Ok(HostFwd {
-            udp: proto == "udp",
-            host_addr,
-            host_port,
-            guest_addr,
-            guest_port,
+        HostFwd::parse(s).map_err(|why| match why {
+            "Bad guest port" if s.ends_with(":0") => FwdSyntaxError::GuestPortZero(s.into()),
+            _ => FwdSyntaxError::HostFwd(s.into()),
         })
     }
 }
 
 impl HostFwd {
-    /// Why `s` is not a forward, in QEMU's words (its checks, in its order), or None if it
-    /// is one.
+    /// Why `s` is not a forward, in QEMU's words, or None if it is one.
     pub fn syntax_error(s: &str) -> Option<&'static str> {
-        let Some((proto, rest)) = s.split_once(':') else {
-            return Some("No : separators");
+        HostFwd::parse(s).err()
+    }
+
+    /// A forward as QEMU reads one: its checks in its order, each failure with its reason.
+    fn parse(s: &str) -> Result<HostFwd, &'static str> {
+        let (proto, rest) = s.split_once(':').ok_or("No : separators")?;
+        let udp = match proto {
+            "" | "tcp" => false,
+            "udp" => true,
+            _ => return Err("Bad protocol name"),
         };
-        if !matches!(proto, "" | "tcp" | "udp") {
-            return Some("Bad protocol name");
-        }
-        let Some((host, rest)) = rest.split_once(':') else {
-            return Some("Missing : separator");
+        let addr = |a: &str, why| match a {
+            "" => Ok(Ipv4Addr::UNSPECIFIED),
+            a => a.parse::<Ipv4Addr>().map_err(|_| why),
         };
-        if !host.is_empty() && host.parse::<Ipv4Addr>().is_err() {
-            return Some("Bad host address");
-        }
-        let Some((host_port, rest)) = rest.split_once('-') else {
-            return Some("Bad host port separator");
+        let (host, rest) = rest.split_once(':').ok_or("Missing : separator")?;
+        let host_addr = addr(host, "Bad host address")?;
+        let (host_port, rest) = rest.split_once('-').ok_or("Bad host port separator")?;
+        let host_port = host_port.parse::<u16>().map_err(|_| "Bad host port")?;
+        let (guest, guest_port) = rest.split_once(':').ok_or("Missing guest address")?;
+        let guest_addr = addr(guest, "Bad guest address")?;
+        let guest_port = match guest_port.parse::<u16>() {
+            Ok(p) if p != 0 => p,
+            _ => return Err("Bad guest port"),
         };
-        if host_port.parse::<u16>().is_err() {
-            return Some("Bad host port");
-        }
-        let Some((guest, guest_port)) = rest.split_once(':') else {
-            return Some("Missing guest address");
-        };
-        if !guest.is_empty() && guest.parse::<Ipv4Addr>().is_err() {
-            return Some("Bad guest address");
-        }
-        if guest_port.parse::<u16>().map_or(true, |p| p == 0) {
-            return Some("Bad guest port");
-        }
-        None
+        Ok(HostFwd {
+            udp,
+            host_addr,
+            host_port,
+            guest_addr,
+            guest_port,
+        })
     }
 }
 
@@ -774,8 +754,23 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
         }
         let asked = std::mem::take(&mut *asks.lock().unwrap());
         for (ask, answer) in asked {
+            let added = match &ask {
+                UsernetAsk::AddHostFwd(f) => Some(f.clone()),
+                _ => None,
+            };
             // SAFETY: slirp is live, and no reference to the state is held across the call.
-            let _ = answer.send(unsafe { answer_ask(slirp, ask) });
+            let result = unsafe { answer_ask(slirp, ask) };
+            let heard = answer.send(result.clone()).is_ok();
+            if let (false, Some(f), Ok(_)) = (heard, added, result) {
+                // The monitor stopped waiting and told its user it did not happen: undone.
+                let undo = UsernetAsk::RemoveHostFwd {
+                    udp: f.udp,
+                    addr: f.host_addr,
+                    port: f.host_port,
+                };
+                // SAFETY: as above.
+                let _ = unsafe { answer_ask(slirp, undo) };
+            }
         }
         // The guest's frames, taken in one go so that the I/O thread never waits for slirp;
         // the queues swap places, keeping their allocations.

@@ -37,7 +37,7 @@ const TYPES: [(&str, NetdevType); 7] = [
     ("bridge", NetdevType::Bridge),
 ];
 
-/// "user, tap, vde, socket, stream, dgram"
+/// "user, tap, vde, socket, stream, dgram, bridge"
 fn type_list() -> String {
     TYPES.map(|(n, _)| n).join(", ")
 }

@@ -282,13 +282,9 @@ fn ask_usernet(n: &super::NicEntry, ask: UsernetAsk) -> Option<Result<UsernetAns
     )
 }
 
-/// Asks the user network `-netdev` `id` names, or the first one there is; Err (in QEMU's
-/// words) when there is none.
-fn ask_named_usernet(
-    control: &Control,
-    id: Option<&str>,
-    ask: UsernetAsk,
-) -> Result<UsernetAnswer, String> {
+/// The NIC of the user network `-netdev` `id` names, or of the first there is in QEMU's order;
+/// Err, in QEMU's words, when there is none.
+fn usernet_nic<'a>(control: &'a Control, id: Option<&str>) -> Result<&'a super::NicEntry, String> {
     if let Some(id) = id {
         if !control.netdev_ids.iter().any(|n| n == id) {
             return Err(format!("unrecognized netdev id '{id}'"));
@@ -299,9 +295,15 @@ fn ask_named_usernet(
         .iter()
         .filter(|n| id.is_none_or(|id| *n == id));
     for netdev in netdevs {
-        let nic = control.nics.iter().find(|n| n.config.netdev == *netdev);
-        if let Some(answer) = nic.and_then(|n| ask_usernet(n, ask.clone())) {
-            return answer;
+        let nic = control
+            .nics
+            .iter()
+            .enumerate()
+            .find(|(_, n)| n.config.netdev == *netdev);
+        if let Some((i, n)) = nic {
+            if control.backends[i].starts_with("user") {
+                return Ok(n);
+            }
         }
     }
     Err(match id {
@@ -310,9 +312,18 @@ fn ask_named_usernet(
     })
 }
 
+/// What a user network answered: Ok(Ok) done, Ok(Err) refused with its reason, Err no answer.
+fn ask_nic(nic: &super::NicEntry, ask: UsernetAsk) -> Result<UsernetAnswer, String> {
+    ask_usernet(nic, ask).unwrap_or_else(|| Err("invalid device specified".into()))
+}
+
 /// `hostfwd_add [netdev_id] RULE`: a forward as `hostfwd=` takes it, added while the guest
-/// runs. Silent when it worked, as QEMU.
+/// runs. Silent when it worked; as QEMU, the netdev is looked up before the rule is read.
 fn hostfwd_add(control: &Control, id: Option<&str>, rule: &str) -> String {
+    let nic = match usernet_nic(control, id) {
+        Ok(n) => n,
+        Err(e) => return format!("{e}\n"),
+    };
     let fwd = match rule.parse::<HostFwd>() {
         Ok(f) => f,
         // QEMU's words.
@@ -321,7 +332,7 @@ fn hostfwd_add(control: &Control, id: Option<&str>, rule: &str) -> String {
             return format!("Invalid host forwarding rule '{rule}' ({why})\n");
         }
     };
-    match ask_named_usernet(control, id, UsernetAsk::AddHostFwd(fwd)) {
+    match ask_nic(nic, UsernetAsk::AddHostFwd(fwd)) {
         Ok(Ok(_)) => String::new(),
         Ok(Err(e)) => format!("Could not set up host forwarding rule '{rule}': {e}\n"),
         Err(e) => format!("{e}\n"),
@@ -331,18 +342,27 @@ fn hostfwd_add(control: &Control, id: Option<&str>, rule: &str) -> String {
 /// `hostfwd_remove [netdev_id] [tcp|udp]:[hostaddr]:hostport`: says whether a forward was
 /// there to remove, in QEMU's words.
 fn hostfwd_remove(control: &Control, id: Option<&str>, rule: &str) -> String {
-    let Some((udp, addr, port)) = parse_forward_source(rule) else {
-        return "invalid format\n".into();
+    let nic = match usernet_nic(control, id) {
+        Ok(n) => n,
+        Err(e) => return format!("{e}\n"),
     };
-    match ask_named_usernet(control, id, UsernetAsk::RemoveHostFwd { udp, addr, port }) {
+    let not_found = format!("host forwarding rule for {rule} not found\n");
+    let (udp, addr, port) = match parse_forward_source(rule) {
+        Some((udp, addr, Ok(port))) => (udp, addr, port),
+        // A number, but no port: no forward has it.
+        Some((_, _, Err(()))) => return not_found,
+        None => return "invalid format\n".into(),
+    };
+    match ask_nic(nic, UsernetAsk::RemoveHostFwd { udp, addr, port }) {
         Ok(Ok(_)) => format!("host forwarding rule for {rule} removed\n"),
-        Ok(Err(e)) => format!("host forwarding rule for {rule} {e}\n"),
+        Ok(Err(_)) => not_found,
         Err(e) => format!("{e}\n"),
     }
 }
 
-/// `[tcp|udp]:[hostaddr]:hostport`: (UDP, the address, 0.0.0.0 for any, and the port).
-fn parse_forward_source(s: &str) -> Option<(bool, std::net::Ipv4Addr, u16)> {
+/// `[tcp|udp]:[hostaddr]:hostport`: (UDP, the address, 0.0.0.0 for any, and the port, or
+/// Err for a number that is not one).
+fn parse_forward_source(s: &str) -> Option<(bool, std::net::Ipv4Addr, Result<u16, ()>)> {
     let (proto, rest) = s.split_once(':')?;
     let udp = match proto {
         "" | "tcp" => false,
@@ -354,7 +374,8 @@ fn parse_forward_source(s: &str) -> Option<(bool, std::net::Ipv4Addr, u16)> {
         "" => std::net::Ipv4Addr::UNSPECIFIED,
         a => a.parse().ok()?,
     };
-    Some((udp, addr, port.parse().ok()?))
+    let port = port.parse::<i64>().ok()?;
+    Some((udp, addr, u16::try_from(port).map_err(|_| ())))
 }
 
 fn info_network(control: &Control) -> String {
