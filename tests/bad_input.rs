@@ -194,21 +194,33 @@ fn a_path_with_a_line_break_stays_on_one_line() {
     );
 }
 
-/// libvirt's JSON form of an option: said so, in one line.
+/// The JSON form of an option (libvirt's): broken JSON, a value of the wrong kind, and the
+/// options QEMU takes no JSON for are each said in one line.
 #[test]
 fn json_option_syntax_is_named() {
     let k = kernel();
-    let o = run(
-        &args(&[
-            "-kernel",
-            &k,
-            "-netdev",
-            r#"{"type":"user","id":"hostnet0"}"#,
-        ]),
-        Duration::from_secs(30),
-    );
-    expect_error_in(&["-netdev", "{json}"], &o, "-netdev");
-    assert!(o.stderr.contains("JSON"), "{}", o.stderr);
+    for (opt, val, said) in [
+        ("-netdev", r#"{"type":"user","id":"n0""#, "JSON parse error"),
+        (
+            "-device",
+            r#"{"driver":"e1000","mac":["x"]}"#,
+            "Invalid parameter type for 'mac'",
+        ),
+        (
+            "-object",
+            r#"{"qom-type":"filter-dump","id":"f","netdev":{}}"#,
+            "'netdev'",
+        ),
+        (
+            "-nic",
+            r#"{"type":"user"}"#,
+            "JSON form is taken by -netdev",
+        ),
+    ] {
+        let o = run(&args(&["-kernel", &k, opt, val]), Duration::from_secs(30));
+        expect_error_in(&[opt, "{json}"], &o, opt);
+        assert!(o.stderr.contains(said), "{opt}: {}", o.stderr);
+    }
 }
 
 #[test]

@@ -442,12 +442,31 @@ fn virtio_net_without_tso_its_segments_reach_the_tap_merged() {
     }
 }
 
-/// `-netdev tap,queues=2` with `-device virtio-net-pci,mq=on` under a two-vCPU guest: Linux's
-/// virtio_net takes both queue pairs (through the control queue), the kernel spreads the host's
-/// flows over the tap's two queues, and frames arrive on both of the guest's receive queues
-/// (their interrupts counted in the guest), with 8 MiB each way intact. Each queue pair has
-/// an I/O thread of its own (`io`, `io1`): only `io1` watches the second tap queue, so the
-/// frames the guest counted on `input.1` went through it.
+/// Opens `argv[2]` queues of multiqueue tap `argv[1]` with a virtio-net header, as libvirt
+/// does, and runs the rest of the arguments with `@FDS@` replaced by the descriptors
+/// (`N:M:...`), left open across the exec.
+const TAP_QUEUES_LAUNCHER: &str = r#"
+import fcntl, os, struct, sys
+IFF_TAP, IFF_NO_PI, IFF_MULTI_QUEUE, IFF_VNET_HDR, TUNSETIFF = 0x2, 0x1000, 0x100, 0x4000, 0x400454CA
+fds = []
+for _ in range(int(sys.argv[2])):
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    flags = IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE | IFF_VNET_HDR
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", sys.argv[1].encode(), flags))
+    os.set_inheritable(fd, True)
+    fds.append(str(fd))
+args = [a.replace("@FDS@", ":".join(fds)) for a in sys.argv[3:]]
+os.execvp(args[0], args)
+"#;
+
+/// A two-queue tap under a two-vCPU guest's `virtio-net-pci,mq=on`, given as libvirt gives it:
+/// the tap's queues opened by the caller and passed as `fds=`, the netdev and the device in
+/// QEMU's JSON form (`tap,queues=2` by name is the snapshot test's). Linux's virtio_net takes
+/// both queue pairs (through the control queue), the kernel spreads the host's flows over the
+/// tap's two queues, and frames arrive on both of the guest's receive queues (their interrupts
+/// counted in the guest), with 8 MiB each way intact. Each queue pair has an I/O thread of its
+/// own (`io`, `io1`): only `io1` watches the second tap queue, so the frames the guest counted
+/// on `input.1` went through it.
 #[test]
 fn virtio_net_multiqueue_on_a_multiqueue_tap() {
     let Some(img) = image() else { return };
@@ -455,16 +474,17 @@ fn virtio_net_multiqueue_on_a_multiqueue_tap() {
     ns.sh("ip tuntap add dev mq0 mode tap multi_queue && ip addr add 192.168.92.1/24 dev mq0 && ip link set mq0 up");
     ns.dnsmasq("mq0", ("192.168.92.50", "192.168.92.60"), &[]);
     let receiver = receive_from_guest(&ns, "192.168.92.1");
-    let mut g = ns.guest(
+    let mut g = ns.guest_via(
+        &["python3", "-c", TAP_QUEUES_LAUNCHER, "mq0", "2"],
         &img,
         "nicvm.run=udpecho:7777:32,recv:5001,send:192.168.92.1:5002:8,queues:eth0,exit",
         &[
             "-smp",
             "2",
             "-netdev",
-            "tap,id=n0,ifname=mq0,script=no,downscript=no,queues=2",
+            r#"{"type":"tap","fds":"@FDS@","id":"hostnet0"}"#,
             "-device",
-            "virtio-net-pci,netdev=n0,mq=on",
+            r#"{"driver":"virtio-net-pci","mq":true,"vectors":6,"netdev":"hostnet0","id":"net0","bus":"pci.0","addr":"0x3"}"#,
         ],
         &[],
     );

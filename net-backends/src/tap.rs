@@ -50,6 +50,19 @@ pub enum TapError {
     NoVnetHdr,
     #[error("vnet_hdr=on: the tap behind fd={0} was opened without IFF_VNET_HDR")]
     FdNoVnetHdr(RawFd),
+    #[error(
+        "fds=: {0} is a queue of tap {1}, which has one queue (not made with IFF_MULTI_QUEUE)"
+    )]
+    FdNotMultiQueue(RawFd, String),
+    #[error(
+        "fds=: {fd} is a queue of tap {name}, {first} of tap {first_name}: give one tap's queues"
+    )]
+    FdOtherTap {
+        fd: RawFd,
+        name: String,
+        first: RawFd,
+        first_name: String,
+    },
 }
 
 pub struct Tap {
@@ -179,6 +192,39 @@ impl Tap {
         taps.push(first);
         for _ in 1..queues {
             taps.push(Tap::open_flags(&name, vnet, true)?);
+        }
+        Ok(taps)
+    }
+
+    /// The queues of a tap someone else opened (`fds=N:M:...`, as libvirt passes a multiqueue
+    /// tap), each taken as [`Tap::from_fd`] takes one. Two or more must be queues of one
+    /// multiqueue tap; on an error the descriptors already taken are closed.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Tap::from_fd`], for each descriptor; no descriptor twice.
+    pub unsafe fn from_queue_fds(
+        fds: &[RawFd],
+        vnet_hdr: Option<bool>,
+    ) -> Result<Vec<Tap>, TapError> {
+        let mut taps: Vec<Tap> = Vec::with_capacity(fds.len());
+        for &fd in fds {
+            if fds.len() > 1 {
+                let (flags, name) = tun_get_iff(fd).map_err(|e| TapError::BadFd(fd, e))?;
+                if flags & libc::IFF_MULTI_QUEUE as libc::c_short == 0 {
+                    return Err(TapError::FdNotMultiQueue(fd, name));
+                }
+                if let Some(first) = taps.first().filter(|t| t.name != name) {
+                    return Err(TapError::FdOtherTap {
+                        fd,
+                        name,
+                        first: fds[0],
+                        first_name: first.name.clone(),
+                    });
+                }
+            }
+            // SAFETY: the caller hands each descriptor over once (see above).
+            taps.push(unsafe { Tap::from_fd(fd, vnet_hdr) }?);
         }
         Ok(taps)
     }
@@ -1651,6 +1697,80 @@ mod tests {
                 let mut out = Vec::new();
                 tap.send_batch(&iov, &ends, &mut out);
                 assert_eq!(out.len(), 4);
+            }
+        });
+    }
+
+    /// A tap's queues opened by another program, as libvirt passes them (`fds=N:M`): both
+    /// carry frames; descriptors of a single-queue tap or of two different taps are refused.
+    #[test]
+    fn queue_fds_of_one_multiqueue_tap() {
+        in_own_netns(|| {
+            // A queue of tap `name` opened here, as another program would (None: no tun).
+            let raw = |name: &str, multi: bool| -> Option<RawFd> {
+                let tun = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/net/tun")
+                    .ok()?;
+                let mq = if multi {
+                    libc::IFF_MULTI_QUEUE as libc::c_short
+                } else {
+                    0
+                };
+                let mut req = ifreq(name, IFF_TAP | IFF_NO_PI | mq).unwrap();
+                // SAFETY: TUNSETIFF reads and updates the ifreq we own.
+                let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+                assert_eq!(rc, 0, "TUNSETIFF {name}: {}", io::Error::last_os_error());
+                Some(tun.into_raw_fd())
+            };
+            let Some(q0) = raw("nqf0", true) else {
+                eprintln!("SKIPPED: no /dev/net/tun");
+                return;
+            };
+            let q1 = raw("nqf0", true).unwrap();
+            // SAFETY: q0 and q1 came from into_raw_fd: nothing else owns them.
+            let mut taps = unsafe { Tap::from_queue_fds(&[q0, q1], Some(false)) }.unwrap();
+            assert_eq!(taps.len(), 2);
+            assert!(taps.iter().all(|t| t.name() == "nqf0"));
+            let ip = |args: &[&str]| {
+                std::process::Command::new("ip")
+                    .args(args)
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            if !ip(&["addr", "add", "192.168.79.1/24", "dev", "nqf0"]) {
+                eprintln!("SKIPPED: no ip(8)");
+                return;
+            }
+            assert!(ip(&["link", "set", "nqf0", "up"]));
+            // Asked through queue 1, answered on queue 0 (queue 1 detached for the answer).
+            taps[1].set_queue_enabled(false).unwrap();
+            arp_reply(&mut taps, 1, 0, [192, 168, 79]);
+            drop(taps);
+
+            let (a, single) = (raw("nqf1", true).unwrap(), raw("nqs0", false).unwrap());
+            // SAFETY: as above; `single` is left open by the refusal and closed below.
+            match unsafe { Tap::from_queue_fds(&[a, single], None) } {
+                Err(e @ TapError::FdNotMultiQueue(..)) => {
+                    assert!(e.to_string().contains("nqs0"), "{e}")
+                }
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("a single-queue tap's descriptor taken as a queue"),
+            }
+            let (b, c) = (raw("nqf1", true).unwrap(), raw("nqf2", true).unwrap());
+            // SAFETY: as above; `c` is left open by the refusal.
+            match unsafe { Tap::from_queue_fds(&[b, c], None) } {
+                Err(e @ TapError::FdOtherTap { .. }) => assert!(
+                    e.to_string().contains("nqf2") && e.to_string().contains("nqf1"),
+                    "{e}"
+                ),
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("queues of two taps taken as one tap's"),
+            }
+            for fd in [single, c] {
+                // SAFETY: closing the descriptors the refusals left open, owned by nothing.
+                unsafe { libc::close(fd) };
             }
         });
     }

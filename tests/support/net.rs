@@ -174,8 +174,22 @@ impl Netns {
 
     /// Starts nicvm inside the namespace, booting the project's guest.
     pub fn guest(&self, img: &Image, append: &str, extra: &[&str], env: &[(&str, &str)]) -> Guest {
+        self.guest_via(&[], img, append, extra, env)
+    }
+
+    /// As `guest`, through `launcher`: a command that ends by running the rest of its
+    /// arguments (nicvm's command line), as libvirt starts QEMU with descriptors it opened.
+    pub fn guest_via(
+        &self,
+        launcher: &[&str],
+        img: &Image,
+        append: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Guest {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name])
+            .args(launcher)
             .arg(nicvm())
             .args(["-kernel", &img.kernel.display().to_string()])
             .args(["-initrd", &img.initrd.display().to_string()])

@@ -8,7 +8,7 @@ use crate::config::{
     NetdevConfig, NicConfig, NicModel, Note, OptionError, SaveOn, SerialTarget, TapDevice,
     TapOptions,
 };
-use crate::keyval::{KeyVal, KeyValError};
+use crate::keyval::{is_json, KeyVal, KeyValError};
 use crate::qemu_compat;
 use net_backends::mac::ParseMacError;
 use net_backends::slirp::SlirpOptions;
@@ -681,12 +681,12 @@ where
         if let Some(text) = qemu_compat::option_help(&opt, &val) {
             return Ok(Action::Listing(text));
         }
-        let structured = ["-netdev", "-device", "-object", "-chardev", "-nic"];
-        if structured.contains(&opt.as_str()) && val.trim_start().starts_with('{') {
+        // As QEMU: -netdev, -device and -object (below) read JSON; these two do not.
+        if ["-chardev", "-nic"].contains(&opt.as_str()) && is_json(&val) {
             return err(
                 &opt,
                 CliErrorKind::Refused(
-                    "the JSON form (as libvirt writes it) is not supported: \
+                    "the JSON form is taken by -netdev, -device and -object, as in QEMU: \
                      give TYPE,KEY=VALUE,..."
                         .into(),
                 ),
@@ -893,18 +893,18 @@ where
                 }
             }
             "-netdev" => {
-                if qemu_compat::wants_help(&val) {
+                if !is_json(&val) && qemu_compat::wants_help(&val) {
                     return Ok(Action::Listing(qemu_compat::netdev_types()));
                 }
-                let kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e))?;
+                let kv = KeyVal::parse_option(&val, "type").or_else(|e| err(&opt, e))?;
                 b.netdevs.push(netdev_config(&opt, kv, b.fds, true)?);
             }
             "-object" => {
-                let kv = KeyVal::parse(&val, Some("qom-type")).or_else(|e| err(&opt, e))?;
+                let kv = KeyVal::parse_option(&val, "qom-type").or_else(|e| err(&opt, e))?;
                 b.dumps.push(dump_from(&opt, kv)?);
             }
             "-device" => {
-                if qemu_compat::wants_help(&val) {
+                if !is_json(&val) && qemu_compat::wants_help(&val) {
                     let driver = val.split(',').next().unwrap_or("");
                     let driver = driver.strip_prefix("driver=").unwrap_or(driver);
                     if driver == "help" || driver == "?" {
@@ -913,7 +913,7 @@ where
                     let model = model_from(&opt, driver)?;
                     return Ok(Action::Listing(qemu_compat::device_properties(model)));
                 }
-                let mut kv = KeyVal::parse(&val, Some("driver")).or_else(|e| err(&opt, e))?;
+                let mut kv = KeyVal::parse_option(&val, "driver").or_else(|e| err(&opt, e))?;
                 let Some(driver) = kv.first.take() else {
                     return err(&opt, CliErrorKind::NoModel);
                 };
@@ -1585,15 +1585,19 @@ fn nic_model(option: &str, kv: &mut KeyVal) -> Result<NicModel, CliError> {
     }
 }
 
-/// A `tap,fd=N` descriptor belongs to one netdev: the second to name it is refused.
+/// A `tap,fd=N` (or `fds=`) descriptor belongs to one netdev: the second to name it is
+/// refused.
 fn check_tap_fds(netdevs: &[NetdevConfig]) -> Result<(), CliError> {
     let mut owners: Vec<(RawFd, &str)> = vec![];
     for n in netdevs {
-        if let Backend::Tap(TapOptions {
-            device: TapDevice::Fd(fd),
+        let Backend::Tap(TapOptions {
+            device: TapDevice::Fds(fds),
             ..
         }) = &n.backend
-        {
+        else {
+            continue;
+        };
+        for fd in fds {
             if let Some((_, by)) = owners.iter().find(|(f, _)| f == fd) {
                 return err(
                     &n.option,
@@ -2597,7 +2601,7 @@ mod tests {
         let Backend::Tap(t) = &c.netdevs[1].backend else {
             panic!()
         };
-        assert_eq!(t.device, TapDevice::Fd(6));
+        assert_eq!(t.device, TapDevice::Fds(vec![6]));
         let e = run_with(
             "-kernel k -netdev tap,id=a,fd=5 -netdev tap,id=b,fd=5",
             &fds,
@@ -2621,5 +2625,75 @@ mod tests {
             run("-kernel k -netdev tap,id=a,fd=5").is_err(),
             "parse() knows no inherited descriptor"
         );
+    }
+
+    /// libvirt's multiqueue tap: `fds=` one descriptor a queue, `vhostfds=` as many, which
+    /// nicvm checks and leaves alone (with the vhost warning).
+    #[test]
+    fn a_multiqueue_tap_given_by_descriptors() {
+        let fds = InheritedFds::from_fds([0, 1, 2, 5, 6, 7, 8, 9]);
+        let c = run_with(
+            r#"-kernel k -netdev {"type":"tap","fds":"5:6","vhost":true,"vhostfds":"7:8","id":"h"} -device virtio-net-pci,netdev=h,mq=on"#,
+            &fds,
+        )
+        .unwrap();
+        let Backend::Tap(t) = &c.netdevs[0].backend else {
+            panic!()
+        };
+        assert_eq!(
+            (&t.device, t.queues, t.vhost),
+            (&TapDevice::Fds(vec![5, 6]), 2, true)
+        );
+        assert!(c
+            .notes
+            .iter()
+            .any(|n| n.warning && n.text.contains("vhost")));
+        let why = |s: &str| {
+            run_with(&format!("-kernel k {s}"), &fds)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            why("-netdev tap,id=a,fds=5:6 -netdev tap,id=b,fd=6"),
+            "-netdev tap,id=b: fd: 6 is already used by -netdev tap,id=a"
+        );
+        assert_eq!(
+            why("-netdev tap,id=a,fds=5:6,vhostfds=7"),
+            "-netdev tap,id=a: vhostfds: 1 descriptors, and fds= has 2: one for each queue"
+        );
+        assert_eq!(
+            why("-netdev tap,id=a,fds=5:5"),
+            "-netdev tap,id=a: fds: 5 is given twice"
+        );
+        assert_eq!(
+            why("-netdev tap,id=a,fds=5:x"),
+            "-netdev tap,id=a: fds: '5:x' is not numbers joined by ':'"
+        );
+        assert_eq!(
+            why("-netdev tap,id=a,fd=5:6"),
+            "-netdev tap,id=a: fd: '5:6' is not a number"
+        );
+        assert!(
+            why("-netdev tap,id=a,fds=5:4").contains("fds: 4 is not a descriptor nicvm inherited")
+        );
+        for (s, keys) in [
+            ("fds=5,queues=1", "fds= and queues="),
+            ("fds=5,ifname=t", "fds= and ifname="),
+            ("fds=5,vhostfd=7", "fds= and vhostfd="),
+            ("fds=5,script=/x", "fds= and script="),
+            ("fd=5,fds=6", "fd= and fds="),
+            ("fd=5,vhostfds=7", "fd= and vhostfds="),
+        ] {
+            assert!(why(&format!("-netdev tap,id=a,{s}")).contains(keys), "{s}");
+        }
+        let c = run_with(
+            "-kernel k -netdev tap,id=a,ifname=t,vhostfd=7 -device e1000,netdev=a",
+            &fds,
+        )
+        .unwrap();
+        let Backend::Tap(t) = &c.netdevs[0].backend else {
+            panic!()
+        };
+        assert!(t.vhost, "vhostfd= alone asks for vhost-net, as in QEMU");
     }
 }

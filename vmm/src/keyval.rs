@@ -1,5 +1,6 @@
 //! QEMU's option syntax: `first,key=val,key=val`, where `,,` stands for a literal comma and
-//! keys may repeat (`hostfwd=...,hostfwd=...`).
+//! keys may repeat (`hostfwd=...,hostfwd=...`); and the JSON form QEMU takes for `-netdev`,
+//! `-device` and `-object` when the value starts with `{` (libvirt's command lines).
 
 /// Why `key=val,...` text does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -10,6 +11,10 @@ pub enum KeyValError {
     EmptyParameter,
     #[error("'{0}' needs a value ({0}=...)")]
     NeedsValue(String),
+    #[error("JSON parse error, {0}")]
+    Json(String),
+    #[error("Invalid parameter type for '{0}', expected: {1}")]
+    JsonType(String, &'static str),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -66,6 +71,59 @@ impl KeyVal {
         Ok(kv)
     }
 
+    /// The option's value in either of QEMU's forms: JSON when it starts with `{`, else
+    /// `key=val,...`.
+    pub fn parse_option(s: &str, implied: &str) -> Result<KeyVal, KeyValError> {
+        if is_json(s) {
+            KeyVal::from_json(s, implied)
+        } else {
+            KeyVal::parse(s, Some(implied))
+        }
+    }
+
+    /// A JSON object as `key=val` pairs, in its order: `implied` (`driver`, `type`) becomes
+    /// `first`, strings stay as they are, booleans become `on`/`off` and numbers their decimal
+    /// text. A list (the keys in LIST_KEYS: QAPI's `['String']`, whose items are
+    /// `{"str": "..."}`; plain strings are taken too) repeats its key, as `key=a,key=b` does.
+    pub fn from_json(s: &str, implied: &str) -> Result<KeyVal, KeyValError> {
+        let Members(members) =
+            serde_json::from_str(s).map_err(|e| KeyValError::Json(e.to_string()))?;
+        let mut kv = KeyVal::default();
+        for (key, value) in members {
+            if key == implied {
+                match value {
+                    serde_json::Value::String(v) => kv.first = Some(v),
+                    _ => return Err(KeyValError::JsonType(key, "string")),
+                }
+                continue;
+            }
+            match value {
+                serde_json::Value::Array(items) if LIST_KEYS.contains(&key.as_str()) => {
+                    for item in items {
+                        let text = match item {
+                            serde_json::Value::String(v) => v,
+                            serde_json::Value::Object(mut o) if o.len() == 1 => match o
+                                .remove("str")
+                            {
+                                Some(serde_json::Value::String(v)) => v,
+                                _ => return Err(KeyValError::JsonType(key, "a list of strings")),
+                            },
+                            _ => return Err(KeyValError::JsonType(key, "a list of strings")),
+                        };
+                        kv.pairs.push((key.clone(), text));
+                    }
+                }
+                value => {
+                    let text = scalar(value).ok_or_else(|| {
+                        KeyValError::JsonType(key.clone(), "a string, number or boolean")
+                    })?;
+                    kv.pairs.push((key, text));
+                }
+            }
+        }
+        Ok(kv)
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.pairs
             .iter()
@@ -98,6 +156,55 @@ impl KeyVal {
     pub fn remove(&mut self, key: &str) -> Option<String> {
         let i = self.pairs.iter().rposition(|(k, _)| k == key)?;
         Some(self.pairs.remove(i).1)
+    }
+}
+
+/// The members of the options nicvm reads that QEMU's schema makes lists (of `-netdev user`).
+const LIST_KEYS: [&str; 3] = ["hostfwd", "guestfwd", "dnssearch"];
+
+/// QEMU reads `-netdev`, `-device` and `-object` as JSON when they start with `{`.
+pub fn is_json(val: &str) -> bool {
+    val.trim_start().starts_with('{')
+}
+
+/// A JSON value that stands for one `key=val` value.
+fn scalar(value: serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(v) => Some(v),
+        serde_json::Value::Bool(b) => Some(if b { "on" } else { "off" }.into()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A JSON object's members in the order written (serde_json's map sorts them), each key once.
+struct Members(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut members: Vec<(String, serde_json::Value)> = Vec::new();
+                while let Some((key, value)) = map.next_entry::<String, serde_json::Value>()? {
+                    if members.iter().any(|(k, _)| *k == key) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate key '{key}'"
+                        )));
+                    }
+                    members.push((key, value));
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Visit)
     }
 }
 
@@ -175,5 +282,60 @@ mod tests {
         assert!(KeyVal::parse("=x", Some("type")).is_err());
         assert_eq!(kv.unknown_key(&["script"]), None);
         assert_eq!(kv.unknown_key(&[]), Some("script"));
+    }
+
+    #[test]
+    fn json_objects_read_as_their_key_value_form() {
+        let json = KeyVal::parse_option(
+            r#"{"type":"user","id":"n0","ipv6":false,"hostfwd":[{"str":"tcp::1-:2"},"udp::3-:4"],"mtu":1400}"#,
+            "type",
+        )
+        .unwrap();
+        let text = KeyVal::parse(
+            "user,id=n0,ipv6=off,hostfwd=tcp::1-:2,hostfwd=udp::3-:4,mtu=1400",
+            Some("type"),
+        )
+        .unwrap();
+        assert_eq!(json, text, "same pairs in the same order");
+        let dev = KeyVal::parse_option(
+            r#" {"driver":"e1000","netdev":"n0","addr":"0x5"}"#,
+            "driver",
+        )
+        .unwrap();
+        assert_eq!(dev.first.as_deref(), Some("e1000"));
+        assert_eq!(dev.get("addr"), Some("0x5"));
+        assert_eq!(
+            KeyVal::parse_option("e1000,netdev=n0", "driver")
+                .unwrap()
+                .get("netdev"),
+            Some("n0"),
+            "text that is not JSON is read as before"
+        );
+    }
+
+    #[test]
+    fn json_that_is_no_option_says_why() {
+        let why = |s: &str| KeyVal::from_json(s, "type").unwrap_err().to_string();
+        assert!(why(r#"{"type":"user""#).starts_with("JSON parse error, "));
+        assert!(why(r#"["user"]"#).contains("a JSON object"));
+        assert!(why(r#"{"id":"a","id":"b"}"#).contains("duplicate key 'id'"));
+        assert_eq!(
+            why(r#"{"type":7}"#),
+            "Invalid parameter type for 'type', expected: string"
+        );
+        assert_eq!(
+            why(r#"{"type":"user","net":{"a":1}}"#),
+            "Invalid parameter type for 'net', expected: a string, number or boolean"
+        );
+        assert_eq!(
+            why(r#"{"type":"user","hostfwd":[{"str":1}]}"#),
+            "Invalid parameter type for 'hostfwd', expected: a list of strings"
+        );
+        assert!(why(r#"{"type":"user","id":null}"#).contains("'id'"));
+        assert!(
+            why(r#"{"type":"user","net":["10.0.0.0/8"]}"#).contains("'net'"),
+            "only the list members take lists"
+        );
+        assert!(why(r#"{"type":"user"} x"#).starts_with("JSON parse error, "));
     }
 }

@@ -175,8 +175,68 @@ const WORDS: &[&str] = &[
     "file=/tmp/x.snap",
 ];
 
+/// Keys of QEMU's JSON options (libvirt's `-netdev`/`-device`/`-object` lines).
+const JSON_KEYS: &[&str] = &[
+    "type",
+    "driver",
+    "qom-type",
+    "id",
+    "netdev",
+    "fd",
+    "fds",
+    "vhost",
+    "vhostfd",
+    "vhostfds",
+    "hostfwd",
+    "dnssearch",
+    "mq",
+    "vectors",
+    "mac",
+    "addr",
+    "bus",
+    "ifname",
+    "queues",
+    "file",
+];
+
+const JSON_VALUES: &[&str] = &[
+    "\"user\"",
+    "\"tap\"",
+    "\"e1000\"",
+    "\"virtio-net-pci\"",
+    "\"filter-dump\"",
+    "\"n0\"",
+    "\"5:6\"",
+    "true",
+    "false",
+    "null",
+    "6",
+    "-1",
+    "1e999",
+    "18446744073709551616",
+    "[]",
+    "[{\"str\":\"tcp::1-:2\"}]",
+    "[1]",
+    "{}",
+    "\"\\u0000\"",
+    "\"a,b\"",
+];
+
+/// A JSON object of those keys and values, sometimes cut short.
+fn json(rng: &mut Rng) -> Vec<u8> {
+    let members: Vec<String> = (0..rng.below(6))
+        .map(|_| format!("\"{}\":{}", rng.pick(JSON_KEYS), rng.pick(JSON_VALUES)))
+        .collect();
+    let mut s = format!("{{{}}}", members.join(",")).into_bytes();
+    if rng.chance(20) {
+        s.truncate(rng.usize(s.len() + 1));
+    }
+    s
+}
+
 fn arg(rng: &mut Rng) -> Vec<u8> {
-    match rng.below(12) {
+    match rng.below(14) {
+        12 | 13 => json(rng),
         0 => rng.bytes_below(24),
         1 => {
             let mut s = rng.pick(WORDS).as_bytes().to_vec();

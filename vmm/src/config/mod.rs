@@ -219,8 +219,9 @@ pub struct BridgeOptions {
 pub enum TapDevice {
     /// `ifname=NAME`: that tap, created if missing; None: a new one the kernel names.
     Ifname(Option<String>),
-    /// `fd=N`: a tap descriptor nicvm inherited (checked: inherited, not 0-2, named once).
-    Fd(RawFd),
+    /// `fd=N`, or `fds=N:M:...` (a multiqueue tap's queues, one each): tap descriptors nicvm
+    /// inherited (checked: inherited, not 0-2, each named once).
+    Fds(Vec<RawFd>),
 }
 
 /// `script=`/`downscript=`.
@@ -379,10 +380,14 @@ pub enum OptionError {
         key: &'static str,
         why: net_backends::slirp::FwdSyntaxError,
     },
-    #[error("fd: {0} is nicvm's {name}", name = ["stdin", "stdout", "stderr"][*.0 as usize])]
-    StdFd(RawFd),
-    #[error("fd: {0} is not a descriptor nicvm inherited (pass it open, without close-on-exec)")]
-    NotInherited(RawFd),
+    #[error("{0}: {1} is nicvm's {name}", name = ["stdin", "stdout", "stderr"][*.1 as usize])]
+    StdFd(&'static str, RawFd),
+    #[error("{0}: {1} is not a descriptor nicvm inherited (pass it open, without close-on-exec)")]
+    NotInherited(&'static str, RawFd),
+    #[error("{0}: {1} is given twice")]
+    FdTwice(&'static str, RawFd),
+    #[error("{0}: {1} descriptors, and fds= has {2}: one for each queue")]
+    FdCount(&'static str, usize, usize),
     #[error("fd: {fd} is already used by {by}")]
     FdTaken { fd: RawFd, by: String },
 }

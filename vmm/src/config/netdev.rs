@@ -181,19 +181,45 @@ fn script(v: Option<&str>) -> Script {
 }
 
 /// `fd=N`: a number naming a descriptor nicvm inherited, not stdin/stdout/stderr.
-fn inherited_fd(v: &str, fds: &InheritedFds) -> Result<RawFd, OptionError> {
-    let fd: RawFd = v
-        .parse::<u32>()
-        .ok()
-        .and_then(|n| n.try_into().ok())
-        .ok_or_else(|| not_a("fd", v, "a number"))?;
-    if fd < 3 {
-        return Err(OptionError::StdFd(fd));
+/// `KEY=N`, or `KEY=N:M:...` for the `fds`/`vhostfds` keys: descriptors nicvm inherited, each
+/// once, at most MAX_TAP_QUEUES.
+fn inherited_fds(
+    key: &'static str,
+    v: &str,
+    fds: &InheritedFds,
+) -> Result<Vec<RawFd>, OptionError> {
+    let many = key.ends_with('s');
+    let what = if many {
+        "numbers joined by ':'"
+    } else {
+        "a number"
+    };
+    let mut out: Vec<RawFd> = vec![];
+    for n in v.split(if many { ':' } else { '\0' }) {
+        let fd: RawFd = n
+            .parse::<u32>()
+            .ok()
+            .and_then(|n| n.try_into().ok())
+            .ok_or_else(|| not_a(key, v, what))?;
+        if fd < 3 {
+            return Err(OptionError::StdFd(key, fd));
+        }
+        if !fds.contains(fd) {
+            return Err(OptionError::NotInherited(key, fd));
+        }
+        if out.contains(&fd) {
+            return Err(OptionError::FdTwice(key, fd));
+        }
+        out.push(fd);
     }
-    if !fds.contains(fd) {
-        return Err(OptionError::NotInherited(fd));
+    if out.len() > MAX_TAP_QUEUES {
+        return Err(OptionError::OutOfRange {
+            key: key.into(),
+            value: v.into(),
+            range: "1 to 16 descriptors",
+        });
     }
-    Ok(fd)
+    Ok(out)
 }
 
 /// An interface name as the kernel's dev_valid_name takes it (a name it refuses would read
@@ -224,25 +250,42 @@ fn check_ifname(key: &str, name: &str) -> Result<(), OptionError> {
 /// Queues of a multiqueue tap at most (virtio-net's queue pairs).
 pub const MAX_TAP_QUEUES: usize = 16;
 
-/// `-netdev tap`: `ifname=NAME` or `fd=N`, `script=`, `downscript=`, `vnet_hdr=on|off`,
-/// `queues=N` (a multiqueue tap, with `ifname=` only); QEMU's `vhost=`/`vhostforce=` (nicvm
-/// has no vhost-net: the caller warns) and `sndbuf=` (a number, nothing to tune on a tap nicvm
-/// writes without queueing).
+/// `-netdev tap`: `ifname=NAME`, `fd=N` or `fds=N:M:...` (a multiqueue tap's queues, as
+/// libvirt passes them), `script=`, `downscript=`, `vnet_hdr=on|off`, `queues=N` (a
+/// multiqueue tap, with `ifname=` only); QEMU's `vhost=`/`vhostforce=`/`vhostfd=`/`vhostfds=`
+/// (nicvm has no vhost-net: the caller warns; the descriptors are checked and left alone)
+/// and `sndbuf=` (a number, nothing to tune on a tap nicvm writes without queueing).
 pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, OptionError> {
     unknown(
         kv,
         &[
             "ifname",
             "fd",
+            "fds",
             "script",
             "downscript",
             "vnet_hdr",
             "vhost",
             "vhostforce",
+            "vhostfd",
+            "vhostfds",
             "sndbuf",
             "queues",
         ],
     )?;
+    // As QEMU: fd= and fds= each rule out the ways of naming a tap, its queues or its
+    // vhost descriptors that do not go with them.
+    for (key, not_with) in [
+        ("fd", &["fds", "ifname", "queues", "vhostfds"][..]),
+        ("fds", &["ifname", "queues", "vhostfd"][..]),
+        ("vhostfds", &["vhostfd"][..]),
+    ] {
+        if kv.get(key).is_some() {
+            if let Some(k) = not_with.iter().find(|k| kv.get(k).is_some()) {
+                return Err(OptionError::Together(vec![key.into(), k.to_string()]));
+            }
+        }
+    }
     let mut vhost = false;
     for k in ["vhost", "vhostforce"] {
         if let Some(v) = kv.get(k) {
@@ -269,21 +312,39 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
     // As QEMU: a tap the caller opened is used as it is, with no script run on it (QEMU
     // refuses script= and downscript= with fd=; `no` is taken, it asks for nothing) and its
     // queues as the caller made them. vnet_hdr= is nicvm's own (QEMU refuses it here).
-    if kv.get("fd").is_some() {
-        for k in ["ifname", "script", "downscript", "queues"] {
-            let asks_nothing =
-                matches!(k, "script" | "downscript") && script(kv.get(k)) == Script::No;
-            if kv.get(k).is_some() && !asks_nothing {
-                return Err(OptionError::Together(vec!["fd".into(), k.into()]));
+    for fd_key in ["fd", "fds"] {
+        if kv.get(fd_key).is_none() {
+            continue;
+        }
+        for k in ["script", "downscript"] {
+            if kv.get(k).is_some() && script(kv.get(k)) != Script::No {
+                return Err(OptionError::Together(vec![fd_key.into(), k.into()]));
             }
+        }
+    }
+    let tap_fds = match (kv.get("fd"), kv.get("fds")) {
+        (Some(v), _) => Some(inherited_fds("fd", v, fds)?),
+        (None, Some(v)) => Some(inherited_fds("fds", v, fds)?),
+        (None, None) => None,
+    };
+    for key in ["vhostfd", "vhostfds"] {
+        if let Some(v) = kv.get(key) {
+            let given = inherited_fds(key, v, fds)?;
+            match &tap_fds {
+                Some(taps) if key == "vhostfds" && taps.len() != given.len() => {
+                    return Err(OptionError::FdCount(key, given.len(), taps.len()))
+                }
+                _ => {}
+            }
+            vhost = true;
         }
     }
     let vnet_hdr = match kv.get("vnet_hdr") {
         Some(v) => Some(on_off("vnet_hdr", v)?),
         None => None,
     };
-    let device = match (kv.get("fd"), kv.get("ifname")) {
-        (Some(fd), _) => TapDevice::Fd(inherited_fd(fd, fds)?),
+    let device = match (tap_fds, kv.get("ifname")) {
+        (Some(fds), _) => TapDevice::Fds(fds),
         (None, name) => {
             if let Some(name) = name {
                 check_ifname("ifname", name)?;
@@ -292,8 +353,12 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
         }
     };
     let (up, down) = match device {
-        TapDevice::Fd(_) => (Script::No, Script::No),
+        TapDevice::Fds(_) => (Script::No, Script::No),
         TapDevice::Ifname(_) => (script(kv.get("script")), script(kv.get("downscript"))),
+    };
+    let queues = match &device {
+        TapDevice::Fds(f) => f.len(),
+        TapDevice::Ifname(_) => queues,
     };
     Ok(TapOptions {
         queues,
@@ -665,7 +730,7 @@ mod tests {
             (o.script, o.downscript, o.vnet_hdr),
             (Script::No, Script::Path("/x/down".into()), Some(false))
         );
-        assert_eq!(tap("fd=5").unwrap().device, TapDevice::Fd(5));
+        assert_eq!(tap("fd=5").unwrap().device, TapDevice::Fds(vec![5]));
         assert_eq!(tap("ifname=t,queues=4").unwrap().queues, 4);
         // A tap the caller opened: no script runs on it, not even the default one (QEMU's
         // rule; it ran /etc/qemu-ifup, which bridged the caller's tap).
@@ -710,7 +775,10 @@ mod tests {
             tap("fd=1").unwrap_err().to_string(),
             "fd: 1 is nicvm's stdout"
         );
-        assert!(matches!(tap("fd=7"), Err(OptionError::NotInherited(7))));
+        assert!(matches!(
+            tap("fd=7"),
+            Err(OptionError::NotInherited("fd", 7))
+        ));
         assert_eq!(
             tap("fd=5,ifname=t").unwrap_err().to_string(),
             "fd= and ifname= cannot be used together"

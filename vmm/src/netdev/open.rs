@@ -79,25 +79,21 @@ pub fn open(nd: &NetdevConfig) -> Result<Opened, OpenError> {
 /// opened with): every model hands it checksum and segmentation offloads through the header
 /// (virtio-net passes the guest's on; e1000 and rtl8139 C+ fill one in).
 fn open_tap(o: &TapOptions) -> Result<Opened, OpenErrorKind> {
-    let mut more_queues = vec![];
-    let tap = match &o.device {
-        TapDevice::Fd(fd) => {
-            // SAFETY: the CLI checked that nicvm inherited `fd` (it is none of nicvm's own)
-            // and that only this netdev names it; a netdev is opened once.
-            unsafe { Tap::from_fd(*fd, o.vnet_hdr) }?
-        }
+    let mut taps = match &o.device {
+        // SAFETY: the CLI checked that nicvm inherited each descriptor (none is nicvm's own),
+        // that each is named once, by this netdev only; a netdev is opened once.
+        TapDevice::Fds(fds) => unsafe { Tap::from_queue_fds(fds, o.vnet_hdr) }?,
         TapDevice::Ifname(name) => {
-            let mut taps = Tap::open_queues(name.as_deref().unwrap_or(""), o.vnet_hdr, o.queues)?;
-            let first = taps.remove(0);
-            more_queues = taps
-                .into_iter()
-                .map(|t| Box::new(t) as Box<dyn NetBackend>)
-                .collect();
-            first
+            Tap::open_queues(name.as_deref().unwrap_or(""), o.vnet_hdr, o.queues)?
         }
     };
+    let tap = taps.remove(0);
+    let more_queues = taps
+        .into_iter()
+        .map(|t| Box::new(t) as Box<dyn NetBackend>)
+        .collect();
     let name = tap.name().to_string();
-    let passed_in = matches!(o.device, crate::config::TapDevice::Fd(_));
+    let passed_in = matches!(o.device, TapDevice::Fds(_));
     match script::resolve(&o.script, DEFAULT_IFUP) {
         Some(up) => script::run(&up, &name)?,
         None if passed_in && !tap_is_up(&name) => log::warn!(
