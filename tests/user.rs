@@ -112,10 +112,14 @@ fn net_dhcpstart_restrict_and_guestfwd() {
     let host_service = TcpListener::bind("127.0.0.1:0").unwrap();
     let service_port = host_service.local_addr().unwrap().port();
     let sink = std::env::temp_dir().join(format!("nicvm-guestfwd-{}", std::process::id()));
+    // The command also says what it got from nicvm: its blocked signals and descriptors.
+    let seen = sink.with_extension("seen");
     let netdev = format!(
         "user,id=n0,net=192.168.100.0/24,dhcpstart=192.168.100.50,restrict=on,hostfwd=tcp:127.0.0.1:{{port}}-:5001,\
-         guestfwd=tcp:192.168.100.100:7000-cmd:/bin/sh -c 'cat > {}'",
-        sink.display()
+         guestfwd=tcp:192.168.100.100:7000-cmd:/bin/sh -c 'grep ^SigBlk /proc/$$/status > {seen}; \
+         ls -l /proc/$$/fd >> {seen}; cat > {sink}'",
+        seen = seen.display(),
+        sink = sink.display()
     );
     let append = format!(
         "nicvm.run=recv:5001,send:192.168.100.100:7000:1,send:192.168.100.2:{service_port}:1,exit"
@@ -136,6 +140,16 @@ fn net_dhcpstart_restrict_and_guestfwd() {
     std::fs::remove_file(&sink).ok();
     assert_eq!(got.len(), 1 << 20);
     assert_eq!(fnv1a64(&got), fwd["fnv1a64"], "guestfwd data");
+    // libslirp starts the command from the slirp thread, where nicvm blocks its exit
+    // signals: the command must not keep them blocked (it could not be stopped), nor hold
+    // nicvm's descriptors.
+    let said = std::fs::read_to_string(&seen).unwrap_or_default();
+    std::fs::remove_file(&seen).ok();
+    assert!(
+        said.starts_with("SigBlk:\t0000000000000000\n"),
+        "the guestfwd command's blocked signals:\n{said}"
+    );
+    assert!(!said.contains("anon_inode"), "nicvm's descriptors:\n{said}");
     // ...but the guest cannot reach out.
     let sent = g.wait_line("SENT");
     assert_eq!(

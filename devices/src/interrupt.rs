@@ -106,7 +106,10 @@ impl IrqChip for RecordingIrqChip {
         let mut s = self.inner.lock().unwrap();
         let gsi = 24 + s.next_gsi;
         s.next_gsi += 1;
-        Ok((gsi, EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?))
+        Ok((
+            gsi,
+            EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | vmm_sys_util::eventfd::EFD_CLOEXEC)?,
+        ))
     }
 
     fn route_msi(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {

@@ -2,7 +2,7 @@
 //! thread, which cleans up and exits with that reason's code.
 
 use std::sync::{Condvar, Mutex};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
@@ -47,7 +47,7 @@ impl Lifecycle {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
-            event: EventFd::new(EFD_NONBLOCK)?,
+            event: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
             paused: Mutex::new(false),
             resumed: Condvar::new(),
             parked: std::sync::atomic::AtomicUsize::new(0),

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 #[derive(Default)]
 struct Shared {
@@ -42,7 +42,7 @@ pub struct MemPeer {
 
 pub fn pair(caps: Capabilities) -> (MemBackend, MemPeer) {
     let shared = Arc::new(Mutex::new(Shared::default()));
-    let ready = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    let ready = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).expect("eventfd");
     let peer_ready = Arc::new(ready.try_clone().expect("eventfd clone"));
     (
         MemBackend {

@@ -42,7 +42,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// The length in front of every frame.
 pub const HEADER_LEN: usize = 4;
@@ -346,7 +346,7 @@ impl StreamBackend {
             rx: Deframer::new(),
             tx: Vec::new(),
             tx_off: 0,
-            backlog: EventFd::new(EFD_NONBLOCK).map_err(resource("eventfd"))?,
+            backlog: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(resource("eventfd"))?,
             retired: Retired::default(),
             local: None,
             _file: None,

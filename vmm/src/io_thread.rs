@@ -10,7 +10,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
 
@@ -42,7 +42,7 @@ impl IoThread {
     pub fn spawn(index: usize, subscribers: Vec<Subscriber>) -> std::io::Result<IoThread> {
         let mut em: EventManager<Subscriber> = EventManager::new()
             .map_err(|e| std::io::Error::other(format!("event manager: {e:?}")))?;
-        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         let stopped = Arc::new(AtomicBool::new(false));
         em.add_subscriber(Box::new(Stop {
             fd: stop.try_clone()?,

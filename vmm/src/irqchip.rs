@@ -12,7 +12,7 @@ use kvm_ioctls::VmFd;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::{Arc, Mutex};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 pub const IOAPIC_PINS: u32 = 24;
 
@@ -108,7 +108,7 @@ impl IrqChip for KvmIrqChip {
             s.next_gsi += 1;
             g
         };
-        let fd = EventFd::new(EFD_NONBLOCK)?;
+        let fd = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         self.vm.register_irqfd(&fd, gsi).map_err(io::Error::from)?;
         Ok((gsi, fd))
     }

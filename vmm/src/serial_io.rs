@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// Input the guest has not taken yet beyond which the client (or stdin) is not read: the
 /// writer waits, as on a real serial line, instead of nicvm buffering without bound.
@@ -307,7 +307,7 @@ impl SerialIo {
 
     /// Starts the thread that accepts clients and feeds their input to `serial`.
     pub fn start(&mut self, serial: Arc<Mutex<Serial>>) -> io::Result<()> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         let thread_stop = stop.try_clone()?;
         let listener: Option<RawFd> = match &self.source {
             Source::Unix(l, _) => Some(l.as_raw_fd()),
@@ -552,7 +552,7 @@ mod telnet_tests {
         };
         let addr = l.local_addr().unwrap();
         let serial = Arc::new(Mutex::new(Serial::new(
-            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).unwrap(),
             io.writer(),
         )));
         io.start(serial.clone()).unwrap();

@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// Why a VM could not be built: one line, printed before the guest runs (exit status 1).
 #[derive(Debug, thiserror::Error)]
@@ -405,7 +405,8 @@ impl Vm {
         // Legacy devices.
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
-        let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Host("eventfd", e))?;
+        let com1_irq =
+            EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|e| VmError::Host("eventfd", e))?;
         vm.register_irqfd(&com1_irq, COM1_IRQ)
             .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
         let mut new_files = NewFiles::default();
@@ -763,7 +764,8 @@ impl Vm {
                     log::warn!("cannot put the terminal in raw mode: {e}");
                 }
             }
-            let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Host("eventfd", e))?;
+            let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+                .map_err(|e| VmError::Host("eventfd", e))?;
             let thread_stop = stop.try_clone().map_err(|e| VmError::Host("eventfd", e))?;
             let (s, l) = (self.serial.clone(), self.lifecycle.clone());
             let thread = std::thread::Builder::new()

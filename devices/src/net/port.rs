@@ -46,7 +46,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// Frames one event delivers at most.
 pub const RX_BURST: usize = 64;
@@ -443,8 +443,8 @@ impl NetPort {
                         ahead: 0,
                         epoch: 0,
                     })),
-                    tx_kick: EventFd::new(EFD_NONBLOCK)?,
-                    rx_kick: EventFd::new(EFD_NONBLOCK)?,
+                    tx_kick: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
+                    rx_kick: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
                     tx_blocked: false,
                     rx_stalled: false,
                     dead: false,

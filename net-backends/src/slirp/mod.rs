@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// Frames waiting for the guest beyond this are dropped (and counted); TCP recovers.
 const RX_QUEUE_LIMIT: usize = 4096;
@@ -488,8 +488,9 @@ impl SlirpBackend {
         let resource = |what| move |source| SlirpError::Resource { what, source };
         let to_slirp = FrameQueue::default();
         let from_guest = to_slirp.clone();
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(resource("wake-up eventfd"))?;
-        let rx_ready = EventFd::new(EFD_NONBLOCK).map_err(resource("receive eventfd"))?;
+        let wake = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(resource("wake-up eventfd"))?;
+        let rx_ready =
+            EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(resource("receive eventfd"))?;
         let to_guest = FrameQueue::default();
         let dropped = Arc::new(AtomicU64::new(0));
         let (ready_tx, ready_rx) = channel::<Result<(), SlirpError>>();

@@ -20,7 +20,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// Events waiting for the monitor thread to pass them on; beyond it the oldest go (with only a
 /// console monitor there is no thread to take them, and operators' stop/cont add up).
@@ -177,7 +177,7 @@ impl Control {
             shutdown_cause: Mutex::new(None),
             events: EventQueue {
                 queue: Mutex::new(vec![]),
-                wake: EventFd::new(EFD_NONBLOCK)?,
+                wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
             },
         });
         if cfg.start_paused {
@@ -540,7 +540,7 @@ impl Monitor {
         if listening.listeners.is_empty() {
             return Ok(None);
         }
-        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         let thread_stop = stop.try_clone()?;
         let thread = std::thread::Builder::new()
             .name("monitor".into())
@@ -733,7 +733,7 @@ mod tests {
     fn events_nobody_takes_keep_only_the_newest() {
         let q = EventQueue {
             queue: Mutex::new(vec![]),
-            wake: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap(),
         };
         for i in 0..MAX_QUEUED_EVENTS + 10 {
             q.push(i.to_string());
