@@ -2,15 +2,15 @@
 //! helper for it, which checks its ACL (/etc/qemu/bridge.conf), makes a tap, gives it the
 //! bridge's MTU, puts it on the bridge, brings it up and hands its descriptor back over a Unix
 //! socket. nicvm does those steps itself when it has the privilege (CAP_NET_ADMIN: root,
-//! usually; the helper's ACL is there for users without it), and otherwise runs the helper as
-//! QEMU does; `helper=` names another one, which always runs.
+//! usually; the helper's ACL is there for users without it: `Tap::on_bridge`), and otherwise
+//! runs the helper as QEMU does; `helper=` names another one, which always runs.
 //!
 //! The tap is not persistent: it goes, and leaves the bridge, when nicvm closes it.
 
 use crate::config::BridgeOptions;
 use net_backends::tap::{Tap, TapError};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -23,25 +23,10 @@ pub const DEFAULT_HELPERS: [&str; 2] = [
     "/usr/libexec/qemu-bridge-helper",
 ];
 
-/// linux/sockios.h: add an interface to a bridge (ifr_ifindex names it).
-const SIOCBRADDIF: libc::c_ulong = 0x89a2;
-
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
     #[error(transparent)]
     Tap(#[from] TapError),
-    #[error("br={br}: {what}: {source}")]
-    Bridge {
-        br: String,
-        what: &'static str,
-        source: io::Error,
-    },
-    #[error("tap {tap}: cannot {what}: {source}")]
-    TapSetup {
-        tap: String,
-        what: &'static str,
-        source: io::Error,
-    },
     #[error("helper={helper}: {what}: {source}")]
     Helper {
         helper: String,
@@ -62,7 +47,7 @@ pub enum BridgeError {
 pub fn open(o: &BridgeOptions) -> Result<(Tap, String), BridgeError> {
     match &o.helper {
         Some(h) => Ok((from_helper(h, &o.br)?, h.clone())),
-        None if has_net_admin() => Ok((own_tap(&o.br)?, "nicvm".into())),
+        None if has_net_admin() => Ok((Tap::on_bridge(&o.br)?, "nicvm".into())),
         None => match DEFAULT_HELPERS
             .into_iter()
             .find(|h| std::path::Path::new(h).exists())
@@ -84,89 +69,6 @@ fn has_net_admin() -> bool {
                 .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .is_some_and(|caps| caps & (1 << 12) != 0)
-}
-
-/// An `ifreq` naming `name` (which the caller has checked fits).
-fn ifreq(name: &str) -> libc::ifreq {
-    // SAFETY: ifreq is plain data; all zeroes is a valid (empty) request.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req
-        .ifr_name
-        .iter_mut()
-        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
-    {
-        *d = s as libc::c_char;
-    }
-    req
-}
-
-/// One interface ioctl on a throwaway socket.
-fn ioctl(sock: &OwnedFd, request: libc::c_ulong, req: &mut libc::ifreq) -> io::Result<()> {
-    // SAFETY: the request reads and writes the ifreq we own, on a socket we own.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), request as _, req as *mut libc::ifreq) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// What the helper does, done here: a new tap with the bridge's MTU, on the bridge, up.
-fn own_tap(br: &str) -> Result<Tap, BridgeError> {
-    let bridge = |what, source| BridgeError::Bridge {
-        br: br.into(),
-        what,
-        source,
-    };
-    // SAFETY: socket() with constant arguments; the result is checked before it is owned.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(bridge(
-            "no socket to configure it",
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: a descriptor socket() just returned, owned by nothing else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = ifreq(br);
-    ioctl(&sock, libc::SIOCGIFMTU, &mut req).map_err(|e| bridge("no such interface", e))?;
-    // SAFETY: SIOCGIFMTU wrote the MTU member of the union.
-    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
-    // Said before a tap is made for it (sysfs lists a bridge's own attributes there).
-    if std::path::Path::new("/sys/class/net").is_dir()
-        && !std::path::Path::new(&format!("/sys/class/net/{br}/bridge")).is_dir()
-    {
-        return Err(bridge(
-            "not a bridge",
-            io::Error::from_raw_os_error(libc::EOPNOTSUPP),
-        ));
-    }
-    let tap = Tap::open("", None)?;
-    let name = tap.name().to_string();
-    let setup = |what, source| BridgeError::TapSetup {
-        tap: name.clone(),
-        what,
-        source,
-    };
-    let mut req = ifreq(&name);
-    req.ifr_ifru.ifru_mtu = mtu;
-    ioctl(&sock, libc::SIOCSIFMTU, &mut req).map_err(|e| setup("take the bridge's MTU", e))?;
-    let cname = std::ffi::CString::new(name.as_str()).unwrap_or_default();
-    // SAFETY: a NUL-terminated name we own.
-    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-    if index == 0 {
-        return Err(setup("find its index", io::Error::last_os_error()));
-    }
-    let mut req = ifreq(br);
-    req.ifr_ifru.ifru_ifindex = index as libc::c_int;
-    ioctl(&sock, SIOCBRADDIF, &mut req).map_err(|e| match e.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => bridge("not a bridge", e),
-        _ => bridge("cannot add the tap to it", e),
-    })?;
-    let mut req = ifreq(&name);
-    ioctl(&sock, libc::SIOCGIFFLAGS, &mut req).map_err(|e| setup("read its flags", e))?;
-    // SAFETY: SIOCGIFFLAGS wrote the flags member of the union.
-    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-    ioctl(&sock, libc::SIOCSIFFLAGS, &mut req).map_err(|e| setup("bring it up", e))?;
-    Ok(tap)
 }
 
 /// Runs a bridge helper as QEMU does and adopts the tap it hands over: a program gets

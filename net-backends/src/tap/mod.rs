@@ -4,6 +4,8 @@
 //! handed over with a header `vnet_hdr=off` refuses has the header hidden: stripped from the
 //! frames read, a zeroed one put in front of the frames written.
 
+mod bridge;
+
 use crate::coalesce::Coalescer;
 use crate::uring::{FrameRing, BATCH};
 use crate::vnet::VNET_HDR_LEN;
@@ -50,6 +52,18 @@ pub enum TapError {
     NoVnetHdr,
     #[error("vnet_hdr=on: the tap behind fd={0} was opened without IFF_VNET_HDR")]
     FdNoVnetHdr(RawFd),
+    #[error("br={br}: {what}: {source}")]
+    Bridge {
+        br: String,
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("tap {tap}: cannot {what}: {source}")]
+    Setup {
+        tap: String,
+        what: &'static str,
+        source: io::Error,
+    },
     #[error(
         "fds=: {0} is a queue of tap {1}, which has one queue (not made with IFF_MULTI_QUEUE)"
     )]
@@ -1331,7 +1345,7 @@ mod tests {
 
     /// Runs `f` on a thread in a network namespace of its own (gone when the thread ends, also
     /// on failure); skipped, loudly, where no namespace can be made.
-    fn in_own_netns(f: impl FnOnce() + Send + 'static) {
+    pub(super) fn in_own_netns(f: impl FnOnce() + Send + 'static) {
         // One at a time: these tests fork ip(8), and a child forked by one holds the other's
         // tap fds until it execs, which would make a tap look busy to the other.
         static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
