@@ -461,7 +461,10 @@ os.execvp(args[0], args)
 
 /// A two-queue tap under a two-vCPU guest's `virtio-net-pci,mq=on`, given as libvirt gives it:
 /// the tap's queues opened by the caller and passed as `fds=`, the netdev and the device in
-/// QEMU's JSON form (`tap,queues=2` by name is the snapshot test's). Linux's virtio_net takes
+/// QEMU's JSON form (`tap,queues=2` by name is the snapshot test's), with a 9000-byte MTU
+/// (libvirt's `<mtu size='9000'/>`: `host_mtu=9000` and the tap's MTU): the guest's interface
+/// takes it from the device, and an 8000-byte datagram the host may not fragment comes back
+/// whole. Linux's virtio_net takes
 /// both queue pairs (through the control queue), the kernel spreads the host's flows over the
 /// tap's two queues, and frames arrive on both of the guest's receive queues (their interrupts
 /// counted in the guest), with 8 MiB each way intact. Each queue pair has an I/O thread of its
@@ -471,20 +474,20 @@ os.execvp(args[0], args)
 fn virtio_net_multiqueue_on_a_multiqueue_tap() {
     let Some(img) = image() else { return };
     let mut ns = Netns::new("mq");
-    ns.sh("ip tuntap add dev mq0 mode tap multi_queue && ip addr add 192.168.92.1/24 dev mq0 && ip link set mq0 up");
+    ns.sh("ip tuntap add dev mq0 mode tap multi_queue && ip addr add 192.168.92.1/24 dev mq0 && ip link set mq0 mtu 9000 up");
     ns.dnsmasq("mq0", ("192.168.92.50", "192.168.92.60"), &[]);
     let receiver = receive_from_guest(&ns, "192.168.92.1");
     let mut g = ns.guest_via(
         &["python3", "-c", TAP_QUEUES_LAUNCHER, "mq0", "2"],
         &img,
-        "nicvm.run=udpecho:7777:32,recv:5001,send:192.168.92.1:5002:8,queues:eth0,exit",
+        "nicvm.run=udpecho:7777:33,recv:5001,send:192.168.92.1:5002:8,queues:eth0,exit",
         &[
             "-smp",
             "2",
             "-netdev",
             r#"{"type":"tap","fds":"@FDS@","id":"hostnet0"}"#,
             "-device",
-            r#"{"driver":"virtio-net-pci","mq":true,"vectors":6,"netdev":"hostnet0","id":"net0","bus":"pci.0","addr":"0x3"}"#,
+            r#"{"driver":"virtio-net-pci","mq":true,"vectors":6,"host_mtu":9000,"netdev":"hostnet0","id":"net0","bus":"pci.0","addr":"0x3"}"#,
         ],
         &[],
     );
@@ -506,9 +509,18 @@ fn virtio_net_multiqueue_on_a_multiqueue_tap() {
         );
     }
     let to = format!("{ip}:7777");
-    let echoed = ns.udp_flows(to, 32);
+    let echoed = ns.udp_flows(to.clone(), 32);
     assert_eq!(echoed, 32, "every datagram echoed intact");
-    assert_eq!(g.wait_line("UDPECHO")["datagrams"], "32");
+    assert_eq!(
+        nic["mtu"], "9000",
+        "the MTU the device offered: {}",
+        nic["_"]
+    );
+    assert!(
+        ns.udp_echo_whole(to, 8000),
+        "an 8000-byte datagram echoed whole"
+    );
+    assert_eq!(g.wait_line("UDPECHO")["datagrams"], "33");
 
     exchange_8mib(&ns, &mut g, &ip, receiver);
     let q = g.wait_queue_pairs(2);

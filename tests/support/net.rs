@@ -138,6 +138,39 @@ impl Netns {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    /// Sends `len` bytes to `to` in one datagram that may not be fragmented on the way (the
+    /// host's side), and whether it came back intact within 60 s.
+    pub fn udp_echo_whole(&self, to: String, len: usize) -> bool {
+        self.within(move || {
+            let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            use std::os::fd::AsRawFd;
+            let pmtu: libc::c_int = libc::IP_PMTUDISC_DO;
+            // SAFETY: IP_MTU_DISCOVER reads one int from the pointer, on a socket we own.
+            let rc = unsafe {
+                libc::setsockopt(
+                    u.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    &pmtu as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(
+                rc,
+                0,
+                "IP_MTU_DISCOVER: {}",
+                std::io::Error::last_os_error()
+            );
+            u.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+                .unwrap();
+            let msg: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            u.send_to(&msg, &to)
+                .unwrap_or_else(|e| panic!("{len} bytes unfragmented to {to}: {e}"));
+            let mut b = vec![0u8; len + 1];
+            matches!(u.recv_from(&mut b), Ok((n, _)) if b[..n] == msg[..])
+        })
+    }
+
     /// Sends one datagram from each of `n` sockets (a flow each, which a multiqueue tap
     /// spreads over its queues by hash) from the namespace to `to`; how many came back
     /// intact within 60 s each.

@@ -1705,6 +1705,7 @@ fn nic_config(
         ctrl_vq: virtio.ctrl_vq,
         vectors: virtio.vectors,
         withheld: virtio.withheld,
+        mtu: virtio.mtu,
     })
 }
 

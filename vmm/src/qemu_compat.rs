@@ -376,7 +376,12 @@ pub struct VirtioProperties {
     pub vectors: Option<u16>,
     /// Feature bits turned off by [`VIRTIO_OFFLOADS`] properties.
     pub withheld: u64,
+    /// `host_mtu=`.
+    pub mtu: Option<u16>,
 }
+
+/// The least MTU virtio-net's `host_mtu=` may offer (virtio 1.0, 5.1.4.1; IPv4's minimum).
+const MIN_MTU: u16 = 68;
 
 /// virtio-net-pci's offload properties as QEMU names them, each the feature bit it controls
 /// (all on by default: offered where the backend can carry them).
@@ -518,18 +523,20 @@ pub fn device_properties_accepted(
         Some(v) => on_off("mrg_rxbuf", &v)?,
         None => true,
     };
-    if let Some(v) = kv.remove("host_mtu") {
-        let mtu: u32 = v.parse().map_err(|_| CliErrorKind::NotANumber {
-            key: "host_mtu",
-            value: v.clone(),
-        })?;
-        if mtu != 1500 {
-            return Err(refused(format!(
-                "host_mtu={mtu}: nicvm's virtio-net does not offer an MTU to the guest \
-                 (it stays 1500)"
-            )));
-        }
-    }
+    // As QEMU's: 0 (its default) offers no MTU. Linux's virtio_net refuses a device whose
+    // MTU is under 68 (the virtio spec's least), so nicvm refuses it here.
+    let mtu = match kv.remove("host_mtu") {
+        None => None,
+        Some(v) => match v.parse::<u16>() {
+            Ok(0) => None,
+            Ok(n) if n >= MIN_MTU => Some(n),
+            _ => {
+                return Err(refused(format!(
+                    "host_mtu={v}: an MTU from {MIN_MTU} to 65535 (0: none offered)"
+                )))
+            }
+        },
+    };
     let vectors = match kv.remove("vectors") {
         None => None,
         Some(v) => {
@@ -580,6 +587,7 @@ pub fn device_properties_accepted(
         ctrl_vq,
         vectors,
         withheld,
+        mtu,
     })
 }
 
@@ -690,7 +698,7 @@ pub fn device_properties(model: NicModel) -> String {
                 (
                     "host_mtu",
                     "uint16",
-                    "1500 only (no MTU feature is offered)",
+                    "the guest's MTU (68-65535), offered as VIRTIO_NET_F_MTU (default 0: none)",
                 ),
                 (
                     "mq",
@@ -863,6 +871,11 @@ mod tests {
         assert!(k.pairs.is_empty(), "{k:?}");
         let p = device_properties_accepted(v, &mut kv("mq=on,vectors=10,ctrl_vq=on")).unwrap();
         assert!(p.mq && p.vectors == Some(10));
+        assert_eq!(p.mtu, None, "no MTU offered unless asked for");
+        for (mtu, offered) in [("9000", Some(9000)), ("68", Some(68)), ("0", None)] {
+            let p = device_properties_accepted(v, &mut kv(&format!("host_mtu={mtu}"))).unwrap();
+            assert_eq!(p.mtu, offered, "host_mtu={mtu}");
+        }
         assert!(
             !device_properties_accepted(v, &mut kv("ctrl_vq=off"))
                 .unwrap()
@@ -873,7 +886,9 @@ mod tests {
             "bootindex=x",
             "disable-legacy=off",
             "disable-modern=on",
-            "host_mtu=9000",
+            "host_mtu=67",
+            "host_mtu=65536",
+            "host_mtu=x",
             "vectors=0",
             "vectors=129",
             "mq=on,ctrl_vq=off",

@@ -893,6 +893,7 @@ fn build_nic(
                 mrg_rxbuf: spec.mrg_rxbuf,
                 vectors: spec.vectors,
                 withheld: spec.withheld,
+                mtu: spec.mtu,
             };
             let m = VirtioNet::new(
                 spec.mac,

@@ -42,6 +42,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 // Feature bits (virtio 1.0, 5.1.3) as masks.
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << vnet::VIRTIO_NET_F_CSUM;
 pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << vnet::VIRTIO_NET_F_GUEST_CSUM;
+pub const VIRTIO_NET_F_MTU: u64 = 1 << vnet::VIRTIO_NET_F_MTU;
 pub const VIRTIO_NET_F_MAC: u64 = 1 << vnet::VIRTIO_NET_F_MAC;
 pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << vnet::VIRTIO_NET_F_GUEST_TSO4;
 pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << vnet::VIRTIO_NET_F_GUEST_TSO6;
@@ -101,6 +102,9 @@ pub struct VirtioNetOptions {
     /// `host_tso4=off`, `guest_tso4=off`, ...): never offered, nor any feature that needs one
     /// of them.
     pub withheld: u64,
+    /// `host_mtu=`: VIRTIO_NET_F_MTU offered with this MTU in the configuration (virtio 1.0,
+    /// 5.1.4: 68 to 65535); the driver takes it as its interface's MTU and largest MTU.
+    pub mtu: Option<u16>,
 }
 
 impl Default for VirtioNetOptions {
@@ -112,6 +116,7 @@ impl Default for VirtioNetOptions {
             mrg_rxbuf: true,
             vectors: None,
             withheld: 0,
+            mtu: None,
         }
     }
 }
@@ -182,6 +187,8 @@ pub struct VirtioNet {
     curr_pairs: usize,
     /// The device has a control queue.
     ctrl_vq: bool,
+    /// `host_mtu=`: the MTU offered (VIRTIO_NET_F_MTU).
+    mtu: Option<u16>,
     n_vectors: u16,
     /// Every queue: the pairs', then the control queue's slot (index `2 * pairs`).
     queues: Vec<Queue>,
@@ -275,6 +282,9 @@ impl VirtioNet {
         if opts.mrg_rxbuf {
             device_features |= VIRTIO_NET_F_MRG_RXBUF;
         }
+        if opts.mtu.is_some() {
+            device_features |= VIRTIO_NET_F_MTU;
+        }
         if opts.ctrl_vq {
             device_features |= VIRTIO_NET_F_CTRL_VQ
                 | VIRTIO_NET_F_CTRL_RX
@@ -326,6 +336,7 @@ impl VirtioNet {
             pairs,
             curr_pairs: 1,
             ctrl_vq: opts.ctrl_vq,
+            mtu: opts.mtu,
             n_vectors,
             queues: (0..n_queues).map(new_queue).collect(),
             vectors: vec![VIRTIO_MSI_NO_VECTOR; n_queues],
@@ -1124,8 +1135,10 @@ impl VirtioNet {
         }
     }
 
+    /// The device-specific configuration (virtio 1.0, 5.1.4): `mac`, `status`,
+    /// `max_virtqueue_pairs`, `mtu` (zero when VIRTIO_NET_F_MTU is not offered).
     fn device_cfg_read(&self, off: u64, data: &mut [u8]) {
-        let mut cfg = [0u8; 10];
+        let mut cfg = [0u8; 12];
         cfg[..6].copy_from_slice(&self.mac.0);
         let link = if self.link_up {
             VIRTIO_NET_S_LINK_UP
@@ -1134,6 +1147,7 @@ impl VirtioNet {
         };
         cfg[6..8].copy_from_slice(&link.to_le_bytes());
         cfg[8..10].copy_from_slice(&(self.pairs as u16).to_le_bytes()); // max_virtqueue_pairs
+        cfg[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
         for (i, d) in data.iter_mut().enumerate() {
             *d = cfg.get(off as usize + i).copied().unwrap_or(0);
         }

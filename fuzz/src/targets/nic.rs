@@ -1242,7 +1242,13 @@ impl Model for VirtioNet {
     fn rig(b: net_backends::mem::MemBackend) -> Box<dyn Rig> {
         use net_backends::NetBackend;
         let (b2, peer2) = net_backends::mem::pair(b.capabilities());
-        let d = vio::Driver::new_mq_in(split_ram(Self::RAM), vec![Box::new(b), Box::new(b2)], true);
+        // With an MTU offered (host_mtu=9000): its feature bit and configuration field.
+        let opts = devices::virtio::net::VirtioNetOptions {
+            mq: true,
+            mtu: Some(9000),
+            ..Default::default()
+        };
+        let d = vio::Driver::new_in(split_ram(Self::RAM), vec![Box::new(b), Box::new(b2)], opts);
         Box::new(VirtioRig(d, peer2))
     }
     fn bars() -> &'static [(u8, u64)] {

@@ -290,6 +290,8 @@ pub struct NicConfig {
     /// virtio-net's feature bits turned off by its offload properties (`csum=off`,
     /// `host_tso4=off`, ...; none by default).
     pub withheld: u64,
+    /// virtio-net's `host_mtu=` (68 to 65535; none, or 0, offers no MTU).
+    pub mtu: Option<u16>,
 }
 
 /// `-object filter-dump,id=ID,netdev=NETDEV,file=PATH[,maxlen=N]`: capture a netdev's frames.

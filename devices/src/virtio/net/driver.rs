@@ -61,23 +61,29 @@ pub fn fresh_device(
     chip: &Arc<RecordingIrqChip>,
     ioevents: Arc<dyn IoEventRegistry>,
 ) -> Nic<VirtioNet> {
-    fresh_device_with(vec![backend], mem, chip, ioevents, false)
+    fresh_device_with(
+        vec![backend],
+        mem,
+        chip,
+        ioevents,
+        VirtioNetOptions::default(),
+    )
 }
 
-/// [`fresh_device`] with a queue pair per backend (VIRTIO_NET_F_MQ offered with `mq`).
+/// [`fresh_device`] with a queue pair per backend, built as `opts` says (its `queue_pairs`
+/// are the backends').
 pub fn fresh_device_with(
     backends: Vec<Box<dyn NetBackend>>,
     mem: &GuestMemoryMmap,
     chip: &Arc<RecordingIrqChip>,
     ioevents: Arc<dyn IoEventRegistry>,
-    mq: bool,
+    opts: VirtioNetOptions,
 ) -> Nic<VirtioNet> {
     let mac: MacAddr = "52:54:00:12:34:56".parse().unwrap();
     let port = NetPort::with_queues(format!("virtio-net {mac}"), backends).unwrap();
     let opts = VirtioNetOptions {
         queue_pairs: port.queue_count(),
-        mq,
-        ..Default::default()
+        ..opts
     };
     let model = VirtioNet::new(
         mac,
@@ -100,14 +106,26 @@ impl Driver {
 
     /// A device with a queue pair per backend, VIRTIO_NET_F_MQ offered with `mq`.
     pub fn new_mq(backends: Vec<Box<dyn NetBackend>>, mq: bool) -> Driver {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        Driver::new_mq_in(mem, backends, mq)
+        let opts = VirtioNetOptions {
+            mq,
+            ..Default::default()
+        };
+        Driver::new_in(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
+            backends,
+            opts,
+        )
     }
 
-    /// [`Driver::new_mq`] with `mem` (MEM_SIZE bytes from 0) as guest RAM.
-    pub fn new_mq_in(mem: GuestMemoryMmap, backends: Vec<Box<dyn NetBackend>>, mq: bool) -> Driver {
+    /// A device with a queue pair per backend, built as `opts` says, with `mem` (MEM_SIZE
+    /// bytes from 0) as guest RAM.
+    pub fn new_in(
+        mem: GuestMemoryMmap,
+        backends: Vec<Box<dyn NetBackend>>,
+        opts: VirtioNetOptions,
+    ) -> Driver {
         let chip = Arc::new(RecordingIrqChip::default());
-        let mut dev = fresh_device_with(backends, &mem, &chip, Arc::new(NoIoEvents), mq);
+        let mut dev = fresh_device_with(backends, &mem, &chip, Arc::new(NoIoEvents), opts);
         dev.config_mut().set_bar_addr(VIRTIO_BAR, 0xc000_0000);
         dev.config_mut().set_bar_addr(MSIX_BAR, 0xc001_0000);
         dev.config_mut()

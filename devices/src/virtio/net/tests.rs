@@ -118,6 +118,27 @@ fn offloads_turned_off_are_not_offered_nor_what_needs_them() {
     );
 }
 
+/// `host_mtu=`: VIRTIO_NET_F_MTU offered and the MTU in the configuration after
+/// `max_virtqueue_pairs`; neither without it.
+#[test]
+fn an_mtu_is_offered_only_when_asked_for() {
+    let mtu_of = |mtu: Option<u16>| {
+        let (b, _peer) = pair(PLAIN);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let opts = VirtioNetOptions {
+            mtu,
+            ..Default::default()
+        };
+        let mut d = Driver::new_in(mem, vec![Box::new(b)], opts);
+        let offered = d.device_features() & VIRTIO_NET_F_MTU != 0;
+        assert!(d.negotiate(BASE | if offered { VIRTIO_NET_F_MTU } else { 0 }));
+        (offered, d.r(DEVICE_CFG + 10, 2))
+    };
+    assert_eq!(mtu_of(Some(9000)), (true, 9000));
+    assert_eq!(mtu_of(Some(68)), (true, 68));
+    assert_eq!(mtu_of(None), (false, 0));
+}
+
 #[test]
 fn features_follow_the_backend() {
     let mut d = new_rig(PLAIN);
@@ -1529,7 +1550,11 @@ fn two_pair_device(d: &Driver, mq: bool) -> (Nic<VirtioNet>, MemPeer) {
     let (b0, _q0) = pair(PLAIN);
     let (b1, q1) = pair(PLAIN);
     let backends: Vec<Box<dyn net_backends::NetBackend>> = vec![Box::new(b0), Box::new(b1)];
-    let dev = fresh_device_with(backends, &d.mem, &d.chip, Arc::new(NoIoEvents), mq);
+    let opts = VirtioNetOptions {
+        mq,
+        ..Default::default()
+    };
+    let dev = fresh_device_with(backends, &d.mem, &d.chip, Arc::new(NoIoEvents), opts);
     (dev, q1)
 }
 
