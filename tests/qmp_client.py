@@ -132,10 +132,10 @@ async def protocol(path, tcp_port):
     cls, desc = await error_class(qmp, "system_powerdown")
     check(cls == "GenericError" and "ACPI" in desc, desc)
     text = await qmp.execute("human-monitor-command", {"command-line": "info status"})
-    check(text == "VM status: paused (prelaunch)\n", repr(text))
+    check(text == "VM status: paused (prelaunch)\r\n", repr(text))
     text = await qmp.execute("human-monitor-command",
                              {"command-line": "info status", "cpu-index": 0})
-    check(text == "VM status: paused (prelaunch)\n", repr(text))
+    check(text == "VM status: paused (prelaunch)\r\n", repr(text))
     for index, want in [("x", "Invalid parameter type for 'cpu-index', expected: integer"),
                         (99, "Parameter 'cpu-index' expects a CPU number")]:
         cls, desc = await error_class(qmp, "human-monitor-command",

@@ -593,7 +593,8 @@ pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Resul
                     }
                 }
             }
-            Ok(Value::String(hmp::execute(control, line)))
+            // With QEMU's line ends, as its monitor prints them everywhere.
+            Ok(Value::String(hmp::crlf(&hmp::execute(control, line))))
         }
         c => Err(QmpError {
             class: "CommandNotFound",
