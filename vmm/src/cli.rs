@@ -896,7 +896,7 @@ where
                 if !is_json(&val) && qemu_compat::wants_help(&val) {
                     return Ok(Action::Listing(qemu_compat::netdev_types()));
                 }
-                let kv = KeyVal::parse_option(&val, "type").or_else(|e| err(&opt, e))?;
+                let kv = b.qemu_opts(&opt, &val, "type")?;
                 b.netdevs.push(netdev_config(&opt, kv, b.fds, true)?);
             }
             "-object" => {
@@ -913,7 +913,7 @@ where
                     let model = model_from(&opt, driver)?;
                     return Ok(Action::Listing(qemu_compat::device_properties(model)));
                 }
-                let mut kv = KeyVal::parse_option(&val, "driver").or_else(|e| err(&opt, e))?;
+                let mut kv = b.qemu_opts(&opt, &val, "driver")?;
                 let Some(driver) = kv.first.take() else {
                     return err(&opt, CliErrorKind::NoModel);
                 };
@@ -933,7 +933,7 @@ where
                     .push((format!("-device {driver}"), model, kv, seq));
             }
             "-nic" => {
-                let mut kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e))?;
+                let mut kv = b.qemu_opts(&opt, &val, "type")?;
                 if kv.first.as_deref() == Some("none") {
                     b.no_nic = true;
                     continue;
@@ -962,7 +962,7 @@ where
                 b.devices.push((opt.clone(), model, dev, seq));
             }
             "-net" => {
-                let mut kv = KeyVal::parse(&val, Some("type")).or_else(|e| err(&opt, e))?;
+                let mut kv = b.qemu_opts(&opt, &val, "type")?;
                 match kv.first.as_deref() {
                     Some("none") => b.no_nic = true,
                     Some("nic") => {
@@ -1311,6 +1311,29 @@ impl Builder<'_> {
             option: option.to_string(),
         });
         Ok(())
+    }
+
+    /// The value of `-netdev`, `-device`, `-nic` or `-net`, which QEMU reads with its
+    /// QemuOpts: short-form booleans are taken (each with QEMU's deprecation warning), and
+    /// `-netdev` and `-device` may be JSON.
+    fn qemu_opts(&mut self, opt: &str, val: &str, implied: &str) -> Result<KeyVal, CliError> {
+        if is_json(val) && (opt == "-netdev" || opt == "-device") {
+            return KeyVal::from_json(val, implied).or_else(|e| err(opt, e));
+        }
+        let (kv, short_forms) =
+            KeyVal::parse_flags(val, Some(implied), &qemu_compat::is_boolean_property)
+                .or_else(|e| err(opt, e))?;
+        for (word, long) in short_forms {
+            self.notes.push(Note {
+                warning: true,
+                text: format!(
+                    "{opt} {}: short-form boolean option '{word}' deprecated; use {long} \
+                     instead (as QEMU says)",
+                    one_line(&cut(val, 80))
+                ),
+            });
+        }
+        Ok(kv)
     }
 
     fn note(&mut self, option: &str, text: &str) {
@@ -2626,6 +2649,46 @@ mod tests {
             run("-kernel k -netdev tap,id=a,fd=5").is_err(),
             "parse() knows no inherited descriptor"
         );
+    }
+
+    /// QEMU's short-form booleans on -netdev, -device, -nic and -net: the same settings as
+    /// the long forms, each with QEMU's deprecation warning; a bare key that is no boolean
+    /// still needs its value.
+    #[test]
+    fn short_form_booleans_as_qemu_takes_them() {
+        let short = run("-kernel k -netdev user,id=n0,noipv6,restrict \
+                         -device virtio-net-pci,netdev=n0,csum,nomrg_rxbuf,noguest_tso4 \
+                         -nic user,model=rtl8139,restrict")
+        .unwrap();
+        let long = run("-kernel k -netdev user,id=n0,ipv6=off,restrict=on \
+                        -device virtio-net-pci,netdev=n0,csum=on,mrg_rxbuf=off,guest_tso4=off \
+                        -nic user,model=rtl8139,restrict=on")
+        .unwrap();
+        assert_eq!(
+            format!("{:?} {:?}", short.netdevs, short.nics),
+            format!("{:?} {:?}", long.netdevs, long.nics)
+        );
+        let warned: Vec<&str> = short
+            .notes
+            .iter()
+            .filter(|n| n.warning && n.text.contains("short-form boolean"))
+            .map(|n| n.text.as_str())
+            .collect();
+        assert_eq!(warned.len(), 6, "{warned:?}");
+        assert!(
+            warned[0].starts_with("-netdev user,id=n0,noipv6,restrict: short-form boolean option 'noipv6' deprecated; use ipv6=off instead"),
+            "{}",
+            warned[0]
+        );
+        assert!(!long.notes.iter().any(|n| n.text.contains("short-form")));
+        for (line, said) in [
+            ("-netdev user,id", "'id' needs a value"),
+            ("-device e1000,netdev", "'netdev' needs a value"),
+            ("-netdev user,id=n,nobody", "'nobody' needs a value"),
+        ] {
+            let e = run(&format!("-kernel k {line}")).unwrap_err().to_string();
+            assert!(e.contains(said), "{line}: {e}");
+        }
     }
 
     /// libvirt's multiqueue tap: `fds=` one descriptor a queue, `vhostfds=` as many, which

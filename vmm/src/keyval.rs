@@ -45,6 +45,19 @@ fn split(s: &str) -> Vec<String> {
 impl KeyVal {
     /// `implied` names the key a leading bare word stands for (`type`, `driver`).
     pub fn parse(s: &str, implied: Option<&str>) -> Result<KeyVal, KeyValError> {
+        Ok(KeyVal::parse_flags(s, implied, &|_| false)?.0)
+    }
+
+    /// As [`KeyVal::parse`], with QEMU's short-form booleans (deprecated, but still taken by
+    /// its `-netdev`, `-device`, `-nic`, `-net`): a bare `KEY` is `KEY=on` and `noKEY` is
+    /// `KEY=off`, for the keys `is_flag` names. Also returns each short form written, with the
+    /// long form it stands for (for QEMU's warning).
+    pub fn parse_flags(
+        s: &str,
+        implied: Option<&str>,
+        is_flag: &dyn Fn(&str) -> bool,
+    ) -> Result<(KeyVal, Vec<(String, String)>), KeyValError> {
+        let mut short_forms = vec![];
         let mut kv = KeyVal::default();
         let mut parts = split(s);
         // A comma at the end ends the list (as QEMU reads it), unless it is all there is.
@@ -65,10 +78,18 @@ impl KeyVal {
                 }
                 None if i == 0 && implied.is_some() && !part.is_empty() => kv.first = Some(part),
                 None if part.is_empty() => return Err(KeyValError::EmptyParameter),
-                None => return Err(KeyValError::NeedsValue(part)),
+                None => {
+                    let (key, value) = match part.strip_prefix("no") {
+                        Some(k) if is_flag(k) => (k.to_string(), "off"),
+                        _ if is_flag(&part) => (part.clone(), "on"),
+                        _ => return Err(KeyValError::NeedsValue(part)),
+                    };
+                    short_forms.push((part, format!("{key}={value}")));
+                    kv.pairs.push((key, value.into()));
+                }
             }
         }
-        Ok(kv)
+        Ok((kv, short_forms))
     }
 
     /// The option's value in either of QEMU's forms: JSON when it starts with `{`, else
@@ -282,6 +303,38 @@ mod tests {
         assert!(KeyVal::parse("=x", Some("type")).is_err());
         assert_eq!(kv.unknown_key(&["script"]), None);
         assert_eq!(kv.unknown_key(&[]), Some("script"));
+    }
+
+    #[test]
+    fn short_form_booleans_for_the_keys_that_take_them() {
+        let flag = |k: &str| k == "csum" || k == "ipv6";
+        let (kv, short) =
+            KeyVal::parse_flags("user,ipv6,nocsum,id=n0", Some("type"), &flag).unwrap();
+        assert_eq!(
+            kv,
+            KeyVal::parse("user,ipv6=on,csum=off,id=n0", Some("type")).unwrap()
+        );
+        assert_eq!(
+            short,
+            [
+                ("ipv6".to_string(), "ipv6=on".to_string()),
+                ("nocsum".into(), "csum=off".into())
+            ]
+        );
+        for not_flags in ["user,id", "user,noid", "user,no"] {
+            assert!(
+                matches!(
+                    KeyVal::parse_flags(not_flags, Some("type"), &flag),
+                    Err(KeyValError::NeedsValue(_))
+                ),
+                "{not_flags}"
+            );
+        }
+        assert_eq!(
+            KeyVal::parse("user,ipv6", Some("type")).unwrap_err(),
+            KeyValError::NeedsValue("ipv6".into()),
+            "parse() takes no short forms"
+        );
     }
 
     #[test]

@@ -380,6 +380,32 @@ pub struct VirtioProperties {
     pub mtu: Option<u16>,
 }
 
+/// Whether `key` is a boolean (`on|off`) property of a netdev or NIC nicvm takes, which QEMU
+/// also lets a bare `KEY` (on) or `noKEY` (off) set.
+pub fn is_boolean_property(key: &str) -> bool {
+    const OTHERS: [&str; 14] = [
+        // -netdev user, tap, stream.
+        "restrict",
+        "ipv4",
+        "ipv6",
+        "vnet_hdr",
+        "vhost",
+        "vhostforce",
+        "server",
+        // The NICs.
+        "cplus",
+        "mrg_rxbuf",
+        "mq",
+        "ctrl_vq",
+        "disable-legacy",
+        "disable-modern",
+        "multifunction",
+    ];
+    OTHERS.contains(&key)
+        || VIRTIO_OFFLOADS.iter().any(|o| o.0 == key)
+        || VIRTIO_NEVER_OFFERED.iter().any(|o| o.0 == key)
+}
+
 /// The least MTU virtio-net's `host_mtu=` may offer (virtio 1.0, 5.1.4.1; IPv4's minimum).
 const MIN_MTU: u16 = 68;
 
