@@ -4,9 +4,9 @@
 
 use crate::config::netdev::{self as netdev_opts, HeaderError};
 use crate::config::{
-    on_off, Backend, Config, DumpConfig, Endpoint, InheritedFds, MonitorConfig, MonitorMode,
-    NetdevConfig, NicConfig, NicModel, Note, OptionError, SaveOn, SerialTarget, TapDevice,
-    TapOptions,
+    on_off, Backend, BridgeOptions, Config, DumpConfig, Endpoint, InheritedFds, MonitorConfig,
+    MonitorMode, NetdevConfig, NicConfig, NicModel, Note, OptionError, SaveOn, SerialTarget,
+    TapDevice, TapOptions,
 };
 use crate::keyval::{is_json, KeyVal, KeyValError};
 use crate::qemu_compat;
@@ -1131,7 +1131,9 @@ impl Builder<'_> {
             }
         }
         for n in &self.netdevs {
-            if let Backend::Tap(TapOptions { vhost: true, .. }) = n.backend {
+            if let Backend::Tap(TapOptions { vhost: true, .. })
+            | Backend::Bridge(BridgeOptions { vhost: true, .. }) = n.backend
+            {
                 self.notes.push(Note {
                     warning: true,
                     text: format!(
@@ -2251,6 +2253,13 @@ mod tests {
             .notes
             .iter()
             .any(|n| n.warning && n.text.contains("vhost")));
+        // The same warning for a bridge's tap made by a helper.
+        let c =
+            run("-kernel k -netdev tap,id=t,helper=/h,vhost=on -device e1000,netdev=t").unwrap();
+        assert!(c
+            .notes
+            .iter()
+            .any(|n| n.warning && n.text.contains("vhost=on")));
         // -nographic: the console is mon:stdio, as in QEMU, unless something says otherwise.
         let console_monitor = |line: &str| {
             let c = run(line).unwrap();

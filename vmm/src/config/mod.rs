@@ -213,6 +213,9 @@ pub struct BridgeOptions {
     /// descriptor over. None: nicvm makes the tap itself where it has the privilege
     /// (CAP_NET_ADMIN), else it runs QEMU's default helper.
     pub helper: Option<String>,
+    /// `-netdev tap,helper=,vhost=on` (or `vhostforce=on`): vhost-net asked for, which nicvm
+    /// does not have (the caller warns).
+    pub vhost: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -121,15 +121,19 @@ fn tap_helper_options(kv: &KeyVal) -> Result<BridgeOptions, OptionError> {
         }
     }
     unknown(kv, &["helper", "br", "vhost", "vhostforce", "sndbuf"])?;
+    let mut vhost = false;
     for k in ["vhost", "vhostforce"] {
         if let Some(v) = kv.get(k) {
-            on_off(k, v)?;
+            vhost |= on_off(k, v)?;
         }
     }
     if let Some(v) = kv.get("sndbuf") {
         parse_size(v).ok_or_else(|| not_a("sndbuf", v, "a size in bytes"))?;
     }
-    bridge_keys(kv)
+    Ok(BridgeOptions {
+        vhost,
+        ..bridge_keys(kv)?
+    })
 }
 
 fn bridge_keys(kv: &KeyVal) -> Result<BridgeOptions, OptionError> {
@@ -153,6 +157,7 @@ fn bridge_keys(kv: &KeyVal) -> Result<BridgeOptions, OptionError> {
     Ok(BridgeOptions {
         br: br.to_string(),
         helper,
+        vhost: false,
     })
 }
 
