@@ -1715,6 +1715,24 @@ mod tests {
         });
     }
 
+    /// Gives tap `name` the host address NET.1/24 and brings it up; false (said SKIPPED) when
+    /// there is no ip(8).
+    fn host_side_up(name: &str, net: [u8; 3]) -> bool {
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let addr = format!("{}.{}.{}.1/24", net[0], net[1], net[2]);
+        if !ip(&["addr", "add", &addr, "dev", name]) {
+            eprintln!("SKIPPED: no ip(8)");
+            return false;
+        }
+        assert!(ip(&["link", "set", name, "up"]));
+        true
+    }
+
     /// A tap's queues opened by another program, as libvirt passes them (`fds=N:M`): both
     /// carry frames; descriptors of a single-queue tap or of two different taps are refused.
     #[test]
@@ -1747,17 +1765,9 @@ mod tests {
             let mut taps = unsafe { Tap::from_queue_fds(&[q0, q1], Some(false)) }.unwrap();
             assert_eq!(taps.len(), 2);
             assert!(taps.iter().all(|t| t.name() == "nqf0"));
-            let ip = |args: &[&str]| {
-                std::process::Command::new("ip")
-                    .args(args)
-                    .status()
-                    .is_ok_and(|s| s.success())
-            };
-            if !ip(&["addr", "add", "192.168.79.1/24", "dev", "nqf0"]) {
-                eprintln!("SKIPPED: no ip(8)");
+            if !host_side_up("nqf0", [192, 168, 79]) {
                 return;
             }
-            assert!(ip(&["link", "set", "nqf0", "up"]));
             // Asked through queue 1, answered on queue 0 (queue 1 detached for the answer).
             taps[1].set_queue_enabled(false).unwrap();
             arp_reply(&mut taps, 1, 0, [192, 168, 79]);
@@ -1802,17 +1812,9 @@ mod tests {
             };
             assert_eq!(taps.len(), 2);
             assert!(taps.iter().all(|t| t.name() == "nmq0"));
-            let ip = |args: &[&str]| {
-                std::process::Command::new("ip")
-                    .args(args)
-                    .status()
-                    .is_ok_and(|s| s.success())
-            };
-            if !ip(&["addr", "add", "192.168.78.1/24", "dev", "nmq0"]) {
-                eprintln!("SKIPPED: no ip(8)");
+            if !host_side_up("nmq0", [192, 168, 78]) {
                 return;
             }
-            assert!(ip(&["link", "set", "nmq0", "up"]));
             taps[1].set_queue_enabled(false).unwrap();
             let mut buf = vec![0u8; crate::MAX_FRAME];
             assert_eq!(
