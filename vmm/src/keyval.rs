@@ -118,28 +118,8 @@ impl KeyVal {
                 }
                 continue;
             }
-            match value {
-                serde_json::Value::Array(items) if LIST_KEYS.contains(&key.as_str()) => {
-                    for item in items {
-                        let text = match item {
-                            serde_json::Value::String(v) => v,
-                            serde_json::Value::Object(mut o) if o.len() == 1 => match o
-                                .remove("str")
-                            {
-                                Some(serde_json::Value::String(v)) => v,
-                                _ => return Err(KeyValError::JsonType(key, "a list of strings")),
-                            },
-                            _ => return Err(KeyValError::JsonType(key, "a list of strings")),
-                        };
-                        kv.pairs.push((key.clone(), text));
-                    }
-                }
-                value => {
-                    let text = scalar(value).ok_or_else(|| {
-                        KeyValError::JsonType(key.clone(), "a string, number or boolean")
-                    })?;
-                    kv.pairs.push((key, text));
-                }
+            for text in json_member(&key, value)? {
+                kv.pairs.push((key.clone(), text));
             }
         }
         Ok(kv)
@@ -186,6 +166,43 @@ const LIST_KEYS: [&str; 3] = ["hostfwd", "guestfwd", "dnssearch"];
 /// QEMU reads `-netdev`, `-device` and `-object` as JSON when they start with `{`.
 pub fn is_json(val: &str) -> bool {
     val.trim_start().starts_with('{')
+}
+
+/// The `key=val` values one JSON member stands for. The types QEMU's schema gives are kept
+/// where nicvm's reading of the text would differ: a boolean property takes `true`/`false`
+/// only, a list member a list; an integer `addr` is QEMU's devfn (slot * 8 + function), where
+/// the text form is `SLOT[.FUNCTION]` in hex. Other members take a string, a number or a
+/// boolean (laxer than QEMU).
+fn json_member(key: &str, value: serde_json::Value) -> Result<Vec<String>, KeyValError> {
+    use serde_json::Value;
+    let wrong = |expected| KeyValError::JsonType(key.into(), expected);
+    const DEVFN: &str = "a device and function number (slot * 8 + function)";
+    let list = LIST_KEYS.contains(&key);
+    match value {
+        Value::Array(items) if list => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(v) => Ok(v),
+                Value::Object(mut o) if o.len() == 1 => match o.remove("str") {
+                    Some(Value::String(v)) => Ok(v),
+                    _ => Err(wrong("a list of strings")),
+                },
+                _ => Err(wrong("a list of strings")),
+            })
+            .collect(),
+        _ if list => Err(wrong("array")),
+        Value::Bool(_) if key != "addr" => Ok(vec![scalar(value).unwrap_or_default()]),
+        _ if crate::qemu_compat::is_boolean_property(key) => Err(wrong("boolean")),
+        Value::Number(n) if key == "addr" => match n.as_u64() {
+            Some(devfn) if devfn < 256 => Ok(vec![format!("{:x}.{:x}", devfn >> 3, devfn & 7)]),
+            _ => Err(wrong(DEVFN)),
+        },
+        Value::Bool(_) => Err(wrong(DEVFN)),
+        value => match scalar(value) {
+            Some(text) => Ok(vec![text]),
+            None => Err(wrong("a string, number or boolean")),
+        },
+    }
 }
 
 /// A JSON value that stands for one `key=val` value.
@@ -389,6 +406,28 @@ mod tests {
             why(r#"{"type":"user","net":["10.0.0.0/8"]}"#).contains("'net'"),
             "only the list members take lists"
         );
+        assert_eq!(
+            why(r#"{"type":"user","hostfwd":"tcp::1-:2"}"#),
+            "Invalid parameter type for 'hostfwd', expected: array"
+        );
+        for v in [r#""yes""#, "1"] {
+            assert_eq!(
+                why(&format!(r#"{{"type":"user","restrict":{v}}}"#)),
+                "Invalid parameter type for 'restrict', expected: boolean"
+            );
+        }
+        // QEMU's devfn: slot 5 is 40; function 1 of slot 5 is 41 (refused later: nicvm's
+        // NICs have one function).
+        let addr = |v: &str| {
+            KeyVal::from_json(&format!(r#"{{"driver":"e1000","addr":{v}}}"#), "driver")
+                .map(|kv| kv.get("addr").unwrap().to_string())
+        };
+        assert_eq!(addr("40").unwrap(), "5.0");
+        assert_eq!(addr("41").unwrap(), "5.1");
+        assert_eq!(addr(r#""0x5""#).unwrap(), "0x5", "the text form as it is");
+        for bad in ["256", "-8", "5.0", "true"] {
+            assert!(addr(bad).is_err(), "{bad}");
+        }
         assert!(why(r#"{"type":"user"} x"#).starts_with("JSON parse error, "));
     }
 }
