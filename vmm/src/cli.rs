@@ -1137,8 +1137,8 @@ impl Builder<'_> {
                 self.notes.push(Note {
                     warning: true,
                     text: format!(
-                        "{}: vhost=on: nicvm has no vhost-net; frames go through its own I/O \
-                         thread",
+                        "{}: vhost-net asked for (vhost=on, vhostforce=on or vhostfd=): nicvm \
+                         has none; frames go through its own I/O thread",
                         n.option
                     ),
                 });
@@ -2259,7 +2259,7 @@ mod tests {
         assert!(c
             .notes
             .iter()
-            .any(|n| n.warning && n.text.contains("vhost=on")));
+            .any(|n| n.warning && n.text.contains("vhost-net asked for")));
         // -nographic: the console is mon:stdio, as in QEMU, unless something says otherwise.
         let console_monitor = |line: &str| {
             let c = run(line).unwrap();
@@ -2768,5 +2768,19 @@ mod tests {
             panic!()
         };
         assert!(t.vhost, "vhostfd= alone asks for vhost-net, as in QEMU");
+        let c = run_with(
+            "-kernel k -netdev tap,id=a,fd=5,vhost=off,vhostfd=7,vhostforce=on -device e1000,netdev=a",
+            &fds,
+        )
+        .unwrap();
+        let Backend::Tap(t) = &c.netdevs[0].backend else {
+            panic!()
+        };
+        assert!(!t.vhost, "vhost=off wins, as in QEMU");
+        assert!(!c.notes.iter().any(|n| n.text.contains("vhost")));
+        assert_eq!(
+            why("-netdev tap,id=a,fds=5:6,vhostfds=7:6"),
+            "-netdev tap,id=a: vhostfds: 6 is a descriptor of the tap itself (fd= or fds=), not a vhost-net one"
+        );
     }
 }

@@ -10,6 +10,36 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 /// linux/sockios.h: add an interface to a bridge (ifr_ifindex names it).
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 
+/// linux/ethtool.h: ETHTOOL_GDRVINFO, and the `ethtool_drvinfo` it fills.
+const ETHTOOL_GDRVINFO: u32 = 3;
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+/// Whether interface `req` names is a bridge: its driver, as ethtool reports it, is
+/// `bridge` (asked of the interface in this namespace; sysfs shows the one it was mounted in).
+fn is_bridge(sock: &OwnedFd, req: &mut libc::ifreq) -> bool {
+    // SAFETY: plain integers and byte arrays; all zeroes is a valid value.
+    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    req.ifr_ifru.ifru_data = (&mut info as *mut EthtoolDrvinfo).cast();
+    // A driver without the request (loopback) is no bridge either.
+    let asked = ioctl(sock, libc::SIOCETHTOOL, req).is_ok();
+    asked && info.driver.split(|b| *b == 0).next() == Some(&b"bridge"[..])
+}
+
 /// One interface ioctl on a socket made for it.
 fn ioctl(sock: &OwnedFd, request: libc::c_ulong, req: &mut libc::ifreq) -> io::Result<()> {
     // SAFETY: the request reads and writes the ifreq we own, on a socket we own.
@@ -45,9 +75,12 @@ impl Tap {
         ioctl(&sock, libc::SIOCGIFMTU, &mut req).map_err(|e| bridge("no such interface", e))?;
         // SAFETY: SIOCGIFMTU wrote the MTU member of the union.
         let mtu = unsafe { req.ifr_ifru.ifru_mtu };
-        // Whether it is a bridge is found out by adding the tap to it (sysfs would say sooner,
-        // but shows the namespace it was mounted in, which need not be this one); a tap
-        // refused is closed, and goes.
+        if !is_bridge(&sock, &mut named(br)?) {
+            return Err(bridge(
+                "not a bridge",
+                io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+            ));
+        }
         let tap = Tap::open("", None)?;
         let setup = |what, source| TapError::Setup {
             tap: tap.name.clone(),
@@ -125,6 +158,7 @@ mod tests {
             assert_eq!(link(&name), None, "{name} outlived its descriptor");
             for (br, why) in [
                 ("ndm0", "br=ndm0: not a bridge"),
+                ("lo", "br=lo: not a bridge"),
                 ("nbr9", "br=nbr9: no such interface"),
             ] {
                 let e = Tap::on_bridge(br).err().unwrap().to_string();

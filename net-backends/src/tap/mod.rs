@@ -40,8 +40,9 @@ pub enum TapError {
     NotTap(String),
     #[error("ifname={0}: {1}")]
     Other(String, io::Error),
-    #[error("fd={0}: not an open tap file descriptor ({1})")]
-    BadFd(RawFd, io::Error),
+    /// The option key (`fd` or `fds`), the descriptor, why.
+    #[error("{0}={1}: not an open tap file descriptor ({2})")]
+    BadFd(&'static str, RawFd, io::Error),
     #[error("fd={0}: {1}")]
     FdSetup(RawFd, io::Error),
     #[error("ifname={0}: exists without multiple queues (or is not a tap); queues= needs one made with multi_queue")]
@@ -221,10 +222,11 @@ impl Tap {
         fds: &[RawFd],
         vnet_hdr: Option<bool>,
     ) -> Result<Vec<Tap>, TapError> {
+        let key = if fds.len() > 1 { "fds" } else { "fd" };
         let mut taps: Vec<Tap> = Vec::with_capacity(fds.len());
         for &fd in fds {
             if fds.len() > 1 {
-                let (flags, name) = tun_get_iff(fd).map_err(|e| TapError::BadFd(fd, e))?;
+                let (flags, name) = tun_get_iff(fd).map_err(|e| TapError::BadFd(key, fd, e))?;
                 if flags & libc::IFF_MULTI_QUEUE as libc::c_short == 0 {
                     return Err(TapError::FdNotMultiQueue(fd, name));
                 }
@@ -238,7 +240,11 @@ impl Tap {
                 }
             }
             // SAFETY: the caller hands each descriptor over once (see above).
-            taps.push(unsafe { Tap::from_fd(fd, vnet_hdr) }?);
+            let tap = unsafe { Tap::from_fd(fd, vnet_hdr) }.map_err(|e| match e {
+                TapError::BadFd(_, fd, e) => TapError::BadFd(key, fd, e),
+                e => e,
+            })?;
+            taps.push(tap);
         }
         Ok(taps)
     }
@@ -320,9 +326,10 @@ impl Tap {
     /// `fd` must be an open descriptor that nothing else owns or will close: the `Tap` takes
     /// it over.
     pub unsafe fn from_fd(fd: RawFd, vnet_hdr: Option<bool>) -> Result<Tap, TapError> {
-        let (flags, name) = tun_get_iff(fd).map_err(|e| TapError::BadFd(fd, e))?;
+        let (flags, name) = tun_get_iff(fd).map_err(|e| TapError::BadFd("fd", fd, e))?;
         if flags & IFF_TAP == 0 {
             return Err(TapError::BadFd(
+                "fd",
                 fd,
                 io::Error::other("a tun (layer 3) device, not a tap"),
             ));

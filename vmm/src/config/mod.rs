@@ -393,6 +393,8 @@ pub enum OptionError {
     FdTwice(&'static str, RawFd),
     #[error("{0}: {1} descriptors, and fds= has {2}: one for each queue")]
     FdCount(&'static str, usize, usize),
+    #[error("{0}: {1} is a descriptor of the tap itself (fd= or fds=), not a vhost-net one")]
+    VhostFdIsTap(&'static str, RawFd),
     #[error("fd: {fd} is already used by {by}")]
     FdTaken { fd: RawFd, by: String },
 }

@@ -121,12 +121,7 @@ fn tap_helper_options(kv: &KeyVal) -> Result<BridgeOptions, OptionError> {
         }
     }
     unknown(kv, &["helper", "br", "vhost", "vhostforce", "sndbuf"])?;
-    let mut vhost = false;
-    for k in ["vhost", "vhostforce"] {
-        if let Some(v) = kv.get(k) {
-            vhost |= on_off(k, v)?;
-        }
-    }
+    let vhost = vhost_asked(kv, false)?;
     if let Some(v) = kv.get("sndbuf") {
         parse_size(v).ok_or_else(|| not_a("sndbuf", v, "a size in bytes"))?;
     }
@@ -291,12 +286,6 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
             }
         }
     }
-    let mut vhost = false;
-    for k in ["vhost", "vhostforce"] {
-        if let Some(v) = kv.get(k) {
-            vhost |= on_off(k, v)?;
-        }
-    }
     if let Some(v) = kv.get("sndbuf") {
         parse_size(v).ok_or_else(|| not_a("sndbuf", v, "a size in bytes"))?;
     }
@@ -332,18 +321,21 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
         (None, Some(v)) => Some(inherited_fds("fds", v, fds)?),
         (None, None) => None,
     };
+    let mut vhost_fds = false;
     for key in ["vhostfd", "vhostfds"] {
         if let Some(v) = kv.get(key) {
             let given = inherited_fds(key, v, fds)?;
-            match &tap_fds {
-                Some(taps) if key == "vhostfds" && taps.len() != given.len() => {
-                    return Err(OptionError::FdCount(key, given.len(), taps.len()))
-                }
-                _ => {}
+            let taps = tap_fds.as_deref().unwrap_or_default();
+            if key == "vhostfds" && taps.len() != given.len() {
+                return Err(OptionError::FdCount(key, given.len(), taps.len()));
             }
-            vhost = true;
+            if let Some(fd) = given.iter().find(|fd| taps.contains(fd)) {
+                return Err(OptionError::VhostFdIsTap(key, *fd));
+            }
+            vhost_fds = true;
         }
     }
+    let vhost = vhost_asked(kv, vhost_fds)?;
     let vnet_hdr = match kv.get("vnet_hdr") {
         Some(v) => Some(on_off("vnet_hdr", v)?),
         None => None,
@@ -373,6 +365,19 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
         vnet_hdr,
         vhost,
     })
+}
+
+/// Whether a tap asks for vhost-net, by QEMU's rule: `vhost=` when given, else `vhostforce=on`
+/// or vhost descriptors (`given_fds`).
+fn vhost_asked(kv: &KeyVal, given_fds: bool) -> Result<bool, OptionError> {
+    let force = match kv.get("vhostforce") {
+        Some(v) => on_off("vhostforce", v)?,
+        None => false,
+    };
+    match kv.get("vhost") {
+        Some(v) => on_off("vhost", v),
+        None => Ok(force || given_fds),
+    }
 }
 
 /// A byte count as QEMU's size options take it: a number with an optional k/M/G suffix.

@@ -174,7 +174,7 @@ fn from_helper(helper: &str, br: &str) -> Result<Tap, BridgeError> {
             // once it has checked that it is a tap.
             match unsafe { Tap::from_fd(fd, None) } {
                 Ok(tap) => Ok(tap),
-                Err(TapError::BadFd(_, e)) => {
+                Err(TapError::BadFd(_, _, e)) => {
                     // Not taken over: ours to close.
                     // SAFETY: the descriptor is ours and used nowhere else.
                     unsafe { libc::close(fd) };

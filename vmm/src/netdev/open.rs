@@ -97,8 +97,19 @@ fn open_tap(o: &TapOptions) -> Result<Opened, OpenErrorKind> {
     match script::resolve(&o.script, DEFAULT_IFUP) {
         Some(up) => script::run(&up, &name)?,
         None if passed_in && !tap_is_up(&name) => log::warn!(
-            "tap {name} (fd=): it is down on the host; whoever opened it brings it up \
-             (ip link set {name} up)"
+            "tap {name} ({}): it is down on the host; whoever opened it brings it up \
+             (ip link set {name} up)",
+            match &o.device {
+                TapDevice::Fds(fds) => format!(
+                    "{}={}",
+                    if fds.len() > 1 { "fds" } else { "fd" },
+                    fds.iter()
+                        .map(|fd| fd.to_string())
+                        .collect::<Vec<_>>()
+                        .join(":")
+                ),
+                TapDevice::Ifname(_) => String::new(),
+            }
         ),
         None if !tap_is_up(&name) => log::warn!(
             "tap {name}: no ifup script ran ({}), so the tap stays down on the host; \
