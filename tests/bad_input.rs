@@ -509,6 +509,32 @@ fn daemonize_reports_set_up_errors_to_the_caller() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A capture of a netdev no NIC uses is made all the same (as QEMU makes it): a file that
+/// cannot be created is an error naming the capture (needs KVM: made while the VM is built).
+#[test]
+fn a_capture_nothing_feeds_is_still_checked() {
+    if !kvm_usable() {
+        return;
+    }
+    let k = kernel();
+    let a = [
+        "-kernel",
+        &k,
+        "-nic",
+        "none",
+        "-netdev",
+        "user,id=u",
+        "-object",
+        "filter-dump,id=f,netdev=u,file=/nonexistent/u.pcap",
+    ];
+    let o = run(&args(&a), Duration::from_secs(30));
+    expect_error_in(
+        &a,
+        &o,
+        "-object filter-dump,id=f: cannot create /nonexistent/u.pcap",
+    );
+}
+
 /// A capture file the set-up created is removed when a later NIC fails to open.
 #[test]
 fn no_capture_file_is_left_when_set_up_fails() {

@@ -927,13 +927,17 @@ fn a_closed_stderr_still_gives_a_clean_exit() {
     drop(dir);
 }
 
-/// A -netdev no NIC uses: QEMU's warning, once each, when the set-up succeeds.
+/// A -netdev no NIC uses: QEMU's warning, once each, when the set-up succeeds; as in QEMU,
+/// `info network` lists it with its capture's filter, and the capture file is made (a pcap
+/// header, no frame).
 #[test]
 fn an_unused_netdev_is_warned_about_at_start() {
     let Some(img) = image() else { return };
     let dir = temp("nopeer");
     let sock = dir.join("monitor.sock");
+    let pcap = dir.join("n0.pcap");
     let endpoint = format!("unix:{},server=on,wait=off", sock.display());
+    let dump = format!("filter-dump,id=f0,netdev=n0,file={}", pcap.display());
     let vm = spawn(
         &img,
         "",
@@ -944,12 +948,30 @@ fn an_unused_netdev_is_warned_about_at_start() {
             "none",
             "-netdev",
             "user,id=n0",
+            "-object",
+            &dump,
             "-monitor",
             &endpoint,
         ],
         Stdio::null(),
     );
     wait_for(&sock);
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s);
+    hmp_read(&mut r);
+    assert_eq!(
+        hmp(&mut r, "info network"),
+        format!(
+            "n0: index=0,type=user,net=10.0.2.0,restrict=off\nfilters:\n  - f0: \
+             type=filter-dump,file={},maxlen=65536,position=tail,status=on,insert=behind,\
+             netdev=n0,queue=all\n",
+            pcap.display()
+        )
+    );
+    let header = std::fs::read(&pcap).unwrap();
+    assert_eq!(header.len(), 24, "a pcap file header alone");
+    assert_eq!(header[..4], 0xa1b2_c3d4u32.to_le_bytes());
     // SAFETY: signalling the child we started.
     unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
     let (code, out, err) = vm.wait(Duration::from_secs(30));

@@ -506,6 +506,20 @@ impl Vm {
                 subscribers[q].push(w);
             }
         }
+        // As QEMU: a capture of a netdev no NIC uses is still made (checked, and written
+        // with no frame in it).
+        for d in &cfg.dumps {
+            if !cfg.nics.iter().any(|n| n.netdev == d.netdev) {
+                new_files.creating(&d.file);
+                let dump_err = |source| VmError::Dump {
+                    id: d.id.clone(),
+                    path: d.file.clone(),
+                    source,
+                };
+                let file = crate::open::create_in_setup(&d.file).map_err(dump_err)?;
+                net_backends::pcap::empty_capture(file, d.maxlen).map_err(dump_err)?;
+            }
+        }
         timing.mark("nics-and-netdevs");
         let mut panic_dev = PvPanic::new(lifecycle.clone());
         assign_bars(&mut panic_dev, &mut io_next, &mut mmio_next)?;

@@ -378,8 +378,26 @@ fn parse_forward_source(s: &str) -> Option<(bool, std::net::Ipv4Addr, Result<u16
     Some((udp, addr, u16::try_from(port).map_err(|_| ())))
 }
 
+/// As QEMU lists its net clients: the netdevs no NIC uses (made first), then each NIC with
+/// ` \ ` and its netdev; each client's filters after its line.
 fn info_network(control: &Control) -> String {
+    let filters = |netdev: &str| {
+        let lines: Vec<&str> = control
+            .filters
+            .iter()
+            .filter(|(n, _)| n == netdev)
+            .map(|(_, line)| line.as_str())
+            .collect();
+        if lines.is_empty() {
+            String::new()
+        } else {
+            format!("filters:\n{}\n", lines.join("\n"))
+        }
+    };
     let mut out = String::new();
+    for (id, desc) in &control.unused_netdevs {
+        out.push_str(&format!("{id}: index=0,type={desc}\n{}", filters(id)));
+    }
     for (i, n) in control.nics.iter().enumerate() {
         let up = n.control.lock().unwrap().link_up();
         out.push_str(&format!(
@@ -392,6 +410,7 @@ fn info_network(control: &Control) -> String {
             control.backends[i],
             if up { "" } else { ",link=down" },
         ));
+        out.push_str(&filters(&n.config.netdev));
     }
     out
 }

@@ -57,6 +57,11 @@ pub struct Control {
     /// Each NIC's backend as `info network` names it: its type, and for a user network
     /// QEMU's details (`user,net=10.0.2.0,restrict=off`).
     pub backends: Vec<String>,
+    /// The netdevs no NIC uses, each with its description as in `backends`.
+    pub unused_netdevs: Vec<(String, String)>,
+    /// Each capture (`-object filter-dump`) as `info network` lists a filter: the netdev's
+    /// id, and the line (`  - f0: type=filter-dump,file=...`).
+    pub filters: Vec<(String, String)>,
     /// Every netdev's id, NICs' or not: net clients that are not NICs. In QEMU's order of
     /// making them: those of -netdev, then of -nic, then of -net, each in command-line order
     /// (the first user network of `hostfwd_add` is the first of them).
@@ -134,23 +139,48 @@ impl Control {
         vcpus: Arc<Mutex<Vec<libc::pthread_t>>>,
         saver: Arc<crate::snapshot::Saver>,
     ) -> io::Result<Arc<Control>> {
+        let describe = |nd: &crate::config::NetdevConfig| match &nd.backend {
+            crate::config::Backend::User(o) => format!(
+                "user,net={},restrict={}",
+                o.net,
+                if o.restrict { "on" } else { "off" }
+            ),
+            // As QEMU lists it: a tap (with the helper, when one was named).
+            crate::config::Backend::Bridge(o) => match &o.helper {
+                Some(h) => format!("tap,helper={h},br={}", o.br),
+                None => format!("tap,br={}", o.br),
+            },
+            b => b.kind().to_string(),
+        };
         let backends = nics
             .iter()
             .map(|n| {
                 cfg.netdev(&n.config.netdev)
-                    .map_or("?".to_string(), |nd| match &nd.backend {
-                        crate::config::Backend::User(o) => format!(
-                            "user,net={},restrict={}",
-                            o.net,
-                            if o.restrict { "on" } else { "off" }
-                        ),
-                        // As QEMU lists it: a tap (with the helper, when one was named).
-                        crate::config::Backend::Bridge(o) => match &o.helper {
-                            Some(h) => format!("tap,helper={h},br={}", o.br),
-                            None => format!("tap,br={}", o.br),
-                        },
-                        b => b.kind().to_string(),
-                    })
+                    .map_or("?".to_string(), describe)
+            })
+            .collect();
+        let unused_netdevs = cfg
+            .netdevs
+            .iter()
+            .filter(|nd| !nics.iter().any(|n| n.config.netdev == nd.id))
+            .map(|nd| (nd.id.clone(), describe(nd)))
+            .collect();
+        // QEMU's properties of a filter-dump, in the order it lists them.
+        let filters = cfg
+            .dumps
+            .iter()
+            .map(|d| {
+                (
+                    d.netdev.clone(),
+                    format!(
+                        "  - {}: type=filter-dump,file={},maxlen={},position=tail,status=on,\
+                         insert=behind,netdev={},queue=all",
+                        d.id,
+                        d.file.display(),
+                        d.maxlen,
+                        d.netdev
+                    ),
+                )
             })
             .collect();
         let control = Arc::new(Control {
@@ -158,6 +188,8 @@ impl Control {
             lifecycle,
             nics,
             backends,
+            unused_netdevs,
+            filters,
             netdev_ids: {
                 let mut n: Vec<_> = cfg.netdevs.iter().collect();
                 n.sort_by_key(|nd| match nd.option.split([' ', ',']).next() {
