@@ -406,6 +406,18 @@ pub fn is_boolean_property(key: &str) -> bool {
         || VIRTIO_NEVER_OFFERED.iter().any(|o| o.0 == key)
 }
 
+/// An integer device property as QEMU's qdev reads one (strtoull's base 0): `0x` hex, a
+/// leading `0` octal, else decimal.
+fn qdev_uint(v: &str) -> Option<u64> {
+    if let Some(hex) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        u64::from_str_radix(hex, 16).ok()
+    } else if v.len() > 1 && v.starts_with('0') {
+        u64::from_str_radix(&v[1..], 8).ok()
+    } else {
+        v.parse().ok()
+    }
+}
+
 /// The least MTU virtio-net's `host_mtu=` may offer (virtio 1.0, 5.1.4.1; IPv4's minimum).
 const MIN_MTU: u16 = 68;
 
@@ -553,7 +565,7 @@ pub fn device_properties_accepted(
     // MTU is under 68 (the virtio spec's least), so nicvm refuses it here.
     let mtu = match kv.remove("host_mtu") {
         None => None,
-        Some(v) => match v.parse::<u16>() {
+        Some(v) => match qdev_uint(&v).and_then(|n| u16::try_from(n).ok()).ok_or(()) {
             Ok(0) => None,
             Ok(n) if n >= MIN_MTU => Some(n),
             _ => {
@@ -567,11 +579,13 @@ pub fn device_properties_accepted(
         None => None,
         Some(v) => {
             let max = devices::virtio::net::MAX_VECTORS as u32;
-            let n: u32 = v.parse().map_err(|_| {
-                refused(format!(
-                    "vectors: '{v}' is not a number of MSI-X vectors (1 to {max})"
-                ))
-            })?;
+            let n: u32 = qdev_uint(&v)
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    refused(format!(
+                        "vectors: '{v}' is not a number of MSI-X vectors (1 to {max})"
+                    ))
+                })?;
             if !(1..=max).contains(&n) {
                 return Err(refused(format!(
                     "vectors={n}: nicvm's virtio-net has 1 to {max} MSI-X vectors (no INTx-only \
@@ -898,7 +912,13 @@ mod tests {
         let p = device_properties_accepted(v, &mut kv("mq=on,vectors=10,ctrl_vq=on")).unwrap();
         assert!(p.mq && p.vectors == Some(10));
         assert_eq!(p.mtu, None, "no MTU offered unless asked for");
-        for (mtu, offered) in [("9000", Some(9000)), ("68", Some(68)), ("0", None)] {
+        for (mtu, offered) in [
+            ("9000", Some(9000)),
+            ("68", Some(68)),
+            ("0", None),
+            ("0x100", Some(256)),
+            ("0104", Some(68)),
+        ] {
             let p = device_properties_accepted(v, &mut kv(&format!("host_mtu={mtu}"))).unwrap();
             assert_eq!(p.mtu, offered, "host_mtu={mtu}");
         }
