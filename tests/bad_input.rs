@@ -208,7 +208,7 @@ fn json_option_syntax_is_named() {
         ),
         (
             "-object",
-            r#"{"qom-type":"filter-dump","id":"f","netdev":{}}"#,
+            r#"{"qom-type":"filter-dump","id":"f","netdev":[]}"#,
             "'netdev'",
         ),
         (

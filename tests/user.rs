@@ -142,7 +142,8 @@ fn net_dhcpstart_restrict_and_guestfwd() {
     assert_eq!(fnv1a64(&got), fwd["fnv1a64"], "guestfwd data");
     // libslirp starts the command from the slirp thread, where nicvm blocks its exit
     // signals: the command must not keep them blocked (it could not be stopped), nor hold
-    // nicvm's descriptors.
+    // nicvm's descriptors. libslirp (its child set-up empties the mask) and GLib's spawn
+    // (it closes descriptors above 2) see to both today; this holds them to it.
     let said = std::fs::read_to_string(&seen).unwrap_or_default();
     std::fs::remove_file(&seen).ok();
     assert!(

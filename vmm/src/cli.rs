@@ -1323,7 +1323,7 @@ impl Builder<'_> {
             return KeyVal::from_json(val, implied).or_else(|e| err(opt, e));
         }
         let (kv, short_forms) =
-            KeyVal::parse_flags(val, Some(implied), &qemu_compat::is_boolean_property)
+            KeyVal::parse_flags(val, Some(implied), &qemu_compat::takes_short_form)
                 .or_else(|e| err(opt, e))?;
         for (word, long) in short_forms {
             self.notes.push(Note {
@@ -2690,10 +2690,20 @@ mod tests {
             warned[0]
         );
         assert!(!long.notes.iter().any(|n| n.text.contains("short-form")));
+        // disable-legacy is on, off or auto: a short form, and a string in JSON.
+        run("-kernel k -nic none -netdev user,id=n0 -device virtio-net-pci,netdev=n0,disable-legacy")
+            .unwrap();
+        run(r#"-kernel k -nic none -netdev user,id=n0 -device {"driver":"virtio-net-pci","netdev":"n0","disable-legacy":"on"}"#)
+            .unwrap();
         for (line, said) in [
             ("-netdev user,id", "'id' needs a value"),
             ("-device e1000,netdev", "'netdev' needs a value"),
             ("-netdev user,id=n,nobody", "'nobody' needs a value"),
+            // QEMU 7.2 reads stream and dgram with a parser that has no short forms.
+            (
+                "-netdev stream,id=s,server,addr.type=inet,addr.host=127.0.0.1,addr.port=1",
+                "'server' needs a value",
+            ),
         ] {
             let e = run(&format!("-kernel k {line}")).unwrap_err().to_string();
             assert!(e.contains(said), "{line}: {e}");
@@ -2769,7 +2779,7 @@ mod tests {
         };
         assert!(t.vhost, "vhostfd= alone asks for vhost-net, as in QEMU");
         let c = run_with(
-            "-kernel k -netdev tap,id=a,fd=5,vhost=off,vhostfd=7,vhostforce=on -device e1000,netdev=a",
+            "-kernel k -netdev tap,id=a,fd=5,vhost=off,vhostforce=on -device e1000,netdev=a",
             &fds,
         )
         .unwrap();
@@ -2778,6 +2788,14 @@ mod tests {
         };
         assert!(!t.vhost, "vhost=off wins, as in QEMU");
         assert!(!c.notes.iter().any(|n| n.text.contains("vhost")));
+        assert_eq!(
+            why("-netdev tap,id=a,fd=5,vhost=off,vhostfd=7"),
+            "-netdev tap,id=a: vhostfd= and vhostfds= need vhost (not vhost=off), as in QEMU"
+        );
+        assert_eq!(
+            why("-netdev tap,id=a,ifname=t,vhostfds=7:8"),
+            "-netdev tap,id=a: vhostfds= needs fds="
+        );
         assert_eq!(
             why("-netdev tap,id=a,fds=5:6,vhostfds=7:6"),
             "-netdev tap,id=a: vhostfds: 6 is a descriptor of the tap itself (fd= or fds=), not a vhost-net one"

@@ -118,9 +118,7 @@ impl KeyVal {
                 }
                 continue;
             }
-            for text in json_member(&key, value)? {
-                kv.pairs.push((key.clone(), text));
-            }
+            json_member(&key, value, &mut kv.pairs)?;
         }
         Ok(kv)
     }
@@ -168,12 +166,32 @@ pub fn is_json(val: &str) -> bool {
     val.trim_start().starts_with('{')
 }
 
-/// The `key=val` values one JSON member stands for. The types QEMU's schema gives are kept
-/// where nicvm's reading of the text would differ: a boolean property takes `true`/`false`
-/// only, a list member a list; an integer `addr` is QEMU's devfn (slot * 8 + function), where
-/// the text form is `SLOT[.FUNCTION]` in hex. Other members take a string, a number or a
-/// boolean (laxer than QEMU).
-fn json_member(key: &str, value: serde_json::Value) -> Result<Vec<String>, KeyValError> {
+/// Adds to `out` the `key=val` pairs one JSON member stands for. The types QEMU's schema gives
+/// are kept where nicvm's reading of the text would differ: a boolean property takes
+/// `true`/`false` only, a list member a list; an integer `addr` is QEMU's devfn (slot * 8 +
+/// function), where the text form is `SLOT[.FUNCTION]` in hex. An object is its members under
+/// dotted keys, as the text form writes them (`-netdev stream`'s `"addr": {"type": "unix",
+/// ...}` is `addr.type=unix,...`). Other members take a string, a number or a boolean (laxer
+/// than QEMU).
+fn json_member(
+    key: &str,
+    value: serde_json::Value,
+    out: &mut Vec<(String, String)>,
+) -> Result<(), KeyValError> {
+    use serde_json::Value;
+    if let Value::Object(members) = value {
+        for (k, v) in members {
+            json_member(&format!("{key}.{k}"), v, out)?;
+        }
+        return Ok(());
+    }
+    let texts = json_value(key, value)?;
+    out.extend(texts.into_iter().map(|t| (key.to_string(), t)));
+    Ok(())
+}
+
+/// The values of one JSON member that is not an object (see [`json_member`]).
+fn json_value(key: &str, value: serde_json::Value) -> Result<Vec<String>, KeyValError> {
     use serde_json::Value;
     let wrong = |expected| KeyValError::JsonType(key.into(), expected);
     const DEVFN: &str = "a device and function number (slot * 8 + function)";
@@ -367,6 +385,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(json, text, "same pairs in the same order");
+        // libvirt's passt line: objects are dotted keys.
+        let json = KeyVal::parse_option(
+            r#"{"type":"stream","addr":{"type":"unix","path":"/run/p.sock"},"server":false,"reconnect":5,"id":"h"}"#,
+            "type",
+        )
+        .unwrap();
+        let text = KeyVal::parse(
+            "stream,addr.path=/run/p.sock,addr.type=unix,server=off,reconnect=5,id=h",
+            Some("type"),
+        )
+        .unwrap();
+        assert_eq!(json, text);
         let dev = KeyVal::parse_option(
             r#" {"driver":"e1000","netdev":"n0","addr":"0x5"}"#,
             "driver",
@@ -394,7 +424,7 @@ mod tests {
             "Invalid parameter type for 'type', expected: string"
         );
         assert_eq!(
-            why(r#"{"type":"user","net":{"a":1}}"#),
+            why(r#"{"type":"user","net":[{"a":1}]}"#),
             "Invalid parameter type for 'net', expected: a string, number or boolean"
         );
         assert_eq!(

@@ -380,10 +380,10 @@ pub struct VirtioProperties {
     pub mtu: Option<u16>,
 }
 
-/// Whether `key` is a boolean (`on|off`) property of a netdev or NIC nicvm takes, which QEMU
-/// also lets a bare `KEY` (on) or `noKEY` (off) set.
+/// Whether `key` is a boolean property of a netdev or NIC nicvm takes (`on|off` in the text
+/// form, `true|false` in JSON, as QEMU's schema types it).
 pub fn is_boolean_property(key: &str) -> bool {
-    const OTHERS: [&str; 14] = [
+    const OTHERS: [&str; 13] = [
         // -netdev user, tap, stream.
         "restrict",
         "ipv4",
@@ -397,13 +397,19 @@ pub fn is_boolean_property(key: &str) -> bool {
         "mrg_rxbuf",
         "mq",
         "ctrl_vq",
-        "disable-legacy",
         "disable-modern",
         "multifunction",
     ];
     OTHERS.contains(&key)
         || VIRTIO_OFFLOADS.iter().any(|o| o.0 == key)
         || VIRTIO_NEVER_OFFERED.iter().any(|o| o.0 == key)
+}
+
+/// Whether QEMU's QemuOpts let a bare `KEY` (on) or `noKEY` (off) set `key`: the boolean
+/// properties, and `disable-legacy` (on, off or auto). Not `server`: QEMU 7.2 reads
+/// `-netdev stream` and `dgram` with its newer parser, which has no short forms.
+pub fn takes_short_form(key: &str) -> bool {
+    (is_boolean_property(key) && key != "server") || key == "disable-legacy"
 }
 
 /// An integer device property as QEMU's qdev reads one (strtoull's base 0): `0x` hex, a
@@ -561,8 +567,9 @@ pub fn device_properties_accepted(
         Some(v) => on_off("mrg_rxbuf", &v)?,
         None => true,
     };
-    // As QEMU's: 0 (its default) offers no MTU. Linux's virtio_net refuses a device whose
-    // MTU is under 68 (the virtio spec's least), so nicvm refuses it here.
+    // As QEMU's: 0 (its default) offers no MTU. Under 68 is refused, where QEMU offers it:
+    // the virtio spec has the device offer 68 to 65535 (5.1.4.1), and Linux's virtio_net
+    // drops the feature when the MTU is smaller.
     let mtu = match kv.remove("host_mtu") {
         None => None,
         Some(v) => match qdev_uint(&v).and_then(|n| u16::try_from(n).ok()).ok_or(()) {

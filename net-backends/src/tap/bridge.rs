@@ -40,9 +40,12 @@ fn is_bridge(sock: &OwnedFd, req: &mut libc::ifreq) -> bool {
     asked && info.driver.split(|b| *b == 0).next() == Some(&b"bridge"[..])
 }
 
-/// One interface ioctl on a socket made for it.
+/// One interface ioctl on a socket made for it. The caller keeps alive whatever `req` points
+/// to (SIOCETHTOOL's `ifru_data`).
 fn ioctl(sock: &OwnedFd, request: libc::c_ulong, req: &mut libc::ifreq) -> io::Result<()> {
-    // SAFETY: the request reads and writes the ifreq we own, on a socket we own.
+    // SAFETY: the request reads and writes the ifreq we own, on a socket we own, and for
+    // SIOCETHTOOL the ethtool_drvinfo its data member points to, which the caller owns and
+    // keeps alive across the call (is_bridge).
     if unsafe { libc::ioctl(sock.as_raw_fd(), request as _, req as *mut libc::ifreq) } < 0 {
         return Err(io::Error::last_os_error());
     }

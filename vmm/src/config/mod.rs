@@ -395,6 +395,8 @@ pub enum OptionError {
     FdCount(&'static str, usize, usize),
     #[error("{0}: {1} is a descriptor of the tap itself (fd= or fds=), not a vhost-net one")]
     VhostFdIsTap(&'static str, RawFd),
+    #[error("vhostfd= and vhostfds= need vhost (not vhost=off), as in QEMU")]
+    VhostFdsWithoutVhost,
     #[error("fd: {fd} is already used by {by}")]
     FdTaken { fd: RawFd, by: String },
 }

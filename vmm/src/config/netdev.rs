@@ -324,6 +324,12 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
     let mut vhost_fds = false;
     for key in ["vhostfd", "vhostfds"] {
         if let Some(v) = kv.get(key) {
+            if key == "vhostfds" && kv.get("fds").is_none() {
+                return Err(OptionError::Needs {
+                    key: Some("vhostfds=".into()),
+                    what: "fds=".into(),
+                });
+            }
             let given = inherited_fds(key, v, fds)?;
             let taps = tap_fds.as_deref().unwrap_or_default();
             if key == "vhostfds" && taps.len() != given.len() {
@@ -336,6 +342,9 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
         }
     }
     let vhost = vhost_asked(kv, vhost_fds)?;
+    if vhost_fds && !vhost {
+        return Err(OptionError::VhostFdsWithoutVhost);
+    }
     let vnet_hdr = match kv.get("vnet_hdr") {
         Some(v) => Some(on_off("vnet_hdr", v)?),
         None => None,
