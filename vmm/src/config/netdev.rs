@@ -92,7 +92,9 @@ pub fn backend(
 ) -> Result<Backend, OptionError> {
     Ok(match ty {
         NetdevType::User => Backend::User(slirp_options(kv)?),
-        NetdevType::Tap if kv.get("helper").is_some() => Backend::Bridge(tap_helper_options(kv)?),
+        NetdevType::Tap if kv.get("helper").is_some() => {
+            Backend::Bridge(tap_helper_options(kv, fds)?)
+        }
         NetdevType::Tap => Backend::Tap(tap_options(kv, fds)?),
         NetdevType::Vde => {
             let mut o = vde_options(kv)?;
@@ -113,15 +115,34 @@ pub fn bridge_options(kv: &KeyVal) -> Result<BridgeOptions, OptionError> {
 }
 
 /// `-netdev tap,helper=HELPER[,br=BR]`: QEMU's other way to a bridge's tap, the same as
-/// `-netdev bridge,helper=`; the keys that name or set up a tap do not go with it.
-fn tap_helper_options(kv: &KeyVal) -> Result<BridgeOptions, OptionError> {
-    for k in ["ifname", "fd", "script", "downscript", "vnet_hdr", "queues"] {
+/// `-netdev bridge,helper=`; the keys that name or set up a tap do not go with it. As in QEMU
+/// a `vhostfd=` may come with it (checked, as a tap's; nicvm has no vhost-net).
+fn tap_helper_options(kv: &KeyVal, fds: &InheritedFds) -> Result<BridgeOptions, OptionError> {
+    for k in [
+        "ifname",
+        "fd",
+        "fds",
+        "script",
+        "downscript",
+        "vnet_hdr",
+        "queues",
+        "vhostfds",
+    ] {
         if kv.get(k).is_some() {
             return Err(OptionError::Together(vec!["helper".into(), k.into()]));
         }
     }
-    unknown(kv, &["helper", "br", "vhost", "vhostforce", "sndbuf"])?;
-    let vhost = vhost_asked(kv, false)?;
+    unknown(
+        kv,
+        &["helper", "br", "vhost", "vhostforce", "vhostfd", "sndbuf"],
+    )?;
+    if let Some(v) = kv.get("vhostfd") {
+        inherited_fds("vhostfd", v, fds)?;
+    }
+    let vhost = vhost_asked(kv, kv.get("vhostfd").is_some())?;
+    if kv.get("vhostfd").is_some() && !vhost {
+        return Err(OptionError::VhostFdsWithoutVhost);
+    }
     if let Some(v) = kv.get("sndbuf") {
         parse_size(v).ok_or_else(|| not_a("sndbuf", v, "a size in bytes"))?;
     }
@@ -680,13 +701,19 @@ mod tests {
             ],
         );
         // tap,helper= is the same; the tap's own set-up keys do not go with it.
-        let o = tap_helper_options(&kv("helper=/h,br=virbr0,vhost=on,sndbuf=1k")).unwrap();
+        let fds = InheritedFds::from_fds([5]);
+        let helper = |k: &KeyVal| tap_helper_options(k, &fds);
+        let o = helper(&kv("helper=/h,br=virbr0,vhost=on,sndbuf=1k")).unwrap();
         assert_eq!((o.br.as_str(), o.helper.as_deref()), ("virbr0", Some("/h")));
+        assert!(helper(&kv("helper=/h,vhostfd=5")).unwrap().vhost);
         check_errors(
-            tap_helper_options,
+            helper,
             &[
                 ("helper=/h,ifname=tap0", "ifname"),
                 ("helper=/h,fd=3", "fd"),
+                ("helper=/h,fds=5", "fds"),
+                ("helper=/h,vhostfd=6", "vhostfd"),
+                ("helper=/h,vhostfd=5,vhost=off", "vhost"),
                 ("helper=/h,script=no", "script"),
                 ("helper=/h,queues=2", "queues"),
                 ("helper=/h,vnet_hdr=on", "vnet_hdr"),
