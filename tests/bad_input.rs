@@ -414,20 +414,23 @@ fn tap_fd_that_is_not_a_tap() {
         return;
     }
     let k = kernel();
-    let a = [
-        "-kernel",
-        &k,
-        "-netdev",
-        "tap,id=a,fd=5,script=no,downscript=no",
-        "-device",
-        "e1000,netdev=a",
-    ];
-    let o = run_with_fd5(&a);
-    expect_error_in(
-        &a,
-        &o,
-        "-netdev tap,id=a: fd=5: not an open tap file descriptor",
-    );
+    for key in ["fd", "fds"] {
+        let netdev = format!("tap,id=a,{key}=5,script=no,downscript=no");
+        let a = [
+            "-kernel",
+            &k,
+            "-netdev",
+            &netdev,
+            "-device",
+            "e1000,netdev=a",
+        ];
+        let o = run_with_fd5(&a);
+        expect_error_in(
+            &a,
+            &o,
+            &format!("-netdev tap,id=a: {key}=5: not an open tap file descriptor"),
+        );
+    }
 }
 
 /// QEMU's listings print what there is and exit 0, with no guest started.

@@ -515,7 +515,7 @@ fn push_after<'a>(v: &mut Vec<IoSlice<'a>>, frame: &[IoSlice<'a>], mut skip: usi
 }
 
 /// Frames of TCP streams as a guest sends them, the kernel's segmentation as a reference and
-/// the check of a whole batch: for the tests here and in `tap.rs`, and for the fuzzer.
+/// the check of a whole batch: for the tests here and in `tap/mod.rs`, and for the fuzzer.
 #[cfg(any(test, feature = "test-backends"))]
 pub mod check {
     use super::*;

@@ -1137,8 +1137,8 @@ impl Builder<'_> {
                 self.notes.push(Note {
                     warning: true,
                     text: format!(
-                        "{}: vhost-net asked for (vhost=on, vhostforce=on or vhostfd=): nicvm \
-                         has none; frames go through its own I/O thread",
+                        "{}: vhost-net asked for (vhost=on, vhostforce=on, vhostfd= or \
+                         vhostfds=): nicvm has none; frames go through its own I/O thread",
                         n.option
                     ),
                 });
@@ -1616,7 +1616,7 @@ fn check_tap_fds(netdevs: &[NetdevConfig]) -> Result<(), CliError> {
     let mut owners: Vec<(RawFd, &str)> = vec![];
     for n in netdevs {
         let Backend::Tap(TapOptions {
-            device: TapDevice::Fds(fds),
+            device: TapDevice::Fds { fds, .. },
             ..
         }) = &n.backend
         else {
@@ -2634,7 +2634,13 @@ mod tests {
         let Backend::Tap(t) = &c.netdevs[1].backend else {
             panic!()
         };
-        assert_eq!(t.device, TapDevice::Fds(vec![6]));
+        assert_eq!(
+            t.device,
+            TapDevice::Fds {
+                key: "fd",
+                fds: vec![6]
+            }
+        );
         let e = run_with(
             "-kernel k -netdev tap,id=a,fd=5 -netdev tap,id=b,fd=5",
             &fds,
@@ -2725,7 +2731,14 @@ mod tests {
         };
         assert_eq!(
             (&t.device, t.queues, t.vhost),
-            (&TapDevice::Fds(vec![5, 6]), 2, true)
+            (
+                &TapDevice::Fds {
+                    key: "fds",
+                    fds: vec![5, 6]
+                },
+                2,
+                true
+            )
         );
         assert!(c
             .notes

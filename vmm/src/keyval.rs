@@ -15,6 +15,8 @@ pub enum KeyValError {
     Json(String),
     #[error("Invalid parameter type for '{0}', expected: {1}")]
     JsonType(String, &'static str),
+    #[error("Parameter '{0}' is unexpected (in JSON, give an object: {{\"{1}\": {{...}}}})")]
+    JsonDotted(String, String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -113,10 +115,14 @@ impl KeyVal {
         for (key, value) in members {
             if key == implied {
                 match value {
-                    serde_json::Value::String(v) => kv.first = Some(v),
+                    Node::Scalar(serde_json::Value::String(v)) => kv.first = Some(v),
                     _ => return Err(KeyValError::JsonType(key, "string")),
                 }
                 continue;
+            }
+            // The dotted form is the text form's; JSON nests (QEMU refuses it too).
+            if let Some((outer, _)) = key.split_once('.') {
+                return Err(KeyValError::JsonDotted(key.clone(), outer.into()));
             }
             json_member(&key, value, &mut kv.pairs)?;
         }
@@ -161,6 +167,10 @@ impl KeyVal {
 /// The members of the options nicvm reads that QEMU's schema makes lists (of `-netdev user`).
 const LIST_KEYS: [&str; 3] = ["hostfwd", "guestfwd", "dnssearch"];
 
+/// The members QEMU's schema makes objects: the socket addresses of `-netdev stream`
+/// (`addr`) and `dgram` (`local`, `remote`).
+const OBJECT_KEYS: [&str; 3] = ["addr", "local", "remote"];
+
 /// QEMU reads `-netdev`, `-device` and `-object` as JSON when they start with `{`.
 pub fn is_json(val: &str) -> bool {
     val.trim_start().starts_with('{')
@@ -169,72 +179,64 @@ pub fn is_json(val: &str) -> bool {
 /// Adds to `out` the `key=val` pairs one JSON member stands for. The types QEMU's schema gives
 /// are kept where nicvm's reading of the text would differ: a boolean property takes
 /// `true`/`false` only, a list member a list; an integer `addr` is QEMU's devfn (slot * 8 +
-/// function), where the text form is `SLOT[.FUNCTION]` in hex. An object is its members under
-/// dotted keys, as the text form writes them (`-netdev stream`'s `"addr": {"type": "unix",
-/// ...}` is `addr.type=unix,...`). Other members take a string, a number or a boolean (laxer
-/// than QEMU).
-fn json_member(
-    key: &str,
-    value: serde_json::Value,
-    out: &mut Vec<(String, String)>,
-) -> Result<(), KeyValError> {
-    use serde_json::Value;
-    if let Value::Object(members) = value {
-        for (k, v) in members {
-            json_member(&format!("{key}.{k}"), v, out)?;
-        }
-        return Ok(());
-    }
-    let texts = json_value(key, value)?;
-    out.extend(texts.into_iter().map(|t| (key.to_string(), t)));
-    Ok(())
-}
-
-/// The values of one JSON member that is not an object (see [`json_member`]).
-fn json_value(key: &str, value: serde_json::Value) -> Result<Vec<String>, KeyValError> {
-    use serde_json::Value;
+/// function), where the text form is `SLOT[.FUNCTION]` in hex. An object member (OBJECT_KEYS)
+/// is its members under dotted keys, as the text form writes them (`-netdev stream`'s
+/// `"addr": {"type": "unix", ...}` is `addr.type=unix,...`). Other members take a string, a
+/// number or a boolean (laxer than QEMU).
+fn json_member(key: &str, value: Node, out: &mut Vec<(String, String)>) -> Result<(), KeyValError> {
     let wrong = |expected| KeyValError::JsonType(key.into(), expected);
     const DEVFN: &str = "a device and function number (slot * 8 + function)";
     let list = LIST_KEYS.contains(&key);
+    let mut push = |text: String| out.push((key.to_string(), text));
     match value {
-        Value::Array(items) if list => items
-            .into_iter()
-            .map(|item| match item {
-                Value::String(v) => Ok(v),
-                Value::Object(mut o) if o.len() == 1 => match o.remove("str") {
-                    Some(Value::String(v)) => Ok(v),
-                    _ => Err(wrong("a list of strings")),
-                },
-                _ => Err(wrong("a list of strings")),
-            })
-            .collect(),
-        _ if list => Err(wrong("array")),
-        Value::Bool(_) if key != "addr" => Ok(vec![scalar(value).unwrap_or_default()]),
-        _ if crate::qemu_compat::is_boolean_property(key) => Err(wrong("boolean")),
-        Value::Number(n) if key == "addr" => match n.as_u64() {
-            Some(devfn) if devfn < 256 => Ok(vec![format!("{:x}.{:x}", devfn >> 3, devfn & 7)]),
-            _ => Err(wrong(DEVFN)),
+        Node::List(items) if list => {
+            for item in items {
+                let text = match item {
+                    Node::Scalar(serde_json::Value::String(v)) => v,
+                    Node::Object(Members(mut m)) if m.len() == 1 && m[0].0 == "str" => {
+                        match m.pop() {
+                            Some((_, Node::Scalar(serde_json::Value::String(v)))) => v,
+                            _ => return Err(wrong("a list of strings")),
+                        }
+                    }
+                    _ => return Err(wrong("a list of strings")),
+                };
+                push(text);
+            }
+        }
+        _ if list => return Err(wrong("array")),
+        Node::Object(Members(members)) if OBJECT_KEYS.contains(&key) && !members.is_empty() => {
+            for (k, v) in members {
+                json_member(&format!("{key}.{k}"), v, out)?;
+            }
+        }
+        Node::Scalar(serde_json::Value::Bool(b)) if key != "addr" => {
+            push(if b { "on" } else { "off" }.into())
+        }
+        _ if crate::qemu_compat::is_boolean_property(key) => return Err(wrong("boolean")),
+        Node::Scalar(serde_json::Value::Number(n)) if key == "addr" => match n.as_u64() {
+            Some(devfn) if devfn < 256 => push(format!("{:x}.{:x}", devfn >> 3, devfn & 7)),
+            _ => return Err(wrong(DEVFN)),
         },
-        Value::Bool(_) => Err(wrong(DEVFN)),
-        value => match scalar(value) {
-            Some(text) => Ok(vec![text]),
-            None => Err(wrong("a string, number or boolean")),
-        },
+        Node::Scalar(serde_json::Value::Bool(_)) => return Err(wrong(DEVFN)),
+        Node::Scalar(serde_json::Value::String(v)) => push(v),
+        Node::Scalar(serde_json::Value::Number(n)) => push(n.to_string()),
+        _ => return Err(wrong("a string, number or boolean")),
     }
+    Ok(())
 }
 
-/// A JSON value that stands for one `key=val` value.
-fn scalar(value: serde_json::Value) -> Option<String> {
-    match value {
-        serde_json::Value::String(v) => Some(v),
-        serde_json::Value::Bool(b) => Some(if b { "on" } else { "off" }.into()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
+/// A JSON value as nicvm reads an option: an object keeps its members in the order written
+/// and refuses a repeated one (serde_json's own map sorts them and keeps the last).
+enum Node {
+    /// A string, number, boolean or null.
+    Scalar(serde_json::Value),
+    List(Vec<Node>),
+    Object(Members),
 }
 
-/// A JSON object's members in the order written (serde_json's map sorts them), each key once.
-struct Members(Vec<(String, serde_json::Value)>);
+/// A JSON object's members in the order written, each key once.
+struct Members(Vec<(String, Node)>);
 
 impl<'de> serde::Deserialize<'de> for Members {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -244,23 +246,69 @@ impl<'de> serde::Deserialize<'de> for Members {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Members, A::Error> {
-                let mut members: Vec<(String, serde_json::Value)> = Vec::new();
-                while let Some((key, value)) = map.next_entry::<String, serde_json::Value>()? {
-                    if members.iter().any(|(k, _)| *k == key) {
-                        return Err(serde::de::Error::custom(format_args!(
-                            "duplicate key '{key}'"
-                        )));
-                    }
-                    members.push((key, value));
-                }
-                Ok(Members(members))
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Members, A::Error> {
+                members(map)
             }
         }
         d.deserialize_map(Visit)
+    }
+}
+
+/// The members `map` holds, refusing a key given twice.
+fn members<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Members, A::Error> {
+    let mut members: Vec<(String, Node)> = Vec::new();
+    while let Some((key, value)) = map.next_entry::<String, Node>()? {
+        if members.iter().any(|(k, _)| *k == key) {
+            return Err(serde::de::Error::custom(format_args!(
+                "duplicate key '{key}'"
+            )));
+        }
+        members.push((key, value));
+    }
+    Ok(Members(members))
+}
+
+impl<'de> serde::Deserialize<'de> for Node {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Node;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Node, E> {
+                Ok(Node::Scalar(v.into()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Node, E> {
+                Ok(Node::Scalar(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Node, E> {
+                Ok(Node::Scalar(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Node, E> {
+                Ok(Node::Scalar(v.into()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Node, E> {
+                Ok(Node::Scalar(v.into()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Node, E> {
+                Ok(Node::Scalar(v.into()))
+            }
+            fn visit_unit<E>(self) -> Result<Node, E> {
+                Ok(Node::Scalar(serde_json::Value::Null))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+                let mut items = vec![];
+                while let Some(item) = seq.next_element::<Node>()? {
+                    items.push(item);
+                }
+                Ok(Node::List(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Node, A::Error> {
+                members(map).map(Node::Object)
+            }
+        }
+        d.deserialize_any(Visit)
     }
 }
 
@@ -392,7 +440,7 @@ mod tests {
         )
         .unwrap();
         let text = KeyVal::parse(
-            "stream,addr.path=/run/p.sock,addr.type=unix,server=off,reconnect=5,id=h",
+            "stream,addr.type=unix,addr.path=/run/p.sock,server=off,reconnect=5,id=h",
             Some("type"),
         )
         .unwrap();
@@ -432,6 +480,39 @@ mod tests {
             "Invalid parameter type for 'hostfwd', expected: a list of strings"
         );
         assert!(why(r#"{"type":"user","id":null}"#).contains("'id'"));
+        // Objects only where QEMU's schema has them, not empty, each key once; no dotted keys.
+        for (bad, said) in [
+            (
+                r#"{"type":"user","restrict":{}}"#,
+                "'restrict', expected: boolean",
+            ),
+            (
+                r#"{"type":"user","mac":{"a":"b"}}"#,
+                "'mac', expected: a string",
+            ),
+            (r#"{"type":"stream","addr":{}}"#, "'addr', expected"),
+            (
+                r#"{"type":"stream","addr":{"type":"unix","type":"inet"}}"#,
+                "duplicate key 'type'",
+            ),
+            (
+                r#"{"type":"stream","addr":{"x":{"y":1}}}"#,
+                "'addr.x', expected",
+            ),
+            (
+                r#"{"type":"stream","addr.type":"unix"}"#,
+                "Parameter 'addr.type' is unexpected",
+            ),
+        ] {
+            assert!(why(bad).contains(said), "{bad}: {}", why(bad));
+        }
+        // Deeper than serde_json's recursion limit: an error, not a stack overflow.
+        let deep = format!(
+            r#"{{"type":"stream","addr":{}1{}}}"#,
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        assert!(why(&deep).starts_with("JSON parse error, "));
         assert!(
             why(r#"{"type":"user","net":["10.0.0.0/8"]}"#).contains("'net'"),
             "only the list members take lists"

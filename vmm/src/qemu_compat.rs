@@ -415,10 +415,15 @@ pub fn takes_short_form(key: &str) -> bool {
 /// An integer device property as QEMU's qdev reads one (strtoull's base 0): `0x` hex, a
 /// leading `0` octal, else decimal.
 fn qdev_uint(v: &str) -> Option<u64> {
+    // from_str_radix takes a sign, strtoull not after its prefix.
+    fn digits(d: &str) -> Option<&str> {
+        d.starts_with(|c: char| c.is_ascii_alphanumeric())
+            .then_some(d)
+    }
     if let Some(hex) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        u64::from_str_radix(hex, 16).ok()
-    } else if v.len() > 1 && v.starts_with('0') {
-        u64::from_str_radix(&v[1..], 8).ok()
+        u64::from_str_radix(digits(hex)?, 16).ok()
+    } else if let Some(oct) = v.strip_prefix('0').filter(|o| !o.is_empty()) {
+        u64::from_str_radix(digits(oct)?, 8).ok()
     } else {
         v.parse().ok()
     }
@@ -925,6 +930,7 @@ mod tests {
             ("0", None),
             ("0x100", Some(256)),
             ("0104", Some(68)),
+            ("+9000", Some(9000)),
         ] {
             let p = device_properties_accepted(v, &mut kv(&format!("host_mtu={mtu}"))).unwrap();
             assert_eq!(p.mtu, offered, "host_mtu={mtu}");
@@ -940,6 +946,9 @@ mod tests {
             "disable-legacy=off",
             "disable-modern=on",
             "host_mtu=67",
+            "host_mtu=0x+100",
+            "host_mtu=0+104",
+            "host_mtu=0x",
             "host_mtu=65536",
             "host_mtu=x",
             "vectors=0",

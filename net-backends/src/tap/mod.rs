@@ -213,16 +213,17 @@ impl Tap {
 
     /// The queues of a tap someone else opened (`fds=N:M:...`, as libvirt passes a multiqueue
     /// tap), each taken as [`Tap::from_fd`] takes one. Two or more must be queues of one
-    /// multiqueue tap; on an error the descriptors already taken are closed.
+    /// multiqueue tap; on an error the descriptors already taken are closed. `key` (`fd`,
+    /// `fds`) is the option that named them, for messages.
     ///
     /// # Safety
     ///
     /// As for [`Tap::from_fd`], for each descriptor; no descriptor twice.
     pub unsafe fn from_queue_fds(
+        key: &'static str,
         fds: &[RawFd],
         vnet_hdr: Option<bool>,
     ) -> Result<Vec<Tap>, TapError> {
-        let key = if fds.len() > 1 { "fds" } else { "fd" };
         let mut taps: Vec<Tap> = Vec::with_capacity(fds.len());
         for &fd in fds {
             if fds.len() > 1 {
@@ -1769,7 +1770,7 @@ mod tests {
             };
             let q1 = raw("nqf0", true).unwrap();
             // SAFETY: q0 and q1 came from into_raw_fd: nothing else owns them.
-            let mut taps = unsafe { Tap::from_queue_fds(&[q0, q1], Some(false)) }.unwrap();
+            let mut taps = unsafe { Tap::from_queue_fds("fds", &[q0, q1], Some(false)) }.unwrap();
             assert_eq!(taps.len(), 2);
             assert!(taps.iter().all(|t| t.name() == "nqf0"));
             if !host_side_up("nqf0", [192, 168, 79]) {
@@ -1782,7 +1783,7 @@ mod tests {
 
             let (a, single) = (raw("nqf1", true).unwrap(), raw("nqs0", false).unwrap());
             // SAFETY: as above; `single` is left open by the refusal and closed below.
-            match unsafe { Tap::from_queue_fds(&[a, single], None) } {
+            match unsafe { Tap::from_queue_fds("fds", &[a, single], None) } {
                 Err(e @ TapError::FdNotMultiQueue(..)) => {
                     assert!(e.to_string().contains("nqs0"), "{e}")
                 }
@@ -1791,7 +1792,7 @@ mod tests {
             }
             let (b, c) = (raw("nqf1", true).unwrap(), raw("nqf2", true).unwrap());
             // SAFETY: as above; `c` is left open by the refusal.
-            match unsafe { Tap::from_queue_fds(&[b, c], None) } {
+            match unsafe { Tap::from_queue_fds("fds", &[b, c], None) } {
                 Err(e @ TapError::FdOtherTap { .. }) => assert!(
                     e.to_string().contains("nqf2") && e.to_string().contains("nqf1"),
                     "{e}"

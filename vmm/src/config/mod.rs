@@ -223,8 +223,8 @@ pub enum TapDevice {
     /// `ifname=NAME`: that tap, created if missing; None: a new one the kernel names.
     Ifname(Option<String>),
     /// `fd=N`, or `fds=N:M:...` (a multiqueue tap's queues, one each): tap descriptors nicvm
-    /// inherited (checked: inherited, not 0-2, each named once).
-    Fds(Vec<RawFd>),
+    /// inherited (checked: inherited, not 0-2, each named once), and which key named them.
+    Fds { key: &'static str, fds: Vec<RawFd> },
 }
 
 /// `script=`/`downscript=`.

@@ -371,7 +371,10 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
         None => None,
     };
     let device = match (tap_fds, kv.get("ifname")) {
-        (Some(fds), _) => TapDevice::Fds(fds),
+        (Some(fds), _) => TapDevice::Fds {
+            key: if kv.get("fd").is_some() { "fd" } else { "fds" },
+            fds,
+        },
         (None, name) => {
             if let Some(name) = name {
                 check_ifname("ifname", name)?;
@@ -380,11 +383,11 @@ pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, Option
         }
     };
     let (up, down) = match device {
-        TapDevice::Fds(_) => (Script::No, Script::No),
+        TapDevice::Fds { .. } => (Script::No, Script::No),
         TapDevice::Ifname(_) => (script(kv.get("script")), script(kv.get("downscript"))),
     };
     let queues = match &device {
-        TapDevice::Fds(f) => f.len(),
+        TapDevice::Fds { fds, .. } => fds.len(),
         TapDevice::Ifname(_) => queues,
     };
     Ok(TapOptions {
@@ -776,7 +779,13 @@ mod tests {
             (o.script, o.downscript, o.vnet_hdr),
             (Script::No, Script::Path("/x/down".into()), Some(false))
         );
-        assert_eq!(tap("fd=5").unwrap().device, TapDevice::Fds(vec![5]));
+        assert_eq!(
+            tap("fd=5").unwrap().device,
+            TapDevice::Fds {
+                key: "fd",
+                fds: vec![5]
+            }
+        );
         assert_eq!(tap("ifname=t,queues=4").unwrap().queues, 4);
         // A tap the caller opened: no script runs on it, not even the default one (QEMU's
         // rule; it ran /etc/qemu-ifup, which bridged the caller's tap).

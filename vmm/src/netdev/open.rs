@@ -82,7 +82,7 @@ fn open_tap(o: &TapOptions) -> Result<Opened, OpenErrorKind> {
     let mut taps = match &o.device {
         // SAFETY: the CLI checked that nicvm inherited each descriptor (none is nicvm's own),
         // that each is named once, by this netdev only; a netdev is opened once.
-        TapDevice::Fds(fds) => unsafe { Tap::from_queue_fds(fds, o.vnet_hdr) }?,
+        TapDevice::Fds { key, fds } => unsafe { Tap::from_queue_fds(key, fds, o.vnet_hdr) }?,
         TapDevice::Ifname(name) => {
             Tap::open_queues(name.as_deref().unwrap_or(""), o.vnet_hdr, o.queues)?
         }
@@ -93,16 +93,15 @@ fn open_tap(o: &TapOptions) -> Result<Opened, OpenErrorKind> {
         .map(|t| Box::new(t) as Box<dyn NetBackend>)
         .collect();
     let name = tap.name().to_string();
-    let passed_in = matches!(o.device, TapDevice::Fds(_));
+    let passed_in = matches!(o.device, TapDevice::Fds { .. });
     match script::resolve(&o.script, DEFAULT_IFUP) {
         Some(up) => script::run(&up, &name)?,
         None if passed_in && !tap_is_up(&name) => log::warn!(
             "tap {name} ({}): it is down on the host; whoever opened it brings it up \
              (ip link set {name} up)",
             match &o.device {
-                TapDevice::Fds(fds) => format!(
-                    "{}={}",
-                    if fds.len() > 1 { "fds" } else { "fd" },
+                TapDevice::Fds { key, fds } => format!(
+                    "{key}={}",
                     fds.iter()
                         .map(|fd| fd.to_string())
                         .collect::<Vec<_>>()
