@@ -108,7 +108,7 @@ pub enum CliErrorKind {
     NoObjectType,
     #[error("filter-dump needs id=, netdev= and file=")]
     DumpNeeds,
-    #[error("maxlen: '{0}' is not a positive number")]
+    #[error("maxlen: '{0}' is not a number of bytes from 1 to 4294967295")]
     BadMaxlen(String),
     #[error("queue: only 'all' is supported, not '{0}'")]
     BadQueue(String),
@@ -495,6 +495,8 @@ fn netdev_config(
 }
 
 fn dump_from(option: &str, mut kv: KeyVal) -> Result<DumpConfig, CliError> {
+    // As QEMU sets an object's properties: the last value of each stands.
+    kv.keep_last();
     match kv.first.take() {
         Some(t) if t == "filter-dump" => {}
         Some(t) => return err(option, CliErrorKind::UnknownObject(t)),
@@ -506,12 +508,26 @@ fn dump_from(option: &str, mut kv: KeyVal) -> Result<DumpConfig, CliError> {
         return err(option, CliErrorKind::DumpNeeds);
     };
     let maxlen = match kv.remove("maxlen") {
-        Some(v) => match v.parse::<u32>() {
-            Ok(n) if n > 0 => n,
+        Some(v) => match qemu_compat::qdev_uint(&v).map(u32::try_from) {
+            Some(Ok(n)) if n > 0 => n,
             _ => return err(option, CliErrorKind::BadMaxlen(v)),
         },
         None => net_backends::pcap::DEFAULT_MAXLEN,
     };
+    // QEMU's netfilter properties, at the values a capture has here (it sees both directions
+    // of the netdev, as the last filter, and is on).
+    for (key, only) in [("status", "on"), ("position", "tail"), ("insert", "behind")] {
+        if let Some(v) = kv.remove(key) {
+            if v != only {
+                return err(
+                    option,
+                    CliErrorKind::Refused(format!(
+                        "{key}={v}: a capture here is {key}={only} (the one netfilter nicvm has)"
+                    )),
+                );
+            }
+        }
+    }
     if let Some(q) = kv.remove("queue") {
         if q != "all" {
             return err(option, CliErrorKind::BadQueue(q));
@@ -2007,7 +2023,21 @@ mod tests {
             "the default network can be captured"
         );
         assert_eq!(c.dumps[0].maxlen, 128);
+        // As QEMU: each property's last value, integers as qdev reads them, and the netfilter
+        // properties `info network` shows, at the values a capture has.
+        let c = run(
+            "-kernel k -object filter-dump,id=f,netdev=net0,file=a,file=b,maxlen=0x100,\
+                     maxlen=0x200,status=on,position=tail,insert=behind",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.dumps[0].file.to_str(), c.dumps[0].maxlen),
+            (Some("b"), 512)
+        );
         for bad in [
+            "-kernel k -object filter-dump,id=f,netdev=net0,file=x,status=off",
+            "-kernel k -object filter-dump,id=f,netdev=net0,file=x,position=head",
+            "-kernel k -object filter-dump,id=f,netdev=net0,file=x,maxlen=4294967296",
             "-kernel k -object filter-dump,id=f,netdev=nope,file=x",
             "-kernel k -object filter-dump,id=f,netdev=net0",
             "-kernel k -object filter-dump,id=f,netdev=net0,file=x,maxlen=0",

@@ -220,10 +220,27 @@ fn json_member(key: &str, value: Node, out: &mut Vec<(String, String)>) -> Resul
         },
         Node::Scalar(serde_json::Value::Bool(_)) => return Err(wrong(DEVFN)),
         Node::Scalar(serde_json::Value::String(v)) => push(v),
-        Node::Scalar(serde_json::Value::Number(n)) => push(n.to_string()),
+        Node::Scalar(serde_json::Value::Number(n)) => {
+            push(json_integer(&n).ok_or(wrong("an integer"))?)
+        }
+        Node::Object(_) if OBJECT_KEYS.contains(&key) => {
+            return Err(wrong("an object with members, or a string or number"))
+        }
         _ => return Err(wrong("a string, number or boolean")),
     }
     Ok(())
+}
+
+/// A JSON number as the integer text the option takes: every property nicvm reads is an
+/// integer, a string or a boolean. A float with no fraction that an f64 holds exactly (`1e1`,
+/// `-0`) is taken as that integer (QEMU would want it written as one); others are not.
+fn json_integer(n: &serde_json::Number) -> Option<String> {
+    if n.is_u64() || n.is_i64() {
+        return Some(n.to_string());
+    }
+    let f = n.as_f64()?;
+    (f.is_finite() && f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0)
+        .then(|| format!("{}", f as i64))
 }
 
 /// A JSON value as nicvm reads an option: an object keeps its members in the order written
@@ -505,6 +522,23 @@ mod tests {
             ),
         ] {
             assert!(why(bad).contains(said), "{bad}: {}", why(bad));
+        }
+        for (v, text) in [("1e1", Some("10")), ("-0", Some("0")), ("7", Some("7"))] {
+            let kv = KeyVal::from_json(&format!(r#"{{"type":"user","mtu":{v}}}"#), "type");
+            assert_eq!(
+                kv.ok()
+                    .and_then(|k| k.get("mtu").map(String::from))
+                    .as_deref(),
+                text,
+                "{v}"
+            );
+        }
+        for v in ["1.5", "18446744073709551616", "1e999"] {
+            let e = why(&format!(r#"{{"type":"user","mtu":{v}}}"#));
+            assert!(
+                e.contains("'mtu', expected: an integer") || e.starts_with("JSON parse error"),
+                "{v}: {e}"
+            );
         }
         // Deeper than serde_json's recursion limit: an error, not a stack overflow.
         let deep = format!(

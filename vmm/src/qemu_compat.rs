@@ -414,7 +414,7 @@ pub fn takes_short_form(key: &str) -> bool {
 
 /// An integer device property as QEMU's qdev reads one (strtoull's base 0): `0x` hex, a
 /// leading `0` octal, else decimal.
-fn qdev_uint(v: &str) -> Option<u64> {
+pub fn qdev_uint(v: &str) -> Option<u64> {
     // from_str_radix takes a sign, strtoull not after its prefix.
     fn digits(d: &str) -> Option<&str> {
         d.starts_with(|c: char| c.is_ascii_alphanumeric())

@@ -548,10 +548,16 @@ pub fn stream_options(kv: &KeyVal) -> Result<StreamOptions, OptionError> {
     };
     let mut reconnect = None;
     if let Some(v) = kv.get("reconnect") {
-        let s: u64 = v
-            .parse()
-            .map_err(|_| not_a("reconnect", v, "a number of seconds"))?;
-        reconnect = (s > 0).then(|| Duration::from_secs(s));
+        // QEMU's type: uint32 (a timer much further off is refused by the kernel).
+        let s: u32 = v.parse().map_err(|_| match v.parse::<u64>() {
+            Ok(_) => OptionError::OutOfRange {
+                key: "reconnect".into(),
+                value: v.into(),
+                range: "0 to 4294967295 seconds",
+            },
+            Err(_) => not_a("reconnect", v, "a number of seconds"),
+        })?;
+        reconnect = (s > 0).then(|| Duration::from_secs(s.into()));
     }
     if let Some(v) = kv.get("reconnect-ms") {
         if kv.get("reconnect").is_some() {
@@ -982,6 +988,14 @@ mod tests {
                     "reconnect",
                 ),
                 ("addr.type=unix,addr.path=/s,reconnect=soon", "reconnect"),
+                (
+                    "addr.type=unix,addr.path=/s,reconnect=4294967296",
+                    "reconnect",
+                ),
+                (
+                    "addr.type=unix,addr.path=/s,reconnect=9223372036854775808",
+                    "reconnect",
+                ),
                 (
                     "addr.type=unix,addr.path=/s,reconnect=1,reconnect-ms=5",
                     "reconnect-ms",
