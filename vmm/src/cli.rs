@@ -98,6 +98,11 @@ pub enum CliErrorKind {
     BadSlot(String),
     #[error("addr: slot {0:x} is already taken")]
     SlotTaken(u8),
+    #[error(
+        "no free PCI slot for NIC {0} (-nic first, then -net nic, then -device): a NIC \
+         without addr= takes one of 3-1f, and one of 1-1f stays for nicvm's pvpanic"
+    )]
+    NoFreeSlot(usize),
     #[error("cplus: only rtl8139 has this property")]
     CplusNotRtl8139,
     #[error("unknown property '{0}'")]
@@ -1087,9 +1092,14 @@ impl Builder<'_> {
             .iter()
             .filter_map(|(_, _, kv, _)| kv.get("mac")?.parse().ok())
             .collect();
+        let mut options = vec![];
         for (option, model, kv, _) in self.devices.drain(..) {
             let nic = nic_config(&option, model, kv, &self.netdevs, &nics, &given, &mut ids)?;
             nics.push(nic);
+            options.push(option);
+        }
+        if let Err(i) = crate::config::nic_slots(&nics) {
+            return err(&options[i], CliErrorKind::NoFreeSlot(i + 1));
         }
         for d in &self.dumps {
             let Some(nd) = self.netdevs.iter().find(|n| n.id == d.netdev) else {
@@ -1933,6 +1943,45 @@ mod tests {
         let c = run("-kernel k -netdev user,id=n1 -device e1000,netdev=n1 -nic user").unwrap();
         let from: Vec<bool> = c.nics.iter().map(|n| n.from_device).collect();
         assert_eq!(from, [false, true], "-nic made first, with the board");
+    }
+
+    /// A NIC without `addr=` takes the first free slot from 3; when none is left (or only the
+    /// pvpanic's), the NIC that finds none is named, before anything is opened.
+    #[test]
+    fn pci_slots_run_out_naming_the_nic_that_finds_none() {
+        let nics = |n: usize, extra: &str| {
+            let mut line = String::from("-kernel k");
+            for i in 0..n {
+                line += &format!(" -netdev user,id=n{i} -device e1000,netdev=n{i},id=d{i}");
+            }
+            line + extra
+        };
+        let c = run(&nics(29, "")).unwrap();
+        assert_eq!(
+            crate::config::nic_slots(&c.nics).unwrap(),
+            (3..32).collect::<Vec<u8>>()
+        );
+        let e = run(&nics(30, "")).unwrap_err().to_string();
+        assert!(
+            e.starts_with("-device e1000: no free PCI slot for NIC 30 "),
+            "{e}"
+        );
+        // Slots 1 and 2 only by addr=; one of the 31 stays for the pvpanic.
+        let two = " -netdev user,id=a -device e1000,netdev=a,addr=1 \
+                   -netdev user,id=b -device e1000,netdev=b,addr=2";
+        let e = run(&nics(29, two)).unwrap_err().to_string();
+        assert!(
+            e.starts_with("-device e1000: no free PCI slot for NIC 31 "),
+            "{e}"
+        );
+        let one = " -netdev user,id=a -device e1000,netdev=a,addr=2";
+        let c = run(&nics(29, one)).unwrap();
+        let slots = crate::config::nic_slots(&c.nics).unwrap();
+        assert_eq!(slots[..29], (3..32).collect::<Vec<u8>>());
+        assert_eq!(slots[29], 2);
+        // An addr= further on is kept free by the NICs before it.
+        let c = run("-kernel k -nic user -netdev user,id=a -device e1000,netdev=a,addr=3").unwrap();
+        assert_eq!(crate::config::nic_slots(&c.nics).unwrap(), [4, 3]);
     }
 
     #[test]

@@ -114,8 +114,6 @@ const COM1_IRQ: u32 = 4;
 const I8042_PORT: u64 = 0x60;
 const CMOS_PORT: u64 = 0x70;
 const PCI_CONFIG_PORT: u64 = 0xcf8;
-/// First slot for NICs without addr=, as on QEMU's default PC board.
-const FIRST_NIC_SLOT: u8 = 3;
 
 /// Queue doorbells as KVM ioeventfds: a guest kick wakes the I/O thread without a vCPU exit
 /// to userspace.
@@ -469,13 +467,8 @@ impl Vm {
         let ioevents: Arc<dyn IoEventRegistry> = Arc::new(KvmIoEvents(vm.clone()));
         let mut subscribers = vec![];
         let mut nics = vec![];
-        for spec in &cfg.nics {
-            let slot = match spec.slot {
-                Some(s) => s,
-                None => (FIRST_NIC_SLOT..32)
-                    .find(|&s| !root.slot_taken(s) && !cfg.nics.iter().any(|n| n.slot == Some(s)))
-                    .ok_or(VmError::NoSlot)?,
-            };
+        let slots = crate::config::nic_slots(&cfg.nics).map_err(|_| VmError::NoSlot)?;
+        for (spec, slot) in cfg.nics.iter().zip(slots) {
             if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == spec.netdev) {
                 new_files.creating(&d.file);
             }

@@ -68,10 +68,6 @@ impl PciRoot {
         Ok(())
     }
 
-    pub fn slot_taken(&self, slot: u8) -> bool {
-        self.slots.get(slot as usize).is_none_or(|s| s.is_some())
-    }
-
     pub fn first_free_slot(&self) -> Option<u8> {
         self.slots.iter().position(|s| s.is_none()).map(|s| s as u8)
     }

@@ -297,6 +297,31 @@ pub struct NicConfig {
     pub mtu: Option<u16>,
 }
 
+/// The first PCI slot a NIC without `addr=` may take: QEMU's pc board holds 0-2 (nicvm's
+/// host bridge is at 0; its pvpanic takes the first slot left over).
+pub const FIRST_NIC_SLOT: u8 = 3;
+
+/// Each NIC's PCI slot, in order: its `addr=`, else the first from [`FIRST_NIC_SLOT`] that no
+/// NIC holds (one given by `addr=` or taken before). One of 1-1f is left for the pvpanic
+/// device. `Err(i)`: NIC `i` is the one that finds no slot.
+pub fn nic_slots(nics: &[NicConfig]) -> Result<Vec<u8>, usize> {
+    let mut slots: Vec<u8> = Vec::with_capacity(nics.len());
+    for (i, nic) in nics.iter().enumerate() {
+        let slot = match nic.slot {
+            Some(s) => s,
+            None => (FIRST_NIC_SLOT..32)
+                .find(|&s| !slots.contains(&s) && !nics.iter().any(|n| n.slot == Some(s)))
+                .ok_or(i)?,
+        };
+        slots.push(slot);
+        // Slots 1-1f, less the pvpanic's.
+        if slots.len() > 30 {
+            return Err(i);
+        }
+    }
+    Ok(slots)
+}
+
 /// `-object filter-dump,id=ID,netdev=NETDEV,file=PATH[,maxlen=N]`: capture a netdev's frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DumpConfig {
