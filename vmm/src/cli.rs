@@ -141,7 +141,7 @@ fn cut(s: &str, max: usize) -> String {
 
 /// User text as it may appear in a one-line message: control characters (a newline typed into
 /// an option) escaped.
-fn one_line(s: &str) -> String {
+pub fn one_line(s: &str) -> String {
     s.chars()
         .flat_map(|c| {
             let esc: Vec<char> = if c.is_control() {

@@ -2,6 +2,8 @@
 //! keys may repeat (`hostfwd=...,hostfwd=...`); and the JSON form QEMU takes for `-netdev`,
 //! `-device` and `-object` when the value starts with `{` (libvirt's command lines).
 
+use crate::json::{requote, Members, Node};
+
 /// Why `key=val,...` text does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyValError {
@@ -109,8 +111,28 @@ impl KeyVal {
     /// text. A list (the keys in LIST_KEYS: QAPI's `['String']`, whose items are
     /// `{"str": "..."}`; plain strings are taken too) repeats its key, as `key=a,key=b` does.
     pub fn from_json(s: &str, implied: &str) -> Result<KeyVal, KeyValError> {
+        // 'Single-quoted' strings as QEMU's parser takes them: given to serde_json
+        // double-quoted. The requoting stops where the object closes; anything after it is
+        // refused here, as serde_json refuses it after a double-quoted object.
+        let requoted = s.contains('\'').then(|| requote(s.as_bytes()));
+        let json = match &requoted {
+            Some((json, map)) => {
+                let end = map.last().copied().unwrap_or(s.len());
+                if !s.as_bytes()[end.min(s.len())..]
+                    .iter()
+                    .all(u8::is_ascii_whitespace)
+                {
+                    return Err(KeyValError::Json(format!(
+                        "trailing characters at column {}",
+                        end + 1
+                    )));
+                }
+                json.as_slice()
+            }
+            None => s.as_bytes(),
+        };
         let Members(members) =
-            serde_json::from_str(s).map_err(|e| KeyValError::Json(e.to_string()))?;
+            serde_json::from_slice(json).map_err(|e| KeyValError::Json(e.to_string()))?;
         let mut kv = KeyVal::default();
         for (key, value) in members {
             if key == implied {
@@ -241,92 +263,6 @@ fn json_integer(n: &serde_json::Number) -> Option<String> {
     let f = n.as_f64()?;
     (f.is_finite() && f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0)
         .then(|| format!("{}", f as i64))
-}
-
-/// A JSON value as nicvm reads an option: an object keeps its members in the order written
-/// and refuses a repeated one (serde_json's own map sorts them and keeps the last).
-enum Node {
-    /// A string, number, boolean or null.
-    Scalar(serde_json::Value),
-    List(Vec<Node>),
-    Object(Members),
-}
-
-/// A JSON object's members in the order written, each key once.
-struct Members(Vec<(String, Node)>);
-
-impl<'de> serde::Deserialize<'de> for Members {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Members;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Members, A::Error> {
-                members(map)
-            }
-        }
-        d.deserialize_map(Visit)
-    }
-}
-
-/// The members `map` holds, refusing a key given twice.
-fn members<'de, A: serde::de::MapAccess<'de>>(mut map: A) -> Result<Members, A::Error> {
-    let mut members: Vec<(String, Node)> = Vec::new();
-    while let Some((key, value)) = map.next_entry::<String, Node>()? {
-        if members.iter().any(|(k, _)| *k == key) {
-            return Err(serde::de::Error::custom(format_args!(
-                "duplicate key '{key}'"
-            )));
-        }
-        members.push((key, value));
-    }
-    Ok(Members(members))
-}
-
-impl<'de> serde::Deserialize<'de> for Node {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Node;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_bool<E>(self, v: bool) -> Result<Node, E> {
-                Ok(Node::Scalar(v.into()))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Node, E> {
-                Ok(Node::Scalar(v.into()))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Node, E> {
-                Ok(Node::Scalar(v.into()))
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Node, E> {
-                Ok(Node::Scalar(v.into()))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Node, E> {
-                Ok(Node::Scalar(v.into()))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Node, E> {
-                Ok(Node::Scalar(v.into()))
-            }
-            fn visit_unit<E>(self) -> Result<Node, E> {
-                Ok(Node::Scalar(serde_json::Value::Null))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
-                let mut items = vec![];
-                while let Some(item) = seq.next_element::<Node>()? {
-                    items.push(item);
-                }
-                Ok(Node::List(items))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Node, A::Error> {
-                members(map).map(Node::Object)
-            }
-        }
-        d.deserialize_any(Visit)
-    }
 }
 
 #[cfg(test)]
@@ -476,6 +412,19 @@ mod tests {
             Some("n0"),
             "text that is not JSON is read as before"
         );
+        // QEMU's parser takes 'single-quoted' strings too, a " in them and \' in either kind.
+        let single = KeyVal::parse_option(
+            r#"{'type':'user','id':'n0','ipv6':false,'hostfwd':['tcp::1-:2',"udp::3-:4"],'mtu':1400} "#,
+            "type",
+        )
+        .unwrap();
+        let text = KeyVal::parse(
+            "user,id=n0,ipv6=off,hostfwd=tcp::1-:2,hostfwd=udp::3-:4,mtu=1400",
+            Some("type"),
+        );
+        assert_eq!(Ok(single), text);
+        let quotes = KeyVal::parse_option(r#"{'type':'user','domain':'a"b\'c'}"#, "type").unwrap();
+        assert_eq!(quotes.get("domain"), Some(r#"a"b'c"#));
     }
 
     #[test]
@@ -484,6 +433,22 @@ mod tests {
         assert!(why(r#"{"type":"user""#).starts_with("JSON parse error, "));
         assert!(why(r#"["user"]"#).contains("a JSON object"));
         assert!(why(r#"{"id":"a","id":"b"}"#).contains("duplicate key 'id'"));
+        // As QEMU: no NUL, in a value or a key, double- or single-quoted.
+        for nul in [
+            r#"{"type":"user","domain":"a\u0000b"}"#,
+            r#"{"type":"user","a\u0000":"b"}"#,
+            r#"{'type':'user','hostfwd':['\u0000']}"#,
+        ] {
+            assert!(
+                why(nul).contains("\\u0000 is not supported"),
+                "{nul}: {}",
+                why(nul)
+            );
+        }
+        // Nothing after the object, whichever quotes it has.
+        assert!(why(r#"{"type":"user"} x"#).contains("trailing characters"));
+        assert!(why(r#"{'type':'user'} x"#).contains("trailing characters"));
+        assert!(why("{'type':'user'}\n{}").contains("trailing characters"));
         assert_eq!(
             why(r#"{"type":7}"#),
             "Invalid parameter type for 'type', expected: string"

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod host;
 pub mod io_thread;
 pub mod irqchip;
+pub mod json;
 pub mod keyval;
 pub mod layout;
 pub mod lazy_kernel;

@@ -51,9 +51,9 @@ fn init_logging() {
 fn fail(msg: impl std::fmt::Display) -> i32 {
     console::restore_terminal();
     stderr::discard();
-    // One line whatever the user gave: a path or value with a line break in it is shown
-    // escaped.
-    let msg = msg.to_string().replace('\n', "\\n").replace('\r', "\\r");
+    // One line whatever the user gave: a path or value with a line break, or another
+    // control character (a NUL in a JSON option), is shown escaped.
+    let msg = nicvm::cli::one_line(&msg.to_string());
     let msg = shortened(msg);
     // Set-up waited for a FIFO's reader until an exit signal came: that is the news, and the
     // exit is as for a signal while the guest runs (a -daemonize caller still hears of a

@@ -4,6 +4,7 @@
 //! (newlines optional); each answer ends with CRLF as QEMU's do.
 
 use super::{hmp, Client, Control, QmpError};
+use crate::json::{requote, Node};
 use devices::lifecycle::ExitReason;
 use devices::net::RxFilter;
 use devices::pci::BarKind;
@@ -160,9 +161,10 @@ fn read_message(input: &mut Vec<u8>, skip_line: &mut bool) -> Option<Result<Valu
         None => (input, None),
     };
     let orig = |at: usize| back.map_or(at, |m| m[at.min(m.len() - 1)]);
-    let mut it = serde_json::Deserializer::from_slice(json).into_iter::<Strict>();
+    let mut it = serde_json::Deserializer::from_slice(json).into_iter::<Node>();
     match it.next() {
-        Some(Ok(Strict(v))) => {
+        Some(Ok(node)) => {
+            let v = node.into_value();
             let len = orig(it.byte_offset());
             input.drain(..len.min(input.len()));
             Some(if len > MAX_MESSAGE {
@@ -199,73 +201,6 @@ fn too_long() -> QmpError {
     ))
 }
 
-/// The first message of `input` (up to where its outermost object or array closes, or the
-/// first line end outside one) with its single-quoted strings double-quoted (a `"` in them
-/// escaped, a `\'` unescaped), as QEMU's JSON parser reads them; and for each byte of the
-/// result (and its end) the offset in `input` it came from. One message at a time: a client
-/// that pipelines many does not make each one cost the whole buffer.
-fn requote(input: &[u8]) -> (Vec<u8>, Vec<usize>) {
-    let mut out = Vec::with_capacity(input.len().min(4096) + 2);
-    let mut map = Vec::with_capacity(input.len().min(4096) + 3);
-    // The quote of the string we are in, if any, and how deep in objects and arrays.
-    let mut quote = None;
-    let mut depth = 0usize;
-    // Something other than white space went out: a line end at depth 0 then ends the message.
-    let mut begun = false;
-    let mut i = 0;
-    while i < input.len() {
-        if quote.is_none() && depth == 0 && begun {
-            if let Some(b'}' | b']' | b'\n') = out.last() {
-                break;
-            }
-        }
-        begun |= !input[i].is_ascii_whitespace();
-        let b = input[i];
-        let mut put = |bytes: &[u8]| {
-            for &x in bytes {
-                out.push(x);
-                map.push(i);
-            }
-        };
-        match (quote, b) {
-            (None, b'\'') => {
-                quote = Some(b'\'');
-                put(b"\"");
-            }
-            (None, b'"') => {
-                quote = Some(b'"');
-                put(b"\"");
-            }
-            (Some(_), b'\\') if i + 1 < input.len() => {
-                let next = input[i + 1];
-                if next == b'\'' {
-                    put(b"'"); // QEMU takes \' in either kind of string
-                } else {
-                    put(&[b, next]);
-                }
-                i += 1;
-            }
-            (Some(b'\''), b'"') => put(b"\\\""),
-            (Some(q), _) if b == q => {
-                quote = None;
-                put(b"\"");
-            }
-            (None, b'{' | b'[') => {
-                depth += 1;
-                put(&[b]);
-            }
-            (None, b'}' | b']') => {
-                depth = depth.saturating_sub(1);
-                put(&[b]);
-            }
-            _ => put(&[b]),
-        }
-        i += 1;
-    }
-    map.push(i);
-    (out, map)
-}
-
 /// The offset in `input` of the byte serde_json's error is about. Its position (line from 1,
 /// column from 0) is just after that byte: column 0 when the byte is the line end before the
 /// line (a string left open at a line end is refused there, as QEMU refuses a control
@@ -280,78 +215,6 @@ fn error_offset(input: &[u8], line: usize, column: usize) -> usize {
         }
     }
     (start + column).saturating_sub(1).min(input.len())
-}
-
-/// A JSON value as QEMU's parser takes it: its objects repeat no key, its strings (keys too)
-/// hold no NUL. QEMU's parser refuses duplicate keys; serde_json's `Value` keeps the last, so
-/// `{"execute":"query-status","execute":"quit"}` would quit. A NUL can only come as `\u0000`
-/// (a raw one is a control character, refused in a string by serde_json as by QEMU).
-struct Strict(Value);
-
-/// `s`, unless it holds a NUL.
-fn no_nul<E: serde::de::Error>(s: &str) -> Result<&str, E> {
-    if s.contains('\0') {
-        Err(E::custom("\\u0000 is not supported"))
-    } else {
-        Ok(s)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Strict {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrictVisitor).map(Strict)
-    }
-}
-
-struct StrictVisitor;
-
-impl<'de> serde::de::Visitor<'de> for StrictVisitor {
-    type Value = Value;
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(v.into())
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(v.into())
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
-    }
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(no_nul(v)?.into()))
-    }
-    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
-        no_nul::<E>(&v)?;
-        Ok(Value::String(v))
-    }
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
-        let mut v = vec![];
-        while let Some(Strict(x)) = a.next_element()? {
-            v.push(x);
-        }
-        Ok(Value::Array(v))
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
-        use serde::de::Error;
-        let mut m = Map::new();
-        while let Some(k) = a.next_key::<String>()? {
-            no_nul::<A::Error>(&k)?;
-            let Strict(v) = a.next_value()?;
-            if m.contains_key(&k) {
-                return Err(A::Error::custom(format!("duplicate key '{k}'")));
-            }
-            m.insert(k, v);
-        }
-        Ok(Value::Object(m))
-    }
 }
 
 fn handle(control: &Control, c: &mut Client, msg: Value) {
@@ -665,7 +528,8 @@ fn query_pci(control: &Control) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::{indent, read_message, requote};
+    use super::{indent, read_message};
+    use crate::json::requote;
     use serde_json::json;
 
     /// What a client sending `input` is answered, in order: each message read (its `id`, or
