@@ -385,25 +385,29 @@ fn tap_fd_named_twice() {
 
 #[test]
 fn tap_fd_not_inherited_or_nicvms_own() {
-    let k = kernel();
     for (fd, why) in [
         ("77", "77 is not a descriptor nicvm inherited"),
         ("999", "999 is not a descriptor nicvm inherited"),
         ("1", "1 is nicvm's stdout"),
         ("5x", "'5x' is not a number"),
     ] {
-        let netdev = format!("tap,id=a,fd={fd}");
-        let a = [
-            "-kernel",
-            &k,
-            "-netdev",
-            &netdev,
-            "-device",
-            "e1000,netdev=a",
-        ];
-        let o = run_with_fd5(&a);
-        expect_error_in(&a, &o, &format!("-netdev tap,id=a: fd: {why}"));
+        netdev_a_with_fd5(&format!("tap,id=a,fd={fd}"), &format!("fd: {why}"));
     }
+}
+
+/// `-netdev NETDEV` (id `a`) for one e1000, with fd 5 open, fails with `-netdev tap,id=a: WHY`.
+fn netdev_a_with_fd5(netdev: &str, why: &str) {
+    let k = kernel();
+    let a = [
+        "-kernel",
+        &k,
+        "-netdev",
+        netdev,
+        "-device",
+        "e1000,netdev=a",
+    ];
+    let o = run_with_fd5(&a);
+    expect_error_in(&a, &o, &format!("-netdev tap,id=a: {why}"));
 }
 
 /// An inherited fd that is not a tap gets as far as opening, which refuses it (needs KVM:
@@ -413,22 +417,10 @@ fn tap_fd_that_is_not_a_tap() {
     if !kvm_usable() {
         return;
     }
-    let k = kernel();
     for key in ["fd", "fds"] {
-        let netdev = format!("tap,id=a,{key}=5,script=no,downscript=no");
-        let a = [
-            "-kernel",
-            &k,
-            "-netdev",
-            &netdev,
-            "-device",
-            "e1000,netdev=a",
-        ];
-        let o = run_with_fd5(&a);
-        expect_error_in(
-            &a,
-            &o,
-            &format!("-netdev tap,id=a: {key}=5: not an open tap file descriptor"),
+        netdev_a_with_fd5(
+            &format!("tap,id=a,{key}=5,script=no,downscript=no"),
+            &format!("{key}=5: not an open tap file descriptor"),
         );
     }
 }
