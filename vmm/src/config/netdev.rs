@@ -72,7 +72,16 @@ pub enum HeaderError {
 pub fn header(kv: &mut KeyVal) -> Result<(NetdevType, String), HeaderError> {
     let kind = kv.first.take().ok_or(HeaderError::NoType)?;
     let ty = NetdevType::parse(&kind).ok_or(HeaderError::UnknownType(kind))?;
-    let id = kv.remove("id").ok_or(HeaderError::NoId)?;
+    // A repeated id= is no error in QEMU: the first counts where it reads the options as
+    // QemuOpts, the last for stream and dgram (read by keyval: each key's last value stands).
+    let mut ids = kv.pairs.iter().filter(|(k, _)| k == "id").map(|(_, v)| v);
+    let id = match ty {
+        NetdevType::Stream | NetdevType::Dgram => ids.next_back(),
+        _ => ids.next(),
+    }
+    .cloned()
+    .ok_or(HeaderError::NoId)?;
+    kv.pairs.retain(|(k, _)| k != "id");
     if id.is_empty()
         || !id
             .chars()
@@ -739,6 +748,16 @@ mod tests {
         let mut k = KeyVal::parse("tap,id=n0,ifname=t", Some("type")).unwrap();
         assert_eq!(header(&mut k).unwrap(), (NetdevType::Tap, "n0".into()));
         assert_eq!(k.pairs, [("ifname".to_string(), "t".to_string())]);
+        for (s, id) in [
+            ("user,id=a,ipv6=on,id=b", "a"),
+            ("tap,id=a,id=b", "a"),
+            ("stream,id=a,server=on,id=b", "b"),
+            ("dgram,id=a,id=b", "b"),
+        ] {
+            let mut k = KeyVal::parse(s, Some("type")).unwrap();
+            assert_eq!(header(&mut k).unwrap().1, id, "{s}");
+            assert!(k.get("id").is_none(), "{s}");
+        }
         for (s, e) in [
             ("id=n0", HeaderError::NoType),
             ("bogus,id=n0", HeaderError::UnknownType("bogus".into())),
