@@ -225,14 +225,24 @@ const JSON_VALUES: &[&str] = &[
     "{}",
     "\"\\u0000\"",
     "\"a,b\"",
+    "'it\\'s'",
+    "\"a'b\"",
 ];
 
-/// A JSON object of those keys and values, sometimes cut short.
+/// A JSON object of those keys and values, sometimes single-quoted (QEMU's parser takes
+/// both), sometimes with more after it, sometimes cut short.
 fn json(rng: &mut Rng) -> Vec<u8> {
     let members: Vec<String> = (0..rng.below(6))
         .map(|_| format!("\"{}\":{}", rng.pick(JSON_KEYS), rng.pick(JSON_VALUES)))
         .collect();
-    let mut s = format!("{{{}}}", members.join(",")).into_bytes();
+    let mut s = format!("{{{}}}", members.join(","));
+    if rng.chance(30) {
+        s = s.replace('"', "'");
+    }
+    if rng.chance(10) {
+        s += rng.pick(&[" ", "\n{}", "x", "'", "\\'"]);
+    }
+    let mut s = s.into_bytes();
     if rng.chance(20) {
         s.truncate(rng.usize(s.len() + 1));
     }
@@ -296,9 +306,9 @@ impl Target for Cli {
                 .collect();
             if let Err(e) = nicvm::cli::parse(args) {
                 let msg = e.to_string();
-                if msg.contains('\n') || msg.contains('\r') {
+                if msg.chars().any(char::is_control) {
                     eprintln!("error: {msg:?}");
-                    panic!("a CLI error of more than one line");
+                    panic!("a CLI error with a line break or another control character");
                 }
             }
         }
