@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use net_backends::dgram::{DgramBackend, DgramOptions};
 use net_backends::NetBackend;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 #[test]
@@ -62,17 +62,9 @@ fn unix_dgram_pair_and_a_peer_that_comes_and_goes() {
     exchange(&mut a, &mut b, 2);
 }
 
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn udp_unicast_pair_on_loopback() {
-    let (pa, pb) = (free_udp_port(), free_udp_port());
+    let (pa, pb) = (free_port(), free_port());
     let la: SocketAddr = format!("127.0.0.1:{pa}").parse().unwrap();
     let lb: SocketAddr = format!("127.0.0.1:{pb}").parse().unwrap();
     let mut a = DgramBackend::new(&DgramOptions::Udp {
@@ -91,7 +83,7 @@ fn udp_unicast_pair_on_loopback() {
 
 #[test]
 fn udp_multicast_pair_on_loopback() {
-    let port = free_udp_port();
+    let port = free_port();
     let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 13), port);
     let open = || {
         DgramBackend::new(&DgramOptions::Mcast {

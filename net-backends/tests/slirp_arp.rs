@@ -31,10 +31,7 @@ fn arp_reply(to: [u8; 6]) -> Vec<u8> {
 
 #[test]
 fn a_datagram_waiting_for_the_guests_arp_goes_when_the_answer_comes() {
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let fwd: HostFwd = format!("udp:127.0.0.1:{port}-:7").parse().unwrap();
     let mut slirp = SlirpBackend::new(SlirpOptions {
         ipv6: false,

@@ -213,11 +213,7 @@ const MSS_1460: [u8; 4] = [2, 4, 0x05, 0xb4];
 /// A hostfwd connection: slirp opens it to the guest, the guest's SYN-ACK comes twice.
 #[test]
 fn a_repeated_syn_ack_loses_no_data() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let mut b = network(vec![HostFwd {
         udp: false,
         host_addr: Ipv4Addr::LOCALHOST,

@@ -350,11 +350,7 @@ fn frames_left_after_a_burst_bring_the_loop_back() {
 
 #[test]
 fn a_tcp_client_reconnects_without_blocking() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut c = client(
         StreamAddr::Inet(vec![addr]),

@@ -1061,9 +1061,17 @@ mod tests {
         }
     }
 
+    /// The tests that start a slirp thread run one at a time: one of them counts the
+    /// process's slirp threads.
+    fn one_slirp_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        static SLIRP_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        SLIRP_TESTS.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The slirp thread ends when the backend goes (it used to run until the process did).
     #[test]
     fn dropping_the_backend_ends_its_thread() {
+        let _one = one_slirp_at_a_time();
         let threads = || {
             std::fs::read_dir("/proc/self/task")
                 .unwrap()
@@ -1089,6 +1097,7 @@ mod tests {
     /// the host port is listened on from the add to the remove, and not before or after.
     #[test]
     fn host_forwards_come_and_go_while_it_runs() {
+        let _one = one_slirp_at_a_time();
         let b = SlirpBackend::new(SlirpOptions::default()).unwrap();
         let ask = |a: UsernetAsk| {
             b.usernet(a)
@@ -1096,20 +1105,26 @@ mod tests {
                 .recv_timeout(std::time::Duration::from_secs(5))
                 .unwrap()
         };
-        // A free loopback port, let go again.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let fwd: HostFwd = format!("tcp:127.0.0.1:{port}-:22").parse().unwrap();
-        let remove = UsernetAsk::RemoveHostFwd {
+        let removal = |port| UsernetAsk::RemoveHostFwd {
             udp: false,
             addr: Ipv4Addr::LOCALHOST,
             port,
         };
-        assert_eq!(ask(remove.clone()), Err("not found".into()));
-        assert_eq!(ask(UsernetAsk::AddHostFwd(fwd.clone())), Ok(String::new()));
+        // A free loopback port, let go again (another may take it meanwhile: then another).
+        let (port, fwd) = (0..5)
+            .find_map(|_| {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                let fwd: HostFwd = format!("tcp:127.0.0.1:{port}-:22").parse().unwrap();
+                assert_eq!(ask(removal(port)), Err("not found".into()));
+                (ask(UsernetAsk::AddHostFwd(fwd.clone())) == Ok(String::new()))
+                    .then_some((port, fwd))
+            })
+            .expect("a forward on a free port");
+        let remove = removal(port);
         // libslirp listens on it now: connecting works, binding it again does not.
         std::net::TcpStream::connect(("127.0.0.1", port)).expect("the forward listens");
         assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
@@ -1136,6 +1151,7 @@ mod tests {
     /// taken (not only once a read found the queue empty).
     #[test]
     fn readable_exactly_while_frames_wait() {
+        let _one = one_slirp_at_a_time();
         let mut b = SlirpBackend::new(SlirpOptions::default()).unwrap();
         let readable = |b: &SlirpBackend, ms: i32| {
             let mut p = libc::pollfd {
