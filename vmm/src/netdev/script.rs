@@ -81,7 +81,6 @@ impl Drop for DownScript {
 pub(crate) mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::PermissionsExt;
 
     pub(crate) fn temp_dir(what: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("nicvm-{what}.{}", std::process::id()));
@@ -90,15 +89,29 @@ pub(crate) mod tests {
         d
     }
 
+    /// Writes an executable script through a child process. Written here, it could not be
+    /// run at once: another test's thread forking meanwhile would hold the file open for
+    /// writing until its child's exec, and running it would fail with "Text file busy".
+    pub(crate) fn write_script(path: &Path, text: &str) {
+        use std::io::Write;
+        let mut sh = Command::new("sh")
+            .arg("-c")
+            .arg("cat > \"$0\" && chmod 755 \"$0\"")
+            .arg(path)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        sh.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        assert!(sh.wait().unwrap().success(), "{}", path.display());
+    }
+
     /// A script that appends "$1" to `log`, then exits with `code`.
     pub(crate) fn logging_script(dir: &Path, name: &str, log: &Path, code: i32) -> PathBuf {
         let p = dir.join(name);
-        std::fs::write(
+        write_script(
             &p,
-            format!("#!/bin/sh\necho \"$1\" >> {}\nexit {code}\n", log.display()),
-        )
-        .unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            &format!("#!/bin/sh\necho \"$1\" >> {}\nexit {code}\n", log.display()),
+        );
         p
     }
 
@@ -112,14 +125,12 @@ pub(crate) mod tests {
     fn scripts_start_with_no_signal_blocked_and_none_of_nicvms_descriptors() {
         let dir = temp_dir("script-clean");
         let p = dir.join("check");
-        std::fs::write(
+        write_script(
             &p,
             "#!/bin/sh\nwhile read -r k v; do [ \"$k\" = SigBlk: ] && blk=$v; done < /proc/$$/status\n\
              [ \"$blk\" = 0000000000000000 ] || exit 4\n\
              [ \"$(readlink /proc/$$/fd/$1)\" = 'anon_inode:[eventfd]' ] && exit 3\nexit 0\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        );
         let r = std::thread::spawn(move || {
             // SAFETY: sigset_t is plain data set up by sigemptyset/sigaddset; the mask is
             // this thread's own.
