@@ -85,7 +85,7 @@ fn e1000_promiscuous_mode_and_multicast_join() {
     ns.dnsmasq("tap0", ("192.168.95.50", "192.168.95.60"), &[]);
     let mut g = ns.guest(
         &img,
-        "nicvm.run=stat:eth0,sleep:5,stat:eth0,promisc:eth0,sleep:5,stat:eth0,mcast:eth0:239.1.2.3:6000:20,exit",
+        "nicvm.run=stat:eth0,sleep:5,stat:eth0,promisc:eth0,rxwait:eth0:40,stat:eth0,mcast:eth0:239.1.2.3:6000:20,exit",
         &[
             "-netdev",
             "tap,id=t,ifname=tap0,script=no,downscript=no",
