@@ -258,6 +258,14 @@ fn open_pty() -> (std::fs::File, std::os::fd::OwnedFd) {
         )
     };
     assert_eq!(r, 0);
+    // Close-on-exec both (openpty leaves them open across exec): a nicvm another test
+    // thread starts meanwhile would hold the slave, and the master would see no end of
+    // file until that one exits. The slave is given to its own nicvm as a dup.
+    for fd in [m, s] {
+        // SAFETY: fcntl on descriptors we own.
+        let r = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        assert_eq!(r, 0);
+    }
     // SAFETY: fresh descriptors from openpty.
     unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
 }

@@ -451,7 +451,8 @@ fn qmp_connect(path: &Path) -> std::io::BufReader<std::os::unix::net::UnixStream
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     };
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    // QMP's migrate writes the snapshot before it answers: tens of seconds on nested KVM.
+    s.set_read_timeout(Some(Duration::from_secs(180))).unwrap();
     let mut r = std::io::BufReader::new(s);
     let mut greeting = String::new();
     std::io::BufRead::read_line(&mut r, &mut greeting).unwrap();
@@ -594,7 +595,8 @@ fn a_snapshot_asked_for_right_after_start_is_taken() {
                 Err(_) => std::thread::sleep(Duration::from_micros(200)),
             }
         };
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        // QMP's migrate writes the snapshot before it answers: tens of seconds on nested KVM.
+        s.set_read_timeout(Some(Duration::from_secs(180))).unwrap();
         let mut r = std::io::BufReader::new(s);
         let mut greeting = String::new();
         std::io::BufRead::read_line(&mut r, &mut greeting).unwrap();

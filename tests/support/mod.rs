@@ -138,6 +138,9 @@ pub fn run(args: &[String], deadline: Duration) -> Outcome {
     let mut child = Command::new(nicvm())
         .args(args)
         .env("NICVM_LOG", "warn")
+        // Each adds lines of its own to stderr, whatever a developer's shell has set.
+        .env_remove("NICVM_TIMING")
+        .env_remove("NICVM_STATS")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -523,24 +523,24 @@ mod tests {
             return;
         }
         let k = file("vmlinux-cut", &elf(HIMEM_START, &[0x90; 4096], 1 << 20));
-        // 256 MiB (sparse: made at once): the loader thread reads it in 256 KiB chunks after
-        // the kernel, a few hundred milliseconds' work; the file is cut right after `load`
-        // returns.
+        // 1 GiB (sparse: made at once): the loader thread reads it in 256 KiB chunks after
+        // the kernel, a second's work or more; the file is cut right after `load` returns
+        // (a test thread that does not run for that long, on a busy host, fails the test).
         let r = file("initrd-cut", b"");
         std::fs::OpenOptions::new()
             .write(true)
             .open(r.as_path())
             .unwrap()
-            .set_len(256 << 20)
+            .set_len(1 << 30)
             .unwrap();
-        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 512 << 20)]).unwrap();
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1280 << 20)]).unwrap();
         let (tx, outcome) = std::sync::mpsc::channel();
         let done = tx.clone();
         let later = Later {
             failed: Box::new(move |e| tx.send(Err(e)).unwrap()),
             done: Box::new(move || done.send(Ok(())).unwrap()),
         };
-        let (_, loader) = load(&m, 512 << 20, &k, Some(r.as_path()), "", later).unwrap();
+        let (_, loader) = load(&m, 1280 << 20, &k, Some(r.as_path()), "", later).unwrap();
         std::fs::OpenOptions::new()
             .write(true)
             .open(r.as_path())
@@ -549,7 +549,7 @@ mod tests {
             .unwrap();
         // Its last page: zeros (filled in, or left once the loader gave up); never a hang.
         let mut tail = [1u8; 16];
-        m.read_slice(&mut tail, GuestAddress((512 << 20) - 16))
+        m.read_slice(&mut tail, GuestAddress((1280 << 20) - 16))
             .unwrap();
         assert_eq!(tail, [0; 16]);
         drop(loader);
@@ -558,7 +558,7 @@ mod tests {
                 assert!(e.starts_with("-initrd: cannot read "), "{e}");
                 assert!(e.contains("initrd-cut"), "{e}");
             }
-            Ok(()) => panic!("all 256 MiB read before the cut: not loaded lazily"),
+            Ok(()) => panic!("all 1 GiB read before the cut: not loaded lazily"),
         }
     }
 
