@@ -98,7 +98,7 @@ fn cpu_features_switched_off_are_gone_from_the_guest() {
         .unwrap_or_else(|| panic!("no CPU line\n{}", o.dump()));
     assert_eq!(cpu["tsc_deadline_timer"], "no", "{}", o.dump());
     assert!(!cpu["unsafe-flags"].contains("popcnt"), "{}", o.dump());
-    let warning = format!("nicvm: warn: -cpu: '{absent}' is not there to give the guest");
+    let warning = format!("nicvm: warning: -cpu: '{absent}' is not there to give the guest");
     assert!(o.stderr.contains(&warning), "{}", o.dump());
 }
 

@@ -939,17 +939,7 @@ where
                     return err(&opt, CliErrorKind::NoModel);
                 };
                 let model = model_from(&opt, &driver)?;
-                // As QEMU: each property's last value, but the first id= (read before them).
-                let id = kv
-                    .pairs
-                    .iter()
-                    .find(|(k, _)| k == "id")
-                    .map(|(_, v)| v.clone());
-                kv.keep_last();
-                if let Some(id) = id {
-                    kv.remove("id");
-                    kv.pairs.push(("id".into(), id));
-                }
+                kv.keep_last_but_first_id();
                 b.devices
                     .push((format!("-device {driver}"), model, kv, seq));
             }
@@ -967,7 +957,8 @@ where
                     kv.first = Some("user".into());
                 }
                 let model = nic_model(&opt, &mut kv)?;
-                let mac = kv.remove("mac");
+                // As QEMU: the last mac= given.
+                let mac = kv.take_last("mac");
                 let user_id = kv.get("id").is_some();
                 if !user_id {
                     kv.pairs
@@ -993,6 +984,7 @@ where
                         }
                         let model = nic_model("-net nic", &mut kv)?;
                         kv.remove("name");
+                        kv.keep_last_but_first_id();
                         // QEMU's -net nic takes these alone (vlan= as QEMU did before 3.0,
                         // name= too), not a device's other properties.
                         let nic_keys = ["netdev", "macaddr", "addr", "vectors", "id", "vlan"];
@@ -1027,7 +1019,10 @@ where
                     }
                     Some(_) => {
                         let vlan = take_vlan(&opt, &mut kv)?;
-                        kv.remove("name");
+                        // The backend is named by its hub port (hubNportM), as name= is
+                        // not used either.
+                        kv.take_last("name");
+                        kv.take_last("id");
                         b.legacy_backends.push((kv, vlan));
                     }
                     None => return err(&opt, CliErrorKind::NoNetType),
@@ -2150,6 +2145,20 @@ mod tests {
             e.to_string(),
             "-netdev: id: '__nic0' is not an id (a letter, then letters, digits, '-', '.' or '_')"
         );
+        // One rule and one message for every netdev id, JSON or not.
+        for bad in [
+            "-netdev user,id=a/b",
+            "-netdev user,id=",
+            "-netdev stream,id=0a,addr.type=unix,addr.path=/s",
+            r#"-netdev {"type":"user","id":"n'0"}"#,
+            "-nic user,id=1",
+        ] {
+            let e = run(&format!("-kernel k {bad}")).unwrap_err().to_string();
+            assert!(
+                e.contains(": id: '") && e.contains("' is not an id ("),
+                "{bad}: {e}"
+            );
+        }
         assert_eq!(option_of("-kernel k -device ne2k_pci,netdev=a"), "-device");
         assert_eq!(
             option_of("-kernel k -device e1000,netdev=nope"),
@@ -2283,6 +2292,27 @@ mod tests {
             Some("a"),
             "QEMU takes the first id="
         );
+        // So on -net nic; the last mac= of -nic; -net TYPE's own id= (and name=) names
+        // nothing: its hub port does.
+        let c = run(
+            "-kernel k -net nic,model=e1000,id=x,id=y,macaddr=52:54:00:00:00:01,\
+                     macaddr=52:54:00:00:00:02 -net user,id=a,id=b,name=c,name=d \
+                     -nic user,mac=52:54:00:00:00:03,mac=52:54:00:00:00:04",
+        )
+        .unwrap();
+        let nics: Vec<(Option<&str>, String)> = c
+            .nics
+            .iter()
+            .map(|n| (n.id.as_deref(), n.mac.to_string()))
+            .collect();
+        assert_eq!(
+            nics,
+            [
+                (None, "52:54:00:00:00:04".to_string()),
+                (Some("x"), "52:54:00:00:00:02".to_string())
+            ]
+        );
+        assert_eq!(c.nics[1].netdev, "hub0port0");
         for bad in ["bad/id", "1st", "a\u{1b}b"] {
             let e = run(&format!(
                 "-kernel k -netdev user,id=n0 -device e1000,netdev=n0,id={bad}"

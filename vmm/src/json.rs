@@ -1,6 +1,7 @@
 //! JSON as QEMU's parser reads it, for QMP and for the JSON form of `-netdev`, `-device` and
-//! `-object`: objects keep their members in the order written and repeat no key, strings
-//! (keys too) hold no NUL, and strings may be 'single-quoted'.
+//! `-object`: objects keep their members in the order written and repeat no key, and strings
+//! may be 'single-quoted'. Unlike QEMU's, strings (keys too) hold no NUL: QEMU turns `\u0000`
+//! into the bytes C0 80, which no path, id or host name can use.
 
 use serde::de::{Error, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};

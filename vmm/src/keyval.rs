@@ -180,9 +180,37 @@ impl KeyVal {
         self.pairs = kept;
     }
 
+    /// As QEMU's QemuOpts sets a device's properties: each one's last value, but the first
+    /// `id=` (read before them).
+    pub fn keep_last_but_first_id(&mut self) {
+        let id = self.take_first("id");
+        self.keep_last();
+        if let Some(id) = id {
+            self.pairs.push(("id".into(), id));
+        }
+    }
+
     pub fn remove(&mut self, key: &str) -> Option<String> {
         let i = self.pairs.iter().rposition(|(k, _)| k == key)?;
         Some(self.pairs.remove(i).1)
+    }
+
+    /// Takes every `key` out; the first value it was given.
+    pub fn take_first(&mut self, key: &str) -> Option<String> {
+        let first = self
+            .pairs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone());
+        self.pairs.retain(|(k, _)| k != key);
+        first
+    }
+
+    /// Takes every `key` out; the last value it was given.
+    pub fn take_last(&mut self, key: &str) -> Option<String> {
+        let last = self.remove(key);
+        self.pairs.retain(|(k, _)| k != key);
+        last
     }
 }
 
@@ -433,7 +461,8 @@ mod tests {
         assert!(why(r#"{"type":"user""#).starts_with("JSON parse error, "));
         assert!(why(r#"["user"]"#).contains("a JSON object"));
         assert!(why(r#"{"id":"a","id":"b"}"#).contains("duplicate key 'id'"));
-        // As QEMU: no NUL, in a value or a key, double- or single-quoted.
+        // No NUL, in a value or a key, double- or single-quoted (QEMU makes it C0 80, which no
+        // path, id or host name can use).
         for nul in [
             r#"{"type":"user","domain":"a\u0000b"}"#,
             r#"{"type":"user","a\u0000":"b"}"#,

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Log lines on stderr, `\r\n`-terminated because the terminal may be in raw mode.
+/// Log lines on stderr, each one line ending as [`stderr::eol`] says.
 struct StderrLogger(log::LevelFilter);
 
 impl log::Log for StderrLogger {
@@ -18,11 +18,13 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
-            let line = format!(
-                "nicvm: {}: {}\r\n",
-                r.level().as_str().to_lowercase(),
-                r.args()
-            );
+            let level = match r.level() {
+                log::Level::Warn => "warning".to_string(),
+                l => l.as_str().to_lowercase(),
+            };
+            // A name the user gave (an interface, a path) may hold control characters.
+            let text = nicvm::cli::one_line(&r.args().to_string());
+            let line = format!("nicvm: {level}: {text}{}", stderr::eol());
             match r.level() {
                 log::Level::Info | log::Level::Warn => stderr::note(line),
                 _ => stderr::write(&line),
@@ -170,7 +172,11 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     }
     // As QEMU says it: checked like every netdev, but never opened.
     for nd in cfg.netdevs_without_peer() {
-        stderr::note(format!("nicvm: warning: netdev {} has no peer\r\n", nd.id));
+        stderr::note(format!(
+            "nicvm: warning: netdev {} has no peer{}",
+            nd.id,
+            stderr::eol()
+        ));
     }
     if let Err(e) = vm::validate(&cfg) {
         return fail(e);

@@ -289,8 +289,9 @@ impl SerialIo {
         }
         nonblocking(fd);
         crate::stderr::note(format!(
-            "nicvm: char device redirected to {} (label serial0)\r\n",
-            name.to_string_lossy()
+            "nicvm: char device redirected to {} (label serial0){}",
+            name.to_string_lossy(),
+            crate::stderr::eol()
         ));
         Ok(SerialIo {
             source: Source::Pty,

@@ -582,8 +582,8 @@ mod tests {
         assert_eq!(rest, b"{\"execute\":\"query-st");
     }
 
-    /// A `\u0000` in a string (a value or a key, nested too) is refused as QEMU's parser
-    /// refuses it, as the other parse errors are; the next line's command runs.
+    /// A `\u0000` in a string (a value or a key, nested too) is refused as the other parse
+    /// errors are (QEMU takes it, as the bytes C0 80); the next line's command runs.
     #[test]
     fn a_nul_in_a_string_is_refused() {
         for bad in [
