@@ -197,8 +197,18 @@ fn dns_through_the_virtual_nameserver() {
     let mut g = ns.guest(
         &img,
         "nicvm.run=resolve:nicvm-test.example,exit",
-        // The one-option form: -nic TYPE,model=MODEL.
-        &["-nic", "user,model=virtio-net-pci"],
+        // The one-option form: -nic TYPE,model=MODEL; on q35 without defaults, where the NIC
+        // is in PCI slot 1, as under QEMU (the slot 2 of pc without defaults is the
+        // benchmark's, which uses -nodefaults).
+        &[
+            "-M",
+            "q35",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+            "-nic",
+            "user,model=virtio-net-pci",
+        ],
         &[],
     );
     assert_eq!(g.wait_line("NIC")["dns"], "10.0.2.3");

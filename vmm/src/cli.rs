@@ -100,7 +100,8 @@ pub enum CliErrorKind {
     SlotTaken(u8),
     #[error(
         "no free PCI slot for NIC {0} (-nic first, then -net nic, then -device): a NIC \
-         without addr= takes one of 3-1f, and one of 1-1f stays for nicvm's pvpanic"
+         without addr= passes over the slots QEMU's board holds (0-2 on pc, 0-1 and 1f on q35, \
+         the VGA card's 2 or 1 free with -vga none), and one of 1-1f stays for nicvm's pvpanic"
     )]
     NoFreeSlot(usize),
     #[error("cplus: only rtl8139 has this property")]
@@ -447,6 +448,10 @@ struct Builder<'a> {
     pidfile: Option<PathBuf>,
     /// `-nodefaults`: no default NIC, and no serial console unless `-serial` says.
     nodefaults: bool,
+    /// `-M q35` (or a pc-q35-* version): QEMU's board holds other PCI slots than pc's.
+    q35: bool,
+    /// QEMU's board has a VGA card in a PCI slot (not after `-vga none` or `-nodefaults`).
+    vga: bool,
     /// `-nographic`: as in QEMU, the console on stdio is `mon:stdio` unless a `-serial` or
     /// a monitor option says otherwise.
     nographic: bool,
@@ -666,6 +671,8 @@ where
         daemonize: false,
         pidfile: None,
         nodefaults: false,
+        q35: false,
+        vga: true,
         nographic: false,
         cpu_features: vec![],
         cpu_missing: Default::default(),
@@ -827,6 +834,7 @@ where
             }
             "-nodefaults" => {
                 b.nodefaults = true;
+                b.vga = false;
                 b.note(
                     &opt,
                     "no default NIC, and no serial console unless -serial gives one (as QEMU)",
@@ -844,6 +852,19 @@ where
             | "-uuid" | "-rtc" | "-global" | "-sandbox" | "-msg" | "-d" | "-D" | "-overcommit" => {
                 let note = qemu_compat::machine_option(&opt, &val).or_else(|e| err(&opt, e))?;
                 b.note(&opt, &note);
+                match opt.as_str() {
+                    // Only -vga none is taken.
+                    "-vga" => b.vga = false,
+                    "-M" | "-machine" => {
+                        if let Some(ty) = KeyVal::parse(&val, Some("type"))
+                            .ok()
+                            .and_then(|kv| kv.first)
+                        {
+                            b.q35 = ty == "q35" || ty.starts_with("pc-q35-");
+                        }
+                    }
+                    _ => {}
+                }
             }
             "-m" => {
                 b.mem_mib = parse_mem(&val, b.mem_mib).or_else(|e| err(&opt, e))?;
@@ -1093,7 +1114,8 @@ impl Builder<'_> {
             nics.push(nic);
             options.push(option);
         }
-        if let Err(i) = crate::config::nic_slots(&nics) {
+        let board_slots = crate::config::board_slots(self.q35, self.vga);
+        if let Err(i) = crate::config::nic_slots(&nics, board_slots) {
             return err(&options[i], CliErrorKind::NoFreeSlot(i + 1));
         }
         for d in &self.dumps {
@@ -1277,6 +1299,7 @@ impl Builder<'_> {
             start_paused: self.start_paused,
             incoming: self.incoming,
             save_on: self.save_on,
+            board_slots,
         })))
     }
 
@@ -1953,7 +1976,7 @@ mod tests {
         };
         let c = run(&nics(29, "")).unwrap();
         assert_eq!(
-            crate::config::nic_slots(&c.nics).unwrap(),
+            crate::config::nic_slots(&c.nics, c.board_slots).unwrap(),
             (3..32).collect::<Vec<u8>>()
         );
         let e = run(&nics(30, "")).unwrap_err().to_string();
@@ -1971,12 +1994,46 @@ mod tests {
         );
         let one = " -netdev user,id=a -device e1000,netdev=a,addr=2";
         let c = run(&nics(29, one)).unwrap();
-        let slots = crate::config::nic_slots(&c.nics).unwrap();
+        let slots = crate::config::nic_slots(&c.nics, c.board_slots).unwrap();
         assert_eq!(slots[..29], (3..32).collect::<Vec<u8>>());
         assert_eq!(slots[29], 2);
+        // Where QEMU's board would put them: after its VGA card's slot, in it without one,
+        // and on q35 never in the ICH9's 1f.
+        for (board, first) in [
+            ("-nodefaults", 2),
+            ("-vga none", 2),
+            ("-M pc-i440fx-7.2 -vga none", 2),
+            ("-M q35", 2),
+            ("-machine type=pc-q35-8.2,accel=kvm", 2),
+            ("-M q35 -vga none", 1),
+            ("-M q35 -nodefaults", 1),
+            ("-M q35 -M pc", 3),
+        ] {
+            let c = run(&format!("{} {board}", nics(3, ""))).unwrap();
+            let slots = crate::config::nic_slots(&c.nics, c.board_slots).unwrap();
+            assert_eq!(slots, [first, first + 1, first + 2], "{board}");
+        }
+        let c = run(&format!("{} -M q35", nics(29, ""))).unwrap();
+        let slots = crate::config::nic_slots(&c.nics, c.board_slots).unwrap();
+        assert_eq!(
+            slots,
+            (2..31).collect::<Vec<u8>>(),
+            "q35 leaves 1f to the ICH9"
+        );
+        let e = run(&format!("{} -M q35", nics(30, ""))).unwrap_err();
+        assert!(
+            e.to_string().contains("no free PCI slot for NIC 30 "),
+            "{e}"
+        );
+        let c = run(&format!("{} -M q35 -nodefaults", nics(30, ""))).unwrap();
+        let slots = crate::config::nic_slots(&c.nics, c.board_slots).unwrap();
+        assert_eq!(slots, (1..31).collect::<Vec<u8>>());
         // An addr= further on is kept free by the NICs before it.
         let c = run("-kernel k -nic user -netdev user,id=a -device e1000,netdev=a,addr=3").unwrap();
-        assert_eq!(crate::config::nic_slots(&c.nics).unwrap(), [4, 3]);
+        assert_eq!(
+            crate::config::nic_slots(&c.nics, c.board_slots).unwrap(),
+            [4, 3]
+        );
     }
 
     #[test]

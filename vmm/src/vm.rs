@@ -467,7 +467,8 @@ impl Vm {
         let ioevents: Arc<dyn IoEventRegistry> = Arc::new(KvmIoEvents(vm.clone()));
         let mut subscribers = vec![];
         let mut nics = vec![];
-        let slots = crate::config::nic_slots(&cfg.nics).map_err(|_| VmError::NoSlot)?;
+        let slots =
+            crate::config::nic_slots(&cfg.nics, cfg.board_slots).map_err(|_| VmError::NoSlot)?;
         for (spec, slot) in cfg.nics.iter().zip(slots) {
             if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == spec.netdev) {
                 new_files.creating(&d.file);

@@ -59,6 +59,9 @@ pub struct Config {
     /// `-save-on console=TEXT,file=PATH`: once the guest writes TEXT on its serial console,
     /// nicvm stops it, writes a snapshot to PATH and exits.
     pub save_on: Option<SaveOn>,
+    /// The PCI slots QEMU's board (`-M`, with or without a VGA card) would hold: see
+    /// [`board_slots`].
+    pub board_slots: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,20 +300,36 @@ pub struct NicConfig {
     pub mtu: Option<u16>,
 }
 
-/// The first PCI slot a NIC without `addr=` may take: QEMU's pc board holds 0-2 (nicvm's
-/// host bridge is at 0; its pvpanic takes the first slot left over).
-pub const FIRST_NIC_SLOT: u8 = 3;
+/// The PCI slots QEMU's board holds (a bit each), which a NIC without `addr=` passes over, so
+/// that the guest finds its NICs where QEMU's would be (and names them so: `ens3` on pc):
+/// pc (i440FX) 0 and 1 (the PIIX3), and 2 for the VGA card; q35 0, 1 for the VGA card, and
+/// 0x1f (the ICH9). Without a VGA card (`-vga none`, `-nodefaults`) QEMU's first NIC is in 2
+/// on pc, 1 on q35. nicvm has none of these devices but its host bridge in 0; its pvpanic
+/// takes the first slot left over.
+pub fn board_slots(q35: bool, vga: bool) -> u32 {
+    match (q35, vga) {
+        (false, true) => 0b111,
+        (false, false) => 0b11,
+        (true, true) => 0b11 | 1 << 31,
+        (true, false) => 0b1 | 1 << 31,
+    }
+}
 
-/// Each NIC's PCI slot, in order: its `addr=`, else the first from [`FIRST_NIC_SLOT`] that no
-/// NIC holds (one given by `addr=` or taken before). One of 1-1f is left for the pvpanic
-/// device. `Err(i)`: NIC `i` is the one that finds no slot.
-pub fn nic_slots(nics: &[NicConfig]) -> Result<Vec<u8>, usize> {
+/// Each NIC's PCI slot, in order: its `addr=`, else the first slot that neither the board
+/// (`board`, from [`board_slots`]) nor a NIC holds (one given by `addr=` or taken before).
+/// One of 1-1f is left for the pvpanic device. `Err(i)`: NIC `i` is the one that finds no
+/// slot.
+pub fn nic_slots(nics: &[NicConfig], board: u32) -> Result<Vec<u8>, usize> {
     let mut slots: Vec<u8> = Vec::with_capacity(nics.len());
     for (i, nic) in nics.iter().enumerate() {
         let slot = match nic.slot {
             Some(s) => s,
-            None => (FIRST_NIC_SLOT..32)
-                .find(|&s| !slots.contains(&s) && !nics.iter().any(|n| n.slot == Some(s)))
+            None => (1..32)
+                .find(|&s| {
+                    board & 1 << s == 0
+                        && !slots.contains(&s)
+                        && !nics.iter().any(|n| n.slot == Some(s))
+                })
                 .ok_or(i)?,
         };
         slots.push(slot);
