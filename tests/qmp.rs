@@ -587,12 +587,13 @@ fn hmp_over_a_socket() {
     let sock = dir.join("hmp.sock");
     let mut a: Vec<String> = args(&["-S", "-nographic"]);
     a.extend(args(&THREE_NICS));
-    // A NIC without an id (as from -nic): listings call it e1000.1 (the second e1000).
+    // A NIC without an id (as from -nic): listings call it e1000.1 (the second e1000). In a
+    // slot below the others': info pci goes by slot, as QEMU's.
     a.extend(args(&[
         "-netdev",
         "user,id=n4",
         "-device",
-        "e1000,netdev=n4",
+        "e1000,netdev=n4,addr=2",
     ]));
     a.extend(args(&[
         "-monitor",
@@ -635,6 +636,12 @@ fn hmp_over_a_socket() {
         pci.contains("PCI device 8086:100e") && pci.contains("PCI device 10ec:8139"),
         "{pci}"
     );
+    let slots: Vec<&str> = pci
+        .lines()
+        .filter_map(|l| l.strip_prefix("  Bus  0, device "))
+        .map(|l| l.split(',').next().unwrap().trim())
+        .collect();
+    assert_eq!(slots, ["2", "3", "4", "5"], "{pci}");
     // virtio-net's BAR 4 is 64-bit memory (the VM is stopped before the guest placed it).
     assert!(
         pci.contains("PCI device 1af4:1000") && pci.contains("BAR4: 64 bit memory at"),

@@ -432,7 +432,7 @@ fn bar_line(bar: usize, kind: BarKind, addr: u64, size: u64) -> String {
 
 fn info_pci(control: &Control) -> String {
     let mut out = String::new();
-    for n in &control.nics {
+    for n in control.nics_by_slot() {
         let ctl = n.control.lock().unwrap();
         let (vendor, device, ..) = ctl.pci_ids();
         out.push_str(&format!(

@@ -132,6 +132,13 @@ fn timestamp() -> Value {
 }
 
 impl Control {
+    /// The NICs by PCI slot, as QEMU lists a bus's devices (`info pci`, `query-pci`).
+    pub fn nics_by_slot(&self) -> Vec<&NicEntry> {
+        let mut nics: Vec<&NicEntry> = self.nics.iter().collect();
+        nics.sort_by_key(|n| n.slot);
+        nics
+    }
+
     pub fn new(
         cfg: &Config,
         lifecycle: Arc<Lifecycle>,

@@ -495,7 +495,7 @@ fn query_pci(control: &Control) -> Value {
         "id": {"vendor": vendor, "device": device},
         "regions": [],
     })];
-    for n in &control.nics {
+    for n in control.nics_by_slot() {
         let ctl = n.control.lock().unwrap();
         let (vendor, device, svendor, sdevice, class) = ctl.pci_ids();
         let regions: Vec<Value> = ctl
