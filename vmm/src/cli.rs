@@ -174,7 +174,7 @@ fn not_an_id(id: String) -> OptionError {
 
 /// A `-net` option's hub (vlan=; 0 when not given) as a number: `vlan=01` is hub 1.
 fn take_vlan(option: &str, kv: &mut KeyVal) -> Result<String, CliError> {
-    match kv.remove("vlan") {
+    match kv.take_last("vlan") {
         None => Ok("0".into()),
         Some(v) => match v.parse::<u32>() {
             Ok(n) if v.bytes().all(|b| b.is_ascii_digit()) => Ok(n.to_string()),
@@ -486,7 +486,7 @@ fn netdev_config(
     fds: &InheritedFds,
     user_id: bool,
 ) -> Result<NetdevConfig, CliError> {
-    let (ty, id) = netdev_opts::header(&mut kv).or_else(|e| err(origin, e))?;
+    let (ty, id) = netdev_opts::header(&mut kv, origin == "-netdev").or_else(|e| err(origin, e))?;
     // QEMU's rule for ids; it also keeps the ids nicvm makes for -nic and -net apart.
     if user_id && !is_id(&id) {
         return err(origin, not_an_id(id));
@@ -1004,7 +1004,7 @@ where
                             return Ok(Action::Listing(qemu_compat::nic_models()));
                         }
                         let model = nic_model("-net nic", &mut kv)?;
-                        kv.remove("name");
+                        kv.take_last("name");
                         kv.keep_last_but_first_id();
                         // QEMU's -net nic takes these alone (vlan= as QEMU did before 3.0,
                         // name= too), not a device's other properties.
@@ -1032,6 +1032,7 @@ where
                     }
                     Some("dump") => {
                         let vlan = take_vlan(&opt, &mut kv)?;
+                        kv.keep_last();
                         b.legacy_dumps.push((kv, vlan));
                     }
                     // An unknown type is said as such, not later as a NIC without a backend.
@@ -1040,10 +1041,7 @@ where
                     }
                     Some(_) => {
                         let vlan = take_vlan(&opt, &mut kv)?;
-                        // The backend is named by its hub port (hubNportM), as name= is
-                        // not used either.
                         kv.take_last("name");
-                        kv.take_last("id");
                         b.legacy_backends.push((kv, vlan));
                     }
                     None => return err(&opt, CliErrorKind::NoNetType),
@@ -1407,6 +1405,8 @@ impl Builder<'_> {
         let mut nics = std::mem::take(&mut self.legacy_nics);
         let mut backends = std::mem::take(&mut self.legacy_backends);
         let mut n = 0;
+        // The netdev of each vlan's first backend, which a -net dump of that vlan captures.
+        let mut first_on: Vec<(String, String)> = vec![];
         for vlan in &vlans {
             let (vn, rest): (Vec<_>, Vec<_>) = nics.into_iter().partition(|x| &x.2 == vlan);
             nics = rest;
@@ -1427,12 +1427,28 @@ impl Builder<'_> {
                 );
             }
             for ((model, mut dev, _, seq), (mut backend, _)) in vn.into_iter().zip(vb) {
-                let id = format!("hub{vlan}port{n}");
+                // As QEMU: the backend is named by its id= (the first given), else by its
+                // hub port, hubNportM (one no -netdev has taken).
+                let nd = match backend.take_first("id") {
+                    Some(id) => {
+                        backend.pairs.push(("id".into(), id));
+                        netdev_config("-net", backend, self.fds, true)?
+                    }
+                    None => {
+                        let id = (n..)
+                            .map(|m| format!("hub{vlan}port{m}"))
+                            .find(|id| !self.netdevs.iter().any(|nd| nd.id == *id))
+                            .expect("a free hub port name");
+                        backend.pairs.push(("id".into(), id));
+                        netdev_config("-net", backend, self.fds, false)?
+                    }
+                };
                 n += 1;
-                backend.pairs.push(("id".into(), id.clone()));
-                self.netdevs
-                    .push(netdev_config("-net", backend, self.fds, false)?);
-                dev.pairs.push(("netdev".into(), id));
+                dev.pairs.push(("netdev".into(), nd.id.clone()));
+                if !first_on.iter().any(|(v, _)| v == vlan) {
+                    first_on.push((vlan.clone(), nd.id.clone()));
+                }
+                self.netdevs.push(nd);
                 self.devices.push(("-net nic".into(), model, dev, seq));
             }
         }
@@ -1440,12 +1456,10 @@ impl Builder<'_> {
             .into_iter()
             .enumerate()
         {
-            let prefix = format!("hub{vlan}port");
-            let Some(netdev) = self
-                .netdevs
+            let Some(netdev) = first_on
                 .iter()
-                .find(|nd| nd.id.starts_with(&prefix))
-                .map(|nd| nd.id.clone())
+                .find(|(v, _)| *v == vlan)
+                .map(|(_, id)| id.clone())
             else {
                 return err(
                     "-net dump",
@@ -1462,7 +1476,7 @@ impl Builder<'_> {
                 },
                 None => net_backends::pcap::DEFAULT_MAXLEN,
             };
-            kv.remove("name");
+            kv.take_last("name");
             if let Some(k) = kv.unknown_key(&[]) {
                 return err("-net dump", OptionError::Unknown(k.into()));
             }
@@ -2349,8 +2363,7 @@ mod tests {
             Some("a"),
             "QEMU takes the first id="
         );
-        // So on -net nic; the last mac= of -nic; -net TYPE's own id= (and name=) names
-        // nothing: its hub port does.
+        // So on -net nic and -net TYPE (whose id names the backend); the last mac= of -nic.
         let c = run(
             "-kernel k -net nic,model=e1000,id=x,id=y,macaddr=52:54:00:00:00:01,\
                      macaddr=52:54:00:00:00:02 -net user,id=a,id=b,name=c,name=d \
@@ -2369,7 +2382,35 @@ mod tests {
                 (Some("x"), "52:54:00:00:00:02".to_string())
             ]
         );
-        assert_eq!(c.nics[1].netdev, "hub0port0");
+        assert_eq!(c.nics[1].netdev, "a");
+        // -net TYPE,id= is a netdev id like -netdev's (checked, unique, captured by it);
+        // without one the hub port's name, one no -netdev has, and a -net dump finds its
+        // vlan's backend by what it is, not by its name.
+        let c = run("-kernel k -net user,id=foo -net nic \
+                     -object filter-dump,id=f,netdev=foo,file=x.pcap")
+        .unwrap();
+        assert_eq!(c.dumps[0].netdev, "foo");
+        for (bad, said) in [
+            ("-net user,id=1x -net nic", "-net: id: '1x' is not an id"),
+            (
+                "-netdev user,id=a -net user,id=a -net nic",
+                "-net user,id=a: duplicate id 'a'",
+            ),
+        ] {
+            let e = run(&format!("-kernel k {bad}")).unwrap_err().to_string();
+            assert!(e.starts_with(said), "{bad}: {e}");
+        }
+        let c = run(
+            "-kernel k -netdev user,id=hub0port0 -device e1000,netdev=hub0port0 \
+                     -net nic -net user -net dump,file=d.pcap,file=e.pcap",
+        )
+        .unwrap();
+        assert_eq!(c.nics[0].netdev, "hub0port1");
+        assert_eq!(c.dumps[0].netdev, "hub0port1");
+        assert_eq!(c.dumps[0].file, PathBuf::from("e.pcap"), "the last file=");
+        // -nic is QemuOpts whatever its type: the first id=.
+        let c = run("-kernel k -nic stream,id=a,id=b,addr.type=unix,addr.path=/s").unwrap();
+        assert_eq!(c.netdevs[0].id, "a");
         for bad in ["bad/id", "1st", "a\u{1b}b"] {
             let e = run(&format!(
                 "-kernel k -netdev user,id=n0 -device e1000,netdev=n0,id={bad}"

@@ -67,20 +67,19 @@ pub enum HeaderError {
 }
 
 /// Takes the type (the leading word or `type=`) and `id=` out of `kv` (the CLI holds a
-/// user's id to QEMU's rule).
-pub fn header(kv: &mut KeyVal) -> Result<(NetdevType, String), HeaderError> {
+/// user's id to QEMU's rule). `netdev`: the options are `-netdev`'s (not `-nic`'s or
+/// `-net`'s), which QEMU reads with keyval for stream and dgram.
+pub fn header(kv: &mut KeyVal, netdev: bool) -> Result<(NetdevType, String), HeaderError> {
     let kind = kv.first.take().ok_or(HeaderError::NoType)?;
     let ty = NetdevType::parse(&kind).ok_or(HeaderError::UnknownType(kind))?;
     // A repeated id= is no error in QEMU: the first counts where it reads the options as
-    // QemuOpts, the last for stream and dgram (read by keyval: each key's last value stands).
-    let mut ids = kv.pairs.iter().filter(|(k, _)| k == "id").map(|(_, v)| v);
+    // QemuOpts, the last for -netdev stream and dgram (read by keyval: each key's last value
+    // stands).
     let id = match ty {
-        NetdevType::Stream | NetdevType::Dgram => ids.next_back(),
-        _ => ids.next(),
+        NetdevType::Stream | NetdevType::Dgram if netdev => kv.take_last("id"),
+        _ => kv.take_first("id"),
     }
-    .cloned()
     .ok_or(HeaderError::NoId)?;
-    kv.pairs.retain(|(k, _)| k != "id");
     Ok((ty, id))
 }
 
@@ -738,16 +737,20 @@ mod tests {
     #[test]
     fn header_takes_type_and_id() {
         let mut k = KeyVal::parse("tap,id=n0,ifname=t", Some("type")).unwrap();
-        assert_eq!(header(&mut k).unwrap(), (NetdevType::Tap, "n0".into()));
+        assert_eq!(
+            header(&mut k, true).unwrap(),
+            (NetdevType::Tap, "n0".into())
+        );
         assert_eq!(k.pairs, [("ifname".to_string(), "t".to_string())]);
-        for (s, id) in [
-            ("user,id=a,ipv6=on,id=b", "a"),
-            ("tap,id=a,id=b", "a"),
-            ("stream,id=a,server=on,id=b", "b"),
-            ("dgram,id=a,id=b", "b"),
+        for (s, netdev, id) in [
+            ("user,id=a,ipv6=on,id=b", true, "a"),
+            ("tap,id=a,id=b", true, "a"),
+            ("stream,id=a,server=on,id=b", true, "b"),
+            ("dgram,id=a,id=b", true, "b"),
+            ("stream,id=a,server=on,id=b", false, "a"),
         ] {
             let mut k = KeyVal::parse(s, Some("type")).unwrap();
-            assert_eq!(header(&mut k).unwrap().1, id, "{s}");
+            assert_eq!(header(&mut k, netdev).unwrap().1, id, "{s}");
             assert!(k.get("id").is_none(), "{s}");
         }
         for (s, e) in [
@@ -756,7 +759,7 @@ mod tests {
             ("user", HeaderError::NoId),
         ] {
             let mut k = KeyVal::parse(s, Some("type")).unwrap();
-            assert_eq!(header(&mut k).unwrap_err(), e, "{s}");
+            assert_eq!(header(&mut k, true).unwrap_err(), e, "{s}");
         }
         assert_eq!(
             HeaderError::NoType.to_string(),

@@ -224,7 +224,7 @@ mod tests {
     /// `-netdev SPEC` as the CLI would make it, with `fds` inherited.
     fn netdev_with(spec: &str, fds: &InheritedFds) -> NetdevConfig {
         let mut kv = KeyVal::parse(spec, Some("type")).unwrap();
-        let (ty, id) = header(&mut kv).unwrap();
+        let (ty, id) = header(&mut kv, true).unwrap();
         NetdevConfig {
             option: format!("-netdev {},id={id}", ty.name()),
             backend: backend(ty, &id, &kv, fds).unwrap(),
