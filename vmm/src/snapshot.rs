@@ -695,7 +695,8 @@ impl Incoming {
                     .join(", ")
             };
             format!(
-                "saved with NICs [{}], restoring with [{}] (give the same -device/-nic options)",
+                "saved with NICs [{}], restoring with [{}] (give the same -device/-nic \
+                 options, and the same -M, -vga none and -nodefaults: they choose the slots)",
                 shown(&list(&saved.nics)),
                 list(&here.nics)
             )

@@ -455,7 +455,8 @@ impl Vm {
         let cmos = Arc::new(Mutex::new(Cmos::default()));
         pio.insert(CMOS_PORT, 2, cmos.clone())?;
 
-        // PCI: the NICs from slot 3 on (each with its netdev opened here), pvpanic after.
+        // PCI: the NICs in the slots QEMU's board leaves them (config::nic_slots), each with
+        // its netdev opened here; pvpanic after.
         let mut guards = Guards::default();
         let mut root = PciRoot::new();
         let (mut io_next, mut mmio_next) = (PCI_IO_START, PCI_MMIO_START);

@@ -301,7 +301,7 @@ pub struct NicConfig {
 }
 
 /// The PCI slots QEMU's board holds (a bit each), which a NIC without `addr=` passes over, so
-/// that the guest finds its NICs where QEMU's would be (and names them so: `ens3` on pc):
+/// that the guest finds its NICs at the PCI addresses QEMU's would have (`enp0s3` on pc):
 /// pc (i440FX) 0 and 1 (the PIIX3), and 2 for the VGA card; q35 0, 1 for the VGA card, and
 /// 0x1f (the ICH9). Without a VGA card (`-vga none`, `-nodefaults`) QEMU's first NIC is in 2
 /// on pc, 1 on q35. nicvm has none of these devices but its host bridge in 0; its pvpanic
