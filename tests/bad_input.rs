@@ -42,13 +42,10 @@ fn kernel() -> String {
 #[test]
 fn an_argument_that_is_not_utf8() {
     use std::os::unix::ffi::OsStringExt;
-    let o = std::process::Command::new(nicvm())
+    let o = nicvm_cmd()
         .arg("-name")
         .arg(std::ffi::OsString::from_vec(vec![b'v', 0xff, b'\n', b'm']))
         .args(["-kernel", &kernel()])
-        .env("NICVM_LOG", "warn")
-        .env_remove("NICVM_TIMING")
-        .env_remove("NICVM_STATS")
         .output()
         .expect("run nicvm");
     let err = String::from_utf8_lossy(&o.stderr);
@@ -91,7 +88,7 @@ fn a_cpu_feature_that_is_not_there_with_enforce() {
 /// are dropped when set-up fails, which then says why in its one line.
 #[test]
 fn a_failed_set_up_drops_its_notes() {
-    let o = std::process::Command::new(nicvm())
+    let o = nicvm_cmd()
         .args([
             "-enable-kvm",
             "-cpu",
@@ -665,7 +662,7 @@ fn a_fifo_to_write_waits_for_its_reader_but_not_through_sigterm() {
     let f = Fifo::new("pid");
     let k = kernel();
     for daemonize in [false, true] {
-        let mut cmd = std::process::Command::new(nicvm());
+        let mut cmd = nicvm_cmd();
         cmd.args(["-kernel", &k, "-display", "none", "-pidfile", &f.path()]);
         if daemonize {
             cmd.arg("-daemonize");
@@ -714,7 +711,7 @@ fn a_fifo_to_write_waits_for_its_reader_but_not_through_sigterm() {
     // A reader comes: nicvm goes on (here to the next error: -kernel is not a kernel).
     let f = Fifo::new("serial");
     let serial = format!("file:{}", f.path());
-    let mut child = std::process::Command::new(nicvm())
+    let mut child = nicvm_cmd()
         .args(["-kernel", &k, "-serial", &serial, "-display", "none"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

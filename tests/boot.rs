@@ -304,7 +304,7 @@ fn terminal_console_escapes_and_restore() {
     assert_ne!(before, 0, "a fresh pty is canonical with echo");
     let io = |fd: &OwnedFd| std::process::Stdio::from(fd.try_clone().unwrap());
     let mut child = Reaped(
-        std::process::Command::new(nicvm())
+        nicvm_cmd()
             .args([
                 "-kernel",
                 &img.kernel.display().to_string(),
@@ -368,7 +368,7 @@ fn ctrl_c_on_a_terminal(img: &Image, extra: &[&str], typed: &[u8]) -> String {
     use std::os::unix::process::CommandExt;
     let (mut master, slave) = open_pty();
     let io = |fd: &OwnedFd| std::process::Stdio::from(fd.try_clone().unwrap());
-    let mut cmd = std::process::Command::new(nicvm());
+    let mut cmd = nicvm_cmd();
     cmd.args(["-kernel", &img.kernel.display().to_string(), "-S"])
         .args(["-nic", "none"])
         .args(extra)
@@ -419,7 +419,7 @@ fn poweroff_typed_at_the_guest_shell_ends_nicvm() {
     let Some(img) = image() else { return };
     use std::io::{BufRead, Write};
     let mut child = Reaped(
-        std::process::Command::new(nicvm())
+        nicvm_cmd()
             .args(boot_args(
                 &img,
                 "nicvm.dhcp=off nicvm.run=shell",

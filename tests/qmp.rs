@@ -77,7 +77,7 @@ impl Drop for Vm {
 }
 
 fn spawn(img: &Image, append: &str, extra: &[&str], stdin: Stdio) -> Vm {
-    let mut child = Command::new(nicvm())
+    let mut child = nicvm_cmd()
         .args(["-kernel", &img.kernel.display().to_string()])
         .args(["-initrd", &img.initrd.display().to_string()])
         .args(["-append", &format!("console=ttyS0 quiet {append}")])
@@ -771,7 +771,7 @@ fn console_monitor_migrate_while_the_guest_floods_the_console() {
     let Some(img) = image() else { return };
     let dir = temp("flood");
     let snap = dir.join("snap");
-    let mut child = Command::new(nicvm())
+    let mut child = nicvm_cmd()
         .args(boot_args(
             &img,
             "nicvm.dhcp=off nicvm.run=shell",
@@ -843,7 +843,7 @@ fn daemonized_vm_with_a_pid_file_quits_over_qmp() {
     let Some(py) = qmp_python() else { return };
     let dir = temp("daemon");
     let (sock, pidfile) = (dir.join("qmp.sock"), dir.join("pid"));
-    let o = Command::new(nicvm())
+    let o = nicvm_cmd()
         .args([
             "-kernel",
             &img.kernel.display().to_string(),
@@ -901,7 +901,7 @@ fn a_closed_stderr_still_gives_a_clean_exit() {
     let Some(img) = image() else { return };
     let dir = temp("epipe");
     let (sock, pidfile) = (dir.join("monitor.sock"), dir.join("pid"));
-    let mut child = Command::new(nicvm())
+    let mut child = nicvm_cmd()
         .args(["-kernel", &img.kernel.display().to_string()])
         .args(["-S", "-nographic", "-nic", "none", "-pidfile"])
         .arg(&pidfile)
@@ -1085,7 +1085,7 @@ fn link_flap_rx_filters_and_a_guest_panic() {
     steps.push("mcast:eth1:239.1.2.3:5000:1".into());
     steps.push("panic".into());
     let append = format!("nicvm.run={}", steps.join(","));
-    let mut child = Command::new(nicvm())
+    let mut child = nicvm_cmd()
         .args(["-kernel", &img.kernel.display().to_string()])
         .args(["-initrd", &img.initrd.display().to_string()])
         .args(["-append", &format!("console=ttyS0 quiet {append}")])
@@ -1266,12 +1266,10 @@ fn quit_runs_the_downscripts() {
     }
     let dir = temp("down");
     let (sock, log, down) = (dir.join("qmp.sock"), dir.join("log"), dir.join("down"));
-    std::fs::write(
+    write_script(
         &down,
-        format!("#!/bin/sh\necho \"down $1\" >> {}\n", log.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(&down, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        &format!("#!/bin/sh\necho \"down $1\" >> {}\n", log.display()),
+    );
     let ifname = format!("nq{}", std::process::id() % 100_000);
     let vm = spawn(
         &img,

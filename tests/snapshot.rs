@@ -76,7 +76,7 @@ fn restore_command(
     extra: &[&str],
     pcap: Option<&Path>,
 ) -> std::process::Command {
-    let mut cmd = std::process::Command::new(nicvm());
+    let mut cmd = nicvm_cmd();
     // The kernel options are what a QEMU user passes again; a restored guest does not boot.
     cmd.args(["-kernel", &img.kernel.display().to_string()])
         .arg("-nographic")
@@ -522,7 +522,7 @@ fn traffic_while_stopped_is_in_the_snapshot() {
     let qmp_opt = format!("unix:{},server=on,wait=off", qmp.display());
     let (mut g, port) = Guest::spawn_on_free_port(|port| {
         let netdev = format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:5001");
-        let mut cmd = std::process::Command::new(nicvm());
+        let mut cmd = nicvm_cmd();
         cmd.args(["-kernel", &img.kernel.display().to_string()])
             .args(["-initrd", &img.initrd.display().to_string()])
             .args(["-append", "console=ttyS0 quiet nicvm.run=recv:5001,exit"])
@@ -579,7 +579,7 @@ fn a_snapshot_asked_for_right_after_start_is_taken() {
             "-qmp",
             &format!("unix:{},server=on,wait=off", sock.display()),
         ]));
-        let mut child = std::process::Command::new(nicvm())
+        let mut child = nicvm_cmd()
             .args(&a)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

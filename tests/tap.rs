@@ -71,16 +71,14 @@ fn two_guests_on_a_bridge_with_created_taps_and_scripts() {
         .parent()
         .unwrap();
     let down = dir.join("down");
-    std::fs::write(
+    write_script(
         &down,
-        format!(
+        &format!(
             "#!/bin/sh\necho \"$1\" >> {}\nexec {}/scripts/nicvm-ifdown \"$1\"\n",
             log.display(),
             repo.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&down, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let up = format!("{}/scripts/nicvm-ifup", repo.display());
 
     let mut guests: Vec<_> = (0..2)
@@ -218,15 +216,13 @@ fn sigterm_runs_the_downscript_and_removes_the_created_tap() {
     let log = dir.join("log");
     let script = |name: &str, what: &str| {
         let p = dir.join(name);
-        std::fs::write(
+        write_script(
             &p,
-            format!(
+            &format!(
                 "#!/bin/sh\necho \"{what} $1\" >> {}\nip link set \"$1\" up\n",
                 log.display()
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        );
         p.display().to_string()
     };
     let (up, down) = (script("up", "up"), script("down", "down"));

@@ -18,7 +18,7 @@ fn start(img: &Image, append: &str, netdev: &str) -> (Guest, u16) {
 }
 
 fn command(img: &Image, append: &str, netdev: &str) -> std::process::Command {
-    let mut cmd = std::process::Command::new(nicvm());
+    let mut cmd = nicvm_cmd();
     cmd.args(["-kernel", &img.kernel.display().to_string()])
         .args(["-initrd", &img.initrd.display().to_string()])
         .args(["-append", &format!("console=ttyS0 quiet {append}")])

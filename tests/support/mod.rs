@@ -16,6 +16,35 @@ pub fn nicvm() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_nicvm"))
 }
 
+/// A command for this build's nicvm, with none of a developer's shell's variables that change
+/// what nicvm writes to stderr; a test that wants one sets it.
+pub fn nicvm_cmd() -> Command {
+    let mut c = Command::new(nicvm());
+    for v in NICVM_VARIABLES {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// The variables that change what nicvm writes to stderr.
+pub const NICVM_VARIABLES: [&str; 3] = ["NICVM_LOG", "NICVM_TIMING", "NICVM_STATS"];
+
+/// Writes an executable script through a child process. Written by a test process whose
+/// other threads fork, it could be held open for writing by a child between its fork and
+/// exec, and running it would fail with "Text file busy".
+pub fn write_script(path: &std::path::Path, text: &str) {
+    use std::io::Write;
+    let mut sh = Command::new("sh")
+        .arg("-c")
+        .arg("cat > \"$0\" && chmod 755 \"$0\"")
+        .arg(path)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("sh");
+    sh.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    assert!(sh.wait().unwrap().success(), "{}", path.display());
+}
+
 #[derive(Clone)]
 pub struct Image {
     pub kernel: PathBuf,
@@ -135,12 +164,9 @@ pub const BOOT_DEADLINE: Duration = Duration::from_secs(240);
 /// Runs nicvm with `args` (stdin closed), killing it at the deadline.
 pub fn run(args: &[String], deadline: Duration) -> Outcome {
     let start = Instant::now();
-    let mut child = Command::new(nicvm())
+    let mut child = nicvm_cmd()
         .args(args)
         .env("NICVM_LOG", "warn")
-        // Each adds lines of its own to stderr, whatever a developer's shell has set.
-        .env_remove("NICVM_TIMING")
-        .env_remove("NICVM_STATS")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -243,19 +269,24 @@ pub fn fnv1a64(d: &[u8]) -> String {
 /// for a free one and closing it could give two threads the same port).
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
-    const FIRST: u32 = 20_000;
-    const SPAN: u32 = 12_000;
+    // Below the kernel's ephemeral ports (32768 up, unless the host says otherwise).
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let first: u32 = ephemeral.saturating_sub(12_000).max(1_024);
+    let span = ephemeral.saturating_sub(first).max(1);
     static NEXT: AtomicU32 = AtomicU32::new(0);
     // Test processes of one run start at different places.
-    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
-    for _ in 0..SPAN {
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for _ in 0..span {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (FIRST + (start + n) % SPAN) as u16;
+        let port = (first + (start + n) % span) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free TCP port in {FIRST}..{}", FIRST + SPAN);
+    panic!("no free TCP port in {first}..{}", first + span);
 }
 
 /// Connects, retrying for a minute while the peer (a booting guest) is not there yet.

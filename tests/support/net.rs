@@ -229,7 +229,9 @@ impl Netns {
             .args(["-append", &format!("console=ttyS0 quiet {append}")])
             .arg("-nographic")
             .args(extra)
-            .env("NICVM_LOG", "warn");
+            .env("NICVM_LOG", "warn")
+            .env_remove("NICVM_TIMING")
+            .env_remove("NICVM_STATS");
         for (k, v) in env {
             cmd.env(k, v);
         }

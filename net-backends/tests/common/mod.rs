@@ -261,18 +261,23 @@ impl Drop for TempDir {
 /// different places and take the ports in turn.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
-    const FIRST: u32 = 20_000;
-    const SPAN: u32 = 12_000;
+    // Below the kernel's ephemeral ports (32768 up, unless the host says otherwise).
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let first: u32 = ephemeral.saturating_sub(12_000).max(1_024);
+    let span = ephemeral.saturating_sub(first).max(1);
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
-    for _ in 0..SPAN {
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for _ in 0..span {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (FIRST + (start + n) % SPAN) as u16;
+        let port = (first + (start + n) % span) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
             && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
         {
             return port;
         }
     }
-    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
+    panic!("no free port in {first}..{}", first + span);
 }
