@@ -4,6 +4,7 @@
 
 pub mod elf;
 pub mod net;
+pub mod ports;
 pub mod reaper;
 
 use std::collections::HashMap;
@@ -11,6 +12,8 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub use ports::free_port;
 
 pub fn nicvm() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_nicvm"))
@@ -261,32 +264,6 @@ pub fn fnv1a64(d: &[u8]) -> String {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     });
     format!("{h:016x}")
-}
-
-/// A TCP port on 127.0.0.1 for a test's listener (a hostfwd, a monitor): below the kernel's
-/// ephemeral range (32768 up), so no outgoing connection takes it meanwhile, and never the same
-/// twice in this process, so tests running side by side do not pick one port (asking the kernel
-/// for a free one and closing it could give two threads the same port).
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    // Below the kernel's ephemeral ports (32768 up, unless the host says otherwise).
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    let first: u32 = ephemeral.saturating_sub(12_000).max(1_024);
-    let span = ephemeral.saturating_sub(first).max(1);
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    // Test processes of one run start at different places.
-    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
-    for _ in 0..span {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (first + (start + n) % span) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free TCP port in {first}..{}", first + span);
 }
 
 /// Connects, retrying for a minute while the peer (a booting guest) is not there yet.

@@ -7,6 +7,11 @@ use std::io::{self, IoSlice};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+#[path = "../../../tests/support/ports.rs"]
+mod ports;
+#[allow(unused_imports)] // not every test file takes a port
+pub use ports::free_port;
+
 /// A broadcast frame from `src` (last MAC byte) with ethertype 0x88b5 and `len` bytes in
 /// all, its payload numbered by `seq`.
 pub fn frame(src: u8, seq: u32, len: usize) -> Vec<u8> {
@@ -253,31 +258,4 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// A loopback port free for TCP and UDP, below the kernel's range of ephemeral ports (from
-/// 32768): no socket of anyone else's is given it meanwhile, and a client dialling it cannot
-/// connect to itself (its own port is always an ephemeral one). Test processes start at
-/// different places and take the ports in turn.
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    // Below the kernel's ephemeral ports (32768 up, unless the host says otherwise).
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    let first: u32 = ephemeral.saturating_sub(12_000).max(1_024);
-    let span = ephemeral.saturating_sub(first).max(1);
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
-    for _ in 0..span {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (first + (start + n) % span) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
-        {
-            return port;
-        }
-    }
-    panic!("no free port in {first}..{}", first + span);
 }
