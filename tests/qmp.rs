@@ -894,6 +894,54 @@ fn daemonized_vm_with_a_pid_file_quits_over_qmp() {
     drop(dir);
 }
 
+/// A `-name` with control characters in it is shown escaped on nicvm's last line, which stays
+/// one line (it split the line and sent the terminal an escape sequence).
+#[test]
+fn a_name_with_control_characters_stays_on_one_escaped_line() {
+    let Some(img) = image() else { return };
+    let dir = temp("name");
+    let sock = dir.join("monitor.sock");
+    let mut child = nicvm_cmd()
+        .args(["-kernel", &img.kernel.display().to_string()])
+        .args([
+            "-S",
+            "-display",
+            "none",
+            "-nic",
+            "none",
+            "-name",
+            "vm\x1b[31m\n2",
+        ])
+        .args([
+            "-monitor",
+            &format!("unix:{},server=on,wait=off", sock.display()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    support::reaper::guest_started(child.id());
+    wait_for(&sock);
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    support::reaper::guest_ending(child.id());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(
+        err.ends_with("nicvm (vm\\u{1b}[31m\\n2): terminating on SIGTERM\n"),
+        "{err:?}"
+    );
+    drop(dir);
+}
+
 /// A stderr nobody reads any more (the pipe's reader went away) is no reason to fail: SIGTERM
 /// still ends nicvm with status 0 and its pid file and socket removed.
 #[test]

@@ -99,9 +99,8 @@ pub enum CliErrorKind {
     #[error("addr: slot {0:x} is already taken")]
     SlotTaken(u8),
     #[error(
-        "no free PCI slot for NIC {0} (-nic first, then -net nic, then -device): a NIC \
-         without addr= passes over the slots QEMU's board holds (0-2 on pc, 0-1 and 1f on q35, \
-         the VGA card's 2 or 1 free with -vga none), and one of 1-1f stays for nicvm's pvpanic"
+        "no free PCI slot for NIC {0} (counting -nic, then -net nic, then -device; slots \
+         QEMU's board holds are passed over, and one stays for nicvm's pvpanic)"
     )]
     NoFreeSlot(usize),
     #[error("cplus: only rtl8139 has this property")]

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Log lines on stderr, each one line ending as [`stderr::eol`] says.
+/// Log lines on stderr, each one line.
 struct StderrLogger(log::LevelFilter);
 
 impl log::Log for StderrLogger {
@@ -24,7 +24,7 @@ impl log::Log for StderrLogger {
             };
             // A name the user gave (an interface, a path) may hold control characters.
             let text = nicvm::cli::one_line(&r.args().to_string());
-            let line = format!("nicvm: {level}: {text}{}", stderr::eol());
+            let line = format!("nicvm: {level}: {text}\n");
             match r.level() {
                 log::Level::Info | log::Level::Warn => stderr::note(line),
                 _ => stderr::write(&line),
@@ -172,11 +172,7 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     }
     // As QEMU says it: checked like every netdev, but never opened.
     for nd in cfg.netdevs_without_peer() {
-        stderr::note(format!(
-            "nicvm: warning: netdev {} has no peer{}",
-            nd.id,
-            stderr::eol()
-        ));
+        stderr::note(format!("nicvm: warning: netdev {} has no peer\n", nd.id));
     }
     if let Err(e) = vm::validate(&cfg) {
         return fail(e);
@@ -273,7 +269,7 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     let name = cfg
         .name
         .as_deref()
-        .map(|n| format!(" ({n})"))
+        .map(|n| format!(" ({})", nicvm::cli::one_line(n)))
         .unwrap_or_default();
     match &reason {
         ExitReason::Reboot | ExitReason::PowerOff => {}

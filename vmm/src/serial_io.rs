@@ -289,9 +289,8 @@ impl SerialIo {
         }
         nonblocking(fd);
         crate::stderr::note(format!(
-            "nicvm: char device redirected to {} (label serial0){}",
-            name.to_string_lossy(),
-            crate::stderr::eol()
+            "nicvm: char device redirected to {} (label serial0)\n",
+            name.to_string_lossy()
         ));
         Ok(SerialIo {
             source: Source::Pty,

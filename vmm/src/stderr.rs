@@ -12,22 +12,9 @@ use std::sync::{Mutex, PoisonError};
 /// Notes held back while the VM is set up; `None` when they go out as they come.
 static HELD: Mutex<Option<Vec<String>>> = Mutex::new(None);
 
-/// How a note's line ends: `\r\n` on a terminal, which the console may have put in raw
-/// mode, `\n` elsewhere (a log file or a pipe, as QEMU writes them).
-pub fn eol() -> &'static str {
-    static EOL: std::sync::OnceLock<&str> = std::sync::OnceLock::new();
-    EOL.get_or_init(|| {
-        // SAFETY: isatty only looks at the descriptor.
-        if unsafe { libc::isatty(libc::STDERR_FILENO) } == 1 {
-            "\r\n"
-        } else {
-            "\n"
-        }
-    })
-}
-
-/// Writes `text` to stderr as it is (the caller ends its line: [`eol`] for a note); an error
-/// is ignored.
+/// Writes `text` to stderr as it is (the caller ends its line with `\n`: the console's raw
+/// mode keeps the terminal's output processing, which makes it `\r\n` there, as QEMU's
+/// lines); an error is ignored.
 pub fn write(text: &str) {
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
