@@ -894,24 +894,13 @@ fn daemonized_vm_with_a_pid_file_quits_over_qmp() {
     drop(dir);
 }
 
-/// A `-name` with control characters in it is shown escaped on nicvm's last line, which stays
-/// one line (it split the line and sent the terminal an escape sequence).
-#[test]
-fn a_name_with_control_characters_stays_on_one_escaped_line() {
-    let Some(img) = image() else { return };
-    let dir = temp("name");
-    let sock = dir.join("monitor.sock");
-    let mut child = nicvm_cmd()
+/// A stopped nicvm with no NIC and a monitor on `sock`, its stderr piped, with `extra`
+/// options; returned once the monitor listens.
+fn stopped_with_a_monitor(img: &Image, sock: &Path, extra: &[&str]) -> std::process::Child {
+    let child = nicvm_cmd()
         .args(["-kernel", &img.kernel.display().to_string()])
-        .args([
-            "-S",
-            "-display",
-            "none",
-            "-nic",
-            "none",
-            "-name",
-            "vm\x1b[31m\n2",
-        ])
+        .args(["-S", "-display", "none", "-nic", "none"])
+        .args(extra)
         .args([
             "-monitor",
             &format!("unix:{},server=on,wait=off", sock.display()),
@@ -922,7 +911,18 @@ fn a_name_with_control_characters_stays_on_one_escaped_line() {
         .spawn()
         .unwrap();
     support::reaper::guest_started(child.id());
-    wait_for(&sock);
+    wait_for(sock);
+    child
+}
+
+/// A `-name` with control characters in it is shown escaped on nicvm's last line, which stays
+/// one line (it split the line and sent the terminal an escape sequence).
+#[test]
+fn a_name_with_control_characters_stays_on_one_escaped_line() {
+    let Some(img) = image() else { return };
+    let dir = temp("name");
+    let sock = dir.join("monitor.sock");
+    let mut child = stopped_with_a_monitor(&img, &sock, &["-name", "vm\x1b[31m\n2"]);
     // SAFETY: signalling the child we started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let mut err = String::new();
@@ -949,27 +949,15 @@ fn a_closed_stderr_still_gives_a_clean_exit() {
     let Some(img) = image() else { return };
     let dir = temp("epipe");
     let (sock, pidfile) = (dir.join("monitor.sock"), dir.join("pid"));
-    let mut child = nicvm_cmd()
-        .args(["-kernel", &img.kernel.display().to_string()])
-        .args(["-S", "-nographic", "-nic", "none", "-pidfile"])
-        .arg(&pidfile)
-        .args([
-            "-monitor",
-            &format!("unix:{},server=on,wait=off", sock.display()),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(&sock);
+    let pid_arg = pidfile.display().to_string();
+    let mut child = stopped_with_a_monitor(&img, &sock, &["-pidfile", &pid_arg]);
     // The reader goes: nicvm's next line meets EPIPE.
     drop(child.stderr.take());
     // SAFETY: signalling the child we started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let t0 = Instant::now();
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = support::reaper::try_reap(&mut child) {
             break s;
         }
         assert!(t0.elapsed() < Duration::from_secs(30), "nicvm did not exit");
