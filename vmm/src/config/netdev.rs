@@ -114,28 +114,33 @@ pub fn bridge_options(kv: &KeyVal) -> Result<BridgeOptions, OptionError> {
     bridge_keys(kv)
 }
 
+/// The tap keys that name or set up a tap (or its queues): not with `helper=`, which makes
+/// the tap itself.
+const TAP_SETUP_KEYS: [&str; 8] = [
+    "ifname",
+    "fd",
+    "fds",
+    "script",
+    "downscript",
+    "vnet_hdr",
+    "queues",
+    "vhostfds",
+];
+
+/// The tap keys that go with `helper=` too: QEMU's vhost ones (nicvm has no vhost-net) and
+/// `sndbuf=`.
+const TAP_VHOST_KEYS: [&str; 4] = ["vhost", "vhostforce", "vhostfd", "sndbuf"];
+
 /// `-netdev tap,helper=HELPER[,br=BR]`: QEMU's other way to a bridge's tap, the same as
 /// `-netdev bridge,helper=`; the keys that name or set up a tap do not go with it. As in QEMU
 /// a `vhostfd=` may come with it (checked, as a tap's; nicvm has no vhost-net).
 fn tap_helper_options(kv: &KeyVal, fds: &InheritedFds) -> Result<BridgeOptions, OptionError> {
-    for k in [
-        "ifname",
-        "fd",
-        "fds",
-        "script",
-        "downscript",
-        "vnet_hdr",
-        "queues",
-        "vhostfds",
-    ] {
+    for k in TAP_SETUP_KEYS {
         if kv.get(k).is_some() {
             return Err(OptionError::Together(vec!["helper".into(), k.into()]));
         }
     }
-    unknown(
-        kv,
-        &["helper", "br", "vhost", "vhostforce", "vhostfd", "sndbuf"],
-    )?;
+    unknown(kv, &[&["helper", "br"][..], &TAP_VHOST_KEYS].concat())?;
     if let Some(v) = kv.get("vhostfd") {
         inherited_fds("vhostfd", v, fds)?;
     }
@@ -277,23 +282,7 @@ pub const MAX_TAP_QUEUES: usize = 16;
 /// (nicvm has no vhost-net: the caller warns; the descriptors are checked and left alone)
 /// and `sndbuf=` (a number, nothing to tune on a tap nicvm writes without queueing).
 pub fn tap_options(kv: &KeyVal, fds: &InheritedFds) -> Result<TapOptions, OptionError> {
-    unknown(
-        kv,
-        &[
-            "ifname",
-            "fd",
-            "fds",
-            "script",
-            "downscript",
-            "vnet_hdr",
-            "vhost",
-            "vhostforce",
-            "vhostfd",
-            "vhostfds",
-            "sndbuf",
-            "queues",
-        ],
-    )?;
+    unknown(kv, &[&TAP_SETUP_KEYS[..], &TAP_VHOST_KEYS].concat())?;
     // As QEMU: fd= and fds= each rule out the ways of naming a tap, its queues or its
     // vhost descriptors that do not go with them.
     for (key, not_with) in [
