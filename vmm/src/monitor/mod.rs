@@ -495,9 +495,10 @@ struct Client {
     output: Vec<u8>,
     /// QMP: capabilities negotiated (events are sent from then on).
     negotiated: bool,
-    /// QMP: input is skipped up to the next newline (after a syntax error or an overlong
-    /// message).
+    /// HMP: input is skipped up to the next newline (after an overlong line).
     skip_line: bool,
+    /// QMP: where the reading of the input stands.
+    scan: qmp::Scan,
     /// Ended: dropped once its output is flushed.
     closing: bool,
 }
@@ -701,6 +702,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
                 output: vec![],
                 negotiated: false,
                 skip_line: false,
+                scan: qmp::Scan::default(),
                 closing: false,
             };
             match kind.mode {

@@ -126,7 +126,7 @@ fn error(c: &mut Client, e: QmpError, id: Option<&Value>) {
 /// reading a client whose output backs up).
 pub(super) fn process(control: &Control, c: &mut Client) {
     while c.output.len() < super::OUTPUT_PAUSE {
-        match read_message(&mut c.input, &mut c.skip_line) {
+        match read_message(&mut c.input, &mut c.scan) {
             Some(Ok(v)) => handle(control, c, v),
             Some(Err(e)) => error(c, e, None),
             None => return,
@@ -134,87 +134,159 @@ pub(super) fn process(control: &Control, c: &mut Client) {
     }
 }
 
+/// Where the reading of a client's input stands between reads: how far the message being
+/// read has been scanned, and what the scan found so far. Each byte is scanned once, however
+/// the input is cut into reads.
+#[derive(Debug, Default)]
+pub(super) struct Scan {
+    /// Bytes of the input scanned: the message so far, and any white space before it.
+    at: usize,
+    /// Objects and arrays open, counted apart as QEMU's streamer counts them: the message
+    /// ends when both are back to 0.
+    braces: usize,
+    brackets: usize,
+    /// In a string, opened with this quote.
+    quote: Option<u8>,
+    /// Just after a backslash in a string.
+    escaped: bool,
+    /// In a bare word (a number, a keyword, junk) outside any object or array.
+    word: bool,
+    /// The message has begun: it starts at the input's first byte (white space before it is
+    /// dropped when it begins).
+    begun: bool,
+    /// After a control character in a string: skipping up to the next structural character
+    /// (`{}[]:,`, which then starts afresh) or control character (dropped too), as QEMU's
+    /// lexer does after an error.
+    recovering: bool,
+    /// The message outgrew [`MAX_MESSAGE`]: refused, and the rest of it dropped as it comes.
+    dropping: bool,
+}
+
 /// Takes the next message out of a client's `input`: a JSON value, or the error to answer
-/// bad input with; None until a whole message has come. The rule after a syntax error: the
-/// line of the bad byte is skipped from there up to its newline (`skip_line`, also while
-/// more input comes), and the next line is read afresh, so the commands after a bad line
-/// still run. A newline in a string is itself the bad byte ([`error_offset`]): a string left
-/// open does not take the next line with it.
-fn read_message(input: &mut Vec<u8>, skip_line: &mut bool) -> Option<Result<Value, QmpError>> {
-    if *skip_line {
-        match input.iter().position(|&b| b == b'\n') {
-            Some(nl) => {
-                input.drain(..=nl);
-                *skip_line = false;
-            }
-            None => {
+/// bad input with; None until a whole message has come. Messages are framed as QEMU's JSON
+/// streamer frames them, before they are parsed: one runs from its first byte until the
+/// objects and arrays it opened are closed (or is one string, or one bare word up to white
+/// space or a structural character; a stray `}`/`]`, `,` or `:` is one of its own). So a
+/// message that does not parse is answered with its error and the messages after it, on
+/// the same line too, still run. A control character in a string is an error at once (as
+/// QEMU's lexer has it), so a string left open at a line end does not take the next line
+/// with it.
+fn read_message(input: &mut Vec<u8>, s: &mut Scan) -> Option<Result<Value, QmpError>> {
+    let whole = |s: &Scan| s.braces == 0 && s.brackets == 0;
+    loop {
+        let Some(&b) = input.get(s.at) else {
+            if s.dropping || s.recovering || !s.begun {
+                // Nothing of this to keep: skipped bytes, or white space before a message.
                 input.clear();
-                return None;
+                s.at = 0;
+            } else if s.at > MAX_MESSAGE {
+                input.clear();
+                s.at = 0;
+                s.dropping = true;
+                return Some(Err(too_long()));
             }
-        }
-    }
-    // QEMU's parser also takes 'single-quoted' strings: they are given to serde_json
-    // double-quoted, and its offsets taken back to the input's.
-    let requoted = input.contains(&b'\'').then(|| requote(input));
-    let (json, back): (&[u8], Option<&[usize]>) = match &requoted {
-        Some((j, map)) => (j, Some(map)),
-        None => (input, None),
-    };
-    let orig = |at: usize| back.map_or(at, |m| m[at.min(m.len() - 1)]);
-    let mut it = serde_json::Deserializer::from_slice(json).into_iter::<Node>();
-    match it.next() {
-        Some(Ok(node)) => {
-            let v = node.into_value();
-            let len = orig(it.byte_offset());
-            input.drain(..len.min(input.len()));
-            Some(if len > MAX_MESSAGE {
-                Err(too_long())
+            return None;
+        };
+        if s.recovering {
+            if matches!(b, b'{' | b'}' | b'[' | b']' | b':' | b',') {
+                input.drain(..s.at);
+                *s = Scan::default();
+            } else if b < 0x20 {
+                input.drain(..=s.at);
+                *s = Scan::default();
             } else {
-                Ok(v)
-            })
-        }
-        Some(Err(e)) if e.is_eof() => {
-            if input.len() <= MAX_MESSAGE {
-                return None;
+                s.at += 1;
             }
-            input.clear();
-            *skip_line = true;
-            Some(Err(too_long()))
+            continue;
         }
-        Some(Err(e)) => {
-            // Drop what precedes the error's position, then the rest of that line.
-            let at = orig(error_offset(json, e.line(), e.column()));
-            input.drain(..at.min(input.len()));
-            *skip_line = true;
-            Some(Err(QmpError::generic(format!("JSON parse error, {e}"))))
+        if !s.begun && !b.is_ascii_whitespace() {
+            input.drain(..s.at);
+            s.at = 0;
+            s.begun = true;
         }
-        None => {
-            input.clear(); // white space only
+        // Where the message ends, if this byte ends it.
+        let mut end = None;
+        if let Some(q) = s.quote {
+            if b < 0x20 {
+                // The error is the parser's, on the message up to this byte.
+                let bad = parse(&input[..=s.at]).err();
+                let dropping = s.dropping;
+                input.drain(..=s.at);
+                *s = Scan {
+                    recovering: true,
+                    ..Scan::default()
+                };
+                match (dropping, bad) {
+                    (false, Some(e)) => return Some(Err(e)),
+                    _ => continue,
+                }
+            } else if s.escaped {
+                s.escaped = false;
+            } else if b == b'\\' {
+                s.escaped = true;
+            } else if b == q {
+                s.quote = None;
+                if whole(s) {
+                    end = Some(s.at + 1);
+                }
+            }
+        } else if s.word && (b.is_ascii_whitespace() || b"{}[]:,\"'".contains(&b)) {
+            end = Some(s.at);
+        } else {
+            match b {
+                b'"' | b'\'' => s.quote = Some(b),
+                b'{' => s.braces += 1,
+                b'[' => s.brackets += 1,
+                b'}' | b']' => {
+                    let open = if b == b'}' {
+                        &mut s.braces
+                    } else {
+                        &mut s.brackets
+                    };
+                    // A closer nothing opened is a message of its own, refused.
+                    *open = open.saturating_sub(1);
+                    if whole(s) {
+                        end = Some(s.at + 1);
+                    }
+                }
+                b':' | b',' if whole(s) => end = Some(s.at + 1),
+                _ if b.is_ascii_whitespace() => {}
+                _ => s.word |= whole(s),
+            }
+        }
+        let Some(end) = end else {
+            s.at += 1;
+            continue;
+        };
+        let dropping = s.dropping;
+        *s = Scan::default();
+        let result = if dropping {
             None
+        } else if end > MAX_MESSAGE {
+            Some(Err(too_long()))
+        } else {
+            Some(parse(&input[..end]))
+        };
+        input.drain(..end);
+        if result.is_some() {
+            return result;
         }
     }
+}
+
+/// One message's text as a value, or the parse error to answer it with. QEMU's parser also
+/// takes 'single-quoted' strings: they are given to serde_json double-quoted.
+fn parse(text: &[u8]) -> Result<Value, QmpError> {
+    let requoted = text.contains(&b'\'').then(|| requote(text).0);
+    serde_json::from_slice::<Node>(requoted.as_deref().unwrap_or(text))
+        .map(Node::into_value)
+        .map_err(|e| QmpError::generic(format!("JSON parse error, {e}")))
 }
 
 fn too_long() -> QmpError {
     QmpError::generic(format!(
         "JSON parse error, message longer than {MAX_MESSAGE} bytes"
     ))
-}
-
-/// The offset in `input` of the byte serde_json's error is about. Its position (line from 1,
-/// column from 0) is just after that byte: column 0 when the byte is the line end before the
-/// line (a string left open at a line end is refused there, as QEMU refuses a control
-/// character in a string). The skipping then stops at that line end, and the next line is
-/// read afresh, as QEMU's lexer starts afresh after the bad byte.
-fn error_offset(input: &[u8], line: usize, column: usize) -> usize {
-    let mut start = 0;
-    for _ in 1..line {
-        match input[start..].iter().position(|&b| b == b'\n') {
-            Some(nl) => start += nl + 1,
-            None => return input.len(),
-        }
-    }
-    (start + column).saturating_sub(1).min(input.len())
 }
 
 fn handle(control: &Control, c: &mut Client, msg: Value) {
@@ -535,9 +607,9 @@ mod tests {
     /// What a client sending `input` is answered, in order: each message read (its `id`, or
     /// its `execute`), or `error: DESC` for input refused; then what is left waiting.
     fn read_all(input: &[u8]) -> (Vec<String>, Vec<u8>) {
-        let (mut input, mut skip_line) = (input.to_vec(), false);
+        let (mut input, mut scan) = (input.to_vec(), super::Scan::default());
         let mut read = vec![];
-        while let Some(m) = read_message(&mut input, &mut skip_line) {
+        while let Some(m) = read_message(&mut input, &mut scan) {
             read.push(match m {
                 Ok(v) => match v.get("id") {
                     Some(id) => id.to_string(),
@@ -571,15 +643,161 @@ mod tests {
         assert_eq!(read.len(), 2, "{read:?}");
         assert!(read[0].starts_with("error: "), "{read:?}");
         assert_eq!(read[1], "2");
-        // Any other bad byte: the rest of its line goes, the next line runs.
+        // Another control character in a string: refused there, the rest skipped up to the
+        // next structural character (here a stray `}`, refused too), as QEMU does.
         let (read, _) = read_all(b"{\"id\":\"a\tb\"} {\"id\":1}\n{\"id\":2}\n");
-        assert_eq!(read.len(), 2, "{read:?}");
+        assert_eq!(read.len(), 4, "{read:?}");
         assert!(read[0].starts_with("error: "), "{read:?}");
-        assert_eq!(read[1], "2");
+        assert!(read[1].starts_with("error: "), "{read:?}");
+        assert_eq!(read[2..], ["1", "2"]);
         // A message cut off in a string waits for the rest.
         let (read, rest) = read_all(b"{\"execute\":\"query-st");
         assert!(read.is_empty(), "{read:?}");
         assert_eq!(rest, b"{\"execute\":\"query-st");
+    }
+
+    /// Messages are framed as QEMU 7.2's streamer frames them: after one that does not parse,
+    /// those that follow it on the same line run. Each case is what QEMU 7.2 answered the
+    /// same bytes (`error` for any parse error; its texts differ).
+    #[test]
+    fn the_messages_after_a_bad_one_on_its_line_run() {
+        let ok = |id: u32| format!("{{\"execute\":\"query-status\",\"id\":{id}}}");
+        let cases: Vec<(Vec<u8>, Vec<&str>)> = vec![
+            (
+                format!("{{\"execute\": }} {}\n", ok(1)).into(),
+                vec!["error", "1"],
+            ),
+            (format!("xyz {}\n", ok(2)).into(), vec!["error", "2"]),
+            (
+                format!("{} }}{}\n", ok(3), ok(4)).into(),
+                vec!["3", "error", "4"],
+            ),
+            (format!("] {}\n", ok(7)).into(), vec!["error", "7"]),
+            (
+                format!("{}}} {}\n", ok(8), ok(9)).into(),
+                vec!["8", "error", "9"],
+            ),
+            (
+                format!("{{\"execute\": 1x}} {}\n", ok(10)).into(),
+                vec!["error", "10"],
+            ),
+            (
+                [b"\xff ".as_slice(), ok(11).as_bytes(), b"\n"].concat(),
+                vec!["error", "11"],
+            ),
+            (format!("\"abc\" {}\n", ok(3)).into(), vec!["null", "3"]),
+            (format!(", {}\n", ok(7)).into(), vec!["error", "7"]),
+            (
+                format!("{{\"id\":[1,{{\"a\":2]}}}} {}\n", ok(8)).into(),
+                vec!["error", "8"],
+            ),
+            (
+                format!("{{\"id\":\"x\\qy\"}} {}\n", ok(6)).into(),
+                vec!["error", "6"],
+            ),
+            (format!("{}{}", ok(4), ok(5)).into(), vec!["4", "5"]),
+            (
+                b"{\"execute\":\n\"query-status\",\"id\":2}\n".to_vec(),
+                vec!["2"],
+            ),
+            // An array left open waits, however the braces go.
+            (
+                format!("{{\"id\":12, \"x\": [1,2}} {}\n", ok(13)).into(),
+                vec![],
+            ),
+            // A string left open at a line end is refused there; the next line runs.
+            (
+                format!("{{\"a\": \"open {}\n{}\n", ok(5), ok(6)).into(),
+                vec!["error", "6"],
+            ),
+        ];
+        for (input, want) in cases {
+            let (read, _) = read_all(&input);
+            let read: Vec<&str> = read
+                .iter()
+                .map(|r| if r.starts_with("error: ") { "error" } else { r })
+                .collect();
+            assert_eq!(read, want, "{}", String::from_utf8_lossy(&input));
+        }
+    }
+
+    /// However the input is cut into reads, the same messages come out, each byte scanned
+    /// once; a message past 64 KiB is refused once and the rest of it dropped as it comes.
+    #[test]
+    fn framing_does_not_depend_on_how_the_input_is_cut() {
+        let input = b"{\"execute\": } xyz {'execute':'query-status','id':1}\n\
+            {\"id\":\"a\tb\"} {\"id\":[2,\"}\"]}{\"id\":3}  \"s\" , {\"id\":4}\n";
+        let (whole, _) = read_all(input);
+        assert_eq!(whole.len(), 10, "{whole:?}");
+        for step in 1..8 {
+            let (mut buf, mut scan, mut read) = (vec![], super::Scan::default(), vec![]);
+            for piece in input.chunks(step) {
+                buf.extend_from_slice(piece);
+                while let Some(m) = read_message(&mut buf, &mut scan) {
+                    read.push(m.map(|v| v.get("id").cloned()).map_err(|e| e.desc));
+                }
+            }
+            let ids: Vec<_> = read.iter().map(|r| r.as_ref().ok().cloned()).collect();
+            assert_eq!(read.len(), whole.len(), "pieces of {step}: {read:?}");
+            assert_eq!(
+                ids.iter().flatten().flatten().count(),
+                4,
+                "pieces of {step}"
+            );
+        }
+        // Too long: one error, however long the rest is; the next message runs.
+        let (mut buf, mut scan, mut read) = (vec![], super::Scan::default(), vec![]);
+        let long = [
+            b"{\"id\":\"".as_slice(),
+            &vec![b'x'; 200_000],
+            b"\"}{\"id\":5}",
+        ]
+        .concat();
+        for piece in long.chunks(4096) {
+            buf.extend_from_slice(piece);
+            while let Some(m) = read_message(&mut buf, &mut scan) {
+                read.push(m.map(|v| v["id"].clone()).map_err(|e| e.desc));
+            }
+            assert!(buf.len() <= super::MAX_MESSAGE + 4096);
+        }
+        assert_eq!(read.len(), 2, "{read:?}");
+        assert!(read[0].as_ref().is_err_and(|e| e.contains("longer than")));
+        assert_eq!(read[1], Ok(json!(5)));
+    }
+
+    /// Random JSON-like bytes, cut at random: the same answers as read in one piece, and
+    /// the kept input never past one message.
+    #[test]
+    fn random_input_frames_alike_however_it_is_cut() {
+        const ALPHABET: &[u8] = b"{}[]:,\"'\\ \n\tax1\xff";
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let answers = |pieces: &mut dyn Iterator<Item = &[u8]>| {
+            let (mut buf, mut scan, mut out) = (vec![], super::Scan::default(), vec![]);
+            for p in pieces {
+                buf.extend_from_slice(p);
+                while let Some(m) = read_message(&mut buf, &mut scan) {
+                    out.push(m.map_err(|e| e.desc));
+                }
+                assert!(buf.len() <= super::MAX_MESSAGE + p.len());
+            }
+            out
+        };
+        for _ in 0..3000 {
+            let len = (next() % 64) as usize;
+            let input: Vec<u8> = (0..len)
+                .map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize])
+                .collect();
+            let whole = answers(&mut std::iter::once(input.as_slice()));
+            let step = 1 + (next() % 7) as usize;
+            let cut = answers(&mut input.chunks(step));
+            assert_eq!(whole, cut, "{input:?} in pieces of {step}");
+        }
     }
 
     /// A `\u0000` in a string (a value or a key, nested too) is refused as the other parse
