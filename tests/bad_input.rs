@@ -464,10 +464,6 @@ fn qemu_options_that_contradict_the_machine() {
     expect_error(&["-kernel", &k, "-cpu", "Skylake-Client"], "-cpu");
     expect_error(&["-kernel", &k, "-smp", "4,sockets=3"], "-smp");
     expect_error(
-        &["-kernel", &k, "-nic", "user,model=e1000,model=e1000"],
-        "-nic",
-    );
-    expect_error(
         &["-kernel", &k, "-netdev", "tap,id=t,queues=17"],
         "-netdev tap,id=t",
     );

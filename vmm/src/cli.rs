@@ -76,8 +76,6 @@ pub enum CliErrorKind {
     BadVlan(String),
     #[error("no backend on {0} to capture")]
     DumpWithoutBackend(String),
-    #[error("model= is given more than once")]
-    RepeatedModel,
     #[error("{0}")]
     Refused(String),
     #[error("{key}: only virtio-net-pci has this property")]
@@ -94,8 +92,13 @@ pub enum CliErrorKind {
     Mac(#[from] ParseMacError),
     #[error("mac: {0} is a multicast address")]
     MulticastMac(MacAddr),
-    #[error("addr: '{0}' is not a PCI slot (1-1f)")]
+    #[error("addr: '{0}' is not a PCI slot (1-1f, with function 0 if any: 3, 0x3, 03.0)")]
     BadSlot(String),
+    #[error(
+        "addr: '{0}': function {1}: nicvm's NICs are single-function devices, in function 0 \
+         of their slot (a guest looks for a device in function 0 first)"
+    )]
+    SlotFunction(String, u8),
     #[error("addr: slot {0:x} is already taken")]
     SlotTaken(u8),
     #[error(
@@ -416,11 +419,24 @@ fn parse_smp(s: &str) -> Result<u8, CliErrorKind> {
     Ok(cpus as u8)
 }
 
-/// `addr=SLOT[.FN]`, slot in hex as QEMU takes it.
-fn parse_slot(s: &str) -> Option<u8> {
+/// `addr=SLOT[.FN]`, each in hex (`0x` allowed) as QEMU takes them. Function 0 only: a NIC
+/// in another function of an empty slot is one Linux never finds (it looks at function 0
+/// first), and nicvm has no multifunction devices to fill function 0.
+fn parse_slot(s: &str) -> Result<u8, CliErrorKind> {
+    let hex = |t: &str| {
+        let t = t.strip_prefix("0x").unwrap_or(t);
+        u8::from_str_radix(t, 16)
+            .ok()
+            .filter(|_| !t.starts_with('+'))
+    };
     let (slot, func) = s.split_once('.').unwrap_or((s, "0"));
-    let slot = u8::from_str_radix(slot.trim_start_matches("0x"), 16).ok()?;
-    (func == "0" && (1..32).contains(&slot)).then_some(slot)
+    match (hex(slot), hex(func)) {
+        (Some(slot), Some(0)) if (1..32).contains(&slot) => Ok(slot),
+        (Some(slot), Some(f @ 1..=7)) if (1..32).contains(&slot) => {
+            Err(CliErrorKind::SlotFunction(s.to_string(), f))
+        }
+        _ => Err(CliErrorKind::BadSlot(s.to_string())),
+    }
 }
 
 struct Builder<'a> {
@@ -1656,12 +1672,10 @@ fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>, bool),
     }
 }
 
-/// `model=` of a `-nic` or `-net nic` (rtl8139 when not given), given at most once.
+/// `model=` of a `-nic` or `-net nic` (rtl8139 when not given); the last one when given
+/// more than once, as QEMU takes it.
 fn nic_model(option: &str, kv: &mut KeyVal) -> Result<NicModel, CliError> {
-    if kv.pairs.iter().filter(|(k, _)| k == "model").count() > 1 {
-        return err(option, CliErrorKind::RepeatedModel);
-    }
-    match kv.remove("model") {
+    match kv.take_last("model") {
         Some(m) => model_from(option, &m),
         None => Ok(NicModel::Rtl8139 { cplus: true }),
     }
@@ -1732,7 +1746,7 @@ fn nic_config(
         return err(option, CliErrorKind::MulticastMac(mac));
     }
     let slot = match kv.remove("addr") {
-        Some(a) => Some(parse_slot(&a).map_or_else(|| err(option, CliErrorKind::BadSlot(a)), Ok)?),
+        Some(a) => Some(parse_slot(&a).or_else(|e| err(option, e))?),
         None => None,
     };
     if let Some(s) = slot {
@@ -1976,7 +1990,40 @@ mod tests {
         assert_eq!(from, [false, true], "-nic made first, with the board");
     }
 
-    /// A NIC without `addr=` takes the first free slot from 3; when none is left (or only the
+    /// `addr=` as QEMU writes a devfn: a hex slot, maybe `0x`, maybe with its function; any
+    /// function but 0 is refused, saying why.
+    #[test]
+    fn addr_is_a_slot_with_function_0() {
+        for (addr, slot) in [
+            ("5", 5),
+            ("0x5", 5),
+            ("05.0", 5),
+            ("0x1f.0x0", 31),
+            ("a", 10),
+        ] {
+            let line = format!("-kernel k -netdev user,id=n -device e1000,netdev=n,addr={addr}");
+            assert_eq!(run(&line).unwrap().nics[0].slot, Some(slot), "{addr}");
+        }
+        for (addr, says) in [
+            ("3.1", "function 1: nicvm's NICs are single-function"),
+            ("0x3.0x7", "function 7"),
+            ("3.8", "is not a PCI slot"),
+            ("0", "is not a PCI slot"),
+            ("20", "is not a PCI slot"),
+            ("+3", "is not a PCI slot"),
+            ("3.", "is not a PCI slot"),
+            ("0x", "is not a PCI slot"),
+        ] {
+            let line = format!("-kernel k -netdev user,id=n -device e1000,netdev=n,addr={addr}");
+            let e = run(&line).unwrap_err().to_string();
+            assert!(
+                e.starts_with("-device e1000: addr:") && e.contains(says),
+                "{addr}: {e}"
+            );
+        }
+    }
+
+    /// A NIC without `addr=` takes the first slot the board leaves free; when none is left (or only the
     /// pvpanic's), the NIC that finds none is named, before anything is opened.
     #[test]
     fn pci_slots_run_out_naming_the_nic_that_finds_none() {
@@ -2362,13 +2409,17 @@ mod tests {
             Some("a"),
             "QEMU takes the first id="
         );
-        // So on -net nic and -net TYPE (whose id names the backend); the last mac= of -nic.
+        // So on -net nic and -net TYPE (whose id names the backend); the last mac= of -nic,
+        // the last model= of both.
         let c = run(
-            "-kernel k -net nic,model=e1000,id=x,id=y,macaddr=52:54:00:00:00:01,\
+            "-kernel k -net nic,model=rtl8139,model=e1000,id=x,id=y,macaddr=52:54:00:00:00:01,\
                      macaddr=52:54:00:00:00:02 -net user,id=a,id=b,name=c,name=d \
-                     -nic user,mac=52:54:00:00:00:03,mac=52:54:00:00:00:04",
+                     -nic user,model=help,model=virtio-net-pci,mac=52:54:00:00:00:03,\
+                     mac=52:54:00:00:00:04",
         )
         .unwrap();
+        assert_eq!(c.nics[0].model, NicModel::VirtioNetPci);
+        assert_eq!(c.nics[1].model, NicModel::E1000);
         let nics: Vec<(Option<&str>, String)> = c
             .nics
             .iter()
@@ -2633,11 +2684,6 @@ mod tests {
             ("-accel tcg", "-accel", "KVM"),
             ("-cpu qemu64", "-cpu", "host or max"),
             ("-display gtk", "-display", "no display"),
-            (
-                "-nic user,model=e1000,model=rtl8139",
-                "-nic",
-                "more than once",
-            ),
             ("-net nic -net user -net user", "-net", "1 '-net nic' but 2"),
             (
                 "-net nic,vlan=1 -net user",

@@ -711,7 +711,7 @@ pub fn device_properties(model: NicModel) -> String {
         (
             "addr",
             "int32",
-            "Slot number (1-1f), example: 06 (default: first free from 03)",
+            "Slot and optional function (0 only), example: 06.0 or 06 (default: the first slot the board leaves free)",
         ),
         (
             "bootindex",
