@@ -2120,6 +2120,26 @@ mod tests {
         assert_eq!(macs, ["52:54:00:12:34:56", "52:54:00:12:34:57"]);
     }
 
+    /// Booleans take QEMU's words for them, `y` and `n` too (QEMU 7.2 takes
+    /// `restrict=y`); anything else is refused naming the key.
+    #[test]
+    fn booleans_take_qemus_words() {
+        for (words, restrict, ipv6) in [
+            ("restrict=y,ipv6=n", true, false),
+            ("restrict=yes,ipv6=true", true, true),
+        ] {
+            let c = run(&format!("-kernel k -nic user,{words}")).unwrap();
+            let Backend::User(o) = &c.netdevs[0].backend else {
+                panic!("a user netdev")
+            };
+            assert_eq!((o.restrict, o.ipv6), (restrict, ipv6), "{words}");
+        }
+        let e = run("-kernel k -nic user,restrict=1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("restrict: '1' is not on or off"), "{e}");
+    }
+
     #[test]
     fn a_search_domain_dhcp_cannot_carry_is_left_out_with_a_warning() {
         let c = run("-kernel k -nic user,dnssearch=a..b,dnssearch=example.org,dnssearch=").unwrap();

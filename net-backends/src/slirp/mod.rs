@@ -195,6 +195,8 @@ pub struct SlirpOptions {
     pub domainname: Option<String>,
     pub dnssearch: Vec<String>,
     pub tftp: Option<String>,
+    /// `tftp-server-name=`: the name DHCP gives as the TFTP server's (option 66).
+    pub tftp_server_name: Option<String>,
     pub bootfile: Option<String>,
     pub hostfwd: Vec<HostFwd>,
     pub guestfwd: Vec<GuestFwd>,
@@ -219,6 +221,7 @@ impl Default for SlirpOptions {
             domainname: None,
             dnssearch: vec![],
             tftp: None,
+            tftp_server_name: None,
             bootfile: None,
             hostfwd: vec![],
             guestfwd: vec![],
@@ -605,6 +608,7 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
     let hostname = cstr(&opts.hostname);
     let domainname = cstr(&opts.domainname);
     let tftp = cstr(&opts.tftp);
+    let tftp_server_name = cstr(&opts.tftp_server_name);
     let bootfile = cstr(&opts.bootfile);
     let search: Vec<CString> = opts
         .dnssearch
@@ -626,7 +630,7 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
         vprefix_len: opts.ipv6_prefix_len,
         vhost6: in6_addr(opts.ipv6_host),
         vhostname: ptr(&hostname),
-        tftp_server_name: std::ptr::null(),
+        tftp_server_name: ptr(&tftp_server_name),
         tftp_path: ptr(&tftp),
         bootfile: ptr(&bootfile),
         vdhcp_start: in_addr(opts.dhcp_start),

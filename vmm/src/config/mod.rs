@@ -445,11 +445,12 @@ pub enum OptionError {
     FdTaken { fd: RawFd, by: String },
 }
 
-/// QEMU's booleans: `on|off` (and `yes|no`, `true|false`).
+/// QEMU's booleans: `on|off` (and `yes|no`, `true|false`, `y|n`).
 pub fn on_off(key: &str, v: &str) -> Result<bool, OptionError> {
+    // QEMU's words for a boolean (qapi_bool_parse), `y` and `n` among them.
     match v {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
         _ => Err(OptionError::NotA {
             key: key.into(),
             value: v.into(),

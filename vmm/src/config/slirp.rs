@@ -18,6 +18,7 @@ const KEYS: &[&str] = &[
     "hostfwd",
     "guestfwd",
     "tftp",
+    "tftp-server-name",
     "bootfile",
     "ipv4",
     "ipv6",
@@ -199,12 +200,14 @@ pub fn slirp_options(kv: &KeyVal) -> Result<SlirpOptions, OptionError> {
     o.hostname = kv.get("hostname").map(String::from);
     o.domainname = kv.get("domainname").map(String::from);
     o.tftp = kv.get("tftp").map(String::from);
+    o.tftp_server_name = kv.get("tftp-server-name").map(String::from);
     o.bootfile = kv.get("bootfile").map(String::from);
     // What DHCP can carry (QEMU's limits for the names; libslirp's for the boot file, which
     // it would otherwise refuse with a message of its own).
     for (key, value, max) in [
         ("hostname", &o.hostname, 255),
         ("domainname", &o.domainname, 255),
+        ("tftp-server-name", &o.tftp_server_name, 255),
         ("bootfile", &o.bootfile, BOOTFILE_MAX),
     ] {
         match value {
@@ -342,7 +345,12 @@ mod tests {
             "dhcpstart: 10.0.2.2 is also the host= address; they must differ"
         );
         let long = |n: usize| "a".repeat(n);
-        for (key, max) in [("hostname", 255), ("domainname", 255), ("bootfile", 127)] {
+        for (key, max) in [
+            ("hostname", 255),
+            ("domainname", 255),
+            ("tftp-server-name", 255),
+            ("bootfile", 127),
+        ] {
             assert!(opts(&format!("{key}={}", long(max))).is_ok(), "{key}");
             let e = opts(&format!("{key}={}", long(max + 1))).unwrap_err();
             assert_eq!(
