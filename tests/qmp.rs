@@ -1289,6 +1289,37 @@ fn link_flap_rx_filters_and_a_guest_panic() {
     drop(dir);
 }
 
+/// `-no-shutdown`, as libvirt starts QEMU: the guest's power-off stops it instead of ending
+/// nicvm; the monitor hears SHUTDOWN and STOP, sees it stopped in "shutdown" and cannot
+/// continue it; quit then ends nicvm cleanly.
+#[test]
+fn no_shutdown_holds_a_guest_that_powered_off() {
+    let Some(img) = image() else { return };
+    let Some(py) = qmp_python() else { return };
+    let dir = temp("held");
+    let sock = dir.join("qmp.sock");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let vm = spawn(
+        &img,
+        "nicvm.run=poweroff",
+        &["-no-shutdown", "-nic", "none", "-m", "128", "-qmp", &qmp],
+        Stdio::null(),
+    );
+    wait_for(&sock);
+    let out = python(&py, &["held", sock.to_str().unwrap()]);
+    assert!(
+        out.starts_with("connected\n") && out.ends_with("OK\n"),
+        "{out}"
+    );
+    let (code, stdout, stderr) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "quit is a clean exit\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("NICVM-EXIT"),
+        "the guest powered off\n{stdout}"
+    );
+    assert!(!sock.exists());
+}
+
 /// quit ends the VM with status 0 and the tap's downscript runs; with script=no the tap stays
 /// down and a warning says so (root and /dev/net/tun only).
 #[test]

@@ -13,6 +13,9 @@ Run by tests/qmp.rs with the virtualenv scripts/setup makes:
         quit; prints the SHUTDOWN event's data.
     qmp_client.py watch UNIX_SOCKET
         prints "watching", then every event as a JSON line until SHUTDOWN.
+    qmp_client.py held UNIX_SOCKET
+        a VM run with -no-shutdown whose guest powers off: SHUTDOWN and STOP come, the VM
+        stays, stopped in "shutdown", cont is refused as QEMU refuses it; then quit.
 Prints "OK" last when every check passed; a failed check raises (non-zero exit).
 """
 
@@ -205,6 +208,29 @@ async def watch(path):
     await close(qmp)
 
 
+async def held(path):
+    qmp = QMPClient("held")
+    await qmp.connect(path)
+    print("connected", flush=True)
+    ev = await next_event(qmp, "SHUTDOWN", timeout=240)
+    check(ev["data"] == {"guest": True, "reason": "guest-shutdown"}, f"SHUTDOWN {ev}")
+    await next_event(qmp, "STOP")
+    st = await qmp.execute("query-status")
+    check(st["status"] == "shutdown" and not st["running"], f"held {st}")
+    text = await qmp.execute("human-monitor-command", {"command-line": "info status"})
+    check(text == "VM status: paused (shutdown)\r\n", repr(text))
+    cls, desc = await error_class(qmp, "cont")
+    check(cls == "GenericError" and desc == "Resetting the Virtual Machine is required", desc)
+    text = await qmp.execute("human-monitor-command", {"command-line": "cont"})
+    check(text == "Error: Resetting the Virtual Machine is required\r\n", repr(text))
+    st = await qmp.execute("query-status")
+    check(st["status"] == "shutdown", f"still held {st}")
+    await qmp.execute("quit")
+    ev = await next_event(qmp, "SHUTDOWN")
+    check(ev["data"] == {"guest": False, "reason": "host-qmp-quit"}, f"SHUTDOWN {ev}")
+    await close(qmp)
+
+
 async def quit_(path):
     qmp = QMPClient("quit")
     await qmp.connect(path)
@@ -226,6 +252,8 @@ def main():
         asyncio.run(quit_(path))
     elif what == "watch":
         asyncio.run(watch(path))
+    elif what == "held":
+        asyncio.run(held(path))
     print("OK", flush=True)
 
 

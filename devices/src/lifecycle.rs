@@ -41,6 +41,11 @@ pub struct Lifecycle {
     parked: std::sync::atomic::AtomicUsize,
     /// Bumped by [`Lifecycle::wake_parked`]: parked vCPUs run their work and park again.
     work: std::sync::atomic::AtomicU64,
+    /// A power-off or reboot by the guest stops it instead of ending the VM (QEMU's
+    /// `-no-shutdown`; nicvm never reboots, as with `-no-reboot`).
+    hold_shutdown: std::sync::atomic::AtomicBool,
+    /// The guest shut down and is held, stopped (QEMU's run state `shutdown`): why.
+    held: Mutex<Option<ExitReason>>,
 }
 
 impl Lifecycle {
@@ -52,7 +57,21 @@ impl Lifecycle {
             resumed: Condvar::new(),
             parked: std::sync::atomic::AtomicUsize::new(0),
             work: std::sync::atomic::AtomicU64::new(0),
+            hold_shutdown: std::sync::atomic::AtomicBool::new(false),
+            held: Mutex::new(None),
         })
+    }
+
+    /// From now on a power-off or reboot by the guest stops it, held, instead of ending the
+    /// VM ([`Lifecycle::held`] says why); only another reason ends it.
+    pub fn hold_guest_shutdown(&self) {
+        self.hold_shutdown
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Why the guest is held after shutting down, if it is.
+    pub fn held(&self) -> Option<ExitReason> {
+        self.held.lock().unwrap().clone()
     }
 
     /// Stops (true) or resumes the vCPUs. A vCPU in the guest only sees it once kicked out.
@@ -114,6 +133,24 @@ impl Lifecycle {
     /// How many vCPUs are stopped by a pause now.
     pub fn parked(&self) -> usize {
         self.parked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The guest powers off or reboots (`reason`): as [`Lifecycle::request_exit`], unless
+    /// shutdowns are held; then the guest is paused instead, once, and the waiter on
+    /// [`Lifecycle::event`] woken to see it held. (A monitor's `system_reset` is not the
+    /// guest's: it asks [`Lifecycle::request_exit`] and ends the VM.)
+    pub fn guest_shutdown(&self, reason: ExitReason) {
+        let holds = self.hold_shutdown.load(std::sync::atomic::Ordering::SeqCst);
+        if !holds || self.exit_requested() {
+            return self.request_exit(reason);
+        }
+        let mut held = self.held.lock().unwrap();
+        if held.is_none() {
+            *held = Some(reason);
+            drop(held);
+            *self.paused.lock().unwrap() = true;
+            let _ = self.event.write(1);
+        }
     }
 
     /// Records the first reason given; later ones are ignored.
@@ -179,6 +216,27 @@ mod tests {
         l.set_paused(false);
         t.join().unwrap();
         assert_eq!(done.load(Ordering::SeqCst), 4);
+    }
+
+    /// With shutdowns held, the guest's power-off pauses it and ends nothing; a second
+    /// power-off changes nothing; any other reason still ends the VM.
+    #[test]
+    fn a_held_shutdown_pauses_and_only_another_reason_ends() {
+        let l = Lifecycle::new().unwrap();
+        l.hold_guest_shutdown();
+        l.guest_shutdown(ExitReason::PowerOff);
+        assert_eq!(l.held(), Some(ExitReason::PowerOff));
+        assert!(l.paused() && !l.exit_requested());
+        assert_eq!(l.event().read().unwrap(), 1, "the waiter is woken");
+        l.guest_shutdown(ExitReason::Reboot);
+        assert_eq!(l.held(), Some(ExitReason::PowerOff), "the first stays");
+        assert!(l.event().read().is_err(), "and is told once");
+        l.request_exit(ExitReason::User("quit".into()));
+        assert_eq!(l.reason(), Some(ExitReason::User("quit".into())));
+        // Without the hold a power-off ends the VM, as always.
+        let l = Lifecycle::new().unwrap();
+        l.guest_shutdown(ExitReason::PowerOff);
+        assert_eq!((l.reason(), l.held()), (Some(ExitReason::PowerOff), None));
     }
 
     /// A snapshot asked for before a vCPU parked (right after `-S`): its wake came first, and

@@ -45,7 +45,7 @@ impl PciDevice for PvPanic {
         if v & (PVPANIC_PANICKED | PVPANIC_CRASH_LOADED) != 0 {
             self.lifecycle.request_exit(ExitReason::GuestPanic);
         } else if v & PVPANIC_SHUTDOWN != 0 {
-            self.lifecycle.request_exit(ExitReason::PowerOff);
+            self.lifecycle.guest_shutdown(ExitReason::PowerOff);
         }
     }
 

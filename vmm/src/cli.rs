@@ -243,6 +243,8 @@ Machine:
                          -nodefaults or -serial stdio say otherwise; with -serial elsewhere
                          stdio is the monitor's alone (no window ever)
   -no-reboot             a guest reboot ends nicvm (always the case)
+  -no-shutdown           a guest power-off or reboot stops the guest instead of ending
+                         nicvm (QMP/HMP quit ends it); also -action shutdown=pause
   -daemonize             run in the background once set up (set-up errors still reach
                          the caller and the exit status)
   -pidfile FILE          write nicvm's pid to FILE (removed at exit)
@@ -484,6 +486,8 @@ struct Builder<'a> {
     /// `-mon chardev=ID` given before its `-chardev`: (option, ID, mode, pretty).
     mon_later: Vec<(String, String, MonitorMode, bool)>,
     start_paused: bool,
+    /// `-no-shutdown`, `-action shutdown=pause`.
+    no_shutdown: bool,
     incoming: Option<PathBuf>,
     save_on: Option<SaveOn>,
     /// `-serial chardev:ID`.
@@ -589,6 +593,7 @@ pub const VALUE_OPTIONS: &[&str] = &[
     "-nic",
     "-net",
     "-pidfile",
+    "-action",
     "-display",
     "-vga",
     "-M",
@@ -698,6 +703,7 @@ where
         chardevs: vec![],
         mon_later: vec![],
         start_paused: false,
+        no_shutdown: false,
         incoming: None,
         save_on: None,
         serial_chardev: None,
@@ -741,6 +747,17 @@ where
             "-nographic" => b.nographic = true,
             // nicvm reads no configuration file: QEMU's -no-user-config asks for nothing.
             "-no-reboot" | "-no-user-config" => {}
+            // As QEMU's: the guest's power-off stops it, held, instead of ending nicvm.
+            "-no-shutdown" => b.no_shutdown = true,
+            "-action" => {
+                let (hold, notes) = qemu_compat::action(&val).or_else(|e| err(&opt, e))?;
+                if let Some(hold) = hold {
+                    b.no_shutdown = hold;
+                }
+                for n in notes {
+                    b.note(&opt, &n);
+                }
+            }
             "-S" => b.start_paused = true,
             "-incoming" => match val.strip_prefix("file:") {
                 Some(p) if !p.is_empty() && !p.contains(',') => b.incoming = Some(p.into()),
@@ -863,8 +880,8 @@ where
                 b.cpu_missing = missing;
             }
             "-enable-kvm" | "-display" | "-vga" | "-M" | "-machine" | "-accel" | "-snapshot"
-            | "-boot" | "-k" | "-no-hpet" | "-no-acpi" | "-mem-prealloc" | "-no-shutdown"
-            | "-uuid" | "-rtc" | "-global" | "-sandbox" | "-msg" | "-d" | "-D" | "-overcommit" => {
+            | "-boot" | "-k" | "-no-hpet" | "-no-acpi" | "-mem-prealloc" | "-uuid" | "-rtc"
+            | "-global" | "-sandbox" | "-msg" | "-d" | "-D" | "-overcommit" => {
                 let note = qemu_compat::machine_option(&opt, &val).or_else(|e| err(&opt, e))?;
                 b.note(&opt, &note);
                 match opt.as_str() {
@@ -1310,6 +1327,7 @@ impl Builder<'_> {
             notes: self.notes,
             monitors: self.monitors,
             start_paused: self.start_paused,
+            no_shutdown: self.no_shutdown,
             incoming: self.incoming,
             save_on: self.save_on,
             board_slots,
@@ -2118,6 +2136,48 @@ mod tests {
         let c = run("-kernel k -nic user,model=e1000,mac=00:00:00:00:00:00 -nic user").unwrap();
         let macs: Vec<String> = c.nics.iter().map(|n| n.mac.to_string()).collect();
         assert_eq!(macs, ["52:54:00:12:34:56", "52:54:00:12:34:57"]);
+    }
+
+    /// `-no-shutdown` and `-action shutdown=pause` hold a guest that shuts down; the last
+    /// word stands; what nicvm cannot do is refused or noted, naming the option.
+    #[test]
+    fn no_shutdown_and_action() {
+        assert!(!run("-kernel k").unwrap().no_shutdown);
+        assert!(run("-kernel k -no-shutdown").unwrap().no_shutdown);
+        assert!(
+            run("-kernel k -action shutdown=pause,panic=shutdown")
+                .unwrap()
+                .no_shutdown
+        );
+        assert!(
+            !run("-kernel k -no-shutdown -action shutdown=poweroff")
+                .unwrap()
+                .no_shutdown
+        );
+        let c = run("-kernel k -action reboot=reset,watchdog=none").unwrap();
+        assert!(!c.no_shutdown);
+        let noted: Vec<&str> = c.notes.iter().map(|n| n.text.as_str()).collect();
+        assert!(
+            noted
+                .iter()
+                .any(|n| n.starts_with("-action: reboot=reset: nicvm never reboots")),
+            "{noted:?}"
+        );
+        for (bad, says) in [
+            (
+                "-action shutdown=halt",
+                "-action: shutdown: 'halt' is not one of QEMU's actions",
+            ),
+            (
+                "-action panic=pause",
+                "-action: panic=pause: a guest panic ends nicvm",
+            ),
+            ("-action colour=red", "-action: unknown parameter 'colour'"),
+            ("-action", "-action"),
+        ] {
+            let e = run(&format!("-kernel k {bad}")).unwrap_err().to_string();
+            assert!(e.starts_with(says), "{bad}: {e}");
+        }
     }
 
     /// Booleans take QEMU's words for them, `y` and `n` too (QEMU 7.2 takes

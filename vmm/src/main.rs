@@ -213,6 +213,9 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     if cfg.start_paused {
         lifecycle.set_paused(true);
     }
+    if cfg.no_shutdown {
+        lifecycle.hold_guest_shutdown();
+    }
     // A panic on any thread asks the VM to end, as the guest or a signal would; the panicking
     // thread unwinds, and the main thread tears everything down (downscripts included).
     let on_panic = lifecycle.clone();
@@ -256,7 +259,14 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         if let Some(d) = daemon.take() {
             d.set_up_done();
         }
-        let reason = vm.run(&signals);
+        // -no-shutdown: a guest that shut down is held; the monitors hear it and see it
+        // stopped.
+        let mut on_held = || {
+            if let Some(c) = &control {
+                c.guest_held();
+            }
+        };
+        let reason = vm.run(&signals, &mut on_held);
         // The clients hear why (SHUTDOWN) before the monitor closes them.
         if let Some(c) = &control {
             c.shutdown_events(&reason);

@@ -158,9 +158,6 @@ pub fn machine_option(opt: &str, val: &str) -> Result<String, CliErrorKind> {
         "-mem-prealloc" => {
             Ok("guest RAM is not touched ahead: KVM maps it as the guest uses it".into())
         }
-        "-no-shutdown" => Err(refused(
-            "nicvm ends when the guest powers off; it cannot stay stopped instead",
-        )),
         "-uuid" => {
             let hex: String = val.chars().filter(|&c| c != '-').collect();
             let shape = val.len() == 36
@@ -691,6 +688,44 @@ pub fn option_help(opt: &str, val: &str) -> Option<String> {
     Some(text.into())
 }
 
+/// `-action KEY=VALUE,...` as QEMU 7.2 takes it: whether a guest's shutdown is held
+/// (`shutdown=pause`, `Some(true)`; `shutdown=poweroff`, `Some(false)`; not said, `None`),
+/// and notes for what nicvm does otherwise than asked.
+pub fn action(val: &str) -> Result<(Option<bool>, Vec<String>), CliErrorKind> {
+    let kv = KeyVal::parse(val, None).map_err(CliErrorKind::from)?;
+    let (mut hold, mut notes) = (None, vec![]);
+    for (k, v) in &kv.pairs {
+        let bad = || refused(format!("{k}: '{v}' is not one of QEMU's actions for it"));
+        match (k.as_str(), v.as_str()) {
+            ("shutdown", "poweroff") => hold = Some(false),
+            ("shutdown", "pause") => hold = Some(true),
+            ("shutdown", _) => return Err(bad()),
+            ("reboot", "shutdown") => {}
+            ("reboot", "reset") => notes.push(
+                "reboot=reset: nicvm never reboots a guest: a reboot is a shutdown \
+                 (reboot=shutdown)"
+                    .to_string(),
+            ),
+            ("reboot", _) => return Err(bad()),
+            ("panic", "shutdown" | "exit-failure") => {}
+            ("panic", "pause" | "none") => {
+                return Err(refused(format!(
+                    "panic={v}: a guest panic ends nicvm (exit status 2), as with \
+                     panic=exit-failure"
+                )))
+            }
+            ("panic", _) => return Err(bad()),
+            (
+                "watchdog",
+                "reset" | "shutdown" | "poweroff" | "inject-nmi" | "pause" | "debug" | "none",
+            ) => notes.push(format!("watchdog={v}: nicvm's PC has no watchdog")),
+            ("watchdog", _) => return Err(bad()),
+            _ => return Err(CliErrorKind::from(OptionError::Unknown(k.clone()))),
+        }
+    }
+    Ok((hold, notes))
+}
+
 /// `-nic model=help`, `-net nic,model=help`.
 pub fn nic_models() -> String {
     "Supported NIC models:\ne1000\nrtl8139\nvirtio-net-pci\n".into()
@@ -906,7 +941,6 @@ mod tests {
             ("-display", "none,foo=bar"),
             ("-overcommit", "mem-lock=on"),
             ("-msg", "colour=on"),
-            ("-no-shutdown", ""),
         ] {
             let e = machine_option(opt, val).unwrap_err().to_string();
             assert!(!e.contains('\n') && !e.is_empty(), "{opt} {val}: {e}");

@@ -58,8 +58,14 @@ fn signal_name(s: u32) -> &'static str {
     }
 }
 
-/// Waits until the guest ends or a signal arrives; returns the reason.
-pub fn wait_for_exit(lifecycle: &Lifecycle, signals: &SignalFd) -> ExitReason {
+/// Waits until the guest ends or a signal arrives; returns the reason. A guest held after
+/// shutting down (`-no-shutdown`) is not an end: `on_held` is called once, when it happens.
+pub fn wait_for_exit(
+    lifecycle: &Lifecycle,
+    signals: &SignalFd,
+    on_held: &mut dyn FnMut(),
+) -> ExitReason {
+    let mut told = false;
     let mut fds = [
         libc::pollfd {
             fd: lifecycle.event().as_raw_fd(),
@@ -75,6 +81,14 @@ pub fn wait_for_exit(lifecycle: &Lifecycle, signals: &SignalFd) -> ExitReason {
     loop {
         if let Some(r) = lifecycle.reason() {
             return r;
+        }
+        if !told && lifecycle.held().is_some() {
+            told = true;
+            // Its wake-up read, so that the next poll sleeps until the end. An exit asked
+            // for meanwhile has its reason recorded before its wake-up: seen at the top.
+            let _ = lifecycle.event().read();
+            on_held();
+            continue;
         }
         // SAFETY: polling two descriptors we own, array length given.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };

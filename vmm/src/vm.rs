@@ -734,13 +734,18 @@ impl Vm {
     }
 
     /// Runs the guest until it ends, a signal arrives or the user quits, and says why. The
-    /// threads are stopped before this returns.
-    pub fn run(&mut self, signals: &crate::signals::SignalFd) -> ExitReason {
+    /// threads are stopped before this returns. A guest held after shutting down
+    /// (`-no-shutdown`) has not ended: `on_held` is called when that happens.
+    pub fn run(
+        &mut self,
+        signals: &crate::signals::SignalFd,
+        on_held: &mut dyn FnMut(),
+    ) -> ExitReason {
         if let Err(e) = self.start() {
             self.lifecycle
                 .request_exit(ExitReason::Error(e.to_string()));
         }
-        let reason = crate::signals::wait_for_exit(&self.lifecycle, signals);
+        let reason = crate::signals::wait_for_exit(&self.lifecycle, signals, on_held);
         self.stop();
         if let Some(path) = std::env::var_os("NICVM_STATS") {
             let json = stats_json(&self.nics, self.timing.start.elapsed().as_secs_f64());

@@ -44,7 +44,7 @@ impl MutBusDevice for I8042 {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == 4 && data.first() == Some(&CMD_RESET_CPU) {
-            self.lifecycle.request_exit(ExitReason::Reboot);
+            self.lifecycle.guest_shutdown(ExitReason::Reboot);
         }
     }
 }

@@ -53,6 +53,9 @@ pub struct Config {
     pub monitors: Vec<MonitorConfig>,
     /// `-S`: the guest starts stopped (QMP `cont` starts it).
     pub start_paused: bool,
+    /// `-no-shutdown` (`-action shutdown=pause`): a guest's power-off or reboot stops it,
+    /// held in QEMU's `shutdown` state until a monitor's `quit` or a signal ends nicvm.
+    pub no_shutdown: bool,
     /// `-incoming file:PATH`: the guest comes from this snapshot instead of booting
     /// (`-kernel` is then not needed, and not loaded if given).
     pub incoming: Option<PathBuf>,

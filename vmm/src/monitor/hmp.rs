@@ -201,10 +201,10 @@ pub fn execute(control: &Control, line: &str) -> String {
             control.stop();
             String::new()
         }
-        ["cont" | "c"] => {
-            control.cont();
-            String::new()
-        }
+        ["cont" | "c"] => match control.cont() {
+            Ok(()) => String::new(),
+            Err(e) => format!("Error: {}\n", e.desc),
+        },
         ["quit" | "q"] => {
             control.request_exit("host-qmp-quit", ExitReason::User("monitor quit".into()));
             String::new()

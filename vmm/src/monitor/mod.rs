@@ -271,7 +271,7 @@ impl Control {
     }
 
     pub fn status(&self) -> &'static str {
-        if self.lifecycle.exit_requested() {
+        if self.lifecycle.exit_requested() || self.lifecycle.held().is_some() {
             "shutdown"
         } else if *self.prelaunch.lock().unwrap() {
             "prelaunch"
@@ -296,16 +296,35 @@ impl Control {
         self.emit("STOP", json!({}));
     }
 
-    pub fn cont(&self) {
+    /// The guest shut down and is held (`-no-shutdown`): SHUTDOWN, as QEMU sends it then,
+    /// and STOP once every vCPU is parked.
+    pub fn guest_held(&self) {
+        let Some(reason) = self.lifecycle.held() else {
+            return;
+        };
+        self.shutdown_events(&reason);
+        crate::vcpu::pause_all(&self.lifecycle, &self.vcpus, self.cpus.into());
+        self.emit("STOP", json!({}));
+    }
+
+    /// Resumes the guest, unless it shut down (held by `-no-shutdown`): then, as QEMU
+    /// says, it would need a reset, which nicvm does not do.
+    pub fn cont(&self) -> Result<(), QmpError> {
+        if self.lifecycle.held().is_some() {
+            return Err(QmpError::generic(
+                "Resetting the Virtual Machine is required",
+            ));
+        }
         // Not while a snapshot is being written (by -save-on, or another monitor).
         let _no_save = self.saver.saving.lock().unwrap();
         *self.prelaunch.lock().unwrap() = false;
         *self.postmigrate.lock().unwrap() = false;
         if !self.lifecycle.paused() {
-            return;
+            return Ok(());
         }
         self.lifecycle.set_paused(false);
         self.emit("RESUME", json!({}));
+        Ok(())
     }
 
     /// QMP/HMP `migrate` to `file:PATH`: stops the guest (if running), writes the snapshot,
@@ -327,6 +346,11 @@ impl Control {
         };
         if self.lifecycle.exit_requested() {
             return Err(QmpError::generic("the guest has ended"));
+        }
+        if self.lifecycle.held().is_some() {
+            return Err(QmpError::generic(
+                "the guest has shut down: there is nothing to migrate",
+            ));
         }
         let t0 = Instant::now();
         let was_running = !self.lifecycle.paused();
@@ -353,7 +377,7 @@ impl Control {
             Some(e) => {
                 self.emit("MIGRATION", json!({"status": "failed"}));
                 if was_running {
-                    self.cont();
+                    let _ = self.cont();
                 }
                 Err(QmpError::generic(e))
             }

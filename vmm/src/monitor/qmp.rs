@@ -477,7 +477,7 @@ pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Resul
         }
         "cont" => {
             no_args(args)?;
-            control.cont();
+            control.cont()?;
             Ok(json!({}))
         }
         "migrate" => {
