@@ -659,9 +659,19 @@ fn hmp_over_a_socket() {
     );
     assert_eq!(
         hmp(&mut r, "c now"),
-        "extraneous characters at the end of line\n",
+        "cont|c: extraneous characters at the end of line\nTry \"help c\" for more information\n",
         "a known command with too many words: nothing done (still prelaunch below)"
     );
+    // As QEMU's readline: a CR alone ends a line (a raw client's Enter), backspace edits,
+    // a double-quoted argument is one word.
+    r.get_mut().write_all(b"info statuX\x7fs\r").unwrap();
+    assert_eq!(hmp_read(&mut r), "VM status: paused (prelaunch)\n");
+    assert_eq!(hmp(&mut r, "set_link \"e\" on"), "");
+    assert_eq!(
+        hmp(&mut r, "set_link e"),
+        "Expected 'on' or 'off'\nTry \"help set_link\" for more information\n"
+    );
+    assert_eq!(hmp(&mut r, "help s"), "stop|s  -- stop emulation\n");
     assert_eq!(hmp(&mut r, "migrate"), "usage: migrate [-d] file:PATH\n");
     assert_eq!(hmp(&mut r, "migrate -d"), "usage: migrate [-d] file:PATH\n");
     // A line over the limit is refused whole: its end does not run as a command.
@@ -939,6 +949,28 @@ fn a_name_with_control_characters_stays_on_one_escaped_line() {
         err.ends_with("nicvm (vm\\u{1b}[31m\\n2): terminating on SIGTERM\n"),
         "{err:?}"
     );
+    drop(dir);
+}
+
+/// `-name ...,process=NAME` names the process as QEMU does: `ps`, `pgrep` and
+/// /proc/PID/comm show it (the kernel keeps 15 bytes).
+#[test]
+fn name_process_sets_the_process_name() {
+    let Some(img) = image() else { return };
+    let dir = temp("procname");
+    let sock = dir.join("monitor.sock");
+    let mut child = stopped_with_a_monitor(
+        &img,
+        &sock,
+        &["-name", "guest=vm1,process=nicvm-proc-name-x"],
+    );
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", child.id()));
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    support::reaper::guest_ending(child.id());
+    let status = child.wait().unwrap();
+    assert_eq!(comm.unwrap(), "nicvm-proc-name\n");
+    assert_eq!(status.code(), Some(0));
     drop(dir);
 }
 

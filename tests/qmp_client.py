@@ -150,6 +150,7 @@ async def protocol(path, tcp_port):
     ev = await next_event(qmp, "RESUME")
     await next_event(other, "RESUME")
     check("timestamp" in ev, f"event {ev}")
+    check("data" not in ev, f"no data member, as QEMU's RESUME: {ev}")
     check((await qmp.execute("query-status"))["status"] == "running", "after cont")
     await qmp.execute("stop")
     await next_event(qmp, "STOP")

@@ -488,6 +488,8 @@ struct Builder<'a> {
     start_paused: bool,
     /// `-no-shutdown`, `-action shutdown=pause`.
     no_shutdown: bool,
+    /// `-name ...,process=NAME`.
+    process_name: Option<String>,
     incoming: Option<PathBuf>,
     save_on: Option<SaveOn>,
     /// `-serial chardev:ID`.
@@ -704,6 +706,7 @@ where
         mon_later: vec![],
         start_paused: false,
         no_shutdown: false,
+        process_name: None,
         incoming: None,
         save_on: None,
         serial_chardev: None,
@@ -921,8 +924,11 @@ where
                 if let Some(v) = kv.get("debug-threads") {
                     on_off("debug-threads", v).or_else(|e| err(&opt, e))?;
                 }
+                // An empty name is none, as QEMU's query-name has it.
                 let guest = kv.first.as_deref().or(kv.get("guest"));
-                b.name = guest.map(String::from);
+                b.name = guest.filter(|g| !g.is_empty()).map(String::from);
+                // As QEMU: the process's name (what ps and pgrep show), at most 15 bytes.
+                b.process_name = kv.get("process").map(String::from);
             }
             "-serial" => {
                 if b.serial_given {
@@ -1328,6 +1334,7 @@ impl Builder<'_> {
             monitors: self.monitors,
             start_paused: self.start_paused,
             no_shutdown: self.no_shutdown,
+            process_name: self.process_name,
             incoming: self.incoming,
             save_on: self.save_on,
             board_slots,
@@ -2136,6 +2143,16 @@ mod tests {
         let c = run("-kernel k -nic user,model=e1000,mac=00:00:00:00:00:00 -nic user").unwrap();
         let macs: Vec<String> = c.nics.iter().map(|n| n.mac.to_string()).collect();
         assert_eq!(macs, ["52:54:00:12:34:56", "52:54:00:12:34:57"]);
+    }
+
+    /// `-name`: an empty guest name is none (QEMU's query-name says nothing); process= is
+    /// kept for the process's name.
+    #[test]
+    fn name_and_process_name() {
+        let c = run("-kernel k -name guest=,process=myvm").unwrap();
+        assert_eq!((c.name, c.process_name.as_deref()), (None, Some("myvm")));
+        let c = run("-kernel k -name vm1,debug-threads=on").unwrap();
+        assert_eq!((c.name.as_deref(), c.process_name), (Some("vm1"), None));
     }
 
     /// `-no-shutdown` and `-action shutdown=pause` hold a guest that shuts down; the last

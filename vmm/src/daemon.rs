@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The child's end of the status pipe.
@@ -92,7 +93,8 @@ pub struct PidFile {
 impl PidFile {
     pub fn create(path: &Path) -> io::Result<PidFile> {
         let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(false);
+        // Readable by its owner alone, as QEMU makes it.
+        opts.write(true).create(true).truncate(false).mode(0o600);
         let mut file = crate::open::for_writing_in_setup(&opts, path)?;
         // Two locks: flock, which another nicvm takes (in this process too), and the POSIX
         // record lock QEMU takes (`lockf`): neither sees the other kind.
@@ -139,6 +141,10 @@ mod tests {
             std::fs::read_to_string(&p).unwrap(),
             format!("{}\n", std::process::id())
         );
+        // Its owner's alone, as QEMU makes it.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         assert!(PidFile::create(&p).is_err(), "a second one is refused");
         // QEMU's lock (lockf, a POSIX record lock) as another process holds it: refused too.
         drop(f);

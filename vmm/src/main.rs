@@ -170,6 +170,10 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
             log::info!("{}", n.text);
         }
     }
+    // Before anything a caller could wait for (a monitor's socket) is there.
+    if let Some(name) = &cfg.process_name {
+        set_process_name(name);
+    }
     // As QEMU says it: checked like every netdev, but never opened.
     for nd in cfg.netdevs_without_peer() {
         stderr::note(format!("nicvm: warning: netdev {} has no peer\n", nd.id));
@@ -289,4 +293,13 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         ExitReason::Error(why) => say!("nicvm{name}: error: {why}"),
     }
     reason.code()
+}
+
+/// `-name ...,process=NAME`: the name `ps`, `pgrep` and `/proc/PID/comm` show, as QEMU sets
+/// it (the kernel keeps 15 bytes of it). Set on the main thread, the process's own.
+fn set_process_name(name: &str) {
+    let mut bytes: Vec<u8> = name.bytes().filter(|&b| b != 0).take(15).collect();
+    bytes.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes, which `bytes` is.
+    unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr() as libc::c_ulong, 0, 0, 0) };
 }

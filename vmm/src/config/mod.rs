@@ -56,6 +56,8 @@ pub struct Config {
     /// `-no-shutdown` (`-action shutdown=pause`): a guest's power-off or reboot stops it,
     /// held in QEMU's `shutdown` state until a monitor's `quit` or a signal ends nicvm.
     pub no_shutdown: bool,
+    /// `-name ...,process=NAME`: the process's name (`/proc/PID/comm`), as QEMU sets it.
+    pub process_name: Option<String>,
     /// `-incoming file:PATH`: the guest comes from this snapshot instead of booting
     /// (`-kernel` is then not needed, and not loaded if given).
     pub incoming: Option<PathBuf>,

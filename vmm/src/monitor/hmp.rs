@@ -19,18 +19,24 @@ struct Info {
     show: fn(&Control) -> String,
 }
 
-/// Every `info` subcommand, in `help`'s order. `help`, `info` alone, `info` with an unknown
-/// name and the subcommands themselves all come from this one list, so none can leave one out.
+/// Every `info` subcommand, in the order QEMU lists them (by name). `help`, `help info`,
+/// `info` alone and the subcommands themselves all come from this one list, so none can
+/// leave one out.
 const INFO: &[Info] = &[
+    Info {
+        name: "migrate",
+        help: "show migration status",
+        show: info_migrate,
+    },
+    Info {
+        name: "name",
+        help: "show the current VM name",
+        show: info_name,
+    },
     Info {
         name: "network",
         help: "show the network state",
         show: info_network,
-    },
-    Info {
-        name: "usernet",
-        help: "show user network stack connection states",
-        show: info_usernet,
     },
     Info {
         name: "pci",
@@ -39,43 +45,99 @@ const INFO: &[Info] = &[
     },
     Info {
         name: "status",
-        help: "show the current VM status (running or paused, and why)",
+        help: "show the current VM status (running|paused)",
         show: info_status,
     },
     Info {
-        name: "migrate",
-        help: "show migration status",
-        show: info_migrate,
+        name: "usernet",
+        help: "show user network stack connection states",
+        show: info_usernet,
     },
     Info {
         name: "version",
-        help: "show the version of QEMU (nicvm)",
+        help: "show the version of QEMU (nicvm's)",
         show: info_version,
-    },
-    Info {
-        name: "name",
-        help: "show the current VM name",
-        show: info_name,
     },
 ];
 
-/// `help`'s lines before the `info` subcommands' ...
-const HELP_BEFORE_INFO: &str = "\
-cont|c -- resume emulation
-help|? -- show this help
-";
+/// A command as `help` shows it: its names (`stop|s`), its arguments, what it does.
+struct Command {
+    names: &'static str,
+    args: &'static str,
+    help: &'static str,
+}
 
-/// ... and after them.
-const HELP_AFTER_INFO: &str = "\
-hostfwd_add [netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport -- redirect TCP or UDP connections from host to guest (requires -net user)
-hostfwd_remove [netdev_id] [tcp|udp]:[hostaddr]:hostport -- remove host-to-guest TCP or UDP redirection
-migrate [-d] uri -- migrate to URI (file:PATH: a snapshot for -incoming)
-quit|q -- quit the emulator
-set_link name on|off -- change the link status of a network adapter
-stop -- stop emulation
-system_powerdown -- send system power down event
-system_reset -- reset the system
-";
+/// Every command, in the order QEMU's `help` lists them (by names).
+const COMMANDS: &[Command] = &[
+    Command {
+        names: "cont|c",
+        args: "",
+        help: "resume emulation",
+    },
+    Command {
+        names: "help|?",
+        args: "[cmd]",
+        help: "show the help",
+    },
+    Command {
+        names: "hostfwd_add",
+        args: "[netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport",
+        help: "redirect TCP or UDP connections from host to guest (requires -net user)",
+    },
+    Command {
+        names: "hostfwd_remove",
+        args: "[netdev_id] [tcp|udp]:[hostaddr]:hostport",
+        help: "remove host-to-guest TCP or UDP redirection",
+    },
+    Command {
+        names: "info",
+        args: "[subcommand]",
+        help: "show various information about the system state",
+    },
+    Command {
+        names: "migrate",
+        args: "[-d] uri",
+        help: "migrate to URI (file:PATH: a snapshot for -incoming)",
+    },
+    Command {
+        names: "quit|q",
+        args: "",
+        help: "quit the emulator",
+    },
+    Command {
+        names: "set_link",
+        args: "name on|off",
+        help: "change the link status of a network adapter",
+    },
+    Command {
+        names: "stop|s",
+        args: "",
+        help: "stop emulation",
+    },
+    Command {
+        names: "system_powerdown",
+        args: "",
+        help: "send system power down event",
+    },
+    Command {
+        names: "system_reset",
+        args: "",
+        help: "reset the system",
+    },
+];
+
+/// The command one of whose names is `name`.
+fn command(name: &str) -> Option<&'static Command> {
+    COMMANDS
+        .iter()
+        .find(|c| c.names.split('|').any(|n| n == name))
+}
+
+/// A `help` line as QEMU prints one: `NAMES ARGS -- HELP` (two spaces when there are no
+/// arguments).
+fn help_line(names: &str, args: &str, help: &str) -> String {
+    format!("{names} {args} -- {help}\n")
+}
 
 pub const PROMPT: &str = "(qemu) ";
 
@@ -98,7 +160,16 @@ pub(super) fn process(control: &Control, c: &mut Client) {
             c.input.clear(); // after quit nothing runs, whenever it arrives
             return;
         }
-        let Some(nl) = c.input.iter().position(|&b| b == b'\n') else {
+        // A line ended with CR LF just before: its LF came in this read.
+        if let Some(&first) = c.input.first() {
+            if std::mem::take(&mut c.after_cr) && first == b'\n' {
+                c.input.remove(0);
+            }
+        }
+        // A line ends at LF, CR LF, or a CR alone, as QEMU's readline takes Enter (a raw
+        // terminal, or telnet in character mode, sends CR, or CR NUL, which telnet's
+        // reading has made CR).
+        let Some(nl) = c.input.iter().position(|&b| b == b'\n' || b == b'\r') else {
             if c.input.len() > MAX_LINE {
                 c.input.clear();
                 if !c.skip_line {
@@ -108,7 +179,14 @@ pub(super) fn process(control: &Control, c: &mut Client) {
             }
             break;
         };
-        let line: Vec<u8> = c.input.drain(..=nl).collect();
+        let mut line: Vec<u8> = c.input.drain(..=nl).collect();
+        if line[nl] == b'\r' {
+            match c.input.first() {
+                Some(b'\n') => line.push(c.input.remove(0)),
+                Some(_) => {}
+                None => c.after_cr = true,
+            }
+        }
         if std::mem::take(&mut c.skip_line) {
             continue; // the end of a line refused as too long
         }
@@ -116,14 +194,31 @@ pub(super) fn process(control: &Control, c: &mut Client) {
             too_long(c);
             continue;
         }
-        let line = String::from_utf8_lossy(&line[..nl]);
-        let line = line.trim_end_matches('\r');
-        let out = execute(control, line);
+        let line = typed(&String::from_utf8_lossy(&line[..nl]));
+        let out = execute(control, &line);
         c.output.extend_from_slice(crlf(&out).as_bytes());
         if !control.exiting() {
             c.output.extend_from_slice(PROMPT.as_bytes()); // none after quit
         }
     }
+}
+
+/// A line as QEMU's readline makes it of the keys a client sent: backspace and DEL take
+/// back the character before them, a tab is a space (QEMU's completes; the command reads it
+/// as a word's end), other control characters are ignored.
+fn typed(raw: &str) -> String {
+    let mut line = String::with_capacity(raw.len());
+    for ch in raw.chars() {
+        match ch {
+            '\u{8}' | '\u{7f}' => {
+                line.pop();
+            }
+            '\t' => line.push(' '),
+            c if c.is_control() => {}
+            c => line.push(c),
+        }
+    }
+    line
 }
 
 fn too_long(c: &mut Client) {
@@ -136,95 +231,165 @@ pub fn crlf(s: &str) -> String {
     s.replace("\r\n", "\n").replace('\n', "\r\n")
 }
 
-/// What `help` prints: a line for each command, each `info` subcommand among them.
+/// What `help` prints: a line for each command.
 fn help() -> String {
-    let mut out = HELP_BEFORE_INFO.to_string();
-    for i in INFO {
-        out += &format!("info {} -- {}\n", i.name, i.help);
+    COMMANDS
+        .iter()
+        .map(|c| help_line(c.names, c.args, c.help))
+        .collect()
+}
+
+/// What `help info` and `info` alone print: a line for each `info` subcommand.
+fn info_help() -> String {
+    INFO.iter()
+        .map(|i| help_line(&format!("info {}", i.name), "", i.help))
+        .collect()
+}
+
+/// `help WORDS`: that command's line (`help info NAME`: that subcommand's).
+fn help_for(words: &[String]) -> String {
+    match words {
+        [] => help(),
+        [info] if info == "info" => info_help(),
+        [info, name, ..] if info == "info" => match INFO.iter().find(|i| i.name == name) {
+            Some(i) => help_line(&format!("info {}", i.name), "", i.help),
+            None => format!("unknown command: 'info {}'\n", shown(name)),
+        },
+        [name, ..] => match command(name) {
+            Some(c) => help_line(c.names, c.args, c.help),
+            None => format!("unknown command: '{}'\n", shown(name)),
+        },
     }
-    out + HELP_AFTER_INFO
 }
 
-/// What `info` without a subcommand prints: their names.
-fn info_usage() -> String {
-    let names: Vec<&str> = INFO.iter().map(|i| i.name).collect();
-    format!("info {}\n", names.join("|"))
+/// A word the user typed, as an error names it: not echoed back whole however long it is.
+fn shown(word: &str) -> String {
+    let head: String = word.chars().take(64).collect();
+    let more = if head.len() < word.len() { "..." } else { "" };
+    format!("{head}{more}")
 }
 
-/// What `info WHAT` prints for a subcommand that does not exist: the names of those that do.
-fn unknown_info(what: &str) -> String {
-    let names: Vec<&str> = INFO.iter().map(|i| i.name).collect();
-    format!("unknown info command '{what}' ({})\n", names.join(", "))
+/// QEMU's answer to a command line it cannot read: the reason, then where to look.
+fn misread(why: &str, typed: &str) -> String {
+    format!("{why}\nTry \"help {typed}\" for more information\n")
+}
+
+/// The arguments after a command's name, as QEMU's monitor reads string arguments: words
+/// between white space, or "double-quoted" (with `\n`, `\r`, `\\`, `\'`, `\"` escapes; single
+/// quotes are not special). None for a quote left open.
+fn arguments(rest: &str) -> Option<Vec<String>> {
+    let mut words = vec![];
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let Some(first) = chars.next() else {
+            return Some(words);
+        };
+        let mut word = String::new();
+        if first == '"' {
+            loop {
+                match chars.next()? {
+                    '"' => break,
+                    '\\' => word.push(match chars.next()? {
+                        'n' => '\n',
+                        'r' => '\r',
+                        c => c,
+                    }),
+                    c => word.push(c),
+                }
+            }
+        } else {
+            word.push(first);
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                word.push(c);
+            }
+        }
+        words.push(word);
+    }
 }
 
 /// One command line; returns its output (lines ending in `\n`).
 pub fn execute(control: &Control, line: &str) -> String {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    match words.as_slice() {
-        [] => String::new(),
-        ["help" | "?"] | ["help" | "?", _] => help(),
-        ["info"] => info_usage(),
-        ["info", what] => match INFO.iter().find(|i| i.name == *what) {
-            Some(info) => (info.show)(control),
-            None => unknown_info(what),
+    let line = line.trim_start();
+    let (name, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+    if name.is_empty() {
+        return String::new();
+    }
+    let Some(cmd) = command(name) else {
+        return format!("unknown command: '{}'\n", shown(name));
+    };
+    let Some(args) = arguments(rest) else {
+        return misread(&format!("{}: string expected", cmd.names), name);
+    };
+    // A command given more words than it takes does nothing, as in QEMU.
+    let extra = |typed: &str| {
+        misread(
+            &format!("{}: extraneous characters at the end of line", cmd.names),
+            typed,
+        )
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match (cmd.names, args.as_slice()) {
+        ("help|?", words) => {
+            let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+            help_for(&words)
+        }
+        ("info", []) => info_help(),
+        ("info", [what, more @ ..]) => match INFO.iter().find(|i| i.name == *what) {
+            Some(info) if more.is_empty() => (info.show)(control),
+            Some(info) => misread(
+                &format!("{}: extraneous characters at the end of line", info.name),
+                &format!("info {}", info.name),
+            ),
+            None => format!("unknown command: 'info {}'\n", shown(what)),
         },
-        ["set_link", name, state] => {
+        ("set_link", []) => misread("set_link: string expected", name),
+        ("set_link", [_]) => misread("Expected 'on' or 'off'", name),
+        ("set_link", [nic, state]) => {
             let up = match *state {
                 "on" => true,
                 "off" => false,
-                s => return format!("set_link: '{s}' is not on or off\n"),
+                _ => return misread("Expected 'on' or 'off'", name),
             };
-            match control.set_link(name, up) {
+            match control.set_link(nic, up) {
                 Ok(()) => String::new(),
-                Err(e) => format!("{}\n", e.desc),
+                Err(e) => format!("Error: {}\n", e.desc),
             }
         }
-        ["set_link", ..] => "usage: set_link name on|off\n".into(),
-        ["hostfwd_add", rule] => hostfwd_add(control, None, rule),
-        ["hostfwd_add", id, rule] => hostfwd_add(control, Some(id), rule),
-        ["hostfwd_remove", rule] => hostfwd_remove(control, None, rule),
-        ["hostfwd_remove", id, rule] => hostfwd_remove(control, Some(id), rule),
-        // As QEMU words a missing or an extra argument.
-        [cmd @ ("hostfwd_add" | "hostfwd_remove")] => {
-            format!("{cmd}: string expected\nTry \"help {cmd}\" for more information\n")
+        ("hostfwd_add", [rule]) => hostfwd_add(control, None, rule),
+        ("hostfwd_add", [id, rule]) => hostfwd_add(control, Some(id), rule),
+        ("hostfwd_remove", [rule]) => hostfwd_remove(control, None, rule),
+        ("hostfwd_remove", [id, rule]) => hostfwd_remove(control, Some(id), rule),
+        ("hostfwd_add" | "hostfwd_remove", []) => {
+            misread(&format!("{name}: string expected"), name)
         }
-        [cmd @ ("hostfwd_add" | "hostfwd_remove"), ..] => format!(
-            "{cmd}: extraneous characters at the end of line\nTry \"help {cmd}\" for more information\n"
-        ),
-        ["migrate"] | ["migrate", "-d"] => "usage: migrate [-d] file:PATH\n".into(),
-        ["migrate", uri] | ["migrate", "-d", uri] => match control.migrate(uri) {
+        ("migrate", [] | ["-d"]) => "usage: migrate [-d] file:PATH\n".into(),
+        ("migrate", [uri] | ["-d", uri]) => match control.migrate(uri) {
             Ok(()) => String::new(),
             Err(e) => format!("Error: {}\n", e.desc),
         },
-        ["migrate", ..] => "usage: migrate [-d] file:PATH\n".into(),
-        ["stop"] => {
+        ("migrate", _) => "usage: migrate [-d] file:PATH\n".into(),
+        ("stop|s", []) => {
             control.stop();
             String::new()
         }
-        ["cont" | "c"] => match control.cont() {
+        ("cont|c", []) => match control.cont() {
             Ok(()) => String::new(),
             Err(e) => format!("Error: {}\n", e.desc),
         },
-        ["quit" | "q"] => {
+        ("quit|q", []) => {
             control.request_exit("host-qmp-quit", ExitReason::User("monitor quit".into()));
             String::new()
         }
-        ["system_reset"] => {
+        ("system_reset", []) => {
             control.request_exit("host-qmp-system-reset", ExitReason::Reboot);
             String::new()
         }
-        ["system_powerdown"] => "nicvm's machine has no ACPI power button, so the guest cannot \
-             be asked to power down: the guest must power itself off (poweroff), or use quit\n"
+        ("system_powerdown", []) => "nicvm's machine has no ACPI power button, so the guest \
+             cannot be asked to power down: the guest must power itself off (poweroff), or use \
+             quit\n"
             .into(),
-        ["stop" | "cont" | "c" | "quit" | "q" | "system_reset" | "system_powerdown", ..] => {
-            "extraneous characters at the end of line\n".into() // as QEMU: nothing done
-        }
-        [cmd, ..] => {
-            // A name, not a whole line echoed back however long it is.
-            let shown: String = cmd.chars().take(64).collect();
-            let more = if shown.len() < cmd.len() { "..." } else { "" };
-            format!("unknown command: '{shown}{more}'\n")
-        }
+        _ => extra(name),
     }
 }
 
@@ -456,28 +621,72 @@ fn info_pci(control: &Control) -> String {
 mod tests {
     use super::*;
 
-    /// `info` alone and `info` with an unknown name list every subcommand `help` documents
-    /// (they left out migrate, and the second usernet too).
+    /// `help` and `help info` as QEMU 7.2 prints them: a line a command (two spaces when it
+    /// takes no arguments), by name; `info` alone as `help info`.
     #[test]
-    fn info_lists_every_subcommand_help_documents() {
+    fn help_lines_as_qemu_prints_them() {
         let help = help();
-        let documented: Vec<&str> = help
-            .lines()
-            .filter_map(|l| l.strip_prefix("info "))
-            .map(|l| l.split_whitespace().next().unwrap())
+        let lines: Vec<&str> = help.lines().collect();
+        assert!(lines.contains(&"cont|c  -- resume emulation"), "{help}");
+        assert!(lines.contains(&"stop|s  -- stop emulation"), "{help}");
+        assert!(
+            lines.contains(&"set_link name on|off -- change the link status of a network adapter")
+        );
+        assert!(
+            lines.contains(&"info [subcommand] -- show various information about the system state")
+        );
+        let mut sorted = lines.clone();
+        sorted.sort();
+        assert_eq!(lines, sorted, "by name, as QEMU lists them");
+        let info: Vec<String> = info_help().lines().map(String::from).collect();
+        let names: Vec<&str> = info
+            .iter()
+            .map(|l| l.split_whitespace().nth(1).unwrap())
             .collect();
         assert_eq!(
-            documented,
-            ["network", "usernet", "pci", "status", "migrate", "version", "name"]
+            names,
+            ["migrate", "name", "network", "pci", "status", "usernet", "version"]
         );
         assert_eq!(
-            info_usage(),
-            "info network|usernet|pci|status|migrate|version|name\n"
+            info[4],
+            "info status  -- show the current VM status (running|paused)"
         );
+        let words = |w: &[&str]| help_for(&w.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(words(&["s"]), "stop|s  -- stop emulation\n");
         assert_eq!(
-            unknown_info("nope"),
-            "unknown info command 'nope' (network, usernet, pci, status, migrate, version, name)\n"
+            words(&["set_link"]),
+            "set_link name on|off -- change the link status of a network adapter\n"
         );
+        assert_eq!(words(&["info"]), info_help());
+        assert_eq!(
+            words(&["info", "status"]),
+            "info status  -- show the current VM status (running|paused)\n"
+        );
+        assert_eq!(words(&["bogus"]), "unknown command: 'bogus'\n");
+        assert_eq!(words(&["info", "bogus"]), "unknown command: 'info bogus'\n");
+    }
+
+    /// Keys as QEMU's readline takes them: backspace and DEL edit, other control
+    /// characters (a telnet NUL, ESC) are dropped.
+    #[test]
+    fn typed_lines_are_edited_as_readline_edits_them() {
+        assert_eq!(typed("info nama\u{7f}e"), "info name");
+        assert_eq!(typed("info\tname\u{8}\u{8}\u{8}\u{8}status"), "info status");
+        assert_eq!(typed("\u{0}info \u{1b}name"), "info name");
+        assert_eq!(typed("\u{7f}\u{7f}q"), "q");
+    }
+
+    /// Arguments as QEMU's monitor reads strings: words, or double-quoted with escapes;
+    /// single quotes are kept; a quote left open is no argument at all.
+    #[test]
+    fn arguments_as_qemu_reads_them() {
+        assert_eq!(arguments("  e   off ").unwrap(), ["e", "off"]);
+        assert_eq!(arguments("\"e\" off").unwrap(), ["e", "off"]);
+        assert_eq!(arguments("'e' off").unwrap(), ["'e'", "off"]);
+        assert_eq!(arguments(r#""a b\"c\\" x"#).unwrap(), ["a b\"c\\", "x"]);
+        assert_eq!(arguments("").unwrap(), Vec::<String>::new());
+        assert!(arguments("\"e off").is_none());
+        assert!(arguments("\"e\\").is_none());
     }
 
     #[test]

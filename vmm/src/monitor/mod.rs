@@ -262,7 +262,11 @@ impl Control {
 
     /// Queues an event for every QMP client.
     pub fn emit(&self, event: &str, data: Value) {
-        let msg = json!({"event": event, "data": data, "timestamp": timestamp()});
+        // As QEMU: an event without data (STOP, RESUME) has no "data" member.
+        let mut msg = json!({"event": event, "timestamp": timestamp()});
+        if data.as_object().is_none_or(|d| !d.is_empty()) {
+            msg["data"] = data;
+        }
         self.events.push(msg.to_string());
     }
 
@@ -521,6 +525,8 @@ struct Client {
     negotiated: bool,
     /// HMP: input is skipped up to the next newline (after an overlong line).
     skip_line: bool,
+    /// HMP: the last line ended with a CR: a LF first in what comes next belongs to it.
+    after_cr: bool,
     /// QMP: where the reading of the input stands.
     scan: qmp::Scan,
     /// Ended: dropped once its output is flushed.
@@ -726,6 +732,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
                 output: vec![],
                 negotiated: false,
                 skip_line: false,
+                after_cr: false,
                 scan: qmp::Scan::default(),
                 closing: false,
             };
