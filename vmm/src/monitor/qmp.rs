@@ -278,9 +278,31 @@ fn read_message(input: &mut Vec<u8>, s: &mut Scan) -> Option<Result<Value, QmpEr
 /// takes 'single-quoted' strings: they are given to serde_json double-quoted.
 fn parse(text: &[u8]) -> Result<Value, QmpError> {
     let requoted = text.contains(&b'\'').then(|| requote(text).0);
-    serde_json::from_slice::<Node>(requoted.as_deref().unwrap_or(text))
+    let mut v = serde_json::from_slice::<Node>(requoted.as_deref().unwrap_or(text))
         .map(Node::into_value)
-        .map_err(|e| QmpError::generic(format!("JSON parse error, {e}")))
+        .map_err(|e| QmpError::generic(format!("JSON parse error, {e}")))?;
+    if let Some(id) = v.get_mut("id") {
+        as_qemu_prints(id);
+    }
+    Ok(v)
+}
+
+/// A value as QEMU prints it back (an `id` it echoes): a whole number read as a float (`1E2`,
+/// `2.0`, `-0`) is that integer, as QEMU's `%.17g` writes it, within a double's exact
+/// integers.
+fn as_qemu_prints(v: &mut Value) {
+    const EXACT: f64 = (1u64 << 53) as f64;
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if f.fract() == 0.0 && f.abs() <= EXACT {
+                *v = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(as_qemu_prints),
+        Value::Object(members) => members.values_mut().for_each(as_qemu_prints),
+        _ => {}
+    }
 }
 
 fn too_long() -> QmpError {
@@ -763,6 +785,17 @@ mod tests {
         assert_eq!(read.len(), 2, "{read:?}");
         assert!(read[0].as_ref().is_err_and(|e| e.contains("longer than")));
         assert_eq!(read[1], Ok(json!(5)));
+    }
+
+    /// An id is echoed as QEMU prints it back: a whole number written as a float is that
+    /// integer (QEMU's `%.17g`), a fraction stays one.
+    #[test]
+    fn whole_float_ids_come_back_as_integers() {
+        let (read, _) = read_all(
+            b"{\"id\":1E2} {\"id\":-0} {\"id\":1.5e3} {\"id\":2.0} {\"id\":0.25} \
+              {\"id\":[1e1,{\"a\":3.0}]}",
+        );
+        assert_eq!(read, ["100", "0", "1500", "2", "0.25", "[10,{\"a\":3}]"]);
     }
 
     /// Random JSON-like bytes, cut at random: the same answers as read in one piece, and
