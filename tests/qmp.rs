@@ -1003,17 +1003,21 @@ fn a_closed_stderr_still_gives_a_clean_exit() {
     drop(dir);
 }
 
-/// A -netdev no NIC uses: QEMU's warning, once each, when the set-up succeeds; as in QEMU,
-/// `info network` lists it with its capture's filter, and the capture file is made (a pcap
-/// header, no frame).
+/// A -netdev no NIC uses: QEMU's warning, once each, when the set-up succeeds. As in QEMU it
+/// runs all the same: its forward listens, `info usernet` lists it, `hostfwd_add` reaches it,
+/// and what it sends towards the guest (slirp's ARP request for the guest a connection is
+/// forwarded to) is read, captured and dropped. `info network` lists it with its capture's
+/// filter.
 #[test]
-fn an_unused_netdev_is_warned_about_at_start() {
+fn an_unused_netdev_runs_as_in_qemu() {
     let Some(img) = image() else { return };
     let dir = temp("nopeer");
     let sock = dir.join("monitor.sock");
     let pcap = dir.join("n0.pcap");
+    let (port, port2) = (free_port(), free_port());
     let endpoint = format!("unix:{},server=on,wait=off", sock.display());
     let dump = format!("filter-dump,id=f0,netdev=n0,file={}", pcap.display());
+    let netdev = format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22");
     let vm = spawn(
         &img,
         "",
@@ -1023,7 +1027,7 @@ fn an_unused_netdev_is_warned_about_at_start() {
             "-nic",
             "none",
             "-netdev",
-            "user,id=n0",
+            &netdev,
             "-object",
             &dump,
             "-monitor",
@@ -1045,9 +1049,29 @@ fn an_unused_netdev_is_warned_about_at_start() {
             pcap.display()
         )
     );
-    let header = std::fs::read(&pcap).unwrap();
-    assert_eq!(header.len(), 24, "a pcap file header alone");
-    assert_eq!(header[..4], 0xa1b2_c3d4u32.to_le_bytes());
+    assert_eq!(
+        hmp(&mut r, &format!("hostfwd_add n0 tcp:127.0.0.1:{port2}-:23")),
+        ""
+    );
+    let table = hmp(&mut r, "info usernet");
+    assert!(table.starts_with("Hub -1 (n0):\n"), "{table}");
+    for p in [port, port2] {
+        assert!(table.contains(&format!("127.0.0.1 {p:>5}")), "{p}: {table}");
+    }
+    // The forward takes a connection; slirp asks where the guest is.
+    let _conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the forward listens");
+    let t0 = Instant::now();
+    let arp = loop {
+        let cap = std::fs::read(&pcap).unwrap();
+        assert_eq!(cap[..4], 0xa1b2_c3d4u32.to_le_bytes(), "a pcap file");
+        // The first record's frame: its EtherType.
+        if cap.len() >= 24 + 16 + 14 {
+            break u16::from_be_bytes([cap[24 + 16 + 12], cap[24 + 16 + 13]]);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "nothing captured");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(arp, 0x0806, "slirp's ARP request, read from the netdev");
     // SAFETY: signalling the child we started.
     unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
     let (code, out, err) = vm.wait(Duration::from_secs(30));

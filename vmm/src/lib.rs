@@ -18,6 +18,7 @@ pub mod monitor;
 pub mod mptable;
 pub mod netdev;
 pub mod open;
+pub mod peerless;
 pub mod qemu_compat;
 pub mod serial_io;
 pub mod signals;

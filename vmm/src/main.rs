@@ -174,7 +174,7 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     if let Some(name) = &cfg.process_name {
         set_process_name(name);
     }
-    // As QEMU says it: checked like every netdev, but never opened.
+    // As QEMU says it (such a netdev is opened and runs all the same: see `peerless`).
     for nd in cfg.netdevs_without_peer() {
         stderr::note(format!("nicvm: warning: netdev {} has no peer\n", nd.id));
     }
@@ -237,8 +237,7 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         let control = if cfg.monitors.is_empty() {
             None
         } else {
-            let (nics, vcpus) = vm.monitor_parts();
-            match monitor::Control::new(&cfg, lifecycle, nics, vcpus, vm.saver()) {
+            match monitor::Control::new(&cfg, lifecycle, vm.monitor_parts(), vm.saver()) {
                 Ok(c) => Some(c),
                 Err(e) => return fail(format!("monitor: {e}")),
             }

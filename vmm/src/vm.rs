@@ -303,6 +303,15 @@ impl Drop for ConsoleThread {
     }
 }
 
+/// What the monitor acts on (see [`Vm::monitor_parts`]).
+pub struct MonitorParts {
+    pub nics: Vec<crate::monitor::NicEntry>,
+    /// The vCPU threads, for kicking them into a pause.
+    pub vcpus: Arc<Mutex<Vec<libc::pthread_t>>>,
+    /// The netdevs no NIC uses, by id (the first queue of each).
+    pub peerless: Vec<(String, crate::peerless::Shared)>,
+}
+
 pub struct Vm {
     // Fields drop in this order: the threads first (stopped and joined), then the devices
     // and their backends, then the netdevs' guards (downscripts), last of all KVM.
@@ -324,6 +333,9 @@ pub struct Vm {
     /// Config::stdio_signals.
     stdio_signals: bool,
     mem: GuestMemoryMmap,
+    /// The netdevs no NIC uses (the first queue of each), by id: kept running (the I/O
+    /// thread drains them), asked by the monitor (a user network's table and forwards).
+    peerless: Vec<(String, crate::peerless::Shared)>,
     /// Held for what its Drop does: the netdevs' downscripts and files, after the devices.
     _guards: Guards,
     lifecycle: Arc<Lifecycle>,
@@ -501,19 +513,26 @@ impl Vm {
                 subscribers[q].push(w);
             }
         }
-        // As QEMU: a capture of a netdev no NIC uses is still made (checked, and written
-        // with no frame in it).
-        for d in &cfg.dumps {
-            if !cfg.nics.iter().any(|n| n.netdev == d.netdev) {
+        // As QEMU: a netdev no NIC uses is opened and kept running (its forwards listen, its
+        // tap exists), what it receives read, captured when asked, and dropped.
+        let mut peerless = vec![];
+        for nd in cfg.netdevs_without_peer() {
+            if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == nd.id) {
                 new_files.creating(&d.file);
-                let dump_err = |source| VmError::Dump {
-                    id: d.id.clone(),
-                    path: d.file.clone(),
-                    source,
-                };
-                let file = crate::open::create_in_setup(&d.file).map_err(dump_err)?;
-                net_backends::pcap::empty_capture(file, d.maxlen).map_err(dump_err)?;
             }
+            let opened = netdev::open(nd)?;
+            guards.0.push(opened.guard);
+            let mut queues = vec![with_capture(cfg, &nd.id, opened.backend)?];
+            queues.extend(opened.more_queues);
+            let shared: Vec<crate::peerless::Shared> = queues
+                .into_iter()
+                .map(|b| Arc::new(Mutex::new(b)))
+                .collect();
+            if subscribers.is_empty() {
+                subscribers.push(vec![]);
+            }
+            subscribers[0].extend(crate::peerless::subscribers(&nd.id, &shared));
+            peerless.push((nd.id.clone(), shared[0].clone()));
         }
         timing.mark("nics-and-netdevs");
         let mut panic_dev = PvPanic::new(lifecycle.clone());
@@ -690,6 +709,7 @@ impl Vm {
             serial_target: cfg.serial.clone(),
             stdio_signals: cfg.stdio_signals,
             mem,
+            peerless,
             _guards: guards,
             lifecycle,
             timing,
@@ -703,13 +723,8 @@ impl Vm {
         })
     }
 
-    /// What the monitor needs: the NICs and the vCPU threads.
-    pub fn monitor_parts(
-        &self,
-    ) -> (
-        Vec<crate::monitor::NicEntry>,
-        Arc<Mutex<Vec<libc::pthread_t>>>,
-    ) {
+    /// What the monitor needs: the NICs, the vCPU threads, the netdevs no NIC uses.
+    pub fn monitor_parts(&self) -> MonitorParts {
         let nics = self
             .nics
             .iter()
@@ -719,7 +734,11 @@ impl Vm {
                 control: n.control.clone(),
             })
             .collect();
-        (nics, self.vcpu_pthreads.clone())
+        MonitorParts {
+            nics,
+            vcpus: self.vcpu_pthreads.clone(),
+            peerless: self.peerless.clone(),
+        }
     }
 
     /// What QMP's migrate saves.
@@ -857,6 +876,26 @@ impl Drop for Vm {
     }
 }
 
+/// `backend`, the netdev `id`'s, wrapped in its capture (`-object filter-dump`) if it has one.
+fn with_capture(
+    cfg: &Config,
+    id: &str,
+    backend: Box<dyn net_backends::NetBackend>,
+) -> Result<Box<dyn net_backends::NetBackend>, VmError> {
+    let Some(d) = cfg.dumps.iter().find(|d| d.netdev == id) else {
+        return Ok(backend);
+    };
+    let dump_err = |source| VmError::Dump {
+        id: d.id.clone(),
+        path: d.file.clone(),
+        source,
+    };
+    let file = crate::open::create_in_setup(&d.file).map_err(dump_err)?;
+    Ok(Box::new(
+        net_backends::pcap::PcapDump::new(backend, file, d.maxlen).map_err(dump_err)?,
+    ))
+}
+
 /// Opens the netdev of `spec` (its guard joins `guards`), wraps it in a capture when asked,
 /// and builds the NIC on it.
 fn build_nic(
@@ -871,17 +910,7 @@ fn build_nic(
     let nd = cfg.netdev(&spec.netdev).expect("checked by the CLI");
     let opened = netdev::open(nd)?;
     guards.0.push(opened.guard);
-    let mut backend = opened.backend;
-    if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == nd.id) {
-        let dump_err = |source| VmError::Dump {
-            id: d.id.clone(),
-            path: d.file.clone(),
-            source,
-        };
-        let file = crate::open::create_in_setup(&d.file).map_err(dump_err)?;
-        backend =
-            Box::new(net_backends::pcap::PcapDump::new(backend, file, d.maxlen).map_err(dump_err)?);
-    }
+    let backend = with_capture(cfg, &nd.id, opened.backend)?;
     log::debug!(
         "{} {} on slot {slot} backed by {}",
         spec.model.name(),

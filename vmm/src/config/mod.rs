@@ -118,7 +118,8 @@ impl Config {
         self.netdevs.iter().find(|n| n.id == id)
     }
 
-    /// The netdevs no NIC uses (QEMU: "netdev ID has no peer"): checked, never opened.
+    /// The netdevs no NIC uses (QEMU: "netdev ID has no peer"): opened and kept running all
+    /// the same, as in QEMU (see `peerless`).
     pub fn netdevs_without_peer(&self) -> impl Iterator<Item = &NetdevConfig> {
         self.netdevs
             .iter()

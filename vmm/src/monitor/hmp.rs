@@ -423,23 +423,25 @@ fn info_name(control: &Control) -> String {
 
 /// As QEMU prints it: each user network's sockets (its forwards among them, with the host
 /// port each is bound to), under "Hub -1 (ID):" as QEMU names a -netdev's stack, in the order
-/// QEMU made them.
+/// QEMU made them; those no NIC uses too, as they run all the same.
 fn info_usernet(control: &Control) -> String {
     let mut out = String::new();
     for netdev in &control.netdev_ids {
-        let nic = control.nics.iter().find(|n| n.config.netdev == *netdev);
-        if let Some(Ok(Ok(table))) = nic.and_then(|n| ask_usernet(n, UsernetAsk::Info)) {
+        if let Some(Ok(Ok(table))) = ask_usernet(control, netdev, UsernetAsk::Info) {
             out.push_str(&format!("Hub -1 ({netdev}):\n{table}"));
         }
     }
     out
 }
 
-/// Asks a NIC's backend, if it is a user network (None if not); Err if it does not answer.
-fn ask_usernet(n: &super::NicEntry, ask: UsernetAsk) -> Option<Result<UsernetAnswer, String>> {
-    // Asked under the NIC's lock, waited for without it (a vCPU may want the NIC meanwhile):
-    // the slirp thread answers at once when woken; a second at most.
-    let asked = n.control.lock().unwrap().usernet(ask)?;
+/// Asks netdev `id`, if it is a user network (None if not); Err if it does not answer. The
+/// slirp thread answers at once when woken; a second at most.
+fn ask_usernet(
+    control: &Control,
+    id: &str,
+    ask: UsernetAsk,
+) -> Option<Result<UsernetAnswer, String>> {
+    let asked = control.usernet(id, ask)?;
     Some(
         asked
             .recv_timeout(std::time::Duration::from_secs(1))
@@ -447,45 +449,35 @@ fn ask_usernet(n: &super::NicEntry, ask: UsernetAsk) -> Option<Result<UsernetAns
     )
 }
 
-/// The NIC of the user network `-netdev` `id` names, or of the first there is in QEMU's order;
-/// Err, in QEMU's words, when there is none.
-fn usernet_nic<'a>(control: &'a Control, id: Option<&str>) -> Result<&'a super::NicEntry, String> {
+/// The user network `-netdev` `id` names, or the first there is in QEMU's order; Err, in
+/// QEMU's words, when there is none.
+fn usernet_id<'a>(control: &'a Control, id: Option<&str>) -> Result<&'a str, String> {
     if let Some(id) = id {
         if !control.netdev_ids.iter().any(|n| n == id) {
             return Err(format!("unrecognized netdev id '{id}'"));
         }
     }
-    let netdevs = control
+    control
         .netdev_ids
         .iter()
-        .filter(|n| id.is_none_or(|id| *n == id));
-    for netdev in netdevs {
-        let nic = control
-            .nics
-            .iter()
-            .enumerate()
-            .find(|(_, n)| n.config.netdev == *netdev);
-        if let Some((i, n)) = nic {
-            if control.backends[i].starts_with("user") {
-                return Ok(n);
-            }
-        }
-    }
-    Err(match id {
-        Some(_) => "invalid device specified".into(),
-        None => "user mode network stack not in use".into(),
-    })
+        .filter(|n| id.is_none_or(|id| *n == id))
+        .find(|n| control.is_usernet(n))
+        .map(String::as_str)
+        .ok_or_else(|| match id {
+            Some(_) => "invalid device specified".into(),
+            None => "user mode network stack not in use".into(),
+        })
 }
 
 /// What a user network answered: Ok(Ok) done, Ok(Err) refused with its reason, Err no answer.
-fn ask_nic(nic: &super::NicEntry, ask: UsernetAsk) -> Result<UsernetAnswer, String> {
-    ask_usernet(nic, ask).unwrap_or_else(|| Err("invalid device specified".into()))
+fn ask_id(control: &Control, id: &str, ask: UsernetAsk) -> Result<UsernetAnswer, String> {
+    ask_usernet(control, id, ask).unwrap_or_else(|| Err("invalid device specified".into()))
 }
 
 /// `hostfwd_add [netdev_id] RULE`: a forward as `hostfwd=` takes it, added while the guest
 /// runs. Silent when it worked; as QEMU, the netdev is looked up before the rule is read.
 fn hostfwd_add(control: &Control, id: Option<&str>, rule: &str) -> String {
-    let nic = match usernet_nic(control, id) {
+    let netdev = match usernet_id(control, id) {
         Ok(n) => n,
         Err(e) => return format!("{e}\n"),
     };
@@ -497,7 +489,7 @@ fn hostfwd_add(control: &Control, id: Option<&str>, rule: &str) -> String {
             return format!("Invalid host forwarding rule '{rule}' ({why})\n");
         }
     };
-    match ask_nic(nic, UsernetAsk::AddHostFwd(fwd)) {
+    match ask_id(control, netdev, UsernetAsk::AddHostFwd(fwd)) {
         Ok(Ok(_)) => String::new(),
         Ok(Err(e)) => format!("Could not set up host forwarding rule '{rule}': {e}\n"),
         Err(e) => format!("{e}\n"),
@@ -507,7 +499,7 @@ fn hostfwd_add(control: &Control, id: Option<&str>, rule: &str) -> String {
 /// `hostfwd_remove [netdev_id] [tcp|udp]:[hostaddr]:hostport`: says whether a forward was
 /// there to remove, in QEMU's words.
 fn hostfwd_remove(control: &Control, id: Option<&str>, rule: &str) -> String {
-    let nic = match usernet_nic(control, id) {
+    let netdev = match usernet_id(control, id) {
         Ok(n) => n,
         Err(e) => return format!("{e}\n"),
     };
@@ -518,7 +510,11 @@ fn hostfwd_remove(control: &Control, id: Option<&str>, rule: &str) -> String {
         Some((_, _, Err(()))) => return not_found,
         None => return "invalid format\n".into(),
     };
-    match ask_nic(nic, UsernetAsk::RemoveHostFwd { udp, addr, port }) {
+    match ask_id(
+        control,
+        netdev,
+        UsernetAsk::RemoveHostFwd { udp, addr, port },
+    ) {
         Ok(Ok(_)) => format!("host forwarding rule for {rule} removed\n"),
         Ok(Err(_)) => not_found,
         Err(e) => format!("{e}\n"),

@@ -12,12 +12,14 @@ pub mod qmp;
 use crate::config::{Config, Endpoint, MonitorConfig, MonitorMode, NicConfig};
 use devices::lifecycle::{ExitReason, Lifecycle};
 use devices::net::NicControl;
+use net_backends::{UsernetAnswer, UsernetAsk};
 use serde_json::{json, Value};
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
@@ -59,6 +61,9 @@ pub struct Control {
     pub backends: Vec<String>,
     /// The netdevs no NIC uses, each with its description as in `backends`.
     pub unused_netdevs: Vec<(String, String)>,
+    /// Those netdevs' backends (the first queue of each), running: a user network among them
+    /// answers `info usernet` and `hostfwd_add` as one behind a NIC does.
+    peerless: Vec<(String, crate::peerless::Shared)>,
     /// Each capture (`-object filter-dump`) as `info network` lists a filter: the netdev's
     /// id, and the line (`  - f0: type=filter-dump,file=...`).
     pub filters: Vec<(String, String)>,
@@ -142,10 +147,14 @@ impl Control {
     pub fn new(
         cfg: &Config,
         lifecycle: Arc<Lifecycle>,
-        nics: Vec<NicEntry>,
-        vcpus: Arc<Mutex<Vec<libc::pthread_t>>>,
+        parts: crate::vm::MonitorParts,
         saver: Arc<crate::snapshot::Saver>,
     ) -> io::Result<Arc<Control>> {
+        let crate::vm::MonitorParts {
+            nics,
+            vcpus,
+            peerless,
+        } = parts;
         let describe = |nd: &crate::config::NetdevConfig| match &nd.backend {
             crate::config::Backend::User(o) => format!(
                 "user,net={},restrict={}",
@@ -196,6 +205,7 @@ impl Control {
             nics,
             backends,
             unused_netdevs,
+            peerless,
             filters,
             netdev_ids: {
                 let mut n: Vec<_> = cfg.netdevs.iter().collect();
@@ -428,6 +438,33 @@ impl Control {
                 Some(&self.nics[i])
             })
             .or_else(|| self.nics.iter().find(|n| n.config.netdev == name))
+    }
+
+    /// Asks the user network of netdev `id` (behind a NIC or not): the answer comes on the
+    /// receiver; None if the netdev is not a user network. Asked under the backend's lock,
+    /// waited for without it (a vCPU may want the NIC meanwhile).
+    pub fn usernet(&self, id: &str, ask: UsernetAsk) -> Option<Receiver<UsernetAnswer>> {
+        if let Some(n) = self.nics.iter().find(|n| n.config.netdev == id) {
+            return n.control.lock().unwrap().usernet(ask);
+        }
+        let (_, backend) = self.peerless.iter().find(|(p, _)| p == id)?;
+        let asked = backend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .usernet(ask);
+        asked
+    }
+
+    /// Whether netdev `id` is a user network.
+    pub fn is_usernet(&self, id: &str) -> bool {
+        let nic = self.nics.iter().position(|n| n.config.netdev == id);
+        match nic {
+            Some(i) => self.backends[i].starts_with("user"),
+            None => self
+                .unused_netdevs
+                .iter()
+                .any(|(n, desc)| n == id && desc.starts_with("user")),
+        }
     }
 
     /// The name QEMU gives a NIC in listings: its id, or MODEL.N.
