@@ -522,6 +522,7 @@ fn netdev_config(
         id,
         option,
         backend,
+        hub: None,
     })
 }
 
@@ -1113,6 +1114,8 @@ impl Builder<'_> {
                 id: "net0".into(),
                 option: "-netdev user,id=net0".into(),
                 backend: Backend::User(SlirpOptions::default()),
+                // As QEMU's default network (-net nic -net user): on hub 0.
+                hub: Some(0),
             });
             let mut dev = KeyVal::default();
             dev.pairs.push(("netdev".into(), "net0".into()));
@@ -1469,7 +1472,7 @@ impl Builder<'_> {
             for ((model, mut dev, _, seq), (mut backend, _)) in vn.into_iter().zip(vb) {
                 // As QEMU: the backend is named by its id= (the first given), else by its
                 // hub port, hubNportM (one no -netdev has taken).
-                let nd = match backend.take_first("id") {
+                let mut nd = match backend.take_first("id") {
                     Some(id) => {
                         backend.pairs.push(("id".into(), id));
                         netdev_config("-net", backend, self.fds, true)?
@@ -1484,6 +1487,7 @@ impl Builder<'_> {
                     }
                 };
                 n += 1;
+                nd.hub = vlan.parse().ok();
                 dev.pairs.push(("netdev".into(), nd.id.clone()));
                 if !first_on.iter().any(|(v, _)| v == vlan) {
                     first_on.push((vlan.clone(), nd.id.clone()));
@@ -2143,6 +2147,25 @@ mod tests {
         let c = run("-kernel k -nic user,model=e1000,mac=00:00:00:00:00:00 -nic user").unwrap();
         let macs: Vec<String> = c.nics.iter().map(|n| n.mac.to_string()).collect();
         assert_eq!(macs, ["52:54:00:12:34:56", "52:54:00:12:34:57"]);
+    }
+
+    /// The hub each backend is on, as `info usernet` names it: a `-net` backend's vlan, the
+    /// default network's 0 (QEMU's is -net nic -net user), none for -netdev and -nic.
+    #[test]
+    fn backends_on_hubs() {
+        let hubs = |line: &str| -> Vec<Option<u32>> {
+            run(line).unwrap().netdevs.iter().map(|n| n.hub).collect()
+        };
+        assert_eq!(hubs("-kernel k"), [Some(0)]);
+        assert_eq!(hubs("-kernel k -net nic -net user"), [Some(0)]);
+        assert_eq!(
+            hubs("-kernel k -net nic,vlan=2 -net user,vlan=02"),
+            [Some(2)]
+        );
+        assert_eq!(
+            hubs("-kernel k -nic user -netdev user,id=a -device e1000,netdev=a"),
+            [None, None]
+        );
     }
 
     /// `-name`: an empty guest name is none (QEMU's query-name says nothing); process= is

@@ -149,6 +149,10 @@ pub struct NetdevConfig {
     /// The option it came from, as messages name it: `-netdev tap,id=n0`, `-nic user`, ...
     pub option: String,
     pub backend: Backend,
+    /// The hub (QEMU's vlan) of a `-net` backend and of the default network, which QEMU puts
+    /// on hub 0: `info usernet` names a user network by it (`Hub 0 (ID)`; `Hub -1` for a
+    /// `-netdev` or `-nic`).
+    pub hub: Option<u32>,
 }
 
 /// One variant per backend, with its options fully parsed.

@@ -422,13 +422,18 @@ fn info_name(control: &Control) -> String {
 }
 
 /// As QEMU prints it: each user network's sockets (its forwards among them, with the host
-/// port each is bound to), under "Hub -1 (ID):" as QEMU names a -netdev's stack, in the order
-/// QEMU made them; those no NIC uses too, as they run all the same.
+/// port each is bound to), under "Hub N (ID):" (N the hub of a `-net` backend, -1 for one of
+/// `-netdev` or `-nic`), in the order QEMU made them; those no NIC uses too, as they run.
 fn info_usernet(control: &Control) -> String {
     let mut out = String::new();
     for netdev in &control.netdev_ids {
         if let Some(Ok(Ok(table))) = ask_usernet(control, netdev, UsernetAsk::Info) {
-            out.push_str(&format!("Hub -1 ({netdev}):\n{table}"));
+            let hub = control
+                .hubs
+                .iter()
+                .find(|(id, _)| id == netdev)
+                .map_or(-1, |&(_, h)| i64::from(h));
+            out.push_str(&format!("Hub {hub} ({netdev}):\n{table}"));
         }
     }
     out

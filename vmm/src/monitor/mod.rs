@@ -71,6 +71,8 @@ pub struct Control {
     /// making them: those of -netdev, then of -nic, then of -net, each in command-line order
     /// (the first user network of `hostfwd_add` is the first of them).
     pub netdev_ids: Vec<String>,
+    /// The hub of each netdev on one (a `-net` backend's vlan), by id.
+    pub hubs: Vec<(String, u32)>,
     /// The vCPU threads, for kicking them into a pause; emptied before they are joined.
     pub vcpus: Arc<Mutex<Vec<libc::pthread_t>>>,
     /// How many vCPUs the VM has (`cpu-index` names one of them).
@@ -207,6 +209,11 @@ impl Control {
             unused_netdevs,
             peerless,
             filters,
+            hubs: cfg
+                .netdevs
+                .iter()
+                .filter_map(|nd| Some((nd.id.clone(), nd.hub?)))
+                .collect(),
             netdev_ids: {
                 let mut n: Vec<_> = cfg.netdevs.iter().collect();
                 n.sort_by_key(|nd| match nd.option.split([' ', ',']).next() {

@@ -229,6 +229,7 @@ mod tests {
             option: format!("-netdev {},id={id}", ty.name()),
             backend: backend(ty, &id, &kv, fds).unwrap(),
             id,
+            hub: None,
         }
     }
 
