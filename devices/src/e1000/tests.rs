@@ -1282,6 +1282,37 @@ fn hostile_descriptor_chains() {
     recovers(&mut r);
 }
 
+/// Context descriptors in the middle of a frame count as the frame's descriptors: a frame
+/// spread over more than a walk takes stops the ring. (They did not count: the walk ran out
+/// of budget without a frame sent, asked the I/O thread for another, which walked the same
+/// descriptors again, for ever.)
+#[test]
+fn a_frame_padded_with_context_descriptors_stops_the_ring() {
+    let mut r = opened();
+    r.configure_tx(512);
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&TX_BUFS.to_le_bytes());
+    d[8..10].copy_from_slice(&60u16.to_le_bytes());
+    r.put_tx_desc(d); // data, no EOP
+    for _ in 0..299 {
+        r.put_tx_desc(Driver::context_desc(
+            14, 24, 33, 34, 50, 0, TXD_CMD_RS, 0, 54, 1448,
+        ));
+    }
+    r.kick_tx();
+    for _ in 0..4 {
+        r.dev.run_kicks();
+    }
+    assert!(r.dev.tx_error, "the ring is stopped");
+    assert!(r.peer.take_sent().is_empty());
+    // Nothing asks for another walk: the I/O thread sleeps.
+    assert!(
+        r.dev.port.tx_kick_fd(0).unwrap().read().is_err(),
+        "no kick left"
+    );
+    recovers(&mut r);
+}
+
 #[test]
 fn hostile_tso_context() {
     let mut r = opened();

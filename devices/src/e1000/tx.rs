@@ -121,6 +121,19 @@ impl E1000 {
             let cmd = d.cmd();
             let dext = cmd & TXD_CMD_DEXT != 0;
             if dext && d.dtyp() == TXD_DTYP_CONTEXT {
+                // One in the middle of a frame counts as the frame's: a frame that a walk
+                // cannot take whole never goes, and must stop the ring rather than be walked
+                // again and again (the next walk would start at the same descriptor).
+                if first.is_some() {
+                    frame_descs += 1;
+                    if frame_descs >= TX_BUDGET {
+                        return self.ring_error(
+                            port,
+                            true,
+                            "TX frame spread over more descriptors than the device walks at once",
+                        );
+                    }
+                }
                 self.ctx = TxContext::from_desc(&desc::view(&d));
                 if cmd & TXD_CMD_RS != 0 && self.write_dd(port, &ring, desc_addr(idx)) {
                     if cmd & TXD_CMD_IDE != 0 {
@@ -210,6 +223,14 @@ impl E1000 {
             }
         }
         if !finished && cur != tail {
+            if start == head && first.is_some() {
+                // A whole walk and not one frame went: the next walk would do the same.
+                return self.ring_error(
+                    port,
+                    true,
+                    "TX frame spread over more descriptors than the device walks at once",
+                );
+            }
             // The budget ran out: the rest on the I/O thread's next turn.
             port.kick_tx();
         }
