@@ -80,6 +80,23 @@ const RX_TRIES: usize = 4;
 /// Pieces one TX frame may come in: a chain can be no longer than the queue, and each
 /// descriptor may cross a region boundary once.
 const MAX_TX_PIECES: usize = 2 * QUEUE_MAX as usize;
+/// Descriptors one chain may have, an indirect table's included: the virtio spec (2.7.5.3.1)
+/// has a driver make none longer than the queue. Every descriptor counts, so a chain of
+/// empty ones cannot make a walk long.
+const MAX_CHAIN_DESCS: usize = QUEUE_MAX as usize;
+
+/// A descriptor's length checked as every walk checks it: none may be empty (as QEMU
+/// refuses "zero sized buffers"), and the `i`th of a chain (from 0) must be within
+/// [`MAX_CHAIN_DESCS`].
+fn chain_desc(i: usize, len: u32) -> Result<usize, &'static str> {
+    if i >= MAX_CHAIN_DESCS {
+        Err("descriptor chain longer than the queue")
+    } else if len == 0 {
+        Err("zero-sized descriptor")
+    } else {
+        Ok(len as usize)
+    }
+}
 
 mod ctrl;
 use ctrl::{RxMode, ACK_ERR, ACK_OK, CTRL_MAX};
@@ -164,6 +181,10 @@ pub struct VirtioNet {
     ioevents: Arc<dyn IoEventRegistry>,
     /// Where the notify addresses are registered (BAR 4 base), if anywhere.
     registered_bar: Option<u64>,
+    /// Where registering them last failed (another device's doorbell there, say): not tried
+    /// again, nor said again, until the BAR moves (a guest could otherwise have every config
+    /// write retry and log it).
+    ioevents_failed_at: Option<u64>,
     mem: GuestRam,
     /// The address the driver uses (config space; VIRTIO_NET_CTRL_MAC_ADDR_SET changes it).
     mac: MacAddr,
@@ -321,6 +342,7 @@ impl VirtioNet {
             intx,
             ioevents,
             registered_bar: None,
+            ioevents_failed_at: None,
             mem: GuestRam(mem),
             mac,
             configured_mac: mac,
@@ -754,17 +776,25 @@ impl VirtioNet {
         let total = VNET_HDR_LEN + data.len();
         let mut written = 0usize;
         while written < total {
+            // A frame needing more chains than the ring holds never fits: dropped, the chains
+            // left to the guest. (Taking them as the guest keeps adding more would make the
+            // walk as long as the guest likes.)
+            if heads.len() >= usize::from(self.queues[rx].size()) {
+                self.queues[rx].set_next_avail(start_avail);
+                port.stats.rx_dropped += 1;
+                return Ok(Some(Rx::Dropped));
+            }
             let Some(chain) = self.queues[rx].pop_descriptor_chain(&self.mem) else {
                 self.queues[rx].set_next_avail(start_avail);
                 return Ok(None);
             };
             let head = chain.head_index();
             let mut in_chain = 0usize;
-            for d in chain {
+            for (i, d) in chain.enumerate() {
                 if !d.is_write_only() {
                     return Err("RX descriptor is not device-writable");
                 }
-                let n = (d.len() as usize).min(total - written);
+                let n = chain_desc(i, d.len())?.min(total - written);
                 let (mut pos, end, mut addr) = (written, written + n, d.addr());
                 if pos < VNET_HDR_LEN && pos < end {
                     let h = (VNET_HDR_LEN.min(end)) - pos;
@@ -836,9 +866,10 @@ impl VirtioNet {
             .into_iter()
             .find(|b| b.0 == VIRTIO_BAR)
             .map(|b| b.2);
-        if now == self.registered_bar {
+        if now == self.registered_bar || (now.is_some() && now == self.ioevents_failed_at) {
             return;
         }
+        self.ioevents_failed_at = None;
         let data_queues = 2 * self.pairs;
         if let Some(old) = self.registered_bar.take() {
             for q in 0..data_queues {
@@ -871,6 +902,7 @@ impl VirtioNet {
                 let _ = self.ioevents.unregister(self.notify_addr(base, q), fd);
             }
         }
+        self.ioevents_failed_at = Some(base);
         log::warn!(
             "virtio-net {}: no ioeventfd; kicks go through MMIO exits",
             self.mac
@@ -910,9 +942,13 @@ impl VirtioNet {
             buf.clear();
             let mut ack = None;
             let mut too_long = false;
-            for d in chain {
+            for (i, d) in chain.enumerate() {
+                if let Err(what) = chain_desc(i, d.len()) {
+                    self.ctrl_buf = buf;
+                    return self.device_error(port, what);
+                }
                 if d.is_write_only() {
-                    if ack.is_none() && d.len() > 0 {
+                    if ack.is_none() {
                         ack = Some(d.addr());
                     }
                     continue;
@@ -1638,8 +1674,8 @@ fn gather_chain<'m>(
     // Header bytes still to leave out of the frame.
     let mut skip = if vnet_hdr { 0 } else { VNET_HDR_LEN };
     let mut total = 0usize;
-    for d in chain {
-        let len = d.len() as usize;
+    for (i, d) in chain.enumerate() {
+        let len = chain_desc(i, d.len())?;
         total += len;
         if d.is_write_only() || total > MAX_FRAME || iov.len() - start == MAX_TX_PIECES {
             return Err("malformed TX descriptor chain");

@@ -12,6 +12,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 pub const MEM_SIZE: usize = 1 << 20;
 pub const VRING_DESC_F_NEXT: u16 = 1;
 pub const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
 /// The queue size the driver sets up unless told otherwise.
 pub const QSIZE: u16 = 16;
 /// The largest queue the ring areas below have room for.

@@ -826,15 +826,51 @@ fn hostile_rings_end_in_a_device_error() {
     d.dev.handle(NetEvent::Backend);
     assert!(needs_reset(&mut d));
 
-    // Zero-length RX buffers: nothing can be delivered, nothing hangs.
+    // Zero-length RX buffers: refused, as QEMU refuses zero-sized buffers (each cost a walk
+    // and held nothing, so a ring of chains of them made every frame's walk long).
     let mut d = started(PLAIN, BASE | VIRTIO_NET_F_MRG_RXBUF);
     for _ in 0..QSIZE {
         d.post(RX, &[&[]], true);
     }
     d.peer.inject(&frame(100, 0));
-    let want = d.dev.handle(NetEvent::Backend);
-    assert!(!want.readable);
+    d.dev.handle(NetEvent::Backend);
+    assert!(needs_reset(&mut d));
     assert!(d.used(RX).is_empty());
+
+    // A frame that needs more mergeable buffers than the ring holds: dropped at once, the
+    // buffers left to the guest (it used to wait, and a guest adding buffers as the device
+    // took them made the walk as long as it liked).
+    let mut d = started(PLAIN, BASE | VIRTIO_NET_F_MRG_RXBUF);
+    for _ in 0..QSIZE {
+        d.post(RX, &[&[0u8; 8]], true);
+    }
+    d.peer.inject(&frame(1000, 0));
+    d.dev.handle(NetEvent::Backend);
+    assert!(!needs_reset(&mut d));
+    assert!(d.used(RX).is_empty());
+    assert_eq!(d.dev.stats().rx_dropped, 1);
+
+    // A TX chain longer than the queue, through an indirect table: refused (a table of
+    // empty descriptors made a long walk, none of them counted).
+    let mut d = started(PLAIN, BASE);
+    let table = BUF_BASE[TX] + 0x8000;
+    let n: u16 = 300;
+    for i in 0..n {
+        let flags = if i + 1 < n { VRING_DESC_F_NEXT } else { 0 };
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&BUF_BASE[TX].to_le_bytes());
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[12..14].copy_from_slice(&flags.to_le_bytes());
+        b[14..16].copy_from_slice(&(i + 1).to_le_bytes());
+        d.mem
+            .write_slice(&b, GuestAddress(table + 16 * u64::from(i)))
+            .unwrap();
+    }
+    d.write_desc(TX, 0, table, 16 * u32::from(n), VRING_DESC_F_INDIRECT, 0);
+    d.publish(TX, 0);
+    d.dev.handle(NetEvent::TxKick);
+    assert!(needs_reset(&mut d));
+    assert!(d.peer.take_sent().is_empty());
 
     // The device recovers after a reset.
     let mut d2 = started(PLAIN, BASE);
@@ -995,6 +1031,46 @@ impl IoEventRegistry for RecordingIoEvents {
         self.0.lock().unwrap().retain(|&a| a != addr);
         Ok(())
     }
+}
+
+/// Refuses every doorbell registration (as KVM does where another device's is), counting
+/// the tries.
+#[derive(Default)]
+struct RefusingIoEvents(std::sync::atomic::AtomicUsize);
+
+impl IoEventRegistry for RefusingIoEvents {
+    fn register(&self, _addr: u64, _fd: &vmm_sys_util::eventfd::EventFd) -> io::Result<()> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Err(io::Error::from_raw_os_error(libc::EEXIST))
+    }
+    fn unregister(&self, _addr: u64, _fd: &vmm_sys_util::eventfd::EventFd) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Doorbells that cannot be registered where the guest put the BAR (two NICs' BARs over each
+/// other) are tried there once: every config write tried again, and logged it, without end.
+#[test]
+fn doorbells_that_cannot_be_registered_are_tried_once_per_place() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let chip = Arc::new(crate::interrupt::RecordingIrqChip::default());
+    let (b, _peer) = pair(PLAIN);
+    let ioevents = Arc::new(RefusingIoEvents::default());
+    let mut dev = fresh_device(Box::new(b), &mem, &chip, ioevents.clone());
+    let tries = || ioevents.0.load(std::sync::atomic::Ordering::Relaxed);
+    dev.config_mut().set_bar_addr(VIRTIO_BAR, 0xd000_0000);
+    for _ in 0..100 {
+        dev.config_mut().write(
+            crate::pci::PCI_COMMAND,
+            &[crate::pci::PCI_COMMAND_MEMORY as u8],
+        );
+        dev.config_written(crate::pci::PCI_COMMAND, 1);
+    }
+    assert_eq!(tries(), 1, "tried once there");
+    dev.config_mut().set_bar_addr(VIRTIO_BAR, 0xd010_0000);
+    dev.config_written(crate::pci::PCI_COMMAND, 1);
+    dev.config_written(crate::pci::PCI_COMMAND, 1);
+    assert_eq!(tries(), 2, "and once where the BAR went");
 }
 
 /// The device's state as the snapshot file holds it: through a JSON string and back.
