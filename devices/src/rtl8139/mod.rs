@@ -167,6 +167,23 @@ const CSCR_LINK_CHANGE: u16 = 0x0800;
 
 /// The counter behind TCTR runs at the PCI clock.
 const TCTR_HZ: u64 = 33_000_000;
+/// TCTR's period: its 32 bits counted at TCTR_HZ (about 130 s).
+const TCTR_PERIOD: Duration = Duration::from_nanos((1u64 << 32) * 1_000_000_000 / TCTR_HZ);
+
+/// The first time TCTR matches again at or after `now`, given one match at `t`: `t` itself,
+/// or `t` plus as many whole periods as it takes.
+fn next_match(t: Instant, now: Instant) -> Instant {
+    let late = now.saturating_duration_since(t);
+    if late.is_zero() {
+        return t;
+    }
+    let period = TCTR_PERIOD.as_nanos();
+    let periods = late.as_nanos().div_ceil(period);
+    let ahead = u64::try_from(periods * period).unwrap_or(u64::MAX);
+    t.checked_add(Duration::from_nanos(ahead))
+        .unwrap_or(now + TCTR_PERIOD)
+}
+
 /// The longest frame either driver accepts from the normal-mode ring (8139too's
 /// MAX_ETH_FRAME_SIZE); the TX slots have the same limit.
 pub const MAX_NORMAL_FRAME: usize = 1792;
@@ -434,22 +451,27 @@ impl Rtl8139 {
         }
     }
 
-    /// TCTR was reset or TimerInt written: the next match is TimerInt ticks after the epoch.
+    /// TCTR was reset or TimerInt written: the next match is when TCTR next counts to
+    /// TimerInt: TimerInt ticks after the epoch, or, that being past (TCTR has counted beyond
+    /// it), a whole number of TCTR's wraps later.
     fn schedule_timer_int(&mut self) {
         let ticks = self.get32(TIMER_INT) as u64;
-        self.timer_int_at = (ticks != 0)
-            .then(|| self.tctr_epoch + Duration::from_nanos(ticks * 1_000_000_000 / TCTR_HZ));
+        self.timer_int_at = (ticks != 0).then(|| {
+            let first = self.tctr_epoch + Duration::from_nanos(ticks * 1_000_000_000 / TCTR_HZ);
+            next_match(first, Instant::now())
+        });
         self.arm_timer();
     }
 
     fn on_timer(&mut self, port: &mut NetPort) {
         self.timer.take();
         if let Some(t) = self.timer_int_at {
-            if Instant::now() >= t {
+            let now = Instant::now();
+            if now >= t {
                 self.raise(INT_TIMEOUT);
-                // TCTR wraps; it matches again one full period later.
-                let period = Duration::from_nanos((1u64 << 32) * 1_000_000_000 / TCTR_HZ);
-                self.timer_int_at = Some(t + period);
+                // TCTR wraps; it matches again a full period later (once, however late this
+                // turn came: one interrupt, not one per period missed).
+                self.timer_int_at = Some(next_match(t, now + Duration::from_nanos(1)));
             }
         }
         if self.rx_poll {

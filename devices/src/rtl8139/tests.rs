@@ -879,6 +879,25 @@ fn timer_interrupt_fires_at_timerint() {
     assert!(d.irq());
 }
 
+/// TimerInt below what TCTR has counted already matches when TCTR next comes round to it,
+/// a period (about 130 s) on: not at once, and not once for every period since the epoch (a
+/// guest writing it over and over after a long uptime kept the I/O thread busy).
+#[test]
+fn a_timerint_tctr_has_passed_waits_for_the_next_round() {
+    let (mut d, _p) = too_open();
+    d.w32(TCTR, 0);
+    std::thread::sleep(Duration::from_millis(5));
+    let _ = d.r16(ISR);
+    d.w16(ISR, INT_TIMEOUT);
+    d.w32(TIMER_INT, 33_000); // 1 ms: passed 4 ms ago
+    d.dev.handle(NetEvent::Timer);
+    assert_eq!(d.r16(ISR) & INT_TIMEOUT, 0, "not before TCTR comes round");
+    let (t, p) = (std::time::Instant::now(), super::TCTR_PERIOD);
+    assert_eq!(super::next_match(t, t), t);
+    assert_eq!(super::next_match(t, t + p * 3 / 2), t + 2 * p);
+    assert_eq!(super::next_match(t, t + 1000 * p), t + 1000 * p);
+}
+
 // ---- hostile programming ------------------------------------------------------------------
 
 #[test]
