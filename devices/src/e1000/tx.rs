@@ -8,8 +8,8 @@ use super::rx::{MIN_FRAME, ZEROS};
 use super::*;
 use crate::net::guest_iov::{self, Piece, Ring};
 use crate::net::offload::{
-    csum_hdr, insert_checksum, prepare_gso, prepare_gso_head, segment_tcp, Layers, IPPROTO_TCP,
-    IPPROTO_UDP,
+    csum_hdr, insert_checksum, prepare_gso, prepare_gso_head, segment_tcp_from, Layers,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 use crate::net::port::TX_SENDS_PER_WALK;
 use crate::net::Sent;
@@ -435,10 +435,10 @@ impl E1000 {
             }
         }
         let mut scratch = std::mem::take(&mut self.tx_scratch);
-        let skip = self.tx_segs_sent;
-        let mut i = 0;
-        let r = segment_tcp(frame, &at, c.mss, &mut scratch, |seg| {
-            if i >= skip && self.send(port, None, seg, &[], vlan, None) == Sent::Blocked {
+        // Going on where a full backend stopped the send: those segments went already.
+        let mut i = self.tx_segs_sent;
+        let r = segment_tcp_from(frame, &at, c.mss, i, &mut scratch, |seg| {
+            if self.send(port, None, seg, &[], vlan, None) == Sent::Blocked {
                 return Err(());
             }
             i += 1;

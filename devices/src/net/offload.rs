@@ -379,6 +379,20 @@ pub fn segment_tcp<E>(
     at: &Layers,
     mss: usize,
     scratch: &mut Vec<u8>,
+    emit: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<bool, E> {
+    segment_tcp_from(frame, at, mss, 0, scratch, emit)
+}
+
+/// [`segment_tcp`] from segment `first` (counting from 0) on: the ones before it are not
+/// built (a send that the backend stopped part way goes on where it stopped, without
+/// building again what went).
+pub fn segment_tcp_from<E>(
+    frame: &[u8],
+    at: &Layers,
+    mss: usize,
+    first: usize,
+    scratch: &mut Vec<u8>,
     mut emit: impl FnMut(&[u8]) -> Result<(), E>,
 ) -> Result<bool, E> {
     if at.proto != IPPROTO_TCP || mss == 0 || !at.fit(frame) {
@@ -393,6 +407,7 @@ pub fn segment_tcp<E>(
         .chunks(mss)
         .chain(payload.is_empty().then_some(&[][..]))
         .enumerate()
+        .skip(first)
     {
         scratch.clear();
         scratch.extend_from_slice(&frame[..at.hdr_len]);
@@ -832,6 +847,16 @@ pub(crate) mod tests {
         }
         assert_eq!(out[0].len(), 18 + 40 + 1448);
         assert_eq!(data, f[at.hdr_len..]);
+        // From a later segment: the same segments, those before it not built.
+        for first in 0..4 {
+            let mut from = vec![];
+            let r: Result<bool, ()> = segment_tcp_from(&f, &at, 1448, first, &mut scratch, |s| {
+                from.push(s.to_vec());
+                Ok(())
+            });
+            assert_eq!(r, Ok(true));
+            assert_eq!(from, out[first.min(3)..], "from {first}");
+        }
         // A header-only frame still goes out, once.
         let empty = tcp4_frame(0, false);
         let mut n = 0;
