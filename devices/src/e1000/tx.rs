@@ -70,6 +70,9 @@ fn cs_end(cse: usize, len: usize) -> usize {
     }
 }
 
+/// Why the ring stops for a frame longer than a walk takes.
+const TOO_SPREAD: &str = "TX frame spread over more descriptors than the device walks at once";
+
 impl E1000 {
     /// Walks the ring from TDH towards TDT, at most [`TX_BUDGET`] descriptors.
     pub(super) fn process_tx(&mut self, port: &mut NetPort) {
@@ -120,20 +123,17 @@ impl E1000 {
             };
             let cmd = d.cmd();
             let dext = cmd & TXD_CMD_DEXT != 0;
-            if dext && d.dtyp() == TXD_DTYP_CONTEXT {
-                // One in the middle of a frame counts as the frame's: a frame that a walk
-                // cannot take whole never goes, and must stop the ring rather than be walked
-                // again and again (the next walk would start at the same descriptor).
-                if first.is_some() {
-                    frame_descs += 1;
-                    if frame_descs >= TX_BUDGET {
-                        return self.ring_error(
-                            port,
-                            true,
-                            "TX frame spread over more descriptors than the device walks at once",
-                        );
-                    }
+            let context = dext && d.dtyp() == TXD_DTYP_CONTEXT;
+            // Every descriptor of a frame counts, a context one in its middle too: a frame
+            // that a walk cannot take whole never goes, and must stop the ring rather than be
+            // walked again and again (the next walk would start at the same descriptor).
+            if !context || first.is_some() {
+                frame_descs += 1;
+                if frame_descs >= TX_BUDGET {
+                    return self.ring_error(port, true, TOO_SPREAD);
                 }
+            }
+            if context {
                 self.ctx = TxContext::from_desc(&desc::view(&d));
                 if cmd & TXD_CMD_RS != 0 && self.write_dd(port, &ring, desc_addr(idx)) {
                     if cmd & TXD_CMD_IDE != 0 {
@@ -146,14 +146,6 @@ impl E1000 {
                     start = cur;
                 }
                 continue;
-            }
-            frame_descs += 1;
-            if frame_descs >= TX_BUDGET {
-                return self.ring_error(
-                    port,
-                    true,
-                    "TX frame spread over more descriptors than the device walks at once",
-                );
             }
             let legacy: LegacyTxDesc = desc::view(&d);
             let len = if dext {
@@ -225,11 +217,7 @@ impl E1000 {
         if !finished && cur != tail {
             if start == head && first.is_some() {
                 // A whole walk and not one frame went: the next walk would do the same.
-                return self.ring_error(
-                    port,
-                    true,
-                    "TX frame spread over more descriptors than the device walks at once",
-                );
+                return self.ring_error(port, true, TOO_SPREAD);
             }
             // The budget ran out: the rest on the I/O thread's next turn.
             port.kick_tx();
