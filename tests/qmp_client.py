@@ -152,7 +152,10 @@ async def protocol(path, tcp_port):
     check("timestamp" in ev, f"event {ev}")
     check("data" not in ev, f"no data member, as QEMU's RESUME: {ev}")
     check((await qmp.execute("query-status"))["status"] == "running", "after cont")
-    await qmp.execute("stop")
+    # stop on a connection of its own: the first line after it is its STOP event, then the
+    # answer, as QEMU sends them.
+    r = raw(path, b'{"execute": "stop"}')
+    check(r.get("event") == "STOP" and "data" not in r, f"STOP before the answer: {r}")
     await next_event(qmp, "STOP")
     st = await other.execute("query-status")
     check(st["status"] == "paused" and not st["running"], f"after stop {st}")

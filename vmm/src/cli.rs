@@ -916,7 +916,7 @@ where
             "-kernel" => b.kernel = Some(val.into()),
             "-initrd" => b.initrd = Some(val.into()),
             "-append" => b.append = val,
-            "-name" if val.is_empty() => b.name = Some(String::new()),
+            "-name" if val.is_empty() => b.name = None,
             "-name" => {
                 let kv = KeyVal::parse(&val, Some("guest")).or_else(|e| err(&opt, e))?;
                 if let Some(k) = kv.unknown_key(&["guest", "process", "debug-threads"]) {
@@ -2174,6 +2174,11 @@ mod tests {
     fn name_and_process_name() {
         let c = run("-kernel k -name guest=,process=myvm").unwrap();
         assert_eq!((c.name, c.process_name.as_deref()), (None, Some("myvm")));
+        let args = ["-kernel", "k", "-name", "vm1", "-name", ""].map(String::from);
+        let Action::Run(c) = parse_with_fds(args, &InheritedFds::default()).unwrap() else {
+            panic!("not a run")
+        };
+        assert_eq!(c.name, None, "an empty -name is none too");
         let c = run("-kernel k -name vm1,debug-threads=on").unwrap();
         assert_eq!((c.name.as_deref(), c.process_name), (Some("vm1"), None));
     }
@@ -2737,7 +2742,7 @@ mod tests {
             "a size kept; no name"
         );
         match parse(["-name", "", "-kernel", "k"].map(String::from)).unwrap() {
-            Action::Run(c) => assert_eq!(c.name.as_deref(), Some(""), "-name '' as before"),
+            Action::Run(c) => assert_eq!(c.name, None, "-name '': none, as QEMU's query-name says"),
             a => panic!("{a:?}"),
         }
         // QEMU's order: -nic (and -net nic) NICs first, then -device ones, whatever the

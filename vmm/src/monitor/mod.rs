@@ -90,10 +90,29 @@ pub struct Control {
     events: EventQueue,
 }
 
-/// Events waiting for the monitor thread to send them to every QMP client.
+/// Events waiting for the monitor thread to send them to every QMP client, each with its
+/// number in the order they came.
 pub struct EventQueue {
-    queue: Mutex<Vec<String>>,
+    queue: Mutex<Events>,
     wake: EventFd,
+}
+
+#[derive(Default)]
+struct Events {
+    waiting: Vec<(u64, String)>,
+    /// The number the next event gets.
+    next: u64,
+}
+
+impl Events {
+    /// Sends `c` the waiting events it has not had yet.
+    fn send_to(&self, c: &mut Client) {
+        let from = c.next_event;
+        for (n, ev) in self.waiting.iter().filter(|(n, _)| *n >= from) {
+            qmp::send_text(c, ev);
+            c.next_event = n + 1;
+        }
+    }
 }
 
 impl EventQueue {
@@ -101,12 +120,26 @@ impl EventQueue {
     /// thread.
     fn push(&self, msg: String) {
         let mut queue = self.queue.lock().unwrap();
-        if queue.len() >= MAX_QUEUED_EVENTS {
-            queue.remove(0);
+        if queue.waiting.len() >= MAX_QUEUED_EVENTS {
+            queue.waiting.remove(0);
         }
-        queue.push(msg);
+        let n = queue.next;
+        queue.next += 1;
+        queue.waiting.push((n, msg));
         drop(queue);
         let _ = self.wake.write(1);
+    }
+
+    /// Sends `c` the waiting events it has not had yet (they stay for the other clients):
+    /// a command's events go before its answer, as QEMU sends them.
+    fn send_waiting(&self, c: &mut Client) {
+        self.queue.lock().unwrap().send_to(c);
+    }
+
+    /// The number the next event will get: a client that starts hearing events now hears
+    /// that one first.
+    fn next(&self) -> u64 {
+        self.queue.lock().unwrap().next
     }
 }
 
@@ -232,7 +265,7 @@ impl Control {
             postmigrate: Mutex::new(false),
             shutdown_cause: Mutex::new(None),
             events: EventQueue {
-                queue: Mutex::new(vec![]),
+                queue: Mutex::new(Events::default()),
                 wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
             },
         });
@@ -573,6 +606,8 @@ struct Client {
     after_cr: bool,
     /// QMP: where the reading of the input stands.
     scan: qmp::Scan,
+    /// QMP: the number of the first event this client has not had.
+    next_event: u64,
     /// Ended: dropped once its output is flushed.
     closing: bool,
 }
@@ -689,17 +724,19 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut turned_away = false;
     loop {
-        // Events to every negotiated QMP client.
-        let events: Vec<String> = std::mem::take(&mut *control.events.queue.lock().unwrap());
+        // Events to every negotiated QMP client (those it has not had yet: a command's own
+        // went with its answer).
         let _ = control.events.wake.read();
-        for ev in &events {
-            for c in clients
-                .iter_mut()
-                .filter(|c| c.mode == MonitorMode::Control && c.negotiated)
-            {
-                qmp::send_text(c, ev);
-            }
+        let mut events = control.events.queue.lock().unwrap();
+        for c in clients
+            .iter_mut()
+            .filter(|c| c.mode == MonitorMode::Control && c.negotiated)
+        {
+            events.send_to(c);
         }
+        // Under the same lock: one that comes meanwhile waits for the next turn.
+        events.waiting.clear();
+        drop(events);
         clients.retain(|c| c.output.len() <= MAX_OUTPUT);
         if let Some(t0) = stopping {
             if clients.iter().all(|c| c.output.is_empty()) || t0.elapsed() > Duration::from_secs(1)
@@ -778,6 +815,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
                 skip_line: false,
                 after_cr: false,
                 scan: qmp::Scan::default(),
+                next_event: 0,
                 closing: false,
             };
             match kind.mode {
@@ -848,15 +886,16 @@ mod tests {
     #[test]
     fn events_nobody_takes_keep_only_the_newest() {
         let q = EventQueue {
-            queue: Mutex::new(vec![]),
+            queue: Mutex::new(Events::default()),
             wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap(),
         };
         for i in 0..MAX_QUEUED_EVENTS + 10 {
             q.push(i.to_string());
         }
         let queue = q.queue.lock().unwrap();
-        assert_eq!(queue.len(), MAX_QUEUED_EVENTS);
-        assert_eq!(queue[0], "10");
-        assert_eq!(queue.last().unwrap(), &(MAX_QUEUED_EVENTS + 9).to_string());
+        assert_eq!(queue.waiting.len(), MAX_QUEUED_EVENTS);
+        assert_eq!(queue.waiting[0], (10, "10".to_string()));
+        let last = MAX_QUEUED_EVENTS as u64 + 9;
+        assert_eq!(queue.waiting.last().unwrap(), &(last, last.to_string()));
     }
 }

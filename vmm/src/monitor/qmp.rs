@@ -374,6 +374,7 @@ fn handle(control: &Control, c: &mut Client, msg: Value) {
                 ))),
                 _ => {
                     c.negotiated = true;
+                    c.next_event = control.events.next();
                     Ok(json!({}))
                 }
             }
@@ -384,7 +385,11 @@ fn handle(control: &Control, c: &mut Client, msg: Value) {
             desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
         })
     } else {
-        execute(control, &cmd, &args)
+        let result = execute(control, &cmd, &args);
+        // What the command set off (STOP, RESUME, MIGRATION, SHUTDOWN) comes first, as QEMU
+        // sends its events before the answer.
+        control.events.send_waiting(c);
+        result
     };
     match result {
         Ok(ret) => {
