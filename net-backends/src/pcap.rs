@@ -38,6 +38,12 @@ fn file_header(snaplen: u32) -> [u8; 24] {
     h
 }
 
+/// The capture of a netdev no NIC uses, as QEMU writes it: the file header, no frames (QEMU
+/// drops what such a netdev receives before its filters see it).
+pub fn empty_capture(mut file: File, maxlen: u32) -> io::Result<()> {
+    file.write_all(&file_header(maxlen))
+}
+
 impl<B: NetBackend> PcapDump<B> {
     /// Writes the file header to `file` (created or truncated by the caller), then the
     /// frames.

@@ -1,8 +1,9 @@
 //! The netdevs no NIC uses, kept as QEMU keeps them: opened and running, so a user network's
 //! forwards listen (and `info usernet` and `hostfwd_add` reach it), a tap exists with its
 //! scripts run, a stream server accepts and a client connects. What such a netdev receives is
-//! dropped, as QEMU drops a frame for a net client with no peer; it is read all the same, so
-//! that nothing piles up in it. QEMU warns that the netdev has no peer, and so does nicvm.
+//! dropped, as QEMU drops a frame for a net client with no peer (before its filters: a
+//! capture of it holds no frame); it is read all the same, so that nothing piles up in it.
+//! QEMU warns that the netdev has no peer, and so does nicvm.
 
 use crate::io_thread::Subscriber;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};

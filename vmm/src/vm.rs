@@ -514,15 +514,23 @@ impl Vm {
             }
         }
         // As QEMU: a netdev no NIC uses is opened and kept running (its forwards listen, its
-        // tap exists), what it receives read, captured when asked, and dropped.
+        // tap exists), what it receives read and dropped. QEMU drops it before its filters
+        // see it: a capture of it is made, and holds no frame.
         let mut peerless = vec![];
         for nd in cfg.netdevs_without_peer() {
             if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == nd.id) {
                 new_files.creating(&d.file);
+                let dump_err = |source| VmError::Dump {
+                    id: d.id.clone(),
+                    path: d.file.clone(),
+                    source,
+                };
+                let file = crate::open::create_in_setup(&d.file).map_err(dump_err)?;
+                net_backends::pcap::empty_capture(file, d.maxlen).map_err(dump_err)?;
             }
             let opened = netdev::open(nd)?;
             guards.0.push(opened.guard);
-            let mut queues = vec![with_capture(cfg, &nd.id, opened.backend)?];
+            let mut queues = vec![opened.backend];
             queues.extend(opened.more_queues);
             let shared: Vec<crate::peerless::Shared> = queues
                 .into_iter()
