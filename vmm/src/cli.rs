@@ -2199,6 +2199,11 @@ mod tests {
                 .unwrap()
                 .no_shutdown
         );
+        let args = ["-kernel", "k", "-no-shutdown", "-action", ""].map(String::from);
+        let Action::Run(c) = parse_with_fds(args, &InheritedFds::default()).unwrap() else {
+            panic!("not a run")
+        };
+        assert!(c.no_shutdown, "-action '' asks nothing, as in QEMU");
         let c = run("-kernel k -action reboot=reset,watchdog=none").unwrap();
         assert!(!c.no_shutdown);
         let noted: Vec<&str> = c.notes.iter().map(|n| n.text.as_str()).collect();
@@ -2218,7 +2223,6 @@ mod tests {
                 "-action: panic=pause: a guest panic ends nicvm",
             ),
             ("-action colour=red", "-action: unknown parameter 'colour'"),
-            ("-action", "-action"),
         ] {
             let e = run(&format!("-kernel k {bad}")).unwrap_err().to_string();
             assert!(e.starts_with(says), "{bad}: {e}");

@@ -692,6 +692,9 @@ pub fn option_help(opt: &str, val: &str) -> Option<String> {
 /// (`shutdown=pause`, `Some(true)`; `shutdown=poweroff`, `Some(false)`; not said, `None`),
 /// and notes for what nicvm does otherwise than asked.
 pub fn action(val: &str) -> Result<(Option<bool>, Vec<String>), CliErrorKind> {
+    if val.is_empty() {
+        return Ok((None, vec![])); // as QEMU: nothing asked
+    }
     let kv = KeyVal::parse(val, None).map_err(CliErrorKind::from)?;
     let (mut hold, mut notes) = (None, vec![]);
     for (k, v) in &kv.pairs {

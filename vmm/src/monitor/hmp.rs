@@ -205,10 +205,23 @@ pub(super) fn process(control: &Control, c: &mut Client) {
 
 /// A line as QEMU's readline makes it of the keys a client sent: backspace and DEL take
 /// back the character before them, a tab is a space (QEMU's completes; the command reads it
-/// as a word's end), other control characters are ignored.
+/// as a word's end), an escape sequence (an arrow key: `ESC [ A`, `ESC O A`) and other
+/// control characters are ignored.
 fn typed(raw: &str) -> String {
     let mut line = String::with_capacity(raw.len());
-    for ch in raw.chars() {
+    let mut chars = raw.chars().peekable();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            // CSI: parameters, then a final byte from @ to ~; SS3: one byte.
+            match chars.next() {
+                Some('[') => while chars.next().is_some_and(|c| !('@'..='~').contains(&c)) {},
+                Some('O') => {
+                    chars.next();
+                }
+                _ => {}
+            }
+            continue;
+        }
         match ch {
             '\u{8}' | '\u{7f}' => {
                 line.pop();
@@ -293,7 +306,9 @@ fn arguments(rest: &str) -> Option<Vec<String>> {
                     '\\' => word.push(match chars.next()? {
                         'n' => '\n',
                         'r' => '\r',
-                        c => c,
+                        c @ ('\\' | '\'' | '"') => c,
+                        // QEMU's "unsupported escape code": no string.
+                        _ => return None,
                     }),
                     c => word.push(c),
                 }
@@ -673,8 +688,12 @@ mod tests {
     fn typed_lines_are_edited_as_readline_edits_them() {
         assert_eq!(typed("info nama\u{7f}e"), "info name");
         assert_eq!(typed("info\tname\u{8}\u{8}\u{8}\u{8}status"), "info status");
-        assert_eq!(typed("\u{0}info \u{1b}name"), "info name");
+        assert_eq!(typed("\u{0}info \u{1}\u{2}name"), "info name");
+        // As QEMU's readline: ESC and the key after it (Alt+key) are dropped.
+        assert_eq!(typed("info \u{1b}xname"), "info name");
         assert_eq!(typed("\u{7f}\u{7f}q"), "q");
+        assert_eq!(typed("info status\u{1b}[A"), "info status", "an arrow key");
+        assert_eq!(typed("info \u{1b}[1;5Dstatus\u{1b}OB"), "info status");
     }
 
     /// Arguments as QEMU's monitor reads strings: words, or double-quoted with escapes;
@@ -688,6 +707,10 @@ mod tests {
         assert_eq!(arguments("").unwrap(), Vec::<String>::new());
         assert!(arguments("\"e off").is_none());
         assert!(arguments("\"e\\").is_none());
+        assert!(
+            arguments("\"a\\x\" off").is_none(),
+            "an escape QEMU does not know"
+        );
     }
 
     #[test]
