@@ -1377,18 +1377,37 @@ fn no_shutdown_holds_a_guest_that_powered_off() {
     let dir = temp("held");
     let sock = dir.join("qmp.sock");
     let qmp = format!("unix:{},server=on,wait=off", sock.display());
-    let vm = spawn(
+    let mut vm = spawn(
         &img,
         "nicvm.run=poweroff",
-        &["-no-shutdown", "-nic", "none", "-m", "128", "-qmp", &qmp],
+        &[
+            "-S",
+            "-no-shutdown",
+            "-nic",
+            "none",
+            "-m",
+            "128",
+            "-qmp",
+            &qmp,
+        ],
         Stdio::null(),
     );
     wait_for(&sock);
-    let out = python(&py, &["held", sock.to_str().unwrap()]);
-    assert!(
-        out.starts_with("connected\n") && out.ends_with("OK\n"),
-        "{out}"
-    );
+    let o = Command::new(&py)
+        .arg(client_script())
+        .args(["held", sock.to_str().unwrap()])
+        .output()
+        .expect("run python");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    if !(o.status.success() && out.starts_with("connected\n") && out.ends_with("OK\n")) {
+        // What the guest and nicvm said, to tell why.
+        support::reaper::kill_guest(&mut vm.child);
+        let (_, stdout, stderr) = vm.wait(Duration::from_secs(10));
+        panic!(
+            "qmp_client.py held failed\n{out}\n{}\n--- guest ---\n{stdout}\n--- nicvm ---\n{stderr}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
     let (code, stdout, stderr) = vm.wait(Duration::from_secs(30));
     assert_eq!(code, Some(0), "quit is a clean exit\n{stdout}\n{stderr}");
     assert!(

@@ -14,8 +14,9 @@ Run by tests/qmp.rs with the virtualenv scripts/setup makes:
     qmp_client.py watch UNIX_SOCKET
         prints "watching", then every event as a JSON line until SHUTDOWN.
     qmp_client.py held UNIX_SOCKET
-        a VM run with -no-shutdown whose guest powers off: SHUTDOWN and STOP come, the VM
-        stays, stopped in "shutdown", cont is refused as QEMU refuses it; then quit.
+        a VM started stopped (-S) with -no-shutdown, whose guest powers off once continued:
+        SHUTDOWN and STOP come, the VM stays, stopped in "shutdown", cont is refused as QEMU
+        refuses it; then quit.
 Prints "OK" last when every check passed; a failed check raises (non-zero exit).
 """
 
@@ -216,6 +217,9 @@ async def held(path):
     qmp = QMPClient("held")
     await qmp.connect(path)
     print("connected", flush=True)
+    # Started with -S: the guest runs once this client listens (on hardware KVM it powers
+    # off within a few seconds, before a client that connects late could hear it).
+    await qmp.execute("cont")
     ev = await next_event(qmp, "SHUTDOWN", timeout=240)
     check(ev["data"] == {"guest": True, "reason": "guest-shutdown"}, f"SHUTDOWN {ev}")
     await next_event(qmp, "STOP")

@@ -144,13 +144,27 @@ impl Lifecycle {
         if !holds || self.exit_requested() {
             return self.request_exit(reason);
         }
+        // Under the pause's lock, which `resume` checks the hold under: a `cont` racing the
+        // shutdown cannot resume a guest that is held.
+        let mut paused = self.paused.lock().unwrap();
         let mut held = self.held.lock().unwrap();
         if held.is_none() {
             *held = Some(reason);
-            drop(held);
-            *self.paused.lock().unwrap() = true;
+            *paused = true;
+            drop((held, paused));
             let _ = self.event.write(1);
         }
+    }
+
+    /// Resumes the vCPUs, unless the guest shut down and is held: false then.
+    pub fn resume(&self) -> bool {
+        let mut paused = self.paused.lock().unwrap();
+        if self.held.lock().unwrap().is_some() {
+            return false;
+        }
+        *paused = false;
+        self.resumed.notify_all();
+        true
     }
 
     /// Records the first reason given; later ones are ignored.
@@ -228,6 +242,8 @@ mod tests {
         assert_eq!(l.held(), Some(ExitReason::PowerOff));
         assert!(l.paused() && !l.exit_requested());
         assert_eq!(l.event().read().unwrap(), 1, "the waiter is woken");
+        assert!(!l.resume(), "a held guest is not resumed");
+        assert!(l.paused());
         l.guest_shutdown(ExitReason::Reboot);
         assert_eq!(l.held(), Some(ExitReason::PowerOff), "the first stays");
         assert!(l.event().read().is_err(), "and is told once");

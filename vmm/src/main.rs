@@ -229,6 +229,7 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         say!("nicvm: internal error: {info}");
         on_panic.request_exit(ExitReason::Error("internal error".into()));
     }));
+    let lifecycle_for_hold = lifecycle.clone();
     let reason = {
         let mut vm = match vm::Vm::new(&cfg, host, timing, lifecycle.clone()) {
             Ok(vm) => vm,
@@ -264,9 +265,12 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         }
         // -no-shutdown: a guest that shut down is held; the monitors hear it and see it
         // stopped.
-        let mut on_held = || {
-            if let Some(c) = &control {
-                c.guest_held();
+        let vcpus = vm.monitor_parts().vcpus;
+        let mut on_held = || match &control {
+            Some(c) => c.guest_held(),
+            // No monitor to tell: the other vCPUs are stopped all the same.
+            None => {
+                nicvm::vcpu::pause_all(&lifecycle_for_hold, &vcpus, cfg.cpus.into());
             }
         };
         let reason = vm.run(&signals, &mut on_held);

@@ -468,8 +468,11 @@ fn run(
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) => Some(ExitReason::Error(format!("vCPU {id}: KVM_RUN: {e}"))),
         };
-        if let Some(r) = reason {
-            lifecycle.request_exit(r);
+        match reason {
+            // The guest's own power-off or reset: held under -no-shutdown.
+            Some(r @ (ExitReason::PowerOff | ExitReason::Reboot)) => lifecycle.guest_shutdown(r),
+            Some(r) => lifecycle.request_exit(r),
+            None => {}
         }
     }
 }

@@ -333,11 +333,13 @@ pub struct Vm {
     /// Config::stdio_signals.
     stdio_signals: bool,
     mem: GuestMemoryMmap,
-    /// The netdevs no NIC uses (the first queue of each), by id: kept running (the I/O
-    /// thread drains them), asked by the monitor (a user network's table and forwards).
-    peerless: Vec<(String, crate::peerless::Shared)>,
     /// Held for what its Drop does: the netdevs' downscripts and files, after the devices.
     _guards: Guards,
+    /// The netdevs no NIC uses (the first queue of each), by id: kept running (the I/O
+    /// thread drains them), asked by the monitor (a user network's table and forwards).
+    /// After the guards: a tap is still there while its downscript runs, as a NIC's is
+    /// (the saver holds those).
+    peerless: Vec<(String, crate::peerless::Shared)>,
     lifecycle: Arc<Lifecycle>,
     timing: Timing,
     /// The running vCPU threads, for the monitor's pause; emptied before they are joined.

@@ -376,7 +376,12 @@ impl Control {
         if !self.lifecycle.paused() {
             return Ok(());
         }
-        self.lifecycle.set_paused(false);
+        // Checked again with the pause: the guest may have shut down since.
+        if !self.lifecycle.resume() {
+            return Err(QmpError::generic(
+                "Resetting the Virtual Machine is required",
+            ));
+        }
         self.emit("RESUME", json!({}));
         Ok(())
     }

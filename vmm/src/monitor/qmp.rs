@@ -243,10 +243,17 @@ fn read_message(input: &mut Vec<u8>, s: &mut Scan) -> Option<Result<Value, QmpEr
                     } else {
                         &mut s.brackets
                     };
-                    // A closer nothing opened is a message of its own, refused.
-                    *open = open.saturating_sub(1);
-                    if whole(s) {
+                    if *open == 0 {
+                        // A closer its kind did not open ends the message there, refused
+                        // (as QEMU's streamer ends one when either count goes below 0),
+                        // also inside the other kind: `{"a":]` does not take the next
+                        // line's command into an object left open.
                         end = Some(s.at + 1);
+                    } else {
+                        *open -= 1;
+                        if whole(s) {
+                            end = Some(s.at + 1);
+                        }
                     }
                 }
                 b':' | b',' if whole(s) => end = Some(s.at + 1),
@@ -727,6 +734,10 @@ mod tests {
                 b"{\"execute\":\n\"query-status\",\"id\":2}\n".to_vec(),
                 vec!["2"],
             ),
+            // A closer of a kind that is not open ends the message there, refused (QEMU's
+            // streamer: a count below 0); the next line's command runs.
+            (format!("{{\"a\":]\n{}\n", ok(1)).into(), vec!["error", "1"]),
+            (format!("[1}}\n{}\n", ok(2)).into(), vec!["error", "2"]),
             // An array left open waits, however the braces go.
             (
                 format!("{{\"id\":12, \"x\": [1,2}} {}\n", ok(13)).into(),
