@@ -25,3 +25,36 @@ pub fn host_range(mem: &GuestMemoryMmap) -> std::ops::Range<usize> {
     let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
     base..base + mem.iter().map(|r| r.len() as usize).sum::<usize>()
 }
+
+thread_local! {
+    static LOUD_LINES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts the warning and error lines logged on the thread that logs them (tests run side
+/// by side, each on its own thread).
+struct LineCounter;
+
+impl log::Log for LineCounter {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            LOUD_LINES.with(|n| n.set(n.get() + 1));
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// The warning and error lines `f` logs on this thread: what a user would see on stderr.
+pub fn loud_lines(f: impl FnOnce()) -> usize {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        // The tests' only logger; set once for the whole process.
+        let _ = log::set_logger(&LineCounter);
+        log::set_max_level(log::LevelFilter::Warn);
+    });
+    let before = LOUD_LINES.with(|n| n.get());
+    f();
+    LOUD_LINES.with(|n| n.get()) - before
+}

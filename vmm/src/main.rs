@@ -10,14 +10,69 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Log lines on stderr, each one line.
-struct StderrLogger(log::LevelFilter);
+struct StderrLogger {
+    level: log::LevelFilter,
+    foreign: std::sync::Mutex<Foreign>,
+}
+
+/// Lines other crates log (virtio-queue logs what a driver does wrong, as it happens) are
+/// let through a few a second: a guest must not set the pace of the host's log. nicvm's own
+/// guest errors are rate-limited where they are found.
+#[derive(Default)]
+struct Foreign {
+    window: Option<Instant>,
+    shown: u32,
+    dropped: u64,
+}
+
+const FOREIGN_PER_SECOND: u32 = 5;
+
+impl Foreign {
+    /// Whether a line may go out now, and how many were held back before it.
+    fn admit(&mut self) -> (bool, u64) {
+        let now = Instant::now();
+        if self
+            .window
+            .is_none_or(|t| now.duration_since(t).as_secs() >= 1)
+        {
+            self.window = Some(now);
+            self.shown = 0;
+        }
+        if self.shown >= FOREIGN_PER_SECOND {
+            self.dropped += 1;
+            return (false, 0);
+        }
+        self.shown += 1;
+        (true, std::mem::take(&mut self.dropped))
+    }
+}
+
+fn ours(target: &str) -> bool {
+    let krate = target.split("::").next().unwrap_or(target);
+    matches!(krate, "nicvm" | "devices" | "net_backends")
+}
 
 impl log::Log for StderrLogger {
     fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= self.0
+        m.level() <= self.level
     }
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
+            if !ours(r.target()) {
+                let (admit, dropped) = self
+                    .foreign
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .admit();
+                if !admit {
+                    return;
+                }
+                if dropped > 0 {
+                    stderr::note(format!(
+                        "nicvm: warning: {dropped} lines from libraries held back (a few a second are shown)\n"
+                    ));
+                }
+            }
             let level = match r.level() {
                 log::Level::Warn => "warning".to_string(),
                 l => l.as_str().to_lowercase(),
@@ -43,7 +98,10 @@ fn init_logging() {
         Ok("off") => log::LevelFilter::Off,
         _ => log::LevelFilter::Info,
     };
-    let logger = Box::leak(Box::new(StderrLogger(level)));
+    let logger = Box::leak(Box::new(StderrLogger {
+        level,
+        foreign: Default::default(),
+    }));
     let _ = log::set_logger(logger);
     log::set_max_level(level);
 }
@@ -305,4 +363,31 @@ fn set_process_name(name: &str) {
     bytes.push(0);
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes, which `bytes` is.
     unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_crates_lines_come_a_few_a_second() {
+        let mut f = Foreign::default();
+        let shown = (0..100_000).filter(|_| f.admit().0).count();
+        // One window, or two if the loop crossed a second.
+        assert!(shown <= 2 * FOREIGN_PER_SECOND as usize, "{shown} shown");
+        assert!(shown >= FOREIGN_PER_SECOND as usize);
+        f.window = Some(Instant::now() - std::time::Duration::from_secs(2));
+        let (admit, dropped) = f.admit();
+        assert!(admit);
+        assert!(dropped > 0, "the lines held back are counted");
+    }
+
+    #[test]
+    fn only_other_crates_are_limited() {
+        assert!(ours("devices::virtio::net"));
+        assert!(ours("nicvm"));
+        assert!(ours("net_backends::slirp"));
+        assert!(!ours("virtio_queue::queue"));
+        assert!(!ours("vm_memory::mmap"));
+    }
 }

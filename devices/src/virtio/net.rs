@@ -37,7 +37,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use virtio_bindings::virtio_net as vnet;
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
-use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 // Feature bits (virtio 1.0, 5.1.3) as masks.
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << vnet::VIRTIO_NET_F_CSUM;
@@ -96,6 +96,28 @@ fn chain_desc(i: usize, len: u32) -> Result<usize, &'static str> {
     } else {
         Ok(len as usize)
     }
+}
+
+/// Whether a queue is ready and its three areas lie in guest memory, as virtio-queue's
+/// `is_valid` checks, without its log line for each refusal: a driver can ask for the check
+/// (DRIVER_OK after a reset) as often as it likes.
+fn in_memory(q: &Queue, mem: &GuestRam) -> bool {
+    let n = u64::from(q.size());
+    // Sizes from the virtio spec's layout (2.7): 16 bytes a descriptor; flags, index and
+    // event words around 2 bytes an entry (available) or 8 (used).
+    let areas = [
+        (q.desc_table(), 16 * n),
+        (q.avail_ring(), 6 + 2 * n),
+        (q.used_ring(), 6 + 8 * n),
+    ];
+    q.ready()
+        && areas.iter().all(|&(base, len)| {
+            mem.check_range(
+                GuestAddress(base),
+                len as usize,
+                vm_memory::Permissions::Write,
+            )
+        })
 }
 
 mod ctrl;
@@ -468,8 +490,7 @@ impl VirtioNet {
         let event_idx = self.has(VIRTIO_F_RING_EVENT_IDX);
         for i in 0..self.queues.len() {
             let q = &mut self.queues[i];
-            if (i <= TX || q.ready()) && (!q.ready() || !q.is_valid(&self.mem) || self.bad_size[i])
-            {
+            if (i <= TX || q.ready()) && (!in_memory(q, &self.mem) || self.bad_size[i]) {
                 let what = format!("queue {i} is not set up validly at DRIVER_OK");
                 self.device_error(port, &what);
                 return;
@@ -1160,11 +1181,19 @@ impl VirtioNet {
                 };
                 let mut val = cur;
                 write_le(&mut val, (off - base) as usize, data);
-                let (lo, hi) = (Some(val as u32), Some((val >> 32) as u32));
-                match base {
-                    QUEUE_DESC => q.set_desc_table_address(lo, hi),
-                    QUEUE_DRIVER => q.set_avail_ring_address(lo, hi),
-                    _ => q.set_used_ring_address(lo, hi),
+                let addr = GuestAddress(val);
+                // virtio-queue's own setters log each refusal: a guest writing odd addresses
+                // in a loop would write the host's log at its pace. Refused here through the
+                // port's rate-limited log instead; the field keeps its value.
+                let (set, what) = match base {
+                    QUEUE_DESC => (q.try_set_desc_table_address(addr), "descriptor table"),
+                    QUEUE_DRIVER => (q.try_set_avail_ring_address(addr), "driver area"),
+                    _ => (q.try_set_used_ring_address(addr), "device area"),
+                };
+                if set.is_err() {
+                    port.guest_error(format_args!(
+                        "queue {qs}: {what} address {val:#x} breaks its alignment"
+                    ));
                 }
             }
             _ => {}
@@ -1334,7 +1363,7 @@ impl VirtioNet {
             ));
         }
         if live && (i <= TX || s.ready) {
-            if !q.is_valid(&self.mem) || s.bad_size {
+            if !in_memory(&q, &self.mem) || s.bad_size {
                 return Err(format!(
                     "queue {i}: live, yet not ready or not inside guest memory"
                 ));

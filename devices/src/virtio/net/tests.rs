@@ -1963,3 +1963,39 @@ fn a_link_lost_in_a_tx_batch_reaches_the_driver() {
     assert_eq!(link(&mut d), 0, "the driver sees the link down");
     assert_eq!(d.used_idx(TX), 1, "the frame is lost, as on a wire");
 }
+
+/// Found by review: virtio-queue logs each queue address it refuses and each queue its
+/// `is_valid` turns down, so a driver writing an odd descriptor address in a loop, or
+/// resetting and setting DRIVER_OK over a queue outside memory, wrote the host's log at its
+/// own pace (one line per register write). Both are refused as before, through the port's
+/// rate-limited log.
+#[test]
+fn a_driver_cannot_write_the_log_at_its_pace() {
+    let mut d = new_rig(PLAIN);
+    assert!(d.negotiate(BASE));
+    d.setup_queue(RX, QSIZE);
+    d.setup_queue(TX, QSIZE);
+    d.w(QUEUE_SELECT, TX as u64, 2);
+    let desc = d.r(QUEUE_DESC, 8);
+    let lines = crate::test_util::loud_lines(|| {
+        for i in 0..1000u64 {
+            d.w(QUEUE_DESC, desc + 1 + (i % 15), 8);
+        }
+    });
+    assert!(lines <= 1, "{lines} lines for 1000 odd addresses");
+    assert_eq!(d.r(QUEUE_DESC, 8), desc, "an odd address is refused");
+    d.w(QUEUE_DESC, 1 << 40, 8);
+    let lines = crate::test_util::loud_lines(|| {
+        for _ in 0..1000 {
+            d.w(DEVICE_STATUS, 0, 1);
+            assert!(d.negotiate(BASE));
+            d.w(QUEUE_SELECT, TX as u64, 2);
+            d.w(QUEUE_SIZE, QSIZE as u64, 2);
+            d.w(QUEUE_DESC, 1 << 40, 8);
+            d.w(QUEUE_ENABLE, 1, 2);
+            d.driver_ok();
+            assert!(needs_reset(&mut d));
+        }
+    });
+    assert!(lines <= 1, "{lines} lines for 1000 refused DRIVER_OKs");
+}
