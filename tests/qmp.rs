@@ -1580,3 +1580,96 @@ fn every_descriptor_nicvm_opens_closes_on_exec() {
         "descriptors a child of nicvm would inherit: {kept:?}"
     );
 }
+
+/// Clock ticks of CPU (user + system) a process has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis: state is the 3rd, utime the 14th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn set_nofile(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit on our child, with rlimit structs we own.
+    let r = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(r, 0);
+    let new = libc::rlimit {
+        rlim_max: old.rlim_max,
+        ..new
+    };
+    // SAFETY: as above.
+    let r = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
+
+/// Found by review: with every descriptor taken (a guest on a user network can make libslirp
+/// open thousands of sockets), an `accept` on the monitor's or the serial console's socket
+/// failed and the client stayed queued, so each thread polled its listener in a busy loop, a
+/// core each. They now rest and try again; the client is served once descriptors free up.
+#[test]
+fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
+    let Some(img) = image() else { return };
+    let dir = temp("nofile");
+    let sock = dir.join("monitor.sock");
+    let serial = dir.join("serial.sock");
+    let serial_opt = format!("unix:{},server=on,wait=off", serial.display());
+    let mut child = stopped_with_a_monitor(&img, &sock, &["-serial", &serial_opt]);
+    wait_for(&serial);
+    let pid = child.id();
+    // The lowest free descriptor number as the limit: every number below it is taken.
+    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+        .collect();
+    let free = (0..).find(|n| !open.contains(n)).unwrap();
+    let was = set_nofile(pid, free);
+    let mut monitor = UnixStream::connect(&sock).unwrap();
+    let _console = UnixStream::connect(&serial).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(pid) - t0;
+    set_nofile(pid, was);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    assert!(
+        used * 10 < hz,
+        "{used} ticks of CPU in a second ({hz} a second) while out of descriptors"
+    );
+    monitor
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut greeting = [0u8; 64];
+    let n = monitor.read(&mut greeting).unwrap();
+    assert!(
+        String::from_utf8_lossy(&greeting[..n]).contains("monitor - type 'help'"),
+        "the waiting client is served once descriptors are back: {:?}",
+        String::from_utf8_lossy(&greeting[..n])
+    );
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    support::reaper::guest_ending(pid);
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{err}");
+    for what in ["monitor", "serial"] {
+        let said = format!("{what}: cannot accept a client (Too many open files");
+        assert_eq!(err.matches(&said).count(), 1, "{said} once in {err}");
+    }
+    drop(dir);
+}

@@ -18,6 +18,54 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 /// writer waits, as on a real serial line, instead of nicvm buffering without bound.
 pub const MAX_PENDING: usize = 64 * 1024;
 
+/// A listener whose `accept` failed for want of descriptors or memory (a guest on a user
+/// network can hold thousands of sockets open through libslirp): the client stays in the
+/// listen queue and `poll` reports it again at once, so the listener rests instead of being
+/// polled in a busy loop, and is tried again after [`AcceptRest::PAUSE`].
+#[derive(Default)]
+pub struct AcceptRest {
+    until: Option<std::time::Instant>,
+    warned: bool,
+}
+
+impl AcceptRest {
+    pub const PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
+    /// Whether the listener is resting; if so, the poll timeout (ms) until it is not.
+    pub fn resting(&mut self) -> Option<i32> {
+        let left = self
+            .until?
+            .checked_duration_since(std::time::Instant::now());
+        match left {
+            Some(d) if !d.is_zero() => Some(d.as_millis().clamp(1, i32::MAX as u128) as i32),
+            _ => {
+                self.until = None;
+                None
+            }
+        }
+    }
+
+    /// After a failed `accept`: a client that went away, or a signal, needs no rest.
+    pub fn failed(&mut self, what: &str, e: &io::Error) {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock
+                | io::ErrorKind::Interrupted
+                | io::ErrorKind::ConnectionAborted
+        ) {
+            return;
+        }
+        if !self.warned {
+            self.warned = true;
+            log::warn!(
+                "{what}: cannot accept a client ({e}); trying again every {} ms",
+                Self::PAUSE.as_millis()
+            );
+        }
+        self.until = Some(std::time::Instant::now() + Self::PAUSE);
+    }
+}
+
 /// Where guest output goes: the current client, if any.
 type Peer = Arc<Mutex<Option<Client>>>;
 
@@ -347,9 +395,11 @@ fn serve(
 ) {
     let mut buf = [0u8; 4096];
     let mut state = Telnet::default();
+    let mut rest = AcceptRest::default();
     loop {
         let client_fd = peer.lock().unwrap().as_ref().map(|c| c.file.as_raw_fd());
         let busy = serial.lock().unwrap().input_pending() >= MAX_PENDING;
+        let resting = rest.resting();
         let mut fds = vec![libc::pollfd {
             fd: stop.as_raw_fd(),
             events: libc::POLLIN,
@@ -363,13 +413,17 @@ fn serve(
                 revents: 0,
             }),
             (None, Some(l)) => fds.push(libc::pollfd {
-                fd: l.as_raw_fd(),
+                fd: if resting.is_some() { -1 } else { l.as_raw_fd() },
                 events: libc::POLLIN,
                 revents: 0,
             }),
             (None, None) => {}
         }
-        let timeout = if busy { 10 } else { -1 };
+        let timeout = match resting {
+            Some(ms) => ms,
+            None if busy => 10,
+            None => -1,
+        };
         // SAFETY: polling descriptors we own, array length given.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
@@ -403,6 +457,8 @@ fn serve(
                         let _ = client.write(&TELNET_HELLO);
                     }
                     *peer.lock().unwrap() = Some(Client::new(client));
+                } else {
+                    rest.failed("serial", &io::Error::last_os_error());
                 }
             }
             Some(_) => {

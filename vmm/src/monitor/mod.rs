@@ -728,6 +728,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
     let mut stopping: Option<Instant> = None;
     let mut buf = vec![0u8; 64 * 1024];
     let mut turned_away = false;
+    let mut rest = crate::serial_io::AcceptRest::default();
     loop {
         // Events to every negotiated QMP client (those it has not had yet: a command's own
         // went with its answer).
@@ -755,13 +756,18 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
             pollfd(control.events.wake.as_raw_fd(), libc::POLLIN),
         ];
         let first_listener = fds.len();
+        let resting = rest.resting();
         if stopping.is_none() {
             for (l, _) in &listening.listeners {
                 let fd = match l {
                     Listener::Unix(s) => s.as_raw_fd(),
                     Listener::Tcp(s) => s.as_raw_fd(),
                 };
-                fds.push(pollfd(fd, libc::POLLIN));
+                // Resting: a negative fd is skipped.
+                fds.push(pollfd(
+                    if resting.is_some() { -1 } else { fd },
+                    libc::POLLIN,
+                ));
             }
         }
         let first_client = fds.len();
@@ -775,7 +781,11 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
             }
             fds.push(pollfd(c.stream.fd(), ev));
         }
-        let timeout = if stopping.is_some() { 50 } else { -1 };
+        let timeout = match (stopping, resting) {
+            (Some(_), _) => 50,
+            (None, Some(ms)) => ms,
+            (None, None) => -1,
+        };
         // SAFETY: polling descriptors we own, array length given.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
@@ -800,7 +810,13 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
                     Stream::Tcp(c)
                 }),
             };
-            let Ok(stream) = stream else { continue };
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    rest.failed("monitor", &e);
+                    continue;
+                }
+            };
             if clients.len() >= MAX_CLIENTS {
                 // Said once: a local client could otherwise fill the log.
                 if !turned_away {
