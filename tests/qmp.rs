@@ -1613,18 +1613,29 @@ fn set_nofile(pid: u32, soft: u64) -> u64 {
 }
 
 /// Found by review: with every descriptor taken (a guest on a user network can make libslirp
-/// open thousands of sockets), an `accept` on the monitor's or the serial console's socket
-/// failed and the client stayed queued, so each thread polled its listener in a busy loop, a
-/// core each. They now rest and try again; the client is served once descriptors free up.
+/// open thousands of sockets), an `accept` on the monitor's, the serial console's or a stream
+/// netdev's socket failed and the client stayed queued, so each thread polled its listener in
+/// a busy loop, a core each. They now rest and try again; the client is served once
+/// descriptors free up.
 #[test]
 fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
     let Some(img) = image() else { return };
     let dir = temp("nofile");
     let sock = dir.join("monitor.sock");
     let serial = dir.join("serial.sock");
+    let stream = dir.join("stream.sock");
     let serial_opt = format!("unix:{},server=on,wait=off", serial.display());
-    let mut child = stopped_with_a_monitor(&img, &sock, &["-serial", &serial_opt]);
+    let stream_opt = format!(
+        "stream,id=s0,server=on,addr.type=unix,addr.path={}",
+        stream.display()
+    );
+    let mut child = stopped_with_a_monitor(
+        &img,
+        &sock,
+        &["-serial", &serial_opt, "-netdev", &stream_opt],
+    );
     wait_for(&serial);
+    wait_for(&stream);
     let pid = child.id();
     // The lowest free descriptor number as the limit: every number below it is taken.
     let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -1635,6 +1646,7 @@ fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
     let was = set_nofile(pid, free);
     let mut monitor = UnixStream::connect(&sock).unwrap();
     let _console = UnixStream::connect(&serial).unwrap();
+    let _peer = UnixStream::connect(&stream).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let t0 = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(1));
@@ -1667,8 +1679,12 @@ fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
         .unwrap();
     support::reaper::guest_ending(pid);
     assert_eq!(child.wait().unwrap().code(), Some(0), "{err}");
-    for what in ["monitor", "serial"] {
-        let said = format!("{what}: cannot accept a client (Too many open files");
+    for what in [
+        "monitor: cannot accept a client",
+        "serial: cannot accept a client",
+        "stream.sock: cannot accept a peer",
+    ] {
+        let said = format!("{what} (Too many open files");
         assert_eq!(err.matches(&said).count(), 1, "{said} once in {err}");
     }
     drop(dir);

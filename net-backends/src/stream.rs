@@ -255,6 +255,10 @@ pub struct StreamBackend {
     targets: Vec<SockAddr>,
     /// Client with `reconnect`: the period, and the timer that paces it.
     reconnect: Option<(Duration, Timer)>,
+    /// Server: the rest after an `accept` that failed for want of descriptors or memory (the
+    /// client waits in the listen queue, and a listener watched meanwhile would wake the
+    /// event loop at once, for ever); while it runs its timer is watched instead.
+    accept_rest: Option<AcceptRest>,
     rx: Deframer,
     /// The rest of a frame the socket took only part of: `tx[tx_off..]`.
     tx: Vec<u8>,
@@ -266,6 +270,15 @@ pub struct StreamBackend {
     local: Option<SocketAddr>,
     _file: Option<SocketFile>,
 }
+
+struct AcceptRest {
+    timer: Timer,
+    resting: bool,
+    warned: bool,
+}
+
+/// How long a server's listener rests after an `accept` that failed for want of resources.
+const ACCEPT_REST: Duration = Duration::from_millis(200);
 
 fn is_inet(a: &SockAddr) -> bool {
     a.is_ipv4() || a.is_ipv6()
@@ -343,6 +356,7 @@ impl StreamBackend {
             listener: None,
             targets: vec![],
             reconnect: None,
+            accept_rest: None,
             rx: Deframer::new(),
             tx: Vec::new(),
             tx_off: 0,
@@ -364,6 +378,11 @@ impl StreamBackend {
                 source,
             })?;
             b.listener = Some(l);
+            b.accept_rest = Some(AcceptRest {
+                timer: Timer::new().map_err(resource("timerfd"))?,
+                resting: false,
+                warned: false,
+            });
             b.local = local;
             b._file = file;
             return Ok(b);
@@ -534,7 +553,21 @@ impl StreamBackend {
                         | io::ErrorKind::Interrupted
                         | io::ErrorKind::ConnectionAborted
                 ) => {}
-            Err(e) => log::debug!("{}: accept: {e}", self.link.name),
+            Err(e) => {
+                log::debug!("{}: accept: {e}", self.link.name);
+                if let Some(r) = &mut self.accept_rest {
+                    if !r.warned {
+                        r.warned = true;
+                        log::warn!(
+                            "{}: cannot accept a peer ({e}); trying again every {} ms",
+                            self.link.name,
+                            ACCEPT_REST.as_millis()
+                        );
+                    }
+                    r.resting = true;
+                    r.timer.start(ACCEPT_REST);
+                }
+            }
         }
     }
 
@@ -682,11 +715,11 @@ impl NetBackend for StreamBackend {
                 out.push((s.as_raw_fd(), e));
             }
             Peer::Connecting { sock, .. } => out.push((sock.as_raw_fd(), EventSet::OUT)),
-            Peer::None => {
-                if let Some(l) = &self.listener {
-                    out.push((l.as_raw_fd(), EventSet::IN));
-                }
-            }
+            Peer::None => match (&self.listener, &self.accept_rest) {
+                (Some(_), Some(r)) if r.resting => out.push((r.timer.fd(), EventSet::IN)),
+                (Some(l), _) => out.push((l.as_raw_fd(), EventSet::IN)),
+                _ => {}
+            },
         }
         if let Some((_, t)) = &self.reconnect {
             if !matches!(self.peer, Peer::Up(_)) {
@@ -714,6 +747,15 @@ impl NetBackend for StreamBackend {
             if fd == t.fd() {
                 if t.expired() {
                     self.tick();
+                }
+                return;
+            }
+        }
+        if let Some(r) = &mut self.accept_rest {
+            if r.timer.fd() == fd {
+                if r.timer.expired() {
+                    r.timer.stop();
+                    r.resting = false;
                 }
                 return;
             }
