@@ -207,6 +207,9 @@ pub struct VirtioNet {
     /// again, nor said again, until the BAR moves (a guest could otherwise have every config
     /// write retry and log it).
     ioevents_failed_at: Option<u64>,
+    /// Said once: a guest moving BAR 4 to and from a place that fails could otherwise write
+    /// the log at its pace.
+    ioevents_warned: bool,
     mem: GuestRam,
     /// The address the driver uses (config space; VIRTIO_NET_CTRL_MAC_ADDR_SET changes it).
     mac: MacAddr,
@@ -365,6 +368,7 @@ impl VirtioNet {
             ioevents,
             registered_bar: None,
             ioevents_failed_at: None,
+            ioevents_warned: false,
             mem: GuestRam(mem),
             mac,
             configured_mac: mac,
@@ -924,10 +928,12 @@ impl VirtioNet {
             }
         }
         self.ioevents_failed_at = Some(base);
-        log::warn!(
-            "virtio-net {}: no ioeventfd; kicks go through MMIO exits",
-            self.mac
-        );
+        if !std::mem::replace(&mut self.ioevents_warned, true) {
+            log::warn!(
+                "virtio-net {}: no ioeventfd at {base:#x}; kicks there go through MMIO exits",
+                self.mac
+            );
+        }
     }
 
     /// Runs the commands waiting in the control queue (on the vCPU that rang its doorbell),
