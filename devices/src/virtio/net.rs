@@ -455,10 +455,16 @@ impl VirtioNet {
     }
 
     /// The TX batches out are no longer the device's business (a reset, a device error): their
-    /// answers, when they come, are not put into the rings.
+    /// answers, when they come, are not put into the rings, and their chains count as never
+    /// taken, as a save counts those of a batch out (a device error left them taken for good,
+    /// and a queue more than its size ahead was a snapshot no restore would take).
     fn forget_tx_batches(&mut self, port: &mut NetPort) {
-        for run in &mut self.tx_runs {
-            run.out = false;
+        for (pair, run) in self.tx_runs.iter_mut().enumerate() {
+            if std::mem::take(&mut run.out) {
+                let taken = run.heads.len() + run.malformed.take().is_some() as usize;
+                let q = &mut self.queues[2 * pair + 1];
+                q.set_next_avail(q.next_avail().wrapping_sub(taken as u16));
+            }
             run.used = false;
         }
         port.forget_flights();
@@ -473,13 +479,13 @@ impl VirtioNet {
         self.intx.set(false);
         self.msix_config = VIRTIO_MSI_NO_VECTOR;
         self.queue_select = 0;
+        self.forget_tx_batches(port);
         for q in self.queues.iter_mut() {
             q.reset();
         }
         self.vectors.fill(VIRTIO_MSI_NO_VECTOR);
         self.bad_size.fill(false);
         self.active = false;
-        self.forget_tx_batches(port);
         self.curr_pairs = 1;
         self.rx_mode = RxMode::default();
         self.mac = self.configured_mac;

@@ -1868,6 +1868,27 @@ fn tx_a_batch_out_at_a_save_goes_again_after_the_restore() {
     );
 }
 
+/// Found by review: a device error while a TX batch was out left its chains taken for good,
+/// so a save held a queue whose `next_avail` ran ahead of `next_used`; with a guest bumping
+/// the index during the walk, a batch can outnumber a small queue, and no restore took such
+/// a snapshot. Its chains now count as never taken, as for a batch out at a save.
+#[test]
+fn tx_a_batch_out_at_a_device_error_is_saved_as_available() {
+    let (mut d, _) = mid_stream();
+    let (flight, _) = batch_out(&mut d, 3, 30);
+    // A status bit cleared without a reset: a device error.
+    d.w(DEVICE_STATUS, (STATUS_ACKNOWLEDGE | STATUS_DRIVER) as u64, 1);
+    assert!(needs_reset(&mut d));
+    let state = saved(&d);
+    assert_eq!(
+        state["model"]["queues"][TX]["next_avail"], state["model"]["queues"][TX]["next_used"],
+        "the chains of the forgotten batch are saved as available"
+    );
+    land(&mut d, flight);
+    assert!(d.peer.take_sent().is_empty(), "not sent after the error");
+    restore_into_fresh(&mut d, &state).unwrap();
+}
+
 /// A backend that notes, at every batch it is handed, whether the NIC's lock was free.
 struct LockProbe {
     inner: net_backends::mem::MemBackend,
