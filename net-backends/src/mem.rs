@@ -26,6 +26,8 @@ struct Shared {
     last_runs: usize,
     /// The frontend turned this queue off (a multiqueue tap's detached queue): frames wait.
     queue_off: bool,
+    /// Times the frontend turned the queue on or off (calls that changed nothing aside).
+    queue_changes: u64,
 }
 
 pub struct MemBackend {
@@ -118,6 +120,11 @@ impl MemPeer {
     pub fn queue_enabled(&self) -> bool {
         !self.shared.lock().unwrap().queue_off
     }
+
+    /// Times the frontend turned this queue on or off (what a tap pays a TUNSETQUEUE for).
+    pub fn queue_changes(&self) -> u64 {
+        self.shared.lock().unwrap().queue_changes
+    }
 }
 
 impl NetBackend for MemBackend {
@@ -170,7 +177,11 @@ impl NetBackend for MemBackend {
     }
 
     fn set_queue_enabled(&mut self, on: bool) -> io::Result<()> {
-        self.shared.lock().unwrap().queue_off = !on;
+        let mut s = self.shared.lock().unwrap();
+        if s.queue_off == on {
+            s.queue_changes += 1;
+        }
+        s.queue_off = !on;
         Ok(())
     }
 

@@ -943,8 +943,19 @@ impl VirtioNet {
     }
 
     /// Runs the commands waiting in the control queue (on the vCPU that rang its doorbell),
-    /// at most a queue's worth.
+    /// at most a queue's worth. The queue pairs the last of them asked for are applied once at
+    /// the end, before the vCPU goes back to the driver that waits for their acks: each change
+    /// attaches or detaches tap queues, and a driver could otherwise ask for a queue's worth
+    /// of changes at one doorbell, each costing the host a network-stack-wide lock.
     fn process_ctrl(&mut self, port: &mut NetPort) {
+        let pairs = self.curr_pairs;
+        self.run_ctrl(port);
+        if self.curr_pairs != pairs {
+            self.apply_pairs(port);
+        }
+    }
+
+    fn run_ctrl(&mut self, port: &mut NetPort) {
         let Some(cq) = self.ctrl_index() else {
             return;
         };
@@ -1009,7 +1020,7 @@ impl VirtioNet {
             let status = if too_long {
                 ACK_ERR
             } else {
-                self.ctrl_command(port, &buf)
+                self.ctrl_command(&buf)
             };
             if self.mem.write_obj(status, ack_addr).is_err()
                 || self.queues[cq].add_used(&self.mem, head, 1).is_err()
@@ -1031,7 +1042,7 @@ impl VirtioNet {
     }
 
     /// One control command: its effect, and the ack.
-    fn ctrl_command(&mut self, port: &mut NetPort, bytes: &[u8]) -> u8 {
+    fn ctrl_command(&mut self, bytes: &[u8]) -> u8 {
         let n = ctrl::Negotiated {
             ctrl_rx: self.has(VIRTIO_NET_F_CTRL_RX),
             ctrl_rx_extra: self.has(VIRTIO_NET_F_CTRL_RX_EXTRA),
@@ -1048,10 +1059,7 @@ impl VirtioNet {
         };
         match c {
             ctrl::Command::MacAddr(mac) => self.mac = MacAddr(mac),
-            ctrl::Command::QueuePairs(p) => {
-                self.curr_pairs = p as usize;
-                self.apply_pairs(port);
-            }
+            ctrl::Command::QueuePairs(p) => self.curr_pairs = p as usize,
             _ => self.rx_mode.apply(&c),
         }
         ACK_OK

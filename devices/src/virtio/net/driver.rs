@@ -398,6 +398,17 @@ impl Driver {
     /// device did not use the chain.
     pub fn ctrl(&mut self, q: usize, class: u8, cmd: u8, data: &[u8]) -> Option<u8> {
         let before = self.used_idx(q);
+        let ack_at = self.post_ctrl(q, class, cmd, data);
+        self.notify(q);
+        if self.used_idx(q) == before {
+            return None;
+        }
+        Some(self.read(ack_at, 1)[0])
+    }
+
+    /// Puts one control command in control queue `q` without ringing its doorbell; returns
+    /// where its ack goes.
+    pub fn post_ctrl(&mut self, q: usize, class: u8, cmd: u8, data: &[u8]) -> u64 {
         let head = self.next_desc[q];
         let mut parts: Vec<(u64, u32, u16)> = vec![];
         for (p, writable) in [
@@ -427,11 +438,6 @@ impl Driver {
             self.write_desc(q, i, addr, len, flags, self.next_desc[q]);
         }
         self.publish(q, head);
-        self.notify(q);
-        if self.used_idx(q) == before {
-            return None;
-        }
-        let ack_at = parts.last().unwrap().0;
-        Some(self.read(ack_at, 1)[0])
+        parts.last().unwrap().0
     }
 }
