@@ -1689,3 +1689,99 @@ fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
     }
     drop(dir);
 }
+
+/// Found by review: a guest writing its console to a stdout nobody reads (a full pipe, a
+/// terminal stopped with Ctrl-S) left its vCPU waiting in `write` with the serial port locked.
+/// A `migrate` then waited for that lock on the monitor's thread, and every monitor client
+/// with it, for ever; and nicvm could not end, its exit waiting for Rust's stdout lock, which
+/// the vCPU held. Now the save gives up with an error and SIGTERM ends nicvm.
+#[test]
+fn a_console_nobody_reads_hangs_neither_the_monitor_nor_the_exit() {
+    let Some(img) = image() else { return };
+    let dir = temp("unread");
+    let sock = dir.join("qmp.sock");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let mut child = nicvm_cmd()
+        .args(boot_args(
+            &img,
+            "nicvm.dhcp=off nicvm.run=shell",
+            &["-nic", "none", "-qmp", &qmp],
+        ))
+        .env("NICVM_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guard = KillOnDrop(Some(child.id()));
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    // A small pipe, so that the guest fills it within a second or two.
+    // SAFETY: F_SETPIPE_SZ on the pipe we hold.
+    unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&out),
+            libc::F_SETPIPE_SZ,
+            4096,
+        )
+    };
+    let mut seen = Vec::new();
+    let t0 = Instant::now();
+    while !String::from_utf8_lossy(&seen).contains("NICVM-SHELL") {
+        assert!(t0.elapsed() < Duration::from_secs(240), "no shell");
+        let mut buf = [0u8; 4096];
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "stdout closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    stdin
+        .write_all(b"while :; do echo flood-flood-flood-flood; done\n")
+        .unwrap();
+    // Nobody reads stdout from here on: the pipe fills and the guest's vCPU waits.
+    std::thread::sleep(Duration::from_secs(8));
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut lines = BufReader::new(s.try_clone().unwrap()).lines();
+    lines.next().unwrap().unwrap(); // the greeting
+    let mut ask = |cmd: &str| -> String {
+        s.write_all(cmd.as_bytes()).unwrap();
+        loop {
+            let l = lines
+                .next()
+                .expect("connection open")
+                .unwrap_or_else(|e| panic!("no answer to {cmd}: {e}"));
+            if l.contains("\"return\"") || l.contains("\"error\"") {
+                return l;
+            }
+        }
+    };
+    ask(r#"{"execute":"qmp_capabilities"}"#);
+    ask(r#"{"execute":"stop"}"#);
+    let snap = dir.join("snap");
+    let answer = ask(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"file:{}"}}}}"#,
+        snap.display()
+    ));
+    assert!(
+        answer.contains("serial console's output has been blocked"),
+        "{answer}"
+    );
+    let status = ask(r#"{"execute":"query-status"}"#);
+    assert!(
+        status.contains("\"status\""),
+        "the monitor still answers: {status}"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let code = wait_bounded(&mut child, &mut guard, Duration::from_secs(20));
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert_eq!(
+        code,
+        Some(0),
+        "ends on SIGTERM though stdout is full\n{err}"
+    );
+    drop(out);
+    drop(dir);
+}

@@ -46,18 +46,31 @@ pub fn restore_terminal() {
     }
 }
 
-/// Guest console output on stdout, unbuffered so a crash loses nothing.
+/// Guest console output on stdout, unbuffered so a crash loses nothing. Written to fd 1
+/// itself, not through Rust's `Stdout`: a vCPU waiting for a reader that does not read (a
+/// full pipe, a terminal stopped with Ctrl-S) must not hold the lock of `Stdout`, which the
+/// exit path flushes (nicvm could not end while the reader slept).
 pub struct Stdout;
 
 impl Write for Stdout {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // Output to a closed stdout is discarded; the guest must not notice.
-        match io::stdout().lock().write_all(buf) {
-            Ok(()) | Err(_) => Ok(buf.len()),
+        let mut rest = buf;
+        while !rest.is_empty() {
+            // SAFETY: writing bytes we borrow to fd 1.
+            let n = unsafe { libc::write(1, rest.as_ptr().cast(), rest.len()) };
+            if n > 0 {
+                rest = &rest[n as usize..];
+            } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            } else {
+                // A closed or failing stdout: the output is discarded; the guest must not notice.
+                break;
+            }
         }
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
-        io::stdout().flush()
+        Ok(())
     }
 }
 

@@ -765,6 +765,27 @@ pub struct Saver {
     pub saving: Mutex<()>,
 }
 
+/// How long a save waits for the serial port (see [`Saver::save`]).
+const SERIAL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The lock of `m`, waited for `within` at most.
+fn lock_within<T>(
+    m: &Mutex<T>,
+    within: std::time::Duration,
+) -> Option<std::sync::MutexGuard<'_, T>> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if t0.elapsed() >= within => return None,
+            Err(std::sync::TryLockError::WouldBlock) => {
+                std::thread::sleep(std::time::Duration::from_millis(1))
+            }
+        }
+    }
+}
+
 impl Saver {
     /// Writes the snapshot of a paused guest (its vCPUs parked) to `path`. Every device is
     /// locked first, so that nothing writes guest RAM or raises an interrupt any more; only
@@ -773,7 +794,15 @@ impl Saver {
     pub fn save(&self, path: &Path) -> Result<(), SnapshotError> {
         let t0 = std::time::Instant::now();
         let _one_at_a_time = self.saving.lock().unwrap();
-        let serial = self.serial.lock().unwrap();
+        // A vCPU writing the guest's console to a stdout nobody reads holds the serial port
+        // until it can: the save gives up rather than hang the monitor with it.
+        let serial = lock_within(&self.serial, SERIAL_WAIT).ok_or_else(|| {
+            SnapshotError::Save(format!(
+                "the serial console's output has been blocked for {} s (its reader is not \
+                 reading); try again once it reads",
+                SERIAL_WAIT.as_secs()
+            ))
+        })?;
         let i8042 = self.i8042.lock().unwrap();
         let cmos = self.cmos.lock().unwrap();
         let r = self.root.with_devices_locked(|pci| {
