@@ -1693,8 +1693,10 @@ fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
 /// Found by review: a guest writing its console to a stdout nobody reads (a full pipe, a
 /// terminal stopped with Ctrl-S) left its vCPU waiting in `write` with the serial port locked.
 /// A `migrate` then waited for that lock on the monitor's thread, and every monitor client
-/// with it, for ever; and nicvm could not end, its exit waiting for Rust's stdout lock, which
-/// the vCPU held. Now the save gives up with an error and SIGTERM ends nicvm.
+/// with it, for ever; the console's input thread waited for it too, so Ctrl-a x typed after
+/// other input was never read; and nicvm could not end, its exit waiting for Rust's stdout
+/// lock, which the vCPU held (so SIGTERM did not end it either). Now the save gives up with
+/// an error, input waits in the input thread, and Ctrl-a x ends nicvm.
 #[test]
 fn a_console_nobody_reads_hangs_neither_the_monitor_nor_the_exit() {
     let Some(img) = image() else { return };
@@ -1705,7 +1707,7 @@ fn a_console_nobody_reads_hangs_neither_the_monitor_nor_the_exit() {
         .args(boot_args(
             &img,
             "nicvm.dhcp=off nicvm.run=shell",
-            &["-nic", "none", "-qmp", &qmp],
+            &["-nic", "none", "-qmp", &qmp, "-serial", "mon:stdio"],
         ))
         .env("NICVM_LOG", "warn")
         .stdin(Stdio::piped())
@@ -1772,15 +1774,17 @@ fn a_console_nobody_reads_hangs_neither_the_monitor_nor_the_exit() {
         status.contains("\"status\""),
         "the monitor still answers: {status}"
     );
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // Input for the guest waits for the port; the escape after it is still seen.
+    stdin.write_all(b"echo typed\n").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    stdin.write_all(b"\x01x").unwrap();
     let code = wait_bounded(&mut child, &mut guard, Duration::from_secs(20));
     let mut err = String::new();
     let _ = child.stderr.take().unwrap().read_to_string(&mut err);
     assert_eq!(
         code,
         Some(0),
-        "ends on SIGTERM though stdout is full\n{err}"
+        "ends on Ctrl-a x though stdout is full\n{err}"
     );
     drop(out);
     drop(dir);

@@ -179,13 +179,28 @@ pub fn pump_stdin(
     use std::os::fd::AsRawFd;
     let mut buf = [0u8; 256];
     let mut escape_pending = false;
+    // Input for the guest not handed to the serial port yet: a vCPU may hold the port for
+    // long (writing to a stdout nobody reads), and the escapes (Ctrl-a x) must still work.
+    let mut held: Vec<u8> = vec![];
     loop {
         // While the guest has not taken what it was given, stdin is not read (a pipe's writer
         // blocks), but the stop eventfd is still watched. Not while stdin is the monitor's:
         // a serial port that another client filled must not keep it from `cont`.
         let monitor_has_it = monitor.as_ref().is_some_and(|m| m.active);
-        let busy = !monitor_has_it
-            && serial.lock().unwrap().input_pending() >= crate::serial_io::MAX_PENDING;
+        let port = match serial.try_lock() {
+            Ok(port) => Some(port),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        let pending = port.map_or(held.len(), |mut port| {
+            if !held.is_empty() {
+                port.queue_input(&held);
+                held.clear();
+            }
+            port.input_pending()
+        });
+        let busy = !monitor_has_it && pending >= crate::serial_io::MAX_PENDING;
+        let retry = busy || !held.is_empty();
         let mut fds = [
             libc::pollfd {
                 // A negative fd is skipped (a hung-up stdin would wake poll at once).
@@ -200,7 +215,7 @@ pub fn pump_stdin(
             },
         ];
         // SAFETY: two valid pollfds, the array's length given.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, if busy { 10 } else { -1 }) };
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, if retry { 10 } else { -1 }) };
         if r < 0 {
             continue; // EINTR
         }
@@ -257,8 +272,6 @@ pub fn pump_stdin(
                 out.push(b);
             }
         }
-        if !out.is_empty() {
-            serial.lock().unwrap().queue_input(&out);
-        }
+        held.extend_from_slice(&out);
     }
 }
