@@ -415,6 +415,8 @@ pub struct NetPort {
     batch_ends: Vec<usize>,
     /// [`NetPort::forget_flights`] was asked for.
     forget: bool,
+    /// The backend refused to turn a queue on or off once already (said once).
+    queue_failed: bool,
 }
 
 /// An empty virtio-net header for backends that need one in front of every frame.
@@ -469,6 +471,7 @@ impl NetPort {
             batch_iov: Vec::new(),
             batch_ends: Vec::new(),
             forget: false,
+            queue_failed: false,
         })
     }
 
@@ -493,11 +496,15 @@ impl NetPort {
             return;
         };
         if let Err(e) = lock(&pq.io).backend.set_queue_enabled(on) {
-            log::warn!(
-                "{}: cannot turn queue {q} {}: {e}",
-                self.name,
-                if on { "on" } else { "off" }
-            );
+            // The guest sets the pace of these calls (virtio-net's VQ_PAIRS_SET): a host that
+            // refuses them is said once, the rest at debug level.
+            let first = !std::mem::replace(&mut self.queue_failed, true);
+            let on = if on { "on" } else { "off" };
+            if first {
+                log::warn!("{}: cannot turn queue {q} {on}: {e}", self.name);
+            } else {
+                log::debug!("{}: cannot turn queue {q} {on}: {e}", self.name);
+            }
         }
         // The I/O thread brings its watch in line (and reads what waits).
         let _ = pq.rx_kick.write(1);
