@@ -269,6 +269,84 @@ fn sigterm_runs_the_downscript_and_removes_the_created_tap() {
     );
 }
 
+/// Found in a try-out: an exit signal waited for the up-script to end (90 s for one that
+/// slept, for ever for one that hung), where QEMU ends at once. Now the script and what it
+/// started are killed and nicvm ends as for a signal during set-up.
+#[test]
+fn sigterm_during_a_slow_up_script_ends_nicvm_at_once() {
+    let Some(img) = image() else { return };
+    let ns = Netns::new("slowup");
+    let dir = std::env::temp_dir().join(format!("nicvm-slowup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (log, child) = (dir.join("log"), dir.join("child"));
+    let up = dir.join("up");
+    write_script(
+        &up,
+        &format!(
+            "#!/bin/sh\necho \"up $1\" >> {}\nsleep 300 &\necho $! > {}\nwait\n",
+            log.display(),
+            child.display()
+        ),
+    );
+    let netdev = format!("tap,id=n0,script={},downscript=no", up.display());
+    let g = ns.guest(
+        &img,
+        "nicvm.run=sleep:600",
+        &["-netdev", &netdev, "-device", "e1000,netdev=n0"],
+        &[],
+    );
+    let start = Instant::now();
+    while !std::fs::read_to_string(&child).is_ok_and(|s| s.ends_with('\n')) {
+        assert!(start.elapsed() < Duration::from_secs(60), "ifup never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sleeper: i32 = std::fs::read_to_string(&child)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let o = std::process::Command::new("kill")
+        .args(["-TERM", &g.pid().to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "kill");
+    let t0 = Instant::now();
+    let o = g.finish();
+    let took = t0.elapsed();
+    let tap = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        took < Duration::from_secs(10),
+        "ended {took:?} after SIGTERM"
+    );
+    assert_eq!(o.code, Some(0), "a signal during set-up\n{}", o.dump());
+    assert!(
+        o.stderr.contains("terminating on SIGTERM during set-up"),
+        "{}",
+        o.stderr
+    );
+    // Gone, or a zombie waiting for whoever reaps orphans.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{sleeper}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    let t1 = Instant::now();
+    while running() && t1.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!running(), "what the script started was killed too");
+    let tap = tap.trim().trim_start_matches("up ");
+    assert!(
+        !ns.try_sh(&format!("ip link show {tap}")).status.success(),
+        "tap {tap} removed"
+    );
+}
+
 /// The tap deleted under a running guest: nicvm stays up without spinning, tells the guest
 /// the link is down (e1000: LSC, carrier off) and logs it once.
 #[test]

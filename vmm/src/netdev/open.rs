@@ -95,7 +95,7 @@ fn open_tap(o: &TapOptions) -> Result<Opened, OpenErrorKind> {
     let name = tap.name().to_string();
     let passed_in = matches!(o.device, TapDevice::Fds { .. });
     match script::resolve(&o.script, DEFAULT_IFUP) {
-        Some(up) => script::run(&up, &name)?,
+        Some(up) => script::run_in_setup(&up, &name)?,
         None if passed_in && !tap_is_up(&name) => log::warn!(
             "tap {name} ({}): it is down on the host; whoever opened it brings it up \
              (ip link set {name} up)",

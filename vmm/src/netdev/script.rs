@@ -23,6 +23,8 @@ pub enum ScriptError {
         ifname: String,
         status: ExitStatus,
     },
+    #[error("{} {ifname} stopped (killed): an exit signal came", script.display())]
+    Interrupted { script: PathBuf, ifname: String },
 }
 
 /// Runs `script IFNAME` and waits for it.
@@ -34,6 +36,59 @@ pub fn run(script: &Path, ifname: &str) -> Result<(), ScriptError> {
         script: script.into(),
         source,
     })?;
+    checked(script, ifname, status)
+}
+
+/// Runs the up-script `script IFNAME` during set-up and waits for it, as QEMU does, for as
+/// long as it takes; but an exit signal (which set-up holds back) ends the wait: the script
+/// and whatever it started, a process group of their own, are killed and set-up fails, so
+/// that a SIGTERM ends nicvm at once, as it ends QEMU, and not when the script is done.
+pub fn run_in_setup(script: &Path, ifname: &str) -> Result<(), ScriptError> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(script);
+    cmd.arg(ifname).process_group(0);
+    super::clean_child(&mut cmd, None);
+    let mut child = cmd.spawn().map_err(|source| ScriptError::Spawn {
+        script: script.into(),
+        source,
+    })?;
+    // Woken when the script ends (a pidfd, Linux 5.3), else every tenth of a second.
+    // SAFETY: pidfd_open of our own child, not yet reaped; no flags.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+    let pidfd = (pidfd >= 0).then(|| {
+        // SAFETY: pidfd_open returned a new descriptor that we now own.
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd as i32) }
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().ok().flatten() {
+            break status;
+        }
+        if crate::open::exit_signal_in_setup() {
+            // SAFETY: kill(2) of the script's process group (its pid), which it has not left.
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+            let _ = child.wait();
+            return Err(ScriptError::Interrupted {
+                script: script.into(),
+                ifname: ifname.into(),
+            });
+        }
+        match &pidfd {
+            Some(fd) => {
+                let mut pfd = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd we own.
+                unsafe { libc::poll(&mut pfd, 1, 100) };
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    };
+    checked(script, ifname, status)
+}
+
+fn checked(script: &Path, ifname: &str, status: ExitStatus) -> Result<(), ScriptError> {
     if !status.success() {
         return Err(ScriptError::Failed {
             script: script.into(),
