@@ -349,7 +349,13 @@ impl StreamBackend {
     pub fn new(o: &StreamOptions) -> Result<StreamBackend, StreamError> {
         let label = o.addr.to_string();
         let resource = |what| move |source| StreamError::Resource { what, source };
-        let link = |up| Link::new(format!("stream {label}"), up, "a peer is back".into());
+        // A client without `reconnect` never connects again.
+        let until = if o.server || o.reconnect.is_some() {
+            "a peer is back"
+        } else {
+            "nicvm ends (a client without reconnect= does not connect again)"
+        };
+        let link = |up| Link::new(format!("stream {label}"), up, until.into());
         let mut b = StreamBackend {
             link: link(false),
             peer: Peer::None,
