@@ -1637,6 +1637,26 @@ fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
     wait_for(&serial);
     wait_for(&stream);
     let pid = child.id();
+    // Set-up goes on opening descriptors after the sockets appear: wait until it is done
+    // (the vCPU thread is the last thing started, parked by -S).
+    let threads = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .map(|c| c.trim().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let t0 = Instant::now();
+    while !["vcpu0", "serial", "monitor"]
+        .iter()
+        .all(|n| threads().iter().any(|t| t == n))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", threads());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
     // The lowest free descriptor number as the limit: every number below it is taken.
     let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -1766,7 +1786,7 @@ fn a_console_nobody_reads_hangs_neither_the_monitor_nor_the_exit() {
         snap.display()
     ));
     assert!(
-        answer.contains("serial console's output has been blocked"),
+        answer.contains("serial port's output has been blocked"),
         "{answer}"
     );
     let status = ask(r#"{"execute":"query-status"}"#);

@@ -90,13 +90,11 @@ struct MonitorInput {
 impl MonitorInput {
     fn toggle(&mut self) {
         self.active = !self.active;
-        let mut out = io::stdout().lock();
         if self.active {
-            let _ = write!(out, "\r\n{}", crate::monitor::hmp::PROMPT);
+            say(&format!("\r\n{}", crate::monitor::hmp::PROMPT));
         } else {
-            let _ = write!(out, "\r\n");
+            say("\r\n");
         }
-        let _ = out.flush();
     }
 
     /// One byte typed while the monitor has the console.
@@ -115,24 +113,24 @@ impl MonitorInput {
             } else {
                 crate::monitor::hmp::PROMPT
             };
-            let mut out = io::stdout().lock();
-            let _ = write!(out, "\r\n{}{prompt}", crate::monitor::hmp::crlf(&text));
-            let _ = out.flush();
+            say(&format!("\r\n{}{prompt}", crate::monitor::hmp::crlf(&text)));
             return;
         }
-        let mut out = io::stdout().lock();
         match b {
-            0x7f | 0x08 if self.line.pop().is_some() => {
-                let _ = out.write_all(b"\x08 \x08");
-            }
+            0x7f | 0x08 if self.line.pop().is_some() => say("\x08 \x08"),
             b if (0x20..0x7f).contains(&b) && self.line.len() < 4096 => {
                 self.line.push(b);
-                let _ = out.write_all(&[b]);
+                say(&(b as char).to_string());
             }
             _ => {}
         }
-        let _ = out.flush();
     }
+}
+
+/// The monitor's text on the console, in one write to fd 1 as the guest's output goes (see
+/// [`Stdout`]): a stdout nobody reads holds up this thread, but no lock the exit needs.
+fn say(text: &str) {
+    let _ = Stdout.write_all(text.as_bytes());
 }
 
 /// Who reads what is typed on stdin.
@@ -231,7 +229,24 @@ pub fn pump_stdin(
             continue;
         }
         if n <= 0 {
-            return; // EOF or error: the guest simply gets no more input
+            // EOF or error: the guest gets no more input than what is held, which waits for
+            // the serial port (or the stop eventfd).
+            while !held.is_empty() {
+                if let Ok(mut port) = serial.try_lock() {
+                    port.queue_input(&held);
+                    return;
+                }
+                let mut stop_fd = libc::pollfd {
+                    fd: stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut stop_fd, 1, 10) } > 0 {
+                    return;
+                }
+            }
+            return;
         }
         let mut out = Vec::with_capacity(n as usize);
         for &b in &buf[..n as usize] {

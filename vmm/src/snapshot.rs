@@ -798,7 +798,7 @@ impl Saver {
         // until it can: the save gives up rather than hang the monitor with it.
         let serial = lock_within(&self.serial, SERIAL_WAIT).ok_or_else(|| {
             SnapshotError::Save(format!(
-                "the serial console's output has been blocked for {} s (its reader is not \
+                "the serial port's output has been blocked for {} s (its reader is not \
                  reading); try again once it reads",
                 SERIAL_WAIT.as_secs()
             ))

@@ -297,7 +297,15 @@ impl Drop for ConsoleThread {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // It may be writing the monitor's text to a stdout nobody reads: not waited for
+            // longer than a second (the exit ends it).
+            let t0 = std::time::Instant::now();
+            while !t.is_finished() && t0.elapsed() < std::time::Duration::from_secs(1) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
         console::restore_terminal();
     }

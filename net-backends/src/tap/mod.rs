@@ -665,7 +665,8 @@ impl NetBackend for Tap {
     }
 
     fn set_rx_offloads(&mut self, o: Offloads) -> io::Result<()> {
-        if !self.vnet_hdr {
+        // A tap deleted under the guest takes no settings; it was said once already.
+        if !self.vnet_hdr || self.gone {
             return Ok(());
         }
         let mut flags = 0;

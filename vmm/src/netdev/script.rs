@@ -41,12 +41,18 @@ pub fn run(script: &Path, ifname: &str) -> Result<(), ScriptError> {
 
 /// Runs the up-script `script IFNAME` during set-up and waits for it, as QEMU does, for as
 /// long as it takes; but an exit signal (which set-up holds back) ends the wait: the script
-/// and whatever it started, a process group of their own, are killed and set-up fails, so
-/// that a SIGTERM ends nicvm at once, as it ends QEMU, and not when the script is done.
+/// is killed and set-up fails, so that a SIGTERM ends nicvm at once, as it ends QEMU, and
+/// not when the script is done. Away from a terminal the script gets a process group of its
+/// own, and what it started is killed with it; on one it stays in nicvm's, the terminal's
+/// foreground group, where it may prompt (sudo) and Ctrl-C reaches it too.
 pub fn run_in_setup(script: &Path, ifname: &str) -> Result<(), ScriptError> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(script);
-    cmd.arg(ifname).process_group(0);
+    cmd.arg(ifname);
+    let own_group = !crate::console::stdin_is_tty();
+    if own_group {
+        cmd.process_group(0);
+    }
     super::clean_child(&mut cmd, None);
     let mut child = cmd.spawn().map_err(|source| ScriptError::Spawn {
         script: script.into(),
@@ -60,12 +66,27 @@ pub fn run_in_setup(script: &Path, ifname: &str) -> Result<(), ScriptError> {
         unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd as i32) }
     });
     let status = loop {
-        if let Some(status) = child.try_wait().ok().flatten() {
-            break status;
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            // ECHILD: reaped by no one nicvm knows (SIGCHLD ignored by whoever started it).
+            Err(source) => {
+                return Err(ScriptError::Spawn {
+                    script: script.into(),
+                    source,
+                })
+            }
         }
         if crate::open::exit_signal_in_setup() {
-            // SAFETY: kill(2) of the script's process group (its pid), which it has not left.
-            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+            let pid = child.id() as libc::pid_t;
+            // SAFETY: kill(2) of our child, not yet reaped, and of the process group it was
+            // made the leader of (whatever is still in it; the script may have left it).
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                if own_group {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
+            }
             let _ = child.wait();
             return Err(ScriptError::Interrupted {
                 script: script.into(),
