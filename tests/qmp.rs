@@ -1614,9 +1614,9 @@ fn set_nofile(pid: u32, soft: u64) -> u64 {
 
 /// Found by review: with every descriptor taken (a guest on a user network can make libslirp
 /// open thousands of sockets), an `accept` on the monitor's, the serial console's or a stream
-/// netdev's socket failed and the client stayed queued, so each thread polled its listener in
-/// a busy loop, a core each. They now rest and try again; the client is served once
-/// descriptors free up.
+/// netdev's socket, or libslirp's on a `hostfwd` port, failed and the client stayed queued, so
+/// each thread polled its listener in a busy loop, a core each. They now rest and try again;
+/// the client is served once descriptors free up.
 #[test]
 fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
     let Some(img) = image() else { return };
@@ -1629,10 +1629,19 @@ fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
         "stream,id=s0,server=on,addr.type=unix,addr.path={}",
         stream.display()
     );
+    let port = support::ports::free_port();
+    let user = format!("user,model=e1000,hostfwd=tcp:127.0.0.1:{port}-:22");
     let mut child = stopped_with_a_monitor(
         &img,
         &sock,
-        &["-serial", &serial_opt, "-netdev", &stream_opt],
+        &[
+            "-serial",
+            &serial_opt,
+            "-netdev",
+            &stream_opt,
+            "-nic",
+            &user,
+        ],
     );
     wait_for(&serial);
     wait_for(&stream);
@@ -1649,7 +1658,7 @@ fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
             .unwrap_or_default()
     };
     let t0 = Instant::now();
-    while !["vcpu0", "serial", "monitor"]
+    while !["vcpu0", "serial", "monitor", "slirp"]
         .iter()
         .all(|n| threads().iter().any(|t| t == n))
     {
@@ -1667,6 +1676,7 @@ fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
     let mut monitor = UnixStream::connect(&sock).unwrap();
     let _console = UnixStream::connect(&serial).unwrap();
     let _peer = UnixStream::connect(&stream).unwrap();
+    let _forwarded = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let t0 = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(1));
@@ -1703,6 +1713,7 @@ fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
         "monitor: cannot accept a client",
         "serial: cannot accept a client",
         "stream.sock: cannot accept a peer",
+        "slirp: no file descriptor to be had",
     ] {
         let said = format!("{what} (Too many open files");
         assert_eq!(err.matches(&said).count(), 1, "{said} once in {err}");

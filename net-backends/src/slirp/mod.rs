@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// Frames waiting for the guest beyond this are dropped (and counted); TCP recovers.
@@ -594,6 +594,103 @@ struct Links<'a> {
     asks: Asks,
 }
 
+/// Out of file descriptors, libslirp's `accept` on a `hostfwd` listener fails and leaves the
+/// client queued: the listener stays readable and the thread would poll it in a busy loop (a
+/// guest can take the descriptors itself, each flow it opens holding a host socket). When the
+/// thread turns over more than [`Starved::TURNS`] times in a second, it asks whether a
+/// descriptor can be had; if not, the listeners that were readable rest for [`Starved::REST`]
+/// (left out of the poll), as nicvm's own listeners do.
+#[derive(Default)]
+struct Starved {
+    window: Option<Instant>,
+    turns: u32,
+    resting: Vec<RawFd>,
+    until: Option<Instant>,
+    warned: bool,
+}
+
+impl Starved {
+    const TURNS: u32 = 1000;
+    const REST: Duration = Duration::from_millis(200);
+
+    /// Leaves the resting listeners out of this poll; the timeout, shortened to the rest's end.
+    fn mask(&mut self, fds: &mut [libc::pollfd], ms: libc::c_int) -> libc::c_int {
+        let Some(until) = self.until else { return ms };
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            self.until = None;
+            self.resting.clear();
+            return ms;
+        }
+        for p in fds.iter_mut().filter(|p| self.resting.contains(&p.fd)) {
+            // A negative fd is skipped by poll and reported as no event.
+            p.fd = -1;
+        }
+        let left = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+        if ms < 0 {
+            left
+        } else {
+            ms.min(left)
+        }
+    }
+
+    /// After a poll: counts the turn, and past the threshold looks for starvation.
+    fn turned(&mut self, fds: &[libc::pollfd], probe: RawFd) {
+        let now = Instant::now();
+        if self
+            .window
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.turns = 0;
+        }
+        self.turns += 1;
+        if self.turns < Self::TURNS || self.until.is_some() {
+            return;
+        }
+        self.turns = 0;
+        // SAFETY: F_DUPFD_CLOEXEC of a descriptor we own; a new one is closed at once.
+        let dup = unsafe { libc::fcntl(probe, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup >= 0 {
+            // SAFETY: closing the descriptor just made.
+            unsafe { libc::close(dup) };
+            return;
+        }
+        let why = io::Error::last_os_error();
+        let listening = |fd: RawFd| {
+            let mut on: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt into an int we own, its length given.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_ACCEPTCONN,
+                    (&mut on as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            r == 0 && on != 0
+        };
+        self.resting = fds
+            .iter()
+            .filter(|p| p.fd >= 0 && p.revents & libc::POLLIN != 0 && listening(p.fd))
+            .map(|p| p.fd)
+            .collect();
+        if self.resting.is_empty() {
+            return;
+        }
+        self.until = Some(now + Self::REST);
+        if !std::mem::replace(&mut self.warned, true) {
+            log::warn!(
+                "slirp: no file descriptor to be had ({why}); hostfwd listeners are tried \
+                 every {} ms",
+                Self::REST.as_millis()
+            );
+        }
+    }
+}
+
 fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), SlirpError>>) {
     let Links {
         from_guest,
@@ -708,6 +805,7 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
 
     let mut batch = VecDeque::new();
     let mut handshakes = handshake::HandshakeGuard::default();
+    let mut starved = Starved::default();
     // The last turn gave libslirp frames from the guest.
     let mut fed = false;
     while !stop.load(Ordering::Relaxed) {
@@ -742,6 +840,7 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
         } else {
             timeout.min(i32::MAX as u32) as libc::c_int
         };
+        let ms = starved.mask(&mut st.pollfds, ms);
         // SAFETY: polling the array we own, with its length.
         let n = unsafe {
             libc::poll(
@@ -750,6 +849,7 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
                 ms,
             )
         };
+        starved.turned(&st.pollfds, wake.as_raw_fd());
         let woken = st.pollfds[0].revents & libc::POLLIN != 0;
         // SAFETY: slirp is live; cb_get_revents reads the poll results through opaque (`st`
         // is not used after this point in the iteration).
