@@ -610,7 +610,7 @@ struct Starved {
 }
 
 impl Starved {
-    const TURNS: u32 = 1000;
+    const TURNS: u32 = 100;
     const REST: Duration = Duration::from_millis(200);
 
     /// Leaves the resting listeners out of this poll; the timeout, shortened to the rest's end.
