@@ -921,7 +921,9 @@ fn stopped_with_a_monitor(img: &Image, sock: &Path, extra: &[&str]) -> std::proc
         .spawn()
         .unwrap();
     support::reaper::guest_started(child.id());
+    let mut guard = KillOnDrop(Some(child.id()));
     wait_for(sock);
+    guard.0 = None;
     child
 }
 
@@ -992,7 +994,10 @@ fn a_closed_stderr_still_gives_a_clean_exit() {
         if let Some(s) = support::reaper::try_reap(&mut child) {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "nicvm did not exit");
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("nicvm did not exit on SIGTERM within 30 s");
+        }
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(0), "{status:?}");

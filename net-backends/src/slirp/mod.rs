@@ -634,21 +634,19 @@ impl Starved {
         }
     }
 
-    /// After a poll: counts the turn, and past the threshold looks for starvation.
+    /// After a poll: counts the turn; when [`Self::TURNS`] of them took less than a second,
+    /// looks for starvation. The clock is read once per `TURNS` turns, not on every one.
     fn turned(&mut self, fds: &[libc::pollfd], probe: RawFd) {
-        let now = Instant::now();
-        if self
-            .window
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-        {
-            self.window = Some(now);
-            self.turns = 0;
-        }
         self.turns += 1;
         if self.turns < Self::TURNS || self.until.is_some() {
             return;
         }
         self.turns = 0;
+        let now = Instant::now();
+        let since = self.window.replace(now);
+        if since.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            return;
+        }
         // SAFETY: F_DUPFD_CLOEXEC of a descriptor we own; a new one is closed at once.
         let dup = unsafe { libc::fcntl(probe, libc::F_DUPFD_CLOEXEC, 0) };
         if dup >= 0 {
