@@ -123,11 +123,12 @@ impl FrameRing {
                         .build()
                 };
                 let entry = entry.user_data(i as u64);
-                self.broken = true; // until the batch is answered
-                                    // SAFETY: the entry points at `iovecs` (not moved or changed until every
-                                    // write has completed: `submit_and_wait` below waits for all of them) and,
-                                    // through it, at the bytes of `hdr` and `iov`, which the caller's borrow
-                                    // keeps alive for this call. The queue holds BATCH entries and was empty.
+                // Until the batch is answered.
+                self.broken = true;
+                // SAFETY: the entry points at `iovecs` (not moved or changed until every write has
+                // completed: `submit_and_wait` below waits for all of them) and, through it, at the
+                // bytes of `hdr` and `iov`, which the caller's borrow keeps alive for this call.
+                // The queue holds BATCH entries and was empty.
                 unsafe { sq.push(&entry) }.map_err(|_| io::Error::other("io_uring full"))?;
             }
         }
@@ -154,38 +155,44 @@ impl FrameRing {
             return Err(io::Error::other("io_uring failed before"));
         }
         let n = n.min(BATCH).min(slab.len().checked_div(slot).unwrap_or(0));
-        self.iovecs.clear();
-        self.iovecs.reserve(2 * n);
         let base = slab.as_mut_ptr();
+        // Every I/O vector is in place before the first request points at one: nothing
+        // pushed afterwards can move them.
+        self.iovecs.clear();
+        if hide_hdr {
+            for i in 0..n {
+                self.iovecs.push(libc::iovec {
+                    iov_base: self.headers[i].as_mut_ptr().cast(),
+                    iov_len: VNET_HDR_LEN,
+                });
+                self.iovecs.push(libc::iovec {
+                    // SAFETY: slot `i` lies inside `slab` (n slots fit, checked above).
+                    iov_base: unsafe { base.add(i * slot) }.cast(),
+                    iov_len: slot,
+                });
+            }
+        }
         {
             let mut sq = self.ring.submission();
             for i in 0..n {
-                // SAFETY: slot `i` lies inside `slab` (n slots fit, checked above).
-                let buf = unsafe { base.add(i * slot) };
                 let entry = if hide_hdr {
-                    let first = self.iovecs.len();
-                    self.iovecs.push(libc::iovec {
-                        iov_base: self.headers[i].as_mut_ptr().cast(),
-                        iov_len: VNET_HDR_LEN,
-                    });
-                    self.iovecs.push(libc::iovec {
-                        iov_base: buf.cast(),
-                        iov_len: slot,
-                    });
-                    opcode::Readv::new(types::Fixed(0), self.iovecs[first..].as_ptr(), 2)
+                    opcode::Readv::new(types::Fixed(0), self.iovecs[2 * i..].as_ptr(), 2)
                         .rw_flags(libc::RWF_NOWAIT)
                         .build()
                 } else {
+                    // SAFETY: slot `i` lies inside `slab` (n slots fit, checked above).
+                    let buf = unsafe { base.add(i * slot) };
                     opcode::Read::new(types::Fixed(0), buf, slot.min(u32::MAX as usize) as u32)
                         .rw_flags(libc::RWF_NOWAIT)
                         .build()
                 }
                 .user_data(i as u64);
-                self.broken = true; // until the batch is answered
-                                    // SAFETY: the entry points into `slab` (borrowed mutably by this call), at
-                                    // `headers` and at `iovecs` (neither moved nor changed until every read has
-                                    // completed: `complete` waits for all of them). The queue holds BATCH
-                                    // entries and was empty.
+                // Until the batch is answered.
+                self.broken = true;
+                // SAFETY: the entry points into `slab` (borrowed mutably by this call), at
+                // `headers` and at `iovecs` (neither moved nor changed until every read has
+                // completed: `complete` waits for all of them). The queue holds BATCH entries and
+                // was empty.
                 unsafe { sq.push(&entry) }.map_err(|_| io::Error::other("io_uring full"))?;
             }
         }

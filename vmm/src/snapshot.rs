@@ -174,8 +174,9 @@ impl VcpuState {
         vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_sregs(&self.sregs)
             .map_err(kvm_err("KVM_SET_SREGS"))?;
-        // SAFETY: a kvm_xsave read from KVM by KVM_GET_XSAVE (its legacy 4 KiB form, with no
-        // extended area beyond it): KVM_SET_XSAVE reads exactly that struct.
+        // SAFETY: a whole kvm_xsave (its legacy 4 KiB form), whatever a snapshot file put in
+        // it: KVM_SET_XSAVE reads no more than that struct, since nicvm never asks for the
+        // dynamic XSAVE features (ARCH_REQ_XCOMP_GUEST_PERM) that would make it read beyond.
         unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
         if let Some(x) = &self.xcrs {
             vcpu.set_xcrs(x).map_err(kvm_err("KVM_SET_XCRS"))?;

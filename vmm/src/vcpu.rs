@@ -192,21 +192,32 @@ fn describe_fault(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
     let Ok(r) = vcpu.get_regs() else {
         return "registers unavailable".into();
     };
+    let insn = instruction_bytes(r.rip, mem, |va| translate(vcpu, mem, va));
+    format!("RIP {:#x}, instruction bytes: {insn}", r.rip)
+}
+
+/// The bytes of the (at most 15-byte) instruction at `rip`, as far as they can be read, in
+/// hex; `translate` takes a guest virtual address to a physical one. A RIP at the top of the
+/// address space wraps to 0, as the CPU's fetch would.
+fn instruction_bytes(
+    rip: u64,
+    mem: &GuestMemoryMmap,
+    translate: impl Fn(u64) -> Option<u64>,
+) -> String {
     let mut bytes = vec![];
     for i in 0..15 {
-        match translate(vcpu, mem, r.rip + i)
+        match translate(rip.wrapping_add(i))
             .and_then(|pa| mem.read_obj::<u8>(GuestAddress(pa)).ok())
         {
             Some(b) => bytes.push(format!("{b:02x}")),
             None => break,
         }
     }
-    let insn = if bytes.is_empty() {
+    if bytes.is_empty() {
         "unreadable".to_string()
     } else {
         bytes.join(" ")
-    };
-    format!("RIP {:#x}, instruction bytes: {insn}", r.rip)
+    }
 }
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -474,5 +485,25 @@ fn run(
             Some(r) => lifecycle.request_exit(r),
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest that faults with RIP two bytes below the top of the address space, on a page it
+    /// mapped: the description reads on across the wrap instead of overflowing (which panicked
+    /// the vCPU thread in builds with overflow checks).
+    #[test]
+    fn an_instruction_at_the_top_of_the_address_space_is_read_across_the_wrap() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        mem.write_slice(&[0xaa, 0xbb], GuestAddress(0xffe)).unwrap();
+        mem.write_slice(&[0x0f, 0x0b], GuestAddress(0)).unwrap();
+        // Every page maps to the one page of RAM.
+        let bytes = instruction_bytes(u64::MAX - 1, &mem, |va| Some(va & 0xfff));
+        assert!(bytes.starts_with("aa bb 0f 0b "), "{bytes}");
+        assert_eq!(bytes.split(' ').count(), 15);
+        assert_eq!(instruction_bytes(0x5000, &mem, |_| None), "unreadable");
     }
 }
