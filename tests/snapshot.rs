@@ -508,6 +508,55 @@ fn saved_after_its_lease_on_user_networking_it_keeps_working() {
     assert_eq!(o.code, Some(0), "{}", o.dump());
 }
 
+/// Whether process `pid` holds a lease (`/proc/locks`).
+fn holds_a_lease(pid: u32) -> bool {
+    std::fs::read_to_string("/proc/locks").is_ok_and(|l| {
+        l.lines().any(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            f.get(1) == Some(&"LEASE") && f.get(4) == Some(&pid.to_string().as_str())
+        })
+    })
+}
+
+/// The snapshot file rewritten in place (as `cp` over it does: truncated, then written)
+/// while a guest restored from it runs: the guest runs on, on its own RAM. It ran on the
+/// file's pages: the truncation took them away (nicvm died of SIGBUS, or KVM failed) and
+/// the rewrite would have changed them.
+#[test]
+fn a_snapshot_rewritten_under_its_restored_guest_leaves_it_running() {
+    let Some(img) = image() else { return };
+    let dir = Scratch::new("rewritten");
+    let file = dir.0.join("guest.snap");
+    let o = save_before_dhcp(&img, "virtio-net-pci", "nicvm.run=recv:5001,exit", &file);
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    let len = std::fs::metadata(&file).unwrap().len() as usize;
+
+    let (mut g, port) = restore(&img, "virtio-net-pci", &file, &[]);
+    let t0 = Instant::now();
+    while !holds_a_lease(g.pid()) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&file)
+        .unwrap();
+    f.write_all(&vec![0xa5; len]).unwrap();
+    drop(f);
+    let nic = g.wait_line("NIC");
+    assert_eq!(nic["lease"], "10.0.2.15/24", "{}", nic["_"]);
+    g.wait_line("LISTEN");
+    g.receive_through(port, &clone_data(5));
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    assert!(
+        o.stderr
+            .contains("is being written to: guest RAM (128 MiB) copied out of it"),
+        "{}",
+        o.dump()
+    );
+}
+
 /// Frames that reach a stopped guest (QMP `stop`, then traffic, then `migrate`) land in the
 /// snapshot with their interrupt: the state of the vCPUs and the irqchip is read once the
 /// devices are stopped, so the restored guest takes that interrupt and its NIC goes on

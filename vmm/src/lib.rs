@@ -20,6 +20,7 @@ pub mod netdev;
 pub mod open;
 pub mod peerless;
 pub mod qemu_compat;
+pub mod ram_lease;
 pub mod serial_io;
 pub mod signals;
 pub mod snapshot;

@@ -9,11 +9,25 @@ const SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, li
 
 pub struct SignalFd(std::os::fd::OwnedFd);
 
-/// Blocks the exit signals for this thread and the threads it spawns later.
+/// The signal the kernel sends when another process wants to write a snapshot file a
+/// restored guest's RAM is mapped from (its lease breaks): blocked in every thread too, and
+/// read from a signalfd of its own by the thread that holds the lease.
+pub fn lease_signal() -> libc::c_int {
+    // SIGRTMIN is the vCPU kick.
+    libc::SIGRTMIN() + 1
+}
+
+/// Blocks the exit signals (and [`lease_signal`]) for this thread and the threads it spawns
+/// later; the signalfd reads the exit signals.
 pub fn block_and_open() -> io::Result<SignalFd> {
     // SAFETY: sigset_t is plain data initialised by sigemptyset/sigaddset.
     let fd = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, lease_signal());
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
         libc::sigemptyset(&mut set);
         for s in SIGNALS {
             libc::sigaddset(&mut set, s);

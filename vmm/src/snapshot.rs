@@ -549,6 +549,12 @@ impl IncomingHeader {
         })
     }
 
+    /// A read lease on the file, which tells when another process wants to write it (see
+    /// [`crate::ram_lease`]); None where none can be had.
+    pub fn lease(&self) -> Option<crate::ram_lease::RamLease> {
+        crate::ram_lease::RamLease::take(&self.file, self.path.clone())
+    }
+
     /// Guest RAM mapped privately from the file (copy-on-write), in the regions `ranges`.
     pub fn map_memory(
         &self,
@@ -762,7 +768,8 @@ pub struct Saver {
     pub pause: std::sync::Arc<crate::vcpu::PauseStates>,
     pub lifecycle: std::sync::Arc<devices::lifecycle::Lifecycle>,
     pub shape: MachineShape,
-    /// Held while a snapshot is written: one at a time, and no `cont` meanwhile.
+    /// Held while a snapshot is written, and while guest RAM leaves its snapshot file (see
+    /// [`crate::ram_lease`]): one at a time, and no `stop` or `cont` meanwhile.
     pub saving: Mutex<()>,
 }
 
@@ -793,8 +800,17 @@ impl Saver {
     /// then are the vCPUs (each on its own thread), the irqchip, PIT and clock read, then the
     /// devices, then RAM written.
     pub fn save(&self, path: &Path) -> Result<(), SnapshotError> {
+        self.save_holding(&self.saving.lock().unwrap(), path)
+    }
+
+    /// [`Saver::save`] with [`Saver::saving`] already held (by a caller that stopped the
+    /// vCPUs while holding it).
+    pub fn save_holding(
+        &self,
+        _one_at_a_time: &std::sync::MutexGuard<'_, ()>,
+        path: &Path,
+    ) -> Result<(), SnapshotError> {
         let t0 = std::time::Instant::now();
-        let _one_at_a_time = self.saving.lock().unwrap();
         // A vCPU writing the guest's console to a stdout nobody reads holds the serial port
         // until it can: the save gives up rather than hang the monitor with it.
         let serial = lock_within(&self.serial, SERIAL_WAIT).ok_or_else(|| {

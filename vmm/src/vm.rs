@@ -362,6 +362,10 @@ pub struct Vm {
     /// `-save-on`: told by the console watch when the guest wrote the text.
     save_on: Option<(std::sync::mpsc::Receiver<()>, PathBuf)>,
     save_thread: Option<std::thread::JoinHandle<()>>,
+    /// `-incoming`: the lease on the snapshot file, until its thread starts.
+    ram_lease: Option<crate::ram_lease::RamLease>,
+    /// The lease's thread, and what ends it.
+    lease_thread: Option<(EventFd, std::thread::JoinHandle<()>)>,
     _vm: Arc<VmFd>,
 }
 
@@ -389,6 +393,8 @@ impl Vm {
             Some(head) => head.map_memory(&ram_ranges(cfg.mem_mib)),
             None => Ok(guest_memory(cfg.mem_mib)?),
         };
+        // Taken at once: from here on a writer of the file waits for RAM to leave it.
+        let ram_lease = incoming_head.as_ref().and_then(|h| h.lease());
         // RAM goes to KVM before the interrupt controller exists: a memory slot made after
         // KVM_CREATE_IRQCHIP waits out a grace period (6-8 ms measured on kvm_pvm), one made
         // before it takes 0.1-0.3 ms.
@@ -737,6 +743,8 @@ impl Vm {
             saver,
             save_on,
             save_thread: None,
+            ram_lease,
+            lease_thread: None,
             _vm: vm,
         })
     }
@@ -862,6 +870,21 @@ impl Vm {
                 .map_err(|e| VmError::Host("-save-on thread", e))?;
             self.save_thread = Some(t);
         }
+        if let Some(lease) = self.ram_lease.take() {
+            let stop = EventFd::new(EFD_CLOEXEC).map_err(|e| VmError::Host("eventfd", e))?;
+            let watch = crate::ram_lease::Watch {
+                lease,
+                saver: self.saver.clone(),
+                lifecycle: self.lifecycle.clone(),
+                pthreads: self.vcpu_pthreads.clone(),
+                stop: stop.try_clone().map_err(|e| VmError::Host("eventfd", e))?,
+            };
+            let t = std::thread::Builder::new()
+                .name("ram-lease".into())
+                .spawn(move || crate::ram_lease::watch(watch))
+                .map_err(|e| VmError::Host("snapshot lease thread", e))?;
+            self.lease_thread = Some((stop, t));
+        }
         Ok(())
     }
 
@@ -878,6 +901,10 @@ impl Vm {
         // After a snapshot being written (-save-on, or a monitor's migrate) has read every
         // page it needs: the loader, dropped, stops filling them in.
         if let Some(t) = self.save_thread.take() {
+            let _ = t.join();
+        }
+        if let Some((stop, t)) = self.lease_thread.take() {
+            let _ = stop.write(1);
             let _ = t.join();
         }
         drop(self.saver.saving.lock());
@@ -1005,11 +1032,14 @@ fn save_on_console(
             Err(_) => return,
         }
     }
+    // Held from the pause on: guest RAM leaving its snapshot file meanwhile would resume
+    // the vCPUs after it (see crate::ram_lease).
+    let held = saver.saving.lock().unwrap();
     if !vcpu::pause_all(lifecycle, pthreads, saver.shape.cpus.into()) && lifecycle.exit_requested()
     {
         return; // ended meanwhile: nothing to save
     }
-    lifecycle.request_exit(match saver.save(path) {
+    lifecycle.request_exit(match saver.save_holding(&held, path) {
         Ok(()) => ExitReason::User(format!("-save-on: snapshot written to {}", path.display())),
         Err(e) => ExitReason::Error(format!("-save-on: {e}")),
     });

@@ -95,6 +95,17 @@ impl PciRoot {
         self.with_devices_locked(|s| s)
     }
 
+    /// Runs `f` with every device locked (in slot order), and nothing saved: no device
+    /// writes guest RAM or raises an interrupt until `f` returns.
+    pub fn with_devices_held<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _held: Vec<std::sync::MutexGuard<'_, dyn PciDevice>> = self
+            .slots
+            .iter()
+            .filter_map(|d| Some(d.as_ref()?.lock().unwrap()))
+            .collect();
+        f()
+    }
+
     /// Locks every device (in slot order), saves their states and calls `f` with them while
     /// still holding the locks: no device writes guest memory until `f` returns (a snapshot
     /// writes RAM there).

@@ -340,6 +340,8 @@ impl Control {
 
     /// Stops the vCPUs: returns once every one is parked (or after a second).
     pub fn stop(&self) {
+        // Not while guest RAM leaves its snapshot file (which resumes the vCPUs after it).
+        let _no_save = self.saver.saving.lock().unwrap();
         if self.lifecycle.paused() {
             return;
         }
