@@ -417,6 +417,8 @@ pub fn write(path: &Path, state: &State, mem: &GuestMemoryMmap) -> Result<(), Sn
         path: path.into(),
         source,
     };
+    let target = destination(path).map_err(io)?;
+    let path = target.as_path();
     let json = serde_json::to_vec(state).map_err(|e| SnapshotError::Save(e.to_string()))?;
     let state_len = json.len() as u64;
     let mem_offset = (HEADER_LEN + state_len).div_ceil(PAGE) * PAGE;
@@ -483,20 +485,48 @@ fn create_temp(path: &Path) -> std::io::Result<(PathBuf, File)> {
     Err(last)
 }
 
-/// Whether a snapshot can be written to `path` (its directory exists and takes a new file,
-/// and `path` is not a directory the file could not be renamed over): checked when nicvm
-/// starts, before the guest runs.
-pub fn check_writable(path: &Path) -> Result<(), SnapshotError> {
-    if path.is_dir() {
-        return Err(SnapshotError::Io {
-            path: path.into(),
-            source: std::io::Error::from_raw_os_error(libc::EISDIR),
-        });
+/// Where a snapshot for `path` goes, written beside it and renamed over it: `path`, or the
+/// file a symlink there names (followed as an open would: the link stays, the file it names
+/// is replaced). Anything there but a regular file is refused: a device (`/dev/null`), a FIFO
+/// or a socket would be replaced by the snapshot, not written into.
+fn destination(path: &Path) -> std::io::Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    // As the kernel's limit on the links one path may pass through.
+    for _ in 0..40 {
+        let m = match std::fs::symlink_metadata(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(p),
+            r => r?,
+        };
+        if m.is_file() {
+            return Ok(p);
+        }
+        if m.is_dir() {
+            return Err(std::io::Error::from_raw_os_error(libc::EISDIR));
+        }
+        if !m.file_type().is_symlink() {
+            return Err(std::io::Error::other(
+                "not a regular file (a snapshot is a file of its own: it is not written into \
+                 a device, FIFO or socket)",
+            ));
+        }
+        let link = std::fs::read_link(&p)?;
+        p = match p.parent() {
+            Some(dir) if link.is_relative() => dir.join(link),
+            _ => link,
+        };
     }
-    let (tmp, _) = create_temp(path).map_err(|source| SnapshotError::Io {
+    Err(std::io::Error::from_raw_os_error(libc::ELOOP))
+}
+
+/// Whether a snapshot can be written to `path` (a regular file or nothing there, through any
+/// symlinks, in a directory that takes a new file): checked when nicvm starts, before the
+/// guest runs.
+pub fn check_writable(path: &Path) -> Result<(), SnapshotError> {
+    let io = |source| SnapshotError::Io {
         path: path.into(),
         source,
-    })?;
+    };
+    let (tmp, _) = create_temp(&destination(path).map_err(io)?).map_err(io)?;
     let _ = std::fs::remove_file(tmp);
     Ok(())
 }
@@ -902,6 +932,7 @@ pub fn sample_state(mem_mib: u64, cpus: u8) -> State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
 
     /// A state a vCPU read when it parked, before the saver locked the devices and woke it,
     /// is not taken: only one read for that wake or a later one (a review found the first
@@ -928,6 +959,51 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(e.ends_with("Is a directory (os error 21)"), "{e}");
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    /// A snapshot replaces a file; what is not one is refused, and a symlink is followed (a
+    /// try-out saw `migrate file:/dev/null` replace the device with a 128 MiB file, a FIFO
+    /// replaced under its reader, and a symlink replaced, its file left as it was).
+    #[test]
+    fn a_snapshot_replaces_files_only_through_symlinks_too() {
+        let dir = std::env::temp_dir().join(format!("nicvm-snap-dest-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let ranges = [(vm_memory::GuestAddress(0), 1 << 20)];
+        let mem = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+        // Not /dev/null itself: were this to fail, the host would lose it.
+        let sock = dir.join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        for p in [&sock, &fifo] {
+            let e = check_writable(p).unwrap_err().to_string();
+            assert!(e.contains("not a regular file"), "{e}");
+            let e = write(p, &sample_state(1, 1), &mem).unwrap_err().to_string();
+            assert!(e.contains("not a regular file"), "{e}");
+        }
+        assert!(std::fs::metadata(&sock).unwrap().file_type().is_socket());
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        // A link to a file, through a relative link to a link; and one to nothing yet.
+        std::fs::write(dir.join("real"), b"old").unwrap();
+        std::os::unix::fs::symlink(dir.join("real"), dir.join("abs")).unwrap();
+        std::os::unix::fs::symlink("abs", dir.join("rel")).unwrap();
+        std::os::unix::fs::symlink(dir.join("new"), dir.join("dangling")).unwrap();
+        for (link, file) in [("rel", "real"), ("dangling", "new")] {
+            check_writable(&dir.join(link)).unwrap();
+            write(&dir.join(link), &sample_state(1, 1), &mem).unwrap();
+            assert!(std::fs::symlink_metadata(dir.join(link))
+                .unwrap()
+                .file_type()
+                .is_symlink());
+            Incoming::open(&dir.join(file)).unwrap();
+        }
+        std::os::unix::fs::symlink("loop", dir.join("loop")).unwrap();
+        let e = check_writable(&dir.join("loop")).unwrap_err().to_string();
+        assert!(e.contains("os error 40"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
