@@ -1480,6 +1480,119 @@ fn quit_runs_the_downscripts() {
     drop(dir);
 }
 
+/// The names of `pid`'s threads.
+fn threads_of(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `wait=on`, QEMU's default for a server socket: before the guest starts, nicvm waits for a
+/// client on each such socket, in order, saying so as QEMU does; the client gets all of the
+/// console and the QMP greeting. (nicvm started the guest at once, with a note: what the
+/// guest printed before a harness connected was lost.)
+#[test]
+fn wait_on_holds_the_guest_until_each_socket_has_a_client() {
+    let Some(img) = image() else { return };
+    let dir = temp("wait-on");
+    let (q, s) = (dir.0.join("qmp.sock"), dir.0.join("serial.sock"));
+    let qmp_arg = format!("unix:{},server", q.display());
+    let serial_arg = format!("unix:{},server=on", s.display());
+    let vm = spawn(
+        &img,
+        "",
+        &[
+            "-nic",
+            "none",
+            "-display",
+            "none",
+            "-qmp",
+            &qmp_arg,
+            "-serial",
+            &serial_arg,
+        ],
+        Stdio::null(),
+    );
+    wait_for(&q);
+    wait_for(&s);
+    let pid = vm.child.id();
+    let no_vcpu = |when: &str| {
+        std::thread::sleep(Duration::from_millis(1000));
+        let t = threads_of(pid);
+        assert!(
+            !t.iter().any(|t| t == "vcpu0"),
+            "{when}: the guest runs: {t:?}"
+        );
+    };
+    no_vcpu("before any client");
+    let mut qmp = BufReader::new(UnixStream::connect(&q).unwrap());
+    no_vcpu("with a QMP client only");
+    let serial = UnixStream::connect(&s).unwrap();
+    let mut greeting = String::new();
+    qmp.read_line(&mut greeting).unwrap();
+    assert!(greeting.contains("\"QMP\""), "{greeting}");
+    // The console from its start: the guest's first line.
+    serial
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let mut console = String::new();
+    for line in BufReader::new(serial).lines() {
+        let line = line.expect("the guest's console");
+        console.push_str(&line);
+        if line.contains("NICVM-BOOT") {
+            break;
+        }
+    }
+    assert!(console.contains("NICVM-BOOT"), "{console}");
+    qmp.get_mut()
+        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n")
+        .unwrap();
+    let (code, _, err) = vm.wait(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{err}");
+    let said = format!(
+        "nicvm: waiting for connection on: {qmp_arg}=on (wait=on)\n\
+         nicvm: waiting for connection on: {serial_arg} (wait=on)\n"
+    );
+    assert!(err.contains(&said), "{err}");
+    drop(dir);
+}
+
+/// A signal while nicvm waits for a `wait=on` client ends it cleanly (status 0, socket file
+/// removed), without the guest having run.
+#[test]
+fn a_signal_ends_the_wait_for_a_client() {
+    let Some(img) = image() else { return };
+    let dir = temp("wait-signal");
+    let q = dir.0.join("qmp.sock");
+    let vm = spawn(
+        &img,
+        "",
+        &[
+            "-nic",
+            "none",
+            "-display",
+            "none",
+            "-qmp",
+            &format!("unix:{},server", q.display()),
+        ],
+        Stdio::null(),
+    );
+    wait_for(&q);
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling the child we started (not yet reaped: the Vm holds it).
+    unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    let (code, out, err) = vm.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.ends_with("nicvm: terminating on SIGTERM\n"), "{err}");
+    assert!(!out.contains("NICVM"), "the guest ran: {out}");
+    assert!(!q.exists(), "the socket file is left");
+    drop(dir);
+}
+
 /// Waits for `child` at most `deadline`, then terminates it; the guard is disarmed first
 /// so that no signal can reach a reaped (and perhaps reused) pid.
 fn wait_bounded(child: &mut Child, guard: &mut KillOnDrop, deadline: Duration) -> Option<i32> {
@@ -1655,15 +1768,7 @@ fn out_of_descriptors_the_listeners_rest_instead_of_spinning() {
     let mut guard = KillOnDrop(Some(pid));
     // Set-up goes on opening descriptors after the sockets appear: wait until it is done
     // (the vCPU thread is the last thing started, parked by -S).
-    let threads = || -> Vec<String> {
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|d| {
-                d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                    .map(|c| c.trim().to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let threads = || threads_of(pid);
     let t0 = Instant::now();
     while !["vcpu0", "serial", "monitor", "slirp"]
         .iter()

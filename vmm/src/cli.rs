@@ -278,7 +278,8 @@ Network:
   -object filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]
                                write the netdev's frames, both ways, to a pcap file
 
-Monitors (nicvm listens; server=on, wait=off):
+Monitors (nicvm listens: server=on; with wait=on, QEMU's default, the guest starts once a
+client has connected):
   -qmp unix:PATH,server=on,wait=off | tcp:[HOST]:PORT,server=on,wait=off
                                QMP, QEMU's JSON monitor (several clients)
   -monitor unix:...|tcp:...|stdio
@@ -483,6 +484,8 @@ struct Builder<'a> {
     /// `-chardev` ids and where they listen.
     /// Each `-chardev`: its id, where, and whether it speaks telnet.
     chardevs: Vec<(String, Endpoint, bool)>,
+    /// Sockets given with `wait=on`, QEMU's default for a server (see `Config::wait_for`).
+    waiting: Vec<Endpoint>,
     /// `-mon chardev=ID` given before its `-chardev`: (option, ID, mode, pretty).
     mon_later: Vec<(String, String, MonitorMode, bool)>,
     start_paused: bool,
@@ -704,6 +707,7 @@ where
         notes: vec![],
         monitors: vec![],
         chardevs: vec![],
+        waiting: vec![],
         mon_later: vec![],
         start_paused: false,
         no_shutdown: false,
@@ -786,9 +790,9 @@ where
                 if val == "none" {
                     continue;
                 }
-                let (endpoint, note, telnet) = chardev_spec(&val).or_else(|e| err(&opt, e))?;
-                if let Some(n) = note {
-                    b.note(&opt, &n);
+                let (endpoint, wait, telnet) = chardev_spec(&val).or_else(|e| err(&opt, e))?;
+                if wait {
+                    b.waiting.push(endpoint.clone());
                 }
                 if telnet {
                     b.note(&opt, MONITOR_TELNET_NOTE);
@@ -796,10 +800,10 @@ where
                 b.add_monitor(&opt, mode, endpoint, false, telnet)?;
             }
             "-chardev" => {
-                let (id, endpoint, note, telnet) =
+                let (id, endpoint, wait, telnet) =
                     chardev_option(&val).or_else(|e| err(&opt, e))?;
-                if let Some(n) = note {
-                    b.note(&opt, &n);
+                if wait {
+                    b.waiting.push(endpoint.clone());
                 }
                 if b.chardevs.iter().any(|(i, ..)| *i == id) {
                     return err(&opt, CliErrorKind::DuplicateId(id));
@@ -956,9 +960,9 @@ where
                         .iter()
                         .any(|p| v.starts_with(p)) =>
                     {
-                        let (at, note, telnet) = chardev_spec(v).or_else(|e| err(&opt, e))?;
-                        if let Some(n) = note {
-                            b.note(&opt, &n);
+                        let (at, wait, telnet) = chardev_spec(v).or_else(|e| err(&opt, e))?;
+                        if wait {
+                            b.waiting.push(at.clone());
                         }
                         SerialTarget::Socket { at, telnet }
                     }
@@ -1317,6 +1321,16 @@ impl Builder<'_> {
             serial == SerialTarget::Stdio && (self.serial_given || self.nographic)
         };
         let stdio_signals = self.stdio_signal.unwrap_or(plain);
+        // The sockets nicvm listens on (a -chardev no monitor or serial port uses is not
+        // opened), each once, in the order given.
+        let mut wait_for: Vec<Endpoint> = vec![];
+        for e in self.waiting {
+            let used = self.monitors.iter().any(|m| m.endpoint == e)
+                || matches!(&serial, SerialTarget::Socket { at, .. } if *at == e);
+            if used && !wait_for.contains(&e) {
+                wait_for.push(e);
+            }
+        }
         Ok(Action::Run(Box::new(Config {
             mem_mib: self.mem_mib,
             cpus: self.cpus,
@@ -1341,6 +1355,7 @@ impl Builder<'_> {
             incoming: self.incoming,
             save_on: self.save_on,
             board_slots,
+            wait_for,
         })))
     }
 
@@ -1538,11 +1553,12 @@ impl Builder<'_> {
 
 /// A character device as `-qmp`/`-monitor`/`-serial` take it: `unix:PATH[,server=on]
 /// [,wait=off]`, `tcp:[HOST]:PORT[,...]`, `telnet:[HOST]:PORT[,...]`, `stdio`. QEMU's bare
-/// `server` and `nowait` are understood. Returns where to listen, a note when an option is
-/// not honoured as QEMU would, and whether the socket is to speak telnet.
-fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>, bool), CliErrorKind> {
+/// `server` and `nowait` are understood. Returns where to listen, whether to wait for a
+/// client before the guest starts (`wait=on`, QEMU's default), and whether the socket is to
+/// speak telnet.
+fn chardev_spec(spec: &str) -> Result<(Endpoint, bool, bool), CliErrorKind> {
     if spec == "stdio" {
-        return Ok((Endpoint::Stdio, None, false));
+        return Ok((Endpoint::Stdio, false, false));
     }
     let mut parts = spec.split(',');
     let head = parts.next().unwrap_or("");
@@ -1576,7 +1592,8 @@ fn chardev_spec(spec: &str) -> Result<(Endpoint, Option<String>, bool), CliError
     } else {
         return Err(CliErrorKind::BadChardev(spec.into()));
     };
-    Ok((endpoint, listening(server, wait)?, telnet))
+    listening(server)?;
+    Ok((endpoint, wait, telnet))
 }
 
 /// What `telnet` is on a monitor: the serial port negotiates (see `serial_io.rs`); a
@@ -1599,19 +1616,14 @@ fn unix_socket_path(path: &str) -> Result<PathBuf, CliErrorKind> {
     Ok(path.into())
 }
 
-/// server=off (connecting out) is refused; wait=on (QEMU waits for a client before the
-/// guest starts) is accepted with a note.
-fn listening(server: bool, wait: bool) -> Result<Option<String>, CliErrorKind> {
+/// server=off (connecting out) is refused.
+fn listening(server: bool) -> Result<(), CliErrorKind> {
     if !server {
         return Err(CliErrorKind::Refused(
             "nicvm's monitors listen: give server=on (connecting out is not supported)".into(),
         ));
     }
-    Ok(wait.then(|| {
-        "wait=on: nicvm does not wait for a client, the guest starts at once (add -S to \
-         start it stopped)"
-            .to_string()
-    }))
+    Ok(())
 }
 
 fn tcp_addr(hp: &str) -> Result<std::net::SocketAddr, CliErrorKind> {
@@ -1637,7 +1649,7 @@ fn tcp_addr(hp: &str) -> Result<std::net::SocketAddr, CliErrorKind> {
 }
 
 /// `-chardev socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off` or `-chardev stdio,id=ID`.
-fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>, bool), CliErrorKind> {
+fn chardev_option(val: &str) -> Result<(String, Endpoint, bool, bool), CliErrorKind> {
     // QEMU's bare `server` and `nowait` words.
     let fixed: Vec<String> = val
         .split(',')
@@ -1664,7 +1676,7 @@ fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>, bool),
             if let Some(k) = kv.unknown_key(&[]) {
                 return Err(OptionError::Unknown(k.into()).into());
             }
-            Ok((id, Endpoint::Stdio, None, false))
+            Ok((id, Endpoint::Stdio, false, false))
         }
         Some("socket") => {
             if let Some(k) = kv.unknown_key(&[
@@ -1690,8 +1702,8 @@ fn chardev_option(val: &str) -> Result<(String, Endpoint, Option<String>, bool),
                 }
             };
             let telnet = telnet == Some(true);
-            let note = listening(server.unwrap_or(false), wait.unwrap_or(true))?;
-            Ok((id, endpoint, note, telnet))
+            listening(server.unwrap_or(false))?;
+            Ok((id, endpoint, wait.unwrap_or(true), telnet))
         }
         Some(b) => Err(CliErrorKind::Refused(format!(
             "backend '{b}' is not supported: nicvm's -chardev is socket or stdio (for a \
@@ -2947,8 +2959,23 @@ mod tests {
             "-serial",
             "server=on needed"
         );
-        let c = run("-kernel k -qmp tcp:localhost:4445,server").unwrap();
-        assert!(c.notes.iter().any(|n| n.text.contains("wait=on")));
+        // wait=on, QEMU's default for a server: waited for, on the sockets opened, once each.
+        let c = run("-kernel k -qmp tcp:127.0.0.1:4445,server").unwrap();
+        assert_eq!(
+            c.wait_for,
+            [Endpoint::Tcp("127.0.0.1:4445".parse().unwrap())]
+        );
+        let c = run("-kernel k -serial unix:/tmp/s,server -chardev socket,id=u,path=/tmp/u,server \
+                     -chardev socket,id=m,path=/tmp/m,server=on -mon m -qmp unix:/tmp/q,server,nowait")
+        .unwrap();
+        assert_eq!(
+            c.wait_for,
+            [
+                Endpoint::Unix("/tmp/s".into()),
+                Endpoint::Unix("/tmp/m".into())
+            ]
+        );
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
         for (line, option) in [
             ("-qmp unix:/tmp/x", "-qmp"),
             ("-qmp stdio", "-qmp"),

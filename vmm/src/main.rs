@@ -309,6 +309,21 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
                 vm.set_console_monitor(c.clone(), m.option == "-monitor");
             }
         }
+        // wait=on: before any monitor or serial thread accepts (they take the waiting
+        // client once they run) and before the guest starts.
+        let mut sockets = vec![];
+        for at in &cfg.wait_for {
+            if let Some(fd) = listening.fd(at).or_else(|| vm.serial_listener()) {
+                sockets.push((endpoint_name(at), fd));
+            }
+        }
+        if !sockets.is_empty() {
+            // What set-up noted goes out first.
+            stderr::release();
+        }
+        if let Some(sig) = wait_for_clients(&sockets) {
+            lifecycle_for_hold.request_exit(ExitReason::User(sig.into()));
+        }
         let monitor = match &control {
             Some(c) => match monitor::Monitor::start(listening, c.clone()) {
                 Ok(m) => m,
@@ -354,6 +369,40 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         ExitReason::Error(why) => say!("nicvm{name}: error: {why}"),
     }
     reason.code()
+}
+
+/// How QEMU names a server socket when it waits on it.
+fn endpoint_name(at: &Endpoint) -> String {
+    match at {
+        Endpoint::Unix(p) => format!("unix:{},server=on", p.display()),
+        Endpoint::Tcp(a) => format!("tcp:{a},server=on"),
+        Endpoint::Stdio => "stdio".into(),
+    }
+}
+
+/// `wait=on` (QEMU's default for a server socket): waits, socket by socket in the order
+/// given, until a client is waiting to be accepted (its monitor or serial thread accepts it
+/// once they run, so nothing the guest or the monitor says is lost), saying so as QEMU
+/// does. An exit signal ends the wait: its name is returned.
+fn wait_for_clients(sockets: &[(String, std::os::fd::RawFd)]) -> Option<&'static str> {
+    for (name, fd) in sockets {
+        say!("nicvm: waiting for connection on: {name} (wait=on)");
+        loop {
+            if let Some(sig) = signals::pending() {
+                return Some(sig);
+            }
+            let mut p = libc::pollfd {
+                fd: *fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polling one descriptor we own, for 100 ms (then signals are looked at).
+            if unsafe { libc::poll(&mut p, 1, 100) } > 0 {
+                break;
+            }
+        }
+    }
+    None
 }
 
 /// `-name ...,process=NAME`: the name `ps`, `pgrep` and `/proc/PID/comm` show, as QEMU sets

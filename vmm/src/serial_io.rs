@@ -353,6 +353,15 @@ impl SerialIo {
         Box::new(PeerWriter(self.peer.clone(), self.telnet))
     }
 
+    /// The listening socket, if the port is on one.
+    pub fn listener_fd(&self) -> Option<RawFd> {
+        match &self.source {
+            Source::Unix(l, _) => Some(l.as_raw_fd()),
+            Source::Tcp(l) => Some(l.as_raw_fd()),
+            Source::Pty => None,
+        }
+    }
+
     /// Starts the thread that accepts clients and feeds their input to `serial`.
     pub fn start(&mut self, serial: Arc<Mutex<Serial>>) -> io::Result<()> {
         let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;

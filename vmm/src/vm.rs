@@ -767,6 +767,11 @@ impl Vm {
         }
     }
 
+    /// The serial port's listening socket, if it is on one.
+    pub fn serial_listener(&self) -> Option<std::os::fd::RawFd> {
+        self.serial_io.as_ref()?.listener_fd()
+    }
+
     /// What QMP's migrate saves.
     pub fn saver(&self) -> Arc<Saver> {
         self.saver.clone()

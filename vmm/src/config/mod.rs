@@ -61,6 +61,9 @@ pub struct Config {
     /// `-incoming file:PATH`: the guest comes from this snapshot instead of booting
     /// (`-kernel` is then not needed, and not loaded if given).
     pub incoming: Option<PathBuf>,
+    /// The monitor and serial sockets given `wait=on` (QEMU's default for a server): set-up
+    /// waits until each has a client waiting, before the guest starts, as QEMU does.
+    pub wait_for: Vec<Endpoint>,
     /// `-save-on console=TEXT,file=PATH`: once the guest writes TEXT on its serial console,
     /// nicvm stops it, writes a snapshot to PATH and exits.
     pub save_on: Option<SaveOn>,

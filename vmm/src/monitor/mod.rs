@@ -634,6 +634,19 @@ pub struct Listening {
     /// Each with what its clients are.
     listeners: Vec<(Listener, Kind)>,
     paths: Vec<PathBuf>,
+    /// Where each listener listens, in the same order.
+    endpoints: Vec<Endpoint>,
+}
+
+impl Listening {
+    /// The listening socket at `at`, if a monitor listens there.
+    pub fn fd(&self, at: &Endpoint) -> Option<RawFd> {
+        let i = self.endpoints.iter().position(|e| e == at)?;
+        Some(match &self.listeners[i].0 {
+            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        })
+    }
 }
 
 impl Drop for Listening {
@@ -649,6 +662,7 @@ pub fn bind(monitors: &[MonitorConfig]) -> Result<Listening, MonitorError> {
     let mut l = Listening {
         listeners: vec![],
         paths: vec![],
+        endpoints: vec![],
     };
     for m in monitors {
         let e = |what: String| {
@@ -673,11 +687,13 @@ pub fn bind(monitors: &[MonitorConfig]) -> Result<Listening, MonitorError> {
                 s.set_nonblocking(true)
                     .map_err(e(p.display().to_string()))?;
                 l.listeners.push((Listener::Unix(s), kind));
+                l.endpoints.push(m.endpoint.clone());
             }
             Endpoint::Tcp(a) => {
                 let s = TcpListener::bind(a).map_err(e(a.to_string()))?;
                 s.set_nonblocking(true).map_err(e(a.to_string()))?;
                 l.listeners.push((Listener::Tcp(s), kind));
+                l.endpoints.push(m.endpoint.clone());
             }
         }
     }
