@@ -1561,6 +1561,140 @@ fn wait_on_holds_the_guest_until_each_socket_has_a_client() {
     drop(dir);
 }
 
+/// Reads a QMP line (greeting, answer or event) within `limit`.
+fn qmp_line(r: &mut BufReader<UnixStream>, limit: Duration) -> String {
+    r.get_ref().set_read_timeout(Some(limit)).unwrap();
+    let mut l = String::new();
+    r.read_line(&mut l).expect("a QMP line");
+    l
+}
+
+/// The monitor and console as QEMU's Python harness (`qemu.machine`) hands them over: each a
+/// socket it made (a socketpair end) that nicvm inherits, `-chardev socket,id=ID,fd=N`. The
+/// monitor greets and answers on it, the console carries the guest's output. (nicvm refused
+/// `fd=` as an unknown parameter, so the harness could not start it.)
+#[test]
+fn monitor_and_console_on_inherited_sockets() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let Some(img) = image() else { return };
+    let (qmp_ours, qmp_theirs) = UnixStream::pair().unwrap();
+    let (con_ours, con_theirs) = UnixStream::pair().unwrap();
+    let (qfd, cfd) = (qmp_theirs.as_raw_fd(), con_theirs.as_raw_fd());
+    let mut cmd = nicvm_cmd();
+    cmd.args(["-kernel", &img.kernel.display().to_string()])
+        .args(["-initrd", &img.initrd.display().to_string()])
+        .args(["-append", "console=ttyS0 quiet"])
+        .args(["-display", "none", "-vga", "none", "-nic", "none"])
+        .args(["-chardev", &format!("socket,id=mon,fd={qfd}")])
+        .args(["-mon", "chardev=mon,mode=control"])
+        .args(["-chardev", &format!("socket,id=console,fd={cfd}")])
+        .args(["-serial", "chardev:console"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec, only fcntl (async-signal-safe) on the two descriptors
+    // the child is to inherit.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::fcntl(qfd, libc::F_SETFD, 0);
+            libc::fcntl(cfd, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    support::reaper::guest_started(child.id());
+    let mut guard = KillOnDrop(Some(child.id()));
+    drop((qmp_theirs, con_theirs));
+    let mut qmp = BufReader::new(qmp_ours);
+    let greeting = qmp_line(&mut qmp, Duration::from_secs(30));
+    assert!(greeting.contains("\"QMP\""), "{greeting}");
+    qmp.get_mut()
+        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .unwrap();
+    assert!(qmp_line(&mut qmp, Duration::from_secs(10)).contains("\"return\""));
+    con_ours
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let mut console = String::new();
+    for line in BufReader::new(con_ours).lines() {
+        let line = line.expect("the guest's console");
+        console.push_str(&line);
+        if line.contains("NICVM-BOOT") {
+            break;
+        }
+    }
+    assert!(console.contains("NICVM-BOOT"), "{console}");
+    qmp.get_mut()
+        .write_all(b"{\"execute\":\"quit\"}\n")
+        .unwrap();
+    let code = wait_bounded(&mut child, &mut guard, Duration::from_secs(30));
+    support::reaper::guest_ending(child.id());
+    assert_eq!(code, Some(0));
+}
+
+/// `server=off`, QEMU's default: nicvm connects to a monitor socket its harness listens on
+/// (`qemu.machine` as of QEMU 7.2 passes `-chardev socket,id=mon,path=PATH`); with nothing
+/// listening there, set-up fails in one line naming the option.
+#[test]
+fn a_monitor_connects_to_its_harness() {
+    let Some(img) = image() else { return };
+    let dir = temp("connect-out");
+    let path = dir.0.join("qmp.sock");
+    let args = |path: &Path| {
+        vec![
+            "-kernel".to_string(),
+            img.kernel.display().to_string(),
+            "-S".into(),
+            "-display".into(),
+            "none".into(),
+            "-nic".into(),
+            "none".into(),
+            "-chardev".into(),
+            format!("socket,id=mon,path={}", path.display()),
+            "-mon".into(),
+            "chardev=mon,mode=control".into(),
+        ]
+    };
+    let o = run(&args(&path), Duration::from_secs(30));
+    assert_eq!(o.code, Some(1), "{}", o.dump());
+    assert!(
+        o.stderr.starts_with("nicvm: -mon")
+            || o.stderr.starts_with("nicvm: -chardev")
+            || o.stderr.contains("cannot connect to"),
+        "{}",
+        o.dump()
+    );
+    assert_eq!(o.stderr.lines().count(), 1, "{}", o.dump());
+
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut child = nicvm_cmd()
+        .args(args(&path))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    support::reaper::guest_started(child.id());
+    let mut guard = KillOnDrop(Some(child.id()));
+    let (s, _) = listener.accept().unwrap();
+    let mut qmp = BufReader::new(s);
+    assert!(qmp_line(&mut qmp, Duration::from_secs(30)).contains("\"QMP\""));
+    qmp.get_mut()
+        .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n")
+        .unwrap();
+    assert!(qmp_line(&mut qmp, Duration::from_secs(10)).contains("\"return\""));
+    let status = qmp_line(&mut qmp, Duration::from_secs(10));
+    assert!(status.contains("\"prelaunch\""), "{status}");
+    qmp.get_mut()
+        .write_all(b"{\"execute\":\"quit\"}\n")
+        .unwrap();
+    let code = wait_bounded(&mut child, &mut guard, Duration::from_secs(30));
+    support::reaper::guest_ending(child.id());
+    assert_eq!(code, Some(0));
+    drop(dir);
+}
+
 /// A signal while nicvm waits for a `wait=on` client ends it cleanly (status 0, socket file
 /// removed), without the guest having run.
 #[test]

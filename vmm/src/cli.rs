@@ -278,13 +278,13 @@ Network:
   -object filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]
                                write the netdev's frames, both ways, to a pcap file
 
-Monitors (nicvm listens: server=on; with wait=on, QEMU's default, the guest starts once a
-client has connected):
+Monitors (server=on: nicvm listens; with wait=on, QEMU's default, the guest starts once a
+client has connected. server=off: nicvm connects. fd=N: a socket it inherited):
   -qmp unix:PATH,server=on,wait=off | tcp:[HOST]:PORT,server=on,wait=off
                                QMP, QEMU's JSON monitor (several clients)
   -monitor unix:...|tcp:...|stdio
                                the human monitor (HMP)
-  -chardev socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off  -chardev stdio,id=ID
+  -chardev socket,id=ID,path=PATH|host=H,port=P|fd=N[,server=on,wait=off]  -chardev stdio,id=ID
   -mon chardev=ID[,mode=control|readline]
 
 Other:
@@ -801,12 +801,20 @@ where
             }
             "-chardev" => {
                 let (id, endpoint, wait, telnet) =
-                    chardev_option(&val).or_else(|e| err(&opt, e))?;
+                    chardev_option(&val, b.fds).or_else(|e| err(&opt, e))?;
                 if wait {
                     b.waiting.push(endpoint.clone());
                 }
                 if b.chardevs.iter().any(|(i, ..)| *i == id) {
                     return err(&opt, CliErrorKind::DuplicateId(id));
+                }
+                if let Endpoint::Fd { fd, .. } = endpoint {
+                    if b.chardevs
+                        .iter()
+                        .any(|(_, e, _)| matches!(e, Endpoint::Fd { fd: f, .. } if *f == fd))
+                    {
+                        return err(&opt, OptionError::FdTwice("fd", fd));
+                    }
                 }
                 if endpoint == Endpoint::Stdio {
                     // signal=on|off (checked by chardev_option): whether Ctrl-C ends nicvm.
@@ -1583,17 +1591,34 @@ fn chardev_spec(spec: &str) -> Result<(Endpoint, bool, bool), CliErrorKind> {
         if path.is_empty() {
             return Err(CliErrorKind::BadChardev(spec.into()));
         }
-        Endpoint::Unix(unix_socket_path(path)?)
+        let path = unix_socket_path(path)?;
+        if server {
+            Endpoint::Unix(path)
+        } else {
+            Endpoint::UnixClient(path)
+        }
     } else if let Some(hp) = head.strip_prefix("tcp:") {
-        Endpoint::Tcp(tcp_addr(hp)?)
+        let a = tcp_addr(hp)?;
+        if server {
+            Endpoint::Tcp(a)
+        } else {
+            Endpoint::TcpClient(a)
+        }
     } else if let Some(hp) = head.strip_prefix("telnet:") {
         telnet = true;
         Endpoint::Tcp(tcp_addr(hp)?)
     } else {
         return Err(CliErrorKind::BadChardev(spec.into()));
     };
-    listening(server)?;
-    Ok((endpoint, wait, telnet))
+    if telnet && !server {
+        return Err(telnet_client());
+    }
+    Ok((endpoint, wait && server, telnet))
+}
+
+/// `telnet` without `server=on`: nicvm speaks telnet as a server only.
+fn telnet_client() -> CliErrorKind {
+    CliErrorKind::Refused("telnet needs server=on (nicvm speaks telnet as a server only)".into())
 }
 
 /// What `telnet` is on a monitor: the serial port negotiates (see `serial_io.rs`); a
@@ -1614,16 +1639,6 @@ fn unix_socket_path(path: &str) -> Result<PathBuf, CliErrorKind> {
         )));
     }
     Ok(path.into())
-}
-
-/// server=off (connecting out) is refused.
-fn listening(server: bool) -> Result<(), CliErrorKind> {
-    if !server {
-        return Err(CliErrorKind::Refused(
-            "nicvm's monitors listen: give server=on (connecting out is not supported)".into(),
-        ));
-    }
-    Ok(())
 }
 
 fn tcp_addr(hp: &str) -> Result<std::net::SocketAddr, CliErrorKind> {
@@ -1649,7 +1664,10 @@ fn tcp_addr(hp: &str) -> Result<std::net::SocketAddr, CliErrorKind> {
 }
 
 /// `-chardev socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off` or `-chardev stdio,id=ID`.
-fn chardev_option(val: &str) -> Result<(String, Endpoint, bool, bool), CliErrorKind> {
+fn chardev_option(
+    val: &str,
+    fds: &InheritedFds,
+) -> Result<(String, Endpoint, bool, bool), CliErrorKind> {
     // QEMU's bare `server` and `nowait` words.
     let fixed: Vec<String> = val
         .split(',')
@@ -1680,30 +1698,51 @@ fn chardev_option(val: &str) -> Result<(String, Endpoint, bool, bool), CliErrorK
         }
         Some("socket") => {
             if let Some(k) = kv.unknown_key(&[
-                "path", "host", "port", "server", "wait", "nodelay", "ipv4", "ipv6", "telnet",
+                "path", "host", "port", "fd", "server", "wait", "nodelay", "ipv4", "ipv6", "telnet",
             ]) {
                 return Err(OptionError::Unknown(k.into()).into());
             }
             let server = kv.get("server").map(|v| on_off("server", v)).transpose()?;
             let wait = kv.get("wait").map(|v| on_off("wait", v)).transpose()?;
             let telnet = kv.get("telnet").map(|v| on_off("telnet", v)).transpose()?;
-            let endpoint = match (kv.get("path"), kv.get("port")) {
-                (Some(p), None) if !p.is_empty() => Endpoint::Unix(unix_socket_path(p)?),
-                (None, Some(port)) => Endpoint::Tcp(tcp_addr(&format!(
-                    "{}:{port}",
-                    kv.get("host").unwrap_or("")
-                ))?),
+            let server = server.unwrap_or(false);
+            let endpoint = match (kv.get("path"), kv.get("port"), kv.get("fd")) {
+                (Some(p), None, None) if !p.is_empty() => {
+                    let p = unix_socket_path(p)?;
+                    if server {
+                        Endpoint::Unix(p)
+                    } else {
+                        Endpoint::UnixClient(p)
+                    }
+                }
+                (None, Some(port), None) => {
+                    let a = tcp_addr(&format!("{}:{port}", kv.get("host").unwrap_or("")))?;
+                    if server {
+                        Endpoint::Tcp(a)
+                    } else {
+                        Endpoint::TcpClient(a)
+                    }
+                }
+                (None, None, Some(v)) => {
+                    let fd = crate::config::netdev::inherited_fds("fd", v, fds)?[0];
+                    Endpoint::Fd {
+                        fd,
+                        listening: server,
+                    }
+                }
                 _ => {
                     return Err(OptionError::Needs {
                         key: None,
-                        what: "path= or port= (one of them)".into(),
+                        what: "path=, port= or fd= (one of them)".into(),
                     }
                     .into())
                 }
             };
             let telnet = telnet == Some(true);
-            listening(server.unwrap_or(false))?;
-            Ok((id, endpoint, wait.unwrap_or(true), telnet))
+            if telnet && !server {
+                return Err(telnet_client());
+            }
+            Ok((id, endpoint, wait.unwrap_or(true) && server, telnet))
         }
         Some(b) => Err(CliErrorKind::Refused(format!(
             "backend '{b}' is not supported: nicvm's -chardev is socket or stdio (for a \
@@ -2954,11 +2993,73 @@ mod tests {
             );
             assert!(c.notes.is_empty(), "{line}: {:?}", c.notes);
         }
+        // server=off (QEMU's default): nicvm connects, as QEMU's Python harness expects.
+        let c = run("-kernel k -serial unix:/tmp/s -qmp tcp:127.0.0.1:4444").unwrap();
         assert_eq!(
-            option_of("-kernel k -serial unix:/tmp/s"),
-            "-serial",
-            "server=on needed"
+            c.serial,
+            SerialTarget::Socket {
+                at: Endpoint::UnixClient("/tmp/s".into()),
+                telnet: false
+            }
         );
+        assert_eq!(
+            c.monitors[0].endpoint,
+            Endpoint::TcpClient("127.0.0.1:4444".parse().unwrap())
+        );
+        assert!(c.wait_for.is_empty());
+        let c =
+            run("-kernel k -chardev socket,id=m,path=/tmp/m -mon chardev=m,mode=control").unwrap();
+        assert_eq!(
+            c.monitors[0].endpoint,
+            Endpoint::UnixClient("/tmp/m".into())
+        );
+        // fd=: an inherited socket, connected (server=off) or listening.
+        let fds = InheritedFds::from_fds([7, 8]);
+        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        let Action::Run(c) = parse_with_fds(
+            args(
+                "-kernel k -chardev socket,id=m,fd=7 -mon m,mode=control \
+                  -chardev socket,id=s,fd=8,server=on -serial chardev:s",
+            ),
+            &fds,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            c.monitors[0].endpoint,
+            Endpoint::Fd {
+                fd: 7,
+                listening: false
+            }
+        );
+        assert_eq!(
+            c.wait_for,
+            [Endpoint::Fd {
+                fd: 8,
+                listening: true
+            }]
+        );
+        for (line, why) in [
+            (
+                "-chardev socket,id=m,fd=9 -mon m",
+                "fd: 9 is not a descriptor nicvm inherited",
+            ),
+            (
+                "-chardev socket,id=m,fd=7,path=/tmp/x -mon m",
+                "path=, port= or fd=",
+            ),
+            (
+                "-chardev socket,id=m,fd=7 -chardev socket,id=n,fd=7 -mon m",
+                "fd: 7 is given twice",
+            ),
+            ("-qmp telnet:127.0.0.1:4444", "telnet needs server=on"),
+        ] {
+            let e = parse_with_fds(args(&format!("-kernel k {line}")), &fds)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{line}: {e}");
+        }
         // wait=on, QEMU's default for a server: waited for, on the sockets opened, once each.
         let c = run("-kernel k -qmp tcp:127.0.0.1:4445,server").unwrap();
         assert_eq!(
@@ -2977,7 +3078,6 @@ mod tests {
         );
         assert!(c.notes.is_empty(), "{:?}", c.notes);
         for (line, option) in [
-            ("-qmp unix:/tmp/x", "-qmp"),
             ("-qmp stdio", "-qmp"),
             ("-qmp pipe:/tmp/x", "-qmp"),
             ("-mon chardev=nope", "-mon"),

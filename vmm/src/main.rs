@@ -376,6 +376,9 @@ fn endpoint_name(at: &Endpoint) -> String {
     match at {
         Endpoint::Unix(p) => format!("unix:{},server=on", p.display()),
         Endpoint::Tcp(a) => format!("tcp:{a},server=on"),
+        Endpoint::Fd { fd, .. } => format!("fd={fd},server=on"),
+        Endpoint::UnixClient(p) => format!("unix:{}", p.display()),
+        Endpoint::TcpClient(a) => format!("tcp:{a}"),
         Endpoint::Stdio => "stdio".into(),
     }
 }

@@ -197,8 +197,86 @@ fn cut_in_pair(v: &[u8], n: usize, owed: bool) -> bool {
 enum Source {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
+    /// A listening socket nicvm inherited (`fd=N,server=on`).
+    Inherited(OwnedFd),
+    /// A socket connected at set-up (`server=off`, or an inherited connected one): its one
+    /// client; once it hangs up, the guest's output goes nowhere.
+    Connected,
     /// The pty's master side: always "connected".
     Pty,
+}
+
+/// A socket nicvm inherited (`-chardev socket,fd=N`), as set-up checked it.
+pub enum InheritedSocket {
+    Listener(OwnedFd),
+    Stream(OwnedFd),
+}
+
+/// Takes the inherited descriptor `fd` as a stream socket, listening or connected as
+/// `listening` says; it becomes close-on-exec (no script inherits it) and non-blocking.
+pub fn inherited_socket(fd: RawFd, listening: bool) -> io::Result<InheritedSocket> {
+    let opt = |name: libc::c_int| -> io::Result<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into an int we own, its length given.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(v)
+    };
+    let not = |what: &str| io::Error::other(format!("descriptor {fd} is not {what}"));
+    if opt(libc::SO_TYPE).map_err(|_| not("a socket"))? != libc::SOCK_STREAM {
+        return Err(not("a stream socket"));
+    }
+    let accepting = opt(libc::SO_ACCEPTCONN)? != 0;
+    if accepting != listening {
+        return Err(not(if listening {
+            "a listening socket (server=on)"
+        } else {
+            "a connected socket (server=off; give server=on for a listening one)"
+        }));
+    }
+    // SAFETY: an inherited descriptor named once on the command line (set-up checked):
+    // nothing else owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: fcntl on the descriptor we now own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    nonblocking(fd);
+    Ok(if listening {
+        InheritedSocket::Listener(owned)
+    } else {
+        InheritedSocket::Stream(owned)
+    })
+}
+
+/// A stream connected to `endpoint` (a Unix path or a TCP address nicvm is a client of),
+/// non-blocking.
+pub fn connect(endpoint: &Endpoint) -> io::Result<OwnedFd> {
+    let fd: OwnedFd = match endpoint {
+        Endpoint::UnixClient(p) => std::os::unix::net::UnixStream::connect(p)
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot connect to {}: {e}", p.display()))
+            })?
+            .into(),
+        Endpoint::TcpClient(a) => {
+            let s = std::net::TcpStream::connect(a)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot connect to {a}: {e}")))?;
+            let _ = s.set_nodelay(true);
+            s.into()
+        }
+        _ => return Err(io::Error::other("not a socket to connect to")),
+    };
+    nonblocking(fd.as_raw_fd());
+    Ok(fd)
 }
 
 /// The set-up part: the listener (or pty) and the writer the serial port gets.
@@ -285,7 +363,19 @@ impl SerialIo {
     /// Binds the socket (a telnet server's if `telnet`), or opens the pty (its name printed
     /// on stderr, as QEMU does).
     pub fn socket(endpoint: &Endpoint, telnet: bool) -> io::Result<SerialIo> {
+        let mut peer = None;
         let source = match endpoint {
+            Endpoint::UnixClient(_) | Endpoint::TcpClient(_) => {
+                peer = Some(Client::new(std::fs::File::from(connect(endpoint)?)));
+                Source::Connected
+            }
+            Endpoint::Fd { fd, listening } => match inherited_socket(*fd, *listening)? {
+                InheritedSocket::Listener(l) => Source::Inherited(l),
+                InheritedSocket::Stream(c) => {
+                    peer = Some(Client::new(std::fs::File::from(c)));
+                    Source::Connected
+                }
+            },
             Endpoint::Unix(p) => {
                 let l = listen_unix(p).map_err(|e| listen_error(&p.display(), e))?;
                 l.set_nonblocking(true)?;
@@ -300,7 +390,7 @@ impl SerialIo {
         };
         Ok(SerialIo {
             source,
-            peer: Arc::new(Mutex::new(None)),
+            peer: Arc::new(Mutex::new(peer)),
             telnet,
             thread: None,
         })
@@ -358,7 +448,8 @@ impl SerialIo {
         match &self.source {
             Source::Unix(l, _) => Some(l.as_raw_fd()),
             Source::Tcp(l) => Some(l.as_raw_fd()),
-            Source::Pty => None,
+            Source::Inherited(l) => Some(l.as_raw_fd()),
+            Source::Connected | Source::Pty => None,
         }
     }
 
@@ -366,11 +457,9 @@ impl SerialIo {
     pub fn start(&mut self, serial: Arc<Mutex<Serial>>) -> io::Result<()> {
         let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         let thread_stop = stop.try_clone()?;
-        let listener: Option<RawFd> = match &self.source {
-            Source::Unix(l, _) => Some(l.as_raw_fd()),
-            Source::Tcp(l) => Some(l.as_raw_fd()),
-            Source::Pty => None,
-        };
+        let listener = self.listener_fd();
+        // A pty's master stays when its slave side closes; a socket's client does not.
+        let keep = matches!(self.source, Source::Pty);
         // The thread accepts through a duplicate of the listener (the original stays here,
         // to be closed and unlinked on drop).
         let listener: Option<OwnedFd> = match listener {
@@ -389,7 +478,7 @@ impl SerialIo {
         let telnet = self.telnet;
         let t = std::thread::Builder::new()
             .name("serial".into())
-            .spawn(move || serve(listener, peer, serial, thread_stop, telnet))?;
+            .spawn(move || serve(listener, peer, serial, thread_stop, telnet, keep))?;
         self.thread = Some((stop, t));
         Ok(())
     }
@@ -401,6 +490,7 @@ fn serve(
     serial: Arc<Mutex<Serial>>,
     stop: EventFd,
     telnet: bool,
+    keep: bool,
 ) {
     let mut buf = [0u8; 4096];
     let mut state = Telnet::default();
@@ -489,7 +579,7 @@ fn serve(
                             || e.kind() == io::ErrorKind::Interrupted => {}
                     // EOF or an error: the client is gone (a pty keeps its master: no
                     // listener to wait on, so it is kept and polled less eagerly).
-                    _ if listener.is_some() => *peer.lock().unwrap() = None,
+                    _ if !keep => *peer.lock().unwrap() = None,
                     _ => std::thread::sleep(std::time::Duration::from_millis(100)),
                 }
             }

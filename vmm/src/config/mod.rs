@@ -87,11 +87,22 @@ pub enum MonitorMode {
     Readline,
 }
 
-/// Where a monitor listens (nicvm is always the server).
+/// Where a monitor or the serial port is reached: a socket nicvm listens on (`server=on`),
+/// one it connects to (`server=off`, a harness listening), or one it inherited.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     Unix(PathBuf),
     Tcp(std::net::SocketAddr),
+    /// `path=PATH` with `server=off`: nicvm connects to it at set-up.
+    UnixClient(PathBuf),
+    /// `host=,port=` with `server=off`.
+    TcpClient(std::net::SocketAddr),
+    /// `fd=N`: an inherited socket, listening (`server=on`) or connected (`server=off`: the
+    /// other end is the one client, as QEMU's Python harness passes a socketpair).
+    Fd {
+        fd: RawFd,
+        listening: bool,
+    },
     /// The console: the serial port and the monitor share it (Ctrl-a c switches).
     Stdio,
 }

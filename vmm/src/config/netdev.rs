@@ -209,7 +209,7 @@ fn script(v: Option<&str>) -> Script {
 /// `fd=N`: a number naming a descriptor nicvm inherited, not stdin/stdout/stderr.
 /// `KEY=N`, or `KEY=N:M:...` for the `fds`/`vhostfds` keys: descriptors nicvm inherited, each
 /// once, at most MAX_TAP_QUEUES.
-fn inherited_fds(
+pub(crate) fn inherited_fds(
     key: &'static str,
     v: &str,
     fds: &InheritedFds,

@@ -37,9 +37,10 @@ const MAX_OUTPUT: usize = 1 << 20;
 pub(crate) const OUTPUT_PAUSE: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
-#[error("{option}: cannot listen on {what}: {source}")]
+#[error("{option}: {what}{source}")]
 pub struct MonitorError {
     option: String,
+    /// What was tried, ending in ": " (the error of a connection says it itself).
     what: String,
     source: io::Error,
 }
@@ -636,6 +637,8 @@ pub struct Listening {
     paths: Vec<PathBuf>,
     /// Where each listener listens, in the same order.
     endpoints: Vec<Endpoint>,
+    /// Clients connected at set-up (`server=off`, an inherited connected socket).
+    connected: Vec<(Stream, Kind)>,
 }
 
 impl Listening {
@@ -663,10 +666,15 @@ pub fn bind(monitors: &[MonitorConfig]) -> Result<Listening, MonitorError> {
         listeners: vec![],
         paths: vec![],
         endpoints: vec![],
+        connected: vec![],
     };
     for m in monitors {
-        let e = |what: String| {
+        let e = |at: String| {
             let option = m.option.clone();
+            let what = match &m.endpoint {
+                Endpoint::Unix(_) | Endpoint::Tcp(_) => format!("cannot listen on {at}: "),
+                _ => String::new(),
+            };
             move |source| MonitorError {
                 option,
                 what,
@@ -695,9 +703,63 @@ pub fn bind(monitors: &[MonitorConfig]) -> Result<Listening, MonitorError> {
                 l.listeners.push((Listener::Tcp(s), kind));
                 l.endpoints.push(m.endpoint.clone());
             }
+            Endpoint::UnixClient(p) => {
+                let fd =
+                    crate::serial_io::connect(&m.endpoint).map_err(e(p.display().to_string()))?;
+                l.connected.push((Stream::Unix(UnixStream::from(fd)), kind));
+            }
+            Endpoint::TcpClient(a) => {
+                let fd = crate::serial_io::connect(&m.endpoint).map_err(e(a.to_string()))?;
+                l.connected.push((Stream::Tcp(TcpStream::from(fd)), kind));
+            }
+            Endpoint::Fd { fd, listening } => {
+                let at = String::new();
+                let family = socket_family(*fd).map_err(e(at.clone()))?;
+                match crate::serial_io::inherited_socket(*fd, *listening).map_err(e(at))? {
+                    crate::serial_io::InheritedSocket::Listener(s) => {
+                        l.listeners.push((
+                            if family == libc::AF_UNIX {
+                                Listener::Unix(UnixListener::from(s))
+                            } else {
+                                Listener::Tcp(TcpListener::from(s))
+                            },
+                            kind,
+                        ));
+                        l.endpoints.push(m.endpoint.clone());
+                    }
+                    crate::serial_io::InheritedSocket::Stream(s) => l.connected.push((
+                        if family == libc::AF_UNIX {
+                            Stream::Unix(UnixStream::from(s))
+                        } else {
+                            Stream::Tcp(TcpStream::from(s))
+                        },
+                        kind,
+                    )),
+                }
+            }
         }
     }
     Ok(l)
+}
+
+/// The address family of socket `fd` (AF_UNIX, AF_INET, ...).
+fn socket_family(fd: RawFd) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into an int we own, its length given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::other(format!("descriptor {fd} is not a socket")));
+    }
+    Ok(v)
 }
 
 /// The monitor thread; dropping it flushes what clients have not read yet (a second at
@@ -709,7 +771,7 @@ pub struct Monitor {
 
 impl Monitor {
     pub fn start(listening: Listening, control: Arc<Control>) -> io::Result<Option<Monitor>> {
-        if listening.listeners.is_empty() {
+        if listening.listeners.is_empty() && listening.connected.is_empty() {
             return Ok(None);
         }
         let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
@@ -741,8 +803,34 @@ fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
     }
 }
 
-fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
-    let mut clients: Vec<Client> = vec![];
+/// A new client of `kind` on `stream`, greeted.
+fn client(stream: Stream, kind: Kind) -> Client {
+    let mut c = Client {
+        stream,
+        mode: kind.mode,
+        pretty: kind.pretty,
+        telnet: kind.telnet.then(crate::serial_io::Telnet::unasked),
+        input: vec![],
+        output: vec![],
+        negotiated: false,
+        skip_line: false,
+        after_cr: false,
+        scan: qmp::Scan::default(),
+        next_event: 0,
+        closing: false,
+    };
+    match kind.mode {
+        MonitorMode::Control => qmp::greet(&mut c),
+        MonitorMode::Readline => hmp::greet(&mut c.output),
+    }
+    c
+}
+
+fn serve(mut listening: Listening, control: Arc<Control>, stop: EventFd) {
+    let mut clients: Vec<Client> = std::mem::take(&mut listening.connected)
+        .into_iter()
+        .map(|(s, kind)| client(s, kind))
+        .collect();
     let mut stopping: Option<Instant> = None;
     let mut buf = vec![0u8; 64 * 1024];
     let mut turned_away = false;
@@ -843,25 +931,7 @@ fn serve(listening: Listening, control: Arc<Control>, stop: EventFd) {
                 }
                 continue;
             }
-            let mut c = Client {
-                stream,
-                mode: kind.mode,
-                pretty: kind.pretty,
-                telnet: kind.telnet.then(crate::serial_io::Telnet::unasked),
-                input: vec![],
-                output: vec![],
-                negotiated: false,
-                skip_line: false,
-                after_cr: false,
-                scan: qmp::Scan::default(),
-                next_event: 0,
-                closing: false,
-            };
-            match kind.mode {
-                MonitorMode::Control => qmp::greet(&mut c),
-                MonitorMode::Readline => hmp::greet(&mut c.output),
-            }
-            clients.push(c);
+            clients.push(client(stream, *kind));
         }
         // Client I/O.
         let mut gone = vec![];
