@@ -1423,7 +1423,8 @@ fn no_shutdown_holds_a_guest_that_powered_off() {
 }
 
 /// quit ends the VM with status 0 and the tap's downscript runs; with script=no the tap stays
-/// down and a warning says so (root and /dev/net/tun only).
+/// down and a warning says so (root and /dev/net/tun only). `info network` names the tap and
+/// its scripts as QEMU does (it said `type=tap` alone, and a harness could not find the tap).
 #[test]
 fn quit_runs_the_downscripts() {
     let Some(img) = image() else { return };
@@ -1435,6 +1436,7 @@ fn quit_runs_the_downscripts() {
     }
     let dir = temp("down");
     let (sock, log, down) = (dir.join("qmp.sock"), dir.join("log"), dir.join("down"));
+    let hmp_sock = dir.join("hmp.sock");
     write_script(
         &down,
         &format!("#!/bin/sh\necho \"down $1\" >> {}\n", log.display()),
@@ -1455,10 +1457,26 @@ fn quit_runs_the_downscripts() {
             "e1000,netdev=t",
             "-qmp",
             &format!("unix:{},server=on,wait=off", sock.display()),
+            "-monitor",
+            &format!("unix:{},server=on,wait=off", hmp_sock.display()),
         ],
         Stdio::null(),
     );
     wait_for(&sock);
+    wait_for(&hmp_sock);
+    let s = UnixStream::connect(&hmp_sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s);
+    hmp_read(&mut r);
+    let net = hmp(&mut r, "info network");
+    assert!(
+        net.contains(&format!(
+            " \\ t: index=0,type=tap,ifname={ifname},script=no,downscript={}\n",
+            down.display()
+        )),
+        "{net}"
+    );
+    drop(r);
     let out = python(&py, &["quit", sock.to_str().unwrap()]);
     assert!(out.contains("host-qmp-quit"), "{out}");
     let (code, out, err) = vm.wait(Duration::from_secs(30));

@@ -202,6 +202,8 @@ struct NicParts {
     workers: Vec<Subscriber>,
     counters: Counters,
     control: Arc<Mutex<dyn NicControl>>,
+    /// The backend as `info network` shows it (see `netdev::Opened::info`).
+    backend_info: Option<String>,
 }
 
 type Counters = Box<dyn Fn() -> NicStats + Send>;
@@ -220,6 +222,7 @@ fn nic_parts<M: devices::net::NicModel>(model: M, port: NetPort) -> NicParts {
             Ok(n) => n.stats(),
             Err(poisoned) => poisoned.into_inner().stats(),
         }),
+        backend_info: None,
     }
 }
 
@@ -227,6 +230,7 @@ fn nic_parts<M: devices::net::NicModel>(model: M, port: NetPort) -> NicParts {
 struct CountedNic {
     config: NicConfig,
     backend: &'static str,
+    backend_info: Option<String>,
     counters: Counters,
     slot: u8,
     control: Arc<Mutex<dyn NicControl>>,
@@ -517,6 +521,7 @@ impl Vm {
             nics.push(CountedNic {
                 config: spec.clone(),
                 backend: nd.backend.kind(),
+                backend_info: parts.backend_info,
                 counters: parts.counters,
                 slot,
                 control,
@@ -758,6 +763,7 @@ impl Vm {
                 config: n.config.clone(),
                 slot: n.slot,
                 control: n.control.clone(),
+                backend_info: n.backend_info.clone(),
             })
             .collect();
         MonitorParts {
@@ -960,6 +966,7 @@ fn build_nic(
     let nd = cfg.netdev(&spec.netdev).expect("checked by the CLI");
     let opened = netdev::open(nd)?;
     guards.0.push(opened.guard);
+    let info = opened.info;
     let backend = with_capture(cfg, &nd.id, opened.backend)?;
     log::debug!(
         "{} {} on slot {slot} backed by {}",
@@ -976,7 +983,7 @@ fn build_nic(
     backends.extend(opened.more_queues);
     let port = NetPort::with_queues(format!("{model} {}", spec.mac), backends).map_err(device)?;
     let mem = mem.clone();
-    Ok(match spec.model {
+    let mut parts = match spec.model {
         NicModel::VirtioNetPci => {
             let caps = port.capabilities();
             let opts = VirtioNetOptions {
@@ -1005,7 +1012,9 @@ fn build_nic(
             port,
         ),
         NicModel::E1000 => nic_parts(E1000::new(spec.mac, mem, intx).map_err(device)?, port),
-    })
+    };
+    parts.backend_info = info;
+    Ok(parts)
 }
 
 /// Where guest RAM lies: below and above the MMIO hole.

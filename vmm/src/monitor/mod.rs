@@ -50,6 +50,8 @@ pub struct NicEntry {
     pub config: NicConfig,
     pub slot: u8,
     pub control: Arc<Mutex<dyn NicControl>>,
+    /// Its backend as opened, in QEMU's words after the type (a tap's name and scripts).
+    pub backend_info: Option<String>,
 }
 
 /// What QMP and HMP commands act on.
@@ -206,9 +208,9 @@ impl Control {
         };
         let backends = nics
             .iter()
-            .map(|n| {
-                cfg.netdev(&n.config.netdev)
-                    .map_or("?".to_string(), describe)
+            .map(|n| match (&n.backend_info, cfg.netdev(&n.config.netdev)) {
+                (Some(info), _) => format!("tap,{info}"),
+                (None, nd) => nd.map_or("?".to_string(), describe),
             })
             .collect();
         let unused_netdevs = cfg

@@ -18,6 +18,9 @@ pub struct Opened {
     pub more_queues: Vec<Box<dyn NetBackend>>,
     /// What to call it in messages (the tap's name, ...).
     pub label: String,
+    /// What `info network` says of it after its type, as QEMU does (a tap's
+    /// `ifname=,script=,downscript=`, or `fd=`); None: what the configuration says.
+    pub info: Option<String>,
     /// Undoes what opening did; keep it until the VM has ended.
     pub guard: NetdevGuard,
 }
@@ -61,6 +64,7 @@ pub fn open(nd: &NetdevConfig) -> Result<Opened, OpenError> {
                 backend: Box::new(b),
                 more_queues: vec![],
                 label: "user".into(),
+                info: None,
                 guard: NetdevGuard::default(),
             })
             .map_err(OpenErrorKind::Slirp),
@@ -123,10 +127,24 @@ fn open_tap(o: &TapOptions) -> Result<Opened, OpenErrorKind> {
     }
     let downscript =
         script::resolve(&o.downscript, DEFAULT_IFDOWN).map(|s| DownScript::new(s, name.clone()));
+    let info = match &o.device {
+        TapDevice::Fds { fds, .. } => format!("fd={}", fds[0]),
+        TapDevice::Ifname(_) => {
+            let shown = |s: &crate::config::Script, defaults: &[&str]| {
+                script::resolve(s, defaults).map_or("no".to_string(), |p| p.display().to_string())
+            };
+            format!(
+                "ifname={name},script={},downscript={}",
+                shown(&o.script, DEFAULT_IFUP),
+                shown(&o.downscript, DEFAULT_IFDOWN)
+            )
+        }
+    };
     Ok(Opened {
         backend: Box::new(tap),
         more_queues,
         label: name,
+        info: Some(info),
         guard: NetdevGuard {
             downscript,
             ..Default::default()
@@ -143,10 +161,15 @@ fn open_bridge(o: &crate::config::BridgeOptions) -> Result<Opened, OpenErrorKind
         "-netdev bridge: tap {name} on bridge {} (made by {by})",
         o.br
     );
+    let info = match &o.helper {
+        Some(h) => format!("helper={h},br={}", o.br),
+        None => format!("ifname={name},br={}", o.br),
+    };
     Ok(Opened {
         backend: Box::new(tap),
         more_queues: vec![],
         label: name,
+        info: Some(info),
         guard: NetdevGuard::default(),
     })
 }
@@ -170,6 +193,7 @@ fn open_vde(o: &VdeOptions) -> Result<Opened, OpenErrorKind> {
         backend: Box::new(v),
         more_queues: vec![],
         label,
+        info: None,
         guard: NetdevGuard {
             dir: Some(dir),
             ..Default::default()
@@ -190,6 +214,7 @@ fn open_stream(kind: &str, o: &StreamOptions) -> Result<Opened, OpenErrorKind> {
     Ok(Opened {
         more_queues: vec![],
         label: format!("{kind}:{side}{}", o.addr),
+        info: None,
         guard: socket_guard(b.socket_path()),
         backend: Box::new(b),
     })
@@ -207,6 +232,7 @@ fn open_dgram(kind: &str, o: &DgramOptions) -> Result<Opened, OpenErrorKind> {
     Ok(Opened {
         more_queues: vec![],
         label: format!("{kind}:{what}"),
+        info: None,
         guard: socket_guard(b.socket_path()),
         backend: Box::new(b),
     })
@@ -361,6 +387,7 @@ mod tests {
             let Opened {
                 backend,
                 label,
+                info,
                 guard,
                 ..
             } = open(&netdev(&spec)).unwrap();
@@ -373,6 +400,11 @@ mod tests {
                 format!("{label}\n")
             );
             assert!(!logs.1.exists(), "no downscript yet");
+            assert!(
+                info.as_deref()
+                    .is_some_and(|i| i.starts_with(&format!("ifname={label},script="))),
+                "{info:?}"
+            );
             drop(guard);
             assert_eq!(
                 std::fs::read_to_string(&logs.1).unwrap(),
