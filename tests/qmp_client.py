@@ -89,6 +89,15 @@ async def protocol(path, tcp_port):
     for c in ["set_link", "query-rx-filter", "quit", "human-monitor-command", "cont"]:
         check(c in names, f"query-commands lacks {c}")
 
+    check(await qmp.execute("query-kvm") == {"enabled": True, "present": True}, "query-kvm")
+    # Each vCPU with the host thread that runs it, as QEMU lists them.
+    cpus = await qmp.execute("query-cpus-fast")
+    check([c["cpu-index"] for c in cpus] == list(range(len(cpus))) and cpus, f"cpus {cpus}")
+    for c in cpus:
+        with open(f"/proc/{c['thread-id']}/comm") as f:
+            comm = f.read().strip()
+        check(comm == f"vcpu{c['cpu-index']}" and c["target"] == "x86_64", f"{c}: {comm}")
+
     pci = await qmp.execute("query-pci")
     devs = {d.get("qdev_id"): d for d in pci[0]["devices"]}
     check(devs["e"]["id"]["vendor"] == 0x8086 and devs["e"]["id"]["device"] == 0x100E, "e1000 ids")

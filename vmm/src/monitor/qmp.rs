@@ -23,6 +23,8 @@ const COMMANDS: &[&str] = &[
     "query-status",
     "query-name",
     "query-commands",
+    "query-kvm",
+    "query-cpus-fast",
     "query-pci",
     "query-rx-filter",
     "set_link",
@@ -435,6 +437,36 @@ fn no_args(args: &Map<String, Value>) -> Result<(), QmpError> {
     }
 }
 
+/// The vCPUs as QEMU 8.2 lists them for x86: each a core of one socket (QEMU's default
+/// topology since 6.2), with the host thread running it (`thread-id`, 0 before it runs).
+fn query_cpus_fast(cpus: u8) -> Value {
+    // The vCPU threads are named vcpuN: their ids are the directories of /proc/self/task.
+    let mut tids = std::collections::HashMap::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let index = comm.trim().strip_prefix("vcpu").and_then(|n| n.parse::<u8>().ok());
+            let tid = t.file_name().to_str().and_then(|n| n.parse::<i64>().ok());
+            if let (Some(i), Some(tid)) = (index, tid) {
+                tids.insert(i, tid);
+            }
+        }
+    }
+    Value::Array(
+        (0..cpus)
+            .map(|i| {
+                json!({
+                    "cpu-index": i,
+                    "qom-path": format!("/machine/unattached/device[{i}]"),
+                    "thread-id": tids.get(&i).copied().unwrap_or(0),
+                    "props": { "core-id": i, "thread-id": 0, "socket-id": 0 },
+                    "target": "x86_64",
+                })
+            })
+            .collect(),
+    )
+}
+
 /// One command (capabilities already negotiated).
 pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
     match cmd {
@@ -459,6 +491,14 @@ pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Resul
             Ok(Value::Array(
                 COMMANDS.iter().map(|c| json!({ "name": c })).collect(),
             ))
+        }
+        "query-kvm" => {
+            no_args(args)?;
+            Ok(json!({ "enabled": true, "present": true }))
+        }
+        "query-cpus-fast" => {
+            no_args(args)?;
+            Ok(query_cpus_fast(control.cpus))
         }
         "query-pci" => {
             no_args(args)?;
