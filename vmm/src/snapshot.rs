@@ -429,6 +429,7 @@ pub fn write(path: &Path, state: &State, mem: &GuestMemoryMmap) -> Result<(), Sn
         mem_offset,
         mem_len,
     };
+    remove_stale_temps(path);
     let (tmp, mut f) = create_temp(path).map_err(io)?;
     let result = (|| {
         f.write_all(&header.encode())?;
@@ -516,6 +517,38 @@ fn destination(path: &Path) -> std::io::Result<PathBuf> {
         };
     }
     Err(std::io::Error::from_raw_os_error(libc::ELOOP))
+}
+
+/// Removes what saves to `path` by nicvm processes that no longer exist left of their
+/// temporary files (see [`create_temp`]: a nicvm killed while writing, by SIGKILL say, leaves
+/// its partial file, as large as guest RAM).
+fn remove_stale_temps(path: &Path) {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let prefix = format!(".{name}.nicvm-");
+    let Ok(entries) = std::fs::read_dir(dir.unwrap_or(Path::new("."))) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only asks whether the process exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Whether a snapshot can be written to `path` (a regular file or nothing there, through any
@@ -1004,6 +1037,33 @@ mod tests {
         let e = check_writable(&dir.join("loop")).unwrap_err().to_string();
         assert!(e.contains("os error 40"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A save removes the temporary files saves to the same path left when their nicvm died
+    /// (a try-out's SIGKILL during a migrate left 29 MB), not those of a live one or others.
+    #[test]
+    fn a_save_removes_what_dead_saves_left() {
+        let dir = std::env::temp_dir().join(format!("nicvm-snap-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A pid no process has: above the kernel's largest.
+        let dead = ".s.nicvm-4194305-0000abcd0";
+        let live = format!(".s.nicvm-{}-0000abcd0", std::process::id());
+        for f in [dead, &live, ".t.nicvm-4194305-0000abcd0", "other"] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        let mem = GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        write(&dir.join("s"), &sample_state(1, 1), &mem).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            left,
+            [live.as_str(), ".t.nicvm-4194305-0000abcd0", "other", "s"]
+        );
     }
 
     #[test]

@@ -445,7 +445,10 @@ fn query_cpus_fast(cpus: u8) -> Value {
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
         for t in tasks.flatten() {
             let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            let index = comm.trim().strip_prefix("vcpu").and_then(|n| n.parse::<u8>().ok());
+            let index = comm
+                .trim()
+                .strip_prefix("vcpu")
+                .and_then(|n| n.parse::<u8>().ok());
             let tid = t.file_name().to_str().and_then(|n| n.parse::<i64>().ok());
             if let (Some(i), Some(tid)) = (index, tid) {
                 tids.insert(i, tid);
