@@ -172,7 +172,9 @@ impl PciConfig {
             if self.wmask[i] == 0 && self.w1c[i] == 0 && !device_owned && have != want {
                 return Err(crate::snapshot::RestoreError(format!(
                     "PCI config space: read-only byte {i:#04x} is {want:#04x}, this device has \
-                     {have:#04x} (a snapshot of another device?)"
+                     {have:#04x} (saved from another device, or from this model with other \
+                     properties: restore with the -device options it was saved with, vectors= \
+                     and mq= included)"
                 )));
             }
         }
