@@ -1554,18 +1554,7 @@ fn wait_on_holds_the_guest_until_each_socket_has_a_client() {
     qmp.read_line(&mut greeting).unwrap();
     assert!(greeting.contains("\"QMP\""), "{greeting}");
     // The console from its start: the guest's first line.
-    serial
-        .set_read_timeout(Some(Duration::from_secs(300)))
-        .unwrap();
-    let mut console = String::new();
-    for line in BufReader::new(serial).lines() {
-        let line = line.expect("the guest's console");
-        console.push_str(&line);
-        if line.contains("NICVM-BOOT") {
-            break;
-        }
-    }
-    assert!(console.contains("NICVM-BOOT"), "{console}");
+    read_console_to_boot(serial);
     qmp.get_mut()
         .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n")
         .unwrap();
@@ -1577,6 +1566,20 @@ fn wait_on_holds_the_guest_until_each_socket_has_a_client() {
     );
     assert!(err.contains(&said), "{err}");
     drop(dir);
+}
+
+/// Reads the guest's console on `s` from its start up to its `NICVM-BOOT` line.
+fn read_console_to_boot(s: UnixStream) {
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let mut console = String::new();
+    for line in BufReader::new(s).lines() {
+        let line = line.expect("the guest's console");
+        console.push_str(&line);
+        if line.contains("NICVM-BOOT") {
+            return;
+        }
+    }
+    panic!("the console ended before NICVM-BOOT: {console}");
 }
 
 /// Reads a QMP line (greeting, answer or event) within `limit`.
@@ -1631,18 +1634,7 @@ fn monitor_and_console_on_inherited_sockets() {
         .write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
         .unwrap();
     assert!(qmp_line(&mut qmp, Duration::from_secs(10)).contains("\"return\""));
-    con_ours
-        .set_read_timeout(Some(Duration::from_secs(300)))
-        .unwrap();
-    let mut console = String::new();
-    for line in BufReader::new(con_ours).lines() {
-        let line = line.expect("the guest's console");
-        console.push_str(&line);
-        if line.contains("NICVM-BOOT") {
-            break;
-        }
-    }
-    assert!(console.contains("NICVM-BOOT"), "{console}");
+    read_console_to_boot(con_ours);
     qmp.get_mut()
         .write_all(b"{\"execute\":\"quit\"}\n")
         .unwrap();

@@ -215,24 +215,7 @@ pub enum InheritedSocket {
 /// Takes the inherited descriptor `fd` as a stream socket, listening or connected as
 /// `listening` says; it becomes close-on-exec (no script inherits it) and non-blocking.
 pub fn inherited_socket(fd: RawFd, listening: bool) -> io::Result<InheritedSocket> {
-    let opt = |name: libc::c_int| -> io::Result<libc::c_int> {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt into an int we own, its length given.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                name,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(v)
-    };
+    let opt = |name| socket_option(fd, name);
     let not = |what: &str| io::Error::other(format!("descriptor {fd} is not {what}"));
     if opt(libc::SO_TYPE).map_err(|_| not("a socket"))? != libc::SOCK_STREAM {
         return Err(not("a stream socket"));
@@ -256,6 +239,26 @@ pub fn inherited_socket(fd: RawFd, listening: bool) -> io::Result<InheritedSocke
     } else {
         InheritedSocket::Stream(owned)
     })
+}
+
+/// The integer socket option `name` (SOL_SOCKET level) of `fd`.
+pub fn socket_option(fd: RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into an int we own, its length given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
 }
 
 /// A stream connected to `endpoint` (a Unix path or a TCP address nicvm is a client of),

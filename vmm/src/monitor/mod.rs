@@ -746,22 +746,8 @@ pub fn bind(monitors: &[MonitorConfig]) -> Result<Listening, MonitorError> {
 
 /// The address family of socket `fd` (AF_UNIX, AF_INET, ...).
 fn socket_family(fd: RawFd) -> io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt into an int we own, its length given.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::other(format!("descriptor {fd} is not a socket")));
-    }
-    Ok(v)
+    crate::serial_io::socket_option(fd, libc::SO_DOMAIN)
+        .map_err(|_| io::Error::other(format!("descriptor {fd} is not a socket")))
 }
 
 /// The monitor thread; dropping it flushes what clients have not read yet (a second at
