@@ -557,6 +557,46 @@ fn a_snapshot_rewritten_under_its_restored_guest_leaves_it_running() {
     );
 }
 
+/// The same while the restoring nicvm still sets up, waiting for its QMP client (`wait=on`):
+/// RAM is copied out at once, not once the kernel's lease-break time (45 s) has run out and
+/// the file is already rewritten; the guest then starts on its own RAM.
+#[test]
+fn a_snapshot_rewritten_while_its_restore_waits_is_copied_at_once() {
+    let Some(img) = image() else { return };
+    let dir = Scratch::new("rewritten-early");
+    let file = dir.0.join("guest.snap");
+    let qmp = dir.0.join("qmp.sock");
+    let o = save_before_dhcp(&img, "virtio-net-pci", "nicvm.run=recv:5001,exit", &file);
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    let len = std::fs::metadata(&file).unwrap().len() as usize;
+
+    let qmp_arg = format!("unix:{},server=on", qmp.display());
+    let (mut g, port) = restore(&img, "virtio-net-pci", &file, &["-qmp", &qmp_arg]);
+    let t0 = Instant::now();
+    while !holds_a_lease(g.pid()) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t1 = Instant::now();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&file)
+        .unwrap();
+    f.write_all(&vec![0xa5; len]).unwrap();
+    drop(f);
+    let held = t1.elapsed();
+    assert!(held < Duration::from_secs(10), "the writer waited {held:?}");
+    // The client the set-up waits for: the guest starts.
+    let _client = std::os::unix::net::UnixStream::connect(&qmp).unwrap();
+    let nic = g.wait_line("NIC");
+    assert_eq!(nic["lease"], "10.0.2.15/24", "{}", nic["_"]);
+    g.wait_line("LISTEN");
+    g.receive_through(port, &clone_data(6));
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    assert!(o.stderr.contains("copied out of it"), "{}", o.dump());
+}
+
 /// Frames that reach a stopped guest (QMP `stop`, then traffic, then `migrate`) land in the
 /// snapshot with their interrupt: the state of the vCPUs and the irqchip is read once the
 /// devices are stopped, so the restored guest takes that interrupt and its NIC goes on

@@ -34,6 +34,15 @@ pub fn fork_into_background() -> io::Result<Daemon> {
     }
     if pid > 0 {
         drop(w);
+        // The exit signals were blocked for the VM (before this fork): the caller, which
+        // only waits, can be interrupted again (the child goes on; `wait=on` can wait long).
+        // SAFETY: sigset_t is plain data initialised by sigemptyset; unblocking every signal
+        // of this (single-threaded) process.
+        unsafe {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        }
         let mut byte = [0u8; 1];
         let mut r = File::from(r);
         let got = loop {

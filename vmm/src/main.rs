@@ -1,8 +1,8 @@
 //! nicvm: a minimal KVM virtual machine monitor whose reason to exist is networking.
 
 use devices::lifecycle::{ExitReason, Lifecycle};
-use nicvm::config::Endpoint;
 use nicvm::config::InheritedFds;
+use nicvm::config::{Endpoint, SerialTarget};
 use nicvm::host::HostKind;
 use nicvm::{cli, console, daemon, monitor, say, signals, stderr, vm};
 use std::io::Write;
@@ -311,9 +311,18 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         }
         // wait=on: before any monitor or serial thread accepts (they take the waiting
         // client once they run) and before the guest starts.
+        let serial_at = match &cfg.serial {
+            SerialTarget::Socket { at, .. } => Some(at),
+            _ => None,
+        };
         let mut sockets = vec![];
         for at in &cfg.wait_for {
-            if let Some(fd) = listening.fd(at).or_else(|| vm.serial_listener()) {
+            let fd = if serial_at == Some(at) {
+                vm.serial_listener()
+            } else {
+                listening.fd(at)
+            };
+            if let Some(fd) = fd {
                 sockets.push((endpoint_name(at), fd));
             }
         }
@@ -323,6 +332,8 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         }
         if let Some(sig) = wait_for_clients(&sockets) {
             lifecycle_for_hold.request_exit(ExitReason::User(sig.into()));
+        } else if serial_at.is_some_and(|at| cfg.wait_for.contains(at)) {
+            vm.accept_serial_client();
         }
         let monitor = match &control {
             Some(c) => match monitor::Monitor::start(listening, c.clone()) {

@@ -73,20 +73,26 @@ impl Drop for RamLease {
     }
 }
 
-/// What the lease's thread needs: the lease, what stops and holds the guest, and an eventfd
-/// that ends the thread.
+/// What the lease's thread needs: the lease, guest RAM, what stops and holds the guest once
+/// it runs, and an eventfd that ends the thread.
 pub struct Watch {
     pub lease: RamLease,
-    pub saver: Arc<Saver>,
+    pub mem: GuestMemoryMmap,
     pub lifecycle: Arc<Lifecycle>,
     pub pthreads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    /// Set (to the saver, which holds the devices and the vCPU count) before the first vCPU
+    /// starts; until then nothing of the guest runs and RAM is moved as it is. Held while RAM
+    /// moves, so the vCPUs cannot start meanwhile.
+    pub running: Arc<Mutex<Option<Arc<Saver>>>>,
     pub stop: EventFd,
 }
 
-/// The lease's thread: waits for the kernel's word that the lease is breaking (or for
-/// `stop`), then moves guest RAM out of the file and lets the lease go. If RAM cannot be
-/// moved, the VM ends with an error, still holding the lease (the writer waits for the exit).
-pub fn watch(w: Watch) {
+/// The lease's thread, from the moment RAM is mapped: waits for the kernel's word that the
+/// lease is breaking (or for `stop`), then moves guest RAM out of the file and lets the lease
+/// go. The lease is returned if it is still held when the thread ends: the caller lets it go
+/// only once nothing uses the file's pages (the vCPU and I/O threads joined). If RAM cannot
+/// be moved, the VM ends with an error and the writer waits for that.
+pub fn watch(w: Watch) -> Option<RamLease> {
     let signals = match lease_signalfd() {
         Ok(fd) => fd,
         Err(e) => {
@@ -94,10 +100,14 @@ pub fn watch(w: Watch) {
                 "-incoming: lease on {}: signalfd: {e}",
                 w.lease.path.display()
             );
-            return;
+            return Some(w.lease);
         }
     };
     loop {
+        // Looked at first: a break that came before this thread (or its signalfd) did.
+        if w.lease.breaking() {
+            break;
+        }
         let mut fds = [
             libc::pollfd {
                 fd: signals.as_raw_fd(),
@@ -116,13 +126,10 @@ pub fn watch(w: Watch) {
             continue;
         }
         if n < 0 || fds[1].revents != 0 {
-            return;
+            return Some(w.lease);
         }
-        drain(&signals);
         // The signal could be left over from another of nicvm's files; the lease says.
-        if w.lease.breaking() {
-            break;
-        }
+        drain(&signals);
     }
     let t0 = std::time::Instant::now();
     match move_ram(&w) {
@@ -133,45 +140,105 @@ pub fn watch(w: Watch) {
                 w.lease.path.display(),
                 t0.elapsed().as_secs_f64() * 1e3
             );
-            drop(w.lease);
+            None
         }
-        Ok(None) => {} // the VM is ending
+        Ok(None) => Some(w.lease), // the VM is ending
         Err(e) => {
             w.lifecycle.request_exit(ExitReason::Error(format!(
                 "-incoming: {} is being written to, and guest RAM could not be copied out \
                  of it first: {e}",
                 w.lease.path.display()
             )));
-            // The lease goes with the exit: the writer waits until then.
+            // The lease goes after the exit's teardown: the writer waits until then.
             let mut fds = [libc::pollfd {
                 fd: w.stop.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             }];
-            // SAFETY: polling an array we own, with its length; bounded by the exit.
-            unsafe { libc::poll(fds.as_mut_ptr(), 1, 5000) };
+            // SAFETY: polling an array we own, with its length, until the VM stops this
+            // thread (it asked the VM to end).
+            while unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) } < 0 {}
+            Some(w.lease)
+        }
+    }
+}
+
+/// The lease's thread, started as soon as the lease is taken. Dropping it stops the thread
+/// and lets the lease go: drop it once the vCPU and I/O threads are joined.
+pub struct LeaseThread {
+    stop: EventFd,
+    running: Arc<Mutex<Option<Arc<Saver>>>>,
+    thread: Option<std::thread::JoinHandle<Option<RamLease>>>,
+}
+
+impl LeaseThread {
+    pub fn spawn(
+        lease: RamLease,
+        mem: GuestMemoryMmap,
+        lifecycle: Arc<Lifecycle>,
+        pthreads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    ) -> io::Result<LeaseThread> {
+        let stop = EventFd::new(libc::EFD_CLOEXEC)?;
+        let running = Arc::new(Mutex::new(None));
+        let w = Watch {
+            lease,
+            mem,
+            lifecycle,
+            pthreads,
+            running: running.clone(),
+            stop: stop.try_clone()?,
+        };
+        let thread = std::thread::Builder::new()
+            .name("ram-lease".into())
+            .spawn(move || watch(w))?;
+        Ok(LeaseThread {
+            stop,
+            running,
+            thread: Some(thread),
+        })
+    }
+
+    /// The vCPUs are about to start: from now on RAM moves with the guest stopped and the
+    /// devices held (waits while RAM moves).
+    pub fn guest_starts(&self, saver: Arc<Saver>) {
+        *self.running.lock().unwrap() = Some(saver);
+    }
+}
+
+impl Drop for LeaseThread {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            // The lease it gives back goes here.
+            let _ = t.join();
         }
     }
 }
 
 /// Stops the guest (if it runs), holds every device and copies RAM over; resumes a guest
-/// that ran. None if the VM ended meanwhile.
+/// that ran. Before the guest runs, RAM is copied as it is (the set-up waits to start the
+/// vCPUs). None if the VM ended meanwhile.
 fn move_ram(w: &Watch) -> Result<Option<u64>, String> {
+    let running = w.running.lock().unwrap();
+    let Some(saver) = running.as_ref() else {
+        return detach(&w.mem)
+            .map(|bytes| Some(bytes >> 20))
+            .map_err(|e| e.to_string());
+    };
     // No save, `stop` or `cont` meanwhile.
-    let _one_at_a_time = w.saver.saving.lock().unwrap();
+    let _one_at_a_time = saver.saving.lock().unwrap();
     let was_running = !w.lifecycle.paused();
-    if was_running && !crate::vcpu::pause_all(&w.lifecycle, &w.pthreads, w.saver.shape.cpus.into())
+    // Also when paused: a guest that shut down (-no-shutdown) is paused before its other
+    // vCPUs have parked.
+    if !crate::vcpu::pause_all(&w.lifecycle, &w.pthreads, saver.shape.cpus.into())
+        && w.lifecycle.exit_requested()
     {
-        if w.lifecycle.exit_requested() {
-            return Ok(None);
-        }
-        w.lifecycle.resume();
-        return Err("the vCPUs did not stop within a second".into());
+        return Ok(None);
     }
-    let moved = w.saver.root.with_devices_held(|| {
-        // The serial port writes no RAM; the vCPUs are parked and the devices held.
-        detach(&w.saver.mem)
-    });
+    // A vCPU that did not park within the second is out of guest mode (kicked every
+    // millisecond), in a device's emulation: it writes guest RAM only through a PCI device,
+    // and those are held now.
+    let moved = saver.root.with_devices_held(|| detach(&w.mem));
     if was_running {
         w.lifecycle.resume();
     }
@@ -243,6 +310,8 @@ fn lease_signalfd() -> io::Result<OwnedFd> {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, crate::signals::lease_signal());
+        // What the kernel sends instead when the realtime signal cannot be queued.
+        libc::sigaddset(&mut set, libc::SIGIO);
         libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
     };
     if fd < 0 {

@@ -261,6 +261,9 @@ pub fn socket_option(fd: RawFd, name: libc::c_int) -> io::Result<libc::c_int> {
     Ok(v)
 }
 
+/// How long a TCP connection to a harness may take to be made.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A stream connected to `endpoint` (a Unix path or a TCP address nicvm is a client of),
 /// non-blocking.
 pub fn connect(endpoint: &Endpoint) -> io::Result<OwnedFd> {
@@ -271,7 +274,9 @@ pub fn connect(endpoint: &Endpoint) -> io::Result<OwnedFd> {
             })?
             .into(),
         Endpoint::TcpClient(a) => {
-            let s = std::net::TcpStream::connect(a)
+            // Bounded: exit signals wait while set-up does (an address that drops the
+            // connection request would hold them for minutes).
+            let s = std::net::TcpStream::connect_timeout(a, CONNECT_TIMEOUT)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot connect to {a}: {e}")))?;
             let _ = s.set_nodelay(true);
             s.into()
@@ -444,6 +449,32 @@ impl SerialIo {
     /// The serial port's output side.
     pub fn writer(&self) -> Box<dyn Write + Send> {
         Box::new(PeerWriter(self.peer.clone(), self.telnet))
+    }
+
+    /// Takes the client waiting on the listening socket (`wait=on`), before the guest runs:
+    /// it has the console from the guest's first byte, not from when the serial thread got
+    /// to it. Nothing waiting: nothing happens.
+    pub fn accept_waiting(&self) {
+        let Some(l) = self.listener_fd() else { return };
+        // SAFETY: accept4 on our listening socket (non-blocking); no address wanted.
+        let c = unsafe {
+            libc::accept4(
+                l,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if c < 0 {
+            return;
+        }
+        // SAFETY: accept4 returned a new descriptor we now own.
+        let mut client = unsafe { std::fs::File::from_raw_fd(c) };
+        if self.telnet {
+            // A fresh socket's buffer takes these dozen bytes.
+            let _ = client.write(&TELNET_HELLO);
+        }
+        *self.peer.lock().unwrap() = Some(Client::new(client));
     }
 
     /// The listening socket, if the port is on one.

@@ -17,7 +17,7 @@ pub fn lease_signal() -> libc::c_int {
     libc::SIGRTMIN() + 1
 }
 
-/// Blocks the exit signals (and [`lease_signal`]) for this thread and the threads it spawns
+/// Blocks the exit signals (and [`lease_signal`], and SIGIO) for this thread and the threads it spawns
 /// later; the signalfd reads the exit signals.
 pub fn block_and_open() -> io::Result<SignalFd> {
     // SAFETY: sigset_t is plain data initialised by sigemptyset/sigaddset.
@@ -25,6 +25,8 @@ pub fn block_and_open() -> io::Result<SignalFd> {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, lease_signal());
+        // A lease break falls back to SIGIO when the realtime signal cannot be queued.
+        libc::sigaddset(&mut set, libc::SIGIO);
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             return Err(io::Error::last_os_error());
         }

@@ -366,10 +366,9 @@ pub struct Vm {
     /// `-save-on`: told by the console watch when the guest wrote the text.
     save_on: Option<(std::sync::mpsc::Receiver<()>, PathBuf)>,
     save_thread: Option<std::thread::JoinHandle<()>>,
-    /// `-incoming`: the lease on the snapshot file, until its thread starts.
-    ram_lease: Option<crate::ram_lease::RamLease>,
-    /// The lease's thread, and what ends it.
-    lease_thread: Option<(EventFd, std::thread::JoinHandle<()>)>,
+    /// `-incoming`: the thread holding the lease on the snapshot file (see
+    /// `crate::ram_lease`); dropped once nothing uses the file's pages any more.
+    lease_thread: Option<crate::ram_lease::LeaseThread>,
     _vm: Arc<VmFd>,
 }
 
@@ -397,8 +396,21 @@ impl Vm {
             Some(head) => head.map_memory(&ram_ranges(cfg.mem_mib)),
             None => Ok(guest_memory(cfg.mem_mib)?),
         };
-        // Taken at once: from here on a writer of the file waits for RAM to leave it.
-        let ram_lease = incoming_head.as_ref().and_then(|h| h.lease());
+        // Taken at once, and watched: from here on a writer of the file waits for RAM to
+        // leave it.
+        let vcpu_pthreads = Arc::new(Mutex::new(vec![]));
+        let lease_thread = match (incoming_head.as_ref().and_then(|h| h.lease()), &mem) {
+            (Some(lease), Ok(m)) => Some(
+                crate::ram_lease::LeaseThread::spawn(
+                    lease,
+                    m.clone(),
+                    lifecycle.clone(),
+                    Arc::clone(&vcpu_pthreads),
+                )
+                .map_err(|e| VmError::Host("snapshot lease thread", e))?,
+            ),
+            _ => None,
+        };
         // RAM goes to KVM before the interrupt controller exists: a memory slot made after
         // KVM_CREATE_IRQCHIP waits out a grace period (6-8 ms measured on kvm_pvm), one made
         // before it takes 0.1-0.3 ms.
@@ -742,14 +754,13 @@ impl Vm {
             _guards: guards,
             lifecycle,
             timing,
-            vcpu_pthreads: Arc::new(Mutex::new(vec![])),
+            vcpu_pthreads,
             console_monitor: None,
             console_monitor_first: false,
             saver,
             save_on,
             save_thread: None,
-            ram_lease,
-            lease_thread: None,
+            lease_thread,
             _vm: vm,
         })
     }
@@ -776,6 +787,13 @@ impl Vm {
     /// The serial port's listening socket, if it is on one.
     pub fn serial_listener(&self) -> Option<std::os::fd::RawFd> {
         self.serial_io.as_ref()?.listener_fd()
+    }
+
+    /// Takes a client waiting on the serial port's socket now, before the guest runs.
+    pub fn accept_serial_client(&self) {
+        if let Some(s) = &self.serial_io {
+            s.accept_waiting();
+        }
     }
 
     /// What QMP's migrate saves.
@@ -858,6 +876,9 @@ impl Vm {
             let t = IoThread::spawn(i, subscribers).map_err(|e| VmError::Host("I/O thread", e))?;
             self.io.push(t);
         }
+        if let Some(l) = &self.lease_thread {
+            l.guest_starts(self.saver.clone());
+        }
         self.timing.mark("vcpu-start");
         for (id, v) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let t = VcpuThread::spawn(
@@ -881,21 +902,6 @@ impl Vm {
                 .map_err(|e| VmError::Host("-save-on thread", e))?;
             self.save_thread = Some(t);
         }
-        if let Some(lease) = self.ram_lease.take() {
-            let stop = EventFd::new(EFD_CLOEXEC).map_err(|e| VmError::Host("eventfd", e))?;
-            let watch = crate::ram_lease::Watch {
-                lease,
-                saver: self.saver.clone(),
-                lifecycle: self.lifecycle.clone(),
-                pthreads: self.vcpu_pthreads.clone(),
-                stop: stop.try_clone().map_err(|e| VmError::Host("eventfd", e))?,
-            };
-            let t = std::thread::Builder::new()
-                .name("ram-lease".into())
-                .spawn(move || crate::ram_lease::watch(watch))
-                .map_err(|e| VmError::Host("snapshot lease thread", e))?;
-            self.lease_thread = Some((stop, t));
-        }
         Ok(())
     }
 
@@ -914,13 +920,11 @@ impl Vm {
         if let Some(t) = self.save_thread.take() {
             let _ = t.join();
         }
-        if let Some((stop, t)) = self.lease_thread.take() {
-            let _ = stop.write(1);
-            let _ = t.join();
-        }
         drop(self.saver.saving.lock());
         self.kernel_loader = None;
         self.io.clear();
+        // Nothing reads or writes guest RAM any more: the snapshot file may change now.
+        self.lease_thread = None;
         self.console = None;
         self.serial_io = None;
     }

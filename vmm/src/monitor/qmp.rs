@@ -450,7 +450,9 @@ fn query_cpus_fast(cpus: u8) -> Value {
                 .strip_prefix("vcpu")
                 .and_then(|n| n.parse::<u8>().ok());
             let tid = t.file_name().to_str().and_then(|n| n.parse::<i64>().ok());
-            if let (Some(i), Some(tid)) = (index, tid) {
+            // Not the main thread, which `-name ...,process=` may have named vcpuN.
+            let main = tid == Some(i64::from(std::process::id()));
+            if let (Some(i), Some(tid), false) = (index, tid, main) {
                 tids.insert(i, tid);
             }
         }
