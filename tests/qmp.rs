@@ -1643,6 +1643,83 @@ fn monitor_and_console_on_inherited_sockets() {
     assert_eq!(code, Some(0));
 }
 
+/// An inherited socket that has no peer (never connected) is refused at set-up in one line;
+/// it was taken, seen hung up at once and dropped, leaving a VM without its monitor.
+#[test]
+fn an_inherited_socket_without_a_peer_is_refused() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::process::CommandExt;
+    let Some(img) = image() else { return };
+    // SAFETY: a new TCP socket, owned below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(raw >= 0);
+    // SAFETY: the descriptor socket() just returned.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    let fd = sock.as_raw_fd();
+    let mut cmd = nicvm_cmd();
+    cmd.args(["-kernel", &img.kernel.display().to_string()])
+        .args(["-S", "-display", "none", "-nic", "none"])
+        .args(["-chardev", &format!("socket,id=mon,fd={fd}")])
+        .args(["-mon", "chardev=mon,mode=control"]);
+    // SAFETY: only fcntl (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::fcntl(fd, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        format!("nicvm: -mon: its -chardev's fd={fd}: descriptor {fd} is not a connected socket (it has no peer)\n")
+    );
+    drop(sock);
+}
+
+/// `-daemonize` with `wait=on`: a signal that ends the daemon while it waits for its client
+/// leaves the caller with status 1, as QEMU's (it said 0: started, for a VM that never ran).
+#[test]
+fn a_daemon_ended_while_it_waits_fails_its_caller() {
+    let Some(img) = image() else { return };
+    let dir = temp("daemon-wait");
+    let (sock, pidfile) = (dir.0.join("qmp.sock"), dir.0.join("pid"));
+    let mut caller = nicvm_cmd()
+        .args(["-kernel", &img.kernel.display().to_string()])
+        .args(["-display", "none", "-nic", "none", "-daemonize"])
+        .args(["-pidfile", &pidfile.display().to_string()])
+        .args(["-qmp", &format!("unix:{},server", sock.display())])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&sock);
+    wait_for(&pidfile);
+    let t0 = Instant::now();
+    let daemon: i32 = loop {
+        if let Some(p) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no pid in the pid file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: signalling the daemon, by the pid it wrote.
+    unsafe { libc::kill(daemon, libc::SIGTERM) };
+    let mut guard = KillOnDrop(Some(caller.id()));
+    let code = wait_bounded(&mut caller, &mut guard, Duration::from_secs(30));
+    assert_eq!(code, Some(1));
+    assert!(!sock.exists() && !pidfile.exists(), "the daemon cleaned up");
+    drop(dir);
+}
+
 /// `server=off`, QEMU's default: nicvm connects to a monitor socket its harness listens on
 /// (`qemu.machine` as of QEMU 7.2 passes `-chardev socket,id=mon,path=PATH`); with nothing
 /// listening there, set-up fails in one line naming the option.

@@ -1571,16 +1571,16 @@ fn chardev_spec(spec: &str) -> Result<(Endpoint, bool, bool), CliErrorKind> {
     let mut parts = spec.split(',');
     let head = parts.next().unwrap_or("");
     let mut server = false;
-    let mut wait = true;
+    let mut wait = None;
     let mut telnet = false;
     for p in parts {
         match p.split_once('=') {
             None if p == "server" => server = true,
-            None if p == "nowait" => wait = false,
+            None if p == "nowait" => wait = Some(false),
             None if p == "nodelay" => {}
             None if p == "telnet" => telnet = true,
             Some(("server", v)) => server = on_off("server", v)?,
-            Some(("wait", v)) => wait = on_off("wait", v)?,
+            Some(("wait", v)) => wait = Some(on_off("wait", v)?),
             Some(("telnet", v)) => telnet = on_off("telnet", v)?,
             Some(("nodelay" | "ipv4" | "ipv6", _)) => {}
             Some((k, _)) => return Err(OptionError::Unknown(k.into()).into()),
@@ -1613,7 +1613,15 @@ fn chardev_spec(spec: &str) -> Result<(Endpoint, bool, bool), CliErrorKind> {
     if telnet && !server {
         return Err(telnet_client());
     }
-    Ok((endpoint, wait && server, telnet))
+    if wait.is_some() && !server {
+        return Err(wait_client());
+    }
+    Ok((endpoint, wait.unwrap_or(true) && server, telnet))
+}
+
+/// `wait=` without `server=on`, in QEMU's words.
+fn wait_client() -> CliErrorKind {
+    CliErrorKind::Refused("'wait' option is incompatible with socket in client connect mode".into())
 }
 
 /// `telnet` without `server=on`: nicvm speaks telnet as a server only.
@@ -1741,6 +1749,9 @@ fn chardev_option(
             let telnet = telnet == Some(true);
             if telnet && !server {
                 return Err(telnet_client());
+            }
+            if wait.is_some() && !server {
+                return Err(wait_client());
             }
             Ok((id, endpoint, wait.unwrap_or(true) && server, telnet))
         }
@@ -3054,6 +3065,11 @@ mod tests {
                 "fd: 7 is given twice",
             ),
             ("-qmp telnet:127.0.0.1:4444", "telnet needs server=on"),
+            ("-qmp unix:/tmp/q,nowait", "'wait' option is incompatible"),
+            (
+                "-chardev socket,id=m,path=/tmp/m,wait=on -mon m",
+                "'wait' option is incompatible",
+            ),
         ] {
             let e = parse_with_fds(args(&format!("-kernel k {line}")), &fds)
                 .unwrap_err()

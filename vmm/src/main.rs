@@ -330,7 +330,8 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
             // What set-up noted goes out first.
             stderr::release();
         }
-        if let Some(sig) = wait_for_clients(&sockets) {
+        let waited_out = wait_for_clients(&sockets);
+        if let Some(sig) = waited_out {
             lifecycle_for_hold.request_exit(ExitReason::User(sig.into()));
         } else if serial_at.is_some_and(|at| cfg.wait_for.contains(at)) {
             vm.accept_serial_client();
@@ -345,7 +346,11 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
         // Set up: what it noted goes out (before a daemon lets go of the terminal).
         stderr::release();
         if let Some(d) = daemon.take() {
-            d.set_up_done();
+            // A signal during the wait for a client ended the set-up: the caller, told
+            // nothing, exits 1 (as QEMU's), since no VM runs.
+            if waited_out.is_none() {
+                d.set_up_done();
+            }
         }
         // -no-shutdown: a guest that shut down is held; the monitors hear it and see it
         // stopped.

@@ -228,6 +228,17 @@ pub fn inherited_socket(fd: RawFd, listening: bool) -> io::Result<InheritedSocke
             "a connected socket (server=off; give server=on for a listening one)"
         }));
     }
+    if !listening {
+        // SAFETY: sockaddr_storage is plain data; getpeername writes at most `len` bytes.
+        let connected = unsafe {
+            let mut a: libc::sockaddr_storage = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            libc::getpeername(fd, (&mut a as *mut libc::sockaddr_storage).cast(), &mut len) == 0
+        };
+        if !connected {
+            return Err(not("a connected socket (it has no peer)"));
+        }
+    }
     // SAFETY: an inherited descriptor named once on the command line (set-up checked):
     // nothing else owns it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -346,7 +357,13 @@ pub fn listen_unix(path: &Path) -> io::Result<UnixListener> {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = path.with_file_name(format!(".nicvm-{}-{n}", std::process::id()));
-    if std::fs::symlink_metadata(path).is_ok() {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "something that is not a socket is there",
+            ));
+        }
         return UnixListener::bind(path);
     }
     match UnixListener::bind(&tmp) {

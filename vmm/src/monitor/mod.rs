@@ -675,6 +675,7 @@ pub fn bind(monitors: &[MonitorConfig]) -> Result<Listening, MonitorError> {
             let option = m.option.clone();
             let what = match &m.endpoint {
                 Endpoint::Unix(_) | Endpoint::Tcp(_) => format!("cannot listen on {at}: "),
+                Endpoint::Fd { fd, .. } => format!("its -chardev's fd={fd}: "),
                 _ => String::new(),
             };
             move |source| MonitorError {
