@@ -597,6 +597,26 @@ fn a_snapshot_rewritten_while_its_restore_waits_is_copied_at_once() {
     assert!(o.stderr.contains("copied out of it"), "{}", o.dump());
 }
 
+/// Where no lease can be had (the file is open for writing elsewhere), a snapshot cut short
+/// under its restored guest ends nicvm with status 3 and a line saying why, not a bare
+/// SIGBUS (the shell's "Bus error", exit 135).
+#[test]
+fn a_snapshot_cut_short_without_a_lease_ends_nicvm_in_one_line() {
+    let Some(img) = image() else { return };
+    let dir = Scratch::new("cut-no-lease");
+    let file = dir.0.join("guest.snap");
+    let o = save_before_dhcp(&img, "virtio-net-pci", "nicvm.run=recv:5001,exit", &file);
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    // Open for writing: no read lease can be taken on it.
+    let writer = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    let (g, _port) = restore(&img, "virtio-net-pci", &file, &[]);
+    assert!(!holds_a_lease(g.pid()));
+    writer.set_len(0).unwrap();
+    let o = g.finish();
+    assert_eq!(o.code, Some(3), "{}", o.dump());
+    assert!(o.stderr.contains("nicvm: error: "), "{}", o.dump());
+}
+
 /// Frames that reach a stopped guest (QMP `stop`, then traffic, then `migrate`) land in the
 /// snapshot with their interrupt: the state of the vCPUs and the irqchip is read once the
 /// devices are stopped, so the restored guest takes that interrupt and its NIC goes on

@@ -392,6 +392,9 @@ impl Vm {
             Some(p) => Some(crate::snapshot::IncomingHeader::open(p)?),
             None => None,
         };
+        if incoming_head.is_some() {
+            crate::ram_lease::report_sigbus();
+        }
         let mem = match &incoming_head {
             Some(head) => head.map_memory(&ram_ranges(cfg.mem_mib)),
             None => Ok(guest_memory(cfg.mem_mib)?),
