@@ -193,7 +193,14 @@ fn qmp_commands_errors_and_events_on_a_stopped_vm() {
     let dir = temp("protocol");
     let sock = dir.join("qmp.sock");
     let port = free_port();
-    let mut a: Vec<String> = args(&["-S", "-nographic", "-name", "qmp-test", "-smp", "2"]);
+    let mut a: Vec<String> = args(&[
+        "-S",
+        "-nographic",
+        "-name",
+        "qmp-test",
+        "-smp",
+        "2,sockets=2",
+    ]);
     a.extend(args(&THREE_NICS));
     a.extend(args(&[
         "-qmp",

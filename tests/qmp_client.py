@@ -97,6 +97,9 @@ async def protocol(path, tcp_port):
         with open(f"/proc/{c['thread-id']}/comm") as f:
             comm = f.read().strip()
         check(comm == f"vcpu{c['cpu-index']}" and c["target"] == "x86_64", f"{c}: {comm}")
+        # -smp 2,sockets=2: a core on each socket, as QEMU says.
+        want = {"socket-id": c["cpu-index"], "core-id": 0, "thread-id": 0}
+        check(c["props"] == want, f"{c}")
 
     pci = await qmp.execute("query-pci")
     devs = {d.get("qdev_id"): d for d in pci[0]["devices"]}

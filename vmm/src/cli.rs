@@ -6,7 +6,7 @@ use crate::config::netdev::{self as netdev_opts, HeaderError};
 use crate::config::{
     on_off, Backend, BridgeOptions, Config, DumpConfig, Endpoint, InheritedFds, MonitorConfig,
     MonitorMode, NetdevConfig, NicConfig, NicModel, Note, OptionError, SaveOn, SerialTarget,
-    TapDevice, TapOptions,
+    TapDevice, TapOptions, Topology,
 };
 use crate::keyval::{is_json, KeyVal, KeyValError};
 use crate::qemu_compat;
@@ -359,7 +359,7 @@ fn parse_size_mib(s: &str) -> Option<u64> {
 /// `-smp [cpus=]N[,sockets=S][,dies=1][,cores=C][,threads=T][,maxcpus=M]`, checked as QEMU
 /// checks it: the topology's product must be the CPU count (parameters left out are
 /// computed), and maxcpus can only be the CPU count (no CPU hotplug).
-fn parse_smp(s: &str) -> Result<u8, CliErrorKind> {
+fn parse_smp(s: &str) -> Result<(u8, Topology), CliErrorKind> {
     let kv = KeyVal::parse(s, Some("cpus"))?;
     if let Some(k) = kv.unknown_key(&["cpus", "sockets", "dies", "cores", "threads", "maxcpus"]) {
         return Err(OptionError::Unknown(k.into()).into());
@@ -419,7 +419,28 @@ fn parse_smp(s: &str) -> Result<u8, CliErrorKind> {
     if cpus > MAX_CPUS as u32 {
         return Err(CliErrorKind::TooManyCpus(cpus));
     }
-    Ok(cpus as u8)
+    // What was left out, as QEMU computes it for its x86 machines since 6.2 (cores before
+    // sockets); checked above to divide the CPU count.
+    let [sockets, dies, cores, threads] = topo;
+    let (dies, threads) = (dies.unwrap_or(1), threads.unwrap_or(1));
+    let (sockets, cores) = match (sockets, cores) {
+        (s, None) => {
+            let s = s.unwrap_or(1);
+            (s, cpus / (s * dies * threads))
+        }
+        (None, Some(c)) => (cpus / (dies * c * threads), c),
+        (Some(s), Some(c)) => (s, c),
+    };
+    let t = |n: u32| n.clamp(1, MAX_CPUS as u32) as u8;
+    Ok((
+        cpus as u8,
+        Topology {
+            sockets: t(sockets),
+            dies: t(dies),
+            cores: t(cores),
+            threads: t(threads),
+        },
+    ))
 }
 
 /// `addr=SLOT[.FN]`, each in hex (`0x` allowed) as QEMU takes them. Function 0 only: a NIC
@@ -446,6 +467,7 @@ struct Builder<'a> {
     fds: &'a InheritedFds,
     mem_mib: u64,
     cpus: u8,
+    topology: Topology,
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
     append: String,
@@ -682,6 +704,7 @@ where
         fds,
         mem_mib: 128,
         cpus: 1,
+        topology: Topology::default(),
         kernel: None,
         initrd: None,
         append: String::new(),
@@ -924,7 +947,7 @@ where
                     );
                 }
             }
-            "-smp" => b.cpus = parse_smp(&val).or_else(|e| err(&opt, e))?,
+            "-smp" => (b.cpus, b.topology) = parse_smp(&val).or_else(|e| err(&opt, e))?,
             "-kernel" => b.kernel = Some(val.into()),
             "-initrd" => b.initrd = Some(val.into()),
             "-append" => b.append = val,
@@ -1342,6 +1365,7 @@ impl Builder<'_> {
         Ok(Action::Run(Box::new(Config {
             mem_mib: self.mem_mib,
             cpus: self.cpus,
+            topology: self.topology,
             cpu_features: self.cpu_features,
             cpu_missing: self.cpu_missing,
             kernel,
@@ -2862,6 +2886,22 @@ mod tests {
             4
         );
         assert_eq!(run("-kernel k -smp 4,sockets=2").unwrap().cpus, 4);
+        // The topology as QEMU completes it (cores before sockets, since 6.2).
+        let topo = |line: &str| {
+            let t = run(&format!("-kernel k -smp {line}")).unwrap().topology;
+            (t.sockets, t.dies, t.cores, t.threads)
+        };
+        assert_eq!(topo("4"), (1, 1, 4, 1));
+        assert_eq!(topo("4,sockets=2"), (2, 1, 2, 1));
+        assert_eq!(topo("4,cores=1"), (4, 1, 1, 1));
+        assert_eq!(topo("4,threads=2"), (1, 1, 2, 2));
+        assert_eq!(topo("8,sockets=2,dies=2"), (2, 2, 2, 1));
+        assert_eq!(topo("sockets=2,cores=2,threads=2"), (2, 1, 2, 2));
+        let t = run("-kernel k -smp 8,sockets=2,dies=2,threads=1")
+            .unwrap()
+            .topology;
+        // vCPU 7: socket 1, die 1, core 1, thread 0; vCPU 5: socket 1, die 0, core 1.
+        assert_eq!((t.ids(7), t.ids(5)), ((1, 1, 1, 0), (1, 0, 1, 0)));
         assert_eq!(run("-kernel k -smp sockets=2,cores=2").unwrap().cpus, 4);
     }
 

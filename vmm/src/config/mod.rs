@@ -24,6 +24,8 @@ pub use fds::InheritedFds;
 pub struct Config {
     pub mem_mib: u64,
     pub cpus: u8,
+    /// `-smp`'s topology, what was left out computed as QEMU does.
+    pub topology: Topology,
     /// `-cpu host,-NAME,+NAME,...`: features taken away (false) or insisted on (true).
     pub cpu_features: Vec<(&'static str, bool)>,
     /// `-cpu ...,enforce` / `check=off`: what a feature switched on but absent comes to.
@@ -85,6 +87,35 @@ pub enum MonitorMode {
     Control,
     /// HMP: the human monitor's text commands.
     Readline,
+}
+
+/// How `-smp` arranges the vCPUs (their product is the CPU count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    pub sockets: u8,
+    pub dies: u8,
+    pub cores: u8,
+    pub threads: u8,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            sockets: 1,
+            dies: 1,
+            cores: 1,
+            threads: 1,
+        }
+    }
+}
+
+impl Topology {
+    /// The socket, die, core and thread of vCPU `i`, as QEMU numbers them on x86.
+    pub fn ids(&self, i: u8) -> (u32, u32, u32, u32) {
+        let i = u32::from(i);
+        let [t, c, d] = [self.threads, self.cores, self.dies].map(|n| u32::from(n.max(1)));
+        (i / (t * c * d), (i / (t * c)) % d, (i / t) % c, i % t)
+    }
 }
 
 /// Where a monitor or the serial port is reached: a socket nicvm listens on (`server=on`),

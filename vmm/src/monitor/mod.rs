@@ -80,6 +80,7 @@ pub struct Control {
     pub vcpus: Arc<Mutex<Vec<libc::pthread_t>>>,
     /// How many vCPUs the VM has (`cpu-index` names one of them).
     pub cpus: u8,
+    pub topology: crate::config::Topology,
     /// -S and not yet continued.
     prelaunch: Mutex<bool>,
     /// What `migrate` saves.
@@ -261,6 +262,7 @@ impl Control {
             },
             vcpus,
             cpus: cfg.cpus,
+            topology: cfg.topology,
             // A guest restored with -S was running before: QEMU calls it paused.
             prelaunch: Mutex::new(cfg.start_paused && cfg.incoming.is_none()),
             saver,

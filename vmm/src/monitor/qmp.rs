@@ -437,9 +437,10 @@ fn no_args(args: &Map<String, Value>) -> Result<(), QmpError> {
     }
 }
 
-/// The vCPUs as QEMU 8.2 lists them for x86: each a core of one socket (QEMU's default
-/// topology since 6.2), with the host thread running it (`thread-id`, 0 before it runs).
-fn query_cpus_fast(cpus: u8) -> Value {
+/// The vCPUs as QEMU 8.2 lists them for x86: where `-smp` put each (socket, die when there
+/// is more than one, core, thread), with the host thread running it (`thread-id`, 0 before
+/// it runs).
+fn query_cpus_fast(cpus: u8, topology: &crate::config::Topology) -> Value {
     // The vCPU threads are named vcpuN: their ids are the directories of /proc/self/task.
     let mut tids = std::collections::HashMap::new();
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
@@ -460,11 +461,17 @@ fn query_cpus_fast(cpus: u8) -> Value {
     Value::Array(
         (0..cpus)
             .map(|i| {
+                let (socket, die, core, thread) = topology.ids(i);
+                let mut props =
+                    json!({ "core-id": core, "thread-id": thread, "socket-id": socket });
+                if topology.dies > 1 {
+                    props["die-id"] = json!(die);
+                }
                 json!({
                     "cpu-index": i,
                     "qom-path": format!("/machine/unattached/device[{i}]"),
                     "thread-id": tids.get(&i).copied().unwrap_or(0),
-                    "props": { "core-id": i, "thread-id": 0, "socket-id": 0 },
+                    "props": props,
                     "target": "x86_64",
                 })
             })
@@ -503,7 +510,7 @@ pub fn execute(control: &Control, cmd: &str, args: &Map<String, Value>) -> Resul
         }
         "query-cpus-fast" => {
             no_args(args)?;
-            Ok(query_cpus_fast(control.cpus))
+            Ok(query_cpus_fast(control.cpus, &control.topology))
         }
         "query-pci" => {
             no_args(args)?;
