@@ -508,6 +508,24 @@ fn saved_after_its_lease_on_user_networking_it_keeps_working() {
     assert_eq!(o.code, Some(0), "{}", o.dump());
 }
 
+/// Waits (10 s at most) until process `pid` holds a lease.
+fn wait_for_a_lease(pid: u32) {
+    let t0 = Instant::now();
+    while !holds_a_lease(pid) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Rewrites `file` in place as `cp` over it would: truncated, then `len` other bytes.
+fn rewrite_in_place(file: &Path, len: usize) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(file)
+        .unwrap();
+    f.write_all(&vec![0xa5; len]).unwrap();
+}
+
 /// Whether process `pid` holds a lease (`/proc/locks`).
 fn holds_a_lease(pid: u32) -> bool {
     std::fs::read_to_string("/proc/locks").is_ok_and(|l| {
@@ -532,17 +550,8 @@ fn a_snapshot_rewritten_under_its_restored_guest_leaves_it_running() {
     let len = std::fs::metadata(&file).unwrap().len() as usize;
 
     let (mut g, port) = restore(&img, "virtio-net-pci", &file, &[]);
-    let t0 = Instant::now();
-    while !holds_a_lease(g.pid()) && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(&file)
-        .unwrap();
-    f.write_all(&vec![0xa5; len]).unwrap();
-    drop(f);
+    wait_for_a_lease(g.pid());
+    rewrite_in_place(&file, len);
     let nic = g.wait_line("NIC");
     assert_eq!(nic["lease"], "10.0.2.15/24", "{}", nic["_"]);
     g.wait_line("LISTEN");
@@ -572,18 +581,9 @@ fn a_snapshot_rewritten_while_its_restore_waits_is_copied_at_once() {
 
     let qmp_arg = format!("unix:{},server=on", qmp.display());
     let (mut g, port) = restore(&img, "virtio-net-pci", &file, &["-qmp", &qmp_arg]);
-    let t0 = Instant::now();
-    while !holds_a_lease(g.pid()) && t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_a_lease(g.pid());
     let t1 = Instant::now();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(&file)
-        .unwrap();
-    f.write_all(&vec![0xa5; len]).unwrap();
-    drop(f);
+    rewrite_in_place(&file, len);
     let held = t1.elapsed();
     assert!(held < Duration::from_secs(10), "the writer waited {held:?}");
     // The client the set-up waits for: the guest starts.
