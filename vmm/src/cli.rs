@@ -422,14 +422,18 @@ fn parse_smp(s: &str) -> Result<(u8, Topology), CliErrorKind> {
     // What was left out, as QEMU computes it for its x86 machines since 6.2 (cores before
     // sockets); checked above to divide the CPU count.
     let [sockets, dies, cores, threads] = topo;
-    let (dies, threads) = (dies.unwrap_or(1), threads.unwrap_or(1));
-    let (sockets, cores) = match (sockets, cores) {
+    let dies = dies.unwrap_or(1);
+    let (sockets, cores, threads) = match (sockets, cores) {
         (s, None) => {
-            let s = s.unwrap_or(1);
-            (s, cpus / (s * dies * threads))
+            let (s, t) = (s.unwrap_or(1), threads.unwrap_or(1));
+            (s, cpus / (s * dies * t), t)
         }
-        (None, Some(c)) => (cpus / (dies * c * threads), c),
-        (Some(s), Some(c)) => (s, c),
+        (None, Some(c)) => {
+            let t = threads.unwrap_or(1);
+            (cpus / (dies * c * t), c, t)
+        }
+        // Threads left out come last: what the rest leaves of the CPU count.
+        (Some(s), Some(c)) => (s, c, threads.unwrap_or(cpus / (s * dies * c))),
     };
     let t = |n: u32| n.clamp(1, MAX_CPUS as u32) as u8;
     Ok((
@@ -2897,6 +2901,8 @@ mod tests {
         assert_eq!(topo("4,threads=2"), (1, 1, 2, 2));
         assert_eq!(topo("8,sockets=2,dies=2"), (2, 2, 2, 1));
         assert_eq!(topo("sockets=2,cores=2,threads=2"), (2, 1, 2, 2));
+        assert_eq!(topo("8,sockets=2,cores=2"), (2, 1, 2, 2));
+        assert_eq!(topo("8,sockets=2,dies=2,cores=1"), (2, 2, 1, 2));
         let t = run("-kernel k -smp 8,sockets=2,dies=2,threads=1")
             .unwrap()
             .topology;

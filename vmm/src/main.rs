@@ -330,7 +330,7 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
             // What set-up noted goes out first.
             stderr::release();
         }
-        let waited_out = wait_for_clients(&sockets);
+        let waited_out = wait_for_clients(&sockets, &lifecycle_for_hold);
         if let Some(sig) = waited_out {
             lifecycle_for_hold.request_exit(ExitReason::User(sig.into()));
         } else if serial_at.is_some_and(|at| cfg.wait_for.contains(at)) {
@@ -402,13 +402,20 @@ fn endpoint_name(at: &Endpoint) -> String {
 /// `wait=on` (QEMU's default for a server socket): waits, socket by socket in the order
 /// given, until a client is waiting to be accepted (its monitor or serial thread accepts it
 /// once they run, so nothing the guest or the monitor says is lost), saying so as QEMU
-/// does. An exit signal ends the wait: its name is returned.
-fn wait_for_clients(sockets: &[(String, std::os::fd::RawFd)]) -> Option<&'static str> {
+/// does. An exit signal ends the wait: its name is returned; so does an exit the VM asked
+/// for meanwhile (its reason stands).
+fn wait_for_clients(
+    sockets: &[(String, std::os::fd::RawFd)],
+    lifecycle: &Lifecycle,
+) -> Option<&'static str> {
     for (name, fd) in sockets {
         say!("nicvm: waiting for connection on: {name} (wait=on)");
         loop {
             if let Some(sig) = signals::pending() {
                 return Some(sig);
+            }
+            if lifecycle.exit_requested() {
+                return Some("an error");
             }
             let mut p = libc::pollfd {
                 fd: *fd,

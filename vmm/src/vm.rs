@@ -399,21 +399,9 @@ impl Vm {
             Some(head) => head.map_memory(&ram_ranges(cfg.mem_mib)),
             None => Ok(guest_memory(cfg.mem_mib)?),
         };
-        // Taken at once, and watched: from here on a writer of the file waits for RAM to
-        // leave it.
-        let vcpu_pthreads = Arc::new(Mutex::new(vec![]));
-        let lease_thread = match (incoming_head.as_ref().and_then(|h| h.lease()), &mem) {
-            (Some(lease), Ok(m)) => Some(
-                crate::ram_lease::LeaseThread::spawn(
-                    lease,
-                    m.clone(),
-                    lifecycle.clone(),
-                    Arc::clone(&vcpu_pthreads),
-                )
-                .map_err(|e| VmError::Host("snapshot lease thread", e))?,
-            ),
-            _ => None,
-        };
+        // Taken at once: from here on a writer of the file waits for RAM to leave it. Watched
+        // once the state is read (a writer let through earlier would change it under the read).
+        let ram_lease = incoming_head.as_ref().and_then(|h| h.lease());
         // RAM goes to KVM before the interrupt controller exists: a memory slot made after
         // KVM_CREATE_IRQCHIP waits out a grace period (6-8 ms measured on kvm_pvm), one made
         // before it takes 0.1-0.3 ms.
@@ -442,6 +430,19 @@ impl Vm {
             None => None,
         };
         let mem = mem?;
+        let vcpu_pthreads = Arc::new(Mutex::new(vec![]));
+        let lease_thread = match ram_lease {
+            Some(lease) => Some(
+                crate::ram_lease::LeaseThread::spawn(
+                    lease,
+                    mem.clone(),
+                    lifecycle.clone(),
+                    Arc::clone(&vcpu_pthreads),
+                )
+                .map_err(|e| VmError::Host("snapshot lease thread", e))?,
+            ),
+            None => None,
+        };
         let chip: Arc<dyn IrqChip> = Arc::new(
             KvmIrqChip::new(vm.clone()).map_err(|e| VmError::Host("KVM_SET_GSI_ROUTING", e))?,
         );
@@ -834,6 +835,11 @@ impl Vm {
     }
 
     fn start(&mut self) -> Result<(), VmError> {
+        // Before any thread that touches guest RAM (the I/O threads, the vCPUs) starts: from
+        // now on RAM moves with the devices held.
+        if let Some(l) = &self.lease_thread {
+            l.guest_starts(self.saver.clone());
+        }
         // The console thread: for a serial console on stdio, and for a monitor there
         // (`-monitor stdio` with the serial port elsewhere: the monitor has the console).
         if self.serial_target == SerialTarget::Stdio || self.console_monitor.is_some() {
@@ -878,9 +884,6 @@ impl Vm {
         {
             let t = IoThread::spawn(i, subscribers).map_err(|e| VmError::Host("I/O thread", e))?;
             self.io.push(t);
-        }
-        if let Some(l) = &self.lease_thread {
-            l.guest_starts(self.saver.clone());
         }
         self.timing.mark("vcpu-start");
         for (id, v) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
