@@ -99,7 +99,18 @@ fn open_tap(o: &TapOptions) -> Result<Opened, OpenErrorKind> {
     let name = tap.name().to_string();
     let passed_in = matches!(o.device, TapDevice::Fds { .. });
     match script::resolve(&o.script, DEFAULT_IFUP) {
-        Some(up) => script::run_in_setup(&up, &name)?,
+        Some(up) => {
+            if let Err(e) = script::run_in_setup(&up, &name) {
+                // Killed by an exit signal: what it did so far is undone as at any exit (QEMU
+                // lets it finish, and runs the downscript as it ends).
+                if matches!(e, script::ScriptError::Interrupted { .. }) {
+                    if let Some(d) = script::resolve(&o.downscript, DEFAULT_IFDOWN) {
+                        drop(DownScript::new(d, name.clone()));
+                    }
+                }
+                return Err(e.into());
+            }
+        }
         None if passed_in && !tap_is_up(&name) => log::warn!(
             "tap {name} ({}): it is down on the host; whoever opened it brings it up \
              (ip link set {name} up)",
