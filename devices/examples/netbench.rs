@@ -40,7 +40,8 @@
 //! Runs in a private network namespace (needs root); the taps vanish with the process.
 //! Usage: netbench [--quick] [--json] [--user] [FRAMES] [FRAME_LEN]
 //!   (defaults: 200000 frames of 1514 bytes; --quick: 3000 frames; --json: JSON on stdout;
-//!   --user: only the models' own work, which needs no root and no tap; with --json as JSON)
+//!   --user: only the models' own work, which needs no root and no tap; with --json as JSON;
+//!   --slirp: only the two user-mode networking rows, as a table)
 
 use devices::e1000;
 use devices::net::offload::{fill_ipv4_checksum, fill_l4_checksum, fold, ones_sum, parse};
@@ -1720,16 +1721,20 @@ fn main() {
     let mut json = false;
     let mut quick = false;
     let mut user = false;
+    let mut slirp_only = false;
     let mut nums = vec![];
     for a in std::env::args().skip(1) {
         match a.as_str() {
             "--json" => json = true,
             "--quick" => quick = true,
             "--user" => user = true,
+            "--slirp" => slirp_only = true,
             _ => match a.parse::<usize>() {
                 Ok(v) => nums.push(v),
                 Err(_) => {
-                    eprintln!("usage: netbench [--quick] [--json] [--user] [FRAMES] [FRAME_LEN]");
+                    eprintln!(
+                        "usage: netbench [--quick] [--json] [--user | --slirp] [FRAMES] [FRAME_LEN]"
+                    );
                     std::process::exit(1);
                 }
             },
@@ -1761,6 +1766,11 @@ fn main() {
             std::io::Error::last_os_error()
         );
         std::process::exit(1);
+    }
+    if slirp_only {
+        let m = n.min(50_000);
+        print_slirp(m, len, slirp_tx(len, m), slirp_rx(len, m));
+        return;
     }
     let clock = Clock::calibrate();
     let mut rows = vec![];
@@ -1972,6 +1982,16 @@ fn main() {
         );
     }
     println!();
+    print_slirp(
+        m,
+        len,
+        (slirp, udp_floor, got),
+        (slirp_in, udp_floor_in, got_in),
+    );
+}
+
+/// The user-mode networking rows: (model ns, floor ns, delivered) each way, of `m` frames.
+fn print_slirp(m: usize, len: usize, tx: (f64, f64, usize), rx: (f64, f64, usize)) {
     println!(
         "virtio-net on user (libslirp): UDP between the ring and a host loopback socket, {m} \
          frames of {len} bytes each way,"
@@ -1979,10 +1999,12 @@ fn main() {
     println!("process CPU (all threads) ns/frame; floor = bare UDP send + recv on loopback");
     println!("| path | model + slirp | bare sockets (floor) | ratio | delivered |");
     println!("|---|---|---|---|---|");
+    let (slirp, udp_floor, got) = tx;
     println!(
         "| TX (ring -> slirp -> host socket) | {slirp:.0} | {udp_floor:.0} | {:.2} | {got}/{m} |",
         slirp / udp_floor
     );
+    let (slirp_in, udp_floor_in, got_in) = rx;
     println!(
         "| RX (host socket -> hostfwd -> slirp -> ring) | {slirp_in:.0} | {udp_floor_in:.0} | \
          {:.2} | {got_in}/{m} |",
