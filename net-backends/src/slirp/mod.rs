@@ -28,6 +28,10 @@ const RX_QUEUE_LIMIT: usize = 4096;
 /// a guest sending faster than slirp's sockets take the data cannot grow the queue without
 /// bound.
 const TX_QUEUE_LIMIT: usize = 4096;
+/// Frames for the guest are announced to the I/O thread when the slirp thread has nothing
+/// more to do at once, or when this many wait unannounced: libslirp reads one datagram a
+/// socket a turn, and a wake-up for each had the two threads switching once a frame.
+const RX_ANNOUNCE_BATCH: u32 = 32;
 
 /// A `hostfwd=`/`guestfwd=` value that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -267,9 +271,19 @@ struct State {
     dropped: Arc<AtomicU64>,
     timers: Vec<*mut Timer>,
     pollfds: Vec<libc::pollfd>,
+    /// Frames queued for the guest since the I/O thread last found the queue empty, not yet
+    /// announced on `rx_ready` (see [`RX_ANNOUNCE_BATCH`]).
+    unannounced: std::cell::Cell<u32>,
 }
 
 impl State {
+    /// Tells the I/O thread that frames wait, if any were queued unannounced.
+    fn announce(&self) {
+        if self.unannounced.replace(0) > 0 {
+            let _ = self.rx_ready.write(1);
+        }
+    }
+
     fn now_ms(&self) -> i64 {
         (self.epoch.elapsed().as_nanos() / 1_000_000) as i64
     }
@@ -293,12 +307,17 @@ unsafe extern "C" fn cb_send_packet(
         st.dropped.fetch_add(1, Ordering::Relaxed);
         return len as libc::ssize_t;
     }
+    // The reader drains until empty, so only frames that reach an empty queue need a
+    // wake-up; it comes once this turn's work is done (see `RX_ANNOUNCE_BATCH`).
     let was_empty = q.frames.is_empty();
     q.push([frame]);
     drop(q);
-    // The reader drains until empty, so only the first frame of a burst needs a wake-up.
-    if was_empty {
-        let _ = st.rx_ready.write(1);
+    let owed = st.unannounced.get();
+    if was_empty || owed > 0 {
+        st.unannounced.set(owed + 1);
+        if owed + 1 >= RX_ANNOUNCE_BATCH {
+            st.announce();
+        }
     }
     len as libc::ssize_t
 }
@@ -517,6 +536,7 @@ impl SlirpBackend {
                     dropped: drops,
                     timers: vec![],
                     pollfds: vec![],
+                    unannounced: Default::default(),
                 };
                 let links = Links {
                     from_guest,
@@ -806,6 +826,8 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
     let mut starved = Starved::default();
     // The last turn gave libslirp frames from the guest.
     let mut fed = false;
+    // Frames for the guest that waited unannounced at the start of the last turn.
+    let mut owed_before = 0;
     while !stop.load(Ordering::Relaxed) {
         {
             // SAFETY: no call into libslirp while `st` is live.
@@ -839,14 +861,26 @@ fn run(opts: SlirpOptions, st: State, links: Links, ready: Sender<Result<(), Sli
             timeout.min(i32::MAX as u32) as libc::c_int
         };
         let ms = starved.mask(&mut st.pollfds, ms);
-        // SAFETY: polling the array we own, with its length.
-        let n = unsafe {
-            libc::poll(
-                st.pollfds.as_mut_ptr(),
-                st.pollfds.len() as libc::nfds_t,
-                ms,
-            )
+        let poll = |fds: &mut Vec<libc::pollfd>, ms| {
+            // SAFETY: polling the array we own, with its length.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) }
         };
+        // Frames for the guest wait unannounced, the last turn queued some: first see whether
+        // there is more to do at once (a burst of datagrams), and announce them only when
+        // there is not, or when a turn queued none (whatever else kept the thread busy).
+        let owed = st.unannounced.get();
+        let growing = owed > owed_before;
+        owed_before = owed;
+        let mut n = if growing && ms != 0 {
+            poll(&mut st.pollfds, 0)
+        } else {
+            0
+        };
+        if n <= 0 {
+            st.announce();
+            owed_before = 0;
+            n = poll(&mut st.pollfds, ms);
+        }
         starved.turned(&st.pollfds, wake.as_raw_fd());
         let woken = st.pollfds[0].revents & libc::POLLIN != 0;
         // SAFETY: slirp is live; cb_get_revents reads the poll results through opaque (`st`
@@ -1000,19 +1034,37 @@ impl NetBackend for SlirpBackend {
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
+        let mut out = Vec::with_capacity(1);
+        self.send_batch(frame, &[frame.len()], &mut out);
+        out.pop().unwrap_or(Ok(()))
+    }
+
+    /// The whole batch under one lock and with at most one wake-up: woken for each frame,
+    /// the slirp thread took them one at a time, a switch between threads each.
+    fn send_batch(&mut self, iov: &[IoSlice<'_>], ends: &[usize], out: &mut Vec<io::Result<()>>) {
         let mut q = self.to_slirp.lock().unwrap();
-        if q.frames.len() + q.in_flight >= TX_QUEUE_LIMIT {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
         let was_empty = q.frames.is_empty();
-        q.push(frame.iter().map(|p| &**p));
+        let mut start = 0;
+        for &end in ends {
+            let Some(frame) = iov.get(start..end) else {
+                out.push(Err(io::Error::from(io::ErrorKind::InvalidInput)));
+                start = end.max(start);
+                continue;
+            };
+            start = end;
+            if q.frames.len() + q.in_flight >= TX_QUEUE_LIMIT {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                q.push(frame.iter().map(|p| &**p));
+            }
+            out.push(Ok(()));
+        }
+        let queued = !q.frames.is_empty();
         drop(q);
-        // The slirp thread drains until empty: wake it only for the first frame of a burst.
-        if was_empty {
+        // The slirp thread drains until empty: wake it only for the first frames of a burst.
+        if was_empty && queued {
             let _ = self.wake.write(1);
         }
-        Ok(())
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
@@ -1265,7 +1317,17 @@ mod tests {
             unsafe { libc::poll(&mut p, 1, ms) == 1 }
         };
         assert!(!readable(&b, 0));
-        // An ARP request for the gateway: slirp answers it.
+        b.send(&[IoSlice::new(&arp_for_the_gateway())]).unwrap();
+        assert!(readable(&b, 5000), "no ARP reply");
+        let mut buf = [0u8; 2048];
+        let n = b.recv(&mut buf).unwrap().expect("the reply");
+        assert_eq!(&buf[12..14], &[0x08, 0x06], "{:x?}", &buf[..n]);
+        assert!(!readable(&b, 0), "readable with nothing waiting");
+    }
+
+    /// An ARP request from the guest (10.0.2.15) for the gateway: slirp answers it, and
+    /// learns where the guest is.
+    fn arp_for_the_gateway() -> Vec<u8> {
         let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
         let mut arp = vec![0xff; 6];
         arp.extend_from_slice(&mac);
@@ -1273,12 +1335,77 @@ mod tests {
         arp.extend_from_slice(&mac);
         arp.extend_from_slice(&[10, 0, 2, 15, 0, 0, 0, 0, 0, 0, 10, 0, 2, 2]);
         arp.resize(60, 0);
-        b.send(&[IoSlice::new(&arp)]).unwrap();
-        assert!(readable(&b, 5000), "no ARP reply");
+        arp
+    }
+
+    /// Frames for the guest are announced late, once slirp has nothing more to do at once
+    /// (or 32 of them wait): a burst of datagrams all arrive, and so does a lone one after
+    /// it, at once (the reader is not left waiting for a next frame that would announce it).
+    #[test]
+    fn a_burst_and_a_lone_datagram_after_it_reach_the_guest() {
+        let _one = one_slirp_at_a_time();
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .unwrap()
+            .port();
+        let opts = SlirpOptions {
+            ipv6: false,
+            hostfwd: vec![format!("udp:127.0.0.1:{port}-:7").parse().unwrap()],
+            ..SlirpOptions::default()
+        };
+        let mut b = SlirpBackend::new(opts).unwrap();
+        let wait = |b: &SlirpBackend, ms: i32| {
+            let mut p = libc::pollfd {
+                fd: b.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd we own.
+            unsafe { libc::poll(&mut p, 1, ms) == 1 }
+        };
         let mut buf = [0u8; 2048];
-        let n = b.recv(&mut buf).unwrap().expect("the reply");
-        assert_eq!(&buf[12..14], &[0x08, 0x06], "{:x?}", &buf[..n]);
-        assert!(!readable(&b, 0), "readable with nothing waiting");
+        // Datagrams to the guest's port 7 among what waits (ARP frames are skipped).
+        let mut take = |b: &mut SlirpBackend| {
+            let mut got = 0;
+            while let Some(n) = b.recv(&mut buf).unwrap() {
+                got += (n > 42 && buf[12..14] == [8, 0] && buf[23] == 17 && buf[36..38] == [0, 7])
+                    as usize;
+            }
+            got
+        };
+        b.send(&[IoSlice::new(&arp_for_the_gateway())]).unwrap();
+        let host = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        host.connect(("127.0.0.1", port)).unwrap();
+        // One through first: the forward's socket may be read before the ARP is taken.
+        let t0 = Instant::now();
+        let mut through = false;
+        while !through && t0.elapsed() < Duration::from_secs(5) {
+            host.send(&[1; 64]).unwrap();
+            through = wait(&b, 100) && take(&mut b) > 0;
+        }
+        assert!(through, "no datagram came through the forward");
+        while wait(&b, 100) {
+            take(&mut b);
+        }
+        // 128 small ones (the forward's socket buffer holds them all), then the reader.
+        const BURST: usize = 128;
+        for _ in 0..BURST {
+            host.send(&[2; 64]).unwrap();
+        }
+        let mut got = 0;
+        while got < BURST && wait(&b, 2000) {
+            got += take(&mut b);
+        }
+        assert_eq!(got, BURST);
+        host.send(&[3; 64]).unwrap();
+        let t0 = Instant::now();
+        assert!(wait(&b, 2000), "the lone datagram was not announced");
+        assert_eq!(take(&mut b), 1);
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 
     #[test]
