@@ -563,6 +563,36 @@ impl SlirpBackend {
             thread: Some(thread),
         })
     }
+
+    /// Queues frames for the slirp thread (`None`: a frame whose pieces were not given),
+    /// reporting each one's fate: the whole batch under one lock and with at most one
+    /// wake-up. A frame past the queue's limit is dropped and counted, as on a wire.
+    fn enqueue<'a, 'b: 'a>(
+        &mut self,
+        frames: impl IntoIterator<Item = Option<&'a [IoSlice<'b>]>>,
+        mut report: impl FnMut(io::Result<()>),
+    ) {
+        let mut q = self.to_slirp.lock().unwrap();
+        let was_empty = q.frames.is_empty();
+        for frame in frames {
+            let Some(frame) = frame else {
+                report(Err(io::Error::from(io::ErrorKind::InvalidInput)));
+                continue;
+            };
+            if q.frames.len() + q.in_flight >= TX_QUEUE_LIMIT {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                q.push(frame.iter().map(|p| &**p));
+            }
+            report(Ok(()));
+        }
+        let queued = !q.frames.is_empty();
+        drop(q);
+        // The slirp thread drains until empty: wake it only for the first frames of a burst.
+        if was_empty && queued {
+            let _ = self.wake.write(1);
+        }
+    }
 }
 
 /// A live libslirp instance and the state its callbacks reach. libslirp calls back only from
@@ -1034,37 +1064,18 @@ impl NetBackend for SlirpBackend {
     }
 
     fn send(&mut self, frame: &[IoSlice<'_>]) -> io::Result<()> {
-        let mut out = Vec::with_capacity(1);
-        self.send_batch(frame, &[frame.len()], &mut out);
-        out.pop().unwrap_or(Ok(()))
+        self.enqueue([Some(frame)], |_| {});
+        Ok(())
     }
 
-    /// The whole batch under one lock and with at most one wake-up: woken for each frame,
-    /// the slirp thread took them one at a time, a switch between threads each.
     fn send_batch(&mut self, iov: &[IoSlice<'_>], ends: &[usize], out: &mut Vec<io::Result<()>>) {
-        let mut q = self.to_slirp.lock().unwrap();
-        let was_empty = q.frames.is_empty();
         let mut start = 0;
-        for &end in ends {
-            let Some(frame) = iov.get(start..end) else {
-                out.push(Err(io::Error::from(io::ErrorKind::InvalidInput)));
-                start = end.max(start);
-                continue;
-            };
-            start = end;
-            if q.frames.len() + q.in_flight >= TX_QUEUE_LIMIT {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            } else {
-                q.push(frame.iter().map(|p| &**p));
-            }
-            out.push(Ok(()));
-        }
-        let queued = !q.frames.is_empty();
-        drop(q);
-        // The slirp thread drains until empty: wake it only for the first frames of a burst.
-        if was_empty && queued {
-            let _ = self.wake.write(1);
-        }
+        let frames = ends.iter().map(|&end| {
+            let frame = iov.get(start..end);
+            start = end.max(start);
+            frame
+        });
+        self.enqueue(frames, |r| out.push(r));
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
