@@ -1336,6 +1336,49 @@ mod tests {
         assert!(!readable(&b, 0), "readable with nothing waiting");
     }
 
+    /// A batch goes to libslirp whole, in order, each frame's fate reported: three ARP
+    /// requests (for the gateway, the DNS address, the gateway again; pieces of one split
+    /// across two slices) get three answers; a frame whose end lies before its start is
+    /// refused and the ones after it still go.
+    #[test]
+    fn a_batch_reaches_slirp_frame_by_frame() {
+        let _one = one_slirp_at_a_time();
+        let mut b = SlirpBackend::new(SlirpOptions::default()).unwrap();
+        let gw = arp_for_the_gateway();
+        let mut dns = gw.clone();
+        dns[41] = 3;
+        let iov = [
+            IoSlice::new(&gw),
+            IoSlice::new(&dns[..20]),
+            IoSlice::new(&dns[20..]),
+            IoSlice::new(&gw),
+        ];
+        let mut out = vec![];
+        b.send_batch(&iov, &[1, 3, 2, 4], &mut out);
+        let kinds: Vec<_> = out
+            .iter()
+            .map(|r| r.as_ref().map_err(io::Error::kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            [Ok(&()), Ok(&()), Err(io::ErrorKind::InvalidInput), Ok(&())]
+        );
+        let mut answered = vec![];
+        let mut buf = [0u8; 2048];
+        let t0 = Instant::now();
+        while answered.len() < 3 && t0.elapsed() < Duration::from_secs(5) {
+            match b.recv(&mut buf).unwrap() {
+                // An ARP reply: the address it answers for.
+                Some(n) if n >= 42 && buf[12..14] == [8, 6] && buf[21] == 2 => {
+                    answered.push(buf[31])
+                }
+                Some(_) => {}
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        assert_eq!(answered, [2, 3, 2]);
+    }
+
     /// An ARP request from the guest (10.0.2.15) for the gateway: slirp answers it, and
     /// learns where the guest is.
     fn arp_for_the_gateway() -> Vec<u8> {
