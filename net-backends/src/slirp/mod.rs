@@ -271,8 +271,9 @@ struct State {
     dropped: Arc<AtomicU64>,
     timers: Vec<*mut Timer>,
     pollfds: Vec<libc::pollfd>,
-    /// Frames queued for the guest since the I/O thread last found the queue empty, not yet
-    /// announced on `rx_ready` (see [`RX_ANNOUNCE_BATCH`]).
+    /// Frames queued for the guest and not yet announced on `rx_ready`: counted from a push
+    /// onto an empty queue (the I/O thread may be asleep) to the next announcement (see
+    /// [`RX_ANNOUNCE_BATCH`]).
     unannounced: std::cell::Cell<u32>,
 }
 
@@ -1092,7 +1093,7 @@ impl NetBackend for SlirpBackend {
         };
         // The last one taken: not readable any more (a frontend that takes one frame a turn
         // would otherwise come back for nothing). A frame that comes meanwhile finds the
-        // queue empty and writes it again.
+        // queue empty and is announced again (see `RX_ANNOUNCE_BATCH`).
         if q.frames.is_empty() {
             let _ = self.rx_ready.read();
         }
@@ -1125,7 +1126,7 @@ impl NetBackend for SlirpBackend {
             q.recycle(f);
         }
         // All taken: not readable any more, as after `recv`'s last frame. A frame queued
-        // after this finds the queue empty and writes the eventfd again.
+        // after this finds the queue empty and is announced again.
         if q.frames.is_empty() {
             let _ = self.rx_ready.read();
         }
