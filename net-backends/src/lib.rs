@@ -203,6 +203,13 @@ pub fn send_each<B: NetBackend + ?Sized>(
     }
 }
 
+/// Slot `i` of a [`NetBackend::recv_batch`] slab (`slot` bytes from `i * slot`), if the slab
+/// holds it whole.
+pub fn slot_of(slab: &mut [u8], slot: usize, i: usize) -> Option<&mut [u8]> {
+    let start = i.checked_mul(slot)?;
+    slab.get_mut(start..start.checked_add(slot)?)
+}
+
 /// [`NetBackend::recv_batch`] one frame at a time, through [`NetBackend::recv`].
 pub fn recv_each<B: NetBackend + ?Sized>(
     backend: &mut B,
@@ -213,10 +220,7 @@ pub fn recv_each<B: NetBackend + ?Sized>(
 ) -> io::Result<()> {
     let first = frames.len();
     for i in 0..n {
-        let Some(buf) = i
-            .checked_mul(slot)
-            .and_then(|start| slab.get_mut(start..start.checked_add(slot)?))
-        else {
+        let Some(buf) = slot_of(slab, slot, i) else {
             break;
         };
         match backend.recv(buf) {

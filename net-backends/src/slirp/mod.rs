@@ -1113,10 +1113,7 @@ impl NetBackend for SlirpBackend {
     ) -> io::Result<()> {
         let mut q = self.to_guest.lock().unwrap();
         for i in 0..n {
-            let Some(buf) = i
-                .checked_mul(slot)
-                .and_then(|start| slab.get_mut(start..start.checked_add(slot)?))
-            else {
+            let Some(buf) = crate::slot_of(slab, slot, i) else {
                 break;
             };
             let Some(f) = q.frames.pop_front() else { break };
