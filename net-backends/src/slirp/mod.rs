@@ -1346,15 +1346,6 @@ mod tests {
     fn readable_exactly_while_frames_wait() {
         let _one = one_slirp_at_a_time();
         let mut b = SlirpBackend::new(SlirpOptions::default()).unwrap();
-        let readable = |b: &SlirpBackend, ms: i32| {
-            let mut p = libc::pollfd {
-                fd: b.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one pollfd we own.
-            unsafe { libc::poll(&mut p, 1, ms) == 1 }
-        };
         assert!(!readable(&b, 0));
         b.send(&[IoSlice::new(&arp_for_the_gateway())]).unwrap();
         assert!(readable(&b, 5000), "no ARP reply");
@@ -1414,6 +1405,17 @@ mod tests {
         assert_eq!(answered, [2, 3, 2]);
     }
 
+    /// Whether the backend's receive fd becomes readable within `ms`.
+    fn readable(b: &SlirpBackend, ms: i32) -> bool {
+        let mut p = libc::pollfd {
+            fd: b.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own.
+        unsafe { libc::poll(&mut p, 1, ms) == 1 }
+    }
+
     /// An ARP request from the guest (10.0.2.15) for the gateway: slirp answers it, and
     /// learns where the guest is.
     fn arp_for_the_gateway() -> Vec<u8> {
@@ -1443,15 +1445,6 @@ mod tests {
             ..SlirpOptions::default()
         };
         let mut b = SlirpBackend::new(opts).unwrap();
-        let wait = |b: &SlirpBackend, ms: i32| {
-            let mut p = libc::pollfd {
-                fd: b.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one pollfd we own.
-            unsafe { libc::poll(&mut p, 1, ms) == 1 }
-        };
         let mut buf = [0u8; 2048];
         // Datagrams to the guest's port 7 among what waits (ARP frames are skipped).
         let mut take = |b: &mut SlirpBackend| {
@@ -1470,10 +1463,10 @@ mod tests {
         let mut through = false;
         while !through && t0.elapsed() < Duration::from_secs(5) {
             host.send(&[1; 64]).unwrap();
-            through = wait(&b, 100) && take(&mut b) > 0;
+            through = readable(&b, 100) && take(&mut b) > 0;
         }
         assert!(through, "no datagram came through the forward");
-        while wait(&b, 100) {
+        while readable(&b, 100) {
             take(&mut b);
         }
         // 128 small ones (the forward's socket buffer holds them all), then the reader.
@@ -1482,13 +1475,13 @@ mod tests {
             host.send(&[2; 64]).unwrap();
         }
         let mut got = 0;
-        while got < BURST && wait(&b, 2000) {
+        while got < BURST && readable(&b, 2000) {
             got += take(&mut b);
         }
         assert_eq!(got, BURST);
         host.send(&[3; 64]).unwrap();
         let t0 = Instant::now();
-        assert!(wait(&b, 2000), "the lone datagram was not announced");
+        assert!(readable(&b, 2000), "the lone datagram was not announced");
         assert_eq!(take(&mut b), 1);
         assert!(
             t0.elapsed() < Duration::from_millis(500),
