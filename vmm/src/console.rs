@@ -155,6 +155,17 @@ pub fn pump_stdin(
     stop: vmm_sys_util::eventfd::EventFd,
     reader: StdinFor,
 ) {
+    pump(0, serial, lifecycle, stop, reader)
+}
+
+/// [`pump_stdin`] on any readable descriptor.
+fn pump(
+    input: std::os::fd::RawFd,
+    serial: Arc<Mutex<Serial>>,
+    lifecycle: Arc<Lifecycle>,
+    stop: vmm_sys_util::eventfd::EventFd,
+    reader: StdinFor,
+) {
     let (escapes, monitor) = match reader {
         StdinFor::Guest { escapes } => (escapes, None),
         StdinFor::Shared {
@@ -202,7 +213,7 @@ pub fn pump_stdin(
         let mut fds = [
             libc::pollfd {
                 // A negative fd is skipped (a hung-up stdin would wake poll at once).
-                fd: if busy { -1 } else { 0 },
+                fd: if busy { -1 } else { input },
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -220,11 +231,13 @@ pub fn pump_stdin(
         if fds[1].revents != 0 {
             return;
         }
-        if busy {
+        // Woken by the timeout only (input held back for a busy port): reading now would
+        // block until the next keystroke, and the held input would wait for it too.
+        if fds[0].revents == 0 {
             continue;
         }
         // SAFETY: reading into a buffer we own, within its length.
-        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        let n = unsafe { libc::read(input, buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
             continue;
         }
@@ -288,5 +301,60 @@ pub fn pump_stdin(
             }
         }
         held.extend_from_slice(&out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::bus::MutBusDevice;
+    use std::time::{Duration, Instant};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// Line typed while a vCPU holds the serial port (writing the guest's output): the console
+    /// thread holds it back and must hand it over once the port is free, without waiting for
+    /// the next keystroke. It used to go back to a blocking read and wait for one.
+    #[test]
+    fn input_held_back_for_a_busy_port_reaches_it_without_more_typing() {
+        let (read_end, mut write_end) = std::io::pipe().unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let serial = Arc::new(Mutex::new(Serial::new(irq, Box::new(io::sink()))));
+        let stop = EventFd::new(EFD_NONBLOCK).unwrap();
+        let vcpu_writing = serial.lock().unwrap();
+        let pump_thread = {
+            let (serial, stop) = (serial.clone(), stop.try_clone().unwrap());
+            let lifecycle = Arc::new(Lifecycle::new().unwrap());
+            std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
+                let reader = StdinFor::Guest { escapes: false };
+                pump(read_end.as_raw_fd(), serial, lifecycle, stop, reader);
+                drop(read_end);
+            })
+        };
+        write_end.write_all(b"ls\n").unwrap();
+        // The console thread reads the line and finds the port taken.
+        std::thread::sleep(Duration::from_millis(100));
+        drop(vcpu_writing);
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut lsr = [0u8];
+        while Instant::now() < deadline {
+            serial.lock().unwrap().read(5, &mut lsr);
+            if lsr[0] & 1 != 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(lsr[0] & 1, 1, "the held-back line never reached the UART");
+        let mut got = vec![];
+        let mut b = [0u8];
+        for _ in 0..3 {
+            serial.lock().unwrap().read(0, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, b"ls\n");
+
+        stop.write(1).unwrap();
+        pump_thread.join().unwrap();
     }
 }
