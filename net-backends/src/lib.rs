@@ -15,6 +15,7 @@ mod link;
 pub mod mac;
 #[cfg(any(test, feature = "test-backends"))]
 pub mod mem;
+pub mod nopeer;
 pub mod pcap;
 pub mod slirp;
 pub mod stream;
