@@ -129,3 +129,92 @@ fn e1000_promiscuous_mode_and_multicast_join() {
     let o = g.finish();
     assert_eq!(o.code, Some(0), "{}", o.dump());
 }
+
+/// A -device NIC given no netdev=, as QEMU makes it: warned of ("nic NAME has no peer"), its
+/// link up, what the guest sends dropped (each driver counts its frames sent, nicvm counts
+/// them dropped), `info network` lists it without a peer line.
+#[test]
+fn a_nic_without_a_peer_as_in_qemu() {
+    let Some(img) = image() else { return };
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(format!("nicvm-nopeer.{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let (sock, stats) = (dir.0.join("hmp.sock"), dir.0.join("stats.json"));
+    let monitor = format!("unix:{},server=on,wait=off", sock.display());
+    // IGMP reports when each NIC joins a group and leaves it.
+    let steps = "nicvm.dhcp=off nicvm.run=addr:eth0:10.9.9.2/24,addr:eth1:10.9.8.2/24,\
+                 carrierwait:eth0:1,carrierwait:eth1:1,mcast:eth0:239.1.2.3:5000:0,\
+                 mcast:eth1:239.1.2.3:5000:0,sleep:2,stat:eth0,stat:eth1,poweroff";
+    let mut cmd = nicvm_cmd();
+    cmd.args(boot_args(
+        &img,
+        steps,
+        &[
+            "-nic",
+            "none",
+            "-device",
+            "e1000",
+            "-device",
+            "virtio-net-pci,id=v",
+            "-monitor",
+            &monitor,
+        ],
+    ))
+    .env("NICVM_LOG", "warn")
+    .env("NICVM_STATS", &stats);
+    let mut g = Guest::spawn(cmd);
+
+    let t0 = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed().as_secs() < 60, "no monitor socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut r = std::io::BufReader::new(s);
+    hmp_read(&mut r);
+    assert_eq!(
+        hmp(&mut r, "info network"),
+        "e1000.0: index=0,type=nic,model=e1000,macaddr=52:54:00:12:34:56\n\
+         v: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:57\n"
+    );
+    drop(r);
+
+    let mut drivers = vec![];
+    for _ in 0..2 {
+        let nic = g.wait_line("NIC");
+        drivers.push(nic["driver"].clone());
+    }
+    drivers.sort();
+    assert_eq!(drivers, ["e1000", "virtio_net"]);
+    for _ in 0..2 {
+        assert_eq!(g.wait_line("CARRIER")["carrier"], "1", "QEMU's link is up");
+    }
+    for _ in 0..2 {
+        let stat = g.wait_line("STAT");
+        let sent: u64 = stat["tx_packets"].parse().unwrap();
+        assert!(sent >= 1, "the driver saw its frames go: {}", stat["_"]);
+        assert_eq!(stat["rx_packets"], "0", "nothing arrives");
+    }
+    let o = g.finish();
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    for name in ["e1000.0", "v"] {
+        let warning = format!("nicvm: warning: nic {name} has no peer\n");
+        assert_eq!(o.stderr.matches(&warning).count(), 1, "{}", o.stderr);
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    for nic in json["nics"].as_array().unwrap() {
+        assert_eq!(nic["backend"], "none", "{nic}");
+        assert!(nic["netdev"].is_null(), "{nic}");
+        assert!(nic["tx_frames"].as_u64().unwrap() >= 1, "{nic}");
+        assert_eq!(nic["backend_dropped"], nic["tx_frames"], "{nic}");
+        assert_eq!(nic["rx_frames"], 0, "{nic}");
+    }
+}

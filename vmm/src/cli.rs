@@ -82,8 +82,6 @@ pub enum CliErrorKind {
     VirtioOnly { key: String },
     #[error("duplicate id '{0}'")]
     DuplicateId(String),
-    #[error("needs netdev=ID naming a -netdev")]
-    NoNetdev,
     #[error("netdev '{0}' is not defined by any -netdev")]
     UndefinedNetdev(String),
     #[error("netdev '{0}' is already used by another NIC")]
@@ -1147,8 +1145,10 @@ impl Builder<'_> {
         }
         check_tap_fds(&self.netdevs)?;
         // No network options at all: the classic default, a user-mode network behind an
-        // rtl8139, as `kvm` always gave.
-        if !self.no_nic && !self.nodefaults && self.netdevs.is_empty() && self.devices.is_empty() {
+        // rtl8139, as `kvm` always gave. As in QEMU, a -device NIC is no network option (it
+        // has no netdev, so it comes beside the default network, without a peer).
+        let default_network = !self.no_nic && !self.nodefaults && self.netdevs.is_empty();
+        if default_network {
             self.netdevs.push(NetdevConfig {
                 id: "net0".into(),
                 option: "-netdev user,id=net0".into(),
@@ -1191,6 +1191,15 @@ impl Builder<'_> {
             let nic = nic_config(&option, model, kv, &self.netdevs, &nics, &given, &mut ids)?;
             nics.push(nic);
             options.push(option);
+        }
+        // As QEMU, which says nothing of the NICs when the default network is in use.
+        if !default_network {
+            for (i, _) in nics.iter().enumerate().filter(|(_, n)| n.netdev.is_none()) {
+                self.notes.push(Note {
+                    warning: true,
+                    text: format!("nic {} has no peer", crate::config::nic_name(&nics, i)),
+                });
+            }
         }
         let board_slots = crate::config::board_slots(self.q35, self.vga);
         if let Err(i) = crate::config::nic_slots(&nics, board_slots) {
@@ -1838,14 +1847,15 @@ fn nic_config(
     given: &[MacAddr],
     ids: &mut Vec<String>,
 ) -> Result<NicConfig, CliError> {
-    let Some(netdev) = kv.remove("netdev") else {
-        return err(option, CliErrorKind::NoNetdev);
-    };
-    if !netdevs.iter().any(|n| n.id == netdev) {
-        return err(option, CliErrorKind::UndefinedNetdev(netdev));
-    }
-    if earlier.iter().any(|n| n.netdev == netdev) {
-        return err(option, CliErrorKind::NetdevInUse(netdev));
+    // None: a NIC without a peer, as QEMU makes for a -device given no netdev=.
+    let netdev = kv.remove("netdev");
+    if let Some(netdev) = &netdev {
+        if !netdevs.iter().any(|n| &n.id == netdev) {
+            return err(option, CliErrorKind::UndefinedNetdev(netdev.clone()));
+        }
+        if earlier.iter().any(|n| n.netdev.as_ref() == Some(netdev)) {
+            return err(option, CliErrorKind::NetdevInUse(netdev.clone()));
+        }
     }
     let asked = match kv.remove("mac") {
         Some(m) => Some(m.parse::<MacAddr>().or_else(|e| err(option, e))?),
@@ -1884,7 +1894,7 @@ fn nic_config(
         qemu_compat::device_properties_accepted(model, &mut kv).or_else(|e| err(option, e))?;
     let queues = netdevs
         .iter()
-        .find(|n| n.id == netdev)
+        .find(|n| netdev.as_ref() == Some(&n.id))
         .map_or(1, |n| n.backend.queues());
     if queues > 1 && model != NicModel::VirtioNetPci {
         return err(
@@ -2223,7 +2233,7 @@ mod tests {
         assert_eq!(c.netdevs[0].backend.kind(), "user");
         assert_eq!(hostfwd(&c.netdevs[0]), ["tcp::1-:2".parse().unwrap()]);
         assert_eq!(c.nics[0].model, NicModel::VirtioNetPci);
-        assert_eq!(c.nics[0].netdev, c.netdevs[0].id);
+        assert_eq!(c.nics[0].netdev.as_ref(), Some(&c.netdevs[0].id));
         let c = run("-kernel k -net nic,model=e1000,macaddr=52:54:00:00:00:02 -net user").unwrap();
         assert_eq!(c.nics[0].model, NicModel::E1000);
         assert_eq!(c.netdevs[0].backend.kind(), "user");
@@ -2394,6 +2404,59 @@ mod tests {
         assert_eq!(c.netdevs_without_peer().count(), 1);
     }
 
+    /// As QEMU: a -device NIC given no netdev= has no peer, and comes beside the default
+    /// network (it is no network option); QEMU warns of it unless that network is in use.
+    #[test]
+    fn a_device_without_netdev_is_a_nic_without_a_peer() {
+        let c = run("-kernel k -device e1000").unwrap();
+        let nics: Vec<_> = c
+            .nics
+            .iter()
+            .map(|n| (n.model, n.netdev.as_deref()))
+            .collect();
+        assert_eq!(
+            nics,
+            [
+                (NicModel::Rtl8139 { cplus: true }, Some("net0")),
+                (NicModel::E1000, None)
+            ]
+        );
+        assert_eq!(c.nics[1].mac.to_string(), "52:54:00:12:34:57");
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+
+        let peerless = |args: &str| {
+            let c = run(&format!("-kernel k {args}")).unwrap();
+            let texts: Vec<String> = c
+                .notes
+                .into_iter()
+                .filter(|n| n.warning)
+                .map(|n| n.text)
+                .collect();
+            let none: Vec<usize> = (0..c.nics.len())
+                .filter(|&i| c.nics[i].netdev.is_none())
+                .collect();
+            (none, texts)
+        };
+        assert_eq!(
+            peerless("-nic none -device e1000"),
+            (vec![0], vec!["nic e1000.0 has no peer".to_string()])
+        );
+        assert_eq!(
+            peerless("-nodefaults -device virtio-net-pci,id=v -device rtl8139"),
+            (
+                vec![0, 1],
+                vec![
+                    "nic v has no peer".to_string(),
+                    "nic rtl8139.0 has no peer".to_string()
+                ]
+            )
+        );
+        assert_eq!(
+            peerless("-netdev user,id=a -device e1000,netdev=a -device e1000"),
+            (vec![1], vec!["nic e1000.1 has no peer".to_string()])
+        );
+    }
+
     #[test]
     fn filter_dump() {
         let c = run("-kernel k -object filter-dump,id=f,netdev=net0,file=/tmp/x.pcap,maxlen=128")
@@ -2500,7 +2563,6 @@ mod tests {
             option_of("-kernel k -device e1000,netdev=nope"),
             "-device e1000"
         );
-        assert_eq!(option_of("-kernel k -device e1000"), "-device e1000");
         assert_eq!(
             option_of("-kernel k -netdev user,id=a -device e1000,netdev=a,mac=52:54:00:zz:00:01"),
             "-device e1000"
@@ -2592,13 +2654,22 @@ mod tests {
             .unwrap();
         assert_eq!(c.nics[0].model, NicModel::E1000);
         assert_eq!(
-            c.netdev(&c.nics[0].netdev).unwrap().backend.kind(),
+            c.netdev(c.nics[0].netdev.as_deref().unwrap())
+                .unwrap()
+                .backend
+                .kind(),
             "socket"
         );
-        assert_eq!(c.netdev(&c.nics[1].netdev).unwrap().backend.kind(), "user");
+        assert_eq!(
+            c.netdev(c.nics[1].netdev.as_deref().unwrap())
+                .unwrap()
+                .backend
+                .kind(),
+            "user"
+        );
         // -net nic on a -netdev, as QEMU takes it; not together with vlan=.
         let c = run("-kernel k -netdev user,id=n0 -net nic,model=e1000,netdev=n0").unwrap();
-        assert_eq!((c.nics.len(), c.nics[0].netdev.as_str()), (1, "n0"));
+        assert_eq!((c.nics.len(), c.nics[0].netdev.as_deref()), (1, Some("n0")));
         assert_eq!(c.nics[0].model, NicModel::E1000);
         let e = run("-kernel k -netdev user,id=n0 -net nic,netdev=n0,vlan=1").unwrap_err();
         assert!(e.to_string().contains("netdev= and vlan="), "{e}");
@@ -2651,7 +2722,7 @@ mod tests {
                 (Some("x"), "52:54:00:00:00:02".to_string())
             ]
         );
-        assert_eq!(c.nics[1].netdev, "a");
+        assert_eq!(c.nics[1].netdev.as_deref(), Some("a"));
         // -net TYPE,id= is a netdev id like -netdev's (checked, unique, captured by it);
         // without one the hub port's name, one no -netdev has, and a -net dump finds its
         // vlan's backend by what it is, not by its name.
@@ -2674,7 +2745,7 @@ mod tests {
                      -net nic -net user -net dump,file=d.pcap,file=e.pcap",
         )
         .unwrap();
-        assert_eq!(c.nics[0].netdev, "hub0port1");
+        assert_eq!(c.nics[0].netdev.as_deref(), Some("hub0port1"));
         assert_eq!(c.dumps[0].netdev, "hub0port1");
         assert_eq!(c.dumps[0].file, PathBuf::from("e.pcap"), "the last file=");
         // -nic is QemuOpts whatever its type: the first id=.
@@ -2719,7 +2790,7 @@ mod tests {
             );
         }
         let c = run("-kernel k -net nic -net user -net dump,file=/tmp/d.pcap").unwrap();
-        assert_eq!(c.dumps[0].netdev, c.nics[0].netdev);
+        assert_eq!(Some(&c.dumps[0].netdev), c.nics[0].netdev.as_ref());
         assert_eq!(c.dumps[0].file, PathBuf::from("/tmp/d.pcap"));
         let c = run("-kernel k -netdev tap,id=t,vhost=on,sndbuf=0,queues=1 \
                      -device virtio-net-pci,netdev=t,romfile=,bus=pci.0,bootindex=2,disable-legacy=on,mrg_rxbuf=off,vectors=4")

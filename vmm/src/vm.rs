@@ -519,7 +519,11 @@ impl Vm {
         let slots =
             crate::config::nic_slots(&cfg.nics, cfg.board_slots).map_err(|_| VmError::NoSlot)?;
         for (spec, slot) in cfg.nics.iter().zip(slots) {
-            if let Some(d) = cfg.dumps.iter().find(|d| d.netdev == spec.netdev) {
+            if let Some(d) = cfg
+                .dumps
+                .iter()
+                .find(|d| spec.netdev.as_ref() == Some(&d.netdev))
+            {
                 new_files.creating(&d.file);
             }
             let parts = build_nic(cfg, spec, slot, &mem, &chip, &ioevents, &mut guards)?;
@@ -533,10 +537,13 @@ impl Vm {
                 model: spec.model.name(),
                 source,
             })?;
-            let nd = cfg.netdev(&spec.netdev).expect("checked by the CLI");
+            let backend = match &spec.netdev {
+                Some(id) => cfg.netdev(id).expect("checked by the CLI").backend.kind(),
+                None => "none",
+            };
             nics.push(CountedNic {
                 config: spec.clone(),
-                backend: nd.backend.kind(),
+                backend,
                 backend_info: parts.backend_info,
                 counters: parts.counters,
                 slot,
@@ -973,24 +980,33 @@ fn build_nic(
     ioevents: &Arc<dyn IoEventRegistry>,
     guards: &mut Guards,
 ) -> Result<NicParts, VmError> {
-    let nd = cfg.netdev(&spec.netdev).expect("checked by the CLI");
-    let opened = netdev::open(nd)?;
-    guards.0.push(opened.guard);
-    let info = opened.info;
-    let backend = with_capture(cfg, &nd.id, opened.backend)?;
-    log::debug!(
-        "{} {} on slot {slot} backed by {}",
-        spec.model.name(),
-        spec.mac,
-        opened.label
-    );
+    let (backend, more_queues, info) = match &spec.netdev {
+        Some(id) => {
+            let nd = cfg.netdev(id).expect("checked by the CLI");
+            let opened = netdev::open(nd)?;
+            guards.0.push(opened.guard);
+            log::debug!(
+                "{} {} on slot {slot} backed by {}",
+                spec.model.name(),
+                spec.mac,
+                opened.label
+            );
+            let backend = with_capture(cfg, &nd.id, opened.backend)?;
+            (backend, opened.more_queues, opened.info)
+        }
+        None => {
+            let none: Box<dyn net_backends::NetBackend> =
+                Box::new(net_backends::nopeer::NoPeer::default());
+            (none, vec![], None)
+        }
+    };
     // Slots share IOAPIC pins (3 and 11 both reach GSI 19): each device drives the line under
     // its own source id, its slot, and the chip ORs them.
     let intx = IntxLine::new(chip.clone(), pci::intx_gsi(slot, 0), slot as u32);
     let model = spec.model.name();
     let device = |source| VmError::Device { model, source };
     let mut backends = vec![backend];
-    backends.extend(opened.more_queues);
+    backends.extend(more_queues);
     let port = NetPort::with_queues(format!("{model} {}", spec.mac), backends).map_err(device)?;
     let mem = mem.clone();
     let mut parts = match spec.model {
@@ -1143,7 +1159,8 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
 #[derive(serde::Serialize)]
 struct StatsRow<'a> {
     model: &'static str,
-    netdev: &'a str,
+    /// None for a NIC without a peer.
+    netdev: Option<&'a str>,
     backend: &'static str,
     mac: String,
     tx_frames: u64,
@@ -1167,7 +1184,7 @@ fn stats_json(nics: &[CountedNic], seconds: f64) -> String {
                     NicModel::Rtl8139 { cplus: false } => "rtl8139,cplus=off",
                     m => m.name(),
                 },
-                netdev: &n.config.netdev,
+                netdev: n.config.netdev.as_deref(),
                 backend: n.backend,
                 mac: n.config.mac.to_string(),
                 tx_frames: s.tx_frames,

@@ -168,8 +168,22 @@ impl Config {
     pub fn netdevs_without_peer(&self) -> impl Iterator<Item = &NetdevConfig> {
         self.netdevs
             .iter()
-            .filter(|n| !self.nics.iter().any(|c| c.netdev == n.id))
+            .filter(|n| !self.nics.iter().any(|c| c.netdev.as_deref() == Some(&n.id)))
     }
+}
+
+/// The name QEMU gives NIC `i` of `nics` in listings and messages: its id, or MODEL.N (the
+/// N-th NIC of its model).
+pub fn nic_name<'a>(nics: impl IntoIterator<Item = &'a NicConfig>, i: usize) -> String {
+    let nics: Vec<&NicConfig> = nics.into_iter().take(i + 1).collect();
+    let n = nics[i];
+    n.id.clone().unwrap_or_else(|| {
+        let k = nics[..i]
+            .iter()
+            .filter(|m| m.model.name() == n.model.name())
+            .count();
+        format!("{}.{k}", n.model.name())
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,7 +349,9 @@ pub struct NicConfig {
     /// (made with the board).
     pub from_device: bool,
     pub model: NicModel,
-    pub netdev: String,
+    /// The netdev behind it; none for a `-device` given no `netdev=` (QEMU's NIC without a
+    /// peer: what the guest sends is dropped, nothing arrives).
+    pub netdev: Option<String>,
     pub mac: MacAddr,
     pub id: Option<String>,
     /// PCI slot (`addr=`).

@@ -581,17 +581,21 @@ fn info_network(control: &Control) -> String {
     }
     for (i, n) in control.nics.iter().enumerate() {
         let up = n.control.lock().unwrap().link_up();
+        let link = if up { "" } else { ",link=down" };
         out.push_str(&format!(
-            "{}: index=0,type=nic,model={},macaddr={}{}\n \\ {}: index=0,type={}{}\n",
+            "{}: index=0,type=nic,model={},macaddr={}{link}\n",
             control.nic_name(i),
             n.config.model.name(),
             n.config.mac,
-            if up { "" } else { ",link=down" },
-            n.config.netdev,
-            control.backends[i],
-            if up { "" } else { ",link=down" },
         ));
-        out.push_str(&filters(&n.config.netdev));
+        // A NIC without a peer has no second line.
+        if let Some(netdev) = &n.config.netdev {
+            out.push_str(&format!(
+                " \\ {netdev}: index=0,type={}{link}\n{}",
+                control.backends[i],
+                filters(netdev)
+            ));
+        }
     }
     out
 }

@@ -209,15 +209,22 @@ impl Control {
         };
         let backends = nics
             .iter()
-            .map(|n| match (&n.backend_info, cfg.netdev(&n.config.netdev)) {
-                (Some(info), _) => format!("tap,{info}"),
-                (None, nd) => nd.map_or("?".to_string(), describe),
+            .map(|n| {
+                let nd = n.config.netdev.as_deref().and_then(|id| cfg.netdev(id));
+                match (&n.backend_info, nd) {
+                    (Some(info), _) => format!("tap,{info}"),
+                    (None, nd) => nd.map_or(String::new(), describe),
+                }
             })
             .collect();
         let unused_netdevs = cfg
             .netdevs
             .iter()
-            .filter(|nd| !nics.iter().any(|n| n.config.netdev == nd.id))
+            .filter(|nd| {
+                !nics
+                    .iter()
+                    .any(|n| n.config.netdev.as_ref() == Some(&nd.id))
+            })
             .map(|nd| (nd.id.clone(), describe(nd)))
             .collect();
         // QEMU's properties of a filter-dump, in the order it lists them.
@@ -489,14 +496,22 @@ impl Control {
                 let i = (0..self.nics.len()).find(|&i| self.nic_name(i) == name)?;
                 Some(&self.nics[i])
             })
-            .or_else(|| self.nics.iter().find(|n| n.config.netdev == name))
+            .or_else(|| {
+                self.nics
+                    .iter()
+                    .find(|n| n.config.netdev.as_deref() == Some(name))
+            })
     }
 
     /// Asks the user network of netdev `id` (behind a NIC or not): the answer comes on the
     /// receiver; None if the netdev is not a user network. Asked under the backend's lock,
     /// waited for without it (a vCPU may want the NIC meanwhile).
     pub fn usernet(&self, id: &str, ask: UsernetAsk) -> Option<Receiver<UsernetAnswer>> {
-        if let Some(n) = self.nics.iter().find(|n| n.config.netdev == id) {
+        if let Some(n) = self
+            .nics
+            .iter()
+            .find(|n| n.config.netdev.as_deref() == Some(id))
+        {
             return n.control.lock().unwrap().usernet(ask);
         }
         let (_, backend) = self.peerless.iter().find(|(p, _)| p == id)?;
@@ -509,7 +524,10 @@ impl Control {
 
     /// Whether netdev `id` is a user network.
     pub fn is_usernet(&self, id: &str) -> bool {
-        let nic = self.nics.iter().position(|n| n.config.netdev == id);
+        let nic = self
+            .nics
+            .iter()
+            .position(|n| n.config.netdev.as_deref() == Some(id));
         match nic {
             Some(i) => self.backends[i].starts_with("user"),
             None => self
@@ -521,14 +539,7 @@ impl Control {
 
     /// The name QEMU gives a NIC in listings: its id, or MODEL.N.
     pub fn nic_name(&self, i: usize) -> String {
-        let n = &self.nics[i];
-        n.config.id.clone().unwrap_or_else(|| {
-            let k = self.nics[..i]
-                .iter()
-                .filter(|m| m.config.model.name() == n.config.model.name())
-                .count();
-            format!("{}.{k}", n.config.model.name())
-        })
+        crate::config::nic_name(self.nics.iter().map(|n| &n.config), i)
     }
 
     pub fn set_link(&self, name: &str, up: bool) -> Result<(), QmpError> {
