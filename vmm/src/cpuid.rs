@@ -5,11 +5,16 @@
 //! the host's brand string (0x80000002-4), the TSC-deadline timer when KVM emulates it
 //! (`KVM_CAP_TSC_DEADLINE_TIMER`: KVM_GET_SUPPORTED_CPUID leaves that bit to the VMM), the
 //! host's cache and TLB leaves (2, 4, 0x80000005, 0x80000006, 0x8000001D) with their sharing
-//! fields fitted to `-smp` (one thread per core, every vCPU a core of one package, the last
-//! level cache shared by all), AMD's core count and APIC ID size (0x80000008) and topology
-//! extension (0x8000001E), and KVM's signature leaf with the paravirtual features that need
-//! nothing from the VMM.
+//! fields fitted to `-smp` (L1 and L2 a core's own, the last level a package's), AMD's core
+//! count and APIC ID size (0x80000008) and topology extension (0x8000001E), and KVM's
+//! signature leaf with the paravirtual features that need nothing from the VMM.
+//!
+//! On both kinds of host the topology is `-smp`'s: each vCPU's APIC ID has QEMU's layout
+//! (threads, cores, dies and sockets in bit fields, [`Topology::apic_id`]), and leaves 1, 4,
+//! 0xB and 0x1F describe it, so that the guest's `lscpu` shows the sockets, cores and threads
+//! asked for.
 
+use crate::config::Topology;
 use crate::host::HostKind;
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 use kvm_ioctls::{Cap, Kvm};
@@ -82,14 +87,15 @@ mod bits {
 }
 use bits::*;
 
-fn apply(e: &mut kvm_cpuid_entry2, cpu: u8, cpus: u8, host: HostKind) {
+fn apply(e: &mut kvm_cpuid_entry2, cpu: u8, topo: &Topology, host: HostKind) {
     let emulating = host == HostKind::Emulating;
     match (e.function, e.index) {
         (1, _) => {
-            // Initial APIC ID, logical processor count, CLFLUSH size kept.
-            e.ebx = (e.ebx & 0xffff) | (cpus as u32) << 16 | (cpu as u32) << 24;
+            // Initial APIC ID, logical processors per package, CLFLUSH size kept.
+            let per_package = topo.per_package();
+            e.ebx = (e.ebx & 0xffff) | per_package << 16 | (topo.apic_id(cpu) & 0xff) << 24;
             e.ecx |= HYPERVISOR;
-            if cpus > 1 {
+            if per_package > 1 {
                 e.edx |= HTT;
             } else {
                 e.edx &= !HTT;
@@ -98,35 +104,11 @@ fn apply(e: &mut kvm_cpuid_entry2, cpu: u8, cpus: u8, host: HostKind) {
                 e.ecx &= !(FMA | CX16 | PCID | MOVBE | POPCNT | XSAVE | OSXSAVE | AVX | F16C);
             }
         }
-        (4, _) => {
-            // Cores per package - 1 in bits 31:26; caches shared by everything.
-            e.eax = (e.eax & 0x3ff) | ((cpus as u32 - 1) << 26) | ((cpus as u32 - 1) << 14);
-        }
+        (4, _) if e.eax & 0x1f != 0 => e.eax = fit_cache(e.eax, true, topo),
         (7, 0) if emulating => {
             e.ebx &= !(FSGSBASE | AVX2 | ERMS | INVPCID | AVX512F | SMAP | 0xfc0e_0000);
             e.ecx = 0;
             e.edx &= !FSRM;
-        }
-        (0xb, _) | (0x1f, _) => {
-            e.edx = cpu as u32;
-            let shift = (cpus as u32).next_power_of_two().trailing_zeros();
-            match e.index {
-                0 => {
-                    e.eax = 0;
-                    e.ebx = 1;
-                    e.ecx = 1 << 8;
-                }
-                1 => {
-                    e.eax = shift;
-                    e.ebx = cpus as u32;
-                    e.ecx = 2 << 8 | 1;
-                }
-                i => {
-                    e.eax = 0;
-                    e.ebx = 0;
-                    e.ecx = i;
-                }
-            }
         }
         (0x4000_0001, _) if emulating => {
             e.eax &= !(KVM_FEATURE_ASYNC_PF
@@ -364,8 +346,67 @@ fn effective<'a>(
     })
 }
 
-/// The CPUID table for vCPU `cpu` of `cpus`.
-pub fn for_vcpu(supported: &CpuId, cpu: u8, cpus: u8, host: HostKind, host_cpu: &HostCpu) -> CpuId {
+/// A cache descriptor (leaf 4 or 0x8000001D EAX) with its sharing fitted to `topo`: L1 and
+/// L2 are a core's own (its threads share them), the last level is the package's. Leaf 4
+/// also says how many cores a package has. Both counts are in APIC IDs, as the guest
+/// derives its IDs from them.
+fn fit_cache(eax: u32, leaf4: bool, topo: &Topology) -> u32 {
+    let (t, c, d) = topo.id_bits();
+    let level = (eax >> 5) & 7;
+    let sharing: u32 = if level >= 3 { 1 << (t + c + d) } else { 1 << t };
+    let cores = if leaf4 {
+        ((1u32 << (c + d)) - 1) << 26
+    } else {
+        0
+    };
+    (eax & 0x3fff) | (sharing - 1) << 14 | cores
+}
+
+/// Leaves 0xB and 0x1F, where KVM's table has them, made anew: a level per subleaf (its
+/// type, the APIC ID shift to the next level, its logical CPUs), the end subleaf, and vCPU
+/// `cpu`'s x2APIC ID in each. 0x1F gives dies a level of their own when there are several.
+fn topology_leaves(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u8, topo: &Topology) {
+    const SMT: u32 = 1;
+    const CORE: u32 = 2;
+    const DIE: u32 = 5;
+    let (t, c, d) = topo.id_bits();
+    let threads = u32::from(topo.threads.max(1));
+    for function in [0xb, 0x1f] {
+        if !entries.iter().any(|e| e.function == function) {
+            continue;
+        }
+        entries.retain(|e| e.function != function);
+        let mut levels = vec![(SMT, t, threads)];
+        if function == 0x1f && topo.dies > 1 {
+            levels.push((CORE, t + c, threads * u32::from(topo.cores.max(1))));
+            levels.push((DIE, t + c + d, topo.per_package()));
+        } else {
+            levels.push((CORE, t + c + d, topo.per_package()));
+        }
+        levels.push((0, 0, 0));
+        for (index, (kind, shift, n)) in (0u32..).zip(levels) {
+            entries.push(kvm_cpuid_entry2 {
+                function,
+                index,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                eax: shift,
+                ebx: n,
+                ecx: kind << 8 | index,
+                edx: topo.apic_id(cpu),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// The CPUID table for vCPU `cpu` of the machine `topo` describes.
+pub fn for_vcpu(
+    supported: &CpuId,
+    cpu: u8,
+    topo: &Topology,
+    host: HostKind,
+    host_cpu: &HostCpu,
+) -> CpuId {
     let mut entries: Vec<kvm_cpuid_entry2> = supported
         .as_slice()
         .iter()
@@ -373,8 +414,9 @@ pub fn for_vcpu(supported: &CpuId, cpu: u8, cpus: u8, host: HostKind, host_cpu: 
         .filter(|e| !(host == HostKind::Emulating && e.function == 0xd))
         .collect();
     for e in entries.iter_mut() {
-        apply(e, cpu, cpus, host);
+        apply(e, cpu, topo, host);
     }
+    topology_leaves(&mut entries, cpu, topo);
     match host {
         HostKind::Emulating => {
             let sig = NICVM_EMULATED_SIG;
@@ -388,7 +430,7 @@ pub fn for_vcpu(supported: &CpuId, cpu: u8, cpus: u8, host: HostKind, host_cpu: 
                 ..Default::default()
             });
         }
-        HostKind::Hardware => hardware(&mut entries, cpu, cpus, host_cpu),
+        HostKind::Hardware => hardware(&mut entries, cpu, topo, host_cpu),
     }
     CpuId::from_entries(&entries).expect("CPUID table fits")
 }
@@ -440,7 +482,7 @@ fn host_subleaves(entries: &mut Vec<kvm_cpuid_entry2>, function: u32, host_cpu: 
     }
 }
 
-fn hardware(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u8, cpus: u8, host_cpu: &HostCpu) {
+fn hardware(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u8, topo: &Topology, host_cpu: &HostCpu) {
     let host = |f: u32, i: u32| (host_cpu.cpuid)(f, i);
     let max =
         |entries: &mut Vec<kvm_cpuid_entry2>, f: u32| find(entries, f, 0).map_or(0, |e| e.eax);
@@ -450,8 +492,7 @@ fn hardware(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u8, cpus: u8, host_cpu: &H
         let v = [e.ebx, e.edx, e.ecx];
         v == words(b"AuthenticAMD") || v == words(b"HygonGenuine")
     });
-    // APIC IDs are the vCPU indexes: a package spans the next power of two of them.
-    let ids = (cpus as u32).next_power_of_two();
+    let (t, c, d) = topo.id_bits();
 
     // The brand string: the guest's /proc/cpuinfo "model name".
     if host_ext_max >= 0x8000_0004 {
@@ -486,22 +527,21 @@ fn hardware(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u8, cpus: u8, host_cpu: &H
     for e in entries.iter_mut() {
         match e.function {
             1 if host_cpu.tsc_deadline => e.ecx |= TSC_DEADLINE,
-            // One thread per core: L1 and L2 are a core's own, the last level is shared by
-            // the package. Leaf 4 also says how many cores the package has.
+            // The host's caches, shared as `topo` arranges the vCPUs.
             4 | 0x8000_001d if e.eax & 0x1f != 0 => {
-                let level = (e.eax >> 5) & 7;
-                let sharing = if level >= 3 { ids } else { 1 };
-                let cores = if e.function == 4 { (ids - 1) << 26 } else { 0 };
-                e.eax = (e.eax & 0x3fff) | (sharing - 1) << 14 | cores;
+                e.eax = fit_cache(e.eax, e.function == 4, topo);
             }
-            // AMD: NC (cores - 1) and the APIC ID bits that number cores.
+            // AMD: NC (logical CPUs of a package - 1) and the APIC ID bits below the package.
             0x8000_0008 if amd => {
-                e.ecx = (e.ecx & !0xf0ff) | ids.trailing_zeros() << 12 | (cpus as u32 - 1);
+                e.ecx = (e.ecx & !0xf0ff) | (t + c + d) << 12 | (topo.per_package() - 1);
             }
-            // AMD topology extension: extended APIC ID, compute unit = core, one node.
+            // AMD topology extension: extended APIC ID; a compute unit is a core (its
+            // threads, and its number within the package); one node.
             0x8000_001e => {
-                e.eax = cpu as u32;
-                e.ebx = cpu as u32;
+                let (_, die, core, _) = topo.ids(cpu);
+                e.eax = topo.apic_id(cpu);
+                e.ebx = (u32::from(topo.threads.max(1)) - 1) << 8
+                    | (die * u32::from(topo.cores.max(1)) + core);
                 e.ecx = 0;
                 e.edx = 0;
             }
@@ -578,7 +618,13 @@ mod tests {
     /// `-cpu host,-NAME` clears the bit; `+NAME` asks for one that must be there.
     #[test]
     fn cpu_feature_switches() {
-        let t = for_vcpu(&table(), 0, 1, HostKind::Hardware, &NO_HOST);
+        let t = for_vcpu(
+            &table(),
+            0,
+            &Topology::cores(1),
+            HostKind::Hardware,
+            &NO_HOST,
+        );
         let has = |t: &CpuId, name: &str| {
             let f = feature(name).unwrap();
             let e = t
@@ -617,7 +663,13 @@ mod tests {
 
     #[test]
     fn emulating_host_hides_what_its_emulator_cannot_run() {
-        let c = for_vcpu(&table(), 1, 2, HostKind::Emulating, &NO_HOST);
+        let c = for_vcpu(
+            &table(),
+            1,
+            &Topology::cores(2),
+            HostKind::Emulating,
+            &NO_HOST,
+        );
         let l1 = find(&c, 1).unwrap();
         assert_eq!(l1.ecx & (POPCNT | XSAVE), 0);
         assert_eq!(l1.ecx & 1, 1, "other features kept");
@@ -635,7 +687,13 @@ mod tests {
 
     #[test]
     fn hardware_host_keeps_features() {
-        let c = for_vcpu(&table(), 0, 1, HostKind::Hardware, &NO_HOST);
+        let c = for_vcpu(
+            &table(),
+            0,
+            &Topology::cores(1),
+            HostKind::Hardware,
+            &NO_HOST,
+        );
         let l1 = find(&c, 1).unwrap();
         assert_ne!(l1.ecx & POPCNT, 0);
         assert_eq!(l1.edx & HTT, 0, "one CPU: no HTT");
@@ -782,7 +840,7 @@ mod tests {
                 tsc_deadline,
                 cpuid: amd_host,
             };
-            let c = for_vcpu(&kvm_amd_table(), vcpu, cpus, kind, &host);
+            let c = for_vcpu(&kvm_amd_table(), vcpu, &Topology::cores(cpus), kind, &host);
             let e = c
                 .as_slice()
                 .iter()
@@ -801,13 +859,103 @@ mod tests {
         }
     }
 
+    /// `-smp` shapes as the guest reads them: APIC IDs with QEMU's bit fields (sparse for
+    /// three cores), leaf 1's count per package, 0xB's shifts and counts, leaf 4's cores and
+    /// sharing, 0x1F's die level, AMD's compute units.
+    #[test]
+    fn smp_topology_reaches_the_guest() {
+        let host = HostCpu {
+            tsc_deadline: true,
+            cpuid: amd_host,
+        };
+        let topo = |sockets, dies, cores, threads| Topology {
+            sockets,
+            dies,
+            cores,
+            threads,
+        };
+        let leaf = |c: &CpuId, f: u32, i: u32| {
+            let e = c
+                .as_slice()
+                .iter()
+                .find(|e| e.function == f && e.index == i)
+                .unwrap_or_else(|| panic!("leaf {f:#x}.{i}"));
+            [e.eax, e.ebx, e.ecx, e.edx]
+        };
+        for kind in [HostKind::Hardware, HostKind::Emulating] {
+            // Two sockets of three cores: APIC IDs 0-2 and 4-6.
+            let t = topo(2, 1, 3, 1);
+            let ids: Vec<u32> = (0..6).map(|i| t.apic_id(i)).collect();
+            assert_eq!(ids, [0, 1, 2, 4, 5, 6]);
+            let c = for_vcpu(&kvm_amd_table(), 3, &t, kind, &host);
+            let l1 = leaf(&c, 1, 0);
+            assert_eq!(l1[1] >> 24, 4, "{kind:?}: vCPU 3's APIC ID");
+            assert_eq!((l1[1] >> 16) & 0xff, 3, "3 logical CPUs per package");
+            assert_ne!(l1[3] & HTT, 0);
+            assert_eq!(leaf(&c, 0xb, 0), [0, 1, SMT_LEVEL, 4], "{kind:?}");
+            assert_eq!(leaf(&c, 0xb, 1), [2, 3, CORE_LEVEL | 1, 4], "{kind:?}");
+            assert_eq!(leaf(&c, 0xb, 2), [0, 0, 2, 4], "{kind:?}: the end");
+            assert_eq!(leaf(&c, 4, 0)[0] >> 26, 3, "{kind:?}: 4 core IDs a package");
+            assert_eq!((leaf(&c, 4, 0)[0] >> 14) & 0xfff, 0, "L1 a core's own");
+
+            // One socket, two cores of two threads: siblings 0-1 and 2-3.
+            let t = topo(1, 1, 2, 2);
+            let c = for_vcpu(&kvm_amd_table(), 3, &t, kind, &host);
+            assert_eq!(leaf(&c, 1, 0)[1] >> 24, 3);
+            assert_eq!(leaf(&c, 0xb, 0), [1, 2, SMT_LEVEL, 3], "{kind:?}");
+            assert_eq!(leaf(&c, 0xb, 1), [2, 4, CORE_LEVEL | 1, 3], "{kind:?}");
+            assert_eq!(
+                (leaf(&c, 4, 0)[0] >> 14) & 0xfff,
+                1,
+                "L1 shared by 2 threads"
+            );
+            assert_eq!(leaf(&c, 4, 0)[0] >> 26, 1, "2 cores a package");
+            if kind == HostKind::Hardware {
+                assert_eq!((leaf(&c, 4, 3)[0] >> 14) & 0xfff, 3, "L3 the package's");
+                assert_eq!(
+                    leaf(&c, 0x8000_001e, 0)[..2],
+                    [3, 1 << 8 | 1],
+                    "core 1, 2 threads"
+                );
+                assert_eq!(leaf(&c, 0x8000_0008, 0)[2] & 0xf0ff, 2 << 12 | 3);
+            }
+        }
+
+        // Two dies of two cores: 0x1F has a die level, 0xB counts the package.
+        let mut table: Vec<kvm_cpuid_entry2> = kvm_amd_table().as_slice().to_vec();
+        table.push(entry(0x1f, 0, [0; 4]));
+        let t = topo(1, 2, 2, 1);
+        let c = for_vcpu(
+            &CpuId::from_entries(&table).unwrap(),
+            2,
+            &t,
+            HostKind::Hardware,
+            &host,
+        );
+        assert_eq!(t.apic_id(2), 2, "die 1, core 0");
+        assert_eq!(leaf(&c, 0x1f, 0), [0, 1, SMT_LEVEL, 2]);
+        assert_eq!(leaf(&c, 0x1f, 1), [1, 2, CORE_LEVEL | 1, 2]);
+        assert_eq!(leaf(&c, 0x1f, 2), [2, 4, 5 << 8 | 2, 2]);
+        assert_eq!(leaf(&c, 0x1f, 3), [0, 0, 3, 2]);
+        assert_eq!(leaf(&c, 0xb, 1), [2, 4, CORE_LEVEL | 1, 2]);
+    }
+
+    const SMT_LEVEL: u32 = 1 << 8;
+    const CORE_LEVEL: u32 = 2 << 8;
+
     #[test]
     fn hardware_cache_subleaves_are_index_significant() {
         let host = HostCpu {
             tsc_deadline: true,
             cpuid: amd_host,
         };
-        let c = for_vcpu(&kvm_amd_table(), 0, 2, HostKind::Hardware, &host);
+        let c = for_vcpu(
+            &kvm_amd_table(),
+            0,
+            &Topology::cores(2),
+            HostKind::Hardware,
+            &host,
+        );
         let l4: Vec<_> = c.as_slice().iter().filter(|e| e.function == 4).collect();
         assert_eq!(
             l4.len(),

@@ -18,22 +18,24 @@ fn checksum(b: &[u8]) -> u8 {
     b.iter().fold(0u8, |a, &x| a.wrapping_sub(x))
 }
 
-/// Builds the floating pointer and configuration table to be placed at `addr`.
+/// Builds the floating pointer and configuration table to be placed at `addr`, for CPUs
+/// with the APIC IDs `apic_ids` (the first the boot CPU; each below 255).
 /// `pci_gsi(slot, pin)` gives the IOAPIC pin each PCI slot's INTx pin is wired to.
-pub fn build(addr: u32, cpus: u8, pci_gsi: impl Fn(u8, u8) -> u32) -> Vec<u8> {
-    let ioapic_id = cpus;
+pub fn build(addr: u32, apic_ids: &[u8], pci_gsi: impl Fn(u8, u8) -> u32) -> Vec<u8> {
+    // The IOAPIC's ID follows the CPUs' (distinct from every one of them).
+    let ioapic_id = apic_ids.iter().max().map_or(0, |&m| m.saturating_add(1));
     let mut entries: Vec<u8> = vec![];
     let mut count = 0u16;
     let mut push = |e: &[u8]| {
         entries.extend_from_slice(e);
         count += 1;
     };
-    for id in 0..cpus {
+    for (i, &id) in apic_ids.iter().enumerate() {
         let mut e = [0u8; 20];
         e[0] = 0; // processor
         e[1] = id;
         e[2] = APIC_VERSION;
-        e[3] = 1 | if id == 0 { 2 } else { 0 }; // enabled, BSP
+        e[3] = 1 | if i == 0 { 2 } else { 0 }; // enabled, BSP
         e[4..8].copy_from_slice(&0x600u32.to_le_bytes()); // family 6
         e[8..12].copy_from_slice(&0x201u32.to_le_bytes()); // FPU, APIC
         push(&e);
@@ -96,7 +98,7 @@ mod tests {
 
     #[test]
     fn checksums_and_counts() {
-        let t = build(0xf0000, 2, |s, p| 16 + (s as u32 + p as u32) % 8);
+        let t = build(0xf0000, &[0, 1], |s, p| 16 + (s as u32 + p as u32) % 8);
         assert_eq!(&t[0..4], b"_MP_");
         assert_eq!(t[..16].iter().fold(0u8, |a, &x| a.wrapping_add(x)), 0);
         assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()), 0xf0010);
@@ -115,5 +117,23 @@ mod tests {
             (e[7], u16::from_le_bytes([e[2], e[3]])),
             (19, MP_IRQ_LEVEL_HIGH)
         );
+    }
+
+    /// Sparse APIC IDs (two sockets of three cores): each CPU entry has its own, the first is
+    /// the boot CPU, and the IOAPIC takes the ID after the last.
+    #[test]
+    fn cpus_by_their_apic_ids() {
+        let t = build(0xf0000, &[0, 1, 2, 4, 5, 6], |_, _| 16);
+        let entries = &t[16 + 44..];
+        let cpus: Vec<(u8, u8)> = entries[..6 * 20]
+            .chunks(20)
+            .map(|e| {
+                assert_eq!(e[0], 0, "a processor entry");
+                (e[1], e[3])
+            })
+            .collect();
+        assert_eq!(cpus, [(0, 3), (1, 1), (2, 1), (4, 1), (5, 1), (6, 1)]);
+        let ioapic = &entries[6 * 20 + 16..6 * 20 + 24];
+        assert_eq!((ioapic[0], ioapic[1]), (2, 7));
     }
 }

@@ -627,7 +627,10 @@ impl Vm {
                 None
             }
             None => {
-                let mp = mptable::build(MPTABLE_START as u32, cfg.cpus, pci::intx_gsi);
+                let apic_ids: Vec<u8> = (0..cfg.cpus)
+                    .map(|i| cfg.topology.apic_id(i) as u8)
+                    .collect();
+                let mp = mptable::build(MPTABLE_START as u32, &apic_ids, pci::intx_gsi);
                 vm_memory::Bytes::write_slice(&mem, &mp, GuestAddress(MPTABLE_START))
                     .map_err(VmError::MpTable)?;
                 let l = lifecycle.clone();
@@ -659,10 +662,11 @@ impl Vm {
         log::debug!("KVM_CAP_TSC_DEADLINE_TIMER: {}", host_cpu.tsc_deadline);
         let mut vcpus = vec![];
         for id in 0..cfg.cpus {
+            // KVM makes the vCPU's id its APIC ID.
             let v = vm
-                .create_vcpu(id as u64)
+                .create_vcpu(u64::from(cfg.topology.apic_id(id)))
                 .map_err(|e| VmError::Vcpu(id, e))?;
-            let table = cpuid::for_vcpu(&supported, id, cfg.cpus, host, &host_cpu);
+            let table = cpuid::for_vcpu(&supported, id, &cfg.topology, host, &host_cpu);
             let (table, warnings) = cpuid::set_features(table, &cfg.cpu_features, cfg.cpu_missing)
                 .map_err(VmError::Cpu)?;
             if id == 0 {

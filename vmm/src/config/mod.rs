@@ -110,11 +110,44 @@ impl Default for Topology {
 }
 
 impl Topology {
+    /// `-smp N` alone, as QEMU since 6.2 reads it: N cores of one socket.
+    pub fn cores(n: u8) -> Self {
+        Topology {
+            cores: n,
+            ..Topology::default()
+        }
+    }
+
     /// The socket, die, core and thread of vCPU `i`, as QEMU numbers them on x86.
     pub fn ids(&self, i: u8) -> (u32, u32, u32, u32) {
         let i = u32::from(i);
         let [t, c, d] = [self.threads, self.cores, self.dies].map(|n| u32::from(n.max(1)));
         (i / (t * c * d), (i / (t * c)) % d, (i / t) % c, i % t)
+    }
+
+    /// How many low bits of an APIC ID number the threads of a core, the cores of a die and
+    /// the dies of a package: each level takes the bits its count needs (QEMU's layout, and
+    /// the shifts CPUID leaves 0xB and 0x1F give).
+    pub fn id_bits(&self) -> (u32, u32, u32) {
+        let bits = |n: u8| u32::from(n.max(1)).next_power_of_two().trailing_zeros();
+        (bits(self.threads), bits(self.cores), bits(self.dies))
+    }
+
+    /// Logical CPUs in a package.
+    pub fn per_package(&self) -> u32 {
+        [self.dies, self.cores, self.threads]
+            .iter()
+            .map(|&n| u32::from(n.max(1)))
+            .product()
+    }
+
+    /// The APIC ID of vCPU `i`: its thread, core, die and socket in their bit fields (sparse
+    /// when a count is no power of two: two sockets of three cores are 0-2 and 4-6). With
+    /// at most `cli::MAX_CPUS` (8) vCPUs it stays far below xAPIC's 255.
+    pub fn apic_id(&self, i: u8) -> u32 {
+        let (socket, die, core, thread) = self.ids(i);
+        let (t, c, d) = self.id_bits();
+        socket << (t + c + d) | die << (t + c) | core << t | thread
     }
 }
 
