@@ -399,6 +399,25 @@ fn topology_leaves(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u8, topo: &Topology
     }
 }
 
+/// Why a guest cannot see `topo`'s threads in `table`, if it cannot: Linux reads an AMD
+/// CPU's threads from the topology extension (0x8000001E) only, so without TOPOEXT it takes
+/// every thread for a core. QEMU warns of the same.
+pub fn threads_unseen(table: &CpuId, topo: &Topology) -> Option<String> {
+    let e = |f: u32| table.as_slice().iter().find(|e| e.function == f);
+    let amd = e(0).is_some_and(|e| {
+        let v = [e.ebx, e.edx, e.ecx];
+        v == words(b"AuthenticAMD") || v == words(b"HygonGenuine")
+    });
+    let topoext = e(0x8000_0001).is_some_and(|e| e.ecx & TOPOEXT != 0);
+    (amd && !topoext && topo.threads > 1).then(|| {
+        format!(
+            "this AMD CPU has no topology extension (topoext): the guest sees the {} threads \
+             of each core as cores (as in QEMU)",
+            topo.threads
+        )
+    })
+}
+
 /// The CPUID table for vCPU `cpu` of the machine `topo` describes.
 pub fn for_vcpu(
     supported: &CpuId,
@@ -942,6 +961,35 @@ mod tests {
 
     const SMT_LEVEL: u32 = 1 << 8;
     const CORE_LEVEL: u32 = 2 << 8;
+
+    #[test]
+    fn threads_an_amd_cpu_without_topoext_cannot_show() {
+        let two_threads = Topology {
+            threads: 2,
+            ..Topology::default()
+        };
+        let c = for_vcpu(
+            &kvm_amd_table(),
+            0,
+            &two_threads,
+            HostKind::Hardware,
+            &NO_HOST,
+        );
+        assert_eq!(threads_unseen(&c, &two_threads), None, "TOPOEXT there");
+        let mut t: Vec<kvm_cpuid_entry2> = c.as_slice().to_vec();
+        t.iter_mut()
+            .filter(|e| e.function == 0x8000_0001)
+            .for_each(|e| e.ecx &= !TOPOEXT);
+        let c = CpuId::from_entries(&t).unwrap();
+        assert!(threads_unseen(&c, &two_threads).is_some_and(|w| w.contains("2 threads")));
+        assert_eq!(
+            threads_unseen(&c, &Topology::cores(2)),
+            None,
+            "no threads asked"
+        );
+        let intel = for_vcpu(&table(), 0, &two_threads, HostKind::Hardware, &NO_HOST);
+        assert_eq!(threads_unseen(&intel, &two_threads), None);
+    }
 
     #[test]
     fn hardware_cache_subleaves_are_index_significant() {

@@ -673,6 +673,9 @@ impl Vm {
                 for w in warnings {
                     log::warn!("-cpu: {w}");
                 }
+                if let Some(w) = cpuid::threads_unseen(&table, &cfg.topology) {
+                    log::warn!("-smp: {w}");
+                }
             }
             for e in table.as_slice() {
                 log::trace!(
