@@ -1145,9 +1145,16 @@ impl Builder<'_> {
         }
         check_tap_fds(&self.netdevs)?;
         // No network options at all: the classic default, a user-mode network behind an
-        // rtl8139, as `kvm` always gave. As in QEMU, a -device NIC is no network option (it
-        // has no netdev, so it comes beside the default network, without a peer).
-        let default_network = !self.no_nic && !self.nodefaults && self.netdevs.is_empty();
+        // rtl8139, as `kvm` always gave. As in QEMU, a -device NIC without netdev= is no
+        // network option: it comes beside the default network, without a peer. (One that
+        // names a netdev when there is none is an error below, not a NIC on the default's.)
+        let default_network = !self.no_nic
+            && !self.nodefaults
+            && self.netdevs.is_empty()
+            && !self
+                .devices
+                .iter()
+                .any(|(_, _, kv, _)| kv.get("netdev").is_some());
         if default_network {
             self.netdevs.push(NetdevConfig {
                 id: "net0".into(),
@@ -1191,15 +1198,6 @@ impl Builder<'_> {
             let nic = nic_config(&option, model, kv, &self.netdevs, &nics, &given, &mut ids)?;
             nics.push(nic);
             options.push(option);
-        }
-        // As QEMU, which says nothing of the NICs when the default network is in use.
-        if !default_network {
-            for (i, _) in nics.iter().enumerate().filter(|(_, n)| n.netdev.is_none()) {
-                self.notes.push(Note {
-                    warning: true,
-                    text: format!("nic {} has no peer", crate::config::nic_name(&nics, i)),
-                });
-            }
         }
         let board_slots = crate::config::board_slots(self.q35, self.vga);
         if let Err(i) = crate::config::nic_slots(&nics, board_slots) {
@@ -1400,6 +1398,7 @@ impl Builder<'_> {
             incoming: self.incoming,
             save_on: self.save_on,
             board_slots,
+            default_network,
             wait_for,
         })))
     }
@@ -2422,16 +2421,15 @@ mod tests {
             ]
         );
         assert_eq!(c.nics[1].mac.to_string(), "52:54:00:12:34:57");
-        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        assert!(
+            c.no_peer_warnings().is_empty(),
+            "{:?}",
+            c.no_peer_warnings()
+        );
 
         let peerless = |args: &str| {
             let c = run(&format!("-kernel k {args}")).unwrap();
-            let texts: Vec<String> = c
-                .notes
-                .into_iter()
-                .filter(|n| n.warning)
-                .map(|n| n.text)
-                .collect();
+            let texts = c.no_peer_warnings();
             let none: Vec<usize> = (0..c.nics.len())
                 .filter(|&i| c.nics[i].netdev.is_none())
                 .collect();
@@ -2455,6 +2453,23 @@ mod tests {
             peerless("-netdev user,id=a -device e1000,netdev=a -device e1000"),
             (vec![1], vec!["nic e1000.1 has no peer".to_string()])
         );
+        // As QEMU's order: the netdevs first.
+        assert_eq!(
+            peerless("-netdev user,id=a -device e1000"),
+            (
+                vec![0],
+                vec![
+                    "netdev a has no peer".to_string(),
+                    "nic e1000.0 has no peer".to_string()
+                ]
+            )
+        );
+        // A netdev= with no -netdev at all names what is missing (the default network's
+        // is not there to take).
+        let e = run("-kernel k -device e1000,netdev=net0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("netdev 'net0' is not defined"), "{e}");
     }
 
     #[test]

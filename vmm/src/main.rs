@@ -232,9 +232,10 @@ fn run(inherited: std::io::Result<InheritedFds>, timing: vm::Timing) -> i32 {
     if let Some(name) = &cfg.process_name {
         set_process_name(name);
     }
-    // As QEMU says it (such a netdev is opened and runs all the same: see `peerless`).
-    for nd in cfg.netdevs_without_peer() {
-        stderr::note(format!("nicvm: warning: netdev {} has no peer\n", nd.id));
+    // As QEMU says it (such a netdev is opened and runs all the same: see `peerless`; such
+    // a NIC drops what the guest sends).
+    for w in cfg.no_peer_warnings() {
+        stderr::note(format!("nicvm: warning: {w}\n"));
     }
     if let Err(e) = vm::validate(&cfg) {
         return fail(e);

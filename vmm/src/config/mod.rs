@@ -72,6 +72,9 @@ pub struct Config {
     /// The PCI slots QEMU's board (`-M`, with or without a VGA card) would hold: see
     /// [`board_slots`].
     pub board_slots: u32,
+    /// The classic default network was made (no network option given): QEMU then says
+    /// nothing of NICs without a peer.
+    pub default_network: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +197,18 @@ impl Config {
     /// The netdev called `id`.
     pub fn netdev(&self, id: &str) -> Option<&NetdevConfig> {
         self.netdevs.iter().find(|n| n.id == id)
+    }
+
+    /// QEMU's warnings of net clients without a peer, in its order: each netdev no NIC uses,
+    /// then each NIC without a netdev (unless the default network is in use).
+    pub fn no_peer_warnings(&self) -> Vec<String> {
+        let netdevs = self
+            .netdevs_without_peer()
+            .map(|nd| format!("netdev {} has no peer", nd.id));
+        let nics = (0..self.nics.len())
+            .filter(|&i| self.nics[i].netdev.is_none() && !self.default_network)
+            .map(|i| format!("nic {} has no peer", nic_name(&self.nics, i)));
+        netdevs.chain(nics).collect()
     }
 
     /// The netdevs no NIC uses (QEMU: "netdev ID has no peer"): opened and kept running all
