@@ -1852,7 +1852,7 @@ fn nic_config(
         if !netdevs.iter().any(|n| &n.id == netdev) {
             return err(option, CliErrorKind::UndefinedNetdev(netdev.clone()));
         }
-        if earlier.iter().any(|n| n.netdev.as_ref() == Some(netdev)) {
+        if earlier.iter().any(|n| n.is_on(netdev)) {
             return err(option, CliErrorKind::NetdevInUse(netdev.clone()));
         }
     }

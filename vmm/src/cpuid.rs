@@ -403,13 +403,11 @@ fn topology_leaves(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u8, topo: &Topology
 /// CPU's threads from the topology extension (0x8000001E) only, so without TOPOEXT it takes
 /// every thread for a core. QEMU warns of the same.
 pub fn threads_unseen(table: &CpuId, topo: &Topology) -> Option<String> {
-    let e = |f: u32| table.as_slice().iter().find(|e| e.function == f);
-    let amd = e(0).is_some_and(|e| {
-        let v = [e.ebx, e.edx, e.ecx];
-        v == words(b"AuthenticAMD") || v == words(b"HygonGenuine")
-    });
-    let topoext = e(0x8000_0001).is_some_and(|e| e.ecx & TOPOEXT != 0);
-    (amd && !topoext && topo.threads > 1).then(|| {
+    let entries = table.as_slice();
+    let topoext = entries
+        .iter()
+        .any(|e| e.function == 0x8000_0001 && e.ecx & TOPOEXT != 0);
+    (is_amd(entries) && !topoext && topo.threads > 1).then(|| {
         format!(
             "this AMD CPU has no topology extension (topoext): the guest sees the {} threads \
              of each core as cores (as in QEMU)",
@@ -507,10 +505,7 @@ fn hardware(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u8, topo: &Topology, host_
         |entries: &mut Vec<kvm_cpuid_entry2>, f: u32| find(entries, f, 0).map_or(0, |e| e.eax);
     let (host_max, host_ext_max) = (host(0, 0)[0], host(0x8000_0000, 0)[0]);
     let guest_max = max(entries, 0);
-    let amd = find(entries, 0, 0).is_some_and(|e| {
-        let v = [e.ebx, e.edx, e.ecx];
-        v == words(b"AuthenticAMD") || v == words(b"HygonGenuine")
-    });
+    let amd = is_amd(entries);
     let (t, c, d) = topo.id_bits();
 
     // The brand string: the guest's /proc/cpuinfo "model name".
@@ -572,6 +567,14 @@ fn hardware(entries: &mut Vec<kvm_cpuid_entry2>, cpu: u8, topo: &Topology, host_
             _ => {}
         }
     }
+}
+
+/// Whether leaf 0's vendor is AMD's (or Hygon's, which follows AMD's leaves).
+fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
+    entries.iter().any(|e| {
+        let v = [e.ebx, e.edx, e.ecx];
+        e.function == 0 && (v == words(b"AuthenticAMD") || v == words(b"HygonGenuine"))
+    })
 }
 
 /// A 12-byte CPUID string as the three registers that hold it.

@@ -519,11 +519,7 @@ impl Vm {
         let slots =
             crate::config::nic_slots(&cfg.nics, cfg.board_slots).map_err(|_| VmError::NoSlot)?;
         for (spec, slot) in cfg.nics.iter().zip(slots) {
-            if let Some(d) = cfg
-                .dumps
-                .iter()
-                .find(|d| spec.netdev.as_ref() == Some(&d.netdev))
-            {
+            if let Some(d) = cfg.dumps.iter().find(|d| spec.is_on(&d.netdev)) {
                 new_files.creating(&d.file);
             }
             let parts = build_nic(cfg, spec, slot, &mem, &chip, &ioevents, &mut guards)?;

@@ -216,7 +216,7 @@ impl Config {
     pub fn netdevs_without_peer(&self) -> impl Iterator<Item = &NetdevConfig> {
         self.netdevs
             .iter()
-            .filter(|n| !self.nics.iter().any(|c| c.netdev.as_deref() == Some(&n.id)))
+            .filter(|n| !self.nics.iter().any(|c| c.is_on(&n.id)))
     }
 }
 
@@ -417,6 +417,13 @@ pub struct NicConfig {
     pub withheld: u64,
     /// virtio-net's `host_mtu=` (68 to 65535; none, or 0, offers no MTU).
     pub mtu: Option<u16>,
+}
+
+impl NicConfig {
+    /// Whether the netdev `id` is behind this NIC.
+    pub fn is_on(&self, id: &str) -> bool {
+        self.netdev.as_deref() == Some(id)
+    }
 }
 
 /// The PCI slots QEMU's board holds (a bit each), which a NIC without `addr=` passes over, so

@@ -220,11 +220,7 @@ impl Control {
         let unused_netdevs = cfg
             .netdevs
             .iter()
-            .filter(|nd| {
-                !nics
-                    .iter()
-                    .any(|n| n.config.netdev.as_ref() == Some(&nd.id))
-            })
+            .filter(|nd| !nics.iter().any(|n| n.config.is_on(&nd.id)))
             .map(|nd| (nd.id.clone(), describe(nd)))
             .collect();
         // QEMU's properties of a filter-dump, in the order it lists them.
@@ -496,22 +492,14 @@ impl Control {
                 let i = (0..self.nics.len()).find(|&i| self.nic_name(i) == name)?;
                 Some(&self.nics[i])
             })
-            .or_else(|| {
-                self.nics
-                    .iter()
-                    .find(|n| n.config.netdev.as_deref() == Some(name))
-            })
+            .or_else(|| self.nics.iter().find(|n| n.config.is_on(name)))
     }
 
     /// Asks the user network of netdev `id` (behind a NIC or not): the answer comes on the
     /// receiver; None if the netdev is not a user network. Asked under the backend's lock,
     /// waited for without it (a vCPU may want the NIC meanwhile).
     pub fn usernet(&self, id: &str, ask: UsernetAsk) -> Option<Receiver<UsernetAnswer>> {
-        if let Some(n) = self
-            .nics
-            .iter()
-            .find(|n| n.config.netdev.as_deref() == Some(id))
-        {
+        if let Some(n) = self.nics.iter().find(|n| n.config.is_on(id)) {
             return n.control.lock().unwrap().usernet(ask);
         }
         let (_, backend) = self.peerless.iter().find(|(p, _)| p == id)?;
@@ -524,10 +512,7 @@ impl Control {
 
     /// Whether netdev `id` is a user network.
     pub fn is_usernet(&self, id: &str) -> bool {
-        let nic = self
-            .nics
-            .iter()
-            .position(|n| n.config.netdev.as_deref() == Some(id));
+        let nic = self.nics.iter().position(|n| n.config.is_on(id));
         match nic {
             Some(i) => self.backends[i].starts_with("user"),
             None => self
